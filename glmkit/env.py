@@ -1,0 +1,146 @@
+"""What this machine can run: library versions, GPUs and their free memory, and the notebooks' setup.
+
+``environment_report()`` backs ``glmkit env``; ``notebook_setup()`` is the first cell of every
+notebook (``notebooks/00_setup.ipynb`` introduces it). GPUs are read through NVML (the
+``pynvml`` module of the ``nvidia-ml-py`` package), then ``torch.cuda``; no NVIDIA driver is a
+normal case, reported in words, not as an error.
+
+>>> report = environment_report()
+>>> "torch" in report.versions
+True
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from glmkit.tables import gib, html_table, text_table
+
+PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "nvidia-ml-py", "ipywidgets")
+
+
+@dataclass
+class GpuInfo:
+    """One GPU as the driver reports it (bytes)."""
+
+    index: int
+    name: str
+    total_bytes: int
+    free_bytes: int
+
+
+@dataclass
+class EnvReport:
+    """Versions, GPUs and a sentence about the GPU situation; renders as a table."""
+
+    python: str
+    versions: dict[str, str]
+    gpus: list[GpuInfo] = field(default_factory=list)
+    gpu_note: str = ""
+
+    def rows(self) -> list[list[str]]:
+        rows = [["python", self.python]] + [[k, v] for k, v in self.versions.items()]
+        rows += [
+            [f"GPU {g.index}", f"{g.name}: {gib(g.free_bytes)} free of {gib(g.total_bytes)}"]
+            for g in self.gpus
+        ]
+        if self.gpu_note:
+            rows.append(["GPUs", self.gpu_note])
+        return rows
+
+    def __str__(self) -> str:
+        return text_table(["what", "value"], self.rows())
+
+    def _repr_html_(self) -> str:
+        return html_table(["what", "value"], self.rows(), caption="glmkit environment")
+
+
+def package_version(name: str) -> str:
+    """Installed version of a distribution, or ``'not installed'``."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def list_gpus() -> tuple[list[GpuInfo], str]:
+    """GPUs with total/free memory: NVML first, then ``torch.cuda``. Returns ``(gpus, note)``."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            gpus = []
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                h = pynvml.nvmlDeviceGetHandleByIndex(i)
+                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+                name = pynvml.nvmlDeviceGetName(h)
+                name = name.decode() if isinstance(name, bytes) else name
+                gpus.append(GpuInfo(i, name, int(mem.total), int(mem.free)))
+            driver = pynvml.nvmlSystemGetDriverVersion()
+            driver = driver.decode() if isinstance(driver, bytes) else driver
+            return gpus, f"{len(gpus)} NVIDIA GPU(s), driver {driver} (NVML)"
+        finally:
+            pynvml.nvmlShutdown()
+    except ImportError:
+        nvml_note = "nvidia-ml-py is not installed"
+    except Exception as exc:  # pynvml.NVMLError and its subclasses: no driver, no library
+        nvml_note = f"no NVIDIA driver ({type(exc).__name__})"
+    import torch
+
+    if torch.cuda.is_available():
+        gpus = []
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            gpus.append(GpuInfo(i, torch.cuda.get_device_name(i), total, free))
+        return gpus, f"{len(gpus)} GPU(s) via torch.cuda ({nvml_note})"
+    return [], f"none: {nvml_note}; glmkit runs on the CPU (tiny model) and plans GPU layouts"
+
+
+def environment_report() -> EnvReport:
+    """Versions of the libraries glmkit uses and the GPUs present (``glmkit env``)."""
+    gpus, note = list_gpus()
+    versions = {p: package_version(p) for p in PACKAGES}
+    return EnvReport(platform.python_version(), versions, gpus, note)
+
+
+@dataclass
+class NotebookSetup:
+    """What a notebook runs on: environment kind, model checkpoint, and whether to keep it small."""
+
+    kind: str  # "ci-cpu", "cpu", "1-gpu" or "multi-gpu"
+    model_path: Path
+    smoke_test: bool
+    gpus: list[GpuInfo]
+
+    def rows(self) -> list[list[str]]:
+        return [
+            ["environment", self.kind],
+            ["model", str(self.model_path)],
+            ["SMOKE_TEST", str(self.smoke_test)],
+            ["GPUs", ", ".join(f"{g.index}: {g.name}" for g in self.gpus) or "none"],
+        ]
+
+    def __str__(self) -> str:
+        return text_table(["setting", "value"], self.rows())
+
+    def _repr_html_(self) -> str:
+        return html_table(["setting", "value"], self.rows(), caption="notebook setup")
+
+
+def notebook_setup() -> NotebookSetup:
+    """The shared first cell of every notebook: pick environment, model and sizes.
+
+    ``SMOKE_TEST`` is on when ``CI`` is set; the model is ``$GLMKIT_MODEL`` or the tiny checkpoint
+    (built on first use).
+    """
+    from glmkit.models import default_model_path
+
+    smoke = "CI" in os.environ
+    gpus, _ = list_gpus()
+    kind = "multi-gpu" if len(gpus) > 1 else "1-gpu" if gpus else ("ci-cpu" if smoke else "cpu")
+    return NotebookSetup(kind, default_model_path(), smoke, gpus)

@@ -1,0 +1,138 @@
+"""GLM-4-9B-Chat and tiny GLM presets, and the tiny checkpoint builder.
+
+The tiny model has GLM-4's exact architecture (``GlmForCausalLM``: grouped KV heads, partial
+rotary, fused gate/up MLP, untied ``lm_head``) at toy sizes, so every code path the kit teaches
+runs on a laptop and in CI. Every weight dimension is a multiple of 64 so bitsandbytes can
+quantize it to 4 bit. Introduced in ``notebooks/00_setup.ipynb``.
+
+>>> glm4_9b_chat_config().num_hidden_layers, glm4_9b_chat_config().num_key_value_heads
+(40, 2)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
+
+ASSETS = Path(__file__).parent / "assets"
+TOKENIZER_DIR = ASSETS / "tokenizer"
+
+# GLM-4's special-token ids in the *tiny* tokenizer (the real ones are 151329, 151336, 151338).
+# They are read from the shipped tokenizer so the two can never disagree.
+_EOS_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+
+
+def glm4_9b_chat_config() -> GlmConfig:
+    """The exact GLM-4-9B-Chat architecture (``THUDM/glm-4-9b-chat-hf``), from transformers' defaults.
+
+    40 layers, hidden 4096, MLP 13696, 32 query heads, 2 KV heads, head_dim 128, vocab 151552,
+    128K context, untied embeddings. Checked against DESIGN.md.
+
+    >>> c = glm4_9b_chat_config()
+    >>> (c.hidden_size, c.intermediate_size, c.vocab_size, c.max_position_embeddings)
+    (4096, 13696, 151552, 131072)
+    """
+    return GlmConfig(
+        vocab_size=151552,
+        hidden_size=4096,
+        intermediate_size=13696,
+        num_hidden_layers=40,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rms_norm_eps=1.5625e-07,
+        attention_bias=True,
+        tie_word_embeddings=False,
+        pad_token_id=151329,
+        eos_token_id=[151329, 151336, 151338],
+    )
+
+
+def _tiny_special_ids() -> tuple[int, list[int]]:
+    import json
+
+    vocab = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())["added_tokens"]
+    ids = {t["content"]: t["id"] for t in vocab}
+    return ids["<|endoftext|>"], [ids[t] for t in _EOS_TOKENS]
+
+
+def tiny_glm_config(num_hidden_layers: int = 6) -> GlmConfig:
+    """A tiny GLM-4 (about 4.6 M parameters) with the same shape *ratios* as the real one.
+
+    2 KV heads for 4 query heads (GQA), head_dim 64, partial rotary 0.5, untied lm_head, and
+    every weight dimension a multiple of 64 (bitsandbytes 4-bit needs it).
+
+    >>> c = tiny_glm_config()
+    >>> c.hidden_size % 64, c.intermediate_size % 64, c.vocab_size % 64, c.num_key_value_heads
+    (0, 0, 0, 2)
+    """
+    pad_id, eos_ids = _tiny_special_ids()
+    return GlmConfig(
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=640,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        attention_bias=True,
+        tie_word_embeddings=False,
+        pad_token_id=pad_id,
+        eos_token_id=eos_ids,
+    )
+
+
+def build_tiny_checkpoint(path: str | os.PathLike, seed: int = 0, num_hidden_layers: int = 6) -> Path:
+    """Write a real, loadable tiny GLM checkpoint (safetensors, config, generation config, tokenizer).
+
+    Weights are random (``torch.manual_seed(seed)``), so the same seed gives the same files and
+    the same greedy output. Returns the checkpoint folder.
+
+    Args:
+        path: folder to write (created if missing).
+        seed: seed of the random initialisation.
+        num_hidden_layers: decoder layers (6 by default: enough for two- and three-way splits).
+
+    >>> import tempfile
+    >>> p = build_tiny_checkpoint(tempfile.mkdtemp())
+    >>> sorted(f.name for f in p.iterdir())  # doctest: +NORMALIZE_WHITESPACE
+    ['chat_template.jinja', 'config.json', 'generation_config.json', 'model.safetensors',
+     'tokenizer.json', 'tokenizer_config.json']
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = tiny_glm_config(num_hidden_layers)
+    torch.manual_seed(seed)
+    model = GlmForCausalLM(config).to(torch.float32).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, do_sample=False,
+    )
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    return path
+
+
+def cache_dir() -> Path:
+    """Where glmkit keeps built artifacts: ``$GLMKIT_CACHE`` or ``~/.cache/glmkit``."""
+    return Path(os.environ.get("GLMKIT_CACHE", Path.home() / ".cache" / "glmkit"))
+
+
+def tiny_checkpoint_path() -> Path:
+    """The tiny checkpoint in the cache, built on first use (about a second)."""
+    path = cache_dir() / "tiny-glm"
+    if not (path / "model.safetensors").exists():
+        build_tiny_checkpoint(path)
+    return path
+
+
+def default_model_path() -> Path:
+    """``$GLMKIT_MODEL`` (a local GLM-4-9B-Chat checkpoint) when set, else the tiny checkpoint."""
+    env = os.environ.get("GLMKIT_MODEL")
+    return Path(env).expanduser() if env else tiny_checkpoint_path()

@@ -1,0 +1,46 @@
+"""pyproject.toml and environment.yml name the same packages; the CLI works."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", requirement.strip(), maxsplit=1)[0].lower()
+
+
+def test_environment_yml_matches_pyproject():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = {_name(r) for r in project["dependencies"]}
+    for extra in project["optional-dependencies"].values():
+        wanted |= {_name(r) for r in extra}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    listed = {_name(r) for r in pip_section if not r.startswith("-e")}
+    assert listed == wanted
+
+
+def test_cli_env_reports_versions_and_gpus():
+    out = subprocess.run([sys.executable, "-m", "glmkit.cli", "env"], capture_output=True, text=True, check=True)
+    assert "torch" in out.stdout and "transformers" in out.stdout
+    assert "GPU" in out.stdout
+
+
+def test_cli_make_tiny_writes_a_checkpoint(tmp_path):
+    subprocess.run([sys.executable, "-m", "glmkit.cli", "make-tiny", str(tmp_path / "t")], check=True,
+                   capture_output=True)
+    assert (tmp_path / "t" / "model.safetensors").exists()
+    assert (tmp_path / "t" / "tokenizer.json").exists()
+
+
+def test_cli_reports_errors_in_words_with_exit_code_2(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "glmkit.cli", "plan", "--devices", "0GiB"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "must be positive" in out.stderr and "Traceback" not in out.stderr
