@@ -67,38 +67,36 @@ def package_version(name: str) -> str:
         return "not installed"
 
 
-def list_gpus() -> tuple[list[GpuInfo], str]:
-    """GPUs with total/free memory: NVML first, then ``torch.cuda``. Returns ``(gpus, note)``."""
+def gpu_driver_note() -> str:
+    """One sentence on how GPUs are seen: NVML with its driver version, or why not."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            gpus = []
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                h = pynvml.nvmlDeviceGetHandleByIndex(i)
-                mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-                name = pynvml.nvmlDeviceGetName(h)
-                name = name.decode() if isinstance(name, bytes) else name
-                gpus.append(GpuInfo(i, name, int(mem.total), int(mem.free)))
             driver = pynvml.nvmlSystemGetDriverVersion()
-            driver = driver.decode() if isinstance(driver, bytes) else driver
-            return gpus, f"{len(gpus)} NVIDIA GPU(s), driver {driver} (NVML)"
+            count = pynvml.nvmlDeviceGetCount()
         finally:
             pynvml.nvmlShutdown()
+        driver = driver.decode() if isinstance(driver, bytes) else driver
+        return f"{count} NVIDIA GPU(s), driver {driver} (NVML)"
     except ImportError:
-        nvml_note = "nvidia-ml-py is not installed"
-    except Exception as exc:  # pynvml.NVMLError and its subclasses: no driver, no library
-        nvml_note = f"no NVIDIA driver ({type(exc).__name__})"
+        why = "nvidia-ml-py is not installed"
+    except Exception as exc:  # pynvml.NVMLError and subclasses: no driver, no library
+        why = f"no NVIDIA driver ({type(exc).__name__})"
     import torch
 
     if torch.cuda.is_available():
-        gpus = []
-        for i in range(torch.cuda.device_count()):
-            free, total = torch.cuda.mem_get_info(i)
-            gpus.append(GpuInfo(i, torch.cuda.get_device_name(i), total, free))
-        return gpus, f"{len(gpus)} GPU(s) via torch.cuda ({nvml_note})"
-    return [], f"none: {nvml_note}; glmkit runs on the CPU (tiny model) and plans GPU layouts"
+        return f"{torch.cuda.device_count()} GPU(s) via torch.cuda ({why})"
+    return f"none: {why}; glmkit runs on the CPU (tiny model) and plans GPU layouts"
+
+
+def list_gpus() -> tuple[list[GpuInfo], str]:
+    """GPUs with total/free memory (NVML first, then ``torch.cuda``) and a sentence about them."""
+    from glmkit.monitor import gpu_memory
+
+    gpus = [GpuInfo(int(d.device.split(":")[1]), d.name, d.total, d.free) for d in gpu_memory()]
+    return gpus, gpu_driver_note()
 
 
 def environment_report() -> EnvReport:

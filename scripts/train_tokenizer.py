@@ -30,8 +30,9 @@ def train(out: Path = OUT) -> Path:
     """Train the tokenizer and save it (tokenizer.json, tokenizer_config.json, chat template) to ``out``."""
     # Local import: the template lives in the package so tests can compare against it.
     sys.path.insert(0, str(ROOT))
-    from glmkit.chat_template import GLM4_CHAT_TEMPLATE
     from transformers import PreTrainedTokenizerFast
+
+    from glmkit.chat_template import GLM4_CHAT_TEMPLATE
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -1,0 +1,79 @@
+"""The monitor on a real GPU: does snapshot() agree with nvidia-smi, and what does live polling cost?
+
+Loads GLM-4-9B-Chat (random weights, bf16), compares glmkit.monitor.snapshot() with nvidia-smi at the
+same moment, then measures plain generate() decode tok/s (batch 1, 32-token prompt, 128 new tokens)
+with no monitor and with the live widget polling every 0.5 s and every 0.1 s, alternating runs.
+
+    python benchmarks/monitor_check.py --checkpoint /tmp/glm9b
+Writes benchmarks/results/monitor_check.json (and to $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from glmkit.bench import build_random_checkpoint, decode_tokens_per_second, nvidia_smi_used_bytes, save_result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default="/tmp/glm9b")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    args = ap.parse_args()
+    import torch
+
+    from glmkit.loading import load_model
+    from glmkit.monitor import MemoryPoller, snapshot
+
+    if not (Path(args.checkpoint) / "config.json").exists():
+        build_random_checkpoint(args.checkpoint)
+    model = load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
+    torch.cuda.synchronize()
+    agreement = []
+    for _ in range(3):
+        smi = nvidia_smi_used_bytes(0)
+        snap = snapshot().device("cuda:0")
+        agreement.append({"nvidia_smi_used": smi, "glmkit_used": snap.used, "glmkit_process": snap.process,
+                          "torch_reserved": snap.torch_reserved, "source": snap.source,
+                          "relative_difference": abs(snap.used - smi) / smi if smi else None})
+    print(agreement, flush=True)
+
+    try:
+        from glmkit.monitor import LiveMonitor
+
+        def make(interval: float):
+            return LiveMonitor(interval=interval)
+        kind = "LiveMonitor (ipywidgets, no front end attached)"
+    except ImportError:
+        def make(interval: float):
+            return MemoryPoller(lambda s: None, interval).start()
+        kind = "MemoryPoller"
+
+    decode_tokens_per_second(model, 16)  # warm-up
+    speeds: dict[str, list[float]] = {"none": [], "0.5 s": [], "0.1 s": []}
+    polls = {}
+    for _ in range(args.repeats):
+        for label in speeds:
+            mon = None if label == "none" else make(float(label.split()[0]))
+            speeds[label].append(decode_tokens_per_second(model, args.new_tokens))
+            if mon is not None:
+                poller = getattr(mon, "poller", mon)
+                polls[label] = poller.polls
+                mon.stop()
+        print({k: [round(x, 2) for x in v] for k, v in speeds.items()}, flush=True)
+    med = {k: statistics.median(v) for k, v in speeds.items()}
+    overhead = {k: 1 - med[k] / med["none"] for k in med if k != "none"}
+    save_result("monitor_check", {
+        "agreement": agreement, "monitor_kind": kind, "decode_tok_s": speeds, "median_tok_s": med,
+        "polling_overhead": overhead, "polls_in_last_run": polls,
+        "method": f"plain generate(), batch 1, 32-token prompt, {args.new_tokens} new tokens, "
+                  f"{args.repeats} alternating repeats, median",
+    })
+    print(med, overhead)
+
+
+if __name__ == "__main__":
+    main()

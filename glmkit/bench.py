@@ -1,0 +1,176 @@
+"""Measurements that end up in ``benchmarks/results/*.json``: environment, peaks, speed, OOM records.
+
+The scripts in ``benchmarks/`` call these on a GPU with the full-size GLM-4-9B-Chat architecture
+(random weights: same shapes, same memory and speed, meaningless words); the notebooks read the
+JSON back with ``load_results``. Everything also runs on the CPU with the tiny model.
+
+>>> env = environment_record()
+>>> sorted(env)[:3]
+['device', 'driver', 'gpus']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+
+
+def environment_record() -> dict[str, Any]:
+    """Device name, driver, GPU list and library versions, stored with every result."""
+    from glmkit.env import environment_report, gpu_driver_note
+
+    report = environment_report()
+    gpus = [{"index": g.index, "name": g.name, "total_bytes": g.total_bytes} for g in report.gpus]
+    return {
+        "device": gpus[0]["name"] if gpus else platform.processor() or platform.machine(),
+        "driver": gpu_driver_note(),
+        "gpus": gpus,
+        "python": report.python,
+        "versions": report.versions,
+        "torch_cuda": torch.version.cuda,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def save_result(name: str, payload: dict[str, Any], out_dirs: list[str | Path] | None = None) -> list[Path]:
+    """Write ``payload`` (with the environment record) as ``NAME.json`` to each folder
+    (default: ``benchmarks/results`` and ``$OUT`` when set)."""
+    dirs = [Path(d) for d in (out_dirs or [RESULTS_DIR] + ([os.environ["OUT"]] if os.environ.get("OUT") else []))]
+    payload = {"name": name, "environment": environment_record(), **payload}
+    written = []
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{name}.json"
+        path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        written.append(path)
+    return written
+
+
+def load_results(name: str, results_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """A committed result by name (``None`` when it was never measured)."""
+    path = Path(results_dir or RESULTS_DIR) / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def build_random_checkpoint(path: str | Path, config: Any = None, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Save a checkpoint of ``config`` (default: GLM-4-9B-Chat) with random weights, built on the GPU.
+
+    Same shapes, memory and speed as the real model; used because no weights can be downloaded.
+    """
+    from transformers import GlmForCausalLM
+
+    from glmkit.models import TOKENIZER_DIR, glm4_9b_chat_config
+
+    path = Path(path)
+    config = config or glm4_9b_chat_config()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = GlmForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    model.save_pretrained(path)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return path
+
+
+class NvmlBaseline:
+    """This process's GPU memory as the driver sees it: used now minus used before CUDA started.
+
+    Create it *before* the first CUDA call. Works where NVML's per-process list is empty (VMs).
+    """
+
+    def __init__(self, index: int = 0) -> None:
+        self.index = index
+        self.before = self.used()
+
+    def used(self) -> int:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(self.index)).used)
+        finally:
+            pynvml.nvmlShutdown()
+
+    def process_bytes(self) -> int:
+        return self.used() - self.before
+
+
+def measure_generate_peak(model: torch.nn.Module, batch_size: int, prompt_len: int, new_tokens: int,
+                          nvml: NvmlBaseline | None = None) -> dict[str, Any]:
+    """Peak memory of one plain ``generate()`` call: PyTorch allocated/reserved peaks, non-PyTorch memory,
+    and the measured peak a card must hold (reserved peak + non-PyTorch). Also prefill time."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.config.vocab_size - 1000, (batch_size, prompt_len), device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+    mask = torch.ones_like(ids)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start_alloc = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    peak_alloc, peak_reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+    reserved_now = torch.cuda.memory_reserved()
+    non_torch = nvml.process_bytes() - reserved_now if nvml else None
+    del out, ids, mask
+    return {
+        "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "context_len": prompt_len + new_tokens, "seconds": seconds,
+        "start_allocated": start_alloc, "peak_allocated": peak_alloc, "peak_reserved": peak_reserved,
+        "non_torch": non_torch, "measured_peak": peak_reserved + (non_torch or 0),
+    }
+
+
+def decode_tokens_per_second(model: torch.nn.Module, new_tokens: int = 128, prompt_len: int = 32,
+                             batch_size: int = 1, **generate_kwargs: Any) -> float:
+    """Plain ``generate()`` decode speed: new tokens per second over the whole call (prefill included;
+    negligible at a 32-token prompt)."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, 1000, (batch_size, prompt_len), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, **generate_kwargs)
+    sync()
+    return batch_size * new_tokens / (time.perf_counter() - t0)
+
+
+def median_of(fn: Callable[[], float], repeats: int = 3) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def nvidia_smi_used_bytes(index: int = 0) -> int | None:
+    """``memory.used`` of GPU ``index`` as nvidia-smi prints it (MiB -> bytes); None without nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return int(float(out.strip().splitlines()[0]) * 2**20)

@@ -1,0 +1,538 @@
+"""See memory on every device: snapshots, a live JupyterLab dashboard, peak tracking, OOM explanations.
+
+Sources, in order: NVML through ``pynvml`` (package ``nvidia-ml-py``; the separate ``pynvml``
+package is a deprecated shim), then ``torch.cuda``, then host memory through ``psutil``, so the same
+calls work on a laptop, in CI and on a multi-GPU server. No NVIDIA driver is a normal case.
+Introduced in ``notebooks/01_single_gpu_oom.ipynb``.
+
+>>> snap = snapshot()
+>>> snap.devices[-1].device, snap.devices[-1].total > 0
+('cpu', True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from glmkit.tables import gib, html_table, text_table
+
+GiB = 2**30
+
+
+@dataclass
+class DeviceMemory:
+    """Memory of one device at one moment (bytes). ``None`` where the source cannot tell."""
+
+    device: str  # "cuda:0", ..., "cpu"
+    name: str
+    total: int
+    used: int  # by every process (GPU) / the whole host (CPU)
+    process: int | None  # this process: NVML per-process memory (GPU), RSS (CPU)
+    torch_allocated: int | None = None
+    torch_reserved: int | None = None
+    utilization: float | None = None  # percent
+    temperature: float | None = None  # degrees C
+    power: float | None = None  # watts
+    power_limit: float | None = None  # watts
+    source: str = "psutil"
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used
+
+
+def _fmt(value: float | None, unit: str, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f} {unit}"
+
+
+@dataclass(repr=False)
+class Snapshot:
+    """Memory of every device at one moment; renders as a table."""
+
+    devices: list[DeviceMemory]
+    time: float = field(default_factory=time.time)
+
+    def device(self, name: str) -> DeviceMemory:
+        return next(d for d in self.devices if d.device == name)
+
+    HEADERS = ["device", "name", "used", "total", "this process", "PyTorch allocated", "PyTorch reserved",
+               "util", "temp", "power", "source"]
+
+    def rows(self) -> list[list[str]]:
+        def g(v: int | None) -> str:
+            return "-" if v is None else gib(v)
+
+        return [[d.device, d.name, g(d.used), g(d.total), g(d.process), g(d.torch_allocated),
+                 g(d.torch_reserved), _fmt(d.utilization, "%"), _fmt(d.temperature, "C"), _fmt(d.power, "W"),
+                 d.source] for d in self.devices]
+
+    def __repr__(self) -> str:
+        return text_table(self.HEADERS, self.rows())
+
+    def _repr_html_(self) -> str:
+        return html_table(self.HEADERS, self.rows(), caption="memory snapshot")
+
+
+def _torch_stats(index: int) -> tuple[int | None, int | None]:
+    """PyTorch's allocated/reserved bytes on GPU ``index``, without creating a CUDA context."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None, None
+    return torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index)
+
+
+def _nvml_devices() -> list[DeviceMemory]:
+    """GPUs through NVML; raises ImportError or pynvml.NVMLError when there is no driver/library."""
+    import os
+
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        pid = os.getpid()
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            name = pynvml.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else name
+
+            def read(fn: Callable[[], Any]) -> Any:
+                try:
+                    return fn()
+                except pynvml.NVMLError:
+                    return None
+
+            procs = read(lambda h=h: pynvml.nvmlDeviceGetComputeRunningProcesses(h)) or []
+            mine = [p.usedGpuMemory for p in procs if p.pid == pid and p.usedGpuMemory is not None]
+            util = read(lambda h=h: pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+            temp = read(lambda h=h: pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU))
+            power = read(lambda h=h: pynvml.nvmlDeviceGetPowerUsage(h) / 1000)
+            limit = read(lambda h=h: pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000)
+            allocated, reserved = _torch_stats(i)
+            out.append(DeviceMemory(f"cuda:{i}", name, int(mem.total), int(mem.used), sum(mine) if mine else None,
+                                    allocated, reserved, util, temp, power, limit, "nvml"))
+        return out
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _torch_devices() -> list[DeviceMemory]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(i)
+        allocated, reserved = _torch_stats(i)
+        out.append(DeviceMemory(f"cuda:{i}", torch.cuda.get_device_name(i), total, total - free, None,
+                                allocated, reserved, source="torch.cuda"))
+    return out
+
+
+def host_memory() -> DeviceMemory:
+    """The host: total and used RAM, this process's resident memory (RSS)."""
+    vm = psutil.virtual_memory()
+    return DeviceMemory("cpu", "host RAM", int(vm.total), int(vm.total - vm.available),
+                        int(psutil.Process().memory_info().rss), source="psutil")
+
+
+def gpu_memory() -> list[DeviceMemory]:
+    """Every GPU: NVML if the driver answers, else ``torch.cuda``, else an empty list."""
+    try:
+        return _nvml_devices()
+    except Exception:  # ImportError, pynvml.NVMLError (no driver / library): a normal case
+        return _torch_devices()
+
+
+def snapshot(include_host: bool = True) -> Snapshot:
+    """Memory of every GPU (and the host) right now."""
+    return Snapshot(gpu_memory() + ([host_memory()] if include_host else []))
+
+
+# ---------------------------------------------------------------------------------------------- peaks
+
+
+@dataclass
+class DevicePeak:
+    device: str
+    start: int
+    peak: int
+    end: int
+    what: str  # which figure: "PyTorch allocated" or "process RSS"
+
+    @property
+    def added(self) -> int:
+        return self.peak - self.start
+
+
+@dataclass(repr=False)
+class PeakReport:
+    """Peak memory per device during a block; renders as a table."""
+
+    devices: list[DevicePeak] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def device(self, name: str) -> DevicePeak:
+        return next(d for d in self.devices if d.device == name)
+
+    HEADERS = ["device", "measured", "before", "peak", "after", "peak - before"]
+
+    def rows(self) -> list[list[str]]:
+        return [[d.device, d.what, gib(d.start), gib(d.peak), gib(d.end), gib(d.added)] for d in self.devices]
+
+    def __repr__(self) -> str:
+        return text_table(self.HEADERS, self.rows())
+
+    def _repr_html_(self) -> str:
+        return html_table(self.HEADERS, self.rows(), caption=f"peak memory over {self.seconds:.2f} s")
+
+
+class track_peak(contextlib.ContextDecorator):
+    """Peak memory per device during a ``with`` block (or a decorated function).
+
+    GPUs: PyTorch's peak allocated bytes (``torch.cuda.max_memory_allocated``, reset on entry).
+    CPU: this process's RSS, sampled every ``interval`` seconds by a background thread.
+
+    >>> import torch
+    >>> with track_peak() as peak:
+    ...     x = torch.ones(64, 2**20, dtype=torch.uint8)  # 64 MiB
+    ...     del x
+    >>> peak.report.device("cpu").added >= 60 * 2**20
+    True
+    """
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.report = PeakReport()
+
+    def __enter__(self) -> track_peak:
+        import torch
+
+        self._gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        self._gpu_start = {}
+        for i in self._gpus:
+            torch.cuda.synchronize(i)
+            torch.cuda.reset_peak_memory_stats(i)
+            self._gpu_start[i] = torch.cuda.memory_allocated(i)
+        self._process = psutil.Process()
+        self._rss_start = self._rss_peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="glmkit-peak", daemon=True)
+        self._t0 = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._rss_peak = max(self._rss_peak, self._process.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        self._stop.set()
+        self._thread.join()
+        rss_end = self._process.memory_info().rss
+        devices = []
+        for i in self._gpus:
+            torch.cuda.synchronize(i)
+            devices.append(DevicePeak(f"cuda:{i}", self._gpu_start[i], torch.cuda.max_memory_allocated(i),
+                                      torch.cuda.memory_allocated(i), "PyTorch allocated"))
+        devices.append(DevicePeak("cpu", self._rss_start, max(self._rss_peak, rss_end), rss_end, "process RSS"))
+        self.report = PeakReport(devices, time.perf_counter() - self._t0)
+
+
+# ------------------------------------------------------------------------------------------------ OOM
+
+_SIZE = r"([0-9.]+ (?:bytes|KiB|MiB|GiB|TiB))"
+_OOM_PATTERNS = {
+    "requested": rf"Tried to allocate {_SIZE}",
+    "device": r"GPU (\d+) has a total capacity",
+    "capacity": rf"total capacity of {_SIZE}",
+    "free": rf"of which {_SIZE} is free",
+    "process": rf"(?:this process has|Process \d+ has) {_SIZE} memory in use",
+    "allowed": rf"{_SIZE} allowed;",
+    "allocated": rf"Of the allocated memory {_SIZE} is allocated by PyTorch",
+    "unallocated": rf"and {_SIZE} is reserved by PyTorch but unallocated",
+}
+_UNIT = {"bytes": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def _bytes(text: str) -> int:
+    value, unit = text.split()
+    return int(float(value) * _UNIT[unit])
+
+
+@dataclass(repr=False)
+class OomExplanation:
+    """What an out-of-memory error means: where, how much was asked, what filled the card, what next."""
+
+    device: str
+    requested: int | None
+    limit: int | None  # the smaller of capacity and the per-process cap
+    in_use: int | None
+    pytorch_allocated: int | None
+    reserved_unallocated: int | None
+    filled_by: dict[str, int]
+    next_steps: list[str]
+
+    def summary(self) -> str:
+        parts = [f"Out of memory on {self.device}"]
+        if self.requested is not None:
+            parts.append(f"while asking for {gib(self.requested)}")
+        if self.limit is not None and self.in_use is not None:
+            parts.append(f"with {gib(self.in_use)} of {gib(self.limit)} in use")
+        return " ".join(parts) + "."
+
+    def __repr__(self) -> str:
+        lines = [self.summary()]
+        if self.filled_by:
+            lines.append("What fills it: " + ", ".join(f"{k} {gib(v)}" for k, v in self.filled_by.items()) + ".")
+        lines += ["Next steps:"] + [f"  - {s}" for s in self.next_steps]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        rows = [[k, gib(v)] for k, v in self.filled_by.items()]
+        steps = "".join(f"<li>{s}</li>" for s in self.next_steps)
+        return (f"<p><b>{self.summary()}</b></p>" + html_table(["what fills it", "size"], rows)
+                + f"<p>Next steps:</p><ul>{steps}</ul>")
+
+
+def explain_oom(exc: BaseException | str | Any, plan: Any = None) -> OomExplanation:
+    """Explain a ``torch.OutOfMemoryError`` (or its message, or a planner result that does not fit).
+
+    With a ``MemoryPlan`` from ``glmkit.planning``, the breakdown (weights / KV cache / activations /
+    CUDA context) comes from the plan for the device that ran out, and the next steps are the
+    planner's checked fixes.
+
+    >>> msg = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of "
+    ...        "which 60.00 GiB is free. Including non-PyTorch memory, this process has 11.50 GiB memory in use. "
+    ...        "12.00 GiB allowed; Of the allocated memory 10.90 GiB is allocated by PyTorch, and 100.00 MiB "
+    ...        "is reserved by PyTorch but unallocated.")
+    >>> explain_oom(msg).summary()
+    'Out of memory on cuda:0 while asking for 2.00 GiB with 11.50 GiB of 12.00 GiB in use.'
+    """
+    if hasattr(exc, "devices") and hasattr(exc, "fits"):  # a MemoryPlan that does not fit
+        plan, text = exc, ""
+    else:
+        text = str(exc)
+    found = {k: re.search(p, text) for k, p in _OOM_PATTERNS.items()}
+    size = {k: _bytes(m.group(1)) for k, m in found.items() if m and k != "device"}
+    device = f"cuda:{found['device'].group(1)}" if found["device"] else "cuda:0"
+    limit = min(v for v in (size.get("capacity"), size.get("allowed")) if v is not None) if (
+        "capacity" in size or "allowed" in size) else None
+    filled: dict[str, int] = {}
+    steps: list[str] = []
+    if plan is not None:
+        worst = min(plan.devices, key=lambda d: d.headroom)
+        target = next((d for d in plan.devices if d.name == device), worst) if text else worst
+        device = target.name
+        filled = {"weights": target.weights, "KV cache": target.kv_cache, "activations": target.activations,
+                  "CUDA context": target.cuda_context}
+        if limit is None:
+            limit, size["process"] = target.budget, target.total
+        from glmkit.planning import _fixes
+
+        steps = _fixes(plan)
+    else:
+        if "allocated" in size:
+            filled["PyTorch tensors"] = size["allocated"]
+        if "unallocated" in size:
+            filled["PyTorch cache (reserved, unused)"] = size["unallocated"]
+        if "process" in size and "allocated" in size:
+            filled["CUDA context and other non-PyTorch"] = max(
+                size["process"] - size["allocated"] - size.get("unallocated", 0), 0)
+        if size.get("unallocated", 0) > 0.1 * max(size.get("requested", 0), 1) and size.get("unallocated", 0) > GiB // 4:
+            steps.append("much memory is reserved but unused (fragmentation): set "
+                         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True before starting Python")
+        steps += [
+            "plan before loading: glmkit.planning.plan_memory(config, devices=[...], context_len=..., batch_size=...) "
+            "shows what fills each card and which fix works",
+            "quantize (quantization='nf4'), shorten the prompt or the batch, or prefill in chunks (prefill_chunk=2048)",
+            "spread the model over more cards with glmkit.device_map.kv_aware_device_map",
+        ]
+    return OomExplanation(device, size.get("requested"), limit, size.get("process"), size.get("allocated"),
+                          size.get("unallocated"), filled, steps)
+
+
+# --------------------------------------------------------------------------------------- live monitor
+
+
+class MemoryPoller:
+    """Calls ``callback(snapshot)`` every ``interval`` seconds from a daemon thread until ``stop()``.
+
+    The part of the live monitor that does the work, usable without Jupyter.
+    """
+
+    def __init__(self, callback: Callable[[Snapshot], None], interval: float = 1.0, include_host: bool = True):
+        if interval <= 0:
+            raise ValueError(f"interval must be positive, got {interval}.")
+        self.callback, self.interval, self.include_host = callback, interval, include_host
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.polls = 0
+        self.error: BaseException | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> MemoryPoller:
+        if not self.running:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="glmkit-monitor", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.callback(snapshot(self.include_host))
+                self.polls += 1
+            except Exception as exc:  # keep the kernel alive; show the error in the widget
+                self.error = exc
+            self._stop.wait(self.interval)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+
+_LIVE: weakref.WeakValueDictionary[str, LiveMonitor] = weakref.WeakValueDictionary()
+
+
+def _sparkline(values: Iterator[float] | list[float], width: int = 160, height: int = 28) -> str:
+    """An inline SVG line of fractions in [0, 1] (the history plot; no plotting library in the poll thread)."""
+    vals = list(values)
+    if len(vals) < 2:
+        return f'<svg width="{width}" height="{height}"></svg>'
+    step = width / (len(vals) - 1)
+    pts = " ".join(f"{i * step:.1f},{height - v * (height - 2) - 1:.1f}" for i, v in enumerate(vals))
+    return (f'<svg width="{width}" height="{height}" class="glmkit-spark"><polyline points="{pts}" '
+            'fill="none" stroke="#1f77b4" stroke-width="1.5"/></svg>')
+
+
+class LiveMonitor:
+    """A JupyterLab dashboard: one bar per device (used / total, PyTorch share, peak), a history line,
+    and a warning when a GPU runs hot or near its power limit. Polls in a background thread.
+
+    Re-running the cell that creates it stops the previous one (same ``key``); ``stop()`` ends the
+    thread; closing the widget stops it too.
+
+    Args:
+        interval: seconds between polls.
+        history: polls kept for the history line.
+        temperature_limit: degrees C above which a GPU is flagged.
+        power_fraction: fraction of the power limit above which a GPU is flagged.
+    """
+
+    def __init__(self, interval: float = 1.0, history: int = 120, temperature_limit: float = 83.0,
+                 power_fraction: float = 0.95, include_host: bool = True, key: str = "default") -> None:
+        import ipywidgets as w
+
+        if key in _LIVE:
+            _LIVE[key].stop()
+        _LIVE[key] = self
+        self.temperature_limit, self.power_fraction = temperature_limit, power_fraction
+        self.history: dict[str, deque[float]] = {}
+        self.peaks: dict[str, int] = {}
+        self.warnings: list[str] = []
+        self._history_len = history
+        self._rows: dict[str, tuple[Any, Any, Any]] = {}
+        self.status = w.HTML("<i>starting…</i>")
+        self.box = w.VBox([], layout=w.Layout(width="100%"))
+        self.start_button = w.Button(description="start", icon="play", layout=w.Layout(width="90px"))
+        self.stop_button = w.Button(description="stop", icon="stop", layout=w.Layout(width="90px"))
+        self.start_button.on_click(lambda _: self.start())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.widget = w.VBox([w.HBox([self.start_button, self.stop_button, self.status]), self.box],
+                             layout=w.Layout(border="1px solid #ddd", padding="6px"))
+        self.widget.add_class("glmkit-monitor")
+        self.widget.observe(self._closed, names="comm")
+        self.poller = MemoryPoller(self.update, interval, include_host)
+        self.update(snapshot(include_host))
+        self.start()
+
+    def _closed(self, change: dict[str, Any]) -> None:
+        if change.get("new") is None:
+            self.stop()
+
+    def _row(self, d: DeviceMemory) -> tuple[Any, Any, Any]:
+        import ipywidgets as w
+
+        if d.device not in self._rows:
+            label = w.HTML(layout=w.Layout(width="230px"))
+            bar = w.FloatProgress(min=0.0, max=1.0, layout=w.Layout(width="40%"))
+            bar.add_class("glmkit-bar")
+            info = w.HTML()
+            self._rows[d.device] = (label, bar, info)
+            self.box.children = tuple(w.HBox(list(r)) for r in self._rows.values())
+        return self._rows[d.device]
+
+    def update(self, snap: Snapshot) -> None:
+        """Redraw from one snapshot (the poll thread calls this)."""
+        warnings = []
+        for d in snap.devices:
+            label, bar, info = self._row(d)
+            frac = d.used / d.total if d.total else 0.0
+            hist = self.history.setdefault(d.device, deque(maxlen=self._history_len))
+            hist.append(frac)
+            mine = d.torch_allocated if d.torch_allocated is not None else d.process
+            self.peaks[d.device] = max(self.peaks.get(d.device, 0), mine or 0)
+            hot = d.temperature is not None and d.temperature >= self.temperature_limit
+            power_high = (d.power is not None and d.power_limit and d.power >= self.power_fraction * d.power_limit)
+            if hot:
+                warnings.append(f"{d.device} at {d.temperature:.0f} C (limit {self.temperature_limit:.0f} C)")
+            if power_high:
+                warnings.append(f"{d.device} draws {d.power:.0f} W of {d.power_limit:.0f} W")
+            bar.value = frac
+            bar.bar_style = "danger" if frac > 0.95 or hot else "warning" if frac > 0.85 else "success"
+            label.value = f"<b>{d.device}</b> {d.name}"
+            share = f"PyTorch {gib(d.torch_allocated)}" if d.torch_allocated is not None else (
+                f"this process {gib(d.process)}" if d.process is not None else "")
+            extra = " ".join(x for x in (_fmt(d.temperature, "C") if d.temperature is not None else "",
+                                         _fmt(d.power, "W") if d.power is not None else "") if x)
+            info.value = (f"{gib(d.used)} / {gib(d.total)} · {share} · peak {gib(self.peaks[d.device])} {extra} "
+                          + _sparkline(hist))
+        self.warnings = warnings
+        when = time.strftime("%H:%M:%S", time.localtime(snap.time))
+        state = "polling" if self.running else "stopped"
+        alert = "".join(f'<br><b style="color:#c00">⚠ {w}</b>' for w in warnings)
+        self.status.value = f"{state} · last update {when}{alert}"
+
+    @property
+    def running(self) -> bool:
+        return self.poller.running
+
+    def start(self) -> LiveMonitor:
+        self.poller.start()
+        return self
+
+    def stop(self) -> None:
+        self.poller.stop()
+        self.status.value = self.status.value.replace("polling", "stopped")
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def live_monitor(interval: float = 1.0, **kwargs: Any) -> LiveMonitor:
+    """Start (or restart) the live memory dashboard and return it; display it as a cell's last line."""
+    return LiveMonitor(interval, **kwargs)

@@ -1,0 +1,186 @@
+"""The planner's arithmetic, checked against independent derivations and real bitsandbytes allocations."""
+
+import pytest
+import torch
+
+from glmkit.device_map import DeviceMapError, as_model, kv_aware_device_map, split_layers
+from glmkit.loading import load_model
+from glmkit.models import glm4_9b_chat_config, tiny_glm_config
+from glmkit.planning import (
+    GiB,
+    PlanningError,
+    cheapest_setup,
+    kv_cache_bytes_per_token,
+    layer_activation_bytes,
+    max_context,
+    parse_size,
+    plan_memory,
+    unit_weight_bytes,
+)
+
+C = glm4_9b_chat_config()
+
+
+def _layer_params(c):
+    h, i, kv = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.head_dim
+    q = c.num_attention_heads * c.head_dim
+    return h * q + q + 2 * (h * kv + kv) + q * h + h * 2 * i + i * h + 2 * h
+
+
+def test_weights_of_glm4_9b_from_the_config_arithmetic():
+    sizes = unit_weight_bytes(C, torch.bfloat16)
+    assert sizes["model.layers.7"] == 2 * _layer_params(C)
+    assert sizes["model.embed_tokens"] == sizes["lm_head"] == 2 * C.vocab_size * C.hidden_size
+    assert sizes["model.norm"] == 2 * C.hidden_size
+    rotary = sizes["model.rotary_emb"]  # inv_freq buffers (fp32), not weights
+    assert sum(sizes.values()) - rotary == 2 * 9_399_951_360
+    assert round(sizes["model.layers.0"] / GiB, 3) == 0.380 and round(sizes["lm_head"] / GiB, 3) == 1.156
+
+
+def test_kv_cache_is_40_kib_per_token_for_glm4_9b():
+    assert kv_cache_bytes_per_token(C) * C.num_hidden_layers == 40 * 1024
+    plan = plan_memory(C, ["80GiB"], context_len=131072)
+    assert plan.devices[0].kv_cache == 40 * 1024 * 131072  # 5 GiB at 128K
+    plan4 = plan_memory(C, ["80GiB"], context_len=8192, batch_size=4)
+    assert plan4.devices[0].kv_cache == 4 * 40 * 1024 * 8192
+
+
+def test_activation_model_scales_with_tokens_and_batch():
+    one = layer_activation_bytes(C, 1)
+    assert one == 2 * (2 * 4096 + 4 * 13696)
+    assert layer_activation_bytes(C, 1000, 3) == 3000 * one
+    assert layer_activation_bytes(C, 1000, quantization="int8") > layer_activation_bytes(C, 1000)
+
+
+def test_plan_totals_add_up_and_the_lm_head_device_holds_the_logits():
+    plan = plan_memory(C, ["24GiB", "24GiB"], device_map=split_layers(C, [20, 20]), context_len=4096)
+    d0, d1 = plan.devices
+    assert (d0.layers, d1.layers) == (20, 20)
+    for d in plan.devices:
+        assert d.total == d.weights + d.kv_cache + d.activations + d.cuda_context
+        assert d.headroom == 24 * GiB - d.total
+    assert d1.activations - d0.activations > C.vocab_size * 4  # logits on the last GPU
+    rotary = unit_weight_bytes(C)["model.rotary_emb"]  # on GPU 0 with the embeddings; the norm is on GPU 1
+    assert d0.weights - rotary == d1.weights - 2 * C.hidden_size
+
+
+def test_single_12gib_card_does_not_fit_bf16_and_advice_names_the_device():
+    plan = plan_memory(C, ["12GiB"], context_len=8192)
+    assert not plan.fits
+    advice = plan.advice()
+    assert "cuda:0 needs" in advice and "over" in advice and "nf4" in advice
+
+
+def test_max_context_is_the_boundary():
+    for devices, kw in [(["12GiB", "12GiB"], {}), (["12GiB"], {"quantization": "nf4"}), (["24GiB"], {})]:
+        n = max_context(C, devices, **kw)
+        assert 0 < n < C.max_position_embeddings
+        assert plan_memory(C, devices, context_len=n, **kw).fits
+        assert not plan_memory(C, devices, context_len=n + 1, **kw).fits
+    assert max_context(C, ["12GiB"]) == 0
+
+
+def test_kv_aware_map_fits_longer_context_than_accelerate_auto():
+    from glmkit.device_map import accelerate_device_map
+
+    auto = accelerate_device_map(C, ["12GiB", "12GiB"], "auto")
+    ours = max_context(C, ["12GiB", "12GiB"])
+    theirs = max_context(C, ["12GiB", "12GiB"], device_map=auto)
+    assert ours > theirs
+    sequential = accelerate_device_map(C, ["12GiB", "12GiB"], "sequential")
+    assert not plan_memory(C, ["12GiB", "12GiB"], device_map=sequential, context_len=8192).fits
+
+
+def test_kv_aware_map_keeps_every_device_within_budget():
+    for budgets in (["12GiB", "12GiB"], ["12GiB", "24GiB"], ["8GiB"] * 4):
+        dm = kv_aware_device_map(C, budgets, context_len=8192)
+        plan = plan_memory(C, budgets, device_map=dm, context_len=8192)
+        assert plan.fits
+        assert dm["model.embed_tokens"] == 0 and dm["lm_head"] == len(budgets) - 1
+
+
+def test_kv_aware_map_offloads_to_cpu_only_when_needed():
+    dm = kv_aware_device_map(C, {0: "12GiB", "cpu": "64GiB"}, context_len=4096)
+    on_cpu = [k for k, v in dm.items() if v == "cpu"]
+    assert on_cpu and dm["model.embed_tokens"] == 0
+    assert "cpu" not in kv_aware_device_map(C, {0: "40GiB", "cpu": "64GiB"}).values()
+
+
+def test_budget_that_cannot_fit_is_a_clear_error():
+    with pytest.raises(DeviceMapError, match="does not fit"):
+        kv_aware_device_map(C, ["4GiB", "4GiB"])
+
+
+@pytest.mark.parametrize("bad", [0, -1, "-3GiB", "twelve", "12 parsecs", True])
+def test_bad_budgets(bad):
+    with pytest.raises(PlanningError):
+        parse_size(bad)
+
+
+def test_unknown_device_and_quantization():
+    with pytest.raises(PlanningError, match="Unknown device"):
+        plan_memory(C, {"gpu0": "12GiB"})
+    with pytest.raises(PlanningError, match="Unknown quantization"):
+        plan_memory(C, ["12GiB"], quantization="int3")
+    with pytest.raises(PlanningError, match="at least 1"):
+        plan_memory(C, ["12GiB"], context_len=0)
+
+
+def test_cheapest_setup_for_two_12gib_cards():
+    options = cheapest_setup(C, "12GiB", max_cards=2, context_len=8192)
+    assert (options.cheapest.cards, options.cheapest.quantization) == (1, "nf4")
+    two_bf16 = next(o for o in options.options if o.cards == 2 and o.quantization == "bfloat16")
+    assert two_bf16.fits and two_bf16.max_context > 8192
+
+
+def test_planner_works_on_a_loaded_model(tiny_path):
+    model = load_model(tiny_path, device_map="cpu")
+    from_config = plan_memory(tiny_glm_config(), {"cpu": "1GiB"}, dtype=torch.float32, cuda_context=0)
+    from_model = plan_memory(model, {"cpu": "1GiB"}, dtype=torch.float32, cuda_context=0)
+    assert from_model.devices[0].weights == from_config.devices[0].weights
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    assert from_model.devices[0].weights == sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _allocated_bytes_per_unit(model, units):
+    """Bytes of every tensor bitsandbytes allocated, per unit: weights, biases, quant states, SCB."""
+    seen, sizes = set(), dict.fromkeys(units, 0)
+
+    def add(name, t):
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            sizes[next(u for u in units if name.startswith(u + ".") or name == u)] += t.numel() * t.element_size()
+
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        add(name, t)
+        state = getattr(t, "quant_state", None)
+        for s in (state, getattr(state, "state2", None)):
+            for field in ("absmax", "code", "offset"):
+                add(name, getattr(s, field, None))
+        add(name, getattr(t, "SCB", None))
+    return sizes
+
+
+@pytest.mark.parametrize("quantization", ["int8", "nf4", "fp4", "nf4-dq"])
+def test_quantized_sizes_equal_what_bitsandbytes_allocates(tiny_path, quantization):
+    from glmkit.device_map import model_units
+    from glmkit.loading import bnb_config
+
+    kind, _, dq = quantization.partition("-")
+    model = load_model(tiny_path, dtype=torch.bfloat16, device_map="cpu",
+                       quantization_config=bnb_config(kind, double_quant=bool(dq)))
+    measured = _allocated_bytes_per_unit(model, model_units(model).all)
+    assert unit_weight_bytes(tiny_glm_config(), torch.bfloat16, quantization) == measured
+
+
+def test_planner_helpers_take_other_decoder_models():
+    from transformers import LlamaConfig, Qwen2Config
+
+    for cfg in (LlamaConfig(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                            vocab_size=128),
+                Qwen2Config(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=128)):
+        model = as_model(cfg)
+        sizes = unit_weight_bytes(cfg, torch.float32)
+        assert sum(sizes.values()) == sum(t.numel() * 4 for t in list(model.parameters()) + list(model.buffers()))
+        assert plan_memory(cfg, ["1GiB", "1GiB"], context_len=64).fits
