@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from pathlib import Path
 
 from glmkit.bench import build_random_checkpoint, decode_tokens_per_second, nvidia_smi_used_bytes, save_result
@@ -20,8 +21,8 @@ from glmkit.bench import build_random_checkpoint, decode_tokens_per_second, nvid
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=64)
     args = ap.parse_args()
     import torch
 
@@ -52,27 +53,35 @@ def main() -> None:
             return MemoryPoller(lambda s: None, interval).start()
         kind = "MemoryPoller"
 
-    decode_tokens_per_second(model, 16)  # warm-up
+    for _ in range(3):
+        decode_tokens_per_second(model, 32)  # warm-up (the first calls are slow)
     speeds: dict[str, list[float]] = {"none": [], "0.5 s": [], "0.1 s": []}
-    polls = {}
+    polls: dict[str, int] = {}
+    busy: dict[str, float] = {}
+    seconds: dict[str, float] = {}
     for _ in range(args.repeats):
         for label in speeds:
             mon = None if label == "none" else make(float(label.split()[0]))
+            t0 = time.perf_counter()
             speeds[label].append(decode_tokens_per_second(model, args.new_tokens))
             if mon is not None:
                 poller = getattr(mon, "poller", mon)
-                polls[label] = poller.polls
                 mon.stop()
+                polls[label] = polls.get(label, 0) + poller.polls
+                busy[label] = busy.get(label, 0.0) + poller.busy_seconds
+                seconds[label] = seconds.get(label, 0.0) + time.perf_counter() - t0
         print({k: [round(x, 2) for x in v] for k, v in speeds.items()}, flush=True)
     med = {k: statistics.median(v) for k, v in speeds.items()}
     overhead = {k: 1 - med[k] / med["none"] for k in med if k != "none"}
+    duty = {k: busy[k] / seconds[k] for k in busy}  # share of wall time the poll thread was working
     save_result("monitor_check", {
         "agreement": agreement, "monitor_kind": kind, "decode_tok_s": speeds, "median_tok_s": med,
-        "polling_overhead": overhead, "polls_in_last_run": polls,
+        "polling_overhead": overhead, "polls": polls, "poll_busy_seconds": busy,
+        "poll_duty_cycle": duty, "ms_per_poll": {k: 1000 * busy[k] / polls[k] for k in busy if polls[k]},
         "method": f"plain generate(), batch 1, 32-token prompt, {args.new_tokens} new tokens, "
                   f"{args.repeats} alternating repeats, median",
     })
-    print(med, overhead)
+    print(med, overhead, duty)
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ The scripts in ``benchmarks/`` call these on a GPU with the full-size GLM-4-9B-C
 JSON back with ``load_results``. Everything also runs on the CPU with the tiny model.
 
 >>> env = environment_record()
->>> sorted(env)[:3]
-['device', 'driver', 'gpus']
+>>> sorted(env)[:4]
+['date', 'device', 'driver', 'gpus']
 """
 
 from __future__ import annotations

@@ -390,6 +390,7 @@ def kv_aware_device_map(
     quantization: str | None = None,
     prefill_chunk: int | None = None,
     cuda_context: int | None = None,
+    expandable_segments: bool | None = None,
 ) -> dict[str, Any]:
     """glmkit's map: every GPU keeps room for its layers' KV cache, the prefill activations, the CUDA
     context, the inputs (first GPU) and the logits (last GPU); headroom is spread evenly.
@@ -409,24 +410,17 @@ def kv_aware_device_map(
 
     model = as_model(model_or_config)
     budgets = P.normalize_devices(max_memory)
-    ctx = P.DEFAULT_CUDA_CONTEXT if cuda_context is None else cuda_context
-    q = P._check_quantization(quantization)
     units = model_units(model)
-    weights = P.unit_weight_bytes(model, dtype, q)
-    kv_dtype = P._kv_dtype(dtype, q)
-    chunk = min(prefill_chunk or context_len, context_len)
-    kv = P.kv_cache_bytes_per_token(model.config, kv_dtype) * context_len * batch_size
-    act = P.layer_activation_bytes(model.config, chunk, batch_size, kv_dtype, q)
-    if prefill_chunk and chunk < context_len:
-        act += batch_size * chunk * context_len
-    inputs = P.input_bytes(chunk, batch_size)
-    logits = P.logits_bytes(model.config, batch_size, 1, kv_dtype)
+    c = P.costs(model, dtype=dtype, quantization=quantization, batch_size=batch_size, context_len=context_len,
+                prefill_chunk=prefill_chunk, cuda_context=P.DEFAULT_CUDA_CONTEXT if cuda_context is None else cuda_context,
+                expandable_segments=expandable_segments)
     out_layer = P._output_layer_name(model)
-    cost = {u: weights[u] + (kv if u in units.layers else 0) for u in units.all}
+    cost = {u: c.weights[u] + (c.kv_per_layer if u in units.layers else 0) for u in units.all}
+    ctx, act, inputs, logits = c.cuda_context, c.activations, c.inputs, c.logits
 
     def overhead(device: Any, placed: list[str]) -> int:
-        has_layers = any(u in units.layers for u in placed)
-        return ((ctx if isinstance(device, int) else 0) + (act if has_layers else 0)
+        gpu, has_layers = isinstance(device, int), any(u in units.layers for u in placed)
+        return ((ctx if gpu else 0) + (act + (c.allocator if gpu else 0) if has_layers else 0)
                 + (inputs if units.all[0] in placed else 0) + (logits if out_layer in placed else 0))
 
     def place(devices: list[Any], caps: dict[Any, float]) -> dict[str, Any] | None:

@@ -92,6 +92,16 @@ def _torch_stats(index: int) -> tuple[int | None, int | None]:
     return torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index)
 
 
+def _nvml_memory(pynvml: Any, handle: Any) -> tuple[int, int]:
+    """Total and used bytes as nvidia-smi shows them: NVML's v2 figures, where ``used`` leaves out the
+    memory the driver reserves for itself (the v1 call counts it, about 0.5 GB more on an H100)."""
+    try:
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle, version=pynvml.nvmlMemory_v2)
+    except (pynvml.NVMLError, AttributeError, TypeError):  # old driver or old nvidia-ml-py
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    return int(mem.total), int(mem.used)
+
+
 def _nvml_devices() -> list[DeviceMemory]:
     """GPUs through NVML; raises ImportError or pynvml.NVMLError when there is no driver/library."""
     import os
@@ -104,7 +114,7 @@ def _nvml_devices() -> list[DeviceMemory]:
         out = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            total, used = _nvml_memory(pynvml, h)
             name = pynvml.nvmlDeviceGetName(h)
             name = name.decode() if isinstance(name, bytes) else name
 
@@ -121,7 +131,7 @@ def _nvml_devices() -> list[DeviceMemory]:
             power = read(lambda h=h: pynvml.nvmlDeviceGetPowerUsage(h) / 1000)
             limit = read(lambda h=h: pynvml.nvmlDeviceGetEnforcedPowerLimit(h) / 1000)
             allocated, reserved = _torch_stats(i)
-            out.append(DeviceMemory(f"cuda:{i}", name, int(mem.total), int(mem.used), sum(mine) if mine else None,
+            out.append(DeviceMemory(f"cuda:{i}", name, total, used, sum(mine) if mine else None,
                                     allocated, reserved, util, temp, power, limit, "nvml"))
         return out
     finally:
@@ -200,11 +210,32 @@ class PeakReport:
         return html_table(self.HEADERS, self.rows(), caption=f"peak memory over {self.seconds:.2f} s")
 
 
+def _peak_rss() -> int | None:
+    """VmHWM, this process's peak resident memory, from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+        return int(m.group(1)) * 1024 if m else None
+    except OSError:
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (writing 5 to /proc/self/clear_refs, Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _peak_rss() is not None
+    except OSError:
+        return False
+
+
 class track_peak(contextlib.ContextDecorator):
     """Peak memory per device during a ``with`` block (or a decorated function).
 
     GPUs: PyTorch's peak allocated bytes (``torch.cuda.max_memory_allocated``, reset on entry).
-    CPU: this process's RSS, sampled every ``interval`` seconds by a background thread.
+    CPU: this process's peak RSS (Linux's exact high-water mark, reset on entry; elsewhere sampled every
+    ``interval`` seconds by a background thread).
 
     >>> import torch
     >>> with track_peak() as peak:
@@ -229,6 +260,7 @@ class track_peak(contextlib.ContextDecorator):
             self._gpu_start[i] = torch.cuda.memory_allocated(i)
         self._process = psutil.Process()
         self._rss_start = self._rss_peak = self._process.memory_info().rss
+        self._hwm = _reset_peak_rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, name="glmkit-peak", daemon=True)
         self._t0 = time.perf_counter()
@@ -246,6 +278,8 @@ class track_peak(contextlib.ContextDecorator):
         self._stop.set()
         self._thread.join()
         rss_end = self._process.memory_info().rss
+        if self._hwm:  # Linux keeps the exact high-water mark since the reset; sampling can miss short peaks
+            self._rss_peak = max(self._rss_peak, _peak_rss() or 0)
         devices = []
         for i in self._gpus:
             torch.cuda.synchronize(i)
@@ -384,6 +418,7 @@ class MemoryPoller:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.polls = 0
+        self.busy_seconds = 0.0  # time spent polling and redrawing: the monitor's cost
         self.error: BaseException | None = None
 
     @property
@@ -399,11 +434,13 @@ class MemoryPoller:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            t0 = time.perf_counter()
             try:
                 self.callback(snapshot(self.include_host))
                 self.polls += 1
             except Exception as exc:  # keep the kernel alive; show the error in the widget
                 self.error = exc
+            self.busy_seconds += time.perf_counter() - t0
             self._stop.wait(self.interval)
 
     def stop(self, timeout: float = 5.0) -> None:

@@ -29,10 +29,14 @@ from glmkit.tables import gib, html_table, text_table
 
 GiB = 2**30
 MiB = 2**20
-# Memory a process holds on each GPU outside PyTorch's allocator: the CUDA context and kernels
-# (NVML's per-process figure minus torch.cuda.memory_reserved()). 0.5-1.2 GiB depending on the
-# card, driver and CUDA version; benchmarks/planner_accuracy.py measures it on the GPU machine.
-DEFAULT_CUDA_CONTEXT = 512 * MiB
+# Memory a process holds on each GPU outside PyTorch's allocator: the CUDA context, kernels, cuBLAS
+# handles (NVML's per-process figure minus torch.cuda.memory_reserved()). Measured 0.68 GiB (bf16, nf4)
+# and 0.76 GiB (int8) on an H100 with CUDA 13 (benchmarks/results/planner_accuracy.json); smaller cards
+# and older CUDA versions use less.
+DEFAULT_CUDA_CONTEXT = 720 * MiB
+# bitsandbytes' int8 kernels index with 32-bit integers: one forward may not produce more than
+# 2**31 - 1 elements per matrix (seen on an H100: "Error invalid argument ... ops.cu" at 4 x 32K tokens).
+INT8_MAX_ELEMENTS = 2**31 - 1
 UNBOUNDED = 2**50  # budget of a 'cpu'/'disk' offload target that was given none
 QUANTIZATIONS = (None, "int8", "nf4", "fp4", "nf4-dq", "fp4-dq")
 _SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
@@ -184,21 +188,42 @@ def layer_activation_bytes(
     """Peak transient bytes of one decoder layer processing ``tokens`` tokens per sequence (prefill).
 
     With fused attention (SDPA/flash: no ``seq x seq`` matrix) the MLP dominates. While the
-    activation multiplies, the residual and normed input ``[b, s, hidden]``, the ``gate_up`` output
-    ``[b, s, 2 * inter]``, ``act(gate)`` and the product ``[b, s, inter]`` are all alive:
-    ``2 * hidden + 4 * inter`` values per token. LLM.int8 instead peaks inside ``gate_up``: an int8
-    copy of the input, an int32 result and its fp16 dequantization (``5 * hidden + 12 * inter`` bytes).
+    activation multiplies, the ``gate_up`` output ``[b, s, 2 * inter]``, ``act(gate)`` and the product
+    ``[b, s, inter]`` are alive next to four ``[b, s, hidden]`` tensors (the layer input the model's
+    loop still holds, the residual, the normed input and the attention sum): ``4 * hidden + 4 * inter``
+    values per token. Measured on an H100 for GLM-4-9B: 142.6 KB per token in bf16 and nf4 (this
+    formula: 142.3 KB). LLM.int8 peaks inside ``gate_up`` instead: an int8 copy of the input, an int32
+    result and its 16-bit dequantization (``9 * hidden + 12 * inter`` bytes; measured 201.6 KB, formula 201.2 KB).
 
     >>> from glmkit.models import glm4_9b_chat_config
     >>> layer_activation_bytes(glm4_9b_chat_config(), 1)  # bytes per token in bf16
-    125952
+    142336
     """
     e = torch.tensor([], dtype=_dtype(dtype)).element_size()
     h, inter = config.hidden_size, config.intermediate_size
-    per_token = e * (2 * h + 4 * inter)
+    per_token = e * (4 * h + 4 * inter)
     if quantization == "int8":
-        per_token = max(per_token, 2 * e * h + h + 4 * 2 * inter + e * 2 * inter)
+        per_token = max(per_token, 4 * e * h + h + 4 * 2 * inter + e * 2 * inter)
     return per_token * tokens * batch_size
+
+
+def allocator_slack(config: Any, tokens: int, batch_size: int = 1, dtype: torch.dtype | str = torch.bfloat16,
+                    expandable_segments: bool | None = None) -> int:
+    """Memory PyTorch's caching allocator reserves beyond the live tensors at the prefill peak.
+
+    With the default allocator, KV-cache blocks are carved out of freed activation blocks layer after
+    layer, so new segments keep being reserved: on an H100 the reserved peak exceeded the allocated peak
+    by up to 1.4x the ``gate_up`` output (``[b, s, 2 * inter]``). With
+    ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` segments grow in place and the slack is small.
+    ``None`` reads the setting from the environment, as PyTorch does.
+    """
+    import os
+
+    if expandable_segments is None:
+        expandable_segments = "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower()
+    e = torch.tensor([], dtype=_dtype(dtype)).element_size()
+    gate_up = e * 2 * config.intermediate_size * tokens * batch_size
+    return gate_up // 8 if expandable_segments else (gate_up * 7) // 5
 
 
 def input_bytes(tokens: int, batch_size: int = 1) -> int:
@@ -226,10 +251,11 @@ class DevicePlan:
     cuda_context: int
     budget: int
     layers: int = 0
+    allocator: int = 0  # PyTorch's caching-allocator slack (reserved but not in use at the peak)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations + self.cuda_context
+        return self.weights + self.kv_cache + self.activations + self.allocator + self.cuda_context
 
     @property
     def headroom(self) -> int:
@@ -260,10 +286,11 @@ class MemoryPlan:
     device_map: dict[str, Any] = field(repr=False, default_factory=dict)
     # What produced the plan, so advice() can try the alternatives (not part of the result).
     inputs: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    problems: list[str] = field(default_factory=list)  # limits other than memory (e.g. int8 kernel sizes)
 
     @property
     def fits(self) -> bool:
-        return all(d.fits for d in self.devices)
+        return not self.problems and all(d.fits for d in self.devices)
 
     @property
     def total(self) -> int:
@@ -276,15 +303,14 @@ class MemoryPlan:
         def g(n: int) -> str:
             return "-" if abs(n) >= UNBOUNDED // 2 else f"{n / GiB:.2f}"
 
-        rows = [
-            [d.name, str(d.layers), g(d.weights), g(d.kv_cache), g(d.activations), g(d.cuda_context),
-             g(d.total), g(d.budget), g(d.headroom), "yes" if d.fits else "NO"]
+        return [
+            [d.name, str(d.layers), g(d.weights), g(d.kv_cache), g(d.activations), g(d.allocator),
+             g(d.cuda_context), g(d.total), g(d.budget), g(d.headroom), "yes" if d.fits else "NO"]
             for d in self.devices
         ]
-        return rows
 
-    HEADERS = ["device", "layers", "weights GiB", "KV cache GiB", "activations GiB", "CUDA ctx GiB",
-               "total GiB", "budget GiB", "headroom GiB", "fits"]
+    HEADERS = ["device", "layers", "weights GiB", "KV cache GiB", "activations GiB", "allocator GiB",
+               "CUDA ctx GiB", "total GiB", "budget GiB", "headroom GiB", "fits"]
 
     def title(self) -> str:
         q = self.quantization or self.dtype
@@ -293,10 +319,12 @@ class MemoryPlan:
         )
 
     def __str__(self) -> str:
-        return self.title() + "\n" + text_table(self.HEADERS, self.rows())
+        notes = "".join(f"\n! {p}" for p in self.problems)
+        return self.title() + "\n" + text_table(self.HEADERS, self.rows()) + notes
 
     def _repr_html_(self) -> str:
-        return html_table(self.HEADERS, self.rows(), caption=self.title())
+        notes = "".join(f"<p><b>! {p}</b></p>" for p in self.problems)
+        return html_table(self.HEADERS, self.rows(), caption=self.title()) + notes
 
     def advice(self) -> str:
         """Why it does not fit (which device, by how much, what fills it) and the cheapest fix."""
@@ -320,6 +348,7 @@ def plan_memory(
     prefill_chunk: int | None = None,
     logits_tokens: int = 1,
     cuda_context: int | str = DEFAULT_CUDA_CONTEXT,
+    expandable_segments: bool | None = None,
 ) -> MemoryPlan:
     """Plan weights + KV cache + activations + CUDA context per device for generating ``context_len`` tokens.
 
@@ -335,6 +364,8 @@ def plan_memory(
         prefill_chunk: prefill in chunks of this many tokens (activations scale with the chunk).
         logits_tokens: positions whose logits are kept (``generate()``: 1).
         cuda_context: per-GPU memory outside PyTorch's allocator.
+        expandable_segments: whether PyTorch's allocator runs with ``expandable_segments:True``
+            (less slack); ``None`` reads ``PYTORCH_CUDA_ALLOC_CONF``.
 
     >>> from glmkit.models import glm4_9b_chat_config
     >>> plan = plan_memory(glm4_9b_chat_config(), ["12GiB", "12GiB"], context_len=8192)
@@ -359,6 +390,7 @@ def plan_memory(
                 device_map = kv_aware_device_map(
                     model, budgets, context_len=context_len, batch_size=batch_size, dtype=dtype,
                     quantization=quantization, prefill_chunk=prefill_chunk, cuda_context=ctx_bytes,
+                    expandable_segments=expandable_segments,
                 )
             except DeviceMapError:
                 from glmkit.device_map import even_split, split_layers
@@ -369,20 +401,65 @@ def plan_memory(
     else:
         check_device_map(model, device_map)
         given_map = True
-    plan = _plan(model, budgets, dict(device_map), dtype, quantization, batch_size, context_len,
-                 prefill_chunk, logits_tokens, ctx_bytes)
+    c = costs(model, dtype=dtype, quantization=quantization, batch_size=batch_size, context_len=context_len,
+              prefill_chunk=prefill_chunk, logits_tokens=logits_tokens, cuda_context=ctx_bytes,
+              expandable_segments=expandable_segments)
+    plan = _plan(model, budgets, dict(device_map), c, dtype, quantization, batch_size, context_len)
     plan.inputs = dict(model=model, devices=budgets, given_map=given_map, dtype=dtype, batch_size=batch_size,
-                       prefill_chunk=prefill_chunk, logits_tokens=logits_tokens, cuda_context=ctx_bytes)
+                       prefill_chunk=prefill_chunk, logits_tokens=logits_tokens, cuda_context=ctx_bytes,
+                       expandable_segments=expandable_segments)
     return plan
 
 
-def _plan(model: nn.Module, budgets: dict[int | str, int], device_map: dict[str, Any], dtype: torch.dtype,
-          quantization: str | None, batch_size: int, context_len: int, prefill_chunk: int | None,
-          logits_tokens: int, ctx_bytes: int) -> MemoryPlan:
+@dataclass
+class Costs:
+    """Everything a device pays, before placement: per-unit weights, per-layer KV cache, and the
+    transients of a device that runs layers (activations, allocator slack), holds the inputs, or ``lm_head``."""
+
+    weights: dict[str, int]
+    kv_per_layer: int
+    activations: int
+    allocator: int
+    inputs: int
+    logits: int
+    cuda_context: int
+    problems: list[str]
+
+
+def costs(model: nn.Module, *, dtype: torch.dtype | str = torch.bfloat16, quantization: str | None = None,
+          batch_size: int = 1, context_len: int = 4096, prefill_chunk: int | None = None, logits_tokens: int = 1,
+          cuda_context: int = DEFAULT_CUDA_CONTEXT, expandable_segments: bool | None = None) -> Costs:
+    """The cost model shared by ``plan_memory`` and ``glmkit.device_map.kv_aware_device_map``."""
     config = model.config
-    units = model_units(model)
-    weights = dict(_unit_weight_bytes(model, dtype, quantization))
+    dtype = _dtype(dtype)
+    quantization = _check_quantization(quantization)
     kv_dtype = _kv_dtype(dtype, quantization)
+    chunk = min(prefill_chunk or context_len, context_len)
+    act = layer_activation_bytes(config, chunk, batch_size, kv_dtype, quantization)
+    if chunk < context_len:
+        act += batch_size * chunk * context_len  # the bool attention mask of a chunk against the cache
+    problems = []
+    if quantization == "int8" and batch_size * chunk * 2 * config.intermediate_size > INT8_MAX_ELEMENTS:
+        longest = INT8_MAX_ELEMENTS // (2 * config.intermediate_size * batch_size)
+        problems.append(
+            f"int8: one forward over {batch_size} x {chunk} tokens exceeds bitsandbytes' 2**31-element limit "
+            f"(at most {longest} tokens per sequence at batch {batch_size}): prefill in chunks (prefill_chunk=...)"
+        )
+    return Costs(
+        weights=dict(_unit_weight_bytes(model, dtype, quantization)),
+        kv_per_layer=kv_cache_bytes_per_token(config, kv_dtype) * context_len * batch_size,
+        activations=act,
+        allocator=allocator_slack(config, chunk, batch_size, kv_dtype, expandable_segments),
+        inputs=input_bytes(chunk, batch_size),
+        logits=logits_bytes(config, batch_size, logits_tokens, kv_dtype),
+        cuda_context=cuda_context,
+        problems=problems,
+    )
+
+
+def _plan(model: nn.Module, budgets: dict[int | str, int], device_map: dict[str, Any], c: Costs,
+          dtype: torch.dtype, quantization: str | None, batch_size: int, context_len: int) -> MemoryPlan:
+    units = model_units(model)
     placement = {u: _device_of(u, device_map) for u in units.all}
     budgets = dict(budgets)
     for offload in ("cpu", "disk"):  # offload targets without a budget count as unbounded
@@ -394,11 +471,6 @@ def _plan(model: nn.Module, budgets: dict[int | str, int], device_map: dict[str,
             f"The device map uses {sorted(map(str, unknown))}, which have no budget in devices={list(budgets)}: "
             "give every device it uses a budget."
         )
-    chunk = min(prefill_chunk or context_len, context_len)
-    kv_per_layer = kv_cache_bytes_per_token(config, kv_dtype) * context_len * batch_size
-    act_layer = layer_activation_bytes(config, chunk, batch_size, kv_dtype, quantization)
-    if prefill_chunk and chunk < context_len:
-        act_layer += batch_size * chunk * context_len  # the bool attention mask of a chunk vs. the cache
     first = _norm_device(placement[units.all[0]])
     out_layer = _output_layer_name(model)
     lm_device = _norm_device(placement.get(out_layer, placement[units.all[-1]]))
@@ -406,22 +478,21 @@ def _plan(model: nn.Module, budgets: dict[int | str, int], device_map: dict[str,
     for device, budget in budgets.items():
         mine = [u for u in units.all if _norm_device(placement[u]) == device]
         n_layers = sum(u in units.layers for u in mine)
-        act = act_layer if n_layers else 0
-        if device == first:
-            act += input_bytes(chunk, batch_size)
-        if device == lm_device:
-            act += logits_bytes(config, batch_size, logits_tokens, kv_dtype)
         on_gpu = isinstance(device, int)
+        act = (c.activations if n_layers else 0) + (c.inputs if device == first else 0) + (
+            c.logits if device == lm_device else 0)
         plans.append(DevicePlan(
             device=device,
-            weights=sum(weights[u] for u in mine),
-            kv_cache=kv_per_layer * n_layers,
+            weights=sum(c.weights[u] for u in mine),
+            kv_cache=c.kv_per_layer * n_layers,
             activations=act if mine else 0,
-            cuda_context=ctx_bytes if on_gpu and mine else 0,
+            allocator=c.allocator if n_layers and on_gpu else 0,
+            cuda_context=c.cuda_context if on_gpu and mine else 0,
             budget=budget,
             layers=n_layers,
         ))
-    return MemoryPlan(plans, context_len, batch_size, str(dtype).replace("torch.", ""), quantization, device_map)
+    return MemoryPlan(plans, context_len, batch_size, str(dtype).replace("torch.", ""), quantization, device_map,
+                      problems=list(c.problems))
 
 
 def _norm_device(device: Any) -> int | str:
@@ -554,7 +625,7 @@ def explain_plan(plan: MemoryPlan) -> str:
 
     >>> from glmkit.models import glm4_9b_chat_config
     >>> print(explain_plan(plan_memory(glm4_9b_chat_config(), ["12GiB"], context_len=8192)))  # doctest: +ELLIPSIS
-    cuda:0 needs 19.28 GiB but has 12.00 GiB: 7.28 GiB over. Weights 17.51 GiB, KV cache 0.31 GiB, ...
+    cuda:0 needs ... GiB but has 12.00 GiB: ... GiB over. Weights 17.51 GiB, KV cache 0.31 GiB, ...
     Cheapest fixes, in order:
       - quantize to nf4 (quantization='nf4'): it fits; ...
     """
@@ -562,14 +633,14 @@ def explain_plan(plan: MemoryPlan) -> str:
         tightest = min(plan.devices, key=lambda d: d.headroom)
         return (f"Fits: every device stays within its budget; the tightest is {tightest.name} with "
                 f"{gib(tightest.headroom)} to spare.")
-    lines = []
+    lines = list(plan.problems)
     for d in plan.devices:
         if d.fits:
             continue
         lines.append(
             f"{d.name} needs {gib(d.total)} but has {gib(d.budget)}: {gib(-d.headroom)} over. "
             f"Weights {gib(d.weights)}, KV cache {gib(d.kv_cache)}, activations {gib(d.activations)}, "
-            f"CUDA context {gib(d.cuda_context)}."
+            f"allocator slack {gib(d.allocator)}, CUDA context {gib(d.cuda_context)}."
         )
     lines.append("Cheapest fixes, in order:")
     lines += [f"  - {fix}" for fix in _fixes(plan)]

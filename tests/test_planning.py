@@ -47,7 +47,7 @@ def test_kv_cache_is_40_kib_per_token_for_glm4_9b():
 
 def test_activation_model_scales_with_tokens_and_batch():
     one = layer_activation_bytes(C, 1)
-    assert one == 2 * (2 * 4096 + 4 * 13696)
+    assert one == 2 * (4 * 4096 + 4 * 13696)
     assert layer_activation_bytes(C, 1000, 3) == 3000 * one
     assert layer_activation_bytes(C, 1000, quantization="int8") > layer_activation_bytes(C, 1000)
 
@@ -57,11 +57,27 @@ def test_plan_totals_add_up_and_the_lm_head_device_holds_the_logits():
     d0, d1 = plan.devices
     assert (d0.layers, d1.layers) == (20, 20)
     for d in plan.devices:
-        assert d.total == d.weights + d.kv_cache + d.activations + d.cuda_context
+        assert d.total == d.weights + d.kv_cache + d.activations + d.allocator + d.cuda_context
         assert d.headroom == 24 * GiB - d.total
     assert d1.activations - d0.activations > C.vocab_size * 4  # logits on the last GPU
     rotary = unit_weight_bytes(C)["model.rotary_emb"]  # on GPU 0 with the embeddings; the norm is on GPU 1
     assert d0.weights - rotary == d1.weights - 2 * C.hidden_size
+
+
+def test_allocator_slack_follows_pytorch_alloc_conf(monkeypatch):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    expandable = plan_memory(C, ["80GiB"], context_len=32768).devices[0].allocator
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    default = plan_memory(C, ["80GiB"], context_len=32768).devices[0].allocator
+    assert 0 < expandable < default
+    assert plan_memory(C, ["80GiB"], context_len=32768, expandable_segments=True).devices[0].allocator == expandable
+
+
+def test_int8_kernel_limit_is_a_planning_problem():
+    plan = plan_memory(C, ["80GiB"], quantization="int8", batch_size=4, context_len=32768)
+    assert all(d.fits for d in plan.devices) and not plan.fits
+    assert "2**31" in plan.problems[0] and "prefill_chunk" in plan.advice()
+    assert plan_memory(C, ["80GiB"], quantization="int8", batch_size=4, context_len=32768, prefill_chunk=4096).fits
 
 
 def test_single_12gib_card_does_not_fit_bf16_and_advice_names_the_device():
