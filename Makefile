@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 export GLMKIT_CACHE ?= $(CURDIR)/.cache
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test lint tiny clean
+.PHONY: lab test lint tiny notebooks clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,11 +31,16 @@ lab: tiny
 
 test: $(VENV)/.dev
 	@start=$$(date +%s); \
+	$(BIN)/ruff check glmkit tests scripts benchmarks && \
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest; status=$$?; \
 	echo "make test took $$(( $$(date +%s) - start )) s"; exit $$status
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check glmkit tests scripts benchmarks
+
+# Re-run every notebook and commit it with its outputs (metadata and widget state stripped).
+notebooks: $(VENV)/.dev
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/run_notebooks.py
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

@@ -174,3 +174,87 @@ def nvidia_smi_used_bytes(index: int = 0) -> int | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return int(float(out.strip().splitlines()[0]) * 2**20)
+
+
+def emulated_card_oom(budget: str | int = "12GiB", config: Any = None, device: int = 0) -> Any:
+    """On a GPU: emulate a smaller card (``set_per_process_memory_fraction``), build GLM-4-9B-Chat in bf16
+    on it, catch the real ``torch.OutOfMemoryError`` and return glmkit's explanation of it.
+
+    The cap is lifted and the memory freed afterwards. Needs a GPU larger than ``budget``.
+    """
+    from transformers import GlmForCausalLM
+
+    from glmkit.models import glm4_9b_chat_config
+    from glmkit.monitor import explain_oom
+    from glmkit.planning import parse_size, plan_memory
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("emulated_card_oom needs a GPU; the recorded H100 run is in benchmarks/results/oom_12gib.json")
+    config = config or glm4_9b_chat_config()
+    cap = parse_size(budget)
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(cap / total, 1.0), device)
+    old = torch.get_default_dtype()
+    model = None
+    try:
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device(f"cuda:{device}"):
+            model = GlmForCausalLM(config)
+        return None  # it fitted: nothing to explain
+    except torch.OutOfMemoryError as exc:
+        return explain_oom(exc, plan_memory(config, {device: cap}, context_len=4096))
+    finally:
+        torch.set_default_dtype(old)
+        del model
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+        torch.cuda.empty_cache()
+
+
+def planner_accuracy_rows(result: dict[str, Any]) -> list[list[str]]:
+    """Rows of predicted vs measured peak per case from a ``planner_accuracy`` result."""
+    rows = []
+    for c in result["cases"]:
+        if "measured_peak" not in c:
+            rows.append([c["precision"], str(c["batch_size"]), str(c["context_len"]),
+                         f"{c['planned']['total'] / 2**30:.2f}", "-", "skipped: " + "; ".join(c.get("planner_problems", []))[:60]])
+            continue
+        rows.append([c["precision"], str(c["batch_size"]), str(c["context_len"]), f"{c['planned']['total'] / 2**30:.2f}",
+                     f"{c['measured_peak'] / 2**30:.2f}", f"{100 * c['error']:+.1f}%"])
+    return rows
+
+
+def planner_accuracy_table(result: dict[str, Any]) -> Any:
+    """Predicted vs measured peak as an HTML table (for notebooks)."""
+    from IPython.display import HTML
+
+    from glmkit.tables import html_table
+
+    env = result["environment"]
+    caption = (f"{env['device']}, {result['allocator']} allocator, torch {env['versions']['torch']}, "
+               f"transformers {env['versions']['transformers']}, bitsandbytes {env['versions']['bitsandbytes']}; "
+               f"worst |error| {100 * result['worst_abs_error']:.1f}%")
+    return HTML(html_table(["precision", "batch", "context", "planned GiB", "measured GiB", "error"],
+                           planner_accuracy_rows(result), caption=caption))
+
+
+def plot_planner_accuracy(*results: dict[str, Any]) -> Any:
+    """Scatter of planned vs measured peak (GiB) for one or more ``planner_accuracy`` results."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    top = 0.0
+    for result, marker in zip(results, "os^"):
+        cases = [c for c in result["cases"] if "measured_peak" in c]
+        for precision in dict.fromkeys(c["precision"] for c in cases):
+            xs = [c["measured_peak"] / 2**30 for c in cases if c["precision"] == precision]
+            ys = [c["planned"]["total"] / 2**30 for c in cases if c["precision"] == precision]
+            ax.scatter(xs, ys, marker=marker, label=f"{precision}, {result['allocator']} allocator")
+            top = max(top, *xs, *ys)
+    ax.plot([0, top], [0, top], "k--", lw=0.8, label="planned = measured")
+    ax.fill_between([0, top], [0, 0.95 * top], [0, 1.05 * top], color="grey", alpha=0.15, label="±5%")
+    ax.set_xlabel("measured peak (GiB)")
+    ax.set_ylabel("glmkit planner (GiB)")
+    ax.set_title(f"GLM-4-9B-Chat on {results[0]['environment']['device']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -197,7 +197,7 @@ def translate_names(device_map: Mapping[str, Any], table: Mapping[str, str] = RE
     return out
 
 
-@dataclass
+@dataclass(repr=False)
 class DeviceMapSummary:
     """Which layers each device holds, for a map that passed ``check_device_map``."""
 
@@ -206,7 +206,7 @@ class DeviceMapSummary:
     def rows(self) -> list[list[str]]:
         return [[dev, str(len(mods)), _compact(mods)] for dev, mods in self.devices.items()]
 
-    def __str__(self) -> str:
+    def __repr__(self) -> str:
         from glmkit.tables import text_table
 
         return text_table(["device", "modules", "which"], self.rows())
@@ -453,3 +453,86 @@ def kv_aware_device_map(
             "card, or allow CPU offload with a 'cpu' budget."
         )
     return result
+
+
+@dataclass(repr=False)
+class MapComparison:
+    """accelerate's strategies next to glmkit's KV-aware map for one set of budgets; renders as a table."""
+
+    budgets: str
+    context_len: int
+    batch_size: int
+    rows_: list[list[str]]
+
+    HEADERS = ["strategy", "layers per GPU", "offloaded", "fits", "tightest GPU headroom GiB", "max context (tokens)"]
+
+    def rows(self) -> list[list[str]]:
+        return self.rows_
+
+    def title(self) -> str:
+        return f"{self.budgets}: context {self.context_len}, batch {self.batch_size}"
+
+    def __repr__(self) -> str:
+        from glmkit.tables import text_table
+
+        return self.title() + "\n" + text_table(self.HEADERS, self.rows_)
+
+    def _repr_html_(self) -> str:
+        from glmkit.tables import html_table
+
+        return html_table(self.HEADERS, self.rows_, caption=self.title())
+
+
+def compare_device_maps(
+    model_or_config: Any,
+    max_memory: Mapping[Any, Any] | Sequence[Any],
+    *,
+    context_len: int = 8192,
+    batch_size: int = 1,
+    strategies: Sequence[str] = STRATEGIES,
+    **plan_kwargs: Any,
+) -> MapComparison:
+    """Plan every accelerate strategy and glmkit's KV-aware map on the same budgets (``notebooks/03``).
+
+    For each: decoder layers per device, modules offloaded to CPU/disk, whether generation at
+    ``context_len`` fits, the tightest headroom, and the longest context that fits with that map.
+    """
+    from glmkit import planning as P
+
+    model = as_model(model_or_config)
+    budgets = P.normalize_devices(max_memory)
+    rows = []
+    maps: list[tuple[str, dict[str, Any] | None]] = []
+    for strategy in strategies:
+        maps.append((f'accelerate "{strategy}"', accelerate_device_map(model, budgets, strategy, **{
+            k: v for k, v in plan_kwargs.items() if k in ("dtype", "quantization")})))
+    try:
+        maps.append(("glmkit KV-aware", kv_aware_device_map(model, budgets, context_len=context_len,
+                                                            batch_size=batch_size, **plan_kwargs)))
+    except DeviceMapError:
+        maps.append(("glmkit KV-aware", None))
+    for label, dm in maps:
+        if dm is None:
+            rows.append([label, "-", "-", "no", "-", "0"])
+            continue
+        plan = P.plan_memory(model, budgets, device_map=dm, context_len=context_len, batch_size=batch_size,
+                             **plan_kwargs)
+        gpu_layers = "/".join(str(d.layers) for d in plan.devices if isinstance(d.device, int))
+        offloaded = sum(1 for u, d in dm.items() if d in ("cpu", "disk"))
+        tight = min(d.headroom for d in plan.devices if isinstance(d.device, int))
+        longest = P.max_context(model, budgets, device_map=dm, batch_size=batch_size, **plan_kwargs)
+        rows.append([label, gpu_layers, f"{offloaded} modules" if offloaded else "-",
+                     "yes" if plan.fits else "NO", f"{tight / 2**30:.2f}", str(longest)])
+    desc = " + ".join(P.gib(b) if isinstance(d, int) else f"{d} {P.gib(b)}" for d, b in budgets.items())
+    return MapComparison(desc, context_len, batch_size, rows)
+
+
+def weights_by_device(model: nn.Module) -> dict[str, int]:
+    """Bytes of parameters and buffers on each device of a loaded model (e.g. after a manual split)."""
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[str(t.device)] = out.get(str(t.device), 0) + t.numel() * t.element_size()
+    return out

@@ -208,22 +208,37 @@ def layer_activation_bytes(
 
 
 def allocator_slack(config: Any, tokens: int, batch_size: int = 1, dtype: torch.dtype | str = torch.bfloat16,
-                    expandable_segments: bool | None = None) -> int:
-    """Memory PyTorch's caching allocator reserves beyond the live tensors at the prefill peak.
+                    quantization: str | None = None, expandable_segments: bool | None = None) -> int:
+    """Memory PyTorch's caching allocator holds beyond the live tensors at the prefill peak.
 
-    With the default allocator, KV-cache blocks are carved out of freed activation blocks layer after
-    layer, so new segments keep being reserved: on an H100 the reserved peak exceeded the allocated peak
-    by up to 1.4x the ``gate_up`` output (``[b, s, 2 * inter]``). With
-    ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` segments grow in place and the slack is small.
-    ``None`` reads the setting from the environment, as PyTorch does.
+    Two terms, fitted on an H100 (benchmarks/results/planner_accuracy*.json) in units that scale with
+    the model: ``G``, the ``gate_up`` output ``[b, s, 2 * inter]`` (the largest activation), and ``W``, the
+    ``gate_up`` weight in 16 bit (the largest temporary a quantized layer makes: 4-bit layers dequantize
+    it, int8 layers keep int32 results and outlier buffers of that order).
+
+    - default allocator: KV-cache blocks get carved out of freed activation blocks layer after layer,
+      so new segments keep being reserved: up to ``1.4 G`` measured (plus ``W``, or ``3.5 W`` for int8);
+    - ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (glmkit's notebooks and CLI set it):
+      segments grow in place: ``0.2 G`` (16 bit), ``W + 0.35 G`` (4 bit), ``3.5 W + 0.7 G`` (int8).
+
+    ``expandable_segments=None`` reads the setting from the environment, as PyTorch does.
+
+    >>> from glmkit.models import glm4_9b_chat_config
+    >>> c = glm4_9b_chat_config()
+    >>> allocator_slack(c, 32768, expandable_segments=True) < allocator_slack(c, 32768, expandable_segments=False)
+    True
     """
     import os
 
     if expandable_segments is None:
         expandable_segments = "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower()
     e = torch.tensor([], dtype=_dtype(dtype)).element_size()
-    gate_up = e * 2 * config.intermediate_size * tokens * batch_size
-    return gate_up // 8 if expandable_segments else (gate_up * 7) // 5
+    g = e * 2 * config.intermediate_size * tokens * batch_size
+    w = e * 2 * config.intermediate_size * config.hidden_size
+    fixed = {None: 0, "int8": 7 * w // 2}.get(quantization, w)
+    if not expandable_segments:
+        return fixed + 7 * g // 5
+    return fixed + {None: g // 5, "int8": 7 * g // 10}.get(quantization, 7 * g // 20)
 
 
 def input_bytes(tokens: int, batch_size: int = 1) -> int:
@@ -270,7 +285,7 @@ class DevicePlan:
         return f"cuda:{self.device}" if isinstance(self.device, int) else str(self.device)
 
 
-@dataclass
+@dataclass(repr=False)
 class MemoryPlan:
     """Per-device memory plan for loading a model and generating; renders as a table.
 
@@ -318,7 +333,7 @@ class MemoryPlan:
             "fits" if self.fits else "does NOT fit"
         )
 
-    def __str__(self) -> str:
+    def __repr__(self) -> str:
         notes = "".join(f"\n! {p}" for p in self.problems)
         return self.title() + "\n" + text_table(self.HEADERS, self.rows()) + notes
 
@@ -449,7 +464,7 @@ def costs(model: nn.Module, *, dtype: torch.dtype | str = torch.bfloat16, quanti
         weights=dict(_unit_weight_bytes(model, dtype, quantization)),
         kv_per_layer=kv_cache_bytes_per_token(config, kv_dtype) * context_len * batch_size,
         activations=act,
-        allocator=allocator_slack(config, chunk, batch_size, kv_dtype, expandable_segments),
+        allocator=allocator_slack(config, chunk, batch_size, kv_dtype, quantization, expandable_segments),
         inputs=input_bytes(chunk, batch_size),
         logits=logits_bytes(config, batch_size, logits_tokens, kv_dtype),
         cuda_context=cuda_context,
@@ -556,7 +571,7 @@ class SetupOption:
     weights_per_card: float  # GiB, largest card share
 
 
-@dataclass
+@dataclass(repr=False)
 class SetupOptions:
     """Options from cheapest (fewest cards, then least quantization) to dearest; renders as a table."""
 
@@ -580,7 +595,7 @@ class SetupOptions:
         best = f"cheapest: {c.cards} card(s), {c.quantization}" if c else "nothing fits"
         return f"{gib(self.card_budget)} cards, context {self.context_len}, batch {self.batch_size}: {best}"
 
-    def __str__(self) -> str:
+    def __repr__(self) -> str:
         return self.title() + "\n" + text_table(self.HEADERS, self.rows())
 
     def _repr_html_(self) -> str:
