@@ -215,8 +215,9 @@ def planner_accuracy_rows(result: dict[str, Any]) -> list[list[str]]:
     rows = []
     for c in result["cases"]:
         if "measured_peak" not in c:
+            why = "; ".join(c.get("planner_problems", []))[:60]
             rows.append([c["precision"], str(c["batch_size"]), str(c["context_len"]),
-                         f"{c['planned']['total'] / 2**30:.2f}", "-", "skipped: " + "; ".join(c.get("planner_problems", []))[:60]])
+                         f"{c['planned']['total'] / 2**30:.2f}", "-", f"skipped: {why}"])
             continue
         rows.append([c["precision"], str(c["batch_size"]), str(c["context_len"]), f"{c['planned']['total'] / 2**30:.2f}",
                      f"{c['measured_peak'] / 2**30:.2f}", f"{100 * c['error']:+.1f}%"])

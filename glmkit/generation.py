@@ -154,7 +154,7 @@ def stream_chat(model: torch.nn.Module, tokenizer: Any, messages: Sequence[dict[
 def chunked_prefill(model: torch.nn.Module, input_ids: torch.Tensor, chunk: int) -> Any:
     """Run all but the last prompt token through the model ``chunk`` tokens at a time; return the KV cache.
 
-    Pass the cache to ``model.generate(input_ids, cache=cache)`` (``past_key_values=`` before transformers 5.24): it processes the last
+    Pass the cache to ``generate`` (argument ``cache_argument(model)``): it processes the last
     token and continues, with the same tokens as an unchunked ``generate``. Peak activation memory
     is that of one chunk (plus a ``[chunk, cached]`` attention mask) instead of the whole prompt.
 

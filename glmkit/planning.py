@@ -390,7 +390,6 @@ def plan_memory(
     if batch_size < 1 or context_len < 1:
         raise PlanningError(f"batch_size and context_len must be at least 1 (got {batch_size}, {context_len}).")
     model = as_model(config_or_model)
-    config = model.config
     quantization = _check_quantization(quantization)
     dtype = _dtype(dtype)
     budgets = normalize_devices(devices)

@@ -36,7 +36,8 @@ def test_tools_become_the_glm4_tool_system_prompt_and_calls_round_trip(tok):
     fn = {"name": "get_weather", "description": "Weather", "parameters": {"type": "object", "properties": {}}}
     msgs = [
         {"role": "user", "content": "Paris?"},
-        {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "assistant",
+         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "content": "sunny"},
     ]
     text = tok.apply_chat_template(msgs, tools=[{"type": "function", "function": fn}], tokenize=False,
