@@ -162,6 +162,8 @@ def bnb_config(
     from transformers import BitsAndBytesConfig
 
     kind = quantization.lower()
+    if kind.endswith("-dq"):  # "nf4-dq": nf4 with double quantization, the planner's name for it
+        kind, double_quant = kind[:-3], True
     if kind in ("int8", "8bit"):
         return BitsAndBytesConfig(load_in_8bit=True)
     if kind in ("nf4", "fp4"):
@@ -171,7 +173,7 @@ def bnb_config(
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_use_double_quant=double_quant,
         )
-    raise ValueError(f"Unknown quantization '{quantization}': use 'int8', 'nf4' or 'fp4'.")
+    raise ValueError(f"Unknown quantization '{quantization}': use 'int8', 'nf4', 'fp4', 'nf4-dq' or 'fp4-dq'.")
 
 
 def load_model(
@@ -195,7 +197,8 @@ def load_model(
         max_memory: per-device budgets for ``"auto"``-style maps, e.g. ``{0: "11GiB", "cpu": "30GiB"}``.
         offload_folder: where weights offloaded to ``"disk"`` go.
         quantization_config: a transformers ``BitsAndBytesConfig`` (or any quantization config).
-        quantization: shorthand for it: ``"int8"``, ``"nf4"`` or ``"fp4"``.
+        quantization: shorthand for it: ``"int8"``, ``"nf4"``, ``"fp4"``, or ``"nf4-dq"``/``"fp4-dq"``
+            (4-bit with double quantization).
         **kwargs: passed on to ``from_pretrained`` (e.g. ``attn_implementation="sdpa"``).
 
     >>> m = load_model(dtype=torch.float32, device_map="cpu")

@@ -1,0 +1,211 @@
+"""What quantization buys and costs: memory (planned and measured), speed, and quality, side by side.
+
+``compare_precisions(path)`` loads the same checkpoint in bf16, fp16, int8 and 4-bit (nf4/fp4, with and
+without double quantization) through bitsandbytes, and measures for each: the bytes of every tensor
+it allocated (quantization states included) next to the planner's figure, decode speed, perplexity
+on held-out text, and how often its greedy tokens agree with the bf16 model's. Introduced in
+``notebooks/04_quantization.ipynb``.
+
+>>> PRECISIONS["nf4-dq"]
+('bfloat16', 'nf4-dq')
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from glmkit.tables import html_table, text_table
+
+# name -> (dtype of the unquantized parts and of the compute, glmkit quantization name)
+PRECISIONS: dict[str, tuple[str, str | None]] = {
+    "bf16": ("bfloat16", None),
+    "fp16": ("float16", None),
+    "int8": ("float16", "int8"),  # LLM.int8 computes in fp16; bf16 inputs are cast on every matmul
+    "nf4": ("bfloat16", "nf4"),
+    "nf4-dq": ("bfloat16", "nf4-dq"),
+    "fp4": ("bfloat16", "fp4"),
+    "fp4-dq": ("bfloat16", "fp4-dq"),
+}
+
+
+def load_precision(path: Any, precision: str, device_map: Any = None) -> torch.nn.Module:
+    """Load ``path`` in one of ``PRECISIONS`` through ``glmkit.loading.load_model``."""
+    from glmkit.loading import load_model
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision '{precision}': use one of {', '.join(PRECISIONS)}.")
+    dtype, quantization = PRECISIONS[precision]
+    return load_model(path, dtype=getattr(torch, dtype), device_map=device_map, quantization=quantization)
+
+
+def model_tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every tensor a (possibly bitsandbytes-quantized) model holds: parameters, buffers,
+    4-bit quantization states (absmax, code books, nested states) and int8 row scales (SCB)."""
+    seen: set[int] = set()
+    total = 0
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for t in list(model.parameters()) + list(model.buffers()):
+        add(t)
+        state = getattr(t, "quant_state", None)
+        for s in (state, getattr(state, "state2", None)):
+            for name in ("absmax", "code", "offset"):
+                add(getattr(s, name, None))
+        add(getattr(t, "SCB", None))
+    return total
+
+
+def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str]) -> float:
+    """exp(mean negative log-likelihood per predicted token) over ``texts`` (each scored on its own)."""
+    device = model.get_input_embeddings().weight.device
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+            if ids.shape[1] < 2:
+                continue
+            loss = model(input_ids=ids, labels=ids).loss.float().item()
+            nll += loss * (ids.shape[1] - 1)
+            count += ids.shape[1] - 1
+    if count == 0:
+        raise ValueError("perplexity needs texts of at least 2 tokens.")
+    return math.exp(nll / count)
+
+
+def greedy_tokens(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], new_tokens: int = 24) -> list[list[int]]:
+    """Greedy continuations (exactly ``new_tokens`` each) of chat-formatted ``prompts``."""
+    from glmkit.generation import encode_chat, model_device
+
+    out = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            enc = encode_chat(tokenizer, [{"role": "user", "content": prompt}], device=model_device(model))
+            ids = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            out.append(ids[0, enc["input_ids"].shape[1]:].tolist())
+    return out
+
+
+def agreement(reference: list[list[int]], other: list[list[int]]) -> float:
+    """Share of positions where two sets of greedy continuations pick the same token.
+
+    >>> agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]])
+    0.75
+    """
+    pairs = [(a, b) for ra, rb in zip(reference, other) for a, b in zip(ra, rb)]
+    return sum(a == b for a, b in pairs) / len(pairs) if pairs else float("nan")
+
+
+@dataclass
+class PrecisionResult:
+    precision: str
+    planned_bytes: int
+    measured_bytes: int
+    tokens_per_second: float
+    perplexity: float
+    agreement: float  # with the first precision's greedy tokens
+
+
+@dataclass(repr=False)
+class PrecisionReport:
+    """One row per precision; renders as a table. ``device`` says where it was measured."""
+
+    device: str
+    results: list[PrecisionResult] = field(default_factory=list)
+
+    HEADERS = ["precision", "weights planned MiB", "weights measured MiB", "decode tok/s", "perplexity",
+               "greedy agreement with bf16"]
+
+    def rows(self) -> list[list[str]]:
+        return [[r.precision, f"{r.planned_bytes / 2**20:.2f}", f"{r.measured_bytes / 2**20:.2f}",
+                 f"{r.tokens_per_second:.1f}", f"{r.perplexity:.3f}", f"{100 * r.agreement:.0f}%"]
+                for r in self.results]
+
+    def result(self, precision: str) -> PrecisionResult:
+        return next(r for r in self.results if r.precision == precision)
+
+    def __repr__(self) -> str:
+        return f"measured on {self.device}\n" + text_table(self.HEADERS, self.rows())
+
+    def _repr_html_(self) -> str:
+        return html_table(self.HEADERS, self.rows(), caption=f"measured on {self.device}")
+
+
+def compare_precisions(
+    path: Any,
+    texts: Sequence[str],
+    prompts: Sequence[str],
+    precisions: Sequence[str] = tuple(PRECISIONS),
+    new_tokens: int = 24,
+    device_map: Any = None,
+) -> PrecisionReport:
+    """Memory, speed and quality of ``path`` in each precision (the first one is the reference).
+
+    Args:
+        texts: held-out text for perplexity.
+        prompts: user messages whose greedy replies are compared with the reference precision's.
+    """
+    from transformers import AutoConfig
+
+    from glmkit.bench import decode_tokens_per_second, environment_record
+    from glmkit.loading import load_tokenizer
+    from glmkit.planning import unit_weight_bytes
+
+    config = AutoConfig.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
+    report = PrecisionReport(environment_record()["device"])
+    reference: list[list[int]] | None = None
+    for precision in precisions:
+        dtype, quantization = PRECISIONS[precision]
+        model = load_precision(path, precision, device_map)
+        tokens = greedy_tokens(model, tokenizer, prompts, new_tokens)
+        reference = reference or tokens
+        decode_tokens_per_second(model, 4)  # warm-up
+        speed = decode_tokens_per_second(model, new_tokens)
+        report.results.append(PrecisionResult(
+            precision,
+            planned_bytes=sum(unit_weight_bytes(config, dtype, quantization).values()),
+            measured_bytes=model_tensor_bytes(model),
+            tokens_per_second=speed,
+            perplexity=perplexity(model, tokenizer, texts),
+            agreement=agreement(reference, tokens),
+        ))
+        del model
+    return report
+
+
+def plot_precisions(report: PrecisionReport, gpu_result: dict[str, Any] | None = None) -> Any:
+    """Bar charts: weights (planned vs measured), perplexity, and (if given) full-size GPU memory and speed."""
+    import matplotlib.pyplot as plt
+
+    names = [r.precision for r in report.results]
+    n = 3 if gpu_result else 2
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4))
+    axes[0].bar(names, [r.measured_bytes / 2**20 for r in report.results], color="#1f77b4", label="measured")
+    axes[0].plot(names, [r.planned_bytes / 2**20 for r in report.results], "k_", markersize=18, label="planned")
+    axes[0].set_ylabel("MiB")
+    axes[0].set_title(f"tiny GLM weights ({report.device})", fontsize=9)
+    axes[0].legend(fontsize=7)
+    axes[1].bar(names, [r.perplexity for r in report.results], color="#ff7f0e")
+    axes[1].set_title("held-out perplexity (lower is better)", fontsize=9)
+    if gpu_result:
+        rows = [r for r in gpu_result["precisions"] if "loaded_bytes" in r]
+        axes[2].bar([r["precision"] for r in rows], [r["loaded_bytes"] / 2**30 for r in rows], color="#2ca02c")
+        ax2 = axes[2].twinx()
+        ax2.plot([r["precision"] for r in rows], [r["tok_s"]["1"] for r in rows], "ko-", label="tok/s, batch 1")
+        ax2.set_ylabel("decode tok/s, batch 1")
+        axes[2].set_ylabel("GiB on the GPU")
+        axes[2].set_title(f"GLM-4-9B on {gpu_result['environment']['device']}", fontsize=9)
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=45, labelsize=8)
+    fig.tight_layout()
+    return fig
