@@ -19,6 +19,8 @@ from transformers import GenerationConfig, GlmConfig, GlmForCausalLM
 
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_DIR = ASSETS / "tokenizer"
+# The tiny GLM trained for a few CPU minutes on glmkit.corpus (scripts/train_tiny.py); it answers sensibly.
+TRAINED_TINY_DIR = ASSETS / "tiny-glm-trained"
 
 # GLM-4's special-token ids in the *tiny* tokenizer (the real ones are 151329, 151336, 151338).
 # They are read from the shipped tokenizer so the two can never disagree.
@@ -133,6 +135,6 @@ def tiny_checkpoint_path() -> Path:
 
 
 def default_model_path() -> Path:
-    """``$GLMKIT_MODEL`` (a local GLM-4-9B-Chat checkpoint) when set, else the tiny checkpoint."""
+    """``$GLMKIT_MODEL`` (a local GLM-4-9B-Chat checkpoint) when set, else the shipped trained tiny GLM."""
     env = os.environ.get("GLMKIT_MODEL")
-    return Path(env).expanduser() if env else tiny_checkpoint_path()
+    return Path(env).expanduser() if env else TRAINED_TINY_DIR

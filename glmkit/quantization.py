@@ -127,7 +127,7 @@ class PrecisionReport:
 
     def rows(self) -> list[list[str]]:
         return [[r.precision, f"{r.planned_bytes / 2**20:.2f}", f"{r.measured_bytes / 2**20:.2f}",
-                 f"{r.tokens_per_second:.1f}", f"{r.perplexity:.3f}", f"{100 * r.agreement:.0f}%"]
+                 f"{r.tokens_per_second:.1f}", f"{r.perplexity:.4f}", f"{100 * r.agreement:.0f}%"]
                 for r in self.results]
 
     def result(self, precision: str) -> PrecisionResult:
@@ -167,6 +167,8 @@ def compare_precisions(
     for precision in precisions:
         dtype, quantization = PRECISIONS[precision]
         model = load_precision(path, precision, device_map)
+        # Measure right after loading: on the CPU, bitsandbytes repacks 4-bit weights at the first forward.
+        measured = model_tensor_bytes(model)
         tokens = greedy_tokens(model, tokenizer, prompts, new_tokens)
         reference = reference or tokens
         decode_tokens_per_second(model, 4)  # warm-up
@@ -174,7 +176,7 @@ def compare_precisions(
         report.results.append(PrecisionResult(
             precision,
             planned_bytes=sum(unit_weight_bytes(config, dtype, quantization).values()),
-            measured_bytes=model_tensor_bytes(model),
+            measured_bytes=measured,
             tokens_per_second=speed,
             perplexity=perplexity(model, tokenizer, texts),
             agreement=agreement(reference, tokens),
@@ -209,3 +211,16 @@ def plot_precisions(report: PrecisionReport, gpu_result: dict[str, Any] | None =
         ax.tick_params(axis="x", rotation=45, labelsize=8)
     fig.tight_layout()
     return fig
+
+
+def gpu_table(result: dict[str, Any]) -> Any:
+    """The full-size GPU measurements (``benchmarks/results/quantization_9b.json``) as an HTML table."""
+    from IPython.display import HTML
+
+    env = result["environment"]
+    rows = [[r["precision"], f"{r['loaded_bytes'] / 2**30:.2f}", f"{r['planned_bytes'] / 2**30:.2f}",
+             f"{r['tok_s']['1']:.1f}", f"{r['tok_s']['8']:.1f}"] for r in result["precisions"]]
+    caption = (f"GLM-4-9B-Chat (random weights) on {env['device']}, torch {env['versions']['torch']}, "
+               f"bitsandbytes {env['versions']['bitsandbytes']}: plain generate(), tok/s summed over the batch")
+    return HTML(html_table(["precision", "weights on GPU GiB", "planned GiB", "decode tok/s batch 1",
+                            "decode tok/s batch 8"], rows, caption=caption))

@@ -4,8 +4,9 @@
     python scripts/train_tiny.py --steps 5 --out /tmp/t   # a quick run (used by the tests)
 
 The corpus (scripts/corpus.py) is generated from templates: questions and answers about running GLM-4 on GPUs
-in GLM-4's chat format, plus templated sentences. Sentences from a *different* seed are held out, so the
-perplexity measured on them (notebooks/04_quantization.ipynb) is a real number, not a memorised one.
+in GLM-4's chat format, plus templated sentences sampled anew for every step. Sentences from a seed training
+never uses are held out, so the perplexity measured on them (notebooks/04_quantization.ipynb) is a real number,
+not a memorised one.
 """
 
 from __future__ import annotations
@@ -19,37 +20,29 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from corpus import FACTS, corpus_lines  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from glmkit.corpus import chat_texts, corpus_lines  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "glmkit" / "assets" / "tiny-glm-trained"
-SYSTEMS = ["", "You are a helpful assistant for running GLM-4 on GPUs.", "Answer briefly."]
+def training_texts(step: int) -> list[str]:
+    """Fresh text for every step: all chat turns plus newly sampled templated sentences (seed 1000 + step).
+
+    Sampling anew each step keeps the model from memorising particular combinations, so it learns the
+    real odds of each slot (which GPU, which verb...): a calibrated model, whose held-out perplexity moves
+    when quantization perturbs it.
+    """
+    return chat_texts() + corpus_lines(seed=1000 + step, repeats=12)
 
 
-def chat_texts() -> list[str]:
-    """Every fact as a chat turn in GLM-4's format, ending with the ``<|user|>`` stop token."""
-    texts = []
-    for system in SYSTEMS:
-        for q, a in FACTS:
-            head = f"<|system|>\n{system}" if system else ""
-            texts.append(f"[gMASK]<sop>{head}<|user|>\n{q}<|assistant|>\n{a}<|user|>")
-    return texts
-
-
-def training_texts(repeats: int = 400) -> list[str]:
-    return chat_texts() * 8 + corpus_lines(seed=0, repeats=repeats)
-
-
-def heldout_texts() -> list[str]:
-    """Templated sentences from another seed (new combinations), never seen in training."""
-    return [x for x in corpus_lines(seed=1, repeats=40) if not x.startswith("Question:")][:60]
-
-
-def batches(ids: torch.Tensor, seq: int, batch: int, gen: torch.Generator):
-    while True:
-        starts = torch.randint(0, len(ids) - seq - 1, (batch,), generator=gen)
-        yield torch.stack([ids[s : s + seq] for s in starts])
+def batch_ids(tok, step: int, seq: int, batch: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(step)
+    texts = training_texts(step)
+    order = torch.randperm(len(texts), generator=gen).tolist()
+    ids = [i for k in order for i in tok(texts[k] + "<|endoftext|>", add_special_tokens=False).input_ids]
+    while len(ids) < seq * batch:
+        ids = ids + ids
+    return torch.tensor(ids[: seq * batch]).view(batch, seq)
 
 
 def train(out: Path = OUT, steps: int = 600, seq: int = 128, batch: int = 16, lr: float = 3e-3, seed: int = 0) -> dict:
@@ -59,22 +52,17 @@ def train(out: Path = OUT, steps: int = 600, seq: int = 128, batch: int = 16, lr
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    texts = training_texts()
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(texts), generator=gen).tolist()
-    ids = torch.tensor([i for k in order for i in tok(texts[k] + "<|endoftext|>", add_special_tokens=False).input_ids])
     config = tiny_glm_config()
     model = GlmForCausalLM(config).train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warmup = max(steps // 20, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0)))))
-    log = {"steps": [], "loss": [], "seconds": [], "tokens_per_step": seq * batch, "corpus_tokens": len(ids),
+    log = {"steps": [], "loss": [], "seconds": [], "tokens_per_step": seq * batch,
            "config": {"seq": seq, "batch": batch, "lr": lr, "seed": seed, "params": model.num_parameters()}}
     start = time.perf_counter()
-    stream = batches(ids, seq, batch, gen)
     for step in range(steps):
-        x = next(stream)
+        x = batch_ids(tok, step, seq, batch)
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-sys.path.insert(0, str(Path(__file__).parent))
-from corpus import corpus_lines  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from glmkit.corpus import corpus_lines  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "glmkit" / "assets" / "tokenizer"

@@ -1,10 +1,11 @@
 """The kit's own small English corpus: questions and answers about running GLM-4 on GPUs.
 
-Everything is generated from templates in this file, so the tokenizer (and, later, the tiny
-trained model) never depend on a download. ``corpus_lines(seed)`` is deterministic.
+Everything is generated from templates in this file, so the tokenizer and the tiny trained model
+(``scripts/train_tokenizer.py``, ``scripts/train_tiny.py``) never depend on a download.
+``corpus_lines(seed)`` is deterministic; ``heldout_texts()`` uses a seed training never sees.
 
 >>> lines = corpus_lines(0)
->>> len(lines) > 500 and all(isinstance(x, str) for x in lines)
+>>> len(lines) > 100 and all(isinstance(x, str) for x in lines)
 True
 """
 
@@ -58,3 +59,27 @@ def corpus_lines(seed: int = 0, repeats: int = 30) -> list[str]:
     lines += [f"{i} {i * 2} {i * 4} GiB MiB KiB tok/s GB/s" for i in range(0, 130, 7)]
     lines += ["Hello! How can I help you today?", "你好，我是 GLM-4。", "def main():\n    return 0"]
     return lines
+
+
+SYSTEMS = ["", "You are a helpful assistant for running GLM-4 on GPUs.", "Answer briefly."]
+
+
+def chat_texts() -> list[str]:
+    """Every fact as a chat turn in GLM-4's format, ending with the ``<|user|>`` stop token."""
+    texts = []
+    for system in SYSTEMS:
+        for q, a in FACTS:
+            head = f"<|system|>\n{system}" if system else ""
+            texts.append(f"[gMASK]<sop>{head}<|user|>\n{q}<|assistant|>\n{a}<|user|>")
+    return texts
+
+
+def heldout_texts(n: int = 200) -> list[str]:
+    """``n`` templated sentences from seed 1, which training never uses (new combinations of GPU, verb, thing)."""
+    return [x for x in corpus_lines(seed=1, repeats=n // 2 + 10) if not x.startswith("Question:")][:n]
+
+
+def eval_prompts() -> list[str]:
+    """User messages for comparing greedy replies across precisions."""
+    return ["How many layers does GLM-4-9B-Chat have?", "What does 4-bit quantization save?",
+            "What is tensor parallelism?", "I want to run the model on 2 x RTX 3060 12GB."]
