@@ -259,3 +259,101 @@ def plot_planner_accuracy(*results: dict[str, Any]) -> Any:
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+PATHS = ("generate", "static", "fast")
+
+
+def measure_decode(model: torch.nn.Module, path: str = "generate", batch_size: int = 1, prompt_len: int = 32,
+                   new_tokens: int = 64, attn_implementation: str | None = None,
+                   fast_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One decode measurement: time to first token, decode tok/s (summed over the batch) and peak memory.
+
+    Paths: ``generate`` (plain, dynamic cache), ``static`` (``generate(cache_implementation="static")``,
+    which transformers compiles on a GPU), ``fast`` (``glmkit.fast_decode.FastDecoder``).
+    ``attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``) applies to the generate paths.
+    """
+    from glmkit.monitor import track_peak
+
+    if path not in PATHS:
+        raise ValueError(f"Unknown path '{path}': use one of {', '.join(PATHS)}.")
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if attn_implementation and path != "fast":
+        model.set_attn_implementation(attn_implementation)
+    ids = torch.randint(0, 1000, (batch_size, prompt_len), device=device, generator=torch.Generator(device).manual_seed(0))
+    with track_peak() as peak:
+        if path == "fast":
+            from glmkit.fast_decode import FastDecoder
+
+            decoder = FastDecoder(model, max_len=prompt_len + new_tokens, batch_size=batch_size, **(fast_options or {}))
+            result = decoder.tokens_per_second(prompt_len, new_tokens)
+        else:
+            kw: dict[str, Any] = {"do_sample": False, "attention_mask": torch.ones_like(ids)}
+            if path == "static":
+                kw["cache_implementation"] = "static"
+            with torch.inference_mode():
+                sync()
+                t0 = time.perf_counter()
+                model.generate(ids, max_new_tokens=1, min_new_tokens=1, **kw)
+                sync()
+                ttft = time.perf_counter() - t0
+                t1 = time.perf_counter()
+                model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kw)
+                sync()
+                total = time.perf_counter() - t1
+            result = {"ttft_s": ttft, "decode_tok_s": batch_size * (new_tokens - 1) / max(total - ttft, 1e-9)}
+    dev = "cuda:0" if cuda else "cpu"
+    return {"path": path, "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "attn_implementation": "sdpa (glmkit)" if path == "fast" else (
+                attn_implementation or getattr(model.config, "_attn_implementation", None)),
+            **({"fast_options": fast_options} if fast_options else {}),
+            **result, "peak_bytes": peak.report.device(dev).peak}
+
+
+def decode_grid(model: torch.nn.Module, paths: tuple[str, ...] = PATHS, batch_sizes: tuple[int, ...] = (1,),
+                prompt_lens: tuple[int, ...] = (32,), new_tokens: int = 64,
+                attn_implementations: tuple[str | None, ...] = (None,)) -> list[dict[str, Any]]:
+    """``measure_decode`` over a grid; returns rows (write them with ``save_result``, show with ``decode_table``)."""
+    rows = []
+    for path in paths:
+        for attn in (attn_implementations if path != "fast" else (None,)):
+            for b in batch_sizes:
+                for n in prompt_lens:
+                    rows.append(measure_decode(model, path, b, n, new_tokens, attn))
+    return rows
+
+
+def decode_table(rows: list[dict[str, Any]], caption: str = "") -> Any:
+    """Rows of ``decode_grid`` as an HTML table."""
+    from IPython.display import HTML
+
+    from glmkit.tables import html_table
+
+    body = [[r["path"], str(r.get("attn_implementation") or "-"), str(r["batch_size"]), str(r["prompt_len"]),
+             f"{1000 * r['ttft_s']:.1f}", f"{r['decode_tok_s']:.1f}", f"{r['peak_bytes'] / 2**30:.2f}"] for r in rows]
+    return HTML(html_table(["path", "attention", "batch", "prompt", "TTFT ms", "decode tok/s", "peak GiB"], body,
+                           caption=caption))
+
+
+def copy_bandwidth(n_bytes: int = 2**31, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), the memory roofline's denominator."""
+    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * n_bytes * repeats / (start.elapsed_time(end) / 1000)
+
+
+def bytes_read_per_token(model: torch.nn.Module) -> int:
+    """Weight bytes one decode step must read: every parameter except the embedding table (one row of it)."""
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()

@@ -1,0 +1,84 @@
+"""Longest prompt on an emulated consumer card: plain generate() vs glmkit's chunked prefill, against the planner.
+
+Caps this process's PyTorch allocator at the card's size (torch.cuda.set_per_process_memory_fraction), then for
+each prompt length runs (a) plain generate() and (b) chunked prefill (2048-token chunks) + generate(), 4 new
+tokens, and records which fit. bf16 on a 24 GiB card and nf4 on a 12 GiB card by default.
+
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python benchmarks/long_context.py --checkpoint /tmp/glm9b
+Writes benchmarks/results/long_context.json (and to $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from pathlib import Path
+
+from glmkit.bench import build_random_checkpoint, save_result
+
+SETUPS = {"bf16@24GiB": ("bf16", 24), "nf4@12GiB": ("nf4", 12)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default="/tmp/glm9b")
+    ap.add_argument("--setups", nargs="+", default=list(SETUPS))
+    ap.add_argument("--plain", nargs="+", type=int, default=[16384, 24576, 32768])
+    ap.add_argument("--chunked", nargs="+", type=int, default=[65536, 98304, 131000])
+    ap.add_argument("--chunk", type=int, default=2048)
+    args = ap.parse_args()
+    import torch
+    from transformers import AutoConfig
+
+    from glmkit.generation import cache_argument, chunked_prefill
+    from glmkit.planning import max_context
+    from glmkit.quantization import PRECISIONS, load_precision
+
+    if not (Path(args.checkpoint) / "config.json").exists():
+        build_random_checkpoint(args.checkpoint)
+    config = AutoConfig.from_pretrained(args.checkpoint)
+    total = torch.cuda.get_device_properties(0).total_memory
+    runs = []
+    for setup in args.setups:
+        precision, gib = SETUPS[setup]
+        dtype, quantization = PRECISIONS[precision]
+        budget = gib * 2**30
+        torch.cuda.set_per_process_memory_fraction(budget / total, 0)
+        model = load_precision(args.checkpoint, precision, device_map="cuda:0")
+        # The cap limits PyTorch's allocator only: plan with no CUDA-context share for a like-for-like prediction.
+        kw = dict(dtype=dtype, quantization=quantization, cuda_context=0)
+        predicted = {"plain": max_context(config, [budget], **kw),
+                     "chunked": max_context(config, [budget], prefill_chunk=args.chunk, **kw)}
+        print(setup, "planner:", predicted, flush=True)
+        for mode, lengths in (("plain", args.plain), ("chunked", args.chunked)):
+            for n in lengths:
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                ids = torch.randint(0, 1000, (1, n), device="cuda")
+                row = {"setup": setup, "mode": mode, "prompt_len": n, "planner_max_context": predicted[mode]}
+                t0 = time.perf_counter()
+                try:
+                    with torch.inference_mode():
+                        kwargs = {}
+                        if mode == "chunked":
+                            kwargs[cache_argument(model)] = chunked_prefill(model, ids, args.chunk)
+                        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                                       do_sample=False, **kwargs)
+                    row |= {"ok": True, "seconds": time.perf_counter() - t0}
+                except torch.OutOfMemoryError as exc:
+                    row |= {"ok": False, "oom": str(exc)[:240]}
+                row["peak_reserved"] = torch.cuda.max_memory_reserved()
+                del ids
+                kwargs = {}
+                runs.append(row)
+                print(row, flush=True)
+                save_result("long_context", {"method": f"allocator capped with set_per_process_memory_fraction; "
+                                                       f"4 new tokens; chunk {args.chunk}", "runs": runs})
+        del model
+        torch.cuda.set_per_process_memory_fraction(1.0, 0)
+
+
+if __name__ == "__main__":
+    main()

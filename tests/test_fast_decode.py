@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from glmkit.fast_decode import FastDecoder
+from glmkit.loading import load_model
+from glmkit.models import TRAINED_TINY_DIR
+
+
+@pytest.fixture(scope="module")
+def model(tiny_path):
+    return load_model(tiny_path, dtype=torch.float32, device_map="cpu")
+
+
+def test_greedy_tokens_equal_generate_batch_2(model):
+    ids = torch.randint(0, 800, (2, 9), generator=torch.Generator().manual_seed(1))
+    fast = FastDecoder(model, max_len=64, batch_size=2).generate(ids, max_new_tokens=20, ignore_eos=True)
+    slow = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20, do_sample=False)
+    assert torch.equal(fast, slow)
+
+
+def test_greedy_equal_on_the_trained_model_and_stops_at_eos():
+    trained = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
+    from glmkit.generation import encode_chat
+    from glmkit.loading import load_tokenizer
+
+    tok = load_tokenizer(TRAINED_TINY_DIR)
+    ids = encode_chat(tok, [{"role": "user", "content": "How many layers does GLM-4-9B-Chat have?"}])["input_ids"]
+    fast = FastDecoder(trained, max_len=128).generate(ids, max_new_tokens=40)
+    slow = trained.generate(ids, max_new_tokens=40, do_sample=False)
+    assert torch.equal(fast, slow)
+    assert int(fast[0, -1]) in trained.generation_config.eos_token_id  # stopped at the end token
+
+
+def test_chunked_prefill_gives_the_same_tokens(model):
+    ids = torch.randint(0, 800, (1, 50), generator=torch.Generator().manual_seed(2))
+    dec = FastDecoder(model, max_len=80)
+    whole = dec.generate(ids, max_new_tokens=8, ignore_eos=True)
+    chunked = dec.generate(ids, max_new_tokens=8, ignore_eos=True, prefill_chunk=16)
+    assert torch.equal(whole, chunked)
+
+
+def test_sampling_is_seeded_and_respects_top_p(model):
+    ids = torch.tensor([[5, 6, 7]])
+    dec = FastDecoder(model, max_len=40)
+
+    def run(seed):
+        return dec.generate(ids, 10, temperature=1.0, top_p=0.9, ignore_eos=True,
+                            generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+    tiny_p = dec.generate(ids, 10, temperature=1.0, top_p=1e-6, ignore_eos=True, generator=torch.Generator().manual_seed(3))
+    greedy = dec.generate(ids, 10, ignore_eos=True)
+    assert torch.equal(tiny_p, greedy)  # top-p that keeps one token is greedy
+
+
+def test_stream_yields_one_token_per_step(model):
+    dec = FastDecoder(model, max_len=40)
+    steps = list(dec.stream(torch.tensor([[1, 2, 3]]), max_new_tokens=5, ignore_eos=True))
+    assert len(steps) == 5 and all(t.shape == (1,) for t in steps)
+    speed = dec.tokens_per_second(prompt_len=4, new_tokens=8)
+    assert speed["decode_tok_s"] > 0 and speed["ttft_s"] > 0
+
+
+def test_bad_input_is_explained(model, tiny_path):
+    dec = FastDecoder(model, max_len=16)
+    with pytest.raises(ValueError, match="exceed max_len=16"):
+        dec.generate(torch.ones(1, 10, dtype=torch.long), max_new_tokens=10)
+    with pytest.raises(ValueError, match="built for batch size 1"):
+        dec.generate(torch.ones(2, 4, dtype=torch.long), max_new_tokens=2)
+    quantized = load_model(tiny_path, device_map="cpu", quantization="nf4")
+    with pytest.raises(ValueError, match="quantized"):
+        FastDecoder(quantized)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                                         num_attention_heads=4, vocab_size=128))
+    with pytest.raises(TypeError, match="GLM"):
+        FastDecoder(llama)
