@@ -178,6 +178,8 @@ class FastDecoder:
             raise ValueError(f"This decoder was built for batch size {self.batch_size}, got {b} prompts.")
         if n >= self.max_len:
             raise ValueError(f"The prompt has {n} tokens; the static cache holds {self.max_len} (raise max_len).")
+        if self.use_graph and self.graph is None:
+            self._capture()  # before the cache is filled: the warm-up steps write garbage K/V at position 0
         cache = DynamicCache(config=self.model.config)
         step = chunk or n
         with torch.inference_mode():
@@ -195,11 +197,7 @@ class FastDecoder:
         """Logits ``[b, vocab]`` for ``tokens`` ``[b]`` at position ``pos`` (their K/V go into the cache)."""
         self.tokens.copy_(tokens.view(-1, 1))
         self.pos.fill_(pos)
-        if self.use_graph:
-            if self.graph is None:
-                self._capture()
-                self.tokens.copy_(tokens.view(-1, 1))  # the warm-up steps ran on the same buffers
-                self.pos.fill_(pos)
+        if self.graph is not None:
             self.graph.replay()
         else:
             self._step()
@@ -234,9 +232,12 @@ class FastDecoder:
         return torch.cat([input_ids.to(self.device), torch.stack(new, dim=1)], dim=1)
 
     def tokens_per_second(self, prompt_len: int = 32, new_tokens: int = 256) -> dict[str, float]:
-        """Decode speed on random prompt ids: prefill seconds, time to first token, decode tok/s (summed over batch)."""
+        """Decode speed on random prompt ids after a warm-up (compile and graph capture excluded): time to first
+        token (prefill) and decode tok/s summed over the batch."""
         ids = torch.randint(0, 1000, (self.batch_size, prompt_len), device=self.device)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        for _ in self.stream(ids, 3, ignore_eos=True):  # warm-up: compiles the layer, captures the graph
+            pass
         sync()
         t0 = time.perf_counter()
         it = self.stream(ids, new_tokens, ignore_eos=True)

@@ -241,6 +241,25 @@ def allocator_slack(config: Any, tokens: int, batch_size: int = 1, dtype: torch.
     return fixed + {None: g // 5, "int8": 7 * g // 10}.get(quantization, 7 * g // 20)
 
 
+def chunked_prefill_bytes(config: Any, chunk: int, context_len: int, batch_size: int = 1,
+                          dtype: torch.dtype | str = torch.bfloat16) -> int:
+    """Extra transients of a prompt chunk attending to a long cache (transformers' SDPA path with a mask):
+    the attention mask ``[b, 1, chunk, context]`` as bool and as a 16-bit additive mask, and K and V repeated
+    from the KV heads to all query heads (``repeat_kv``: GQA is not used when a mask is passed), for the layer
+    being run. Measured on an H100: nf4 with 2048-token chunks OOMs at 96K tokens on a 12 GiB cap because of
+    the 1.5 GiB ``repeat_kv`` copy (benchmarks/results/long_context.json).
+
+    >>> from glmkit.models import glm4_9b_chat_config
+    >>> round(chunked_prefill_bytes(glm4_9b_chat_config(), 2048, 98304) / 2**30, 2)
+    2.06
+    """
+    e = torch.tensor([], dtype=_dtype(dtype)).element_size()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    mask = batch_size * chunk * context_len * (1 + e)
+    repeated_kv = 2 * batch_size * config.num_attention_heads * context_len * head_dim * e
+    return mask + repeated_kv
+
+
 def input_bytes(tokens: int, batch_size: int = 1) -> int:
     """Input ids, attention mask and position ids (int64) on the first device."""
     return 3 * 8 * tokens * batch_size
@@ -451,7 +470,7 @@ def costs(model: nn.Module, *, dtype: torch.dtype | str = torch.bfloat16, quanti
     chunk = min(prefill_chunk or context_len, context_len)
     act = layer_activation_bytes(config, chunk, batch_size, kv_dtype, quantization)
     if chunk < context_len:
-        act += batch_size * chunk * context_len  # the bool attention mask of a chunk against the cache
+        act += chunked_prefill_bytes(config, chunk, context_len, batch_size, kv_dtype)
     problems = []
     if quantization == "int8" and batch_size * chunk * 2 * config.intermediate_size > INT8_MAX_ELEMENTS:
         longest = INT8_MAX_ELEMENTS // (2 * config.intermediate_size * batch_size)
