@@ -357,3 +357,78 @@ def bytes_read_per_token(model: torch.nn.Module) -> int:
     emb = model.get_input_embeddings().weight
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+
+
+def plot_decode(result: dict[str, Any]) -> Any:
+    """Batch-1 decode tok/s per path against the roofline, and the fast path's batch sweep (``decode.json``)."""
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    rows = result["batch1"]
+    a.bar([r["path"] for r in rows], [r["decode_tok_s"] for r in rows], color=["#2ca02c", "#1f77b4", "#ff7f0e"][: len(rows)])
+    a.axhline(result["roofline_tok_s"], color="k", ls="--", lw=1, label=f"roofline {result['roofline_tok_s']:.0f} tok/s")
+    a.set_ylabel("decode tok/s, batch 1")
+    a.legend(fontsize=8)
+    a.set_title(f"GLM-4-9B bf16 on {result['environment']['device']}", fontsize=9)
+    sweep = [r for r in result["batch_sweep"] if "decode_tok_s" in r]
+    b.plot([r["batch_size"] for r in sweep], [r["decode_tok_s"] for r in sweep], "o-", label="fast path")
+    b.plot([r["batch_size"] for r in sweep], [r["batch_size"] * result["roofline_tok_s"] for r in sweep], "k--", lw=1,
+           label="batch x roofline (weights read once per step)")
+    b.set_xscale("log", base=2)
+    b.set_yscale("log")
+    b.set_xlabel("batch size")
+    b.set_ylabel("tok/s summed over the batch")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def kernel_category(name: str) -> str:
+    """Coarse kind of a CUDA kernel from its name: matmul, attention, or elementwise/other."""
+    n = name.lower()
+    if any(k in n for k in ("nvjet", "gemm", "gemv", "cublas", "cutlass", "splitk")):
+        return "matmul (weights)"
+    if any(k in n for k in ("sdpa", "flash", "fmha", "attention")):
+        return "attention"
+    return "norms, RoPE, SiLU, copies"
+
+
+def plot_profile(result: dict[str, Any]) -> Any:
+    """GPU kernel time of one decode step per path by kernel kind (``profile_step.json``)."""
+    import matplotlib.pyplot as plt
+
+    kinds = ["matmul (weights)", "attention", "norms, RoPE, SiLU, copies"]
+    colors = ["#1f77b4", "#ff7f0e", "#bbbbbb"]
+    fig, ax = plt.subplots(figsize=(9, 3.0))
+    labels = list(result["paths"])
+    for i, label in enumerate(labels):
+        p = result["paths"][label]
+        ms = dict.fromkeys(kinds, 0.0)
+        for name, k in p["top_kernels"].items():
+            ms[kernel_category(name)] += k["us_per_step"] / 1000
+        ms[kinds[2]] += max(p["gpu_kernel_ms"] - sum(ms.values()), 0.0)  # kernels outside the top 20
+        left = 0.0
+        for kind, color in zip(kinds, colors):
+            ax.barh(i, ms[kind], left=left, color=color, label=kind if i == 0 else None)
+            left += ms[kind]
+        ax.text(left + 0.1, i, f"{p['kernels_per_step']:.0f} kernels; {p['wall_ms']:.1f} ms wall without a CUDA graph",
+                va="center", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("GPU kernel time per decode step (ms)")
+    ax.set_xlim(0, max(p["gpu_kernel_ms"] for p in result["paths"].values()) * 2.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def long_context_table(result: dict[str, Any]) -> Any:
+    """Which prompt lengths fit an emulated card, plain vs chunked prefill, with the planner's limit."""
+    from IPython.display import HTML
+
+    from glmkit.tables import html_table
+
+    rows = [[r["setup"], r["mode"], str(r["prompt_len"]), "yes" if r["ok"] else "OOM", str(r["planner_max_context"]),
+             f"{r['peak_reserved'] / 2**30:.2f}"] for r in result["runs"]]
+    env = result["environment"]
+    return HTML(html_table(["card", "prefill", "prompt tokens", "fits", "planner: longest that fits", "peak reserved GiB"],
+                           rows, caption=f"{env['device']} with the allocator capped; {result['method']}"))

@@ -1,0 +1,60 @@
+import json
+
+import pytest
+import torch
+
+from glmkit.bench import PATHS, decode_grid, load_results, measure_decode, planner_accuracy_rows, save_result
+from glmkit.loading import load_model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_path):
+    return load_model(tiny_path, device_map="cpu")
+
+
+def test_decode_grid_rows_are_well_formed(model):
+    rows = decode_grid(model, paths=PATHS, batch_sizes=(1, 2), prompt_lens=(8,), new_tokens=4,
+                       attn_implementations=("sdpa", "eager"))
+    assert len(rows) == 2 * 2 * 2 + 2  # generate and static over 2 attention kinds x 2 batches, fast over 2 batches
+    for r in rows:
+        assert r["path"] in PATHS and r["decode_tok_s"] > 0 and r["ttft_s"] > 0 and r["peak_bytes"] > 0
+    assert {r["attn_implementation"] for r in rows if r["path"] == "generate"} == {"sdpa", "eager"}
+    with pytest.raises(ValueError, match="Unknown path"):
+        measure_decode(model, "turbo")
+
+
+def test_save_and_load_results_round_trip(tmp_path):
+    save_result("example", {"value": 3}, out_dirs=[tmp_path])
+    data = load_results("example", tmp_path)
+    assert data["value"] == 3 and "versions" in data["environment"] and data["environment"]["date"]
+    assert load_results("never_measured", tmp_path) is None
+
+
+def test_committed_gpu_results_name_their_device_and_versions():
+    for name in ("planner_accuracy", "planner_validation", "quantization_9b", "decode", "long_context", "monitor_check",
+                 "oom_12gib", "profile_step"):
+        data = load_results(name)
+        assert data is not None, name
+        assert "H100" in data["environment"]["device"] and data["environment"]["versions"]["torch"]
+    rows = planner_accuracy_rows(load_results("planner_accuracy"))
+    assert len(rows) == len(load_results("planner_accuracy")["cases"])
+
+
+def test_decode_tuner_runs_and_records(model):
+    from glmkit.widgets import decode_tuner
+
+    tuner = decode_tuner(model)
+    tuner.batch.value, tuner.new_tokens.value, tuner.path.value = 2, 4, "fast"
+    row = tuner.run()
+    assert row["batch_size"] == 2 and row["path"] == "fast" and tuner.results == [row]
+    assert "tok/s" in tuner.status.value
+    json.dumps(row)  # JSON-ready
+
+
+def test_bench_bytes_read_per_token(model):
+    from glmkit.bench import bytes_read_per_token
+
+    emb = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert bytes_read_per_token(model) == total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+    assert torch.is_tensor(emb)
