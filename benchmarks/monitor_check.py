@@ -23,6 +23,9 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
     ap.add_argument("--repeats", type=int, default=12)
     ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--path", choices=["generate", "fast"], default="generate",
+                    help="decode with plain generate() (Python-bound, noisy) or glmkit's fast path (GPU-bound)")
+    ap.add_argument("--name", default="monitor_check")
     args = ap.parse_args()
     import torch
 
@@ -53,8 +56,17 @@ def main() -> None:
             return MemoryPoller(lambda s: None, interval).start()
         kind = "MemoryPoller"
 
+    measure = decode_tokens_per_second
+    if args.path == "fast":
+        from glmkit.fast_decode import FastDecoder
+
+        decoder = FastDecoder(model, max_len=32 + args.new_tokens)
+
+        def measure(model, new_tokens):  # same measurement on the fast path
+            return decoder.tokens_per_second(32, new_tokens)["decode_tok_s"]
+
     for _ in range(3):
-        decode_tokens_per_second(model, 32)  # warm-up (the first calls are slow)
+        measure(model, 32)  # warm-up (the first calls are slow)
     speeds: dict[str, list[float]] = {"none": [], "1.0 s": [], "0.5 s": [], "0.1 s": []}
     polls: dict[str, int] = {}
     busy: dict[str, float] = {}
@@ -64,7 +76,7 @@ def main() -> None:
         for label in labels[rep % len(labels):] + labels[: rep % len(labels)]:  # rotate the order: no position bias
             mon = None if label == "none" else make(float(label.split()[0]))
             t0 = time.perf_counter()
-            speeds[label].append(decode_tokens_per_second(model, args.new_tokens))
+            speeds[label].append(measure(model, args.new_tokens))
             if mon is not None:
                 poller = getattr(mon, "poller", mon)
                 mon.stop()
@@ -77,11 +89,12 @@ def main() -> None:
     # paired: each repeat's monitored run against the unmonitored run of the same repeat
     paired = {k: 1 - statistics.median(a / b for a, b in zip(speeds[k], speeds["none"])) for k in speeds if k != "none"}
     duty = {k: busy[k] / seconds[k] for k in busy}  # share of wall time the poll thread was working
-    save_result("monitor_check", {
+    save_result(args.name, {
         "agreement": agreement, "monitor_kind": kind, "decode_tok_s": speeds, "median_tok_s": med,
         "polling_overhead": overhead, "paired_overhead": paired, "polls": polls, "poll_busy_seconds": busy,
         "poll_duty_cycle": duty, "ms_per_poll": {k: 1000 * busy[k] / polls[k] for k in busy if polls[k]},
-        "method": f"plain generate(), batch 1, 32-token prompt, {args.new_tokens} new tokens, "
+        "decode_path": args.path,
+        "method": f"{args.path}, batch 1, 32-token prompt, {args.new_tokens} new tokens, "
                   f"{args.repeats} repeats in rotating order, median",
     })
     print(med, overhead, paired, duty)
