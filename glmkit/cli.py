@@ -1,4 +1,4 @@
-"""The ``glmkit`` command line: ``glmkit env``, ``glmkit make-tiny PATH``, ``glmkit plan --devices 12GiB 12GiB``.
+"""The ``glmkit`` command line: ``env``, ``make-tiny PATH``, ``plan --devices 12GiB 12GiB``, ``generate [--tp 2]``.
 
 Run ``glmkit --help`` for the list; each subcommand prints a table and exits 0, or prints the
 error's message (which names the fix) and exits 2.
@@ -37,6 +37,93 @@ def _plan(args: argparse.Namespace) -> None:
     print(f"\nlongest context that fits: {max_context(config, args.devices, **kw)} tokens")
 
 
+def _generate(args: argparse.Namespace) -> None:
+    """Greedy continuation of a chat message (or raw token ids), on one process or tensor-parallel."""
+    import json
+
+    import torch
+
+    from glmkit import parallel
+    from glmkit.models import default_model_path
+
+    model_path = args.model or str(default_model_path())
+    if args.tp > 1 and not parallel.in_torchrun():
+        from transformers import AutoConfig
+
+        problem = parallel.tp_problem(AutoConfig.from_pretrained(model_path), args.tp)
+        if problem:
+            raise ValueError(problem)
+        code = parallel.relaunch(args.tp, sys.argv[1:] if args.argv is None else args.argv)
+        if code:
+            raise RuntimeError(f"the {args.tp} tensor-parallel processes exited with code {code}")
+        return
+    from glmkit.loading import load_model, load_tokenizer
+
+    if parallel.in_torchrun():
+        model = parallel.load_tp_model(model_path, args.dtype)
+    else:
+        model = load_model(model_path, dtype=args.dtype)
+    tokenizer = load_tokenizer(model_path)
+    device = model.get_input_embeddings().weight.device
+    if args.prompt_ids:
+        ids = torch.tensor([args.prompt_ids], device=device)
+    else:
+        from glmkit.generation import encode_chat
+
+        ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}], device=device)["input_ids"]
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                             do_sample=False)
+    new = out[0, ids.shape[1]:].tolist()
+    if parallel.rank() == 0:  # only rank 0 talks to the user
+        text = tokenizer.decode(new, skip_special_tokens=True).lstrip("\n")
+        result = {"tokens": new, "text": text, "processes": parallel.world_size()}
+        print(json.dumps(result) if args.json else text)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    """Decode speed and peak memory of plain generate(): one device, a layer split, or tensor-parallel."""
+    import json
+
+    import torch
+
+    from glmkit import parallel
+    from glmkit.models import default_model_path
+
+    model_path = args.model or str(default_model_path())
+    if args.tp > 1 and not parallel.in_torchrun():
+        code = parallel.relaunch(args.tp, sys.argv[1:] if args.argv is None else args.argv)
+        if code:
+            raise RuntimeError(f"the {args.tp} tensor-parallel processes exited with code {code}")
+        return
+    from glmkit.bench import measure_decode
+    from glmkit.loading import load_model
+
+    if parallel.in_torchrun():
+        model = parallel.load_tp_model(model_path, args.dtype)
+    else:
+        device_map = None
+        if args.layers_per_device:
+            from glmkit.device_map import split_layers
+
+            device_map = split_layers(model_path, args.layers_per_device)
+        model = load_model(model_path, dtype=args.dtype, device_map=device_map)
+    measure_decode(model, "generate", args.batch, args.prompt_len, 4)  # warm-up
+    row = measure_decode(model, "generate", args.batch, args.prompt_len, args.new_tokens)
+    row["mode"] = (f"tensor parallel x{parallel.world_size()}" if parallel.in_torchrun() else
+                   f"layer split {args.layers_per_device}" if args.layers_per_device else "one device")
+    cuda = torch.cuda.is_available()
+    peaks = {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())} if cuda else {}
+    if parallel.in_torchrun() and torch.distributed.is_initialized():
+        gathered: list = [None] * parallel.world_size()
+        torch.distributed.all_gather_object(gathered, {"rank": parallel.rank(), "peak_allocated": peaks})
+        row["per_rank"] = gathered
+    else:
+        row["peak_allocated"] = peaks
+    if parallel.rank() == 0:
+        print(json.dumps(row) if args.json else row)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"])
     p.add_argument("--prefill-chunk", type=int, help="prefill in chunks of this many tokens")
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("generate", help="greedy reply to --prompt; --tp N splits the model over N processes")
+    p.add_argument("--model", help="checkpoint folder (default: $GLMKIT_MODEL or the tiny trained GLM)")
+    p.add_argument("--prompt", default="How many layers does GLM-4-9B-Chat have?")
+    p.add_argument("--prompt-ids", nargs="+", type=int, help="raw token ids instead of a chat message")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
+    p.add_argument("--json", action="store_true", help="print tokens and text as JSON")
+    p.set_defaults(func=_generate, argv=None)
+
+    p = sub.add_parser("bench", help="decode tok/s and peak memory of plain generate(); --tp N or a layer split")
+    p.add_argument("--model", help="checkpoint folder (default: $GLMKIT_MODEL or the tiny trained GLM)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
+    p.add_argument("--layers-per-device", nargs="+", type=int, help="split layers over GPUs 0, 1, ... instead")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_bench, argv=None)
     return parser
 
 

@@ -1,0 +1,102 @@
+"""Tensor parallelism: every layer split across processes (GPUs), launched with torchrun.
+
+A device map (notebooks 02-03) puts whole layers on different cards: more memory, but one card works at a
+time. Tensor parallelism splits every weight matrix so all cards work on every token: transformers does it
+for GLM with ``tp_plan="auto"`` (q/k/v column-wise, o_proj row-wise). Because k/v are split by heads,
+the degree must divide the number of KV heads: **GLM-4-9B-Chat has 2, so --tp 1 or 2**.
+
+``glmkit generate --tp 2 ...`` relaunches itself under ``torch.distributed.run`` (NCCL on GPUs, gloo on CPUs);
+only rank 0 prints. Several nodes (one GPU each, ``--tp 2``)::
+
+    torchrun --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 \\
+        -m glmkit.cli generate --model /models/glm-4-9b-chat-hf --tp 2 --prompt "Hello"
+
+Introduced in ``notebooks/08_tensor_parallel.ipynb``.
+
+>>> from glmkit.models import glm4_9b_chat_config
+>>> [tp_problem(glm4_9b_chat_config(), tp) is None for tp in (1, 2, 4, 8)]
+[True, True, False, False]
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Any
+
+import torch
+
+
+def tp_problem(config: Any, tp: int) -> str | None:
+    """Why ``tp`` processes cannot split this model (``None`` when they can)."""
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads = config.num_attention_heads
+    if tp < 1:
+        return f"the tensor-parallel degree must be at least 1, got {tp}"
+    if kv % tp or heads % tp:
+        return (f"{tp} processes cannot split {kv} KV heads ({heads} query heads): each would hold "
+                f"{kv / tp:g} of a KV head. k_proj/v_proj are split by heads, so the degree must divide {kv}. "
+                f"Use --tp {max(d for d in range(1, kv + 1) if kv % d == 0 and heads % d == 0)}, and for more GPUs "
+                "add data-parallel replicas (one server per pair of GPUs) or a device map.")
+    return None
+
+
+def in_torchrun() -> bool:
+    """True inside a process started by torchrun / torch.distributed.run."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def relaunch(nproc: int, argv: list[str]) -> int:
+    """Run ``python -m glmkit.cli ARGV`` under ``torch.distributed.run`` with ``nproc`` processes; return its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+           os.environ.get("GLMKIT_TP_PORT", str(29500 + os.getpid() % 1000)), "-m", "glmkit.cli", *argv]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    return subprocess.run(cmd, env=env).returncode
+
+
+def load_tp_model(path: Any, dtype: torch.dtype | str = "auto") -> torch.nn.Module:
+    """Load a checkpoint split across the torchrun processes with transformers' tensor-parallel plan."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from glmkit.loading import check_checkpoint, resolve_checkpoint
+
+    folder = resolve_checkpoint(path)
+    check_checkpoint(folder)
+    problem = tp_problem(AutoConfig.from_pretrained(folder), world_size())
+    if problem:
+        raise ValueError(problem)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    try:  # transformers >= 5.18 takes the plan through a DistributedConfig
+        from transformers import DistributedConfig
+
+        kwargs: dict[str, Any] = {"distributed_config": DistributedConfig(tp_plan="auto")}
+    except ImportError:
+        kwargs = {"tp_plan": "auto"}
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs).eval()
+
+
+def run_generate(model: Any, tp: int = 1, max_new_tokens: int = 16, dtype: str = "float32",
+                 prompt: str | None = None) -> dict[str, Any]:
+    """Run ``glmkit generate --json`` in fresh process(es), ``tp`` of them, and return rank 0's result
+    (``tokens``, ``text``, ``processes``). Raises ``RuntimeError`` with the processes' error text on failure."""
+    import json
+
+    cmd = [sys.executable, "-m", "glmkit.cli", "generate", "--model", str(model), "--json",
+           "--max-new-tokens", str(max_new_tokens), "--dtype", dtype, "--tp", str(tp)]
+    if prompt is not None:
+        cmd += ["--prompt", prompt]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or len(lines) != 1:
+        raise RuntimeError(f"glmkit generate --tp {tp} failed (exit {out.returncode}): {out.stderr.strip()[-1500:]}")
+    return json.loads(lines[0])
