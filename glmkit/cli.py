@@ -124,6 +124,30 @@ def _bench(args: argparse.Namespace) -> None:
         print(json.dumps(row) if args.json else row)
 
 
+def _serve(args: argparse.Namespace) -> None:
+    import os
+
+    from glmkit.env import use_expandable_segments
+    from glmkit.loading import load_model, load_tokenizer
+    from glmkit.models import default_model_path
+    from glmkit.server import default_batch_size, serve
+
+    use_expandable_segments()
+    model_path = args.model or str(default_model_path())
+    device_map: object = args.device_map
+    if args.device_map and "," in args.device_map:  # "20,20": layers per GPU
+        from glmkit.device_map import split_layers
+
+        device_map = split_layers(model_path, [int(x) for x in args.device_map.split(",")])
+    model = load_model(model_path, dtype=args.dtype, device_map=device_map, quantization=args.quantization)
+    max_context = args.max_context or min(4096, int(getattr(model.config, "max_position_embeddings", 4096)))
+    batch = args.max_batch_size or default_batch_size(model.config, max_context, quantization=args.quantization)
+    api_key = args.api_key or os.environ.get("GLMKIT_API_KEY")
+    print(f"glmkit serve: {args.model_name} on http://{args.host}:{args.port}/v1, batch {batch}, context {max_context}"
+          + (", API key required" if api_key else ""), flush=True)
+    serve(model, load_tokenizer(model_path), args.host, args.port, api_key, args.model_name, batch, max_context)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmkit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +191,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers-per-device", nargs="+", type=int, help="split layers over GPUs 0, 1, ... instead")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench, argv=None)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API server (loopback by default)")
+    p.add_argument("--model", help="checkpoint folder (default: $GLMKIT_MODEL or the tiny trained GLM)")
+    p.add_argument("--model-name", default="glm-4-9b-chat", help="the name clients ask for")
+    p.add_argument("--device-map", help="auto, balanced, sequential, cpu, cuda:0, or layers per GPU like 20,20")
+    p.add_argument("--quantization", choices=["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set GLMKIT_API_KEY)")
+    p.add_argument("--max-batch-size", type=int, help="default: the largest batch the planner fits on the GPUs")
+    p.add_argument("--max-context", type=int, help="prompt + new tokens per request (default 4096)")
+    p.set_defaults(func=_serve)
     return parser
 
 
