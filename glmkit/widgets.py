@@ -1,4 +1,4 @@
-"""JupyterLab widgets: the decode tuner (``notebooks/05_tuning.ipynb``).
+"""JupyterLab widgets: the decode tuner (``notebooks/05_tuning.ipynb``) and the chat (``notebooks/06_chat.ipynb``).
 
 ``decode_tuner(model)`` shows sliders for batch size, prompt length and new tokens, menus for the attention
 implementation and the decode path, and a run button. Each run calls ``glmkit.bench.measure_decode`` and
@@ -79,3 +79,128 @@ class DecodeTuner:
 def decode_tuner(model: torch.nn.Module) -> DecodeTuner:
     """The decode tuner for ``model`` (display it as a cell's last line)."""
     return DecodeTuner(model)
+
+
+class ChatWidget:
+    """A chat in JupyterLab: history, system prompt, temperature / top-p / max-tokens controls, tokens streaming
+    into the reply, a stop button that stops generation, clear, and a status line with tok/s and memory.
+
+    Every turn goes through GLM-4's chat template with the whole history. ``send_message(text, wait=True)``
+    does what the send button does (used by tests and to script a demo).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, system_prompt: str = "", max_new_tokens: int = 128) -> None:
+        import threading
+
+        import ipywidgets as w
+
+        self.model, self.tokenizer = model, tokenizer
+        self.history: list[dict[str, str]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.log = w.HTML(layout=w.Layout(width="100%", min_height="120px", border="1px solid #ddd", padding="6px"))
+        self.log.add_class("glmkit-chat-log")
+        self.system = w.Textarea(value=system_prompt, placeholder="system prompt (optional)", rows=2,
+                                 layout=w.Layout(width="100%"))
+        self.temperature = w.FloatSlider(value=0.0, min=0.0, max=2.0, step=0.05, description="temperature")
+        self.top_p = w.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="top-p")
+        self.max_tokens = w.IntSlider(value=max_new_tokens, min=8, max=1024, step=8, description="max tokens")
+        self.input = w.Text(placeholder="Ask something and press Enter", layout=w.Layout(width="60%"))
+        self.input.add_class("glmkit-chat-input")
+        self.send_button = w.Button(description="send", icon="paper-plane", button_style="primary")
+        self.stop_button = w.Button(description="stop", icon="stop", button_style="warning")
+        self.clear_button = w.Button(description="clear", icon="trash")
+        self.send_button.add_class("glmkit-chat-send")
+        self.stop_button.add_class("glmkit-chat-stop")
+        self.status = w.HTML()
+        self.status.add_class("glmkit-chat-status")
+        self.send_button.on_click(lambda _: self._send_from_input())
+        self.input.on_submit(lambda _: self._send_from_input())
+        self.stop_button.on_click(lambda _: self.stop())
+        self.clear_button.on_click(lambda _: self.clear())
+        self.widget = w.VBox([self.system, w.HBox([self.temperature, self.top_p, self.max_tokens]), self.log,
+                              w.HBox([self.input, self.send_button, self.stop_button, self.clear_button]), self.status])
+        self.widget.add_class("glmkit-chat")
+        self._render()
+
+    def messages(self) -> list[dict[str, str]]:
+        system = [{"role": "system", "content": self.system.value}] if self.system.value.strip() else []
+        return system + self.history
+
+    def _render(self, partial: str | None = None) -> None:
+        import html
+
+        rows = [(m["role"], m["content"]) for m in self.history] + ([("assistant", partial)] if partial is not None else [])
+        self.log.value = "".join(
+            f'<div class="glmkit-msg glmkit-{role}"><b>{"you" if role == "user" else "GLM"}:</b> '
+            f"{html.escape(text)}</div>" for role, text in rows) or "<i>no messages yet</i>"
+
+    def _send_from_input(self) -> None:
+        text = self.input.value.strip()
+        self.input.value = ""
+        if text:
+            self.send_message(text)
+
+    def send_message(self, text: str, wait: bool = False) -> None:
+        """Add a user message and stream the reply into the log (in a background thread)."""
+        import threading
+
+        if self._thread is not None and self._thread.is_alive():
+            self.status.value = "<i>still answering: press stop first</i>"
+            return
+        self.history.append({"role": "user", "content": text})
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._answer, name="glmkit-chat", daemon=True)
+        self._thread.start()
+        if wait:
+            self._thread.join()
+
+    def _answer(self) -> None:
+        import time
+
+        from glmkit.generation import stream_chat
+        from glmkit.monitor import snapshot
+
+        reply, start = "", time.perf_counter()
+        self._render(reply)
+        try:
+            for piece in stream_chat(self.model, self.tokenizer, self.messages(), max_new_tokens=self.max_tokens.value,
+                                     temperature=self.temperature.value, top_p=self.top_p.value, stop_event=self._stop):
+                reply += piece
+                self._render(reply + " ▌")
+                n = len(self.tokenizer(reply, add_special_tokens=False).input_ids)
+                self.status.value = f"generating… {n} tokens, {n / (time.perf_counter() - start):.1f} tok/s"
+        except Exception as exc:  # e.g. out of memory: show it, keep the history usable
+            self.status.value = f'<b style="color:#c00">{type(exc).__name__}: {str(exc)[:200]}</b>'
+            self.history.pop()
+            self._render()
+            return
+        seconds = time.perf_counter() - start
+        self.history.append({"role": "assistant", "content": reply})
+        self._render()
+        n = len(self.tokenizer(reply, add_special_tokens=False).input_ids)
+        memory = " · ".join(f"{d.device} {d.used / 2**30:.1f}/{d.total / 2**30:.0f} GiB" for d in snapshot().devices)
+        stopped = " (stopped)" if self._stop.is_set() else ""
+        self.status.value = f"{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tok/s{stopped} · {memory}"
+
+    def stop(self) -> None:
+        """Stop the reply being generated (at the next token)."""
+        self._stop.set()
+
+    def clear(self) -> None:
+        self.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.history.clear()
+        self.status.value = ""
+        self._render()
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.widget)
+
+
+def chat_widget(model: torch.nn.Module, tokenizer: Any, **kwargs: Any) -> ChatWidget:
+    """The chat widget for ``model`` (display it as a cell's last line)."""
+    return ChatWidget(model, tokenizer, **kwargs)

@@ -1,0 +1,82 @@
+"""Load on the OpenAI-compatible server: requests/s and tokens/s for 1, 4 and 16 concurrent clients.
+
+Starts ``glmkit.server`` on loopback in this process (the tiny trained GLM on the CPU by default, or
+``--checkpoint`` on a GPU), then each of N client threads sends requests with the official ``openai`` client
+for a fixed time. Tokens are the server's ``usage.completion_tokens``.
+
+    python benchmarks/server_load.py                                # tiny model, CPU
+    python benchmarks/server_load.py --checkpoint /tmp/glm9b --name server_load_gpu
+Writes benchmarks/results/NAME.json (and to $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+import time
+
+from glmkit.bench import save_result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", help="default: the tiny trained GLM")
+    ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--name", default="server_load_cpu")
+    args = ap.parse_args()
+    import openai
+    import torch
+
+    from glmkit.engine import Engine
+    from glmkit.loading import load_model, load_tokenizer
+    from glmkit.models import TRAINED_TINY_DIR
+    from glmkit.server import ServerThread, create_app
+
+    path = args.checkpoint or TRAINED_TINY_DIR
+    model = load_model(path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    engine = Engine(model, load_tokenizer(path), max_batch_size=max(args.clients), max_context=1024)
+    server = ServerThread(create_app(engine)).start()
+    prompts = ["Tell me about GPUs.", "What is a device map?", "How do I split the model over two GPUs?",
+               "What limits decode speed?"]
+    warm = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=600)
+    for p in prompts:  # warm-up: first calls of the model, the server and the client are slow
+        warm.chat.completions.create(model="glm-4-9b-chat", max_tokens=8, messages=[{"role": "user", "content": p}])
+    rows = []
+    for n in args.clients:
+        counts = {"requests": 0, "tokens": 0}
+        lock = threading.Lock()
+        stop_at = time.perf_counter() + args.seconds
+
+        def client(i: int, stop_at: float = stop_at, counts: dict = counts, lock: threading.Lock = lock) -> None:
+            c = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=600)
+            while time.perf_counter() < stop_at:
+                r = c.chat.completions.create(model="glm-4-9b-chat", max_tokens=args.max_tokens, temperature=0.8,
+                                              seed=i, messages=[{"role": "user", "content": prompts[i % len(prompts)]}])
+                with lock:
+                    counts["requests"] += 1
+                    counts["tokens"] += r.usage.completion_tokens
+
+        start = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seconds = time.perf_counter() - start
+        rows.append({"clients": n, "seconds": seconds, "requests": counts["requests"], "tokens": counts["tokens"],
+                     "requests_per_s": counts["requests"] / seconds, "tokens_per_s": counts["tokens"] / seconds,
+                     "largest_batch": engine.largest_batch})
+        print(rows[-1], flush=True)
+    base = rows[0]["tokens_per_s"]
+    for r in rows:
+        r["tokens_per_s_vs_1_client"] = r["tokens_per_s"] / base
+    server.stop()
+    engine.close()
+    save_result(args.name, {"model": str(path), "method": f"{args.seconds:.0f} s per level, max_tokens "
+                            f"{args.max_tokens}, temperature 0.8, openai client threads on loopback", "levels": rows})
+
+
+if __name__ == "__main__":
+    main()
