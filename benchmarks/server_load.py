@@ -21,6 +21,8 @@ from glmkit.bench import save_result
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="default: the tiny trained GLM")
+    ap.add_argument("--random-9b", action="store_true",
+                    help="GLM-4-9B-Chat with random weights built on the GPU (no checkpoint needed; tiny tokenizer)")
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--max-tokens", type=int, default=64)
@@ -35,8 +37,23 @@ def main() -> None:
     from glmkit.server import ServerThread, create_app
 
     path = args.checkpoint or TRAINED_TINY_DIR
-    model = load_model(path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    engine = Engine(model, load_tokenizer(path), max_batch_size=max(args.clients), max_context=1024)
+    if args.random_9b:
+        from transformers import GenerationConfig, GlmForCausalLM
+
+        from glmkit.models import glm4_9b_chat_config, tiny_glm_config
+
+        torch.set_default_dtype(torch.bfloat16)
+        config = glm4_9b_chat_config()
+        config.eos_token_id = tiny_glm_config().eos_token_id  # the tiny tokenizer's end tokens
+        with torch.device("cuda"):
+            model = GlmForCausalLM(config).eval()
+        torch.set_default_dtype(torch.float32)
+        model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=0)
+        path = "GLM-4-9B-Chat architecture, random weights (bf16)"
+    else:
+        model = load_model(path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    engine = Engine(model, load_tokenizer(None if args.random_9b else path), max_batch_size=max(args.clients),
+                    max_context=1024)
     server = ServerThread(create_app(engine)).start()
     prompts = ["Tell me about GPUs.", "What is a device map?", "How do I split the model over two GPUs?",
                "What limits decode speed?"]
