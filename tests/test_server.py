@@ -162,3 +162,10 @@ def test_sixteen_concurrent_clients_are_batched_and_all_answered(server, client)
         t.join(60)
     assert answers == [expected[q] for q in questions]  # nothing lost, nothing mixed up
     assert engine.batches_run - before < 16 and engine.largest_batch > 1  # batched, not one by one
+
+
+def test_a_failing_generation_errors_that_request_and_the_engine_keeps_serving(server, client):
+    engine = server[1]
+    bad = engine.submit([10**7], max_tokens=4).wait(30)  # an id far outside the vocabulary: the embedding fails
+    assert bad.finish_reason == "error" and "IndexError" in bad.error
+    assert "40" in ask(client, max_tokens=20).choices[0].message.content  # the next request is served
