@@ -37,6 +37,24 @@ def _plan(args: argparse.Namespace) -> None:
     print(f"\nlongest context that fits: {max_context(config, args.devices, **kw)} tokens")
 
 
+def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
+    """With ``--tp N`` outside torchrun: check N against the model's KV heads, rerun this command in N processes
+    under torch.distributed.run, and return True (the processes did the work)."""
+    from glmkit import parallel
+
+    if args.tp <= 1 or parallel.in_torchrun():
+        return False
+    from transformers import AutoConfig
+
+    problem = parallel.tp_problem(AutoConfig.from_pretrained(model_path), args.tp)
+    if problem:
+        raise ValueError(problem)
+    code = parallel.relaunch(args.tp, args.argv)
+    if code:
+        raise RuntimeError(f"the {args.tp} tensor-parallel processes exited with code {code}")
+    return True
+
+
 def _generate(args: argparse.Namespace) -> None:
     """Greedy continuation of a chat message (or raw token ids), on one process or tensor-parallel."""
     import json
@@ -47,15 +65,7 @@ def _generate(args: argparse.Namespace) -> None:
     from glmkit.models import default_model_path
 
     model_path = args.model or str(default_model_path())
-    if args.tp > 1 and not parallel.in_torchrun():
-        from transformers import AutoConfig
-
-        problem = parallel.tp_problem(AutoConfig.from_pretrained(model_path), args.tp)
-        if problem:
-            raise ValueError(problem)
-        code = parallel.relaunch(args.tp, sys.argv[1:] if args.argv is None else args.argv)
-        if code:
-            raise RuntimeError(f"the {args.tp} tensor-parallel processes exited with code {code}")
+    if _relaunched_for_tp(args, model_path):
         return
     from glmkit.loading import load_model, load_tokenizer
 
@@ -91,10 +101,7 @@ def _bench(args: argparse.Namespace) -> None:
     from glmkit.models import default_model_path
 
     model_path = args.model or str(default_model_path())
-    if args.tp > 1 and not parallel.in_torchrun():
-        code = parallel.relaunch(args.tp, sys.argv[1:] if args.argv is None else args.argv)
-        if code:
-            raise RuntimeError(f"the {args.tp} tensor-parallel processes exited with code {code}")
+    if _relaunched_for_tp(args, model_path):
         return
     from glmkit.bench import measure_decode
     from glmkit.loading import load_model
@@ -179,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
     p.add_argument("--json", action="store_true", help="print tokens and text as JSON")
-    p.set_defaults(func=_generate, argv=None)
+    p.set_defaults(func=_generate)
 
     p = sub.add_parser("bench", help="decode tok/s and peak memory of plain generate(); --tp N or a layer split")
     p.add_argument("--model", help="checkpoint folder (default: $GLMKIT_MODEL or the tiny trained GLM)")
@@ -190,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
     p.add_argument("--layers-per-device", nargs="+", type=int, help="split layers over GPUs 0, 1, ... instead")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_bench, argv=None)
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server (loopback by default)")
     p.add_argument("--model", help="checkpoint folder (default: $GLMKIT_MODEL or the tiny trained GLM)")
@@ -208,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # --tp N reruns the same command line in N processes
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
