@@ -157,7 +157,7 @@ class Engine:
     def _decode(self, batch: list[GenerationRequest]) -> None:
         from transformers import DynamicCache
 
-        from glmkit.generation import cache_argument
+        from glmkit.generation import cache_argument, pick_token
 
         n = max(len(r.prompt_ids) for r in batch)
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
@@ -178,7 +178,7 @@ class Engine:
             for i, r in enumerate(batch):
                 if not active[i]:
                     continue
-                token = _sample(logits[i], r.temperature, r.top_p, generators[i])
+                token = int(pick_token(logits[i], r.temperature, r.top_p, generators[i]))
                 next_ids[i] = token
                 active[i] = self._accept(r, token)
             if not any(active):
@@ -231,14 +231,3 @@ class Engine:
         r.finish_reason = reason
         self.finished.append(r)
         r.done.set()
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

@@ -208,6 +208,7 @@ class FastDecoder:
                prefill_chunk: int | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token ``[b]`` for each step (greedy at temperature 0, else sampled with top-p)."""
         from glmkit.generation import eos_token_ids as model_eos
+        from glmkit.generation import pick_token
 
         input_ids = input_ids.to(self.device)
         n = input_ids.shape[1]
@@ -217,7 +218,7 @@ class FastDecoder:
         logits = self.prefill(input_ids, prefill_chunk)
         done = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
         for i in range(max_new_tokens):
-            token = _pick(logits, temperature, top_p, generator)
+            token = pick_token(logits, temperature, top_p, generator)
             yield token
             if not ignore_eos:
                 done |= torch.isin(token, eos)
@@ -249,15 +250,3 @@ class FastDecoder:
         sync()
         decode = time.perf_counter() - t1
         return {"ttft_s": ttft, "decode_tok_s": self.batch_size * count / decode if decode else 0.0}
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).view(-1)

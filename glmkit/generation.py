@@ -78,6 +78,25 @@ def sampling_kwargs(temperature: float = 0.0, top_p: float = 1.0) -> dict[str, A
     return {"do_sample": True, "temperature": temperature, "top_p": top_p}
 
 
+def pick_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token(s) from logits ``[..., vocab]``: argmax at temperature 0, else top-p sampling.
+
+    >>> pick_token(torch.tensor([[0.1, 3.0, 0.2]])).tolist()
+    [1]
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
+    flat = probs.reshape(-1, probs.shape[-1])
+    picked = torch.multinomial(flat / flat.sum(-1, keepdim=True), 1, generator=generator)
+    return picked.reshape(probs.shape[:-1])
+
+
 def clean_reply(text: str) -> str:
     """GLM-4 writes a newline after ``<|assistant|>``; the reply itself starts after it."""
     return text[1:] if text.startswith("\n") else text
