@@ -78,17 +78,17 @@ def test_chat_and_monitor_widgets_in_chromium(lab):
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{lab}/lab/tree/06_chat.ipynb?token={TOKEN}")
-            page.wait_for_selector(".jp-Notebook", timeout=60_000)
-            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
+            page.wait_for_selector(".jp-Notebook", timeout=120_000)
+            page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
             page.click("div.lm-MenuBar-itemLabel:text-is('Run')")
             page.click("li.lm-Menu-item[data-command='runmenu:run-all'] >> nth=0")
-            chat_input = page.wait_for_selector(".glmkit-chat-input input", timeout=120_000)
+            chat_input = page.wait_for_selector(".glmkit-chat-input input", timeout=240_000)
             log = page.wait_for_selector(".glmkit-chat-log", timeout=30_000)
             page.wait_for_function("document.querySelector('.glmkit-chat-log').innerText.includes('decoder layers')",
-                                   timeout=120_000)  # the scripted turns of the notebook arrived
+                                   timeout=240_000)  # the scripted turns of the notebook arrived
             page.evaluate("""() => {
                 window.__lens = [];
                 const log = document.querySelector('.glmkit-chat-log');
@@ -99,7 +99,7 @@ def test_chat_and_monitor_widgets_in_chromium(lab):
             chat_input.fill("What does 4-bit quantization save?")
             chat_input.press("Enter")
             page.wait_for_function("document.querySelector('.glmkit-chat-log').innerText.includes('NF4 stores')",
-                                   timeout=60_000)
+                                   timeout=120_000)
             page.wait_for_function("document.querySelector('.glmkit-chat-status').innerText.includes('tok/s')")
             lengths = page.evaluate("window.__lens")
             grew = [b for a, b in zip(lengths, lengths[1:]) if b > a]
@@ -112,8 +112,11 @@ def test_chat_and_monitor_widgets_in_chromium(lab):
             status = page.locator(".glmkit-monitor .widget-html").first
             first = status.inner_text()
             page.wait_for_function("(t) => document.querySelector('.glmkit-monitor .widget-html').innerText !== t",
-                                   arg=first, timeout=10_000)  # the poll thread keeps updating the page
+                                   arg=first, timeout=30_000)  # the poll thread keeps updating the page
             assert "last update" in status.inner_text()
             monitor.screenshot(path=str(ARTIFACTS / "monitor.png"))
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "failure.png"), full_page=True)  # what the page showed
+            raise
         finally:
             browser.close()
