@@ -55,6 +55,26 @@ def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
     return True
 
 
+def _command_model(args: argparse.Namespace) -> tuple[object, str]:
+    """The model for ``generate``/``bench``: split across torchrun processes, split by layers
+    (``--layers-per-device``), or on one device. ``None`` when ``--tp`` reran the command in other processes."""
+    from glmkit import parallel
+    from glmkit.loading import load_model
+    from glmkit.models import default_model_path
+
+    model_path = args.model or str(default_model_path())
+    if _relaunched_for_tp(args, model_path):
+        return None, model_path
+    if parallel.in_torchrun():
+        return parallel.load_tp_model(model_path, args.dtype), model_path
+    device_map = None
+    if getattr(args, "layers_per_device", None):
+        from glmkit.device_map import split_layers
+
+        device_map = split_layers(model_path, args.layers_per_device)
+    return load_model(model_path, dtype=args.dtype, device_map=device_map), model_path
+
+
 def _generate(args: argparse.Namespace) -> None:
     """Greedy continuation of a chat message (or raw token ids), on one process or tensor-parallel."""
     import json
@@ -62,17 +82,11 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from glmkit import parallel
-    from glmkit.models import default_model_path
+    from glmkit.loading import load_tokenizer
 
-    model_path = args.model or str(default_model_path())
-    if _relaunched_for_tp(args, model_path):
+    model, model_path = _command_model(args)
+    if model is None:
         return
-    from glmkit.loading import load_model, load_tokenizer
-
-    if parallel.in_torchrun():
-        model = parallel.load_tp_model(model_path, args.dtype)
-    else:
-        model = load_model(model_path, dtype=args.dtype)
     tokenizer = load_tokenizer(model_path)
     device = model.get_input_embeddings().weight.device
     if args.prompt_ids:
@@ -98,23 +112,11 @@ def _bench(args: argparse.Namespace) -> None:
     import torch
 
     from glmkit import parallel
-    from glmkit.models import default_model_path
-
-    model_path = args.model or str(default_model_path())
-    if _relaunched_for_tp(args, model_path):
-        return
     from glmkit.bench import measure_decode
-    from glmkit.loading import load_model
 
-    if parallel.in_torchrun():
-        model = parallel.load_tp_model(model_path, args.dtype)
-    else:
-        device_map = None
-        if args.layers_per_device:
-            from glmkit.device_map import split_layers
-
-            device_map = split_layers(model_path, args.layers_per_device)
-        model = load_model(model_path, dtype=args.dtype, device_map=device_map)
+    model, _ = _command_model(args)
+    if model is None:
+        return
     measure_decode(model, "generate", args.batch, args.prompt_len, 4)  # warm-up
     row = measure_decode(model, "generate", args.batch, args.prompt_len, args.new_tokens)
     row["mode"] = (f"tensor parallel x{parallel.world_size()}" if parallel.in_torchrun() else
