@@ -239,10 +239,10 @@ class track_peak(contextlib.ContextDecorator):
 
     >>> import torch
     >>> with track_peak() as peak:
-    ...     x = torch.ones(64, 2**20, dtype=torch.uint8)  # 64 MiB
-    ...     del x
-    >>> peak.report.device("cpu").added >= 60 * 2**20
+    ...     x = torch.ones(256, 2**20, dtype=torch.uint8)  # 256 MiB, still alive when the block ends
+    >>> peak.report.device("cpu").added >= 200 * 2**20
     True
+    >>> del x
     """
 
     def __init__(self, interval: float = 0.005) -> None:
