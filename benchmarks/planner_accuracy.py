@@ -29,15 +29,16 @@ from glmkit.bench import (
     save_result,
 )
 
-PRECISIONS = {"bf16": (None, "bfloat16"), "nf4": ("nf4", "bfloat16"), "int8": ("int8", "float16")}
+MEASURED = ("bf16", "nf4", "int8")  # names from glmkit.quantization.PRECISIONS
 
 
 def predict(case: dict[str, Any], total: int, expandable: bool) -> dict[str, Any]:
     """The planner's prediction for one measured case, and its errors against the measurement."""
     from glmkit.models import glm4_9b_chat_config
     from glmkit.planning import plan_memory
+    from glmkit.quantization import PRECISIONS
 
-    quantization, dtype = PRECISIONS[case["precision"]]
+    dtype, quantization = PRECISIONS[case["precision"]]
     plan = plan_memory(glm4_9b_chat_config(), {0: total}, dtype=dtype, quantization=quantization,
                        batch_size=case["batch_size"], context_len=case["context_len"], expandable_segments=expandable)
     d = plan.devices[0]
@@ -73,7 +74,7 @@ def recompute(path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
-    ap.add_argument("--precisions", nargs="+", default=list(PRECISIONS))
+    ap.add_argument("--precisions", nargs="+", default=list(MEASURED))
     ap.add_argument("--contexts", nargs="+", type=int, default=[2048, 8192, 16384, 32768])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 4])
     ap.add_argument("--new-tokens", type=int, default=2)
@@ -88,6 +89,7 @@ def main() -> None:
     import torch
 
     from glmkit.loading import load_model
+    from glmkit.quantization import PRECISIONS
 
     expandable = "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower()
     if not (Path(args.checkpoint) / "config.json").exists():
@@ -95,7 +97,7 @@ def main() -> None:
     total = torch.cuda.get_device_properties(0).total_memory
     cases, loads, speeds = [], [], []
     for name in args.precisions:
-        quantization, dtype = PRECISIONS[name]
+        dtype, quantization = PRECISIONS[name]
         gc.collect()
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
