@@ -8,12 +8,11 @@ Writes benchmarks/results/decode.json (and to $OUT).
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from glmkit.bench import (
-    build_random_checkpoint,
     bytes_read_per_token,
     copy_bandwidth,
+    ensure_random_checkpoint,
     measure_decode,
     save_result,
 )
@@ -31,8 +30,7 @@ def main() -> None:
     from glmkit.fast_decode import FastDecoder
     from glmkit.loading import load_model
 
-    if not (Path(args.checkpoint) / "config.json").exists():
-        build_random_checkpoint(args.checkpoint)
+    ensure_random_checkpoint(args.checkpoint)
     model = load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
     bw = copy_bandwidth()
     per_token = bytes_read_per_token(model)

@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import gc
 import time
-from pathlib import Path
 
-from glmkit.bench import build_random_checkpoint, save_result
+from glmkit.bench import ensure_random_checkpoint, save_result
 
 SETUPS = {"bf16@24GiB": ("bf16", 24), "nf4@12GiB": ("nf4", 12)}
 
@@ -35,8 +34,7 @@ def main() -> None:
     from glmkit.planning import max_context
     from glmkit.quantization import PRECISIONS, load_precision
 
-    if not (Path(args.checkpoint) / "config.json").exists():
-        build_random_checkpoint(args.checkpoint)
+    ensure_random_checkpoint(args.checkpoint)
     config = AutoConfig.from_pretrained(args.checkpoint)
     total = torch.cuda.get_device_properties(0).total_memory
     runs = []

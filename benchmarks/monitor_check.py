@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
-from glmkit.bench import build_random_checkpoint, decode_tokens_per_second, nvidia_smi_used_bytes, save_result
+from glmkit.bench import decode_tokens_per_second, ensure_random_checkpoint, nvidia_smi_used_bytes, save_result
 
 
 def main() -> None:
@@ -32,8 +31,7 @@ def main() -> None:
     from glmkit.loading import load_model
     from glmkit.monitor import MemoryPoller, snapshot
 
-    if not (Path(args.checkpoint) / "config.json").exists():
-        build_random_checkpoint(args.checkpoint)
+    ensure_random_checkpoint(args.checkpoint)
     model = load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
     torch.cuda.synchronize()
     agreement = []

@@ -7,9 +7,8 @@ Writes benchmarks/results/oom_12gib.json (and to $OUT). Run it in a fresh proces
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from glmkit.bench import build_random_checkpoint, save_result
+from glmkit.bench import ensure_random_checkpoint, save_result
 
 
 def main() -> None:
@@ -23,8 +22,7 @@ def main() -> None:
     from glmkit.monitor import explain_oom
     from glmkit.planning import plan_memory
 
-    if not (Path(args.checkpoint) / "config.json").exists():
-        build_random_checkpoint(args.checkpoint)
+    ensure_random_checkpoint(args.checkpoint)
     total = torch.cuda.get_device_properties(0).total_memory
     budget = int(args.budget_gib * 2**30)
     torch.cuda.set_per_process_memory_fraction(budget / total, 0)

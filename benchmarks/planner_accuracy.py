@@ -23,8 +23,8 @@ from typing import Any
 
 from glmkit.bench import (
     NvmlBaseline,
-    build_random_checkpoint,
     decode_tokens_per_second,
+    ensure_random_checkpoint,
     measure_generate_peak,
     save_result,
 )
@@ -92,8 +92,7 @@ def main() -> None:
     from glmkit.quantization import PRECISIONS
 
     expandable = "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower()
-    if not (Path(args.checkpoint) / "config.json").exists():
-        build_random_checkpoint(args.checkpoint)
+    ensure_random_checkpoint(args.checkpoint)
     total = torch.cuda.get_device_properties(0).total_memory
     cases, loads, speeds = [], [], []
     for name in args.precisions:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from glmkit.bench import build_random_checkpoint, save_result
+from glmkit.bench import ensure_random_checkpoint, save_result
 
 
 def profile(fn, steps: int = 5) -> dict:
@@ -53,8 +52,7 @@ def main() -> None:
     from glmkit.generation import cache_argument
     from glmkit.loading import load_model
 
-    if not (Path(args.checkpoint) / "config.json").exists():
-        build_random_checkpoint(args.checkpoint)
+    ensure_random_checkpoint(args.checkpoint)
     model = load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
     ids = torch.randint(0, 1000, (1, 32), device="cuda")
     out = {}

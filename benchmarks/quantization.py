@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-from pathlib import Path
 
-from glmkit.bench import build_random_checkpoint, decode_tokens_per_second, median_of, save_result
+from glmkit.bench import decode_tokens_per_second, ensure_random_checkpoint, median_of, save_result
 
 
 def main() -> None:
@@ -31,8 +30,7 @@ def main() -> None:
     from glmkit.planning import unit_weight_bytes
     from glmkit.quantization import PRECISIONS, load_precision
 
-    if not (Path(args.checkpoint) / "config.json").exists():
-        build_random_checkpoint(args.checkpoint)
+    ensure_random_checkpoint(args.checkpoint)
     config = AutoConfig.from_pretrained(args.checkpoint)
     rows = []
     for precision in args.precisions or list(PRECISIONS):

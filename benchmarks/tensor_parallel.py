@@ -14,9 +14,8 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-from glmkit.bench import build_random_checkpoint, save_result
+from glmkit.bench import ensure_random_checkpoint, save_result
 
 MODES = {"one GPU": [], "2-GPU layer split": ["--layers-per-device", "20", "20"], "2-GPU tensor parallel": ["--tp", "2"]}
 
@@ -27,8 +26,7 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--prompt-len", type=int, default=512)
     args = ap.parse_args()
-    if not (Path(args.checkpoint) / "config.json").exists():
-        build_random_checkpoint(args.checkpoint)
+    ensure_random_checkpoint(args.checkpoint)
     rows = []
     for mode, extra in MODES.items():
         for batch in args.batches:

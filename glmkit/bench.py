@@ -93,6 +93,12 @@ def build_random_checkpoint(path: str | Path, config: Any = None, dtype: torch.d
     return path
 
 
+def ensure_random_checkpoint(path: str | Path, config: Any = None) -> Path:
+    """``path`` if it already holds a checkpoint, else a random-weight one built there (``build_random_checkpoint``)."""
+    path = Path(path)
+    return path if (path / "config.json").exists() else build_random_checkpoint(path, config)
+
+
 class NvmlBaseline:
     """This process's GPU memory as the driver sees it: used now minus used before CUDA started.
 
