@@ -13,7 +13,7 @@ on held-out text, and how often its greedy tokens agree with the bf16 model's. I
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,26 +43,23 @@ def load_precision(path: Any, precision: str, device_map: Any = None) -> torch.n
     return load_model(path, dtype=getattr(torch, dtype), device_map=device_map, quantization=quantization)
 
 
-def model_tensor_bytes(model: torch.nn.Module) -> int:
-    """Bytes of every tensor a (possibly bitsandbytes-quantized) model holds: parameters, buffers,
-    4-bit quantization states (absmax, code books, nested states) and int8 row scales (SCB)."""
+def allocated_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor a (possibly bitsandbytes-quantized) model holds, once each, with the name of the parameter or
+    buffer it belongs to: parameters, buffers, 4-bit quantization states (absmax, code books, nested states) and
+    int8 row scales (SCB)."""
     seen: set[int] = set()
-    total = 0
-
-    def add(t: Any) -> None:
-        nonlocal total
-        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-
-    for t in list(model.parameters()) + list(model.buffers()):
-        add(t)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         state = getattr(t, "quant_state", None)
-        for s in (state, getattr(state, "state2", None)):
-            for name in ("absmax", "code", "offset"):
-                add(getattr(s, name, None))
-        add(getattr(t, "SCB", None))
-    return total
+        extras = [getattr(s, f, None) for s in (state, getattr(state, "state2", None)) for f in ("absmax", "code", "offset")]
+        for x in [t, *extras, getattr(t, "SCB", None)]:
+            if isinstance(x, torch.Tensor) and x.data_ptr() not in seen:
+                seen.add(x.data_ptr())
+                yield name, x
+
+
+def model_tensor_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every tensor the model holds (``allocated_tensors``), quantization states included."""
+    return sum(t.numel() * t.element_size() for _, t in allocated_tensors(model))
 
 
 def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str]) -> float:

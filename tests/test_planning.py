@@ -159,21 +159,12 @@ def test_planner_works_on_a_loaded_model(tiny_path):
 
 
 def _allocated_bytes_per_unit(model, units):
-    """Bytes of every tensor bitsandbytes allocated, per unit: weights, biases, quant states, SCB."""
-    seen, sizes = set(), dict.fromkeys(units, 0)
+    """Bytes of every tensor bitsandbytes allocated (weights, biases, quant states, SCB), per device-map unit."""
+    from glmkit.quantization import allocated_tensors
 
-    def add(name, t):
-        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            sizes[next(u for u in units if name.startswith(u + ".") or name == u)] += t.numel() * t.element_size()
-
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        add(name, t)
-        state = getattr(t, "quant_state", None)
-        for s in (state, getattr(state, "state2", None)):
-            for field in ("absmax", "code", "offset"):
-                add(name, getattr(s, field, None))
-        add(name, getattr(t, "SCB", None))
+    sizes = dict.fromkeys(units, 0)
+    for name, t in allocated_tensors(model):
+        sizes[next(u for u in units if name.startswith(u + ".") or name == u)] += t.numel() * t.element_size()
     return sizes
 
 
