@@ -1,5 +1,6 @@
 """Where the time of one decode step goes: torch.profiler over GLM-4-9B-Chat (random weights, bf16) for the
-glmkit fast path (eager and compiled layer) and for one plain forward with a dynamic cache.
+glmkit fast path (eager layer; compiled layer with cuBLAS or reduction GEMVs; the latter replayed as a CUDA
+graph) and for one plain forward with a dynamic cache.
 
     python benchmarks/profile_step.py --checkpoint /tmp/glm9b
 Writes benchmarks/results/profile_step.json (and to $OUT): per path, GPU kernel time by kernel name and the
@@ -56,8 +57,10 @@ def main() -> None:
     model = load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
     ids = torch.randint(0, 1000, (1, 32), device="cuda")
     out = {}
-    for label, opts in (("fast, eager layer", {"compile": False, "cuda_graph": False}),
-                        ("fast, compiled layer", {"compile": True, "cuda_graph": False})):
+    for label, opts in (("fast, eager layer", {"compile": False, "cuda_graph": False, "gemv": False}),
+                        ("fast, compiled layer", {"compile": True, "cuda_graph": False, "gemv": False}),
+                        ("fast, compiled layer, reduction GEMV", {"compile": True, "cuda_graph": False, "gemv": True}),
+                        ("fast, compiled layer, reduction GEMV, CUDA graph", {"gemv": True})):
         dec = FastDecoder(model, max_len=64, **opts)
         dec.prefill(ids)
         token = torch.tensor([1], device="cuda")

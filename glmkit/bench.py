@@ -294,7 +294,7 @@ def measure_decode(model: torch.nn.Module, path: str = "generate", batch_size: i
             from glmkit.fast_decode import FastDecoder
 
             decoder = FastDecoder(model, max_len=prompt_len + new_tokens, batch_size=batch_size, **(fast_options or {}))
-            result = decoder.tokens_per_second(prompt_len, new_tokens)
+            result = {**decoder.tokens_per_second(prompt_len, new_tokens), "gemv": decoder.gemv}
         else:
             kw: dict[str, Any] = {"do_sample": False, "attention_mask": torch.ones_like(ids)}
             if path == "static":

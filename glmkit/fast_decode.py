@@ -46,18 +46,29 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
 
 
-def decoder_layer(x: torch.Tensor, pos: torch.Tensor, batch_index: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, mask: torch.Tensor, ln1: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
-                  wo: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, k_cache: torch.Tensor,
-                  v_cache: torch.Tensor, eps: float, heads: int, kv_heads: int, head_dim: int) -> torch.Tensor:
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gemv: bool) -> torch.Tensor:
+    """``F.linear``, or (``gemv``, one token, compiled) a multiply-and-sum that inductor turns into one reduction
+    kernel reading the weight once: for a single row that beats cuBLAS' split-K GEMV plus its reduce kernel."""
+    if not gemv:
+        return F.linear(x, weight, bias)
+    y = (weight.float() * x.float()[..., None, :]).sum(-1)
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_index: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor, mask: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
+                  wo: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, next_norm: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float, heads: int, kv_heads: int, head_dim: int,
+                  gemv: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """One GLM decoder layer for one new token per sequence, writing its K/V at ``pos`` in the static cache.
 
-    x: [b, 1, hidden]; pos, batch_index: [b]; k_cache/v_cache: [b, kv_heads, max_len, head_dim];
-    mask: [b, 1, 1, max_len] (True up to pos).
+    x: the residual stream [b, 1, hidden]; h: ``x`` already normalised by this layer's input norm; returns the new
+    residual stream and it normalised by ``next_norm`` (the next layer's input norm, or the final norm), so the
+    residual add and the next norm run as one kernel. pos, batch_index: [b];
+    k_cache/v_cache: [b, kv_heads, max_len, head_dim]; mask: additive [b, 1, 1, max_len] (0 up to pos, else -inf).
     """
     b = x.shape[0]
-    h = _rms_norm(x, ln1, eps)
-    qkv = F.linear(h, wqkv, bqkv)  # [b, 1, (heads + 2 kv_heads) * head_dim]
+    qkv = _linear(h, wqkv, bqkv, gemv)  # [b, 1, (heads + 2 kv_heads) * head_dim]
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q = _rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
     k = _rope(k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
@@ -65,10 +76,11 @@ def decoder_layer(x: torch.Tensor, pos: torch.Tensor, batch_index: torch.Tensor,
     k_cache[batch_index, :, pos] = k[:, :, 0]
     v_cache[batch_index, :, pos] = v[:, :, 0]
     attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # [b, heads, 1, hd]
-    x = x + F.linear(attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo)
+    x = x + _linear(attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, None, gemv)
     h = _rms_norm(x, ln2, eps)
-    gate, up = F.linear(h, wgu).chunk(2, dim=-1)
-    return x + F.linear(up * F.silu(gate), wd)
+    gate, up = _linear(h, wgu, None, gemv).chunk(2, dim=-1)
+    x = x + _linear(up * F.silu(gate), wd, None, gemv)
+    return x, _rms_norm(x, next_norm, eps)
 
 
 def _cache_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,10 +98,16 @@ class FastDecoder:
         batch_size: sequences decoded together (prompts of equal length).
         cuda_graph: capture the step as one CUDA graph (default: on a GPU).
         compile: ``torch.compile`` the layer function (default: on a GPU); fuses norms, RoPE and SiLU.
+        gemv: compute each projection as a multiply-and-sum that the compiler turns into one reduction kernel
+            instead of a cuBLAS call (off by default: slower than cuBLAS on an H100, see benchmarks/results).
+        compile_options: extra ``torch.compile`` arguments, e.g. ``{"mode": "max-autotune-no-cudagraphs"}`` (the
+            decoder captures its own graph). On H100s max-autotune was -1% to +3% against the default, run to run
+            (benchmarks/results/decode_variants*.json), so the default is the plain compile.
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
-                 cuda_graph: bool | None = None, compile: bool | None = None) -> None:
+                 cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool = False,
+                 compile_options: dict[str, Any] | None = None) -> None:
         self._check(model)
         cfg = model.config
         self.model = model
@@ -98,19 +116,22 @@ class FastDecoder:
         on_gpu = self.device.type == "cuda"
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
         self.compiled = on_gpu if compile is None else compile
+        self.gemv = gemv
         self.max_len, self.batch_size = max_len, batch_size
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
         layers = model.model.layers
+        # per layer: fused QKV weight and bias, o_proj, post-attention norm, gate_up, down, and the norm that
+        # follows the layer (the next layer's input norm; the final norm after the last layer)
+        next_norms = [layer.input_layernorm.weight for layer in layers[1:]] + [model.model.norm.weight]
         self.weights = []
-        for layer in layers:
+        for layer, next_norm in zip(layers, next_norms):
             a = layer.self_attn
             bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            self.weights.append((layer.input_layernorm.weight,
-                                 torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias,
+            self.weights.append((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias,
                                  a.o_proj.weight, layer.post_attention_layernorm.weight,
-                                 layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight))
+                                 layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight, next_norm))
         shape = (len(layers), batch_size, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
@@ -126,8 +147,9 @@ class FastDecoder:
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.logits = torch.zeros(batch_size, cfg.vocab_size, dtype=torch.float32, device=self.device)
-        self.layer_fn: Callable[..., torch.Tensor] = (
-            torch.compile(decoder_layer, fullgraph=True, dynamic=False) if self.compiled else decoder_layer)
+        self.layer_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = (
+            torch.compile(decoder_layer, fullgraph=True, dynamic=False, **(compile_options or {}))
+            if self.compiled else decoder_layer)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     @staticmethod
@@ -148,12 +170,15 @@ class FastDecoder:
         x = F.embedding(self.tokens, m.get_input_embeddings().weight)  # [b, 1, hidden]
         cos = self.cos[self.pos][:, None, None, :]
         sin = self.sin[self.pos][:, None, None, :]
-        mask = (self.positions[None, :] <= self.pos[:, None])[:, None, None, :]
-        for i, (ln1, wqkv, bqkv, wo, ln2, wgu, wd) in enumerate(self.weights):
-            x = self.layer_fn(x, self.pos, self.batch_index, cos, sin, mask, ln1, wqkv, bqkv, wo, ln2, wgu, wd,
-                              self.k_cache[i], self.v_cache[i], self.eps, self.heads, self.kv_heads, self.head_dim)
-        x = _rms_norm(x, m.model.norm.weight, self.eps)
-        self.logits.copy_(m.lm_head(x)[:, -1].float())
+        # additive mask, built once per step for all layers: 0 up to each sequence's position, -inf after
+        mask = torch.zeros(self.batch_size, 1, 1, self.max_len, dtype=self.dtype, device=self.device)
+        mask = mask.masked_fill(self.positions[None, None, None, :] > self.pos[:, None, None, None], float("-inf"))
+        h = _rms_norm(x, m.model.layers[0].input_layernorm.weight, self.eps)
+        for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.weights):
+            x, h = self.layer_fn(x, h, self.pos, self.batch_index, cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
+                                 next_norm, self.k_cache[i], self.v_cache[i], self.eps, self.heads, self.kv_heads,
+                                 self.head_dim, self.gemv)
+        self.logits.copy_(m.lm_head(h)[:, -1].float())  # h: the last layer's output after the final norm
 
     def _capture(self) -> None:
         stream = torch.cuda.Stream()

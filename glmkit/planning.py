@@ -241,23 +241,24 @@ def allocator_slack(config: Any, tokens: int, batch_size: int = 1, dtype: torch.
     return fixed + {None: g // 5, "int8": 7 * g // 10}.get(quantization, 7 * g // 20)
 
 
-def chunked_prefill_bytes(config: Any, chunk: int, context_len: int, batch_size: int = 1,
+def chunked_prefill_bytes(config: Any, context_len: int, batch_size: int = 1,
                           dtype: torch.dtype | str = torch.bfloat16) -> int:
-    """Extra transients of a prompt chunk attending to a long cache (transformers' SDPA path with a mask):
-    the attention mask ``[b, 1, chunk, context]`` as bool and as a 16-bit additive mask, and K and V repeated
-    from the KV heads to all query heads (``repeat_kv``: GQA is not used when a mask is passed), for the layer
-    being run. Measured on an H100: nf4 with 2048-token chunks OOMs at 96K tokens on a 12 GiB cap because of
-    the 1.5 GiB ``repeat_kv`` copy (benchmarks/results/long_context.json).
+    """Extra transient of a prompt chunk attending to a long cache (``glmkit.generation.chunked_prefill``):
+    the dynamic KV cache grows by concatenation, so while a layer appends its chunk, that layer's old and new
+    K and V exist together — one layer's K/V at the full context. Attention itself adds nothing that grows
+    with the context (``gqa_attention``: flash kernel, no mask, no K/V copy per query head).
+
+    transformers' own SDPA path would add a ``[chunk, context]`` mask and K/V repeated from the 2 KV heads to
+    all 32 query heads: measured on an H100, nf4 with 2048-token chunks OOMed at 96K tokens on a 12 GiB cap
+    because of that 1.5 GiB copy, which is why chunked prefill uses ``gqa_attention``.
 
     >>> from glmkit.models import glm4_9b_chat_config
-    >>> round(chunked_prefill_bytes(glm4_9b_chat_config(), 2048, 98304) / 2**30, 2)
-    2.06
+    >>> chunked_prefill_bytes(glm4_9b_chat_config(), 98304) // 2**20
+    96
     """
     e = torch.tensor([], dtype=_dtype(dtype)).element_size()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    mask = batch_size * chunk * context_len * (1 + e)
-    repeated_kv = 2 * batch_size * config.num_attention_heads * context_len * head_dim * e
-    return mask + repeated_kv
+    return 2 * batch_size * config.num_key_value_heads * context_len * head_dim * e
 
 
 def input_bytes(tokens: int, batch_size: int = 1) -> int:
@@ -470,7 +471,7 @@ def costs(model: nn.Module, *, dtype: torch.dtype | str = torch.bfloat16, quanti
     chunk = min(prefill_chunk or context_len, context_len)
     act = layer_activation_bytes(config, chunk, batch_size, kv_dtype, quantization)
     if chunk < context_len:
-        act += chunked_prefill_bytes(config, chunk, context_len, batch_size, kv_dtype)
+        act += chunked_prefill_bytes(config, context_len, batch_size, kv_dtype)
     problems = []
     if quantization == "int8" and batch_size * chunk * 2 * config.intermediate_size > INT8_MAX_ELEMENTS:
         longest = INT8_MAX_ELEMENTS // (2 * config.intermediate_size * batch_size)
