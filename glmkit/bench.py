@@ -371,7 +371,9 @@ def plot_decode(result: dict[str, Any]) -> Any:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     rows = result["batch1"]
-    a.bar([r["path"] for r in rows], [r["decode_tok_s"] for r in rows], color=["#2ca02c", "#1f77b4", "#ff7f0e"][: len(rows)])
+    a.bar([_path_label(r) for r in rows], [r["decode_tok_s"] for r in rows],
+          color=["#2ca02c", "#98df8a", "#1f77b4", "#ff7f0e"][: len(rows)])
+    a.tick_params(axis="x", labelsize=8)
     a.axhline(result["roofline_tok_s"], color="k", ls="--", lw=1, label=f"roofline {result['roofline_tok_s']:.0f} tok/s")
     a.set_ylabel("decode tok/s, batch 1")
     a.legend(fontsize=8)
@@ -389,10 +391,21 @@ def plot_decode(result: dict[str, Any]) -> Any:
     return fig
 
 
+def _path_label(row: dict[str, Any]) -> str:
+    mode = (row.get("fast_options") or {}).get("compile_options", {}).get("mode")
+    return f"{row['path']}\n({mode.split('-no-')[0]})" if mode else row["path"]
+
+
 def kernel_category(name: str) -> str:
-    """Coarse kind of a CUDA kernel from its name: matmul, attention, or elementwise/other."""
+    """Coarse kind of a CUDA kernel from its name: matmul, attention, or elementwise/other.
+
+    >>> kernel_category("triton_red_fused__to_copy_mul_sum_unsqueeze_0"), kernel_category("triton_red_fused_mean_rsqrt_1")
+    ('matmul (weights)', 'norms, RoPE, SiLU, copies')
+    """
     n = name.lower()
-    if any(k in n for k in ("nvjet", "gemm", "gemv", "cublas", "cutlass", "splitk")):
+    if any(k in n for k in ("nvjet", "gemm", "gemv", "cublas", "cutlass", "splitk", "triton_mm")):
+        return "matmul (weights)"
+    if n.startswith("triton_red") and "_sum_" in n:  # FastDecoder(gemv=True): a projection as a reduction
         return "matmul (weights)"
     if any(k in n for k in ("sdpa", "flash", "fmha", "attention")):
         return "attention"
@@ -417,11 +430,12 @@ def plot_profile(result: dict[str, Any]) -> Any:
         for kind, color in zip(kinds, colors):
             ax.barh(i, ms[kind], left=left, color=color, label=kind if i == 0 else None)
             left += ms[kind]
-        ax.text(left + 0.1, i, f"{p['kernels_per_step']:.0f} kernels; {p['wall_ms']:.1f} ms wall without a CUDA graph",
+        graph = "with" if "graph" in label.lower() else "without"
+        ax.text(left + 0.1, i, f"{p['kernels_per_step']:.0f} kernels; {p['wall_ms']:.1f} ms wall {graph} a CUDA graph",
                 va="center", fontsize=8)
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("GPU kernel time per decode step (ms)")
-    ax.set_xlim(0, max(p["gpu_kernel_ms"] for p in result["paths"].values()) * 2.3)
+    ax.set_xlim(0, max(p["gpu_kernel_ms"] for p in result["paths"].values()) * 3.0)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
@@ -433,8 +447,30 @@ def long_context_table(result: dict[str, Any]) -> Any:
 
     from glmkit.tables import html_table
 
-    rows = [[r["setup"], r["mode"], str(r["prompt_len"]), "yes" if r["ok"] else "OOM", str(r["planner_max_context"]),
+    rows = [[r["setup"], r["mode"] + (f", {r['chunk']}-token chunks" if "chunk" in r else ""), str(r["prompt_len"]),
+             "yes" if r["ok"] else "OOM", str(r["planner_max_context"]), f"{planned_long_context_bytes(r) / 2**30:.2f}",
              f"{r['peak_reserved'] / 2**30:.2f}"] for r in result["runs"]]
     env = result["environment"]
-    return HTML(html_table(["card", "prefill", "prompt tokens", "fits", "planner: longest that fits", "peak reserved GiB"],
-                           rows, caption=f"{env['device']} with the allocator capped; {result['method']}"))
+    return HTML(html_table(["card", "prefill", "prompt tokens", "fits", "planner: longest that fits", "planned GiB",
+                            "peak reserved GiB"], rows,
+                           caption=f"{env['device']} with the allocator capped; {result['method']}"))
+
+
+def planned_long_context_bytes(row: dict[str, Any]) -> int:
+    """The planner's total for one ``long_context.json`` run (GLM-4-9B, its setup, prompt + 4 new tokens), on the
+    same terms as the measurement: no CUDA context (the cap covers PyTorch's allocator only), expandable segments.
+
+    >>> row = {"setup": "nf4@12GiB", "mode": "chunked", "prompt_len": 98304, "chunk": 512}
+    >>> round(planned_long_context_bytes(row) / 2**30, 2)
+    10.72
+    """
+    from glmkit.models import glm4_9b_chat_config
+    from glmkit.planning import plan_memory
+    from glmkit.quantization import PRECISIONS
+
+    precision, budget = row["setup"].split("@")
+    dtype, quantization = PRECISIONS[precision]
+    plan = plan_memory(glm4_9b_chat_config(), [budget], dtype=dtype, quantization=quantization,
+                       context_len=row["prompt_len"] + 4, prefill_chunk=row.get("chunk"), cuda_context=0,
+                       expandable_segments=True)
+    return plan.devices[0].total
