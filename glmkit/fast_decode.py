@@ -99,10 +99,10 @@ class FastDecoder:
         cuda_graph: capture the step as one CUDA graph (default: on a GPU).
         compile: ``torch.compile`` the layer function (default: on a GPU); fuses norms, RoPE and SiLU.
         gemv: compute each projection as a multiply-and-sum that the compiler turns into one reduction kernel
-            instead of a cuBLAS call (off by default: slower than cuBLAS on an H100, see benchmarks/results).
+            instead of a cuBLAS call (off by default: -11% to +3.5% against cuBLAS on H100s, run to run).
         compile_options: extra ``torch.compile`` arguments, e.g. ``{"mode": "max-autotune-no-cudagraphs"}`` (the
-            decoder captures its own graph). On H100s max-autotune was -1% to +3% against the default, run to run
-            (benchmarks/results/decode_variants*.json), so the default is the plain compile.
+            decoder captures its own graph). On H100s max-autotune was -0.7% to +3.4% against the default, run to run
+            (benchmarks/results/decode_variants.json), so the default is the plain compile.
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
