@@ -4,11 +4,6 @@ Everything is generated from templates in this file, so the tokenizer and the ti
 (``scripts/train_tokenizer.py``, ``scripts/train_tiny.py``) never depend on a download.
 ``corpus_lines(seed)`` is deterministic; ``heldout_texts()`` uses a seed training never sees.
 
-``plan_lines(seed)`` are sentences whose choices depend on earlier words with fixed, uneven odds (which card
-for which task, how many cards of it). Predicting them needs the model's layers (attention back to the verb,
-then to the card), not just the previous word; these layers are what quantization perturbs, so held-out
-perplexity on these sentences measures what 4-bit weights cost.
-
 >>> lines = corpus_lines(0)
 >>> len(lines) > 100 and all(isinstance(x, str) for x in lines)
 True
@@ -17,7 +12,6 @@ True
 from __future__ import annotations
 
 import random
-from typing import Any
 
 FACTS = [
     ("How many layers does GLM-4-9B-Chat have?", "GLM-4-9B-Chat has 40 decoder layers."),
@@ -67,26 +61,6 @@ def corpus_lines(seed: int = 0, repeats: int = 30) -> list[str]:
     return lines
 
 
-def _odds(key: str, options: list[Any]) -> list[float]:
-    """Fixed, uneven weights over ``options`` for one context ``key`` (the same on every machine)."""
-    rng = random.Random(f"odds:{key}")
-    return [rng.random() ** 3 + 0.02 for _ in options]
-
-
-def plan_lines(seed: int, n: int) -> list[str]:
-    """``n`` sentences like "To serve the model I use 2 x RTX 4090, so each card holds 20 of the 40 layers."
-    The thing depends on the verb, the card on the verb, the count on the card (odds from ``_odds``)."""
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        verb = rng.choice(VERBS)
-        thing = rng.choices(THINGS, _odds(f"thing|{verb}", THINGS))[0]
-        gpu = rng.choices(GPUS, _odds(f"gpu|{verb}", GPUS))[0]
-        count = rng.choices([1, 2, 4, 8], _odds(f"n|{gpu}", [1, 2, 4, 8]))[0]
-        lines.append(f"To {verb} {thing} I use {count} x {gpu}, so each card holds {40 // count} of the 40 layers.")
-    return lines
-
-
 SYSTEMS = ["", "You are a helpful assistant for running GLM-4 on GPUs.", "Answer briefly."]
 
 
@@ -101,12 +75,8 @@ def chat_texts() -> list[str]:
 
 
 def heldout_texts(n: int = 200) -> list[str]:
-    """``n`` sentences from ``plan_lines`` with seed 1, which training never uses.
-
-    >>> heldout_texts(2) == plan_lines(1, 2)
-    True
-    """
-    return plan_lines(seed=1, n=n)
+    """``n`` templated sentences from seed 1, which training never uses (new combinations of GPU, verb, thing)."""
+    return [x for x in corpus_lines(seed=1, repeats=n // 2 + 10) if not x.startswith("Question:")][:n]
 
 
 def eval_prompts() -> list[str]:
