@@ -83,12 +83,6 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
     return x, _rms_norm(x, next_norm, eps)
 
 
-def _cache_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache.key_cache[layer], cache.value_cache[layer]
-
-
 class FastDecoder:
     """Static-cache decoder for a loaded GLM model on one device.
 
@@ -194,9 +188,7 @@ class FastDecoder:
     def prefill(self, input_ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Run the prompt through the model (in ``chunk``-token pieces if given), fill the static cache,
         and return the logits of the last prompt position ``[b, vocab]``."""
-        from transformers import DynamicCache
-
-        from glmkit.generation import cache_argument
+        from glmkit.generation import cache_argument, chunked_prefill, preallocated_cache
 
         b, n = input_ids.shape
         if b != self.batch_size:
@@ -205,17 +197,12 @@ class FastDecoder:
             raise ValueError(f"The prompt has {n} tokens; the static cache holds {self.max_len} (raise max_len).")
         if self.use_graph and self.graph is None:
             self._capture()  # before the cache is filled: the warm-up steps write garbage K/V at position 0
-        cache = DynamicCache(config=self.model.config)
-        step = chunk or n
+        # the prompt's K/V go straight into the static cache: no second copy of the cache, ever
+        cache = preallocated_cache(self.model.config, self.max_len, self.k_cache, self.v_cache)
+        if n > 1:
+            chunked_prefill(self.model, input_ids, chunk or n, cache=cache)
         with torch.inference_mode():
-            for start in range(0, n, step):
-                out = self.model(input_ids[:, start:start + step], use_cache=True, logits_to_keep=1,
-                                 **{cache_argument(self.model): cache})
-        with torch.no_grad():
-            for i in range(len(self.weights)):
-                k, v = _cache_kv(cache, i)
-                self.k_cache[i, :, :, :n] = k
-                self.v_cache[i, :, :, :n] = v
+            out = self.model(input_ids[:, -1:], use_cache=True, logits_to_keep=1, **{cache_argument(self.model): cache})
         return out.logits[:, -1].float()
 
     def decode_step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
