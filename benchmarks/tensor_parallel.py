@@ -17,7 +17,7 @@ import sys
 
 from glmkit.bench import ensure_random_checkpoint, save_result
 
-MODES = {"one GPU": [], "2-GPU layer split": ["--layers-per-device", "20", "20"], "2-GPU tensor parallel": ["--tp", "2"]}
+MODES = {"one GPU": [], "2-GPU layer split": ["--device-map", "20,20"], "2-GPU tensor parallel": ["--tp", "2"]}
 
 
 def main() -> None:

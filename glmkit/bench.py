@@ -110,11 +110,14 @@ class NvmlBaseline:
         self.before = self.used()
 
     def used(self) -> int:
+        """Used bytes on the card as ``glmkit.monitor`` and nvidia-smi read them (NVML v2)."""
         import pynvml
+
+        from glmkit.monitor import nvml_memory
 
         pynvml.nvmlInit()
         try:
-            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(self.index)).used)
+            return nvml_memory(pynvml, pynvml.nvmlDeviceGetHandleByIndex(self.index))[1]
         finally:
             pynvml.nvmlShutdown()
 

@@ -55,23 +55,37 @@ def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
     return True
 
 
+DEVICE_MAP_HELP = "auto, balanced, sequential, cpu, cuda:0, or layers per GPU like 20,20"
+
+
+def _device_map_option(value: str | None, model_path: str) -> object:
+    """``--device-map``: a name accelerate/transformers know, or ``"20,20"`` (layers on GPUs 0, 1, ...)."""
+    if not value or "," not in value:
+        return value
+    from glmkit.device_map import split_layers
+
+    try:
+        counts = [int(x) for x in value.split(",")]
+    except ValueError:
+        raise ValueError(f"--device-map {value!r}: layers per GPU are whole numbers, like 20,20.") from None
+    return split_layers(model_path, counts)
+
+
 def _command_model(args: argparse.Namespace) -> tuple[object, str]:
-    """The model for ``generate``/``bench``: split across torchrun processes, split by layers
-    (``--layers-per-device``), or on one device. ``None`` when ``--tp`` reran the command in other processes."""
+    """The model for ``generate``/``bench``: split across torchrun processes, placed by ``--device-map``,
+    or on one device. ``None`` when ``--tp`` reran the command in other processes."""
     from glmkit import parallel
     from glmkit.loading import load_model
     from glmkit.models import default_model_path
 
     model_path = args.model or str(default_model_path())
+    if getattr(args, "device_map", None) and args.tp > 1:
+        raise ValueError("use --tp or --device-map, not both: tensor parallelism places the model itself.")
     if _relaunched_for_tp(args, model_path):
         return None, model_path
     if parallel.in_torchrun():
         return parallel.load_tp_model(model_path, args.dtype), model_path
-    device_map = None
-    if getattr(args, "layers_per_device", None):
-        from glmkit.device_map import split_layers
-
-        device_map = split_layers(model_path, args.layers_per_device)
+    device_map = _device_map_option(getattr(args, "device_map", None), model_path)
     return load_model(model_path, dtype=args.dtype, device_map=device_map), model_path
 
 
@@ -120,7 +134,7 @@ def _bench(args: argparse.Namespace) -> None:
     measure_decode(model, "generate", args.batch, args.prompt_len, 4)  # warm-up
     row = measure_decode(model, "generate", args.batch, args.prompt_len, args.new_tokens)
     row["mode"] = (f"tensor parallel x{parallel.world_size()}" if parallel.in_torchrun() else
-                   f"layer split {args.layers_per_device}" if args.layers_per_device else "one device")
+                   f"device map {args.device_map}" if args.device_map else "one device")
     cuda = torch.cuda.is_available()
     peaks = {f"cuda:{i}": torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())} if cuda else {}
     if parallel.in_torchrun() and torch.distributed.is_initialized():
@@ -143,11 +157,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     use_expandable_segments()
     model_path = args.model or str(default_model_path())
-    device_map: object = args.device_map
-    if args.device_map and "," in args.device_map:  # "20,20": layers per GPU
-        from glmkit.device_map import split_layers
-
-        device_map = split_layers(model_path, [int(x) for x in args.device_map.split(",")])
+    device_map = _device_map_option(args.device_map, model_path)
     model = load_model(model_path, dtype=args.dtype, device_map=device_map, quantization=args.quantization)
     max_context = args.max_context or min(4096, int(getattr(model.config, "max_position_embeddings", 4096)))
     batch = args.max_batch_size or default_batch_size(model.config, max_context, quantization=args.quantization)
@@ -187,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
+    p.add_argument("--device-map", help=DEVICE_MAP_HELP + " (instead of --tp)")
     p.add_argument("--json", action="store_true", help="print tokens and text as JSON")
     p.set_defaults(func=_generate)
 
@@ -197,14 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
-    p.add_argument("--layers-per-device", nargs="+", type=int, help="split layers over GPUs 0, 1, ... instead")
+    p.add_argument("--device-map", help=DEVICE_MAP_HELP + " (instead of --tp)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server (loopback by default)")
     p.add_argument("--model", help="checkpoint folder (default: $GLMKIT_MODEL or the tiny trained GLM)")
     p.add_argument("--model-name", default="glm-4-9b-chat", help="the name clients ask for")
-    p.add_argument("--device-map", help="auto, balanced, sequential, cpu, cuda:0, or layers per GPU like 20,20")
+    p.add_argument("--device-map", help=DEVICE_MAP_HELP)
     p.add_argument("--quantization", choices=["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"])
     p.add_argument("--dtype", default="auto")
     p.add_argument("--host", default="127.0.0.1")

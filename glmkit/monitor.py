@@ -92,7 +92,7 @@ def _torch_stats(index: int) -> tuple[int | None, int | None]:
     return torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index)
 
 
-def _nvml_memory(pynvml: Any, handle: Any) -> tuple[int, int]:
+def nvml_memory(pynvml: Any, handle: Any) -> tuple[int, int]:
     """Total and used bytes as nvidia-smi shows them: NVML's v2 figures, where ``used`` leaves out the
     memory the driver reserves for itself (the v1 call counts it, about 0.5 GB more on an H100)."""
     try:
@@ -114,7 +114,7 @@ def _nvml_devices() -> list[DeviceMemory]:
         out = []
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            total, used = _nvml_memory(pynvml, h)
+            total, used = nvml_memory(pynvml, h)
             name = pynvml.nvmlDeviceGetName(h)
             name = name.decode() if isinstance(name, bytes) else name
 

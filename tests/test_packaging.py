@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import tomllib
 import yaml
 
@@ -44,3 +45,15 @@ def test_cli_reports_errors_in_words_with_exit_code_2(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "must be positive" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device-map", "3,x"], "whole numbers, like 20,20"),
+    (["--device-map", "3,3", "--tp", "2"], "not both"),
+    (["--device-map", "2,2"], "adds up to 4, but the model has 6"),
+])
+def test_cli_device_map_option_is_checked(args, message):
+    out = subprocess.run([sys.executable, "-m", "glmkit.cli", "bench", "--new-tokens", "2", *args],
+                         capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
