@@ -14,6 +14,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -202,6 +203,7 @@ def _register_gqa_attention() -> None:
     AttentionInterface.register(GQA_ATTENTION, gqa_attention)
 
 
+@functools.cache
 def _preallocated_layer_class() -> type:
     from transformers.cache_utils import DynamicLayer
 
