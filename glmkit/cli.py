@@ -231,11 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # --tp N reruns the same command line in N processes
+    from glmkit.parallel import leave_process_group
+
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"glmkit {args.command}: {exc}", file=sys.stderr)
         return 2
+    finally:
+        leave_process_group()
     return 0
 
 

@@ -55,10 +55,26 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def leave_process_group() -> None:
+    """Destroy the process group, if any, before the process exits: a torchrun child that exits with gloo's
+    threads still running can abort ("terminate called without an active exception", SIGABRT) after its work."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    """A TCP port nothing listens on right now (the OS picks it), for the processes' rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def relaunch(nproc: int, argv: list[str]) -> int:
     """Run ``python -m glmkit.cli ARGV`` under ``torch.distributed.run`` with ``nproc`` processes; return its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           os.environ.get("GLMKIT_TP_PORT", str(29500 + os.getpid() % 1000)), "-m", "glmkit.cli", *argv]
+           os.environ.get("GLMKIT_TP_PORT", str(_free_port())), "-m", "glmkit.cli", *argv]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     return subprocess.run(cmd, env=env).returncode
 
