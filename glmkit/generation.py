@@ -290,7 +290,8 @@ def chunked_prefill(model: torch.nn.Module, input_ids: torch.Tensor, chunk: int,
     is that of one chunk instead of the whole prompt; the chunks attend to the cache through
     ``gqa_attention`` (no mask, no K/V copy per query head), and the model's own attention is restored after.
     The cache is allocated once (``preallocated_cache``) with room for ``max_new_tokens`` generated tokens,
-    unless you pass one (``cache``, e.g. a transformers ``DynamicCache``). Prompts must be unpadded.
+    unless you pass one (``cache``, e.g. a transformers ``DynamicCache``). Prompts must be unpadded. The model's
+    attention implementation is switched while the chunks run: run nothing else on the same model meanwhile.
 
     >>> from glmkit.loading import load_model
     >>> model = load_model(device_map="cpu")
