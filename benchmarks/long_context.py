@@ -77,8 +77,7 @@ def main() -> None:
                     row |= {"ok": False, "oom": str(exc)[:420]}
                 row["peak_reserved"] = torch.cuda.max_memory_reserved()
                 row["peak_allocated"] = torch.cuda.max_memory_allocated()
-                del ids, own  # the caches hold GBs: drop them before the next run
-                kwargs = {}
+                del ids, own, kwargs  # the caches hold GBs: drop them before the next run
                 runs.append(row)
                 print(row, flush=True)
                 save_result("long_context", {"method": "allocator capped with set_per_process_memory_fraction; 4 new "
