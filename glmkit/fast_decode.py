@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
+
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # as GlmRMSNorm: in fp32, then back to the input dtype before the weight
@@ -141,6 +143,13 @@ class FastDecoder:
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.logits = torch.zeros(batch_size, cfg.vocab_size, dtype=torch.float32, device=self.device)
+        if self.compiled:
+            # Every decoder compiles the same layer function for its own shapes (batch, cache length), and dynamo
+            # counts them all against one limit (8 by default; fullgraph turns the 9th into an error): a notebook
+            # session that tries many settings would hit it. Each shape compiles once and is reused.
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, RECOMPILE_LIMIT)
         self.layer_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = (
             torch.compile(decoder_layer, fullgraph=True, dynamic=False, **(compile_options or {}))
             if self.compiled else decoder_layer)

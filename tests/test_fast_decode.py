@@ -77,3 +77,12 @@ def test_bad_input_is_explained(model, tiny_path):
                                          num_attention_heads=4, vocab_size=128))
     with pytest.raises(TypeError, match="GLM"):
         FastDecoder(llama)
+
+
+def test_compiled_decoders_of_many_shapes_in_one_process(model):
+    # torch's default allows 8 compiled shapes of one function; a tuning session builds more decoders than that
+    ids = torch.tensor([[1, 2, 3, 4]])
+    expected = model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    for extra in range(10):
+        decoder = FastDecoder(model, max_len=8 + extra, compile=True)
+        assert torch.equal(decoder.generate(ids, max_new_tokens=2, ignore_eos=True), expected)
