@@ -49,9 +49,10 @@ def main() -> None:
         result["fast_fallback"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         print(result["fast_fallback"], flush=True)
         fast_options = {"compile": False}
-    # the fast path twice: its default and compiled with inductor's max-autotune
+    # the fast path three times: its default, compiled with inductor's max-autotune, attention as reductions
     autotune = {**fast_options, "compile_options": {"mode": "max-autotune-no-cudagraphs"}}
-    variants = [("fast", fast_options), ("fast", autotune), ("generate", None)]
+    reduction = {**fast_options, "attention": "reduction"}
+    variants = [("fast", fast_options), ("fast", autotune), ("fast", reduction), ("generate", None)]
     variants += [] if args.skip_static else [("static", None)]
     for path, options in variants:
         # warm-up with the measured shapes: the static path compiles for each cache length it sees

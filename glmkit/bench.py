@@ -375,7 +375,8 @@ def plot_decode(result: dict[str, Any]) -> Any:
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     rows = result["batch1"]
     a.bar([_path_label(r) for r in rows], [r["decode_tok_s"] for r in rows],
-          color=["#2ca02c", "#98df8a", "#1f77b4", "#ff7f0e"][: len(rows)])
+          color=[{"fast": "#2ca02c", "generate": "#1f77b4", "static": "#ff7f0e"}.get(r["path"], "#7f7f7f")
+                 if _path_label(r) == r["path"] else "#98df8a" for r in rows])
     a.tick_params(axis="x", labelsize=8)
     a.axhline(result["roofline_tok_s"], color="k", ls="--", lw=1, label=f"roofline {result['roofline_tok_s']:.0f} tok/s")
     a.set_ylabel("decode tok/s, batch 1")
@@ -395,8 +396,11 @@ def plot_decode(result: dict[str, Any]) -> Any:
 
 
 def _path_label(row: dict[str, Any]) -> str:
-    mode = (row.get("fast_options") or {}).get("compile_options", {}).get("mode")
-    return f"{row['path']}\n({mode.split('-no-')[0]})" if mode else row["path"]
+    options = row.get("fast_options") or {}
+    mode = options.get("compile_options", {}).get("mode")
+    if mode:
+        return f"{row['path']}\n({mode.split('-no-')[0]})"
+    return f"{row['path']}\n({options['attention']}\nattention)" if "attention" in options else row["path"]
 
 
 def kernel_category(name: str) -> str:

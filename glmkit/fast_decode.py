@@ -57,11 +57,23 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ge
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
+def _attention_reduction(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         mask: torch.Tensor) -> torch.Tensor:
+    """One query per sequence attending over the whole static cache, written as multiply-and-sum reductions in fp32
+    (the compiler turns them into a few fused kernels instead of a cuDNN call); q: [b, heads, 1, hd]."""
+    b, heads, _, hd = q.shape
+    kv = k_cache.shape[1]
+    qg = q.view(b, kv, heads // kv, 1, hd).float()  # query heads grouped by the KV head they share
+    scores = (qg * k_cache[:, :, None].float()).sum(-1) * hd**-0.5 + mask.view(b, 1, 1, -1)  # [b, kv, g, L]
+    out = (scores.softmax(-1)[..., None] * v_cache[:, :, None].float()).sum(-2)  # [b, kv, g, hd]
+    return out.to(q.dtype).view(b, heads, 1, hd)
+
+
 def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_index: torch.Tensor, cos: torch.Tensor,
                   sin: torch.Tensor, mask: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
                   wo: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, next_norm: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float, heads: int, kv_heads: int, head_dim: int,
-                  gemv: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  gemv: bool = False, sdpa: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One GLM decoder layer for one new token per sequence, writing its K/V at ``pos`` in the static cache.
 
     x: the residual stream [b, 1, hidden]; h: ``x`` already normalised by this layer's input norm; returns the new
@@ -77,7 +89,10 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
     v = v.view(b, 1, kv_heads, head_dim).transpose(1, 2)
     k_cache[batch_index, :, pos] = k[:, :, 0]
     v_cache[batch_index, :, pos] = v[:, :, 0]
-    attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # [b, heads, 1, hd]
+    if sdpa:
+        attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # [b, heads, 1, hd]
+    else:
+        attn = _attention_reduction(q, k_cache, v_cache, mask)
     x = x + _linear(attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, None, gemv)
     h = _rms_norm(x, ln2, eps)
     gate, up = _linear(h, wgu, None, gemv).chunk(2, dim=-1)
@@ -98,13 +113,20 @@ class FastDecoder:
             instead of a cuBLAS call (off by default: -11% to +3.5% against cuBLAS on H100s, run to run).
         compile_options: extra ``torch.compile`` arguments, e.g. ``{"mode": "max-autotune-no-cudagraphs"}`` (the
             decoder captures its own graph). On H100s max-autotune was -0.7% to +3.4% against the default, run to run
-            (benchmarks/results/decode_variants.json), so the default is the plain compile.
+            (benchmarks/results/decode_variants.json, decode.json), and autotuning added 11-18 s to building a decoder, so the
+            default is the plain compile.
+        attention: ``"sdpa"`` (PyTorch's fused kernel, the default) or ``"reduction"`` (multiply-and-sum the compiler
+            fuses; meant for the compiled path: run eagerly it builds a [b, heads, cache, head_dim] temporary). On an
+            H100 the reductions were slower: -1.8% with a 288-token cache, -15% with 2048 (decode_variants.json).
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
                  cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool = False,
-                 compile_options: dict[str, Any] | None = None) -> None:
+                 compile_options: dict[str, Any] | None = None, attention: str = "sdpa") -> None:
         self._check(model)
+        if attention not in ("sdpa", "reduction"):
+            raise ValueError(f"attention must be 'sdpa' or 'reduction', not {attention!r}.")
+        self.sdpa = attention == "sdpa"
         cfg = model.config
         self.model = model
         self.device = model.get_input_embeddings().weight.device
@@ -180,7 +202,7 @@ class FastDecoder:
         for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.weights):
             x, h = self.layer_fn(x, h, self.pos, self.batch_index, cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
                                  next_norm, self.k_cache[i], self.v_cache[i], self.eps, self.heads, self.kv_heads,
-                                 self.head_dim, self.gemv)
+                                 self.head_dim, self.gemv, self.sdpa)
         self.logits.copy_(m.lm_head(h)[:, -1].float())  # h: the last layer's output after the final norm
 
     def _capture(self) -> None:

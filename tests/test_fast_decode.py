@@ -68,6 +68,8 @@ def test_bad_input_is_explained(model, tiny_path):
         dec.generate(torch.ones(1, 10, dtype=torch.long), max_new_tokens=10)
     with pytest.raises(ValueError, match="built for batch size 1"):
         dec.generate(torch.ones(2, 4, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="attention must be 'sdpa' or 'reduction'"):
+        FastDecoder(model, attention="flash")
     quantized = load_model(tiny_path, device_map="cpu", quantization="nf4")
     with pytest.raises(ValueError, match="quantized"):
         FastDecoder(quantized)
@@ -86,3 +88,11 @@ def test_compiled_decoders_of_many_shapes_in_one_process(model):
     for extra in range(10):
         decoder = FastDecoder(model, max_len=8 + extra, compile=True)
         assert torch.equal(decoder.generate(ids, max_new_tokens=2, ignore_eos=True), expected)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_reduction_attention_gives_the_same_tokens(model, compile):
+    ids = torch.randint(0, 800, (2, 9), generator=torch.Generator().manual_seed(3))
+    fast = FastDecoder(model, max_len=40, batch_size=2, attention="reduction", compile=compile)
+    slow = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16, do_sample=False)
+    assert torch.equal(fast.generate(ids, max_new_tokens=16, ignore_eos=True), slow)
