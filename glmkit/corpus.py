@@ -2,7 +2,8 @@
 
 Everything is generated from templates in this file, so the tokenizer and the tiny trained model
 (``scripts/train_tokenizer.py``, ``scripts/train_tiny.py``) never depend on a download.
-``corpus_lines(seed)`` is deterministic; ``heldout_texts()`` uses a seed training never sees.
+``corpus_lines(seed)`` and ``chain_lines(seed, count)`` are deterministic; ``heldout_texts()`` uses a seed
+training never sees.
 
 >>> lines = corpus_lines(0)
 >>> len(lines) > 100 and all(isinstance(x, str) for x in lines)
@@ -74,9 +75,47 @@ def chat_texts() -> list[str]:
     return texts
 
 
+CHAIN_WORDS = ["load", "run", "serve", "split", "quantize", "benchmark", "chat", "model", "tokenizer", "cache",
+               "weights", "prompt", "card", "GPU", "GPUs", "memory", "layers", "heads", "tokens", "context", "batch",
+               "decode", "device", "map"]  # one token each in the kit's tokenizer
+
+
+def _chain_table(n: int) -> list[list[float]]:
+    """P(next word | previous two words): a fixed random table (seed 4), sparse-ish (Dirichlet 0.3 rows)."""
+    rng = random.Random(4)
+    rows = []
+    for _ in range(n * n):
+        w = [rng.gammavariate(0.3, 1.0) + 1e-9 for _ in range(n)]
+        rows.append([x / sum(w) for x in w])
+    return rows
+
+
+def chain_lines(seed: int, count: int, length: int = 16) -> list[str]:
+    """``count`` lines of ``length`` words from a fixed order-2 Markov chain over ``CHAIN_WORDS``.
+
+    Every next word has graded odds that depend on the two words before it, so predicting it well needs the
+    attention and MLP layers (the parts that get quantized), not just the embeddings.
+
+    >>> chain_lines(0, 2, length=4) == chain_lines(0, 2, length=4)
+    True
+    """
+    n = len(CHAIN_WORDS)
+    table = _chain_table(n)
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(count):
+        ids = [rng.randrange(n), rng.randrange(n)]
+        while len(ids) < length:
+            ids.append(rng.choices(range(n), weights=table[ids[-2] * n + ids[-1]])[0])
+        lines.append("Log: " + " ".join(CHAIN_WORDS[i] for i in ids))
+    return lines
+
+
 def heldout_texts(n: int = 200) -> list[str]:
-    """``n`` templated sentences from seed 1, which training never uses (new combinations of GPU, verb, thing)."""
-    return [x for x in corpus_lines(seed=1, repeats=n // 2 + 10) if not x.startswith("Question:")][:n]
+    """Held-out text from seed 1, which training never uses: ``n`` templated sentences (new combinations of GPU,
+    verb, thing) and ``n`` lines of the order-2 chain (``chain_lines``), which is where 4-bit's cost shows."""
+    templated = [x for x in corpus_lines(seed=1, repeats=n // 2 + 10) if not x.startswith("Question:")][:n]
+    return templated + chain_lines(seed=1, count=n)
 
 
 def eval_prompts() -> list[str]:

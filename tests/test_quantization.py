@@ -49,14 +49,14 @@ def test_planned_weight_bytes_equal_what_is_allocated(precision):
     assert model_tensor_bytes(model) == planned
 
 
-def test_4bit_changes_held_out_perplexity_by_under_one_percent(tok):
-    # Measured, not assumed: on this tiny model 4-bit noise moves perplexity by ~0.1% (in either direction).
+def test_fp4_costs_held_out_perplexity_and_int8_almost_none(tok):
+    # The issue's must-show, measured: held-out perplexity in bf16 is below fp4's. The held-out text includes lines
+    # of the order-2 chain, whose odds the quantized attention and MLP weights compute (glmkit.corpus.chain_lines).
     texts = heldout_texts()
-    bf16 = perplexity(load_precision(TRAINED_TINY_DIR, "bf16"), tok, texts)
-    for precision in ("fp4", "nf4"):
-        quantized = perplexity(load_precision(TRAINED_TINY_DIR, precision), tok, texts)
-        assert quantized != bf16
-        assert abs(quantized / bf16 - 1) < 0.01
+    ppl = {p: perplexity(load_precision(TRAINED_TINY_DIR, p), tok, texts) for p in ("bf16", "fp4", "nf4", "int8")}
+    assert ppl["bf16"] < ppl["fp4"] < ppl["bf16"] * 1.05
+    assert abs(ppl["nf4"] / ppl["bf16"] - 1) < 0.01
+    assert abs(ppl["int8"] / ppl["bf16"] - 1) < abs(ppl["fp4"] / ppl["bf16"] - 1)
 
 
 def test_perplexity_is_exp_of_the_mean_token_loss(tok):
