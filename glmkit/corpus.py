@@ -12,6 +12,7 @@ True
 
 from __future__ import annotations
 
+import functools
 import random
 
 FACTS = [
@@ -80,14 +81,15 @@ CHAIN_WORDS = ["load", "run", "serve", "split", "quantize", "benchmark", "chat",
                "decode", "device", "map"]  # one token each in the kit's tokenizer
 
 
-def _chain_table(n: int) -> list[list[float]]:
+@functools.cache
+def _chain_table(n: int) -> tuple[tuple[float, ...], ...]:
     """P(next word | previous two words): a fixed random table (seed 4), sparse-ish (Dirichlet 0.3 rows)."""
     rng = random.Random(4)
     rows = []
     for _ in range(n * n):
         w = [rng.gammavariate(0.3, 1.0) + 1e-9 for _ in range(n)]
-        rows.append([x / sum(w) for x in w])
-    return rows
+        rows.append(tuple(x / sum(w) for x in w))
+    return tuple(rows)
 
 
 def chain_lines(seed: int, count: int, length: int = 16) -> list[str]:
