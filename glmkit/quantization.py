@@ -183,7 +183,8 @@ def compare_precisions(
 
 
 def plot_precisions(report: PrecisionReport, gpu_result: dict[str, Any] | None = None) -> Any:
-    """Bar charts: weights (planned vs measured), perplexity, and (if given) full-size GPU memory and speed."""
+    """Bar charts: weights (planned vs measured), perplexity change against bf16 (the differences are small),
+    and (if given) full-size GPU memory and speed."""
     import matplotlib.pyplot as plt
 
     names = [r.precision for r in report.results]
@@ -194,8 +195,11 @@ def plot_precisions(report: PrecisionReport, gpu_result: dict[str, Any] | None =
     axes[0].set_ylabel("MiB")
     axes[0].set_title(f"tiny GLM weights ({report.device})", fontsize=9)
     axes[0].legend(fontsize=7)
-    axes[1].bar(names, [r.perplexity for r in report.results], color="#ff7f0e")
-    axes[1].set_title("held-out perplexity (lower is better)", fontsize=9)
+    reference = next((r.perplexity for r in report.results if r.precision == "bf16"), report.results[0].perplexity)
+    axes[1].bar(names, [100 * (r.perplexity / reference - 1) for r in report.results], color="#ff7f0e")
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set_ylabel(f"% vs {'bf16' if 'bf16' in names else names[0]} ({reference:.4f})")
+    axes[1].set_title("held-out perplexity change (lower is better)", fontsize=9)
     if gpu_result:
         rows = [r for r in gpu_result["precisions"] if "loaded_bytes" in r]
         axes[2].bar([r["precision"] for r in rows], [r["loaded_bytes"] / 2**30 for r in rows], color="#2ca02c")

@@ -18,6 +18,7 @@ from glmkit.quantization import (
     load_precision,
     model_tensor_bytes,
     perplexity,
+    plot_precisions,
 )
 
 
@@ -85,6 +86,9 @@ def test_compare_precisions_report(tok):
     assert report.result("nf4").measured_bytes < report.result("int8").measured_bytes < report.result("bf16").measured_bytes
     assert all(r.tokens_per_second > 0 and r.perplexity > 1 for r in report.results)
     assert "perplexity" in report._repr_html_()
+    change = [bar.get_height() for bar in plot_precisions(report).axes[1].patches]  # % against bf16
+    assert change[0] == 0
+    assert change[2] == pytest.approx(100 * (report.result("nf4").perplexity / report.result("bf16").perplexity - 1))
 
 
 def test_unknown_precision():
