@@ -195,10 +195,10 @@ def plot_precisions(report: PrecisionReport, gpu_result: dict[str, Any] | None =
     axes[0].set_ylabel("MiB")
     axes[0].set_title(f"tiny GLM weights ({report.device})", fontsize=9)
     axes[0].legend(fontsize=7)
-    reference = next((r.perplexity for r in report.results if r.precision == "bf16"), report.results[0].perplexity)
-    axes[1].bar(names, [100 * (r.perplexity / reference - 1) for r in report.results], color="#ff7f0e")
+    base = next((r for r in report.results if r.precision == "bf16"), report.results[0])
+    axes[1].bar(names, [100 * (r.perplexity / base.perplexity - 1) for r in report.results], color="#ff7f0e")
     axes[1].axhline(0, color="k", lw=0.8)
-    axes[1].set_ylabel(f"% vs {'bf16' if 'bf16' in names else names[0]} ({reference:.4f})")
+    axes[1].set_ylabel(f"% vs {base.precision} ({base.perplexity:.4f})")
     axes[1].set_title("held-out perplexity change (lower is better)", fontsize=9)
     if gpu_result:
         rows = [r for r in gpu_result["precisions"] if "loaded_bytes" in r]
