@@ -361,6 +361,26 @@ def copy_bandwidth(n_bytes: int = 2**31, repeats: int = 10) -> float:
     return 2 * n_bytes * repeats / (start.elapsed_time(end) / 1000)
 
 
+def peer_copy_seconds(n_bytes: int, src: int = 0, dst: int = 1, repeats: int = 20) -> float:
+    """Seconds to copy ``n_bytes`` from GPU ``src`` to GPU ``dst`` and wait for it (median of ``repeats``).
+
+    Large copies give the link's bandwidth; a small one (a token's hidden state: 8 KiB for GLM-4-9B in bf16) gives
+    the latency a device-map split pays at each boundary for every decode step.
+    """
+    if torch.cuda.device_count() < 2:
+        raise RuntimeError(f"peer_copy_seconds needs two CUDA devices; this machine has {torch.cuda.device_count()}.")
+    source = torch.empty(n_bytes, dtype=torch.uint8, device=f"cuda:{src}")
+    target = torch.empty(n_bytes, dtype=torch.uint8, device=f"cuda:{dst}")
+    times = []
+    for _ in range(repeats + 1):  # the first copy sets up peer access: not counted
+        torch.cuda.synchronize(src)
+        start = time.perf_counter()
+        target.copy_(source)
+        torch.cuda.synchronize(dst)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
 def bytes_read_per_token(model: torch.nn.Module) -> int:
     """Weight bytes one decode step must read: every parameter except the embedding table (one row of it)."""
     emb = model.get_input_embeddings().weight

@@ -33,14 +33,33 @@ class GpuInfo:
     free_bytes: int
 
 
+# NVML's topology levels: the closest point two GPUs' PCIe paths share
+PCIE_PATHS = {0: "same board", 10: "PCIe, one switch", 20: "PCIe, several switches", 30: "PCIe, one host bridge",
+              40: "PCIe, host bridges of one NUMA node", 50: "PCIe, across CPU sockets"}
+
+
+@dataclass
+class GpuLink:
+    """How two GPUs reach each other: NVLink, or the PCIe path between them (NVML)."""
+
+    first: int
+    second: int
+    nvlink: bool
+    pcie_path: str
+
+    def describe(self) -> str:
+        return "NVLink" if self.nvlink else self.pcie_path
+
+
 @dataclass(repr=False)
 class EnvReport:
-    """Versions, GPUs and a sentence about the GPU situation; renders as a table."""
+    """Versions, GPUs, the links between them and a sentence about the GPU situation; renders as a table."""
 
     python: str
     versions: dict[str, str]
     gpus: list[GpuInfo] = field(default_factory=list)
     gpu_note: str = ""
+    links: list[GpuLink] = field(default_factory=list)
 
     def rows(self) -> list[list[str]]:
         rows = [["python", self.python]] + [[k, v] for k, v in self.versions.items()]
@@ -48,6 +67,7 @@ class EnvReport:
             [f"GPU {g.index}", f"{g.name}: {gib(g.free_bytes)} free of {gib(g.total_bytes)}"]
             for g in self.gpus
         ]
+        rows += [[f"GPU {link.first} - GPU {link.second}", link.describe()] for link in self.links]
         if self.gpu_note:
             rows.append(["GPUs", self.gpu_note])
         return rows
@@ -99,11 +119,39 @@ def list_gpus() -> tuple[list[GpuInfo], str]:
     return gpus, gpu_driver_note()
 
 
+def gpu_links() -> list[GpuLink]:
+    """Every pair of GPUs and how they are linked (NVML: NVLink peer status, else the PCIe topology level).
+
+    Empty without NVML or with fewer than two GPUs. A device-map split sends each token's hidden state over this
+    link once per boundary; ``glmkit.bench.peer_copy_seconds`` measures what that costs.
+    """
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # ImportError, or pynvml.NVMLError: no driver
+        return []
+    try:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        links = []
+        for i, a in enumerate(handles):
+            for j in range(i + 1, len(handles)):
+                b = handles[j]
+                nvlink = pynvml.nvmlDeviceGetP2PStatus(a, b, pynvml.NVML_P2P_CAPS_INDEX_NVLINK) == pynvml.NVML_P2P_STATUS_OK
+                level = pynvml.nvmlDeviceGetTopologyCommonAncestor(a, b)
+                links.append(GpuLink(i, j, nvlink, PCIE_PATHS.get(level, f"NVML topology level {level}")))
+        return links
+    except Exception:  # an NVML query this driver or board does not support
+        return []
+    finally:
+        pynvml.nvmlShutdown()
+
+
 def environment_report() -> EnvReport:
-    """Versions of the libraries glmkit uses and the GPUs present (``glmkit env``)."""
+    """Versions of the libraries glmkit uses, the GPUs present and their links (``glmkit env``)."""
     gpus, note = list_gpus()
     versions = {p: package_version(p) for p in PACKAGES}
-    return EnvReport(platform.python_version(), versions, gpus, note)
+    return EnvReport(platform.python_version(), versions, gpus, note, gpu_links() if len(gpus) > 1 else [])
 
 
 @dataclass(repr=False)

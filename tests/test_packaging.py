@@ -33,6 +33,29 @@ def test_cli_env_reports_versions_and_gpus():
     assert "GPU" in out.stdout
 
 
+def test_env_report_names_each_gpu_link():
+    from glmkit.env import EnvReport, GpuLink, gpu_links, list_gpus
+
+    report = EnvReport("3.11", {"torch": "x"}, links=[GpuLink(0, 1, True, "PCIe, one switch"),
+                                                      GpuLink(0, 2, False, "PCIe, across CPU sockets")])
+    assert ["GPU 0 - GPU 1", "NVLink"] in report.rows()
+    assert ["GPU 0 - GPU 2", "PCIe, across CPU sockets"] in report.rows()
+    n = len(list_gpus()[0])
+    assert len(gpu_links()) == n * (n - 1) // 2  # one per pair; none (and no error) without a driver
+
+
+def test_peer_copy_needs_two_gpus():
+    import torch
+
+    from glmkit.bench import peer_copy_seconds
+
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(RuntimeError, match="needs two CUDA devices"):
+            peer_copy_seconds(8192)
+    else:
+        assert peer_copy_seconds(2**20) > 0
+
+
 def test_cli_make_tiny_writes_a_checkpoint(tmp_path):
     subprocess.run([sys.executable, "-m", "glmkit.cli", "make-tiny", str(tmp_path / "t")], check=True,
                    capture_output=True)
