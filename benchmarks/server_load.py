@@ -6,6 +6,7 @@ for a fixed time. Tokens are the server's ``usage.completion_tokens``.
 
     python benchmarks/server_load.py                                # tiny model, CPU
     python benchmarks/server_load.py --checkpoint /tmp/glm9b --name server_load_gpu
+    python benchmarks/server_load.py --checkpoint /tmp/glm9b --device-map 20,20 --name server_load_2gpu
 Writes benchmarks/results/NAME.json (and to $OUT).
 """
 
@@ -26,6 +27,7 @@ def main() -> None:
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--device-map", help="with --checkpoint: auto, or layers per GPU like 20,20 (as glmkit serve)")
     ap.add_argument("--name", default="server_load_cpu")
     args = ap.parse_args()
     import openai
@@ -51,7 +53,10 @@ def main() -> None:
         model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=0)
         path = "GLM-4-9B-Chat architecture, random weights (bf16)"
     else:
-        model = load_model(path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        from glmkit.cli import device_map_option
+
+        model = load_model(path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+                           device_map=device_map_option(args.device_map, str(path)))
     engine = Engine(model, load_tokenizer(None if args.random_9b else path), max_batch_size=max(args.clients),
                     max_context=1024)
     server = ServerThread(create_app(engine)).start()
@@ -91,8 +96,9 @@ def main() -> None:
         r["tokens_per_s_vs_1_client"] = r["tokens_per_s"] / base
     server.stop()
     engine.close()
-    save_result(args.name, {"model": str(path), "method": f"{args.seconds:.0f} s per level, max_tokens "
-                            f"{args.max_tokens}, temperature 0.8, openai client threads on loopback", "levels": rows})
+    save_result(args.name, {"model": str(path), "device_map": args.device_map,
+                            "method": f"{args.seconds:.0f} s per level, max_tokens {args.max_tokens}, temperature 0.8, "
+                                      "openai client threads on loopback", "levels": rows})
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
 DEVICE_MAP_HELP = "auto, balanced, sequential, cpu, cuda:0, or layers per GPU like 20,20"
 
 
-def _device_map_option(value: str | None, model_path: str) -> object:
+def device_map_option(value: str | None, model_path: str) -> object:
     """``--device-map``: a name accelerate/transformers know, or ``"20,20"`` (layers on GPUs 0, 1, ...)."""
     if not value or "," not in value:
         return value
@@ -85,7 +85,7 @@ def _command_model(args: argparse.Namespace) -> tuple[object, str]:
         return None, model_path
     if parallel.in_torchrun():
         return parallel.load_tp_model(model_path, args.dtype), model_path
-    device_map = _device_map_option(getattr(args, "device_map", None), model_path)
+    device_map = device_map_option(getattr(args, "device_map", None), model_path)
     return load_model(model_path, dtype=args.dtype, device_map=device_map), model_path
 
 
@@ -157,7 +157,7 @@ def _serve(args: argparse.Namespace) -> None:
 
     use_expandable_segments()
     model_path = args.model or str(default_model_path())
-    device_map = _device_map_option(args.device_map, model_path)
+    device_map = device_map_option(args.device_map, model_path)
     model = load_model(model_path, dtype=args.dtype, device_map=device_map, quantization=args.quantization)
     max_context = args.max_context or min(4096, int(getattr(model.config, "max_position_embeddings", 4096)))
     batch = args.max_batch_size or default_batch_size(model.config, max_context, quantization=args.quantization)
