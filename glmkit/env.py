@@ -137,12 +137,17 @@ def gpu_links() -> list[GpuLink]:
         for i, a in enumerate(handles):
             for j in range(i + 1, len(handles)):
                 b = handles[j]
-                nvlink = pynvml.nvmlDeviceGetP2PStatus(a, b, pynvml.NVML_P2P_CAPS_INDEX_NVLINK) == pynvml.NVML_P2P_STATUS_OK
-                level = pynvml.nvmlDeviceGetTopologyCommonAncestor(a, b)
-                links.append(GpuLink(i, j, nvlink, PCIE_PATHS.get(level, f"NVML topology level {level}")))
+                try:
+                    status = pynvml.nvmlDeviceGetP2PStatus(a, b, pynvml.NVML_P2P_CAPS_INDEX_NVLINK)
+                except pynvml.NVMLError:
+                    status = None
+                try:  # some boards and VMs answer "Not Supported"
+                    level = pynvml.nvmlDeviceGetTopologyCommonAncestor(a, b)
+                    path = PCIE_PATHS.get(level, f"NVML topology level {level}")
+                except pynvml.NVMLError as exc:
+                    path = f"unknown (NVML: {exc})"
+                links.append(GpuLink(i, j, status == pynvml.NVML_P2P_STATUS_OK, path))
         return links
-    except Exception:  # an NVML query this driver or board does not support
-        return []
     finally:
         pynvml.nvmlShutdown()
 
