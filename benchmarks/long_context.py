@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import time
 
-from glmkit.bench import ensure_random_checkpoint, save_result
+from glmkit.bench import ensure_random_checkpoint, save_result, try_generate
 
 SETUPS = {"bf16@24GiB": ("bf16", 24, 2048), "nf4@12GiB": ("nf4", 12, 256)}  # precision, GiB, prefill chunk
 
@@ -34,7 +33,6 @@ def main() -> None:
     import torch
     from transformers import AutoConfig, DynamicCache
 
-    from glmkit.generation import cache_argument, chunked_prefill
     from glmkit.planning import max_context
     from glmkit.quantization import PRECISIONS, load_precision
 
@@ -63,21 +61,11 @@ def main() -> None:
                 row = {"setup": setup, "mode": mode, "prompt_len": n,
                        "planner_max_context": predicted["plain" if mode == "plain" else "chunked"],
                        **({"chunk": chunk} if mode != "plain" else {})}
-                t0 = time.perf_counter()
-                try:
-                    with torch.inference_mode():
-                        kwargs, own = {}, None
-                        if mode != "plain":
-                            own = None if mode == "chunked" else DynamicCache(config=config)
-                            kwargs[cache_argument(model)] = chunked_prefill(model, ids, chunk, 4, cache=own)
-                        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
-                                       do_sample=False, **kwargs)
-                    row |= {"ok": True, "seconds": time.perf_counter() - t0}
-                except torch.OutOfMemoryError as exc:
-                    row |= {"ok": False, "oom": str(exc)[:420]}
+                own = DynamicCache(config=config) if mode == "chunked, DynamicCache" else None
+                row |= try_generate(model, ids, 4, chunk if mode != "plain" else None, cache=own)
                 row["peak_reserved"] = torch.cuda.max_memory_reserved()
                 row["peak_allocated"] = torch.cuda.max_memory_allocated()
-                del ids, own, kwargs  # the caches hold GBs: drop them before the next run
+                del ids, own  # the caches hold GBs: drop them before the next run
                 runs.append(row)
                 print(row, flush=True)
                 save_result("long_context", {"method": "allocator capped with set_per_process_memory_fraction; 4 new "

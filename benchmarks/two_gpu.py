@@ -18,7 +18,7 @@ import argparse
 import gc
 from typing import Any
 
-from glmkit.bench import ensure_random_checkpoint, save_result
+from glmkit.bench import ensure_random_checkpoint, save_result, try_generate
 
 CARD = 12 * 2**30
 CARDS = [CARD, CARD]
@@ -37,7 +37,6 @@ def main() -> None:
     from transformers import AutoConfig
 
     from glmkit.device_map import DeviceMapError, kv_aware_device_map, split_layers
-    from glmkit.generation import cache_argument, chunked_prefill
     from glmkit.loading import load_model
     from glmkit.planning import max_context, plan_memory
 
@@ -55,9 +54,7 @@ def main() -> None:
 
     def load(device_map: Any) -> torch.nn.Module:
         gc.collect()
-        for i in (0, 1):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(i)
+        torch.cuda.empty_cache()
         if device_map == "auto":
             return load_model(args.checkpoint, dtype=torch.bfloat16, device_map="auto", max_memory=MAX_MEMORY)
         return load_model(args.checkpoint, dtype=torch.bfloat16, device_map=device_map)
@@ -66,15 +63,7 @@ def main() -> None:
         for i in (0, 1):
             torch.cuda.reset_peak_memory_stats(i)
         ids = torch.randint(0, 1000, (1, prompt_len), device="cuda:0")
-        try:
-            with torch.inference_mode():
-                kwargs = {cache_argument(model): chunked_prefill(model, ids, chunk, new_tokens)} if chunk else {}
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, **kwargs)
-            row: dict[str, Any] = {"ok": True}
-        except torch.OutOfMemoryError as exc:
-            row = {"ok": False, "oom": str(exc)[:300]}
-        del ids
+        row = try_generate(model, ids, new_tokens, chunk)
         return row | {"peak_reserved": [torch.cuda.max_memory_reserved(i) for i in (0, 1)]}
 
     # 1. the maps of notebooks 02 and 03 at an 8K context
