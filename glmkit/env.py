@@ -20,7 +20,7 @@ from pathlib import Path
 
 from glmkit.tables import gib, html_table, text_table
 
-PACKAGES = ("torch", "transformers", "accelerate", "bitsandbytes", "nvidia-ml-py", "ipywidgets")
+PACKAGES = ("torch", "triton", "transformers", "accelerate", "bitsandbytes", "nvidia-ml-py", "ipywidgets")
 
 
 @dataclass

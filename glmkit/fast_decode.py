@@ -25,6 +25,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from glmkit.gemv import gemv as triton_gemv
+from glmkit.gemv import gemv_swiglu, triton_available
+
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
 
 
@@ -48,13 +51,23 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gemv: bool) -> torch.Tensor:
-    """``F.linear``, or (``gemv``, one token, compiled) a multiply-and-sum that inductor turns into one reduction
-    kernel reading the weight once, with no split-K reduce kernel; measured, not reliably faster than cuBLAS."""
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gemv: bool | str) -> torch.Tensor:
+    """``F.linear`` (cuBLAS); with ``gemv="triton"`` glmkit's Triton kernel for one token (``glmkit.gemv``); with
+    ``gemv=True`` (one token, compiled) a multiply-and-sum that inductor turns into one reduction kernel."""
+    if gemv == "triton":
+        return triton_gemv(x, weight, bias)
     if not gemv:
         return F.linear(x, weight, bias)
     y = (weight.float() * x.float()[..., None, :]).sum(-1)
     return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def _mlp_activation(h: torch.Tensor, wgu: torch.Tensor, gemv: bool | str) -> torch.Tensor:
+    """``up * silu(gate)`` of the fused gate/up projection; the Triton kernel applies it before it writes."""
+    if gemv == "triton":
+        return gemv_swiglu(h, wgu)
+    gate, up = _linear(h, wgu, None, gemv).chunk(2, dim=-1)
+    return up * F.silu(gate)
 
 
 def _attention_reduction(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -73,7 +86,7 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
                   sin: torch.Tensor, mask: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
                   wo: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, next_norm: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float, heads: int, kv_heads: int, head_dim: int,
-                  gemv: bool = False, sdpa: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  gemv: bool | str = False, sdpa: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """One GLM decoder layer for one new token per sequence, writing its K/V at ``pos`` in the static cache.
 
     x: the residual stream [b, 1, hidden]; h: ``x`` already normalised by this layer's input norm; returns the new
@@ -95,8 +108,7 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
         attn = _attention_reduction(q, k_cache, v_cache, mask)
     x = x + _linear(attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, None, gemv)
     h = _rms_norm(x, ln2, eps)
-    gate, up = _linear(h, wgu, None, gemv).chunk(2, dim=-1)
-    x = x + _linear(up * F.silu(gate), wd, None, gemv)
+    x = x + _linear(_mlp_activation(h, wgu, gemv), wd, None, gemv)
     return x, _rms_norm(x, next_norm, eps)
 
 
@@ -109,8 +121,10 @@ class FastDecoder:
         batch_size: sequences decoded together (prompts of equal length).
         cuda_graph: capture the step as one CUDA graph (default: on a GPU).
         compile: ``torch.compile`` the layer function (default: on a GPU); fuses norms, RoPE and SiLU.
-        gemv: compute each projection as a multiply-and-sum that the compiler turns into one reduction kernel
-            instead of a cuBLAS call (off by default: -11% to +3.5% against cuBLAS on H100s, run to run).
+        gemv: how each projection is computed. ``False``: cuBLAS (``F.linear``). ``"triton"``: glmkit's kernels for
+            one token (``glmkit.gemv``: one pass over each weight, no split-K, SwiGLU applied before the write;
+            batch 1 only, needs Triton). ``True``: a multiply-and-sum that the compiler turns into one reduction
+            kernel (-11% to +3.5% against cuBLAS on H100s, run to run).
         compile_options: extra ``torch.compile`` arguments, e.g. ``{"mode": "max-autotune-no-cudagraphs"}`` (the
             decoder captures its own graph). On H100s max-autotune was -0.7% to +3.4% against the default, run to run
             (benchmarks/results/decode_variants.json, decode.json), and autotuning added 11-18 s to building a decoder, so the
@@ -121,11 +135,19 @@ class FastDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
-                 cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool = False,
+                 cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool | str = False,
                  compile_options: dict[str, Any] | None = None, attention: str = "sdpa") -> None:
         self._check(model)
         if attention not in ("sdpa", "reduction"):
             raise ValueError(f"attention must be 'sdpa' or 'reduction', not {attention!r}.")
+        if gemv not in (False, True, "triton"):
+            raise ValueError(f"gemv must be False (cuBLAS), True (compiled reductions) or 'triton', not {gemv!r}.")
+        if gemv == "triton" and batch_size != 1:
+            raise ValueError(f"gemv='triton' decodes one sequence (batch_size=1), got batch_size={batch_size}; "
+                             "at larger batches cuBLAS (gemv=False) is the fast path.")
+        if gemv == "triton" and not triton_available():
+            raise RuntimeError("gemv='triton' needs Triton and a GPU (or TRITON_INTERPRET=1 on a CPU); "
+                               "use gemv=False for cuBLAS.")
         self.sdpa = attention == "sdpa"
         cfg = model.config
         self.model = model
@@ -203,7 +225,10 @@ class FastDecoder:
             x, h = self.layer_fn(x, h, self.pos, self.batch_index, cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
                                  next_norm, self.k_cache[i], self.v_cache[i], self.eps, self.heads, self.kv_heads,
                                  self.head_dim, self.gemv, self.sdpa)
-        self.logits.copy_(m.lm_head(h)[:, -1].float())  # h: the last layer's output after the final norm
+        # h: the last layer's output after the final norm; lm_head runs outside the compiled layer, so the
+        # reduction form (a [vocab, hidden] fp32 temporary if run eagerly) is not used for it
+        head = "triton" if self.gemv == "triton" else False
+        self.logits.copy_(_linear(h, m.lm_head.weight, m.lm_head.bias, head)[:, -1].float())
 
     def _capture(self) -> None:
         stream = torch.cuda.Stream()

@@ -1,0 +1,145 @@
+"""Matrix-vector products for one decode token, as Triton kernels that read each weight once at full speed.
+
+At batch 1 a decode step is ``weight @ vector`` for every projection: all time goes into reading the weights.
+cuBLAS' kernels for these shapes read an H100's memory at 2.4-2.9 TB/s and, for ``o_proj`` and ``down_proj``, split
+the sum into pieces that a second kernel adds up. These kernels give each program a few whole rows and sum them in
+fp32 in one pass. ``gemv_swiglu`` also applies GLM's MLP activation (``up * silu(gate)``) before it writes, so the
+gate/up product never leaves the kernel. ``FastDecoder(gemv="triton")`` uses them at batch 1.
+
+They need Triton (bundled with PyTorch's CUDA builds). On a CPU they run only in Triton's interpreter
+(``TRITON_INTERPRET=1`` set before the first import of triton), which is how the tests check them.
+
+>>> import os, torch
+>>> if triton_available():  # a GPU, or TRITON_INTERPRET=1 on a CPU
+...     device = "cuda" if torch.cuda.is_available() else "cpu"
+...     w, x = torch.randn(256, 512, device=device), torch.randn(1, 1, 512, device=device)
+...     assert torch.allclose(gemv(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the kernels are then unavailable; triton_available() says so
+    triton = None
+
+
+def triton_available() -> bool:
+    """True where these kernels can run: Triton with a GPU, or Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
+    if triton is None or importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Block shape of one kernel launch: ``block_n`` rows per program, ``block_k`` columns per loop step."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+# Tuned on an H100 for GLM-4-9B-Chat's projections at batch 1 (benchmarks/gemv_tune.py): (n, k) -> launch shape.
+# n of gate_up is the rows of one half (the kernel reads gate and up rows together).
+TUNED: dict[tuple[int, int], GemvConfig] = {}
+
+
+def pick_config(n: int, k: int) -> GemvConfig:
+    """The launch shape for an ``[n, k]`` weight: the tuned one for GLM-4-9B's shapes, else a rule of thumb.
+
+    On Triton's CPU interpreter every program is a Python loop, so there it takes few, large programs.
+
+    >>> pick_config(1000, 300)
+    GemvConfig(block_n=..., block_k=..., num_warps=4)
+    """
+    if (n, k) in TUNED:
+        return TUNED[(n, k)]
+    block_k = min(512, triton.next_power_of_2(k)) if triton is not None else 512
+    if not torch.cuda.is_available():
+        return GemvConfig(block_n=64, block_k=block_k, num_warps=4)
+    return GemvConfig(block_n=8, block_k=block_k, num_warps=4)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, K_FULL, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+        # y[n] = sum_k w[n, k] x[k] for BLOCK_N rows; with SWIGLU the weight has 2N rows (gate, then up) and
+        # y[n] = up[n] * silu(gate[n]), each rounded to y's dtype as PyTorch would round them
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = tl.arange(0, BLOCK_K)
+        row_ok = rows < N
+        w_rows = w_ptr + rows[:, None] * K
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K_FULL, BLOCK_K):  # K_FULL: K rounded down to whole blocks
+            x = tl.load(x_ptr + k0 + cols).to(tl.float32)[None, :]
+            if EVEN_N:
+                acc += tl.load(w_rows + k0 + cols[None, :]).to(tl.float32) * x
+                if SWIGLU:
+                    acc_up += tl.load(w_rows + N * K + k0 + cols[None, :]).to(tl.float32) * x
+            else:
+                acc += tl.load(w_rows + k0 + cols[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32) * x
+                if SWIGLU:
+                    acc_up += tl.load(w_rows + N * K + k0 + cols[None, :], mask=row_ok[:, None],
+                                      other=0.0).to(tl.float32) * x
+        if not EVEN_K:  # the last, partial block of columns
+            c = K_FULL + cols
+            ok = row_ok[:, None] & (c < K)[None, :]
+            x = tl.load(x_ptr + c, mask=c < K, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(w_rows + c[None, :], mask=ok, other=0.0).to(tl.float32) * x
+            if SWIGLU:
+                acc_up += tl.load(w_rows + N * K + c[None, :], mask=ok, other=0.0).to(tl.float32) * x
+        out_dtype = y_ptr.dtype.element_ty
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if SWIGLU:
+            gate = y.to(out_dtype).to(tl.float32)
+            up = tl.sum(acc_up, axis=1).to(out_dtype).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
+            y = up * silu
+        tl.store(y_ptr + rows, y.to(out_dtype), mask=row_ok)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
+            config: GemvConfig | None) -> torch.Tensor:
+    if triton is None:
+        raise RuntimeError("glmkit.gemv needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
+    k = weight.shape[1]
+    if x.shape[-1] != k or x.numel() != k:
+        raise ValueError(f"gemv multiplies one vector of {k} values (batch 1, one token), got a tensor of shape "
+                         f"{tuple(x.shape)}; use F.linear for more rows.")
+    if not weight.is_contiguous() or weight.numel() >= 2**31:
+        raise ValueError("gemv needs a contiguous weight of fewer than 2**31 elements.")
+    n = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    cfg = config or pick_config(n, k)
+    grid = (triton.cdiv(n, cfg.block_n),)
+    _gemv_kernel[grid](x.contiguous(), weight, bias if bias is not None else weight, y, n, k, k - k % cfg.block_k,
+                       HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                       EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps)
+    return y
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         config: GemvConfig | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for one token: x holds one vector ``[..., k]``, weight is ``[n, k]``.
+    ``config`` overrides the launch shape (default: ``pick_config``)."""
+    return _launch(x, weight, bias, swiglu=False, config=config)
+
+
+def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
+    """GLM's MLP activation of one token: ``up * silu(gate)`` where ``gate, up = F.linear(x, weight).chunk(2, -1)``."""
+    if weight.shape[0] % 2:
+        raise ValueError(f"gemv_swiglu needs a gate/up weight with an even number of rows, got {weight.shape[0]}.")
+    return _launch(x, weight, None, swiglu=True, config=config)
