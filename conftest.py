@@ -1,4 +1,4 @@
-"""Test-session setup: keep Jupyter/IPython state and glmkit's cache out of ~, and CPU output stable."""
+"""Test-session setup: keep Jupyter/IPython state and glmkit's cache out of ~, CPU output stable, Triton on the CPU."""
 
 import os
 import tempfile
@@ -10,3 +10,9 @@ os.environ.setdefault("GLMKIT_CACHE", os.path.join(_root, "cache"))
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("GLMKIT_MODEL", None)
+
+# Without a GPU, glmkit's Triton kernels (glmkit.gemv) run in Triton's CPU interpreter, so the tests check the same
+# kernel code a GPU runs. Triton reads TRITON_INTERPRET when a kernel is defined: set it before glmkit is imported.
+# (Checked without importing torch, which would initialise CUDA in the test process.)
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, ensure_random_checkpoint, save_result
-from glmkit.gemv import TUNED, GemvConfig, gemv, gemv_swiglu
+from glmkit.bench import environment_record as result_environment
+from glmkit.gemv import TUNED, TUNED_TABLE, GemvConfig, gemv, gemv_swiglu
 
 
 def projections() -> dict[str, tuple[int, int, bool, bool]]:
@@ -39,7 +42,7 @@ def projections() -> dict[str, tuple[int, int, bool, bool]]:
 def configs(swiglu: bool) -> list[GemvConfig]:
     """Launch shapes to try: at most 64 fp32 partial sums per thread (32 per accumulator with SwiGLU's two)."""
     out = []
-    for bn, bk, warps in itertools.product((2, 4, 8, 16, 32), (256, 512, 1024, 2048), (4, 8)):
+    for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (2, 4, 8)):
         per_thread = bn * bk // (warps * 32) * (2 if swiglu else 1)
         if 8 <= per_thread <= 64:
             out.append(GemvConfig(bn, bk, warps))
@@ -124,12 +127,20 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--write-table", nargs="?", const=str(TUNED_TABLE), default=None,
+                    help=f"write the best shapes where glmkit.gemv reads them (default {TUNED_TABLE})")
     args = ap.parse_args()
     result: dict = {"copy_bandwidth_bytes_s": copy_bandwidth(), "projections": []}
     for name, (n, k, bias, swiglu) in projections().items():
         result["projections"].append(tune_one(name, n, k, bias, swiglu))
         save_result("gemv_tune", result)
     result["tuned"] = {f"{n},{k}": cfg.__dict__ for (n, k), cfg in TUNED.items()}
+    if args.write_table:
+        env = result_environment()
+        table = {"tuned_on": env["device"], "source": "benchmarks/gemv_tune.py (benchmarks/results/gemv_tune.json)",
+                 "date": env["date"], "configs": [{"rows": n, "columns": k, **cfg.__dict__}
+                                                  for (n, k), cfg in TUNED.items()]}
+        Path(args.write_table).write_text(json.dumps(table, indent=1) + "\n")
     if args.skip_decode:
         return
     from glmkit.fast_decode import FastDecoder
@@ -140,7 +151,7 @@ def main() -> None:
     result["roofline_tok_s"] = result["copy_bandwidth_bytes_s"] / bytes_read_per_token(model)
     result["decode"] = []
     ids = torch.randint(0, 1000, (1, 32), device="cuda")
-    tokens = {}
+    tokens, logits = {}, {}
     for label, gemv_option in (("cublas", False), ("triton", "triton"), ("cublas again", False)):
         t0 = time.perf_counter()
         decoder = FastDecoder(model, max_len=32 + args.new_tokens, gemv=gemv_option)
@@ -148,6 +159,8 @@ def main() -> None:
         setup = time.perf_counter() - t0
         runs = [decoder.tokens_per_second(32, args.new_tokens)["decode_tok_s"] for _ in range(3)]
         tokens[label] = decoder.generate(ids, 64, ignore_eos=True)[0, 32:].tolist()
+        decoder.prefill(ids)
+        logits[label] = decoder.decode_step(ids[:, -1], 32).clone()  # the same token and cache for every decoder
         row = {"variant": label, "gemv": gemv_option, "compile_and_capture_s": setup, "decode_tok_s": runs,
                "fraction_of_roofline": max(runs) / result["roofline_tok_s"]}
         result["decode"].append(row)
@@ -156,6 +169,9 @@ def main() -> None:
         torch.cuda.empty_cache()
     same = sum(a == b for a, b in zip(tokens["cublas"], tokens["triton"]))
     result["greedy_tokens_equal_to_cublas_of_64"] = same
+    for label in ("triton", "cublas again"):
+        a, b = logits[label].double(), logits["cublas"].double()
+        result[f"decode_logits_rel_diff_{label.replace(' ', '_')}_vs_cublas"] = ((a - b).norm() / b.norm()).item()
     save_result("gemv_tune", {"method": "bf16, batch 1; kernels: median of 5 timings of 20 replays of a CUDA graph "
                                         "over ~1 GiB of weight copies; decode: 32-token prompt, "
                                         f"{args.new_tokens} new tokens, 3 runs per decoder", **result})

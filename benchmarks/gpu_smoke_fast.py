@@ -32,3 +32,14 @@ for opts, chunk in (({"cuda_graph": False, "compile": False}, None), ({"cuda_gra
         print(opts, "chunk", chunk, "identical:", same_until_eos(out, ref), "prefill logits max diff", diff, flush=True)
     except Exception as exc:
         print(opts, "FAILED", type(exc).__name__, str(exc)[:500], flush=True)
+
+# glmkit's Triton GEMVs (batch 1, bf16 and fp32): the same greedy tokens as generate() on the trained tiny model
+trained = load_model(dtype=torch.bfloat16, device_map="cuda:0")
+prompt = ids[:1, :8]
+for dtype in (torch.bfloat16, torch.float32):
+    m = trained.to(dtype)
+    want = m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, min_new_tokens=24,
+                      do_sample=False)
+    for compile_layer in (False, True):
+        got = FastDecoder(m, max_len=40, gemv="triton", compile=compile_layer).generate(prompt, 24, ignore_eos=True)
+        print("triton", dtype, "compiled" if compile_layer else "eager", "identical:", torch.equal(got, want), flush=True)

@@ -1,5 +1,5 @@
 """Where the time of one decode step goes: torch.profiler over GLM-4-9B-Chat (random weights, bf16) for the
-glmkit fast path (eager layer; compiled layer with cuBLAS or reduction GEMVs; the latter replayed as a CUDA
+glmkit fast path (eager layer; compiled layer with cuBLAS or with glmkit's Triton GEMVs; the latter replayed as a CUDA
 graph) and for one plain forward with a dynamic cache.
 
     python benchmarks/profile_step.py --checkpoint /tmp/glm9b
@@ -59,8 +59,8 @@ def main() -> None:
     out = {}
     for label, opts in (("fast, eager layer", {"compile": False, "cuda_graph": False, "gemv": False}),
                         ("fast, compiled layer", {"compile": True, "cuda_graph": False, "gemv": False}),
-                        ("fast, compiled layer, reduction GEMV", {"compile": True, "cuda_graph": False, "gemv": True}),
-                        ("fast, compiled layer, reduction GEMV, CUDA graph", {"gemv": True})):
+                        ("fast, compiled layer, Triton GEMV", {"compile": True, "cuda_graph": False, "gemv": "triton"}),
+                        ("fast, compiled layer, Triton GEMV, CUDA graph", {"gemv": "triton"})):
         dec = FastDecoder(model, max_len=64, **opts)
         dec.prefill(ids)
         token = torch.tensor([1], device="cuda")

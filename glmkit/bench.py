@@ -441,6 +441,8 @@ def plot_decode(result: dict[str, Any]) -> Any:
 
 def _path_label(row: dict[str, Any]) -> str:
     options = row.get("fast_options") or {}
+    if options.get("gemv") is False:
+        return f"{row['path']}\n(cuBLAS)"
     mode = options.get("compile_options", {}).get("mode")
     if mode:
         return f"{row['path']}\n({mode.split('-no-')[0]})"

@@ -121,10 +121,11 @@ class FastDecoder:
         batch_size: sequences decoded together (prompts of equal length).
         cuda_graph: capture the step as one CUDA graph (default: on a GPU).
         compile: ``torch.compile`` the layer function (default: on a GPU); fuses norms, RoPE and SiLU.
-        gemv: how each projection is computed. ``False``: cuBLAS (``F.linear``). ``"triton"``: glmkit's kernels for
-            one token (``glmkit.gemv``: one pass over each weight, no split-K, SwiGLU applied before the write;
-            batch 1 only, needs Triton). ``True``: a multiply-and-sum that the compiler turns into one reduction
-            kernel (-11% to +3.5% against cuBLAS on H100s, run to run).
+        gemv: how each projection is computed. ``"auto"`` (default): ``"triton"`` at batch 1 on a GPU with Triton,
+            else cuBLAS. ``"triton"``: glmkit's kernels for one token (``glmkit.gemv``: one pass over each weight,
+            no split-K, SwiGLU applied before the write; batch 1 only); on an H100 they decode GLM-4-9B 12% faster
+            than cuBLAS (benchmarks/results/gemv_tune.json). ``False``: cuBLAS (``F.linear``). ``True``: a
+            multiply-and-sum that the compiler turns into one reduction kernel (-11% to +3.5% against cuBLAS).
         compile_options: extra ``torch.compile`` arguments, e.g. ``{"mode": "max-autotune-no-cudagraphs"}`` (the
             decoder captures its own graph). On H100s max-autotune was -0.7% to +3.4% against the default, run to run
             (benchmarks/results/decode_variants.json, decode.json), and autotuning added 11-18 s to building a decoder, so the
@@ -135,13 +136,16 @@ class FastDecoder:
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
-                 cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool | str = False,
+                 cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool | str = "auto",
                  compile_options: dict[str, Any] | None = None, attention: str = "sdpa") -> None:
         self._check(model)
         if attention not in ("sdpa", "reduction"):
             raise ValueError(f"attention must be 'sdpa' or 'reduction', not {attention!r}.")
-        if gemv not in (False, True, "triton"):
-            raise ValueError(f"gemv must be False (cuBLAS), True (compiled reductions) or 'triton', not {gemv!r}.")
+        if gemv not in ("auto", False, True, "triton"):
+            raise ValueError(f"gemv must be 'auto', 'triton', False (cuBLAS) or True (compiled reductions), not {gemv!r}.")
+        device = model.get_input_embeddings().weight.device
+        if gemv == "auto":
+            gemv = "triton" if device.type == "cuda" and batch_size == 1 and triton_available() else False
         if gemv == "triton" and batch_size != 1:
             raise ValueError(f"gemv='triton' decodes one sequence (batch_size=1), got batch_size={batch_size}; "
                              "at larger batches cuBLAS (gemv=False) is the fast path.")
@@ -151,7 +155,7 @@ class FastDecoder:
         self.sdpa = attention == "sdpa"
         cfg = model.config
         self.model = model
-        self.device = model.get_input_embeddings().weight.device
+        self.device = device
         self.dtype = model.get_input_embeddings().weight.dtype
         on_gpu = self.device.type == "cuda"
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph

@@ -19,8 +19,10 @@ They need Triton (bundled with PyTorch's CUDA builds). On a CPU they run only in
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -47,9 +49,21 @@ class GemvConfig:
     num_warps: int
 
 
-# Tuned on an H100 for GLM-4-9B-Chat's projections at batch 1 (benchmarks/gemv_tune.py): (n, k) -> launch shape.
-# n of gate_up is the rows of one half (the kernel reads gate and up rows together).
-TUNED: dict[tuple[int, int], GemvConfig] = {}
+TUNED_TABLE = Path(__file__).parent / "assets" / "gemv_tuned.json"
+
+
+def load_tuned(path: str | Path = TUNED_TABLE) -> dict[tuple[int, int], GemvConfig]:
+    """The launch shapes ``benchmarks/gemv_tune.py`` found fastest for GLM-4-9B-Chat's projections on an H100:
+    (rows, columns) -> config; for gate_up the rows of one half (the kernel reads gate and up rows together).
+
+    >>> load_tuned()[(4096, 13696)]  # down_proj
+    GemvConfig(block_n=..., block_k=..., num_warps=...)
+    """
+    table = json.loads(Path(path).read_text())
+    return {(c["rows"], c["columns"]): GemvConfig(c["block_n"], c["block_k"], c["num_warps"]) for c in table["configs"]}
+
+
+TUNED = load_tuned()
 
 
 def pick_config(n: int, k: int) -> GemvConfig:

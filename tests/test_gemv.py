@@ -1,0 +1,94 @@
+"""glmkit's Triton GEMV kernels, run in Triton's CPU interpreter here (see the root conftest.py) and on a GPU there."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glmkit.fast_decode import FastDecoder
+from glmkit.gemv import GemvConfig, gemv, gemv_swiglu, load_tuned, pick_config, triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton (pip install triton)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# launch shapes that divide the weight evenly, leave a partial block of rows, of columns, or both
+CONFIGS = [GemvConfig(16, 64, 4), GemvConfig(8, 128, 4), GemvConfig(32, 256, 4), GemvConfig(64, 32, 2)]
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("n, k", [(256, 512), (100, 300), (48, 640)])
+def test_gemv_equals_linear_in_float32(config, n, k):
+    w, x, b = _rand(n, k), _rand(1, 1, k, seed=1), _rand(n, seed=2)
+    y = gemv(x, w, b, config=config)
+    assert y.shape == (1, 1, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+
+
+def test_gemv_in_bfloat16_is_as_close_to_float64_as_linear():
+    w, x = _rand(512, 640, dtype=torch.bfloat16), _rand(1, 1, 640, dtype=torch.bfloat16, seed=1)
+    ref = F.linear(x.double(), w.double())
+    ours, theirs = gemv(x, w).double(), F.linear(x, w).double()
+    assert gemv(x, w).dtype == torch.bfloat16
+    # one bf16 rounding of an fp32 sum: relative error about 2**-9
+    assert ((ours - ref).norm() / ref.norm()).item() < 4e-3
+    assert ((ours - ref).norm() / ref.norm()).item() < 2 * ((theirs - ref).norm() / ref.norm()).item() + 1e-3
+
+
+@pytest.mark.parametrize("config", CONFIGS[:2], ids=str)
+def test_gemv_swiglu_equals_up_times_silu_gate(config):
+    w, x = _rand(2 * 120, 320), _rand(1, 1, 320, seed=1)
+    gate, up = F.linear(x, w).chunk(2, dim=-1)
+    torch.testing.assert_close(gemv_swiglu(x, w, config=config), up * F.silu(gate), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_inputs_name_the_problem():
+    w = _rand(64, 128)
+    with pytest.raises(ValueError, match="one vector"):
+        gemv(_rand(2, 1, 128), w)  # two tokens
+    with pytest.raises(ValueError, match="one vector"):
+        gemv(_rand(1, 1, 96), w)  # wrong width
+    with pytest.raises(ValueError, match="even number of rows"):
+        gemv_swiglu(_rand(1, 1, 128), _rand(63, 128))
+    with pytest.raises(ValueError, match="contiguous"):
+        gemv(_rand(1, 1, 64), w.T)
+
+
+def test_tuned_table_covers_glm4_9b_and_every_shape_is_valid():
+    from transformers import GlmConfig
+
+    c = GlmConfig()
+    tuned = load_tuned()
+    shapes = {(c.hidden_size, c.intermediate_size), (c.intermediate_size, c.hidden_size),
+              (c.vocab_size, c.hidden_size), (c.hidden_size, c.hidden_size)}
+    assert shapes <= set(tuned)
+    for (n, k), cfg in tuned.items():
+        assert pick_config(n, k) == cfg
+        # powers of two (Triton's block sizes must be) and at most 64 fp32 partial sums per thread
+        assert all(v & (v - 1) == 0 for v in (cfg.block_n, cfg.block_k, cfg.num_warps))
+        assert cfg.block_n * cfg.block_k <= 64 * 32 * cfg.num_warps
+
+
+@pytest.fixture(scope="module")
+def model(tiny_path):
+    from glmkit.loading import load_model
+
+    return load_model(tiny_path, dtype=torch.float32, device_map=DEVICE)
+
+
+def test_fast_decoder_with_triton_gemv_gives_generates_greedy_tokens(model):
+    ids = torch.randint(0, 800, (1, 7), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    fast = FastDecoder(model, max_len=16, gemv="triton", compile=False, cuda_graph=False)
+    got = fast.generate(ids, max_new_tokens=5, ignore_eos=True)
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_fast_decoder_gemv_choices(model):
+    assert FastDecoder(model, max_len=16).gemv == ("triton" if DEVICE == "cuda" else False)  # auto
+    assert FastDecoder(model, max_len=16, batch_size=2).gemv is False  # auto: cuBLAS beyond batch 1
+    with pytest.raises(ValueError, match="batch_size=1"):
+        FastDecoder(model, max_len=16, batch_size=2, gemv="triton")
+    with pytest.raises(ValueError, match="gemv must be"):
+        FastDecoder(model, max_len=16, gemv="cutlass")
