@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The one-GPU measurement session: builds the random GLM-4-9B checkpoint once, then runs each script in
 # its own process. Usage (on the GPU machine, from the repo root): bash benchmarks/run_1gpu.sh
+# e.g. SCRIPTS="gemv_tune decode profile_step gemv_accuracy" ARGS= bash benchmarks/run_1gpu.sh (gemv_tune.py --write-table
+# rewrites glmkit/assets/gemv_tuned.json for the card it runs on)
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 CKPT=${CKPT:-/tmp/glm9b}

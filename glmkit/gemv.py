@@ -1,10 +1,12 @@
 """Matrix-vector products for one decode token, as Triton kernels that read each weight once at full speed.
 
 At batch 1 a decode step is ``weight @ vector`` for every projection: all time goes into reading the weights.
-cuBLAS' kernels for these shapes read an H100's memory at 2.4-2.9 TB/s and, for ``o_proj`` and ``down_proj``, split
-the sum into pieces that a second kernel adds up. These kernels give each program a few whole rows and sum them in
-fp32 in one pass. ``gemv_swiglu`` also applies GLM's MLP activation (``up * silu(gate)``) before it writes, so the
-gate/up product never leaves the kernel. ``FastDecoder(gemv="triton")`` uses them at batch 1.
+cuBLAS' kernels for these shapes read an H100's memory at 2.0-2.9 TB/s and, for ``o_proj`` and ``down_proj``, split
+the sum into pieces that a second kernel adds up. These kernels give each program one to four whole rows and sum
+them in fp32 in one pass: 2.6-3.2 TB/s on the same H100, and GLM-4-9B decodes at 150 instead of 134 tok/s
+(``benchmarks/results/gemv_tune.json``, ``decode.json``). ``gemv_swiglu`` also applies GLM's MLP activation
+(``up * silu(gate)``) before it writes, so the gate/up product never leaves the kernel. ``FastDecoder`` uses them
+at batch 1 on a GPU (``gemv="auto"``, the default).
 
 They need Triton (bundled with PyTorch's CUDA builds). On a CPU they run only in Triton's interpreter
 (``TRITON_INTERPRET=1`` set before the first import of triton), which is how the tests check them.

@@ -32,7 +32,7 @@ def test_save_and_load_results_round_trip(tmp_path):
 
 def test_committed_gpu_results_name_their_device_and_versions():
     for name in ("planner_accuracy", "planner_validation", "quantization_9b", "decode", "long_context", "monitor_check",
-                 "oom_12gib", "profile_step"):
+                 "oom_12gib", "profile_step", "gemv_tune", "gemv_accuracy"):
         data = load_results(name)
         assert data is not None, name
         assert "H100" in data["environment"]["device"] and data["environment"]["versions"]["torch"]
