@@ -11,7 +11,7 @@ at batch 1 on a GPU (``gemv="auto"``, the default).
 They need Triton (bundled with PyTorch's CUDA builds). On a CPU they run only in Triton's interpreter
 (``TRITON_INTERPRET=1`` set before the first import of triton), which is how the tests check them.
 
->>> import os, torch
+>>> import torch
 >>> if triton_available():  # a GPU, or TRITON_INTERPRET=1 on a CPU
 ...     device = "cuda" if torch.cuda.is_available() else "cpu"
 ...     w, x = torch.randn(256, 512, device=device), torch.randn(1, 1, 512, device=device)
@@ -20,7 +20,6 @@ They need Triton (bundled with PyTorch's CUDA builds). On a CPU they run only in
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from dataclasses import dataclass
@@ -33,13 +32,12 @@ try:
     import triton.language as tl
 except ImportError:  # the kernels are then unavailable; triton_available() says so
     triton = None
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton reads it when a kernel is defined
 
 
 def triton_available() -> bool:
     """True where these kernels can run: Triton with a GPU, or Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    if triton is None or importlib.util.find_spec("triton") is None:
-        return False
-    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+    return triton is not None and (torch.cuda.is_available() or INTERPRETER)
 
 
 @dataclass(frozen=True)
@@ -131,6 +129,12 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sw
             config: GemvConfig | None) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("glmkit.gemv needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
+    if not (weight.is_cuda or INTERPRETER):
+        raise ValueError("gemv runs on a GPU (or in Triton's CPU interpreter, TRITON_INTERPRET=1); this weight is on "
+                         f"{weight.device}: use F.linear there.")
+    if x.device != weight.device or x.dtype != weight.dtype:
+        raise ValueError(f"gemv needs x and weight on one device in one dtype, got {x.device}/{x.dtype} and "
+                         f"{weight.device}/{weight.dtype}.")
     k = weight.shape[1]
     if x.shape[-1] != k or x.numel() != k:
         raise ValueError(f"gemv multiplies one vector of {k} values (batch 1, one token), got a tensor of shape "

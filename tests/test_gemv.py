@@ -53,6 +53,8 @@ def test_bad_inputs_name_the_problem():
         gemv_swiglu(_rand(1, 1, 128), _rand(63, 128))
     with pytest.raises(ValueError, match="contiguous"):
         gemv(_rand(1, 1, 64), w.T)
+    with pytest.raises(ValueError, match="one dtype"):
+        gemv(_rand(1, 1, 128, dtype=torch.bfloat16), w)
 
 
 def test_tuned_table_covers_glm4_9b_and_every_shape_is_valid():
@@ -92,3 +94,11 @@ def test_fast_decoder_gemv_choices(model):
         FastDecoder(model, max_len=16, batch_size=2, gemv="triton")
     with pytest.raises(ValueError, match="gemv must be"):
         FastDecoder(model, max_len=16, gemv="cutlass")
+
+
+def test_a_cpu_weight_without_the_interpreter_is_refused(monkeypatch):
+    import glmkit.gemv
+
+    monkeypatch.setattr(glmkit.gemv, "INTERPRETER", False)
+    with pytest.raises(ValueError, match="runs on a GPU"):
+        gemv(torch.randn(1, 1, 8), torch.randn(4, 8))
