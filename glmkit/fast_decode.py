@@ -19,6 +19,7 @@ True
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -68,6 +69,18 @@ def _mlp_activation(h: torch.Tensor, wgu: torch.Tensor, gemv: bool | str) -> tor
         return gemv_swiglu(h, wgu)
     gate, up = _linear(h, wgu, None, gemv).chunk(2, dim=-1)
     return up * F.silu(gate)
+
+
+def auto_gemv(device: torch.device, batch_size: int) -> str | bool:
+    """What ``gemv="auto"`` picks: ``"triton"`` at batch 1 on a GPU of compute capability 8.0 or newer (Ampere and
+    later, where bf16 is native) with Triton installed; otherwise ``False`` (cuBLAS).
+
+    >>> auto_gemv(torch.device("cpu"), 1)
+    False
+    """
+    if device.type != "cuda" or batch_size != 1 or not triton_available():
+        return False
+    return "triton" if torch.cuda.get_device_capability(device) >= (8, 0) else False
 
 
 def _attention_reduction(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -121,8 +134,9 @@ class FastDecoder:
         batch_size: sequences decoded together (prompts of equal length).
         cuda_graph: capture the step as one CUDA graph (default: on a GPU).
         compile: ``torch.compile`` the layer function (default: on a GPU); fuses norms, RoPE and SiLU.
-        gemv: how each projection is computed. ``"auto"`` (default): ``"triton"`` at batch 1 on a GPU with Triton,
-            else cuBLAS. ``"triton"``: glmkit's kernels for one token (``glmkit.gemv``: one pass over each weight,
+        gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` at batch 1 on a GPU
+            of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a warning and
+            cuBLAS. ``"triton"``: glmkit's kernels for one token (``glmkit.gemv``: one pass over each weight,
             no split-K, SwiGLU applied before the write; batch 1 only); on an H100 they decode GLM-4-9B 12% faster
             than cuBLAS (150.3 vs 133.7 tok/s, benchmarks/results/decode.json). ``False``: cuBLAS (``F.linear``). ``True``: a
             multiply-and-sum that the compiler turns into one reduction kernel (-11% to +3.5% against cuBLAS).
@@ -144,8 +158,9 @@ class FastDecoder:
         if gemv not in ("auto", False, True, "triton"):
             raise ValueError(f"gemv must be 'auto', 'triton', False (cuBLAS) or True (compiled reductions), not {gemv!r}.")
         device = model.get_input_embeddings().weight.device
+        self.auto_gemv = gemv == "auto"
         if gemv == "auto":
-            gemv = "triton" if device.type == "cuda" and batch_size == 1 and triton_available() else False
+            gemv = auto_gemv(device, batch_size)
         if gemv == "triton" and batch_size != 1:
             raise ValueError(f"gemv='triton' decodes one sequence (batch_size=1), got batch_size={batch_size}; "
                              "at larger batches cuBLAS (gemv=False) is the fast path.")
@@ -202,6 +217,7 @@ class FastDecoder:
             torch.compile(decoder_layer, fullgraph=True, dynamic=False, **(compile_options or {}))
             if self.compiled else decoder_layer)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.ready = False  # the first prefill warms the step up (compiles, captures) once
 
     @staticmethod
     def _check(model: torch.nn.Module) -> None:
@@ -245,6 +261,20 @@ class FastDecoder:
         with torch.cuda.graph(self.graph):
             self._step()
 
+    def _first_step(self) -> None:
+        """Run the step once (compiling it) and capture the graph; if the Triton kernels that ``gemv="auto"`` chose
+        fail on this machine, warn and use cuBLAS instead (an explicit ``gemv="triton"`` raises)."""
+        try:
+            self._capture() if self.use_graph else self._step()
+        except Exception as exc:
+            if not (self.auto_gemv and self.gemv == "triton"):
+                raise
+            warnings.warn(f"glmkit's Triton GEMV kernels failed here ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "FastDecoder uses cuBLAS instead (gemv=False).", RuntimeWarning, stacklevel=3)
+            self.gemv, self.graph = False, None
+            self._capture() if self.use_graph else self._step()
+        self.ready = True
+
     def prefill(self, input_ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
         """Run the prompt through the model (in ``chunk``-token pieces if given), fill the static cache,
         and return the logits of the last prompt position ``[b, vocab]``."""
@@ -255,8 +285,8 @@ class FastDecoder:
             raise ValueError(f"This decoder was built for batch size {self.batch_size}, got {b} prompts.")
         if n >= self.max_len:
             raise ValueError(f"The prompt has {n} tokens; the static cache holds {self.max_len} (raise max_len).")
-        if self.use_graph and self.graph is None:
-            self._capture()  # before the cache is filled: the warm-up steps write garbage K/V at position 0
+        if not self.ready:
+            self._first_step()  # before the cache is filled: the warm-up steps write garbage K/V at position 0
         # the prompt's K/V go straight into the static cache: no second copy of the cache, ever
         cache = preallocated_cache(self.model.config, self.max_len, self.k_cache, self.v_cache)
         if n > 1:

@@ -102,3 +102,23 @@ def test_a_cpu_weight_without_the_interpreter_is_refused(monkeypatch):
     monkeypatch.setattr(glmkit.gemv, "INTERPRETER", False)
     with pytest.raises(ValueError, match="runs on a GPU"):
         gemv(torch.randn(1, 1, 8), torch.randn(4, 8))
+
+
+def test_auto_falls_back_to_cublas_with_a_warning_when_the_kernels_fail(model, monkeypatch):
+    import glmkit.fast_decode
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(glmkit.fast_decode, "auto_gemv", lambda device, batch_size: "triton")
+    monkeypatch.setattr(glmkit.fast_decode, "triton_gemv", broken)
+    ids = torch.randint(0, 800, (1, 6), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    auto = FastDecoder(model, max_len=16, compile=False, cuda_graph=False)
+    assert auto.gemv == "triton"
+    with pytest.warns(RuntimeWarning, match="uses cuBLAS instead"):
+        got = auto.generate(ids, max_new_tokens=4, ignore_eos=True)
+    assert auto.gemv is False and torch.equal(got, want)
+    explicit = FastDecoder(model, max_len=16, gemv="triton", compile=False, cuda_graph=False)
+    with pytest.raises(RuntimeError, match="no kernel image"):
+        explicit.generate(ids, max_new_tokens=4, ignore_eos=True)
