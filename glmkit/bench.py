@@ -340,7 +340,7 @@ def measure_decode(model: torch.nn.Module, path: str = "generate", batch_size: i
     return {"path": path, "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "attn_implementation": "sdpa (glmkit)" if path == "fast" else (
                 attn_implementation or getattr(model.config, "_attn_implementation", None)),
-            **({"fast_options": fast_options} if fast_options else {}),
+            **({"fast_options": fast_options} if fast_options and path == "fast" else {}),
             **result, "peak_bytes": peak.report.device(dev).peak}
 
 

@@ -1,8 +1,9 @@
 """JupyterLab widgets: the decode tuner (``notebooks/05_tuning.ipynb``) and the chat (``notebooks/06_chat.ipynb``).
 
 ``decode_tuner(model)`` shows sliders for batch size, prompt length and new tokens, menus for the attention
-implementation and the decode path, and a run button. Each run calls ``glmkit.bench.measure_decode`` and
-adds a point to the throughput / latency / memory charts, so the batch-size trade-off shows up as you click.
+implementation, the decode path and the fast path's projection kernels, and a run button. Each run calls
+``glmkit.bench.measure_decode`` and adds a point to the throughput / latency / memory charts, so the batch-size
+trade-off shows up as you click.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from glmkit.bench import PATHS, measure_decode
+from glmkit.gemv import triton_available
 
 
 class DecodeTuner:
@@ -27,11 +29,14 @@ class DecodeTuner:
         self.new_tokens = w.IntSlider(value=32, min=4, max=256, step=4, description="new tokens")
         self.attn = w.Dropdown(options=["sdpa", "eager"], value="sdpa", description="attention")
         self.path = w.Dropdown(options=list(PATHS), value="generate", description="path")
+        kernels = [("auto", "auto"), ("cuBLAS", False)] + ([("Triton", "triton")] if triton_available() else [])
+        self.projections = w.Dropdown(options=kernels, value="auto", description="fast: GEMV")  # FastDecoder(gemv=)
         self.button = w.Button(description="run", icon="play", button_style="primary")
         self.status = w.HTML()
         self.chart = w.Output()
         self.button.on_click(lambda _: self.run())
-        controls = w.VBox([self.batch, self.prompt, self.new_tokens, self.attn, self.path, self.button, self.status])
+        controls = w.VBox([self.batch, self.prompt, self.new_tokens, self.attn, self.path, self.projections, self.button,
+                           self.status])
         self.widget = w.HBox([controls, self.chart])
 
     def run(self) -> dict[str, Any]:
@@ -39,12 +44,13 @@ class DecodeTuner:
         self.status.value = "<i>measuring…</i>"
         try:
             row = measure_decode(self.model, self.path.value, self.batch.value, self.prompt.value,
-                                 self.new_tokens.value, self.attn.value)
+                                 self.new_tokens.value, self.attn.value,
+                                 fast_options={"gemv": self.projections.value})
         except Exception as exc:  # e.g. out of memory at a large batch: say so, keep the widget alive
             self.status.value = f'<b style="color:#c00">{type(exc).__name__}: {str(exc)[:200]}</b>'
             raise
         self.results.append(row)
-        self.status.value = (f"{row['path']}, batch {row['batch_size']}: {row['decode_tok_s']:.1f} tok/s, "
+        self.status.value = (f"{_label(row)}, batch {row['batch_size']}: {row['decode_tok_s']:.1f} tok/s, "
                              f"TTFT {1000 * row['ttft_s']:.1f} ms, peak {row['peak_bytes'] / 2**30:.2f} GiB")
         self._draw()
         return row
@@ -55,14 +61,12 @@ class DecodeTuner:
         self.chart.clear_output(wait=True)
         with self.chart:
             fig, axes = plt.subplots(1, 3, figsize=(10, 2.8))
-            for path in PATHS:
-                rows = sorted((r for r in self.results if r["path"] == path), key=lambda r: r["batch_size"])
-                if not rows:
-                    continue
+            for label in dict.fromkeys(_label(r) for r in self.results):  # one line per path (and fast kernels)
+                rows = sorted((r for r in self.results if _label(r) == label), key=lambda r: r["batch_size"])
                 bs = [r["batch_size"] for r in rows]
-                axes[0].plot(bs, [r["decode_tok_s"] for r in rows], "o-", label=path)
-                axes[1].plot(bs, [1000 * r["batch_size"] / r["decode_tok_s"] for r in rows], "o-", label=path)
-                axes[2].plot(bs, [r["peak_bytes"] / 2**30 for r in rows], "o-", label=path)
+                axes[0].plot(bs, [r["decode_tok_s"] for r in rows], "o-", label=label)
+                axes[1].plot(bs, [1000 * r["batch_size"] / r["decode_tok_s"] for r in rows], "o-", label=label)
+                axes[2].plot(bs, [r["peak_bytes"] / 2**30 for r in rows], "o-", label=label)
             for ax, title in zip(axes, ["tok/s (summed over batch)", "ms per token per sequence", "peak GiB"]):
                 ax.set_title(title, fontsize=9)
                 ax.set_xlabel("batch")
@@ -74,6 +78,13 @@ class DecodeTuner:
         from IPython.display import display
 
         display(self.widget)
+
+
+def _label(row: dict[str, Any]) -> str:
+    """A measurement's line in the tuner's charts: the path, and for the fast path the kernels it used."""
+    if row["path"] != "fast":
+        return row["path"]
+    return f"fast ({'Triton' if row.get('gemv') == 'triton' else 'cuBLAS'})"
 
 
 def decode_tuner(model: torch.nn.Module) -> DecodeTuner:

@@ -49,6 +49,15 @@ def test_decode_tuner_runs_and_records(model):
     assert row["batch_size"] == 2 and row["path"] == "fast" and tuner.results == [row]
     assert "tok/s" in tuner.status.value
     json.dumps(row)  # JSON-ready
+    tuner.batch.value, tuner.projections.value = 1, False  # the fast path with cuBLAS, then with the Triton kernels
+    assert tuner.run()["gemv"] is False
+    from glmkit.gemv import triton_available
+
+    if triton_available():  # a GPU, or the CPU interpreter the tests set up
+        tuner.projections.value = "triton"
+        assert tuner.run()["gemv"] == "triton" and "fast (Triton)" in tuner.status.value
+    tuner.path.value = "generate"
+    assert "fast_options" not in tuner.run()  # the kernel menu is the fast path's only
 
 
 def test_bench_bytes_read_per_token(model):
