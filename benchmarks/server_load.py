@@ -7,6 +7,7 @@ for a fixed time. Tokens are the server's ``usage.completion_tokens``.
     python benchmarks/server_load.py                                # tiny model, CPU
     python benchmarks/server_load.py --checkpoint /tmp/glm9b --name server_load_gpu
     python benchmarks/server_load.py --checkpoint /tmp/glm9b --device-map 20,20 --name server_load_2gpu
+    python benchmarks/server_load.py --random-9b --fast-decode --name server_load_gpu_fast
 Writes benchmarks/results/NAME.json (and to $OUT).
 """
 
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--device-map", help="with --checkpoint: auto, or layers per GPU like 20,20 (as glmkit serve)")
+    ap.add_argument("--fast-decode", action="store_true", help="Engine(fast_decode=True), as glmkit serve --fast-decode")
     ap.add_argument("--name", default="server_load_cpu")
     args = ap.parse_args()
     import openai
@@ -58,7 +60,7 @@ def main() -> None:
         model = load_model(path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
                            device_map=device_map_option(args.device_map, str(path)))
     engine = Engine(model, load_tokenizer(None if args.random_9b else path), max_batch_size=max(args.clients),
-                    max_context=1024)
+                    max_context=1024, fast_decode=args.fast_decode)
     server = ServerThread(create_app(engine)).start()
     prompts = ["Tell me about GPUs.", "What is a device map?", "How do I split the model over two GPUs?",
                "What limits decode speed?"]
@@ -67,6 +69,7 @@ def main() -> None:
         warm.chat.completions.create(model="glm-4-9b-chat", max_tokens=8, messages=[{"role": "user", "content": p}])
     rows = []
     for n in args.clients:
+        fast_before = engine.fast_requests
         counts = {"requests": 0, "tokens": 0}
         lock = threading.Lock()
         stop_at = time.perf_counter() + args.seconds
@@ -89,14 +92,14 @@ def main() -> None:
         seconds = time.perf_counter() - start
         rows.append({"clients": n, "seconds": seconds, "requests": counts["requests"], "tokens": counts["tokens"],
                      "requests_per_s": counts["requests"] / seconds, "tokens_per_s": counts["tokens"] / seconds,
-                     "largest_batch": engine.largest_batch})
+                     "largest_batch": engine.largest_batch, "fast_path_requests": engine.fast_requests - fast_before})
         print(rows[-1], flush=True)
     base = rows[0]["tokens_per_s"]
     for r in rows:
         r["tokens_per_s_vs_1_client"] = r["tokens_per_s"] / base
     server.stop()
     engine.close()
-    save_result(args.name, {"model": str(path), "device_map": args.device_map,
+    save_result(args.name, {"model": str(path), "device_map": args.device_map, "fast_decode": args.fast_decode,
                             "method": f"{args.seconds:.0f} s per level, max_tokens {args.max_tokens}, temperature 0.8, "
                                       "openai client threads on loopback", "levels": rows})
 

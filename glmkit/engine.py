@@ -5,7 +5,9 @@ The API server and the chat widget submit ``GenerationRequest``s; a background t
 with a shared KV cache, each with its own sampling settings, stop strings and token budget. Text arrives
 through a callback as it is generated. A cancelled request (a client that disconnected, a stop button)
 stops at the next step; an out-of-memory error fails the batch's requests, frees the cache, and the engine
-keeps serving. Introduced in ``notebooks/07_openai_server.ipynb``.
+keeps serving. With ``fast_decode=True`` a request that runs alone goes through ``glmkit.fast_decode.FastDecoder``
+(static cache, one CUDA graph per token) instead of the Python-bound batched loop. Introduced in
+``notebooks/07_openai_server.ipynb``.
 
 >>> from glmkit.loading import load_model, load_tokenizer
 >>> engine = Engine(load_model(device_map="cpu"), load_tokenizer())
@@ -64,11 +66,18 @@ class Engine:
         max_batch_size: requests decoded together.
         max_context: prompt + new tokens allowed per request (default: the model's limit).
         gather_ms: how long the first waiting request waits for company before its batch starts.
+        fast_decode: decode a request that runs alone with ``FastDecoder`` (one GPU, 16/32-bit weights). Costs
+            GPU memory: a fused copy of the q/k/v weights (1.4 GiB for GLM-4-9B in bf16) and a static KV cache
+            for the longest request so far (rounded up to a power of two, at least 1024 tokens).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch_size: int = 8,
-                 max_context: int | None = None, gather_ms: float = 5.0) -> None:
+                 max_context: int | None = None, gather_ms: float = 5.0, fast_decode: bool = False) -> None:
+        from glmkit.fast_decode import FastDecoder
         from glmkit.generation import eos_token_ids, model_device
+
+        if fast_decode:
+            FastDecoder.check(model)  # a split or quantized model: say so now, not at the first request
 
         self.model, self.tokenizer = model, tokenizer
         self.device = model_device(model)
@@ -81,6 +90,9 @@ class Engine:
         self.largest_batch = 0
         self.busy = False  # a batch is being decoded
         self.finished: deque[GenerationRequest] = deque(maxlen=64)  # the latest finished requests
+        self.fast_decode = fast_decode
+        self.fast_requests = 0  # requests decoded by the fast path
+        self._fast: FastDecoder | None = None
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="glmkit-engine", daemon=True)
         self._thread.start()
@@ -155,6 +167,8 @@ class Engine:
                 torch.cuda.empty_cache()
 
     def _decode(self, batch: list[GenerationRequest]) -> None:
+        if self.fast_decode and len(batch) == 1:
+            return self._decode_fast(batch[0])
         from transformers import DynamicCache
 
         from glmkit.generation import cache_argument, pick_token
@@ -190,6 +204,27 @@ class Engine:
         for r in batch:  # token budgets ran out
             if not r.done.is_set():
                 self._finish(r, "length")
+
+    def _decode_fast(self, r: GenerationRequest) -> None:
+        """One request through the fast path; its decoder (and static cache) is kept for the next one."""
+        from glmkit.fast_decode import FastDecoder
+
+        need = len(r.prompt_ids) + r.max_tokens
+        if self._fast is None or self._fast.max_len < need:
+            self._fast = None  # free the smaller cache first
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            size = max(need, min(max(1024, 1 << (need - 1).bit_length()), self.max_context))
+            self._fast = FastDecoder(self.model, max_len=size)
+        self.fast_requests += 1
+        ids = torch.tensor([r.prompt_ids], device=self.device)
+        generator = torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None else None
+        for token in self._fast.stream(ids, r.max_tokens, r.temperature, r.top_p, ignore_eos=True,
+                                       generator=generator):
+            if not self._accept(r, int(token)):
+                return
+        if not r.done.is_set():
+            self._finish(r, "length")
 
     def _accept(self, r: GenerationRequest, token: int) -> bool:
         """Add one token to a request; emit new text; return whether it goes on."""

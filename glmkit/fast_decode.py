@@ -152,7 +152,7 @@ class FastDecoder:
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
                  cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool | str = "auto",
                  compile_options: dict[str, Any] | None = None, attention: str = "sdpa") -> None:
-        self._check(model)
+        self.check(model)
         if attention not in ("sdpa", "reduction"):
             raise ValueError(f"attention must be 'sdpa' or 'reduction', not {attention!r}.")
         if gemv not in ("auto", False, True, "triton"):
@@ -220,7 +220,8 @@ class FastDecoder:
         self.ready = False  # the first prefill warms the step up (compiles, captures) once
 
     @staticmethod
-    def _check(model: torch.nn.Module) -> None:
+    def check(model: torch.nn.Module) -> None:
+        """Raise a clear error unless ``model`` is a GLM on one device in 16/32-bit (what this decoder runs)."""
         layer = getattr(getattr(model, "model", None), "layers", [None])[0]
         needed = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
         if layer is None or not all(hasattr(layer, n) for n in needed) or not hasattr(layer.mlp, "gate_up_proj"):

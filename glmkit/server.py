@@ -312,11 +312,12 @@ def default_batch_size(config: Any, max_context: int, dtype: Any = "bfloat16", q
 
 
 def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str = "glm-4-9b-chat", max_batch_size: int = 8, max_context: int = 4096) -> None:
+          model_name: str = "glm-4-9b-chat", max_batch_size: int = 8, max_context: int = 4096,
+          fast_decode: bool = False) -> None:
     """Serve until interrupted (what ``glmkit serve`` runs)."""
     import uvicorn
 
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_context=max_context)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_context=max_context, fast_decode=fast_decode)
     uvicorn.run(create_app(engine, model_name, api_key), host=host, port=port, log_level="info")
 
 

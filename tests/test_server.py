@@ -179,3 +179,28 @@ def test_a_failing_generation_errors_that_request_and_the_engine_keeps_serving(s
     bad = engine.submit([10**7], max_tokens=4).wait(30)  # an id far outside the vocabulary: the embedding fails
     assert bad.finish_reason == "error" and "IndexError" in bad.error
     assert "40" in ask(client, max_tokens=20).choices[0].message.content  # the next request is served
+
+
+def test_fast_decode_engine_answers_like_the_batched_loop():
+    model = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
+    tok = load_tokenizer(TRAINED_TINY_DIR)
+    plain, fast = Engine(model, tok, max_context=512), Engine(model, tok, max_context=512, fast_decode=True)
+    try:
+        layers = plain.encode([{"role": "user", "content": "How many layers does GLM-4-9B-Chat have?"}])
+        split = plain.encode([{"role": "user", "content": "How do I split the model over two GPUs?"}])
+        for ids, kw in [(layers, {"max_tokens": 40}), (split, {"max_tokens": 12}),
+                        (layers, {"max_tokens": 40, "stop": ["decoder"]})]:  # stop token, length, stop string
+            a, b = plain.submit(ids, **kw).wait(60), fast.submit(ids, **kw).wait(60)
+            assert (b.text, b.tokens, b.finish_reason) == (a.text, a.tokens, a.finish_reason)
+        seeded = [fast.submit(split, max_tokens=20, temperature=1.2, seed=7).wait(60).text for _ in range(2)]
+        assert seeded[0] == seeded[1]
+        assert fast.fast_requests == 5 and plain.fast_requests == 0
+    finally:
+        plain.close()
+        fast.close()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128,
+                                         num_attention_heads=4, vocab_size=128))
+    with pytest.raises(TypeError, match="GLM"):  # said when the engine is made, not at the first request
+        Engine(llama, tok, fast_decode=True)
