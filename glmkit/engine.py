@@ -26,9 +26,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from glmkit.fast_decode import FastDecoder
 
 
 @dataclass
@@ -73,10 +76,11 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch_size: int = 8,
                  max_context: int | None = None, gather_ms: float = 5.0, fast_decode: bool = False) -> None:
-        from glmkit.fast_decode import FastDecoder
         from glmkit.generation import eos_token_ids, model_device
 
         if fast_decode:
+            from glmkit.fast_decode import FastDecoder
+
             FastDecoder.check(model)  # a split or quantized model: say so now, not at the first request
 
         self.model, self.tokenizer = model, tokenizer
@@ -214,6 +218,7 @@ class Engine:
             self._fast = None  # free the smaller cache first
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+            # the next power of two (at least 1024) so that longer requests rarely rebuild it, within max_context
             size = max(need, min(max(1024, 1 << (need - 1).bit_length()), self.max_context))
             self._fast = FastDecoder(self.model, max_len=size)
         self.fast_requests += 1
