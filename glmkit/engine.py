@@ -5,9 +5,9 @@ The API server and the chat widget submit ``GenerationRequest``s; a background t
 with a shared KV cache, each with its own sampling settings, stop strings and token budget. Text arrives
 through a callback as it is generated. A cancelled request (a client that disconnected, a stop button)
 stops at the next step; an out-of-memory error fails the batch's requests, frees the cache, and the engine
-keeps serving. With ``fast_decode=True`` a request that runs alone goes through ``glmkit.fast_decode.FastDecoder``
-(static cache, one CUDA graph per token) instead of the Python-bound batched loop. Introduced in
-``notebooks/07_openai_server.ipynb``.
+keeps serving. With ``fast_decode=True`` batches go through ``glmkit.fast_decode.FastDecoder`` (static cache,
+each prompt prefilled into its own row, one CUDA graph per token) instead of a Python-bound ``forward`` per token.
+Introduced in ``notebooks/07_openai_server.ipynb``.
 
 >>> from glmkit.loading import load_model, load_tokenizer
 >>> engine = Engine(load_model(device_map="cpu"), load_tokenizer())
@@ -69,9 +69,10 @@ class Engine:
         max_batch_size: requests decoded together.
         max_context: prompt + new tokens allowed per request (default: the model's limit).
         gather_ms: how long the first waiting request waits for company before its batch starts.
-        fast_decode: decode a request that runs alone with ``FastDecoder`` (one GPU, 16/32-bit weights). Costs
-            GPU memory: a fused copy of the q/k/v weights (1.4 GiB for GLM-4-9B in bf16) and a static KV cache
-            for the longest request so far (rounded up to a power of two, at least 1024 tokens).
+        fast_decode: decode batches with ``FastDecoder`` (one GPU, 16/32-bit weights; at batch 1 with its Triton
+            kernels). Costs GPU memory: a fused copy of the q/k/v weights (1.4 GiB for GLM-4-9B in bf16) and, per
+            batch size in use (rounded up to 1, 2, 4, ...), a static KV cache for the longest request so far
+            (rounded up to a power of two, at least 1024 tokens).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch_size: int = 8,
@@ -96,7 +97,7 @@ class Engine:
         self.finished: deque[GenerationRequest] = deque(maxlen=64)  # the latest finished requests
         self.fast_decode = fast_decode
         self.fast_requests = 0  # requests decoded by the fast path
-        self._fast: FastDecoder | None = None
+        self._fast: dict[int, FastDecoder] = {}  # fast decoders by batch size (1, 2, 4, ...)
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="glmkit-engine", daemon=True)
         self._thread.start()
@@ -171,8 +172,8 @@ class Engine:
                 torch.cuda.empty_cache()
 
     def _decode(self, batch: list[GenerationRequest]) -> None:
-        if self.fast_decode and len(batch) == 1:
-            return self._decode_fast(batch[0])
+        if self.fast_decode:
+            return self._decode_fast(batch)
         from transformers import DynamicCache
 
         from glmkit.generation import cache_argument, pick_token
@@ -209,27 +210,48 @@ class Engine:
             if not r.done.is_set():
                 self._finish(r, "length")
 
-    def _decode_fast(self, r: GenerationRequest) -> None:
-        """One request through the fast path; its decoder (and static cache) is kept for the next one."""
+    def _fast_decoder(self, slots: int, need: int) -> FastDecoder:
+        """The fast decoder for ``slots`` sequences with room for ``need`` tokens each, kept for later batches."""
         from glmkit.fast_decode import FastDecoder
 
-        need = len(r.prompt_ids) + r.max_tokens
-        if self._fast is None or self._fast.max_len < need:
-            self._fast = None  # free the smaller cache first
+        decoder = self._fast.get(slots)
+        if decoder is None or decoder.max_len < need:
+            self._fast.pop(slots, None)  # free the smaller cache first
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             # the next power of two (at least 1024) so that longer requests rarely rebuild it, within max_context
             size = max(need, min(max(1024, 1 << (need - 1).bit_length()), self.max_context))
-            self._fast = FastDecoder(self.model, max_len=size)
-        self.fast_requests += 1
-        ids = torch.tensor([r.prompt_ids], device=self.device)
-        generator = torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None else None
-        for token in self._fast.stream(ids, r.max_tokens, r.temperature, r.top_p, ignore_eos=True,
-                                       generator=generator):
-            if not self._accept(r, int(token)):
+            decoder = self._fast[slots] = FastDecoder(self.model, max_len=size, batch_size=slots)
+        return decoder
+
+    def _decode_fast(self, batch: list[GenerationRequest]) -> None:
+        """A batch through the fast path: each prompt prefilled into its own row of a static cache, then one
+        step (one CUDA graph on a GPU) per token for all rows, each at its own position."""
+        from glmkit.generation import pick_token
+
+        slots = 1 << (len(batch) - 1).bit_length()  # 1, 2, 4, 8, ...: few decoder shapes to compile
+        decoder = self._fast_decoder(slots, max(len(r.prompt_ids) + r.max_tokens for r in batch))
+        self.fast_requests += len(batch)
+        generators = [torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None else None for r in batch]
+        logits = [decoder.prefill(torch.tensor([r.prompt_ids], device=self.device), slot=i)[0]
+                  for i, r in enumerate(batch)]
+        pos = torch.zeros(slots, dtype=torch.long)
+        pos[:len(batch)] = torch.tensor([len(r.prompt_ids) for r in batch])
+        active = [True] * len(batch) + [False] * (slots - len(batch))
+        for _ in range(max(r.max_tokens for r in batch)):
+            tokens = torch.full((slots,), self.pad_id, dtype=torch.long)
+            for i, r in enumerate(batch):
+                if active[i]:
+                    token = int(pick_token(logits[i], r.temperature, r.top_p, generators[i]))
+                    tokens[i] = token
+                    active[i] = self._accept(r, token)
+            if not any(active):
                 return
-        if not r.done.is_set():
-            self._finish(r, "length")
+            logits = decoder.decode_step(tokens.to(self.device), pos.to(self.device))
+            pos += torch.tensor(active, dtype=torch.long)  # finished and idle rows stay where they are
+        for r in batch:  # token budgets ran out
+            if not r.done.is_set():
+                self._finish(r, "length")
 
     def _accept(self, r: GenerationRequest, token: int) -> bool:
         """Add one token to a request; emit new text; return whether it goes on."""

@@ -276,30 +276,42 @@ class FastDecoder:
             self._capture() if self.use_graph else self._step()
         self.ready = True
 
-    def prefill(self, input_ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, chunk: int | None = None, slot: int | None = None) -> torch.Tensor:
         """Run the prompt through the model (in ``chunk``-token pieces if given), fill the static cache,
-        and return the logits of the last prompt position ``[b, vocab]``."""
+        and return the logits of the last prompt position ``[b, vocab]``.
+
+        ``slot``: fill only that row of the cache with one prompt ``[1, n]``, so that prompts of different lengths
+        share a batch; then give ``decode_step`` a position per row.
+        """
         from glmkit.generation import cache_argument, chunked_prefill, preallocated_cache
 
         b, n = input_ids.shape
-        if b != self.batch_size:
+        if slot is None and b != self.batch_size:
             raise ValueError(f"This decoder was built for batch size {self.batch_size}, got {b} prompts.")
+        if slot is not None and (b != 1 or not 0 <= slot < self.batch_size):
+            raise ValueError(f"A slot takes one prompt and is one of 0..{self.batch_size - 1}; got {b} prompts "
+                             f"for slot {slot}.")
+        rows = slice(None) if slot is None else slice(slot, slot + 1)
         if n >= self.max_len:
             raise ValueError(f"The prompt has {n} tokens; the static cache holds {self.max_len} (raise max_len).")
         if not self.ready:
             self._first_step()  # before the cache is filled: the warm-up steps write garbage K/V at position 0
         # the prompt's K/V go straight into the static cache: no second copy of the cache, ever
-        cache = preallocated_cache(self.model.config, self.max_len, self.k_cache, self.v_cache)
+        cache = preallocated_cache(self.model.config, self.max_len, self.k_cache[:, rows], self.v_cache[:, rows])
         if n > 1:
             chunked_prefill(self.model, input_ids, chunk or n, cache=cache)
         with torch.inference_mode():
             out = self.model(input_ids[:, -1:], use_cache=True, logits_to_keep=1, **{cache_argument(self.model): cache})
         return out.logits[:, -1].float()
 
-    def decode_step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
-        """Logits ``[b, vocab]`` for ``tokens`` ``[b]`` at position ``pos`` (their K/V go into the cache)."""
+    def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+        """Logits ``[b, vocab]`` for ``tokens`` ``[b]`` at position ``pos`` (one for all rows, or ``[b]``); their
+        K/V go into the cache."""
         self.tokens.copy_(tokens.view(-1, 1))
-        self.pos.fill_(pos)
+        if isinstance(pos, torch.Tensor):
+            self.pos.copy_(pos)
+        else:
+            self.pos.fill_(pos)
         if self.graph is not None:
             self.graph.replay()
         else:

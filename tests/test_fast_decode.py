@@ -96,3 +96,21 @@ def test_reduction_attention_gives_the_same_tokens(model, compile):
     fast = FastDecoder(model, max_len=40, batch_size=2, attention="reduction", compile=compile)
     slow = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16, do_sample=False)
     assert torch.equal(fast.generate(ids, max_new_tokens=16, ignore_eos=True), slow)
+
+
+def test_prompts_of_different_lengths_in_slots_decode_like_generate(model):
+    prompts = [torch.randint(0, 800, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 11)]
+    dec = FastDecoder(model, max_len=32, batch_size=2)
+    logits = torch.cat([dec.prefill(p, slot=i) for i, p in enumerate(prompts)])
+    pos, got = torch.tensor([5, 11]), [[], []]
+    for _ in range(8):
+        tokens = logits.argmax(-1)
+        for row, t in zip(got, tokens.tolist()):
+            row.append(t)
+        logits = dec.decode_step(tokens, pos).clone()  # each row at its own position
+        pos += 1
+    for p, row in zip(prompts, got):
+        want = model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+        assert row == want[0, p.shape[1]:].tolist()
+    with pytest.raises(ValueError, match="slot"):
+        dec.prefill(prompts[0], slot=2)

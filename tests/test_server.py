@@ -181,7 +181,7 @@ def test_a_failing_generation_errors_that_request_and_the_engine_keeps_serving(s
     assert "40" in ask(client, max_tokens=20).choices[0].message.content  # the next request is served
 
 
-def test_fast_decode_engine_answers_like_the_batched_loop():
+def test_fast_decode_engine_answers_like_the_plain_loop():
     model = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
     tok = load_tokenizer(TRAINED_TINY_DIR)
     plain, fast = Engine(model, tok, max_context=512), Engine(model, tok, max_context=512, fast_decode=True)
@@ -195,6 +195,14 @@ def test_fast_decode_engine_answers_like_the_batched_loop():
         seeded = [fast.submit(split, max_tokens=20, temperature=1.2, seed=7).wait(60).text for _ in range(2)]
         assert seeded[0] == seeded[1]
         assert fast.fast_requests == 5 and plain.fast_requests == 0
+        # requests that arrive together: prompts of different lengths in one fast batch, each at its own position
+        jobs = [(layers, {"max_tokens": 40}), (split, {"max_tokens": 7}), (layers, {"max_tokens": 40, "stop": ["decoder"]})]
+        alone = [plain.submit(ids, **kw).wait(60) for ids, kw in jobs]
+        fast.gather_s = 1.0  # wait for company
+        together = [fast.submit(ids, **kw) for ids, kw in jobs]
+        for a, b in zip(alone, (r.wait(60) for r in together)):
+            assert (b.text, b.tokens, b.finish_reason) == (a.text, a.tokens, a.finish_reason)
+        assert fast.largest_batch == 3 and fast.fast_requests == 8
     finally:
         plain.close()
         fast.close()
