@@ -163,7 +163,7 @@ def _serve(args: argparse.Namespace) -> None:
     batch = args.max_batch_size or default_batch_size(model.config, max_context, quantization=args.quantization)
     api_key = args.api_key or os.environ.get("GLMKIT_API_KEY")
     print(f"glmkit serve: {args.model_name} on http://{args.host}:{args.port}/v1, batch {batch}, context {max_context}"
-          + (", API key required" if api_key else "") + (", fast decode for lone requests" if args.fast_decode else ""),
+          + (", API key required" if api_key else "") + (", fast decode" if args.fast_decode else ""),
           flush=True)
     serve(model, load_tokenizer(model_path), args.host, args.port, api_key, args.model_name, batch, max_context,
           args.fast_decode)
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, help="default: the largest batch the planner fits on the GPUs")
     p.add_argument("--max-context", type=int, help="prompt + new tokens per request (default 4096)")
     p.add_argument("--fast-decode", action="store_true",
-                   help="decode a request that runs alone with the fast path (one GPU, 16/32-bit; more GPU memory)")
+                   help="decode batches with the fast path: static cache, CUDA graphs (one GPU, 16/32-bit; more GPU memory)")
     p.set_defaults(func=_serve)
     return parser
 
