@@ -176,7 +176,7 @@ class Engine:
             return self._decode_fast(batch)
         from transformers import DynamicCache
 
-        from glmkit.generation import cache_argument, pick_token
+        from glmkit.generation import cache_argument
 
         n = max(len(r.prompt_ids) for r in batch)
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
@@ -185,30 +185,19 @@ class Engine:
             ids[i, n - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, n - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        generators = [torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None else None for r in batch]
-        cache = DynamicCache(config=self.model.config)
-        kw = {cache_argument(self.model): cache}
+        kw = {cache_argument(self.model): DynamicCache(config=self.model.config)}
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                             logits_to_keep=1, **kw).logits[:, -1].float()
-        active = [True] * len(batch)
-        for _ in range(max(r.max_tokens for r in batch)):
-            next_ids = torch.full((len(batch),), self.pad_id, dtype=torch.long, device=self.device)
-            for i, r in enumerate(batch):
-                if not active[i]:
-                    continue
-                token = int(pick_token(logits[i], r.temperature, r.top_p, generators[i]))
-                next_ids[i] = token
-                active[i] = self._accept(r, token)
-            if not any(active):
-                return
+
+        def step(tokens: torch.Tensor, active: list[bool]) -> torch.Tensor:
+            nonlocal mask, positions
             mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=self.device)], dim=1)
             positions = positions[:, -1:] + 1
-            logits = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions,
-                                use_cache=True, **kw).logits[:, -1].float()
-        for r in batch:  # token budgets ran out
-            if not r.done.is_set():
-                self._finish(r, "length")
+            return self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
+                              use_cache=True, **kw).logits[:, -1].float()
+
+        self._generate(batch, logits, step, len(batch))
 
     def _fast_decoder(self, slots: int, need: int) -> FastDecoder:
         """The fast decoder for ``slots`` sequences with room for ``need`` tokens each, kept for later batches."""
@@ -227,19 +216,32 @@ class Engine:
     def _decode_fast(self, batch: list[GenerationRequest]) -> None:
         """A batch through the fast path: each prompt prefilled into its own row of a static cache, then one
         step (one CUDA graph on a GPU) per token for all rows, each at its own position."""
-        from glmkit.generation import pick_token
-
         slots = 1 << (len(batch) - 1).bit_length()  # 1, 2, 4, 8, ...: few decoder shapes to compile
         decoder = self._fast_decoder(slots, max(len(r.prompt_ids) + r.max_tokens for r in batch))
         self.fast_requests += len(batch)
-        generators = [torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None else None for r in batch]
         logits = [decoder.prefill(torch.tensor([r.prompt_ids], device=self.device), slot=i)[0]
                   for i, r in enumerate(batch)]
         pos = torch.zeros(slots, dtype=torch.long)
         pos[:len(batch)] = torch.tensor([len(r.prompt_ids) for r in batch])
-        active = [True] * len(batch) + [False] * (slots - len(batch))
+
+        def step(tokens: torch.Tensor, active: list[bool]) -> torch.Tensor:
+            logits = decoder.decode_step(tokens, pos.to(self.device))
+            pos.add_(torch.tensor(active, dtype=torch.long))  # finished and idle rows stay where they are
+            return logits
+
+        self._generate(batch, logits, step, slots)
+
+    def _generate(self, batch: list[GenerationRequest], logits: Any,
+                  step: Callable[[torch.Tensor, list[bool]], torch.Tensor], rows: int) -> None:
+        """The token loop of both paths: pick each active request's next token from ``logits`` (row i for
+        request i), hand it to the request, and get the next logits from ``step(tokens, active)`` (``rows``
+        tokens on the device, the pad id for finished and idle rows) until every request has finished."""
+        from glmkit.generation import pick_token
+
+        generators = [torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None else None for r in batch]
+        active = [True] * len(batch) + [False] * (rows - len(batch))
         for _ in range(max(r.max_tokens for r in batch)):
-            tokens = torch.full((slots,), self.pad_id, dtype=torch.long)
+            tokens = torch.full((rows,), self.pad_id, dtype=torch.long)
             for i, r in enumerate(batch):
                 if active[i]:
                     token = int(pick_token(logits[i], r.temperature, r.top_p, generators[i]))
@@ -247,8 +249,7 @@ class Engine:
                     active[i] = self._accept(r, token)
             if not any(active):
                 return
-            logits = decoder.decode_step(tokens.to(self.device), pos.to(self.device))
-            pos += torch.tensor(active, dtype=torch.long)  # finished and idle rows stay where they are
+            logits = step(tokens.to(self.device), active)
         for r in batch:  # token budgets ran out
             if not r.done.is_set():
                 self._finish(r, "length")
