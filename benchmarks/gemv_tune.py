@@ -102,9 +102,7 @@ def tune_one(name: str, n: int, k: int, bias: bool, swiglu: bool) -> dict:
             def ours(i, cfg=cfg):
                 return gemv_swiglu(x, ws[i], config=cfg) if swiglu else gemv(x, ws[i], b, config=cfg)
 
-            out = torch.full_like(ref, float("nan"), dtype=torch.bfloat16)
-            out.copy_(ours(0))
-            err = ((out.double() - ref).norm() / ref.norm()).item()
+            err = ((ours(0).double() - ref).norm() / ref.norm()).item()  # NaN (a row never written) fails the check
             t = graph_time(ours, copies)
         except Exception as exc:  # a shape Triton cannot build (registers, shared memory): record and go on
             row["tried"].append({**cfg.__dict__, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})

@@ -77,7 +77,7 @@ def pick_config(n: int, k: int) -> GemvConfig:
     if (n, k) in TUNED:
         return TUNED[(n, k)]
     block_k = min(512, triton.next_power_of_2(k)) if triton is not None else 512
-    if not torch.cuda.is_available():
+    if INTERPRETER:
         return GemvConfig(block_n=64, block_k=block_k, num_warps=4)
     return GemvConfig(block_n=8, block_k=block_k, num_warps=4)
 
