@@ -238,3 +238,20 @@ def test_split_and_bucket_errors_are_explained(split):
     offloaded = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map=two_segment_map(model))
     with pytest.raises(ValueError, match="offloaded"):
         FastDecoder(offloaded)
+
+
+def test_cli_generate_and_bench_take_fast_decode(capsys):
+    import json
+
+    from glmkit.cli import main
+
+    ids = ["--prompt-ids", "5", "6", "7", "8", "--max-new-tokens", "6", "--json", "--dtype", "float32"]
+    assert main(["generate", *ids]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["generate", *ids, "--fast-decode", "--device-map", "auto"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == plain["tokens"]
+    assert main(["bench", "--fast-decode", "--new-tokens", "3", "--prompt-len", "4", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["path"] == "fast" and row["decode_tok_s"] > 0
+    assert main(["generate", "--fast-decode", "--tp", "2"]) == 2
+    assert "instead of --tp" in capsys.readouterr().err
