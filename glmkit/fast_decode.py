@@ -379,6 +379,7 @@ class FastDecoder:
             torch.compile(decoder_layer, fullgraph=True, dynamic=False, **(compile_options or {}))
             if self.compiled else decoder_layer)
         self._pools: dict[torch.device, Any] = {}  # one CUDA graph memory pool per device, shared by its graphs
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # a capture stream per device
         self.ready = False  # the first prefill (or step) warms the steps up (compiles, captures) once
 
     @property
@@ -455,8 +456,8 @@ class FastDecoder:
             st.h_out[:b].copy_(h)
 
     def _capture(self, st: _Stage, b: int) -> None:
-        with torch.cuda.device(st.device):
-            stream = torch.cuda.Stream()
+        with torch.cuda.device(st.device):  # the warm-up, the capture stream and the graph on the stage's GPU
+            stream = self._streams.setdefault(st.device, torch.cuda.Stream())
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(3):  # warm-up: compiles, autotunes, allocates workspaces outside the graph
@@ -465,14 +466,21 @@ class FastDecoder:
             graph = torch.cuda.CUDAGraph()
             # the graphs of one device share a memory pool: they never run at the same time, and every output
             # goes to the stage's static buffers
-            with torch.cuda.graph(graph, pool=self._pools.get(st.device)):
+            with torch.cuda.graph(graph, pool=self._pools.get(st.device), stream=stream):
                 self._run_stage(st, b)
             self._pools.setdefault(st.device, graph.pool())
             st.graphs[b] = graph
 
+    def _run_eager(self, st: _Stage, b: int) -> None:
+        if st.device.type == "cuda":
+            with torch.cuda.device(st.device):  # Triton launches on the current GPU: make it the stage's
+                self._run_stage(st, b)
+        else:
+            self._run_stage(st, b)
+
     def _warm_up(self, b: int) -> None:
         for st in self.stages:
-            self._capture(st, b) if self.use_graph else self._run_stage(st, b)
+            self._capture(st, b) if self.use_graph else self._run_eager(st, b)
 
     def _first_step(self) -> None:
         """Run each step size once (compiling it) and capture its graphs, largest first; if the Triton kernels that
@@ -564,7 +572,7 @@ class FastDecoder:
                 with torch.cuda.device(st.device):
                     st.graphs[b].replay()
             else:
-                self._run_stage(st, b)
+                self._run_eager(st, b)
             previous = st
         return self.logits[:k]
 
