@@ -21,8 +21,8 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 @pytest.fixture(scope="module")
 def server():
     model = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
-    engine = Engine(model, load_tokenizer(TRAINED_TINY_DIR), max_batch_size=16, max_context=512)
-    srv = ServerThread(create_app(engine, "glm-4-9b-chat", api_key=KEY)).start()
+    engine = Engine(model, load_tokenizer(TRAINED_TINY_DIR), max_batch_size=16, max_context=2048)
+    srv = ServerThread(create_app(engine, api_key=KEY)).start()  # the default names: glm-4, glm-4-9b-chat
     yield srv, engine
     srv.stop()
     engine.close()
@@ -39,7 +39,10 @@ def ask(client, content="How many layers does GLM-4-9B-Chat have?", **kw):
 
 
 def test_models_and_health(server, client):
-    assert [m.id for m in client.models.list()] == ["glm-4-9b-chat"]
+    assert [m.id for m in client.models.list()] == ["glm-4", "glm-4-9b-chat"]
+    assert client.models.retrieve("glm-4").id == "glm-4"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-5")
     health = httpx.get(server[0].url.replace("/v1", "/health")).json()
     assert health["status"] == "ok" and health["max_batch_size"] == 16
 
@@ -108,7 +111,7 @@ def test_auth(server):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "positive integer"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, "positive integer"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "beyond this server's context"),
-    ({"messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 10}, 400, "exceeds the context"),
+    ({"messages": [{"role": "user", "content": "word " * 2500}], "max_tokens": 10}, 400, "exceeds the context"),
     ({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 10000}, 400, "n=10000"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 7}, 400, "'temperature'"),
@@ -123,7 +126,8 @@ def test_bad_input_gets_openai_style_errors(server, body, status, needle):
 
 
 def test_malformed_json(server, client):
-    r = httpx.post(server[0].url + "/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(server[0].url + "/chat/completions", content=b"{not json",
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     assert "40" in ask(client, max_tokens=20).choices[0].message.content  # still serving
 
