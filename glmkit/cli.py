@@ -35,6 +35,11 @@ def _plan(args: argparse.Namespace) -> None:
     print()
     print(plan.advice())
     print(f"\nlongest context that fits: {max_context(config, args.devices, **kw)} tokens")
+    if args.for_server == "vllm":
+        from glmkit.vllm_command import VLLM_MODEL, vllm_serve_line
+
+        line = vllm_serve_line(plan, model=args.model or VLLM_MODEL, gpu_memory=args.gpu_memory)
+        print(f"\nthe same workload on vLLM (same names and API for clients):\n{line}")
 
 
 def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
@@ -193,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantization", choices=["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"])
     p.add_argument("--prefill-chunk", type=int, help="prefill in chunks of this many tokens")
+    p.add_argument("--for", dest="for_server", choices=["vllm"], help="also print the `vllm serve` command line")
+    p.add_argument("--gpu-memory", help="each card's whole memory, when --devices budgets only part of it (--for vllm)")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("generate", help="greedy reply to --prompt; --tp N splits the model over N processes")
