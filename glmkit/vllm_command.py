@@ -14,7 +14,7 @@ Introduced in ``notebooks/07_openai_server.ipynb``.
 >>> from glmkit.planning import plan_memory
 >>> plan = plan_memory(glm4_9b_chat_config(), ["24GiB", "24GiB"], context_len=8192, batch_size=8, prefill_chunk=2048)
 >>> print(vllm_serve_line(plan))
-vllm serve THUDM/glm-4-9b-chat-hf --served-model-name glm-4 glm-4-9b-chat --tensor-parallel-size 2 \
+vllm serve zai-org/glm-4-9b-chat-hf --served-model-name glm-4 glm-4-9b-chat --tensor-parallel-size 2 \
 --max-model-len 8192 --max-num-seqs 8 --gpu-memory-utilization 0.9 --dtype bfloat16 --enable-chunked-prefill \
 --max-num-batched-tokens 16384
 """
@@ -27,7 +27,7 @@ from typing import Any
 
 from glmkit.planning import MemoryPlan, parse_size
 
-VLLM_MODEL = "THUDM/glm-4-9b-chat-hf"  # the transformers-native checkpoint vLLM loads without remote code
+VLLM_MODEL = "zai-org/glm-4-9b-chat-hf"  # the transformers-native checkpoint vLLM loads without remote code
 DEFAULT_UTILIZATION = 0.90  # vLLM's own default: room for the CUDA context and other processes
 # glmkit's bitsandbytes modes -> vLLM flags. vLLM quantizes in flight to 4-bit NF4 with bitsandbytes; its 8-bit
 # in-flight mode is fp8 (Ada/Hopper GPUs), the same weight bytes as int8.

@@ -38,7 +38,7 @@ def parse(argv):
 def test_two_cards_give_tensor_parallel_with_the_plan_numbers():
     plan = plan_memory(glm4_9b_chat_config(), ["24GiB", "24GiB"], context_len=8192, batch_size=8, prefill_chunk=2048)
     args = parse(vllm_serve_command(plan))
-    assert args.model_tag == "THUDM/glm-4-9b-chat-hf" and args.served_model_name == ["glm-4", "glm-4-9b-chat"]
+    assert args.model_tag == "zai-org/glm-4-9b-chat-hf" and args.served_model_name == ["glm-4", "glm-4-9b-chat"]
     assert (args.tensor_parallel_size, args.pipeline_parallel_size) == (2, None)
     assert (args.max_model_len, args.max_num_seqs, args.max_num_batched_tokens) == (8192, 8, 8 * 2048)
     assert args.gpu_memory_utilization == 0.9 and args.dtype == "bfloat16" and args.quantization is None
