@@ -104,3 +104,11 @@ def test_cross_origin_pages_are_refused_and_text_plain_too(keyless):
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == PAGE
     r = httpx.post(srv.url + "/chat/completions", json=CHAT, headers={"Origin": PAGE})
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == PAGE
+
+
+def test_serve_flags_parse():
+    args = cli.build_parser().parse_args(["serve", "--served-model-name", "a", "b", "--allowed-hosts", "api.example",
+                                          "--allowed-origins", PAGE, "--host", "0.0.0.0", "--allow-unauthenticated"])
+    assert args.served_model_name == ["a", "b"] and args.allowed_hosts == ["api.example"]
+    assert args.allowed_origins == [PAGE] and args.allow_unauthenticated
+    assert cli.build_parser().parse_args(["serve", "--model-name", "x"]).served_model_name == ["x"]  # the old flag
