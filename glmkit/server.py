@@ -607,7 +607,8 @@ def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000,
     if warning:
         print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_context=max_context, fast_decode=fast_decode)
-    app = create_app(engine, model_name, api_key, allowed_hosts or default_allowed_hosts(host), allowed_origins)
+    app = create_app(engine, model_name, api_key, allowed_hosts or default_allowed_hosts(host, api_key),
+                     allowed_origins)
     uvicorn.run(app, host=host, port=port, log_level="info")
 
 

@@ -2,10 +2,10 @@
 
 A keyless server on loopback is still reachable from every web page the user opens: a cross-origin ``text/plain``
 POST needs no CORS preflight, and DNS rebinding points an attacker's name at 127.0.0.1 so the browser reads the
-replies. So ``glmkit serve`` checks the ``Host`` header against ``allowed_hosts`` (loopback names by default),
-refuses an ``Origin`` that is not in ``allowed_origins``, requires ``Content-Type: application/json`` on JSON
-endpoints, bounds the body's size and nesting depth, compares the API key in constant time, and refuses to listen
-beyond loopback without a key unless told ``--allow-unauthenticated``. Introduced in
+replies. So ``glmkit serve`` checks the ``Host`` header against ``allowed_hosts`` (loopback names by default;
+any name with an API key beyond loopback), refuses an ``Origin`` that is not in ``allowed_origins``, requires
+``Content-Type: application/json`` on JSON endpoints, bounds the body's size and nesting depth, compares the API
+key in constant time, and refuses to listen beyond loopback without a key unless told ``--allow-unauthenticated``. Introduced in
 ``notebooks/07_openai_server.ipynb``.
 
 >>> default_allowed_hosts("127.0.0.1")
@@ -63,15 +63,23 @@ use your GPUs. Give --api-key KEY (or set GLMKIT_API_KEY), or pass --allow-unaut
                          "reach it can use your GPUs. Give --api-key KEY (or set GLMKIT_API_KEY), or pass "
                          "--allow-unauthenticated if the network is yours.")
     return (f"WARNING: glmkit serve listens on {host} WITHOUT an API key (--allow-unauthenticated): anyone who can "
-            "reach this port can run the model. Prefer --api-key, or a reverse proxy that authenticates.")
+            "reach this port can run the model. Prefer --api-key, or a reverse proxy that authenticates. Clients "
+            "must use a name given to --allowed-hosts (default: loopback names and the address bound).")
 
 
-def default_allowed_hosts(host: str) -> list[str]:
-    """``Host`` header values served by default: the loopback names on loopback, else any (``*``).
+def default_allowed_hosts(host: str, api_key: str | None = None) -> list[str]:
+    """``Host`` header names served by default: the loopback names on loopback; any (``*``) elsewhere with an API
+    key; without one, the loopback names and the address bound (``--allowed-hosts`` adds the names clients use).
 
-    Beyond loopback the clients' name for the machine is unknown; pass ``--allowed-hosts`` to narrow it.
+    >>> default_allowed_hosts("0.0.0.0", api_key="k"), default_allowed_hosts("192.168.1.5")
+    (['*'], ['localhost', '127.0.0.1', '::1', '192.168.1.5'])
     """
-    return list(LOOPBACK_NAMES) if is_loopback(host) else ["*"]
+    if is_loopback(host):
+        return list(LOOPBACK_NAMES)
+    if api_key:
+        return ["*"]
+    wildcard = host.strip("[]") in ("0.0.0.0", "::", "")
+    return [*LOOPBACK_NAMES, *([] if wildcard else [host.strip("[]")])]
 
 
 def _host_name(header: str) -> str:

@@ -52,7 +52,8 @@ def test_glmkit_serve_refuses_before_loading(monkeypatch, capsys):
 
 def test_host_origin_and_key_rules():
     assert default_allowed_hosts("127.0.0.1") == ["localhost", "127.0.0.1", "::1"]
-    assert default_allowed_hosts("0.0.0.0") == ["*"]
+    assert default_allowed_hosts("0.0.0.0", api_key="k") == ["*"]  # a key guards it; clients may use any name
+    assert default_allowed_hosts("0.0.0.0") == ["localhost", "127.0.0.1", "::1"]  # no key: the operator names them
     loop = default_allowed_hosts("127.0.0.1")
     assert host_allowed("127.0.0.1:8000", loop) and host_allowed("[::1]:8000", loop) and host_allowed("LOCALHOST", loop)
     assert not host_allowed("attacker.example:8000", loop) and not host_allowed(None, loop)
