@@ -406,3 +406,15 @@ def test_body_limits_and_content_type(server, client):
     r = httpx.post(url, content=json.dumps({"messages": HI}).encode(), headers={**AUTH, "Content-Type": "text/plain"})
     assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
     assert "40" in ask(client, max_tokens=20).choices[0].message.content  # still serving
+
+
+def test_openai_client_sees_4xx_as_its_own_errors(client):
+    assert ask(client, max_tokens=4, n=None).choices[0].message.content is not None  # the client sends "n": null
+    with pytest.raises(openai.BadRequestError, match="does not constrain decoding"):
+        ask(client, max_tokens=4, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="'seed'"):
+        ask(client, max_tokens=4, seed=2**70)
+    with pytest.raises(openai.NotFoundError, match="serves 'glm-4', 'glm-4-9b-chat'"):
+        client.chat.completions.create(model="gpt-5", messages=HI)
+    with pytest.raises(openai.BadRequestError, match="'suffix' is not supported"):
+        client.completions.create(model="glm-4", prompt="hi", suffix="end")
