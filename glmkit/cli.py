@@ -35,6 +35,11 @@ def _plan(args: argparse.Namespace) -> None:
     print()
     print(plan.advice())
     print(f"\nlongest context that fits: {max_context(config, args.devices, **kw)} tokens")
+    if args.for_server == "vllm":
+        from glmkit.vllm_command import VLLM_MODEL, vllm_serve_line
+
+        line = vllm_serve_line(plan, model=args.model or VLLM_MODEL, gpu_memory=args.gpu_memory)
+        print(f"\nthe same workload on vLLM (same names and API for clients):\n{line}")
 
 
 def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
@@ -167,20 +172,23 @@ def _serve(args: argparse.Namespace) -> None:
     from glmkit.env import use_expandable_segments
     from glmkit.loading import load_model, load_tokenizer
     from glmkit.models import default_model_path
-    from glmkit.server import default_batch_size, serve
+    from glmkit.server import default_batch_size, serve, served_model_names
+    from glmkit.server_guard import check_exposure
 
+    api_key = args.api_key or os.environ.get("GLMKIT_API_KEY")
+    check_exposure(args.host, api_key, args.allow_unauthenticated)  # refuse before minutes of loading
     use_expandable_segments()
     model_path = args.model or str(default_model_path())
+    names = served_model_names(model_path, args.served_model_name)
     device_map = device_map_option(args.device_map, model_path)
     model = load_model(model_path, dtype=args.dtype, device_map=device_map, quantization=args.quantization)
     max_context = args.max_context or min(4096, int(getattr(model.config, "max_position_embeddings", 4096)))
     batch = args.max_batch_size or default_batch_size(model.config, max_context, quantization=args.quantization)
-    api_key = args.api_key or os.environ.get("GLMKIT_API_KEY")
-    print(f"glmkit serve: {args.model_name} on http://{args.host}:{args.port}/v1, batch {batch}, context {max_context}"
-          + (", API key required" if api_key else "") + (", fast decode" if args.fast_decode else ""),
+    print(f"glmkit serve: {', '.join(names)} on http://{args.host}:{args.port}/v1, batch {batch}, context "
+          f"{max_context}" + (", API key required" if api_key else "") + (", fast decode" if args.fast_decode else ""),
           flush=True)
-    serve(model, load_tokenizer(model_path), args.host, args.port, api_key, args.model_name, batch, max_context,
-          args.fast_decode)
+    serve(model, load_tokenizer(model_path), args.host, args.port, api_key, names, batch, max_context,
+          args.fast_decode, args.allowed_hosts, args.allowed_origins or (), args.allow_unauthenticated)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -204,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantization", choices=["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"])
     p.add_argument("--prefill-chunk", type=int, help="prefill in chunks of this many tokens")
+    p.add_argument("--for", dest="for_server", choices=["vllm"], help="also print the `vllm serve` command line")
+    p.add_argument("--gpu-memory", help="each card's whole memory, when --devices budgets only part of it (--for vllm)")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("generate", help="greedy reply to --prompt; --tp N splits the model over N processes")
@@ -232,13 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server (loopback by default)")
     p.add_argument("--model", help="checkpoint folder (default: $GLMKIT_MODEL or the tiny trained GLM)")
-    p.add_argument("--model-name", default="glm-4-9b-chat", help="the name clients ask for")
+    p.add_argument("--served-model-name", "--model-name", nargs="+", metavar="NAME",
+                   help="names clients may ask for (default: glm-4, glm-4-9b-chat and the model folder's name)")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP)
     p.add_argument("--quantization", choices=["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"])
     p.add_argument("--dtype", default="auto")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set GLMKIT_API_KEY)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="listen beyond loopback without an API key (refused otherwise)")
+    p.add_argument("--allowed-hosts", nargs="+", metavar="HOST",
+                   help="Host header names served (default: localhost names on loopback, any elsewhere)")
+    p.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
+                   help="web page origins allowed to call the server, like http://localhost:3000 (default: none)")
     p.add_argument("--max-batch-size", type=int, help="default: the largest batch the planner fits on the GPUs")
     p.add_argument("--max-context", type=int, help="prompt + new tokens per request (default 4096)")
     p.add_argument("--fast-decode", action="store_true",
