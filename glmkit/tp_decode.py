@@ -124,12 +124,15 @@ class TPDecoder:
         rank, world: this rank and the number of ranks (default: from ``group``, else 0 and 1).
         device: where the shard lives (default: the model's device).
         cuda_graph, compile, gemv: as ``FastDecoder`` (defaults: on a GPU; Triton GEMVs at batch 1 on Ampere+).
+        graph_batch_sizes: the batch sizes captured (default 1, 2, 4, ... up to ``batch_size``); a step of k rows
+            runs the smallest that holds them.
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
                  group: dist.ProcessGroup | None = None, rank: int | None = None, world: int | None = None,
                  device: torch.device | str | None = None, cuda_graph: bool | None = None,
-                 compile: bool | None = None, gemv: bool | str = "auto") -> None:
+                 compile: bool | None = None, gemv: bool | str = "auto",
+                 graph_batch_sizes: list[int] | None = None) -> None:
         FastDecoder.check(model)
         self.group = group
         self.rank = rank if rank is not None else (dist.get_rank(group) if group is not None else 0)
@@ -140,7 +143,7 @@ class TPDecoder:
         on_gpu = self.device.type == "cuda"
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
         self.compiled = on_gpu if compile is None else compile
-        self.gemv = auto_gemv(self.device, batch_size) if gemv == "auto" else gemv
+        self.gemv = auto_gemv(self.device, 1) if gemv == "auto" else gemv  # used by the batch-1 bucket
         self.max_len, self.batch_size = max_len, batch_size
         self.heads, self.kv_heads = cfg.num_attention_heads // self.world, cfg.num_key_value_heads // self.world
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -176,7 +179,9 @@ class TPDecoder:
             return torch.compile(fn, fullgraph=True, dynamic=False) if self.compiled else fn
 
         self._attention, self._mlp, self._next = map(maybe_compile, (attention_half, mlp_half, next_input))
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.buckets = sorted(set(graph_batch_sizes or [2**i for i in range(batch_size.bit_length()) if 2**i < batch_size]
+                                  + [batch_size]))
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.ready = False
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -212,53 +217,78 @@ class TPDecoder:
         head = "triton" if gemv == "triton" else False
         return _linear(h[:, -1:], self.lm_head, self.lm_head_bias, head)[:, -1]
 
-    @torch.no_grad()
-    def _step(self) -> None:
-        part = self._forward(self.tokens, self.pos[:, None], slice(None), self.gemv, self._attention, self._mlp,
-                             self._next)
-        self.logits.copy_(self._gather_logits(part))
+    def bucket(self, k: int) -> int:
+        """The smallest captured batch size that holds ``k`` rows."""
+        if not 1 <= k <= self.batch_size:
+            raise ValueError(f"This decoder holds 1..{self.batch_size} rows, got {k}.")
+        return min(b for b in self.buckets if b >= k)
 
-    def _first_step(self) -> None:
-        if self.use_graph:
+    @torch.no_grad()
+    def _step(self, b: int) -> None:
+        """One token for rows 0..b-1: reads self.tokens/self.pos, writes self.logits."""
+        gemv = self.gemv if b == 1 else False  # glmkit's Triton GEMVs read one token; cuBLAS for more
+        part = self._forward(self.tokens[:b], self.pos[:b, None], slice(0, b), gemv, self._attention, self._mlp,
+                             self._next)
+        self.logits[:b].copy_(self._gather_logits(part))
+
+    def _capture(self) -> None:
+        """Compile and (on a GPU) capture one graph per bucket, collectives included."""
+        for b in self.buckets:
+            if not self.use_graph:
+                self._step(b)
+                continue
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(3):  # compile, autotune and allocate outside the graph
-                    self._step()
+                    self._step(b)
             torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self._step()
-        else:
-            self._step()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(b)
+            self.graphs[b] = graph
         self.ready = True
 
     @torch.no_grad()
-    def prefill(self, input_ids: torch.Tensor, chunk: int | None = None, slot: int | None = None) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, chunk: int | None = None, slot: int | None = None,
+                start: int = 0) -> torch.Tensor:
         """Run prompts ``[b, n]`` (or one prompt into row ``slot``) through the rank's shard in ``chunk``-token
-        pieces, filling the static cache; returns the last position's logits ``[b, vocab]`` (same on every rank)."""
+        pieces, filling the static cache from position ``start`` (the earlier positions already there); returns
+        the last position's logits ``[b, vocab]`` (the same on every rank)."""
         b, n = input_ids.shape
         if slot is None and b != self.batch_size:
             raise ValueError(f"This decoder was built for batch size {self.batch_size}, got {b} prompts.")
-        if n >= self.max_len:
-            raise ValueError(f"The prompt has {n} tokens; the static cache holds {self.max_len} (raise max_len).")
+        if slot is not None and (b != 1 or not 0 <= slot < self.batch_size):
+            raise ValueError(f"A slot takes one prompt and is one of 0..{self.batch_size - 1}; got {b} prompts "
+                             f"for slot {slot}.")
+        if start + n >= self.max_len:
+            raise ValueError(f"The prompt reaches position {start + n}; the static cache holds {self.max_len} "
+                             "(raise max_len).")
         if not self.ready:
-            self._first_step()  # before the cache is filled: warm-up steps write K/V at position 0
+            self._capture()  # before the cache is filled: warm-up steps write K/V at position 0
         rows = slice(None) if slot is None else slice(slot, slot + 1)
         input_ids = input_ids.to(self.device)
         step = chunk or n
-        for start in range(0, n, step):
-            piece = input_ids[:, start:start + step]
-            pos = torch.arange(start, start + piece.shape[1], device=self.device).expand(b, -1)
+        for first in range(0, n, step):
+            piece = input_ids[:, first:first + step]
+            pos = torch.arange(start + first, start + first + piece.shape[1], device=self.device).expand(b, -1)
             part = self._forward(piece, pos, rows, False, attention_half, mlp_half, next_input)
         return self._gather_logits(part)
 
     def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
-        """Logits ``[b, vocab]`` for ``tokens`` ``[b]`` at ``pos`` (one for all rows, or ``[b]``)."""
-        self.tokens.copy_(tokens.view(-1, 1))
-        self.pos.copy_(pos) if isinstance(pos, torch.Tensor) else self.pos.fill_(pos)
-        self.graph.replay() if self.graph is not None else self._step()
-        return self.logits
+        """Logits ``[k, vocab]`` for ``tokens`` ``[k]`` of rows 0..k-1 at ``pos`` (one for all rows, or ``[k]``),
+        with the smallest captured batch that holds them (its other rows decode a dummy token at position 0, which
+        a later prefill of that row overwrites). The logits are valid until the next step."""
+        k = tokens.numel()
+        b = self.bucket(k)
+        self.tokens[:k].copy_(tokens.view(-1, 1))
+        self.tokens[k:b].zero_()
+        self.pos[:k].copy_(pos) if isinstance(pos, torch.Tensor) else self.pos[:k].fill_(pos)
+        self.pos[k:b].zero_()
+        if not self.ready:
+            self._capture()
+        self.graphs[b].replay() if b in self.graphs else self._step(b)
+        return self.logits[:k]
 
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, eos: list[int] | None = None, ignore_eos: bool = False,
@@ -292,3 +322,46 @@ class TPDecoder:
 
     # the same measurement as the one-device decoder's (prefill and warm-up excluded), so the two compare directly
     tokens_per_second = FastDecoder.tokens_per_second
+
+
+class TPLeader:
+    """Rank 0's handle on its ``TPDecoder`` for a server: every ``prefill``/``decode_step`` is first sent to the other
+    ranks (``follow``), which run the same call on their shards, so the collectives inside meet. The serving engine
+    drives it like a one-device decoder. ``close()`` releases the followers.
+
+    Commands travel as small Python objects over ``group`` (a gloo group: host memory, off the GPU's stream).
+    """
+
+    def __init__(self, decoder: TPDecoder, group: dist.ProcessGroup | None = None) -> None:
+        self.decoder, self.group = decoder, group
+        for name in ("batch_size", "max_len", "device", "dtype", "buckets", "bucket"):
+            setattr(self, name, getattr(decoder, name))
+
+    def _send(self, *command: Any) -> None:
+        dist.broadcast_object_list([command], src=dist.get_global_rank(self.group, 0) if self.group else 0,
+                                   group=self.group)
+
+    def prefill(self, input_ids: torch.Tensor, chunk: int | None = None, slot: int | None = None,
+                start: int = 0) -> torch.Tensor:
+        self._send("prefill", input_ids.cpu(), chunk, slot, start)
+        return self.decoder.prefill(input_ids, chunk, slot, start)
+
+    def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+        self._send("decode_step", tokens.cpu(), pos.cpu() if isinstance(pos, torch.Tensor) else pos)
+        return self.decoder.decode_step(tokens, pos)
+
+    def close(self) -> None:
+        self._send("stop")
+
+
+def follow(decoder: TPDecoder, group: dist.ProcessGroup | None = None) -> int:
+    """Run what the leader (rank 0's ``TPLeader``) sends until it says stop; returns the number of calls run."""
+    calls = 0
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+        name, *args = box[0]
+        if name == "stop":
+            return calls
+        getattr(decoder, name)(*args)
+        calls += 1
