@@ -139,6 +139,7 @@ class TPDecoder:
         self.world = world if world is not None else (dist.get_world_size(group) if group is not None else 1)
         cfg = model.config
         self.device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
+        self.devices = [self.device]  # (as FastDecoder's, whose tokens_per_second this class shares)
         self.dtype = model.get_input_embeddings().weight.dtype
         on_gpu = self.device.type == "cuda"
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
