@@ -60,8 +60,8 @@ def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
     return True
 
 
-FAST_DECODE_HELP = ("the fast path (glmkit.fast_decode.FastDecoder): static cache, CUDA graphs, one per GPU of a "
-                    "--device-map split; 16/32-bit weights, more GPU memory")
+FAST_DECODE_HELP = ("the fast path: static cache and CUDA graphs (FastDecoder: one per GPU of a --device-map split; "
+                    "with --tp N, TPDecoder: every layer split over N processes); 16/32-bit weights, more GPU memory")
 
 DEVICE_MAP_HELP = "auto, balanced, sequential, cpu, cuda:0, or layers per GPU like 20,20"
 
@@ -89,11 +89,10 @@ def _command_model(args: argparse.Namespace) -> tuple[object, str]:
     model_path = args.model or str(default_model_path())
     if getattr(args, "device_map", None) and args.tp > 1:
         raise ValueError("use --tp or --device-map, not both: tensor parallelism places the model itself.")
-    if getattr(args, "fast_decode", False) and args.tp > 1:
-        raise ValueError("--fast-decode runs in one process: split the model with --device-map 20,20 (or auto) "
-                         "instead of --tp.")
     if _relaunched_for_tp(args, model_path):
         return None, model_path
+    if parallel.in_torchrun() and getattr(args, "fast_decode", False):  # TPDecoder takes its rank's slices from it
+        return load_model(model_path, dtype=args.dtype, device_map="cpu"), model_path
     if parallel.in_torchrun():
         return parallel.load_tp_model(model_path, args.dtype), model_path
     device_map = device_map_option(getattr(args, "device_map", None), model_path)
@@ -107,6 +106,7 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from glmkit import parallel
+    from glmkit.generation import eos_token_ids
     from glmkit.loading import load_tokenizer
 
     model, model_path = _command_model(args)
@@ -120,18 +120,26 @@ def _generate(args: argparse.Namespace) -> None:
         from glmkit.generation import encode_chat
 
         ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}], device=device)["input_ids"]
-    if args.fast_decode:  # static cache and CUDA graphs, one per device of a split; greedy, stops at an end token
+    max_len = ids.shape[1] + args.max_new_tokens
+    sampling = {"temperature": args.temperature}
+    if args.fast_decode and parallel.in_torchrun():  # every rank holds its slices; all pick the same tokens
+        out = parallel.tp_decoder(model, max_len).generate(ids, args.max_new_tokens, eos=eos_token_ids(model),
+                                                            seed=args.seed, **sampling)
+    elif args.fast_decode:  # static cache and CUDA graphs, one per device of a split; stops at an end token
         from glmkit.fast_decode import FastDecoder
 
-        out = FastDecoder(model, max_len=ids.shape[1] + args.max_new_tokens).generate(ids, args.max_new_tokens)
+        generator = torch.Generator(device).manual_seed(args.seed) if args.temperature > 0 else None
+        out = FastDecoder(model, max_len=max_len).generate(ids, args.max_new_tokens, generator=generator, **sampling)
     else:
+        torch.manual_seed(args.seed)
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                 do_sample=False)
+                                 do_sample=args.temperature > 0, **sampling if args.temperature > 0 else {})
     new = out[0, ids.shape[1]:].tolist()
+    agree = parallel.ranks_agree(new)
     if parallel.rank() == 0:  # only rank 0 talks to the user
         text = tokenizer.decode(new, skip_special_tokens=True).lstrip("\n")
-        result = {"tokens": new, "text": text, "processes": parallel.world_size()}
+        result = {"tokens": new, "text": text, "processes": parallel.world_size(), "ranks_agree": agree}
         print(json.dumps(result) if args.json else text)
 
 
@@ -149,9 +157,14 @@ def _bench(args: argparse.Namespace) -> None:
     if model is None:
         return
     path = "fast" if args.fast_decode else "generate"
-    if not args.fast_decode:  # (the fast path warms itself up: compile and graph capture are not timed)
-        measure_decode(model, "generate", args.batch, args.prompt_len, 4)  # warm-up
-    row = measure_decode(model, path, args.batch, args.prompt_len, args.new_tokens)
+    if args.fast_decode and parallel.in_torchrun():  # the TP fast decoder (warms itself up, as FastDecoder)
+        decoder = parallel.tp_decoder(model, args.prompt_len + args.new_tokens, args.batch)
+        row = {"path": "fast (tensor parallel)", "batch_size": args.batch, "prompt_len": args.prompt_len,
+               **decoder.tokens_per_second(args.prompt_len, args.new_tokens)}
+    else:
+        if not args.fast_decode:  # (the fast path warms itself up: compile and graph capture are not timed)
+            measure_decode(model, "generate", args.batch, args.prompt_len, 4)  # warm-up
+        row = measure_decode(model, path, args.batch, args.prompt_len, args.new_tokens)
     row["mode"] = (f"tensor parallel x{parallel.world_size()}" if parallel.in_torchrun() else
                    f"device map {args.device_map}" if args.device_map else "one device")
     cuda = torch.cuda.is_available()
@@ -221,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="How many layers does GLM-4-9B-Chat have?")
     p.add_argument("--prompt-ids", nargs="+", type=int, help="raw token ids instead of a chat message")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampled")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (every --tp process uses the same)")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP + " (instead of --tp)")
