@@ -170,7 +170,9 @@ class TPDecoder:
         self.positions = torch.arange(max_len, device=self.device)
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        self.logits = torch.zeros(batch_size, self.vocab, dtype=torch.float32, device=self.device)
+        alone = group is None and self.world > 1  # one rank's shard measured alone: its slice of the vocabulary
+        width = self.vocab // self.world if alone else self.vocab
+        self.logits = torch.zeros(batch_size, width, dtype=torch.float32, device=self.device)
         if self.compiled:
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
