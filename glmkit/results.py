@@ -529,7 +529,8 @@ def long_context_table(result: dict[str, Any]) -> Table:
     env = result["environment"]
     return table(["card", "prefill", "prompt tokens", "fits", "planner: longest that fits", "planned GiB",
                   "peak reserved GiB", "planner error"], rows,
-                 caption=f"{env['device']} with the allocator capped; {result['method']}")
+                 caption=f"{env['device']} with PyTorch's allocator capped (set_per_process_memory_fraction); prompt + 4 "
+                         "new tokens; planned on the same terms: no CUDA context, expandable segments")
 
 
 def _run(result: dict[str, Any], setup: str, mode: str, chunk: int | None = None, ok: bool | None = None,
@@ -705,6 +706,17 @@ def monitor_sentence() -> Text:
                  f"{len(fast['decode_tok_s']['none'])} rotated runs per setting: median cost under "
                  f"{max(100 * cost, 0.01):.2f}% at every interval (`monitor_check_fast.json`).")
     return Text(text)
+
+
+def precision_quality_sentence(report: Any) -> Text:
+    """Perplexity and greedy agreement per precision against the first (bf16) from a live
+    ``glmkit.quantization.compare_precisions`` report (notebook 04)."""
+    base = report.results[0]
+    ppl = ", ".join(f"{r.precision} {r.perplexity:.4f}"
+                    + ("" if r is base else f" ({_pct(r.perplexity / base.perplexity - 1, 2)})") for r in report.results)
+    agree = ", ".join(f"{r.precision} {100 * r.agreement:.0f}%" for r in report.results[1:])
+    return Text(f"Measured here ({report.device}): held-out perplexity {ppl}. Greedy tokens that agree with "
+                f"{base.precision}'s: {agree}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
