@@ -303,7 +303,8 @@ def decode_sentence() -> Text:
             f"({plain['decode_tok_s']:.1f} tok/s) in that run, against {static['decode_tok_s']:.1f} tok/s for "
             f"transformers' static cache with its own compilation. The same decoder with cuBLAS for every projection "
             f"(`FastDecoder(gemv=False)`) gave {cublas['decode_tok_s']:.1f} tok/s "
-            f"({100 * cublas['fraction_of_roofline']:.1f}%): the next section shows where the difference comes from. "
+            f"({100 * cublas['fraction_of_roofline']:.1f}%): the difference is glmkit's Triton matrix-vector kernels "
+            f"(`glmkit.gemv`). "
             f"Plain `generate()` at batch 1 is bound by the host CPU and varies between runs and machines: "
             f"{_range(monitor)} tok/s over {len(monitor)} runs in one process (`monitor_check.json`), and "
             f"{', '.join(f'{s:.1f}' for s in others)} tok/s in the other result files.")
@@ -731,12 +732,18 @@ def readme_measured_section() -> str:
     """The README's measured figures, as Markdown bullets, from the committed results (``python -m glmkit.results``
     prints it; ``tests/test_results.py`` fails when the README's copy differs)."""
     decode = load("decode")
-    bullets = [quantization_sentence(), "**Planner vs measured peak**: " + planner_sentence(), oom_sentence(),
-               monitor_sentence(), "**Fast decode path**: " + decode_sentence().replace("\n\n", " "),
-               gemv_sentence(), profile_sentence(), "**Long prompts**: " + long_context_sentence(),
+    bullets = [quantization_sentence(), "**Planner vs measured peak**: " + planner_sentence(),
+               "**A real OOM**: " + oom_sentence(), monitor_sentence(),
+               "**Fast decode path**: " + decode_sentence().replace("\n\n", " "),
+               "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
+               "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
                "**Tensor parallel**: " + tensor_parallel_sentence()]
-    head = f"Measured on {measured_on(decode)}" if decode else "Measured"
+    head = "Measured"
+    if decode:
+        v = decode["environment"]["versions"]
+        head = (f"Measured on an {decode['environment']['device']} (torch {v['torch']}, transformers {v['transformers']}, "
+                f"bitsandbytes {v['bitsandbytes']}; {decode['environment']['date']})")
     return "\n".join([README_BEGIN, f"{head} (GLM-4-9B-Chat architecture, random weights; raw results in "
                       "`benchmarks/results/`):", ""] + [f"- {b}" for b in bullets] + [README_END])
 
