@@ -12,6 +12,7 @@ Taught in ``notebooks/09_the_guide_point_by_point.ipynb``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache, lru_cache
 from typing import Any
 
 from glmkit.results import Table, table
@@ -45,16 +46,25 @@ CARDS = {c.name: c for c in [
 ]}
 
 
-def bytes_per_token(precision: str = "bf16", config: Any = None) -> int:
-    """Weight bytes one decode step reads: every weight except the embedding table, of which it reads one row."""
+@lru_cache(maxsize=1)
+def _glm4() -> Any:
+    """GLM-4-9B-Chat on the meta device, built once: the planner's calls below then take milliseconds."""
+    from glmkit.device_map import as_model
     from glmkit.models import glm4_9b_chat_config
+
+    return as_model(glm4_9b_chat_config())
+
+
+@cache
+def bytes_per_token(precision: str = "bf16") -> int:
+    """Weight bytes one GLM-4-9B-Chat decode step reads: every weight except the embedding table (one row of it)."""
     from glmkit.planning import unit_weight_bytes
     from glmkit.quantization import PRECISIONS
 
-    cfg = config or glm4_9b_chat_config()
     dtype, quantization = PRECISIONS[precision]
-    sizes = unit_weight_bytes(cfg, dtype, quantization)
-    return sum(sizes.values()) - sizes.get("model.rotary_emb", 0) - sizes["model.embed_tokens"] + 2 * cfg.hidden_size
+    sizes = unit_weight_bytes(_glm4(), dtype, quantization)
+    hidden = _glm4().config.hidden_size
+    return sum(sizes.values()) - sizes.get("model.rotary_emb", 0) - sizes["model.embed_tokens"] + 2 * hidden
 
 
 def speed_ceiling(card: str | Card, precision: str = "bf16", tensor_parallel: int = 1) -> float:
@@ -78,10 +88,9 @@ def ceiling_table(cards: list[str] | None = None) -> Table:
 
 def decision_table(context_len: int = 8192) -> Table:
     """What to run on one or two cards of a size, checked with the planner at ``context_len`` tokens."""
-    from glmkit.models import glm4_9b_chat_config
     from glmkit.planning import max_context, plan_memory
 
-    cfg = glm4_9b_chat_config()
+    cfg = _glm4()
     ratio = bytes_per_token() / bytes_per_token("nf4")
     rows = []
     for size in ("8GiB", "11GiB", "12GiB", "16GiB", "24GiB"):

@@ -68,7 +68,7 @@ def from_result(name: str, render: Callable[[dict[str, Any]], str], *, what: str
     return Text(render(result)) if result is not None else not_measured(what, script)
 
 
-@dataclass
+@dataclass(repr=False)
 class Table:
     """Headers and rows of strings; an HTML table in Jupyter, a text table in a terminal."""
 
@@ -81,6 +81,8 @@ class Table:
 
     def __str__(self) -> str:
         return (self.caption + "\n" if self.caption else "") + text_table(self.headers, self.rows)
+
+    __repr__ = __str__
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> Table:
