@@ -87,12 +87,17 @@ def test_missing_result_says_not_measured_and_switches_once_measured(tmp_path, m
     assert "not measured yet" in results.tensor_parallel_sentence()
     assert "not measured yet" in results.two_gpu_sentence()
     env = {"device": "NVIDIA H200", "date": "2026-11-29"}
-    runs = [{"mode": "1 GPU", "batch_size": 1, "decode_tok_s": 20.0},
+    runs = [{"mode": "one GPU", "batch_size": 1, "decode_tok_s": 20.0},
             {"mode": "2-GPU tensor parallel", "batch_size": 1, "decode_tok_s": 10.0}]
     (tmp_path / "tensor_parallel.json").write_text(json.dumps({"environment": env, "method": "m", "runs": runs}))
     sentence = results.tensor_parallel_sentence()
     assert "not measured" not in sentence and "10.0 tok/s (0.50x one GPU)" in sentence
     assert "10.0" in str(results.tensor_parallel_table())
+    maps = [{"map": "manual 20/20", "planned": [10 * 2**30, 11 * 2**30], "peak_reserved": [10 * 2**30, 12 * 2**30]}]
+    longest = [{"mode": "plain generate(), accelerate auto", "prompt_len": 16384, "ok": False}]
+    (tmp_path / "two_gpu.json").write_text(json.dumps({"environment": env, "maps": maps, "longest": longest}))
+    sentence = results.two_gpu_sentence()
+    assert "10.00 / 12.00 GiB against 10.00 / 11.00 planned" in sentence and "16,384 tokens OOM" in sentence
 
 
 def test_rendered_sentences_match_the_committed_files():
