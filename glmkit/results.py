@@ -646,6 +646,21 @@ def two_gpu_sentence() -> Text:
                        script="benchmarks/two_gpu.py")
 
 
+def gpu_links_sentence() -> Text:
+    """The link between two GPUs: bandwidth and the time one token's hidden state takes (``gpu_links.json``)."""
+    def render(r: dict[str, Any]) -> str:
+        links = ", ".join(sorted({"NVLink" if x.get("nvlink") else f"PCIe ({x.get('pcie_path', '?')})"
+                                  for x in r.get("links", [])})) or "not recorded"
+        parts = []
+        for d in r["directions"]:
+            one = d["hidden_state_seconds"].get("1", d["hidden_state_seconds"].get(1))
+            parts.append(f"GPU {d['from']} → {d['to']}: {d['bandwidth_bytes_s'] / 1e9:.0f} GB/s for large copies, "
+                         f"one token's hidden state ({r['hidden_state_bytes'] // 1024} KiB) in {1e6 * one:.0f} µs")
+        return f"Measured on two {r['environment']['device']} (link: {links}): " + "; ".join(parts) + "."
+    return from_result("gpu_links", render, what="The time of one small transfer between two GPUs",
+                       script="benchmarks/gpu_links.py")
+
+
 def tensor_parallel_table() -> Table | Text:
     """``tensor_parallel.json`` as a table (one GPU, layer split, tensor parallel), or "not measured yet"."""
     r = load("tensor_parallel")
