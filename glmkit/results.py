@@ -573,7 +573,7 @@ def long_context_sentence() -> Text:
         f"({bf16_chunk}-token chunks) **{longest('bf16@24GiB', 'chunked', bf16_chunk)}** tokens. nf4 on 12 GiB: plain "
         f"{longest('nf4@12GiB', 'plain')}; {nf4_chunks}. The cap covers PyTorch's allocator only: at the nf4 "
         f"{top['prompt_len']:,}-token peak it had reserved {top['peak_reserved'] / GiB:.2f} GiB, and the process used "
-        f"another {_range(outside, 2)} GiB outside PyTorch (the CUDA context and libraries, read from the OOM messages), "
+        f"another {_range(outside, 2)} GiB outside PyTorch (the CUDA context and libraries, read from the OOM messages of the runs that failed), "
         f"so a real 12 GB card, which also shows CUDA less than 12 GiB, would not hold that run: plan it with the CUDA "
         f"context counted (below). The planner's totals are within {_range([100 * e for e in static], 1, '%')} of the "
         f"peak reserved memory of every run that fit with glmkit's static KV cache; the runs with transformers' "
