@@ -744,13 +744,14 @@ def precision_quality_sentence(report: Any) -> Text:
 # The README's measured section
 
 
-README_BEGIN = "<!-- measured: rendered by `python -m glmkit.results` from benchmarks/results; do not edit by hand -->"
+README_BEGIN = ("<!-- measured: rendered by `python -m glmkit.results --update-readme` from benchmarks/results; "
+                "do not edit by hand -->")
 README_END = "<!-- end of measured -->"
 
 
 def readme_measured_section() -> str:
     """The README's measured figures, as Markdown bullets, from the committed results (``python -m glmkit.results``
-    prints it; ``tests/test_results.py`` fails when the README's copy differs)."""
+    prints it, ``--update-readme`` writes it; ``tests/test_results.py`` fails when the README's copy differs)."""
     decode = load("decode")
     bullets = [quantization_sentence(), "**Planner vs measured peak**: " + planner_sentence(),
                "**A real OOM**: " + oom_sentence(), monitor_sentence(),
@@ -768,5 +769,20 @@ def readme_measured_section() -> str:
                       "`benchmarks/results/`):", ""] + [f"- {b}" for b in bullets] + [README_END])
 
 
+def update_readme(path: str | Path = RESULTS_DIR.parents[1] / "README.md") -> bool:
+    """Replace the README's measured section with a fresh rendering; ``True`` when it changed."""
+    path = Path(path)
+    text = path.read_text()
+    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    new = text[:start] + readme_measured_section() + text[end:]
+    path.write_text(new)
+    return new != text
+
+
 if __name__ == "__main__":
-    print(readme_measured_section())
+    import sys
+
+    if "--update-readme" in sys.argv:  # python -m glmkit.results --update-readme
+        print("README.md updated" if update_readme() else "README.md already matches the results")
+    else:
+        print(readme_measured_section())

@@ -71,7 +71,7 @@ def test_readme_measured_section_is_rendered_from_results():
     readme = (ROOT / "README.md").read_text()
     section = results.readme_measured_section()
     assert section in readme, ("README's measured section differs from the results: run "
-                               "`python -m glmkit.results` and paste its output over the section")
+                               "`python -m glmkit.results --update-readme`")
 
 
 def test_readme_outside_the_rendered_section_states_no_measured_figure():
