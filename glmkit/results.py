@@ -773,7 +773,7 @@ def update_readme(path: str | Path = RESULTS_DIR.parents[1] / "README.md") -> bo
     """Replace the README's measured section with a fresh rendering; ``True`` when it changed."""
     path = Path(path)
     text = path.read_text()
-    start, end = text.index(README_BEGIN), text.index(README_END) + len(README_END)
+    start, end = text.index("<!-- measured:"), text.index(README_END) + len(README_END)  # any earlier marker text
     new = text[:start] + readme_measured_section() + text[end:]
     path.write_text(new)
     return new != text
