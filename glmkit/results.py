@@ -647,6 +647,40 @@ def two_gpu_sentence() -> Text:
                        script="benchmarks/two_gpu.py")
 
 
+def two_gpu_fast_sentence() -> Text:
+    """The fast decode path on the 20/20 split against one GPU (``two_gpu_fast.json``), or "not measured yet"."""
+    def render(r: dict[str, Any]) -> str:
+        split = [x for x in r["rows"] if x["path"] != "one GPU"]
+        one = {x["batch_size"]: x for x in r["rows"] if x["path"] == "one GPU"}
+        parts = []
+        for x in split:
+            b = x["batch_size"]
+            if "decode_tok_s" not in x:
+                parts.append(f"batch {b}: out of memory on the split")
+                continue
+            base = one.get(b, {}).get("decode_tok_s")
+            parts.append(f"batch {b}: {x['decode_tok_s']:.1f} tok/s"
+                         + (f" against {base:.1f} on one GPU ({x['decode_tok_s'] / base:.2f}x)" if base else ""))
+        same = {True: "the same greedy tokens on both", False: "greedy tokens differ"}.get(r.get("greedy_tokens_identical"))
+        return (f"`FastDecoder` on the 20/20 layer split, measured on {measured_on(r)} ({r['mode']}; {r['method']}): "
+                + "; ".join(parts) + "." + (f" {same[0].upper()}{same[1:]}." if same else ""))
+    return from_result("two_gpu_fast", render, what="The fast decode path on a two-GPU layer split",
+                       script="benchmarks/two_gpu_fast.py")
+
+
+def two_gpu_fast_chart() -> Any:
+    """Decode tok/s per batch size, one GPU against the split (``two_gpu_fast.json``); ``None`` before it exists."""
+    r = load("two_gpu_fast")
+    if r is None:
+        return None
+    rows = [x for x in r["rows"] if "decode_tok_s" in x]
+    return line_chart({path: ([x["batch_size"] for x in rows if x["path"] == path],
+                              [x["decode_tok_s"] for x in rows if x["path"] == path])
+                       for path in dict.fromkeys(x["path"] for x in rows)},
+                      xlabel="batch size", ylabel="decode tok/s (summed over the batch)", log=True,
+                      title=f"FastDecoder, GLM-4-9B bf16, 8K cache, {r['environment']['device']}")
+
+
 def gpu_links_sentence() -> Text:
     """The link between two GPUs: bandwidth and the time one token's hidden state takes (``gpu_links.json``)."""
     def render(r: dict[str, Any]) -> str:
@@ -759,6 +793,7 @@ def readme_measured_section() -> str:
                "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
                "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
+               "**Fast path on two GPUs**: " + two_gpu_fast_sentence(),
                "**Tensor parallel**: " + tensor_parallel_sentence()]
     head = "Measured"
     if decode:

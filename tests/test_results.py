@@ -98,6 +98,14 @@ def test_missing_result_says_not_measured_and_switches_once_measured(tmp_path, m
     (tmp_path / "two_gpu.json").write_text(json.dumps({"environment": env, "maps": maps, "longest": longest}))
     sentence = results.two_gpu_sentence()
     assert "10.00 / 12.00 GiB against 10.00 / 11.00 planned" in sentence and "16,384 tokens OOM" in sentence
+    assert "not measured yet" in results.two_gpu_fast_sentence() and results.two_gpu_fast_chart() is None
+    rows = [{"path": "one GPU", "batch_size": 1, "decode_tok_s": 190.0},
+            {"path": "split 20/20", "batch_size": 1, "decode_tok_s": 180.0}]
+    (tmp_path / "two_gpu_fast.json").write_text(json.dumps({"environment": env, "mode": "two GPUs", "method": "m",
+                                                             "rows": rows, "greedy_tokens_identical": True}))
+    assert "180.0 tok/s against 190.0 on one GPU (0.95x)" in results.two_gpu_fast_sentence()
+    assert results.two_gpu_fast_chart() is not None
+    assert "not measured yet" not in results.readme_measured_section().split("**Two GPUs**")[1]
 
 
 def test_rendered_sentences_match_the_committed_files():
