@@ -496,6 +496,19 @@ def plot_profile(result: dict[str, Any]) -> Any:
     return fig
 
 
+def attention_share_sentence() -> Text:
+    """Attention's measured share of GPU time in prefill and in a decode step by context (``attention_share.json``)."""
+    def render(r: dict[str, Any]) -> str:
+        def shares(key: str) -> str:
+            return ", ".join(f"{x['prompt_len']:,}: {100 * x[key]['attention_share']:.1f}%" for x in r["rows"])
+        kernels = sorted({k for x in r["rows"] for k in x["prefill"]["attention_kernels"]})
+        return (f"Measured on {measured_on(r)} (`attention_share.json`, plain forward, `sdpa`): attention's share of "
+                f"GPU time in a prefill, by prompt length, {shares('prefill')}; in one decode step at that context, "
+                f"{shares('decode_step')}. Attention kernels seen: {', '.join(f'`{k}`' for k in kernels) or 'none'}.")
+    return from_result("attention_share", render, what="Attention's share of GPU time by context",
+                       script="benchmarks/attention_share.py")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Long prompts (long_context.json): notebook 05
 
