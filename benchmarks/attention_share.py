@@ -47,15 +47,17 @@ def measure(model: Any, n: int) -> dict[str, Any]:
     import torch
     from transformers import DynamicCache
 
+    from glmkit.generation import cache_argument
+
     ids = torch.randint(0, 1000, (1, n), device="cuda:0")
     with torch.inference_mode():
         prefill = kernel_ms(lambda: model(ids, logits_to_keep=1))
         cache = DynamicCache(config=model.config)
-        model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(ids, use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
         step = ids[:, -1:]
 
         def decode() -> None:
-            model(step, past_key_values=cache, use_cache=True)
+            model(step, use_cache=True, **{cache_argument(model): cache})
             cache.crop(-1)  # drop the token just added (a negative count works in every transformers 5)
 
         decode_step = kernel_ms(decode)
