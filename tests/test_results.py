@@ -31,6 +31,8 @@ ALLOWED = {
     ("*", "24 GiB"): "a card size (a budget)",
     ("*", "8 GiB"): "a card size (a budget)",
     ("*", "12GiB"): "a budget in code",
+    ("*", "24GiB"): "a budget in code",
+    ("README.md", "4 MiB"): "the server's request-body limit, a setting",
     ("*", "5.0 GiB"): "KV cache at 128K from the config",
     ("*", "0.31 GiB"): "KV cache at 8K from the config",
     ("*", "1.4 GiB"): "the fused q/k/v copy: its size from the config",
