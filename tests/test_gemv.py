@@ -1,11 +1,25 @@
 """glmkit's Triton GEMV kernels, run in Triton's CPU interpreter here (see the root conftest.py) and on a GPU there."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from glmkit.fast_decode import FastDecoder
-from glmkit.gemv import GemvConfig, gemv, gemv_swiglu, load_tuned, pick_config, triton_available
+from glmkit.gemv import (
+    ASSETS,
+    KERNELS,
+    GemvConfig,
+    gemv,
+    gemv_swiglu,
+    load_table,
+    load_tuned,
+    pick_config,
+    tables_for,
+    triton_available,
+    user_table_path,
+)
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton (pip install triton)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,11 +79,45 @@ def test_tuned_table_covers_glm4_9b_and_every_shape_is_valid():
     shapes = {(c.hidden_size, c.intermediate_size), (c.intermediate_size, c.hidden_size),
               (c.vocab_size, c.hidden_size), (c.hidden_size, c.hidden_size)}
     assert shapes <= set(tuned)
-    for (n, k), cfg in tuned.items():
-        assert pick_config(n, k) == cfg
-        # powers of two (Triton's block sizes must be) and at most 64 fp32 partial sums per thread
-        assert all(v & (v - 1) == 0 for v in (cfg.block_n, cfg.block_k, cfg.num_warps))
-        assert cfg.block_n * cfg.block_k <= 64 * 32 * cfg.num_warps
+    for path in sorted(ASSETS.glob("gemv_tuned*.json")):
+        for (kernel, _, _), cfg in load_table(path)[1].items():
+            assert kernel in KERNELS
+            # powers of two (Triton's block sizes must be) and at most 64 fp32 partial sums per thread
+            assert all(v & (v - 1) == 0 for v in (cfg.block_n, cfg.block_k, cfg.num_warps))
+            assert cfg.block_n * cfg.block_k <= 64 * 32 * cfg.num_warps * (2 if kernel in ("nf4", "fp4") else 1)
+
+
+def _write_table(path, device, configs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"tuned_on": device, "configs": configs}))
+
+
+def test_tables_are_chosen_by_device_name_and_the_users_own_wins(tmp_path, monkeypatch):
+    import glmkit.gemv
+
+    h100 = "NVIDIA H100 80GB HBM3"
+    monkeypatch.setenv("GLMKIT_CACHE", str(tmp_path))
+    assert tables_for(h100)[("bf16", 4096, 13696)] == load_tuned()[(4096, 13696)]
+    assert tables_for("NVIDIA GeForce RTX 2080 Ti") == {}
+    mine = {"rows": 4096, "columns": 13696, "block_n": 2, "block_k": 1024, "num_warps": 2}
+    _write_table(user_table_path(), h100, [mine, {**mine, "kernel": "nf4", "rows": 7}])
+    assert user_table_path() == tmp_path / "gemv_tuned.json"
+    assert tables_for(h100)[("bf16", 4096, 13696)] == GemvConfig(2, 1024, 2)  # the user's table wins
+    assert tables_for(h100)[("nf4", 7, 13696)] == GemvConfig(2, 1024, 2)
+    assert ("bf16", 151552, 4096) in tables_for(h100)  # shapes the user did not tune stay
+    _write_table(user_table_path(), "Some other card", [mine])
+    assert tables_for(h100)[("bf16", 4096, 13696)] == load_tuned()[(4096, 13696)]  # another card's table: unused
+
+    # on an untuned card: defaults, said once in one line
+    monkeypatch.setattr(glmkit.gemv, "_ACTIVE", None)
+    monkeypatch.setattr(glmkit.gemv, "device_name", lambda: "NVIDIA GeForce RTX 3060")
+    with pytest.warns(UserWarning, match="no tuned launch shapes for NVIDIA GeForce RTX 3060.*glmkit tune"):
+        assert glmkit.gemv.active_table() == {}
+    monkeypatch.setattr(glmkit.gemv, "_ACTIVE", None)
+    monkeypatch.setattr(glmkit.gemv, "device_name", lambda: h100)
+    monkeypatch.setattr(glmkit.gemv, "INTERPRETER", False)
+    assert pick_config(4096, 13696) == load_tuned()[(4096, 13696)]
+    assert pick_config(4096, 13696, "fp16") == GemvConfig(8, 512, 4)  # untuned kernel: the rule of thumb
 
 
 @pytest.fixture(scope="module")
