@@ -5,7 +5,8 @@ Plain ``generate()`` spends most of a decode step in Python and kernel launches:
 compiles the layer function once (``torch.compile``, reused by all 40 layers), and on a GPU captures the whole
 one-token step (40 layers, norm, ``lm_head``) as a single CUDA graph that is replayed for every token.
 Greedy decoding gives the same tokens as ``generate()`` (tested on the CPU, where it runs eagerly).
-Introduced in ``notebooks/05_tuning.ipynb``; written for GLM (``GlmForCausalLM``) in 16/32-bit.
+Introduced in ``notebooks/05_tuning.ipynb``; written for GLM (``GlmForCausalLM``) in 16/32-bit and in bitsandbytes
+nf4/fp4 (read in place by ``glmkit.gemv4bit``'s kernels).
 
 >>> from glmkit.loading import load_model
 >>> model = load_model(device_map="cpu", dtype=torch.float32)
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 
 from glmkit.gemv import gemv as triton_gemv
 from glmkit.gemv import gemv_swiglu, triton_available
+from glmkit.gemv4bit import Packed4bit, gemv_4bit, gemv_4bit_swiglu, is_4bit, linear_4bit, unsupported_quantization
 
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
 
@@ -52,9 +54,27 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gemv: bool | str) -> torch.Tensor:
+Weight = torch.Tensor | Packed4bit | tuple[Packed4bit, ...]  # a tuple: 4-bit q, k, v, whose outputs are concatenated
+
+
+def _projection_weight(*modules: torch.nn.Module) -> Weight:
+    """The weight the decoder multiplies by: 16/32-bit weights concatenated along rows (fused q/k/v), bitsandbytes
+    4-bit weights read where they are (``Packed4bit``; several stay a tuple: concatenating would copy them)."""
+    if any(is_4bit(m.weight) for m in modules):
+        packed = tuple(Packed4bit.from_bnb(m.weight) for m in modules)
+        return packed[0] if len(packed) == 1 else packed
+    return modules[0].weight if len(modules) == 1 else torch.cat([m.weight for m in modules])
+
+
+def _linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: bool | str) -> torch.Tensor:
     """``F.linear`` (cuBLAS); with ``gemv="triton"`` glmkit's Triton kernel for one token (``glmkit.gemv``); with
-    ``gemv=True`` (one token, compiled) a multiply-and-sum that inductor turns into one reduction kernel."""
+    ``gemv=True`` (one token, compiled) a multiply-and-sum that inductor turns into one reduction kernel.
+    A 4-bit weight goes through ``glmkit.gemv4bit`` (``"triton"``) or bitsandbytes' ``matmul_4bit``."""
+    if isinstance(weight, tuple):
+        biases = [None] * len(weight) if bias is None else bias.split([w.shape[0] for w in weight])
+        return torch.cat([_linear(x, w, b, gemv) for w, b in zip(weight, biases)], dim=-1)
+    if isinstance(weight, Packed4bit):
+        return gemv_4bit(x, weight, bias) if gemv == "triton" else linear_4bit(x, weight, bias)
     if gemv == "triton":
         return triton_gemv(x, weight, bias)
     if not gemv:
@@ -63,24 +83,29 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ge
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def _mlp_activation(h: torch.Tensor, wgu: torch.Tensor, gemv: bool | str) -> torch.Tensor:
+def _mlp_activation(h: torch.Tensor, wgu: Weight, gemv: bool | str) -> torch.Tensor:
     """``up * silu(gate)`` of the fused gate/up projection; the Triton kernel applies it before it writes."""
+    if gemv == "triton" and isinstance(wgu, Packed4bit):
+        return gemv_4bit_swiglu(h, wgu)
     if gemv == "triton":
         return gemv_swiglu(h, wgu)
     gate, up = _linear(h, wgu, None, gemv).chunk(2, dim=-1)
     return up * F.silu(gate)
 
 
-def auto_gemv(device: torch.device, batch_size: int) -> str | bool:
-    """What ``gemv="auto"`` picks: ``"triton"`` at batch 1 on a GPU of compute capability 8.0 or newer (Ampere and
-    later, where bf16 is native) with Triton installed; otherwise ``False`` (cuBLAS).
+def auto_gemv(device: torch.device, batch_size: int, dtype: torch.dtype = torch.bfloat16) -> str | bool:
+    """What ``gemv="auto"`` picks: ``"triton"`` at batch 1 on a GPU with Triton installed, of compute capability
+    8.0 or newer (Ampere and later), or 7.0 or newer for fp16/fp32 (a 2080 Ti: Triton builds for Volta and Turing,
+    which have no bf16); otherwise ``False`` (cuBLAS). If the kernels then fail there, the decoder warns and uses
+    cuBLAS.
 
     >>> auto_gemv(torch.device("cpu"), 1)
     False
     """
     if device.type != "cuda" or batch_size != 1 or not triton_available():
         return False
-    return "triton" if torch.cuda.get_device_capability(device) >= (8, 0) else False
+    capability = torch.cuda.get_device_capability(device)
+    return "triton" if capability >= (8, 0) or (capability >= (7, 0) and dtype != torch.bfloat16) else False
 
 
 def _attention_reduction(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -160,7 +185,7 @@ class FastDecoder:
         device = model.get_input_embeddings().weight.device
         self.auto_gemv = gemv == "auto"
         if gemv == "auto":
-            gemv = auto_gemv(device, batch_size)
+            gemv = auto_gemv(device, batch_size, model.get_input_embeddings().weight.dtype)
         if gemv == "triton" and batch_size != 1:
             raise ValueError(f"gemv='triton' decodes one sequence (batch_size=1), got batch_size={batch_size}; "
                              "at larger batches cuBLAS (gemv=False) is the fast path.")
@@ -174,7 +199,9 @@ class FastDecoder:
         self.dtype = model.get_input_embeddings().weight.dtype
         on_gpu = self.device.type == "cuda"
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
-        self.compiled = on_gpu if compile is None else compile
+        self.quantized = any(is_4bit(p) for p in model.parameters())
+        # 4-bit: eager layers by default (bitsandbytes' matmul_4bit does not trace); the CUDA graph still replays all
+        self.compiled = (on_gpu and not self.quantized) if compile is None else compile
         self.gemv = gemv
         self.max_len, self.batch_size = max_len, batch_size
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -188,9 +215,11 @@ class FastDecoder:
         for layer, next_norm in zip(layers, next_norms):
             a = layer.self_attn
             bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            self.weights.append((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias,
-                                 a.o_proj.weight, layer.post_attention_layernorm.weight,
-                                 layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight, next_norm))
+            self.weights.append((_projection_weight(a.q_proj, a.k_proj, a.v_proj), bias,
+                                 _projection_weight(a.o_proj), layer.post_attention_layernorm.weight,
+                                 _projection_weight(layer.mlp.gate_up_proj), _projection_weight(layer.mlp.down_proj),
+                                 next_norm))
+        self.head_weight = _projection_weight(model.lm_head)
         shape = (len(layers), batch_size, self.kv_heads, max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
@@ -221,15 +250,17 @@ class FastDecoder:
 
     @staticmethod
     def check(model: torch.nn.Module) -> None:
-        """Raise a clear error unless ``model`` is a GLM on one device in 16/32-bit (what this decoder runs)."""
+        """Raise a clear error unless ``model`` is a GLM on one device in 16/32-bit or bitsandbytes nf4/fp4 (what this
+        decoder runs)."""
         layer = getattr(getattr(model, "model", None), "layers", [None])[0]
         needed = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
         if layer is None or not all(hasattr(layer, n) for n in needed) or not hasattr(layer.mlp, "gate_up_proj"):
             raise TypeError(f"FastDecoder is written for GLM models (GlmForCausalLM), not {type(model).__name__}.")
         if getattr(model, "hf_device_map", None) and len(set(map(str, model.hf_device_map.values()))) > 1:
             raise ValueError("FastDecoder runs on one device; this model is split by a device map.")
-        if getattr(model.config, "quantization_config", None) is not None:
-            raise ValueError("FastDecoder needs 16- or 32-bit weights; this model is quantized (use generate()).")
+        reason = unsupported_quantization(model)
+        if reason is not None:
+            raise ValueError(reason)
 
     @torch.no_grad()
     def _step(self) -> None:
@@ -249,7 +280,7 @@ class FastDecoder:
         # h: the last layer's output after the final norm; lm_head runs outside the compiled layer, so the
         # reduction form (a [vocab, hidden] fp32 temporary if run eagerly) is not used for it
         head = "triton" if self.gemv == "triton" else False
-        self.logits.copy_(_linear(h, m.lm_head.weight, m.lm_head.bias, head)[:, -1].float())
+        self.logits.copy_(_linear(h, self.head_weight, m.lm_head.bias, head)[:, -1].float())
 
     def _capture(self) -> None:
         stream = torch.cuda.Stream()

@@ -94,10 +94,15 @@ class Packed4bit:
             raise TypeError(f"Not a bitsandbytes 4-bit weight (no quant_state): {type(weight).__name__}.")
         data = weight.data
         if getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+            from bitsandbytes.functional import QuantState, _convert_weight_packed_for_cpu_inverse
 
-            state = copy.copy(state)  # the inverse edits the state in place: leave the model's own untouched
-            data, state = _convert_weight_packed_for_cpu_inverse(data, state)
+            # the repack left absmax in bf16, transposed to [k / blocksize, n], nested scales already expanded;
+            # bitsandbytes' inverse restores the nibbles but not a plain absmax: rebuild the state here
+            n, k = (int(s) for s in state.shape)
+            absmax = state.absmax.T.reshape(-1).float() if state.absmax.dim() == 2 else state.absmax.float()
+            data, _ = _convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+            state = QuantState(absmax=absmax, shape=torch.Size((n, k)), code=state.code, blocksize=state.blocksize,
+                               quant_type=state.quant_type, dtype=getattr(state, "original_dtype", state.dtype))
         else:
             state = copy.copy(state)  # bitsandbytes may repack the module's state later (CPU): keep these tensors
         return cls.from_state(data, state)
@@ -169,8 +174,8 @@ def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "gemv_nf
     if tuned is not None and tuned.block_k % blocksize == 0:
         return tuned
     block_k = max(blocksize, min(1024, triton.next_power_of_2(k) if triton is not None else 1024))
-    if INTERPRETER:  # every program is a Python loop there: few, large programs
-        return GemvConfig(block_n=32, block_k=block_k, num_warps=4)
+    if INTERPRETER:  # every program is a Python loop of numpy calls there: few, large programs
+        return GemvConfig(block_n=min(256, triton.next_power_of_2(n)), block_k=block_k, num_warps=4)
     return GemvConfig(block_n=4, block_k=min(block_k, 512), num_warps=4)
 
 
