@@ -1,4 +1,5 @@
-"""The ``glmkit`` command line: ``env``, ``make-tiny PATH``, ``plan --devices 12GiB 12GiB``, ``generate [--tp 2]``.
+"""The ``glmkit`` command line: ``env``, ``make-tiny PATH``, ``plan --devices 12GiB 12GiB``, ``generate [--tp 2]``,
+``tune``.
 
 Run ``glmkit --help`` for the list; each subcommand prints a table and exits 0, or prints the
 error's message (which names the fix) and exits 2.
@@ -21,6 +22,14 @@ def _make_tiny(args: argparse.Namespace) -> None:
 
     path = build_tiny_checkpoint(args.path, seed=args.seed, num_hidden_layers=args.layers)
     print(f"tiny GLM checkpoint written to {path}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from glmkit.gemv_tuning import table_configs, tune, write_table
+
+    rows = tune(args.kernels.split(","))
+    path = write_table(table_configs(rows), args.output)
+    print(f"launch shapes for {len(rows)} projections written to {path}; glmkit's GEMV kernels use them on this card")
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -181,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=6)
     p.set_defaults(func=_make_tiny)
+
+    p = sub.add_parser("tune", help="measure the fastest GEMV kernel launch shapes on this GPU (about a minute per "
+                                    "kernel) and keep them in glmkit's cache")
+    p.add_argument("--kernels", default="bf16,fp16,nf4", help="comma-separated: bf16, fp16, nf4, fp4")
+    p.add_argument("--output", help="table file (default: gemv_tuned.json in $GLMKIT_CACHE or ~/.cache/glmkit)")
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("plan", help="memory plan per GPU for GLM-4-9B-Chat (or --model PATH), no GPU needed")
     p.add_argument("--model", help="checkpoint folder (only its config.json is read); default GLM-4-9B-Chat")

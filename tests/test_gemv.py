@@ -170,3 +170,25 @@ def test_auto_falls_back_to_cublas_with_a_warning_when_the_kernels_fail(model, m
     explicit = FastDecoder(model, max_len=16, gemv="triton", compile=False, cuda_graph=False)
     with pytest.raises(RuntimeError, match="no kernel image"):
         explicit.generate(ids, max_new_tokens=4, ignore_eos=True)
+
+
+def test_write_table_keeps_this_cards_other_shapes_and_is_read_back(tmp_path, monkeypatch):
+    from glmkit.gemv_tuning import write_table
+
+    monkeypatch.setenv("GLMKIT_CACHE", str(tmp_path))
+    card = "NVIDIA GeForce RTX 3060"
+    first = [{"kernel": "nf4", "rows": 4096, "columns": 4096, "block_n": 4, "block_k": 512, "num_warps": 4},
+             {"kernel": "fp16", "rows": 4096, "columns": 4096, "block_n": 2, "block_k": 1024, "num_warps": 4}]
+    assert write_table(first, device=card) == user_table_path()
+    write_table([{**first[0], "block_n": 8}], device=card)  # re-tuned nf4 replaces; fp16 stays
+    assert tables_for(card) == {("nf4", 4096, 4096): GemvConfig(8, 512, 4), ("fp16", 4096, 4096): GemvConfig(2, 1024, 4)}
+    write_table([first[1]], device="another card")  # a table for another card starts over
+    assert tables_for(card) == {} and len(tables_for("another card")) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_glmkit_tune_without_a_gpu_says_so(capsys):
+    from glmkit.cli import main
+
+    assert main(["tune"]) == 2
+    assert "on a GPU; this machine has none" in capsys.readouterr().err
