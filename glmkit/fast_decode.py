@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from glmkit.gemv import gemv as triton_gemv
-from glmkit.gemv import gemv_swiglu, triton_available
+from glmkit.gemv import gemv_swiglu, kernel_name, prefer_triton, triton_available
 from glmkit.gemv4bit import Packed4bit, gemv_4bit, gemv_4bit_swiglu, is_4bit, linear_4bit, unsupported_quantization
 
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
@@ -75,6 +75,8 @@ def _linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: bo
         return torch.cat([_linear(x, w, b, gemv) for w, b in zip(weight, biases)], dim=-1)
     if isinstance(weight, Packed4bit):
         return gemv_4bit(x, weight, bias) if gemv == "triton" else linear_4bit(x, weight, bias)
+    if gemv == "triton" and not prefer_triton(kernel_name(weight.dtype), *weight.shape):
+        return F.linear(x, weight, bias)  # fp16 on a shape not tuned for this card: cuBLAS
     if gemv == "triton":
         return triton_gemv(x, weight, bias)
     if not gemv:
@@ -87,7 +89,7 @@ def _mlp_activation(h: torch.Tensor, wgu: Weight, gemv: bool | str) -> torch.Ten
     """``up * silu(gate)`` of the fused gate/up projection; the Triton kernel applies it before it writes."""
     if gemv == "triton" and isinstance(wgu, Packed4bit):
         return gemv_4bit_swiglu(h, wgu)
-    if gemv == "triton":
+    if gemv == "triton" and prefer_triton(kernel_name(wgu.dtype), wgu.shape[0] // 2, wgu.shape[1]):
         return gemv_swiglu(h, wgu)
     gate, up = _linear(h, wgu, None, gemv).chunk(2, dim=-1)
     return up * F.silu(gate)

@@ -143,6 +143,20 @@ def lookup_config(kernel: str, n: int, k: int) -> GemvConfig | None:
     return active_table().get((kernel, n, k))
 
 
+UNTUNED_FALLS_BACK = ("fp16",)  # kernels that give way to cuBLAS on shapes not tuned for the card in hand
+
+
+def prefer_triton(kernel: str, n: int, k: int) -> bool:
+    """Whether the decoder should run this kernel on an ``[n, k]`` weight rather than cuBLAS: always in bf16/fp32
+    (the defaults beat cuBLAS on the cards measured) and 4 bits (bitsandbytes' kernel is slower still); in fp16
+    only where this card has tuned shapes (fp16 serves pre-Ampere cards, where the defaults were never measured).
+
+    >>> prefer_triton("bf16", 4096, 4096)
+    True
+    """
+    return INTERPRETER or kernel not in UNTUNED_FALLS_BACK or lookup_config(kernel, n, k) is not None
+
+
 def pick_config(n: int, k: int, kernel: str = "bf16") -> GemvConfig:
     """The launch shape for an ``[n, k]`` weight: the tuned one for this card, else a rule of thumb.
 

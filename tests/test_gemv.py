@@ -192,3 +192,13 @@ def test_glmkit_tune_without_a_gpu_says_so(capsys):
 
     assert main(["tune"]) == 2
     assert "on a GPU; this machine has none" in capsys.readouterr().err
+
+
+def test_fp16_gives_way_to_cublas_on_shapes_this_card_has_not_tuned(monkeypatch):
+    import glmkit.gemv
+    from glmkit.gemv import prefer_triton
+
+    monkeypatch.setattr(glmkit.gemv, "INTERPRETER", False)
+    monkeypatch.setattr(glmkit.gemv, "_ACTIVE", {("fp16", 4096, 4096): GemvConfig(1, 4096, 8)})
+    assert prefer_triton("fp16", 4096, 4096) and not prefer_triton("fp16", 4096, 13696)
+    assert prefer_triton("bf16", 4096, 13696) and prefer_triton("nf4", 4096, 13696)
