@@ -203,7 +203,7 @@ def main() -> None:
     if "decode" in stages:
         bf16 = decode("bf16 fast", models["bf16"], "bf16 fast (Triton)", gemv="triton")
         nf4 = decode("nf4 fast", models["nf4"], "nf4 fast (Triton)", gemv="triton")
-        decode("nf4 fast compiled", models["nf4"], "nf4 fast (Triton, compiled layer)", gemv="triton", compile=True)
+        decode("nf4 fast eager", models["nf4"], "nf4 fast (Triton, eager layers)", gemv="triton", compile=False)
         ref = decode("nf4 fast bnb", models["nf4"], "nf4 fast (bnb matmul_4bit)", gemv=False)
         decode("nf4 generate", models["nf4"], None)
         if nf4 and ref:

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from glmkit.gemv import active_table, gemv_swiglu, kernel_name, prefer_triton, triton_available
 from glmkit.gemv import gemv as triton_gemv
-from glmkit.gemv import gemv_swiglu, kernel_name, prefer_triton, triton_available
 from glmkit.gemv4bit import Packed4bit, gemv_4bit, gemv_4bit_swiglu, is_4bit, linear_4bit, unsupported_quantization
 
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
@@ -70,11 +70,11 @@ def _linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: bo
     """``F.linear`` (cuBLAS); with ``gemv="triton"`` glmkit's Triton kernel for one token (``glmkit.gemv``); with
     ``gemv=True`` (one token, compiled) a multiply-and-sum that inductor turns into one reduction kernel.
     A 4-bit weight goes through ``glmkit.gemv4bit`` (``"triton"``) or bitsandbytes' ``matmul_4bit``."""
+    if isinstance(weight, Packed4bit):
+        return gemv_4bit(x, weight, bias) if gemv == "triton" else linear_4bit(x, weight, bias)
     if isinstance(weight, tuple):
         biases = [None] * len(weight) if bias is None else bias.split([w.shape[0] for w in weight])
         return torch.cat([_linear(x, w, b, gemv) for w, b in zip(weight, biases)], dim=-1)
-    if isinstance(weight, Packed4bit):
-        return gemv_4bit(x, weight, bias) if gemv == "triton" else linear_4bit(x, weight, bias)
     if gemv == "triton" and not prefer_triton(kernel_name(weight.dtype), *weight.shape):
         return F.linear(x, weight, bias)  # fp16 on a shape not tuned for this card: cuBLAS
     if gemv == "triton":
@@ -202,8 +202,9 @@ class FastDecoder:
         on_gpu = self.device.type == "cuda"
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
         self.quantized = any(is_4bit(p) for p in model.parameters())
-        # 4-bit: eager layers by default (bitsandbytes' matmul_4bit does not trace); the CUDA graph still replays all
-        self.compiled = (on_gpu and not self.quantized) if compile is None else compile
+        self.compiled = on_gpu if compile is None else compile
+        if gemv == "triton" and on_gpu:
+            active_table()  # this card's launch shapes, read (and an untuned card named) before anything compiles
         self.gemv = gemv
         self.max_len, self.batch_size = max_len, batch_size
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -301,6 +302,12 @@ class FastDecoder:
         try:
             self._capture() if self.use_graph else self._step()
         except Exception as exc:
+            if self.quantized and self.compiled:  # 4 bits: a layer that does not compile runs eagerly (slower)
+                warnings.warn(f"Compiling the 4-bit decoder layer failed ({type(exc).__name__}: {str(exc)[:200]}); "
+                              "FastDecoder runs its layers eagerly instead (compile=False).", RuntimeWarning,
+                              stacklevel=3)
+                self.compiled, self.layer_fn, self.graph = False, decoder_layer, None
+                return self._first_step()
             if not (self.auto_gemv and self.gemv == "triton"):
                 raise
             warnings.warn(f"glmkit's Triton GEMV kernels failed here ({type(exc).__name__}: {str(exc)[:200]}); "

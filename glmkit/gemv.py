@@ -140,7 +140,9 @@ def lookup_config(kernel: str, n: int, k: int) -> GemvConfig | None:
     """The tuned launch shape of ``kernel`` for an ``[n, k]`` weight on this machine's GPU, or None."""
     if INTERPRETER:  # the interpreter's own rule of thumb (few, large programs) beats any GPU's table there
         return None
-    return active_table().get((kernel, n, k))
+    # inside torch.compile's trace only a dict lookup (FastDecoder reads the table before it compiles)
+    table = _ACTIVE if _ACTIVE is not None or torch.compiler.is_compiling() else active_table()
+    return (table or {}).get((kernel, n, k))
 
 
 UNTUNED_FALLS_BACK = ("fp16",)  # kernels that give way to cuBLAS on shapes not tuned for the card in hand

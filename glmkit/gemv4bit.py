@@ -23,8 +23,7 @@ uint8 codes: ``absmax = code2[absmax_q] * absmax2[j // 256] + offset``.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,12 +37,12 @@ __all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_swiglu", "linear_4b
            "triton_available", "is_4bit", "unsupported_quantization"]
 
 
-@dataclass(frozen=True)
-class Packed4bit:
+class Packed4bit(NamedTuple):
     """A bitsandbytes 4-bit weight ``[n, k]`` as the kernels read it: the tensors bitsandbytes holds, not copies.
 
     ``absmax`` is fp32 ``[n * k / blocksize]``, or with double quantization uint8 codes of ``absmax - offset`` with
-    their own scales ``absmax2`` (one per ``nested_blocksize`` codes) and table ``code2``.
+    their own scales ``absmax2`` (one per ``nested_blocksize`` codes) and table ``code2``. A named tuple, so that
+    ``torch.compile`` takes its tensors as inputs of a layer compiled once for all layers.
     """
 
     data: torch.Tensor  # uint8 [n * k / 2]: element i in byte i // 2, high nibble first
