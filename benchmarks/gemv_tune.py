@@ -6,7 +6,7 @@ against a float64 reference and timed as the decode step runs it: back to back o
 nothing is served from the 50 MB L2, inside one CUDA graph. Then the fast path decodes with cuBLAS and with the
 best shapes (``FastDecoder(gemv="triton")``), 3 runs each, against the roofline of the same run.
 
-    python benchmarks/gemv_tune.py --kernels bf16,fp16,nf4 --write-table glmkit/assets/gemv_tuned_h200.json \
+    python benchmarks/gemv_tune.py --kernels bf16,nf4 --write-table glmkit/assets/gemv_tuned_h200.json \
         --skip-decode --name gemv_tune_h200
     python benchmarks/gemv_tune.py --checkpoint /tmp/glm9b            # bf16 only, then decode with cuBLAS and Triton
 Writes benchmarks/results/gemv_tune.json (and to $OUT). The kernel search itself lives in glmkit.gemv_tuning (also
@@ -34,7 +34,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--name", default="gemv_tune", help="result file name (benchmarks/results/NAME.json)")
-    ap.add_argument("--kernels", default="bf16", help="comma-separated: bf16, fp16, nf4, fp4 (default bf16)")
+    ap.add_argument("--kernels", default="bf16",
+                    help="comma-separated: bf16, fp16, nf4, fp4 (default bf16; fp16 takes bf16's shapes unless given)")
     ap.add_argument("--write-table", nargs="?", const="user", default=None,
                     help="write the best shapes for this card: to glmkit's cache (the user's table, which takes "
                          "precedence) or to PATH, e.g. glmkit/assets/gemv_tuned_h200.json to ship them")

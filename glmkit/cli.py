@@ -191,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=6)
     p.set_defaults(func=_make_tiny)
 
-    p = sub.add_parser("tune", help="measure the fastest GEMV kernel launch shapes on this GPU (about a minute per "
-                                    "kernel) and keep them in glmkit's cache")
-    p.add_argument("--kernels", default="bf16,fp16,nf4", help="comma-separated: bf16, fp16, nf4, fp4")
+    p = sub.add_parser("tune", help="measure the fastest GEMV kernel launch shapes on this GPU (a minute or two "
+                                    "per kernel) and keep them in glmkit's cache")
+    p.add_argument("--kernels", default="bf16,nf4",
+                   help="comma-separated: bf16, fp16, nf4, fp4 (fp16 takes bf16's shapes unless given)")
     p.add_argument("--output", help="table file (default: gemv_tuned.json in $GLMKIT_CACHE or ~/.cache/glmkit)")
     p.set_defaults(func=_tune)
 

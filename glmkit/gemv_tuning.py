@@ -155,17 +155,22 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
     return row
 
 
-def tune(kernels: Iterable[str] = ("bf16", "fp16", "nf4"), log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
-    """Tune every GLM-4-9B projection for each kernel on this GPU; returns the rows (see ``tune_projection``)."""
+def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+    """Tune every GLM-4-9B projection for each kernel on this GPU; returns the rows (see ``tune_projection``).
+    fp16 takes bf16's shapes unless tuned itself (``table_configs``); a card without bf16 tunes fp16 instead."""
     if not torch.cuda.is_available():
         raise RuntimeError("Tuning times kernels on a GPU; this machine has none (the CPU uses fixed shapes).")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    done: set[str] = set()
     for kernel in kernels:
         if kernel not in ("bf16", "fp16", "nf4", "fp4"):
             raise ValueError(f"Unknown kernel {kernel!r}: use bf16, fp16, nf4 or fp4.")
         if kernel == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
-            log(f"{device_name()} has no bf16: skipping the bf16 kernels.")
+            log(f"{device_name()} has no bf16: tuning the fp16 kernels instead.")
+            kernel = "fp16"
+        if kernel in done:
             continue
+        done.add(kernel)
         for name, (n, k, bias, swiglu) in projections(quantized=kernel in FOUR_BIT).items():
             row = tune_projection(name, n, k, bias, swiglu, kernel)
             rows.append(row)
@@ -177,14 +182,23 @@ def tune(kernels: Iterable[str] = ("bf16", "fp16", "nf4"), log: Callable[[str], 
     return rows
 
 
-def table_configs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The best shape of each tuned row in the table format (rows of one half for gate_up)."""
+def table_configs(rows: list[dict[str, Any]], fp16_from_bf16: bool = True) -> list[dict[str, Any]]:
+    """The best shape of each tuned row in the table format (rows of one half for gate_up). Unless fp16 was tuned
+    itself, its shapes are bf16's (``fp16_from_bf16``): the same kernel reading as many bytes.
+
+    >>> row = {"projection": "o_proj", "kernel": "bf16", "rows": 8, "columns": 64,
+    ...        "best": {"block_n": 1, "block_k": 64, "num_warps": 2}}
+    >>> [c["kernel"] for c in table_configs([row])]
+    ['bf16', 'fp16']
+    """
     out = []
     for r in rows:
         if r["best"]:
             n = r["rows"] // 2 if r["projection"] == "gate_up" else r["rows"]
             out.append({"kernel": r["kernel"], "rows": n, "columns": r["columns"],
                         **{key: r["best"][key] for key in ("block_n", "block_k", "num_warps")}})
+    if fp16_from_bf16 and not any(c["kernel"] == "fp16" for c in out):
+        out += [{**c, "kernel": "fp16", "copied_from": "bf16"} for c in out if c["kernel"] == "bf16"]
     return out
 
 
