@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, help="default: the largest batch the planner fits on the GPUs")
     p.add_argument("--max-context", type=int, help="prompt + new tokens per request (default 4096)")
     p.add_argument("--fast-decode", action="store_true",
-                   help="decode batches with the fast path: static cache, CUDA graphs (one GPU, 16/32-bit; more GPU memory)")
+                   help="decode batches with the fast path: static cache, CUDA graphs (one GPU; 16/32-bit or nf4/fp4)")
     p.set_defaults(func=_serve)
     return parser
 
