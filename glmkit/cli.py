@@ -64,6 +64,9 @@ def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
     return True
 
 
+FAST_DECODE_HELP = ("the fast path (glmkit.fast_decode.FastDecoder): static cache, CUDA graphs, one per GPU of a "
+                    "--device-map split; 16/32-bit weights, more GPU memory")
+
 DEVICE_MAP_HELP = "auto, balanced, sequential, cpu, cuda:0, or layers per GPU like 20,20"
 
 
@@ -90,6 +93,9 @@ def _command_model(args: argparse.Namespace) -> tuple[object, str]:
     model_path = args.model or str(default_model_path())
     if getattr(args, "device_map", None) and args.tp > 1:
         raise ValueError("use --tp or --device-map, not both: tensor parallelism places the model itself.")
+    if getattr(args, "fast_decode", False) and args.tp > 1:
+        raise ValueError("--fast-decode runs in one process: split the model with --device-map 20,20 (or auto) "
+                         "instead of --tp.")
     if _relaunched_for_tp(args, model_path):
         return None, model_path
     if parallel.in_torchrun():
@@ -118,9 +124,14 @@ def _generate(args: argparse.Namespace) -> None:
         from glmkit.generation import encode_chat
 
         ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}], device=device)["input_ids"]
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                             do_sample=False)
+    if args.fast_decode:  # static cache and CUDA graphs, one per device of a split; greedy, stops at an end token
+        from glmkit.fast_decode import FastDecoder
+
+        out = FastDecoder(model, max_len=ids.shape[1] + args.max_new_tokens).generate(ids, args.max_new_tokens)
+    else:
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
+                                 do_sample=False)
     new = out[0, ids.shape[1]:].tolist()
     if parallel.rank() == 0:  # only rank 0 talks to the user
         text = tokenizer.decode(new, skip_special_tokens=True).lstrip("\n")
@@ -129,7 +140,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    """Decode speed and peak memory of plain generate(): one device, a layer split, or tensor-parallel."""
+    """Decode speed and peak memory of plain generate() (or the fast path): one device, a layer split, or
+    tensor-parallel."""
     import json
 
     import torch
@@ -140,8 +152,10 @@ def _bench(args: argparse.Namespace) -> None:
     model, _ = _command_model(args)
     if model is None:
         return
-    measure_decode(model, "generate", args.batch, args.prompt_len, 4)  # warm-up
-    row = measure_decode(model, "generate", args.batch, args.prompt_len, args.new_tokens)
+    path = "fast" if args.fast_decode else "generate"
+    if not args.fast_decode:  # (the fast path warms itself up: compile and graph capture are not timed)
+        measure_decode(model, "generate", args.batch, args.prompt_len, 4)  # warm-up
+    row = measure_decode(model, path, args.batch, args.prompt_len, args.new_tokens)
     row["mode"] = (f"tensor parallel x{parallel.world_size()}" if parallel.in_torchrun() else
                    f"device map {args.device_map}" if args.device_map else "one device")
     cuda = torch.cuda.is_available()
@@ -216,10 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP + " (instead of --tp)")
+    p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
     p.add_argument("--json", action="store_true", help="print tokens and text as JSON")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("bench", help="decode tok/s and peak memory of plain generate(); --tp N or a layer split")
+    p = sub.add_parser("bench", help="decode tok/s and peak memory of generate() or --fast-decode; --tp N or a layer split")
     p.add_argument("--model", help="checkpoint folder (default: $GLMKIT_MODEL or the tiny trained GLM)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=32)
@@ -227,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP + " (instead of --tp)")
+    p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
 
@@ -242,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, help="default: the largest batch the planner fits on the GPUs")
     p.add_argument("--max-context", type=int, help="prompt + new tokens per request (default 4096)")
     p.add_argument("--fast-decode", action="store_true",
-                   help="decode batches with the fast path: static cache, CUDA graphs (one GPU; 16/32-bit or nf4/fp4)")
+                   help="decode batches with the fast path: static cache, CUDA graphs (one GPU or a --device-map split, "
+                        "16/32-bit or nf4/fp4; more GPU memory)")
     p.set_defaults(func=_serve)
     return parser
 

@@ -40,7 +40,7 @@ def test_fast_decoder_with_triton_kernels_gives_generates_greedy_tokens(precisio
     model = _load(precision)
     fast = FastDecoder(model, max_len=prompt.shape[1] + 4, gemv="triton", compile=False, cuda_graph=False)
     if precision == "nf4-dq":
-        qkv, _, wo, _, wgu, wd, _ = fast.weights[0]
+        qkv, _, wo, _, wgu, wd, _ = fast.stages[0].weights[0]
         assert all(isinstance(w, Packed4bit) and w.nested for w in (*qkv, wo, wgu, wd))
         # the kernels read bitsandbytes' own tensors: no second copy of the weights
         assert wgu.data.data_ptr() == model.model.layers[0].mlp.gate_up_proj.weight.data_ptr()
