@@ -87,9 +87,9 @@ def graph_time(fn: Callable[[int], Any], copies: int, replays: int = 20) -> floa
     return sorted(times)[len(times) // 2]
 
 
-def _weights(kernel: str, rows: int, k: int, copies: int) -> list[Any]:
+def _weights(kernel: str, rows: int, k: int, copies: int, device: str) -> list[Any]:
     dtype = torch.float16 if kernel == "fp16" else torch.bfloat16
-    ws = [torch.randn(rows, k, device="cuda", dtype=dtype) * 0.02 for _ in range(copies)]
+    ws = [torch.randn(rows, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
     if kernel in FOUR_BIT:
         return [quantize(w, kernel, double_quant=True) for w in ws]  # the planner's nf4: double quantization
     return ws
@@ -100,7 +100,8 @@ def _reference(kernel: str, w: Any) -> torch.Tensor:
 
 
 def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel: str = "bf16",
-                    shapes: Iterable[GemvConfig] | None = None) -> dict[str, Any]:
+                    shapes: Iterable[GemvConfig] | None = None, device: str = "cuda",
+                    timer: Callable[[Callable[[int], Any], int], float] = graph_time) -> dict[str, Any]:
     """Time every candidate shape of ``kernel`` on one projection against cuBLAS (16-bit) or bitsandbytes'
     ``matmul_4bit`` (4-bit); returns the row for the JSON result, with ``best`` (None if none built)."""
     from glmkit.gemv4bit import linear_4bit
@@ -108,11 +109,11 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
     rows = 2 * n if swiglu else n
     quant = kernel in FOUR_BIT
     nbytes = rows * k // 2 if quant else rows * k * 2  # packed weights only (absmax adds 1/32 or 1/128)
-    copies = max(2, math.ceil(2**30 / nbytes))  # about 1 GiB of weights: 20x an H100's L2
-    ws = _weights(kernel, rows, k, copies)
+    copies = max(2, math.ceil(2**30 / nbytes)) if device == "cuda" else 2  # ~1 GiB of weights: 20x an H100's L2
+    ws = _weights(kernel, rows, k, copies, device)
     dtype = torch.float16 if kernel == "fp16" else torch.bfloat16
-    b = torch.randn(rows, device="cuda", dtype=dtype) if bias else None
-    x = torch.randn(1, 1, k, device="cuda", dtype=dtype)
+    b = torch.randn(rows, device=device, dtype=dtype) if bias else None
+    x = torch.randn(1, 1, k, device=device, dtype=dtype)
     ref = F.linear(x.double(), _reference(kernel, ws[0]), None if b is None else b.double())
     if swiglu:
         gate, up = ref.chunk(2, dim=-1)
@@ -125,7 +126,7 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
             y = up * F.silu(gate)
         return y
 
-    t_base = graph_time(baseline, copies)
+    t_base = timer(baseline, copies)
     base_name = "bnb_matmul_4bit" if quant else "cublas"
     row: dict[str, Any] = {"projection": name, "kernel": kernel, "rows": rows, "columns": k, "bytes": nbytes,
                            "copies": copies, f"{base_name}_us": t_base * 1e6,
@@ -139,7 +140,7 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
 
         try:
             err = ((ours(0).double() - ref).norm() / ref.norm()).item()  # NaN (a row never written) fails the check
-            t = graph_time(ours, copies)
+            t = timer(ours, copies)
         except Exception as exc:  # a shape Triton cannot build (registers, shared memory): record and go on
             row["tried"].append({**cfg.__dict__, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
             continue
@@ -148,10 +149,11 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
             best = (cfg, t)
     row["best"] = None if best is None else {**best[0].__dict__, "us": best[1] * 1e6, "tb_s": nbytes / best[1] / 1e12}
     row[f"speedup_vs_{base_name}"] = None if best is None else t_base / best[1]
-    if best is not None:
+    if best is not None and device == "cuda":
         active_table()[(kernel, n, k)] = best[0]  # this process decodes with it from now on
     ws.clear()
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return row
 
 

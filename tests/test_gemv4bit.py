@@ -86,3 +86,32 @@ def test_bad_inputs_name_the_problem():
         gemv_4bit(_rand(1, 1, 128), w, config=GemvConfig(8, 32, 4))
     with pytest.raises(ValueError, match="whole quantization blocks"):
         gemv_4bit(_rand(1, 1, 96), quantize(_rand(64, 96), "nf4"))
+
+
+@pytest.mark.parametrize("kernel, swiglu", [("nf4", True), ("bf16", False)])
+def test_the_tuner_checks_each_shape_and_keeps_the_fastest(kernel, swiglu, tmp_path):
+    from glmkit.gemv import load_table
+    from glmkit.gemv_tuning import table_configs, tune_projection, write_table
+
+    shapes = [GemvConfig(16, 128, 4), GemvConfig(8, 256, 2), GemvConfig(8, 32, 2)]  # the last: not whole 4-bit blocks
+    fake_us = {128: 3.0, 256: 2.0, 32: 1.0}  # a made-up clock; each shape still runs and is checked against float64
+
+    calls = []
+
+    def timer(fn, copies):
+        fn(0)
+        calls.append(1)
+        return 1e-6 * (5.0 if len(calls) == 1 else fake_us[shapes[len(calls) - 2].block_k])
+
+    row = tune_projection("gate_up" if swiglu else "o_proj", 48, 256, False, swiglu, kernel, shapes=shapes,
+                          device=DEVICE, timer=timer)
+    tried = {t["block_k"]: t for t in row["tried"]}
+    assert tried[128]["rel_err"] < 2e-2 and tried[256]["rel_err"] < 2e-2  # the tuner's own bar (bf16 rounding)
+    if kernel == "nf4":
+        assert "multiple of blocksize" in tried[32]["error"] and row["best"]["block_k"] == 256
+        assert row["bnb_matmul_4bit_us"] == pytest.approx(5.0) and row["speedup_vs_bnb_matmul_4bit"] == pytest.approx(2.5)
+    else:
+        assert row["best"]["block_k"] == 32 and row["cublas_us"] == pytest.approx(5.0)
+    path = write_table(table_configs([row]), tmp_path / "t.json", device="Card")
+    best = GemvConfig(**{key: row["best"][key] for key in ("block_n", "block_k", "num_warps")})
+    assert load_table(path)[1][(kernel, 48, 256)] == best
