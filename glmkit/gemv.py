@@ -8,6 +8,10 @@ them in fp32 in one pass: 2.6-3.2 TB/s on the same H100, and GLM-4-9B decodes at
 (``up * silu(gate)``) before it writes, so the gate/up product never leaves the kernel. ``FastDecoder`` uses them
 at batch 1 on a GPU (``gemv="auto"``, the default).
 
+Launch shapes come from tables chosen by the GPU's name (``assets/gemv_tuned*.json``: H100 bf16; H200 once measured)
+per kernel (bf16, fp16, nf4, fp4); ``glmkit tune`` measures the card in hand into the user's own table, which wins.
+An untuned card uses rules of thumb and says so once. 4-bit weights have their own kernels: ``glmkit.gemv4bit``.
+
 They need Triton (bundled with PyTorch's CUDA builds). On a CPU they run only in Triton's interpreter
 (``TRITON_INTERPRET=1`` set before the first import of triton), which is how the tests check them.
 
