@@ -65,7 +65,8 @@ def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
 
 
 FAST_DECODE_HELP = ("the fast path (glmkit.fast_decode.FastDecoder): static cache, CUDA graphs, one per GPU of a "
-                    "--device-map split; 16/32-bit weights, more GPU memory")
+                    "--device-map split; 16/32-bit or nf4/fp4 weights, more GPU memory")
+QUANTIZATIONS = ["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"]
 
 DEVICE_MAP_HELP = "auto, balanced, sequential, cpu, cuda:0, or layers per GPU like 20,20"
 
@@ -96,12 +97,15 @@ def _command_model(args: argparse.Namespace) -> tuple[object, str]:
     if getattr(args, "fast_decode", False) and args.tp > 1:
         raise ValueError("--fast-decode runs in one process: split the model with --device-map 20,20 (or auto) "
                          "instead of --tp.")
+    quantization = getattr(args, "quantization", None)
+    if quantization and args.tp > 1:
+        raise ValueError("--quantization loads the model in one process: use --device-map (e.g. 20,20) instead of --tp.")
     if _relaunched_for_tp(args, model_path):
         return None, model_path
     if parallel.in_torchrun():
         return parallel.load_tp_model(model_path, args.dtype), model_path
     device_map = device_map_option(getattr(args, "device_map", None), model_path)
-    return load_model(model_path, dtype=args.dtype, device_map=device_map), model_path
+    return load_model(model_path, dtype=args.dtype, device_map=device_map, quantization=quantization), model_path
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -231,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP + " (instead of --tp)")
     p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
+    p.add_argument("--quantization", choices=QUANTIZATIONS, help="load in 8 or 4 bits (bitsandbytes); "
+                   "--fast-decode runs nf4/fp4 with glmkit's 4-bit kernels")
     p.add_argument("--json", action="store_true", help="print tokens and text as JSON")
     p.set_defaults(func=_generate)
 
@@ -243,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP + " (instead of --tp)")
     p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
+    p.add_argument("--quantization", choices=QUANTIZATIONS, help="load in 8 or 4 bits (bitsandbytes); "
+                   "--fast-decode runs nf4/fp4 with glmkit's 4-bit kernels")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
 

@@ -81,3 +81,18 @@ def test_nf4_on_a_layer_split_gives_generates_greedy_tokens(prompt):
     fast = FastDecoder(split, max_len=prompt.shape[1] + 4, gemv=False)
     assert len(fast.stages) == 2 and isinstance(fast.stages[1].weights[0][4], Packed4bit)
     assert torch.equal(fast.generate(prompt, max_new_tokens=4, ignore_eos=True), _greedy(split, prompt, 4))
+
+
+def test_glmkit_generate_quantization_nf4_fast_decode_says_what_generate_says(capsys):
+    import json
+
+    from glmkit.cli import main
+
+    args = ["generate", "--quantization", "nf4", "--dtype", "bfloat16", "--max-new-tokens", "5", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args, "--fast-decode"]) == 0
+    fast = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fast["tokens"] == plain["tokens"] and len(plain["tokens"]) >= 1
+    assert main(["bench", "--quantization", "nf4", "--tp", "2"]) == 2
+    assert "instead of --tp" in capsys.readouterr().err
