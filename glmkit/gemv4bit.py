@@ -182,9 +182,9 @@ if triton is not None:
 
     @triton.jit
     def _gemv4_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, b_ptr, y_ptr, N, K,
-                      NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BS: tl.constexpr,
-                      BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr,
-                      EVEN_K: tl.constexpr):
+                      bytes_per_row, blocks_per_row, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      SWIGLU: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
         # y[n] = sum_k w[n, k] x[k] over BLOCK_N rows, w dequantized in registers; a step covers BLOCK_K columns =
         # NB quantization blocks of BS columns = BS/2 bytes each. Tiles: [BLOCK_N, NB, BS/2] bytes; each byte holds
         # an even column (high nibble) and the odd one after it (low nibble). Each block's sum is scaled once.
@@ -194,11 +194,12 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows = tl.where(row_ok, rows, 0)  # rows past N read row 0 (in bounds) and are not stored
-        blocks_per_row = K // BS
-        byte_row = rows[:, None, None] * (K // 2)  # [BLOCK_N, 1, 1]
+        # bytes_per_row = K / 2 and blocks_per_row = K / BS come as arguments: Triton then knows when they divide
+        # by 16, and loads 16 bytes at a time
+        byte_row = rows[:, None, None] * bytes_per_row  # [BLOCK_N, 1, 1]
         blk = tl.arange(0, NB)
         j = tl.arange(0, HB)
-        up_bytes = N * (K // 2)
+        up_bytes = N * bytes_per_row
         up_blocks = N * blocks_per_row
         if NESTED:
             offset = tl.load(offset_ptr)
@@ -271,8 +272,8 @@ def _launch(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None, swiglu: b
     nested = w.nested
     _gemv4_kernel[grid](x.contiguous(), w.data, w.absmax, w.code, w.absmax2 if nested else w.absmax,
                         w.code2 if nested else w.code, w.offset if nested else w.code,
-                        bias if bias is not None else x, y, rows, k, NESTED=nested, HAS_BIAS=bias is not None,
-                        SWIGLU=swiglu, BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n,
+                        bias if bias is not None else x, y, rows, k, k // 2, k // w.blocksize, NESTED=nested,
+                        HAS_BIAS=bias is not None, SWIGLU=swiglu, BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n,
                         BLOCK_K=cfg.block_k, EVEN_N=rows % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0,
                         num_warps=cfg.num_warps)
     return y
