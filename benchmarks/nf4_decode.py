@@ -204,7 +204,8 @@ def main() -> None:
         bf16 = decode("bf16 fast", models["bf16"], "bf16 fast (Triton)", gemv="triton")
         nf4 = decode("nf4 fast", models["nf4"], "nf4 fast (Triton)", gemv="triton")
         decode("nf4 fast eager", models["nf4"], "nf4 fast (Triton, eager layers)", gemv="triton", compile=False)
-        ref = decode("nf4 fast bnb", models["nf4"], "nf4 fast (bnb matmul_4bit)", gemv=False)
+        ref = decode("nf4 fast bnb", models["nf4"], "nf4 fast (bnb matmul_4bit, eager layers)", gemv=False,
+                     compile=False)  # the reference for the logits; bitsandbytes' ops are not compiled
         decode("nf4 generate", models["nf4"], None)
         if nf4 and ref:
             a, b = nf4["_logits"].double(), ref["_logits"].double()
