@@ -1,4 +1,5 @@
-"""The ``glmkit`` command line: ``env``, ``make-tiny PATH``, ``plan --devices 12GiB 12GiB``, ``generate [--tp 2]``.
+"""The ``glmkit`` command line: ``env``, ``make-tiny PATH``, ``plan --devices 12GiB 12GiB``, ``generate [--tp 2]``,
+``tune``.
 
 Run ``glmkit --help`` for the list; each subcommand prints a table and exits 0, or prints the
 error's message (which names the fix) and exits 2.
@@ -21,6 +22,14 @@ def _make_tiny(args: argparse.Namespace) -> None:
 
     path = build_tiny_checkpoint(args.path, seed=args.seed, num_hidden_layers=args.layers)
     print(f"tiny GLM checkpoint written to {path}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    from glmkit.gemv_tuning import table_configs, tune, write_table
+
+    rows = tune(args.kernels.split(","))
+    path = write_table(table_configs(rows), args.output)
+    print(f"launch shapes for {len(rows)} projections written to {path}; glmkit's GEMV kernels use them on this card")
 
 
 def _plan(args: argparse.Namespace) -> None:
@@ -61,7 +70,9 @@ def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
 
 
 FAST_DECODE_HELP = ("the fast path: static cache and CUDA graphs (FastDecoder: one per GPU of a --device-map split; "
-                    "with --tp N, TPDecoder: every layer split over N processes); 16/32-bit weights, more GPU memory")
+                    "with --tp N, TPDecoder: every layer split over N processes); 16/32-bit weights (FastDecoder: "
+                    "nf4/fp4 too), more GPU memory")
+QUANTIZATIONS = ["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"]
 
 DEVICE_MAP_HELP = "auto, balanced, sequential, cpu, cuda:0, or layers per GPU like 20,20"
 
@@ -89,6 +100,9 @@ def _command_model(args: argparse.Namespace) -> tuple[object, str]:
     model_path = args.model or str(default_model_path())
     if getattr(args, "device_map", None) and args.tp > 1:
         raise ValueError("use --tp or --device-map, not both: tensor parallelism places the model itself.")
+    quantization = getattr(args, "quantization", None)
+    if quantization and args.tp > 1:
+        raise ValueError("--quantization loads the model in one process: use --device-map (e.g. 20,20) instead of --tp.")
     if _relaunched_for_tp(args, model_path):
         return None, model_path
     if parallel.in_torchrun() and getattr(args, "fast_decode", False):  # TPDecoder takes its rank's slices from it
@@ -96,7 +110,7 @@ def _command_model(args: argparse.Namespace) -> tuple[object, str]:
     if parallel.in_torchrun():
         return parallel.load_tp_model(model_path, args.dtype), model_path
     device_map = device_map_option(getattr(args, "device_map", None), model_path)
-    return load_model(model_path, dtype=args.dtype, device_map=device_map), model_path
+    return load_model(model_path, dtype=args.dtype, device_map=device_map, quantization=quantization), model_path
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -217,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=6)
     p.set_defaults(func=_make_tiny)
 
+    p = sub.add_parser("tune", help="measure the fastest GEMV kernel launch shapes on this GPU (a minute or two "
+                                    "per kernel) and keep them in glmkit's cache")
+    p.add_argument("--kernels", default="bf16,nf4",
+                   help="comma-separated: bf16, fp16, nf4, fp4 (fp16 takes bf16's shapes unless given)")
+    p.add_argument("--output", help="table file (default: gemv_tuned.json in $GLMKIT_CACHE or ~/.cache/glmkit)")
+    p.set_defaults(func=_tune)
+
     p = sub.add_parser("plan", help="memory plan per GPU for GLM-4-9B-Chat (or --model PATH), no GPU needed")
     p.add_argument("--model", help="checkpoint folder (only its config.json is read); default GLM-4-9B-Chat")
     p.add_argument("--devices", nargs="+", default=["24GiB"], help="budget per GPU, e.g. 12GiB 12GiB")
@@ -240,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP + " (instead of --tp)")
     p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
+    p.add_argument("--quantization", choices=QUANTIZATIONS, help="load in 8 or 4 bits (bitsandbytes); "
+                   "--fast-decode runs nf4/fp4 with glmkit's 4-bit kernels")
     p.add_argument("--json", action="store_true", help="print tokens and text as JSON")
     p.set_defaults(func=_generate)
 
@@ -252,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP + " (instead of --tp)")
     p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
+    p.add_argument("--quantization", choices=QUANTIZATIONS, help="load in 8 or 4 bits (bitsandbytes); "
+                   "--fast-decode runs nf4/fp4 with glmkit's 4-bit kernels")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
 
@@ -275,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, help="prompt + new tokens per request (default 4096)")
     p.add_argument("--fast-decode", action="store_true",
                    help="decode batches with the fast path: static cache, CUDA graphs (one GPU or a --device-map split, "
-                        "16/32-bit; more GPU memory)")
+                        "16/32-bit or nf4/fp4; more GPU memory)")
     p.set_defaults(func=_serve)
     return parser
 
