@@ -119,14 +119,19 @@ def stop(proc: subprocess.Popen) -> None:
 def lab(tmp_path_factory) -> Iterator[str]:
     require_chromium()
     workdir = tmp_path_factory.mktemp("lab")
-    fresh_copy(ROOT / "notebooks" / NOTEBOOK, workdir / NOTEBOOK)
+    (workdir / "root").mkdir()  # what the lab shows; its settings and log stay beside it
+    fresh_copy(ROOT / "notebooks" / NOTEBOOK, workdir / "root" / NOTEBOOK)
+    settings = workdir / "user-settings" / "@jupyterlab" / "apputils-extension"
+    settings.mkdir(parents=True)  # no "get notified about Jupyter news?" toast over the page
+    (settings / "notification.jupyterlab-settings").write_text('{"fetchNews": "false"}')
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     log = open(workdir / "jupyterlab.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={workdir}", "--LabApp.news_url=",
-         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.expose_app_in_browser=True"],
+         f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={workdir / 'root'}", "--LabApp.news_url=",
+         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", "--LabApp.expose_app_in_browser=True",
+         f"--LabApp.user_settings_dir={workdir / 'user-settings'}", f"--LabApp.workspaces_dir={workdir / 'workspaces'}"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
 
