@@ -3,9 +3,10 @@
 Needs Debian's chromium at /usr/bin/chromium (``make test`` installs it, or says the one command to run; Playwright
 is pointed at it and never downloads a browser). JupyterLab runs on loopback with a token on a copy of the notebook
 whose outputs and execution counts are cleared, so "Run All started" is seen from prompts that change, never from
-committed ones. The kernel is started through the REST API and must be connected and idle in the page before anything runs; a
-"Select Kernel" dialog, should one appear, is answered with the notebook's own kernel. Every wait names what it
-waited for; a failure saves test-artifacts/failure.png and says why. Every process started here is ended.
+committed ones, and which is signed (trusted). The kernel is started through the REST API; the page must show it
+connected and idle, and the notebook trusted, before anything runs. A "Select Kernel" dialog, should one appear, is
+answered with the notebook's own kernel. Every wait names what it waited for; a failure saves
+test-artifacts/failure.png and says why. Every process started here is ended.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import httpx
 import nbformat
 import pytest
+from nbformat.sign import NotebookNotary
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -41,6 +43,7 @@ NOTEBOOK_STATE = """() => {
     const kernel = w.sessionContext.session && w.sessionContext.session.kernel;
     if (!kernel) return 'the notebook has no kernel yet';
     if (kernel.connectionStatus !== 'connected') return 'kernel connection: ' + kernel.connectionStatus;
+    if ([...w.content.model.cells].some(c => c.type === 'code' && !c.trusted)) return 'the notebook is not trusted';
     return 'kernel ' + kernel.status;
 }"""
 CELL_ERRORS = """() => {
@@ -66,12 +69,13 @@ def require_chromium() -> None:
 
 
 def fresh_copy(source: Path, dest: Path) -> None:
-    """The notebook without outputs or execution counts, with its kernel named (no kernel to pick)."""
+    """The notebook without outputs or execution counts, with its kernel named (no kernel to pick), signed."""
     nb = nbformat.read(source, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    NotebookNotary().sign(nb)  # trusted, as `jupyter trust` does (the test's own JUPYTER_DATA_DIR)
     nbformat.write(nb, dest)
 
 
