@@ -253,5 +253,5 @@ def test_cli_generate_and_bench_take_fast_decode(capsys):
     assert main(["bench", "--fast-decode", "--new-tokens", "3", "--prompt-len", "4", "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["path"] == "fast" and row["decode_tok_s"] > 0
-    assert main(["generate", "--fast-decode", "--tp", "2"]) == 2
+    assert main(["generate", "--fast-decode", "--quantization", "nf4", "--tp", "2"]) == 2  # TP slices 16-bit weights
     assert "instead of --tp" in capsys.readouterr().err
