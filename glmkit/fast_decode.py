@@ -276,12 +276,14 @@ class FastDecoder:
             self._capture() if self.use_graph else self._step()
         self.ready = True
 
-    def prefill(self, input_ids: torch.Tensor, chunk: int | None = None, slot: int | None = None) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, chunk: int | None = None, slot: int | None = None,
+                start: int = 0) -> torch.Tensor:
         """Run the prompt through the model (in ``chunk``-token pieces if given), fill the static cache,
         and return the logits of the last prompt position ``[b, vocab]``.
 
         ``slot``: fill only that row of the cache with one prompt ``[1, n]``, so that prompts of different lengths
-        share a batch; then give ``decode_step`` a position per row.
+        share a batch; then give ``decode_step`` a position per row. ``start``: the row already holds that many
+        tokens (a long prompt prefilled one piece per call).
         """
         from glmkit.generation import cache_argument, chunked_prefill, preallocated_cache
 
@@ -292,12 +294,15 @@ class FastDecoder:
             raise ValueError(f"A slot takes one prompt and is one of 0..{self.batch_size - 1}; got {b} prompts "
                              f"for slot {slot}.")
         rows = slice(None) if slot is None else slice(slot, slot + 1)
-        if n >= self.max_len:
-            raise ValueError(f"The prompt has {n} tokens; the static cache holds {self.max_len} (raise max_len).")
+        if start + n >= self.max_len:
+            raise ValueError(f"The prompt has {start + n} tokens; the static cache holds {self.max_len} (raise max_len).")
         if not self.ready:
             self._first_step()  # before the cache is filled: the warm-up steps write garbage K/V at position 0
         # the prompt's K/V go straight into the static cache: no second copy of the cache, ever
         cache = preallocated_cache(self.model.config, self.max_len, self.k_cache[:, rows], self.v_cache[:, rows])
+        for layer in cache.layers if start else ():  # continue after the first `start` positions
+            layer.lazy_initialization(layer._given[0])
+            layer.keys, layer.values = layer._k[..., :start, :], layer._v[..., :start, :]
         if n > 1:
             chunked_prefill(self.model, input_ids, chunk or n, cache=cache)
         with torch.inference_mode():
@@ -307,16 +312,19 @@ class FastDecoder:
     def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         """Logits ``[b, vocab]`` for ``tokens`` ``[b]`` at position ``pos`` (one for all rows, or ``[b]``); their
         K/V go into the cache."""
-        self.tokens.copy_(tokens.view(-1, 1))
+        k = tokens.numel()  # rows 0..k-1 (the others: token 0 at position 0)
+        self.tokens[:k].copy_(tokens.view(-1, 1))
+        self.tokens[k:].zero_()
+        self.pos[k:].zero_()
         if isinstance(pos, torch.Tensor):
-            self.pos.copy_(pos)
+            self.pos[:k].copy_(pos)
         else:
-            self.pos.fill_(pos)
+            self.pos[:k].fill_(pos)
         if self.graph is not None:
             self.graph.replay()
         else:
             self._step()
-        return self.logits
+        return self.logits[:k]
 
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, eos_token_ids: list[int] | None = None, ignore_eos: bool = False,
