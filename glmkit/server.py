@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 import uuid
@@ -27,6 +28,7 @@ from glmkit.engine import Engine, GenerationRequest
 
 ROLES = {"system", "user", "assistant", "tool", "observation"}
 MAX_STOP = 4
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 
 
 class ApiError(Exception):
@@ -96,7 +98,7 @@ def validate(body: Any, model_name: str, max_context: int) -> dict[str, Any]:
     def number(name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
         value = body.get(name, default)
         value = default if value is None else value
-        bad = not isinstance(value, (int, float)) or isinstance(value, bool)
+        bad = not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
         if bad or value > hi or value < lo or (lo_open and value == lo):
             raise ApiError(400, f"'{name}' must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}.",
                            param=name)
@@ -117,6 +119,7 @@ def validate(body: Any, model_name: str, max_context: int) -> dict[str, Any]:
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ApiError(400, f"'seed' must be an integer, got {seed!r}.", param="seed")
+    sampling = sampling_settings(body, number)
     tools = body.get("tools") or []
     if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
                                               and t["function"].get("name") for t in tools):
@@ -136,9 +139,47 @@ def validate(body: Any, model_name: str, max_context: int) -> dict[str, Any]:
         raise ApiError(400, f"tool_choice must be 'auto', 'none', 'required' or a function, got {choice!r}.",
                        param="tool_choice")
     return {"messages": clean, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "stop": stop,
-            "seed": seed, "tools": tools if choice != "none" else [], "forced_tool": forced,
+            "seed": seed, **sampling, "tools": tools if choice != "none" else [], "forced_tool": forced,
             "stream": bool(body.get("stream", False)),
             "include_usage": bool((body.get("stream_options") or {}).get("include_usage", False))}
+
+
+def sampling_settings(body: dict[str, Any], number: Any) -> dict[str, Any]:
+    """Penalties, ``logit_bias`` (token-id strings to a bias in [-100, 100]) and ``logprobs``/``top_logprobs``."""
+    bias = body.get("logit_bias") or {}
+    if not isinstance(bias, dict):
+        raise ApiError(400, "'logit_bias' must map token ids (strings) to a bias in [-100, 100].", param="logit_bias")
+    clean_bias = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            token = -1
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if token < 0 or not ok or not -100 <= value <= 100:
+            raise ApiError(400, f"'logit_bias' maps token ids to a bias in [-100, 100]; got {key!r}: {value!r}.",
+                           param="logit_bias")
+        clean_bias[token] = float(value)
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise ApiError(400, f"'logprobs' must be true or false, got {logprobs!r}.", param="logprobs")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS):
+        raise ApiError(400, f"'top_logprobs' must be an integer in [0, {MAX_LOGPROBS}], got {top!r}.",
+                       param="top_logprobs")
+    if top is not None and not logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+    return {"presence_penalty": number("presence_penalty", 0.0, -2.0, 2.0),
+            "frequency_penalty": number("frequency_penalty", 0.0, -2.0, 2.0),
+            "logit_bias": clean_bias or None, "logprobs": (top or 0) if logprobs else None}
+
+
+def logprobs_content(tokenizer: Any, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> list[dict[str, Any]]:
+    """OpenAI's ``choices[i].logprobs.content`` from an engine request's ``token_logprobs``."""
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return [dict(one(t, lp), top_logprobs=[one(i, v) for i, v in top]) for t, lp, top in entries]
 
 
 def create_app(engine: Engine, model_name: str = "glm-4-9b-chat", api_key: str | None = None) -> Any:
@@ -167,20 +208,29 @@ def create_app(engine: Engine, model_name: str = "glm-4-9b-chat", api_key: str |
         return {"status": "ok", "model": model_name, "max_batch_size": engine.max_batch_size,
                 "max_context": engine.max_context, "batches_run": engine.batches_run}
 
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        from fastapi.responses import PlainTextResponse
+
+        if engine.metrics is None:
+            raise ApiError(404, "Metrics need prometheus-client: pip install 'glmkit[server]'.")
+        return PlainTextResponse(engine.metrics.text(), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "glmkit"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        try:
-            body = json.loads(await request.body())
+        raw = await request.body()
+        try:  # parsing and tokenizing a large prompt take a while: off the event loop, which keeps serving
+            body = await asyncio.to_thread(json.loads, raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"The request body is not valid JSON: {exc}.") from None
         p = validate(body, model_name, engine.max_context)
         prefix = f"{p['forced_tool']}\n" if p["forced_tool"] else ""
         try:
-            prompt = engine.encode(p["messages"], p["tools"], assistant_prefix=prefix)
+            prompt = await asyncio.to_thread(engine.encode, p["messages"], p["tools"], assistant_prefix=prefix)
         except Exception as exc:  # the chat template rejected the conversation
             raise ApiError(400, f"The messages do not fit the GLM-4 chat template: {exc}.", param="messages") from None
         max_tokens = p["max_tokens"] or max(engine.max_context - len(prompt) - 1, 1)
@@ -189,12 +239,20 @@ def create_app(engine: Engine, model_name: str = "glm-4-9b-chat", api_key: str |
                            f"context of {engine.max_context} tokens. Shorten the messages or lower max_tokens.",
                            param="messages", code="context_length_exceeded")
         loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        req = engine.submit(prompt, max_tokens=max_tokens, temperature=p["temperature"], top_p=p["top_p"],
-                            stop=p["stop"], seed=p["seed"],
-                            on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
-        threading.Thread(target=lambda: (req.done.wait(), loop.call_soon_threadsafe(pieces.put_nowait, None)),
-                         daemon=True).start()
+        # (text piece, tokens generated so far) from the engine thread; None when the request has finished
+        pieces: asyncio.Queue[tuple[str, int] | None] = asyncio.Queue()
+        settings = {k: p[k] for k in ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty",
+                                      "logit_bias", "logprobs")}
+        on_text, box = None, []  # box: the request, once submit returned it
+        if p["stream"]:
+            def on_text(piece: str) -> None:
+                loop.call_soon_threadsafe(pieces.put_nowait, (piece, len(box[0].tokens) if box else None))
+        try:
+            req = engine.submit(prompt, max_tokens=max_tokens, on_text=on_text,
+                                on_done=lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None), **settings)
+        except ValueError as exc:  # settings the engine cannot run (e.g. a token id outside the vocabulary)
+            raise ApiError(400, str(exc)) from None
+        box.append(req)
         rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         tool_names = {t["function"]["name"] for t in p["tools"]}
 
@@ -208,32 +266,51 @@ def create_app(engine: Engine, model_name: str = "glm-4-9b-chat", api_key: str |
             return {"prompt_tokens": len(prompt), "completion_tokens": len(req.tokens),
                     "total_tokens": len(prompt) + len(req.tokens)}
 
+        def logprobs(upto: int | None = None, since: int = 0) -> dict[str, Any] | None:
+            if p["logprobs"] is None:
+                return None
+            return {"content": logprobs_content(engine.tokenizer, req.token_logprobs[since:upto])}
+
         if not p["stream"]:
+            # the body is read: the next ASGI message is the client hanging up (request.is_disconnected() misses it
+            # behind an http middleware, which wraps receive)
+            done, gone = asyncio.ensure_future(pieces.get()), asyncio.ensure_future(request.receive())
             try:
-                while await pieces.get() is not None:
-                    pass
-            except asyncio.CancelledError:  # the client went away
-                req.cancel()
-                raise
+                await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not done.done():  # the client went away (or this handler was cancelled): stop generating for it
+                    req.cancel()
+                    done.cancel()
+                gone.cancel()
+            if not done.done() or done.cancelled():
+                return None
             if req.error:
                 raise ApiError(500, f"Generation failed: {req.error}. The server keeps serving; retry with a shorter "
                                "prompt or fewer tokens.", kind="server_error")
             message, reason = finish(req.text)
             return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-                    "choices": [{"index": 0, "message": message, "finish_reason": reason}], "usage": usage()}
+                    "choices": [{"index": 0, "message": message, "logprobs": await asyncio.to_thread(logprobs),
+                                 "finish_reason": reason}], "usage": usage()}
 
-        def chunk(delta: dict[str, Any], reason: str | None = None) -> str:
+        sent = 0  # tokens whose logprobs went out
+
+        def chunk(delta: dict[str, Any], reason: str | None = None, upto: int | None = None) -> str:
+            nonlocal sent
+            choice = {"index": 0, "delta": delta, "finish_reason": reason}
+            if p["logprobs"] is not None and upto is not None and upto > sent:
+                choice["logprobs"] = logprobs(upto, sent)
+                sent = upto
             data = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+                    "choices": [choice]}
             return f"data: {json.dumps(data)}\n\n"
 
         async def events() -> Any:
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 streamed_text = not tool_names  # with tools, hold the text back until we know it is no call
-                while (piece := await pieces.get()) is not None:
+                while (item := await pieces.get()) is not None:
                     if streamed_text:
-                        yield chunk({"content": piece})
+                        yield chunk({"content": item[0]}, upto=item[1])
                 if req.error:
                     err = ApiError(500, f"Generation failed: {req.error}", kind="server_error")
                     yield f"data: {json.dumps(err.body())}\n\n"
@@ -244,7 +321,7 @@ def create_app(engine: Engine, model_name: str = "glm-4-9b-chat", api_key: str |
                         yield chunk({"tool_calls": [call]})
                     elif not streamed_text:
                         yield chunk({"content": req.text})
-                    yield chunk({}, reason)
+                    yield chunk({}, reason, upto=len(req.token_logprobs))
                     if p["include_usage"]:
                         final = {"id": rid, "object": "chat.completion.chunk", "choices": [], "usage": usage()}
                         yield f"data: {json.dumps(final)}\n\n"
