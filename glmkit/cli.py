@@ -93,30 +93,32 @@ def _generate(args: argparse.Namespace) -> None:
     """Greedy continuation of a chat message (or raw token ids), on one process or tensor-parallel."""
     import json
 
-    import torch
-
     from glmkit import parallel
+    from glmkit.engine import Engine
     from glmkit.loading import load_tokenizer
 
     model, model_path = _command_model(args)
     if model is None:
         return
     tokenizer = load_tokenizer(model_path)
-    device = model.get_input_embeddings().weight.device
     if args.prompt_ids:
-        ids = torch.tensor([args.prompt_ids], device=device)
+        ids = list(args.prompt_ids)
     else:
         from glmkit.generation import encode_chat
 
-        ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}], device=device)["input_ids"]
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                             do_sample=False)
-    new = out[0, ids.shape[1]:].tolist()
+        ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}])["input_ids"][0].tolist()
+    # the same engine as the server and the chat widget (under torchrun every rank runs its own, in step)
+    engine = Engine(model, tokenizer, max_batch_size=1, max_context=len(ids) + args.max_new_tokens)
+    try:
+        req = engine.submit(ids, max_tokens=args.max_new_tokens).wait()
+    finally:
+        engine.close()
+    if req.error:
+        raise SystemExit(f"generation failed: {req.error}")
+    new = req.tokens
     if parallel.rank() == 0:  # only rank 0 talks to the user
-        text = tokenizer.decode(new, skip_special_tokens=True).lstrip("\n")
-        result = {"tokens": new, "text": text, "processes": parallel.world_size()}
-        print(json.dumps(result) if args.json else text)
+        result = {"tokens": new, "text": req.text, "processes": parallel.world_size()}
+        print(json.dumps(result) if args.json else req.text)
 
 
 def _bench(args: argparse.Namespace) -> None:
