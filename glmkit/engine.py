@@ -51,11 +51,19 @@ class Engine:
             ``max_batch_size`` x ``max_context`` tokens (40 KiB a token for GLM-4-9B in bf16), made at the first request.
         prefill_chunk: prompt tokens prefilled per step (fast path): a long prompt delays the running requests by
             at most one chunk per step.
+        ride_from_batch, ride_max_tokens: fast path: while at least ``ride_from_batch`` requests decode, a prompt of
+            at most ``ride_max_tokens`` tokens is fed through the decode steps, one token per step in its own row,
+            instead of a prefill forward of its own that would stall the whole batch (a model forward costs about as
+            much as a batched decode step, mostly launch and Python time); with fewer, it is prefilled at once (the
+            shortest time to first token).
+        continuous: ``False`` batches the fast path statically too (to compare; default: continuous on the fast
+            path, static on the plain path).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch_size: int = 8,
                  max_context: int | None = None, gather_ms: float = 5.0, fast_decode: bool = False,
-                 prefill_chunk: int = 512) -> None:
+                 prefill_chunk: int = 512, continuous: bool | None = None, ride_from_batch: int = 4,
+                 ride_max_tokens: int = 64) -> None:
         from glmkit.generation import eos_token_ids, model_device
 
         self.model, self.tokenizer = model, tokenizer
@@ -67,11 +75,15 @@ class Engine:
         self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 4096))
         self.gather_s = gather_ms / 1000
         self.prefill_chunk = prefill_chunk
+        self.ride_from_batch, self.ride_max_tokens = ride_from_batch, ride_max_tokens
         self.fast_decode = fast_decode
         self.runner: FastRunner | PlainRunner = (
             FastRunner(model, max_batch_size, self.max_context + 1, self.device) if fast_decode
             else PlainRunner(model, self.pad_id, self.device))
-        self.scheduler = Scheduler(max_batch_size, continuous=self.runner.continuous)
+        if continuous and not self.runner.continuous:
+            raise ValueError("Continuous batching needs the fast path (fast_decode=True); the plain path batches "
+                             "statically.")
+        self.scheduler = Scheduler(max_batch_size, self.runner.continuous if continuous is None else continuous)
         self.metrics = engine_metrics(max_batch_size)
         self.batches_run = 0  # steps that admitted requests
         self.steps = 0
@@ -166,8 +178,11 @@ class Engine:
         if admitted:
             self.batches_run += 1
         picks: list[tuple[GenerationRequest, torch.Tensor]] = []  # (request, logits [vocab]) to sample from
-        if self.runner.continuous:
-            for r, n in s.prefill_plan(self.prefill_chunk):
+        decoding, riding = s.decoding(), []
+        if isinstance(self.runner, FastRunner):
+            if len(decoding) >= self.ride_from_batch:  # short prompts ride the decode step: no stall for the batch
+                riding = [r for r in s.prefilling() if len(r.prompt_ids) - r.prefilled <= self.ride_max_tokens]
+            for r, n in s.prefill_plan(self.prefill_chunk, skip=set(riding)):
                 try:
                     logits = self.runner.prefill(r, n)
                 except Exception as exc:  # this prompt's prefill failed (out of memory, ...): it fails alone
@@ -182,14 +197,13 @@ class Engine:
             except Exception as exc:
                 for r in admitted:
                     self._fail(r, exc)
-        decoding = s.decoding()
-        if decoding:
+        if decoding or riding:
             t0 = time.perf_counter()
             try:
-                logits = self.runner.decode(s.running, decoding)
-                picks += list(zip(decoding, logits))
+                logits, done = self.runner.decode(s.running, decoding, riding)
+                picks += list(zip(decoding, logits)) + done
             except Exception as exc:  # out of memory in a decode step: fail that step's requests
-                for r in decoding:
+                for r in decoding + riding:
                     self._fail(r, exc)
                 self.runner.reset()
             self.largest_batch = max(self.largest_batch, len(decoding))

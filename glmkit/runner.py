@@ -51,22 +51,29 @@ class FastRunner:
         req.prefilled += n
         return logits[0] if req.prefilled == len(req.prompt_ids) else None
 
-    def decode(self, running: dict[int, GenerationRequest], decoding: list[GenerationRequest]) -> torch.Tensor:
-        """One token for each request in ``decoding``; their logits ``[len(decoding), vocab]``."""
+    def decode(self, running: dict[int, GenerationRequest], decoding: list[GenerationRequest],
+               riding: list[GenerationRequest] = ()) -> tuple[torch.Tensor, list[tuple[GenerationRequest, torch.Tensor]]]:
+        """One token for each request in ``decoding`` and the next prompt token of each in ``riding``: the logits
+        ``[len(decoding), vocab]``, and (request, logits ``[vocab]``) for the riding ones whose prompt is now all in."""
         k = max(running) + 1
         tokens, pos = [0] * k, [0] * k
         for slot, r in running.items():  # a prefilling row: its next prompt position (the next chunk overwrites it)
             pos[slot] = r.prefilled
+        for r in riding:
+            tokens[r.slot] = r.prompt_ids[r.prefilled]
         for r in decoding:
-            pos[r.slot] = len(r.prompt_ids) + len(r.tokens) - 1
-        for r in decoding:
-            tokens[r.slot] = r.tokens[-1]
-        rows = [r.slot for r in decoding]
+            tokens[r.slot], pos[r.slot] = r.tokens[-1], len(r.prompt_ids) + len(r.tokens) - 1
         both = torch.tensor([tokens, pos], dtype=torch.long).to(self.device, non_blocking=True)
         logits = self._decoder().decode_step(both[0], both[1])
+        done = []
+        for r in riding:
+            r.prefilled += 1
+            if r.prefilled == len(r.prompt_ids):
+                done.append((r, logits[r.slot].clone()))
+        rows = [r.slot for r in decoding]
         if rows == list(range(k)):
-            return logits
-        return logits[torch.tensor(rows, device=self.device)]
+            return logits, done
+        return logits[torch.tensor(rows, device=self.device, dtype=torch.long)], done
 
     def release(self, req: GenerationRequest) -> None:
         pass  # the row is simply reused: its stale K/V are never attended to
@@ -110,7 +117,8 @@ class PlainRunner:
             r.prefilled = len(r.prompt_ids)
         return logits
 
-    def decode(self, running: dict[int, GenerationRequest], decoding: list[GenerationRequest]) -> torch.Tensor:
+    def decode(self, running: dict[int, GenerationRequest], decoding: list[GenerationRequest],
+               riding: list[GenerationRequest] = ()) -> tuple[torch.Tensor, list]:
         tokens = [self.pad_id] * self.rows  # finished rows go on with the pad token until the batch ends
         for r in decoding:
             tokens[r.slot] = r.tokens[-1]
@@ -118,7 +126,7 @@ class PlainRunner:
         self.positions = self.positions[:, -1:] + 1
         logits = self.model(input_ids=torch.tensor(tokens, device=self.device)[:, None], attention_mask=self.mask,
                             position_ids=self.positions, use_cache=True, **self.cache).logits[:, -1].float()
-        return logits[torch.tensor([r.slot for r in decoding], device=self.device)]
+        return logits[torch.tensor([r.slot for r in decoding], device=self.device)], []
 
     def release(self, req: GenerationRequest) -> None:
         self.live.discard(req.slot)

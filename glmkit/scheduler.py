@@ -78,11 +78,13 @@ class Scheduler:
         """Running requests with a generated token to feed back (prompt prefilled, first token picked), by slot."""
         return [r for _, r in sorted(self.running.items()) if r.prefilled == len(r.prompt_ids) and r.tokens]
 
-    def prefill_plan(self, budget: int) -> list[tuple[GenerationRequest, int]]:
-        """(request, tokens) to prefill this step: the oldest prompts first, ``budget`` tokens in all (at least one
-        chunk, so that a prompt longer than the budget still moves)."""
+    def prefill_plan(self, budget: int, skip: set[GenerationRequest] = frozenset()) -> list[tuple[GenerationRequest, int]]:
+        """(request, tokens) to prefill this step: the oldest prompts first (but those in ``skip``), ``budget`` tokens
+        in all."""
         plan = []
         for r in self.prefilling():
+            if r in skip:
+                continue
             if budget <= 0:
                 break
             n = min(budget, len(r.prompt_ids) - r.prefilled)

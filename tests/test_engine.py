@@ -60,10 +60,14 @@ def test_greedy_tokens_match_generate_alone_and_concurrent(trained, fast):
     together = [fast.submit(ids, max_tokens=n) for ids, n in jobs]
     assert [r.wait(60).tokens for r in together] == expected
     plain = Engine(*trained, max_context=512)
+    riding = Engine(*trained, max_context=512, fast_decode=True, ride_from_batch=0)  # prompts through decode steps
     try:
         assert [r.wait(60).tokens for r in [plain.submit(ids, max_tokens=n) for ids, n in jobs]] == expected
+        assert [r.wait(60).tokens for r in [riding.submit(ids, max_tokens=n) for ids, n in jobs]] == expected
+        assert riding.steps > sum(len(ids) for ids, _ in jobs) // 3  # they did ride: a step per prompt token
     finally:
         plain.close()
+        riding.close()
 
 
 def test_a_request_admitted_mid_batch_gets_its_first_token_before_the_long_one_ends(rambler):
