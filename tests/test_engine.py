@@ -269,3 +269,27 @@ def test_generation_request_fields():
     r = GenerationRequest([1, 2])
     assert (r.presence_penalty, r.frequency_penalty, r.logit_bias, r.logprobs, r.token_logprobs) == (0.0, 0.0, None,
                                                                                                      None, [])
+
+
+def test_out_of_memory_in_a_decode_step_fails_that_steps_requests_and_the_engine_keeps_serving(trained):
+    engine = Engine(*trained, max_batch_size=4, max_context=512, fast_decode=True)
+    real, calls = engine.runner.decode, []
+
+    def decode_once_out_of_memory(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args)
+
+    engine.runner.decode = decode_once_out_of_memory
+    try:
+        ids = prompt(engine, 0)
+        with engine._wake:  # the engine thread waits for this lock: both are admitted in the same step
+            first = [engine.submit(ids, max_tokens=20) for _ in range(2)]
+        assert [r.wait(60).finish_reason for r in first] == ["error", "error"]
+        assert "out of memory" in first[0].error and "max_batch_size" in first[0].error
+        after = engine.submit(ids, max_tokens=20).wait(60)
+        assert after.finish_reason == "stop" and "40" in after.text
+        assert not engine.scheduler.running
+    finally:
+        engine.close()
