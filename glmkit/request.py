@@ -24,15 +24,27 @@ from glmkit.sampling import SamplingRow
 
 class Detokenizer:
     """Text from tokens as they come: ``add(token)`` returns the new text (empty while a multi-byte character
-    is incomplete). Decodes a window of a few tokens per call (as vLLM's incremental detokenizer does)."""
+    is incomplete). With a fast tokenizer, the ``tokenizers`` library's own ``DecodeStream`` (2 µs a token here,
+    against 33 µs for decoding a window with ``tokenizer.decode``); else a window of a few tokens per call (as
+    vLLM's incremental detokenizer does)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
         self.prefix = 0  # tokens[prefix:read] decode to text already returned
         self.read = 0
+        self._backend, self._stream = getattr(tokenizer, "_tokenizer", None), None
+        try:
+            from tokenizers import Tokenizer
+            from tokenizers.decoders import DecodeStream
+        except ImportError:  # pragma: no cover - tokenizers < 0.21
+            return
+        if isinstance(self._backend, Tokenizer):
+            self._stream = DecodeStream(skip_special_tokens=True)
 
     def add(self, token: int) -> str:
+        if self._stream is not None:
+            return self._stream.step(self._backend, token) or ""
         self.tokens.append(token)
         decode = self.tokenizer.decode
         before = decode(self.tokens[self.prefix:self.read], skip_special_tokens=True)

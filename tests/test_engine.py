@@ -293,3 +293,14 @@ def test_out_of_memory_in_a_decode_step_fails_that_steps_requests_and_the_engine
         assert not engine.scheduler.running
     finally:
         engine.close()
+
+
+def test_both_incremental_detokenizers_give_the_whole_decode(trained):
+    from glmkit.request import Detokenizer
+
+    tok = trained[1]
+    ids = tok("GPUs: Ünïcödé 你好, 40 layers.", add_special_tokens=False).input_ids * 3
+    stream, window = Detokenizer(tok), Detokenizer(tok)
+    window._stream = None  # the fallback for tokenizers without DecodeStream
+    assert stream._stream is not None
+    assert "".join(map(stream.add, ids)) == "".join(map(window.add, ids)) == tok.decode(ids)
