@@ -5,7 +5,7 @@ slots), **run** (one chunk of a waiting prompt is prefilled into its slot, then 
 request), **postprocess** (one sampling call for the whole batch on the device, then per request: incremental
 detokenization, stop strings, end tokens, token budget, callbacks). With ``fast_decode=True`` this is continuous
 batching over ``FastDecoder``'s static cache: requests join and leave at every step, so a short request never
-waits for a long one. The plain path (split, quantized or non-GLM models) batches statically: a batch runs
+waits for a long one. The plain path (quantized, offloaded or non-GLM models) batches statically: a batch runs
 until its last request ends (``glmkit.runner`` says why). A request that fails (bad settings, an out-of-memory
 error while prefilling it) fails alone; an out-of-memory error in a decode step fails that step's requests, and
 the engine keeps serving. Introduced in ``notebooks/07_openai_server.ipynb``.
@@ -46,7 +46,8 @@ class Engine:
         max_batch_size: requests running at once (KV-cache slots); more wait in a queue.
         max_context: prompt + new tokens allowed per request (default: the model's limit).
         gather_ms: static batching (plain path) only: how long the first waiting request waits for company.
-        fast_decode: continuous batching with ``FastDecoder`` (one GPU, 16/32-bit GLM weights). Costs GPU memory:
+        fast_decode: continuous batching with ``FastDecoder`` (one GPU or a layer split, 16/32-bit GLM weights).
+            Costs GPU memory:
             a fused copy of the q/k/v weights (1.4 GiB for GLM-4-9B in bf16) and a static KV cache of
             ``max_batch_size`` x ``max_context`` tokens (40 KiB a token for GLM-4-9B in bf16), made at the first request.
         prefill_chunk: prompt tokens prefilled per step (fast path): a long prompt delays the running requests by
@@ -225,7 +226,8 @@ class Engine:
             return False
         if r.presence_penalty or r.frequency_penalty:
             if self._counts is None:
-                self._counts = torch.zeros(self.max_batch_size, self.vocab_size, dtype=torch.int32, device=self.device)
+                head = self.model.get_output_embeddings().weight.device  # where the logits are
+                self._counts = torch.zeros(self.max_batch_size, self.vocab_size, dtype=torch.int32, device=head)
             self._counts[r.slot].zero_()
         if self.fast_decode:
             self.fast_requests += 1
@@ -241,7 +243,7 @@ class Engine:
             logits = torch.stack([row for _, row in picks])
             out = sample(logits, [r.sampling_row() for r in reqs], max(want) if want else None, self._counts)
             if self._counts is not None:
-                slots = torch.tensor([r.slot for r in reqs], device=self.device)
+                slots = torch.tensor([r.slot for r in reqs], device=self._counts.device)
                 self._counts.index_put_((slots, out.tokens), torch.ones_like(out.tokens, dtype=torch.int32),
                                         accumulate=True)
             tokens = out.tokens.tolist()

@@ -1,12 +1,12 @@
 """What runs: the engine's model runners, which own the model, the KV cache and (on a GPU) the CUDA graphs.
 
-``FastRunner`` (continuous batching): one ``FastDecoder`` with a static cache of ``slots`` rows; a request
-prefills into its own row one chunk per call, at any step, while the other rows decode; a decode step runs
-rows ``0..k-1`` (``k`` = the highest running slot + 1), the decoder choosing its smallest captured batch size
+``FastRunner`` (continuous batching): one ``FastDecoder`` (one GPU or a layer split) with a static cache of
+``slots`` rows; a request prefills into its own row one chunk per call, at any step, while the other rows decode;
+a decode step runs rows ``0..k-1`` (``k`` = the highest running slot + 1), the decoder choosing its smallest captured batch size
 >= ``k``. Rows that are not decoding get a dummy token at the position their next real write goes to, where it
 is overwritten before it is ever attended to.
 
-``PlainRunner`` (static batching, for models the fast path does not take: split over GPUs, quantized, not GLM):
+``PlainRunner`` (static batching, for models the fast path does not take: quantized, offloaded, not GLM):
 the prompts of one batch are left-padded and prefilled together with ``model.forward`` and a transformers cache,
 then decoded together until the last one ends. Requests cannot join a running batch: the left-padded cache
 would have to be re-padded, and transformers' own continuous batching (``generate_batch``) takes one
@@ -31,7 +31,7 @@ class FastRunner:
     def __init__(self, model: torch.nn.Module, slots: int, max_len: int, device: torch.device) -> None:
         from glmkit.fast_decode import FastDecoder
 
-        FastDecoder.check(model)  # a split or quantized model: say so now, not at the first request
+        FastDecoder.check(model)  # a quantized or offloaded model: say so now, not at the first request
         self.model, self.slots, self.max_len, self.device = model, slots, max_len, device
         self.decoder: Any = None
 
@@ -73,7 +73,7 @@ class FastRunner:
         rows = [r.slot for r in decoding]
         if rows == list(range(k)):
             return logits, done
-        return logits[torch.tensor(rows, device=self.device, dtype=torch.long)], done
+        return logits[torch.tensor(rows, device=logits.device, dtype=torch.long)], done  # lm_head's device
 
     def release(self, req: GenerationRequest) -> None:
         pass  # the row is simply reused: its stale K/V are never attended to

@@ -235,7 +235,7 @@ def test_streamed_logprobs_cover_every_token(trained):
             model="glm-4-9b-chat", messages=[{"role": "user", "content": QUESTIONS[0]}], max_tokens=12, temperature=0,
             logprobs=True)
         assert [e.token for e in entries] == [e.token for e in plain.choices[0].logprobs.content]
-        bad = httpx.post(srv.url + "/chat/completions", timeout=60,  # Python's json reads NaN
+        bad = httpx.post(srv.url + "/chat/completions", timeout=60, headers={"content-type": "application/json"},
                          content=b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}')
         assert bad.status_code == 400 and "temperature" in bad.json()["error"]["message"]
         bad = httpx.post(srv.url + "/chat/completions", timeout=60, json={
