@@ -205,7 +205,7 @@ def main() -> None:
 
     model, tokenizer, label = build(args)
     fast = not args.plain
-    slots = max(args.clients)
+    slots = max(args.clients + [2])  # the TTFT test runs a long and a short request at once
     engine = Engine(model, tokenizer, max_batch_size=slots, max_context=args.long_tokens + 128, fast_decode=fast)
     server = ServerThread(create_app(engine)).start()
     t_build = time.perf_counter()

@@ -198,6 +198,9 @@ class Engine:
             except Exception as exc:
                 for r in admitted:
                     self._fail(r, exc)
+        if picks and decoding:  # a prompt just prefilled: its first token goes out now, not after the decode step
+            self._sample_and_accept(picks)
+            picks = []
         if decoding or riding:
             t0 = time.perf_counter()
             try:
