@@ -33,7 +33,7 @@ PROMPTS = ["Tell me about GPUs.", "What is a device map?", "How do I split the m
 
 def build(args: argparse.Namespace) -> tuple[torch.nn.Module, object, str]:
     from glmkit.loading import load_model, load_tokenizer
-    from glmkit.models import TRAINED_TINY_DIR
+    from glmkit.models import TRAINED_TINY_DIR, model_label
 
     if args.random_9b:
         from transformers import GenerationConfig, GlmForCausalLM
@@ -53,7 +53,7 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, object, str]:
     path = args.checkpoint or TRAINED_TINY_DIR
     model = load_model(path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
                        device_map=device_map_option(args.device_map, str(path)))
-    return model, load_tokenizer(path), str(path)
+    return model, load_tokenizer(path), model_label(path)
 
 
 def sync() -> None:
