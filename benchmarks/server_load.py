@@ -1,46 +1,40 @@
-"""Load on the OpenAI-compatible server: requests/s and tokens/s for 1, 4 and 16 concurrent clients.
+"""Load on the OpenAI-compatible server: tokens/s for N concurrent clients and time to first token, continuous vs
+static batching, against the fast decoder's own speed measured in the same run.
 
-Starts ``glmkit.server`` on loopback in this process (the tiny trained GLM on the CPU by default, or
-``--checkpoint`` on a GPU), then each of N client threads sends requests with the official ``openai`` client
-for a fixed time. Tokens are the server's ``usage.completion_tokens``.
+Starts ``glmkit.server`` on loopback in this process (the tiny trained GLM on the CPU by default, or GLM-4-9B with
+random weights on a GPU), then:
+  1. ``decoder``: FastDecoder's own tokens/s at batch 1/16/64 (its steps alone, no engine) — the ceiling;
+  2. ``levels``: N client threads (official ``openai`` client) send 128-token requests for a fixed time, with the
+     engine batching continuously, then statically (``--direct`` also submits straight to the engine from N
+     threads, no HTTP: the difference is the cost of the HTTP side and of the Python lock it shares with the engine);
+  3. ``ttft``: time to first token of short streaming requests on an idle server and while one 2,000-token
+     request generates (p50/p99), in both modes.
 
-    python benchmarks/server_load.py                                # tiny model, CPU
-    python benchmarks/server_load.py --checkpoint /tmp/glm9b --name server_load_gpu
-    python benchmarks/server_load.py --checkpoint /tmp/glm9b --device-map 20,20 --name server_load_2gpu
-    python benchmarks/server_load.py --random-9b --fast-decode --name server_load_gpu_fast
+    python benchmarks/server_load.py --direct                                # tiny model, CPU
+    python benchmarks/server_load.py --random-9b --name server_load_gpu      # one GPU, about 4 minutes
+    python benchmarks/server_load.py --checkpoint /tmp/glm9b --device-map 20,20 --plain --name server_load_2gpu
 Writes benchmarks/results/NAME.json (and to $OUT).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import threading
 import time
 
+import torch
+
 from glmkit.bench import save_result
 
+PROMPTS = ["Tell me about GPUs.", "What is a device map?", "How do I split the model over two GPUs?",
+           "What limits decode speed?"]
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", help="default: the tiny trained GLM")
-    ap.add_argument("--random-9b", action="store_true",
-                    help="GLM-4-9B-Chat with random weights built on the GPU (no checkpoint needed; tiny tokenizer)")
-    ap.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
-    ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--device-map", help="with --checkpoint: auto, or layers per GPU like 20,20 (as glmkit serve)")
-    ap.add_argument("--fast-decode", action="store_true", help="Engine(fast_decode=True), as glmkit serve --fast-decode")
-    ap.add_argument("--name", default="server_load_cpu")
-    args = ap.parse_args()
-    import openai
-    import torch
 
-    from glmkit.engine import Engine
+def build(args: argparse.Namespace) -> tuple[torch.nn.Module, object, str]:
     from glmkit.loading import load_model, load_tokenizer
     from glmkit.models import TRAINED_TINY_DIR, model_label
-    from glmkit.server import ServerThread, create_app
 
-    path = args.checkpoint or TRAINED_TINY_DIR
     if args.random_9b:
         from transformers import GenerationConfig, GlmForCausalLM
 
@@ -53,65 +47,196 @@ def main() -> None:
             model = GlmForCausalLM(config).eval()
         torch.set_default_dtype(torch.float32)
         model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=0)
-        path = "GLM-4-9B-Chat architecture, random weights (bf16)"
-    else:
-        from glmkit.cli import device_map_option
+        return model, load_tokenizer(None), "GLM-4-9B-Chat architecture, random weights (bf16)"
+    from glmkit.cli import device_map_option
 
-        model = load_model(path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
-                           device_map=device_map_option(args.device_map, str(path)))
-    engine = Engine(model, load_tokenizer(None if args.random_9b else path), max_batch_size=max(args.clients),
-                    max_context=1024, fast_decode=args.fast_decode)
-    server = ServerThread(create_app(engine)).start()
-    prompts = ["Tell me about GPUs.", "What is a device map?", "How do I split the model over two GPUs?",
-               "What limits decode speed?"]
-    warm = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=600)
-    for p in prompts:  # warm-up: first calls of the model, the server and the client are slow
-        warm.chat.completions.create(model="glm-4-9b-chat", max_tokens=8, messages=[{"role": "user", "content": p}])
+    path = args.checkpoint or TRAINED_TINY_DIR
+    model = load_model(path, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+                       device_map=device_map_option(args.device_map, str(path)))
+    return model, load_tokenizer(path), model_label(path)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def decoder_speed(engine: object, batches: list[int], steps: int) -> list[dict]:
+    """FastDecoder's own decode tokens/s at each batch size (the engine idle, its decoder built)."""
+    decoder = engine.runner._decoder()
     rows = []
-    for n in args.clients:
-        # warm-up at this level: n requests at once, so that a batch of this size (and with --fast-decode its
-        # decoder: compile, graph capture) is built before the clock starts
-        warm_up = [threading.Thread(target=lambda p=p: warm.chat.completions.create(
-            model="glm-4-9b-chat", max_tokens=8, messages=[{"role": "user", "content": p}]))
-            for p in (prompts * n)[:n]]
-        for t in warm_up:
-            t.start()
-        for t in warm_up:
-            t.join()
-        fast_before = engine.fast_requests
-        counts = {"requests": 0, "tokens": 0}
-        lock = threading.Lock()
-        stop_at = time.perf_counter() + args.seconds
+    with torch.inference_mode():
+        for b in batches:
+            tokens = torch.zeros(b, dtype=torch.long, device=engine.device)
+            pos = torch.full((b,), 64, dtype=torch.long, device=engine.device)
+            for _ in range(3):
+                decoder.decode_step(tokens, pos)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                decoder.decode_step(tokens, pos)
+            sync()
+            rows.append({"batch": b, "decode_tok_s": b * steps / (time.perf_counter() - t0)})
+            print("decoder", rows[-1], flush=True)
+    return rows
 
-        def client(i: int, stop_at: float = stop_at, counts: dict = counts, lock: threading.Lock = lock) -> None:
-            c = openai.OpenAI(base_url=server.url, api_key="none", max_retries=0, timeout=600)
-            while time.perf_counter() < stop_at:
-                r = c.chat.completions.create(model="glm-4-9b-chat", max_tokens=args.max_tokens, temperature=0.8,
-                                              seed=i, messages=[{"role": "user", "content": prompts[i % len(prompts)]}])
-                with lock:
-                    counts["requests"] += 1
-                    counts["tokens"] += r.usage.completion_tokens
 
-        start = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        seconds = time.perf_counter() - start
-        rows.append({"clients": n, "seconds": seconds, "requests": counts["requests"], "tokens": counts["tokens"],
-                     "requests_per_s": counts["requests"] / seconds, "tokens_per_s": counts["tokens"] / seconds,
-                     "largest_batch": engine.largest_batch, "fast_path_requests": engine.fast_requests - fast_before})
-        print(rows[-1], flush=True)
-    base = rows[0]["tokens_per_s"]
-    for r in rows:
-        r["tokens_per_s_vs_1_client"] = r["tokens_per_s"] / base
+def load_level(engine: object, url: str, n: int, seconds: float, max_tokens: int, direct: bool) -> dict:
+    """N clients, each sending requests back to back for ``seconds``; tokens are completion tokens."""
+    import openai
+
+    ids = [engine.encode([{"role": "user", "content": p}]) for p in PROMPTS]
+
+    def one(c: object, i: int, tokens: int) -> int:
+        if direct:
+            return len(engine.submit(ids[i % len(ids)], max_tokens=tokens, temperature=0.8, seed=i).wait().tokens)
+        r = c.chat.completions.create(model="glm-4-9b-chat", max_tokens=tokens, temperature=0.8, seed=i,
+                                      messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
+        return r.usage.completion_tokens
+
+    clients = [openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600) for _ in range(n)]
+    warm = [threading.Thread(target=one, args=(clients[i], i, 8)) for i in range(n)]  # a batch this size, built
+    for t in warm:
+        t.start()
+    for t in warm:
+        t.join()
+    counts, lock = {"requests": 0, "tokens": 0}, threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def client(i: int) -> None:
+        while time.perf_counter() < stop_at:
+            got = one(clients[i], i, max_tokens)
+            with lock:
+                counts["requests"] += 1
+                counts["tokens"] += got
+
+    start, steps = time.perf_counter(), engine.steps
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    took = time.perf_counter() - start
+    # engine steps/s: if HTTP threads held the Python lock against the engine, its steps would slow down under HTTP
+    return {"clients": n, "via": "engine" if direct else "http", "seconds": took, **counts,
+            "tokens_per_s": counts["tokens"] / took, "engine_steps_per_s": (engine.steps - steps) / took}
+
+
+def ttft_once(url: str, content: str) -> float:
+    """Seconds to the first streamed chunk that carries text or a finish reason."""
+    import openai
+
+    c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    t0 = time.perf_counter()
+    for chunk in c.chat.completions.create(model="glm-4-9b-chat", max_tokens=8, temperature=0, stream=True,
+                                           messages=[{"role": "user", "content": content}]):
+        if chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):
+            return time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def ttft(engine: object, url: str, samples: int, long_tokens: int, est_tok_s: float) -> dict:
+    """TTFT of short requests, idle and while one ``long_tokens`` request generates (started first)."""
+    import openai
+
+    idle = [ttft_once(url, PROMPTS[i % len(PROMPTS)]) for i in range(samples)]
+    c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
+    long_done = threading.Event()
+    no_end = {str(t): -100 for t in engine.eos}  # random weights: make sure it runs its full length
+
+    def long() -> None:
+        c.chat.completions.create(model="glm-4-9b-chat", max_tokens=long_tokens, temperature=0, logit_bias=no_end,
+                                  messages=[{"role": "user", "content": "Write a long story."}])
+        long_done.set()
+
+    lt = threading.Thread(target=long)
+    lt.start()
+    while not engine.busy and not long_done.is_set():  # the long one runs
+        time.sleep(0.005)
+    time.sleep(0.1)
+    busy, during = [], []
+    spacing = 0.5 * long_tokens / est_tok_s / samples  # all sent within the first half of the long generation
+
+    def short(i: int) -> None:
+        t = ttft_once(url, PROMPTS[i % len(PROMPTS)])
+        busy.append(t)
+        during.append(not long_done.is_set())
+
+    threads = []
+    for i in range(samples):
+        threads.append(threading.Thread(target=short, args=(i,)))
+        threads[-1].start()
+        time.sleep(spacing)
+    for t in threads:
+        t.join()
+    lt.join()
+    out = {"samples": samples, "long_tokens": long_tokens, "idle_p50_s": statistics.median(idle),
+           "idle_p99_s": pct(idle, 0.99), "busy_p50_s": statistics.median(busy), "busy_p99_s": pct(busy, 0.99),
+           "busy_first_token_before_long_ended": sum(during)}
+    out["busy_p50_vs_idle"] = out["busy_p50_s"] / out["idle_p50_s"]
+    print("ttft", out, flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", help="default: the tiny trained GLM")
+    ap.add_argument("--random-9b", action="store_true",
+                    help="GLM-4-9B-Chat with random weights built on the GPU (no checkpoint needed; tiny tokenizer)")
+    ap.add_argument("--device-map", help="with --checkpoint: auto, or layers per GPU like 20,20 (as glmkit serve)")
+    ap.add_argument("--plain", action="store_true", help="the plain path (static batching), no fast decoder")
+    ap.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--modes", nargs="+", default=["continuous", "static"])
+    ap.add_argument("--direct", action="store_true", help="also submit straight to the engine (no HTTP)")
+    ap.add_argument("--ttft-samples", type=int, default=20)
+    ap.add_argument("--long-tokens", type=int, default=2000)
+    ap.add_argument("--decoder-steps", type=int, default=100)
+    ap.add_argument("--name", default="server_load_cpu")
+    args = ap.parse_args()
+    from glmkit.engine import Engine
+    from glmkit.server import ServerThread, create_app
+
+    model, tokenizer, label = build(args)
+    fast = not args.plain
+    slots = max(args.clients + [2])  # the TTFT test runs a long and a short request at once
+    engine = Engine(model, tokenizer, max_batch_size=slots, max_context=args.long_tokens + 128, fast_decode=fast)
+    server = ServerThread(create_app(engine)).start()
+    t_build = time.perf_counter()
+    for p in PROMPTS:  # first calls: the decoder is built (compiled, graphs captured) here
+        engine.submit(engine.encode([{"role": "user", "content": p}]), max_tokens=8).wait()
+    build_s = time.perf_counter() - t_build
+    decoder = decoder_speed(engine, args.clients, args.decoder_steps) if fast else []
+    ceiling = {r["batch"]: r["decode_tok_s"] for r in decoder}
+    levels, ttfts = [], {}
+    for mode in args.modes if fast else ["static"]:
+        engine.scheduler.continuous = mode == "continuous"  # switched while the engine is idle
+        for n in args.clients:
+            for direct in ([False, True] if args.direct else [False]):
+                row = {"mode": mode, **load_level(engine, server.url, n, args.seconds, args.max_tokens, direct)}
+                if n in ceiling:
+                    row["vs_decoder"] = row["tokens_per_s"] / ceiling[n]
+                levels.append(row)
+                print(row, flush=True)
+        if args.ttft_samples:
+            est = ceiling.get(1) or levels[0]["tokens_per_s"]
+            ttfts[mode] = ttft(engine, server.url, args.ttft_samples, args.long_tokens, est)
     server.stop()
     engine.close()
-    save_result(args.name, {"model": model_label(path), "device_map": args.device_map, "fast_decode": args.fast_decode,
-                            "method": f"{args.seconds:.0f} s per level after a warm-up of as many "
-                                      f"concurrent 8-token requests, max_tokens {args.max_tokens}, temperature 0.8, "
-                                      "openai client threads on loopback", "levels": rows})
+    save_result(args.name, {
+        "model": label, "device_map": args.device_map, "fast_decode": fast, "first_requests_s": build_s,
+        "method": f"decoder: {args.decoder_steps} decode steps at each batch size after 3 warm-up steps; levels: "
+                  f"{args.seconds:.0f} s each after a warm-up of as many concurrent 8-token requests, max_tokens "
+                  f"{args.max_tokens}, temperature 0.8, openai client threads on loopback (via=engine: submit() from "
+                  f"threads, no HTTP); ttft: {args.ttft_samples} streaming 8-token requests idle, then as many sent "
+                  f"during one {args.long_tokens}-token request, first chunk with text or a finish reason",
+        "decoder": decoder, "levels": levels, "ttft": ttfts})
 
 
 if __name__ == "__main__":

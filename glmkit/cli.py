@@ -209,6 +209,7 @@ def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from glmkit import parallel
+    from glmkit.engine import Engine
     from glmkit.generation import eos_token_ids
     from glmkit.loading import load_tokenizer
 
@@ -216,32 +217,33 @@ def _generate(args: argparse.Namespace) -> None:
     if model is None:
         return
     tokenizer = load_tokenizer(model_path)
-    device = model.get_input_embeddings().weight.device
     if args.prompt_ids:
-        ids = torch.tensor([args.prompt_ids], device=device)
+        ids = list(args.prompt_ids)
     else:
         from glmkit.generation import encode_chat
 
-        ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}], device=device)["input_ids"]
-    max_len = ids.shape[1] + args.max_new_tokens
-    sampling = {"temperature": args.temperature}
+        ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}])["input_ids"][0].tolist()
+    max_len = len(ids) + args.max_new_tokens
     if args.fast_decode and parallel.in_torchrun():  # every rank holds its slices; all pick the same tokens
-        out = parallel.tp_decoder(model, max_len).generate(ids, args.max_new_tokens, eos=eos_token_ids(model),
-                                                            seed=args.seed, **sampling)
-    elif args.fast_decode:  # static cache and CUDA graphs, one per device of a split; stops at an end token
-        from glmkit.fast_decode import FastDecoder
-
-        generator = torch.Generator(device).manual_seed(args.seed) if args.temperature > 0 else None
-        out = FastDecoder(model, max_len=max_len).generate(ids, args.max_new_tokens, generator=generator, **sampling)
-    else:
-        torch.manual_seed(args.seed)
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                                 do_sample=args.temperature > 0, **sampling if args.temperature > 0 else {})
-    new = out[0, ids.shape[1]:].tolist()
+        device = model.get_input_embeddings().weight.device
+        out = parallel.tp_decoder(model, max_len).generate(torch.tensor([ids], device=device), args.max_new_tokens,
+                                                            eos=eos_token_ids(model), seed=args.seed,
+                                                            temperature=args.temperature)
+        new, eos = out[0, len(ids):].tolist(), set(eos_token_ids(model))
+        new = new[:next((i for i, t in enumerate(new) if t in eos), len(new))]  # the reply, without its end token
+        text = tokenizer.decode(new, skip_special_tokens=True).lstrip("\n")
+    else:  # the same engine as the server and the chat widget (under torchrun every rank runs its own, in step)
+        engine = Engine(model, tokenizer, max_batch_size=1, max_context=max_len, fast_decode=args.fast_decode)
+        try:
+            req = engine.submit(ids, max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                seed=args.seed).wait()
+        finally:
+            engine.close()
+        if req.error:
+            raise SystemExit(f"generation failed: {req.error}")
+        new, text = req.tokens, req.text
     agree = parallel.ranks_agree(new)
     if parallel.rank() == 0:  # only rank 0 talks to the user
-        text = tokenizer.decode(new, skip_special_tokens=True).lstrip("\n")
         result = {"tokens": new, "text": text, "processes": parallel.world_size(), "ranks_agree": agree}
         print(json.dumps(result) if args.json else text)
 

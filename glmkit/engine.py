@@ -1,13 +1,14 @@
-"""A batching generation engine: requests from many clients decoded together on the model's device.
+"""The generation engine every caller submits to: the API server, the chat widget and ``glmkit generate``.
 
-The API server and the chat widget submit ``GenerationRequest``s; a background thread takes up to
-``max_batch_size`` waiting requests, left-pads their prompts into one batch, and decodes them step by step
-with a shared KV cache, each with its own sampling settings, stop strings and token budget. Text arrives
-through a callback as it is generated. A cancelled request (a client that disconnected, a stop button)
-stops at the next step; an out-of-memory error fails the batch's requests, frees the cache, and the engine
-keeps serving. With ``fast_decode=True`` batches go through ``glmkit.fast_decode.FastDecoder`` (static cache,
-each prompt prefilled into its own row, one CUDA graph per token) instead of a Python-bound ``forward`` per token.
-Introduced in ``notebooks/07_openai_server.ipynb``.
+A background thread repeats ``step()``: **schedule** (cancelled requests leave, waiting ones take free KV-cache
+slots), **run** (one chunk of a waiting prompt is prefilled into its slot, then one decode step for every running
+request), **postprocess** (one sampling call for the whole batch on the device, then per request: incremental
+detokenization, stop strings, end tokens, token budget, callbacks). With ``fast_decode=True`` this is continuous
+batching over ``FastDecoder``'s static cache: requests join and leave at every step, so a short request never
+waits for a long one. The plain path (quantized, offloaded or non-GLM models) batches statically: a batch runs
+until its last request ends (``glmkit.runner`` says why). A request that fails (bad settings, an out-of-memory
+error while prefilling it) fails alone; an out-of-memory error in a decode step fails that step's requests, and
+the engine keeps serving. Introduced in ``notebooks/07_openai_server.ipynb``.
 
 >>> from glmkit.loading import load_model, load_tokenizer
 >>> engine = Engine(load_model(device_map="cpu"), load_tokenizer())
@@ -20,87 +21,87 @@ True
 
 from __future__ import annotations
 
-import queue
+import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from glmkit.fast_decode import FastDecoder
+from glmkit.metrics import engine_metrics
+from glmkit.request import Detokenizer, GenerationRequest
+from glmkit.runner import FastRunner, PlainRunner
+from glmkit.sampling import check_row, sample
+from glmkit.scheduler import Scheduler
 
-
-@dataclass
-class GenerationRequest:
-    """One request: prompt ids in, text out (``on_text`` receives each new piece as it is decoded)."""
-
-    prompt_ids: list[int]
-    max_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    on_text: Callable[[str], None] | None = None
-    text: str = ""
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
-    error: str | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    _emitted: int = 0
-
-    def cancel(self) -> None:
-        """Stop generating for this request at the next step."""
-        self.cancelled.set()
-
-    def wait(self, timeout: float | None = None) -> GenerationRequest:
-        self.done.wait(timeout)
-        return self
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
 
 class Engine:
-    """Owns a model and a tokenizer; decodes submitted requests in batches on a background thread.
+    """Owns a model and a tokenizer; decodes submitted requests together on a background thread.
 
     Args:
-        max_batch_size: requests decoded together.
+        max_batch_size: requests running at once (KV-cache slots); more wait in a queue.
         max_context: prompt + new tokens allowed per request (default: the model's limit).
-        gather_ms: how long the first waiting request waits for company before its batch starts.
-        fast_decode: decode batches with ``FastDecoder`` (one GPU or a layer split, 16/32-bit weights; at batch 1 with its Triton
-            kernels). Costs GPU memory: a fused copy of the q/k/v weights (1.4 GiB for GLM-4-9B in bf16) and, per
-            batch size in use (rounded up to 1, 2, 4, ...), a static KV cache for the longest request so far
-            (rounded up to a power of two, at least 1024 tokens).
+        gather_ms: static batching (plain path) only: how long the first waiting request waits for company.
+        fast_decode: continuous batching with ``FastDecoder`` (one GPU or a layer split, 16/32-bit GLM weights).
+            Costs GPU memory:
+            a fused copy of the q/k/v weights (1.4 GiB for GLM-4-9B in bf16) and a static KV cache of
+            ``max_batch_size`` x ``max_context`` tokens (40 KiB a token for GLM-4-9B in bf16), made at the first request.
+        prefill_chunk: prompt tokens prefilled per step (fast path): a long prompt delays the running requests by
+            at most one chunk per step.
+        ride_from_batch, ride_max_tokens: fast path: while at least ``ride_from_batch`` requests decode, a prompt of
+            at most ``ride_max_tokens`` tokens is fed through the decode steps, one token per step in its own row,
+            instead of a prefill forward of its own that would stall the whole batch (a model forward costs about as
+            much as a batched decode step, mostly launch and Python time); with fewer, it is prefilled at once (the
+            shortest time to first token).
+        continuous: ``False`` batches the fast path statically too (to compare; default: continuous on the fast
+            path, static on the plain path).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch_size: int = 8,
-                 max_context: int | None = None, gather_ms: float = 5.0, fast_decode: bool = False) -> None:
+                 max_context: int | None = None, gather_ms: float = 5.0, fast_decode: bool = False,
+                 prefill_chunk: int = 512, continuous: bool | None = None, ride_from_batch: int = 4,
+                 ride_max_tokens: int = 64) -> None:
         from glmkit.generation import eos_token_ids, model_device
-
-        if fast_decode:
-            from glmkit.fast_decode import FastDecoder
-
-            FastDecoder.check(model)  # a quantized or offloaded model: say so now, not at the first request
 
         self.model, self.tokenizer = model, tokenizer
         self.device = model_device(model)
         self.eos = set(eos_token_ids(model))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos)
+        self.vocab_size = int(model.config.vocab_size)
         self.max_batch_size = max_batch_size
         self.max_context = max_context or int(getattr(model.config, "max_position_embeddings", 4096))
         self.gather_s = gather_ms / 1000
-        self.batches_run = 0
-        self.largest_batch = 0
-        self.busy = False  # a batch is being decoded
-        self.finished: deque[GenerationRequest] = deque(maxlen=64)  # the latest finished requests
+        self.prefill_chunk = prefill_chunk
+        self.ride_from_batch, self.ride_max_tokens = ride_from_batch, ride_max_tokens
         self.fast_decode = fast_decode
+        self.runner: FastRunner | PlainRunner = (
+            FastRunner(model, max_batch_size, self.max_context + 1, self.device) if fast_decode
+            else PlainRunner(model, self.pad_id, self.device))
+        if continuous and not self.runner.continuous:
+            raise ValueError("Continuous batching needs the fast path (fast_decode=True); the plain path batches "
+                             "statically.")
+        self.scheduler = Scheduler(max_batch_size, self.runner.continuous if continuous is None else continuous)
+        self.metrics = engine_metrics(max_batch_size)
+        self.batches_run = 0  # steps that admitted requests
+        self.steps = 0
+        self.largest_batch = 0
         self.fast_requests = 0  # requests decoded by the fast path
-        self._fast: dict[int, FastDecoder] = {}  # fast decoders by batch size (1, 2, 4, ...)
-        self._queue: queue.Queue[GenerationRequest | None] = queue.Queue()
+        self.finished: deque[GenerationRequest] = deque(maxlen=64)  # the latest finished requests
+        self.events: deque[tuple[str, GenerationRequest]] | None = None  # set to a deque to record (event, request)
+        self._counts: torch.Tensor | None = None  # [slots, vocab] generated-token counts (penalties), when needed
+        self._wake = threading.Condition()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name="glmkit-engine", daemon=True)
         self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        """Requests are running."""
+        return bool(self.scheduler.running)
 
     def encode(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None,
                assistant_prefix: str = "") -> list[int]:
@@ -111,177 +112,189 @@ class Engine:
         return self.tokenizer(text + assistant_prefix, add_special_tokens=False).input_ids
 
     def submit(self, prompt_ids: list[int], **kwargs: Any) -> GenerationRequest:
-        """Queue a request; returns it at once (``wait()`` for the result, or pass ``on_text`` to stream)."""
+        """Queue a request; returns it at once (``wait()`` for the result, or pass ``on_text`` to stream).
+        Raises ``ValueError`` for settings no step could run (too long, NaN temperature, unknown token ids)."""
         req = GenerationRequest(list(prompt_ids), **kwargs)
+        if not req.prompt_ids:
+            raise ValueError("The prompt is empty: give at least one token.")
         if len(req.prompt_ids) + req.max_tokens > self.max_context:
             raise ValueError(f"{len(req.prompt_ids)} prompt tokens + max_tokens {req.max_tokens} exceed the "
                              f"context of {self.max_context} tokens.")
-        self._queue.put(req)
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs (top alternatives) must be in 0..{MAX_LOGPROBS}, got {req.logprobs}.")
+        check_row(req.sampling_row(), self.vocab_size)
+        req._seed = req.seed if req.seed is not None else random.getrandbits(63)
+        req._detok = Detokenizer(self.tokenizer)
+        req.submitted_at = time.perf_counter()
+        self.scheduler.add(req)
+        self._record("submitted", req)
+        with self._wake:
+            self._wake.notify()
         return req
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        """Stop the engine thread; requests still queued or running finish as cancelled."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
 
-    # ---------------------------------------------------------------------------------------- worker
+    # ------------------------------------------------------------------------------------------ loop
     def _loop(self) -> None:
         while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.perf_counter() + self.gather_s
-            while len(batch) < self.max_batch_size:
-                try:
-                    nxt = self._queue.get(timeout=max(deadline - time.perf_counter(), 0))
-                except queue.Empty:
+            with self._wake:
+                while not self._closed and not self.scheduler.has_work():
+                    self._wake.wait()
+                if self._closed:
                     break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-            batch = [r for r in batch if not self._finish_if_cancelled(r)]
-            if batch:
-                self._run(batch)
-
-    def _finish_if_cancelled(self, req: GenerationRequest) -> bool:
-        if req.cancelled.is_set():
-            req.finish_reason = "cancelled"
-            self.finished.append(req)
-            req.done.set()
-            return True
-        return False
-
-    def _run(self, batch: list[GenerationRequest]) -> None:
-        self.busy = True
-        self.batches_run += 1
-        self.largest_batch = max(self.largest_batch, len(batch))
-        try:
-            with torch.inference_mode():
-                self._decode(batch)
-        except Exception as exc:  # torch.OutOfMemoryError included: fail these requests, keep serving
-            for req in batch:
-                if not req.done.is_set():
-                    req.error = f"{type(exc).__name__}: {str(exc)[:500]}"
-                    req.finish_reason = "error"
-                    req.done.set()
-                    self.finished.append(req)
-        finally:
-            self.busy = False
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    def _decode(self, batch: list[GenerationRequest]) -> None:
-        if self.fast_decode:
-            return self._decode_fast(batch)
-        from transformers import DynamicCache
-
-        from glmkit.generation import cache_argument
-
-        n = max(len(r.prompt_ids) for r in batch)
-        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), n), dtype=torch.long)
-        for i, r in enumerate(batch):  # left padding: every prompt ends at the last column
-            ids[i, n - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, n - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        kw = {cache_argument(self.model): DynamicCache(config=self.model.config)}
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=1, **kw).logits[:, -1].float()
-
-        def step(tokens: torch.Tensor, active: list[bool]) -> torch.Tensor:
-            nonlocal mask, positions
-            mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=mask.dtype, device=self.device)], dim=1)
-            positions = positions[:, -1:] + 1
-            return self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
-                              use_cache=True, **kw).logits[:, -1].float()
-
-        self._generate(batch, logits, step, len(batch))
-
-    def _fast_decoder(self, slots: int, need: int) -> FastDecoder:
-        """The fast decoder for ``slots`` sequences with room for ``need`` tokens each, kept for later batches."""
-        from glmkit.fast_decode import FastDecoder
-
-        decoder = self._fast.get(slots)
-        if decoder is None or decoder.max_len < need:
-            self._fast.pop(slots, None)  # free the smaller cache first
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            # the next power of two (at least 1024) so that longer requests rarely rebuild it, within max_context
-            size = max(need, min(max(1024, 1 << (need - 1).bit_length()), self.max_context))
-            decoder = self._fast[slots] = FastDecoder(self.model, max_len=size, batch_size=slots)
-        return decoder
-
-    def _decode_fast(self, batch: list[GenerationRequest]) -> None:
-        """A batch through the fast path: each prompt prefilled into its own row of a static cache, then one
-        step (one CUDA graph on a GPU) per token for all rows, each at its own position."""
-        slots = 1 << (len(batch) - 1).bit_length()  # 1, 2, 4, 8, ...: few decoder shapes to compile
-        decoder = self._fast_decoder(slots, max(len(r.prompt_ids) + r.max_tokens for r in batch))
-        self.fast_requests += len(batch)
-        logits = [decoder.prefill(torch.tensor([r.prompt_ids], device=self.device), slot=i)[0]
-                  for i, r in enumerate(batch)]
-        pos = torch.zeros(slots, dtype=torch.long)
-        pos[:len(batch)] = torch.tensor([len(r.prompt_ids) for r in batch])
-
-        def step(tokens: torch.Tensor, active: list[bool]) -> torch.Tensor:
-            logits = decoder.decode_step(tokens, pos.to(self.device))
-            pos.add_(torch.tensor(active, dtype=torch.long))  # finished and idle rows stay where they are
-            return logits
-
-        self._generate(batch, logits, step, slots)
-
-    def _generate(self, batch: list[GenerationRequest], logits: Any,
-                  step: Callable[[torch.Tensor, list[bool]], torch.Tensor], rows: int) -> None:
-        """The token loop of both paths: pick each active request's next token from ``logits`` (row i for
-        request i), hand it to the request, and get the next logits from ``step(tokens, active)`` (``rows``
-        tokens on the device, the pad id for finished and idle rows) until every request has finished."""
-        from glmkit.generation import pick_token
-
-        generators = [torch.Generator(self.device).manual_seed(r.seed) if r.seed is not None else None for r in batch]
-        active = [True] * len(batch) + [False] * (rows - len(batch))
-        for _ in range(max(r.max_tokens for r in batch)):
-            tokens = torch.full((rows,), self.pad_id, dtype=torch.long)
-            for i, r in enumerate(batch):
-                if active[i]:
-                    token = int(pick_token(logits[i], r.temperature, r.top_p, generators[i]))
-                    tokens[i] = token
-                    active[i] = self._accept(r, token)
-            if not any(active):
-                return
-            logits = step(tokens.to(self.device), active)
-        for r in batch:  # token budgets ran out
-            if not r.done.is_set():
-                self._finish(r, "length")
-
-    def _accept(self, r: GenerationRequest, token: int) -> bool:
-        """Add one token to a request; emit new text; return whether it goes on."""
-        if r.cancelled.is_set():
+                self._gather()
+            try:
+                with torch.inference_mode():
+                    self.step()
+            except Exception as exc:  # a bug in the engine itself: fail what runs, keep serving the rest
+                for r in list(self.scheduler.running.values()):
+                    self._fail(r, exc)
+        for r in list(self.scheduler.running.values()) + list(self.scheduler.waiting):
+            r.cancel()
             self._finish(r, "cancelled")
+
+    def _gather(self) -> None:
+        """Static batching: let the first waiting request wait ``gather_ms`` for company (lock held, so submits wake it)."""
+        s = self.scheduler
+        if s.continuous or s.running or not s.waiting:
+            return
+        deadline = s.waiting[0].submitted_at + self.gather_s
+        while len(s.waiting) < s.slots and not self._closed and time.perf_counter() < deadline:
+            self._wake.wait(max(deadline - time.perf_counter(), 0))
+
+    def step(self) -> None:
+        """One engine step: schedule, run (prefill chunks, one decode step), sample, postprocess."""
+        s = self.scheduler
+        self.steps += 1
+        for r in s.drop_waiting(lambda r: r.cancelled.is_set()):
+            self._finish(r, "cancelled")
+        for r in [r for r in s.running.values() if r.cancelled.is_set()]:
+            self._finish(r, "cancelled")
+        admitted = [r for r in s.admit() if self._admit(r)]
+        if admitted:
+            self.batches_run += 1
+        picks: list[tuple[GenerationRequest, torch.Tensor]] = []  # (request, logits [vocab]) to sample from
+        decoding, riding = s.decoding(), []
+        if isinstance(self.runner, FastRunner):
+            if len(decoding) >= self.ride_from_batch:  # short prompts ride the decode step: no stall for the batch
+                riding = [r for r in s.prefilling() if len(r.prompt_ids) - r.prefilled <= self.ride_max_tokens]
+            for r, n in s.prefill_plan(self.prefill_chunk, skip=set(riding)):
+                try:
+                    logits = self.runner.prefill(r, n)
+                except Exception as exc:  # this prompt's prefill failed (out of memory, ...): it fails alone
+                    self._fail(r, exc)
+                    continue
+                if logits is not None:
+                    picks.append((r, logits))
+        elif admitted:
+            try:
+                logits = self.runner.prefill_batch(admitted)
+                picks += [(r, logits[i]) for i, r in enumerate(admitted)]
+            except Exception as exc:
+                for r in admitted:
+                    self._fail(r, exc)
+        if picks and decoding:  # a prompt just prefilled: its first token goes out now, not after the decode step
+            self._sample_and_accept(picks)
+            picks = []
+        if decoding or riding:
+            t0 = time.perf_counter()
+            try:
+                logits, done = self.runner.decode(s.running, decoding, riding)
+                picks += list(zip(decoding, logits)) + done
+            except Exception as exc:  # out of memory in a decode step: fail that step's requests
+                for r in decoding + riding:
+                    self._fail(r, exc)
+                self.runner.reset()
+            self.largest_batch = max(self.largest_batch, len(decoding))
+            if self.metrics:
+                self.metrics.batch.observe(len(decoding))
+                self.metrics.tpot.observe(time.perf_counter() - t0)
+        if picks:
+            self._sample_and_accept(picks)
+        if self.metrics:
+            self.metrics.running.set(len(s.running))
+            self.metrics.waiting.set(len(s.waiting))
+            self.metrics.slots_used.set(len(s.running))
+
+    def _admit(self, r: GenerationRequest) -> bool:
+        """Checks at admission (on the engine thread): a bad prompt fails alone, before it joins a batch."""
+        bad = [t for t in r.prompt_ids if not 0 <= t < self.vocab_size]
+        if bad:
+            self._fail(r, ValueError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})"))
             return False
+        if r.presence_penalty or r.frequency_penalty:
+            if self._counts is None:
+                head = self.model.get_output_embeddings().weight.device  # where the logits are
+                self._counts = torch.zeros(self.max_batch_size, self.vocab_size, dtype=torch.int32, device=head)
+            self._counts[r.slot].zero_()
+        if self.fast_decode:
+            self.fast_requests += 1
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(len(r.prompt_ids))
+        self._record("admitted", r)
+        return True
+
+    def _sample_and_accept(self, picks: list[tuple[GenerationRequest, torch.Tensor]]) -> None:
+        reqs = [r for r, _ in picks]
+        want = [r.logprobs for r in reqs if r.logprobs is not None]
+        try:
+            logits = torch.stack([row for _, row in picks])
+            out = sample(logits, [r.sampling_row() for r in reqs], max(want) if want else None, self._counts)
+            if self._counts is not None:
+                slots = torch.tensor([r.slot for r in reqs], device=self._counts.device)
+                self._counts.index_put_((slots, out.tokens), torch.ones_like(out.tokens, dtype=torch.int32),
+                                        accumulate=True)
+            tokens = out.tokens.tolist()
+            lps = (out.logprob.tolist(), out.top_ids.tolist(), out.top_logprobs.tolist()) if want else None
+        except Exception as exc:
+            for r in reqs:
+                self._fail(r, exc)
+            return
+        for i, (r, token) in enumerate(zip(reqs, tokens)):
+            try:
+                self._accept(r, token, None if lps is None or r.logprobs is None else
+                             (token, lps[0][i], list(zip(lps[1][i], lps[2][i]))[:r.logprobs]))
+            except Exception as exc:  # e.g. the caller's on_text raised: that request fails, not its neighbours
+                self._fail(r, exc)
+
+    # ------------------------------------------------------------------------------------ postprocess
+    def _accept(self, r: GenerationRequest, token: int, logprob: Any) -> None:
+        """Add one token to a request; emit new text; finish it on an end token, a stop string or its budget."""
+        if r.first_token_at is None:
+            r.first_token_at = time.perf_counter()
+            self._record("first_token", r)
+            if self.metrics:
+                self.metrics.ttft.observe(r.first_token_at - r.submitted_at)
+        if r.cancelled.is_set():
+            return self._finish(r, "cancelled")
         if token in self.eos:
-            self._finish(r, "stop")
-            return False
+            return self._finish(r, "stop")
         r.tokens.append(token)
-        text = self.tokenizer.decode(r.tokens, skip_special_tokens=True)
-        text = text[1:] if text.startswith("\n") else text  # GLM-4 writes a newline after <|assistant|>
-        for s in r.stop:
-            at = text.find(s)
-            if at >= 0:
-                r.text = text[:at]
-                self._emit(r)
-                self._finish(r, "stop")
-                return False
-        hold = max((len(s) - 1 for s in r.stop), default=0)  # a stop string may be starting
-        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        if logprob is not None:
+            r.token_logprobs.append(logprob)
+        if self.metrics:
+            self.metrics.generation_tokens.inc()
+        r._raw += r._detok.add(token)
+        text = r._raw[1:] if r._raw.startswith("\n") else r._raw  # GLM-4 writes a newline after <|assistant|>
+        if r.stop:
+            longest = max(len(s) for s in r.stop)
+            since = max(len(r.text) - longest, 0)  # a stop string can only end in the new text
+            ats = [at for s in r.stop if (at := text.find(s, since)) >= 0]
+            if ats:
+                r.text = text[:min(ats)]
+                return self._finish(r, "stop")
             r.text = text
-            self._emit(r, upto=len(text) - hold)
-        if len(r.tokens) >= r.max_tokens:
+            self._emit(r, upto=len(text) - (longest - 1))  # a stop string may be starting: hold its length back
+        else:
             r.text = text
             self._emit(r)
+        if len(r.tokens) >= r.max_tokens:
             self._finish(r, "length")
-            return False
-        return True
 
     def _emit(self, r: GenerationRequest, upto: int | None = None) -> None:
         end = len(r.text) if upto is None else max(upto, r._emitted)
@@ -289,8 +302,37 @@ class Engine:
             r.on_text(r.text[r._emitted:end])
         r._emitted = max(r._emitted, end)
 
+    def _fail(self, r: GenerationRequest, exc: BaseException) -> None:
+        oom = isinstance(exc, torch.OutOfMemoryError)
+        r.error = f"{type(exc).__name__}: {str(exc)[:500]}" + (
+            " (out of memory: fewer concurrent requests, a smaller max_batch_size or shorter prompts fit)" if oom else "")
+        if oom and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._finish(r, "error")
+
     def _finish(self, r: GenerationRequest, reason: str) -> None:
-        self._emit(r)
+        if r.done.is_set():
+            return
+        if r.slot is not None and self.scheduler.running.get(r.slot) is r:
+            self.scheduler.release(r)
+            self.runner.release(r)
+        try:
+            if reason != "error":
+                self._emit(r)
+        except Exception as exc:
+            r.error, reason = f"{type(exc).__name__}: {str(exc)[:500]}", "error"
         r.finish_reason = reason
         self.finished.append(r)
+        if self.metrics:
+            self.metrics.finished.labels(reason).inc()
+        self._record("finished", r)
         r.done.set()
+        if r.on_done is not None:
+            try:
+                r.on_done(r)
+            except Exception:  # noqa: S110 - a caller's callback must not stop the engine
+                pass
+
+    def _record(self, event: str, r: GenerationRequest) -> None:
+        if self.events is not None:
+            self.events.append((event, r))

@@ -600,16 +600,52 @@ def long_context_sentence() -> Text:
 
 
 def server_table() -> Table:
-    """Tokens/s per number of concurrent clients for every committed ``server_load*`` result."""
+    """Tokens/s per number of concurrent clients for every committed ``server_load*`` result (HTTP clients; with
+    ``mode`` and the share of the decoder's own speed for results of the continuous-batching script)."""
     rows = []
     for path in sorted(RESULTS_DIR.glob("server_load*.json")):
         r = json.loads(path.read_text())
         for level in r["levels"]:
+            if level.get("via", "http") != "http":
+                continue
+            vs = (f"{level['vs_decoder']:.0%} of the decoder" if "vs_decoder" in level else
+                  f"{level['tokens_per_s_vs_1_client']:.1f}x 1 client" if "tokens_per_s_vs_1_client" in level else "")
             rows.append([path.stem, r["environment"]["device"], "yes" if r.get("fast_decode") else "no",
-                         level["clients"], f"{level['seconds']:.1f}", f"{level['tokens_per_s']:.1f}",
-                         f"{level['tokens_per_s_vs_1_client']:.1f}x", level["largest_batch"]])
-    return table(["result", "device", "--fast-decode", "clients", "window s", "tokens/s", "vs 1 client",
+                         level.get("mode", "static"), level["clients"], f"{level['seconds']:.1f}",
+                         f"{level['tokens_per_s']:.1f}", vs, level.get("largest_batch", "")])
+    return table(["result", "device", "--fast-decode", "batching", "clients", "window s", "tokens/s", "compared",
                   "largest batch"], rows, caption="benchmarks/server_load.py: openai client threads on loopback")
+
+
+def server_load_chart(names: tuple[str, ...] = ("server_load_cpu", "server_load_gpu_cb")) -> Any:
+    """Tokens/s against clients (continuous vs static batching vs the decoder alone) and time to first token (idle vs
+    during a long generation) for the continuous-batching results of ``benchmarks/server_load.py``."""
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in (load(n) for n in names) if r and "decoder" in r]
+    if not runs:
+        return not_measured("Continuous batching", "benchmarks/server_load.py")
+    fig, axes = plt.subplots(len(runs), 2, figsize=(10, 3.3 * len(runs)), squeeze=False)
+    for (tput, ttft), run in zip(axes, runs):
+        device = run["environment"]["device"]
+        for mode in ("continuous", "static"):
+            rows = [r for r in run["levels"] if r["mode"] == mode and r["via"] == "http"]
+            tput.plot([r["clients"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label=mode)
+        tput.plot([d["batch"] for d in run["decoder"]], [d["decode_tok_s"] for d in run["decoder"]], "k--",
+                  label="decoder alone")
+        clients = sorted({r["clients"] for r in run["levels"]})
+        tput.set(xscale="log", xlabel="clients", ylabel="tokens/s", title=f"{device}: throughput")
+        tput.set_xticks(clients, [str(n) for n in clients], minor=False)
+        tput.minorticks_off()
+        tput.legend()
+        modes = list(run["ttft"])
+        names_ = [f"{m}\n{when}" for when in ("idle", "busy") for m in modes]
+        ttft.bar(names_, [run["ttft"][m][f"{when}_p50_s"] for when in ("idle", "busy") for m in modes])
+        long = next(iter(run["ttft"].values()))["long_tokens"] if modes else 0
+        ttft.set(yscale="log", ylabel="seconds", title=f"time to first token (p50), busy: during a {long}-token request")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
 
 
 def server_sentence() -> Text:

@@ -2,13 +2,17 @@
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions`` and the
 legacy ``POST /v1/completions`` (``stream`` true or false, server-sent events), with ``temperature``, ``top_p``,
-``max_tokens``, ``stop``, ``seed``, ``usage`` and ``finish_reason``, and GLM-4 tool calling (``tools``/
+``max_tokens``, ``stop``, ``seed``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias``, ``logprobs``/
+``top_logprobs`` (chat), ``usage`` and ``finish_reason``, and GLM-4 tool calling (``tools``/
 ``tool_choice`` in, ``tool_calls`` out, parsed from GLM-4's ``name\\n{arguments}`` format as the official GLM-4
 server does; streamed text goes out as it comes, a tool call once complete). One model answers to several names
 (``glm-4``, ``glm-4-9b-chat`` and the checkpoint's folder by default, as vLLM's ``--served-model-name``).
-Requests from concurrent clients are decoded together by ``glmkit.engine.Engine``. Bad input gets OpenAI-style
-error JSON with a 4xx status; an out-of-memory error fails that request with a 500 error and the server keeps
-serving. ``glmkit.server_guard`` keeps the doors: API key, Host, Origin, JSON content type, body size and depth.
+Requests from concurrent clients are decoded together by ``glmkit.engine.Engine`` (continuous batching with
+``fast_decode``); ``GET /metrics`` shows its Prometheus metrics. A client that disconnects, streaming or not, stops
+its generation; parsing and tokenizing run off the event loop, so a huge prompt does not stall the other clients.
+Bad input gets OpenAI-style error JSON with a 4xx status; an out-of-memory error fails that request with a 500
+error and the server keeps serving. ``glmkit.server_guard`` keeps the doors: API key, Host, Origin, JSON content
+type, body size and depth.
 Introduced in ``notebooks/07_openai_server.ipynb``.
 """
 
@@ -45,6 +49,7 @@ MAX_STOP = 4
 DEFAULT_MODEL_NAMES = ("glm-4", "glm-4-9b-chat")  # the official GLM-4 demo asks for "glm-4"
 SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit integer, as vLLM accepts
 LEGACY_MAX_TOKENS = 16  # /v1/completions' default in OpenAI's API
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit
 
 
 class ApiError(Exception):
@@ -199,7 +204,48 @@ def _sampling(body: dict[str, Any], max_context: int, default_max_tokens: int | 
     if options is not None and not stream:
         raise ApiError(400, "'stream_options' is only allowed with \"stream\": true.", param="stream_options")
     return {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens or default_max_tokens,
-            "stop": stop, "seed": seed, "stream": stream, "include_usage": bool((options or {}).get("include_usage"))}
+            "stop": stop, "seed": seed, "stream": stream, "include_usage": bool((options or {}).get("include_usage")),
+            "presence_penalty": _number(body, "presence_penalty", 0.0, -2.0, 2.0),
+            "frequency_penalty": _number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+            "logit_bias": _logit_bias(body)}
+
+
+def _logit_bias(body: dict[str, Any]) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias``: token ids (as strings) to a bias in [-100, 100] added to their logits."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise ApiError(400, "'logit_bias' must map token ids (strings) to a bias in [-100, 100].", param="logit_bias")
+    clean = {}
+    for key, value in bias.items():
+        token = int(key) if isinstance(key, str) and key.isdigit() else -1
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if token < 0 or not ok or not -100 <= value <= 100:
+            raise ApiError(400, f"'logit_bias' maps token ids to a bias in [-100, 100]; got {key!r}: {value!r}.",
+                           param="logit_bias")
+        clean[token] = float(value)
+    return clean or None
+
+
+def _logprobs(body: dict[str, Any]) -> int | None:
+    """Chat ``logprobs`` (true/false) and ``top_logprobs`` (0..20): None for none, else how many alternatives."""
+    wanted, top = _flag(body, "logprobs"), body.get("top_logprobs")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_LOGPROBS):
+        raise ApiError(400, f"'top_logprobs' must be an integer in [0, {MAX_LOGPROBS}], got {top!r}.",
+                       param="top_logprobs")
+    if top is not None and not wanted:
+        raise ApiError(400, "'top_logprobs' needs \"logprobs\": true.", param="top_logprobs")
+    return (top or 0) if wanted else None
+
+
+def logprobs_content(tokenizer: Any, entries: list[tuple[int, float, list[tuple[int, float]]]]) -> list[dict[str, Any]]:
+    """OpenAI's ``choices[i].logprobs.content`` from a request's ``token_logprobs``."""
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return [dict(one(t, lp), top_logprobs=[one(i, v) for i, v in top]) for t, lp, top in entries]
 
 
 def _response_format(body: dict[str, Any]) -> None:
@@ -269,8 +315,8 @@ def validate(body: Any, model_names: str | Sequence[str], max_context: int) -> d
         raise ApiError(400, "The last message is from the assistant: end with a user or tool message.", param="messages")
     _response_format(body)
     tools, forced, required = _tools(body)
-    return {"model": model, "messages": clean, **_sampling(body, max_context), "tools": tools, "forced_tool": forced,
-            "required": required}
+    return {"model": model, "messages": clean, **_sampling(body, max_context), "logprobs": _logprobs(body),
+            "tools": tools, "forced_tool": forced, "required": required}
 
 
 def validate_completion(body: Any, model_names: Sequence[str], max_context: int, vocab_size: int) -> dict[str, Any]:
@@ -300,24 +346,57 @@ def _sse(data: dict[str, Any]) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
-def _start(engine: Engine, prompt: list[int], **kwargs: Any) -> tuple[GenerationRequest, asyncio.Queue[str | None]]:
-    """Submit ``prompt``; its text pieces arrive on the returned queue, then ``None`` when it is done."""
-    loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue[str | None] = asyncio.Queue()
-    req = engine.submit(prompt, on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece), **kwargs)
-    threading.Thread(target=lambda: (req.done.wait(), loop.call_soon_threadsafe(pieces.put_nowait, None)),
-                     daemon=True).start()
+SETTINGS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias")
+
+
+class Pieces:
+    """A request's text as it comes, on the event loop: ``get()`` gives (piece, tokens generated by then), then None
+    once the request has finished. Fed from the engine thread; without ``stream`` only the end arrives."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.queue = loop, asyncio.Queue()
+        self.req: GenerationRequest | None = None
+
+    def text(self, piece: str) -> None:  # engine thread
+        count = len(self.req.tokens) if self.req is not None else None
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (piece, count))
+
+    def done(self, _: GenerationRequest) -> None:  # engine thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
+
+    async def get(self) -> tuple[str, int | None] | None:
+        return await self.queue.get()
+
+
+def _start(engine: Engine, prompt: list[int], stream: bool = True, **kwargs: Any) -> tuple[GenerationRequest, Pieces]:
+    """Submit ``prompt`` (no thread per request: the engine calls back); a 400 for settings it cannot run."""
+    pieces = Pieces(asyncio.get_running_loop())
+    try:
+        req = engine.submit(prompt, on_text=pieces.text if stream else None, on_done=pieces.done, **kwargs)
+    except ValueError as exc:  # e.g. a logit_bias token id outside the vocabulary
+        raise ApiError(400, str(exc)) from None
+    pieces.req = req
     return req, pieces
 
 
-async def _finished(req: GenerationRequest, pieces: asyncio.Queue[str | None]) -> GenerationRequest:
-    """Wait for all of ``req``; a 500 if generation failed."""
-    try:
-        while await pieces.get() is not None:
-            pass
-    except asyncio.CancelledError:  # the client went away
-        req.cancel()
-        raise
+async def _finished(req: GenerationRequest, pieces: Pieces, request: Request | None = None) -> GenerationRequest:
+    """Wait for all of ``req``; a 500 if generation failed. With ``request``: a client that hangs up cancels it
+    (watched on the ASGI receive channel: ``request.is_disconnected()`` misses it behind an http middleware)."""
+    while True:  # the pieces of a streamed request, if any, are not needed here
+        done = asyncio.ensure_future(pieces.get())
+        gone = asyncio.ensure_future(request.receive()) if request is not None else None
+        try:
+            await asyncio.wait({done} | ({gone} if gone else set()), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not done.done():  # the client went away (or this handler was cancelled): stop generating for it
+                req.cancel()
+                done.cancel()
+            if gone is not None:
+                gone.cancel()
+        if not done.done() or done.cancelled():
+            raise ApiError(499, "The client closed the request.", code="client_closed_request")
+        if done.result() is None:
+            break
     if req.error:
         raise ApiError(500, f"Generation failed: {req.error}. The server keeps serving; retry with a shorter "
                        "prompt or fewer tokens.", kind="server_error")
@@ -334,9 +413,10 @@ def _budget(engine: Engine, prompt: list[int], max_tokens: int | None) -> int:
     return max_tokens
 
 
-def _encode(engine: Engine, messages: list[dict[str, Any]], tools: list[dict[str, Any]], prefix: str = "") -> list[int]:
-    try:
-        return engine.encode(messages, tools, assistant_prefix=prefix)
+async def _encode(engine: Engine, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                  prefix: str = "") -> list[int]:
+    try:  # the chat template and the tokenizer take a while on a long prompt: off the event loop
+        return await asyncio.to_thread(engine.encode, messages, tools, assistant_prefix=prefix)
     except Exception as exc:  # the chat template rejected the conversation
         raise ApiError(400, f"The messages do not fit the GLM-4 chat template: {exc}.", param="messages") from None
 
@@ -346,7 +426,7 @@ async def _pick_tool(engine: Engine, prompt: list[int], p: dict[str, Any]) -> st
     calls a tool on its own; the first tool when that line names none (GLM-4 answered in words)."""
     names = [t["function"]["name"] for t in p["tools"]]
     longest = max(len(engine.tokenizer(n, add_special_tokens=False).input_ids) for n in names)
-    req, pieces = _start(engine, prompt, max_tokens=_budget(engine, prompt, min(longest + 2, engine.max_context - 1)),
+    req, pieces = _start(engine, prompt, False, max_tokens=_budget(engine, prompt, min(longest + 2, engine.max_context - 1)),
                          temperature=p["temperature"], top_p=p["top_p"], stop=["\n"], seed=p["seed"])
     first = (await _finished(req, pieces)).text.strip()
     return first if first in names else names[0]
@@ -383,7 +463,7 @@ def create_app(engine: Engine, model_name: str | Sequence[str] = DEFAULT_MODEL_N
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         if exc.status_code == 404:
             message = (f"There is no {request.url.path} on this server: it serves /v1/models, /v1/chat/completions, "
-                       "/v1/completions and /health.")
+                       "/v1/completions, /health and /metrics.")
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}: use {exc.headers.get('Allow', 'POST')}."
         else:
@@ -414,8 +494,8 @@ def create_app(engine: Engine, model_name: str | Sequence[str] = DEFAULT_MODEL_N
 
     async def read_json(request: Request) -> Any:
         try:
-            return parse_json_body(await read_body(request, max_body_bytes), request.headers.get("content-type"),
-                                   max_json_depth)
+            body = await read_body(request, max_body_bytes)  # parsed off the event loop (a few MB take a while)
+            return await asyncio.to_thread(parse_json_body, body, request.headers.get("content-type"), max_json_depth)
         except GuardError as exc:
             raise ApiError(exc.status, exc.message, exc.kind, code=exc.code) from None
 
@@ -427,6 +507,14 @@ def create_app(engine: Engine, model_name: str | Sequence[str] = DEFAULT_MODEL_N
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": names[0], "models": names, "max_batch_size": engine.max_batch_size,
                 "max_context": engine.max_context, "batches_run": engine.batches_run}
+
+    @app.get("/metrics")
+    async def metrics() -> Any:
+        from fastapi.responses import PlainTextResponse
+
+        if engine.metrics is None:
+            raise ApiError(404, "Metrics need prometheus-client: pip install 'glmkit[server]'.")
+        return PlainTextResponse(engine.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -440,12 +528,12 @@ def create_app(engine: Engine, model_name: str | Sequence[str] = DEFAULT_MODEL_N
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         p = validate(await read_json(request), names, engine.max_context)
-        base = _encode(engine, p["messages"], p["tools"])
+        base = await _encode(engine, p["messages"], p["tools"])
         forced = p["forced_tool"] or (await _pick_tool(engine, base, p) if p["required"] else None)
         prefix = f"{forced}\n" if forced else ""
-        prompt = _encode(engine, p["messages"], p["tools"], prefix) if prefix else base
-        req, pieces = _start(engine, prompt, max_tokens=_budget(engine, prompt, p["max_tokens"]),
-                             temperature=p["temperature"], top_p=p["top_p"], stop=p["stop"], seed=p["seed"])
+        prompt = await _encode(engine, p["messages"], p["tools"], prefix) if prefix else base
+        req, pieces = _start(engine, prompt, p["stream"], max_tokens=_budget(engine, prompt, p["max_tokens"]),
+                             logprobs=p["logprobs"], **{k: p[k] for k in SETTINGS})
         rid, now, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), p["model"]
         splitter = ToolCallSplitter({t["function"]["name"] for t in p["tools"]}, prefix) if p["tools"] else None
 
@@ -454,25 +542,37 @@ def create_app(engine: Engine, model_name: str | Sequence[str] = DEFAULT_MODEL_N
             return {"prompt_tokens": len(base), "completion_tokens": completion,
                     "total_tokens": len(base) + completion}
 
+        def logprobs(since: int = 0, upto: int | None = None) -> dict[str, Any] | None:
+            if p["logprobs"] is None:
+                return None
+            return {"content": logprobs_content(engine.tokenizer, req.token_logprobs[since:upto])}
+
         if not p["stream"]:
-            await _finished(req, pieces)
+            await _finished(req, pieces, request)
             call = parse_tool_call(prefix + req.text, splitter.names) if splitter else None
             message = ({"role": "assistant", "content": None, "tool_calls": [call]} if call else
                        {"role": "assistant", "content": req.text})
             reason = "tool_calls" if call else req.finish_reason or "stop"
             return {"id": rid, "object": "chat.completion", "created": now, "model": model,
-                    "choices": [{"index": 0, "message": message, "finish_reason": reason}], "usage": usage()}
+                    "choices": [{"index": 0, "message": message, "logprobs": await asyncio.to_thread(logprobs),
+                                 "finish_reason": reason}], "usage": usage()}
 
-        def chunk(delta: dict[str, Any], reason: str | None = None) -> str:
+        sent = 0  # tokens whose logprobs went out
+
+        def chunk(delta: dict[str, Any], reason: str | None = None, upto: int | None = None) -> str:
+            nonlocal sent
+            choice = {"index": 0, "delta": delta, "finish_reason": reason}
+            if p["logprobs"] is not None and upto is not None and upto > sent:  # the tokens up to this piece
+                choice["logprobs"], sent = logprobs(sent, upto), upto
             return _sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model,
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]})
+                         "choices": [choice]})
 
         async def events() -> Any:
             try:
                 yield chunk({"role": "assistant", "content": ""})
-                while (piece := await pieces.get()) is not None:
-                    if text := (splitter.feed(piece) if splitter else piece):
-                        yield chunk({"content": text})
+                while (item := await pieces.get()) is not None:
+                    if text := (splitter.feed(item[0]) if splitter else item[0]):
+                        yield chunk({"content": text}, upto=item[1])
                 if req.error:
                     yield _sse(ApiError(500, f"Generation failed: {req.error}", kind="server_error").body())
                 else:
@@ -481,7 +581,7 @@ def create_app(engine: Engine, model_name: str | Sequence[str] = DEFAULT_MODEL_N
                         yield chunk({"tool_calls": [dict(call, index=0)]})
                     elif splitter and splitter.rest():
                         yield chunk({"content": splitter.rest()})
-                    yield chunk({}, "tool_calls" if call else req.finish_reason or "stop")
+                    yield chunk({}, "tool_calls" if call else req.finish_reason or "stop", upto=len(req.token_logprobs))
                     if p["include_usage"]:
                         yield _sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model,
                                     "choices": [], "usage": usage()})
@@ -495,12 +595,12 @@ def create_app(engine: Engine, model_name: str | Sequence[str] = DEFAULT_MODEL_N
     async def completions(request: Request) -> Any:
         vocab = int(getattr(engine.model.config, "vocab_size", 0) or len(engine.tokenizer))
         p = validate_completion(await read_json(request), names, engine.max_context, vocab)
-        if isinstance(p["prompt"], str):
-            prompt, prompt_text = engine.tokenizer(p["prompt"]).input_ids, p["prompt"]
+        if isinstance(p["prompt"], str):  # tokenizing a long prompt takes a while: off the event loop
+            prompt, prompt_text = (await asyncio.to_thread(engine.tokenizer, p["prompt"])).input_ids, p["prompt"]
         else:
-            prompt, prompt_text = p["prompt"], engine.tokenizer.decode(p["prompt"])
-        req, pieces = _start(engine, prompt, max_tokens=_budget(engine, prompt, p["max_tokens"]),
-                             temperature=p["temperature"], top_p=p["top_p"], stop=p["stop"], seed=p["seed"])
+            prompt, prompt_text = p["prompt"], await asyncio.to_thread(engine.tokenizer.decode, p["prompt"])
+        req, pieces = _start(engine, prompt, p["stream"], max_tokens=_budget(engine, prompt, p["max_tokens"]),
+                             **{k: p[k] for k in SETTINGS})
         rid, now, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), p["model"]
         echo = prompt_text if p["echo"] else ""
 
@@ -513,15 +613,15 @@ def create_app(engine: Engine, model_name: str | Sequence[str] = DEFAULT_MODEL_N
                     "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}], **extra}
 
         if not p["stream"]:
-            await _finished(req, pieces)
+            await _finished(req, pieces, request)
             return body(echo + req.text, req.finish_reason or "stop", usage=usage())
 
         async def events() -> Any:
             try:
                 if echo:
                     yield _sse(body(echo, None))
-                while (piece := await pieces.get()) is not None:
-                    yield _sse(body(piece, None))
+                while (item := await pieces.get()) is not None:
+                    yield _sse(body(item[0], None))
                 if req.error:
                     yield _sse(ApiError(500, f"Generation failed: {req.error}", kind="server_error").body())
                 else:
@@ -613,4 +713,5 @@ def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000,
 
 
 __all__ = ["DEFAULT_MODEL_NAMES", "ApiError", "GenerationRequest", "ServerThread", "ToolCallSplitter", "create_app",
-           "default_batch_size", "parse_tool_call", "serve", "served_model_names", "validate", "validate_completion"]
+           "default_batch_size", "logprobs_content", "parse_tool_call", "serve", "served_model_names", "validate",
+           "validate_completion"]

@@ -100,12 +100,14 @@ class ChatWidget:
     does what the send button does (used by tests and to script a demo).
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, system_prompt: str = "", max_new_tokens: int = 128) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, system_prompt: str = "", max_new_tokens: int = 128,
+                 engine: Any = None) -> None:
         import threading
 
         import ipywidgets as w
 
         self.model, self.tokenizer = model, tokenizer
+        self._engine, self._req = engine, None  # engine: share one with a server (glmkit.engine.Engine)
         self.history: list[dict[str, str]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -167,36 +169,59 @@ class ChatWidget:
             self._thread.join()
 
     def _answer(self) -> None:
+        import html
+        import queue
         import time
 
-        from glmkit.generation import stream_chat
         from glmkit.monitor import snapshot
 
         reply, start = "", time.perf_counter()
         self._render(reply)
+        engine = self.engine()
+        pieces: queue.Queue[str | None] = queue.Queue()
         try:
-            for piece in stream_chat(self.model, self.tokenizer, self.messages(), max_new_tokens=self.max_tokens.value,
-                                     temperature=self.temperature.value, top_p=self.top_p.value, stop_event=self._stop):
+            req = engine.submit(engine.encode(self.messages()), max_tokens=self.max_tokens.value,
+                                temperature=self.temperature.value, top_p=self.top_p.value, on_text=pieces.put,
+                                on_done=lambda _: pieces.put(None))
+        except ValueError as exc:  # e.g. the conversation no longer fits the context
+            req = None
+            error = f"{type(exc).__name__}: {exc}"
+        if req is not None:
+            self._req = req
+            if self._stop.is_set():
+                req.cancel()
+            while (piece := pieces.get()) is not None:
                 reply += piece
                 self._render(reply + " ▌")
-                n = len(self.tokenizer(reply, add_special_tokens=False).input_ids)
+                n = len(req.tokens)
                 self.status.value = f"generating… {n} tokens, {n / (time.perf_counter() - start):.1f} tok/s"
-        except Exception as exc:  # e.g. out of memory: show it, keep the history usable
-            self.status.value = f'<b style="color:#c00">{type(exc).__name__}: {str(exc)[:200]}</b>'
+            error = req.error
+        if error:  # e.g. out of memory: show it, keep the history usable
+            self.status.value = f'<b style="color:#c00">{html.escape(error[:200])}</b>'
             self.history.pop()
             self._render()
             return
         seconds = time.perf_counter() - start
-        self.history.append({"role": "assistant", "content": reply})
+        self.history.append({"role": "assistant", "content": req.text})
         self._render()
-        n = len(self.tokenizer(reply, add_special_tokens=False).input_ids)
+        n = len(req.tokens)
         memory = " · ".join(f"{d.device} {d.used / 2**30:.1f}/{d.total / 2**30:.0f} GiB" for d in snapshot().devices)
         stopped = " (stopped)" if self._stop.is_set() else ""
         self.status.value = f"{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tok/s{stopped} · {memory}"
 
+    def engine(self) -> Any:
+        """The ``glmkit.engine.Engine`` the replies come from (the one given, else one made at the first message)."""
+        if self._engine is None:
+            from glmkit.engine import Engine
+
+            self._engine = Engine(self.model, self.tokenizer, max_batch_size=1)
+        return self._engine
+
     def stop(self) -> None:
         """Stop the reply being generated (at the next token)."""
         self._stop.set()
+        if self._req is not None:
+            self._req.cancel()
 
     def clear(self) -> None:
         self.stop()
