@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from glmkit.bench import bytes_read_per_token, copy_bandwidth, ensure_random_checkpoint, save_result
+from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
 from glmkit.bench import environment_record as result_environment
 from glmkit.gemv import TUNED, TUNED_TABLE, GemvConfig, gemv, gemv_swiglu
+from glmkit.models import ensure_random_checkpoint
 
 
 def projections() -> dict[str, tuple[int, int, bool, bool]]:

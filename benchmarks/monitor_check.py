@@ -14,7 +14,8 @@ import argparse
 import statistics
 import time
 
-from glmkit.bench import decode_tokens_per_second, ensure_random_checkpoint, nvidia_smi_used_bytes, save_result
+from glmkit.bench import decode_tokens_per_second, nvidia_smi_used_bytes, save_result
+from glmkit.models import ensure_random_checkpoint
 
 
 def main() -> None:

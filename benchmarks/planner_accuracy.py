@@ -24,10 +24,10 @@ from typing import Any
 from glmkit.bench import (
     NvmlBaseline,
     decode_tokens_per_second,
-    ensure_random_checkpoint,
     measure_generate_peak,
     save_result,
 )
+from glmkit.models import ensure_random_checkpoint
 
 MEASURED = ("bf16", "nf4", "int8")  # names from glmkit.quantization.PRECISIONS
 

@@ -63,42 +63,6 @@ def load_results(name: str, results_dir: str | Path | None = None) -> dict[str, 
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def build_random_checkpoint(path: str | Path, config: Any = None, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Save a checkpoint of ``config`` (default: GLM-4-9B-Chat) with random weights, built on the GPU.
-
-    Same shapes, memory and speed as the real model; used because no weights can be downloaded.
-    """
-    from transformers import GlmForCausalLM
-
-    from glmkit.models import TOKENIZER_DIR, glm4_9b_chat_config
-
-    path = Path(path)
-    config = config or glm4_9b_chat_config()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            model = GlmForCausalLM(config)
-    finally:
-        torch.set_default_dtype(old)
-    model.save_pretrained(path)
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return path
-
-
-def ensure_random_checkpoint(path: str | Path, config: Any = None) -> Path:
-    """``path`` if it already holds a checkpoint, else a random-weight one built there (``build_random_checkpoint``)."""
-    path = Path(path)
-    return path if (path / "config.json").exists() else build_random_checkpoint(path, config)
-
-
 class NvmlBaseline:
     """This process's GPU memory as the driver sees it: used now minus used before CUDA started.
 
@@ -539,7 +503,7 @@ def planned_long_context_bytes(row: dict[str, Any]) -> int:
     """
     from glmkit.models import glm4_9b_chat_config
     from glmkit.planning import plan_memory
-    from glmkit.quantization import PRECISIONS
+    from glmkit.vocabulary import PRECISIONS
 
     precision, budget = row["setup"].split("@")
     dtype, quantization = PRECISIONS[precision]

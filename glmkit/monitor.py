@@ -378,9 +378,7 @@ def explain_oom(exc: BaseException | str | Any, plan: Any = None) -> OomExplanat
                   "CUDA context": target.cuda_context}
         if limit is None:
             limit, size["process"] = target.budget, target.total
-        from glmkit.planning import _fixes
-
-        steps = _fixes(plan)
+        steps = plan.fixes()
     else:
         if "allocated" in size:
             filled["PyTorch tensors"] = size["allocated"]
@@ -396,7 +394,7 @@ def explain_oom(exc: BaseException | str | Any, plan: Any = None) -> OomExplanat
             "plan before loading: glmkit.planning.plan_memory(config, devices=[...], context_len=..., batch_size=...) "
             "shows what fills each card and which fix works",
             "quantize (quantization='nf4'), shorten the prompt or the batch, or prefill in chunks (prefill_chunk=2048)",
-            "spread the model over more cards with glmkit.device_map.kv_aware_device_map",
+            "spread the model over more cards with glmkit.placement.kv_aware_device_map",
         ]
     return OomExplanation(device, size.get("requested"), limit, size.get("process"), size.get("allocated"),
                           size.get("unallocated"), filled, steps)

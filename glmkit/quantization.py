@@ -20,17 +20,7 @@ from typing import Any
 import torch
 
 from glmkit.tables import html_table, text_table
-
-# name -> (dtype of the unquantized parts and of the compute, glmkit quantization name)
-PRECISIONS: dict[str, tuple[str, str | None]] = {
-    "bf16": ("bfloat16", None),
-    "fp16": ("float16", None),
-    "int8": ("float16", "int8"),  # LLM.int8 computes in fp16; bf16 inputs are cast on every matmul
-    "nf4": ("bfloat16", "nf4"),
-    "nf4-dq": ("bfloat16", "nf4-dq"),
-    "fp4": ("bfloat16", "fp4"),
-    "fp4-dq": ("bfloat16", "fp4-dq"),
-}
+from glmkit.vocabulary import PRECISIONS
 
 
 def load_precision(path: Any, precision: str, device_map: Any = None) -> torch.nn.Module:

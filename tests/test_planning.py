@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from glmkit.device_map import DeviceMapError, as_model, kv_aware_device_map, split_layers
+from glmkit.device_map import DeviceMapError, as_model, split_layers
 from glmkit.loading import load_model
 from glmkit.models import glm4_9b_chat_config, tiny_glm_config
+from glmkit.placement import kv_aware_device_map
 from glmkit.planning import (
     GiB,
     PlanningError,
@@ -97,7 +98,7 @@ def test_max_context_is_the_boundary():
 
 
 def test_kv_aware_map_fits_longer_context_than_accelerate_auto():
-    from glmkit.device_map import accelerate_device_map
+    from glmkit.placement import accelerate_device_map
 
     auto = accelerate_device_map(C, ["12GiB", "12GiB"], "auto")
     ours = max_context(C, ["12GiB", "12GiB"])
