@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from glmkit.vocabulary import ALLOCATORS, QUANTIZATION_CHOICES
+
 
 def _env(args: argparse.Namespace) -> None:
     from glmkit.env import environment_report
@@ -29,7 +31,7 @@ def _plan(args: argparse.Namespace) -> None:
 
     config = args.model or glm4_9b_chat_config()
     kw = dict(dtype=args.dtype, quantization=args.quantization, batch_size=args.batch,
-              prefill_chunk=args.prefill_chunk)
+              prefill_chunk=args.prefill_chunk, allocator=args.allocator, fast_decode=args.fast_decode)
     plan = plan_memory(config, args.devices, context_len=args.context, **kw)
     print(plan)
     print()
@@ -188,8 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=8192, help="prompt + new tokens per sequence")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--quantization", choices=["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"])
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES)
     p.add_argument("--prefill-chunk", type=int, help="prefill in chunks of this many tokens")
+    p.add_argument("--allocator", choices=ALLOCATORS,
+                   help="PyTorch's caching allocator to plan for (default: $PYTORCH_CUDA_ALLOC_CONF if set, else "
+                        "expandable, which glmkit sets in every process it starts)")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="budget the fast decode path's extra memory (fused q/k/v copies, fp32 logits)")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("generate", help="greedy reply to --prompt; --tp N splits the model over N processes")
@@ -218,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint folder (default: $GLMKIT_MODEL or the tiny trained GLM)")
     p.add_argument("--model-name", default="glm-4-9b-chat", help="the name clients ask for")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP)
-    p.add_argument("--quantization", choices=["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"])
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

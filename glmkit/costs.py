@@ -17,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -27,6 +28,8 @@ from torch import nn
 from glmkit.device_map import as_model, model_units, output_layer_name
 from glmkit.vocabulary import (
     ALLOC_CONF_ENV,
+    ALLOCATORS,
+    EXPANDABLE_SEGMENTS,
     MiB,
     PlanningError,
     element_size,
@@ -48,6 +51,33 @@ DEFAULT_CUDA_CONTEXT = 720 * MiB
 INT8_MAX_ELEMENTS = 2**31 - 1
 
 
+def resolve_allocator(allocator: str | None = None, expandable_segments: bool | None = None,
+                      environ: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """The allocator a plan assumes, ``"expandable"`` or ``"default"``, and why (the plan prints both).
+
+    Asked for (``allocator=`` or ``expandable_segments=``) wins; else ``PYTORCH_CUDA_ALLOC_CONF`` from the environment,
+    as PyTorch reads it; else ``"expandable"``: glmkit sets ``expandable_segments:True`` in every process it starts
+    (notebooks, ``glmkit serve``, ``load_model``, the benchmarks) unless the environment already chose.
+
+    >>> resolve_allocator(environ={})
+    ('expandable', 'glmkit sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in every process it starts')
+    >>> resolve_allocator(environ={"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"})
+    ('default', 'PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:128 in the environment')
+    """
+    if allocator is not None:
+        mode = allocator.lower().replace("expandable_segments", "expandable")
+        if mode not in ALLOCATORS:
+            raise PlanningError(f"Unknown allocator {allocator!r}: use 'expandable' (expandable_segments:True, "
+                                "glmkit's default) or 'default' (PyTorch's default).")
+        return mode, "asked for"
+    if expandable_segments is not None:
+        return ("expandable" if expandable_segments else "default"), "asked for"
+    conf = (os.environ if environ is None else environ).get(ALLOC_CONF_ENV)
+    if conf is not None:
+        return ("expandable" if expandable_in(conf) else "default"), f"{ALLOC_CONF_ENV}={conf} in the environment"
+    return "expandable", f"glmkit sets {ALLOC_CONF_ENV}={EXPANDABLE_SEGMENTS} in every process it starts"
+
+
 @dataclass(frozen=True)
 class Workload:
     """Every planning knob in one place: what runs on the cards besides the weights.
@@ -60,12 +90,16 @@ class Workload:
         prefill_chunk: prefill in chunks of this many tokens (activations scale with the chunk).
         logits_tokens: positions whose logits are kept (``generate()``: 1).
         cuda_context: per-GPU memory outside PyTorch's allocator (bytes or ``"1GiB"``).
-        expandable_segments: whether PyTorch's allocator runs with ``expandable_segments:True``
-            (less slack); ``None`` reads ``PYTORCH_CUDA_ALLOC_CONF``.
+        allocator: PyTorch's caching allocator the run uses: ``"expandable"`` (``expandable_segments:True``, less
+            slack) or ``"default"``. ``None``: ``PYTORCH_CUDA_ALLOC_CONF`` when the environment sets it, else
+            ``"expandable"``, which glmkit sets in every process it starts (``glmkit.env.use_expandable_segments``).
+        expandable_segments: the same choice as a bool (``True`` = ``"expandable"``), as older code passes it.
+        fast_decode: decode with ``glmkit.fast_decode.FastDecoder``: a fused copy of each layer's q/k/v weights
+            and an fp32 logits buffer on top (its static cache is the KV cache already counted).
 
-    >>> w = Workload(context_len=8192, quantization="NF4")
-    >>> w.quantization, w.replace(batch_size=4).batch_size
-    ('nf4', 4)
+    >>> w = Workload(context_len=8192, quantization="NF4", allocator="default")
+    >>> w.quantization, w.replace(batch_size=4).batch_size, w.allocator_mode, w.allocator_source
+    ('nf4', 4, 'default', 'asked for')
     """
 
     context_len: int = 4096
@@ -76,6 +110,11 @@ class Workload:
     logits_tokens: int = 1
     cuda_context: int = DEFAULT_CUDA_CONTEXT
     expandable_segments: bool | None = None
+    allocator: str | None = None
+    fast_decode: bool = False
+    # resolved from allocator / expandable_segments / the environment when the workload is made
+    allocator_mode: str = field(init=False, default="expandable")
+    allocator_source: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.context_len < 1:
@@ -84,6 +123,14 @@ class Workload:
         object.__setattr__(self, "quantization", quantization_name(self.quantization))
         object.__setattr__(self, "dtype", torch_dtype(self.dtype))
         object.__setattr__(self, "cuda_context", parse_size(self.cuda_context) if self.cuda_context else 0)
+        mode, source = resolve_allocator(self.allocator, self.expandable_segments)
+        object.__setattr__(self, "allocator_mode", mode)
+        object.__setattr__(self, "allocator_source", source)
+
+    @property
+    def expandable(self) -> bool:
+        """Whether the allocator planned for runs with ``expandable_segments``."""
+        return self.allocator_mode == "expandable"
 
     def replace(self, **changes: Any) -> Workload:
         """A copy with some knobs changed."""
@@ -212,7 +259,7 @@ def allocator_slack(config: Any, tokens: int, batch_size: int = 1, dtype: torch.
     - ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (glmkit's notebooks and CLI set it):
       segments grow in place: ``0.2 G`` (16 bit), ``W + 0.35 G`` (4 bit), ``3.5 W + 0.7 G`` (int8).
 
-    ``expandable_segments=None`` reads the setting from the environment, as PyTorch does.
+    ``expandable_segments=None`` assumes what ``resolve_allocator`` says: the environment's setting, else glmkit's.
 
     >>> from glmkit.models import glm4_9b_chat_config
     >>> c = glm4_9b_chat_config()
@@ -220,7 +267,7 @@ def allocator_slack(config: Any, tokens: int, batch_size: int = 1, dtype: torch.
     True
     """
     if expandable_segments is None:
-        expandable_segments = expandable_in(os.environ.get(ALLOC_CONF_ENV))
+        expandable_segments = resolve_allocator()[0] == "expandable"
     e = element_size(dtype)
     g = e * 2 * config.intermediate_size * tokens * batch_size
     w = e * 2 * config.intermediate_size * config.hidden_size
@@ -265,6 +312,22 @@ def logits_bytes(config: Any, batch_size: int = 1, logits_tokens: int = 1, dtype
     return batch_size * logits_tokens * config.vocab_size * e + 3 * batch_size * config.vocab_size * 4
 
 
+def fused_qkv_bytes(config: Any, dtype: torch.dtype | str = torch.bfloat16, quantization: str | None = None) -> int:
+    """Bytes of the fused q/k/v weight (and bias) ``glmkit.fast_decode.FastDecoder`` keeps per layer, beside the
+    model's own q/k/v: ``(heads + 2 * kv_heads) * head_dim`` rows of ``hidden``, in the weights' dtype. A 4-bit
+    model's decoder reads the packed weights in place: no copy (taken as 0 here).
+
+    >>> from glmkit.models import glm4_9b_chat_config
+    >>> round(fused_qkv_bytes(glm4_9b_chat_config()) * 40 / 2**30, 2)  # GLM-4-9B, bf16, all 40 layers
+    1.41
+    """
+    if quantization is not None:
+        return 0
+    rows = (config.num_attention_heads + 2 * kv_heads(config)) * head_dim(config)
+    bias = rows if getattr(config, "attention_bias", False) else 0
+    return (rows * config.hidden_size + bias) * element_size(dtype)
+
+
 def _kv_dtype(dtype: torch.dtype, quantization: str | None) -> torch.dtype:
     # bitsandbytes models compute (and cache K/V) in the compute dtype: bf16 unless fp16 was asked.
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
@@ -283,6 +346,8 @@ class Costs:
     logits: int
     cuda_context: int
     problems: list[str]
+    fast_per_layer: int = 0  # FastDecoder's fused q/k/v copy, on each layer's device
+    fast_logits: int = 0  # FastDecoder's fp32 logits buffer, on the lm_head device
 
 
 def costs(model: nn.Module, workload: Workload) -> Costs:
@@ -300,13 +365,17 @@ def costs(model: nn.Module, workload: Workload) -> Costs:
             f"int8: one forward over {batch_size} x {chunk} tokens exceeds bitsandbytes' 2**31-element limit "
             f"(at most {longest} tokens per sequence at batch {batch_size}): prefill in chunks (prefill_chunk=...)"
         )
+    if w.fast_decode and quantization == "int8":
+        problems.append("fast decode runs 16/32-bit and 4-bit weights, not int8: drop fast_decode or pick another precision")
     return Costs(
         weights=dict(_unit_weight_bytes(model, w.dtype, quantization)),
         kv_per_layer=kv_cache_bytes_per_token(config, kv_dtype) * w.context_len * batch_size,
         activations=act,
-        allocator=allocator_slack(config, chunk, batch_size, kv_dtype, quantization, w.expandable_segments),
+        allocator=allocator_slack(config, chunk, batch_size, kv_dtype, quantization, w.expandable),
         inputs=input_bytes(chunk, batch_size),
         logits=logits_bytes(config, batch_size, w.logits_tokens, kv_dtype),
         cuda_context=w.cuda_context,
         problems=problems,
+        fast_per_layer=fused_qkv_bytes(config, w.dtype, quantization) if w.fast_decode else 0,
+        fast_logits=batch_size * config.vocab_size * 4 if w.fast_decode else 0,
     )

@@ -19,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 
 from glmkit.tables import gib, html_table, text_table
+from glmkit.vocabulary import ALLOC_CONF_ENV, EXPANDABLE_SEGMENTS
 
 PACKAGES = ("torch", "triton", "transformers", "accelerate", "bitsandbytes", "nvidia-ml-py", "ipywidgets")
 
@@ -206,9 +207,11 @@ def use_expandable_segments() -> str:
     Measured on an H100 with GLM-4-9B: it removes most of the memory the default allocator reserves
     but does not use during a long prefill (5.5 GiB at 4 x 32K tokens in bf16), and makes that slack
     predictable for the planner. It only takes effect before CUDA starts. Returns the setting in force.
+    glmkit calls it in every process it starts (``notebook_setup``, ``glmkit serve``, ``load_model``), which is
+    why the planner assumes it unless ``PYTORCH_CUDA_ALLOC_CONF`` says otherwise (``glmkit.costs.resolve_allocator``).
     """
     import torch
 
-    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and not torch.cuda.is_initialized():
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    return os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default")
+    if ALLOC_CONF_ENV not in os.environ and not torch.cuda.is_initialized():
+        os.environ[ALLOC_CONF_ENV] = EXPANDABLE_SEGMENTS
+    return os.environ.get(ALLOC_CONF_ENV, "default")

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from glmkit.env import use_expandable_segments
+from glmkit.vocabulary import STRATEGIES, gpu_index
 
 # model_type values of checkpoints transformers loads natively as GLM-4 (GlmForCausalLM / Glm4ForCausalLM).
 NATIVE_GLM_TYPES = ("glm", "glm4")
@@ -100,9 +102,6 @@ def check_checkpoint(folder: Path) -> dict[str, Any]:
     return config
 
 
-_GPU_RE = re.compile(r"^(cuda)(:(\d+))?$")
-
-
 def gpu_indices(device_map: Any) -> set[int]:
     """GPU indices a ``device_map`` value names (``0``, ``"cuda:1"``, ``torch.device``...).
 
@@ -113,19 +112,11 @@ def gpu_indices(device_map: Any) -> set[int]:
     """
     if isinstance(device_map, dict):
         values = list(device_map.values())
-    elif device_map is None or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+    elif device_map is None or device_map in STRATEGIES:
         return set()
     else:
         values = [device_map]
-    found: set[int] = set()
-    for v in values:
-        if isinstance(v, torch.device):
-            v = str(v)
-        if isinstance(v, int) and not isinstance(v, bool):
-            found.add(v)
-        elif isinstance(v, str) and (m := _GPU_RE.match(v)):
-            found.add(int(m.group(3) or 0))
-    return found
+    return {i for i in map(gpu_index, values) if i is not None}
 
 
 def check_gpus_exist(device_map: Any) -> None:
@@ -207,6 +198,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    use_expandable_segments()  # before CUDA starts, as in every process glmkit starts: what the planner assumes
     folder = resolve_checkpoint(path)
     check_checkpoint(folder)
     if device_map is None:

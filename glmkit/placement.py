@@ -70,9 +70,12 @@ def kv_aware_device_map(
     prefill_chunk: int | None = None,
     cuda_context: int | str | None = None,
     expandable_segments: bool | None = None,
+    allocator: str | None = None,
+    fast_decode: bool = False,
 ) -> dict[str, Any]:
     """glmkit's map: every GPU keeps room for its layers' KV cache, the prefill activations, the CUDA
-    context, the inputs (first GPU) and the logits (last GPU); headroom is spread evenly.
+    context, the inputs (first GPU) and the logits (last GPU); headroom is spread evenly. The knobs are
+    ``glmkit.costs.Workload``'s (``fast_decode=True`` also keeps room for the fast decoder's buffers).
 
     It finds the smallest fill ratio ``u`` at which a front-to-back placement with budgets
     ``u * budget`` still fits, so no card is fuller than it must be. CPU/disk entries in
@@ -86,7 +89,8 @@ def kv_aware_device_map(
     (0, 1)
     """
     workload = Workload(context_len=context_len, batch_size=batch_size, dtype=dtype, quantization=quantization,
-                        prefill_chunk=prefill_chunk, expandable_segments=expandable_segments,
+                        prefill_chunk=prefill_chunk, expandable_segments=expandable_segments, allocator=allocator,
+                        fast_decode=fast_decode,
                         cuda_context=DEFAULT_CUDA_CONTEXT if cuda_context is None else cuda_context)
     return kv_aware_map(as_model(model_or_config), normalize_devices(max_memory), workload)
 
@@ -96,8 +100,9 @@ def kv_aware_map(model: nn.Module, budgets: dict[int | str, int], workload: Work
     units = model_units(model)
     c = costs(model, workload)
     out_layer = output_layer_name(model)
-    cost = {u: c.weights[u] + (c.kv_per_layer if u in units.layers else 0) for u in units.all}
-    ctx, act, inputs, logits = c.cuda_context, c.activations, c.inputs, c.logits
+    per_layer = c.kv_per_layer + c.fast_per_layer
+    cost = {u: c.weights[u] + (per_layer if u in units.layers else 0) for u in units.all}
+    ctx, act, inputs, logits = c.cuda_context, c.activations, c.inputs, c.logits + c.fast_logits
 
     def overhead(device: Any, placed: list[str]) -> int:
         gpu, has_layers = isinstance(device, int), any(u in units.layers for u in placed)

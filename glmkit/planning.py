@@ -14,6 +14,7 @@ Introduced in ``notebooks/01_single_gpu_oom.ipynb``.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,10 +75,11 @@ class DevicePlan:
     budget: int
     layers: int = 0
     allocator: int = 0  # PyTorch's caching-allocator slack (reserved but not in use at the peak)
+    fast_decode: int = 0  # FastDecoder's extra buffers: fused q/k/v copies, fp32 logits
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations + self.allocator + self.cuda_context
+        return self.weights + self.kv_cache + self.activations + self.allocator + self.cuda_context + self.fast_decode
 
     @property
     def headroom(self) -> int:
@@ -107,6 +109,9 @@ class MemoryPlan:
     quantization: str | None
     device_map: dict[str, Any] = field(repr=False, default_factory=dict)
     problems: list[str] = field(default_factory=list)  # limits other than memory (e.g. int8 kernel sizes)
+    allocator: str = "expandable"  # the caching allocator assumed: "expandable" (expandable_segments) or "default"
+    allocator_source: str = ""  # why that one (asked for, the environment, glmkit's default)
+    fast_decode: bool = False  # planned for glmkit.fast_decode.FastDecoder
     # What produced the plan, so fixes() can try the alternatives (not part of the result).
     request: PlanRequest | None = field(repr=False, compare=False, default=None)
 
@@ -125,28 +130,41 @@ class MemoryPlan:
         def g(n: int) -> str:
             return "-" if abs(n) >= UNBOUNDED // 2 else f"{n / GiB:.2f}"
 
+        fast = [[g(d.fast_decode)] if self.fast_decode else [] for d in self.devices]
         return [
             [d.name, str(d.layers), g(d.weights), g(d.kv_cache), g(d.activations), g(d.allocator),
-             g(d.cuda_context), g(d.total), g(d.budget), g(d.headroom), "yes" if d.fits else "NO"]
-            for d in self.devices
+             g(d.cuda_context), *extra, g(d.total), g(d.budget), g(d.headroom), "yes" if d.fits else "NO"]
+            for d, extra in zip(self.devices, fast)
         ]
 
     HEADERS = ["device", "layers", "weights GiB", "KV cache GiB", "activations GiB", "allocator GiB",
                "CUDA ctx GiB", "total GiB", "budget GiB", "headroom GiB", "fits"]
 
+    def headers(self) -> list[str]:
+        """Column names; a fast-decode plan has a column for the decoder's extra buffers."""
+        cut = self.HEADERS.index("total GiB")
+        return self.HEADERS[:cut] + (["fast decode GiB"] if self.fast_decode else []) + self.HEADERS[cut:]
+
     def title(self) -> str:
         q = self.quantization or self.dtype
-        return f"{q}, batch {self.batch_size}, context {self.context_len} tokens: " + (
+        how = ", fast decode" if self.fast_decode else ""
+        return f"{q}, batch {self.batch_size}, context {self.context_len} tokens{how}: " + (
             "fits" if self.fits else "does NOT fit"
         )
 
+    def allocator_note(self) -> str:
+        """The allocator assumption, in words: the slack column depends on it."""
+        name = "expandable_segments" if self.allocator == "expandable" else "PyTorch's default"
+        return f"allocator: {name} ({self.allocator_source}); --allocator / allocator= changes it"
+
     def __repr__(self) -> str:
         notes = "".join(f"\n! {p}" for p in self.problems)
-        return self.title() + "\n" + text_table(self.HEADERS, self.rows()) + notes
+        return self.title() + "\n" + text_table(self.headers(), self.rows()) + notes + "\n" + self.allocator_note()
 
     def _repr_html_(self) -> str:
         notes = "".join(f"<p><b>! {p}</b></p>" for p in self.problems)
-        return html_table(self.HEADERS, self.rows(), caption=self.title()) + notes
+        return (html_table(self.headers(), self.rows(), caption=self.title()) + notes
+                + f"<p><small>{html.escape(self.allocator_note())}</small></p>")
 
     def advice(self) -> str:
         """Why it does not fit (which device, by how much, what fills it) and the cheapest fix."""
@@ -185,6 +203,8 @@ def plan_memory(
     logits_tokens: int = 1,
     cuda_context: int | str = DEFAULT_CUDA_CONTEXT,
     expandable_segments: bool | None = None,
+    allocator: str | None = None,
+    fast_decode: bool = False,
 ) -> MemoryPlan:
     """Plan weights + KV cache + activations + CUDA context per device for generating ``context_len`` tokens.
 
@@ -201,7 +221,10 @@ def plan_memory(
         logits_tokens: positions whose logits are kept (``generate()``: 1).
         cuda_context: per-GPU memory outside PyTorch's allocator.
         expandable_segments: whether PyTorch's allocator runs with ``expandable_segments:True``
-            (less slack); ``None`` reads ``PYTORCH_CUDA_ALLOC_CONF``.
+            (less slack); ``None``: as ``allocator``.
+        allocator: ``"expandable"`` or ``"default"``; ``None``: ``PYTORCH_CUDA_ALLOC_CONF`` when the environment
+            sets it, else ``"expandable"`` (glmkit sets it in every process it starts). The plan says which.
+        fast_decode: budget ``glmkit.fast_decode.FastDecoder``'s extra buffers (fused q/k/v copies, fp32 logits).
 
     >>> from glmkit.models import glm4_9b_chat_config
     >>> plan = plan_memory(glm4_9b_chat_config(), ["12GiB", "12GiB"], context_len=8192)
@@ -210,7 +233,7 @@ def plan_memory(
     """
     workload = Workload(context_len=context_len, batch_size=batch_size, dtype=dtype, quantization=quantization,
                         prefill_chunk=prefill_chunk, logits_tokens=logits_tokens, cuda_context=cuda_context,
-                        expandable_segments=expandable_segments)
+                        expandable_segments=expandable_segments, allocator=allocator, fast_decode=fast_decode)
     return plan_workload(as_model(config_or_model), normalize_devices(devices), workload, device_map)
 
 
@@ -271,9 +294,11 @@ def _plan(model: nn.Module, budgets: dict[int | str, int], device_map: dict[str,
             cuda_context=c.cuda_context if on_gpu and mine else 0,
             budget=budget,
             layers=n_layers,
+            fast_decode=c.fast_per_layer * n_layers + (c.fast_logits if device == lm_device and mine else 0),
         ))
     return MemoryPlan(plans, workload.context_len, workload.batch_size, dtype_name(workload.dtype),
-                      workload.quantization, device_map, problems=list(c.problems))
+                      workload.quantization, device_map, problems=list(c.problems), allocator=workload.allocator_mode,
+                      allocator_source=workload.allocator_source, fast_decode=workload.fast_decode)
 
 
 def _device_of(unit: str, device_map: Mapping[str, Any]) -> Any:
@@ -376,8 +401,11 @@ def cheapest_setup(
     batch_size: int = 1,
     precisions: Sequence[str | None] = (None, "int8", "nf4"),
     dtype: torch.dtype | str = torch.bfloat16,
+    **knobs: Any,
 ) -> SetupOptions:
     """Smallest number of identical cards and least lossy precision that fit ``context_len`` tokens.
+
+    ``knobs``: more of ``glmkit.costs.Workload``'s (``prefill_chunk``, ``allocator``, ``fast_decode``...).
 
     >>> from glmkit.models import glm4_9b_chat_config
     >>> best = cheapest_setup(glm4_9b_chat_config(), "12GiB", context_len=8192).cheapest
@@ -390,7 +418,7 @@ def cheapest_setup(
     for cards in range(1, max_cards + 1):
         devices = normalize_devices([budget] * cards)
         for q in precisions:
-            workload = Workload(context_len=context_len, batch_size=batch_size, dtype=dtype, quantization=q)
+            workload = Workload(context_len=context_len, batch_size=batch_size, dtype=dtype, quantization=q, **knobs)
             plan = plan_workload(model, devices, workload)
             options.append(SetupOption(
                 cards, q or dtype_name(dtype), plan.fits,
@@ -420,7 +448,8 @@ def explain_plan(plan: MemoryPlan) -> str:
         lines.append(
             f"{d.name} needs {gib(d.total)} but has {gib(d.budget)}: {gib(-d.headroom)} over. "
             f"Weights {gib(d.weights)}, KV cache {gib(d.kv_cache)}, activations {gib(d.activations)}, "
-            f"allocator slack {gib(d.allocator)}, CUDA context {gib(d.cuda_context)}."
+            f"allocator slack {gib(d.allocator)}, CUDA context {gib(d.cuda_context)}"
+            + (f", fast-decode buffers {gib(d.fast_decode)}." if plan.fast_decode else ".")
         )
     lines.append("Cheapest fixes, in order:")
     lines += [f"  - {fix}" for fix in plan.fixes()]
