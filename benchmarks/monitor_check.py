@@ -30,7 +30,8 @@ def main() -> None:
     import torch
 
     from glmkit.loading import load_model
-    from glmkit.monitor import MemoryPoller, snapshot
+    from glmkit.monitor import snapshot
+    from glmkit.widgets import MemoryPoller
 
     ensure_random_checkpoint(args.checkpoint)
     model = load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
@@ -45,7 +46,7 @@ def main() -> None:
     print(agreement, flush=True)
 
     try:
-        from glmkit.monitor import LiveMonitor
+        from glmkit.widgets import LiveMonitor
 
         def make(interval: float):
             return LiveMonitor(interval=interval)
