@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from glmkit.models import default_model_path
+from glmkit.monitor import gpu_memory
 from glmkit.tables import gib, html_table, text_table
 from glmkit.vocabulary import ALLOC_CONF_ENV, EXPANDABLE_SEGMENTS
 
@@ -114,8 +116,6 @@ def gpu_driver_note() -> str:
 
 def list_gpus() -> tuple[list[GpuInfo], str]:
     """GPUs with total/free memory (NVML first, then ``torch.cuda``) and a sentence about them."""
-    from glmkit.monitor import gpu_memory
-
     gpus = [GpuInfo(int(d.device.split(":")[1]), d.name, d.total, d.free) for d in gpu_memory()]
     return gpus, gpu_driver_note()
 
@@ -192,8 +192,6 @@ def notebook_setup() -> NotebookSetup:
     ``SMOKE_TEST`` is on when ``CI`` is set; the model is ``$GLMKIT_MODEL`` or the tiny checkpoint
     (built on first use); PyTorch's allocator gets ``expandable_segments`` (see ``use_expandable_segments``).
     """
-    from glmkit.models import default_model_path
-
     smoke = "CI" in os.environ
     allocator = use_expandable_segments()
     gpus, _ = list_gpus()

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from glmkit.device_map import check_device_map
 from glmkit.env import use_expandable_segments
+from glmkit.models import TOKENIZER_DIR, default_model_path
 from glmkit.vocabulary import STRATEGIES, gpu_index
 
 # model_type values of checkpoints transformers loads natively as GLM-4 (GlmForCausalLM / Glm4ForCausalLM).
@@ -53,8 +56,6 @@ def resolve_checkpoint(path: str | os.PathLike | None = None) -> Path:
 
     Raises ``CheckpointNotFoundError`` if the folder is missing.
     """
-    from glmkit.models import default_model_path
-
     folder = Path(path).expanduser() if path is not None else default_model_path()
     if not folder.exists():
         raise CheckpointNotFoundError(
@@ -150,8 +151,6 @@ def bnb_config(
     >>> bnb_config("nf4", double_quant=True).bnb_4bit_quant_type
     'nf4'
     """
-    from transformers import BitsAndBytesConfig
-
     kind = quantization.lower()
     if kind.endswith("-dq"):  # "nf4-dq": nf4 with double quantization, the planner's name for it
         kind, double_quant = kind[:-3], True
@@ -196,8 +195,6 @@ def load_model(
     >>> m.training, next(m.parameters()).dtype
     (False, torch.float32)
     """
-    from transformers import AutoModelForCausalLM
-
     use_expandable_segments()  # before CUDA starts, as in every process glmkit starts: what the planner assumes
     folder = resolve_checkpoint(path)
     check_checkpoint(folder)
@@ -205,8 +202,6 @@ def load_model(
         device_map = default_device_map()
     check_gpus_exist(device_map)
     if isinstance(device_map, dict):
-        from glmkit.device_map import check_device_map
-
         check_device_map(folder, device_map)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
@@ -232,10 +227,6 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Any:
     >>> tok.convert_tokens_to_ids("[gMASK]") == tok("[gMASK]", add_special_tokens=False).input_ids[0]
     True
     """
-    from transformers import AutoTokenizer
-
-    from glmkit.models import TOKENIZER_DIR
-
     if path is None and not os.environ.get("GLMKIT_MODEL"):
         return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     folder = resolve_checkpoint(path)

@@ -11,6 +11,7 @@ quantize it to 4 bit. Introduced in ``notebooks/00_setup.ipynb``.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -55,8 +56,6 @@ def glm4_9b_chat_config() -> GlmConfig:
 
 
 def _tiny_special_ids() -> tuple[int, list[int]]:
-    import json
-
     vocab = json.loads((TOKENIZER_DIR / "tokenizer.json").read_text())["added_tokens"]
     ids = {t["content"]: t["id"] for t in vocab}
     return ids["<|endoftext|>"], [ids[t] for t in _EOS_TOKENS]
