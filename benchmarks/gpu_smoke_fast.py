@@ -43,3 +43,51 @@ for dtype in (torch.bfloat16, torch.float32):
     for compile_layer in (False, True):
         got = FastDecoder(m, max_len=40, gemv="triton", compile=compile_layer).generate(prompt, 24, ignore_eos=True)
         print("triton", dtype, "compiled" if compile_layer else "eager", "identical:", torch.equal(got, want), flush=True)
+
+# The layer split with both halves on cuda:0 (a map naming the card twice, 0 and "cuda:0": two segments, two CUDA
+# graphs per step and the hand-over between them), on the trained tiny model: generate()'s tokens, lone and in
+# slots of a bucketed batch, with chunked prefill and a prefill continued with start=
+from glmkit.device_map import split_layers  # noqa: E402
+from glmkit.generation import encode_chat  # noqa: E402
+from glmkit.loading import load_tokenizer  # noqa: E402
+
+tok = load_tokenizer()
+split = load_model(dtype=torch.float32, device_map=split_layers(trained.config, [3, 3], devices=[0, "cuda:0"]))
+questions = ["How many layers does GLM-4-9B-Chat have?", "How do I split the model over two GPUs?", "Hi"]
+prompts = [encode_chat(tok, [{"role": "user", "content": q}], device="cuda:0")["input_ids"] for q in questions]
+
+
+def want(p: torch.Tensor, n: int = 24) -> list[int]:
+    return split.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=n, do_sample=False)[0, p.shape[1]:].tolist()
+
+
+try:
+    for opts in ({"cuda_graph": False, "compile": False}, {"compile": False}, {}):
+        dec = FastDecoder(split, max_len=128, **opts)
+        segments = [(repr(s.entry), len(s.layers)) for s in dec.segments]
+        for chunk in (None, 8):
+            got = dec.generate(prompts[0], 24, prefill_chunk=chunk)[0, prompts[0].shape[1]:].tolist()
+            print("split", opts, segments, "chunk", chunk, "identical:", got == want(prompts[0]), flush=True)
+    dec = FastDecoder(split, max_len=128, batch_size=4)  # buckets 1, 2, 4: three live rows run the 4-row step
+    logits = torch.cat([dec.prefill(p, chunk=8, slot=i) for i, p in enumerate(prompts)])
+    half = prompts[0].shape[1] // 2
+    dec.prefill(prompts[0][:, :half], slot=3)  # row 3 half-way through its prompt while rows 0..2 decode
+    pos, rows = torch.tensor([p.shape[1] for p in prompts], device="cuda:0"), [[], [], []]
+    for _ in range(24):
+        tokens = logits.argmax(-1)
+        for row, t in zip(rows, tokens.tolist()):
+            row.append(t)
+        logits = dec.decode_step(tokens, pos).clone()
+        pos += 1
+    print("split buckets", dec.buckets, "rows identical:", [r[:len(want(p))] == want(p) for r, p in zip(rows, prompts)],
+          flush=True)
+    last = dec.prefill(prompts[0][:, half:], slot=3, start=half)
+    token, got = last.argmax(-1), []
+    for i in range(24):
+        got.append(int(token))
+        # row 3 alone needs the 4-row step: rows 0..2 (finished) take a filler token
+        token = dec.decode_step(torch.cat([torch.zeros(3, dtype=torch.long, device="cuda:0"), token]),
+                                torch.tensor([1, 1, 1, prompts[0].shape[1] + i], device="cuda:0"))[3:].argmax(-1)
+    print("split prefill(start=) row 3 identical:", got[:len(want(prompts[0]))] == want(prompts[0]), flush=True)
+except Exception as exc:
+    print("split FAILED", type(exc).__name__, str(exc)[:500], flush=True)

@@ -2,7 +2,7 @@
 
 The scripts in ``benchmarks/`` call these on a GPU with the full-size GLM-4-9B-Chat architecture
 (random weights: same shapes, same memory and speed, meaningless words); the notebooks read the
-JSON back with ``load_results``. Everything also runs on the CPU with the tiny model.
+JSON back through ``glmkit.results``, which renders them. Everything also runs on the CPU with the tiny model.
 
 >>> env = environment_record()
 >>> sorted(env)[:4]
@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+from glmkit.results import RESULTS_DIR
+from glmkit.results import load as load_results  # noqa: F401  (older name, kept for scripts that import it here)
 
 
 def environment_record() -> dict[str, Any]:
@@ -55,12 +56,6 @@ def save_result(name: str, payload: dict[str, Any], out_dirs: list[str | Path] |
         path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
         written.append(path)
     return written
-
-
-def load_results(name: str, results_dir: str | Path | None = None) -> dict[str, Any] | None:
-    """A committed result by name (``None`` when it was never measured)."""
-    path = Path(results_dir or RESULTS_DIR) / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 class NvmlBaseline:
@@ -206,57 +201,6 @@ def emulated_card_oom(budget: str | int = "12GiB", config: Any = None, device: i
         torch.cuda.empty_cache()
 
 
-def planner_accuracy_rows(result: dict[str, Any]) -> list[list[str]]:
-    """Rows of predicted vs measured peak per case from a ``planner_accuracy`` result."""
-    rows = []
-    for c in result["cases"]:
-        if "measured_peak" not in c:
-            why = "; ".join(c.get("planner_problems", []))[:60]
-            rows.append([c["precision"], str(c["batch_size"]), str(c["context_len"]),
-                         f"{c['planned']['total'] / 2**30:.2f}", "-", f"skipped: {why}"])
-            continue
-        rows.append([c["precision"], str(c["batch_size"]), str(c["context_len"]), f"{c['planned']['total'] / 2**30:.2f}",
-                     f"{c['measured_peak'] / 2**30:.2f}", f"{100 * c['error']:+.1f}%"])
-    return rows
-
-
-def planner_accuracy_table(result: dict[str, Any]) -> Any:
-    """Predicted vs measured peak as an HTML table (for notebooks)."""
-    from IPython.display import HTML
-
-    from glmkit.tables import html_table
-
-    env = result["environment"]
-    caption = (f"{env['device']}, {result['allocator']} allocator, torch {env['versions']['torch']}, "
-               f"transformers {env['versions']['transformers']}, bitsandbytes {env['versions']['bitsandbytes']}; "
-               f"worst |error| {100 * result['worst_abs_error']:.1f}%")
-    return HTML(html_table(["precision", "batch", "context", "planned GiB", "measured GiB", "error"],
-                           planner_accuracy_rows(result), caption=caption))
-
-
-def plot_planner_accuracy(*results: dict[str, Any]) -> Any:
-    """Scatter of planned vs measured peak (GiB) for one or more ``planner_accuracy`` results."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    top = 0.0
-    for result, marker in zip(results, "os^"):
-        cases = [c for c in result["cases"] if "measured_peak" in c]
-        for precision in dict.fromkeys(c["precision"] for c in cases):
-            xs = [c["measured_peak"] / 2**30 for c in cases if c["precision"] == precision]
-            ys = [c["planned"]["total"] / 2**30 for c in cases if c["precision"] == precision]
-            ax.scatter(xs, ys, marker=marker, label=f"{precision}, {result['allocator']} allocator")
-            top = max(top, *xs, *ys)
-    ax.plot([0, top], [0, top], "k--", lw=0.8, label="planned = measured")
-    ax.fill_between([0, top], [0, 0.95 * top], [0, 1.05 * top], color="grey", alpha=0.15, label="±5%")
-    ax.set_xlabel("measured peak (GiB)")
-    ax.set_ylabel("glmkit planner (GiB)")
-    ax.set_title(f"GLM-4-9B-Chat on {results[0]['environment']['device']}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
 PATHS = ("generate", "static", "fast")
 
 
@@ -373,141 +317,3 @@ def bytes_read_per_token(model: torch.nn.Module) -> int:
     emb = model.get_input_embeddings().weight
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
-
-
-def plot_decode(result: dict[str, Any]) -> Any:
-    """Batch-1 decode tok/s per path against the roofline, and the fast path's batch sweep (``decode.json``)."""
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    rows = result["batch1"]
-    labels = [_path_label(r) for r in rows]
-    colors = {"fast": "#2ca02c", "generate": "#1f77b4", "static": "#ff7f0e"}  # a labelled fast variant: light green
-    a.bar(labels, [r["decode_tok_s"] for r in rows],
-          color=[colors.get(r["path"], "#7f7f7f") if label == r["path"] else "#98df8a" for label, r in zip(labels, rows)])
-    a.tick_params(axis="x", labelsize=8)
-    a.axhline(result["roofline_tok_s"], color="k", ls="--", lw=1, label=f"roofline {result['roofline_tok_s']:.0f} tok/s")
-    a.set_ylabel("decode tok/s, batch 1")
-    a.legend(fontsize=8)
-    a.set_title(f"GLM-4-9B bf16 on {result['environment']['device']}", fontsize=9)
-    sweep = [r for r in result["batch_sweep"] if "decode_tok_s" in r]
-    b.plot([r["batch_size"] for r in sweep], [r["decode_tok_s"] for r in sweep], "o-", label="fast path")
-    b.plot([r["batch_size"] for r in sweep], [r["batch_size"] * result["roofline_tok_s"] for r in sweep], "k--", lw=1,
-           label="batch x roofline (weights read once per step)")
-    b.set_xscale("log", base=2)
-    b.set_yscale("log")
-    b.set_xlabel("batch size")
-    b.set_ylabel("tok/s summed over the batch")
-    b.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def _path_label(row: dict[str, Any]) -> str:
-    options = row.get("fast_options") or {}
-    if options.get("gemv") is False:
-        return f"{row['path']}\n(cuBLAS)"
-    mode = options.get("compile_options", {}).get("mode")
-    if mode:
-        return f"{row['path']}\n({mode.split('-no-')[0]})"
-    return f"{row['path']}\n({options['attention']}\nattention)" if "attention" in options else row["path"]
-
-
-def kernel_category(name: str) -> str:
-    """Coarse kind of a CUDA kernel from its name: matmul, attention, or elementwise/other.
-
-    >>> kernel_category("triton_red_fused__to_copy_mul_sum_unsqueeze_0"), kernel_category("triton_red_fused_mean_rsqrt_1")
-    ('matmul (weights)', 'norms, RoPE, SiLU, copies')
-    """
-    n = name.lower()
-    if any(k in n for k in ("nvjet", "gemm", "gemv", "cublas", "cutlass", "splitk", "triton_mm")):
-        return "matmul (weights)"
-    if n.startswith("triton_red") and "_sum_" in n:  # FastDecoder(gemv=True): a projection as a reduction
-        return "matmul (weights)"
-    if any(k in n for k in ("sdpa", "flash", "fmha", "attention")):
-        return "attention"
-    return "norms, RoPE, SiLU, copies"
-
-
-def plot_profile(result: dict[str, Any]) -> Any:
-    """GPU kernel time of one decode step per path by kernel kind (``profile_step.json``)."""
-    import matplotlib.pyplot as plt
-
-    kinds = ["matmul (weights)", "attention", "norms, RoPE, SiLU, copies"]
-    colors = ["#1f77b4", "#ff7f0e", "#bbbbbb"]
-    fig, ax = plt.subplots(figsize=(9, 3.4))
-    labels = list(result["paths"])
-    for i, label in enumerate(labels):
-        p = result["paths"][label]
-        ms = dict.fromkeys(kinds, 0.0)
-        for name, k in p["top_kernels"].items():
-            ms[kernel_category(name)] += k["us_per_step"] / 1000
-        ms[kinds[2]] += max(p["gpu_kernel_ms"] - sum(ms.values()), 0.0)  # kernels outside the top 20
-        left = 0.0
-        for kind, color in zip(kinds, colors):
-            ax.barh(i, ms[kind], left=left, color=color, label=kind if i == 0 else None)
-            left += ms[kind]
-        graph = "with" if "graph" in label.lower() else "without"
-        ax.text(left + 0.1, i, f"{p['kernels_per_step']:.0f} kernels; {p['wall_ms']:.1f} ms wall {graph} a CUDA graph",
-                va="center", fontsize=8)
-    ax.set_yticks(range(len(labels)), labels)
-    ax.set_xlabel("GPU kernel time per decode step (ms)")
-    ax.set_xlim(0, max(p["gpu_kernel_ms"] for p in result["paths"].values()) * 3.0)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)  # below: the bars' notes fill the right
-    fig.tight_layout()
-    return fig
-
-
-def plot_gemv(result: dict[str, Any]) -> Any:
-    """Memory bandwidth each projection's matrix-vector product reaches at batch 1, cuBLAS vs glmkit's Triton
-    kernels, against the copy bandwidth of the same run (``gemv_tune.json``)."""
-    import matplotlib.pyplot as plt
-
-    rows = result["projections"]
-    fig, ax = plt.subplots(figsize=(8, 3.0))
-    x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["cublas_tb_s"] for r in rows], width=0.4, label="cuBLAS (F.linear)", color="#1f77b4")
-    ax.bar([i + 0.2 for i in x], [r["best"]["tb_s"] for r in rows], width=0.4, label="glmkit.gemv (Triton)",
-           color="#2ca02c")
-    ax.axhline(result["copy_bandwidth_bytes_s"] / 1e12, color="k", ls="--", lw=1, label="copy bandwidth (roofline)")
-    ax.set_xticks(list(x), [f"{r['projection']}\n{r['rows']}x{r['columns']}" for r in rows], fontsize=8)
-    ax.set_ylabel("weights read, TB/s")
-    ax.set_title(f"one token's projections of GLM-4-9B, bf16, on {result['environment']['device']}", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def long_context_table(result: dict[str, Any]) -> Any:
-    """Which prompt lengths fit an emulated card, plain vs chunked prefill, with the planner's limit."""
-    from IPython.display import HTML
-
-    from glmkit.tables import html_table
-
-    rows = [[r["setup"], r["mode"] + (f", {r['chunk']}-token chunks" if "chunk" in r else ""), str(r["prompt_len"]),
-             "yes" if r["ok"] else "OOM", str(r["planner_max_context"]), f"{planned_long_context_bytes(r) / 2**30:.2f}",
-             f"{r['peak_reserved'] / 2**30:.2f}"] for r in result["runs"]]
-    env = result["environment"]
-    return HTML(html_table(["card", "prefill", "prompt tokens", "fits", "planner: longest that fits", "planned GiB",
-                            "peak reserved GiB"], rows,
-                           caption=f"{env['device']} with the allocator capped; {result['method']}"))
-
-
-def planned_long_context_bytes(row: dict[str, Any]) -> int:
-    """The planner's total for one ``long_context.json`` run (GLM-4-9B, its setup, prompt + 4 new tokens), on the
-    same terms as the measurement: no CUDA context (the cap covers PyTorch's allocator only), expandable segments.
-
-    >>> row = {"setup": "nf4@12GiB", "mode": "chunked", "prompt_len": 98304, "chunk": 512}
-    >>> round(planned_long_context_bytes(row) / 2**30, 2)
-    10.72
-    """
-    from glmkit.models import glm4_9b_chat_config
-    from glmkit.planning import plan_memory
-    from glmkit.vocabulary import PRECISIONS
-
-    precision, budget = row["setup"].split("@")
-    dtype, quantization = PRECISIONS[precision]
-    plan = plan_memory(glm4_9b_chat_config(), [budget], dtype=dtype, quantization=quantization,
-                       context_len=row["prompt_len"] + 4, prefill_chunk=row.get("chunk"), cuda_context=0,
-                       expandable_segments=True)
-    return plan.devices[0].total

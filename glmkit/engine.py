@@ -69,7 +69,7 @@ class Engine:
         max_batch_size: requests decoded together.
         max_context: prompt + new tokens allowed per request (default: the model's limit).
         gather_ms: how long the first waiting request waits for company before its batch starts.
-        fast_decode: decode batches with ``FastDecoder`` (one GPU, 16/32-bit weights; at batch 1 with its Triton
+        fast_decode: decode batches with ``FastDecoder`` (one GPU or a layer split, 16/32-bit weights; at batch 1 with its Triton
             kernels). Costs GPU memory: a fused copy of the q/k/v weights (1.4 GiB for GLM-4-9B in bf16) and, per
             batch size in use (rounded up to 1, 2, 4, ...), a static KV cache for the longest request so far
             (rounded up to a power of two, at least 1024 tokens).
@@ -82,7 +82,7 @@ class Engine:
         if fast_decode:
             from glmkit.fast_decode import FastDecoder
 
-            FastDecoder.check(model)  # a split or quantized model: say so now, not at the first request
+            FastDecoder.check(model)  # a quantized or offloaded model: say so now, not at the first request
 
         self.model, self.tokenizer = model, tokenizer
         self.device = model_device(model)

@@ -1,9 +1,12 @@
-"""A fast one-device decode path for GLM-4: static KV cache, fused QKV, compiled layer, one CUDA graph per token.
+"""A fast decode path for GLM-4: static KV cache, fused QKV, compiled layer, CUDA graphs per step, on one device
+or across a layer split.
 
 Plain ``generate()`` spends most of a decode step in Python and kernel launches: at batch 1 the GPU idles.
 ``FastDecoder`` preallocates the KV cache, fuses each layer's q/k/v projections into one matrix, optionally
-compiles the layer function once (``torch.compile``, reused by all 40 layers), and on a GPU captures the whole
-one-token step (40 layers, norm, ``lm_head``) as a single CUDA graph that is replayed for every token.
+compiles the layer function once (``torch.compile``, reused by all 40 layers), and on a GPU captures the one-token
+step (40 layers, norm, ``lm_head``) as CUDA graphs replayed for every token. On a model split by a device map each
+device runs its share of the step as its own graph and only the hidden state crosses between the cards, so a split
+costs the hop (18 µs of a ~5 ms token on NVLink), not the Python-bound ``generate()`` of a plain split.
 Greedy decoding gives the same tokens as ``generate()`` (tested on the CPU, where it runs eagerly).
 Introduced in ``notebooks/05_tuning.ipynb``; written for GLM (``GlmForCausalLM``) in 16/32-bit.
 
@@ -20,7 +23,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -125,21 +129,181 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
     return x, _rms_norm(x, next_norm, eps)
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive parts of the model that one device-map entry placed: one CUDA graph per step runs them.
+
+    ``entry`` is the map's value as written (``0``, ``"cuda:0"``, ``"cpu"``...). Entries are compared as written, so
+    a map that names one device two ways (``0`` and ``"cuda:0"``) runs as two segments on it: the one-GPU proxy of
+    a two-GPU split, with the same hand-over of the hidden state between segments.
+    """
+
+    entry: Any
+    device: torch.device
+    layers: range  # the decoder layers it runs (may be empty: the embeddings or lm_head alone)
+    embed: bool  # it starts from the token ids (holds the input embeddings)
+    head: bool  # it ends with lm_head (holds the output layer) and writes the logits
+
+
+def _entry_key(entry: Any) -> tuple[str, str]:
+    return type(entry).__name__, str(entry)
+
+
+def _map_entry(device_map: dict[str, Any], name: str) -> tuple[bool, Any]:
+    """(found, entry) for module ``name``: its own key, else its closest parent's, else the whole-model key ``""``."""
+    while True:
+        if name in device_map:
+            return True, device_map[name]
+        if "." not in name:
+            return ("" in device_map), device_map.get("")
+        name = name.rsplit(".", 1)[0]
+
+
+def _entry_device(entry: Any, name: str) -> torch.device:
+    """The device a map entry names; a clear error for offloaded modules and GPUs this machine lacks."""
+    if isinstance(entry, str) and entry in ("disk", "meta"):
+        raise ValueError(f"The device map offloads {name} to '{entry}'; FastDecoder needs every weight on a device "
+                         "(use generate(), or a map that fits: glmkit.placement.kv_aware_device_map).")
+    device = torch.device("cuda", entry) if isinstance(entry, int) else torch.device(entry)
+    if device.type == "cuda":
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= have:
+            raise ValueError(f"The device map puts {name} on {device}, but this machine has {have} GPU"
+                             f"{'s' if have != 1 else ''}: load the model with a map of the GPUs that are here.")
+    return device
+
+
+def _weights_device(module: torch.nn.Module, name: str, entry: Any) -> torch.device:
+    devices = {p.device for p in module.parameters()}
+    if any(d.type == "meta" for d in devices):
+        raise ValueError(f"{name} is offloaded (its weights are loaded on demand, device map entry {entry!r}); "
+                         "FastDecoder needs every weight on a device: use a map that fits "
+                         "(glmkit.placement.kv_aware_device_map) or generate().")
+    if len(devices) != 1:
+        raise ValueError(f"{name} has weights on {sorted(map(str, devices))}; FastDecoder needs each of the embeddings, "
+                         "each decoder layer and lm_head on one device.")
+    return devices.pop()
+
+
+def layer_segments(model: torch.nn.Module) -> list[Segment]:
+    """The segments ``FastDecoder`` runs a (possibly split) GLM model as: runs of consecutive modules (embeddings,
+    decoder layers, ``lm_head``) with the same device-map entry. A model on one device is one segment.
+
+    Raises a clear error for a map that leaves a module unplaced, offloads one (``"cpu"`` beside GPUs, ``"disk"``),
+    or names a GPU that is not there.
+
+    >>> from glmkit.loading import load_model
+    >>> [(s.device.type, len(s.layers)) for s in layer_segments(load_model(device_map="cpu"))]
+    [('cpu', 6)]
+    """
+    layers = model.model.layers
+    names = ["model.embed_tokens"] + [f"model.layers.{i}" for i in range(len(layers))] + ["lm_head"]
+    modules = [model.get_input_embeddings(), *layers, model.get_output_embeddings()]
+    device_map = getattr(model, "hf_device_map", None) or {}
+    if device_map:
+        from glmkit.device_map import check_device_map
+
+        check_device_map(model, device_map)  # unplaced or unknown modules: an error that names the fix
+    items = []  # (entry, device) per name
+    for name, module in zip(names, modules):
+        if not device_map:
+            weights = _weights_device(module, name, None)
+            items.append((str(weights), weights))
+            continue
+        found, entry = _map_entry(device_map, name)
+        if not found:
+            raise ValueError(f"{name} is not in the model's device map: every decoder layer needs a device "
+                             "(glmkit.device_map.check_device_map says which are missing).")
+        device = _entry_device(entry, name)
+        weights = _weights_device(module, name, entry)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if weights != device:
+            raise ValueError(f"The device map puts {name} on {device}, but its weights are on {weights}: load the model "
+                             "with that map (glmkit.loading.load_model(device_map=...)).")
+        items.append((entry, weights))
+    segments: list[Segment] = []
+    start = 0
+    for i in range(1, len(items) + 1):
+        if i < len(items) and _entry_key(items[i][0]) == _entry_key(items[start][0]):
+            continue
+        first, last = start, i - 1  # positions in names: 0 = embeddings, 1..n = layers, n + 1 = lm_head
+        layer_range = range(max(first, 1) - 1, min(last, len(layers)))
+        segments.append(Segment(items[start][0], items[start][1], layer_range, first == 0, last == len(items) - 1))
+        start = i
+    return segments
+
+
+def bucket_sizes(batch_size: int, graph_batch_sizes: Sequence[int] | None = None) -> list[int]:
+    """Batch sizes a decoder captures a step for: ``graph_batch_sizes`` (default 1, 2, 4, ... below
+    ``batch_size``), always with ``batch_size`` itself; a step for k rows runs the smallest one >= k.
+
+    >>> bucket_sizes(12), bucket_sizes(8, [1, 8])
+    ([1, 2, 4, 8, 12], [1, 8])
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+    if graph_batch_sizes is None:
+        sizes = {1 << i for i in range(batch_size.bit_length()) if 1 << i < batch_size}
+    else:
+        sizes = set(graph_batch_sizes)
+        bad = [b for b in sizes if not isinstance(b, int) or not 1 <= b <= batch_size]
+        if bad:
+            raise ValueError(f"graph_batch_sizes must be whole numbers from 1 to batch_size={batch_size}; got {bad}.")
+    return sorted(sizes | {batch_size})
+
+
+class _Stage:
+    """A segment's share of the decoder: its layers' fused weights, its slice of the static KV cache, and the
+    static buffers its step reads and writes (its CUDA graphs replay on them)."""
+
+    def __init__(self, segment: Segment, weights: list[tuple], batch_size: int, max_len: int, kv_heads: int,
+                 head_dim: int, hidden: int, vocab: int, dtype: torch.dtype, cos: torch.Tensor,
+                 sin: torch.Tensor) -> None:
+        dev = self.device = segment.device
+        self.segment, self.weights = segment, weights
+        shape = (len(segment.layers), batch_size, kv_heads, max_len, head_dim)
+        self.k_cache = torch.zeros(shape, device=dev, dtype=dtype)
+        self.v_cache = torch.zeros(shape, device=dev, dtype=dtype)
+        self.cos, self.sin = cos.to(dev), sin.to(dev)
+        self.positions = torch.arange(max_len, device=dev)
+        self.batch_index = torch.arange(batch_size, device=dev)
+        # control: row 0 the tokens, row 1 the positions, row 2 the number of live rows k (in every column);
+        # the first stage's is written by decode_step, the others copy it (one small copy per hop)
+        self.control = torch.zeros(3, batch_size, dtype=torch.long, device=dev)
+        # the hidden state in and out: x (residual stream) and h (x normalised for the next layer) [batch, 1, hidden]
+        self.x_in, self.h_in, self.x_out, self.h_out = (
+            torch.zeros(batch_size, 1, hidden, device=dev, dtype=dtype) for _ in range(4))
+        self.logits = torch.zeros(batch_size, vocab, device=dev, dtype=torch.float32) if segment.head else None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+
 class FastDecoder:
-    """Static-cache decoder for a loaded GLM model on one device.
+    """Static-cache decoder for a loaded GLM model on one device or split over several by a device map.
+
+    On a split (``split_layers(..., [20, 20])``, ``kv_aware_device_map``, ``device_map="auto"``) each segment of the
+    map (``layer_segments``) keeps its layers' fused weights and its layers' slice of the static KV cache on its own
+    device and runs its share of a step as its own CUDA graph; only the hidden state ``[batch, hidden]`` crosses
+    between devices. The prompt goes through the model itself (``chunked_prefill`` for long ones), writing straight
+    into the static cache.
+
+    Steps are captured for a few batch sizes (``graph_batch_sizes``): ``decode_step`` with k tokens runs the
+    smallest size >= k, so a server decodes any number of live rows without a decoder per batch size.
 
     Args:
-        model: a ``GlmForCausalLM`` in bf16/fp16/fp32 on one device (not quantized, not split).
-        max_len: prompt + new tokens the static cache holds.
-        batch_size: sequences decoded together (prompts of equal length).
-        cuda_graph: capture the step as one CUDA graph (default: on a GPU).
+        model: a ``GlmForCausalLM`` in bf16/fp16/fp32, on one device or dispatched by a device map (not quantized,
+            nothing offloaded).
+        max_len: prompt + new tokens the static cache holds per row.
+        batch_size: rows of the static cache (sequences decoded together).
+        cuda_graph: capture each segment's step as a CUDA graph, per batch size (default: on a GPU).
         compile: ``torch.compile`` the layer function (default: on a GPU); fuses norms, RoPE and SiLU.
-        gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` at batch 1 on a GPU
-            of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a warning and
-            cuBLAS. ``"triton"``: glmkit's kernels for one token (``glmkit.gemv``: one pass over each weight,
-            no split-K, SwiGLU applied before the write; batch 1 only); on an H100 they decode GLM-4-9B 12% faster
-            than cuBLAS (150.3 vs 133.7 tok/s, benchmarks/results/decode.json). ``False``: cuBLAS (``F.linear``). ``True``: a
-            multiply-and-sum that the compiler turns into one reduction kernel (-11% to +3.5% against cuBLAS).
+        gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1
+            step on a GPU of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a
+            warning and cuBLAS. ``"triton"``: glmkit's kernels for one token (``glmkit.gemv``: one pass over each
+            weight, no split-K, SwiGLU applied before the write; batch_size 1 only); on an H100 they decode GLM-4-9B
+            12% faster than cuBLAS (150.3 vs 133.7 tok/s, benchmarks/results/decode.json). ``False``: cuBLAS
+            (``F.linear``). ``True``: a multiply-and-sum that the compiler turns into one reduction kernel (-11% to
+            +3.5% against cuBLAS).
         compile_options: extra ``torch.compile`` arguments, e.g. ``{"mode": "max-autotune-no-cudagraphs"}`` (the
             decoder captures its own graph). On H100s max-autotune was -0.7% to +3.4% against the default, run to run
             (benchmarks/results/decode_variants.json, decode.json), and autotuning added 11-18 s to building a decoder, so the
@@ -147,65 +311,63 @@ class FastDecoder:
         attention: ``"sdpa"`` (PyTorch's fused kernel, the default) or ``"reduction"`` (multiply-and-sum the compiler
             fuses; meant for the compiled path: run eagerly it builds a [b, heads, cache, head_dim] temporary). On an
             H100 the reductions were slower: -1.8% with a 288-token cache, -15% with 2048 (decode_variants.json).
+        graph_batch_sizes: the step sizes to capture (default 1, 2, 4, ... and ``batch_size``; ``bucket_sizes``).
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
                  cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool | str = "auto",
-                 compile_options: dict[str, Any] | None = None, attention: str = "sdpa") -> None:
+                 compile_options: dict[str, Any] | None = None, attention: str = "sdpa",
+                 graph_batch_sizes: Sequence[int] | None = None) -> None:
         self.check(model)
         if attention not in ("sdpa", "reduction"):
             raise ValueError(f"attention must be 'sdpa' or 'reduction', not {attention!r}.")
         if gemv not in ("auto", False, True, "triton"):
             raise ValueError(f"gemv must be 'auto', 'triton', False (cuBLAS) or True (compiled reductions), not {gemv!r}.")
-        device = model.get_input_embeddings().weight.device
-        self.auto_gemv = gemv == "auto"
-        if gemv == "auto":
-            gemv = auto_gemv(device, batch_size)
         if gemv == "triton" and batch_size != 1:
             raise ValueError(f"gemv='triton' decodes one sequence (batch_size=1), got batch_size={batch_size}; "
-                             "at larger batches cuBLAS (gemv=False) is the fast path.")
+                             "at larger batches cuBLAS (gemv=False) is the fast path (gemv='auto' uses the Triton "
+                             "kernels for the batch-1 step and cuBLAS above).")
         if gemv == "triton" and not triton_available():
             raise RuntimeError("gemv='triton' needs Triton and a GPU (or TRITON_INTERPRET=1 on a CPU); "
                                "use gemv=False for cuBLAS.")
+        self.segments = layer_segments(model)
+        self.buckets = bucket_sizes(batch_size, graph_batch_sizes)
+        self.auto_gemv = gemv == "auto"
+        # per step size: Triton GEMVs only for one token, and under "auto" only where every segment's GPU runs them
+        self.gemv_by_bucket: dict[int, bool | str] = {
+            b: (("triton" if all(auto_gemv(s.device, b) == "triton" for s in self.segments) else False)
+                if gemv == "auto" else gemv) for b in self.buckets}
         self.sdpa = attention == "sdpa"
         cfg = model.config
         self.model = model
-        self.device = device
+        self.device = model.get_input_embeddings().weight.device  # where the inputs go
+        self.devices = list(dict.fromkeys(s.device for s in self.segments))
         self.dtype = model.get_input_embeddings().weight.dtype
-        on_gpu = self.device.type == "cuda"
+        on_gpu = all(d.type == "cuda" for d in self.devices)
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
         self.compiled = on_gpu if compile is None else compile
-        self.gemv = gemv
         self.max_len, self.batch_size = max_len, batch_size
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
-        layers = model.model.layers
-        # per layer: fused QKV weight and bias, o_proj, post-attention norm, gate_up, down, and the norm that
-        # follows the layer (the next layer's input norm; the final norm after the last layer)
-        next_norms = [layer.input_layernorm.weight for layer in layers[1:]] + [model.model.norm.weight]
-        self.weights = []
-        for layer, next_norm in zip(layers, next_norms):
-            a = layer.self_attn
-            bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            self.weights.append((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias,
-                                 a.o_proj.weight, layer.post_attention_layernorm.weight,
-                                 layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight, next_norm))
-        shape = (len(layers), batch_size, self.kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        rotary = model.model.rotary_emb
+        rot_device = next(iter(rotary.buffers())).device
         with torch.no_grad():
-            positions = torch.arange(max_len, device=self.device)[None]
-            cos, sin = model.model.rotary_emb(self.k_cache[0, :1, 0], positions)  # [1, max_len, 2 * rotary/2]
+            positions = torch.arange(max_len, device=rot_device)[None]
+            probe = torch.zeros(1, device=rot_device, dtype=self.dtype)
+            cos, sin = rotary(probe, positions)  # [1, max_len, 2 * rotary/2]
         half = cos.shape[-1] // 2
         # GLM uses each frequency for an adjacent pair of dims: repeat_interleave, as its apply_rotary_pos_emb
-        self.cos = cos[0, :, :half].repeat_interleave(2, dim=-1).contiguous()
-        self.sin = sin[0, :, :half].repeat_interleave(2, dim=-1).contiguous()
-        self.positions = torch.arange(max_len, device=self.device)
-        self.batch_index = torch.arange(batch_size, device=self.device)
-        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
-        self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        self.logits = torch.zeros(batch_size, cfg.vocab_size, dtype=torch.float32, device=self.device)
+        cos = cos[0, :, :half].repeat_interleave(2, dim=-1).contiguous()
+        sin = sin[0, :, :half].repeat_interleave(2, dim=-1).contiguous()
+        self.stages = [_Stage(s, self._gather_weights(s), batch_size, max_len, self.kv_heads, self.head_dim,
+                              cfg.hidden_size, cfg.vocab_size, self.dtype, cos, sin) for s in self.segments]
+        first, last = self.stages[0], self.stages[-1]
+        self.first_norm = model.model.layers[0].input_layernorm.weight.to(first.device)  # after the embeddings
+        self.logits = last.logits  # [batch, vocab] fp32, on lm_head's device
+        # per layer of the whole model, its K/V buffer [batch, kv_heads, max_len, head_dim] (prefill writes there)
+        self.k_layers = [k for st in self.stages for k in st.k_cache]
+        self.v_layers = [v for st in self.stages for v in st.v_cache]
         if self.compiled:
             # Every decoder compiles the same layer function for its own shapes (batch, cache length), and dynamo
             # counts them all against one limit (8 by default; fullgraph turns the 9th into an error): a notebook
@@ -216,72 +378,143 @@ class FastDecoder:
         self.layer_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = (
             torch.compile(decoder_layer, fullgraph=True, dynamic=False, **(compile_options or {}))
             if self.compiled else decoder_layer)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.ready = False  # the first prefill warms the step up (compiles, captures) once
+        self._pools: dict[torch.device, Any] = {}  # one CUDA graph memory pool per device, shared by its graphs
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}  # a capture stream per device
+        self.ready = False  # the first prefill (or step) warms the steps up (compiles, captures) once
+
+    @property
+    def gemv(self) -> bool | str:
+        """The projection kernels of the full-batch step (``gemv_by_bucket`` has them per step size)."""
+        return self.gemv_by_bucket[self.batch_size]
+
+    def _gather_weights(self, segment: Segment) -> list[tuple]:
+        """Per layer of ``segment``: fused QKV weight and bias, o_proj, post-attention norm, gate_up, down, and the
+        norm that follows the layer (the next layer's input norm, the final norm after the last layer), all on the
+        segment's device (a norm that lives on the next device is copied: ``hidden`` numbers)."""
+        layers, dev = self.model.model.layers, segment.device
+        weights = []
+        for i in segment.layers:
+            layer = layers[i]
+            a = layer.self_attn
+            next_norm = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else self.model.model.norm.weight
+            bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            weights.append((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias,
+                            a.o_proj.weight, layer.post_attention_layernorm.weight,
+                            layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight, next_norm.to(dev)))
+        return weights
 
     @staticmethod
     def check(model: torch.nn.Module) -> None:
-        """Raise a clear error unless ``model`` is a GLM on one device in 16/32-bit (what this decoder runs)."""
+        """Raise a clear error unless ``model`` is a GLM in 16/32-bit with every weight on a device (what this
+        decoder runs; a split by a device map is fine)."""
         layer = getattr(getattr(model, "model", None), "layers", [None])[0]
         needed = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
         if layer is None or not all(hasattr(layer, n) for n in needed) or not hasattr(layer.mlp, "gate_up_proj"):
             raise TypeError(f"FastDecoder is written for GLM models (GlmForCausalLM), not {type(model).__name__}.")
-        if getattr(model, "hf_device_map", None) and len(set(map(str, model.hf_device_map.values()))) > 1:
-            raise ValueError("FastDecoder runs on one device; this model is split by a device map.")
         if getattr(model.config, "quantization_config", None) is not None:
             raise ValueError("FastDecoder needs 16- or 32-bit weights; this model is quantized (use generate()).")
+        layer_segments(model)  # a split must place every module on a device that is here
 
     @torch.no_grad()
-    def _step(self) -> None:
-        """One token for every sequence: reads self.tokens/self.pos, writes self.logits and the cache."""
+    def _run_stage(self, st: _Stage, b: int) -> None:
+        """One token for rows 0..b-1 through one segment: reads its control and hidden-state buffers, writes its
+        outputs (the hidden state, or the logits) and its cache rows. Rows k..b-1 (k = live rows) run a dummy
+        token at position 0 whose K/V write is undone before the step ends: their cache rows are left as they were."""
         m = self.model
-        x = F.embedding(self.tokens, m.get_input_embeddings().weight)  # [b, 1, hidden]
-        cos = self.cos[self.pos][:, None, None, :]
-        sin = self.sin[self.pos][:, None, None, :]
-        # additive mask, built once per step for all layers: 0 up to each sequence's position, -inf after
-        mask = torch.zeros(self.batch_size, 1, 1, self.max_len, dtype=self.dtype, device=self.device)
-        mask = mask.masked_fill(self.positions[None, None, None, :] > self.pos[:, None, None, None], float("-inf"))
-        h = _rms_norm(x, m.model.layers[0].input_layernorm.weight, self.eps)
-        for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.weights):
-            x, h = self.layer_fn(x, h, self.pos, self.batch_index, cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
-                                 next_norm, self.k_cache[i], self.v_cache[i], self.eps, self.heads, self.kv_heads,
-                                 self.head_dim, self.gemv, self.sdpa)
-        # h: the last layer's output after the final norm; lm_head runs outside the compiled layer, so the
-        # reduction form (a [vocab, hidden] fp32 temporary if run eagerly) is not used for it
-        head = "triton" if self.gemv == "triton" else False
-        self.logits.copy_(_linear(h, m.lm_head.weight, m.lm_head.bias, head)[:, -1].float())
+        live = st.batch_index[:b] < st.control[2, :b]
+        tokens = torch.where(live, st.control[0, :b], 0)
+        if st.segment.embed:
+            x = F.embedding(tokens[:, None], m.get_input_embeddings().weight)  # [b, 1, hidden]
+            h = _rms_norm(x, self.first_norm, self.eps)
+        else:
+            x, h = st.x_in[:b], st.h_in[:b]
+        if len(st.segment.layers):
+            pos = torch.where(live, st.control[1, :b], 0)
+            cos = st.cos[pos][:, None, None, :]
+            sin = st.sin[pos][:, None, None, :]
+            # additive mask, built once per step for all layers: 0 up to each row's position, -inf after
+            mask = torch.zeros(b, 1, 1, self.max_len, dtype=self.dtype, device=st.device)
+            mask = mask.masked_fill(st.positions[None, None, None, :] > pos[:, None, None, None], float("-inf"))
+            if b > 1:  # the dummy rows' K/V at position 0, to put back
+                k0, v0 = st.k_cache[:, :b, :, 0].clone(), st.v_cache[:, :b, :, 0].clone()
+            gemv = self.gemv_by_bucket[b]
+            for j, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(st.weights):
+                x, h = self.layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
+                                     next_norm, st.k_cache[j, :b], st.v_cache[j, :b], self.eps, self.heads,
+                                     self.kv_heads, self.head_dim, gemv, self.sdpa)
+            if b > 1:
+                keep = live.view(1, b, 1, 1)
+                st.k_cache[:, :b, :, 0] = torch.where(keep, st.k_cache[:, :b, :, 0], k0)
+                st.v_cache[:, :b, :, 0] = torch.where(keep, st.v_cache[:, :b, :, 0], v0)
+        if st.segment.head:
+            # h: after the final norm; lm_head runs outside the compiled layer, so the reduction form (a
+            # [vocab, hidden] fp32 temporary if run eagerly) is not used for it
+            head = "triton" if self.gemv_by_bucket[b] == "triton" else False
+            st.logits[:b].copy_(_linear(h, m.lm_head.weight, m.lm_head.bias, head)[:, -1].float())
+        else:
+            st.x_out[:b].copy_(x)
+            st.h_out[:b].copy_(h)
 
-    def _capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # warm-up: compiles, autotunes, allocates workspaces outside the graph
-                self._step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
+    def _capture(self, st: _Stage, b: int) -> None:
+        with torch.cuda.device(st.device):  # the warm-up, the capture stream and the graph on the stage's GPU
+            stream = self._streams.setdefault(st.device, torch.cuda.Stream())
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # warm-up: compiles, autotunes, allocates workspaces outside the graph
+                    self._run_stage(st, b)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            # the graphs of one device share a memory pool: they never run at the same time, and every output
+            # goes to the stage's static buffers
+            with torch.cuda.graph(graph, pool=self._pools.get(st.device), stream=stream):
+                self._run_stage(st, b)
+            self._pools.setdefault(st.device, graph.pool())
+            st.graphs[b] = graph
+
+    def _run_eager(self, st: _Stage, b: int) -> None:
+        if st.device.type == "cuda":
+            with torch.cuda.device(st.device):  # Triton launches on the current GPU: make it the stage's
+                self._run_stage(st, b)
+        else:
+            self._run_stage(st, b)
+
+    def _warm_up(self, b: int) -> None:
+        for st in self.stages:
+            self._capture(st, b) if self.use_graph else self._run_eager(st, b)
 
     def _first_step(self) -> None:
-        """Run the step once (compiling it) and capture the graph; if the Triton kernels that ``gemv="auto"`` chose
-        fail on this machine, warn and use cuBLAS instead (an explicit ``gemv="triton"`` raises)."""
-        try:
-            self._capture() if self.use_graph else self._step()
-        except Exception as exc:
-            if not (self.auto_gemv and self.gemv == "triton"):
-                raise
-            warnings.warn(f"glmkit's Triton GEMV kernels failed here ({type(exc).__name__}: {str(exc)[:200]}); "
-                          "FastDecoder uses cuBLAS instead (gemv=False).", RuntimeWarning, stacklevel=3)
-            self.gemv, self.graph = False, None
-            self._capture() if self.use_graph else self._step()
+        """Run each step size once (compiling it) and capture its graphs, largest first; if the Triton kernels that
+        ``gemv="auto"`` chose fail on this machine, warn and use cuBLAS instead (an explicit ``gemv="triton"``
+        raises). The warm-up writes garbage K/V at position 0: it runs before any prompt is in the cache."""
+        for b in sorted(self.buckets, reverse=True):
+            try:
+                self._warm_up(b)
+            except Exception as exc:
+                if not (self.auto_gemv and self.gemv_by_bucket[b] == "triton"):
+                    raise
+                warnings.warn(f"glmkit's Triton GEMV kernels failed here ({type(exc).__name__}: {str(exc)[:200]}); "
+                              "FastDecoder uses cuBLAS instead (gemv=False).", RuntimeWarning, stacklevel=4)
+                self.gemv_by_bucket[b] = False
+                for st in self.stages:
+                    st.graphs.pop(b, None)
+                self._warm_up(b)
         self.ready = True
 
-    def prefill(self, input_ids: torch.Tensor, chunk: int | None = None, slot: int | None = None) -> torch.Tensor:
+    def bucket(self, k: int) -> int:
+        """The step size that decodes k live rows: the smallest captured size >= k."""
+        if not 1 <= k <= self.batch_size:
+            raise ValueError(f"A step decodes 1 to batch_size={self.batch_size} rows, got {k} tokens.")
+        return next(b for b in self.buckets if b >= k)
+
+    def prefill(self, input_ids: torch.Tensor, chunk: int | None = None, slot: int | None = None,
+                start: int = 0) -> torch.Tensor:
         """Run the prompt through the model (in ``chunk``-token pieces if given), fill the static cache,
         and return the logits of the last prompt position ``[b, vocab]``.
 
         ``slot``: fill only that row of the cache with one prompt ``[1, n]``, so that prompts of different lengths
-        share a batch; then give ``decode_step`` a position per row.
+        share a batch; then give ``decode_step`` a position per row. ``start``: the prompt continues one whose
+        first ``start`` positions are already in the cache (an earlier ``prefill`` of the same row): its K/V go to
+        positions ``start .. start + n - 1``. A server prefills a long prompt one piece per step this way.
         """
         from glmkit.generation import cache_argument, chunked_prefill, preallocated_cache
 
@@ -291,13 +524,22 @@ class FastDecoder:
         if slot is not None and (b != 1 or not 0 <= slot < self.batch_size):
             raise ValueError(f"A slot takes one prompt and is one of 0..{self.batch_size - 1}; got {b} prompts "
                              f"for slot {slot}.")
+        if n < 1 or start < 0:
+            raise ValueError(f"prefill needs at least one token and start >= 0 (got {n} tokens, start={start}).")
+        if start + n > self.max_len:
+            raise ValueError(f"The prompt reaches position {start + n}; the static cache holds {self.max_len} "
+                             "(raise max_len).")
         rows = slice(None) if slot is None else slice(slot, slot + 1)
-        if n >= self.max_len:
-            raise ValueError(f"The prompt has {n} tokens; the static cache holds {self.max_len} (raise max_len).")
         if not self.ready:
             self._first_step()  # before the cache is filled: the warm-up steps write garbage K/V at position 0
-        # the prompt's K/V go straight into the static cache: no second copy of the cache, ever
-        cache = preallocated_cache(self.model.config, self.max_len, self.k_cache[:, rows], self.v_cache[:, rows])
+        # the prompt's K/V go straight into the static cache (each layer's on its own device): no second copy
+        keys, values = [k[rows] for k in self.k_layers], [v[rows] for v in self.v_layers]
+        cache = preallocated_cache(self.model.config, self.max_len, keys, values)
+        if start:
+            for layer, k, v in zip(cache.layers, keys, values):
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k[..., :start, :], v[..., :start, :]
+        input_ids = input_ids.to(self.device)
         if n > 1:
             chunked_prefill(self.model, input_ids, chunk or n, cache=cache)
         with torch.inference_mode():
@@ -305,18 +547,34 @@ class FastDecoder:
         return out.logits[:, -1].float()
 
     def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
-        """Logits ``[b, vocab]`` for ``tokens`` ``[b]`` at position ``pos`` (one for all rows, or ``[b]``); their
-        K/V go into the cache."""
-        self.tokens.copy_(tokens.view(-1, 1))
+        """Logits ``[k, vocab]`` for ``tokens`` ``[k]`` (rows 0..k-1, any 1 <= k <= batch_size) at position ``pos``
+        (one for all rows, or ``[k]``); their K/V go into the cache. Runs the smallest captured step size >= k
+        (``bucket``); the other rows of the cache are left as they were. The logits are a view of a static buffer
+        on ``lm_head``'s device, valid until the next step (clone them to keep them)."""
+        k = tokens.numel()
+        b = self.bucket(k)
+        if not self.ready:
+            self._first_step()
+        first = self.stages[0]
+        first.control[0, :k].copy_(tokens.view(-1))
         if isinstance(pos, torch.Tensor):
-            self.pos.copy_(pos)
+            first.control[1, :k].copy_(pos.view(-1))
         else:
-            self.pos.fill_(pos)
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._step()
-        return self.logits
+            first.control[1].fill_(pos)
+        first.control[2].fill_(k)
+        previous = None
+        for st in self.stages:
+            if previous is not None:  # the hop: the control row and the hidden state [b, 1, hidden], nothing more
+                st.control.copy_(first.control)
+                st.x_in[:b].copy_(previous.x_out[:b])
+                st.h_in[:b].copy_(previous.h_out[:b])
+            if b in st.graphs:
+                with torch.cuda.device(st.device):
+                    st.graphs[b].replay()
+            else:
+                self._run_eager(st, b)
+            previous = st
+        return self.logits[:k]
 
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, eos_token_ids: list[int] | None = None, ignore_eos: bool = False,
@@ -331,9 +589,9 @@ class FastDecoder:
             raise ValueError(f"{n} prompt + {max_new_tokens} new tokens exceed max_len={self.max_len}.")
         eos = torch.tensor(eos_token_ids or model_eos(self.model), device=self.device)
         logits = self.prefill(input_ids, prefill_chunk)
-        done = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
         for i in range(max_new_tokens):
-            token = pick_token(logits, temperature, top_p, generator)
+            token = pick_token(logits, temperature, top_p, generator).to(self.device)
             yield token
             if not ignore_eos:
                 done |= torch.isin(token, eos)
@@ -351,7 +609,12 @@ class FastDecoder:
         """Decode speed on random prompt ids after a warm-up (compile and graph capture excluded): time to first
         token (prefill) and decode tok/s summed over the batch."""
         ids = torch.randint(0, 1000, (self.batch_size, prompt_len), device=self.device)
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+
+        def sync() -> None:
+            for d in self.devices:
+                if d.type == "cuda":
+                    torch.cuda.synchronize(d)
+
         for _ in self.stream(ids, 3, ignore_eos=True):  # warm-up: compiles the layer, captures the graph
             pass
         sync()

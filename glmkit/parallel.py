@@ -42,6 +42,11 @@ def tp_problem(config: Any, tp: int) -> str | None:
     return None
 
 
+# NVLink multicast (NVLS) off in NCCL, torch's symmetric memory and NVSHMEM: on shared machines a program using it
+# can take the host's GPUs out of service, and one 8 KiB all-reduce per layer gains nothing from it
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def in_torchrun() -> bool:
     """True inside a process started by torchrun / torch.distributed.run."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -75,7 +80,8 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     """Run ``python -m glmkit.cli ARGV`` under ``torch.distributed.run`` with ``nproc`` processes; return its exit code."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            os.environ.get("GLMKIT_TP_PORT", str(_free_port())), "-m", "glmkit.cli", *argv]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = dict(NO_MULTICAST, **os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.run(cmd, env=env).returncode
 
 
@@ -102,13 +108,14 @@ def load_tp_model(path: Any, dtype: torch.dtype | str = "auto") -> torch.nn.Modu
 
 
 def run_generate(model: Any, tp: int = 1, max_new_tokens: int = 16, dtype: str = "float32",
-                 prompt: str | None = None) -> dict[str, Any]:
+                 prompt: str | None = None, extra: list[str] | None = None) -> dict[str, Any]:
     """Run ``glmkit generate --json`` in fresh process(es), ``tp`` of them, and return rank 0's result
-    (``tokens``, ``text``, ``processes``). Raises ``RuntimeError`` with the processes' error text on failure."""
+    (``tokens``, ``text``, ``processes``, ``ranks_agree``); ``extra``: more flags, e.g. ``["--fast-decode"]``.
+    Raises ``RuntimeError`` with the processes' error text on failure."""
     import json
 
     cmd = [sys.executable, "-m", "glmkit.cli", "generate", "--model", str(model), "--json",
-           "--max-new-tokens", str(max_new_tokens), "--dtype", dtype, "--tp", str(tp)]
+           "--max-new-tokens", str(max_new_tokens), "--dtype", dtype, "--tp", str(tp), *(extra or [])]
     if prompt is not None:
         cmd += ["--prompt", prompt]
     out = subprocess.run(cmd, capture_output=True, text=True)
@@ -116,3 +123,36 @@ def run_generate(model: Any, tp: int = 1, max_new_tokens: int = 16, dtype: str =
     if out.returncode or len(lines) != 1:
         raise RuntimeError(f"glmkit generate --tp {tp} failed (exit {out.returncode}): {out.stderr.strip()[-1500:]}")
     return json.loads(lines[0])
+
+
+def init_process_group() -> torch.distributed.ProcessGroup:
+    """Join the torchrun processes (NCCL on this process's GPU, gloo on CPUs), once; returns the world group."""
+    dist = torch.distributed
+    if not dist.is_initialized():
+        for key, value in NO_MULTICAST.items():
+            os.environ.setdefault(key, value)
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.group.WORLD
+
+
+def tp_decoder(model: torch.nn.Module, max_len: int, batch_size: int = 1) -> Any:
+    """This torchrun process's ``TPDecoder`` for ``model`` (loaded whole on the CPU by every process; each keeps
+    its slices on its GPU, or on the CPU without one)."""
+    from glmkit.tp_decode import TPDecoder
+
+    group = init_process_group()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return TPDecoder(model, max_len, batch_size, group=group, device=device)
+
+
+def ranks_agree(tokens: list[int]) -> bool:
+    """True when every process of the group produced ``tokens`` (always True in one process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return True
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, tokens)
+    return all(g == tokens for g in gathered)

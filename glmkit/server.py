@@ -1,11 +1,14 @@
 """An OpenAI-compatible HTTP server for GLM-4 on your own cards: ``glmkit serve``.
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions`` (``stream`` true or false,
-server-sent events), with ``temperature``, ``top_p``, ``max_tokens``, ``stop``, ``seed``, ``usage`` and
-``finish_reason``, and GLM-4 tool calling (``tools``/``tool_choice`` in, ``tool_calls`` out, parsed from
-GLM-4's ``name\\n{arguments}`` format as the official GLM-4 server does). Requests from concurrent clients
-are decoded together by ``glmkit.engine.Engine``. Bad input gets OpenAI-style error JSON with a 4xx status;
-an out-of-memory error fails that request with a 500 error and the server keeps serving.
+Endpoints: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions`` and the
+legacy ``POST /v1/completions`` (``stream`` true or false, server-sent events), with ``temperature``, ``top_p``,
+``max_tokens``, ``stop``, ``seed``, ``usage`` and ``finish_reason``, and GLM-4 tool calling (``tools``/
+``tool_choice`` in, ``tool_calls`` out, parsed from GLM-4's ``name\\n{arguments}`` format as the official GLM-4
+server does; streamed text goes out as it comes, a tool call once complete). One model answers to several names
+(``glm-4``, ``glm-4-9b-chat`` and the checkpoint's folder by default, as vLLM's ``--served-model-name``).
+Requests from concurrent clients are decoded together by ``glmkit.engine.Engine``. Bad input gets OpenAI-style
+error JSON with a 4xx status; an out-of-memory error fails that request with a 500 error and the server keeps
+serving. ``glmkit.server_guard`` keeps the doors: API key, Host, Origin, JSON content type, body size and depth.
 Introduced in ``notebooks/07_openai_server.ipynb``.
 """
 
@@ -13,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 import uuid
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 try:  # FastAPI resolves the endpoints' annotations in this module's namespace
@@ -24,9 +30,21 @@ except ImportError as exc:  # pragma: no cover
     raise ImportError("glmkit.server needs the server extra: pip install 'glmkit[server]'") from exc
 
 from glmkit.engine import Engine, GenerationRequest
+from glmkit.server_guard import (
+    MAX_BODY_BYTES,
+    MAX_JSON_DEPTH,
+    GuardError,
+    check_request,
+    default_allowed_hosts,
+    parse_json_body,
+    read_body,
+)
 
 ROLES = {"system", "user", "assistant", "tool", "observation"}
 MAX_STOP = 4
+DEFAULT_MODEL_NAMES = ("glm-4", "glm-4-9b-chat")  # the official GLM-4 demo asks for "glm-4"
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a 64-bit integer, as vLLM accepts
+LEGACY_MAX_TOKENS = 16  # /v1/completions' default in OpenAI's API
 
 
 class ApiError(Exception):
@@ -37,6 +55,20 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def served_model_names(model_path: str | Path | None = None, names: Sequence[str] | None = None) -> list[str]:
+    """The names clients may ask for: ``names`` if given, else ``glm-4``, ``glm-4-9b-chat`` and the folder's name.
+
+    >>> served_model_names("/models/GLM-4-9B-Chat-HF")
+    ['glm-4', 'glm-4-9b-chat', 'GLM-4-9B-Chat-HF']
+    >>> served_model_names(names=["my-glm"])
+    ['my-glm']
+    """
+    if names:
+        return list(dict.fromkeys(names))
+    folder = [Path(model_path).name] if model_path else []
+    return list(dict.fromkeys([*DEFAULT_MODEL_NAMES, *folder]))
 
 
 def parse_tool_call(text: str, tool_names: set[str]) -> dict[str, Any] | None:
@@ -54,6 +86,49 @@ def parse_tool_call(text: str, tool_names: set[str]) -> dict[str, Any] | None:
             "function": {"name": name.strip(), "arguments": arguments.strip()}}
 
 
+class ToolCallSplitter:
+    """Streams a reply that may be a GLM-4 tool call: text goes out as it comes, a call is held until complete.
+
+    GLM-4 writes a call as a tool's name on the first line, then the JSON arguments; an answer in words starts
+    with anything else. So text is held only while the first line could still be a tool's name.
+
+    >>> s = ToolCallSplitter({"get_weather"})
+    >>> [s.feed(p) for p in ["get_", "weather\\n", '{"city": "Paris"}']], s.call()["function"]["name"]
+    (['', '', ''], 'get_weather')
+    >>> s = ToolCallSplitter({"get_weather"})
+    >>> [s.feed(p) for p in ["get", " it", " from the sky."]], s.call() is None, s.rest()
+    (['', 'get it', ' from the sky.'], True, '')
+    """
+
+    def __init__(self, tool_names: set[str], prefix: str = "") -> None:
+        self.names, self.prefix, self.held = tool_names, prefix, ""
+        self.mode = "call" if prefix else "undecided"  # "undecided", "call" or "text"
+
+    def feed(self, piece: str) -> str:
+        """Take the next piece of generated text; return what can be streamed now as content."""
+        if self.mode == "text":
+            return piece
+        self.held += piece
+        if self.mode == "call":
+            return ""
+        first, newline, _ = self.held.lstrip().partition("\n")
+        if newline and first.strip() in self.names:
+            self.mode = "call"
+            return ""
+        if not newline and any(n.startswith(first.strip()) for n in self.names):
+            return ""  # may still become a tool's name
+        self.mode, out, self.held = "text", self.held, ""
+        return out
+
+    def call(self) -> dict[str, Any] | None:
+        """At the end: the tool call, if the reply was one."""
+        return parse_tool_call(self.prefix + self.held, self.names) if self.mode != "text" else None
+
+    def rest(self) -> str:
+        """At the end, when the reply was no call: the text still held back."""
+        return "" if self.mode == "text" else self.held
+
+
 def _content_text(content: Any, index: int) -> str:
     if isinstance(content, str):
         return content
@@ -66,13 +141,116 @@ def _content_text(content: Any, index: int) -> str:
     raise ApiError(400, f"messages[{index}].content must be a string or a list of text parts.", param="messages")
 
 
-def validate(body: Any, model_name: str, max_context: int) -> dict[str, Any]:
+def check_model(body: dict[str, Any], model_names: Sequence[str]) -> str:
+    """The served name the request asks for (the first one when it names none), or a 404."""
+    model = body.get("model")
+    if model is None:
+        return model_names[0]
+    if model not in model_names:
+        raise ApiError(404, f"The model '{model}' does not exist; this server serves "
+                       f"{', '.join(repr(n) for n in model_names)}.", param="model", code="model_not_found")
+    return model
+
+
+def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    value = body.get(name, default)
+    value = default if value is None else value
+    bad = not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+    if bad or value > hi or value < lo or (lo_open and value == lo):
+        raise ApiError(400, f"'{name}' must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}.",
+                       param=name)
+    return float(value)
+
+
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise ApiError(400, f"'{name}' must be true or false, got {value!r}.", param=name)
+    return bool(value)
+
+
+def _sampling(body: dict[str, Any], max_context: int, default_max_tokens: int | None = None) -> dict[str, Any]:
+    """Settings shared by both endpoints: n, sampling, max_tokens, stop, seed, stream and its options."""
+    n = body.get("n")
+    if n not in (None, 1) or isinstance(n, bool):
+        raise ApiError(400, f"n={n} is not supported: this server returns one choice per request (n=1).", param="n")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+        raise ApiError(400, f"'max_tokens' must be a positive integer, got {max_tokens!r}.", param="max_tokens")
+    if max_tokens is not None and max_tokens >= max_context:
+        raise ApiError(400, f"'max_tokens' {max_tokens} is beyond this server's context of {max_context} tokens.",
+                       param="max_tokens")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, f"'stop' must be a string or a list of up to {MAX_STOP} non-empty strings.", param="stop")
+    seed = body.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or
+                             not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise ApiError(400, f"'seed' must be an integer in [-2**63, 2**63-1], got {seed!r}.", param="seed")
+    stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict) or
+                                not isinstance(options.get("include_usage", False), (bool, type(None)))):
+        raise ApiError(400, "'stream_options' must be an object like {\"include_usage\": true}, got "
+                       f"{options!r}.", param="stream_options")
+    if options is not None and not stream:
+        raise ApiError(400, "'stream_options' is only allowed with \"stream\": true.", param="stream_options")
+    return {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens or default_max_tokens,
+            "stop": stop, "seed": seed, "stream": stream, "include_usage": bool((options or {}).get("include_usage"))}
+
+
+def _response_format(body: dict[str, Any]) -> None:
+    fmt = body.get("response_format")
+    if fmt is None or fmt == {"type": "text"}:
+        return
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind in ("json_object", "json_schema"):
+        raise ApiError(400, f"response_format {kind!r} is not supported: this server does not constrain decoding "
+                       "to JSON. Ask for JSON in the prompt and parse the reply, or serve with vLLM "
+                       "(`glmkit plan ... --for vllm`), which does.", param="response_format")
+    raise ApiError(400, f"'response_format' must be {{\"type\": \"text\"}}, got {fmt!r}.", param="response_format")
+
+
+def _tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]], str | None, bool]:
+    """``tools`` and ``tool_choice``: the tools the prompt shows, the one forced by name (or None), and whether
+    the reply must be a call (``required``)."""
+    tools = body.get("tools") or []
+    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
+                                              and isinstance(t["function"].get("name"), str) for t in tools):
+        raise ApiError(400, "'tools' must be a list of {type: 'function', function: {name, parameters}}.", param="tools")
+    names = [t["function"]["name"] for t in tools]
+    choice = body.get("tool_choice")
+    choice = ("auto" if tools else "none") if choice is None else choice
+    if isinstance(choice, dict):
+        function = choice.get("function")
+        forced = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type", "function") != "function" or not isinstance(forced, str):
+            raise ApiError(400, "tool_choice must look like {\"type\": \"function\", \"function\": {\"name\": "
+                           f"\"NAME\"}}}}, got {choice!r}.", param="tool_choice")
+        if forced not in names:
+            raise ApiError(400, f"tool_choice names '{forced}', which is not in 'tools'.", param="tool_choice")
+        return tools, forced, True
+    if choice == "required":
+        if not tools:
+            raise ApiError(400, "tool_choice 'required' needs at least one tool in 'tools'.", param="tool_choice")
+        return tools, names[0] if len(names) == 1 else None, True
+    if choice == "auto":
+        return tools, None, False
+    if choice == "none":
+        return [], None, False
+    raise ApiError(400, f"tool_choice must be 'auto', 'none', 'required' or a function, got {choice!r}.",
+                   param="tool_choice")
+
+
+def validate(body: Any, model_names: str | Sequence[str], max_context: int) -> dict[str, Any]:
     """Check a chat-completions request; return normalized settings or raise ``ApiError`` (400/404)."""
+    names = [model_names] if isinstance(model_names, str) else list(model_names)
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
-    if body.get("model") not in (None, model_name):
-        raise ApiError(404, f"The model '{body.get('model')}' does not exist; this server serves '{model_name}'.",
-                       param="model", code="model_not_found")
+    model = check_model(body, names)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects.", param="messages")
@@ -89,63 +267,111 @@ def validate(body: Any, model_name: str, max_context: int) -> dict[str, Any]:
         clean.append({**{k: v for k, v in m.items() if k in ("role", "tool_calls", "name")}, "content": text})
     if clean[-1]["role"] == "assistant":
         raise ApiError(400, "The last message is from the assistant: end with a user or tool message.", param="messages")
-    n = body.get("n", 1)
-    if n != 1:
-        raise ApiError(400, f"n={n} is not supported: this server returns one choice per request (n=1).", param="n")
-
-    def number(name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
-        value = body.get(name, default)
-        value = default if value is None else value
-        bad = not isinstance(value, (int, float)) or isinstance(value, bool)
-        if bad or value > hi or value < lo or (lo_open and value == lo):
-            raise ApiError(400, f"'{name}' must be a number in {'(' if lo_open else '['}{lo}, {hi}], got {value!r}.",
-                           param=name)
-        return float(value)
-
-    temperature = number("temperature", 1.0, 0.0, 2.0)
-    top_p = number("top_p", 1.0, 0.0, 1.0, lo_open=True)
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
-    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
-        raise ApiError(400, f"'max_tokens' must be a positive integer, got {max_tokens!r}.", param="max_tokens")
-    if max_tokens is not None and max_tokens >= max_context:
-        raise ApiError(400, f"'max_tokens' {max_tokens} is beyond this server's context of {max_context} tokens.",
-                       param="max_tokens")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
-        raise ApiError(400, f"'stop' must be a string or a list of up to {MAX_STOP} non-empty strings.", param="stop")
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ApiError(400, f"'seed' must be an integer, got {seed!r}.", param="seed")
-    tools = body.get("tools") or []
-    if not isinstance(tools, list) or not all(isinstance(t, dict) and isinstance(t.get("function"), dict)
-                                              and t["function"].get("name") for t in tools):
-        raise ApiError(400, "'tools' must be a list of {type: 'function', function: {name, parameters}}.", param="tools")
-    names = {t["function"]["name"] for t in tools}
-    choice = body.get("tool_choice", "auto" if tools else "none")
-    forced = None
-    if isinstance(choice, dict):
-        forced = (choice.get("function") or {}).get("name")
-        if forced not in names:
-            raise ApiError(400, f"tool_choice names '{forced}', which is not in 'tools'.", param="tool_choice")
-    elif choice == "required":
-        if len(names) != 1:
-            raise ApiError(400, "tool_choice 'required' needs exactly one tool here; name it instead.", param="tool_choice")
-        forced = next(iter(names))
-    elif choice not in ("auto", "none"):
-        raise ApiError(400, f"tool_choice must be 'auto', 'none', 'required' or a function, got {choice!r}.",
-                       param="tool_choice")
-    return {"messages": clean, "temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "stop": stop,
-            "seed": seed, "tools": tools if choice != "none" else [], "forced_tool": forced,
-            "stream": bool(body.get("stream", False)),
-            "include_usage": bool((body.get("stream_options") or {}).get("include_usage", False))}
+    _response_format(body)
+    tools, forced, required = _tools(body)
+    return {"model": model, "messages": clean, **_sampling(body, max_context), "tools": tools, "forced_tool": forced,
+            "required": required}
 
 
-def create_app(engine: Engine, model_name: str = "glm-4-9b-chat", api_key: str | None = None) -> Any:
-    """The FastAPI application around ``engine``."""
+def validate_completion(body: Any, model_names: Sequence[str], max_context: int, vocab_size: int) -> dict[str, Any]:
+    """Check a legacy completions request (``prompt`` in, text out); raise ``ApiError`` (400/404)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    model = check_model(body, list(model_names))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # one prompt in a batch of one
+    ids_ok = isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    if not (isinstance(prompt, str) and prompt) and not ids_ok:
+        raise ApiError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt per request).",
+                       param="prompt")
+    if ids_ok and not all(0 <= t < vocab_size for t in prompt):
+        raise ApiError(400, f"'prompt' has token ids outside this model's vocabulary [0, {vocab_size}).",
+                       param="prompt")
+    for name, allowed in (("suffix", (None, "")), ("best_of", (None, 1)), ("logprobs", (None,))):
+        if body.get(name) not in allowed:
+            raise ApiError(400, f"'{name}' is not supported by this server's /v1/completions (got "
+                           f"{body.get(name)!r}).", param=name)
+    return {"model": model, "prompt": prompt, "echo": _flag(body, "echo"),
+            **_sampling(body, max_context, LEGACY_MAX_TOKENS)}
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"
+
+
+def _start(engine: Engine, prompt: list[int], **kwargs: Any) -> tuple[GenerationRequest, asyncio.Queue[str | None]]:
+    """Submit ``prompt``; its text pieces arrive on the returned queue, then ``None`` when it is done."""
+    loop = asyncio.get_running_loop()
+    pieces: asyncio.Queue[str | None] = asyncio.Queue()
+    req = engine.submit(prompt, on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece), **kwargs)
+    threading.Thread(target=lambda: (req.done.wait(), loop.call_soon_threadsafe(pieces.put_nowait, None)),
+                     daemon=True).start()
+    return req, pieces
+
+
+async def _finished(req: GenerationRequest, pieces: asyncio.Queue[str | None]) -> GenerationRequest:
+    """Wait for all of ``req``; a 500 if generation failed."""
+    try:
+        while await pieces.get() is not None:
+            pass
+    except asyncio.CancelledError:  # the client went away
+        req.cancel()
+        raise
+    if req.error:
+        raise ApiError(500, f"Generation failed: {req.error}. The server keeps serving; retry with a shorter "
+                       "prompt or fewer tokens.", kind="server_error")
+    return req
+
+
+def _budget(engine: Engine, prompt: list[int], max_tokens: int | None) -> int:
+    """``max_tokens`` (default: the rest of the context), or a 400 when prompt + max_tokens do not fit."""
+    max_tokens = max_tokens or max(engine.max_context - len(prompt) - 1, 1)
+    if len(prompt) + max_tokens > engine.max_context:
+        raise ApiError(400, f"The prompt has {len(prompt)} tokens; with max_tokens {max_tokens} that exceeds the "
+                       f"context of {engine.max_context} tokens. Shorten the prompt or lower max_tokens.",
+                       param="messages", code="context_length_exceeded")
+    return max_tokens
+
+
+def _encode(engine: Engine, messages: list[dict[str, Any]], tools: list[dict[str, Any]], prefix: str = "") -> list[int]:
+    try:
+        return engine.encode(messages, tools, assistant_prefix=prefix)
+    except Exception as exc:  # the chat template rejected the conversation
+        raise ApiError(400, f"The messages do not fit the GLM-4 chat template: {exc}.", param="messages") from None
+
+
+async def _pick_tool(engine: Engine, prompt: list[int], p: dict[str, Any]) -> str:
+    """``tool_choice: "required"`` with several tools: let the model write the name line, as it does when it
+    calls a tool on its own; the first tool when that line names none (GLM-4 answered in words)."""
+    names = [t["function"]["name"] for t in p["tools"]]
+    longest = max(len(engine.tokenizer(n, add_special_tokens=False).input_ids) for n in names)
+    req, pieces = _start(engine, prompt, max_tokens=_budget(engine, prompt, min(longest + 2, engine.max_context - 1)),
+                         temperature=p["temperature"], top_p=p["top_p"], stop=["\n"], seed=p["seed"])
+    first = (await _finished(req, pieces)).text.strip()
+    return first if first in names else names[0]
+
+
+def create_app(engine: Engine, model_name: str | Sequence[str] = DEFAULT_MODEL_NAMES, api_key: str | None = None,
+               allowed_hosts: Sequence[str] | None = None, allowed_origins: Sequence[str] = (),
+               max_body_bytes: int = MAX_BODY_BYTES, max_json_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The FastAPI application around ``engine``.
+
+    Args:
+        model_name: the name, or names, clients may ask for; responses echo the one asked for.
+        api_key: require ``Authorization: Bearer KEY`` on ``/v1/`` (compared in constant time).
+        allowed_hosts: ``Host`` header names served (default: the loopback names; ``*`` for any).
+        allowed_origins: web page origins allowed to call the server (default: none; ``*`` for any).
+        max_body_bytes, max_json_depth: request body limits (4 MiB, 32 levels).
+    """
     from fastapi import FastAPI
+    from fastapi.middleware.cors import CORSMiddleware
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 
+    names = [model_name] if isinstance(model_name, str) else list(model_name)
+    hosts = list(allowed_hosts) if allowed_hosts else default_allowed_hosts("127.0.0.1")
+    origins = list(allowed_origins)
     app = FastAPI(title="glmkit OpenAI-compatible server")
     created = int(time.time())
 
@@ -153,103 +379,157 @@ def create_app(engine: Engine, model_name: str = "glm-4-9b-chat", api_key: str |
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
 
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            message = (f"There is no {request.url.path} on this server: it serves /v1/models, /v1/chat/completions, "
+                       "/v1/completions and /health.")
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}: use {exc.headers.get('Allow', 'POST')}."
+        else:
+            message = str(exc.detail)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        err = ApiError(exc.status_code, message, code=code)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+        err = ApiError(500, f"Internal error: {type(exc).__name__}: {exc}. The server keeps serving.",
+                       kind="server_error")
+        return JSONResponse(err.body(), status_code=500)
+
     @app.middleware("http")
-    async def auth(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                err = ApiError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
-                               kind="authentication_error", code="invalid_api_key")
-                return JSONResponse(err.body(), status_code=401)
+    async def guard(request: Request, call_next: Any) -> Any:
+        try:
+            check_request(request.headers, request.url.path, request.method, request.url.scheme, api_key, hosts,
+                          origins)
+        except GuardError as exc:
+            return JSONResponse(ApiError(exc.status, exc.message, exc.kind, code=exc.code).body(),
+                                status_code=exc.status)
         return await call_next(request)
+
+    if origins:  # added last, so outermost: answers the browsers' preflight requests and adds CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])
+
+    async def read_json(request: Request) -> Any:
+        try:
+            return parse_json_body(await read_body(request, max_body_bytes), request.headers.get("content-type"),
+                                   max_json_depth)
+        except GuardError as exc:
+            raise ApiError(exc.status, exc.message, exc.kind, code=exc.code) from None
+
+    def card(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "glmkit", "root": names[0],
+                "max_model_len": engine.max_context}
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "max_batch_size": engine.max_batch_size,
+        return {"status": "ok", "model": names[0], "models": names, "max_batch_size": engine.max_batch_size,
                 "max_context": engine.max_context, "batches_run": engine.batches_run}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "glmkit"}]}
+        return {"object": "list", "data": [card(n) for n in names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        check_model({"model": model_id}, names)
+        return card(model_id)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"The request body is not valid JSON: {exc}.") from None
-        p = validate(body, model_name, engine.max_context)
-        prefix = f"{p['forced_tool']}\n" if p["forced_tool"] else ""
-        try:
-            prompt = engine.encode(p["messages"], p["tools"], assistant_prefix=prefix)
-        except Exception as exc:  # the chat template rejected the conversation
-            raise ApiError(400, f"The messages do not fit the GLM-4 chat template: {exc}.", param="messages") from None
-        max_tokens = p["max_tokens"] or max(engine.max_context - len(prompt) - 1, 1)
-        if len(prompt) + max_tokens > engine.max_context:
-            raise ApiError(400, f"The prompt has {len(prompt)} tokens; with max_tokens {max_tokens} that exceeds the "
-                           f"context of {engine.max_context} tokens. Shorten the messages or lower max_tokens.",
-                           param="messages", code="context_length_exceeded")
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        req = engine.submit(prompt, max_tokens=max_tokens, temperature=p["temperature"], top_p=p["top_p"],
-                            stop=p["stop"], seed=p["seed"],
-                            on_text=lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece))
-        threading.Thread(target=lambda: (req.done.wait(), loop.call_soon_threadsafe(pieces.put_nowait, None)),
-                         daemon=True).start()
-        rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        tool_names = {t["function"]["name"] for t in p["tools"]}
+        p = validate(await read_json(request), names, engine.max_context)
+        base = _encode(engine, p["messages"], p["tools"])
+        forced = p["forced_tool"] or (await _pick_tool(engine, base, p) if p["required"] else None)
+        prefix = f"{forced}\n" if forced else ""
+        prompt = _encode(engine, p["messages"], p["tools"], prefix) if prefix else base
+        req, pieces = _start(engine, prompt, max_tokens=_budget(engine, prompt, p["max_tokens"]),
+                             temperature=p["temperature"], top_p=p["top_p"], stop=p["stop"], seed=p["seed"])
+        rid, now, model = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time()), p["model"]
+        splitter = ToolCallSplitter({t["function"]["name"] for t in p["tools"]}, prefix) if p["tools"] else None
 
-        def finish(text: str) -> tuple[dict[str, Any], str]:
-            call = parse_tool_call(prefix + text, tool_names) if tool_names else None
-            if call:
-                return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
-            return {"role": "assistant", "content": text}, req.finish_reason or "stop"
+        def usage() -> dict[str, int]:  # a forced tool's name line counts as completion, not prompt
+            completion = max(len(prompt) - len(base), 0) + len(req.tokens)
+            return {"prompt_tokens": len(base), "completion_tokens": completion,
+                    "total_tokens": len(base) + completion}
+
+        if not p["stream"]:
+            await _finished(req, pieces)
+            call = parse_tool_call(prefix + req.text, splitter.names) if splitter else None
+            message = ({"role": "assistant", "content": None, "tool_calls": [call]} if call else
+                       {"role": "assistant", "content": req.text})
+            reason = "tool_calls" if call else req.finish_reason or "stop"
+            return {"id": rid, "object": "chat.completion", "created": now, "model": model,
+                    "choices": [{"index": 0, "message": message, "finish_reason": reason}], "usage": usage()}
+
+        def chunk(delta: dict[str, Any], reason: str | None = None) -> str:
+            return _sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model,
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]})
+
+        async def events() -> Any:
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while (piece := await pieces.get()) is not None:
+                    if text := (splitter.feed(piece) if splitter else piece):
+                        yield chunk({"content": text})
+                if req.error:
+                    yield _sse(ApiError(500, f"Generation failed: {req.error}", kind="server_error").body())
+                else:
+                    call = splitter.call() if splitter else None
+                    if call:
+                        yield chunk({"tool_calls": [dict(call, index=0)]})
+                    elif splitter and splitter.rest():
+                        yield chunk({"content": splitter.rest()})
+                    yield chunk({}, "tool_calls" if call else req.finish_reason or "stop")
+                    if p["include_usage"]:
+                        yield _sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": model,
+                                    "choices": [], "usage": usage()})
+                yield "data: [DONE]\n\n"
+            finally:  # also on disconnect: stop generating for this client
+                req.cancel()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        vocab = int(getattr(engine.model.config, "vocab_size", 0) or len(engine.tokenizer))
+        p = validate_completion(await read_json(request), names, engine.max_context, vocab)
+        if isinstance(p["prompt"], str):
+            prompt, prompt_text = engine.tokenizer(p["prompt"]).input_ids, p["prompt"]
+        else:
+            prompt, prompt_text = p["prompt"], engine.tokenizer.decode(p["prompt"])
+        req, pieces = _start(engine, prompt, max_tokens=_budget(engine, prompt, p["max_tokens"]),
+                             temperature=p["temperature"], top_p=p["top_p"], stop=p["stop"], seed=p["seed"])
+        rid, now, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), p["model"]
+        echo = prompt_text if p["echo"] else ""
 
         def usage() -> dict[str, int]:
             return {"prompt_tokens": len(prompt), "completion_tokens": len(req.tokens),
                     "total_tokens": len(prompt) + len(req.tokens)}
 
-        if not p["stream"]:
-            try:
-                while await pieces.get() is not None:
-                    pass
-            except asyncio.CancelledError:  # the client went away
-                req.cancel()
-                raise
-            if req.error:
-                raise ApiError(500, f"Generation failed: {req.error}. The server keeps serving; retry with a shorter "
-                               "prompt or fewer tokens.", kind="server_error")
-            message, reason = finish(req.text)
-            return {"id": rid, "object": "chat.completion", "created": now, "model": model_name,
-                    "choices": [{"index": 0, "message": message, "finish_reason": reason}], "usage": usage()}
+        def body(text: str, reason: str | None, **extra: Any) -> dict[str, Any]:
+            return {"id": rid, "object": "text_completion", "created": now, "model": model,
+                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}], **extra}
 
-        def chunk(delta: dict[str, Any], reason: str | None = None) -> str:
-            data = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-            return f"data: {json.dumps(data)}\n\n"
+        if not p["stream"]:
+            await _finished(req, pieces)
+            return body(echo + req.text, req.finish_reason or "stop", usage=usage())
 
         async def events() -> Any:
             try:
-                yield chunk({"role": "assistant", "content": ""})
-                streamed_text = not tool_names  # with tools, hold the text back until we know it is no call
+                if echo:
+                    yield _sse(body(echo, None))
                 while (piece := await pieces.get()) is not None:
-                    if streamed_text:
-                        yield chunk({"content": piece})
+                    yield _sse(body(piece, None))
                 if req.error:
-                    err = ApiError(500, f"Generation failed: {req.error}", kind="server_error")
-                    yield f"data: {json.dumps(err.body())}\n\n"
+                    yield _sse(ApiError(500, f"Generation failed: {req.error}", kind="server_error").body())
                 else:
-                    message, reason = finish(req.text)
-                    if message.get("tool_calls"):
-                        call = dict(message["tool_calls"][0], index=0)
-                        yield chunk({"tool_calls": [call]})
-                    elif not streamed_text:
-                        yield chunk({"content": req.text})
-                    yield chunk({}, reason)
+                    yield _sse(body("", req.finish_reason or "stop"))
                     if p["include_usage"]:
-                        final = {"id": rid, "object": "chat.completion.chunk", "choices": [], "usage": usage()}
-                        yield f"data: {json.dumps(final)}\n\n"
+                        yield _sse({**body("", None), "choices": [], "usage": usage()})
                 yield "data: [DONE]\n\n"
-            finally:  # also on disconnect: stop generating for this client
+            finally:
                 req.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -312,14 +592,25 @@ def default_batch_size(config: Any, max_context: int, dtype: Any = "bfloat16", q
 
 
 def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          model_name: str = "glm-4-9b-chat", max_batch_size: int = 8, max_context: int = 4096,
-          fast_decode: bool = False) -> None:
-    """Serve until interrupted (what ``glmkit serve`` runs)."""
+          model_name: str | Sequence[str] = DEFAULT_MODEL_NAMES, max_batch_size: int = 8, max_context: int = 4096,
+          fast_decode: bool = False, allowed_hosts: Sequence[str] | None = None, allowed_origins: Sequence[str] = (),
+          allow_unauthenticated: bool = False) -> None:
+    """Serve until interrupted (what ``glmkit serve`` runs); refuses a non-loopback ``host`` without ``api_key``
+    unless ``allow_unauthenticated`` (see ``glmkit.server_guard``)."""
+    import sys
+
     import uvicorn
 
+    from glmkit.server_guard import check_exposure
+
+    warning = check_exposure(host, api_key, allow_unauthenticated)
+    if warning:
+        print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_context=max_context, fast_decode=fast_decode)
-    uvicorn.run(create_app(engine, model_name, api_key), host=host, port=port, log_level="info")
+    app = create_app(engine, model_name, api_key, allowed_hosts or default_allowed_hosts(host, api_key),
+                     allowed_origins)
+    uvicorn.run(app, host=host, port=port, log_level="info")
 
 
-__all__ = ["ApiError", "GenerationRequest", "ServerThread", "create_app", "default_batch_size", "parse_tool_call",
-           "serve", "validate"]
+__all__ = ["DEFAULT_MODEL_NAMES", "ApiError", "GenerationRequest", "ServerThread", "ToolCallSplitter", "create_app",
+           "default_batch_size", "parse_tool_call", "serve", "served_model_names", "validate", "validate_completion"]

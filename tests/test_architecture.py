@@ -20,9 +20,9 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("planner: costs", {"costs"}),
     ("planner: placement", {"placement"}),
     ("planner: plan, search, advice", {"planning"}),
-    ("runtime", {"monitor", "env", "loading", "generation", "fast_decode", "engine", "parallel"}),
-    ("measurement", {"bench", "quantization", "results"}),
-    ("front ends", {"widgets", "server", "cli"}),
+    ("runtime", {"monitor", "env", "loading", "generation", "fast_decode", "tp_decode", "engine", "parallel"}),
+    ("measurement and results", {"bench", "quantization", "results", "cards"}),
+    ("front ends", {"widgets", "server", "server_guard", "vllm_command", "cli"}),
 ]
 
 

@@ -3,8 +3,10 @@ import json
 import pytest
 import torch
 
-from glmkit.bench import PATHS, decode_grid, load_results, measure_decode, planner_accuracy_rows, save_result
+from glmkit.bench import PATHS, decode_grid, measure_decode, save_result
 from glmkit.loading import load_model
+from glmkit.results import load as load_results
+from glmkit.results import planner_accuracy_rows
 
 
 @pytest.fixture(scope="module")

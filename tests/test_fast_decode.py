@@ -114,3 +114,144 @@ def test_prompts_of_different_lengths_in_slots_decode_like_generate(model):
         assert row == want[0, p.shape[1]:].tolist()
     with pytest.raises(ValueError, match="slot"):
         dec.prefill(prompts[0], slot=2)
+
+
+# --- a layer split: each segment of the device map runs its share of the step -------------------------------------
+
+
+def two_segment_map(model, counts=(3, 3)):
+    """A map with two entries for one device: 'cpu' and torch.device('cpu') are two entries, so the decoder runs
+    two segments with a hand-over between them, as it would on two GPUs (on a GPU: 0 and 'cuda:0')."""
+    from glmkit.device_map import split_layers
+
+    return split_layers(model, list(counts), devices=["cpu", torch.device("cpu")])
+
+
+@pytest.fixture(scope="module")
+def split():
+    from accelerate import dispatch_model
+
+    trained = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
+    return dispatch_model(trained, two_segment_map(trained), main_device="cpu")  # accelerate's hooks, as a real split
+
+
+def chat_ids(text):
+    from glmkit.generation import encode_chat
+    from glmkit.loading import load_tokenizer
+
+    return encode_chat(load_tokenizer(TRAINED_TINY_DIR), [{"role": "user", "content": text}])["input_ids"]
+
+
+def reference(model, ids, n):
+    """generate()'s new tokens for one prompt (up to and including its end token, if it says one)."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_split_runs_as_two_segments_with_generates_tokens(split):
+    dec = FastDecoder(split, max_len=128)
+    assert [(len(s.layers), s.embed, s.head) for s in dec.segments] == [(3, True, False), (3, False, True)]
+    assert [s.layers for s in dec.segments] == [range(0, 3), range(3, 6)]
+    ids = chat_ids("How many layers does GLM-4-9B-Chat have?")
+    fast = dec.generate(ids, max_new_tokens=40)
+    assert torch.equal(fast, split.generate(ids, max_new_tokens=40, do_sample=False))
+    assert int(fast[0, -1]) in split.generation_config.eos_token_id  # a real answer that stopped at the end token
+    chunked = dec.generate(ids, max_new_tokens=40, prefill_chunk=7)
+    assert torch.equal(chunked, fast)
+
+
+def test_split_batched_prompts_of_different_lengths_with_chunked_prefill(split):
+    prompts = [chat_ids("How many layers does GLM-4-9B-Chat have?"), chat_ids("How do I split the model?"),
+               torch.randint(0, 800, (1, 5), generator=torch.Generator().manual_seed(5))]
+    dec = FastDecoder(split, max_len=96, batch_size=3)
+    assert dec.buckets == [1, 2, 3]
+    logits = torch.cat([dec.prefill(p, chunk=6, slot=i) for i, p in enumerate(prompts)])
+    pos, got = torch.tensor([p.shape[1] for p in prompts]), [[], [], []]
+    for _ in range(12):
+        tokens = logits.argmax(-1)
+        for row, t in zip(got, tokens.tolist()):
+            row.append(t)
+        logits = dec.decode_step(tokens, pos).clone()
+        pos += 1
+    for p, row in zip(prompts, got):
+        want = reference(split, p, 12)
+        assert row[:len(want)] == want
+
+
+def test_a_step_for_fewer_rows_uses_a_smaller_bucket_and_leaves_the_other_rows_alone(split):
+    a, b = chat_ids("How many layers does GLM-4-9B-Chat have?"), chat_ids("How do I split the model?")
+    dec = FastDecoder(split, max_len=96, batch_size=4)
+    assert dec.buckets == [1, 2, 4] and dec.bucket(3) == 4 and dec.bucket(1) == 1
+    logits = torch.cat([dec.prefill(a, slot=0), dec.prefill(a, slot=1), dec.prefill(a, slot=2)])
+    dec.prefill(b[:, :9], slot=3)  # row 3: a prompt half-way through its prefill while rows 0..2 decode
+    rows = [k[3].clone() for k in dec.k_layers]
+    got = []
+    for i in range(10):  # 3 live rows: the 4-row step with a dummy row 3
+        tokens = logits.argmax(-1)
+        got.append(tokens.tolist())
+        logits = dec.decode_step(tokens, a.shape[1] + i)
+        assert logits.shape == (3, split.config.vocab_size)
+    want = reference(split, a, 10)
+    assert [step[0] for step in got[:len(want)]] == want and all(len(set(step)) == 1 for step in got)
+    assert all(torch.equal(k[3], r) for k, r in zip(dec.k_layers, rows))  # the dummy row wrote nothing
+    last = dec.prefill(b[:, 9:], slot=3, start=9)  # the rest of row 3's prompt continues where it stopped
+    assert torch.allclose(last, FastDecoder(split, max_len=96).prefill(b), atol=1e-5)
+
+
+def test_prefill_continuation_equals_a_one_shot_prefill(split):
+    ids = chat_ids("How many layers does GLM-4-9B-Chat have?")
+    n = ids.shape[1]
+    whole, pieces = FastDecoder(split, max_len=96), FastDecoder(split, max_len=96)
+    want = whole.prefill(ids)
+    for start in range(0, n, 5):  # one piece per engine step
+        got = pieces.prefill(ids[:, start:start + 5], start=start)
+    assert torch.allclose(got, want, atol=1e-5)
+    tokens = []
+    for i in range(12):
+        token = got.argmax(-1)
+        tokens.append(int(token))
+        got = pieces.decode_step(token, n + i)
+    want = reference(split, ids, 12)
+    assert tokens[:len(want)] == want
+
+
+def test_split_and_bucket_errors_are_explained(split):
+    from glmkit.device_map import DeviceMapError
+
+    dec = FastDecoder(split, max_len=16, batch_size=2)
+    with pytest.raises(ValueError, match="1 to batch_size=2 rows, got 3"):
+        dec.decode_step(torch.tensor([1, 2, 3]), 4)
+    with pytest.raises(ValueError, match="reaches position 17"):
+        dec.prefill(torch.ones(1, 5, dtype=torch.long), slot=0, start=12)
+    with pytest.raises(ValueError, match="graph_batch_sizes"):
+        FastDecoder(split, max_len=16, batch_size=2, graph_batch_sizes=[1, 4])
+    model = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
+    unplaced = two_segment_map(model)
+    del unplaced["model.layers.4"]
+    model.hf_device_map = unplaced
+    with pytest.raises(DeviceMapError, match="not in the device map: model.layers.4"):
+        FastDecoder(model)
+    model.hf_device_map = {**two_segment_map(model), "model.layers.5": "cuda:7", "model.norm": "cuda:7", "lm_head": "cuda:7"}
+    with pytest.raises(ValueError, match="model.layers.5 on cuda:7, but this machine has"):
+        FastDecoder.check(model)
+    # transformers offloads the modules mapped to the string 'cpu' when other entries are devices: refused, clearly
+    offloaded = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map=two_segment_map(model))
+    with pytest.raises(ValueError, match="offloaded"):
+        FastDecoder(offloaded)
+
+
+def test_cli_generate_and_bench_take_fast_decode(capsys):
+    import json
+
+    from glmkit.cli import main
+
+    ids = ["--prompt-ids", "5", "6", "7", "8", "--max-new-tokens", "6", "--json", "--dtype", "float32"]
+    assert main(["generate", *ids]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["generate", *ids, "--fast-decode", "--device-map", "auto"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == plain["tokens"]
+    assert main(["bench", "--fast-decode", "--new-tokens", "3", "--prompt-len", "4", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["path"] == "fast" and row["decode_tok_s"] > 0
+    assert main(["generate", "--fast-decode", "--tp", "2"]) == 2
+    assert "instead of --tp" in capsys.readouterr().err

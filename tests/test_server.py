@@ -1,5 +1,6 @@
 """The API server on loopback, driven by the official openai client and by raw HTTP for malformed input."""
 
+import json
 import threading
 import time
 
@@ -21,8 +22,8 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
 @pytest.fixture(scope="module")
 def server():
     model = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
-    engine = Engine(model, load_tokenizer(TRAINED_TINY_DIR), max_batch_size=16, max_context=512)
-    srv = ServerThread(create_app(engine, "glm-4-9b-chat", api_key=KEY)).start()
+    engine = Engine(model, load_tokenizer(TRAINED_TINY_DIR), max_batch_size=16, max_context=2048)
+    srv = ServerThread(create_app(engine, api_key=KEY)).start()  # the default names: glm-4, glm-4-9b-chat
     yield srv, engine
     srv.stop()
     engine.close()
@@ -39,7 +40,10 @@ def ask(client, content="How many layers does GLM-4-9B-Chat have?", **kw):
 
 
 def test_models_and_health(server, client):
-    assert [m.id for m in client.models.list()] == ["glm-4-9b-chat"]
+    assert [m.id for m in client.models.list()] == ["glm-4", "glm-4-9b-chat"]
+    assert client.models.retrieve("glm-4").id == "glm-4"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-5")
     health = httpx.get(server[0].url.replace("/v1", "/health")).json()
     assert health["status"] == "ok" and health["max_batch_size"] == 16
 
@@ -108,7 +112,7 @@ def test_auth(server):
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "positive integer"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}, 400, "positive integer"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "beyond this server's context"),
-    ({"messages": [{"role": "user", "content": "word " * 600}], "max_tokens": 10}, 400, "exceeds the context"),
+    ({"messages": [{"role": "user", "content": "word " * 2500}], "max_tokens": 10}, 400, "exceeds the context"),
     ({"model": "gpt-5", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 10000}, 400, "n=10000"),
     ({"messages": [{"role": "user", "content": "hi"}], "temperature": 7}, 400, "'temperature'"),
@@ -123,7 +127,8 @@ def test_bad_input_gets_openai_style_errors(server, body, status, needle):
 
 
 def test_malformed_json(server, client):
-    r = httpx.post(server[0].url + "/chat/completions", content=b"{not json", headers={"Authorization": f"Bearer {KEY}"})
+    r = httpx.post(server[0].url + "/chat/completions", content=b"{not json",
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     assert "40" in ask(client, max_tokens=20).choices[0].message.content  # still serving
 
@@ -212,3 +217,204 @@ def test_fast_decode_engine_answers_like_the_plain_loop():
                                          num_attention_heads=4, vocab_size=128))
     with pytest.raises(TypeError, match="GLM"):  # said when the engine is made, not at the first request
         Engine(llama, tok, fast_decode=True)
+
+
+# --- OpenAI compatibility (issue 23) -------------------------------------------------------------------------------
+AUTH = {"Authorization": f"Bearer {KEY}"}
+HI = [{"role": "user", "content": "hi"}]
+TIME = {"type": "function", "function": {"name": "get_time", "description": "Time in a city",
+                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+
+
+def sse(response):
+    """The JSON events of a server-sent-events response, without the final [DONE]."""
+    lines = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_official_glm4_demo_calls_work_unchanged(server):
+    # THUDM/GLM-4 basic_demo/openai_api_request.py: simple_chat and function_chat, streaming and not, as written there
+    # (only base_url and api_key are this server's). presence_penalty is accepted; the engine applies it (issue 20).
+    client = openai.OpenAI(api_key=KEY, base_url=server[0].url + "/", max_retries=0, timeout=120)
+    messages = [{"role": "system", "content": "请在你输出的时候都带上“喵喵喵”三个字，放在开头。"},
+                {"role": "user", "content": "你好，你是谁"}]
+    for use_stream in (False, True):
+        response = client.chat.completions.create(model="glm-4", messages=messages, stream=use_stream, max_tokens=256,
+                                                  temperature=0.4, presence_penalty=1.2, top_p=0.8)
+        if use_stream:
+            chunks = list(response)
+            assert chunks[-1].choices[0].finish_reason in ("stop", "length") and {c.model for c in chunks} == {"glm-4"}
+        else:
+            assert response.model == "glm-4" and response.choices[0].message.content
+    tools = [{"type": "function", "function": {
+        "name": "get_current_weather", "description": "Get the current weather",
+        "parameters": {"type": "object", "properties": {
+            "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+            "format": {"type": "string", "enum": ["celsius", "fahrenheit"],
+                       "description": "The temperature unit to use. Infer this from the users location."}},
+            "required": ["location", "format"]}}}]
+    for use_stream in (False, True):
+        response = client.chat.completions.create(
+            model="glm-4", messages=[{"role": "user", "content": "What's the Celsius temperature in San Francisco?"}],
+            tools=tools, stream=use_stream, max_tokens=256, temperature=0.9, presence_penalty=1.2, top_p=0.1,
+            tool_choice="auto")
+        final = list(response)[-1].choices[0] if use_stream else response.choices[0]
+        assert final.finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_n_null_and_the_usage_chunk_with_created_and_model(server, client):
+    r = httpx.post(server[0].url + "/chat/completions", json={"model": "glm-4", "messages": HI, "n": None,
+                                                              "max_tokens": 4}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["model"] == "glm-4"
+    chunks = list(ask(client, max_tokens=8, stream=True, stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 8 and last.model == "glm-4-9b-chat"
+    assert last.created == chunks[0].created > 0 and last.id == chunks[0].id
+
+
+def test_tool_replies_stream_text_as_it_comes(client):
+    # The tiny model answers this in words: with tools offered the words still arrive piece by piece.
+    kw = dict(model="glm-4", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+              max_tokens=24, temperature=0)
+    plain = client.chat.completions.create(**kw).choices[0]
+    assert plain.message.tool_calls is None and plain.message.content
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(pieces) == plain.message.content and len(pieces) > 3
+
+
+def test_streamed_tool_call_arrives_whole_when_complete(client):
+    chunks = list(client.chat.completions.create(
+        model="glm-4", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_time"}}, max_tokens=12, temperature=0, stream=True))
+    calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert len(calls) == 1 and calls[0][0].function.name == "get_time" and calls[0][0].index == 0
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)  # no call text leaked as content
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_choice_required_with_several_tools_lets_the_model_pick(client):
+    for stream in (False, True):
+        r = client.chat.completions.create(model="glm-4", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                           tools=[WEATHER, TIME], tool_choice="required", max_tokens=12,
+                                           temperature=0, stream=stream)
+        if stream:
+            chunks = list(r)
+            call = next(c.choices[0].delta.tool_calls[0] for c in chunks if c.choices and c.choices[0].delta.tool_calls)
+            reason = chunks[-1].choices[0].finish_reason
+        else:
+            call, reason = r.choices[0].message.tool_calls[0], r.choices[0].finish_reason
+        assert call.function.name in ("get_weather", "get_time") and reason == "tool_calls"
+
+
+def test_tool_call_splitter_holds_only_what_could_be_a_call():
+    from glmkit.server import ToolCallSplitter
+
+    call = 'get_weather\n{"city": "Paris"}'
+    s = ToolCallSplitter({"get_weather", "get_time"})
+    assert [s.feed(c) for c in call] == [""] * len(call) and s.call()["function"]["arguments"] == '{"city": "Paris"}'
+    s = ToolCallSplitter({"get_weather"})
+    out = [s.feed(c) for c in "get going\nnow"]
+    assert "".join(out) == "get going\nnow" and out[:4] == ["", "", "", ""] and s.call() is None and s.rest() == ""
+    s = ToolCallSplitter({"get_weather"})
+    assert s.feed("get_w") == "" and s.call() is None and s.rest() == "get_w"  # ended mid-name: it was text
+    s = ToolCallSplitter({"get_weather"}, prefix="get_weather\n")  # forced: all of it is the arguments
+    assert s.feed('{"city"') == "" and s.call()["function"]["name"] == "get_weather"
+
+
+def test_legacy_completions(client, server):
+    plain = client.completions.create(model="glm-4", prompt="How many layers", max_tokens=12, temperature=0)
+    choice = plain.choices[0]
+    assert plain.object == "text_completion" and plain.model == "glm-4" and choice.text
+    assert choice.finish_reason in ("stop", "length") and plain.usage.completion_tokens <= 12
+    streamed = list(client.completions.create(model="glm-4", prompt="How many layers", max_tokens=12, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+    assert streamed[-1].usage.total_tokens == plain.usage.total_tokens
+    echoed = client.completions.create(model="glm-4", prompt="How many layers", max_tokens=12, temperature=0, echo=True)
+    assert echoed.choices[0].text == "How many layers" + choice.text
+    default = client.completions.create(model="glm-4", prompt="GPU memory", temperature=0)
+    assert default.usage.completion_tokens <= 16  # OpenAI's default for /v1/completions
+    ids = server[1].tokenizer("How many layers").input_ids
+    by_ids = client.completions.create(model="glm-4", prompt=ids, max_tokens=12, temperature=0)
+    assert by_ids.choices[0].text == choice.text
+
+
+def test_unknown_paths_and_wrong_methods_answer_in_openai_format(server):
+    base = server[0].url
+    r = httpx.get(base + "/embeddings", headers=AUTH)
+    assert r.status_code == 404 and "/v1/embeddings" in r.json()["error"]["message"]
+    r = httpx.get(base + "/chat/completions", headers=AUTH)
+    assert r.status_code == 405 and "use POST" in r.json()["error"]["message"] and r.headers["allow"] == "POST"
+    r = httpx.delete(base.replace("/v1", "/health"))
+    assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+    r = httpx.get(base + "/models/gpt-5", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+TOOLS = [WEATHER]
+
+
+@pytest.mark.parametrize("raw, status, needle", [
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": "x", "stream": true}', 400, "stream_options"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}}', 400,
+     "only allowed with"),
+    (json.dumps({"messages": HI, "tools": TOOLS, "tool_choice": {"type": "function", "function": "f"}}).encode(), 400,
+     "tool_choice must look like"),
+    (json.dumps({"messages": HI, "tool_choice": "required"}).encode(), 400, "at least one tool"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+    (json.dumps({"messages": HI, "x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}).encode(),
+     400, "at most 32 levels"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', 400, "'temperature'"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": NaN}', 400, "'top_p'"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}', 400, "'temperature'"),
+    (json.dumps({"messages": HI, "seed": 2**70}).encode(), 400, "'seed'"),
+    (json.dumps({"messages": HI, "stream": "false"}).encode(), 400, "'stream' must be true or false"),
+    (json.dumps({"messages": HI, "response_format": {"type": "json_object"}}).encode(), 400, "does not constrain"),
+    (json.dumps({"messages": HI, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}).encode(),
+     400, "does not constrain"),
+    (json.dumps({"messages": HI, "response_format": "json"}).encode(), 400, "'response_format' must be"),
+    (json.dumps({"model": "glm-4"}).encode(), 400, "'messages'"),
+])
+def test_bad_input_that_used_to_500_gets_a_clear_4xx(server, client, raw, status, needle):
+    r = httpx.post(server[0].url + "/chat/completions", content=raw,
+                   headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"] and r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"prompt": ""}, "'prompt' must be"),
+    ({"prompt": ["a", "b"]}, "'prompt' must be"),
+    ({"prompt": [1, 10**9]}, "outside this model's vocabulary"),
+    ({"prompt": "hi", "suffix": "end"}, "'suffix' is not supported"),
+    ({"prompt": "hi", "best_of": 3}, "'best_of' is not supported"),
+    ({"prompt": "hi", "echo": "yes"}, "'echo' must be true or false"),
+    ({"prompt": "hi", "model": "text-davinci-003"}, "does not exist"),
+])
+def test_bad_completions_input(server, body, needle):
+    r = httpx.post(server[0].url + "/completions", json=body, headers=AUTH)
+    assert r.status_code in (400, 404) and needle in r.json()["error"]["message"], r.text
+
+
+def test_body_limits_and_content_type(server, client):
+    url = server[0].url + "/chat/completions"
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * (5 * 2**20)}]}).encode()
+    r = httpx.post(url, content=big, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413 and "4 MiB" in r.json()["error"]["message"]
+    r = httpx.post(url, content=json.dumps({"messages": HI}).encode(), headers={**AUTH, "Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+    assert "40" in ask(client, max_tokens=20).choices[0].message.content  # still serving
+
+
+def test_openai_client_sees_4xx_as_its_own_errors(client):
+    assert ask(client, max_tokens=4, n=None).choices[0].message.content is not None  # the client sends "n": null
+    with pytest.raises(openai.BadRequestError, match="does not constrain decoding"):
+        ask(client, max_tokens=4, response_format={"type": "json_object"})
+    with pytest.raises(openai.BadRequestError, match="'seed'"):
+        ask(client, max_tokens=4, seed=2**70)
+    with pytest.raises(openai.NotFoundError, match="serves 'glm-4', 'glm-4-9b-chat'"):
+        client.chat.completions.create(model="gpt-5", messages=HI)
+    with pytest.raises(openai.BadRequestError, match="'suffix' is not supported"):
+        client.completions.create(model="glm-4", prompt="hi", suffix="end")

@@ -1,0 +1,836 @@
+"""Committed measurements (``benchmarks/results/*.json``) rendered as sentences, tables and charts.
+
+Every full-size figure a notebook or the README states comes from here: a cell calls a function that reads
+the result file and writes the sentence (as d2l renders its numbers), so rerunning a benchmark cannot leave
+stale prose. A figure whose result file does not exist yet renders as a plain "not measured yet" that
+names the script to run, and switches to the number once the file is committed. ``glmkit.bench`` measures
+and writes the files; this module only reads them. Taught in ``notebooks/05_tuning.ipynb`` and
+``notebooks/09_the_guide_point_by_point.ipynb``.
+
+>>> decode = load("decode")
+>>> print(measured_on(decode))
+NVIDIA H100 80GB HBM3, 2026-11-25
+>>> print(from_result("no_such_result", lambda r: "never", what="A figure", script="benchmarks/x.py"))
+A figure: not measured yet (run `benchmarks/x.py` on a GPU machine to measure it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glmkit.tables import html_table, text_table
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+GiB = 2**30
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# General helpers: a loader by name, a sentence type, a table, a bar chart and a line chart
+
+
+def load(name: str, results_dir: str | Path | None = None) -> dict[str, Any] | None:
+    """A committed result by name (``None`` when it was never measured).
+
+    >>> load("decode")["name"], load("never_measured")
+    ('decode', None)
+    """
+    path = Path(results_dir or RESULTS_DIR) / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class Text(str):
+    """A sentence or paragraph built from results: plain text in a terminal, Markdown in JupyterLab."""
+
+    def _repr_markdown_(self) -> str:
+        return str(self)
+
+
+def measured_on(result: dict[str, Any]) -> str:
+    """``"<device>, <date>"`` of a result, for captions."""
+    env = result["environment"]
+    return f"{env['device']}, {env['date']}"
+
+
+def not_measured(what: str, script: str) -> Text:
+    """The sentence for a figure whose result file does not exist yet."""
+    return Text(f"{what}: not measured yet (run `{script}` on a GPU machine to measure it).")
+
+
+def from_result(name: str, render: Callable[[dict[str, Any]], str], *, what: str, script: str) -> Text:
+    """``render(result)`` for a committed result, else the plain "not measured yet" sentence."""
+    result = load(name)
+    return Text(render(result)) if result is not None else not_measured(what, script)
+
+
+@dataclass(repr=False)
+class Table:
+    """Headers and rows of strings; an HTML table in Jupyter, a text table in a terminal."""
+
+    headers: list[str]
+    rows: list[list[str]]
+    caption: str = ""
+
+    def _repr_html_(self) -> str:
+        return html_table(self.headers, self.rows, caption=self.caption)
+
+    def __str__(self) -> str:
+        return (self.caption + "\n" if self.caption else "") + text_table(self.headers, self.rows)
+
+    __repr__ = __str__
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> Table:
+    """A ``Table`` of any cells (turned into strings).
+
+    >>> print(table(["clients", "tok/s"], [[1, "8.6"]]))
+    clients  tok/s
+    -------  -----
+    1        8.6
+    """
+    return Table(list(headers), [[str(c) for c in row] for row in rows], caption)
+
+
+def bar_chart(labels: Sequence[str], values: Sequence[float], *, ylabel: str, title: str = "",
+              reference: float | None = None, reference_label: str = "") -> Any:
+    """One bar per label, with an optional dashed reference line (a roofline, one GPU's speed)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(labels)), 3.2))
+    bars = ax.bar(list(labels), list(values), color="#1f77b4")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    if reference is not None:
+        ax.axhline(reference, color="k", ls="--", lw=1, label=reference_label)
+        ax.legend(fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def line_chart(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str, ylabel: str,
+               title: str = "", log: bool = False) -> Any:
+    """One line per series ``{label: (xs, ys)}``; ``log=True`` puts both axes on log scales."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for label, (xs, ys) in series.items():
+        ax.plot(list(xs), list(ys), "o-", label=label)
+    if log:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _range(values: Sequence[float], digits: int = 1, unit: str = "") -> str:
+    """``"lo–hi unit"`` of some values (one value when they agree; signed with "to" when one is negative).
+
+    >>> _range([2.0, 2.84], 1, " TB/s"), _range([-0.8, 3.4], 1, "%"), _range([1.0, 1.04])
+    ('2.0–2.8 TB/s', '-0.8% to +3.4%', '1.0')
+    """
+    lo, hi = min(values), max(values)
+    if f"{lo:.{digits}f}" == f"{hi:.{digits}f}":
+        return f"{lo:.{digits}f}{unit}"
+    if lo < 0:
+        return f"{lo:+.{digits}f}{unit} to {hi:+.{digits}f}{unit}"
+    return f"{lo:.{digits}f}–{hi:.{digits}f}{unit}"
+
+
+def _pct(x: float, digits: int = 1) -> str:
+    return f"{100 * x:+.{digits}f}%"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Planner accuracy (planner_accuracy*.json, planner_validation.json): notebooks 01 and 03
+
+
+def planner_accuracy_rows(result: dict[str, Any]) -> list[list[str]]:
+    """Rows of predicted vs measured peak per case from a ``planner_accuracy`` result."""
+    rows = []
+    for c in result["cases"]:
+        if "measured_peak" not in c:
+            why = "; ".join(c.get("planner_problems", []))[:60]
+            rows.append([c["precision"], str(c["batch_size"]), str(c["context_len"]),
+                         f"{c['planned']['total'] / GiB:.2f}", "-", f"skipped: {why}"])
+            continue
+        rows.append([c["precision"], str(c["batch_size"]), str(c["context_len"]), f"{c['planned']['total'] / GiB:.2f}",
+                     f"{c['measured_peak'] / GiB:.2f}", f"{100 * c['error']:+.1f}%"])
+    return rows
+
+
+def planner_accuracy_table(result: dict[str, Any]) -> Table:
+    """Predicted vs measured peak per case (a ``planner_accuracy`` or ``planner_validation`` result)."""
+    env = result["environment"]
+    caption = (f"{env['device']}, {result['allocator']} allocator, torch {env['versions']['torch']}, "
+               f"transformers {env['versions']['transformers']}, bitsandbytes {env['versions']['bitsandbytes']}; "
+               f"worst |error| {100 * result['worst_abs_error']:.1f}%")
+    return table(["precision", "batch", "context", "planned GiB", "measured GiB", "error"],
+                 planner_accuracy_rows(result), caption=caption)
+
+
+def plot_planner_accuracy(*results: dict[str, Any]) -> Any:
+    """Scatter of planned vs measured peak (GiB) for one or more ``planner_accuracy`` results."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    top = 0.0
+    for result, marker in zip(results, "os^"):
+        cases = [c for c in result["cases"] if "measured_peak" in c]
+        for precision in dict.fromkeys(c["precision"] for c in cases):
+            xs = [c["measured_peak"] / GiB for c in cases if c["precision"] == precision]
+            ys = [c["planned"]["total"] / GiB for c in cases if c["precision"] == precision]
+            ax.scatter(xs, ys, marker=marker, label=f"{precision}, {result['allocator']} allocator")
+            top = max(top, *xs, *ys)
+    ax.plot([0, top], [0, top], "k--", lw=0.8, label="planned = measured")
+    ax.fill_between([0, top], [0, 0.95 * top], [0, 1.05 * top], color="grey", alpha=0.15, label="±5%")
+    ax.set_xlabel("measured peak (GiB)")
+    ax.set_ylabel("glmkit planner (GiB)")
+    ax.set_title(f"GLM-4-9B-Chat on {results[0]['environment']['device']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _errors(result: dict[str, Any]) -> list[float]:
+    return [c["error"] for c in result["cases"] if "error" in c]
+
+
+def planner_sentence() -> Text:
+    """How close the planner came to measured peaks: the fitted cases, the held-out cases, the default allocator."""
+    fit, held, default = load("planner_accuracy"), load("planner_validation"), load("planner_accuracy_default_allocator")
+    if fit is None:
+        return not_measured("The planner against measured peaks", "benchmarks/planner_accuracy.py")
+    grid = sorted({c["context_len"] for c in fit["cases"]})
+    text = (f"On an {fit['environment']['device']}, plain `generate()` in "
+            f"{'/'.join(dict.fromkeys(c['precision'] for c in fit['cases']))}, {grid[0] // 1024}K–{grid[-1] // 1024}K "
+            f"tokens, batch {' and '.join(str(b) for b in sorted({c['batch_size'] for c in fit['cases']}))}: with "
+            f"`expandable_segments` (glmkit's setting) the planner's total is within "
+            f"**{100 * fit['worst_abs_error']:.1f}%** of the measured peak in all {fit['cases_measured']} cases. Those are "
+            f"the cases its activation and slack terms were fitted on")
+    if held is None:
+        text += "; a check on cases kept aside has not been measured yet (`benchmarks/planner_accuracy.py`)."
+    else:
+        contexts = "/".join(f"{c // 1024}K" for c in sorted({c["context_len"] for c in held["cases"]}))
+        text += (f". On {held['cases_measured']} cases kept aside (batch "
+                 f"{', '.join(str(b) for b in sorted({c['batch_size'] for c in held['cases']}))} at {contexts} tokens, "
+                 f"`planner_validation.json`) the worst error is **{100 * held['worst_abs_error']:.1f}%**.")
+    if default is not None:
+        errs = _errors(default)
+        text += (f" With PyTorch's default allocator the planner over-predicts by up to {100 * max(errs):.1f}% "
+                 f"({default['cases_measured']} cases): that allocator's slack varies from run to run, and the plan "
+                 f"covers its worst.")
+    return Text(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The single-card OOM (oom_12gib.json): notebook 01
+
+
+def _gib_in(message: str, pattern: str) -> float | None:
+    m = re.search(pattern + r" ([0-9.]+) (GiB|MiB)", message)
+    return None if m is None else float(m.group(1)) / (1024 if m.group(2) == "MiB" else 1)
+
+
+def oom_sentence() -> Text:
+    """What the recorded 12 GiB OOM shows, and how a real 12 GB card differs from a capped big one."""
+    r = load("oom_12gib")
+    if r is None:
+        return not_measured("The single-card OOM", "benchmarks/oom_demo.py")
+    asked = _gib_in(r["message"], "Tried to allocate")
+    total = _gib_in(r["message"], "total capacity of")
+    in_use = _gib_in(r["message"], "this process has")
+    return Text(
+        f"On the {r['environment']['device']} (CUDA reports {total:.2f} GiB) capped at {r['budget_bytes'] / GiB:.2f} "
+        f"GiB, loading failed at once asking for **{asked:.2f} GiB**, the planner's weight figure, with "
+        f"{in_use:.2f} GiB already in use outside PyTorch (the CUDA context). That single request is transformers' "
+        f"allocator warm-up: before loading, it reserves the model's size in one block, capped at the card's "
+        f"*total* memory − 1.2 GiB, and it does not see a per-process cap. On a real card whose total is 12 GiB the cap is "
+        f"12 − 1.2 = 10.8 GiB, so the warm-up succeeds and the OOM comes partway through copying the weights instead, after "
+        f"about that much has loaded. Either way the cause is the same: 17.51 GiB of weights on a 12 GiB card.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decode speed (decode.json, decode_variants.json, monitor_check.json, gemv_*.json, profile_step.json): notebook 05
+
+
+def plain_generate_speeds() -> list[tuple[str, float]]:
+    """Every committed batch-1 bf16 plain ``generate()`` speed: (file, tok/s)."""
+    speeds = []
+    for name in ("decode", "planner_accuracy", "planner_validation", "planner_accuracy_default_allocator",
+                 "quantization_9b", "monitor_check"):
+        r = load(name)
+        if r is None:
+            continue
+        if name == "decode":
+            speeds += [(name, x["decode_tok_s"]) for x in r["batch1"] if x["path"] == "generate"]
+        elif name == "quantization_9b":
+            speeds += [(name, x["tok_s"]["1"]) for x in r["precisions"] if x["precision"] == "bf16"]
+        elif name == "monitor_check":
+            speeds += [(name, x) for x in r["decode_tok_s"]["none"]]
+        else:
+            speeds += [(name, x["tok_s"]) for x in r["decode_speed"] if x["precision"] == "bf16" and x["batch_size"] == 1]
+    return speeds
+
+
+def _row(result: dict[str, Any], path: str, gemv: Any = None) -> dict[str, Any]:
+    return next(r for r in result["batch1"] if r["path"] == path
+                and (gemv is None or (r.get("fast_options") or {}).get("gemv", "triton") == gemv))
+
+
+def decode_sentence() -> Text:
+    """The fast path against the roofline, plain ``generate()`` and transformers' static cache (``decode.json``)."""
+    d = load("decode")
+    if d is None:
+        return not_measured("Decode speed", "benchmarks/decode.py")
+    fast, cublas = _row(d, "fast", "triton"), _row(d, "fast", False)
+    plain, static = _row(d, "generate"), _row(d, "static")
+    speeds = plain_generate_speeds()
+    monitor = [s for n, s in speeds if n == "monitor_check"]
+    others = sorted(s for n, s in speeds if n != "monitor_check")
+    text = (f"`benchmarks/decode.py` measured the copy bandwidth ({d['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s) and "
+            f"the paths in one run on an {d['environment']['device']}: the fast path reached "
+            f"**{fast['decode_tok_s']:.1f} tok/s, {100 * fast['fraction_of_roofline']:.1f}% of the "
+            f"{d['roofline_tok_s']:.1f} tok/s roofline and {d['fast_over_generate']:.1f}x plain `generate()`** "
+            f"({plain['decode_tok_s']:.1f} tok/s) in that run, against {static['decode_tok_s']:.1f} tok/s for "
+            f"transformers' static cache with its own compilation. The same decoder with cuBLAS for every projection "
+            f"(`FastDecoder(gemv=False)`) gave {cublas['decode_tok_s']:.1f} tok/s "
+            f"({100 * cublas['fraction_of_roofline']:.1f}%): the difference is glmkit's Triton matrix-vector kernels "
+            f"(`glmkit.gemv`). "
+            f"Plain `generate()` at batch 1 is bound by the host CPU and varies between runs and machines: "
+            f"{_range(monitor)} tok/s over {len(monitor)} runs in one process (`monitor_check.json`), and "
+            f"{', '.join(f'{s:.1f}' for s in others)} tok/s in the other result files.")
+    variants = load("decode_variants")
+    if variants is not None:
+        gains, best = [], 0.0
+        for run in variants["runs"]:
+            base = [statistics.median(v["decode_tok_s"]) for v in run["variants"] if v["variant"] == "cublas"][0]
+            for v in run["variants"]:
+                best = max(best, statistics.median(v["decode_tok_s"]))
+                if v["variant"] != "cublas":
+                    gains.append((v["variant"], statistics.median(v["decode_tok_s"]) / base - 1))
+
+        def span(key: str) -> str:
+            return _range([100 * g for v, g in gains if key in v], 1, "%")
+
+        text += (f" Compiler options did not close that gap in earlier runs (`decode_variants.json`, none faster than "
+                 f"{best:.1f} tok/s): inductor's max-autotune moved the cuBLAS path by {span('cublas, max-autotune')}, "
+                 f"projections as inductor reductions by {span('reduction, ')}, and attention written as plain "
+                 f"multiply-and-sum by {span('reduction attention')}.")
+    sweep = [r for r in d["batch_sweep"] if "decode_tok_s" in r]
+    sweep_tok = ", ".join(f"{r['decode_tok_s']:.0f}" for r in sweep)
+    sweep_batch = ", ".join(str(r["batch_size"]) for r in sweep)
+    text += (f"\n\nThe batch sweep shows why batching is the cheapest speed-up: the weights are read once per step for "
+             f"the whole batch, so the total grows almost linearly: "
+             f"{sweep_tok} tok/s at batch {sweep_batch} (summed over the batch). The knee comes where the step "
+             f"turns compute-bound. Beyond batch 1 the fast path uses cuBLAS, which is built for that.")
+    return Text(text)
+
+
+def plot_decode(result: dict[str, Any]) -> Any:
+    """Batch-1 decode tok/s per path against the roofline, and the fast path's batch sweep (``decode.json``)."""
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    rows = result["batch1"]
+    labels = [_path_label(r) for r in rows]
+    colors = {"fast": "#2ca02c", "generate": "#1f77b4", "static": "#ff7f0e"}  # a labelled fast variant: light green
+    a.bar(labels, [r["decode_tok_s"] for r in rows],
+          color=[colors.get(r["path"], "#7f7f7f") if label == r["path"] else "#98df8a" for label, r in zip(labels, rows)])
+    a.tick_params(axis="x", labelsize=8)
+    a.axhline(result["roofline_tok_s"], color="k", ls="--", lw=1, label=f"roofline {result['roofline_tok_s']:.0f} tok/s")
+    a.set_ylabel("decode tok/s, batch 1")
+    a.legend(fontsize=8)
+    a.set_title(f"GLM-4-9B bf16 on {result['environment']['device']}", fontsize=9)
+    sweep = [r for r in result["batch_sweep"] if "decode_tok_s" in r]
+    b.plot([r["batch_size"] for r in sweep], [r["decode_tok_s"] for r in sweep], "o-", label="fast path")
+    b.plot([r["batch_size"] for r in sweep], [r["batch_size"] * result["roofline_tok_s"] for r in sweep], "k--", lw=1,
+           label="batch x roofline (weights read once per step)")
+    b.set_xscale("log", base=2)
+    b.set_yscale("log")
+    b.set_xlabel("batch size")
+    b.set_ylabel("tok/s summed over the batch")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _path_label(row: dict[str, Any]) -> str:
+    options = row.get("fast_options") or {}
+    if options.get("gemv") is False:
+        return f"{row['path']}\n(cuBLAS)"
+    mode = options.get("compile_options", {}).get("mode")
+    if mode:
+        return f"{row['path']}\n({mode.split('-no-')[0]})"
+    return f"{row['path']}\n({options['attention']}\nattention)" if "attention" in options else row["path"]
+
+
+def gemv_sentence() -> Text:
+    """What the Triton matrix-vector kernels reach against cuBLAS (``gemv_tune.json``, ``gemv_accuracy.json``)."""
+    g = load("gemv_tune")
+    if g is None:
+        return not_measured("The Triton GEMV kernels", "benchmarks/gemv_tune.py")
+    rows = g["projections"]
+    acc = {v["gemv"]: v for v in (load("gemv_accuracy") or {"variants": []})["variants"]}
+    text = (f"cuBLAS' kernels for these shapes read the weights at {_range([r['cublas_tb_s'] for r in rows])} TB/s on an "
+            f"{g['environment']['device']}. `benchmarks/gemv_tune.py` tried {_range([len(r['tried']) for r in rows], 0)} "
+            f"launch shapes per projection (checked against a float64 reference), timed back to back over 1 GiB of "
+            f"weights as a decode step runs them. The best reach {_range([r['best']['tb_s'] for r in rows])} TB/s, "
+            f"{_range([r['speedup_vs_cublas'] for r in rows], 2)}x cuBLAS, against a copy bandwidth of "
+            f"{g['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s (a copy must also write; the `lm_head` kernel only reads).")
+    if "triton" in acc and False in acc:
+        t, c = acc["triton"], acc[False]
+        text += (f" In bf16 they are as accurate as cuBLAS (`gemv_accuracy.json`): median logit error against the fp32 "
+                 f"model {100 * t['rel_diff_to_fp32_median']:.2f}% vs {100 * c['rel_diff_to_fp32_median']:.2f}%, same "
+                 f"argmax on {t['argmax_equal_to_fp32']} vs {c['argmax_equal_to_fp32']} of {t['steps']} steps (random "
+                 f"weights make bf16's error that large for both).")
+    return Text(text)
+
+
+def plot_gemv(result: dict[str, Any]) -> Any:
+    """Memory bandwidth each projection's matrix-vector product reaches at batch 1, cuBLAS vs glmkit's Triton
+    kernels, against the copy bandwidth of the same run (``gemv_tune.json``)."""
+    import matplotlib.pyplot as plt
+
+    rows = result["projections"]
+    fig, ax = plt.subplots(figsize=(8, 3.0))
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["cublas_tb_s"] for r in rows], width=0.4, label="cuBLAS (F.linear)", color="#1f77b4")
+    ax.bar([i + 0.2 for i in x], [r["best"]["tb_s"] for r in rows], width=0.4, label="glmkit.gemv (Triton)",
+           color="#2ca02c")
+    ax.axhline(result["copy_bandwidth_bytes_s"] / 1e12, color="k", ls="--", lw=1, label="copy bandwidth (roofline)")
+    ax.set_xticks(list(x), [f"{r['projection']}\n{r['rows']}x{r['columns']}" for r in rows], fontsize=8)
+    ax.set_ylabel("weights read, TB/s")
+    ax.set_title(f"one token's projections of GLM-4-9B, bf16, on {result['environment']['device']}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+KINDS = ("matmul (weights)", "attention", "norms, RoPE, SiLU, copies")
+
+
+def kernel_category(name: str) -> str:
+    """Coarse kind of a CUDA kernel from its name: matmul, attention, or elementwise/other.
+
+    >>> kernel_category("triton_red_fused__to_copy_mul_sum_unsqueeze_0"), kernel_category("triton_red_fused_mean_rsqrt_1")
+    ('matmul (weights)', 'norms, RoPE, SiLU, copies')
+    """
+    n = name.lower()
+    if any(k in n for k in ("nvjet", "gemm", "gemv", "cublas", "cutlass", "splitk", "triton_mm")):
+        return "matmul (weights)"
+    if n.startswith("triton_red") and "_sum_" in n:  # FastDecoder(gemv=True): a projection as a reduction
+        return "matmul (weights)"
+    if any(k in n for k in ("sdpa", "flash", "fmha", "attention")):
+        return "attention"
+    return "norms, RoPE, SiLU, copies"
+
+
+def step_breakdown(path: dict[str, Any]) -> dict[str, float]:
+    """GPU milliseconds per decode step by kernel kind for one path of ``profile_step.json``."""
+    ms = dict.fromkeys(KINDS, 0.0)
+    for name, k in path["top_kernels"].items():
+        ms[kernel_category(name)] += k["us_per_step"] / 1000
+    ms[KINDS[2]] += max(path["gpu_kernel_ms"] - sum(ms.values()), 0.0)  # kernels outside the top 20
+    return ms
+
+
+def profile_sentence() -> Text:
+    """Where one decode step's time goes, per path (``profile_step.json``)."""
+    p = load("profile_step")
+    if p is None:
+        return not_measured("The decode-step profile", "benchmarks/profile_step.py")
+    paths = p["paths"]
+    eager, cublas = paths["fast, eager layer"], paths["fast, compiled layer"]
+    triton, graph = paths["fast, compiled layer, Triton GEMV"], paths["fast, compiled layer, Triton GEMV, CUDA graph"]
+    plain = paths["plain forward (dynamic cache)"]
+    mm = {k: step_breakdown(v)["matmul (weights)"] for k, v in paths.items()}
+    att = step_breakdown(graph)["attention"] / graph["gpu_kernel_ms"]
+    ratios = [v["wall_ms"] / v["gpu_kernel_ms"] for k, v in paths.items() if "graph" not in k]
+    return Text(
+        f"`torch.profiler` over one decode step on an {p['environment']['device']} (`benchmarks/profile_step.py`). "
+        f"With cuBLAS the weight matmuls take {mm['fast, compiled layer']:.1f} ms of the step's "
+        f"{cublas['gpu_kernel_ms']:.1f} ms of GPU time in {cublas['kernels_per_step']:.0f} kernels; compiling the layer "
+        f"had already cut {eager['kernels_per_step']:.0f} kernels to {cublas['kernels_per_step']:.0f} (the residual add "
+        f"is fused with the next layer's norm, the attention mask built once per step). With glmkit's Triton GEMVs "
+        f"the matmuls take {mm['fast, compiled layer, Triton GEMV']:.1f} ms and the step "
+        f"{triton['gpu_kernel_ms']:.1f} ms in {triton['kernels_per_step']:.0f} kernels: no split-K reduce kernels, no "
+        f"separate SiLU. Attention is {100 * att:.1f}% of the step at this short context. Without a CUDA graph the "
+        f"*wall* time per step is {_range(ratios, 0)}x the GPU time (plain `forward`: {plain['wall_ms']:.0f} ms for "
+        f"{plain['gpu_kernel_ms']:.1f} ms of kernels): launching kernels from Python is the real cost of plain "
+        f"`generate()`, and the graph removes it ({graph['wall_ms']:.1f} ms wall).")
+
+
+def plot_profile(result: dict[str, Any]) -> Any:
+    """GPU kernel time of one decode step per path by kernel kind (``profile_step.json``)."""
+    import matplotlib.pyplot as plt
+
+    colors = ["#1f77b4", "#ff7f0e", "#bbbbbb"]
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    labels = list(result["paths"])
+    for i, label in enumerate(labels):
+        p = result["paths"][label]
+        ms = step_breakdown(p)
+        left = 0.0
+        for kind, color in zip(KINDS, colors):
+            ax.barh(i, ms[kind], left=left, color=color, label=kind if i == 0 else None)
+            left += ms[kind]
+        graph = "with" if "graph" in label.lower() else "without"
+        ax.text(left + 0.1, i, f"{p['kernels_per_step']:.0f} kernels; {p['wall_ms']:.1f} ms wall {graph} a CUDA graph",
+                va="center", fontsize=8)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("GPU kernel time per decode step (ms)")
+    ax.set_xlim(0, max(p["gpu_kernel_ms"] for p in result["paths"].values()) * 3.0)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3)  # below: the bars' notes fill the right
+    fig.tight_layout()
+    return fig
+
+
+def attention_share_sentence() -> Text:
+    """Attention's measured share of GPU time in prefill and in a decode step by context (``attention_share.json``)."""
+    def render(r: dict[str, Any]) -> str:
+        def shares(key: str) -> str:
+            return ", ".join(f"{x['prompt_len']:,}: {100 * x[key]['attention_share']:.1f}%" for x in r["rows"])
+        kernels = sorted({k for x in r["rows"] for k in x["prefill"]["attention_kernels"]})
+        return (f"Measured on {measured_on(r)} (`attention_share.json`, plain forward, `sdpa`): attention's share of "
+                f"GPU time in a prefill, by prompt length, {shares('prefill')}; in one decode step at that context, "
+                f"{shares('decode_step')}. Attention kernels seen: {', '.join(f'`{k}`' for k in kernels) or 'none'}.")
+    return from_result("attention_share", render, what="Attention's share of GPU time by context",
+                       script="benchmarks/attention_share.py")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Long prompts (long_context.json): notebook 05
+
+
+def planned_long_context_bytes(row: dict[str, Any]) -> int:
+    """The planner's total for one ``long_context.json`` run (GLM-4-9B, its setup, prompt + 4 new tokens), on the
+    same terms as the measurement: no CUDA context (the cap covers PyTorch's allocator only), expandable segments.
+
+    >>> row = {"setup": "nf4@12GiB", "mode": "chunked", "prompt_len": 98304, "chunk": 512}
+    >>> round(planned_long_context_bytes(row) / 2**30, 2)
+    10.72
+    """
+    from glmkit.models import glm4_9b_chat_config
+    from glmkit.planning import plan_memory
+    from glmkit.vocabulary import PRECISIONS
+
+    precision, budget = row["setup"].split("@")
+    dtype, quantization = PRECISIONS[precision]
+    plan = plan_memory(glm4_9b_chat_config(), [budget], dtype=dtype, quantization=quantization,
+                       context_len=row["prompt_len"] + 4, prefill_chunk=row.get("chunk"), cuda_context=0,
+                       expandable_segments=True)
+    return plan.devices[0].total
+
+
+def long_context_table(result: dict[str, Any]) -> Table:
+    """Which prompt lengths fit an emulated card, plain vs chunked prefill, with the planner's limit and error."""
+    rows = []
+    for r in result["runs"]:
+        planned = planned_long_context_bytes(r)
+        error = f"{_pct(planned / r['peak_reserved'] - 1)}" if r["ok"] else "-"
+        rows.append([r["setup"], r["mode"] + (f", {r['chunk']}-token chunks" if "chunk" in r else ""),
+                     str(r["prompt_len"]), "yes" if r["ok"] else "OOM", str(r["planner_max_context"]),
+                     f"{planned / GiB:.2f}", f"{r['peak_reserved'] / GiB:.2f}", error])
+    env = result["environment"]
+    return table(["card", "prefill", "prompt tokens", "fits", "planner: longest that fits", "planned GiB",
+                  "peak reserved GiB", "planner error"], rows,
+                 caption=f"{env['device']} with PyTorch's allocator capped (set_per_process_memory_fraction); prompt + 4 "
+                         "new tokens; planned on the same terms: no CUDA context, expandable segments")
+
+
+def _run(result: dict[str, Any], setup: str, mode: str, chunk: int | None = None, ok: bool | None = None,
+         ) -> list[dict[str, Any]]:
+    return [r for r in result["runs"] if r["setup"] == setup and r["mode"] == mode
+            and (chunk is None or r.get("chunk") == chunk) and (ok is None or r["ok"] == ok)]
+
+
+def long_context_sentence() -> Text:
+    """What fit on the capped cards, how close the planner came, and what the cap leaves out."""
+    lc = load("long_context")
+    if lc is None:
+        return not_measured("Long prompts on capped cards", "benchmarks/long_context.py")
+    runs = lc["runs"]
+
+    def longest(setup: str, mode: str, chunk: int | None = None) -> str:
+        ok = [r["prompt_len"] for r in _run(lc, setup, mode, chunk, ok=True)]
+        bad = [r["prompt_len"] for r in _run(lc, setup, mode, chunk, ok=False)]
+        text = f"{max(ok):,}" if ok else "nothing tried fit"
+        return text + (f" ({min(bad):,} OOM)" if bad else " (the longest tried)")
+
+    chunks = sorted({r["chunk"] for r in runs if r["setup"].startswith("nf4") and r["mode"] == "chunked"}, reverse=True)
+    nf4_chunks = "; ".join(f"{c}-token chunks {longest('nf4@12GiB', 'chunked', c)}" for c in chunks)
+    bf16_chunk = next(r["chunk"] for r in runs if r["setup"].startswith("bf16") and r["mode"] == "chunked")
+    fitted = [(r, planned_long_context_bytes(r) / r["peak_reserved"] - 1) for r in runs if r["ok"]]
+    static = [e for r, e in fitted if "DynamicCache" not in r["mode"]]
+    dynamic = [e for r, e in fitted if "DynamicCache" in r["mode"]]
+    grow = [d["peak_reserved"] - s["peak_reserved"] for d in runs if "DynamicCache" in d["mode"]
+            for s in _run(lc, d["setup"], "chunked", d.get("chunk")) if s["prompt_len"] == d["prompt_len"]]
+    top = max((r for r in runs if r["ok"] and r["setup"].startswith("nf4")), key=lambda r: r["prompt_len"])
+    outside = [(_gib_in(r["oom"], "this process has") or 0) - (_gib_in(r["oom"], "allocated memory") or 0)
+               - (_gib_in(r["oom"], "and") or 0) for r in runs if not r["ok"]]
+    return Text(
+        f"`benchmarks/long_context.py` capped PyTorch's allocator on an {lc['environment']['device']} at 24 GiB (bf16) "
+        f"and 12 GiB (nf4) and tried prompt lengths with plain `generate()` and with "
+        f"`glmkit.generation.chunked_prefill`. bf16 on 24 GiB: plain {longest('bf16@24GiB', 'plain')}, chunked "
+        f"({bf16_chunk}-token chunks) **{longest('bf16@24GiB', 'chunked', bf16_chunk)}** tokens. nf4 on 12 GiB: plain "
+        f"{longest('nf4@12GiB', 'plain')}; {nf4_chunks}. The cap covers PyTorch's allocator only: at the nf4 "
+        f"{top['prompt_len']:,}-token peak it had reserved {top['peak_reserved'] / GiB:.2f} GiB, and the process used "
+        f"another {_range(outside, 2)} GiB outside PyTorch (the CUDA context and libraries, read from the OOM "
+        f"messages of the runs that failed), "
+        f"so a real 12 GB card, which also shows CUDA less than 12 GiB, would not hold that run: plan it with the CUDA "
+        f"context counted (below). The planner's totals are within {_range([100 * e for e in static], 1, '%')} of the "
+        f"peak reserved memory of every run that fit with glmkit's static KV cache; the runs with transformers' "
+        f"`DynamicCache` (a cache growing by concatenation) reserved {_range([g / GiB for g in grow], 2)} GiB more, "
+        f"so the planner is off by {_range([100 * e for e in dynamic], 1, '%')} there.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Server load (server_load_*.json): notebook 07
+
+
+def server_table() -> Table:
+    """Tokens/s per number of concurrent clients for every committed ``server_load*`` result."""
+    rows = []
+    for path in sorted(RESULTS_DIR.glob("server_load*.json")):
+        r = json.loads(path.read_text())
+        for level in r["levels"]:
+            rows.append([path.stem, r["environment"]["device"], "yes" if r.get("fast_decode") else "no",
+                         level["clients"], f"{level['seconds']:.1f}", f"{level['tokens_per_s']:.1f}",
+                         f"{level['tokens_per_s_vs_1_client']:.1f}x", level["largest_batch"]])
+    return table(["result", "device", "--fast-decode", "clients", "window s", "tokens/s", "vs 1 client",
+                  "largest batch"], rows, caption="benchmarks/server_load.py: openai client threads on loopback")
+
+
+def server_sentence() -> Text:
+    """What the plain and the fast engine served on the GPU, with the measured windows."""
+    plain, fast = load("server_load_gpu"), load("server_load_gpu_fast")
+    if plain is None or fast is None:
+        return not_measured("Server throughput on a GPU", "benchmarks/server_load.py")
+
+    def levels(r: dict[str, Any]) -> str:
+        return " / ".join(f"{x['tokens_per_s']:.1f}" for x in r["levels"])
+
+    clients = " / ".join(str(x["clients"]) for x in plain["levels"])
+    windows = [x["seconds"] for r in (plain, fast) for x in r["levels"]]
+    top_plain = plain["levels"][-1]["tokens_per_s_vs_1_client"]
+    gains = " / ".join(f"{x['tokens_per_s_vs_1_client']:.1f}x" for x in fast["levels"])
+    decode = load("decode")
+    batch16 = next((r["decode_tok_s"] for r in (decode or {}).get("batch_sweep", []) if r["batch_size"] == 16), None)
+    text = (f"With GLM-4-9B-Chat (random weights, bf16) on an {plain['environment']['device']}, {clients} clients, "
+            f"{plain['levels'][0]['tokens'] // plain['levels'][0]['requests']} tokens per request, windows of "
+            f"{_range(windows)} s (at least 10 s, and a request that started runs to its end): the plain engine gave "
+            f"{levels(plain)} tokens/s. It runs a Python-driven `forward` per token, so a step for a batch of "
+            f"{plain['levels'][-1]['clients']} costs {plain['levels'][-1]['clients'] / top_plain:.1f}x a step for one: "
+            f"{plain['levels'][-1]['clients']} clients got {top_plain:.1f}x one client's throughput. With "
+            f"`--fast-decode` every prompt is prefilled into its own row of a static cache, then one CUDA graph per "
+            f"token decodes all rows: **{levels(fast)} tokens/s** "
+            f"({gains} one client), prefill, "
+            f"HTTP and detokenizing included. Both sides are bound by the host and vary between machines.")
+    if batch16 is not None:
+        text += (f" The rest of the gap to the {batch16:.0f} tok/s that the fast path decodes at batch 16 "
+                 f"(notebook 05) is host work per token and static batching (a new request waits for the running batch).")
+    return Text(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two GPUs (two_gpu*.json, tensor_parallel.json, gpu_links.json): notebooks 02, 08, 09
+
+
+def two_gpu_sentence() -> Text:
+    """Measured two-GPU memory per card against the plan, or the plain "not measured yet"."""
+    def render(r: dict[str, Any]) -> str:
+        maps = "; ".join(f"{m['map']}: peaks {' / '.join(f'{p / GiB:.2f}' for p in m['peak_reserved'])} GiB against "
+                         f"{' / '.join(f'{p / GiB:.2f}' for p in m['planned'])} planned"
+                         for m in r.get("maps", []) if "peak_reserved" in m and "planned" in m)
+        longest = "; ".join(f"{x['mode']}: {x['prompt_len']:,} tokens {'ok' if x.get('ok') else 'OOM'}"
+                            for x in r.get("longest", []))
+        return f"On two {r['environment']['device']} capped at 12 GiB each: {maps}. Longest prompts: {longest}."
+    return from_result("two_gpu", render, what="Two-GPU memory per card against the plan",
+                       script="benchmarks/two_gpu.py")
+
+
+def two_gpu_fast_sentence() -> Text:
+    """The fast decode path on the 20/20 split against one GPU (``two_gpu_fast.json``), or "not measured yet"."""
+    def render(r: dict[str, Any]) -> str:
+        split = [x for x in r["rows"] if x["path"] != "one GPU"]
+        one = {x["batch_size"]: x for x in r["rows"] if x["path"] == "one GPU"}
+        parts = []
+        for x in split:
+            b = x["batch_size"]
+            if "decode_tok_s" not in x:
+                parts.append(f"batch {b}: out of memory on the split")
+                continue
+            base = one.get(b, {}).get("decode_tok_s")
+            parts.append(f"batch {b}: {x['decode_tok_s']:.1f} tok/s"
+                         + (f" against {base:.1f} on one GPU ({x['decode_tok_s'] / base:.2f}x)" if base else ""))
+        same = {True: "the same greedy tokens on both", False: "greedy tokens differ"}.get(r.get("greedy_tokens_identical"))
+        return (f"`FastDecoder` on the 20/20 layer split, measured on {measured_on(r)} ({r['mode']}; {r['method']}): "
+                + "; ".join(parts) + "." + (f" {same[0].upper()}{same[1:]}." if same else ""))
+    return from_result("two_gpu_fast", render, what="The fast decode path on a two-GPU layer split",
+                       script="benchmarks/two_gpu_fast.py")
+
+
+def two_gpu_fast_chart() -> Any:
+    """Decode tok/s per batch size, one GPU against the split (``two_gpu_fast.json``); ``None`` before it exists."""
+    r = load("two_gpu_fast")
+    if r is None:
+        return None
+    rows = [x for x in r["rows"] if "decode_tok_s" in x]
+    return line_chart({path: ([x["batch_size"] for x in rows if x["path"] == path],
+                              [x["decode_tok_s"] for x in rows if x["path"] == path])
+                       for path in dict.fromkeys(x["path"] for x in rows)},
+                      xlabel="batch size", ylabel="decode tok/s (summed over the batch)", log=True,
+                      title=f"FastDecoder, GLM-4-9B bf16, 8K cache, {r['environment']['device']}")
+
+
+def gpu_links_sentence() -> Text:
+    """The link between two GPUs: bandwidth and the time one token's hidden state takes (``gpu_links.json``)."""
+    def render(r: dict[str, Any]) -> str:
+        links = ", ".join(sorted({"NVLink" if x.get("nvlink") else f"PCIe ({x.get('pcie_path', '?')})"
+                                  for x in r.get("links", [])})) or "not recorded"
+        parts = []
+        for d in r["directions"]:
+            one = d["hidden_state_seconds"].get("1", d["hidden_state_seconds"].get(1))
+            parts.append(f"GPU {d['from']} → {d['to']}: {d['bandwidth_bytes_s'] / 1e9:.0f} GB/s for large copies, "
+                         f"one token's hidden state ({r['hidden_state_bytes'] // 1024} KiB) in {1e6 * one:.0f} µs")
+        return f"Measured on two {r['environment']['device']} (link: {links}): " + "; ".join(parts) + "."
+    return from_result("gpu_links", render, what="The time of one small transfer between two GPUs",
+                       script="benchmarks/gpu_links.py")
+
+
+def tensor_parallel_table() -> Table | Text:
+    """``tensor_parallel.json`` as a table (one GPU, layer split, tensor parallel), or "not measured yet"."""
+    r = load("tensor_parallel")
+    if r is None:
+        return not_measured("One GPU vs a 2-GPU layer split vs 2-GPU tensor parallelism",
+                            "benchmarks/tensor_parallel.py")
+    keys = [k for k in r["runs"][0] if k not in ("mode", "batch_size", "error")][:6]
+    return table(["mode", "batch"] + keys, [[x["mode"], x["batch_size"]] + [
+        f"{x[k]:.1f}" if isinstance(x.get(k), float) else x.get(k, "-") for k in keys] for x in r["runs"]],
+        caption=f"{measured_on(r)}; {r['method']}")
+
+
+def tensor_parallel_sentence() -> Text:
+    """Each two-GPU mode's decode speed against one GPU's at the same batch, or "not measured yet"."""
+    def render(r: dict[str, Any]) -> str:
+        runs = [x for x in r["runs"] if x.get("decode_tok_s")]
+        base_mode = r["runs"][0]["mode"]  # benchmarks/tensor_parallel.py runs one GPU first
+        base = {x["batch_size"]: x["decode_tok_s"] for x in runs if x["mode"] == base_mode}
+        parts = [f"{x['mode']} at batch {x['batch_size']}: {x['decode_tok_s']:.1f} tok/s"
+                 + (f" ({x['decode_tok_s'] / base[x['batch_size']]:.2f}x {base_mode})" if x["batch_size"] in base else "")
+                 for x in runs if x["mode"] != base_mode]
+        failed = [f"{x['mode']} at batch {x['batch_size']}" for x in r["runs"] if not x.get("decode_tok_s")]
+        return (f"Measured on {measured_on(r)} ({r['method']}): " + "; ".join(parts) + "."
+                + (f" Failed: {', '.join(failed)}." if failed else ""))
+    return from_result("tensor_parallel", render, what="Tensor parallel decode speed against one GPU",
+                       script="benchmarks/tensor_parallel.py")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quantization (quantization_9b.json) and the monitor (monitor_check*.json): README
+
+
+def quantization_sentence() -> Text:
+    """Weights on the card per precision (measured next to planned) and plain ``generate()`` speed."""
+    q = load("quantization_9b")
+    if q is None:
+        return not_measured("GLM-4-9B in each precision", "benchmarks/quantization.py")
+    p = q["precisions"]
+    diff = [(r["loaded_bytes"] - r["planned_bytes"]) / 2**20 for r in p]
+    weights = ", ".join(f"{r['precision']} {r['loaded_bytes'] / GiB:.2f} GiB" for r in p)
+    speeds = ", ".join(f"{r['precision']} {r['tok_s']['1']:.1f} / {r['tok_s']['8']:.1f}" for r in p)
+    return Text(
+        f"**Weights on the card** (measured on an {q['environment']['device']}; the planner's figure is "
+        f"{_range(diff, 1)} MiB below it, bitsandbytes' small buffers): {weights} (`lm_head` and embeddings stay "
+        f"16-bit). **Plain `generate()` decode** (32-token prompt, 32 new tokens, median of 3; "
+        f"`quantization_9b.json`), batch 1 / batch 8 in tok/s summed over the batch: {speeds}.")
+
+
+def monitor_sentence() -> Text:
+    """How well the monitor agrees with nvidia-smi and what polling costs (``monitor_check*.json``)."""
+    m, fast = load("monitor_check"), load("monitor_check_fast")
+    if m is None:
+        return not_measured("The monitor's accuracy and cost", "benchmarks/monitor_check.py")
+    r = fast or m
+    agree = max(a["relative_difference"] for a in r["agreement"])
+    duty = " / ".join(f"{100 * v:.2f}%" for v in r["poll_duty_cycle"].values())
+    text = (f"**Monitor**: `snapshot()` agrees with `nvidia-smi` to {100 * agree:.3f}%. A poll of the live widget takes "
+            f"{_range(list(r['ms_per_poll'].values()))} ms, so polling every {' / '.join(r['poll_duty_cycle'])} keeps "
+            f"its thread busy {duty} of the time.")
+    if fast is not None:
+        cost = max(abs(v) for v in fast["paired_overhead"].values())
+        text += (f" Decoding with the fast path ({fast['median_tok_s']['none']:.1f} tok/s), "
+                 f"{len(fast['decode_tok_s']['none'])} rotated runs per setting: median cost under "
+                 f"{max(100 * cost, 0.01):.2f}% at every interval (`monitor_check_fast.json`).")
+    return Text(text)
+
+
+def precision_quality_sentence(report: Any) -> Text:
+    """Perplexity and greedy agreement per precision against the first (bf16) from a live
+    ``glmkit.quantization.compare_precisions`` report (notebook 04)."""
+    base = report.results[0]
+    ppl = ", ".join(f"{r.precision} {r.perplexity:.4f}"
+                    + ("" if r is base else f" ({_pct(r.perplexity / base.perplexity - 1, 2)})") for r in report.results)
+    agree = ", ".join(f"{r.precision} {100 * r.agreement:.0f}%" for r in report.results[1:])
+    return Text(f"Measured here ({report.device}): held-out perplexity {ppl}. Greedy tokens that agree with "
+                f"{base.precision}'s: {agree}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The README's measured section
+
+
+README_BEGIN = ("<!-- measured: rendered by `python -m glmkit.results --update-readme` from benchmarks/results; "
+                "do not edit by hand -->")
+README_END = "<!-- end of measured -->"
+
+
+def readme_measured_section() -> str:
+    """The README's measured figures, as Markdown bullets, from the committed results (``python -m glmkit.results``
+    prints it, ``--update-readme`` writes it; ``tests/test_results.py`` fails when the README's copy differs)."""
+    decode = load("decode")
+    bullets = [quantization_sentence(), "**Planner vs measured peak**: " + planner_sentence(),
+               "**A real OOM**: " + oom_sentence(), monitor_sentence(),
+               "**Fast decode path**: " + decode_sentence().replace("\n\n", " "),
+               "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
+               "**Long prompts**: " + long_context_sentence(),
+               "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
+               "**Fast path on two GPUs**: " + two_gpu_fast_sentence(),
+               "**Tensor parallel**: " + tensor_parallel_sentence()]
+    head = "Measured"
+    if decode:
+        v = decode["environment"]["versions"]
+        head = (f"Measured on an {decode['environment']['device']} (torch {v['torch']}, transformers {v['transformers']}, "
+                f"bitsandbytes {v['bitsandbytes']}; {decode['environment']['date']})")
+    return "\n".join([README_BEGIN, f"{head} (GLM-4-9B-Chat architecture, random weights; raw results in "
+                      "`benchmarks/results/`):", ""] + [f"- {b}" for b in bullets] + [README_END])
+
+
+def update_readme(path: str | Path = RESULTS_DIR.parents[1] / "README.md") -> bool:
+    """Replace the README's measured section with a fresh rendering; ``True`` when it changed."""
+    path = Path(path)
+    text = path.read_text()
+    start, end = text.index("<!-- measured:"), text.index(README_END) + len(README_END)  # any earlier marker text
+    new = text[:start] + readme_measured_section() + text[end:]
+    path.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--update-readme" in sys.argv:  # python -m glmkit.results --update-readme
+        print("README.md updated" if update_readme() else "README.md already matches the results")
+    else:
+        print(readme_measured_section())

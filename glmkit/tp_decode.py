@@ -1,0 +1,370 @@
+"""Tensor-parallel fast decode for GLM-4: every layer split over the torchrun processes, one CUDA graph per token.
+
+A layer split (notebooks 02-03) adds memory but not speed: one card works at a time. Tensor parallelism splits
+every weight so all cards read their half of it for every token, and the two halves meet in an all-reduce.
+GLM-4-9B-Chat has 2 KV heads, which makes two ranks natural: rank r keeps KV head r and the 16 query heads that
+share it, so attention needs no communication at all. Per layer:
+
+- q/k/v: the rank's heads (column split of the fused q/k/v projection);
+- ``o_proj``: the columns that read those heads (row split), its partial sum all-reduced;
+- gate/up: a slice of the MLP's width (column split), ``down_proj``: the matching columns, all-reduced;
+- ``lm_head``: a slice of the vocabulary; the logits of all ranks are gathered, so every rank picks the same token.
+
+Two all-reduces of one ``[batch, hidden]`` hidden state per layer: 80 per token for GLM-4-9B. Each rank runs
+the same compiled pieces as ``glmkit.fast_decode`` (Triton GEMVs at batch 1 on a GPU), with the collectives in
+between, and on a GPU captures the whole token, all-reduces included, as one CUDA graph.
+Run it with ``glmkit generate --tp 2 --fast-decode`` (or ``glmkit bench``). Introduced in
+``notebooks/08_tensor_parallel.ipynb``.
+
+One process can build one rank's shard without a process group (``group=None, rank=0, world=2``): it then
+skips the collectives, which measures what one card does of a TP=2 token (the bound on TP's speed-up):
+
+>>> from glmkit.loading import load_model
+>>> model = load_model(device_map="cpu", dtype=torch.float32)
+>>> shard = TPDecoder(model, max_len=32, rank=0, world=2)
+>>> [tuple(w.shape) for w in shard.layers[0][:1]], tuple(shard.lm_head.shape)
+([(256, 256)], (512, 256))
+>>> TPDecoder(model, max_len=32).generate(torch.tensor([[1, 2, 3]]), 4, ignore_eos=True).shape
+torch.Size([1, 7])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from glmkit.fast_decode import RECOMPILE_LIMIT, FastDecoder, _linear, _mlp_activation, _rms_norm, _rope, auto_gemv
+from glmkit.generation import pick_token
+
+
+def tp_shard(model: torch.nn.Module, rank: int, world: int) -> dict[str, Any]:
+    """Rank ``rank``'s slices of a GLM model's weights for ``world``-way tensor parallelism (views of the model's
+    tensors, not copies): per layer (fused q/k/v weight and bias, o_proj columns, post-attention norm, gate/up rows,
+    down columns, next norm), plus the rank's ``lm_head`` rows.
+
+    >>> from glmkit.loading import load_model
+    >>> shard = tp_shard(load_model(device_map="cpu"), rank=1, world=2)
+    >>> [tuple(w.shape) for w in shard["layers"][0] if w is not None][:3]
+    [(256, 256), (256,), (256, 128)]
+    """
+    cfg = model.config
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    inter, vocab = cfg.intermediate_size, cfg.vocab_size
+    for what, n in (("query heads", heads), ("KV heads", kv), ("MLP width", inter), ("vocabulary", vocab)):
+        if n % world:
+            raise ValueError(f"{world} ranks cannot split {n} {what} evenly; GLM-4-9B-Chat takes --tp 1 or 2.")
+    q = slice(rank * heads // world * hd, (rank + 1) * heads // world * hd)
+    k = slice(rank * kv // world * hd, (rank + 1) * kv // world * hd)
+    m = slice(rank * inter // world, (rank + 1) * inter // world)
+    layers = model.model.layers
+    next_norms = [layer.input_layernorm.weight for layer in layers[1:]] + [model.model.norm.weight]
+    out = []
+    for layer, next_norm in zip(layers, next_norms):
+        a, mlp = layer.self_attn, layer.mlp
+        wqkv = torch.cat([a.q_proj.weight[q], a.k_proj.weight[k], a.v_proj.weight[k]])
+        bqkv = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias[q], a.k_proj.bias[k], a.v_proj.bias[k]])
+        gate, up = mlp.gate_up_proj.weight.chunk(2, dim=0)
+        out.append((wqkv, bqkv, a.o_proj.weight[:, q], layer.post_attention_layernorm.weight,
+                    torch.cat([gate[m], up[m]]), mlp.down_proj.weight[:, m], next_norm))
+    v = slice(rank * vocab // world, (rank + 1) * vocab // world)
+    return {"layers": out, "lm_head": model.lm_head.weight[v],
+            "lm_head_bias": None if model.lm_head.bias is None else model.lm_head.bias[v]}
+
+
+def attention_half(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   mask: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None, wo: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+                   gemv: bool | str) -> torch.Tensor:
+    """The rank's heads for ``s`` new tokens per row, their K/V written at ``pos`` in the static cache; returns
+    this rank's partial ``o_proj`` output (to be all-reduced).
+
+    h: normalised input [b, s, hidden]; pos: [b, s] positions; cos/sin: [b, 1, s, rotary]; mask: additive
+    [b, 1, s, max_len]; k_cache/v_cache: [b, kv_heads, max_len, head_dim].
+    """
+    b, s, _ = h.shape
+    qkv = _linear(h, wqkv, bqkv, gemv)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = _rope(q.view(b, s, heads, head_dim).transpose(1, 2), cos, sin)
+    k = _rope(k.view(b, s, kv_heads, head_dim).transpose(1, 2), cos, sin)
+    v = v.view(b, s, kv_heads, head_dim).transpose(1, 2)
+    rows = torch.arange(b, device=h.device)[:, None]
+    k_cache[rows, :, pos] = k.transpose(1, 2)  # [b, s, kv, hd] into [b, kv, max_len, hd] at (row, :, pos)
+    v_cache[rows, :, pos] = v.transpose(1, 2)
+    attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # [b, heads, s, hd]
+    return _linear(attn.transpose(1, 2).reshape(b, s, heads * head_dim), wo, None, gemv)
+
+
+def mlp_half(x: torch.Tensor, o: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, eps: float,
+             gemv: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add of the all-reduced attention output, then the rank's slice of the MLP: returns the new residual
+    stream and this rank's partial ``down_proj`` output (to be all-reduced)."""
+    x = x + o
+    return x, _linear(_mlp_activation(_rms_norm(x, ln2, eps), wgu, gemv), wd, None, gemv)
+
+
+def next_input(x: torch.Tensor, d: torch.Tensor, norm: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual add of the all-reduced MLP output and the next layer's input norm (or the final norm)."""
+    x = x + d
+    return x, _rms_norm(x, norm, eps)
+
+
+class TPDecoder:
+    """Static-cache decoder for one tensor-parallel rank of a GLM model.
+
+    Args:
+        model: a ``GlmForCausalLM`` in 16/32-bit, whole, on any device (every rank loads it; only the rank's slices
+            are copied to ``device``; the caller may drop the model afterwards).
+        max_len: prompt + new tokens the static cache holds; batch_size: sequences decoded together.
+        group: the process group of the ranks (``None``: no collectives, one rank's share alone, for measuring).
+        rank, world: this rank and the number of ranks (default: from ``group``, else 0 and 1).
+        device: where the shard lives (default: the model's device).
+        cuda_graph, compile, gemv: as ``FastDecoder`` (defaults: on a GPU; Triton GEMVs at batch 1 on Ampere+).
+        graph_batch_sizes: the batch sizes captured (default 1, 2, 4, ... up to ``batch_size``); a step of k rows
+            runs the smallest that holds them.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
+                 group: dist.ProcessGroup | None = None, rank: int | None = None, world: int | None = None,
+                 device: torch.device | str | None = None, cuda_graph: bool | None = None,
+                 compile: bool | None = None, gemv: bool | str = "auto",
+                 graph_batch_sizes: list[int] | None = None) -> None:
+        FastDecoder.check(model)
+        self.group = group
+        self.rank = rank if rank is not None else (dist.get_rank(group) if group is not None else 0)
+        self.world = world if world is not None else (dist.get_world_size(group) if group is not None else 1)
+        cfg = model.config
+        self.device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
+        self.devices = [self.device]  # (as FastDecoder's, whose tokens_per_second this class shares)
+        self.dtype = model.get_input_embeddings().weight.dtype
+        on_gpu = self.device.type == "cuda"
+        self.use_graph = on_gpu if cuda_graph is None else cuda_graph
+        self.compiled = on_gpu if compile is None else compile
+        self.gemv = auto_gemv(self.device, 1) if gemv == "auto" else gemv  # used by the batch-1 bucket
+        self.max_len, self.batch_size = max_len, batch_size
+        self.heads, self.kv_heads = cfg.num_attention_heads // self.world, cfg.num_key_value_heads // self.world
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps, self.vocab = cfg.rms_norm_eps, cfg.vocab_size
+        shard = tp_shard(model, self.rank, self.world)
+
+        def to_dev(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to(self.device).contiguous()
+
+        self.layers = [tuple(to_dev(t) for t in layer) for layer in shard["layers"]]
+        self.lm_head, self.lm_head_bias = to_dev(shard["lm_head"]), to_dev(shard["lm_head_bias"])
+        self.embed = to_dev(model.get_input_embeddings().weight)  # replicated: one lookup, no collective
+        self.first_norm = to_dev(model.model.layers[0].input_layernorm.weight)
+        shape = (len(self.layers), batch_size, self.kv_heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        with torch.no_grad():
+            positions = torch.arange(max_len, device=model.get_input_embeddings().weight.device)[None]
+            cos, sin = model.model.rotary_emb(model.get_input_embeddings().weight[:1], positions)
+        half = cos.shape[-1] // 2
+        self.cos = cos[0, :, :half].repeat_interleave(2, dim=-1).to(self.device).contiguous()
+        self.sin = sin[0, :, :half].repeat_interleave(2, dim=-1).to(self.device).contiguous()
+        self.positions = torch.arange(max_len, device=self.device)
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        alone = group is None and self.world > 1  # one rank's shard measured alone: its slice of the vocabulary
+        width = self.vocab // self.world if alone else self.vocab
+        self.logits = torch.zeros(batch_size, width, dtype=torch.float32, device=self.device)
+        if self.compiled:
+            config = torch._dynamo.config
+            config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, RECOMPILE_LIMIT)
+
+        def maybe_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+            return torch.compile(fn, fullgraph=True, dynamic=False) if self.compiled else fn
+
+        self._attention, self._mlp, self._next = map(maybe_compile, (attention_half, mlp_half, next_input))
+        self.buckets = sorted(set(graph_batch_sizes or [2**i for i in range(batch_size.bit_length()) if 2**i < batch_size]
+                                  + [batch_size]))
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.ready = False
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.group is not None and self.world > 1:
+            dist.all_reduce(t, group=self.group)
+        return t
+
+    def _gather_logits(self, part: torch.Tensor) -> torch.Tensor:
+        """``[b, vocab / world]`` of this rank -> ``[b, vocab]`` on every rank (fp32), so all ranks pick alike."""
+        part = part.float()
+        if self.group is None or self.world == 1:
+            return part
+        b = part.shape[0]
+        parts = torch.empty(self.world * b, part.shape[1], dtype=part.dtype, device=part.device)
+        dist.all_gather_into_tensor(parts, part.contiguous(), group=self.group)  # [world * b, vocab / world]
+        return parts.view(self.world, b, -1).permute(1, 0, 2).reshape(b, -1)
+
+    def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, rows: slice, gemv: bool | str,
+                 attention: Callable[..., Any], mlp: Callable[..., Any], nxt: Callable[..., Any]) -> torch.Tensor:
+        """Tokens ``[b, s]`` at positions ``pos`` ``[b, s]`` of cache rows ``rows``: this rank's logits of the last
+        position ``[b, vocab / world]``."""
+        b, s = tokens.shape
+        x = F.embedding(tokens, self.embed)  # [b, s, hidden]
+        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [b, 1, s, rotary]
+        mask = torch.zeros(b, 1, s, self.max_len, dtype=self.dtype, device=self.device)
+        mask = mask.masked_fill(self.positions[None, None, None, :] > pos[:, None, :, None], float("-inf"))
+        h = _rms_norm(x, self.first_norm, self.eps)
+        for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.layers):
+            o = attention(x, h, pos, cos, sin, mask, wqkv, bqkv, wo, self.k_cache[i, rows], self.v_cache[i, rows],
+                          self.heads, self.kv_heads, self.head_dim, gemv)
+            x, d = mlp(x, self._all_reduce(o), ln2, wgu, wd, self.eps, gemv)
+            x, h = nxt(x, self._all_reduce(d), next_norm, self.eps)
+        head = "triton" if gemv == "triton" else False
+        return _linear(h[:, -1:], self.lm_head, self.lm_head_bias, head)[:, -1]
+
+    def bucket(self, k: int) -> int:
+        """The smallest captured batch size that holds ``k`` rows."""
+        if not 1 <= k <= self.batch_size:
+            raise ValueError(f"This decoder holds 1..{self.batch_size} rows, got {k}.")
+        return min(b for b in self.buckets if b >= k)
+
+    @torch.no_grad()
+    def _step(self, b: int) -> None:
+        """One token for rows 0..b-1: reads self.tokens/self.pos, writes self.logits."""
+        gemv = self.gemv if b == 1 else False  # glmkit's Triton GEMVs read one token; cuBLAS for more
+        part = self._forward(self.tokens[:b], self.pos[:b, None], slice(0, b), gemv, self._attention, self._mlp,
+                             self._next)
+        self.logits[:b].copy_(self._gather_logits(part))
+
+    def _capture(self) -> None:
+        """Compile and (on a GPU) capture one graph per bucket, collectives included."""
+        for b in self.buckets:
+            if not self.use_graph:
+                self._step(b)
+                continue
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(3):  # compile, autotune and allocate outside the graph
+                    self._step(b)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self._step(b)
+            self.graphs[b] = graph
+        self.ready = True
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, chunk: int | None = None, slot: int | None = None,
+                start: int = 0) -> torch.Tensor:
+        """Run prompts ``[b, n]`` (or one prompt into row ``slot``) through the rank's shard in ``chunk``-token
+        pieces, filling the static cache from position ``start`` (the earlier positions already there); returns
+        the last position's logits ``[b, vocab]`` (the same on every rank)."""
+        b, n = input_ids.shape
+        if slot is None and b != self.batch_size:
+            raise ValueError(f"This decoder was built for batch size {self.batch_size}, got {b} prompts.")
+        if slot is not None and (b != 1 or not 0 <= slot < self.batch_size):
+            raise ValueError(f"A slot takes one prompt and is one of 0..{self.batch_size - 1}; got {b} prompts "
+                             f"for slot {slot}.")
+        if start + n >= self.max_len:
+            raise ValueError(f"The prompt reaches position {start + n}; the static cache holds {self.max_len} "
+                             "(raise max_len).")
+        if not self.ready:
+            self._capture()  # before the cache is filled: warm-up steps write K/V at position 0
+        rows = slice(None) if slot is None else slice(slot, slot + 1)
+        input_ids = input_ids.to(self.device)
+        step = chunk or n
+        for first in range(0, n, step):
+            piece = input_ids[:, first:first + step]
+            pos = torch.arange(start + first, start + first + piece.shape[1], device=self.device).expand(b, -1)
+            part = self._forward(piece, pos, rows, False, attention_half, mlp_half, next_input)
+        return self._gather_logits(part)
+
+    def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+        """Logits ``[k, vocab]`` for ``tokens`` ``[k]`` of rows 0..k-1 at ``pos`` (one for all rows, or ``[k]``),
+        with the smallest captured batch that holds them (its other rows decode a dummy token at position 0, which
+        a later prefill of that row overwrites). The logits are valid until the next step."""
+        k = tokens.numel()
+        b = self.bucket(k)
+        self.tokens[:k].copy_(tokens.view(-1, 1))
+        self.tokens[k:b].zero_()
+        self.pos[:k].copy_(pos) if isinstance(pos, torch.Tensor) else self.pos[:k].fill_(pos)
+        self.pos[k:b].zero_()
+        if not self.ready:
+            self._capture()
+        self.graphs[b].replay() if b in self.graphs else self._step(b)
+        return self.logits[:k]
+
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
+               top_p: float = 1.0, eos: list[int] | None = None, ignore_eos: bool = False,
+               prefill_chunk: int | None = None, seed: int | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token ``[b]`` per step; every rank yields the same tokens (same gathered logits, and the
+        same ``seed`` for sampling)."""
+        n = input_ids.shape[1]
+        if n + max_new_tokens > self.max_len:
+            raise ValueError(f"{n} prompt + {max_new_tokens} new tokens exceed max_len={self.max_len}.")
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(self.device).manual_seed(0 if seed is None else seed)
+        stop = torch.tensor(eos or [], device=self.device, dtype=torch.long)
+        logits = self.prefill(input_ids, prefill_chunk)
+        done = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
+        for i in range(max_new_tokens):
+            token = pick_token(logits, temperature, top_p, generator)
+            yield token
+            if not ignore_eos and stop.numel():
+                done |= torch.isin(token, stop)
+                if bool(done.all()):
+                    return
+            if i + 1 < max_new_tokens:
+                logits = self.decode_step(token, n + i)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, ignore_eos: bool = False,
+                 **kwargs: Any) -> torch.Tensor:
+        """Prompt + new tokens ``[b, n + new]``; stops early when every sequence said an end token."""
+        new = list(self.stream(input_ids, max_new_tokens, ignore_eos=ignore_eos, **kwargs))
+        return torch.cat([input_ids.to(self.device), torch.stack(new, dim=1)], dim=1)
+
+    # the same measurement as the one-device decoder's (prefill and warm-up excluded), so the two compare directly
+    tokens_per_second = FastDecoder.tokens_per_second
+
+
+class TPLeader:
+    """Rank 0's handle on its ``TPDecoder`` for a server: every ``prefill``/``decode_step`` is first sent to the other
+    ranks (``follow``), which run the same call on their shards, so the collectives inside meet. The serving engine
+    drives it like a one-device decoder. ``close()`` releases the followers.
+
+    Commands travel as small Python objects over ``group`` (a gloo group: host memory, off the GPU's stream).
+    """
+
+    def __init__(self, decoder: TPDecoder, group: dist.ProcessGroup | None = None) -> None:
+        self.decoder, self.group = decoder, group
+        for name in ("batch_size", "max_len", "device", "dtype", "buckets", "bucket"):
+            setattr(self, name, getattr(decoder, name))
+
+    def _send(self, *command: Any) -> None:
+        dist.broadcast_object_list([command], src=dist.get_global_rank(self.group, 0) if self.group else 0,
+                                   group=self.group)
+
+    def prefill(self, input_ids: torch.Tensor, chunk: int | None = None, slot: int | None = None,
+                start: int = 0) -> torch.Tensor:
+        self._send("prefill", input_ids.cpu(), chunk, slot, start)
+        return self.decoder.prefill(input_ids, chunk, slot, start)
+
+    def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+        self._send("decode_step", tokens.cpu(), pos.cpu() if isinstance(pos, torch.Tensor) else pos)
+        return self.decoder.decode_step(tokens, pos)
+
+    def close(self) -> None:
+        self._send("stop")
+
+
+def follow(decoder: TPDecoder, group: dist.ProcessGroup | None = None) -> int:
+    """Run what the leader (rank 0's ``TPLeader``) sends until it says stop; returns the number of calls run."""
+    calls = 0
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+        name, *args = box[0]
+        if name == "stop":
+            return calls
+        getattr(decoder, name)(*args)
+        calls += 1

@@ -1,0 +1,140 @@
+"""Figures come from results: notebook prose and the README carry no typed-in measurement."""
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+import glmkit.bench
+from glmkit import results
+from glmkit.cards import decision_table, speed_ceiling
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A measured figure: a number with a speed, bandwidth, memory-peak, percentage or speed-up unit.
+FIGURE = re.compile(r"(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?(?:\s*[–-]\s*[-+]?\d[\d,]*(?:\.\d+)?)?\s*"
+                    r"(?:tok/s|tokens/s|TB/s|GB/s|GiB|MiB|%)|(?<![\w.])[-+]?\d+(?:\.\d+)?(?:x|×)(?![\w])")
+
+# Figures prose may state because they are not measurements: architecture and planner arithmetic from the config
+# (the same on every machine), unit examples, and the tiny model's training experiments (notebook 04 explains
+# them; they are not full-size figures). Each entry: (file, figure) -> why.
+ALLOWED = {
+    ("*", "17.5 GiB"): "9.4 B parameters x 2 bytes: architecture",
+    ("*", "17.51 GiB"): "bf16 weights from the config: architecture",
+    ("*", "1.16 GiB"): "embed_tokens / lm_head size from the config",
+    ("*", "0.35 GiB"): "double quantization's saving: planner arithmetic",
+    ("*", "6.2–6.6 GiB"): "4-bit weights: planner arithmetic",
+    ("*", "1.7 GiB"): "the MLP output of a 32K prompt: [1, 32768, 27392] x 2 bytes",
+    ("*", "12 GiB"): "a card size (a budget), not a measurement",
+    ("*", "24 GiB"): "a card size (a budget)",
+    ("*", "8 GiB"): "a card size (a budget)",
+    ("*", "12GiB"): "a budget in code",
+    ("*", "24GiB"): "a budget in code",
+    ("README.md", "4 MiB"): "the server's request-body limit, a setting",
+    ("*", "5.0 GiB"): "KV cache at 128K from the config",
+    ("*", "0.31 GiB"): "KV cache at 8K from the config",
+    ("*", "1.4 GiB"): "the fused q/k/v copy: its size from the config",
+    ("04_quantization.ipynb", "-0.04% to +0.06%"): "tiny-model training experiments, explained in place",
+    ("04_quantization.ipynb", "+0.02% to +0.13%"): "tiny-model training experiments",
+    ("04_quantization.ipynb", "+0.21% to +0.36%"): "tiny-model training experiments",
+    ("04_quantization.ipynb", "-0.04%"): "tiny-model training experiments",
+    ("04_quantization.ipynb", "+0.06%"): "tiny-model training experiments",
+    ("04_quantization.ipynb", "+0.02%"): "tiny-model training experiments",
+    ("04_quantization.ipynb", "+0.13%"): "tiny-model training experiments",
+    ("04_quantization.ipynb", "+0.21%"): "tiny-model training experiments",
+    ("04_quantization.ipynb", "+0.36%"): "tiny-model training experiments",
+}
+
+
+def stated_figures(text: str, file: str) -> list[str]:
+    """Measured-looking figures in ``text`` that are not on the allowed list."""
+    found = [m.group(0).strip() for m in FIGURE.finditer(text)]
+    return [f for f in found if ("*", f) not in ALLOWED and (file, f) not in ALLOWED]
+
+
+def test_the_figure_pattern_catches_measurements_and_passes_architecture():
+    text = "the fast path reached 150.3 tok/s, 87.5% of the roofline, 8.4x plain generate(), peak 11.99 GiB, 40 layers"
+    assert stated_figures(text, "x") == ["150.3 tok/s", "87.5%", "8.4x", "11.99 GiB"]
+    assert stated_figures("17.51 GiB of weights, 40 layers, 2 KV heads, 128K context", "x") == []
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebook_markdown_states_no_measured_figure(path):
+    nb = nbformat.read(path, 4)
+    bad = {i: stated_figures(c.source, path.name) for i, c in enumerate(nb.cells) if c.cell_type == "markdown"}
+    bad = {i: f for i, f in bad.items() if f}
+    assert not bad, (f"{path.name}: markdown cells state measured figures {bad}; render them from "
+                     "benchmarks/results with a glmkit.results function in a code cell instead")
+
+
+def test_readme_measured_section_is_rendered_from_results():
+    readme = (ROOT / "README.md").read_text()
+    section = results.readme_measured_section()
+    assert section in readme, ("README's measured section differs from the results: run "
+                               "`python -m glmkit.results --update-readme`")
+
+
+def test_readme_outside_the_rendered_section_states_no_measured_figure():
+    readme = (ROOT / "README.md").read_text()
+    start, end = readme.index(results.README_BEGIN), readme.index(results.README_END)
+    prose = readme[:start] + readme[end:]
+    prose = re.sub(r"```.*?```", "", prose, flags=re.S)  # commands and code blocks
+    assert stated_figures(prose, "README.md") == []
+
+
+def test_missing_result_says_not_measured_and_switches_once_measured(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    assert "not measured yet" in results.tensor_parallel_sentence()
+    assert "not measured yet" in results.two_gpu_sentence()
+    env = {"device": "NVIDIA H200", "date": "2026-11-29"}
+    runs = [{"mode": "one GPU", "batch_size": 1, "decode_tok_s": 20.0},
+            {"mode": "2-GPU tensor parallel", "batch_size": 1, "decode_tok_s": 10.0}]
+    (tmp_path / "tensor_parallel.json").write_text(json.dumps({"environment": env, "method": "m", "runs": runs}))
+    sentence = results.tensor_parallel_sentence()
+    assert "not measured" not in sentence and "10.0 tok/s (0.50x one GPU)" in sentence
+    assert "10.0" in str(results.tensor_parallel_table())
+    maps = [{"map": "manual 20/20", "planned": [10 * 2**30, 11 * 2**30], "peak_reserved": [10 * 2**30, 12 * 2**30]}]
+    longest = [{"mode": "plain generate(), accelerate auto", "prompt_len": 16384, "ok": False}]
+    (tmp_path / "two_gpu.json").write_text(json.dumps({"environment": env, "maps": maps, "longest": longest}))
+    sentence = results.two_gpu_sentence()
+    assert "10.00 / 12.00 GiB against 10.00 / 11.00 planned" in sentence and "16,384 tokens OOM" in sentence
+    assert "not measured yet" in results.two_gpu_fast_sentence() and results.two_gpu_fast_chart() is None
+    rows = [{"path": "one GPU", "batch_size": 1, "decode_tok_s": 190.0},
+            {"path": "split 20/20", "batch_size": 1, "decode_tok_s": 180.0}]
+    (tmp_path / "two_gpu_fast.json").write_text(json.dumps({"environment": env, "mode": "two GPUs", "method": "m",
+                                                             "rows": rows, "greedy_tokens_identical": True}))
+    assert "180.0 tok/s against 190.0 on one GPU (0.95x)" in results.two_gpu_fast_sentence()
+    assert results.two_gpu_fast_chart() is not None
+    assert "not measured yet" not in results.readme_measured_section().split("**Two GPUs**")[1]
+
+
+def test_rendered_sentences_match_the_committed_files():
+    decode = results.load("decode")
+    assert f"{decode['batch1'][0]['decode_tok_s']:.1f} tok/s" in results.decode_sentence()
+    lc = results.long_context_sentence()
+    assert "outside PyTorch" in lc and "DynamicCache" in lc
+    server = results.server_sentence()
+    assert "9.2x one client" in server and "10.2–29.5 s" in server
+    assert "2.1%" in results.planner_sentence()  # the held-out check
+
+
+def test_planner_is_close_on_static_cache_long_context_runs():
+    lc = results.load("long_context")
+    for row in lc["runs"]:
+        if row["ok"] and "DynamicCache" not in row["mode"]:
+            assert abs(results.planned_long_context_bytes(row) / row["peak_reserved"] - 1) < 0.02, row
+
+
+def test_bench_keeps_measurement_only():
+    assert not [n for n in dir(glmkit.bench) if n.startswith("plot_") or n.endswith("_table") and n != "decode_table"]
+
+
+def test_speed_ceiling_from_bandwidth():
+    assert round(speed_ceiling("RTX 3060 12GB"), 1) == 20.5  # 360 GB/s / 17.56 GB per token
+    assert speed_ceiling("RTX 3060 12GB", "nf4") > 2.5 * speed_ceiling("RTX 3060 12GB")
+    assert speed_ceiling("RTX 3090 24GB", tensor_parallel=2) == pytest.approx(2 * speed_ceiling("RTX 3090 24GB"))
+    rows = {r[0]: r for r in decision_table().rows}
+    assert rows["12GiB"][1:4] == ["no", "yes", "yes"]  # bf16 not on one 12 GiB card; nf4 on one; bf16 on two
+    assert rows["24GiB"][1] == "yes"
