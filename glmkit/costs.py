@@ -30,6 +30,7 @@ from glmkit.vocabulary import (
     ALLOC_CONF_ENV,
     ALLOCATORS,
     EXPANDABLE_SEGMENTS,
+    SET_BY_GLMKIT_ENV,
     MiB,
     PlanningError,
     element_size,
@@ -63,6 +64,8 @@ def resolve_allocator(allocator: str | None = None, expandable_segments: bool | 
     ('expandable', 'glmkit sets PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in every process it starts')
     >>> resolve_allocator(environ={"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128"})
     ('default', 'PYTORCH_CUDA_ALLOC_CONF=max_split_size_mb:128 in the environment')
+
+    ``GLMKIT_SET_ALLOC_CONF`` marks the setting as glmkit's own (``glmkit.env.use_expandable_segments``), not the user's.
     """
     if allocator is not None:
         mode = allocator.lower().replace("expandable_segments", "expandable")
@@ -72,7 +75,10 @@ def resolve_allocator(allocator: str | None = None, expandable_segments: bool | 
         return mode, "asked for"
     if expandable_segments is not None:
         return ("expandable" if expandable_segments else "default"), "asked for"
-    conf = (os.environ if environ is None else environ).get(ALLOC_CONF_ENV)
+    environ = os.environ if environ is None else environ
+    conf = environ.get(ALLOC_CONF_ENV)
+    if conf == EXPANDABLE_SEGMENTS and environ.get(SET_BY_GLMKIT_ENV):
+        conf = None  # glmkit's own setting, made by this process or the one that started it
     if conf is not None:
         return ("expandable" if expandable_in(conf) else "default"), f"{ALLOC_CONF_ENV}={conf} in the environment"
     return "expandable", f"glmkit sets {ALLOC_CONF_ENV}={EXPANDABLE_SEGMENTS} in every process it starts"

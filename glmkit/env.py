@@ -21,7 +21,7 @@ from pathlib import Path
 from glmkit.models import default_model_path
 from glmkit.monitor import gpu_memory
 from glmkit.tables import gib, html_table, text_table
-from glmkit.vocabulary import ALLOC_CONF_ENV, EXPANDABLE_SEGMENTS
+from glmkit.vocabulary import ALLOC_CONF_ENV, EXPANDABLE_SEGMENTS, SET_BY_GLMKIT_ENV
 
 PACKAGES = ("torch", "triton", "transformers", "accelerate", "bitsandbytes", "nvidia-ml-py", "ipywidgets")
 
@@ -212,4 +212,5 @@ def use_expandable_segments() -> str:
 
     if ALLOC_CONF_ENV not in os.environ and not torch.cuda.is_initialized():
         os.environ[ALLOC_CONF_ENV] = EXPANDABLE_SEGMENTS
+        os.environ[SET_BY_GLMKIT_ENV] = "1"  # so a plan can say whose setting it is
     return os.environ.get(ALLOC_CONF_ENV, "default")

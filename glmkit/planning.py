@@ -155,7 +155,9 @@ class MemoryPlan:
     def allocator_note(self) -> str:
         """The allocator assumption, in words: the slack column depends on it."""
         name = "expandable_segments" if self.allocator == "expandable" else "PyTorch's default"
-        return f"allocator: {name} ({self.allocator_source}); --allocator / allocator= changes it"
+        other = "default" if self.allocator == "expandable" else "expandable"
+        return (f"allocator: {name} ({self.allocator_source}); allocator='{other}' (glmkit plan --allocator "
+                f"{other}) plans for the other")
 
     def __repr__(self) -> str:
         notes = "".join(f"\n! {p}" for p in self.problems)

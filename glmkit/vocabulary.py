@@ -159,6 +159,7 @@ STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 # Allocator settings ---------------------------------------------------------------------------------------------
 ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
 EXPANDABLE_SEGMENTS = "expandable_segments:True"  # what glmkit sets in every process it starts
+SET_BY_GLMKIT_ENV = "GLMKIT_SET_ALLOC_CONF"  # marks that glmkit, not the user, set PYTORCH_CUDA_ALLOC_CONF
 ALLOCATORS = ("expandable", "default")  # what ``glmkit plan --allocator`` accepts
 
 

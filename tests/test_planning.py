@@ -78,12 +78,17 @@ def test_allocator_slack_follows_pytorch_alloc_conf(monkeypatch):
 
 def test_the_plan_states_its_allocator_and_why(monkeypatch):
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("GLMKIT_SET_ALLOC_CONF", raising=False)
     plan = plan_memory(C, ["80GiB"], context_len=32768)  # nothing set: glmkit's own setting
     assert plan.allocator == "expandable" and "glmkit sets" in plan.allocator_source
     assert "allocator: expandable_segments" in repr(plan) and "expandable_segments" in plan._repr_html_()
     asked = plan_memory(C, ["80GiB"], context_len=32768, allocator="default")
     assert asked.allocator == "default" and asked.allocator_source == "asked for"
     assert asked.devices[0].allocator > plan.devices[0].allocator
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setenv("GLMKIT_SET_ALLOC_CONF", "1")  # set by glmkit.env.use_expandable_segments: glmkit's, not the user's
+    assert plan_memory(C, ["80GiB"], context_len=32768).allocator_source == plan.allocator_source
+    monkeypatch.delenv("GLMKIT_SET_ALLOC_CONF")
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")  # the environment wins over glmkit's
     env = plan_memory(C, ["80GiB"], context_len=32768)
     assert env.allocator == "default" and "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False" in repr(env)
@@ -96,6 +101,7 @@ def test_cli_plan_chooses_the_allocator(monkeypatch, capsys):
     from glmkit.cli import main
 
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.delenv("GLMKIT_SET_ALLOC_CONF", raising=False)
     main(["plan", "--devices", "80GiB", "--context", "32768", "--allocator", "default"])
     out = capsys.readouterr().out
     assert "allocator: PyTorch's default (asked for)" in out
