@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from glmkit.models import default_model_path
+from glmkit.models import default_model_path, model_label
 from glmkit.monitor import gpu_memory
 from glmkit.tables import gib, html_table, text_table
 from glmkit.vocabulary import ALLOC_CONF_ENV, EXPANDABLE_SEGMENTS, SET_BY_GLMKIT_ENV
@@ -173,7 +173,7 @@ class NotebookSetup:
     def rows(self) -> list[list[str]]:
         return [
             ["environment", self.kind],
-            ["model", str(self.model_path)],
+            ["model", model_label(self.model_path)],
             ["SMOKE_TEST", str(self.smoke_test)],
             ["GPUs", ", ".join(f"{g.index}: {g.name}" for g in self.gpus) or "none"],
             ["PYTORCH_CUDA_ALLOC_CONF", self.allocator],

@@ -15,11 +15,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "glmkit"
 
 # Lowest first. Each layer may import from itself and from the layers listed before it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("vocabulary and helpers", {"__init__", "vocabulary", "tables", "chat_template", "corpus", "gemv"}),
+    ("vocabulary and helpers", {"__init__", "vocabulary", "tables", "chat_template", "corpus"}),
     ("model structure", {"models", "device_map"}),
     ("planner: costs", {"costs"}),
     ("planner: placement", {"placement"}),
     ("planner: plan, search, advice", {"planning"}),
+    ("kernels", {"gemv", "gemv4bit", "gemv_tuning"}),
     ("runtime", {"monitor", "env", "loading", "generation", "fast_decode", "tp_decode", "engine", "parallel"}),
     ("measurement and results", {"bench", "quantization", "results", "cards"}),
     ("front ends", {"widgets", "server", "server_guard", "vllm_command", "cli"}),
