@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from glmkit.models import build_random_checkpoint, ensure_random_checkpoint  # noqa: F401  (moved to models; kept for scripts)
 from glmkit.results import RESULTS_DIR
 from glmkit.results import load as load_results  # noqa: F401  (older name, kept for scripts that import it here)
 
