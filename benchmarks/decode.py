@@ -13,10 +13,10 @@ import argparse
 from glmkit.bench import (
     bytes_read_per_token,
     copy_bandwidth,
-    ensure_random_checkpoint,
     measure_decode,
     save_result,
 )
+from glmkit.models import ensure_random_checkpoint
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from glmkit.bench import bytes_read_per_token, copy_bandwidth, ensure_random_checkpoint, save_result
+from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
+from glmkit.models import ensure_random_checkpoint
 
 VARIANTS = {
     "cublas": {"gemv": False, "compile_options": {}},

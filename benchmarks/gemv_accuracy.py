@@ -14,9 +14,10 @@ import argparse
 
 import torch
 
-from glmkit.bench import ensure_random_checkpoint, save_result
+from glmkit.bench import save_result
 from glmkit.fast_decode import FastDecoder
 from glmkit.loading import load_model
+from glmkit.models import ensure_random_checkpoint
 
 
 def teacher_forced_logits(decoder: FastDecoder, ids: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import torch
 
-from glmkit.bench import bytes_read_per_token, copy_bandwidth, ensure_random_checkpoint, save_result
+from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
 from glmkit.gemv import device_name
 from glmkit.gemv_tuning import table_configs, tune, write_table
+from glmkit.models import ensure_random_checkpoint
 
 
 def main() -> None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import gc
 
-from glmkit.bench import ensure_random_checkpoint, save_result, try_generate
+from glmkit.bench import save_result, try_generate
+from glmkit.models import ensure_random_checkpoint
 
 SETUPS = {"bf16@24GiB": ("bf16", 24, 2048), "nf4@12GiB": ("nf4", 12, 256)}  # precision, GiB, prefill chunk
 

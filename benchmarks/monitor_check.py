@@ -14,7 +14,8 @@ import argparse
 import statistics
 import time
 
-from glmkit.bench import decode_tokens_per_second, ensure_random_checkpoint, nvidia_smi_used_bytes, save_result
+from glmkit.bench import decode_tokens_per_second, nvidia_smi_used_bytes, save_result
+from glmkit.models import ensure_random_checkpoint
 
 
 def main() -> None:
@@ -29,7 +30,8 @@ def main() -> None:
     import torch
 
     from glmkit.loading import load_model
-    from glmkit.monitor import MemoryPoller, snapshot
+    from glmkit.monitor import snapshot
+    from glmkit.widgets import MemoryPoller
 
     ensure_random_checkpoint(args.checkpoint)
     model = load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
@@ -44,7 +46,7 @@ def main() -> None:
     print(agreement, flush=True)
 
     try:
-        from glmkit.monitor import LiveMonitor
+        from glmkit.widgets import LiveMonitor
 
         def make(interval: float):
             return LiveMonitor(interval=interval)

@@ -19,8 +19,9 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from glmkit.bench import copy_bandwidth, ensure_random_checkpoint, save_result
+from glmkit.bench import copy_bandwidth, save_result
 from glmkit.gemv import device_name, gemv, gemv_swiglu, tables_for
+from glmkit.models import ensure_random_checkpoint
 
 NEW_TOKENS = 128
 PROMPT = 32

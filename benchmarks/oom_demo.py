@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from glmkit.bench import ensure_random_checkpoint, save_result
+from glmkit.bench import save_result
+from glmkit.models import ensure_random_checkpoint
 
 
 def main() -> None:

@@ -4,8 +4,15 @@ For bf16, int8 and nf4, contexts 2K-32K and batch 1 and 4: run a plain ``generat
 context-2 tokens, 2 new tokens), measure the peak a card must hold (PyTorch's peak reserved memory +
 the process's non-PyTorch memory from NVML) and compare it with ``plan_memory``'s total.
 
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python benchmarks/planner_accuracy.py --checkpoint /tmp/glm9b
+    python benchmarks/planner_accuracy.py --checkpoint /tmp/glm9b --allocator expandable
     python benchmarks/planner_accuracy.py --recompute benchmarks/results/planner_accuracy.json
+
+Past 32K, one allocator per process (PyTorch reads its setting once, when CUDA starts):
+
+    python benchmarks/planner_accuracy.py --precisions bf16 --contexts 65536 131072 --batches 1 --no-speed \
+        --allocator expandable --name planner_accuracy_long_expandable
+    python benchmarks/planner_accuracy.py --precisions bf16 --contexts 65536 131072 --batches 1 --no-speed \
+        --allocator default --name planner_accuracy_long_default
 
 Measurements are stored raw; ``--recompute`` re-derives the predictions and errors from them with the
 current planner (pure arithmetic, no GPU), so a planner change is checked against the same measurements.
@@ -24,20 +31,20 @@ from typing import Any
 from glmkit.bench import (
     NvmlBaseline,
     decode_tokens_per_second,
-    ensure_random_checkpoint,
     measure_generate_peak,
     save_result,
 )
+from glmkit.env import use_expandable_segments
+from glmkit.models import ensure_random_checkpoint
+from glmkit.vocabulary import ALLOC_CONF_ENV, ALLOCATORS, EXPANDABLE_SEGMENTS, PRECISIONS, expandable_in
 
-MEASURED = ("bf16", "nf4", "int8")  # names from glmkit.quantization.PRECISIONS
+MEASURED = ("bf16", "nf4", "int8")  # names from glmkit.vocabulary.PRECISIONS
 
 
 def predict(case: dict[str, Any], total: int, expandable: bool) -> dict[str, Any]:
     """The planner's prediction for one measured case, and its errors against the measurement."""
     from glmkit.models import glm4_9b_chat_config
     from glmkit.planning import plan_memory
-    from glmkit.quantization import PRECISIONS
-
     dtype, quantization = PRECISIONS[case["precision"]]
     plan = plan_memory(glm4_9b_chat_config(), {0: total}, dtype=dtype, quantization=quantization,
                        batch_size=case["batch_size"], context_len=case["context_len"], expandable_segments=expandable)
@@ -80,18 +87,23 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=2)
     ap.add_argument("--name", default="planner_accuracy")
     ap.add_argument("--recompute", nargs="+", type=Path, help="re-derive predictions for stored results; no GPU")
+    ap.add_argument("--allocator", choices=ALLOCATORS,
+                    help="set PYTORCH_CUDA_ALLOC_CONF for this process (default: the environment's, else expandable)")
+    ap.add_argument("--no-speed", action="store_true", help="skip the decode-speed measurement")
     args = ap.parse_args()
     if args.recompute:
         for path in args.recompute:
             recompute(path)
         return
+    if args.allocator:  # before CUDA starts: PyTorch reads it once
+        os.environ[ALLOC_CONF_ENV] = EXPANDABLE_SEGMENTS if args.allocator == "expandable" else "expandable_segments:False"
+    use_expandable_segments()  # what every glmkit process does (load_model would too, later)
     nvml = NvmlBaseline()  # before the first CUDA call
     import torch
 
     from glmkit.loading import load_model
-    from glmkit.quantization import PRECISIONS
 
-    expandable = "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower()
+    expandable = expandable_in(os.environ.get(ALLOC_CONF_ENV))
     ensure_random_checkpoint(args.checkpoint)
     total = torch.cuda.get_device_properties(0).total_memory
     cases, loads, speeds = [], [], []
@@ -120,7 +132,7 @@ def main() -> None:
                 cases.append(case)
                 print({k: (round(v / 2**30, 3) if isinstance(v, int) and v > 2**20 else v)
                        for k, v in case.items() if k != "planned"}, flush=True)
-        for batch in (1, 8):
+        for batch in () if args.no_speed else (1, 8):
             decode_tokens_per_second(model, 8, batch_size=batch)  # warm-up
             speeds.append({"precision": name, "batch_size": batch,
                            "tok_s": decode_tokens_per_second(model, 64, batch_size=batch)})
@@ -128,6 +140,7 @@ def main() -> None:
         del model
         save_result(args.name, {
             "allocator": "expandable_segments" if expandable else "default",
+            "alloc_conf": os.environ.get(ALLOC_CONF_ENV),
             "method": "plain generate(), prompt = context - new_tokens random ids, sdpa attention; measured_peak = "
                       "torch.cuda.max_memory_reserved() + (NVML used - used before CUDA init - memory_reserved())",
             "loads": loads, "cases": cases, "decode_speed": speeds,

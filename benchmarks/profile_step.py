@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from glmkit.bench import ensure_random_checkpoint, save_result
+from glmkit.bench import save_result
+from glmkit.models import ensure_random_checkpoint
 
 
 def profile(fn, steps: int = 5) -> dict:

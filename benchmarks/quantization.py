@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import gc
 
-from glmkit.bench import decode_tokens_per_second, ensure_random_checkpoint, median_of, save_result
+from glmkit.bench import decode_tokens_per_second, median_of, save_result
+from glmkit.models import ensure_random_checkpoint
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 CKPT=${CKPT:-/tmp/glm9b}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, transformers, accelerate, bitsandbytes; print(torch.__version__, transformers.__version__, accelerate.__version__, bitsandbytes.__version__)"
-time python3 -c "from glmkit.bench import build_random_checkpoint as b; b('$CKPT')"
+time python3 -c "from glmkit.models import build_random_checkpoint as b; b('$CKPT')"
 for script in ${SCRIPTS:-oom_demo monitor_check planner_accuracy}; do
   echo "=== $script"; time python3 benchmarks/$script.py --checkpoint "$CKPT" ${ARGS:-}
 done

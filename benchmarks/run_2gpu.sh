@@ -7,7 +7,7 @@ CKPT=${CKPT:-/tmp/glm9b}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 nvidia-smi topo -m
 python3 -m glmkit.cli env
-python3 -c "from glmkit.bench import ensure_random_checkpoint as e; e('$CKPT')"
+python3 -c "from glmkit.models import ensure_random_checkpoint as e; e('$CKPT')"
 for step in ${STEPS:-links maps tp server}; do
   echo "=== $step"
   case $step in

@@ -15,7 +15,7 @@ case "${1:-all}" in
     time python3 benchmarks/gemv_tune.py --kernels bf16,nf4 --write-table glmkit/assets/gemv_tuned_h200.json \
       --skip-decode --name gemv_tune_h200 || echo "gemv_tune FAILED: the decode runs with the default shapes";;&
   decode|all)
-    time python3 -c "from glmkit.bench import ensure_random_checkpoint as e; e('$CKPT')" || exit 1
+    time python3 -c "from glmkit.models import ensure_random_checkpoint as e; e('$CKPT')" || exit 1
     echo "=== nf4_decode"
     time python3 benchmarks/nf4_decode.py --checkpoint "$CKPT";;
 esac

@@ -15,7 +15,8 @@ import json
 import subprocess
 import sys
 
-from glmkit.bench import ensure_random_checkpoint, save_result
+from glmkit.bench import save_result
+from glmkit.models import ensure_random_checkpoint
 
 MODES = {"one GPU": [], "2-GPU layer split": ["--device-map", "20,20"], "2-GPU tensor parallel": ["--tp", "2"]}
 

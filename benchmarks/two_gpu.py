@@ -18,7 +18,8 @@ import argparse
 import gc
 from typing import Any
 
-from glmkit.bench import ensure_random_checkpoint, save_result, try_generate
+from glmkit.bench import save_result, try_generate
+from glmkit.models import ensure_random_checkpoint
 
 CARD = 12 * 2**30
 CARDS = [CARD, CARD]
@@ -36,8 +37,9 @@ def main() -> None:
     import torch
     from transformers import AutoConfig
 
-    from glmkit.device_map import DeviceMapError, kv_aware_device_map, split_layers
+    from glmkit.device_map import DeviceMapError, split_layers
     from glmkit.loading import load_model
+    from glmkit.placement import kv_aware_device_map
     from glmkit.planning import max_context, plan_memory
 
     if torch.cuda.device_count() < 2:

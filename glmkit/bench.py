@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from glmkit.models import build_random_checkpoint, ensure_random_checkpoint  # noqa: F401  (moved to models; kept for scripts)
 from glmkit.results import RESULTS_DIR
 from glmkit.results import load as load_results  # noqa: F401  (older name, kept for scripts that import it here)
 
@@ -56,42 +57,6 @@ def save_result(name: str, payload: dict[str, Any], out_dirs: list[str | Path] |
         path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
         written.append(path)
     return written
-
-
-def build_random_checkpoint(path: str | Path, config: Any = None, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Save a checkpoint of ``config`` (default: GLM-4-9B-Chat) with random weights, built on the GPU.
-
-    Same shapes, memory and speed as the real model; used because no weights can be downloaded.
-    """
-    from transformers import GlmForCausalLM
-
-    from glmkit.models import TOKENIZER_DIR, glm4_9b_chat_config
-
-    path = Path(path)
-    config = config or glm4_9b_chat_config()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            torch.manual_seed(0)
-            model = GlmForCausalLM(config)
-    finally:
-        torch.set_default_dtype(old)
-    model.save_pretrained(path)
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(TOKENIZER_DIR).save_pretrained(path)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return path
-
-
-def ensure_random_checkpoint(path: str | Path, config: Any = None) -> Path:
-    """``path`` if it already holds a checkpoint, else a random-weight one built there (``build_random_checkpoint``)."""
-    path = Path(path)
-    return path if (path / "config.json").exists() else build_random_checkpoint(path, config)
 
 
 class NvmlBaseline:

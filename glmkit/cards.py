@@ -59,7 +59,7 @@ def _glm4() -> Any:
 def bytes_per_token(precision: str = "bf16") -> int:
     """Weight bytes one GLM-4-9B-Chat decode step reads: every weight except the embedding table (one row of it)."""
     from glmkit.planning import unit_weight_bytes
-    from glmkit.quantization import PRECISIONS
+    from glmkit.vocabulary import PRECISIONS
 
     dtype, quantization = PRECISIONS[precision]
     sizes = unit_weight_bytes(_glm4(), dtype, quantization)

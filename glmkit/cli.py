@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from glmkit.vocabulary import ALLOCATORS, QUANTIZATION_CHOICES
+
 DESCRIPTION = "Plan, run, measure and serve GLM-4-9B-Chat on the GPUs you have (or the tiny GLM-4 on a CPU)."
 EPILOG = """examples:
   glmkit plan --devices 12GiB 12GiB --context 32768
@@ -106,7 +108,7 @@ def _plan(args: argparse.Namespace) -> None:
 
     config = args.model or glm4_9b_chat_config()
     kw = dict(dtype=args.dtype, quantization=args.quantization, batch_size=args.batch,
-              prefill_chunk=args.prefill_chunk)
+              prefill_chunk=args.prefill_chunk, allocator=args.allocator, fast_decode=args.fast_decode)
     plan = plan_memory(config, args.devices, context_len=args.context, **kw)
     print(plan)
     print()
@@ -338,8 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=positive_int, default=8192, help="prompt + new tokens per sequence")
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--quantization", choices=["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"])
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES)
     p.add_argument("--prefill-chunk", type=positive_int, help="prefill in chunks of this many tokens")
+    p.add_argument("--allocator", choices=ALLOCATORS,
+                   help="PyTorch's caching allocator to plan for (default: $PYTORCH_CUDA_ALLOC_CONF if set, else "
+                        "expandable, which glmkit sets in every process it starts)")
+    p.add_argument("--fast-decode", action="store_true",
+                   help="budget the fast decode path's extra memory (fused q/k/v copies, fp32 logits)")
     p.add_argument("--for", dest="for_server", choices=["vllm"], help="also print the `vllm serve` command line")
     p.add_argument("--gpu-memory", type=memory_budget,
                    help="each card's whole memory, when --devices budgets only part of it (--for vllm)")
@@ -383,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--served-model-name", "--model-name", nargs="+", metavar="NAME",
                    help="names clients may ask for (default: glm-4, glm-4-9b-chat and the model folder's name)")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP)
-    p.add_argument("--quantization", choices=["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"])
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)

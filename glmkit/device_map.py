@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from glmkit.tables import html_table, text_table
+from glmkit.vocabulary import valid_device
 
 # Original remote-code GLM-4 (THUDM/glm-4-9b-chat, trust_remote_code) -> transformers-native names.
 REMOTE_TO_NATIVE = {
@@ -34,7 +39,6 @@ REMOTE_TO_NATIVE = {
 NATIVE_TO_REMOTE = {v: k for k, v in REMOTE_TO_NATIVE.items() if k != "transformer.embedding"}
 # The ChatGLM-6B (v1) names a widely read guide maps for GLM-4: they exist in neither model.
 CHATGLM6B_PREFIXES = ("transformer.word_embeddings", "transformer.layers.", "transformer.final_layernorm")
-DEVICE_STRINGS = re.compile(r"^(cpu|disk|meta|mps|cuda(:\d+)?|xpu(:\d+)?)$")
 
 
 class DeviceMapError(ValueError):
@@ -48,8 +52,6 @@ def as_model(model_or_config: Any) -> nn.Module:
     """
     if isinstance(model_or_config, nn.Module):
         return model_or_config
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if isinstance(model_or_config, (str, os.PathLike)):
         model_or_config = AutoConfig.from_pretrained(model_or_config)
 
@@ -105,6 +107,17 @@ def model_units(model_or_config: Any) -> ModelUnits:
     (['model.embed_tokens', 'model.rotary_emb'], 40, ['model.norm', 'lm_head'])
     """
     model = as_model(model_or_config)
+    if model not in _UNITS:  # a plan asks many times for the same model: read its modules once
+        _UNITS[model] = _read_units(model)
+    head, layers, tail = _UNITS[model]
+    return ModelUnits(list(head), list(layers), list(tail))
+
+
+# model -> (head, layers, tail); weak keys, so a loaded model is not kept alive by the cache
+_UNITS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[str, ...], ...]] = weakref.WeakKeyDictionary()
+
+
+def _read_units(model: nn.Module) -> tuple[tuple[str, ...], ...]:
     layers_name = layer_list_name(model)
     head: list[str] = []
     tail: list[str] = []
@@ -126,7 +139,13 @@ def model_units(model_or_config: Any) -> ModelUnits:
     visit("", model)
     layers = [f"{layers_name}.{i}" for i in range(len(model.get_submodule(layers_name)))]
     head.sort(key=lambda n: not any(True for _ in model.get_submodule(n).parameters()))
-    return ModelUnits(head, layers, tail)
+    return tuple(head), tuple(layers), tuple(tail)
+
+
+def output_layer_name(model: nn.Module) -> str:
+    """Name of the module that computes the logits (``"lm_head"``; ``"transformer.output_layer"`` in remote code)."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((n for n, m in model.named_modules() if m is out), "lm_head")
 
 
 def split_layers(
@@ -207,13 +226,9 @@ class DeviceMapSummary:
         return [[dev, str(len(mods)), _compact(mods)] for dev, mods in self.devices.items()]
 
     def __repr__(self) -> str:
-        from glmkit.tables import text_table
-
         return text_table(["device", "modules", "which"], self.rows())
 
     def _repr_html_(self) -> str:
-        from glmkit.tables import html_table
-
         return html_table(["device", "modules", "which"], self.rows(), caption="device map")
 
 
@@ -235,14 +250,6 @@ def _compact(names: list[str]) -> str:
         elif name:
             out.append(name)
     return ", ".join(out)
-
-
-def _valid_device(device: Any) -> bool:
-    if isinstance(device, torch.device):
-        return True
-    if isinstance(device, int) and not isinstance(device, bool):
-        return device >= 0
-    return isinstance(device, str) and bool(DEVICE_STRINGS.match(device))
 
 
 def check_device_map(model_or_config: Any, device_map: Mapping[str, Any]) -> DeviceMapSummary:
@@ -291,7 +298,7 @@ def check_device_map(model_or_config: Any, device_map: Mapping[str, Any]) -> Dev
     unknown = [k for k in keys if k != "" and k not in module_names]
     if unknown:
         raise DeviceMapError(f"Unknown module names in the device map: {', '.join(unknown[:5])}. " + right)
-    bad = {k: v for k, v in device_map.items() if not _valid_device(v)}
+    bad = {k: v for k, v in device_map.items() if not valid_device(v)}
     if bad:
         k, v = next(iter(bad.items()))
         raise DeviceMapError(
@@ -336,195 +343,6 @@ def check_device_map(model_or_config: Any, device_map: Mapping[str, Any]) -> Dev
     for key, device in device_map.items():
         per_device.setdefault(str(device), []).append(key)
     return DeviceMapSummary(per_device)
-
-
-STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def accelerate_device_map(
-    model_or_config: Any,
-    max_memory: Mapping[Any, Any],
-    strategy: str = "auto",
-    dtype: torch.dtype = torch.bfloat16,
-    quantization: str | None = None,
-) -> dict[str, Any]:
-    """The map transformers would build for ``device_map=strategy`` (weights only), without loading.
-
-    Mirrors ``from_pretrained``: ``get_balanced_memory`` for "auto"/"balanced"/"balanced_low_0",
-    then ``infer_auto_device_map``. Works with no GPU (accelerate's "not available" notes are muted).
-    """
-    import logging
-
-    from accelerate.utils import CustomDtype, get_balanced_memory, infer_auto_device_map
-
-    from glmkit.planning import normalize_devices
-
-    if strategy not in STRATEGIES:
-        raise DeviceMapError(f"Unknown strategy '{strategy}': use one of {', '.join(STRATEGIES)}.")
-    model = as_model(model_or_config)
-    budgets = normalize_devices(max_memory)
-    size_dtype: Any = dtype
-    if quantization == "int8":
-        size_dtype = torch.int8
-    elif quantization:
-        size_dtype = CustomDtype.INT4
-    blocks = sorted(no_split_classes(model))
-    logger = logging.getLogger("accelerate.utils.modeling")
-    level, logger.level = logger.level, logging.ERROR
-    try:
-        if strategy != "sequential":
-            budgets = get_balanced_memory(model, max_memory=budgets, no_split_module_classes=blocks,
-                                          dtype=size_dtype, low_zero=strategy == "balanced_low_0")
-        return dict(infer_auto_device_map(model, max_memory=budgets, no_split_module_classes=blocks, dtype=size_dtype))
-    finally:
-        logger.level = level
-
-
-def kv_aware_device_map(
-    model_or_config: Any,
-    max_memory: Mapping[Any, Any] | Sequence[Any],
-    *,
-    context_len: int = 4096,
-    batch_size: int = 1,
-    dtype: torch.dtype = torch.bfloat16,
-    quantization: str | None = None,
-    prefill_chunk: int | None = None,
-    cuda_context: int | None = None,
-    expandable_segments: bool | None = None,
-) -> dict[str, Any]:
-    """glmkit's map: every GPU keeps room for its layers' KV cache, the prefill activations, the CUDA
-    context, the inputs (first GPU) and the logits (last GPU); headroom is spread evenly.
-
-    It finds the smallest fill ratio ``u`` at which a front-to-back placement with budgets
-    ``u * budget`` still fits, so no card is fuller than it must be. CPU/disk entries in
-    ``max_memory`` are used only when the GPUs cannot hold everything (offload is slow).
-
-    >>> from glmkit.models import glm4_9b_chat_config
-    >>> dm = kv_aware_device_map(glm4_9b_chat_config(), ["12GiB", "12GiB"], context_len=8192)
-    >>> [sum(v == gpu for k, v in dm.items() if ".layers." in k) for gpu in (0, 1)]
-    [20, 20]
-    >>> dm["model.embed_tokens"], dm["lm_head"]  # 1.16 GiB each: embeddings first, output layer last
-    (0, 1)
-    """
-    from glmkit import planning as P
-
-    model = as_model(model_or_config)
-    budgets = P.normalize_devices(max_memory)
-    units = model_units(model)
-    c = P.costs(model, dtype=dtype, quantization=quantization, batch_size=batch_size, context_len=context_len,
-                prefill_chunk=prefill_chunk, cuda_context=P.DEFAULT_CUDA_CONTEXT if cuda_context is None else cuda_context,
-                expandable_segments=expandable_segments)
-    out_layer = P._output_layer_name(model)
-    cost = {u: c.weights[u] + (c.kv_per_layer if u in units.layers else 0) for u in units.all}
-    ctx, act, inputs, logits = c.cuda_context, c.activations, c.inputs, c.logits
-
-    def overhead(device: Any, placed: list[str]) -> int:
-        gpu, has_layers = isinstance(device, int), any(u in units.layers for u in placed)
-        return ((ctx if gpu else 0) + (act + (c.allocator if gpu else 0) if has_layers else 0)
-                + (inputs if units.all[0] in placed else 0) + (logits if out_layer in placed else 0))
-
-    def place(devices: list[Any], caps: dict[Any, float]) -> dict[str, Any] | None:
-        """Front-to-back fill: each device takes units while its total stays under its cap."""
-        result: dict[str, Any] = {}
-        todo = list(units.all)
-        for device in devices:
-            placed: list[str] = []
-            while todo and sum(cost[u] for u in placed + todo[:1]) + overhead(device, placed + todo[:1]) <= caps[device]:
-                placed.append(todo.pop(0))
-            result.update(dict.fromkeys(placed, device))
-        return None if todo else result
-
-    gpus = [d for d in budgets if isinstance(d, int)]
-    if gpus and place(gpus, {d: budgets[d] for d in gpus}) is not None:
-        lo, hi = 0.0, 1.0  # place fails at lo, works at hi
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            ok = place(gpus, {d: mid * budgets[d] for d in gpus}) is not None
-            lo, hi = (lo, mid) if ok else (mid, hi)
-        return place(gpus, {d: hi * budgets[d] for d in gpus})  # type: ignore[return-value]
-    everything = gpus + [d for d in ("cpu", "disk") if d in budgets]
-    result = place(everything, {d: float(budgets[d]) for d in everything})
-    if result is None:
-        total = sum(cost.values()) + act + inputs + logits
-        raise DeviceMapError(
-            f"The model does not fit these devices at context {context_len}, batch {batch_size}: it needs at least "
-            f"{total / 2**30:.2f} GiB plus {ctx / 2**30:.2f} GiB CUDA context per GPU, the budgets add up to "
-            f"{sum(budgets.values()) / 2**30:.2f} GiB. Quantize (quantization='nf4'), shorten the context, add a "
-            "card, or allow CPU offload with a 'cpu' budget."
-        )
-    return result
-
-
-@dataclass(repr=False)
-class MapComparison:
-    """accelerate's strategies next to glmkit's KV-aware map for one set of budgets; renders as a table."""
-
-    budgets: str
-    context_len: int
-    batch_size: int
-    rows_: list[list[str]]
-
-    HEADERS = ["strategy", "layers per GPU", "offloaded", "fits", "tightest GPU headroom GiB", "max context (tokens)"]
-
-    def rows(self) -> list[list[str]]:
-        return self.rows_
-
-    def title(self) -> str:
-        return f"{self.budgets}: context {self.context_len}, batch {self.batch_size}"
-
-    def __repr__(self) -> str:
-        from glmkit.tables import text_table
-
-        return self.title() + "\n" + text_table(self.HEADERS, self.rows_)
-
-    def _repr_html_(self) -> str:
-        from glmkit.tables import html_table
-
-        return html_table(self.HEADERS, self.rows_, caption=self.title())
-
-
-def compare_device_maps(
-    model_or_config: Any,
-    max_memory: Mapping[Any, Any] | Sequence[Any],
-    *,
-    context_len: int = 8192,
-    batch_size: int = 1,
-    strategies: Sequence[str] = STRATEGIES,
-    **plan_kwargs: Any,
-) -> MapComparison:
-    """Plan every accelerate strategy and glmkit's KV-aware map on the same budgets (``notebooks/03``).
-
-    For each: decoder layers per device, modules offloaded to CPU/disk, whether generation at
-    ``context_len`` fits, the tightest headroom, and the longest context that fits with that map.
-    """
-    from glmkit import planning as P
-
-    model = as_model(model_or_config)
-    budgets = P.normalize_devices(max_memory)
-    rows = []
-    maps: list[tuple[str, dict[str, Any] | None]] = []
-    for strategy in strategies:
-        maps.append((f'accelerate "{strategy}"', accelerate_device_map(model, budgets, strategy, **{
-            k: v for k, v in plan_kwargs.items() if k in ("dtype", "quantization")})))
-    try:
-        maps.append(("glmkit KV-aware", kv_aware_device_map(model, budgets, context_len=context_len,
-                                                            batch_size=batch_size, **plan_kwargs)))
-    except DeviceMapError:
-        maps.append(("glmkit KV-aware", None))
-    for label, dm in maps:
-        if dm is None:
-            rows.append([label, "-", "-", "no", "-", "0"])
-            continue
-        plan = P.plan_memory(model, budgets, device_map=dm, context_len=context_len, batch_size=batch_size,
-                             **plan_kwargs)
-        gpu_layers = "/".join(str(d.layers) for d in plan.devices if isinstance(d.device, int))
-        offloaded = sum(1 for u, d in dm.items() if d in ("cpu", "disk"))
-        tight = min(d.headroom for d in plan.devices if isinstance(d.device, int))
-        longest = P.max_context(model, budgets, device_map=dm, batch_size=batch_size, **plan_kwargs)
-        rows.append([label, gpu_layers, f"{offloaded} modules" if offloaded else "-",
-                     "yes" if plan.fits else "NO", f"{tight / 2**30:.2f}", str(longest)])
-    desc = " + ".join(P.gib(b) if isinstance(d, int) else f"{d} {P.gib(b)}" for d, b in budgets.items())
-    return MapComparison(desc, context_len, batch_size, rows)
 
 
 def weights_by_device(model: nn.Module) -> dict[str, int]:

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-from glmkit.models import model_label
+from glmkit.models import default_model_path, model_label
+from glmkit.monitor import gpu_memory
 from glmkit.tables import gib, html_table, text_table
+from glmkit.vocabulary import ALLOC_CONF_ENV, EXPANDABLE_SEGMENTS, SET_BY_GLMKIT_ENV
 
 PACKAGES = ("torch", "triton", "transformers", "accelerate", "bitsandbytes", "nvidia-ml-py", "ipywidgets")
 
@@ -114,8 +116,6 @@ def gpu_driver_note() -> str:
 
 def list_gpus() -> tuple[list[GpuInfo], str]:
     """GPUs with total/free memory (NVML first, then ``torch.cuda``) and a sentence about them."""
-    from glmkit.monitor import gpu_memory
-
     gpus = [GpuInfo(int(d.device.split(":")[1]), d.name, d.total, d.free) for d in gpu_memory()]
     return gpus, gpu_driver_note()
 
@@ -192,8 +192,6 @@ def notebook_setup() -> NotebookSetup:
     ``SMOKE_TEST`` is on when ``CI`` is set; the model is ``$GLMKIT_MODEL`` or the tiny checkpoint
     (built on first use); PyTorch's allocator gets ``expandable_segments`` (see ``use_expandable_segments``).
     """
-    from glmkit.models import default_model_path
-
     smoke = "CI" in os.environ
     allocator = use_expandable_segments()
     gpus, _ = list_gpus()
@@ -207,9 +205,12 @@ def use_expandable_segments() -> str:
     Measured on an H100 with GLM-4-9B: it removes most of the memory the default allocator reserves
     but does not use during a long prefill (5.5 GiB at 4 x 32K tokens in bf16), and makes that slack
     predictable for the planner. It only takes effect before CUDA starts. Returns the setting in force.
+    glmkit calls it in every process it starts (``notebook_setup``, ``glmkit serve``, ``load_model``), which is
+    why the planner assumes it unless ``PYTORCH_CUDA_ALLOC_CONF`` says otherwise (``glmkit.costs.resolve_allocator``).
     """
     import torch
 
-    if "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and not torch.cuda.is_initialized():
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
-    return os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default")
+    if ALLOC_CONF_ENV not in os.environ and not torch.cuda.is_initialized():
+        os.environ[ALLOC_CONF_ENV] = EXPANDABLE_SEGMENTS
+        os.environ[SET_BY_GLMKIT_ENV] = "1"  # so a plan can say whose setting it is
+    return os.environ.get(ALLOC_CONF_ENV, "default")

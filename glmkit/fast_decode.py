@@ -190,7 +190,7 @@ def _entry_device(entry: Any, name: str) -> torch.device:
     """The device a map entry names; a clear error for offloaded modules and GPUs this machine lacks."""
     if isinstance(entry, str) and entry in ("disk", "meta"):
         raise ValueError(f"The device map offloads {name} to '{entry}'; FastDecoder needs every weight on a device "
-                         "(use generate(), or a map that fits: glmkit.device_map.kv_aware_device_map).")
+                         "(use generate(), or a map that fits: glmkit.placement.kv_aware_device_map).")
     device = torch.device("cuda", entry) if isinstance(entry, int) else torch.device(entry)
     if device.type == "cuda":
         have = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -205,7 +205,7 @@ def _weights_device(module: torch.nn.Module, name: str, entry: Any) -> torch.dev
     if any(d.type == "meta" for d in devices):
         raise ValueError(f"{name} is offloaded (its weights are loaded on demand, device map entry {entry!r}); "
                          "FastDecoder needs every weight on a device: use a map that fits "
-                         "(glmkit.device_map.kv_aware_device_map) or generate().")
+                         "(glmkit.placement.kv_aware_device_map) or generate().")
     if len(devices) != 1:
         raise ValueError(f"{name} has weights on {sorted(map(str, devices))}; FastDecoder needs each of the embeddings, "
                          "each decoder layer and lm_head on one device.")

@@ -16,11 +16,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from glmkit.device_map import check_device_map
+from glmkit.env import use_expandable_segments
+from glmkit.models import TOKENIZER_DIR, default_model_path
+from glmkit.vocabulary import STRATEGIES, gpu_index
 
 # model_type values of checkpoints transformers loads natively as GLM-4 (GlmForCausalLM / Glm4ForCausalLM).
 NATIVE_GLM_TYPES = ("glm", "glm4")
@@ -76,8 +81,6 @@ def resolve_checkpoint(path: str | os.PathLike | None = None) -> Path:
 
     Raises ``CheckpointNotFoundError`` if the folder is missing.
     """
-    from glmkit.models import default_model_path
-
     folder = Path(path).expanduser() if path is not None else default_model_path()
     if not folder.exists():
         raise CheckpointNotFoundError(
@@ -125,9 +128,6 @@ def check_checkpoint(folder: Path) -> dict[str, Any]:
     return config
 
 
-_GPU_RE = re.compile(r"^(cuda)(:(\d+))?$")
-
-
 def gpu_indices(device_map: Any) -> set[int]:
     """GPU indices a ``device_map`` value names (``0``, ``"cuda:1"``, ``torch.device``...).
 
@@ -138,19 +138,11 @@ def gpu_indices(device_map: Any) -> set[int]:
     """
     if isinstance(device_map, dict):
         values = list(device_map.values())
-    elif device_map is None or device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+    elif device_map is None or device_map in STRATEGIES:
         return set()
     else:
         values = [device_map]
-    found: set[int] = set()
-    for v in values:
-        if isinstance(v, torch.device):
-            v = str(v)
-        if isinstance(v, int) and not isinstance(v, bool):
-            found.add(v)
-        elif isinstance(v, str) and (m := _GPU_RE.match(v)):
-            found.add(int(m.group(3) or 0))
-    return found
+    return {i for i in map(gpu_index, values) if i is not None}
 
 
 def check_gpus_exist(device_map: Any) -> None:
@@ -184,8 +176,6 @@ def bnb_config(
     >>> bnb_config("nf4", double_quant=True).bnb_4bit_quant_type
     'nf4'
     """
-    from transformers import BitsAndBytesConfig
-
     kind = quantization.lower()
     if kind.endswith("-dq"):  # "nf4-dq": nf4 with double quantization, the planner's name for it
         kind, double_quant = kind[:-3], True
@@ -230,16 +220,13 @@ def load_model(
     >>> m.training, next(m.parameters()).dtype
     (False, torch.float32)
     """
-    from transformers import AutoModelForCausalLM
-
+    use_expandable_segments()  # before CUDA starts, as in every process glmkit starts: what the planner assumes
     folder = resolve_checkpoint(path)
     check_checkpoint(folder)
     if device_map is None:
         device_map = default_device_map()
     check_gpus_exist(device_map)
     if isinstance(device_map, dict):
-        from glmkit.device_map import check_device_map
-
         check_device_map(folder, device_map)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
@@ -265,10 +252,6 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Any:
     >>> tok.convert_tokens_to_ids("[gMASK]") == tok("[gMASK]", add_special_tokens=False).input_ids[0]
     True
     """
-    from transformers import AutoTokenizer
-
-    from glmkit.models import TOKENIZER_DIR
-
     if path is None and not os.environ.get("GLMKIT_MODEL"):
         return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     folder = resolve_checkpoint(path)

@@ -1,4 +1,4 @@
-"""See memory on every device: snapshots, a live JupyterLab dashboard, peak tracking, OOM explanations.
+"""See memory on every device: snapshots, peak tracking, OOM explanations (the live dashboard: ``glmkit.widgets``).
 
 Sources, in order: NVML through ``pynvml`` (package ``nvidia-ml-py``; the separate ``pynvml``
 package is a deprecated shim), then ``torch.cuda``, then host memory through ``psutil``, so the same
@@ -16,9 +16,7 @@ import contextlib
 import re
 import threading
 import time
-import weakref
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -378,9 +376,7 @@ def explain_oom(exc: BaseException | str | Any, plan: Any = None) -> OomExplanat
                   "CUDA context": target.cuda_context}
         if limit is None:
             limit, size["process"] = target.budget, target.total
-        from glmkit.planning import _fixes
-
-        steps = _fixes(plan)
+        steps = plan.fixes()
     else:
         if "allocated" in size:
             filled["PyTorch tensors"] = size["allocated"]
@@ -396,180 +392,7 @@ def explain_oom(exc: BaseException | str | Any, plan: Any = None) -> OomExplanat
             "plan before loading: glmkit.planning.plan_memory(config, devices=[...], context_len=..., batch_size=...) "
             "shows what fills each card and which fix works",
             "quantize (quantization='nf4'), shorten the prompt or the batch, or prefill in chunks (prefill_chunk=2048)",
-            "spread the model over more cards with glmkit.device_map.kv_aware_device_map",
+            "spread the model over more cards with glmkit.placement.kv_aware_device_map",
         ]
     return OomExplanation(device, size.get("requested"), limit, size.get("process"), size.get("allocated"),
                           size.get("unallocated"), filled, steps)
-
-
-# --------------------------------------------------------------------------------------- live monitor
-
-
-class MemoryPoller:
-    """Calls ``callback(snapshot)`` every ``interval`` seconds from a daemon thread until ``stop()``.
-
-    The part of the live monitor that does the work, usable without Jupyter.
-    """
-
-    def __init__(self, callback: Callable[[Snapshot], None], interval: float = 1.0, include_host: bool = True):
-        if interval <= 0:
-            raise ValueError(f"interval must be positive, got {interval}.")
-        self.callback, self.interval, self.include_host = callback, interval, include_host
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.polls = 0
-        self.busy_seconds = 0.0  # time spent polling and redrawing: the monitor's cost
-        self.error: BaseException | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self) -> MemoryPoller:
-        if not self.running:
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._run, name="glmkit-monitor", daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            t0 = time.perf_counter()
-            try:
-                self.callback(snapshot(self.include_host))
-                self.polls += 1
-            except Exception as exc:  # keep the kernel alive; show the error in the widget
-                self.error = exc
-            self.busy_seconds += time.perf_counter() - t0
-            self._stop.wait(self.interval)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._thread = None
-
-
-_LIVE: weakref.WeakValueDictionary[str, LiveMonitor] = weakref.WeakValueDictionary()
-
-
-def _sparkline(values: Iterator[float] | list[float], width: int = 160, height: int = 28) -> str:
-    """An inline SVG line of fractions in [0, 1] (the history plot; no plotting library in the poll thread)."""
-    vals = list(values)
-    if len(vals) < 2:
-        return f'<svg width="{width}" height="{height}"></svg>'
-    step = width / (len(vals) - 1)
-    pts = " ".join(f"{i * step:.1f},{height - v * (height - 2) - 1:.1f}" for i, v in enumerate(vals))
-    return (f'<svg width="{width}" height="{height}" class="glmkit-spark"><polyline points="{pts}" '
-            'fill="none" stroke="#1f77b4" stroke-width="1.5"/></svg>')
-
-
-class LiveMonitor:
-    """A JupyterLab dashboard: one bar per device (used / total, PyTorch share, peak), a history line,
-    and a warning when a GPU runs hot or near its power limit. Polls in a background thread.
-
-    Re-running the cell that creates it stops the previous one (same ``key``); ``stop()`` ends the
-    thread; closing the widget stops it too.
-
-    Args:
-        interval: seconds between polls.
-        history: polls kept for the history line.
-        temperature_limit: degrees C above which a GPU is flagged.
-        power_fraction: fraction of the power limit above which a GPU is flagged.
-    """
-
-    def __init__(self, interval: float = 1.0, history: int = 120, temperature_limit: float = 83.0,
-                 power_fraction: float = 0.95, include_host: bool = True, key: str = "default") -> None:
-        import ipywidgets as w
-
-        if key in _LIVE:
-            _LIVE[key].stop()
-        _LIVE[key] = self
-        self.temperature_limit, self.power_fraction = temperature_limit, power_fraction
-        self.history: dict[str, deque[float]] = {}
-        self.peaks: dict[str, int] = {}
-        self.warnings: list[str] = []
-        self._history_len = history
-        self._rows: dict[str, tuple[Any, Any, Any]] = {}
-        self.status = w.HTML("<i>starting…</i>")
-        self.box = w.VBox([], layout=w.Layout(width="100%"))
-        self.start_button = w.Button(description="start", icon="play", layout=w.Layout(width="90px"))
-        self.stop_button = w.Button(description="stop", icon="stop", layout=w.Layout(width="90px"))
-        self.start_button.on_click(lambda _: self.start())
-        self.stop_button.on_click(lambda _: self.stop())
-        self.widget = w.VBox([w.HBox([self.start_button, self.stop_button, self.status]), self.box],
-                             layout=w.Layout(border="1px solid #ddd", padding="6px"))
-        self.widget.add_class("glmkit-monitor")
-        self.widget.observe(self._closed, names="comm")
-        self.poller = MemoryPoller(self.update, interval, include_host)
-        self.update(snapshot(include_host))
-        self.start()
-
-    def _closed(self, change: dict[str, Any]) -> None:
-        if change.get("new") is None:
-            self.stop()
-
-    def _row(self, d: DeviceMemory) -> tuple[Any, Any, Any]:
-        import ipywidgets as w
-
-        if d.device not in self._rows:
-            label = w.HTML(layout=w.Layout(width="230px"))
-            bar = w.FloatProgress(min=0.0, max=1.0, layout=w.Layout(width="40%"))
-            bar.add_class("glmkit-bar")
-            info = w.HTML()
-            self._rows[d.device] = (label, bar, info)
-            self.box.children = tuple(w.HBox(list(r)) for r in self._rows.values())
-        return self._rows[d.device]
-
-    def update(self, snap: Snapshot) -> None:
-        """Redraw from one snapshot (the poll thread calls this)."""
-        warnings = []
-        for d in snap.devices:
-            label, bar, info = self._row(d)
-            frac = d.used / d.total if d.total else 0.0
-            hist = self.history.setdefault(d.device, deque(maxlen=self._history_len))
-            hist.append(frac)
-            mine = d.torch_allocated if d.torch_allocated is not None else d.process
-            self.peaks[d.device] = max(self.peaks.get(d.device, 0), mine or 0)
-            hot = d.temperature is not None and d.temperature >= self.temperature_limit
-            power_high = (d.power is not None and d.power_limit and d.power >= self.power_fraction * d.power_limit)
-            if hot:
-                warnings.append(f"{d.device} at {d.temperature:.0f} C (limit {self.temperature_limit:.0f} C)")
-            if power_high:
-                warnings.append(f"{d.device} draws {d.power:.0f} W of {d.power_limit:.0f} W")
-            bar.value = frac
-            bar.bar_style = "danger" if frac > 0.95 or hot else "warning" if frac > 0.85 else "success"
-            label.value = f"<b>{d.device}</b> {d.name}"
-            share = f"PyTorch {gib(d.torch_allocated)}" if d.torch_allocated is not None else (
-                f"this process {gib(d.process)}" if d.process is not None else "")
-            extra = " ".join(x for x in (_fmt(d.temperature, "C") if d.temperature is not None else "",
-                                         _fmt(d.power, "W") if d.power is not None else "") if x)
-            info.value = (f"{gib(d.used)} / {gib(d.total)} · {share} · peak {gib(self.peaks[d.device])} {extra} "
-                          + _sparkline(hist))
-        self.warnings = warnings
-        when = time.strftime("%H:%M:%S", time.localtime(snap.time))
-        state = "polling" if self.running else "stopped"
-        alert = "".join(f'<br><b style="color:#c00">⚠ {w}</b>' for w in warnings)
-        self.status.value = f"{state} · last update {when}{alert}"
-
-    @property
-    def running(self) -> bool:
-        return self.poller.running
-
-    def start(self) -> LiveMonitor:
-        self.poller.start()
-        return self
-
-    def stop(self) -> None:
-        self.poller.stop()
-        self.status.value = self.status.value.replace("polling", "stopped")
-
-    def _ipython_display_(self) -> None:
-        from IPython.display import display
-
-        display(self.widget)
-
-
-def live_monitor(interval: float = 1.0, **kwargs: Any) -> LiveMonitor:
-    """Start (or restart) the live memory dashboard and return it; display it as a cell's last line."""
-    return LiveMonitor(interval, **kwargs)

@@ -14,267 +14,53 @@ Introduced in ``notebooks/01_single_gpu_oom.ipynb``.
 
 from __future__ import annotations
 
-import math
-import re
+import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
 import torch
 from torch import nn
 
-from glmkit.device_map import DeviceMapError, as_model, check_device_map, model_units
+from glmkit.costs import (  # noqa: F401  (the cost model's names stay importable from here, as notebooks use them)
+    DEFAULT_CUDA_CONTEXT,
+    INT8_MAX_ELEMENTS,
+    Costs,
+    Workload,
+    allocator_slack,
+    chunked_prefill_bytes,
+    costs,
+    input_bytes,
+    kv_cache_bytes_per_token,
+    layer_activation_bytes,
+    logits_bytes,
+    quantized_linear_bytes,
+    unit_weight_bytes,
+)
+from glmkit.device_map import (
+    DeviceMapError,
+    as_model,
+    check_device_map,
+    even_split,
+    model_units,
+    output_layer_name,
+    split_layers,
+)
+from glmkit.placement import STRATEGIES, accelerate_device_map, kv_aware_map
 from glmkit.tables import gib, html_table, text_table
+from glmkit.vocabulary import (  # noqa: F401  (parse_size, normalize_devices: public here since the first notebooks)
+    OFFLOAD_DEVICES,
+    QUANTIZATIONS,
+    GiB,
+    MiB,
+    PlanningError,
+    dtype_name,
+    norm_device,
+    normalize_devices,
+    parse_size,
+)
 
-GiB = 2**30
-MiB = 2**20
-# Memory a process holds on each GPU outside PyTorch's allocator: the CUDA context, kernels, cuBLAS
-# handles (NVML's per-process figure minus torch.cuda.memory_reserved()). Measured 0.68 GiB (bf16, nf4)
-# and 0.76 GiB (int8) on an H100 with CUDA 13 (benchmarks/results/planner_accuracy.json); smaller cards
-# and older CUDA versions use less.
-DEFAULT_CUDA_CONTEXT = 720 * MiB
-# bitsandbytes' int8 kernels index with 32-bit integers: one forward may not produce more than
-# 2**31 - 1 elements per matrix (seen on an H100: "Error invalid argument ... ops.cu" at 4 x 32K tokens).
-INT8_MAX_ELEMENTS = 2**31 - 1
 UNBOUNDED = 2**50  # budget of a 'cpu'/'disk' offload target that was given none
-QUANTIZATIONS = (None, "int8", "nf4", "fp4", "nf4-dq", "fp4-dq")
-_SIZE_RE = re.compile(r"^\s*([0-9.]+)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-class PlanningError(ValueError):
-    """Bad planning input (a budget, a device, a quantization name)."""
-
-
-def parse_size(size: int | float | str) -> int:
-    """Bytes from ``12 * 2**30``, ``"12GiB"`` (binary) or ``"12GB"`` (decimal), as accelerate reads them.
-
-    >>> parse_size("12GiB"), parse_size("1.5 GB"), parse_size(1024)
-    (12884901888, 1500000000, 1024)
-    """
-    if isinstance(size, bool):
-        raise PlanningError(f"{size!r} is not a memory size: use bytes or a string like '12GiB'.")
-    if isinstance(size, (int, float)):
-        value = int(size)
-    else:
-        m = _SIZE_RE.match(str(size))
-        if not m:
-            raise PlanningError(f"'{size}' is not a memory size: write it like '12GiB', '24GB' or 12884901888.")
-        value = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
-    if value <= 0:
-        raise PlanningError(f"A memory budget must be positive, got {size!r}.")
-    return value
-
-
-def normalize_devices(devices: Mapping[Any, Any] | Sequence[Any] | None) -> dict[int | str, int]:
-    """``{device: budget_bytes}`` from a ``max_memory``-style dict or a list (list entries are GPUs 0, 1, ...).
-
-    >>> normalize_devices(["12GiB", "24GiB"]) == {0: 12 * 2**30, 1: 24 * 2**30}
-    True
-    """
-    if devices is None:
-        return {0: 80 * GiB}
-    items = devices.items() if isinstance(devices, Mapping) else enumerate(devices)
-    out: dict[int | str, int] = {}
-    for device, budget in items:
-        if isinstance(device, str) and device.startswith("cuda:"):
-            device = int(device.split(":")[1])
-        if not (isinstance(device, int) and device >= 0) and device not in ("cpu", "disk"):
-            raise PlanningError(f"Unknown device {device!r}: use GPU indices 0, 1, ... (or 'cuda:N'), 'cpu' or 'disk'.")
-        out[device] = parse_size(budget)
-    if not out:
-        raise PlanningError("No devices given: pass budgets like ['12GiB', '12GiB'] or {0: '12GiB', 'cpu': '32GiB'}.")
-    return out
-
-
-def _check_quantization(quantization: str | None) -> str | None:
-    q = quantization.lower() if isinstance(quantization, str) else quantization
-    if q in ("bf16", "fp16", "none"):
-        q = None
-    if q not in QUANTIZATIONS:
-        raise PlanningError(f"Unknown quantization {quantization!r}: use None, 'int8', 'nf4', 'fp4', 'nf4-dq' or 'fp4-dq'.")
-    return q
-
-
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-
-
-def quantized_linear_bytes(out_features: int, in_features: int, quantization: str) -> int:
-    """Bytes bitsandbytes allocates for one quantized ``nn.Linear`` weight (bias not included).
-
-    int8 (LLM.int8): int8 weight + one fp32 scale per output row (``SCB``). 4-bit: two values per
-    byte + one absmax per 64-value block (fp32, or uint8 + a second-level fp32 absmax per 256 blocks
-    with double quantization) + the 16-entry code book (and the 256-entry one of the second level).
-
-    >>> quantized_linear_bytes(256, 256, "int8"), quantized_linear_bytes(256, 256, "nf4")
-    (66560, 36928)
-    """
-    n = out_features * in_features
-    if quantization == "int8":
-        return n + 4 * out_features
-    blocks = math.ceil(n / 64)
-    packed = math.ceil(n / 2)
-    if quantization.endswith("-dq"):
-        return packed + blocks + 4 * math.ceil(blocks / 256) + 4 * 256 + 4 * 16 + 4
-    return packed + 4 * blocks + 4 * 16
-
-
-def _output_layer_name(model: nn.Module) -> str:
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return next((n for n, m in model.named_modules() if m is out), "lm_head")
-
-
-def unit_weight_bytes(
-    model_or_config: Any, dtype: torch.dtype | str = torch.bfloat16, quantization: str | None = None
-) -> dict[str, int]:
-    """Bytes of weights (and buffers) per device-map unit: embeddings, each decoder layer, norm, lm_head.
-
-    Quantization replaces every ``nn.Linear`` but the output layer, as transformers does with
-    bitsandbytes; embeddings, norms, biases and ``lm_head`` stay in ``dtype``.
-
-    >>> from glmkit.models import glm4_9b_chat_config
-    >>> sizes = unit_weight_bytes(glm4_9b_chat_config())
-    >>> sum(sizes.values()), sizes["model.layers.0"], sizes["lm_head"]
-    (18799902976, 407921664, 1241513984)
-    """
-    model = as_model(model_or_config)
-    return dict(_unit_weight_bytes(model, _dtype(dtype), _check_quantization(quantization)))
-
-
-@lru_cache(maxsize=64)
-def _unit_weight_bytes(model: nn.Module, dtype: torch.dtype, quantization: str | None) -> tuple[tuple[str, int], ...]:
-    units = model_units(model).all
-    skip = _output_layer_name(model)
-    elem = torch.tensor([], dtype=dtype).element_size()
-    sizes = dict.fromkeys(units, 0)
-
-    def unit_of(name: str) -> str:
-        return next(u for u in units if name == u or name.startswith(u + "."))
-
-    for mod_name, module in model.named_modules():
-        quantize = quantization is not None and isinstance(module, nn.Linear) and mod_name != skip
-        for p_name, p in module.named_parameters(recurse=False):
-            full = f"{mod_name}.{p_name}" if mod_name else p_name
-            if quantize and p_name == "weight":
-                nbytes = quantized_linear_bytes(p.shape[0], p.shape[1], quantization)
-            else:
-                nbytes = p.numel() * (elem if p.is_floating_point() else p.element_size())
-            sizes[unit_of(full)] += nbytes
-        for b_name, b in module.named_buffers(recurse=False):
-            full = f"{mod_name}.{b_name}" if mod_name else b_name
-            sizes[unit_of(full)] += b.numel() * b.element_size()
-    return tuple(sizes.items())
-
-
-def kv_cache_bytes_per_token(config: Any, dtype: torch.dtype | str = torch.bfloat16) -> int:
-    """KV-cache bytes per token per sequence for one decoder layer: 2 (K and V) x KV heads x head_dim x bytes.
-
-    >>> from glmkit.models import glm4_9b_chat_config
-    >>> kv_cache_bytes_per_token(glm4_9b_chat_config()) * 40  # 40 KiB per token for all 40 layers
-    40960
-    """
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * kv_heads * head_dim * torch.tensor([], dtype=_dtype(dtype)).element_size()
-
-
-def layer_activation_bytes(
-    config: Any, tokens: int, batch_size: int = 1, dtype: torch.dtype | str = torch.bfloat16,
-    quantization: str | None = None,
-) -> int:
-    """Peak transient bytes of one decoder layer processing ``tokens`` tokens per sequence (prefill).
-
-    With fused attention (SDPA/flash: no ``seq x seq`` matrix) the MLP dominates. While the
-    activation multiplies, the ``gate_up`` output ``[b, s, 2 * inter]``, ``act(gate)`` and the product
-    ``[b, s, inter]`` are alive next to four ``[b, s, hidden]`` tensors (the layer input the model's
-    loop still holds, the residual, the normed input and the attention sum): ``4 * hidden + 4 * inter``
-    values per token. Measured on an H100 for GLM-4-9B: 142.6 KB per token in bf16 and nf4 (this
-    formula: 142.3 KB). LLM.int8 peaks inside ``gate_up`` instead: an int8 copy of the input, an int32
-    result and its 16-bit dequantization (``9 * hidden + 12 * inter`` bytes; measured 201.6 KB, formula 201.2 KB).
-
-    >>> from glmkit.models import glm4_9b_chat_config
-    >>> layer_activation_bytes(glm4_9b_chat_config(), 1)  # bytes per token in bf16
-    142336
-    """
-    e = torch.tensor([], dtype=_dtype(dtype)).element_size()
-    h, inter = config.hidden_size, config.intermediate_size
-    per_token = e * (4 * h + 4 * inter)
-    if quantization == "int8":
-        per_token = max(per_token, 4 * e * h + h + 4 * 2 * inter + e * 2 * inter)
-    return per_token * tokens * batch_size
-
-
-def allocator_slack(config: Any, tokens: int, batch_size: int = 1, dtype: torch.dtype | str = torch.bfloat16,
-                    quantization: str | None = None, expandable_segments: bool | None = None) -> int:
-    """Memory PyTorch's caching allocator holds beyond the live tensors at the prefill peak.
-
-    Two terms, fitted on an H100 (benchmarks/results/planner_accuracy*.json) in units that scale with
-    the model: ``G``, the ``gate_up`` output ``[b, s, 2 * inter]`` (the largest activation), and ``W``, the
-    ``gate_up`` weight in 16 bit (the largest temporary a quantized layer makes: 4-bit layers dequantize
-    it, int8 layers keep int32 results and outlier buffers of that order).
-
-    - default allocator: KV-cache blocks get carved out of freed activation blocks layer after layer,
-      so new segments keep being reserved: up to ``1.4 G`` measured (plus ``W``, or ``3.5 W`` for int8);
-    - ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (glmkit's notebooks and CLI set it):
-      segments grow in place: ``0.2 G`` (16 bit), ``W + 0.35 G`` (4 bit), ``3.5 W + 0.7 G`` (int8).
-
-    ``expandable_segments=None`` reads the setting from the environment, as PyTorch does.
-
-    >>> from glmkit.models import glm4_9b_chat_config
-    >>> c = glm4_9b_chat_config()
-    >>> allocator_slack(c, 32768, expandable_segments=True) < allocator_slack(c, 32768, expandable_segments=False)
-    True
-    """
-    import os
-
-    if expandable_segments is None:
-        expandable_segments = "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower()
-    e = torch.tensor([], dtype=_dtype(dtype)).element_size()
-    g = e * 2 * config.intermediate_size * tokens * batch_size
-    w = e * 2 * config.intermediate_size * config.hidden_size
-    fixed = {None: 0, "int8": 7 * w // 2}.get(quantization, w)
-    if not expandable_segments:
-        return fixed + 7 * g // 5
-    return fixed + {None: g // 5, "int8": 7 * g // 10}.get(quantization, 7 * g // 20)
-
-
-def chunked_prefill_bytes(config: Any, context_len: int, batch_size: int = 1,
-                          dtype: torch.dtype | str = torch.bfloat16) -> int:
-    """Extra transient of a prompt chunk attending to a long cache (``glmkit.generation.chunked_prefill``):
-    one layer's K and V at the full context. The cache itself is allocated once and attention adds nothing
-    that grows with the context (``gqa_attention``: flash kernel, no mask, no K/V copy per query head); this
-    one-layer term (most likely a contiguous copy of the layer's cache view for an attention kernel) is what
-    makes the plan match the measured peaks: within 1.2% at 16K-128K tokens on an H100
-    (benchmarks/results/long_context.json).
-
-    transformers' own SDPA path would add a ``[chunk, context]`` mask and K/V repeated from the 2 KV heads to
-    all 32 query heads: measured on an H100, nf4 with 2048-token chunks OOMed at 96K tokens on a 12 GiB cap
-    because of that 1.5 GiB copy, which is why chunked prefill uses ``gqa_attention``.
-
-    >>> from glmkit.models import glm4_9b_chat_config
-    >>> chunked_prefill_bytes(glm4_9b_chat_config(), 98304) // 2**20
-    96
-    """
-    e = torch.tensor([], dtype=_dtype(dtype)).element_size()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * batch_size * config.num_key_value_heads * context_len * head_dim * e
-
-
-def input_bytes(tokens: int, batch_size: int = 1) -> int:
-    """Input ids, attention mask and position ids (int64) on the first device."""
-    return 3 * 8 * tokens * batch_size
-
-
-def logits_bytes(config: Any, batch_size: int = 1, logits_tokens: int = 1, dtype: torch.dtype | str = torch.bfloat16) -> int:
-    """Logits on the ``lm_head`` device: ``[b, tokens, vocab]`` in ``dtype``, its fp32 copy and two
-    fp32 work copies of the sampling step. ``generate()`` keeps only the last position (``logits_tokens=1``);
-    a plain forward over a prompt (perplexity) keeps them all.
-    """
-    e = torch.tensor([], dtype=_dtype(dtype)).element_size()
-    return batch_size * logits_tokens * config.vocab_size * e + 3 * batch_size * config.vocab_size * 4
 
 
 @dataclass
@@ -289,10 +75,11 @@ class DevicePlan:
     budget: int
     layers: int = 0
     allocator: int = 0  # PyTorch's caching-allocator slack (reserved but not in use at the peak)
+    fast_decode: int = 0  # FastDecoder's extra buffers: fused q/k/v copies, fp32 logits
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations + self.allocator + self.cuda_context
+        return self.weights + self.kv_cache + self.activations + self.allocator + self.cuda_context + self.fast_decode
 
     @property
     def headroom(self) -> int:
@@ -321,9 +108,12 @@ class MemoryPlan:
     dtype: str
     quantization: str | None
     device_map: dict[str, Any] = field(repr=False, default_factory=dict)
-    # What produced the plan, so advice() can try the alternatives (not part of the result).
-    inputs: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
     problems: list[str] = field(default_factory=list)  # limits other than memory (e.g. int8 kernel sizes)
+    allocator: str = "expandable"  # the caching allocator assumed: "expandable" (expandable_segments) or "default"
+    allocator_source: str = ""  # why that one (asked for, the environment, glmkit's default)
+    fast_decode: bool = False  # planned for glmkit.fast_decode.FastDecoder
+    # What produced the plan, so fixes() can try the alternatives (not part of the result).
+    request: PlanRequest | None = field(repr=False, compare=False, default=None)
 
     @property
     def fits(self) -> bool:
@@ -340,37 +130,66 @@ class MemoryPlan:
         def g(n: int) -> str:
             return "-" if abs(n) >= UNBOUNDED // 2 else f"{n / GiB:.2f}"
 
+        fast = [[g(d.fast_decode)] if self.fast_decode else [] for d in self.devices]
         return [
             [d.name, str(d.layers), g(d.weights), g(d.kv_cache), g(d.activations), g(d.allocator),
-             g(d.cuda_context), g(d.total), g(d.budget), g(d.headroom), "yes" if d.fits else "NO"]
-            for d in self.devices
+             g(d.cuda_context), *extra, g(d.total), g(d.budget), g(d.headroom), "yes" if d.fits else "NO"]
+            for d, extra in zip(self.devices, fast)
         ]
 
     HEADERS = ["device", "layers", "weights GiB", "KV cache GiB", "activations GiB", "allocator GiB",
                "CUDA ctx GiB", "total GiB", "budget GiB", "headroom GiB", "fits"]
 
+    def headers(self) -> list[str]:
+        """Column names; a fast-decode plan has a column for the decoder's extra buffers."""
+        cut = self.HEADERS.index("total GiB")
+        return self.HEADERS[:cut] + (["fast decode GiB"] if self.fast_decode else []) + self.HEADERS[cut:]
+
     def title(self) -> str:
         q = self.quantization or self.dtype
-        return f"{q}, batch {self.batch_size}, context {self.context_len} tokens: " + (
+        how = ", fast decode" if self.fast_decode else ""
+        return f"{q}, batch {self.batch_size}, context {self.context_len} tokens{how}: " + (
             "fits" if self.fits else "does NOT fit"
         )
 
+    def allocator_note(self) -> str:
+        """The allocator assumption, in words: the slack column depends on it."""
+        name = "expandable_segments" if self.allocator == "expandable" else "PyTorch's default"
+        other = "default" if self.allocator == "expandable" else "expandable"
+        return (f"allocator: {name} ({self.allocator_source}); allocator='{other}' (glmkit plan --allocator "
+                f"{other}) plans for the other")
+
     def __repr__(self) -> str:
         notes = "".join(f"\n! {p}" for p in self.problems)
-        return self.title() + "\n" + text_table(self.HEADERS, self.rows()) + notes
+        return self.title() + "\n" + text_table(self.headers(), self.rows()) + notes + "\n" + self.allocator_note()
 
     def _repr_html_(self) -> str:
         notes = "".join(f"<p><b>! {p}</b></p>" for p in self.problems)
-        return html_table(self.HEADERS, self.rows(), caption=self.title()) + notes
+        return (html_table(self.headers(), self.rows(), caption=self.title()) + notes
+                + f"<p><small>{html.escape(self.allocator_note())}</small></p>")
 
     def advice(self) -> str:
         """Why it does not fit (which device, by how much, what fills it) and the cheapest fix."""
         return explain_plan(self)
 
+    def fixes(self) -> list[str]:
+        """Changes that were *checked* to fit, cheapest first (for a plan that does not fit); the last two always work.
 
-def _kv_dtype(dtype: torch.dtype, quantization: str | None) -> torch.dtype:
-    # bitsandbytes models compute (and cache K/V) in the compute dtype: bf16 unless fp16 was asked.
-    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
+        >>> from glmkit.models import glm4_9b_chat_config
+        >>> plan_memory(glm4_9b_chat_config(), ["12GiB"], context_len=8192).fixes()[0]
+        "quantize to nf4 (quantization='nf4'): it fits; see notebooks/04_quantization.ipynb"
+        """
+        return plan_fixes(self)
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What a plan was asked for: the model, the budgets, the workload, and whether the device map was given."""
+
+    model: nn.Module
+    budgets: dict[int | str, int]
+    workload: Workload
+    given_map: bool
 
 
 def plan_memory(
@@ -386,6 +205,8 @@ def plan_memory(
     logits_tokens: int = 1,
     cuda_context: int | str = DEFAULT_CUDA_CONTEXT,
     expandable_segments: bool | None = None,
+    allocator: str | None = None,
+    fast_decode: bool = False,
 ) -> MemoryPlan:
     """Plan weights + KV cache + activations + CUDA context per device for generating ``context_len`` tokens.
 
@@ -402,117 +223,66 @@ def plan_memory(
         logits_tokens: positions whose logits are kept (``generate()``: 1).
         cuda_context: per-GPU memory outside PyTorch's allocator.
         expandable_segments: whether PyTorch's allocator runs with ``expandable_segments:True``
-            (less slack); ``None`` reads ``PYTORCH_CUDA_ALLOC_CONF``.
+            (less slack); ``None``: as ``allocator``.
+        allocator: ``"expandable"`` or ``"default"``; ``None``: ``PYTORCH_CUDA_ALLOC_CONF`` when the environment
+            sets it, else ``"expandable"`` (glmkit sets it in every process it starts). The plan says which.
+        fast_decode: budget ``glmkit.fast_decode.FastDecoder``'s extra buffers (fused q/k/v copies, fp32 logits).
 
     >>> from glmkit.models import glm4_9b_chat_config
     >>> plan = plan_memory(glm4_9b_chat_config(), ["12GiB", "12GiB"], context_len=8192)
     >>> plan.fits, [d.layers for d in plan.devices]
     (True, [20, 20])
     """
-    if batch_size < 1 or context_len < 1:
-        raise PlanningError(f"batch_size and context_len must be at least 1 (got {batch_size}, {context_len}).")
-    model = as_model(config_or_model)
-    quantization = _check_quantization(quantization)
-    dtype = _dtype(dtype)
-    budgets = normalize_devices(devices)
-    ctx_bytes = parse_size(cuda_context) if cuda_context else 0
+    workload = Workload(context_len=context_len, batch_size=batch_size, dtype=dtype, quantization=quantization,
+                        prefill_chunk=prefill_chunk, logits_tokens=logits_tokens, cuda_context=cuda_context,
+                        expandable_segments=expandable_segments, allocator=allocator, fast_decode=fast_decode)
+    return plan_workload(as_model(config_or_model), normalize_devices(devices), workload, device_map)
+
+
+def plan_workload(model: nn.Module, budgets: dict[int | str, int], workload: Workload,
+                  device_map: Mapping[str, Any] | None = None) -> MemoryPlan:
+    """``plan_memory`` for a built model, normalized budgets and a ``Workload``: what the searches call."""
+    given_map = device_map is not None
     if device_map is None:
-        if len(budgets) == 1:
-            device_map = {"": next(iter(budgets))}
-        else:
-            from glmkit.device_map import kv_aware_device_map
-
-            try:
-                device_map = kv_aware_device_map(
-                    model, budgets, context_len=context_len, batch_size=batch_size, dtype=dtype,
-                    quantization=quantization, prefill_chunk=prefill_chunk, cuda_context=ctx_bytes,
-                    expandable_segments=expandable_segments,
-                )
-            except DeviceMapError:
-                from glmkit.device_map import even_split, split_layers
-
-                gpus = list(budgets)
-                device_map = split_layers(model, even_split(len(model_units(model).layers), len(gpus)), gpus)
-        given_map = False
+        device_map = _default_map(model, budgets, workload)
     else:
         check_device_map(model, device_map)
-        given_map = True
-    c = costs(model, dtype=dtype, quantization=quantization, batch_size=batch_size, context_len=context_len,
-              prefill_chunk=prefill_chunk, logits_tokens=logits_tokens, cuda_context=ctx_bytes,
-              expandable_segments=expandable_segments)
-    plan = _plan(model, budgets, dict(device_map), c, dtype, quantization, batch_size, context_len)
-    plan.inputs = dict(model=model, devices=budgets, given_map=given_map, dtype=dtype, batch_size=batch_size,
-                       prefill_chunk=prefill_chunk, logits_tokens=logits_tokens, cuda_context=ctx_bytes,
-                       expandable_segments=expandable_segments)
+    plan = _plan(model, budgets, dict(device_map), costs(model, workload), workload)
+    plan.request = PlanRequest(model, budgets, workload, given_map)
     return plan
 
 
-@dataclass
-class Costs:
-    """Everything a device pays, before placement: per-unit weights, per-layer KV cache, and the
-    transients of a device that runs layers (activations, allocator slack), holds the inputs, or ``lm_head``."""
-
-    weights: dict[str, int]
-    kv_per_layer: int
-    activations: int
-    allocator: int
-    inputs: int
-    logits: int
-    cuda_context: int
-    problems: list[str]
-
-
-def costs(model: nn.Module, *, dtype: torch.dtype | str = torch.bfloat16, quantization: str | None = None,
-          batch_size: int = 1, context_len: int = 4096, prefill_chunk: int | None = None, logits_tokens: int = 1,
-          cuda_context: int = DEFAULT_CUDA_CONTEXT, expandable_segments: bool | None = None) -> Costs:
-    """The cost model shared by ``plan_memory`` and ``glmkit.device_map.kv_aware_device_map``."""
-    config = model.config
-    dtype = _dtype(dtype)
-    quantization = _check_quantization(quantization)
-    kv_dtype = _kv_dtype(dtype, quantization)
-    chunk = min(prefill_chunk or context_len, context_len)
-    act = layer_activation_bytes(config, chunk, batch_size, kv_dtype, quantization)
-    if chunk < context_len:
-        act += chunked_prefill_bytes(config, context_len, batch_size, kv_dtype)
-    problems = []
-    if quantization == "int8" and batch_size * chunk * 2 * config.intermediate_size > INT8_MAX_ELEMENTS:
-        longest = INT8_MAX_ELEMENTS // (2 * config.intermediate_size * batch_size)
-        problems.append(
-            f"int8: one forward over {batch_size} x {chunk} tokens exceeds bitsandbytes' 2**31-element limit "
-            f"(at most {longest} tokens per sequence at batch {batch_size}): prefill in chunks (prefill_chunk=...)"
-        )
-    return Costs(
-        weights=dict(_unit_weight_bytes(model, dtype, quantization)),
-        kv_per_layer=kv_cache_bytes_per_token(config, kv_dtype) * context_len * batch_size,
-        activations=act,
-        allocator=allocator_slack(config, chunk, batch_size, kv_dtype, quantization, expandable_segments),
-        inputs=input_bytes(chunk, batch_size),
-        logits=logits_bytes(config, batch_size, logits_tokens, kv_dtype),
-        cuda_context=cuda_context,
-        problems=problems,
-    )
+def _default_map(model: nn.Module, budgets: dict[int | str, int], workload: Workload) -> dict[str, Any]:
+    """Everything on the only device; over several, glmkit's KV-aware map (an even split when nothing fits)."""
+    if len(budgets) == 1:
+        return {"": next(iter(budgets))}
+    try:
+        return kv_aware_map(model, budgets, workload.replace(logits_tokens=1))
+    except DeviceMapError:
+        gpus = list(budgets)
+        return split_layers(model, even_split(len(model_units(model).layers), len(gpus)), gpus)
 
 
 def _plan(model: nn.Module, budgets: dict[int | str, int], device_map: dict[str, Any], c: Costs,
-          dtype: torch.dtype, quantization: str | None, batch_size: int, context_len: int) -> MemoryPlan:
+          workload: Workload) -> MemoryPlan:
     units = model_units(model)
     placement = {u: _device_of(u, device_map) for u in units.all}
     budgets = dict(budgets)
-    for offload in ("cpu", "disk"):  # offload targets without a budget count as unbounded
-        if offload in map(_norm_device, placement.values()):
+    for offload in OFFLOAD_DEVICES:  # offload targets without a budget count as unbounded
+        if offload in map(norm_device, placement.values()):
             budgets.setdefault(offload, UNBOUNDED)
-    unknown = {d for d in placement.values() if _norm_device(d) not in budgets}
+    unknown = {d for d in placement.values() if norm_device(d) not in budgets}
     if unknown:
         raise PlanningError(
             f"The device map uses {sorted(map(str, unknown))}, which have no budget in devices={list(budgets)}: "
             "give every device it uses a budget."
         )
-    first = _norm_device(placement[units.all[0]])
-    out_layer = _output_layer_name(model)
-    lm_device = _norm_device(placement.get(out_layer, placement[units.all[-1]]))
+    first = norm_device(placement[units.all[0]])
+    out_layer = output_layer_name(model)
+    lm_device = norm_device(placement.get(out_layer, placement[units.all[-1]]))
     plans = []
     for device, budget in budgets.items():
-        mine = [u for u in units.all if _norm_device(placement[u]) == device]
+        mine = [u for u in units.all if norm_device(placement[u]) == device]
         n_layers = sum(u in units.layers for u in mine)
         on_gpu = isinstance(device, int)
         act = (c.activations if n_layers else 0) + (c.inputs if device == first else 0) + (
@@ -526,17 +296,11 @@ def _plan(model: nn.Module, budgets: dict[int | str, int], device_map: dict[str,
             cuda_context=c.cuda_context if on_gpu and mine else 0,
             budget=budget,
             layers=n_layers,
+            fast_decode=c.fast_per_layer * n_layers + (c.fast_logits if device == lm_device and mine else 0),
         ))
-    return MemoryPlan(plans, context_len, batch_size, str(dtype).replace("torch.", ""), quantization, device_map,
-                      problems=list(c.problems))
-
-
-def _norm_device(device: Any) -> int | str:
-    if isinstance(device, torch.device):
-        device = str(device)
-    if isinstance(device, str) and device.startswith("cuda"):
-        return int(device.split(":")[1]) if ":" in device else 0
-    return device
+    return MemoryPlan(plans, workload.context_len, workload.batch_size, dtype_name(workload.dtype),
+                      workload.quantization, device_map, problems=list(c.problems), allocator=workload.allocator_mode,
+                      allocator_source=workload.allocator_source, fast_decode=workload.fast_decode)
 
 
 def _device_of(unit: str, device_map: Mapping[str, Any]) -> Any:
@@ -564,11 +328,18 @@ def max_context(
     >>> max_context(glm4_9b_chat_config(), ["12GiB"]), max_context(glm4_9b_chat_config(), ["12GiB"], quantization="nf4") > 16384
     (0, True)
     """
-    model = as_model(config_or_model)
+    device_map = plan_kwargs.pop("device_map", None)
+    workload = Workload(context_len=1, batch_size=batch_size, **plan_kwargs)
+    return _longest(as_model(config_or_model), normalize_devices(devices), workload, device_map)
+
+
+def _longest(model: nn.Module, budgets: dict[int | str, int], workload: Workload,
+             device_map: Mapping[str, Any] | None) -> int:
+    """``max_context`` for a built model, normalized budgets and a ``Workload`` (its ``context_len`` is ignored)."""
     limit = int(getattr(model.config, "max_position_embeddings", 131072))
 
     def fits(n: int) -> bool:
-        return plan_memory(model, devices, batch_size=batch_size, context_len=n, **plan_kwargs).fits
+        return plan_workload(model, budgets, workload.replace(context_len=n), device_map).fits
 
     if not fits(1):
         return 0
@@ -632,8 +403,11 @@ def cheapest_setup(
     batch_size: int = 1,
     precisions: Sequence[str | None] = (None, "int8", "nf4"),
     dtype: torch.dtype | str = torch.bfloat16,
+    **knobs: Any,
 ) -> SetupOptions:
     """Smallest number of identical cards and least lossy precision that fit ``context_len`` tokens.
+
+    ``knobs``: more of ``glmkit.costs.Workload``'s (``prefill_chunk``, ``allocator``, ``fast_decode``...).
 
     >>> from glmkit.models import glm4_9b_chat_config
     >>> best = cheapest_setup(glm4_9b_chat_config(), "12GiB", context_len=8192).cheapest
@@ -644,13 +418,13 @@ def cheapest_setup(
     budget = parse_size(card)
     options = []
     for cards in range(1, max_cards + 1):
+        devices = normalize_devices([budget] * cards)
         for q in precisions:
-            devices = [budget] * cards
-            kw = dict(dtype=dtype, quantization=q, batch_size=batch_size)
-            plan = plan_memory(model, devices, context_len=context_len, **kw)
+            workload = Workload(context_len=context_len, batch_size=batch_size, dtype=dtype, quantization=q, **knobs)
+            plan = plan_workload(model, devices, workload)
             options.append(SetupOption(
-                cards, q or str(_dtype(dtype)).replace("torch.", ""), plan.fits,
-                max_context(model, devices, **kw), max(d.weights for d in plan.devices) / GiB,
+                cards, q or dtype_name(dtype), plan.fits,
+                _longest(model, devices, workload, None), max(d.weights for d in plan.devices) / GiB,
             ))
     # Cheapest first: fewer cards, then less lossy precision (the order given).
     return SetupOptions(budget, context_len, batch_size, options)
@@ -676,26 +450,26 @@ def explain_plan(plan: MemoryPlan) -> str:
         lines.append(
             f"{d.name} needs {gib(d.total)} but has {gib(d.budget)}: {gib(-d.headroom)} over. "
             f"Weights {gib(d.weights)}, KV cache {gib(d.kv_cache)}, activations {gib(d.activations)}, "
-            f"allocator slack {gib(d.allocator)}, CUDA context {gib(d.cuda_context)}."
+            f"allocator slack {gib(d.allocator)}, CUDA context {gib(d.cuda_context)}"
+            + (f", fast-decode buffers {gib(d.fast_decode)}." if plan.fast_decode else ".")
         )
     lines.append("Cheapest fixes, in order:")
-    lines += [f"  - {fix}" for fix in _fixes(plan)]
+    lines += [f"  - {fix}" for fix in plan.fixes()]
     return "\n".join(lines)
 
 
-def _fixes(plan: MemoryPlan) -> list[str]:
-    """Alternatives that were *checked* to fit, cheapest first; the last two always work."""
-    if not plan.inputs:
+def plan_fixes(plan: MemoryPlan) -> list[str]:
+    """Alternatives that were *checked* to fit, cheapest first; the last two always work (``MemoryPlan.fixes``)."""
+    if plan.request is None:
         return ["plan with glmkit.planning.plan_memory to get checked suggestions"]
-    inp = dict(plan.inputs)
-    model, devices, given_map = inp.pop("model"), inp.pop("devices"), inp.pop("given_map")
-    base = dict(inp, quantization=plan.quantization, context_len=plan.context_len,
-                device_map=plan.device_map if given_map else None)
+    model, devices, w = plan.request.model, plan.request.budgets, plan.request.workload
+    given_map = plan.request.given_map
+    same_map = plan.device_map if given_map else None
 
-    def fits(**change: Any) -> MemoryPlan | None:
-        kwargs = {"devices": devices, **base, **change}
+    def fits(devices: dict[int | str, int] = devices, device_map: Mapping[str, Any] | None = same_map,
+             **change: Any) -> MemoryPlan | None:
         try:
-            alt = plan_memory(model, **kwargs)
+            alt = plan_workload(model, devices, w.replace(**change), device_map)
         except (PlanningError, DeviceMapError):
             return None
         return alt if alt.fits else None
@@ -703,11 +477,11 @@ def _fixes(plan: MemoryPlan) -> list[str]:
     fixes: list[str] = []
     gpus = {d: b for d, b in devices.items() if isinstance(d, int)}
     if given_map and len(gpus) > 1 and fits(device_map=None):
-        fixes.append("use glmkit's KV-aware map (device_map=None here, or glmkit.device_map.kv_aware_device_map): "
+        fixes.append("use glmkit's KV-aware map (device_map=None here, or glmkit.placement.kv_aware_device_map): "
                      "same cards, it fits")
-    if not plan.inputs["prefill_chunk"] and fits(prefill_chunk=2048):
+    if not w.prefill_chunk and fits(prefill_chunk=2048):
         fixes.append("prefill in chunks of 2048 tokens (prefill_chunk=2048): activations shrink to one chunk, it fits")
-    longest = max_context(model, devices, **{k: v for k, v in base.items() if k != "context_len"})
+    longest = _longest(model, devices, w, same_map)
     if longest:
         fixes.append(f"shorten the context to at most {longest} tokens (batch {plan.batch_size})")
     for q in ("int8", "nf4"):
@@ -723,3 +497,68 @@ def _fixes(plan: MemoryPlan) -> list[str]:
         if more:
             fixes.append(f"{more} cards of {gib(card)} with glmkit's KV-aware map fit")
     return fixes
+
+
+@dataclass(repr=False)
+class MapComparison:
+    """accelerate's strategies next to glmkit's KV-aware map for one set of budgets; renders as a table."""
+
+    budgets: str
+    context_len: int
+    batch_size: int
+    rows_: list[list[str]]
+
+    HEADERS = ["strategy", "layers per GPU", "offloaded", "fits", "tightest GPU headroom GiB", "max context (tokens)"]
+
+    def rows(self) -> list[list[str]]:
+        return self.rows_
+
+    def title(self) -> str:
+        return f"{self.budgets}: context {self.context_len}, batch {self.batch_size}"
+
+    def __repr__(self) -> str:
+        return self.title() + "\n" + text_table(self.HEADERS, self.rows_)
+
+    def _repr_html_(self) -> str:
+        return html_table(self.HEADERS, self.rows_, caption=self.title())
+
+
+def compare_device_maps(
+    model_or_config: Any,
+    max_memory: Mapping[Any, Any] | Sequence[Any],
+    *,
+    context_len: int = 8192,
+    batch_size: int = 1,
+    strategies: Sequence[str] = STRATEGIES,
+    **plan_kwargs: Any,
+) -> MapComparison:
+    """Plan every accelerate strategy and glmkit's KV-aware map on the same budgets (``notebooks/03``).
+
+    For each: decoder layers per device, modules offloaded to CPU/disk, whether generation at
+    ``context_len`` fits, the tightest headroom, and the longest context that fits with that map.
+    """
+    model = as_model(model_or_config)
+    budgets = normalize_devices(max_memory)
+    workload = Workload(context_len=context_len, batch_size=batch_size, **plan_kwargs)
+    rows = []
+    maps: list[tuple[str, dict[str, Any] | None]] = []
+    for strategy in strategies:
+        maps.append((f'accelerate "{strategy}"', accelerate_device_map(model, budgets, strategy, **{
+            k: v for k, v in plan_kwargs.items() if k in ("dtype", "quantization")})))
+    try:
+        maps.append(("glmkit KV-aware", kv_aware_map(model, budgets, workload.replace(logits_tokens=1))))
+    except DeviceMapError:
+        maps.append(("glmkit KV-aware", None))
+    for label, dm in maps:
+        if dm is None:
+            rows.append([label, "-", "-", "no", "-", "0"])
+            continue
+        plan = plan_workload(model, budgets, workload, dm)
+        gpu_layers = "/".join(str(d.layers) for d in plan.devices if isinstance(d.device, int))
+        offloaded = sum(1 for u, d in dm.items() if d in OFFLOAD_DEVICES)
+        tight = min(d.headroom for d in plan.devices if isinstance(d.device, int))
+        longest = _longest(model, budgets, workload, dm)
+        rows.append([label, gpu_layers, f"{offloaded} modules" if offloaded else "-",
+                     "yes" if plan.fits else "NO", f"{tight / 2**30:.2f}", str(longest)])
+    desc = " + ".join(gib(b) if isinstance(d, int) else f"{d} {gib(b)}" for d, b in budgets.items())
+    return MapComparison(desc, context_len, batch_size, rows)

@@ -18,25 +18,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
+from glmkit.bench import decode_tokens_per_second, environment_record
+from glmkit.generation import encode_chat, model_device
+from glmkit.loading import load_model, load_tokenizer
+from glmkit.planning import unit_weight_bytes
 from glmkit.tables import html_table, text_table
-
-# name -> (dtype of the unquantized parts and of the compute, glmkit quantization name)
-PRECISIONS: dict[str, tuple[str, str | None]] = {
-    "bf16": ("bfloat16", None),
-    "fp16": ("float16", None),
-    "int8": ("float16", "int8"),  # LLM.int8 computes in fp16; bf16 inputs are cast on every matmul
-    "nf4": ("bfloat16", "nf4"),
-    "nf4-dq": ("bfloat16", "nf4-dq"),
-    "fp4": ("bfloat16", "fp4"),
-    "fp4-dq": ("bfloat16", "fp4-dq"),
-}
+from glmkit.vocabulary import PRECISIONS
 
 
 def load_precision(path: Any, precision: str, device_map: Any = None) -> torch.nn.Module:
     """Load ``path`` in one of ``PRECISIONS`` through ``glmkit.loading.load_model``."""
-    from glmkit.loading import load_model
-
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision '{precision}': use one of {', '.join(PRECISIONS)}.")
     dtype, quantization = PRECISIONS[precision]
@@ -92,8 +85,6 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], bat
 
 def greedy_tokens(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], new_tokens: int = 24) -> list[list[int]]:
     """Greedy continuations (exactly ``new_tokens`` each) of chat-formatted ``prompts``."""
-    from glmkit.generation import encode_chat, model_device
-
     out = []
     with torch.inference_mode():
         for prompt in prompts:
@@ -162,12 +153,6 @@ def compare_precisions(
         texts: held-out text for perplexity.
         prompts: user messages whose greedy replies are compared with the reference precision's.
     """
-    from transformers import AutoConfig
-
-    from glmkit.bench import decode_tokens_per_second, environment_record
-    from glmkit.loading import load_tokenizer
-    from glmkit.planning import unit_weight_bytes
-
     config = AutoConfig.from_pretrained(path)
     tokenizer = load_tokenizer(path)
     report = PrecisionReport(environment_record()["device"])

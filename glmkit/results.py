@@ -523,7 +523,7 @@ def planned_long_context_bytes(row: dict[str, Any]) -> int:
     """
     from glmkit.models import glm4_9b_chat_config
     from glmkit.planning import plan_memory
-    from glmkit.quantization import PRECISIONS
+    from glmkit.vocabulary import PRECISIONS
 
     precision, budget = row["setup"].split("@")
     dtype, quantization = PRECISIONS[precision]

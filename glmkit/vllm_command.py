@@ -85,14 +85,14 @@ def vllm_serve_command(plan: MemoryPlan, model: str = VLLM_MODEL, gpu_memory: in
     if plan.quantization not in QUANTIZATION_FLAGS:
         raise ValueError(f"vLLM has no in-flight {plan.quantization} quantization: plan with --quantization nf4 "
                          "(vLLM's bitsandbytes 4-bit) or int8 (vLLM's fp8) instead.")
-    config: Any = getattr(plan.inputs.get("model"), "config", None)
+    config: Any = getattr(plan.request.model, "config", None) if plan.request else None
     heads = int(getattr(config, "num_attention_heads", 32))
     kv_heads = int(getattr(config, "num_key_value_heads", 2))
     gpus = sum(isinstance(d.device, int) for d in plan.devices)
     if any(not isinstance(d.device, int) for d in plan.devices if d.layers):
         raise ValueError("the plan puts layers on the CPU or disk; vLLM runs them on GPUs only "
                          "(its --cpu-offload-gb is slow): plan with GPU budgets only.")
-    chunk = plan.inputs.get("prefill_chunk")
+    chunk = plan.request.workload.prefill_chunk if plan.request else None
     chunk_flags = ["--enable-chunked-prefill", "--max-num-batched-tokens", str(chunk * plan.batch_size)] if chunk else []
     return ["vllm", "serve", model, "--served-model-name", *served_names,
             *parallel_flags(gpus, heads, kv_heads),

@@ -9,8 +9,6 @@ import torch
 from glmkit.bench import RESULTS_DIR
 from glmkit.models import glm4_9b_chat_config
 from glmkit.monitor import (
-    LiveMonitor,
-    MemoryPoller,
     explain_oom,
     gpu_memory,
     host_memory,
@@ -18,6 +16,7 @@ from glmkit.monitor import (
     track_peak,
 )
 from glmkit.planning import plan_memory
+from glmkit.widgets import LiveMonitor, MemoryPoller
 
 
 def _monitor_threads():

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from glmkit.device_map import DeviceMapError, as_model, kv_aware_device_map, split_layers
+from glmkit.costs import Workload, fused_qkv_bytes
+from glmkit.device_map import DeviceMapError, as_model, split_layers
 from glmkit.loading import load_model
 from glmkit.models import glm4_9b_chat_config, tiny_glm_config
+from glmkit.placement import kv_aware_device_map
 from glmkit.planning import (
     GiB,
     PlanningError,
@@ -67,10 +69,87 @@ def test_plan_totals_add_up_and_the_lm_head_device_holds_the_logits():
 def test_allocator_slack_follows_pytorch_alloc_conf(monkeypatch):
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     expandable = plan_memory(C, ["80GiB"], context_len=32768).devices[0].allocator
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     default = plan_memory(C, ["80GiB"], context_len=32768).devices[0].allocator
     assert 0 < expandable < default
     assert plan_memory(C, ["80GiB"], context_len=32768, expandable_segments=True).devices[0].allocator == expandable
+    assert plan_memory(C, ["80GiB"], context_len=32768, allocator="expandable").devices[0].allocator == expandable
+
+
+def test_the_plan_states_its_allocator_and_why(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("GLMKIT_SET_ALLOC_CONF", raising=False)
+    plan = plan_memory(C, ["80GiB"], context_len=32768)  # nothing set: glmkit's own setting
+    assert plan.allocator == "expandable" and "glmkit sets" in plan.allocator_source
+    assert "allocator: expandable_segments" in repr(plan) and "expandable_segments" in plan._repr_html_()
+    asked = plan_memory(C, ["80GiB"], context_len=32768, allocator="default")
+    assert asked.allocator == "default" and asked.allocator_source == "asked for"
+    assert asked.devices[0].allocator > plan.devices[0].allocator
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setenv("GLMKIT_SET_ALLOC_CONF", "1")  # set by glmkit.env.use_expandable_segments: glmkit's, not the user's
+    assert plan_memory(C, ["80GiB"], context_len=32768).allocator_source == plan.allocator_source
+    monkeypatch.delenv("GLMKIT_SET_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")  # the environment wins over glmkit's
+    env = plan_memory(C, ["80GiB"], context_len=32768)
+    assert env.allocator == "default" and "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False" in repr(env)
+    assert env.devices[0].allocator == asked.devices[0].allocator
+    with pytest.raises(PlanningError, match="'expandable'.*'default'"):
+        plan_memory(C, ["80GiB"], allocator="caching")
+
+
+def test_cli_plan_chooses_the_allocator(monkeypatch, capsys):
+    from glmkit.cli import main
+
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.delenv("GLMKIT_SET_ALLOC_CONF", raising=False)
+    main(["plan", "--devices", "80GiB", "--context", "32768", "--allocator", "default"])
+    out = capsys.readouterr().out
+    assert "allocator: PyTorch's default (asked for)" in out
+    main(["plan", "--devices", "80GiB", "--context", "32768"])
+    assert "allocator: expandable_segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True in the environment)" \
+        in capsys.readouterr().out
+
+
+def test_fast_decode_budgets_the_fused_qkv_copy_and_the_logits_buffer():
+    qkv = (32 + 2 * 2) * 128 * (4096 + 1) * 2  # GLM-4-9B: q/k/v rows x (hidden + bias), bf16
+    assert fused_qkv_bytes(C) == qkv and round(40 * qkv / GiB, 2) == 1.41
+    plain = plan_memory(C, ["80GiB"], context_len=8192, batch_size=2)
+    fast = plan_memory(C, ["80GiB"], context_len=8192, batch_size=2, fast_decode=True)
+    d, f = plain.devices[0], fast.devices[0]
+    assert f.fast_decode == 40 * qkv + 2 * C.vocab_size * 4 and d.fast_decode == 0
+    assert f.total - d.total == f.fast_decode and f.kv_cache == d.kv_cache and f.activations == d.activations
+    assert "fast decode GiB" in repr(fast) and "fast decode GiB" not in repr(plain)
+    nf4 = plan_memory(C, ["80GiB"], context_len=8192, quantization="nf4", fast_decode=True).devices[0]
+    assert nf4.fast_decode == C.vocab_size * 4  # 4-bit: no q/k/v copy, only the logits buffer
+    int8 = plan_memory(C, ["80GiB"], context_len=8192, quantization="int8", fast_decode=True)
+    assert not int8.fits and "not int8" in int8.problems[0]
+
+
+def test_fast_decode_puts_each_share_on_its_device_and_shortens_the_longest_context():
+    qkv = fused_qkv_bytes(C)
+    plan = plan_memory(C, ["12GiB", "12GiB"], quantization="nf4", context_len=8192, fast_decode=True)
+    d0, d1 = plan.devices
+    assert d0.fast_decode == 0 and d1.fast_decode == C.vocab_size * 4  # logits buffer beside lm_head
+    bf16 = plan_memory(C, ["12GiB", "12GiB"], context_len=4096, fast_decode=True)
+    assert [d.fast_decode for d in bf16.devices] == [
+        d.layers * qkv + (C.vocab_size * 4 if i == 1 else 0) for i, d in enumerate(bf16.devices)]
+    assert max_context(C, ["24GiB"], fast_decode=True) < max_context(C, ["24GiB"])
+
+
+def test_workload_carries_the_knobs():
+    w = Workload(context_len=8192, dtype="float16", quantization="NF4", cuda_context="1GiB", allocator="default")
+    assert (w.dtype, w.quantization, w.cuda_context, w.allocator_mode) == (torch.float16, "nf4", GiB, "default")
+    assert w.replace(context_len=16) == Workload(context_len=16, dtype=torch.float16, quantization="nf4",
+                                                 cuda_context=GiB, allocator="default")
+    assert Workload(context_len=8192, prefill_chunk=2048).chunk == 2048
+    with pytest.raises(PlanningError, match="at least 1"):
+        Workload(context_len=0)
+
+
+def test_fixes_are_public_and_checked():
+    plan = plan_memory(C, ["12GiB"], context_len=8192)
+    assert plan.fixes() and plan.fixes()[0].startswith("quantize to nf4")
+    assert plan_memory(C, ["12GiB"], context_len=8192, quantization="nf4").fixes()  # always two that work
 
 
 def test_int8_kernel_limit_is_a_planning_problem():
@@ -97,7 +176,7 @@ def test_max_context_is_the_boundary():
 
 
 def test_kv_aware_map_fits_longer_context_than_accelerate_auto():
-    from glmkit.device_map import accelerate_device_map
+    from glmkit.placement import accelerate_device_map
 
     auto = accelerate_device_map(C, ["12GiB", "12GiB"], "auto")
     ours = max_context(C, ["12GiB", "12GiB"])
