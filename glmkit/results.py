@@ -852,6 +852,7 @@ def tp_estimate_chart() -> Any:
     """Estimated TP=2 batch-1 tok/s against the all-reduce latency, with one GPU's measured speed and the measured
     latencies marked; ``None`` before ``tp_bound.json`` exists."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
 
     bound = load("tp_bound")
     if bound is None or 1 not in tp_bound_pairs(bound):
@@ -866,8 +867,11 @@ def tp_estimate_chart() -> Any:
         r = load(name)
         lat = None if r is None else allreduce_us(r, 1)
         if lat is not None:
-            ax.plot([lat], [tp_estimate_tok_s(shard, lat)], marker, label=f"{r['runs'][0]['backend']}: {lat:.0f} µs")
+            backend = r["runs"][0]["backend"]
+            where = "two CPU processes" if backend == "gloo" else "two GPUs"
+            ax.plot([lat], [tp_estimate_tok_s(shard, lat)], marker, label=f"{backend} ({where}), measured: {lat:.0f} µs")
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("one all-reduce of 8 KiB (µs)")
     ax.set_ylabel("decode tok/s, batch 1")
     ax.set_title(f"GLM-4-9B bf16, shard measured on {bound['environment']['device']}", fontsize=9)
