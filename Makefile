@@ -1,13 +1,15 @@
 # glmkit: `make lab` opens the kit, `make test` runs every test. Both create .venv themselves.
+# `make test` also needs Debian's chromium (its browser test drives JupyterLab in it): as root it installs it, saying
+# so first; otherwise it stops at once with the command to run.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 # CPU/CI pin. GPU users: make lab TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
 TORCH  ?= torch==2.13.0
-export GLMKIT_CACHE ?= $(CURDIR)/.cache
+CHROMIUM := /usr/bin/chromium
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test lint tiny notebooks clean
+.PHONY: lab test lint notebooks clean chromium
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +25,26 @@ $(VENV)/.dev: $(VENV)/.base
 	$(BIN)/python -m pip install -q -e ".[notebooks,server,dev]"
 	touch $@
 
-tiny: $(VENV)/.lab
-	$(BIN)/glmkit make-tiny $(GLMKIT_CACHE)/tiny-glm
-
-lab: tiny
+# The notebooks use the tiny trained GLM-4 shipped in glmkit/assets (or GLMKIT_MODEL): nothing to build.
+lab: $(VENV)/.lab
 	$(BIN)/jupyter lab $(ALLOW_ROOT) --notebook-dir=notebooks
 
-test: $(VENV)/.dev
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "make test: installing Debian's chromium and the libraries it needs (no recommended extras), for the"; \
+	    echo "browser test, which drives JupyterLab in headless Chromium: apt-get install --no-install-recommends chromium"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null || exit 1; \
+	  else \
+	    echo "make test needs Debian's chromium for its browser test (JupyterLab driven by headless Chromium)."; \
+	    echo "Install it, then run make test again:"; \
+	    echo "    sudo apt-get install --no-install-recommends chromium"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+test: chromium $(VENV)/.dev
 	@start=$$(date +%s); \
 	$(BIN)/ruff check glmkit tests scripts benchmarks && \
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest; status=$$?; \
@@ -43,4 +58,4 @@ notebooks: $(VENV)/.dev
 	OMP_NUM_THREADS=1 $(BIN)/python scripts/run_notebooks.py
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) .cache .pytest_cache test-artifacts

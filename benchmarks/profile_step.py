@@ -2,9 +2,9 @@
 glmkit fast path (eager layer; compiled layer with cuBLAS or with glmkit's Triton GEMVs; the latter replayed as a CUDA
 graph) and for one plain forward with a dynamic cache.
 
-    python benchmarks/profile_step.py --checkpoint /tmp/glm9b
-Writes benchmarks/results/profile_step.json (and to $OUT): per path, GPU kernel time by kernel name and the
-step's wall time.
+    python benchmarks/profile_step.py --checkpoint /tmp/glm9b [--precision nf4]
+Writes benchmarks/results/profile_step.json (profile_step_nf4.json ...) (and to $OUT): per path, GPU kernel time by
+kernel name and the step's wall time.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def profile(fn, steps: int = 5) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
+    ap.add_argument("--precision", default="bf16", help="bf16 (all paths), or fp16 / nf4 / nf4-dq (fast Triton paths)")
     args = ap.parse_args()
     import torch
 
@@ -54,13 +55,22 @@ def main() -> None:
     from glmkit.loading import load_model
 
     ensure_random_checkpoint(args.checkpoint)
-    model = load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
+    if args.precision == "bf16":
+        model = load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
+        paths = (("fast, eager layer", {"compile": False, "cuda_graph": False, "gemv": False}),
+                 ("fast, compiled layer", {"compile": True, "cuda_graph": False, "gemv": False}),
+                 ("fast, compiled layer, Triton GEMV", {"compile": True, "cuda_graph": False, "gemv": "triton"}),
+                 ("fast, compiled layer, Triton GEMV, CUDA graph", {"gemv": "triton"}))
+    else:
+        from glmkit.quantization import load_precision
+
+        model = load_precision(args.checkpoint, args.precision, device_map="cuda:0")
+        paths = (("fast, eager layer, Triton GEMV", {"compile": False, "cuda_graph": False, "gemv": "triton"}),
+                 ("fast, compiled layer, Triton GEMV", {"compile": True, "cuda_graph": False, "gemv": "triton"}),
+                 ("fast, compiled layer, Triton GEMV, CUDA graph", {"gemv": "triton"}))
     ids = torch.randint(0, 1000, (1, 32), device="cuda")
     out = {}
-    for label, opts in (("fast, eager layer", {"compile": False, "cuda_graph": False, "gemv": False}),
-                        ("fast, compiled layer", {"compile": True, "cuda_graph": False, "gemv": False}),
-                        ("fast, compiled layer, Triton GEMV", {"compile": True, "cuda_graph": False, "gemv": "triton"}),
-                        ("fast, compiled layer, Triton GEMV, CUDA graph", {"gemv": "triton"})):
+    for label, opts in paths:
         dec = FastDecoder(model, max_len=64, **opts)
         dec.prefill(ids)
         token = torch.tensor([1], device="cuda")
@@ -80,9 +90,10 @@ def main() -> None:
 
     out["plain forward (dynamic cache)"] = profile(plain)
     print("plain", {k: v for k, v in out["plain forward (dynamic cache)"].items() if k != "top_kernels"}, flush=True)
-    save_result("profile_step", {"method": "torch.profiler, CUDA activity, 5 steps after 3 warm-up; batch 1, 32 cached "
-                                           "tokens; no CUDA graph (a graph replays the same kernels without launch gaps)",
-                                 "paths": out})
+    name = "profile_step" if args.precision == "bf16" else f"profile_step_{args.precision}"
+    method = ("torch.profiler, CUDA activity, 5 steps after 3 warm-up; batch 1, 32 cached tokens; no CUDA graph (a "
+              "graph replays the same kernels without launch gaps)")
+    save_result(name, {"precision": args.precision, "method": method, "paths": out})
 
 
 if __name__ == "__main__":

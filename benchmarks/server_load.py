@@ -37,7 +37,7 @@ def main() -> None:
 
     from glmkit.engine import Engine
     from glmkit.loading import load_model, load_tokenizer
-    from glmkit.models import TRAINED_TINY_DIR
+    from glmkit.models import TRAINED_TINY_DIR, model_label
     from glmkit.server import ServerThread, create_app
 
     path = args.checkpoint or TRAINED_TINY_DIR
@@ -108,7 +108,7 @@ def main() -> None:
         r["tokens_per_s_vs_1_client"] = r["tokens_per_s"] / base
     server.stop()
     engine.close()
-    save_result(args.name, {"model": str(path), "device_map": args.device_map, "fast_decode": args.fast_decode,
+    save_result(args.name, {"model": model_label(path), "device_map": args.device_map, "fast_decode": args.fast_decode,
                             "method": f"{args.seconds:.0f} s per level after a warm-up of as many "
                                       f"concurrent 8-token requests, max_tokens {args.max_tokens}, temperature 0.8, "
                                       "openai client threads on loopback", "levels": rows})

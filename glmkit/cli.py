@@ -1,13 +1,82 @@
-"""The ``glmkit`` command line: ``env``, ``make-tiny PATH``, ``plan --devices 12GiB 12GiB``, ``generate [--tp 2]``.
+"""The ``glmkit`` command line: ``env``, ``make-tiny``, ``plan``, ``generate``, ``bench``, ``serve`` and ``tune``.
 
-Run ``glmkit --help`` for the list; each subcommand prints a table and exits 0, or prints the
-error's message (which names the fix) and exits 2.
+Run ``glmkit --help`` for the list, ``glmkit COMMAND --help`` for one command; each command prints its result and
+exits 0, or prints the error's message (which names the flag and the fix) and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
+
+DESCRIPTION = "Plan, run, measure and serve GLM-4-9B-Chat on the GPUs you have (or the tiny GLM-4 on a CPU)."
+EPILOG = """examples:
+  glmkit plan --devices 12GiB 12GiB --context 32768
+  glmkit generate --prompt "How do I split GLM-4 over two GPUs?"
+  glmkit serve --device-map 20,20 --port 8000
+
+glmkit COMMAND --help shows a command's flags."""
+TINY_NOTE = ("no --model and no GLMKIT_MODEL given: answering with the shipped tiny GLM-4 ({params} parameters, "
+             "trained on the kit's own notes), not GLM-4-9B-Chat; pass --model PATH or set GLMKIT_MODEL to a local "
+             "GLM-4-9B-Chat checkpoint")
+
+
+def positive_int(value: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def memory_budget(value: str) -> str:
+    """argparse type: a budget with its unit ("12GiB", "24GB"); a bare number would silently be bytes."""
+    from glmkit.planning import PlanningError, parse_size
+
+    if value.strip().replace(".", "", 1).isdigit():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} has no unit: write {value}GiB (GiB = 2**30 bytes, as nvidia-smi counts) or {value}GB")
+    try:
+        parse_size(value)
+    except PlanningError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
+
+
+def checkpoint_folder(value: str) -> str:
+    """argparse type: a local checkpoint folder with a config.json (nothing is downloaded)."""
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a folder on this machine: give a local checkpoint folder (with config.json); "
+            "glmkit downloads nothing")
+    if not (path / "config.json").exists():
+        raise argparse.ArgumentTypeError(f"{value!r} has no config.json: give the checkpoint folder itself")
+    return str(path)
+
+
+def _model_path(args: argparse.Namespace) -> str:
+    """``--model``, else ``$GLMKIT_MODEL``, else the shipped tiny GLM-4 (said on stderr: it is not the real model)."""
+    from glmkit.models import default_model_path
+
+    if args.model:
+        return args.model
+    if not os.environ.get("GLMKIT_MODEL"):
+        args.tiny_default = True
+    return str(default_model_path())
+
+
+def _say_tiny(args: argparse.Namespace, model: object) -> None:
+    from glmkit import parallel
+
+    if getattr(args, "tiny_default", False) and parallel.rank() == 0:
+        params = sum(p.numel() for p in model.parameters())  # type: ignore[attr-defined]
+        print(f"glmkit {args.command}: " + TINY_NOTE.format(params=f"{params / 1e6:.1f} M"), file=sys.stderr)
 
 
 def _env(args: argparse.Namespace) -> None:
@@ -23,6 +92,14 @@ def _make_tiny(args: argparse.Namespace) -> None:
     print(f"tiny GLM checkpoint written to {path}")
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from glmkit.gemv_tuning import table_configs, tune, write_table
+
+    rows = tune(args.kernels.split(","))
+    path = write_table(table_configs(rows), args.output)
+    print(f"launch shapes for {len(rows)} projections written to {path}; glmkit's GEMV kernels use them on this card")
+
+
 def _plan(args: argparse.Namespace) -> None:
     from glmkit.models import glm4_9b_chat_config
     from glmkit.planning import max_context, plan_memory
@@ -34,12 +111,24 @@ def _plan(args: argparse.Namespace) -> None:
     print(plan)
     print()
     print(plan.advice())
-    print(f"\nlongest context that fits: {max_context(config, args.devices, **kw)} tokens")
+    longest = max_context(config, args.devices, **kw)
+    print(f"\nlongest context that fits: {longest} tokens" if longest else "\n" + _nothing_fits(config, args.devices, kw))
     if args.for_server == "vllm":
         from glmkit.vllm_command import VLLM_MODEL, vllm_serve_line
 
         line = vllm_serve_line(plan, model=args.model or VLLM_MODEL, gpu_memory=args.gpu_memory)
         print(f"\nthe same workload on vLLM (same names and API for clients):\n{line}")
+
+
+def _nothing_fits(config: object, devices: list[str], kw: dict) -> str:
+    """Why not even a 1-token context fits: which device and by how much."""
+    from glmkit.planning import plan_memory
+    from glmkit.tables import gib
+
+    one = plan_memory(config, devices, context_len=1, **kw)
+    why = [f"{d.name} needs {gib(d.total)} but has {gib(d.budget)}" for d in one.devices if not d.fits] + one.problems
+    return ("no context fits, not even 1 token: " + "; ".join(why) +
+            ". The weights and fixed costs alone are too large: see the fixes above.")
 
 
 def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
@@ -61,7 +150,9 @@ def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
 
 
 FAST_DECODE_HELP = ("the fast path: static cache and CUDA graphs (FastDecoder: one per GPU of a --device-map split; "
-                    "with --tp N, TPDecoder: every layer split over N processes); 16/32-bit weights, more GPU memory")
+                    "with --tp N, TPDecoder: every layer split over N processes); 16/32-bit weights (FastDecoder: "
+                    "nf4/fp4 too), more GPU memory")
+QUANTIZATIONS = ["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"]
 
 DEVICE_MAP_HELP = "auto, balanced, sequential, cpu, cuda:0, or layers per GPU like 20,20"
 
@@ -70,12 +161,19 @@ def device_map_option(value: str | None, model_path: str) -> object:
     """``--device-map``: a name accelerate/transformers know, or ``"20,20"`` (layers on GPUs 0, 1, ...)."""
     if not value or "," not in value:
         return value
-    from glmkit.device_map import split_layers
+    from transformers import AutoConfig
+
+    from glmkit.device_map import even_split, split_layers
 
     try:
         counts = [int(x) for x in value.split(",")]
     except ValueError:
         raise ValueError(f"--device-map {value!r}: layers per GPU are whole numbers, like 20,20.") from None
+    layers = AutoConfig.from_pretrained(model_path).num_hidden_layers
+    if sum(counts) != layers or any(c < 0 for c in counts):
+        example = ",".join(str(c) for c in even_split(layers, len(counts)))
+        raise ValueError(f"--device-map {value}: the layers per GPU add up to {sum(counts)}, but the model has "
+                         f"{layers} decoder layers; e.g. --device-map {example}.")
     return split_layers(model_path, counts)
 
 
@@ -84,19 +182,24 @@ def _command_model(args: argparse.Namespace) -> tuple[object, str]:
     or on one device. ``None`` when ``--tp`` reran the command in other processes."""
     from glmkit import parallel
     from glmkit.loading import load_model
-    from glmkit.models import default_model_path
 
-    model_path = args.model or str(default_model_path())
+    model_path = _model_path(args)
     if getattr(args, "device_map", None) and args.tp > 1:
         raise ValueError("use --tp or --device-map, not both: tensor parallelism places the model itself.")
+    quantization = getattr(args, "quantization", None)
+    if quantization and args.tp > 1:
+        raise ValueError("--quantization loads the model in one process: use --device-map (e.g. 20,20) instead of --tp.")
     if _relaunched_for_tp(args, model_path):
         return None, model_path
     if parallel.in_torchrun() and getattr(args, "fast_decode", False):  # TPDecoder takes its rank's slices from it
-        return load_model(model_path, dtype=args.dtype, device_map="cpu"), model_path
-    if parallel.in_torchrun():
-        return parallel.load_tp_model(model_path, args.dtype), model_path
-    device_map = device_map_option(getattr(args, "device_map", None), model_path)
-    return load_model(model_path, dtype=args.dtype, device_map=device_map), model_path
+        model = load_model(model_path, dtype=args.dtype, device_map="cpu")
+    elif parallel.in_torchrun():
+        model = parallel.load_tp_model(model_path, args.dtype)
+    else:
+        device_map = device_map_option(getattr(args, "device_map", None), model_path)
+        model = load_model(model_path, dtype=args.dtype, device_map=device_map, quantization=quantization)
+    _say_tiny(args, model)
+    return model, model_path
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -184,17 +287,17 @@ def _serve(args: argparse.Namespace) -> None:
 
     from glmkit.env import use_expandable_segments
     from glmkit.loading import load_model, load_tokenizer
-    from glmkit.models import default_model_path
     from glmkit.server import default_batch_size, serve, served_model_names
     from glmkit.server_guard import check_exposure
 
     api_key = args.api_key or os.environ.get("GLMKIT_API_KEY")
     check_exposure(args.host, api_key, args.allow_unauthenticated)  # refuse before minutes of loading
     use_expandable_segments()
-    model_path = args.model or str(default_model_path())
+    model_path = _model_path(args)
     names = served_model_names(model_path, args.served_model_name)
     device_map = device_map_option(args.device_map, model_path)
     model = load_model(model_path, dtype=args.dtype, device_map=device_map, quantization=args.quantization)
+    _say_tiny(args, model)
     max_context = args.max_context or min(4096, int(getattr(model.config, "max_position_embeddings", 4096)))
     batch = args.max_batch_size or default_batch_size(model.config, max_context, quantization=args.quantization)
     print(f"glmkit serve: {', '.join(names)} on http://{args.host}:{args.port}/v1, batch {batch}, context "
@@ -205,8 +308,9 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glmkit", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="glmkit", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("env", help="library versions and GPUs with their free memory")
     p.set_defaults(func=_env)
@@ -214,49 +318,66 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("make-tiny", help="write a tiny random GLM checkpoint (tests, CI, laptops)")
     p.add_argument("path")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--layers", type=positive_int, default=6)
     p.set_defaults(func=_make_tiny)
 
+    p = sub.add_parser("tune", help="measure the fastest GEMV kernel launch shapes on this GPU (a minute or two "
+                                    "per kernel) and keep them in glmkit's cache")
+    p.add_argument("--kernels", default="bf16,nf4",
+                   help="comma-separated: bf16, fp16, nf4, fp4 (fp16 takes bf16's shapes unless given)")
+    p.add_argument("--output", help="table file (default: gemv_tuned.json in $GLMKIT_CACHE or ~/.cache/glmkit)")
+    p.set_defaults(func=_tune)
+
     p = sub.add_parser("plan", help="memory plan per GPU for GLM-4-9B-Chat (or --model PATH), no GPU needed")
-    p.add_argument("--model", help="checkpoint folder (only its config.json is read); default GLM-4-9B-Chat")
-    p.add_argument("--devices", nargs="+", default=["24GiB"], help="budget per GPU, e.g. 12GiB 12GiB")
-    p.add_argument("--context", type=int, default=8192, help="prompt + new tokens per sequence")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--model", type=checkpoint_folder,
+                   help="checkpoint folder (only its config.json is read); default GLM-4-9B-Chat")
+    p.add_argument("--devices", nargs="+", type=memory_budget, default=["24GiB"],
+                   help="budget per GPU with its unit, e.g. 12GiB 12GiB")
+    p.add_argument("--context", type=positive_int, default=8192, help="prompt + new tokens per sequence")
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantization", choices=["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"])
-    p.add_argument("--prefill-chunk", type=int, help="prefill in chunks of this many tokens")
+    p.add_argument("--prefill-chunk", type=positive_int, help="prefill in chunks of this many tokens")
     p.add_argument("--for", dest="for_server", choices=["vllm"], help="also print the `vllm serve` command line")
-    p.add_argument("--gpu-memory", help="each card's whole memory, when --devices budgets only part of it (--for vllm)")
+    p.add_argument("--gpu-memory", type=memory_budget,
+                   help="each card's whole memory, when --devices budgets only part of it (--for vllm)")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("generate", help="greedy reply to --prompt; --tp N splits the model over N processes")
-    p.add_argument("--model", help="checkpoint folder (default: $GLMKIT_MODEL or the tiny trained GLM)")
+    p.add_argument("--model", type=checkpoint_folder,
+                   help="checkpoint folder (default: $GLMKIT_MODEL, else the tiny trained GLM-4)")
     p.add_argument("--prompt", default="How many layers does GLM-4-9B-Chat have?")
     p.add_argument("--prompt-ids", nargs="+", type=int, help="raw token ids instead of a chat message")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampled")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (every --tp process uses the same)")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP + " (instead of --tp)")
     p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
+    p.add_argument("--quantization", choices=QUANTIZATIONS, help="load in 8 or 4 bits (bitsandbytes); "
+                   "--fast-decode runs nf4/fp4 with glmkit's 4-bit kernels")
     p.add_argument("--json", action="store_true", help="print tokens and text as JSON")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("bench", help="decode tok/s and peak memory of generate() or --fast-decode; --tp N or a layer split")
-    p.add_argument("--model", help="checkpoint folder (default: $GLMKIT_MODEL or the tiny trained GLM)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--model", type=checkpoint_folder,
+                   help="checkpoint folder (default: $GLMKIT_MODEL, else the tiny trained GLM-4)")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--prompt-len", type=positive_int, default=32)
+    p.add_argument("--new-tokens", type=positive_int, default=64)
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP + " (instead of --tp)")
     p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
+    p.add_argument("--quantization", choices=QUANTIZATIONS, help="load in 8 or 4 bits (bitsandbytes); "
+                   "--fast-decode runs nf4/fp4 with glmkit's 4-bit kernels")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server (loopback by default)")
-    p.add_argument("--model", help="checkpoint folder (default: $GLMKIT_MODEL or the tiny trained GLM)")
+    p.add_argument("--model", type=checkpoint_folder,
+                   help="checkpoint folder (default: $GLMKIT_MODEL, else the tiny trained GLM-4)")
     p.add_argument("--served-model-name", "--model-name", nargs="+", metavar="NAME",
                    help="names clients may ask for (default: glm-4, glm-4-9b-chat and the model folder's name)")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP)
@@ -271,11 +392,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Host header names served (default: localhost names on loopback, any elsewhere)")
     p.add_argument("--allowed-origins", nargs="+", metavar="ORIGIN",
                    help="web page origins allowed to call the server, like http://localhost:3000 (default: none)")
-    p.add_argument("--max-batch-size", type=int, help="default: the largest batch the planner fits on the GPUs")
-    p.add_argument("--max-context", type=int, help="prompt + new tokens per request (default 4096)")
+    p.add_argument("--max-batch-size", type=positive_int, help="default: the largest batch the planner fits on the GPUs")
+    p.add_argument("--max-context", type=positive_int, help="prompt + new tokens per request (default 4096)")
     p.add_argument("--fast-decode", action="store_true",
                    help="decode batches with the fast path: static cache, CUDA graphs (one GPU or a --device-map split, "
-                        "16/32-bit; more GPU memory)")
+                        "16/32-bit or nf4/fp4; more GPU memory)")
     p.set_defaults(func=_serve)
     return parser
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from glmkit.models import model_label
 from glmkit.tables import gib, html_table, text_table
 
 PACKAGES = ("torch", "triton", "transformers", "accelerate", "bitsandbytes", "nvidia-ml-py", "ipywidgets")
@@ -172,7 +173,7 @@ class NotebookSetup:
     def rows(self) -> list[list[str]]:
         return [
             ["environment", self.kind],
-            ["model", str(self.model_path)],
+            ["model", model_label(self.model_path)],
             ["SMOKE_TEST", str(self.smoke_test)],
             ["GPUs", ", ".join(f"{g.index}: {g.name}" for g in self.gpus) or "none"],
             ["PYTORCH_CUDA_ALLOC_CONF", self.allocator],

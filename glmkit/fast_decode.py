@@ -8,7 +8,8 @@ step (40 layers, norm, ``lm_head``) as CUDA graphs replayed for every token. On 
 device runs its share of the step as its own graph and only the hidden state crosses between the cards, so a split
 costs the hop (18 µs of a ~5 ms token on NVLink), not the Python-bound ``generate()`` of a plain split.
 Greedy decoding gives the same tokens as ``generate()`` (tested on the CPU, where it runs eagerly).
-Introduced in ``notebooks/05_tuning.ipynb``; written for GLM (``GlmForCausalLM``) in 16/32-bit.
+Introduced in ``notebooks/05_tuning.ipynb``; written for GLM (``GlmForCausalLM``) in 16/32-bit and in bitsandbytes
+nf4/fp4 (read in place by ``glmkit.gemv4bit``'s kernels).
 
 >>> from glmkit.loading import load_model
 >>> model = load_model(device_map="cpu", dtype=torch.float32)
@@ -30,8 +31,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from glmkit.gemv import active_table, gemv_swiglu, kernel_name, prefer_triton, triton_available
 from glmkit.gemv import gemv as triton_gemv
-from glmkit.gemv import gemv_swiglu, triton_available
+from glmkit.gemv4bit import Packed4bit, gemv_4bit, gemv_4bit_swiglu, is_4bit, linear_4bit, unsupported_quantization
 
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
 
@@ -56,9 +58,29 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gemv: bool | str) -> torch.Tensor:
+Weight = torch.Tensor | Packed4bit | tuple[Packed4bit, ...]  # a tuple: 4-bit q, k, v, whose outputs are concatenated
+
+
+def _projection_weight(*modules: torch.nn.Module) -> Weight:
+    """The weight the decoder multiplies by: 16/32-bit weights concatenated along rows (fused q/k/v), bitsandbytes
+    4-bit weights read where they are (``Packed4bit``; several stay a tuple: concatenating would copy them)."""
+    if any(is_4bit(m.weight) for m in modules):
+        packed = tuple(Packed4bit.from_bnb(m.weight) for m in modules)
+        return packed[0] if len(packed) == 1 else packed
+    return modules[0].weight if len(modules) == 1 else torch.cat([m.weight for m in modules])
+
+
+def _linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: bool | str) -> torch.Tensor:
     """``F.linear`` (cuBLAS); with ``gemv="triton"`` glmkit's Triton kernel for one token (``glmkit.gemv``); with
-    ``gemv=True`` (one token, compiled) a multiply-and-sum that inductor turns into one reduction kernel."""
+    ``gemv=True`` (one token, compiled) a multiply-and-sum that inductor turns into one reduction kernel.
+    A 4-bit weight goes through ``glmkit.gemv4bit`` (``"triton"``) or bitsandbytes' ``matmul_4bit``."""
+    if isinstance(weight, Packed4bit):
+        return gemv_4bit(x, weight, bias) if gemv == "triton" else linear_4bit(x, weight, bias)
+    if isinstance(weight, tuple):
+        biases = [None] * len(weight) if bias is None else bias.split([w.shape[0] for w in weight])
+        return torch.cat([_linear(x, w, b, gemv) for w, b in zip(weight, biases)], dim=-1)
+    if gemv == "triton" and not prefer_triton(kernel_name(weight.dtype), *weight.shape):
+        return F.linear(x, weight, bias)  # fp16 on a shape not tuned for this card: cuBLAS
     if gemv == "triton":
         return triton_gemv(x, weight, bias)
     if not gemv:
@@ -67,24 +89,29 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ge
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def _mlp_activation(h: torch.Tensor, wgu: torch.Tensor, gemv: bool | str) -> torch.Tensor:
+def _mlp_activation(h: torch.Tensor, wgu: Weight, gemv: bool | str) -> torch.Tensor:
     """``up * silu(gate)`` of the fused gate/up projection; the Triton kernel applies it before it writes."""
-    if gemv == "triton":
+    if gemv == "triton" and isinstance(wgu, Packed4bit):
+        return gemv_4bit_swiglu(h, wgu)
+    if gemv == "triton" and prefer_triton(kernel_name(wgu.dtype), wgu.shape[0] // 2, wgu.shape[1]):
         return gemv_swiglu(h, wgu)
     gate, up = _linear(h, wgu, None, gemv).chunk(2, dim=-1)
     return up * F.silu(gate)
 
 
-def auto_gemv(device: torch.device, batch_size: int) -> str | bool:
-    """What ``gemv="auto"`` picks: ``"triton"`` at batch 1 on a GPU of compute capability 8.0 or newer (Ampere and
-    later, where bf16 is native) with Triton installed; otherwise ``False`` (cuBLAS).
+def auto_gemv(device: torch.device, batch_size: int, dtype: torch.dtype = torch.bfloat16) -> str | bool:
+    """What ``gemv="auto"`` picks: ``"triton"`` at batch 1 on a GPU with Triton installed, of compute capability
+    8.0 or newer (Ampere and later), or 7.0 or newer for fp16/fp32 (a 2080 Ti: Triton builds for Volta and Turing,
+    which have no bf16); otherwise ``False`` (cuBLAS). If the kernels then fail there, the decoder warns and uses
+    cuBLAS.
 
     >>> auto_gemv(torch.device("cpu"), 1)
     False
     """
     if device.type != "cuda" or batch_size != 1 or not triton_available():
         return False
-    return "triton" if torch.cuda.get_device_capability(device) >= (8, 0) else False
+    capability = torch.cuda.get_device_capability(device)
+    return "triton" if capability >= (8, 0) or (capability >= (7, 0) and dtype != torch.bfloat16) else False
 
 
 def _attention_reduction(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -291,8 +318,9 @@ class FastDecoder:
     smallest size >= k, so a server decodes any number of live rows without a decoder per batch size.
 
     Args:
-        model: a ``GlmForCausalLM`` in bf16/fp16/fp32, on one device or dispatched by a device map (not quantized,
-            nothing offloaded).
+        model: a ``GlmForCausalLM`` in bf16/fp16/fp32 or bitsandbytes nf4/fp4 (± double quantization: its packed
+            weights are read in place by ``glmkit.gemv4bit``'s kernels, no copy), on one device or dispatched by a
+            device map (nothing offloaded). int8 is refused (``glmkit.gemv4bit.unsupported_quantization``).
         max_len: prompt + new tokens the static cache holds per row.
         batch_size: rows of the static cache (sequences decoded together).
         cuda_graph: capture each segment's step as a CUDA graph, per batch size (default: on a GPU).
@@ -332,10 +360,11 @@ class FastDecoder:
                                "use gemv=False for cuBLAS.")
         self.segments = layer_segments(model)
         self.buckets = bucket_sizes(batch_size, graph_batch_sizes)
+        dtype = model.get_input_embeddings().weight.dtype
         self.auto_gemv = gemv == "auto"
         # per step size: Triton GEMVs only for one token, and under "auto" only where every segment's GPU runs them
         self.gemv_by_bucket: dict[int, bool | str] = {
-            b: (("triton" if all(auto_gemv(s.device, b) == "triton" for s in self.segments) else False)
+            b: (("triton" if all(auto_gemv(s.device, b, dtype) == "triton" for s in self.segments) else False)
                 if gemv == "auto" else gemv) for b in self.buckets}
         self.sdpa = attention == "sdpa"
         cfg = model.config
@@ -345,7 +374,10 @@ class FastDecoder:
         self.dtype = model.get_input_embeddings().weight.dtype
         on_gpu = all(d.type == "cuda" for d in self.devices)
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
+        self.quantized = any(is_4bit(p) for p in model.parameters())
         self.compiled = on_gpu if compile is None else compile
+        if on_gpu and "triton" in self.gemv_by_bucket.values():
+            active_table()  # this card's launch shapes, read (and an untuned card named) before anything compiles
         self.max_len, self.batch_size = max_len, batch_size
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -360,6 +392,7 @@ class FastDecoder:
         # GLM uses each frequency for an adjacent pair of dims: repeat_interleave, as its apply_rotary_pos_emb
         cos = cos[0, :, :half].repeat_interleave(2, dim=-1).contiguous()
         sin = sin[0, :, :half].repeat_interleave(2, dim=-1).contiguous()
+        self.head_weight = _projection_weight(model.get_output_embeddings())  # 16-bit, or 4-bit read in place
         self.stages = [_Stage(s, self._gather_weights(s), batch_size, max_len, self.kv_heads, self.head_dim,
                               cfg.hidden_size, cfg.vocab_size, self.dtype, cos, sin) for s in self.segments]
         first, last = self.stages[0], self.stages[-1]
@@ -398,21 +431,23 @@ class FastDecoder:
             a = layer.self_attn
             next_norm = layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else self.model.model.norm.weight
             bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            weights.append((torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), bias,
-                            a.o_proj.weight, layer.post_attention_layernorm.weight,
-                            layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight, next_norm.to(dev)))
+            weights.append((_projection_weight(a.q_proj, a.k_proj, a.v_proj), bias,
+                            _projection_weight(a.o_proj), layer.post_attention_layernorm.weight,
+                            _projection_weight(layer.mlp.gate_up_proj), _projection_weight(layer.mlp.down_proj),
+                            next_norm.to(dev)))
         return weights
 
     @staticmethod
     def check(model: torch.nn.Module) -> None:
-        """Raise a clear error unless ``model`` is a GLM in 16/32-bit with every weight on a device (what this
-        decoder runs; a split by a device map is fine)."""
+        """Raise a clear error unless ``model`` is a GLM in 16/32-bit or bitsandbytes nf4/fp4 with every weight on a
+        device (what this decoder runs; a split by a device map is fine)."""
         layer = getattr(getattr(model, "model", None), "layers", [None])[0]
         needed = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")
         if layer is None or not all(hasattr(layer, n) for n in needed) or not hasattr(layer.mlp, "gate_up_proj"):
             raise TypeError(f"FastDecoder is written for GLM models (GlmForCausalLM), not {type(model).__name__}.")
-        if getattr(model.config, "quantization_config", None) is not None:
-            raise ValueError("FastDecoder needs 16- or 32-bit weights; this model is quantized (use generate()).")
+        reason = unsupported_quantization(model)
+        if reason is not None:
+            raise ValueError(reason)
         layer_segments(model)  # a split must place every module on a device that is here
 
     @torch.no_grad()
@@ -450,7 +485,7 @@ class FastDecoder:
             # h: after the final norm; lm_head runs outside the compiled layer, so the reduction form (a
             # [vocab, hidden] fp32 temporary if run eagerly) is not used for it
             head = "triton" if self.gemv_by_bucket[b] == "triton" else False
-            st.logits[:b].copy_(_linear(h, m.lm_head.weight, m.lm_head.bias, head)[:, -1].float())
+            st.logits[:b].copy_(_linear(h, self.head_weight, m.lm_head.bias, head)[:, -1].float())
         else:
             st.x_out[:b].copy_(x)
             st.h_out[:b].copy_(h)
@@ -490,6 +525,14 @@ class FastDecoder:
             try:
                 self._warm_up(b)
             except Exception as exc:
+                if self.quantized and self.compiled:  # 4 bits: a layer that does not compile runs eagerly (slower)
+                    warnings.warn(f"Compiling the 4-bit decoder layer failed ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]}); FastDecoder runs its layers eagerly instead (compile=False).",
+                                  RuntimeWarning, stacklevel=4)
+                    self.compiled, self.layer_fn = False, decoder_layer
+                    for st in self.stages:
+                        st.graphs.clear()
+                    return self._first_step()
                 if not (self.auto_gemv and self.gemv_by_bucket[b] == "triton"):
                     raise
                 warnings.warn(f"glmkit's Triton GEMV kernels failed here ({type(exc).__name__}: {str(exc)[:200]}); "

@@ -8,6 +8,10 @@ them in fp32 in one pass: 2.6-3.2 TB/s on the same H100, and GLM-4-9B decodes at
 (``up * silu(gate)``) before it writes, so the gate/up product never leaves the kernel. ``FastDecoder`` uses them
 at batch 1 on a GPU (``gemv="auto"``, the default).
 
+Launch shapes come from tables chosen by the GPU's name (``assets/gemv_tuned*.json``: H100 bf16; H200 once measured)
+per kernel (bf16, fp16, nf4, fp4); ``glmkit tune`` measures the card in hand into the user's own table, which wins.
+An untuned card uses rules of thumb and says so once. 4-bit weights have their own kernels: ``glmkit.gemv4bit``.
+
 They need Triton (bundled with PyTorch's CUDA builds). On a CPU they run only in Triton's interpreter
 (``TRITON_INTERPRET=1`` set before the first import of triton), which is how the tests check them.
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,33 +54,126 @@ class GemvConfig:
     num_warps: int
 
 
-TUNED_TABLE = Path(__file__).parent / "assets" / "gemv_tuned.json"
+ASSETS = Path(__file__).parent / "assets"
+TUNED_TABLE = ASSETS / "gemv_tuned.json"  # the H100 table (bf16); others: assets/gemv_tuned_*.json
+USER_TABLE_NAME = "gemv_tuned.json"  # in glmkit's cache ($GLMKIT_CACHE or ~/.cache/glmkit), written by `glmkit tune`
+# kernel names in the tables: the weight format each kernel reads ("bf16", "fp16", "fp32", "nf4", "fp4")
+KERNELS = ("bf16", "fp16", "fp32", "nf4", "fp4")
+
+
+def kernel_name(weight_dtype: torch.dtype | str) -> str:
+    """The table's name for the kernel that reads weights of this dtype (or 4-bit format).
+
+    >>> kernel_name(torch.bfloat16), kernel_name("nf4")
+    ('bf16', 'nf4')
+    """
+    if isinstance(weight_dtype, str):
+        return weight_dtype
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[weight_dtype]
+
+
+def load_table(path: str | Path) -> tuple[str, dict[tuple[str, int, int], GemvConfig]]:
+    """A table of launch shapes: the device it was tuned on, and (kernel, rows, columns) -> config; for gate_up
+    the rows of one half (the kernel reads gate and up rows together). Entries without a kernel are bf16 (the
+    first table's format).
+
+    >>> device, table = load_table(TUNED_TABLE)
+    >>> device, table[("bf16", 4096, 13696)]  # down_proj on an H100
+    ('NVIDIA H100 80GB HBM3', GemvConfig(block_n=..., block_k=..., num_warps=...))
+    """
+    table = json.loads(Path(path).read_text())
+    configs = {(c.get("kernel", "bf16"), c["rows"], c["columns"]): GemvConfig(c["block_n"], c["block_k"], c["num_warps"])
+               for c in table["configs"]}
+    return table["tuned_on"], configs
 
 
 def load_tuned(path: str | Path = TUNED_TABLE) -> dict[tuple[int, int], GemvConfig]:
-    """The launch shapes ``benchmarks/gemv_tune.py`` found fastest for GLM-4-9B-Chat's projections on an H100:
-    (rows, columns) -> config; for gate_up the rows of one half (the kernel reads gate and up rows together).
+    """The bf16 launch shapes of one table file: (rows, columns) -> config.
 
-    >>> load_tuned()[(4096, 13696)]  # down_proj
+    >>> load_tuned()[(4096, 13696)]  # down_proj, H100
     GemvConfig(block_n=..., block_k=..., num_warps=...)
     """
-    table = json.loads(Path(path).read_text())
-    return {(c["rows"], c["columns"]): GemvConfig(c["block_n"], c["block_k"], c["num_warps"]) for c in table["configs"]}
+    return {(n, k): cfg for (kernel, n, k), cfg in load_table(path)[1].items() if kernel == "bf16"}
 
 
-TUNED = load_tuned()
+def user_table_path() -> Path:
+    """Where ``glmkit tune`` writes the shapes it measured on the card in hand; they take precedence."""
+    from glmkit.models import cache_dir
+
+    return cache_dir() / USER_TABLE_NAME
 
 
-def pick_config(n: int, k: int) -> GemvConfig:
-    """The launch shape for an ``[n, k]`` weight: the tuned one for GLM-4-9B's shapes, else a rule of thumb.
+def device_name() -> str:
+    """The name tables are chosen by: ``torch.cuda.get_device_name()`` on a GPU, else "cpu"."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def tables_for(name: str) -> dict[tuple[str, int, int], GemvConfig]:
+    """Every tuned shape for the device called ``name``: the shipped tables (``assets/gemv_tuned*.json``) tuned on
+    it, then the user's table (``glmkit tune``) if tuned on it, which wins where both have a shape.
+
+    >>> ("bf16", 4096, 13696) in tables_for("NVIDIA H100 80GB HBM3"), tables_for("NVIDIA GeForce RTX 3060")
+    (True, {})
+    """
+    found: dict[tuple[str, int, int], GemvConfig] = {}
+    for path in [*sorted(ASSETS.glob("gemv_tuned*.json")), user_table_path()]:
+        if path.exists():
+            tuned_on, configs = load_table(path)
+            if tuned_on == name:
+                found.update(configs)
+    return found
+
+
+_ACTIVE: dict[tuple[str, int, int], GemvConfig] | None = None
+
+
+def active_table() -> dict[tuple[str, int, int], GemvConfig]:
+    """The tuned shapes for this machine's GPU (read once; empty on a CPU or an untuned card, which then uses the
+    rule of thumb and says so once). ``benchmarks/gemv_tune.py`` edits it in place while it tunes."""
+    global _ACTIVE
+    if _ACTIVE is None:
+        name = device_name()
+        _ACTIVE = tables_for(name)
+        if not _ACTIVE and name != "cpu":
+            warnings.warn(f"glmkit's GEMV kernels have no tuned launch shapes for {name}: they use defaults "
+                          "(run `glmkit tune` once, about a minute, to measure this card's).", UserWarning, stacklevel=3)
+    return _ACTIVE
+
+
+def lookup_config(kernel: str, n: int, k: int) -> GemvConfig | None:
+    """The tuned launch shape of ``kernel`` for an ``[n, k]`` weight on this machine's GPU, or None."""
+    if INTERPRETER:  # the interpreter's own rule of thumb (few, large programs) beats any GPU's table there
+        return None
+    # inside torch.compile's trace only a dict lookup (FastDecoder reads the table before it compiles)
+    table = _ACTIVE if _ACTIVE is not None or torch.compiler.is_compiling() else active_table()
+    return (table or {}).get((kernel, n, k))
+
+
+UNTUNED_FALLS_BACK = ("fp16",)  # kernels that give way to cuBLAS on shapes not tuned for the card in hand
+
+
+def prefer_triton(kernel: str, n: int, k: int) -> bool:
+    """Whether the decoder should run this kernel on an ``[n, k]`` weight rather than cuBLAS: always in bf16/fp32
+    (the defaults beat cuBLAS on the cards measured) and 4 bits (bitsandbytes' kernel is slower still); in fp16
+    only where this card has tuned shapes (fp16 serves pre-Ampere cards, where the defaults were never measured).
+
+    >>> prefer_triton("bf16", 4096, 4096)
+    True
+    """
+    return INTERPRETER or kernel not in UNTUNED_FALLS_BACK or lookup_config(kernel, n, k) is not None
+
+
+def pick_config(n: int, k: int, kernel: str = "bf16") -> GemvConfig:
+    """The launch shape for an ``[n, k]`` weight: the tuned one for this card, else a rule of thumb.
 
     On Triton's CPU interpreter every program is a Python loop, so there it takes few, large programs.
 
     >>> pick_config(1000, 300)
     GemvConfig(block_n=..., block_k=..., num_warps=4)
     """
-    if (n, k) in TUNED:
-        return TUNED[(n, k)]
+    tuned = lookup_config(kernel, n, k)
+    if tuned is not None:
+        return tuned
     block_k = min(512, triton.next_power_of_2(k)) if triton is not None else 512
     if INTERPRETER:
         return GemvConfig(block_n=64, block_k=block_k, num_warps=4)
@@ -143,7 +241,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sw
         raise ValueError("gemv needs a contiguous weight of fewer than 2**31 elements.")
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    cfg = config or pick_config(n, k)
+    cfg = config or pick_config(n, k, kernel_name(weight.dtype))
     grid = (triton.cdiv(n, cfg.block_n),)
     _gemv_kernel[grid](x.contiguous(), weight, bias if bias is not None else weight, y, n, k, k - k % cfg.block_k,
                        HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,

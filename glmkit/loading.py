@@ -14,6 +14,7 @@ Introduced in ``notebooks/00_setup.ipynb``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -28,6 +29,30 @@ HF_REPO_HINT = (
     "`hf download zai-org/glm-4-9b-chat-hf --local-dir glm-4-9b-chat-hf` "
     "(formerly THUDM/glm-4-9b-chat-hf), and point GLMKIT_MODEL at that folder"
 )
+
+
+
+
+class QuietKernelsHint(logging.Filter):
+    """Drops bitsandbytes' "pip install kernels" warning: on CPUs with AVX512-BF16 it logs it when it is imported and
+    the optional ``kernels`` package (a Hub download) is missing, then runs its own CPU code. Nothing for a user to do.
+
+    >>> QuietKernelsHint().filter(logging.makeLogRecord({"msg": "Please `pip install kernels` and ..."}))
+    False
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pip install kernels" not in record.getMessage()
+
+
+def quiet_bitsandbytes_kernels_hint() -> None:
+    """Install ``QuietKernelsHint`` on the bitsandbytes logger that emits it (before bitsandbytes is imported)."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, QuietKernelsHint) for f in logger.filters):
+        logger.addFilter(QuietKernelsHint())
+
+
+quiet_bitsandbytes_kernels_hint()  # transformers imports bitsandbytes when glmkit first loads a model
 
 
 class CheckpointNotFoundError(FileNotFoundError):

@@ -134,6 +134,24 @@ def tiny_checkpoint_path() -> Path:
     return path
 
 
+def model_label(path: str | os.PathLike) -> str:
+    """How tables, results and notebooks name a model: the shipped tiny GLM-4 by name, any other checkpoint by its
+    folder name, never by an absolute path of this machine (which would end up in committed outputs).
+
+    >>> model_label(TRAINED_TINY_DIR)
+    'tiny trained GLM-4 (glmkit/assets/tiny-glm-trained)'
+    >>> model_label("/data/models/glm-4-9b-chat-hf"), model_label("GLM-4-9B-Chat, random weights")
+    ('glm-4-9b-chat-hf', 'GLM-4-9B-Chat, random weights')
+    """
+    text = str(path)
+    if "/" not in text and os.sep not in text:
+        return text
+    folder = Path(text).expanduser()
+    if folder.name == TRAINED_TINY_DIR.name and folder.parent.name == ASSETS.name:
+        return "tiny trained GLM-4 (glmkit/assets/tiny-glm-trained)"
+    return folder.name or text
+
+
 def default_model_path() -> Path:
     """``$GLMKIT_MODEL`` (a local GLM-4-9B-Chat checkpoint) when set, else the shipped trained tiny GLM."""
     env = os.environ.get("GLMKIT_MODEL")

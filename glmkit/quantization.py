@@ -62,20 +62,31 @@ def model_tensor_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for _, t in allocated_tensors(model))
 
 
-def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str]) -> float:
-    """exp(mean negative log-likelihood per predicted token) over ``texts`` (each scored on its own)."""
+def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], batch_size: int = 32) -> float:
+    """exp(mean negative log-likelihood per predicted token) over ``texts``, each scored on its own.
+
+    Texts of similar length share a forward (right-padded, pads masked out of attention and loss): the same sum of
+    losses as one forward per text, in a fraction of the time on a CPU.
+    """
     device = model.get_input_embeddings().weight.device
+    encoded = sorted((ids for ids in (tokenizer(t, add_special_tokens=False).input_ids for t in texts) if len(ids) > 1),
+                     key=len)
+    if not encoded:
+        raise ValueError("perplexity needs texts of at least 2 tokens.")
     nll, count = 0.0, 0
     with torch.inference_mode():
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-            if ids.shape[1] < 2:
-                continue
-            loss = model(input_ids=ids, labels=ids).loss.float().item()
-            nll += loss * (ids.shape[1] - 1)
-            count += ids.shape[1] - 1
-    if count == 0:
-        raise ValueError("perplexity needs texts of at least 2 tokens.")
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start:start + batch_size]
+            ids = torch.zeros(len(chunk), len(chunk[-1]), dtype=torch.long)  # [batch, longest]; sorted by length
+            mask = torch.zeros_like(ids)
+            for row, seq in enumerate(chunk):
+                ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+            ids, mask = ids.to(device), mask.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()  # [batch, longest, vocab]
+            targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)  # predict token t+1 from 0..t; pads ignored
+            nll += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(),
+                                                     ignore_index=-100, reduction="sum").item()
+            count += int(mask[:, 1:].sum())
     return math.exp(nll / count)
 
 

@@ -30,6 +30,7 @@ torch.Size([1, 7])
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -152,15 +153,13 @@ class TPDecoder:
         shard = tp_shard(model, self.rank, self.world)
 
         def to_dev(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.detach().to(self.device).contiguous()
+            # a copy, never a view: the caller may drop the whole model once its slices are taken
+            return None if t is None else t.detach().to(self.device, copy=True).contiguous()
 
         self.layers = [tuple(to_dev(t) for t in layer) for layer in shard["layers"]]
         self.lm_head, self.lm_head_bias = to_dev(shard["lm_head"]), to_dev(shard["lm_head_bias"])
         self.embed = to_dev(model.get_input_embeddings().weight)  # replicated: one lookup, no collective
         self.first_norm = to_dev(model.model.layers[0].input_layernorm.weight)
-        shape = (len(self.layers), batch_size, self.kv_heads, max_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         with torch.no_grad():
             positions = torch.arange(max_len, device=model.get_input_embeddings().weight.device)[None]
             cos, sin = model.model.rotary_emb(model.get_input_embeddings().weight[:1], positions)
@@ -168,11 +167,6 @@ class TPDecoder:
         self.cos = cos[0, :, :half].repeat_interleave(2, dim=-1).to(self.device).contiguous()
         self.sin = sin[0, :, :half].repeat_interleave(2, dim=-1).to(self.device).contiguous()
         self.positions = torch.arange(max_len, device=self.device)
-        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
-        self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        alone = group is None and self.world > 1  # one rank's shard measured alone: its slice of the vocabulary
-        width = self.vocab // self.world if alone else self.vocab
-        self.logits = torch.zeros(batch_size, width, dtype=torch.float32, device=self.device)
         if self.compiled:
             config = torch._dynamo.config
             config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
@@ -182,10 +176,30 @@ class TPDecoder:
             return torch.compile(fn, fullgraph=True, dynamic=False) if self.compiled else fn
 
         self._attention, self._mlp, self._next = map(maybe_compile, (attention_half, mlp_half, next_input))
+        self._allocate(batch_size, graph_batch_sizes)
+
+    def _allocate(self, batch_size: int, graph_batch_sizes: list[int] | None) -> None:
+        """The per-batch state: static KV cache, step buffers, captured batch sizes (graphs come at first use)."""
+        self.batch_size = batch_size
+        shape = (len(self.layers), batch_size, self.kv_heads, self.max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        alone = self.group is None and self.world > 1  # one rank's shard measured alone: its slice of the vocabulary
+        width = self.vocab // self.world if alone else self.vocab
+        self.logits = torch.zeros(batch_size, width, dtype=torch.float32, device=self.device)
         self.buckets = sorted(set(graph_batch_sizes or [2**i for i in range(batch_size.bit_length()) if 2**i < batch_size]
                                   + [batch_size]))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.ready = False
+
+    def resized(self, batch_size: int, graph_batch_sizes: list[int] | None = None) -> TPDecoder:
+        """A decoder for another batch size that shares this one's weights (no model needed); drop this one first
+        if memory is tight, since each holds its own KV cache."""
+        new = copy.copy(self)
+        new._allocate(batch_size, graph_batch_sizes)
+        return new
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.group is not None and self.world > 1:

@@ -1,11 +1,25 @@
 """glmkit's Triton GEMV kernels, run in Triton's CPU interpreter here (see the root conftest.py) and on a GPU there."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from glmkit.fast_decode import FastDecoder
-from glmkit.gemv import GemvConfig, gemv, gemv_swiglu, load_tuned, pick_config, triton_available
+from glmkit.gemv import (
+    ASSETS,
+    KERNELS,
+    GemvConfig,
+    gemv,
+    gemv_swiglu,
+    load_table,
+    load_tuned,
+    pick_config,
+    tables_for,
+    triton_available,
+    user_table_path,
+)
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton (pip install triton)")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,11 +79,45 @@ def test_tuned_table_covers_glm4_9b_and_every_shape_is_valid():
     shapes = {(c.hidden_size, c.intermediate_size), (c.intermediate_size, c.hidden_size),
               (c.vocab_size, c.hidden_size), (c.hidden_size, c.hidden_size)}
     assert shapes <= set(tuned)
-    for (n, k), cfg in tuned.items():
-        assert pick_config(n, k) == cfg
-        # powers of two (Triton's block sizes must be) and at most 64 fp32 partial sums per thread
-        assert all(v & (v - 1) == 0 for v in (cfg.block_n, cfg.block_k, cfg.num_warps))
-        assert cfg.block_n * cfg.block_k <= 64 * 32 * cfg.num_warps
+    for path in sorted(ASSETS.glob("gemv_tuned*.json")):
+        for (kernel, _, _), cfg in load_table(path)[1].items():
+            assert kernel in KERNELS
+            # powers of two (Triton's block sizes must be) and at most 64 fp32 partial sums per thread
+            assert all(v & (v - 1) == 0 for v in (cfg.block_n, cfg.block_k, cfg.num_warps))
+            assert cfg.block_n * cfg.block_k <= 64 * 32 * cfg.num_warps * (2 if kernel in ("nf4", "fp4") else 1)
+
+
+def _write_table(path, device, configs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"tuned_on": device, "configs": configs}))
+
+
+def test_tables_are_chosen_by_device_name_and_the_users_own_wins(tmp_path, monkeypatch):
+    import glmkit.gemv
+
+    h100 = "NVIDIA H100 80GB HBM3"
+    monkeypatch.setenv("GLMKIT_CACHE", str(tmp_path))
+    assert tables_for(h100)[("bf16", 4096, 13696)] == load_tuned()[(4096, 13696)]
+    assert tables_for("NVIDIA GeForce RTX 2080 Ti") == {}
+    mine = {"rows": 4096, "columns": 13696, "block_n": 2, "block_k": 1024, "num_warps": 2}
+    _write_table(user_table_path(), h100, [mine, {**mine, "kernel": "nf4", "rows": 7}])
+    assert user_table_path() == tmp_path / "gemv_tuned.json"
+    assert tables_for(h100)[("bf16", 4096, 13696)] == GemvConfig(2, 1024, 2)  # the user's table wins
+    assert tables_for(h100)[("nf4", 7, 13696)] == GemvConfig(2, 1024, 2)
+    assert ("bf16", 151552, 4096) in tables_for(h100)  # shapes the user did not tune stay
+    _write_table(user_table_path(), "Some other card", [mine])
+    assert tables_for(h100)[("bf16", 4096, 13696)] == load_tuned()[(4096, 13696)]  # another card's table: unused
+
+    # on an untuned card: defaults, said once in one line
+    monkeypatch.setattr(glmkit.gemv, "_ACTIVE", None)
+    monkeypatch.setattr(glmkit.gemv, "device_name", lambda: "NVIDIA GeForce RTX 3060")
+    with pytest.warns(UserWarning, match="no tuned launch shapes for NVIDIA GeForce RTX 3060.*glmkit tune"):
+        assert glmkit.gemv.active_table() == {}
+    monkeypatch.setattr(glmkit.gemv, "_ACTIVE", None)
+    monkeypatch.setattr(glmkit.gemv, "device_name", lambda: h100)
+    monkeypatch.setattr(glmkit.gemv, "INTERPRETER", False)
+    assert pick_config(4096, 13696) == load_tuned()[(4096, 13696)]
+    assert pick_config(4096, 13696, "fp16") == GemvConfig(8, 512, 4)  # untuned kernel: the rule of thumb
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +158,7 @@ def test_auto_falls_back_to_cublas_with_a_warning_when_the_kernels_fail(model, m
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image is available for execution on the device")
 
-    monkeypatch.setattr(glmkit.fast_decode, "auto_gemv", lambda device, batch_size: "triton")
+    monkeypatch.setattr(glmkit.fast_decode, "auto_gemv", lambda device, batch_size, dtype: "triton")
     monkeypatch.setattr(glmkit.fast_decode, "triton_gemv", broken)
     ids = torch.randint(0, 800, (1, 6), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -122,3 +170,35 @@ def test_auto_falls_back_to_cublas_with_a_warning_when_the_kernels_fail(model, m
     explicit = FastDecoder(model, max_len=16, gemv="triton", compile=False, cuda_graph=False)
     with pytest.raises(RuntimeError, match="no kernel image"):
         explicit.generate(ids, max_new_tokens=4, ignore_eos=True)
+
+
+def test_write_table_keeps_this_cards_other_shapes_and_is_read_back(tmp_path, monkeypatch):
+    from glmkit.gemv_tuning import write_table
+
+    monkeypatch.setenv("GLMKIT_CACHE", str(tmp_path))
+    card = "NVIDIA GeForce RTX 3060"
+    first = [{"kernel": "nf4", "rows": 4096, "columns": 4096, "block_n": 4, "block_k": 512, "num_warps": 4},
+             {"kernel": "fp16", "rows": 4096, "columns": 4096, "block_n": 2, "block_k": 1024, "num_warps": 4}]
+    assert write_table(first, device=card) == user_table_path()
+    write_table([{**first[0], "block_n": 8}], device=card)  # re-tuned nf4 replaces; fp16 stays
+    assert tables_for(card) == {("nf4", 4096, 4096): GemvConfig(8, 512, 4), ("fp16", 4096, 4096): GemvConfig(2, 1024, 4)}
+    write_table([first[1]], device="another card")  # a table for another card starts over
+    assert tables_for(card) == {} and len(tables_for("another card")) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_glmkit_tune_without_a_gpu_says_so(capsys):
+    from glmkit.cli import main
+
+    assert main(["tune"]) == 2
+    assert "on a GPU; this machine has none" in capsys.readouterr().err
+
+
+def test_fp16_gives_way_to_cublas_on_shapes_this_card_has_not_tuned(monkeypatch):
+    import glmkit.gemv
+    from glmkit.gemv import prefer_triton
+
+    monkeypatch.setattr(glmkit.gemv, "INTERPRETER", False)
+    monkeypatch.setattr(glmkit.gemv, "_ACTIVE", {("fp16", 4096, 4096): GemvConfig(1, 4096, 8)})
+    assert prefer_triton("fp16", 4096, 4096) and not prefer_triton("fp16", 4096, 13696)
+    assert prefer_triton("bf16", 4096, 13696) and prefer_triton("nf4", 4096, 13696)

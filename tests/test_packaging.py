@@ -73,7 +73,7 @@ def test_cli_reports_errors_in_words_with_exit_code_2(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--device-map", "3,x"], "whole numbers, like 20,20"),
     (["--device-map", "3,3", "--tp", "2"], "not both"),
-    (["--device-map", "2,2"], "adds up to 4, but the model has 6"),
+    (["--device-map", "2,2"], "add up to 4, but the model has 6 decoder layers; e.g. --device-map 3,3"),
 ])
 def test_cli_device_map_option_is_checked(args, message):
     out = subprocess.run([sys.executable, "-m", "glmkit.cli", "bench", "--new-tokens", "2", *args],

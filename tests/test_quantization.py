@@ -106,3 +106,15 @@ def test_training_script_runs_and_learns(tmp_path):
     log = json.loads((tmp_path / "training_log.json").read_text())
     assert log["loss"][-1] < log["loss"][0]
     assert (tmp_path / "model.safetensors").exists()
+
+
+def test_batched_perplexity_equals_one_text_at_a_time(tok):
+    from glmkit.loading import load_model
+
+    model = load_model(TRAINED_TINY_DIR, dtype=torch.float32)
+    texts = heldout_texts(6) + ["x", "GPU"]  # mixed lengths, and texts too short to score
+    one_by_one = [perplexity(model, tok, [t]) for t in texts if len(tok(t, add_special_tokens=False).input_ids) > 1]
+    counts = [len(tok(t, add_special_tokens=False).input_ids) - 1 for t in texts]
+    counts = [c for c in counts if c > 0]
+    expected = math.exp(sum(c * math.log(p) for c, p in zip(counts, one_by_one)) / sum(counts))
+    assert perplexity(model, tok, texts, batch_size=3) == pytest.approx(expected, rel=1e-5)

@@ -1,0 +1,234 @@
+"""GLM-4-9B decode speed per precision at batch 1, in one process: bf16 / fp16 / nf4 through glmkit's fast path
+against each precision's roofline, nf4 through plain generate() (bitsandbytes), a per-projection bandwidth table
+(nf4 Triton vs bitsandbytes' matmul_4bit vs bf16), and nf4 fast decode at a 32K context on a card capped at 12 GiB.
+
+Each roofline: the copy bandwidth measured in this run / the bytes one token reads (every weight, quantization
+states included, one embedding row). Random weights of the exact GLM-4-9B architecture (DESIGN.md).
+
+    python benchmarks/nf4_decode.py --checkpoint /tmp/glm9b
+Writes benchmarks/results/nf4_decode.json (and to $OUT) after every stage, so a stage that fails keeps the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from glmkit.bench import copy_bandwidth, ensure_random_checkpoint, save_result
+from glmkit.gemv import device_name, gemv, gemv_swiglu, tables_for
+
+NEW_TOKENS = 128
+PROMPT = 32
+
+
+def token_bytes(model: torch.nn.Module) -> int:
+    """Bytes one decode step reads: every tensor the model holds (4-bit states included) but one embedding row."""
+    from glmkit.quantization import model_tensor_bytes
+
+    emb = model.get_input_embeddings().weight
+    return model_tensor_bytes(model) - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+
+
+def fast_decode(model: torch.nn.Module, label: str, **options) -> dict:
+    """Best of 3 runs of FastDecoder's batch-1 decode (compile and graph capture excluded)."""
+    from glmkit.fast_decode import FastDecoder
+
+    t0 = time.perf_counter()
+    decoder = FastDecoder(model, max_len=PROMPT + NEW_TOKENS + 8, **options)
+    decoder.tokens_per_second(PROMPT, 8)
+    setup = time.perf_counter() - t0
+    runs = [decoder.tokens_per_second(PROMPT, NEW_TOKENS)["decode_tok_s"] for _ in range(3)]
+    ids = torch.randint(0, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(0)).cuda()
+    decoder.prefill(ids)
+    logits = decoder.decode_step(ids[:, -1], PROMPT).clone()  # the same token and cache for every decoder
+    tokens = decoder.generate(ids, 64, ignore_eos=True)[0, PROMPT:].tolist()
+    row = {"path": label, "gemv": decoder.gemv, "compiled": decoder.compiled, "setup_s": setup, "decode_tok_s": runs,
+           "best_tok_s": max(runs)}
+    print(row, flush=True)
+    del decoder
+    torch.cuda.empty_cache()
+    return {**row, "_logits": logits, "_tokens": tokens}
+
+
+def generate_speed(model: torch.nn.Module) -> dict:
+    """Plain generate() at batch 1, steady state (second call), tok/s."""
+    ids = torch.randint(0, 1000, (1, PROMPT), device="cuda")
+    kw = dict(attention_mask=torch.ones_like(ids), do_sample=False)
+    model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=64, min_new_tokens=64, **kw)
+    torch.cuda.synchronize()
+    return {"path": "generate() (bitsandbytes)", "best_tok_s": 64 / (time.perf_counter() - t0)}
+
+
+def projection_table(model16: torch.nn.Module, model4: torch.nn.Module) -> list[dict]:
+    """Per projection of layer 0, one token in a CUDA graph over ~1 GiB of copies: nf4 Triton vs bitsandbytes'
+    matmul_4bit (packed bytes read per second) vs bf16 F.linear and glmkit's bf16 Triton kernel."""
+    from glmkit.gemv4bit import Packed4bit, gemv_4bit, gemv_4bit_swiglu, linear_4bit, pick_config_4bit
+    from glmkit.gemv_tuning import graph_time
+
+    rows = []
+    l16, l4 = model16.model.layers[0], model4.model.layers[0]
+    for name, m16, m4, swiglu in (("q_proj", l16.self_attn.q_proj, l4.self_attn.q_proj, False),
+                                  ("o_proj", l16.self_attn.o_proj, l4.self_attn.o_proj, False),
+                                  ("gate_up", l16.mlp.gate_up_proj, l4.mlp.gate_up_proj, True),
+                                  ("down_proj", l16.mlp.down_proj, l4.mlp.down_proj, False)):
+        w16 = m16.weight.detach()
+        p = Packed4bit.from_bnb(m4.weight)
+        n, k = w16.shape
+        copies = max(2, 2**30 // (n * k // 2))
+        ps = [p] + [Packed4bit.from_state(p.data.clone(), p.quant_state) for _ in range(copies - 1)]
+        copies16 = max(2, 2**30 // (n * k * 2))
+        ws = [w16] + [w16.clone() for _ in range(copies16 - 1)]
+        x = torch.randn(1, 1, k, device="cuda", dtype=torch.bfloat16)
+
+        def act(y):
+            gate, up = y.chunk(2, dim=-1)
+            return up * F.silu(gate)
+
+        def nf4_triton(i, x=x, ps=ps, swiglu=swiglu):
+            return gemv_4bit_swiglu(x, ps[i]) if swiglu else gemv_4bit(x, ps[i])
+
+        def nf4_bnb(i, x=x, ps=ps, swiglu=swiglu):
+            return act(linear_4bit(x, ps[i])) if swiglu else linear_4bit(x, ps[i])
+
+        def bf16_cublas(i, x=x, ws=ws, swiglu=swiglu):
+            return act(F.linear(x, ws[i])) if swiglu else F.linear(x, ws[i])
+
+        def bf16_triton(i, x=x, ws=ws, swiglu=swiglu):
+            return gemv_swiglu(x, ws[i]) if swiglu else gemv(x, ws[i])
+
+        times = {"nf4_triton": graph_time(nf4_triton, copies), "nf4_bnb_matmul_4bit": graph_time(nf4_bnb, copies),
+                 "bf16_cublas": graph_time(bf16_cublas, copies16), "bf16_triton": graph_time(bf16_triton, copies16)}
+        packed = n * k // 2 + p.absmax.numel() * p.absmax.element_size()
+        row = {"projection": name, "rows": n, "columns": k, "nf4_bytes": packed, "bf16_bytes": n * k * 2,
+               "nf4_config": pick_config_4bit(n // 2 if swiglu else n, k, p.blocksize, "nf4").__dict__}
+        for key, t in times.items():
+            row[f"{key}_us"] = t * 1e6
+            row[f"{key}_tb_s"] = (packed if key.startswith("nf4") else n * k * 2) / t / 1e12
+        rows.append(row)
+        print(row, flush=True)
+        del ps, ws, nf4_triton, nf4_bnb, bf16_cublas, bf16_triton
+        torch.cuda.empty_cache()
+    return rows
+
+
+def long_context(checkpoint: str, context: int, cap_gib: float, chunk: int) -> dict:
+    """nf4 FastDecoder with a ``context``-token prompt under a ``cap_gib`` allocator cap, against the planner."""
+    from transformers import AutoConfig
+
+    from glmkit.fast_decode import FastDecoder
+    from glmkit.planning import plan_memory
+    from glmkit.quantization import load_precision
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    budget = int(cap_gib * 2**30)
+    torch.cuda.set_per_process_memory_fraction(budget / total, 0)
+    torch.cuda.reset_peak_memory_stats()
+    config = AutoConfig.from_pretrained(checkpoint)
+    plan = plan_memory(config, [budget], dtype=torch.bfloat16, quantization="nf4", context_len=context + 64,
+                       prefill_chunk=chunk, cuda_context=0)
+    row = {"context": context, "cap_gib": cap_gib, "prefill_chunk": chunk, "planned_bytes": plan.devices[0].total,
+           "planned_fits": plan.fits}
+    model = load_precision(checkpoint, "nf4", device_map="cuda:0")
+    try:
+        decoder = FastDecoder(model, max_len=context + 64)
+        ids = torch.randint(0, 1000, (1, context), device="cuda")
+        t0 = time.perf_counter()
+        it = decoder.stream(ids, 33, ignore_eos=True, prefill_chunk=chunk)
+        next(it)
+        torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        count = sum(1 for _ in it)
+        torch.cuda.synchronize()
+        row |= {"ok": True, "prefill_s": t1 - t0, "decode_tok_s": count / (time.perf_counter() - t1)}
+    except torch.OutOfMemoryError as exc:
+        row |= {"ok": False, "error": str(exc)[:300]}
+    row |= {"peak_allocated": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved()}
+    row["peak_within_plan"] = row["peak_reserved"] <= row["planned_bytes"]
+    print(row, flush=True)
+    torch.cuda.set_per_process_memory_fraction(1.0, 0)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default="/tmp/glm9b")
+    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--cap-gib", type=float, default=12.0)
+    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--stages", default="decode,projections,long_context")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("nf4_decode.py measures a GPU; this machine has none.")
+    import bitsandbytes  # noqa: F401  fail now, not after loading the bf16 model
+
+    from glmkit.quantization import load_precision
+
+    stages = args.stages.split(",")
+    ensure_random_checkpoint(args.checkpoint)
+    bw = copy_bandwidth()
+    result: dict = {"method": f"batch 1, {PROMPT}-token prompt, {NEW_TOKENS} new tokens, best of 3 runs; roofline = "
+                              "copy bandwidth / bytes read per token (quantization states included)",
+                    "copy_bandwidth_bytes_s": bw, "device": device_name(),
+                    "tuned_shapes_for_this_card": len(tables_for(device_name())), "decode": [], "errors": []}
+
+    def stage(name, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # keep the other stages' results; say what failed
+            traceback.print_exc()
+            result["errors"].append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
+            return None
+        finally:
+            save_result("nf4_decode", result)
+
+    def decode(name, model, label, **options):
+        row = stage(name, generate_speed, model) if label is None else stage(name, fast_decode, model, label, **options)
+        if row:
+            row["roofline_tok_s"] = bw / token_bytes(model)
+            row["fraction_of_roofline"] = row["best_tok_s"] / row["roofline_tok_s"]
+            result["decode"].append({k: v for k, v in row.items() if not k.startswith("_")})
+        return row
+
+    models = {"bf16": load_precision(args.checkpoint, "bf16", device_map="cuda:0"),
+              "nf4": load_precision(args.checkpoint, "nf4", device_map="cuda:0")}
+    result["nf4_model_bytes"] = token_bytes(models["nf4"])
+    if "decode" in stages:
+        bf16 = decode("bf16 fast", models["bf16"], "bf16 fast (Triton)", gemv="triton")
+        nf4 = decode("nf4 fast", models["nf4"], "nf4 fast (Triton)", gemv="triton")
+        decode("nf4 fast eager", models["nf4"], "nf4 fast (Triton, eager layers)", gemv="triton", compile=False)
+        ref = decode("nf4 fast bnb", models["nf4"], "nf4 fast (bnb matmul_4bit, eager layers)", gemv=False,
+                     compile=False)  # the reference for the logits; bitsandbytes' ops are not compiled
+        decode("nf4 generate", models["nf4"], None)
+        if nf4 and ref:
+            a, b = nf4["_logits"].double(), ref["_logits"].double()
+            result["nf4_triton_vs_bnb_logits_rel_diff"] = ((a - b).norm() / b.norm()).item()
+            result["nf4_triton_vs_bnb_greedy_equal_of_64"] = sum(x == y for x, y in zip(nf4["_tokens"], ref["_tokens"]))
+        if nf4 and bf16:
+            result["nf4_over_bf16_fast"] = nf4["best_tok_s"] / bf16["best_tok_s"]
+    if "projections" in stages:
+        result["projections"] = stage("projections", projection_table, models["bf16"], models["nf4"])
+    models.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
+    if "decode" in stages:
+        models["fp16"] = load_precision(args.checkpoint, "fp16", device_map="cuda:0")
+        decode("fp16 fast", models["fp16"], "fp16 fast (Triton)", gemv="triton")
+        models.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "long_context" in stages:
+        result["long_context"] = stage("long context", long_context, args.checkpoint, args.context, args.cap_gib,
+                                       args.chunk)
+    print({k: v for k, v in result.items() if k not in ("projections",)}, flush=True)
+
+
+if __name__ == "__main__":
+    main()

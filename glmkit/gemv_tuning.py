@@ -1,0 +1,222 @@
+"""Find the fastest launch shapes of glmkit's GEMV kernels on the card in hand, and keep them (``glmkit tune``).
+
+For each GLM-4-9B projection and each kernel (bf16, fp16, nf4, fp4) every candidate shape is checked against a
+float64 reference and timed as the decode step runs it: back to back over enough weight copies that nothing is
+served from the L2 cache, inside one CUDA graph. The best shapes go into a table chosen by the device's name
+(``glmkit.gemv.tables_for``); written to glmkit's cache (``$GLMKIT_CACHE`` or ``~/.cache/glmkit``) they take
+precedence over the shipped tables. Needs a GPU. Introduced in ``notebooks/05_tuning.ipynb``.
+
+>>> [c for c in candidates("nf4", swiglu=True)][:2]
+[GemvConfig(block_n=1, block_k=256, num_warps=2), GemvConfig(block_n=1, block_k=512, num_warps=2)]
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Callable, Iterable
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from glmkit.gemv import GemvConfig, active_table, device_name, gemv, gemv_swiglu, user_table_path
+from glmkit.gemv4bit import gemv_4bit, gemv_4bit_swiglu, quantize
+
+FOUR_BIT = ("nf4", "fp4")
+
+
+def projections(quantized: bool = False) -> dict[str, tuple[int, int, bool, bool]]:
+    """name -> (rows, columns, has bias, SwiGLU) of GLM-4-9B-Chat's weights as the fast decoder multiplies them
+    (rows of one half for gate_up). In 4 bits q, k and v are three weights and lm_head stays 16-bit.
+
+    >>> projections()["down_proj"], projections(quantized=True)["k"]
+    ((4096, 13696, False, False), (256, 4096, True, False))
+    """
+    from transformers import GlmConfig
+
+    c = GlmConfig()
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    rest = {"o_proj": (c.hidden_size, c.num_attention_heads * hd, False, False),
+            "gate_up": (c.intermediate_size, c.hidden_size, False, True),
+            "down_proj": (c.hidden_size, c.intermediate_size, False, False)}
+    if quantized:
+        return {"q": (c.num_attention_heads * hd, c.hidden_size, True, False),
+                "k": (c.num_key_value_heads * hd, c.hidden_size, True, False), **rest}
+    return {"qkv": ((c.num_attention_heads + 2 * c.num_key_value_heads) * hd, c.hidden_size, True, False), **rest,
+            "lm_head": (c.vocab_size, c.hidden_size, False, False)}
+
+
+def candidates(kernel: str, swiglu: bool) -> list[GemvConfig]:
+    """Launch shapes to try: 8 to 64 fp32 partial sums per thread (half as many per accumulator with SwiGLU's two);
+    4-bit blocks span whole quantization blocks (64 columns) and start at 256 columns."""
+    widths = (256, 512, 1024, 2048) if kernel in FOUR_BIT else (256, 512, 1024, 2048, 4096)
+    out = []
+    for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), widths, (2, 4, 8)):
+        per_thread = bn * bk // (warps * 32) * (2 if swiglu else 1)
+        if 8 <= per_thread <= 64:
+            out.append(GemvConfig(bn, bk, warps))
+    return out
+
+
+def graph_time(fn: Callable[[int], Any], copies: int, replays: int = 20) -> float:
+    """Seconds per call of fn(i) for i over the weight copies, run back to back in one CUDA graph (median of 5)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(copies):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(copies):
+            fn(i)
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / (replays * copies))
+    return sorted(times)[len(times) // 2]
+
+
+def _weights(kernel: str, rows: int, k: int, copies: int, device: str) -> list[Any]:
+    dtype = torch.float16 if kernel == "fp16" else torch.bfloat16
+    ws = [torch.randn(rows, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
+    if kernel in FOUR_BIT:
+        return [quantize(w, kernel, double_quant=True) for w in ws]  # the planner's nf4: double quantization
+    return ws
+
+
+def _reference(kernel: str, w: Any) -> torch.Tensor:
+    return (w.dequantize() if kernel in FOUR_BIT else w).double()
+
+
+def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel: str = "bf16",
+                    shapes: Iterable[GemvConfig] | None = None, device: str = "cuda",
+                    timer: Callable[[Callable[[int], Any], int], float] = graph_time) -> dict[str, Any]:
+    """Time every candidate shape of ``kernel`` on one projection against cuBLAS (16-bit) or bitsandbytes'
+    ``matmul_4bit`` (4-bit); returns the row for the JSON result, with ``best`` (None if none built)."""
+    from glmkit.gemv4bit import linear_4bit
+
+    rows = 2 * n if swiglu else n
+    quant = kernel in FOUR_BIT
+    nbytes = rows * k // 2 if quant else rows * k * 2  # packed weights only (absmax adds 1/32 or 1/128)
+    copies = max(2, math.ceil(2**30 / nbytes)) if device == "cuda" else 2  # ~1 GiB of weights: 20x an H100's L2
+    ws = _weights(kernel, rows, k, copies, device)
+    dtype = torch.float16 if kernel == "fp16" else torch.bfloat16
+    b = torch.randn(rows, device=device, dtype=dtype) if bias else None
+    x = torch.randn(1, 1, k, device=device, dtype=dtype)
+    ref = F.linear(x.double(), _reference(kernel, ws[0]), None if b is None else b.double())
+    if swiglu:
+        gate, up = ref.chunk(2, dim=-1)
+        ref = up * F.silu(gate)
+
+    def baseline(i):
+        y = linear_4bit(x, ws[i], b) if quant else F.linear(x, ws[i], b)
+        if swiglu:
+            gate, up = y.chunk(2, dim=-1)
+            y = up * F.silu(gate)
+        return y
+
+    t_base = timer(baseline, copies)
+    base_name = "bnb_matmul_4bit" if quant else "cublas"
+    row: dict[str, Any] = {"projection": name, "kernel": kernel, "rows": rows, "columns": k, "bytes": nbytes,
+                           "copies": copies, f"{base_name}_us": t_base * 1e6,
+                           f"{base_name}_tb_s": nbytes / t_base / 1e12, "tried": []}
+    best = None
+    for cfg in shapes or candidates(kernel, swiglu):
+        def ours(i, cfg=cfg):
+            if quant:
+                return gemv_4bit_swiglu(x, ws[i], config=cfg) if swiglu else gemv_4bit(x, ws[i], b, config=cfg)
+            return gemv_swiglu(x, ws[i], config=cfg) if swiglu else gemv(x, ws[i], b, config=cfg)
+
+        try:
+            err = ((ours(0).double() - ref).norm() / ref.norm()).item()  # NaN (a row never written) fails the check
+            t = timer(ours, copies)
+        except Exception as exc:  # a shape Triton cannot build (registers, shared memory): record and go on
+            row["tried"].append({**cfg.__dict__, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        row["tried"].append({**cfg.__dict__, "us": t * 1e6, "tb_s": nbytes / t / 1e12, "rel_err": err})
+        if err < 2e-2 and (best is None or t < best[1]):
+            best = (cfg, t)
+    row["best"] = None if best is None else {**best[0].__dict__, "us": best[1] * 1e6, "tb_s": nbytes / best[1] / 1e12}
+    row[f"speedup_vs_{base_name}"] = None if best is None else t_base / best[1]
+    if best is not None and device == "cuda":
+        active_table()[(kernel, n, k)] = best[0]  # this process decodes with it from now on
+    ws.clear()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+    """Tune every GLM-4-9B projection for each kernel on this GPU; returns the rows (see ``tune_projection``).
+    fp16 takes bf16's shapes unless tuned itself (``table_configs``); a card without bf16 tunes fp16 instead."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("Tuning times kernels on a GPU; this machine has none (the CPU uses fixed shapes).")
+    rows: list[dict[str, Any]] = []
+    done: set[str] = set()
+    for kernel in kernels:
+        if kernel not in ("bf16", "fp16", "nf4", "fp4"):
+            raise ValueError(f"Unknown kernel {kernel!r}: use bf16, fp16, nf4 or fp4.")
+        if kernel == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+            log(f"{device_name()} has no bf16: tuning the fp16 kernels instead.")
+            kernel = "fp16"
+        if kernel in done:
+            continue
+        done.add(kernel)
+        for name, (n, k, bias, swiglu) in projections(quantized=kernel in FOUR_BIT).items():
+            row = tune_projection(name, n, k, bias, swiglu, kernel)
+            rows.append(row)
+            best = row["best"]
+            base = "bnb_matmul_4bit" if kernel in FOUR_BIT else "cublas"
+            log(f"{kernel:5s} {name:10s} " + (f"best {best['block_n']}x{best['block_k']}/{best['num_warps']} warps: "
+                                              f"{best['us']:.1f} µs, {best['tb_s']:.2f} TB/s; {base} "
+                                              f"{row[base + '_tb_s']:.2f} TB/s" if best else "no shape built"))
+    return rows
+
+
+def table_configs(rows: list[dict[str, Any]], fp16_from_bf16: bool = True) -> list[dict[str, Any]]:
+    """The best shape of each tuned row in the table format (rows of one half for gate_up). Unless fp16 was tuned
+    itself, its shapes are bf16's (``fp16_from_bf16``): the same kernel reading as many bytes.
+
+    >>> row = {"projection": "o_proj", "kernel": "bf16", "rows": 8, "columns": 64,
+    ...        "best": {"block_n": 1, "block_k": 64, "num_warps": 2}}
+    >>> [c["kernel"] for c in table_configs([row])]
+    ['bf16', 'fp16']
+    """
+    out = []
+    for r in rows:
+        if r["best"]:
+            n = r["rows"] // 2 if r["projection"] == "gate_up" else r["rows"]
+            out.append({"kernel": r["kernel"], "rows": n, "columns": r["columns"],
+                        **{key: r["best"][key] for key in ("block_n", "block_k", "num_warps")}})
+    if fp16_from_bf16 and not any(c["kernel"] == "fp16" for c in out):
+        out += [{**c, "kernel": "fp16", "copied_from": "bf16"} for c in out if c["kernel"] == "bf16"]
+    return out
+
+
+def write_table(configs: list[dict[str, Any]], path: str | Path | None = None, device: str | None = None,
+                source: str = "glmkit tune") -> Path:
+    """Write launch shapes for ``device`` (default: this GPU) to ``path`` (default: the user's table in glmkit's
+    cache); shapes already there for the same device and not re-tuned are kept."""
+    path = Path(path) if path else user_table_path()
+    device = device or device_name()
+    keep: list[dict[str, Any]] = []
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old.get("tuned_on") == device:
+            new_keys = {(c["kernel"], c["rows"], c["columns"]) for c in configs}
+            keep = [c for c in old["configs"] if (c.get("kernel", "bf16"), c["rows"], c["columns"]) not in new_keys]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = {"tuned_on": device, "source": source, "date": date.today().isoformat(), "configs": keep + configs}
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    return path

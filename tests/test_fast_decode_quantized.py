@@ -1,0 +1,98 @@
+"""FastDecoder on bitsandbytes 4-bit and fp16 models: the same greedy tokens as generate() on the trained tiny GLM
+(Triton's interpreter on a CPU; kept to a few tokens: the interpreter is slow)."""
+
+import pytest
+import torch
+
+from glmkit.fast_decode import FastDecoder
+from glmkit.gemv4bit import Packed4bit, triton_available
+from glmkit.models import TRAINED_TINY_DIR
+
+pytest.importorskip("bitsandbytes")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(not triton_available(), reason="needs Triton (pip install triton)")
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    from glmkit.generation import encode_chat
+    from glmkit.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(TRAINED_TINY_DIR)
+    return encode_chat(tokenizer, [{"role": "user", "content": "What is a GPU?"}])["input_ids"].to(DEVICE)
+
+
+def _load(precision):
+    from glmkit.quantization import load_precision
+
+    return load_precision(TRAINED_TINY_DIR, precision, device_map=DEVICE)
+
+
+def _greedy(model, ids, new_tokens):
+    with torch.inference_mode():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False)
+
+
+@needs_triton
+@pytest.mark.parametrize("precision", ["nf4-dq", "fp16"])
+def test_fast_decoder_with_triton_kernels_gives_generates_greedy_tokens(precision, prompt):
+    model = _load(precision)
+    fast = FastDecoder(model, max_len=prompt.shape[1] + 4, gemv="triton", compile=False, cuda_graph=False)
+    if precision == "nf4-dq":
+        qkv, _, wo, _, wgu, wd, _ = fast.stages[0].weights[0]
+        assert all(isinstance(w, Packed4bit) and w.nested for w in (*qkv, wo, wgu, wd))
+        # the kernels read bitsandbytes' own tensors: no second copy of the weights
+        assert wgu.data.data_ptr() == model.model.layers[0].mlp.gate_up_proj.weight.data_ptr()
+    assert torch.equal(fast.generate(prompt, max_new_tokens=3, ignore_eos=True), _greedy(model, prompt, 3))
+
+
+def test_fast_decoder_with_bitsandbytes_matmul_gives_generates_greedy_tokens(prompt):
+    model = _load("fp4")
+    want = _greedy(model, prompt, 6)  # on AVX512-BF16 CPUs bitsandbytes repacks the weights here: read back
+    fast = FastDecoder(model, max_len=prompt.shape[1] + 6, gemv=False, batch_size=2)
+    got = fast.generate(prompt.expand(2, -1), max_new_tokens=6, ignore_eos=True)
+    assert torch.equal(got, want.expand(2, -1))
+
+
+def test_int8_and_other_quantizations_are_refused_with_what_to_use_instead():
+    from glmkit.gemv4bit import unsupported_quantization
+
+    class Model(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config = type("Config", (), {"quantization_config": config})()
+
+    assert unsupported_quantization(Model(None)) is None
+    assert unsupported_quantization(Model({"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"})) is None
+    with pytest.raises(ValueError, match="int8.*quantization='nf4'.*generate"):
+        FastDecoder.check(_load("int8"))
+    reason = unsupported_quantization(Model({"quant_method": "gptq", "bits": 4}))
+    assert "not gptq" in reason and "quantization='nf4'" in reason
+
+
+def test_nf4_on_a_layer_split_gives_generates_greedy_tokens(prompt):
+    from accelerate import dispatch_model
+
+    from glmkit.device_map import split_layers
+
+    model = _load("nf4")
+    split = dispatch_model(model, split_layers(model, [3, 3], devices=["cpu", torch.device("cpu")]), main_device="cpu")
+    fast = FastDecoder(split, max_len=prompt.shape[1] + 4, gemv=False)
+    assert len(fast.stages) == 2 and isinstance(fast.stages[1].weights[0][4], Packed4bit)
+    assert torch.equal(fast.generate(prompt, max_new_tokens=4, ignore_eos=True), _greedy(split, prompt, 4))
+
+
+def test_glmkit_generate_quantization_nf4_fast_decode_says_what_generate_says(capsys):
+    import json
+
+    from glmkit.cli import main
+
+    args = ["generate", "--quantization", "nf4", "--dtype", "bfloat16", "--max-new-tokens", "5", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*args, "--fast-decode"]) == 0
+    fast = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert fast["tokens"] == plain["tokens"] and len(plain["tokens"]) >= 1
+    assert main(["bench", "--quantization", "nf4", "--tp", "2"]) == 2
+    assert "instead of --tp" in capsys.readouterr().err

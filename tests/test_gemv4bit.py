@@ -1,0 +1,117 @@
+"""glmkit's 4-bit Triton GEMV kernels against bitsandbytes' dequantize_4bit + F.linear (Triton's interpreter on a CPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glmkit.gemv import GemvConfig
+from glmkit.gemv4bit import Packed4bit, gemv_4bit, gemv_4bit_swiglu, linear_4bit, quantize, reference_linear, triton_available
+
+bnb = pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton (pip install triton)")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rand(*shape, dtype=torch.float32, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("n, k, config", [(100, 320, GemvConfig(16, 128, 4)),  # partial rows and columns
+                                          (64, 256, GemvConfig(32, 256, 4)),  # even
+                                          (37, 192, GemvConfig(8, 64, 2))])  # odd rows, one block per step
+def test_gemv_4bit_equals_dequantize_then_linear(quant_type, double_quant, n, k, config):
+    w = quantize(_rand(n, k), quant_type, double_quant)
+    assert w.nested == double_quant and w.data.dtype == torch.uint8 and w.data.numel() == n * k // 2
+    x, b = _rand(1, 1, k, seed=1), _rand(n, seed=2)
+    y = gemv_4bit(x, w, b, config=config)
+    assert y.shape == (1, 1, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y, reference_linear(x, w, b), rtol=1e-4, atol=1e-4)
+
+
+def test_nibble_order_and_block_scales_are_read_as_bitsandbytes_writes_them():
+    # one row whose columns are all different: a swapped nibble or a misplaced scale changes single products
+    w = quantize(torch.linspace(-3, 5, 256, device=DEVICE).reshape(1, 256) * torch.arange(1, 5, device=DEVICE)
+                 .repeat_interleave(64)[None], "nf4")
+    for col in (0, 1, 63, 64, 255):
+        x = torch.zeros(1, 1, 256, device=DEVICE)
+        x[..., col] = 1.0
+        assert gemv_4bit(x, w).item() == pytest.approx(w.dequantize()[0, col].item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
+def test_gemv_4bit_swiglu_equals_the_unfused_path(double_quant):
+    w = quantize(_rand(2 * 72, 320), "nf4", double_quant)
+    x = _rand(1, 1, 320, seed=1)
+    gate, up = reference_linear(x, w).chunk(2, dim=-1)
+    torch.testing.assert_close(gemv_4bit_swiglu(x, w, config=GemvConfig(16, 128, 4)), up * F.silu(gate),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_gemv_4bit_in_bfloat16_is_as_close_to_float64_as_bitsandbytes():
+    w = quantize(_rand(128, 512, dtype=torch.bfloat16), "nf4", double_quant=True)
+    x = _rand(1, 1, 512, dtype=torch.bfloat16, seed=1)
+    ref = F.linear(x.double(), w.dequantize().double())
+    ours, theirs = gemv_4bit(x, w).double(), linear_4bit(x, w).double()
+    assert gemv_4bit(x, w).dtype == torch.bfloat16
+    err = ((ours - ref).norm() / ref.norm()).item()
+    assert err < 4e-3 and err < 2 * ((theirs - ref).norm() / ref.norm()).item() + 1e-3
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
+def test_from_bnb_reads_a_linear4bit_module_and_leaves_it_working(double_quant):
+    layer = bnb.nn.Linear4bit(128, 64, bias=True, compute_dtype=torch.float32, quant_type="nf4",
+                              compress_statistics=double_quant)
+    layer.load_state_dict(torch.nn.Linear(128, 64).state_dict())
+    layer = layer.to(DEVICE)  # quantizes (GPU layout)
+    x = _rand(1, 1, 128, seed=1)
+    packed = Packed4bit.from_bnb(layer.weight)
+    want = layer(x)  # on AVX512-BF16 CPUs bitsandbytes repacks the module's weight here
+    torch.testing.assert_close(gemv_4bit(x, packed, layer.bias), reference_linear(x, packed, layer.bias))
+    torch.testing.assert_close(gemv_4bit(x, packed, layer.bias), want, rtol=2e-2, atol=2e-2)
+    again = Packed4bit.from_bnb(layer.weight)  # after the repack: undone into the GPU layout
+    assert again.shape == (64, 128)
+    torch.testing.assert_close(gemv_4bit(x, again, layer.bias), gemv_4bit(x, packed, layer.bias), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(layer(x), want)
+
+
+def test_bad_inputs_name_the_problem():
+    w = quantize(_rand(64, 128), "nf4")
+    with pytest.raises(ValueError, match="one vector"):
+        gemv_4bit(_rand(2, 1, 128), w)
+    with pytest.raises(ValueError, match="even number of rows"):
+        gemv_4bit_swiglu(_rand(1, 1, 128), quantize(_rand(63, 128), "nf4"))
+    with pytest.raises(ValueError, match="multiple of blocksize"):
+        gemv_4bit(_rand(1, 1, 128), w, config=GemvConfig(8, 32, 4))
+    with pytest.raises(ValueError, match="whole quantization blocks"):
+        gemv_4bit(_rand(1, 1, 96), quantize(_rand(64, 96), "nf4"))
+
+
+@pytest.mark.parametrize("kernel, swiglu", [("nf4", True), ("bf16", False)])
+def test_the_tuner_checks_each_shape_and_keeps_the_fastest(kernel, swiglu, tmp_path):
+    from glmkit.gemv import load_table
+    from glmkit.gemv_tuning import table_configs, tune_projection, write_table
+
+    shapes = [GemvConfig(16, 128, 4), GemvConfig(8, 256, 2), GemvConfig(8, 32, 2)]  # the last: not whole 4-bit blocks
+    fake_us = {128: 3.0, 256: 2.0, 32: 1.0}  # a made-up clock; each shape still runs and is checked against float64
+
+    calls = []
+
+    def timer(fn, copies):
+        fn(0)
+        calls.append(1)
+        return 1e-6 * (5.0 if len(calls) == 1 else fake_us[shapes[len(calls) - 2].block_k])
+
+    row = tune_projection("gate_up" if swiglu else "o_proj", 48, 256, False, swiglu, kernel, shapes=shapes,
+                          device=DEVICE, timer=timer)
+    tried = {t["block_k"]: t for t in row["tried"]}
+    assert tried[128]["rel_err"] < 2e-2 and tried[256]["rel_err"] < 2e-2  # the tuner's own bar (bf16 rounding)
+    if kernel == "nf4":
+        assert "multiple of blocksize" in tried[32]["error"] and row["best"]["block_k"] == 256
+        assert row["bnb_matmul_4bit_us"] == pytest.approx(5.0) and row["speedup_vs_bnb_matmul_4bit"] == pytest.approx(2.5)
+    else:
+        assert row["best"]["block_k"] == 32 and row["cublas_us"] == pytest.approx(5.0)
+    path = write_table(table_configs([row]), tmp_path / "t.json", device="Card")
+    best = GemvConfig(**{key: row["best"][key] for key in ("block_n", "block_k", "num_warps")})
+    assert load_table(path)[1][(kernel, 48, 256)] == best
