@@ -801,6 +801,16 @@ def tp_bound_sentence() -> Text:
                        script="benchmarks/tp_bound.py")
 
 
+def _allreduce_label(result: dict[str, Any], name: str) -> str:
+    """``"NCCL between 2 GPUs"``, with how they talked when a run changed it (``*_no_p2p``: through the host)."""
+    backend = result["runs"][0]["backend"]
+    if backend == "gloo":
+        return f"gloo between {result['world_size']} CPU processes"
+    how = (" with peer-to-peer off (`NCCL_P2P_DISABLE=1`: the cards talk through host memory)"
+           if name.endswith("no_p2p") else "")
+    return f"{backend.upper()} between {result['world_size']} GPUs{how}"
+
+
 def allreduce_sentence() -> Text:
     """Measured latency of one token's all-reduce per backend (``allreduce_latency*.json``); NCCL between two GPUs
     says "not measured yet" until ``allreduce_latency.json`` exists."""
@@ -810,13 +820,44 @@ def allreduce_sentence() -> Text:
         rows = ", ".join(f"{x['bytes'] // 1024} KiB (batch {x['batch_size']}) {x['eager_us']:.0f} µs"
                          + (f" eager, {x['in_cuda_graph_us']:.1f} µs each inside a CUDA graph of "
                             f"{ALLREDUCES_PER_TOKEN}" if "in_cuda_graph_us" in x else "") for x in r["runs"])
-        backend = r["runs"][0]["backend"]
-        where = "CPU processes" if backend == "gloo" else "GPUs"
-        parts.append(f"{backend} between {r['world_size']} {where} ({measured_on(r)}, `{path.name}`): {rows}")
+        parts.append(f"{_allreduce_label(r, path.stem)}, {measured_on(r)}, `{path.name}`: {rows}")
     text = "One token's all-reduce, measured: " + ("; ".join(parts) + "." if parts else "nothing yet.")
     if load("allreduce_latency") is None:
         text += " " + not_measured("NCCL between two GPUs", NCCL_SCRIPT)
     return Text(text)
+
+
+def _tp_fast_rows(result: dict[str, Any]) -> dict[int, tuple[float, float | None]]:
+    """``{batch: (one GPU tok/s, TP=2 tok/s or None when it ran out of memory)}`` of a ``tp_fast`` result."""
+    one = {x["batch_size"]: x["decode_tok_s"] for x in result["rows"] if x["path"].startswith("one GPU")}
+    tp = {x["batch_size"]: x.get("decode_tok_s") for x in result["rows"] if x["path"].startswith("TP=2")}
+    return {b: (one[b], tp[b]) for b in sorted(tp) if b in one}
+
+
+def tp_fast_sentence() -> Text:
+    """``TPDecoder`` on two GPUs against ``FastDecoder`` on one, measured (``tp_fast*.json``), or "not measured yet"."""
+    def render(r: dict[str, Any]) -> str:
+        cap = next((x["path"].split(", ", 1)[1].rstrip(")") for x in r["rows"] if x["path"].startswith("TP=2")), "")
+        parts = [f"batch {b}: " + (f"{tp:.1f} tok/s against {one:.1f} ({tp / one:.2f}x)" if tp is not None else
+                                   f"out of memory ({cap})") for b, (one, tp) in _tp_fast_rows(r).items()]
+        text = (f"`TPDecoder` (`--tp 2 --fast-decode`) on two {r['environment']['device']} ({measured_on(r).split(', ')[1]}"
+                f"; {r['method']}; {cap}) against `FastDecoder` on one of them: " + "; ".join(parts) + ".")
+        no_p2p = load("tp_fast_no_p2p")
+        if no_p2p is not None:
+            b1 = next((x for x in no_p2p["rows"] if x["batch_size"] == 1 and "decode_tok_s" in x), None)
+            one = _tp_fast_rows(r).get(1, (None, None))[0]
+            if b1 is not None and one:
+                text += (f" With peer-to-peer off (`NCCL_P2P_DISABLE=1`, the all-reduces through host memory; "
+                         f"`tp_fast_no_p2p.json`): {b1['decode_tok_s']:.1f} tok/s at batch 1 "
+                         f"({b1['decode_tok_s'] / one:.2f}x), on a server's host path; a consumer board's may be "
+                         f"slower: measure yours with `benchmarks/allreduce_latency.py`.")
+        if r.get("greedy_tokens_identical_to_one_gpu") is False:
+            text += (" Greedy tokens differ from one GPU's on these random weights (the two ranks sum in another "
+                     "order and near-tied logits flip); on the trained tiny model they are identical "
+                     "(`tests/test_tp_decode.py`).")
+        return text
+    return from_result("tp_fast", render, what="Tensor-parallel fast decode on two GPUs",
+                       script="benchmarks/two_gpu_fast.py")
 
 
 def tp_estimate_sentence() -> Text:
@@ -837,8 +878,15 @@ def tp_estimate_sentence() -> Text:
     else:
         lat = allreduce_us(nccl, 1)
         est = tp_estimate_tok_s(shard, lat)
-        text += (f" With NCCL's measured {lat:.1f} µs ({measured_on(nccl)}): about **{est:.0f} tok/s, "
-                 f"{est / whole:.2f}x one GPU**.")
+        text += (f" With NCCL's measured {lat:.1f} µs inside a CUDA graph ({measured_on(nccl)}): about **{est:.0f} "
+                 f"tok/s, {est / whole:.2f}x one GPU**.")
+        measured = load("tp_fast")
+        row = None if measured is None else _tp_fast_rows(measured).get(1)
+        if row is not None:
+            side = "below" if est / whole < row[1] / row[0] else "above"
+            text += (f" Measured on two GPUs (`tp_fast.json`): {row[1]:.1f} tok/s against {row[0]:.1f} on one GPU in that "
+                     f"run, {row[1] / row[0]:.2f}x; the estimate's {est / whole:.2f}x is {side} it (it lets no all-reduce "
+                     f"overlap any work, and each ratio is taken within its own run).")
     cpu = load("allreduce_latency_cpu")
     if cpu is not None and allreduce_us(cpu, 1) is not None:
         lat = allreduce_us(cpu, 1)
@@ -863,13 +911,16 @@ def tp_estimate_chart() -> Any:
     ax.plot(lats, [tp_estimate_tok_s(shard, x) for x in lats], "-", label="TP=2 estimate: shard step + 80 all-reduces")
     ax.axhline(whole, color="k", ls="--", lw=1, label=f"one GPU, FastDecoder ({whole:.0f} tok/s, measured)")
     ax.axvline(break_even_allreduce_us(whole, shard), color="grey", ls=":", lw=1, label="break-even latency")
-    for name, marker in (("allreduce_latency", "o"), ("allreduce_latency_cpu", "s")):
+    for name, marker in (("allreduce_latency", "o"), ("allreduce_latency_no_p2p", "^"), ("allreduce_latency_cpu", "s")):
         r = load(name)
         lat = None if r is None else allreduce_us(r, 1)
         if lat is not None:
-            backend = r["runs"][0]["backend"]
-            where = "two CPU processes" if backend == "gloo" else "two GPUs"
-            ax.plot([lat], [tp_estimate_tok_s(shard, lat)], marker, label=f"{backend} ({where}), measured: {lat:.0f} µs")
+            label = _allreduce_label(r, name).split(" (")[0].replace(" with peer-to-peer off", ", peer-to-peer off")
+            ax.plot([lat], [tp_estimate_tok_s(shard, lat)], marker, label=f"{label}: {lat:.1f} µs (measured)")
+    nccl, measured = load("allreduce_latency"), load("tp_fast")
+    row = None if measured is None else _tp_fast_rows(measured).get(1)
+    if nccl is not None and row is not None and row[1] is not None:
+        ax.plot([allreduce_us(nccl, 1)], [row[1]], "*", ms=11, color="#d62728", label=f"TP=2 measured: {row[1]:.0f} tok/s")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("one all-reduce of 8 KiB (µs)")
@@ -951,7 +1002,9 @@ def readme_measured_section() -> str:
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
                "**Fast path on two GPUs**: " + two_gpu_fast_sentence(),
                "**Tensor parallel**: " + tensor_parallel_sentence(),
-               "**What bounds tensor parallelism**: " + tp_bound_sentence() + " " + tp_estimate_sentence()]
+               "**Fast tensor parallel**: " + tp_fast_sentence(),
+               "**What bounds tensor parallelism**: " + tp_bound_sentence() + " " + tp_estimate_sentence(),
+               "**Link between two GPUs**: " + gpu_links_sentence(), "**All-reduce**: " + allreduce_sentence()]
     head = "Measured"
     if decode:
         v = decode["environment"]["versions"]
