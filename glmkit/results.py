@@ -774,6 +774,200 @@ def tensor_parallel_sentence() -> Text:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# What bounds tensor parallelism (tp_bound.json, allreduce_latency*.json): notebook 08
+
+ALLREDUCES_PER_TOKEN = 80  # GLM-4-9B: one after o_proj and one after down_proj in each of its 40 layers
+NCCL_SCRIPT = "NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/allreduce_latency.py"
+
+
+def tp_bound_pairs(result: dict[str, Any]) -> dict[int, tuple[float, float]]:
+    """``{batch: (whole model tok/s, one rank's shard tok/s)}`` of a ``tp_bound`` result."""
+    whole = {x["batch_size"]: x["decode_tok_s"] for x in result["runs"] if "whole" in x["path"]}
+    shard = {x["batch_size"]: x["decode_tok_s"] for x in result["runs"] if "shard" in x["path"]}
+    return {b: (whole[b], shard[b]) for b in sorted(whole) if b in shard}
+
+
+def tp_estimate_tok_s(shard_tok_s: float, allreduce_us: float, batch_size: int = 1,
+                      per_token: int = ALLREDUCES_PER_TOKEN) -> float:
+    """Estimated tensor-parallel decode tok/s (summed over the batch): one rank's step, measured alone, plus the
+    token's all-reduces paid one after another (none overlaps the work that needs its result).
+
+    >>> round(tp_estimate_tok_s(250.0, 10.0), 1)  # 4 ms a step + 80 x 10 µs = 4.8 ms a token
+    208.3
+    """
+    return batch_size / (batch_size / shard_tok_s + per_token * allreduce_us * 1e-6)
+
+
+def break_even_allreduce_us(whole_tok_s: float, shard_tok_s: float, batch_size: int = 1,
+                            per_token: int = ALLREDUCES_PER_TOKEN) -> float:
+    """The all-reduce latency (µs) at which tensor parallelism only matches one GPU: the step time the shard saves,
+    shared by the token's all-reduces.
+
+    >>> round(break_even_allreduce_us(200.0, 250.0), 1)  # (5 ms - 4 ms) / 80
+    12.5
+    """
+    return (batch_size / whole_tok_s - batch_size / shard_tok_s) / per_token * 1e6
+
+
+def allreduce_us(result: dict[str, Any], batch_size: int) -> float | None:
+    """One all-reduce's latency (µs) at ``batch_size`` from an ``allreduce_latency`` result: inside a CUDA graph
+    where measured (as ``TPDecoder`` replays it), else eager."""
+    row = next((x for x in result["runs"] if x["batch_size"] == batch_size), None)
+    return None if row is None else row.get("in_cuda_graph_us", row["eager_us"])
+
+
+def tp_bound_sentence() -> Text:
+    """One TP=2 rank's shard alone against the whole model on one GPU (``tp_bound.json``), or "not measured yet"."""
+    def render(r: dict[str, Any]) -> str:
+        pairs = tp_bound_pairs(r)
+        parts = [f"batch {b}: {s:.1f} tok/s against {w:.1f} for the whole model ({s / w:.2f}x)"
+                 for b, (w, s) in pairs.items()]
+        text = (f"One TP=2 rank's shard (16 query heads, 1 KV head, half the MLP, half the vocabulary) decoding alone, "
+                f"with no all-reduce, against `FastDecoder` on the whole model in the same run, measured on "
+                f"{measured_on(r)} (`tp_bound.json`): " + "; ".join(parts) + ".")
+        if 1 in pairs:
+            whole, shard = (1e3 / x for x in pairs[1])  # ms per token at batch 1
+            text += (f" Half the weights did not halve the step: if a step is a fixed part plus a part that grows with "
+                     f"the weights read, the batch-1 figures ({whole:.2f} and {shard:.2f} ms a token) put the fixed part "
+                     f"at {2 * shard - whole:.2f} ms (work that does not shrink with the weights: norms, attention over "
+                     f"the cache, the gaps between a step's many small kernels). So {pairs[1][1] / pairs[1][0]:.2f}x "
+                     f"is the most TP=2 can give at batch 1 with these kernels, before it pays a single all-reduce.")
+        return text
+    return from_result("tp_bound", render, what="One tensor-parallel rank's share of a token on one GPU",
+                       script="benchmarks/tp_bound.py")
+
+
+def _allreduce_label(result: dict[str, Any], name: str) -> str:
+    """``"NCCL between 2 GPUs"``, with how they talked when a run changed it (``*_no_p2p``: through the host)."""
+    backend = result["runs"][0]["backend"]
+    if backend == "gloo":
+        return f"gloo between {result['world_size']} CPU processes"
+    how = (" with peer-to-peer off (`NCCL_P2P_DISABLE=1`: the cards talk through host memory)"
+           if name.endswith("no_p2p") else "")
+    return f"{backend.upper()} between {result['world_size']} GPUs{how}"
+
+
+def allreduce_sentence() -> Text:
+    """Measured latency of one token's all-reduce per backend (``allreduce_latency*.json``); NCCL between two GPUs
+    says "not measured yet" until ``allreduce_latency.json`` exists."""
+    parts = []
+    for path in sorted(RESULTS_DIR.glob("allreduce_latency*.json")):
+        r = json.loads(path.read_text())
+        rows = ", ".join(f"{x['bytes'] // 1024} KiB (batch {x['batch_size']}) {x['eager_us']:.0f} µs"
+                         + (f" eager, {x['in_cuda_graph_us']:.1f} µs each inside a CUDA graph of "
+                            f"{ALLREDUCES_PER_TOKEN}" if "in_cuda_graph_us" in x else "") for x in r["runs"])
+        parts.append(f"{_allreduce_label(r, path.stem)}, {measured_on(r)}, `{path.name}`: {rows}")
+    text = "One token's all-reduce, measured: " + ("; ".join(parts) + "." if parts else "nothing yet.")
+    if load("allreduce_latency") is None:
+        text += " " + not_measured("NCCL between two GPUs", NCCL_SCRIPT)
+    return Text(text)
+
+
+def _tp_fast_rows(result: dict[str, Any]) -> dict[int, tuple[float, float | None]]:
+    """``{batch: (one GPU tok/s, TP=2 tok/s or None when it ran out of memory)}`` of a ``tp_fast`` result."""
+    one = {x["batch_size"]: x["decode_tok_s"] for x in result["rows"] if x["path"].startswith("one GPU")}
+    tp = {x["batch_size"]: x.get("decode_tok_s") for x in result["rows"] if x["path"].startswith("TP=2")}
+    return {b: (one[b], tp[b]) for b in sorted(tp) if b in one}
+
+
+def tp_fast_sentence() -> Text:
+    """``TPDecoder`` on two GPUs against ``FastDecoder`` on one, measured (``tp_fast*.json``), or "not measured yet"."""
+    def render(r: dict[str, Any]) -> str:
+        cap = next((x["path"].split(", ", 1)[1].rstrip(")") for x in r["rows"] if x["path"].startswith("TP=2")), "")
+        parts = [f"batch {b}: " + (f"{tp:.1f} tok/s against {one:.1f} ({tp / one:.2f}x)" if tp is not None else
+                                   f"out of memory ({cap})") for b, (one, tp) in _tp_fast_rows(r).items()]
+        text = (f"`TPDecoder` (`--tp 2 --fast-decode`) on two {r['environment']['device']} ({measured_on(r).split(', ')[1]}"
+                f"; {r['method']}; {cap}) against `FastDecoder` on one of them: " + "; ".join(parts) + ".")
+        no_p2p = load("tp_fast_no_p2p")
+        if no_p2p is not None:
+            b1 = next((x for x in no_p2p["rows"] if x["batch_size"] == 1 and "decode_tok_s" in x), None)
+            one = _tp_fast_rows(r).get(1, (None, None))[0]
+            if b1 is not None and one:
+                text += (f" With peer-to-peer off (`NCCL_P2P_DISABLE=1`, the all-reduces through host memory; "
+                         f"`tp_fast_no_p2p.json`): {b1['decode_tok_s']:.1f} tok/s at batch 1 "
+                         f"({b1['decode_tok_s'] / one:.2f}x), on a server's host path; a consumer board's may be "
+                         f"slower: measure yours with `benchmarks/allreduce_latency.py`.")
+        if r.get("greedy_tokens_identical_to_one_gpu") is False:
+            text += (" Greedy tokens differ from one GPU's on these random weights (the two ranks sum in another "
+                     "order and near-tied logits flip); on the trained tiny model they are identical "
+                     "(`tests/test_tp_decode.py`).")
+        return text
+    return from_result("tp_fast", render, what="Tensor-parallel fast decode on two GPUs",
+                       script="benchmarks/two_gpu_fast.py")
+
+
+def tp_estimate_sentence() -> Text:
+    """An *estimate* of TP=2's batch-1 speed: the shard's measured step plus 80 measured all-reduce latencies."""
+    bound = load("tp_bound")
+    if bound is None or 1 not in tp_bound_pairs(bound):
+        return not_measured("An estimate of TP=2's speed", "benchmarks/tp_bound.py")
+    whole, shard = tp_bound_pairs(bound)[1]
+    even = break_even_allreduce_us(whole, shard)
+    text = (f"**Estimate, not a measurement** (batch 1, GLM-4-9B, two ranks): a token costs one rank's step "
+            f"({1e3 / shard:.2f} ms, `tp_bound.json`) plus {ALLREDUCES_PER_TOKEN} all-reduces of 8 KiB one after another. "
+            f"TP=2 beats one GPU's {whole:.1f} tok/s only while one all-reduce takes less than **{even:.1f} µs**; "
+            f"with free all-reduces it would reach {shard:.1f} tok/s.")
+    nccl = load("allreduce_latency")
+    if nccl is None or allreduce_us(nccl, 1) is None:
+        text += (" With NCCL's latency between two GPUs: not measured yet (run `" + NCCL_SCRIPT + "` on a two-GPU "
+                 "machine; this sentence then computes the estimate).")
+    else:
+        lat = allreduce_us(nccl, 1)
+        est = tp_estimate_tok_s(shard, lat)
+        text += (f" With NCCL's measured {lat:.1f} µs inside a CUDA graph ({measured_on(nccl)}): about **{est:.0f} "
+                 f"tok/s, {est / whole:.2f}x one GPU**.")
+        measured = load("tp_fast")
+        row = None if measured is None else _tp_fast_rows(measured).get(1)
+        if row is not None:
+            side = "below" if est / whole < row[1] / row[0] else "above"
+            text += (f" Measured on two GPUs (`tp_fast.json`): {row[1]:.1f} tok/s against {row[0]:.1f} on one GPU in that "
+                     f"run, {row[1] / row[0]:.2f}x; the estimate's {est / whole:.2f}x is {side} it (it lets no all-reduce "
+                     f"overlap any work, and each ratio is taken within its own run).")
+    cpu = load("allreduce_latency_cpu")
+    if cpu is not None and allreduce_us(cpu, 1) is not None:
+        lat = allreduce_us(cpu, 1)
+        est = tp_estimate_tok_s(shard, lat)
+        text += (f" An all-reduce as slow as gloo's between two CPU processes here ({lat:.0f} µs) would make it "
+                 f"{est:.0f} tok/s, {est / whole:.2f}x one GPU: a slow link turns TP into a slowdown.")
+    return Text(text)
+
+
+def tp_estimate_chart() -> Any:
+    """Estimated TP=2 batch-1 tok/s against the all-reduce latency, with one GPU's measured speed and the measured
+    latencies marked; ``None`` before ``tp_bound.json`` exists."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    bound = load("tp_bound")
+    if bound is None or 1 not in tp_bound_pairs(bound):
+        return None
+    whole, shard = tp_bound_pairs(bound)[1]
+    lats = [2 ** (i / 4) for i in range(0, 37)]  # 1 µs .. 512 µs
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot(lats, [tp_estimate_tok_s(shard, x) for x in lats], "-", label="TP=2 estimate: shard step + 80 all-reduces")
+    ax.axhline(whole, color="k", ls="--", lw=1, label=f"one GPU, FastDecoder ({whole:.0f} tok/s, measured)")
+    ax.axvline(break_even_allreduce_us(whole, shard), color="grey", ls=":", lw=1, label="break-even latency")
+    for name, marker in (("allreduce_latency", "o"), ("allreduce_latency_no_p2p", "^"), ("allreduce_latency_cpu", "s")):
+        r = load(name)
+        lat = None if r is None else allreduce_us(r, 1)
+        if lat is not None:
+            label = _allreduce_label(r, name).split(" (")[0].replace(" with peer-to-peer off", ", peer-to-peer off")
+            ax.plot([lat], [tp_estimate_tok_s(shard, lat)], marker, label=f"{label}: {lat:.1f} µs (measured)")
+    nccl, measured = load("allreduce_latency"), load("tp_fast")
+    row = None if measured is None else _tp_fast_rows(measured).get(1)
+    if nccl is not None and row is not None and row[1] is not None:
+        ax.plot([allreduce_us(nccl, 1)], [row[1]], "*", ms=11, color="#d62728", label=f"TP=2 measured: {row[1]:.0f} tok/s")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("one all-reduce of 8 KiB (µs)")
+    ax.set_ylabel("decode tok/s, batch 1")
+    ax.set_title(f"GLM-4-9B bf16, shard measured on {bound['environment']['device']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Quantization (quantization_9b.json) and the monitor (monitor_check*.json): README
 
 
@@ -843,7 +1037,10 @@ def readme_measured_section() -> str:
                "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
                "**Fast path on two GPUs**: " + two_gpu_fast_sentence(),
-               "**Tensor parallel**: " + tensor_parallel_sentence()]
+               "**Tensor parallel**: " + tensor_parallel_sentence(),
+               "**Fast tensor parallel**: " + tp_fast_sentence(),
+               "**What bounds tensor parallelism**: " + tp_bound_sentence() + " " + tp_estimate_sentence(),
+               "**Link between two GPUs**: " + gpu_links_sentence(), "**All-reduce**: " + allreduce_sentence()]
     head = "Measured"
     if decode:
         v = decode["environment"]["versions"]

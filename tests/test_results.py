@@ -107,6 +107,28 @@ def test_missing_result_says_not_measured_and_switches_once_measured(tmp_path, m
                                                              "rows": rows, "greedy_tokens_identical": True}))
     assert "180.0 tok/s against 190.0 on one GPU (0.95x)" in results.two_gpu_fast_sentence()
     assert results.two_gpu_fast_chart() is not None
+    tp_runs = [{"path": "one GPU, whole model (FastDecoder)", "batch_size": 1, "decode_tok_s": 200.0},
+               {"path": "one TP=2 rank's shard, no all-reduce (TPDecoder)", "batch_size": 1, "decode_tok_s": 250.0}]
+    (tmp_path / "tp_bound.json").write_text(json.dumps({"environment": env, "runs": tp_runs}))
+    assert "not measured yet" in results.tp_estimate_sentence()  # the NCCL latency is still missing
+    assert "break-even" not in results.tp_estimate_sentence() and "**12.5 µs**" in results.tp_estimate_sentence()
+    nccl = [{"batch_size": 1, "bytes": 8192, "backend": "nccl", "eager_us": 30.0, "in_cuda_graph_us": 10.0}]
+    (tmp_path / "allreduce_latency.json").write_text(json.dumps({"environment": env, "world_size": 2, "runs": nccl}))
+    estimate = results.tp_estimate_sentence()  # 4 ms + 80 x 10 µs (the in-graph latency) = 4.8 ms a token
+    assert "not measured" not in estimate and "about **208 tok/s, 1.04x one GPU**" in estimate
+    assert "10.0 µs each inside a CUDA graph" in results.allreduce_sentence()
+    assert results.tp_estimate_chart() is not None
+    tp_rows = [{"path": "one GPU (FastDecoder, uncapped)", "batch_size": 1, "decode_tok_s": 200.0},
+               {"path": "one GPU (FastDecoder, uncapped)", "batch_size": 16, "decode_tok_s": 2000.0},
+               {"path": "TP=2 (TPDecoder, each card capped at 12 GiB)", "batch_size": 1, "decode_tok_s": 240.0},
+               {"path": "TP=2 (TPDecoder, each card capped at 12 GiB)", "batch_size": 16, "oom": "CUDA out of memory"}]
+    (tmp_path / "tp_fast.json").write_text(json.dumps({"environment": env, "method": "m", "rows": tp_rows}))
+    assert "240.0 tok/s against 200.0 (1.20x)" in results.tp_fast_sentence()
+    assert "batch 16: out of memory (each card capped at 12 GiB)" in results.tp_fast_sentence()
+    assert "the estimate's 1.04x is below it" in results.tp_estimate_sentence()
+    links = {"links": [{"nvlink": True}], "hidden_state_bytes": 8192,
+             "directions": [{"from": 0, "to": 1, "bandwidth_bytes_s": 3e11, "hidden_state_seconds": {"1": 2e-5}}]}
+    (tmp_path / "gpu_links.json").write_text(json.dumps({"environment": env, **links}))
     assert "not measured yet" not in results.readme_measured_section().split("**Two GPUs**")[1]
 
 
