@@ -282,11 +282,14 @@ def check_device_map(model_or_config: Any, device_map: Mapping[str, Any]) -> Dev
     guide_keys = [k for k in keys if k.startswith(CHATGLM6B_PREFIXES)]
     if guide_keys and not any(k in module_names for k in guide_keys):
         n_guide = len({k for k in guide_keys if k.startswith("transformer.layers.")})
+        unmapped = [u for u in units.layers if not any(u == k or u.startswith(k + ".") for k in keys)]
+        stay = f"all {n}" if len(unmapped) == n else f"{len(unmapped)} of its {n}"
         raise DeviceMapError(
             f"This device map uses ChatGLM-6B names (transformer.word_embeddings, transformer.layers.0.."
-            f"{n_guide - 1}: {n_guide} layers). Those come from ChatGLM-6B v1 guides and match nothing in "
-            f"GLM-4: they would be ignored or fail, and {max(n - n_guide, 0)} layers would stay unmapped. "
-            + right
+            f"{n_guide - 1}: {n_guide} layers). Those come from ChatGLM-6B v1 guides (28 layers there; the "
+            "embeddings and the final norm with lm_head count as two more, \"30\") and match nothing in GLM-4: "
+            f"they would be ignored or fail, and {stay} decoder layers "
+            f"({units.layers[0].rpartition('.')[0]}.N) would stay unmapped. " + right
         )
     remote_keys = [k for k in keys if k.startswith("transformer.") and k not in module_names]
     if remote_keys and translate_names({k: 0 for k in remote_keys}).keys() <= module_names | set(units.all):

@@ -75,7 +75,8 @@ def test_guide_map_is_caught_with_the_right_names_and_count():
     with pytest.raises(DeviceMapError) as err:
         check_device_map(C, guide_map())
     msg = str(err.value)
-    assert "ChatGLM-6B" in msg and "30 layers" in msg and "10 layers would stay unmapped" in msg
+    assert "ChatGLM-6B" in msg and "transformer.layers.0..29: 30 layers" in msg and "28 layers there" in msg
+    assert "all 40 decoder layers (model.layers.N) would stay unmapped" in msg
     assert "40 decoder layers named model.layers.0..39" in msg and "model.embed_tokens" in msg
     assert "split_layers(model, [20, 20])" in msg
 
