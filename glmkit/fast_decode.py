@@ -34,12 +34,13 @@ import torch.nn.functional as F
 from glmkit.gemv import active_table, gemv_swiglu, kernel_name, prefer_triton, triton_available
 from glmkit.gemv import gemv as triton_gemv
 from glmkit.gemv4bit import Packed4bit, gemv_4bit, gemv_4bit_swiglu, is_4bit, linear_4bit, unsupported_quantization
+from glmkit.vocabulary import head_dim
 
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # as GlmRMSNorm: in fp32, then back to the input dtype before the weight
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as ``GlmRMSNorm`` computes it: in fp32, then back to the input dtype before the weight."""
     dtype = x.dtype
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
@@ -51,8 +52,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [b, heads, 1, head_dim]; cos/sin: [b, 1, 1, rotary_dim]; only the first rotary_dim dims rotate
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """GLM's rotary embedding of ``x`` ``[b, heads, s, head_dim]`` with ``cos``/``sin`` ``[b, 1, s, rotary_dim]``:
+    only the first ``rotary_dim`` dims rotate."""
     r = cos.shape[-1]
     rot, rest = x[..., :r], x[..., r:]
     return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
@@ -70,7 +72,7 @@ def _projection_weight(*modules: torch.nn.Module) -> Weight:
     return modules[0].weight if len(modules) == 1 else torch.cat([m.weight for m in modules])
 
 
-def _linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: bool | str) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: bool | str) -> torch.Tensor:
     """``F.linear`` (cuBLAS); with ``gemv="triton"`` glmkit's Triton kernel for one token (``glmkit.gemv``); with
     ``gemv=True`` (one token, compiled) a multiply-and-sum that inductor turns into one reduction kernel.
     A 4-bit weight goes through ``glmkit.gemv4bit`` (``"triton"``) or bitsandbytes' ``matmul_4bit``."""
@@ -78,7 +80,7 @@ def _linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: bo
         return gemv_4bit(x, weight, bias) if gemv == "triton" else linear_4bit(x, weight, bias)
     if isinstance(weight, tuple):
         biases = [None] * len(weight) if bias is None else bias.split([w.shape[0] for w in weight])
-        return torch.cat([_linear(x, w, b, gemv) for w, b in zip(weight, biases)], dim=-1)
+        return torch.cat([linear(x, w, b, gemv) for w, b in zip(weight, biases)], dim=-1)
     if gemv == "triton" and not prefer_triton(kernel_name(weight.dtype), *weight.shape):
         return F.linear(x, weight, bias)  # fp16 on a shape not tuned for this card: cuBLAS
     if gemv == "triton":
@@ -89,13 +91,13 @@ def _linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: bo
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def _mlp_activation(h: torch.Tensor, wgu: Weight, gemv: bool | str) -> torch.Tensor:
+def mlp_activation(h: torch.Tensor, wgu: Weight, gemv: bool | str) -> torch.Tensor:
     """``up * silu(gate)`` of the fused gate/up projection; the Triton kernel applies it before it writes."""
     if gemv == "triton" and isinstance(wgu, Packed4bit):
         return gemv_4bit_swiglu(h, wgu)
     if gemv == "triton" and prefer_triton(kernel_name(wgu.dtype), wgu.shape[0] // 2, wgu.shape[1]):
         return gemv_swiglu(h, wgu)
-    gate, up = _linear(h, wgu, None, gemv).chunk(2, dim=-1)
+    gate, up = linear(h, wgu, None, gemv).chunk(2, dim=-1)
     return up * F.silu(gate)
 
 
@@ -139,10 +141,10 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
     k_cache/v_cache: [b, kv_heads, max_len, head_dim]; mask: additive [b, 1, 1, max_len] (0 up to pos, else -inf).
     """
     b = x.shape[0]
-    qkv = _linear(h, wqkv, bqkv, gemv)  # [b, 1, (heads + 2 kv_heads) * head_dim]
+    qkv = linear(h, wqkv, bqkv, gemv)  # [b, 1, (heads + 2 kv_heads) * head_dim]
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q = _rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
-    k = _rope(k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
+    q = rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
+    k = rope(k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
     v = v.view(b, 1, kv_heads, head_dim).transpose(1, 2)
     k_cache[batch_index, :, pos] = k[:, :, 0]
     v_cache[batch_index, :, pos] = v[:, :, 0]
@@ -150,10 +152,32 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
         attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # [b, heads, 1, hd]
     else:
         attn = _attention_reduction(q, k_cache, v_cache, mask)
-    x = x + _linear(attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, None, gemv)
-    h = _rms_norm(x, ln2, eps)
-    x = x + _linear(_mlp_activation(h, wgu, gemv), wd, None, gemv)
-    return x, _rms_norm(x, next_norm, eps)
+    x = x + linear(attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, None, gemv)
+    h = rms_norm(x, ln2, eps)
+    x = x + linear(mlp_activation(h, wgu, gemv), wd, None, gemv)
+    return x, rms_norm(x, next_norm, eps)
+
+
+def check_prefill(input_ids: torch.Tensor, slot: int | None, start: int, batch_size: int,
+                  max_len: int) -> tuple[int, int]:
+    """The prompts' ``(b, n)`` once they fit a decoder of ``batch_size`` rows and a ``max_len`` static cache
+    (all rows, or one prompt into row ``slot``, from position ``start``); else ``ValueError`` saying what to change.
+
+    >>> check_prefill(torch.zeros(2, 5, dtype=torch.long), None, 0, batch_size=2, max_len=5)
+    (2, 5)
+    """
+    b, n = input_ids.shape
+    if slot is None and b != batch_size:
+        raise ValueError(f"This decoder was built for batch size {batch_size}, got {b} prompts.")
+    if slot is not None and (b != 1 or not 0 <= slot < batch_size):
+        raise ValueError(f"A slot takes one prompt and is one of 0..{batch_size - 1}; got {b} prompts "
+                         f"for slot {slot}.")
+    if n < 1 or start < 0:
+        raise ValueError(f"prefill needs at least one token and start >= 0 (got {n} tokens, start={start}).")
+    if start + n > max_len:
+        raise ValueError(f"The prompt reaches position {start + n}; the static cache holds {max_len} "
+                         "(raise max_len).")
+    return b, n
 
 
 @dataclass(frozen=True)
@@ -380,7 +404,7 @@ class FastDecoder:
             active_table()  # this card's launch shapes, read (and an untuned card named) before anything compiles
         self.max_len, self.batch_size = max_len, batch_size
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim(cfg)
         self.eps = cfg.rms_norm_eps
         rotary = model.model.rotary_emb
         rot_device = next(iter(rotary.buffers())).device
@@ -460,7 +484,7 @@ class FastDecoder:
         tokens = torch.where(live, st.control[0, :b], 0)
         if st.segment.embed:
             x = F.embedding(tokens[:, None], m.get_input_embeddings().weight)  # [b, 1, hidden]
-            h = _rms_norm(x, self.first_norm, self.eps)
+            h = rms_norm(x, self.first_norm, self.eps)
         else:
             x, h = st.x_in[:b], st.h_in[:b]
         if len(st.segment.layers):
@@ -485,7 +509,7 @@ class FastDecoder:
             # h: after the final norm; lm_head runs outside the compiled layer, so the reduction form (a
             # [vocab, hidden] fp32 temporary if run eagerly) is not used for it
             head = "triton" if self.gemv_by_bucket[b] == "triton" else False
-            st.logits[:b].copy_(_linear(h, self.head_weight, m.lm_head.bias, head)[:, -1].float())
+            st.logits[:b].copy_(linear(h, self.head_weight, m.lm_head.bias, head)[:, -1].float())
         else:
             st.x_out[:b].copy_(x)
             st.h_out[:b].copy_(h)
@@ -561,17 +585,7 @@ class FastDecoder:
         """
         from glmkit.generation import cache_argument, chunked_prefill, preallocated_cache
 
-        b, n = input_ids.shape
-        if slot is None and b != self.batch_size:
-            raise ValueError(f"This decoder was built for batch size {self.batch_size}, got {b} prompts.")
-        if slot is not None and (b != 1 or not 0 <= slot < self.batch_size):
-            raise ValueError(f"A slot takes one prompt and is one of 0..{self.batch_size - 1}; got {b} prompts "
-                             f"for slot {slot}.")
-        if n < 1 or start < 0:
-            raise ValueError(f"prefill needs at least one token and start >= 0 (got {n} tokens, start={start}).")
-        if start + n > self.max_len:
-            raise ValueError(f"The prompt reaches position {start + n}; the static cache holds {self.max_len} "
-                             "(raise max_len).")
+        b, n = check_prefill(input_ids, slot, start, self.batch_size, self.max_len)
         rows = slice(None) if slot is None else slice(slot, slot + 1)
         if not self.ready:
             self._first_step()  # before the cache is filled: the warm-up steps write garbage K/V at position 0
@@ -649,25 +663,32 @@ class FastDecoder:
         return torch.cat([input_ids.to(self.device), torch.stack(new, dim=1)], dim=1)
 
     def tokens_per_second(self, prompt_len: int = 32, new_tokens: int = 256) -> dict[str, float]:
-        """Decode speed on random prompt ids after a warm-up (compile and graph capture excluded): time to first
-        token (prefill) and decode tok/s summed over the batch."""
-        ids = torch.randint(0, 1000, (self.batch_size, prompt_len), device=self.device)
+        """Decode speed on random prompt ids after a warm-up (compile and graph capture excluded): see
+        ``decode_speed``."""
+        return decode_speed(self, prompt_len, new_tokens)
 
-        def sync() -> None:
-            for d in self.devices:
-                if d.type == "cuda":
-                    torch.cuda.synchronize(d)
 
-        for _ in self.stream(ids, 3, ignore_eos=True):  # warm-up: compiles the layer, captures the graph
-            pass
-        sync()
-        t0 = time.perf_counter()
-        it = self.stream(ids, new_tokens, ignore_eos=True)
-        next(it)
-        sync()
-        ttft = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        count = sum(1 for _ in it)
-        sync()
-        decode = time.perf_counter() - t1
-        return {"ttft_s": ttft, "decode_tok_s": self.batch_size * count / decode if decode else 0.0}
+def decode_speed(decoder: Any, prompt_len: int = 32, new_tokens: int = 256) -> dict[str, float]:
+    """Time to first token (prefill) and decode tok/s summed over the batch of ``decoder`` (a ``FastDecoder`` or
+    a ``TPDecoder``: its ``stream``, ``batch_size``, ``device`` and ``devices``) on random prompt ids, after a
+    warm-up (compile and graph capture excluded), so that the decoders' speeds compare directly."""
+    ids = torch.randint(0, 1000, (decoder.batch_size, prompt_len), device=decoder.device)
+
+    def sync() -> None:
+        for d in decoder.devices:
+            if d.type == "cuda":
+                torch.cuda.synchronize(d)
+
+    for _ in decoder.stream(ids, 3, ignore_eos=True):  # warm-up: compiles the layer, captures the graph
+        pass
+    sync()
+    t0 = time.perf_counter()
+    it = decoder.stream(ids, new_tokens, ignore_eos=True)
+    next(it)
+    sync()
+    ttft = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    count = sum(1 for _ in it)
+    sync()
+    decode = time.perf_counter() - t1
+    return {"ttft_s": ttft, "decode_tok_s": decoder.batch_size * count / decode if decode else 0.0}

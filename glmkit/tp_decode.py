@@ -38,8 +38,19 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from glmkit.fast_decode import RECOMPILE_LIMIT, FastDecoder, _linear, _mlp_activation, _rms_norm, _rope, auto_gemv
+from glmkit.fast_decode import (
+    RECOMPILE_LIMIT,
+    FastDecoder,
+    auto_gemv,
+    check_prefill,
+    decode_speed,
+    linear,
+    mlp_activation,
+    rms_norm,
+    rope,
+)
 from glmkit.generation import pick_token
+from glmkit.vocabulary import head_dim
 
 
 def tp_shard(model: torch.nn.Module, rank: int, world: int) -> dict[str, Any]:
@@ -54,7 +65,7 @@ def tp_shard(model: torch.nn.Module, rank: int, world: int) -> dict[str, Any]:
     """
     cfg = model.config
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    hd = head_dim(cfg)
     inter, vocab = cfg.intermediate_size, cfg.vocab_size
     for what, n in (("query heads", heads), ("KV heads", kv), ("MLP width", inter), ("vocabulary", vocab)):
         if n % world:
@@ -88,16 +99,16 @@ def attention_half(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, cos: tor
     [b, 1, s, max_len]; k_cache/v_cache: [b, kv_heads, max_len, head_dim].
     """
     b, s, _ = h.shape
-    qkv = _linear(h, wqkv, bqkv, gemv)
+    qkv = linear(h, wqkv, bqkv, gemv)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q = _rope(q.view(b, s, heads, head_dim).transpose(1, 2), cos, sin)
-    k = _rope(k.view(b, s, kv_heads, head_dim).transpose(1, 2), cos, sin)
+    q = rope(q.view(b, s, heads, head_dim).transpose(1, 2), cos, sin)
+    k = rope(k.view(b, s, kv_heads, head_dim).transpose(1, 2), cos, sin)
     v = v.view(b, s, kv_heads, head_dim).transpose(1, 2)
     rows = torch.arange(b, device=h.device)[:, None]
     k_cache[rows, :, pos] = k.transpose(1, 2)  # [b, s, kv, hd] into [b, kv, max_len, hd] at (row, :, pos)
     v_cache[rows, :, pos] = v.transpose(1, 2)
     attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # [b, heads, s, hd]
-    return _linear(attn.transpose(1, 2).reshape(b, s, heads * head_dim), wo, None, gemv)
+    return linear(attn.transpose(1, 2).reshape(b, s, heads * head_dim), wo, None, gemv)
 
 
 def mlp_half(x: torch.Tensor, o: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, eps: float,
@@ -105,13 +116,13 @@ def mlp_half(x: torch.Tensor, o: torch.Tensor, ln2: torch.Tensor, wgu: torch.Ten
     """Residual add of the all-reduced attention output, then the rank's slice of the MLP: returns the new residual
     stream and this rank's partial ``down_proj`` output (to be all-reduced)."""
     x = x + o
-    return x, _linear(_mlp_activation(_rms_norm(x, ln2, eps), wgu, gemv), wd, None, gemv)
+    return x, linear(mlp_activation(rms_norm(x, ln2, eps), wgu, gemv), wd, None, gemv)
 
 
 def next_input(x: torch.Tensor, d: torch.Tensor, norm: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add of the all-reduced MLP output and the next layer's input norm (or the final norm)."""
     x = x + d
-    return x, _rms_norm(x, norm, eps)
+    return x, rms_norm(x, norm, eps)
 
 
 class TPDecoder:
@@ -140,7 +151,7 @@ class TPDecoder:
         self.world = world if world is not None else (dist.get_world_size(group) if group is not None else 1)
         cfg = model.config
         self.device = torch.device(device) if device is not None else model.get_input_embeddings().weight.device
-        self.devices = [self.device]  # (as FastDecoder's, whose tokens_per_second this class shares)
+        self.devices = [self.device]  # (as FastDecoder's: decode_speed synchronizes them)
         self.dtype = model.get_input_embeddings().weight.dtype
         on_gpu = self.device.type == "cuda"
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
@@ -148,7 +159,7 @@ class TPDecoder:
         self.gemv = auto_gemv(self.device, 1) if gemv == "auto" else gemv  # used by the batch-1 bucket
         self.max_len, self.batch_size = max_len, batch_size
         self.heads, self.kv_heads = cfg.num_attention_heads // self.world, cfg.num_key_value_heads // self.world
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.head_dim = head_dim(cfg)
         self.eps, self.vocab = cfg.rms_norm_eps, cfg.vocab_size
         shard = tp_shard(model, self.rank, self.world)
 
@@ -225,14 +236,14 @@ class TPDecoder:
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [b, 1, s, rotary]
         mask = torch.zeros(b, 1, s, self.max_len, dtype=self.dtype, device=self.device)
         mask = mask.masked_fill(self.positions[None, None, None, :] > pos[:, None, :, None], float("-inf"))
-        h = _rms_norm(x, self.first_norm, self.eps)
+        h = rms_norm(x, self.first_norm, self.eps)
         for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.layers):
             o = attention(x, h, pos, cos, sin, mask, wqkv, bqkv, wo, self.k_cache[i, rows], self.v_cache[i, rows],
                           self.heads, self.kv_heads, self.head_dim, gemv)
             x, d = mlp(x, self._all_reduce(o), ln2, wgu, wd, self.eps, gemv)
             x, h = nxt(x, self._all_reduce(d), next_norm, self.eps)
         head = "triton" if gemv == "triton" else False
-        return _linear(h[:, -1:], self.lm_head, self.lm_head_bias, head)[:, -1]
+        return linear(h[:, -1:], self.lm_head, self.lm_head_bias, head)[:, -1]
 
     def bucket(self, k: int) -> int:
         """The smallest captured batch size that holds ``k`` rows."""
@@ -272,15 +283,7 @@ class TPDecoder:
         """Run prompts ``[b, n]`` (or one prompt into row ``slot``) through the rank's shard in ``chunk``-token
         pieces, filling the static cache from position ``start`` (the earlier positions already there); returns
         the last position's logits ``[b, vocab]`` (the same on every rank)."""
-        b, n = input_ids.shape
-        if slot is None and b != self.batch_size:
-            raise ValueError(f"This decoder was built for batch size {self.batch_size}, got {b} prompts.")
-        if slot is not None and (b != 1 or not 0 <= slot < self.batch_size):
-            raise ValueError(f"A slot takes one prompt and is one of 0..{self.batch_size - 1}; got {b} prompts "
-                             f"for slot {slot}.")
-        if start + n >= self.max_len:
-            raise ValueError(f"The prompt reaches position {start + n}; the static cache holds {self.max_len} "
-                             "(raise max_len).")
+        b, n = check_prefill(input_ids, slot, start, self.batch_size, self.max_len)
         if not self.ready:
             self._capture()  # before the cache is filled: warm-up steps write K/V at position 0
         rows = slice(None) if slot is None else slice(slot, slot + 1)
@@ -337,8 +340,10 @@ class TPDecoder:
         new = list(self.stream(input_ids, max_new_tokens, ignore_eos=ignore_eos, **kwargs))
         return torch.cat([input_ids.to(self.device), torch.stack(new, dim=1)], dim=1)
 
-    # the same measurement as the one-device decoder's (prefill and warm-up excluded), so the two compare directly
-    tokens_per_second = FastDecoder.tokens_per_second
+    def tokens_per_second(self, prompt_len: int = 32, new_tokens: int = 256) -> dict[str, float]:
+        """The one-device decoder's measurement (``decode_speed``: prefill and warm-up excluded), so the two compare
+        directly."""
+        return decode_speed(self, prompt_len, new_tokens)
 
 
 class TPLeader:
