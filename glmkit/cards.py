@@ -11,8 +11,10 @@ Taught in ``notebooks/09_the_guide_point_by_point.ipynb``.
 
 from __future__ import annotations
 
+import csv
 from dataclasses import dataclass
 from functools import cache, lru_cache
+from pathlib import Path
 from typing import Any
 
 from glmkit.results import Table, table
@@ -30,20 +32,16 @@ class Card:
     link: str  # how two of them talk: "PCIe" or "NVLink"
 
 
-CARDS = {c.name: c for c in [
-    Card("RTX 2080 Ti 11GB", 11, 616, "PCIe (NVLink bridge optional)"),
-    Card("RTX 3060 12GB", 12, 360, "PCIe"),
-    Card("RTX 3080 10GB", 10, 760, "PCIe"),
-    Card("RTX 3090 24GB", 24, 936, "PCIe (NVLink bridge optional)"),
-    Card("RTX 4060 Ti 16GB", 16, 288, "PCIe"),
-    Card("RTX 4070 12GB", 12, 504, "PCIe"),
-    Card("RTX 4090 24GB", 24, 1008, "PCIe"),
-    Card("Tesla T4 16GB", 16, 320, "PCIe"),
-    Card("A10 24GB", 24, 600, "PCIe"),
-    Card("L4 24GB", 24, 300, "PCIe"),
-    Card("A100 80GB SXM", 80, 2039, "NVLink"),
-    Card("H100 80GB SXM", 80, 3350, "NVLink"),
-]}
+CARDS_FILE = Path(__file__).parent / "assets" / "cards.csv"  # the makers' published figures, one card a row
+
+
+def _read_cards() -> dict[str, Card]:
+    with CARDS_FILE.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {r["name"]: Card(r["name"], int(r["memory_gb"]), float(r["bandwidth_gb_s"]), r["link"]) for r in rows}
+
+
+CARDS = _read_cards()
 
 
 @lru_cache(maxsize=1)

@@ -154,9 +154,17 @@ def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
 FAST_DECODE_HELP = ("the fast path: static cache and CUDA graphs (FastDecoder: one per GPU of a --device-map split; "
                     "with --tp N, TPDecoder: every layer split over N processes); 16/32-bit weights (FastDecoder: "
                     "nf4/fp4 too), more GPU memory")
-QUANTIZATIONS = ["int8", "nf4", "fp4", "nf4-dq", "fp4-dq"]
-
 DEVICE_MAP_HELP = "auto, balanced, sequential, cpu, cuda:0, or layers per GPU like 20,20"
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options ``generate`` and ``bench`` share: how the model is loaded, split and decoded."""
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
+    p.add_argument("--device-map", help=DEVICE_MAP_HELP + " (instead of --tp)")
+    p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, help="load in 8 or 4 bits (bitsandbytes); "
+                   "--fast-decode runs nf4/fp4 with glmkit's 4-bit kernels")
 
 
 def device_map_option(value: str | None, model_path: str) -> object:
@@ -212,7 +220,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     from glmkit import parallel
     from glmkit.engine import Engine
-    from glmkit.generation import eos_token_ids
+    from glmkit.generation import chat_ids, clean_reply, eos_token_ids
     from glmkit.loading import load_tokenizer
 
     model, model_path = _command_model(args)
@@ -222,9 +230,7 @@ def _generate(args: argparse.Namespace) -> None:
     if args.prompt_ids:
         ids = list(args.prompt_ids)
     else:
-        from glmkit.generation import encode_chat
-
-        ids = encode_chat(tokenizer, [{"role": "user", "content": args.prompt}])["input_ids"][0].tolist()
+        ids = chat_ids(tokenizer, [{"role": "user", "content": args.prompt}])
     max_len = len(ids) + args.max_new_tokens
     if args.fast_decode and parallel.in_torchrun():  # every rank holds its slices; all pick the same tokens
         device = model.get_input_embeddings().weight.device
@@ -233,7 +239,7 @@ def _generate(args: argparse.Namespace) -> None:
                                                             temperature=args.temperature)
         new, eos = out[0, len(ids):].tolist(), set(eos_token_ids(model))
         new = new[:next((i for i, t in enumerate(new) if t in eos), len(new))]  # the reply, without its end token
-        text = tokenizer.decode(new, skip_special_tokens=True).lstrip("\n")
+        text = clean_reply(tokenizer.decode(new, skip_special_tokens=True))
     else:  # the same engine as the server and the chat widget (under torchrun every rank runs its own, in step)
         engine = Engine(model, tokenizer, max_batch_size=1, max_context=max_len, fast_decode=args.fast_decode)
         try:
@@ -303,7 +309,8 @@ def _serve(args: argparse.Namespace) -> None:
     model = load_model(model_path, dtype=args.dtype, device_map=device_map, quantization=args.quantization)
     _say_tiny(args, model)
     max_context = args.max_context or min(4096, int(getattr(model.config, "max_position_embeddings", 4096)))
-    batch = args.max_batch_size or default_batch_size(model.config, max_context, quantization=args.quantization)
+    batch = args.max_batch_size or default_batch_size(model.config, max_context, quantization=args.quantization,
+                                                      fast_decode=args.fast_decode)
     print(f"glmkit serve: {', '.join(names)} on http://{args.host}:{args.port}/v1, batch {batch}, context "
           f"{max_context}" + (", API key required" if api_key else "") + (", fast decode" if args.fast_decode else ""),
           flush=True)
@@ -360,12 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampled")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (every --tp process uses the same)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
-    p.add_argument("--device-map", help=DEVICE_MAP_HELP + " (instead of --tp)")
-    p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
-    p.add_argument("--quantization", choices=QUANTIZATIONS, help="load in 8 or 4 bits (bitsandbytes); "
-                   "--fast-decode runs nf4/fp4 with glmkit's 4-bit kernels")
+    _add_run_options(p)
     p.add_argument("--json", action="store_true", help="print tokens and text as JSON")
     p.set_defaults(func=_generate)
 
@@ -375,12 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--prompt-len", type=positive_int, default=32)
     p.add_argument("--new-tokens", type=positive_int, default=64)
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel processes (GLM-4-9B: 1 or 2)")
-    p.add_argument("--device-map", help=DEVICE_MAP_HELP + " (instead of --tp)")
-    p.add_argument("--fast-decode", action="store_true", help=FAST_DECODE_HELP)
-    p.add_argument("--quantization", choices=QUANTIZATIONS, help="load in 8 or 4 bits (bitsandbytes); "
-                   "--fast-decode runs nf4/fp4 with glmkit's 4-bit kernels")
+    _add_run_options(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_bench)
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from glmkit.generation import chat_ids, clean_reply, eos_token_ids, model_device
 from glmkit.metrics import engine_metrics
 from glmkit.request import Detokenizer, GenerationRequest
 from glmkit.runner import FastRunner, PlainRunner
@@ -65,8 +66,6 @@ class Engine:
                  max_context: int | None = None, gather_ms: float = 5.0, fast_decode: bool = False,
                  prefill_chunk: int = 512, continuous: bool | None = None, ride_from_batch: int = 4,
                  ride_max_tokens: int = 64) -> None:
-        from glmkit.generation import eos_token_ids, model_device
-
         self.model, self.tokenizer = model, tokenizer
         self.device = model_device(model)
         self.eos = set(eos_token_ids(model))
@@ -107,9 +106,7 @@ class Engine:
                assistant_prefix: str = "") -> list[int]:
         """Prompt ids for ``messages`` through the GLM-4 chat template (``assistant_prefix`` is appended
         after ``<|assistant|>``, e.g. to force a tool call)."""
-        text = self.tokenizer.apply_chat_template(list(messages), tools=tools or None, tokenize=False,
-                                                  add_generation_prompt=True)
-        return self.tokenizer(text + assistant_prefix, add_special_tokens=False).input_ids
+        return chat_ids(self.tokenizer, messages, tools, assistant_prefix)
 
     def submit(self, prompt_ids: list[int], **kwargs: Any) -> GenerationRequest:
         """Queue a request; returns it at once (``wait()`` for the result, or pass ``on_text`` to stream).
@@ -280,7 +277,7 @@ class Engine:
         if self.metrics:
             self.metrics.generation_tokens.inc()
         r._raw += r._detok.add(token)
-        text = r._raw[1:] if r._raw.startswith("\n") else r._raw  # GLM-4 writes a newline after <|assistant|>
+        text = clean_reply(r._raw)
         if r.stop:
             longest = max(len(s) for s in r.stop)
             since = max(len(r.text) - longest, 0)  # a stop string can only end in the new text

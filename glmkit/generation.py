@@ -57,12 +57,28 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def chat_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None,
+             assistant_prefix: str = "") -> list[int]:
+    """Prompt ids for ``messages`` through the GLM-4 chat template, up to ``<|assistant|>`` and then
+    ``assistant_prefix`` (e.g. the start of a forced tool call); the engine, the server and ``encode_chat`` use
+    them (notebook ``06_chat.ipynb``).
+
+    >>> from glmkit.loading import load_tokenizer
+    >>> tokenizer = load_tokenizer()
+    >>> tokenizer.decode(chat_ids(tokenizer, [{"role": "user", "content": "Hi"}]))
+    '[gMASK]<sop><|user|>\\nHi<|assistant|>'
+    """
+    text = tokenizer.apply_chat_template(list(messages), tools=tools or None, tokenize=False,
+                                         add_generation_prompt=True)
+    return tokenizer(text + assistant_prefix, add_special_tokens=False).input_ids
+
+
 def encode_chat(tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None,
                 device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Token ids and attention mask for ``messages`` through the GLM-4 chat template, ready for ``generate``."""
-    enc = tokenizer.apply_chat_template(list(messages), tools=tools or None, add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
-    return {k: v.to(device) for k, v in enc.items()}
+    """Token ids ``[1, n]`` and attention mask for ``messages`` through the GLM-4 chat template (``chat_ids``),
+    ready for ``generate``."""
+    ids = torch.tensor([chat_ids(tokenizer, messages, tools)], device=device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def eos_token_ids(model: torch.nn.Module) -> list[int]:

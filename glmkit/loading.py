@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from glmkit.device_map import check_device_map
 from glmkit.env import use_expandable_segments
 from glmkit.models import TOKENIZER_DIR, default_model_path
-from glmkit.vocabulary import STRATEGIES, gpu_index
+from glmkit.vocabulary import QUANTIZATION_CHOICES, STRATEGIES, gpu_index, quantization_name
 
 # model_type values of checkpoints transformers loads natively as GLM-4 (GlmForCausalLM / Glm4ForCausalLM).
 NATIVE_GLM_TYPES = ("glm", "glm4")
@@ -176,19 +176,18 @@ def bnb_config(
     >>> bnb_config("nf4", double_quant=True).bnb_4bit_quant_type
     'nf4'
     """
-    kind = quantization.lower()
-    if kind.endswith("-dq"):  # "nf4-dq": nf4 with double quantization, the planner's name for it
-        kind, double_quant = kind[:-3], True
-    if kind in ("int8", "8bit"):
+    kind = quantization_name(quantization)  # raises for names glmkit does not know
+    if kind is None:
+        raise ValueError(f"'{quantization}' keeps the weights in 16 bit: load without a quantization config, or "
+                         f"use one of {', '.join(QUANTIZATION_CHOICES)}.")
+    if kind == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    if kind in ("nf4", "fp4"):
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=kind,
-            bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_use_double_quant=double_quant,
-        )
-    raise ValueError(f"Unknown quantization '{quantization}': use 'int8', 'nf4', 'fp4', 'nf4-dq' or 'fp4-dq'.")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=kind.removesuffix("-dq"),  # "nf4-dq": nf4 with double quantization
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=double_quant or kind.endswith("-dq"),
+    )
 
 
 def load_model(

@@ -377,24 +377,24 @@ def _path_label(row: dict[str, Any]) -> str:
 
 def gemv_sentence() -> Text:
     """What the Triton matrix-vector kernels reach against cuBLAS (``gemv_tune.json``, ``gemv_accuracy.json``)."""
-    g = load("gemv_tune")
-    if g is None:
-        return not_measured("The Triton GEMV kernels", "benchmarks/gemv_tune.py")
-    rows = g["projections"]
-    acc = {v["gemv"]: v for v in (load("gemv_accuracy") or {"variants": []})["variants"]}
-    text = (f"cuBLAS' kernels for these shapes read the weights at {_range([r['cublas_tb_s'] for r in rows])} TB/s on an "
-            f"{g['environment']['device']}. `benchmarks/gemv_tune.py` tried {_range([len(r['tried']) for r in rows], 0)} "
-            f"launch shapes per projection (checked against a float64 reference), timed back to back over 1 GiB of "
-            f"weights as a decode step runs them. The best reach {_range([r['best']['tb_s'] for r in rows])} TB/s, "
-            f"{_range([r['speedup_vs_cublas'] for r in rows], 2)}x cuBLAS, against a copy bandwidth of "
-            f"{g['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s (a copy must also write; the `lm_head` kernel only reads).")
-    if "triton" in acc and False in acc:
-        t, c = acc["triton"], acc[False]
-        text += (f" In bf16 they are as accurate as cuBLAS (`gemv_accuracy.json`): median logit error against the fp32 "
-                 f"model {100 * t['rel_diff_to_fp32_median']:.2f}% vs {100 * c['rel_diff_to_fp32_median']:.2f}%, same "
-                 f"argmax on {t['argmax_equal_to_fp32']} vs {c['argmax_equal_to_fp32']} of {t['steps']} steps (random "
-                 f"weights make bf16's error that large for both).")
-    return Text(text)
+
+    def render(g: dict[str, Any]) -> str:
+        rows = g["projections"]
+        acc = {v["gemv"]: v for v in (load("gemv_accuracy") or {"variants": []})["variants"]}
+        text = (f"cuBLAS' kernels for these shapes read the weights at {_range([r['cublas_tb_s'] for r in rows])} TB/s on an "
+                f"{g['environment']['device']}. `benchmarks/gemv_tune.py` tried {_range([len(r['tried']) for r in rows], 0)} "
+                f"launch shapes per projection (checked against a float64 reference), timed back to back over 1 GiB of "
+                f"weights as a decode step runs them. The best reach {_range([r['best']['tb_s'] for r in rows])} TB/s, "
+                f"{_range([r['speedup_vs_cublas'] for r in rows], 2)}x cuBLAS, against a copy bandwidth of "
+                f"{g['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s (a copy must also write; the `lm_head` kernel only reads).")
+        if "triton" in acc and False in acc:
+            t, c = acc["triton"], acc[False]
+            text += (f" In bf16 they are as accurate as cuBLAS (`gemv_accuracy.json`): median logit error against the fp32 "
+                     f"model {100 * t['rel_diff_to_fp32_median']:.2f}% vs {100 * c['rel_diff_to_fp32_median']:.2f}%, same "
+                     f"argmax on {t['argmax_equal_to_fp32']} vs {c['argmax_equal_to_fp32']} of {t['steps']} steps (random "
+                     f"weights make bf16's error that large for both).")
+        return text
+    return from_result("gemv_tune", render, what="The Triton GEMV kernels", script="benchmarks/gemv_tune.py")
 
 
 def plot_gemv(result: dict[str, Any]) -> Any:
@@ -447,28 +447,28 @@ def step_breakdown(path: dict[str, Any]) -> dict[str, float]:
 
 def profile_sentence() -> Text:
     """Where one decode step's time goes, per path (``profile_step.json``)."""
-    p = load("profile_step")
-    if p is None:
-        return not_measured("The decode-step profile", "benchmarks/profile_step.py")
-    paths = p["paths"]
-    eager, cublas = paths["fast, eager layer"], paths["fast, compiled layer"]
-    triton, graph = paths["fast, compiled layer, Triton GEMV"], paths["fast, compiled layer, Triton GEMV, CUDA graph"]
-    plain = paths["plain forward (dynamic cache)"]
-    mm = {k: step_breakdown(v)["matmul (weights)"] for k, v in paths.items()}
-    att = step_breakdown(graph)["attention"] / graph["gpu_kernel_ms"]
-    ratios = [v["wall_ms"] / v["gpu_kernel_ms"] for k, v in paths.items() if "graph" not in k]
-    return Text(
-        f"`torch.profiler` over one decode step on an {p['environment']['device']} (`benchmarks/profile_step.py`). "
-        f"With cuBLAS the weight matmuls take {mm['fast, compiled layer']:.1f} ms of the step's "
-        f"{cublas['gpu_kernel_ms']:.1f} ms of GPU time in {cublas['kernels_per_step']:.0f} kernels; compiling the layer "
-        f"had already cut {eager['kernels_per_step']:.0f} kernels to {cublas['kernels_per_step']:.0f} (the residual add "
-        f"is fused with the next layer's norm, the attention mask built once per step). With glmkit's Triton GEMVs "
-        f"the matmuls take {mm['fast, compiled layer, Triton GEMV']:.1f} ms and the step "
-        f"{triton['gpu_kernel_ms']:.1f} ms in {triton['kernels_per_step']:.0f} kernels: no split-K reduce kernels, no "
-        f"separate SiLU. Attention is {100 * att:.1f}% of the step at this short context. Without a CUDA graph the "
-        f"*wall* time per step is {_range(ratios, 0)}x the GPU time (plain `forward`: {plain['wall_ms']:.0f} ms for "
-        f"{plain['gpu_kernel_ms']:.1f} ms of kernels): launching kernels from Python is the real cost of plain "
-        f"`generate()`, and the graph removes it ({graph['wall_ms']:.1f} ms wall).")
+
+    def render(p: dict[str, Any]) -> str:
+        paths = p["paths"]
+        eager, cublas = paths["fast, eager layer"], paths["fast, compiled layer"]
+        triton, graph = paths["fast, compiled layer, Triton GEMV"], paths["fast, compiled layer, Triton GEMV, CUDA graph"]
+        plain = paths["plain forward (dynamic cache)"]
+        mm = {k: step_breakdown(v)["matmul (weights)"] for k, v in paths.items()}
+        att = step_breakdown(graph)["attention"] / graph["gpu_kernel_ms"]
+        ratios = [v["wall_ms"] / v["gpu_kernel_ms"] for k, v in paths.items() if "graph" not in k]
+        return (
+            f"`torch.profiler` over one decode step on an {p['environment']['device']} (`benchmarks/profile_step.py`). "
+            f"With cuBLAS the weight matmuls take {mm['fast, compiled layer']:.1f} ms of the step's "
+            f"{cublas['gpu_kernel_ms']:.1f} ms of GPU time in {cublas['kernels_per_step']:.0f} kernels; compiling the layer "
+            f"had already cut {eager['kernels_per_step']:.0f} kernels to {cublas['kernels_per_step']:.0f} (the residual add "
+            f"is fused with the next layer's norm, the attention mask built once per step). With glmkit's Triton GEMVs "
+            f"the matmuls take {mm['fast, compiled layer, Triton GEMV']:.1f} ms and the step "
+            f"{triton['gpu_kernel_ms']:.1f} ms in {triton['kernels_per_step']:.0f} kernels: no split-K reduce kernels, no "
+            f"separate SiLU. Attention is {100 * att:.1f}% of the step at this short context. Without a CUDA graph the "
+            f"*wall* time per step is {_range(ratios, 0)}x the GPU time (plain `forward`: {plain['wall_ms']:.0f} ms for "
+            f"{plain['gpu_kernel_ms']:.1f} ms of kernels): launching kernels from Python is the real cost of plain "
+            f"`generate()`, and the graph removes it ({graph['wall_ms']:.1f} ms wall).")
+    return from_result("profile_step", render, what="The decode-step profile", script="benchmarks/profile_step.py")
 
 
 def plot_profile(result: dict[str, Any]) -> Any:
@@ -973,18 +973,18 @@ def tp_estimate_chart() -> Any:
 
 def quantization_sentence() -> Text:
     """Weights on the card per precision (measured next to planned) and plain ``generate()`` speed."""
-    q = load("quantization_9b")
-    if q is None:
-        return not_measured("GLM-4-9B in each precision", "benchmarks/quantization.py")
-    p = q["precisions"]
-    diff = [(r["loaded_bytes"] - r["planned_bytes"]) / 2**20 for r in p]
-    weights = ", ".join(f"{r['precision']} {r['loaded_bytes'] / GiB:.2f} GiB" for r in p)
-    speeds = ", ".join(f"{r['precision']} {r['tok_s']['1']:.1f} / {r['tok_s']['8']:.1f}" for r in p)
-    return Text(
-        f"**Weights on the card** (measured on an {q['environment']['device']}; the planner's figure is "
-        f"{_range(diff, 1)} MiB below it, bitsandbytes' small buffers): {weights} (`lm_head` and embeddings stay "
-        f"16-bit). **Plain `generate()` decode** (32-token prompt, 32 new tokens, median of 3; "
-        f"`quantization_9b.json`), batch 1 / batch 8 in tok/s summed over the batch: {speeds}.")
+
+    def render(q: dict[str, Any]) -> str:
+        p = q["precisions"]
+        diff = [(r["loaded_bytes"] - r["planned_bytes"]) / 2**20 for r in p]
+        weights = ", ".join(f"{r['precision']} {r['loaded_bytes'] / GiB:.2f} GiB" for r in p)
+        speeds = ", ".join(f"{r['precision']} {r['tok_s']['1']:.1f} / {r['tok_s']['8']:.1f}" for r in p)
+        return (
+            f"**Weights on the card** (measured on an {q['environment']['device']}; the planner's figure is "
+            f"{_range(diff, 1)} MiB below it, bitsandbytes' small buffers): {weights} (`lm_head` and embeddings stay "
+            f"16-bit). **Plain `generate()` decode** (32-token prompt, 32 new tokens, median of 3; "
+            f"`quantization_9b.json`), batch 1 / batch 8 in tok/s summed over the batch: {speeds}.")
+    return from_result("quantization_9b", render, what="GLM-4-9B in each precision", script="benchmarks/quantization.py")
 
 
 def monitor_sentence() -> Text:

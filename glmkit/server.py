@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 import threading
 import time
 import uuid
@@ -34,10 +35,13 @@ except ImportError as exc:  # pragma: no cover
     raise ImportError("glmkit.server needs the server extra: pip install 'glmkit[server]'") from exc
 
 from glmkit.engine import Engine, GenerationRequest
+from glmkit.monitor import gpu_memory
+from glmkit.planning import plan_memory
 from glmkit.server_guard import (
     MAX_BODY_BYTES,
     MAX_JSON_DEPTH,
     GuardError,
+    check_exposure,
     check_request,
     default_allowed_hosts,
     parse_json_body,
@@ -671,11 +675,10 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
-def default_batch_size(config: Any, max_context: int, dtype: Any = "bfloat16", quantization: str | None = None) -> int:
-    """The largest batch (up to 64) the planner fits at ``max_context`` on the GPUs present (8 without GPUs)."""
-    from glmkit.monitor import gpu_memory
-    from glmkit.planning import plan_memory
-
+def default_batch_size(config: Any, max_context: int, dtype: Any = "bfloat16", quantization: str | None = None,
+                       fast_decode: bool = False) -> int:
+    """The largest batch (up to 64) the planner fits at ``max_context`` on the GPUs present (8 without GPUs);
+    ``fast_decode``: planned for ``FastDecoder``'s static cache and buffers, as ``serve(fast_decode=True)`` runs."""
     gpus = gpu_memory()
     if not gpus:
         return 8
@@ -684,7 +687,7 @@ def default_batch_size(config: Any, max_context: int, dtype: Any = "bfloat16", q
     for b in (1, 2, 4, 8, 16, 32, 64):
         try:
             if plan_memory(config, devices, dtype=dtype, quantization=quantization, batch_size=b,
-                           context_len=max_context).fits:
+                           context_len=max_context, fast_decode=fast_decode).fits:
                 best = b
         except ValueError:
             break
@@ -697,11 +700,7 @@ def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000,
           allow_unauthenticated: bool = False) -> None:
     """Serve until interrupted (what ``glmkit serve`` runs); refuses a non-loopback ``host`` without ``api_key``
     unless ``allow_unauthenticated`` (see ``glmkit.server_guard``)."""
-    import sys
-
-    import uvicorn
-
-    from glmkit.server_guard import check_exposure
+    import uvicorn  # run only when serving: create_app and the tests need no web server
 
     warning = check_exposure(host, api_key, allow_unauthenticated)
     if warning:
