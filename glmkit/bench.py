@@ -22,16 +22,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import GlmForCausalLM
 
-from glmkit.models import build_random_checkpoint, ensure_random_checkpoint  # noqa: F401  (moved to models; kept for scripts)
+from glmkit import tables
+from glmkit.env import environment_report, gpu_driver_note
+from glmkit.fast_decode import FastDecoder
+from glmkit.generation import cache_argument, chunked_prefill
+from glmkit.models import (  # noqa: F401  (the checkpoint builders moved to models; kept here for scripts)
+    build_random_checkpoint,
+    ensure_random_checkpoint,
+    glm4_9b_chat_config,
+)
+from glmkit.monitor import explain_oom, nvml_memory, track_peak
+from glmkit.planning import parse_size, plan_memory
 from glmkit.results import RESULTS_DIR
 from glmkit.results import load as load_results  # noqa: F401  (older name, kept for scripts that import it here)
 
 
 def environment_record() -> dict[str, Any]:
     """Device name, driver, GPU list and library versions, stored with every result."""
-    from glmkit.env import environment_report, gpu_driver_note
-
     report = environment_report()
     gpus = [{"index": g.index, "name": g.name, "total_bytes": g.total_bytes} for g in report.gpus]
     return {
@@ -71,9 +80,7 @@ class NvmlBaseline:
 
     def used(self) -> int:
         """Used bytes on the card as ``glmkit.monitor`` and nvidia-smi read them (NVML v2)."""
-        import pynvml
-
-        from glmkit.monitor import nvml_memory
+        import pynvml  # optional: only machines with an NVIDIA driver and nvidia-ml-py have it
 
         pynvml.nvmlInit()
         try:
@@ -125,8 +132,6 @@ def try_generate(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int, chu
     >>> try_generate(load_model(device_map="cpu"), torch.arange(1, 30)[None], 2, chunk=8)["ok"]
     True
     """
-    from glmkit.generation import cache_argument, chunked_prefill
-
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -174,12 +179,6 @@ def emulated_card_oom(budget: str | int = "12GiB", config: Any = None, device: i
 
     The cap is lifted and the memory freed afterwards. Needs a GPU larger than ``budget``.
     """
-    from transformers import GlmForCausalLM
-
-    from glmkit.models import glm4_9b_chat_config
-    from glmkit.monitor import explain_oom
-    from glmkit.planning import parse_size, plan_memory
-
     if not torch.cuda.is_available():
         raise RuntimeError("emulated_card_oom needs a GPU; the recorded H100 run is in benchmarks/results/oom_12gib.json")
     config = config or glm4_9b_chat_config()
@@ -214,8 +213,6 @@ def measure_decode(model: torch.nn.Module, path: str = "generate", batch_size: i
     which transformers compiles on a GPU), ``fast`` (``glmkit.fast_decode.FastDecoder``).
     ``attn_implementation`` (``sdpa``, ``eager``, ``flash_attention_2``) applies to the generate paths.
     """
-    from glmkit.monitor import track_peak
-
     if path not in PATHS:
         raise ValueError(f"Unknown path '{path}': use one of {', '.join(PATHS)}.")
     device = next(model.parameters()).device
@@ -226,8 +223,6 @@ def measure_decode(model: torch.nn.Module, path: str = "generate", batch_size: i
     ids = torch.randint(0, 1000, (batch_size, prompt_len), device=device, generator=torch.Generator(device).manual_seed(0))
     with track_peak() as peak:
         if path == "fast":
-            from glmkit.fast_decode import FastDecoder
-
             decoder = FastDecoder(model, max_len=prompt_len + new_tokens, batch_size=batch_size, **(fast_options or {}))
             result = {**decoder.tokens_per_second(prompt_len, new_tokens), "gemv": decoder.gemv}
         else:
@@ -268,14 +263,12 @@ def decode_grid(model: torch.nn.Module, paths: tuple[str, ...] = PATHS, batch_si
 
 def decode_table(rows: list[dict[str, Any]], caption: str = "") -> Any:
     """Rows of ``decode_grid`` as an HTML table."""
-    from IPython.display import HTML
-
-    from glmkit.tables import html_table
+    from IPython.display import HTML  # optional: only a notebook shows it
 
     body = [[r["path"], str(r.get("attn_implementation") or "-"), str(r["batch_size"]), str(r["prompt_len"]),
              f"{1000 * r['ttft_s']:.1f}", f"{r['decode_tok_s']:.1f}", f"{r['peak_bytes'] / 2**30:.2f}"] for r in rows]
-    return HTML(html_table(["path", "attention", "batch", "prompt", "TTFT ms", "decode tok/s", "peak GiB"], body,
-                           caption=caption))
+    return HTML(tables.html_table(["path", "attention", "batch", "prompt", "TTFT ms", "decode tok/s", "peak GiB"],
+                                  body, caption=caption))
 
 
 def copy_bandwidth(n_bytes: int = 2**31, repeats: int = 10) -> float:

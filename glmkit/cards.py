@@ -17,7 +17,11 @@ from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
+from glmkit.device_map import as_model
+from glmkit.models import glm4_9b_chat_config
+from glmkit.planning import max_context, plan_memory, unit_weight_bytes
 from glmkit.results import Table, table
+from glmkit.vocabulary import PRECISIONS
 
 GiB = 2**30
 
@@ -47,18 +51,12 @@ CARDS = _read_cards()
 @lru_cache(maxsize=1)
 def _glm4() -> Any:
     """GLM-4-9B-Chat on the meta device, built once: the planner's calls below then take milliseconds."""
-    from glmkit.device_map import as_model
-    from glmkit.models import glm4_9b_chat_config
-
     return as_model(glm4_9b_chat_config())
 
 
 @cache
 def bytes_per_token(precision: str = "bf16") -> int:
     """Weight bytes one GLM-4-9B-Chat decode step reads: every weight except the embedding table (one row of it)."""
-    from glmkit.planning import unit_weight_bytes
-    from glmkit.vocabulary import PRECISIONS
-
     dtype, quantization = PRECISIONS[precision]
     sizes = unit_weight_bytes(_glm4(), dtype, quantization)
     hidden = _glm4().config.hidden_size
@@ -86,8 +84,6 @@ def ceiling_table(cards: list[str] | None = None) -> Table:
 
 def decision_table(context_len: int = 8192) -> Table:
     """What to run on one or two cards of a size, checked with the planner at ``context_len`` tokens."""
-    from glmkit.planning import max_context, plan_memory
-
     cfg = _glm4()
     ratio = bytes_per_token() / bytes_per_token("nf4")
     rows = []

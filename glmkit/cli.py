@@ -13,6 +13,9 @@ from pathlib import Path
 
 from glmkit.vocabulary import ALLOCATORS, QUANTIZATION_CHOICES
 
+# Each command imports what it needs inside its function: `glmkit --help` and a mistyped flag answer
+# without loading transformers, the model code or the server (and a test can stand in for the loader).
+
 DESCRIPTION = "Plan, run, measure and serve GLM-4-9B-Chat on the GPUs you have (or the tiny GLM-4 on a CPU)."
 EPILOG = """examples:
   glmkit plan --devices 12GiB 12GiB --context 32768

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
 from glmkit.models import default_model_path, model_label
 from glmkit.monitor import gpu_memory
 from glmkit.tables import gib, html_table, text_table
@@ -93,7 +95,7 @@ def package_version(name: str) -> str:
 def gpu_driver_note() -> str:
     """One sentence on how GPUs are seen: NVML with its driver version, or why not."""
     try:
-        import pynvml
+        import pynvml  # optional: NVML exists only where an NVIDIA driver and nvidia-ml-py are
 
         pynvml.nvmlInit()
         try:
@@ -107,7 +109,6 @@ def gpu_driver_note() -> str:
         why = "nvidia-ml-py is not installed"
     except Exception as exc:  # pynvml.NVMLError and subclasses: no driver, no library
         why = f"no NVIDIA driver ({type(exc).__name__})"
-    import torch
 
     if torch.cuda.is_available():
         return f"{torch.cuda.device_count()} GPU(s) via torch.cuda ({why})"
@@ -208,8 +209,6 @@ def use_expandable_segments() -> str:
     glmkit calls it in every process it starts (``notebook_setup``, ``glmkit serve``, ``load_model``), which is
     why the planner assumes it unless ``PYTORCH_CUDA_ALLOC_CONF`` says otherwise (``glmkit.costs.resolve_allocator``).
     """
-    import torch
-
     if ALLOC_CONF_ENV not in os.environ and not torch.cuda.is_initialized():
         os.environ[ALLOC_CONF_ENV] = EXPANDABLE_SEGMENTS
         os.environ[SET_BY_GLMKIT_ENV] = "1"  # so a plan can say whose setting it is

@@ -31,9 +31,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from glmkit.device_map import check_device_map
 from glmkit.gemv import active_table, gemv_swiglu, kernel_name, prefer_triton, triton_available
 from glmkit.gemv import gemv as triton_gemv
 from glmkit.gemv4bit import Packed4bit, gemv_4bit, gemv_4bit_swiglu, is_4bit, linear_4bit, unsupported_quantization
+from glmkit.generation import cache_argument, chunked_prefill, pick_token, preallocated_cache
+from glmkit.generation import eos_token_ids as model_eos
 from glmkit.vocabulary import head_dim
 
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
@@ -252,8 +255,6 @@ def layer_segments(model: torch.nn.Module) -> list[Segment]:
     modules = [model.get_input_embeddings(), *layers, model.get_output_embeddings()]
     device_map = getattr(model, "hf_device_map", None) or {}
     if device_map:
-        from glmkit.device_map import check_device_map
-
         check_device_map(model, device_map)  # unplaced or unknown modules: an error that names the fix
     items = []  # (entry, device) per name
     for name, module in zip(names, modules):
@@ -583,8 +584,6 @@ class FastDecoder:
         first ``start`` positions are already in the cache (an earlier ``prefill`` of the same row): its K/V go to
         positions ``start .. start + n - 1``. A server prefills a long prompt one piece per step this way.
         """
-        from glmkit.generation import cache_argument, chunked_prefill, preallocated_cache
-
         b, n = check_prefill(input_ids, slot, start, self.batch_size, self.max_len)
         rows = slice(None) if slot is None else slice(slot, slot + 1)
         if not self.ready:
@@ -637,9 +636,6 @@ class FastDecoder:
                top_p: float = 1.0, eos_token_ids: list[int] | None = None, ignore_eos: bool = False,
                prefill_chunk: int | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token ``[b]`` for each step (greedy at temperature 0, else sampled with top-p)."""
-        from glmkit.generation import eos_token_ids as model_eos
-        from glmkit.generation import pick_token
-
         input_ids = input_ids.to(self.device)
         n = input_ids.shape[1]
         if n + max_new_tokens > self.max_len:

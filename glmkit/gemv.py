@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from glmkit.models import cache_dir
+
 try:
     import triton
     import triton.language as tl
@@ -98,8 +100,6 @@ def load_tuned(path: str | Path = TUNED_TABLE) -> dict[tuple[int, int], GemvConf
 
 def user_table_path() -> Path:
     """Where ``glmkit tune`` writes the shapes it measured on the card in hand; they take precedence."""
-    from glmkit.models import cache_dir
-
     return cache_dir() / USER_TABLE_NAME
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from glmkit.gemv import INTERPRETER, GemvConfig, lookup_config, triton, triton_available
 
-if triton is not None:
+if triton is not None:  # optional: Triton (Linux x86-64) builds the kernels; glmkit.gemv says when it is missing
     import triton.language as tl
 
 __all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_swiglu", "linear_4bit", "pick_config_4bit",
@@ -93,6 +93,7 @@ class Packed4bit(NamedTuple):
             raise TypeError(f"Not a bitsandbytes 4-bit weight (no quant_state): {type(weight).__name__}.")
         data = weight.data
         if getattr(state, "packing_format_for_cpu", False):
+            # 4-bit paths only: importing bitsandbytes loads its native library
             from bitsandbytes.functional import QuantState, _convert_weight_packed_for_cpu_inverse
 
             # the repack left absmax in bf16, transposed to [k / blocksize, n], nested scales already expanded;

@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import GlmConfig
 
 from glmkit.gemv import GemvConfig, active_table, device_name, gemv, gemv_swiglu, user_table_path
-from glmkit.gemv4bit import gemv_4bit, gemv_4bit_swiglu, quantize
+from glmkit.gemv4bit import gemv_4bit, gemv_4bit_swiglu, linear_4bit, quantize
 
 FOUR_BIT = ("nf4", "fp4")
 
@@ -36,8 +37,6 @@ def projections(quantized: bool = False) -> dict[str, tuple[int, int, bool, bool
     >>> projections()["down_proj"], projections(quantized=True)["k"]
     ((4096, 13696, False, False), (256, 4096, True, False))
     """
-    from transformers import GlmConfig
-
     c = GlmConfig()
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     rest = {"o_proj": (c.hidden_size, c.num_attention_heads * hd, False, False),
@@ -104,8 +103,6 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
                     timer: Callable[[Callable[[int], Any], int], float] = graph_time) -> dict[str, Any]:
     """Time every candidate shape of ``kernel`` on one projection against cuBLAS (16-bit) or bitsandbytes'
     ``matmul_4bit`` (4-bit); returns the row for the JSON result, with ``best`` (None if none built)."""
-    from glmkit.gemv4bit import linear_4bit
-
     rows = 2 * n if swiglu else n
     quant = kernel in FOUR_BIT
     nbytes = rows * k // 2 if quant else rows * k * 2  # packed weights only (absmax adds 1/32 or 1/128)

@@ -15,6 +15,7 @@ True
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -22,6 +23,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
+from transformers import AttentionInterface, DynamicCache, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers.cache_utils import DynamicLayer
 
 from glmkit.tables import html_table, text_table
 
@@ -153,8 +157,6 @@ def stream_chat(model: torch.nn.Module, tokenizer: Any, messages: Sequence[dict[
 
     Setting ``stop_event`` stops generation at the next token.
     """
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
     class _Stop(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
             stop = stop_event is not None and stop_event.is_set()
@@ -202,8 +204,6 @@ def gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     Registered with transformers as ``"glmkit_gqa"``; for unpadded batches only (transformers passes no mask
     to attention functions it has no mask builder for).
     """
-    from torch.nn.attention.bias import causal_lower_right
-
     if attention_mask is not None:
         raise ValueError("gqa_attention takes no attention mask: it is for unpadded prompts (one length per batch).")
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -214,15 +214,11 @@ def gqa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
 
 
 def _register_gqa_attention() -> None:
-    from transformers import AttentionInterface
-
     AttentionInterface.register(GQA_ATTENTION, gqa_attention)
 
 
 @functools.cache
 def _preallocated_layer_class() -> type:
-    from transformers.cache_utils import DynamicLayer
-
     class PreallocatedLayer(DynamicLayer):
         """A ``DynamicLayer`` whose K/V live in buffers allocated once for ``capacity`` tokens (views grow)."""
 
@@ -287,8 +283,6 @@ def preallocated_cache(config: Any, capacity: int, keys: torch.Tensor | None = N
     >>> cache.get_seq_length(), cache.layers[0]._k.shape[2]
     (5, 64)
     """
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=config)
     layer = _preallocated_layer_class()
     n = config.num_hidden_layers
@@ -335,6 +329,4 @@ def chunked_prefill(model: torch.nn.Module, input_ids: torch.Tensor, chunk: int,
 
 def cache_argument(model: torch.nn.Module) -> str:
     """Name of the KV-cache argument: ``cache`` in transformers >= 5.24, ``past_key_values`` before."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

@@ -22,6 +22,7 @@ class EngineMetrics:
     """Gauges, counters and histograms of one engine, in its own ``prometheus_client.CollectorRegistry``."""
 
     def __init__(self, slots: int) -> None:
+        # optional (server extra): only a served engine counts
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = r = CollectorRegistry()

@@ -13,6 +13,7 @@ Introduced in ``notebooks/01_single_gpu_oom.ipynb``.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import threading
 import time
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
+import torch
 
 from glmkit.tables import gib, html_table, text_table
 
@@ -83,8 +85,6 @@ class Snapshot:
 
 def _torch_stats(index: int) -> tuple[int | None, int | None]:
     """PyTorch's allocated/reserved bytes on GPU ``index``, without creating a CUDA context."""
-    import torch
-
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return None, None
     return torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index)
@@ -102,9 +102,7 @@ def nvml_memory(pynvml: Any, handle: Any) -> tuple[int, int]:
 
 def _nvml_devices() -> list[DeviceMemory]:
     """GPUs through NVML; raises ImportError or pynvml.NVMLError when there is no driver/library."""
-    import os
-
-    import pynvml
+    import pynvml  # optional: NVML exists only where an NVIDIA driver and nvidia-ml-py are
 
     pynvml.nvmlInit()
     try:
@@ -137,8 +135,6 @@ def _nvml_devices() -> list[DeviceMemory]:
 
 
 def _torch_devices() -> list[DeviceMemory]:
-    import torch
-
     if not torch.cuda.is_available():
         return []
     out = []
@@ -248,8 +244,6 @@ class track_peak(contextlib.ContextDecorator):
         self.report = PeakReport()
 
     def __enter__(self) -> track_peak:
-        import torch
-
         self._gpus = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         self._gpu_start = {}
         for i in self._gpus:
@@ -271,8 +265,6 @@ class track_peak(contextlib.ContextDecorator):
             self._stop.wait(self.interval)
 
     def __exit__(self, *exc: Any) -> None:
-        import torch
-
         self._stop.set()
         self._thread.join()
         rss_end = self._process.memory_info().rss

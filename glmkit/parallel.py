@@ -20,12 +20,18 @@ Introduced in ``notebooks/08_tensor_parallel.ipynb``.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from glmkit.loading import check_checkpoint, resolve_checkpoint
+from glmkit.tp_decode import TPDecoder
 
 
 def tp_problem(config: Any, tp: int) -> str | None:
@@ -69,8 +75,6 @@ def leave_process_group() -> None:
 
 def _free_port() -> int:
     """A TCP port nothing listens on right now (the OS picks it), for the processes' rendezvous."""
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -87,10 +91,6 @@ def relaunch(nproc: int, argv: list[str]) -> int:
 
 def load_tp_model(path: Any, dtype: torch.dtype | str = "auto") -> torch.nn.Module:
     """Load a checkpoint split across the torchrun processes with transformers' tensor-parallel plan."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from glmkit.loading import check_checkpoint, resolve_checkpoint
-
     folder = resolve_checkpoint(path)
     check_checkpoint(folder)
     problem = tp_problem(AutoConfig.from_pretrained(folder), world_size())
@@ -112,8 +112,6 @@ def run_generate(model: Any, tp: int = 1, max_new_tokens: int = 16, dtype: str =
     """Run ``glmkit generate --json`` in fresh process(es), ``tp`` of them, and return rank 0's result
     (``tokens``, ``text``, ``processes``, ``ranks_agree``); ``extra``: more flags, e.g. ``["--fast-decode"]``.
     Raises ``RuntimeError`` with the processes' error text on failure."""
-    import json
-
     cmd = [sys.executable, "-m", "glmkit.cli", "generate", "--model", str(model), "--json",
            "--max-new-tokens", str(max_new_tokens), "--dtype", dtype, "--tp", str(tp), *(extra or [])]
     if prompt is not None:
@@ -141,8 +139,6 @@ def init_process_group() -> torch.distributed.ProcessGroup:
 def tp_decoder(model: torch.nn.Module, max_len: int, batch_size: int = 1) -> Any:
     """This torchrun process's ``TPDecoder`` for ``model`` (loaded whole on the CPU by every process; each keeps
     its slices on its GPU, or on the CPU without one)."""
-    from glmkit.tp_decode import TPDecoder
-
     group = init_process_group()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return TPDecoder(model, max_len, batch_size, group=group, device=device)

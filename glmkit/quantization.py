@@ -181,7 +181,7 @@ def compare_precisions(
 def plot_precisions(report: PrecisionReport, gpu_result: dict[str, Any] | None = None) -> Any:
     """Bar charts: weights (planned vs measured), perplexity change against bf16 (the differences are small),
     and (if given) full-size GPU memory and speed."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional (notebooks extra): only the chart needs it
 
     names = [r.precision for r in report.results]
     n = 3 if gpu_result else 2
@@ -212,7 +212,7 @@ def plot_precisions(report: PrecisionReport, gpu_result: dict[str, Any] | None =
 
 def gpu_table(result: dict[str, Any]) -> Any:
     """The full-size GPU measurements (``benchmarks/results/quantization_9b.json``) as an HTML table."""
-    from IPython.display import HTML
+    from IPython.display import HTML  # optional: only a notebook shows it
 
     env = result["environment"]
     rows = [[r["precision"], f"{r['loaded_bytes'] / 2**30:.2f}", f"{r['planned_bytes'] / 2**30:.2f}",

@@ -24,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glmkit.models import glm4_9b_chat_config
+from glmkit.planning import plan_memory
 from glmkit.tables import html_table, text_table
+from glmkit.vocabulary import PRECISIONS
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 GiB = 2**30
@@ -99,7 +102,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = 
 def bar_chart(labels: Sequence[str], values: Sequence[float], *, ylabel: str, title: str = "",
               reference: float | None = None, reference_label: str = "") -> Any:
     """One bar per label, with an optional dashed reference line (a roofline, one GPU's speed)."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional (notebooks extra): only the charts need it
 
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(labels)), 3.2))
     bars = ax.bar(list(labels), list(values), color="#1f77b4")
@@ -521,10 +524,6 @@ def planned_long_context_bytes(row: dict[str, Any]) -> int:
     >>> round(planned_long_context_bytes(row) / 2**30, 2)
     10.72
     """
-    from glmkit.models import glm4_9b_chat_config
-    from glmkit.planning import plan_memory
-    from glmkit.vocabulary import PRECISIONS
-
     precision, budget = row["setup"].split("@")
     dtype, quantization = PRECISIONS[precision]
     plan = plan_memory(glm4_9b_chat_config(), [budget], dtype=dtype, quantization=quantization,
@@ -936,7 +935,7 @@ def tp_estimate_chart() -> Any:
     """Estimated TP=2 batch-1 tok/s against the all-reduce latency, with one GPU's measured speed and the measured
     latencies marked; ``None`` before ``tp_bound.json`` exists."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import ScalarFormatter  # optional (notebooks extra), as above
 
     bound = load("tp_bound")
     if bound is None or 1 not in tp_bound_pairs(bound):

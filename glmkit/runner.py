@@ -19,7 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
+from glmkit.fast_decode import FastDecoder
+from glmkit.generation import cache_argument
 from glmkit.request import GenerationRequest
 
 
@@ -29,16 +32,12 @@ class FastRunner:
     continuous = True
 
     def __init__(self, model: torch.nn.Module, slots: int, max_len: int, device: torch.device) -> None:
-        from glmkit.fast_decode import FastDecoder
-
         FastDecoder.check(model)  # a quantized or offloaded model: say so now, not at the first request
         self.model, self.slots, self.max_len, self.device = model, slots, max_len, device
         self.decoder: Any = None
 
     def _decoder(self) -> Any:
         if self.decoder is None:
-            from glmkit.fast_decode import FastDecoder
-
             self.decoder = FastDecoder(self.model, max_len=self.max_len, batch_size=self.slots)
         return self.decoder
 
@@ -96,10 +95,6 @@ class PlainRunner:
 
     def prefill_batch(self, reqs: list[GenerationRequest]) -> torch.Tensor:
         """Prefill the new batch ``reqs`` (slots 0..n-1); the logits of each prompt's last position ``[n, vocab]``."""
-        from transformers import DynamicCache
-
-        from glmkit.generation import cache_argument
-
         self.reset()
         self.rows, self.live = len(reqs), {r.slot for r in reqs}
         n = max(len(r.prompt_ids) for r in reqs)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import socket
 import sys
 import threading
 import time
@@ -30,7 +31,10 @@ from pathlib import Path
 from typing import Any
 
 try:  # FastAPI resolves the endpoints' annotations in this module's namespace
-    from fastapi import Request
+    from fastapi import FastAPI, Request
+    from fastapi.middleware.cors import CORSMiddleware
+    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+    from starlette.exceptions import HTTPException
 except ImportError as exc:  # pragma: no cover
     raise ImportError("glmkit.server needs the server extra: pip install 'glmkit[server]'") from exc
 
@@ -448,11 +452,6 @@ def create_app(engine: Engine, model_name: str | Sequence[str] = DEFAULT_MODEL_N
         allowed_origins: web page origins allowed to call the server (default: none; ``*`` for any).
         max_body_bytes, max_json_depth: request body limits (4 MiB, 32 levels).
     """
-    from fastapi import FastAPI
-    from fastapi.middleware.cors import CORSMiddleware
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from starlette.exceptions import HTTPException
-
     names = [model_name] if isinstance(model_name, str) else list(model_name)
     hosts = list(allowed_hosts) if allowed_hosts else default_allowed_hosts("127.0.0.1")
     origins = list(allowed_origins)
@@ -514,8 +513,6 @@ def create_app(engine: Engine, model_name: str | Sequence[str] = DEFAULT_MODEL_N
 
     @app.get("/metrics")
     async def metrics() -> Any:
-        from fastapi.responses import PlainTextResponse
-
         if engine.metrics is None:
             raise ApiError(404, "Metrics need prometheus-client: pip install 'glmkit[server]'.")
         return PlainTextResponse(engine.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -645,9 +642,7 @@ class ServerThread:
     """Run the app with uvicorn in a background thread (notebooks, tests): ``start()``, ``url``, ``stop()``."""
 
     def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
-        import socket
-
-        import uvicorn
+        import uvicorn  # the server extra's web server: imported only when an app is run
 
         if port == 0:
             with socket.socket() as s:
@@ -700,7 +695,7 @@ def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000,
           allow_unauthenticated: bool = False) -> None:
     """Serve until interrupted (what ``glmkit serve`` runs); refuses a non-loopback ``host`` without ``api_key``
     unless ``allow_unauthenticated`` (see ``glmkit.server_guard``)."""
-    import uvicorn  # run only when serving: create_app and the tests need no web server
+    import uvicorn
 
     warning = check_exposure(host, api_key, allow_unauthenticated)
     if warning:

@@ -19,9 +19,11 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import ipywidgets as w
 import torch
 
 from glmkit.bench import PATHS, measure_decode
+from glmkit.engine import Engine
 from glmkit.gemv import triton_available
 from glmkit.monitor import DeviceMemory, Snapshot, snapshot
 from glmkit.tables import gib
@@ -31,8 +33,6 @@ class DecodeTuner:
     """Sliders + run button + charts around ``measure_decode``; ``run()`` also works without clicking."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        import ipywidgets as w
-
         self.model = model
         self.results: list[dict[str, Any]] = []
         self.batch = w.IntSlider(value=1, min=1, max=64, description="batch")
@@ -67,7 +67,7 @@ class DecodeTuner:
         return row
 
     def _draw(self) -> None:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # optional (notebooks extra): only the chart needs it
 
         self.chart.clear_output(wait=True)
         with self.chart:
@@ -86,7 +86,7 @@ class DecodeTuner:
             plt.show()
 
     def _ipython_display_(self) -> None:
-        from IPython.display import display
+        from IPython.display import display  # notebook-only: a widget shows itself in Jupyter
 
         display(self.widget)
 
@@ -113,8 +113,6 @@ class ChatWidget:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, system_prompt: str = "", max_new_tokens: int = 128,
                  engine: Any = None) -> None:
-        import ipywidgets as w
-
         self.model, self.tokenizer = model, tokenizer
         self._engine, self._req = engine, None  # engine: share one with a server (glmkit.engine.Engine)
         self.history: list[dict[str, str]] = []
@@ -211,8 +209,6 @@ class ChatWidget:
     def engine(self) -> Any:
         """The ``glmkit.engine.Engine`` the replies come from (the one given, else one made at the first message)."""
         if self._engine is None:
-            from glmkit.engine import Engine
-
             self._engine = Engine(self.model, self.tokenizer, max_batch_size=1)
         return self._engine
 
@@ -319,8 +315,6 @@ class LiveMonitor:
 
     def __init__(self, interval: float = 1.0, history: int = 120, temperature_limit: float = 83.0,
                  power_fraction: float = 0.95, include_host: bool = True, key: str = "default") -> None:
-        import ipywidgets as w
-
         if key in _LIVE:
             _LIVE[key].stop()
         _LIVE[key] = self
@@ -349,8 +343,6 @@ class LiveMonitor:
             self.stop()
 
     def _row(self, d: DeviceMemory) -> tuple[Any, Any, Any]:
-        import ipywidgets as w
-
         if d.device not in self._rows:
             label = w.HTML(layout=w.Layout(width="230px"))
             bar = w.FloatProgress(min=0.0, max=1.0, layout=w.Layout(width="40%"))

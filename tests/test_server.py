@@ -418,3 +418,15 @@ def test_openai_client_sees_4xx_as_its_own_errors(client):
         client.chat.completions.create(model="gpt-5", messages=HI)
     with pytest.raises(openai.BadRequestError, match="'suffix' is not supported"):
         client.completions.create(model="glm-4", prompt="hi", suffix="end")
+
+
+def test_default_batch_size_plans_the_fast_path_when_serving_with_it(monkeypatch):
+    import glmkit.server
+    from glmkit.models import glm4_9b_chat_config
+    from glmkit.monitor import DeviceMemory
+
+    monkeypatch.setattr(glmkit.server, "gpu_memory", lambda: [DeviceMemory("cuda:0", "a 20 GiB card", 20 * 2**30, 0, None)])
+    cfg = glm4_9b_chat_config()
+    # the fast path's extra memory (fused q/k/v copies, fp32 logits) leaves room for batch 1 where plain fits 2
+    assert glmkit.server.default_batch_size(cfg, 4096) == 2
+    assert glmkit.server.default_batch_size(cfg, 4096, fast_decode=True) == 1
