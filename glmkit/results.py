@@ -791,8 +791,9 @@ def _two_gpu_fast_render(r: dict[str, Any]) -> str:
         base = one.get(b, {}).get("decode_tok_s")
         parts.append(f"batch {b}: {x['decode_tok_s']:.1f} tok/s"
                      + (f" against {base:.1f} on one GPU ({x['decode_tok_s'] / base:.2f}x)" if base else ""))
-    same = {True: "the same greedy tokens on both", False: "greedy tokens differ from one GPU's on these random weights (near-tied logits "
-            "flip between kernels)"}.get(r.get("greedy_tokens_identical"))
+    same = {True: "the same greedy tokens on both",
+            False: "greedy tokens differ from one GPU's on these random weights (near-tied logits flip between kernels)",
+            }.get(r.get("greedy_tokens_identical"))
     text = (f"`FastDecoder` on the 20/20 layer split, measured on {measured_on(r)} ({r['mode']}; {r['method']}): "
             + "; ".join(parts) + "." + (f" {same[0].upper()}{same[1:]}." if same else ""))
     cap = _split_cap_gib(r["mode"])
