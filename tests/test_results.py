@@ -178,6 +178,8 @@ def test_rendered_sentences_match_the_committed_files():
     assert "glmkit's nf4 Triton kernel is slower than bitsandbytes' own kernel" in nf4  # what nf4_decode.json says
     for row in results.load("nf4_decode")["decode"]:
         assert f"{row['best_tok_s']:.1f}" in nf4, row["path"]
+    long = results.load("nf4_decode")["long_context"]
+    assert f"decoding at {long['decode_tok_s']:.1f} tok/s" in nf4 and f"{long['peak_reserved'] / 2**30:.2f} GiB" in nf4
     split = results.two_gpu_fast_sentence()
     assert "batch 16: out of memory on the split" in split and "fits batch 1 at most on two 12 GiB cards" in split
     assert "one-GPU proxy" in results.two_gpu_fast_sentence("two_gpu_fast_proxy")
