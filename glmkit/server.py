@@ -694,9 +694,9 @@ def default_batch_size(config: Any, max_context: int, dtype: Any = "bfloat16", q
 def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | Sequence[str] = DEFAULT_MODEL_NAMES, max_batch_size: int = 8, max_context: int = 4096,
           fast_decode: bool = False, allowed_hosts: Sequence[str] | None = None, allowed_origins: Sequence[str] = (),
-          allow_unauthenticated: bool = False) -> None:
+          allow_unauthenticated: bool = False, decoder: Any = None) -> None:
     """Serve until interrupted (what ``glmkit serve`` runs); refuses a non-loopback ``host`` without ``api_key``
-    unless ``allow_unauthenticated`` (see ``glmkit.server_guard``)."""
+    unless ``allow_unauthenticated`` (see ``glmkit.server_guard``). ``decoder``: as ``Engine``'s (``serve_tp``)."""
     import sys
 
     import uvicorn
@@ -706,12 +706,57 @@ def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000,
     warning = check_exposure(host, api_key, allow_unauthenticated)
     if warning:
         print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_context=max_context, fast_decode=fast_decode)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_context=max_context, fast_decode=fast_decode,
+                    decoder=decoder)
     app = create_app(engine, model_name, api_key, allowed_hosts or default_allowed_hosts(host, api_key),
                      allowed_origins)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    finally:
+        engine.close()  # the engine thread stops before anything it drives is released
+
+
+def _stop_on_sigterm(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt  # (uvicorn re-raises the signal it caught once it has shut down: end like Ctrl-C)
+
+
+def serve_tp(model: Any, tokenizer: Any, max_batch_size: int = 8, max_context: int = 4096, **kwargs: Any) -> None:
+    """``serve`` for one of the torchrun processes of ``glmkit serve --tp N``, every layer split over them
+    (``TPDecoder``): rank 0 answers HTTP and runs the engine, whose every decoder call goes first to the other ranks
+    (``TPLeader``); they run each one on their shards (``follow``) until rank 0 shuts down and releases them.
+    ``model`` is the whole model on the CPU (each rank keeps its slices on its GPU); rank 0's batch size wins.
+    ``kwargs``: as ``serve``. Introduced in ``notebooks/08_tensor_parallel.ipynb``."""
+    import signal
+
+    import torch.distributed as dist
+
+    from glmkit import parallel
+    from glmkit.tp_decode import TPLeader, follow
+
+    parallel.init_process_group()
+    commands = parallel.command_group()  # gloo, host objects, no timeout (an idle server sends nothing)
+    box = [max_batch_size]
+    dist.broadcast_object_list(box, src=0, group=commands)
+    decoder = parallel.tp_decoder(model, max_context + 1, box[0])
+    if parallel.rank() != 0:  # a follower leaves when rank 0 says stop, or when rank 0's connection drops
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            follow(decoder, commands)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return
+    leader = TPLeader(decoder, commands)
+    previous_term = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        serve(model, tokenizer, max_batch_size=box[0], max_context=max_context, decoder=leader, **kwargs)
+    except KeyboardInterrupt:
+        pass  # stopped (SIGINT or SIGTERM): release the followers below
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        leader.close()
 
 
 __all__ = ["DEFAULT_MODEL_NAMES", "ApiError", "GenerationRequest", "ServerThread", "ToolCallSplitter", "create_app",
-           "default_batch_size", "logprobs_content", "parse_tool_call", "serve", "served_model_names", "validate",
+           "default_batch_size", "logprobs_content", "parse_tool_call", "serve", "serve_tp", "served_model_names", "validate",
            "validate_completion"]
