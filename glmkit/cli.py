@@ -133,7 +133,7 @@ def _nothing_fits(config: object, devices: list[str], kw: dict) -> str:
             ". The weights and fixed costs alone are too large: see the fixes above.")
 
 
-def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
+def _relaunched_for_tp(args: argparse.Namespace, model_path: str, follow_parent: bool = False) -> bool:
     """With ``--tp N`` outside torchrun: check N against the model's KV heads, rerun this command in N processes
     under torch.distributed.run, and return True (the processes did the work)."""
     from glmkit import parallel
@@ -145,7 +145,7 @@ def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
     problem = parallel.tp_problem(AutoConfig.from_pretrained(model_path), args.tp)
     if problem:
         raise ValueError(problem)
-    code = parallel.relaunch(args.tp, args.argv)
+    code = parallel.relaunch(args.tp, args.argv, follow_parent)
     if code:
         raise RuntimeError(f"the {args.tp} tensor-parallel processes exited with code {code}")
     return True
@@ -309,9 +309,7 @@ def _serve(args: argparse.Namespace) -> None:
     if args.tp > 1:
         _check_tp(args)
         args.fast_decode = True  # tensor parallelism is the TP fast decoder's
-        if not parallel.in_torchrun():
-            parallel.die_with_parent()  # the launcher goes when whatever started it goes, and takes torchrun along
-        if _relaunched_for_tp(args, model_path):
+        if _relaunched_for_tp(args, model_path, follow_parent=True):  # (the launcher goes when its parent goes)
             return
         parallel.die_with_parent()  # a worker goes with torchrun, even if torchrun is killed outright
         model = load_model(model_path, dtype=args.dtype, device_map="cpu")  # each rank takes its slices from it

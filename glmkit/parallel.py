@@ -99,18 +99,21 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         os.kill(os.getpid(), sig)
 
 
-def relaunch(nproc: int, argv: list[str]) -> int:
+def relaunch(nproc: int, argv: list[str], follow_parent: bool = False) -> int:
     """Run ``python -m glmkit.cli ARGV`` under ``torch.distributed.run`` with ``nproc`` processes; return its exit code
     (0 when SIGINT/SIGTERM stopped it).
 
     A SIGINT or SIGTERM sent to this process is passed on to the workers (a server's rank 0 then shuts down and
     releases the other ranks, and all exit 0); a second one to torchrun, which stops its workers (SIGTERM, then
     SIGKILL 30 s later). torchrun runs in its own session (a terminal's Ctrl-C reaches this process only) and dies
-    with this process even if it is killed outright."""
+    with this process even if it is killed outright; with ``follow_parent`` (a server), this process goes (SIGTERM)
+    when its own parent exits."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            os.environ.get("GLMKIT_TP_PORT", str(_free_port())), "-m", "glmkit.cli", *argv]
     env = dict(NO_MULTICAST, **os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
+    if follow_parent:
+        die_with_parent()
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
     stopped: list[int] = []
 
