@@ -725,7 +725,19 @@ def serve_tp(model: Any, tokenizer: Any, max_batch_size: int = 8, max_context: i
     (``TPDecoder``): rank 0 answers HTTP and runs the engine, whose every decoder call goes first to the other ranks
     (``TPLeader``); they run each one on their shards (``follow``) until rank 0 shuts down and releases them.
     ``model`` is the whole model on the CPU (each rank keeps its slices on its GPU); rank 0's batch size wins.
-    ``kwargs``: as ``serve``. Introduced in ``notebooks/08_tensor_parallel.ipynb``."""
+    ``kwargs``: as ``serve``. Introduced in ``notebooks/08_tensor_parallel.ipynb``.
+
+    The engine drives any decoder with the fast decoder's contract, here one process's whole ``TPDecoder``:
+
+    >>> from glmkit.loading import load_model, load_tokenizer
+    >>> from glmkit.tp_decode import TPDecoder
+    >>> model = load_model(device_map="cpu")
+    >>> engine = Engine(model, load_tokenizer(), max_batch_size=2, max_context=64,
+    ...                 decoder=TPDecoder(model, max_len=65, batch_size=2))
+    >>> len(engine.submit([5, 17, 33], max_tokens=4, logit_bias={832: -100, 839: -100, 841: -100}).wait().tokens)
+    4
+    >>> engine.close()
+    """
     import signal
 
     import torch.distributed as dist

@@ -15,10 +15,36 @@ import openai
 import psutil
 import pytest
 
+from glmkit.engine import Engine
+from glmkit.loading import load_model, load_tokenizer
 from glmkit.models import TRAINED_TINY_DIR
+from glmkit.tp_decode import TPDecoder
 
 QUESTIONS = ["How many layers does GLM-4-9B-Chat have?", "What is tensor parallelism?",
              "What does 4-bit quantization save?", "What is a device map?"]
+
+
+def test_an_injected_decoder_serves_like_the_fast_path_without_the_models_forward():
+    import torch
+
+    model = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
+    tokenizer = load_tokenizer(TRAINED_TINY_DIR)
+    fast = Engine(model, tokenizer, max_batch_size=2, max_context=96, fast_decode=True)
+    try:
+        want = [fast.submit(tokenizer(q).input_ids, max_tokens=12).wait().tokens for q in QUESTIONS]
+    finally:
+        fast.close()
+    model.forward = None  # an injected decoder brings its own forward: the model only lends config and end tokens
+    decoder = TPDecoder(model, 97, 2)
+    engine = Engine(model, tokenizer, max_batch_size=2, max_context=96, decoder=decoder)
+    try:
+        reqs = [engine.submit(tokenizer(q).input_ids, max_tokens=12) for q in QUESTIONS]  # 4 requests in 2 slots
+        assert [r.wait().tokens for r in reqs] == want and not any(r.error for r in reqs)
+        assert engine.runner.decoder is decoder and decoder.ready  # it ran them
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="batch_size=4, max_len=97"):
+        Engine(model, tokenizer, max_batch_size=4, max_context=96, decoder=TPDecoder(model, 97, 2))
 
 
 def free_port() -> int:
