@@ -318,7 +318,8 @@ def _serve(args: argparse.Namespace) -> None:
         model = load_model(model_path, dtype=args.dtype, device_map=device_map, quantization=args.quantization)
     _say_tiny(args, model)
     max_context = args.max_context or min(4096, int(getattr(model.config, "max_position_embeddings", 4096)))
-    batch = args.max_batch_size or default_batch_size(model.config, max_context, quantization=args.quantization)
+    batch = args.max_batch_size or default_batch_size(model.config, max_context, quantization=args.quantization,
+                                                      gpus_used=args.tp if args.tp > 1 else None)
     if parallel.rank() == 0:
         print(f"glmkit serve: {', '.join(names)} on http://{args.host}:{args.port}/v1, batch {batch}, context "
               f"{max_context}" + (", API key required" if api_key else "") + (", fast decode" if args.fast_decode else "")

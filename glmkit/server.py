@@ -671,12 +671,14 @@ class ServerThread:
         self.thread.join(timeout=10)
 
 
-def default_batch_size(config: Any, max_context: int, dtype: Any = "bfloat16", quantization: str | None = None) -> int:
-    """The largest batch (up to 64) the planner fits at ``max_context`` on the GPUs present (8 without GPUs)."""
+def default_batch_size(config: Any, max_context: int, dtype: Any = "bfloat16", quantization: str | None = None,
+                       gpus_used: int | None = None) -> int:
+    """The largest batch (up to 64) the planner fits at ``max_context`` on the GPUs present, or on the first
+    ``gpus_used`` of them (8 without GPUs)."""
     from glmkit.monitor import gpu_memory
     from glmkit.planning import plan_memory
 
-    gpus = gpu_memory()
+    gpus = gpu_memory()[:gpus_used]
     if not gpus:
         return 8
     devices = {int(g.device.split(":")[1]): g.free for g in gpus}
@@ -724,7 +726,8 @@ def serve_tp(model: Any, tokenizer: Any, max_batch_size: int = 8, max_context: i
     """``serve`` for one of the torchrun processes of ``glmkit serve --tp N``, every layer split over them
     (``TPDecoder``): rank 0 answers HTTP and runs the engine, whose every decoder call goes first to the other ranks
     (``TPLeader``); they run each one on their shards (``follow``) until rank 0 shuts down and releases them.
-    ``model`` is the whole model on the CPU (each rank keeps its slices on its GPU); rank 0's batch size wins.
+    ``model`` is the whole model on the CPU: each rank copies its slices to its GPU, then the model's weights are
+    dropped (moved to the meta device; its config stays). Rank 0's batch size wins.
     ``kwargs``: as ``serve``. Introduced in ``notebooks/08_tensor_parallel.ipynb``.
 
     The engine drives any decoder with the fast decoder's contract, here one process's whole ``TPDecoder``:
@@ -750,6 +753,7 @@ def serve_tp(model: Any, tokenizer: Any, max_batch_size: int = 8, max_context: i
     box = [max_batch_size]
     dist.broadcast_object_list(box, src=0, group=commands)
     decoder = parallel.tp_decoder(model, max_context + 1, box[0])
+    model.to("meta")  # the decoder holds copies of this rank's slices: give back the whole model's host memory
     if parallel.rank() != 0:  # a follower leaves when rank 0 says stop, or when rank 0's connection drops
         previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
