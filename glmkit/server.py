@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import signal
 import threading
 import time
 import uuid
@@ -693,6 +694,10 @@ def default_batch_size(config: Any, max_context: int, dtype: Any = "bfloat16", q
     return best
 
 
+def _stop_on_sigterm(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt  # uvicorn re-raises the signal it caught once it has shut down: end as after Ctrl-C
+
+
 def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | Sequence[str] = DEFAULT_MODEL_NAMES, max_batch_size: int = 8, max_context: int = 4096,
           fast_decode: bool = False, allowed_hosts: Sequence[str] | None = None, allowed_origins: Sequence[str] = (),
@@ -712,14 +717,18 @@ def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000,
                     decoder=decoder)
     app = create_app(engine, model_name, api_key, allowed_hosts or default_allowed_hosts(host, api_key),
                      allowed_origins)
+    main = threading.current_thread() is threading.main_thread()  # (signal handlers live on the main thread)
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main else None
     try:
         uvicorn.run(app, host=host, port=port, log_level="info")
+    except KeyboardInterrupt:
+        pass  # SIGINT or SIGTERM, after uvicorn's graceful shutdown: exit 0
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         engine.close()  # the engine thread stops before anything it drives is released
 
 
-def _stop_on_sigterm(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt  # (uvicorn re-raises the signal it caught once it has shut down: end like Ctrl-C)
 
 
 def serve_tp(model: Any, tokenizer: Any, max_batch_size: int = 8, max_context: int = 4096, **kwargs: Any) -> None:
@@ -741,8 +750,6 @@ def serve_tp(model: Any, tokenizer: Any, max_batch_size: int = 8, max_context: i
     4
     >>> engine.close()
     """
-    import signal
-
     import torch.distributed as dist
 
     from glmkit import parallel
@@ -763,14 +770,10 @@ def serve_tp(model: Any, tokenizer: Any, max_batch_size: int = 8, max_context: i
                 signal.signal(s, handler)
         return
     leader = TPLeader(decoder, commands)
-    previous_term = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         serve(model, tokenizer, max_batch_size=box[0], max_context=max_context, decoder=leader, **kwargs)
-    except KeyboardInterrupt:
-        pass  # stopped (SIGINT or SIGTERM): release the followers below
     finally:
-        signal.signal(signal.SIGTERM, previous_term)
-        leader.close()
+        leader.close()  # (serve has stopped the engine, the leader's only caller)
 
 
 __all__ = ["DEFAULT_MODEL_NAMES", "ApiError", "GenerationRequest", "ServerThread", "ToolCallSplitter", "create_app",

@@ -91,7 +91,7 @@ def servers():
     try:
         wait_ready(tp, tp_url)
         wait_ready(one, one_url)
-        yield tp, tp_url, one_url
+        yield tp, tp_url, one_url, one
     finally:
         stop_all(tp)
         stop_all(one)
@@ -108,7 +108,7 @@ def ask(base: str, content: str = QUESTIONS[0], **kw) -> str:
 
 
 def test_plain_and_streamed_replies_match_one_process(servers):
-    _, tp, one = servers
+    _, tp, one, _ = servers
     want = ask(one)
     assert "40" in want and ask(tp) == want
     chunks = list(client(tp).chat.completions.create(
@@ -118,7 +118,7 @@ def test_plain_and_streamed_replies_match_one_process(servers):
 
 
 def test_four_concurrent_clients_get_one_process_answers(servers):
-    _, tp, one = servers
+    _, tp, one, _ = servers
     want = [ask(one, q) for q in QUESTIONS]
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(lambda q: ask(tp, q), QUESTIONS))
@@ -127,7 +127,7 @@ def test_four_concurrent_clients_get_one_process_answers(servers):
 
 
 def test_a_client_that_hangs_up_mid_stream_is_cancelled_and_the_server_answers_on(servers):
-    _, tp, one = servers
+    _, tp, one, _ = servers
     no_end = {str(t): -100 for t in (832, 839, 841)}  # the tiny model's end tokens: it talks until max_tokens
     with httpx.Client(timeout=60) as http, http.stream(
             "POST", tp + "/v1/chat/completions",
@@ -144,7 +144,9 @@ def test_a_client_that_hangs_up_mid_stream_is_cancelled_and_the_server_answers_o
 
 
 def test_sigterm_to_the_launcher_stops_every_process(servers):
-    launcher, tp, _ = servers
+    launcher, _, _, one = servers
+    one.send_signal(signal.SIGTERM)
+    assert one.wait(60) == 0  # (one process: uvicorn shuts down, then glmkit serve exits 0)
     children = psutil.Process(launcher.pid).children(recursive=True)
     assert len(children) == 3  # torchrun and its 2 workers
     launcher.send_signal(signal.SIGTERM)
