@@ -228,6 +228,7 @@ def main() -> None:
     if "long_context" in stages:
         result["long_context"] = stage("long context", long_context, args.checkpoint, args.context, args.cap_gib,
                                        args.chunk)
+        save_result("nf4_decode", result)  # stage() saved before the assignment
     print({k: v for k, v in result.items() if k not in ("projections",)}, flush=True)
 
 

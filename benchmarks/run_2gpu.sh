@@ -16,5 +16,6 @@ for step in ${STEPS:-links maps tp server}; do
     tp) time python3 benchmarks/tensor_parallel.py --checkpoint "$CKPT" ;;           # run 3
     server) time python3 benchmarks/server_load.py --checkpoint "$CKPT" --device-map 20,20 \
               --name server_load_2gpu ;;                                             # run 5
+    tpserve) time python3 benchmarks/server_tp.py --checkpoint "$CKPT" --name server_tp_2gpu ;;  # serve --tp 2
   esac
 done

@@ -136,7 +136,7 @@ def _nothing_fits(config: object, devices: list[str], kw: dict) -> str:
             ". The weights and fixed costs alone are too large: see the fixes above.")
 
 
-def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
+def _relaunched_for_tp(args: argparse.Namespace, model_path: str, follow_parent: bool = False) -> bool:
     """With ``--tp N`` outside torchrun: check N against the model's KV heads, rerun this command in N processes
     under torch.distributed.run, and return True (the processes did the work)."""
     from glmkit import parallel
@@ -148,7 +148,7 @@ def _relaunched_for_tp(args: argparse.Namespace, model_path: str) -> bool:
     problem = parallel.tp_problem(AutoConfig.from_pretrained(model_path), args.tp)
     if problem:
         raise ValueError(problem)
-    code = parallel.relaunch(args.tp, args.argv)
+    code = parallel.relaunch(args.tp, args.argv, follow_parent)
     if code:
         raise RuntimeError(f"the {args.tp} tensor-parallel processes exited with code {code}")
     return True
@@ -190,6 +190,14 @@ def device_map_option(value: str | None, model_path: str) -> object:
     return split_layers(model_path, counts)
 
 
+def _check_tp(args: argparse.Namespace) -> None:
+    """``--tp N`` places the model itself, in 16/32 bits: refuse the flags that place or quantize it otherwise."""
+    if getattr(args, "device_map", None):
+        raise ValueError("use --tp or --device-map, not both: tensor parallelism places the model itself.")
+    if getattr(args, "quantization", None):
+        raise ValueError("--quantization loads the model in one process: use --device-map (e.g. 20,20) instead of --tp.")
+
+
 def _command_model(args: argparse.Namespace) -> tuple[object, str]:
     """The model for ``generate``/``bench``: split across torchrun processes, placed by ``--device-map``,
     or on one device. ``None`` when ``--tp`` reran the command in other processes."""
@@ -197,11 +205,9 @@ def _command_model(args: argparse.Namespace) -> tuple[object, str]:
     from glmkit.loading import load_model
 
     model_path = _model_path(args)
-    if getattr(args, "device_map", None) and args.tp > 1:
-        raise ValueError("use --tp or --device-map, not both: tensor parallelism places the model itself.")
+    if args.tp > 1:
+        _check_tp(args)
     quantization = getattr(args, "quantization", None)
-    if quantization and args.tp > 1:
-        raise ValueError("--quantization loads the model in one process: use --device-map (e.g. 20,20) instead of --tp.")
     if _relaunched_for_tp(args, model_path):
         return None, model_path
     if parallel.in_torchrun() and getattr(args, "fast_decode", False):  # TPDecoder takes its rank's slices from it
@@ -298,9 +304,10 @@ def _bench(args: argparse.Namespace) -> None:
 def _serve(args: argparse.Namespace) -> None:
     import os
 
+    from glmkit import parallel
     from glmkit.env import use_expandable_segments
     from glmkit.loading import load_model, load_tokenizer
-    from glmkit.server import default_batch_size, serve, served_model_names
+    from glmkit.server import default_batch_size, serve, serve_tp, served_model_names
     from glmkit.server_guard import check_exposure
 
     api_key = args.api_key or os.environ.get("GLMKIT_API_KEY")
@@ -308,17 +315,33 @@ def _serve(args: argparse.Namespace) -> None:
     use_expandable_segments()
     model_path = _model_path(args)
     names = served_model_names(model_path, args.served_model_name)
-    device_map = device_map_option(args.device_map, model_path)
-    model = load_model(model_path, dtype=args.dtype, device_map=device_map, quantization=args.quantization)
+    if args.tp > 1:
+        _check_tp(args)
+        args.fast_decode = True  # tensor parallelism is the TP fast decoder's
+        if _relaunched_for_tp(args, model_path, follow_parent=True):  # (the launcher goes when its parent goes)
+            return
+        parallel.die_with_parent()  # a worker goes with torchrun, even if torchrun is killed outright
+        model = load_model(model_path, dtype=args.dtype, device_map="cpu")  # each rank takes its slices from it
+    else:
+        device_map = device_map_option(args.device_map, model_path)
+        model = load_model(model_path, dtype=args.dtype, device_map=device_map, quantization=args.quantization)
     _say_tiny(args, model)
     max_context = args.max_context or min(4096, int(getattr(model.config, "max_position_embeddings", 4096)))
     batch = args.max_batch_size or default_batch_size(model.config, max_context, quantization=args.quantization,
-                                                      fast_decode=args.fast_decode)
-    print(f"glmkit serve: {', '.join(names)} on http://{args.host}:{args.port}/v1, batch {batch}, context "
-          f"{max_context}" + (", API key required" if api_key else "") + (", fast decode" if args.fast_decode else ""),
-          flush=True)
-    serve(model, load_tokenizer(model_path), args.host, args.port, api_key, names, batch, max_context,
-          args.fast_decode, args.allowed_hosts, args.allowed_origins or (), args.allow_unauthenticated)
+                                                      fast_decode=args.fast_decode,
+                                                      gpus_used=args.tp if args.tp > 1 else None)
+    if parallel.rank() == 0:
+        print(f"glmkit serve: {', '.join(names)} on http://{args.host}:{args.port}/v1, batch {batch}, context "
+              f"{max_context}" + (", API key required" if api_key else "") + (", fast decode" if args.fast_decode else "")
+              + (f", tensor parallel x{args.tp}" if args.tp > 1 else ""), flush=True)
+    kwargs = dict(host=args.host, port=args.port, api_key=api_key, model_name=names, max_context=max_context,
+                  fast_decode=args.fast_decode, allowed_hosts=args.allowed_hosts,
+                  allowed_origins=args.allowed_origins or (), allow_unauthenticated=args.allow_unauthenticated)
+    if args.tp > 1:
+        kwargs.pop("fast_decode")
+        serve_tp(model, load_tokenizer(model_path), max_batch_size=batch, **kwargs)
+    else:
+        serve(model, load_tokenizer(model_path), max_batch_size=batch, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-decode", action="store_true",
                    help="decode batches with the fast path: static cache, CUDA graphs (one GPU or a --device-map split, "
                         "16/32-bit or nf4/fp4; more GPU memory)")
+    p.add_argument("--tp", type=positive_int, default=1,
+                   help="tensor-parallel processes, one GPU each (GLM-4-9B: 1 or 2); implies --fast-decode, 16/32-bit "
+                        "weights; rank 0 answers HTTP")
     p.set_defaults(func=_serve)
     return parser
 

@@ -60,14 +60,18 @@ class Engine:
             shortest time to first token).
         continuous: ``False`` batches the fast path statically too (to compare; default: continuous on the fast
             path, static on the plain path).
+        decoder: a fast decoder built by the caller (implies ``fast_decode``), holding at least ``max_batch_size``
+            rows of ``max_context + 1`` tokens: ``glmkit serve --tp 2`` passes a ``TPLeader`` (notebook 08); the
+            model then only gives its config and end tokens.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, max_batch_size: int = 8,
                  max_context: int | None = None, gather_ms: float = 5.0, fast_decode: bool = False,
                  prefill_chunk: int = 512, continuous: bool | None = None, ride_from_batch: int = 4,
-                 ride_max_tokens: int = 64) -> None:
+                 ride_max_tokens: int = 64, decoder: Any = None) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.device = model_device(model)
+        self.device = decoder.device if decoder is not None else model_device(model)
+        self._logits_device = decoder.device if decoder is not None else None  # else the lm_head's
         self.eos = set(eos_token_ids(model))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos)
         self.vocab_size = int(model.config.vocab_size)
@@ -76,9 +80,9 @@ class Engine:
         self.gather_s = gather_ms / 1000
         self.prefill_chunk = prefill_chunk
         self.ride_from_batch, self.ride_max_tokens = ride_from_batch, ride_max_tokens
-        self.fast_decode = fast_decode
+        self.fast_decode = fast_decode or decoder is not None
         self.runner: FastRunner | PlainRunner = (
-            FastRunner(model, max_batch_size, self.max_context + 1, self.device) if fast_decode
+            FastRunner(model, max_batch_size, self.max_context + 1, self.device, decoder) if self.fast_decode
             else PlainRunner(model, self.pad_id, self.device))
         if continuous and not self.runner.continuous:
             raise ValueError("Continuous batching needs the fast path (fast_decode=True); the plain path batches "
@@ -226,7 +230,7 @@ class Engine:
             return False
         if r.presence_penalty or r.frequency_penalty:
             if self._counts is None:
-                head = self.model.get_output_embeddings().weight.device  # where the logits are
+                head = self._logits_device or self.model.get_output_embeddings().weight.device
                 self._counts = torch.zeros(self.max_batch_size, self.vocab_size, dtype=torch.int32, device=head)
             self._counts[r.slot].zero_()
         if self.fast_decode:

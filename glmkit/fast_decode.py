@@ -352,7 +352,9 @@ class FastDecoder:
         compile: ``torch.compile`` the layer function (default: on a GPU); fuses norms, RoPE and SiLU.
         gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1
             step on a GPU of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a
-            warning and cuBLAS. ``"triton"``: glmkit's kernels for one token (``glmkit.gemv``: one pass over each
+            warning and cuBLAS; a 4-bit model: bitsandbytes' kernel with the layers uncompiled (faster on an H200
+            than glmkit's 4-bit Triton GEMVs, which ``"triton"`` selects).
+            ``"triton"``: glmkit's kernels for one token (``glmkit.gemv``: one pass over each
             weight, no split-K, SwiGLU applied before the write; batch_size 1 only); on an H100 they decode GLM-4-9B
             12% faster than cuBLAS (150.3 vs 133.7 tok/s, benchmarks/results/decode.json). ``False``: cuBLAS
             (``F.linear``). ``True``: a multiply-and-sum that the compiler turns into one reduction kernel (-11% to
@@ -386,10 +388,14 @@ class FastDecoder:
         self.segments = layer_segments(model)
         self.buckets = bucket_sizes(batch_size, graph_batch_sizes)
         dtype = model.get_input_embeddings().weight.dtype
+        self.quantized = any(is_4bit(p) for p in model.parameters())
         self.auto_gemv = gemv == "auto"
-        # per step size: Triton GEMVs only for one token, and under "auto" only where every segment's GPU runs them
+        # per step size: Triton GEMVs only for one token, and under "auto" only where every segment's GPU runs them.
+        # 4-bit under "auto": bitsandbytes' own kernel, uncompiled: on an H200 it decoded GLM-4-9B at 125.0 tok/s
+        # against 106.8 for glmkit's 4-bit Triton GEMVs (benchmarks/results/nf4_decode.json)
         self.gemv_by_bucket: dict[int, bool | str] = {
-            b: (("triton" if all(auto_gemv(s.device, b, dtype) == "triton" for s in self.segments) else False)
+            b: (("triton" if not self.quantized and all(auto_gemv(s.device, b, dtype) == "triton"
+                                                        for s in self.segments) else False)
                 if gemv == "auto" else gemv) for b in self.buckets}
         self.sdpa = attention == "sdpa"
         cfg = model.config
@@ -399,8 +405,7 @@ class FastDecoder:
         self.dtype = model.get_input_embeddings().weight.dtype
         on_gpu = all(d.type == "cuda" for d in self.devices)
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
-        self.quantized = any(is_4bit(p) for p in model.parameters())
-        self.compiled = on_gpu if compile is None else compile
+        self.compiled = (on_gpu and not (self.quantized and self.auto_gemv)) if compile is None else compile
         if on_gpu and "triton" in self.gemv_by_bucket.values():
             active_table()  # this card's launch shapes, read (and an untuned card named) before anything compiles
         self.max_len, self.batch_size = max_len, batch_size

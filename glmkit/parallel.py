@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -41,10 +44,14 @@ def tp_problem(config: Any, tp: int) -> str | None:
     if tp < 1:
         return f"the tensor-parallel degree must be at least 1, got {tp}"
     if kv % tp or heads % tp:
+        replicas = (f" (Replicating KV heads, as vLLM does, would let {tp} ranks split the query heads, but every KV "
+                    f"head and its cache would then live on {tp // kv} ranks: {tp // kv}x the KV-cache memory of the "
+                    f"group, and each rank would still read as much cache per token as at --tp {kv}.)"
+                    if tp > kv and tp % kv == 0 and heads % tp == 0 else "")
         return (f"{tp} processes cannot split {kv} KV heads ({heads} query heads): each would hold "
                 f"{kv / tp:g} of a KV head. k_proj/v_proj are split by heads, so the degree must divide {kv}. "
                 f"Use --tp {max(d for d in range(1, kv + 1) if kv % d == 0 and heads % d == 0)}, and for more GPUs "
-                "add data-parallel replicas (one server per pair of GPUs) or a device map.")
+                "add data-parallel replicas (one server per pair of GPUs) or a device map." + replicas)
     return None
 
 
@@ -80,13 +87,62 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def relaunch(nproc: int, argv: list[str]) -> int:
-    """Run ``python -m glmkit.cli ARGV`` under ``torch.distributed.run`` with ``nproc`` processes; return its exit code."""
+PR_SET_PDEATHSIG = 1  # Linux prctl option: a signal for this process when its parent exits
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Have Linux send this process ``sig`` when its parent exits, however it exits (a no-op off Linux), so a
+    killed launcher leaves no orphan behind. Mind that "parent" is the thread that started this process."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
+    if os.getppid() != parent:  # the parent left before the request took effect
+        os.kill(os.getpid(), sig)
+
+
+def relaunch(nproc: int, argv: list[str], follow_parent: bool = False) -> int:
+    """Run ``python -m glmkit.cli ARGV`` under ``torch.distributed.run`` with ``nproc`` processes; return its exit code
+    (0 when SIGINT/SIGTERM stopped it).
+
+    A SIGINT or SIGTERM sent to this process is passed on to the workers (a server's rank 0 then shuts down and
+    releases the other ranks, and all exit 0); a second one to torchrun, which stops its workers (SIGTERM, then
+    SIGKILL 30 s later). torchrun runs in its own session (a terminal's Ctrl-C reaches this process only) and dies
+    with this process even if it is killed outright; with ``follow_parent`` (a server), this process goes (SIGTERM)
+    when its own parent exits."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
            os.environ.get("GLMKIT_TP_PORT", str(_free_port())), "-m", "glmkit.cli", *argv]
     env = dict(NO_MULTICAST, **os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run(cmd, env=env).returncode
+    if follow_parent:
+        die_with_parent()
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=die_with_parent)
+    stopped: list[int] = []
+
+    def pass_on(signum: int, _frame: Any) -> None:
+        import psutil
+
+        stopped.append(signum)
+        try:
+            workers = psutil.Process(proc.pid).children() if len(stopped) == 1 else []
+        except psutil.Error:
+            workers = []
+        for target in workers or [proc]:
+            try:
+                target.send_signal(signum)
+            except (psutil.Error, ProcessLookupError):
+                pass  # it has just exited
+
+    main = threading.current_thread() is threading.main_thread()  # (signal handlers live on the main thread)
+    previous = {s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0 if stopped else code
 
 
 def load_tp_model(path: Any, dtype: torch.dtype | str = "auto") -> torch.nn.Module:
@@ -134,6 +190,13 @@ def init_process_group() -> torch.distributed.ProcessGroup:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
     return dist.group.WORLD
+
+
+def command_group() -> torch.distributed.ProcessGroup:
+    """A gloo group of all the torchrun processes for small Python objects (a server's commands to its followers),
+    even when the tensors go over NCCL; it never times out, since a follower waits for as long as the server idles
+    (a crashed leader does not leave it waiting: torchrun stops every process when one fails)."""
+    return torch.distributed.new_group(backend="gloo", timeout=timedelta(days=365))
 
 
 def tp_decoder(model: torch.nn.Module, max_len: int, batch_size: int = 1) -> Any:

@@ -233,6 +233,9 @@ def planner_sentence() -> Text:
         text += (f" With PyTorch's default allocator the planner over-predicts by up to {100 * max(errs):.1f}% "
                  f"({default['cases_measured']} cases): that allocator's slack varies from run to run, and the plan "
                  f"covers its worst.")
+    text += (" The planner assumes `expandable_segments`, which glmkit turns on in every process it starts (the "
+             "notebooks' setup, `glmkit serve`, `load_model`); a `PYTORCH_CUDA_ALLOC_CONF` you set yourself wins, and "
+             "every plan says which allocator it assumed (`glmkit plan --allocator expandable|default` to choose).")
     return Text(text)
 
 
@@ -648,7 +651,52 @@ def server_load_chart(names: tuple[str, ...] = ("server_load_cpu", "server_load_
 
 
 def server_sentence() -> Text:
-    """What the plain and the fast engine served on the GPU, with the measured windows."""
+    """What the server gave on a GPU: continuous vs static batching against the decoder alone, and the time to first
+    token idle vs busy (``server_load_gpu_cb.json``); before that file exists, the older static-batching runs."""
+    r = load("server_load_gpu_cb")
+    if r is None:
+        return static_server_sentence()
+    http = [x for x in r["levels"] if x.get("via", "http") == "http"]
+    by = {m: {x["clients"]: x for x in http if x["mode"] == m} for m in ("continuous", "static")}
+    clients = sorted(by["continuous"])
+    decoder = {d["batch"]: d["decode_tok_s"] for d in r["decoder"]}
+
+    def tps(mode: str) -> str:
+        return " / ".join(f"{by[mode][c]['tokens_per_s']:.1f}" for c in clients)
+
+    ratio = " / ".join(f"{by['continuous'][c]['tokens_per_s'] / by['static'][c]['tokens_per_s']:.2f}x" for c in clients)
+    share = " / ".join(f"{100 * by['continuous'][c]['vs_decoder']:.0f}%" for c in clients)
+    top = clients[-1]
+    level = by["continuous"][top]
+    text = (f"`benchmarks/server_load.py` with `--fast-decode` on an {r['environment']['device']} "
+            f"({r['environment']['date']}; GLM-4-9B-Chat architecture, random weights, bf16; "
+            f"{level['tokens'] // level['requests']}-token requests from {' / '.join(map(str, clients))} openai client "
+            f"threads on loopback, windows of {_range([x['seconds'] for x in http])} s; `server_load_gpu_cb.json`): "
+            f"continuous batching served **{tps('continuous')} tokens/s**, static batching {tps('static')} "
+            f"(continuous over static: {ratio}).")
+    if all(c in decoder for c in clients):
+        text += (f" The decoder alone, in the same run, decodes {' / '.join(f'{decoder[c]:.1f}' for c in clients)} "
+                 f"tok/s at batch {' / '.join(map(str, clients))}: the server reaches {share} of it. At {top} clients "
+                 f"the engine ran {level['engine_steps_per_s']:.1f} steps/s where the decoder alone runs "
+                 f"{decoder[top] / top:.1f}: the rest of each step is the engine's own work (prefilling new requests, "
+                 f"sampling, detokenizing, HTTP).")
+    ttft = r.get("ttft", {})
+    if "continuous" in ttft and "static" in ttft:
+        def when(m: str) -> str:
+            t = ttft[m]
+            return (f"{m} batching p50 {t['busy_p50_s']:.2f} s, p99 {t['busy_p99_s']:.2f} s ({_times(t['busy_p50_vs_idle'])} "
+                    f"idle; {t['busy_first_token_before_long_ended']} of {t['samples']} before the long one ended)")
+        c = ttft["continuous"]
+        text += (f" Time to first token of a short streamed request: idle p50 {c['idle_p50_s']:.2f} s (p99 "
+                 f"{c['idle_p99_s']:.2f} s); while a {c['long_tokens']:,}-token request generates, {when('continuous')}, "
+                 f"{when('static')}: with continuous batching a new request joins at the next step instead of waiting "
+                 f"for the running batch to end.")
+    return Text(text)
+
+
+def static_server_sentence() -> Text:
+    """What the plain and the fast engine served on the GPU with static batching (``server_load_gpu.json``,
+    ``server_load_gpu_fast.json``: the engine before continuous batching), with the measured windows."""
     plain, fast = load("server_load_gpu"), load("server_load_gpu_fast")
     if plain is None or fast is None:
         return not_measured("Server throughput on a GPU", "benchmarks/server_load.py")
@@ -695,37 +743,89 @@ def two_gpu_sentence() -> Text:
                        script="benchmarks/two_gpu.py")
 
 
-def two_gpu_fast_sentence() -> Text:
-    """The fast decode path on the 20/20 split against one GPU (``two_gpu_fast.json``), or "not measured yet"."""
-    def render(r: dict[str, Any]) -> str:
-        split = [x for x in r["rows"] if x["path"] != "one GPU"]
-        one = {x["batch_size"]: x for x in r["rows"] if x["path"] == "one GPU"}
-        parts = []
-        for x in split:
-            b = x["batch_size"]
-            if "decode_tok_s" not in x:
-                parts.append(f"batch {b}: out of memory on the split")
-                continue
-            base = one.get(b, {}).get("decode_tok_s")
-            parts.append(f"batch {b}: {x['decode_tok_s']:.1f} tok/s"
-                         + (f" against {base:.1f} on one GPU ({x['decode_tok_s'] / base:.2f}x)" if base else ""))
-        same = {True: "the same greedy tokens on both", False: "greedy tokens differ"}.get(r.get("greedy_tokens_identical"))
-        return (f"`FastDecoder` on the 20/20 layer split, measured on {measured_on(r)} ({r['mode']}; {r['method']}): "
-                + "; ".join(parts) + "." + (f" {same[0].upper()}{same[1:]}." if same else ""))
-    return from_result("two_gpu_fast", render, what="The fast decode path on a two-GPU layer split",
+def _times(x: float) -> str:
+    """A ratio as ``"1.44x"``, or ``"94x"`` once it is 10 or more."""
+    return f"{x:.2f}x" if x < 10 else f"{x:.0f}x"
+
+
+def _split_cap_gib(mode: str) -> int | None:
+    """The per-card cap a ``two_gpu_fast`` run's mode names (``"two GPUs, each capped at 12 GiB"`` -> 12)."""
+    m = re.search(r"capped at (\d+) GiB", mode)
+    return int(m.group(1)) if m else None
+
+
+def largest_fast_split_batch(cap_gib: int, context: int, limit: int = 64) -> tuple[int, list[float]]:
+    """The largest batch the planner fits on a 20/20 split of two ``cap_gib`` cards with the fast path's buffers
+    budgeted (``plan_memory(..., fast_decode=True)``, CUDA context counted), and its GiB per card (0 and ``[]`` when
+    not even batch 1 fits).
+
+    >>> largest_fast_split_batch(12, 8192)[0]
+    1
+    """
+    from glmkit.device_map import split_layers
+    from glmkit.models import glm4_9b_chat_config
+    from glmkit.planning import plan_memory
+
+    cfg = glm4_9b_chat_config()
+    device_map = split_layers(cfg, layers_per_device=[20, 20])
+    best: tuple[int, list[float]] = (0, [])
+    for batch in range(1, limit + 1):
+        plan = plan_memory(cfg, [f"{cap_gib}GiB"] * 2, device_map=device_map, context_len=context, batch_size=batch,
+                           fast_decode=True)
+        if not plan.fits:
+            break
+        best = (batch, [d.total / GiB for d in plan.devices])
+    return best
+
+
+def _two_gpu_fast_render(r: dict[str, Any]) -> str:
+    split = [x for x in r["rows"] if x["path"] != "one GPU"]
+    one = {x["batch_size"]: x for x in r["rows"] if x["path"] == "one GPU"}
+    parts = []
+    for x in split:
+        b = x["batch_size"]
+        if "decode_tok_s" not in x:
+            parts.append(f"batch {b}: out of memory on the split")
+            continue
+        base = one.get(b, {}).get("decode_tok_s")
+        parts.append(f"batch {b}: {x['decode_tok_s']:.1f} tok/s"
+                     + (f" against {base:.1f} on one GPU ({x['decode_tok_s'] / base:.2f}x)" if base else ""))
+    same = {True: "the same greedy tokens on both",
+            False: "greedy tokens differ from one GPU's on these random weights (near-tied logits flip between kernels)",
+            }.get(r.get("greedy_tokens_identical"))
+    text = (f"`FastDecoder` on the 20/20 layer split, measured on {measured_on(r)} ({r['mode']}; {r['method']}): "
+            + "; ".join(parts) + "." + (f" {same[0].upper()}{same[1:]}." if same else ""))
+    cap = _split_cap_gib(r["mode"])
+    if cap and any("decode_tok_s" not in x for x in split):
+        batch, per_card = largest_fast_split_batch(cap, r.get("context", 8192))
+        text += (f" The planner, with the fast path's buffers budgeted and the CUDA context counted "
+                 f"(`plan_memory(..., fast_decode=True)`), fits batch {batch} at most on two {cap} GiB cards at "
+                 f"{r.get('context', 8192):,} tokens"
+                 + (f" ({' / '.join(f'{g:.2f}' for g in per_card)} GiB planned a card)" if per_card else "")
+                 + ": the out-of-memory batches were planned not to fit.")
+    return text
+
+
+def two_gpu_fast_sentence(name: str = "two_gpu_fast") -> Text:
+    """The fast decode path on the 20/20 split against one GPU (``two_gpu_fast.json``: two GPUs;
+    ``two_gpu_fast_proxy.json``: the earlier one-GPU proxy, both halves on one card), or "not measured yet"."""
+    return from_result(name, _two_gpu_fast_render, what="The fast decode path on a two-GPU layer split",
                        script="benchmarks/two_gpu_fast.py")
 
 
 def two_gpu_fast_chart() -> Any:
-    """Decode tok/s per batch size, one GPU against the split (``two_gpu_fast.json``); ``None`` before it exists."""
+    """Decode tok/s per batch size, one GPU against the split (``two_gpu_fast.json``, and the one-GPU proxy run
+    ``two_gpu_fast_proxy.json`` labelled as such); ``None`` before ``two_gpu_fast.json`` exists."""
     r = load("two_gpu_fast")
     if r is None:
         return None
-    rows = [x for x in r["rows"] if "decode_tok_s" in x]
-    return line_chart({path: ([x["batch_size"] for x in rows if x["path"] == path],
-                              [x["decode_tok_s"] for x in rows if x["path"] == path])
-                       for path in dict.fromkeys(x["path"] for x in rows)},
-                      xlabel="batch size", ylabel="decode tok/s (summed over the batch)", log=True,
+    series = {}
+    for run, prefix in ((r, ""), (load("two_gpu_fast_proxy"), "proxy run: ")):
+        rows = [x for x in (run or {"rows": []})["rows"] if "decode_tok_s" in x]
+        for path in dict.fromkeys(x["path"] for x in rows):
+            series[prefix + path] = ([x["batch_size"] for x in rows if x["path"] == path],
+                                     [x["decode_tok_s"] for x in rows if x["path"] == path])
+    return line_chart(series, xlabel="batch size", ylabel="decode tok/s (summed over the batch)", log=True,
                       title=f"FastDecoder, GLM-4-9B bf16, 8K cache, {r['environment']['device']}")
 
 
@@ -986,6 +1086,165 @@ def quantization_sentence() -> Text:
     return from_result("quantization_9b", render, what="GLM-4-9B in each precision", script="benchmarks/quantization.py")
 
 
+PRECISION_ORDER = ("bf16", "fp16", "nf4")
+
+
+def nf4_decode_rows(result: dict[str, Any]) -> list[tuple[str, str, float, float]]:
+    """``(precision, path, best tok/s, roofline tok/s)`` per decode path of an ``nf4_decode`` result."""
+    rows = []
+    for x in result["decode"]:
+        precision = x["path"].split()[0]
+        if precision not in PRECISION_ORDER:  # "generate() (bitsandbytes)": nf4_decode.py's plain path, its nf4 model
+            precision = "nf4"
+        rows.append((precision, x["path"], x["best_tok_s"], x["roofline_tok_s"]))
+    return sorted(rows, key=lambda r: (PRECISION_ORDER.index(r[0]), "fast" in r[1]))  # plain generate() first
+
+
+def _nf4_path(result: dict[str, Any], start: str) -> dict[str, Any] | None:
+    return next((x for x in result["decode"] if x["path"].startswith(start)), None)
+
+
+def fast_precisions_sentence() -> Text:
+    """Batch-1 fast decode per precision in one run (``nf4_decode.json``), short, for notebook 05."""
+    def render(r: dict[str, Any]) -> str:
+        def tok(start: str) -> str:
+            x = _nf4_path(r, start)
+            return f"{x['best_tok_s']:.1f}" if x else "not measured"
+        return (f"Measured on {measured_on(r)} (`nf4_decode.json`, batch 1, in one run): the fast path decodes "
+                f"{tok('bf16 fast')} tok/s in bf16 and {tok('fp16 fast')} in fp16; with bitsandbytes nf4 weights "
+                f"{tok('nf4 fast (Triton)')} with glmkit's Triton 4-bit kernel and {tok('nf4 fast (bnb')} with "
+                f"bitsandbytes' own kernel, against {tok('generate()')} for plain `generate()` in nf4. Notebook 04 "
+                f"charts them against each precision's roofline.")
+    return from_result("nf4_decode", render, what="The fast path in fp16 and nf4", script="benchmarks/nf4_decode.py")
+
+
+def nf4_decode_sentence() -> Text:
+    """The fast path per precision against each precision's roofline, glmkit's nf4 kernel against bitsandbytes', and
+    nf4 at a long context on a capped card (``nf4_decode.json``)."""
+    def render(r: dict[str, Any]) -> str:
+        def path(x: dict[str, Any] | None, label: str) -> str:
+            if x is None:
+                return f"{label} not measured"
+            return (f"{label} {x['best_tok_s']:.1f} tok/s ({100 * x['fraction_of_roofline']:.1f}% of its "
+                    f"{x['roofline_tok_s']:.1f} tok/s roofline)")
+        bf16, fp16 = _nf4_path(r, "bf16 fast"), _nf4_path(r, "fp16 fast")
+        triton, eager = _nf4_path(r, "nf4 fast (Triton)"), _nf4_path(r, "nf4 fast (Triton, eager")
+        bnb, plain = _nf4_path(r, "nf4 fast (bnb"), _nf4_path(r, "generate()")
+        text = (f"Batch-1 decode on {measured_on(r)} (`nf4_decode.json`; {r['method']}; copy bandwidth "
+                f"{r['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s): {path(bf16, 'bf16 fast path')}; "
+                f"{path(fp16, 'fp16 fast path')}; {path(triton, 'nf4 fast path with glmkit`s Triton kernel')}; "
+                f"{path(bnb, 'nf4 fast path with bitsandbytes` own kernel (`matmul_4bit`, eager layers)')}; "
+                f"{path(plain, 'nf4 plain `generate()`')}.").replace("glmkit`s", "glmkit's").replace(
+                    "bitsandbytes` own", "bitsandbytes' own")
+        if triton and bnb:
+            faster = "slower" if triton["best_tok_s"] < bnb["best_tok_s"] else "faster"
+            text += (f" **glmkit's nf4 Triton kernel is {faster} than bitsandbytes' own kernel on this card in this "
+                     f"run**: {triton['best_tok_s']:.1f} against {bnb['best_tok_s']:.1f} tok/s")
+            text += (f", and {eager['best_tok_s']:.1f} against {bnb['best_tok_s']:.1f} with both in eager layers"
+                     if eager else "") + "."
+            if not r.get("tuned_shapes_for_this_card"):
+                text += " Its launch shapes were not tuned for this card (defaults)."
+        if triton and bf16:
+            best = max((x for x in (triton, bnb) if x), key=lambda x: x["best_tok_s"])
+            text += (f" The faster nf4 fast path reached {best['best_tok_s'] / bf16['best_tok_s']:.2f}x bf16's fast path, "
+                     f"though a 4-bit token reads {best['roofline_tok_s'] / bf16['roofline_tok_s']:.2f}x fewer bytes "
+                     f"({r['nf4_model_bytes'] / GiB:.2f} GiB of weights and quantization states): on this card 4-bit "
+                     f"saves memory, not time.")
+        if "nf4_triton_vs_bnb_logits_rel_diff" in r:
+            text += (f" nf4 logits, Triton against bitsandbytes' kernel: {100 * r['nf4_triton_vs_bnb_logits_rel_diff']:.1f}% "
+                     f"relative difference; greedy tokens equal on {r['nf4_triton_vs_bnb_greedy_equal_of_64']} of 64 "
+                     f"steps (random weights: near-tied logits flip once the two sum in another order).")
+        lc = r.get("long_context")
+        if lc:
+            text += (f" nf4 fast decode after a {lc['context']:,}-token prompt on a card capped at {lc['cap_gib']:g} GiB "
+                     f"({lc['prefill_chunk']}-token chunks): ")
+            if lc.get("ok"):
+                over = lc["peak_reserved"] / lc["planned_bytes"] - 1
+                text += (f"it ran, decoding at {lc['decode_tok_s']:.1f} tok/s, with a peak of "
+                         f"{lc['peak_reserved'] / GiB:.2f} GiB reserved against the planner's "
+                         f"{lc['planned_bytes'] / GiB:.2f} GiB (no CUDA context: the cap covers PyTorch's allocator "
+                         f"only), " + (f"{_pct(over)}: inside the cap, but above the plan, which does not yet count "
+                                       f"everything the 4-bit fast path holds at this length." if over > 0 else
+                                       f"{_pct(over)}: within the plan."))
+            else:
+                text += "out of memory."
+        else:
+            text += (" nf4 at a 32K context under a 12 GiB cap: not in this file (rerun `benchmarks/nf4_decode.py "
+                     "--stages long_context`).")
+        return text
+    return from_result("nf4_decode", render, what="The fast path in fp16 and nf4", script="benchmarks/nf4_decode.py")
+
+
+def _grouped_bars(groups: dict[str, dict[str, float]], *, ylabel: str, title: str,
+                  references: dict[str, float] | None = None, reference_label: str = "") -> Any:
+    """Bars ``{group: {bar: value}}`` side by side per group, with an optional dashed line over each group."""
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(b for bars in groups.values() for b in bars))
+    width = 0.8 / max(max(len(bars) for bars in groups.values()), 1)
+    colors = dict(zip(names, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups)), 4.2))
+    for i, bars in enumerate(groups.values()):  # each group's bars centred on it
+        for j, (name, value) in enumerate(bars.items()):
+            bar = ax.bar(i + (j - (len(bars) - 1) / 2) * width, value, width=width, color=colors[name],
+                         label=name if name not in ax.get_legend_handles_labels()[1] else None)
+            ax.bar_label(bar, fmt="%.1f", fontsize=7)
+    for i, group in enumerate(groups):
+        if references and group in references:
+            ax.hlines(references[group], i - 0.45, i + 0.45, colors="k", linestyles="--", lw=1,
+                      label=reference_label if i == 0 else None)
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)  # below: the bars fill the top
+    fig.tight_layout()
+    return fig
+
+
+def nf4_decode_chart() -> Any:
+    """Batch-1 decode tok/s per precision, plain ``generate()`` vs the fast path's kernels, with each precision's
+    roofline (``nf4_decode.json``); ``None`` before it exists."""
+    r = load("nf4_decode")
+    if r is None:
+        return None
+    groups: dict[str, dict[str, float]] = {}
+    roofs: dict[str, float] = {}
+    for precision, path, tok_s, roof in nf4_decode_rows(r):
+        how = path.split(" ", 1)[1] if path.startswith(precision) else "plain generate()"
+        groups.setdefault(precision, {})[how.replace("fast ", "fast path ")] = tok_s
+        roofs[precision] = roof
+    return _grouped_bars(groups, ylabel="decode tok/s, batch 1", references=roofs,
+                         reference_label="roofline (copy bandwidth / bytes read per token)",
+                         title=f"GLM-4-9B per precision, {measured_on(r)}; plain generate() measured for nf4")
+
+
+def nf4_projection_table() -> Table | Text:
+    """One token's matrix-vector product per projection: nf4 (glmkit's Triton, bitsandbytes) against bf16 (cuBLAS,
+    glmkit's Triton), in µs and TB/s of bytes read (``nf4_decode.json``)."""
+    r = load("nf4_decode")
+    if r is None or not r.get("projections"):
+        return not_measured("nf4 projections against bitsandbytes and bf16", "benchmarks/nf4_decode.py")
+    keys = [("nf4_triton", "nf4 glmkit Triton"), ("nf4_bnb_matmul_4bit", "nf4 bitsandbytes"),
+            ("bf16_cublas", "bf16 cuBLAS"), ("bf16_triton", "bf16 glmkit Triton")]
+    rows = [[x["projection"], f"{x['rows']}x{x['columns']}", f"{x['nf4_bytes'] / 2**20:.1f}"]
+            + [f"{x[k + '_us']:.1f} µs, {x[k + '_tb_s']:.2f} TB/s" for k, _ in keys] for x in r["projections"]]
+    return table(["projection", "shape", "nf4 MiB"] + [label for _, label in keys], rows,
+                 caption=f"{measured_on(r)}: one token, TB/s of the bytes each reads (nf4: packed weights and states)")
+
+
+def nf4_projection_chart() -> Any:
+    """Bandwidth each projection's one-token product reaches: nf4 (glmkit, bitsandbytes) vs bf16 (``nf4_decode.json``)."""
+    r = load("nf4_decode")
+    if r is None or not r.get("projections"):
+        return None
+    keys = [("nf4_triton", "nf4 glmkit Triton"), ("nf4_bnb_matmul_4bit", "nf4 bitsandbytes"),
+            ("bf16_cublas", "bf16 cuBLAS"), ("bf16_triton", "bf16 glmkit Triton")]
+    groups = {x["projection"]: {label: x[k + "_tb_s"] for k, label in keys} for x in r["projections"]}
+    return _grouped_bars(groups, ylabel="bytes read, TB/s", title=f"one token's projections, {measured_on(r)}",
+                         references={g: r["copy_bandwidth_bytes_s"] / 1e12 for g in groups},
+                         reference_label="copy bandwidth")
+
+
 def monitor_sentence() -> Text:
     """How well the monitor agrees with nvidia-smi and what polling costs (``monitor_check*.json``)."""
     m, fast = load("monitor_check"), load("monitor_check_fast")
@@ -1020,6 +1279,12 @@ def precision_quality_sentence(report: Any) -> Text:
 # The README's measured section
 
 
+def _proxy_clause() -> str:
+    """The earlier one-GPU proxy run of the split, labelled, for the README's two-GPU bullet (empty when absent)."""
+    return "" if load("two_gpu_fast_proxy") is None else " Before that run, a one-GPU proxy: " + two_gpu_fast_sentence(
+        "two_gpu_fast_proxy")
+
+
 README_BEGIN = ("<!-- measured: rendered by `python -m glmkit.results --update-readme` from benchmarks/results; "
                 "do not edit by hand -->")
 README_END = "<!-- end of measured -->"
@@ -1032,10 +1297,11 @@ def readme_measured_section() -> str:
     bullets = [quantization_sentence(), "**Planner vs measured peak**: " + planner_sentence(),
                "**A real OOM**: " + oom_sentence(), monitor_sentence(),
                "**Fast decode path**: " + decode_sentence().replace("\n\n", " "),
+               "**The fast path in fp16 and nf4**: " + nf4_decode_sentence(),
                "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
                "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
-               "**Fast path on two GPUs**: " + two_gpu_fast_sentence(),
+               "**Fast path on two GPUs**: " + two_gpu_fast_sentence() + _proxy_clause(),
                "**Tensor parallel**: " + tensor_parallel_sentence(),
                "**Fast tensor parallel**: " + tp_fast_sentence(),
                "**What bounds tensor parallelism**: " + tp_bound_sentence() + " " + tp_estimate_sentence(),

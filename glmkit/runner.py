@@ -27,14 +27,21 @@ from glmkit.request import GenerationRequest
 
 
 class FastRunner:
-    """Continuous batching over the rows of one ``FastDecoder`` (built at the first request)."""
+    """Continuous batching over the rows of one ``FastDecoder`` (built at the first request), or of ``decoder``: one
+    built by the caller with the same contract (``prefill(ids, chunk, slot, start)``, ``decode_step(tokens, pos)``),
+    e.g. the tensor-parallel ``TPLeader``; the model's own weights are then never run."""
 
     continuous = True
 
-    def __init__(self, model: torch.nn.Module, slots: int, max_len: int, device: torch.device) -> None:
-        FastDecoder.check(model)  # a quantized or offloaded model: say so now, not at the first request
+    def __init__(self, model: torch.nn.Module, slots: int, max_len: int, device: torch.device,
+                 decoder: Any = None) -> None:
+        if decoder is None:
+            FastDecoder.check(model)  # a quantized or offloaded model: say so now, not at the first request
+        elif decoder.batch_size < slots or decoder.max_len < max_len:
+            raise ValueError(f"The decoder given holds {decoder.batch_size} rows of {decoder.max_len} tokens; the engine "
+                             f"needs {slots} rows of {max_len}: build it with batch_size={slots}, max_len={max_len}.")
         self.model, self.slots, self.max_len, self.device = model, slots, max_len, device
-        self.decoder: Any = None
+        self.decoder: Any = decoder
 
     def _decoder(self) -> Any:
         if self.decoder is None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import signal
 import socket
 import sys
 import threading
@@ -38,6 +39,9 @@ try:  # FastAPI resolves the endpoints' annotations in this module's namespace
 except ImportError as exc:  # pragma: no cover
     raise ImportError("glmkit.server needs the server extra: pip install 'glmkit[server]'") from exc
 
+import torch.distributed as dist
+
+from glmkit import parallel
 from glmkit.engine import Engine, GenerationRequest
 from glmkit.monitor import gpu_memory
 from glmkit.planning import plan_memory
@@ -51,6 +55,7 @@ from glmkit.server_guard import (
     parse_json_body,
     read_body,
 )
+from glmkit.tp_decode import TPLeader, follow
 
 ROLES = {"system", "user", "assistant", "tool", "observation"}
 MAX_STOP = 4
@@ -671,10 +676,11 @@ class ServerThread:
 
 
 def default_batch_size(config: Any, max_context: int, dtype: Any = "bfloat16", quantization: str | None = None,
-                       fast_decode: bool = False) -> int:
-    """The largest batch (up to 64) the planner fits at ``max_context`` on the GPUs present (8 without GPUs);
-    ``fast_decode``: planned for ``FastDecoder``'s static cache and buffers, as ``serve(fast_decode=True)`` runs."""
-    gpus = gpu_memory()
+                       fast_decode: bool = False, gpus_used: int | None = None) -> int:
+    """The largest batch (up to 64) the planner fits at ``max_context`` on the GPUs present, or on the first
+    ``gpus_used`` of them (8 without GPUs); ``fast_decode``: planned for ``FastDecoder``'s static cache and buffers,
+    as ``serve(fast_decode=True)`` runs."""
+    gpus = gpu_memory()[:gpus_used]
     if not gpus:
         return 8
     devices = {int(g.device.split(":")[1]): g.free for g in gpus}
@@ -689,23 +695,79 @@ def default_batch_size(config: Any, max_context: int, dtype: Any = "bfloat16", q
     return best
 
 
+def _stop_on_sigterm(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt  # uvicorn re-raises the signal it caught once it has shut down: end as after Ctrl-C
+
+
 def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | Sequence[str] = DEFAULT_MODEL_NAMES, max_batch_size: int = 8, max_context: int = 4096,
           fast_decode: bool = False, allowed_hosts: Sequence[str] | None = None, allowed_origins: Sequence[str] = (),
-          allow_unauthenticated: bool = False) -> None:
+          allow_unauthenticated: bool = False, decoder: Any = None) -> None:
     """Serve until interrupted (what ``glmkit serve`` runs); refuses a non-loopback ``host`` without ``api_key``
-    unless ``allow_unauthenticated`` (see ``glmkit.server_guard``)."""
+    unless ``allow_unauthenticated`` (see ``glmkit.server_guard``). ``decoder``: as ``Engine``'s (``serve_tp``)."""
     import uvicorn
 
     warning = check_exposure(host, api_key, allow_unauthenticated)
     if warning:
         print(f"\n{'!' * 100}\n{warning}\n{'!' * 100}\n", file=sys.stderr, flush=True)
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_context=max_context, fast_decode=fast_decode)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, max_context=max_context, fast_decode=fast_decode,
+                    decoder=decoder)
     app = create_app(engine, model_name, api_key, allowed_hosts or default_allowed_hosts(host, api_key),
                      allowed_origins)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    main = threading.current_thread() is threading.main_thread()  # (signal handlers live on the main thread)
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main else None
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info")
+    except KeyboardInterrupt:
+        pass  # SIGINT or SIGTERM, after uvicorn's graceful shutdown: exit 0
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        engine.close()  # the engine thread stops before anything it drives is released
+
+
+
+
+def serve_tp(model: Any, tokenizer: Any, max_batch_size: int = 8, max_context: int = 4096, **kwargs: Any) -> None:
+    """``serve`` for one of the torchrun processes of ``glmkit serve --tp N``, every layer split over them
+    (``TPDecoder``): rank 0 answers HTTP and runs the engine, whose every decoder call goes first to the other ranks
+    (``TPLeader``); they run each one on their shards (``follow``) until rank 0 shuts down and releases them.
+    ``model`` is the whole model on the CPU: each rank copies its slices to its GPU, then the model's weights are
+    dropped (moved to the meta device; its config stays). Rank 0's batch size wins.
+    ``kwargs``: as ``serve``. Introduced in ``notebooks/08_tensor_parallel.ipynb``.
+
+    The engine drives any decoder with the fast decoder's contract, here one process's whole ``TPDecoder``:
+
+    >>> from glmkit.loading import load_model, load_tokenizer
+    >>> from glmkit.tp_decode import TPDecoder
+    >>> model = load_model(device_map="cpu")
+    >>> engine = Engine(model, load_tokenizer(), max_batch_size=2, max_context=64,
+    ...                 decoder=TPDecoder(model, max_len=65, batch_size=2))
+    >>> len(engine.submit([5, 17, 33], max_tokens=4, logit_bias={832: -100, 839: -100, 841: -100}).wait().tokens)
+    4
+    >>> engine.close()
+    """
+    parallel.init_process_group()
+    commands = parallel.command_group()  # gloo, host objects, no timeout (an idle server sends nothing)
+    box = [max_batch_size]
+    dist.broadcast_object_list(box, src=0, group=commands)
+    decoder = parallel.tp_decoder(model, max_context + 1, box[0])
+    model.to("meta")  # the decoder holds copies of this rank's slices: give back the whole model's host memory
+    if parallel.rank() != 0:  # a follower leaves when rank 0 says stop, or when rank 0's connection drops
+        previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            follow(decoder, commands)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return
+    leader = TPLeader(decoder, commands)
+    try:
+        serve(model, tokenizer, max_batch_size=box[0], max_context=max_context, decoder=leader, **kwargs)
+    finally:
+        leader.close()  # (serve has stopped the engine, the leader's only caller)
 
 
 __all__ = ["DEFAULT_MODEL_NAMES", "ApiError", "GenerationRequest", "ServerThread", "ToolCallSplitter", "create_app",
-           "default_batch_size", "logprobs_content", "parse_tool_call", "serve", "served_model_names", "validate",
+           "default_batch_size", "logprobs_content", "parse_tool_call", "serve", "serve_tp", "served_model_names", "validate",
            "validate_completion"]

@@ -96,12 +96,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--steps", type=int, default=2400)
+    ap.add_argument("--batch", type=int, default=16, help="sequences per step")
+    ap.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    train(args.out, steps=args.steps, seed=args.seed, device=args.device)
+    train(args.out, steps=args.steps, seq=args.seq, batch=args.batch, seed=args.seed, device=args.device)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,8 @@ def test_training_script_runs_and_learns(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_tiny.py"
-    subprocess.run([sys.executable, str(script), "--steps", "21", "--out", str(tmp_path)], check=True, capture_output=True)
+    subprocess.run([sys.executable, str(script), "--steps", "21", "--batch", "4", "--seq", "64",
+                    "--out", str(tmp_path)], check=True, capture_output=True)
     log = json.loads((tmp_path / "training_log.json").read_text())
     assert log["loss"][-1] < log["loss"][0]
     assert (tmp_path / "model.safetensors").exists()

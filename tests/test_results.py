@@ -126,10 +126,40 @@ def test_missing_result_says_not_measured_and_switches_once_measured(tmp_path, m
     assert "240.0 tok/s against 200.0 (1.20x)" in results.tp_fast_sentence()
     assert "batch 16: out of memory (each card capped at 12 GiB)" in results.tp_fast_sentence()
     assert "the estimate's 1.04x is below it" in results.tp_estimate_sentence()
+    assert "not measured yet" in results.nf4_decode_sentence() and results.nf4_decode_chart() is None
+    assert "not measured yet" in str(results.nf4_projection_table())
+    decode = [{"path": "bf16 fast (Triton)", "best_tok_s": 100.0, "roofline_tok_s": 200.0, "fraction_of_roofline": 0.5},
+              {"path": "nf4 fast (Triton)", "best_tok_s": 90.0, "roofline_tok_s": 600.0, "fraction_of_roofline": 0.15},
+              {"path": "nf4 fast (bnb matmul_4bit, eager layers)", "best_tok_s": 80.0, "roofline_tok_s": 600.0,
+               "fraction_of_roofline": 0.13},
+              {"path": "generate() (bitsandbytes)", "best_tok_s": 5.0, "roofline_tok_s": 600.0,
+               "fraction_of_roofline": 0.01}]
+    (tmp_path / "nf4_decode.json").write_text(json.dumps({"environment": env, "method": "m", "decode": decode,
+                                                           "copy_bandwidth_bytes_s": 4e12, "nf4_model_bytes": 6 * 2**30,
+                                                           "tuned_shapes_for_this_card": 1}))
+    nf4 = results.nf4_decode_sentence()
+    assert "glmkit's nf4 Triton kernel is faster than bitsandbytes' own kernel" in nf4  # the file decides, not the text
+    assert "0.90x bf16's fast path" in nf4 and "3.00x fewer bytes" in nf4 and "not in this file" in nf4
+    assert [r[1] for r in results.nf4_decode_rows(results.load("nf4_decode"))][:2] == ["bf16 fast (Triton)",
+                                                                                       "generate() (bitsandbytes)"]
+    assert results.nf4_decode_chart() is not None
     links = {"links": [{"nvlink": True}], "hidden_state_bytes": 8192,
              "directions": [{"from": 0, "to": 1, "bandwidth_bytes_s": 3e11, "hidden_state_seconds": {"1": 2e-5}}]}
     (tmp_path / "gpu_links.json").write_text(json.dumps({"environment": env, **links}))
     assert "not measured yet" not in results.readme_measured_section().split("**Two GPUs**")[1]
+    assert "Server throughput on a GPU: not measured yet" in results.server_sentence()  # neither server file here
+    levels = [{"mode": m, "clients": c, "via": "http", "seconds": 6.0, "requests": 2, "tokens": 256,
+               "tokens_per_s": t, "engine_steps_per_s": 50.0, "vs_decoder": t / (100.0 * c)}
+              for m, c, t in [("continuous", 1, 90.0), ("continuous", 4, 300.0), ("static", 1, 88.0), ("static", 4, 150.0)]]
+    ttft = {m: {"samples": 4, "long_tokens": 500, "idle_p50_s": 0.1, "idle_p99_s": 0.2, "busy_p50_s": b,
+                "busy_p99_s": 2 * b, "busy_first_token_before_long_ended": n, "busy_p50_vs_idle": b / 0.1}
+            for m, b, n in [("continuous", 0.15, 4), ("static", 3.0, 0)]}
+    (tmp_path / "server_load_gpu_cb.json").write_text(json.dumps(
+        {"environment": env, "decoder": [{"batch": 1, "decode_tok_s": 100.0}, {"batch": 4, "decode_tok_s": 400.0}],
+         "levels": levels, "ttft": ttft}))
+    server = results.server_sentence()
+    assert "continuous batching served **90.0 / 300.0 tokens/s**, static batching 88.0 / 150.0" in server
+    assert "(continuous over static: 1.02x / 2.00x)" in server and "p50 3.00 s, p99 6.00 s (30x idle" in server
 
 
 def test_rendered_sentences_match_the_committed_files():
@@ -137,8 +167,22 @@ def test_rendered_sentences_match_the_committed_files():
     assert f"{decode['batch1'][0]['decode_tok_s']:.1f} tok/s" in results.decode_sentence()
     lc = results.long_context_sentence()
     assert "outside PyTorch" in lc and "DynamicCache" in lc
+    static = results.static_server_sentence()  # the H100 runs before continuous batching
+    assert "9.2x one client" in static and "10.2–29.5 s" in static
+    cb = results.load("server_load_gpu_cb")
     server = results.server_sentence()
-    assert "9.2x one client" in server and "10.2–29.5 s" in server
+    for level in cb["levels"]:
+        assert f"{level['tokens_per_s']:.1f}" in server, level
+    assert f"{cb['ttft']['static']['busy_p50_s']:.2f} s" in server and "not measured" not in server
+    nf4 = results.nf4_decode_sentence()
+    assert "glmkit's nf4 Triton kernel is slower than bitsandbytes' own kernel" in nf4  # what nf4_decode.json says
+    for row in results.load("nf4_decode")["decode"]:
+        assert f"{row['best_tok_s']:.1f}" in nf4, row["path"]
+    long = results.load("nf4_decode")["long_context"]
+    assert f"decoding at {long['decode_tok_s']:.1f} tok/s" in nf4 and f"{long['peak_reserved'] / 2**30:.2f} GiB" in nf4
+    split = results.two_gpu_fast_sentence()
+    assert "batch 16: out of memory on the split" in split and "fits batch 1 at most on two 12 GiB cards" in split
+    assert "one-GPU proxy" in results.two_gpu_fast_sentence("two_gpu_fast_proxy")
     assert "2.1%" in results.planner_sentence()  # the held-out check
 
 
