@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The two-GPU measurement session (the multi-GPU issue), each script in its own process; not yet run.
+# The two-GPU measurement session (the multi-GPU issue), each script in its own process.
 # Usage on a 2-GPU machine, from the repo root: bash benchmarks/run_2gpu.sh   (STEPS="links maps" to pick)
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True

@@ -1,4 +1,4 @@
-"""Tensor-parallel fast decode (TP=2, ``TPDecoder``) against one GPU's ``FastDecoder``, in one run (issue 22).
+"""Tensor-parallel fast decode (TP=2, ``TPDecoder``) against one GPU's ``FastDecoder``, in one run.
 
 Run under torchrun on two GPUs. Every rank builds GLM-4-9B-Chat with the same random weights (bf16, same seed) on
 its GPU. Rank 0 first measures the whole model with ``FastDecoder`` on its GPU alone (uncapped: the baseline) and

@@ -1,4 +1,4 @@
-"""The fast decode path across a layer split: one GPU's FastDecoder against the 20/20 split's (issue 19).
+"""The fast decode path across a layer split: one GPU's FastDecoder against the 20/20 split's.
 
 GLM-4-9B-Chat architecture, random weights built on the GPU, bf16, an 8K static cache (every step attends over all
 8,192 positions, masked, so a step costs what it costs at an 8K context; the prompt is 32 tokens to keep the run

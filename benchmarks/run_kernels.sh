@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 21 on one H200, in two commands of about 4 and 6 minutes (each under a 10-minute limit):
-#   PYTHONPATH=/tmp/site:$PWD bash benchmarks/run_issue21.sh tune    # bf16 + nf4 shapes -> glmkit/assets/gemv_tuned_h200.json
-#   PYTHONPATH=/tmp/site:$PWD bash benchmarks/run_issue21.sh decode  # bf16/fp16/nf4 fast, nf4 generate(), projections, 32K@12GiB
+# The decode kernels (bf16, fp16, 4-bit) on one H200, in two commands of about 4 and 6 minutes (each under a 10-minute limit):
+#   PYTHONPATH=/tmp/site:$PWD bash benchmarks/run_kernels.sh tune    # bf16 + nf4 shapes -> glmkit/assets/gemv_tuned_h200.json
+#   PYTHONPATH=/tmp/site:$PWD bash benchmarks/run_kernels.sh decode  # bf16/fp16/nf4 fast, nf4 generate(), projections, 32K@12GiB
 # (bitsandbytes on PYTHONPATH, e.g. pip install --target /tmp/site bitsandbytes*.whl). Put the table that `tune` writes
 # (also copied to $OUT) into glmkit/assets/ before `decode`, so the decode runs with the H200's shapes.
 set -u
