@@ -69,17 +69,10 @@ def main() -> None:
     ap.add_argument("--prompt-lens", nargs="+", type=int, default=[512, 2048, 8192, 32768])
     args = ap.parse_args()
     import torch
-    from transformers import GlmForCausalLM
 
-    from glmkit.models import glm4_9b_chat_config
+    from glmkit.models import glm4_9b_chat_config, random_model
 
-    config = glm4_9b_chat_config()
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda:0"):
-        torch.manual_seed(0)
-        model = GlmForCausalLM(config).eval()
-    torch.set_default_dtype(old)
+    model = random_model(glm4_9b_chat_config(), "cuda:0")
     rows = []
     for n in args.prompt_lens:
         rows.append(measure(model, n))

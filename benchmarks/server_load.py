@@ -36,16 +36,13 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, object, str]:
     from glmkit.models import TRAINED_TINY_DIR, model_label
 
     if args.random_9b:
-        from transformers import GenerationConfig, GlmForCausalLM
+        from transformers import GenerationConfig
 
-        from glmkit.models import glm4_9b_chat_config, tiny_glm_config
+        from glmkit.models import glm4_9b_chat_config, random_model, tiny_glm_config
 
-        torch.set_default_dtype(torch.bfloat16)
         config = glm4_9b_chat_config()
         config.eos_token_id = tiny_glm_config().eos_token_id  # the tiny tokenizer's end tokens
-        with torch.device("cuda"):
-            model = GlmForCausalLM(config).eval()
-        torch.set_default_dtype(torch.float32)
+        model = random_model(config, "cuda")
         model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=0)
         return model, load_tokenizer(None), "GLM-4-9B-Chat architecture, random weights (bf16)"
     from glmkit.cli import device_map_option

@@ -17,7 +17,7 @@ import torch
 
 from glmkit.bench import save_result
 from glmkit.fast_decode import FastDecoder
-from glmkit.models import glm4_9b_chat_config
+from glmkit.models import glm4_9b_chat_config, random_model
 from glmkit.tp_decode import TPDecoder
 
 
@@ -27,12 +27,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--max-len", type=int, default=1024)
     args = ap.parse_args()
-    from transformers import GlmForCausalLM
-
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = GlmForCausalLM(glm4_9b_chat_config()).eval()
-    torch.set_default_dtype(torch.float32)
+    model = random_model(glm4_9b_chat_config(), "cuda")
     rows = []
     for batch in args.batches:
         for name, make in (("one GPU, whole model (FastDecoder)", lambda b: FastDecoder(model, args.max_len, b)),

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from glmkit.bench import save_result
 from glmkit.fast_decode import FastDecoder
-from glmkit.models import glm4_9b_chat_config
+from glmkit.models import glm4_9b_chat_config, random_model
 from glmkit.parallel import init_process_group
 from glmkit.tp_decode import TPDecoder
 
@@ -44,16 +44,11 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="skip the one-GPU FastDecoder rows")
     ap.add_argument("--name", default="tp_fast")
     args = ap.parse_args()
-    from transformers import GlmForCausalLM
 
     group = init_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device())
-    torch.set_default_dtype(torch.bfloat16)
-    with device:
-        torch.manual_seed(0)
-        model = GlmForCausalLM(glm4_9b_chat_config()).eval()
-    torch.set_default_dtype(torch.float32)
+    model = random_model(glm4_9b_chat_config(), device)  # the same seed on every rank: the same weights
     ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(1)).to(device)
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {"world_size": world, "context": CONTEXT, "rows": rows,

@@ -56,11 +56,10 @@ def main() -> None:
     args = ap.parse_args()
     import torch
     from accelerate import dispatch_model
-    from transformers import GlmForCausalLM
 
     from glmkit.device_map import split_layers
     from glmkit.fast_decode import FastDecoder
-    from glmkit.models import glm4_9b_chat_config
+    from glmkit.models import glm4_9b_chat_config, random_model
 
     two = torch.cuda.device_count() >= 2
     config = glm4_9b_chat_config()
@@ -104,12 +103,7 @@ def main() -> None:
         out = FastDecoder(model, max_len=CONTEXT, graph_batch_sizes=[1]).generate(ids, 64, ignore_eos=True)
         return out[0, 32:].tolist()
 
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda:0"):
-        torch.manual_seed(0)
-        model = GlmForCausalLM(config).eval()
-    torch.set_default_dtype(old)
+    model = random_model(config, "cuda:0")
     one = {b: measure(model, "one GPU", b) for b in batches}  # uncapped
     want = greedy(model)
     model = dispatch_model(model, device_map, main_device="cuda:0")  # the split: layers 20..39 + head move (2 GPUs)
