@@ -286,6 +286,27 @@ def layer_segments(model: torch.nn.Module) -> list[Segment]:
     return segments
 
 
+def raise_recompile_limit() -> None:
+    """Let one process hold ``RECOMPILE_LIMIT`` compiled shapes of a function. Every decoder compiles the same layer
+    function for its own shapes (batch, cache length), and dynamo counts them all against one limit (8 by default;
+    fullgraph turns the 9th into an error): a notebook session that tries many settings would hit it. Each shape
+    compiles once and is reused."""
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, RECOMPILE_LIMIT)
+
+
+def smallest_bucket(buckets: Sequence[int], k: int) -> int:
+    """The step size that decodes ``k`` live rows: the smallest of ``buckets`` (sorted, from ``bucket_sizes``) >= k.
+
+    >>> smallest_bucket([1, 2, 4, 6], 3)
+    4
+    """
+    if not 1 <= k <= buckets[-1]:
+        raise ValueError(f"A step decodes 1 to batch_size={buckets[-1]} rows, got {k} tokens.")
+    return next(b for b in buckets if b >= k)
+
+
 def bucket_sizes(batch_size: int, graph_batch_sizes: Sequence[int] | None = None) -> list[int]:
     """Batch sizes a decoder captures a step for: ``graph_batch_sizes`` (default 1, 2, 4, ... below
     ``batch_size``), always with ``batch_size`` itself; a step for k rows runs the smallest one >= k.
@@ -432,12 +453,7 @@ class FastDecoder:
         self.k_layers = [k for st in self.stages for k in st.k_cache]
         self.v_layers = [v for st in self.stages for v in st.v_cache]
         if self.compiled:
-            # Every decoder compiles the same layer function for its own shapes (batch, cache length), and dynamo
-            # counts them all against one limit (8 by default; fullgraph turns the 9th into an error): a notebook
-            # session that tries many settings would hit it. Each shape compiles once and is reused.
-            config = torch._dynamo.config
-            config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, RECOMPILE_LIMIT)
+            raise_recompile_limit()
         self.layer_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]] = (
             torch.compile(decoder_layer, fullgraph=True, dynamic=False, **(compile_options or {}))
             if self.compiled else decoder_layer)
@@ -575,9 +591,7 @@ class FastDecoder:
 
     def bucket(self, k: int) -> int:
         """The step size that decodes k live rows: the smallest captured size >= k."""
-        if not 1 <= k <= self.batch_size:
-            raise ValueError(f"A step decodes 1 to batch_size={self.batch_size} rows, got {k} tokens.")
-        return next(b for b in self.buckets if b >= k)
+        return smallest_bucket(self.buckets, k)
 
     def prefill(self, input_ids: torch.Tensor, chunk: int | None = None, slot: int | None = None,
                 start: int = 0) -> torch.Tensor:

@@ -39,15 +39,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from glmkit.fast_decode import (
-    RECOMPILE_LIMIT,
     FastDecoder,
     auto_gemv,
+    bucket_sizes,
     check_prefill,
     decode_speed,
     linear,
     mlp_activation,
+    raise_recompile_limit,
     rms_norm,
     rope,
+    smallest_bucket,
 )
 from glmkit.generation import pick_token
 from glmkit.vocabulary import head_dim
@@ -88,7 +90,7 @@ def tp_shard(model: torch.nn.Module, rank: int, world: int) -> dict[str, Any]:
             "lm_head_bias": None if model.lm_head.bias is None else model.lm_head.bias[v]}
 
 
-def attention_half(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+def attention_half(h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None, wo: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
                    gemv: bool | str) -> torch.Tensor:
@@ -179,9 +181,7 @@ class TPDecoder:
         self.sin = sin[0, :, :half].repeat_interleave(2, dim=-1).to(self.device).contiguous()
         self.positions = torch.arange(max_len, device=self.device)
         if self.compiled:
-            config = torch._dynamo.config
-            config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
-            config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, RECOMPILE_LIMIT)
+            raise_recompile_limit()
 
         def maybe_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
             return torch.compile(fn, fullgraph=True, dynamic=False) if self.compiled else fn
@@ -200,8 +200,7 @@ class TPDecoder:
         alone = self.group is None and self.world > 1  # one rank's shard measured alone: its slice of the vocabulary
         width = self.vocab // self.world if alone else self.vocab
         self.logits = torch.zeros(batch_size, width, dtype=torch.float32, device=self.device)
-        self.buckets = sorted(set(graph_batch_sizes or [2**i for i in range(batch_size.bit_length()) if 2**i < batch_size]
-                                  + [batch_size]))
+        self.buckets = bucket_sizes(batch_size, graph_batch_sizes)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.ready = False
 
@@ -238,7 +237,7 @@ class TPDecoder:
         mask = mask.masked_fill(self.positions[None, None, None, :] > pos[:, None, :, None], float("-inf"))
         h = rms_norm(x, self.first_norm, self.eps)
         for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.layers):
-            o = attention(x, h, pos, cos, sin, mask, wqkv, bqkv, wo, self.k_cache[i, rows], self.v_cache[i, rows],
+            o = attention(h, pos, cos, sin, mask, wqkv, bqkv, wo, self.k_cache[i, rows], self.v_cache[i, rows],
                           self.heads, self.kv_heads, self.head_dim, gemv)
             x, d = mlp(x, self._all_reduce(o), ln2, wgu, wd, self.eps, gemv)
             x, h = nxt(x, self._all_reduce(d), next_norm, self.eps)
@@ -247,9 +246,7 @@ class TPDecoder:
 
     def bucket(self, k: int) -> int:
         """The smallest captured batch size that holds ``k`` rows."""
-        if not 1 <= k <= self.batch_size:
-            raise ValueError(f"This decoder holds 1..{self.batch_size} rows, got {k}.")
-        return min(b for b in self.buckets if b >= k)
+        return smallest_bucket(self.buckets, k)
 
     @torch.no_grad()
     def _step(self, b: int) -> None:
