@@ -242,11 +242,10 @@ def _generate(args: argparse.Namespace) -> None:
         ids = chat_ids(tokenizer, [{"role": "user", "content": args.prompt}])
     max_len = len(ids) + args.max_new_tokens
     if args.fast_decode and parallel.in_torchrun():  # every rank holds its slices; all pick the same tokens
-        device = model.get_input_embeddings().weight.device
+        device, eos = model.get_input_embeddings().weight.device, list(eos_token_ids(model))
         out = parallel.tp_decoder(model, max_len).generate(torch.tensor([ids], device=device), args.max_new_tokens,
-                                                            eos=eos_token_ids(model), seed=args.seed,
-                                                            temperature=args.temperature)
-        new, eos = out[0, len(ids):].tolist(), set(eos_token_ids(model))
+                                                            eos=eos, seed=args.seed, temperature=args.temperature)
+        new = out[0, len(ids):].tolist()
         new = new[:next((i for i, t in enumerate(new) if t in eos), len(new))]  # the reply, without its end token
         text = clean_reply(tokenizer.decode(new, skip_special_tokens=True))
     else:  # the same engine as the server and the chat widget (under torchrun every rank runs its own, in step)
