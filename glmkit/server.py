@@ -643,6 +643,12 @@ def create_app(engine: Engine, model_name: str | Sequence[str] = DEFAULT_MODEL_N
     return app
 
 
+# Idle keep-alive connections stay open this long. Longer than clients keep theirs (httpx, under the openai client:
+# 5 s), so a client always drops an idle connection first: with uvicorn's default, also 5 s, a request could go out
+# on a connection the server was closing at that moment and fail with a connection error.
+KEEP_ALIVE_S = 75
+
+
 class ServerThread:
     """Run the app with uvicorn in a background thread (notebooks, tests): ``start()``, ``url``, ``stop()``."""
 
@@ -654,7 +660,8 @@ class ServerThread:
                 s.bind((host, 0))
                 port = s.getsockname()[1]
         self.host, self.port = host, port
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                                    timeout_keep_alive=KEEP_ALIVE_S))
         self.thread = threading.Thread(target=self.server.run, name="glmkit-server", daemon=True)
 
     @property
@@ -717,7 +724,7 @@ def serve(model: Any, tokenizer: Any, host: str = "127.0.0.1", port: int = 8000,
     main = threading.current_thread() is threading.main_thread()  # (signal handlers live on the main thread)
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main else None
     try:
-        uvicorn.run(app, host=host, port=port, log_level="info")
+        uvicorn.run(app, host=host, port=port, log_level="info", timeout_keep_alive=KEEP_ALIVE_S)
     except KeyboardInterrupt:
         pass  # SIGINT or SIGTERM, after uvicorn's graceful shutdown: exit 0
     finally:
