@@ -382,6 +382,34 @@ class FastDecoder:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # a capture stream per device
         self.ready = False  # the first prefill (or step) warms the steps up (compiles, captures) once
 
+    def rows(self) -> list[list[str]]:
+        """Per segment: the map entry, the device, what it runs, and the memory the decoder adds there."""
+        from glmkit.tables import gib
+
+        out = []
+        for st in self.stages:
+            seg = st.segment
+            runs = ([f"layers {seg.layers.start}..{seg.layers.stop - 1}"] if len(seg.layers) else [])
+            runs = (["embeddings"] if seg.embed else []) + runs + (["lm_head"] if seg.head else [])
+            fused = sum(w[0].numel() * w[0].element_size() for w in st.weights)
+            cache = st.k_cache.numel() * st.k_cache.element_size() * 2
+            out.append([repr(seg.entry), str(st.device), ", ".join(runs), gib(fused), gib(cache)])
+        return out
+
+    def _headers(self) -> list[str]:
+        return ["map entry", "device", "runs", "fused q/k/v copy", f"KV cache ({self.batch_size} x {self.max_len})"]
+
+    def __repr__(self) -> str:
+        from glmkit.tables import text_table
+
+        return text_table(self._headers(), self.rows())
+
+    def _repr_html_(self) -> str:
+        from glmkit.tables import html_table
+
+        return html_table(self._headers(), self.rows(), caption=f"FastDecoder: {len(self.stages)} segment(s), "
+                          f"step sizes {self.buckets}")
+
     @property
     def gemv(self) -> bool | str:
         """The projection kernels of the full-batch step (``gemv_by_bucket`` has them per step size)."""
