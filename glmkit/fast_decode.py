@@ -581,6 +581,9 @@ class FastDecoder:
         on ``lm_head``'s device, valid until the next step (clone them to keep them)."""
         k = tokens.numel()
         b = self.bucket(k)
+        if isinstance(pos, torch.Tensor) and pos.numel() != k:
+            raise ValueError(f"decode_step got {k} tokens and {pos.numel()} positions: give one position per "
+                             "token (rows 0..k-1), or one int for all.")
         if not self.ready:
             self._first_step()
         first = self.stages[0]

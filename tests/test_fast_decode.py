@@ -238,6 +238,8 @@ def test_split_and_bucket_errors_are_explained(split):
     dec = FastDecoder(split, max_len=16, batch_size=2)
     with pytest.raises(ValueError, match="1 to batch_size=2 rows, got 3"):
         dec.decode_step(torch.tensor([1, 2, 3]), 4)
+    with pytest.raises(ValueError, match="1 tokens and 2 positions"):
+        dec.decode_step(torch.tensor([1]), torch.tensor([4, 5]))
     with pytest.raises(ValueError, match="reaches position 17"):
         dec.prefill(torch.ones(1, 5, dtype=torch.long), slot=0, start=12)
     with pytest.raises(ValueError, match="graph_batch_sizes"):
