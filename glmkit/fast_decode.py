@@ -449,28 +449,28 @@ class FastDecoder:
         outputs (the hidden state, or the logits) and its cache rows. Rows k..b-1 (k = live rows) run a dummy
         token at position 0 whose K/V write is undone before the step ends: their cache rows are left as they were."""
         m = self.model
-        live = st.batch_index[:b] < st.control[2, :b]
-        tokens = torch.where(live, st.control[0, :b], 0)
+        live = st.batch_index[:b] < st.control[2, :b] if b > 1 else None  # a one-row step's row is always live
+        tokens = st.control[0, :1] if live is None else torch.where(live, st.control[0, :b], 0)
         if st.segment.embed:
             x = F.embedding(tokens[:, None], m.get_input_embeddings().weight)  # [b, 1, hidden]
             h = _rms_norm(x, self.first_norm, self.eps)
         else:
             x, h = st.x_in[:b], st.h_in[:b]
         if len(st.segment.layers):
-            pos = torch.where(live, st.control[1, :b], 0)
+            pos = st.control[1, :1] if live is None else torch.where(live, st.control[1, :b], 0)
             cos = st.cos[pos][:, None, None, :]
             sin = st.sin[pos][:, None, None, :]
             # additive mask, built once per step for all layers: 0 up to each row's position, -inf after
             mask = torch.zeros(b, 1, 1, self.max_len, dtype=self.dtype, device=st.device)
             mask = mask.masked_fill(st.positions[None, None, None, :] > pos[:, None, None, None], float("-inf"))
-            if b > 1:  # the dummy rows' K/V at position 0, to put back
+            if live is not None:  # the dummy rows' K/V at position 0, to put back
                 k0, v0 = st.k_cache[:, :b, :, 0].clone(), st.v_cache[:, :b, :, 0].clone()
             gemv = self.gemv_by_bucket[b]
             for j, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(st.weights):
                 x, h = self.layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
                                      next_norm, st.k_cache[j, :b], st.v_cache[j, :b], self.eps, self.heads,
                                      self.kv_heads, self.head_dim, gemv, self.sdpa)
-            if b > 1:
+            if live is not None:
                 keep = live.view(1, b, 1, 1)
                 st.k_cache[:, :b, :, 0] = torch.where(keep, st.k_cache[:, :b, :, 0], k0)
                 st.v_cache[:, :b, :, 0] = torch.where(keep, st.v_cache[:, :b, :, 0], v0)
@@ -485,7 +485,9 @@ class FastDecoder:
 
     def _capture(self, st: _Stage, b: int) -> None:
         with torch.cuda.device(st.device):  # the warm-up, the capture stream and the graph on the stage's GPU
-            stream = self._streams.setdefault(st.device, torch.cuda.Stream())
+            if st.device not in self._streams:
+                self._streams[st.device] = torch.cuda.Stream()
+            stream = self._streams[st.device]
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(3):  # warm-up: compiles, autotunes, allocates workspaces outside the graph
