@@ -1,10 +1,14 @@
 """Quick GPU check of the fast path on the tiny model: same greedy tokens as generate() (eager, graph, graph +
-compile, and with a chunked prefill), and prefill logits equal to one plain forward."""
+compile, and with a chunked prefill), and prefill logits equal to one plain forward; then the layer split with both
+halves on cuda:0 (two segments): generate()'s tokens lone, in slots of a bucketed batch, and with prefill(start=)."""
 
 import torch
+from accelerate import dispatch_model
 
+from glmkit.device_map import split_layers
 from glmkit.fast_decode import FastDecoder
-from glmkit.loading import load_model
+from glmkit.generation import encode_chat
+from glmkit.loading import load_model, load_tokenizer
 
 model = load_model(dtype=torch.float32, device_map="cuda:0")
 ids = torch.randint(0, 800, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
@@ -47,12 +51,9 @@ for dtype in (torch.bfloat16, torch.float32):
 # The layer split with both halves on cuda:0 (a map naming the card twice, 0 and "cuda:0": two segments, two CUDA
 # graphs per step and the hand-over between them), on the trained tiny model: generate()'s tokens, lone and in
 # slots of a bucketed batch, with chunked prefill and a prefill continued with start=
-from glmkit.device_map import split_layers  # noqa: E402
-from glmkit.generation import encode_chat  # noqa: E402
-from glmkit.loading import load_tokenizer  # noqa: E402
-
 tok = load_tokenizer()
-split = load_model(dtype=torch.float32, device_map=split_layers(trained.config, [3, 3], devices=[0, "cuda:0"]))
+split = dispatch_model(load_model(dtype=torch.float32, device_map="cuda:0"),  # accelerate's hooks, as a real split
+                       split_layers(trained.config, [3, 3], devices=[0, "cuda:0"]), main_device="cuda:0")
 questions = ["How many layers does GLM-4-9B-Chat have?", "How do I split the model over two GPUs?", "Hi"]
 prompts = [encode_chat(tok, [{"role": "user", "content": q}], device="cuda:0")["input_ids"] for q in questions]
 

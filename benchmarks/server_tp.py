@@ -27,6 +27,7 @@ import psutil
 
 from glmkit.bench import save_result
 
+SERVERS = {"tp2": ["--tp", "2"], "split": ["--device-map", "20,20", "--fast-decode"], "one": ["--fast-decode"]}
 PROMPTS = ["Tell me about GPUs.", "What is a device map?", "How do I split the model over two GPUs?",
            "What limits decode speed?"]
 
@@ -113,8 +114,8 @@ def shutdown(proc: subprocess.Popen) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="default: the tiny trained GLM")
-    ap.add_argument("--servers", nargs="+", default=["tp2", "one"], choices=["tp2", "one"],
-                    help="tp2: glmkit serve --tp 2; one: glmkit serve --fast-decode (one GPU)")
+    ap.add_argument("--servers", nargs="+", default=["tp2", "one"], choices=list(SERVERS),
+                    help="tp2: glmkit serve --tp 2; split: --device-map 20,20 --fast-decode; one: --fast-decode")
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -128,27 +129,40 @@ def main() -> None:
     checkpoint = str(args.checkpoint or TRAINED_TINY_DIR)
     eos = GenerationConfig.from_pretrained(checkpoint).eos_token_id
     no_end = {str(t): -100 for t in (eos if isinstance(eos, list) else [eos])}
-    rows = []
+    rows: list[dict] = []
+
+    def save() -> None:
+        one = [r for r in rows if r["kind"] == "one" and "levels" in r]
+        for row in rows if one else []:
+            for a, b in zip(row.get("levels", []), one[0]["levels"]):
+                a["vs_one_gpu"] = a["tokens_per_s"] / b["tokens_per_s"]
+        save_result(args.name, {
+            "model": model_label(checkpoint), "rows": rows,
+            "method": f"each server a `glmkit serve` process; per level {args.seconds:.0f} s of N openai client "
+                      f"threads sending max_tokens={args.max_tokens} requests back to back (end tokens banned, "
+                      "temperature 0.8) after a warm-up round of 8-token requests; ttft: streaming 8-token requests "
+                      "on the idle server; shutdown: SIGTERM to glmkit serve until every process it started is gone"})
+
     for server in args.servers:
-        flags = ["--tp", "2"] if server == "tp2" else ["--fast-decode"]
-        proc, base, up_s = start(checkpoint, flags, max(args.clients), args.max_tokens + 128)
+        flags = SERVERS[server]
+        row = {"kind": server, "server": "glmkit serve " + " ".join(flags)}
         try:
-            row = {"server": "glmkit serve " + " ".join(flags), "startup_s": up_s, "ttft": ttft(base, 2)}
+            proc, base, row["startup_s"] = start(checkpoint, flags, max(args.clients), args.max_tokens + 128)
+        except RuntimeError as exc:  # recorded; the other servers still run
+            rows.append(row | {"error": str(exc)})
+            save()
+            continue
+        try:
+            row["ttft"] = ttft(base, 2)
             row["levels"] = [level(base, n, args.seconds, args.max_tokens, no_end) for n in args.clients]
             row["ttft"] = ttft(base, args.ttft_samples)  # (the first two above: compile and graph capture)
+        except Exception as exc:  # a failed level is recorded, and the server still shut down
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         finally:
             row["shutdown"] = shutdown(proc)
         print(row, flush=True)
         rows.append(row)
-    if len(rows) == 2:
-        for a, b in zip(rows[0]["levels"], rows[1]["levels"]):
-            a["vs_one_gpu"] = a["tokens_per_s"] / b["tokens_per_s"]
-    save_result(args.name, {
-        "model": model_label(checkpoint), "rows": rows,
-        "method": f"each server a `glmkit serve` process; per level {args.seconds:.0f} s of N openai client threads "
-                  f"sending max_tokens={args.max_tokens} requests back to back (end tokens banned, temperature 0.8) "
-                  "after a warm-up round of 8-token requests; ttft: streaming 8-token requests on the idle server; "
-                  "shutdown: SIGTERM to glmkit serve until every process it started is gone"})
+        save()
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ short), 128 new tokens, decode tok/s summed over the batch, median of 3 runs aft
 - With one GPU: the one-GPU proxy of the split, both halves on cuda:0 (a map that names the card twice, 0 and
   "cuda:0": two segments, two CUDA graphs per step and the hand-over between them; only the NVLink hop is
   missing, 18 µs per token on 2×H200), against the one-device decoder in the same run.
-Batch sizes: 1, the largest the planner fits on 2×12 GiB at 8K (``plan_memory(..., fast_decode=True)`` when the
-planner has it), and 16 if it fits. The same greedy tokens on both sides are checked (64 tokens).
+Batch sizes: 1 and the largest the planner fits on 2×12 GiB at 8K (``plan_memory(..., fast_decode=True)`` when
+the planner has it, prompts prefilled in 2,048-token chunks), and 16 (at 8K if it fits, else at the longest context
+the planner gives it; both sides of a row use the same context). The same greedy tokens on both sides are checked (64 tokens).
 ``result["tensor_parallel"]`` is the slot for the TP rows (``--tp 2``) once that path has a fast decoder.
 
     python benchmarks/two_gpu_fast.py
@@ -30,29 +31,49 @@ CARD = 12 * 2**30
 CONTEXT = 8192
 
 
-def planned_batch(config: Any, device_map: dict[str, Any], largest: int = 64) -> dict[str, Any]:
-    """The largest batch the planner fits at 8K on 2×12 GiB with this map (fast-path budget when it has one)."""
+def _plan_kwargs() -> dict[str, Any]:
+    """The planner's arguments for the fast split: prompts prefilled in 2,048-token chunks (what a 12 GiB card
+    needs at 8K), no CUDA-context share (the cap limits PyTorch's allocator only), the fast-path budget (fused
+    q/k/v copy, static cache, graph pools) when this planner has it."""
     import inspect
 
     from glmkit.planning import plan_memory
 
     fast = "fast_decode" in inspect.signature(plan_memory).parameters
-    kw = {"fast_decode": True} if fast else {}
-    best = 0
-    for b in range(1, largest + 1):
-        if not plan_memory(config, [CARD, CARD], device_map=device_map, context_len=CONTEXT, batch_size=b,
-                           cuda_context=0, **kw).fits:
-            break
-        best = b
-    return {"batch": best, "planner": "plan_memory(fast_decode=True)" if fast else "plan_memory (plain generate(); "
-            "no fast-path budget in this planner yet)"}
+    return {"prefill_chunk": 2048, "cuda_context": 0, **({"fast_decode": True} if fast else {})}
+
+
+def planned_rows(config: Any, device_map: dict[str, Any]) -> tuple[list[tuple[int, int]], dict[str, Any]]:
+    """(batch, context) rows: batch 1 and the planner's largest batch at 8K on 2×12 GiB, and batch 16 at 8K if it
+    fits, else at the longest context the planner gives batch 16."""
+    from glmkit.planning import max_context, plan_memory
+
+    kw = _plan_kwargs()
+
+    def fits(b: int) -> bool:
+        return plan_memory(config, [CARD, CARD], device_map=device_map, context_len=CONTEXT, batch_size=b, **kw).fits
+
+    lo, hi = 0, 1
+    while hi <= 256 and fits(hi):  # doubling, then bisection: the largest batch that fits
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    ctx16 = CONTEXT if lo >= 16 else max_context(config, [CARD, CARD], batch_size=16, device_map=device_map, **kw)
+    ctx16 = min(CONTEXT, ctx16 // 256 * 256)
+    rows = list(dict.fromkeys([(1, CONTEXT), (max(lo, 1), CONTEXT)] + ([(16, ctx16)] if ctx16 >= 512 else [])))
+    planner = "plan_memory(fast_decode=True)" if "fast_decode" in kw else "plan_memory (plain; no fast-path budget yet)"
+    return rows, {"largest_batch_at_8k": lo, "batch16_context": ctx16, "planner": planner, "plan_kwargs": kw}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batches", nargs="+", type=int, help="default: 1, the planner's largest at 8K, 16")
+    ap.add_argument("--batches", nargs="+", type=int, help="at 8K (default: 1, the planner's largest, 16)")
+    ap.add_argument("--hop", choices=["peer", "host"], default="peer",
+                    help="the split's hand-over: device to device, or through pinned host memory (no peer-to-peer)")
+    ap.add_argument("--name", default="two_gpu_fast")
     args = ap.parse_args()
     import torch
     from accelerate import dispatch_model
@@ -65,32 +86,34 @@ def main() -> None:
     config = glm4_9b_chat_config()
     split_devices = [0, 1] if two else [0, "cuda:0"]  # one GPU: the card named twice = two segments on it
     device_map = split_layers(config, [20, 20], devices=split_devices)
-    plan = planned_batch(config, split_layers(config, [20, 20]))
-    batches = args.batches or sorted({1, plan["batch"], 16} - {0})
+    rows, plan = planned_rows(config, split_layers(config, [20, 20]))
+    if args.batches:
+        rows = [(b, CONTEXT) for b in args.batches]
     result: dict[str, Any] = {
         "mode": "two GPUs, each capped at 12 GiB" if two else "one-GPU proxy: both halves of the split on cuda:0",
-        "context": CONTEXT, "new_tokens": args.new_tokens, "planned_batch_at_8k": plan, "rows": [],
+        "new_tokens": args.new_tokens, "hop": args.hop, "plan": plan, "rows": [],
         "tensor_parallel": [],  # slot: FastDecoder rows for --tp 2 (one rank's shard per GPU) when TP has one
     }
 
-    def save() -> None:
-        save_result("two_gpu_fast", {"method": "GLM-4-9B architecture, random weights, bf16, FastDecoder defaults "
-                                               "(compiled layer, CUDA graphs, Triton GEMVs at batch 1), 8K static "
-                                               f"cache, 32-token prompt, {args.new_tokens} new tokens, median of "
-                                               f"{args.repeats} runs after a warm-up", **result})
+    method = ("GLM-4-9B architecture, random weights, bf16, FastDecoder defaults (compiled layer, CUDA graphs, "
+              "Triton GEMVs at batch 1), static cache of the row's context (every step attends over all of it), "
+              f"32-token prompt, {args.new_tokens} new tokens, median of {args.repeats} runs after a warm-up")
 
-    def measure(model: torch.nn.Module, label: str, b: int) -> dict[str, Any]:
+    def save() -> None:
+        save_result(args.name, {"method": method, **result})
+
+    def measure(model: torch.nn.Module, label: str, b: int, context: int) -> dict[str, Any]:
         gc.collect()
         torch.cuda.empty_cache()
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
-        row: dict[str, Any] = {"path": label, "batch_size": b}
+        row: dict[str, Any] = {"path": label, "batch_size": b, "context": context}
         try:
-            dec = FastDecoder(model, max_len=CONTEXT, batch_size=b, graph_batch_sizes=[b])
+            dec = FastDecoder(model, max_len=context, batch_size=b, graph_batch_sizes=[b], hop=args.hop)
             runs = [dec.tokens_per_second(32, args.new_tokens) for _ in range(args.repeats)]
             row |= {"decode_tok_s": statistics.median(r["decode_tok_s"] for r in runs),
                     "runs_tok_s": [r["decode_tok_s"] for r in runs], "gemv": dec.gemv,
-                    "segments": [f"{s.entry!r}: layers {s.layers.start}..{s.layers.stop - 1}" for s in dec.segments]}
+                    "segments": [r[:3] for r in dec.rows()]}
             del dec
         except torch.OutOfMemoryError as exc:
             row["oom"] = str(exc)[:200]
@@ -104,7 +127,7 @@ def main() -> None:
         return out[0, 32:].tolist()
 
     model = random_model(config, "cuda:0")
-    one = {b: measure(model, "one GPU", b) for b in batches}  # uncapped
+    one = {r: measure(model, "one GPU", *r) for r in rows}  # uncapped
     want = greedy(model)
     model = dispatch_model(model, device_map, main_device="cuda:0")  # the split: layers 20..39 + head move (2 GPUs)
     gc.collect()
@@ -112,14 +135,16 @@ def main() -> None:
     if two:
         for i in (0, 1):
             torch.cuda.set_per_process_memory_fraction(CARD / torch.cuda.get_device_properties(i).total_memory, i)
-    label = "split 20/20, two GPUs capped at 12 GiB" if two else "split 20/20, one-GPU proxy (both halves on cuda:0)"
+    hop = ", hop through host memory" if args.hop == "host" else ""
+    label = (f"split 20/20{hop}, two GPUs capped at 12 GiB" if two
+             else f"split 20/20{hop}, one-GPU proxy (both halves on cuda:0)")
     got = greedy(model)
     result["greedy_tokens_identical"] = got == want
-    for b in batches:
-        row = measure(model, label, b)
-        if "decode_tok_s" in row and "decode_tok_s" in one[b]:
-            row["over_one_gpu"] = row["decode_tok_s"] / one[b]["decode_tok_s"]
-        result["rows"] += [one[b], row]
+    for r in rows:
+        row = measure(model, label, *r)
+        if "decode_tok_s" in row and "decode_tok_s" in one[r]:
+            row["over_one_gpu"] = row["decode_tok_s"] / one[r]["decode_tok_s"]
+        result["rows"] += [one[r], row]
         save()
     print({"greedy_tokens_identical": result["greedy_tokens_identical"]}, flush=True)
     save()

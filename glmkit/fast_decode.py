@@ -39,6 +39,7 @@ from glmkit.generation import cache_argument, chunked_prefill, pick_token, preal
 from glmkit.generation import eos_token_ids as model_eos
 from glmkit.vocabulary import head_dim
 
+HOPS = ("peer", "host")  # how the hidden state crosses between the devices of a split (FastDecoder(hop=...))
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
 
 
@@ -349,6 +350,7 @@ class _Stage:
             torch.zeros(batch_size, 1, hidden, device=dev, dtype=dtype) for _ in range(4))
         self.logits = torch.zeros(batch_size, vocab, device=dev, dtype=torch.float32) if segment.head else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.staging: list[torch.Tensor] | None = None  # pinned host buffers of a hop through host memory
 
 
 class FastDecoder:
@@ -388,13 +390,20 @@ class FastDecoder:
             fuses; meant for the compiled path: run eagerly it builds a [b, heads, cache, head_dim] temporary). On an
             H100 the reductions were slower: -1.8% with a 288-token cache, -15% with 2048 (decode_variants.json).
         graph_batch_sizes: the step sizes to capture (default 1, 2, 4, ... and ``batch_size``; ``bucket_sizes``).
+        hop: how the hidden state crosses from one segment's device to the next on a split. ``"peer"`` (default):
+            a device-to-device copy (NVLink or PCIe peer-to-peer). ``"host"``: staged through pinned host memory,
+            each half waited for, as it goes between cards that have no peer-to-peer access (two consumer cards on
+            PCIe often have none); notebook 02 compares the two.
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
                  cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool | str = "auto",
                  compile_options: dict[str, Any] | None = None, attention: str = "sdpa",
-                 graph_batch_sizes: Sequence[int] | None = None) -> None:
+                 graph_batch_sizes: Sequence[int] | None = None, hop: str = "peer") -> None:
         self.check(model)
+        if hop not in HOPS:
+            raise ValueError(f"hop must be one of {HOPS} (device to device, or through host memory), not {hop!r}.")
+        self.hop = hop
         if attention not in ("sdpa", "reduction"):
             raise ValueError(f"attention must be 'sdpa' or 'reduction', not {attention!r}.")
         if gemv not in ("auto", False, True, "triton"):
@@ -461,6 +470,34 @@ class FastDecoder:
         self._streams: dict[torch.device, torch.cuda.Stream] = {}  # a capture stream per device
         self.ready = False  # the first prefill (or step) warms the steps up (compiles, captures) once
 
+    def rows(self) -> list[list[str]]:
+        """Per segment: the map entry, the device, what it runs, and the memory the decoder adds there."""
+        from glmkit.tables import gib
+
+        out = []
+        for st in self.stages:
+            seg = st.segment
+            runs = ([f"layers {seg.layers.start}..{seg.layers.stop - 1}"] if len(seg.layers) else [])
+            runs = (["embeddings"] if seg.embed else []) + runs + (["lm_head"] if seg.head else [])
+            fused = sum(w[0].numel() * w[0].element_size() for w in st.weights)
+            cache = st.k_cache.numel() * st.k_cache.element_size() * 2
+            out.append([repr(seg.entry), str(st.device), ", ".join(runs), gib(fused), gib(cache)])
+        return out
+
+    def _headers(self) -> list[str]:
+        return ["map entry", "device", "runs", "fused q/k/v copy", f"KV cache ({self.batch_size} x {self.max_len})"]
+
+    def __repr__(self) -> str:
+        from glmkit.tables import text_table
+
+        return text_table(self._headers(), self.rows())
+
+    def _repr_html_(self) -> str:
+        from glmkit.tables import html_table
+
+        return html_table(self._headers(), self.rows(), caption=f"FastDecoder: {len(self.stages)} segment(s), "
+                          f"step sizes {self.buckets}")
+
     @property
     def gemv(self) -> bool | str:
         """The projection kernels of the full-batch step (``gemv_by_bucket`` has them per step size)."""
@@ -502,28 +539,28 @@ class FastDecoder:
         outputs (the hidden state, or the logits) and its cache rows. Rows k..b-1 (k = live rows) run a dummy
         token at position 0 whose K/V write is undone before the step ends: their cache rows are left as they were."""
         m = self.model
-        live = st.batch_index[:b] < st.control[2, :b]
-        tokens = torch.where(live, st.control[0, :b], 0)
+        live = st.batch_index[:b] < st.control[2, :b] if b > 1 else None  # a one-row step's row is always live
+        tokens = st.control[0, :1] if live is None else torch.where(live, st.control[0, :b], 0)
         if st.segment.embed:
             x = F.embedding(tokens[:, None], m.get_input_embeddings().weight)  # [b, 1, hidden]
             h = rms_norm(x, self.first_norm, self.eps)
         else:
             x, h = st.x_in[:b], st.h_in[:b]
         if len(st.segment.layers):
-            pos = torch.where(live, st.control[1, :b], 0)
+            pos = st.control[1, :1] if live is None else torch.where(live, st.control[1, :b], 0)
             cos = st.cos[pos][:, None, None, :]
             sin = st.sin[pos][:, None, None, :]
             # additive mask, built once per step for all layers: 0 up to each row's position, -inf after
             mask = torch.zeros(b, 1, 1, self.max_len, dtype=self.dtype, device=st.device)
             mask = mask.masked_fill(st.positions[None, None, None, :] > pos[:, None, None, None], float("-inf"))
-            if b > 1:  # the dummy rows' K/V at position 0, to put back
+            if live is not None:  # the dummy rows' K/V at position 0, to put back
                 k0, v0 = st.k_cache[:, :b, :, 0].clone(), st.v_cache[:, :b, :, 0].clone()
             gemv = self.gemv_by_bucket[b]
             for j, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(st.weights):
                 x, h = self.layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
                                      next_norm, st.k_cache[j, :b], st.v_cache[j, :b], self.eps, self.heads,
                                      self.kv_heads, self.head_dim, gemv, self.sdpa)
-            if b > 1:
+            if live is not None:
                 keep = live.view(1, b, 1, 1)
                 st.k_cache[:, :b, :, 0] = torch.where(keep, st.k_cache[:, :b, :, 0], k0)
                 st.v_cache[:, :b, :, 0] = torch.where(keep, st.v_cache[:, :b, :, 0], v0)
@@ -538,7 +575,9 @@ class FastDecoder:
 
     def _capture(self, st: _Stage, b: int) -> None:
         with torch.cuda.device(st.device):  # the warm-up, the capture stream and the graph on the stage's GPU
-            stream = self._streams.setdefault(st.device, torch.cuda.Stream())
+            if st.device not in self._streams:
+                self._streams[st.device] = torch.cuda.Stream()
+            stream = self._streams[st.device]
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(3):  # warm-up: compiles, autotunes, allocates workspaces outside the graph
@@ -628,6 +667,9 @@ class FastDecoder:
         on ``lm_head``'s device, valid until the next step (clone them to keep them)."""
         k = tokens.numel()
         b = self.bucket(k)
+        if isinstance(pos, torch.Tensor) and pos.numel() != k:
+            raise ValueError(f"decode_step got {k} tokens and {pos.numel()} positions: give one position per "
+                             "token (rows 0..k-1), or one int for all.")
         if not self.ready:
             self._first_step()
         first = self.stages[0]
@@ -640,9 +682,7 @@ class FastDecoder:
         previous = None
         for st in self.stages:
             if previous is not None:  # the hop: the control row and the hidden state [b, 1, hidden], nothing more
-                st.control.copy_(first.control)
-                st.x_in[:b].copy_(previous.x_out[:b])
-                st.h_in[:b].copy_(previous.h_out[:b])
+                self._hand_over(first.control, previous, st, b)
             if b in st.graphs:
                 with torch.cuda.device(st.device):
                     st.graphs[b].replay()
@@ -650,6 +690,21 @@ class FastDecoder:
                 self._run_eager(st, b)
             previous = st
         return self.logits[:k]
+
+    def _hand_over(self, control: torch.Tensor, previous: _Stage, st: _Stage, b: int) -> None:
+        """Copy the control rows and the hidden state of ``b`` rows from ``previous``'s outputs to ``st``'s inputs."""
+        pairs = [(control, st.control), (previous.x_out[:b], st.x_in[:b]), (previous.h_out[:b], st.h_in[:b])]
+        if self.hop == "peer":
+            for src, dst in pairs:
+                dst.copy_(src)
+            return
+        if st.staging is None:  # pinned host twins of the three buffers, made on the first host hop
+            pin = st.device.type == "cuda"
+            st.staging = [torch.empty_like(buf, device="cpu", pin_memory=pin) for buf in (st.control, st.x_in, st.h_in)]
+        for (src, dst), host in zip(pairs, st.staging):
+            n = src.shape[0]
+            host[:n].copy_(src)  # device -> host: waits for the copy (and the step before it)
+            dst.copy_(host[:n])  # host -> device: waits too
 
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, eos_token_ids: list[int] | None = None, ignore_eos: bool = False,

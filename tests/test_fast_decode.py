@@ -160,6 +160,23 @@ def test_split_runs_as_two_segments_with_generates_tokens(split):
     assert torch.equal(chunked, fast)
 
 
+def test_embeddings_and_lm_head_on_their_own_entries_are_segments_too():
+    from accelerate import dispatch_model
+
+    model = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
+    device_map = {name: torch.device("cpu") for name in two_segment_map(model)}
+    device_map["model.embed_tokens"] = device_map["lm_head"] = "cpu"  # e.g. accelerate's "auto" on uneven cards
+    model = dispatch_model(model, device_map, main_device="cpu")
+    dec = FastDecoder(model, max_len=64, batch_size=2)
+    assert [(len(s.layers), s.embed, s.head) for s in dec.segments] == [(0, True, False), (6, False, False),
+                                                                        (0, False, True)]
+    assert "layers 0..5" in repr(dec) and "lm_head" in dec.rows()[2][2]
+    ids = torch.randint(0, 800, (2, 9), generator=torch.Generator().manual_seed(6))
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=10,
+                          do_sample=False)
+    assert torch.equal(dec.generate(ids, max_new_tokens=10, ignore_eos=True), want)
+
+
 def test_split_batched_prompts_of_different_lengths_with_chunked_prefill(split):
     prompts = [chat_ids("How many layers does GLM-4-9B-Chat have?"), chat_ids("How do I split the model?"),
                torch.randint(0, 800, (1, 5), generator=torch.Generator().manual_seed(5))]
@@ -221,6 +238,8 @@ def test_split_and_bucket_errors_are_explained(split):
     dec = FastDecoder(split, max_len=16, batch_size=2)
     with pytest.raises(ValueError, match="1 to batch_size=2 rows, got 3"):
         dec.decode_step(torch.tensor([1, 2, 3]), 4)
+    with pytest.raises(ValueError, match="1 tokens and 2 positions"):
+        dec.decode_step(torch.tensor([1]), torch.tensor([4, 5]))
     with pytest.raises(ValueError, match="reaches position 17"):
         dec.prefill(torch.ones(1, 5, dtype=torch.long), slot=0, start=12)
     with pytest.raises(ValueError, match="graph_batch_sizes"):
@@ -255,3 +274,20 @@ def test_cli_generate_and_bench_take_fast_decode(capsys):
     assert row["path"] == "fast" and row["decode_tok_s"] > 0
     assert main(["generate", "--fast-decode", "--quantization", "nf4", "--tp", "2"]) == 2  # TP slices 16-bit weights
     assert "instead of --tp" in capsys.readouterr().err
+
+
+def test_the_engine_takes_a_split_model_for_its_fast_path(split):
+    from glmkit.engine import Engine
+    from glmkit.loading import load_tokenizer
+
+    Engine(split, load_tokenizer(TRAINED_TINY_DIR), fast_decode=True).close()  # refused it before issue 19
+
+
+def test_a_hop_through_host_memory_decodes_the_same_tokens(split):
+    ids = chat_ids("What crosses between the two cards?")
+    peer = FastDecoder(split, max_len=96).generate(ids, max_new_tokens=24)
+    host = FastDecoder(split, max_len=96, hop="host")
+    assert torch.equal(host.generate(ids, max_new_tokens=24), peer)
+    assert host.stages[1].staging is not None and host.stages[0].staging is None  # only the second segment receives
+    with pytest.raises(ValueError, match="hop must be one of"):
+        FastDecoder(split, max_len=96, hop="pcie")
