@@ -15,7 +15,7 @@ for dtype in (torch.float32, torch.bfloat16):
     want = FastDecoder(model, max_len=64, batch_size=2).generate(ids, 24, ignore_eos=True)
     want1 = FastDecoder(model, max_len=64).generate(ids[:1], 24, ignore_eos=True)
     split = dispatch_model(model, split_layers(model, [3, 3], devices=[0, 1]), main_device="cuda:0")
-    for opts in ({"cuda_graph": False, "compile": False}, {}):
+    for opts in ({"cuda_graph": False, "compile": False}, {}, {"hop": "host"}):
         for chunk in (None, 7):
             try:
                 dec = FastDecoder(split, max_len=64, batch_size=2, **opts)
