@@ -103,11 +103,15 @@ def shutdown(proc: subprocess.Popen) -> dict:
     children = psutil.Process(proc.pid).children(recursive=True)
     t0 = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
-    code = proc.wait(120)
-    _, alive = psutil.wait_procs(children, timeout=60)
+    try:
+        code = proc.wait(90)
+    except subprocess.TimeoutExpired:  # recorded as a hang, then everything it started is killed
+        code = None
+        proc.kill()
+    _, alive = psutil.wait_procs(children, timeout=30)
     for p in alive:
         p.kill()
-    return {"exit_code": code, "processes": 1 + len(children), "left_after_60s": len(alive),
+    return {"exit_code": code, "hung": code is None, "processes": 1 + len(children), "left_after_30s": len(alive),
             "seconds": time.perf_counter() - t0}
 
 

@@ -443,12 +443,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
+        code = 0
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"glmkit {args.command}: {exc}", file=sys.stderr)
-        return 2
-    finally:
+        code = 2
+    except BaseException:
         leave_process_group()
-    return 0
+        raise
+    leave_process_group(code)  # (under torchrun with NCCL: the process ends here, with this code)
+    return code
 
 
 if __name__ == "__main__":

@@ -73,11 +73,22 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def leave_process_group() -> None:
-    """Destroy the process group, if any, before the process exits: a torchrun child that exits with gloo's
-    threads still running can abort ("terminate called without an active exception", SIGABRT) after its work."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def leave_process_group(exit_code: int | None = None) -> None:
+    """Leave the process group, if any, before the process exits.
+
+    gloo: the group is destroyed (a torchrun child that exits with gloo's threads still running can abort,
+    "terminate called without an active exception", SIGABRT, after its work). NCCL, with ``exit_code``: the process
+    exits at once with that code, streams flushed, without destroying the group: once CUDA graphs have captured
+    NCCL all-reduces, ``destroy_process_group`` can wait forever (pytorch/pytorch#115388; ``glmkit serve --tp 2``
+    hung so on 2×H200 after answering every request). The driver frees the GPUs' memory either way.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if exit_code is not None and "nccl" in str(torch.distributed.get_backend()).lower():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    torch.distributed.destroy_process_group()
 
 
 def _free_port() -> int:
