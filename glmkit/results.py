@@ -205,8 +205,54 @@ def plot_planner_accuracy(*results: dict[str, Any]) -> Any:
     return fig
 
 
-def _errors(result: dict[str, Any]) -> list[float]:
-    return [c["error"] for c in result["cases"] if "error" in c]
+PLANNER_LONG = {"expandable_segments": "planner_accuracy_long_expandable", "default": "planner_accuracy_long_default"}
+
+
+def planner_long_rows() -> list[list[str]]:
+    """Planned vs measured peak past 32K tokens (``planner_accuracy_long_*.json``), both allocators: the total and the
+    allocator's slack (planned, and measured as peak reserved minus peak allocated)."""
+    rows = []
+    for allocator, name in PLANNER_LONG.items():
+        result = load(name)
+        for c in (result or {}).get("cases", []):
+            if "measured_peak" in c:
+                rows.append([allocator, c["precision"], str(c["batch_size"]), f"{c['context_len'] // 1024}K",
+                             f"{c['planned']['total'] / GiB:.2f}", f"{c['measured_peak'] / GiB:.2f}", _pct(c["error"]),
+                             f"{c['planned']['allocator'] / GiB:.2f}",
+                             f"{(c['peak_reserved'] - c['peak_allocated']) / GiB:.2f}"])
+    return rows
+
+
+def planner_long_table() -> Table | Text:
+    """The planner against ``generate()`` at 64K and 128K tokens, kept aside from every fit (notebook 03).
+
+    >>> planner_long_table().headers[:4]
+    ['allocator', 'precision', 'batch', 'context']
+    """
+    rows = planner_long_rows()
+    if not rows:
+        return not_measured("The planner past 32K tokens", "benchmarks/planner_accuracy.py --contexts 65536 131072")
+    env = next(load(n) for n in PLANNER_LONG.values() if load(n) is not None)["environment"]
+    caption = (f"{env['device']}, torch {env['versions']['torch']}, transformers {env['versions']['transformers']}; "
+               "cases kept aside from every fit; measured slack = peak reserved − peak allocated")
+    return table(["allocator", "precision", "batch", "context", "planned GiB", "measured GiB", "error",
+                  "planned slack GiB", "measured slack GiB"], rows, caption=caption)
+
+
+def planner_long_clause() -> str:
+    """The sentence on the 64K/128K check, for ``planner_sentence`` ("" before it was measured)."""
+    parts = []
+    for allocator, name in PLANNER_LONG.items():
+        result = load(name)
+        cases = [c for c in (result or {}).get("cases", []) if "error" in c]
+        if cases:
+            errors = ", ".join(f"{c['context_len'] // 1024}K {_pct(c['error'])}" for c in cases)
+            parts.append(f"{'`expandable_segments`' if allocator != 'default' else 'the default allocator'} {errors}")
+    if not parts:
+        return ""
+    device = next(load(n) for n in PLANNER_LONG.values() if load(n) is not None)["environment"]["device"]
+    return (f" Kept aside from both fits, batch 1 past 32K tokens on an {device} "
+            f"(`planner_accuracy_long_*.json`): {'; '.join(parts)}.")
 
 
 def planner_sentence() -> Text:
@@ -229,10 +275,10 @@ def planner_sentence() -> Text:
                  f"{', '.join(str(b) for b in sorted({c['batch_size'] for c in held['cases']}))} at {contexts} tokens, "
                  f"`planner_validation.json`) the worst error is **{100 * held['worst_abs_error']:.1f}%**.")
     if default is not None:
-        errs = _errors(default)
-        text += (f" With PyTorch's default allocator the planner over-predicts by up to {100 * max(errs):.1f}% "
-                 f"({default['cases_measured']} cases): that allocator's slack varies from run to run, and the plan "
-                 f"covers its worst.")
+        precisions = "/".join(dict.fromkeys(c["precision"] for c in default["cases"]))
+        text += (f" With PyTorch's default allocator (its slack term fitted on {default['cases_measured']} cases, "
+                 f"{precisions} on the same grid) the worst error is **{100 * default['worst_abs_error']:.1f}%**.")
+    text += planner_long_clause()
     text += (" The planner assumes `expandable_segments`, which glmkit turns on in every process it starts (the "
              "notebooks' setup, `glmkit serve`, `load_model`); a `PYTORCH_CUDA_ALLOC_CONF` you set yourself wins, and "
              "every plan says which allocator it assumed (`glmkit plan --allocator expandable|default` to choose).")
