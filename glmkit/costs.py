@@ -265,7 +265,10 @@ def allocator_slack(config: Any, tokens: int, batch_size: int = 1, dtype: torch.
       cached and a new segment is reserved beside it. Everything scales with the tokens, so the slack does too,
       but its ratio to ``G`` depends on which freed block each request happens to land in: measured 1.26-1.38 G
       at 8K-32K tokens and 0.82 G at 64K and 128K (bf16), 0.64-1.34 G in 4 bit (beyond ``W``), with no trend
-      in the context. The planner takes about one extra ``G``: ``1.04 G`` (plus ``W``, or ``3.5 W`` for int8),
+      in the context. ``benchmarks/allocator_replay.py`` replays the prefill's requests through the allocator's
+      rules: the first layer reserves a segment per temporary, then one more ``[b, s, inter]`` segment (``G / 2``)
+      each time the KV cache has taken too much of the freed ones; at 64K and 128K that happens once, and the
+      replay gives the measured 0.82 G. The planner takes about one extra ``G``: ``1.04 G`` (plus ``W``, or ``3.5 W`` for int8),
       the value with the smallest worst error on the 16 H100 cases of
       ``planner_accuracy_default_allocator.json`` (2K-32K tokens, batch 1 and 4: within 4.4%), checked on
       runs kept aside, batch 1 at 64K and 128K tokens on an H200 (``planner_accuracy_long_default.json``:
