@@ -1212,7 +1212,7 @@ def two_card_server_sentence() -> Text:
         text = (f"`glmkit serve` on two {split['environment']['device']} ({split['environment']['date']}), tokens/s at "
                 f"{' / '.join(map(str, clients))} clients: one GPU with `--fast-decode` **{series('one')}**; the 20/20 "
                 f"split with `--fast-decode` **{series('split')}** ({_range(ratios('split'), 2)}x one GPU; each card "
-                f"holds half the weights, so twice the room for KV cache)")
+                f"holds half the weights, so the pair has room for more KV cache than one card)")
         tp = ratios("tp2")
         if len(tp) == len(clients):
             more = sum(x > 1 for x in tp)
