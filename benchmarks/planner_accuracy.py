@@ -14,6 +14,10 @@ Past 32K, one allocator per process (PyTorch reads its setting once, when CUDA s
     python benchmarks/planner_accuracy.py --precisions bf16 --contexts 65536 131072 --batches 1 --no-speed \
         --allocator default --name planner_accuracy_long_default
 
+Fits and checks: the slack terms (``glmkit.costs.allocator_slack``) were fitted on planner_accuracy.json
+(expandable_segments) and planner_accuracy_default_allocator.json (default); planner_validation.json and the two
+long runs were kept aside to check them (``tests/test_planning.py`` fails when any case is off by 5% or more).
+
 Measurements are stored raw; ``--recompute`` re-derives the predictions and errors from them with the
 current planner (pure arithmetic, no GPU), so a planner change is checked against the same measurements.
 Writes benchmarks/results/NAME.json (and to $OUT).

@@ -65,10 +65,14 @@ def not_measured(what: str, script: str) -> Text:
     return Text(f"{what}: not measured yet (run `{script}` on a GPU machine to measure it).")
 
 
-def from_result(name: str, render: Callable[[dict[str, Any]], str], *, what: str, script: str) -> Text:
-    """``render(result)`` for a committed result, else the plain "not measured yet" sentence."""
+def from_result(name: str, render: Callable[[dict[str, Any]], Any], *, what: str, script: str) -> Any:
+    """``render(result)`` for a committed result (a sentence as ``Text``; a ``Table`` or chart as it is), else the
+    plain "not measured yet" sentence."""
     result = load(name)
-    return Text(render(result)) if result is not None else not_measured(what, script)
+    if result is None:
+        return not_measured(what, script)
+    rendered = render(result)
+    return Text(rendered) if isinstance(rendered, str) else rendered
 
 
 @dataclass(repr=False)
@@ -86,6 +90,20 @@ class Table:
         return (self.caption + "\n" if self.caption else "") + text_table(self.headers, self.rows)
 
     __repr__ = __str__
+
+    def markdown(self) -> str:
+        """The table in Markdown (for the README), its caption as the line above.
+
+        >>> print(table(["clients", "tok/s"], [[1, "8.6"]], caption="c").markdown())
+        c
+        <BLANKLINE>
+        | clients | tok/s |
+        | --- | --- |
+        | 1 | 8.6 |
+        """
+        lines = [f"| {' | '.join(self.headers)} |", "| " + " | ".join("---" for _ in self.headers) + " |"]
+        lines += [f"| {' | '.join(row)} |" for row in self.rows]
+        return (self.caption + "\n\n" if self.caption else "") + "\n".join(lines)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> Table:
@@ -205,8 +223,54 @@ def plot_planner_accuracy(*results: dict[str, Any]) -> Any:
     return fig
 
 
-def _errors(result: dict[str, Any]) -> list[float]:
-    return [c["error"] for c in result["cases"] if "error" in c]
+PLANNER_LONG = {"expandable_segments": "planner_accuracy_long_expandable", "default": "planner_accuracy_long_default"}
+
+
+def planner_long_rows() -> list[list[str]]:
+    """Planned vs measured peak past 32K tokens (``planner_accuracy_long_*.json``), both allocators: the total and the
+    allocator's slack (planned, and measured as peak reserved minus peak allocated)."""
+    rows = []
+    for allocator, name in PLANNER_LONG.items():
+        result = load(name)
+        for c in (result or {}).get("cases", []):
+            if "measured_peak" in c:
+                rows.append([allocator, c["precision"], str(c["batch_size"]), f"{c['context_len'] // 1024}K",
+                             f"{c['planned']['total'] / GiB:.2f}", f"{c['measured_peak'] / GiB:.2f}", _pct(c["error"]),
+                             f"{c['planned']['allocator'] / GiB:.2f}",
+                             f"{(c['peak_reserved'] - c['peak_allocated']) / GiB:.2f}"])
+    return rows
+
+
+def planner_long_table() -> Table | Text:
+    """The planner against ``generate()`` at 64K and 128K tokens, kept aside from every fit (notebook 03).
+
+    >>> planner_long_table().headers[:4]
+    ['allocator', 'precision', 'batch', 'context']
+    """
+    rows = planner_long_rows()
+    if not rows:
+        return not_measured("The planner past 32K tokens", "benchmarks/planner_accuracy.py --contexts 65536 131072")
+    env = next(load(n) for n in PLANNER_LONG.values() if load(n) is not None)["environment"]
+    caption = (f"{env['device']}, torch {env['versions']['torch']}, transformers {env['versions']['transformers']}; "
+               "cases kept aside from every fit; measured slack = peak reserved − peak allocated")
+    return table(["allocator", "precision", "batch", "context", "planned GiB", "measured GiB", "error",
+                  "planned slack GiB", "measured slack GiB"], rows, caption=caption)
+
+
+def planner_long_clause() -> str:
+    """The sentence on the 64K/128K check, for ``planner_sentence`` ("" before it was measured)."""
+    parts = []
+    for allocator, name in PLANNER_LONG.items():
+        result = load(name)
+        cases = [c for c in (result or {}).get("cases", []) if "error" in c]
+        if cases:
+            errors = ", ".join(f"{c['context_len'] // 1024}K {_pct(c['error'])}" for c in cases)
+            parts.append(f"{'`expandable_segments`' if allocator != 'default' else 'the default allocator'} {errors}")
+    if not parts:
+        return ""
+    device = next(load(n) for n in PLANNER_LONG.values() if load(n) is not None)["environment"]["device"]
+    return (f" Kept aside from both fits, batch 1 past 32K tokens on an {device} "
+            f"(`planner_accuracy_long_*.json`): {'; '.join(parts)}.")
 
 
 def planner_sentence() -> Text:
@@ -229,10 +293,10 @@ def planner_sentence() -> Text:
                  f"{', '.join(str(b) for b in sorted({c['batch_size'] for c in held['cases']}))} at {contexts} tokens, "
                  f"`planner_validation.json`) the worst error is **{100 * held['worst_abs_error']:.1f}%**.")
     if default is not None:
-        errs = _errors(default)
-        text += (f" With PyTorch's default allocator the planner over-predicts by up to {100 * max(errs):.1f}% "
-                 f"({default['cases_measured']} cases): that allocator's slack varies from run to run, and the plan "
-                 f"covers its worst.")
+        precisions = "/".join(dict.fromkeys(c["precision"] for c in default["cases"]))
+        text += (f" With PyTorch's default allocator (its slack term fitted on {default['cases_measured']} cases, "
+                 f"{precisions} on the same grid) the worst error is **{100 * default['worst_abs_error']:.1f}%**.")
+    text += planner_long_clause()
     text += (" The planner assumes `expandable_segments`, which glmkit turns on in every process it starts (the "
              "notebooks' setup, `glmkit serve`, `load_model`); a `PYTORCH_CUDA_ALLOC_CONF` you set yourself wins, and "
              "every plan says which allocator it assumed (`glmkit plan --allocator expandable|default` to choose).")
@@ -612,7 +676,9 @@ def server_table() -> Table:
                 continue
             vs = (f"{level['vs_decoder']:.0%} of the decoder" if "vs_decoder" in level else
                   f"{level['tokens_per_s_vs_1_client']:.1f}x 1 client" if "tokens_per_s_vs_1_client" in level else "")
-            rows.append([path.stem, r["environment"]["device"], "yes" if r.get("fast_decode") else "no",
+            device = r["environment"]["device"] + (f" x {len(r['environment'].get('gpus', []))}, --device-map "
+                                                   f"{r['device_map']}" if r.get("device_map") else "")
+            rows.append([path.stem, device, "yes" if r.get("fast_decode") else "no",
                          level.get("mode", "static"), level["clients"], f"{level['seconds']:.1f}",
                          f"{level['tokens_per_s']:.1f}", vs, level.get("largest_batch", "")])
     return table(["result", "device", "--fast-decode", "batching", "clients", "window s", "tokens/s", "compared",
@@ -730,17 +796,56 @@ def static_server_sentence() -> Text:
 # Two GPUs (two_gpu*.json, tensor_parallel.json, gpu_links.json): notebooks 02, 08, 09
 
 
+def _longest_prompts(r: dict[str, Any]) -> str:
+    """Per mode of a ``two_gpu`` result: the longest prompt that ran, the shortest that did not, the planner's limit."""
+    parts = []
+    for mode in dict.fromkeys(x["mode"] for x in r.get("longest", [])):
+        runs = [x for x in r["longest"] if x["mode"] == mode]
+        ok = [x["prompt_len"] for x in runs if x.get("ok")]
+        bad = [x["prompt_len"] for x in runs if not x.get("ok")]
+        limit = next((x["planner_max_context"] for x in runs if "planner_max_context" in x), None)
+        notes = ([] if bad else ["the longest tried"]) + ([f"planner's longest for that map: {limit:,}"] if limit else [])
+        parts.append(f"{mode}: " + ", ".join(([f"{max(ok):,} tokens ok"] if ok else [])
+                                             + ([f"{min(bad):,} tokens OOM"] if bad else []))
+                     + (f" ({'; '.join(notes)})" if notes else ""))
+    return "; ".join(parts)
+
+
 def two_gpu_sentence() -> Text:
-    """Measured two-GPU memory per card against the plan, or the plain "not measured yet"."""
+    """Measured two-GPU memory per card against the plan, and the longest prompts, or the plain "not measured yet"."""
     def render(r: dict[str, Any]) -> str:
         maps = "; ".join(f"{m['map']}: peaks {' / '.join(f'{p / GiB:.2f}' for p in m['peak_reserved'])} GiB against "
                          f"{' / '.join(f'{p / GiB:.2f}' for p in m['planned'])} planned"
                          for m in r.get("maps", []) if "peak_reserved" in m and "planned" in m)
-        longest = "; ".join(f"{x['mode']}: {x['prompt_len']:,} tokens {'ok' if x.get('ok') else 'OOM'}"
-                            for x in r.get("longest", []))
-        return f"On two {r['environment']['device']} capped at 12 GiB each: {maps}. Longest prompts: {longest}."
+        return (f"On two {r['environment']['device']} ({r.get('method', 'each card capped at 12 GiB')}): {maps}. "
+                f"Longest prompts: {_longest_prompts(r)}.")
     return from_result("two_gpu", render, what="Two-GPU memory per card against the plan",
                        script="benchmarks/two_gpu.py")
+
+
+def two_gpu_longest_sentence() -> Text:
+    """The longest prompt two 12 GiB-capped cards took: accelerate's auto map with plain ``generate()`` against the
+    KV-aware map with chunked prefill (``two_gpu.json``), with the planner's limit for each; notebook 03."""
+    return from_result("two_gpu", lambda r: f"Longest prompts on two {measured_on(r)}, each capped at 12 GiB: "
+                                            f"{_longest_prompts(r)}. The cap covers PyTorch's allocator only, so "
+                                            f"these limits were planned without the CUDA context "
+                                            f"(`cuda_context=0`); a plan for a real card counts it and is shorter.",
+                       what="The longest prompt on two 12 GiB cards", script="benchmarks/two_gpu.py")
+
+
+def two_gpu_table() -> Table | Text:
+    """The maps of notebooks 02 and 03 on two 12 GiB-capped cards: layers, planned and measured peak per card
+    (``two_gpu.json``), or "not measured yet"."""
+    def render(r: dict[str, Any]) -> Table:
+        rows = [[m["map"], " / ".join(map(str, m.get("layers", []))), f"{m['context']:,}" if "context" in m else "-",
+                 " / ".join(f"{p / GiB:.2f}" for p in m["planned"]),
+                 " / ".join(f"{p / GiB:.2f}" for p in m["peak_reserved"]),
+                 " / ".join(_pct(p / q - 1) for p, q in zip(m["peak_reserved"], m["planned"]))]
+                for m in r.get("maps", []) if "peak_reserved" in m and "planned" in m]
+        return table(["map", "layers per card", "context", "planned GiB per card", "measured peak GiB per card",
+                      "measured vs planned"], rows,
+                     caption=f"two {measured_on(r)}, each capped at 12 GiB; {r.get('method', '')}")
+    return from_result("two_gpu", render, what="The maps on two 12 GiB cards", script="benchmarks/two_gpu.py")
 
 
 def _times(x: float) -> str:
@@ -845,15 +950,23 @@ def gpu_links_sentence() -> Text:
 
 
 def tensor_parallel_table() -> Table | Text:
-    """``tensor_parallel.json`` as a table (one GPU, layer split, tensor parallel), or "not measured yet"."""
-    r = load("tensor_parallel")
-    if r is None:
-        return not_measured("One GPU vs a 2-GPU layer split vs 2-GPU tensor parallelism",
-                            "benchmarks/tensor_parallel.py")
-    keys = [k for k in r["runs"][0] if k not in ("mode", "batch_size", "error")][:6]
-    return table(["mode", "batch"] + keys, [[x["mode"], x["batch_size"]] + [
-        f"{x[k]:.1f}" if isinstance(x.get(k), float) else x.get(k, "-") for k in keys] for x in r["runs"]],
-        caption=f"{measured_on(r)}; {r['method']}")
+    """``tensor_parallel.json`` as a table (plain ``generate()``: one GPU, layer split, tensor parallel; speed against
+    one GPU at the same batch, peak memory per card), or "not measured yet"."""
+    def render(r: dict[str, Any]) -> Table:
+        base_mode = r["runs"][0]["mode"]  # benchmarks/tensor_parallel.py runs one GPU first
+        base = {x["batch_size"]: x["decode_tok_s"] for x in r["runs"] if x["mode"] == base_mode and x.get("decode_tok_s")}
+        rows = []
+        for x in r["runs"]:
+            tok = x.get("decode_tok_s")
+            peaks = ([p for p in x["peak_allocated"].values() if p] if "peak_allocated" in x else
+                     [p for rank in x.get("per_rank", []) for p in rank["peak_allocated"].values() if p])
+            rows.append([x["mode"], x["batch_size"], f"{tok:.1f}" if tok else x.get("error", "failed"),
+                         f"{tok / base[x['batch_size']]:.2f}x" if tok and x["batch_size"] in base else "-",
+                         " / ".join(f"{p / GiB:.2f}" for p in peaks) or "-"])
+        return table(["mode", "batch", "decode tok/s", f"x {base_mode}", "peak allocated GiB per card"], rows,
+                     caption=f"{measured_on(r)}; {r['method']}")
+    return from_result("tensor_parallel", render, what="One GPU vs a 2-GPU layer split vs 2-GPU tensor parallelism",
+                       script="benchmarks/tensor_parallel.py")
 
 
 def tensor_parallel_sentence() -> Text:
@@ -866,7 +979,9 @@ def tensor_parallel_sentence() -> Text:
                  + (f" ({x['decode_tok_s'] / base[x['batch_size']]:.2f}x {base_mode})" if x["batch_size"] in base else "")
                  for x in runs if x["mode"] != base_mode]
         failed = [f"{x['mode']} at batch {x['batch_size']}" for x in r["runs"] if not x.get("decode_tok_s")]
-        return (f"Measured on {measured_on(r)} ({r['method']}): " + "; ".join(parts) + "."
+        one = " / ".join(f"{t:.1f}" for t in base.values())
+        return (f"Measured on {measured_on(r)} ({r['method']}): {base_mode} {one} tok/s at batch "
+                f"{' / '.join(map(str, base))}; " + "; ".join(parts) + "."
                 + (f" Failed: {', '.join(failed)}." if failed else ""))
     return from_result("tensor_parallel", render, what="Tensor parallel decode speed against one GPU",
                        script="benchmarks/tensor_parallel.py")
@@ -1067,6 +1182,301 @@ def tp_estimate_chart() -> Any:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Two cards behind the server (server_split_2gpu.json, server_tp_2gpu.json, server_load_2gpu.json): notebooks 02, 08
+
+SERVERS = {"tp2": "TP=2 (--tp 2)", "split": "split 20/20 (--fast-decode)", "one": "one GPU (--fast-decode)",
+           "plain": "split 20/20, plain generate()"}
+SERVER_SCRIPT = "benchmarks/server_tp.py"
+
+
+def _server_rows(result: dict[str, Any] | None) -> dict[str, dict[int, dict[str, Any]]]:
+    """``{kind: {clients: level}}`` of a ``server_tp.py`` result (``rows`` of servers, each with ``kind``)."""
+    return {row["kind"]: {lv["clients"]: lv for lv in row.get("levels", [])} for row in (result or {}).get("rows", [])}
+
+
+def two_card_server_levels() -> dict[int, dict[str, float]]:
+    """Tokens/s per number of clients for each server on two cards and one (``{clients: {server: tokens/s}}``, keys
+    as in ``SERVERS``): the split and one GPU from ``server_split_2gpu.json``, TP=2 from ``server_tp_2gpu.json``, the
+    plain split (static batching) from ``server_load_2gpu.json``; empty before the first of them exists."""
+    split = _server_rows(load("server_split_2gpu"))
+    tp = _server_rows(load("server_tp_2gpu"))
+    plain = load("server_load_2gpu")
+    levels: dict[int, dict[str, float]] = {}
+    for kind, rows in (("tp2", tp.get("tp2", {})), ("split", split.get("split", {})), ("one", split.get("one", {}))):
+        for clients, lv in rows.items():
+            levels.setdefault(clients, {})[kind] = lv["tokens_per_s"]
+    for lv in (plain or {}).get("levels", []):
+        if lv.get("via", "http") == "http" and lv["clients"] in levels:
+            levels[lv["clients"]]["plain"] = lv["tokens_per_s"]
+    return dict(sorted(levels.items()))
+
+
+def _rounds(*results: dict[str, Any] | None) -> str:
+    """How many requests each client completed in a level's window, lowest–highest, over the given server results."""
+    rounds = [lv["requests"] / lv["clients"] for r in results for rows in _server_rows(r).values() for lv in rows.values()]
+    return _range(rounds, 0)
+
+
+def two_card_server_table() -> Table | Text:
+    """``glmkit serve`` on two cards against one, tokens/s per number of clients: TP=2, the 20/20 split with the fast
+    path, one GPU, each two-card server's ratio to one GPU, and the plain split; or "not measured yet"."""
+    def render(split: dict[str, Any]) -> Table:
+        tp = load("server_tp_2gpu")
+        def cells(t: dict[str, float], kind: str) -> list[str]:
+            """tokens/s and the ratio to one GPU of one server at one level ("-" where not measured)."""
+            one = t.get("one")
+            return [f"{t[kind]:.1f}", f"{t[kind] / one:.2f}x" if one else "-"] if kind in t else ["-", "-"]
+
+        rows = [[clients, *cells(t, "tp2"), *cells(t, "split"), f"{t['one']:.1f}" if "one" in t else "-",
+                 f"{t['plain']:.1f}" if "plain" in t else "-"] for clients, t in two_card_server_levels().items()]
+        env = split["environment"]
+        caption = (f"glmkit serve on {len(env.get('gpus', [])) or 2} x {env['device']}, {env['date']}: tokens/s summed "
+                   f"over the clients (openai client threads on loopback, 128-token requests). The split and one-GPU "
+                   f"servers ran in one run (server_split_2gpu.json); "
+                   + ("TP=2 in a separate run on the same machine minutes later (server_tp_2gpu.json), so its ratio "
+                      "compares two runs" if tp else "TP=2: not measured yet (benchmarks/server_tp.py)")
+                   + f"; the plain split with static batching in an earlier run (server_load_2gpu.json). Each client "
+                     f"completed {_rounds(split, tp)} requests per window.")
+        return table(["clients", "TP=2 tokens/s", "TP=2 / one GPU", "split tokens/s", "split / one GPU",
+                      "one GPU tokens/s", "plain split tokens/s"], rows, caption=caption)
+    return from_result("server_split_2gpu", render, what="The server on two cards", script=SERVER_SCRIPT)
+
+
+def two_card_server_sentence() -> Text:
+    """What the server on two cards gave against one GPU, level by level, and why TP=2's decoder gain can vanish
+    behind the server (``server_*_2gpu.json``, ``tp_fast.json``), or "not measured yet"."""
+    def render(split: dict[str, Any]) -> str:
+        levels = two_card_server_levels()
+        clients = [c for c, t in levels.items() if "one" in t]
+
+        def series(kind: str) -> str:
+            return " / ".join(f"{levels[c][kind]:.1f}" for c in clients)
+
+        def ratios(kind: str) -> list[float]:
+            return [levels[c][kind] / levels[c]["one"] for c in clients if kind in levels[c]]
+
+        text = (f"`glmkit serve` on two {split['environment']['device']} ({split['environment']['date']}), tokens/s at "
+                f"{' / '.join(map(str, clients))} clients: one GPU with `--fast-decode` **{series('one')}**; the 20/20 "
+                f"split with `--fast-decode` **{series('split')}** ({_range(ratios('split'), 2)}x one GPU; each card "
+                f"holds half the weights, so the pair has room for more KV cache than one card)")
+        tp = ratios("tp2")
+        if len(tp) == len(clients):
+            more = sum(x > 1 for x in tp)
+            text += (f"; tensor parallel (`--tp 2`) **{series('tp2')}** ({_range(tp, 2)}x one GPU, more tokens/s than "
+                     f"one GPU at {more} of {len(tp)} levels). The split and one GPU ran in one run, TP=2 in a separate "
+                     f"run on the same machine minutes later.")
+            fast = load("tp_fast")
+            row = None if fast is None else _tp_fast_rows(fast).get(1)
+            if more < len(tp) and row and row[1]:
+                text += (f" TP=2's decoder alone is {row[1] / row[0]:.2f}x one GPU at batch 1 (`tp_fast.json`); behind "
+                         f"the server that gain is smaller than the host work each step adds (scheduling, sampling, "
+                         f"detokenizing, HTTP, and for TP=2 sending every decoder call to the second process), which "
+                         f"the second card does not share. Not profiled here: this is the likely cause, not a measured "
+                         f"one.")
+        else:
+            text += ". " + not_measured("TP=2 behind the server", SERVER_SCRIPT)
+        plain = [(c, t["plain"]) for c, t in levels.items() if "plain" in t]
+        if plain:
+            text += (f" The same split with plain `generate()` behind the server (static batching, an earlier run, "
+                     f"`server_load_2gpu.json`): {' / '.join(f'{v:.1f}' for _, v in plain)} tokens/s at "
+                     f"{' / '.join(str(c) for c, _ in plain)} clients.")
+        return text
+    return from_result("server_split_2gpu", render, what="The server on two cards", script=SERVER_SCRIPT)
+
+
+def two_card_server_chart() -> Any:
+    """Tokens/s per number of clients, TP=2 and the split against one GPU behind ``glmkit serve`` (log scale: the
+    levels span 20x); ``None`` before ``server_split_2gpu.json`` exists."""
+    split = load("server_split_2gpu")
+    if split is None:
+        return None
+    groups = {f"{c} client{'s' if c > 1 else ''}": {SERVERS[k]: t[k] for k in ("tp2", "split", "one") if k in t}
+              for c, t in two_card_server_levels().items()}
+    return _grouped_bars(groups, ylabel="tokens/s (summed over the clients)", log=True,
+                         title=f"glmkit serve, GLM-4-9B bf16, 2 x {measured_on(split)}; TP=2 in a separate run")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which two-card path for which link (two_gpu_fast*.json, tp_fast*.json, allreduce_latency*.json, gpu_links.json,
+# tp_bound.json): notebooks 02 and 08
+
+
+@dataclass(repr=False)
+class TwoCardEstimate:
+    """Estimated batch-1 decode tok/s on one GPU, a two-card layer split and TP=2, for one link."""
+
+    one_gpu_tok_s: float
+    split_tok_s: float
+    tp_tok_s: float
+
+    def _repr_html_(self) -> str:
+        return html_table(["path", "estimated tok/s", "x one GPU"], self._rows())
+
+    def _rows(self) -> list[list[str]]:
+        return [[name, f"{v:.1f}", f"{v / self.one_gpu_tok_s:.2f}x"] for name, v in
+                (("one GPU", self.one_gpu_tok_s), ("split 20/20", self.split_tok_s), ("TP=2", self.tp_tok_s))]
+
+    def __str__(self) -> str:
+        return text_table(["path", "estimated tok/s", "x one GPU"], self._rows())
+
+    __repr__ = __str__
+
+
+def two_card_estimate(step_s_one_gpu: float, shard_step_s: float, allreduce_s: float, hop_s: float,
+                      allreduces_per_token: int = ALLREDUCES_PER_TOKEN) -> TwoCardEstimate:
+    """Estimate batch-1 decode speed on two cards for a link of given latencies (notebooks 02 and 08).
+
+    A layer split runs the whole model's step, one card after the other, plus one hand-over of the hidden state
+    per token; TP=2 runs one rank's shard plus the token's all-reduces, one after another (none overlaps the work
+    that needs its result, so this is pessimistic).
+
+    Args:
+        step_s_one_gpu: seconds per token of the whole model on one GPU (``tp_bound.json``'s whole-model row).
+        shard_step_s: seconds per token of one TP=2 rank's shard alone, no all-reduce (``tp_bound.json``).
+        allreduce_s: one 8 KiB all-reduce inside a CUDA graph (``benchmarks/allreduce_latency.py``).
+        hop_s: what the split's hand-over adds to a token (the 8 KiB copy that ``benchmarks/gpu_links.py`` times,
+            plus the wait between the cards; measured here as the split's tok/s against one GPU).
+        allreduces_per_token: 80 for GLM-4-9B (2 per layer, 40 layers).
+
+    >>> e = two_card_estimate(5e-3, 3.6e-3, allreduce_s=15e-6, hop_s=100e-6)  # 5 ms + 0.1 ms; 3.6 ms + 80 x 15 µs
+    >>> round(e.one_gpu_tok_s), round(e.split_tok_s, 1), round(e.tp_tok_s, 1)
+    (200, 196.1, 208.3)
+    """
+    return TwoCardEstimate(one_gpu_tok_s=1 / step_s_one_gpu, split_tok_s=1 / (step_s_one_gpu + hop_s),
+                           tp_tok_s=1 / (shard_step_s + allreduces_per_token * allreduce_s))
+
+
+@dataclass
+class LinkMeasurement:
+    """One link's measured batch-1 figures for both two-card paths, each ratio taken within its own run."""
+
+    link: str
+    split_tok_s: float | None = None
+    split_one_gpu_tok_s: float | None = None  # one GPU in the split's run
+    tp_tok_s: float | None = None
+    tp_one_gpu_tok_s: float | None = None  # one GPU in tp_fast.json's run
+    tp_same_run: bool = True  # False when TP's one-GPU figure comes from another run
+    allreduce_s: float | None = None  # one 8 KiB all-reduce in a CUDA graph
+    copy_s: float | None = None  # one bare 8 KiB copy, waited for (gpu_links.json; peer links only)
+
+    @property
+    def hop_s(self) -> float | None:
+        """Seconds the split's hand-over adds to a token: the split's step minus one GPU's, in the same run."""
+        if self.split_tok_s is None or self.split_one_gpu_tok_s is None:
+            return None
+        return 1 / self.split_tok_s - 1 / self.split_one_gpu_tok_s
+
+
+def _batch1(result: dict[str, Any] | None, start: str) -> float | None:
+    row = next((x for x in (result or {}).get("rows", []) if x["batch_size"] == 1 and x["path"].startswith(start)
+                and "decode_tok_s" in x), None)
+    return None if row is None else row["decode_tok_s"]
+
+
+def link_measurements() -> list[LinkMeasurement]:
+    """The two links measured on the two-GPU machine: NVLink peer-to-peer, and through host memory (the split's
+    hand-over staged in pinned host memory, ``FastDecoder(hop="host")``; NCCL with ``NCCL_P2P_DISABLE=1``)."""
+    tp_fast, links = load("tp_fast"), load("gpu_links")
+    tp_one = _batch1(tp_fast, "one GPU")
+    out = []
+    for link, split, tp, allreduce, same in (("NVLink, peer to peer", "two_gpu_fast", "tp_fast", "allreduce_latency", True),
+                                             ("through host memory", "two_gpu_fast_host_hop", "tp_fast_no_p2p",
+                                              "allreduce_latency_no_p2p", False)):
+        s, t, a = load(split), load(tp), load(allreduce)
+        m = LinkMeasurement(link, split_tok_s=_batch1(s, "split"), split_one_gpu_tok_s=_batch1(s, "one GPU"),
+                            tp_tok_s=_batch1(t, "TP=2"), tp_one_gpu_tok_s=_batch1(t, "one GPU") or tp_one,
+                            tp_same_run=same or _batch1(t, "one GPU") is not None,
+                            allreduce_s=None if a is None or allreduce_us(a, 1) is None else allreduce_us(a, 1) * 1e-6)
+        if links is not None and same:
+            m.copy_s = statistics.median(d["hidden_state_seconds"].get("1", d["hidden_state_seconds"].get(1))
+                                         for d in links["directions"])
+        out.append(m)
+    return out
+
+
+def _speed(tok_s: float | None, one: float | None, star: str = "") -> str:
+    return "-" if tok_s is None else f"{tok_s:.1f}" + (f" ({tok_s / one:.2f}x{star})" if one else "")
+
+
+def two_card_link_table() -> Table | Text:
+    """Which path for which link, batch 1: each link's measured cost per token for the split (one hand-over) and
+    TP=2 (80 all-reduces), the measured speeds against one GPU, and ``two_card_estimate`` from those latencies and
+    ``tp_bound.json``'s steps; or "not measured yet"."""
+    def render(bound: dict[str, Any]) -> Table:
+        whole, shard = tp_bound_pairs(bound)[1]
+        rows = []
+        for m in link_measurements():
+            est = (two_card_estimate(1 / whole, 1 / shard, m.allreduce_s, m.hop_s)
+                   if m.allreduce_s is not None and m.hop_s is not None else None)
+            rows.append([m.link,
+                         "-" if m.copy_s is None else f"{1e6 * m.copy_s:.0f}",
+                         "-" if m.hop_s is None else f"{1e6 * m.hop_s:.0f}",
+                         _speed(m.split_tok_s, m.split_one_gpu_tok_s),
+                         "-" if m.allreduce_s is None else f"{1e6 * m.allreduce_s:.1f}",
+                         "-" if m.allreduce_s is None else f"{1e3 * ALLREDUCES_PER_TOKEN * m.allreduce_s:.2f}",
+                         _speed(m.tp_tok_s, m.tp_one_gpu_tok_s, "" if m.tp_same_run else "*"),
+                         "-" if est is None else f"{est.split_tok_s / est.one_gpu_tok_s:.2f}x / "
+                                                 f"{est.tp_tok_s / est.one_gpu_tok_s:.2f}x"])
+        return table(["link", "8 KiB copy µs", "split: hand-over µs a token", "split tok/s (x one GPU)",
+                      "all-reduce µs (in a graph)", f"TP=2: {ALLREDUCES_PER_TOKEN} all-reduces, ms a token",
+                      "TP=2 tok/s (x one GPU)", "estimate: split / TP=2 (x one GPU)"], rows,
+                     caption=f"Batch 1, GLM-4-9B bf16, two {_two_card_device()}. Hand-over: the split's step minus "
+                             "one GPU's, in the same run. *: against one GPU in tp_fast.json's run. Estimate: "
+                             f"two_card_estimate with the whole model's and one shard's steps on one "
+                             f"{measured_on(bound)} (tp_bound.json). 'Through host memory' is this server's host path, "
+                             "an approximation of cards without peer-to-peer (a desktop's PCIe and CPU are not an H200 "
+                             "server's).")
+    bound = load("tp_bound")
+    if bound is not None and 1 not in tp_bound_pairs(bound):  # a tp_bound.json without batch 1: nothing to estimate
+        return not_measured("Which two-card path for which link (batch 1 in tp_bound.json)", "benchmarks/tp_bound.py")
+    return from_result("tp_bound", render, what="Which two-card path for which link", script="benchmarks/tp_bound.py")
+
+
+def _two_card_device() -> str:
+    """``"<device>, <date>"`` of the two-GPU fast runs (``two_gpu_fast.json``, else ``tp_fast.json``)."""
+    r = load("two_gpu_fast") or load("tp_fast")
+    return "GPUs (not measured yet)" if r is None else measured_on(r)
+
+
+def link_guidance_sentence() -> Text:
+    """One rendered sentence of guidance: which two-card path pays on which link, from the measured latencies and
+    the break-even all-reduce latency, with how to measure your own link."""
+    bound = load("tp_bound")
+    if bound is None or 1 not in tp_bound_pairs(bound):
+        return not_measured("Which two-card path for which link", "benchmarks/tp_bound.py")
+    whole, shard = tp_bound_pairs(bound)[1]
+    even = break_even_allreduce_us(whole, shard)
+    measured = [m for m in link_measurements() if m.allreduce_s is not None]
+    parts = []
+    for m in measured:
+        tp = (f"TP=2 decoded {m.tp_tok_s / m.tp_one_gpu_tok_s:.2f}x one GPU"
+              + ("" if m.tp_same_run else " (one GPU from `tp_fast.json`'s run)")
+              if m.tp_tok_s and m.tp_one_gpu_tok_s else "TP=2 not measured")
+        split = ("" if m.hop_s is None else
+                 f", the split {m.split_tok_s / m.split_one_gpu_tok_s:.2f}x (its hand-over {1e6 * m.hop_s:.0f} µs a token)")
+        parts.append(f"{m.link} (all-reduce {1e6 * m.allreduce_s:.1f} µs): {tp}{split}")
+    peer = next((m for m in measured if m.copy_s is not None and m.hop_s is not None), None)
+    text = (f"At batch 1, measured on two {_two_card_device()}: " + "; ".join(parts) + ". "
+            f"By the estimate, TP=2 is faster than one card only while one 8 KiB all-reduce inside a CUDA graph takes "
+            f"less than **{even:.1f} µs**; above that it is slower than one card, and the split is the two-card path "
+            f"to take: one card's speed minus one hand-over a token, with both cards' memory.")
+    est = {m.link: two_card_estimate(1 / whole, 1 / shard, m.allreduce_s, 0.0).tp_tok_s / whole for m in measured}
+    beat = [m for m in measured if m.tp_tok_s and m.tp_one_gpu_tok_s and m.tp_tok_s / m.tp_one_gpu_tok_s > est[m.link]]
+    if measured and len(beat) == len(measured):
+        text += (" The estimate is cautious: it lets no all-reduce overlap any work, and the measured TP=2 beat it on "
+                 f"{'both links' if len(measured) == 2 else 'every link'} here.")
+    if peer is not None:
+        text += (f" The split's hand-over cost {1e6 * peer.hop_s:.0f} µs a token over NVLink, where the bare 8 KiB copy "
+                 f"takes {1e6 * peer.copy_s:.0f} µs: the rest is what the hand-over adds besides the copy (starting "
+                 f"the second card's graph, waiting for it; not broken down here).")
+    text += (" 'Through host memory' here is an H200 server's host path, only an approximation of two consumer cards "
+             "without peer-to-peer: measure your own link with `torchrun --nproc-per-node 2 "
+             "benchmarks/allreduce_latency.py` and `python benchmarks/gpu_links.py`, and give the latencies to "
+             "`glmkit.results.two_card_estimate`.")
+    return Text(text)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Quantization (quantization_9b.json) and the monitor (monitor_check*.json): README
 
 
@@ -1176,8 +1586,9 @@ def nf4_decode_sentence() -> Text:
 
 
 def _grouped_bars(groups: dict[str, dict[str, float]], *, ylabel: str, title: str,
-                  references: dict[str, float] | None = None, reference_label: str = "") -> Any:
-    """Bars ``{group: {bar: value}}`` side by side per group, with an optional dashed line over each group."""
+                  references: dict[str, float] | None = None, reference_label: str = "", log: bool = False) -> Any:
+    """Bars ``{group: {bar: value}}`` side by side per group, with an optional dashed line over each group
+    (``log=True``: a log scale, for groups of very different sizes)."""
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(b for bars in groups.values() for b in bars))
@@ -1194,6 +1605,8 @@ def _grouped_bars(groups: dict[str, dict[str, float]], *, ylabel: str, title: st
             ax.hlines(references[group], i - 0.45, i + 0.45, colors="k", linestyles="--", lw=1,
                       label=reference_label if i == 0 else None)
     ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    if log:
+        ax.set_yscale("log")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)  # below: the bars fill the top
@@ -1305,14 +1718,18 @@ def readme_measured_section() -> str:
                "**Tensor parallel**: " + tensor_parallel_sentence(),
                "**Fast tensor parallel**: " + tp_fast_sentence(),
                "**What bounds tensor parallelism**: " + tp_bound_sentence() + " " + tp_estimate_sentence(),
-               "**Link between two GPUs**: " + gpu_links_sentence(), "**All-reduce**: " + allreduce_sentence()]
+               "**Link between two GPUs**: " + gpu_links_sentence(), "**All-reduce**: " + allreduce_sentence(),
+               "**The server on two cards**: " + two_card_server_sentence(),
+               "**Which two-card path for which link**: " + link_guidance_sentence()]
     head = "Measured"
     if decode:
         v = decode["environment"]["versions"]
         head = (f"Measured on an {decode['environment']['device']} (torch {v['torch']}, transformers {v['transformers']}, "
                 f"bitsandbytes {v['bitsandbytes']}; {decode['environment']['date']})")
+    server = two_card_server_table()
+    tables = ["", "The server on two cards, per number of clients: " + server.markdown()] if isinstance(server, Table) else []
     return "\n".join([README_BEGIN, f"{head} (GLM-4-9B-Chat architecture, random weights; raw results in "
-                      "`benchmarks/results/`):", ""] + [f"- {b}" for b in bullets] + [README_END])
+                      "`benchmarks/results/`):", ""] + [f"- {b}" for b in bullets] + tables + [README_END])
 
 
 def update_readme(path: str | Path = RESULTS_DIR.parents[1] / "README.md") -> bool:

@@ -146,7 +146,8 @@ def test_missing_result_says_not_measured_and_switches_once_measured(tmp_path, m
     links = {"links": [{"nvlink": True}], "hidden_state_bytes": 8192,
              "directions": [{"from": 0, "to": 1, "bandwidth_bytes_s": 3e11, "hidden_state_seconds": {"1": 2e-5}}]}
     (tmp_path / "gpu_links.json").write_text(json.dumps({"environment": env, **links}))
-    assert "not measured yet" not in results.readme_measured_section().split("**Two GPUs**")[1]
+    two_gpu_bullets = results.readme_measured_section().split("**Two GPUs**")[1].split("**The server on two cards**")[0]
+    assert "not measured yet" not in two_gpu_bullets  # the server's files are not written here
     assert "Server throughput on a GPU: not measured yet" in results.server_sentence()  # neither server file here
     levels = [{"mode": m, "clients": c, "via": "http", "seconds": 6.0, "requests": 2, "tokens": 256,
                "tokens_per_s": t, "engine_steps_per_s": 50.0, "vs_decoder": t / (100.0 * c)}
@@ -204,3 +205,103 @@ def test_speed_ceiling_from_bandwidth():
     rows = {r[0]: r for r in decision_table().rows}
     assert rows["12GiB"][1:4] == ["no", "yes", "yes"]  # bf16 not on one 12 GiB card; nf4 on one; bf16 on two
     assert rows["24GiB"][1] == "yes"
+
+
+def _level(name, kind):
+    """``{clients: tokens/s}`` of one server of a ``benchmarks/server_tp.py`` result."""
+    row = next(r for r in results.load(name)["rows"] if r["kind"] == kind)
+    return {lv["clients"]: lv["tokens_per_s"] for lv in row["levels"]}
+
+
+def test_the_server_on_two_cards_renders_the_committed_files():
+    tp, split, one = _level("server_tp_2gpu", "tp2"), _level("server_split_2gpu", "split"), _level("server_split_2gpu", "one")
+    plain = {lv["clients"]: lv["tokens_per_s"] for lv in results.load("server_load_2gpu")["levels"]}
+    table = results.two_card_server_table()
+    rows = {int(r[0]): r for r in table.rows}
+    assert sorted(rows) == sorted(one)
+    for c, row in rows.items():
+        assert row[1] == f"{tp[c]:.1f}" and row[2] == f"{tp[c] / one[c]:.2f}x"
+        assert row[3] == f"{split[c]:.1f}" and row[4] == f"{split[c] / one[c]:.2f}x" and row[5] == f"{one[c]:.1f}"
+        assert row[6] == (f"{plain[c]:.1f}" if c in plain else "-")
+    assert "NVIDIA H200" in table.caption and "separate run" in table.caption  # two runs: said, not hidden
+    sentence = results.two_card_server_sentence()
+    more = sum(tp[c] > one[c] for c in one)
+    assert f"more tokens/s than one GPU at {more} of {len(one)} levels" in sentence
+    assert " / ".join(f"{one[c]:.1f}" for c in sorted(one)) in sentence
+    assert "| clients |" in results.readme_measured_section() and f"| {tp[1]:.1f} |" in results.readme_measured_section()
+    assert results.two_card_server_chart() is not None
+
+
+def _batch1(name, start):
+    return next(x["decode_tok_s"] for x in results.load(name)["rows"] if x["batch_size"] == 1 and x["path"].startswith(start))
+
+
+def test_which_path_for_which_link_renders_the_committed_files():
+    whole, shard = results.tp_bound_pairs(results.load("tp_bound"))[1]
+    rows = {r[0]: r for r in results.two_card_link_table().rows}
+    tp_one = _batch1("tp_fast", "one GPU")
+    for link, split, tp, allreduce in (("NVLink, peer to peer", "two_gpu_fast", "tp_fast", "allreduce_latency"),
+                                       ("through host memory", "two_gpu_fast_host_hop", "tp_fast_no_p2p",
+                                        "allreduce_latency_no_p2p")):
+        row = rows[link]
+        s, one = _batch1(split, "split"), _batch1(split, "one GPU")
+        hop = 1 / s - 1 / one
+        lat = results.load(allreduce)["runs"][0]["in_cuda_graph_us"] * 1e-6
+        t = _batch1(tp, "TP=2")
+        assert row[2] == f"{1e6 * hop:.0f}" and row[3] == f"{s:.1f} ({s / one:.2f}x)"
+        assert row[4] == f"{1e6 * lat:.1f}" and row[5] == f"{80e3 * lat:.2f}" and row[6].startswith(f"{t:.1f} ({t / tp_one:.2f}x")
+        split_est, tp_est = whole / (1 + hop * whole), 1 / (1 / shard + 80 * lat)  # tok/s, computed here independently
+        assert row[7] == f"{split_est / whole:.2f}x / {tp_est / whole:.2f}x"
+    assert rows["through host memory"][6].endswith("*)")  # its one-GPU figure comes from tp_fast.json's run
+    guidance = results.link_guidance_sentence()
+    assert f"**{(1 / whole - 1 / shard) / 80 * 1e6:.1f} µs**" in guidance  # the break-even latency
+    assert "approximation" in guidance and "allreduce_latency.py" in guidance and "gpu_links.py" in guidance
+    e = results.two_card_estimate(1 / whole, 1 / shard, allreduce_s=1e-3, hop_s=0.0)  # a very slow link
+    assert e.tp_tok_s < e.one_gpu_tok_s == e.split_tok_s and "TP=2" in str(e)
+
+
+def test_two_card_figures_say_not_measured_without_their_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    for figure in (results.two_card_server_table(), results.two_card_server_sentence(), results.two_card_link_table(),
+                   results.link_guidance_sentence(), results.two_gpu_table(), results.two_gpu_longest_sentence()):
+        assert "not measured yet" in str(figure)
+    assert results.two_card_server_chart() is None
+
+
+def test_plain_two_gpu_runs_render_the_committed_files():
+    tp = results.load("tensor_parallel")
+    base = {x["batch_size"]: x["decode_tok_s"] for x in tp["runs"] if x["mode"] == "one GPU"}
+    rows = results.tensor_parallel_table().rows
+    for x, row in zip(tp["runs"], rows):
+        assert row[2] == f"{x['decode_tok_s']:.1f}" and row[3] == f"{x['decode_tok_s'] / base[x['batch_size']]:.2f}x"
+    two = results.load("two_gpu")
+    longest = results.two_gpu_longest_sentence()
+    for mode in {x["mode"] for x in two["longest"]}:
+        ok = max(x["prompt_len"] for x in two["longest"] if x["mode"] == mode and x["ok"])
+        assert f"{mode}: {ok:,} tokens ok" in longest
+    for m, row in zip(two["maps"], results.two_gpu_table().rows):
+        assert row[4] == " / ".join(f"{p / 2**30:.2f}" for p in m["peak_reserved"])
+
+
+NOTEBOOKS_WITH_TWO_GPU_FIGURES = ("02_manual_split", "03_auto_maps", "08_tensor_parallel", "09_the_guide_point_by_point")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS_WITH_TWO_GPU_FIGURES)
+def test_every_figure_a_notebook_renders_comes_from_a_committed_file(name):
+    """Every ``glmkit.results`` sentence or table a notebook calls with no argument renders a measurement, not
+    "not measured yet": the files exist, so the notebook must show them."""
+    import inspect
+
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", 4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    called = set(re.findall(r"\b(\w+_(?:sentence|table))\(\)", code))
+    figures = {n: getattr(results, n) for n in called if hasattr(results, n)}
+    assert figures, name
+    for n, f in figures.items():
+        if not any(p.default is p.empty for p in inspect.signature(f).parameters.values()):
+            assert "not measured yet" not in str(f()), n
+    assert "not measured yet" not in code
+
+
+def test_readme_says_not_measured_nowhere():
+    assert "not measured yet" not in (ROOT / "README.md").read_text()
