@@ -12,8 +12,7 @@ ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 .PHONY: lab test lint notebooks clean chromium
 
 $(VENV)/.base: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(PYTHON) -m venv $(VENV)  # its own pip is enough (pip >= 21.3 installs this project editable): no upgrade
 	$(BIN)/python -m pip install -q $(TORCH)
 	touch $@
 

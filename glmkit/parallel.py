@@ -28,13 +28,14 @@ import subprocess
 import sys
 import threading
 from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
 
-from glmkit.loading import check_checkpoint, resolve_checkpoint
-from glmkit.tp_decode import TPDecoder
+# transformers, the loaders and the TP decoder are imported where they are used: `glmkit generate/serve --tp N`
+# imports this module in its launcher, which only starts the N processes (they load the model) and waits.
 
 
 def tp_problem(config: Any, tp: int) -> str | None:
@@ -53,6 +54,14 @@ def tp_problem(config: Any, tp: int) -> str | None:
                 f"Use --tp {max(d for d in range(1, kv + 1) if kv % d == 0 and heads % d == 0)}, and for more GPUs "
                 "add data-parallel replicas (one server per pair of GPUs) or a device map." + replicas)
     return None
+
+
+def checkpoint_heads(folder: str | Path) -> SimpleNamespace:
+    """The query and KV head counts from a checkpoint's ``config.json``, for ``tp_problem`` (read without
+    transformers: the launcher checks ``--tp N`` before any process starts)."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return SimpleNamespace(num_attention_heads=config["num_attention_heads"],
+                           num_key_value_heads=config.get("num_key_value_heads"))
 
 
 # NVLink multicast (NVLS) off in NCCL, torch's symmetric memory and NVSHMEM: on shared machines a program using it
@@ -158,6 +167,10 @@ def relaunch(nproc: int, argv: list[str], follow_parent: bool = False) -> int:
 
 def load_tp_model(path: Any, dtype: torch.dtype | str = "auto") -> torch.nn.Module:
     """Load a checkpoint split across the torchrun processes with transformers' tensor-parallel plan."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from glmkit.loading import check_checkpoint, resolve_checkpoint
+
     folder = resolve_checkpoint(path)
     check_checkpoint(folder)
     problem = tp_problem(AutoConfig.from_pretrained(folder), world_size())
@@ -213,6 +226,8 @@ def command_group() -> torch.distributed.ProcessGroup:
 def tp_decoder(model: torch.nn.Module, max_len: int, batch_size: int = 1) -> Any:
     """This torchrun process's ``TPDecoder`` for ``model`` (loaded whole on the CPU by every process; each keeps
     its slices on its GPU, or on the CPU without one)."""
+    from glmkit.tp_decode import TPDecoder
+
     group = init_process_group()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return TPDecoder(model, max_len, batch_size, group=group, device=device)

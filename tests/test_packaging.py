@@ -27,10 +27,31 @@ def test_environment_yml_matches_pyproject():
     assert listed == wanted
 
 
-def test_cli_env_reports_versions_and_gpus():
-    out = subprocess.run([sys.executable, "-m", "glmkit.cli", "env"], capture_output=True, text=True, check=True)
-    assert "torch" in out.stdout and "transformers" in out.stdout
-    assert "GPU" in out.stdout
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``glmkit ARGV`` in this process (no interpreter to start, torch already imported): (exit code, stdout,
+    stderr); argparse's own errors exit 2 too. The module entry point is checked once, in a subprocess, below."""
+    from glmkit.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_python_m_glmkit_cli_runs_and_exits_with_its_codes():
+    ok = subprocess.run([sys.executable, "-m", "glmkit.cli", "--help"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "make-tiny" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "glmkit.cli", "plan", "--context", "-5"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--context: must be at least 1" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_env_reports_versions_and_gpus(capsys):
+    code, out, _ = cli(capsys, "env")
+    assert code == 0
+    assert "torch" in out and "transformers" in out
+    assert "GPU" in out
 
 
 def test_env_report_names_each_gpu_link():
@@ -56,18 +77,17 @@ def test_peer_copy_needs_two_gpus():
         assert peer_copy_seconds(2**20) > 0
 
 
-def test_cli_make_tiny_writes_a_checkpoint(tmp_path):
-    subprocess.run([sys.executable, "-m", "glmkit.cli", "make-tiny", str(tmp_path / "t")], check=True,
-                   capture_output=True)
+def test_cli_make_tiny_writes_a_checkpoint(tmp_path, capsys):
+    code, out, _ = cli(capsys, "make-tiny", str(tmp_path / "t"))
+    assert code == 0 and "tiny GLM checkpoint written to" in out
     assert (tmp_path / "t" / "model.safetensors").exists()
     assert (tmp_path / "t" / "tokenizer.json").exists()
 
 
-def test_cli_reports_errors_in_words_with_exit_code_2(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "glmkit.cli", "plan", "--devices", "0GiB"],
-                         capture_output=True, text=True)
-    assert out.returncode == 2
-    assert "must be positive" in out.stderr and "Traceback" not in out.stderr
+def test_cli_reports_errors_in_words_with_exit_code_2(capsys):
+    code, _, err = cli(capsys, "plan", "--devices", "0GiB")
+    assert code == 2
+    assert "must be positive" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -75,8 +95,7 @@ def test_cli_reports_errors_in_words_with_exit_code_2(tmp_path):
     (["--device-map", "3,3", "--tp", "2"], "not both"),
     (["--device-map", "2,2"], "add up to 4, but the model has 6 decoder layers; e.g. --device-map 3,3"),
 ])
-def test_cli_device_map_option_is_checked(args, message):
-    out = subprocess.run([sys.executable, "-m", "glmkit.cli", "bench", "--new-tokens", "2", *args],
-                         capture_output=True, text=True)
-    assert out.returncode == 2, out.stderr
-    assert message in out.stderr and "Traceback" not in out.stderr
+def test_cli_device_map_option_is_checked(args, message, capsys):
+    code, _, err = cli(capsys, "bench", "--new-tokens", "2", *args)
+    assert code == 2, err
+    assert message in err and "Traceback" not in err

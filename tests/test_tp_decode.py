@@ -1,6 +1,7 @@
 """The tensor-parallel fast decoder: 2 gloo processes through ``glmkit generate --tp 2 --fast-decode`` give one
 process's tokens, and seeded sampling picks the same tokens on both ranks; a server's leader drives followers."""
 
+import pytest
 import torch
 
 from glmkit.fast_decode import FastDecoder
@@ -12,15 +13,20 @@ from glmkit.tp_decode import TPDecoder, tp_shard
 FAST = ["--fast-decode"]
 
 
-def test_two_process_tp_fast_decode_matches_one_process():
-    one = run_generate(TRAINED_TINY_DIR, tp=1, extra=FAST)
+@pytest.fixture(scope="module")
+def one_process() -> dict:
+    """``glmkit generate --fast-decode`` in one fresh process: the greedy reference (run once for both tests)."""
+    return run_generate(TRAINED_TINY_DIR, tp=1, extra=FAST)
+
+
+def test_two_process_tp_fast_decode_matches_one_process(one_process):
     two = run_generate(TRAINED_TINY_DIR, tp=2, extra=FAST)
-    assert two["processes"] == 2 and two["ranks_agree"]
-    assert two["tokens"] == one["tokens"] and "40" in two["text"]
+    assert one_process["processes"] == 1 and two["processes"] == 2 and two["ranks_agree"]
+    assert two["tokens"] == one_process["tokens"] and "40" in two["text"]
 
 
-def test_two_process_seeded_sampling_agrees_on_both_ranks():
-    greedy = run_generate(TRAINED_TINY_DIR, tp=1, extra=FAST)
+def test_two_process_seeded_sampling_agrees_on_both_ranks(one_process):
+    greedy = one_process
     sampled = run_generate(TRAINED_TINY_DIR, tp=2, extra=FAST + ["--temperature", "20", "--seed", "3"])
     again = run_generate(TRAINED_TINY_DIR, tp=2, extra=FAST + ["--temperature", "20", "--seed", "3"])
     assert sampled["ranks_agree"] and sampled["tokens"] == again["tokens"]
