@@ -308,6 +308,21 @@ def smallest_bucket(buckets: Sequence[int], k: int) -> int:
     return next(b for b in buckets if b >= k)
 
 
+def check_step(buckets: Sequence[int], tokens: torch.Tensor, pos: int | torch.Tensor) -> tuple[int, int]:
+    """``(k, step size)`` for a decode step of ``tokens`` ``[k]`` at ``pos`` (one int for all rows, or one per
+    token), checked before anything runs; else ``ValueError`` saying what to change.
+
+    >>> check_step([1, 2, 4], torch.tensor([5, 6, 7]), torch.tensor([9, 9, 9]))
+    (3, 4)
+    """
+    k = tokens.numel()
+    b = smallest_bucket(buckets, k)
+    if isinstance(pos, torch.Tensor) and pos.numel() != k:
+        raise ValueError(f"decode_step got {k} tokens and {pos.numel()} positions: give one position per "
+                         "token (rows 0..k-1), or one int for all.")
+    return k, b
+
+
 def bucket_sizes(batch_size: int, graph_batch_sizes: Sequence[int] | None = None) -> list[int]:
     """Batch sizes a decoder captures a step for: ``graph_batch_sizes`` (default 1, 2, 4, ... below
     ``batch_size``), always with ``batch_size`` itself; a step for k rows runs the smallest one >= k.
@@ -665,11 +680,7 @@ class FastDecoder:
         (one for all rows, or ``[k]``); their K/V go into the cache. Runs the smallest captured step size >= k
         (``bucket``); the other rows of the cache are left as they were. The logits are a view of a static buffer
         on ``lm_head``'s device, valid until the next step (clone them to keep them)."""
-        k = tokens.numel()
-        b = self.bucket(k)
-        if isinstance(pos, torch.Tensor) and pos.numel() != k:
-            raise ValueError(f"decode_step got {k} tokens and {pos.numel()} positions: give one position per "
-                             "token (rows 0..k-1), or one int for all.")
+        k, b = check_step(self.buckets, tokens, pos)
         if not self.ready:
             self._first_step()
         first = self.stages[0]

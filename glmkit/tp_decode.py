@@ -43,6 +43,7 @@ from glmkit.fast_decode import (
     auto_gemv,
     bucket_sizes,
     check_prefill,
+    check_step,
     decode_speed,
     linear,
     mlp_activation,
@@ -296,8 +297,7 @@ class TPDecoder:
         """Logits ``[k, vocab]`` for ``tokens`` ``[k]`` of rows 0..k-1 at ``pos`` (one for all rows, or ``[k]``),
         with the smallest captured batch that holds them (its other rows decode a dummy token at position 0, which
         a later prefill of that row overwrites). The logits are valid until the next step."""
-        k = tokens.numel()
-        b = self.bucket(k)
+        k, b = check_step(self.buckets, tokens, pos)
         self.tokens[:k].copy_(tokens.view(-1, 1))
         self.tokens[k:b].zero_()
         self.pos[:k].copy_(pos) if isinstance(pos, torch.Tensor) else self.pos[:k].fill_(pos)
@@ -350,6 +350,11 @@ STOP, DECODE, PREFILL = 0, 1, 2
 HEADER = 8
 
 
+def leader_rank(group: dist.ProcessGroup | None) -> int:
+    """The global rank of ``group``'s first process (the leader), whose commands the others follow."""
+    return dist.get_global_rank(group, 0) if group else 0
+
+
 class TPLeader:
     """Rank 0's handle on its ``TPDecoder`` for a server: every ``prefill``/``decode_step`` is first sent to the other
     ranks (``follow``), which run the same call on their shards, so the collectives inside meet. The serving engine
@@ -364,7 +369,7 @@ class TPLeader:
         self.decoder, self.group = decoder, group
         for name in ("batch_size", "max_len", "device", "dtype", "buckets", "bucket"):
             setattr(self, name, getattr(decoder, name))
-        self.src = dist.get_global_rank(group, 0) if group else 0
+        self.src = leader_rank(group)
         self.wire = torch.zeros(HEADER + 2 * decoder.batch_size, dtype=torch.long)
 
     def _send(self, *fields: int) -> None:
@@ -373,18 +378,14 @@ class TPLeader:
 
     def prefill(self, input_ids: torch.Tensor, chunk: int | None = None, slot: int | None = None,
                 start: int = 0) -> torch.Tensor:
-        if input_ids.dim() != 2:  # refused by the decoder itself, before anything is sent
-            return self.decoder.prefill(input_ids, chunk, slot, start)
-        rows, n = input_ids.shape
+        rows, n = check_prefill(input_ids, slot, start, self.batch_size, self.max_len)  # refused before it is sent
         self._send(PREFILL, rows, n, chunk or 0, -1 if slot is None else slot, start)
         dist.broadcast(input_ids.to("cpu", torch.long).contiguous(), src=self.src, group=self.group)
         return self.decoder.prefill(input_ids, chunk, slot, start)
 
     def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
-        k, b = tokens.numel(), self.batch_size
+        (k, _), b = check_step(self.buckets, tokens, pos), self.batch_size  # refused before it is sent
         per_row = isinstance(pos, torch.Tensor)
-        if k > b or (per_row and pos.numel() != k):  # refused by the decoder itself, before anything is sent
-            return self.decoder.decode_step(tokens, pos)
         self.wire[HEADER:HEADER + k] = tokens.view(-1)
         if per_row:
             self.wire[HEADER + b:HEADER + b + k] = pos.view(-1)
@@ -397,7 +398,7 @@ class TPLeader:
 
 def follow(decoder: TPDecoder, group: dist.ProcessGroup | None = None) -> int:
     """Run what the leader (rank 0's ``TPLeader``) sends until it says stop; returns the number of calls run."""
-    src, b = (dist.get_global_rank(group, 0) if group else 0), decoder.batch_size
+    src, b = leader_rank(group), decoder.batch_size
     wire = torch.zeros(HEADER + 2 * b, dtype=torch.long)
     calls = 0
     while True:
