@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import csv
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any
 
-from glmkit.device_map import as_model
-from glmkit.models import glm4_9b_chat_config
+from glmkit.models import glm4_9b_meta_model
 from glmkit.planning import max_context, plan_memory, unit_weight_bytes
 from glmkit.results import Table, table
 from glmkit.vocabulary import PRECISIONS
-
-GiB = 2**30
 
 
 @dataclass(frozen=True)
@@ -48,18 +44,12 @@ def _read_cards() -> dict[str, Card]:
 CARDS = _read_cards()
 
 
-@lru_cache(maxsize=1)
-def _glm4() -> Any:
-    """GLM-4-9B-Chat on the meta device, built once: the planner's calls below then take milliseconds."""
-    return as_model(glm4_9b_chat_config())
-
-
 @cache
 def bytes_per_token(precision: str = "bf16") -> int:
     """Weight bytes one GLM-4-9B-Chat decode step reads: every weight except the embedding table (one row of it)."""
     dtype, quantization = PRECISIONS[precision]
-    sizes = unit_weight_bytes(_glm4(), dtype, quantization)
-    hidden = _glm4().config.hidden_size
+    sizes = unit_weight_bytes(glm4_9b_meta_model(), dtype, quantization)
+    hidden = glm4_9b_meta_model().config.hidden_size
     return sum(sizes.values()) - sizes.get("model.rotary_emb", 0) - sizes["model.embed_tokens"] + 2 * hidden
 
 
@@ -84,7 +74,7 @@ def ceiling_table(cards: list[str] | None = None) -> Table:
 
 def decision_table(context_len: int = 8192) -> Table:
     """What to run on one or two cards of a size, checked with the planner at ``context_len`` tokens."""
-    cfg = _glm4()
+    cfg = glm4_9b_meta_model()
     ratio = bytes_per_token() / bytes_per_token("nf4")
     rows = []
     for size in ("8GiB", "11GiB", "12GiB", "16GiB", "24GiB"):

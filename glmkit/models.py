@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, GenerationConfig, GlmConfig, GlmForCausalLM
+
+from glmkit.device_map import as_model
 
 ASSETS = Path(__file__).parent / "assets"
 TOKENIZER_DIR = ASSETS / "tokenizer"
@@ -53,6 +56,13 @@ def glm4_9b_chat_config() -> GlmConfig:
         pad_token_id=151329,
         eos_token_id=[151329, 151336, 151338],
     )
+
+
+@lru_cache(maxsize=1)
+def glm4_9b_meta_model() -> torch.nn.Module:
+    """GLM-4-9B-Chat on the meta device (names and shapes, no memory), built once per process: the planner's calls
+    on it then take milliseconds, and its per-model caches hit. Read it; do not change it."""
+    return as_model(glm4_9b_chat_config())
 
 
 def _tiny_special_ids() -> tuple[int, list[int]]:

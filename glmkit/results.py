@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glmkit.models import glm4_9b_chat_config
+from glmkit.device_map import split_layers
+from glmkit.models import glm4_9b_meta_model
 from glmkit.planning import plan_memory
 from glmkit.tables import html_table, text_table
-from glmkit.vocabulary import PRECISIONS
+from glmkit.vocabulary import PRECISIONS, GiB
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
-GiB = 2**30
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -593,7 +593,7 @@ def planned_long_context_bytes(row: dict[str, Any]) -> int:
     """
     precision, budget = row["setup"].split("@")
     dtype, quantization = PRECISIONS[precision]
-    plan = plan_memory(glm4_9b_chat_config(), [budget], dtype=dtype, quantization=quantization,
+    plan = plan_memory(glm4_9b_meta_model(), [budget], dtype=dtype, quantization=quantization,
                        context_len=row["prompt_len"] + 4, prefill_chunk=row.get("chunk"), cuda_context=0,
                        expandable_segments=True)
     return plan.devices[0].total
@@ -670,7 +670,7 @@ def server_table() -> Table:
     ``mode`` and the share of the decoder's own speed for results of the continuous-batching script)."""
     rows = []
     for path in sorted(RESULTS_DIR.glob("server_load*.json")):
-        r = json.loads(path.read_text())
+        r = load(path.stem)
         for level in r["levels"]:
             if level.get("via", "http") != "http":
                 continue
@@ -867,11 +867,7 @@ def largest_fast_split_batch(cap_gib: int, context: int, limit: int = 64) -> tup
     >>> largest_fast_split_batch(12, 8192)[0]
     1
     """
-    from glmkit.device_map import split_layers
-    from glmkit.models import glm4_9b_chat_config
-    from glmkit.planning import plan_memory
-
-    cfg = glm4_9b_chat_config()
+    cfg = glm4_9b_meta_model()
     device_map = split_layers(cfg, layers_per_device=[20, 20])
     best: tuple[int, list[float]] = (0, [])
     for batch in range(1, limit + 1):
@@ -1066,7 +1062,7 @@ def allreduce_sentence() -> Text:
     says "not measured yet" until ``allreduce_latency.json`` exists."""
     parts = []
     for path in sorted(RESULTS_DIR.glob("allreduce_latency*.json")):
-        r = json.loads(path.read_text())
+        r = load(path.stem)
         rows = ", ".join(f"{x['bytes'] // 1024} KiB (batch {x['batch_size']}) {x['eager_us']:.0f} µs"
                          + (f" eager, {x['in_cuda_graph_us']:.1f} µs each inside a CUDA graph of "
                             f"{ALLREDUCES_PER_TOKEN}" if "in_cuda_graph_us" in x else "") for x in r["runs"])
