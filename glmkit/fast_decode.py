@@ -494,7 +494,8 @@ class FastDecoder:
             seg = st.segment
             runs = ([f"layers {seg.layers.start}..{seg.layers.stop - 1}"] if len(seg.layers) else [])
             runs = (["embeddings"] if seg.embed else []) + runs + (["lm_head"] if seg.head else [])
-            fused = sum(w[0].numel() * w[0].element_size() for w in st.weights)
+            # (a 4-bit model's q/k/v are read in place, three packed weights: no fused copy)
+            fused = sum(w[0].numel() * w[0].element_size() for w in st.weights if isinstance(w[0], torch.Tensor))
             cache = st.k_cache.numel() * st.k_cache.element_size() * 2
             out.append([repr(seg.entry), str(st.device), ", ".join(runs), gib(fused), gib(cache)])
         return out

@@ -53,6 +53,7 @@ def test_fast_decoder_with_bitsandbytes_matmul_gives_generates_greedy_tokens(pro
     fast = FastDecoder(model, max_len=prompt.shape[1] + 6, gemv=False, batch_size=2)
     got = fast.generate(prompt.expand(2, -1), max_new_tokens=6, ignore_eos=True)
     assert torch.equal(got, want.expand(2, -1))
+    assert "lm_head" in repr(fast)  # its table view shows a 4-bit model too (packed q/k/v: no fused copy to size)
 
 
 def test_int8_and_other_quantizations_are_refused_with_what_to_use_instead():
