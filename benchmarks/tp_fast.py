@@ -65,12 +65,11 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
     dist.barrier()
-    decoders = {b: TPDecoder(model, CONTEXT, b, group=group, graph_batch_sizes=[b]) for b in args.batches[:1]}
+    shard_model = TPDecoder(model, CONTEXT, args.batches[0], group=group, graph_batch_sizes=args.batches[:1])
     del model
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(CARD / torch.cuda.get_device_properties(device).total_memory, device)
-    shard_model = decoders.pop(args.batches[0])
     tp_tokens = shard_model.generate(ids, 64, ignore_eos=True)[0, 32:]
     if want is not None:
         result["greedy_tokens_identical_to_one_gpu"] = torch.equal(tp_tokens.cpu(), want.cpu())

@@ -34,13 +34,8 @@ CONTEXT = 8192
 def _plan_kwargs() -> dict[str, Any]:
     """The planner's arguments for the fast split: prompts prefilled in 2,048-token chunks (what a 12 GiB card
     needs at 8K), no CUDA-context share (the cap limits PyTorch's allocator only), the fast-path budget (fused
-    q/k/v copy, static cache, graph pools) when this planner has it."""
-    import inspect
-
-    from glmkit.planning import plan_memory
-
-    fast = "fast_decode" in inspect.signature(plan_memory).parameters
-    return {"prefill_chunk": 2048, "cuda_context": 0, **({"fast_decode": True} if fast else {})}
+    q/k/v copy, static cache, graph pools)."""
+    return {"prefill_chunk": 2048, "cuda_context": 0, "fast_decode": True}
 
 
 def planned_rows(config: Any, device_map: dict[str, Any]) -> tuple[list[tuple[int, int]], dict[str, Any]]:
@@ -62,8 +57,8 @@ def planned_rows(config: Any, device_map: dict[str, Any]) -> tuple[list[tuple[in
     ctx16 = CONTEXT if lo >= 16 else max_context(config, [CARD, CARD], batch_size=16, device_map=device_map, **kw)
     ctx16 = min(CONTEXT, ctx16 // 256 * 256)
     rows = list(dict.fromkeys([(1, CONTEXT), (max(lo, 1), CONTEXT)] + ([(16, ctx16)] if ctx16 >= 512 else [])))
-    planner = "plan_memory(fast_decode=True)" if "fast_decode" in kw else "plan_memory (plain; no fast-path budget yet)"
-    return rows, {"largest_batch_at_8k": lo, "batch16_context": ctx16, "planner": planner, "plan_kwargs": kw}
+    return rows, {"largest_batch_at_8k": lo, "batch16_context": ctx16, "planner": "plan_memory(fast_decode=True)",
+                  "plan_kwargs": kw}
 
 
 def main() -> None:

@@ -28,15 +28,10 @@ from glmkit import tables
 from glmkit.env import environment_report, gpu_driver_note
 from glmkit.fast_decode import FastDecoder
 from glmkit.generation import cache_argument, chunked_prefill
-from glmkit.models import (  # noqa: F401  (the checkpoint builders moved to models; kept here for scripts)
-    build_random_checkpoint,
-    ensure_random_checkpoint,
-    glm4_9b_chat_config,
-)
+from glmkit.models import glm4_9b_chat_config
 from glmkit.monitor import explain_oom, nvml_memory, track_peak
 from glmkit.planning import parse_size, plan_memory
 from glmkit.results import RESULTS_DIR
-from glmkit.results import load as load_results  # noqa: F401  (older name, kept for scripts that import it here)
 
 
 def environment_record() -> dict[str, Any]:
