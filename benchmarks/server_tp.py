@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import httpx
 import psutil
 
 from glmkit.bench import save_result
+from glmkit.parallel import free_port
 
 SERVERS = {"tp2": ["--tp", "2"], "split": ["--device-map", "20,20", "--fast-decode"], "one": ["--fast-decode"]}
 PROMPTS = ["Tell me about GPUs.", "What is a device map?", "How do I split the model over two GPUs?",
@@ -34,9 +34,7 @@ PROMPTS = ["Tell me about GPUs.", "What is a device map?", "How do I split the m
 
 def start(checkpoint: str, flags: list[str], slots: int, context: int) -> tuple[subprocess.Popen, str, float]:
     """A ``glmkit serve`` process and its URL, once ``/health`` answers; the seconds that took."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "glmkit.cli", "serve", "--model", checkpoint, "--port", str(port),
            "--max-batch-size", str(slots), "--max-context", str(context), *flags]
     t0 = time.perf_counter()

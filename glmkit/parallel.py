@@ -100,10 +100,14 @@ def leave_process_group(exit_code: int | None = None) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    """A TCP port nothing listens on right now (the OS picks it), for the processes' rendezvous."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now on ``host`` (the OS picks it): the processes' rendezvous, a server.
+
+    >>> 0 < free_port() < 65536
+    True
+    """
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
 
 
@@ -133,7 +137,7 @@ def relaunch(nproc: int, argv: list[str], follow_parent: bool = False) -> int:
     with this process even if it is killed outright; with ``follow_parent`` (a server), this process goes (SIGTERM)
     when its own parent exits."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
-           os.environ.get("GLMKIT_TP_PORT", str(_free_port())), "-m", "glmkit.cli", *argv]
+           os.environ.get("GLMKIT_TP_PORT", str(free_port())), "-m", "glmkit.cli", *argv]
     env = dict(NO_MULTICAST, **os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     if follow_parent:

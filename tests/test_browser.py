@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,8 @@ import httpx
 import nbformat
 import pytest
 from nbformat.sign import NotebookNotary
+
+from glmkit.parallel import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -77,12 +78,6 @@ def fresh_copy(source: Path, dest: Path) -> None:
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     NotebookNotary().sign(nb)  # trusted, as `jupyter trust` does (the test's own JUPYTER_DATA_DIR)
     nbformat.write(nb, dest)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(check, what: str, timeout: float, interval: float = 0.5):

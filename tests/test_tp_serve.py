@@ -4,7 +4,6 @@ a client that hangs up, and a shutdown that leaves no process behind."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 from glmkit.engine import Engine
 from glmkit.loading import load_model, load_tokenizer
 from glmkit.models import TRAINED_TINY_DIR
+from glmkit.parallel import free_port
 from glmkit.tp_decode import TPDecoder
 
 QUESTIONS = ["How many layers does GLM-4-9B-Chat have?", "What is tensor parallelism?",
@@ -45,12 +45,6 @@ def test_an_injected_decoder_serves_like_the_fast_path_without_the_models_forwar
         engine.close()
     with pytest.raises(ValueError, match="batch_size=4, max_len=97"):
         Engine(model, tokenizer, max_batch_size=4, max_context=96, decoder=TPDecoder(model, 97, 2))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(*flags: str) -> tuple[subprocess.Popen, str]:
