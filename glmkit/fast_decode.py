@@ -34,7 +34,15 @@ import torch.nn.functional as F
 from glmkit.device_map import check_device_map
 from glmkit.gemv import active_table, gemv_swiglu, kernel_name, prefer_triton, triton_available
 from glmkit.gemv import gemv as triton_gemv
-from glmkit.gemv4bit import Packed4bit, gemv_4bit, gemv_4bit_swiglu, is_4bit, linear_4bit, unsupported_quantization
+from glmkit.gemv4bit import (
+    Packed4bit,
+    gemv_4bit,
+    gemv_4bit_multi,
+    gemv_4bit_swiglu,
+    is_4bit,
+    linear_4bit,
+    unsupported_quantization,
+)
 from glmkit.generation import cache_argument, chunked_prefill, pick_token, preallocated_cache
 from glmkit.generation import eos_token_ids as model_eos
 from glmkit.vocabulary import head_dim
@@ -82,6 +90,8 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: boo
     A 4-bit weight goes through ``glmkit.gemv4bit`` (``"triton"``) or bitsandbytes' ``matmul_4bit``."""
     if isinstance(weight, Packed4bit):
         return gemv_4bit(x, weight, bias) if gemv == "triton" else linear_4bit(x, weight, bias)
+    if isinstance(weight, tuple) and gemv == "triton":
+        return gemv_4bit_multi(x, weight, bias)  # q, k and v in one launch, written side by side
     if isinstance(weight, tuple):
         biases = [None] * len(weight) if bias is None else bias.split([w.shape[0] for w in weight])
         return torch.cat([linear(x, w, b, gemv) for w, b in zip(weight, biases)], dim=-1)

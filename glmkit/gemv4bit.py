@@ -23,18 +23,19 @@ uint8 codes: ``absmax = code2[absmax_q] * absmax2[j // 256] + offset``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from glmkit.gemv import INTERPRETER, GemvConfig, lookup_config, triton, triton_available
+from glmkit.gemv import INTERPRETER, GemvConfig, kernel_name, lookup_config, triton, triton_available
 
 if triton is not None:  # optional: Triton (Linux x86-64) builds the kernels; glmkit.gemv says when it is missing
     import triton.language as tl
 
-__all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_swiglu", "linear_4bit", "pick_config_4bit",
-           "triton_available", "is_4bit", "unsupported_quantization"]
+__all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_multi", "gemv_4bit_swiglu", "linear_4bit",
+           "pick_config_4bit", "config_for", "kernel_for", "triton_available", "is_4bit", "unsupported_quantization"]
 
 
 class Packed4bit(NamedTuple):
@@ -163,9 +164,24 @@ def unsupported_quantization(model: torch.nn.Module) -> str | None:
             "(or no quantization), or use generate().")
 
 
-def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "gemv_nf4") -> GemvConfig:
-    """Launch shape for a 4-bit ``[n, k]`` weight: the tuned one for this card if any, else a rule of thumb.
+def kernel_for(weight: Packed4bit) -> str:
+    """The tables' name for the kernel that reads this weight: its 4-bit format, ``"nf4"`` or ``"fp4"`` (what
+    ``glmkit tune --kernels nf4 fp4`` writes; ``glmkit.gemv.kernel_name``).
+
+    >>> kernel_for(quantize(torch.randn(64, 128), "fp4"))
+    'fp4'
+    """
+    return kernel_name(weight.quant_type)
+
+
+def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "nf4") -> GemvConfig:
+    """Launch shape for a 4-bit ``[n, k]`` weight (for gate/up: ``n`` rows of one half; for fused q/k/v: all rows):
+    the one ``glmkit tune`` measured for this card and ``kernel`` ("nf4" or "fp4") if any, else a rule of thumb.
     ``block_k`` counts weight columns and is a multiple of ``blocksize``.
+
+    The rule of thumb keeps about 32 bytes of packed weights in flight per thread and step (two rows of 16 bytes:
+    each thread then reuses its x values for both), and halves the rows per program until the grid has about two
+    programs per SM of an H100/H200 (132 SMs).
 
     >>> pick_config_4bit(1000, 320).block_k % 64
     0
@@ -176,60 +192,90 @@ def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "gemv_nf
     block_k = max(blocksize, min(1024, triton.next_power_of_2(k) if triton is not None else 1024))
     if INTERPRETER:  # every program is a Python loop of numpy calls there: few, large programs
         return GemvConfig(block_n=min(256, triton.next_power_of_2(n)), block_k=block_k, num_warps=4)
-    return GemvConfig(block_n=4, block_k=min(block_k, 512), num_warps=4)
+    block_n = 8
+    while block_n > 1 and -(-n // block_n) < 264:
+        block_n //= 2
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4)
+
+
+def config_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False) -> GemvConfig:
+    """The launch shape ``gemv_4bit`` (``swiglu``: ``gemv_4bit_swiglu``) uses for these weights on this machine: the
+    tuned shape of their format for rows of one half (gate/up) or all rows (fused q/k/v), else the rule of thumb."""
+    ws = (weights,) if isinstance(weights, Packed4bit) else tuple(weights)
+    n = sum(w.shape[0] for w in ws)
+    return pick_config_4bit(n // 2 if swiglu else n, ws[0].shape[1], ws[0].blocksize, kernel_for(ws[0]))
 
 
 if triton is not None:
 
     @triton.jit
-    def _gemv4_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, b_ptr, y_ptr, N, K,
-                      bytes_per_row, blocks_per_row, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SWIGLU: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-        # y[n] = sum_k w[n, k] x[k] over BLOCK_N rows, w dequantized in registers; a step covers BLOCK_K columns =
-        # NB quantization blocks of BS columns = BS/2 bytes each. Tiles: [BLOCK_N, NB, BS/2] bytes; each byte holds
-        # an even column (high nibble) and the odd one after it (low nibble). Each block's sum is scaled once.
-        # With SWIGLU the weight has 2N rows (gate, then up) and y[n] = up[n] * silu(gate[n]).
+    def _rows_4bit(x_ptr, y_ptr, b_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, N,
+                   bytes_per_row, blocks_per_row, X16: tl.constexpr, XBF16: tl.constexpr, NESTED: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        # y[r] = sum_k w[r, k] x[k] for the BLOCK_N rows of row block `block` of one weight, w dequantized in
+        # registers. A step covers BLOCK_K columns = NB quantization blocks of BS columns = HB bytes each: a tile
+        # [BLOCK_N, NB, HB] of bytes, each byte an even column (high nibble) and the odd one after it (low nibble).
+        # Each thread loads 16 contiguous bytes per row (one 128-bit load) and the 16 (even, odd) pairs of x that
+        # go with them as 16 32-bit words (four 128-bit loads), which it reuses for every row it holds. A nibble is
+        # looked up in the 16-entry table (64 bytes: one L1 line, one wavefront per warp); each block's partial sum
+        # is scaled by its absmax once. With SWIGLU the weight has 2N rows (gate, then up) and
+        # y[r] = up[r] * silu(gate[r]).
         NB: tl.constexpr = BLOCK_K // BS
         HB: tl.constexpr = BS // 2
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        BLOCK_KB: tl.constexpr = BLOCK_K // 2
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows = tl.where(row_ok, rows, 0)  # rows past N read row 0 (in bounds) and are not stored
+        blk0 = tl.arange(0, NB)
+        byte0 = blk0[:, None] * HB + tl.arange(0, HB)[None, :]  # [NB, HB] byte offsets within a step
         # bytes_per_row = K / 2 and blocks_per_row = K / BS come as arguments: Triton then knows when they divide
         # by 16, and loads 16 bytes at a time
-        byte_row = rows[:, None, None] * bytes_per_row  # [BLOCK_N, 1, 1]
-        blk = tl.arange(0, NB)
-        j = tl.arange(0, HB)
-        up_bytes = N * bytes_per_row
-        up_blocks = N * blocks_per_row
+        q_rows = q_ptr + rows[:, None, None] * bytes_per_row  # [BLOCK_N, 1, 1]
         if NESTED:
             offset = tl.load(offset_ptr)
         acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kb = k0 // BS + blk  # [NB] block index within the row
-            col_byte = kb[:, None] * HB + j[None, :]  # [NB, HB] byte index within the row
-            if EVEN_K:
-                x_even = tl.load(x_ptr + 2 * col_byte).to(tl.float32)[None]
-                x_odd = tl.load(x_ptr + 2 * col_byte + 1).to(tl.float32)[None]
-            else:
-                kok = kb < blocks_per_row
-                x_even = tl.load(x_ptr + 2 * col_byte, mask=kok[:, None], other=0.0).to(tl.float32)[None]
-                x_odd = tl.load(x_ptr + 2 * col_byte + 1, mask=kok[:, None], other=0.0).to(tl.float32)[None]
-                col_byte = tl.where(kok[:, None], col_byte, 0)  # in bounds; x is 0 there
-                kb = tl.where(kok, kb, 0)
-            a_idx = rows[:, None] * blocks_per_row + kb[None, :]  # [BLOCK_N, NB]
-            for half in tl.static_range(2 if SWIGLU else 1):
-                qb = tl.load(q_ptr + half * up_bytes + byte_row + col_byte[None]).to(tl.int32)
-                w_hi = tl.load(code_ptr + (qb >> 4))
-                w_lo = tl.load(code_ptr + (qb & 15))
-                part = tl.sum(w_hi * x_even + w_lo * x_odd, axis=2)  # [BLOCK_N, NB]
-                if NESTED:
-                    a_q = tl.load(absmax_ptr + half * up_blocks + a_idx).to(tl.int32)
-                    scale = (tl.load(code2_ptr + a_q) * tl.load(absmax2_ptr + (half * up_blocks + a_idx) // BS2)
-                             + offset)
+        for kb0 in range(0, bytes_per_row, BLOCK_KB):
+            kb = kb0 + byte0  # [NB, HB] byte index within the row = index of the (even, odd) pair of x
+            blk = kb0 // HB + blk0  # [NB] quantization block within the row
+            if X16:  # x as 32-bit words, each an (even, odd) pair of 16-bit values, the even one in the low half
+                if EVEN_K:
+                    xw = tl.load(x_ptr + kb)
+                else:  # the last step runs past the row: x is 0 there, and the bytes read are the row's first
+                    kok = blk < blocks_per_row
+                    xw = tl.load(x_ptr + kb, mask=kok[:, None], other=0)
+                if XBF16:
+                    x_even = (xw << 16).to(tl.float32, bitcast=True)
+                    x_odd = (xw & -65536).to(tl.float32, bitcast=True)
                 else:
-                    scale = tl.load(absmax_ptr + half * up_blocks + a_idx)
+                    x_even = xw.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    x_odd = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            else:  # fp32 x (CPU tests, fp32 models): two strided loads
+                if EVEN_K:
+                    x_even = tl.load(x_ptr + 2 * kb)
+                    x_odd = tl.load(x_ptr + 2 * kb + 1)
+                else:
+                    kok = blk < blocks_per_row
+                    x_even = tl.load(x_ptr + 2 * kb, mask=kok[:, None], other=0.0)
+                    x_odd = tl.load(x_ptr + 2 * kb + 1, mask=kok[:, None], other=0.0)
+            if not EVEN_K:
+                kb = tl.where((blk < blocks_per_row)[:, None], kb, 0)
+                blk = tl.where(blk < blocks_per_row, blk, 0)
+            x_even = x_even[None]
+            x_odd = x_odd[None]
+            for half in tl.static_range(2 if SWIGLU else 1):
+                qb = tl.load(q_rows + half * N * bytes_per_row + kb[None], eviction_policy="evict_first")
+                qi = qb.to(tl.int32)
+                w_hi = tl.load(code_ptr + (qi >> 4))
+                w_lo = tl.load(code_ptr + (qi & 15))
+                part = tl.sum(w_hi * x_even + w_lo * x_odd, axis=2)  # [BLOCK_N, NB]
+                a_idx = (half * N + rows)[:, None] * blocks_per_row + blk[None, :]  # [BLOCK_N, NB]
+                if NESTED:
+                    a_q = tl.load(absmax_ptr + a_idx).to(tl.int32)
+                    scale = tl.load(code2_ptr + a_q) * tl.load(absmax2_ptr + a_idx // BS2) + offset
+                else:
+                    scale = tl.load(absmax_ptr + a_idx)
                 if half == 0:
                     acc += part * scale
                 else:
@@ -245,50 +291,108 @@ if triton is not None:
             y = up * silu
         tl.store(y_ptr + rows, y.to(out_dtype), mask=row_ok)
 
+    @triton.jit
+    def _gemv4_kernel(x_ptr, y_ptr, b_ptr, code_ptr,
+                      q0, a0, a20, c20, o0, n0,
+                      q1, a1, a21, c21, o1, n1,
+                      q2, a2, a22, c22, o2, n2,
+                      bytes_per_row, blocks_per_row, SEGMENTS: tl.constexpr, X16: tl.constexpr,
+                      XBF16: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
+                      BS: tl.constexpr, BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN_K: tl.constexpr):
+        # one launch for up to three weights of the same columns (q, k and v), whose outputs lie side by side in
+        # y: the first programs take the first weight's row blocks, the next the second's, and so on
+        pid = tl.program_id(0)
+        p0 = tl.cdiv(n0, BLOCK_N)
+        if pid < p0:
+            _rows_4bit(x_ptr, y_ptr, b_ptr, q0, a0, code_ptr, a20, c20, o0, pid, n0, bytes_per_row, blocks_per_row,
+                       X16, XBF16, NESTED, HAS_BIAS, SWIGLU, BS, BS2, BLOCK_N, BLOCK_K, EVEN_K)
+        elif SEGMENTS >= 2:
+            p1 = tl.cdiv(n1, BLOCK_N)
+            if pid < p0 + p1:
+                _rows_4bit(x_ptr, y_ptr + n0, b_ptr + n0, q1, a1, code_ptr, a21, c21, o1, pid - p0, n1,
+                           bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, BS, BS2, BLOCK_N,
+                           BLOCK_K, EVEN_K)
+            elif SEGMENTS >= 3:
+                _rows_4bit(x_ptr, y_ptr + n0 + n1, b_ptr + n0 + n1, q2, a2, code_ptr, a22, c22, o2, pid - p0 - p1,
+                           n2, bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, BS, BS2,
+                           BLOCK_N, BLOCK_K, EVEN_K)
 
-def _launch(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None, swiglu: bool,
-            config: GemvConfig | None) -> torch.Tensor:
+
+def _check(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool) -> None:
     if triton is None:
         raise RuntimeError("glmkit.gemv4bit needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
+    w = ws[0]
     if not (w.data.is_cuda or INTERPRETER):
         raise ValueError("gemv_4bit runs on a GPU (or in Triton's CPU interpreter, TRITON_INTERPRET=1); this weight is "
                          f"on {w.device}: use linear_4bit there.")
-    n, k = w.shape
+    k = w.shape[1]
     if x.device != w.device:
         raise ValueError(f"gemv_4bit needs x and the weight on one device, got {x.device} and {w.device}.")
     if x.shape[-1] != k or x.numel() != k:
         raise ValueError(f"gemv_4bit multiplies one vector of {k} values (batch 1, one token), got a tensor of shape "
                          f"{tuple(x.shape)}; use linear_4bit for more rows.")
-    if k % w.blocksize or w.data.numel() >= 2**31:
-        raise ValueError(f"gemv_4bit needs rows made of whole quantization blocks (k={k} is not a multiple of "
-                         f"blocksize {w.blocksize}) and fewer than 2**32 weights; use linear_4bit.")
-    if swiglu and n % 2:
-        raise ValueError(f"gemv_4bit_swiglu needs a gate/up weight with an even number of rows, got {n}.")
-    rows = n // 2 if swiglu else n
-    cfg = config or pick_config_4bit(rows, k, w.blocksize, "swiglu_nf4" if swiglu else "gemv_nf4")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"gemv_4bit multiplies bf16, fp16 or fp32 vectors, got {x.dtype}.")
+    for v in ws:
+        if k % v.blocksize or v.data.numel() >= 2**31:
+            raise ValueError(f"gemv_4bit needs rows made of whole quantization blocks (k={k} is not a multiple of "
+                             f"blocksize {v.blocksize}) and fewer than 2**32 weights; use linear_4bit.")
+        if (v.device, v.shape[1], v.blocksize, v.quant_type, v.nested, v.nested_blocksize) != \
+                (w.device, k, w.blocksize, w.quant_type, w.nested, w.nested_blocksize):
+            raise ValueError("gemv_4bit_multi needs weights of one format (device, columns, blocksize, nf4/fp4, "
+                             "double quantization or not); multiply them one by one with gemv_4bit.")
+    if swiglu and w.shape[0] % 2:
+        raise ValueError(f"gemv_4bit_swiglu needs a gate/up weight with an even number of rows, got {w.shape[0]}.")
+
+
+def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
+            config: GemvConfig | None) -> torch.Tensor:
+    _check(x, ws, swiglu)
+    w = ws[0]
+    k = w.shape[1]
+    counts = [v.shape[0] // 2 if swiglu else v.shape[0] for v in ws]
+    cfg = config or config_for(ws, swiglu)
     if cfg.block_k % w.blocksize or cfg.block_k & (cfg.block_k - 1):
         raise ValueError(f"block_k={cfg.block_k} must be a power of two and a multiple of blocksize {w.blocksize}.")
-    y = torch.empty(*x.shape[:-1], rows, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(rows, cfg.block_n),)
-    nested = w.nested
-    _gemv4_kernel[grid](x.contiguous(), w.data, w.absmax, w.code, w.absmax2 if nested else w.absmax,
-                        w.code2 if nested else w.code, w.offset if nested else w.code,
-                        bias if bias is not None else x, y, rows, k, k // 2, k // w.blocksize, NESTED=nested,
-                        HAS_BIAS=bias is not None, SWIGLU=swiglu, BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n,
-                        BLOCK_K=cfg.block_k, EVEN_N=rows % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0,
-                        num_warps=cfg.num_warps)
+    y = torch.empty(*x.shape[:-1], sum(counts), dtype=x.dtype, device=x.device)
+    x = x.contiguous()
+    x16 = x.dtype != torch.float32
+    segments = []
+    for v, n in zip(ws, counts):
+        nested = v.nested  # the pointers a plain weight does not use get a tensor of the right kind, never read
+        segments += [v.data, v.absmax, v.absmax2 if nested else v.absmax, v.code2 if nested else v.code,
+                     v.offset if nested else v.code, n]
+    segments += segments[:6] * (3 - len(ws))  # unused slots: never reached (SEGMENTS)
+    grid = (sum(triton.cdiv(n, cfg.block_n) for n in counts),)
+    _gemv4_kernel[grid](x.view(torch.int32) if x16 else x, y, bias if bias is not None else y, w.code, *segments,
+                        k // 2, k // w.blocksize, SEGMENTS=len(ws), X16=x16, XBF16=x.dtype == torch.bfloat16,
+                        NESTED=w.nested, HAS_BIAS=bias is not None, SWIGLU=swiglu, BS=w.blocksize,
+                        BS2=w.nested_blocksize, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                        EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps)
     return y
 
 
 def gemv_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None,
               config: GemvConfig | None = None) -> torch.Tensor:
     """``F.linear(x, weight.dequantize(), bias)`` for one token ``[..., k]``, reading the packed weight once."""
-    return _launch(x, weight, bias, swiglu=False, config=config)
+    return _launch(x, (weight,), bias, swiglu=False, config=config)
+
+
+def gemv_4bit_multi(x: torch.Tensor, weights: Sequence[Packed4bit], bias: torch.Tensor | None = None,
+                    config: GemvConfig | None = None) -> torch.Tensor:
+    """``torch.cat([gemv_4bit(x, w) for w in weights], -1) + bias`` in one launch, for up to three weights of one
+    format with the same columns (GLM's q, k and v: one kernel instead of three and a concatenation); ``bias`` is
+    the concatenated bias. The launch shape is the one tuned for all their rows (``config_for``)."""
+    ws = tuple(weights)
+    if not 1 <= len(ws) <= 3:
+        raise ValueError(f"gemv_4bit_multi takes one to three weights, got {len(ws)}.")
+    return _launch(x, ws, bias, swiglu=False, config=config)
 
 
 def gemv_4bit_swiglu(x: torch.Tensor, weight: Packed4bit, config: GemvConfig | None = None) -> torch.Tensor:
     """GLM's MLP activation of one token, ``up * silu(gate)`` of a packed 4-bit gate/up weight ``[2n, k]``."""
-    return _launch(x, weight, None, swiglu=True, config=config)
+    return _launch(x, (weight,), None, swiglu=True, config=config)
 
 
 def linear_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,8 +6,8 @@ served from the L2 cache, inside one CUDA graph. The best shapes go into a table
 (``glmkit.gemv.tables_for``); written to glmkit's cache (``$GLMKIT_CACHE`` or ``~/.cache/glmkit``) they take
 precedence over the shipped tables. Needs a GPU. Introduced in ``notebooks/05_tuning.ipynb``.
 
->>> [c for c in candidates("nf4", swiglu=True)][:2]
-[GemvConfig(block_n=1, block_k=256, num_warps=2), GemvConfig(block_n=1, block_k=512, num_warps=2)]
+>>> candidates("nf4", swiglu=True)[:2]
+[GemvConfig(block_n=1, block_k=1024, num_warps=2), GemvConfig(block_n=1, block_k=2048, num_warps=2)]
 """
 
 from __future__ import annotations
@@ -32,29 +32,35 @@ FOUR_BIT = ("nf4", "fp4")
 
 def projections(quantized: bool = False) -> dict[str, tuple[int, int, bool, bool]]:
     """name -> (rows, columns, has bias, SwiGLU) of GLM-4-9B-Chat's weights as the fast decoder multiplies them
-    (rows of one half for gate_up). In 4 bits q, k and v are three weights and lm_head stays 16-bit.
+    (rows of one half for gate_up). In 4 bits q, k and v stay three weights read by one launch
+    (``gemv_4bit_multi``, tuned for all their rows) and lm_head stays 16-bit.
 
-    >>> projections()["down_proj"], projections(quantized=True)["k"]
-    ((4096, 13696, False, False), (256, 4096, True, False))
+    >>> projections()["down_proj"], projections(quantized=True)["qkv"], "lm_head" in projections(quantized=True)
+    ((4096, 13696, False, False), (4608, 4096, True, False), False)
     """
     c = GlmConfig()
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    rest = {"o_proj": (c.hidden_size, c.num_attention_heads * hd, False, False),
-            "gate_up": (c.intermediate_size, c.hidden_size, False, True),
-            "down_proj": (c.hidden_size, c.intermediate_size, False, False)}
-    if quantized:
-        return {"q": (c.num_attention_heads * hd, c.hidden_size, True, False),
-                "k": (c.num_key_value_heads * hd, c.hidden_size, True, False), **rest}
-    return {"qkv": ((c.num_attention_heads + 2 * c.num_key_value_heads) * hd, c.hidden_size, True, False), **rest,
-            "lm_head": (c.vocab_size, c.hidden_size, False, False)}
+    out = {"qkv": ((c.num_attention_heads + 2 * c.num_key_value_heads) * hd, c.hidden_size, True, False),
+           "o_proj": (c.hidden_size, c.num_attention_heads * hd, False, False),
+           "gate_up": (c.intermediate_size, c.hidden_size, False, True),
+           "down_proj": (c.hidden_size, c.intermediate_size, False, False)}
+    return out if quantized else {**out, "lm_head": (c.vocab_size, c.hidden_size, False, False)}
 
 
-def candidates(kernel: str, swiglu: bool) -> list[GemvConfig]:
-    """Launch shapes to try: 8 to 64 fp32 partial sums per thread (half as many per accumulator with SwiGLU's two);
-    4-bit blocks span whole quantization blocks (64 columns) and start at 256 columns."""
-    widths = (256, 512, 1024, 2048) if kernel in FOUR_BIT else (256, 512, 1024, 2048, 4096)
+def candidates(kernel: str, swiglu: bool, quick: bool = False) -> list[GemvConfig]:
+    """Launch shapes to try. 16-bit: 8 to 64 fp32 partial sums per thread (half as many per accumulator with
+    SwiGLU's two). 4-bit: 16 to 64 packed bytes per thread and step (one to four 128-bit loads; with SwiGLU per
+    half), blocks of whole quantization blocks (64 columns) from 256 columns; ``quick``: only the shapes of 32
+    bytes per thread (per half), about ten, for a benchmark's short sweep."""
+    if kernel in FOUR_BIT:
+        out = []
+        for bn, bk, warps in itertools.product((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8)):
+            per_thread = bn * bk // 2 // (warps * 32)
+            if (per_thread == 32) if quick else 16 <= per_thread * (2 if swiglu else 1) <= 64:
+                out.append(GemvConfig(bn, bk, warps))
+        return out
     out = []
-    for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), widths, (2, 4, 8)):
+    for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (2, 4, 8)):
         per_thread = bn * bk // (warps * 32) * (2 if swiglu else 1)
         if 8 <= per_thread <= 64:
             out.append(GemvConfig(bn, bk, warps))

@@ -5,7 +5,17 @@ import torch
 import torch.nn.functional as F
 
 from glmkit.gemv import GemvConfig
-from glmkit.gemv4bit import Packed4bit, gemv_4bit, gemv_4bit_swiglu, linear_4bit, quantize, reference_linear, triton_available
+from glmkit.gemv4bit import (
+    Packed4bit,
+    config_for,
+    gemv_4bit,
+    gemv_4bit_multi,
+    gemv_4bit_swiglu,
+    linear_4bit,
+    quantize,
+    reference_linear,
+    triton_available,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton (pip install triton)")
@@ -28,6 +38,32 @@ def test_gemv_4bit_equals_dequantize_then_linear(quant_type, double_quant, n, k,
     y = gemv_4bit(x, w, b, config=config)
     assert y.shape == (1, 1, n) and y.dtype == torch.float32
     torch.testing.assert_close(y, reference_linear(x, w, b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, k, config", [(40, 448, GemvConfig(8, 256, 2)),  # the last step half past the row
+                                          (16, 512, GemvConfig(4, 512, 4))])
+def test_gemv_4bit_reads_16_bit_x_as_pairs(dtype, n, k, config):
+    # a 16-bit x is read as 32-bit (even, odd) pairs: a swapped half or a wrong bit pattern changes every product
+    w = quantize(_rand(n, k), "nf4", double_quant=True)
+    x = _rand(1, 1, k, dtype=dtype, seed=1)
+    ref = F.linear(x.double(), w.dequantize().double())
+    y = gemv_4bit(x, w, config=config)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
+def test_gemv_4bit_multi_equals_the_concatenated_products(double_quant):
+    # q, k and v of different heights in one launch, side by side in the output, with the concatenated bias
+    ws = [quantize(_rand(n, 256, seed=n), "nf4", double_quant) for n in (40, 8, 24)]
+    x, b = _rand(1, 1, 256, seed=1), _rand(72, seed=2)
+    want = torch.cat([reference_linear(x, w) for w in ws], dim=-1) + b
+    for config in (GemvConfig(16, 128, 4), GemvConfig(8, 256, 2)):
+        torch.testing.assert_close(gemv_4bit_multi(x, ws, b, config=config), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gemv_4bit_multi(x, ws[:2]), want[..., :48] - b[:48], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="one format"):
+        gemv_4bit_multi(x, [ws[0], quantize(_rand(8, 256), "fp4", double_quant)])
 
 
 def test_nibble_order_and_block_scales_are_read_as_bitsandbytes_writes_them():
@@ -115,3 +151,26 @@ def test_the_tuner_checks_each_shape_and_keeps_the_fastest(kernel, swiglu, tmp_p
     path = write_table(table_configs([row]), tmp_path / "t.json", device="Card")
     best = GemvConfig(**{key: row["best"][key] for key in ("block_n", "block_k", "num_warps")})
     assert load_table(path)[1][(kernel, 48, 256)] == best
+
+
+def test_a_shape_glmkit_tune_writes_is_the_one_the_kernels_launch_with(tmp_path, monkeypatch):
+    # the tuner's table names 4-bit shapes by format ("nf4", "fp4"); the kernels must look them up by the same names
+    from glmkit import gemv as gemv_module
+    from glmkit import gemv4bit
+    from glmkit.gemv_tuning import table_configs, tune_projection, write_table
+
+    shapes = [GemvConfig(8, 128, 2), GemvConfig(4, 256, 4)]
+    clock = iter([5.0, 3.0, 1.0, 5.0, 1.0, 3.0])  # bitsandbytes, then each shape: the second, then the first wins
+    rows = [tune_projection(name, n, 256, False, name == "gate_up", "nf4", shapes=shapes, device=DEVICE,
+                            timer=lambda fn, copies: (fn(0), 1e-6 * next(clock))[1])
+            for name, n in (("gate_up", 48), ("qkv", 72))]
+    monkeypatch.setenv("GLMKIT_CACHE", str(tmp_path))
+    write_table(table_configs(rows), device="Card")  # the user's table, where `glmkit tune` writes it
+    monkeypatch.setattr(gemv_module, "INTERPRETER", False)  # a GPU's lookup (the interpreter ignores tables)
+    monkeypatch.setattr(gemv4bit, "INTERPRETER", False)
+    monkeypatch.setattr(gemv_module, "_ACTIVE", gemv_module.tables_for("Card"))
+    gate_up = quantize(_rand(96, 256), "nf4")
+    qkv = [quantize(_rand(n, 256), "nf4") for n in (40, 16, 16)]
+    assert config_for(gate_up, swiglu=True) == GemvConfig(4, 256, 4)
+    assert config_for(qkv) == GemvConfig(8, 128, 2)  # one launch for q, k and v: the shape tuned for all 72 rows
+    assert config_for(quantize(_rand(96, 256), "fp4"), swiglu=True) not in shapes  # fp4: not tuned, its own default
