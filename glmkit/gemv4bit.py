@@ -108,11 +108,17 @@ class Packed4bit(NamedTuple):
             state = copy.copy(state)  # bitsandbytes may repack the module's state later (CPU): keep these tensors
         return cls.from_state(data, state)
 
-    def dequantize(self) -> torch.Tensor:
-        """The weight ``[n, k]`` in ``dtype``, as bitsandbytes dequantizes it (the reference the kernels match)."""
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight ``[n, k]`` as bitsandbytes dequantizes it (the reference the kernels match), in ``dtype``
+        (default: the model's compute dtype; ``torch.float32`` gives ``code * absmax`` unrounded, what the kernels
+        multiply by)."""
         from bitsandbytes.functional import dequantize_4bit
 
-        return dequantize_4bit(self.data.view(-1, 1), self.quant_state)
+        state = self.quant_state
+        if dtype is not None and dtype != state.dtype:
+            state = copy.copy(state)
+            state.dtype = dtype
+        return dequantize_4bit(self.data.view(-1, 1), state)
 
 
 def _code(quant_type: str, device: torch.device) -> torch.Tensor:
@@ -209,6 +215,36 @@ def config_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False)
 if triton is not None:
 
     @triton.jit
+    def _load_step(q_rows, absmax_ptr, a_rows, kb0, byte0, blk0, bytes_per_row, HB: tl.constexpr):
+        # the bytes [BLOCK_N, NB, HB] and raw scales [BLOCK_N, NB] (fp32, or uint8 codes) of the step at byte kb0;
+        # past the row's end nothing is read (0: x is 0 there too)
+        kb = kb0 + byte0
+        ok = kb < bytes_per_row  # bytes_per_row is a whole number of quantization blocks: per block, as scales
+        q = tl.load(q_rows + kb[None], mask=ok[None], other=0, eviction_policy="evict_first")
+        blk = kb0 // HB + blk0[None, :]  # [1, NB]
+        a = tl.load(absmax_ptr + a_rows + blk, mask=blk < bytes_per_row // HB, other=0, eviction_policy="evict_first")
+        return q, a
+
+    @triton.jit
+    def _dot_step(q, a, x_even, x_odd, code_ptr, absmax2_ptr, code2_ptr, offset, a_rows, kb0, blk0, bytes_per_row,
+                  NESTED: tl.constexpr, HB: tl.constexpr, BS2: tl.constexpr):
+        # each block's partial sum [BLOCK_N, NB], scaled once; a nibble is looked up in the 16-entry table (64
+        # bytes: one L1 line, one wavefront per warp)
+        qi = q.to(tl.int32)
+        w_hi = tl.load(code_ptr + (qi >> 4))
+        w_lo = tl.load(code_ptr + (qi & 15))
+        part = tl.sum(w_hi * x_even + w_lo * x_odd, axis=2)
+        if NESTED:
+            blk = kb0 // HB + blk0
+            a_idx = a_rows + blk[None, :]
+            ok = (blk < bytes_per_row // HB)[None, :]
+            scale = tl.load(code2_ptr + a.to(tl.int32)) * tl.load(absmax2_ptr + a_idx // BS2, mask=ok, other=0.0) \
+                + offset
+        else:
+            scale = a
+        return part * scale
+
+    @triton.jit
     def _rows_4bit(x_ptr, y_ptr, b_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, N,
                    bytes_per_row, blocks_per_row, X16: tl.constexpr, XBF16: tl.constexpr, NESTED: tl.constexpr,
                    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
@@ -217,10 +253,9 @@ if triton is not None:
         # registers. A step covers BLOCK_K columns = NB quantization blocks of BS columns = HB bytes each: a tile
         # [BLOCK_N, NB, HB] of bytes, each byte an even column (high nibble) and the odd one after it (low nibble).
         # Each thread loads 16 contiguous bytes per row (one 128-bit load) and the 16 (even, odd) pairs of x that
-        # go with them as 16 32-bit words (four 128-bit loads), which it reuses for every row it holds. A nibble is
-        # looked up in the 16-entry table (64 bytes: one L1 line, one wavefront per warp); each block's partial sum
-        # is scaled by its absmax once. With SWIGLU the weight has 2N rows (gate, then up) and
-        # y[r] = up[r] * silu(gate[r]).
+        # go with them as 16 32-bit words (four 128-bit loads), which it reuses for every row it holds. The next
+        # step's bytes and scales are loaded before this step's are summed, so that a load is always in flight.
+        # With SWIGLU the weight has 2N rows (gate, then up) and y[r] = up[r] * silu(gate[r]).
         NB: tl.constexpr = BLOCK_K // BS
         HB: tl.constexpr = BS // 2
         BLOCK_KB: tl.constexpr = BLOCK_K // 2
@@ -231,20 +266,30 @@ if triton is not None:
         byte0 = blk0[:, None] * HB + tl.arange(0, HB)[None, :]  # [NB, HB] byte offsets within a step
         # bytes_per_row = K / 2 and blocks_per_row = K / BS come as arguments: Triton then knows when they divide
         # by 16, and loads 16 bytes at a time
-        q_rows = q_ptr + rows[:, None, None] * bytes_per_row  # [BLOCK_N, 1, 1]
+        q_gate = q_ptr + rows[:, None, None] * bytes_per_row  # [BLOCK_N, 1, 1]
+        q_up = q_gate + N * bytes_per_row
+        a_gate = rows[:, None] * blocks_per_row  # [BLOCK_N, 1]
+        a_up = a_gate + N * blocks_per_row
         if NESTED:
             offset = tl.load(offset_ptr)
-        acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
+        else:
+            offset = 0.0
+        acc = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
+        qg, ag = _load_step(q_gate, absmax_ptr, a_gate, 0, byte0, blk0, bytes_per_row, HB)
+        qu, au = qg, ag
+        if SWIGLU:
+            qu, au = _load_step(q_up, absmax_ptr, a_up, 0, byte0, blk0, bytes_per_row, HB)
         for kb0 in range(0, bytes_per_row, BLOCK_KB):
-            kb = kb0 + byte0  # [NB, HB] byte index within the row = index of the (even, odd) pair of x
-            blk = kb0 // HB + blk0  # [NB] quantization block within the row
+            # [BLOCK_N, NB, HB] byte index within the row = index of the (even, odd) pair of x: x is loaded in the
+            # weights' own shape, so that Triton gives both one layout (a [NB, HB] load gets another, and each
+            # step would then pass x through shared memory)
+            kb = tl.broadcast_to((kb0 + byte0)[None], (BLOCK_N, BLOCK_K // BS, BS // 2))
             if X16:  # x as 32-bit words, each an (even, odd) pair of 16-bit values, the even one in the low half
                 if EVEN_K:
                     xw = tl.load(x_ptr + kb)
-                else:  # the last step runs past the row: x is 0 there, and the bytes read are the row's first
-                    kok = blk < blocks_per_row
-                    xw = tl.load(x_ptr + kb, mask=kok[:, None], other=0)
+                else:  # the last step runs past the row: x is 0 there
+                    xw = tl.load(x_ptr + kb, mask=kb < bytes_per_row, other=0)
                 if XBF16:
                     x_even = (xw << 16).to(tl.float32, bitcast=True)
                     x_odd = (xw & -65536).to(tl.float32, bitcast=True)
@@ -256,30 +301,17 @@ if triton is not None:
                     x_even = tl.load(x_ptr + 2 * kb)
                     x_odd = tl.load(x_ptr + 2 * kb + 1)
                 else:
-                    kok = blk < blocks_per_row
-                    x_even = tl.load(x_ptr + 2 * kb, mask=kok[:, None], other=0.0)
-                    x_odd = tl.load(x_ptr + 2 * kb + 1, mask=kok[:, None], other=0.0)
-            if not EVEN_K:
-                kb = tl.where((blk < blocks_per_row)[:, None], kb, 0)
-                blk = tl.where(blk < blocks_per_row, blk, 0)
-            x_even = x_even[None]
-            x_odd = x_odd[None]
-            for half in tl.static_range(2 if SWIGLU else 1):
-                qb = tl.load(q_rows + half * N * bytes_per_row + kb[None], eviction_policy="evict_first")
-                qi = qb.to(tl.int32)
-                w_hi = tl.load(code_ptr + (qi >> 4))
-                w_lo = tl.load(code_ptr + (qi & 15))
-                part = tl.sum(w_hi * x_even + w_lo * x_odd, axis=2)  # [BLOCK_N, NB]
-                a_idx = (half * N + rows)[:, None] * blocks_per_row + blk[None, :]  # [BLOCK_N, NB]
-                if NESTED:
-                    a_q = tl.load(absmax_ptr + a_idx).to(tl.int32)
-                    scale = tl.load(code2_ptr + a_q) * tl.load(absmax2_ptr + a_idx // BS2) + offset
-                else:
-                    scale = tl.load(absmax_ptr + a_idx)
-                if half == 0:
-                    acc += part * scale
-                else:
-                    acc_up += part * scale
+                    x_even = tl.load(x_ptr + 2 * kb, mask=kb < bytes_per_row, other=0.0)
+                    x_odd = tl.load(x_ptr + 2 * kb + 1, mask=kb < bytes_per_row, other=0.0)
+            next_qg, next_ag = _load_step(q_gate, absmax_ptr, a_gate, kb0 + BLOCK_KB, byte0, blk0, bytes_per_row, HB)
+            acc += _dot_step(qg, ag, x_even, x_odd, code_ptr, absmax2_ptr, code2_ptr, offset, a_gate, kb0, blk0,
+                             bytes_per_row, NESTED, HB, BS2)
+            qg, ag = next_qg, next_ag
+            if SWIGLU:
+                next_qu, next_au = _load_step(q_up, absmax_ptr, a_up, kb0 + BLOCK_KB, byte0, blk0, bytes_per_row, HB)
+                acc_up += _dot_step(qu, au, x_even, x_odd, code_ptr, absmax2_ptr, code2_ptr, offset, a_up, kb0, blk0,
+                                    bytes_per_row, NESTED, HB, BS2)
+                qu, au = next_qu, next_au
         out_dtype = y_ptr.dtype.element_ty
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
