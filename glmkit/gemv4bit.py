@@ -23,6 +23,7 @@ uint8 codes: ``absmax = code2[absmax_q] * absmax2[j // 256] + offset``.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -185,9 +186,11 @@ def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "nf4") -
     the one ``glmkit tune`` measured for this card and ``kernel`` ("nf4" or "fp4") if any, else a rule of thumb.
     ``block_k`` counts weight columns and is a multiple of ``blocksize``.
 
-    The rule of thumb keeps about 32 bytes of packed weights in flight per thread and step (two rows of 16 bytes:
-    each thread then reuses its x values for both), and halves the rows per program until the grid has about two
-    programs per SM of an H100/H200 (132 SMs).
+    The rule of thumb: 4 rows of 1024 columns per step and 4 warps, so 16 packed bytes per thread and step (one
+    128-bit load; the next step's is in flight meanwhile). With fewer than 32 * num_warps (row, quantization
+    block) pairs per step the scales load straight into the layout the sums need; with more, Triton passes the
+    sums through shared memory every step (seen in the sm_90 TTGIR). Rows per program halve until the grid has
+    about two programs per SM of an H100/H200 (132 SMs).
 
     >>> pick_config_4bit(1000, 320).block_k % 64
     0
@@ -198,7 +201,7 @@ def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "nf4") -
     block_k = max(blocksize, min(1024, triton.next_power_of_2(k) if triton is not None else 1024))
     if INTERPRETER:  # every program is a Python loop of numpy calls there: few, large programs
         return GemvConfig(block_n=min(256, triton.next_power_of_2(n)), block_k=block_k, num_warps=4)
-    block_n = 8
+    block_n = 4
     while block_n > 1 and -(-n // block_n) < 264:
         block_n //= 2
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4)
@@ -212,7 +215,46 @@ def config_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False)
     return pick_config_4bit(n // 2 if swiglu else n, ws[0].shape[1], ws[0].blocksize, kernel_for(ws[0]))
 
 
+# How a kernel turns a nibble into its value. "shuffle" (GPUs): every lane of a warp holds one of the 16 values
+# (lanes i and i + 16 the same) and a warp shuffle fetches lane `nibble`'s: two shifts and two shuffles per byte,
+# no address arithmetic. "load" (Triton's interpreter, which runs no PTX; or GLMKIT_4BIT_LOOKUP=load): a load from
+# the 16-entry table (64 bytes: one L1 line), after a shift, a mask and a 64-bit address per nibble.
+LOOKUP = "load" if INTERPRETER else os.environ.get("GLMKIT_4BIT_LOOKUP", "shuffle")
+LOOKUPS = ("shuffle", "load")
+
 if triton is not None:
+    # four packed bytes in (a 32-bit register, byte j = bits 8j..8j+7) -> their high nibbles' values ($0-$3) and low
+    # nibbles' ($4-$7); $9 holds code[lane % 16] on every lane. shfl.sync.idx reads only bits 0-4 of its lane
+    # operand, so `byte >> 4` and `byte` need no mask: bit 4 picks lane i + 16, which holds the same value as lane i
+    _SHUFFLE_ASM = tl.constexpr("""{
+    .reg .b32 t<7>;
+    shr.b32 t0, $8, 4;
+    shr.b32 t1, $8, 12;
+    shr.b32 t2, $8, 20;
+    shr.b32 t3, $8, 28;
+    shr.b32 t4, $8, 8;
+    shr.b32 t5, $8, 16;
+    shr.b32 t6, $8, 24;
+    shfl.sync.idx.b32 $0, $9, t0, 0x1f, 0xffffffff;
+    shfl.sync.idx.b32 $1, $9, t1, 0x1f, 0xffffffff;
+    shfl.sync.idx.b32 $2, $9, t2, 0x1f, 0xffffffff;
+    shfl.sync.idx.b32 $3, $9, t3, 0x1f, 0xffffffff;
+    shfl.sync.idx.b32 $4, $9, $8, 0x1f, 0xffffffff;
+    shfl.sync.idx.b32 $5, $9, t4, 0x1f, 0xffffffff;
+    shfl.sync.idx.b32 $6, $9, t5, 0x1f, 0xffffffff;
+    shfl.sync.idx.b32 $7, $9, t6, 0x1f, 0xffffffff;
+}""")
+
+    @triton.jit
+    def _lane_table(like, code_ptr):
+        # a tensor shaped and laid out like `like` whose every element on lane i is code[i % 16], computed in that
+        # layout (an element moved to another lane would carry another lane's value: only elementwise ops here)
+        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like.to(tl.int32) * 0], dtype=tl.int32,
+                                         is_pure=True, pack=1) & 15
+        lut = tl.where(lane == 0, tl.load(code_ptr), 0.0)
+        for i in tl.static_range(1, 16):
+            lut = tl.where(lane == i, tl.load(code_ptr + i), lut)
+        return lut
 
     @triton.jit
     def _load_step(q_rows, absmax_ptr, a_rows, kb0, byte0, blk0, bytes_per_row, HB: tl.constexpr):
@@ -226,13 +268,16 @@ if triton is not None:
         return q, a
 
     @triton.jit
-    def _dot_step(q, a, x_even, x_odd, code_ptr, absmax2_ptr, code2_ptr, offset, a_rows, kb0, blk0, bytes_per_row,
-                  NESTED: tl.constexpr, HB: tl.constexpr, BS2: tl.constexpr):
-        # each block's partial sum [BLOCK_N, NB], scaled once; a nibble is looked up in the 16-entry table (64
-        # bytes: one L1 line, one wavefront per warp)
-        qi = q.to(tl.int32)
-        w_hi = tl.load(code_ptr + (qi >> 4))
-        w_lo = tl.load(code_ptr + (qi & 15))
+    def _dot_step(q, a, x_even, x_odd, lut, code_ptr, absmax2_ptr, code2_ptr, offset, a_rows, kb0, blk0,
+                  bytes_per_row, NESTED: tl.constexpr, SHUFFLE: tl.constexpr, HB: tl.constexpr, BS2: tl.constexpr):
+        # each block's partial sum [BLOCK_N, NB], scaled once (LOOKUP says how a nibble becomes its value)
+        if SHUFFLE:
+            w_hi, w_lo = tl.inline_asm_elementwise(_SHUFFLE_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [q, lut],
+                                                   dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            qi = q.to(tl.int32)
+            w_hi = tl.load(code_ptr + (qi >> 4))
+            w_lo = tl.load(code_ptr + (qi & 15))
         part = tl.sum(w_hi * x_even + w_lo * x_odd, axis=2)
         if NESTED:
             blk = kb0 // HB + blk0
@@ -247,8 +292,8 @@ if triton is not None:
     @triton.jit
     def _rows_4bit(x_ptr, y_ptr, b_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, N,
                    bytes_per_row, blocks_per_row, X16: tl.constexpr, XBF16: tl.constexpr, NESTED: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, SHUFFLE: tl.constexpr, BS: tl.constexpr,
+                   BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
         # y[r] = sum_k w[r, k] x[k] for the BLOCK_N rows of row block `block` of one weight, w dequantized in
         # registers. A step covers BLOCK_K columns = NB quantization blocks of BS columns = HB bytes each: a tile
         # [BLOCK_N, NB, HB] of bytes, each byte an even column (high nibble) and the odd one after it (low nibble).
@@ -280,6 +325,10 @@ if triton is not None:
         qu, au = qg, ag
         if SWIGLU:
             qu, au = _load_step(q_up, absmax_ptr, a_up, 0, byte0, blk0, bytes_per_row, HB)
+        if SHUFFLE:
+            lut = _lane_table(qg, code_ptr)
+        else:
+            lut = 0.0
         for kb0 in range(0, bytes_per_row, BLOCK_KB):
             # [BLOCK_N, NB, HB] byte index within the row = index of the (even, odd) pair of x: x is loaded in the
             # weights' own shape, so that Triton gives both one layout (a [NB, HB] load gets another, and each
@@ -304,13 +353,13 @@ if triton is not None:
                     x_even = tl.load(x_ptr + 2 * kb, mask=kb < bytes_per_row, other=0.0)
                     x_odd = tl.load(x_ptr + 2 * kb + 1, mask=kb < bytes_per_row, other=0.0)
             next_qg, next_ag = _load_step(q_gate, absmax_ptr, a_gate, kb0 + BLOCK_KB, byte0, blk0, bytes_per_row, HB)
-            acc += _dot_step(qg, ag, x_even, x_odd, code_ptr, absmax2_ptr, code2_ptr, offset, a_gate, kb0, blk0,
-                             bytes_per_row, NESTED, HB, BS2)
+            acc += _dot_step(qg, ag, x_even, x_odd, lut, code_ptr, absmax2_ptr, code2_ptr, offset, a_gate, kb0, blk0,
+                             bytes_per_row, NESTED, SHUFFLE, HB, BS2)
             qg, ag = next_qg, next_ag
             if SWIGLU:
                 next_qu, next_au = _load_step(q_up, absmax_ptr, a_up, kb0 + BLOCK_KB, byte0, blk0, bytes_per_row, HB)
-                acc_up += _dot_step(qu, au, x_even, x_odd, code_ptr, absmax2_ptr, code2_ptr, offset, a_up, kb0, blk0,
-                                    bytes_per_row, NESTED, HB, BS2)
+                acc_up += _dot_step(qu, au, x_even, x_odd, lut, code_ptr, absmax2_ptr, code2_ptr, offset, a_up, kb0,
+                                    blk0, bytes_per_row, NESTED, SHUFFLE, HB, BS2)
                 qu, au = next_qu, next_au
         out_dtype = y_ptr.dtype.element_ty
         y = tl.sum(acc, axis=1)
@@ -330,7 +379,7 @@ if triton is not None:
                       q2, a2, a22, c22, o2, n2,
                       bytes_per_row, blocks_per_row, SEGMENTS: tl.constexpr, X16: tl.constexpr,
                       XBF16: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
-                      BS: tl.constexpr, BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      SHUFFLE: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       EVEN_K: tl.constexpr):
         # one launch for up to three weights of the same columns (q, k and v), whose outputs lie side by side in
         # y: the first programs take the first weight's row blocks, the next the second's, and so on
@@ -338,16 +387,16 @@ if triton is not None:
         p0 = tl.cdiv(n0, BLOCK_N)
         if pid < p0:
             _rows_4bit(x_ptr, y_ptr, b_ptr, q0, a0, code_ptr, a20, c20, o0, pid, n0, bytes_per_row, blocks_per_row,
-                       X16, XBF16, NESTED, HAS_BIAS, SWIGLU, BS, BS2, BLOCK_N, BLOCK_K, EVEN_K)
+                       X16, XBF16, NESTED, HAS_BIAS, SWIGLU, SHUFFLE, BS, BS2, BLOCK_N, BLOCK_K, EVEN_K)
         elif SEGMENTS >= 2:
             p1 = tl.cdiv(n1, BLOCK_N)
             if pid < p0 + p1:
                 _rows_4bit(x_ptr, y_ptr + n0, b_ptr + n0, q1, a1, code_ptr, a21, c21, o1, pid - p0, n1,
-                           bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, BS, BS2, BLOCK_N,
+                           bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, SHUFFLE, BS, BS2, BLOCK_N,
                            BLOCK_K, EVEN_K)
             elif SEGMENTS >= 3:
                 _rows_4bit(x_ptr, y_ptr + n0 + n1, b_ptr + n0 + n1, q2, a2, code_ptr, a22, c22, o2, pid - p0 - p1,
-                           n2, bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, BS, BS2,
+                           n2, bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, SHUFFLE, BS, BS2,
                            BLOCK_N, BLOCK_K, EVEN_K)
 
 
@@ -399,7 +448,7 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     grid = (sum(triton.cdiv(n, cfg.block_n) for n in counts),)
     _gemv4_kernel[grid](x.view(torch.int32) if x16 else x, y, bias if bias is not None else y, w.code, *segments,
                         k // 2, k // w.blocksize, SEGMENTS=len(ws), X16=x16, XBF16=x.dtype == torch.bfloat16,
-                        NESTED=w.nested, HAS_BIAS=bias is not None, SWIGLU=swiglu, BS=w.blocksize,
+                        NESTED=w.nested, HAS_BIAS=bias is not None, SWIGLU=swiglu, SHUFFLE=LOOKUP == "shuffle", BS=w.blocksize,
                         BS2=w.nested_blocksize, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                         EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps)
     return y
