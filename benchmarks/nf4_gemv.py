@@ -32,9 +32,11 @@ import torch
 import torch.nn.functional as F
 from nf4_decode import token_bytes
 
+from glmkit import gemv4bit
 from glmkit.bench import copy_bandwidth, save_result
 from glmkit.gemv import GemvConfig, active_table, device_name, gemv, gemv_swiglu, pick_config, tables_for
 from glmkit.gemv4bit import (
+    LOOKUP,
     Packed4bit,
     config_for,
     gemv_4bit,
@@ -103,30 +105,39 @@ def projection_row(name: str, n: int, k: int, bias: bool, swiglu: bool, bandwidt
     def bf16_triton(i: int) -> torch.Tensor:
         return gemv_swiglu(x, ws16[i]) if swiglu else gemv(x, ws16[i], b)
 
-    default = config_for(ps[0], swiglu)
+    default = config_for(ps[0], swiglu)  # the rule of thumb (or a table's shape) for this card
     row: dict[str, Any] = {"projection": name, "weights": len(heights), "rows": rows, "columns": k,
                            "double_quant": double_quant, "nf4_bytes": nbytes, "bf16_bytes": rows * k * 2,
                            "copies": copies, "roofline_us": nbytes / bandwidth * 1e6, "default": default.__dict__,
                            "tried": []}
-    best = None
-    for cfg in [default] + [c for c in sweep if c != default]:
-        try:
-            err = _rel(ours(0, cfg), ref)
-            t = timer(lambda i, cfg=cfg: ours(i, cfg), copies)
-        except Exception as exc:  # a shape Triton cannot build: record and go on
-            row["tried"].append({**cfg.__dict__, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-            continue
-        row["tried"].append({**cfg.__dict__, "us": t * 1e6, "tb_s": nbytes / t / 1e12, "rel_err": err})
-        if err < 2e-2 and (best is None or t < best[1]):
-            best = (cfg, t, err)
-    if best is not None:
-        row["best"] = {**best[0].__dict__, "us": best[1] * 1e6, "tb_s": nbytes / best[1] / 1e12,
-                       "fraction_of_copy_bandwidth": nbytes / best[1] / bandwidth}
-        row["default_us"] = row["tried"][0].get("us")
+    current, by_lookup = gemv4bit.LOOKUP, {}  # the lookup this process decodes with: restored below
+    for lookup in gemv4bit.LOOKUPS:  # the sweep with the warp-shuffle lookup; table loads at its best and default
+        gemv4bit.LOOKUP = lookup
+        shapes = [default, *sweep] if lookup == "shuffle" else [default, *(v[0] for v in by_lookup.values())]
+        shapes = list(dict.fromkeys(shapes))
+        for cfg in shapes:
+            try:
+                err = _rel(ours(0, cfg), ref)
+                t = timer(lambda i, cfg=cfg: ours(i, cfg), copies)
+            except Exception as exc:  # a shape Triton cannot build: record and go on
+                row["tried"].append({**cfg.__dict__, "lookup": lookup, "error": f"{type(exc).__name__}: {exc!s:.200}"})
+                continue
+            row["tried"].append({**cfg.__dict__, "lookup": lookup, "us": t * 1e6, "tb_s": nbytes / t / 1e12,
+                                 "rel_err": err})
+            if err < 2e-2 and (lookup not in by_lookup or t < by_lookup[lookup][1]):
+                by_lookup[lookup] = (cfg, t, err)
+    gemv4bit.LOOKUP = current
+    row["best_by_lookup"] = {lk: {**cfg.__dict__, "us": t * 1e6, "tb_s": nbytes / t / 1e12, "rel_err": err,
+                                  "fraction_of_copy_bandwidth": nbytes / t / bandwidth}
+                             for lk, (cfg, t, err) in by_lookup.items()}
+    row["default_us"] = {t["lookup"]: t["us"] for t in reversed(row["tried"]) if "us" in t and
+                         (t["block_n"], t["block_k"], t["num_warps"]) == tuple(default.__dict__.values())}
+    best = by_lookup.get(current)
     t_bnb, t16, t16t = timer(bnb, copies), timer(bf16_cublas, copies16), timer(bf16_triton, copies16)
     row |= {"bnb_matmul_4bit_us": t_bnb * 1e6, "bnb_matmul_4bit_tb_s": nbytes / t_bnb / 1e12,
             "bf16_cublas_us": t16 * 1e6, "bf16_cublas_tb_s": rows * k * 2 / t16 / 1e12,
             "bf16_triton_us": t16t * 1e6, "bf16_triton_config": pick_config(n, k).__dict__,
+            # the decoder's lookup (gemv4bit.LOOKUP), best shape
             "speedup_vs_bnb": None if best is None else t_bnb / best[1],
             "speedup_vs_bf16_cublas": None if best is None else t16 / best[1],
             # errors against float64 on the fp32-dequantized weights
@@ -136,20 +147,30 @@ def projection_row(name: str, n: int, k: int, bias: bool, swiglu: bool, bandwidt
     return row
 
 
-def projection_table(bandwidth: float, sweep_kind: str) -> list[dict[str, Any]]:
-    """Every projection in plain nf4 (the decoder's below) with the sweep; down_proj again with double quant."""
-    out = []
+def projection_table(bandwidth: float, sweep_kind: str) -> dict[str, Any]:
+    """Every projection in plain nf4 (the decoder's below) with the sweep, then down_proj with double quantization
+    at its best shape. The lookup (shuffle or load) that is faster over all projections, and each projection's
+    best shape with it, are what this process decodes with from then on (and what --write-table writes)."""
+    rows = []
     for name, (n, k, bias, swiglu) in projections(quantized=True).items():
         sweep = [] if sweep_kind == "none" else candidates("nf4", swiglu, quick=sweep_kind == "quick")
-        row = projection_row(name, n, k, bias, swiglu, bandwidth, False, sweep, QKV_ROWS if name == "qkv" else None)
-        out.append(row)
-        if row.get("best"):  # from now on this process decodes with it (the table is read before compiling)
-            active_table()[("nf4", n, k)] = GemvConfig(*(row["best"][f] for f in ("block_n", "block_k", "num_warps")))
+        rows.append(projection_row(name, n, k, bias, swiglu, bandwidth, False, sweep,
+                                   QKV_ROWS if name == "qkv" else None))
         torch.cuda.empty_cache()
+    totals = {lk: sum(r["best_by_lookup"][lk]["us"] for r in rows) for lk in gemv4bit.LOOKUPS
+              if all(lk in r["best_by_lookup"] for r in rows)}
+    chosen = min(totals, key=totals.get) if totals else LOOKUP
+    gemv4bit.LOOKUP = chosen
+    for r, (n, k, _, _) in zip(rows, projections(quantized=True).values()):
+        best = r["best_by_lookup"].get(chosen)
+        r["best"] = None if best is None else {**best, "lookup": chosen}
+        if best:  # the table is read before the decoder compiles: it decodes with these
+            active_table()[("nf4", n, k)] = GemvConfig(best["block_n"], best["block_k"], best["num_warps"])
     n, k, bias, swiglu = projections(quantized=True)["down_proj"]
-    out.append(projection_row("down_proj", n, k, bias, swiglu, bandwidth, True, []))  # its tuned shape, dq
+    rows.append(projection_row("down_proj", n, k, bias, swiglu, bandwidth, True, []))  # at its best shape
+    gemv4bit.LOOKUP = chosen
     torch.cuda.empty_cache()
-    return out
+    return {"rows": rows, "total_us_by_lookup": totals, "lookup_for_decode": chosen}
 
 
 def table_entries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -159,8 +180,9 @@ def table_entries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("best") and not r["double_quant"]:
             n = r["rows"] // 2 if r["projection"] == "gate_up" else r["rows"]
             shape = {f: r["best"][f] for f in ("block_n", "block_k", "num_warps")}
-            out += [{"kernel": "nf4", "rows": n, "columns": r["columns"], **shape},
-                    {"kernel": "fp4", "rows": n, "columns": r["columns"], **shape, "copied_from": "nf4"}]
+            out += [{"kernel": "nf4", "rows": n, "columns": r["columns"], **shape, "lookup": r["best"]["lookup"]},
+                    {"kernel": "fp4", "rows": n, "columns": r["columns"], **shape, "lookup": r["best"]["lookup"],
+                     "copied_from": "nf4"}]
     return out
 
 
@@ -228,7 +250,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
     ap.add_argument("--sweep", choices=("quick", "full", "none"), default="quick",
-                    help="launch shapes tried per projection: ~10 (quick), ~33 (full, as glmkit tune), none")
+                    help="launch shapes tried per projection: 8 (quick), ~33 (full, as glmkit tune), none")
     ap.add_argument("--stages", default="projections,decode,accuracy")
     ap.add_argument("--write-table", help="also write the best shapes as a launch-shape table for this card here")
     args = ap.parse_args()
@@ -259,7 +281,9 @@ def main() -> None:
             save_result("nf4_gemv", result)
 
     if "projections" in stages:
-        result["projections"] = stage("projections", projection_table, bw, args.sweep) or []
+        table = stage("projections", projection_table, bw, args.sweep) or {"rows": []}
+        result["projections"] = table.pop("rows")
+        result |= table
         if args.write_table and table_entries(result["projections"]):
             path = write_table(table_entries(result["projections"]), args.write_table,
                                source="benchmarks/nf4_gemv.py")
@@ -274,6 +298,7 @@ def main() -> None:
     runs = {"bf16": ("bf16", "bf16 fast (Triton)", dict(gemv="triton")),
             "nf4_triton": ("nf4", "nf4 fast (glmkit Triton, compiled)", dict(gemv="triton")),
             "nf4_bnb": ("nf4", "nf4 fast (bnb matmul_4bit, eager layers)", dict(gemv=False, compile=False))}
+    result["lookup_used_by_nf4_decoder"] = gemv4bit.LOOKUP
     rows = {key: stage(key, decode_speed, models[m], label, bw, **opts) for key, (m, label, opts) in runs.items()}
     result["decode"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows.values() if r]
     if rows["nf4_triton"] and rows["bf16"]:

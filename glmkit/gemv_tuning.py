@@ -50,13 +50,16 @@ def projections(quantized: bool = False) -> dict[str, tuple[int, int, bool, bool
 def candidates(kernel: str, swiglu: bool, quick: bool = False) -> list[GemvConfig]:
     """Launch shapes to try. 16-bit: 8 to 64 fp32 partial sums per thread (half as many per accumulator with
     SwiGLU's two). 4-bit: 16 to 64 packed bytes per thread and step (one to four 128-bit loads; with SwiGLU per
-    half), blocks of whole quantization blocks (64 columns) from 256 columns; ``quick``: only the shapes of 32
-    bytes per thread (per half), about ten, for a benchmark's short sweep."""
+    half), blocks of whole quantization blocks (64 columns) from 256 columns; ``quick``: eight of them, 16 or 32
+    bytes per thread (per half), for a benchmark's short sweep."""
+    if kernel in FOUR_BIT and quick:
+        return [GemvConfig(*s) for s in ((4, 1024, 4), (8, 512, 4), (2, 2048, 4), (4, 512, 2), (8, 1024, 4),
+                                         (4, 2048, 4), (16, 512, 4), (8, 1024, 8))]
     if kernel in FOUR_BIT:
         out = []
         for bn, bk, warps in itertools.product((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8)):
             per_thread = bn * bk // 2 // (warps * 32)
-            if (per_thread == 32) if quick else 16 <= per_thread * (2 if swiglu else 1) <= 64:
+            if 16 <= per_thread * (2 if swiglu else 1) <= 64:
                 out.append(GemvConfig(bn, bk, warps))
         return out
     out = []
@@ -108,11 +111,13 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
                     shapes: Iterable[GemvConfig] | None = None, device: str = "cuda",
                     timer: Callable[[Callable[[int], Any], int], float] = graph_time) -> dict[str, Any]:
     """Time every candidate shape of ``kernel`` on one projection against cuBLAS (16-bit) or bitsandbytes'
-    ``matmul_4bit`` (4-bit); returns the row for the JSON result, with ``best`` (None if none built)."""
+    ``matmul_4bit`` (4-bit); returns the row for the JSON result, with ``best`` (None if none built). The best
+    shape goes into this process's table; with another ``timer`` (tests) two weight copies and no table entry."""
     rows = 2 * n if swiglu else n
     quant = kernel in FOUR_BIT
     nbytes = rows * k // 2 if quant else rows * k * 2  # packed weights only (absmax adds 1/32 or 1/128)
-    copies = max(2, math.ceil(2**30 / nbytes)) if device == "cuda" else 2  # ~1 GiB of weights: 20x an H100's L2
+    real = device == "cuda" and timer is graph_time
+    copies = max(2, math.ceil(2**30 / nbytes)) if real else 2  # ~1 GiB of weights: 20x an H100's L2
     ws = _weights(kernel, rows, k, copies, device)
     dtype = torch.float16 if kernel == "fp16" else torch.bfloat16
     b = torch.randn(rows, device=device, dtype=dtype) if bias else None
@@ -152,7 +157,7 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
             best = (cfg, t)
     row["best"] = None if best is None else {**best[0].__dict__, "us": best[1] * 1e6, "tb_s": nbytes / best[1] / 1e12}
     row[f"speedup_vs_{base_name}"] = None if best is None else t_base / best[1]
-    if best is not None and device == "cuda":
+    if best is not None and real:
         active_table()[(kernel, n, k)] = best[0]  # this process decodes with it from now on
     ws.clear()
     if device == "cuda":
