@@ -4,7 +4,15 @@ A 12 GB card holds GLM-4-9B only in 4 bits, where a token reads 6.6 GB of weight
 own one-token kernel (``bnb.matmul_4bit``) reads those packed weights at 0.94-1.35 TB/s on an H200 (DESIGN.md):
 it saves memory, not time. These kernels read the *same* tensors bitsandbytes keeps (no second copy), dequantize in
 registers and sum in fp32, one pass over each weight; ``gemv_4bit_swiglu`` also applies GLM's MLP activation
-(``up * silu(gate)``) before it writes. ``FastDecoder`` uses them for a bitsandbytes nf4/fp4 model at batch 1.
+(``up * silu(gate)``) before it writes, and ``gemv_4bit_multi`` reads q, k and v in one launch. ``FastDecoder``
+uses them for a bitsandbytes nf4/fp4 model at batch 1.
+
+At batch 1 a 4-bit GEMV is bound by instructions, not bytes: every byte holds two weights to look up, so the
+kernels keep the work per byte small (sm_90 SASS read with ``cuobjdump``): 16-byte loads of weights; x read as 32-bit
+(even, odd) pairs, one pair per weight byte, in the weights' own layout (no shared-memory round trip); the nibble's
+value fetched by a warp shuffle from the lane that holds it (``LOOKUP``); one scale per 64 weights, applied to
+their partial sum; the next step's bytes and scales in flight while this step is summed. Launch shapes come from
+``glmkit tune --kernels nf4,fp4`` (tables by device name, kernel "nf4"/"fp4"; ``config_for``).
 
 bitsandbytes' layout (``bitsandbytes.functional.quantize_4bit``, GPU and generic CPU path): the weight ``[n, k]``
 is flattened row by row; element ``i`` sits in byte ``i // 2`` of a uint8 tensor ``[n * k / 2, 1]``, the *high*
