@@ -194,11 +194,10 @@ def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "nf4") -
     the one ``glmkit tune`` measured for this card and ``kernel`` ("nf4" or "fp4") if any, else a rule of thumb.
     ``block_k`` counts weight columns and is a multiple of ``blocksize``.
 
-    The rule of thumb: 4 rows of 1024 columns per step and 4 warps, so 16 packed bytes per thread and step (one
-    128-bit load; the next step's is in flight meanwhile). With fewer than 32 * num_warps (row, quantization
-    block) pairs per step the scales load straight into the layout the sums need; with more, Triton passes the
-    sums through shared memory every step (seen in the sm_90 TTGIR). Rows per program halve until the grid has
-    about two programs per SM of an H100/H200 (132 SMs).
+    The rule of thumb: 8 rows of 1024 columns per step and 4 warps, so each thread holds 16 packed bytes of two
+    rows (two 128-bit loads, and the next step's two in flight) and converts its x values once for both (sm_90
+    SASS: 333 instructions per 32 bytes and thread, against 194 per 16 with one row). Rows per program halve until
+    the grid has about two programs per SM of an H100/H200 (132 SMs).
 
     >>> pick_config_4bit(1000, 320).block_k % 64
     0
@@ -209,7 +208,7 @@ def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "nf4") -
     block_k = max(blocksize, min(1024, triton.next_power_of_2(k) if triton is not None else 1024))
     if INTERPRETER:  # every program is a Python loop of numpy calls there: few, large programs
         return GemvConfig(block_n=min(256, triton.next_power_of_2(n)), block_k=block_k, num_warps=4)
-    block_n = 4
+    block_n = 8
     while block_n > 1 and -(-n // block_n) < 264:
         block_n //= 2
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4)
@@ -231,26 +230,15 @@ LOOKUP = "load" if INTERPRETER else os.environ.get("GLMKIT_4BIT_LOOKUP", "shuffl
 LOOKUPS = ("shuffle", "load")
 
 if triton is not None:
-    # four packed bytes in (a 32-bit register, byte j = bits 8j..8j+7) -> their high nibbles' values ($0-$3) and low
-    # nibbles' ($4-$7); $9 holds code[lane % 16] on every lane. shfl.sync.idx reads only bits 0-4 of its lane
-    # operand, so `byte >> 4` and `byte` need no mask: bit 4 picks lane i + 16, which holds the same value as lane i
+    # one weight byte in $2 -> its high nibble's value ($0) and its low nibble's ($1); $3 holds code[lane % 16] on
+    # every lane. shfl.sync.idx reads only bits 0-4 of its lane operand, so the low nibble needs no mask: bit 4
+    # picks lane i + 16, which holds the same value as lane i. (Four bytes packed in one register per asm call
+    # cost more: Triton unpacks the 16-byte load into bytes and packs them again, 7 instructions a word on sm_90.)
     _SHUFFLE_ASM = tl.constexpr("""{
-    .reg .b32 t<7>;
-    shr.b32 t0, $8, 4;
-    shr.b32 t1, $8, 12;
-    shr.b32 t2, $8, 20;
-    shr.b32 t3, $8, 28;
-    shr.b32 t4, $8, 8;
-    shr.b32 t5, $8, 16;
-    shr.b32 t6, $8, 24;
-    shfl.sync.idx.b32 $0, $9, t0, 0x1f, 0xffffffff;
-    shfl.sync.idx.b32 $1, $9, t1, 0x1f, 0xffffffff;
-    shfl.sync.idx.b32 $2, $9, t2, 0x1f, 0xffffffff;
-    shfl.sync.idx.b32 $3, $9, t3, 0x1f, 0xffffffff;
-    shfl.sync.idx.b32 $4, $9, $8, 0x1f, 0xffffffff;
-    shfl.sync.idx.b32 $5, $9, t4, 0x1f, 0xffffffff;
-    shfl.sync.idx.b32 $6, $9, t5, 0x1f, 0xffffffff;
-    shfl.sync.idx.b32 $7, $9, t6, 0x1f, 0xffffffff;
+    .reg .b32 t;
+    shr.b32 t, $2, 4;
+    shfl.sync.idx.b32 $0, $3, t, 0x1f, 0xffffffff;
+    shfl.sync.idx.b32 $1, $3, $2, 0x1f, 0xffffffff;
 }""")
 
     @triton.jit
@@ -265,14 +253,25 @@ if triton is not None:
         return lut
 
     @triton.jit
-    def _load_step(q_rows, absmax_ptr, a_rows, kb0, byte0, blk0, bytes_per_row, HB: tl.constexpr):
+    def _load_step(q_rows, absmax_ptr, a_rows, kb0, byte0, blk0, bytes_per_row, NESTED: tl.constexpr,
+                   PTX: tl.constexpr, HB: tl.constexpr):
         # the bytes [BLOCK_N, NB, HB] and raw scales [BLOCK_N, NB] (fp32, or uint8 codes) of the step at byte kb0;
-        # past the row's end nothing is read (0: x is 0 there too)
+        # past the row's end no byte is read (0: x is 0 there too) and the row's last scale is
         kb = kb0 + byte0
         ok = kb < bytes_per_row  # bytes_per_row is a whole number of quantization blocks: per block, as scales
-        q = tl.load(q_rows + kb[None], mask=ok[None], other=0, eviction_policy="evict_first")
-        blk = kb0 // HB + blk0[None, :]  # [1, NB]
-        a = tl.load(absmax_ptr + a_rows + blk, mask=blk < bytes_per_row // HB, other=0, eviction_policy="evict_first")
+        q = tl.load(q_rows + kb[None], mask=ok[None], other=0, eviction_policy="evict_first").to(tl.int32)
+        blk = tl.minimum(kb0 // HB + blk0[None, :], bytes_per_row // HB - 1)  # [1, NB]
+        if PTX:  # a tl.load gets a layout of its own once BLOCK_N * NB >= the program's threads, and the step would
+            # then pass its sums through shared memory; inline PTX loads in the layout the sums have
+            addr = (absmax_ptr + a_rows + blk).to(tl.int64, bitcast=True)
+            if NESTED:
+                a = tl.inline_asm_elementwise("ld.global.nc.u8 $0, [$1];", "=r,l", [addr], dtype=tl.int32,
+                                              is_pure=True, pack=1)
+            else:
+                a = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [addr], dtype=tl.float32,
+                                              is_pure=True, pack=1)
+        else:
+            a = tl.load(absmax_ptr + a_rows + blk)
         return q, a
 
     @triton.jit
@@ -280,12 +279,11 @@ if triton is not None:
                   bytes_per_row, NESTED: tl.constexpr, SHUFFLE: tl.constexpr, HB: tl.constexpr, BS2: tl.constexpr):
         # each block's partial sum [BLOCK_N, NB], scaled once (LOOKUP says how a nibble becomes its value)
         if SHUFFLE:
-            w_hi, w_lo = tl.inline_asm_elementwise(_SHUFFLE_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r,r", [q, lut],
-                                                   dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+            w_hi, w_lo = tl.inline_asm_elementwise(_SHUFFLE_ASM, "=r,=r,r,r", [q, lut],
+                                                   dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
         else:
-            qi = q.to(tl.int32)
-            w_hi = tl.load(code_ptr + (qi >> 4))
-            w_lo = tl.load(code_ptr + (qi & 15))
+            w_hi = tl.load(code_ptr + (q >> 4))
+            w_lo = tl.load(code_ptr + (q & 15))
         part = tl.sum(w_hi * x_even + w_lo * x_odd, axis=2)
         if NESTED:
             blk = kb0 // HB + blk0
@@ -329,10 +327,10 @@ if triton is not None:
             offset = 0.0
         acc = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
-        qg, ag = _load_step(q_gate, absmax_ptr, a_gate, 0, byte0, blk0, bytes_per_row, HB)
+        qg, ag = _load_step(q_gate, absmax_ptr, a_gate, 0, byte0, blk0, bytes_per_row, NESTED, SHUFFLE, HB)
         qu, au = qg, ag
         if SWIGLU:
-            qu, au = _load_step(q_up, absmax_ptr, a_up, 0, byte0, blk0, bytes_per_row, HB)
+            qu, au = _load_step(q_up, absmax_ptr, a_up, 0, byte0, blk0, bytes_per_row, NESTED, SHUFFLE, HB)
         if SHUFFLE:
             lut = _lane_table(qg, code_ptr)
         else:
@@ -360,12 +358,14 @@ if triton is not None:
                 else:
                     x_even = tl.load(x_ptr + 2 * kb, mask=kb < bytes_per_row, other=0.0)
                     x_odd = tl.load(x_ptr + 2 * kb + 1, mask=kb < bytes_per_row, other=0.0)
-            next_qg, next_ag = _load_step(q_gate, absmax_ptr, a_gate, kb0 + BLOCK_KB, byte0, blk0, bytes_per_row, HB)
+            next_qg, next_ag = _load_step(q_gate, absmax_ptr, a_gate, kb0 + BLOCK_KB, byte0, blk0, bytes_per_row,
+                                          NESTED, SHUFFLE, HB)
             acc += _dot_step(qg, ag, x_even, x_odd, lut, code_ptr, absmax2_ptr, code2_ptr, offset, a_gate, kb0, blk0,
                              bytes_per_row, NESTED, SHUFFLE, HB, BS2)
             qg, ag = next_qg, next_ag
             if SWIGLU:
-                next_qu, next_au = _load_step(q_up, absmax_ptr, a_up, kb0 + BLOCK_KB, byte0, blk0, bytes_per_row, HB)
+                next_qu, next_au = _load_step(q_up, absmax_ptr, a_up, kb0 + BLOCK_KB, byte0, blk0, bytes_per_row,
+                                              NESTED, SHUFFLE, HB)
                 acc_up += _dot_step(qu, au, x_even, x_odd, lut, code_ptr, absmax2_ptr, code2_ptr, offset, a_up, kb0,
                                     blk0, bytes_per_row, NESTED, SHUFFLE, HB, BS2)
                 qu, au = next_qu, next_au
