@@ -261,6 +261,8 @@ if triton is not None:
         ok = kb < bytes_per_row  # bytes_per_row is a whole number of quantization blocks: per block, as scales
         q = tl.load(q_rows + kb[None], mask=ok[None], other=0, eviction_policy="evict_first").to(tl.int32)
         blk = tl.minimum(kb0 // HB + blk0[None, :], bytes_per_row // HB - 1)  # [1, NB]
+        if PTX:  # each byte widened to 32 bits here, once (the compiler would carry bytes and widen them again)
+            q = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
         if PTX:  # a tl.load gets a layout of its own once BLOCK_N * NB >= the program's threads, and the step would
             # then pass its sums through shared memory; inline PTX loads in the layout the sums have
             addr = (absmax_ptr + a_rows + blk).to(tl.int64, bitcast=True)
