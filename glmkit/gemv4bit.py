@@ -194,10 +194,11 @@ def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "nf4") -
     the one ``glmkit tune`` measured for this card and ``kernel`` ("nf4" or "fp4") if any, else a rule of thumb.
     ``block_k`` counts weight columns and is a multiple of ``blocksize``.
 
-    The rule of thumb: 8 rows of 1024 columns per step and 4 warps, so each thread holds 16 packed bytes of two
-    rows (two 128-bit loads, and the next step's two in flight) and converts its x values once for both (sm_90
-    SASS: 333 instructions per 32 bytes and thread, against 194 per 16 with one row). Rows per program halve until
-    the grid has about two programs per SM of an H100/H200 (132 SMs).
+    The rule of thumb: 4 rows of 1024 columns per step and 4 warps, so each thread holds 16 packed bytes of one
+    row (one 128-bit load, and the next step's in flight): 174 sm_90 instructions per thread and step with Triton
+    3.6 (10.9 per byte; 17.7 with table loads). Two rows per thread would share their x values, but Triton 3.6
+    loads and converts them once per row all the same (3.9 does not). Rows per program halve until the grid has
+    about two programs per SM of an H100/H200 (132 SMs).
 
     >>> pick_config_4bit(1000, 320).block_k % 64
     0
@@ -208,7 +209,7 @@ def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "nf4") -
     block_k = max(blocksize, min(1024, triton.next_power_of_2(k) if triton is not None else 1024))
     if INTERPRETER:  # every program is a Python loop of numpy calls there: few, large programs
         return GemvConfig(block_n=min(256, triton.next_power_of_2(n)), block_k=block_k, num_warps=4)
-    block_n = 8
+    block_n = 4
     while block_n > 1 and -(-n // block_n) < 264:
         block_n //= 2
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4)
@@ -253,32 +254,41 @@ if triton is not None:
         return lut
 
     @triton.jit
-    def _load_step(q_rows, absmax_ptr, a_rows, kb0, byte0, blk0, bytes_per_row, NESTED: tl.constexpr,
-                   PTX: tl.constexpr, HB: tl.constexpr):
-        # the bytes [BLOCK_N, NB, HB] and raw scales [BLOCK_N, NB] (fp32, or uint8 codes) of the step at byte kb0;
+    def _ld_f32(ptr):
+        # a load that keeps its operand's layout: inline PTX (a tl.load gets a layout of its own when it has at
+        # least as many elements as the program has threads, and the step would pass its sums through shared memory)
+        return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptr.to(tl.int64, bitcast=True)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _ld_u8(ptr):
+        return tl.inline_asm_elementwise("ld.global.nc.u8 $0, [$1];", "=r,l", [ptr.to(tl.int64, bitcast=True)],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _load_step(q_rows, a_rows, absmax_ptr, absmax2_ptr, code2_ptr, offset, kb0, byte0, blk0, bytes_per_row,
+                   NESTED: tl.constexpr, PTX: tl.constexpr, HB: tl.constexpr, BS2: tl.constexpr):
+        # the bytes [BLOCK_N, NB, HB] (each widened to 32 bits) and scales [BLOCK_N, NB] of the step at byte kb0;
         # past the row's end no byte is read (0: x is 0 there too) and the row's last scale is
         kb = kb0 + byte0
         ok = kb < bytes_per_row  # bytes_per_row is a whole number of quantization blocks: per block, as scales
         q = tl.load(q_rows + kb[None], mask=ok[None], other=0, eviction_policy="evict_first").to(tl.int32)
-        blk = tl.minimum(kb0 // HB + blk0[None, :], bytes_per_row // HB - 1)  # [1, NB]
-        if PTX:  # each byte widened to 32 bits here, once (the compiler would carry bytes and widen them again)
+        a_idx = a_rows + tl.minimum(kb0 // HB + blk0[None, :], bytes_per_row // HB - 1)  # [BLOCK_N, NB]
+        if PTX:  # widened here, once (the compiler would carry bytes to the next step and widen them again there)
             q = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
-        if PTX:  # a tl.load gets a layout of its own once BLOCK_N * NB >= the program's threads, and the step would
-            # then pass its sums through shared memory; inline PTX loads in the layout the sums have
-            addr = (absmax_ptr + a_rows + blk).to(tl.int64, bitcast=True)
-            if NESTED:
-                a = tl.inline_asm_elementwise("ld.global.nc.u8 $0, [$1];", "=r,l", [addr], dtype=tl.int32,
-                                              is_pure=True, pack=1)
+            if NESTED:  # bitsandbytes' double quantization: absmax = code2[absmax_q] * absmax2[i // 256] + offset
+                scale = _ld_f32(code2_ptr + _ld_u8(absmax_ptr + a_idx)) * _ld_f32(absmax2_ptr + a_idx // BS2) + offset
             else:
-                a = tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [addr], dtype=tl.float32,
-                                              is_pure=True, pack=1)
+                scale = _ld_f32(absmax_ptr + a_idx)
+        elif NESTED:
+            scale = tl.load(code2_ptr + tl.load(absmax_ptr + a_idx).to(tl.int32)) * tl.load(absmax2_ptr + a_idx // BS2) \
+                + offset
         else:
-            a = tl.load(absmax_ptr + a_rows + blk)
-        return q, a
+            scale = tl.load(absmax_ptr + a_idx)
+        return q, scale
 
     @triton.jit
-    def _dot_step(q, a, x_even, x_odd, lut, code_ptr, absmax2_ptr, code2_ptr, offset, a_rows, kb0, blk0,
-                  bytes_per_row, NESTED: tl.constexpr, SHUFFLE: tl.constexpr, HB: tl.constexpr, BS2: tl.constexpr):
+    def _dot_step(q, scale, x_even, x_odd, lut, code_ptr, SHUFFLE: tl.constexpr):
         # each block's partial sum [BLOCK_N, NB], scaled once (LOOKUP says how a nibble becomes its value)
         if SHUFFLE:
             w_hi, w_lo = tl.inline_asm_elementwise(_SHUFFLE_ASM, "=r,=r,r,r", [q, lut],
@@ -286,16 +296,7 @@ if triton is not None:
         else:
             w_hi = tl.load(code_ptr + (q >> 4))
             w_lo = tl.load(code_ptr + (q & 15))
-        part = tl.sum(w_hi * x_even + w_lo * x_odd, axis=2)
-        if NESTED:
-            blk = kb0 // HB + blk0
-            a_idx = a_rows + blk[None, :]
-            ok = (blk < bytes_per_row // HB)[None, :]
-            scale = tl.load(code2_ptr + a.to(tl.int32)) * tl.load(absmax2_ptr + a_idx // BS2, mask=ok, other=0.0) \
-                + offset
-        else:
-            scale = a
-        return part * scale
+        return tl.sum(w_hi * x_even + w_lo * x_odd, axis=2) * scale
 
     @triton.jit
     def _rows_4bit(x_ptr, y_ptr, b_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, N,
@@ -329,10 +330,12 @@ if triton is not None:
             offset = 0.0
         acc = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
-        qg, ag = _load_step(q_gate, absmax_ptr, a_gate, 0, byte0, blk0, bytes_per_row, NESTED, SHUFFLE, HB)
+        qg, ag = _load_step(q_gate, a_gate, absmax_ptr, absmax2_ptr, code2_ptr, offset, 0, byte0, blk0, bytes_per_row,
+                            NESTED, SHUFFLE, HB, BS2)
         qu, au = qg, ag
         if SWIGLU:
-            qu, au = _load_step(q_up, absmax_ptr, a_up, 0, byte0, blk0, bytes_per_row, NESTED, SHUFFLE, HB)
+            qu, au = _load_step(q_up, a_up, absmax_ptr, absmax2_ptr, code2_ptr, offset, 0, byte0, blk0, bytes_per_row,
+                                NESTED, SHUFFLE, HB, BS2)
         if SHUFFLE:
             lut = _lane_table(qg, code_ptr)
         else:
@@ -360,16 +363,14 @@ if triton is not None:
                 else:
                     x_even = tl.load(x_ptr + 2 * kb, mask=kb < bytes_per_row, other=0.0)
                     x_odd = tl.load(x_ptr + 2 * kb + 1, mask=kb < bytes_per_row, other=0.0)
-            next_qg, next_ag = _load_step(q_gate, absmax_ptr, a_gate, kb0 + BLOCK_KB, byte0, blk0, bytes_per_row,
-                                          NESTED, SHUFFLE, HB)
-            acc += _dot_step(qg, ag, x_even, x_odd, lut, code_ptr, absmax2_ptr, code2_ptr, offset, a_gate, kb0, blk0,
-                             bytes_per_row, NESTED, SHUFFLE, HB, BS2)
+            next_qg, next_ag = _load_step(q_gate, a_gate, absmax_ptr, absmax2_ptr, code2_ptr, offset, kb0 + BLOCK_KB,
+                                          byte0, blk0, bytes_per_row, NESTED, SHUFFLE, HB, BS2)
+            acc += _dot_step(qg, ag, x_even, x_odd, lut, code_ptr, SHUFFLE)
             qg, ag = next_qg, next_ag
             if SWIGLU:
-                next_qu, next_au = _load_step(q_up, absmax_ptr, a_up, kb0 + BLOCK_KB, byte0, blk0, bytes_per_row,
-                                              NESTED, SHUFFLE, HB)
-                acc_up += _dot_step(qu, au, x_even, x_odd, lut, code_ptr, absmax2_ptr, code2_ptr, offset, a_up, kb0,
-                                    blk0, bytes_per_row, NESTED, SHUFFLE, HB, BS2)
+                next_qu, next_au = _load_step(q_up, a_up, absmax_ptr, absmax2_ptr, code2_ptr, offset, kb0 + BLOCK_KB,
+                                              byte0, blk0, bytes_per_row, NESTED, SHUFFLE, HB, BS2)
+                acc_up += _dot_step(qu, au, x_even, x_odd, lut, code_ptr, SHUFFLE)
                 qu, au = next_qu, next_au
         out_dtype = y_ptr.dtype.element_ty
         y = tl.sum(acc, axis=1)

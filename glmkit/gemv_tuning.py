@@ -53,8 +53,8 @@ def candidates(kernel: str, swiglu: bool, quick: bool = False) -> list[GemvConfi
     half), blocks of whole quantization blocks (64 columns) from 256 columns; ``quick``: eight of them, 16 or 32
     bytes per thread (per half), for a benchmark's short sweep."""
     if kernel in FOUR_BIT and quick:
-        return [GemvConfig(*s) for s in ((8, 1024, 4), (4, 1024, 4), (8, 512, 4), (16, 512, 4), (4, 2048, 4),
-                                         (8, 2048, 8), (16, 1024, 8), (4, 512, 2))]
+        return [GemvConfig(*s) for s in ((4, 1024, 4), (8, 512, 4), (2, 2048, 4), (8, 1024, 8), (16, 512, 8),
+                                         (8, 1024, 4), (4, 2048, 4), (4, 512, 2))]
     if kernel in FOUR_BIT:
         out = []
         for bn, bk, warps in itertools.product((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8)):
