@@ -210,8 +210,9 @@ def forced_logits(decoder: Any) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 1000, (1, PROMPT + FORCED), generator=g).to(decoder.device)
     decoder.prefill(ids[:, :PROMPT])
-    return torch.stack([decoder.decode_step(ids[0, PROMPT + t:PROMPT + t + 1], PROMPT + t)[0].float()
-                        for t in range(FORCED)])
+    steps = [decoder.decode_step(ids[0, PROMPT + t:PROMPT + t + 1], PROMPT + t)[0].to(torch.float32, copy=True)
+             for t in range(FORCED)]  # each step's logits copied: the decoder's buffer is reused
+    return torch.stack(steps)
 
 
 def compare(logits: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
