@@ -222,14 +222,14 @@ def compare(logits: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
             "argmax_equal": int((logits.argmax(-1) == ref.argmax(-1)).sum()), "steps": len(errs)}
 
 
-def fp32_references(checkpoint: str, nf4_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def fp32_references(checkpoint: str, nf4_model: torch.nn.Module, device: str = "cuda:0") -> dict[str, torch.Tensor]:
     """Teacher-forced logits of fp32 decoders (cuBLAS, TF32 off): the checkpoint in fp32, then the same model with
     every quantized weight replaced by its nf4 dequantization in fp32 (everything else is the checkpoint's)."""
     from glmkit.fast_decode import FastDecoder
     from glmkit.loading import load_model
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = load_model(checkpoint, dtype=torch.float32, device_map="cuda:0")
+    model = load_model(checkpoint, dtype=torch.float32, device_map=device)
     out = {}
     for label in ("bf16_model", "nf4_weights"):
         if label == "nf4_weights":
