@@ -38,6 +38,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -55,18 +56,18 @@ def symm_problem(group: dist.ProcessGroup | None, device: torch.device) -> str |
     if group is None or dist.get_world_size(group) < 2:
         return "one process: nothing to sum"
     if device.type != "cuda":
-        return "the tensors live on the CPU (symmetric memory maps GPU buffers)"
+        return "the tensors live on the CPU: symmetric memory maps GPU buffers"
     if "nccl" not in str(dist.get_backend(group)).lower():
         return f"the process group runs {dist.get_backend(group)}, not NCCL"
     try:
         import torch.distributed._symmetric_memory  # noqa: F401  (registers the Python side)
     except ImportError as exc:
-        return f"this torch has no symmetric memory ({exc})"
+        return f"this torch has no symmetric memory: {exc}"
     if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce"):
         return f"torch {torch.__version__} has no symm_mem.one_shot_all_reduce"
     local = os.environ.get("LOCAL_WORLD_SIZE")
     if local is not None and int(local) < dist.get_world_size(group):
-        return "the processes span several hosts (symmetric memory maps buffers within one host)"
+        return "the processes span several hosts: symmetric memory maps buffers within one host"
     return None
 
 
@@ -87,7 +88,7 @@ def _peers_reachable(group: dist.ProcessGroup, device: torch.device) -> str | No
     me = int(mine.item())
     for peer in every.tolist():
         if peer != me and not torch.cuda.can_device_access_peer(me, peer):
-            return f"GPU {me} cannot access GPU {peer} directly (no peer-to-peer path: NVLink or PCIe P2P)"
+            return f"GPU {me} cannot access GPU {peer} directly: no peer-to-peer path (NVLink or PCIe P2P)"
     return None
 
 
@@ -117,20 +118,23 @@ class AllReduce:
         self.reason = symm_problem(group, self.device)
         if self.group is None or self.world < 2:
             return
-        if self.reason is None:
-            self.reason = _peers_reachable(self.group, self.device)
-        if self.reason is None:
-            self.reason = self._setup(max_bytes)
-        if not _agree(self.reason is None, self.group, self.device):  # every rank on the same path
-            self.reason = self.reason or "another rank cannot run it"
-            self.buffer = None
+        # each step is agreed on by every rank before the next, so all ranks take the same path (and meet in the
+        # same collectives)
+        for step in (lambda: _peers_reachable(self.group, self.device), lambda: self._allocate(max_bytes),
+                     self._exchange):
+            if not _agree(self.reason is None, self.group, self.device):
+                self.reason, self.buffer = self.reason or "another rank cannot run it", None
+                return
+            self.reason = step()
+        if not _agree(self.reason is None, self.group, self.device):
+            self.reason, self.buffer = self.reason or "another rank cannot run it", None
             return
         self.mode = "symm"
         if mode == "auto":
             self._choose(hidden, graph)
 
-    def _setup(self, max_bytes: int) -> str | None:
-        """Allocate and exchange the symmetric buffer, then check one sum against NCCL's; why not, if it fails."""
+    def _allocate(self, max_bytes: int) -> str | None:
+        """The symmetric buffer on this GPU; why not, if it fails."""
         import torch.distributed._symmetric_memory as symm_mem
 
         try:
@@ -140,15 +144,22 @@ class AllReduce:
                     symm_mem.enable_symm_mem_for_group(self.group.group_name)
             elem = torch.empty((), dtype=self.dtype).element_size()
             self.buffer = symm_mem.empty(max_bytes // elem, dtype=self.dtype, device=self.device)
+        except Exception as exc:  # noqa: BLE001 - an optional fast path: say why and use NCCL
+            return f"symmetric memory failed here: {type(exc).__name__}: {str(exc)[:200]}"
+        return None
+
+    def _exchange(self) -> str | None:
+        """Map the ranks' buffers into each other (a collective), then check one sum against NCCL's."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        probe = torch.arange(64, dtype=self.dtype, device=self.device) + dist.get_rank(self.group)
+        want = probe.clone()
+        dist.all_reduce(want, group=self.group)
+        try:
             symm_mem.rendezvous(self.buffer, self.group.group_name)
-            probe = torch.arange(64, dtype=self.dtype, device=self.device) + dist.get_rank(self.group)
-            want = probe.clone()
-            dist.all_reduce(want, group=self.group)
-            got = self._symm(probe)
-            if not torch.equal(got, want):
+            if not torch.equal(self._symm(probe), want):
                 return "its test sum differed from NCCL's"
         except Exception as exc:  # noqa: BLE001 - an optional fast path: say why and use NCCL
-            self.buffer = None
             return f"symmetric memory failed here: {type(exc).__name__}: {str(exc)[:200]}"
         return None
 
@@ -182,8 +193,7 @@ class AllReduce:
         times = torch.tensor([self.timings_us[m][key] for m in ("nccl", "symm")], device=self.device)
         dist.broadcast(times, src=dist.get_global_rank(self.group, 0), group=self.group)
         self.mode = "symm" if times[1] < times[0] else "nccl"
-        if self.mode == "nccl":
-            self.reason = f"NCCL measured faster ({times[0]:.1f} against {times[1]:.1f} µs, {key})"
+        self.reason = f"measured, {key}: NCCL {times[0]:.1f} µs, symm {times[1]:.1f} µs"
 
     def describe(self) -> str:
         """One line: the mode in use and why (for logs and benchmark JSON)."""
@@ -245,3 +255,22 @@ def all_reduce_latency_us(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.T
     out["in_cuda_graph_us"] = statistics.median(replays)
     del g
     return out
+
+
+def latency_rows(group: dist.ProcessGroup, device: torch.device, modes: list[str], batches: list[int],
+                 hidden: int = 4096, repeats: int = 200) -> list[dict[str, Any]]:
+    """One row per (mode, batch) of ``[batch, hidden]`` bf16 all-reduces: the mode asked for, what ran (``symm``
+    falls back where it cannot run) and ``all_reduce_latency_us``'s figures (in a CUDA graph on GPUs). Every rank
+    calls it alike; rows are for ``benchmarks/allreduce_latency.py`` and ``benchmarks/tp_fast.py``."""
+    rows = []
+    for mode in modes:
+        ar = AllReduce(group, device, torch.bfloat16, mode=mode, hidden=hidden)
+        for batch in batches:
+            t = torch.zeros(batch, hidden, dtype=torch.bfloat16, device=device)
+            row: dict[str, Any] = {"allreduce": mode, "ran": ar.describe(), "batch_size": batch,
+                                   "bytes": t.numel() * t.element_size(), "backend": str(dist.get_backend(group)),
+                                   **all_reduce_latency_us(ar, t, group, graph=device.type == "cuda", repeats=repeats)}
+            if ar.timings_us:
+                row["auto_timings_us"] = ar.timings_us
+            rows.append(row)
+    return rows

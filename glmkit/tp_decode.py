@@ -247,12 +247,21 @@ class TPDecoder:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.ready = False
 
-    def resized(self, batch_size: int, graph_batch_sizes: list[int] | None = None) -> TPDecoder:
-        """A decoder for another batch size that shares this one's weights (no model needed); drop this one first
-        if memory is tight, since each holds its own KV cache."""
+    def resized(self, batch_size: int, graph_batch_sizes: list[int] | None = None,
+                allreduce: AllReduce | None = None) -> TPDecoder:
+        """A decoder for another batch size (and, given one, another ``AllReduce``) that shares this one's weights
+        and compiled pieces (no model needed); each holds its own KV cache, so when memory is tight ``release()``
+        this one first (every rank alike: the new one captures its graphs, collectives included, at first use)."""
         new = copy.copy(self)
+        if allreduce is not None:
+            new.allreduce = allreduce
         new._allocate(batch_size, graph_batch_sizes)
         return new
+
+    def release(self) -> None:
+        """Free this decoder's KV cache and graphs (its weights stay, for ``resized``); it cannot decode after."""
+        self.k_cache = self.v_cache = None
+        self.graphs, self.ready = {}, False
 
     def _gather_logits(self, part: torch.Tensor) -> torch.Tensor:
         """``[b, vocab / world]`` of this rank -> ``[b, vocab]`` on every rank (fp32), so all ranks pick alike."""
