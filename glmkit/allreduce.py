@@ -118,20 +118,24 @@ class AllReduce:
         self.reason = symm_problem(group, self.device)
         if self.group is None or self.world < 2:
             return
-        # each step is agreed on by every rank before the next, so all ranks take the same path (and meet in the
-        # same collectives)
+        # every step is agreed on by all ranks before the next, so they take the same path (and meet in the same
+        # collectives; a one-shot kernel waits for its peers)
         for step in (lambda: _peers_reachable(self.group, self.device), lambda: self._allocate(max_bytes),
-                     self._exchange):
-            if not _agree(self.reason is None, self.group, self.device):
-                self.reason, self.buffer = self.reason or "another rank cannot run it", None
+                     self._exchange, self._probe):
+            if not self._all_ok():
                 return
             self.reason = step()
-        if not _agree(self.reason is None, self.group, self.device):
-            self.reason, self.buffer = self.reason or "another rank cannot run it", None
-            return
-        self.mode = "symm"
-        if mode == "auto":
-            self._choose(hidden, graph)
+        if self._all_ok():
+            self.mode = "symm"
+            if mode == "auto":
+                self._choose(hidden, graph)
+
+    def _all_ok(self) -> bool:
+        """Whether every rank can go on with symmetric memory; if not, all drop it (and say why)."""
+        if _agree(self.reason is None, self.group, self.device):
+            return True
+        self.reason, self.buffer = self.reason or "another rank cannot run it", None
+        return False
 
     def _allocate(self, max_bytes: int) -> str | None:
         """The symmetric buffer on this GPU; why not, if it fails."""
@@ -149,14 +153,21 @@ class AllReduce:
         return None
 
     def _exchange(self) -> str | None:
-        """Map the ranks' buffers into each other (a collective), then check one sum against NCCL's."""
+        """Map the ranks' buffers into each other (a collective); why not, if it fails."""
         import torch.distributed._symmetric_memory as symm_mem
 
+        try:
+            symm_mem.rendezvous(self.buffer, self.group.group_name)
+        except Exception as exc:  # noqa: BLE001 - an optional fast path: say why and use NCCL
+            return f"symmetric memory failed here: {type(exc).__name__}: {str(exc)[:200]}"
+        return None
+
+    def _probe(self) -> str | None:
+        """One sum by the one-shot kernel against NCCL's (every rank runs both: the kernel waits for its peers)."""
         probe = torch.arange(64, dtype=self.dtype, device=self.device) + dist.get_rank(self.group)
         want = probe.clone()
         dist.all_reduce(want, group=self.group)
         try:
-            symm_mem.rendezvous(self.buffer, self.group.group_name)
             if not torch.equal(self._symm(probe), want):
                 return "its test sum differed from NCCL's"
         except Exception as exc:  # noqa: BLE001 - an optional fast path: say why and use NCCL
