@@ -147,7 +147,7 @@ class AllReduce:
                     warnings.simplefilter("ignore")
                     symm_mem.enable_symm_mem_for_group(self.group.group_name)
             elem = torch.empty((), dtype=self.dtype).element_size()
-            self.buffer = symm_mem.empty(max_bytes // elem, dtype=self.dtype, device=self.device)
+            self.buffer = symm_mem.empty(max_bytes // elem, dtype=self.dtype, device=self.device).zero_()
         except Exception as exc:  # noqa: BLE001 - an optional fast path: say why and use NCCL
             return f"symmetric memory failed here: {type(exc).__name__}: {str(exc)[:200]}"
         return None
