@@ -207,9 +207,11 @@ class AllReduce:
         self.reason = f"measured, {key}: NCCL {times[0]:.1f} µs, symm {times[1]:.1f} µs"
 
     def describe(self) -> str:
-        """One line: the mode in use and why (for logs and benchmark JSON)."""
-        why = f" ({self.reason})" if self.reason else ""
-        return f"{self.mode}{why}"
+        """One line: what sums (the one-shot kernel, or the group's backend) and why (for logs and benchmark JSON)."""
+        if self.group is None or self.world < 2:
+            return "nothing to sum (one process)"
+        what = "symmetric-memory one-shot" if self.mode == "symm" else f"{dist.get_backend(self.group)} all-reduce"
+        return what + (f" ({self.reason})" if self.reason else "")
 
     def __repr__(self) -> str:
         return f"AllReduce(mode={self.mode!r}, requested={self.requested!r}, world={self.world}, reason={self.reason!r})"

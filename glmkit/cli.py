@@ -281,7 +281,7 @@ def _bench(args: argparse.Namespace) -> None:
     if args.fast_decode and parallel.in_torchrun():  # the TP fast decoder (warms itself up, as FastDecoder)
         decoder = parallel.tp_decoder(model, args.prompt_len + args.new_tokens, args.batch)
         row = {"path": "fast (tensor parallel)", "batch_size": args.batch, "prompt_len": args.prompt_len,
-               **decoder.tokens_per_second(args.prompt_len, args.new_tokens)}
+               "allreduce": decoder.allreduce.describe(), **decoder.tokens_per_second(args.prompt_len, args.new_tokens)}
     else:
         if not args.fast_decode:  # (the fast path warms itself up: compile and graph capture are not timed)
             measure_decode(model, "generate", args.batch, args.prompt_len, 4)  # warm-up
