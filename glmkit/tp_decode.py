@@ -263,15 +263,21 @@ class TPDecoder:
         self.k_cache = self.v_cache = None
         self.graphs, self.ready = {}, False
 
-    def _gather_logits(self, part: torch.Tensor) -> torch.Tensor:
-        """``[b, vocab / world]`` of this rank -> ``[b, vocab]`` on every rank (fp32), so all ranks pick alike."""
-        part = part.float()
-        if self.group is None or self.world == 1:
-            return part
+    def _gather_logits(self, part: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[b, vocab / world]`` of this rank -> ``[b, vocab]`` fp32 on every rank (into ``out`` if given), so all
+        ranks pick alike. The logits travel in the model's dtype (bf16: half the bytes of fp32) and are widened as
+        they are put in order, in one copy: the same values."""
         b = part.shape[0]
+        gather = self.group is not None and self.world > 1
+        if out is None:
+            out = torch.empty(b, part.shape[1] * (self.world if gather else 1), dtype=torch.float32,
+                              device=part.device)
+        if not gather:
+            return out.copy_(part)
         parts = torch.empty(self.world * b, part.shape[1], dtype=part.dtype, device=part.device)
         dist.all_gather_into_tensor(parts, part.contiguous(), group=self.group)  # [world * b, vocab / world]
-        return parts.view(self.world, b, -1).permute(1, 0, 2).reshape(b, -1)
+        out.view(b, self.world, -1).copy_(parts.view(self.world, b, -1).transpose(0, 1))
+        return out
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, rows: slice, gemv: bool | str,
                  attention: Callable[..., Any], mlp: Callable[..., Any], nxt: Callable[..., Any],
@@ -302,7 +308,7 @@ class TPDecoder:
         gemv = self.gemv if b == 1 else False  # glmkit's Triton GEMVs read one token; cuBLAS for more
         part = self._forward(self.tokens[:b], self.pos[:b, None], slice(0, b), gemv, self._attention, self._mlp,
                              self._next, self._embed)
-        self.logits[:b].copy_(self._gather_logits(part))
+        self._gather_logits(part, out=self.logits[:b])
 
     def _capture(self) -> None:
         """Compile and (on a GPU) capture one graph per bucket, collectives included."""
