@@ -178,18 +178,18 @@ def device_map_option(value: str | None, model_path: str) -> object:
         return value
     from transformers import AutoConfig
 
-    from glmkit.device_map import even_split, split_layers
+    from glmkit.device_map import LayerCountError, split_layers
 
     try:
         counts = [int(x) for x in value.split(",")]
     except ValueError:
         raise ValueError(f"--device-map {value!r}: layers per GPU are whole numbers, like 20,20.") from None
-    layers = AutoConfig.from_pretrained(model_path).num_hidden_layers
-    if sum(counts) != layers or any(c < 0 for c in counts):
-        example = ",".join(str(c) for c in even_split(layers, len(counts)))
-        raise ValueError(f"--device-map {value}: the layers per GPU add up to {sum(counts)}, but the model has "
-                         f"{layers} decoder layers; e.g. --device-map {example}.")
-    return split_layers(model_path, counts)
+    try:
+        return split_layers(AutoConfig.from_pretrained(model_path), counts)
+    except LayerCountError as exc:  # split_layers' check, in the flag's words
+        example = ",".join(str(c) for c in exc.suggestion)
+        raise ValueError(f"--device-map {value}: the layers per GPU add up to {sum(exc.counts)}, but the model has "
+                         f"{exc.n_layers} decoder layers; e.g. --device-map {example}.") from None
 
 
 def _check_tp(args: argparse.Namespace) -> None:
