@@ -33,7 +33,8 @@ from glmkit import tables
 from glmkit.env import environment_report, gpu_driver_note
 from glmkit.fast_decode import FastDecoder
 from glmkit.generation import cache_argument, chunked_prefill
-from glmkit.models import glm4_9b_chat_config
+from glmkit.loading import load_model
+from glmkit.models import ensure_random_checkpoint, glm4_9b_chat_config
 from glmkit.monitor import explain_oom, nvml_memory, track_peak
 from glmkit.parallel import free_port
 from glmkit.planning import parse_size, plan_memory
@@ -53,6 +54,13 @@ def environment_record() -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def load_random_9b(checkpoint: str | Path = "/tmp/glm9b") -> torch.nn.Module:
+    """GLM-4-9B-Chat with random weights, bf16, on ``cuda:0``: the model the one-GPU benchmarks measure. The
+    checkpoint is built at ``checkpoint`` first when it is not there yet (about 30 s)."""
+    ensure_random_checkpoint(checkpoint)
+    return load_model(checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
 
 
 def save_result(name: str, payload: dict[str, Any], out_dirs: list[str | Path] | None = None) -> list[Path]:
