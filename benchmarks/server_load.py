@@ -136,6 +136,34 @@ def ttft(engine: object, url: str, samples: int, long_tokens: int, est_tok_s: fl
     return out
 
 
+def profiled(engine: object, run: object) -> tuple[dict, list[dict]]:
+    """``run()``'s result and the engine thread's profile while it ran: the 25 functions with the most cumulative
+    time inside ``Engine.step`` (on a GPU, time waiting for the device shows up in the call that waits)."""
+    import cProfile
+    import pstats
+
+    prof, step = cProfile.Profile(), engine.step
+
+    def profiled_step() -> None:
+        prof.enable()
+        try:
+            step()
+        finally:
+            prof.disable()
+
+    engine.step = profiled_step
+    try:
+        result = run()
+    finally:
+        engine.step = step
+    stats = pstats.Stats(prof).stats
+    steps = max(next((v[0] for (f, _, name), v in stats.items() if name == "step" and f.endswith("engine.py")), 1), 1)
+    top = sorted(stats.items(), key=lambda kv: -kv[1][3])[:25]
+    return result, [{"function": f"{f.rsplit('/', 1)[-1]}:{line}({name})", "calls_per_step": v[1] / steps,
+                     "ms_per_step": 1000 * v[3] / steps, "own_ms_per_step": 1000 * v[2] / steps}
+                    for (f, line, name), v in top]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", help="default: the tiny trained GLM")
@@ -151,6 +179,8 @@ def main() -> None:
     ap.add_argument("--ttft-samples", type=int, default=20)
     ap.add_argument("--long-tokens", type=int, default=2000)
     ap.add_argument("--decoder-steps", type=int, default=100)
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the engine thread at each level (cProfile; slows it): top functions per step")
     ap.add_argument("--name", default="server_load_cpu")
     args = ap.parse_args()
     from glmkit.engine import Engine
@@ -172,7 +202,14 @@ def main() -> None:
         engine.scheduler.continuous = mode == "continuous"  # switched while the engine is idle
         for n in args.clients:
             for direct in ([False, True] if args.direct else [False]):
-                row = {"mode": mode, **load_level(engine, server.url, n, args.seconds, args.max_tokens, direct)}
+                def run(n: int = n, direct: bool = direct) -> dict:
+                    return load_level(engine, server.url, n, args.seconds, args.max_tokens, direct)
+
+                if args.profile:
+                    result, top = profiled(engine, run)
+                    row = {"mode": mode, **result, "profile": top}
+                else:
+                    row = {"mode": mode, **run()}
                 if n in ceiling:
                     row["vs_decoder"] = row["tokens_per_s"] / ceiling[n]
                 levels.append(row)
