@@ -483,6 +483,12 @@ def client_load(send: Callable[[int, int], int], clients: int, seconds: float, m
     return row
 
 
+def http_load(url: str, model: str, clients: int, seconds: float, max_tokens: int) -> dict[str, Any]:
+    """``client_load`` of ``chat_sender`` clients: what a load-generating process runs (``--client-process`` of
+    ``benchmarks/server_load.py``), so that the clients' own Python work does not share the server's."""
+    return client_load(chat_sender(url, model, timeout=600), clients, seconds, max_tokens)
+
+
 def first_token_seconds(url: str, content: str, model: str = "glm-4", timeout: float = 900) -> float:
     """Seconds from sending a streamed 8-token chat request to ``url`` (a server's ``/v1``) to the first chunk that
     carries text or a finish reason: the time to first token a user sees."""
