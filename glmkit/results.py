@@ -16,6 +16,7 @@ A figure: not measured yet (run `benchmarks/x.py` on a GPU machine to measure it
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import statistics
@@ -40,11 +41,24 @@ RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 def load(name: str, results_dir: str | Path | None = None) -> dict[str, Any] | None:
     """A committed result by name (``None`` when it was never measured).
 
-    >>> load("decode")["name"], load("never_measured")
-    ('decode', None)
+    A file is parsed once per process while it stays the same (a re-measured file is read again), so every
+    renderer can load what it needs: the dict is shared between callers, so read it and do not change it.
+
+    >>> load("decode")["name"], load("never_measured"), load("decode") is load("decode")
+    ('decode', None, True)
     """
     path = Path(results_dir or RESULTS_DIR) / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return _parsed(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    """``path``'s JSON, cached by its modification time and size (the key changes when the file does)."""
+    return json.loads(Path(path).read_text())
 
 
 class Text(str):
@@ -997,6 +1011,12 @@ def tp_bound_pairs(result: dict[str, Any]) -> dict[int, tuple[float, float]]:
     return {b: (whole[b], shard[b]) for b in sorted(whole) if b in shard}
 
 
+def tp_bound_batch1(result: dict[str, Any] | None) -> tuple[float, float] | None:
+    """``(whole model tok/s, one rank's shard tok/s)`` at batch 1 of a ``tp_bound`` result: what every two-card
+    estimate starts from; ``None`` without the result or without a batch-1 pair in it (nothing to estimate from)."""
+    return None if result is None else tp_bound_pairs(result).get(1)
+
+
 def tp_estimate_tok_s(shard_tok_s: float, allreduce_us: float, batch_size: int = 1,
                       per_token: int = ALLREDUCES_PER_TOKEN) -> float:
     """Estimated tensor-parallel decode tok/s (summed over the batch): one rank's step, measured alone, plus the
@@ -1108,10 +1128,10 @@ def tp_fast_sentence() -> Text:
 
 def tp_estimate_sentence() -> Text:
     """An *estimate* of TP=2's batch-1 speed: the shard's measured step plus 80 measured all-reduce latencies."""
-    bound = load("tp_bound")
-    if bound is None or 1 not in tp_bound_pairs(bound):
+    pair = tp_bound_batch1(load("tp_bound"))
+    if pair is None:
         return not_measured("An estimate of TP=2's speed", "benchmarks/tp_bound.py")
-    whole, shard = tp_bound_pairs(bound)[1]
+    whole, shard = pair
     even = break_even_allreduce_us(whole, shard)
     text = (f"**Estimate, not a measurement** (batch 1, GLM-4-9B, two ranks): a token costs one rank's step "
             f"({1e3 / shard:.2f} ms, `tp_bound.json`) plus {ALLREDUCES_PER_TOKEN} all-reduces of 8 KiB one after another. "
@@ -1149,9 +1169,10 @@ def tp_estimate_chart() -> Any:
     from matplotlib.ticker import ScalarFormatter  # optional (notebooks extra), as above
 
     bound = load("tp_bound")
-    if bound is None or 1 not in tp_bound_pairs(bound):
+    pair = tp_bound_batch1(bound)
+    if pair is None:
         return None
-    whole, shard = tp_bound_pairs(bound)[1]
+    whole, shard = pair
     lats = [2 ** (i / 4) for i in range(0, 37)]  # 1 µs .. 512 µs
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.plot(lats, [tp_estimate_tok_s(shard, x) for x in lats], "-", label="TP=2 estimate: shard step + 80 all-reduces")
@@ -1305,15 +1326,17 @@ class TwoCardEstimate:
     split_tok_s: float
     tp_tok_s: float
 
-    def _repr_html_(self) -> str:
-        return html_table(["path", "estimated tok/s", "x one GPU"], self._rows())
+    def as_table(self) -> Table:
+        """The three paths as a ``Table``: estimated tok/s and the speed-up over one GPU."""
+        return table(["path", "estimated tok/s", "x one GPU"],
+                     [[name, f"{v:.1f}", f"{v / self.one_gpu_tok_s:.2f}x"] for name, v in
+                      (("one GPU", self.one_gpu_tok_s), ("split 20/20", self.split_tok_s), ("TP=2", self.tp_tok_s))])
 
-    def _rows(self) -> list[list[str]]:
-        return [[name, f"{v:.1f}", f"{v / self.one_gpu_tok_s:.2f}x"] for name, v in
-                (("one GPU", self.one_gpu_tok_s), ("split 20/20", self.split_tok_s), ("TP=2", self.tp_tok_s))]
+    def _repr_html_(self) -> str:
+        return self.as_table()._repr_html_()
 
     def __str__(self) -> str:
-        return text_table(["path", "estimated tok/s", "x one GPU"], self._rows())
+        return str(self.as_table())
 
     __repr__ = __str__
 
@@ -1399,7 +1422,7 @@ def two_card_link_table() -> Table | Text:
     TP=2 (80 all-reduces), the measured speeds against one GPU, and ``two_card_estimate`` from those latencies and
     ``tp_bound.json``'s steps; or "not measured yet"."""
     def render(bound: dict[str, Any]) -> Table:
-        whole, shard = tp_bound_pairs(bound)[1]
+        whole, shard = tp_bound_batch1(bound)
         rows = []
         for m in link_measurements():
             est = (two_card_estimate(1 / whole, 1 / shard, m.allreduce_s, m.hop_s)
@@ -1423,7 +1446,7 @@ def two_card_link_table() -> Table | Text:
                              "an approximation of cards without peer-to-peer (a desktop's PCIe and CPU are not an H200 "
                              "server's).")
     bound = load("tp_bound")
-    if bound is not None and 1 not in tp_bound_pairs(bound):  # a tp_bound.json without batch 1: nothing to estimate
+    if bound is not None and tp_bound_batch1(bound) is None:  # a tp_bound.json without batch 1: nothing to estimate
         return not_measured("Which two-card path for which link (batch 1 in tp_bound.json)", "benchmarks/tp_bound.py")
     return from_result("tp_bound", render, what="Which two-card path for which link", script="benchmarks/tp_bound.py")
 
@@ -1437,10 +1460,10 @@ def _two_card_device() -> str:
 def link_guidance_sentence() -> Text:
     """One rendered sentence of guidance: which two-card path pays on which link, from the measured latencies and
     the break-even all-reduce latency, with how to measure your own link."""
-    bound = load("tp_bound")
-    if bound is None or 1 not in tp_bound_pairs(bound):
+    pair = tp_bound_batch1(load("tp_bound"))
+    if pair is None:
         return not_measured("Which two-card path for which link", "benchmarks/tp_bound.py")
-    whole, shard = tp_bound_pairs(bound)[1]
+    whole, shard = pair
     even = break_even_allreduce_us(whole, shard)
     measured = [m for m in link_measurements() if m.allreduce_s is not None]
     parts = []
