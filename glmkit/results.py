@@ -748,18 +748,19 @@ def server_sentence() -> Text:
     share = " / ".join(f"{100 * by['continuous'][c]['vs_decoder']:.0f}%" for c in clients)
     top = clients[-1]
     level = by["continuous"][top]
+    where = " in a process of their own" if level.get("clients_in") else ""
     text = (f"`benchmarks/server_load.py` with `--fast-decode` on an {r['environment']['device']} "
             f"({r['environment']['date']}; GLM-4-9B-Chat architecture, random weights, bf16; "
             f"{level['tokens'] // level['requests']}-token requests from {' / '.join(map(str, clients))} openai client "
-            f"threads on loopback, windows of {_range([x['seconds'] for x in http])} s; `server_load_gpu_cb.json`): "
+            f"threads on loopback{where}, windows of {_range([x['seconds'] for x in http])} s; `server_load_gpu_cb.json`): "
             f"continuous batching served **{tps('continuous')} tokens/s**, static batching {tps('static')} "
             f"(continuous over static: {ratio}).")
     if all(c in decoder for c in clients):
         text += (f" The decoder alone, in the same run, decodes {' / '.join(f'{decoder[c]:.1f}' for c in clients)} "
                  f"tok/s at batch {' / '.join(map(str, clients))}: the server reaches {share} of it. At {top} clients "
                  f"the engine ran {level['engine_steps_per_s']:.1f} steps/s where the decoder alone runs "
-                 f"{decoder[top] / top:.1f}: the rest of each step is the engine's own work (prefilling new requests, "
-                 f"sampling, detokenizing, HTTP).")
+                 f"{decoder[top] / top:.1f}: the rest is the engine's own work (new prompts fed through the decode "
+                 f"steps or prefilled, sampling, detokenizing, HTTP) where it does not overlap the device's.")
     ttft = r.get("ttft", {})
     if "continuous" in ttft and "static" in ttft:
         def when(m: str) -> str:
