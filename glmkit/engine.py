@@ -275,9 +275,9 @@ class Engine:
             for h, t in zip(host, results):
                 h.copy_(t, non_blocking=cuda)
             ready = None
-            if cuda:
+            if cuda:  # on the device that holds the tokens (lm_head's: the last of a split), whose stream copies them
                 ready = torch.cuda.Event()
-                ready.record()
+                ready.record(torch.cuda.current_stream(out.tokens.device))
         except Exception as exc:
             for r in reqs:
                 self._fail(r, exc)
