@@ -1001,7 +1001,7 @@ def tensor_parallel_sentence() -> Text:
 # ----------------------------------------------------------------------------------------------------------------
 # What bounds tensor parallelism (tp_bound.json, allreduce_latency*.json): notebook 08
 
-ALLREDUCES_PER_TOKEN = 80  # GLM-4-9B: one after o_proj and one after down_proj in each of its 40 layers
+ALLREDUCES_PER_TOKEN = 81  # GLM-4-9B: after o_proj and after down_proj in each of its 40 layers, and the embedding's
 NCCL_SCRIPT = "NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/allreduce_latency.py"
 
 
@@ -1097,8 +1097,23 @@ def allreduce_sentence() -> Text:
 def _tp_fast_rows(result: dict[str, Any]) -> dict[int, tuple[float, float | None]]:
     """``{batch: (one GPU tok/s, TP=2 tok/s or None when it ran out of memory)}`` of a ``tp_fast`` result."""
     one = {x["batch_size"]: x["decode_tok_s"] for x in result["rows"] if x["path"].startswith("one GPU")}
-    tp = {x["batch_size"]: x.get("decode_tok_s") for x in result["rows"] if x["path"].startswith("TP=2")}
+    tp: dict[int, float | None] = {}
+    for x in result["rows"]:  # the faster all-reduce where both ran (what TPDecoder's allreduce="auto" picks)
+        if x["path"].startswith("TP=2"):
+            tp[x["batch_size"]] = max(filter(None, (tp.get(x["batch_size"]), x.get("decode_tok_s"))), default=None)
     return {b: (one[b], tp[b]) for b in sorted(tp) if b in one}
+
+
+def _tp_fast_allreduces(result: dict[str, Any]) -> str:
+    """Per all-reduce that ``tp_fast.py`` compared: its latency in a CUDA graph and TP=2's tok/s with it."""
+    lat = {(x["allreduce"], x["batch_size"]): x["in_cuda_graph_us"] for x in result.get("allreduce_latency", [])}
+    runs: dict[str, list[str]] = {}
+    for x in result["rows"]:
+        if x["path"].startswith("TP=2") and x.get("decode_tok_s") and "allreduce_ran" in x:
+            us = lat.get((x["allreduce"], x["batch_size"]))
+            runs.setdefault(x["allreduce_ran"], []).append(
+                f"batch {x['batch_size']} {x['decode_tok_s']:.1f} tok/s" + (f" ({us:.1f} µs an all-reduce)" if us else ""))
+    return "; ".join(f"{name}: " + ", ".join(parts) for name, parts in runs.items())
 
 
 def tp_fast_sentence() -> Text:
@@ -1109,15 +1124,20 @@ def tp_fast_sentence() -> Text:
                                    f"out of memory ({cap})") for b, (one, tp) in _tp_fast_rows(r).items()]
         text = (f"`TPDecoder` (`--tp 2 --fast-decode`) on two {r['environment']['device']} ({measured_on(r).split(', ')[1]}"
                 f"; {r['method']}; {cap}) against `FastDecoder` on one of them: " + "; ".join(parts) + ".")
+        compared = _tp_fast_allreduces(r)
+        if compared:
+            text += (f" Each all-reduce in a CUDA graph, {ALLREDUCES_PER_TOKEN} a token (the faster is what "
+                     f"`TPDecoder` picks): {compared}.")
         no_p2p = load("tp_fast_no_p2p")
-        if no_p2p is not None:
-            b1 = next((x for x in no_p2p["rows"] if x["batch_size"] == 1 and "decode_tok_s" in x), None)
-            one = _tp_fast_rows(r).get(1, (None, None))[0]
-            if b1 is not None and one:
-                text += (f" With peer-to-peer off (`NCCL_P2P_DISABLE=1`, the all-reduces through host memory; "
-                         f"`tp_fast_no_p2p.json`): {b1['decode_tok_s']:.1f} tok/s at batch 1 "
-                         f"({b1['decode_tok_s'] / one:.2f}x), on a server's host path; a consumer board's may be "
-                         f"slower: measure yours with `benchmarks/allreduce_latency.py`.")
+        b1 = None if no_p2p is None else next((x for x in no_p2p["rows"] if x["batch_size"] == 1 and
+                                               x["path"].startswith("TP=2") and "decode_tok_s" in x), None)
+        if b1 is not None:
+            one = _tp_fast_rows(no_p2p).get(1, (None, None))[0]  # one GPU in that run, if it ran one
+            ratio = f" ({b1['decode_tok_s'] / one:.2f}x one GPU in that run)" if one else " (an earlier run)"
+            text += (f" With peer-to-peer off (`NCCL_P2P_DISABLE=1`, the all-reduces through host memory; "
+                     f"`tp_fast_no_p2p.json`): {b1['decode_tok_s']:.1f} tok/s at batch 1{ratio}, on a server's "
+                     f"host path; a consumer board's may be slower: measure yours with "
+                     f"`benchmarks/allreduce_latency.py`.")
         if r.get("greedy_tokens_identical_to_one_gpu") is False:
             text += (" Greedy tokens differ from one GPU's on these random weights (the two ranks sum in another "
                      "order and near-tied logits flip); on the trained tiny model they are identical "
@@ -1128,7 +1148,7 @@ def tp_fast_sentence() -> Text:
 
 
 def tp_estimate_sentence() -> Text:
-    """An *estimate* of TP=2's batch-1 speed: the shard's measured step plus 80 measured all-reduce latencies."""
+    """An *estimate* of TP=2's batch-1 speed: the shard's measured step plus the token's measured all-reduce latencies."""
     pair = tp_bound_batch1(load("tp_bound"))
     if pair is None:
         return not_measured("An estimate of TP=2's speed", "benchmarks/tp_bound.py")
@@ -1176,7 +1196,8 @@ def tp_estimate_chart() -> Any:
     whole, shard = pair
     lats = [2 ** (i / 4) for i in range(0, 37)]  # 1 µs .. 512 µs
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot(lats, [tp_estimate_tok_s(shard, x) for x in lats], "-", label="TP=2 estimate: shard step + 80 all-reduces")
+    ax.plot(lats, [tp_estimate_tok_s(shard, x) for x in lats], "-",
+            label=f"TP=2 estimate: shard step + {ALLREDUCES_PER_TOKEN} all-reduces")
     ax.axhline(whole, color="k", ls="--", lw=1, label=f"one GPU, FastDecoder ({whole:.0f} tok/s, measured)")
     ax.axvline(break_even_allreduce_us(whole, shard), color="grey", ls=":", lw=1, label="break-even latency")
     for name, marker in (("allreduce_latency", "o"), ("allreduce_latency_no_p2p", "^"), ("allreduce_latency_cpu", "s")):
