@@ -48,6 +48,8 @@ from glmkit.generation import eos_token_ids as model_eos
 from glmkit.vocabulary import head_dim
 
 HOPS = ("peer", "host")  # how the hidden state crosses between the devices of a split (FastDecoder(hop=...))
+OWN_PREFILL_MAX = 1 << 20  # prompt tokens x cache positions attended up to which a prefill runs the decoder's own
+# layers (attention scores of at most 4 MiB per head in fp32); above, the model's chunked prefill (memory-lean)
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
 
 
@@ -169,6 +171,30 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
     x = x + linear(attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, None, gemv)
     h = rms_norm(x, ln2, eps)
     x = x + linear(mlp_activation(h, wgu, gemv), wd, None, gemv)
+    return x, rms_norm(x, next_norm, eps)
+
+
+def prefill_layer(x: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  mask: torch.Tensor, wqkv: Weight, bqkv: torch.Tensor | None, wo: Weight, ln2: torch.Tensor,
+                  wgu: Weight, wd: Weight, next_norm: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  eps: float, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decoder_layer`` for ``s`` prompt tokens of each of ``b`` sequences at once (x, h: ``[b, s, hidden]``), run
+    eagerly with cuBLAS: their K/V go to ``positions`` ``[s]`` of the rows' caches ``[b, kv_heads, max_len,
+    head_dim]``, and they attend to the cache up to their own position (``mask``: ``[s, L]`` booleans over the first
+    ``L`` cache positions, ``L`` = the last position + 1)."""
+    b, s, _ = x.shape
+    qkv = linear(h, wqkv, bqkv, False)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = rope(q.view(b, s, heads, head_dim).transpose(1, 2), cos, sin)
+    k = rope(k.view(b, s, kv_heads, head_dim).transpose(1, 2), cos, sin)
+    k_cache[:, :, positions] = k
+    v_cache[:, :, positions] = v.view(b, s, kv_heads, head_dim).transpose(1, 2)
+    filled = mask.shape[-1]
+    attn = F.scaled_dot_product_attention(q, k_cache[:, :, :filled], v_cache[:, :, :filled], attn_mask=mask,
+                                          enable_gqa=True)  # [b, heads, s, head_dim]
+    x = x + linear(attn.transpose(1, 2).reshape(b, s, heads * head_dim), wo, None, False)
+    h = rms_norm(x, ln2, eps)
+    x = x + linear(mlp_activation(h, wgu, False), wd, None, False)
     return x, rms_norm(x, next_norm, eps)
 
 
@@ -672,6 +698,12 @@ class FastDecoder:
         rows = slice(None) if slot is None else slice(slot, slot + 1)
         if not self.ready:
             self._first_step()  # before the cache is filled: the warm-up steps write garbage K/V at position 0
+        input_ids = input_ids.to(self.device)
+        step = chunk or n
+        if step * (start + n) <= OWN_PREFILL_MAX:  # a short prompt: the decoder's own layers, no module overhead
+            for at in range(0, n, step):
+                logits = self._own_prefill(input_ids[:, at:at + step], rows, start + at)
+            return logits
         # the prompt's K/V go straight into the static cache (each layer's on its own device): no second copy
         keys, values = [k[rows] for k in self.k_layers], [v[rows] for v in self.v_layers]
         cache = preallocated_cache(self.model.config, self.max_len, keys, values)
@@ -679,12 +711,30 @@ class FastDecoder:
             for layer, k, v in zip(cache.layers, keys, values):
                 layer.lazy_initialization(k, v)
                 layer.keys, layer.values = k[..., :start, :], v[..., :start, :]
-        input_ids = input_ids.to(self.device)
         if n > 1:
-            chunked_prefill(self.model, input_ids, chunk or n, cache=cache)
+            chunked_prefill(self.model, input_ids, step, cache=cache)
         with torch.inference_mode():
             out = self.model(input_ids[:, -1:], use_cache=True, logits_to_keep=1, **{cache_argument(self.model): cache})
         return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def _own_prefill(self, ids: torch.Tensor, rows: slice, start: int) -> torch.Tensor:
+        """``ids`` ``[b, s]`` through the decoder's own weights (``prefill_layer``, eagerly: a short prompt costs a
+        few hundred kernel launches instead of the model's ~100 ms of module calls on a GPU), their K/V into
+        ``rows`` of the cache from position ``start``; the logits of the last token ``[b, vocab]``."""
+        m, s = self.model, ids.shape[1]
+        x = F.embedding(ids, m.get_input_embeddings().weight)
+        h = rms_norm(x, self.first_norm, self.eps)
+        for st in self.stages:
+            x, h = x.to(st.device), h.to(st.device)
+            positions = torch.arange(start, start + s, device=st.device)
+            cos, sin = st.cos[positions][None, None], st.sin[positions][None, None]
+            mask = st.positions[None, :start + s] <= positions[:, None]  # [s, start + s]: causal over the cache
+            for j, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(st.weights):
+                x, h = prefill_layer(x, h, positions, cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd, next_norm,
+                                     st.k_cache[j, rows], st.v_cache[j, rows], self.eps, self.heads, self.kv_heads,
+                                     self.head_dim)
+        return linear(h[:, -1:], self.head_weight, m.lm_head.bias, False)[:, -1].float()
 
     def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         """Logits ``[k, vocab]`` for ``tokens`` ``[k]`` (rows 0..k-1, any 1 <= k <= batch_size) at position ``pos``

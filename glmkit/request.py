@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from glmkit.sampling import SamplingRow
 
 
@@ -88,6 +90,7 @@ class GenerationRequest:
     first_token_at: float | None = None
     slot: int | None = None  # row of the KV cache while running
     prefilled: int = 0  # prompt tokens whose K/V are in the cache
+    inflight: int = 0  # tokens sampled on the device whose values the host has not read yet (0 or 1)
     _seed: int = 0  # the seed actually used (a random one when ``seed`` is None)
     _emitted: int = 0
     _detok: Detokenizer | None = None
@@ -102,5 +105,30 @@ class GenerationRequest:
         return self
 
     def sampling_row(self) -> SamplingRow:
-        return SamplingRow(self.temperature, self.top_p, self._seed, len(self.tokens), self.presence_penalty,
+        return SamplingRow(self.temperature, self.top_p, self._seed, len(self.tokens) + self.inflight, self.presence_penalty,
                            self.frequency_penalty, self.logit_bias, self.slot or 0)
+
+
+@dataclass(eq=False)
+class Inflight:
+    """One step's sampled tokens, still on the device: row ``i`` is ``requests[i]``'s next token. The engine queues
+    the next decode step (which takes these tokens on the device) before it reads them, so the host's work on one
+    step (detokenizing, stop strings, callbacks) runs while the device computes the next.
+
+    ``host``: pinned host copies being made of the tokens (and, with log-probabilities, the chosen token's, the top
+    ids and theirs); ``ready``: a CUDA event recorded after those copies (None on a CPU, where they are done)."""
+
+    requests: list[GenerationRequest]
+    tokens: torch.Tensor
+    host: list[torch.Tensor]
+    ready: Any = None
+    rows: dict[GenerationRequest, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rows = {r: i for i, r in enumerate(self.requests)}
+
+    def read(self) -> list[list]:
+        """The host copies as lists (waits for them, which by now is rarely a wait)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return [t.tolist() for t in self.host]

@@ -16,6 +16,7 @@ A figure: not measured yet (run `benchmarks/x.py` on a GPU machine to measure it
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import statistics
@@ -40,11 +41,24 @@ RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 def load(name: str, results_dir: str | Path | None = None) -> dict[str, Any] | None:
     """A committed result by name (``None`` when it was never measured).
 
-    >>> load("decode")["name"], load("never_measured")
-    ('decode', None)
+    A file is parsed once per process while it stays the same (a re-measured file is read again), so every
+    renderer can load what it needs: the dict is shared between callers, so read it and do not change it.
+
+    >>> load("decode")["name"], load("never_measured"), load("decode") is load("decode")
+    ('decode', None, True)
     """
     path = Path(results_dir or RESULTS_DIR) / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return _parsed(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    """``path``'s JSON, cached by its modification time and size (the key changes when the file does)."""
+    return json.loads(Path(path).read_text())
 
 
 class Text(str):
@@ -734,18 +748,19 @@ def server_sentence() -> Text:
     share = " / ".join(f"{100 * by['continuous'][c]['vs_decoder']:.0f}%" for c in clients)
     top = clients[-1]
     level = by["continuous"][top]
+    where = " in a process of their own" if level.get("clients_in") else ""
     text = (f"`benchmarks/server_load.py` with `--fast-decode` on an {r['environment']['device']} "
             f"({r['environment']['date']}; GLM-4-9B-Chat architecture, random weights, bf16; "
             f"{level['tokens'] // level['requests']}-token requests from {' / '.join(map(str, clients))} openai client "
-            f"threads on loopback, windows of {_range([x['seconds'] for x in http])} s; `server_load_gpu_cb.json`): "
+            f"threads on loopback{where}, windows of {_range([x['seconds'] for x in http])} s; `server_load_gpu_cb.json`): "
             f"continuous batching served **{tps('continuous')} tokens/s**, static batching {tps('static')} "
             f"(continuous over static: {ratio}).")
     if all(c in decoder for c in clients):
         text += (f" The decoder alone, in the same run, decodes {' / '.join(f'{decoder[c]:.1f}' for c in clients)} "
                  f"tok/s at batch {' / '.join(map(str, clients))}: the server reaches {share} of it. At {top} clients "
                  f"the engine ran {level['engine_steps_per_s']:.1f} steps/s where the decoder alone runs "
-                 f"{decoder[top] / top:.1f}: the rest of each step is the engine's own work (prefilling new requests, "
-                 f"sampling, detokenizing, HTTP).")
+                 f"{decoder[top] / top:.1f}: the rest is the engine's own work (new prompts fed through the decode "
+                 f"steps or prefilled, sampling, detokenizing, HTTP) where it does not overlap the device's.")
     ttft = r.get("ttft", {})
     if "continuous" in ttft and "static" in ttft:
         def when(m: str) -> str:
@@ -986,7 +1001,7 @@ def tensor_parallel_sentence() -> Text:
 # ----------------------------------------------------------------------------------------------------------------
 # What bounds tensor parallelism (tp_bound.json, allreduce_latency*.json): notebook 08
 
-ALLREDUCES_PER_TOKEN = 80  # GLM-4-9B: one after o_proj and one after down_proj in each of its 40 layers
+ALLREDUCES_PER_TOKEN = 81  # GLM-4-9B: after o_proj and after down_proj in each of its 40 layers, and the embedding's
 NCCL_SCRIPT = "NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/allreduce_latency.py"
 
 
@@ -995,6 +1010,12 @@ def tp_bound_pairs(result: dict[str, Any]) -> dict[int, tuple[float, float]]:
     whole = {x["batch_size"]: x["decode_tok_s"] for x in result["runs"] if "whole" in x["path"]}
     shard = {x["batch_size"]: x["decode_tok_s"] for x in result["runs"] if "shard" in x["path"]}
     return {b: (whole[b], shard[b]) for b in sorted(whole) if b in shard}
+
+
+def tp_bound_batch1(result: dict[str, Any] | None) -> tuple[float, float] | None:
+    """``(whole model tok/s, one rank's shard tok/s)`` at batch 1 of a ``tp_bound`` result: what every two-card
+    estimate starts from; ``None`` without the result or without a batch-1 pair in it (nothing to estimate from)."""
+    return None if result is None else tp_bound_pairs(result).get(1)
 
 
 def tp_estimate_tok_s(shard_tok_s: float, allreduce_us: float, batch_size: int = 1,
@@ -1076,8 +1097,23 @@ def allreduce_sentence() -> Text:
 def _tp_fast_rows(result: dict[str, Any]) -> dict[int, tuple[float, float | None]]:
     """``{batch: (one GPU tok/s, TP=2 tok/s or None when it ran out of memory)}`` of a ``tp_fast`` result."""
     one = {x["batch_size"]: x["decode_tok_s"] for x in result["rows"] if x["path"].startswith("one GPU")}
-    tp = {x["batch_size"]: x.get("decode_tok_s") for x in result["rows"] if x["path"].startswith("TP=2")}
+    tp: dict[int, float | None] = {}
+    for x in result["rows"]:  # the faster all-reduce where both ran (what TPDecoder's allreduce="auto" picks)
+        if x["path"].startswith("TP=2"):
+            tp[x["batch_size"]] = max(filter(None, (tp.get(x["batch_size"]), x.get("decode_tok_s"))), default=None)
     return {b: (one[b], tp[b]) for b in sorted(tp) if b in one}
+
+
+def _tp_fast_allreduces(result: dict[str, Any]) -> str:
+    """Per all-reduce that ``tp_fast.py`` compared: its latency in a CUDA graph and TP=2's tok/s with it."""
+    lat = {(x["allreduce"], x["batch_size"]): x["in_cuda_graph_us"] for x in result.get("allreduce_latency", [])}
+    runs: dict[str, list[str]] = {}
+    for x in result["rows"]:
+        if x["path"].startswith("TP=2") and x.get("decode_tok_s") and "allreduce_ran" in x:
+            us = lat.get((x["allreduce"], x["batch_size"]))
+            runs.setdefault(x["allreduce_ran"], []).append(
+                f"batch {x['batch_size']} {x['decode_tok_s']:.1f} tok/s" + (f" ({us:.1f} µs an all-reduce)" if us else ""))
+    return "; ".join(f"{name}: " + ", ".join(parts) for name, parts in runs.items())
 
 
 def tp_fast_sentence() -> Text:
@@ -1088,15 +1124,20 @@ def tp_fast_sentence() -> Text:
                                    f"out of memory ({cap})") for b, (one, tp) in _tp_fast_rows(r).items()]
         text = (f"`TPDecoder` (`--tp 2 --fast-decode`) on two {r['environment']['device']} ({measured_on(r).split(', ')[1]}"
                 f"; {r['method']}; {cap}) against `FastDecoder` on one of them: " + "; ".join(parts) + ".")
+        compared = _tp_fast_allreduces(r)
+        if compared:
+            text += (f" Each all-reduce in a CUDA graph, {ALLREDUCES_PER_TOKEN} a token (the faster is what "
+                     f"`TPDecoder` picks): {compared}.")
         no_p2p = load("tp_fast_no_p2p")
-        if no_p2p is not None:
-            b1 = next((x for x in no_p2p["rows"] if x["batch_size"] == 1 and "decode_tok_s" in x), None)
-            one = _tp_fast_rows(r).get(1, (None, None))[0]
-            if b1 is not None and one:
-                text += (f" With peer-to-peer off (`NCCL_P2P_DISABLE=1`, the all-reduces through host memory; "
-                         f"`tp_fast_no_p2p.json`): {b1['decode_tok_s']:.1f} tok/s at batch 1 "
-                         f"({b1['decode_tok_s'] / one:.2f}x), on a server's host path; a consumer board's may be "
-                         f"slower: measure yours with `benchmarks/allreduce_latency.py`.")
+        b1 = None if no_p2p is None else next((x for x in no_p2p["rows"] if x["batch_size"] == 1 and
+                                               x["path"].startswith("TP=2") and "decode_tok_s" in x), None)
+        if b1 is not None:
+            one = _tp_fast_rows(no_p2p).get(1, (None, None))[0]  # one GPU in that run, if it ran one
+            ratio = f" ({b1['decode_tok_s'] / one:.2f}x one GPU in that run)" if one else " (an earlier run)"
+            text += (f" With peer-to-peer off (`NCCL_P2P_DISABLE=1`, the all-reduces through host memory; "
+                     f"`tp_fast_no_p2p.json`): {b1['decode_tok_s']:.1f} tok/s at batch 1{ratio}, on a server's "
+                     f"host path; a consumer board's may be slower: measure yours with "
+                     f"`benchmarks/allreduce_latency.py`.")
         if r.get("greedy_tokens_identical_to_one_gpu") is False:
             text += (" Greedy tokens differ from one GPU's on these random weights (the two ranks sum in another "
                      "order and near-tied logits flip); on the trained tiny model they are identical "
@@ -1107,11 +1148,11 @@ def tp_fast_sentence() -> Text:
 
 
 def tp_estimate_sentence() -> Text:
-    """An *estimate* of TP=2's batch-1 speed: the shard's measured step plus 80 measured all-reduce latencies."""
-    bound = load("tp_bound")
-    if bound is None or 1 not in tp_bound_pairs(bound):
+    """An *estimate* of TP=2's batch-1 speed: the shard's measured step plus the token's measured all-reduce latencies."""
+    pair = tp_bound_batch1(load("tp_bound"))
+    if pair is None:
         return not_measured("An estimate of TP=2's speed", "benchmarks/tp_bound.py")
-    whole, shard = tp_bound_pairs(bound)[1]
+    whole, shard = pair
     even = break_even_allreduce_us(whole, shard)
     text = (f"**Estimate, not a measurement** (batch 1, GLM-4-9B, two ranks): a token costs one rank's step "
             f"({1e3 / shard:.2f} ms, `tp_bound.json`) plus {ALLREDUCES_PER_TOKEN} all-reduces of 8 KiB one after another. "
@@ -1149,12 +1190,14 @@ def tp_estimate_chart() -> Any:
     from matplotlib.ticker import ScalarFormatter  # optional (notebooks extra), as above
 
     bound = load("tp_bound")
-    if bound is None or 1 not in tp_bound_pairs(bound):
+    pair = tp_bound_batch1(bound)
+    if pair is None:
         return None
-    whole, shard = tp_bound_pairs(bound)[1]
+    whole, shard = pair
     lats = [2 ** (i / 4) for i in range(0, 37)]  # 1 µs .. 512 µs
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot(lats, [tp_estimate_tok_s(shard, x) for x in lats], "-", label="TP=2 estimate: shard step + 80 all-reduces")
+    ax.plot(lats, [tp_estimate_tok_s(shard, x) for x in lats], "-",
+            label=f"TP=2 estimate: shard step + {ALLREDUCES_PER_TOKEN} all-reduces")
     ax.axhline(whole, color="k", ls="--", lw=1, label=f"one GPU, FastDecoder ({whole:.0f} tok/s, measured)")
     ax.axvline(break_even_allreduce_us(whole, shard), color="grey", ls=":", lw=1, label="break-even latency")
     for name, marker in (("allreduce_latency", "o"), ("allreduce_latency_no_p2p", "^"), ("allreduce_latency_cpu", "s")):
@@ -1305,15 +1348,17 @@ class TwoCardEstimate:
     split_tok_s: float
     tp_tok_s: float
 
-    def _repr_html_(self) -> str:
-        return html_table(["path", "estimated tok/s", "x one GPU"], self._rows())
+    def as_table(self) -> Table:
+        """The three paths as a ``Table``: estimated tok/s and the speed-up over one GPU."""
+        return table(["path", "estimated tok/s", "x one GPU"],
+                     [[name, f"{v:.1f}", f"{v / self.one_gpu_tok_s:.2f}x"] for name, v in
+                      (("one GPU", self.one_gpu_tok_s), ("split 20/20", self.split_tok_s), ("TP=2", self.tp_tok_s))])
 
-    def _rows(self) -> list[list[str]]:
-        return [[name, f"{v:.1f}", f"{v / self.one_gpu_tok_s:.2f}x"] for name, v in
-                (("one GPU", self.one_gpu_tok_s), ("split 20/20", self.split_tok_s), ("TP=2", self.tp_tok_s))]
+    def _repr_html_(self) -> str:
+        return self.as_table()._repr_html_()
 
     def __str__(self) -> str:
-        return text_table(["path", "estimated tok/s", "x one GPU"], self._rows())
+        return str(self.as_table())
 
     __repr__ = __str__
 
@@ -1399,7 +1444,7 @@ def two_card_link_table() -> Table | Text:
     TP=2 (80 all-reduces), the measured speeds against one GPU, and ``two_card_estimate`` from those latencies and
     ``tp_bound.json``'s steps; or "not measured yet"."""
     def render(bound: dict[str, Any]) -> Table:
-        whole, shard = tp_bound_pairs(bound)[1]
+        whole, shard = tp_bound_batch1(bound)
         rows = []
         for m in link_measurements():
             est = (two_card_estimate(1 / whole, 1 / shard, m.allreduce_s, m.hop_s)
@@ -1423,7 +1468,7 @@ def two_card_link_table() -> Table | Text:
                              "an approximation of cards without peer-to-peer (a desktop's PCIe and CPU are not an H200 "
                              "server's).")
     bound = load("tp_bound")
-    if bound is not None and 1 not in tp_bound_pairs(bound):  # a tp_bound.json without batch 1: nothing to estimate
+    if bound is not None and tp_bound_batch1(bound) is None:  # a tp_bound.json without batch 1: nothing to estimate
         return not_measured("Which two-card path for which link (batch 1 in tp_bound.json)", "benchmarks/tp_bound.py")
     return from_result("tp_bound", render, what="Which two-card path for which link", script="benchmarks/tp_bound.py")
 
@@ -1437,10 +1482,10 @@ def _two_card_device() -> str:
 def link_guidance_sentence() -> Text:
     """One rendered sentence of guidance: which two-card path pays on which link, from the measured latencies and
     the break-even all-reduce latency, with how to measure your own link."""
-    bound = load("tp_bound")
-    if bound is None or 1 not in tp_bound_pairs(bound):
+    pair = tp_bound_batch1(load("tp_bound"))
+    if pair is None:
         return not_measured("Which two-card path for which link", "benchmarks/tp_bound.py")
-    whole, shard = tp_bound_pairs(bound)[1]
+    whole, shard = pair
     even = break_even_allreduce_us(whole, shard)
     measured = [m for m in link_measurements() if m.allreduce_s is not None]
     parts = []

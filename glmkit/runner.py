@@ -23,7 +23,8 @@ from transformers import DynamicCache
 
 from glmkit.fast_decode import FastDecoder
 from glmkit.generation import cache_argument
-from glmkit.request import GenerationRequest
+from glmkit.request import GenerationRequest, Inflight
+from glmkit.sampling import to_device
 
 
 class FastRunner:
@@ -57,20 +58,43 @@ class FastRunner:
         req.prefilled += n
         return logits[0] if req.prefilled == len(req.prompt_ids) else None
 
+    @property
+    def overlap(self) -> bool:
+        """Whether a step may take the previous step's sampled tokens on the device (``FastDecoder``), so the engine
+        can read them only after it has queued the next step; a decoder that needs them on the host (the
+        tensor-parallel ``TPLeader`` sends them to its other processes) gets them read first."""
+        return self.decoder is None or isinstance(self.decoder, FastDecoder)
+
     def decode(self, running: dict[int, GenerationRequest], decoding: list[GenerationRequest],
-               riding: list[GenerationRequest] = ()) -> tuple[torch.Tensor, list[tuple[GenerationRequest, torch.Tensor]]]:
+               riding: list[GenerationRequest] = (), inflight: Inflight | None = None,
+               ) -> tuple[torch.Tensor, list[tuple[GenerationRequest, torch.Tensor]]]:
         """One token for each request in ``decoding`` and the next prompt token of each in ``riding``: the logits
-        ``[len(decoding), vocab]``, and (request, logits ``[vocab]``) for the riding ones whose prompt is now all in."""
+        ``[len(decoding), vocab]``, and (request, logits ``[vocab]``) for the riding ones whose prompt is now all in.
+        A decoding request whose last token is still in ``inflight`` (sampled by the step before, not yet read on
+        the host) is fed that token on the device."""
         k = max(running) + 1
-        tokens, pos = [0] * k, [0] * k
+        tokens, pos, source = [0] * k, [0] * k, [-1] * k
         for slot, r in running.items():  # a prefilling row: its next prompt position (the next chunk overwrites it)
             pos[slot] = r.prefilled
         for r in riding:
             tokens[r.slot] = r.prompt_ids[r.prefilled]
         for r in decoding:
-            tokens[r.slot], pos[r.slot] = r.tokens[-1], len(r.prompt_ids) + len(r.tokens) - 1
-        both = torch.tensor([tokens, pos], dtype=torch.long).to(self.device, non_blocking=True)
-        logits = self._decoder().decode_step(both[0], both[1])
+            row = inflight.rows.get(r, -1) if inflight is not None else -1
+            if row >= 0:
+                source[r.slot] = row
+            else:
+                tokens[r.slot] = r.tokens[-1]
+            pos[r.slot] = len(r.prompt_ids) + len(r.tokens) + r.inflight - 1
+        if not self.overlap:  # TPLeader: host tensors, which it sends on to its other processes without a sync
+            host = torch.tensor([tokens, pos], dtype=torch.long)
+            logits = self._decoder().decode_step(host[0], host[1])
+        else:
+            both = to_device([tokens, pos, source], torch.long, self.device)
+            feed = both[0]
+            if any(s >= 0 for s in source):
+                picked = inflight.tokens.to(self.device)[both[2].clamp(min=0)]
+                feed = torch.where(both[2] >= 0, picked, both[0])
+            logits = self._decoder().decode_step(feed, both[1])
         done = []
         for r in riding:
             r.prefilled += 1
@@ -79,7 +103,7 @@ class FastRunner:
         rows = [r.slot for r in decoding]
         if rows == list(range(k)):
             return logits, done
-        return logits[torch.tensor(rows, device=logits.device, dtype=torch.long)], done  # lm_head's device
+        return logits[to_device(rows, torch.long, logits.device)], done  # lm_head's device
 
     def release(self, req: GenerationRequest) -> None:
         pass  # the row is simply reused: its stale K/V are never attended to
@@ -92,6 +116,7 @@ class PlainRunner:
     """Static batching with ``model.forward``: one left-padded batch at a time (the batch's rows are its slots)."""
 
     continuous = False
+    overlap = False  # a decode step takes its tokens from the host
 
     def __init__(self, model: torch.nn.Module, pad_id: int, device: torch.device) -> None:
         self.model, self.pad_id, self.device = model, pad_id, device
@@ -120,7 +145,7 @@ class PlainRunner:
         return logits
 
     def decode(self, running: dict[int, GenerationRequest], decoding: list[GenerationRequest],
-               riding: list[GenerationRequest] = ()) -> tuple[torch.Tensor, list]:
+               riding: list[GenerationRequest] = (), inflight: Inflight | None = None) -> tuple[torch.Tensor, list]:
         tokens = [self.pad_id] * self.rows  # finished rows go on with the pad token until the batch ends
         for r in decoding:
             tokens[r.slot] = r.tokens[-1]

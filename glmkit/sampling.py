@@ -97,8 +97,18 @@ def _signed64(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` as a tensor on ``device`` without waiting for the work queued there: on a GPU through pinned host
+    memory, so the copy joins the stream instead of stalling the host until the stream is idle (a copy from
+    ordinary host memory waits for it, which would undo the engine's overlap of host and device work)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32).to(like.device, non_blocking=True)[:, None]
+    return to_device(values, torch.float32, like.device)[:, None]
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], logprobs: int | None = None,
@@ -120,11 +130,11 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], logprobs: int | None =
     biased = [(i, t, b) for i, r in enumerate(rows) for t, b in (r.logit_bias or {}).items()]
     if biased:
         i, t, b = zip(*biased)
-        x = x.index_put((torch.tensor(i, device=device), torch.tensor(t, device=device)),
-                        torch.tensor(b, dtype=x.dtype, device=device), accumulate=True)
+        x = x.index_put((to_device(i, torch.long, device), to_device(t, torch.long, device)),
+                        to_device(b, x.dtype, device), accumulate=True)
         changed = True
     if counts is not None and any(r.presence_penalty or r.frequency_penalty for r in rows):
-        c = counts[torch.tensor([r.slot for r in rows], device=device)].float()  # [n, vocab]
+        c = counts[to_device([r.slot for r in rows], torch.long, device)].float()  # [n, vocab]
         x = x - _column([r.frequency_penalty for r in rows], x) * c \
               - _column([r.presence_penalty for r in rows], x) * (c > 0).float()
         changed = True
@@ -137,12 +147,11 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], logprobs: int | None =
             sorted_p, idx = probs.sort(dim=-1, descending=True)
             keep = sorted_p.cumsum(-1) - sorted_p < _column([r.top_p for r in rows], x)  # keeps the top token
             probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p * keep)
-        seeds = torch.tensor([_signed64(r.seed) for r in rows], dtype=torch.int64)
-        steps = torch.tensor([r.step for r in rows], dtype=torch.int64)
-        noise = uniform_noise(seeds.to(device), steps.to(device), vocab)
+        seeds_steps = to_device([[_signed64(r.seed) for r in rows], [r.step for r in rows]], torch.int64, device)
+        noise = uniform_noise(seeds_steps[0], seeds_steps[1], vocab)
         # the exponential race: argmax(p / E) with E ~ Exp(1) draws a token with probability p
         drawn = (probs / -torch.log(noise)).argmax(-1)
-        hot = torch.tensor([r.temperature > 0 for r in rows], device=device)
+        hot = to_device([r.temperature > 0 for r in rows], torch.bool, device)
         out.tokens = torch.where(hot, drawn, out.tokens)
     if logprobs is not None:
         out.logprob = raw.gather(-1, out.tokens[:, None])[:, 0]

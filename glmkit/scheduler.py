@@ -75,8 +75,10 @@ class Scheduler:
                       key=lambda r: r.submitted_at)
 
     def decoding(self) -> list[GenerationRequest]:
-        """Running requests with a generated token to feed back (prompt prefilled, first token picked), by slot."""
-        return [r for _, r in sorted(self.running.items()) if r.prefilled == len(r.prompt_ids) and r.tokens]
+        """Running requests with a generated token to feed back (prompt prefilled, first token picked: read on the
+        host, or still in flight on the device), by slot."""
+        return [r for _, r in sorted(self.running.items())
+                if r.prefilled == len(r.prompt_ids) and (r.tokens or r.inflight)]
 
     def prefill_plan(self, budget: int, skip: set[GenerationRequest] = frozenset()) -> list[tuple[GenerationRequest, int]]:
         """(request, tokens) to prefill this step: the oldest prompts first (but those in ``skip``), ``budget`` tokens

@@ -70,6 +70,46 @@ def test_greedy_tokens_match_generate_alone_and_concurrent(trained, fast):
         riding.close()
 
 
+def test_each_step_is_queued_before_the_host_reads_the_tokens_of_the_step_before(trained):
+    """The fast path's overlap: a decode step takes the previous step's token on the device (an ``Inflight`` the host
+    has not read yet), and the tokens stay those of generate()."""
+    engine = Engine(*trained, max_batch_size=2, max_context=512, fast_decode=True)
+    real, fed = engine.runner.decode, []
+
+    def spy(running, decoding, riding, inflight):
+        fed.append([inflight is not None and r in inflight.rows for r in decoding])
+        return real(running, decoding, riding, inflight)
+
+    engine.runner.decode = spy
+    try:
+        ids = prompt(engine, 0)
+        assert engine.submit(ids, max_tokens=12).wait(60).tokens == reference(trained[0], ids, 12)
+        assert fed and all(row == [True] for row in fed)  # every step fed its token from the device
+    finally:
+        engine.close()
+
+
+def test_short_prompts_arriving_together_ride_the_decode_steps_instead_of_a_forward_each(trained):
+    engine = Engine(*trained, max_batch_size=8, max_context=512, fast_decode=True, ride_from_batch=4)
+    real, prefilled = engine.runner.prefill, []
+
+    def spy(req, n):
+        prefilled.append(req)
+        return real(req, n)
+
+    engine.runner.prefill = spy
+    try:
+        jobs = [(prompt(engine, i % 3), 6) for i in range(5)]
+        alone = engine.submit(*jobs[0][:1], max_tokens=6).wait(60)
+        assert prefilled == [alone]  # a lone request on an idle engine: one prefill forward, the quickest first token
+        with engine._wake:  # the engine thread waits for this lock: all five are admitted in the same step
+            together = [engine.submit(ids, max_tokens=n) for ids, n in jobs]
+        assert [r.wait(60).tokens for r in together] == [reference(trained[0], ids, n) for ids, n in jobs]
+        assert prefilled == [alone]  # five at once: they rode the decode steps, no forward of their own
+    finally:
+        engine.close()
+
+
 def test_a_request_admitted_mid_batch_gets_its_first_token_before_the_long_one_ends(rambler):
     engine = Engine(*rambler, max_batch_size=4, max_context=1024, fast_decode=True, prefill_chunk=8)
     engine.events = deque()

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEVICE, rand
 
 from glmkit.gemv import GemvConfig
 from glmkit.gemv4bit import (
@@ -19,11 +20,6 @@ from glmkit.gemv4bit import (
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton (pip install triton)")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _rand(*shape, dtype=torch.float32, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE)
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
@@ -32,9 +28,9 @@ def _rand(*shape, dtype=torch.float32, seed=0):
                                           (64, 256, GemvConfig(32, 256, 4)),  # even
                                           (37, 192, GemvConfig(8, 64, 2))])  # odd rows, one block per step
 def test_gemv_4bit_equals_dequantize_then_linear(quant_type, double_quant, n, k, config):
-    w = quantize(_rand(n, k), quant_type, double_quant)
+    w = quantize(rand(n, k), quant_type, double_quant)
     assert w.nested == double_quant and w.data.dtype == torch.uint8 and w.data.numel() == n * k // 2
-    x, b = _rand(1, 1, k, seed=1), _rand(n, seed=2)
+    x, b = rand(1, 1, k, seed=1), rand(n, seed=2)
     y = gemv_4bit(x, w, b, config=config)
     assert y.shape == (1, 1, n) and y.dtype == torch.float32
     torch.testing.assert_close(y, reference_linear(x, w, b), rtol=1e-4, atol=1e-4)
@@ -78,16 +74,16 @@ def test_nibble_order_and_block_scales_are_read_as_bitsandbytes_writes_them():
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
 def test_gemv_4bit_swiglu_equals_the_unfused_path(double_quant):
-    w = quantize(_rand(2 * 72, 320), "nf4", double_quant)
-    x = _rand(1, 1, 320, seed=1)
+    w = quantize(rand(2 * 72, 320), "nf4", double_quant)
+    x = rand(1, 1, 320, seed=1)
     gate, up = reference_linear(x, w).chunk(2, dim=-1)
     torch.testing.assert_close(gemv_4bit_swiglu(x, w, config=GemvConfig(16, 128, 4)), up * F.silu(gate),
                                rtol=1e-4, atol=1e-4)
 
 
 def test_gemv_4bit_in_bfloat16_is_as_close_to_float64_as_bitsandbytes():
-    w = quantize(_rand(128, 512, dtype=torch.bfloat16), "nf4", double_quant=True)
-    x = _rand(1, 1, 512, dtype=torch.bfloat16, seed=1)
+    w = quantize(rand(128, 512, dtype=torch.bfloat16), "nf4", double_quant=True)
+    x = rand(1, 1, 512, dtype=torch.bfloat16, seed=1)
     ref = F.linear(x.double(), w.dequantize().double())
     ours, theirs = gemv_4bit(x, w).double(), linear_4bit(x, w).double()
     assert gemv_4bit(x, w).dtype == torch.bfloat16
@@ -101,7 +97,7 @@ def test_from_bnb_reads_a_linear4bit_module_and_leaves_it_working(double_quant):
                               compress_statistics=double_quant)
     layer.load_state_dict(torch.nn.Linear(128, 64).state_dict())
     layer = layer.to(DEVICE)  # quantizes (GPU layout)
-    x = _rand(1, 1, 128, seed=1)
+    x = rand(1, 1, 128, seed=1)
     packed = Packed4bit.from_bnb(layer.weight)
     want = layer(x)  # on AVX512-BF16 CPUs bitsandbytes repacks the module's weight here
     torch.testing.assert_close(gemv_4bit(x, packed, layer.bias), reference_linear(x, packed, layer.bias))
@@ -113,15 +109,15 @@ def test_from_bnb_reads_a_linear4bit_module_and_leaves_it_working(double_quant):
 
 
 def test_bad_inputs_name_the_problem():
-    w = quantize(_rand(64, 128), "nf4")
+    w = quantize(rand(64, 128), "nf4")
     with pytest.raises(ValueError, match="one vector"):
-        gemv_4bit(_rand(2, 1, 128), w)
+        gemv_4bit(rand(2, 1, 128), w)
     with pytest.raises(ValueError, match="even number of rows"):
-        gemv_4bit_swiglu(_rand(1, 1, 128), quantize(_rand(63, 128), "nf4"))
+        gemv_4bit_swiglu(rand(1, 1, 128), quantize(rand(63, 128), "nf4"))
     with pytest.raises(ValueError, match="multiple of blocksize"):
-        gemv_4bit(_rand(1, 1, 128), w, config=GemvConfig(8, 32, 4))
+        gemv_4bit(rand(1, 1, 128), w, config=GemvConfig(8, 32, 4))
     with pytest.raises(ValueError, match="whole quantization blocks"):
-        gemv_4bit(_rand(1, 1, 96), quantize(_rand(64, 96), "nf4"))
+        gemv_4bit(rand(1, 1, 96), quantize(rand(64, 96), "nf4"))
 
 
 @pytest.mark.parametrize("kernel, swiglu", [("nf4", True), ("bf16", False)])

@@ -163,6 +163,15 @@ def test_missing_result_says_not_measured_and_switches_once_measured(tmp_path, m
     assert "(continuous over static: 1.02x / 2.00x)" in server and "p50 3.00 s, p99 6.00 s (30x idle" in server
 
 
+def test_a_result_is_parsed_once_and_read_again_once_rewritten(tmp_path):
+    path = tmp_path / "example.json"
+    path.write_text(json.dumps({"value": 1}))
+    first = results.load("example", tmp_path)
+    assert results.load("example", tmp_path) is first  # parsed once
+    path.write_text(json.dumps({"value": 22}))  # re-measured
+    assert results.load("example", tmp_path)["value"] == 22
+
+
 def test_rendered_sentences_match_the_committed_files():
     decode = results.load("decode")
     assert f"{decode['batch1'][0]['decode_tok_s']:.1f} tok/s" in results.decode_sentence()
