@@ -41,8 +41,8 @@ def test_gemv_4bit_equals_dequantize_then_linear(quant_type, double_quant, n, k,
                                           (16, 512, GemvConfig(4, 512, 4))])
 def test_gemv_4bit_reads_16_bit_x_as_pairs(dtype, n, k, config):
     # a 16-bit x is read as 32-bit (even, odd) pairs: a swapped half or a wrong bit pattern changes every product
-    w = quantize(_rand(n, k), "nf4", double_quant=True)
-    x = _rand(1, 1, k, dtype=dtype, seed=1)
+    w = quantize(rand(n, k), "nf4", double_quant=True)
+    x = rand(1, 1, k, dtype=dtype, seed=1)
     ref = F.linear(x.double(), w.dequantize().double())
     y = gemv_4bit(x, w, config=config)
     assert y.dtype == dtype
@@ -52,14 +52,14 @@ def test_gemv_4bit_reads_16_bit_x_as_pairs(dtype, n, k, config):
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
 def test_gemv_4bit_multi_equals_the_concatenated_products(double_quant):
     # q, k and v of different heights in one launch, side by side in the output, with the concatenated bias
-    ws = [quantize(_rand(n, 256, seed=n), "nf4", double_quant) for n in (40, 8, 24)]
-    x, b = _rand(1, 1, 256, seed=1), _rand(72, seed=2)
+    ws = [quantize(rand(n, 256, seed=n), "nf4", double_quant) for n in (40, 8, 24)]
+    x, b = rand(1, 1, 256, seed=1), rand(72, seed=2)
     want = torch.cat([reference_linear(x, w) for w in ws], dim=-1) + b
     for config in (GemvConfig(16, 128, 4), GemvConfig(8, 256, 2)):
         torch.testing.assert_close(gemv_4bit_multi(x, ws, b, config=config), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gemv_4bit_multi(x, ws[:2]), want[..., :48] - b[:48], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="one format"):
-        gemv_4bit_multi(x, [ws[0], quantize(_rand(8, 256), "fp4", double_quant)])
+        gemv_4bit_multi(x, [ws[0], quantize(rand(8, 256), "fp4", double_quant)])
 
 
 def test_nibble_order_and_block_scales_are_read_as_bitsandbytes_writes_them():
@@ -165,8 +165,8 @@ def test_a_shape_glmkit_tune_writes_is_the_one_the_kernels_launch_with(tmp_path,
     monkeypatch.setattr(gemv_module, "INTERPRETER", False)  # a GPU's lookup (the interpreter ignores tables)
     monkeypatch.setattr(gemv4bit, "INTERPRETER", False)
     monkeypatch.setattr(gemv_module, "_ACTIVE", gemv_module.tables_for("Card"))
-    gate_up = quantize(_rand(96, 256), "nf4")
-    qkv = [quantize(_rand(n, 256), "nf4") for n in (40, 16, 16)]
+    gate_up = quantize(rand(96, 256), "nf4")
+    qkv = [quantize(rand(n, 256), "nf4") for n in (40, 16, 16)]
     assert config_for(gate_up, swiglu=True) == GemvConfig(4, 256, 4)
     assert config_for(qkv) == GemvConfig(8, 128, 2)  # one launch for q, k and v: the shape tuned for all 72 rows
-    assert config_for(quantize(_rand(96, 256), "fp4"), swiglu=True) not in shapes  # fp4: not tuned, its own default
+    assert config_for(quantize(rand(96, 256), "fp4"), swiglu=True) not in shapes  # fp4: not tuned, its own default
