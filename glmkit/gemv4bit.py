@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -44,7 +45,8 @@ if triton is not None:  # optional: Triton (Linux x86-64) builds the kernels; gl
     import triton.language as tl
 
 __all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_multi", "gemv_4bit_swiglu", "linear_4bit",
-           "pick_config_4bit", "config_for", "kernel_for", "triton_available", "is_4bit", "unsupported_quantization"]
+           "pick_config_4bit", "config_for", "kernel_for", "check_lookup", "LOOKUP", "triton_available", "is_4bit",
+           "unsupported_quantization"]
 
 
 class Packed4bit(NamedTuple):
@@ -115,7 +117,9 @@ class Packed4bit(NamedTuple):
                                quant_type=state.quant_type, dtype=getattr(state, "original_dtype", state.dtype))
         else:
             state = copy.copy(state)  # bitsandbytes may repack the module's state later (CPU): keep these tensors
-        return cls.from_state(data, state)
+        packed = cls.from_state(data, state)
+        check_lookup(packed.device)  # once per GPU, before a decoder compiles its layers around the kernels
+        return packed
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``[n, k]`` as bitsandbytes dequantizes it (the reference the kernels match), in ``dtype``
@@ -438,9 +442,45 @@ def _check(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool) -> None:
         raise ValueError(f"gemv_4bit_swiglu needs a gate/up weight with an even number of rows, got {w.shape[0]}.")
 
 
+_CHECKED: set[torch.device] = set()
+
+
+def check_lookup(device: torch.device | str) -> str:
+    """The lookup the kernels use on ``device``, checked once per GPU and process: the warp-shuffle lookup against
+    plain table loads on two small weights (fp32 and double-quantized scales). Should they ever disagree (a
+    Triton or driver the shuffle was not checked on), it warns and switches to the loads, which Triton's
+    interpreter checks against bitsandbytes. A few seconds the first time (compiling), then nothing.
+
+    >>> check_lookup("cpu") in LOOKUPS
+    True
+    """
+    global LOOKUP
+    if torch.compiler.is_compiling() or LOOKUP != "shuffle":  # first: inside a compiled function, nothing else runs
+        return LOOKUP
+    device = torch.device(device)
+    if device.type != "cuda" or device in _CHECKED or torch.cuda.is_current_stream_capturing():
+        return LOOKUP
+    _CHECKED.add(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, 1, 256, device=device, generator=g).to(torch.bfloat16)
+    for double_quant in (False, True):
+        w = quantize(torch.randn(64, 256, device=device, generator=g), "nf4", double_quant)
+        want = _launch(x, (w,), None, False, None, lookup="load").float()
+        got = _launch(x, (w,), None, False, None, lookup="shuffle").float()
+        if not torch.allclose(got, want, rtol=1e-2, atol=1e-2):
+            warnings.warn(f"glmkit's 4-bit kernels: the warp-shuffle lookup disagrees with table loads on "
+                          f"{torch.cuda.get_device_name(device)}; using table loads (slower). Please report it.",
+                          RuntimeWarning, stacklevel=2)
+            LOOKUP = "load"
+            break
+    return LOOKUP
+
+
 def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
-            config: GemvConfig | None) -> torch.Tensor:
+            config: GemvConfig | None, lookup: str | None = None) -> torch.Tensor:
     _check(x, ws, swiglu)
+    if lookup is None:
+        lookup = check_lookup(x.device)
     w = ws[0]
     k = w.shape[1]
     counts = [v.shape[0] // 2 if swiglu else v.shape[0] for v in ws]
@@ -459,8 +499,8 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     grid = (sum(triton.cdiv(n, cfg.block_n) for n in counts),)
     _gemv4_kernel[grid](x.view(torch.int32) if x16 else x, y, bias if bias is not None else y, w.code, *segments,
                         k // 2, k // w.blocksize, SEGMENTS=len(ws), X16=x16, XBF16=x.dtype == torch.bfloat16,
-                        NESTED=w.nested, HAS_BIAS=bias is not None, SWIGLU=swiglu, SHUFFLE=LOOKUP == "shuffle", BS=w.blocksize,
-                        BS2=w.nested_blocksize, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                        NESTED=w.nested, HAS_BIAS=bias is not None, SWIGLU=swiglu, SHUFFLE=lookup == "shuffle",
+                        BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                         EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps)
     return y
 
