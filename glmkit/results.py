@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glmkit.allreduce import PER_TOKEN
 from glmkit.device_map import split_layers
 from glmkit.models import glm4_9b_meta_model
 from glmkit.planning import plan_memory
@@ -1001,7 +1002,7 @@ def tensor_parallel_sentence() -> Text:
 # ----------------------------------------------------------------------------------------------------------------
 # What bounds tensor parallelism (tp_bound.json, allreduce_latency*.json): notebook 08
 
-ALLREDUCES_PER_TOKEN = 81  # GLM-4-9B: after o_proj and after down_proj in each of its 40 layers, and the embedding's
+ALLREDUCES_PER_TOKEN = PER_TOKEN  # GLM-4-9B on TPDecoder: the embedding's, and after o_proj and down_proj in 40 layers
 NCCL_SCRIPT = "NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/allreduce_latency.py"
 
 
