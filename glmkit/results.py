@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glmkit.allreduce import PER_TOKEN
 from glmkit.device_map import split_layers
 from glmkit.models import glm4_9b_meta_model
 from glmkit.planning import plan_memory
@@ -1001,7 +1002,7 @@ def tensor_parallel_sentence() -> Text:
 # ----------------------------------------------------------------------------------------------------------------
 # What bounds tensor parallelism (tp_bound.json, allreduce_latency*.json): notebook 08
 
-ALLREDUCES_PER_TOKEN = 81  # GLM-4-9B: after o_proj and after down_proj in each of its 40 layers, and the embedding's
+ALLREDUCES_PER_TOKEN = PER_TOKEN  # GLM-4-9B on TPDecoder: the embedding's, and after o_proj and down_proj in 40 layers
 NCCL_SCRIPT = "NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/allreduce_latency.py"
 
 
@@ -1023,7 +1024,7 @@ def tp_estimate_tok_s(shard_tok_s: float, allreduce_us: float, batch_size: int =
     """Estimated tensor-parallel decode tok/s (summed over the batch): one rank's step, measured alone, plus the
     token's all-reduces paid one after another (none overlaps the work that needs its result).
 
-    >>> round(tp_estimate_tok_s(250.0, 10.0), 1)  # 4 ms a step + 80 x 10 µs = 4.8 ms a token
+    >>> round(tp_estimate_tok_s(250.0, 10.0, per_token=80), 1)  # 4 ms a step + 80 x 10 µs = 4.8 ms a token
     208.3
     """
     return batch_size / (batch_size / shard_tok_s + per_token * allreduce_us * 1e-6)
@@ -1034,7 +1035,7 @@ def break_even_allreduce_us(whole_tok_s: float, shard_tok_s: float, batch_size: 
     """The all-reduce latency (µs) at which tensor parallelism only matches one GPU: the step time the shard saves,
     shared by the token's all-reduces.
 
-    >>> round(break_even_allreduce_us(200.0, 250.0), 1)  # (5 ms - 4 ms) / 80
+    >>> round(break_even_allreduce_us(200.0, 250.0, per_token=80), 1)  # (5 ms - 4 ms) / 80
     12.5
     """
     return (batch_size / whole_tok_s - batch_size / shard_tok_s) / per_token * 1e6
@@ -1377,9 +1378,9 @@ def two_card_estimate(step_s_one_gpu: float, shard_step_s: float, allreduce_s: f
         allreduce_s: one 8 KiB all-reduce inside a CUDA graph (``benchmarks/allreduce_latency.py``).
         hop_s: what the split's hand-over adds to a token (the 8 KiB copy that ``benchmarks/gpu_links.py`` times,
             plus the wait between the cards; measured here as the split's tok/s against one GPU).
-        allreduces_per_token: 80 for GLM-4-9B (2 per layer, 40 layers).
+        allreduces_per_token: 81 for GLM-4-9B on ``TPDecoder`` (2 per layer, 40 layers, and the embedding's).
 
-    >>> e = two_card_estimate(5e-3, 3.6e-3, allreduce_s=15e-6, hop_s=100e-6)  # 5 ms + 0.1 ms; 3.6 ms + 80 x 15 µs
+    >>> e = two_card_estimate(5e-3, 3.6e-3, allreduce_s=15e-6, hop_s=100e-6, allreduces_per_token=80)  # 3.6 ms + 80 x 15 µs
     >>> round(e.one_gpu_tok_s), round(e.split_tok_s, 1), round(e.tp_tok_s, 1)
     (200, 196.1, 208.3)
     """
@@ -1441,7 +1442,7 @@ def _speed(tok_s: float | None, one: float | None, star: str = "") -> str:
 
 def two_card_link_table() -> Table | Text:
     """Which path for which link, batch 1: each link's measured cost per token for the split (one hand-over) and
-    TP=2 (80 all-reduces), the measured speeds against one GPU, and ``two_card_estimate`` from those latencies and
+    TP=2 (``ALLREDUCES_PER_TOKEN``), the measured speeds against one GPU, and ``two_card_estimate`` from those latencies and
     ``tp_bound.json``'s steps; or "not measured yet"."""
     def render(bound: dict[str, Any]) -> Table:
         whole, shard = tp_bound_batch1(bound)
