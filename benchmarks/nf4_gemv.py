@@ -2,8 +2,10 @@
 
 1. Each GLM-4-9B projection in nf4 (q/k/v read by one launch, o_proj, gate_up with SwiGLU, down_proj), batch 1,
    timed in CUDA graphs over ~1 GiB of weight copies (``glmkit.gemv_tuning.graph_time``): glmkit's Triton kernel
-   at the rule-of-thumb shape and a short sweep of launch shapes (best kept, and used by the decoder below),
-   bitsandbytes' ``matmul_4bit`` and bf16 ``F.linear``; bytes read per second against the copy bandwidth. Each
+   at the rule-of-thumb shape and a short sweep of launch shapes with the warp-shuffle lookup, the table-load
+   lookup at the best and default shapes (``gemv4bit.LOOKUP``; the faster over all projections and its best
+   shapes are what the decoder below runs), bitsandbytes' ``matmul_4bit``, bf16 ``F.linear`` and glmkit's bf16
+   kernel; bytes read per second against the copy bandwidth. Each
    product's error against float64 on the fp32-dequantized weights (``code * absmax``, nothing rounded): ours,
    bitsandbytes', and dequantize-to-bf16 + ``F.linear`` (the bf16 path's own rounding).
 2. ``FastDecoder`` at batch 1: bf16 (Triton) vs nf4 through glmkit's kernels vs nf4 through bitsandbytes' kernel,
@@ -14,7 +16,7 @@
 
 Random weights of the exact GLM-4-9B architecture (DESIGN.md). On an H200 about 4 minutes:
 
-    python benchmarks/nf4_gemv.py --checkpoint /tmp/glm9b --write-table glmkit/assets/gemv_tuned_h200_4bit.json
+    PYTHONPATH=. python benchmarks/nf4_gemv.py --write-table glmkit/assets/gemv_tuned_h200_4bit.json
 Writes benchmarks/results/nf4_gemv.json (and to $OUT) after every stage; ``--write-table`` also writes the best
 shapes as a launch-shape table for this card (nf4, and fp4 copied from it: the same kernel).
 """
