@@ -426,8 +426,9 @@ class FastDecoder:
         compile: ``torch.compile`` the layer function (default: on a GPU); fuses norms, RoPE and SiLU.
         gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1
             step on a GPU of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a
-            warning and cuBLAS; a 4-bit model: bitsandbytes' kernel with the layers uncompiled (faster on an H200
-            than glmkit's 4-bit Triton GEMVs, which ``"triton"`` selects).
+            warning and cuBLAS; a 4-bit model: glmkit's 4-bit Triton GEMVs at batch 1 with the layers uncompiled (on
+            an H200 172.5 tok/s against 124.6 with bitsandbytes' own kernel, ``benchmarks/results/nf4_gemv.json``;
+            compiling the layer around the 4-bit kernel failed there), bitsandbytes' kernel above batch 1.
             ``"triton"``: glmkit's kernels for one token (``glmkit.gemv``: one pass over each
             weight, no split-K, SwiGLU applied before the write; batch_size 1 only); on an H100 they decode GLM-4-9B
             12% faster than cuBLAS (150.3 vs 133.7 tok/s, benchmarks/results/decode.json). ``False``: cuBLAS
@@ -472,11 +473,10 @@ class FastDecoder:
         self.quantized = any(is_4bit(p) for p in model.parameters())
         self.auto_gemv = gemv == "auto"
         # per step size: Triton GEMVs only for one token, and under "auto" only where every segment's GPU runs them.
-        # 4-bit under "auto": bitsandbytes' own kernel, uncompiled: on an H200 it decoded GLM-4-9B at 125.0 tok/s
-        # against 106.8 for glmkit's 4-bit Triton GEMVs (benchmarks/results/nf4_decode.json)
+        # 4-bit under "auto": glmkit's 4-bit kernels too, with the layers uncompiled (self.compiled below): on an
+        # H200 GLM-4-9B decoded 172.5 tok/s so against 124.6 with bitsandbytes' kernel (benchmarks/results/nf4_gemv.json)
         self.gemv_by_bucket: dict[int, bool | str] = {
-            b: (("triton" if not self.quantized and all(auto_gemv(s.device, b, dtype) == "triton"
-                                                        for s in self.segments) else False)
+            b: (("triton" if all(auto_gemv(s.device, b, dtype) == "triton" for s in self.segments) else False)
                 if gemv == "auto" else gemv) for b in self.buckets}
         self.sdpa = attention == "sdpa"
         cfg = model.config

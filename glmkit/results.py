@@ -1562,11 +1562,20 @@ def fast_precisions_sentence() -> Text:
         def tok(start: str) -> str:
             x = _nf4_path(r, start)
             return f"{x['best_tok_s']:.1f}" if x else "not measured"
-        return (f"Measured on {measured_on(r)} (`nf4_decode.json`, batch 1, in one run): the fast path decodes "
-                f"{tok('bf16 fast')} tok/s in bf16 and {tok('fp16 fast')} in fp16; with bitsandbytes nf4 weights "
-                f"{tok('nf4 fast (Triton)')} with glmkit's Triton 4-bit kernel and {tok('nf4 fast (bnb')} with "
-                f"bitsandbytes' own kernel, against {tok('generate()')} for plain `generate()` in nf4. Notebook 04 "
-                f"charts them against each precision's roofline.")
+        text = (f"Measured on {measured_on(r)} (`nf4_decode.json`, batch 1, in one run): the fast path decodes "
+                f"{tok('bf16 fast')} tok/s in bf16 and {tok('fp16 fast')} in fp16, against {tok('generate()')} for "
+                f"plain `generate()` in nf4.")
+        newer = load("nf4_gemv")
+        if newer is None:
+            return text + (f" With bitsandbytes nf4 weights {tok('nf4 fast (Triton)')} with glmkit's Triton 4-bit "
+                           f"kernel and {tok('nf4 fast (bnb')} with bitsandbytes' own kernel. Notebook 04 charts them.")
+        ours, bnb = _nf4_gemv_decode(newer, "nf4 fast (glmkit"), _nf4_gemv_decode(newer, "nf4 fast (bnb")
+        bf16 = _nf4_gemv_decode(newer, "bf16 fast")
+        if ours and bnb and bf16:
+            text += (f" With bitsandbytes nf4 weights, in another run ({measured_on(newer)}, `nf4_gemv.json`): "
+                     f"{ours['best_tok_s']:.1f} tok/s with glmkit's 4-bit kernel and {bnb['best_tok_s']:.1f} with "
+                     f"bitsandbytes' own, against {bf16['best_tok_s']:.1f} for bf16 in that run.")
+        return text + " Notebook 04 charts them against each precision's roofline."
     return from_result("nf4_decode", render, what="The fast path in fp16 and nf4", script="benchmarks/nf4_decode.py")
 
 
@@ -1582,11 +1591,16 @@ def nf4_decode_sentence() -> Text:
         bf16, fp16 = _nf4_path(r, "bf16 fast"), _nf4_path(r, "fp16 fast")
         triton, eager = _nf4_path(r, "nf4 fast (Triton)"), _nf4_path(r, "nf4 fast (Triton, eager")
         bnb, plain = _nf4_path(r, "nf4 fast (bnb"), _nf4_path(r, "generate()")
+        newer = load("nf4_gemv")
+        if newer is not None:  # glmkit's 4-bit kernel was rewritten and measured again there: its figures, not these
+            triton = eager = None
         text = (f"Batch-1 decode on {measured_on(r)} (`nf4_decode.json`; {r['method']}; copy bandwidth "
                 f"{r['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s): {path(bf16, 'bf16 fast path')}; "
-                f"{path(fp16, 'fp16 fast path')}; {path(triton, 'nf4 fast path with glmkit`s Triton kernel')}; "
+                f"{path(fp16, 'fp16 fast path')}; "
+                + ("" if newer else f"{path(triton, 'nf4 fast path with glmkit`s Triton kernel')}; ") +
                 f"{path(bnb, 'nf4 fast path with bitsandbytes` own kernel (`matmul_4bit`, eager layers)')}; "
-                f"{path(plain, 'nf4 plain `generate()`')}.").replace("glmkit`s", "glmkit's").replace(
+                f"{path(plain, 'nf4 plain `generate()`')}." + (" glmkit's own 4-bit kernel: measured again after "
+                "its rewrite, below (`nf4_gemv.json`)." if newer else "")).replace("glmkit`s", "glmkit's").replace(
                     "bitsandbytes` own", "bitsandbytes' own")
         if triton and bnb:
             faster = "slower" if triton["best_tok_s"] < bnb["best_tok_s"] else "faster"
@@ -1602,7 +1616,7 @@ def nf4_decode_sentence() -> Text:
                      f"though a 4-bit token reads {best['roofline_tok_s'] / bf16['roofline_tok_s']:.2f}x fewer bytes "
                      f"({r['nf4_model_bytes'] / GiB:.2f} GiB of weights and quantization states): on this card 4-bit "
                      f"saves memory, not time.")
-        if "nf4_triton_vs_bnb_logits_rel_diff" in r:
+        if "nf4_triton_vs_bnb_logits_rel_diff" in r and not newer:
             text += (f" nf4 logits, Triton against bitsandbytes' kernel: {100 * r['nf4_triton_vs_bnb_logits_rel_diff']:.1f}% "
                      f"relative difference; greedy tokens equal on {r['nf4_triton_vs_bnb_greedy_equal_of_64']} of 64 "
                      f"steps (random weights: near-tied logits flip once the two sum in another order).")
@@ -1625,6 +1639,49 @@ def nf4_decode_sentence() -> Text:
                      "--stages long_context`).")
         return text
     return from_result("nf4_decode", render, what="The fast path in fp16 and nf4", script="benchmarks/nf4_decode.py")
+
+
+def _nf4_best(x: dict[str, Any]) -> dict[str, Any]:
+    """A projection's fastest launch of glmkit's 4-bit kernel in ``nf4_gemv.json`` (its best over both lookups)."""
+    return x.get("best") or min(x["best_by_lookup"].values(), key=lambda b: b["us"])
+
+
+def _nf4_gemv_decode(r: dict[str, Any], start: str) -> dict[str, Any] | None:
+    return next((x for x in r["decode"] if x["path"].startswith(start)), None)
+
+
+def nf4_kernel_sentence() -> Text:
+    """glmkit's 4-bit kernel per projection and per token against bitsandbytes' and bf16, and its accuracy against
+    fp32, all from one run (``nf4_gemv.json``), or "not measured yet"."""
+    def render(r: dict[str, Any]) -> str:
+        ours, bnb = _nf4_gemv_decode(r, "nf4 fast (glmkit"), _nf4_gemv_decode(r, "nf4 fast (bnb")
+        bf16 = _nf4_gemv_decode(r, "bf16 fast")
+        per = "; ".join(f"{x['projection']}{' (double quantization)' if x['double_quant'] else ''} "
+                        f"{_nf4_best(x)['us']:.1f} µs, {_nf4_best(x)['tb_s']:.2f} TB/s ({x['speedup_vs_bnb']:.2f}x bitsandbytes' "
+                        f"`matmul_4bit`, {x['speedup_vs_bf16_cublas']:.2f}x bf16 cuBLAS)" for x in r["projections"])
+        text = (f"glmkit's 4-bit kernel (`glmkit.gemv4bit`) on {measured_on(r)} (`nf4_gemv.json`, one run; "
+                f"{r['method'].split('; ')[0]}). Per projection, batch 1: {per}.")
+        if ours and bnb and bf16:
+            text += (f" A whole token, batch 1: the nf4 fast path decodes **{ours['best_tok_s']:.1f} tok/s** with this "
+                     f"kernel against {bnb['best_tok_s']:.1f} with bitsandbytes' ({ours['best_tok_s'] / bnb['best_tok_s']:.2f}x) "
+                     f"and {bf16['best_tok_s']:.1f} for the bf16 fast path ({ours['best_tok_s'] / bf16['best_tok_s']:.2f}x), "
+                     f"{100 * ours['fraction_of_roofline']:.0f}% of nf4's roofline against bf16's "
+                     f"{100 * bf16['fraction_of_roofline']:.0f}% of its own.")
+            layers = glm4_9b_meta_model().config.num_hidden_layers
+            gemv_ms = layers * sum(_nf4_best(x)["us"] for x in r["projections"] if not x["double_quant"]) / 1e3
+            text += (f" The 4-bit projections take {gemv_ms:.2f} ms of the token's {1e3 / ours['best_tok_s']:.2f} ms "
+                     f"({layers} layers)")
+            text += ("; its layers ran uncompiled (compiling them around this kernel failed here), so the rest of "
+                     "each layer runs as many small kernels: that, not reading the weights, is what keeps a 4-bit "
+                     "token from being faster than a bf16 one." if not ours.get("compiled") else ".")
+        acc = r.get("accuracy", {})
+        if all(k in acc for k in ("bf16", "nf4_triton", "nf4_bnb")):
+            text += (f" Logits against fp32 decoders on the same weights ({acc['bf16']['steps']} teacher-forced steps, "
+                     f"relative error, median): bf16 {100 * acc['bf16']['rel_err_median']:.1f}%, nf4 with this kernel "
+                     f"{100 * acc['nf4_triton']['rel_err_median']:.1f}%, with bitsandbytes' "
+                     f"{100 * acc['nf4_bnb']['rel_err_median']:.1f}%: the kernel's error is near bf16's and below bitsandbytes'.")
+        return text
+    return from_result("nf4_gemv", render, what="glmkit's 4-bit kernel", script="benchmarks/nf4_gemv.py")
 
 
 def _grouped_bars(groups: dict[str, dict[str, float]], *, ylabel: str, title: str,
@@ -1673,28 +1730,49 @@ def nf4_decode_chart() -> Any:
                          title=f"GLM-4-9B per precision, {measured_on(r)}; plain generate() measured for nf4")
 
 
+def _nf4_projections() -> dict[str, Any] | None:
+    """The newest per-projection nf4 timings in one format: ``nf4_gemv.json`` (glmkit's current kernel; its best
+    launch shape's time as ``nf4_triton_*``, bf16 Triton's bandwidth from its time and bytes, double quantization
+    named), else ``nf4_decode.json`` (the earlier kernel); ``None`` before either exists."""
+    r = load("nf4_gemv")
+    if r is not None and r.get("projections"):
+        rows = []
+        for x in r["projections"]:
+            row = {**x, "projection": x["projection"] + (" (dq)" if x.get("double_quant") else ""),
+                   "nf4_triton_us": _nf4_best(x)["us"], "nf4_triton_tb_s": _nf4_best(x)["tb_s"],
+                   "nf4_bnb_matmul_4bit_us": x["bnb_matmul_4bit_us"], "nf4_bnb_matmul_4bit_tb_s": x["bnb_matmul_4bit_tb_s"]}
+            if "bf16_triton_us" in x:
+                row["bf16_triton_tb_s"] = x["bf16_bytes"] / (x["bf16_triton_us"] * 1e-6) / 1e12
+            rows.append(row)
+        return {**r, "projections": rows}
+    r = load("nf4_decode")
+    return r if r is not None and r.get("projections") else None
+
+
 def nf4_projection_table() -> Table | Text:
     """One token's matrix-vector product per projection: nf4 (glmkit's Triton, bitsandbytes) against bf16 (cuBLAS,
-    glmkit's Triton), in µs and TB/s of bytes read (``nf4_decode.json``)."""
-    r = load("nf4_decode")
-    if r is None or not r.get("projections"):
-        return not_measured("nf4 projections against bitsandbytes and bf16", "benchmarks/nf4_decode.py")
+    glmkit's Triton), in µs and TB/s of bytes read (``nf4_gemv.json``, else ``nf4_decode.json``)."""
+    r = _nf4_projections()
+    if r is None:
+        return not_measured("nf4 projections against bitsandbytes and bf16", "benchmarks/nf4_gemv.py")
     keys = [("nf4_triton", "nf4 glmkit Triton"), ("nf4_bnb_matmul_4bit", "nf4 bitsandbytes"),
             ("bf16_cublas", "bf16 cuBLAS"), ("bf16_triton", "bf16 glmkit Triton")]
     rows = [[x["projection"], f"{x['rows']}x{x['columns']}", f"{x['nf4_bytes'] / 2**20:.1f}"]
-            + [f"{x[k + '_us']:.1f} µs, {x[k + '_tb_s']:.2f} TB/s" for k, _ in keys] for x in r["projections"]]
+            + [f"{x[k + '_us']:.1f} µs, {x[k + '_tb_s']:.2f} TB/s" if k + "_us" in x else "-" for k, _ in keys]
+            for x in r["projections"]]
     return table(["projection", "shape", "nf4 MiB"] + [label for _, label in keys], rows,
                  caption=f"{measured_on(r)}: one token, TB/s of the bytes each reads (nf4: packed weights and states)")
 
 
 def nf4_projection_chart() -> Any:
-    """Bandwidth each projection's one-token product reaches: nf4 (glmkit, bitsandbytes) vs bf16 (``nf4_decode.json``)."""
-    r = load("nf4_decode")
-    if r is None or not r.get("projections"):
+    """Bandwidth each projection's one-token product reaches: nf4 (glmkit, bitsandbytes) vs bf16 (``nf4_gemv.json``,
+    else ``nf4_decode.json``)."""
+    r = _nf4_projections()
+    if r is None:
         return None
     keys = [("nf4_triton", "nf4 glmkit Triton"), ("nf4_bnb_matmul_4bit", "nf4 bitsandbytes"),
             ("bf16_cublas", "bf16 cuBLAS"), ("bf16_triton", "bf16 glmkit Triton")]
-    groups = {x["projection"]: {label: x[k + "_tb_s"] for k, label in keys} for x in r["projections"]}
+    groups = {x["projection"]: {label: x[k + "_tb_s"] for k, label in keys if k + "_tb_s" in x} for x in r["projections"]}
     return _grouped_bars(groups, ylabel="bytes read, TB/s", title=f"one token's projections, {measured_on(r)}",
                          references={g: r["copy_bandwidth_bytes_s"] / 1e12 for g in groups},
                          reference_label="copy bandwidth")
@@ -1753,6 +1831,7 @@ def readme_measured_section() -> str:
                "**A real OOM**: " + oom_sentence(), monitor_sentence(),
                "**Fast decode path**: " + decode_sentence().replace("\n\n", " "),
                "**The fast path in fp16 and nf4**: " + nf4_decode_sentence(),
+               "**glmkit's 4-bit kernel**: " + nf4_kernel_sentence(),
                "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
                "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
