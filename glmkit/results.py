@@ -725,7 +725,8 @@ def server_load_chart(names: tuple[str, ...] = ("server_load_cpu", "server_load_
         names_ = [f"{m}\n{when}" for when in ("idle", "busy") for m in modes]
         ttft.bar(names_, [run["ttft"][m][f"{when}_p50_s"] for when in ("idle", "busy") for m in modes])
         long = next(iter(run["ttft"].values()))["long_tokens"] if modes else 0
-        ttft.set(yscale="log", ylabel="seconds", title=f"time to first token (p50), busy: during a {long}-token request")
+        ttft.set(yscale="log", ylabel="seconds")
+        ttft.set_title(f"time to first token (p50);\nbusy: while a {long}-token request runs", fontsize=10)
     fig.tight_layout()
     plt.close(fig)
     return fig
@@ -1849,13 +1850,36 @@ def readme_measured_section() -> str:
                 f"bitsandbytes {v['bitsandbytes']}; {decode['environment']['date']})")
     server = two_card_server_table()
     tables = ["", "The server on two cards, per number of clients: " + server.markdown()] if isinstance(server, Table) else []
+    if load("server_load_gpu_cb") is not None:
+        tables += ["", f"![Server load: tokens/s and time to first token against clients, continuous vs static batching, "
+                       f"from benchmarks/results/server_load_*.json]({README_CHART.as_posix()})"]
     return "\n".join([README_BEGIN, f"{head} (GLM-4-9B-Chat architecture, random weights; raw results in "
                       "`benchmarks/results/`):", ""] + [f"- {b}" for b in bullets] + tables + [README_END])
 
 
-def update_readme(path: str | Path = RESULTS_DIR.parents[1] / "README.md") -> bool:
-    """Replace the README's measured section with a fresh rendering; ``True`` when it changed."""
+README_CHART = Path("docs") / "server_load.svg"  # the load chart the README shows, beside it in the repository
+
+
+def write_readme_chart(path: str | Path = RESULTS_DIR.parents[1] / README_CHART) -> Path | None:
+    """Save ``server_load_chart()`` as an SVG with its text kept as text (searchable, diffable) and no timestamp, so
+    the same results give the same file; ``None`` before any continuous-batching run exists."""
+    import matplotlib.pyplot as plt
+
+    fig = server_load_chart()
+    if isinstance(fig, Text):
+        return None
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": "glmkit"}):
+        fig.savefig(path, format="svg", metadata={"Date": None})
+    return path
+
+
+def update_readme(path: str | Path = RESULTS_DIR.parents[1] / "README.md") -> bool:
+    """Replace the README's measured section with a fresh rendering (and its chart, ``write_readme_chart``);
+    ``True`` when the text changed."""
+    path = Path(path)
+    write_readme_chart(path.parent / README_CHART)
     text = path.read_text()
     start, end = text.index("<!-- measured:"), text.index(README_END) + len(README_END)  # any earlier marker text
     new = text[:start] + readme_measured_section() + text[end:]

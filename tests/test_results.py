@@ -326,3 +326,17 @@ def test_every_figure_a_notebook_renders_comes_from_a_committed_file(name):
 
 def test_readme_says_not_measured_nowhere():
     assert "not measured yet" not in (ROOT / "README.md").read_text()
+
+
+def test_readme_shows_the_load_chart_of_the_committed_runs():
+    """The README's load chart (``docs/server_load.svg``, written by ``--update-readme``) is there, referenced, and
+    drawn from the committed runs: its text (kept as text) names each run's device and the GPU run's clients."""
+    root = results.RESULTS_DIR.parents[1]
+    svg = (root / results.README_CHART).read_text()
+    assert f"]({results.README_CHART.as_posix()})" in (root / "README.md").read_text()
+    for name in ("server_load_cpu", "server_load_gpu_cb"):
+        assert f"{results.load(name)['environment']['device']}: throughput" in svg, name
+    gpu = results.load("server_load_gpu_cb")
+    for n in {level["clients"] for level in gpu["levels"]}:
+        assert f">{n}</text>" in svg, n
+    assert f"busy: while a {gpu['ttft']['continuous']['long_tokens']}-token request runs" in svg
