@@ -77,10 +77,17 @@ def test_perplexity_is_exp_of_the_mean_token_loss(tok):
 
 
 def test_greedy_agreement(tok):
+    from glmkit.generation import encode_chat
+
     prompts = eval_prompts()[:2]
-    bf16 = greedy_tokens(load_precision(TRAINED_TINY_DIR, "bf16"), tok, prompts, 12)
+    model = load_precision(TRAINED_TINY_DIR, "bf16")
+    bf16 = greedy_tokens(model, tok, prompts, 12)
     assert agreement(bf16, bf16) == 1.0
     assert all(len(t) == 12 for t in bf16)
+    for prompt, tokens in zip(prompts, bf16):  # the left-padded batch continues each prompt as it would alone
+        enc = encode_chat(tok, [{"role": "user", "content": prompt}])
+        alone = model.generate(**enc, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert alone[0, enc["input_ids"].shape[1]:].tolist() == tokens
     int8 = greedy_tokens(load_precision(TRAINED_TINY_DIR, "int8"), tok, prompts, 12)
     assert 0 <= agreement(bf16, int8) <= 1
 
