@@ -13,10 +13,10 @@ import argparse
 from glmkit.bench import (
     bytes_read_per_token,
     copy_bandwidth,
+    load_random_9b,
     measure_decode,
     save_result,
 )
-from glmkit.models import ensure_random_checkpoint
 
 
 def main() -> None:
@@ -29,10 +29,8 @@ def main() -> None:
     import torch
 
     from glmkit.fast_decode import FastDecoder
-    from glmkit.loading import load_model
 
-    ensure_random_checkpoint(args.checkpoint)
-    model = load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
+    model = load_random_9b(args.checkpoint)
     bw = copy_bandwidth()
     per_token = bytes_read_per_token(model)
     result = {"copy_bandwidth_bytes_s": bw, "bytes_read_per_token": per_token, "roofline_tok_s": bw / per_token,

@@ -12,8 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
-from glmkit.models import ensure_random_checkpoint
+from glmkit.bench import bytes_read_per_token, copy_bandwidth, load_random_9b, save_result
 
 VARIANTS = {
     "cublas": {"gemv": False, "compile_options": {}},
@@ -35,10 +34,8 @@ def main() -> None:
     import torch
 
     from glmkit.fast_decode import FastDecoder
-    from glmkit.loading import load_model
 
-    ensure_random_checkpoint(args.checkpoint)
-    model = load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
+    model = load_random_9b(args.checkpoint)
     bw = copy_bandwidth()
     result = {"roofline_tok_s": bw / bytes_read_per_token(model), "variants": []}
     for name in args.variants:

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
+from glmkit.bench import bytes_read_per_token, copy_bandwidth, load_random_9b, save_result
 from glmkit.gemv import device_name
 from glmkit.gemv_tuning import table_configs, tune, write_table
-from glmkit.models import ensure_random_checkpoint
 
 
 def main() -> None:
@@ -56,10 +55,8 @@ def main() -> None:
     if args.skip_decode:
         return
     from glmkit.fast_decode import FastDecoder
-    from glmkit.loading import load_model
 
-    ensure_random_checkpoint(args.checkpoint)
-    model = load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
+    model = load_random_9b(args.checkpoint)
     result["roofline_tok_s"] = result["copy_bandwidth_bytes_s"] / bytes_read_per_token(model)
     result["decode"] = []
     ids = torch.randint(0, 1000, (1, 32), device="cuda")

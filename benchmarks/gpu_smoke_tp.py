@@ -1,6 +1,7 @@
 """Quick GPU check of the tensor-parallel decoder on one GPU (one rank, no collectives): the same greedy tokens
 as FastDecoder on the trained tiny model, with graphs and compile, batch buckets and a prompt prefilled in two
-pieces; and rank 0's TP=2 shard alone builds, captures and decodes (its tokens are meaningless: half a model).
+pieces; decode steps fed host tensors without a host-device sync; and rank 0's TP=2 shard alone (its slice of the
+vocabulary in the embedding too) builds, captures and decodes (its tokens are meaningless: half a model).
 The collectives themselves run under torchrun in tests/test_tp_decode.py (gloo) and need two GPUs for NCCL."""
 
 import torch
@@ -29,6 +30,19 @@ for dtype in (torch.float32, torch.bfloat16):
             tokens.append(int(token))
             logits = dec.decode_step(torch.stack([token * 0, token * 0, token]), torch.tensor([0, 0, 12 + i]).cuda())
         print(dtype, "buckets", dec.buckets, "slot + start identical:", tokens == want[0, 12:].tolist(), flush=True)
+        # host tensors, as a server's runner passes them: copied through pinned memory with no sync (CUDA's sync
+        # check raises on one), the same tokens
+        dec = TPDecoder(model, max_len=64, batch_size=2)
+        logits = dec.prefill(prompt, slot=1)
+        tokens = []
+        for i in range(24):
+            tokens.append(int(logits[-1].argmax()))
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                logits = dec.decode_step(torch.tensor([0, tokens[-1]]), torch.tensor([0, 12 + i]))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        print(dtype, "host inputs without a sync, identical:", tokens == want[0, 12:].tolist(), flush=True)
         shard = TPDecoder(model, max_len=64, rank=0, world=2)
         print(dtype, "rank 0 of 2 alone:", tuple(shard.generate(prompt, 8, ignore_eos=True).shape), flush=True)
     except Exception as exc:

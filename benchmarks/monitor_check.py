@@ -14,8 +14,7 @@ import argparse
 import statistics
 import time
 
-from glmkit.bench import decode_tokens_per_second, nvidia_smi_used_bytes, save_result
-from glmkit.models import ensure_random_checkpoint
+from glmkit.bench import decode_tokens_per_second, load_random_9b, nvidia_smi_used_bytes, save_result
 
 
 def main() -> None:
@@ -29,12 +28,10 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
-    from glmkit.loading import load_model
     from glmkit.monitor import snapshot
     from glmkit.widgets import MemoryPoller
 
-    ensure_random_checkpoint(args.checkpoint)
-    model = load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
+    model = load_random_9b(args.checkpoint)
     torch.cuda.synchronize()
     agreement = []
     for _ in range(3):

@@ -25,10 +25,8 @@ import time
 
 import torch
 
-from glmkit.bench import save_result
-
-PROMPTS = ["Tell me about GPUs.", "What is a device map?", "How do I split the model over two GPUs?",
-           "What limits decode speed?"]
+from glmkit.bench import SERVER_PROMPTS as PROMPTS
+from glmkit.bench import chat_sender, client_load, first_token_seconds, http_load, save_result
 
 
 def build(args: argparse.Namespace) -> tuple[torch.nn.Module, object, str]:
@@ -78,58 +76,23 @@ def decoder_speed(engine: object, batches: list[int], steps: int) -> list[dict]:
     return rows
 
 
-def load_level(engine: object, url: str, n: int, seconds: float, max_tokens: int, direct: bool) -> dict:
-    """N clients, each sending requests back to back for ``seconds``; tokens are completion tokens."""
-    import openai
-
+def load_level(engine: object, url: str, n: int, seconds: float, max_tokens: int, direct: bool,
+               pool: object = None) -> dict:
+    """N clients, each sending requests back to back for ``seconds``; tokens are completion tokens. With ``pool``
+    (a one-process executor) the HTTP clients run in that process, as a real server's clients run elsewhere."""
+    if pool is not None and not direct:
+        steps0, t0 = engine.steps, time.perf_counter()
+        row = pool.submit(http_load, url, "glm-4-9b-chat", n, seconds, max_tokens).result()
+        return {"clients": n, "via": "http", "clients_in": "another process", **row,
+                "engine_steps_per_s": (engine.steps - steps0) / (time.perf_counter() - t0)}
     ids = [engine.encode([{"role": "user", "content": p}]) for p in PROMPTS]
 
-    def one(c: object, i: int, tokens: int) -> int:
-        if direct:
-            return len(engine.submit(ids[i % len(ids)], max_tokens=tokens, temperature=0.8, seed=i).wait().tokens)
-        r = c.chat.completions.create(model="glm-4-9b-chat", max_tokens=tokens, temperature=0.8, seed=i,
-                                      messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
-        return r.usage.completion_tokens
+    def submit(i: int, tokens: int) -> int:
+        return len(engine.submit(ids[i % len(ids)], max_tokens=tokens, temperature=0.8, seed=i).wait().tokens)
 
-    clients = [openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600) for _ in range(n)]
-    warm = [threading.Thread(target=one, args=(clients[i], i, 8)) for i in range(n)]  # a batch this size, built
-    for t in warm:
-        t.start()
-    for t in warm:
-        t.join()
-    counts, lock = {"requests": 0, "tokens": 0}, threading.Lock()
-    stop_at = time.perf_counter() + seconds
-
-    def client(i: int) -> None:
-        while time.perf_counter() < stop_at:
-            got = one(clients[i], i, max_tokens)
-            with lock:
-                counts["requests"] += 1
-                counts["tokens"] += got
-
-    start, steps = time.perf_counter(), engine.steps
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    took = time.perf_counter() - start
-    # engine steps/s: if HTTP threads held the Python lock against the engine, its steps would slow down under HTTP
-    return {"clients": n, "via": "engine" if direct else "http", "seconds": took, **counts,
-            "tokens_per_s": counts["tokens"] / took, "engine_steps_per_s": (engine.steps - steps) / took}
-
-
-def ttft_once(url: str, content: str) -> float:
-    """Seconds to the first streamed chunk that carries text or a finish reason."""
-    import openai
-
-    c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
-    t0 = time.perf_counter()
-    for chunk in c.chat.completions.create(model="glm-4-9b-chat", max_tokens=8, temperature=0, stream=True,
-                                           messages=[{"role": "user", "content": content}]):
-        if chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):
-            return time.perf_counter() - t0
-    return time.perf_counter() - t0
+    send = submit if direct else chat_sender(url, "glm-4-9b-chat", timeout=600)
+    return {"clients": n, "via": "engine" if direct else "http",
+            **client_load(send, n, seconds, max_tokens, steps=lambda: engine.steps)}
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -141,7 +104,7 @@ def ttft(engine: object, url: str, samples: int, long_tokens: int, est_tok_s: fl
     """TTFT of short requests, idle and while one ``long_tokens`` request generates (started first)."""
     import openai
 
-    idle = [ttft_once(url, PROMPTS[i % len(PROMPTS)]) for i in range(samples)]
+    idle = [first_token_seconds(url, PROMPTS[i % len(PROMPTS)], "glm-4-9b-chat", timeout=600) for i in range(samples)]
     c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
     long_done = threading.Event()
     no_end = {str(t): -100 for t in engine.eos}  # random weights: make sure it runs its full length
@@ -160,7 +123,7 @@ def ttft(engine: object, url: str, samples: int, long_tokens: int, est_tok_s: fl
     spacing = 0.5 * long_tokens / est_tok_s / samples  # all sent within the first half of the long generation
 
     def short(i: int) -> None:
-        t = ttft_once(url, PROMPTS[i % len(PROMPTS)])
+        t = first_token_seconds(url, PROMPTS[i % len(PROMPTS)], "glm-4-9b-chat", timeout=600)
         busy.append(t)
         during.append(not long_done.is_set())
 
@@ -223,6 +186,9 @@ def main() -> None:
     ap.add_argument("--ttft-samples", type=int, default=20)
     ap.add_argument("--long-tokens", type=int, default=2000)
     ap.add_argument("--decoder-steps", type=int, default=100)
+    ap.add_argument("--client-process", action="store_true",
+                    help="run the HTTP clients in a process of their own (as a server's clients run elsewhere), "
+                         "not as threads beside the server")
     ap.add_argument("--profile", action="store_true",
                     help="profile the engine thread at each level (cProfile; slows it): top functions per step")
     ap.add_argument("--name", default="server_load_cpu")
@@ -242,12 +208,19 @@ def main() -> None:
     decoder = decoder_speed(engine, args.clients, args.decoder_steps) if fast else []
     ceiling = {r["batch"]: r["decode_tok_s"] for r in decoder}
     levels, ttfts = [], {}
+    pool = None
+    if args.client_process:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        pool.submit(time.sleep, 0).result()  # started before the first window
     for mode in args.modes if fast else ["static"]:
         engine.scheduler.continuous = mode == "continuous"  # switched while the engine is idle
         for n in args.clients:
             for direct in ([False, True] if args.direct else [False]):
                 def run(n: int = n, direct: bool = direct) -> dict:
-                    return load_level(engine, server.url, n, args.seconds, args.max_tokens, direct)
+                    return load_level(engine, server.url, n, args.seconds, args.max_tokens, direct, pool)
 
                 if args.profile:
                     result, top = profiled(engine, run)
@@ -261,13 +234,16 @@ def main() -> None:
         if args.ttft_samples:
             est = ceiling.get(1) or levels[0]["tokens_per_s"]
             ttfts[mode] = ttft(engine, server.url, args.ttft_samples, args.long_tokens, est)
+    if pool is not None:
+        pool.shutdown()
     server.stop()
     engine.close()
+    where = "in a process of their own" if args.client_process else "in the server's process"
     save_result(args.name, {
         "model": label, "device_map": args.device_map, "fast_decode": fast, "first_requests_s": build_s,
         "method": f"decoder: {args.decoder_steps} decode steps at each batch size after 3 warm-up steps; levels: "
                   f"{args.seconds:.0f} s each after a warm-up of as many concurrent 8-token requests, max_tokens "
-                  f"{args.max_tokens}, temperature 0.8, openai client threads on loopback (via=engine: submit() from "
+                  f"{args.max_tokens}, temperature 0.8, openai client threads on loopback {where} (via=engine: submit() from "
                   f"threads, no HTTP); ttft: {args.ttft_samples} streaming 8-token requests idle, then as many sent "
                   f"during one {args.long_tokens}-token request, first chunk with text or a finish reason",
         "decoder": decoder, "levels": levels, "ttft": ttfts})

@@ -13,104 +13,17 @@ Writes benchmarks/results/NAME.json (and to $OUT).
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import statistics
-import subprocess
-import sys
-import threading
-import time
 
-import httpx
-import psutil
-
-from glmkit.bench import save_result
-from glmkit.parallel import free_port
+from glmkit.bench import SERVER_PROMPTS, ServeProcess, chat_sender, client_load, first_token_seconds, save_result
 
 SERVERS = {"tp2": ["--tp", "2"], "split": ["--device-map", "20,20", "--fast-decode"], "one": ["--fast-decode"]}
-PROMPTS = ["Tell me about GPUs.", "What is a device map?", "How do I split the model over two GPUs?",
-           "What limits decode speed?"]
 
 
-def start(checkpoint: str, flags: list[str], slots: int, context: int) -> tuple[subprocess.Popen, str, float]:
-    """A ``glmkit serve`` process and its URL, once ``/health`` answers; the seconds that took."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "glmkit.cli", "serve", "--model", checkpoint, "--port", str(port),
-           "--max-batch-size", str(slots), "--max-context", str(context), *flags]
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-    base = f"http://127.0.0.1:{port}"
-    while proc.poll() is None and time.perf_counter() - t0 < 900:
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return proc, base, time.perf_counter() - t0
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise RuntimeError(f"{' '.join(cmd)} did not come up (exit code {proc.poll()})")
-
-
-def request(base: str, i: int, tokens: int, no_end: dict[str, float]) -> int:
-    import openai
-
-    c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=900)
-    r = c.chat.completions.create(model="glm-4", max_tokens=tokens, temperature=0.8, seed=i, logit_bias=no_end,
-                                  messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
-    return r.usage.completion_tokens
-
-
-def level(base: str, n: int, seconds: float, tokens: int, no_end: dict[str, float]) -> dict:
-    """N clients sending requests back to back for ``seconds`` (after one warm-up round of N 8-token requests)."""
-    warm = [threading.Thread(target=request, args=(base, i, 8, no_end)) for i in range(n)]
-    [t.start() for t in warm]
-    [t.join() for t in warm]
-    counts, lock, stop_at = {"requests": 0, "tokens": 0}, threading.Lock(), time.perf_counter() + seconds
-
-    def client(i: int) -> None:
-        while time.perf_counter() < stop_at:
-            got = request(base, i, tokens, no_end)
-            with lock:
-                counts["requests"] += 1
-                counts["tokens"] += got
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    took = time.perf_counter() - t0
-    return {"clients": n, "seconds": took, **counts, "tokens_per_s": counts["tokens"] / took}
-
-
-def ttft(base: str, samples: int) -> dict:
+def ttft(url: str, samples: int) -> dict:
     """Seconds to the first streamed text of 8-token requests on the idle server."""
-    import openai
-
-    c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=900)
-    times = []
-    for i in range(samples):
-        t0 = time.perf_counter()
-        for chunk in c.chat.completions.create(model="glm-4", max_tokens=8, temperature=0, stream=True,
-                                               messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]):
-            if chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):
-                break
-        times.append(time.perf_counter() - t0)
+    times = [first_token_seconds(url, SERVER_PROMPTS[i % len(SERVER_PROMPTS)]) for i in range(samples)]
     return {"samples": samples, "idle_p50_s": statistics.median(times), "idle_max_s": max(times)}
-
-
-def shutdown(proc: subprocess.Popen) -> dict:
-    """SIGTERM to ``glmkit serve``: its exit code, seconds until every process it started is gone."""
-    children = psutil.Process(proc.pid).children(recursive=True)
-    t0 = time.perf_counter()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        code = proc.wait(90)
-    except subprocess.TimeoutExpired:  # recorded as a hang, then everything it started is killed
-        code = None
-        proc.kill()
-    _, alive = psutil.wait_procs(children, timeout=30)
-    for p in alive:
-        p.kill()
-    return {"exit_code": code, "hung": code is None, "processes": 1 + len(children), "left_after_30s": len(alive),
-            "seconds": time.perf_counter() - t0}
 
 
 def main() -> None:
@@ -145,23 +58,30 @@ def main() -> None:
                       "temperature 0.8) after a warm-up round of 8-token requests; ttft: streaming 8-token requests "
                       "on the idle server; shutdown: SIGTERM to glmkit serve until every process it started is gone"})
 
-    for server in args.servers:
-        flags = SERVERS[server]
-        row = {"kind": server, "server": "glmkit serve " + " ".join(flags)}
+    for kind in args.servers:
+        flags = SERVERS[kind]
+        row = {"kind": kind, "server": "glmkit serve " + " ".join(flags)}
+        server = ServeProcess(checkpoint, "--max-batch-size", str(max(args.clients)),
+                              "--max-context", str(args.max_tokens + 128), *flags,
+                              env={"TOKENIZERS_PARALLELISM": "false"}, timeout_s=900)
         try:
-            proc, base, row["startup_s"] = start(checkpoint, flags, max(args.clients), args.max_tokens + 128)
-        except RuntimeError as exc:  # recorded; the other servers still run
+            server.launch().wait_ready()
+        except RuntimeError as exc:  # recorded (with the end of its log); the other servers still run
+            server.close()
             rows.append(row | {"error": str(exc)})
             save()
             continue
+        row["startup_s"] = server.startup_s
+        send = chat_sender(server.url, logit_bias=no_end)
         try:
-            row["ttft"] = ttft(base, 2)
-            row["levels"] = [level(base, n, args.seconds, args.max_tokens, no_end) for n in args.clients]
-            row["ttft"] = ttft(base, args.ttft_samples)  # (the first two above: compile and graph capture)
+            row["ttft"] = ttft(server.url, 2)
+            row["levels"] = [client_load(send, n, args.seconds, args.max_tokens) for n in args.clients]
+            row["ttft"] = ttft(server.url, args.ttft_samples)  # (the first two above: compile and graph capture)
         except Exception as exc:  # a failed level is recorded, and the server still shut down
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
         finally:
-            row["shutdown"] = shutdown(proc)
+            row["shutdown"] = server.stop()
+            server.close()
         print(row, flush=True)
         rows.append(row)
         save()

@@ -1,14 +1,20 @@
-"""Tensor-parallel fast decode (TP=2, ``TPDecoder``) against one GPU's ``FastDecoder``, in one run.
+"""Tensor-parallel fast decode (TP=2, ``TPDecoder``) against one GPU's ``FastDecoder``, in one run, with each all-reduce.
 
 Run under torchrun on two GPUs. Every rank builds GLM-4-9B-Chat with the same random weights (bf16, same seed) on
 its GPU. Rank 0 first measures the whole model with ``FastDecoder`` on its GPU alone (uncapped: the baseline) and
-records its greedy tokens. Then each rank keeps its shard in a ``TPDecoder``, drops the whole model, caps itself at
-12 GiB (an RTX 3060's size) and decodes: 8K static cache, 32-token prompt, 128 new tokens, median of 3 runs after
-a warm-up, tok/s summed over the batch. The TP greedy tokens are compared with the one-GPU ones.
+records its greedy tokens. Both ranks then time one token's all-reduce, NCCL's against torch's symmetric-memory
+one-shot kernel, eagerly and in a CUDA graph (``glmkit.allreduce``; ``result["allreduce_latency"]``). Then each rank
+keeps its shard in a ``TPDecoder`` (the embedding split by vocabulary too), drops the whole model, caps itself at
+12 GiB (an RTX 3060's size) and decodes with each ``--allreduce`` mode: 8K static cache, 32-token prompt, 128 new
+tokens, median of 3 runs after a warm-up, tok/s summed over the batch. The TP greedy tokens are compared with the
+one-GPU ones and across the modes, and a decode step fed host tensors (as a server's runner gives them) is checked
+for host-device syncs.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 torchrun --nproc-per-node 2 benchmarks/tp_fast.py
-    NCCL_P2P_DISABLE=1 ... benchmarks/tp_fast.py --batches 1 --no-baseline --name tp_fast_no_p2p  # through host memory
-Writes benchmarks/results/NAME.json from rank 0.
+    NCCL_P2P_DISABLE=1 ... benchmarks/tp_fast.py --batches 1 --no-baseline --allreduce nccl --name tp_fast_no_p2p
+    torchrun --nproc-per-node 2 benchmarks/tp_fast.py --tiny --name tp_fast_check   # a tiny GLM, CPUs/gloo: a dry run
+Writes benchmarks/results/NAME.json from rank 0 (rows keep the path names ``glmkit.results`` reads; each TP row
+says its ``allreduce`` and what ran).
 """
 
 from __future__ import annotations
@@ -17,15 +23,17 @@ import argparse
 import gc
 import os
 import statistics
+import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from glmkit.allreduce import MODES, AllReduce, latency_rows
 from glmkit.bench import save_result
 from glmkit.fast_decode import FastDecoder
-from glmkit.models import glm4_9b_chat_config, random_model
-from glmkit.parallel import init_process_group
+from glmkit.models import glm4_9b_chat_config, random_model, tiny_glm_config
+from glmkit.parallel import init_process_group, leave_process_group
 from glmkit.tp_decode import TPDecoder
 
 CARD, CONTEXT = 12 * 2**30, 8192
@@ -36,68 +44,140 @@ def speed(decoder: Any, new_tokens: int, repeats: int) -> dict[str, Any]:
     return {"decode_tok_s": statistics.median(runs), "runs_tok_s": runs}
 
 
+def empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def cap_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(CARD / torch.cuda.get_device_properties(device).total_memory, device)
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def host_input_syncs(decoder: TPDecoder) -> int | None:
+    """Host-device syncs CUDA reports in one decode step fed CPU tokens and positions (0 is the goal). Every rank
+    runs the step either way (warnings, not errors: a rank that stopped would leave the other in its all-reduce)."""
+    b = decoder.batch_size
+    tokens, pos = torch.zeros(b, dtype=torch.long), torch.full((b,), 40, dtype=torch.long)
+    decoder.decode_step(tokens, pos)  # a first one outside the check
+    if decoder.device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            decoder.decode_step(tokens, pos)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 16])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    ap.add_argument("--allreduce", nargs="+", choices=MODES, default=["nccl", "symm"],
+                    help="all-reduce modes to decode with, in this order (the last one's rows are what glmkit.results "
+                         "shows per batch)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-baseline", action="store_true", help="skip the one-GPU FastDecoder rows")
+    ap.add_argument("--no-latency", action="store_true", help="skip the all-reduce latency rows")
+    ap.add_argument("--tiny", action="store_true", help="a tiny GLM with a 256-token cache (a dry run, CPUs too)")
     ap.add_argument("--name", default="tp_fast")
     args = ap.parse_args()
 
     group = init_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", torch.cuda.current_device())
-    model = random_model(glm4_9b_chat_config(), device)  # the same seed on every rank: the same weights
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    context = 256 if args.tiny else CONTEXT
+    # the same seed on every rank: the same weights
+    model = random_model(tiny_glm_config() if args.tiny else glm4_9b_chat_config(), device)
     ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(1)).to(device)
     rows: list[dict[str, Any]] = []
-    result: dict[str, Any] = {"world_size": world, "context": CONTEXT, "rows": rows,
-                              "env": {k: os.environ.get(k) for k in ("NCCL_P2P_DISABLE", "NCCL_NVLS_ENABLE")}}
+    result: dict[str, Any] = {"world_size": world, "context": context, "rows": rows,
+                              "env": {k: os.environ.get(k) for k in ("NCCL_P2P_DISABLE", "NCCL_NVLS_ENABLE",
+                                                                     "TORCH_SYMM_MEM_DISABLE_MULTICAST")}}
+
+    arch, cache = ("tiny GLM", f"{context}-token") if args.tiny else ("GLM-4-9B", "8K")
+    method = (f"{arch} architecture, random weights, bf16, {cache} static cache, 32-token prompt, {args.new_tokens} new "
+              f"tokens, median of {args.repeats} runs after a warm-up, tok/s summed over the batch")
+
+    def save() -> None:
+        if rank == 0:
+            save_result(args.name, {"method": method, **result})
+
     want = None
     if rank == 0 and not args.no_baseline:
-        want = FastDecoder(model, max_len=CONTEXT, graph_batch_sizes=[1]).generate(ids, 64, ignore_eos=True)[0, 32:]
+        want = FastDecoder(model, max_len=context, graph_batch_sizes=[1]).generate(ids, 64, ignore_eos=True)[0, 32:]
         for b in args.batches:
-            dec = FastDecoder(model, max_len=CONTEXT, batch_size=b, graph_batch_sizes=[b])
+            dec = FastDecoder(model, max_len=context, batch_size=b, graph_batch_sizes=[b])
             rows.append({"path": "one GPU (FastDecoder, uncapped)", "batch_size": b, **speed(dec, args.new_tokens,
                                                                                                  args.repeats)})
             print(rows[-1], flush=True)
             del dec
             gc.collect()
-            torch.cuda.empty_cache()
+            empty_cache()
     dist.barrier()
-    shard_model = TPDecoder(model, CONTEXT, args.batches[0], group=group, graph_batch_sizes=args.batches[:1])
+    if not args.no_latency:
+        result["allreduce_latency"] = latency_rows(group, device, ["nccl", "symm"], [1, 16])
+        if rank == 0:
+            for row in result["allreduce_latency"]:
+                print(row, flush=True)
+        save()
+    hidden = model.config.hidden_size
+    allreduces = {mode: AllReduce(group, device, torch.bfloat16, mode=mode, hidden=hidden) for mode in args.allreduce}
+    result["allreduce_ran"] = {mode: ar.describe() for mode, ar in allreduces.items()}
+    decoder = TPDecoder(model, context, 1, group=group, graph_batch_sizes=[1], allreduce="nccl")
     del model
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.set_per_process_memory_fraction(CARD / torch.cuda.get_device_properties(device).total_memory, device)
-    tp_tokens = shard_model.generate(ids, 64, ignore_eos=True)[0, 32:]
-    if want is not None:
-        result["greedy_tokens_identical_to_one_gpu"] = torch.equal(tp_tokens.cpu(), want.cpu())
-        result["greedy_tokens_agreeing"] = int((tp_tokens.cpu() == want.cpu()).cumprod(0).sum())
-    for b in args.batches:
-        torch.cuda.reset_peak_memory_stats(device)
-        row: dict[str, Any] = {"path": f"TP={world} (TPDecoder, each card capped at 12 GiB)", "batch_size": b}
-        try:
-            if b != shard_model.batch_size:  # the same weights, a new cache (the old one freed first)
-                shard_model = shard_model.resized(1).resized(b, [b])
+    empty_cache()
+    cap_memory(device)
+    tokens: dict[str, list[int]] = {}
+    for mode, ar in allreduces.items():
+        for b in args.batches:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            row: dict[str, Any] = {"path": f"TP={world} (TPDecoder, each card capped at 12 GiB)", "batch_size": b,
+                                   "allreduce": mode, "allreduce_ran": ar.describe()}
+            try:
+                decoder.release()  # the last cache and graphs go first: the weights and one cache fit under the cap
                 gc.collect()
-                torch.cuda.empty_cache()
-            row |= speed(shard_model, args.new_tokens, args.repeats)
-        except torch.OutOfMemoryError as exc:
-            row["oom"] = str(exc)[:200]
-        peaks: list[Any] = [None] * world
-        dist.all_gather_object(peaks, torch.cuda.max_memory_allocated(device))
-        row["peak_allocated"] = peaks
-        base = next((r["decode_tok_s"] for r in rows if r["batch_size"] == b and r["path"].startswith("one GPU")), None)
-        if base and "decode_tok_s" in row:
-            row["over_one_gpu"] = row["decode_tok_s"] / base
-        rows.append(row)
-        if rank == 0:
-            print(row, flush=True)
-            save_result(args.name, {"method": "GLM-4-9B architecture, random weights, bf16, 8K static cache, 32-token "
-                                              f"prompt, {args.new_tokens} new tokens, median of {args.repeats} runs after "
-                                              "a warm-up, tok/s summed over the batch", **result})
-    dist.destroy_process_group()
+                empty_cache()
+                decoder = decoder.resized(b, [b], allreduce=ar)
+                if b == 1:
+                    got = decoder.generate(ids, 64, ignore_eos=True)[0, 32:].cpu()
+                    tokens[mode] = got.tolist()
+                    if want is not None:
+                        row["greedy_tokens_agreeing_with_one_gpu"] = int((got == want.cpu()).cumprod(0).sum())
+                row |= speed(decoder, args.new_tokens, args.repeats)
+                row["host_input_syncs_per_step"] = host_input_syncs(decoder)
+            except torch.OutOfMemoryError as exc:
+                row["oom"] = str(exc)[:200]
+            peaks: list[Any] = [None] * world
+            dist.all_gather_object(peaks, peak_bytes(device))
+            row["peak_allocated"] = peaks
+            base = next((r["decode_tok_s"] for r in rows if r["batch_size"] == b and r["path"].startswith("one GPU")),
+                        None)
+            if base and "decode_tok_s" in row:
+                row["over_one_gpu"] = row["decode_tok_s"] / base
+            rows.append(row)
+            if rank == 0:
+                print(row, flush=True)
+            save()
+    if want is not None and tokens:
+        first = next(iter(tokens.values()))
+        result["greedy_tokens_identical_to_one_gpu"] = first == want.cpu().tolist()
+        result["greedy_tokens_agreeing"] = int((torch.tensor(first) == want.cpu()).cumprod(0).sum())
+        result["greedy_tokens_identical_across_allreduce"] = all(t == first for t in tokens.values())
+    save()
+    leave_process_group(0)  # under NCCL: exit without destroying a group whose all-reduces graphs captured
 
 
 if __name__ == "__main__":

@@ -14,13 +14,18 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 from transformers import GlmForCausalLM
 
@@ -28,8 +33,10 @@ from glmkit import tables
 from glmkit.env import environment_report, gpu_driver_note
 from glmkit.fast_decode import FastDecoder
 from glmkit.generation import cache_argument, chunked_prefill
-from glmkit.models import glm4_9b_chat_config
+from glmkit.loading import load_model
+from glmkit.models import ensure_random_checkpoint, glm4_9b_chat_config
 from glmkit.monitor import explain_oom, nvml_memory, track_peak
+from glmkit.parallel import free_port
 from glmkit.planning import parse_size, plan_memory
 from glmkit.results import RESULTS_DIR
 
@@ -47,6 +54,13 @@ def environment_record() -> dict[str, Any]:
         "torch_cuda": torch.version.cuda,
         "date": time.strftime("%Y-%m-%d"),
     }
+
+
+def load_random_9b(checkpoint: str | Path = "/tmp/glm9b") -> torch.nn.Module:
+    """GLM-4-9B-Chat with random weights, bf16, on ``cuda:0``: the model the one-GPU benchmarks measure. The
+    checkpoint is built at ``checkpoint`` first when it is not there yet (about 30 s)."""
+    ensure_random_checkpoint(checkpoint)
+    return load_model(checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
 
 
 def save_result(name: str, payload: dict[str, Any], out_dirs: list[str | Path] | None = None) -> list[Path]:
@@ -306,3 +320,184 @@ def bytes_read_per_token(model: torch.nn.Module) -> int:
     emb = model.get_input_embeddings().weight
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     return total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+
+
+SERVER_PROMPTS = ["Tell me about GPUs.", "What is a device map?", "How do I split the model over two GPUs?",
+                  "What limits decode speed?"]
+
+
+class ServeProcess:
+    """``glmkit serve`` as its own process on a free loopback port (the command a user types), for benchmarks and
+    tests: ``with`` starts it and waits for ``/health``, and on leaving kills it and every process it started
+    (torchrun and its ranks); ``stop`` shuts it down as a user does and records how that went. Its output goes to
+    a log file (``log()``), which a failed start shows.
+
+    Args:
+        model: the checkpoint folder for ``--model``.
+        flags: more ``glmkit serve`` options, e.g. ``"--tp", "2"``.
+        env: variables set for the server on top of this process's environment.
+        timeout_s: how long loading (and compiling) may take before ``/health`` answers.
+
+    >>> from glmkit.models import TRAINED_TINY_DIR
+    >>> with ServeProcess(TRAINED_TINY_DIR, "--tp", "4") as server:  # refused before it loads anything
+    ...     pass
+    Traceback (most recent call last):
+    RuntimeError: glmkit serve exited with code 2: ... 2 KV heads ...
+    """
+
+    def __init__(self, model: str | Path, *flags: str, env: dict[str, str] | None = None,
+                 timeout_s: float = 120) -> None:
+        port = free_port()
+        self.root, self.url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/v1"  # url: what openai is given
+        self.command = [sys.executable, "-m", "glmkit.cli", "serve", "--model", str(model), "--port", str(port),
+                        *flags]
+        self.env, self.timeout_s = dict(os.environ, **(env or {})), timeout_s
+        self.proc: subprocess.Popen | None = None
+        self.startup_s: float | None = None
+        fd, self.log_path = tempfile.mkstemp(prefix="glmkit-serve-", suffix=".log")
+        os.close(fd)
+
+    def launch(self) -> ServeProcess:
+        """Start the process and return at once (launch several, then ``wait_ready`` each: they load side by side)."""
+        with open(self.log_path, "w") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self._t0 = time.perf_counter()
+        return self
+
+    def wait_ready(self) -> ServeProcess:
+        """Return once ``/health`` answers 200 (``startup_s``: seconds since launch); else kill it all and raise
+        ``RuntimeError`` with its exit code and the end of its log."""
+        import httpx  # the server extra's HTTP client
+
+        while time.perf_counter() - self._t0 < self.timeout_s and self.proc.poll() is None:
+            try:
+                if httpx.get(self.root + "/health", timeout=2).status_code == 200:
+                    self.startup_s = time.perf_counter() - self._t0
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        code = self.proc.poll()
+        self.kill()
+        why = (f"exited with code {code}" if code is not None else
+               f"did not answer {self.root}/health within {self.timeout_s:.0f} s (raise timeout_s if loading is slow)")
+        raise RuntimeError(f"glmkit serve {why}: {' '.join(self.command)}\n"
+                           f"--- the end of its log, which says why ---\n{self.log()[-3000:].rstrip()}")
+
+    def log(self) -> str:
+        """Everything the server (and its ranks) printed so far."""
+        return Path(self.log_path).read_text(errors="replace")
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM to ``glmkit serve``, as a user stops it: its exit code (None: it hung 90 s and was killed) and
+        the seconds until every process it started is gone (those left after 30 s are killed and counted)."""
+        children = psutil.Process(self.proc.pid).children(recursive=True) if self.proc.poll() is None else []
+        t0 = time.perf_counter()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(90)
+        except subprocess.TimeoutExpired:  # recorded as a hang, then everything it started is killed
+            code = None
+            self.proc.kill()
+        _, alive = psutil.wait_procs(children, timeout=30)
+        for p in alive:
+            p.kill()
+        return {"exit_code": code, "hung": code is None, "processes": 1 + len(children), "left_after_30s": len(alive),
+                "seconds": time.perf_counter() - t0}
+
+    def kill(self) -> None:
+        """Kill the server and every process it started, by pid (nothing else); a no-op once it has exited."""
+        if self.proc is not None and self.proc.poll() is None:
+            for child in psutil.Process(self.proc.pid).children(recursive=True):
+                child.kill()
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(10)
+
+    def close(self) -> None:
+        """``kill``, and delete the log."""
+        self.kill()
+        Path(self.log_path).unlink(missing_ok=True)
+
+    def __enter__(self) -> ServeProcess:
+        return self.launch().wait_ready()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def chat_sender(url: str, model: str = "glm-4", timeout: float = 900, **options: Any) -> Callable[[int, int], int]:
+    """``send(i, max_tokens)`` for ``client_load``: client ``i`` asks ``SERVER_PROMPTS[i % 4]`` (temperature 0.8,
+    seed ``i``, plus ``options`` such as ``logit_bias``) through its own official openai client at ``url`` (the
+    server's ``/v1``) and gets back the number of completion tokens."""
+    import openai  # optional: the dev extra's client, the one users call the server with
+
+    clients: dict[int, Any] = {}  # one per client thread: each index is used by one thread at a time
+
+    def send(i: int, max_tokens: int) -> int:
+        if i not in clients:
+            clients[i] = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=timeout)
+        r = clients[i].chat.completions.create(
+            model=model, max_tokens=max_tokens, temperature=0.8, seed=i, **options,
+            messages=[{"role": "user", "content": SERVER_PROMPTS[i % len(SERVER_PROMPTS)]}])
+        return r.usage.completion_tokens
+
+    return send
+
+
+def _in_threads(target: Callable[[int], Any], n: int) -> None:
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def client_load(send: Callable[[int, int], int], clients: int, seconds: float, max_tokens: int,
+                steps: Callable[[], int] | None = None) -> dict[str, Any]:
+    """``clients`` threads each calling ``send(i, max_tokens)`` back to back for ``seconds``, after a warm-up round
+    of as many concurrent 8-token calls (a batch this size gets built): requests, completion tokens and tokens/s
+    summed over the clients; with ``steps`` (the engine's step counter) also engine steps/s.
+
+    >>> row = client_load(lambda i, tokens: tokens, clients=2, seconds=0.05, max_tokens=4)
+    >>> row["clients"], row["tokens"] == 4 * row["requests"] > 0
+    (2, True)
+    """
+    _in_threads(lambda i: send(i, 8), clients)
+    counts, lock = {"requests": 0, "tokens": 0}, threading.Lock()
+    stop_at = time.perf_counter() + seconds
+
+    def client(i: int) -> None:
+        while time.perf_counter() < stop_at:
+            got = send(i, max_tokens)
+            with lock:
+                counts["requests"] += 1
+                counts["tokens"] += got
+
+    start, steps0 = time.perf_counter(), steps() if steps else 0
+    _in_threads(client, clients)
+    took = time.perf_counter() - start
+    row = {"clients": clients, "seconds": took, **counts, "tokens_per_s": counts["tokens"] / took}
+    if steps:  # if HTTP threads held the Python lock against the engine, its steps would slow down under HTTP
+        row["engine_steps_per_s"] = (steps() - steps0) / took
+    return row
+
+
+def http_load(url: str, model: str, clients: int, seconds: float, max_tokens: int) -> dict[str, Any]:
+    """``client_load`` of ``chat_sender`` clients: what a load-generating process runs (``--client-process`` of
+    ``benchmarks/server_load.py``), so that the clients' own Python work does not share the server's."""
+    return client_load(chat_sender(url, model, timeout=600), clients, seconds, max_tokens)
+
+
+def first_token_seconds(url: str, content: str, model: str = "glm-4", timeout: float = 900) -> float:
+    """Seconds from sending a streamed 8-token chat request to ``url`` (a server's ``/v1``) to the first chunk that
+    carries text or a finish reason: the time to first token a user sees."""
+    import openai  # optional: the dev extra's client
+
+    c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=timeout)
+    t0 = time.perf_counter()
+    for chunk in c.chat.completions.create(model=model, max_tokens=8, temperature=0, stream=True,
+                                           messages=[{"role": "user", "content": content}]):
+        if chunk.choices and (chunk.choices[0].delta.content or chunk.choices[0].finish_reason):
+            break
+    return time.perf_counter() - t0

@@ -162,6 +162,12 @@ FAST_DECODE_HELP = ("the fast path: static cache and CUDA graphs (FastDecoder: o
 DEVICE_MAP_HELP = "auto, balanced, sequential, cpu, cuda:0, or layers per GPU like 20,20"
 
 
+def _add_model_option(p: argparse.ArgumentParser) -> None:
+    """``--model``, as ``generate``, ``bench`` and ``serve`` take it (``plan`` reads only the config: its own help)."""
+    p.add_argument("--model", type=checkpoint_folder,
+                   help="checkpoint folder (default: $GLMKIT_MODEL, else the tiny trained GLM-4)")
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     """The options ``generate`` and ``bench`` share: how the model is loaded, split and decoded."""
     p.add_argument("--dtype", default="auto")
@@ -178,18 +184,18 @@ def device_map_option(value: str | None, model_path: str) -> object:
         return value
     from transformers import AutoConfig
 
-    from glmkit.device_map import even_split, split_layers
+    from glmkit.device_map import LayerCountError, split_layers
 
     try:
         counts = [int(x) for x in value.split(",")]
     except ValueError:
         raise ValueError(f"--device-map {value!r}: layers per GPU are whole numbers, like 20,20.") from None
-    layers = AutoConfig.from_pretrained(model_path).num_hidden_layers
-    if sum(counts) != layers or any(c < 0 for c in counts):
-        example = ",".join(str(c) for c in even_split(layers, len(counts)))
-        raise ValueError(f"--device-map {value}: the layers per GPU add up to {sum(counts)}, but the model has "
-                         f"{layers} decoder layers; e.g. --device-map {example}.")
-    return split_layers(model_path, counts)
+    try:
+        return split_layers(AutoConfig.from_pretrained(model_path), counts)
+    except LayerCountError as exc:  # split_layers' check, in the flag's words
+        example = ",".join(str(c) for c in exc.suggestion)
+        raise ValueError(f"--device-map {value}: the layers per GPU add up to {sum(exc.counts)}, but the model has "
+                         f"{exc.n_layers} decoder layers; e.g. --device-map {example}.") from None
 
 
 def _check_tp(args: argparse.Namespace) -> None:
@@ -281,7 +287,7 @@ def _bench(args: argparse.Namespace) -> None:
     if args.fast_decode and parallel.in_torchrun():  # the TP fast decoder (warms itself up, as FastDecoder)
         decoder = parallel.tp_decoder(model, args.prompt_len + args.new_tokens, args.batch)
         row = {"path": "fast (tensor parallel)", "batch_size": args.batch, "prompt_len": args.prompt_len,
-               **decoder.tokens_per_second(args.prompt_len, args.new_tokens)}
+               "allreduce": decoder.allreduce.describe(), **decoder.tokens_per_second(args.prompt_len, args.new_tokens)}
     else:
         if not args.fast_decode:  # (the fast path warms itself up: compile and graph capture are not timed)
             measure_decode(model, "generate", args.batch, args.prompt_len, 4)  # warm-up
@@ -387,8 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("generate", help="greedy reply to --prompt; --tp N splits the model over N processes")
-    p.add_argument("--model", type=checkpoint_folder,
-                   help="checkpoint folder (default: $GLMKIT_MODEL, else the tiny trained GLM-4)")
+    _add_model_option(p)
     p.add_argument("--prompt", default="How many layers does GLM-4-9B-Chat have?")
     p.add_argument("--prompt-ids", nargs="+", type=int, help="raw token ids instead of a chat message")
     p.add_argument("--max-new-tokens", type=positive_int, default=32)
@@ -399,8 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("bench", help="decode tok/s and peak memory of generate() or --fast-decode; --tp N or a layer split")
-    p.add_argument("--model", type=checkpoint_folder,
-                   help="checkpoint folder (default: $GLMKIT_MODEL, else the tiny trained GLM-4)")
+    _add_model_option(p)
     p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--prompt-len", type=positive_int, default=32)
     p.add_argument("--new-tokens", type=positive_int, default=64)
@@ -409,8 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("serve", help="OpenAI-compatible API server (loopback by default)")
-    p.add_argument("--model", type=checkpoint_folder,
-                   help="checkpoint folder (default: $GLMKIT_MODEL, else the tiny trained GLM-4)")
+    _add_model_option(p)
     p.add_argument("--served-model-name", "--model-name", nargs="+", metavar="NAME",
                    help="names clients may ask for (default: glm-4, glm-4-9b-chat and the model folder's name)")
     p.add_argument("--device-map", help=DEVICE_MAP_HELP)

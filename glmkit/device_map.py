@@ -45,6 +45,17 @@ class DeviceMapError(ValueError):
     """A device map that would fail (or silently misplace modules) when loading."""
 
 
+class LayerCountError(DeviceMapError):
+    """Layers per device that do not add up to the model's decoder layers: ``counts``, ``n_layers`` and a
+    ``suggestion`` that adds up, for a caller that words the error in its own terms (``glmkit --device-map``)."""
+
+    def __init__(self, counts: list[int], layers: list[str]) -> None:
+        self.counts, self.n_layers = counts, len(layers)
+        self.suggestion = even_split(len(layers), len(counts))
+        super().__init__(f"layers_per_device adds up to {sum(counts)}, but the model has {len(layers)} decoder layers "
+                         f"({layers[0]} .. {layers[-1]}); e.g. {self.suggestion}.")
+
+
 # Meta models by (config class, config JSON, default dtype): a config's is built once per process and shared
 _META_MODELS: dict[tuple[type, str, torch.dtype], nn.Module] = {}
 _META_MODELS_KEPT = 32
@@ -189,10 +200,7 @@ def split_layers(
     if len(counts) > n:
         raise DeviceMapError(f"{len(counts)} devices for {n} layers: use at most {n} devices.")
     if sum(counts) != n:
-        raise DeviceMapError(
-            f"layers_per_device adds up to {sum(counts)}, but the model has {n} decoder layers "
-            f"({units.layers[0]} .. {units.layers[-1]}); e.g. {even_split(n, len(counts))}."
-        )
+        raise LayerCountError(counts, units.layers)
     device_map: dict[str, int | str] = {name: devices[0] for name in units.head}
     start = 0
     for device, count in zip(devices, counts):

@@ -34,12 +34,22 @@ import torch.nn.functional as F
 from glmkit.device_map import check_device_map
 from glmkit.gemv import active_table, gemv_swiglu, kernel_name, prefer_triton, triton_available
 from glmkit.gemv import gemv as triton_gemv
-from glmkit.gemv4bit import Packed4bit, gemv_4bit, gemv_4bit_swiglu, is_4bit, linear_4bit, unsupported_quantization
+from glmkit.gemv4bit import (
+    Packed4bit,
+    gemv_4bit,
+    gemv_4bit_multi,
+    gemv_4bit_swiglu,
+    is_4bit,
+    linear_4bit,
+    unsupported_quantization,
+)
 from glmkit.generation import cache_argument, chunked_prefill, pick_token, preallocated_cache
 from glmkit.generation import eos_token_ids as model_eos
 from glmkit.vocabulary import head_dim
 
 HOPS = ("peer", "host")  # how the hidden state crosses between the devices of a split (FastDecoder(hop=...))
+OWN_PREFILL_MAX = 1 << 20  # prompt tokens x cache positions attended up to which a prefill runs the decoder's own
+# layers (attention scores of at most 4 MiB per head in fp32); above, the model's chunked prefill (memory-lean)
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
 
 
@@ -82,6 +92,8 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: boo
     A 4-bit weight goes through ``glmkit.gemv4bit`` (``"triton"``) or bitsandbytes' ``matmul_4bit``."""
     if isinstance(weight, Packed4bit):
         return gemv_4bit(x, weight, bias) if gemv == "triton" else linear_4bit(x, weight, bias)
+    if isinstance(weight, tuple) and gemv == "triton":
+        return gemv_4bit_multi(x, weight, bias)  # q, k and v in one launch, written side by side
     if isinstance(weight, tuple):
         biases = [None] * len(weight) if bias is None else bias.split([w.shape[0] for w in weight])
         return torch.cat([linear(x, w, b, gemv) for w, b in zip(weight, biases)], dim=-1)
@@ -159,6 +171,30 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
     x = x + linear(attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, None, gemv)
     h = rms_norm(x, ln2, eps)
     x = x + linear(mlp_activation(h, wgu, gemv), wd, None, gemv)
+    return x, rms_norm(x, next_norm, eps)
+
+
+def prefill_layer(x: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  mask: torch.Tensor, wqkv: Weight, bqkv: torch.Tensor | None, wo: Weight, ln2: torch.Tensor,
+                  wgu: Weight, wd: Weight, next_norm: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  eps: float, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decoder_layer`` for ``s`` prompt tokens of each of ``b`` sequences at once (x, h: ``[b, s, hidden]``), run
+    eagerly with cuBLAS: their K/V go to ``positions`` ``[s]`` of the rows' caches ``[b, kv_heads, max_len,
+    head_dim]``, and they attend to the cache up to their own position (``mask``: ``[s, L]`` booleans over the first
+    ``L`` cache positions, ``L`` = the last position + 1)."""
+    b, s, _ = x.shape
+    qkv = linear(h, wqkv, bqkv, False)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = rope(q.view(b, s, heads, head_dim).transpose(1, 2), cos, sin)
+    k = rope(k.view(b, s, kv_heads, head_dim).transpose(1, 2), cos, sin)
+    k_cache[:, :, positions] = k
+    v_cache[:, :, positions] = v.view(b, s, kv_heads, head_dim).transpose(1, 2)
+    filled = mask.shape[-1]
+    attn = F.scaled_dot_product_attention(q, k_cache[:, :, :filled], v_cache[:, :, :filled], attn_mask=mask,
+                                          enable_gqa=True)  # [b, heads, s, head_dim]
+    x = x + linear(attn.transpose(1, 2).reshape(b, s, heads * head_dim), wo, None, False)
+    h = rms_norm(x, ln2, eps)
+    x = x + linear(mlp_activation(h, wgu, False), wd, None, False)
     return x, rms_norm(x, next_norm, eps)
 
 
@@ -390,8 +426,9 @@ class FastDecoder:
         compile: ``torch.compile`` the layer function (default: on a GPU); fuses norms, RoPE and SiLU.
         gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1
             step on a GPU of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a
-            warning and cuBLAS; a 4-bit model: bitsandbytes' kernel with the layers uncompiled (faster on an H200
-            than glmkit's 4-bit Triton GEMVs, which ``"triton"`` selects).
+            warning and cuBLAS; a 4-bit model: glmkit's 4-bit Triton GEMVs at batch 1 with the layers uncompiled (on
+            an H200 172.5 tok/s against 124.6 with bitsandbytes' own kernel, ``benchmarks/results/nf4_gemv.json``;
+            compiling the layer around the 4-bit kernel failed there), bitsandbytes' kernel above batch 1.
             ``"triton"``: glmkit's kernels for one token (``glmkit.gemv``: one pass over each
             weight, no split-K, SwiGLU applied before the write; batch_size 1 only); on an H100 they decode GLM-4-9B
             12% faster than cuBLAS (150.3 vs 133.7 tok/s, benchmarks/results/decode.json). ``False``: cuBLAS
@@ -436,11 +473,10 @@ class FastDecoder:
         self.quantized = any(is_4bit(p) for p in model.parameters())
         self.auto_gemv = gemv == "auto"
         # per step size: Triton GEMVs only for one token, and under "auto" only where every segment's GPU runs them.
-        # 4-bit under "auto": bitsandbytes' own kernel, uncompiled: on an H200 it decoded GLM-4-9B at 125.0 tok/s
-        # against 106.8 for glmkit's 4-bit Triton GEMVs (benchmarks/results/nf4_decode.json)
+        # 4-bit under "auto": glmkit's 4-bit kernels too, with the layers uncompiled (self.compiled below): on an
+        # H200 GLM-4-9B decoded 172.5 tok/s so against 124.6 with bitsandbytes' kernel (benchmarks/results/nf4_gemv.json)
         self.gemv_by_bucket: dict[int, bool | str] = {
-            b: (("triton" if not self.quantized and all(auto_gemv(s.device, b, dtype) == "triton"
-                                                        for s in self.segments) else False)
+            b: (("triton" if all(auto_gemv(s.device, b, dtype) == "triton" for s in self.segments) else False)
                 if gemv == "auto" else gemv) for b in self.buckets}
         self.sdpa = attention == "sdpa"
         cfg = model.config
@@ -662,6 +698,12 @@ class FastDecoder:
         rows = slice(None) if slot is None else slice(slot, slot + 1)
         if not self.ready:
             self._first_step()  # before the cache is filled: the warm-up steps write garbage K/V at position 0
+        input_ids = input_ids.to(self.device)
+        step = chunk or n
+        if step * (start + n) <= OWN_PREFILL_MAX:  # a short prompt: the decoder's own layers, no module overhead
+            for at in range(0, n, step):
+                logits = self._own_prefill(input_ids[:, at:at + step], rows, start + at)
+            return logits
         # the prompt's K/V go straight into the static cache (each layer's on its own device): no second copy
         keys, values = [k[rows] for k in self.k_layers], [v[rows] for v in self.v_layers]
         cache = preallocated_cache(self.model.config, self.max_len, keys, values)
@@ -669,12 +711,30 @@ class FastDecoder:
             for layer, k, v in zip(cache.layers, keys, values):
                 layer.lazy_initialization(k, v)
                 layer.keys, layer.values = k[..., :start, :], v[..., :start, :]
-        input_ids = input_ids.to(self.device)
         if n > 1:
-            chunked_prefill(self.model, input_ids, chunk or n, cache=cache)
+            chunked_prefill(self.model, input_ids, step, cache=cache)
         with torch.inference_mode():
             out = self.model(input_ids[:, -1:], use_cache=True, logits_to_keep=1, **{cache_argument(self.model): cache})
         return out.logits[:, -1].float()
+
+    @torch.inference_mode()
+    def _own_prefill(self, ids: torch.Tensor, rows: slice, start: int) -> torch.Tensor:
+        """``ids`` ``[b, s]`` through the decoder's own weights (``prefill_layer``, eagerly: a short prompt costs a
+        few hundred kernel launches instead of the model's ~100 ms of module calls on a GPU), their K/V into
+        ``rows`` of the cache from position ``start``; the logits of the last token ``[b, vocab]``."""
+        m, s = self.model, ids.shape[1]
+        x = F.embedding(ids, m.get_input_embeddings().weight)
+        h = rms_norm(x, self.first_norm, self.eps)
+        for st in self.stages:
+            x, h = x.to(st.device), h.to(st.device)
+            positions = torch.arange(start, start + s, device=st.device)
+            cos, sin = st.cos[positions][None, None], st.sin[positions][None, None]
+            mask = st.positions[None, :start + s] <= positions[:, None]  # [s, start + s]: causal over the cache
+            for j, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(st.weights):
+                x, h = prefill_layer(x, h, positions, cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd, next_norm,
+                                     st.k_cache[j, rows], st.v_cache[j, rows], self.eps, self.heads, self.kv_heads,
+                                     self.head_dim)
+        return linear(h[:, -1:], self.head_weight, m.lm_head.bias, False)[:, -1].float()
 
     def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         """Logits ``[k, vocab]`` for ``tokens`` ``[k]`` (rows 0..k-1, any 1 <= k <= batch_size) at position ``pos``

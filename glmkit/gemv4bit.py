@@ -4,7 +4,15 @@ A 12 GB card holds GLM-4-9B only in 4 bits, where a token reads 6.6 GB of weight
 own one-token kernel (``bnb.matmul_4bit``) reads those packed weights at 0.94-1.35 TB/s on an H200 (DESIGN.md):
 it saves memory, not time. These kernels read the *same* tensors bitsandbytes keeps (no second copy), dequantize in
 registers and sum in fp32, one pass over each weight; ``gemv_4bit_swiglu`` also applies GLM's MLP activation
-(``up * silu(gate)``) before it writes. ``FastDecoder`` uses them for a bitsandbytes nf4/fp4 model at batch 1.
+(``up * silu(gate)``) before it writes, and ``gemv_4bit_multi`` reads q, k and v in one launch. ``FastDecoder``
+uses them for a bitsandbytes nf4/fp4 model at batch 1.
+
+At batch 1 a 4-bit GEMV is bound by instructions, not bytes: every byte holds two weights to look up, so the
+kernels keep the work per byte small (sm_90 SASS read with ``cuobjdump``): 16-byte loads of weights; x read as 32-bit
+(even, odd) pairs, one pair per weight byte, in the weights' own layout (no shared-memory round trip); the nibble's
+value fetched by a warp shuffle from the lane that holds it (``LOOKUP``); one scale per 64 weights, applied to
+their partial sum; the next step's bytes and scales in flight while this step is summed. Launch shapes come from
+``glmkit tune --kernels nf4,fp4`` (tables by device name, kernel "nf4"/"fp4"; ``config_for``).
 
 bitsandbytes' layout (``bitsandbytes.functional.quantize_4bit``, GPU and generic CPU path): the weight ``[n, k]``
 is flattened row by row; element ``i`` sits in byte ``i // 2`` of a uint8 tensor ``[n * k / 2, 1]``, the *high*
@@ -23,18 +31,22 @@ uint8 codes: ``absmax = code2[absmax_q] * absmax2[j // 256] + offset``.
 from __future__ import annotations
 
 import copy
+import os
+import warnings
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from glmkit.gemv import INTERPRETER, GemvConfig, lookup_config, triton, triton_available
+from glmkit.gemv import INTERPRETER, GemvConfig, kernel_name, lookup_config, triton, triton_available
 
 if triton is not None:  # optional: Triton (Linux x86-64) builds the kernels; glmkit.gemv says when it is missing
     import triton.language as tl
 
-__all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_swiglu", "linear_4bit", "pick_config_4bit",
-           "triton_available", "is_4bit", "unsupported_quantization"]
+__all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_multi", "gemv_4bit_swiglu", "linear_4bit",
+           "pick_config_4bit", "config_for", "kernel_for", "check_lookup", "LOOKUP", "triton_available", "is_4bit",
+           "unsupported_quantization"]
 
 
 class Packed4bit(NamedTuple):
@@ -105,13 +117,21 @@ class Packed4bit(NamedTuple):
                                quant_type=state.quant_type, dtype=getattr(state, "original_dtype", state.dtype))
         else:
             state = copy.copy(state)  # bitsandbytes may repack the module's state later (CPU): keep these tensors
-        return cls.from_state(data, state)
+        packed = cls.from_state(data, state)
+        check_lookup(packed.device)  # once per GPU, before a decoder compiles its layers around the kernels
+        return packed
 
-    def dequantize(self) -> torch.Tensor:
-        """The weight ``[n, k]`` in ``dtype``, as bitsandbytes dequantizes it (the reference the kernels match)."""
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight ``[n, k]`` as bitsandbytes dequantizes it (the reference the kernels match), in ``dtype``
+        (default: the model's compute dtype; ``torch.float32`` gives ``code * absmax`` unrounded, what the kernels
+        multiply by)."""
         from bitsandbytes.functional import dequantize_4bit
 
-        return dequantize_4bit(self.data.view(-1, 1), self.quant_state)
+        state = self.quant_state
+        if dtype is not None and dtype != state.dtype:
+            state = copy.copy(state)
+            state.dtype = dtype
+        return dequantize_4bit(self.data.view(-1, 1), state)
 
 
 def _code(quant_type: str, device: torch.device) -> torch.Tensor:
@@ -163,9 +183,26 @@ def unsupported_quantization(model: torch.nn.Module) -> str | None:
             "(or no quantization), or use generate().")
 
 
-def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "gemv_nf4") -> GemvConfig:
-    """Launch shape for a 4-bit ``[n, k]`` weight: the tuned one for this card if any, else a rule of thumb.
+def kernel_for(weight: Packed4bit) -> str:
+    """The tables' name for the kernel that reads this weight: its 4-bit format, ``"nf4"`` or ``"fp4"`` (what
+    ``glmkit tune --kernels nf4 fp4`` writes; ``glmkit.gemv.kernel_name``).
+
+    >>> kernel_for(quantize(torch.randn(64, 128), "fp4"))
+    'fp4'
+    """
+    return kernel_name(weight.quant_type)
+
+
+def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "nf4") -> GemvConfig:
+    """Launch shape for a 4-bit ``[n, k]`` weight (for gate/up: ``n`` rows of one half; for fused q/k/v: all rows):
+    the one ``glmkit tune`` measured for this card and ``kernel`` ("nf4" or "fp4") if any, else a rule of thumb.
     ``block_k`` counts weight columns and is a multiple of ``blocksize``.
+
+    The rule of thumb: 4 rows of 1024 columns per step and 4 warps, so each thread holds 16 packed bytes of one
+    row (one 128-bit load, and the next step's in flight): 160 sm_90 instructions per thread and step with Triton
+    3.6 (10 per byte; 17.7 with table loads). Two rows per thread would share their x values, but Triton 3.6
+    loads and converts them once per row all the same (3.9 does not). Rows per program halve until the grid has
+    about two programs per SM of an H100/H200 (132 SMs).
 
     >>> pick_config_4bit(1000, 320).block_k % 64
     0
@@ -176,64 +213,171 @@ def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "gemv_nf
     block_k = max(blocksize, min(1024, triton.next_power_of_2(k) if triton is not None else 1024))
     if INTERPRETER:  # every program is a Python loop of numpy calls there: few, large programs
         return GemvConfig(block_n=min(256, triton.next_power_of_2(n)), block_k=block_k, num_warps=4)
-    return GemvConfig(block_n=4, block_k=min(block_k, 512), num_warps=4)
+    block_n = 4
+    while block_n > 1 and -(-n // block_n) < 264:
+        block_n //= 2
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4)
 
+
+def config_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False) -> GemvConfig:
+    """The launch shape ``gemv_4bit`` (``swiglu``: ``gemv_4bit_swiglu``) uses for these weights on this machine: the
+    tuned shape of their format for rows of one half (gate/up) or all rows (fused q/k/v), else the rule of thumb."""
+    ws = (weights,) if isinstance(weights, Packed4bit) else tuple(weights)
+    n = sum(w.shape[0] for w in ws)
+    return pick_config_4bit(n // 2 if swiglu else n, ws[0].shape[1], ws[0].blocksize, kernel_for(ws[0]))
+
+
+# How a kernel turns a nibble into its value. "shuffle" (GPUs): every lane of a warp holds one of the 16 values
+# (lanes i and i + 16 the same) and a warp shuffle fetches lane `nibble`'s: two shifts and two shuffles per byte,
+# no address arithmetic. "load" (Triton's interpreter, which runs no PTX; or GLMKIT_4BIT_LOOKUP=load): a load from
+# the 16-entry table (64 bytes: one L1 line), after a shift, a mask and a 64-bit address per nibble.
+LOOKUP = "load" if INTERPRETER else os.environ.get("GLMKIT_4BIT_LOOKUP", "shuffle")
+LOOKUPS = ("shuffle", "load")
 
 if triton is not None:
+    # one weight byte in $2 -> its high nibble's value ($0) and its low nibble's ($1); $3 holds code[lane % 16] on
+    # every lane. shfl.sync.idx reads only bits 0-4 of its lane operand, so the low nibble needs no mask: bit 4
+    # picks lane i + 16, which holds the same value as lane i. (Four bytes packed in one register per asm call
+    # cost more: Triton unpacks the 16-byte load into bytes and packs them again, 7 instructions a word on sm_90.)
+    _SHUFFLE_ASM = tl.constexpr("""{
+    .reg .b32 t;
+    shr.b32 t, $2, 4;
+    shfl.sync.idx.b32 $0, $3, t, 0x1f, 0xffffffff;
+    shfl.sync.idx.b32 $1, $3, $2, 0x1f, 0xffffffff;
+}""")
 
     @triton.jit
-    def _gemv4_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, b_ptr, y_ptr, N, K,
-                      bytes_per_row, blocks_per_row, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      SWIGLU: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
-        # y[n] = sum_k w[n, k] x[k] over BLOCK_N rows, w dequantized in registers; a step covers BLOCK_K columns =
-        # NB quantization blocks of BS columns = BS/2 bytes each. Tiles: [BLOCK_N, NB, BS/2] bytes; each byte holds
-        # an even column (high nibble) and the odd one after it (low nibble). Each block's sum is scaled once.
-        # With SWIGLU the weight has 2N rows (gate, then up) and y[n] = up[n] * silu(gate[n]).
+    def _lane_table(like, code_ptr):
+        # a tensor shaped and laid out like `like` whose every element on lane i is code[i % 16], computed in that
+        # layout (an element moved to another lane would carry another lane's value: only elementwise ops here)
+        lane = tl.inline_asm_elementwise("mov.u32 $0, %laneid;", "=r,r", [like.to(tl.int32) * 0], dtype=tl.int32,
+                                         is_pure=True, pack=1) & 15
+        lut = tl.where(lane == 0, tl.load(code_ptr), 0.0)
+        for i in tl.static_range(1, 16):
+            lut = tl.where(lane == i, tl.load(code_ptr + i), lut)
+        return lut
+
+    @triton.jit
+    def _ld_f32(ptr):
+        # a load that keeps its operand's layout: inline PTX (a tl.load gets a layout of its own when it has at
+        # least as many elements as the program has threads, and the step would pass its sums through shared memory)
+        return tl.inline_asm_elementwise("ld.global.nc.f32 $0, [$1];", "=r,l", [ptr.to(tl.int64, bitcast=True)],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _ld_u8(ptr):
+        return tl.inline_asm_elementwise("ld.global.nc.u8 $0, [$1];", "=r,l", [ptr.to(tl.int64, bitcast=True)],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _load_step(q_rows, a_rows, absmax_ptr, absmax2_ptr, code2_ptr, offset, kb0, byte0, blk0, bytes_per_row,
+                   NESTED: tl.constexpr, PTX: tl.constexpr, HB: tl.constexpr, BS2: tl.constexpr):
+        # the bytes [BLOCK_N, NB, HB] (each widened to 32 bits) and scales [BLOCK_N, NB] of the step at byte kb0;
+        # past the row's end no byte is read (0: x is 0 there too) and the row's last scale is
+        kb = kb0 + byte0
+        ok = kb < bytes_per_row  # bytes_per_row is a whole number of quantization blocks: per block, as scales
+        q = tl.load(q_rows + kb[None], mask=ok[None], other=0, eviction_policy="evict_first").to(tl.int32)
+        a_idx = a_rows + tl.minimum(kb0 // HB + blk0[None, :], bytes_per_row // HB - 1)  # [BLOCK_N, NB]
+        if PTX:  # widened here, once (the compiler would carry bytes to the next step and widen them again there)
+            q = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [q], dtype=tl.int32, is_pure=True, pack=1)
+            if NESTED:  # bitsandbytes' double quantization: absmax = code2[absmax_q] * absmax2[i // 256] + offset
+                scale = _ld_f32(code2_ptr + _ld_u8(absmax_ptr + a_idx)) * _ld_f32(absmax2_ptr + a_idx // BS2) + offset
+            else:
+                scale = _ld_f32(absmax_ptr + a_idx)
+        elif NESTED:
+            scale = tl.load(code2_ptr + tl.load(absmax_ptr + a_idx).to(tl.int32)) * tl.load(absmax2_ptr + a_idx // BS2) \
+                + offset
+        else:
+            scale = tl.load(absmax_ptr + a_idx)
+        return q, scale
+
+    @triton.jit
+    def _dot_step(q, scale, x_even, x_odd, lut, code_ptr, SHUFFLE: tl.constexpr):
+        # each block's partial sum [BLOCK_N, NB], scaled once (LOOKUP says how a nibble becomes its value)
+        if SHUFFLE:
+            w_hi, w_lo = tl.inline_asm_elementwise(_SHUFFLE_ASM, "=r,=r,r,r", [q, lut],
+                                                   dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        else:
+            w_hi = tl.load(code_ptr + (q >> 4))
+            w_lo = tl.load(code_ptr + (q & 15))
+        # two sums, not one of both: Triton 3.6 then fuses each product into its sum (one FMA per weight, not three
+        # instructions per byte)
+        return (tl.sum(w_hi * x_even, axis=2) + tl.sum(w_lo * x_odd, axis=2)) * scale
+
+    @triton.jit
+    def _rows_4bit(x_ptr, y_ptr, b_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, N,
+                   bytes_per_row, blocks_per_row, X16: tl.constexpr, XBF16: tl.constexpr, NESTED: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, SHUFFLE: tl.constexpr, BS: tl.constexpr,
+                   BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        # y[r] = sum_k w[r, k] x[k] for the BLOCK_N rows of row block `block` of one weight, w dequantized in
+        # registers. A step covers BLOCK_K columns = NB quantization blocks of BS columns = HB bytes each: a tile
+        # [BLOCK_N, NB, HB] of bytes, each byte an even column (high nibble) and the odd one after it (low nibble).
+        # Each thread loads 16 contiguous bytes per row (one 128-bit load) and the 16 (even, odd) pairs of x that
+        # go with them as 16 32-bit words (four 128-bit loads), which it reuses for every row it holds. The next
+        # step's bytes and scales are loaded before this step's are summed, so that a load is always in flight.
+        # With SWIGLU the weight has 2N rows (gate, then up) and y[r] = up[r] * silu(gate[r]).
         NB: tl.constexpr = BLOCK_K // BS
         HB: tl.constexpr = BS // 2
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        BLOCK_KB: tl.constexpr = BLOCK_K // 2
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         rows = tl.where(row_ok, rows, 0)  # rows past N read row 0 (in bounds) and are not stored
+        blk0 = tl.arange(0, NB)
+        byte0 = blk0[:, None] * HB + tl.arange(0, HB)[None, :]  # [NB, HB] byte offsets within a step
         # bytes_per_row = K / 2 and blocks_per_row = K / BS come as arguments: Triton then knows when they divide
         # by 16, and loads 16 bytes at a time
-        byte_row = rows[:, None, None] * bytes_per_row  # [BLOCK_N, 1, 1]
-        blk = tl.arange(0, NB)
-        j = tl.arange(0, HB)
-        up_bytes = N * bytes_per_row
-        up_blocks = N * blocks_per_row
+        q_gate = q_ptr + rows[:, None, None] * bytes_per_row  # [BLOCK_N, 1, 1]
+        q_up = q_gate + N * bytes_per_row
+        a_gate = rows[:, None] * blocks_per_row  # [BLOCK_N, 1]
+        a_up = a_gate + N * blocks_per_row
         if NESTED:
             offset = tl.load(offset_ptr)
-        acc = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
-        acc_up = tl.zeros((BLOCK_N, NB), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kb = k0 // BS + blk  # [NB] block index within the row
-            col_byte = kb[:, None] * HB + j[None, :]  # [NB, HB] byte index within the row
-            if EVEN_K:
-                x_even = tl.load(x_ptr + 2 * col_byte).to(tl.float32)[None]
-                x_odd = tl.load(x_ptr + 2 * col_byte + 1).to(tl.float32)[None]
-            else:
-                kok = kb < blocks_per_row
-                x_even = tl.load(x_ptr + 2 * col_byte, mask=kok[:, None], other=0.0).to(tl.float32)[None]
-                x_odd = tl.load(x_ptr + 2 * col_byte + 1, mask=kok[:, None], other=0.0).to(tl.float32)[None]
-                col_byte = tl.where(kok[:, None], col_byte, 0)  # in bounds; x is 0 there
-                kb = tl.where(kok, kb, 0)
-            a_idx = rows[:, None] * blocks_per_row + kb[None, :]  # [BLOCK_N, NB]
-            for half in tl.static_range(2 if SWIGLU else 1):
-                qb = tl.load(q_ptr + half * up_bytes + byte_row + col_byte[None]).to(tl.int32)
-                w_hi = tl.load(code_ptr + (qb >> 4))
-                w_lo = tl.load(code_ptr + (qb & 15))
-                part = tl.sum(w_hi * x_even + w_lo * x_odd, axis=2)  # [BLOCK_N, NB]
-                if NESTED:
-                    a_q = tl.load(absmax_ptr + half * up_blocks + a_idx).to(tl.int32)
-                    scale = (tl.load(code2_ptr + a_q) * tl.load(absmax2_ptr + (half * up_blocks + a_idx) // BS2)
-                             + offset)
+        else:
+            offset = 0.0
+        acc = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
+        acc_up = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
+        qg, ag = _load_step(q_gate, a_gate, absmax_ptr, absmax2_ptr, code2_ptr, offset, 0, byte0, blk0, bytes_per_row,
+                            NESTED, SHUFFLE, HB, BS2)
+        qu, au = qg, ag
+        if SWIGLU:
+            qu, au = _load_step(q_up, a_up, absmax_ptr, absmax2_ptr, code2_ptr, offset, 0, byte0, blk0, bytes_per_row,
+                                NESTED, SHUFFLE, HB, BS2)
+        if SHUFFLE:
+            lut = _lane_table(qg, code_ptr)
+        else:
+            lut = 0.0
+        for kb0 in range(0, bytes_per_row, BLOCK_KB):
+            # [BLOCK_N, NB, HB] byte index within the row = index of the (even, odd) pair of x: x is loaded in the
+            # weights' own shape, so that Triton gives both one layout (a [NB, HB] load gets another, and each
+            # step would then pass x through shared memory)
+            kb = tl.broadcast_to((kb0 + byte0)[None], (BLOCK_N, BLOCK_K // BS, BS // 2))
+            if X16:  # x as 32-bit words, each an (even, odd) pair of 16-bit values, the even one in the low half
+                if EVEN_K:
+                    xw = tl.load(x_ptr + kb)
+                else:  # the last step runs past the row: x is 0 there
+                    xw = tl.load(x_ptr + kb, mask=kb < bytes_per_row, other=0)
+                if XBF16:
+                    x_even = (xw << 16).to(tl.float32, bitcast=True)
+                    x_odd = (xw & -65536).to(tl.float32, bitcast=True)
                 else:
-                    scale = tl.load(absmax_ptr + half * up_blocks + a_idx)
-                if half == 0:
-                    acc += part * scale
+                    x_even = xw.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+                    x_odd = (xw >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            else:  # fp32 x (CPU tests, fp32 models): two strided loads
+                if EVEN_K:
+                    x_even = tl.load(x_ptr + 2 * kb)
+                    x_odd = tl.load(x_ptr + 2 * kb + 1)
                 else:
-                    acc_up += part * scale
+                    x_even = tl.load(x_ptr + 2 * kb, mask=kb < bytes_per_row, other=0.0)
+                    x_odd = tl.load(x_ptr + 2 * kb + 1, mask=kb < bytes_per_row, other=0.0)
+            next_qg, next_ag = _load_step(q_gate, a_gate, absmax_ptr, absmax2_ptr, code2_ptr, offset, kb0 + BLOCK_KB,
+                                          byte0, blk0, bytes_per_row, NESTED, SHUFFLE, HB, BS2)
+            acc += _dot_step(qg, ag, x_even, x_odd, lut, code_ptr, SHUFFLE)
+            qg, ag = next_qg, next_ag
+            if SWIGLU:
+                next_qu, next_au = _load_step(q_up, a_up, absmax_ptr, absmax2_ptr, code2_ptr, offset, kb0 + BLOCK_KB,
+                                              byte0, blk0, bytes_per_row, NESTED, SHUFFLE, HB, BS2)
+                acc_up += _dot_step(qu, au, x_even, x_odd, lut, code_ptr, SHUFFLE)
+                qu, au = next_qu, next_au
         out_dtype = y_ptr.dtype.element_ty
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
@@ -245,50 +389,144 @@ if triton is not None:
             y = up * silu
         tl.store(y_ptr + rows, y.to(out_dtype), mask=row_ok)
 
+    @triton.jit
+    def _gemv4_kernel(x_ptr, y_ptr, b_ptr, code_ptr,
+                      q0, a0, a20, c20, o0, n0,
+                      q1, a1, a21, c21, o1, n1,
+                      q2, a2, a22, c22, o2, n2,
+                      bytes_per_row, blocks_per_row, SEGMENTS: tl.constexpr, X16: tl.constexpr,
+                      XBF16: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
+                      SHUFFLE: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN_K: tl.constexpr):
+        # one launch for up to three weights of the same columns (q, k and v), whose outputs lie side by side in
+        # y: the first programs take the first weight's row blocks, the next the second's, and so on
+        pid = tl.program_id(0)
+        p0 = tl.cdiv(n0, BLOCK_N)
+        if pid < p0:
+            _rows_4bit(x_ptr, y_ptr, b_ptr, q0, a0, code_ptr, a20, c20, o0, pid, n0, bytes_per_row, blocks_per_row,
+                       X16, XBF16, NESTED, HAS_BIAS, SWIGLU, SHUFFLE, BS, BS2, BLOCK_N, BLOCK_K, EVEN_K)
+        elif SEGMENTS >= 2:
+            p1 = tl.cdiv(n1, BLOCK_N)
+            if pid < p0 + p1:
+                _rows_4bit(x_ptr, y_ptr + n0, b_ptr + n0, q1, a1, code_ptr, a21, c21, o1, pid - p0, n1,
+                           bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, SHUFFLE, BS, BS2, BLOCK_N,
+                           BLOCK_K, EVEN_K)
+            elif SEGMENTS >= 3:
+                _rows_4bit(x_ptr, y_ptr + n0 + n1, b_ptr + n0 + n1, q2, a2, code_ptr, a22, c22, o2, pid - p0 - p1,
+                           n2, bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, SHUFFLE, BS, BS2,
+                           BLOCK_N, BLOCK_K, EVEN_K)
 
-def _launch(x: torch.Tensor, w: Packed4bit, bias: torch.Tensor | None, swiglu: bool,
-            config: GemvConfig | None) -> torch.Tensor:
+
+def _check(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool) -> None:
     if triton is None:
         raise RuntimeError("glmkit.gemv4bit needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
+    w = ws[0]
     if not (w.data.is_cuda or INTERPRETER):
         raise ValueError("gemv_4bit runs on a GPU (or in Triton's CPU interpreter, TRITON_INTERPRET=1); this weight is "
                          f"on {w.device}: use linear_4bit there.")
-    n, k = w.shape
+    k = w.shape[1]
     if x.device != w.device:
         raise ValueError(f"gemv_4bit needs x and the weight on one device, got {x.device} and {w.device}.")
     if x.shape[-1] != k or x.numel() != k:
         raise ValueError(f"gemv_4bit multiplies one vector of {k} values (batch 1, one token), got a tensor of shape "
                          f"{tuple(x.shape)}; use linear_4bit for more rows.")
-    if k % w.blocksize or w.data.numel() >= 2**31:
-        raise ValueError(f"gemv_4bit needs rows made of whole quantization blocks (k={k} is not a multiple of "
-                         f"blocksize {w.blocksize}) and fewer than 2**32 weights; use linear_4bit.")
-    if swiglu and n % 2:
-        raise ValueError(f"gemv_4bit_swiglu needs a gate/up weight with an even number of rows, got {n}.")
-    rows = n // 2 if swiglu else n
-    cfg = config or pick_config_4bit(rows, k, w.blocksize, "swiglu_nf4" if swiglu else "gemv_nf4")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"gemv_4bit multiplies bf16, fp16 or fp32 vectors, got {x.dtype}.")
+    for v in ws:
+        if k % v.blocksize or v.data.numel() >= 2**31:
+            raise ValueError(f"gemv_4bit needs rows made of whole quantization blocks (k={k} is not a multiple of "
+                             f"blocksize {v.blocksize}) and fewer than 2**32 weights; use linear_4bit.")
+        if (v.device, v.shape[1], v.blocksize, v.quant_type, v.nested, v.nested_blocksize) != \
+                (w.device, k, w.blocksize, w.quant_type, w.nested, w.nested_blocksize):
+            raise ValueError("gemv_4bit_multi needs weights of one format (device, columns, blocksize, nf4/fp4, "
+                             "double quantization or not); multiply them one by one with gemv_4bit.")
+    if swiglu and w.shape[0] % 2:
+        raise ValueError(f"gemv_4bit_swiglu needs a gate/up weight with an even number of rows, got {w.shape[0]}.")
+
+
+_CHECKED: set[torch.device] = set()
+
+
+def check_lookup(device: torch.device | str) -> str:
+    """The lookup the kernels use on ``device``, checked once per GPU and process: the warp-shuffle lookup against
+    plain table loads on two small weights (fp32 and double-quantized scales). Should they ever disagree (a
+    Triton or driver the shuffle was not checked on), it warns and switches to the loads, which Triton's
+    interpreter checks against bitsandbytes. A few seconds the first time (compiling), then nothing.
+
+    >>> check_lookup("cpu") in LOOKUPS
+    True
+    """
+    global LOOKUP
+    if torch.compiler.is_compiling() or LOOKUP != "shuffle":  # first: inside a compiled function, nothing else runs
+        return LOOKUP
+    device = torch.device(device)
+    if device.type != "cuda" or device in _CHECKED or torch.cuda.is_current_stream_capturing():
+        return LOOKUP
+    _CHECKED.add(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, 1, 256, device=device, generator=g).to(torch.bfloat16)
+    for double_quant in (False, True):
+        w = quantize(torch.randn(64, 256, device=device, generator=g), "nf4", double_quant)
+        want = _launch(x, (w,), None, False, None, lookup="load").float()
+        got = _launch(x, (w,), None, False, None, lookup="shuffle").float()
+        if not torch.allclose(got, want, rtol=1e-2, atol=1e-2):
+            warnings.warn(f"glmkit's 4-bit kernels: the warp-shuffle lookup disagrees with table loads on "
+                          f"{torch.cuda.get_device_name(device)}; using table loads (slower). Please report it.",
+                          RuntimeWarning, stacklevel=2)
+            LOOKUP = "load"
+            break
+    return LOOKUP
+
+
+def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
+            config: GemvConfig | None, lookup: str | None = None) -> torch.Tensor:
+    _check(x, ws, swiglu)
+    if lookup is None:
+        lookup = check_lookup(x.device)
+    w = ws[0]
+    k = w.shape[1]
+    counts = [v.shape[0] // 2 if swiglu else v.shape[0] for v in ws]
+    cfg = config or config_for(ws, swiglu)
     if cfg.block_k % w.blocksize or cfg.block_k & (cfg.block_k - 1):
         raise ValueError(f"block_k={cfg.block_k} must be a power of two and a multiple of blocksize {w.blocksize}.")
-    y = torch.empty(*x.shape[:-1], rows, dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(rows, cfg.block_n),)
-    nested = w.nested
-    _gemv4_kernel[grid](x.contiguous(), w.data, w.absmax, w.code, w.absmax2 if nested else w.absmax,
-                        w.code2 if nested else w.code, w.offset if nested else w.code,
-                        bias if bias is not None else x, y, rows, k, k // 2, k // w.blocksize, NESTED=nested,
-                        HAS_BIAS=bias is not None, SWIGLU=swiglu, BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n,
-                        BLOCK_K=cfg.block_k, EVEN_N=rows % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0,
-                        num_warps=cfg.num_warps)
+    y = torch.empty(*x.shape[:-1], sum(counts), dtype=x.dtype, device=x.device)
+    x = x.contiguous()
+    x16 = x.dtype != torch.float32
+    segments = []
+    for v, n in zip(ws, counts):
+        nested = v.nested  # the pointers a plain weight does not use get a tensor of the right kind, never read
+        segments += [v.data, v.absmax, v.absmax2 if nested else v.absmax, v.code2 if nested else v.code,
+                     v.offset if nested else v.code, n]
+    segments += segments[:6] * (3 - len(ws))  # unused slots: never reached (SEGMENTS)
+    grid = (sum(triton.cdiv(n, cfg.block_n) for n in counts),)
+    _gemv4_kernel[grid](x.view(torch.int32) if x16 else x, y, bias if bias is not None else y, w.code, *segments,
+                        k // 2, k // w.blocksize, SEGMENTS=len(ws), X16=x16, XBF16=x.dtype == torch.bfloat16,
+                        NESTED=w.nested, HAS_BIAS=bias is not None, SWIGLU=swiglu, SHUFFLE=lookup == "shuffle",
+                        BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                        EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps)
     return y
 
 
 def gemv_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None,
               config: GemvConfig | None = None) -> torch.Tensor:
     """``F.linear(x, weight.dequantize(), bias)`` for one token ``[..., k]``, reading the packed weight once."""
-    return _launch(x, weight, bias, swiglu=False, config=config)
+    return _launch(x, (weight,), bias, swiglu=False, config=config)
+
+
+def gemv_4bit_multi(x: torch.Tensor, weights: Sequence[Packed4bit], bias: torch.Tensor | None = None,
+                    config: GemvConfig | None = None) -> torch.Tensor:
+    """``torch.cat([gemv_4bit(x, w) for w in weights], -1) + bias`` in one launch, for up to three weights of one
+    format with the same columns (GLM's q, k and v: one kernel instead of three and a concatenation); ``bias`` is
+    the concatenated bias. The launch shape is the one tuned for all their rows (``config_for``)."""
+    ws = tuple(weights)
+    if not 1 <= len(ws) <= 3:
+        raise ValueError(f"gemv_4bit_multi takes one to three weights, got {len(ws)}.")
+    return _launch(x, ws, bias, swiglu=False, config=config)
 
 
 def gemv_4bit_swiglu(x: torch.Tensor, weight: Packed4bit, config: GemvConfig | None = None) -> torch.Tensor:
     """GLM's MLP activation of one token, ``up * silu(gate)`` of a packed 4-bit gate/up weight ``[2n, k]``."""
-    return _launch(x, weight, None, swiglu=True, config=config)
+    return _launch(x, (weight,), None, swiglu=True, config=config)
 
 
 def linear_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,8 +6,8 @@ served from the L2 cache, inside one CUDA graph. The best shapes go into a table
 (``glmkit.gemv.tables_for``); written to glmkit's cache (``$GLMKIT_CACHE`` or ``~/.cache/glmkit``) they take
 precedence over the shipped tables. Needs a GPU. Introduced in ``notebooks/05_tuning.ipynb``.
 
->>> [c for c in candidates("nf4", swiglu=True)][:2]
-[GemvConfig(block_n=1, block_k=256, num_warps=2), GemvConfig(block_n=1, block_k=512, num_warps=2)]
+>>> candidates("nf4", swiglu=True)[:2]
+[GemvConfig(block_n=1, block_k=1024, num_warps=2), GemvConfig(block_n=1, block_k=2048, num_warps=2)]
 """
 
 from __future__ import annotations
@@ -32,29 +32,38 @@ FOUR_BIT = ("nf4", "fp4")
 
 def projections(quantized: bool = False) -> dict[str, tuple[int, int, bool, bool]]:
     """name -> (rows, columns, has bias, SwiGLU) of GLM-4-9B-Chat's weights as the fast decoder multiplies them
-    (rows of one half for gate_up). In 4 bits q, k and v are three weights and lm_head stays 16-bit.
+    (rows of one half for gate_up). In 4 bits q, k and v stay three weights read by one launch
+    (``gemv_4bit_multi``, tuned for all their rows) and lm_head stays 16-bit.
 
-    >>> projections()["down_proj"], projections(quantized=True)["k"]
-    ((4096, 13696, False, False), (256, 4096, True, False))
+    >>> projections()["down_proj"], projections(quantized=True)["qkv"], "lm_head" in projections(quantized=True)
+    ((4096, 13696, False, False), (4608, 4096, True, False), False)
     """
     c = GlmConfig()
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    rest = {"o_proj": (c.hidden_size, c.num_attention_heads * hd, False, False),
-            "gate_up": (c.intermediate_size, c.hidden_size, False, True),
-            "down_proj": (c.hidden_size, c.intermediate_size, False, False)}
-    if quantized:
-        return {"q": (c.num_attention_heads * hd, c.hidden_size, True, False),
-                "k": (c.num_key_value_heads * hd, c.hidden_size, True, False), **rest}
-    return {"qkv": ((c.num_attention_heads + 2 * c.num_key_value_heads) * hd, c.hidden_size, True, False), **rest,
-            "lm_head": (c.vocab_size, c.hidden_size, False, False)}
+    out = {"qkv": ((c.num_attention_heads + 2 * c.num_key_value_heads) * hd, c.hidden_size, True, False),
+           "o_proj": (c.hidden_size, c.num_attention_heads * hd, False, False),
+           "gate_up": (c.intermediate_size, c.hidden_size, False, True),
+           "down_proj": (c.hidden_size, c.intermediate_size, False, False)}
+    return out if quantized else {**out, "lm_head": (c.vocab_size, c.hidden_size, False, False)}
 
 
-def candidates(kernel: str, swiglu: bool) -> list[GemvConfig]:
-    """Launch shapes to try: 8 to 64 fp32 partial sums per thread (half as many per accumulator with SwiGLU's two);
-    4-bit blocks span whole quantization blocks (64 columns) and start at 256 columns."""
-    widths = (256, 512, 1024, 2048) if kernel in FOUR_BIT else (256, 512, 1024, 2048, 4096)
+def candidates(kernel: str, swiglu: bool, quick: bool = False) -> list[GemvConfig]:
+    """Launch shapes to try. 16-bit: 8 to 64 fp32 partial sums per thread (half as many per accumulator with
+    SwiGLU's two). 4-bit: 16 to 64 packed bytes per thread and step (one to four 128-bit loads; with SwiGLU per
+    half), blocks of whole quantization blocks (64 columns) from 256 columns; ``quick``: eight of them, 16 or 32
+    bytes per thread (per half), for a benchmark's short sweep."""
+    if kernel in FOUR_BIT and quick:
+        return [GemvConfig(*s) for s in ((4, 1024, 4), (8, 512, 4), (2, 2048, 4), (8, 1024, 8), (16, 512, 8),
+                                         (8, 1024, 4), (4, 2048, 4), (4, 512, 2))]
+    if kernel in FOUR_BIT:
+        out = []
+        for bn, bk, warps in itertools.product((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8)):
+            per_thread = bn * bk // 2 // (warps * 32)
+            if 16 <= per_thread * (2 if swiglu else 1) <= 64:
+                out.append(GemvConfig(bn, bk, warps))
+        return out
     out = []
-    for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), widths, (2, 4, 8)):
+    for bn, bk, warps in itertools.product((1, 2, 4, 8, 16), (256, 512, 1024, 2048, 4096), (2, 4, 8)):
         per_thread = bn * bk // (warps * 32) * (2 if swiglu else 1)
         if 8 <= per_thread <= 64:
             out.append(GemvConfig(bn, bk, warps))
@@ -102,11 +111,13 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
                     shapes: Iterable[GemvConfig] | None = None, device: str = "cuda",
                     timer: Callable[[Callable[[int], Any], int], float] = graph_time) -> dict[str, Any]:
     """Time every candidate shape of ``kernel`` on one projection against cuBLAS (16-bit) or bitsandbytes'
-    ``matmul_4bit`` (4-bit); returns the row for the JSON result, with ``best`` (None if none built)."""
+    ``matmul_4bit`` (4-bit); returns the row for the JSON result, with ``best`` (None if none built). The best
+    shape goes into this process's table; with another ``timer`` (tests) two weight copies and no table entry."""
     rows = 2 * n if swiglu else n
     quant = kernel in FOUR_BIT
     nbytes = rows * k // 2 if quant else rows * k * 2  # packed weights only (absmax adds 1/32 or 1/128)
-    copies = max(2, math.ceil(2**30 / nbytes)) if device == "cuda" else 2  # ~1 GiB of weights: 20x an H100's L2
+    real = device == "cuda" and timer is graph_time
+    copies = max(2, math.ceil(2**30 / nbytes)) if real else 2  # ~1 GiB of weights: 20x an H100's L2
     ws = _weights(kernel, rows, k, copies, device)
     dtype = torch.float16 if kernel == "fp16" else torch.bfloat16
     b = torch.randn(rows, device=device, dtype=dtype) if bias else None
@@ -146,7 +157,7 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
             best = (cfg, t)
     row["best"] = None if best is None else {**best[0].__dict__, "us": best[1] * 1e6, "tb_s": nbytes / best[1] / 1e12}
     row[f"speedup_vs_{base_name}"] = None if best is None else t_base / best[1]
-    if best is not None and device == "cuda":
+    if best is not None and real:
         active_table()[(kernel, n, k)] = best[0]  # this process decodes with it from now on
     ws.clear()
     if device == "cuda":

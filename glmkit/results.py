@@ -16,6 +16,7 @@ A figure: not measured yet (run `benchmarks/x.py` on a GPU machine to measure it
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import statistics
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from glmkit.allreduce import PER_TOKEN
 from glmkit.device_map import split_layers
 from glmkit.models import glm4_9b_meta_model
 from glmkit.planning import plan_memory
@@ -40,11 +42,24 @@ RESULTS_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 def load(name: str, results_dir: str | Path | None = None) -> dict[str, Any] | None:
     """A committed result by name (``None`` when it was never measured).
 
-    >>> load("decode")["name"], load("never_measured")
-    ('decode', None)
+    A file is parsed once per process while it stays the same (a re-measured file is read again), so every
+    renderer can load what it needs: the dict is shared between callers, so read it and do not change it.
+
+    >>> load("decode")["name"], load("never_measured"), load("decode") is load("decode")
+    ('decode', None, True)
     """
     path = Path(results_dir or RESULTS_DIR) / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return _parsed(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed(path: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    """``path``'s JSON, cached by its modification time and size (the key changes when the file does)."""
+    return json.loads(Path(path).read_text())
 
 
 class Text(str):
@@ -710,7 +725,8 @@ def server_load_chart(names: tuple[str, ...] = ("server_load_cpu", "server_load_
         names_ = [f"{m}\n{when}" for when in ("idle", "busy") for m in modes]
         ttft.bar(names_, [run["ttft"][m][f"{when}_p50_s"] for when in ("idle", "busy") for m in modes])
         long = next(iter(run["ttft"].values()))["long_tokens"] if modes else 0
-        ttft.set(yscale="log", ylabel="seconds", title=f"time to first token (p50), busy: during a {long}-token request")
+        ttft.set(yscale="log", ylabel="seconds")
+        ttft.set_title(f"time to first token (p50);\nbusy: while a {long}-token request runs", fontsize=10)
     fig.tight_layout()
     plt.close(fig)
     return fig
@@ -734,18 +750,19 @@ def server_sentence() -> Text:
     share = " / ".join(f"{100 * by['continuous'][c]['vs_decoder']:.0f}%" for c in clients)
     top = clients[-1]
     level = by["continuous"][top]
+    where = " in a process of their own" if level.get("clients_in") else ""
     text = (f"`benchmarks/server_load.py` with `--fast-decode` on an {r['environment']['device']} "
             f"({r['environment']['date']}; GLM-4-9B-Chat architecture, random weights, bf16; "
             f"{level['tokens'] // level['requests']}-token requests from {' / '.join(map(str, clients))} openai client "
-            f"threads on loopback, windows of {_range([x['seconds'] for x in http])} s; `server_load_gpu_cb.json`): "
+            f"threads on loopback{where}, windows of {_range([x['seconds'] for x in http])} s; `server_load_gpu_cb.json`): "
             f"continuous batching served **{tps('continuous')} tokens/s**, static batching {tps('static')} "
             f"(continuous over static: {ratio}).")
     if all(c in decoder for c in clients):
         text += (f" The decoder alone, in the same run, decodes {' / '.join(f'{decoder[c]:.1f}' for c in clients)} "
                  f"tok/s at batch {' / '.join(map(str, clients))}: the server reaches {share} of it. At {top} clients "
                  f"the engine ran {level['engine_steps_per_s']:.1f} steps/s where the decoder alone runs "
-                 f"{decoder[top] / top:.1f}: the rest of each step is the engine's own work (prefilling new requests, "
-                 f"sampling, detokenizing, HTTP).")
+                 f"{decoder[top] / top:.1f}: the rest is the engine's own work (new prompts fed through the decode "
+                 f"steps or prefilled, sampling, detokenizing, HTTP) where it does not overlap the device's.")
     ttft = r.get("ttft", {})
     if "continuous" in ttft and "static" in ttft:
         def when(m: str) -> str:
@@ -986,7 +1003,7 @@ def tensor_parallel_sentence() -> Text:
 # ----------------------------------------------------------------------------------------------------------------
 # What bounds tensor parallelism (tp_bound.json, allreduce_latency*.json): notebook 08
 
-ALLREDUCES_PER_TOKEN = 80  # GLM-4-9B: one after o_proj and one after down_proj in each of its 40 layers
+ALLREDUCES_PER_TOKEN = PER_TOKEN  # GLM-4-9B on TPDecoder: the embedding's, and after o_proj and down_proj in 40 layers
 NCCL_SCRIPT = "NCCL_NVLS_ENABLE=0 torchrun --nproc-per-node 2 benchmarks/allreduce_latency.py"
 
 
@@ -997,12 +1014,18 @@ def tp_bound_pairs(result: dict[str, Any]) -> dict[int, tuple[float, float]]:
     return {b: (whole[b], shard[b]) for b in sorted(whole) if b in shard}
 
 
+def tp_bound_batch1(result: dict[str, Any] | None) -> tuple[float, float] | None:
+    """``(whole model tok/s, one rank's shard tok/s)`` at batch 1 of a ``tp_bound`` result: what every two-card
+    estimate starts from; ``None`` without the result or without a batch-1 pair in it (nothing to estimate from)."""
+    return None if result is None else tp_bound_pairs(result).get(1)
+
+
 def tp_estimate_tok_s(shard_tok_s: float, allreduce_us: float, batch_size: int = 1,
                       per_token: int = ALLREDUCES_PER_TOKEN) -> float:
     """Estimated tensor-parallel decode tok/s (summed over the batch): one rank's step, measured alone, plus the
     token's all-reduces paid one after another (none overlaps the work that needs its result).
 
-    >>> round(tp_estimate_tok_s(250.0, 10.0), 1)  # 4 ms a step + 80 x 10 µs = 4.8 ms a token
+    >>> round(tp_estimate_tok_s(250.0, 10.0, per_token=80), 1)  # 4 ms a step + 80 x 10 µs = 4.8 ms a token
     208.3
     """
     return batch_size / (batch_size / shard_tok_s + per_token * allreduce_us * 1e-6)
@@ -1013,7 +1036,7 @@ def break_even_allreduce_us(whole_tok_s: float, shard_tok_s: float, batch_size: 
     """The all-reduce latency (µs) at which tensor parallelism only matches one GPU: the step time the shard saves,
     shared by the token's all-reduces.
 
-    >>> round(break_even_allreduce_us(200.0, 250.0), 1)  # (5 ms - 4 ms) / 80
+    >>> round(break_even_allreduce_us(200.0, 250.0, per_token=80), 1)  # (5 ms - 4 ms) / 80
     12.5
     """
     return (batch_size / whole_tok_s - batch_size / shard_tok_s) / per_token * 1e6
@@ -1076,8 +1099,23 @@ def allreduce_sentence() -> Text:
 def _tp_fast_rows(result: dict[str, Any]) -> dict[int, tuple[float, float | None]]:
     """``{batch: (one GPU tok/s, TP=2 tok/s or None when it ran out of memory)}`` of a ``tp_fast`` result."""
     one = {x["batch_size"]: x["decode_tok_s"] for x in result["rows"] if x["path"].startswith("one GPU")}
-    tp = {x["batch_size"]: x.get("decode_tok_s") for x in result["rows"] if x["path"].startswith("TP=2")}
+    tp: dict[int, float | None] = {}
+    for x in result["rows"]:  # the faster all-reduce where both ran (what TPDecoder's allreduce="auto" picks)
+        if x["path"].startswith("TP=2"):
+            tp[x["batch_size"]] = max(filter(None, (tp.get(x["batch_size"]), x.get("decode_tok_s"))), default=None)
     return {b: (one[b], tp[b]) for b in sorted(tp) if b in one}
+
+
+def _tp_fast_allreduces(result: dict[str, Any]) -> str:
+    """Per all-reduce that ``tp_fast.py`` compared: its latency in a CUDA graph and TP=2's tok/s with it."""
+    lat = {(x["allreduce"], x["batch_size"]): x["in_cuda_graph_us"] for x in result.get("allreduce_latency", [])}
+    runs: dict[str, list[str]] = {}
+    for x in result["rows"]:
+        if x["path"].startswith("TP=2") and x.get("decode_tok_s") and "allreduce_ran" in x:
+            us = lat.get((x["allreduce"], x["batch_size"]))
+            runs.setdefault(x["allreduce_ran"], []).append(
+                f"batch {x['batch_size']} {x['decode_tok_s']:.1f} tok/s" + (f" ({us:.1f} µs an all-reduce)" if us else ""))
+    return "; ".join(f"{name}: " + ", ".join(parts) for name, parts in runs.items())
 
 
 def tp_fast_sentence() -> Text:
@@ -1088,15 +1126,20 @@ def tp_fast_sentence() -> Text:
                                    f"out of memory ({cap})") for b, (one, tp) in _tp_fast_rows(r).items()]
         text = (f"`TPDecoder` (`--tp 2 --fast-decode`) on two {r['environment']['device']} ({measured_on(r).split(', ')[1]}"
                 f"; {r['method']}; {cap}) against `FastDecoder` on one of them: " + "; ".join(parts) + ".")
+        compared = _tp_fast_allreduces(r)
+        if compared:
+            text += (f" Each all-reduce in a CUDA graph, {ALLREDUCES_PER_TOKEN} a token (the faster is what "
+                     f"`TPDecoder` picks): {compared}.")
         no_p2p = load("tp_fast_no_p2p")
-        if no_p2p is not None:
-            b1 = next((x for x in no_p2p["rows"] if x["batch_size"] == 1 and "decode_tok_s" in x), None)
-            one = _tp_fast_rows(r).get(1, (None, None))[0]
-            if b1 is not None and one:
-                text += (f" With peer-to-peer off (`NCCL_P2P_DISABLE=1`, the all-reduces through host memory; "
-                         f"`tp_fast_no_p2p.json`): {b1['decode_tok_s']:.1f} tok/s at batch 1 "
-                         f"({b1['decode_tok_s'] / one:.2f}x), on a server's host path; a consumer board's may be "
-                         f"slower: measure yours with `benchmarks/allreduce_latency.py`.")
+        b1 = None if no_p2p is None else next((x for x in no_p2p["rows"] if x["batch_size"] == 1 and
+                                               x["path"].startswith("TP=2") and "decode_tok_s" in x), None)
+        if b1 is not None:
+            one = _tp_fast_rows(no_p2p).get(1, (None, None))[0]  # one GPU in that run, if it ran one
+            ratio = f" ({b1['decode_tok_s'] / one:.2f}x one GPU in that run)" if one else " (an earlier run)"
+            text += (f" With peer-to-peer off (`NCCL_P2P_DISABLE=1`, the all-reduces through host memory; "
+                     f"`tp_fast_no_p2p.json`): {b1['decode_tok_s']:.1f} tok/s at batch 1{ratio}, on a server's "
+                     f"host path; a consumer board's may be slower: measure yours with "
+                     f"`benchmarks/allreduce_latency.py`.")
         if r.get("greedy_tokens_identical_to_one_gpu") is False:
             text += (" Greedy tokens differ from one GPU's on these random weights (the two ranks sum in another "
                      "order and near-tied logits flip); on the trained tiny model they are identical "
@@ -1107,11 +1150,11 @@ def tp_fast_sentence() -> Text:
 
 
 def tp_estimate_sentence() -> Text:
-    """An *estimate* of TP=2's batch-1 speed: the shard's measured step plus 80 measured all-reduce latencies."""
-    bound = load("tp_bound")
-    if bound is None or 1 not in tp_bound_pairs(bound):
+    """An *estimate* of TP=2's batch-1 speed: the shard's measured step plus the token's measured all-reduce latencies."""
+    pair = tp_bound_batch1(load("tp_bound"))
+    if pair is None:
         return not_measured("An estimate of TP=2's speed", "benchmarks/tp_bound.py")
-    whole, shard = tp_bound_pairs(bound)[1]
+    whole, shard = pair
     even = break_even_allreduce_us(whole, shard)
     text = (f"**Estimate, not a measurement** (batch 1, GLM-4-9B, two ranks): a token costs one rank's step "
             f"({1e3 / shard:.2f} ms, `tp_bound.json`) plus {ALLREDUCES_PER_TOKEN} all-reduces of 8 KiB one after another. "
@@ -1149,12 +1192,14 @@ def tp_estimate_chart() -> Any:
     from matplotlib.ticker import ScalarFormatter  # optional (notebooks extra), as above
 
     bound = load("tp_bound")
-    if bound is None or 1 not in tp_bound_pairs(bound):
+    pair = tp_bound_batch1(bound)
+    if pair is None:
         return None
-    whole, shard = tp_bound_pairs(bound)[1]
+    whole, shard = pair
     lats = [2 ** (i / 4) for i in range(0, 37)]  # 1 µs .. 512 µs
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot(lats, [tp_estimate_tok_s(shard, x) for x in lats], "-", label="TP=2 estimate: shard step + 80 all-reduces")
+    ax.plot(lats, [tp_estimate_tok_s(shard, x) for x in lats], "-",
+            label=f"TP=2 estimate: shard step + {ALLREDUCES_PER_TOKEN} all-reduces")
     ax.axhline(whole, color="k", ls="--", lw=1, label=f"one GPU, FastDecoder ({whole:.0f} tok/s, measured)")
     ax.axvline(break_even_allreduce_us(whole, shard), color="grey", ls=":", lw=1, label="break-even latency")
     for name, marker in (("allreduce_latency", "o"), ("allreduce_latency_no_p2p", "^"), ("allreduce_latency_cpu", "s")):
@@ -1305,15 +1350,17 @@ class TwoCardEstimate:
     split_tok_s: float
     tp_tok_s: float
 
-    def _repr_html_(self) -> str:
-        return html_table(["path", "estimated tok/s", "x one GPU"], self._rows())
+    def as_table(self) -> Table:
+        """The three paths as a ``Table``: estimated tok/s and the speed-up over one GPU."""
+        return table(["path", "estimated tok/s", "x one GPU"],
+                     [[name, f"{v:.1f}", f"{v / self.one_gpu_tok_s:.2f}x"] for name, v in
+                      (("one GPU", self.one_gpu_tok_s), ("split 20/20", self.split_tok_s), ("TP=2", self.tp_tok_s))])
 
-    def _rows(self) -> list[list[str]]:
-        return [[name, f"{v:.1f}", f"{v / self.one_gpu_tok_s:.2f}x"] for name, v in
-                (("one GPU", self.one_gpu_tok_s), ("split 20/20", self.split_tok_s), ("TP=2", self.tp_tok_s))]
+    def _repr_html_(self) -> str:
+        return self.as_table()._repr_html_()
 
     def __str__(self) -> str:
-        return text_table(["path", "estimated tok/s", "x one GPU"], self._rows())
+        return str(self.as_table())
 
     __repr__ = __str__
 
@@ -1332,9 +1379,9 @@ def two_card_estimate(step_s_one_gpu: float, shard_step_s: float, allreduce_s: f
         allreduce_s: one 8 KiB all-reduce inside a CUDA graph (``benchmarks/allreduce_latency.py``).
         hop_s: what the split's hand-over adds to a token (the 8 KiB copy that ``benchmarks/gpu_links.py`` times,
             plus the wait between the cards; measured here as the split's tok/s against one GPU).
-        allreduces_per_token: 80 for GLM-4-9B (2 per layer, 40 layers).
+        allreduces_per_token: 81 for GLM-4-9B on ``TPDecoder`` (2 per layer, 40 layers, and the embedding's).
 
-    >>> e = two_card_estimate(5e-3, 3.6e-3, allreduce_s=15e-6, hop_s=100e-6)  # 5 ms + 0.1 ms; 3.6 ms + 80 x 15 µs
+    >>> e = two_card_estimate(5e-3, 3.6e-3, allreduce_s=15e-6, hop_s=100e-6, allreduces_per_token=80)  # 3.6 ms + 80 x 15 µs
     >>> round(e.one_gpu_tok_s), round(e.split_tok_s, 1), round(e.tp_tok_s, 1)
     (200, 196.1, 208.3)
     """
@@ -1396,10 +1443,10 @@ def _speed(tok_s: float | None, one: float | None, star: str = "") -> str:
 
 def two_card_link_table() -> Table | Text:
     """Which path for which link, batch 1: each link's measured cost per token for the split (one hand-over) and
-    TP=2 (80 all-reduces), the measured speeds against one GPU, and ``two_card_estimate`` from those latencies and
+    TP=2 (``ALLREDUCES_PER_TOKEN``), the measured speeds against one GPU, and ``two_card_estimate`` from those latencies and
     ``tp_bound.json``'s steps; or "not measured yet"."""
     def render(bound: dict[str, Any]) -> Table:
-        whole, shard = tp_bound_pairs(bound)[1]
+        whole, shard = tp_bound_batch1(bound)
         rows = []
         for m in link_measurements():
             est = (two_card_estimate(1 / whole, 1 / shard, m.allreduce_s, m.hop_s)
@@ -1423,7 +1470,7 @@ def two_card_link_table() -> Table | Text:
                              "an approximation of cards without peer-to-peer (a desktop's PCIe and CPU are not an H200 "
                              "server's).")
     bound = load("tp_bound")
-    if bound is not None and 1 not in tp_bound_pairs(bound):  # a tp_bound.json without batch 1: nothing to estimate
+    if bound is not None and tp_bound_batch1(bound) is None:  # a tp_bound.json without batch 1: nothing to estimate
         return not_measured("Which two-card path for which link (batch 1 in tp_bound.json)", "benchmarks/tp_bound.py")
     return from_result("tp_bound", render, what="Which two-card path for which link", script="benchmarks/tp_bound.py")
 
@@ -1437,10 +1484,10 @@ def _two_card_device() -> str:
 def link_guidance_sentence() -> Text:
     """One rendered sentence of guidance: which two-card path pays on which link, from the measured latencies and
     the break-even all-reduce latency, with how to measure your own link."""
-    bound = load("tp_bound")
-    if bound is None or 1 not in tp_bound_pairs(bound):
+    pair = tp_bound_batch1(load("tp_bound"))
+    if pair is None:
         return not_measured("Which two-card path for which link", "benchmarks/tp_bound.py")
-    whole, shard = tp_bound_pairs(bound)[1]
+    whole, shard = pair
     even = break_even_allreduce_us(whole, shard)
     measured = [m for m in link_measurements() if m.allreduce_s is not None]
     parts = []
@@ -1516,11 +1563,20 @@ def fast_precisions_sentence() -> Text:
         def tok(start: str) -> str:
             x = _nf4_path(r, start)
             return f"{x['best_tok_s']:.1f}" if x else "not measured"
-        return (f"Measured on {measured_on(r)} (`nf4_decode.json`, batch 1, in one run): the fast path decodes "
-                f"{tok('bf16 fast')} tok/s in bf16 and {tok('fp16 fast')} in fp16; with bitsandbytes nf4 weights "
-                f"{tok('nf4 fast (Triton)')} with glmkit's Triton 4-bit kernel and {tok('nf4 fast (bnb')} with "
-                f"bitsandbytes' own kernel, against {tok('generate()')} for plain `generate()` in nf4. Notebook 04 "
-                f"charts them against each precision's roofline.")
+        text = (f"Measured on {measured_on(r)} (`nf4_decode.json`, batch 1, in one run): the fast path decodes "
+                f"{tok('bf16 fast')} tok/s in bf16 and {tok('fp16 fast')} in fp16, against {tok('generate()')} for "
+                f"plain `generate()` in nf4.")
+        newer = load("nf4_gemv")
+        if newer is None:
+            return text + (f" With bitsandbytes nf4 weights {tok('nf4 fast (Triton)')} with glmkit's Triton 4-bit "
+                           f"kernel and {tok('nf4 fast (bnb')} with bitsandbytes' own kernel. Notebook 04 charts them.")
+        ours, bnb = _nf4_gemv_decode(newer, "nf4 fast (glmkit"), _nf4_gemv_decode(newer, "nf4 fast (bnb")
+        bf16 = _nf4_gemv_decode(newer, "bf16 fast")
+        if ours and bnb and bf16:
+            text += (f" With bitsandbytes nf4 weights, in another run ({measured_on(newer)}, `nf4_gemv.json`): "
+                     f"{ours['best_tok_s']:.1f} tok/s with glmkit's 4-bit kernel and {bnb['best_tok_s']:.1f} with "
+                     f"bitsandbytes' own, against {bf16['best_tok_s']:.1f} for bf16 in that run.")
+        return text + " Notebook 04 charts them against each precision's roofline."
     return from_result("nf4_decode", render, what="The fast path in fp16 and nf4", script="benchmarks/nf4_decode.py")
 
 
@@ -1536,11 +1592,16 @@ def nf4_decode_sentence() -> Text:
         bf16, fp16 = _nf4_path(r, "bf16 fast"), _nf4_path(r, "fp16 fast")
         triton, eager = _nf4_path(r, "nf4 fast (Triton)"), _nf4_path(r, "nf4 fast (Triton, eager")
         bnb, plain = _nf4_path(r, "nf4 fast (bnb"), _nf4_path(r, "generate()")
+        newer = load("nf4_gemv")
+        if newer is not None:  # glmkit's 4-bit kernel was rewritten and measured again there: its figures, not these
+            triton = eager = None
         text = (f"Batch-1 decode on {measured_on(r)} (`nf4_decode.json`; {r['method']}; copy bandwidth "
                 f"{r['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s): {path(bf16, 'bf16 fast path')}; "
-                f"{path(fp16, 'fp16 fast path')}; {path(triton, 'nf4 fast path with glmkit`s Triton kernel')}; "
+                f"{path(fp16, 'fp16 fast path')}; "
+                + ("" if newer else f"{path(triton, 'nf4 fast path with glmkit`s Triton kernel')}; ") +
                 f"{path(bnb, 'nf4 fast path with bitsandbytes` own kernel (`matmul_4bit`, eager layers)')}; "
-                f"{path(plain, 'nf4 plain `generate()`')}.").replace("glmkit`s", "glmkit's").replace(
+                f"{path(plain, 'nf4 plain `generate()`')}." + (" glmkit's own 4-bit kernel: measured again after "
+                "its rewrite, below (`nf4_gemv.json`)." if newer else "")).replace("glmkit`s", "glmkit's").replace(
                     "bitsandbytes` own", "bitsandbytes' own")
         if triton and bnb:
             faster = "slower" if triton["best_tok_s"] < bnb["best_tok_s"] else "faster"
@@ -1556,7 +1617,7 @@ def nf4_decode_sentence() -> Text:
                      f"though a 4-bit token reads {best['roofline_tok_s'] / bf16['roofline_tok_s']:.2f}x fewer bytes "
                      f"({r['nf4_model_bytes'] / GiB:.2f} GiB of weights and quantization states): on this card 4-bit "
                      f"saves memory, not time.")
-        if "nf4_triton_vs_bnb_logits_rel_diff" in r:
+        if "nf4_triton_vs_bnb_logits_rel_diff" in r and not newer:
             text += (f" nf4 logits, Triton against bitsandbytes' kernel: {100 * r['nf4_triton_vs_bnb_logits_rel_diff']:.1f}% "
                      f"relative difference; greedy tokens equal on {r['nf4_triton_vs_bnb_greedy_equal_of_64']} of 64 "
                      f"steps (random weights: near-tied logits flip once the two sum in another order).")
@@ -1579,6 +1640,49 @@ def nf4_decode_sentence() -> Text:
                      "--stages long_context`).")
         return text
     return from_result("nf4_decode", render, what="The fast path in fp16 and nf4", script="benchmarks/nf4_decode.py")
+
+
+def _nf4_best(x: dict[str, Any]) -> dict[str, Any]:
+    """A projection's fastest launch of glmkit's 4-bit kernel in ``nf4_gemv.json`` (its best over both lookups)."""
+    return x.get("best") or min(x["best_by_lookup"].values(), key=lambda b: b["us"])
+
+
+def _nf4_gemv_decode(r: dict[str, Any], start: str) -> dict[str, Any] | None:
+    return next((x for x in r["decode"] if x["path"].startswith(start)), None)
+
+
+def nf4_kernel_sentence() -> Text:
+    """glmkit's 4-bit kernel per projection and per token against bitsandbytes' and bf16, and its accuracy against
+    fp32, all from one run (``nf4_gemv.json``), or "not measured yet"."""
+    def render(r: dict[str, Any]) -> str:
+        ours, bnb = _nf4_gemv_decode(r, "nf4 fast (glmkit"), _nf4_gemv_decode(r, "nf4 fast (bnb")
+        bf16 = _nf4_gemv_decode(r, "bf16 fast")
+        per = "; ".join(f"{x['projection']}{' (double quantization)' if x['double_quant'] else ''} "
+                        f"{_nf4_best(x)['us']:.1f} µs, {_nf4_best(x)['tb_s']:.2f} TB/s ({x['speedup_vs_bnb']:.2f}x bitsandbytes' "
+                        f"`matmul_4bit`, {x['speedup_vs_bf16_cublas']:.2f}x bf16 cuBLAS)" for x in r["projections"])
+        text = (f"glmkit's 4-bit kernel (`glmkit.gemv4bit`) on {measured_on(r)} (`nf4_gemv.json`, one run; "
+                f"{r['method'].split('; ')[0]}). Per projection, batch 1: {per}.")
+        if ours and bnb and bf16:
+            text += (f" A whole token, batch 1: the nf4 fast path decodes **{ours['best_tok_s']:.1f} tok/s** with this "
+                     f"kernel against {bnb['best_tok_s']:.1f} with bitsandbytes' ({ours['best_tok_s'] / bnb['best_tok_s']:.2f}x) "
+                     f"and {bf16['best_tok_s']:.1f} for the bf16 fast path ({ours['best_tok_s'] / bf16['best_tok_s']:.2f}x), "
+                     f"{100 * ours['fraction_of_roofline']:.0f}% of nf4's roofline against bf16's "
+                     f"{100 * bf16['fraction_of_roofline']:.0f}% of its own.")
+            layers = glm4_9b_meta_model().config.num_hidden_layers
+            gemv_ms = layers * sum(_nf4_best(x)["us"] for x in r["projections"] if not x["double_quant"]) / 1e3
+            text += (f" The 4-bit projections take {gemv_ms:.2f} ms of the token's {1e3 / ours['best_tok_s']:.2f} ms "
+                     f"({layers} layers)")
+            text += ("; its layers ran uncompiled (compiling them around this kernel failed here), so the rest of "
+                     "each layer runs as many small kernels: that, not reading the weights, is what keeps a 4-bit "
+                     "token from being faster than a bf16 one." if not ours.get("compiled") else ".")
+        acc = r.get("accuracy", {})
+        if all(k in acc for k in ("bf16", "nf4_triton", "nf4_bnb")):
+            text += (f" Logits against fp32 decoders on the same weights ({acc['bf16']['steps']} teacher-forced steps, "
+                     f"relative error, median): bf16 {100 * acc['bf16']['rel_err_median']:.1f}%, nf4 with this kernel "
+                     f"{100 * acc['nf4_triton']['rel_err_median']:.1f}%, with bitsandbytes' "
+                     f"{100 * acc['nf4_bnb']['rel_err_median']:.1f}%: the kernel's error is near bf16's and below bitsandbytes'.")
+        return text
+    return from_result("nf4_gemv", render, what="glmkit's 4-bit kernel", script="benchmarks/nf4_gemv.py")
 
 
 def _grouped_bars(groups: dict[str, dict[str, float]], *, ylabel: str, title: str,
@@ -1627,28 +1731,49 @@ def nf4_decode_chart() -> Any:
                          title=f"GLM-4-9B per precision, {measured_on(r)}; plain generate() measured for nf4")
 
 
+def _nf4_projections() -> dict[str, Any] | None:
+    """The newest per-projection nf4 timings in one format: ``nf4_gemv.json`` (glmkit's current kernel; its best
+    launch shape's time as ``nf4_triton_*``, bf16 Triton's bandwidth from its time and bytes, double quantization
+    named), else ``nf4_decode.json`` (the earlier kernel); ``None`` before either exists."""
+    r = load("nf4_gemv")
+    if r is not None and r.get("projections"):
+        rows = []
+        for x in r["projections"]:
+            row = {**x, "projection": x["projection"] + (" (dq)" if x.get("double_quant") else ""),
+                   "nf4_triton_us": _nf4_best(x)["us"], "nf4_triton_tb_s": _nf4_best(x)["tb_s"],
+                   "nf4_bnb_matmul_4bit_us": x["bnb_matmul_4bit_us"], "nf4_bnb_matmul_4bit_tb_s": x["bnb_matmul_4bit_tb_s"]}
+            if "bf16_triton_us" in x:
+                row["bf16_triton_tb_s"] = x["bf16_bytes"] / (x["bf16_triton_us"] * 1e-6) / 1e12
+            rows.append(row)
+        return {**r, "projections": rows}
+    r = load("nf4_decode")
+    return r if r is not None and r.get("projections") else None
+
+
 def nf4_projection_table() -> Table | Text:
     """One token's matrix-vector product per projection: nf4 (glmkit's Triton, bitsandbytes) against bf16 (cuBLAS,
-    glmkit's Triton), in µs and TB/s of bytes read (``nf4_decode.json``)."""
-    r = load("nf4_decode")
-    if r is None or not r.get("projections"):
-        return not_measured("nf4 projections against bitsandbytes and bf16", "benchmarks/nf4_decode.py")
+    glmkit's Triton), in µs and TB/s of bytes read (``nf4_gemv.json``, else ``nf4_decode.json``)."""
+    r = _nf4_projections()
+    if r is None:
+        return not_measured("nf4 projections against bitsandbytes and bf16", "benchmarks/nf4_gemv.py")
     keys = [("nf4_triton", "nf4 glmkit Triton"), ("nf4_bnb_matmul_4bit", "nf4 bitsandbytes"),
             ("bf16_cublas", "bf16 cuBLAS"), ("bf16_triton", "bf16 glmkit Triton")]
     rows = [[x["projection"], f"{x['rows']}x{x['columns']}", f"{x['nf4_bytes'] / 2**20:.1f}"]
-            + [f"{x[k + '_us']:.1f} µs, {x[k + '_tb_s']:.2f} TB/s" for k, _ in keys] for x in r["projections"]]
+            + [f"{x[k + '_us']:.1f} µs, {x[k + '_tb_s']:.2f} TB/s" if k + "_us" in x else "-" for k, _ in keys]
+            for x in r["projections"]]
     return table(["projection", "shape", "nf4 MiB"] + [label for _, label in keys], rows,
                  caption=f"{measured_on(r)}: one token, TB/s of the bytes each reads (nf4: packed weights and states)")
 
 
 def nf4_projection_chart() -> Any:
-    """Bandwidth each projection's one-token product reaches: nf4 (glmkit, bitsandbytes) vs bf16 (``nf4_decode.json``)."""
-    r = load("nf4_decode")
-    if r is None or not r.get("projections"):
+    """Bandwidth each projection's one-token product reaches: nf4 (glmkit, bitsandbytes) vs bf16 (``nf4_gemv.json``,
+    else ``nf4_decode.json``)."""
+    r = _nf4_projections()
+    if r is None:
         return None
     keys = [("nf4_triton", "nf4 glmkit Triton"), ("nf4_bnb_matmul_4bit", "nf4 bitsandbytes"),
             ("bf16_cublas", "bf16 cuBLAS"), ("bf16_triton", "bf16 glmkit Triton")]
-    groups = {x["projection"]: {label: x[k + "_tb_s"] for k, label in keys} for x in r["projections"]}
+    groups = {x["projection"]: {label: x[k + "_tb_s"] for k, label in keys if k + "_tb_s" in x} for x in r["projections"]}
     return _grouped_bars(groups, ylabel="bytes read, TB/s", title=f"one token's projections, {measured_on(r)}",
                          references={g: r["copy_bandwidth_bytes_s"] / 1e12 for g in groups},
                          reference_label="copy bandwidth")
@@ -1707,6 +1832,7 @@ def readme_measured_section() -> str:
                "**A real OOM**: " + oom_sentence(), monitor_sentence(),
                "**Fast decode path**: " + decode_sentence().replace("\n\n", " "),
                "**The fast path in fp16 and nf4**: " + nf4_decode_sentence(),
+               "**glmkit's 4-bit kernel**: " + nf4_kernel_sentence(),
                "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
                "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
@@ -1724,13 +1850,36 @@ def readme_measured_section() -> str:
                 f"bitsandbytes {v['bitsandbytes']}; {decode['environment']['date']})")
     server = two_card_server_table()
     tables = ["", "The server on two cards, per number of clients: " + server.markdown()] if isinstance(server, Table) else []
+    if load("server_load_gpu_cb") is not None:
+        tables += ["", f"![Server load: tokens/s and time to first token against clients, continuous vs static batching, "
+                       f"from benchmarks/results/server_load_*.json]({README_CHART.as_posix()})"]
     return "\n".join([README_BEGIN, f"{head} (GLM-4-9B-Chat architecture, random weights; raw results in "
                       "`benchmarks/results/`):", ""] + [f"- {b}" for b in bullets] + tables + [README_END])
 
 
-def update_readme(path: str | Path = RESULTS_DIR.parents[1] / "README.md") -> bool:
-    """Replace the README's measured section with a fresh rendering; ``True`` when it changed."""
+README_CHART = Path("docs") / "server_load.svg"  # the load chart the README shows, beside it in the repository
+
+
+def write_readme_chart(path: str | Path = RESULTS_DIR.parents[1] / README_CHART) -> Path | None:
+    """Save ``server_load_chart()`` as an SVG with its text kept as text (searchable, diffable) and no timestamp, so
+    the same results give the same file; ``None`` before any continuous-batching run exists."""
+    import matplotlib.pyplot as plt
+
+    fig = server_load_chart()
+    if isinstance(fig, Text):
+        return None
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with plt.rc_context({"svg.fonttype": "none", "svg.hashsalt": "glmkit"}):
+        fig.savefig(path, format="svg", metadata={"Date": None})
+    return path
+
+
+def update_readme(path: str | Path = RESULTS_DIR.parents[1] / "README.md") -> bool:
+    """Replace the README's measured section with a fresh rendering (and its chart, ``write_readme_chart``);
+    ``True`` when the text changed."""
+    path = Path(path)
+    write_readme_chart(path.parent / README_CHART)
     text = path.read_text()
     start, end = text.index("<!-- measured:"), text.index(README_END) + len(README_END)  # any earlier marker text
     new = text[:start] + readme_measured_section() + text[end:]

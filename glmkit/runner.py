@@ -85,12 +85,16 @@ class FastRunner:
             else:
                 tokens[r.slot] = r.tokens[-1]
             pos[r.slot] = len(r.prompt_ids) + len(r.tokens) + r.inflight - 1
-        both = to_device([tokens, pos, source], torch.long, self.device)
-        feed = both[0]
-        if any(s >= 0 for s in source):
-            picked = inflight.tokens.to(self.device)[both[2].clamp(min=0)]
-            feed = torch.where(both[2] >= 0, picked, both[0])
-        logits = self._decoder().decode_step(feed, both[1])
+        if not self.overlap:  # TPLeader: host tensors, which it sends on to its other processes without a sync
+            host = torch.tensor([tokens, pos], dtype=torch.long)
+            logits = self._decoder().decode_step(host[0], host[1])
+        else:
+            both = to_device([tokens, pos, source], torch.long, self.device)
+            feed = both[0]
+            if any(s >= 0 for s in source):
+                picked = inflight.tokens.to(self.device)[both[2].clamp(min=0)]
+                feed = torch.where(both[2] >= 0, picked, both[0])
+            logits = self._decoder().decode_step(feed, both[1])
         done = []
         for r in riding:
             r.prefilled += 1

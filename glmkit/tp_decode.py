@@ -8,10 +8,14 @@ share it, so attention needs no communication at all. Per layer:
 - q/k/v: the rank's heads (column split of the fused q/k/v projection);
 - ``o_proj``: the columns that read those heads (row split), its partial sum all-reduced;
 - gate/up: a slice of the MLP's width (column split), ``down_proj``: the matching columns, all-reduced;
-- ``lm_head``: a slice of the vocabulary; the logits of all ranks are gathered, so every rank picks the same token.
+- ``lm_head``: a slice of the vocabulary; the logits of all ranks are gathered, so every rank picks the same token;
+- the embedding: the same slice of the vocabulary (as Megatron's and vLLM's ``VocabParallelEmbedding``): a rank
+  looks up the ids it holds, zeros for the others, and one all-reduce sums the rows (exactly: one is not zero).
+  It halves the table on each card (0.58 GiB of GLM-4-9B's 1.16 GiB in bf16) for one more all-reduce a token.
 
-Two all-reduces of one ``[batch, hidden]`` hidden state per layer: 80 per token for GLM-4-9B. Each rank runs
-the same compiled pieces as ``glmkit.fast_decode`` (Triton GEMVs at batch 1 on a GPU), with the collectives in
+Two all-reduces of one ``[batch, hidden]`` hidden state per layer, and the embedding's: 81 per token for GLM-4-9B,
+by NCCL or by torch's symmetric-memory one-shot kernel, whichever measures faster (``glmkit.allreduce``). Each rank
+runs the same compiled pieces as ``glmkit.fast_decode`` (Triton GEMVs at batch 1 on a GPU), with the collectives in
 between, and on a GPU captures the whole token, all-reduces included, as one CUDA graph.
 Run it with ``glmkit generate --tp 2 --fast-decode`` (or ``glmkit bench``). Introduced in
 ``notebooks/08_tensor_parallel.ipynb``.
@@ -22,8 +26,8 @@ skips the collectives, which measures what one card does of a TP=2 token (the bo
 >>> from glmkit.loading import load_model
 >>> model = load_model(device_map="cpu", dtype=torch.float32)
 >>> shard = TPDecoder(model, max_len=32, rank=0, world=2)
->>> [tuple(w.shape) for w in shard.layers[0][:1]], tuple(shard.lm_head.shape)
-([(256, 256)], (512, 256))
+>>> [tuple(w.shape) for w in shard.layers[0][:1]], tuple(shard.lm_head.shape), tuple(shard.embed.shape)
+([(256, 256)], (512, 256), (512, 256))
 >>> TPDecoder(model, max_len=32).generate(torch.tensor([[1, 2, 3]]), 4, ignore_eos=True).shape
 torch.Size([1, 7])
 """
@@ -38,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from glmkit.allreduce import AllReduce
 from glmkit.fast_decode import (
     FastDecoder,
     auto_gemv,
@@ -59,7 +64,8 @@ from glmkit.vocabulary import head_dim
 def tp_shard(model: torch.nn.Module, rank: int, world: int) -> dict[str, Any]:
     """Rank ``rank``'s slices of a GLM model's weights for ``world``-way tensor parallelism (views of the model's
     tensors, not copies): per layer (fused q/k/v weight and bias, o_proj columns, post-attention norm, gate/up rows,
-    down columns, next norm), plus the rank's ``lm_head`` rows.
+    down columns, next norm), plus the rank's ``lm_head`` rows and the same rows of the embedding (``embed``; its
+    first id is ``embed_start``).
 
     >>> from glmkit.loading import load_model
     >>> shard = tp_shard(load_model(device_map="cpu"), rank=1, world=2)
@@ -88,7 +94,25 @@ def tp_shard(model: torch.nn.Module, rank: int, world: int) -> dict[str, Any]:
                     torch.cat([gate[m], up[m]]), mlp.down_proj.weight[:, m], next_norm))
     v = slice(rank * vocab // world, (rank + 1) * vocab // world)
     return {"layers": out, "lm_head": model.lm_head.weight[v],
-            "lm_head_bias": None if model.lm_head.bias is None else model.lm_head.bias[v]}
+            "lm_head_bias": None if model.lm_head.bias is None else model.lm_head.bias[v],
+            "embed": model.get_input_embeddings().weight[v], "embed_start": v.start}
+
+
+def embed_part(tokens: torch.Tensor, embed: torch.Tensor, start: int) -> torch.Tensor:
+    """This rank's share of the embedding lookup: the rows of the ids in ``[start, start + rows of embed)``, zeros
+    for the others; summed over the ranks, it is the whole table's lookup.
+
+    tokens: [b, s] ids; embed: [vocab / world, hidden] -> [b, s, hidden].
+
+    >>> table = torch.arange(8.0).view(4, 2)
+    >>> embed_part(torch.tensor([[0, 3]]), table[2:], 2) + embed_part(torch.tensor([[0, 3]]), table[:2], 0)
+    tensor([[[0., 1.],
+             [6., 7.]]])
+    """
+    local = tokens - start
+    outside = (local < 0) | (local >= embed.shape[0])
+    x = F.embedding(local.masked_fill(outside, 0), embed)
+    return x.masked_fill(outside[..., None], 0)
 
 
 def attention_half(h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -141,13 +165,19 @@ class TPDecoder:
         cuda_graph, compile, gemv: as ``FastDecoder`` (defaults: on a GPU; Triton GEMVs at batch 1 on Ampere+).
         graph_batch_sizes: the batch sizes captured (default 1, 2, 4, ... up to ``batch_size``); a step of k rows
             runs the smallest that holds them.
+        allreduce: ``"nccl"``, ``"symm"`` (torch's symmetric-memory one-shot kernel) or ``"auto"`` (time both, keep
+            the faster); on CPUs and wherever symmetric memory cannot run, the group's own all-reduce
+            (``glmkit.allreduce``; ``self.allreduce.describe()`` says which runs and why).
+        split_embedding: each rank holds its slice of the vocabulary of the embedding too (one more all-reduce a
+            token); ``False`` replicates the whole table on every rank instead.
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
                  group: dist.ProcessGroup | None = None, rank: int | None = None, world: int | None = None,
                  device: torch.device | str | None = None, cuda_graph: bool | None = None,
                  compile: bool | None = None, gemv: bool | str = "auto",
-                 graph_batch_sizes: list[int] | None = None) -> None:
+                 graph_batch_sizes: list[int] | None = None, allreduce: str = "auto",
+                 split_embedding: bool = True) -> None:
         FastDecoder.check(model)
         self.group = group
         self.rank = rank if rank is not None else (dist.get_rank(group) if group is not None else 0)
@@ -172,7 +202,11 @@ class TPDecoder:
 
         self.layers = [tuple(to_dev(t) for t in layer) for layer in shard["layers"]]
         self.lm_head, self.lm_head_bias = to_dev(shard["lm_head"]), to_dev(shard["lm_head_bias"])
-        self.embed = to_dev(model.get_input_embeddings().weight)  # replicated: one lookup, no collective
+        self.split_embedding = split_embedding and self.world > 1
+        if self.split_embedding:  # the rank's rows of the table, summed over the ranks by one all-reduce
+            self.embed, self.embed_start = to_dev(shard["embed"]), shard["embed_start"]
+        else:  # replicated: one lookup, no collective
+            self.embed, self.embed_start = to_dev(model.get_input_embeddings().weight), 0
         self.first_norm = to_dev(model.model.layers[0].input_layernorm.weight)
         with torch.no_grad():
             positions = torch.arange(max_len, device=model.get_input_embeddings().weight.device)[None]
@@ -187,7 +221,11 @@ class TPDecoder:
         def maybe_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
             return torch.compile(fn, fullgraph=True, dynamic=False) if self.compiled else fn
 
-        self._attention, self._mlp, self._next = map(maybe_compile, (attention_half, mlp_half, next_input))
+        self._attention, self._mlp, self._next, self._embed = map(
+            maybe_compile, (attention_half, mlp_half, next_input, embed_part))
+        collective = group if self.world > 1 else None
+        self.allreduce = AllReduce(collective, self.device, self.dtype, allreduce, hidden=cfg.hidden_size,
+                                   graph=self.use_graph)
         self._allocate(batch_size, graph_batch_sizes)
 
     def _allocate(self, batch_size: int, graph_batch_sizes: list[int] | None) -> None:
@@ -196,8 +234,12 @@ class TPDecoder:
         shape = (len(self.layers), batch_size, self.kv_heads, self.max_len, self.head_dim)
         self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
-        self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        # a step's input, one row of tokens and one of positions: a single copy from the host fills both
+        self.control = torch.zeros(2, batch_size, dtype=torch.long, device=self.device)
+        self.tokens, self.pos = self.control[0, :, None], self.control[1]  # [batch, 1], [batch]
+        on_gpu = self.device.type == "cuda"  # host tensors are staged in pinned memory, copied without a sync
+        self.staging = torch.zeros(2, batch_size, dtype=torch.long, pin_memory=on_gpu)
+        self.staged = torch.cuda.Event() if on_gpu else None
         alone = self.group is None and self.world > 1  # one rank's shard measured alone: its slice of the vocabulary
         width = self.vocab // self.world if alone else self.vocab
         self.logits = torch.zeros(batch_size, width, dtype=torch.float32, device=self.device)
@@ -205,34 +247,45 @@ class TPDecoder:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.ready = False
 
-    def resized(self, batch_size: int, graph_batch_sizes: list[int] | None = None) -> TPDecoder:
-        """A decoder for another batch size that shares this one's weights (no model needed); drop this one first
-        if memory is tight, since each holds its own KV cache."""
+    def resized(self, batch_size: int, graph_batch_sizes: list[int] | None = None,
+                allreduce: AllReduce | None = None) -> TPDecoder:
+        """A decoder for another batch size (and, given one, another ``AllReduce``) that shares this one's weights
+        and compiled pieces (no model needed); each holds its own KV cache, so when memory is tight ``release()``
+        this one first (every rank alike: the new one captures its graphs, collectives included, at first use)."""
         new = copy.copy(self)
+        if allreduce is not None:
+            new.allreduce = allreduce
         new._allocate(batch_size, graph_batch_sizes)
         return new
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.group is not None and self.world > 1:
-            dist.all_reduce(t, group=self.group)
-        return t
+    def release(self) -> None:
+        """Free this decoder's KV cache and graphs (its weights stay, for ``resized``); it cannot decode after."""
+        self.k_cache = self.v_cache = None
+        self.graphs, self.ready = {}, False
 
-    def _gather_logits(self, part: torch.Tensor) -> torch.Tensor:
-        """``[b, vocab / world]`` of this rank -> ``[b, vocab]`` on every rank (fp32), so all ranks pick alike."""
-        part = part.float()
-        if self.group is None or self.world == 1:
-            return part
+    def _gather_logits(self, part: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``[b, vocab / world]`` of this rank -> ``[b, vocab]`` fp32 on every rank (into ``out`` if given), so all
+        ranks pick alike. The logits travel in the model's dtype (bf16: half the bytes of fp32) and are widened as
+        they are put in order, in one copy: the same values."""
         b = part.shape[0]
+        gather = self.group is not None and self.world > 1
+        if out is None:
+            out = torch.empty(b, part.shape[1] * (self.world if gather else 1), dtype=torch.float32,
+                              device=part.device)
+        if not gather:
+            return out.copy_(part)
         parts = torch.empty(self.world * b, part.shape[1], dtype=part.dtype, device=part.device)
         dist.all_gather_into_tensor(parts, part.contiguous(), group=self.group)  # [world * b, vocab / world]
-        return parts.view(self.world, b, -1).permute(1, 0, 2).reshape(b, -1)
+        out.view(b, self.world, -1).copy_(parts.view(self.world, b, -1).transpose(0, 1))
+        return out
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, rows: slice, gemv: bool | str,
-                 attention: Callable[..., Any], mlp: Callable[..., Any], nxt: Callable[..., Any]) -> torch.Tensor:
+                 attention: Callable[..., Any], mlp: Callable[..., Any], nxt: Callable[..., Any],
+                 embed: Callable[..., Any]) -> torch.Tensor:
         """Tokens ``[b, s]`` at positions ``pos`` ``[b, s]`` of cache rows ``rows``: this rank's logits of the last
         position ``[b, vocab / world]``."""
         b, s = tokens.shape
-        x = F.embedding(tokens, self.embed)  # [b, s, hidden]
+        x = self.allreduce(embed(tokens, self.embed, self.embed_start))  # [b, s, hidden]
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [b, 1, s, rotary]
         mask = torch.zeros(b, 1, s, self.max_len, dtype=self.dtype, device=self.device)
         mask = mask.masked_fill(self.positions[None, None, None, :] > pos[:, None, :, None], float("-inf"))
@@ -240,8 +293,8 @@ class TPDecoder:
         for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.layers):
             o = attention(h, pos, cos, sin, mask, wqkv, bqkv, wo, self.k_cache[i, rows], self.v_cache[i, rows],
                           self.heads, self.kv_heads, self.head_dim, gemv)
-            x, d = mlp(x, self._all_reduce(o), ln2, wgu, wd, self.eps, gemv)
-            x, h = nxt(x, self._all_reduce(d), next_norm, self.eps)
+            x, d = mlp(x, self.allreduce(o), ln2, wgu, wd, self.eps, gemv)
+            x, h = nxt(x, self.allreduce(d), next_norm, self.eps)
         head = "triton" if gemv == "triton" else False
         return linear(h[:, -1:], self.lm_head, self.lm_head_bias, head)[:, -1]
 
@@ -254,8 +307,8 @@ class TPDecoder:
         """One token for rows 0..b-1: reads self.tokens/self.pos, writes self.logits."""
         gemv = self.gemv if b == 1 else False  # glmkit's Triton GEMVs read one token; cuBLAS for more
         part = self._forward(self.tokens[:b], self.pos[:b, None], slice(0, b), gemv, self._attention, self._mlp,
-                             self._next)
-        self.logits[:b].copy_(self._gather_logits(part))
+                             self._next, self._embed)
+        self._gather_logits(part, out=self.logits[:b])
 
     def _capture(self) -> None:
         """Compile and (on a GPU) capture one graph per bucket, collectives included."""
@@ -290,22 +343,39 @@ class TPDecoder:
         for first in range(0, n, step):
             piece = input_ids[:, first:first + step]
             pos = torch.arange(start + first, start + first + piece.shape[1], device=self.device).expand(b, -1)
-            part = self._forward(piece, pos, rows, False, attention_half, mlp_half, next_input)
+            part = self._forward(piece, pos, rows, False, attention_half, mlp_half, next_input, embed_part)
         return self._gather_logits(part)
 
     def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
         """Logits ``[k, vocab]`` for ``tokens`` ``[k]`` of rows 0..k-1 at ``pos`` (one for all rows, or ``[k]``),
         with the smallest captured batch that holds them (its other rows decode a dummy token at position 0, which
-        a later prefill of that row overwrites). The logits are valid until the next step."""
+        a later prefill of that row overwrites). The logits are valid until the next step.
+
+        ``tokens`` and ``pos`` may be on the host (CPU tensors, what a server's scheduler has): on a GPU they then go
+        over in one copy through pinned memory that does not wait for the GPU (a plain copy from the host would)."""
         k, b = check_step(self.buckets, tokens, pos)
-        self.tokens[:k].copy_(tokens.view(-1, 1))
-        self.tokens[k:b].zero_()
-        self.pos[:k].copy_(pos) if isinstance(pos, torch.Tensor) else self.pos[:k].fill_(pos)
-        self.pos[k:b].zero_()
+        per_row = isinstance(pos, torch.Tensor)
+        if self.staged is not None and tokens.device.type == "cpu" and (not per_row or pos.device.type == "cpu"):
+            self._stage(tokens, pos, k, b)
+        else:
+            self.tokens[:k].copy_(tokens.view(-1, 1))
+            self.tokens[k:b].zero_()
+            self.pos[:k].copy_(pos.view(-1)) if per_row else self.pos[:k].fill_(pos)
+            self.pos[k:b].zero_()
         if not self.ready:
             self._capture()
         self.graphs[b].replay() if b in self.graphs else self._step(b)
         return self.logits[:k]
+
+    def _stage(self, tokens: torch.Tensor, pos: int | torch.Tensor, k: int, b: int) -> None:
+        """Host tokens and positions into the pinned staging rows, then one asynchronous copy to ``control``."""
+        self.staged.synchronize()  # the last step's copy has read the staging rows (it ran before that step)
+        host = self.staging
+        host[:, k:b] = 0
+        host[0, :k] = tokens.view(-1)
+        host[1, :k] = pos.view(-1) if isinstance(pos, torch.Tensor) else pos
+        self.control.copy_(host, non_blocking=True)  # whole rows: both sides contiguous, one DMA
+        self.staged.record()
 
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, eos: list[int] | None = None, ignore_eos: bool = False,
@@ -384,6 +454,9 @@ class TPLeader:
         return self.decoder.prefill(input_ids, chunk, slot, start)
 
     def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+        """Send the step to the followers, then run it here. Give ``tokens``/``pos`` as host (CPU) tensors: the
+        command is built from them as they are and the decoder copies them to its GPU without waiting for it; GPU
+        tensors work too, but reading them back for the command waits for the GPU every step."""
         (k, _), b = check_step(self.buckets, tokens, pos), self.batch_size  # refused before it is sent
         per_row = isinstance(pos, torch.Tensor)
         self.wire[HEADER:HEADER + k] = tokens.view(-1)

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("planner: placement", {"placement"}),
     ("planner: plan, search, advice", {"planning"}),
     ("kernels", {"gemv", "gemv4bit", "gemv_tuning"}),
-    ("runtime", {"monitor", "env", "loading", "generation", "sampling", "fast_decode", "tp_decode", "parallel"}),
+    ("runtime", {"monitor", "env", "loading", "generation", "sampling", "fast_decode", "allreduce", "tp_decode", "parallel"}),
     ("engine", {"request", "scheduler", "runner", "metrics", "engine"}),
     ("measurement and results", {"bench", "quantization", "results", "cards"}),
     ("front ends", {"widgets", "server", "server_guard", "vllm_command", "cli"}),

@@ -291,3 +291,24 @@ def test_a_hop_through_host_memory_decodes_the_same_tokens(split):
     assert host.stages[1].staging is not None and host.stages[0].staging is None  # only the second segment receives
     with pytest.raises(ValueError, match="hop must be one of"):
         FastDecoder(split, max_len=96, hop="pcie")
+
+
+def test_own_prefill_fills_the_cache_as_the_models_prefill_does(model, monkeypatch):
+    """A short prompt goes through the decoder's own layers, a long one through the model (chunked, memory-lean):
+    both leave the same K/V in the cache and give the same logits, whole or continued from a position."""
+    import glmkit.fast_decode as fd
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 23))
+    runs = []
+    for limit in (fd.OWN_PREFILL_MAX, 0):  # the decoder's own layers, then the model's forward
+        monkeypatch.setattr(fd, "OWN_PREFILL_MAX", limit)
+        dec = FastDecoder(model, max_len=64, batch_size=2)
+        whole = dec.prefill(ids, slot=1)
+        head = dec.prefill(ids[:, :9], slot=0)
+        rest = dec.prefill(ids[:, 9:], slot=0, start=9, chunk=5)
+        runs.append((whole, head, rest, dec.k_layers[-1][:, :, :23].clone(), dec.v_layers[0][:, :, :23].clone()))
+    for own, models in zip(*runs):
+        torch.testing.assert_close(own, models, rtol=1e-4, atol=1e-4)
+    own = runs[0]
+    torch.testing.assert_close(own[1], model(ids[:, :9]).logits[:, -1].float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(own[2], own[0], rtol=1e-4, atol=1e-4)  # in pieces = whole

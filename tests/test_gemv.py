@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEVICE, rand
 
 from glmkit.fast_decode import FastDecoder
 from glmkit.gemv import (
@@ -22,26 +23,21 @@ from glmkit.gemv import (
 )
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton (pip install triton)")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # launch shapes that divide the weight evenly, leave a partial block of rows, of columns, or both
 CONFIGS = [GemvConfig(16, 64, 4), GemvConfig(8, 128, 4), GemvConfig(32, 256, 4), GemvConfig(64, 32, 2)]
-
-
-def _rand(*shape, dtype=torch.float32, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
 @pytest.mark.parametrize("n, k", [(256, 512), (100, 300), (48, 640)])
 def test_gemv_equals_linear_in_float32(config, n, k):
-    w, x, b = _rand(n, k), _rand(1, 1, k, seed=1), _rand(n, seed=2)
+    w, x, b = rand(n, k), rand(1, 1, k, seed=1), rand(n, seed=2)
     y = gemv(x, w, b, config=config)
     assert y.shape == (1, 1, n) and y.dtype == torch.float32
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-4, atol=1e-4)
 
 
 def test_gemv_in_bfloat16_is_as_close_to_float64_as_linear():
-    w, x = _rand(512, 640, dtype=torch.bfloat16), _rand(1, 1, 640, dtype=torch.bfloat16, seed=1)
+    w, x = rand(512, 640, dtype=torch.bfloat16), rand(1, 1, 640, dtype=torch.bfloat16, seed=1)
     ref = F.linear(x.double(), w.double())
     ours, theirs = gemv(x, w).double(), F.linear(x, w).double()
     assert gemv(x, w).dtype == torch.bfloat16
@@ -52,23 +48,23 @@ def test_gemv_in_bfloat16_is_as_close_to_float64_as_linear():
 
 @pytest.mark.parametrize("config", CONFIGS[:2], ids=str)
 def test_gemv_swiglu_equals_up_times_silu_gate(config):
-    w, x = _rand(2 * 120, 320), _rand(1, 1, 320, seed=1)
+    w, x = rand(2 * 120, 320), rand(1, 1, 320, seed=1)
     gate, up = F.linear(x, w).chunk(2, dim=-1)
     torch.testing.assert_close(gemv_swiglu(x, w, config=config), up * F.silu(gate), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_inputs_name_the_problem():
-    w = _rand(64, 128)
+    w = rand(64, 128)
     with pytest.raises(ValueError, match="one vector"):
-        gemv(_rand(2, 1, 128), w)  # two tokens
+        gemv(rand(2, 1, 128), w)  # two tokens
     with pytest.raises(ValueError, match="one vector"):
-        gemv(_rand(1, 1, 96), w)  # wrong width
+        gemv(rand(1, 1, 96), w)  # wrong width
     with pytest.raises(ValueError, match="even number of rows"):
-        gemv_swiglu(_rand(1, 1, 128), _rand(63, 128))
+        gemv_swiglu(rand(1, 1, 128), rand(63, 128))
     with pytest.raises(ValueError, match="contiguous"):
-        gemv(_rand(1, 1, 64), w.T)
+        gemv(rand(1, 1, 64), w.T)
     with pytest.raises(ValueError, match="one dtype"):
-        gemv(_rand(1, 1, 128, dtype=torch.bfloat16), w)
+        gemv(rand(1, 1, 128, dtype=torch.bfloat16), w)
 
 
 def test_tuned_table_covers_glm4_9b_and_every_shape_is_valid():

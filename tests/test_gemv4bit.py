@@ -3,17 +3,23 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import DEVICE, rand
 
 from glmkit.gemv import GemvConfig
-from glmkit.gemv4bit import Packed4bit, gemv_4bit, gemv_4bit_swiglu, linear_4bit, quantize, reference_linear, triton_available
+from glmkit.gemv4bit import (
+    Packed4bit,
+    config_for,
+    gemv_4bit,
+    gemv_4bit_multi,
+    gemv_4bit_swiglu,
+    linear_4bit,
+    quantize,
+    reference_linear,
+    triton_available,
+)
 
 bnb = pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton (pip install triton)")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _rand(*shape, dtype=torch.float32, seed=0):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE)
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
@@ -22,12 +28,38 @@ def _rand(*shape, dtype=torch.float32, seed=0):
                                           (64, 256, GemvConfig(32, 256, 4)),  # even
                                           (37, 192, GemvConfig(8, 64, 2))])  # odd rows, one block per step
 def test_gemv_4bit_equals_dequantize_then_linear(quant_type, double_quant, n, k, config):
-    w = quantize(_rand(n, k), quant_type, double_quant)
+    w = quantize(rand(n, k), quant_type, double_quant)
     assert w.nested == double_quant and w.data.dtype == torch.uint8 and w.data.numel() == n * k // 2
-    x, b = _rand(1, 1, k, seed=1), _rand(n, seed=2)
+    x, b = rand(1, 1, k, seed=1), rand(n, seed=2)
     y = gemv_4bit(x, w, b, config=config)
     assert y.shape == (1, 1, n) and y.dtype == torch.float32
     torch.testing.assert_close(y, reference_linear(x, w, b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, k, config", [(40, 448, GemvConfig(8, 256, 2)),  # the last step half past the row
+                                          (16, 512, GemvConfig(4, 512, 4))])
+def test_gemv_4bit_reads_16_bit_x_as_pairs(dtype, n, k, config):
+    # a 16-bit x is read as 32-bit (even, odd) pairs: a swapped half or a wrong bit pattern changes every product
+    w = quantize(rand(n, k), "nf4", double_quant=True)
+    x = rand(1, 1, k, dtype=dtype, seed=1)
+    ref = F.linear(x.double(), w.dequantize().double())
+    y = gemv_4bit(x, w, config=config)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
+def test_gemv_4bit_multi_equals_the_concatenated_products(double_quant):
+    # q, k and v of different heights in one launch, side by side in the output, with the concatenated bias
+    ws = [quantize(rand(n, 256, seed=n), "nf4", double_quant) for n in (40, 8, 24)]
+    x, b = rand(1, 1, 256, seed=1), rand(72, seed=2)
+    want = torch.cat([reference_linear(x, w) for w in ws], dim=-1) + b
+    for config in (GemvConfig(16, 128, 4), GemvConfig(8, 256, 2)):
+        torch.testing.assert_close(gemv_4bit_multi(x, ws, b, config=config), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gemv_4bit_multi(x, ws[:2]), want[..., :48] - b[:48], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="one format"):
+        gemv_4bit_multi(x, [ws[0], quantize(rand(8, 256), "fp4", double_quant)])
 
 
 def test_nibble_order_and_block_scales_are_read_as_bitsandbytes_writes_them():
@@ -42,16 +74,16 @@ def test_nibble_order_and_block_scales_are_read_as_bitsandbytes_writes_them():
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
 def test_gemv_4bit_swiglu_equals_the_unfused_path(double_quant):
-    w = quantize(_rand(2 * 72, 320), "nf4", double_quant)
-    x = _rand(1, 1, 320, seed=1)
+    w = quantize(rand(2 * 72, 320), "nf4", double_quant)
+    x = rand(1, 1, 320, seed=1)
     gate, up = reference_linear(x, w).chunk(2, dim=-1)
     torch.testing.assert_close(gemv_4bit_swiglu(x, w, config=GemvConfig(16, 128, 4)), up * F.silu(gate),
                                rtol=1e-4, atol=1e-4)
 
 
 def test_gemv_4bit_in_bfloat16_is_as_close_to_float64_as_bitsandbytes():
-    w = quantize(_rand(128, 512, dtype=torch.bfloat16), "nf4", double_quant=True)
-    x = _rand(1, 1, 512, dtype=torch.bfloat16, seed=1)
+    w = quantize(rand(128, 512, dtype=torch.bfloat16), "nf4", double_quant=True)
+    x = rand(1, 1, 512, dtype=torch.bfloat16, seed=1)
     ref = F.linear(x.double(), w.dequantize().double())
     ours, theirs = gemv_4bit(x, w).double(), linear_4bit(x, w).double()
     assert gemv_4bit(x, w).dtype == torch.bfloat16
@@ -65,7 +97,7 @@ def test_from_bnb_reads_a_linear4bit_module_and_leaves_it_working(double_quant):
                               compress_statistics=double_quant)
     layer.load_state_dict(torch.nn.Linear(128, 64).state_dict())
     layer = layer.to(DEVICE)  # quantizes (GPU layout)
-    x = _rand(1, 1, 128, seed=1)
+    x = rand(1, 1, 128, seed=1)
     packed = Packed4bit.from_bnb(layer.weight)
     want = layer(x)  # on AVX512-BF16 CPUs bitsandbytes repacks the module's weight here
     torch.testing.assert_close(gemv_4bit(x, packed, layer.bias), reference_linear(x, packed, layer.bias))
@@ -77,15 +109,15 @@ def test_from_bnb_reads_a_linear4bit_module_and_leaves_it_working(double_quant):
 
 
 def test_bad_inputs_name_the_problem():
-    w = quantize(_rand(64, 128), "nf4")
+    w = quantize(rand(64, 128), "nf4")
     with pytest.raises(ValueError, match="one vector"):
-        gemv_4bit(_rand(2, 1, 128), w)
+        gemv_4bit(rand(2, 1, 128), w)
     with pytest.raises(ValueError, match="even number of rows"):
-        gemv_4bit_swiglu(_rand(1, 1, 128), quantize(_rand(63, 128), "nf4"))
+        gemv_4bit_swiglu(rand(1, 1, 128), quantize(rand(63, 128), "nf4"))
     with pytest.raises(ValueError, match="multiple of blocksize"):
-        gemv_4bit(_rand(1, 1, 128), w, config=GemvConfig(8, 32, 4))
+        gemv_4bit(rand(1, 1, 128), w, config=GemvConfig(8, 32, 4))
     with pytest.raises(ValueError, match="whole quantization blocks"):
-        gemv_4bit(_rand(1, 1, 96), quantize(_rand(64, 96), "nf4"))
+        gemv_4bit(rand(1, 1, 96), quantize(rand(64, 96), "nf4"))
 
 
 @pytest.mark.parametrize("kernel, swiglu", [("nf4", True), ("bf16", False)])
@@ -115,3 +147,26 @@ def test_the_tuner_checks_each_shape_and_keeps_the_fastest(kernel, swiglu, tmp_p
     path = write_table(table_configs([row]), tmp_path / "t.json", device="Card")
     best = GemvConfig(**{key: row["best"][key] for key in ("block_n", "block_k", "num_warps")})
     assert load_table(path)[1][(kernel, 48, 256)] == best
+
+
+def test_a_shape_glmkit_tune_writes_is_the_one_the_kernels_launch_with(tmp_path, monkeypatch):
+    # the tuner's table names 4-bit shapes by format ("nf4", "fp4"); the kernels must look them up by the same names
+    from glmkit import gemv as gemv_module
+    from glmkit import gemv4bit
+    from glmkit.gemv_tuning import table_configs, tune_projection, write_table
+
+    shapes = [GemvConfig(8, 128, 2), GemvConfig(4, 256, 4)]
+    clock = iter([5.0, 3.0, 1.0, 5.0, 1.0, 3.0])  # bitsandbytes, then each shape: the second, then the first wins
+    rows = [tune_projection(name, n, 256, False, name == "gate_up", "nf4", shapes=shapes, device=DEVICE,
+                            timer=lambda fn, copies: (fn(0), 1e-6 * next(clock))[1])
+            for name, n in (("gate_up", 48), ("qkv", 72))]
+    monkeypatch.setenv("GLMKIT_CACHE", str(tmp_path))
+    write_table(table_configs(rows), device="Card")  # the user's table, where `glmkit tune` writes it
+    monkeypatch.setattr(gemv_module, "INTERPRETER", False)  # a GPU's lookup (the interpreter ignores tables)
+    monkeypatch.setattr(gemv4bit, "INTERPRETER", False)
+    monkeypatch.setattr(gemv_module, "_ACTIVE", gemv_module.tables_for("Card"))
+    gate_up = quantize(rand(96, 256), "nf4")
+    qkv = [quantize(rand(n, 256), "nf4") for n in (40, 16, 16)]
+    assert config_for(gate_up, swiglu=True) == GemvConfig(4, 256, 4)
+    assert config_for(qkv) == GemvConfig(8, 128, 2)  # one launch for q, k and v: the shape tuned for all 72 rows
+    assert config_for(quantize(rand(96, 256), "fp4"), swiglu=True) not in shapes  # fp4: not tuned, its own default

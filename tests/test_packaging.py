@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import tomllib
 import yaml
+from helpers import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,19 +28,6 @@ def test_environment_yml_matches_pyproject():
     assert listed == wanted
 
 
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """``glmkit ARGV`` in this process (no interpreter to start, torch already imported): (exit code, stdout,
-    stderr); argparse's own errors exit 2 too. The module entry point is checked once, in a subprocess, below."""
-    from glmkit.cli import main
-
-    try:
-        code = main(list(argv))
-    except SystemExit as exc:
-        code = exc.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 def test_python_m_glmkit_cli_runs_and_exits_with_its_codes():
     ok = subprocess.run([sys.executable, "-m", "glmkit.cli", "--help"], capture_output=True, text=True)
     assert ok.returncode == 0 and "make-tiny" in ok.stdout
@@ -48,7 +36,7 @@ def test_python_m_glmkit_cli_runs_and_exits_with_its_codes():
 
 
 def test_cli_env_reports_versions_and_gpus(capsys):
-    code, out, _ = cli(capsys, "env")
+    code, out, _ = run_cli(capsys, "env")
     assert code == 0
     assert "torch" in out and "transformers" in out
     assert "GPU" in out
@@ -78,14 +66,14 @@ def test_peer_copy_needs_two_gpus():
 
 
 def test_cli_make_tiny_writes_a_checkpoint(tmp_path, capsys):
-    code, out, _ = cli(capsys, "make-tiny", str(tmp_path / "t"))
+    code, out, _ = run_cli(capsys, "make-tiny", str(tmp_path / "t"))
     assert code == 0 and "tiny GLM checkpoint written to" in out
     assert (tmp_path / "t" / "model.safetensors").exists()
     assert (tmp_path / "t" / "tokenizer.json").exists()
 
 
 def test_cli_reports_errors_in_words_with_exit_code_2(capsys):
-    code, _, err = cli(capsys, "plan", "--devices", "0GiB")
+    code, _, err = run_cli(capsys, "plan", "--devices", "0GiB")
     assert code == 2
     assert "must be positive" in err and "Traceback" not in err
 
@@ -96,6 +84,6 @@ def test_cli_reports_errors_in_words_with_exit_code_2(capsys):
     (["--device-map", "2,2"], "add up to 4, but the model has 6 decoder layers; e.g. --device-map 3,3"),
 ])
 def test_cli_device_map_option_is_checked(args, message, capsys):
-    code, _, err = cli(capsys, "bench", "--new-tokens", "2", *args)
+    code, _, err = run_cli(capsys, "bench", "--new-tokens", "2", *args)
     assert code == 2, err
     assert message in err and "Traceback" not in err

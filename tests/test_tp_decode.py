@@ -10,7 +10,7 @@ from glmkit.generation import chat_ids, eos_token_ids
 from glmkit.loading import load_model, load_tokenizer
 from glmkit.models import TRAINED_TINY_DIR
 from glmkit.parallel import run_generate
-from glmkit.tp_decode import TPDecoder, tp_shard
+from glmkit.tp_decode import TPDecoder, embed_part, tp_shard
 
 FAST = ["--fast-decode"]
 PROMPT = "How many layers does GLM-4-9B-Chat have?"  # glmkit generate's default prompt
@@ -60,6 +60,17 @@ def test_shards_partition_every_weight():
     assert torch.equal(torch.cat([h["lm_head"] for h in halves]), model.lm_head.weight)
 
 
+def test_the_embedding_halves_sum_to_the_whole_lookup():
+    model = load_model(device_map="cpu", dtype=torch.float32)
+    table = model.get_input_embeddings().weight
+    halves = [tp_shard(model, r, 2) for r in (0, 1)]
+    assert torch.equal(torch.cat([h["embed"] for h in halves]), table)
+    ids = torch.tensor([[0, 1, table.shape[0] // 2 - 1, table.shape[0] // 2, table.shape[0] - 1]])
+    parts = [embed_part(ids, h["embed"], h["embed_start"]) for h in halves]
+    assert torch.equal(parts[0] + parts[1], torch.nn.functional.embedding(ids, table))
+    assert not parts[0][0, 3:].any() and not parts[1][0, :3].any()  # each rank: zeros for the other's ids
+
+
 def test_one_rank_buckets_and_continued_prefill_match_fast_decoder():
     model = load_model(device_map="cpu", dtype=torch.float32)
     ids = torch.tensor([[5, 17, 33, 100, 7, 9, 200, 3]])
@@ -84,3 +95,18 @@ def test_uneven_split_is_refused_with_the_degree_to_use():
         assert "4 ranks cannot split" in str(exc) and "--tp 1 or 2" in str(exc)
     else:
         raise AssertionError("a 4-way split of 2 KV heads was accepted")
+
+
+def test_a_released_decoder_resizes_into_one_that_shares_its_weights_and_takes_another_all_reduce():
+    from glmkit.allreduce import AllReduce
+
+    model = load_model(device_map="cpu", dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 33, 100]])
+    want = FastDecoder(model, max_len=32).generate(ids, 6, ignore_eos=True)
+    dec = TPDecoder(model, max_len=32)
+    dec.release()
+    assert dec.k_cache is None and not dec.ready
+    ar = AllReduce(None, torch.device("cpu"), torch.float32, mode="nccl")
+    new = dec.resized(2, allreduce=ar)
+    assert new.allreduce is ar and new.lm_head is dec.lm_head and new.k_cache.shape[1] == 2
+    assert torch.equal(new.generate(ids.expand(2, -1), 6, ignore_eos=True), want.expand(2, -1))

@@ -1,0 +1,289 @@
+"""The all-reduce of a tensor-parallel decoder's partial sums: NCCL's, or torch's symmetric-memory one-shot kernel,
+whichever a measurement finds faster.
+
+A TP=2 GLM-4-9B token sums one ``[batch, 4096]`` hidden state over the ranks 81 times (the embedding, then after
+``o_proj`` and ``down_proj`` in each of 40 layers): 8 KiB at batch 1, so the latency of a call decides TP's gain,
+not the link's bandwidth. NCCL took 14.7 µs a call inside a CUDA graph on 2×H200 (``allreduce_latency.json``).
+
+Torch's symmetric memory (``torch.distributed._symmetric_memory``) maps each rank's buffer into its peers' address
+space. Its one-shot all-reduce is one small kernel: it copies the local partial into this rank's buffer, raises a
+flag in each peer's signal pad and waits for theirs, then reads every rank's buffer over NVLink and sums them in
+rank order (the same bits on every rank). A CUDA graph captures it like any kernel. NVLink multicast is not used
+(``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` stays set: on shared machines it can take the host's GPUs out of service).
+
+Modes:
+
+- ``"nccl"``: the process group's own all-reduce (NCCL on GPUs, gloo on CPUs);
+- ``"symm"``: the one-shot kernel for tensors up to ``max_bytes`` (the group's all-reduce for bigger ones, e.g. a
+  long prompt's prefill). Where it cannot run (CPUs, gloo, GPUs without peer access, processes on several hosts,
+  a torch without the kernel) every rank falls back to ``"nccl"`` and ``reason`` says why;
+- ``"auto"``: both are timed (in a CUDA graph when ``graph``, else eagerly) on a ``[1, hidden]`` tensor and the
+  faster one is kept; ``timings_us`` holds what was measured.
+
+Every rank must build its ``AllReduce`` at the same point (the setup runs collectives). Introduced in
+``notebooks/08_tensor_parallel.ipynb``. Without a group (one process) it returns its input:
+
+>>> ar = AllReduce(None, torch.device("cpu"), torch.float32, mode="symm")
+>>> ar.mode, ar.reason
+('nccl', 'one process: nothing to sum')
+>>> t = torch.ones(2, 4)
+>>> ar(t) is t
+True
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+MODES = ("nccl", "symm", "auto")
+PER_TOKEN = 81  # all-reduces in one TP GLM-4-9B token: the embedding, then 2 per layer for 40 layers
+
+
+def symm_problem(group: dist.ProcessGroup | None, device: torch.device) -> str | None:
+    """Why this rank cannot run the symmetric-memory one-shot all-reduce (``None`` when it can).
+
+    >>> symm_problem(None, torch.device("cpu"))
+    'one process: nothing to sum'
+    """
+    if group is None or dist.get_world_size(group) < 2:
+        return "one process: nothing to sum"
+    if device.type != "cuda":
+        return "the tensors live on the CPU: symmetric memory maps GPU buffers"
+    if "nccl" not in str(dist.get_backend(group)).lower():
+        return f"the process group runs {dist.get_backend(group)}, not NCCL"
+    try:
+        import torch.distributed._symmetric_memory  # noqa: F401  (registers the Python side)
+    except ImportError as exc:
+        return f"this torch has no symmetric memory: {exc}"
+    if not hasattr(torch.ops.symm_mem, "one_shot_all_reduce"):
+        return f"torch {torch.__version__} has no symm_mem.one_shot_all_reduce"
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local is not None and int(local) < dist.get_world_size(group):
+        return "the processes span several hosts: symmetric memory maps buffers within one host"
+    return None
+
+
+def _agree(ok: bool, group: dist.ProcessGroup, device: torch.device) -> bool:
+    """True only if every rank says ``ok`` (so all ranks take the same path)."""
+    flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def _peers_reachable(group: dist.ProcessGroup, device: torch.device) -> str | None:
+    """Why some rank's GPU cannot read this rank's memory directly (``None`` when all can)."""
+    world = dist.get_world_size(group)
+    mine = torch.tensor([device.index if device.index is not None else torch.cuda.current_device()],
+                        dtype=torch.int64, device=device)
+    every = torch.empty(world, dtype=torch.int64, device=device)
+    dist.all_gather_into_tensor(every, mine, group=group)
+    me = int(mine.item())
+    for peer in every.tolist():
+        if peer != me and not torch.cuda.can_device_access_peer(me, peer):
+            return f"GPU {me} cannot access GPU {peer} directly: no peer-to-peer path (NVLink or PCIe P2P)"
+    return None
+
+
+class AllReduce:
+    """Sums a tensor over ``group``'s processes: ``ar(t)`` returns the sum (a new tensor, or ``t`` summed in place).
+
+    Args:
+        group: the ranks' process group (``None``: one process, ``ar(t)`` returns ``t``).
+        device, dtype: where and in what the summed tensors are (the symmetric buffer is allocated for them).
+        mode: ``"nccl"``, ``"symm"`` or ``"auto"`` (see the module's docstring).
+        max_bytes: the symmetric buffer's size on each GPU; bigger tensors go through the group's all-reduce.
+        hidden: the last dimension the ``"auto"`` measurement sums ``[1, hidden]`` of (GLM-4-9B: 4096).
+        graph: ``"auto"`` compares the two inside CUDA graphs (as a decoder replays them), else eagerly.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, device: torch.device | str, dtype: torch.dtype,
+                 mode: str = "auto", max_bytes: int = 2**20, hidden: int = 4096, graph: bool = True) -> None:
+        if mode not in MODES:
+            raise ValueError(f"allreduce mode {mode!r} is not one of {', '.join(MODES)}.")
+        self.group, self.device, self.dtype, self.requested = group, torch.device(device), dtype, mode
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.buffer: torch.Tensor | None = None
+        self.timings_us: dict[str, dict[str, float]] = {}
+        self.mode, self.reason = "nccl", None
+        if mode == "nccl":
+            return
+        self.reason = symm_problem(group, self.device)
+        if self.group is None or self.world < 2:
+            return
+        # every step is agreed on by all ranks before the next, so they take the same path (and meet in the same
+        # collectives; a one-shot kernel waits for its peers)
+        for step in (lambda: _peers_reachable(self.group, self.device), lambda: self._allocate(max_bytes),
+                     self._exchange, self._probe):
+            if not self._all_ok():
+                return
+            self.reason = step()
+        if self._all_ok():
+            self.mode = "symm"
+            if mode == "auto":
+                self._choose(hidden, graph)
+
+    def _all_ok(self) -> bool:
+        """Whether every rank can go on with symmetric memory; if not, all drop it (and say why)."""
+        if _agree(self.reason is None, self.group, self.device):
+            return True
+        self.reason, self.buffer = self.reason or "another rank cannot run it", None
+        return False
+
+    def _allocate(self, max_bytes: int) -> str | None:
+        """The symmetric buffer on this GPU; why not, if it fails."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        try:
+            if hasattr(symm_mem, "enable_symm_mem_for_group"):  # older torch needs it; newer deprecates it
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    symm_mem.enable_symm_mem_for_group(self.group.group_name)
+            elem = torch.empty((), dtype=self.dtype).element_size()
+            self.buffer = symm_mem.empty(max_bytes // elem, dtype=self.dtype, device=self.device).zero_()
+        except Exception as exc:  # noqa: BLE001 - an optional fast path: say why and use NCCL
+            return f"symmetric memory failed here: {type(exc).__name__}: {str(exc)[:200]}"
+        return None
+
+    def _exchange(self) -> str | None:
+        """Map the ranks' buffers into each other (a collective); why not, if it fails."""
+        import torch.distributed._symmetric_memory as symm_mem
+
+        try:
+            symm_mem.rendezvous(self.buffer, self.group.group_name)
+        except Exception as exc:  # noqa: BLE001 - an optional fast path: say why and use NCCL
+            return f"symmetric memory failed here: {type(exc).__name__}: {str(exc)[:200]}"
+        return None
+
+    def _probe(self) -> str | None:
+        """One sum by the one-shot kernel against NCCL's (every rank runs both: the kernel waits for its peers)."""
+        probe = torch.arange(64, dtype=self.dtype, device=self.device) + dist.get_rank(self.group)
+        want = probe.clone()
+        dist.all_reduce(want, group=self.group)
+        try:
+            if not torch.equal(self._symm(probe), want):
+                return "its test sum differed from NCCL's"
+        except Exception as exc:  # noqa: BLE001 - an optional fast path: say why and use NCCL
+            return f"symmetric memory failed here: {type(exc).__name__}: {str(exc)[:200]}"
+        return None
+
+    def _symm(self, t: torch.Tensor) -> torch.Tensor:
+        """One-shot all-reduce of ``t`` through the symmetric buffer (it must fit)."""
+        if t.storage_offset() * t.element_size() % 16 or not t.is_contiguous():
+            t = t.clone(memory_format=torch.contiguous_format)  # the kernel wants buffer and input equally aligned
+        inp = self.buffer[:t.numel()].view(t.shape)
+        ops = torch.ops.symm_mem
+        if hasattr(ops, "one_shot_all_reduce_copy"):  # the kernel copies t into the buffer itself
+            return ops.one_shot_all_reduce_copy(inp, t, "sum", self.group.group_name)
+        inp.copy_(t)
+        return ops.one_shot_all_reduce(inp, "sum", self.group.group_name)
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if self.group is None or self.world < 2:
+            return t
+        if self.mode == "symm" and t.dtype == self.dtype and t.numel() <= self.buffer.numel():
+            return self._symm(t)
+        dist.all_reduce(t, group=self.group)
+        return t
+
+    def _choose(self, hidden: int, graph: bool) -> None:
+        """Time NCCL and the one-shot kernel on ``[1, hidden]`` and keep the faster (rank 0's timings decide)."""
+        t = torch.zeros(1, hidden, dtype=self.dtype, device=self.device)
+        use_graph = graph and self.device.type == "cuda"
+        for mode in ("nccl", "symm"):
+            self.mode = mode
+            self.timings_us[mode] = all_reduce_latency_us(self, t, self.group, graph=use_graph)
+        key = "in_cuda_graph_us" if use_graph else "eager_us"
+        times = torch.tensor([self.timings_us[m][key] for m in ("nccl", "symm")], device=self.device)
+        dist.broadcast(times, src=dist.get_global_rank(self.group, 0), group=self.group)
+        self.mode = "symm" if times[1] < times[0] else "nccl"
+        self.reason = f"measured, {key}: NCCL {times[0]:.1f} µs, symm {times[1]:.1f} µs"
+
+    def describe(self) -> str:
+        """One line: what sums (the one-shot kernel, or the group's backend) and why (for logs and benchmark JSON)."""
+        if self.group is None or self.world < 2:
+            return "nothing to sum (one process)"
+        what = "symmetric-memory one-shot" if self.mode == "symm" else f"{dist.get_backend(self.group)} all-reduce"
+        return what + (f" ({self.reason})" if self.reason else "")
+
+    def __repr__(self) -> str:
+        return f"AllReduce(mode={self.mode!r}, requested={self.requested!r}, world={self.world}, reason={self.reason!r})"
+
+
+def all_reduce_latency_us(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor,
+                          group: dist.ProcessGroup | None = None, graph: bool = False, calls: int = PER_TOKEN,
+                          repeats: int = 50) -> dict[str, float]:
+    """Median µs of one ``fn(t)`` (an all-reduce) eagerly, and with ``graph`` per call in a CUDA graph of ``calls``
+    of them (one token's worth, as a decoder replays them). Every rank must call it alike."""
+    cuda = t.device.type == "cuda"
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(t.device)
+
+    def barrier() -> None:
+        if group is not None:
+            dist.barrier(group=group, device_ids=[t.device.index] if cuda and t.device.index is not None else None)
+        sync()
+
+    for _ in range(10):  # warm-up: connections, buffers
+        fn(t)
+    eager = []
+    for _ in range(repeats):
+        barrier()
+        t0 = time.perf_counter()
+        fn(t)
+        sync()
+        eager.append((time.perf_counter() - t0) * 1e6)
+    out = {"eager_us": statistics.median(eager)}
+    if not (graph and cuda):
+        return out
+    stream = torch.cuda.Stream(t.device)
+    stream.wait_stream(torch.cuda.current_stream(t.device))
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn(t)
+    torch.cuda.current_stream(t.device).wait_stream(stream)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        x = t
+        for _ in range(calls):
+            x = fn(x)
+    g.replay()
+    sync()
+    replays = []
+    for _ in range(max(repeats // 5, 5)):
+        barrier()
+        t0 = time.perf_counter()
+        g.replay()
+        sync()
+        replays.append((time.perf_counter() - t0) * 1e6 / calls)
+    out["in_cuda_graph_us"] = statistics.median(replays)
+    del g
+    return out
+
+
+def latency_rows(group: dist.ProcessGroup, device: torch.device, modes: list[str], batches: list[int],
+                 hidden: int = 4096, repeats: int = 200) -> list[dict[str, Any]]:
+    """One row per (mode, batch) of ``[batch, hidden]`` bf16 all-reduces: the mode asked for, what ran (``symm``
+    falls back where it cannot run) and ``all_reduce_latency_us``'s figures (in a CUDA graph on GPUs). Every rank
+    calls it alike; rows are for ``benchmarks/allreduce_latency.py`` and ``benchmarks/tp_fast.py``."""
+    rows = []
+    for mode in modes:
+        ar = AllReduce(group, device, torch.bfloat16, mode=mode, hidden=hidden)
+        for batch in batches:
+            t = torch.zeros(batch, hidden, dtype=torch.bfloat16, device=device)
+            row: dict[str, Any] = {"allreduce": mode, "ran": ar.describe(), "batch_size": batch,
+                                   "bytes": t.numel() * t.element_size(), "backend": str(dist.get_backend(group)),
+                                   **all_reduce_latency_us(ar, t, group, graph=device.type == "cuda", repeats=repeats)}
+            if ar.timings_us:
+                row["auto_timings_us"] = ar.timings_us
+            rows.append(row)
+    return rows

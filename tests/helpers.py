@@ -1,0 +1,23 @@
+"""Helpers more than one test module uses (imported as ``from helpers import ...``: pytest puts tests/ on the path)."""
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """``glmkit ARGV`` in this process (no interpreter to start, torch already imported): (exit code, stdout,
+    stderr); argparse's own errors (2) and ``--help`` (0) exit through ``SystemExit``, caught here."""
+    from glmkit.cli import main
+
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    """Seeded standard-normal values of ``shape`` on ``DEVICE`` (drawn on the CPU: the same numbers on every device)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE)
