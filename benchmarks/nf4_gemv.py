@@ -198,6 +198,7 @@ def decode_speed(model: torch.nn.Module, label: str, bandwidth: float, **options
     setup = time.perf_counter() - t0
     runs = [decoder.tokens_per_second(PROMPT, NEW_TOKENS)["decode_tok_s"] for _ in range(3)]
     roofline = bandwidth / token_bytes(model)
+    label += "" if label.endswith("layers)") else (", compiled" if decoder.compiled else ", eager layers")
     row = {"path": label, "gemv": decoder.gemv, "compiled": decoder.compiled, "setup_s": setup,
            "decode_tok_s": runs, "best_tok_s": max(runs), "roofline_tok_s": roofline,
            "fraction_of_roofline": max(runs) / roofline, "_logits": forced_logits(decoder)}
@@ -299,7 +300,7 @@ def main() -> None:
               "nf4": load_precision(args.checkpoint, "nf4", device_map="cuda:0")}
     result["nf4_token_bytes"], result["bf16_token_bytes"] = token_bytes(models["nf4"]), token_bytes(models["bf16"])
     runs = {"bf16": ("bf16", "bf16 fast (Triton)", dict(gemv="triton")),
-            "nf4_triton": ("nf4", "nf4 fast (glmkit Triton, compiled)", dict(gemv="triton")),
+            "nf4_triton": ("nf4", "nf4 fast (glmkit Triton)", dict(gemv="triton")),
             "nf4_bnb": ("nf4", "nf4 fast (bnb matmul_4bit, eager layers)", dict(gemv=False, compile=False))}
     result["lookup_used_by_nf4_decoder"] = gemv4bit.LOOKUP
     rows = {key: stage(key, decode_speed, models[m], label, bw, **opts) for key, (m, label, opts) in runs.items()}

@@ -59,9 +59,8 @@ class Engine:
             at most one chunk per step.
         ride_from_batch, ride_max_tokens: fast path: while at least ``ride_from_batch`` requests decode or wait with
             prompts of at most ``ride_max_tokens`` tokens, those prompts are fed through the decode steps, one token
-            per step in their own rows, instead of a prefill forward each that would stall the whole batch (a forward
-            costs several batched decode steps, mostly launch and Python time); with fewer, a prompt is prefilled at
-            once (the shortest time to first token).
+            per step in their own rows, instead of a prefill forward each that would stall every running request;
+            with fewer, a prompt is prefilled at once (the shortest time to first token).
         continuous: ``False`` batches the fast path statically too (to compare; default: continuous on the fast
             path, static on the plain path).
         decoder: a fast decoder built by the caller (implies ``fast_decode``), holding at least ``max_batch_size``
@@ -221,11 +220,12 @@ class Engine:
             self.largest_batch = max(self.largest_batch, len(decoding))
             if self.metrics:
                 self.metrics.batch.observe(len(decoding))
-                now = time.perf_counter()
-                if self._last_decode is not None:
-                    self.metrics.tpot.observe(now - self._last_decode)
-                self._last_decode = now
-        else:
+        if self.metrics and decoding:  # time per output token: between consecutive steps that decode tokens
+            now = time.perf_counter()
+            if self._last_decode is not None:
+                self.metrics.tpot.observe(now - self._last_decode)
+            self._last_decode = now
+        elif not decoding:
             self._last_decode = None
         launched = self._sample([p for p in picks if not p[0].done.is_set()])
         self._collect()  # the step before's tokens: read while the device computes this one

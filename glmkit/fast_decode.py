@@ -48,8 +48,8 @@ from glmkit.generation import eos_token_ids as model_eos
 from glmkit.vocabulary import head_dim
 
 HOPS = ("peer", "host")  # how the hidden state crosses between the devices of a split (FastDecoder(hop=...))
-OWN_PREFILL_MAX = 1 << 20  # prompt tokens x cache positions attended up to which a prefill runs the decoder's own
-# layers (attention scores of at most 4 MiB per head in fp32); above, the model's chunked prefill (memory-lean)
+OWN_PREFILL_MAX = 1 << 20  # rows x prompt tokens x cache positions attended up to which a prefill runs the decoder's
+# own layers (attention scores of at most 4 MiB per head in fp32); above, the model's chunked prefill (memory-lean)
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
 
 
@@ -179,9 +179,9 @@ def prefill_layer(x: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, cos
                   wgu: Weight, wd: Weight, next_norm: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   eps: float, heads: int, kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``decoder_layer`` for ``s`` prompt tokens of each of ``b`` sequences at once (x, h: ``[b, s, hidden]``), run
-    eagerly with cuBLAS: their K/V go to ``positions`` ``[s]`` of the rows' caches ``[b, kv_heads, max_len,
-    head_dim]``, and they attend to the cache up to their own position (``mask``: ``[s, L]`` booleans over the first
-    ``L`` cache positions, ``L`` = the last position + 1)."""
+    eagerly (cuBLAS for 16/32-bit weights, bitsandbytes' kernel for 4-bit ones): their K/V go to ``positions``
+    ``[s]`` of the rows' caches ``[b, kv_heads, max_len, head_dim]``, and they attend to the cache up to their own
+    position (``mask``: ``[s, L]`` booleans over the first ``L`` cache positions, ``L`` = the last position + 1)."""
     b, s, _ = x.shape
     qkv = linear(h, wqkv, bqkv, False)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
@@ -410,8 +410,8 @@ class FastDecoder:
     On a split (``split_layers(..., [20, 20])``, ``kv_aware_device_map``, ``device_map="auto"``) each segment of the
     map (``layer_segments``) keeps its layers' fused weights and its layers' slice of the static KV cache on its own
     device and runs its share of a step as its own CUDA graph; only the hidden state ``[batch, hidden]`` crosses
-    between devices. The prompt goes through the model itself (``chunked_prefill`` for long ones), writing straight
-    into the static cache.
+    between devices. A short prompt goes through the decoder's own weights (``prefill_layer``), a long one through the
+    model itself (``chunked_prefill``, memory-lean); both write straight into the static cache.
 
     Steps are captured for a few batch sizes (``graph_batch_sizes``): ``decode_step`` with k tokens runs the
     smallest size >= k, so a server decodes any number of live rows without a decoder per batch size.
@@ -686,8 +686,9 @@ class FastDecoder:
 
     def prefill(self, input_ids: torch.Tensor, chunk: int | None = None, slot: int | None = None,
                 start: int = 0) -> torch.Tensor:
-        """Run the prompt through the model (in ``chunk``-token pieces if given), fill the static cache,
-        and return the logits of the last prompt position ``[b, vocab]``.
+        """Run the prompt through the decoder's own layers (short prompts: ``prefill_layer``) or the model (long ones,
+        ``chunked_prefill``), in ``chunk``-token pieces if given; fill the static cache and return the logits of the
+        last prompt position ``[b, vocab]``.
 
         ``slot``: fill only that row of the cache with one prompt ``[1, n]``, so that prompts of different lengths
         share a batch; then give ``decode_step`` a position per row. ``start``: the prompt continues one whose
@@ -700,7 +701,7 @@ class FastDecoder:
             self._first_step()  # before the cache is filled: the warm-up steps write garbage K/V at position 0
         input_ids = input_ids.to(self.device)
         step = chunk or n
-        if step * (start + n) <= OWN_PREFILL_MAX:  # a short prompt: the decoder's own layers, no module overhead
+        if b * step * (start + n) <= OWN_PREFILL_MAX:  # short prompts: the decoder's own layers, no module overhead
             for at in range(0, n, step):
                 logits = self._own_prefill(input_ids[:, at:at + step], rows, start + at)
             return logits

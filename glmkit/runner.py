@@ -53,7 +53,9 @@ class FastRunner:
         """Put the next ``n`` prompt tokens of ``req`` into its row; the last position's logits ``[vocab]`` once the
         whole prompt is in, else None."""
         start = req.prefilled
-        ids = torch.tensor([req.prompt_ids[start:start + n]], device=self.device)
+        chunk = [req.prompt_ids[start:start + n]]
+        # no wait for the device's queued work (the overlap); TPLeader sends host ids on to its other processes
+        ids = to_device(chunk, torch.long, self.device) if self.overlap else torch.tensor(chunk, dtype=torch.long)
         logits = self._decoder().prefill(ids, slot=req.slot, start=start)
         req.prefilled += n
         return logits[0] if req.prefilled == len(req.prompt_ids) else None

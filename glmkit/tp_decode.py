@@ -375,7 +375,7 @@ class TPDecoder:
         host[0, :k] = tokens.view(-1)
         host[1, :k] = pos.view(-1) if isinstance(pos, torch.Tensor) else pos
         self.control.copy_(host, non_blocking=True)  # whole rows: both sides contiguous, one DMA
-        self.staged.record()
+        self.staged.record(torch.cuda.current_stream(self.device))  # the stream that copies (not the caller's device's)
 
     def stream(self, input_ids: torch.Tensor, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, eos: list[int] | None = None, ignore_eos: bool = False,

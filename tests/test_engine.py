@@ -89,6 +89,32 @@ def test_each_step_is_queued_before_the_host_reads_the_tokens_of_the_step_before
         engine.close()
 
 
+def test_overlap_changes_nothing_a_client_sees(trained, monkeypatch):
+    """Requests that reuse slots, sample with seeds and penalties, ask for logprobs, stop on a string or their budget:
+    the same tokens, texts, finish reasons and logprobs whether the host reads each step's tokens before the next
+    step or after it (the overlap)."""
+    from glmkit.runner import FastRunner
+
+    def run(overlap: bool) -> list:
+        monkeypatch.setattr(FastRunner, "overlap", property(lambda self: overlap))
+        engine = Engine(*trained, max_batch_size=4, max_context=512, fast_decode=True, ride_from_batch=2)
+        try:
+            jobs = [(prompt(engine, i % 3), dict(max_tokens=5 + 3 * i, temperature=0.9 if i % 2 else 0.0, seed=i,
+                                                 logprobs=2 if i % 3 == 0 else None, stop=["GPU"] if i == 4 else [],
+                                                 frequency_penalty=0.5 if i % 4 == 1 else 0.0,
+                                                 presence_penalty=0.3 if i % 4 == 2 else 0.0)) for i in range(9)]
+            with engine._wake:  # all queued before the first step: 9 requests through 4 slots
+                reqs = [engine.submit(ids, **kw) for ids, kw in jobs]
+            return [(r.wait(120).tokens, r.finish_reason, r.text, [(t, round(lp, 4)) for t, lp, _ in r.token_logprobs])
+                    for r in reqs]
+        finally:
+            engine.close()
+
+    overlapped = run(True)
+    assert overlapped == run(False)
+    assert {reason for _, reason, _, _ in overlapped} >= {"length"}
+
+
 def test_short_prompts_arriving_together_ride_the_decode_steps_instead_of_a_forward_each(trained):
     engine = Engine(*trained, max_batch_size=8, max_context=512, fast_decode=True, ride_from_batch=4)
     real, prefilled = engine.runner.prefill, []
