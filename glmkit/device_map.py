@@ -56,18 +56,29 @@ class LayerCountError(DeviceMapError):
                          f"({layers[0]} .. {layers[-1]}); e.g. {self.suggestion}.")
 
 
+# Meta models by (config class, config JSON, default dtype): a config's is built once per process and shared
+_META_MODELS: dict[tuple[type, str, torch.dtype], nn.Module] = {}
+_META_MODELS_KEPT = 32
+
+
 def as_model(model_or_config: Any) -> nn.Module:
     """A model to read names and shapes from: the model itself, or one built on the meta device.
 
-    Building on the meta device allocates no memory, so the real 9.4 B config is instant.
+    Building on the meta device allocates no memory. Each config's meta model is built once per process (0.2 s of
+    CPU for GLM-4-9B's 40 layers) and shared by every later call with an equal config, so a planner asked many
+    questions answers in milliseconds and its per-model caches hit: read it, never change it.
     """
     if isinstance(model_or_config, nn.Module):
         return model_or_config
     if isinstance(model_or_config, (str, os.PathLike)):
         model_or_config = AutoConfig.from_pretrained(model_or_config)
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_or_config)
+    key = (type(model_or_config), model_or_config.to_json_string(), torch.get_default_dtype())
+    if key not in _META_MODELS:
+        if len(_META_MODELS) >= _META_MODELS_KEPT:
+            del _META_MODELS[next(iter(_META_MODELS))]  # the oldest
+        with torch.device("meta"):
+            _META_MODELS[key] = AutoModelForCausalLM.from_config(model_or_config)
+    return _META_MODELS[key]
 
 
 def no_split_classes(model: nn.Module) -> set[str]:

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig
 
 from glmkit.bench import decode_tokens_per_second, environment_record
-from glmkit.generation import encode_chat, model_device
+from glmkit.generation import chat_ids, model_device
 from glmkit.loading import load_model, load_tokenizer
 from glmkit.planning import unit_weight_bytes
 from glmkit.tables import html_table, text_table
@@ -84,14 +84,21 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, texts: Sequence[str], bat
 
 
 def greedy_tokens(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], new_tokens: int = 24) -> list[list[int]]:
-    """Greedy continuations (exactly ``new_tokens`` each) of chat-formatted ``prompts``."""
-    out = []
+    """Greedy continuations (exactly ``new_tokens`` each) of chat-formatted ``prompts``, all in one ``generate``
+    call, the prompts left-padded (and masked) to one length. For the tiny GLM's 4 prompts on a 2-core CPU: a third of
+    the time of one call per prompt, and the same tokens in bf16, fp16, int8, nf4 and fp4."""
+    rows = [chat_ids(tokenizer, [{"role": "user", "content": prompt}]) for prompt in prompts]
+    n = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(rows), n), pad, dtype=torch.long)  # [prompts, longest]; each prompt ends at column n
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, n - len(r):], mask[i, n - len(r):] = torch.tensor(r), 1
+    device = model_device(model)
     with torch.inference_mode():
-        for prompt in prompts:
-            enc = encode_chat(tokenizer, [{"role": "user", "content": prompt}], device=model_device(model))
-            ids = model.generate(**enc, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            out.append(ids[0, enc["input_ids"].shape[1]:].tolist())
-    return out
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False)
+    return out[:, n:].tolist()
 
 
 def agreement(reference: list[list[int]], other: list[list[int]]) -> float:

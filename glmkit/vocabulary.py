@@ -2,7 +2,9 @@
 allocator settings, and the head size of a config.
 
 Everything else in glmkit reads these names from here, so a new precision or device kind is added in one place.
-Pure Python on top of torch; imports nothing of glmkit's. Used from ``notebooks/01_single_gpu_oom.ipynb`` on.
+Pure Python; imports nothing of glmkit's, and torch only in the dtype helpers, so that ``glmkit --help``, a mistyped
+flag and the ``--tp N`` launcher (which only starts processes) answer without loading torch (about 1.5 s of CPU).
+Used from ``notebooks/01_single_gpu_oom.ipynb`` on.
 
 >>> parse_size("12GiB"), gpu_index("cuda:1"), quantization_name("bf16"), PRECISIONS["nf4"]
 (12884901888, 1, None, ('bfloat16', 'nf4'))
@@ -11,10 +13,12 @@ Pure Python on top of torch; imports nothing of glmkit's. Used from ``notebooks/
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 GiB = 2**30
 MiB = 2**20
@@ -55,13 +59,20 @@ DEVICE_STRINGS = re.compile(r"^(cpu|disk|meta|mps|cuda(:\d+)?|xpu(:\d+)?)$")
 _GPU_RE = re.compile(r"^cuda(?::(\d+))?$")
 
 
+def is_torch_device(value: Any) -> bool:
+    """Whether ``value`` is a ``torch.device``, without importing torch (no device exists before torch is loaded)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.device)
+
+
 def gpu_index(device: Any) -> int | None:
     """The GPU index a device-map value names (``0``, ``"cuda"``, ``"cuda:1"``, ``torch.device("cuda:1")``), else None.
 
+    >>> import torch
     >>> gpu_index(1), gpu_index("cuda"), gpu_index(torch.device("cuda:2")), gpu_index("cpu")
     (1, 0, 2, None)
     """
-    if isinstance(device, torch.device):
+    if is_torch_device(device):
         device = str(device)
     if isinstance(device, int) and not isinstance(device, bool):
         return device
@@ -74,12 +85,12 @@ def norm_device(device: Any) -> int | str:
     index = gpu_index(device)
     if index is not None:
         return index
-    return str(device) if isinstance(device, torch.device) else device
+    return str(device) if is_torch_device(device) else device
 
 
 def valid_device(device: Any) -> bool:
     """Whether a device-map value names a device: a GPU index >= 0, a ``torch.device``, or ``cpu``/``disk``/``cuda:N``..."""
-    if isinstance(device, torch.device):
+    if is_torch_device(device):
         return True
     if isinstance(device, int) and not isinstance(device, bool):
         return device >= 0
@@ -139,6 +150,8 @@ def quantization_name(quantization: str | None) -> str | None:
 
 def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """``torch.bfloat16`` from ``torch.bfloat16`` or ``"bfloat16"``."""
+    import torch
+
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
@@ -149,6 +162,8 @@ def dtype_name(dtype: torch.dtype | str) -> str:
 
 def element_size(dtype: torch.dtype | str) -> int:
     """Bytes per value: 2 for ``torch.bfloat16``."""
+    import torch
+
     return torch.tensor([], dtype=torch_dtype(dtype)).element_size()
 
 

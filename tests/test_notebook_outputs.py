@@ -2,8 +2,6 @@
 
 import logging
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import nbformat
@@ -61,9 +59,16 @@ def test_ordinary_output_is_not_taken_for_a_path(text):
     assert not MACHINE_PATH.search(text)
 
 
-def test_bitsandbytes_kernels_hint_is_dropped():
+def test_bitsandbytes_kernels_hint_is_dropped(caplog):
     assert not QuietKernelsHint().filter(logging.makeLogRecord({"msg": "Please `pip install kernels` >= 0.11.1"}))
     assert QuietKernelsHint().filter(logging.makeLogRecord({"msg": "something else"}))
-    code = "import glmkit.loading, bitsandbytes, logging; logging.getLogger('bitsandbytes').warning('a real warning')"
-    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
-    assert "pip install kernels" not in err and "a real warning" in err
+    # The logger bitsandbytes warns through carries the filter (glmkit.loading, imported above, installed it), so its
+    # hint is dropped and its other warnings still show. (Checked in this process: a fresh one spends ~8 s importing.)
+    from bitsandbytes.backends.cpu import ops
+
+    assert any(isinstance(f, QuietKernelsHint) for f in ops.logger.filters)
+    with caplog.at_level(logging.WARNING):
+        ops.logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. "
+                           "Please make sure you already `pip install kernels` and the kernels >= 0.11.1")
+        ops.logger.warning("a real warning")
+    assert [r.getMessage() for r in caplog.records] == ["a real warning"]

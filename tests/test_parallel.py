@@ -1,4 +1,5 @@
-"""Tensor parallelism through the glmkit entry point: 2 processes (gloo on CPU) give the single-process tokens."""
+"""Tensor parallelism through the glmkit entry point: 2 processes (gloo on CPU) give the single-process tokens
+(``glmkit generate`` run in this test process: the ``generate_here`` fixture)."""
 
 import pytest
 
@@ -7,8 +8,8 @@ from glmkit.models import TRAINED_TINY_DIR, glm4_9b_chat_config, tiny_glm_config
 from glmkit.parallel import run_generate, tp_problem
 
 
-def test_two_process_tensor_parallel_matches_one_process():
-    one = run_generate(TRAINED_TINY_DIR, tp=1)
+def test_two_process_tensor_parallel_matches_one_process(generate_here):
+    one = generate_here()
     two = run_generate(TRAINED_TINY_DIR, tp=2)  # raises unless exactly one process (rank 0) printed
     assert (one["processes"], two["processes"]) == (1, 2)
     assert one["tokens"] == two["tokens"] and 0 < len(one["tokens"]) <= 16  # the end token is not a token of the reply
