@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import gc
 import time
-import traceback
 
 import torch
 import torch.nn.functional as F
 
-from glmkit.bench import copy_bandwidth, save_result
+from glmkit.bench import copy_bandwidth, save_result, stage_runner
 from glmkit.gemv import device_name, gemv, gemv_swiglu, tables_for
 from glmkit.models import ensure_random_checkpoint
 
@@ -180,15 +179,7 @@ def main() -> None:
                     "copy_bandwidth_bytes_s": bw, "device": device_name(),
                     "tuned_shapes_for_this_card": len(tables_for(device_name())), "decode": [], "errors": []}
 
-    def stage(name, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:  # keep the other stages' results; say what failed
-            traceback.print_exc()
-            result["errors"].append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
-            return None
-        finally:
-            save_result("nf4_decode", result)
+    stage = stage_runner("nf4_decode", result)
 
     def decode(name, model, label, **options):
         row = stage(name, generate_speed, model) if label is None else stage(name, fast_decode, model, label, **options)

@@ -27,7 +27,6 @@ import argparse
 import gc
 import math
 import time
-import traceback
 from typing import Any
 
 import torch
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from nf4_decode import token_bytes
 
 from glmkit import gemv4bit
-from glmkit.bench import copy_bandwidth, save_result
+from glmkit.bench import copy_bandwidth, save_result, stage_runner
 from glmkit.gemv import GemvConfig, active_table, device_name, gemv, gemv_swiglu, pick_config, tables_for
 from glmkit.gemv4bit import (
     LOOKUP,
@@ -274,15 +273,7 @@ def main() -> None:
         "copy_bandwidth_bytes_s": bw, "device": device_name(),
         "tuned_shapes_for_this_card_before": len(tables_for(device_name())), "errors": []}
 
-    def stage(name: str, fn: Any, *a: Any, **kw: Any) -> Any:
-        try:
-            return fn(*a, **kw)
-        except Exception as exc:  # keep the other stages' results; say what failed
-            traceback.print_exc()
-            result["errors"].append(f"{name}: {type(exc).__name__}: {str(exc)[:300]}")
-            return None
-        finally:
-            save_result("nf4_gemv", result)
+    stage = stage_runner("nf4_gemv", result)
 
     if "projections" in stages:
         table = stage("projections", projection_table, bw, args.sweep) or {"rows": []}

@@ -77,6 +77,33 @@ def save_result(name: str, payload: dict[str, Any], out_dirs: list[str | Path] |
     return written
 
 
+def stage_runner(name: str, result: dict[str, Any],
+                 out_dirs: list[str | Path] | None = None) -> Callable[..., Any]:
+    """``stage(label, fn, *args, **kwargs)`` for a benchmark of several stages: runs ``fn``; if it raises, prints the
+    traceback, records ``"label: error"`` in ``result["errors"]`` and returns None, so the other stages still run;
+    either way saves ``result`` as ``name`` (``save_result``): a stage's results survive a later stage's crash.
+
+    >>> import tempfile
+    >>> result = {"errors": []}
+    >>> stage = stage_runner("stages", result, out_dirs=[tempfile.mkdtemp()])
+    >>> stage("ok", lambda: 3), stage("bad", lambda: 1 / 0), result["errors"]
+    (3, None, ['bad: ZeroDivisionError: division by zero'])
+    """
+    import traceback
+
+    def stage(label: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # keep the other stages' results; say what failed
+            traceback.print_exc()
+            result["errors"].append(f"{label}: {type(exc).__name__}: {str(exc)[:300]}")
+            return None
+        finally:
+            save_result(name, result, out_dirs)
+
+    return stage
+
+
 class NvmlBaseline:
     """This process's GPU memory as the driver sees it: used now minus used before CUDA started.
 
