@@ -53,9 +53,7 @@ class FastRunner:
         """Put the next ``n`` prompt tokens of ``req`` into its row; the last position's logits ``[vocab]`` once the
         whole prompt is in, else None."""
         start = req.prefilled
-        chunk = [req.prompt_ids[start:start + n]]
-        # no wait for the device's queued work (the overlap); TPLeader sends host ids on to its other processes
-        ids = to_device(chunk, torch.long, self.device) if self.overlap else torch.tensor(chunk, dtype=torch.long)
+        ids = self._tensor([req.prompt_ids[start:start + n]])
         logits = self._decoder().prefill(ids, slot=req.slot, start=start)
         req.prefilled += n
         return logits[0] if req.prefilled == len(req.prompt_ids) else None
@@ -66,6 +64,11 @@ class FastRunner:
         can read them only after it has queued the next step; a decoder that needs them on the host (the
         tensor-parallel ``TPLeader`` sends them to its other processes) gets them read first."""
         return self.decoder is None or isinstance(self.decoder, FastDecoder)
+
+    def _tensor(self, values: list) -> torch.Tensor:
+        """``values`` (token ids, positions) as a long tensor for the decoder: on its device without waiting for the
+        work queued there (the overlap), or on the host for a decoder that sends them on (``TPLeader``)."""
+        return to_device(values, torch.long, self.device) if self.overlap else torch.tensor(values, dtype=torch.long)
 
     def decode(self, running: dict[int, GenerationRequest], decoding: list[GenerationRequest],
                riding: list[GenerationRequest] = (), inflight: Inflight | None = None,
@@ -87,16 +90,12 @@ class FastRunner:
             else:
                 tokens[r.slot] = r.tokens[-1]
             pos[r.slot] = len(r.prompt_ids) + len(r.tokens) + r.inflight - 1
-        if not self.overlap:  # TPLeader: host tensors, which it sends on to its other processes without a sync
-            host = torch.tensor([tokens, pos], dtype=torch.long)
-            logits = self._decoder().decode_step(host[0], host[1])
-        else:
-            both = to_device([tokens, pos, source], torch.long, self.device)
-            feed = both[0]
-            if any(s >= 0 for s in source):
-                picked = inflight.tokens.to(self.device)[both[2].clamp(min=0)]
-                feed = torch.where(both[2] >= 0, picked, both[0])
-            logits = self._decoder().decode_step(feed, both[1])
+        both = self._tensor([tokens, pos, source])
+        feed = both[0]
+        if any(s >= 0 for s in source):  # only with overlap: a decoder reading on the host had its tokens read first
+            picked = inflight.tokens.to(self.device)[both[2].clamp(min=0)]
+            feed = torch.where(both[2] >= 0, picked, both[0])
+        logits = self._decoder().decode_step(feed, both[1])
         done = []
         for r in riding:
             r.prefilled += 1
