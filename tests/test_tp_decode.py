@@ -5,6 +5,8 @@ stay right) and a ``TPLeader`` fed host tensors that drives a follower to one pr
 vocabulary-split embedding. (Greedy ``--tp 2 --fast-decode`` against one process through the CLI: notebook 08, whose
 checked cell runs it; through the server: tests/test_tp_serve.py.)"""
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -44,15 +46,15 @@ IDS = torch.tensor([[5, 17, 33, 100, 7, 9, 200, 3]])
 STEPS = 8
 
 
-def _rank(rank: int, folder: str) -> None:
-    """One of the 2 processes: the all-reduce modes, then a leader (rank 0) and a follower (rank 1)."""
+def _rank(rank: int, folder: str, model: torch.nn.Module) -> None:
+    """One of the 2 processes: the all-reduce modes, then a leader (rank 0) and a follower (rank 1), each splitting
+    ``model`` (the whole trained tiny GLM-4, loaded before the fork)."""
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
     try:
         out = {}
         for mode in ("symm", "auto", "nccl"):
             ar = AllReduce(dist.group.WORLD, torch.device("cpu"), torch.float32, mode=mode)
             out[mode] = (ar.mode, ar.reason, ar(torch.full((3, 4), float(rank + 1))).tolist())
-        model = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
         dec = TPDecoder(model, max_len=48, batch_size=2, group=dist.group.WORLD, allreduce="symm")
         out["embed_rows"] = dec.embed.shape[0]
         commands = dist.new_group(backend="gloo")
@@ -75,11 +77,18 @@ def _rank(rank: int, folder: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
-    """What each of 2 gloo processes saw. They are forked from this one: real processes with their own group, without
-    the ~7 s a spawned interpreter spends importing torch and transformers again (only rank-local CPU work and gloo,
-    nothing a fork cannot carry)."""
+    """What each of 2 gloo processes saw. They are forked from this one, the model already loaded: real processes
+    with their own group, without the ~7 s a spawned interpreter spends importing torch and transformers again (they
+    run only CPU tensors and gloo, nothing a fork cannot carry). A rank stuck for 2 minutes fails the test."""
     folder = tmp_path_factory.mktemp("tp")
-    mp.start_processes(_rank, args=(str(folder),), nprocs=2, start_method="fork")
+    model = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
+    procs = mp.start_processes(_rank, args=(str(folder), model), nprocs=2, join=False, start_method="fork")
+    deadline = time.monotonic() + 120
+    while not procs.join(timeout=1):  # (raises with the rank's traceback if one failed)
+        if time.monotonic() > deadline:
+            for proc in procs.processes:
+                proc.kill()
+            pytest.fail("the 2 forked gloo ranks did not finish in 2 minutes")
     return [torch.load(folder / f"{r}.pt") for r in (0, 1)]
 
 
