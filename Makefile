@@ -11,8 +11,9 @@ ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: lab test lint notebooks clean chromium
 
-# pip byte-compiles what it installs one file at a time (on 2 cores, about as long as the rest of the install);
-# compileall -j 0 writes the same .pyc files with every core, once the packages are in.
+# pip byte-compiles what it installs one file at a time; compileall -j 0 writes the same .pyc files (15,659 here)
+# with every core once the packages are in (like pip, it skips files this Python cannot compile: one of torch's on 3.11).
+# Fresh clone, fresh HOME, 2 shared cores: `make .venv/.dev` 187 -> 155 s and 167 -> 137 s, back to back.
 COMPILE := $(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null 2>&1 || true
 
 $(VENV)/.base: pyproject.toml
