@@ -107,14 +107,50 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: boo
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def mlp_activation(h: torch.Tensor, wgu: Weight, gemv: bool | str) -> torch.Tensor:
-    """``up * silu(gate)`` of the fused gate/up projection; the Triton kernel applies it before it writes."""
+def mlp_activation(h: torch.Tensor, wgu: Weight, gemv: bool | str, norm_weight: torch.Tensor | None = None,
+                   eps: float = 1e-5) -> torch.Tensor:
+    """``up * silu(gate)`` of the fused gate/up projection; the Triton kernel applies it before it writes. With
+    ``norm_weight``, h is the raw residual stream and its RMSNorm is multiplied (folded into the Triton kernel where
+    that runs, ``fuses``)."""
+    if norm_weight is not None and fuses(wgu, gemv, swiglu=True):
+        return gemv_swiglu(h, wgu, norm_weight=norm_weight, eps=eps)
+    if norm_weight is not None:
+        h = rms_norm(h, norm_weight, eps)
     if gemv == "triton" and isinstance(wgu, Packed4bit):
         return gemv_4bit_swiglu(h, wgu)
     if gemv == "triton" and prefer_triton(kernel_name(wgu.dtype), wgu.shape[0] // 2, wgu.shape[1]):
         return gemv_swiglu(h, wgu)
     gate, up = linear(h, wgu, None, gemv).chunk(2, dim=-1)
     return up * F.silu(gate)
+
+
+def fuses(weight: Weight, gemv: bool | str, swiglu: bool = False) -> bool:
+    """Whether glmkit's 16/32-bit Triton GEMV multiplies by ``weight`` (``gemv="triton"``, a shape it runs), and so
+    can fold the RMSNorm before it and the residual add after it into its own launch.
+
+    >>> fuses(torch.zeros(8, 4), "triton"), fuses(torch.zeros(8, 4), False)
+    (True, False)
+    """
+    if gemv != "triton" or not isinstance(weight, torch.Tensor):
+        return False
+    return prefer_triton(kernel_name(weight.dtype), weight.shape[0] // (2 if swiglu else 1), weight.shape[1])
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: Weight, bias: torch.Tensor | None,
+                gemv: bool | str) -> torch.Tensor:
+    """``linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)``: in one Triton launch where ``fuses``, which
+    normalises x as it reads it (no norm kernel)."""
+    if fuses(weight, gemv):
+        return triton_gemv(x, weight, bias, norm_weight=norm_weight, eps=eps)
+    return linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)
+
+
+def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gemv: bool | str) -> torch.Tensor:
+    """``residual + linear(x, weight, None, gemv)``: in one Triton launch where ``fuses`` (the add in its epilogue,
+    rounded as PyTorch rounds it)."""
+    if fuses(weight, gemv):
+        return triton_gemv(x, weight, None, residual=residual)
+    return residual + linear(x, weight, None, gemv)
 
 
 def auto_gemv(device: torch.device, batch_size: int, dtype: torch.dtype = torch.bfloat16) -> str | bool:
@@ -148,16 +184,23 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
                   sin: torch.Tensor, mask: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
                   wo: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, next_norm: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float, heads: int, kv_heads: int, head_dim: int,
-                  gemv: bool | str = False, sdpa: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  gemv: bool | str = False, sdpa: bool = True,
+                  in_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One GLM decoder layer for one new token per sequence, writing its K/V at ``pos`` in the static cache.
 
     x: the residual stream [b, 1, hidden]; h: ``x`` already normalised by this layer's input norm; returns the new
     residual stream and it normalised by ``next_norm`` (the next layer's input norm, or the final norm), so the
     residual add and the next norm run as one kernel. pos, batch_index: [b];
     k_cache/v_cache: [b, kv_heads, max_len, head_dim]; mask: additive [b, 1, 1, max_len] (0 up to pos, else -inf).
+
+    in_norm: this layer's input norm, given on the Triton batch-1 path (``FastDecoder.fuses_norms``): then the
+    GEMVs do the norms and the residual adds (``norm_linear``, ``residual_linear``), h is not read and the layer
+    returns ``(x, x)``: a layer is four GEMV launches, the rotary/KV write and attention, with no norm kernel.
     """
     b = x.shape[0]
-    qkv = linear(h, wqkv, bqkv, gemv)  # [b, 1, (heads + 2 kv_heads) * head_dim]
+    fused = in_norm is not None
+    # [b, 1, (heads + 2 kv_heads) * head_dim]
+    qkv = norm_linear(x, in_norm, eps, wqkv, bqkv, gemv) if fused else linear(h, wqkv, bqkv, gemv)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q = rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
     k = rope(k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
@@ -168,10 +211,10 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
         attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # [b, heads, 1, hd]
     else:
         attn = _attention_reduction(q, k_cache, v_cache, mask)
-    x = x + linear(attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, None, gemv)
-    h = rms_norm(x, ln2, eps)
-    x = x + linear(mlp_activation(h, wgu, gemv), wd, None, gemv)
-    return x, rms_norm(x, next_norm, eps)
+    x = residual_linear(x, attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, gemv)
+    mlp = mlp_activation(x, wgu, gemv, ln2, eps) if fused else mlp_activation(rms_norm(x, ln2, eps), wgu, gemv)
+    x = residual_linear(x, mlp, wd, gemv)
+    return x, (x if fused else rms_norm(x, next_norm, eps))
 
 
 def prefill_layer(x: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -402,6 +445,10 @@ class _Stage:
         self.logits = torch.zeros(batch_size, vocab, device=dev, dtype=torch.float32) if segment.head else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.staging: list[torch.Tensor] | None = None  # pinned host buffers of a hop through host memory
+        # the norms glmkit's fused Triton GEMVs apply (FastDecoder.fuses_norms): each layer's input norm, and the
+        # final norm before lm_head; set by FastDecoder
+        self.in_norms: list[torch.Tensor] = []
+        self.final_norm: torch.Tensor | None = None
 
 
 class FastDecoder:
@@ -508,6 +555,9 @@ class FastDecoder:
                               cfg.hidden_size, cfg.vocab_size, self.dtype, cos, sin) for s in self.segments]
         first, last = self.stages[0], self.stages[-1]
         self.first_norm = model.model.layers[0].input_layernorm.weight.to(first.device)  # after the embeddings
+        for st in self.stages:  # the norms the fused GEMVs apply (fuses_norms): each layer's input norm, the final
+            st.in_norms = [model.model.layers[i].input_layernorm.weight.to(st.device) for i in st.segment.layers]
+            st.final_norm = model.model.norm.weight.to(st.device) if st.segment.head else None
         self.logits = last.logits  # [batch, vocab] fp32, on lm_head's device
         # per layer of the whole model, its K/V buffer [batch, kv_heads, max_len, head_dim] (prefill writes there)
         self.k_layers = [k for st in self.stages for k in st.k_cache]
@@ -549,6 +599,12 @@ class FastDecoder:
 
         return html_table(self._headers(), self.rows(), caption=f"FastDecoder: {len(self.stages)} segment(s), "
                           f"step sizes {self.buckets}")
+
+    def fuses_norms(self, b: int) -> bool:
+        """Whether the step of ``b`` rows runs glmkit's 16/32-bit Triton GEMVs, which then apply the RMSNorms and the
+        residual adds themselves (``decoder_layer``'s ``in_norm``): two kernels fewer per layer. A 4-bit model's
+        GEMVs (``glmkit.gemv4bit``) do not."""
+        return self.gemv_by_bucket[b] == "triton" and not self.quantized
 
     @property
     def gemv(self) -> bool | str:
@@ -593,9 +649,10 @@ class FastDecoder:
         m = self.model
         live = st.batch_index[:b] < st.control[2, :b] if b > 1 else None  # a one-row step's row is always live
         tokens = st.control[0, :1] if live is None else torch.where(live, st.control[0, :b], 0)
+        fused = self.fuses_norms(b)  # the GEMVs normalise their input themselves: h is x, never normalised apart
         if st.segment.embed:
             x = F.embedding(tokens[:, None], m.get_input_embeddings().weight)  # [b, 1, hidden]
-            h = rms_norm(x, self.first_norm, self.eps)
+            h = x if fused else rms_norm(x, self.first_norm, self.eps)
         else:
             x, h = st.x_in[:b], st.h_in[:b]
         if len(st.segment.layers):
@@ -611,7 +668,8 @@ class FastDecoder:
             for j, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(st.weights):
                 x, h = self.layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
                                      next_norm, st.k_cache[j, :b], st.v_cache[j, :b], self.eps, self.heads,
-                                     self.kv_heads, self.head_dim, gemv, self.sdpa)
+                                     self.kv_heads, self.head_dim, gemv, self.sdpa,
+                                     st.in_norms[j] if fused else None)
             if live is not None:
                 keep = live.view(1, b, 1, 1)
                 st.k_cache[:, :b, :, 0] = torch.where(keep, st.k_cache[:, :b, :, 0], k0)
@@ -620,7 +678,9 @@ class FastDecoder:
             # h: after the final norm; lm_head runs outside the compiled layer, so the reduction form (a
             # [vocab, hidden] fp32 temporary if run eagerly) is not used for it
             head = "triton" if self.gemv_by_bucket[b] == "triton" else False
-            st.logits[:b].copy_(linear(h, self.head_weight, m.lm_head.bias, head)[:, -1].float())
+            logits = (norm_linear(h, st.final_norm, self.eps, self.head_weight, m.lm_head.bias, head) if fused
+                      else linear(h, self.head_weight, m.lm_head.bias, head))
+            st.logits[:b].copy_(logits[:, -1].float())
         else:
             st.x_out[:b].copy_(x)
             st.h_out[:b].copy_(h)
