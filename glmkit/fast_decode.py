@@ -493,16 +493,22 @@ class FastDecoder:
             a device-to-device copy (NVLink or PCIe peer-to-peer). ``"host"``: staged through pinned host memory,
             each half waited for, as it goes between cards that have no peer-to-peer access (two consumer cards on
             PCIe often have none); notebook 02 compares the two.
+        fuse_norms: on the Triton batch-1 step of a 16/32-bit model (``fuses_norms``), the GEMVs apply the RMSNorms
+            and the residual adds as they read and write (``glmkit.gemv.gemv``'s ``norm_weight`` and ``residual``):
+            two kernels fewer per layer. ``False`` keeps them as compiled kernels of their own (to compare:
+            ``benchmarks/profile_step.py``, ``benchmarks/decode.py``).
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
                  cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool | str = "auto",
                  compile_options: dict[str, Any] | None = None, attention: str = "sdpa",
-                 graph_batch_sizes: Sequence[int] | None = None, hop: str = "peer") -> None:
+                 graph_batch_sizes: Sequence[int] | None = None, hop: str = "peer",
+                 fuse_norms: bool = True) -> None:
         self.check(model)
         if hop not in HOPS:
             raise ValueError(f"hop must be one of {HOPS} (device to device, or through host memory), not {hop!r}.")
         self.hop = hop
+        self.fuse_norms = fuse_norms
         if attention not in ("sdpa", "reduction"):
             raise ValueError(f"attention must be 'sdpa' or 'reduction', not {attention!r}.")
         if gemv not in ("auto", False, True, "triton"):
@@ -604,7 +610,7 @@ class FastDecoder:
         """Whether the step of ``b`` rows runs glmkit's 16/32-bit Triton GEMVs, which then apply the RMSNorms and the
         residual adds themselves (``decoder_layer``'s ``in_norm``): two kernels fewer per layer. A 4-bit model's
         GEMVs (``glmkit.gemv4bit``) do not."""
-        return self.gemv_by_bucket[b] == "triton" and not self.quantized
+        return self.fuse_norms and self.gemv_by_bucket[b] == "triton" and not self.quantized
 
     @property
     def gemv(self) -> bool | str:

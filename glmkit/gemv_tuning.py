@@ -1,7 +1,8 @@
 """Find the fastest launch shapes of glmkit's GEMV kernels on the card in hand, and keep them (``glmkit tune``).
 
 For each GLM-4-9B projection and each kernel (bf16, fp16, nf4, fp4) every candidate shape is checked against a
-float64 reference and timed as the decode step runs it: back to back over enough weight copies that nothing is
+float64 reference and timed as the decode step runs it (16-bit: with the RMSNorm or the residual add that the
+one-card decoder folds into each launch, ``FUSED``): back to back over enough weight copies that nothing is
 served from the L2 cache, inside one CUDA graph. The best shapes go into a table chosen by the device's name
 (``glmkit.gemv.tables_for``); written to glmkit's cache (``$GLMKIT_CACHE`` or ``~/.cache/glmkit``) they take
 precedence over the shipped tables. Needs a GPU. Introduced in ``notebooks/05_tuning.ipynb``.
@@ -28,6 +29,10 @@ from glmkit.gemv import GemvConfig, active_table, device_name, gemv, gemv_swiglu
 from glmkit.gemv4bit import gemv_4bit, gemv_4bit_swiglu, linear_4bit, quantize
 
 FOUR_BIT = ("nf4", "fp4")
+# what the one-card decoder's 16-bit Triton GEMVs fold in per projection (glmkit.fast_decode.decoder_layer): the
+# RMSNorm before qkv, gate_up and lm_head, the residual add after o_proj and down_proj; these are the launches timed
+FUSED = {"qkv": "norm", "o_proj": "residual", "gate_up": "norm", "down_proj": "residual", "lm_head": "norm"}
+EPS = GlmConfig().rms_norm_eps  # GLM-4-9B-Chat's (1.5625e-07)
 
 
 def projections(quantized: bool = False, tp: int = 1) -> dict[str, tuple[int, int, bool, bool]]:
@@ -116,10 +121,13 @@ def _reference(kernel: str, w: Any) -> torch.Tensor:
 
 def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel: str = "bf16",
                     shapes: Iterable[GemvConfig] | None = None, device: str = "cuda",
-                    timer: Callable[[Callable[[int], Any], int], float] = graph_time) -> dict[str, Any]:
+                    timer: Callable[[Callable[[int], Any], int], float] = graph_time,
+                    fused: str | None = None) -> dict[str, Any]:
     """Time every candidate shape of ``kernel`` on one projection against cuBLAS (16-bit) or bitsandbytes'
     ``matmul_4bit`` (4-bit); returns the row for the JSON result, with ``best`` (None if none built). The best
-    shape goes into this process's table; with another ``timer`` (tests) two weight copies and no table entry."""
+    shape goes into this process's table; with another ``timer`` (tests) two weight copies and no table entry.
+    ``fused`` (16-bit): time the launch the decoder makes, with the RMSNorm (``"norm"``) or the residual add
+    (``"residual"``) folded in (``glmkit.gemv.gemv``); the baseline stays the bare product."""
     rows = 2 * n if swiglu else n
     quant = kernel in FOUR_BIT
     nbytes = rows * k // 2 if quant else rows * k * 2  # packed weights only (absmax adds 1/32 or 1/128)
@@ -129,10 +137,18 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
     dtype = torch.float16 if kernel == "fp16" else torch.bfloat16
     b = torch.randn(rows, device=device, dtype=dtype) if bias else None
     x = torch.randn(1, 1, k, device=device, dtype=dtype)
-    ref = F.linear(x.double(), _reference(kernel, ws[0]), None if b is None else b.double())
+    fused = None if quant else fused
+    g = (1 + 0.1 * torch.randn(k, device=device)).to(dtype) if fused == "norm" else None
+    r = torch.randn(1, 1, n, device=device, dtype=dtype) if fused == "residual" else None
+    x64 = x.double()
+    if g is not None:  # RMSNorm in float64
+        x64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + EPS) * g.double()
+    ref = F.linear(x64, _reference(kernel, ws[0]), None if b is None else b.double())
     if swiglu:
         gate, up = ref.chunk(2, dim=-1)
         ref = up * F.silu(gate)
+    if r is not None:
+        ref = ref + r.double()
 
     def baseline(i):
         y = linear_4bit(x, ws[i], b) if quant else F.linear(x, ws[i], b)
@@ -143,7 +159,8 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
 
     t_base = timer(baseline, copies)
     base_name = "bnb_matmul_4bit" if quant else "cublas"
-    row: dict[str, Any] = {"projection": name, "kernel": kernel, "rows": rows, "columns": k, "bytes": nbytes,
+    row: dict[str, Any] = {"projection": name, "kernel": kernel, "fused": fused, "rows": rows, "columns": k,
+                           "bytes": nbytes,
                            "copies": copies, f"{base_name}_us": t_base * 1e6,
                            f"{base_name}_tb_s": nbytes / t_base / 1e12, "tried": []}
     best = None
@@ -151,7 +168,9 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
         def ours(i, cfg=cfg):
             if quant:
                 return gemv_4bit_swiglu(x, ws[i], config=cfg) if swiglu else gemv_4bit(x, ws[i], b, config=cfg)
-            return gemv_swiglu(x, ws[i], config=cfg) if swiglu else gemv(x, ws[i], b, config=cfg)
+            if swiglu:
+                return gemv_swiglu(x, ws[i], config=cfg, norm_weight=g, eps=EPS)
+            return gemv(x, ws[i], b, config=cfg, norm_weight=g, eps=EPS, residual=r)
 
         try:
             err = ((ours(0).double() - ref).norm() / ref.norm()).item()  # NaN (a row never written) fails the check
@@ -194,7 +213,9 @@ def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = p
             log(f"{kernel}: skipped for tp={tp} (tensor parallelism runs 16-bit weights).")
             continue
         for name, (n, k, bias, swiglu) in projections(quantized=kernel in FOUR_BIT, tp=tp).items():
-            row = tune_projection(name, n, k, bias, swiglu, kernel)
+            # the one-card decoder's 16-bit launches fold in a norm or a residual add (tensor parallelism's do not)
+            fused = FUSED[name] if kernel not in FOUR_BIT and tp == 1 else None
+            row = tune_projection(name, n, k, bias, swiglu, kernel, fused=fused)
             rows.append(row)
             best = row["best"]
             base = "bnb_matmul_4bit" if kernel in FOUR_BIT else "cublas"

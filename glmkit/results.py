@@ -457,6 +457,8 @@ def _path_label(row: dict[str, Any]) -> str:
     mode = options.get("compile_options", {}).get("mode")
     if mode:
         return f"{row['path']}\n({mode.split('-no-')[0]})"
+    if options.get("fuse_norms") is False:
+        return f"{row['path']}\n(norms apart)"
     return f"{row['path']}\n({options['attention']}\nattention)" if "attention" in options else row["path"]
 
 

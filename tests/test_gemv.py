@@ -309,6 +309,8 @@ def test_fast_decoder_folds_the_norms_and_residual_adds_into_the_gemvs(monkeypat
     ids = encode_chat(tok, [{"role": "user", "content": "How many layers?"}])["input_ids"].to(DEVICE)
     fast = FastDecoder(trained, max_len=64, gemv="triton", compile=False, cuda_graph=False)
     assert fast.fuses_norms(1)
+    assert not FastDecoder(trained, max_len=64, gemv="triton", fuse_norms=False, compile=False,
+                           cuda_graph=False).fuses_norms(1)  # norms as kernels of their own, to compare
     fast.prefill(ids)  # a warm-up step, then the prompt (cuBLAS, norms apart)
     launches.clear()
     monkeypatch.setattr(glmkit.fast_decode, "rms_norm", no_norm)
@@ -320,3 +322,30 @@ def test_fast_decoder_folds_the_norms_and_residual_adds_into_the_gemvs(monkeypat
     monkeypatch.undo()
     want = trained.generate(ids, max_new_tokens=10, do_sample=False)
     assert torch.equal(fast.generate(ids, max_new_tokens=10), want)
+
+
+@pytest.mark.parametrize("name, swiglu", [("qkv", False), ("gate_up", True), ("down_proj", False)])
+def test_the_tuner_times_the_fused_launch_the_decoder_makes(name, swiglu, monkeypatch):
+    """``glmkit tune`` checks (against float64) and times each 16-bit projection with the norm or residual add the
+    decoder folds into it: the table then holds the shapes of the kernels the decoder launches."""
+    import glmkit.gemv_tuning
+    from glmkit.gemv_tuning import FUSED, projections, tune_projection
+
+    assert set(FUSED) == set(projections())
+    folded = []
+
+    def recording(kernel):
+        def run(*args, **kwargs):
+            folded.append(sorted(k for k in ("norm_weight", "residual") if kwargs.get(k) is not None))
+            return kernel(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(glmkit.gemv_tuning, "gemv", recording(gemv))
+    monkeypatch.setattr(glmkit.gemv_tuning, "gemv_swiglu", recording(gemv_swiglu))
+    shapes = [GemvConfig(16, 64, 4), GemvConfig(8, 256, 2)]
+    row = tune_projection(name, 40, 200, name == "qkv", swiglu, "bf16", shapes=shapes, device=DEVICE,
+                          timer=lambda fn, copies: (fn(0), 1e-6)[1], fused=FUSED[name])
+    assert row["fused"] == FUSED[name] and row["best"] is not None
+    assert all(t["rel_err"] < 2e-2 for t in row["tried"])  # against float64 with the norm or the residual
+    want = ["residual"] if name == "down_proj" else ["norm_weight"]
+    assert folded and all(f == want for f in folded)
