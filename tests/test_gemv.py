@@ -231,7 +231,7 @@ def test_norm_and_residual_folded_into_the_gemv_equal_the_unfused_ops_in_float32
     torch.testing.assert_close(gemv(x, w, b, config=config, norm_weight=g, eps=1e-5),
                                F.linear(_rms_norm(x, g), w, b), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gemv(x, w, b, config=config, residual=r), r + F.linear(x, w, b), rtol=1e-4, atol=1e-4)
-    wgu = rand(2 * n, k, seed=5)
+    wgu = rand(2 * n, k, seed=5) / k**0.5
     gate, up = F.linear(_rms_norm(x, g), wgu).chunk(2, dim=-1)
     torch.testing.assert_close(gemv_swiglu(x, wgu, config=config, norm_weight=g), up * F.silu(gate), rtol=1e-4,
                                atol=1e-4)
