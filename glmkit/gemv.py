@@ -5,7 +5,11 @@ cuBLAS' kernels for these shapes read an H100's memory at 2.0-2.9 TB/s and, for 
 the sum into pieces that a second kernel adds up. These kernels give each program one to four whole rows and sum
 them in fp32 in one pass: 2.6-3.2 TB/s on the same H100, and GLM-4-9B decodes at 150 instead of 134 tok/s
 (``benchmarks/results/gemv_tune.json``, ``decode.json``). ``gemv_swiglu`` also applies GLM's MLP activation
-(``up * silu(gate)``) before it writes, so the gate/up product never leaves the kernel. ``FastDecoder`` uses them
+(``up * silu(gate)``) before it writes, so the gate/up product never leaves the kernel. Both can also take the raw
+residual stream and apply the RMSNorm before the product as they read it (``norm_weight``), and ``gemv`` can add the
+residual stream to its result as it writes (``residual``): on ``FastDecoder``'s batch-1 step a decoder layer is then
+four GEMV launches, the rotary/KV write and attention, with no norm or add kernel of its own (380 kernels a step
+on GLM-4-9B before, measured on an H100 in ``benchmarks/results/profile_step.json``). ``FastDecoder`` uses them
 at batch 1 on a GPU (``gemv="auto"``, the default).
 
 Launch shapes come from tables chosen by the GPU's name (``assets/gemv_tuned*.json``: H100 bf16; H200 once measured)

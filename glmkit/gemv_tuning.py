@@ -219,9 +219,10 @@ def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = p
             rows.append(row)
             best = row["best"]
             base = "bnb_matmul_4bit" if kernel in FOUR_BIT else "cublas"
-            log(f"{kernel:5s} {name:10s} " + (f"best {best['block_n']}x{best['block_k']}/{best['num_warps']} warps: "
-                                              f"{best['us']:.1f} µs, {best['tb_s']:.2f} TB/s; {base} "
-                                              f"{row[base + '_tb_s']:.2f} TB/s" if best else "no shape built"))
+            label = f"{name}+{fused}" if fused else name
+            log(f"{kernel:5s} {label:18s} " + (f"best {best['block_n']}x{best['block_k']}/{best['num_warps']} warps: "
+                                               f"{best['us']:.1f} µs, {best['tb_s']:.2f} TB/s; {base} (bare product) "
+                                               f"{row[base + '_tb_s']:.2f} TB/s" if best else "no shape built"))
     return rows
 
 
