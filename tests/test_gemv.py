@@ -349,3 +349,48 @@ def test_the_tuner_times_the_fused_launch_the_decoder_makes(name, swiglu, monkey
     assert all(t["rel_err"] < 2e-2 for t in row["tried"])  # against float64 with the norm or the residual
     want = ["residual"] if name == "down_proj" else ["norm_weight"]
     assert folded and all(f == want for f in folded)
+
+
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from glmkit.gemv import _gemv_kernel as kernel
+
+sig = {**{p: "*bf16" for p in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "r_ptr")},
+       "N": "i32", "K": "i32", "K_FULL": "i32", "eps": "fp32"}
+
+def build(**flags):
+    consts = {**dict(HAS_BIAS=False, SWIGLU=False, NORM=False, RESIDUAL=False, BLOCK_N=8, BLOCK_K=512,
+                     EVEN_N=False, EVEN_K=False), **flags}
+    src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}},
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+try:
+    build()  # the plain kernel, as it ran on H100s and H200s
+except Exception as exc:
+    print("NO TOOLCHAIN", type(exc).__name__, str(exc)[:200])
+    raise SystemExit(0)
+for norm, residual, swiglu in [(True, False, False), (True, False, True), (False, True, False)]:
+    assert "cubin" in build(NORM=norm, RESIDUAL=residual, SWIGLU=swiglu, HAS_BIAS=norm and not swiglu).asm
+print("OK")
+"""
+
+
+def test_the_fused_kernels_compile_for_an_h100_or_h200_without_one():
+    """Triton's CPU interpreter runs the kernels' arithmetic but not Triton's compiler: build the fused variants for
+    sm_90 (Hopper) down to a cubin, in a process without the interpreter, so a GPU-only compile error shows here."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if out.stdout.startswith("NO TOOLCHAIN"):
+        pytest.skip(f"this Triton cannot build for sm_90 here: {out.stdout.strip()}")
+    assert out.stdout.strip().endswith("OK")
