@@ -467,7 +467,9 @@ def gemv_sentence() -> Text:
 
     def render(g: dict[str, Any]) -> str:
         rows = g["projections"]
-        acc = {v["gemv"]: v for v in (load("gemv_accuracy") or {"variants": []})["variants"]}
+        acc: dict[Any, dict[str, Any]] = {}  # per gemv option its first row: the decoder's default (norms folded in)
+        for v in (load("gemv_accuracy") or {"variants": []})["variants"]:
+            acc.setdefault(v["gemv"], v)
         text = (f"cuBLAS' kernels for these shapes read the weights at {_range([r['cublas_tb_s'] for r in rows])} TB/s on an "
                 f"{g['environment']['device']}. `benchmarks/gemv_tune.py` tried {_range([len(r['tried']) for r in rows], 0)} "
                 f"launch shapes per projection (checked against a float64 reference), timed back to back over 1 GiB of "
