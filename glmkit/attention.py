@@ -233,6 +233,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     ``o_proj`` reads, with no copy. Introduced with the fast path in ``notebooks/05_tuning.ipynb``.
     """
     _check(q, k, v, k_cache, v_cache, pos, batch_index, cos, sin)
+    pos, batch_index = pos.contiguous(), batch_index.contiguous()  # read as pos_ptr + i (an expanded view is not)
     b, heads, hd = q.shape
     kv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv
@@ -245,8 +246,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         m = torch.empty(b, heads, splits, dtype=torch.float32, device=q.device)
         lse = torch.empty_like(m)
         acc = torch.empty(b, heads, splits, hd, dtype=torch.float32, device=q.device)
-    else:
-        m = lse = acc = out  # unused
+    else:  # unused (one split writes the output itself); own tensors: no argument aliases the output
+        m, lse, acc = (torch.empty(1, dtype=torch.float32, device=q.device) for _ in range(3))
     block_d = max(16, triton.next_power_of_2(hd))
     _decode_attention_kernel[(b * kv, splits)](
         q, k, v, cos, sin, pos, batch_index, k_cache, v_cache, out, m, lse, acc,

@@ -147,3 +147,14 @@ def test_auto_attention_falls_back_to_sdpa_with_a_warning_when_the_kernel_fails(
     assert auto.attention == "sdpa" and torch.equal(got, want)
     with pytest.raises(ValueError, match="attention must be 'auto', 'triton', 'sdpa' or 'reduction'"):
         FastDecoder(trained, attention="flash")
+
+
+def test_a_tensor_parallel_rank_decodes_with_the_kernel_as_with_sdpa(trained):
+    from glmkit.tp_decode import TPDecoder
+
+    ids = torch.randint(0, 800, (2, 5), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    want = TPDecoder(trained, max_len=16, batch_size=2, attention="sdpa", compile=False, cuda_graph=False)
+    got = TPDecoder(trained, max_len=16, batch_size=2, attention="triton", compile=False, cuda_graph=False)
+    assert got.attention == "triton"
+    # prefill in pieces of 2, 2, 1: the last one-token piece goes through the kernel too (positions expanded per row)
+    assert torch.equal(got.generate(ids, 4, ignore_eos=True, prefill_chunk=2), want.generate(ids, 4, ignore_eos=True))
