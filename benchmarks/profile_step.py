@@ -61,7 +61,10 @@ def main() -> None:
         paths = (("fast, eager layer", {"compile": False, "cuda_graph": False, "gemv": False}),
                  ("fast, compiled layer", {"compile": True, "cuda_graph": False, "gemv": False}),
                  ("fast, compiled layer, Triton GEMV", {"compile": True, "cuda_graph": False, "gemv": "triton"}),
-                 ("fast, compiled layer, Triton GEMV, CUDA graph", {"gemv": "triton"}))
+                 ("fast, compiled layer, Triton GEMV, CUDA graph", {"gemv": "triton"}),
+                 # the same with rope + cache write + SDPA instead of glmkit's decode-attention kernel (the default)
+                 ("fast, compiled layer, Triton GEMV, CUDA graph, sdpa attention",
+                  {"gemv": "triton", "attention": "sdpa"}))
     else:
         from glmkit.quantization import load_precision
 

@@ -247,7 +247,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         lse = torch.empty_like(m)
         acc = torch.empty(b, heads, splits, hd, dtype=torch.float32, device=q.device)
     else:  # unused (one split writes the output itself); own tensors: no argument aliases the output
-        m, lse, acc = (torch.empty(1, dtype=torch.float32, device=q.device) for _ in range(3))
+        m = torch.empty(1, dtype=torch.float32, device=q.device)
+        lse, acc = torch.empty_like(m), torch.empty_like(m)
     block_d = max(16, triton.next_power_of_2(hd))
     _decode_attention_kernel[(b * kv, splits)](
         q, k, v, cos, sin, pos, batch_index, k_cache, v_cache, out, m, lse, acc,
