@@ -80,11 +80,11 @@ def case(b: int, cached: int, max_len: int, sdpa_c: Any, triton_c: Any) -> dict[
         row["triton_compiled_us"] = 1e6 * graph_time(run(triton_c), layers)
         row["triton_eager_us"] = 1e6 * graph_time(run(triton_attention), layers)
         sweep = {}
-        if max_len > 4 * BLOCK_N:  # a few other split lengths, eager launch
-            default = row["split_length"]
-            for split in sorted({max(BLOCK_N, default // 4), max(BLOCK_N, default // 2), default * 2, default * 4}):
-                if split != default and split < max_len:
-                    sweep[str(split)] = 1e6 * graph_time(run(triton_attention, split=split), layers)
+        default, whole = row["split_length"], -(-max_len // BLOCK_N) * BLOCK_N
+        others = {BLOCK_N << i for i in range(8) if default // 4 <= BLOCK_N << i <= 4 * default and BLOCK_N << i < max_len}
+        others |= {whole} if max_len <= 4096 else set()  # the whole cache in one program: no combine
+        for split in sorted(others - {default}):  # other split lengths, eager launch
+            sweep[str(split)] = 1e6 * graph_time(run(triton_attention, split=split), layers)
         row["triton_eager_us_by_split"] = sweep
     row["speedup_compiled"] = row["sdpa_compiled_us"] / row["triton_compiled_us"]
     print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)

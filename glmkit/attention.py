@@ -43,18 +43,22 @@ if triton is not None:
 BLOCK_N = 64  # cache positions per tile (a K tile [64, 128] in bf16 is 16 KiB)
 TARGET_PROGRAMS = 256  # programs a long cache is split into, about two per SM of an H100/H200 (132 SMs)
 MAX_SPLITS = 128  # at most this many splits per sequence and KV head: the combine reads one partial output each
+ONE_SPLIT_MAX = 512  # a cache of at most this many positions is one program per sequence and KV head, no combine
 
 
 def split_length(batch: int, kv_heads: int, max_len: int, target: int = TARGET_PROGRAMS) -> int:
-    """Cache positions each program covers: ``batch * kv_heads * max_len / target`` rounded up to a power of two,
-    at least one tile (``BLOCK_N``), and few enough splits that combining them stays small (``MAX_SPLITS``). Chosen
-    from the cache length, not the position (a CUDA graph replays one grid for every token).
+    """Cache positions each program covers: the whole cache up to ``ONE_SPLIT_MAX`` positions (one launch, no
+    combine); above, ``batch * kv_heads * max_len / target`` rounded up to a power of two, at least one tile
+    (``BLOCK_N``), and few enough splits that combining them stays small (``MAX_SPLITS``). Chosen from the cache
+    length, not the position (a CUDA graph replays one grid for every token).
 
-    >>> split_length(1, 2, 32768), split_length(16, 2, 32768), split_length(1, 2, 2048)
-    (256, 4096, 64)
+    >>> split_length(1, 2, 288), split_length(1, 2, 32768), split_length(16, 2, 32768), split_length(1, 2, 2048)
+    (320, 256, 4096, 64)
     """
     if triton is None:
         raise RuntimeError("glmkit.attention needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
+    if max_len <= ONE_SPLIT_MAX:
+        return triton.cdiv(max_len, BLOCK_N) * BLOCK_N
     per_program = triton.cdiv(batch * kv_heads * max_len, target)
     length = max(BLOCK_N, triton.next_power_of_2(per_program), triton.next_power_of_2(triton.cdiv(max_len, MAX_SPLITS)))
     return min(length, max(BLOCK_N, triton.next_power_of_2(max_len)))

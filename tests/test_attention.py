@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from helpers import DEVICE, rand
 
+import glmkit.attention
 from glmkit.attention import BLOCK_N, decode_attention, split_length
 from glmkit.fast_decode import FastDecoder, rope
 from glmkit.gemv import triton_available
@@ -81,6 +82,7 @@ def test_positions_after_pos_are_never_read():
 
 def test_split_length_fills_the_gpu_on_long_caches_only():
     assert split_length(1, 2, 64) == BLOCK_N  # a short cache: one program per KV head
+    assert split_length(1, 2, 288) == 320 and split_length(16, 2, 500) == 512  # whole, up to ONE_SPLIT_MAX
     assert 32768 // split_length(1, 2, 32768) == 128  # 32K at batch 1: 128 splits x 2 KV heads = 256 programs
     assert split_length(16, 2, 32768) == 4096  # batch 16 fills the GPU with rows: 8 splits
     assert all(split_length(b, 2, n) % BLOCK_N == 0 for b in (1, 3, 16) for n in (40, 1000, 5000))
@@ -111,8 +113,10 @@ def test_fast_decoder_with_triton_attention_and_gemv_gives_generates_tokens(trai
     assert torch.equal(fast.generate(ids, max_new_tokens=5, ignore_eos=True), want)
 
 
-def test_rows_at_different_positions_over_several_splits_decode_like_generate(trained):
+def test_rows_at_different_positions_over_several_splits_decode_like_generate(trained, monkeypatch):
     # two slots of a batch at their own positions (row 1 in the cache's second split of three): the engine's use
+    monkeypatch.setattr(glmkit.attention, "ONE_SPLIT_MAX", 0)  # 160 positions in splits of 64, as a long cache
+    assert split_length(2, 2, 160) == 64
     prompts = [torch.randint(0, 800, (1, n), generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in (5, 66)]
     dec = FastDecoder(trained, max_len=160, batch_size=2, attention="triton", compile=False, cuda_graph=False)
     logits = torch.cat([dec.prefill(p, slot=i) for i, p in enumerate(prompts)])
