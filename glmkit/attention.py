@@ -2,14 +2,15 @@
 
 At batch 1 a decode step's attention reads little (GLM-4-9B: 2 KV heads x 128 dims, 1 KiB a cached token in bf16)
 but compiled, it still ran as three kernels a layer: two for the rotary embedding and the cache write, then cuDNN's
-SDPA (H100: 1.3 + 1.3 + 4.3 µs a layer, ``benchmarks/results/profile_step.json``). ``decode_attention`` does it in
-one kernel (two on a long cache): each program takes one KV head of one sequence with *all* the query heads that
-share it (GLM-4-9B: 16), rotates q and k, writes k and v at the sequence's position, and reads each K/V tile once
-for its 16 query heads, softmax in fp32. A long cache is split over several programs (flash-decoding: each keeps
-its partial max, sum and output; a second small kernel combines them), so a 32K cache fills the GPU. The grid is
-sized from the cache length, not from the position (which lives on the device): programs past a sequence's
-position exit at once, so a CUDA graph replays it for every token, and ``torch.compile(fullgraph=True)`` traces it
-as a user-defined Triton kernel.
+SDPA (H100, 32 cached tokens: 1.2 + 1.4 + 4.3 µs a layer, ``benchmarks/results/profile_step.json``).
+``decode_attention`` does it in one kernel (two on a cache longer than 512): each program takes one KV head of one
+sequence with *all* the query heads that share it (GLM-4-9B: 16), rotates q and k, writes k and v at the
+sequence's position, and reads each K/V tile once for its 16 query heads, softmax in fp32. A long cache is split
+over several programs (flash-decoding: each keeps its partial max, sum and output; a second small kernel combines
+them), so a 32K cache fills the GPU. The grid is sized from the cache length, not from the position (which lives
+on the device): programs past a sequence's position exit at once, so a CUDA graph replays it for every token, and
+``torch.compile(fullgraph=True)`` traces it as a user-defined Triton kernel. Positions after a sequence's own are
+never read: the stale K/V a chunked prefill or an earlier request leaves there change nothing.
 
 ``FastDecoder(attention="triton")`` uses it (``"auto"``, the default, wherever the Triton GEMVs run); notebook
 ``05_tuning.ipynb`` teaches the fast path. On a CPU it runs in Triton's interpreter (``TRITON_INTERPRET=1``).
