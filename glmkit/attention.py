@@ -92,7 +92,7 @@ if triton is not None:
         split = tl.program_id(1)
         i = pid // KV
         h = pid % KV
-        pos = tl.load(pos_ptr + i)
+        pos = tl.load(pos_ptr + i).to(tl.int32)  # positions, loop bounds and offsets within a row: int32
         start = split * SPLIT
         if start > pos:  # past the sequence's position: nothing to read (the combine skips this split)
             return
@@ -115,7 +115,7 @@ if triton is not None:
         k_new = (tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32) * cos
                  + tl.load(k_row + partner, mask=d_ok, other=0.0).to(tl.float32) * sin).to(cache_dtype)
         v_new = tl.load(v_ptr + i * stride_vb + h * stride_vh + d, mask=d_ok, other=0.0).to(cache_dtype)
-        row = tl.load(row_ptr + i)
+        row = tl.load(row_ptr + i)  # int64: row * stride_cb may pass 2**31 on a large batch of long caches
         k_head = k_cache_ptr + row * stride_cb + h * stride_ch
         v_head = v_cache_ptr + row * stride_cb + h * stride_ch
         if (split == pos // SPLIT) & (pos < max_len):  # the one program whose split holds pos writes the new k, v
@@ -165,7 +165,7 @@ if triton is not None:
         # one program: one query head of one sequence; softmax-weighted sum of the partial outputs of its splits
         pid = tl.program_id(0)
         i = pid // HEADS
-        used = tl.load(pos_ptr + i) // SPLIT + 1  # splits that held positions 0..pos
+        used = tl.load(pos_ptr + i).to(tl.int32) // SPLIT + 1  # splits that held positions 0..pos
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
