@@ -61,7 +61,8 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16", help="bf16 (all paths), or fp16 / nf4 / nf4-dq (fast Triton paths)")
     ap.add_argument("--name", help="result file name (default: profile_step, or profile_step_PRECISION)")
     ap.add_argument("--fast-only", action="store_true",
-                    help="only the fast path as it decodes (compiled, CUDA graph; bf16: also with the norms apart)")
+                    help="only the fast path as it decodes (compiled, CUDA graph; bf16: also with sdpa attention and "
+                         "with the norms apart)")
     args = ap.parse_args()
     import torch
 
@@ -75,6 +76,10 @@ def main() -> None:
         paths = (("fast, eager layer", {"compile": False, "cuda_graph": False, "gemv": False}),
                  ("fast, compiled layer", {"compile": True, "cuda_graph": False, "gemv": False}),
                  ("fast, compiled layer, Triton GEMV", {"compile": True, "cuda_graph": False, "gemv": "triton"}),
+                 # rope + cache write + SDPA instead of glmkit's decode-attention kernel (the default, last)
+                 ("fast, compiled layer, Triton GEMV, CUDA graph, sdpa attention",
+                  {"gemv": "triton", "attention": "sdpa"}),
+                 # the RMSNorms and residual adds as kernels of their own instead of folded into the GEMVs
                  ("fast, compiled layer, Triton GEMV, CUDA graph, norms apart", {"gemv": "triton", "fuse_norms": False}),
                  ("fast, compiled layer, Triton GEMV, CUDA graph", {"gemv": "triton"}))
     else:
