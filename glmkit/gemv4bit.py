@@ -5,7 +5,9 @@ own one-token kernel (``bnb.matmul_4bit``) reads those packed weights at 0.94-1.
 it saves memory, not time. These kernels read the *same* tensors bitsandbytes keeps (no second copy), dequantize in
 registers and sum in fp32, one pass over each weight; ``gemv_4bit_swiglu`` also applies GLM's MLP activation
 (``up * silu(gate)``) before it writes, and ``gemv_4bit_multi`` reads q, k and v in one launch. ``FastDecoder``
-uses them for a bitsandbytes nf4/fp4 model at batch 1.
+uses them for a bitsandbytes nf4/fp4 model at batch 1. Each is a PyTorch operator (``torch.ops.glmkit.gemv_4bit``,
+``gemv_4bit_multi``, ``gemv_4bit_swiglu``) that ``torch.compile`` calls without tracing into the kernel, so a
+compiled decoder layer fuses everything around them.
 
 At batch 1 a 4-bit GEMV is bound by instructions, not bytes: every byte holds two weights to look up, so the
 kernels keep the work per byte small (sm_90 SASS read with ``cuobjdump``): 16-byte loads of weights; x read as 32-bit
@@ -436,12 +438,18 @@ def _check(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool) -> None:
         if k % v.blocksize or v.data.numel() >= 2**31:
             raise ValueError(f"gemv_4bit needs rows made of whole quantization blocks (k={k} is not a multiple of "
                              f"blocksize {v.blocksize}) and fewer than 2**32 weights; use linear_4bit.")
-        if (v.device, v.shape[1], v.blocksize, v.quant_type, v.nested, v.nested_blocksize) != \
-                (w.device, k, w.blocksize, w.quant_type, w.nested, w.nested_blocksize):
-            raise ValueError("gemv_4bit_multi needs weights of one format (device, columns, blocksize, nf4/fp4, "
-                             "double quantization or not); multiply them one by one with gemv_4bit.")
+    _check_format(ws)
     if swiglu and w.shape[0] % 2:
         raise ValueError(f"gemv_4bit_swiglu needs a gate/up weight with an even number of rows, got {w.shape[0]}.")
+
+
+def _check_format(ws: tuple[Packed4bit, ...]) -> None:
+    w = ws[0]
+    for v in ws[1:]:
+        if (v.device, v.shape[1], v.blocksize, v.quant_type, v.nested, v.nested_blocksize) != \
+                (w.device, w.shape[1], w.blocksize, w.quant_type, w.nested, w.nested_blocksize):
+            raise ValueError("gemv_4bit_multi needs weights of one format (device, columns, blocksize, nf4/fp4, "
+                             "double quantization or not); multiply them one by one with gemv_4bit.")
 
 
 _CHECKED: set[torch.device] = set()
@@ -507,26 +515,142 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     return y
 
 
+# The kernels as PyTorch operators (``torch.ops.glmkit.gemv_4bit``, ``..._multi``, ``..._swiglu``), opaque to
+# torch.compile: dynamo records a call to the op (its output shape from the fake below) instead of tracing the
+# Triton kernel, and Inductor compiles the norms, RoPE and residual adds around it while the op launches the kernel
+# Triton built (Inductor's own build of this kernel failed on an H200: SubprocException). ``torch.library.triton_op``
+# + ``wrap_triton`` would instead let Inductor trace into the kernel and build it itself, the step that failed; an
+# opaque op also keeps the launch shape and lookup picked at run time, from the table of the card in hand.
+# An op takes only tensors, ints, floats, bools and strings: a ``Packed4bit`` goes in as its tensors and numbers
+# (``_weight_args``), a ``GemvConfig`` as three ints (0: pick at run time) and the lookup as a string ("": LOOKUP).
+_WEIGHT_SCHEMA = ("Tensor data, Tensor absmax, Tensor code, Tensor? absmax2, Tensor? code2, Tensor? offset, "
+                  "int rows, int columns, int blocksize, int nested_blocksize, str quant_type")
+_LAUNCH_SCHEMA = "int block_n, int block_k, int num_warps, str lookup"
+
+
+def _weight_args(w: Packed4bit) -> tuple:
+    return (w.data, w.absmax, w.code, w.absmax2, w.code2, w.offset, w.shape[0], w.shape[1], w.blocksize,
+            w.nested_blocksize, w.quant_type)
+
+
+def _launch_args(config: GemvConfig | None, lookup: str | None = None) -> tuple[int, int, int, str]:
+    if lookup is not None and lookup not in LOOKUPS:
+        raise ValueError(f"lookup must be one of {LOOKUPS}, not {lookup!r}.")
+    shape = (0, 0, 0) if config is None else (config.block_n, config.block_k, config.num_warps)
+    return (*shape, lookup or "")
+
+
+def _packed(data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, absmax2: torch.Tensor | None,
+            code2: torch.Tensor | None, offset: torch.Tensor | None, rows: int, columns: int, blocksize: int,
+            nested_blocksize: int, quant_type: str) -> Packed4bit:
+    """A ``Packed4bit`` again from an op's arguments (no bitsandbytes state: the kernels do not read it)."""
+    return Packed4bit(data=data, absmax=absmax, code=code, shape=(rows, columns), blocksize=blocksize, dtype=None,
+                      quant_type=quant_type, quant_state=None, absmax2=absmax2, code2=code2, offset=offset,
+                      nested_blocksize=nested_blocksize)
+
+
+def _config(block_n: int, block_k: int, num_warps: int) -> GemvConfig | None:
+    return GemvConfig(block_n, block_k, num_warps) if block_n else None
+
+
+def _fake_output(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool) -> torch.Tensor:
+    """What the op returns, for torch.compile's trace (checked as the kernel checks it, so errors come early)."""
+    _check(x, ws, swiglu)
+    rows = sum(w.shape[0] for w in ws)
+    return x.new_empty((*x.shape[:-1], rows // 2 if swiglu else rows))
+
+
+@torch.library.custom_op("glmkit::gemv_4bit", mutates_args=(),
+                         schema=f"(Tensor x, {_WEIGHT_SCHEMA}, Tensor? bias, {_LAUNCH_SCHEMA}) -> Tensor")
+def _gemv_4bit_op(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize,
+                  quant_type, bias, block_n, block_k, num_warps, lookup):
+    w = _packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type)
+    return _launch(x, (w,), bias, False, _config(block_n, block_k, num_warps), lookup or None)
+
+
+@_gemv_4bit_op.register_fake
+def _(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type, bias,
+      block_n, block_k, num_warps, lookup):
+    w = _packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type)
+    return _fake_output(x, (w,), False)
+
+
+@torch.library.custom_op("glmkit::gemv_4bit_swiglu", mutates_args=(),
+                         schema=f"(Tensor x, {_WEIGHT_SCHEMA}, {_LAUNCH_SCHEMA}) -> Tensor")
+def _gemv_4bit_swiglu_op(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize,
+                         quant_type, block_n, block_k, num_warps, lookup):
+    w = _packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type)
+    return _launch(x, (w,), None, True, _config(block_n, block_k, num_warps), lookup or None)
+
+
+@_gemv_4bit_swiglu_op.register_fake
+def _(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type,
+      block_n, block_k, num_warps, lookup):
+    w = _packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type)
+    return _fake_output(x, (w,), True)
+
+
+# several weights of one format: per weight its packed bytes, scales and rows (the nested lists empty without
+# double quantization); the format (code table, columns, blocksizes) once
+_MULTI_SCHEMA = ("(Tensor x, Tensor[] data, Tensor[] absmax, Tensor code, Tensor[] absmax2, Tensor[] code2, "
+                 "Tensor[] offset, int[] rows, int columns, int blocksize, int nested_blocksize, str quant_type, "
+                 f"Tensor? bias, {_LAUNCH_SCHEMA}) -> Tensor")
+
+
+def _multi_packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize,
+                  quant_type) -> tuple[Packed4bit, ...]:
+    nested = [(a2, c2, o) for a2, c2, o in zip(absmax2, code2, offset)] or [(None, None, None)] * len(data)
+    return tuple(_packed(d, a, code, *n, r, columns, blocksize, nested_blocksize, quant_type)
+                 for d, a, n, r in zip(data, absmax, nested, rows))
+
+
+@torch.library.custom_op("glmkit::gemv_4bit_multi", mutates_args=(), schema=_MULTI_SCHEMA)
+def _gemv_4bit_multi_op(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize,
+                        quant_type, bias, block_n, block_k, num_warps, lookup):
+    ws = _multi_packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize,
+                       quant_type)
+    return _launch(x, ws, bias, False, _config(block_n, block_k, num_warps), lookup or None)
+
+
+@_gemv_4bit_multi_op.register_fake
+def _(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type, bias,
+      block_n, block_k, num_warps, lookup):
+    ws = _multi_packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize,
+                       quant_type)
+    return _fake_output(x, ws, False)
+
+
 def gemv_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None,
-              config: GemvConfig | None = None) -> torch.Tensor:
-    """``F.linear(x, weight.dequantize(), bias)`` for one token ``[..., k]``, reading the packed weight once."""
-    return _launch(x, (weight,), bias, swiglu=False, config=config)
+              config: GemvConfig | None = None, lookup: str | None = None) -> torch.Tensor:
+    """``F.linear(x, weight.dequantize(), bias)`` for one token ``[..., k]``, reading the packed weight once
+    (the op ``torch.ops.glmkit.gemv_4bit``). ``config``/``lookup`` override the launch shape and nibble lookup
+    (default: ``config_for`` and ``LOOKUP``, picked when the kernel runs)."""
+    return _gemv_4bit_op(x, *_weight_args(weight), bias, *_launch_args(config, lookup))
 
 
 def gemv_4bit_multi(x: torch.Tensor, weights: Sequence[Packed4bit], bias: torch.Tensor | None = None,
-                    config: GemvConfig | None = None) -> torch.Tensor:
+                    config: GemvConfig | None = None, lookup: str | None = None) -> torch.Tensor:
     """``torch.cat([gemv_4bit(x, w) for w in weights], -1) + bias`` in one launch, for up to three weights of one
     format with the same columns (GLM's q, k and v: one kernel instead of three and a concatenation); ``bias`` is
-    the concatenated bias. The launch shape is the one tuned for all their rows (``config_for``)."""
+    the concatenated bias. The launch shape is the one tuned for all their rows (``config_for``). The op:
+    ``torch.ops.glmkit.gemv_4bit_multi``."""
     ws = tuple(weights)
     if not 1 <= len(ws) <= 3:
         raise ValueError(f"gemv_4bit_multi takes one to three weights, got {len(ws)}.")
-    return _launch(x, ws, bias, swiglu=False, config=config)
+    _check_format(ws)  # the op takes the format (code, columns, blocksizes) once: one for all, checked here
+    w = ws[0]
+    nested = w.nested
+    return _gemv_4bit_multi_op(x, [v.data for v in ws], [v.absmax for v in ws], w.code,
+                               [v.absmax2 for v in ws] if nested else [], [v.code2 for v in ws] if nested else [],
+                               [v.offset for v in ws] if nested else [], [v.shape[0] for v in ws], w.shape[1],
+                               w.blocksize, w.nested_blocksize, w.quant_type, bias, *_launch_args(config, lookup))
 
 
-def gemv_4bit_swiglu(x: torch.Tensor, weight: Packed4bit, config: GemvConfig | None = None) -> torch.Tensor:
-    """GLM's MLP activation of one token, ``up * silu(gate)`` of a packed 4-bit gate/up weight ``[2n, k]``."""
-    return _launch(x, (weight,), None, swiglu=True, config=config)
+def gemv_4bit_swiglu(x: torch.Tensor, weight: Packed4bit, config: GemvConfig | None = None,
+                     lookup: str | None = None) -> torch.Tensor:
+    """GLM's MLP activation of one token, ``up * silu(gate)`` of a packed 4-bit gate/up weight ``[2n, k]`` (the op
+    ``torch.ops.glmkit.gemv_4bit_swiglu``)."""
+    return _gemv_4bit_swiglu_op(x, *_weight_args(weight), *_launch_args(config, lookup))
 
 
 def linear_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor:

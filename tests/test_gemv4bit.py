@@ -8,6 +8,7 @@ from helpers import DEVICE, rand
 from glmkit.gemv import GemvConfig
 from glmkit.gemv4bit import (
     Packed4bit,
+    _launch,
     config_for,
     gemv_4bit,
     gemv_4bit_multi,
@@ -60,6 +61,56 @@ def test_gemv_4bit_multi_equals_the_concatenated_products(double_quant):
     torch.testing.assert_close(gemv_4bit_multi(x, ws[:2]), want[..., :48] - b[:48], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="one format"):
         gemv_4bit_multi(x, [ws[0], quantize(rand(8, 256), "fp4", double_quant)])
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_ops_give_what_the_kernel_gives_launched_directly(quant_type, double_quant):
+    # the public functions go through torch.ops.glmkit.*: a Packed4bit unpacked into tensors and numbers and packed
+    # again must launch the same kernel on the same tensors (odd rows, a partial last step, a bias, three weights)
+    ws = [quantize(rand(n, 192, seed=n), quant_type, double_quant) for n in (37, 8, 24)]
+    x, b = rand(1, 1, 192, seed=1), rand(69, seed=2)
+    config = GemvConfig(8, 128, 2)
+    for got, want in [(gemv_4bit(x, ws[0], b[:37], config), _launch(x, ws[:1], b[:37], False, config)),
+                      (torch.ops.glmkit.gemv_4bit_multi(x, [w.data for w in ws], [w.absmax for w in ws], ws[0].code,
+                                                        *([[getattr(w, f) for w in ws] for f in ("absmax2", "code2",
+                                                                                                  "offset")]
+                                                          if double_quant else [[], [], []]),
+                                                        [37, 8, 24], 192, 64, 256, quant_type, b, 8, 128, 2, ""),
+                       _launch(x, tuple(ws), b, False, config)),
+                      (gemv_4bit_swiglu(x, ws[2], config), _launch(x, ws[2:], None, True, config))]:
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_torch_compile_calls_the_ops_and_does_not_trace_the_kernel():
+    # what FastDecoder compiles: a norm around the three ops, fullgraph. The graph dynamo hands the backend must hold
+    # the ops themselves (no Triton kernel traced into it), and weights of another layer reuse the compiled graph.
+    from torch._dynamo import lookup_backend
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return lookup_backend("aot_eager")(gm, example_inputs)  # AOT tracing too: the ops' fake outputs
+
+    def layer(x, qkv, gate_up, bias):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+        y = gemv_4bit_multi(h, qkv, bias)
+        return gemv_4bit_swiglu(y[..., :128] * 0.1, gate_up), gemv_4bit(h, qkv[0])
+
+    def weights(seed):
+        qkv = [quantize(rand(n, 256, seed=seed + n), "nf4", double_quant=True) for n in (128, 32, 32)]
+        return qkv, quantize(rand(96, 128, seed=seed), "nf4", double_quant=True)
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False, backend=backend)
+    x, bias = rand(1, 1, 256, seed=1), rand(192, seed=2)
+    for seed in (0, 100):  # two layers' weights
+        qkv, gate_up = weights(seed)
+        for got, want in zip(compiled(x, qkv, gate_up, bias), layer(x, qkv, gate_up, bias)):
+            torch.testing.assert_close(got, want)
+    assert len(graphs) == 1 and {"glmkit.gemv_4bit.default", "glmkit.gemv_4bit_multi.default",
+                                 "glmkit.gemv_4bit_swiglu.default"} <= graphs[0]
+    assert not any("triton" in target for target in graphs[0])
 
 
 def test_nibble_order_and_block_scales_are_read_as_bitsandbytes_writes_them():
