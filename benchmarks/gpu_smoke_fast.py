@@ -1,6 +1,9 @@
 """Quick GPU check of the fast path on the tiny model: same greedy tokens as generate() (eager, graph, graph +
-compile, and with a chunked prefill), and prefill logits equal to one plain forward; then the layer split with both
+compile, and with a chunked prefill), and prefill logits equal to one plain forward; bitsandbytes nf4/fp4 through the
+default decoder (glmkit's 4-bit ops in the compiled layer, CUDA graphs); then the layer split with both
 halves on cuda:0 (two segments): generate()'s tokens lone, in slots of a bucketed batch, and with prefill(start=)."""
+
+import warnings
 
 import torch
 from accelerate import dispatch_model
@@ -9,6 +12,8 @@ from glmkit.device_map import split_layers
 from glmkit.fast_decode import FastDecoder
 from glmkit.generation import encode_chat
 from glmkit.loading import load_model, load_tokenizer
+from glmkit.models import TRAINED_TINY_DIR
+from glmkit.quantization import load_precision
 
 model = load_model(dtype=torch.float32, device_map="cuda:0")
 ids = torch.randint(0, 800, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
@@ -47,6 +52,26 @@ for dtype in (torch.bfloat16, torch.float32):
     for compile_layer in (False, True):
         got = FastDecoder(m, max_len=40, gemv="triton", compile=compile_layer).generate(prompt, 24, ignore_eos=True)
         print("triton", dtype, "compiled" if compile_layer else "eager", "identical:", torch.equal(got, want), flush=True)
+
+# 4 bits (bitsandbytes nf4, nf4 with double quantization, fp4) on the trained tiny model: the default decoder
+# (gemv="auto": glmkit's 4-bit ops inside the compiled layer, each step a CUDA graph) against the same model's
+# generate(); a warning (the layer did not compile, the kernels failed) is printed with the result
+for precision in ("nf4", "nf4-dq", "fp4"):
+    try:
+        q = load_precision(TRAINED_TINY_DIR, precision, device_map="cuda:0")
+        want4 = q.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, min_new_tokens=24,
+                           do_sample=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dec = FastDecoder(q, max_len=40)
+            got = dec.generate(prompt, 24, ignore_eos=True)
+        agree = sum(a == b for a, b in zip(got[0, 8:].tolist(), want4[0, 8:].tolist()))
+        print("4-bit", precision, "gemv", dec.gemv, "compiled", dec.compiled, "graphs", sorted(dec.stages[0].graphs),
+              "identical:", torch.equal(got, want4), f"({agree}/24 tokens)", "warnings:",
+              [str(w.message)[:300] for w in caught if issubclass(w.category, RuntimeWarning)], flush=True)
+        del q, dec
+    except Exception as exc:
+        print("4-bit", precision, "FAILED", type(exc).__name__, str(exc)[:500], flush=True)
 
 # The layer split with both halves on cuda:0 (a map naming the card twice, 0 and "cuda:0": two segments, two CUDA
 # graphs per step and the hand-over between them), on the trained tiny model: generate()'s tokens, lone and in

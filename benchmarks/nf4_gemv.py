@@ -8,8 +8,10 @@
    kernel; bytes read per second against the copy bandwidth. Each
    product's error against float64 on the fp32-dequantized weights (``code * absmax``, nothing rounded): ours,
    bitsandbytes', and dequantize-to-bf16 + ``F.linear`` (the bf16 path's own rounding).
-2. ``FastDecoder`` at batch 1: bf16 (Triton) vs nf4 through glmkit's kernels vs nf4 through bitsandbytes' kernel,
-   tok/s (best of 3) against each one's roofline (copy bandwidth / bytes a token reads).
+2. ``FastDecoder`` at batch 1: bf16 (Triton) vs nf4 through glmkit's kernels (the layer compiled around them, the
+   default; and with eager layers) vs nf4 through bitsandbytes' kernel, tok/s (best of 3) against each one's
+   roofline (copy bandwidth / bytes a token reads); a warning while building a decoder (a layer that did not
+   compile) is recorded in its row.
 3. Is nf4-Triton vs nf4-bitsandbytes' logit gap a real error? Teacher-forced logits (the same 16 tokens fed to
    every decoder) against fp32 decoders: the bf16 model in fp32 for bf16, the nf4 weights dequantized to fp32 for
    both nf4 paths; relative L2 error per step and greedy-token agreement.
@@ -17,6 +19,7 @@
 Random weights of the exact GLM-4-9B architecture (DESIGN.md). On an H200 about 4 minutes:
 
     PYTHONPATH=. python benchmarks/nf4_gemv.py --write-table glmkit/assets/gemv_tuned_h200_4bit.json
+    PYTHONPATH=. python benchmarks/nf4_gemv.py --stages decode,accuracy      # the decoders only: about 3 minutes
 Writes benchmarks/results/nf4_gemv.json (and to $OUT) after every stage; ``--write-table`` also writes the best
 shapes as a launch-shape table for this card (nf4, and fp4 copied from it: the same kernel).
 """
@@ -25,8 +28,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -34,7 +39,7 @@ import torch.nn.functional as F
 from nf4_decode import token_bytes
 
 from glmkit import gemv4bit
-from glmkit.bench import copy_bandwidth, save_result, stage_runner
+from glmkit.bench import RESULTS_DIR, copy_bandwidth, save_result, stage_runner
 from glmkit.gemv import GemvConfig, active_table, device_name, gemv, gemv_swiglu, pick_config, tables_for
 from glmkit.gemv4bit import (
     LOOKUP,
@@ -192,15 +197,19 @@ def decode_speed(model: torch.nn.Module, label: str, bandwidth: float, **options
     from glmkit.fast_decode import FastDecoder
 
     t0 = time.perf_counter()
-    decoder = FastDecoder(model, max_len=PROMPT + NEW_TOKENS + 8, **options)
-    decoder.tokens_per_second(PROMPT, 8)
+    with warnings.catch_warnings(record=True) as caught:  # a layer that did not compile says so here
+        warnings.simplefilter("always")
+        decoder = FastDecoder(model, max_len=PROMPT + NEW_TOKENS + 8, **options)
+        decoder.tokens_per_second(PROMPT, 8)
     setup = time.perf_counter() - t0
     runs = [decoder.tokens_per_second(PROMPT, NEW_TOKENS)["decode_tok_s"] for _ in range(3)]
     roofline = bandwidth / token_bytes(model)
     label += "" if label.endswith("layers)") else (", compiled" if decoder.compiled else ", eager layers")
     row = {"path": label, "gemv": decoder.gemv, "compiled": decoder.compiled, "setup_s": setup,
            "decode_tok_s": runs, "best_tok_s": max(runs), "roofline_tok_s": roofline,
-           "fraction_of_roofline": max(runs) / roofline, "_logits": forced_logits(decoder)}
+           "fraction_of_roofline": max(runs) / roofline,
+           "warnings": [f"{w.category.__name__}: {w.message!s:.400}" for w in caught
+                        if issubclass(w.category, RuntimeWarning)], "_logits": forced_logits(decoder)}
     print({k: v for k, v in row.items() if not k.startswith("_")}, flush=True)
     del decoder
     torch.cuda.empty_cache()
@@ -249,6 +258,18 @@ def fp32_references(checkpoint: str, nf4_model: torch.nn.Module, device: str = "
     return out
 
 
+def earlier_projections(device: str) -> dict[str, Any]:
+    """A run without the projections stage keeps the per-projection table of the last run on the same card
+    (benchmarks/results/nf4_gemv.json), marked with that run's date, so that the file stays complete."""
+    path = RESULTS_DIR / "nf4_gemv.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if old.get("device") != device or not old.get("projections"):
+        return {}
+    keep = ("projections", "total_us_by_lookup", "lookup_for_decode", "table_written")
+    return {**{k: old[k] for k in keep if k in old},
+            "projections_from_earlier_run": old.get("environment", {}).get("date", "unknown date")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
@@ -284,6 +305,8 @@ def main() -> None:
                                source="benchmarks/nf4_gemv.py")
             result["table_written"] = str(path)
         save_result("nf4_gemv", result)
+    else:
+        result |= earlier_projections(result["device"])
     if not {"decode", "accuracy"} & set(stages):
         return
     ensure_random_checkpoint(args.checkpoint)
@@ -291,13 +314,16 @@ def main() -> None:
               "nf4": load_precision(args.checkpoint, "nf4", device_map="cuda:0")}
     result["nf4_token_bytes"], result["bf16_token_bytes"] = token_bytes(models["nf4"]), token_bytes(models["bf16"])
     runs = {"bf16": ("bf16", "bf16 fast (Triton)", dict(gemv="triton")),
-            "nf4_triton": ("nf4", "nf4 fast (glmkit Triton)", dict(gemv="triton")),
+            "nf4_triton": ("nf4", "nf4 fast (glmkit Triton)", dict(gemv="triton")),  # compiled (the default)
+            "nf4_triton_eager": ("nf4", "nf4 fast (glmkit Triton, eager layers)", dict(gemv="triton", compile=False)),
             "nf4_bnb": ("nf4", "nf4 fast (bnb matmul_4bit, eager layers)", dict(gemv=False, compile=False))}
     result["lookup_used_by_nf4_decoder"] = gemv4bit.LOOKUP
     rows = {key: stage(key, decode_speed, models[m], label, bw, **opts) for key, (m, label, opts) in runs.items()}
     result["decode"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows.values() if r]
     if rows["nf4_triton"] and rows["bf16"]:
         result["nf4_over_bf16_fast"] = rows["nf4_triton"]["best_tok_s"] / rows["bf16"]["best_tok_s"]
+    if rows["nf4_triton"] and rows["nf4_triton_eager"]:
+        result["nf4_compiled_over_eager_layers"] = rows["nf4_triton"]["best_tok_s"] / rows["nf4_triton_eager"]["best_tok_s"]
     if rows["nf4_triton"] and rows["nf4_bnb"]:
         result["nf4_triton_over_bnb"] = rows["nf4_triton"]["best_tok_s"] / rows["nf4_bnb"]["best_tok_s"]
         result["nf4_triton_vs_bnb"] = compare(rows["nf4_triton"]["_logits"], rows["nf4_bnb"]["_logits"])
