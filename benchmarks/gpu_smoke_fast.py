@@ -8,6 +8,7 @@ import warnings
 import torch
 from accelerate import dispatch_model
 
+from glmkit import gemv4bit
 from glmkit.device_map import split_layers
 from glmkit.fast_decode import FastDecoder
 from glmkit.generation import encode_chat
@@ -53,10 +54,27 @@ for dtype in (torch.bfloat16, torch.float32):
         got = FastDecoder(m, max_len=40, gemv="triton", compile=compile_layer).generate(prompt, 24, ignore_eos=True)
         print("triton", dtype, "compiled" if compile_layer else "eager", "identical:", torch.equal(got, want), flush=True)
 
+# glmkit's 4-bit kernel with each nibble lookup (the interpreter runs neither the warp shuffle nor the GPU's PTX
+# loads) against dequantize_4bit + F.linear, bf16 x, one GLM-4-9B-wide row block
+for lookup in gemv4bit.LOOKUPS:
+    for double_quant in (False, True):
+        w4 = gemv4bit.quantize(torch.randn(512, 4096, device="cuda") * 0.02, "nf4", double_quant)
+        x4 = torch.randn(1, 1, 4096, device="cuda", dtype=torch.bfloat16)
+        ref4 = torch.nn.functional.linear(x4.double(), w4.dequantize(torch.float32).double())
+        try:
+            y4 = gemv4bit.gemv_4bit(x4, w4, lookup=lookup).double()
+            print("4-bit lookup", lookup, "double quant" if double_quant else "plain", "rel err vs float64:",
+                  f"{((y4 - ref4).norm() / ref4.norm()).item():.2e}", flush=True)
+        except Exception as exc:
+            print("4-bit lookup", lookup, "FAILED", type(exc).__name__, str(exc)[:500], flush=True)
+
 # 4 bits (bitsandbytes nf4, nf4 with double quantization, fp4) on the trained tiny model: the default decoder
 # (gemv="auto": glmkit's 4-bit ops inside the compiled layer, each step a CUDA graph) against the same model's
-# generate(); a warning (the layer did not compile, the kernels failed) is printed with the result
-for precision in ("nf4", "nf4-dq", "fp4"):
+# generate(), and nf4 once more with the "pair" lookup; a warning (the layer did not compile, the kernels failed)
+# is printed with the result
+default_lookup = gemv4bit.LOOKUP
+for precision, lookup in (("nf4", None), ("nf4-dq", None), ("fp4", None), ("nf4", "pair")):
+    gemv4bit.LOOKUP = lookup or default_lookup
     try:
         q = load_precision(TRAINED_TINY_DIR, precision, device_map="cuda:0")
         want4 = q.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, min_new_tokens=24,
@@ -66,12 +84,14 @@ for precision in ("nf4", "nf4-dq", "fp4"):
             dec = FastDecoder(q, max_len=40)
             got = dec.generate(prompt, 24, ignore_eos=True)
         agree = sum(a == b for a, b in zip(got[0, 8:].tolist(), want4[0, 8:].tolist()))
-        print("4-bit", precision, "gemv", dec.gemv, "compiled", dec.compiled, "graphs", sorted(dec.stages[0].graphs),
+        print("4-bit", precision, "lookup", gemv4bit.LOOKUP, "gemv", dec.gemv, "compiled", dec.compiled,
+              "graphs", sorted(dec.stages[0].graphs),
               "identical:", torch.equal(got, want4), f"({agree}/24 tokens)", "warnings:",
               [str(w.message)[:300] for w in caught if issubclass(w.category, RuntimeWarning)], flush=True)
         del q, dec
     except Exception as exc:
         print("4-bit", precision, "FAILED", type(exc).__name__, str(exc)[:500], flush=True)
+gemv4bit.LOOKUP = default_lookup
 
 # The layer split with both halves on cuda:0 (a map naming the card twice, 0 and "cuda:0": two segments, two CUDA
 # graphs per step and the hand-over between them), on the trained tiny model: generate()'s tokens, lone and in

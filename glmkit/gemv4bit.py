@@ -133,6 +133,7 @@ class Packed4bit(NamedTuple):
             state = copy.copy(state)  # bitsandbytes may repack the module's state later (CPU): keep these tensors
         packed = cls.from_state(data, state)
         check_lookup(packed.device)  # once per GPU, before a decoder compiles its layers around the kernels
+        tuned_lookups()  # and the tables' lookups read, before any CUDA graph is captured
         return packed
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
