@@ -594,8 +594,10 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     if cfg.block_k % w.blocksize or cfg.block_k & (cfg.block_k - 1):
         raise ValueError(f"block_k={cfg.block_k} must be a power of two and a multiple of blocksize {w.blocksize}.")
     y = torch.empty(*x.shape[:-1], sum(counts), dtype=x.dtype, device=x.device)
-    x = x.contiguous()
+    x = x.reshape(-1)  # the one vector (contiguous)
     x16 = x.dtype != torch.float32
+    if x16 and x.storage_offset() % 2:  # read as 32-bit pairs: a view starting mid-pair (a compiler's buffer) moves
+        x = x.clone()
     segments = []
     for v, n in zip(ws, counts):
         nested = v.nested  # the pointers a plain weight does not use get a tensor of the right kind, never read

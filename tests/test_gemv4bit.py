@@ -54,6 +54,8 @@ def test_gemv_4bit_reads_16_bit_x_as_pairs(dtype, n, k, config):
     y = gemv_4bit(x, w, config=config)
     assert y.dtype == dtype
     torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2)
+    shifted = torch.cat([x.new_zeros(1, 1, 1), x], dim=-1)[..., 1:]  # a view that starts mid-pair (odd offset)
+    assert torch.equal(gemv_4bit(shifted, w, config=config), y)
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
@@ -86,6 +88,22 @@ def test_the_ops_give_what_the_kernel_gives_launched_directly(quant_type, double
                        _launch(x, tuple(ws), b, False, config)),
                       (gemv_4bit_swiglu(x, ws[2], config), _launch(x, ws[2:], None, True, config))]:
         assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_the_ops_pass_torch_library_opcheck():
+    # PyTorch's own check of a custom op: its schema, no autograd surprise, the fake output against the real one,
+    # and AOT tracing with dynamic shapes
+    from glmkit.gemv4bit import _gemv_4bit_multi_op, _gemv_4bit_op, _gemv_4bit_swiglu_op, _launch_args, _weight_args
+
+    ws = [quantize(rand(n, 128, seed=n), "nf4", double_quant=True) for n in (24, 8)]
+    x, b = rand(1, 1, 128, seed=1), rand(32, seed=2)
+    launch = _launch_args(GemvConfig(8, 128, 2), LOOKUPS_HERE[-1])
+    multi = (x, [w.data for w in ws], [w.absmax for w in ws], ws[0].code, [w.absmax2 for w in ws],
+             [w.code2 for w in ws], [w.offset for w in ws], [24, 8], 128, 64, 256, "nf4", b, *launch)
+    for op, args in ((_gemv_4bit_op, (x, *_weight_args(ws[0]), b[:24], *launch)),
+                     (_gemv_4bit_swiglu_op, (x, *_weight_args(ws[0]), *launch)), (_gemv_4bit_multi_op, multi)):
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {"SUCCESS"}, results
 
 
 def test_torch_compile_calls_the_ops_and_does_not_trace_the_kernel():
