@@ -48,6 +48,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
     ap.add_argument("--precision", default="bf16", help="bf16 (all paths), or fp16 / nf4 / nf4-dq (fast Triton paths)")
+    ap.add_argument("--name", help="result file name (default: profile_step, or profile_step_PRECISION)")
+    ap.add_argument("--fast-only", action="store_true", help="only the fast path as it decodes (compiled, graph)")
     args = ap.parse_args()
     import torch
 
@@ -69,6 +71,8 @@ def main() -> None:
         paths = (("fast, eager layer, Triton GEMV", {"compile": False, "cuda_graph": False, "gemv": "triton"}),
                  ("fast, compiled layer, Triton GEMV", {"compile": True, "cuda_graph": False, "gemv": "triton"}),
                  ("fast, compiled layer, Triton GEMV, CUDA graph", {"gemv": "triton"}))
+    if args.fast_only:
+        paths = paths[-1:]
     ids = torch.randint(0, 1000, (1, 32), device="cuda")
     out = {}
     for label, opts in paths:
@@ -77,21 +81,22 @@ def main() -> None:
         token = torch.tensor([1], device="cuda")
         out[label] = profile(lambda d=dec, t=token: d.decode_step(t, 32))
         print(label, {k: v for k, v in out[label].items() if k != "top_kernels"}, flush=True)
-    from transformers import DynamicCache
+    if not args.fast_only:  # plain forward with a dynamic cache, for comparison
+        from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
-    with torch.inference_mode():
-        model(ids, use_cache=True, **{cache_argument(model): cache})
-    step = ids[:, -1:]
-
-    def plain():
+        cache = DynamicCache(config=model.config)
         with torch.inference_mode():
-            model(step, use_cache=True, **{cache_argument(model): cache})
-            cache.crop(-1)  # drop the step's token: back to 32 cached (a negative count: transformers 5.17 and 5.24)
+            model(ids, use_cache=True, **{cache_argument(model): cache})
+        step = ids[:, -1:]
 
-    out["plain forward (dynamic cache)"] = profile(plain)
-    print("plain", {k: v for k, v in out["plain forward (dynamic cache)"].items() if k != "top_kernels"}, flush=True)
-    name = "profile_step" if args.precision == "bf16" else f"profile_step_{args.precision}"
+        def plain():
+            with torch.inference_mode():
+                model(step, use_cache=True, **{cache_argument(model): cache})
+                cache.crop(-1)  # drop the step's token: back to 32 cached (a negative count: transformers 5.17 and 5.24)
+
+        out["plain forward (dynamic cache)"] = profile(plain)
+        print("plain", {k: v for k, v in out["plain forward (dynamic cache)"].items() if k != "top_kernels"}, flush=True)
+    name = args.name or ("profile_step" if args.precision == "bf16" else f"profile_step_{args.precision}")
     method = ("torch.profiler, CUDA activity, 5 steps after 3 warm-up; batch 1, 32 cached tokens; no CUDA graph (a "
               "graph replays the same kernels without launch gaps)")
     save_result(name, {"precision": args.precision, "method": method, "paths": out})

@@ -32,21 +32,28 @@ FOUR_BIT = ("nf4", "fp4")
 OTHER_LOOKUPS_AT = 3  # 4-bit: the fastest shapes (with the default lookup) at which the other lookups are timed
 
 
-def projections(quantized: bool = False) -> dict[str, tuple[int, int, bool, bool]]:
+def projections(quantized: bool = False, tp: int = 1) -> dict[str, tuple[int, int, bool, bool]]:
     """name -> (rows, columns, has bias, SwiGLU) of GLM-4-9B-Chat's weights as the fast decoder multiplies them
     (rows of one half for gate_up). In 4 bits q, k and v stay three weights read by one launch
-    (``gemv_4bit_multi``, tuned for all their rows) and lm_head stays 16-bit.
+    (``gemv_4bit_multi``, tuned for all their rows) and lm_head stays 16-bit. ``tp=2``: one rank's shard under
+    tensor parallelism (``glmkit.tp_decode``: one KV head and its 16 query heads, half of the MLP and vocabulary).
 
     >>> projections()["down_proj"], projections(quantized=True)["qkv"], "lm_head" in projections(quantized=True)
     ((4096, 13696, False, False), (4608, 4096, True, False), False)
+    >>> projections(tp=2)["qkv"], projections(tp=2)["down_proj"]
+    ((2304, 4096, True, False), (4096, 6848, False, False))
     """
     c = GlmConfig()
+    if tp < 1 or c.num_key_value_heads % tp:
+        raise ValueError(f"GLM-4's {c.num_key_value_heads} KV heads split over 1 or {c.num_key_value_heads} ranks, "
+                         f"not {tp}.")
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    out = {"qkv": ((c.num_attention_heads + 2 * c.num_key_value_heads) * hd, c.hidden_size, True, False),
-           "o_proj": (c.hidden_size, c.num_attention_heads * hd, False, False),
-           "gate_up": (c.intermediate_size, c.hidden_size, False, True),
-           "down_proj": (c.hidden_size, c.intermediate_size, False, False)}
-    return out if quantized else {**out, "lm_head": (c.vocab_size, c.hidden_size, False, False)}
+    heads, kv, mlp = c.num_attention_heads // tp, c.num_key_value_heads // tp, c.intermediate_size // tp
+    out = {"qkv": ((heads + 2 * kv) * hd, c.hidden_size, True, False),
+           "o_proj": (c.hidden_size, heads * hd, False, False),
+           "gate_up": (mlp, c.hidden_size, False, True),
+           "down_proj": (c.hidden_size, mlp, False, False)}
+    return out if quantized else {**out, "lm_head": (c.vocab_size // tp, c.hidden_size, False, False)}
 
 
 def candidates(kernel: str, swiglu: bool, quick: bool = False) -> list[GemvConfig]:
@@ -196,9 +203,11 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
     return row
 
 
-def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = print,
+         tp: int = 1) -> list[dict[str, Any]]:
     """Tune every GLM-4-9B projection for each kernel on this GPU; returns the rows (see ``tune_projection``).
-    fp16 takes bf16's shapes unless tuned itself (``table_configs``); a card without bf16 tunes fp16 instead."""
+    fp16 takes bf16's shapes unless tuned itself (``table_configs``); a card without bf16 tunes fp16 instead.
+    ``tp=2``: the shapes of one tensor-parallel rank's shard (16-bit kernels only: tensor parallelism runs 16-bit)."""
     if not torch.cuda.is_available():
         raise RuntimeError("Tuning times kernels on a GPU; this machine has none (the CPU uses fixed shapes).")
     rows: list[dict[str, Any]] = []
@@ -212,7 +221,10 @@ def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = p
         if kernel in done:
             continue
         done.add(kernel)
-        for name, (n, k, bias, swiglu) in projections(quantized=kernel in FOUR_BIT).items():
+        if tp > 1 and kernel in FOUR_BIT:
+            log(f"{kernel}: skipped for tp={tp} (tensor parallelism runs 16-bit weights).")
+            continue
+        for name, (n, k, bias, swiglu) in projections(quantized=kernel in FOUR_BIT, tp=tp).items():
             row = tune_projection(name, n, k, bias, swiglu, kernel)
             rows.append(row)
             best = row["best"]

@@ -198,3 +198,20 @@ def test_fp16_gives_way_to_cublas_on_shapes_this_card_has_not_tuned(monkeypatch)
     monkeypatch.setattr(glmkit.gemv, "_ACTIVE", {("fp16", 4096, 4096): GemvConfig(1, 4096, 8)})
     assert prefer_triton("fp16", 4096, 4096) and not prefer_triton("fp16", 4096, 13696)
     assert prefer_triton("bf16", 4096, 13696) and prefer_triton("nf4", 4096, 13696)
+
+
+def test_tuned_shard_shapes_are_the_shapes_a_tp_rank_multiplies():
+    """``glmkit tune --tp 2`` times the weights one tensor-parallel rank reads (a table keyed by other shapes would
+    never be looked up), for GLM-4-9B-Chat on the meta device."""
+    from glmkit.gemv_tuning import projections
+    from glmkit.models import glm4_9b_meta_model
+    from glmkit.tp_decode import tp_shard
+
+    shard = tp_shard(glm4_9b_meta_model(), rank=1, world=2)
+    wqkv, bqkv, wo, _, wgu, wd, _ = shard["layers"][0]
+    shapes = {"qkv": (wqkv.shape[0], wqkv.shape[1], bqkv is not None, False), "o_proj": (*wo.shape, False, False),
+              "gate_up": (wgu.shape[0] // 2, wgu.shape[1], False, True), "down_proj": (*wd.shape, False, False),
+              "lm_head": (*shard["lm_head"].shape, False, False)}
+    assert projections(tp=2) == shapes
+    with pytest.raises(ValueError, match="KV heads"):
+        projections(tp=4)
