@@ -63,6 +63,9 @@ def main() -> None:
         paths = (("fast, eager layer", {"compile": False, "cuda_graph": False, "gemv": False}),
                  ("fast, compiled layer", {"compile": True, "cuda_graph": False, "gemv": False}),
                  ("fast, compiled layer, Triton GEMV", {"compile": True, "cuda_graph": False, "gemv": "triton"}),
+                 # rope + cache write + SDPA instead of glmkit's decode-attention kernel (the default, next)
+                 ("fast, compiled layer, Triton GEMV, CUDA graph, sdpa attention",
+                  {"gemv": "triton", "attention": "sdpa"}),
                  ("fast, compiled layer, Triton GEMV, CUDA graph", {"gemv": "triton"}))
     else:
         from glmkit.quantization import load_precision

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from glmkit.attention import auto_attention, decode_attention
 from glmkit.device_map import check_device_map
 from glmkit.gemv import active_table, gemv_swiglu, kernel_name, prefer_triton, triton_available
 from glmkit.gemv import gemv as triton_gemv
@@ -47,6 +48,7 @@ from glmkit.generation import cache_argument, chunked_prefill, pick_token, preal
 from glmkit.generation import eos_token_ids as model_eos
 from glmkit.vocabulary import head_dim
 
+ATTENTIONS = ("auto", "triton", "sdpa", "reduction")  # FastDecoder(attention=...)
 HOPS = ("peer", "host")  # how the hidden state crosses between the devices of a split (FastDecoder(hop=...))
 OWN_PREFILL_MAX = 1 << 20  # rows x prompt tokens x cache positions attended up to which a prefill runs the decoder's
 # own layers (attention scores of at most 4 MiB per head in fp32); above, the model's chunked prefill (memory-lean)
@@ -148,26 +150,32 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
                   sin: torch.Tensor, mask: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
                   wo: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, next_norm: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float, heads: int, kv_heads: int, head_dim: int,
-                  gemv: bool | str = False, sdpa: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  gemv: bool | str = False, attention: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
     """One GLM decoder layer for one new token per sequence, writing its K/V at ``pos`` in the static cache.
 
     x: the residual stream [b, 1, hidden]; h: ``x`` already normalised by this layer's input norm; returns the new
     residual stream and it normalised by ``next_norm`` (the next layer's input norm, or the final norm), so the
     residual add and the next norm run as one kernel. pos, batch_index: [b];
     k_cache/v_cache: [b, kv_heads, max_len, head_dim]; mask: additive [b, 1, 1, max_len] (0 up to pos, else -inf).
+    attention: ``"triton"`` (rope, cache write and attention in ``glmkit.attention``'s kernel: it reads pos, not the
+    mask), ``"sdpa"`` or ``"reduction"``.
     """
     b = x.shape[0]
     qkv = linear(h, wqkv, bqkv, gemv)  # [b, 1, (heads + 2 kv_heads) * head_dim]
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q = rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
-    k = rope(k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
-    v = v.view(b, 1, kv_heads, head_dim).transpose(1, 2)
-    k_cache[batch_index, :, pos] = k[:, :, 0]
-    v_cache[batch_index, :, pos] = v[:, :, 0]
-    if sdpa:
-        attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # [b, heads, 1, hd]
+    if attention == "triton":  # one kernel: rope, the K/V write at pos and attention over 0..pos
+        attn = decode_attention(q.view(b, heads, head_dim), k.view(b, kv_heads, head_dim), v.view(b, kv_heads, head_dim),
+                                k_cache, v_cache, pos, batch_index, cos.view(b, -1), sin.view(b, -1))  # [b, heads, 1, hd]
     else:
-        attn = _attention_reduction(q, k_cache, v_cache, mask)
+        q = rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
+        k = rope(k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
+        v = v.view(b, 1, kv_heads, head_dim).transpose(1, 2)
+        k_cache[batch_index, :, pos] = k[:, :, 0]
+        v_cache[batch_index, :, pos] = v[:, :, 0]
+        if attention == "sdpa":
+            attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+        else:
+            attn = _attention_reduction(q, k_cache, v_cache, mask)
     x = x + linear(attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, None, gemv)
     h = rms_norm(x, ln2, eps)
     x = x + linear(mlp_activation(h, wgu, gemv), wd, None, gemv)
@@ -440,9 +448,15 @@ class FastDecoder:
             decoder captures its own graph). On H100s max-autotune was -0.7% to +3.4% against the default, run to run
             (benchmarks/results/decode_variants.json, decode.json), and autotuning added 11-18 s to building a decoder, so the
             default is the plain compile.
-        attention: ``"sdpa"`` (PyTorch's fused kernel, the default) or ``"reduction"`` (multiply-and-sum the compiler
-            fuses; meant for the compiled path: run eagerly it builds a [b, heads, cache, head_dim] temporary). On an
-            H100 the reductions were slower: -1.8% with a 288-token cache, -15% with 2048 (decode_variants.json).
+        attention: how a decode step attends. ``"auto"`` (default, ``glmkit.attention.auto_attention``): ``"triton"``
+            on a GPU where glmkit's Triton kernels run, at every batch size (if it fails to build there, a warning
+            and ``"sdpa"``), else ``"sdpa"``. ``"triton"``: ``glmkit.attention.decode_attention``, one kernel for
+            the rotary embedding, the K/V write and attention, each K/V tile read once for all the query heads that
+            share it (GLM-4-9B: 16), split over programs on long caches. ``"sdpa"``: rope and the cache write as
+            compiled ops, then PyTorch's fused kernel (cuDNN on an H100: 4.3 µs a layer at 32 cached tokens,
+            profile_step.json). ``"reduction"``: multiply-and-sum the compiler fuses (meant for the compiled path: run
+            eagerly it builds a [b, heads, cache, head_dim] temporary); on an H100 slower than sdpa: -1.8% with a
+            288-token cache, -15% with 2048 (decode_variants.json).
         graph_batch_sizes: the step sizes to capture (default 1, 2, 4, ... and ``batch_size``; ``bucket_sizes``).
         hop: how the hidden state crosses from one segment's device to the next on a split. ``"peer"`` (default):
             a device-to-device copy (NVLink or PCIe peer-to-peer). ``"host"``: staged through pinned host memory,
@@ -452,14 +466,17 @@ class FastDecoder:
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
                  cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool | str = "auto",
-                 compile_options: dict[str, Any] | None = None, attention: str = "sdpa",
+                 compile_options: dict[str, Any] | None = None, attention: str = "auto",
                  graph_batch_sizes: Sequence[int] | None = None, hop: str = "peer") -> None:
         self.check(model)
         if hop not in HOPS:
             raise ValueError(f"hop must be one of {HOPS} (device to device, or through host memory), not {hop!r}.")
         self.hop = hop
-        if attention not in ("sdpa", "reduction"):
-            raise ValueError(f"attention must be 'sdpa' or 'reduction', not {attention!r}.")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be 'auto', 'triton', 'sdpa' or 'reduction', not {attention!r}.")
+        if attention == "triton" and not triton_available():
+            raise RuntimeError("attention='triton' needs Triton and a GPU (or TRITON_INTERPRET=1 on a CPU); "
+                               "use attention='sdpa'.")
         if gemv not in ("auto", False, True, "triton"):
             raise ValueError(f"gemv must be 'auto', 'triton', False (cuBLAS) or True (compiled reductions), not {gemv!r}.")
         if gemv == "triton" and batch_size != 1:
@@ -481,7 +498,9 @@ class FastDecoder:
         self.gemv_by_bucket: dict[int, bool | str] = {
             b: (("triton" if all(auto_gemv(s.device, b, dtype) == "triton" for s in self.segments) else False)
                 if gemv == "auto" else gemv) for b in self.buckets}
-        self.sdpa = attention == "sdpa"
+        self.auto_attention = attention == "auto"
+        self.attention = (("triton" if all(auto_attention(s.device, dtype) == "triton" for s in self.segments)
+                           else "sdpa") if self.auto_attention else attention)
         cfg = model.config
         self.model = model
         self.device = model.get_input_embeddings().weight.device  # where the inputs go
@@ -617,7 +636,7 @@ class FastDecoder:
             for j, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(st.weights):
                 x, h = self.layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
                                      next_norm, st.k_cache[j, :b], st.v_cache[j, :b], self.eps, self.heads,
-                                     self.kv_heads, self.head_dim, gemv, self.sdpa)
+                                     self.kv_heads, self.head_dim, gemv, self.attention)
             if live is not None:
                 keep = live.view(1, b, 1, 1)
                 st.k_cache[:, :b, :, 0] = torch.where(keep, st.k_cache[:, :b, :, 0], k0)
@@ -668,6 +687,14 @@ class FastDecoder:
             try:
                 self._warm_up(b)
             except Exception as exc:
+                if self.auto_attention and self.attention == "triton":  # first suspect: the attention kernel
+                    warnings.warn(f"glmkit's Triton decode attention failed here ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]}); FastDecoder uses attention='sdpa' instead.", RuntimeWarning,
+                                  stacklevel=4)
+                    self.attention = "sdpa"
+                    for st in self.stages:
+                        st.graphs.clear()
+                    return self._first_step()
                 if self.quantized and self.compiled:  # 4 bits: a layer that does not compile runs eagerly (slower)
                     warnings.warn(f"Compiling the 4-bit decoder layer failed ({type(exc).__name__}: "
                                   f"{str(exc)[:200]}); FastDecoder runs its layers eagerly instead (compile=False).",
