@@ -1684,6 +1684,8 @@ def nf4_kernel_sentence() -> Text:
             if eager and eager is not ours and ours.get("compiled"):
                 text += (f" With those layers left uncompiled the same kernel gives {eager['best_tok_s']:.1f} tok/s: "
                          f"compiling them is {ours['best_tok_s'] / eager['best_tok_s']:.2f}x.")
+            elif eager and eager is not ours:
+                text += f" (Built with `compile=False`: {eager['best_tok_s']:.1f} tok/s.)"
             if ours["best_tok_s"] < bf16["best_tok_s"] and rest > gemv_ms:
                 text += " That rest, not reading the weights, keeps a 4-bit token slower than a bf16 one here."
         acc = r.get("accuracy", {})
