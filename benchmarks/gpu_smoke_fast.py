@@ -1,9 +1,11 @@
 """Quick GPU check of the fast path on the tiny model: same greedy tokens as generate() (eager, graph, graph +
 compile, and with a chunked prefill), and prefill logits equal to one plain forward; glmkit's decode-attention kernel
 (attention="triton") against sdpa: at GLM-4-9B's head shapes on a 32K cache, and greedy tokens in a graph, compiled,
-for one row and for rows at their own positions over several splits; then the layer split with both halves on
+for one row and for rows at their own positions over several splits; bitsandbytes nf4/fp4 through the default
+decoder (glmkit's 4-bit ops in the compiled layer, CUDA graphs: gpu_smoke_4bit.py); then the layer split with both halves on
 cuda:0 (two segments): generate()'s tokens lone, in slots of a bucketed batch, and with prefill(start=)."""
 
+import gpu_smoke_4bit
 import torch
 import torch.nn.functional as F
 from accelerate import dispatch_model
@@ -51,6 +53,9 @@ for dtype in (torch.bfloat16, torch.float32):
     for compile_layer in (False, True):
         got = FastDecoder(m, max_len=40, gemv="triton", compile=compile_layer).generate(prompt, 24, ignore_eos=True)
         print("triton", dtype, "compiled" if compile_layer else "eager", "identical:", torch.equal(got, want), flush=True)
+
+# 4 bits: each nibble lookup against float64, and nf4/fp4 through the default decoder (compiled, CUDA graphs)
+gpu_smoke_4bit.check(prompt)
 
 # glmkit's decode attention (rope + K/V write + attention in one kernel, split over programs on long caches)
 try:

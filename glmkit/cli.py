@@ -368,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="measure the fastest GEMV kernel launch shapes on this GPU (a minute or two "
                                     "per kernel) and keep them in glmkit's cache")
     p.add_argument("--kernels", default="bf16,nf4",
-                   help="comma-separated: bf16, fp16, nf4, fp4 (fp16 takes bf16's shapes unless given)")
+                   help="comma-separated: bf16, fp16, nf4, fp4 (fp16 takes bf16's shapes unless given; 4-bit "
+                        "kernels also time each nibble lookup and keep the faster with the shape)")
     p.add_argument("--output", help="table file (default: gemv_tuned.json in $GLMKIT_CACHE or ~/.cache/glmkit)")
     p.add_argument("--tp", type=int, choices=(1, 2), default=1,
                    help="2: tune one tensor-parallel rank's shard shapes (for --tp 2 --fast-decode), kept beside "

@@ -481,9 +481,11 @@ class FastDecoder:
         compile: ``torch.compile`` the layer function (default: on a GPU); fuses norms, RoPE and SiLU.
         gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1
             step on a GPU of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a
-            warning and cuBLAS; a 4-bit model: glmkit's 4-bit Triton GEMVs at batch 1 with the layers uncompiled (on
-            an H200 172.5 tok/s against 124.6 with bitsandbytes' own kernel, ``benchmarks/results/nf4_gemv.json``;
-            compiling the layer around the 4-bit kernel failed there), bitsandbytes' kernel above batch 1.
+            warning and cuBLAS; a 4-bit model: glmkit's 4-bit Triton GEMVs at batch 1 (PyTorch ops the compiled
+            layer calls, ``torch.ops.glmkit.gemv_4bit*``; on an H200 172.5 tok/s with the layers uncompiled against
+            124.6 with bitsandbytes' own kernel, ``benchmarks/results/nf4_gemv.json``; should the layer not compile,
+            a warning and eager layers), bitsandbytes' kernel above batch 1 (then in eager layers unless
+            ``compile=True``).
             ``"triton"``: glmkit's kernels for one token (``glmkit.gemv``: one pass over each
             weight, no split-K, SwiGLU applied before the write; batch_size 1 only); on an H100 they decode GLM-4-9B
             12% faster than cuBLAS (150.3 vs 133.7 tok/s, benchmarks/results/decode.json). ``False``: cuBLAS
@@ -543,8 +545,9 @@ class FastDecoder:
         self.quantized = any(is_4bit(p) for p in model.parameters())
         self.auto_gemv = gemv == "auto"
         # per step size: Triton GEMVs only for one token, and under "auto" only where every segment's GPU runs them.
-        # 4-bit under "auto": glmkit's 4-bit kernels too, with the layers uncompiled (self.compiled below): on an
-        # H200 GLM-4-9B decoded 172.5 tok/s so against 124.6 with bitsandbytes' kernel (benchmarks/results/nf4_gemv.json)
+        # 4-bit under "auto": glmkit's 4-bit kernels too (custom ops that the compiled layer calls as they are): on
+        # an H200 GLM-4-9B decoded 172.5 tok/s so, layers uncompiled, against 124.6 with bitsandbytes' kernel
+        # (benchmarks/results/nf4_gemv.json)
         self.gemv_by_bucket: dict[int, bool | str] = {
             b: (("triton" if all(auto_gemv(s.device, b, dtype) == "triton" for s in self.segments) else False)
                 if gemv == "auto" else gemv) for b in self.buckets}
@@ -558,7 +561,10 @@ class FastDecoder:
         self.dtype = model.get_input_embeddings().weight.dtype
         on_gpu = all(d.type == "cuda" for d in self.devices)
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
-        self.compiled = (on_gpu and not (self.quantized and self.auto_gemv)) if compile is None else compile
+        # 4-bit: compiled where every step runs glmkit's 4-bit ops (which compile calls as they are); steps through
+        # bitsandbytes' own kernel (batch > 1, gemv=False) keep eager layers unless compile=True: not measured compiled
+        glmkit_4bit = all(g == "triton" for g in self.gemv_by_bucket.values())
+        self.compiled = (on_gpu and (glmkit_4bit or not self.quantized)) if compile is None else compile
         if on_gpu and "triton" in self.gemv_by_bucket.values():
             active_table()  # this card's launch shapes, read (and an untuned card named) before anything compiles
         self.max_len, self.batch_size = max_len, batch_size

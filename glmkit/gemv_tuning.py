@@ -25,14 +25,16 @@ import torch
 import torch.nn.functional as F
 from transformers import GlmConfig
 
+from glmkit import gemv4bit
 from glmkit.gemv import GemvConfig, active_table, device_name, gemv, gemv_swiglu, user_table_path
-from glmkit.gemv4bit import gemv_4bit, gemv_4bit_swiglu, linear_4bit, quantize
+from glmkit.gemv4bit import gemv_4bit, gemv_4bit_swiglu, linear_4bit, quantize, tuned_lookups
 
 FOUR_BIT = ("nf4", "fp4")
 # what the one-card decoder's 16-bit Triton GEMVs fold in per projection (glmkit.fast_decode.decoder_layer): the
 # RMSNorm before qkv, gate_up and lm_head, the residual add after o_proj and down_proj; these are the launches timed
 FUSED = {"qkv": "norm", "o_proj": "residual", "gate_up": "norm", "down_proj": "residual", "lm_head": "norm"}
 EPS = GlmConfig().rms_norm_eps  # GLM-4-9B-Chat's (1.5625e-07)
+OTHER_LOOKUPS_AT = 3  # 4-bit: the fastest shapes (with the default lookup) at which the other lookups are timed
 
 
 def projections(quantized: bool = False, tp: int = 1) -> dict[str, tuple[int, int, bool, bool]]:
@@ -119,6 +121,18 @@ def _reference(kernel: str, w: Any) -> torch.Tensor:
     return (w.dequantize() if kernel in FOUR_BIT else w).double()
 
 
+def lookups_to_try() -> list[str]:
+    """The 4-bit lookups a tuner times (``glmkit.gemv4bit.LOOKUPS``): the default first (``LOOKUP``, checked on this
+    GPU), then the others this machine runs (Triton's interpreter runs no warp shuffle).
+
+    >>> lookups_to_try()[0] == gemv4bit.LOOKUP
+    True
+    """
+    default = gemv4bit.LOOKUP
+    others = [lk for lk in gemv4bit.LOOKUPS if lk != default and not (lk == "shuffle" and gemv4bit.INTERPRETER)]
+    return [default, *others]
+
+
 def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel: str = "bf16",
                     shapes: Iterable[GemvConfig] | None = None, device: str = "cuda",
                     timer: Callable[[Callable[[int], Any], int], float] = graph_time,
@@ -127,7 +141,9 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
     ``matmul_4bit`` (4-bit); returns the row for the JSON result, with ``best`` (None if none built). The best
     shape goes into this process's table; with another ``timer`` (tests) two weight copies and no table entry.
     ``fused`` (16-bit): time the launch the decoder makes, with the RMSNorm (``"norm"``) or the residual add
-    (``"residual"``) folded in (``glmkit.gemv.gemv``); the baseline stays the bare product."""
+    (``"residual"``) folded in (``glmkit.gemv.gemv``); the baseline stays the bare product.
+    4-bit: every shape with the default nibble lookup, then the other lookups (``lookups_to_try``) at the
+    ``OTHER_LOOKUPS_AT`` fastest shapes; ``best`` names its lookup, which the table keeps with the shape."""
     rows = 2 * n if swiglu else n
     quant = kernel in FOUR_BIT
     nbytes = rows * k // 2 if quant else rows * k * 2  # packed weights only (absmax adds 1/32 or 1/128)
@@ -164,27 +180,42 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
                            "copies": copies, f"{base_name}_us": t_base * 1e6,
                            f"{base_name}_tb_s": nbytes / t_base / 1e12, "tried": []}
     best = None
-    for cfg in shapes or candidates(kernel, swiglu):
-        def ours(i, cfg=cfg):
+    lookups = lookups_to_try() if quant else [None]
+    plan = [(cfg, lookups[0]) for cfg in shapes or candidates(kernel, swiglu)]
+    timed: list[tuple[float, GemvConfig]] = []
+    while plan:
+        cfg, lookup = plan.pop(0)
+
+        def ours(i, cfg=cfg, lookup=lookup):
             if quant:
-                return gemv_4bit_swiglu(x, ws[i], config=cfg) if swiglu else gemv_4bit(x, ws[i], b, config=cfg)
+                return gemv_4bit_swiglu(x, ws[i], config=cfg, lookup=lookup) if swiglu else \
+                    gemv_4bit(x, ws[i], b, config=cfg, lookup=lookup)
             if swiglu:
                 return gemv_swiglu(x, ws[i], config=cfg, norm_weight=g, eps=EPS)
             return gemv(x, ws[i], b, config=cfg, norm_weight=g, eps=EPS, residual=r)
 
+        tag = {"lookup": lookup} if quant else {}
         try:
             err = ((ours(0).double() - ref).norm() / ref.norm()).item()  # NaN (a row never written) fails the check
             t = timer(ours, copies)
         except Exception as exc:  # a shape Triton cannot build (registers, shared memory): record and go on
-            row["tried"].append({**cfg.__dict__, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-            continue
-        row["tried"].append({**cfg.__dict__, "us": t * 1e6, "tb_s": nbytes / t / 1e12, "rel_err": err})
-        if err < 2e-2 and (best is None or t < best[1]):
-            best = (cfg, t)
-    row["best"] = None if best is None else {**best[0].__dict__, "us": best[1] * 1e6, "tb_s": nbytes / best[1] / 1e12}
+            row["tried"].append({**cfg.__dict__, **tag, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        else:
+            row["tried"].append({**cfg.__dict__, **tag, "us": t * 1e6, "tb_s": nbytes / t / 1e12, "rel_err": err})
+            if err < 2e-2 and (best is None or t < best[1]):
+                best = (cfg, t, lookup)
+            if err < 2e-2 and lookup == lookups[0]:
+                timed.append((t, cfg))
+        if not plan and len(lookups) > 1:  # the default lookup's sweep is done: the others at its fastest shapes
+            fastest = [c for _, c in sorted(timed, key=lambda tc: tc[0])[:OTHER_LOOKUPS_AT]]
+            plan, lookups = [(c, lk) for lk in lookups[1:] for c in fastest], lookups[:1]
+    row["best"] = None if best is None else {**best[0].__dict__, **({"lookup": best[2]} if quant else {}),
+                                             "us": best[1] * 1e6, "tb_s": nbytes / best[1] / 1e12}
     row[f"speedup_vs_{base_name}"] = None if best is None else t_base / best[1]
     if best is not None and real:
         active_table()[(kernel, n, k)] = best[0]  # this process decodes with it from now on
+        if quant:
+            tuned_lookups()[(kernel, n, k)] = best[2]
     ws.clear()
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -220,7 +251,8 @@ def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = p
             best = row["best"]
             base = "bnb_matmul_4bit" if kernel in FOUR_BIT else "cublas"
             label = f"{name}+{fused}" if fused else name
-            log(f"{kernel:5s} {label:18s} " + (f"best {best['block_n']}x{best['block_k']}/{best['num_warps']} warps: "
+            log(f"{kernel:5s} {label:18s} " + (f"best {best['block_n']}x{best['block_k']}/{best['num_warps']} warps"
+                                               + (f", {best['lookup']} lookup: " if "lookup" in best else ": ") +
                                                f"{best['us']:.1f} µs, {best['tb_s']:.2f} TB/s; {base} (bare product) "
                                                f"{row[base + '_tb_s']:.2f} TB/s" if best else "no shape built"))
     return rows
@@ -240,7 +272,8 @@ def table_configs(rows: list[dict[str, Any]], fp16_from_bf16: bool = True) -> li
         if r["best"]:
             n = r["rows"] // 2 if r["projection"] == "gate_up" else r["rows"]
             out.append({"kernel": r["kernel"], "rows": n, "columns": r["columns"],
-                        **{key: r["best"][key] for key in ("block_n", "block_k", "num_warps")}})
+                        **{key: r["best"][key] for key in ("block_n", "block_k", "num_warps", "lookup")
+                           if key in r["best"]}})
     if fp16_from_bf16 and not any(c["kernel"] == "fp16" for c in out):
         out += [{**c, "kernel": "fp16", "copied_from": "bf16"} for c in out if c["kernel"] == "bf16"]
     return out

@@ -1665,7 +1665,9 @@ def nf4_kernel_sentence() -> Text:
                         f"{_nf4_best(x)['us']:.1f} µs, {_nf4_best(x)['tb_s']:.2f} TB/s ({x['speedup_vs_bnb']:.2f}x bitsandbytes' "
                         f"`matmul_4bit`, {x['speedup_vs_bf16_cublas']:.2f}x bf16 cuBLAS)" for x in r["projections"])
         text = (f"glmkit's 4-bit kernel (`glmkit.gemv4bit`) on {measured_on(r)} (`nf4_gemv.json`, one run; "
-                f"{r['method'].split('; ')[0]}). Per projection, batch 1: {per}.")
+                f"{r['method'].split('; ')[0]}). Per projection, batch 1"
+                + (f" (from the run of {r['projections_from_earlier_run']} on the same card)"
+                   if r.get("projections_from_earlier_run") else "") + f": {per}.")
         if ours and bnb and bf16:
             text += (f" A whole token, batch 1: the nf4 fast path decodes **{ours['best_tok_s']:.1f} tok/s** with this "
                      f"kernel against {bnb['best_tok_s']:.1f} with bitsandbytes' ({ours['best_tok_s'] / bnb['best_tok_s']:.2f}x) "
@@ -1679,7 +1681,15 @@ def nf4_kernel_sentence() -> Text:
             rest = 1e3 / ours["best_tok_s"] - gemv_ms
             text += (f"; the other {rest:.2f} ms go to everything else (the 16-bit `lm_head`, and the rest of each "
                      f"layer run uncompiled as many small kernels: compiling the layers around this kernel failed "
-                     f"here)." if not ours.get("compiled") else ".")
+                     f"here)." if not ours.get("compiled") else
+                     f"; the other {rest:.2f} ms go to the 16-bit `lm_head` and the rest of each layer, compiled around "
+                     f"the kernel (a PyTorch op, `torch.ops.glmkit.gemv_4bit*`).")
+            eager = _nf4_gemv_decode(r, "nf4 fast (glmkit Triton, eager layers)")
+            if eager and eager is not ours and ours.get("compiled"):
+                text += (f" With those layers left uncompiled the same kernel gives {eager['best_tok_s']:.1f} tok/s: "
+                         f"compiling them is {ours['best_tok_s'] / eager['best_tok_s']:.2f}x.")
+            elif eager and eager is not ours:
+                text += f" (Built with `compile=False`: {eager['best_tok_s']:.1f} tok/s.)"
             if ours["best_tok_s"] < bf16["best_tok_s"] and rest > gemv_ms:
                 text += " That rest, not reading the weights, keeps a 4-bit token slower than a bf16 one here."
         acc = r.get("accuracy", {})
