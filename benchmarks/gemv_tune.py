@@ -39,11 +39,13 @@ def main() -> None:
     ap.add_argument("--write-table", nargs="?", const="user", default=None,
                     help="write the best shapes for this card: to glmkit's cache (the user's table, which takes "
                          "precedence) or to PATH, e.g. glmkit/assets/gemv_tuned_h200.json to ship them")
+    ap.add_argument("--tp", type=int, default=1, help="2: one tensor-parallel rank's shard shapes (then no decode)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gemv_tune.py times kernels on a GPU; this machine has none.")
     result: dict = {"copy_bandwidth_bytes_s": copy_bandwidth(), "device": device_name()}
-    result["projections"] = tune(args.kernels.split(","))
+    result["tp"] = args.tp
+    result["projections"] = tune(args.kernels.split(","), tp=args.tp)
     save_result(args.name, result)
     result["tuned"] = table_configs(result["projections"])
     if args.write_table:
@@ -52,7 +54,7 @@ def main() -> None:
         print(f"wrote {path}", flush=True)
         if os.environ.get("OUT"):
             shutil.copy(path, Path(os.environ["OUT"]) / path.name)
-    if args.skip_decode:
+    if args.skip_decode or args.tp > 1:
         return
     from glmkit.fast_decode import FastDecoder
 

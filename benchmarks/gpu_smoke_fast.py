@@ -1,8 +1,13 @@
 """Quick GPU check of the fast path on the tiny model: same greedy tokens as generate() (eager, graph, graph +
-compile, and with a chunked prefill), and prefill logits equal to one plain forward; then the layer split with both
-halves on cuda:0 (two segments): generate()'s tokens lone, in slots of a bucketed batch, and with prefill(start=)."""
+compile, and with a chunked prefill), and prefill logits equal to one plain forward; glmkit's decode-attention kernel
+(attention="triton") against sdpa: at GLM-4-9B's head shapes on a 32K cache, and greedy tokens in a graph, compiled,
+for one row and for rows at their own positions over several splits; bitsandbytes nf4/fp4 through the default
+decoder (glmkit's 4-bit ops in the compiled layer, CUDA graphs: gpu_smoke_4bit.py); then the layer split with both halves on
+cuda:0 (two segments): generate()'s tokens lone, in slots of a bucketed batch, and with prefill(start=)."""
 
+import gpu_smoke_4bit
 import torch
+import torch.nn.functional as F
 from accelerate import dispatch_model
 
 from glmkit.device_map import split_layers
@@ -33,7 +38,8 @@ for opts, chunk in (({"cuda_graph": False, "compile": False}, None), ({"cuda_gra
         dec = FastDecoder(model, max_len=96, batch_size=2, **opts)
         out = dec.generate(ids, n_ref, ignore_eos=True, prefill_chunk=chunk)
         diff = (dec.prefill(ids, chunk) - ref_logits).abs().max().item()
-        print(opts, "chunk", chunk, "identical:", same_until_eos(out, ref), "prefill logits max diff", diff, flush=True)
+        print(opts, "attention", dec.attention, "chunk", chunk, "identical:", same_until_eos(out, ref),
+              "prefill logits max diff", diff, flush=True)
     except Exception as exc:
         print(opts, "FAILED", type(exc).__name__, str(exc)[:500], flush=True)
 
@@ -47,6 +53,69 @@ for dtype in (torch.bfloat16, torch.float32):
     for compile_layer in (False, True):
         got = FastDecoder(m, max_len=40, gemv="triton", compile=compile_layer).generate(prompt, 24, ignore_eos=True)
         print("triton", dtype, "compiled" if compile_layer else "eager", "identical:", torch.equal(got, want), flush=True)
+
+# 4 bits: each nibble lookup against float64, and nf4/fp4 through the default decoder (compiled, CUDA graphs)
+gpu_smoke_4bit.check(prompt)
+
+# glmkit's decode attention (rope + K/V write + attention in one kernel, split over programs on long caches)
+try:
+    from glmkit.attention import decode_attention, split_length
+    from glmkit.fast_decode import rope
+
+    def reference(q, k, v, k_cache, v_cache, pos, rows, cos, sin):
+        c, s = cos.float()[:, None, None], sin.float()[:, None, None]
+        q, k = rope(q.float()[:, :, None], c, s).to(q.dtype), rope(k.float()[:, :, None], c, s).to(k.dtype)
+        k_cache[rows, :, pos], v_cache[rows, :, pos] = k[:, :, 0], v
+        n = k_cache.shape[2]
+        mask = torch.zeros(len(pos), 1, 1, n, dtype=q.dtype, device="cuda").masked_fill(
+            torch.arange(n, device="cuda") > pos[:, None, None, None], float("-inf"))
+        return F.scaled_dot_product_attention(q, k_cache[rows], v_cache[rows], attn_mask=mask, enable_gqa=True)
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        b, n = 4, 32768  # GLM-4-9B's heads: 32 query heads, 2 KV heads of 128, 64 rotary dims
+        q, k, v = (torch.randn(b, h, 128, device="cuda", dtype=dtype) for h in (32, 2, 2))
+        k_cache, v_cache = (torch.randn(b, 2, n, 128, device="cuda", dtype=dtype) for _ in range(2))
+        angle = torch.rand(b, 32, device="cuda") * 6
+        cos, sin = angle.cos().repeat_interleave(2, -1).to(dtype), angle.sin().repeat_interleave(2, -1).to(dtype)
+        pos, rows = torch.tensor([0, 63, 20000, n - 1], device="cuda"), torch.tensor([2, 0, 3, 1], device="cuda")
+        kc, vc = k_cache.clone(), v_cache.clone()
+        want = reference(q, k, v, kc, vc, pos, rows, cos, sin)
+        got = decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos, sin)
+        print("decode_attention", dtype, f"b={b} cache {n} split {split_length(b, 2, n)}: max diff",
+              (got.float() - want.float()).abs().max().item(), "k cache diff", (k_cache.float() - kc.float()).abs().max().item(),
+              "v cache equal", torch.equal(v_cache, vc), flush=True)
+except Exception as exc:
+    print("decode_attention FAILED", type(exc).__name__, str(exc)[:500], flush=True)
+
+for dtype in (torch.bfloat16, torch.float32):  # the trained tiny model: tokens with the kernel, graph + compile
+    m = trained.to(dtype)
+    want = m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, min_new_tokens=24,
+                      do_sample=False)
+    for opts in ({"cuda_graph": False, "compile": False}, {"compile": False}, {}):
+        try:
+            got = FastDecoder(m, max_len=40, attention="triton", **opts).generate(prompt, 24, ignore_eos=True)
+            print("attention triton", dtype, opts, "identical:", torch.equal(got, want), flush=True)
+        except Exception as exc:
+            print("attention triton", dtype, opts, "FAILED", type(exc).__name__, str(exc)[:500], flush=True)
+try:  # rows at their own positions, a cache of several splits (max_len 700: 11 splits of 64), in a graph
+    m = trained.to(torch.float32)
+    lone = [torch.randint(0, 800, (1, n), device="cuda", generator=torch.Generator("cuda").manual_seed(n))
+            for n in (5, 70, 300)]
+    dec = FastDecoder(m, max_len=700, batch_size=4, attention="triton", compile=False, graph_batch_sizes=[4])
+    logits = torch.cat([dec.prefill(p, slot=i) for i, p in enumerate(lone)])
+    pos, rows = torch.tensor([p.shape[1] for p in lone], device="cuda"), [[], [], []]
+    for _ in range(16):
+        tokens = logits.argmax(-1)
+        for row, t in zip(rows, tokens.tolist()):
+            row.append(t)
+        logits = dec.decode_step(tokens, pos).clone()
+        pos += 1
+    wants = [m.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=16, min_new_tokens=16,
+                        do_sample=False)[0, p.shape[1]:].tolist() for p in lone]
+    print("attention triton, 3 rows of a 4-row graph at positions 5/70/300, cache 700: identical:",
+          [r == w for r, w in zip(rows, wants)], flush=True)
+except Exception as exc:
+    print("attention triton rows FAILED", type(exc).__name__, str(exc)[:500], flush=True)
 
 # The layer split with both halves on cuda:0 (a map naming the card twice, 0 and "cuda:0": two segments, two CUDA
 # graphs per step and the hand-over between them), on the trained tiny model: generate()'s tokens, lone and in

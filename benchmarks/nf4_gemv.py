@@ -2,14 +2,17 @@
 
 1. Each GLM-4-9B projection in nf4 (q/k/v read by one launch, o_proj, gate_up with SwiGLU, down_proj), batch 1,
    timed in CUDA graphs over ~1 GiB of weight copies (``glmkit.gemv_tuning.graph_time``): glmkit's Triton kernel
-   at the rule-of-thumb shape and a short sweep of launch shapes with the warp-shuffle lookup, the table-load
-   lookup at the best and default shapes (``gemv4bit.LOOKUP``; the faster over all projections and its best
-   shapes are what the decoder below runs), bitsandbytes' ``matmul_4bit``, bf16 ``F.linear`` and glmkit's bf16
+   at the rule-of-thumb shape and a short sweep of launch shapes with the warp-shuffle lookup, the other lookups
+   (``gemv4bit.LOOKUPS``: 16-entry table loads, a 256-entry byte->pair table) at the best and default shapes
+   (each projection's fastest shape and lookup are what the decoder below runs, and what --write-table writes),
+   bitsandbytes' ``matmul_4bit``, bf16 ``F.linear`` and glmkit's bf16
    kernel; bytes read per second against the copy bandwidth. Each
    product's error against float64 on the fp32-dequantized weights (``code * absmax``, nothing rounded): ours,
    bitsandbytes', and dequantize-to-bf16 + ``F.linear`` (the bf16 path's own rounding).
-2. ``FastDecoder`` at batch 1: bf16 (Triton) vs nf4 through glmkit's kernels vs nf4 through bitsandbytes' kernel,
-   tok/s (best of 3) against each one's roofline (copy bandwidth / bytes a token reads).
+2. ``FastDecoder`` at batch 1: bf16 (Triton) vs nf4 through glmkit's kernels (the layer compiled around them, the
+   default; and with eager layers) vs nf4 through bitsandbytes' kernel, tok/s (best of 3) against each one's
+   roofline (copy bandwidth / bytes a token reads); a warning while building a decoder (a layer that did not
+   compile) is recorded in its row.
 3. Is nf4-Triton vs nf4-bitsandbytes' logit gap a real error? Teacher-forced logits (the same 16 tokens fed to
    every decoder) against fp32 decoders: the bf16 model in fp32 for bf16, the nf4 weights dequantized to fp32 for
    both nf4 paths; relative L2 error per step and greedy-token agreement.
@@ -17,6 +20,7 @@
 Random weights of the exact GLM-4-9B architecture (DESIGN.md). On an H200 about 4 minutes:
 
     PYTHONPATH=. python benchmarks/nf4_gemv.py --write-table glmkit/assets/gemv_tuned_h200_4bit.json
+    PYTHONPATH=. python benchmarks/nf4_gemv.py --sweep none      # the tuned shapes, each lookup: about 3 minutes
 Writes benchmarks/results/nf4_gemv.json (and to $OUT) after every stage; ``--write-table`` also writes the best
 shapes as a launch-shape table for this card (nf4, and fp4 copied from it: the same kernel).
 """
@@ -25,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -34,10 +40,9 @@ import torch.nn.functional as F
 from nf4_decode import token_bytes
 
 from glmkit import gemv4bit
-from glmkit.bench import copy_bandwidth, save_result, stage_runner
+from glmkit.bench import RESULTS_DIR, copy_bandwidth, save_result, stage_runner
 from glmkit.gemv import GemvConfig, active_table, device_name, gemv, gemv_swiglu, pick_config, tables_for
 from glmkit.gemv4bit import (
-    LOOKUP,
     Packed4bit,
     config_for,
     gemv_4bit,
@@ -45,6 +50,7 @@ from glmkit.gemv4bit import (
     gemv_4bit_swiglu,
     linear_4bit,
     quantize,
+    tuned_lookups,
 )
 from glmkit.gemv_tuning import candidates, graph_time, projections, write_table
 from glmkit.models import ensure_random_checkpoint
@@ -85,10 +91,12 @@ def projection_row(name: str, n: int, k: int, bias: bool, swiglu: bool, bandwidt
                    None if b is None else b.double())
     ref = _swiglu(ref) if swiglu else ref
 
-    def ours(i: int, cfg: GemvConfig | None = None) -> torch.Tensor:
+    def ours(i: int, cfg: GemvConfig | None = None, lookup: str | None = None) -> torch.Tensor:
         if swiglu:
-            return gemv_4bit_swiglu(x, ps[i][0], config=cfg)
-        return gemv_4bit_multi(x, ps[i], b, config=cfg) if len(heights) > 1 else gemv_4bit(x, ps[i][0], b, config=cfg)
+            return gemv_4bit_swiglu(x, ps[i][0], config=cfg, lookup=lookup)
+        if len(heights) > 1:
+            return gemv_4bit_multi(x, ps[i], b, config=cfg, lookup=lookup)
+        return gemv_4bit(x, ps[i][0], b, config=cfg, lookup=lookup)
 
     def bnb(i: int) -> torch.Tensor:  # as FastDecoder runs bitsandbytes: one call per weight, then concatenated
         bs = [None] * len(heights) if b is None else b.split(list(heights))
@@ -111,15 +119,14 @@ def projection_row(name: str, n: int, k: int, bias: bool, swiglu: bool, bandwidt
                            "double_quant": double_quant, "nf4_bytes": nbytes, "bf16_bytes": rows * k * 2,
                            "copies": copies, "roofline_us": nbytes / bandwidth * 1e6, "default": default.__dict__,
                            "tried": []}
-    current, by_lookup = gemv4bit.LOOKUP, {}  # the lookup this process decodes with: restored below
-    for lookup in gemv4bit.LOOKUPS:  # the sweep with the warp-shuffle lookup; table loads at its best and default
-        gemv4bit.LOOKUP = lookup
+    by_lookup = {}
+    for lookup in gemv4bit.LOOKUPS:  # the sweep with the warp-shuffle lookup; the others at its best and default
         shapes = [default, *sweep] if lookup == "shuffle" else [default, *(v[0] for v in by_lookup.values())]
         shapes = list(dict.fromkeys(shapes))
         for cfg in shapes:
             try:
-                err = _rel(ours(0, cfg), ref)
-                t = timer(lambda i, cfg=cfg: ours(i, cfg), copies)
+                err = _rel(ours(0, cfg, lookup), ref)
+                t = timer(lambda i, cfg=cfg, lookup=lookup: ours(i, cfg, lookup), copies)
             except Exception as exc:  # a shape Triton cannot build: record and go on
                 row["tried"].append({**cfg.__dict__, "lookup": lookup, "error": f"{type(exc).__name__}: {exc!s:.200}"})
                 continue
@@ -127,22 +134,22 @@ def projection_row(name: str, n: int, k: int, bias: bool, swiglu: bool, bandwidt
                                  "rel_err": err})
             if err < 2e-2 and (lookup not in by_lookup or t < by_lookup[lookup][1]):
                 by_lookup[lookup] = (cfg, t, err)
-    gemv4bit.LOOKUP = current
     row["best_by_lookup"] = {lk: {**cfg.__dict__, "us": t * 1e6, "tb_s": nbytes / t / 1e12, "rel_err": err,
                                   "fraction_of_copy_bandwidth": nbytes / t / bandwidth}
                              for lk, (cfg, t, err) in by_lookup.items()}
     row["default_us"] = {t["lookup"]: t["us"] for t in reversed(row["tried"]) if "us" in t and
                          (t["block_n"], t["block_k"], t["num_warps"]) == tuple(default.__dict__.values())}
-    best = by_lookup.get(current)
+    best_lookup, best = min(by_lookup.items(), key=lambda kv: kv[1][1], default=(None, None))  # shapes and lookups
     t_bnb, t16, t16t = timer(bnb, copies), timer(bf16_cublas, copies16), timer(bf16_triton, copies16)
     row |= {"bnb_matmul_4bit_us": t_bnb * 1e6, "bnb_matmul_4bit_tb_s": nbytes / t_bnb / 1e12,
             "bf16_cublas_us": t16 * 1e6, "bf16_cublas_tb_s": rows * k * 2 / t16 / 1e12,
             "bf16_triton_us": t16t * 1e6, "bf16_triton_config": pick_config(n, k).__dict__,
-            # the decoder's lookup (gemv4bit.LOOKUP), best shape
+            # the best shape and lookup
             "speedup_vs_bnb": None if best is None else t_bnb / best[1],
             "speedup_vs_bf16_cublas": None if best is None else t16 / best[1],
             # errors against float64 on the fp32-dequantized weights
-            "rel_err_ours": _rel(ours(0, best[0] if best else default), ref), "rel_err_bnb": _rel(bnb(0), ref),
+            "rel_err_ours": _rel(ours(0, best[0], best_lookup) if best else ours(0, default), ref),
+            "rel_err_bnb": _rel(bnb(0), ref),
             "rel_err_dequantize_bf16_linear": _rel(dequant_bf16(0), ref)}
     print({k_: v for k_, v in row.items() if k_ != "tried"}, flush=True)
     return row
@@ -150,8 +157,8 @@ def projection_row(name: str, n: int, k: int, bias: bool, swiglu: bool, bandwidt
 
 def projection_table(bandwidth: float, sweep_kind: str) -> dict[str, Any]:
     """Every projection in plain nf4 (the decoder's below) with the sweep, then down_proj with double quantization
-    at its best shape. The lookup (shuffle or load) that is faster over all projections, and each projection's
-    best shape with it, are what this process decodes with from then on (and what --write-table writes)."""
+    at its best shape. Each projection's fastest shape and lookup (``gemv4bit.LOOKUPS``) are what this process
+    decodes with from then on (and what --write-table writes); ``total_us_by_lookup`` sums each lookup's best."""
     rows = []
     for name, (n, k, bias, swiglu) in projections(quantized=True).items():
         sweep = [] if sweep_kind == "none" else candidates("nf4", swiglu, quick=sweep_kind == "quick")
@@ -160,16 +167,15 @@ def projection_table(bandwidth: float, sweep_kind: str) -> dict[str, Any]:
         torch.cuda.empty_cache()
     totals = {lk: sum(r["best_by_lookup"][lk]["us"] for r in rows) for lk in gemv4bit.LOOKUPS
               if all(lk in r["best_by_lookup"] for r in rows)}
-    chosen = min(totals, key=totals.get) if totals else LOOKUP
-    gemv4bit.LOOKUP = chosen
+    chosen = {}  # per projection: its fastest lookup and shape, what the decoder below runs
     for r, (n, k, _, _) in zip(rows, projections(quantized=True).values()):
-        best = r["best_by_lookup"].get(chosen)
-        r["best"] = None if best is None else {**best, "lookup": chosen}
-        if best:  # the table is read before the decoder compiles: it decodes with these
+        lookup, best = min(r["best_by_lookup"].items(), key=lambda kv: kv[1]["us"], default=(None, None))
+        r["best"] = None if best is None else {**best, "lookup": lookup}
+        if best:  # read when the kernel runs: the decoder uses these
             active_table()[("nf4", n, k)] = GemvConfig(best["block_n"], best["block_k"], best["num_warps"])
+            tuned_lookups()[("nf4", n, k)] = chosen[r["projection"]] = lookup
     n, k, bias, swiglu = projections(quantized=True)["down_proj"]
     rows.append(projection_row("down_proj", n, k, bias, swiglu, bandwidth, True, []))  # at its best shape
-    gemv4bit.LOOKUP = chosen
     torch.cuda.empty_cache()
     return {"rows": rows, "total_us_by_lookup": totals, "lookup_for_decode": chosen}
 
@@ -192,15 +198,19 @@ def decode_speed(model: torch.nn.Module, label: str, bandwidth: float, **options
     from glmkit.fast_decode import FastDecoder
 
     t0 = time.perf_counter()
-    decoder = FastDecoder(model, max_len=PROMPT + NEW_TOKENS + 8, **options)
-    decoder.tokens_per_second(PROMPT, 8)
+    with warnings.catch_warnings(record=True) as caught:  # a layer that did not compile says so here
+        warnings.simplefilter("always")
+        decoder = FastDecoder(model, max_len=PROMPT + NEW_TOKENS + 8, **options)
+        decoder.tokens_per_second(PROMPT, 8)
     setup = time.perf_counter() - t0
     runs = [decoder.tokens_per_second(PROMPT, NEW_TOKENS)["decode_tok_s"] for _ in range(3)]
     roofline = bandwidth / token_bytes(model)
     label += "" if label.endswith("layers)") else (", compiled" if decoder.compiled else ", eager layers")
     row = {"path": label, "gemv": decoder.gemv, "compiled": decoder.compiled, "setup_s": setup,
            "decode_tok_s": runs, "best_tok_s": max(runs), "roofline_tok_s": roofline,
-           "fraction_of_roofline": max(runs) / roofline, "_logits": forced_logits(decoder)}
+           "fraction_of_roofline": max(runs) / roofline,
+           "warnings": [f"{w.category.__name__}: {w.message!s:.400}" for w in caught
+                        if issubclass(w.category, RuntimeWarning)], "_logits": forced_logits(decoder)}
     print({k: v for k, v in row.items() if not k.startswith("_")}, flush=True)
     del decoder
     torch.cuda.empty_cache()
@@ -249,6 +259,18 @@ def fp32_references(checkpoint: str, nf4_model: torch.nn.Module, device: str = "
     return out
 
 
+def earlier_projections(device: str) -> dict[str, Any]:
+    """A run without the projections stage keeps the per-projection table of the last run on the same card
+    (benchmarks/results/nf4_gemv.json), marked with that run's date, so that the file stays complete."""
+    path = RESULTS_DIR / "nf4_gemv.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    if old.get("device") != device or not old.get("projections"):
+        return {}
+    keep = ("projections", "total_us_by_lookup", "lookup_for_decode", "table_written")
+    return {**{k: old[k] for k in keep if k in old},
+            "projections_from_earlier_run": old.get("environment", {}).get("date", "unknown date")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
@@ -284,6 +306,8 @@ def main() -> None:
                                source="benchmarks/nf4_gemv.py")
             result["table_written"] = str(path)
         save_result("nf4_gemv", result)
+    else:
+        result |= earlier_projections(result["device"])
     if not {"decode", "accuracy"} & set(stages):
         return
     ensure_random_checkpoint(args.checkpoint)
@@ -291,13 +315,17 @@ def main() -> None:
               "nf4": load_precision(args.checkpoint, "nf4", device_map="cuda:0")}
     result["nf4_token_bytes"], result["bf16_token_bytes"] = token_bytes(models["nf4"]), token_bytes(models["bf16"])
     runs = {"bf16": ("bf16", "bf16 fast (Triton)", dict(gemv="triton")),
-            "nf4_triton": ("nf4", "nf4 fast (glmkit Triton)", dict(gemv="triton")),
+            "nf4_triton": ("nf4", "nf4 fast (glmkit Triton)", dict(gemv="triton")),  # compiled (the default)
+            "nf4_triton_eager": ("nf4", "nf4 fast (glmkit Triton, eager layers)", dict(gemv="triton", compile=False)),
             "nf4_bnb": ("nf4", "nf4 fast (bnb matmul_4bit, eager layers)", dict(gemv=False, compile=False))}
-    result["lookup_used_by_nf4_decoder"] = gemv4bit.LOOKUP
+    result["lookup_used_by_nf4_decoder"] = {f"{n}x{k}": lk for (kernel, n, k), lk in tuned_lookups().items()
+                                            if kernel == "nf4"} or gemv4bit.LOOKUP
     rows = {key: stage(key, decode_speed, models[m], label, bw, **opts) for key, (m, label, opts) in runs.items()}
     result["decode"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows.values() if r]
     if rows["nf4_triton"] and rows["bf16"]:
         result["nf4_over_bf16_fast"] = rows["nf4_triton"]["best_tok_s"] / rows["bf16"]["best_tok_s"]
+    if rows["nf4_triton"] and rows["nf4_triton_eager"]:
+        result["nf4_compiled_over_eager_layers"] = rows["nf4_triton"]["best_tok_s"] / rows["nf4_triton_eager"]["best_tok_s"]
     if rows["nf4_triton"] and rows["nf4_bnb"]:
         result["nf4_triton_over_bnb"] = rows["nf4_triton"]["best_tok_s"] / rows["nf4_bnb"]["best_tok_s"]
         result["nf4_triton_vs_bnb"] = compare(rows["nf4_triton"]["_logits"], rows["nf4_bnb"]["_logits"])

@@ -260,7 +260,8 @@ def measure_decode(model: torch.nn.Module, path: str = "generate", batch_size: i
     with track_peak() as peak:
         if path == "fast":
             decoder = FastDecoder(model, max_len=prompt_len + new_tokens, batch_size=batch_size, **(fast_options or {}))
-            result = {**decoder.tokens_per_second(prompt_len, new_tokens), "gemv": decoder.gemv}
+            result = {**decoder.tokens_per_second(prompt_len, new_tokens), "gemv": decoder.gemv,
+                      "attention": decoder.attention}
         else:
             kw: dict[str, Any] = {"do_sample": False, "attention_mask": torch.ones_like(ids)}
             if path == "static":
@@ -278,7 +279,7 @@ def measure_decode(model: torch.nn.Module, path: str = "generate", batch_size: i
             result = {"ttft_s": ttft, "decode_tok_s": batch_size * (new_tokens - 1) / max(total - ttft, 1e-9)}
     dev = "cuda:0" if cuda else "cpu"
     return {"path": path, "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "attn_implementation": "sdpa (glmkit)" if path == "fast" else (
+            "attn_implementation": f"{result['attention']} (glmkit)" if path == "fast" else (
                 attn_implementation or getattr(model.config, "_attn_implementation", None)),
             **({"fast_options": fast_options} if fast_options and path == "fast" else {}),
             **result, "peak_bytes": peak.report.device(dev).peak}

@@ -100,7 +100,7 @@ def _make_tiny(args: argparse.Namespace) -> None:
 def _tune(args: argparse.Namespace) -> None:
     from glmkit.gemv_tuning import table_configs, tune, write_table
 
-    rows = tune(args.kernels.split(","))
+    rows = tune(args.kernels.split(","), tp=args.tp)
     path = write_table(table_configs(rows), args.output)
     print(f"launch shapes for {len(rows)} projections written to {path}; glmkit's GEMV kernels use them on this card")
 
@@ -368,8 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="measure the fastest GEMV kernel launch shapes on this GPU (a minute or two "
                                     "per kernel) and keep them in glmkit's cache")
     p.add_argument("--kernels", default="bf16,nf4",
-                   help="comma-separated: bf16, fp16, nf4, fp4 (fp16 takes bf16's shapes unless given)")
+                   help="comma-separated: bf16, fp16, nf4, fp4 (fp16 takes bf16's shapes unless given; 4-bit "
+                        "kernels also time each nibble lookup and keep the faster with the shape)")
     p.add_argument("--output", help="table file (default: gemv_tuned.json in $GLMKIT_CACHE or ~/.cache/glmkit)")
+    p.add_argument("--tp", type=int, choices=(1, 2), default=1,
+                   help="2: tune one tensor-parallel rank's shard shapes (for --tp 2 --fast-decode), kept beside "
+                        "the one-card shapes")
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("plan", help="memory plan per GPU for GLM-4-9B-Chat (or --model PATH), no GPU needed")

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from glmkit.attention import auto_attention, decode_attention
 from glmkit.device_map import check_device_map
 from glmkit.gemv import active_table, gemv_swiglu, kernel_name, prefer_triton, triton_available
 from glmkit.gemv import gemv as triton_gemv
@@ -47,6 +48,7 @@ from glmkit.generation import cache_argument, chunked_prefill, pick_token, preal
 from glmkit.generation import eos_token_ids as model_eos
 from glmkit.vocabulary import head_dim
 
+ATTENTIONS = ("auto", "triton", "sdpa", "reduction")  # FastDecoder(attention=...)
 HOPS = ("peer", "host")  # how the hidden state crosses between the devices of a split (FastDecoder(hop=...))
 OWN_PREFILL_MAX = 1 << 20  # rows x prompt tokens x cache positions attended up to which a prefill runs the decoder's
 # own layers (attention scores of at most 4 MiB per head in fp32); above, the model's chunked prefill (memory-lean)
@@ -107,14 +109,50 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: boo
     return (y if bias is None else y + bias.float()).to(x.dtype)
 
 
-def mlp_activation(h: torch.Tensor, wgu: Weight, gemv: bool | str) -> torch.Tensor:
-    """``up * silu(gate)`` of the fused gate/up projection; the Triton kernel applies it before it writes."""
+def mlp_activation(h: torch.Tensor, wgu: Weight, gemv: bool | str, norm_weight: torch.Tensor | None = None,
+                   eps: float = 1e-5) -> torch.Tensor:
+    """``up * silu(gate)`` of the fused gate/up projection; the Triton kernel applies it before it writes. With
+    ``norm_weight``, h is the raw residual stream and its RMSNorm is multiplied (folded into the Triton kernel where
+    that runs, ``fuses``)."""
+    if norm_weight is not None and fuses(wgu, gemv, swiglu=True):
+        return gemv_swiglu(h, wgu, norm_weight=norm_weight, eps=eps)
+    if norm_weight is not None:
+        h = rms_norm(h, norm_weight, eps)
     if gemv == "triton" and isinstance(wgu, Packed4bit):
         return gemv_4bit_swiglu(h, wgu)
     if gemv == "triton" and prefer_triton(kernel_name(wgu.dtype), wgu.shape[0] // 2, wgu.shape[1]):
         return gemv_swiglu(h, wgu)
     gate, up = linear(h, wgu, None, gemv).chunk(2, dim=-1)
     return up * F.silu(gate)
+
+
+def fuses(weight: Weight, gemv: bool | str, swiglu: bool = False) -> bool:
+    """Whether glmkit's 16/32-bit Triton GEMV multiplies by ``weight`` (``gemv="triton"``, a shape it runs), and so
+    can fold the RMSNorm before it and the residual add after it into its own launch.
+
+    >>> fuses(torch.zeros(8, 4), "triton"), fuses(torch.zeros(8, 4), False)
+    (True, False)
+    """
+    if gemv != "triton" or not isinstance(weight, torch.Tensor):
+        return False
+    return prefer_triton(kernel_name(weight.dtype), weight.shape[0] // (2 if swiglu else 1), weight.shape[1])
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: Weight, bias: torch.Tensor | None,
+                gemv: bool | str) -> torch.Tensor:
+    """``linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)``: in one Triton launch where ``fuses``, which
+    normalises x as it reads it (no norm kernel)."""
+    if fuses(weight, gemv):
+        return triton_gemv(x, weight, bias, norm_weight=norm_weight, eps=eps)
+    return linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)
+
+
+def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gemv: bool | str) -> torch.Tensor:
+    """``residual + linear(x, weight, None, gemv)``: in one Triton launch where ``fuses`` (the add in its epilogue,
+    rounded as PyTorch rounds it)."""
+    if fuses(weight, gemv):
+        return triton_gemv(x, weight, None, residual=residual)
+    return residual + linear(x, weight, None, gemv)
 
 
 def auto_gemv(device: torch.device, batch_size: int, dtype: torch.dtype = torch.bfloat16) -> str | bool:
@@ -148,30 +186,43 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
                   sin: torch.Tensor, mask: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
                   wo: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, next_norm: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float, heads: int, kv_heads: int, head_dim: int,
-                  gemv: bool | str = False, sdpa: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  gemv: bool | str = False, attention: str = "sdpa",
+                  in_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One GLM decoder layer for one new token per sequence, writing its K/V at ``pos`` in the static cache.
 
     x: the residual stream [b, 1, hidden]; h: ``x`` already normalised by this layer's input norm; returns the new
     residual stream and it normalised by ``next_norm`` (the next layer's input norm, or the final norm), so the
     residual add and the next norm run as one kernel. pos, batch_index: [b];
     k_cache/v_cache: [b, kv_heads, max_len, head_dim]; mask: additive [b, 1, 1, max_len] (0 up to pos, else -inf).
+    attention: ``"triton"`` (rope, cache write and attention in ``glmkit.attention``'s kernel: it reads pos, not the
+    mask), ``"sdpa"`` or ``"reduction"``.
+
+    in_norm: this layer's input norm, given on the Triton batch-1 path (``FastDecoder.fuses_norms``): then the
+    GEMVs do the norms and the residual adds (``norm_linear``, ``residual_linear``), h is not read and the layer
+    returns ``(x, x)``: a layer is four GEMV launches and attention, with no norm or add kernel.
     """
     b = x.shape[0]
-    qkv = linear(h, wqkv, bqkv, gemv)  # [b, 1, (heads + 2 kv_heads) * head_dim]
+    fused = in_norm is not None
+    # [b, 1, (heads + 2 kv_heads) * head_dim]
+    qkv = norm_linear(x, in_norm, eps, wqkv, bqkv, gemv) if fused else linear(h, wqkv, bqkv, gemv)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q = rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
-    k = rope(k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
-    v = v.view(b, 1, kv_heads, head_dim).transpose(1, 2)
-    k_cache[batch_index, :, pos] = k[:, :, 0]
-    v_cache[batch_index, :, pos] = v[:, :, 0]
-    if sdpa:
-        attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # [b, heads, 1, hd]
+    if attention == "triton":  # one kernel: rope, the K/V write at pos and attention over 0..pos
+        attn = decode_attention(q.view(b, heads, head_dim), k.view(b, kv_heads, head_dim), v.view(b, kv_heads, head_dim),
+                                k_cache, v_cache, pos, batch_index, cos.view(b, -1), sin.view(b, -1))  # [b, heads, 1, hd]
     else:
-        attn = _attention_reduction(q, k_cache, v_cache, mask)
-    x = x + linear(attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, None, gemv)
-    h = rms_norm(x, ln2, eps)
-    x = x + linear(mlp_activation(h, wgu, gemv), wd, None, gemv)
-    return x, rms_norm(x, next_norm, eps)
+        q = rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
+        k = rope(k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
+        v = v.view(b, 1, kv_heads, head_dim).transpose(1, 2)
+        k_cache[batch_index, :, pos] = k[:, :, 0]
+        v_cache[batch_index, :, pos] = v[:, :, 0]
+        if attention == "sdpa":
+            attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
+        else:
+            attn = _attention_reduction(q, k_cache, v_cache, mask)
+    x = residual_linear(x, attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, gemv)
+    mlp = mlp_activation(x, wgu, gemv, ln2, eps) if fused else mlp_activation(rms_norm(x, ln2, eps), wgu, gemv)
+    x = residual_linear(x, mlp, wd, gemv)
+    return x, (x if fused else rms_norm(x, next_norm, eps))
 
 
 def prefill_layer(x: torch.Tensor, h: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -402,6 +453,10 @@ class _Stage:
         self.logits = torch.zeros(batch_size, vocab, device=dev, dtype=torch.float32) if segment.head else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.staging: list[torch.Tensor] | None = None  # pinned host buffers of a hop through host memory
+        # the norms glmkit's fused Triton GEMVs apply (FastDecoder.fuses_norms): each layer's input norm, and the
+        # final norm before lm_head; set by FastDecoder
+        self.in_norms: list[torch.Tensor] = []
+        self.final_norm: torch.Tensor | None = None
 
 
 class FastDecoder:
@@ -426,9 +481,11 @@ class FastDecoder:
         compile: ``torch.compile`` the layer function (default: on a GPU); fuses norms, RoPE and SiLU.
         gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1
             step on a GPU of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a
-            warning and cuBLAS; a 4-bit model: glmkit's 4-bit Triton GEMVs at batch 1 with the layers uncompiled (on
-            an H200 172.5 tok/s against 124.6 with bitsandbytes' own kernel, ``benchmarks/results/nf4_gemv.json``;
-            compiling the layer around the 4-bit kernel failed there), bitsandbytes' kernel above batch 1.
+            warning and cuBLAS; a 4-bit model: glmkit's 4-bit Triton GEMVs at batch 1 (PyTorch ops the compiled
+            layer calls, ``torch.ops.glmkit.gemv_4bit*``; on an H200 172.5 tok/s with the layers uncompiled against
+            124.6 with bitsandbytes' own kernel, ``benchmarks/results/nf4_gemv.json``; should the layer not compile,
+            a warning and eager layers), bitsandbytes' kernel above batch 1 (then in eager layers unless
+            ``compile=True``).
             ``"triton"``: glmkit's kernels for one token (``glmkit.gemv``: one pass over each
             weight, no split-K, SwiGLU applied before the write; batch_size 1 only); on an H100 they decode GLM-4-9B
             12% faster than cuBLAS (150.3 vs 133.7 tok/s, benchmarks/results/decode.json). ``False``: cuBLAS
@@ -438,26 +495,41 @@ class FastDecoder:
             decoder captures its own graph). On H100s max-autotune was -0.7% to +3.4% against the default, run to run
             (benchmarks/results/decode_variants.json, decode.json), and autotuning added 11-18 s to building a decoder, so the
             default is the plain compile.
-        attention: ``"sdpa"`` (PyTorch's fused kernel, the default) or ``"reduction"`` (multiply-and-sum the compiler
-            fuses; meant for the compiled path: run eagerly it builds a [b, heads, cache, head_dim] temporary). On an
-            H100 the reductions were slower: -1.8% with a 288-token cache, -15% with 2048 (decode_variants.json).
+        attention: how a decode step attends. ``"auto"`` (default, ``glmkit.attention.auto_attention``): ``"triton"``
+            on a GPU where glmkit's Triton kernels run, at every batch size (if it fails to build there, a warning
+            and ``"sdpa"``), else ``"sdpa"``. ``"triton"``: ``glmkit.attention.decode_attention``, one kernel for
+            the rotary embedding, the K/V write and attention, each K/V tile read once for all the query heads that
+            share it (GLM-4-9B: 16), split over programs on long caches. ``"sdpa"``: rope and the cache write as
+            compiled ops, then PyTorch's fused kernel (cuDNN on an H100: 4.3 µs a layer at 32 cached tokens,
+            profile_step.json). ``"reduction"``: multiply-and-sum the compiler fuses (meant for the compiled path: run
+            eagerly it builds a [b, heads, cache, head_dim] temporary); on an H100 slower than sdpa: -1.8% with a
+            288-token cache, -15% with 2048 (decode_variants.json).
         graph_batch_sizes: the step sizes to capture (default 1, 2, 4, ... and ``batch_size``; ``bucket_sizes``).
         hop: how the hidden state crosses from one segment's device to the next on a split. ``"peer"`` (default):
             a device-to-device copy (NVLink or PCIe peer-to-peer). ``"host"``: staged through pinned host memory,
             each half waited for, as it goes between cards that have no peer-to-peer access (two consumer cards on
             PCIe often have none); notebook 02 compares the two.
+        fuse_norms: on the Triton batch-1 step of a 16/32-bit model (``fuses_norms``), the GEMVs apply the RMSNorms
+            and the residual adds as they read and write (``glmkit.gemv.gemv``'s ``norm_weight`` and ``residual``):
+            two kernels fewer per layer. ``False`` keeps them as compiled kernels of their own (to compare:
+            ``benchmarks/profile_step.py``, ``benchmarks/decode.py``).
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
                  cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool | str = "auto",
-                 compile_options: dict[str, Any] | None = None, attention: str = "sdpa",
-                 graph_batch_sizes: Sequence[int] | None = None, hop: str = "peer") -> None:
+                 compile_options: dict[str, Any] | None = None, attention: str = "auto",
+                 graph_batch_sizes: Sequence[int] | None = None, hop: str = "peer",
+                 fuse_norms: bool = True) -> None:
         self.check(model)
         if hop not in HOPS:
             raise ValueError(f"hop must be one of {HOPS} (device to device, or through host memory), not {hop!r}.")
         self.hop = hop
-        if attention not in ("sdpa", "reduction"):
-            raise ValueError(f"attention must be 'sdpa' or 'reduction', not {attention!r}.")
+        self.fuse_norms = fuse_norms
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be 'auto', 'triton', 'sdpa' or 'reduction', not {attention!r}.")
+        if attention == "triton" and not triton_available():
+            raise RuntimeError("attention='triton' needs Triton and a GPU (or TRITON_INTERPRET=1 on a CPU); "
+                               "use attention='sdpa'.")
         if gemv not in ("auto", False, True, "triton"):
             raise ValueError(f"gemv must be 'auto', 'triton', False (cuBLAS) or True (compiled reductions), not {gemv!r}.")
         if gemv == "triton" and batch_size != 1:
@@ -473,12 +545,15 @@ class FastDecoder:
         self.quantized = any(is_4bit(p) for p in model.parameters())
         self.auto_gemv = gemv == "auto"
         # per step size: Triton GEMVs only for one token, and under "auto" only where every segment's GPU runs them.
-        # 4-bit under "auto": glmkit's 4-bit kernels too, with the layers uncompiled (self.compiled below): on an
-        # H200 GLM-4-9B decoded 172.5 tok/s so against 124.6 with bitsandbytes' kernel (benchmarks/results/nf4_gemv.json)
+        # 4-bit under "auto": glmkit's 4-bit kernels too (custom ops that the compiled layer calls as they are): on
+        # an H200 GLM-4-9B decoded 172.5 tok/s so, layers uncompiled, against 124.6 with bitsandbytes' kernel
+        # (benchmarks/results/nf4_gemv.json)
         self.gemv_by_bucket: dict[int, bool | str] = {
             b: (("triton" if all(auto_gemv(s.device, b, dtype) == "triton" for s in self.segments) else False)
                 if gemv == "auto" else gemv) for b in self.buckets}
-        self.sdpa = attention == "sdpa"
+        self.auto_attention = attention == "auto"
+        self.attention = (("triton" if all(auto_attention(s.device, dtype) == "triton" for s in self.segments)
+                           else "sdpa") if self.auto_attention else attention)
         cfg = model.config
         self.model = model
         self.device = model.get_input_embeddings().weight.device  # where the inputs go
@@ -486,7 +561,10 @@ class FastDecoder:
         self.dtype = model.get_input_embeddings().weight.dtype
         on_gpu = all(d.type == "cuda" for d in self.devices)
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
-        self.compiled = (on_gpu and not (self.quantized and self.auto_gemv)) if compile is None else compile
+        # 4-bit: compiled where every step runs glmkit's 4-bit ops (which compile calls as they are); steps through
+        # bitsandbytes' own kernel (batch > 1, gemv=False) keep eager layers unless compile=True: not measured compiled
+        glmkit_4bit = all(g == "triton" for g in self.gemv_by_bucket.values())
+        self.compiled = (on_gpu and (glmkit_4bit or not self.quantized)) if compile is None else compile
         if on_gpu and "triton" in self.gemv_by_bucket.values():
             active_table()  # this card's launch shapes, read (and an untuned card named) before anything compiles
         self.max_len, self.batch_size = max_len, batch_size
@@ -508,6 +586,9 @@ class FastDecoder:
                               cfg.hidden_size, cfg.vocab_size, self.dtype, cos, sin) for s in self.segments]
         first, last = self.stages[0], self.stages[-1]
         self.first_norm = model.model.layers[0].input_layernorm.weight.to(first.device)  # after the embeddings
+        for st in self.stages:  # the norms the fused GEMVs apply (fuses_norms): each layer's input norm, the final
+            st.in_norms = [model.model.layers[i].input_layernorm.weight.to(st.device) for i in st.segment.layers]
+            st.final_norm = model.model.norm.weight.to(st.device) if st.segment.head else None
         self.logits = last.logits  # [batch, vocab] fp32, on lm_head's device
         # per layer of the whole model, its K/V buffer [batch, kv_heads, max_len, head_dim] (prefill writes there)
         self.k_layers = [k for st in self.stages for k in st.k_cache]
@@ -549,6 +630,12 @@ class FastDecoder:
 
         return html_table(self._headers(), self.rows(), caption=f"FastDecoder: {len(self.stages)} segment(s), "
                           f"step sizes {self.buckets}")
+
+    def fuses_norms(self, b: int) -> bool:
+        """Whether the step of ``b`` rows runs glmkit's 16/32-bit Triton GEMVs, which then apply the RMSNorms and the
+        residual adds themselves (``decoder_layer``'s ``in_norm``): two kernels fewer per layer. A 4-bit model's
+        GEMVs (``glmkit.gemv4bit``) do not."""
+        return self.fuse_norms and self.gemv_by_bucket[b] == "triton" and not self.quantized
 
     @property
     def gemv(self) -> bool | str:
@@ -593,9 +680,10 @@ class FastDecoder:
         m = self.model
         live = st.batch_index[:b] < st.control[2, :b] if b > 1 else None  # a one-row step's row is always live
         tokens = st.control[0, :1] if live is None else torch.where(live, st.control[0, :b], 0)
+        fused = self.fuses_norms(b)  # the GEMVs normalise their input themselves: h is x, never normalised apart
         if st.segment.embed:
             x = F.embedding(tokens[:, None], m.get_input_embeddings().weight)  # [b, 1, hidden]
-            h = rms_norm(x, self.first_norm, self.eps)
+            h = x if fused else rms_norm(x, self.first_norm, self.eps)
         else:
             x, h = st.x_in[:b], st.h_in[:b]
         if len(st.segment.layers):
@@ -611,7 +699,8 @@ class FastDecoder:
             for j, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(st.weights):
                 x, h = self.layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
                                      next_norm, st.k_cache[j, :b], st.v_cache[j, :b], self.eps, self.heads,
-                                     self.kv_heads, self.head_dim, gemv, self.sdpa)
+                                     self.kv_heads, self.head_dim, gemv, self.attention,
+                                     st.in_norms[j] if fused else None)
             if live is not None:
                 keep = live.view(1, b, 1, 1)
                 st.k_cache[:, :b, :, 0] = torch.where(keep, st.k_cache[:, :b, :, 0], k0)
@@ -620,7 +709,9 @@ class FastDecoder:
             # h: after the final norm; lm_head runs outside the compiled layer, so the reduction form (a
             # [vocab, hidden] fp32 temporary if run eagerly) is not used for it
             head = "triton" if self.gemv_by_bucket[b] == "triton" else False
-            st.logits[:b].copy_(linear(h, self.head_weight, m.lm_head.bias, head)[:, -1].float())
+            logits = (norm_linear(h, st.final_norm, self.eps, self.head_weight, m.lm_head.bias, head) if fused
+                      else linear(h, self.head_weight, m.lm_head.bias, head))
+            st.logits[:b].copy_(logits[:, -1].float())
         else:
             st.x_out[:b].copy_(x)
             st.h_out[:b].copy_(h)
@@ -662,6 +753,14 @@ class FastDecoder:
             try:
                 self._warm_up(b)
             except Exception as exc:
+                if self.auto_attention and self.attention == "triton":  # first suspect: the attention kernel
+                    warnings.warn(f"glmkit's Triton decode attention failed here ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]}); FastDecoder uses attention='sdpa' instead.", RuntimeWarning,
+                                  stacklevel=4)
+                    self.attention = "sdpa"
+                    for st in self.stages:
+                        st.graphs.clear()
+                    return self._first_step()
                 if self.quantized and self.compiled:  # 4 bits: a layer that does not compile runs eagerly (slower)
                     warnings.warn(f"Compiling the 4-bit decoder layer failed ({type(exc).__name__}: "
                                   f"{str(exc)[:200]}); FastDecoder runs its layers eagerly instead (compile=False).",

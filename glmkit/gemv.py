@@ -5,7 +5,11 @@ cuBLAS' kernels for these shapes read an H100's memory at 2.0-2.9 TB/s and, for 
 the sum into pieces that a second kernel adds up. These kernels give each program one to four whole rows and sum
 them in fp32 in one pass: 2.6-3.2 TB/s on the same H100, and GLM-4-9B decodes at 150 instead of 134 tok/s
 (``benchmarks/results/gemv_tune.json``, ``decode.json``). ``gemv_swiglu`` also applies GLM's MLP activation
-(``up * silu(gate)``) before it writes, so the gate/up product never leaves the kernel. ``FastDecoder`` uses them
+(``up * silu(gate)``) before it writes, so the gate/up product never leaves the kernel. Both can also take the raw
+residual stream and apply the RMSNorm before the product as they read it (``norm_weight``), and ``gemv`` can add the
+residual stream to its result as it writes (``residual``): on ``FastDecoder``'s batch-1 step a decoder layer is then
+four GEMV launches, the rotary/KV write and attention, with no norm or add kernel of its own (380 kernels a step
+on GLM-4-9B before, measured on an H100 in ``benchmarks/results/profile_step.json``). ``FastDecoder`` uses them
 at batch 1 on a GPU (``gemv="auto"``, the default).
 
 Launch shapes come from tables chosen by the GPU's name (``assets/gemv_tuned*.json``: H100 bf16; H200 once measured)
@@ -183,18 +187,28 @@ def pick_config(n: int, k: int, kernel: str = "bf16") -> GemvConfig:
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, K_FULL, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, g_ptr, r_ptr, N, K, K_FULL, eps, HAS_BIAS: tl.constexpr,
+                     SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
         # y[n] = sum_k w[n, k] x[k] for BLOCK_N rows; with SWIGLU the weight has 2N rows (gate, then up) and
-        # y[n] = up[n] * silu(gate[n]), each rounded to y's dtype as PyTorch would round them
+        # y[n] = up[n] * silu(gate[n]), each rounded to y's dtype as PyTorch would round them.
+        # NORM: x is the raw residual stream and the product is W @ rmsnorm(x) * g: the sum runs over x * g
+        # alongside sum(x^2), and 1 / rms(x) (a scalar) multiplies the finished sums (one pass over x, no rounding
+        # of the normalised x to 16 bits: closer to fp32 than PyTorch's own). RESIDUAL: y = r + W @ x, with
+        # W @ x rounded to y's dtype first, as PyTorch's x + F.linear(a, W) rounds.
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < N
         w_rows = w_ptr + rows[:, None] * K
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K_FULL, BLOCK_K):  # K_FULL: K rounded down to whole blocks
-            x = tl.load(x_ptr + k0 + cols).to(tl.float32)[None, :]
+            x = tl.load(x_ptr + k0 + cols).to(tl.float32)
+            if NORM:
+                squares += x * x
+                x = x * tl.load(g_ptr + k0 + cols).to(tl.float32)
+            x = x[None, :]
             if EVEN_N:
                 acc += tl.load(w_rows + k0 + cols[None, :]).to(tl.float32) * x
                 if SWIGLU:
@@ -207,24 +221,44 @@ if triton is not None:
         if not EVEN_K:  # the last, partial block of columns
             c = K_FULL + cols
             ok = row_ok[:, None] & (c < K)[None, :]
-            x = tl.load(x_ptr + c, mask=c < K, other=0.0).to(tl.float32)[None, :]
+            x = tl.load(x_ptr + c, mask=c < K, other=0.0).to(tl.float32)
+            if NORM:
+                squares += x * x
+                x = x * tl.load(g_ptr + c, mask=c < K, other=0.0).to(tl.float32)
+            x = x[None, :]
             acc += tl.load(w_rows + c[None, :], mask=ok, other=0.0).to(tl.float32) * x
             if SWIGLU:
                 acc_up += tl.load(w_rows + N * K + c[None, :], mask=ok, other=0.0).to(tl.float32) * x
         out_dtype = y_ptr.dtype.element_ty
         y = tl.sum(acc, axis=1)
+        if NORM:  # rmsnorm's 1 / sqrt(mean(x^2) + eps), the same for every row: it factors out of the sums
+            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+            y = y * rstd
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         if SWIGLU:
             gate = y.to(out_dtype).to(tl.float32)
-            up = tl.sum(acc_up, axis=1).to(out_dtype).to(tl.float32)
+            up = tl.sum(acc_up, axis=1)
+            if NORM:
+                up = up * rstd
+            up = up.to(out_dtype).to(tl.float32)
             silu = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
             y = up * silu
+        if RESIDUAL:
+            y = y.to(out_dtype).to(tl.float32) + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(out_dtype), mask=row_ok)
 
 
+def _check_vector(name: str, t: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:
+    if t.numel() != size or t.device != like.device or t.dtype != like.dtype:
+        raise ValueError(f"gemv's {name} must hold {size} values on {like.device} in {like.dtype} (one token), got "
+                         f"shape {tuple(t.shape)} on {t.device} in {t.dtype}.")
+    return t.contiguous()
+
+
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
-            config: GemvConfig | None) -> torch.Tensor:
+            config: GemvConfig | None, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+            residual: torch.Tensor | None = None) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("glmkit.gemv needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
     if not (weight.is_cuda or INTERPRETER):
@@ -240,24 +274,58 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sw
     if not weight.is_contiguous() or weight.numel() >= 2**31:
         raise ValueError("gemv needs a contiguous weight of fewer than 2**31 elements.")
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    if norm_weight is not None:
+        norm_weight = _check_vector("norm_weight", norm_weight, k, x)
+    if residual is not None:
+        residual = _check_vector("residual", residual, n, x)
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     cfg = config or pick_config(n, k, kernel_name(weight.dtype))
     grid = (triton.cdiv(n, cfg.block_n),)
-    _gemv_kernel[grid](x.contiguous(), weight, bias if bias is not None else weight, y, n, k, k - k % cfg.block_k,
-                       HAS_BIAS=bias is not None, SWIGLU=swiglu, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+    _gemv_kernel[grid](x.contiguous(), weight, bias if bias is not None else weight, y,
+                       norm_weight if norm_weight is not None else weight,
+                       residual if residual is not None else weight, n, k, k - k % cfg.block_k, eps,
+                       HAS_BIAS=bias is not None, SWIGLU=swiglu, NORM=norm_weight is not None,
+                       RESIDUAL=residual is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                        EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps)
     return y
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-         config: GemvConfig | None = None) -> torch.Tensor:
+         config: GemvConfig | None = None, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for one token: x holds one vector ``[..., k]``, weight is ``[n, k]``.
-    ``config`` overrides the launch shape (default: ``pick_config``)."""
-    return _launch(x, weight, bias, swiglu=False, config=config)
+    ``config`` overrides the launch shape (default: ``pick_config``).
+
+    Two steps of a decoder layer can ride along in the same launch (the weight read dominates; they cost no kernel
+    of their own): ``norm_weight`` (``[k]``) takes x as the raw residual stream and multiplies its RMSNorm instead,
+    ``F.linear(rms_norm(x, norm_weight, eps), weight, bias)`` (as ``GlmRMSNorm``); ``residual`` (``[..., n]``) adds
+    the product to it, ``residual + F.linear(x, weight, bias)``, rounded as PyTorch rounds that sum.
+
+    >>> import torch.nn.functional as F
+    >>> if triton_available():
+    ...     device = "cuda" if torch.cuda.is_available() else "cpu"
+    ...     w, x, g = (torch.randn(*s, device=device) for s in ((96, 64), (1, 1, 64), (64,)))
+    ...     r = torch.randn(1, 1, 96, device=device)
+    ...     normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g  # RMSNorm in fp32
+    ...     assert torch.allclose(gemv(x, w, norm_weight=g), F.linear(normed, w), atol=1e-4)
+    ...     assert torch.allclose(gemv(x, w, residual=r), r + F.linear(x, w), atol=1e-4)
+    """
+    return _launch(x, weight, bias, swiglu=False, config=config, norm_weight=norm_weight, eps=eps, residual=residual)
 
 
-def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None) -> torch.Tensor:
-    """GLM's MLP activation of one token: ``up * silu(gate)`` where ``gate, up = F.linear(x, weight).chunk(2, -1)``."""
+def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None,
+                norm_weight: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
+    """GLM's MLP activation of one token: ``up * silu(gate)`` where ``gate, up = F.linear(x, weight).chunk(2, -1)``;
+    with ``norm_weight`` of ``rms_norm(x, norm_weight, eps)`` instead of x (see ``gemv``).
+
+    >>> import torch.nn.functional as F
+    >>> if triton_available():
+    ...     device = "cuda" if torch.cuda.is_available() else "cpu"
+    ...     w, x = torch.randn(2 * 48, 64, device=device), torch.randn(1, 1, 64, device=device)
+    ...     gate, up = F.linear(x, w).chunk(2, dim=-1)
+    ...     assert torch.allclose(gemv_swiglu(x, w), up * F.silu(gate), atol=1e-4)
+    """
     if weight.shape[0] % 2:
         raise ValueError(f"gemv_swiglu needs a gate/up weight with an even number of rows, got {weight.shape[0]}.")
-    return _launch(x, weight, None, swiglu=True, config=config)
+    return _launch(x, weight, None, swiglu=True, config=config, norm_weight=norm_weight, eps=eps)
+

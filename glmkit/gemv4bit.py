@@ -5,7 +5,9 @@ own one-token kernel (``bnb.matmul_4bit``) reads those packed weights at 0.94-1.
 it saves memory, not time. These kernels read the *same* tensors bitsandbytes keeps (no second copy), dequantize in
 registers and sum in fp32, one pass over each weight; ``gemv_4bit_swiglu`` also applies GLM's MLP activation
 (``up * silu(gate)``) before it writes, and ``gemv_4bit_multi`` reads q, k and v in one launch. ``FastDecoder``
-uses them for a bitsandbytes nf4/fp4 model at batch 1.
+uses them for a bitsandbytes nf4/fp4 model at batch 1. Each is a PyTorch operator (``torch.ops.glmkit.gemv_4bit``,
+``gemv_4bit_multi``, ``gemv_4bit_swiglu``) that ``torch.compile`` calls without tracing into the kernel, so a
+compiled decoder layer fuses everything around them.
 
 At batch 1 a 4-bit GEMV is bound by instructions, not bytes: every byte holds two weights to look up, so the
 kernels keep the work per byte small (sm_90 SASS read with ``cuobjdump``): 16-byte loads of weights; x read as 32-bit
@@ -31,6 +33,7 @@ uint8 codes: ``absmax = code2[absmax_q] * absmax2[j // 256] + offset``.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -39,13 +42,24 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from glmkit.gemv import INTERPRETER, GemvConfig, kernel_name, lookup_config, triton, triton_available
+from glmkit.gemv import (
+    ASSETS,
+    INTERPRETER,
+    GemvConfig,
+    device_name,
+    kernel_name,
+    lookup_config,
+    triton,
+    triton_available,
+    user_table_path,
+)
 
 if triton is not None:  # optional: Triton (Linux x86-64) builds the kernels; glmkit.gemv says when it is missing
     import triton.language as tl
 
 __all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_multi", "gemv_4bit_swiglu", "linear_4bit",
-           "pick_config_4bit", "config_for", "kernel_for", "check_lookup", "LOOKUP", "triton_available", "is_4bit",
+           "pick_config_4bit", "config_for", "kernel_for", "check_lookup", "lookup_for", "tuned_lookups", "pair_table",
+           "LOOKUP", "LOOKUPS", "triton_available", "is_4bit",
            "unsupported_quantization"]
 
 
@@ -119,6 +133,7 @@ class Packed4bit(NamedTuple):
             state = copy.copy(state)  # bitsandbytes may repack the module's state later (CPU): keep these tensors
         packed = cls.from_state(data, state)
         check_lookup(packed.device)  # once per GPU, before a decoder compiles its layers around the kernels
+        tuned_lookups()  # and the tables' lookups read, before any CUDA graph is captured
         return packed
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -230,9 +245,14 @@ def config_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False)
 # How a kernel turns a nibble into its value. "shuffle" (GPUs): every lane of a warp holds one of the 16 values
 # (lanes i and i + 16 the same) and a warp shuffle fetches lane `nibble`'s: two shifts and two shuffles per byte,
 # no address arithmetic. "load" (Triton's interpreter, which runs no PTX; or GLMKIT_4BIT_LOOKUP=load): a load from
-# the 16-entry table (64 bytes: one L1 line), after a shift, a mask and a 64-bit address per nibble.
+# the 16-entry table (64 bytes: one L1 line), after a shift, a mask and a 64-bit address per nibble. "pair": one
+# 64-bit load per *byte* from a 256-entry table of both nibbles' values (``pair_table``, 2 KiB, L1-resident): no
+# shift, no mask, one address per two weights, but a gather that the L1 serves in as many passes as the warp
+# touches lines. Which is faster depends on the card and the shape: ``glmkit tune`` times them and the tables
+# keep a lookup per shape (``tuned_lookup``); LOOKUP is the default for shapes without one.
 LOOKUP = "load" if INTERPRETER else os.environ.get("GLMKIT_4BIT_LOOKUP", "shuffle")
-LOOKUPS = ("shuffle", "load")
+LOOKUPS = ("shuffle", "load", "pair")
+_MODE = {"load": 0, "shuffle": 1, "pair": 2}  # the kernels' LOOKUP_MODE
 
 if triton is not None:
     # one weight byte in $2 -> its high nibble's value ($0) and its low nibble's ($1); $3 holds code[lane % 16] on
@@ -292,11 +312,15 @@ if triton is not None:
         return q, scale
 
     @triton.jit
-    def _dot_step(q, scale, x_even, x_odd, lut, code_ptr, SHUFFLE: tl.constexpr):
+    def _dot_step(q, scale, x_even, x_odd, lut, code_ptr, MODE: tl.constexpr):
         # each block's partial sum [BLOCK_N, NB], scaled once (LOOKUP says how a nibble becomes its value)
-        if SHUFFLE:
+        if MODE == 1:  # shuffle
             w_hi, w_lo = tl.inline_asm_elementwise(_SHUFFLE_ASM, "=r,=r,r,r", [q, lut],
                                                    dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        elif MODE == 2:  # pair: code_ptr is the 256-entry int64 table, the high nibble's value in the low word
+            pair = tl.load(code_ptr + q)
+            w_hi = pair.to(tl.int32).to(tl.float32, bitcast=True)
+            w_lo = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         else:
             w_hi = tl.load(code_ptr + (q >> 4))
             w_lo = tl.load(code_ptr + (q & 15))
@@ -307,7 +331,7 @@ if triton is not None:
     @triton.jit
     def _rows_4bit(x_ptr, y_ptr, b_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, N,
                    bytes_per_row, blocks_per_row, X16: tl.constexpr, XBF16: tl.constexpr, NESTED: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, SHUFFLE: tl.constexpr, BS: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, MODE: tl.constexpr, PTX: tl.constexpr, BS: tl.constexpr,
                    BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
         # y[r] = sum_k w[r, k] x[k] for the BLOCK_N rows of row block `block` of one weight, w dequantized in
         # registers. A step covers BLOCK_K columns = NB quantization blocks of BS columns = HB bytes each: a tile
@@ -337,12 +361,12 @@ if triton is not None:
         acc = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
         qg, ag = _load_step(q_gate, a_gate, absmax_ptr, absmax2_ptr, code2_ptr, offset, 0, byte0, blk0, bytes_per_row,
-                            NESTED, SHUFFLE, HB, BS2)
+                            NESTED, PTX, HB, BS2)
         qu, au = qg, ag
         if SWIGLU:
             qu, au = _load_step(q_up, a_up, absmax_ptr, absmax2_ptr, code2_ptr, offset, 0, byte0, blk0, bytes_per_row,
-                                NESTED, SHUFFLE, HB, BS2)
-        if SHUFFLE:
+                                NESTED, PTX, HB, BS2)
+        if MODE == 1:
             lut = _lane_table(qg, code_ptr)
         else:
             lut = 0.0
@@ -370,13 +394,13 @@ if triton is not None:
                     x_even = tl.load(x_ptr + 2 * kb, mask=kb < bytes_per_row, other=0.0)
                     x_odd = tl.load(x_ptr + 2 * kb + 1, mask=kb < bytes_per_row, other=0.0)
             next_qg, next_ag = _load_step(q_gate, a_gate, absmax_ptr, absmax2_ptr, code2_ptr, offset, kb0 + BLOCK_KB,
-                                          byte0, blk0, bytes_per_row, NESTED, SHUFFLE, HB, BS2)
-            acc += _dot_step(qg, ag, x_even, x_odd, lut, code_ptr, SHUFFLE)
+                                          byte0, blk0, bytes_per_row, NESTED, PTX, HB, BS2)
+            acc += _dot_step(qg, ag, x_even, x_odd, lut, code_ptr, MODE)
             qg, ag = next_qg, next_ag
             if SWIGLU:
                 next_qu, next_au = _load_step(q_up, a_up, absmax_ptr, absmax2_ptr, code2_ptr, offset, kb0 + BLOCK_KB,
-                                              byte0, blk0, bytes_per_row, NESTED, SHUFFLE, HB, BS2)
-                acc_up += _dot_step(qu, au, x_even, x_odd, lut, code_ptr, SHUFFLE)
+                                              byte0, blk0, bytes_per_row, NESTED, PTX, HB, BS2)
+                acc_up += _dot_step(qu, au, x_even, x_odd, lut, code_ptr, MODE)
                 qu, au = next_qu, next_au
         out_dtype = y_ptr.dtype.element_ty
         y = tl.sum(acc, axis=1)
@@ -396,7 +420,8 @@ if triton is not None:
                       q2, a2, a22, c22, o2, n2,
                       bytes_per_row, blocks_per_row, SEGMENTS: tl.constexpr, X16: tl.constexpr,
                       XBF16: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
-                      SHUFFLE: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      MODE: tl.constexpr, PTX: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr,
                       EVEN_K: tl.constexpr):
         # one launch for up to three weights of the same columns (q, k and v), whose outputs lie side by side in
         # y: the first programs take the first weight's row blocks, the next the second's, and so on
@@ -404,16 +429,16 @@ if triton is not None:
         p0 = tl.cdiv(n0, BLOCK_N)
         if pid < p0:
             _rows_4bit(x_ptr, y_ptr, b_ptr, q0, a0, code_ptr, a20, c20, o0, pid, n0, bytes_per_row, blocks_per_row,
-                       X16, XBF16, NESTED, HAS_BIAS, SWIGLU, SHUFFLE, BS, BS2, BLOCK_N, BLOCK_K, EVEN_K)
+                       X16, XBF16, NESTED, HAS_BIAS, SWIGLU, MODE, PTX, BS, BS2, BLOCK_N, BLOCK_K, EVEN_K)
         elif SEGMENTS >= 2:
             p1 = tl.cdiv(n1, BLOCK_N)
             if pid < p0 + p1:
                 _rows_4bit(x_ptr, y_ptr + n0, b_ptr + n0, q1, a1, code_ptr, a21, c21, o1, pid - p0, n1,
-                           bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, SHUFFLE, BS, BS2, BLOCK_N,
+                           bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, MODE, PTX, BS, BS2, BLOCK_N,
                            BLOCK_K, EVEN_K)
             elif SEGMENTS >= 3:
                 _rows_4bit(x_ptr, y_ptr + n0 + n1, b_ptr + n0 + n1, q2, a2, code_ptr, a22, c22, o2, pid - p0 - p1,
-                           n2, bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, SHUFFLE, BS, BS2,
+                           n2, bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, MODE, PTX, BS, BS2,
                            BLOCK_N, BLOCK_K, EVEN_K)
 
 
@@ -436,12 +461,18 @@ def _check(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool) -> None:
         if k % v.blocksize or v.data.numel() >= 2**31:
             raise ValueError(f"gemv_4bit needs rows made of whole quantization blocks (k={k} is not a multiple of "
                              f"blocksize {v.blocksize}) and fewer than 2**32 weights; use linear_4bit.")
-        if (v.device, v.shape[1], v.blocksize, v.quant_type, v.nested, v.nested_blocksize) != \
-                (w.device, k, w.blocksize, w.quant_type, w.nested, w.nested_blocksize):
-            raise ValueError("gemv_4bit_multi needs weights of one format (device, columns, blocksize, nf4/fp4, "
-                             "double quantization or not); multiply them one by one with gemv_4bit.")
+    _check_format(ws)
     if swiglu and w.shape[0] % 2:
         raise ValueError(f"gemv_4bit_swiglu needs a gate/up weight with an even number of rows, got {w.shape[0]}.")
+
+
+def _check_format(ws: tuple[Packed4bit, ...]) -> None:
+    w = ws[0]
+    for v in ws[1:]:
+        if (v.device, v.shape[1], v.blocksize, v.quant_type, v.nested, v.nested_blocksize) != \
+                (w.device, w.shape[1], w.blocksize, w.quant_type, w.nested, w.nested_blocksize):
+            raise ValueError("gemv_4bit_multi needs weights of one format (device, columns, blocksize, nf4/fp4, "
+                             "double quantization or not); multiply them one by one with gemv_4bit.")
 
 
 _CHECKED: set[torch.device] = set()
@@ -478,20 +509,95 @@ def check_lookup(device: torch.device | str) -> str:
     return LOOKUP
 
 
+_PAIRS: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def pair_table(code: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """The "pair" lookup's table: for each byte value ``b`` one int64 holding ``code[b >> 4]`` (the high nibble's
+    value, the even column) in its low 32 bits and ``code[b & 15]`` in its high 32 bits, as fp32 bit patterns
+    ``[256]``. Made once per format and device (bitsandbytes' 16 values are fixed per format); the first call must
+    come before a CUDA graph is captured (FastDecoder's warm-up steps do that).
+
+    >>> pairs = pair_table(torch.arange(16, dtype=torch.float32), "example")
+    >>> pairs.shape, pairs[0x2f:0x30].view(torch.float32).tolist()  # byte 0x2f: values 2 (high) and 15 (low)
+    (torch.Size([256]), [2.0, 15.0])
+    """
+    key = (quant_type, code.device)
+    if key not in _PAIRS:
+        if code.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("glmkit's 'pair' lookup table is built on its first use, which must not be inside a CUDA "
+                               "graph capture: run the product once before capturing.")
+        b = torch.arange(256, device=code.device)
+        bits = code.float().contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        _PAIRS[key] = bits[b >> 4] | (bits[b & 15] << 32)
+    return _PAIRS[key]
+
+
+def _table_lookups(name: str) -> dict[tuple[str, int, int], str]:
+    """(kernel, rows, columns) -> lookup from the launch-shape tables tuned on the device ``name`` (the entries'
+    ``"lookup"``), read as ``glmkit.gemv.tables_for`` reads their shapes: shipped tables, then the user's."""
+    found: dict[tuple[str, int, int], str] = {}
+    for path in [*sorted(ASSETS.glob("gemv_tuned*.json")), user_table_path()]:
+        table = json.loads(path.read_text()) if path.exists() else {}
+        if table.get("tuned_on") != name:
+            continue
+        for c in table["configs"]:
+            key = (c.get("kernel", "bf16"), c["rows"], c["columns"])
+            if c.get("lookup") in LOOKUPS:
+                found[key] = c["lookup"]
+            else:  # a later table's shape without a lookup: the shape it was timed with used the default
+                found.pop(key, None)
+    return found
+
+
+_TUNED_LOOKUPS: dict[tuple[str, int, int], str] | None = None
+
+
+def tuned_lookups() -> dict[tuple[str, int, int], str]:
+    """The lookup tuned for each 4-bit shape on this machine's GPU (read once; empty on a CPU). ``glmkit tune``
+    adds what it measures in this process."""
+    global _TUNED_LOOKUPS
+    if _TUNED_LOOKUPS is None:
+        _TUNED_LOOKUPS = {} if INTERPRETER else _table_lookups(device_name())
+    return _TUNED_LOOKUPS
+
+
+def lookup_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False) -> str:
+    """The lookup the kernels use for these weights at their default launch shape: the one tuned with that shape
+    for this card (``tuned_lookups``), unless ``GLMKIT_4BIT_LOOKUP`` forces one or the warp shuffle failed its
+    check here (``check_lookup``); else ``LOOKUP``.
+
+    >>> lookup_for(quantize(torch.randn(64, 128), "nf4")) in LOOKUPS
+    True
+    """
+    ws = (weights,) if isinstance(weights, Packed4bit) else tuple(weights)
+    default = check_lookup(ws[0].device)
+    if default != "shuffle" or "GLMKIT_4BIT_LOOKUP" in os.environ:
+        return default
+    n = sum(w.shape[0] for w in ws)
+    tuned = tuned_lookups().get((kernel_for(ws[0]), n // 2 if swiglu else n, ws[0].shape[1]))
+    return tuned or default
+
+
 def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
             config: GemvConfig | None, lookup: str | None = None) -> torch.Tensor:
     _check(x, ws, swiglu)
-    if lookup is None:
-        lookup = check_lookup(x.device)
     w = ws[0]
+    if lookup is None:
+        lookup = lookup_for(ws, swiglu) if config is None else check_lookup(x.device)
+    if lookup == "shuffle" and INTERPRETER:
+        raise ValueError("The warp-shuffle lookup runs PTX, which Triton's interpreter does not: use lookup='load' or "
+                         "'pair' there (or a GPU).")
     k = w.shape[1]
     counts = [v.shape[0] // 2 if swiglu else v.shape[0] for v in ws]
     cfg = config or config_for(ws, swiglu)
     if cfg.block_k % w.blocksize or cfg.block_k & (cfg.block_k - 1):
         raise ValueError(f"block_k={cfg.block_k} must be a power of two and a multiple of blocksize {w.blocksize}.")
     y = torch.empty(*x.shape[:-1], sum(counts), dtype=x.dtype, device=x.device)
-    x = x.contiguous()
+    x = x.reshape(-1)  # the one vector (contiguous)
     x16 = x.dtype != torch.float32
+    if x16 and x.storage_offset() % 2:  # read as 32-bit pairs: a view starting mid-pair (a compiler's buffer) moves
+        x = x.clone()
     segments = []
     for v, n in zip(ws, counts):
         nested = v.nested  # the pointers a plain weight does not use get a tensor of the right kind, never read
@@ -499,34 +605,152 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
                      v.offset if nested else v.code, n]
     segments += segments[:6] * (3 - len(ws))  # unused slots: never reached (SEGMENTS)
     grid = (sum(triton.cdiv(n, cfg.block_n) for n in counts),)
-    _gemv4_kernel[grid](x.view(torch.int32) if x16 else x, y, bias if bias is not None else y, w.code, *segments,
+    table = pair_table(w.code, w.quant_type) if lookup == "pair" else w.code  # what the lookup reads
+    _gemv4_kernel[grid](x.view(torch.int32) if x16 else x, y, bias if bias is not None else y, table, *segments,
                         k // 2, k // w.blocksize, SEGMENTS=len(ws), X16=x16, XBF16=x.dtype == torch.bfloat16,
-                        NESTED=w.nested, HAS_BIAS=bias is not None, SWIGLU=swiglu, SHUFFLE=lookup == "shuffle",
+                        NESTED=w.nested, HAS_BIAS=bias is not None, SWIGLU=swiglu, MODE=_MODE[lookup],
+                        PTX=lookup != "load" and not INTERPRETER,
                         BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                         EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps)
     return y
 
 
+# The kernels as PyTorch operators (``torch.ops.glmkit.gemv_4bit``, ``..._multi``, ``..._swiglu``), opaque to
+# torch.compile: dynamo records a call to the op (its output shape from the fake below) instead of tracing the
+# Triton kernel, and Inductor compiles the norms, RoPE and residual adds around it while the op launches the kernel
+# Triton built (Inductor's own build of this kernel failed on an H200: SubprocException). ``torch.library.triton_op``
+# + ``wrap_triton`` would instead let Inductor trace into the kernel and build it itself, the step that failed; an
+# opaque op also keeps the launch shape and lookup picked at run time, from the table of the card in hand.
+# An op takes only tensors, ints, floats, bools and strings: a ``Packed4bit`` goes in as its tensors and numbers
+# (``_weight_args``), a ``GemvConfig`` as three ints (0: pick at run time) and the lookup as a string ("": LOOKUP).
+_WEIGHT_SCHEMA = ("Tensor data, Tensor absmax, Tensor code, Tensor? absmax2, Tensor? code2, Tensor? offset, "
+                  "int rows, int columns, int blocksize, int nested_blocksize, str quant_type")
+_LAUNCH_SCHEMA = "int block_n, int block_k, int num_warps, str lookup"
+
+
+def _weight_args(w: Packed4bit) -> tuple:
+    return (w.data, w.absmax, w.code, w.absmax2, w.code2, w.offset, w.shape[0], w.shape[1], w.blocksize,
+            w.nested_blocksize, w.quant_type)
+
+
+def _launch_args(config: GemvConfig | None, lookup: str | None = None) -> tuple[int, int, int, str]:
+    if lookup is not None and lookup not in LOOKUPS:
+        raise ValueError(f"lookup must be one of {LOOKUPS}, not {lookup!r}.")
+    shape = (0, 0, 0) if config is None else (config.block_n, config.block_k, config.num_warps)
+    return (*shape, lookup or "")
+
+
+def _packed(data: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, absmax2: torch.Tensor | None,
+            code2: torch.Tensor | None, offset: torch.Tensor | None, rows: int, columns: int, blocksize: int,
+            nested_blocksize: int, quant_type: str) -> Packed4bit:
+    """A ``Packed4bit`` again from an op's arguments (no bitsandbytes state: the kernels do not read it)."""
+    return Packed4bit(data=data, absmax=absmax, code=code, shape=(rows, columns), blocksize=blocksize, dtype=None,
+                      quant_type=quant_type, quant_state=None, absmax2=absmax2, code2=code2, offset=offset,
+                      nested_blocksize=nested_blocksize)
+
+
+def _config(block_n: int, block_k: int, num_warps: int) -> GemvConfig | None:
+    return GemvConfig(block_n, block_k, num_warps) if block_n else None
+
+
+def _fake_output(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool) -> torch.Tensor:
+    """What the op returns, for torch.compile's trace (checked as the kernel checks it, so errors come early)."""
+    _check(x, ws, swiglu)
+    rows = sum(w.shape[0] for w in ws)
+    return x.new_empty((*x.shape[:-1], rows // 2 if swiglu else rows))
+
+
+@torch.library.custom_op("glmkit::gemv_4bit", mutates_args=(),
+                         schema=f"(Tensor x, {_WEIGHT_SCHEMA}, Tensor? bias, {_LAUNCH_SCHEMA}) -> Tensor")
+def _gemv_4bit_op(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize,
+                  quant_type, bias, block_n, block_k, num_warps, lookup):
+    w = _packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type)
+    return _launch(x, (w,), bias, False, _config(block_n, block_k, num_warps), lookup or None)
+
+
+@_gemv_4bit_op.register_fake
+def _(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type, bias,
+      block_n, block_k, num_warps, lookup):
+    w = _packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type)
+    return _fake_output(x, (w,), False)
+
+
+@torch.library.custom_op("glmkit::gemv_4bit_swiglu", mutates_args=(),
+                         schema=f"(Tensor x, {_WEIGHT_SCHEMA}, {_LAUNCH_SCHEMA}) -> Tensor")
+def _gemv_4bit_swiglu_op(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize,
+                         quant_type, block_n, block_k, num_warps, lookup):
+    w = _packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type)
+    return _launch(x, (w,), None, True, _config(block_n, block_k, num_warps), lookup or None)
+
+
+@_gemv_4bit_swiglu_op.register_fake
+def _(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type,
+      block_n, block_k, num_warps, lookup):
+    w = _packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type)
+    return _fake_output(x, (w,), True)
+
+
+# several weights of one format: per weight its packed bytes, scales and rows (the nested lists empty without
+# double quantization); the format (code table, columns, blocksizes) once
+_MULTI_SCHEMA = ("(Tensor x, Tensor[] data, Tensor[] absmax, Tensor code, Tensor[] absmax2, Tensor[] code2, "
+                 "Tensor[] offset, int[] rows, int columns, int blocksize, int nested_blocksize, str quant_type, "
+                 f"Tensor? bias, {_LAUNCH_SCHEMA}) -> Tensor")
+
+
+def _multi_packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize,
+                  quant_type) -> tuple[Packed4bit, ...]:
+    nested = [(a2, c2, o) for a2, c2, o in zip(absmax2, code2, offset)] or [(None, None, None)] * len(data)
+    return tuple(_packed(d, a, code, *n, r, columns, blocksize, nested_blocksize, quant_type)
+                 for d, a, n, r in zip(data, absmax, nested, rows))
+
+
+@torch.library.custom_op("glmkit::gemv_4bit_multi", mutates_args=(), schema=_MULTI_SCHEMA)
+def _gemv_4bit_multi_op(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize,
+                        quant_type, bias, block_n, block_k, num_warps, lookup):
+    ws = _multi_packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize,
+                       quant_type)
+    return _launch(x, ws, bias, False, _config(block_n, block_k, num_warps), lookup or None)
+
+
+@_gemv_4bit_multi_op.register_fake
+def _(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type, bias,
+      block_n, block_k, num_warps, lookup):
+    ws = _multi_packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize,
+                       quant_type)
+    return _fake_output(x, ws, False)
+
+
 def gemv_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None,
-              config: GemvConfig | None = None) -> torch.Tensor:
-    """``F.linear(x, weight.dequantize(), bias)`` for one token ``[..., k]``, reading the packed weight once."""
-    return _launch(x, (weight,), bias, swiglu=False, config=config)
+              config: GemvConfig | None = None, lookup: str | None = None) -> torch.Tensor:
+    """``F.linear(x, weight.dequantize(), bias)`` for one token ``[..., k]``, reading the packed weight once
+    (the op ``torch.ops.glmkit.gemv_4bit``). ``config``/``lookup`` override the launch shape and nibble lookup
+    (default: ``config_for`` and ``LOOKUP``, picked when the kernel runs)."""
+    return _gemv_4bit_op(x, *_weight_args(weight), bias, *_launch_args(config, lookup))
 
 
 def gemv_4bit_multi(x: torch.Tensor, weights: Sequence[Packed4bit], bias: torch.Tensor | None = None,
-                    config: GemvConfig | None = None) -> torch.Tensor:
+                    config: GemvConfig | None = None, lookup: str | None = None) -> torch.Tensor:
     """``torch.cat([gemv_4bit(x, w) for w in weights], -1) + bias`` in one launch, for up to three weights of one
     format with the same columns (GLM's q, k and v: one kernel instead of three and a concatenation); ``bias`` is
-    the concatenated bias. The launch shape is the one tuned for all their rows (``config_for``)."""
+    the concatenated bias. The launch shape is the one tuned for all their rows (``config_for``). The op:
+    ``torch.ops.glmkit.gemv_4bit_multi``."""
     ws = tuple(weights)
     if not 1 <= len(ws) <= 3:
         raise ValueError(f"gemv_4bit_multi takes one to three weights, got {len(ws)}.")
-    return _launch(x, ws, bias, swiglu=False, config=config)
+    _check_format(ws)  # the op takes the format (code, columns, blocksizes) once: one for all, checked here
+    w = ws[0]
+    nested = w.nested
+    return _gemv_4bit_multi_op(x, [v.data for v in ws], [v.absmax for v in ws], w.code,
+                               [v.absmax2 for v in ws] if nested else [], [v.code2 for v in ws] if nested else [],
+                               [v.offset for v in ws] if nested else [], [v.shape[0] for v in ws], w.shape[1],
+                               w.blocksize, w.nested_blocksize, w.quant_type, bias, *_launch_args(config, lookup))
 
 
-def gemv_4bit_swiglu(x: torch.Tensor, weight: Packed4bit, config: GemvConfig | None = None) -> torch.Tensor:
-    """GLM's MLP activation of one token, ``up * silu(gate)`` of a packed 4-bit gate/up weight ``[2n, k]``."""
-    return _launch(x, (weight,), None, swiglu=True, config=config)
+def gemv_4bit_swiglu(x: torch.Tensor, weight: Packed4bit, config: GemvConfig | None = None,
+                     lookup: str | None = None) -> torch.Tensor:
+    """GLM's MLP activation of one token, ``up * silu(gate)`` of a packed 4-bit gate/up weight ``[2n, k]`` (the op
+    ``torch.ops.glmkit.gemv_4bit_swiglu``)."""
+    return _gemv_4bit_swiglu_op(x, *_weight_args(weight), *_launch_args(config, lookup))
 
 
 def linear_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Find the fastest launch shapes of glmkit's GEMV kernels on the card in hand, and keep them (``glmkit tune``).
 
 For each GLM-4-9B projection and each kernel (bf16, fp16, nf4, fp4) every candidate shape is checked against a
-float64 reference and timed as the decode step runs it: back to back over enough weight copies that nothing is
+float64 reference and timed as the decode step runs it (16-bit: with the RMSNorm or the residual add that the
+one-card decoder folds into each launch, ``FUSED``): back to back over enough weight copies that nothing is
 served from the L2 cache, inside one CUDA graph. The best shapes go into a table chosen by the device's name
 (``glmkit.gemv.tables_for``); written to glmkit's cache (``$GLMKIT_CACHE`` or ``~/.cache/glmkit``) they take
 precedence over the shipped tables. Needs a GPU. Introduced in ``notebooks/05_tuning.ipynb``.
@@ -24,27 +25,40 @@ import torch
 import torch.nn.functional as F
 from transformers import GlmConfig
 
+from glmkit import gemv4bit
 from glmkit.gemv import GemvConfig, active_table, device_name, gemv, gemv_swiglu, user_table_path
-from glmkit.gemv4bit import gemv_4bit, gemv_4bit_swiglu, linear_4bit, quantize
+from glmkit.gemv4bit import gemv_4bit, gemv_4bit_swiglu, linear_4bit, quantize, tuned_lookups
 
 FOUR_BIT = ("nf4", "fp4")
+# what the one-card decoder's 16-bit Triton GEMVs fold in per projection (glmkit.fast_decode.decoder_layer): the
+# RMSNorm before qkv, gate_up and lm_head, the residual add after o_proj and down_proj; these are the launches timed
+FUSED = {"qkv": "norm", "o_proj": "residual", "gate_up": "norm", "down_proj": "residual", "lm_head": "norm"}
+EPS = GlmConfig().rms_norm_eps  # GLM-4-9B-Chat's (1.5625e-07)
+OTHER_LOOKUPS_AT = 3  # 4-bit: the fastest shapes (with the default lookup) at which the other lookups are timed
 
 
-def projections(quantized: bool = False) -> dict[str, tuple[int, int, bool, bool]]:
+def projections(quantized: bool = False, tp: int = 1) -> dict[str, tuple[int, int, bool, bool]]:
     """name -> (rows, columns, has bias, SwiGLU) of GLM-4-9B-Chat's weights as the fast decoder multiplies them
     (rows of one half for gate_up). In 4 bits q, k and v stay three weights read by one launch
-    (``gemv_4bit_multi``, tuned for all their rows) and lm_head stays 16-bit.
+    (``gemv_4bit_multi``, tuned for all their rows) and lm_head stays 16-bit. ``tp=2``: one rank's shard under
+    tensor parallelism (``glmkit.tp_decode``: one KV head and its 16 query heads, half of the MLP and vocabulary).
 
     >>> projections()["down_proj"], projections(quantized=True)["qkv"], "lm_head" in projections(quantized=True)
     ((4096, 13696, False, False), (4608, 4096, True, False), False)
+    >>> projections(tp=2)["qkv"], projections(tp=2)["down_proj"]
+    ((2304, 4096, True, False), (4096, 6848, False, False))
     """
     c = GlmConfig()
+    if tp < 1 or c.num_key_value_heads % tp:
+        raise ValueError(f"GLM-4's {c.num_key_value_heads} KV heads split over 1 or {c.num_key_value_heads} ranks, "
+                         f"not {tp}.")
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    out = {"qkv": ((c.num_attention_heads + 2 * c.num_key_value_heads) * hd, c.hidden_size, True, False),
-           "o_proj": (c.hidden_size, c.num_attention_heads * hd, False, False),
-           "gate_up": (c.intermediate_size, c.hidden_size, False, True),
-           "down_proj": (c.hidden_size, c.intermediate_size, False, False)}
-    return out if quantized else {**out, "lm_head": (c.vocab_size, c.hidden_size, False, False)}
+    heads, kv, mlp = c.num_attention_heads // tp, c.num_key_value_heads // tp, c.intermediate_size // tp
+    out = {"qkv": ((heads + 2 * kv) * hd, c.hidden_size, True, False),
+           "o_proj": (c.hidden_size, heads * hd, False, False),
+           "gate_up": (mlp, c.hidden_size, False, True),
+           "down_proj": (c.hidden_size, mlp, False, False)}
+    return out if quantized else {**out, "lm_head": (c.vocab_size // tp, c.hidden_size, False, False)}
 
 
 def candidates(kernel: str, swiglu: bool, quick: bool = False) -> list[GemvConfig]:
@@ -107,12 +121,29 @@ def _reference(kernel: str, w: Any) -> torch.Tensor:
     return (w.dequantize() if kernel in FOUR_BIT else w).double()
 
 
+def lookups_to_try() -> list[str]:
+    """The 4-bit lookups a tuner times (``glmkit.gemv4bit.LOOKUPS``): the default first (``LOOKUP``, checked on this
+    GPU), then the others this machine runs (Triton's interpreter runs no warp shuffle).
+
+    >>> lookups_to_try()[0] == gemv4bit.LOOKUP
+    True
+    """
+    default = gemv4bit.LOOKUP
+    others = [lk for lk in gemv4bit.LOOKUPS if lk != default and not (lk == "shuffle" and gemv4bit.INTERPRETER)]
+    return [default, *others]
+
+
 def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel: str = "bf16",
                     shapes: Iterable[GemvConfig] | None = None, device: str = "cuda",
-                    timer: Callable[[Callable[[int], Any], int], float] = graph_time) -> dict[str, Any]:
+                    timer: Callable[[Callable[[int], Any], int], float] = graph_time,
+                    fused: str | None = None) -> dict[str, Any]:
     """Time every candidate shape of ``kernel`` on one projection against cuBLAS (16-bit) or bitsandbytes'
     ``matmul_4bit`` (4-bit); returns the row for the JSON result, with ``best`` (None if none built). The best
-    shape goes into this process's table; with another ``timer`` (tests) two weight copies and no table entry."""
+    shape goes into this process's table; with another ``timer`` (tests) two weight copies and no table entry.
+    ``fused`` (16-bit): time the launch the decoder makes, with the RMSNorm (``"norm"``) or the residual add
+    (``"residual"``) folded in (``glmkit.gemv.gemv``); the baseline stays the bare product.
+    4-bit: every shape with the default nibble lookup, then the other lookups (``lookups_to_try``) at the
+    ``OTHER_LOOKUPS_AT`` fastest shapes; ``best`` names its lookup, which the table keeps with the shape."""
     rows = 2 * n if swiglu else n
     quant = kernel in FOUR_BIT
     nbytes = rows * k // 2 if quant else rows * k * 2  # packed weights only (absmax adds 1/32 or 1/128)
@@ -122,10 +153,18 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
     dtype = torch.float16 if kernel == "fp16" else torch.bfloat16
     b = torch.randn(rows, device=device, dtype=dtype) if bias else None
     x = torch.randn(1, 1, k, device=device, dtype=dtype)
-    ref = F.linear(x.double(), _reference(kernel, ws[0]), None if b is None else b.double())
+    fused = None if quant else fused
+    g = (1 + 0.1 * torch.randn(k, device=device)).to(dtype) if fused == "norm" else None
+    r = torch.randn(1, 1, n, device=device, dtype=dtype) if fused == "residual" else None
+    x64 = x.double()
+    if g is not None:  # RMSNorm in float64
+        x64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + EPS) * g.double()
+    ref = F.linear(x64, _reference(kernel, ws[0]), None if b is None else b.double())
     if swiglu:
         gate, up = ref.chunk(2, dim=-1)
         ref = up * F.silu(gate)
+    if r is not None:
+        ref = ref + r.double()
 
     def baseline(i):
         y = linear_4bit(x, ws[i], b) if quant else F.linear(x, ws[i], b)
@@ -136,38 +175,58 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
 
     t_base = timer(baseline, copies)
     base_name = "bnb_matmul_4bit" if quant else "cublas"
-    row: dict[str, Any] = {"projection": name, "kernel": kernel, "rows": rows, "columns": k, "bytes": nbytes,
+    row: dict[str, Any] = {"projection": name, "kernel": kernel, "fused": fused, "rows": rows, "columns": k,
+                           "bytes": nbytes,
                            "copies": copies, f"{base_name}_us": t_base * 1e6,
                            f"{base_name}_tb_s": nbytes / t_base / 1e12, "tried": []}
     best = None
-    for cfg in shapes or candidates(kernel, swiglu):
-        def ours(i, cfg=cfg):
-            if quant:
-                return gemv_4bit_swiglu(x, ws[i], config=cfg) if swiglu else gemv_4bit(x, ws[i], b, config=cfg)
-            return gemv_swiglu(x, ws[i], config=cfg) if swiglu else gemv(x, ws[i], b, config=cfg)
+    lookups = lookups_to_try() if quant else [None]
+    plan = [(cfg, lookups[0]) for cfg in shapes or candidates(kernel, swiglu)]
+    timed: list[tuple[float, GemvConfig]] = []
+    while plan:
+        cfg, lookup = plan.pop(0)
 
+        def ours(i, cfg=cfg, lookup=lookup):
+            if quant:
+                return gemv_4bit_swiglu(x, ws[i], config=cfg, lookup=lookup) if swiglu else \
+                    gemv_4bit(x, ws[i], b, config=cfg, lookup=lookup)
+            if swiglu:
+                return gemv_swiglu(x, ws[i], config=cfg, norm_weight=g, eps=EPS)
+            return gemv(x, ws[i], b, config=cfg, norm_weight=g, eps=EPS, residual=r)
+
+        tag = {"lookup": lookup} if quant else {}
         try:
             err = ((ours(0).double() - ref).norm() / ref.norm()).item()  # NaN (a row never written) fails the check
             t = timer(ours, copies)
         except Exception as exc:  # a shape Triton cannot build (registers, shared memory): record and go on
-            row["tried"].append({**cfg.__dict__, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
-            continue
-        row["tried"].append({**cfg.__dict__, "us": t * 1e6, "tb_s": nbytes / t / 1e12, "rel_err": err})
-        if err < 2e-2 and (best is None or t < best[1]):
-            best = (cfg, t)
-    row["best"] = None if best is None else {**best[0].__dict__, "us": best[1] * 1e6, "tb_s": nbytes / best[1] / 1e12}
+            row["tried"].append({**cfg.__dict__, **tag, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        else:
+            row["tried"].append({**cfg.__dict__, **tag, "us": t * 1e6, "tb_s": nbytes / t / 1e12, "rel_err": err})
+            if err < 2e-2 and (best is None or t < best[1]):
+                best = (cfg, t, lookup)
+            if err < 2e-2 and lookup == lookups[0]:
+                timed.append((t, cfg))
+        if not plan and len(lookups) > 1:  # the default lookup's sweep is done: the others at its fastest shapes
+            fastest = [c for _, c in sorted(timed, key=lambda tc: tc[0])[:OTHER_LOOKUPS_AT]]
+            plan, lookups = [(c, lk) for lk in lookups[1:] for c in fastest], lookups[:1]
+    row["best"] = None if best is None else {**best[0].__dict__, **({"lookup": best[2]} if quant else {}),
+                                             "us": best[1] * 1e6, "tb_s": nbytes / best[1] / 1e12}
     row[f"speedup_vs_{base_name}"] = None if best is None else t_base / best[1]
     if best is not None and real:
         active_table()[(kernel, n, k)] = best[0]  # this process decodes with it from now on
+        if quant:
+            tuned_lookups()[(kernel, n, k)] = best[2]
     ws.clear()
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
-def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = print,
+         tp: int = 1) -> list[dict[str, Any]]:
     """Tune every GLM-4-9B projection for each kernel on this GPU; returns the rows (see ``tune_projection``).
-    fp16 takes bf16's shapes unless tuned itself (``table_configs``); a card without bf16 tunes fp16 instead."""
+    fp16 takes bf16's shapes unless tuned itself (``table_configs``); a card without bf16 tunes fp16 instead.
+    ``tp=2``: the shapes of one tensor-parallel rank's shard (16-bit kernels only: tensor parallelism runs 16-bit)."""
     if not torch.cuda.is_available():
         raise RuntimeError("Tuning times kernels on a GPU; this machine has none (the CPU uses fixed shapes).")
     rows: list[dict[str, Any]] = []
@@ -181,14 +240,21 @@ def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = p
         if kernel in done:
             continue
         done.add(kernel)
-        for name, (n, k, bias, swiglu) in projections(quantized=kernel in FOUR_BIT).items():
-            row = tune_projection(name, n, k, bias, swiglu, kernel)
+        if tp > 1 and kernel in FOUR_BIT:
+            log(f"{kernel}: skipped for tp={tp} (tensor parallelism runs 16-bit weights).")
+            continue
+        for name, (n, k, bias, swiglu) in projections(quantized=kernel in FOUR_BIT, tp=tp).items():
+            # the one-card decoder's 16-bit launches fold in a norm or a residual add (tensor parallelism's do not)
+            fused = FUSED[name] if kernel not in FOUR_BIT and tp == 1 else None
+            row = tune_projection(name, n, k, bias, swiglu, kernel, fused=fused)
             rows.append(row)
             best = row["best"]
             base = "bnb_matmul_4bit" if kernel in FOUR_BIT else "cublas"
-            log(f"{kernel:5s} {name:10s} " + (f"best {best['block_n']}x{best['block_k']}/{best['num_warps']} warps: "
-                                              f"{best['us']:.1f} µs, {best['tb_s']:.2f} TB/s; {base} "
-                                              f"{row[base + '_tb_s']:.2f} TB/s" if best else "no shape built"))
+            label = f"{name}+{fused}" if fused else name
+            log(f"{kernel:5s} {label:18s} " + (f"best {best['block_n']}x{best['block_k']}/{best['num_warps']} warps"
+                                               + (f", {best['lookup']} lookup: " if "lookup" in best else ": ") +
+                                               f"{best['us']:.1f} µs, {best['tb_s']:.2f} TB/s; {base} (bare product) "
+                                               f"{row[base + '_tb_s']:.2f} TB/s" if best else "no shape built"))
     return rows
 
 
@@ -206,7 +272,8 @@ def table_configs(rows: list[dict[str, Any]], fp16_from_bf16: bool = True) -> li
         if r["best"]:
             n = r["rows"] // 2 if r["projection"] == "gate_up" else r["rows"]
             out.append({"kernel": r["kernel"], "rows": n, "columns": r["columns"],
-                        **{key: r["best"][key] for key in ("block_n", "block_k", "num_warps")}})
+                        **{key: r["best"][key] for key in ("block_n", "block_k", "num_warps", "lookup")
+                           if key in r["best"]}})
     if fp16_from_bf16 and not any(c["kernel"] == "fp16" for c in out):
         out += [{**c, "kernel": "fp16", "copied_from": "bf16"} for c in out if c["kernel"] == "bf16"]
     return out

@@ -457,6 +457,8 @@ def _path_label(row: dict[str, Any]) -> str:
     mode = options.get("compile_options", {}).get("mode")
     if mode:
         return f"{row['path']}\n({mode.split('-no-')[0]})"
+    if options.get("fuse_norms") is False:
+        return f"{row['path']}\n(norms apart)"
     return f"{row['path']}\n({options['attention']}\nattention)" if "attention" in options else row["path"]
 
 
@@ -465,7 +467,9 @@ def gemv_sentence() -> Text:
 
     def render(g: dict[str, Any]) -> str:
         rows = g["projections"]
-        acc = {v["gemv"]: v for v in (load("gemv_accuracy") or {"variants": []})["variants"]}
+        acc: dict[Any, dict[str, Any]] = {}  # per gemv option its first row: the decoder's default (norms folded in)
+        for v in (load("gemv_accuracy") or {"variants": []})["variants"]:
+            acc.setdefault(v["gemv"], v)
         text = (f"cuBLAS' kernels for these shapes read the weights at {_range([r['cublas_tb_s'] for r in rows])} TB/s on an "
                 f"{g['environment']['device']}. `benchmarks/gemv_tune.py` tried {_range([len(r['tried']) for r in rows], 0)} "
                 f"launch shapes per projection (checked against a float64 reference), timed back to back over 1 GiB of "
@@ -554,6 +558,63 @@ def profile_sentence() -> Text:
             f"{plain['gpu_kernel_ms']:.1f} ms of kernels): launching kernels from Python is the real cost of plain "
             f"`generate()`, and the graph removes it ({graph['wall_ms']:.1f} ms wall).")
     return from_result("profile_step", render, what="The decode-step profile", script="benchmarks/profile_step.py")
+
+
+FUSED_PATHS = (("sdpa attention", "norms fused, rope + SDPA apart"),
+               ("norms apart", "norms and residual adds apart, glmkit's decode attention"),
+               ("", "all fused (the default)"))
+
+
+def _fused_path(profile: dict[str, Any], suffix: str) -> dict[str, Any] | None:
+    base = "fast, compiled layer, Triton GEMV, CUDA graph"
+    return profile["paths"].get(f"{base}, {suffix}" if suffix else base)
+
+
+def fusion_table() -> Table | Text:
+    """One bf16 decode step before and after the fused kernels, from one profiling run
+    (``profile_step_h200_fused.json``): kernels a step, GEMV and other kernel time, gaps between kernels, wall time;
+    and the step before any fusion from an earlier run on the same card (``profile_step_h200.json``)."""
+    def render(p: dict[str, Any]) -> Table:
+        rows = []
+        before = load("profile_step_h200")
+        if before is not None and _fused_path(before, "") is not None:
+            b = _fused_path(before, "")
+            gemv = sum(k["us_per_step"] for n, k in b["top_kernels"].items() if kernel_category(n) == KINDS[0]) / 1000
+            rows.append([f"before fusion ({measured_on(before)})", f"{b['kernels_per_step']:.0f}", f"{gemv:.2f}",
+                         f"{b['gpu_kernel_ms'] - gemv:.2f}", f"{b['wall_ms'] - b['gpu_kernel_ms']:.2f}",
+                         f"{b['wall_ms']:.2f}"])
+        for suffix, label in FUSED_PATHS:
+            x = _fused_path(p, suffix)
+            if x is not None and "gemv_kernel_ms" in x:
+                rows.append([label, f"{x['kernels_per_step']:.0f}", f"{x['gemv_kernel_ms']:.2f}",
+                             f"{x['non_gemv_kernel_ms']:.2f}", f"{x['launch_gaps_ms']:.2f}", f"{x['wall_ms']:.2f}"])
+        return Table(["one bf16 step, batch 1", "kernels", "GEMV ms", "other kernels ms", "gaps ms", "wall ms"], rows,
+                     caption=f"`torch.profiler` over one CUDA-graph decode step of GLM-4-9B (random weights), "
+                             f"{measured_on(p)} (`profile_step_h200_fused.json`)")
+    return from_result("profile_step_h200_fused", render, what="The fused decode step",
+                       script="benchmarks/profile_step.py --fast-only --name profile_step_h200_fused")
+
+
+def fusion_sentence() -> Text:
+    """Decode speed with the fused kernels against the roofline, the same step with norms apart and with cuBLAS, in
+    one run (``decode_h200_fused.json``)."""
+    def render(d: dict[str, Any]) -> str:
+        rows = {json.dumps(r.get("fast_options", {}), sort_keys=True): r for r in d["batch1"] if r["path"] == "fast"}
+        fused, apart = rows.get("{}"), rows.get(json.dumps({"fuse_norms": False}))
+        cublas = rows.get(json.dumps({"gemv": False}))
+        text = (f"On an {measured_on(d)} (`decode_h200_fused.json`, one run, bf16, batch 1): the fused step decodes "
+                f"{fused['decode_tok_s']:.1f} tok/s, {100 * fused['fraction_of_roofline']:.1f}% of the roofline "
+                f"measured in the same run ({d['roofline_tok_s']:.1f} tok/s: copy bandwidth / bytes a token reads)")
+        if apart:
+            text += (f"; with the norms and residual adds apart {apart['decode_tok_s']:.1f} tok/s "
+                     f"({fused['decode_tok_s'] / apart['decode_tok_s']:.2f}x)")
+        if cublas:
+            text += f"; with cuBLAS instead of the Triton GEMVs {cublas['decode_tok_s']:.1f} tok/s"
+        return text + (". Folding the norm into a GEMV costs each of its programs a reload of the input and the norm's "
+                       "weight: the fused launches needed their own launch shapes (`glmkit tune` times them as the "
+                       "step runs them), and the GEMVs still take most of the step.")
+    return from_result("decode_h200_fused", render, what="The fused decode step",
+                       script="benchmarks/decode.py --fast-only --name decode_h200_fused")
 
 
 def plot_profile(result: dict[str, Any]) -> Any:
@@ -1661,7 +1722,9 @@ def nf4_kernel_sentence() -> Text:
                         f"{_nf4_best(x)['us']:.1f} µs, {_nf4_best(x)['tb_s']:.2f} TB/s ({x['speedup_vs_bnb']:.2f}x bitsandbytes' "
                         f"`matmul_4bit`, {x['speedup_vs_bf16_cublas']:.2f}x bf16 cuBLAS)" for x in r["projections"])
         text = (f"glmkit's 4-bit kernel (`glmkit.gemv4bit`) on {measured_on(r)} (`nf4_gemv.json`, one run; "
-                f"{r['method'].split('; ')[0]}). Per projection, batch 1: {per}.")
+                f"{r['method'].split('; ')[0]}). Per projection, batch 1"
+                + (f" (from the run of {r['projections_from_earlier_run']} on the same card)"
+                   if r.get("projections_from_earlier_run") else "") + f": {per}.")
         if ours and bnb and bf16:
             text += (f" A whole token, batch 1: the nf4 fast path decodes **{ours['best_tok_s']:.1f} tok/s** with this "
                      f"kernel against {bnb['best_tok_s']:.1f} with bitsandbytes' ({ours['best_tok_s'] / bnb['best_tok_s']:.2f}x) "
@@ -1675,7 +1738,15 @@ def nf4_kernel_sentence() -> Text:
             rest = 1e3 / ours["best_tok_s"] - gemv_ms
             text += (f"; the other {rest:.2f} ms go to everything else (the 16-bit `lm_head`, and the rest of each "
                      f"layer run uncompiled as many small kernels: compiling the layers around this kernel failed "
-                     f"here)." if not ours.get("compiled") else ".")
+                     f"here)." if not ours.get("compiled") else
+                     f"; the other {rest:.2f} ms go to the 16-bit `lm_head` and the rest of each layer, compiled around "
+                     f"the kernel (a PyTorch op, `torch.ops.glmkit.gemv_4bit*`).")
+            eager = _nf4_gemv_decode(r, "nf4 fast (glmkit Triton, eager layers)")
+            if eager and eager is not ours and ours.get("compiled"):
+                text += (f" With those layers left uncompiled the same kernel gives {eager['best_tok_s']:.1f} tok/s: "
+                         f"compiling them is {ours['best_tok_s'] / eager['best_tok_s']:.2f}x.")
+            elif eager and eager is not ours:
+                text += f" (Built with `compile=False`: {eager['best_tok_s']:.1f} tok/s.)"
             if ours["best_tok_s"] < bf16["best_tok_s"] and rest > gemv_ms:
                 text += " That rest, not reading the weights, keeps a 4-bit token slower than a bf16 one here."
         acc = r.get("accuracy", {})

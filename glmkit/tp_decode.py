@@ -35,6 +35,7 @@ torch.Size([1, 7])
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -43,6 +44,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from glmkit.allreduce import AllReduce
+from glmkit.attention import auto_attention, decode_attention
 from glmkit.fast_decode import (
     FastDecoder,
     auto_gemv,
@@ -118,23 +120,28 @@ def embed_part(tokens: torch.Tensor, embed: torch.Tensor, start: int) -> torch.T
 def attention_half(h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None, wo: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
-                   gemv: bool | str) -> torch.Tensor:
+                   gemv: bool | str, attention: str = "sdpa") -> torch.Tensor:
     """The rank's heads for ``s`` new tokens per row, their K/V written at ``pos`` in the static cache; returns
     this rank's partial ``o_proj`` output (to be all-reduced).
 
     h: normalised input [b, s, hidden]; pos: [b, s] positions; cos/sin: [b, 1, s, rotary]; mask: additive
-    [b, 1, s, max_len]; k_cache/v_cache: [b, kv_heads, max_len, head_dim].
+    [b, 1, s, max_len]; k_cache/v_cache: [b, kv_heads, max_len, head_dim]. attention: ``"triton"`` for one token
+    per row (``glmkit.attention.decode_attention``: rope, the K/V write and attention in one kernel) or ``"sdpa"``.
     """
     b, s, _ = h.shape
     qkv = linear(h, wqkv, bqkv, gemv)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    q = rope(q.view(b, s, heads, head_dim).transpose(1, 2), cos, sin)
-    k = rope(k.view(b, s, kv_heads, head_dim).transpose(1, 2), cos, sin)
-    v = v.view(b, s, kv_heads, head_dim).transpose(1, 2)
     rows = torch.arange(b, device=h.device)[:, None]
-    k_cache[rows, :, pos] = k.transpose(1, 2)  # [b, s, kv, hd] into [b, kv, max_len, hd] at (row, :, pos)
-    v_cache[rows, :, pos] = v.transpose(1, 2)
-    attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # [b, heads, s, hd]
+    if attention == "triton" and s == 1:  # one kernel: rope, the K/V write at pos and attention over 0..pos
+        attn = decode_attention(q.view(b, heads, head_dim), k.view(b, kv_heads, head_dim), v.view(b, kv_heads, head_dim),
+                                k_cache, v_cache, pos[:, 0], rows[:, 0], cos.view(b, -1), sin.view(b, -1))
+    else:
+        q = rope(q.view(b, s, heads, head_dim).transpose(1, 2), cos, sin)
+        k = rope(k.view(b, s, kv_heads, head_dim).transpose(1, 2), cos, sin)
+        v = v.view(b, s, kv_heads, head_dim).transpose(1, 2)
+        k_cache[rows, :, pos] = k.transpose(1, 2)  # [b, s, kv, hd] into [b, kv, max_len, hd] at (row, :, pos)
+        v_cache[rows, :, pos] = v.transpose(1, 2)
+        attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)  # [b, heads, s, hd]
     return linear(attn.transpose(1, 2).reshape(b, s, heads * head_dim), wo, None, gemv)
 
 
@@ -162,7 +169,9 @@ class TPDecoder:
         group: the process group of the ranks (``None``: no collectives, one rank's share alone, for measuring).
         rank, world: this rank and the number of ranks (default: from ``group``, else 0 and 1).
         device: where the shard lives (default: the model's device).
-        cuda_graph, compile, gemv: as ``FastDecoder`` (defaults: on a GPU; Triton GEMVs at batch 1 on Ampere+).
+        cuda_graph, compile, gemv, attention: as ``FastDecoder`` (defaults: on a GPU; Triton GEMVs at batch 1 on
+            Ampere+; ``attention="auto"``: glmkit's Triton decode attention where those run, at every batch, and
+            ``"sdpa"`` if it fails to build there).
         graph_batch_sizes: the batch sizes captured (default 1, 2, 4, ... up to ``batch_size``); a step of k rows
             runs the smallest that holds them.
         allreduce: ``"nccl"``, ``"symm"`` (torch's symmetric-memory one-shot kernel) or ``"auto"`` (time both, keep
@@ -177,7 +186,7 @@ class TPDecoder:
                  device: torch.device | str | None = None, cuda_graph: bool | None = None,
                  compile: bool | None = None, gemv: bool | str = "auto",
                  graph_batch_sizes: list[int] | None = None, allreduce: str = "auto",
-                 split_embedding: bool = True) -> None:
+                 split_embedding: bool = True, attention: str = "auto") -> None:
         FastDecoder.check(model)
         self.group = group
         self.rank = rank if rank is not None else (dist.get_rank(group) if group is not None else 0)
@@ -190,6 +199,10 @@ class TPDecoder:
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
         self.compiled = on_gpu if compile is None else compile
         self.gemv = auto_gemv(self.device, 1) if gemv == "auto" else gemv  # used by the batch-1 bucket
+        if attention not in ("auto", "triton", "sdpa"):
+            raise ValueError(f"attention must be 'auto', 'triton' or 'sdpa', not {attention!r}.")
+        self.auto_attention = attention == "auto"
+        self.attention = auto_attention(self.device, self.dtype) if self.auto_attention else attention
         self.max_len, self.batch_size = max_len, batch_size
         self.heads, self.kv_heads = cfg.num_attention_heads // self.world, cfg.num_key_value_heads // self.world
         self.head_dim = head_dim(cfg)
@@ -292,7 +305,7 @@ class TPDecoder:
         h = rms_norm(x, self.first_norm, self.eps)
         for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.layers):
             o = attention(h, pos, cos, sin, mask, wqkv, bqkv, wo, self.k_cache[i, rows], self.v_cache[i, rows],
-                          self.heads, self.kv_heads, self.head_dim, gemv)
+                          self.heads, self.kv_heads, self.head_dim, gemv, self.attention)
             x, d = mlp(x, self.allreduce(o), ln2, wgu, wd, self.eps, gemv)
             x, h = nxt(x, self.allreduce(d), next_norm, self.eps)
         head = "triton" if gemv == "triton" else False
@@ -311,7 +324,20 @@ class TPDecoder:
         self._gather_logits(part, out=self.logits[:b])
 
     def _capture(self) -> None:
-        """Compile and (on a GPU) capture one graph per bucket, collectives included."""
+        """Compile and (on a GPU) capture one graph per bucket, collectives included; under ``attention="auto"`` a
+        Triton attention kernel that fails here gives way to ``"sdpa"`` with a warning (on every rank alike: the
+        ranks run the same code on the same kind of GPU)."""
+        try:
+            self._capture_buckets()
+        except Exception as exc:
+            if not (self.auto_attention and self.attention == "triton"):
+                raise
+            warnings.warn(f"glmkit's Triton decode attention failed here ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "TPDecoder uses attention='sdpa' instead.", RuntimeWarning, stacklevel=3)
+            self.attention, self.graphs = "sdpa", {}
+            self._capture_buckets()
+
+    def _capture_buckets(self) -> None:
         for b in self.buckets:
             if not self.use_graph:
                 self._step(b)

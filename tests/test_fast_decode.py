@@ -68,7 +68,7 @@ def test_bad_input_is_explained(model, tiny_path):
         dec.generate(torch.ones(1, 10, dtype=torch.long), max_new_tokens=10)
     with pytest.raises(ValueError, match="built for batch size 1"):
         dec.generate(torch.ones(2, 4, dtype=torch.long), max_new_tokens=2)
-    with pytest.raises(ValueError, match="attention must be 'sdpa' or 'reduction'"):
+    with pytest.raises(ValueError, match="attention must be 'auto', 'triton', 'sdpa' or 'reduction'"):
         FastDecoder(model, attention="flash")
     quantized = load_model(tiny_path, device_map="cpu", quantization="int8", dtype=torch.float16)
     with pytest.raises(ValueError, match="int8.*quantization='nf4'"):  # nf4/fp4 run: tests/test_fast_decode_quantized.py

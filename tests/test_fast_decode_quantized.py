@@ -35,16 +35,48 @@ def _greedy(model, ids, new_tokens):
 
 
 @needs_triton
-@pytest.mark.parametrize("precision", ["nf4-dq", "fp16"])
-def test_fast_decoder_with_triton_kernels_gives_generates_greedy_tokens(precision, prompt):
-    model = _load(precision)
+def test_fast_decoder_with_triton_kernels_gives_generates_greedy_tokens_in_fp16(prompt):
+    # (nf4 with the Triton kernels: compiled below; eagerly, in the fallback test after it)
+    model = _load("fp16")
     fast = FastDecoder(model, max_len=prompt.shape[1] + 4, gemv="triton", compile=False, cuda_graph=False)
-    if precision == "nf4-dq":
-        qkv, _, wo, _, wgu, wd, _ = fast.stages[0].weights[0]
-        assert all(isinstance(w, Packed4bit) and w.nested for w in (*qkv, wo, wgu, wd))
-        # the kernels read bitsandbytes' own tensors: no second copy of the weights
-        assert wgu.data.data_ptr() == model.model.layers[0].mlp.gate_up_proj.weight.data_ptr()
     assert torch.equal(fast.generate(prompt, max_new_tokens=3, ignore_eos=True), _greedy(model, prompt, 3))
+
+
+@needs_triton
+def test_compiled_nf4_layers_call_the_4bit_ops_and_give_generates_greedy_tokens(prompt):
+    # gemv="auto" on a GPU: the layer compiled around glmkit's 4-bit ops (here with a backend that records the graph
+    # dynamo traced, then AOT-traces it: Inductor on a CPU would add seconds, and the graph is what is tested)
+    from torch._dynamo import lookup_backend
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    model = _load("nf4-dq")
+    fast = FastDecoder(model, max_len=prompt.shape[1] + 3, gemv="triton", compile=True, cuda_graph=False,
+                       compile_options={"backend": backend})
+    qkv, _, wo, _, wgu, wd, _ = fast.stages[0].weights[0]
+    assert all(isinstance(w, Packed4bit) and w.nested for w in (*qkv, wo, wgu, wd))
+    # the kernels read bitsandbytes' own tensors: no second copy of the weights
+    assert wgu.data.data_ptr() == model.model.layers[0].mlp.gate_up_proj.weight.data_ptr()
+    assert torch.equal(fast.generate(prompt, max_new_tokens=3, ignore_eos=True), _greedy(model, prompt, 3))
+    assert fast.compiled and len(graphs) == 1  # one compiled layer for all six
+    assert {"glmkit.gemv_4bit.default", "glmkit.gemv_4bit_multi.default", "glmkit.gemv_4bit_swiglu.default"} <= graphs[0]
+
+
+@needs_triton
+def test_a_4bit_layer_that_does_not_compile_runs_eagerly_with_a_warning(prompt):
+    def backend(gm, example_inputs):
+        raise RuntimeError("this backend cannot build the layer")
+
+    model = _load("nf4")
+    fast = FastDecoder(model, max_len=prompt.shape[1] + 2, gemv="triton", compile=True, cuda_graph=False,
+                       compile_options={"backend": backend})
+    with pytest.warns(RuntimeWarning, match="(?s)4-bit decoder layer failed.*runs its layers eagerly"):
+        got = fast.generate(prompt, max_new_tokens=2, ignore_eos=True)
+    assert not fast.compiled and torch.equal(got, _greedy(model, prompt, 2))
 
 
 def test_fast_decoder_with_bitsandbytes_matmul_gives_generates_greedy_tokens(prompt):

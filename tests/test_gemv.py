@@ -198,3 +198,199 @@ def test_fp16_gives_way_to_cublas_on_shapes_this_card_has_not_tuned(monkeypatch)
     monkeypatch.setattr(glmkit.gemv, "_ACTIVE", {("fp16", 4096, 4096): GemvConfig(1, 4096, 8)})
     assert prefer_triton("fp16", 4096, 4096) and not prefer_triton("fp16", 4096, 13696)
     assert prefer_triton("bf16", 4096, 13696) and prefer_triton("nf4", 4096, 13696)
+
+
+def test_tuned_shard_shapes_are_the_shapes_a_tp_rank_multiplies():
+    """``glmkit tune --tp 2`` times the weights one tensor-parallel rank reads (a table keyed by other shapes would
+    never be looked up), for GLM-4-9B-Chat on the meta device."""
+    from glmkit.gemv_tuning import projections
+    from glmkit.models import glm4_9b_meta_model
+    from glmkit.tp_decode import tp_shard
+
+    shard = tp_shard(glm4_9b_meta_model(), rank=1, world=2)
+    wqkv, bqkv, wo, _, wgu, wd, _ = shard["layers"][0]
+    shapes = {"qkv": (wqkv.shape[0], wqkv.shape[1], bqkv is not None, False), "o_proj": (*wo.shape, False, False),
+              "gate_up": (wgu.shape[0] // 2, wgu.shape[1], False, True), "down_proj": (*wd.shape, False, False),
+              "lm_head": (*shard["lm_head"].shape, False, False)}
+    assert projections(tp=2) == shapes
+    with pytest.raises(ValueError, match="KV heads"):
+        projections(tp=4)
+
+
+def _rms_norm(x, g, eps=1e-5):
+    from glmkit.fast_decode import rms_norm
+
+    return rms_norm(x, g, eps)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("n, k", [(100, 300), (48, 640)])
+def test_norm_and_residual_folded_into_the_gemv_equal_the_unfused_ops_in_float32(config, n, k):
+    w, x, b, g, r = rand(n, k), rand(1, 1, k, seed=1), rand(n, seed=2), rand(k, seed=3), rand(1, 1, n, seed=4)
+    w = w / k**0.5  # outputs of order 1 (silu's exp stays finite)
+    torch.testing.assert_close(gemv(x, w, b, config=config, norm_weight=g, eps=1e-5),
+                               F.linear(_rms_norm(x, g), w, b), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gemv(x, w, b, config=config, residual=r), r + F.linear(x, w, b), rtol=1e-4, atol=1e-4)
+    wgu = rand(2 * n, k, seed=5) / k**0.5
+    gate, up = F.linear(_rms_norm(x, g), wgu).chunk(2, dim=-1)
+    torch.testing.assert_close(gemv_swiglu(x, wgu, config=config, norm_weight=g), up * F.silu(gate), rtol=1e-4,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fused_norm_and_residual_in_16_bits_are_as_close_to_float64_as_pytorchs_ops(dtype):
+    """The fused kernels against the ops they replace, both measured against float64: RMSNorm folded in (the
+    normalised x never rounded to 16 bits) is as close as rms_norm + F.linear; the residual add is rounded as
+    PyTorch rounds ``r + F.linear(a, w)``."""
+    import glmkit.gemv
+
+    n, k = 200, 576  # odd against every block shape: partial blocks of rows and of columns
+    w, x, b = rand(n, k, dtype=dtype) * 0.05, rand(1, 1, k, dtype=dtype, seed=1) * 3, rand(n, dtype=dtype, seed=2)
+    g, r = (1 + 0.1 * rand(k, seed=3)).to(dtype), rand(1, 1, n, dtype=dtype, seed=4)
+    wgu = rand(2 * n, k, dtype=dtype, seed=5) * 0.05
+
+    def rel(ours, ref):
+        return ((ours.double() - ref).norm() / ref.norm()).item()
+
+    def swiglu(y):
+        gate, up = y.chunk(2, dim=-1)
+        return up * F.silu(gate)
+
+    x64, g64 = x.double(), g.double()
+    normed64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * g64
+    cases = {  # name: (fused kernel, PyTorch's unfused ops, float64 reference)
+        "norm + bias": (gemv(x, w, b, norm_weight=g, eps=1e-5), F.linear(_rms_norm(x, g), w, b),
+                        F.linear(normed64, w.double(), b.double())),
+        "norm + swiglu": (gemv_swiglu(x, wgu, norm_weight=g, eps=1e-5), swiglu(F.linear(_rms_norm(x, g), wgu)),
+                          swiglu(F.linear(normed64, wgu.double()))),
+        "residual": (gemv(x, w, residual=r), r + F.linear(x, w), r.double() + F.linear(x64, w.double())),
+    }
+    # Triton's CPU interpreter truncates fp32 to bf16 where a GPU rounds to nearest (fp16 it rounds): up to twice
+    # the error of each bf16 rounding there
+    slack = 2.5 if dtype == torch.bfloat16 and glmkit.gemv.INTERPRETER else 1.5
+    for name, (ours, theirs, ref) in cases.items():
+        assert ours.dtype == dtype and ours.shape == theirs.shape, name
+        assert rel(ours, ref) < slack * rel(theirs, ref) + 1e-4, name
+
+
+def test_fused_inputs_of_the_wrong_size_or_dtype_are_refused():
+    w, x = rand(64, 128), rand(1, 1, 128)
+    with pytest.raises(ValueError, match="norm_weight must hold 128 values"):
+        gemv(x, w, norm_weight=rand(64))
+    with pytest.raises(ValueError, match="residual must hold 64 values"):
+        gemv(x, w, residual=rand(1, 1, 64, dtype=torch.bfloat16))
+
+
+def test_fast_decoder_folds_the_norms_and_residual_adds_into_the_gemvs(monkeypatch):
+    """The trained tiny GLM-4 through FastDecoder(gemv="triton"): every projection of a decode step is one GEMV
+    launch with the norm or the residual add folded in (no norm of its own), and the greedy tokens are generate()'s."""
+    import glmkit.fast_decode
+    from glmkit.generation import encode_chat
+    from glmkit.loading import load_model, load_tokenizer
+    from glmkit.models import TRAINED_TINY_DIR
+
+    trained = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map=DEVICE)
+    launches = []
+
+    def counting(x, weight, bias=None, **fused):
+        launches.append(sorted(k for k, v in fused.items() if v is not None and k != "eps"))
+        return gemv(x, weight, bias, **fused)
+
+    def counting_swiglu(x, weight, **fused):
+        launches.append(["swiglu", *sorted(k for k, v in fused.items() if v is not None and k != "eps")])
+        return gemv_swiglu(x, weight, **fused)
+
+    def no_norm(*args, **kwargs):
+        raise AssertionError("a decode step ran a norm of its own")
+
+    monkeypatch.setattr(glmkit.fast_decode, "triton_gemv", counting)
+    monkeypatch.setattr(glmkit.fast_decode, "gemv_swiglu", counting_swiglu)
+    tok = load_tokenizer(TRAINED_TINY_DIR)
+    ids = encode_chat(tok, [{"role": "user", "content": "How many layers?"}])["input_ids"].to(DEVICE)
+    fast = FastDecoder(trained, max_len=64, gemv="triton", compile=False, cuda_graph=False)
+    assert fast.fuses_norms(1)
+    assert not FastDecoder(trained, max_len=64, gemv="triton", fuse_norms=False, compile=False,
+                           cuda_graph=False).fuses_norms(1)  # norms as kernels of their own, to compare
+    fast.prefill(ids)  # a warm-up step, then the prompt (cuBLAS, norms apart)
+    launches.clear()
+    monkeypatch.setattr(glmkit.fast_decode, "rms_norm", no_norm)
+    fast.decode_step(ids[0, -1:], ids.shape[1])
+    layers = trained.config.num_hidden_layers
+    # per layer: qkv (norm), o_proj (residual), gate_up (norm, SwiGLU), down (residual); then lm_head (norm)
+    per_layer = [["norm_weight"], ["residual"], ["swiglu", "norm_weight"], ["residual"]]
+    assert launches == per_layer * layers + [["norm_weight"]]
+    monkeypatch.undo()
+    want = trained.generate(ids, max_new_tokens=10, do_sample=False)
+    assert torch.equal(fast.generate(ids, max_new_tokens=10), want)
+
+
+@pytest.mark.parametrize("name, swiglu", [("qkv", False), ("gate_up", True), ("down_proj", False)])
+def test_the_tuner_times_the_fused_launch_the_decoder_makes(name, swiglu, monkeypatch):
+    """``glmkit tune`` checks (against float64) and times each 16-bit projection with the norm or residual add the
+    decoder folds into it: the table then holds the shapes of the kernels the decoder launches."""
+    import glmkit.gemv_tuning
+    from glmkit.gemv_tuning import FUSED, projections, tune_projection
+
+    assert set(FUSED) == set(projections())
+    folded = []
+
+    def recording(kernel):
+        def run(*args, **kwargs):
+            folded.append(sorted(k for k in ("norm_weight", "residual") if kwargs.get(k) is not None))
+            return kernel(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(glmkit.gemv_tuning, "gemv", recording(gemv))
+    monkeypatch.setattr(glmkit.gemv_tuning, "gemv_swiglu", recording(gemv_swiglu))
+    shapes = [GemvConfig(16, 64, 4), GemvConfig(8, 256, 2)]
+    row = tune_projection(name, 40, 200, name == "qkv", swiglu, "bf16", shapes=shapes, device=DEVICE,
+                          timer=lambda fn, copies: (fn(0), 1e-6)[1], fused=FUSED[name])
+    assert row["fused"] == FUSED[name] and row["best"] is not None
+    assert all(t["rel_err"] < 2e-2 for t in row["tried"])  # against float64 with the norm or the residual
+    want = ["residual"] if name == "down_proj" else ["norm_weight"]
+    assert folded and all(f == want for f in folded)
+
+
+COMPILE_FOR_SM90 = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from glmkit.gemv import _gemv_kernel as kernel
+
+sig = {**{p: "*bf16" for p in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "r_ptr")},
+       "N": "i32", "K": "i32", "K_FULL": "i32", "eps": "fp32"}
+
+def build(**flags):
+    consts = {**dict(HAS_BIAS=False, SWIGLU=False, NORM=False, RESIDUAL=False, BLOCK_N=8, BLOCK_K=512,
+                     EVEN_N=False, EVEN_K=False), **flags}
+    src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}},
+                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+try:
+    build()  # the plain kernel, as it ran on H100s and H200s
+except Exception as exc:
+    print("NO TOOLCHAIN", type(exc).__name__, str(exc)[:200])
+    raise SystemExit(0)
+for norm, residual, swiglu in [(True, False, False), (True, False, True), (False, True, False)]:
+    assert "cubin" in build(NORM=norm, RESIDUAL=residual, SWIGLU=swiglu, HAS_BIAS=norm and not swiglu).asm
+print("OK")
+"""
+
+
+def test_the_fused_kernels_compile_for_an_h100_or_h200_without_one():
+    """Triton's CPU interpreter runs the kernels' arithmetic but not Triton's compiler: build the fused variants for
+    sm_90 (Hopper) down to a cubin, in a process without the interpreter, so a GPU-only compile error shows here."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if out.stdout.startswith("NO TOOLCHAIN"):
+        pytest.skip(f"this Triton cannot build for sm_90 here: {out.stdout.strip()}")
+    assert out.stdout.strip().endswith("OK")

@@ -7,31 +7,38 @@ from helpers import DEVICE, rand
 
 from glmkit.gemv import GemvConfig
 from glmkit.gemv4bit import (
+    LOOKUPS,
     Packed4bit,
+    _launch,
     config_for,
     gemv_4bit,
     gemv_4bit_multi,
     gemv_4bit_swiglu,
     linear_4bit,
+    lookup_for,
     quantize,
     reference_linear,
     triton_available,
 )
 
 bnb = pytest.importorskip("bitsandbytes")
+# every nibble lookup this machine runs: on a CPU, Triton's interpreter runs no PTX, so not the warp shuffle (a GPU
+# checks it against table loads: check_lookup, and the tuner against float64)
+LOOKUPS_HERE = list(LOOKUPS) if torch.cuda.is_available() else [lk for lk in LOOKUPS if lk != "shuffle"]
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton (pip install triton)")
 
 
+@pytest.mark.parametrize("lookup", LOOKUPS_HERE)
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("n, k, config", [(100, 320, GemvConfig(16, 128, 4)),  # partial rows and columns
                                           (64, 256, GemvConfig(32, 256, 4)),  # even
                                           (37, 192, GemvConfig(8, 64, 2))])  # odd rows, one block per step
-def test_gemv_4bit_equals_dequantize_then_linear(quant_type, double_quant, n, k, config):
+def test_gemv_4bit_equals_dequantize_then_linear(quant_type, double_quant, n, k, config, lookup):
     w = quantize(rand(n, k), quant_type, double_quant)
     assert w.nested == double_quant and w.data.dtype == torch.uint8 and w.data.numel() == n * k // 2
     x, b = rand(1, 1, k, seed=1), rand(n, seed=2)
-    y = gemv_4bit(x, w, b, config=config)
+    y = gemv_4bit(x, w, b, config=config, lookup=lookup)
     assert y.shape == (1, 1, n) and y.dtype == torch.float32
     torch.testing.assert_close(y, reference_linear(x, w, b), rtol=1e-4, atol=1e-4)
 
@@ -47,6 +54,8 @@ def test_gemv_4bit_reads_16_bit_x_as_pairs(dtype, n, k, config):
     y = gemv_4bit(x, w, config=config)
     assert y.dtype == dtype
     torch.testing.assert_close(y.double(), ref, rtol=1e-2, atol=1e-2)
+    shifted = torch.cat([x.new_zeros(1, 1, 1), x], dim=-1)[..., 1:]  # a view that starts mid-pair (odd offset)
+    assert torch.equal(gemv_4bit(shifted, w, config=config), y)
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
@@ -55,11 +64,77 @@ def test_gemv_4bit_multi_equals_the_concatenated_products(double_quant):
     ws = [quantize(rand(n, 256, seed=n), "nf4", double_quant) for n in (40, 8, 24)]
     x, b = rand(1, 1, 256, seed=1), rand(72, seed=2)
     want = torch.cat([reference_linear(x, w) for w in ws], dim=-1) + b
-    for config in (GemvConfig(16, 128, 4), GemvConfig(8, 256, 2)):
-        torch.testing.assert_close(gemv_4bit_multi(x, ws, b, config=config), want, rtol=1e-4, atol=1e-4)
+    for config, lookup in zip((GemvConfig(16, 128, 4), GemvConfig(8, 256, 2)), LOOKUPS_HERE * 2):
+        torch.testing.assert_close(gemv_4bit_multi(x, ws, b, config=config, lookup=lookup), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(gemv_4bit_multi(x, ws[:2]), want[..., :48] - b[:48], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="one format"):
         gemv_4bit_multi(x, [ws[0], quantize(rand(8, 256), "fp4", double_quant)])
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_the_ops_give_what_the_kernel_gives_launched_directly(quant_type, double_quant):
+    # the public functions go through torch.ops.glmkit.*: a Packed4bit unpacked into tensors and numbers and packed
+    # again must launch the same kernel on the same tensors (odd rows, a partial last step, a bias, three weights)
+    ws = [quantize(rand(n, 192, seed=n), quant_type, double_quant) for n in (37, 8, 24)]
+    x, b = rand(1, 1, 192, seed=1), rand(69, seed=2)
+    config = GemvConfig(8, 128, 2)
+    for got, want in [(gemv_4bit(x, ws[0], b[:37], config), _launch(x, ws[:1], b[:37], False, config)),
+                      (torch.ops.glmkit.gemv_4bit_multi(x, [w.data for w in ws], [w.absmax for w in ws], ws[0].code,
+                                                        *([[getattr(w, f) for w in ws] for f in ("absmax2", "code2",
+                                                                                                  "offset")]
+                                                          if double_quant else [[], [], []]),
+                                                        [37, 8, 24], 192, 64, 256, quant_type, b, 8, 128, 2, ""),
+                       _launch(x, tuple(ws), b, False, config)),
+                      (gemv_4bit_swiglu(x, ws[2], config), _launch(x, ws[2:], None, True, config))]:
+        assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_the_ops_pass_torch_library_opcheck():
+    # PyTorch's own check of a custom op: its schema, no autograd surprise, the fake output against the real one,
+    # and AOT tracing with dynamic shapes
+    from glmkit.gemv4bit import _gemv_4bit_multi_op, _gemv_4bit_op, _gemv_4bit_swiglu_op, _launch_args, _weight_args
+
+    ws = [quantize(rand(n, 128, seed=n), "nf4", double_quant=True) for n in (24, 8)]
+    x, b = rand(1, 1, 128, seed=1), rand(32, seed=2)
+    launch = _launch_args(GemvConfig(8, 128, 2), LOOKUPS_HERE[-1])
+    multi = (x, [w.data for w in ws], [w.absmax for w in ws], ws[0].code, [w.absmax2 for w in ws],
+             [w.code2 for w in ws], [w.offset for w in ws], [24, 8], 128, 64, 256, "nf4", b, *launch)
+    for op, args in ((_gemv_4bit_op, (x, *_weight_args(ws[0]), b[:24], *launch)),
+                     (_gemv_4bit_swiglu_op, (x, *_weight_args(ws[0]), *launch)), (_gemv_4bit_multi_op, multi)):
+        results = torch.library.opcheck(op, args)
+        assert set(results.values()) == {"SUCCESS"}, results
+
+
+def test_torch_compile_calls_the_ops_and_does_not_trace_the_kernel():
+    # what FastDecoder compiles: a norm around the three ops, fullgraph. The graph dynamo hands the backend must hold
+    # the ops themselves (no Triton kernel traced into it), and weights of another layer reuse the compiled graph.
+    from torch._dynamo import lookup_backend
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return lookup_backend("aot_eager")(gm, example_inputs)  # AOT tracing too: the ops' fake outputs
+
+    def layer(x, qkv, gate_up, bias):
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+        y = gemv_4bit_multi(h, qkv, bias)
+        return gemv_4bit_swiglu(y[..., :128] * 0.1, gate_up), gemv_4bit(h, qkv[0])
+
+    def weights(seed):
+        qkv = [quantize(rand(n, 256, seed=seed + n), "nf4", double_quant=True) for n in (128, 32, 32)]
+        return qkv, quantize(rand(96, 128, seed=seed), "nf4", double_quant=True)
+
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False, backend=backend)
+    x, bias = rand(1, 1, 256, seed=1), rand(192, seed=2)
+    for seed in (0, 100):  # two layers' weights
+        qkv, gate_up = weights(seed)
+        for got, want in zip(compiled(x, qkv, gate_up, bias), layer(x, qkv, gate_up, bias)):
+            torch.testing.assert_close(got, want)
+    assert len(graphs) == 1 and {"glmkit.gemv_4bit.default", "glmkit.gemv_4bit_multi.default",
+                                 "glmkit.gemv_4bit_swiglu.default"} <= graphs[0]
+    assert not any("triton" in target for target in graphs[0])
 
 
 def test_nibble_order_and_block_scales_are_read_as_bitsandbytes_writes_them():
@@ -77,8 +152,9 @@ def test_gemv_4bit_swiglu_equals_the_unfused_path(double_quant):
     w = quantize(rand(2 * 72, 320), "nf4", double_quant)
     x = rand(1, 1, 320, seed=1)
     gate, up = reference_linear(x, w).chunk(2, dim=-1)
-    torch.testing.assert_close(gemv_4bit_swiglu(x, w, config=GemvConfig(16, 128, 4)), up * F.silu(gate),
-                               rtol=1e-4, atol=1e-4)
+    for lookup in LOOKUPS_HERE:
+        torch.testing.assert_close(gemv_4bit_swiglu(x, w, config=GemvConfig(16, 128, 4), lookup=lookup),
+                                   up * F.silu(gate), rtol=1e-4, atol=1e-4)
 
 
 def test_gemv_4bit_in_bfloat16_is_as_close_to_float64_as_bitsandbytes():
@@ -126,22 +202,25 @@ def test_the_tuner_checks_each_shape_and_keeps_the_fastest(kernel, swiglu, tmp_p
     from glmkit.gemv_tuning import table_configs, tune_projection, write_table
 
     shapes = [GemvConfig(16, 128, 4), GemvConfig(8, 256, 2), GemvConfig(8, 32, 2)]  # the last: not whole 4-bit blocks
-    fake_us = {128: 3.0, 256: 2.0, 32: 1.0}  # a made-up clock; each shape still runs and is checked against float64
+    # a made-up clock by shape and 4-bit lookup (the interpreter's default "load", then "pair" at the fastest
+    # shapes); each shape still runs and is checked against float64
+    fake_us = {(128, "load"): 3.0, (256, "load"): 2.0, (128, "pair"): 1.5, (256, "pair"): 4.0,
+               (128, None): 3.0, (256, None): 2.0, (32, None): 1.0}
 
-    calls = []
-
-    def timer(fn, copies):
+    def timer(fn, copies):  # fn: the tuner's product, its shape and lookup bound as defaults (bitsandbytes: none)
         fn(0)
-        calls.append(1)
-        return 1e-6 * (5.0 if len(calls) == 1 else fake_us[shapes[len(calls) - 2].block_k])
+        cfg, lookup = fn.__defaults__ or (None, None)
+        return 1e-6 * (5.0 if cfg is None else fake_us[cfg.block_k, lookup])
 
     row = tune_projection("gate_up" if swiglu else "o_proj", 48, 256, False, swiglu, kernel, shapes=shapes,
                           device=DEVICE, timer=timer)
-    tried = {t["block_k"]: t for t in row["tried"]}
-    assert tried[128]["rel_err"] < 2e-2 and tried[256]["rel_err"] < 2e-2  # the tuner's own bar (bf16 rounding)
+    tried = {(t["block_k"], t.get("lookup")): t for t in row["tried"]}
+    assert all(t["rel_err"] < 2e-2 for key, t in tried.items() if key[0] != 32)  # the tuner's own bar (bf16 rounding)
     if kernel == "nf4":
-        assert "multiple of blocksize" in tried[32]["error"] and row["best"]["block_k"] == 256
-        assert row["bnb_matmul_4bit_us"] == pytest.approx(5.0) and row["speedup_vs_bnb_matmul_4bit"] == pytest.approx(2.5)
+        assert "multiple of blocksize" in tried[32, "load"]["error"] and (32, "pair") not in tried
+        assert (row["best"]["block_k"], row["best"]["lookup"]) == (128, "pair")
+        assert row["bnb_matmul_4bit_us"] == pytest.approx(5.0) and row["speedup_vs_bnb_matmul_4bit"] == pytest.approx(5 / 1.5)
+        assert table_configs([row])[0]["lookup"] == "pair"
     else:
         assert row["best"]["block_k"] == 32 and row["cublas_us"] == pytest.approx(5.0)
     path = write_table(table_configs([row]), tmp_path / "t.json", device="Card")
@@ -156,10 +235,19 @@ def test_a_shape_glmkit_tune_writes_is_the_one_the_kernels_launch_with(tmp_path,
     from glmkit.gemv_tuning import table_configs, tune_projection, write_table
 
     shapes = [GemvConfig(8, 128, 2), GemvConfig(4, 256, 4)]
-    clock = iter([5.0, 3.0, 1.0, 5.0, 1.0, 3.0])  # bitsandbytes, then each shape: the second, then the first wins
+    # bitsandbytes 5 µs; gate_up: the second shape with the "pair" lookup wins, qkv: the first with "load"
+    clock = {48: {(128, "load"): 3.0, (256, "load"): 1.0, (128, "pair"): 4.0, (256, "pair"): 0.5},
+             72: {(128, "load"): 1.0, (256, "load"): 3.0, (128, "pair"): 2.0, (256, "pair"): 2.0}}
+
+    def timer(n):
+        def time_it(fn, copies):
+            fn(0)
+            cfg, lookup = fn.__defaults__ or (None, None)
+            return 1e-6 * (5.0 if cfg is None else clock[n][cfg.block_k, lookup])
+        return time_it
+
     rows = [tune_projection(name, n, 256, False, name == "gate_up", "nf4", shapes=shapes, device=DEVICE,
-                            timer=lambda fn, copies: (fn(0), 1e-6 * next(clock))[1])
-            for name, n in (("gate_up", 48), ("qkv", 72))]
+                            timer=timer(n)) for name, n in (("gate_up", 48), ("qkv", 72))]
     monkeypatch.setenv("GLMKIT_CACHE", str(tmp_path))
     write_table(table_configs(rows), device="Card")  # the user's table, where `glmkit tune` writes it
     monkeypatch.setattr(gemv_module, "INTERPRETER", False)  # a GPU's lookup (the interpreter ignores tables)
@@ -170,3 +258,8 @@ def test_a_shape_glmkit_tune_writes_is_the_one_the_kernels_launch_with(tmp_path,
     assert config_for(gate_up, swiglu=True) == GemvConfig(4, 256, 4)
     assert config_for(qkv) == GemvConfig(8, 128, 2)  # one launch for q, k and v: the shape tuned for all 72 rows
     assert config_for(quantize(rand(96, 256), "fp4"), swiglu=True) not in shapes  # fp4: not tuned, its own default
+    # and the lookup tuned with each shape (a GPU's default, the warp shuffle, where the table names none)
+    monkeypatch.setattr(gemv4bit, "LOOKUP", "shuffle")
+    monkeypatch.setattr(gemv4bit, "_TUNED_LOOKUPS", gemv4bit._table_lookups("Card"))
+    assert lookup_for(gate_up, swiglu=True) == "pair" and lookup_for(qkv) == "load"
+    assert lookup_for(quantize(rand(96, 256), "fp4"), swiglu=True) == "shuffle"

@@ -1,0 +1,270 @@
+"""Decode attention for GLM-4 as one Triton kernel: rotary embedding, the KV-cache write and attention over the cache.
+
+At batch 1 a decode step's attention reads little (GLM-4-9B: 2 KV heads x 128 dims, 1 KiB a cached token in bf16)
+but compiled, it still ran as three kernels a layer: two for the rotary embedding and the cache write, then cuDNN's
+SDPA (H100, 32 cached tokens: 1.2 + 1.4 + 4.3 µs a layer, ``benchmarks/results/profile_step.json``).
+``decode_attention`` does it in one kernel (two on a cache longer than 512): each program takes one KV head of one
+sequence with *all* the query heads that share it (GLM-4-9B: 16), rotates q and k, writes k and v at the
+sequence's position, and reads each K/V tile once for its 16 query heads, softmax in fp32. A long cache is split
+over several programs (flash-decoding: each keeps its partial max, sum and output; a second small kernel combines
+them), so a 32K cache fills the GPU. The grid is sized from the cache length, not from the position (which lives
+on the device): programs past a sequence's position exit at once, so a CUDA graph replays it for every token, and
+``torch.compile(fullgraph=True)`` traces it as a user-defined Triton kernel. Positions after a sequence's own are
+never read: the stale K/V a chunked prefill or an earlier request leaves there change nothing.
+
+``FastDecoder(attention="triton")`` uses it (``"auto"``, the default, wherever the Triton GEMVs run); notebook
+``05_tuning.ipynb`` teaches the fast path. On a CPU it runs in Triton's interpreter (``TRITON_INTERPRET=1``).
+
+>>> import torch
+>>> from glmkit.gemv import triton_available
+>>> if triton_available():
+...     dev = "cuda" if torch.cuda.is_available() else "cpu"
+...     b, heads, kv, hd, max_len = 1, 4, 2, 64, 32
+...     q, k, v = torch.randn(b, heads, hd, device=dev), torch.randn(b, kv, hd, device=dev), torch.randn(b, kv, hd, device=dev)
+...     k_cache, v_cache = torch.randn(b, kv, max_len, hd, device=dev), torch.randn(b, kv, max_len, hd, device=dev)
+...     cos, sin = torch.ones(b, 32, device=dev), torch.zeros(b, 32, device=dev)  # position 0: no rotation
+...     pos, rows = torch.tensor([5], device=dev), torch.arange(b, device=dev)
+...     out = decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos, sin)  # [b, heads, 1, hd]
+...     ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k_cache[:, :, :6], v_cache[:, :, :6],
+...                                                            enable_gqa=True)
+...     assert torch.equal(k_cache[0, :, 5], k[0]) and torch.allclose(out, ref, atol=1e-4)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from glmkit.gemv import INTERPRETER, triton, triton_available
+
+if triton is not None:
+    import triton.language as tl
+
+BLOCK_N = 64  # cache positions per tile (a K tile [64, 128] in bf16 is 16 KiB)
+TARGET_PROGRAMS = 256  # programs a long cache is split into, about two per SM of an H100/H200 (132 SMs)
+MAX_SPLITS = 128  # at most this many splits per sequence and KV head: the combine reads one partial output each
+ONE_SPLIT_MAX = 512  # a cache of at most this many positions is one program per sequence and KV head, no combine
+
+
+def split_length(batch: int, kv_heads: int, max_len: int, target: int = TARGET_PROGRAMS) -> int:
+    """Cache positions each program covers: the whole cache up to ``ONE_SPLIT_MAX`` positions (one launch, no
+    combine); above, ``batch * kv_heads * max_len / target`` rounded up to a power of two, at least one tile
+    (``BLOCK_N``), and few enough splits that combining them stays small (``MAX_SPLITS``). Chosen from the cache
+    length, not the position (a CUDA graph replays one grid for every token).
+
+    >>> split_length(1, 2, 288), split_length(1, 2, 32768), split_length(16, 2, 32768), split_length(1, 2, 2048)
+    (320, 256, 4096, 64)
+    """
+    if triton is None:
+        raise RuntimeError("glmkit.attention needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
+    if max_len <= ONE_SPLIT_MAX:
+        return triton.cdiv(max_len, BLOCK_N) * BLOCK_N
+    per_program = triton.cdiv(batch * kv_heads * max_len, target)
+    length = max(BLOCK_N, triton.next_power_of_2(per_program), triton.next_power_of_2(triton.cdiv(max_len, MAX_SPLITS)))
+    return min(length, max(BLOCK_N, triton.next_power_of_2(max_len)))
+
+
+def auto_attention(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """What ``attention="auto"`` picks: ``"triton"`` on a GPU where glmkit's Triton GEMVs run (Triton installed,
+    compute capability 8.0+, or 7.0+ for fp16/fp32), at any batch size; otherwise ``"sdpa"``.
+
+    >>> auto_attention(torch.device("cpu"))
+    'sdpa'
+    """
+    if device.type != "cuda" or not triton_available():
+        return "sdpa"
+    capability = torch.cuda.get_device_capability(device)
+    return "triton" if capability >= (8, 0) or (capability >= (7, 0) and dtype != torch.bfloat16) else "sdpa"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, row_ptr, k_cache_ptr, v_cache_ptr,
+                                 out_ptr, m_ptr, l_ptr, acc_ptr, stride_qb, stride_qh, stride_kb, stride_kh,
+                                 stride_vb, stride_vh, stride_cos, stride_sin, stride_cb, stride_ch, stride_cn,
+                                 max_len, scale_log2, KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                                 ROTARY: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
+        # one program: sequence i, KV head h, cache positions [split * SPLIT, (split + 1) * SPLIT) up to pos[i]
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        i = pid // KV
+        h = pid % KV
+        pos = tl.load(pos_ptr + i).to(tl.int32)  # positions, loop bounds and offsets within a row: int32
+        start = split * SPLIT
+        if start > pos:  # past the sequence's position: nothing to read (the combine skips this split)
+            return
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        partner = d ^ 1  # GLM rotates interleaved pairs (0, 1), (2, 3), ... of the first ROTARY dims
+        rot = d < ROTARY
+        cos = tl.load(cos_ptr + i * stride_cos + d, mask=rot, other=1.0).to(tl.float32)
+        sin = tl.load(sin_ptr + i * stride_sin + d, mask=rot, other=0.0).to(tl.float32)
+        sin = tl.where(d % 2 == 0, -sin, sin)  # rotate_half: (-x[2j+1], x[2j])
+        g = tl.arange(0, BLOCK_G)
+        heads = h * GROUP + g  # the query heads that share KV head h
+        q_ok = (g < GROUP)[:, None] & d_ok[None, :]
+        q_rows = q_ptr + i * stride_qb + heads[:, None] * stride_qh
+        q = tl.load(q_rows + d[None, :], mask=q_ok, other=0.0).to(tl.float32)
+        q_pair = tl.load(q_rows + partner[None, :], mask=q_ok, other=0.0).to(tl.float32)
+        cache_dtype = k_cache_ptr.dtype.element_ty
+        q = (q * cos[None, :] + q_pair * sin[None, :]).to(cache_dtype)  # [BLOCK_G, BLOCK_D], rounded as rope() is
+        k_row = k_ptr + i * stride_kb + h * stride_kh
+        k_new = (tl.load(k_row + d, mask=d_ok, other=0.0).to(tl.float32) * cos
+                 + tl.load(k_row + partner, mask=d_ok, other=0.0).to(tl.float32) * sin).to(cache_dtype)
+        v_new = tl.load(v_ptr + i * stride_vb + h * stride_vh + d, mask=d_ok, other=0.0).to(cache_dtype)
+        row = tl.load(row_ptr + i)  # int64: row * stride_cb may pass 2**31 on a large batch of long caches
+        k_head = k_cache_ptr + row * stride_cb + h * stride_ch
+        v_head = v_cache_ptr + row * stride_cb + h * stride_ch
+        if (split == pos // SPLIT) & (pos < max_len):  # the one program whose split holds pos writes the new k, v
+            tl.store(k_head + pos * stride_cn + d, k_new, mask=d_ok)
+            tl.store(v_head + pos * stride_cn + d, v_new, mask=d_ok)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        end = tl.minimum(tl.minimum(start + SPLIT, pos + 1), max_len)
+        for n0 in range(start, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            n_ok = n < end
+            tile = n[:, None] * stride_cn + d[None, :]
+            ok = n_ok[:, None] & d_ok[None, :]
+            # position pos takes the k, v computed here (whether the store above has landed or not)
+            k = tl.where(n[:, None] == pos, k_new[None, :], tl.load(k_head + tile, mask=ok, other=0.0))
+            if IEEE:  # fp32 products (not tf32); also 16-bit ones in the interpreter, whose 16-bit dot is wrong
+                s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            # [BLOCK_G, BLOCK_N], in log2 units; fp32 whatever type a compiler gives the scalar scale (Inductor: fp64)
+            s = tl.where(n_ok[None, :], (s * scale_log2).to(tl.float32), float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.where(n[:, None] == pos, v_new[None, :], tl.load(v_head + tile, mask=ok, other=0.0))
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(cache_dtype).to(tl.float32), v.to(tl.float32),
+                                                    input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(cache_dtype), v)
+            m_i = m_new
+        g_ok = g < GROUP
+        if SPLITS == 1:  # the whole cache in one program: the output itself, [b, heads * HEAD_DIM]
+            out = acc / l_i[:, None]
+            out_rows = out_ptr + i * (KV * GROUP * HEAD_DIM) + heads[:, None] * HEAD_DIM
+            tl.store(out_rows + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_ok)
+        else:  # partial max, sum and output of this split, [b, heads, SPLITS(, HEAD_DIM)], for the combine
+            at = (i * (KV * GROUP) + heads) * SPLITS + split
+            tl.store(m_ptr + at, m_i, mask=g_ok)
+            tl.store(l_ptr + at, l_i, mask=g_ok)
+            tl.store(acc_ptr + at[:, None] * HEAD_DIM + d[None, :], acc, mask=q_ok)
+
+    @triton.jit
+    def _combine_kernel(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr):
+        # one program: one query head of one sequence; softmax-weighted sum of the partial outputs of its splits
+        pid = tl.program_id(0)
+        i = pid // HEADS
+        used = tl.load(pos_ptr + i).to(tl.int32) // SPLIT + 1  # splits that held positions 0..pos
+        s = tl.arange(0, BLOCK_S)
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        base = pid * SPLITS
+        m_all = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for s0 in range(0, used, BLOCK_S):
+            m_all = tl.maximum(m_all, tl.load(m_ptr + base + s0 + s, mask=s0 + s < used, other=float("-inf")))
+        m = tl.max(m_all, axis=0)
+        l_all = tl.zeros([BLOCK_S], tl.float32)
+        acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+        for s0 in range(0, used, BLOCK_S):
+            ok = s0 + s < used
+            w = tl.exp2(tl.load(m_ptr + base + s0 + s, mask=ok, other=float("-inf")) - m)
+            l_all += w * tl.load(l_ptr + base + s0 + s, mask=ok, other=0.0)
+            part = tl.load(acc_ptr + (base + s0 + s)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None] & d_ok[None, :],
+                           other=0.0)
+            acc += w[:, None] * part
+        out = tl.sum(acc, axis=0) / tl.sum(l_all, axis=0)
+        tl.store(out_ptr + pid * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           pos: torch.Tensor, batch_index: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Clear errors for inputs the kernel cannot take (it reads raw pointers: a wrong shape would read garbage)."""
+    if triton is None:
+        raise RuntimeError("glmkit.attention needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
+    if not (k_cache.is_cuda or INTERPRETER):
+        raise ValueError("decode_attention runs on a GPU (or in Triton's CPU interpreter, TRITON_INTERPRET=1); this "
+                         f"cache is on {k_cache.device}: use attention='sdpa' there.")
+    b, heads, hd = q.shape
+    kv = k_cache.shape[1]
+    if k.shape != (b, kv, hd) or v.shape != (b, kv, hd) or heads % kv:
+        raise ValueError(f"decode_attention takes q [b, heads, head_dim], k and v [b, kv_heads, head_dim] (heads a "
+                         f"multiple of kv_heads), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}.")
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.shape[-1] != hd:
+        raise ValueError(f"k_cache and v_cache must be alike [B, kv_heads, max_len, {hd}], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}.")
+    if pos.shape != (b,) or batch_index.shape != (b,) or cos.shape[0] != b or cos.shape != sin.shape:
+        raise ValueError(f"decode_attention takes one position and one cache row per sequence ([{b}] each) and "
+                         f"cos/sin [{b}, rotary_dim]; got pos {tuple(pos.shape)}, batch_index "
+                         f"{tuple(batch_index.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}.")
+    if cos.shape[-1] % 2 or cos.shape[-1] > hd:
+        raise ValueError(f"rotary_dim (cos.shape[-1] = {cos.shape[-1]}) must be even and at most head_dim {hd}.")
+    strides = (q.stride(-1), k.stride(-1), v.stride(-1), k_cache.stride(-1), cos.stride(-1), sin.stride(-1))
+    if any(s != 1 for s in strides):
+        raise ValueError("decode_attention needs the last dimension of q, k, v, the caches and cos/sin contiguous.")
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, pos: torch.Tensor, batch_index: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, split: int | None = None) -> torch.Tensor:
+    """GLM's rotary embedding of ``q`` and ``k``, ``k``/``v`` written into the static cache at ``pos``, and
+    ``softmax(q kᵀ / √head_dim) v`` over cache positions ``0..pos`` of each sequence, for one new token each.
+
+    The same as ``rope`` + ``k_cache[batch_index, :, pos] = k`` + ``F.scaled_dot_product_attention(...,
+    enable_gqa=True)`` with the decoder's mask (0 up to pos, -inf after): positions after ``pos`` are never read,
+    so stale K/V there (a chunked prefill's, another request's) change nothing.
+
+    Args:
+        q: ``[b, heads, head_dim]`` before the rotary embedding; k, v: ``[b, kv_heads, head_dim]`` (views of the
+            fused q/k/v projection are fine: only the last dimension must be contiguous).
+        k_cache, v_cache: ``[B, kv_heads, max_len, head_dim]`` (written in place, at ``[batch_index[i], :, pos[i]]``).
+        pos: ``[b]`` each sequence's position (on the device: the grid does not depend on it); batch_index:
+            ``[b]`` each sequence's cache row.
+        cos, sin: ``[b, rotary_dim]`` at each sequence's position, each frequency repeated for its pair of dims
+            (as ``FastDecoder`` builds them); dims past ``rotary_dim`` are not rotated.
+        split: cache positions per program (a multiple of ``BLOCK_N``); default ``split_length``.
+
+    Returns the attention output ``[b, heads, 1, head_dim]``, a view of a ``[b, 1, heads * head_dim]`` buffer: what
+    ``o_proj`` reads, with no copy. Introduced with the fast path in ``notebooks/05_tuning.ipynb``.
+    """
+    _check(q, k, v, k_cache, v_cache, pos, batch_index, cos, sin)
+    pos, batch_index = pos.contiguous(), batch_index.contiguous()  # read as pos_ptr + i (an expanded view is not)
+    b, heads, hd = q.shape
+    kv, max_len = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv
+    split = split or split_length(b, kv, max_len)
+    if split % BLOCK_N:
+        raise ValueError(f"split must be a multiple of {BLOCK_N} cache positions, got {split}.")
+    splits = triton.cdiv(max_len, split)
+    out = torch.empty(b, 1, heads * hd, dtype=q.dtype, device=q.device)
+    if splits > 1:  # partial max, sum and output per split, combined below
+        m = torch.empty(b, heads, splits, dtype=torch.float32, device=q.device)
+        lse = torch.empty_like(m)
+        acc = torch.empty(b, heads, splits, hd, dtype=torch.float32, device=q.device)
+    else:  # unused (one split writes the output itself); own tensors: no argument aliases the output
+        m = torch.empty(1, dtype=torch.float32, device=q.device)
+        lse, acc = torch.empty_like(m), torch.empty_like(m)
+    block_d = max(16, triton.next_power_of_2(hd))
+    _decode_attention_kernel[(b * kv, splits)](
+        q, k, v, cos, sin, pos, batch_index, k_cache, v_cache, out, m, lse, acc,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), max_len, math.log2(math.e) / math.sqrt(hd),
+        KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),
+        BLOCK_D=block_d, BLOCK_N=BLOCK_N, SPLIT=split, SPLITS=splits, IEEE=q.dtype == torch.float32 or INTERPRETER,
+        num_warps=4)
+    if splits > 1:
+        _combine_kernel[(b * heads,)](m, lse, acc, pos, out, HEADS=heads, HEAD_DIM=hd, BLOCK_D=block_d,
+                                      BLOCK_S=min(32, triton.next_power_of_2(splits)), SPLIT=split, SPLITS=splits,
+                                      num_warps=4)
+    return out.view(b, 1, heads, hd).transpose(1, 2)

@@ -1,0 +1,164 @@
+"""glmkit's decode-attention kernel (rope + KV-cache write + attention in one launch) against rope + index_put + SDPA,
+run in Triton's CPU interpreter here (see the root conftest.py) and on a GPU there."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEVICE, rand
+
+import glmkit.attention
+from glmkit.attention import BLOCK_N, decode_attention, split_length
+from glmkit.fast_decode import FastDecoder, rope
+from glmkit.gemv import triton_available
+from glmkit.loading import load_model
+from glmkit.models import TRAINED_TINY_DIR
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs Triton (pip install triton)")
+
+
+def inputs(b, heads, kv, hd, rotary, max_len, dtype, rows=None, seed=0):
+    """q, k, v of one new token per sequence, caches of ``rows`` rows filled with noise, per-row cos/sin (GLM's
+    layout: each frequency repeated for its pair of dims) at random angles."""
+    rows = rows or b
+    q, k, v = rand(b, heads, hd, seed=seed), rand(b, kv, hd, seed=seed + 1), rand(b, kv, hd, seed=seed + 2)
+    k_cache, v_cache = rand(rows, kv, max_len, hd, seed=seed + 3), rand(rows, kv, max_len, hd, seed=seed + 4)
+    angle = torch.rand(b, rotary // 2, generator=torch.Generator().manual_seed(seed)).to(DEVICE) * 6
+    cos, sin = angle.cos().repeat_interleave(2, -1), angle.sin().repeat_interleave(2, -1)
+    return [t.to(dtype) for t in (q, k, v, k_cache, v_cache, cos, sin)]
+
+
+def reference(q, k, v, k_cache, v_cache, pos, batch_index, cos, sin):
+    """What the decoder computed before: rope in fp32 (as the compiled layer does), the K/V written at pos with
+    index_put, SDPA over the rows' caches with the additive mask (0 up to pos, -inf after); caches updated in place."""
+    b, max_len, dtype = q.shape[0], k_cache.shape[2], q.dtype
+    c, s = cos.float()[:, None, None], sin.float()[:, None, None]
+    q = rope(q.float()[:, :, None], c, s).to(dtype)
+    k = rope(k.float()[:, :, None], c, s).to(dtype)
+    k_cache[batch_index, :, pos] = k[:, :, 0]
+    v_cache[batch_index, :, pos] = v
+    mask = torch.zeros(b, 1, 1, max_len, dtype=dtype, device=q.device)
+    mask = mask.masked_fill(torch.arange(max_len, device=q.device) > pos[:, None, None, None], float("-inf"))
+    return F.scaled_dot_product_attention(q, k_cache[batch_index], v_cache[batch_index], attn_mask=mask,
+                                          enable_gqa=True)
+
+
+CASES = {  # b, heads, kv heads, head_dim, rotary dims, max_len, positions, cache rows, split
+    "b1-one-split": (1, 4, 2, 64, 32, 40, [17], [0], None),
+    "b3-rows-apart-4-splits": (3, 8, 2, 64, 32, 250, [0, 249, 130], [2, 0, 3], 64),
+    "glm4-9b-heads-2-splits": (1, 32, 2, 128, 64, 128, [100], [0], 64),
+}
+
+
+@pytest.mark.parametrize("case, dtype", [(c, d) for c in CASES for d in (torch.float32, torch.bfloat16, torch.float16)
+                                         if d == torch.float32 or c != "b1-one-split"], ids=str)
+def test_kernel_equals_rope_index_put_and_sdpa(case, dtype):
+    b, heads, kv, hd, rotary, max_len, pos, rows, split = CASES[case]
+    q, k, v, k_cache, v_cache, cos, sin = inputs(b, heads, kv, hd, rotary, max_len, dtype, rows=max(rows) + 1)
+    pos, rows = torch.tensor(pos, device=DEVICE), torch.tensor(rows, device=DEVICE)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want = reference(q, k, v, want_k, want_v, pos, rows, cos, sin)
+    got = decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos, sin, split=split)
+    assert got.shape == (b, heads, 1, hd) and got.dtype == dtype
+    # the output is a view of what o_proj reads, [b, 1, heads * head_dim], contiguous: no copy before it
+    assert got.transpose(1, 2).is_contiguous()
+    tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    torch.testing.assert_close(k_cache, want_k, rtol=tol, atol=tol)  # one rounding of rope: within an ulp
+    assert torch.equal(v_cache, want_v)  # v goes in as it is; nothing else in the caches changed
+
+
+def test_positions_after_pos_are_never_read():
+    # a chunked prefill or an earlier request leaves K/V after a row's position: whatever is there (NaN here)
+    # must not change its output, in the split that holds pos and in the splits after it
+    q, k, v, k_cache, v_cache, cos, sin = inputs(2, 4, 2, 64, 32, 256, torch.float32)
+    pos, rows = torch.tensor([70, 3], device=DEVICE), torch.arange(2, device=DEVICE)
+    clean = decode_attention(q, k, v, k_cache.clone(), v_cache.clone(), pos, rows, cos, sin, split=64)
+    for cache in (k_cache, v_cache):
+        cache[0, :, 71:] = float("nan")
+        cache[1, :, 4:] = float("nan")
+    stale = decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos, sin, split=64)
+    assert torch.equal(stale, clean)
+
+
+def test_split_length_fills_the_gpu_on_long_caches_only():
+    assert split_length(1, 2, 64) == BLOCK_N  # a short cache: one program per KV head
+    assert split_length(1, 2, 288) == 320 and split_length(16, 2, 500) == 512  # whole, up to ONE_SPLIT_MAX
+    assert 32768 // split_length(1, 2, 32768) == 128  # 32K at batch 1: 128 splits x 2 KV heads = 256 programs
+    assert split_length(16, 2, 32768) == 4096  # batch 16 fills the GPU with rows: 8 splits
+    assert all(split_length(b, 2, n) % BLOCK_N == 0 for b in (1, 3, 16) for n in (40, 1000, 5000))
+
+
+def test_bad_inputs_name_the_problem():
+    q, k, v, k_cache, v_cache, cos, sin = inputs(1, 4, 2, 64, 32, 64, torch.float32)
+    pos, rows = torch.tensor([3], device=DEVICE), torch.tensor([0], device=DEVICE)
+    with pytest.raises(ValueError, match="q \\[b, heads, head_dim\\], k and v \\[b, kv_heads"):
+        decode_attention(q, k[:, :1], v, k_cache, v_cache, pos, rows, cos, sin)
+    with pytest.raises(ValueError, match="one position and one cache row per sequence"):
+        decode_attention(q, k, v, k_cache, v_cache, torch.tensor([3, 4], device=DEVICE), rows, cos, sin)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos, sin, split=100)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map=DEVICE)
+
+
+def test_fast_decoder_with_triton_attention_and_gemv_gives_generates_tokens(trained):
+    ids = torch.randint(0, 800, (1, 6), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    fast = FastDecoder(trained, max_len=16, attention="triton", gemv="triton", compile=False, cuda_graph=False)
+    want = trained.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, min_new_tokens=5,
+                            do_sample=False)
+    assert fast.attention == "triton"
+    assert torch.equal(fast.generate(ids, max_new_tokens=5, ignore_eos=True), want)
+
+
+def test_rows_at_different_positions_over_several_splits_decode_like_generate(trained, monkeypatch):
+    # two slots of a batch at their own positions (row 1 in the cache's second split of three): the engine's use
+    monkeypatch.setattr(glmkit.attention, "ONE_SPLIT_MAX", 0)  # 160 positions in splits of 64, as a long cache
+    assert split_length(2, 2, 160) == 64
+    prompts = [torch.randint(0, 800, (1, n), generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in (5, 66)]
+    dec = FastDecoder(trained, max_len=160, batch_size=2, attention="triton", compile=False, cuda_graph=False)
+    logits = torch.cat([dec.prefill(p, slot=i) for i, p in enumerate(prompts)])
+    pos, got = torch.tensor([5, 66], device=DEVICE), [[], []]
+    for _ in range(4):
+        tokens = logits.argmax(-1)
+        for row, t in zip(got, tokens.tolist()):
+            row.append(t)
+        logits = dec.decode_step(tokens, pos).clone()
+        pos += 1
+    for p, row in zip(prompts, got):
+        want = trained.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=4, min_new_tokens=4,
+                                do_sample=False)
+        assert row == want[0, p.shape[1]:].tolist()
+
+
+def test_auto_attention_falls_back_to_sdpa_with_a_warning_when_the_kernel_fails(trained, monkeypatch):
+    import glmkit.fast_decode
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(glmkit.fast_decode, "auto_attention", lambda device, dtype: "triton")
+    monkeypatch.setattr(glmkit.fast_decode, "decode_attention", broken)
+    ids = torch.randint(0, 800, (1, 6), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    want = trained.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                            do_sample=False)
+    auto = FastDecoder(trained, max_len=16, gemv=False, compile=False, cuda_graph=False)
+    assert auto.attention == "triton"
+    with pytest.warns(RuntimeWarning, match="uses attention='sdpa' instead"):
+        got = auto.generate(ids, max_new_tokens=4, ignore_eos=True)
+    assert auto.attention == "sdpa" and torch.equal(got, want)
+    with pytest.raises(ValueError, match="attention must be 'auto', 'triton', 'sdpa' or 'reduction'"):
+        FastDecoder(trained, attention="flash")
+
+
+def test_a_tensor_parallel_rank_decodes_with_the_kernel_as_with_sdpa(trained):
+    from glmkit.tp_decode import TPDecoder
+
+    ids = torch.randint(0, 800, (2, 5), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    want = TPDecoder(trained, max_len=16, batch_size=2, attention="sdpa", compile=False, cuda_graph=False)
+    got = TPDecoder(trained, max_len=16, batch_size=2, attention="triton", compile=False, cuda_graph=False)
+    assert got.attention == "triton"
+    # prefill in pieces of 2, 2, 1: the last one-token piece goes through the kernel too (positions expanded per row)
+    assert torch.equal(got.generate(ids, 4, ignore_eos=True, prefill_chunk=2), want.generate(ids, 4, ignore_eos=True))
