@@ -171,7 +171,8 @@ def prefer_triton(kernel: str, n: int, k: int) -> bool:
 def pick_config(n: int, k: int, kernel: str = "bf16") -> GemvConfig:
     """The launch shape for an ``[n, k]`` weight: the tuned one for this card, else a rule of thumb.
 
-    On Triton's CPU interpreter every program is a Python loop, so there it takes few, large programs.
+    On Triton's CPU interpreter every program is a Python loop, so there it takes few, large programs (256 rows:
+    rank 0's TP=2 shard of the trained tiny GLM decodes 4.7x faster than with 64 on a 2-core x86 CPU).
 
     >>> pick_config(1000, 300)
     GemvConfig(block_n=..., block_k=..., num_warps=4)
@@ -181,7 +182,7 @@ def pick_config(n: int, k: int, kernel: str = "bf16") -> GemvConfig:
         return tuned
     block_k = min(512, triton.next_power_of_2(k)) if triton is not None else 512
     if INTERPRETER:
-        return GemvConfig(block_n=64, block_k=block_k, num_warps=4)
+        return GemvConfig(block_n=256, block_k=block_k, num_warps=4)
     return GemvConfig(block_n=8, block_k=block_k, num_warps=4)
 
 
