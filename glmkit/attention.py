@@ -136,7 +136,8 @@ if triton is not None:
                 s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
-            s = tl.where(n_ok[None, :], s * scale_log2, float("-inf"))  # [BLOCK_G, BLOCK_N], in log2 units
+            # [BLOCK_G, BLOCK_N], in log2 units; fp32 whatever type a compiler gives the scalar scale (Inductor: fp64)
+            s = tl.where(n_ok[None, :], (s * scale_log2).to(tl.float32), float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])

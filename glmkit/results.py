@@ -560,6 +560,63 @@ def profile_sentence() -> Text:
     return from_result("profile_step", render, what="The decode-step profile", script="benchmarks/profile_step.py")
 
 
+FUSED_PATHS = (("sdpa attention", "norms fused, rope + SDPA apart"),
+               ("norms apart", "norms and residual adds apart, glmkit's decode attention"),
+               ("", "all fused (the default)"))
+
+
+def _fused_path(profile: dict[str, Any], suffix: str) -> dict[str, Any] | None:
+    base = "fast, compiled layer, Triton GEMV, CUDA graph"
+    return profile["paths"].get(f"{base}, {suffix}" if suffix else base)
+
+
+def fusion_table() -> Table | Text:
+    """One bf16 decode step before and after the fused kernels, from one profiling run
+    (``profile_step_h200_fused.json``): kernels a step, GEMV and other kernel time, gaps between kernels, wall time;
+    and the step before any fusion from an earlier run on the same card (``profile_step_h200.json``)."""
+    def render(p: dict[str, Any]) -> Table:
+        rows = []
+        before = load("profile_step_h200")
+        if before is not None and _fused_path(before, "") is not None:
+            b = _fused_path(before, "")
+            gemv = sum(k["us_per_step"] for n, k in b["top_kernels"].items() if kernel_category(n) == KINDS[0]) / 1000
+            rows.append([f"before fusion ({measured_on(before)})", f"{b['kernels_per_step']:.0f}", f"{gemv:.2f}",
+                         f"{b['gpu_kernel_ms'] - gemv:.2f}", f"{b['wall_ms'] - b['gpu_kernel_ms']:.2f}",
+                         f"{b['wall_ms']:.2f}"])
+        for suffix, label in FUSED_PATHS:
+            x = _fused_path(p, suffix)
+            if x is not None and "gemv_kernel_ms" in x:
+                rows.append([label, f"{x['kernels_per_step']:.0f}", f"{x['gemv_kernel_ms']:.2f}",
+                             f"{x['non_gemv_kernel_ms']:.2f}", f"{x['launch_gaps_ms']:.2f}", f"{x['wall_ms']:.2f}"])
+        return Table(["one bf16 step, batch 1", "kernels", "GEMV ms", "other kernels ms", "gaps ms", "wall ms"], rows,
+                     caption=f"`torch.profiler` over one CUDA-graph decode step of GLM-4-9B (random weights), "
+                             f"{measured_on(p)} (`profile_step_h200_fused.json`)")
+    return from_result("profile_step_h200_fused", render, what="The fused decode step",
+                       script="benchmarks/profile_step.py --fast-only --name profile_step_h200_fused")
+
+
+def fusion_sentence() -> Text:
+    """Decode speed with the fused kernels against the roofline, the same step with norms apart and with cuBLAS, in
+    one run (``decode_h200_fused.json``)."""
+    def render(d: dict[str, Any]) -> str:
+        rows = {json.dumps(r.get("fast_options", {}), sort_keys=True): r for r in d["batch1"] if r["path"] == "fast"}
+        fused, apart = rows.get("{}"), rows.get(json.dumps({"fuse_norms": False}))
+        cublas = rows.get(json.dumps({"gemv": False}))
+        text = (f"On an {measured_on(d)} (`decode_h200_fused.json`, one run, bf16, batch 1): the fused step decodes "
+                f"{fused['decode_tok_s']:.1f} tok/s, {100 * fused['fraction_of_roofline']:.1f}% of the roofline "
+                f"measured in the same run ({d['roofline_tok_s']:.1f} tok/s: copy bandwidth / bytes a token reads)")
+        if apart:
+            text += (f"; with the norms and residual adds apart {apart['decode_tok_s']:.1f} tok/s "
+                     f"({fused['decode_tok_s'] / apart['decode_tok_s']:.2f}x)")
+        if cublas:
+            text += f"; with cuBLAS instead of the Triton GEMVs {cublas['decode_tok_s']:.1f} tok/s"
+        return text + (". Folding the norm into a GEMV costs each of its programs a reload of the input and the norm's "
+                       "weight: the fused launches needed their own launch shapes (`glmkit tune` times them as the "
+                       "step runs them), and the GEMVs still take most of the step.")
+    return from_result("decode_h200_fused", render, what="The fused decode step",
+                       script="benchmarks/decode.py --fast-only --name decode_h200_fused")
+
+
 def plot_profile(result: dict[str, Any]) -> Any:
     """GPU kernel time of one decode step per path by kernel kind (``profile_step.json``)."""
     import matplotlib.pyplot as plt

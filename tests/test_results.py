@@ -340,3 +340,15 @@ def test_readme_shows_the_load_chart_of_the_committed_runs():
     for n in {level["clients"] for level in gpu["levels"]}:
         assert f">{n}</text>" in svg, n
     assert f"busy: while a {gpu['ttft']['continuous']['long_tokens']}-token request runs" in svg
+
+
+def test_fused_step_figures_render_the_committed_files():
+    d, p = results.load("decode_h200_fused"), results.load("profile_step_h200_fused")
+    fused = next(r for r in d["batch1"] if r["path"] == "fast" and not r.get("fast_options"))
+    sentence = str(results.fusion_sentence())
+    assert f"{fused['decode_tok_s']:.1f} tok/s, {100 * fused['fraction_of_roofline']:.1f}% of the roofline" in sentence
+    table = results.fusion_table()
+    assert [row[0] for row in table.rows][-1] == "all fused (the default)"
+    default = p["paths"]["fast, compiled layer, Triton GEMV, CUDA graph"]
+    assert table.rows[-1][1] == f"{default['kernels_per_step']:.0f}" and table.rows[-1][-1] == f"{default['wall_ms']:.2f}"
+    assert table.rows[0][0].startswith("before fusion")  # profile_step_h200.json, the step before any fusion
