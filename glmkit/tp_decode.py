@@ -124,22 +124,23 @@ def embed_part(tokens: torch.Tensor, embed: torch.Tensor, start: int) -> torch.T
 
 
 def attention_half(h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None, wo: torch.Tensor,
+                   mask: torch.Tensor | None, wqkv: torch.Tensor, bqkv: torch.Tensor | None, wo: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
                    gemv: bool | str, attention: str = "sdpa") -> torch.Tensor:
     """The rank's heads for ``s`` new tokens per row, their K/V written at ``pos`` in the static cache; returns
     this rank's partial ``o_proj`` output (to be all-reduced).
 
     h: normalised input [b, s, hidden]; pos: [b, s] positions; cos/sin: [b, 1, s, rotary]; mask: additive
-    [b, 1, s, max_len]; k_cache/v_cache: [b, kv_heads, max_len, head_dim]. attention: ``"triton"`` for one token
-    per row (``glmkit.attention.decode_attention``: rope, the K/V write and attention in one kernel) or ``"sdpa"``.
+    [b, 1, s, max_len] (``None`` with ``"triton"`` attention of one token a row); k_cache/v_cache:
+    [b, kv_heads, max_len, head_dim]. attention: ``"triton"`` for one token per row
+    (``glmkit.attention.decode_attention``: rope, the K/V write and attention in one kernel) or ``"sdpa"``.
     """
     return attend(linear(h, wqkv, bqkv, gemv), pos, cos, sin, mask, wo, k_cache, v_cache, heads, kv_heads, head_dim,
                   gemv, attention)
 
 
 def add_norm_attention_half(x: torch.Tensor, d: torch.Tensor | None, in_norm: torch.Tensor, eps: float,
-                            pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                            pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                             wqkv: torch.Tensor, bqkv: torch.Tensor | None, wo: torch.Tensor, k_cache: torch.Tensor,
                             v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int, gemv: bool | str,
                             attention: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +154,7 @@ def add_norm_attention_half(x: torch.Tensor, d: torch.Tensor | None, in_norm: to
     return x, attend(qkv, pos, cos, sin, mask, wo, k_cache, v_cache, heads, kv_heads, head_dim, gemv, attention)
 
 
-def attend(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+def attend(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
            wo: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
            gemv: bool | str, attention: str) -> torch.Tensor:
     """The rank's heads from their q/k/v ``[b, s, (heads + 2 kv_heads) head_dim]``: rope, the K/V write, attention
@@ -358,8 +359,10 @@ class TPDecoder:
         b, s = tokens.shape
         x = self.allreduce(embed(tokens, self.embed, self.embed_start))  # [b, s, hidden]
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [b, 1, s, rotary]
-        mask = torch.zeros(b, 1, s, self.max_len, dtype=self.dtype, device=self.device)
-        mask = mask.masked_fill(self.positions[None, None, None, :] > pos[:, None, :, None], float("-inf"))
+        mask = None  # glmkit's decode attention reads the positions, not a mask: none to build for one token a row
+        if not (self.attention == "triton" and s == 1):
+            mask = torch.zeros(b, 1, s, self.max_len, dtype=self.dtype, device=self.device)
+            mask = mask.masked_fill(self.positions[None, None, None, :] > pos[:, None, :, None], float("-inf"))
         if self.fuses_norms(gemv):
             return self._fused_layers(x, pos, cos, sin, mask, rows, gemv, mlp)
         h = rms_norm(x, self.first_norm, self.eps)
@@ -377,7 +380,7 @@ class TPDecoder:
         return self.fuse_norms and gemv == "triton"
 
     def _fused_layers(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      mask: torch.Tensor, rows: slice, gemv: bool | str, mlp: Callable[..., Any]) -> torch.Tensor:
+                      mask: torch.Tensor | None, rows: slice, gemv: bool | str, mlp: Callable[..., Any]) -> torch.Tensor:
         """``_forward``'s layers on the Triton batch-1 step: x is the all-reduced embedding; every add of an
         all-reduced partial sum and every norm rides in the GEMV that follows it (``add_norm_linear``)."""
         d, in_norm = None, self.first_norm  # the first layer: the norm alone
