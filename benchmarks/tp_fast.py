@@ -8,7 +8,8 @@ keeps its shard in a ``TPDecoder`` (the embedding split by vocabulary too), drop
 12 GiB (an RTX 3060's size) and decodes with each ``--allreduce`` mode: 8K static cache, 32-token prompt, 128 new
 tokens, median of 3 runs after a warm-up, tok/s summed over the batch. The TP greedy tokens are compared with the
 one-GPU ones and across the modes, and a decode step fed host tensors (as a server's runner gives them) is checked
-for host-device syncs.
+for host-device syncs. Last, batch 1 again with each residual add and norm a kernel of its own
+(``TPDecoder(fuse_norms=False)``; ``result["batch1_adds_and_norms_apart"]``): what folding them into the GEMVs gains.
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 torchrun --nproc-per-node 2 benchmarks/tp_fast.py
     NCCL_P2P_DISABLE=1 ... benchmarks/tp_fast.py --batches 1 --no-baseline --allreduce nccl --name tp_fast_no_p2p
@@ -88,6 +89,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-baseline", action="store_true", help="skip the one-GPU FastDecoder rows")
     ap.add_argument("--no-latency", action="store_true", help="skip the all-reduce latency rows")
+    ap.add_argument("--no-apart", action="store_true",
+                    help="skip the batch-1 run with the residual adds and norms as kernels of their own "
+                         "(TPDecoder(fuse_norms=False), to compare with the fused step)")
     ap.add_argument("--tiny", action="store_true", help="a tiny GLM with a 256-token cache (a dry run, CPUs too)")
     ap.add_argument("--name", default="tp_fast")
     args = ap.parse_args()
@@ -171,6 +175,29 @@ def main() -> None:
             if rank == 0:
                 print(row, flush=True)
             save()
+    if 1 in args.batches and not args.no_apart and allreduces:
+        # the same batch-1 step with each add of an all-reduced sum and each norm a kernel of its own (the step before
+        # add_norm_gemv), with the last all-reduce mode: what folding them into the GEMVs gains, in the same run
+        mode, ar = list(allreduces.items())[-1]
+        apart: dict[str, Any] = {"allreduce": mode, "allreduce_ran": ar.describe()}
+        try:
+            decoder.release()
+            gc.collect()
+            empty_cache()
+            decoder = decoder.resized(1, [1], allreduce=ar)
+            decoder.fuse_norms = False  # before its graph is captured (at first use)
+            got = decoder.generate(ids, 64, ignore_eos=True)[0, 32:].cpu().tolist()
+            apart["greedy_tokens_identical_to_fused"] = got == tokens.get(mode)
+            apart |= speed(decoder, args.new_tokens, args.repeats)
+            fused = next((r.get("decode_tok_s") for r in rows if r.get("allreduce") == mode and r["batch_size"] == 1),
+                         None)
+            if fused:
+                apart["fused_over_apart"] = fused / apart["decode_tok_s"]
+        except torch.OutOfMemoryError as exc:
+            apart["oom"] = str(exc)[:200]
+        result["batch1_adds_and_norms_apart"] = apart
+        if rank == 0:
+            print("adds and norms apart:", apart, flush=True)
     if want is not None and tokens:
         first = next(iter(tokens.values()))
         result["greedy_tokens_identical_to_one_gpu"] = first == want.cpu().tolist()

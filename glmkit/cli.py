@@ -372,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "kernels also time each nibble lookup and keep the faster with the shape)")
     p.add_argument("--output", help="table file (default: gemv_tuned.json in $GLMKIT_CACHE or ~/.cache/glmkit)")
     p.add_argument("--tp", type=int, choices=(1, 2), default=1,
-                   help="2: tune one tensor-parallel rank's shard shapes (for --tp 2 --fast-decode), kept beside "
-                        "the one-card shapes")
+                   help="2: tune one tensor-parallel rank's shard shapes (for --tp 2 --fast-decode; qkv, gate_up "
+                        "and lm_head timed with the add of the all-reduced sum and the norm folded in, as a rank "
+                        "launches them), kept beside the one-card shapes")
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("plan", help="memory plan per GPU for GLM-4-9B-Chat (or --model PATH), no GPU needed")

@@ -10,7 +10,8 @@ residual stream and apply the RMSNorm before the product as they read it (``norm
 residual stream to its result as it writes (``residual``): on ``FastDecoder``'s batch-1 step a decoder layer is then
 four GEMV launches, the rotary/KV write and attention, with no norm or add kernel of its own (380 kernels a step
 on GLM-4-9B before, measured on an H100 in ``benchmarks/results/profile_step.json``). ``FastDecoder`` uses them
-at batch 1 on a GPU (``gemv="auto"``, the default).
+at batch 1 on a GPU (``gemv="auto"``, the default). ``add_norm_gemv`` adds a second vector to x first and writes
+the sum back out (a tensor-parallel rank's residual stream plus an all-reduced partial sum, ``glmkit.tp_decode``).
 
 Launch shapes come from tables chosen by the GPU's name (``assets/gemv_tuned*.json``: H100 bf16; H200 once measured)
 per kernel (bf16, fp16, nf4, fp4); ``glmkit tune`` measures the card in hand into the user's own table, which wins.
@@ -170,7 +171,8 @@ def prefer_triton(kernel: str, n: int, k: int) -> bool:
 def pick_config(n: int, k: int, kernel: str = "bf16") -> GemvConfig:
     """The launch shape for an ``[n, k]`` weight: the tuned one for this card, else a rule of thumb.
 
-    On Triton's CPU interpreter every program is a Python loop, so there it takes few, large programs.
+    On Triton's CPU interpreter every program is a Python loop, so there it takes few, large programs (256 rows:
+    rank 0's TP=2 shard of the trained tiny GLM decodes 4.7x faster than with 64 on a 2-core x86 CPU).
 
     >>> pick_config(1000, 300)
     GemvConfig(block_n=..., block_k=..., num_warps=4)
@@ -180,22 +182,28 @@ def pick_config(n: int, k: int, kernel: str = "bf16") -> GemvConfig:
         return tuned
     block_k = min(512, triton.next_power_of_2(k)) if triton is not None else 512
     if INTERPRETER:
-        return GemvConfig(block_n=64, block_k=block_k, num_warps=4)
+        return GemvConfig(block_n=256, block_k=block_k, num_warps=4)
     return GemvConfig(block_n=8, block_k=block_k, num_warps=4)
 
 
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, g_ptr, r_ptr, N, K, K_FULL, eps, HAS_BIAS: tl.constexpr,
-                     SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, g_ptr, r_ptr, d_ptr, s_ptr, N, K, K_FULL, eps,
+                     HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+                     ADD: tl.constexpr, ROUND_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
         # y[n] = sum_k w[n, k] x[k] for BLOCK_N rows; with SWIGLU the weight has 2N rows (gate, then up) and
         # y[n] = up[n] * silu(gate[n]), each rounded to y's dtype as PyTorch would round them.
         # NORM: x is the raw residual stream and the product is W @ rmsnorm(x) * g: the sum runs over x * g
         # alongside sum(x^2), and 1 / rms(x) (a scalar) multiplies the finished sums (one pass over x, no rounding
         # of the normalised x to 16 bits: closer to fp32 than PyTorch's own). RESIDUAL: y = r + W @ x, with
         # W @ x rounded to y's dtype first, as PyTorch's x + F.linear(a, W) rounds.
+        # ADD (with NORM): the residual stream is x + d, rounded to x's dtype as PyTorch's x + d; every program forms
+        # it as it reads it and program 0 alone also writes it to s (a buffer no program reads). ROUND_BITS: bf16
+        # in Triton's CPU interpreter, which truncates fp32 to bf16 where a GPU rounds to nearest even: the rounding
+        # is done on the bits there.
+        s_end = tl.where(tl.program_id(0) == 0, K, 0)  # the columns of s this program writes: all, or none
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < N
@@ -204,7 +212,15 @@ if triton is not None:
         acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K_FULL, BLOCK_K):  # K_FULL: K rounded down to whole blocks
-            x = tl.load(x_ptr + k0 + cols).to(tl.float32)
+            x = tl.load(x_ptr + k0 + cols)
+            if ADD:
+                x = x.to(tl.float32) + tl.load(d_ptr + k0 + cols).to(tl.float32)
+                if ROUND_BITS:  # to nearest, ties to even (finite values), as a GPU's conversion rounds
+                    bits = x.to(tl.uint32, bitcast=True)
+                    x = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+                x = x.to(x_ptr.dtype.element_ty)
+                tl.store(s_ptr + k0 + cols, x, mask=k0 + cols < s_end)
+            x = x.to(tl.float32)
             if NORM:
                 squares += x * x
                 x = x * tl.load(g_ptr + k0 + cols).to(tl.float32)
@@ -221,7 +237,15 @@ if triton is not None:
         if not EVEN_K:  # the last, partial block of columns
             c = K_FULL + cols
             ok = row_ok[:, None] & (c < K)[None, :]
-            x = tl.load(x_ptr + c, mask=c < K, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + c, mask=c < K, other=0.0)
+            if ADD:
+                x = x.to(tl.float32) + tl.load(d_ptr + c, mask=c < K, other=0.0).to(tl.float32)
+                if ROUND_BITS:
+                    bits = x.to(tl.uint32, bitcast=True)
+                    x = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+                x = x.to(x_ptr.dtype.element_ty)
+                tl.store(s_ptr + c, x, mask=c < s_end)
+            x = x.to(tl.float32)
             if NORM:
                 squares += x * x
                 x = x * tl.load(g_ptr + c, mask=c < K, other=0.0).to(tl.float32)
@@ -258,7 +282,8 @@ def _check_vector(name: str, t: torch.Tensor, size: int, like: torch.Tensor) -> 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
             config: GemvConfig | None, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
-            residual: torch.Tensor | None = None) -> torch.Tensor:
+            residual: torch.Tensor | None = None, add: torch.Tensor | None = None,
+            added: torch.Tensor | None = None) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("glmkit.gemv needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
     if not (weight.is_cuda or INTERPRETER):
@@ -278,14 +303,19 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sw
         norm_weight = _check_vector("norm_weight", norm_weight, k, x)
     if residual is not None:
         residual = _check_vector("residual", residual, n, x)
+    if add is not None:
+        add = _check_vector("add", add, k, x)
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     cfg = config or pick_config(n, k, kernel_name(weight.dtype))
     grid = (triton.cdiv(n, cfg.block_n),)
     _gemv_kernel[grid](x.contiguous(), weight, bias if bias is not None else weight, y,
                        norm_weight if norm_weight is not None else weight,
-                       residual if residual is not None else weight, n, k, k - k % cfg.block_k, eps,
+                       residual if residual is not None else weight, add if add is not None else weight,
+                       added if added is not None else weight, n, k, k - k % cfg.block_k, eps,
                        HAS_BIAS=bias is not None, SWIGLU=swiglu, NORM=norm_weight is not None,
-                       RESIDUAL=residual is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                       RESIDUAL=residual is not None, ADD=add is not None,
+                       ROUND_BITS=add is not None and INTERPRETER and x.dtype == torch.bfloat16,
+                       BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                        EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps)
     return y
 
@@ -329,3 +359,30 @@ def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None
         raise ValueError(f"gemv_swiglu needs a gate/up weight with an even number of rows, got {weight.shape[0]}.")
     return _launch(x, weight, None, swiglu=True, config=config, norm_weight=norm_weight, eps=eps)
 
+
+
+def add_norm_gemv(x: torch.Tensor, add: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor,
+                  bias: torch.Tensor | None = None, eps: float = 1e-5, swiglu: bool = False,
+                  config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add, the RMSNorm and the product of one token in one launch: ``s = x + add`` (rounded as
+    PyTorch's ``x + add``), then ``F.linear(rms_norm(s, norm_weight, eps), weight, bias)`` (``gemv_swiglu``'s
+    ``up * silu(gate)`` of it with ``swiglu``); returns ``(product, s)``. Each program forms s as it reads x and
+    ``add``; the first also writes it to a new tensor (never x or ``add``, which others are reading). A tensor-parallel
+    rank (``glmkit.tp_decode``) adds an all-reduced partial sum to its residual stream this way, with no add or norm
+    kernel between the all-reduce and the next projection.
+
+    >>> import torch.nn.functional as F
+    >>> if triton_available():
+    ...     device = "cuda" if torch.cuda.is_available() else "cpu"
+    ...     w, x, d, g = (torch.randn(*s, device=device) for s in ((96, 64), (1, 1, 64), (1, 1, 64), (64,)))
+    ...     y, s = add_norm_gemv(x, d, w, g)
+    ...     normed = (x + d) * torch.rsqrt((x + d).pow(2).mean(-1, keepdim=True) + 1e-5) * g
+    ...     assert torch.equal(s, x + d) and torch.allclose(y, F.linear(normed, w), atol=1e-4)
+    """
+    if swiglu and weight.shape[0] % 2:
+        raise ValueError(f"add_norm_gemv's SwiGLU needs a gate/up weight with an even number of rows, got "
+                         f"{weight.shape[0]}.")
+    added = torch.empty_like(x, memory_format=torch.contiguous_format)
+    y = _launch(x, weight, bias, swiglu=swiglu, config=config, norm_weight=norm_weight, eps=eps, add=add,
+                added=added)
+    return y, added

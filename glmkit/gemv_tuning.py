@@ -2,7 +2,8 @@
 
 For each GLM-4-9B projection and each kernel (bf16, fp16, nf4, fp4) every candidate shape is checked against a
 float64 reference and timed as the decode step runs it (16-bit: with the RMSNorm or the residual add that the
-one-card decoder folds into each launch, ``FUSED``): back to back over enough weight copies that nothing is
+one-card decoder folds into each launch, ``FUSED``; with ``tp=2`` a rank's add of the all-reduced partial sum and
+the norm, ``FUSED_TP``): back to back over enough weight copies that nothing is
 served from the L2 cache, inside one CUDA graph. The best shapes go into a table chosen by the device's name
 (``glmkit.gemv.tables_for``); written to glmkit's cache (``$GLMKIT_CACHE`` or ``~/.cache/glmkit``) they take
 precedence over the shipped tables. Needs a GPU. Introduced in ``notebooks/05_tuning.ipynb``.
@@ -26,13 +27,16 @@ import torch.nn.functional as F
 from transformers import GlmConfig
 
 from glmkit import gemv4bit
-from glmkit.gemv import GemvConfig, active_table, device_name, gemv, gemv_swiglu, user_table_path
+from glmkit.gemv import GemvConfig, active_table, add_norm_gemv, device_name, gemv, gemv_swiglu, user_table_path
 from glmkit.gemv4bit import gemv_4bit, gemv_4bit_swiglu, linear_4bit, quantize, tuned_lookups
 
 FOUR_BIT = ("nf4", "fp4")
 # what the one-card decoder's 16-bit Triton GEMVs fold in per projection (glmkit.fast_decode.decoder_layer): the
 # RMSNorm before qkv, gate_up and lm_head, the residual add after o_proj and down_proj; these are the launches timed
 FUSED = {"qkv": "norm", "o_proj": "residual", "gate_up": "norm", "down_proj": "residual", "lm_head": "norm"}
+# a tensor-parallel rank's (glmkit.tp_decode): the add of the all-reduced partial sum and the RMSNorm before qkv,
+# gate_up and lm_head (glmkit.gemv.add_norm_gemv); o_proj and down_proj are bare products (all-reduced after)
+FUSED_TP = {"qkv": "add_norm", "o_proj": None, "gate_up": "add_norm", "down_proj": None, "lm_head": "add_norm"}
 EPS = GlmConfig().rms_norm_eps  # GLM-4-9B-Chat's (1.5625e-07)
 OTHER_LOOKUPS_AT = 3  # 4-bit: the fastest shapes (with the default lookup) at which the other lookups are timed
 
@@ -141,7 +145,8 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
     ``matmul_4bit`` (4-bit); returns the row for the JSON result, with ``best`` (None if none built). The best
     shape goes into this process's table; with another ``timer`` (tests) two weight copies and no table entry.
     ``fused`` (16-bit): time the launch the decoder makes, with the RMSNorm (``"norm"``) or the residual add
-    (``"residual"``) folded in (``glmkit.gemv.gemv``); the baseline stays the bare product.
+    (``"residual"``) folded in (``glmkit.gemv.gemv``), or a tensor-parallel rank's add of an all-reduced partial sum
+    and the norm (``"add_norm"``, ``glmkit.gemv.add_norm_gemv``); the baseline stays the bare product.
     4-bit: every shape with the default nibble lookup, then the other lookups (``lookups_to_try``) at the
     ``OTHER_LOOKUPS_AT`` fastest shapes; ``best`` names its lookup, which the table keeps with the shape."""
     rows = 2 * n if swiglu else n
@@ -154,9 +159,10 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
     b = torch.randn(rows, device=device, dtype=dtype) if bias else None
     x = torch.randn(1, 1, k, device=device, dtype=dtype)
     fused = None if quant else fused
-    g = (1 + 0.1 * torch.randn(k, device=device)).to(dtype) if fused == "norm" else None
+    g = (1 + 0.1 * torch.randn(k, device=device)).to(dtype) if fused in ("norm", "add_norm") else None
     r = torch.randn(1, 1, n, device=device, dtype=dtype) if fused == "residual" else None
-    x64 = x.double()
+    d = torch.randn(1, 1, k, device=device, dtype=dtype) if fused == "add_norm" else None
+    x64 = (x if d is None else x + d).double()  # the sum rounded to 16 bits, as the kernel writes it
     if g is not None:  # RMSNorm in float64
         x64 = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + EPS) * g.double()
     ref = F.linear(x64, _reference(kernel, ws[0]), None if b is None else b.double())
@@ -190,6 +196,8 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
             if quant:
                 return gemv_4bit_swiglu(x, ws[i], config=cfg, lookup=lookup) if swiglu else \
                     gemv_4bit(x, ws[i], b, config=cfg, lookup=lookup)
+            if d is not None:
+                return add_norm_gemv(x, d, ws[i], g, b, eps=EPS, swiglu=swiglu, config=cfg)[0]
             if swiglu:
                 return gemv_swiglu(x, ws[i], config=cfg, norm_weight=g, eps=EPS)
             return gemv(x, ws[i], b, config=cfg, norm_weight=g, eps=EPS, residual=r)
@@ -244,8 +252,9 @@ def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = p
             log(f"{kernel}: skipped for tp={tp} (tensor parallelism runs 16-bit weights).")
             continue
         for name, (n, k, bias, swiglu) in projections(quantized=kernel in FOUR_BIT, tp=tp).items():
-            # the one-card decoder's 16-bit launches fold in a norm or a residual add (tensor parallelism's do not)
-            fused = FUSED[name] if kernel not in FOUR_BIT and tp == 1 else None
+            # the 16-bit launches fold in a norm or a residual add (one card) or the add of an all-reduced sum and a
+            # norm (a tensor-parallel rank)
+            fused = None if kernel in FOUR_BIT else (FUSED if tp == 1 else FUSED_TP)[name]
             row = tune_projection(name, n, k, bias, swiglu, kernel, fused=fused)
             rows.append(row)
             best = row["best"]

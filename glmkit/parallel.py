@@ -237,14 +237,19 @@ def command_group() -> torch.distributed.ProcessGroup:
 
 def tp_decoder(model: torch.nn.Module, max_len: int, batch_size: int = 1) -> Any:
     """This torchrun process's ``TPDecoder`` for ``model`` (loaded whole on the CPU by every process; each keeps
-    its slices on its GPU, or on the CPU without one)."""
+    its slices on its GPU, or on the CPU without one). ``GLMKIT_TP_GEMV=triton`` in the environment runs the ranks'
+    batch-1 step on glmkit's Triton GEMVs where ``gemv="auto"`` would not: on CPUs, in Triton's interpreter
+    (``TRITON_INTERPRET=1``), which is how the tests check the GPU's step."""
     import torch
 
     from glmkit.tp_decode import TPDecoder
 
+    gemv = os.environ.get("GLMKIT_TP_GEMV", "auto")
+    if gemv not in ("auto", "triton"):
+        raise ValueError(f"GLMKIT_TP_GEMV={gemv!r}: set it to 'triton' (glmkit's GEMV kernels at batch 1) or unset it.")
     group = init_process_group()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return TPDecoder(model, max_len, batch_size, group=group, device=device)
+    return TPDecoder(model, max_len, batch_size, group=group, device=device, gemv=gemv)
 
 
 def ranks_agree(tokens: list[int]) -> bool:

@@ -1201,6 +1201,11 @@ def tp_fast_sentence() -> Text:
                      f"`tp_fast_no_p2p.json`): {b1['decode_tok_s']:.1f} tok/s at batch 1{ratio}, on a server's "
                      f"host path; a consumer board's may be slower: measure yours with "
                      f"`benchmarks/allreduce_latency.py`.")
+        apart = r.get("batch1_adds_and_norms_apart") or {}
+        if apart.get("decode_tok_s"):
+            gain = f", the fused step {apart['fused_over_apart']:.2f}x that" if apart.get("fused_over_apart") else ""
+            text += (f" Batch 1 with each residual add and RMSNorm a kernel of its own (`fuse_norms=False`; the step "
+                     f"folds them into the GEMV after each all-reduce): {apart['decode_tok_s']:.1f} tok/s{gain}.")
         if r.get("greedy_tokens_identical_to_one_gpu") is False:
             text += (" Greedy tokens differ from one GPU's on these random weights (the two ranks sum in another "
                      "order and near-tied logits flip); on the trained tiny model they are identical "

@@ -16,7 +16,10 @@ share it, so attention needs no communication at all. Per layer:
 Two all-reduces of one ``[batch, hidden]`` hidden state per layer, and the embedding's: 81 per token for GLM-4-9B,
 by NCCL or by torch's symmetric-memory one-shot kernel, whichever measures faster (``glmkit.allreduce``). Each rank
 runs the same compiled pieces as ``glmkit.fast_decode`` (Triton GEMVs at batch 1 on a GPU), with the collectives in
-between, and on a GPU captures the whole token, all-reduces included, as one CUDA graph.
+between, and on a GPU captures the whole token, all-reduces included, as one CUDA graph. At batch 1 the GEMV after
+each all-reduce adds the all-reduced sum to the residual stream and normalises it as it reads them
+(``glmkit.gemv.add_norm_gemv``): a rank's layer is q/k/v, attention, o_proj, all-reduce, gate/up, down, all-reduce,
+with no add or norm kernel between them.
 Run it with ``glmkit generate --tp 2 --fast-decode`` (or ``glmkit bench``). Introduced in
 ``notebooks/08_tensor_parallel.ipynb``.
 
@@ -52,13 +55,16 @@ from glmkit.fast_decode import (
     check_prefill,
     check_step,
     decode_speed,
+    fuses,
     linear,
     mlp_activation,
+    norm_linear,
     raise_recompile_limit,
     rms_norm,
     rope,
     smallest_bucket,
 )
+from glmkit.gemv import add_norm_gemv
 from glmkit.generation import pick_token
 from glmkit.vocabulary import head_dim
 
@@ -118,20 +124,44 @@ def embed_part(tokens: torch.Tensor, embed: torch.Tensor, start: int) -> torch.T
 
 
 def attention_half(h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None, wo: torch.Tensor,
+                   mask: torch.Tensor | None, wqkv: torch.Tensor, bqkv: torch.Tensor | None, wo: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
                    gemv: bool | str, attention: str = "sdpa") -> torch.Tensor:
     """The rank's heads for ``s`` new tokens per row, their K/V written at ``pos`` in the static cache; returns
     this rank's partial ``o_proj`` output (to be all-reduced).
 
     h: normalised input [b, s, hidden]; pos: [b, s] positions; cos/sin: [b, 1, s, rotary]; mask: additive
-    [b, 1, s, max_len]; k_cache/v_cache: [b, kv_heads, max_len, head_dim]. attention: ``"triton"`` for one token
-    per row (``glmkit.attention.decode_attention``: rope, the K/V write and attention in one kernel) or ``"sdpa"``.
+    [b, 1, s, max_len] (``None`` with ``"triton"`` attention of one token a row); k_cache/v_cache:
+    [b, kv_heads, max_len, head_dim]. attention: ``"triton"`` for one token per row
+    (``glmkit.attention.decode_attention``: rope, the K/V write and attention in one kernel) or ``"sdpa"``.
     """
-    b, s, _ = h.shape
-    qkv = linear(h, wqkv, bqkv, gemv)
+    return attend(linear(h, wqkv, bqkv, gemv), pos, cos, sin, mask, wo, k_cache, v_cache, heads, kv_heads, head_dim,
+                  gemv, attention)
+
+
+def add_norm_attention_half(x: torch.Tensor, d: torch.Tensor | None, in_norm: torch.Tensor, eps: float,
+                            pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                            wqkv: torch.Tensor, bqkv: torch.Tensor | None, wo: torch.Tensor, k_cache: torch.Tensor,
+                            v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int, gemv: bool | str,
+                            attention: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_half`` from the raw residual stream x: ``x + d`` (d: the all-reduced ``down_proj`` output of the
+    layer before; ``None`` for the first layer), this layer's input norm and q/k/v in one GEMV launch where glmkit's
+    Triton kernel runs (``add_norm_linear``). Returns the new residual stream and the partial ``o_proj`` output."""
+    if d is None:
+        qkv = norm_linear(x, in_norm, eps, wqkv, bqkv, gemv)
+    else:
+        qkv, x = add_norm_linear(x, d, in_norm, eps, wqkv, bqkv, gemv)
+    return x, attend(qkv, pos, cos, sin, mask, wo, k_cache, v_cache, heads, kv_heads, head_dim, gemv, attention)
+
+
+def attend(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+           wo: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+           gemv: bool | str, attention: str) -> torch.Tensor:
+    """The rank's heads from their q/k/v ``[b, s, (heads + 2 kv_heads) head_dim]``: rope, the K/V write, attention
+    and the rank's ``o_proj`` columns (its partial output)."""
+    b, s, _ = qkv.shape
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
-    rows = torch.arange(b, device=h.device)[:, None]
+    rows = torch.arange(b, device=qkv.device)[:, None]
     if attention == "triton" and s == 1:  # one kernel: rope, the K/V write at pos and attention over 0..pos
         attn = decode_attention(q.view(b, heads, head_dim), k.view(b, kv_heads, head_dim), v.view(b, kv_heads, head_dim),
                                 k_cache, v_cache, pos[:, 0], rows[:, 0], cos.view(b, -1), sin.view(b, -1))
@@ -146,11 +176,35 @@ def attention_half(h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: t
 
 
 def mlp_half(x: torch.Tensor, o: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, eps: float,
-             gemv: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
+             gemv: bool | str, fuse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Residual add of the all-reduced attention output, then the rank's slice of the MLP: returns the new residual
-    stream and this rank's partial ``down_proj`` output (to be all-reduced)."""
-    x = x + o
-    return x, linear(mlp_activation(rms_norm(x, ln2, eps), wgu, gemv), wd, None, gemv)
+    stream and this rank's partial ``down_proj`` output (to be all-reduced). The add, the norm and gate/up with its
+    activation are one GEMV launch where glmkit's Triton kernel runs (``add_norm_linear``; ``fuse=False``: kernels
+    of their own, to compare)."""
+    if fuse:
+        a, x = add_norm_linear(x, o, ln2, eps, wgu, None, gemv, swiglu=True)
+    else:
+        x = x + o
+        a = mlp_activation(rms_norm(x, ln2, eps), wgu, gemv)
+    return x, linear(a, wd, None, gemv)
+
+
+def add_norm_linear(x: torch.Tensor, d: torch.Tensor, norm: torch.Tensor, eps: float, weight: torch.Tensor,
+                    bias: torch.Tensor | None, gemv: bool | str, swiglu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = x + d``, then ``linear(rms_norm(s, norm, eps), weight, bias, gemv)`` (with ``swiglu``: GLM's MLP
+    activation of the gate/up product); returns ``(product, s)``. One launch of ``glmkit.gemv.add_norm_gemv`` where
+    glmkit's 16/32-bit Triton GEMV multiplies by ``weight`` (``fuses``): no add or norm kernel of its own.
+
+    >>> w, x, d, g = torch.randn(6, 4), torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.ones(4)
+    >>> y, s = add_norm_linear(x, d, g, 1e-5, w, None, False)
+    >>> torch.equal(s, x + d), torch.allclose(y, F.linear(rms_norm(x + d, g, 1e-5), w))
+    (True, True)
+    """
+    if fuses(weight, gemv, swiglu=swiglu):
+        return add_norm_gemv(x, d, weight, norm, bias, eps=eps, swiglu=swiglu)
+    s = x + d
+    h = rms_norm(s, norm, eps)
+    return (mlp_activation(h, weight, gemv) if swiglu else linear(h, weight, bias, gemv)), s
 
 
 def next_input(x: torch.Tensor, d: torch.Tensor, norm: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,6 +233,10 @@ class TPDecoder:
             (``glmkit.allreduce``; ``self.allreduce.describe()`` says which runs and why).
         split_embedding: each rank holds its slice of the vocabulary of the embedding too (one more all-reduce a
             token); ``False`` replicates the whole table on every rank instead.
+        fuse_norms: on the Triton batch-1 step, the GEMV after each all-reduce adds the all-reduced partial sum to
+            the residual stream and applies the RMSNorm as it reads them (``add_norm_linear``): a rank's layer is
+            q/k/v (add + norm), attention, o_proj, all-reduce, gate/up (add + norm, SwiGLU), down, all-reduce, with
+            no add or norm kernel. ``False``: those as kernels of their own, to compare.
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
@@ -186,7 +244,7 @@ class TPDecoder:
                  device: torch.device | str | None = None, cuda_graph: bool | None = None,
                  compile: bool | None = None, gemv: bool | str = "auto",
                  graph_batch_sizes: list[int] | None = None, allreduce: str = "auto",
-                 split_embedding: bool = True, attention: str = "auto") -> None:
+                 split_embedding: bool = True, attention: str = "auto", fuse_norms: bool = True) -> None:
         FastDecoder.check(model)
         self.group = group
         self.rank = rank if rank is not None else (dist.get_rank(group) if group is not None else 0)
@@ -199,6 +257,7 @@ class TPDecoder:
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
         self.compiled = on_gpu if compile is None else compile
         self.gemv = auto_gemv(self.device, 1) if gemv == "auto" else gemv  # used by the batch-1 bucket
+        self.fuse_norms = fuse_norms
         if attention not in ("auto", "triton", "sdpa"):
             raise ValueError(f"attention must be 'auto', 'triton' or 'sdpa', not {attention!r}.")
         self.auto_attention = attention == "auto"
@@ -234,8 +293,8 @@ class TPDecoder:
         def maybe_compile(fn: Callable[..., Any]) -> Callable[..., Any]:
             return torch.compile(fn, fullgraph=True, dynamic=False) if self.compiled else fn
 
-        self._attention, self._mlp, self._next, self._embed = map(
-            maybe_compile, (attention_half, mlp_half, next_input, embed_part))
+        self._attention, self._mlp, self._next, self._embed, self._add_norm_attention = map(
+            maybe_compile, (attention_half, mlp_half, next_input, embed_part, add_norm_attention_half))
         collective = group if self.world > 1 else None
         self.allreduce = AllReduce(collective, self.device, self.dtype, allreduce, hidden=cfg.hidden_size,
                                    graph=self.use_graph)
@@ -300,16 +359,39 @@ class TPDecoder:
         b, s = tokens.shape
         x = self.allreduce(embed(tokens, self.embed, self.embed_start))  # [b, s, hidden]
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [b, 1, s, rotary]
-        mask = torch.zeros(b, 1, s, self.max_len, dtype=self.dtype, device=self.device)
-        mask = mask.masked_fill(self.positions[None, None, None, :] > pos[:, None, :, None], float("-inf"))
+        mask = None  # glmkit's decode attention reads the positions, not a mask: none to build for one token a row
+        if not (self.attention == "triton" and s == 1):
+            mask = torch.zeros(b, 1, s, self.max_len, dtype=self.dtype, device=self.device)
+            mask = mask.masked_fill(self.positions[None, None, None, :] > pos[:, None, :, None], float("-inf"))
+        if self.fuses_norms(gemv):
+            return self._fused_layers(x, pos, cos, sin, mask, rows, gemv, mlp)
         h = rms_norm(x, self.first_norm, self.eps)
         for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.layers):
             o = attention(h, pos, cos, sin, mask, wqkv, bqkv, wo, self.k_cache[i, rows], self.v_cache[i, rows],
                           self.heads, self.kv_heads, self.head_dim, gemv, self.attention)
-            x, d = mlp(x, self.allreduce(o), ln2, wgu, wd, self.eps, gemv)
+            x, d = mlp(x, self.allreduce(o), ln2, wgu, wd, self.eps, gemv, False)
             x, h = nxt(x, self.allreduce(d), next_norm, self.eps)
         head = "triton" if gemv == "triton" else False
         return linear(h[:, -1:], self.lm_head, self.lm_head_bias, head)[:, -1]
+
+    def fuses_norms(self, gemv: bool | str) -> bool:
+        """Whether a step with these projection kernels folds the residual adds and norms into its GEMVs (the
+        Triton batch-1 step, unless ``fuse_norms=False``)."""
+        return self.fuse_norms and gemv == "triton"
+
+    def _fused_layers(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      mask: torch.Tensor | None, rows: slice, gemv: bool | str, mlp: Callable[..., Any]) -> torch.Tensor:
+        """``_forward``'s layers on the Triton batch-1 step: x is the all-reduced embedding; every add of an
+        all-reduced partial sum and every norm rides in the GEMV that follows it (``add_norm_linear``)."""
+        d, in_norm = None, self.first_norm  # the first layer: the norm alone
+        for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.layers):
+            x, o = self._add_norm_attention(x, d, in_norm, self.eps, pos, cos, sin, mask, wqkv, bqkv, wo,
+                                            self.k_cache[i, rows], self.v_cache[i, rows], self.heads, self.kv_heads,
+                                            self.head_dim, gemv, self.attention)
+            x, d = mlp(x, self.allreduce(o), ln2, wgu, wd, self.eps, gemv, True)
+            d, in_norm = self.allreduce(d), next_norm
+        logits, _ = add_norm_linear(x, d, in_norm, self.eps, self.lm_head, self.lm_head_bias, "triton")
+        return logits[:, -1]
 
     def bucket(self, k: int) -> int:
         """The smallest captured batch size that holds ``k`` rows."""

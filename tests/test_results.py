@@ -124,8 +124,12 @@ def test_missing_result_says_not_measured_and_switches_once_measured(tmp_path, m
                {"path": "one GPU (FastDecoder, uncapped)", "batch_size": 16, "decode_tok_s": 2000.0},
                {"path": "TP=2 (TPDecoder, each card capped at 12 GiB)", "batch_size": 1, "decode_tok_s": 240.0},
                {"path": "TP=2 (TPDecoder, each card capped at 12 GiB)", "batch_size": 16, "oom": "CUDA out of memory"}]
-    (tmp_path / "tp_fast.json").write_text(json.dumps({"environment": env, "method": "m", "rows": tp_rows}))
+    apart = {"decode_tok_s": 200.0, "fused_over_apart": 1.2}
+    (tmp_path / "tp_fast.json").write_text(json.dumps({"environment": env, "method": "m", "rows": tp_rows,
+                                                        "batch1_adds_and_norms_apart": apart}))
     assert "240.0 tok/s against 200.0 (1.20x)" in results.tp_fast_sentence()
+    assert "kernel of its own (`fuse_norms=False`" in results.tp_fast_sentence()
+    assert "200.0 tok/s, the fused step 1.20x that" in results.tp_fast_sentence()
     assert "batch 16: out of memory (each card capped at 12 GiB)" in results.tp_fast_sentence()
     assert f"the estimate's {est / 200:.2f}x is below it" in results.tp_estimate_sentence()
     assert "not measured yet" in results.nf4_decode_sentence() and results.nf4_decode_chart() is None

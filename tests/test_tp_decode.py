@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from glmkit.allreduce import AllReduce
 from glmkit.fast_decode import FastDecoder
+from glmkit.gemv import triton_available
 from glmkit.generation import chat_ids, eos_token_ids
 from glmkit.loading import load_model, load_tokenizer
 from glmkit.models import TRAINED_TINY_DIR
@@ -22,6 +23,8 @@ from glmkit.tp_decode import TPDecoder, TPLeader, embed_part, follow, tp_shard
 
 FAST = ["--fast-decode"]
 PROMPT = "How many layers does GLM-4-9B-Chat have?"  # glmkit generate's default prompt
+# the ranks' batch-1 step on glmkit's Triton GEMVs (in Triton's CPU interpreter here), as on a GPU: the fused one
+GEMV = "triton" if triton_available() else "auto"
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +33,19 @@ def one_process(generate_here) -> dict:
     return generate_here(*FAST)
 
 
+@pytest.fixture
+def triton_ranks(monkeypatch):
+    """The torchrun processes' TPDecoders run their batch-1 step on glmkit's Triton GEMVs (``parallel.tp_decoder``)."""
+    monkeypatch.setenv("GLMKIT_TP_GEMV", GEMV)
+
+
 def one_rank_sample(seed: int, temperature: float = 20.0, new_tokens: int = 16) -> list[int]:
     """What ``glmkit generate --tp 2 --fast-decode --temperature T --seed S`` does on each rank, with one rank that
     holds every weight (``TPDecoder`` without a group), in this process: its reply's tokens."""
     model = load_model(TRAINED_TINY_DIR, dtype="float32", device_map="cpu")
     ids = chat_ids(load_tokenizer(TRAINED_TINY_DIR), [{"role": "user", "content": PROMPT}])
     eos = list(eos_token_ids(model))
-    out = TPDecoder(model, len(ids) + new_tokens).generate(torch.tensor([ids]), new_tokens, eos=eos, seed=seed,
+    out = TPDecoder(model, len(ids) + new_tokens, gemv=GEMV).generate(torch.tensor([ids]), new_tokens, eos=eos, seed=seed,
                                                              temperature=temperature)
     new = out[0, len(ids):].tolist()
     return new[:next((i for i, t in enumerate(new) if t in eos), len(new))]
@@ -109,7 +118,7 @@ def test_leader_fed_host_tensors_gives_one_process_tokens_with_a_split_embedding
     assert ranks[0]["embed_rows"] == ranks[1]["embed_rows"] == model.config.vocab_size // 2
 
 
-def test_two_process_seeded_sampling_agrees_on_both_ranks_and_with_one_process(one_process):
+def test_two_process_seeded_sampling_agrees_on_both_ranks_and_with_one_process(one_process, triton_ranks):
     greedy = one_process
     sampled = run_generate(TRAINED_TINY_DIR, tp=2, extra=FAST + ["--temperature", "20", "--seed", "3"])
     assert sampled["ranks_agree"] and sampled["tokens"] != greedy["tokens"]  # the same draws on both ranks; sampled
@@ -179,3 +188,56 @@ def test_a_released_decoder_resizes_into_one_that_shares_its_weights_and_takes_a
     new = dec.resized(2, allreduce=ar)
     assert new.allreduce is ar and new.lm_head is dec.lm_head and new.k_cache.shape[1] == 2
     assert torch.equal(new.generate(ids.expand(2, -1), 6, ignore_eos=True), want.expand(2, -1))
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton (pip install triton)")
+def test_a_ranks_batch_1_step_folds_every_add_and_norm_into_its_gemvs(monkeypatch):
+    """Rank 0's shard of a TP=2 trained tiny GLM-4 (no collectives) on the Triton batch-1 step: each projection is
+    one GEMV launch, the adds of the all-reduced partial sums and the norms ride in the GEMV after them, and no add or
+    norm runs apart; one rank holding every weight (world 1) then decodes generate()'s greedy tokens."""
+    import glmkit.fast_decode
+    import glmkit.tp_decode
+    from glmkit.gemv import add_norm_gemv
+    from glmkit.gemv import gemv as triton_gemv
+
+    trained = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
+    launches = []
+
+    def counting(x, weight, bias=None, **fused):
+        launches.append(sorted(k for k, v in fused.items() if v is not None and k != "eps"))
+        return triton_gemv(x, weight, bias, **fused)
+
+    def counting_add_norm(x, add, weight, norm_weight, bias=None, eps=1e-5, swiglu=False):
+        launches.append(["add", "norm_weight", *(["swiglu"] if swiglu else [])])
+        return add_norm_gemv(x, add, weight, norm_weight, bias, eps=eps, swiglu=swiglu)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("a decode step ran a norm or an activation of its own")
+
+    class Ops(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            ops.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    ids = torch.tensor([[5, 17, 33, 100, 7, 9, 200, 3]])
+    shard = TPDecoder(trained, max_len=32, rank=0, world=2, gemv="triton", attention="triton", compile=False,
+                      cuda_graph=False)
+    shard.prefill(ids)  # a warm-up step, then the prompt (cuBLAS, norms apart)
+    for name, fn in (("triton_gemv", counting), ("gemv_swiglu", refused), ("rms_norm", refused)):
+        monkeypatch.setattr(glmkit.fast_decode, name, fn)
+    monkeypatch.setattr(glmkit.tp_decode, "add_norm_gemv", counting_add_norm)
+    monkeypatch.setattr(glmkit.tp_decode, "rms_norm", refused)
+    launches.clear()
+    ops: list[str] = []
+    with Ops():
+        shard.decode_step(torch.tensor([3]), 8)
+    monkeypatch.undo()
+    layers = trained.config.num_hidden_layers
+    # per layer: qkv (add + norm; the first layer: norm), o_proj, gate_up (add + norm, SwiGLU), down; lm_head (add +
+    # the final norm)
+    per_layer = [["add", "norm_weight"], [], ["add", "norm_weight", "swiglu"], []]
+    assert launches == [["norm_weight"], *per_layer[1:]] + per_layer * (layers - 1) + [["add", "norm_weight"]]
+    assert not {"add", "__add__", "__iadd__", "mul", "rsqrt", "pow", "mean", "silu"} & set(ops), sorted(set(ops))
+    want = trained.generate(ids, max_new_tokens=10, do_sample=False)
+    whole = TPDecoder(trained, max_len=32, gemv="triton", compile=False, cuda_graph=False)
+    assert whole.fuses_norms("triton") and torch.equal(whole.generate(ids, 10), want)
