@@ -166,7 +166,7 @@ if triton is not None:
         # one program: one query head of one sequence; softmax-weighted sum of the partial outputs of its splits
         pid = tl.program_id(0)
         i = pid // HEADS
-        used = tl.load(pos_ptr + i).to(tl.int32) // SPLIT + 1  # splits that held positions 0..pos
+        used = tl.minimum(tl.load(pos_ptr + i).to(tl.int32) // SPLIT + 1, SPLITS)  # splits that held 0..pos
         s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
@@ -196,6 +196,14 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     if not (k_cache.is_cuda or INTERPRETER):
         raise ValueError("decode_attention runs on a GPU (or in Triton's CPU interpreter, TRITON_INTERPRET=1); this "
                          f"cache is on {k_cache.device}: use attention='sdpa' there.")
+    if q.ndim != 3 or k_cache.ndim != 4:
+        raise ValueError(f"decode_attention takes q [b, heads, head_dim] and caches [B, kv_heads, max_len, head_dim], "
+                         f"got q {tuple(q.shape)} and a cache {tuple(k_cache.shape)}.")
+    if len({t.device for t in (q, k, v, k_cache, v_cache, pos, batch_index, cos, sin)}) != 1:
+        raise ValueError("decode_attention needs q, k, v, the caches, pos, batch_index and cos/sin on one device.")
+    if q.dtype != k_cache.dtype or pos.is_floating_point() or batch_index.dtype != torch.int64:
+        raise ValueError(f"decode_attention needs q in the cache's dtype ({k_cache.dtype}, got {q.dtype}), integer "
+                         f"positions (got {pos.dtype}) and int64 cache rows (got {batch_index.dtype}).")
     b, heads, hd = q.shape
     kv = k_cache.shape[1]
     if k.shape != (b, kv, hd) or v.shape != (b, kv, hd) or heads % kv:

@@ -192,7 +192,8 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
 
     x: the residual stream [b, 1, hidden]; h: ``x`` already normalised by this layer's input norm; returns the new
     residual stream and it normalised by ``next_norm`` (the next layer's input norm, or the final norm), so the
-    residual add and the next norm run as one kernel. pos, batch_index: [b];
+    residual add and the next norm run as one kernel (on the fused Triton path, ``in_norm`` below, neither runs as a
+    kernel of its own). pos, batch_index: [b];
     k_cache/v_cache: [b, kv_heads, max_len, head_dim]; mask: additive [b, 1, 1, max_len] (0 up to pos, else -inf).
     attention: ``"triton"`` (rope, cache write and attention in ``glmkit.attention``'s kernel: it reads pos, not the
     mask), ``"sdpa"`` or ``"reduction"``.
@@ -511,8 +512,9 @@ class FastDecoder:
             PCIe often have none); notebook 02 compares the two.
         fuse_norms: on the Triton batch-1 step of a 16/32-bit model (``fuses_norms``), the GEMVs apply the RMSNorms
             and the residual adds as they read and write (``glmkit.gemv.gemv``'s ``norm_weight`` and ``residual``):
-            two kernels fewer per layer. ``False`` keeps them as compiled kernels of their own (to compare:
-            ``benchmarks/profile_step.py``, ``benchmarks/decode.py``).
+            two kernels fewer per layer. ``False`` keeps the norms as compiled kernels of their own (the residual
+            adds stay in o_proj's and down_proj's GEMVs; to compare: ``benchmarks/profile_step.py``,
+            ``benchmarks/decode.py``).
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,

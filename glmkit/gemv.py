@@ -286,6 +286,9 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sw
             added: torch.Tensor | None = None) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("glmkit.gemv needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
+    if swiglu and bias is not None:
+        raise ValueError("The SwiGLU GEMV takes no bias (GLM's gate/up projection has none); add it with F.linear's "
+                         "bias before the activation instead.")
     if not (weight.is_cuda or INTERPRETER):
         raise ValueError("gemv runs on a GPU (or in Triton's CPU interpreter, TRITON_INTERPRET=1); this weight is on "
                          f"{weight.device}: use F.linear there.")

@@ -561,7 +561,7 @@ def profile_sentence() -> Text:
 
 
 FUSED_PATHS = (("sdpa attention", "norms fused, rope + SDPA apart"),
-               ("norms apart", "norms and residual adds apart, glmkit's decode attention"),
+               ("norms apart", "norms apart (residual adds fused), glmkit's decode attention"),
                ("", "all fused (the default)"))
 
 
@@ -606,7 +606,7 @@ def fusion_sentence() -> Text:
                 f"{fused['decode_tok_s']:.1f} tok/s, {100 * fused['fraction_of_roofline']:.1f}% of the roofline "
                 f"measured in the same run ({d['roofline_tok_s']:.1f} tok/s: copy bandwidth / bytes a token reads)")
         if apart:
-            text += (f"; with the norms and residual adds apart {apart['decode_tok_s']:.1f} tok/s "
+            text += (f"; with the norms apart (`fuse_norms=False`) {apart['decode_tok_s']:.1f} tok/s "
                      f"({fused['decode_tok_s'] / apart['decode_tok_s']:.2f}x)")
         if cublas:
             text += f"; with cuBLAS instead of the Triton GEMVs {cublas['decode_tok_s']:.1f} tok/s"

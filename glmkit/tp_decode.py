@@ -200,6 +200,8 @@ def add_norm_linear(x: torch.Tensor, d: torch.Tensor, norm: torch.Tensor, eps: f
     >>> torch.equal(s, x + d), torch.allclose(y, F.linear(rms_norm(x + d, g, 1e-5), w))
     (True, True)
     """
+    if swiglu and bias is not None:
+        raise ValueError("add_norm_linear's SwiGLU takes no bias (GLM's gate/up projection has none).")
     if fuses(weight, gemv, swiglu=swiglu):
         return add_norm_gemv(x, d, weight, norm, bias, eps=eps, swiglu=swiglu)
     s = x + d

@@ -80,6 +80,17 @@ def test_positions_after_pos_are_never_read():
     assert torch.equal(stale, clean)
 
 
+def test_the_combine_reads_only_the_splits_a_row_wrote(monkeypatch):
+    # the partial maxima, sums and outputs of splits past a row's position are never written: buffers full of NaN
+    # (what a CUDA graph's reused memory may hold) must not reach the output
+    q, k, v, k_cache, v_cache, cos, sin = inputs(2, 4, 2, 64, 32, 256, torch.float32)
+    pos, rows = torch.tensor([200, 5], device=DEVICE), torch.arange(2, device=DEVICE)
+    clean = decode_attention(q, k, v, k_cache.clone(), v_cache.clone(), pos, rows, cos, sin, split=64)
+    empty = torch.empty
+    monkeypatch.setattr(glmkit.attention.torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
+    assert torch.equal(decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos, sin, split=64), clean)
+
+
 def test_split_length_fills_the_gpu_on_long_caches_only():
     assert split_length(1, 2, 64) == BLOCK_N  # a short cache: one program per KV head
     assert split_length(1, 2, 288) == 320 and split_length(16, 2, 500) == 512  # whole, up to ONE_SPLIT_MAX
@@ -97,6 +108,12 @@ def test_bad_inputs_name_the_problem():
         decode_attention(q, k, v, k_cache, v_cache, torch.tensor([3, 4], device=DEVICE), rows, cos, sin)
     with pytest.raises(ValueError, match="multiple of 64"):
         decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos, sin, split=100)
+    with pytest.raises(ValueError, match="int64 cache rows"):
+        decode_attention(q, k, v, k_cache, v_cache, pos, rows.int(), cos, sin)
+    with pytest.raises(ValueError, match="integer positions"):
+        decode_attention(q, k, v, k_cache, v_cache, pos.float(), rows, cos, sin)
+    with pytest.raises(ValueError, match="q \\[b, heads, head_dim\\] and caches"):
+        decode_attention(q[None], k, v, k_cache, v_cache, pos, rows, cos, sin)
 
 
 @pytest.fixture(scope="module")
