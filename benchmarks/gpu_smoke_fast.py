@@ -22,6 +22,18 @@ n_ref = ref.shape[1] - ids.shape[1]
 eos = set(model.generation_config.eos_token_id)
 
 
+def greedy_rows(dec: FastDecoder, logits: torch.Tensor, pos: torch.Tensor, steps: int) -> list[list[int]]:
+    """Greedy tokens of slots decoding each at its own position (``pos`` advanced in place), as the engine runs them."""
+    rows = [[] for _ in range(logits.shape[0])]
+    for _ in range(steps):
+        tokens = logits.argmax(-1)
+        for row, t in zip(rows, tokens.tolist()):
+            row.append(t)
+        logits = dec.decode_step(tokens, pos).clone()
+        pos += 1
+    return rows
+
+
 def same_until_eos(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Rows equal up to and including the reference's first end token (generate pads after it)."""
     for x, y in zip(a.tolist(), b.tolist()):
@@ -103,13 +115,7 @@ try:  # rows at their own positions, a cache of several splits (max_len 700: 11 
             for n in (5, 70, 300)]
     dec = FastDecoder(m, max_len=700, batch_size=4, attention="triton", compile=False, graph_batch_sizes=[4])
     logits = torch.cat([dec.prefill(p, slot=i) for i, p in enumerate(lone)])
-    pos, rows = torch.tensor([p.shape[1] for p in lone], device="cuda"), [[], [], []]
-    for _ in range(16):
-        tokens = logits.argmax(-1)
-        for row, t in zip(rows, tokens.tolist()):
-            row.append(t)
-        logits = dec.decode_step(tokens, pos).clone()
-        pos += 1
+    rows = greedy_rows(dec, logits, torch.tensor([p.shape[1] for p in lone], device="cuda"), 16)
     wants = [m.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=16, min_new_tokens=16,
                         do_sample=False)[0, p.shape[1]:].tolist() for p in lone]
     print("attention triton, 3 rows of a 4-row graph at positions 5/70/300, cache 700: identical:",
@@ -142,13 +148,7 @@ try:
     logits = torch.cat([dec.prefill(p, chunk=8, slot=i) for i, p in enumerate(prompts)])
     half = prompts[0].shape[1] // 2
     dec.prefill(prompts[0][:, :half], slot=3)  # row 3 half-way through its prompt while rows 0..2 decode
-    pos, rows = torch.tensor([p.shape[1] for p in prompts], device="cuda:0"), [[], [], []]
-    for _ in range(24):
-        tokens = logits.argmax(-1)
-        for row, t in zip(rows, tokens.tolist()):
-            row.append(t)
-        logits = dec.decode_step(tokens, pos).clone()
-        pos += 1
+    rows = greedy_rows(dec, logits, torch.tensor([p.shape[1] for p in prompts], device="cuda:0"), 24)
     print("split buckets", dec.buckets, "rows identical:", [r[:len(want(p))] == want(p) for r, p in zip(rows, prompts)],
           flush=True)
     last = dec.prefill(prompts[0][:, half:], slot=3, start=half)

@@ -21,3 +21,16 @@ def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 def rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
     """Seeded standard-normal values of ``shape`` on ``DEVICE`` (drawn on the CPU: the same numbers on every device)."""
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype).to(DEVICE)
+
+
+def greedy_rows(decoder, logits: torch.Tensor, pos: torch.Tensor, steps: int) -> list[list[int]]:
+    """Greedy tokens of a batch of slots, each at its own position: ``logits`` from the slots' prefills, ``pos`` their
+    next positions (advanced in place); ``steps`` decode steps of ``decoder`` (a ``FastDecoder``), as the engine runs them."""
+    rows = [[] for _ in range(logits.shape[0])]
+    for _ in range(steps):
+        tokens = logits.argmax(-1)
+        for row, t in zip(rows, tokens.tolist()):
+            row.append(t)
+        logits = decoder.decode_step(tokens, pos).clone()  # each row at its own position
+        pos += 1
+    return rows

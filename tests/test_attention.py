@@ -4,7 +4,7 @@ run in Triton's CPU interpreter here (see the root conftest.py) and on a GPU the
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, rand
+from helpers import DEVICE, greedy_rows, rand
 
 import glmkit.attention
 from glmkit.attention import BLOCK_N, decode_attention, split_length
@@ -137,13 +137,7 @@ def test_rows_at_different_positions_over_several_splits_decode_like_generate(tr
     prompts = [torch.randint(0, 800, (1, n), generator=torch.Generator().manual_seed(n)).to(DEVICE) for n in (5, 66)]
     dec = FastDecoder(trained, max_len=160, batch_size=2, attention="triton", compile=False, cuda_graph=False)
     logits = torch.cat([dec.prefill(p, slot=i) for i, p in enumerate(prompts)])
-    pos, got = torch.tensor([5, 66], device=DEVICE), [[], []]
-    for _ in range(4):
-        tokens = logits.argmax(-1)
-        for row, t in zip(got, tokens.tolist()):
-            row.append(t)
-        logits = dec.decode_step(tokens, pos).clone()
-        pos += 1
+    got = greedy_rows(dec, logits, torch.tensor([5, 66], device=DEVICE), 4)
     for p, row in zip(prompts, got):
         want = trained.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=4, min_new_tokens=4,
                                 do_sample=False)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import greedy_rows
 
 from glmkit.fast_decode import FastDecoder
 from glmkit.loading import load_model
@@ -102,13 +103,7 @@ def test_prompts_of_different_lengths_in_slots_decode_like_generate(model):
     prompts = [torch.randint(0, 800, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 11)]
     dec = FastDecoder(model, max_len=32, batch_size=2)
     logits = torch.cat([dec.prefill(p, slot=i) for i, p in enumerate(prompts)])
-    pos, got = torch.tensor([5, 11]), [[], []]
-    for _ in range(8):
-        tokens = logits.argmax(-1)
-        for row, t in zip(got, tokens.tolist()):
-            row.append(t)
-        logits = dec.decode_step(tokens, pos).clone()  # each row at its own position
-        pos += 1
+    got = greedy_rows(dec, logits, torch.tensor([5, 11]), 8)
     for p, row in zip(prompts, got):
         want = model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=8, min_new_tokens=8, do_sample=False)
         assert row == want[0, p.shape[1]:].tolist()
@@ -183,13 +178,7 @@ def test_split_batched_prompts_of_different_lengths_with_chunked_prefill(split):
     dec = FastDecoder(split, max_len=96, batch_size=3)
     assert dec.buckets == [1, 2, 3]
     logits = torch.cat([dec.prefill(p, chunk=6, slot=i) for i, p in enumerate(prompts)])
-    pos, got = torch.tensor([p.shape[1] for p in prompts]), [[], [], []]
-    for _ in range(12):
-        tokens = logits.argmax(-1)
-        for row, t in zip(got, tokens.tolist()):
-            row.append(t)
-        logits = dec.decode_step(tokens, pos).clone()
-        pos += 1
+    got = greedy_rows(dec, logits, torch.tensor([p.shape[1] for p in prompts]), 12)
     for p, row in zip(prompts, got):
         want = reference(split, p, 12)
         assert row[:len(want)] == want
