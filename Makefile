@@ -7,6 +7,9 @@ BIN    := $(VENV)/bin
 # CPU/CI pin. GPU users: make lab TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu130"
 TORCH  ?= torch==2.13.0
 CHROMIUM := /usr/bin/chromium
+# pytest-xdist workers of `make test`: one per core of a 2-core machine (the tests run with OMP_NUM_THREADS=1).
+# Each takes whole files (a notebook's cells stay in one kernel, in order); conftest.py hands out the slowest first.
+WORKERS ?= 2
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: lab test lint notebooks clean chromium
@@ -53,7 +56,7 @@ chromium:
 test: chromium $(VENV)/.dev
 	@start=$$(date +%s); \
 	$(BIN)/ruff check glmkit tests scripts benchmarks && \
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest; status=$$?; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --no-loadscope-reorder; status=$$?; \
 	echo "make test took $$(( $$(date +%s) - start )) s"; exit $$status
 
 lint: $(VENV)/.dev
