@@ -36,6 +36,7 @@ import math
 
 import torch
 
+from glmkit import gemv as _gemv
 from glmkit.gemv import INTERPRETER, triton, triton_available
 
 if triton is not None:
@@ -86,8 +87,12 @@ if triton is not None:
                                  stride_vb, stride_vh, stride_cos, stride_sin, stride_cb, stride_ch, stride_cn,
                                  max_len, scale_log2, KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  ROTARY: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+                                 PDL: tl.constexpr):
         # one program: sequence i, KV head h, cache positions [split * SPLIT, (split + 1) * SPLIT) up to pos[i]
+        if PDL:  # programmatic dependent launch: the next kernel may start; q/k/v are read after this one's
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         split = tl.program_id(1)
         i = pid // KV
@@ -162,8 +167,12 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr):
+                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                        PDL: tl.constexpr):
         # one program: one query head of one sequence; softmax-weighted sum of the partial outputs of its splits
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         i = pid // HEADS
         used = tl.minimum(tl.load(pos_ptr + i).to(tl.int32) // SPLIT + 1, SPLITS)  # splits that held 0..pos
@@ -264,15 +273,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         m = torch.empty(1, dtype=torch.float32, device=q.device)
         lse, acc = torch.empty_like(m), torch.empty_like(m)
     block_d = max(16, triton.next_power_of_2(hd))
+    pdl = {"PDL": _gemv.PDL, **({"launch_pdl": True} if _gemv.PDL else {})}
     _decode_attention_kernel[(b * kv, splits)](
         q, k, v, cos, sin, pos, batch_index, k_cache, v_cache, out, m, lse, acc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), max_len, math.log2(math.e) / math.sqrt(hd),
         KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=BLOCK_N, SPLIT=split, SPLITS=splits, IEEE=q.dtype == torch.float32 or INTERPRETER,
-        num_warps=4)
+        num_warps=4, **pdl)
     if splits > 1:
         _combine_kernel[(b * heads,)](m, lse, acc, pos, out, HEADS=heads, HEAD_DIM=hd, BLOCK_D=block_d,
                                       BLOCK_S=min(32, triton.next_power_of_2(splits)), SPLIT=split, SPLITS=splits,
-                                      num_warps=4)
+                                      num_warps=4, **pdl)
     return out.view(b, 1, heads, hd).transpose(1, 2)

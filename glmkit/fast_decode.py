@@ -33,7 +33,15 @@ import torch.nn.functional as F
 
 from glmkit.attention import auto_attention, decode_attention
 from glmkit.device_map import check_device_map
-from glmkit.gemv import active_table, gemv_swiglu, kernel_name, prefer_triton, triton_available
+from glmkit.gemv import (
+    active_table,
+    dependent_launches,
+    gemv_swiglu,
+    kernel_name,
+    pdl_supported,
+    prefer_triton,
+    triton_available,
+)
 from glmkit.gemv import gemv as triton_gemv
 from glmkit.gemv4bit import (
     Packed4bit,
@@ -479,7 +487,10 @@ class FastDecoder:
         max_len: prompt + new tokens the static cache holds per row.
         batch_size: rows of the static cache (sequences decoded together).
         cuda_graph: capture each segment's step as a CUDA graph, per batch size (default: on a GPU).
-        compile: ``torch.compile`` the layer function (default: on a GPU); fuses norms, RoPE and SiLU.
+        compile: ``torch.compile`` the layer function; fuses norms, RoPE and SiLU. Default: on a GPU, except on the
+            batch-1 Triton step of a 16/32-bit model (``fuses_norms``), whose layer is glmkit's kernels alone: there
+            the compiled layer launches the same kernels and on an H200 decoded 202.9 tok/s against 205.1 uncompiled
+            (``benchmarks/results/pdl_decode.json``), and ``pdl`` needs Triton's own launches.
         gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1
             step on a GPU of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a
             warning and cuBLAS; a 4-bit model: glmkit's 4-bit Triton GEMVs at batch 1 (PyTorch ops the compiled
@@ -515,13 +526,17 @@ class FastDecoder:
             two kernels fewer per layer. ``False`` keeps the norms as compiled kernels of their own (the residual
             adds stay in o_proj's and down_proj's GEMVs; to compare: ``benchmarks/profile_step.py``,
             ``benchmarks/decode.py``).
+        pdl: capture the uncompiled batch-1 Triton step with programmatic dependent launch
+            (``glmkit.gemv.dependent_launches``: each kernel launches while the one before finishes). Default: where
+            every device supports it (``glmkit.gemv.pdl_supported``: compute capability 9.0+); if it fails there,
+            a warning and plain launches.
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
                  cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool | str = "auto",
                  compile_options: dict[str, Any] | None = None, attention: str = "auto",
                  graph_batch_sizes: Sequence[int] | None = None, hop: str = "peer",
-                 fuse_norms: bool = True) -> None:
+                 fuse_norms: bool = True, pdl: bool | None = None) -> None:
         self.check(model)
         if hop not in HOPS:
             raise ValueError(f"hop must be one of {HOPS} (device to device, or through host memory), not {hop!r}.")
@@ -567,6 +582,12 @@ class FastDecoder:
         # bitsandbytes' own kernel (batch > 1, gemv=False) keep eager layers unless compile=True: not measured compiled
         glmkit_4bit = all(g == "triton" for g in self.gemv_by_bucket.values())
         self.compiled = (on_gpu and (glmkit_4bit or not self.quantized)) if compile is None else compile
+        self.compile_auto = compile is None
+        supported = on_gpu and all(pdl_supported(d) for d in self.devices)
+        if pdl and not supported:
+            raise ValueError("pdl=True needs programmatic dependent launch: GPUs of compute capability 9.0 or newer "
+                             "(Hopper) and a Triton that has it; leave pdl unset to use it where it runs.")
+        self.pdl, self.auto_pdl = (supported if pdl is None else pdl), pdl is None
         if on_gpu and "triton" in self.gemv_by_bucket.values():
             active_table()  # this card's launch shapes, read (and an untuned card named) before anything compiles
         self.max_len, self.batch_size = max_len, batch_size
@@ -633,6 +654,16 @@ class FastDecoder:
         return html_table(self._headers(), self.rows(), caption=f"FastDecoder: {len(self.stages)} segment(s), "
                           f"step sizes {self.buckets}")
 
+    def layer_fn_for(self, b: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """The layer function of the step of ``b`` rows: uncompiled on the fused Triton step unless ``compile=True``
+        was asked for (its layer is glmkit's kernels alone), else ``layer_fn``."""
+        return decoder_layer if self.compile_auto and self.fuses_norms(b) else self.layer_fn
+
+    def uses_pdl(self, b: int) -> bool:
+        """Whether the step of ``b`` rows launches glmkit's kernels with programmatic dependent launch (``pdl``, on
+        the uncompiled Triton step only)."""
+        return self.pdl and self.gemv_by_bucket[b] == "triton" and self.layer_fn_for(b) is decoder_layer
+
     def fuses_norms(self, b: int) -> bool:
         """Whether the step of ``b`` rows runs glmkit's 16/32-bit Triton GEMVs, which then apply the RMSNorms and the
         residual adds themselves (``decoder_layer``'s ``in_norm``): two kernels fewer per layer. A 4-bit model's
@@ -676,6 +707,11 @@ class FastDecoder:
 
     @torch.no_grad()
     def _run_stage(self, st: _Stage, b: int) -> None:
+        """``_stage_step``, its kernels launched with programmatic dependent launch where ``uses_pdl``."""
+        with dependent_launches(self.uses_pdl(b)):
+            self._stage_step(st, b)
+
+    def _stage_step(self, st: _Stage, b: int) -> None:
         """One token for rows 0..b-1 through one segment: reads its control and hidden-state buffers, writes its
         outputs (the hidden state, or the logits) and its cache rows. Rows k..b-1 (k = live rows) run a dummy
         token at position 0 whose K/V write is undone before the step ends: their cache rows are left as they were."""
@@ -697,9 +733,9 @@ class FastDecoder:
             mask = mask.masked_fill(st.positions[None, None, None, :] > pos[:, None, None, None], float("-inf"))
             if live is not None:  # the dummy rows' K/V at position 0, to put back
                 k0, v0 = st.k_cache[:, :b, :, 0].clone(), st.v_cache[:, :b, :, 0].clone()
-            gemv = self.gemv_by_bucket[b]
+            gemv, layer_fn = self.gemv_by_bucket[b], self.layer_fn_for(b)
             for j, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(st.weights):
-                x, h = self.layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
+                x, h = layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
                                      next_norm, st.k_cache[j, :b], st.v_cache[j, :b], self.eps, self.heads,
                                      self.kv_heads, self.head_dim, gemv, self.attention,
                                      st.in_norms[j] if fused else None)
@@ -755,6 +791,14 @@ class FastDecoder:
             try:
                 self._warm_up(b)
             except Exception as exc:
+                if self.auto_pdl and self.uses_pdl(b):  # the newest feature first: plain launches
+                    warnings.warn(f"Programmatic dependent launch failed here ({type(exc).__name__}: "
+                                  f"{str(exc)[:200]}); FastDecoder launches its kernels without it (pdl=False).",
+                                  RuntimeWarning, stacklevel=4)
+                    self.pdl = False
+                    for st in self.stages:
+                        st.graphs.clear()
+                    return self._first_step()
                 if self.auto_attention and self.attention == "triton":  # first suspect: the attention kernel
                     warnings.warn(f"glmkit's Triton decode attention failed here ({type(exc).__name__}: "
                                   f"{str(exc)[:200]}); FastDecoder uses attention='sdpa' instead.", RuntimeWarning,

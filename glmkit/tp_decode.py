@@ -64,7 +64,7 @@ from glmkit.fast_decode import (
     rope,
     smallest_bucket,
 )
-from glmkit.gemv import add_norm_gemv
+from glmkit.gemv import add_norm_gemv, dependent_launches, pdl_supported
 from glmkit.generation import pick_token
 from glmkit.vocabulary import head_dim
 
@@ -239,6 +239,8 @@ class TPDecoder:
             the residual stream and applies the RMSNorm as it reads them (``add_norm_linear``): a rank's layer is
             q/k/v (add + norm), attention, o_proj, all-reduce, gate/up (add + norm, SwiGLU), down, all-reduce, with
             no add or norm kernel. ``False``: those as kernels of their own, to compare.
+        pdl: as ``FastDecoder``'s: the batch-1 Triton step (uncompiled unless ``compile=True``: it is glmkit's
+            kernels and the all-reduces) captured with programmatic dependent launch where the GPU supports it.
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
@@ -246,7 +248,8 @@ class TPDecoder:
                  device: torch.device | str | None = None, cuda_graph: bool | None = None,
                  compile: bool | None = None, gemv: bool | str = "auto",
                  graph_batch_sizes: list[int] | None = None, allreduce: str = "auto",
-                 split_embedding: bool = True, attention: str = "auto", fuse_norms: bool = True) -> None:
+                 split_embedding: bool = True, attention: str = "auto", fuse_norms: bool = True,
+                 pdl: bool | None = None) -> None:
         FastDecoder.check(model)
         self.group = group
         self.rank = rank if rank is not None else (dist.get_rank(group) if group is not None else 0)
@@ -258,6 +261,11 @@ class TPDecoder:
         on_gpu = self.device.type == "cuda"
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
         self.compiled = on_gpu if compile is None else compile
+        self.compile_auto = compile is None
+        if pdl and not pdl_supported(self.device):
+            raise ValueError("pdl=True needs programmatic dependent launch: a GPU of compute capability 9.0 or newer "
+                             "(Hopper) and a Triton that has it; leave pdl unset to use it where it runs.")
+        self.pdl, self.auto_pdl = (pdl_supported(self.device) if pdl is None else pdl), pdl is None
         self.gemv = auto_gemv(self.device, 1) if gemv == "auto" else gemv  # used by the batch-1 bucket
         self.fuse_norms = fuse_norms
         if attention not in ("auto", "triton", "sdpa"):
@@ -386,8 +394,9 @@ class TPDecoder:
         """``_forward``'s layers on the Triton batch-1 step: x is the all-reduced embedding; every add of an
         all-reduced partial sum and every norm rides in the GEMV that follows it (``add_norm_linear``)."""
         d, in_norm = None, self.first_norm  # the first layer: the norm alone
+        add_norm_attention = add_norm_attention_half if self.uncompiled(gemv) else self._add_norm_attention
         for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.layers):
-            x, o = self._add_norm_attention(x, d, in_norm, self.eps, pos, cos, sin, mask, wqkv, bqkv, wo,
+            x, o = add_norm_attention(x, d, in_norm, self.eps, pos, cos, sin, mask, wqkv, bqkv, wo,
                                             self.k_cache[i, rows], self.v_cache[i, rows], self.heads, self.kv_heads,
                                             self.head_dim, gemv, self.attention)
             x, d = mlp(x, self.allreduce(o), ln2, wgu, wd, self.eps, gemv, True)
@@ -399,13 +408,21 @@ class TPDecoder:
         """The smallest captured batch size that holds ``k`` rows."""
         return smallest_bucket(self.buckets, k)
 
+    def uncompiled(self, gemv: bool | str) -> bool:
+        """Whether the step with these projection kernels runs uncompiled: the fused Triton step (glmkit's kernels
+        and the all-reduces alone) unless ``compile=True`` was asked for."""
+        return self.compile_auto and self.fuses_norms(gemv)
+
     @torch.no_grad()
     def _step(self, b: int) -> None:
         """One token for rows 0..b-1: reads self.tokens/self.pos, writes self.logits."""
         gemv = self.gemv if b == 1 else False  # glmkit's Triton GEMVs read one token; cuBLAS for more
-        part = self._forward(self.tokens[:b], self.pos[:b, None], slice(0, b), gemv, self._attention, self._mlp,
-                             self._next, self._embed)
-        self._gather_logits(part, out=self.logits[:b])
+        eager = self.uncompiled(gemv)
+        fns = ((attention_half, mlp_half, next_input, embed_part) if eager
+               else (self._attention, self._mlp, self._next, self._embed))
+        with dependent_launches(self.pdl and eager and gemv == "triton"):
+            part = self._forward(self.tokens[:b], self.pos[:b, None], slice(0, b), gemv, *fns)
+            self._gather_logits(part, out=self.logits[:b])
 
     def _capture(self) -> None:
         """Compile and (on a GPU) capture one graph per bucket, collectives included; under ``attention="auto"`` a
@@ -414,6 +431,11 @@ class TPDecoder:
         try:
             self._capture_buckets()
         except Exception as exc:
+            if self.auto_pdl and self.pdl and self.uncompiled(self.gemv):
+                warnings.warn(f"Programmatic dependent launch failed here ({type(exc).__name__}: {str(exc)[:200]}); "
+                              "TPDecoder launches its kernels without it (pdl=False).", RuntimeWarning, stacklevel=3)
+                self.pdl, self.graphs = False, {}
+                return self._capture()
             if not (self.auto_attention and self.attention == "triton"):
                 raise
             warnings.warn(f"glmkit's Triton decode attention failed here ({type(exc).__name__}: {str(exc)[:200]}); "
