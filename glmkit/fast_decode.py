@@ -191,7 +191,7 @@ def _attention_reduction(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_index: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, mask: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
+                  sin: torch.Tensor, mask: torch.Tensor | None, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
                   wo: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, next_norm: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float, heads: int, kv_heads: int, head_dim: int,
                   gemv: bool | str = False, attention: str = "sdpa",
@@ -202,7 +202,8 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
     residual stream and it normalised by ``next_norm`` (the next layer's input norm, or the final norm), so the
     residual add and the next norm run as one kernel (on the fused Triton path, ``in_norm`` below, neither runs as a
     kernel of its own). pos, batch_index: [b];
-    k_cache/v_cache: [b, kv_heads, max_len, head_dim]; mask: additive [b, 1, 1, max_len] (0 up to pos, else -inf).
+    k_cache/v_cache: [b, kv_heads, max_len, head_dim]; mask: additive [b, 1, 1, max_len] (0 up to pos, else -inf;
+    None with attention="triton", which does not read it).
     attention: ``"triton"`` (rope, cache write and attention in ``glmkit.attention``'s kernel: it reads pos, not the
     mask), ``"sdpa"`` or ``"reduction"``.
 
@@ -728,9 +729,12 @@ class FastDecoder:
             pos = st.control[1, :1] if live is None else torch.where(live, st.control[1, :b], 0)
             cos = st.cos[pos][:, None, None, :]
             sin = st.sin[pos][:, None, None, :]
-            # additive mask, built once per step for all layers: 0 up to each row's position, -inf after
-            mask = torch.zeros(b, 1, 1, self.max_len, dtype=self.dtype, device=st.device)
-            mask = mask.masked_fill(st.positions[None, None, None, :] > pos[:, None, None, None], float("-inf"))
+            # additive mask, built once per step for all layers: 0 up to each row's position, -inf after (glmkit's
+            # decode attention reads the positions instead: no mask to build)
+            mask = None
+            if self.attention != "triton":
+                mask = torch.zeros(b, 1, 1, self.max_len, dtype=self.dtype, device=st.device)
+                mask = mask.masked_fill(st.positions[None, None, None, :] > pos[:, None, None, None], float("-inf"))
             if live is not None:  # the dummy rows' K/V at position 0, to put back
                 k0, v0 = st.k_cache[:, :b, :, 0].clone(), st.v_cache[:, :b, :, 0].clone()
             gemv, layer_fn = self.gemv_by_bucket[b], self.layer_fn_for(b)
