@@ -141,7 +141,13 @@ def fuses(weight: Weight, gemv: bool | str, swiglu: bool = False) -> bool:
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: Weight, bias: torch.Tensor | None,
                 gemv: bool | str) -> torch.Tensor:
     """``linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)``: in one Triton launch where ``fuses``, which
-    normalises x as it reads it (no norm kernel)."""
+    normalises x as it reads it (no norm kernel). The fused decode step of ``notebooks/05_tuning.ipynb``.
+
+    >>> x, g, w = torch.randn(1, 1, 16), torch.rand(16), torch.randn(8, 16)
+    >>> gemv = "triton" if triton_available() else False  # glmkit's kernel (GPU, or TRITON_INTERPRET=1), else cuBLAS
+    >>> torch.allclose(norm_linear(x, g, 1e-5, w, None, gemv), F.linear(rms_norm(x, g, 1e-5), w), atol=1e-5)
+    True
+    """
     if fuses(weight, gemv):
         return triton_gemv(x, weight, bias, norm_weight=norm_weight, eps=eps)
     return linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)
@@ -149,7 +155,13 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
 
 def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gemv: bool | str) -> torch.Tensor:
     """``residual + linear(x, weight, None, gemv)``: in one Triton launch where ``fuses`` (the add in its epilogue,
-    rounded as PyTorch rounds it)."""
+    rounded as PyTorch rounds it). The fused decode step of ``notebooks/05_tuning.ipynb``.
+
+    >>> residual, x, w = torch.randn(1, 1, 8), torch.randn(1, 1, 16), torch.randn(8, 16)
+    >>> gemv = "triton" if triton_available() else False  # glmkit's kernel (GPU, or TRITON_INTERPRET=1), else cuBLAS
+    >>> torch.allclose(residual_linear(residual, x, w, gemv), residual + F.linear(x, w), atol=1e-5)
+    True
+    """
     if fuses(weight, gemv):
         return triton_gemv(x, weight, None, residual=residual)
     return residual + linear(x, weight, None, gemv)
@@ -719,7 +731,15 @@ class FastDecoder:
     def fuses_norms(self, b: int) -> bool:
         """Whether the step of ``b`` rows runs glmkit's 16/32-bit Triton GEMVs, which then apply the RMSNorms and the
         residual adds themselves (``decoder_layer``'s ``in_norm``): two kernels fewer per layer. A 4-bit model's
-        GEMVs (``glmkit.gemv4bit``) do not."""
+        GEMVs (``glmkit.gemv4bit``) do not. ``notebooks/05_tuning.ipynb`` profiles the step both ways.
+
+        >>> from glmkit.loading import load_model
+        >>> model = load_model(device_map="cpu", dtype=torch.float32)
+        >>> FastDecoder(model, max_len=16, gemv=False).fuses_norms(1)  # cuBLAS: the norms run as kernels of their own
+        False
+        >>> if triton_available():  # glmkit's GEMVs (a GPU, or TRITON_INTERPRET=1 on a CPU) apply them
+        ...     assert FastDecoder(model, max_len=16, gemv="triton").fuses_norms(1)
+        """
         return self.fuse_norms and self.gemv_by_bucket[b] == "triton" and not self.quantized
 
     @property

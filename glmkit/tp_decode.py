@@ -153,7 +153,22 @@ def add_norm_attention_half(x: torch.Tensor, d: torch.Tensor | None, in_norm: to
                             attention: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_half`` from the raw residual stream x: ``x + d`` (d: the all-reduced ``down_proj`` output of the
     layer before; ``None`` for the first layer), this layer's input norm and q/k/v in one GEMV launch where glmkit's
-    Triton kernel runs (``add_norm_linear``). Returns the new residual stream and the partial ``o_proj`` output."""
+    Triton kernel runs (``add_norm_linear``). Returns the new residual stream and the partial ``o_proj`` output.
+    A rank's fused layer in ``notebooks/08_tensor_parallel.ipynb``.
+
+    >>> from glmkit.gemv import triton_available
+    >>> x, d, g, wqkv = torch.randn(1, 1, 8), torch.randn(1, 1, 8), torch.ones(8), torch.randn(16, 8)
+    >>> k_cache, v_cache = torch.zeros(2, 1, 1, 8, 4)  # 2 query heads sharing 1 KV head of 4 dims; 8 positions
+    >>> cos, sin, pos = torch.ones(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), torch.tensor([[0]])  # position 0
+    >>> mask = torch.zeros(1, 1, 1, 8).masked_fill(torch.arange(8) > 0, float("-inf"))
+    >>> gemv = "triton" if triton_available() else False  # glmkit's kernels (GPU, or TRITON_INTERPRET=1), else cuBLAS
+    >>> s, o = add_norm_attention_half(x, d, g, 1e-5, pos, cos, sin, mask, wqkv, None, torch.eye(8), k_cache, v_cache,
+    ...                                2, 1, 4, gemv)
+    >>> qkv = F.linear(rms_norm(x + d, g, 1e-5), wqkv)
+    >>> want = attend(qkv, pos, cos, sin, mask, torch.eye(8), k_cache, v_cache, 2, 1, 4, False, "sdpa")
+    >>> torch.allclose(s, x + d), torch.allclose(o, want, atol=1e-5)
+    (True, True)
+    """
     if d is None:
         qkv = norm_linear(x, in_norm, eps, wqkv, bqkv, gemv)
     else:
@@ -165,7 +180,20 @@ def attend(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.T
            wo: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
            gemv: bool | str, attention: str) -> torch.Tensor:
     """The rank's heads from their q/k/v ``[b, s, (heads + 2 kv_heads) head_dim]``: rope, the K/V write, attention
-    and the rank's ``o_proj`` columns (its partial output)."""
+    and the rank's ``o_proj`` columns (its partial output). Arguments as ``attention_half``; taught in
+    ``notebooks/08_tensor_parallel.ipynb``. At position 0 each query head's output is its KV head's v:
+
+    >>> from glmkit.gemv import triton_available
+    >>> qkv = torch.randn(1, 1, (2 + 2 * 1) * 4)  # one token: 2 query heads sharing 1 KV head of 4 dims
+    >>> k_cache, v_cache = torch.zeros(2, 1, 1, 8, 4)  # [rows, kv_heads, max_len, head_dim]
+    >>> cos, sin = torch.ones(1, 1, 1, 4), torch.zeros(1, 1, 1, 4)  # position 0: no rotation
+    >>> mask = torch.zeros(1, 1, 1, 8).masked_fill(torch.arange(8) > 0, float("-inf"))  # attends to position 0
+    >>> attention = "triton" if triton_available() else "sdpa"  # glmkit's kernel (GPU, or TRITON_INTERPRET=1)
+    >>> o = attend(qkv, torch.tensor([[0]]), cos, sin, mask, torch.eye(8), k_cache, v_cache, 2, 1, 4, False, attention)
+    >>> v = qkv[..., -4:]
+    >>> torch.allclose(o, v.repeat(1, 1, 2)), torch.equal(v_cache[0, 0, 0], v[0, 0])
+    (True, True)
+    """
     b, s, _ = qkv.shape
     rows = torch.arange(b, device=qkv.device)[:, None]
     if attention == "triton" and s == 1:  # one kernel: rope, the K/V write at pos and attention over 0..pos
@@ -232,8 +260,9 @@ class TPDecoder:
         rank, world: this rank and the number of ranks (default: from ``group``, else 0 and 1).
         device: where the shard lives (default: the model's device).
         cuda_graph, compile, gemv, attention: as ``FastDecoder`` (defaults: on a GPU; Triton GEMVs at batch 1 on
-            Ampere+; ``attention="auto"``: glmkit's Triton decode attention where those run, at every batch, and
-            ``"sdpa"`` if it fails to build there).
+            Ampere+; ``attention="auto"``: glmkit's Triton decode attention where those run, at every batch). A
+            kernel that ``"auto"`` chose and that fails on any rank gives way on every rank (cuBLAS, ``"sdpa"``),
+            with a warning that names it (``_capture``).
         graph_batch_sizes: the batch sizes captured (default 1, 2, 4, ... up to ``batch_size``); a step of k rows
             runs the smallest that holds them.
         allreduce: ``"nccl"``, ``"symm"`` (torch's symmetric-memory one-shot kernel) or ``"auto"`` (time both, keep
@@ -387,7 +416,13 @@ class TPDecoder:
 
     def fuses_norms(self, gemv: bool | str) -> bool:
         """Whether a step with these projection kernels folds the residual adds and norms into its GEMVs (the
-        Triton batch-1 step, unless ``fuse_norms=False``)."""
+        Triton batch-1 step, unless ``fuse_norms=False``); ``notebooks/08_tensor_parallel.ipynb`` shows a rank's step.
+
+        >>> from glmkit.loading import load_model
+        >>> shard = TPDecoder(load_model(device_map="cpu", dtype=torch.float32), max_len=16, rank=0, world=2)
+        >>> shard.fuses_norms("triton"), shard.fuses_norms(False)
+        (True, False)
+        """
         return self.fuse_norms and gemv == "triton"
 
     def _fused_layers(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
