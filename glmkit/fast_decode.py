@@ -76,6 +76,28 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
 
 
+def rotary_tables(model: torch.nn.Module, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM's rotary ``cos`` and ``sin`` for positions ``0..max_len-1``, ``[max_len, rotary_dim]`` each, in the model's
+    dtype on its rotary embedding's device: the form ``rope`` and ``glmkit.attention.decode_attention`` read (each
+    frequency repeated for its adjacent pair of dims, as GLM's ``apply_rotary_pos_emb``).
+
+    >>> from glmkit.loading import load_model
+    >>> cos, sin = rotary_tables(load_model(device_map="cpu", dtype=torch.float32), 8)
+    >>> tuple(cos.shape), bool((cos[0] == 1).all() and (sin[0] == 0).all()), torch.equal(cos[:, 0], cos[:, 1])
+    ((8, 32), True, True)
+    """
+    rotary = model.model.rotary_emb
+    device = next(iter(rotary.buffers())).device
+    with torch.no_grad():
+        positions = torch.arange(max_len, device=device)[None]
+        probe = torch.zeros(1, device=device, dtype=model.get_input_embeddings().weight.dtype)
+        cos, sin = rotary(probe, positions)  # [1, max_len, 2 * rotary/2]
+    half = cos.shape[-1] // 2
+    # GLM uses each frequency for an adjacent pair of dims: repeat_interleave, as its apply_rotary_pos_emb
+    return (cos[0, :, :half].repeat_interleave(2, dim=-1).contiguous(),
+            sin[0, :, :half].repeat_interleave(2, dim=-1).contiguous())
+
+
 Weight = torch.Tensor | Packed4bit | tuple[Packed4bit, ...]  # a tuple: 4-bit q, k, v, whose outputs are concatenated
 
 
@@ -668,16 +690,7 @@ class FastDecoder:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = head_dim(cfg)
         self.eps = cfg.rms_norm_eps
-        rotary = model.model.rotary_emb
-        rot_device = next(iter(rotary.buffers())).device
-        with torch.no_grad():
-            positions = torch.arange(max_len, device=rot_device)[None]
-            probe = torch.zeros(1, device=rot_device, dtype=self.dtype)
-            cos, sin = rotary(probe, positions)  # [1, max_len, 2 * rotary/2]
-        half = cos.shape[-1] // 2
-        # GLM uses each frequency for an adjacent pair of dims: repeat_interleave, as its apply_rotary_pos_emb
-        cos = cos[0, :, :half].repeat_interleave(2, dim=-1).contiguous()
-        sin = sin[0, :, :half].repeat_interleave(2, dim=-1).contiguous()
+        cos, sin = rotary_tables(model, max_len)
         self.head_weight = _projection_weight(model.get_output_embeddings())  # 16-bit, or 4-bit read in place
         self.stages = [_Stage(s, self._gather_weights(s), batch_size, max_len, self.kv_heads, self.head_dim,
                               cfg.hidden_size, cfg.vocab_size, self.dtype, cos, sin) for s in self.segments]

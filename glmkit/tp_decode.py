@@ -64,6 +64,7 @@ from glmkit.fast_decode import (
     raise_recompile_limit,
     rms_norm,
     rope,
+    rotary_tables,
     smallest_bucket,
     warm_up_or_fall_back,
 )
@@ -318,12 +319,7 @@ class TPDecoder:
         else:  # replicated: one lookup, no collective
             self.embed, self.embed_start = to_dev(model.get_input_embeddings().weight), 0
         self.first_norm = to_dev(model.model.layers[0].input_layernorm.weight)
-        with torch.no_grad():
-            positions = torch.arange(max_len, device=model.get_input_embeddings().weight.device)[None]
-            cos, sin = model.model.rotary_emb(model.get_input_embeddings().weight[:1], positions)
-        half = cos.shape[-1] // 2
-        self.cos = cos[0, :, :half].repeat_interleave(2, dim=-1).to(self.device).contiguous()
-        self.sin = sin[0, :, :half].repeat_interleave(2, dim=-1).to(self.device).contiguous()
+        self.cos, self.sin = (t.to(self.device) for t in rotary_tables(model, max_len))  # [max_len, rotary]
         self.positions = torch.arange(max_len, device=self.device)
         if self.compiled:
             raise_recompile_limit()
