@@ -71,7 +71,7 @@ def symm_problem(group: dist.ProcessGroup | None, device: torch.device) -> str |
     return None
 
 
-def _agree(ok: bool, group: dist.ProcessGroup, device: torch.device) -> bool:
+def agree(ok: bool, group: dist.ProcessGroup, device: torch.device) -> bool:
     """True only if every rank says ``ok`` (so all ranks take the same path)."""
     flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
@@ -132,7 +132,7 @@ class AllReduce:
 
     def _all_ok(self) -> bool:
         """Whether every rank can go on with symmetric memory; if not, all drop it (and say why)."""
-        if _agree(self.reason is None, self.group, self.device):
+        if agree(self.reason is None, self.group, self.device):
             return True
         self.reason, self.buffer = self.reason or "another rank cannot run it", None
         return False

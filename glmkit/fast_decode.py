@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from glmkit.attention import auto_attention, decode_attention
+from glmkit.attention import auto_attention, qkv_decode_attention
 from glmkit.device_map import check_device_map
 from glmkit.gemv import (
     active_table,
@@ -82,6 +82,28 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     r = cos.shape[-1]
     rot, rest = x[..., :r], x[..., r:]
     return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
+
+
+def rotary_tables(model: torch.nn.Module, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM's rotary ``cos`` and ``sin`` for positions ``0..max_len-1``, ``[max_len, rotary_dim]`` each, in the model's
+    dtype on its rotary embedding's device: the form ``rope`` and ``glmkit.attention.decode_attention`` read (each
+    frequency repeated for its adjacent pair of dims, as GLM's ``apply_rotary_pos_emb``).
+
+    >>> from glmkit.loading import load_model
+    >>> cos, sin = rotary_tables(load_model(device_map="cpu", dtype=torch.float32), 8)
+    >>> tuple(cos.shape), bool((cos[0] == 1).all() and (sin[0] == 0).all()), torch.equal(cos[:, 0], cos[:, 1])
+    ((8, 32), True, True)
+    """
+    rotary = model.model.rotary_emb
+    device = next(iter(rotary.buffers())).device
+    with torch.no_grad():
+        positions = torch.arange(max_len, device=device)[None]
+        probe = torch.zeros(1, device=device, dtype=model.get_input_embeddings().weight.dtype)
+        cos, sin = rotary(probe, positions)  # [1, max_len, 2 * rotary/2]
+    half = cos.shape[-1] // 2
+    # GLM uses each frequency for an adjacent pair of dims: repeat_interleave, as its apply_rotary_pos_emb
+    return (cos[0, :, :half].repeat_interleave(2, dim=-1).contiguous(),
+            sin[0, :, :half].repeat_interleave(2, dim=-1).contiguous())
 
 
 Weight = torch.Tensor | Packed4bit | tuple[Packed4bit, ...]  # a tuple: 4-bit q, k, v, whose outputs are concatenated
@@ -149,7 +171,13 @@ def fuses(weight: Weight, gemv: bool | str, swiglu: bool = False) -> bool:
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: Weight, bias: torch.Tensor | None,
                 gemv: bool | str) -> torch.Tensor:
     """``linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)``: in one Triton launch where ``fuses``, which
-    normalises x as it reads it (no norm kernel)."""
+    normalises x as it reads it (no norm kernel). The fused decode step of ``notebooks/05_tuning.ipynb``.
+
+    >>> x, g, w = torch.randn(1, 1, 16), torch.rand(16), torch.randn(8, 16)
+    >>> gemv = "triton" if triton_available() else False  # glmkit's kernel (GPU, or TRITON_INTERPRET=1), else cuBLAS
+    >>> torch.allclose(norm_linear(x, g, 1e-5, w, None, gemv), F.linear(rms_norm(x, g, 1e-5), w), atol=1e-5)
+    True
+    """
     if fuses(weight, gemv):
         return triton_gemv(x, weight, bias, norm_weight=norm_weight, eps=eps)
     return linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)
@@ -157,7 +185,13 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
 
 def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gemv: bool | str) -> torch.Tensor:
     """``residual + linear(x, weight, None, gemv)``: in one Triton launch where ``fuses`` (the add in its epilogue,
-    rounded as PyTorch rounds it)."""
+    rounded as PyTorch rounds it). The fused decode step of ``notebooks/05_tuning.ipynb``.
+
+    >>> residual, x, w = torch.randn(1, 1, 8), torch.randn(1, 1, 16), torch.randn(8, 16)
+    >>> gemv = "triton" if triton_available() else False  # glmkit's kernel (GPU, or TRITON_INTERPRET=1), else cuBLAS
+    >>> torch.allclose(residual_linear(residual, x, w, gemv), residual + F.linear(x, w), atol=1e-5)
+    True
+    """
     if fuses(weight, gemv):
         return triton_gemv(x, weight, None, residual=residual)
     return residual + linear(x, weight, None, gemv)
@@ -215,11 +249,10 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
     fused = in_norm is not None
     # [b, 1, (heads + 2 kv_heads) * head_dim]
     qkv = norm_linear(x, in_norm, eps, wqkv, bqkv, gemv) if fused else linear(h, wqkv, bqkv, gemv)
-    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     if attention == "triton":  # one kernel: rope, the K/V write at pos and attention over 0..pos
-        attn = decode_attention(q.view(b, heads, head_dim), k.view(b, kv_heads, head_dim), v.view(b, kv_heads, head_dim),
-                                k_cache, v_cache, pos, batch_index, cos.view(b, -1), sin.view(b, -1))  # [b, heads, 1, hd]
+        attn = qkv_decode_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin)  # [b, heads, 1, hd]
     else:
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         q = rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
         k = rope(k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
         v = v.view(b, 1, kv_heads, head_dim).transpose(1, 2)
@@ -439,6 +472,111 @@ def bucket_sizes(batch_size: int, graph_batch_sizes: Sequence[int] | None = None
     return sorted(sizes | {batch_size})
 
 
+@dataclass
+class Fallback:
+    """A kernel of glmkit's that a decoder chose itself (``"auto"``) and can do without where it fails to build or
+    run: ``use(True)`` switches the decoder to the replacement, ``use(False)`` back (``warm_up_or_fall_back``)."""
+
+    what: str  # what may fail, in the user's words: "glmkit's Triton decode attention"
+    instead: str  # what runs in its place, and the setting that asks for it: "attention='sdpa'"
+    use: Callable[[bool], None]
+
+
+def attention_fallback(decoder: Any) -> list[Fallback]:
+    """``[Fallback]`` to ``attention="sdpa"`` for a decoder (``FastDecoder``, ``TPDecoder``) whose
+    ``attention="auto"`` chose glmkit's Triton kernel; ``[]`` otherwise (an explicit choice is kept, and raises).
+
+    >>> class Decoder:
+    ...     auto_attention, attention = True, "triton"
+    >>> decoder = Decoder()
+    >>> [f.instead for f in attention_fallback(decoder)]
+    ["attention='sdpa'"]
+    >>> attention_fallback(decoder)[0].use(True); decoder.attention
+    'sdpa'
+    """
+    if not (decoder.auto_attention and decoder.attention == "triton"):
+        return []
+
+    def use(on: bool) -> None:
+        decoder.attention = "sdpa" if on else "triton"
+
+    return [Fallback("glmkit's Triton decode attention", "attention='sdpa'", use)]
+
+
+def pdl_fallback(decoder: Any) -> list[Fallback]:
+    """``[Fallback]`` to plain launches for a decoder (``FastDecoder``, ``TPDecoder``) that chose programmatic
+    dependent launch itself (``pdl=None`` on a GPU that has it); ``[]`` otherwise.
+
+    >>> class Decoder:
+    ...     auto_pdl, pdl = True, True
+    >>> decoder = Decoder()
+    >>> [f.instead for f in pdl_fallback(decoder)]
+    ['plain launches (pdl=False)']
+    >>> pdl_fallback(decoder)[0].use(True); decoder.pdl
+    False
+    """
+    if not (decoder.auto_pdl and decoder.pdl):
+        return []
+
+    def use(on: bool) -> None:
+        decoder.pdl = not on
+
+    return [Fallback("programmatic dependent launch", "plain launches (pdl=False)", use)]
+
+
+def _error(fn: Callable[[], None]) -> Exception | None:
+    """What ``fn()`` raised, or ``None``."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - told apart by the caller, raised again if no fallback helps
+        return exc
+    return None
+
+
+def warm_up_or_fall_back(warm_up: Callable[[], None], fallbacks: Sequence[Fallback], decoder: str,
+                         failed_anywhere: Callable[[bool], bool] = bool) -> None:
+    """Run ``warm_up()``; if it fails, find which of ``fallbacks`` it needs, switch to it and warn naming what failed
+    and what runs instead (``FastDecoder`` and ``TPDecoder``'s first step, ``notebooks/05_tuning.ipynb``).
+
+    Which kernel failed is found by trying, not guessed from the error: each fallback alone first (the kernel whose
+    replacement makes the warm-up pass is the one that failed), then all together (several failed). If none helps,
+    the failure is not one of those kernels: the first error is raised, the choices left as they were.
+    ``failed_anywhere(failed)``: whether this attempt failed in any process (``TPDecoder``: an all-reduce of the flag,
+    so that every rank falls back alike, even when one rank alone failed); by default, in this one.
+
+    >>> import warnings
+    >>> kernels = {"attention": "triton", "gemv": "triton"}
+    >>> def warm_up():  # the GEMVs fail: trying attention alone does not help, trying the GEMVs alone does
+    ...     if kernels["gemv"] == "triton":
+    ...         raise RuntimeError("no kernel image is available")
+    >>> fallbacks = [Fallback(f"glmkit's Triton {name}", f"{name}=False", lambda on, name=name:
+    ...                       kernels.update({name: False if on else "triton"})) for name in kernels]
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warm_up_or_fall_back(warm_up, fallbacks, "FastDecoder")
+    >>> kernels
+    {'attention': 'triton', 'gemv': False}
+    >>> print(caught[0].message)
+    glmkit's Triton gemv failed here (RuntimeError: no kernel image is available); FastDecoder uses gemv=False instead.
+    """
+    first = _error(warm_up)
+    if not failed_anywhere(first is not None):
+        return
+    tries = [[f] for f in fallbacks] + ([list(fallbacks)] if len(fallbacks) > 1 else [])
+    for chosen in tries:
+        for f in chosen:
+            f.use(True)
+        if not failed_anywhere(_error(warm_up) is not None):
+            where = f"here ({type(first).__name__}: {str(first)[:200]})" if first is not None else "in another process"
+            warnings.warn(f"{' and '.join(f.what for f in chosen)} failed {where}; {decoder} uses "
+                          f"{' and '.join(f.instead for f in chosen)} instead.", RuntimeWarning, stacklevel=4)
+            return
+        for f in chosen:
+            f.use(False)
+    if first is None:
+        raise RuntimeError(f"{decoder}'s warm-up failed in another process (its error says why); this one stops too.")
+    raise first
+
+
 class _Stage:
     """A segment's share of the decoder: its layers' fused weights, its slice of the static KV cache, and the
     static buffers its step reads and writes (its CUDA graphs replay on them)."""
@@ -595,16 +733,7 @@ class FastDecoder:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = head_dim(cfg)
         self.eps = cfg.rms_norm_eps
-        rotary = model.model.rotary_emb
-        rot_device = next(iter(rotary.buffers())).device
-        with torch.no_grad():
-            positions = torch.arange(max_len, device=rot_device)[None]
-            probe = torch.zeros(1, device=rot_device, dtype=self.dtype)
-            cos, sin = rotary(probe, positions)  # [1, max_len, 2 * rotary/2]
-        half = cos.shape[-1] // 2
-        # GLM uses each frequency for an adjacent pair of dims: repeat_interleave, as its apply_rotary_pos_emb
-        cos = cos[0, :, :half].repeat_interleave(2, dim=-1).contiguous()
-        sin = sin[0, :, :half].repeat_interleave(2, dim=-1).contiguous()
+        cos, sin = rotary_tables(model, max_len)
         self.head_weight = _projection_weight(model.get_output_embeddings())  # 16-bit, or 4-bit read in place
         self.stages = [_Stage(s, self._gather_weights(s), batch_size, max_len, self.kv_heads, self.head_dim,
                               cfg.hidden_size, cfg.vocab_size, self.dtype, cos, sin) for s in self.segments]
@@ -668,7 +797,15 @@ class FastDecoder:
     def fuses_norms(self, b: int) -> bool:
         """Whether the step of ``b`` rows runs glmkit's 16/32-bit Triton GEMVs, which then apply the RMSNorms and the
         residual adds themselves (``decoder_layer``'s ``in_norm``): two kernels fewer per layer. A 4-bit model's
-        GEMVs (``glmkit.gemv4bit``) do not."""
+        GEMVs (``glmkit.gemv4bit``) do not. ``notebooks/05_tuning.ipynb`` profiles the step both ways.
+
+        >>> from glmkit.loading import load_model
+        >>> model = load_model(device_map="cpu", dtype=torch.float32)
+        >>> FastDecoder(model, max_len=16, gemv=False).fuses_norms(1)  # cuBLAS: the norms run as kernels of their own
+        False
+        >>> if triton_available():  # glmkit's GEMVs (a GPU, or TRITON_INTERPRET=1 on a CPU) apply them
+        ...     assert FastDecoder(model, max_len=16, gemv="triton").fuses_norms(1)
+        """
         return self.fuse_norms and self.gemv_by_bucket[b] == "triton" and not self.quantized
 
     @property
@@ -787,46 +924,39 @@ class FastDecoder:
         for st in self.stages:
             self._capture(st, b) if self.use_graph else self._run_eager(st, b)
 
-    def _first_step(self) -> None:
-        """Run each step size once (compiling it) and capture its graphs, largest first; if the Triton kernels that
-        ``gemv="auto"`` chose fail on this machine, warn and use cuBLAS instead (an explicit ``gemv="triton"``
-        raises). The warm-up writes garbage K/V at position 0: it runs before any prompt is in the cache."""
+    def _warm_up_all(self) -> None:
+        for st in self.stages:  # (graphs of an earlier attempt, with other kernels, go)
+            st.graphs.clear()
         for b in sorted(self.buckets, reverse=True):
-            try:
-                self._warm_up(b)
-            except Exception as exc:
-                if self.auto_pdl and self.uses_pdl(b):  # the newest feature first: plain launches
-                    warnings.warn(f"Programmatic dependent launch failed here ({type(exc).__name__}: "
-                                  f"{str(exc)[:200]}); FastDecoder launches its kernels without it (pdl=False).",
-                                  RuntimeWarning, stacklevel=4)
-                    self.pdl = False
-                    for st in self.stages:
-                        st.graphs.clear()
-                    return self._first_step()
-                if self.auto_attention and self.attention == "triton":  # first suspect: the attention kernel
-                    warnings.warn(f"glmkit's Triton decode attention failed here ({type(exc).__name__}: "
-                                  f"{str(exc)[:200]}); FastDecoder uses attention='sdpa' instead.", RuntimeWarning,
-                                  stacklevel=4)
-                    self.attention = "sdpa"
-                    for st in self.stages:
-                        st.graphs.clear()
-                    return self._first_step()
-                if self.quantized and self.compiled:  # 4 bits: a layer that does not compile runs eagerly (slower)
-                    warnings.warn(f"Compiling the 4-bit decoder layer failed ({type(exc).__name__}: "
-                                  f"{str(exc)[:200]}); FastDecoder runs its layers eagerly instead (compile=False).",
-                                  RuntimeWarning, stacklevel=4)
-                    self.compiled, self.layer_fn = False, decoder_layer
-                    for st in self.stages:
-                        st.graphs.clear()
-                    return self._first_step()
-                if not (self.auto_gemv and self.gemv_by_bucket[b] == "triton"):
-                    raise
-                warnings.warn(f"glmkit's Triton GEMV kernels failed here ({type(exc).__name__}: {str(exc)[:200]}); "
-                              "FastDecoder uses cuBLAS instead (gemv=False).", RuntimeWarning, stacklevel=4)
-                self.gemv_by_bucket[b] = False
-                for st in self.stages:
-                    st.graphs.pop(b, None)
-                self._warm_up(b)
+            self._warm_up(b)
+
+    def _fallbacks(self) -> list[Fallback]:
+        """What this decoder chose itself and can do without, should it fail here (``warm_up_or_fall_back``):
+        programmatic dependent launch (``pdl=None``), glmkit's decode attention (``attention="auto"``), the compiled
+        4-bit layer, glmkit's GEMVs (``gemv="auto"``)."""
+        found = pdl_fallback(self) + attention_fallback(self)
+        if self.quantized and self.compiled:  # 4 bits: a layer that does not compile runs eagerly (slower)
+            compiled = self.layer_fn
+
+            def eager(on: bool) -> None:
+                self.compiled, self.layer_fn = (False, decoder_layer) if on else (True, compiled)
+
+            found.append(Fallback("compiling the 4-bit decoder layer", "eager layers (compile=False)", eager))
+        chosen = [b for b, g in self.gemv_by_bucket.items() if g == "triton"] if self.auto_gemv else []
+        if chosen:
+            def cublas(on: bool) -> None:
+                self.gemv_by_bucket.update(dict.fromkeys(chosen, False if on else "triton"))
+
+            instead = "bitsandbytes' matmul_4bit" if self.quantized else "cuBLAS"
+            found.append(Fallback("glmkit's Triton GEMV kernels", f"{instead} (gemv=False)", cublas))
+        return found
+
+    def _first_step(self) -> None:
+        """Run each step size once (compiling it) and capture its graphs, largest first; if a kernel that the decoder
+        chose itself fails on this machine (``_fallbacks``), warn and use what replaces it; anything else raises
+        (an explicit ``gemv="triton"`` or ``attention="triton"`` too). The warm-up writes garbage K/V at position 0:
+        it runs before any prompt is in the cache."""
+        warm_up_or_fall_back(self._warm_up_all, self._fallbacks(), "FastDecoder")
         self.ready = True
 
     def bucket(self, k: int) -> int:
@@ -932,22 +1062,9 @@ class FastDecoder:
                top_p: float = 1.0, eos_token_ids: list[int] | None = None, ignore_eos: bool = False,
                prefill_chunk: int | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token ``[b]`` for each step (greedy at temperature 0, else sampled with top-p)."""
-        input_ids = input_ids.to(self.device)
-        n = input_ids.shape[1]
-        if n + max_new_tokens > self.max_len:
-            raise ValueError(f"{n} prompt + {max_new_tokens} new tokens exceed max_len={self.max_len}.")
         eos = torch.tensor(eos_token_ids or model_eos(self.model), device=self.device)
-        logits = self.prefill(input_ids, prefill_chunk)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
-        for i in range(max_new_tokens):
-            token = pick_token(logits, temperature, top_p, generator).to(self.device)
-            yield token
-            if not ignore_eos:
-                done |= torch.isin(token, eos)
-                if bool(done.all()):
-                    return
-            if i + 1 < max_new_tokens:
-                logits = self.decode_step(token, n + i)
+        yield from decode_tokens(self, input_ids, max_new_tokens, temperature, top_p, generator, eos, ignore_eos,
+                                 prefill_chunk)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, **kwargs: Any) -> torch.Tensor:
         """Prompt + new tokens ``[b, n + new]`` (stops early when every sequence said an end token)."""
@@ -958,6 +1075,36 @@ class FastDecoder:
         """Decode speed on random prompt ids after a warm-up (compile and graph capture excluded): see
         ``decode_speed``."""
         return decode_speed(self, prompt_len, new_tokens)
+
+
+def decode_tokens(decoder: Any, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
+                  generator: torch.Generator | None, eos: torch.Tensor, ignore_eos: bool,
+                  prefill_chunk: int | None) -> Iterator[torch.Tensor]:
+    """The decoders' ``stream`` (``FastDecoder``, ``TPDecoder``): ``decoder.prefill`` the prompts ``[b, n]``, then
+    yield the next token ``[b]`` per step (greedy at temperature 0, else sampled with top-p from ``generator``) and
+    decode it at the next position, until ``max_new_tokens`` or, unless ``ignore_eos``, until every row has said
+    one of ``eos`` (ids ``[e]``; none: never).
+
+    >>> from glmkit.loading import load_model
+    >>> model, ids = load_model(device_map="cpu", dtype=torch.float32), torch.tensor([[1, 2, 3]])
+    >>> new = decode_tokens(FastDecoder(model, max_len=8), ids, 2, 0.0, 1.0, None, torch.tensor([]), True, None)
+    >>> torch.equal(torch.stack(list(new), dim=1), model.generate(ids, max_new_tokens=2, min_new_tokens=2)[:, 3:])
+    True
+    """
+    n = input_ids.shape[1]
+    if n + max_new_tokens > decoder.max_len:
+        raise ValueError(f"{n} prompt + {max_new_tokens} new tokens exceed max_len={decoder.max_len}.")
+    logits = decoder.prefill(input_ids, prefill_chunk)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=decoder.device)
+    for i in range(max_new_tokens):
+        token = pick_token(logits, temperature, top_p, generator).to(decoder.device)
+        yield token
+        if not ignore_eos and eos.numel():
+            done |= torch.isin(token, eos)
+            if bool(done.all()):
+                return
+        if i + 1 < max_new_tokens:
+            logits = decoder.decode_step(token, n + i)
 
 
 def decode_speed(decoder: Any, prompt_len: int = 32, new_tokens: int = 256) -> dict[str, float]:

@@ -161,7 +161,7 @@ def test_auto_falls_back_to_cublas_with_a_warning_when_the_kernels_fail(model, m
     want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     auto = FastDecoder(model, max_len=16, compile=False, cuda_graph=False)
     assert auto.gemv == "triton"
-    with pytest.warns(RuntimeWarning, match="uses cuBLAS instead"):
+    with pytest.warns(RuntimeWarning, match="uses cuBLAS \\(gemv=False\\) instead"):
         got = auto.generate(ids, max_new_tokens=4, ignore_eos=True)
     assert auto.gemv is False and torch.equal(got, want)
     explicit = FastDecoder(model, max_len=16, gemv="triton", compile=False, cuda_graph=False)
