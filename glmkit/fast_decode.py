@@ -785,9 +785,10 @@ class FastDecoder:
                           f"step sizes {self.buckets}")
 
     def layer_fn_for(self, b: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
-        """The layer function of the step of ``b`` rows: uncompiled on the fused Triton step unless ``compile=True``
-        was asked for (its layer is glmkit's kernels alone), else ``layer_fn``."""
-        return decoder_layer if self.compile_auto and self.fuses_norms(b) else self.layer_fn
+        """The layer function of the step of ``b`` rows: uncompiled on the fused Triton step with glmkit's decode
+        attention unless ``compile=True`` was asked for (its layer is glmkit's kernels alone), else ``layer_fn``."""
+        alone = self.fuses_norms(b) and self.attention == "triton"
+        return decoder_layer if self.compile_auto and alone else self.layer_fn
 
     def uses_pdl(self, b: int) -> bool:
         """Whether the step of ``b`` rows launches glmkit's kernels with programmatic dependent launch (``pdl``, on

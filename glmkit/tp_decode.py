@@ -452,8 +452,8 @@ class TPDecoder:
 
     def uncompiled(self, gemv: bool | str) -> bool:
         """Whether the step with these projection kernels runs uncompiled: the fused Triton step (glmkit's kernels
-        and the all-reduces alone) unless ``compile=True`` was asked for."""
-        return self.compile_auto and self.fuses_norms(gemv)
+        and the all-reduces alone, with glmkit's decode attention) unless ``compile=True`` was asked for."""
+        return self.compile_auto and self.fuses_norms(gemv) and self.attention == "triton"
 
     def _step_fns(self, gemv: bool | str) -> tuple[Callable[..., Any], ...]:
         """The attention, MLP, next-input and embedding pieces of a step: as they are on the uncompiled step."""

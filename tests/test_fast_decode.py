@@ -95,9 +95,10 @@ def test_the_fused_triton_step_runs_its_layers_uncompiled_unless_compile_is_aske
     assert not auto.uses_pdl(1)  # a CPU: no programmatic dependent launch
     asked = FastDecoder(model, max_len=8, gemv="triton", compile=True)
     assert asked.layer_fn_for(1) is asked.layer_fn is not decoder_layer
-    apart = FastDecoder(model, max_len=8, gemv="triton", compile=None, fuse_norms=False)
-    apart.layer_fn = auto.layer_fn
-    assert apart.layer_fn_for(1) is apart.layer_fn
+    for other in ({"fuse_norms": False}, {"attention": "sdpa"}):  # norm or rope kernels: the compiled layer
+        apart = FastDecoder(model, max_len=8, gemv="triton", compile=None, **other)
+        apart.layer_fn = auto.layer_fn
+        assert apart.layer_fn_for(1) is apart.layer_fn
 
 
 def test_compiled_decoders_of_many_shapes_in_one_process(model):
