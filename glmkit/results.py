@@ -618,6 +618,21 @@ def pdl_table() -> Table | Text:
                        script="benchmarks/pdl_decode.py --checkpoint /tmp/glm9b")
 
 
+def pdl_sentence() -> str:
+    """Programmatic dependent launch in one sentence (``pdl_decode.json`` and ``pdl_probe.json``), for the README."""
+    d = load("pdl_decode")
+    if d is None:
+        return str(not_measured("Programmatic dependent launch", "benchmarks/pdl_decode.py"))
+    rows = {r["variant"]: r for r in d["rows"] if "decode_tok_s" in r}
+    compiled, plain, pdl = rows["compiled"], rows["uncompiled"], rows["uncompiled+pdl"]
+    return (f"With Hopper's programmatic dependent launch (each kernel launched while the one before finishes; "
+            f"`FastDecoder(pdl=)`, on by default where the GPU has it), in one run on an {measured_on(d)} "
+            f"(`pdl_decode.json`): the same fused step decodes {compiled['decode_tok_s']:.1f} tok/s with its layer "
+            f"compiled, {plain['decode_tok_s']:.1f} uncompiled and {pdl['decode_tok_s']:.1f} uncompiled with PDL "
+            f"({pdl['decode_tok_s'] / compiled['decode_tok_s']:.3f}x compiled, "
+            f"{100 * pdl['fraction_of_roofline']:.1f}% of the roofline). " + str(pdl_probe_sentence()))
+
+
 def pdl_probe_sentence() -> Text:
     """The GEMV chain of one token (40 layers' four projections and lm_head, no attention) in a CUDA graph, with
     and without programmatic dependent launch, one run (``pdl_probe.json``)."""
@@ -1955,6 +1970,7 @@ def readme_measured_section() -> str:
                "**The fast path in fp16 and nf4**: " + nf4_decode_sentence(),
                "**glmkit's 4-bit kernel**: " + nf4_kernel_sentence(),
                "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
+               "**Fewer kernels per step**: " + str(fusion_sentence()) + " " + pdl_sentence(),
                "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
                "**Fast path on two GPUs**: " + two_gpu_fast_sentence() + _proxy_clause(),
