@@ -63,7 +63,7 @@ def _rank(rank: int, folder: str, model: torch.nn.Module) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
     try:
         out = {}
-        for mode in ("symm", "auto", "nccl"):
+        for mode in ("symm", "push", "auto", "nccl"):
             ar = AllReduce(dist.group.WORLD, torch.device("cpu"), torch.float32, mode=mode)
             out[mode] = (ar.mode, ar.reason, ar(torch.full((3, 4), float(rank + 1))).tolist())
         dec = TPDecoder(model, max_len=48, batch_size=2, group=dist.group.WORLD, allreduce="symm")
@@ -108,9 +108,9 @@ def ranks(tmp_path_factory) -> list[dict]:
     return fork_ranks(_rank, tmp_path_factory.mktemp("tp"), model)
 
 
-def test_symm_and_auto_fall_back_to_the_groups_all_reduce_on_cpus(ranks):
+def test_symm_push_and_auto_fall_back_to_the_groups_all_reduce_on_cpus(ranks):
     for out in ranks:
-        for mode in ("symm", "auto"):
+        for mode in ("symm", "push", "auto"):
             chosen, reason, total = out[mode]
             assert chosen == "nccl" and "CPU" in reason
             assert total == [[3.0] * 4] * 3  # 1 + 2 on every rank
