@@ -15,6 +15,7 @@ import torch.distributed as dist
 from glmkit.allreduce import AllReduce, latency_rows
 from glmkit.bench import save_result
 from glmkit.loading import load_model
+from glmkit.parallel import leave_process_group
 from glmkit.tp_decode import TPDecoder
 
 rank = int(os.environ["RANK"])
@@ -44,7 +45,13 @@ def chain(fn, x):
 
 x0 = torch.randn(16, 4096, device=device, dtype=torch.bfloat16, generator=gen)
 graphs = {}
-for name, fn in (("push", push), ("nccl", lambda t: (dist.all_reduce(t), t)[1])):
+def nccl(t):  # on a copy: NCCL sums in place, and the graph's input must stay as it was for the next replay
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+for name, fn in (("push", push), ("nccl", nccl)):
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -78,4 +85,4 @@ if rank == 0:
     save_result("allreduce_push", {"what": __doc__.splitlines()[0], "eager_equal": bool(ok), "graph_equal": bool(same),
                                    "tp_tokens_equal": bool(torch.equal(tokens["push"], tokens["nccl"])),
                                    "latency": rows})
-dist.destroy_process_group()
+leave_process_group(0)  # under NCCL: graphs captured its all-reduces (see glmkit.parallel)
