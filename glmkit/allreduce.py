@@ -11,14 +11,22 @@ flag in each peer's signal pad and waits for theirs, then reads every rank's buf
 rank order (the same bits on every rank). A CUDA graph captures it like any kernel. NVLink multicast is not used
 (``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` stays set: on shared machines it can take the host's GPUs out of service).
 
+glmkit's own ``"push"`` kernel (two ranks) saves the read over NVLink: each rank *writes* its partial into the
+peer's symmetric buffer (a slot per rank, two sets used in turn so that a call never overwrites what the peer may
+still be reading from the call before), raises a counter in the peer's flags (release, system scope), waits for
+the peer's counter in its own flags (acquire), and sums the two partials from its own memory in rank order. Launched
+with programmatic dependent launch inside ``glmkit.gemv.dependent_launches`` (``TPDecoder``'s batch-1 step), so it
+starts while the GEMV before it finishes.
+
 Modes:
 
 - ``"nccl"``: the process group's own all-reduce (NCCL on GPUs, gloo on CPUs);
 - ``"symm"``: the one-shot kernel for tensors up to ``max_bytes`` (the group's all-reduce for bigger ones, e.g. a
   long prompt's prefill). Where it cannot run (CPUs, gloo, GPUs without peer access, processes on several hosts,
   a torch without the kernel) every rank falls back to ``"nccl"`` and ``reason`` says why;
-- ``"auto"``: both are timed (in a CUDA graph when ``graph``, else eagerly) on a ``[1, hidden]`` tensor and the
-  faster one is kept; ``timings_us`` holds what was measured.
+- ``"push"``: glmkit's push kernel (two ranks on one host's GPUs with Triton; ``"nccl"`` where it cannot run);
+- ``"auto"``: all that run here are timed (in a CUDA graph when ``graph``, else eagerly) on a ``[1, hidden]``
+  tensor and the fastest is kept; ``timings_us`` holds what was measured.
 
 Every rank must build its ``AllReduce`` at the same point (the setup runs collectives). Introduced in
 ``notebooks/08_tensor_parallel.ipynb``. Without a group (one process) it returns its input:
@@ -43,8 +51,50 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-MODES = ("nccl", "symm", "auto")
+from glmkit import gemv as _gemv
+from glmkit.gemv import triton
+
+if triton is not None:
+    import triton.language as tl
+
+MODES = ("nccl", "symm", "push", "auto")
+PUSH_BLOCK = 4096  # elements each program of the push kernel sums (one token's hidden state of GLM-4-9B)
 PER_TOKEN = 81  # all-reduces in one TP GLM-4-9B token: the embedding, then 2 per layer for 40 layers
+
+
+if triton is not None:
+
+    @triton.jit
+    def _push_allreduce_kernel(x_ptr, out_ptr, mine_ptr, peer_ptr, my_flags, peer_flags, calls, N, CAP,
+                               RANK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        # two ranks: this program's BLOCK values of x go into the peer's buffer (slot RANK of the set the call's
+        # parity picks), then the call's number into the peer's flag for this program (release: the values are
+        # visible before it); once the peer's number is in this rank's flag (acquire), both partials are read from
+        # this rank's own memory and summed in rank order (fp32, rounded once: the same bits on both ranks)
+        pid = tl.program_id(0)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < N
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+        call = tl.load(calls + pid) + 1  # this program's calls on this rank, this one included
+        tl.debug_barrier()
+        tl.store(calls + pid, call)
+        base = (call % 2) * 2 * CAP
+        tl.store(peer_ptr + base + RANK * CAP + offs, x, mask=ok)
+        tl.debug_barrier()
+        tl.atomic_xchg(peer_flags + pid, call, sem="release", scope="sys")
+        seen = tl.atomic_add(my_flags + pid, 0, sem="acquire", scope="sys")
+        while seen < call:
+            seen = tl.atomic_add(my_flags + pid, 0, sem="acquire", scope="sys")
+        tl.debug_barrier()
+        other = tl.load(mine_ptr + base + (1 - RANK) * CAP + offs, mask=ok, other=0.0, cache_modifier=".cg")  # L2
+        if RANK == 0:
+            total = x.to(tl.float32) + other.to(tl.float32)
+        else:
+            total = other.to(tl.float32) + x.to(tl.float32)
+        tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def symm_problem(group: dist.ProcessGroup | None, device: torch.device) -> str | None:
@@ -71,7 +121,7 @@ def symm_problem(group: dist.ProcessGroup | None, device: torch.device) -> str |
     return None
 
 
-def _agree(ok: bool, group: dist.ProcessGroup, device: torch.device) -> bool:
+def agree(ok: bool, group: dist.ProcessGroup, device: torch.device) -> bool:
     """True only if every rank says ``ok`` (so all ranks take the same path)."""
     flag = torch.tensor([int(ok)], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
@@ -111,6 +161,7 @@ class AllReduce:
         self.group, self.device, self.dtype, self.requested = group, torch.device(device), dtype, mode
         self.world = dist.get_world_size(group) if group is not None else 1
         self.buffer: torch.Tensor | None = None
+        self.push: dict[str, Any] | None = None  # the push kernel's buffers, where it runs (``_push_setup``)
         self.timings_us: dict[str, dict[str, float]] = {}
         self.mode, self.reason = "nccl", None
         if mode == "nccl":
@@ -125,14 +176,24 @@ class AllReduce:
             if not self._all_ok():
                 return
             self.reason = step()
-        if self._all_ok():
-            self.mode = "symm"
-            if mode == "auto":
-                self._choose(hidden, graph)
+        if not self._all_ok():
+            return
+        self.mode = "symm"
+        if mode in ("push", "auto"):
+            problem = self._push_setup(max_bytes)
+            if not agree(problem is None, self.group, self.device):
+                self.push = None
+                if mode == "push":
+                    self.mode, self.reason = "nccl", problem or "another rank cannot run the push kernel"
+                    return
+            elif mode == "push":
+                self.mode = "push"
+        if mode == "auto":
+            self._choose(hidden, graph)
 
     def _all_ok(self) -> bool:
         """Whether every rank can go on with symmetric memory; if not, all drop it (and say why)."""
-        if _agree(self.reason is None, self.group, self.device):
+        if agree(self.reason is None, self.group, self.device):
             return True
         self.reason, self.buffer = self.reason or "another rank cannot run it", None
         return False
@@ -185,10 +246,58 @@ class AllReduce:
         inp.copy_(t)
         return ops.one_shot_all_reduce(inp, "sum", self.group.group_name)
 
+    def _push_setup(self, max_bytes: int) -> str | None:
+        """The push kernel's symmetric buffer (two sets of one slot per rank) and flags, mapped into the peer, and
+        one test of it against NCCL; why not, if it cannot run here."""
+        if self.world != 2:
+            return f"the push kernel sums over two ranks, not {self.world}"
+        if triton is None or _gemv.INTERPRETER:
+            return "the push kernel needs Triton on a GPU"
+        import torch.distributed._symmetric_memory as symm_mem
+
+        try:
+            elem = torch.empty((), dtype=self.dtype).element_size()
+            cap = max_bytes // elem // 4 // PUSH_BLOCK * PUSH_BLOCK
+            programs = cap // PUSH_BLOCK
+            data = symm_mem.empty(4 * cap, dtype=self.dtype, device=self.device).zero_()
+            flags = symm_mem.empty(programs, dtype=torch.int32, device=self.device).zero_()
+            torch.cuda.synchronize(self.device)
+            peer = 1 - dist.get_rank(self.group)
+            views = [symm_mem.rendezvous(b, self.group.group_name).get_buffer(peer, (b.numel(),), b.dtype)
+                     for b in (data, flags)]
+            self.push = {"cap": cap, "data": data, "flags": flags, "peer_data": views[0], "peer_flags": views[1],
+                         "calls": torch.zeros(programs, dtype=torch.int32, device=self.device),
+                         "rank": dist.get_rank(self.group)}
+            dist.barrier(group=self.group, device_ids=[self.device.index] if self.device.index is not None else None)
+            for n in (64, 2 * PUSH_BLOCK + 5, 64):  # both sets of slots, several programs, a partial block
+                probe = torch.arange(n, dtype=self.dtype, device=self.device) % 97 + dist.get_rank(self.group)
+                want = probe.clone()
+                dist.all_reduce(want, group=self.group)
+                if not torch.equal(self._push(probe), want):
+                    self.push = None
+                    return "the push kernel's test sum differed from NCCL's"
+        except Exception as exc:  # noqa: BLE001 - an optional fast path: say why and use another
+            self.push = None
+            return f"the push kernel failed here: {type(exc).__name__}: {str(exc)[:200]}"
+        return None
+
+    def _push(self, t: torch.Tensor) -> torch.Tensor:
+        """glmkit's push all-reduce of ``t`` (two ranks; it must fit the buffer)."""
+        x = t.contiguous()
+        out = torch.empty_like(x)
+        n, p = x.numel(), self.push
+        pdl = {"PDL": _gemv.PDL, **({"launch_pdl": True} if _gemv.PDL else {})}
+        _push_allreduce_kernel[(triton.cdiv(n, PUSH_BLOCK),)](
+            x, out, p["data"], p["peer_data"], p["flags"], p["peer_flags"], p["calls"], n, p["cap"],
+            RANK=p["rank"], BLOCK=PUSH_BLOCK, num_warps=4, **pdl)
+        return out.view(t.shape)
+
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if self.group is None or self.world < 2:
             return t
-        if self.mode == "symm" and t.dtype == self.dtype and t.numel() <= self.buffer.numel():
+        if self.mode == "push" and t.dtype == self.dtype and t.numel() <= self.push["cap"]:
+            return self._push(t)
+        if self.mode in ("symm", "push") and t.dtype == self.dtype and t.numel() <= self.buffer.numel():
             return self._symm(t)
         dist.all_reduce(t, group=self.group)
         return t
@@ -197,20 +306,22 @@ class AllReduce:
         """Time NCCL and the one-shot kernel on ``[1, hidden]`` and keep the faster (rank 0's timings decide)."""
         t = torch.zeros(1, hidden, dtype=self.dtype, device=self.device)
         use_graph = graph and self.device.type == "cuda"
-        for mode in ("nccl", "symm"):
+        modes = ("nccl", "symm") + (("push",) if self.push is not None else ())
+        for mode in modes:
             self.mode = mode
             self.timings_us[mode] = all_reduce_latency_us(self, t, self.group, graph=use_graph)
         key = "in_cuda_graph_us" if use_graph else "eager_us"
-        times = torch.tensor([self.timings_us[m][key] for m in ("nccl", "symm")], device=self.device)
+        times = torch.tensor([self.timings_us[m][key] for m in modes], device=self.device)
         dist.broadcast(times, src=dist.get_global_rank(self.group, 0), group=self.group)
-        self.mode = "symm" if times[1] < times[0] else "nccl"
-        self.reason = f"measured, {key}: NCCL {times[0]:.1f} µs, symm {times[1]:.1f} µs"
+        self.mode = modes[int(times.argmin())]
+        self.reason = f"measured, {key}: " + ", ".join(f"{m} {v:.1f} µs" for m, v in zip(modes, times.tolist()))
 
     def describe(self) -> str:
         """One line: what sums (the one-shot kernel, or the group's backend) and why (for logs and benchmark JSON)."""
         if self.group is None or self.world < 2:
             return "nothing to sum (one process)"
-        what = "symmetric-memory one-shot" if self.mode == "symm" else f"{dist.get_backend(self.group)} all-reduce"
+        what = {"symm": "symmetric-memory one-shot", "push": "glmkit push kernel"}.get(
+            self.mode, f"{dist.get_backend(self.group)} all-reduce")
         return what + (f" ({self.reason})" if self.reason else "")
 
     def __repr__(self) -> str:

@@ -36,6 +36,7 @@ import math
 
 import torch
 
+from glmkit import gemv as _gemv
 from glmkit.gemv import INTERPRETER, triton, triton_available
 
 if triton is not None:
@@ -86,8 +87,12 @@ if triton is not None:
                                  stride_vb, stride_vh, stride_cos, stride_sin, stride_cb, stride_ch, stride_cn,
                                  max_len, scale_log2, KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  ROTARY: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                                 BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr):
+                                 BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+                                 PDL: tl.constexpr):
         # one program: sequence i, KV head h, cache positions [split * SPLIT, (split + 1) * SPLIT) up to pos[i]
+        if PDL:  # programmatic dependent launch: the next kernel may start; q/k/v are read after this one's
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         split = tl.program_id(1)
         i = pid // KV
@@ -162,8 +167,12 @@ if triton is not None:
 
     @triton.jit
     def _combine_kernel(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr):
+                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                        PDL: tl.constexpr):
         # one program: one query head of one sequence; softmax-weighted sum of the partial outputs of its splits
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         pid = tl.program_id(0)
         i = pid // HEADS
         used = tl.minimum(tl.load(pos_ptr + i).to(tl.int32) // SPLIT + 1, SPLITS)  # splits that held 0..pos
@@ -244,7 +253,24 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         split: cache positions per program (a multiple of ``BLOCK_N``); default ``split_length``.
 
     Returns the attention output ``[b, heads, 1, head_dim]``, a view of a ``[b, 1, heads * head_dim]`` buffer: what
-    ``o_proj`` reads, with no copy. Introduced with the fast path in ``notebooks/05_tuning.ipynb``.
+    ``o_proj`` reads, with no copy. Introduced with the fast path in ``notebooks/05_tuning.ipynb``. It runs on a GPU
+    or in Triton's CPU interpreter (``TRITON_INTERPRET=1`` before glmkit is imported, as the tests set it); a CPU
+    tensor without the interpreter gets a ``ValueError`` that says to use ``attention='sdpa'``, the path below:
+
+    >>> import torch.nn.functional as F
+    >>> dev = "cuda" if torch.cuda.is_available() else "cpu"
+    >>> q, k, v = (torch.randn(1, n, 64, device=dev) for n in (4, 2, 2))  # 4 query heads share 2 KV heads
+    >>> k_cache, v_cache = torch.randn(1, 2, 16, 64, device=dev), torch.randn(1, 2, 16, 64, device=dev)
+    >>> cos, sin = torch.ones(1, 64, device=dev), torch.zeros(1, 64, device=dev)  # (no rotation: keeps it short)
+    >>> pos, rows = torch.tensor([2], device=dev), torch.tensor([0], device=dev)
+    >>> if triton_available():  # a GPU, or the interpreter: one kernel
+    ...     out = decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos, sin)
+    ... else:  # what it equals: the cache write, then PyTorch's attention over positions 0..pos
+    ...     k_cache[0, :, 2], v_cache[0, :, 2] = k[0], v[0]
+    ...     out = F.scaled_dot_product_attention(q[:, :, None], k_cache[:, :, :3], v_cache[:, :, :3], enable_gqa=True)
+    >>> ref = F.scaled_dot_product_attention(q[:, :, None], k_cache[:, :, :3], v_cache[:, :, :3], enable_gqa=True)
+    >>> tuple(out.shape), torch.equal(k_cache[0, :, 2], k[0]), torch.allclose(out, ref, atol=1e-5)
+    ((1, 4, 1, 64), True, True)
     """
     _check(q, k, v, k_cache, v_cache, pos, batch_index, cos, sin)
     pos, batch_index = pos.contiguous(), batch_index.contiguous()  # read as pos_ptr + i (an expanded view is not)
@@ -264,15 +290,47 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         m = torch.empty(1, dtype=torch.float32, device=q.device)
         lse, acc = torch.empty_like(m), torch.empty_like(m)
     block_d = max(16, triton.next_power_of_2(hd))
+    pdl = {"PDL": _gemv.PDL, **({"launch_pdl": True} if _gemv.PDL else {})}
     _decode_attention_kernel[(b * kv, splits)](
         q, k, v, cos, sin, pos, batch_index, k_cache, v_cache, out, m, lse, acc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), max_len, math.log2(math.e) / math.sqrt(hd),
         KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=BLOCK_N, SPLIT=split, SPLITS=splits, IEEE=q.dtype == torch.float32 or INTERPRETER,
-        num_warps=4)
+        num_warps=4, **pdl)
     if splits > 1:
         _combine_kernel[(b * heads,)](m, lse, acc, pos, out, HEADS=heads, HEAD_DIM=hd, BLOCK_D=block_d,
                                       BLOCK_S=min(32, triton.next_power_of_2(splits)), SPLIT=split, SPLITS=splits,
-                                      num_warps=4)
+                                      num_warps=4, **pdl)
     return out.view(b, 1, heads, hd).transpose(1, 2)
+
+
+def qkv_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                         batch_index: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``decode_attention`` on the fused q/k/v projection's output, as the decoders call it (``glmkit.fast_decode``'s
+    layer, ``glmkit.tp_decode``'s rank): q, k and v are views of ``qkv``, no copy.
+
+    qkv: ``[b, 1, (heads + 2 kv_heads) * head_dim]``, one new token per sequence (kv_heads and head_dim are the
+    cache's); cos/sin: ``[b, 1, 1, rotary_dim]`` (any shape of ``b * rotary_dim`` numbers); the rest as
+    ``decode_attention``, whose output ``[b, heads, 1, head_dim]`` it returns. Taught with the fast path in
+    ``notebooks/05_tuning.ipynb``.
+
+    >>> if triton_available():  # a GPU, or TRITON_INTERPRET=1 on a CPU (else: decode_attention's error)
+    ...     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ...     qkv = torch.randn(1, 1, (4 + 2 * 2) * 64, device=dev)  # 4 query heads, 2 KV heads of 64 dims
+    ...     k_cache, v_cache = torch.zeros(2, 1, 2, 8, 64, device=dev)
+    ...     cos, sin = torch.ones(1, 64, device=dev), torch.zeros(1, 64, device=dev)  # (no rotation)
+    ...     pos = row = torch.zeros(1, dtype=torch.long, device=dev)  # position 0 of cache row 0
+    ...     out = qkv_decode_attention(qkv, k_cache, v_cache, pos, row, cos, sin)
+    ...     v = qkv[0, 0, -2 * 64:].view(2, 64)  # at position 0 a query head's output is its KV head's v
+    ...     assert torch.equal(out[0, :, 0], v.repeat_interleave(2, dim=0)) and torch.equal(v_cache[0, :, 0], v)
+    """
+    b, width = qkv.shape[0], qkv.shape[-1]
+    kv, hd = k_cache.shape[1], k_cache.shape[-1]
+    if qkv.numel() != b * width or width % hd or width // hd <= 2 * kv:
+        raise ValueError(f"qkv_decode_attention takes q/k/v [b, 1, (heads + 2 * {kv}) * {hd}] of one token per "
+                         f"sequence for a cache of {kv} KV heads x {hd} dims; got {tuple(qkv.shape)}.")
+    heads = width // hd - 2 * kv
+    q, k, v = qkv.split([heads * hd, kv * hd, kv * hd], dim=-1)
+    return decode_attention(q.view(b, heads, hd), k.view(b, kv, hd), v.view(b, kv, hd), k_cache, v_cache, pos,
+                            batch_index, cos.view(b, -1), sin.view(b, -1))

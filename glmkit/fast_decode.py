@@ -31,9 +31,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from glmkit.attention import auto_attention, decode_attention
+from glmkit.attention import auto_attention, qkv_decode_attention
 from glmkit.device_map import check_device_map
-from glmkit.gemv import active_table, gemv_swiglu, kernel_name, prefer_triton, triton_available
+from glmkit.gemv import (
+    active_table,
+    dependent_launches,
+    gemv_swiglu,
+    kernel_name,
+    pdl_supported,
+    prefer_triton,
+    triton_available,
+)
 from glmkit.gemv import gemv as triton_gemv
 from glmkit.gemv4bit import (
     Packed4bit,
@@ -74,6 +82,28 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     r = cos.shape[-1]
     rot, rest = x[..., :r], x[..., r:]
     return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
+
+
+def rotary_tables(model: torch.nn.Module, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLM's rotary ``cos`` and ``sin`` for positions ``0..max_len-1``, ``[max_len, rotary_dim]`` each, in the model's
+    dtype on its rotary embedding's device: the form ``rope`` and ``glmkit.attention.decode_attention`` read (each
+    frequency repeated for its adjacent pair of dims, as GLM's ``apply_rotary_pos_emb``).
+
+    >>> from glmkit.loading import load_model
+    >>> cos, sin = rotary_tables(load_model(device_map="cpu", dtype=torch.float32), 8)
+    >>> tuple(cos.shape), bool((cos[0] == 1).all() and (sin[0] == 0).all()), torch.equal(cos[:, 0], cos[:, 1])
+    ((8, 32), True, True)
+    """
+    rotary = model.model.rotary_emb
+    device = next(iter(rotary.buffers())).device
+    with torch.no_grad():
+        positions = torch.arange(max_len, device=device)[None]
+        probe = torch.zeros(1, device=device, dtype=model.get_input_embeddings().weight.dtype)
+        cos, sin = rotary(probe, positions)  # [1, max_len, 2 * rotary/2]
+    half = cos.shape[-1] // 2
+    # GLM uses each frequency for an adjacent pair of dims: repeat_interleave, as its apply_rotary_pos_emb
+    return (cos[0, :, :half].repeat_interleave(2, dim=-1).contiguous(),
+            sin[0, :, :half].repeat_interleave(2, dim=-1).contiguous())
 
 
 Weight = torch.Tensor | Packed4bit | tuple[Packed4bit, ...]  # a tuple: 4-bit q, k, v, whose outputs are concatenated
@@ -141,7 +171,13 @@ def fuses(weight: Weight, gemv: bool | str, swiglu: bool = False) -> bool:
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: Weight, bias: torch.Tensor | None,
                 gemv: bool | str) -> torch.Tensor:
     """``linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)``: in one Triton launch where ``fuses``, which
-    normalises x as it reads it (no norm kernel)."""
+    normalises x as it reads it (no norm kernel). The fused decode step of ``notebooks/05_tuning.ipynb``.
+
+    >>> x, g, w = torch.randn(1, 1, 16), torch.rand(16), torch.randn(8, 16)
+    >>> gemv = "triton" if triton_available() else False  # glmkit's kernel (GPU, or TRITON_INTERPRET=1), else cuBLAS
+    >>> torch.allclose(norm_linear(x, g, 1e-5, w, None, gemv), F.linear(rms_norm(x, g, 1e-5), w), atol=1e-5)
+    True
+    """
     if fuses(weight, gemv):
         return triton_gemv(x, weight, bias, norm_weight=norm_weight, eps=eps)
     return linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)
@@ -149,7 +185,13 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
 
 def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gemv: bool | str) -> torch.Tensor:
     """``residual + linear(x, weight, None, gemv)``: in one Triton launch where ``fuses`` (the add in its epilogue,
-    rounded as PyTorch rounds it)."""
+    rounded as PyTorch rounds it). The fused decode step of ``notebooks/05_tuning.ipynb``.
+
+    >>> residual, x, w = torch.randn(1, 1, 8), torch.randn(1, 1, 16), torch.randn(8, 16)
+    >>> gemv = "triton" if triton_available() else False  # glmkit's kernel (GPU, or TRITON_INTERPRET=1), else cuBLAS
+    >>> torch.allclose(residual_linear(residual, x, w, gemv), residual + F.linear(x, w), atol=1e-5)
+    True
+    """
     if fuses(weight, gemv):
         return triton_gemv(x, weight, None, residual=residual)
     return residual + linear(x, weight, None, gemv)
@@ -183,7 +225,7 @@ def _attention_reduction(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_index: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, mask: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
+                  sin: torch.Tensor, mask: torch.Tensor | None, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
                   wo: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, next_norm: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float, heads: int, kv_heads: int, head_dim: int,
                   gemv: bool | str = False, attention: str = "sdpa",
@@ -194,7 +236,8 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
     residual stream and it normalised by ``next_norm`` (the next layer's input norm, or the final norm), so the
     residual add and the next norm run as one kernel (on the fused Triton path, ``in_norm`` below, neither runs as a
     kernel of its own). pos, batch_index: [b];
-    k_cache/v_cache: [b, kv_heads, max_len, head_dim]; mask: additive [b, 1, 1, max_len] (0 up to pos, else -inf).
+    k_cache/v_cache: [b, kv_heads, max_len, head_dim]; mask: additive [b, 1, 1, max_len] (0 up to pos, else -inf;
+    None with attention="triton", which does not read it).
     attention: ``"triton"`` (rope, cache write and attention in ``glmkit.attention``'s kernel: it reads pos, not the
     mask), ``"sdpa"`` or ``"reduction"``.
 
@@ -206,11 +249,10 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
     fused = in_norm is not None
     # [b, 1, (heads + 2 kv_heads) * head_dim]
     qkv = norm_linear(x, in_norm, eps, wqkv, bqkv, gemv) if fused else linear(h, wqkv, bqkv, gemv)
-    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     if attention == "triton":  # one kernel: rope, the K/V write at pos and attention over 0..pos
-        attn = decode_attention(q.view(b, heads, head_dim), k.view(b, kv_heads, head_dim), v.view(b, kv_heads, head_dim),
-                                k_cache, v_cache, pos, batch_index, cos.view(b, -1), sin.view(b, -1))  # [b, heads, 1, hd]
+        attn = qkv_decode_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin)  # [b, heads, 1, hd]
     else:
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         q = rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
         k = rope(k.view(b, 1, kv_heads, head_dim).transpose(1, 2), cos, sin)
         v = v.view(b, 1, kv_heads, head_dim).transpose(1, 2)
@@ -430,6 +472,111 @@ def bucket_sizes(batch_size: int, graph_batch_sizes: Sequence[int] | None = None
     return sorted(sizes | {batch_size})
 
 
+@dataclass
+class Fallback:
+    """A kernel of glmkit's that a decoder chose itself (``"auto"``) and can do without where it fails to build or
+    run: ``use(True)`` switches the decoder to the replacement, ``use(False)`` back (``warm_up_or_fall_back``)."""
+
+    what: str  # what may fail, in the user's words: "glmkit's Triton decode attention"
+    instead: str  # what runs in its place, and the setting that asks for it: "attention='sdpa'"
+    use: Callable[[bool], None]
+
+
+def attention_fallback(decoder: Any) -> list[Fallback]:
+    """``[Fallback]`` to ``attention="sdpa"`` for a decoder (``FastDecoder``, ``TPDecoder``) whose
+    ``attention="auto"`` chose glmkit's Triton kernel; ``[]`` otherwise (an explicit choice is kept, and raises).
+
+    >>> class Decoder:
+    ...     auto_attention, attention = True, "triton"
+    >>> decoder = Decoder()
+    >>> [f.instead for f in attention_fallback(decoder)]
+    ["attention='sdpa'"]
+    >>> attention_fallback(decoder)[0].use(True); decoder.attention
+    'sdpa'
+    """
+    if not (decoder.auto_attention and decoder.attention == "triton"):
+        return []
+
+    def use(on: bool) -> None:
+        decoder.attention = "sdpa" if on else "triton"
+
+    return [Fallback("glmkit's Triton decode attention", "attention='sdpa'", use)]
+
+
+def pdl_fallback(decoder: Any) -> list[Fallback]:
+    """``[Fallback]`` to plain launches for a decoder (``FastDecoder``, ``TPDecoder``) that chose programmatic
+    dependent launch itself (``pdl=None`` on a GPU that has it); ``[]`` otherwise.
+
+    >>> class Decoder:
+    ...     auto_pdl, pdl = True, True
+    >>> decoder = Decoder()
+    >>> [f.instead for f in pdl_fallback(decoder)]
+    ['plain launches (pdl=False)']
+    >>> pdl_fallback(decoder)[0].use(True); decoder.pdl
+    False
+    """
+    if not (decoder.auto_pdl and decoder.pdl):
+        return []
+
+    def use(on: bool) -> None:
+        decoder.pdl = not on
+
+    return [Fallback("programmatic dependent launch", "plain launches (pdl=False)", use)]
+
+
+def _error(fn: Callable[[], None]) -> Exception | None:
+    """What ``fn()`` raised, or ``None``."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - told apart by the caller, raised again if no fallback helps
+        return exc
+    return None
+
+
+def warm_up_or_fall_back(warm_up: Callable[[], None], fallbacks: Sequence[Fallback], decoder: str,
+                         failed_anywhere: Callable[[bool], bool] = bool) -> None:
+    """Run ``warm_up()``; if it fails, find which of ``fallbacks`` it needs, switch to it and warn naming what failed
+    and what runs instead (``FastDecoder`` and ``TPDecoder``'s first step, ``notebooks/05_tuning.ipynb``).
+
+    Which kernel failed is found by trying, not guessed from the error: each fallback alone first (the kernel whose
+    replacement makes the warm-up pass is the one that failed), then all together (several failed). If none helps,
+    the failure is not one of those kernels: the first error is raised, the choices left as they were.
+    ``failed_anywhere(failed)``: whether this attempt failed in any process (``TPDecoder``: an all-reduce of the flag,
+    so that every rank falls back alike, even when one rank alone failed); by default, in this one.
+
+    >>> import warnings
+    >>> kernels = {"attention": "triton", "gemv": "triton"}
+    >>> def warm_up():  # the GEMVs fail: trying attention alone does not help, trying the GEMVs alone does
+    ...     if kernels["gemv"] == "triton":
+    ...         raise RuntimeError("no kernel image is available")
+    >>> fallbacks = [Fallback(f"glmkit's Triton {name}", f"{name}=False", lambda on, name=name:
+    ...                       kernels.update({name: False if on else "triton"})) for name in kernels]
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warm_up_or_fall_back(warm_up, fallbacks, "FastDecoder")
+    >>> kernels
+    {'attention': 'triton', 'gemv': False}
+    >>> print(caught[0].message)
+    glmkit's Triton gemv failed here (RuntimeError: no kernel image is available); FastDecoder uses gemv=False instead.
+    """
+    first = _error(warm_up)
+    if not failed_anywhere(first is not None):
+        return
+    tries = [[f] for f in fallbacks] + ([list(fallbacks)] if len(fallbacks) > 1 else [])
+    for chosen in tries:
+        for f in chosen:
+            f.use(True)
+        if not failed_anywhere(_error(warm_up) is not None):
+            where = f"here ({type(first).__name__}: {str(first)[:200]})" if first is not None else "in another process"
+            warnings.warn(f"{' and '.join(f.what for f in chosen)} failed {where}; {decoder} uses "
+                          f"{' and '.join(f.instead for f in chosen)} instead.", RuntimeWarning, stacklevel=4)
+            return
+        for f in chosen:
+            f.use(False)
+    if first is None:
+        raise RuntimeError(f"{decoder}'s warm-up failed in another process (its error says why); this one stops too.")
+    raise first
+
+
 class _Stage:
     """A segment's share of the decoder: its layers' fused weights, its slice of the static KV cache, and the
     static buffers its step reads and writes (its CUDA graphs replay on them)."""
@@ -479,7 +626,10 @@ class FastDecoder:
         max_len: prompt + new tokens the static cache holds per row.
         batch_size: rows of the static cache (sequences decoded together).
         cuda_graph: capture each segment's step as a CUDA graph, per batch size (default: on a GPU).
-        compile: ``torch.compile`` the layer function (default: on a GPU); fuses norms, RoPE and SiLU.
+        compile: ``torch.compile`` the layer function; fuses norms, RoPE and SiLU. Default: on a GPU, except on the
+            batch-1 Triton step of a 16/32-bit model (``fuses_norms``), whose layer is glmkit's kernels alone: there
+            the compiled layer launches the same kernels and on an H200 decoded 202.9 tok/s against 205.1 uncompiled
+            (``benchmarks/results/pdl_decode.json``), and ``pdl`` needs Triton's own launches.
         gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1
             step on a GPU of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a
             warning and cuBLAS; a 4-bit model: glmkit's 4-bit Triton GEMVs at batch 1 (PyTorch ops the compiled
@@ -515,13 +665,17 @@ class FastDecoder:
             two kernels fewer per layer. ``False`` keeps the norms as compiled kernels of their own (the residual
             adds stay in o_proj's and down_proj's GEMVs; to compare: ``benchmarks/profile_step.py``,
             ``benchmarks/decode.py``).
+        pdl: capture the uncompiled batch-1 Triton step with programmatic dependent launch
+            (``glmkit.gemv.dependent_launches``: each kernel launches while the one before finishes). Default: where
+            every device supports it (``glmkit.gemv.pdl_supported``: compute capability 9.0+); if it fails there,
+            a warning and plain launches.
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
                  cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool | str = "auto",
                  compile_options: dict[str, Any] | None = None, attention: str = "auto",
                  graph_batch_sizes: Sequence[int] | None = None, hop: str = "peer",
-                 fuse_norms: bool = True) -> None:
+                 fuse_norms: bool = True, pdl: bool | None = None) -> None:
         self.check(model)
         if hop not in HOPS:
             raise ValueError(f"hop must be one of {HOPS} (device to device, or through host memory), not {hop!r}.")
@@ -567,22 +721,19 @@ class FastDecoder:
         # bitsandbytes' own kernel (batch > 1, gemv=False) keep eager layers unless compile=True: not measured compiled
         glmkit_4bit = all(g == "triton" for g in self.gemv_by_bucket.values())
         self.compiled = (on_gpu and (glmkit_4bit or not self.quantized)) if compile is None else compile
+        self.compile_auto = compile is None
+        supported = on_gpu and all(pdl_supported(d) for d in self.devices)
+        if pdl and not supported:
+            raise ValueError("pdl=True needs programmatic dependent launch: GPUs of compute capability 9.0 or newer "
+                             "(Hopper) and a Triton that has it; leave pdl unset to use it where it runs.")
+        self.pdl, self.auto_pdl = (supported if pdl is None else pdl), pdl is None
         if on_gpu and "triton" in self.gemv_by_bucket.values():
             active_table()  # this card's launch shapes, read (and an untuned card named) before anything compiles
         self.max_len, self.batch_size = max_len, batch_size
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = head_dim(cfg)
         self.eps = cfg.rms_norm_eps
-        rotary = model.model.rotary_emb
-        rot_device = next(iter(rotary.buffers())).device
-        with torch.no_grad():
-            positions = torch.arange(max_len, device=rot_device)[None]
-            probe = torch.zeros(1, device=rot_device, dtype=self.dtype)
-            cos, sin = rotary(probe, positions)  # [1, max_len, 2 * rotary/2]
-        half = cos.shape[-1] // 2
-        # GLM uses each frequency for an adjacent pair of dims: repeat_interleave, as its apply_rotary_pos_emb
-        cos = cos[0, :, :half].repeat_interleave(2, dim=-1).contiguous()
-        sin = sin[0, :, :half].repeat_interleave(2, dim=-1).contiguous()
+        cos, sin = rotary_tables(model, max_len)
         self.head_weight = _projection_weight(model.get_output_embeddings())  # 16-bit, or 4-bit read in place
         self.stages = [_Stage(s, self._gather_weights(s), batch_size, max_len, self.kv_heads, self.head_dim,
                               cfg.hidden_size, cfg.vocab_size, self.dtype, cos, sin) for s in self.segments]
@@ -633,10 +784,29 @@ class FastDecoder:
         return html_table(self._headers(), self.rows(), caption=f"FastDecoder: {len(self.stages)} segment(s), "
                           f"step sizes {self.buckets}")
 
+    def layer_fn_for(self, b: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+        """The layer function of the step of ``b`` rows: uncompiled on the fused Triton step with glmkit's decode
+        attention unless ``compile=True`` was asked for (its layer is glmkit's kernels alone), else ``layer_fn``."""
+        alone = self.fuses_norms(b) and self.attention == "triton"
+        return decoder_layer if self.compile_auto and alone else self.layer_fn
+
+    def uses_pdl(self, b: int) -> bool:
+        """Whether the step of ``b`` rows launches glmkit's kernels with programmatic dependent launch (``pdl``, on
+        the uncompiled Triton step only)."""
+        return self.pdl and self.gemv_by_bucket[b] == "triton" and self.layer_fn_for(b) is decoder_layer
+
     def fuses_norms(self, b: int) -> bool:
         """Whether the step of ``b`` rows runs glmkit's 16/32-bit Triton GEMVs, which then apply the RMSNorms and the
         residual adds themselves (``decoder_layer``'s ``in_norm``): two kernels fewer per layer. A 4-bit model's
-        GEMVs (``glmkit.gemv4bit``) do not."""
+        GEMVs (``glmkit.gemv4bit``) do not. ``notebooks/05_tuning.ipynb`` profiles the step both ways.
+
+        >>> from glmkit.loading import load_model
+        >>> model = load_model(device_map="cpu", dtype=torch.float32)
+        >>> FastDecoder(model, max_len=16, gemv=False).fuses_norms(1)  # cuBLAS: the norms run as kernels of their own
+        False
+        >>> if triton_available():  # glmkit's GEMVs (a GPU, or TRITON_INTERPRET=1 on a CPU) apply them
+        ...     assert FastDecoder(model, max_len=16, gemv="triton").fuses_norms(1)
+        """
         return self.fuse_norms and self.gemv_by_bucket[b] == "triton" and not self.quantized
 
     @property
@@ -676,6 +846,11 @@ class FastDecoder:
 
     @torch.no_grad()
     def _run_stage(self, st: _Stage, b: int) -> None:
+        """``_stage_step``, its kernels launched with programmatic dependent launch where ``uses_pdl``."""
+        with dependent_launches(self.uses_pdl(b)):
+            self._stage_step(st, b)
+
+    def _stage_step(self, st: _Stage, b: int) -> None:
         """One token for rows 0..b-1 through one segment: reads its control and hidden-state buffers, writes its
         outputs (the hidden state, or the logits) and its cache rows. Rows k..b-1 (k = live rows) run a dummy
         token at position 0 whose K/V write is undone before the step ends: their cache rows are left as they were."""
@@ -692,14 +867,17 @@ class FastDecoder:
             pos = st.control[1, :1] if live is None else torch.where(live, st.control[1, :b], 0)
             cos = st.cos[pos][:, None, None, :]
             sin = st.sin[pos][:, None, None, :]
-            # additive mask, built once per step for all layers: 0 up to each row's position, -inf after
-            mask = torch.zeros(b, 1, 1, self.max_len, dtype=self.dtype, device=st.device)
-            mask = mask.masked_fill(st.positions[None, None, None, :] > pos[:, None, None, None], float("-inf"))
+            # additive mask, built once per step for all layers: 0 up to each row's position, -inf after (glmkit's
+            # decode attention reads the positions instead: no mask to build)
+            mask = None
+            if self.attention != "triton":
+                mask = torch.zeros(b, 1, 1, self.max_len, dtype=self.dtype, device=st.device)
+                mask = mask.masked_fill(st.positions[None, None, None, :] > pos[:, None, None, None], float("-inf"))
             if live is not None:  # the dummy rows' K/V at position 0, to put back
                 k0, v0 = st.k_cache[:, :b, :, 0].clone(), st.v_cache[:, :b, :, 0].clone()
-            gemv = self.gemv_by_bucket[b]
+            gemv, layer_fn = self.gemv_by_bucket[b], self.layer_fn_for(b)
             for j, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(st.weights):
-                x, h = self.layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
+                x, h = layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
                                      next_norm, st.k_cache[j, :b], st.v_cache[j, :b], self.eps, self.heads,
                                      self.kv_heads, self.head_dim, gemv, self.attention,
                                      st.in_norms[j] if fused else None)
@@ -747,38 +925,39 @@ class FastDecoder:
         for st in self.stages:
             self._capture(st, b) if self.use_graph else self._run_eager(st, b)
 
-    def _first_step(self) -> None:
-        """Run each step size once (compiling it) and capture its graphs, largest first; if the Triton kernels that
-        ``gemv="auto"`` chose fail on this machine, warn and use cuBLAS instead (an explicit ``gemv="triton"``
-        raises). The warm-up writes garbage K/V at position 0: it runs before any prompt is in the cache."""
+    def _warm_up_all(self) -> None:
+        for st in self.stages:  # (graphs of an earlier attempt, with other kernels, go)
+            st.graphs.clear()
         for b in sorted(self.buckets, reverse=True):
-            try:
-                self._warm_up(b)
-            except Exception as exc:
-                if self.auto_attention and self.attention == "triton":  # first suspect: the attention kernel
-                    warnings.warn(f"glmkit's Triton decode attention failed here ({type(exc).__name__}: "
-                                  f"{str(exc)[:200]}); FastDecoder uses attention='sdpa' instead.", RuntimeWarning,
-                                  stacklevel=4)
-                    self.attention = "sdpa"
-                    for st in self.stages:
-                        st.graphs.clear()
-                    return self._first_step()
-                if self.quantized and self.compiled:  # 4 bits: a layer that does not compile runs eagerly (slower)
-                    warnings.warn(f"Compiling the 4-bit decoder layer failed ({type(exc).__name__}: "
-                                  f"{str(exc)[:200]}); FastDecoder runs its layers eagerly instead (compile=False).",
-                                  RuntimeWarning, stacklevel=4)
-                    self.compiled, self.layer_fn = False, decoder_layer
-                    for st in self.stages:
-                        st.graphs.clear()
-                    return self._first_step()
-                if not (self.auto_gemv and self.gemv_by_bucket[b] == "triton"):
-                    raise
-                warnings.warn(f"glmkit's Triton GEMV kernels failed here ({type(exc).__name__}: {str(exc)[:200]}); "
-                              "FastDecoder uses cuBLAS instead (gemv=False).", RuntimeWarning, stacklevel=4)
-                self.gemv_by_bucket[b] = False
-                for st in self.stages:
-                    st.graphs.pop(b, None)
-                self._warm_up(b)
+            self._warm_up(b)
+
+    def _fallbacks(self) -> list[Fallback]:
+        """What this decoder chose itself and can do without, should it fail here (``warm_up_or_fall_back``):
+        programmatic dependent launch (``pdl=None``), glmkit's decode attention (``attention="auto"``), the compiled
+        4-bit layer, glmkit's GEMVs (``gemv="auto"``)."""
+        found = pdl_fallback(self) + attention_fallback(self)
+        if self.quantized and self.compiled:  # 4 bits: a layer that does not compile runs eagerly (slower)
+            compiled = self.layer_fn
+
+            def eager(on: bool) -> None:
+                self.compiled, self.layer_fn = (False, decoder_layer) if on else (True, compiled)
+
+            found.append(Fallback("compiling the 4-bit decoder layer", "eager layers (compile=False)", eager))
+        chosen = [b for b, g in self.gemv_by_bucket.items() if g == "triton"] if self.auto_gemv else []
+        if chosen:
+            def cublas(on: bool) -> None:
+                self.gemv_by_bucket.update(dict.fromkeys(chosen, False if on else "triton"))
+
+            instead = "bitsandbytes' matmul_4bit" if self.quantized else "cuBLAS"
+            found.append(Fallback("glmkit's Triton GEMV kernels", f"{instead} (gemv=False)", cublas))
+        return found
+
+    def _first_step(self) -> None:
+        """Run each step size once (compiling it) and capture its graphs, largest first; if a kernel that the decoder
+        chose itself fails on this machine (``_fallbacks``), warn and use what replaces it; anything else raises
+        (an explicit ``gemv="triton"`` or ``attention="triton"`` too). The warm-up writes garbage K/V at position 0:
+        it runs before any prompt is in the cache."""
+        warm_up_or_fall_back(self._warm_up_all, self._fallbacks(), "FastDecoder")
         self.ready = True
 
     def bucket(self, k: int) -> int:
@@ -884,22 +1063,9 @@ class FastDecoder:
                top_p: float = 1.0, eos_token_ids: list[int] | None = None, ignore_eos: bool = False,
                prefill_chunk: int | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token ``[b]`` for each step (greedy at temperature 0, else sampled with top-p)."""
-        input_ids = input_ids.to(self.device)
-        n = input_ids.shape[1]
-        if n + max_new_tokens > self.max_len:
-            raise ValueError(f"{n} prompt + {max_new_tokens} new tokens exceed max_len={self.max_len}.")
         eos = torch.tensor(eos_token_ids or model_eos(self.model), device=self.device)
-        logits = self.prefill(input_ids, prefill_chunk)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=self.device)
-        for i in range(max_new_tokens):
-            token = pick_token(logits, temperature, top_p, generator).to(self.device)
-            yield token
-            if not ignore_eos:
-                done |= torch.isin(token, eos)
-                if bool(done.all()):
-                    return
-            if i + 1 < max_new_tokens:
-                logits = self.decode_step(token, n + i)
+        yield from decode_tokens(self, input_ids, max_new_tokens, temperature, top_p, generator, eos, ignore_eos,
+                                 prefill_chunk)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, **kwargs: Any) -> torch.Tensor:
         """Prompt + new tokens ``[b, n + new]`` (stops early when every sequence said an end token)."""
@@ -910,6 +1076,36 @@ class FastDecoder:
         """Decode speed on random prompt ids after a warm-up (compile and graph capture excluded): see
         ``decode_speed``."""
         return decode_speed(self, prompt_len, new_tokens)
+
+
+def decode_tokens(decoder: Any, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
+                  generator: torch.Generator | None, eos: torch.Tensor, ignore_eos: bool,
+                  prefill_chunk: int | None) -> Iterator[torch.Tensor]:
+    """The decoders' ``stream`` (``FastDecoder``, ``TPDecoder``): ``decoder.prefill`` the prompts ``[b, n]``, then
+    yield the next token ``[b]`` per step (greedy at temperature 0, else sampled with top-p from ``generator``) and
+    decode it at the next position, until ``max_new_tokens`` or, unless ``ignore_eos``, until every row has said
+    one of ``eos`` (ids ``[e]``; none: never).
+
+    >>> from glmkit.loading import load_model
+    >>> model, ids = load_model(device_map="cpu", dtype=torch.float32), torch.tensor([[1, 2, 3]])
+    >>> new = decode_tokens(FastDecoder(model, max_len=8), ids, 2, 0.0, 1.0, None, torch.tensor([]), True, None)
+    >>> torch.equal(torch.stack(list(new), dim=1), model.generate(ids, max_new_tokens=2, min_new_tokens=2)[:, 3:])
+    True
+    """
+    n = input_ids.shape[1]
+    if n + max_new_tokens > decoder.max_len:
+        raise ValueError(f"{n} prompt + {max_new_tokens} new tokens exceed max_len={decoder.max_len}.")
+    logits = decoder.prefill(input_ids, prefill_chunk)
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=decoder.device)
+    for i in range(max_new_tokens):
+        token = pick_token(logits, temperature, top_p, generator).to(decoder.device)
+        yield token
+        if not ignore_eos and eos.numel():
+            done |= torch.isin(token, eos)
+            if bool(done.all()):
+                return
+        if i + 1 < max_new_tokens:
+            logits = decoder.decode_step(token, n + i)
 
 
 def decode_speed(decoder: Any, prompt_len: int = 32, new_tokens: int = 256) -> dict[str, float]:

@@ -555,7 +555,12 @@ _TUNED_LOOKUPS: dict[tuple[str, int, int], str] | None = None
 
 def tuned_lookups() -> dict[tuple[str, int, int], str]:
     """The lookup tuned for each 4-bit shape on this machine's GPU (read once; empty on a CPU). ``glmkit tune``
-    adds what it measures in this process."""
+    adds what it measures in this process (``notebooks/05_tuning.ipynb``).
+
+    >>> lookups = tuned_lookups()  # {(kernel, rows, columns): lookup}, from the tables tuned on this card
+    >>> all(kernel in ("nf4", "fp4") and lookup in LOOKUPS for (kernel, _, _), lookup in lookups.items())
+    True
+    """
     global _TUNED_LOOKUPS
     if _TUNED_LOOKUPS is None:
         _TUNED_LOOKUPS = {} if INTERPRETER else _table_lookups(device_name())

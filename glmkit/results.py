@@ -562,7 +562,8 @@ def profile_sentence() -> Text:
 
 FUSED_PATHS = (("sdpa attention", "norms fused, rope + SDPA apart"),
                ("norms apart", "norms apart (residual adds fused), glmkit's decode attention"),
-               ("", "all fused (the default)"))
+               ("", "all fused, compiled layer, plain launches"))
+PDL_PATH = "fast, uncompiled layer, Triton GEMV, CUDA graph, PDL (the default)"  # benchmarks/profile_step.py's
 
 
 def _fused_path(profile: dict[str, Any], suffix: str) -> dict[str, Any] | None:
@@ -588,11 +589,64 @@ def fusion_table() -> Table | Text:
             if x is not None and "gemv_kernel_ms" in x:
                 rows.append([label, f"{x['kernels_per_step']:.0f}", f"{x['gemv_kernel_ms']:.2f}",
                              f"{x['non_gemv_kernel_ms']:.2f}", f"{x['launch_gaps_ms']:.2f}", f"{x['wall_ms']:.2f}"])
+        pdl = p["paths"].get(PDL_PATH)
+        if pdl is not None:  # kernels overlap under PDL: their own times add up past the wall time, not comparable
+            rows.append(["all fused, uncompiled, PDL (the default)", f"{pdl['kernels_per_step']:.0f}", "overlapping",
+                         "overlapping", "hidden", f"{pdl['wall_ms']:.2f}"])
         return Table(["one bf16 step, batch 1", "kernels", "GEMV ms", "other kernels ms", "gaps ms", "wall ms"], rows,
                      caption=f"`torch.profiler` over one CUDA-graph decode step of GLM-4-9B (random weights), "
                              f"{measured_on(p)} (`profile_step_h200_fused.json`)")
     return from_result("profile_step_h200_fused", render, what="The fused decode step",
                        script="benchmarks/profile_step.py --fast-only --name profile_step_h200_fused")
+
+
+def pdl_table() -> Table | Text:
+    """Batch-1 decode speed with the layer compiled, uncompiled, and uncompiled with programmatic dependent launch,
+    one run (``pdl_decode.json``), and the GEMV chain of a token alone with and without it (``pdl_probe.json``)."""
+    def render(d: dict[str, Any]) -> Table:
+        labels = {"compiled": "compiled layer (plain launches)", "uncompiled": "uncompiled layer, plain launches",
+                  "uncompiled+pdl": "uncompiled layer, PDL", "default": "the default"}
+        base = next((r for r in d["rows"] if r["variant"] == "compiled" and "decode_tok_s" in r), None)
+        rows = [[labels.get(r["variant"], r["variant"]), f"{r['decode_tok_s']:.1f}",
+                 f"{100 * r['fraction_of_roofline']:.1f}%",
+                 f"{r['decode_tok_s'] / base['decode_tok_s']:.3f}x" if base else "-"]
+                for r in d["rows"] if "decode_tok_s" in r]
+        return Table(["GLM-4-9B step, bf16, batch 1", "tok/s", "of the roofline", "vs compiled"], rows,
+                     caption=f"One run, {measured_on(d)} (`pdl_decode.json`); roofline "
+                             f"{d['roofline_tok_s']:.1f} tok/s (copy bandwidth / bytes a token reads)")
+    return from_result("pdl_decode", render, what="Programmatic dependent launch",
+                       script="benchmarks/pdl_decode.py --checkpoint /tmp/glm9b")
+
+
+def pdl_sentence() -> str:
+    """Programmatic dependent launch in one sentence (``pdl_decode.json`` and ``pdl_probe.json``), for the README."""
+    d = load("pdl_decode")
+    if d is None:
+        return str(not_measured("Programmatic dependent launch", "benchmarks/pdl_decode.py"))
+    rows = {r["variant"]: r for r in d["rows"] if "decode_tok_s" in r}
+    compiled, plain, pdl = rows["compiled"], rows["uncompiled"], rows["uncompiled+pdl"]
+    return (f"With Hopper's programmatic dependent launch (each kernel launched while the one before finishes; "
+            f"`FastDecoder(pdl=)`, on by default where the GPU has it), in one run on an {measured_on(d)} "
+            f"(`pdl_decode.json`): the same fused step decodes {compiled['decode_tok_s']:.1f} tok/s with its layer "
+            f"compiled, {plain['decode_tok_s']:.1f} uncompiled and {pdl['decode_tok_s']:.1f} uncompiled with PDL "
+            f"({pdl['decode_tok_s'] / compiled['decode_tok_s']:.3f}x compiled, "
+            f"{100 * pdl['fraction_of_roofline']:.1f}% of the roofline). " + str(pdl_probe_sentence()))
+
+
+def pdl_probe_sentence() -> Text:
+    """The GEMV chain of one token (40 layers' four projections and lm_head, no attention) in a CUDA graph, with
+    and without programmatic dependent launch, one run (``pdl_probe.json``)."""
+    def render(d: dict[str, Any]) -> str:
+        best = {}
+        for r in d["rows"]:  # each variant timed twice: its faster run
+            best[r["pdl"]] = min(best.get(r["pdl"], r["ms"]), r["ms"])
+        plain, pdl = best[0], best.get(1)
+        return (f"The projections of one token alone (40 layers' four GEMVs and lm_head, one CUDA graph, "
+                f"{measured_on(d)}, `pdl_probe.json`): {plain:.3f} ms with plain launches, {pdl:.3f} ms with PDL "
+                f"({plain / pdl:.3f}x), against a roofline of {d['roofline_ms']:.3f} ms: "
+                f"{100 * d['roofline_ms'] / plain:.1f}% and {100 * d['roofline_ms'] / pdl:.1f}% of it.")
+    return from_result("pdl_probe", render, what="The GEMV chain with and without PDL",
+                       script="benchmarks/pdl_probe.py")
 
 
 def fusion_sentence() -> Text:
@@ -1916,6 +1970,7 @@ def readme_measured_section() -> str:
                "**The fast path in fp16 and nf4**: " + nf4_decode_sentence(),
                "**glmkit's 4-bit kernel**: " + nf4_kernel_sentence(),
                "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
+               "**Fewer kernels per step**: " + str(fusion_sentence()) + " " + pdl_sentence(),
                "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
                "**Fast path on two GPUs**: " + two_gpu_fast_sentence() + _proxy_clause(),

@@ -38,7 +38,6 @@ torch.Size([1, 7])
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -46,27 +45,37 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from glmkit.allreduce import AllReduce
-from glmkit.attention import auto_attention, decode_attention
+from glmkit.allreduce import AllReduce, agree
+from glmkit.attention import auto_attention, qkv_decode_attention
 from glmkit.fast_decode import (
+    Fallback,
     FastDecoder,
+    attention_fallback,
     auto_gemv,
     bucket_sizes,
     check_prefill,
     check_step,
     decode_speed,
+    decode_tokens,
     fuses,
     linear,
     mlp_activation,
     norm_linear,
+    pdl_fallback,
     raise_recompile_limit,
     rms_norm,
     rope,
+    rotary_tables,
     smallest_bucket,
+    warm_up_or_fall_back,
 )
-from glmkit.gemv import add_norm_gemv
-from glmkit.generation import pick_token
+from glmkit.gemv import add_norm_gemv, dependent_launches, pdl_supported
 from glmkit.vocabulary import head_dim
+
+
+def _unreduced(t: torch.Tensor) -> torch.Tensor:
+    """A partial sum left as it is (``TPDecoder._forward(alone=True)``: the kernels without the collectives)."""
+    return t
 
 
 def tp_shard(model: torch.nn.Module, rank: int, world: int) -> dict[str, Any]:
@@ -146,7 +155,22 @@ def add_norm_attention_half(x: torch.Tensor, d: torch.Tensor | None, in_norm: to
                             attention: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_half`` from the raw residual stream x: ``x + d`` (d: the all-reduced ``down_proj`` output of the
     layer before; ``None`` for the first layer), this layer's input norm and q/k/v in one GEMV launch where glmkit's
-    Triton kernel runs (``add_norm_linear``). Returns the new residual stream and the partial ``o_proj`` output."""
+    Triton kernel runs (``add_norm_linear``). Returns the new residual stream and the partial ``o_proj`` output.
+    A rank's fused layer in ``notebooks/08_tensor_parallel.ipynb``.
+
+    >>> from glmkit.gemv import triton_available
+    >>> x, d, g, wqkv = torch.randn(1, 1, 8), torch.randn(1, 1, 8), torch.ones(8), torch.randn(16, 8)
+    >>> k_cache, v_cache = torch.zeros(2, 1, 1, 8, 4)  # 2 query heads sharing 1 KV head of 4 dims; 8 positions
+    >>> cos, sin, pos = torch.ones(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), torch.tensor([[0]])  # position 0
+    >>> mask = torch.zeros(1, 1, 1, 8).masked_fill(torch.arange(8) > 0, float("-inf"))
+    >>> gemv = "triton" if triton_available() else False  # glmkit's kernels (GPU, or TRITON_INTERPRET=1), else cuBLAS
+    >>> s, o = add_norm_attention_half(x, d, g, 1e-5, pos, cos, sin, mask, wqkv, None, torch.eye(8), k_cache, v_cache,
+    ...                                2, 1, 4, gemv)
+    >>> qkv = F.linear(rms_norm(x + d, g, 1e-5), wqkv)
+    >>> want = attend(qkv, pos, cos, sin, mask, torch.eye(8), k_cache, v_cache, 2, 1, 4, False, "sdpa")
+    >>> torch.allclose(s, x + d), torch.allclose(o, want, atol=1e-5)
+    (True, True)
+    """
     if d is None:
         qkv = norm_linear(x, in_norm, eps, wqkv, bqkv, gemv)
     else:
@@ -158,14 +182,26 @@ def attend(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.T
            wo: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
            gemv: bool | str, attention: str) -> torch.Tensor:
     """The rank's heads from their q/k/v ``[b, s, (heads + 2 kv_heads) head_dim]``: rope, the K/V write, attention
-    and the rank's ``o_proj`` columns (its partial output)."""
+    and the rank's ``o_proj`` columns (its partial output). Arguments as ``attention_half``; taught in
+    ``notebooks/08_tensor_parallel.ipynb``. At position 0 each query head's output is its KV head's v:
+
+    >>> from glmkit.gemv import triton_available
+    >>> qkv = torch.randn(1, 1, (2 + 2 * 1) * 4)  # one token: 2 query heads sharing 1 KV head of 4 dims
+    >>> k_cache, v_cache = torch.zeros(2, 1, 1, 8, 4)  # [rows, kv_heads, max_len, head_dim]
+    >>> cos, sin = torch.ones(1, 1, 1, 4), torch.zeros(1, 1, 1, 4)  # position 0: no rotation
+    >>> mask = torch.zeros(1, 1, 1, 8).masked_fill(torch.arange(8) > 0, float("-inf"))  # attends to position 0
+    >>> attention = "triton" if triton_available() else "sdpa"  # glmkit's kernel (GPU, or TRITON_INTERPRET=1)
+    >>> o = attend(qkv, torch.tensor([[0]]), cos, sin, mask, torch.eye(8), k_cache, v_cache, 2, 1, 4, False, attention)
+    >>> v = qkv[..., -4:]
+    >>> torch.allclose(o, v.repeat(1, 1, 2)), torch.equal(v_cache[0, 0, 0], v[0, 0])
+    (True, True)
+    """
     b, s, _ = qkv.shape
-    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     rows = torch.arange(b, device=qkv.device)[:, None]
     if attention == "triton" and s == 1:  # one kernel: rope, the K/V write at pos and attention over 0..pos
-        attn = decode_attention(q.view(b, heads, head_dim), k.view(b, kv_heads, head_dim), v.view(b, kv_heads, head_dim),
-                                k_cache, v_cache, pos[:, 0], rows[:, 0], cos.view(b, -1), sin.view(b, -1))
+        attn = qkv_decode_attention(qkv, k_cache, v_cache, pos[:, 0], rows[:, 0], cos, sin)
     else:
+        q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         q = rope(q.view(b, s, heads, head_dim).transpose(1, 2), cos, sin)
         k = rope(k.view(b, s, kv_heads, head_dim).transpose(1, 2), cos, sin)
         v = v.view(b, s, kv_heads, head_dim).transpose(1, 2)
@@ -226,8 +262,9 @@ class TPDecoder:
         rank, world: this rank and the number of ranks (default: from ``group``, else 0 and 1).
         device: where the shard lives (default: the model's device).
         cuda_graph, compile, gemv, attention: as ``FastDecoder`` (defaults: on a GPU; Triton GEMVs at batch 1 on
-            Ampere+; ``attention="auto"``: glmkit's Triton decode attention where those run, at every batch, and
-            ``"sdpa"`` if it fails to build there).
+            Ampere+; ``attention="auto"``: glmkit's Triton decode attention where those run, at every batch). A
+            kernel that ``"auto"`` chose and that fails on any rank gives way on every rank (cuBLAS, ``"sdpa"``),
+            with a warning that names it (``_capture``).
         graph_batch_sizes: the batch sizes captured (default 1, 2, 4, ... up to ``batch_size``); a step of k rows
             runs the smallest that holds them.
         allreduce: ``"nccl"``, ``"symm"`` (torch's symmetric-memory one-shot kernel) or ``"auto"`` (time both, keep
@@ -239,6 +276,8 @@ class TPDecoder:
             the residual stream and applies the RMSNorm as it reads them (``add_norm_linear``): a rank's layer is
             q/k/v (add + norm), attention, o_proj, all-reduce, gate/up (add + norm, SwiGLU), down, all-reduce, with
             no add or norm kernel. ``False``: those as kernels of their own, to compare.
+        pdl: as ``FastDecoder``'s: the batch-1 Triton step (uncompiled unless ``compile=True``: it is glmkit's
+            kernels and the all-reduces) captured with programmatic dependent launch where the GPU supports it.
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
@@ -246,7 +285,8 @@ class TPDecoder:
                  device: torch.device | str | None = None, cuda_graph: bool | None = None,
                  compile: bool | None = None, gemv: bool | str = "auto",
                  graph_batch_sizes: list[int] | None = None, allreduce: str = "auto",
-                 split_embedding: bool = True, attention: str = "auto", fuse_norms: bool = True) -> None:
+                 split_embedding: bool = True, attention: str = "auto", fuse_norms: bool = True,
+                 pdl: bool | None = None) -> None:
         FastDecoder.check(model)
         self.group = group
         self.rank = rank if rank is not None else (dist.get_rank(group) if group is not None else 0)
@@ -258,7 +298,13 @@ class TPDecoder:
         on_gpu = self.device.type == "cuda"
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
         self.compiled = on_gpu if compile is None else compile
-        self.gemv = auto_gemv(self.device, 1) if gemv == "auto" else gemv  # used by the batch-1 bucket
+        self.compile_auto = compile is None
+        if pdl and not pdl_supported(self.device):
+            raise ValueError("pdl=True needs programmatic dependent launch: a GPU of compute capability 9.0 or newer "
+                             "(Hopper) and a Triton that has it; leave pdl unset to use it where it runs.")
+        self.pdl, self.auto_pdl = (pdl_supported(self.device) if pdl is None else pdl), pdl is None
+        self.auto_gemv = gemv == "auto"
+        self.gemv = auto_gemv(self.device, 1) if self.auto_gemv else gemv  # used by the batch-1 bucket
         self.fuse_norms = fuse_norms
         if attention not in ("auto", "triton", "sdpa"):
             raise ValueError(f"attention must be 'auto', 'triton' or 'sdpa', not {attention!r}.")
@@ -282,12 +328,7 @@ class TPDecoder:
         else:  # replicated: one lookup, no collective
             self.embed, self.embed_start = to_dev(model.get_input_embeddings().weight), 0
         self.first_norm = to_dev(model.model.layers[0].input_layernorm.weight)
-        with torch.no_grad():
-            positions = torch.arange(max_len, device=model.get_input_embeddings().weight.device)[None]
-            cos, sin = model.model.rotary_emb(model.get_input_embeddings().weight[:1], positions)
-        half = cos.shape[-1] // 2
-        self.cos = cos[0, :, :half].repeat_interleave(2, dim=-1).to(self.device).contiguous()
-        self.sin = sin[0, :, :half].repeat_interleave(2, dim=-1).to(self.device).contiguous()
+        self.cos, self.sin = (t.to(self.device) for t in rotary_tables(model, max_len))  # [max_len, rotary]
         self.positions = torch.arange(max_len, device=self.device)
         if self.compiled:
             raise_recompile_limit()
@@ -355,43 +396,53 @@ class TPDecoder:
 
     def _forward(self, tokens: torch.Tensor, pos: torch.Tensor, rows: slice, gemv: bool | str,
                  attention: Callable[..., Any], mlp: Callable[..., Any], nxt: Callable[..., Any],
-                 embed: Callable[..., Any]) -> torch.Tensor:
+                 embed: Callable[..., Any], alone: bool = False) -> torch.Tensor:
         """Tokens ``[b, s]`` at positions ``pos`` ``[b, s]`` of cache rows ``rows``: this rank's logits of the last
-        position ``[b, vocab / world]``."""
+        position ``[b, vocab / world]``. ``alone``: without the all-reduces (every kernel of this rank runs, nothing
+        waits for another rank: the warm-up whose outcome the ranks agree on, ``_capture``)."""
         b, s = tokens.shape
-        x = self.allreduce(embed(tokens, self.embed, self.embed_start))  # [b, s, hidden]
+        reduce = _unreduced if alone else self.allreduce
+        x = reduce(embed(tokens, self.embed, self.embed_start))  # [b, s, hidden]
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [b, 1, s, rotary]
         mask = None  # glmkit's decode attention reads the positions, not a mask: none to build for one token a row
         if not (self.attention == "triton" and s == 1):
             mask = torch.zeros(b, 1, s, self.max_len, dtype=self.dtype, device=self.device)
             mask = mask.masked_fill(self.positions[None, None, None, :] > pos[:, None, :, None], float("-inf"))
         if self.fuses_norms(gemv):
-            return self._fused_layers(x, pos, cos, sin, mask, rows, gemv, mlp)
+            return self._fused_layers(x, pos, cos, sin, mask, rows, gemv, mlp, reduce)
         h = rms_norm(x, self.first_norm, self.eps)
         for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.layers):
             o = attention(h, pos, cos, sin, mask, wqkv, bqkv, wo, self.k_cache[i, rows], self.v_cache[i, rows],
                           self.heads, self.kv_heads, self.head_dim, gemv, self.attention)
-            x, d = mlp(x, self.allreduce(o), ln2, wgu, wd, self.eps, gemv, False)
-            x, h = nxt(x, self.allreduce(d), next_norm, self.eps)
+            x, d = mlp(x, reduce(o), ln2, wgu, wd, self.eps, gemv, False)
+            x, h = nxt(x, reduce(d), next_norm, self.eps)
         head = "triton" if gemv == "triton" else False
         return linear(h[:, -1:], self.lm_head, self.lm_head_bias, head)[:, -1]
 
     def fuses_norms(self, gemv: bool | str) -> bool:
         """Whether a step with these projection kernels folds the residual adds and norms into its GEMVs (the
-        Triton batch-1 step, unless ``fuse_norms=False``)."""
+        Triton batch-1 step, unless ``fuse_norms=False``); ``notebooks/08_tensor_parallel.ipynb`` shows a rank's step.
+
+        >>> from glmkit.loading import load_model
+        >>> shard = TPDecoder(load_model(device_map="cpu", dtype=torch.float32), max_len=16, rank=0, world=2)
+        >>> shard.fuses_norms("triton"), shard.fuses_norms(False)
+        (True, False)
+        """
         return self.fuse_norms and gemv == "triton"
 
     def _fused_layers(self, x: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      mask: torch.Tensor | None, rows: slice, gemv: bool | str, mlp: Callable[..., Any]) -> torch.Tensor:
+                      mask: torch.Tensor | None, rows: slice, gemv: bool | str, mlp: Callable[..., Any],
+                      reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``_forward``'s layers on the Triton batch-1 step: x is the all-reduced embedding; every add of an
-        all-reduced partial sum and every norm rides in the GEMV that follows it (``add_norm_linear``)."""
+        all-reduced partial sum (``reduce``) and every norm rides in the GEMV that follows it (``add_norm_linear``)."""
         d, in_norm = None, self.first_norm  # the first layer: the norm alone
+        add_norm_attention = add_norm_attention_half if self.uncompiled(gemv) else self._add_norm_attention
         for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.layers):
-            x, o = self._add_norm_attention(x, d, in_norm, self.eps, pos, cos, sin, mask, wqkv, bqkv, wo,
+            x, o = add_norm_attention(x, d, in_norm, self.eps, pos, cos, sin, mask, wqkv, bqkv, wo,
                                             self.k_cache[i, rows], self.v_cache[i, rows], self.heads, self.kv_heads,
                                             self.head_dim, gemv, self.attention)
-            x, d = mlp(x, self.allreduce(o), ln2, wgu, wd, self.eps, gemv, True)
-            d, in_norm = self.allreduce(d), next_norm
+            x, d = mlp(x, reduce(o), ln2, wgu, wd, self.eps, gemv, True)
+            d, in_norm = reduce(d), next_norm
         logits, _ = add_norm_linear(x, d, in_norm, self.eps, self.lm_head, self.lm_head_bias, "triton")
         return logits[:, -1]
 
@@ -399,33 +450,72 @@ class TPDecoder:
         """The smallest captured batch size that holds ``k`` rows."""
         return smallest_bucket(self.buckets, k)
 
+    def uncompiled(self, gemv: bool | str) -> bool:
+        """Whether the step with these projection kernels runs uncompiled: the fused Triton step (glmkit's kernels
+        and the all-reduces alone, with glmkit's decode attention) unless ``compile=True`` was asked for."""
+        return self.compile_auto and self.fuses_norms(gemv) and self.attention == "triton"
+
+    def _step_fns(self, gemv: bool | str) -> tuple[Callable[..., Any], ...]:
+        """The attention, MLP, next-input and embedding pieces of a step: as they are on the uncompiled step."""
+        if self.uncompiled(gemv):
+            return attention_half, mlp_half, next_input, embed_part
+        return self._attention, self._mlp, self._next, self._embed
+
+    def uses_pdl(self, gemv: bool | str) -> bool:
+        """Whether a step with these projection kernels launches glmkit's kernels with programmatic dependent launch
+        (``pdl``; the uncompiled Triton step only)."""
+        return self.pdl and gemv == "triton" and self.uncompiled(gemv)
+
+    def _gemv_for(self, b: int) -> bool | str:
+        return self.gemv if b == 1 else False  # glmkit's Triton GEMVs read one token; cuBLAS for more
+
     @torch.no_grad()
     def _step(self, b: int) -> None:
         """One token for rows 0..b-1: reads self.tokens/self.pos, writes self.logits."""
-        gemv = self.gemv if b == 1 else False  # glmkit's Triton GEMVs read one token; cuBLAS for more
-        part = self._forward(self.tokens[:b], self.pos[:b, None], slice(0, b), gemv, self._attention, self._mlp,
-                             self._next, self._embed)
-        self._gather_logits(part, out=self.logits[:b])
+        gemv = self._gemv_for(b)
+        with dependent_launches(self.uses_pdl(gemv)):
+            part = self._forward(self.tokens[:b], self.pos[:b, None], slice(0, b), gemv, *self._step_fns(gemv))
+            self._gather_logits(part, out=self.logits[:b])
+
+    @torch.no_grad()
+    def _warm_up_alone(self) -> None:
+        """Every bucket's step once on this rank's shard without the collectives: compiles and runs every kernel,
+        and a kernel that fails here fails before any collective another rank would wait in."""
+        for b in self.buckets:
+            gemv = self._gemv_for(b)
+            with dependent_launches(self.uses_pdl(gemv)):
+                self._forward(self.tokens[:b], self.pos[:b, None], slice(0, b), gemv, *self._step_fns(gemv),
+                              alone=True)
+
+    def _fallbacks(self) -> list[Fallback]:
+        """What this rank chose itself and can do without, should it fail here: glmkit's decode attention
+        (``attention="auto"``), glmkit's GEMVs (``gemv="auto"``)."""
+        found = pdl_fallback(self) + attention_fallback(self)
+        if self.auto_gemv and self.gemv == "triton":
+            def cublas(on: bool) -> None:
+                self.gemv = False if on else "triton"
+
+            found.append(Fallback("glmkit's Triton GEMV kernels", "cuBLAS (gemv=False)", cublas))
+        return found
+
+    def _failed_anywhere(self, failed: bool) -> bool:
+        """Whether this rank or another failed its warm-up (one all-reduce of the flag): all ranks decide alike."""
+        if self.group is None or self.world < 2:
+            return failed
+        return not agree(not failed, self.group, self.device)
 
     def _capture(self) -> None:
-        """Compile and (on a GPU) capture one graph per bucket, collectives included; under ``attention="auto"`` a
-        Triton attention kernel that fails here gives way to ``"sdpa"`` with a warning (on every rank alike: the
-        ranks run the same code on the same kind of GPU)."""
-        try:
-            self._capture_buckets()
-        except Exception as exc:
-            if not (self.auto_attention and self.attention == "triton"):
-                raise
-            warnings.warn(f"glmkit's Triton decode attention failed here ({type(exc).__name__}: {str(exc)[:200]}); "
-                          "TPDecoder uses attention='sdpa' instead.", RuntimeWarning, stacklevel=3)
-            self.attention, self.graphs = "sdpa", {}
-            self._capture_buckets()
+        """Compile and (on a GPU) capture one graph per bucket, collectives included. First every kernel runs on each
+        rank without collectives (``_warm_up_alone``) and the ranks agree on whether it worked anywhere: a kernel the
+        decoder chose itself that fails, on any rank, gives way to its fallback on every rank, with a warning that
+        names it (``warm_up_or_fall_back``); a rank that fails alone never leaves the other waiting in a collective."""
+        warm_up_or_fall_back(self._warm_up_alone, self._fallbacks(), "TPDecoder", self._failed_anywhere)
+        self._capture_buckets()
 
     def _capture_buckets(self) -> None:
-        for b in self.buckets:
-            if not self.use_graph:
-                self._step(b)
-                continue
+        """One CUDA graph per bucket, collectives included (nothing to capture without graphs: the kernels ran in
+        ``_warm_up_alone``)."""
+        for b in self.buckets if self.use_graph else ():
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -492,24 +582,12 @@ class TPDecoder:
                prefill_chunk: int | None = None, seed: int | None = None) -> Iterator[torch.Tensor]:
         """Yield the next token ``[b]`` per step; every rank yields the same tokens (same gathered logits, and the
         same ``seed`` for sampling)."""
-        n = input_ids.shape[1]
-        if n + max_new_tokens > self.max_len:
-            raise ValueError(f"{n} prompt + {max_new_tokens} new tokens exceed max_len={self.max_len}.")
         generator = None
         if temperature > 0:
             generator = torch.Generator(self.device).manual_seed(0 if seed is None else seed)
         stop = torch.tensor(eos or [], device=self.device, dtype=torch.long)
-        logits = self.prefill(input_ids, prefill_chunk)
-        done = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device)
-        for i in range(max_new_tokens):
-            token = pick_token(logits, temperature, top_p, generator)
-            yield token
-            if not ignore_eos and stop.numel():
-                done |= torch.isin(token, stop)
-                if bool(done.all()):
-                    return
-            if i + 1 < max_new_tokens:
-                logits = self.decode_step(token, n + i)
+        yield from decode_tokens(self, input_ids, max_new_tokens, temperature, top_p, generator, stop, ignore_eos,
+                                 prefill_chunk)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 128, ignore_eos: bool = False,
                  **kwargs: Any) -> torch.Tensor:

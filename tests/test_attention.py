@@ -144,22 +144,50 @@ def test_rows_at_different_positions_over_several_splits_decode_like_generate(tr
         assert row == want[0, p.shape[1]:].tolist()
 
 
-def test_auto_attention_falls_back_to_sdpa_with_a_warning_when_the_kernel_fails(trained, monkeypatch):
+def broken(*args, **kwargs):
+    raise RuntimeError("no kernel image is available for execution on the device")
+
+
+@pytest.mark.parametrize("fails", [("attention",), ("gemv",), ("attention", "gemv")])
+def test_auto_falls_back_from_the_kernel_that_failed_and_names_it(trained, monkeypatch, fails):
+    # attention and GEMVs both chosen by "auto"; the one that fails (or both) gives way, the other stays glmkit's
     import glmkit.fast_decode
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("no kernel image is available for execution on the device")
+    monkeypatch.setattr(glmkit.fast_decode, "auto_attention", lambda device, dtype: "triton")
+    monkeypatch.setattr(glmkit.fast_decode, "auto_gemv", lambda device, batch_size, dtype: "triton")
+    if "attention" in fails:
+        monkeypatch.setattr(glmkit.attention, "decode_attention", broken)
+    if "gemv" in fails:
+        monkeypatch.setattr(glmkit.fast_decode, "triton_gemv", broken)
+    ids = torch.randint(0, 800, (1, 6), generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    want = trained.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3,
+                            do_sample=False)
+    auto = FastDecoder(trained, max_len=16, compile=False, cuda_graph=False)
+    assert (auto.attention, auto.gemv) == ("triton", "triton")
+    with pytest.warns(RuntimeWarning, match="failed here") as warned:
+        got = auto.generate(ids, max_new_tokens=3, ignore_eos=True)
+    named = {"attention": "glmkit's Triton decode attention", "gemv": "glmkit's Triton GEMV kernels"}
+    instead = {"attention": "attention='sdpa'", "gemv": "cuBLAS (gemv=False)"}
+    message = " and ".join(named[k] for k in fails) + " failed here (RuntimeError: no kernel image is available "
+    message += "for execution on the device); FastDecoder uses " + " and ".join(instead[k] for k in fails) + " instead."
+    assert [str(w.message) for w in warned if "failed here" in str(w.message)] == [message]
+    assert auto.attention == ("sdpa" if "attention" in fails else "triton")
+    assert auto.gemv == (False if "gemv" in fails else "triton")
+    assert torch.equal(got, want)
+
+
+def test_a_failure_of_no_fallbacks_kernel_is_raised_and_nothing_is_switched(trained, monkeypatch):
+    import glmkit.fast_decode
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
 
     monkeypatch.setattr(glmkit.fast_decode, "auto_attention", lambda device, dtype: "triton")
-    monkeypatch.setattr(glmkit.fast_decode, "decode_attention", broken)
-    ids = torch.randint(0, 800, (1, 6), generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    want = trained.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
-                            do_sample=False)
+    monkeypatch.setattr(glmkit.fast_decode, "residual_linear", out_of_memory)
     auto = FastDecoder(trained, max_len=16, gemv=False, compile=False, cuda_graph=False)
-    assert auto.attention == "triton"
-    with pytest.warns(RuntimeWarning, match="uses attention='sdpa' instead"):
-        got = auto.generate(ids, max_new_tokens=4, ignore_eos=True)
-    assert auto.attention == "sdpa" and torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        auto.generate(torch.tensor([[1, 2, 3]], device=DEVICE), max_new_tokens=2)
+    assert auto.attention == "triton" and not auto.ready
     with pytest.raises(ValueError, match="attention must be 'auto', 'triton', 'sdpa' or 'reduction'"):
         FastDecoder(trained, attention="flash")
 

@@ -71,6 +71,8 @@ def test_bad_input_is_explained(model, tiny_path):
         dec.generate(torch.ones(2, 4, dtype=torch.long), max_new_tokens=2)
     with pytest.raises(ValueError, match="attention must be 'auto', 'triton', 'sdpa' or 'reduction'"):
         FastDecoder(model, attention="flash")
+    with pytest.raises(ValueError, match="pdl=True needs .*compute capability 9.0.*leave pdl unset"):
+        FastDecoder(model, pdl=True)  # programmatic dependent launch: Hopper GPUs only
     quantized = load_model(tiny_path, device_map="cpu", quantization="int8", dtype=torch.float16)
     with pytest.raises(ValueError, match="int8.*quantization='nf4'"):  # nf4/fp4 run: tests/test_fast_decode_quantized.py
         FastDecoder(quantized)
@@ -80,6 +82,23 @@ def test_bad_input_is_explained(model, tiny_path):
                                          num_attention_heads=4, vocab_size=128))
     with pytest.raises(TypeError, match="GLM"):
         FastDecoder(llama)
+
+
+def test_the_fused_triton_step_runs_its_layers_uncompiled_unless_compile_is_asked_for(model):
+    """The batch-1 Triton step's layer is glmkit's kernels alone: left uncompiled by default (so that programmatic
+    dependent launch can reach them), compiled when compile=True is asked for; other steps keep the compiled one."""
+    from glmkit.fast_decode import decoder_layer
+
+    auto = FastDecoder(model, max_len=8, gemv="triton", compile=None)
+    auto.compiled, auto.layer_fn = True, torch.compile(decoder_layer)  # as on a GPU (compiles only when called)
+    assert auto.fuses_norms(1) and auto.layer_fn_for(1) is decoder_layer
+    assert not auto.uses_pdl(1)  # a CPU: no programmatic dependent launch
+    asked = FastDecoder(model, max_len=8, gemv="triton", compile=True)
+    assert asked.layer_fn_for(1) is asked.layer_fn is not decoder_layer
+    for other in ({"fuse_norms": False}, {"attention": "sdpa"}):  # norm or rope kernels: the compiled layer
+        apart = FastDecoder(model, max_len=8, gemv="triton", compile=None, **other)
+        apart.layer_fn = auto.layer_fn
+        assert apart.layer_fn_for(1) is apart.layer_fn
 
 
 def test_compiled_decoders_of_many_shapes_in_one_process(model):

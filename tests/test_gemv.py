@@ -161,7 +161,7 @@ def test_auto_falls_back_to_cublas_with_a_warning_when_the_kernels_fail(model, m
     want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     auto = FastDecoder(model, max_len=16, compile=False, cuda_graph=False)
     assert auto.gemv == "triton"
-    with pytest.warns(RuntimeWarning, match="uses cuBLAS instead"):
+    with pytest.warns(RuntimeWarning, match="uses cuBLAS \\(gemv=False\\) instead"):
         got = auto.generate(ids, max_new_tokens=4, ignore_eos=True)
     assert auto.gemv is False and torch.equal(got, want)
     explicit = FastDecoder(model, max_len=16, gemv="triton", compile=False, cuda_graph=False)
@@ -425,7 +425,7 @@ sig = {**{p: "*bf16" for p in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "g_ptr", "r_p
 
 def build(**flags):
     consts = {**dict(HAS_BIAS=False, SWIGLU=False, NORM=False, RESIDUAL=False, ADD=False, ROUND_BITS=False,
-                     BLOCK_N=8, BLOCK_K=512, EVEN_N=False, EVEN_K=False), **flags}
+                     BLOCK_N=8, BLOCK_K=512, EVEN_N=False, EVEN_K=False, PDL=0), **flags}
     src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}},
                     constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
@@ -443,6 +443,32 @@ assert "cubin" in build().asm  # the plain kernel, as it ran on H100s and H200s
 for norm, residual, swiglu, add in [(True, False, False, False), (True, False, True, False),
                                     (False, True, False, False), (True, False, False, True), (True, False, True, True)]:
     assert "cubin" in build(NORM=norm, RESIDUAL=residual, SWIGLU=swiglu, ADD=add, HAS_BIAS=norm and not swiglu).asm
+for pdl in (1, 2):  # programmatic dependent launch: griddepcontrol, and with 2 the L2 prefetch of the weight rows
+    ptx = build(NORM=True, SWIGLU=True, ADD=True, PDL=pdl).asm["ptx"]
+    assert "griddepcontrol.wait" in ptx and ("prefetch.global.L2" in ptx) == (pdl == 2)
+from glmkit.attention import _combine_kernel, _decode_attention_kernel  # their PDL variants too
+ptrs = {p: "*bf16" for p in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
+ptrs.update({"pos_ptr": "*i64", "row_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32",
+             "max_len": "i32", "scale_log2": "fp32"})
+ptrs.update({n: "i32" for n in _decode_attention_kernel.arg_names if n.startswith("stride_")})
+for fn, sig, consts in [
+        (_decode_attention_kernel, ptrs, dict(KV=2, GROUP=16, HEAD_DIM=128, ROTARY=64, BLOCK_G=16, BLOCK_D=128,
+                                              BLOCK_N=64, SPLIT=256, SPLITS=4, IEEE=False, PDL=1)),
+        (_combine_kernel, {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": "*bf16"},
+         dict(HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=4, SPLIT=256, SPLITS=4, PDL=1))]:
+    src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
+                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    assert "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" in ptx
+from glmkit.allreduce import _push_allreduce_kernel as push  # the two-rank push all-reduce: its flags' ordering
+sig = {**{p: "*bf16" for p in ("x_ptr", "out_ptr", "mine_ptr", "peer_ptr")},
+       **{p: "*i32" for p in ("my_flags", "peer_flags", "calls")}, "N": "i32", "CAP": "i32"}
+for rank in (0, 1):
+    consts = dict(RANK=rank, BLOCK=4096, PDL=1)
+    src = ASTSource(fn=push, signature={**sig, **{k: "constexpr" for k in consts}},
+                    constexprs={(push.arg_names.index(k),): v for k, v in consts.items()})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    assert "atom.global.sys.release.exch" in ptx and "ld.global.sys.acquire" in ptx and "griddepcontrol.wait" in ptx
 print("OK")
 """
 
@@ -468,7 +494,7 @@ tensors = {n: torch.empty(8 * 128, dtype=torch.bfloat16) for n in names}
 for add in (False, True):
     kw = {**tensors, "N": 8, "K": 128, "K_FULL": 128, "eps": 1e-5, "HAS_BIAS": False, "SWIGLU": False, "NORM": True,
           "RESIDUAL": False, "ADD": add, "ROUND_BITS": False, "BLOCK_N": 8, "BLOCK_K": 128, "EVEN_N": True,
-          "EVEN_K": True}
+          "EVEN_K": True, "PDL": 0}
     rw = identify_accessed_tensors(_gemv_kernel, kw, {}).read_writes
     print(add, sorted(d.name for d in rw.writes), sorted(d.name for d in rw.reads))
 """

@@ -353,7 +353,21 @@ def test_fused_step_figures_render_the_committed_files():
     sentence = str(results.fusion_sentence())
     assert f"{fused['decode_tok_s']:.1f} tok/s, {100 * fused['fraction_of_roofline']:.1f}% of the roofline" in sentence
     table = results.fusion_table()
-    assert [row[0] for row in table.rows][-1] == "all fused (the default)"
-    default = p["paths"]["fast, compiled layer, Triton GEMV, CUDA graph"]
-    assert table.rows[-1][1] == f"{default['kernels_per_step']:.0f}" and table.rows[-1][-1] == f"{default['wall_ms']:.2f}"
+    labels = [row[0] for row in table.rows]
+    compiled = p["paths"]["fast, compiled layer, Triton GEMV, CUDA graph"]
+    row = table.rows[labels.index("all fused, compiled layer, plain launches")]
+    assert row[1] == f"{compiled['kernels_per_step']:.0f}" and row[-1] == f"{compiled['wall_ms']:.2f}"
+    if results.PDL_PATH in p["paths"]:  # the default, uncompiled with PDL: its wall time
+        assert labels[-1] == "all fused, uncompiled, PDL (the default)"
+        assert table.rows[-1][-1] == f"{p['paths'][results.PDL_PATH]['wall_ms']:.2f}"
     assert table.rows[0][0].startswith("before fusion")  # profile_step_h200.json, the step before any fusion
+
+
+def test_pdl_figures_render_the_committed_files():
+    d, probe = results.load("pdl_decode"), results.load("pdl_probe")
+    table = results.pdl_table()
+    measured = [r for r in d["rows"] if "decode_tok_s" in r]
+    assert [row[1] for row in table.rows] == [f"{r['decode_tok_s']:.1f}" for r in measured]
+    assert table.rows[0][-1] == "1.000x" and d["environment"]["device"] in table.caption
+    plain = min(r["ms"] for r in probe["rows"] if r["pdl"] == 0)
+    assert f"{plain:.3f} ms with plain launches" in str(results.pdl_probe_sentence())

@@ -2,8 +2,9 @@
 processes under torchrun) picks the same tokens on both ranks and in one process; in 2 gloo processes of this test
 (forked), the all-reduce choice on CPUs ("symm" and "auto" fall back to the group's own all-reduce and say why, sums
 stay right) and a ``TPLeader`` fed host tensors that drives a follower to one process's greedy tokens with the
-vocabulary-split embedding. (Greedy ``--tp 2 --fast-decode`` against one process through the CLI: notebook 08, whose
-checked cell runs it; through the server: tests/test_tp_serve.py.)"""
+vocabulary-split embedding; and a kernel that fails on one rank alone, from which both ranks fall back alike.
+(Greedy ``--tp 2 --fast-decode`` against one process through the CLI: notebook 08, whose checked cell runs it;
+through the server: tests/test_tp_serve.py.)"""
 
 import time
 
@@ -62,7 +63,7 @@ def _rank(rank: int, folder: str, model: torch.nn.Module) -> None:
     dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
     try:
         out = {}
-        for mode in ("symm", "auto", "nccl"):
+        for mode in ("symm", "push", "auto", "nccl"):
             ar = AllReduce(dist.group.WORLD, torch.device("cpu"), torch.float32, mode=mode)
             out[mode] = (ar.mode, ar.reason, ar(torch.full((3, 4), float(rank + 1))).tolist())
         dec = TPDecoder(model, max_len=48, batch_size=2, group=dist.group.WORLD, allreduce="symm")
@@ -85,14 +86,12 @@ def _rank(rank: int, folder: str, model: torch.nn.Module) -> None:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    """What each of 2 gloo processes saw. They are forked from this one, the model already loaded: real processes
-    with their own group, without the ~7 s a spawned interpreter spends importing torch and transformers again (they
-    run only CPU tensors and gloo, nothing a fork cannot carry). A rank stuck for 2 minutes fails the test."""
-    folder = tmp_path_factory.mktemp("tp")
-    model = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
-    procs = mp.start_processes(_rank, args=(str(folder), model), nprocs=2, join=False, start_method="fork")
+def fork_ranks(fn, folder, model: torch.nn.Module) -> list[dict]:
+    """What ``fn(rank, folder, model)`` saved in each of 2 gloo processes. They are forked from this one, the model
+    already loaded: real processes with their own group, without the ~7 s a spawned interpreter spends importing torch
+    and transformers again (they run only CPU tensors and gloo, nothing a fork cannot carry). A rank stuck for 2
+    minutes (say, waiting in a collective the other never joins) fails the test."""
+    procs = mp.start_processes(fn, args=(str(folder), model), nprocs=2, join=False, start_method="fork")
     deadline = time.monotonic() + 120
     while not procs.join(timeout=1):  # (raises with the rank's traceback if one failed)
         if time.monotonic() > deadline:
@@ -102,9 +101,16 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(folder / f"{r}.pt") for r in (0, 1)]
 
 
-def test_symm_and_auto_fall_back_to_the_groups_all_reduce_on_cpus(ranks):
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    """What each of 2 gloo processes saw in ``_rank``."""
+    model = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
+    return fork_ranks(_rank, tmp_path_factory.mktemp("tp"), model)
+
+
+def test_symm_push_and_auto_fall_back_to_the_groups_all_reduce_on_cpus(ranks):
     for out in ranks:
-        for mode in ("symm", "auto"):
+        for mode in ("symm", "push", "auto"):
             chosen, reason, total = out[mode]
             assert chosen == "nccl" and "CPU" in reason
             assert total == [[3.0] * 4] * 3  # 1 + 2 on every rank
@@ -127,6 +133,50 @@ def test_two_process_seeded_sampling_agrees_on_both_ranks_and_with_one_process(o
     # The seed, not the process, decides the draws: the same seed in one process picks the 2 processes' tokens, another
     # seed others (at temperature 20 the tiny model's choices are nearly uniform: two seeds agreeing is no chance).
     assert one_rank_sample(3, new_tokens=SAMPLED) == sampled["tokens"] != one_rank_sample(4, new_tokens=SAMPLED)
+
+
+def _rank_whose_gemvs_fail(rank: int, folder: str, model: torch.nn.Module) -> None:
+    """A TPDecoder that chose glmkit's attention and GEMVs itself (as on a GPU), whose GEMVs fail on rank 1 alone:
+    what each rank decoded, warned and kept."""
+    import warnings
+
+    import glmkit.fast_decode
+    import glmkit.tp_decode
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+    try:  # (a forked child: its patches die with it)
+        glmkit.tp_decode.auto_attention = lambda device, dtype: "triton"
+        glmkit.tp_decode.auto_gemv = lambda device, batch_size: "triton"
+        if rank == 1:
+            glmkit.fast_decode.triton_gemv = broken
+        dec = TPDecoder(model, max_len=16, group=dist.group.WORLD, compile=False, cuda_graph=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tokens = dec.generate(IDS[:, :5], FALLBACK_TOKENS, ignore_eos=True)[0, 5:].tolist()
+        torch.save({"tokens": tokens, "attention": dec.attention, "gemv": dec.gemv,
+                    "warnings": [str(w.message) for w in caught if "failed" in str(w.message)]}, f"{folder}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+FALLBACK_TOKENS = 3
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton (pip install triton)")
+def test_a_kernel_failing_on_one_rank_falls_back_on_both_and_the_warning_names_it(tmp_path):
+    model = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map="cpu")
+    want = FastDecoder(model, max_len=16).generate(IDS[:, :5], FALLBACK_TOKENS, ignore_eos=True)[0, 5:].tolist()
+    failed, other = fork_ranks(_rank_whose_gemvs_fail, tmp_path, model)[::-1]
+    # the GEMVs, not the attention tried first, gave way, on both ranks: neither waits for the other forever
+    for out in (failed, other):
+        assert (out["attention"], out["gemv"], out["tokens"]) == ("triton", False, want)
+    instead = "; TPDecoder uses cuBLAS (gemv=False) instead."
+    assert failed["warnings"] == ["glmkit's Triton GEMV kernels failed here (RuntimeError: no kernel image is "
+                                  "available for execution on the device)" + instead]
+    assert other["warnings"] == ["glmkit's Triton GEMV kernels failed in another process" + instead]
 
 
 def test_shards_partition_every_weight():
