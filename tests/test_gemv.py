@@ -500,42 +500,63 @@ for add in (False, True):
 """
 
 
-def test_torch_compile_sees_the_fused_launches_write_only_their_outputs():
-    """torch.compile (which traces the decoders' launches) reads the kernel's Triton IR to learn which tensors it
-    writes: y alone, and s with the add, never the weight or the unused pointer slots the launch fills with it (were
-    they taken as written, each compiled step would copy the weights)."""
+RUN_EACH = """
+import runpy, sys, traceback
+for path in sys.argv[1:]:
+    print("=== " + path, flush=True)
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as exc:
+        if exc.code:
+            print(f"SCRIPT EXITED {exc.code}")
+    except BaseException:
+        traceback.print_exc(file=sys.stdout)
+        print("SCRIPT RAISED")
+"""
+
+
+@pytest.fixture(scope="module")
+def sm90(tmp_path_factory) -> dict[str, str]:
+    """The two sm_90 scripts above, one after the other in one fresh process without Triton's interpreter (one
+    interpreter start, not two): what each printed, a traceback and SCRIPT RAISED when it raised. Each is a file:
+    Triton reads a @jit function's source from it."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
+    folder = tmp_path_factory.mktemp("sm90")
+    scripts = {"compile": COMPILE_FOR_SM90, "mutations": MUTATIONS_FOR_SM90}
+    for name, text in scripts.items():
+        (folder / f"{name}.py").write_text(text)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", MUTATIONS_FOR_SM90], env=env, capture_output=True, text=True,
-                         timeout=300)
-    if out.stdout.startswith("NO ANALYSIS"):
-        pytest.skip(f"torch's kernel analysis is not at hand here: {out.stdout[-300:]}")
-    assert out.returncode == 0, out.stderr[-2000:]
-    plain, add = out.stdout.strip().splitlines()[-2:]
+    out = subprocess.run([sys.executable, "-c", RUN_EACH, *(str(folder / f"{n}.py") for n in scripts)], env=env,
+                         capture_output=True, text=True, timeout=600)
+    sections = dict(zip(scripts, out.stdout.split("=== ")[1:]))
+    missing = [n for n in scripts if n not in sections]
+    assert out.returncode == 0 and not missing, f"exit {out.returncode}, no output of {missing}: {out.stderr[-2000:]}"
+    return {name: text.split("\n", 1)[1] for name, text in sections.items()}  # without the === line
+
+
+def test_torch_compile_sees_the_fused_launches_write_only_their_outputs(sm90):
+    """torch.compile (which traces the decoders' launches) reads the kernel's Triton IR to learn which tensors it
+    writes: y alone, and s with the add, never the weight or the unused pointer slots the launch fills with it (were
+    they taken as written, each compiled step would copy the weights)."""
+    out = sm90["mutations"]
+    if out.startswith("NO ANALYSIS"):
+        pytest.skip(f"torch's kernel analysis is not at hand here: {out[-300:]}")
+    assert "SCRIPT " not in out, out[-2000:]
+    plain, add = out.strip().splitlines()[-2:]
     assert plain.startswith("False ['y_ptr'] ") and "d_ptr" not in plain and "s_ptr" not in plain
     assert add.startswith("True ['s_ptr', 'y_ptr'] ") and "'d_ptr'" in add
 
 
-def test_the_fused_kernels_compile_for_an_h100_or_h200_without_one(tmp_path):
+def test_the_fused_kernels_compile_for_an_h100_or_h200_without_one(sm90):
     """Triton's CPU interpreter runs the kernels' arithmetic but not Triton's compiler: build the fused variants for
     sm_90 (Hopper) down to a cubin, in a process without the interpreter, so a GPU-only compile error shows here."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    script = tmp_path / "compile_for_sm90.py"  # a file: Triton reads a @jit function's source from it
-    script.write_text(COMPILE_FOR_SM90)
-    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    if out.stdout.startswith("NO TOOLCHAIN"):
-        pytest.skip(f"this Triton cannot build for sm_90 here: {out.stdout.strip()}")
-    assert out.stdout.strip().endswith("OK")
+    out = sm90["compile"]
+    assert "SCRIPT " not in out, out[-2000:]
+    if out.startswith("NO TOOLCHAIN"):
+        pytest.skip(f"this Triton cannot build for sm_90 here: {out.strip()}")
+    assert out.strip().endswith("OK")
