@@ -101,18 +101,17 @@ def test_the_fused_triton_step_runs_its_layers_uncompiled_unless_compile_is_aske
         assert apart.layer_fn_for(1) is apart.layer_fn
 
 
-def test_compiled_decoders_of_more_shapes_than_torchs_limit_in_one_process(model, monkeypatch):
+def test_compiled_decoders_of_more_shapes_than_torchs_limit_in_one_process(model):
     # torch allows 8 compiled shapes of one function by default (fullgraph turns the 9th into an error); a tuning session
     # builds more decoders than that. With the limit at 1 here, a second shape goes past it: the first decoder is the
     # default (inductor), the second uses dynamo's eager backend, which counts against the same limit without inductor's
-    # second compile (seconds on a CPU).
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    monkeypatch.setattr(torch._dynamo.config, "accumulated_recompile_limit", 1)
+    # second compile (seconds on a CPU). (torch's own patch: pytest's monkeypatch would delete the setting on undo.)
     ids = torch.tensor([[1, 2, 3, 4]])
     expected = model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)
-    for extra, options in enumerate([None, {"backend": "eager"}]):
-        decoder = FastDecoder(model, max_len=8 + extra, compile=True, compile_options=options)
-        assert torch.equal(decoder.generate(ids, max_new_tokens=2, ignore_eos=True), expected)
+    with torch._dynamo.config.patch(recompile_limit=1, accumulated_recompile_limit=1):
+        for extra, options in enumerate([None, {"backend": "eager"}]):
+            decoder = FastDecoder(model, max_len=8 + extra, compile=True, compile_options=options)
+            assert torch.equal(decoder.generate(ids, max_new_tokens=2, ignore_eos=True), expected)
 
 
 @pytest.mark.parametrize("compile", [False, True])
