@@ -8,6 +8,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 CHROMIUM := /usr/bin/chromium
 # pytest-xdist workers of `make test`: one per core of a 2-core machine (the tests run with OMP_NUM_THREADS=1).
+# (--no-loadscope-reorder: pytest-xdist >= 3.8, the dev extra asks for it.)
 # Each takes whole files (a notebook's cells stay in one kernel, in order); conftest.py hands out the slowest first.
 WORKERS ?= 2
 ALLOW_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
