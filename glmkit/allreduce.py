@@ -83,6 +83,11 @@ if triton is not None:
         tl.store(calls + pid, call)
         base = (call % 2) * 2 * CAP
         tl.store(peer_ptr + base + RANK * CAP + offs, x, mask=ok)
+        # every thread's stores reach the peer before the flag: a system-scope fence in each thread (the flag's
+        # release alone orders only the storing thread's own: measured on 2 H200s, a CUDA graph of back-to-back calls
+        # read the slot's previous values without it)
+        tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, 0;", "=r,r", [pid], dtype=tl.int32,
+                                  is_pure=False, pack=1)
         tl.debug_barrier()
         tl.atomic_xchg(peer_flags + pid, call, sem="release", scope="sys")
         seen = tl.atomic_add(my_flags + pid, 0, sem="acquire", scope="sys")

@@ -469,6 +469,7 @@ for rank in (0, 1):
                     constexprs={(push.arg_names.index(k),): v for k, v in consts.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
     assert "atom.global.sys.release.exch" in ptx and "ld.global.sys.acquire" in ptx and "griddepcontrol.wait" in ptx
+    assert ptx.index("fence.acq_rel.sys") < ptx.index("atom.global.sys.release.exch")  # every thread's stores first
 print("OK")
 """
 
