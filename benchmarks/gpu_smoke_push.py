@@ -74,6 +74,10 @@ for i in range(5):
         f"max diff {(p_out.float() - n_out.float()).abs().max().item():.3g}", flush=True)
     same &= torch.equal(p_out, eager_push)
 say("graph of 81 calls, 5 replays, equal to the same calls run eagerly:", same, flush=True)
+counts = torch.stack([push.push["calls"][:4].clone(), push.push["flags"][:4].clone()])
+every = [torch.empty_like(counts) for _ in range(2)]
+dist.all_gather(every, counts)
+say("calls and flags per rank (programs 0-3):", [e.tolist() for e in every], flush=True)
 
 rows = latency_rows(group, device, ["nccl", "symm", "push"], [1, 16])
 for r in rows:

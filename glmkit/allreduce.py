@@ -78,7 +78,7 @@ if triton is not None:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         ok = offs < N
         x = tl.load(x_ptr + offs, mask=ok, other=0.0)
-        call = tl.load(calls + pid) + 1  # this program's calls on this rank, this one included
+        call = tl.load(calls + pid, volatile=True) + 1  # this program's calls on this rank, this one included
         tl.debug_barrier()
         tl.store(calls + pid, call)
         base = (call % 2) * 2 * CAP
