@@ -11,12 +11,15 @@ flag in each peer's signal pad and waits for theirs, then reads every rank's buf
 rank order (the same bits on every rank). A CUDA graph captures it like any kernel. NVLink multicast is not used
 (``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` stays set: on shared machines it can take the host's GPUs out of service).
 
-glmkit's own ``"push"`` kernel (two ranks) saves the read over NVLink: each rank *writes* its partial into the
-peer's symmetric buffer (a slot per rank, two sets used in turn so that a call never overwrites what the peer may
-still be reading from the call before), raises a counter in the peer's flags (release, system scope), waits for
-the peer's counter in its own flags (acquire), and sums the two partials from its own memory in rank order. Launched
-with programmatic dependent launch inside ``glmkit.gemv.dependent_launches`` (``TPDecoder``'s batch-1 step), so it
-starts while the GEMV before it finishes.
+glmkit's own ``"push"`` kernel (two ranks; experimental, asked for by name only) saves the read over NVLink: each
+rank *writes* its partial into the peer's symmetric buffer (a slot per rank, two sets used in turn so that a call
+never overwrites what the peer may still be reading from the call before), raises a counter in the peer's flags
+(release, system scope), waits for the peer's counter in its own flags (acquire), and sums the two partials from its
+own memory in rank order. Launched with programmatic dependent launch inside ``glmkit.gemv.dependent_launches``
+(``TPDecoder``'s batch-1 step). On 2×H200 it took 5.2 µs a call in a CUDA graph against the one-shot kernel's 6.9
+and gave NCCL's sums eagerly and ``TPDecoder`` NCCL's tokens, but a CUDA graph of 81 back-to-back calls gave other
+sums than the same calls run eagerly (``benchmarks/results/allreduce_push.json``, ``benchmarks/gpu_smoke_push.py``):
+until that is understood, ``"auto"`` does not choose it.
 
 Modes:
 
@@ -24,9 +27,10 @@ Modes:
 - ``"symm"``: the one-shot kernel for tensors up to ``max_bytes`` (the group's all-reduce for bigger ones, e.g. a
   long prompt's prefill). Where it cannot run (CPUs, gloo, GPUs without peer access, processes on several hosts,
   a torch without the kernel) every rank falls back to ``"nccl"`` and ``reason`` says why;
-- ``"push"``: glmkit's push kernel (two ranks on one host's GPUs with Triton; ``"nccl"`` where it cannot run);
-- ``"auto"``: all that run here are timed (in a CUDA graph when ``graph``, else eagerly) on a ``[1, hidden]``
-  tensor and the fastest is kept; ``timings_us`` holds what was measured.
+- ``"push"``: glmkit's push kernel, experimental (two ranks on one host's GPUs with Triton; ``"nccl"`` where it
+  cannot run);
+- ``"auto"``: NCCL's and the one-shot kernel, where it runs, are timed (in a CUDA graph when ``graph``, else
+  eagerly) on a ``[1, hidden]`` tensor and the faster is kept; ``timings_us`` holds what was measured.
 
 Every rank must build its ``AllReduce`` at the same point (the setup runs collectives). Introduced in
 ``notebooks/08_tensor_parallel.ipynb``. Without a group (one process) it returns its input:
@@ -78,7 +82,7 @@ if triton is not None:
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         ok = offs < N
         x = tl.load(x_ptr + offs, mask=ok, other=0.0)
-        call = tl.load(calls + pid, volatile=True) + 1  # this program's calls on this rank, this one included
+        call = tl.load(calls + pid) + 1  # this program's calls on this rank, this one included
         tl.debug_barrier()
         tl.store(calls + pid, call)
         base = (call % 2) * 2 * CAP
@@ -184,15 +188,13 @@ class AllReduce:
         if not self._all_ok():
             return
         self.mode = "symm"
-        if mode in ("push", "auto"):
+        if mode == "push":  # experimental: asked for by name only (see the module's docstring)
             problem = self._push_setup(max_bytes)
             if not agree(problem is None, self.group, self.device):
                 self.push = None
-                if mode == "push":
-                    self.mode, self.reason = "nccl", problem or "another rank cannot run the push kernel"
-                    return
-            elif mode == "push":
-                self.mode = "push"
+                self.mode, self.reason = "nccl", problem or "another rank cannot run the push kernel"
+                return
+            self.mode = "push"
         if mode == "auto":
             self._choose(hidden, graph)
 
