@@ -88,8 +88,7 @@ if triton is not None:
         base = (call % 2) * 2 * CAP
         tl.store(peer_ptr + base + RANK * CAP + offs, x, mask=ok)
         # every thread's stores reach the peer before the flag: a system-scope fence in each thread (the flag's
-        # release alone orders only the storing thread's own: measured on 2 H200s, a CUDA graph of back-to-back calls
-        # read the slot's previous values without it)
+        # release is made by one thread)
         tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, 0;", "=r,r", [pid], dtype=tl.int32,
                                   is_pure=False, pack=1)
         tl.debug_barrier()
