@@ -11,12 +11,15 @@ flag in each peer's signal pad and waits for theirs, then reads every rank's buf
 rank order (the same bits on every rank). A CUDA graph captures it like any kernel. NVLink multicast is not used
 (``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` stays set: on shared machines it can take the host's GPUs out of service).
 
-glmkit's own ``"push"`` kernel (two ranks) saves the read over NVLink: each rank *writes* its partial into the
-peer's symmetric buffer (a slot per rank, two sets used in turn so that a call never overwrites what the peer may
-still be reading from the call before), raises a counter in the peer's flags (release, system scope), waits for
-the peer's counter in its own flags (acquire), and sums the two partials from its own memory in rank order. Launched
-with programmatic dependent launch inside ``glmkit.gemv.dependent_launches`` (``TPDecoder``'s batch-1 step), so it
-starts while the GEMV before it finishes.
+glmkit's own ``"push"`` kernel (two ranks; experimental, asked for by name only) saves the read over NVLink: each
+rank *writes* its partial into the peer's symmetric buffer (a slot per rank, two sets used in turn so that a call
+never overwrites what the peer may still be reading from the call before), raises a counter in the peer's flags
+(release, system scope), waits for the peer's counter in its own flags (acquire), and sums the two partials from its
+own memory in rank order. Launched with programmatic dependent launch inside ``glmkit.gemv.dependent_launches``
+(``TPDecoder``'s batch-1 step). On 2×H200 it took 5.2 µs a call in a CUDA graph against the one-shot kernel's 6.9
+and gave NCCL's sums eagerly and ``TPDecoder`` NCCL's tokens, but a CUDA graph of 81 back-to-back calls gave other
+sums than the same calls run eagerly (``benchmarks/results/allreduce_push.json``, ``benchmarks/gpu_smoke_push.py``):
+until that is understood, ``"auto"`` does not choose it.
 
 Modes:
 
@@ -24,9 +27,10 @@ Modes:
 - ``"symm"``: the one-shot kernel for tensors up to ``max_bytes`` (the group's all-reduce for bigger ones, e.g. a
   long prompt's prefill). Where it cannot run (CPUs, gloo, GPUs without peer access, processes on several hosts,
   a torch without the kernel) every rank falls back to ``"nccl"`` and ``reason`` says why;
-- ``"push"``: glmkit's push kernel (two ranks on one host's GPUs with Triton; ``"nccl"`` where it cannot run);
-- ``"auto"``: all that run here are timed (in a CUDA graph when ``graph``, else eagerly) on a ``[1, hidden]``
-  tensor and the fastest is kept; ``timings_us`` holds what was measured.
+- ``"push"``: glmkit's push kernel, experimental (two ranks on one host's GPUs with Triton; ``"nccl"`` where it
+  cannot run);
+- ``"auto"``: NCCL's and the one-shot kernel, where it runs, are timed (in a CUDA graph when ``graph``, else
+  eagerly) on a ``[1, hidden]`` tensor and the faster is kept; ``timings_us`` holds what was measured.
 
 Every rank must build its ``AllReduce`` at the same point (the setup runs collectives). Introduced in
 ``notebooks/08_tensor_parallel.ipynb``. Without a group (one process) it returns its input:
@@ -66,7 +70,7 @@ if triton is not None:
 
     @triton.jit
     def _push_allreduce_kernel(x_ptr, out_ptr, mine_ptr, peer_ptr, my_flags, peer_flags, calls, N, CAP,
-                               RANK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                               RANK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr):
         # two ranks: this program's BLOCK values of x go into the peer's buffer (slot RANK of the set the call's
         # parity picks), then the call's number into the peer's flag for this program (release: the values are
         # visible before it); once the peer's number is in this rank's flag (acquire), both partials are read from
@@ -83,6 +87,11 @@ if triton is not None:
         tl.store(calls + pid, call)
         base = (call % 2) * 2 * CAP
         tl.store(peer_ptr + base + RANK * CAP + offs, x, mask=ok)
+        # every thread's stores reach the peer before the flag: a system-scope fence in each thread (the flag's
+        # release is made by one thread)
+        if FENCE:  # (not in Triton's CPU interpreter, which has no inline PTX: its threads share one memory)
+            tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, 0;", "=r,r", [pid], dtype=tl.int32,
+                                      is_pure=False, pack=1)
         tl.debug_barrier()
         tl.atomic_xchg(peer_flags + pid, call, sem="release", scope="sys")
         seen = tl.atomic_add(my_flags + pid, 0, sem="acquire", scope="sys")
@@ -179,15 +188,13 @@ class AllReduce:
         if not self._all_ok():
             return
         self.mode = "symm"
-        if mode in ("push", "auto"):
+        if mode == "push":  # experimental: asked for by name only (see the module's docstring)
             problem = self._push_setup(max_bytes)
             if not agree(problem is None, self.group, self.device):
                 self.push = None
-                if mode == "push":
-                    self.mode, self.reason = "nccl", problem or "another rank cannot run the push kernel"
-                    return
-            elif mode == "push":
-                self.mode = "push"
+                self.mode, self.reason = "nccl", problem or "another rank cannot run the push kernel"
+                return
+            self.mode = "push"
         if mode == "auto":
             self._choose(hidden, graph)
 
@@ -289,7 +296,7 @@ class AllReduce:
         pdl = {"PDL": _gemv.PDL, **({"launch_pdl": True} if _gemv.PDL else {})}
         _push_allreduce_kernel[(triton.cdiv(n, PUSH_BLOCK),)](
             x, out, p["data"], p["peer_data"], p["flags"], p["peer_flags"], p["calls"], n, p["cap"],
-            RANK=p["rank"], BLOCK=PUSH_BLOCK, num_warps=4, **pdl)
+            RANK=p["rank"], BLOCK=PUSH_BLOCK, FENCE=not _gemv.INTERPRETER, num_warps=4, **pdl)
         return out.view(t.shape)
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:

@@ -464,11 +464,12 @@ from glmkit.allreduce import _push_allreduce_kernel as push  # the two-rank push
 sig = {**{p: "*bf16" for p in ("x_ptr", "out_ptr", "mine_ptr", "peer_ptr")},
        **{p: "*i32" for p in ("my_flags", "peer_flags", "calls")}, "N": "i32", "CAP": "i32"}
 for rank in (0, 1):
-    consts = dict(RANK=rank, BLOCK=4096, PDL=1)
+    consts = dict(RANK=rank, BLOCK=4096, PDL=1, FENCE=True)
     src = ASTSource(fn=push, signature={**sig, **{k: "constexpr" for k in consts}},
                     constexprs={(push.arg_names.index(k),): v for k, v in consts.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
     assert "atom.global.sys.release.exch" in ptx and "ld.global.sys.acquire" in ptx and "griddepcontrol.wait" in ptx
+    assert ptx.index("fence.acq_rel.sys") < ptx.index("atom.global.sys.release.exch")  # every thread's stores first
 print("OK")
 """
 
