@@ -89,14 +89,14 @@ def test_the_fused_triton_step_runs_its_layers_uncompiled_unless_compile_is_aske
     dependent launch can reach them), compiled when compile=True is asked for; other steps keep the compiled one."""
     from glmkit.fast_decode import decoder_layer
 
-    auto = FastDecoder(model, max_len=8, gemv="triton", compile=None)
+    auto = FastDecoder(model, max_len=8, gemv="triton", attention="triton", compile=None)
     auto.compiled, auto.layer_fn = True, torch.compile(decoder_layer)  # as on a GPU (compiles only when called)
     assert auto.fuses_norms(1) and auto.layer_fn_for(1) is decoder_layer
     assert not auto.uses_pdl(1)  # a CPU: no programmatic dependent launch
-    asked = FastDecoder(model, max_len=8, gemv="triton", compile=True)
+    asked = FastDecoder(model, max_len=8, gemv="triton", attention="triton", compile=True)
     assert asked.layer_fn_for(1) is asked.layer_fn is not decoder_layer
     for other in ({"fuse_norms": False}, {"attention": "sdpa"}):  # norm or rope kernels: the compiled layer
-        apart = FastDecoder(model, max_len=8, gemv="triton", compile=None, **other)
+        apart = FastDecoder(model, max_len=8, gemv="triton", compile=None, **{"attention": "triton", **other})
         apart.layer_fn = auto.layer_fn
         assert apart.layer_fn_for(1) is apart.layer_fn
 
