@@ -70,7 +70,7 @@ if triton is not None:
 
     @triton.jit
     def _push_allreduce_kernel(x_ptr, out_ptr, mine_ptr, peer_ptr, my_flags, peer_flags, calls, N, CAP,
-                               RANK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, FENCE: tl.constexpr):
+                               RANK: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr, ON_GPU: tl.constexpr):
         # two ranks: this program's BLOCK values of x go into the peer's buffer (slot RANK of the set the call's
         # parity picks), then the call's number into the peer's flag for this program (release: the values are
         # visible before it); once the peer's number is in this rank's flag (acquire), both partials are read from
@@ -89,14 +89,19 @@ if triton is not None:
         tl.store(peer_ptr + base + RANK * CAP + offs, x, mask=ok)
         # every thread's stores reach the peer before the flag: a system-scope fence in each thread (the flag's
         # release is made by one thread)
-        if FENCE:  # (not in Triton's CPU interpreter, which has no inline PTX: its threads share one memory)
+        if ON_GPU:  # (Triton's CPU interpreter has no inline PTX, and one memory for all)
             tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, 0;", "=r,r", [pid], dtype=tl.int32,
                                       is_pure=False, pack=1)
         tl.debug_barrier()
         tl.atomic_xchg(peer_flags + pid, call, sem="release", scope="sys")
-        seen = tl.atomic_add(my_flags + pid, 0, sem="acquire", scope="sys")
-        while seen < call:
-            seen = tl.atomic_add(my_flags + pid, 0, sem="acquire", scope="sys")
+        if ON_GPU:
+            seen = tl.atomic_add(my_flags + pid, 0, sem="acquire", scope="sys")  # compiled to a load-acquire
+            while seen < call:
+                seen = tl.atomic_add(my_flags + pid, 0, sem="acquire", scope="sys")
+        else:  # the interpreter's atomics are not atomic between processes: a plain read never undoes the peer's write
+            seen = tl.load(my_flags + pid, volatile=True)
+            while seen < call:
+                seen = tl.load(my_flags + pid, volatile=True)
         tl.debug_barrier()
         other = tl.load(mine_ptr + base + (1 - RANK) * CAP + offs, mask=ok, other=0.0, cache_modifier=".cg")  # L2
         if RANK == 0:
@@ -296,7 +301,7 @@ class AllReduce:
         pdl = {"PDL": _gemv.PDL, **({"launch_pdl": True} if _gemv.PDL else {})}
         _push_allreduce_kernel[(triton.cdiv(n, PUSH_BLOCK),)](
             x, out, p["data"], p["peer_data"], p["flags"], p["peer_flags"], p["calls"], n, p["cap"],
-            RANK=p["rank"], BLOCK=PUSH_BLOCK, FENCE=not _gemv.INTERPRETER, num_warps=4, **pdl)
+            RANK=p["rank"], BLOCK=PUSH_BLOCK, ON_GPU=not _gemv.INTERPRETER, num_warps=4, **pdl)
         return out.view(t.shape)
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:

@@ -464,7 +464,7 @@ from glmkit.allreduce import _push_allreduce_kernel as push  # the two-rank push
 sig = {**{p: "*bf16" for p in ("x_ptr", "out_ptr", "mine_ptr", "peer_ptr")},
        **{p: "*i32" for p in ("my_flags", "peer_flags", "calls")}, "N": "i32", "CAP": "i32"}
 for rank in (0, 1):
-    consts = dict(RANK=rank, BLOCK=4096, PDL=1, FENCE=True)
+    consts = dict(RANK=rank, BLOCK=4096, PDL=1, ON_GPU=True)
     src = ASTSource(fn=push, signature={**sig, **{k: "constexpr" for k in consts}},
                     constexprs={(push.arg_names.index(k),): v for k, v in consts.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]

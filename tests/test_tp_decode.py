@@ -108,6 +108,54 @@ def ranks(tmp_path_factory) -> list[dict]:
     return fork_ranks(_rank, tmp_path_factory.mktemp("tp"), model)
 
 
+PUSH_CALLS = [(1, 64), (2, 4096), (3, 4095), (1, 4096), (1, 64)]  # both sets of slots, 1-3 programs, partial blocks
+
+
+def _push_rank(rank: int, data: list, flags: list, calls: list, inputs: list, outputs: list) -> None:
+    """One of two processes: glmkit's push all-reduce kernel, back to back, on memory both processes share."""
+    from glmkit.allreduce import PUSH_BLOCK, _push_allreduce_kernel
+
+    cap = data[0].numel() // 4
+    x = inputs[rank]
+    for i, (rows, cols) in enumerate(PUSH_CALLS):
+        t = x[: rows * cols].view(rows, cols) * (i + 1)
+        out = torch.empty_like(t)
+        _push_allreduce_kernel[((t.numel() + PUSH_BLOCK - 1) // PUSH_BLOCK,)](
+            t, out, data[rank], data[1 - rank], flags[rank], flags[1 - rank], calls[rank], t.numel(), cap,
+            RANK=rank, BLOCK=PUSH_BLOCK, PDL=0, ON_GPU=False)
+        outputs[rank][i, : t.numel()] = out.flatten()
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs Triton's CPU interpreter (TRITON_INTERPRET=1)")
+def test_the_push_kernel_sums_two_processes_partials_call_after_call():
+    """glmkit's push all-reduce (``AllReduce(mode="push")``, two GPUs on a GPU machine) run by two real processes
+    through Triton's interpreter on shared memory, with no synchronisation between calls but the kernel's own flags:
+    each call's sum is exact on both ranks, whichever rank runs ahead."""
+    from glmkit.allreduce import PUSH_BLOCK
+
+    cap = 4 * PUSH_BLOCK
+    data = [torch.zeros(4 * cap).share_memory_() for _ in range(2)]
+    flags = [torch.zeros(4, dtype=torch.int32).share_memory_() for _ in range(2)]
+    calls = [torch.zeros(4, dtype=torch.int32).share_memory_() for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(3 * PUSH_BLOCK, generator=g).share_memory_() for _ in range(2)]
+    outputs = [torch.full((len(PUSH_CALLS), 3 * PUSH_BLOCK), float("nan")).share_memory_() for _ in range(2)]
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_push_rank, args=(r, data, flags, calls, inputs, outputs)) for r in (0, 1)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+        if proc.is_alive():
+            proc.kill()
+    assert [proc.exitcode for proc in procs] == [0, 0], "a rank failed or waited for its peer for 2 minutes"
+    for i, (rows, cols) in enumerate(PUSH_CALLS):
+        n = rows * cols
+        want = (inputs[0][:n] * (i + 1)) + (inputs[1][:n] * (i + 1))
+        assert torch.equal(outputs[0][i, :n], want) and torch.equal(outputs[1][i, :n], want), i
+    assert calls[0].tolist() == calls[1].tolist() == flags[0].tolist() == [5, 2, 1, 0]  # calls per program
+
+
 def test_symm_push_and_auto_fall_back_to_the_groups_all_reduce_on_cpus(ranks):
     for out in ranks:
         for mode in ("symm", "push", "auto"):
