@@ -246,22 +246,10 @@ if triton is not None:
         # in Triton's CPU interpreter, which truncates fp32 to bf16 where a GPU rounds to nearest even: the rounding
         # is done on the bits there.
         # PDL (Hopper's programmatic dependent launch, launched with launch_pdl=True): the next kernel may start as
-        # soon as every program here has started (1), and with 2 each program first pulls its first weight tiles
-        # into L2; either way nothing the previous kernel writes is read or written before it has finished.
+        # soon as every program here has started; nothing the previous kernel writes is read or written before it
+        # has finished.
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-            if PDL == 2:  # one prefetch per 128-byte line of this program's rows (both halves with SWIGLU)
-                lines = tl.arange(0, BLOCK_K // 64) * 64
-                base = w_ptr + (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N))[:, None] * K
-                for k0 in range(0, K, BLOCK_K):
-                    ok = ((tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)) < N)[:, None] & (k0 + lines < K)[None, :]
-                    addr = tl.where(ok, base + k0 + lines[None, :], w_ptr)
-                    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [addr],
-                                              dtype=tl.int32, is_pure=False, pack=1)
-                    if SWIGLU:
-                        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
-                                                  [tl.where(ok, addr + N * K, w_ptr)], dtype=tl.int32,
-                                                  is_pure=False, pack=1)
             tl.extra.cuda.gdc_wait()
         s_end = tl.where(tl.program_id(0) == 0, K, 0)  # the columns of s this program writes: all, or none
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
