@@ -55,11 +55,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from glmkit import gemv as _gemv
-from glmkit.gemv import triton
+from glmkit.gemv import INTERPRETER, launch_options, triton
 
 if triton is not None:
     import triton.language as tl
+
+    from glmkit.gemv import wait_for_previous_kernel
 
 MODES = ("nccl", "symm", "push", "auto")
 PUSH_BLOCK = 4096  # elements each program of the push kernel sums (one token's hidden state of GLM-4-9B)
@@ -76,9 +77,7 @@ if triton is not None:
         # visible before it); once the peer's number is in this rank's flag (acquire), both partials are read from
         # this rank's own memory and summed in rank order (fp32, rounded once: the same bits on both ranks)
         pid = tl.program_id(0)
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+        wait_for_previous_kernel(PDL)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         ok = offs < N
         x = tl.load(x_ptr + offs, mask=ok, other=0.0)
@@ -263,7 +262,7 @@ class AllReduce:
         one test of it against NCCL; why not, if it cannot run here."""
         if self.world != 2:
             return f"the push kernel sums over two ranks, not {self.world}"
-        if triton is None or _gemv.INTERPRETER:
+        if triton is None or INTERPRETER:
             return "the push kernel needs Triton on a GPU"
         import torch.distributed._symmetric_memory as symm_mem
 
@@ -298,10 +297,9 @@ class AllReduce:
         x = t.contiguous()
         out = torch.empty_like(x)
         n, p = x.numel(), self.push
-        pdl = {"PDL": _gemv.PDL, **({"launch_pdl": True} if _gemv.PDL else {})}
         _push_allreduce_kernel[(triton.cdiv(n, PUSH_BLOCK),)](
             x, out, p["data"], p["peer_data"], p["flags"], p["peer_flags"], p["calls"], n, p["cap"],
-            RANK=p["rank"], BLOCK=PUSH_BLOCK, ON_GPU=not _gemv.INTERPRETER, num_warps=4, **pdl)
+            RANK=p["rank"], BLOCK=PUSH_BLOCK, ON_GPU=not INTERPRETER, num_warps=4, **launch_options())
         return out.view(t.shape)
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:

@@ -36,11 +36,12 @@ import math
 
 import torch
 
-from glmkit import gemv as _gemv
-from glmkit.gemv import INTERPRETER, triton, triton_available
+from glmkit.gemv import INTERPRETER, launch_options, triton, triton_available
 
 if triton is not None:
     import triton.language as tl
+
+    from glmkit.gemv import wait_for_previous_kernel
 
 BLOCK_N = 64  # cache positions per tile (a K tile [64, 128] in bf16 is 16 KiB)
 TARGET_PROGRAMS = 256  # programs a long cache is split into, about two per SM of an H100/H200 (132 SMs)
@@ -90,9 +91,7 @@ if triton is not None:
                                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
                                  PDL: tl.constexpr):
         # one program: sequence i, KV head h, cache positions [split * SPLIT, (split + 1) * SPLIT) up to pos[i]
-        if PDL:  # programmatic dependent launch: the next kernel may start; q/k/v are read after this one's
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+        wait_for_previous_kernel(PDL)  # (q/k/v come from the kernel before)
         pid = tl.program_id(0)
         split = tl.program_id(1)
         i = pid // KV
@@ -170,9 +169,7 @@ if triton is not None:
                         BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
                         PDL: tl.constexpr):
         # one program: one query head of one sequence; softmax-weighted sum of the partial outputs of its splits
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+        wait_for_previous_kernel(PDL)
         pid = tl.program_id(0)
         i = pid // HEADS
         used = tl.minimum(tl.load(pos_ptr + i).to(tl.int32) // SPLIT + 1, SPLITS)  # splits that held 0..pos
@@ -290,7 +287,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         m = torch.empty(1, dtype=torch.float32, device=q.device)
         lse, acc = torch.empty_like(m), torch.empty_like(m)
     block_d = max(16, triton.next_power_of_2(hd))
-    pdl = {"PDL": _gemv.PDL, **({"launch_pdl": True} if _gemv.PDL else {})}
+    pdl = launch_options()
     _decode_attention_kernel[(b * kv, splits)](
         q, k, v, cos, sin, pos, batch_index, k_cache, v_cache, out, m, lse, acc,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),

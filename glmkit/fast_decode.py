@@ -35,10 +35,10 @@ from glmkit.attention import auto_attention, qkv_decode_attention
 from glmkit.device_map import check_device_map
 from glmkit.gemv import (
     active_table,
+    choose_pdl,
     dependent_launches,
     gemv_swiglu,
     kernel_name,
-    pdl_supported,
     prefer_triton,
     triton_available,
 )
@@ -722,11 +722,7 @@ class FastDecoder:
         glmkit_4bit = all(g == "triton" for g in self.gemv_by_bucket.values())
         self.compiled = (on_gpu and (glmkit_4bit or not self.quantized)) if compile is None else compile
         self.compile_auto = compile is None
-        supported = on_gpu and all(pdl_supported(d) for d in self.devices)
-        if pdl and not supported:
-            raise ValueError("pdl=True needs programmatic dependent launch: GPUs of compute capability 9.0 or newer "
-                             "(Hopper) and a Triton that has it; leave pdl unset to use it where it runs.")
-        self.pdl, self.auto_pdl = (supported if pdl is None else pdl), pdl is None
+        self.pdl, self.auto_pdl = choose_pdl(pdl, self.devices), pdl is None
         if on_gpu and "triton" in self.gemv_by_bucket.values():
             active_table()  # this card's launch shapes, read (and an untuned card named) before anything compiles
         self.max_len, self.batch_size = max_len, batch_size

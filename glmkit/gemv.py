@@ -85,6 +85,32 @@ def pdl_supported(device: torch.device | str) -> bool:
     return torch.cuda.get_device_capability(device) >= (9, 0) and hasattr(cuda, "gdc_wait")
 
 
+def choose_pdl(pdl: bool | None, devices: list[torch.device]) -> bool:
+    """A decoder's ``pdl`` setting resolved: ``None`` is on where every device supports it (``pdl_supported``);
+    ``True`` where one does not is an error that says so.
+
+    >>> choose_pdl(None, [torch.device("cpu")])
+    False
+    """
+    supported = all(pdl_supported(d) for d in devices)
+    if pdl and not supported:
+        raise ValueError("pdl=True needs programmatic dependent launch: GPUs of compute capability 9.0 or newer "
+                         "(Hopper) and a Triton that has it; leave pdl unset to use it where it runs.")
+    return supported if pdl is None else pdl
+
+
+def launch_options(pdl: int | None = None) -> dict[str, int | bool]:
+    """The keyword arguments that launch one of glmkit's kernels with programmatic dependent launch or without
+    (``pdl``; default: ``dependent_launches``'s setting): the kernel's ``PDL`` flag, always passed (torch.compile's
+    analysis of a kernel wants every argument), and Triton's ``launch_pdl`` where it is on.
+
+    >>> launch_options(0), launch_options(1)
+    ({'PDL': 0}, {'PDL': 1, 'launch_pdl': True})
+    """
+    pdl = PDL if pdl is None else pdl
+    return {"PDL": pdl, "launch_pdl": True} if pdl else {"PDL": pdl}
+
+
 @contextmanager
 def dependent_launches(enabled: bool = True) -> Iterator[None]:
     """Within the block, glmkit's GEMV and decode-attention launches use programmatic dependent launch (PDL, Hopper
@@ -231,6 +257,15 @@ def pick_config(n: int, k: int, kernel: str = "bf16") -> GemvConfig:
 if triton is not None:
 
     @triton.jit
+    def wait_for_previous_kernel(PDL: tl.constexpr):
+        # programmatic dependent launch (a kernel launched with launch_pdl=True, ``launch_options``): the next kernel
+        # may start as soon as every program of this one has started; nothing the previous kernel writes is read or
+        # written before it has finished. The first thing each of glmkit's kernels does.
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+
+    @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, g_ptr, r_ptr, d_ptr, s_ptr, N, K, K_FULL, eps,
                      HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
                      ADD: tl.constexpr, ROUND_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -245,12 +280,7 @@ if triton is not None:
         # it as it reads it and program 0 alone also writes it to s (a buffer no program reads). ROUND_BITS: bf16
         # in Triton's CPU interpreter, which truncates fp32 to bf16 where a GPU rounds to nearest even: the rounding
         # is done on the bits there.
-        # PDL (Hopper's programmatic dependent launch, launched with launch_pdl=True): the next kernel may start as
-        # soon as every program here has started; nothing the previous kernel writes is read or written before it
-        # has finished.
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
+        wait_for_previous_kernel(PDL)
         s_end = tl.where(tl.program_id(0) == 0, K, 0)  # the columns of s this program writes: all, or none
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
@@ -359,7 +389,6 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sw
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     cfg = config or pick_config(n, k, kernel_name(weight.dtype))
     grid = (triton.cdiv(n, cfg.block_n),)
-    pdl = PDL if pdl is None else pdl
     _gemv_kernel[grid](x.contiguous(), weight, bias if bias is not None else weight, y,
                        norm_weight if norm_weight is not None else weight,
                        residual if residual is not None else weight, add if add is not None else weight,
@@ -368,8 +397,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sw
                        RESIDUAL=residual is not None, ADD=add is not None,
                        ROUND_BITS=add is not None and INTERPRETER and x.dtype == torch.bfloat16,
                        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                       EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, PDL=pdl, num_warps=cfg.num_warps,
-                       **({"launch_pdl": True} if pdl else {}))  # torch.compile's analysis wants every argument
+                       EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps,
+                       **launch_options(pdl))
     return y
 
 

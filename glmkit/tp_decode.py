@@ -69,7 +69,7 @@ from glmkit.fast_decode import (
     smallest_bucket,
     warm_up_or_fall_back,
 )
-from glmkit.gemv import add_norm_gemv, dependent_launches, pdl_supported
+from glmkit.gemv import add_norm_gemv, choose_pdl, dependent_launches
 from glmkit.vocabulary import head_dim
 
 
@@ -299,10 +299,7 @@ class TPDecoder:
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
         self.compiled = on_gpu if compile is None else compile
         self.compile_auto = compile is None
-        if pdl and not pdl_supported(self.device):
-            raise ValueError("pdl=True needs programmatic dependent launch: a GPU of compute capability 9.0 or newer "
-                             "(Hopper) and a Triton that has it; leave pdl unset to use it where it runs.")
-        self.pdl, self.auto_pdl = (pdl_supported(self.device) if pdl is None else pdl), pdl is None
+        self.pdl, self.auto_pdl = choose_pdl(pdl, self.devices), pdl is None
         self.auto_gemv = gemv == "auto"
         self.gemv = auto_gemv(self.device, 1) if self.auto_gemv else gemv  # used by the batch-1 bucket
         self.fuse_norms = fuse_norms
