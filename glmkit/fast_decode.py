@@ -874,9 +874,8 @@ class FastDecoder:
             gemv, layer_fn = self.gemv_by_bucket[b], self.layer_fn_for(b)
             for j, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(st.weights):
                 x, h = layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
-                                     next_norm, st.k_cache[j, :b], st.v_cache[j, :b], self.eps, self.heads,
-                                     self.kv_heads, self.head_dim, gemv, self.attention,
-                                     st.in_norms[j] if fused else None)
+                                next_norm, st.k_cache[j, :b], st.v_cache[j, :b], self.eps, self.heads, self.kv_heads,
+                                self.head_dim, gemv, self.attention, st.in_norms[j] if fused else None)
             if live is not None:
                 keep = live.view(1, b, 1, 1)
                 st.k_cache[:, :b, :, 0] = torch.where(keep, st.k_cache[:, :b, :, 0], k0)

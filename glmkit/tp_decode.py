@@ -461,7 +461,7 @@ class TPDecoder:
     def uses_pdl(self, gemv: bool | str) -> bool:
         """Whether a step with these projection kernels launches glmkit's kernels with programmatic dependent launch
         (``pdl``; the uncompiled Triton step only)."""
-        return self.pdl and gemv == "triton" and self.uncompiled(gemv)
+        return self.pdl and self.uncompiled(gemv)
 
     def _gemv_for(self, b: int) -> bool | str:
         return self.gemv if b == 1 else False  # glmkit's Triton GEMVs read one token; cuBLAS for more
@@ -469,20 +469,21 @@ class TPDecoder:
     @torch.no_grad()
     def _step(self, b: int) -> None:
         """One token for rows 0..b-1: reads self.tokens/self.pos, writes self.logits."""
+        self._gather_logits(self._run(b), out=self.logits[:b])
+
+    def _run(self, b: int, alone: bool = False) -> torch.Tensor:
+        """``_forward`` of rows 0..b-1 with the pieces and launches of their step (``_step_fns``, ``uses_pdl``)."""
         gemv = self._gemv_for(b)
         with dependent_launches(self.uses_pdl(gemv)):
-            part = self._forward(self.tokens[:b], self.pos[:b, None], slice(0, b), gemv, *self._step_fns(gemv))
-            self._gather_logits(part, out=self.logits[:b])
+            return self._forward(self.tokens[:b], self.pos[:b, None], slice(0, b), gemv, *self._step_fns(gemv),
+                                 alone=alone)
 
     @torch.no_grad()
     def _warm_up_alone(self) -> None:
         """Every bucket's step once on this rank's shard without the collectives: compiles and runs every kernel,
         and a kernel that fails here fails before any collective another rank would wait in."""
         for b in self.buckets:
-            gemv = self._gemv_for(b)
-            with dependent_launches(self.uses_pdl(gemv)):
-                self._forward(self.tokens[:b], self.pos[:b, None], slice(0, b), gemv, *self._step_fns(gemv),
-                              alone=True)
+            self._run(b, alone=True)
 
     def _fallbacks(self) -> list[Fallback]:
         """What this rank chose itself and can do without, should it fail here: glmkit's decode attention
