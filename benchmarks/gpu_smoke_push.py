@@ -37,43 +37,63 @@ for shape in [(1, 4096), (16, 4096), (3, 4095), (1, 64)] * 25:  # eager: 100 cal
 say("eager sums equal NCCL's:", ok, flush=True)
 
 
-def chain(fn, x):
+def chain(fn, x, gap_cycles=0):
+    outs = []
     for _ in range(81):
-        x = fn(x) * 0.5  # two ranks: the sum halved stays the same size
-    return x
+        outs.append(fn(x))
+        if gap_cycles:
+            torch.cuda._sleep(gap_cycles)
+        x = outs[-1] * 0.5  # two ranks: the sum halved stays the same size
+    return outs
+
+
+def first_wrong(got, want):
+    """The first call whose output differs, with the programs (4096 values each) that differ, or None."""
+    for c, (a, b) in enumerate(zip(got, want)):
+        if not torch.equal(a, b):
+            wrong = (a != b).view(-1).nonzero().view(-1)
+            return {"call": c, "wrong_values": int(wrong.numel()),
+                    "programs": sorted({int(i) // 4096 for i in wrong.tolist()})[:16],
+                    "max_diff": float((a.float() - b.float()).abs().max())}
+    return None
 
 
 x0 = torch.randn(16, 4096, device=device, dtype=torch.bfloat16, generator=gen)
-graphs = {}
 def nccl(t):  # on a copy: NCCL sums in place, and the graph's input must stay as it was for the next replay
     t = t.clone()
     dist.all_reduce(t)
     return t
 
 
-for name, fn in (("push", push), ("nccl", nccl)):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        chain(fn, x0.clone())
-    torch.cuda.current_stream().wait_stream(s)
-    g, inp = torch.cuda.CUDAGraph(), x0.clone()
-    with torch.cuda.graph(g):
-        out = chain(fn, inp)
-    graphs[name] = (g, out)
-eager_push, eager_nccl = chain(push, x0.clone()), chain(nccl, x0.clone())
-say("eager chains of 81 calls: push equal to NCCL's:", torch.equal(eager_push, eager_nccl), flush=True)
-same = True
-for i in range(5):
-    for g, _ in graphs.values():
-        g.replay()
-    torch.cuda.synchronize()
-    p_out, n_out = graphs["push"][1], graphs["nccl"][1]
-    say(f"replay {i}: push graph == push eager {torch.equal(p_out, eager_push)}, nccl graph == nccl eager "
-        f"{torch.equal(n_out, eager_nccl)}, push == nccl {torch.equal(p_out, n_out)}, "
-        f"max diff {(p_out.float() - n_out.float()).abs().max().item():.3g}", flush=True)
-    same &= torch.equal(p_out, eager_push)
-say("graph of 81 calls, 5 replays, equal to the same calls run eagerly:", same, flush=True)
+graph_checks = []
+for shape, gap in (((16, 4096), 0), ((1, 4096), 0), ((16, 4096), 20000)):
+    x_in = x0[:shape[0]].contiguous()
+    graphs = {}
+    for name, fn in (("push", push), ("nccl", nccl)):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            chain(fn, x_in.clone(), gap)
+        torch.cuda.current_stream().wait_stream(s)
+        g, inp = torch.cuda.CUDAGraph(), x_in.clone()
+        with torch.cuda.graph(g):
+            outs = chain(fn, inp, gap)
+        graphs[name] = (g, outs)
+    eager_push, eager_nccl = chain(push, x_in.clone(), gap), chain(nccl, x_in.clone(), gap)
+    check = {"shape": list(shape), "gap_cycles": gap, "eager_push_vs_nccl": first_wrong(eager_push, eager_nccl),
+             "replays": []}
+    for _ in range(3):
+        for g, _g in graphs.values():
+            g.replay()
+        torch.cuda.synchronize()
+        check["replays"].append({"push_graph_vs_nccl_eager": first_wrong(graphs["push"][1], eager_nccl),
+                                 "nccl_graph_vs_nccl_eager": first_wrong(graphs["nccl"][1], eager_nccl)})
+    everyone = [None, None]
+    dist.all_gather_object(everyone, check)
+    say("graph check:", everyone, flush=True)
+    graph_checks.append(everyone)
+same = all(r["push_graph_vs_nccl_eager"] is None for ch in graph_checks for c in ch for r in c["replays"])
+say("push graphs of 81 calls equal to the same calls run eagerly:", same, flush=True)
 counts = torch.stack([push.push["calls"][:4].clone(), push.push["flags"][:4].clone()])
 every = [torch.empty_like(counts) for _ in range(2)]
 dist.all_gather(every, counts)
@@ -94,5 +114,6 @@ say("TPDecoder push tokens identical to nccl:", torch.equal(tokens["push"], toke
 if rank == 0:
     save_result("allreduce_push", {"what": __doc__.splitlines()[0], "eager_equal": bool(ok), "graph_equal": bool(same),
                                    "tp_tokens_equal": bool(torch.equal(tokens["push"], tokens["nccl"])),
+                                   "graph_checks": graph_checks,
                                    "latency": rows})
 leave_process_group(0)  # under NCCL: graphs captured its all-reduces (see glmkit.parallel)

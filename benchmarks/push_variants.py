@@ -1,0 +1,182 @@
+"""Two GPUs: where glmkit's push all-reduce goes wrong in a CUDA graph, and which change of its memory ordering
+puts it right. Under torchrun with 2 processes: chains of 81 calls (each sum halved) replayed from CUDA graphs and
+run eagerly, for the library's kernel and variants of it, each call's output against NCCL's; the first wrong call,
+its programs and its largest error per rank.
+
+    torchrun --nproc-per-node 2 benchmarks/push_variants.py     # about a minute on 2 H200s
+Writes benchmarks/results/push_variants.json (and to $OUT) from rank 0.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from glmkit.allreduce import PUSH_BLOCK, AllReduce
+from glmkit.bench import save_result
+from glmkit.gemv import dependent_launches
+from glmkit.parallel import leave_process_group
+
+VARIANTS = {  # name: (each thread acquires the flag itself, the peer's partial read volatile, no .cg)
+    "library": None, "library, PDL": "pdl", "volatile read": (False, True)}
+
+
+@triton.jit
+def _variant_kernel(x_ptr, out_ptr, mine_ptr, peer_ptr, my_flags, peer_flags, calls, N, CAP, RANK: tl.constexpr,
+                    BLOCK: tl.constexpr, EACH: tl.constexpr, VOLATILE: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    call = tl.load(calls + pid) + 1
+    tl.debug_barrier()
+    tl.store(calls + pid, call)
+    base = (call % 2) * 2 * CAP
+    tl.store(peer_ptr + base + RANK * CAP + offs, x, mask=ok)
+    tl.inline_asm_elementwise("fence.acq_rel.sys; mov.u32 $0, 0;", "=r,r", [pid], dtype=tl.int32, is_pure=False,
+                              pack=1)
+    tl.debug_barrier()
+    tl.atomic_xchg(peer_flags + pid, call, sem="release", scope="sys")
+    if EACH:
+        flag = my_flags + pid + offs * 0
+        seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+        while tl.min(seen, axis=0) < call:
+            seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
+    else:
+        seen = tl.atomic_add(my_flags + pid, 0, sem="acquire", scope="sys")
+        while seen < call:
+            seen = tl.atomic_add(my_flags + pid, 0, sem="acquire", scope="sys")
+    tl.debug_barrier()
+    if VOLATILE:
+        other = tl.load(mine_ptr + base + (1 - RANK) * CAP + offs, mask=ok, other=0.0, volatile=True)
+    else:
+        other = tl.load(mine_ptr + base + (1 - RANK) * CAP + offs, mask=ok, other=0.0, cache_modifier=".cg")
+    if RANK == 0:
+        total = x.to(tl.float32) + other.to(tl.float32)
+    else:
+        total = other.to(tl.float32) + x.to(tl.float32)
+    tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def main() -> None:
+    rank = int(os.environ["RANK"])
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", device_id=device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    ar = AllReduce(dist.group.WORLD, device, torch.bfloat16, mode="push")
+    say("push:", ar.describe(), flush=True)
+    p = ar.push
+
+    def variant(name):
+        if VARIANTS[name] is None:
+            return ar
+        if VARIANTS[name] == "pdl":
+            def with_pdl(t):
+                with dependent_launches():
+                    return ar(t)
+            return with_pdl
+        each, volatile = VARIANTS[name]
+
+        def fn(t):
+            out = torch.empty_like(t)
+            _variant_kernel[(triton.cdiv(t.numel(), PUSH_BLOCK),)](
+                t, out, p["data"], p["peer_data"], p["flags"], p["peer_flags"], p["calls"], t.numel(), p["cap"],
+                RANK=p["rank"], BLOCK=PUSH_BLOCK, EACH=each, VOLATILE=volatile, num_warps=4)
+            return out
+        return fn
+
+    def nccl(t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def chain(fn, x):
+        outs = []
+        for _ in range(81):
+            outs.append(fn(x))
+            x = outs[-1] * 0.5
+        return outs
+
+    def first_wrong(got, want):
+        for c, (a, b) in enumerate(zip(got, want)):
+            if not torch.equal(a, b):
+                wrong = (a != b).view(-1).nonzero().view(-1)
+                return {"call": c, "wrong_values": int(wrong.numel()),
+                        "programs": sorted({int(i) // PUSH_BLOCK for i in wrong.tolist()})[:16],
+                        "max_diff": float((a.float() - b.float()).abs().max())}
+        return None
+
+    x0 = torch.randn(16, 4096, device=device, dtype=torch.bfloat16, generator=torch.Generator(device).manual_seed(rank))
+    want = chain(nccl, x0.clone())
+    rows = []
+    for name in VARIANTS:
+        fn = variant(name)
+        eager = first_wrong(chain(fn, x0.clone()), want)
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            chain(fn, x0.clone())
+        torch.cuda.current_stream().wait_stream(s)
+        g, inp = torch.cuda.CUDAGraph(), x0.clone()
+        with torch.cuda.graph(g):
+            outs = chain(fn, inp)
+        replays = []
+        for _ in range(3):
+            g.replay()
+            torch.cuda.synchronize()
+            replays.append(first_wrong(outs, want))
+        data = p["data"].view(2, 2, -1)[:, :, :4].float().tolist()  # [set][slot][first 4 values]
+        mine = {"variant": name, "eager_first_wrong": eager, "graph_first_wrong": replays,
+                "call0": {"got": outs[0].view(-1)[:4].float().tolist(), "want": want[0].view(-1)[:4].float().tolist(),
+                          "x_mine": x0.view(-1)[:4].float().tolist(), "data_sets_slots": data,
+                          "calls": p["calls"][:2].tolist(), "flags": p["flags"][:2].tolist()}}
+        both = [None, None]
+        dist.all_gather_object(both, mine)
+        say(both, flush=True)
+        rows.append(both)
+        del g
+    # the library's kernel beside a CUDA graph of NCCL's all-reduce (gpu_smoke_push.py captures and replays both)
+    def graph_of(fn):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            chain(fn, x0.clone())
+        torch.cuda.current_stream().wait_stream(s)
+        g, inp = torch.cuda.CUDAGraph(), x0.clone()
+        with torch.cuda.graph(g):
+            outs = chain(fn, inp)
+        return g, outs, inp
+
+    beside = []
+    for order in ("push graph, then an NCCL graph captured: push replayed alone",
+                  "push graph, then an NCCL graph captured: both replayed",
+                  "NCCL graph captured first: both replayed"):
+        first_nccl = order.startswith("NCCL")
+        if first_nccl:
+            gn, outs_n, _ = graph_of(nccl)
+        gp, outs_p, _ = graph_of(ar)
+        if not first_nccl:
+            gn, outs_n, _ = graph_of(nccl)
+        found = []
+        for _ in range(3):
+            gp.replay()
+            if "both" in order:
+                gn.replay()
+            torch.cuda.synchronize()
+            found.append({"push": first_wrong(outs_p, want), "nccl": first_wrong(outs_n, want) if "both" in order
+                          else "not replayed"})
+        both = [None, None]
+        dist.all_gather_object(both, {"order": order, "replays": found})
+        say(both, flush=True)
+        beside.append(both)
+        del gp, gn
+    if rank == 0:
+        save_result("push_variants", {"what": __doc__.splitlines()[0], "rows": rows, "beside_nccl_graphs": beside})
+    leave_process_group(0)
+
+
+if __name__ == "__main__":
+    main()
