@@ -78,12 +78,12 @@ for shape, gap in (((16, 4096), 0), ((1, 4096), 0), ((16, 4096), 20000)):
         g, inp = torch.cuda.CUDAGraph(), x_in.clone()
         with torch.cuda.graph(g):
             outs = chain(fn, inp, gap)
-        graphs[name] = (g, outs)
+        graphs[name] = (g, outs, inp)  # the input stays alive: freed, the eager calls below would reuse it
     eager_push, eager_nccl = chain(push, x_in.clone(), gap), chain(nccl, x_in.clone(), gap)
     check = {"shape": list(shape), "gap_cycles": gap, "eager_push_vs_nccl": first_wrong(eager_push, eager_nccl),
              "replays": []}
     for _ in range(3):
-        for g, _g in graphs.values():
+        for g, *_ in graphs.values():
             g.replay()
         torch.cuda.synchronize()
         check["replays"].append({"push_graph_vs_nccl_eager": first_wrong(graphs["push"][1], eager_nccl),

@@ -1,9 +1,11 @@
-"""Two GPUs: where glmkit's push all-reduce goes wrong in a CUDA graph, and which change of its memory ordering
-puts it right. Under torchrun with 2 processes: chains of 81 calls (each sum halved) replayed from CUDA graphs and
-run eagerly, for the library's kernel and variants of it, each call's output against NCCL's; the first wrong call,
-its programs and its largest error per rank.
+"""Two GPUs: glmkit's push all-reduce in CUDA graphs, call by call. Under torchrun with 2 processes: chains of 81
+calls (each sum halved) replayed from CUDA graphs and run eagerly, for the library's kernel (without and with PDL)
+and a variant that reads the peer's partial volatile, then beside NCCL graphs and eager calls in several orders;
+each call's output against NCCL's, and the first wrong call with its programs and largest error per rank.
 
     torchrun --nproc-per-node 2 benchmarks/push_variants.py     # about a minute on 2 H200s
+The first "beside" order frees the graph's input tensor before the eager calls: they reuse its memory and the
+replays read it (wrong from the first call: the check's mistake that gpu_smoke_push.py once made, not the kernel's).
 Writes benchmarks/results/push_variants.json (and to $OUT) from rank 0.
 """
 
@@ -151,15 +153,26 @@ def main() -> None:
         return g, outs, inp
 
     beside = []
-    for order in ("push graph, then an NCCL graph captured: push replayed alone",
+    for order in ("push graph captured, its input tensor freed, the same calls run eagerly, then push replayed",
+                  "push graph captured, then the same calls run eagerly, then push replayed",
+                  "push and NCCL graphs captured, then both chains run eagerly, then both replayed",
+                  "push graph, then an NCCL graph captured: push replayed alone",
                   "push graph, then an NCCL graph captured: both replayed",
                   "NCCL graph captured first: both replayed"):
         first_nccl = order.startswith("NCCL")
         if first_nccl:
-            gn, outs_n, _ = graph_of(nccl)
-        gp, outs_p, _ = graph_of(ar)
+            gn, outs_n, inp_n = graph_of(nccl)
+        gp, outs_p, inp_p = graph_of(ar)
         if not first_nccl:
-            gn, outs_n, _ = graph_of(nccl)
+            gn, outs_n, inp_n = graph_of(nccl)
+        if "freed" in order:  # a graph reads its input where it was at capture: the eager calls reuse that memory
+            del inp_p
+        if "eagerly" in order:
+            eager_p = chain(ar, x0.clone())
+            eager_n = chain(nccl, x0.clone()) if "both chains" in order else want
+            torch.cuda.synchronize()
+            if first_wrong(eager_p, want) or first_wrong(eager_n, want):
+                say("the eager chains in between differ from the first NCCL chain", flush=True)
         found = []
         for _ in range(3):
             gp.replay()
@@ -172,7 +185,7 @@ def main() -> None:
         dist.all_gather_object(both, {"order": order, "replays": found})
         say(both, flush=True)
         beside.append(both)
-        del gp, gn
+        del gp, gn, inp_n
     if rank == 0:
         save_result("push_variants", {"what": __doc__.splitlines()[0], "rows": rows, "beside_nccl_graphs": beside})
     leave_process_group(0)

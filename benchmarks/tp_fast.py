@@ -82,7 +82,7 @@ def host_input_syncs(decoder: TPDecoder) -> int | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
-    ap.add_argument("--allreduce", nargs="+", choices=MODES, default=["nccl", "symm"],
+    ap.add_argument("--allreduce", nargs="+", choices=MODES, default=["nccl", "symm", "push", "auto"],
                     help="all-reduce modes to decode with, in this order (the last one's rows are what glmkit.results "
                          "shows per batch)")
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -130,7 +130,7 @@ def main() -> None:
             empty_cache()
     dist.barrier()
     if not args.no_latency:
-        result["allreduce_latency"] = latency_rows(group, device, ["nccl", "symm"], [1, 16])
+        result["allreduce_latency"] = latency_rows(group, device, ["nccl", "symm", "push"], [1, 16])
         if rank == 0:
             for row in result["allreduce_latency"]:
                 print(row, flush=True)

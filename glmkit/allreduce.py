@@ -11,15 +11,15 @@ flag in each peer's signal pad and waits for theirs, then reads every rank's buf
 rank order (the same bits on every rank). A CUDA graph captures it like any kernel. NVLink multicast is not used
 (``TORCH_SYMM_MEM_DISABLE_MULTICAST=1`` stays set: on shared machines it can take the host's GPUs out of service).
 
-glmkit's own ``"push"`` kernel (two ranks; experimental, asked for by name only) saves the read over NVLink: each
-rank *writes* its partial into the peer's symmetric buffer (a slot per rank, two sets used in turn so that a call
-never overwrites what the peer may still be reading from the call before), raises a counter in the peer's flags
-(release, system scope), waits for the peer's counter in its own flags (acquire), and sums the two partials from its
-own memory in rank order. Launched with programmatic dependent launch inside ``glmkit.gemv.dependent_launches``
-(``TPDecoder``'s batch-1 step). On 2×H200 it took 5.2 µs a call in a CUDA graph against the one-shot kernel's 6.9
-and gave NCCL's sums eagerly and ``TPDecoder`` NCCL's tokens, but a CUDA graph of 81 back-to-back calls gave other
-sums than the same calls run eagerly (``benchmarks/results/allreduce_push.json``, ``benchmarks/gpu_smoke_push.py``):
-until that is understood, ``"auto"`` does not choose it.
+glmkit's own ``"push"`` kernel (two ranks) saves the read over NVLink: each rank *writes* its partial into the
+peer's symmetric buffer (a slot per rank, two sets used in turn so that a call never overwrites what the peer may
+still be reading from the call before), raises a counter in the peer's flags (release, system scope), waits for the
+peer's counter in its own flags (acquire), and sums the two partials from its own memory in rank order. Launched
+with programmatic dependent launch inside ``glmkit.gemv.dependent_launches`` (``TPDecoder``'s batch-1 step). On
+2×H200 it took 5.2 µs a call in a CUDA graph against the one-shot kernel's 6.8 and NCCL's 13.9, and every call of
+81-call chains replayed from CUDA graphs equalled NCCL's sums (``benchmarks/push_variants.py``,
+``benchmarks/results/push_variants.json``; an earlier check that let the graph's input tensor be freed between
+capture and replay read reused memory and was wrong, not the kernel).
 
 Modes:
 
@@ -27,10 +27,10 @@ Modes:
 - ``"symm"``: the one-shot kernel for tensors up to ``max_bytes`` (the group's all-reduce for bigger ones, e.g. a
   long prompt's prefill). Where it cannot run (CPUs, gloo, GPUs without peer access, processes on several hosts,
   a torch without the kernel) every rank falls back to ``"nccl"`` and ``reason`` says why;
-- ``"push"``: glmkit's push kernel, experimental (two ranks on one host's GPUs with Triton; ``"nccl"`` where it
-  cannot run);
-- ``"auto"``: NCCL's and the one-shot kernel, where it runs, are timed (in a CUDA graph when ``graph``, else
-  eagerly) on a ``[1, hidden]`` tensor and the faster is kept; ``timings_us`` holds what was measured.
+- ``"push"``: glmkit's push kernel (two ranks on one host's GPUs with Triton; ``"nccl"`` where it cannot run);
+- ``"auto"``: NCCL's, the one-shot kernel and the push kernel, where each runs, are timed (in a CUDA graph when
+  ``graph``, else eagerly) on a ``[1, hidden]`` tensor and the fastest is kept; ``timings_us`` holds what was
+  measured.
 
 Every rank must build its ``AllReduce`` at the same point (the setup runs collectives). Introduced in
 ``notebooks/08_tensor_parallel.ipynb``. Without a group (one process) it returns its input:
@@ -192,13 +192,15 @@ class AllReduce:
         if not self._all_ok():
             return
         self.mode = "symm"
-        if mode == "push":  # experimental: asked for by name only (see the module's docstring)
+        if mode in ("push", "auto"):
             problem = self._push_setup(max_bytes)
             if not agree(problem is None, self.group, self.device):
                 self.push = None
-                self.mode, self.reason = "nccl", problem or "another rank cannot run the push kernel"
-                return
-            self.mode = "push"
+                if mode == "push":
+                    self.mode, self.reason = "nccl", problem or "another rank cannot run the push kernel"
+                    return
+            elif mode == "push":
+                self.mode = "push"
         if mode == "auto":
             self._choose(hidden, graph)
 
@@ -313,7 +315,8 @@ class AllReduce:
         return t
 
     def _choose(self, hidden: int, graph: bool) -> None:
-        """Time NCCL and the one-shot kernel on ``[1, hidden]`` and keep the faster (rank 0's timings decide)."""
+        """Time NCCL, the one-shot kernel and the push kernel (where set up) on ``[1, hidden]`` and keep the fastest
+        (rank 0's timings decide)."""
         t = torch.zeros(1, hidden, dtype=self.dtype, device=self.device)
         use_graph = graph and self.device.type == "cuda"
         modes = ("nccl", "symm") + (("push",) if self.push is not None else ())
