@@ -1215,9 +1215,10 @@ def _tp_fast_rows(result: dict[str, Any]) -> dict[int, tuple[float, float | None
     """``{batch: (one GPU tok/s, TP=2 tok/s or None when it ran out of memory)}`` of a ``tp_fast`` result."""
     one = {x["batch_size"]: x["decode_tok_s"] for x in result["rows"] if x["path"].startswith("one GPU")}
     tp: dict[int, float | None] = {}
-    for x in result["rows"]:  # the faster all-reduce where both ran (what TPDecoder's allreduce="auto" picks)
-        if x["path"].startswith("TP=2"):
-            tp[x["batch_size"]] = max(filter(None, (tp.get(x["batch_size"]), x.get("decode_tok_s"))), default=None)
+    rows = [x for x in result["rows"] if x["path"].startswith("TP=2")]
+    default = [x for x in rows if x.get("allreduce") == "auto"]  # TPDecoder's default, where the run had it
+    for x in default or rows:  # else the fastest all-reduce that ran (what allreduce="auto" picks)
+        tp[x["batch_size"]] = max(filter(None, (tp.get(x["batch_size"]), x.get("decode_tok_s"))), default=None)
     return {b: (one[b], tp[b]) for b in sorted(tp) if b in one}
 
 
@@ -1228,7 +1229,11 @@ def _tp_fast_allreduces(result: dict[str, Any]) -> str:
     for x in result["rows"]:
         if x["path"].startswith("TP=2") and x.get("decode_tok_s") and "allreduce_ran" in x:
             us = lat.get((x["allreduce"], x["batch_size"]))
-            runs.setdefault(x["allreduce_ran"], []).append(
+            name = x["allreduce_ran"]
+            if x["allreduce"] == "auto":  # what the default chose, and the timings it chose by
+                name = '`allreduce="auto"`, which kept the ' + name.replace("(measured, in_cuda_graph_us:",
+                                                                               "(timed in a CUDA graph:")
+            runs.setdefault(name, []).append(
                 f"batch {x['batch_size']} {x['decode_tok_s']:.1f} tok/s" + (f" ({us:.1f} µs an all-reduce)" if us else ""))
     return "; ".join(f"{name}: " + ", ".join(parts) for name, parts in runs.items())
 

@@ -14,7 +14,8 @@ share it, so attention needs no communication at all. Per layer:
   It halves the table on each card (0.58 GiB of GLM-4-9B's 1.16 GiB in bf16) for one more all-reduce a token.
 
 Two all-reduces of one ``[batch, hidden]`` hidden state per layer, and the embedding's: 81 per token for GLM-4-9B,
-by NCCL or by torch's symmetric-memory one-shot kernel, whichever measures faster (``glmkit.allreduce``). Each rank
+by NCCL, torch's symmetric-memory one-shot kernel or glmkit's push kernel, whichever measures fastest
+(``glmkit.allreduce``). Each rank
 runs the same compiled pieces as ``glmkit.fast_decode`` (Triton GEMVs at batch 1 on a GPU), with the collectives in
 between, and on a GPU captures the whole token, all-reduces included, as one CUDA graph. At batch 1 the GEMV after
 each all-reduce adds the all-reduced sum to the residual stream and normalises it as it reads them
@@ -267,8 +268,9 @@ class TPDecoder:
             with a warning that names it (``_capture``).
         graph_batch_sizes: the batch sizes captured (default 1, 2, 4, ... up to ``batch_size``); a step of k rows
             runs the smallest that holds them.
-        allreduce: ``"nccl"``, ``"symm"`` (torch's symmetric-memory one-shot kernel) or ``"auto"`` (time both, keep
-            the faster); on CPUs and wherever symmetric memory cannot run, the group's own all-reduce
+        allreduce: ``"nccl"``, ``"symm"`` (torch's symmetric-memory one-shot kernel), ``"push"`` (glmkit's: each
+            rank writes its partial into the other's memory; two ranks) or ``"auto"`` (time those that run, keep the
+            fastest); on CPUs and wherever symmetric memory cannot run, the group's own all-reduce
             (``glmkit.allreduce``; ``self.allreduce.describe()`` says which runs and why).
         split_embedding: each rank holds its slice of the vocabulary of the embedding too (one more all-reduce a
             token); ``False`` replicates the whole table on every rank instead.
