@@ -169,6 +169,25 @@ def test_missing_result_says_not_measured_and_switches_once_measured(tmp_path, m
     assert "(continuous over static: 1.02x / 2.00x)" in server and "p50 3.00 s, p99 6.00 s (30x idle" in server
 
 
+def test_tensor_parallel_speed_is_the_default_all_reduces_where_the_run_had_it(tmp_path, monkeypatch):
+    """TPDecoder's allreduce="auto" row is what the sentence reports (what a user gets), even where another mode
+    measured faster in the same run; without one, the fastest mode (what "auto" would keep). Each mode is listed."""
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    env = {"device": "NVIDIA H200", "date": "2026-11-30"}
+    tp = "TP=2 (TPDecoder, each card capped at 12 GiB)"
+    rows = [{"path": "one GPU (FastDecoder, uncapped)", "batch_size": 1, "decode_tok_s": 200.0},
+            {"path": tp, "batch_size": 1, "allreduce": "nccl", "allreduce_ran": "nccl all-reduce", "decode_tok_s": 250.0},
+            {"path": tp, "batch_size": 1, "allreduce": "auto", "decode_tok_s": 240.0,
+             "allreduce_ran": "glmkit push kernel (measured, in_cuda_graph_us: nccl 13.9 µs, push 5.5 µs)"}]
+    (tmp_path / "tp_fast.json").write_text(json.dumps({"environment": env, "method": "m", "rows": rows}))
+    sentence = results.tp_fast_sentence()
+    assert "batch 1: 240.0 tok/s against 200.0 (1.20x)" in sentence
+    assert 'nccl all-reduce: batch 1 250.0 tok/s' in sentence
+    assert '`allreduce="auto"`, which kept the glmkit push kernel (timed in a CUDA graph: nccl 13.9 µs' in sentence
+    (tmp_path / "tp_fast.json").write_text(json.dumps({"environment": env, "method": "m", "rows": rows[:2]}))  # shorter
+    assert "batch 1: 250.0 tok/s against 200.0 (1.25x)" in results.tp_fast_sentence()
+
+
 def test_a_result_is_parsed_once_and_read_again_once_rewritten(tmp_path):
     path = tmp_path / "example.json"
     path.write_text(json.dumps({"value": 1}))
