@@ -649,6 +649,23 @@ def pdl_probe_sentence() -> Text:
                        script="benchmarks/pdl_probe.py")
 
 
+def attention_tile_sentence() -> Text:
+    """Decode speed per tile shape of the attention kernel where one program walks a KV head's whole cache, one run
+    (``attention_tiles.json``)."""
+    def render(d: dict[str, Any]) -> str:
+        best: dict[tuple[int, int], float] = {}
+        for r in d["rows"]:  # a shape timed twice (the first again last): its faster run
+            best[(r["block_n"], r["num_warps"])] = max(best.get((r["block_n"], r["num_warps"]), 0), r["decode_tok_s"])
+        first = (d["rows"][0]["block_n"], d["rows"][0]["num_warps"])
+        shapes = ", ".join(f"{n} positions x {w} warps {v:.1f} tok/s ({v / best[first]:.3f}x)"
+                           for (n, w), v in best.items())
+        return (f"The attention kernel's tile where one program walks a KV head's whole cache (a short cache; "
+                f"`glmkit.attention.SHORT_TILE`), GLM-4-9B bf16 at batch 1, one run on an {measured_on(d)} "
+                f"(`attention_tiles.json`): {shapes}.")
+    return from_result("attention_tiles", render, what="The attention kernel's tile shape",
+                       script="benchmarks/attention_tiles.py")
+
+
 def fusion_sentence() -> Text:
     """Decode speed with the fused kernels against the roofline, the same step with norms apart and with cuBLAS, in
     one run (``decode_h200_fused.json``)."""
@@ -1975,7 +1992,8 @@ def readme_measured_section() -> str:
                "**The fast path in fp16 and nf4**: " + nf4_decode_sentence(),
                "**glmkit's 4-bit kernel**: " + nf4_kernel_sentence(),
                "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
-               "**Fewer kernels per step**: " + str(fusion_sentence()) + " " + pdl_sentence(),
+               "**Fewer kernels per step**: " + str(fusion_sentence()) + " " + pdl_sentence() + " "
+               + str(attention_tile_sentence()),
                "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
                "**Fast path on two GPUs**: " + two_gpu_fast_sentence() + _proxy_clause(),

@@ -459,6 +459,12 @@ for fn, sig, consts in [
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
     assert "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" in ptx
+from glmkit.attention import SHORT_TILE  # a short cache's tile: one program per KV head
+consts = dict(KV=2, GROUP=16, HEAD_DIM=128, ROTARY=64, BLOCK_G=16, BLOCK_D=128, BLOCK_N=SHORT_TILE[0], SPLIT=512,
+              SPLITS=1, IEEE=False, PDL=1)
+src = ASTSource(fn=_decode_attention_kernel, signature={**ptrs, **{k: "constexpr" for k in consts}},
+                constexprs={(_decode_attention_kernel.arg_names.index(k),): v for k, v in consts.items()})
+assert "cubin" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": SHORT_TILE[1]}).asm
 from glmkit.allreduce import _push_allreduce_kernel as push  # the two-rank push all-reduce: its flags' ordering
 sig = {**{p: "*bf16" for p in ("x_ptr", "out_ptr", "mine_ptr", "peer_ptr")},
        **{p: "*i32" for p in ("my_flags", "peer_flags", "calls")}, "N": "i32", "CAP": "i32"}
