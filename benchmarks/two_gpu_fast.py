@@ -12,7 +12,8 @@ short), 128 new tokens, decode tok/s summed over the batch, median of 3 runs aft
 Batch sizes: 1 and the largest the planner fits on 2×12 GiB at 8K (``plan_memory(..., fast_decode=True)`` when
 the planner has it, prompts prefilled in 2,048-token chunks), and 16 (at 8K if it fits, else at the longest context
 the planner gives it; both sides of a row use the same context). The same greedy tokens on both sides are checked (64 tokens).
-``result["tensor_parallel"]`` is the slot for the TP rows (``--tp 2``) once that path has a fast decoder.
+Tensor parallelism's rows (``--tp 2 --fast-decode``: ``TPDecoder``, one process per GPU under torchrun) come from
+``benchmarks/tp_fast.py`` (``tp_fast.json``), against one GPU in its own run.
 
     python benchmarks/two_gpu_fast.py
 Writes benchmarks/results/two_gpu_fast.json (and to $OUT). About 4 minutes on one H200.
@@ -87,7 +88,6 @@ def main() -> None:
     result: dict[str, Any] = {
         "mode": "two GPUs, each capped at 12 GiB" if two else "one-GPU proxy: both halves of the split on cuda:0",
         "new_tokens": args.new_tokens, "hop": args.hop, "plan": plan, "rows": [],
-        "tensor_parallel": [],  # slot: FastDecoder rows for --tp 2 (one rank's shard per GPU) when TP has one
     }
 
     method = ("GLM-4-9B architecture, random weights, bf16, FastDecoder defaults (compiled layer, CUDA graphs, "
