@@ -2,9 +2,9 @@
 
 Run under torchrun on two GPUs. Every rank builds GLM-4-9B-Chat with the same random weights (bf16, same seed) on
 its GPU. Rank 0 first measures the whole model with ``FastDecoder`` on its GPU alone (uncapped: the baseline) and
-records its greedy tokens. Both ranks then time one token's all-reduce, NCCL's against torch's symmetric-memory
-one-shot kernel, eagerly and in a CUDA graph (``glmkit.allreduce``; ``result["allreduce_latency"]``). Then each rank
-keeps its shard in a ``TPDecoder`` (the embedding split by vocabulary too), drops the whole model, caps itself at
+records its greedy tokens. Both ranks then time one token's all-reduce, NCCL's, torch's symmetric-memory one-shot
+kernel and glmkit's push kernel, eagerly and in a CUDA graph (``glmkit.allreduce``; ``result["allreduce_latency"]``).
+Then each rank keeps its shard in a ``TPDecoder`` (the embedding split by vocabulary too), drops the whole model, caps itself at
 12 GiB (an RTX 3060's size) and decodes with each ``--allreduce`` mode: 8K static cache, 32-token prompt, 128 new
 tokens, median of 3 runs after a warm-up, tok/s summed over the batch. The TP greedy tokens are compared with the
 one-GPU ones and across the modes, and a decode step fed host tensors (as a server's runner gives them) is checked
@@ -83,8 +83,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--allreduce", nargs="+", choices=MODES, default=["nccl", "symm", "push", "auto"],
-                    help="all-reduce modes to decode with, in this order (the last one's rows are what glmkit.results "
-                         "shows per batch)")
+                    help="all-reduce modes to decode with, in this order (glmkit.results shows the auto rows, TPDecoder's "
+                         "default, per batch; without them the fastest mode's)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-baseline", action="store_true", help="skip the one-GPU FastDecoder rows")

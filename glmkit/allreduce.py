@@ -1,5 +1,5 @@
-"""The all-reduce of a tensor-parallel decoder's partial sums: NCCL's, or torch's symmetric-memory one-shot kernel,
-whichever a measurement finds faster.
+"""The all-reduce of a tensor-parallel decoder's partial sums: NCCL's, torch's symmetric-memory one-shot kernel or
+glmkit's push kernel, whichever a measurement finds fastest.
 
 A TP=2 GLM-4-9B token sums one ``[batch, 4096]`` hidden state over the ranks 81 times (the embedding, then after
 ``o_proj`` and ``down_proj`` in each of 40 layers): 8 KiB at batch 1, so the latency of a call decides TP's gain,
@@ -16,10 +16,10 @@ peer's symmetric buffer (a slot per rank, two sets used in turn so that a call n
 still be reading from the call before), raises a counter in the peer's flags (release, system scope), waits for the
 peer's counter in its own flags (acquire), and sums the two partials from its own memory in rank order. Launched
 with programmatic dependent launch inside ``glmkit.gemv.dependent_launches`` (``TPDecoder``'s batch-1 step). On
-2×H200 it took 5.2 µs a call in a CUDA graph against the one-shot kernel's 6.8 and NCCL's 13.9, and every call of
-81-call chains replayed from CUDA graphs equalled NCCL's sums (``benchmarks/push_variants.py``,
-``benchmarks/results/push_variants.json``; an earlier check that let the graph's input tensor be freed between
-capture and replay read reused memory and was wrong, not the kernel).
+2×H200 it took 5.6 µs a call in a CUDA graph against the one-shot kernel's 7.0 and NCCL's 13.0
+(``benchmarks/results/tp_fast.json``), and every call of 81-call chains replayed from CUDA graphs equalled NCCL's sums
+(``benchmarks/push_variants.py``, ``push_variants.json``; an earlier check that let the graph's input tensor be freed
+between capture and replay read reused memory and was wrong, not the kernel).
 
 Modes:
 
@@ -161,10 +161,10 @@ class AllReduce:
     Args:
         group: the ranks' process group (``None``: one process, ``ar(t)`` returns ``t``).
         device, dtype: where and in what the summed tensors are (the symmetric buffer is allocated for them).
-        mode: ``"nccl"``, ``"symm"`` or ``"auto"`` (see the module's docstring).
+        mode: ``"nccl"``, ``"symm"``, ``"push"`` or ``"auto"`` (see the module's docstring).
         max_bytes: the symmetric buffer's size on each GPU; bigger tensors go through the group's all-reduce.
         hidden: the last dimension the ``"auto"`` measurement sums ``[1, hidden]`` of (GLM-4-9B: 4096).
-        graph: ``"auto"`` compares the two inside CUDA graphs (as a decoder replays them), else eagerly.
+        graph: ``"auto"`` compares them inside CUDA graphs (as a decoder replays them), else eagerly.
     """
 
     def __init__(self, group: dist.ProcessGroup | None, device: torch.device | str, dtype: torch.dtype,
@@ -175,6 +175,7 @@ class AllReduce:
         self.world = dist.get_world_size(group) if group is not None else 1
         self.buffer: torch.Tensor | None = None
         self.push: dict[str, Any] | None = None  # the push kernel's buffers, where it runs (``_push_setup``)
+        self.push_problem: str | None = None  # why not, where it was tried and cannot
         self.timings_us: dict[str, dict[str, float]] = {}
         self.mode, self.reason = "nccl", None
         if mode == "nccl":
@@ -196,6 +197,7 @@ class AllReduce:
             problem = self._push_setup(max_bytes)
             if not agree(problem is None, self.group, self.device):
                 self.push = None
+                self.push_problem = problem or "another rank cannot run the push kernel"
                 if mode == "push":
                     self.mode, self.reason = "nccl", problem or "another rank cannot run the push kernel"
                     return
@@ -261,38 +263,66 @@ class AllReduce:
 
     def _push_setup(self, max_bytes: int) -> str | None:
         """The push kernel's symmetric buffer (two sets of one slot per rank) and flags, mapped into the peer, and
-        one test of it against NCCL; why not, if it cannot run here."""
+        tests of it against NCCL; why not, if it cannot run here. Both ranks agree on each step
+        before the next: a rank that stopped alone would leave the other waiting in a collective, or spinning in the
+        kernel for a partial that never comes."""
+        problem = None
         if self.world != 2:
-            return f"the push kernel sums over two ranks, not {self.world}"
-        if triton is None or INTERPRETER:
-            return "the push kernel needs Triton on a GPU"
+            problem = f"the push kernel sums over two ranks, not {self.world}"
+        elif triton is None or INTERPRETER:
+            problem = "the push kernel needs Triton on a GPU"
+        for step in (lambda: self._push_allocate(max_bytes), self._push_exchange, self._push_probe):
+            if not agree(problem is None, self.group, self.device):
+                self.push = None
+                return problem or "the other rank cannot run the push kernel"
+            problem = step()
+        if not agree(problem is None, self.group, self.device):
+            self.push = None
+            return problem or "the other rank cannot run the push kernel"
+        return None
+
+    def _push_allocate(self, max_bytes: int) -> str | None:
         import torch.distributed._symmetric_memory as symm_mem
 
         try:
             elem = torch.empty((), dtype=self.dtype).element_size()
             cap = max_bytes // elem // 4 // PUSH_BLOCK * PUSH_BLOCK
             programs = cap // PUSH_BLOCK
-            data = symm_mem.empty(4 * cap, dtype=self.dtype, device=self.device).zero_()
-            flags = symm_mem.empty(programs, dtype=torch.int32, device=self.device).zero_()
+            self.push = {"cap": cap, "rank": dist.get_rank(self.group),
+                         "data": symm_mem.empty(4 * cap, dtype=self.dtype, device=self.device).zero_(),
+                         "flags": symm_mem.empty(programs, dtype=torch.int32, device=self.device).zero_(),
+                         "calls": torch.zeros(programs, dtype=torch.int32, device=self.device)}
             torch.cuda.synchronize(self.device)
-            peer = 1 - dist.get_rank(self.group)
-            views = [symm_mem.rendezvous(b, self.group.group_name).get_buffer(peer, (b.numel(),), b.dtype)
-                     for b in (data, flags)]
-            self.push = {"cap": cap, "data": data, "flags": flags, "peer_data": views[0], "peer_flags": views[1],
-                         "calls": torch.zeros(programs, dtype=torch.int32, device=self.device),
-                         "rank": dist.get_rank(self.group)}
-            dist.barrier(group=self.group, device_ids=[self.device.index] if self.device.index is not None else None)
-            for n in (64, 2 * PUSH_BLOCK + 5, 64):  # both sets of slots, several programs, a partial block
+        except Exception as exc:  # noqa: BLE001 - an optional fast path: say why and use another
+            return f"the push kernel's buffers failed here: {type(exc).__name__}: {str(exc)[:200]}"
+        return None
+
+    def _push_exchange(self) -> str | None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        p, peer = self.push, 1 - dist.get_rank(self.group)
+        try:  # (a collective: both ranks are here)
+            for name in ("data", "flags"):
+                b = p[name]
+                p["peer_" + name] = symm_mem.rendezvous(b, self.group.group_name).get_buffer(peer, (b.numel(),), b.dtype)
+        except Exception as exc:  # noqa: BLE001
+            return f"mapping the push kernel's buffers failed: {type(exc).__name__}: {str(exc)[:200]}"
+        return None
+
+    def _push_probe(self) -> str | None:
+        """Sums of both sets of slots, several programs and a partial block against NCCL's (every probe runs on
+        both ranks whatever the one before gave)."""
+        same = True
+        dist.barrier(group=self.group, device_ids=[self.device.index] if self.device.index is not None else None)
+        try:
+            for n in (64, 2 * PUSH_BLOCK + 5, 64):
                 probe = torch.arange(n, dtype=self.dtype, device=self.device) % 97 + dist.get_rank(self.group)
                 want = probe.clone()
                 dist.all_reduce(want, group=self.group)
-                if not torch.equal(self._push(probe), want):
-                    self.push = None
-                    return "the push kernel's test sum differed from NCCL's"
+                same &= torch.equal(self._push(probe), want)
         except Exception as exc:  # noqa: BLE001 - an optional fast path: say why and use another
-            self.push = None
             return f"the push kernel failed here: {type(exc).__name__}: {str(exc)[:200]}"
-        return None
+        return None if same else "the push kernel's test sum differed from NCCL's"
 
     def _push(self, t: torch.Tensor) -> torch.Tensor:
         """glmkit's push all-reduce of ``t`` (two ranks; it must fit the buffer)."""
@@ -328,6 +358,8 @@ class AllReduce:
         dist.broadcast(times, src=dist.get_global_rank(self.group, 0), group=self.group)
         self.mode = modes[int(times.argmin())]
         self.reason = f"measured, {key}: " + ", ".join(f"{m} {v:.1f} µs" for m, v in zip(modes, times.tolist()))
+        if self.push_problem:
+            self.reason += f"; push not timed: {self.push_problem}"
 
     def describe(self) -> str:
         """One line: what sums (the one-shot kernel, or the group's backend) and why (for logs and benchmark JSON)."""

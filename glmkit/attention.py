@@ -44,9 +44,9 @@ if triton is not None:
     from glmkit.gemv import wait_for_previous_kernel
 
 BLOCK_N = 64  # cache positions per tile (a K tile [64, 128] in bf16 is 16 KiB) where a cache is split over programs
-# positions per tile and warps where one program walks a KV head's whole cache (a short cache, no combine): fewer
-# steps one after another. GLM-4-9B at batch 1 on an H200, a 288-position cache: 211.6 tok/s against 207.8 with
-# (BLOCK_N, 4) (benchmarks/results/attention_tiles.json)
+# positions per tile and warps where one program walks a KV head's whole cache of a single sequence (batch 1, a
+# short cache, no combine): fewer steps one after another. GLM-4-9B at batch 1 on an H200, a 288-position cache:
+# 211.6 tok/s against 207.8 with (BLOCK_N, 4) (benchmarks/results/attention_tiles.json)
 SHORT_TILE = (128, 8)
 TARGET_PROGRAMS = 256  # programs a long cache is split into, about two per SM of an H100/H200 (132 SMs)
 MAX_SPLITS = 128  # at most this many splits per sequence and KV head: the combine reads one partial output each
@@ -291,7 +291,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         m = torch.empty(1, dtype=torch.float32, device=q.device)
         lse, acc = torch.empty_like(m), torch.empty_like(m)
     block_d = max(16, triton.next_power_of_2(hd))
-    tile, warps = SHORT_TILE if splits == 1 else (BLOCK_N, 4)
+    tile, warps = SHORT_TILE if splits == 1 and b == 1 else (BLOCK_N, 4)  # the shape measured: one sequence
     pdl = launch_options()
     _decode_attention_kernel[(b * kv, splits)](
         q, k, v, cos, sin, pos, batch_index, k_cache, v_cache, out, m, lse, acc,

@@ -654,9 +654,10 @@ def attention_tile_sentence() -> Text:
     (``attention_tiles.json``)."""
     def render(d: dict[str, Any]) -> str:
         best: dict[tuple[int, int], float] = {}
-        for r in d["rows"]:  # a shape timed twice (the first again last): its faster run
+        ran = [r for r in d["rows"] if "decode_tok_s" in r]
+        for r in ran:  # a shape timed twice (the first again last): its faster run
             best[(r["block_n"], r["num_warps"])] = max(best.get((r["block_n"], r["num_warps"]), 0), r["decode_tok_s"])
-        first = (d["rows"][0]["block_n"], d["rows"][0]["num_warps"])
+        first = (ran[0]["block_n"], ran[0]["num_warps"])
         shapes = ", ".join(f"{n} positions x {w} warps {v:.1f} tok/s ({v / best[first]:.3f}x)"
                            for (n, w), v in best.items())
         return (f"The attention kernel's tile where one program walks a KV head's whole cache (a short cache; "
@@ -1233,8 +1234,10 @@ def _tp_fast_rows(result: dict[str, Any]) -> dict[int, tuple[float, float | None
     one = {x["batch_size"]: x["decode_tok_s"] for x in result["rows"] if x["path"].startswith("one GPU")}
     tp: dict[int, float | None] = {}
     rows = [x for x in result["rows"] if x["path"].startswith("TP=2")]
-    default = [x for x in rows if x.get("allreduce") == "auto"]  # TPDecoder's default, where the run had it
-    for x in default or rows:  # else the fastest all-reduce that ran (what allreduce="auto" picks)
+    with_auto = {x["batch_size"] for x in rows if x.get("allreduce") == "auto"}
+    for x in rows:  # TPDecoder's default (allreduce="auto") where the batch has it, else the fastest that ran
+        if x["batch_size"] in with_auto and x.get("allreduce") != "auto":
+            continue
         tp[x["batch_size"]] = max(filter(None, (tp.get(x["batch_size"]), x.get("decode_tok_s"))), default=None)
     return {b: (one[b], tp[b]) for b in sorted(tp) if b in one}
 
@@ -1312,12 +1315,12 @@ def tp_estimate_sentence() -> Text:
         text += (f" With NCCL's measured {lat:.1f} µs inside a CUDA graph ({measured_on(nccl)}): about **{est:.0f} "
                  f"tok/s, {est / whole:.2f}x one GPU**.")
         measured = load("tp_fast")
-        row = None if measured is None else _tp_fast_rows(measured).get(1)
-        if row is not None:
-            side = "below" if est / whole < row[1] / row[0] else "above"
-            text += (f" Measured on two GPUs (`tp_fast.json`): {row[1]:.1f} tok/s against {row[0]:.1f} on one GPU in that "
-                     f"run, {row[1] / row[0]:.2f}x; the estimate's {est / whole:.2f}x is {side} it (it lets no all-reduce "
-                     f"overlap any work, and each ratio is taken within its own run).")
+        one, tp = _batch1(measured, "one GPU"), _batch1(measured, "TP=2", "nccl")
+        if one and tp:
+            side = "below" if est / whole < tp / one else "above"
+            text += (f" Measured on two GPUs with NCCL's all-reduce (`tp_fast.json`): {tp:.1f} tok/s against {one:.1f} "
+                     f"on one GPU in that run, {tp / one:.2f}x; the estimate's {est / whole:.2f}x is {side} it (it lets "
+                     f"no all-reduce overlap any work, and each ratio is taken within its own run).")
     cpu = load("allreduce_latency_cpu")
     if cpu is not None and allreduce_us(cpu, 1) is not None:
         lat = allreduce_us(cpu, 1)
@@ -1350,10 +1353,14 @@ def tp_estimate_chart() -> Any:
         if lat is not None:
             label = _allreduce_label(r, name).split(" (")[0].replace(" with peer-to-peer off", ", peer-to-peer off")
             ax.plot([lat], [tp_estimate_tok_s(shard, lat)], marker, label=f"{label}: {lat:.1f} µs (measured)")
-    nccl, measured = load("allreduce_latency"), load("tp_fast")
-    row = None if measured is None else _tp_fast_rows(measured).get(1)
-    if nccl is not None and row is not None and row[1] is not None:
-        ax.plot([allreduce_us(nccl, 1)], [row[1]], "*", ms=11, color="#d62728", label=f"TP=2 measured: {row[1]:.0f} tok/s")
+    measured = load("tp_fast") or {}
+    latency = {x["allreduce"]: x["in_cuda_graph_us"] for x in measured.get("allreduce_latency", [])
+               if x["batch_size"] == 1}
+    for mode, color in (("nccl", "#d62728"), ("symm", "#9467bd"), ("push", "#2ca02c")):
+        tp = _batch1(measured, "TP=2", mode)
+        if tp is not None and mode in latency:  # each measured TP=2 speed at its own all-reduce's latency
+            ax.plot([latency[mode]], [tp], "*", ms=11, color=color,
+                    label=f"TP=2 measured, {mode}: {tp:.0f} tok/s at {latency[mode]:.1f} µs")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("one all-reduce of 8 KiB (µs)")
@@ -1552,9 +1559,11 @@ class LinkMeasurement:
         return 1 / self.split_tok_s - 1 / self.split_one_gpu_tok_s
 
 
-def _batch1(result: dict[str, Any] | None, start: str) -> float | None:
+def _batch1(result: dict[str, Any] | None, start: str, allreduce: str | None = None) -> float | None:
+    """Batch 1's tok/s of the first row whose path starts with ``start`` (with ``allreduce``: a TP row summed by that
+    mode; rows from before the modes were recorded were NCCL's)."""
     row = next((x for x in (result or {}).get("rows", []) if x["batch_size"] == 1 and x["path"].startswith(start)
-                and "decode_tok_s" in x), None)
+                and "decode_tok_s" in x and (allreduce is None or x.get("allreduce", "nccl") == allreduce)), None)
     return None if row is None else row["decode_tok_s"]
 
 
@@ -1569,7 +1578,7 @@ def link_measurements() -> list[LinkMeasurement]:
                                               "allreduce_latency_no_p2p", False)):
         s, t, a = load(split), load(tp), load(allreduce)
         m = LinkMeasurement(link, split_tok_s=_batch1(s, "split"), split_one_gpu_tok_s=_batch1(s, "one GPU"),
-                            tp_tok_s=_batch1(t, "TP=2"), tp_one_gpu_tok_s=_batch1(t, "one GPU") or tp_one,
+                            tp_tok_s=_batch1(t, "TP=2", "nccl"), tp_one_gpu_tok_s=_batch1(t, "one GPU") or tp_one,
                             tp_same_run=same or _batch1(t, "one GPU") is not None,
                             allreduce_s=None if a is None or allreduce_us(a, 1) is None else allreduce_us(a, 1) * 1e-6)
         if links is not None and same:
