@@ -194,12 +194,11 @@ class AllReduce:
             return
         self.mode = "symm"
         if mode in ("push", "auto"):
-            problem = self._push_setup(max_bytes)
-            if not agree(problem is None, self.group, self.device):
-                self.push = None
-                self.push_problem = problem or "another rank cannot run the push kernel"
+            problem = self._push_setup(max_bytes)  # (agreed: a problem on one rank is a problem on every rank)
+            if problem is not None:
+                self.push, self.push_problem = None, problem
                 if mode == "push":
-                    self.mode, self.reason = "nccl", problem or "another rank cannot run the push kernel"
+                    self.mode, self.reason = "nccl", problem
                     return
             elif mode == "push":
                 self.mode = "push"
