@@ -11,6 +11,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from push_checks import captured, chain, first_wrong, nccl_sum
 
 from glmkit.allreduce import AllReduce, latency_rows
 from glmkit.bench import save_result
@@ -37,49 +38,14 @@ for shape in [(1, 4096), (16, 4096), (3, 4095), (1, 64)] * 25:  # eager: 100 cal
 say("eager sums equal NCCL's:", ok, flush=True)
 
 
-def chain(fn, x, gap_cycles=0):
-    outs = []
-    for _ in range(81):
-        outs.append(fn(x))
-        if gap_cycles:
-            torch.cuda._sleep(gap_cycles)
-        x = outs[-1] * 0.5  # two ranks: the sum halved stays the same size
-    return outs
-
-
-def first_wrong(got, want):
-    """The first call whose output differs, with the programs (4096 values each) that differ, or None."""
-    for c, (a, b) in enumerate(zip(got, want)):
-        if not torch.equal(a, b):
-            wrong = (a != b).view(-1).nonzero().view(-1)
-            return {"call": c, "wrong_values": int(wrong.numel()),
-                    "programs": sorted({int(i) // 4096 for i in wrong.tolist()})[:16],
-                    "max_diff": float((a.float() - b.float()).abs().max())}
-    return None
-
-
 x0 = torch.randn(16, 4096, device=device, dtype=torch.bfloat16, generator=gen)
-def nccl(t):  # on a copy: NCCL sums in place, and the graph's input must stay as it was for the next replay
-    t = t.clone()
-    dist.all_reduce(t)
-    return t
-
 
 graph_checks = []
 for shape, gap in (((16, 4096), 0), ((1, 4096), 0), ((16, 4096), 20000)):
     x_in = x0[:shape[0]].contiguous()
-    graphs = {}
-    for name, fn in (("push", push), ("nccl", nccl)):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            chain(fn, x_in.clone(), gap)
-        torch.cuda.current_stream().wait_stream(s)
-        g, inp = torch.cuda.CUDAGraph(), x_in.clone()
-        with torch.cuda.graph(g):
-            outs = chain(fn, inp, gap)
-        graphs[name] = (g, outs, inp)  # the input stays alive: freed, the eager calls below would reuse it
-    eager_push, eager_nccl = chain(push, x_in.clone(), gap), chain(nccl, x_in.clone(), gap)
+    # each graph's input stays alive with it: freed, the eager calls below would reuse its memory
+    graphs = {name: captured(fn, x_in, gap) for name, fn in (("push", push), ("nccl", nccl_sum))}
+    eager_push, eager_nccl = chain(push, x_in.clone(), gap), chain(nccl_sum, x_in.clone(), gap)
     check = {"shape": list(shape), "gap_cycles": gap, "eager_push_vs_nccl": first_wrong(eager_push, eager_nccl),
              "replays": []}
     for _ in range(3):

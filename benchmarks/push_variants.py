@@ -15,19 +15,18 @@ import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
+from push_checks import captured, chain, first_wrong, nccl_sum
 
 from glmkit.allreduce import PUSH_BLOCK, AllReduce
 from glmkit.bench import save_result
 from glmkit.gemv import dependent_launches
 from glmkit.parallel import leave_process_group
 
-VARIANTS = {  # name: (each thread acquires the flag itself, the peer's partial read volatile, no .cg)
-    "library": None, "library, PDL": "pdl", "volatile read": (False, True)}
-
 
 @triton.jit
-def _variant_kernel(x_ptr, out_ptr, mine_ptr, peer_ptr, my_flags, peer_flags, calls, N, CAP, RANK: tl.constexpr,
-                    BLOCK: tl.constexpr, EACH: tl.constexpr, VOLATILE: tl.constexpr):
+def _volatile_read_kernel(x_ptr, out_ptr, mine_ptr, peer_ptr, my_flags, peer_flags, calls, N, CAP,
+                          RANK: tl.constexpr, BLOCK: tl.constexpr):
+    # glmkit.allreduce._push_allreduce_kernel on a GPU without PDL, but the peer's partial read volatile (not .cg)
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -41,20 +40,11 @@ def _variant_kernel(x_ptr, out_ptr, mine_ptr, peer_ptr, my_flags, peer_flags, ca
                               pack=1)
     tl.debug_barrier()
     tl.atomic_xchg(peer_flags + pid, call, sem="release", scope="sys")
-    if EACH:
-        flag = my_flags + pid + offs * 0
-        seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-        while tl.min(seen, axis=0) < call:
-            seen = tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-    else:
+    seen = tl.atomic_add(my_flags + pid, 0, sem="acquire", scope="sys")
+    while seen < call:
         seen = tl.atomic_add(my_flags + pid, 0, sem="acquire", scope="sys")
-        while seen < call:
-            seen = tl.atomic_add(my_flags + pid, 0, sem="acquire", scope="sys")
     tl.debug_barrier()
-    if VOLATILE:
-        other = tl.load(mine_ptr + base + (1 - RANK) * CAP + offs, mask=ok, other=0.0, volatile=True)
-    else:
-        other = tl.load(mine_ptr + base + (1 - RANK) * CAP + offs, mask=ok, other=0.0, cache_modifier=".cg")
+    other = tl.load(mine_ptr + base + (1 - RANK) * CAP + offs, mask=ok, other=0.0, volatile=True)
     if RANK == 0:
         total = x.to(tl.float32) + other.to(tl.float32)
     else:
@@ -72,59 +62,25 @@ def main() -> None:
     say("push:", ar.describe(), flush=True)
     p = ar.push
 
-    def variant(name):
-        if VARIANTS[name] is None:
-            return ar
-        if VARIANTS[name] == "pdl":
-            def with_pdl(t):
-                with dependent_launches():
-                    return ar(t)
-            return with_pdl
-        each, volatile = VARIANTS[name]
+    def with_pdl(t):
+        with dependent_launches():
+            return ar(t)
 
-        def fn(t):
-            out = torch.empty_like(t)
-            _variant_kernel[(triton.cdiv(t.numel(), PUSH_BLOCK),)](
-                t, out, p["data"], p["peer_data"], p["flags"], p["peer_flags"], p["calls"], t.numel(), p["cap"],
-                RANK=p["rank"], BLOCK=PUSH_BLOCK, EACH=each, VOLATILE=volatile, num_warps=4)
-            return out
-        return fn
+    def volatile_read(t):
+        out = torch.empty_like(t)
+        _volatile_read_kernel[(triton.cdiv(t.numel(), PUSH_BLOCK),)](
+            t, out, p["data"], p["peer_data"], p["flags"], p["peer_flags"], p["calls"], t.numel(), p["cap"],
+            RANK=p["rank"], BLOCK=PUSH_BLOCK, num_warps=4)
+        return out
 
-    def nccl(t):
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
-
-    def chain(fn, x):
-        outs = []
-        for _ in range(81):
-            outs.append(fn(x))
-            x = outs[-1] * 0.5
-        return outs
-
-    def first_wrong(got, want):
-        for c, (a, b) in enumerate(zip(got, want)):
-            if not torch.equal(a, b):
-                wrong = (a != b).view(-1).nonzero().view(-1)
-                return {"call": c, "wrong_values": int(wrong.numel()),
-                        "programs": sorted({int(i) // PUSH_BLOCK for i in wrong.tolist()})[:16],
-                        "max_diff": float((a.float() - b.float()).abs().max())}
-        return None
+    variants = {"library": ar, "library, PDL": with_pdl, "volatile read": volatile_read}
 
     x0 = torch.randn(16, 4096, device=device, dtype=torch.bfloat16, generator=torch.Generator(device).manual_seed(rank))
-    want = chain(nccl, x0.clone())
+    want = chain(nccl_sum, x0.clone())
     rows = []
-    for name in VARIANTS:
-        fn = variant(name)
+    for name, fn in variants.items():
         eager = first_wrong(chain(fn, x0.clone()), want)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            chain(fn, x0.clone())
-        torch.cuda.current_stream().wait_stream(s)
-        g, inp = torch.cuda.CUDAGraph(), x0.clone()
-        with torch.cuda.graph(g):
-            outs = chain(fn, inp)
+        g, outs, inp = captured(fn, x0)
         replays = []
         for _ in range(3):
             g.replay()
@@ -139,19 +95,8 @@ def main() -> None:
         dist.all_gather_object(both, mine)
         say(both, flush=True)
         rows.append(both)
-        del g
+        del g, inp
     # the library's kernel beside a CUDA graph of NCCL's all-reduce (gpu_smoke_push.py captures and replays both)
-    def graph_of(fn):
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            chain(fn, x0.clone())
-        torch.cuda.current_stream().wait_stream(s)
-        g, inp = torch.cuda.CUDAGraph(), x0.clone()
-        with torch.cuda.graph(g):
-            outs = chain(fn, inp)
-        return g, outs, inp
-
     beside = []
     for order in ("push graph captured, its input tensor freed, the same calls run eagerly, then push replayed",
                   "push graph captured, then the same calls run eagerly, then push replayed",
@@ -161,15 +106,15 @@ def main() -> None:
                   "NCCL graph captured first: both replayed"):
         first_nccl = order.startswith("NCCL")
         if first_nccl:
-            gn, outs_n, inp_n = graph_of(nccl)
-        gp, outs_p, inp_p = graph_of(ar)
+            gn, outs_n, inp_n = captured(nccl_sum, x0)
+        gp, outs_p, inp_p = captured(ar, x0)
         if not first_nccl:
-            gn, outs_n, inp_n = graph_of(nccl)
+            gn, outs_n, inp_n = captured(nccl_sum, x0)
         if "freed" in order:  # a graph reads its input where it was at capture: the eager calls reuse that memory
             del inp_p
         if "eagerly" in order:
             eager_p = chain(ar, x0.clone())
-            eager_n = chain(nccl, x0.clone()) if "both chains" in order else want
+            eager_n = chain(nccl_sum, x0.clone()) if "both chains" in order else want
             torch.cuda.synchronize()
             if first_wrong(eager_p, want) or first_wrong(eager_n, want):
                 say("the eager chains in between differ from the first NCCL chain", flush=True)

@@ -32,17 +32,16 @@ def main() -> None:
     model = random_model(glm4_9b_chat_config(), "cuda")
     rows = []
     bandwidth, whole_bytes = copy_bandwidth(), bytes_read_per_token(model)
-    weight_bytes = {"one GPU, whole model (FastDecoder)": whole_bytes,
-                    "one TP=2 rank's shard, no all-reduce (TPDecoder)": whole_bytes / 2}
+    paths = (("one GPU, whole model (FastDecoder)", whole_bytes, lambda b: FastDecoder(model, args.max_len, b)),
+             ("one TP=2 rank's shard, no all-reduce (TPDecoder)", whole_bytes / 2,
+              lambda b: TPDecoder(model, args.max_len, b, rank=0, world=2)))
     for batch in args.batches:
-        for name, make in (("one GPU, whole model (FastDecoder)", lambda b: FastDecoder(model, args.max_len, b)),
-                           ("one TP=2 rank's shard, no all-reduce (TPDecoder)",
-                            lambda b: TPDecoder(model, args.max_len, b, rank=0, world=2))):
+        for name, weight_bytes, make in paths:
             decoder = make(batch)
             row = {"path": name, "batch_size": batch, **decoder.tokens_per_second(32, args.new_tokens),
                    "gemv": str(decoder.gemv)}
             row["step_ms"] = 1000 * batch / row["decode_tok_s"]
-            row["weights_ms_at_copy_bandwidth"] = 1000 * weight_bytes[name] / bandwidth
+            row["weights_ms_at_copy_bandwidth"] = 1000 * weight_bytes / bandwidth
             row["rest_ms"] = row["step_ms"] - row["weights_ms_at_copy_bandwidth"]
             rows.append(row)
             print(row, flush=True)
