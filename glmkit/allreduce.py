@@ -239,15 +239,20 @@ class AllReduce:
 
     def _probe(self) -> str | None:
         """One sum by the one-shot kernel against NCCL's (every rank runs both: the kernel waits for its peers)."""
-        probe = torch.arange(64, dtype=self.dtype, device=self.device) + dist.get_rank(self.group)
-        want = probe.clone()
-        dist.all_reduce(want, group=self.group)
         try:
-            if not torch.equal(self._symm(probe), want):
+            if not self._matches_nccl(self._symm, 64):
                 return "its test sum differed from NCCL's"
         except Exception as exc:  # noqa: BLE001 - an optional fast path: say why and use NCCL
             return f"symmetric memory failed here: {type(exc).__name__}: {str(exc)[:200]}"
         return None
+
+    def _matches_nccl(self, fn: Callable[[torch.Tensor], torch.Tensor], n: int) -> bool:
+        """Whether ``fn`` sums a test tensor of ``n`` values (each rank's differs) as NCCL does (every rank runs
+        both: a one-shot or push kernel waits for its peers)."""
+        probe = torch.arange(n, dtype=self.dtype, device=self.device) % 97 + dist.get_rank(self.group)
+        want = probe.clone()
+        dist.all_reduce(want, group=self.group)
+        return torch.equal(fn(probe), want)
 
     def _symm(self, t: torch.Tensor) -> torch.Tensor:
         """One-shot all-reduce of ``t`` through the symmetric buffer (it must fit)."""
@@ -315,10 +320,7 @@ class AllReduce:
         dist.barrier(group=self.group, device_ids=[self.device.index] if self.device.index is not None else None)
         try:
             for n in (64, 2 * PUSH_BLOCK + 5, 64):
-                probe = torch.arange(n, dtype=self.dtype, device=self.device) % 97 + dist.get_rank(self.group)
-                want = probe.clone()
-                dist.all_reduce(want, group=self.group)
-                same &= torch.equal(self._push(probe), want)
+                same &= self._matches_nccl(self._push, n)
         except Exception as exc:  # noqa: BLE001 - an optional fast path: say why and use another
             return f"the push kernel failed here: {type(exc).__name__}: {str(exc)[:200]}"
         return None if same else "the push kernel's test sum differed from NCCL's"
