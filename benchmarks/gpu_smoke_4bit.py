@@ -1,7 +1,8 @@
 """Quick GPU check of the 4-bit fast path (about a minute on an H200): glmkit's 4-bit kernel with each nibble
 lookup against float64 at GLM-4-9B's width, then the trained tiny model in bitsandbytes nf4, nf4 with double
 quantization and fp4 through the default decoder (``gemv="auto"``: glmkit's 4-bit ops inside the compiled layer,
-each step a CUDA graph) against the same model's ``generate()``, and nf4 once more with the "pair" lookup. Prints
+each step a CUDA graph) against the same model's ``generate()``, nf4 once more with the "pair" lookup, and two rows of
+different prompts through the 4-bit kernels (a program per row) against each row's ``generate()``. Prints
 one line per check, with any warning (a layer that did not compile, kernels that failed). Also run by
 ``gpu_smoke_fast.py``.
 
@@ -61,11 +62,40 @@ def check_decoders(prompt: torch.Tensor, new_tokens: int = 24) -> None:
             gemv4bit.LOOKUP = default
 
 
+def check_batch(prompt: torch.Tensor, new_tokens: int = 16) -> None:
+    """Two rows through glmkit's 4-bit kernels (a program per row, the default up to FOUR_BIT_MAX_BATCH), compiled,
+    in CUDA graphs: each row's tokens against generate() of that row alone."""
+    try:
+        model = load_precision(TRAINED_TINY_DIR, "nf4", device_map="cuda:0")
+        other = torch.cat([prompt[:, :1], prompt[:, 1:].flip(1)], dim=1)
+        dec = FastDecoder(model, max_len=prompt.shape[1] + new_tokens + 8, batch_size=2)
+        got = dec.generate(torch.cat([prompt, other]), new_tokens, ignore_eos=True)
+        wants = [model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False) for p in (prompt, other)]
+        alone = [FastDecoder(model, max_len=prompt.shape[1] + new_tokens + 8).generate(p, new_tokens, ignore_eos=True)
+                 for p in (prompt, other)]
+        n = prompt.shape[1]
+        print("4-bit nf4 batch 2 gemv", dec.gemv_by_bucket, "compiled", dec.compiled, "rows identical to generate():",
+              [torch.equal(got[i:i + 1], w) for i, w in enumerate(wants)], "tokens agreeing with generate():",
+              [int((got[i, n:] == w[0, n:]).sum()) for i, w in enumerate(wants)], "with the batch-1 decoder:",
+              [int((got[i, n:] == a[0, n:]).sum()) for i, a in enumerate(alone)], f"of {new_tokens}", flush=True)
+        bf16 = load_precision(TRAINED_TINY_DIR, "bf16", device_map="cuda:0")  # the same two rows, 16-bit, cuBLAS
+        got16 = FastDecoder(bf16, max_len=prompt.shape[1] + new_tokens + 8, batch_size=2).generate(
+            torch.cat([prompt, other]), new_tokens, ignore_eos=True)
+        wants16 = [bf16.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False) for p in (prompt, other)]
+        print("bf16 batch 2 (for comparison) tokens agreeing with generate():",
+              [int((got16[i, n:] == w[0, n:]).sum()) for i, w in enumerate(wants16)], f"of {new_tokens}", flush=True)
+    except Exception as exc:
+        print("4-bit nf4 batch 2 FAILED", type(exc).__name__, str(exc)[:500], flush=True)
+
+
 def check(prompt: torch.Tensor | None = None) -> None:
     if prompt is None:  # gpu_smoke_fast.py's prompt: 8 random ids
         prompt = torch.randint(0, 800, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))[:1, :8]
     check_lookups()
     check_decoders(prompt)
+    check_batch(prompt)
 
 
 if __name__ == "__main__":

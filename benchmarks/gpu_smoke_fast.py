@@ -55,10 +55,10 @@ for opts, chunk in (({"cuda_graph": False, "compile": False}, None), ({"cuda_gra
     except Exception as exc:
         print(opts, "FAILED", type(exc).__name__, str(exc)[:500], flush=True)
 
-# glmkit's Triton GEMVs (batch 1, bf16 and fp32): the same greedy tokens as generate() on the trained tiny model
+# glmkit's Triton GEMVs (batch 1, bf16, fp16 and fp32): the same greedy tokens as generate() on the trained tiny model
 trained = load_model(dtype=torch.bfloat16, device_map="cuda:0")
 prompt = ids[:1, :8]
-for dtype in (torch.bfloat16, torch.float32):
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
     m = trained.to(dtype)
     want = m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, min_new_tokens=24,
                       do_sample=False)
@@ -99,7 +99,7 @@ try:
 except Exception as exc:
     print("decode_attention FAILED", type(exc).__name__, str(exc)[:500], flush=True)
 
-for dtype in (torch.bfloat16, torch.float32):  # the trained tiny model: tokens with the kernel, graph + compile
+for dtype in (torch.bfloat16, torch.float16, torch.float32):  # the trained tiny model: the kernel, graph + compile
     m = trained.to(dtype)
     want = m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=24, min_new_tokens=24,
                       do_sample=False)

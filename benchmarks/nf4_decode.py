@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from glmkit.bench import copy_bandwidth, save_result, stage_runner
+from glmkit.env import use_expandable_segments
 from glmkit.gemv import device_name, gemv, gemv_swiglu, tables_for
 from glmkit.models import ensure_random_checkpoint
 
@@ -129,13 +130,14 @@ def long_context(checkpoint: str, context: int, cap_gib: float, chunk: int) -> d
 
     total = torch.cuda.get_device_properties(0).total_memory
     budget = int(cap_gib * 2**30)
+    before = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()  # what the process held already
     torch.cuda.set_per_process_memory_fraction(budget / total, 0)
     torch.cuda.reset_peak_memory_stats()
     config = AutoConfig.from_pretrained(checkpoint)
     plan = plan_memory(config, [budget], dtype=torch.bfloat16, quantization="nf4", context_len=context + 64,
-                       prefill_chunk=chunk, cuda_context=0)
+                       prefill_chunk=chunk, cuda_context=0, fast_decode=True)
     row = {"context": context, "cap_gib": cap_gib, "prefill_chunk": chunk, "planned_bytes": plan.devices[0].total,
-           "planned_fits": plan.fits}
+           "planned_fits": plan.fits, "planned_for": "FastDecoder (fast_decode=True)", "allocator": plan.allocator}
     model = load_precision(checkpoint, "nf4", device_map="cuda:0")
     try:
         decoder = FastDecoder(model, max_len=context + 64)
@@ -150,7 +152,8 @@ def long_context(checkpoint: str, context: int, cap_gib: float, chunk: int) -> d
         row |= {"ok": True, "prefill_s": t1 - t0, "decode_tok_s": count / (time.perf_counter() - t1)}
     except torch.OutOfMemoryError as exc:
         row |= {"ok": False, "error": str(exc)[:300]}
-    row |= {"peak_allocated": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved()}
+    row |= {"peak_allocated": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved(),
+            "allocated_before": before[0], "reserved_before": before[1]}
     row["peak_within_plan"] = row["peak_reserved"] <= row["planned_bytes"]
     print(row, flush=True)
     torch.cuda.set_per_process_memory_fraction(1.0, 0)
@@ -163,8 +166,9 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--cap-gib", type=float, default=12.0)
     ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--stages", default="decode,projections,long_context")
+    ap.add_argument("--stages", default="long_context,decode,projections")
     args = ap.parse_args()
+    use_expandable_segments()  # the allocator glmkit's processes use (and the planner assumes), before any CUDA memory
     if not torch.cuda.is_available():
         raise SystemExit("nf4_decode.py measures a GPU; this machine has none.")
     import bitsandbytes  # noqa: F401  fail now, not after loading the bf16 model
@@ -189,6 +193,13 @@ def main() -> None:
             result["decode"].append({k: v for k, v in row.items() if not k.startswith("_")})
         return row
 
+    if "long_context" in stages:  # first, while the process holds nothing else (the peak is the decoder's alone)
+        torch.cuda.empty_cache()
+        result["long_context"] = stage("long context", long_context, args.checkpoint, args.context, args.cap_gib,
+                                       args.chunk)
+        save_result("nf4_decode", result)  # stage() saved before the assignment
+        gc.collect()
+        torch.cuda.empty_cache()
     models = {"bf16": load_precision(args.checkpoint, "bf16", device_map="cuda:0"),
               "nf4": load_precision(args.checkpoint, "nf4", device_map="cuda:0")}
     result["nf4_model_bytes"] = token_bytes(models["nf4"])
@@ -216,10 +227,7 @@ def main() -> None:
         models.clear()
         gc.collect()
         torch.cuda.empty_cache()
-    if "long_context" in stages:
-        result["long_context"] = stage("long context", long_context, args.checkpoint, args.context, args.cap_gib,
-                                       args.chunk)
-        save_result("nf4_decode", result)  # stage() saved before the assignment
+    save_result("nf4_decode", result)  # stage() saved before the last row was added
     print({k: v for k, v in result.items() if k not in ("projections",)}, flush=True)
 
 

@@ -9,7 +9,7 @@
    kernel; bytes read per second against the copy bandwidth. Each
    product's error against float64 on the fp32-dequantized weights (``code * absmax``, nothing rounded): ours,
    bitsandbytes', and dequantize-to-bf16 + ``F.linear`` (the bf16 path's own rounding).
-2. ``FastDecoder`` at batch 1: bf16 (Triton) vs nf4 through glmkit's kernels (the layer compiled around them, the
+2. ``FastDecoder`` at batch 1: bf16 and fp16 (Triton) vs nf4 through glmkit's kernels (the layer compiled around them, the
    default; and with eager layers) vs nf4 through bitsandbytes' kernel, tok/s (best of 3) against each one's
    roofline (copy bandwidth / bytes a token reads); a warning while building a decoder (a layer that did not
    compile) is recorded in its row.
@@ -311,19 +311,21 @@ def main() -> None:
     if not {"decode", "accuracy"} & set(stages):
         return
     ensure_random_checkpoint(args.checkpoint)
-    models = {"bf16": load_precision(args.checkpoint, "bf16", device_map="cuda:0"),
-              "nf4": load_precision(args.checkpoint, "nf4", device_map="cuda:0")}
+    models = {p: load_precision(args.checkpoint, p, device_map="cuda:0") for p in ("bf16", "nf4", "fp16")}
     result["nf4_token_bytes"], result["bf16_token_bytes"] = token_bytes(models["nf4"]), token_bytes(models["bf16"])
     runs = {"bf16": ("bf16", "bf16 fast (Triton)", dict(gemv="triton")),
             "nf4_triton": ("nf4", "nf4 fast (glmkit Triton)", dict(gemv="triton")),  # compiled (the default)
             "nf4_triton_eager": ("nf4", "nf4 fast (glmkit Triton, eager layers)", dict(gemv="triton", compile=False)),
-            "nf4_bnb": ("nf4", "nf4 fast (bnb matmul_4bit, eager layers)", dict(gemv=False, compile=False))}
+            "nf4_bnb": ("nf4", "nf4 fast (bnb matmul_4bit, eager layers)", dict(gemv=False, compile=False)),
+            "fp16": ("fp16", "fp16 fast (Triton)", dict(gemv="triton"))}
     result["lookup_used_by_nf4_decoder"] = {f"{n}x{k}": lk for (kernel, n, k), lk in tuned_lookups().items()
                                             if kernel == "nf4"} or gemv4bit.LOOKUP
     rows = {key: stage(key, decode_speed, models[m], label, bw, **opts) for key, (m, label, opts) in runs.items()}
     result["decode"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows.values() if r]
     if rows["nf4_triton"] and rows["bf16"]:
         result["nf4_over_bf16_fast"] = rows["nf4_triton"]["best_tok_s"] / rows["bf16"]["best_tok_s"]
+    if rows["fp16"] and rows["bf16"]:
+        result["fp16_over_bf16_fast"] = rows["fp16"]["best_tok_s"] / rows["bf16"]["best_tok_s"]
     if rows["nf4_triton"] and rows["nf4_triton_eager"]:
         result["nf4_compiled_over_eager_layers"] = rows["nf4_triton"]["best_tok_s"] / rows["nf4_triton_eager"]["best_tok_s"]
     if rows["nf4_triton"] and rows["nf4_bnb"]:
@@ -331,16 +333,17 @@ def main() -> None:
         result["nf4_triton_vs_bnb"] = compare(rows["nf4_triton"]["_logits"], rows["nf4_bnb"]["_logits"])
     save_result("nf4_gemv", result)
     if "accuracy" in stages:
-        del models["bf16"]
+        del models["bf16"], models["fp16"]
         gc.collect()
         torch.cuda.empty_cache()
         refs = stage("fp32 references", fp32_references, args.checkpoint, models["nf4"])
         if refs:
             result["accuracy"] = {
-                key: compare(rows[key]["_logits"], refs["bf16_model" if key == "bf16" else "nf4_weights"])
+                key: compare(rows[key]["_logits"], refs["nf4_weights" if key.startswith("nf4") else "bf16_model"])
                 for key in runs if rows[key]}
-            result["accuracy"]["note"] = ("each decoder against an fp32 decoder on the same weights: bf16 against "
-                                          "the checkpoint in fp32, both nf4 paths against the nf4 weights in fp32")
+            result["accuracy"]["note"] = ("each decoder against an fp32 decoder on the same weights: bf16 and fp16 "
+                                          "against the checkpoint in fp32, the nf4 paths against the nf4 weights in "
+                                          "fp32")
     save_result("nf4_gemv", result)
     print({k: v for k, v in result.items() if k != "projections"}, flush=True)
 

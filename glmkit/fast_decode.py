@@ -44,6 +44,7 @@ from glmkit.gemv import (
 )
 from glmkit.gemv import gemv as triton_gemv
 from glmkit.gemv4bit import (
+    MAX_VECTORS,
     Packed4bit,
     gemv_4bit,
     gemv_4bit_multi,
@@ -61,6 +62,11 @@ HOPS = ("peer", "host")  # how the hidden state crosses between the devices of a
 OWN_PREFILL_MAX = 1 << 20  # rows x prompt tokens x cache positions attended up to which a prefill runs the decoder's
 # own layers (attention scores of at most 4 MiB per head in fp32); above, the model's chunked prefill (memory-lean)
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
+# A 4-bit model's steps of up to this many rows run glmkit's 4-bit kernels (a program per row: the weights come from
+# memory once, the lookups are paid per row); larger steps, bitsandbytes' dequantize-then-GEMM (FastDecoder, "auto").
+# GLM-4-9B nf4 on an H200 (benchmarks/results/nf4_batch.json), glmkit's over bitsandbytes': 1.88x at batch 1, 1.64x
+# at 2, 1.59x at 4, 0.99x at 8, 0.52x at 16
+FOUR_BIT_MAX_BATCH = 4
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -129,8 +135,8 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: boo
     if isinstance(weight, tuple):
         biases = [None] * len(weight) if bias is None else bias.split([w.shape[0] for w in weight])
         return torch.cat([linear(x, w, b, gemv) for w, b in zip(weight, biases)], dim=-1)
-    if gemv == "triton" and not prefer_triton(kernel_name(weight.dtype), *weight.shape):
-        return F.linear(x, weight, bias)  # fp16 on a shape not tuned for this card: cuBLAS
+    if gemv == "triton" and (x.numel() != x.shape[-1] or not prefer_triton(kernel_name(weight.dtype), *weight.shape)):
+        return F.linear(x, weight, bias)  # several rows (a 4-bit model's batch), or fp16 on an untuned shape: cuBLAS
     if gemv == "triton":
         return triton_gemv(x, weight, bias)
     if not gemv:
@@ -197,16 +203,17 @@ def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gem
     return residual + linear(x, weight, None, gemv)
 
 
-def auto_gemv(device: torch.device, batch_size: int, dtype: torch.dtype = torch.bfloat16) -> str | bool:
-    """What ``gemv="auto"`` picks: ``"triton"`` at batch 1 on a GPU with Triton installed, of compute capability
-    8.0 or newer (Ampere and later), or 7.0 or newer for fp16/fp32 (a 2080 Ti: Triton builds for Volta and Turing,
-    which have no bf16); otherwise ``False`` (cuBLAS). If the kernels then fail there, the decoder warns and uses
-    cuBLAS.
+def auto_gemv(device: torch.device, batch_size: int, dtype: torch.dtype = torch.bfloat16,
+              four_bit: bool = False) -> str | bool:
+    """What ``gemv="auto"`` picks: ``"triton"`` at batch 1 (a 4-bit model: up to ``FOUR_BIT_MAX_BATCH`` rows) on a
+    GPU with Triton installed, of compute capability 8.0 or newer (Ampere and later), or 7.0 or newer for
+    fp16/fp32 (a 2080 Ti: Triton builds for Volta and Turing, which have no bf16); otherwise ``False`` (cuBLAS, or
+    bitsandbytes' ``matmul_4bit``). If the kernels then fail there, the decoder warns and uses those.
 
     >>> auto_gemv(torch.device("cpu"), 1)
     False
     """
-    if device.type != "cuda" or batch_size != 1 or not triton_available():
+    if device.type != "cuda" or batch_size > (FOUR_BIT_MAX_BATCH if four_bit else 1) or not triton_available():
         return False
     capability = torch.cuda.get_device_capability(device)
     return "triton" if capability >= (8, 0) or (capability >= (7, 0) and dtype != torch.bfloat16) else False
@@ -632,13 +639,14 @@ class FastDecoder:
             (``benchmarks/results/pdl_decode.json``), and ``pdl`` needs Triton's own launches.
         gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1
             step on a GPU of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a
-            warning and cuBLAS; a 4-bit model: glmkit's 4-bit Triton GEMVs at batch 1 (PyTorch ops the compiled
-            layer calls, ``torch.ops.glmkit.gemv_4bit*``; on an H200 172.5 tok/s with the layers uncompiled against
-            124.6 with bitsandbytes' own kernel, ``benchmarks/results/nf4_gemv.json``; should the layer not compile,
-            a warning and eager layers), bitsandbytes' kernel above batch 1 (then in eager layers unless
-            ``compile=True``).
+            warning and cuBLAS; a 4-bit model: glmkit's 4-bit Triton GEMVs for steps of up to
+            ``FOUR_BIT_MAX_BATCH`` rows (PyTorch ops the compiled layer calls, ``torch.ops.glmkit.gemv_4bit*``; on
+            an H200 at batch 1 279.3 tok/s against 145.3 with bitsandbytes' own kernel,
+            ``benchmarks/results/nf4_gemv.json``; should the layer not compile, a warning and eager layers),
+            bitsandbytes' dequantize-then-GEMM above (in eager layers unless ``compile=True``).
             ``"triton"``: glmkit's kernels for one token (``glmkit.gemv``: one pass over each
-            weight, no split-K, SwiGLU applied before the write; batch_size 1 only); on an H100 they decode GLM-4-9B
+            weight, no split-K, SwiGLU applied before the write; batch_size 1 only, a 4-bit model up to
+            ``glmkit.gemv4bit.MAX_VECTORS`` rows, 16-bit weights then through cuBLAS); on an H100 they decode GLM-4-9B
             12% faster than cuBLAS (150.3 vs 133.7 tok/s, benchmarks/results/decode.json). ``False``: cuBLAS
             (``F.linear``). ``True``: a multiply-and-sum that the compiler turns into one reduction kernel (-11% to
             +3.5% against cuBLAS).
@@ -688,25 +696,25 @@ class FastDecoder:
                                "use attention='sdpa'.")
         if gemv not in ("auto", False, True, "triton"):
             raise ValueError(f"gemv must be 'auto', 'triton', False (cuBLAS) or True (compiled reductions), not {gemv!r}.")
-        if gemv == "triton" and batch_size != 1:
-            raise ValueError(f"gemv='triton' decodes one sequence (batch_size=1), got batch_size={batch_size}; "
-                             "at larger batches cuBLAS (gemv=False) is the fast path (gemv='auto' uses the Triton "
-                             "kernels for the batch-1 step and cuBLAS above).")
+        quantized = any(is_4bit(p) for p in model.parameters())
+        if gemv == "triton" and batch_size > (MAX_VECTORS if quantized else 1):
+            raise ValueError(f"gemv='triton' decodes one sequence (batch_size=1; a 4-bit model: up to {MAX_VECTORS}), "
+                             f"got batch_size={batch_size}; at larger batches cuBLAS (gemv=False) is the fast path "
+                             "(gemv='auto' uses the Triton kernels for the batch-1 step and cuBLAS above).")
         if gemv == "triton" and not triton_available():
             raise RuntimeError("gemv='triton' needs Triton and a GPU (or TRITON_INTERPRET=1 on a CPU); "
                                "use gemv=False for cuBLAS.")
         self.segments = layer_segments(model)
         self.buckets = bucket_sizes(batch_size, graph_batch_sizes)
         dtype = model.get_input_embeddings().weight.dtype
-        self.quantized = any(is_4bit(p) for p in model.parameters())
+        self.quantized = quantized
         self.auto_gemv = gemv == "auto"
         # per step size: Triton GEMVs only for one token, and under "auto" only where every segment's GPU runs them.
-        # 4-bit under "auto": glmkit's 4-bit kernels too (custom ops that the compiled layer calls as they are): on
-        # an H200 GLM-4-9B decoded 172.5 tok/s so, layers uncompiled, against 124.6 with bitsandbytes' kernel
-        # (benchmarks/results/nf4_gemv.json)
+        # 4-bit under "auto": glmkit's 4-bit kernels (custom ops that the compiled layer calls as they are) for steps
+        # of up to FOUR_BIT_MAX_BATCH rows, bitsandbytes' dequantize-then-GEMM above (benchmarks/results/nf4_gemv.json)
         self.gemv_by_bucket: dict[int, bool | str] = {
-            b: (("triton" if all(auto_gemv(s.device, b, dtype) == "triton" for s in self.segments) else False)
-                if gemv == "auto" else gemv) for b in self.buckets}
+            b: (("triton" if all(auto_gemv(s.device, b, dtype, quantized) == "triton" for s in self.segments)
+                 else False) if gemv == "auto" else gemv) for b in self.buckets}
         self.auto_attention = attention == "auto"
         self.attention = (("triton" if all(auto_attention(s.device, dtype) == "triton" for s in self.segments)
                            else "sdpa") if self.auto_attention else attention)
@@ -717,9 +725,10 @@ class FastDecoder:
         self.dtype = model.get_input_embeddings().weight.dtype
         on_gpu = all(d.type == "cuda" for d in self.devices)
         self.use_graph = on_gpu if cuda_graph is None else cuda_graph
-        # 4-bit: compiled where every step runs glmkit's 4-bit ops (which compile calls as they are); steps through
-        # bitsandbytes' own kernel (batch > 1, gemv=False) keep eager layers unless compile=True: not measured compiled
-        glmkit_4bit = all(g == "triton" for g in self.gemv_by_bucket.values())
+        # 4-bit: compiled where a step runs glmkit's 4-bit ops (which compile calls as they are); steps through
+        # bitsandbytes' own kernel (gemv=False) keep eager layers unless compile=True (layer_fn_for): not measured
+        # compiled
+        glmkit_4bit = any(g == "triton" for g in self.gemv_by_bucket.values())
         self.compiled = (on_gpu and (glmkit_4bit or not self.quantized)) if compile is None else compile
         self.compile_auto = compile is None
         self.pdl, self.auto_pdl = choose_pdl(pdl, self.devices), pdl is None
@@ -782,9 +791,11 @@ class FastDecoder:
 
     def layer_fn_for(self, b: int) -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
         """The layer function of the step of ``b`` rows: uncompiled on the fused Triton step with glmkit's decode
-        attention unless ``compile=True`` was asked for (its layer is glmkit's kernels alone), else ``layer_fn``."""
+        attention (its layer is glmkit's kernels alone) and on a 4-bit step through bitsandbytes' kernel unless
+        ``compile=True`` was asked for, else ``layer_fn``."""
         alone = self.fuses_norms(b) and self.attention == "triton"
-        return decoder_layer if self.compile_auto and alone else self.layer_fn
+        bitsandbytes = self.quantized and self.gemv_by_bucket[b] != "triton"
+        return decoder_layer if self.compile_auto and (alone or bitsandbytes) else self.layer_fn
 
     def uses_pdl(self, b: int) -> bool:
         """Whether the step of ``b`` rows launches glmkit's kernels with programmatic dependent launch (``pdl``, on
@@ -883,7 +894,7 @@ class FastDecoder:
         if st.segment.head:
             # h: after the final norm; lm_head runs outside the compiled layer, so the reduction form (a
             # [vocab, hidden] fp32 temporary if run eagerly) is not used for it
-            head = "triton" if self.gemv_by_bucket[b] == "triton" else False
+            head = "triton" if self.gemv_by_bucket[b] == "triton" and b == 1 else False
             logits = (norm_linear(h, st.final_norm, self.eps, self.head_weight, m.lm_head.bias, head) if fused
                       else linear(h, self.head_weight, m.lm_head.bias, head))
             st.logits[:b].copy_(logits[:, -1].float())
@@ -951,8 +962,14 @@ class FastDecoder:
         """Run each step size once (compiling it) and capture its graphs, largest first; if a kernel that the decoder
         chose itself fails on this machine (``_fallbacks``), warn and use what replaces it; anything else raises
         (an explicit ``gemv="triton"`` or ``attention="triton"`` too). The warm-up writes garbage K/V at position 0:
-        it runs before any prompt is in the cache."""
+        it runs before any prompt is in the cache. Then the memory PyTorch keeps cached but unused (the compiler's
+        and the capture's temporaries, what loading the model left) goes back to the card, so that a long prompt's
+        prefill finds it: ``glmkit.planning`` budgets the decoder without it."""
         warm_up_or_fall_back(self._warm_up_all, self._fallbacks(), "FastDecoder")
+        for d in self.devices:
+            if d.type == "cuda":
+                with torch.cuda.device(d):
+                    torch.cuda.empty_cache()
         self.ready = True
 
     def bucket(self, k: int) -> int:

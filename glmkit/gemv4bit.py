@@ -1,11 +1,12 @@
-"""4-bit matrix-vector products for one decode token: Triton kernels that read bitsandbytes' packed weights as they are.
+"""4-bit matrix-vector products for decode tokens: Triton kernels that read bitsandbytes' packed weights as they are.
 
 A 12 GB card holds GLM-4-9B only in 4 bits, where a token reads 6.6 GB of weights instead of 17.6. bitsandbytes'
 own one-token kernel (``bnb.matmul_4bit``) reads those packed weights at 0.94-1.35 TB/s on an H200 (DESIGN.md):
 it saves memory, not time. These kernels read the *same* tensors bitsandbytes keeps (no second copy), dequantize in
 registers and sum in fp32, one pass over each weight; ``gemv_4bit_swiglu`` also applies GLM's MLP activation
 (``up * silu(gate)``) before it writes, and ``gemv_4bit_multi`` reads q, k and v in one launch. ``FastDecoder``
-uses them for a bitsandbytes nf4/fp4 model at batch 1. Each is a PyTorch operator (``torch.ops.glmkit.gemv_4bit``,
+uses them for a bitsandbytes nf4/fp4 model at batch 1 and small batches (a program per vector and row block;
+``FOUR_BIT_MAX_BATCH`` in ``glmkit.fast_decode``). Each is a PyTorch operator (``torch.ops.glmkit.gemv_4bit``,
 ``gemv_4bit_multi``, ``gemv_4bit_swiglu``) that ``torch.compile`` calls without tracing into the kernel, so a
 compiled decoder layer fuses everything around them.
 
@@ -251,6 +252,11 @@ def config_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False)
 # touches lines. Which is faster depends on the card and the shape: ``glmkit tune`` times them and the tables
 # keep a lookup per shape (``tuned_lookup``); LOOKUP is the default for shapes without one.
 LOOKUP = "load" if INTERPRETER else os.environ.get("GLMKIT_4BIT_LOOKUP", "shuffle")
+# A batch of vectors: one program per vector and row block, so the weight's bytes come from memory once and from
+# the L2 cache for the other vectors, but every vector pays the whole lookup work again. Past a few vectors
+# bitsandbytes' dequantize-then-GEMM is faster (FastDecoder picks by FOUR_BIT_MAX_BATCH, measured); the kernels
+# refuse more than MAX_VECTORS.
+MAX_VECTORS = 64
 LOOKUPS = ("shuffle", "load", "pair")
 _MODE = {"load": 0, "shuffle": 1, "pair": 2}  # the kernels' LOOKUP_MODE
 
@@ -422,10 +428,24 @@ if triton is not None:
                       XBF16: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
                       MODE: tl.constexpr, PTX: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr,
-                      EVEN_K: tl.constexpr):
+                      EVEN_K: tl.constexpr, BATCH_AXIS: tl.constexpr):
         # one launch for up to three weights of the same columns (q, k and v), whose outputs lie side by side in
-        # y: the first programs take the first weight's row blocks, the next the second's, and so on
-        pid = tl.program_id(0)
+        # y: the first programs take the first weight's row blocks, the next the second's, and so on. Several
+        # vectors x (a batch): one program per vector and row block, the vector on grid axis BATCH_AXIS (0 where
+        # the row blocks fit axis 1: the programs of one row block then run side by side and share its weights
+        # through the L2 cache)
+        pid = tl.program_id(1 - BATCH_AXIS)
+        vector = tl.program_id(BATCH_AXIS)
+        y_row = n0  # outputs per vector: the rows of the weights in use
+        if SEGMENTS >= 2:
+            y_row += n1
+        if SEGMENTS >= 3:
+            y_row += n2
+        y_ptr += vector * y_row
+        if X16:  # x as 32-bit words: bytes_per_row of them a vector
+            x_ptr += vector * bytes_per_row
+        else:
+            x_ptr += vector * 2 * bytes_per_row
         p0 = tl.cdiv(n0, BLOCK_N)
         if pid < p0:
             _rows_4bit(x_ptr, y_ptr, b_ptr, q0, a0, code_ptr, a20, c20, o0, pid, n0, bytes_per_row, blocks_per_row,
@@ -452,9 +472,12 @@ def _check(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool) -> None:
     k = w.shape[1]
     if x.device != w.device:
         raise ValueError(f"gemv_4bit needs x and the weight on one device, got {x.device} and {w.device}.")
-    if x.shape[-1] != k or x.numel() != k:
-        raise ValueError(f"gemv_4bit multiplies one vector of {k} values (batch 1, one token), got a tensor of shape "
-                         f"{tuple(x.shape)}; use linear_4bit for more rows.")
+    if x.shape[-1] != k:
+        raise ValueError(f"gemv_4bit multiplies vectors of {k} values (the weight's columns), got a tensor of shape "
+                         f"{tuple(x.shape)}.")
+    if x.numel() > MAX_VECTORS * k:
+        raise ValueError(f"gemv_4bit reads the weight once per vector: at most {MAX_VECTORS} vectors, got "
+                         f"{x.numel() // k}; use linear_4bit (bitsandbytes dequantizes, then one GEMM).")
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"gemv_4bit multiplies bf16, fp16 or fp32 vectors, got {x.dtype}.")
     for v in ws:
@@ -585,7 +608,7 @@ def lookup_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False)
 
 
 def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
-            config: GemvConfig | None, lookup: str | None = None) -> torch.Tensor:
+            config: GemvConfig | None, lookup: str | None = None, batch_axis: int | None = None) -> torch.Tensor:
     _check(x, ws, swiglu)
     w = ws[0]
     if lookup is None:
@@ -599,7 +622,7 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     if cfg.block_k % w.blocksize or cfg.block_k & (cfg.block_k - 1):
         raise ValueError(f"block_k={cfg.block_k} must be a power of two and a multiple of blocksize {w.blocksize}.")
     y = torch.empty(*x.shape[:-1], sum(counts), dtype=x.dtype, device=x.device)
-    x = x.reshape(-1)  # the one vector (contiguous)
+    x = x.reshape(-1)  # the vectors, one after the other (contiguous)
     x16 = x.dtype != torch.float32
     if x16 and x.storage_offset() % 2:  # read as 32-bit pairs: a view starting mid-pair (a compiler's buffer) moves
         x = x.clone()
@@ -609,14 +632,17 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
         segments += [v.data, v.absmax, v.absmax2 if nested else v.absmax, v.code2 if nested else v.code,
                      v.offset if nested else v.code, n]
     segments += segments[:6] * (3 - len(ws))  # unused slots: never reached (SEGMENTS)
-    grid = (sum(triton.cdiv(n, cfg.block_n) for n in counts),)
+    blocks, vectors = sum(triton.cdiv(n, cfg.block_n) for n in counts), x.numel() // k
+    if batch_axis is None:  # the vectors on axis 0 unless the row blocks overflow axis 1 (at most 65535 programs)
+        batch_axis = 0 if blocks < 65536 else 1
+    grid = (vectors, blocks) if batch_axis == 0 else (blocks, vectors)
     table = pair_table(w.code, w.quant_type) if lookup == "pair" else w.code  # what the lookup reads
     _gemv4_kernel[grid](x.view(torch.int32) if x16 else x, y, bias if bias is not None else y, table, *segments,
                         k // 2, k // w.blocksize, SEGMENTS=len(ws), X16=x16, XBF16=x.dtype == torch.bfloat16,
                         NESTED=w.nested, HAS_BIAS=bias is not None, SWIGLU=swiglu, MODE=_MODE[lookup],
                         PTX=lookup != "load" and not INTERPRETER,
                         BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                        EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps)
+                        EVEN_K=k % cfg.block_k == 0, BATCH_AXIS=batch_axis, num_warps=cfg.num_warps)
     return y
 
 
@@ -727,9 +753,9 @@ def _(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, n
 
 def gemv_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None,
               config: GemvConfig | None = None, lookup: str | None = None) -> torch.Tensor:
-    """``F.linear(x, weight.dequantize(), bias)`` for one token ``[..., k]``, reading the packed weight once
-    (the op ``torch.ops.glmkit.gemv_4bit``). ``config``/``lookup`` override the launch shape and nibble lookup
-    (default: ``config_for`` and ``LOOKUP``, picked when the kernel runs)."""
+    """``F.linear(x, weight.dequantize(), bias)`` for a few tokens ``[..., k]`` (up to ``MAX_VECTORS``), reading the
+    packed weight once per token (the op ``torch.ops.glmkit.gemv_4bit``). ``config``/``lookup`` override the launch
+    shape and nibble lookup (default: ``config_for`` and ``LOOKUP``, picked when the kernel runs)."""
     return _gemv_4bit_op(x, *_weight_args(weight), bias, *_launch_args(config, lookup))
 
 

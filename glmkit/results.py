@@ -27,6 +27,7 @@ from typing import Any
 
 from glmkit.allreduce import PER_TOKEN
 from glmkit.device_map import split_layers
+from glmkit.fast_decode import FOUR_BIT_MAX_BATCH
 from glmkit.models import glm4_9b_meta_model
 from glmkit.planning import plan_memory
 from glmkit.tables import html_table, text_table
@@ -1848,8 +1849,52 @@ def nf4_kernel_sentence() -> Text:
             ours_err, bnb_err = acc["nf4_triton"]["rel_err_median"], acc["nf4_bnb"]["rel_err_median"]
             text += (": this kernel's error is below bitsandbytes'." if ours_err < bnb_err else
                      ": this kernel's error is not below bitsandbytes'.")
+        fp16 = _nf4_gemv_decode(r, "fp16 fast")
+        if fp16 and bf16:
+            text += (f" fp16 (for cards without bf16) through the same fast path, in the same run: "
+                     f"{fp16['best_tok_s']:.1f} tok/s ({fp16['best_tok_s'] / bf16['best_tok_s']:.2f}x bf16)")
+            if "fp16" in acc and "bf16" in acc:
+                f16, b16 = acc["fp16"]["rel_err_median"], acc["bf16"]["rel_err_median"]
+                text += (f"; its logits against the same fp32 decoder: {100 * f16:.2f}% (bf16: {100 * b16:.1f}%), "
+                         f"{acc['fp16']['argmax_equal']} of {acc['fp16']['steps']} greedy tokens equal"
+                         + (": within bf16's error." if f16 <= b16 else ": above bf16's error."))
+            else:
+                text += "."
         return text
     return from_result("nf4_gemv", render, what="glmkit's 4-bit kernel", script="benchmarks/nf4_gemv.py")
+
+
+def _nf4_batch_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
+    return [row for row in r.get("rows", []) if all(k in row for k in ("nf4_glmkit", "nf4_bitsandbytes", "bf16"))]
+
+
+def nf4_batch_sentence() -> Text:
+    """A 4-bit model's decode speed by batch size, glmkit's 4-bit kernels against bitsandbytes' dequantize-then-GEMM
+    and bf16, in one run (``nf4_batch.json``), and the batch up to which ``gemv="auto"`` uses glmkit's kernels."""
+    def render(r: dict[str, Any]) -> str:
+        rows = _nf4_batch_rows(r)
+        per = "; ".join(f"batch {x['batch']}: {x['nf4_glmkit']:.1f} against {x['nf4_bitsandbytes']:.1f} tok/s "
+                        f"({x['glmkit_over_bitsandbytes']:.2f}x; bf16 {x['bf16']:.1f})" for x in rows)
+        faster = [x["batch"] for x in rows if x["glmkit_over_bitsandbytes"] > 1.02]
+        text = (f"A 4-bit model by batch size on {measured_on(r)} (`nf4_batch.json`, one run; {r['method']}): nf4 "
+                f"through glmkit's 4-bit kernels (a program per row: each weight comes from memory once, every row "
+                f"pays its own lookups) against bitsandbytes' dequantize-then-GEMM: {per}.")
+        if faster:
+            text += (f" glmkit's kernels are faster up to batch {max(faster)}; `FastDecoder` uses them for steps of up "
+                     f"to {FOUR_BIT_MAX_BATCH} rows (`FOUR_BIT_MAX_BATCH`) and bitsandbytes' path above.")
+        return text
+    return from_result("nf4_batch", render, what="A 4-bit model by batch size", script="benchmarks/nf4_batch.py")
+
+
+def nf4_batch_table() -> Table | Text:
+    """``nf4_batch.json`` as a table: tok/s per batch size for each path."""
+    r = load("nf4_batch")
+    if r is None or not _nf4_batch_rows(r):
+        return Text("A 4-bit model by batch size: not measured yet (run benchmarks/nf4_batch.py on a GPU).")
+    rows = [[x["batch"], f"{x['nf4_glmkit']:.1f}", f"{x['nf4_bitsandbytes']:.1f}", f"{x['glmkit_over_bitsandbytes']:.2f}x",
+             f"{x['bf16']:.1f}"] for x in _nf4_batch_rows(r)]
+    return table(["batch", "nf4, glmkit's kernels (tok/s)", "nf4, bitsandbytes' (tok/s)", "glmkit / bitsandbytes",
+                  "bf16 (tok/s)"], rows, caption=f"GLM-4-9B decode by batch size, {measured_on(r)}, `nf4_batch.json`")
 
 
 def _grouped_bars(groups: dict[str, dict[str, float]], *, ylabel: str, title: str,
@@ -2000,6 +2045,7 @@ def readme_measured_section() -> str:
                "**Fast decode path**: " + decode_sentence().replace("\n\n", " "),
                "**The fast path in fp16 and nf4**: " + nf4_decode_sentence(),
                "**glmkit's 4-bit kernel**: " + nf4_kernel_sentence(),
+               "**4-bit by batch size**: " + nf4_batch_sentence(),
                "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
                "**Fewer kernels per step**: " + str(fusion_sentence()) + " " + pdl_sentence() + " "
                + str(attention_tile_sentence()),

@@ -79,6 +79,26 @@ def test_a_4bit_layer_that_does_not_compile_runs_eagerly_with_a_warning(prompt):
     assert not fast.compiled and torch.equal(got, _greedy(model, prompt, 2))
 
 
+@needs_triton
+def test_a_batch_through_the_4bit_kernels_gives_each_row_generates_greedy_tokens(prompt):
+    # a 4-bit step of several rows: glmkit's 4-bit kernels, a program per row (gemv="triton"; "auto" picks it up to
+    # FOUR_BIT_MAX_BATCH rows on a GPU); lm_head (16-bit) through cuBLAS at more than one row
+    from glmkit.fast_decode import FOUR_BIT_MAX_BATCH, auto_gemv
+
+    model = _load("nf4")
+    want = _greedy(model, prompt, 3)
+    other = torch.cat([prompt[:, :1], prompt[:, 1:].flip(1)], dim=1)  # another prompt of the same length
+    fast = FastDecoder(model, max_len=prompt.shape[1] + 3, gemv="triton", batch_size=2, compile=False,
+                       cuda_graph=False)
+    assert fast.gemv_by_bucket == {1: "triton", 2: "triton"}
+    got = fast.generate(torch.cat([prompt, other]), max_new_tokens=3, ignore_eos=True)
+    assert torch.equal(got[:1], want) and torch.equal(got[1:], _greedy(model, other, 3))
+    assert auto_gemv(torch.device("cpu"), 2, four_bit=True) is False  # "auto": GPUs only
+    assert FOUR_BIT_MAX_BATCH >= 2
+    with pytest.raises(ValueError, match="up to 64"):
+        FastDecoder(model, max_len=8, gemv="triton", batch_size=65)
+
+
 def test_fast_decoder_with_bitsandbytes_matmul_gives_generates_greedy_tokens(prompt):
     model = _load("fp4")
     want = _greedy(model, prompt, 6)  # on AVX512-BF16 CPUs bitsandbytes repacks the weights here: read back

@@ -157,6 +157,26 @@ def test_gemv_4bit_swiglu_equals_the_unfused_path(double_quant):
                                    up * F.silu(gate), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_batch_of_vectors_gives_each_vector_s_product(dtype):
+    # a program per vector and row block: each row of y is its own vector's product (plain with a bias, q/k/v in one
+    # launch, SwiGLU), the same as that vector alone, and the grid's two orders agree
+    ws = [quantize(rand(n, 192, seed=n), "nf4", double_quant=True) for n in (40, 8, 24)]
+    x, b = rand(3, 1, 192, dtype=dtype, seed=1), rand(72, dtype=dtype, seed=2)
+    config = GemvConfig(8, 64, 2)
+    for lookup in LOOKUPS_HERE:
+        for weights, bias, swiglu in [(ws[:1], b[:40], False), (ws, b, False), (ws[:1], None, True)]:
+            y = _launch(x, tuple(weights), bias, swiglu, config, lookup)
+            rows = [_launch(x[i:i + 1], tuple(weights), bias, swiglu, config, lookup) for i in range(3)]
+            assert y.shape == (3, 1, 20 if swiglu else sum(w.shape[0] for w in weights))
+            torch.testing.assert_close(y, torch.cat(rows), rtol=0, atol=0)
+    if dtype == torch.float32:
+        torch.testing.assert_close(gemv_4bit(x, ws[0], b[:40]), reference_linear(x, ws[0], b[:40]), rtol=1e-4, atol=1e-4)
+    # the other order, for weights of more than 65535 row blocks: the vectors on the grid's second axis
+    y = _launch(x, (ws[0],), b[:40], False, config, LOOKUPS_HERE[0], batch_axis=1)
+    torch.testing.assert_close(y, _launch(x, (ws[0],), b[:40], False, config, LOOKUPS_HERE[0]), rtol=0, atol=0)
+
+
 def test_gemv_4bit_in_bfloat16_is_as_close_to_float64_as_bitsandbytes():
     w = quantize(rand(128, 512, dtype=torch.bfloat16), "nf4", double_quant=True)
     x = rand(1, 1, 512, dtype=torch.bfloat16, seed=1)
@@ -186,8 +206,10 @@ def test_from_bnb_reads_a_linear4bit_module_and_leaves_it_working(double_quant):
 
 def test_bad_inputs_name_the_problem():
     w = quantize(rand(64, 128), "nf4")
-    with pytest.raises(ValueError, match="one vector"):
-        gemv_4bit(rand(2, 1, 128), w)
+    with pytest.raises(ValueError, match="vectors of 128 values"):
+        gemv_4bit(rand(1, 1, 96), w)
+    with pytest.raises(ValueError, match="at most 64 vectors"):
+        gemv_4bit(rand(65, 1, 128), w)
     with pytest.raises(ValueError, match="even number of rows"):
         gemv_4bit_swiglu(rand(1, 1, 128), quantize(rand(63, 128), "nf4"))
     with pytest.raises(ValueError, match="multiple of blocksize"):

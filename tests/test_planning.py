@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from glmkit.costs import Workload, fused_qkv_bytes
+from glmkit.costs import Workload, fast_decode_buffers_bytes, fused_qkv_bytes
 from glmkit.device_map import DeviceMapError, as_model, split_layers
 from glmkit.loading import load_model
 from glmkit.models import glm4_9b_chat_config, tiny_glm_config
@@ -154,11 +154,12 @@ def test_fast_decode_budgets_the_fused_qkv_copy_and_the_logits_buffer():
     plain = plan_memory(C, ["80GiB"], context_len=8192, batch_size=2)
     fast = plan_memory(C, ["80GiB"], context_len=8192, batch_size=2, fast_decode=True)
     d, f = plain.devices[0], fast.devices[0]
-    assert f.fast_decode == 40 * qkv + 2 * C.vocab_size * 4 and d.fast_decode == 0
+    buffers = fast_decode_buffers_bytes(C, 8192, batch_size=2)  # logits, rotary tables, positions, hidden state
+    assert buffers > 2 * C.vocab_size * 4 and f.fast_decode == 40 * qkv + buffers and d.fast_decode == 0
     assert f.total - d.total == f.fast_decode and f.kv_cache == d.kv_cache and f.activations == d.activations
     assert "fast decode GiB" in repr(fast) and "fast decode GiB" not in repr(plain)
     nf4 = plan_memory(C, ["80GiB"], context_len=8192, quantization="nf4", fast_decode=True).devices[0]
-    assert nf4.fast_decode == C.vocab_size * 4  # 4-bit: no q/k/v copy, only the logits buffer
+    assert nf4.fast_decode == fast_decode_buffers_bytes(C, 8192)  # 4-bit: no q/k/v copy, only the buffers
     int8 = plan_memory(C, ["80GiB"], context_len=8192, quantization="int8", fast_decode=True)
     assert not int8.fits and "not int8" in int8.problems[0]
 
@@ -167,11 +168,22 @@ def test_fast_decode_puts_each_share_on_its_device_and_shortens_the_longest_cont
     qkv = fused_qkv_bytes(C)
     plan = plan_memory(C, ["12GiB", "12GiB"], quantization="nf4", context_len=8192, fast_decode=True)
     d0, d1 = plan.devices
-    assert d0.fast_decode == 0 and d1.fast_decode == C.vocab_size * 4  # logits buffer beside lm_head
+    assert d0.fast_decode == 0 and d1.fast_decode == fast_decode_buffers_bytes(C, 8192)  # beside lm_head
     bf16 = plan_memory(C, ["12GiB", "12GiB"], context_len=4096, fast_decode=True)
     assert [d.fast_decode for d in bf16.devices] == [
-        d.layers * qkv + (C.vocab_size * 4 if i == 1 else 0) for i, d in enumerate(bf16.devices)]
+        d.layers * qkv + (fast_decode_buffers_bytes(C, 4096) if i == 1 else 0) for i, d in enumerate(bf16.devices)]
     assert max_context(C, ["24GiB"], fast_decode=True) < max_context(C, ["24GiB"])
+
+
+def test_the_fast_decoder_s_buffers_are_what_the_planner_budgets():
+    # the tiny model's decoder on a CPU: every buffer of its stage beyond the KV cache and the weights it multiplies
+    from glmkit.fast_decode import FastDecoder
+
+    model = load_model(device_map="cpu", dtype=torch.bfloat16)
+    for max_len, batch in ((64, 1), (300, 3)):
+        st = FastDecoder(model, max_len=max_len, batch_size=batch, gemv=False, compile=False).stages[0]
+        held = sum(t.nbytes for t in (st.cos, st.sin, st.positions, st.logits, st.x_in, st.h_in, st.x_out, st.h_out))
+        assert held == fast_decode_buffers_bytes(model.config, max_len, batch, torch.bfloat16)
 
 
 def test_workload_carries_the_knobs():

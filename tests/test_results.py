@@ -222,8 +222,16 @@ def test_rendered_sentences_match_the_committed_files():
     for x in gemv["projections"]:
         assert f"{x['speedup_vs_bnb']:.2f}x bitsandbytes'" in kernel, x["projection"]
     assert f"{100 * gemv['accuracy']['nf4_triton']['rel_err_median']:.1f}%" in kernel
+    acc = gemv["accuracy"]
+    assert f"{100 * acc['fp16']['rel_err_median']:.2f}% (bf16: {100 * acc['bf16']['rel_err_median']:.1f}%)" in kernel
     long = results.load("nf4_decode")["long_context"]
     assert f"decoding at {long['decode_tok_s']:.1f} tok/s" in nf4 and f"{long['peak_reserved'] / 2**30:.2f} GiB" in nf4
+    assert ("within the plan" in nf4) == (long["peak_reserved"] <= long["planned_bytes"])
+    batch, rows = results.nf4_batch_sentence(), results.load("nf4_batch")["rows"]
+    for row in rows:  # every batch size's figures, and the batch up to which glmkit's kernels were faster
+        assert f"batch {row['batch']}: {row['nf4_glmkit']:.1f} against {row['nf4_bitsandbytes']:.1f} tok/s" in batch
+    faster = max(r["batch"] for r in rows if r["glmkit_over_bitsandbytes"] > 1.02)
+    assert f"faster up to batch {faster}" in batch and len(results.nf4_batch_table().rows) == len(rows)
     split = results.two_gpu_fast_sentence()
     assert "batch 16: out of memory on the split" in split and "fits batch 1 at most on two 12 GiB cards" in split
     assert "one-GPU proxy" in results.two_gpu_fast_sentence("two_gpu_fast_proxy")
