@@ -962,14 +962,8 @@ class FastDecoder:
         """Run each step size once (compiling it) and capture its graphs, largest first; if a kernel that the decoder
         chose itself fails on this machine (``_fallbacks``), warn and use what replaces it; anything else raises
         (an explicit ``gemv="triton"`` or ``attention="triton"`` too). The warm-up writes garbage K/V at position 0:
-        it runs before any prompt is in the cache. Then the memory PyTorch keeps cached but unused (the compiler's
-        and the capture's temporaries, what loading the model left) goes back to the card, so that a long prompt's
-        prefill finds it: ``glmkit.planning`` budgets the decoder without it."""
+        it runs before any prompt is in the cache."""
         warm_up_or_fall_back(self._warm_up_all, self._fallbacks(), "FastDecoder")
-        for d in self.devices:
-            if d.type == "cuda":
-                with torch.cuda.device(d):
-                    torch.cuda.empty_cache()
         self.ready = True
 
     def bucket(self, k: int) -> int:
