@@ -738,7 +738,7 @@ def planned_long_context_bytes(row: dict[str, Any]) -> int:
 
     >>> row = {"setup": "nf4@12GiB", "mode": "chunked", "prompt_len": 98304, "chunk": 512}
     >>> round(planned_long_context_bytes(row) / 2**30, 2)
-    10.72
+    10.93
     """
     precision, budget = row["setup"].split("@")
     dtype, quantization = PRECISIONS[precision]

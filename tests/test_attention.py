@@ -154,7 +154,7 @@ def test_auto_falls_back_from_the_kernel_that_failed_and_names_it(trained, monke
     import glmkit.fast_decode
 
     monkeypatch.setattr(glmkit.fast_decode, "auto_attention", lambda device, dtype: "triton")
-    monkeypatch.setattr(glmkit.fast_decode, "auto_gemv", lambda device, batch_size, dtype: "triton")
+    monkeypatch.setattr(glmkit.fast_decode, "auto_gemv", lambda device, batch_size, dtype, four_bit=False: "triton")
     if "attention" in fails:
         monkeypatch.setattr(glmkit.attention, "decode_attention", broken)
     if "gemv" in fails:

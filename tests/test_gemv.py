@@ -155,7 +155,7 @@ def test_auto_falls_back_to_cublas_with_a_warning_when_the_kernels_fail(model, m
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel image is available for execution on the device")
 
-    monkeypatch.setattr(glmkit.fast_decode, "auto_gemv", lambda device, batch_size, dtype: "triton")
+    monkeypatch.setattr(glmkit.fast_decode, "auto_gemv", lambda device, batch_size, dtype, four_bit=False: "triton")
     monkeypatch.setattr(glmkit.fast_decode, "triton_gemv", broken)
     ids = torch.randint(0, 800, (1, 6), generator=torch.Generator().manual_seed(4)).to(DEVICE)
     want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4, do_sample=False)
