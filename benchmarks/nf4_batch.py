@@ -3,7 +3,8 @@
 For each batch size (1, 2, 4, 8, 16), tok/s summed over the batch (best of 3; 32-token prompts, 128 new tokens):
 GLM-4-9B in nf4 through glmkit's 4-bit kernels (a program per row and row block, so each weight comes from memory
 once and the other rows read it from the L2 cache, but every row pays its own lookups: ``gemv="triton"``, the layer
-compiled around the ops) and through bitsandbytes' dequantize-then-GEMM (``gemv=False``, eager layers), with bf16
+compiled around the ops) and through bitsandbytes' ``matmul_4bit`` (its one-token kernel at batch 1,
+dequantize-then-GEMM above: ``gemv=False``, eager layers), with bf16
 (the default decoder) beside them. Where glmkit's kernels stop being faster is ``FOUR_BIT_MAX_BATCH``
 (``glmkit.fast_decode``): what ``gemv="auto"`` uses them up to. Random weights of the exact GLM-4-9B architecture.
 On an H200 about 4 minutes:
@@ -54,8 +55,9 @@ def main() -> None:
     models = {p: load_precision(args.checkpoint, p, device_map="cuda:0") for p in ("nf4", "bf16")}
     result: dict[str, Any] = {
         "method": f"{PROMPT}-token prompts, {NEW_TOKENS} new tokens, best of 3 runs, tok/s summed over the batch; "
-                  "nf4 through glmkit's 4-bit kernels (gemv='triton', compiled layers) and bitsandbytes' "
-                  "dequantize-then-GEMM (gemv=False, eager layers); bf16 with the default decoder",
+                  "nf4 through glmkit's 4-bit kernels (gemv='triton', compiled layers) and bitsandbytes' matmul_4bit "
+                  "(its one-token kernel at batch 1, dequantize-then-GEMM above; gemv=False, eager layers); bf16 with "
+                  "the default decoder",
         "four_bit_max_batch_in_this_run": FOUR_BIT_MAX_BATCH, "errors": [], "rows": []}
     stage = stage_runner("nf4_batch", result)
     for b in args.sizes:

@@ -347,9 +347,10 @@ def dequantized_gate_up_bytes(config: Any, dtype: torch.dtype | str = torch.bflo
 
 def fast_decode_buffers_bytes(config: Any, context_len: int, batch_size: int = 1,
                               dtype: torch.dtype | str = torch.bfloat16) -> int:
-    """Bytes of ``glmkit.fast_decode.FastDecoder``'s own buffers beyond the KV cache: the fp32 logits ``[b, vocab]``,
-    the rotary ``cos``/``sin`` tables ``[context, rotary_dim]`` and the positions ``[context]`` (int64) it indexes
-    them with, and the hidden state in and out ``4 x [b, hidden]``. Measured on an H200 for GLM-4-9B in nf4 at a
+    """Bytes of ``glmkit.fast_decode.FastDecoder``'s own buffers beyond the KV cache on one device: the fp32 logits
+    ``[b, vocab]`` (lm_head's device only), the rotary ``cos``/``sin`` tables ``[context, rotary_dim]`` and the
+    positions ``[context]`` (int64) it indexes them with, and the hidden state in and out ``4 x [b, hidden]`` (these
+    on every device of a split). Measured on an H200 for GLM-4-9B in nf4 at a
     32,832-token cache: the decoder held 41 MiB beyond its KV cache, of which 32 MiB is cuBLAS' workspace (which
     ``generate()`` holds too) and the rest these.
 
@@ -399,7 +400,8 @@ class Costs:
     cuda_context: int
     problems: list[str]
     fast_per_layer: int = 0  # FastDecoder's fused q/k/v copy, on each layer's device
-    fast_logits: int = 0  # FastDecoder's fp32 logits and step buffers (fast_decode_buffers_bytes), on lm_head's device
+    fast_logits: int = 0  # FastDecoder's fp32 logits, on the lm_head device
+    fast_stage: int = 0  # FastDecoder's buffers on every device it runs a share on (rotary tables, positions, hidden)
 
 
 def costs(model: nn.Module, workload: Workload) -> Costs:
@@ -434,5 +436,7 @@ def costs(model: nn.Module, workload: Workload) -> Costs:
         cuda_context=w.cuda_context,
         problems=problems,
         fast_per_layer=fused_qkv_bytes(config, w.dtype, quantization) if w.fast_decode else 0,
-        fast_logits=fast_decode_buffers_bytes(config, w.context_len, batch_size, kv_dtype) if w.fast_decode else 0,
+        fast_logits=batch_size * config.vocab_size * 4 if w.fast_decode else 0,
+        fast_stage=fast_decode_buffers_bytes(config, w.context_len, batch_size, kv_dtype)
+        - batch_size * config.vocab_size * 4 if w.fast_decode else 0,
     )

@@ -125,9 +125,10 @@ def _projection_weight(*modules: torch.nn.Module) -> Weight:
 
 
 def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: bool | str) -> torch.Tensor:
-    """``F.linear`` (cuBLAS); with ``gemv="triton"`` glmkit's Triton kernel for one token (``glmkit.gemv``); with
-    ``gemv=True`` (one token, compiled) a multiply-and-sum that inductor turns into one reduction kernel.
-    A 4-bit weight goes through ``glmkit.gemv4bit`` (``"triton"``) or bitsandbytes' ``matmul_4bit``."""
+    """``F.linear`` (cuBLAS); with ``gemv="triton"`` glmkit's Triton kernel for one token (``glmkit.gemv``; more
+    rows: cuBLAS); with ``gemv=True`` (one token, compiled) a multiply-and-sum that inductor turns into one reduction
+    kernel. A 4-bit weight goes through ``glmkit.gemv4bit`` (``"triton"``, up to its ``MAX_VECTORS`` rows) or
+    bitsandbytes' ``matmul_4bit``."""
     if isinstance(weight, Packed4bit):
         return gemv_4bit(x, weight, bias) if gemv == "triton" else linear_4bit(x, weight, bias)
     if isinstance(weight, tuple) and gemv == "triton":
@@ -150,26 +151,27 @@ def mlp_activation(h: torch.Tensor, wgu: Weight, gemv: bool | str, norm_weight: 
     """``up * silu(gate)`` of the fused gate/up projection; the Triton kernel applies it before it writes. With
     ``norm_weight``, h is the raw residual stream and its RMSNorm is multiplied (folded into the Triton kernel where
     that runs, ``fuses``)."""
-    if norm_weight is not None and fuses(wgu, gemv, swiglu=True):
+    rows = h.numel() // h.shape[-1]  # more than one (a 4-bit model's batch): 16-bit weights through cuBLAS
+    if norm_weight is not None and fuses(wgu, gemv, swiglu=True, rows=rows):
         return gemv_swiglu(h, wgu, norm_weight=norm_weight, eps=eps)
     if norm_weight is not None:
         h = rms_norm(h, norm_weight, eps)
     if gemv == "triton" and isinstance(wgu, Packed4bit):
         return gemv_4bit_swiglu(h, wgu)
-    if gemv == "triton" and prefer_triton(kernel_name(wgu.dtype), wgu.shape[0] // 2, wgu.shape[1]):
+    if fuses(wgu, gemv, swiglu=True, rows=rows):
         return gemv_swiglu(h, wgu)
     gate, up = linear(h, wgu, None, gemv).chunk(2, dim=-1)
     return up * F.silu(gate)
 
 
-def fuses(weight: Weight, gemv: bool | str, swiglu: bool = False) -> bool:
-    """Whether glmkit's 16/32-bit Triton GEMV multiplies by ``weight`` (``gemv="triton"``, a shape it runs), and so
-    can fold the RMSNorm before it and the residual add after it into its own launch.
+def fuses(weight: Weight, gemv: bool | str, swiglu: bool = False, rows: int = 1) -> bool:
+    """Whether glmkit's 16/32-bit Triton GEMV multiplies by ``weight`` (``gemv="triton"``, a shape it runs, one row
+    of input: ``rows``), and so can fold the RMSNorm before it and the residual add after it into its own launch.
 
     >>> fuses(torch.zeros(8, 4), "triton"), fuses(torch.zeros(8, 4), False)
     (True, False)
     """
-    if gemv != "triton" or not isinstance(weight, torch.Tensor):
+    if gemv != "triton" or rows != 1 or not isinstance(weight, torch.Tensor):
         return False
     return prefer_triton(kernel_name(weight.dtype), weight.shape[0] // (2 if swiglu else 1), weight.shape[1])
 
@@ -184,7 +186,7 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     >>> torch.allclose(norm_linear(x, g, 1e-5, w, None, gemv), F.linear(rms_norm(x, g, 1e-5), w), atol=1e-5)
     True
     """
-    if fuses(weight, gemv):
+    if fuses(weight, gemv, rows=x.numel() // x.shape[-1]):
         return triton_gemv(x, weight, bias, norm_weight=norm_weight, eps=eps)
     return linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)
 
@@ -198,7 +200,7 @@ def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gem
     >>> torch.allclose(residual_linear(residual, x, w, gemv), residual + F.linear(x, w), atol=1e-5)
     True
     """
-    if fuses(weight, gemv):
+    if fuses(weight, gemv, rows=x.numel() // x.shape[-1]):
         return triton_gemv(x, weight, None, residual=residual)
     return residual + linear(x, weight, None, gemv)
 
@@ -636,7 +638,9 @@ class FastDecoder:
         compile: ``torch.compile`` the layer function; fuses norms, RoPE and SiLU. Default: on a GPU, except on the
             batch-1 Triton step of a 16/32-bit model (``fuses_norms``), whose layer is glmkit's kernels alone: there
             the compiled layer launches the same kernels and on an H200 decoded 202.9 tok/s against 205.1 uncompiled
-            (``benchmarks/results/pdl_decode.json``), and ``pdl`` needs Triton's own launches.
+            (``benchmarks/results/pdl_decode.json``), and ``pdl`` needs Triton's own launches; and except on a
+            4-bit step through bitsandbytes' kernel (eager). A 4-bit decoder with several rows compiles each step
+            size through glmkit's 4-bit kernels (1, 2 and 4 rows: a few seconds more to build).
         gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1
             step on a GPU of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a
             warning and cuBLAS; a 4-bit model: glmkit's 4-bit Triton GEMVs for steps of up to
@@ -700,7 +704,8 @@ class FastDecoder:
         if gemv == "triton" and batch_size > (MAX_VECTORS if quantized else 1):
             raise ValueError(f"gemv='triton' decodes one sequence (batch_size=1; a 4-bit model: up to {MAX_VECTORS}), "
                              f"got batch_size={batch_size}; at larger batches cuBLAS (gemv=False) is the fast path "
-                             "(gemv='auto' uses the Triton kernels for the batch-1 step and cuBLAS above).")
+                             "(gemv='auto' uses the Triton kernels for the batch-1 step, a 4-bit model's up to "
+                             f"{FOUR_BIT_MAX_BATCH} rows, and cuBLAS or bitsandbytes above).")
         if gemv == "triton" and not triton_available():
             raise RuntimeError("gemv='triton' needs Triton and a GPU (or TRITON_INTERPRET=1 on a CPU); "
                                "use gemv=False for cuBLAS.")
@@ -709,7 +714,8 @@ class FastDecoder:
         dtype = model.get_input_embeddings().weight.dtype
         self.quantized = quantized
         self.auto_gemv = gemv == "auto"
-        # per step size: Triton GEMVs only for one token, and under "auto" only where every segment's GPU runs them.
+        # per step size: 16-bit Triton GEMVs only for one token (a 4-bit model's kernels up to MAX_VECTORS rows), and
+        # under "auto" only where every segment's GPU runs them.
         # 4-bit under "auto": glmkit's 4-bit kernels (custom ops that the compiled layer calls as they are) for steps
         # of up to FOUR_BIT_MAX_BATCH rows, bitsandbytes' dequantize-then-GEMM above (benchmarks/results/nf4_gemv.json)
         self.gemv_by_bucket: dict[int, bool | str] = {

@@ -779,8 +779,8 @@ def gemv_4bit_multi(x: torch.Tensor, weights: Sequence[Packed4bit], bias: torch.
 
 def gemv_4bit_swiglu(x: torch.Tensor, weight: Packed4bit, config: GemvConfig | None = None,
                      lookup: str | None = None) -> torch.Tensor:
-    """GLM's MLP activation of one token, ``up * silu(gate)`` of a packed 4-bit gate/up weight ``[2n, k]`` (the op
-    ``torch.ops.glmkit.gemv_4bit_swiglu``)."""
+    """GLM's MLP activation of up to ``MAX_VECTORS`` tokens, ``up * silu(gate)`` of a packed 4-bit gate/up weight
+    ``[2n, k]`` (the op ``torch.ops.glmkit.gemv_4bit_swiglu``)."""
     return _gemv_4bit_swiglu_op(x, *_weight_args(weight), *_launch_args(config, lookup))
 
 

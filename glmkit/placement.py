@@ -107,7 +107,8 @@ def kv_aware_map(model: nn.Module, budgets: dict[int | str, int], workload: Work
     def overhead(device: Any, placed: list[str]) -> int:
         gpu, has_layers = isinstance(device, int), any(u in units.layers for u in placed)
         return ((ctx if gpu else 0) + (act + (c.allocator if gpu else 0) if has_layers else 0)
-                + (inputs if units.all[0] in placed else 0) + (logits if out_layer in placed else 0))
+                + (inputs if units.all[0] in placed else 0) + (logits if out_layer in placed else 0)
+                + (c.fast_stage if placed else 0))
 
     def place(devices: list[Any], caps: dict[Any, float]) -> dict[str, Any] | None:
         """Front-to-back fill: each device takes units while its total stays under its cap."""

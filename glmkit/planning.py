@@ -296,7 +296,8 @@ def _plan(model: nn.Module, budgets: dict[int | str, int], device_map: dict[str,
             cuda_context=c.cuda_context if on_gpu and mine else 0,
             budget=budget,
             layers=n_layers,
-            fast_decode=c.fast_per_layer * n_layers + (c.fast_logits if device == lm_device and mine else 0),
+            fast_decode=c.fast_per_layer * n_layers + (c.fast_stage if mine else 0)
+            + (c.fast_logits if device == lm_device and mine else 0),
         ))
     return MemoryPlan(plans, workload.context_len, workload.batch_size, dtype_name(workload.dtype),
                       workload.quantization, device_map, problems=list(c.problems), allocator=workload.allocator_mode,

@@ -157,7 +157,7 @@ def test_gemv_4bit_swiglu_equals_the_unfused_path(double_quant):
                                    up * F.silu(gate), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_batch_of_vectors_gives_each_vector_s_product(dtype):
     # a program per vector and row block: each row of y is its own vector's product (plain with a bias, q/k/v in one
     # launch, SwiGLU), the same as that vector alone, and the grid's two orders agree
@@ -173,8 +173,9 @@ def test_a_batch_of_vectors_gives_each_vector_s_product(dtype):
     if dtype == torch.float32:
         torch.testing.assert_close(gemv_4bit(x, ws[0], b[:40]), reference_linear(x, ws[0], b[:40]), rtol=1e-4, atol=1e-4)
     # the other order, for weights of more than 65535 row blocks: the vectors on the grid's second axis
-    y = _launch(x, (ws[0],), b[:40], False, config, LOOKUPS_HERE[0], batch_axis=1)
-    torch.testing.assert_close(y, _launch(x, (ws[0],), b[:40], False, config, LOOKUPS_HERE[0]), rtol=0, atol=0)
+    for weights, bias, swiglu in [(ws, b, False), (ws[:1], None, True)]:
+        y = _launch(x, tuple(weights), bias, swiglu, config, LOOKUPS_HERE[0], batch_axis=1)
+        torch.testing.assert_close(y, _launch(x, tuple(weights), bias, swiglu, config, LOOKUPS_HERE[0]), rtol=0, atol=0)
 
 
 def test_gemv_4bit_in_bfloat16_is_as_close_to_float64_as_bitsandbytes():

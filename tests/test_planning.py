@@ -168,10 +168,11 @@ def test_fast_decode_puts_each_share_on_its_device_and_shortens_the_longest_cont
     qkv = fused_qkv_bytes(C)
     plan = plan_memory(C, ["12GiB", "12GiB"], quantization="nf4", context_len=8192, fast_decode=True)
     d0, d1 = plan.devices
-    assert d0.fast_decode == 0 and d1.fast_decode == fast_decode_buffers_bytes(C, 8192)  # beside lm_head
+    logits = C.vocab_size * 4  # the fp32 logits beside lm_head; the rotary tables and the rest on every device
+    assert d1.fast_decode == fast_decode_buffers_bytes(C, 8192) and d0.fast_decode == d1.fast_decode - logits
     bf16 = plan_memory(C, ["12GiB", "12GiB"], context_len=4096, fast_decode=True)
     assert [d.fast_decode for d in bf16.devices] == [
-        d.layers * qkv + (fast_decode_buffers_bytes(C, 4096) if i == 1 else 0) for i, d in enumerate(bf16.devices)]
+        d.layers * qkv + fast_decode_buffers_bytes(C, 4096) - (logits if i == 0 else 0) for i, d in enumerate(bf16.devices)]
     assert max_context(C, ["24GiB"], fast_decode=True) < max_context(C, ["24GiB"])
 
 
