@@ -275,14 +275,12 @@ class AllReduce:
             problem = f"the push kernel sums over two ranks, not {self.world}"
         elif triton is None or INTERPRETER:
             problem = "the push kernel needs Triton on a GPU"
-        for step in (lambda: self._push_allocate(max_bytes), self._push_exchange, self._push_probe):
+        # the last step does nothing: the probes' answer is agreed like every other
+        for step in (lambda: self._push_allocate(max_bytes), self._push_exchange, self._push_probe, lambda: None):
             if not agree(problem is None, self.group, self.device):
                 self.push = None
                 return problem or "the other rank cannot run the push kernel"
             problem = step()
-        if not agree(problem is None, self.group, self.device):
-            self.push = None
-            return problem or "the other rank cannot run the push kernel"
         return None
 
     def _push_allocate(self, max_bytes: int) -> str | None:

@@ -331,9 +331,6 @@ def logits_bytes(config: Any, batch_size: int = 1, logits_tokens: int = 1, dtype
     return batch_size * logits_tokens * config.vocab_size * e + 3 * batch_size * config.vocab_size * 4
 
 
-FOUR_BIT = ("nf4", "fp4", "nf4-dq", "fp4-dq")
-
-
 def dequantized_gate_up_bytes(config: Any, dtype: torch.dtype | str = torch.bfloat16) -> int:
     """The ``gate_up`` weight in 16 bit, ``2 * inter x hidden``: what bitsandbytes' ``matmul_4bit`` makes of a 4-bit
     one to multiply more than one token (dequantize, then one GEMM), for the duration of that product.
@@ -412,7 +409,7 @@ def costs(model: nn.Module, workload: Workload) -> Costs:
     act = layer_activation_bytes(config, chunk, batch_size, kv_dtype, quantization)
     if chunk < w.context_len:
         act += chunked_prefill_bytes(config, w.context_len, batch_size, kv_dtype)
-        if quantization in FOUR_BIT:  # a chunk's 4-bit gate_up is dequantized to 16 bit while it runs: alive at the
+        if quantization not in (None, "int8"):  # a chunk's 4-bit gate_up is dequantized to 16 bit while it runs: alive at the
             # peak beside the small chunk's activations (GLM-4-9B nf4, 32K prompt in 256-token chunks, H200: 0.209
             # GiB of the 0.23 GiB in use beyond weights and cache), while the allocator holds about as much again
             # (allocator_slack's W), benchmarks/results/nf4_decode.json
@@ -426,6 +423,7 @@ def costs(model: nn.Module, workload: Workload) -> Costs:
         )
     if w.fast_decode and quantization == "int8":
         problems.append("fast decode runs 16/32-bit and 4-bit weights, not int8: drop fast_decode or pick another precision")
+    logits = batch_size * config.vocab_size * 4 if w.fast_decode else 0  # FastDecoder's fp32 logits
     return Costs(
         weights=dict(_unit_weight_bytes(model, w.dtype, quantization)),
         kv_per_layer=kv_cache_bytes_per_token(config, kv_dtype) * w.context_len * batch_size,
@@ -436,7 +434,7 @@ def costs(model: nn.Module, workload: Workload) -> Costs:
         cuda_context=w.cuda_context,
         problems=problems,
         fast_per_layer=fused_qkv_bytes(config, w.dtype, quantization) if w.fast_decode else 0,
-        fast_logits=batch_size * config.vocab_size * 4 if w.fast_decode else 0,
-        fast_stage=fast_decode_buffers_bytes(config, w.context_len, batch_size, kv_dtype)
-        - batch_size * config.vocab_size * 4 if w.fast_decode else 0,
+        fast_logits=logits,
+        fast_stage=fast_decode_buffers_bytes(config, w.context_len, batch_size, kv_dtype) - logits if w.fast_decode
+        else 0,
     )

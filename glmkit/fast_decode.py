@@ -136,11 +136,9 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: boo
     if isinstance(weight, tuple):
         biases = [None] * len(weight) if bias is None else bias.split([w.shape[0] for w in weight])
         return torch.cat([linear(x, w, b, gemv) for w, b in zip(weight, biases)], dim=-1)
-    if gemv == "triton" and (x.numel() != x.shape[-1] or not prefer_triton(kernel_name(weight.dtype), *weight.shape)):
-        return F.linear(x, weight, bias)  # several rows (a 4-bit model's batch), or fp16 on an untuned shape: cuBLAS
-    if gemv == "triton":
+    if fuses(weight, gemv, x=x):
         return triton_gemv(x, weight, bias)
-    if not gemv:
+    if gemv == "triton" or not gemv:  # "triton": several rows (a 4-bit model's batch) or fp16 on an untuned shape
         return F.linear(x, weight, bias)
     y = (weight.float() * x.float()[..., None, :]).sum(-1)
     return (y if bias is None else y + bias.float()).to(x.dtype)
@@ -151,27 +149,27 @@ def mlp_activation(h: torch.Tensor, wgu: Weight, gemv: bool | str, norm_weight: 
     """``up * silu(gate)`` of the fused gate/up projection; the Triton kernel applies it before it writes. With
     ``norm_weight``, h is the raw residual stream and its RMSNorm is multiplied (folded into the Triton kernel where
     that runs, ``fuses``)."""
-    rows = h.numel() // h.shape[-1]  # more than one (a 4-bit model's batch): 16-bit weights through cuBLAS
-    if norm_weight is not None and fuses(wgu, gemv, swiglu=True, rows=rows):
+    if norm_weight is not None and fuses(wgu, gemv, swiglu=True, x=h):
         return gemv_swiglu(h, wgu, norm_weight=norm_weight, eps=eps)
     if norm_weight is not None:
         h = rms_norm(h, norm_weight, eps)
     if gemv == "triton" and isinstance(wgu, Packed4bit):
         return gemv_4bit_swiglu(h, wgu)
-    if fuses(wgu, gemv, swiglu=True, rows=rows):
+    if fuses(wgu, gemv, swiglu=True, x=h):
         return gemv_swiglu(h, wgu)
     gate, up = linear(h, wgu, None, gemv).chunk(2, dim=-1)
     return up * F.silu(gate)
 
 
-def fuses(weight: Weight, gemv: bool | str, swiglu: bool = False, rows: int = 1) -> bool:
+def fuses(weight: Weight, gemv: bool | str, swiglu: bool = False, x: torch.Tensor | None = None) -> bool:
     """Whether glmkit's 16/32-bit Triton GEMV multiplies by ``weight`` (``gemv="triton"``, a shape it runs, one row
-    of input: ``rows``), and so can fold the RMSNorm before it and the residual add after it into its own launch.
+    of input ``x``: more, as a 4-bit model's batch, go through cuBLAS), and so can fold the RMSNorm before it and the
+    residual add after it into its own launch.
 
     >>> fuses(torch.zeros(8, 4), "triton"), fuses(torch.zeros(8, 4), False)
     (True, False)
     """
-    if gemv != "triton" or rows != 1 or not isinstance(weight, torch.Tensor):
+    if gemv != "triton" or (x is not None and x.numel() != x.shape[-1]) or not isinstance(weight, torch.Tensor):
         return False
     return prefer_triton(kernel_name(weight.dtype), weight.shape[0] // (2 if swiglu else 1), weight.shape[1])
 
@@ -186,7 +184,7 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     >>> torch.allclose(norm_linear(x, g, 1e-5, w, None, gemv), F.linear(rms_norm(x, g, 1e-5), w), atol=1e-5)
     True
     """
-    if fuses(weight, gemv, rows=x.numel() // x.shape[-1]):
+    if fuses(weight, gemv, x=x):
         return triton_gemv(x, weight, bias, norm_weight=norm_weight, eps=eps)
     return linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)
 
@@ -200,7 +198,7 @@ def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gem
     >>> torch.allclose(residual_linear(residual, x, w, gemv), residual + F.linear(x, w), atol=1e-5)
     True
     """
-    if fuses(weight, gemv, rows=x.numel() // x.shape[-1]):
+    if fuses(weight, gemv, x=x):
         return triton_gemv(x, weight, None, residual=residual)
     return residual + linear(x, weight, None, gemv)
 
