@@ -1243,9 +1243,14 @@ def _tp_fast_rows(result: dict[str, Any]) -> dict[int, tuple[float, float | None
     return {b: (one[b], tp[b]) for b in sorted(tp) if b in one}
 
 
+def _tp_fast_latency_us(result: dict[str, Any]) -> dict[tuple[str, int], float]:
+    """``{(all-reduce mode, batch): µs a call inside a CUDA graph}`` of a ``tp_fast`` result."""
+    return {(x["allreduce"], x["batch_size"]): x["in_cuda_graph_us"] for x in result.get("allreduce_latency", [])}
+
+
 def _tp_fast_allreduces(result: dict[str, Any]) -> str:
     """Per all-reduce that ``tp_fast.py`` compared: its latency in a CUDA graph and TP=2's tok/s with it."""
-    lat = {(x["allreduce"], x["batch_size"]): x["in_cuda_graph_us"] for x in result.get("allreduce_latency", [])}
+    lat = _tp_fast_latency_us(result)
     runs: dict[str, list[str]] = {}
     for x in result["rows"]:
         if x["path"].startswith("TP=2") and x.get("decode_tok_s") and "allreduce_ran" in x:
@@ -1355,13 +1360,11 @@ def tp_estimate_chart() -> Any:
             label = _allreduce_label(r, name).split(" (")[0].replace(" with peer-to-peer off", ", peer-to-peer off")
             ax.plot([lat], [tp_estimate_tok_s(shard, lat)], marker, label=f"{label}: {lat:.1f} µs (measured)")
     measured = load("tp_fast") or {}
-    latency = {x["allreduce"]: x["in_cuda_graph_us"] for x in measured.get("allreduce_latency", [])
-               if x["batch_size"] == 1}
+    latency = _tp_fast_latency_us(measured)
     for mode, color in (("nccl", "#d62728"), ("symm", "#9467bd"), ("push", "#2ca02c")):
-        tp = _batch1(measured, "TP=2", mode)
-        if tp is not None and mode in latency:  # each measured TP=2 speed at its own all-reduce's latency
-            ax.plot([latency[mode]], [tp], "*", ms=11, color=color,
-                    label=f"TP=2 measured, {mode}: {tp:.0f} tok/s at {latency[mode]:.1f} µs")
+        tp, us = _batch1(measured, "TP=2", mode), latency.get((mode, 1))
+        if tp is not None and us is not None:  # each measured TP=2 speed at its own all-reduce's latency
+            ax.plot([us], [tp], "*", ms=11, color=color, label=f"TP=2 measured, {mode}: {tp:.0f} tok/s at {us:.1f} µs")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("one all-reduce of 8 KiB (µs)")
