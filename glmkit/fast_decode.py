@@ -62,11 +62,11 @@ HOPS = ("peer", "host")  # how the hidden state crosses between the devices of a
 OWN_PREFILL_MAX = 1 << 20  # rows x prompt tokens x cache positions attended up to which a prefill runs the decoder's
 # own layers (attention scores of at most 4 MiB per head in fp32); above, the model's chunked prefill (memory-lean)
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
-# A 4-bit model's steps of up to this many rows run glmkit's 4-bit kernels (a program per row: the weights come from
-# memory once, the lookups are paid per row); larger steps, bitsandbytes' dequantize-then-GEMM (FastDecoder, "auto").
-# GLM-4-9B nf4 on an H200 (benchmarks/results/nf4_batch.json), glmkit's over bitsandbytes': 1.88x at batch 1, 1.64x
-# at 2, 1.59x at 4, 0.99x at 8, 0.52x at 16
-FOUR_BIT_MAX_BATCH = 4
+# A 4-bit model's steps of up to this many rows run glmkit's 4-bit kernels (``glmkit.gemv4bit``: a program per row
+# up to ROW_KERNEL_MAX_VECTORS rows, above them one lookup per weight for all rows and the products on the tensor
+# cores); larger steps, bitsandbytes' dequantize-then-GEMM (FastDecoder, "auto"). GLM-4-9B nf4 on an H200
+# (benchmarks/results/nf4_batch.json): glmkit's kernels faster than bitsandbytes' at every batch size up to 64
+FOUR_BIT_MAX_BATCH = MAX_VECTORS
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -638,13 +638,14 @@ class FastDecoder:
             the compiled layer launches the same kernels and on an H200 decoded 202.9 tok/s against 205.1 uncompiled
             (``benchmarks/results/pdl_decode.json``), and ``pdl`` needs Triton's own launches; and except on a
             4-bit step through bitsandbytes' kernel (eager). A 4-bit decoder with several rows compiles each step
-            size through glmkit's 4-bit kernels (1, 2 and 4 rows: a few seconds more to build).
+            size through glmkit's 4-bit kernels (a few seconds more to build per size).
         gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1
             step on a GPU of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a
             warning and cuBLAS; a 4-bit model: glmkit's 4-bit Triton GEMVs for steps of up to
             ``FOUR_BIT_MAX_BATCH`` rows (PyTorch ops the compiled layer calls, ``torch.ops.glmkit.gemv_4bit*``; on
             an H200 at batch 1 279.3 tok/s against 145.3 with bitsandbytes' own kernel,
             ``benchmarks/results/nf4_gemv.json``; should the layer not compile, a warning and eager layers),
+            (above ``ROW_KERNEL_MAX_VECTORS`` rows the tensor-core kernel, ``notebooks/04_quantization.ipynb``),
             bitsandbytes' dequantize-then-GEMM above (in eager layers unless ``compile=True``).
             ``"triton"``: glmkit's kernels for one token (``glmkit.gemv``: one pass over each
             weight, no split-K, SwiGLU applied before the write; batch_size 1 only, a 4-bit model up to
@@ -715,7 +716,7 @@ class FastDecoder:
         # per step size: 16-bit Triton GEMVs only for one token (a 4-bit model's kernels up to MAX_VECTORS rows), and
         # under "auto" only where every segment's GPU runs them.
         # 4-bit under "auto": glmkit's 4-bit kernels (custom ops that the compiled layer calls as they are) for steps
-        # of up to FOUR_BIT_MAX_BATCH rows, bitsandbytes' dequantize-then-GEMM above (benchmarks/results/nf4_gemv.json)
+        # of up to FOUR_BIT_MAX_BATCH rows, bitsandbytes' dequantize-then-GEMM above (benchmarks/results/nf4_batch.json)
         self.gemv_by_bucket: dict[int, bool | str] = {
             b: (("triton" if all(auto_gemv(s.device, b, dtype, quantized) == "triton" for s in self.segments)
                  else False) if gemv == "auto" else gemv) for b in self.buckets}

@@ -257,13 +257,27 @@ def pick_config(n: int, k: int, kernel: str = "bf16") -> GemvConfig:
 if triton is not None:
 
     @triton.jit
-    def wait_for_previous_kernel(PDL: tl.constexpr):
+    def allow_next_kernel(PDL: tl.constexpr):
         # programmatic dependent launch (a kernel launched with launch_pdl=True, ``launch_options``): the next kernel
-        # may start as soon as every program of this one has started; nothing the previous kernel writes is read or
-        # written before it has finished. The first thing each of glmkit's kernels does.
+        # may start as soon as every program of this one has called this
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
+    def wait_for_inputs(PDL: tl.constexpr):
+        # returns once the kernel before has finished and its writes are visible: nothing it writes may be read,
+        # and nothing may be written, before this
+        if PDL:
             tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def wait_for_previous_kernel(PDL: tl.constexpr):
+        # both, first thing: the next kernel may start as soon as every program of this one has started; nothing
+        # the previous kernel writes is read or written before it has finished. The first thing each of glmkit's
+        # GEMV kernels does (reading weights before the wait cost more than it saved: the reads of the kernel
+        # before waited behind them, benchmarks/results/early_loads.json and early_reads.json)
+        allow_next_kernel(PDL)
+        wait_for_inputs(PDL)
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, g_ptr, r_ptr, d_ptr, s_ptr, N, K, K_FULL, eps,

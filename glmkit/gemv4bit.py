@@ -5,10 +5,13 @@ own one-token kernel (``bnb.matmul_4bit``) reads those packed weights at 0.94-1.
 it saves memory, not time. These kernels read the *same* tensors bitsandbytes keeps (no second copy), dequantize in
 registers and sum in fp32, one pass over each weight; ``gemv_4bit_swiglu`` also applies GLM's MLP activation
 (``up * silu(gate)``) before it writes, and ``gemv_4bit_multi`` reads q, k and v in one launch. ``FastDecoder``
-uses them for a bitsandbytes nf4/fp4 model at batch 1 and small batches (a program per vector and row block;
-``FOUR_BIT_MAX_BATCH`` in ``glmkit.fast_decode``). Each is a PyTorch operator (``torch.ops.glmkit.gemv_4bit``,
-``gemv_4bit_multi``, ``gemv_4bit_swiglu``) that ``torch.compile`` calls without tracing into the kernel, so a
-compiled decoder layer fuses everything around them.
+uses them for a bitsandbytes nf4/fp4 model at batch 1 to ``FOUR_BIT_MAX_BATCH`` rows (``glmkit.fast_decode``). Up to
+``ROW_KERNEL_MAX_VECTORS`` vectors, a program per vector and row block (below); more, a kernel that looks each weight
+up once for all vectors, in x's 16-bit type, multiplies on the tensor cores and scales each block's sums in fp32
+(``_tc4_kernel``: on an H200 GLM-4-9B in nf4 decodes 2.9x faster at batch 16 than through bitsandbytes'
+dequantize-then-GEMM, ``benchmarks/results/nf4_batch.json``, notebook ``04_quantization.ipynb``). Each is a
+PyTorch operator (``torch.ops.glmkit.gemv_4bit``, ``gemv_4bit_multi``, ``gemv_4bit_swiglu``) that ``torch.compile``
+calls without tracing into the kernel, so a compiled decoder layer fuses everything around them.
 
 At batch 1 a 4-bit GEMV is bound by instructions, not bytes: every byte holds two weights to look up, so the
 kernels keep the work per byte small (sm_90 SASS read with ``cuobjdump``): 16-byte loads of weights; x read as 32-bit
@@ -258,6 +261,12 @@ LOOKUP = "load" if INTERPRETER else os.environ.get("GLMKIT_4BIT_LOOKUP", "shuffl
 # refuse more than MAX_VECTORS.
 MAX_VECTORS = 64
 LOOKUPS = ("shuffle", "load", "pair")
+# More vectors than ROW_KERNEL_MAX_VECTORS: a kernel that looks each weight up once for all of them (in x's 16-bit
+# type, the scale applied per block in fp32) and multiplies on the tensor cores (``_tc4_kernel``). Its shape: the
+# best of 21 on GLM-4-9B's projections at 4 and 16 vectors on an H200 (benchmarks/results/nf4_tc_probe.json)
+ROW_KERNEL_MAX_VECTORS = 2
+TC_BLOCK_N, TC_WARPS, TC_UNROLL, TC_STAGES = 64, 4, 2, 4  # rows per program, warps, blocks per step, pipeline depth
+TC_TARGET_PROGRAMS = 264  # the columns are split until the grid has about this many programs (2 per H200 SM)
 _MODE = {"load": 0, "shuffle": 1, "pair": 2}  # the kernels' LOOKUP_MODE
 
 if triton is not None:
@@ -462,6 +471,124 @@ if triton is not None:
                            BLOCK_N, BLOCK_K, EVEN_K)
 
 
+    # one weight byte ($1; $2 the same) -> both its values as a pair of 16-bit floats in one register ($0: the high
+    # nibble's, the even column, in the low half); $3 ($4 the same) holds the 16-bit code[lane % 16] on every lane
+    _SHUFFLE_PAIR_ASM = tl.constexpr("""{
+    .reg .b32 t, a, b;
+    shr.b32 t, $1, 4;
+    shfl.sync.idx.b32 a, $3, t, 0x1f, 0xffffffff;
+    shfl.sync.idx.b32 b, $3, $1, 0x1f, 0xffffffff;
+    prmt.b32 $0, a, b, 0x5410;
+}""")
+
+    @triton.jit
+    def _tc_rows(x_ptr, part_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, split, N,
+                 row_out, n_total, vectors, bytes_per_row, blocks_per_row, blocks_per_split, NESTED: tl.constexpr,
+                 SHUFFLE: tl.constexpr, IEEE: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, UNROLL: tl.constexpr):
+        # the partial products over quantization blocks [split * blocks_per_split, ...) of BLOCK_N rows of one
+        # weight with all vectors: per block, the weights [BLOCK_N, BS] in x's 16-bit type (each looked up once for
+        # every vector) times the vectors' columns [BS, BLOCK_B] on the tensor cores, scaled by the block's scales
+        # in fp32; written to part[split, vector, row_out + row] (fp32)
+        HB: tl.constexpr = BS // 2
+        WDT: tl.constexpr = x_ptr.dtype.element_ty
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        rows = tl.where(row_ok, rows, 0)
+        q_rows = q_ptr + rows[:, None] * bytes_per_row + tl.arange(0, HB)[None, :]  # [BLOCK_N, HB]
+        a_rows = rows * blocks_per_row
+        vb = tl.arange(0, BLOCK_B)
+        x_cols = x_ptr + vb[None, :] * (2 * bytes_per_row) + tl.arange(0, BS)[:, None]  # [BS, BLOCK_B]
+        x_ok = vb[None, :] < vectors
+        if NESTED:
+            offset = tl.load(offset_ptr)
+        else:
+            offset = 0.0
+        if SHUFFLE:  # code[lane % 16] as a 16-bit float, in the bytes' layout (see _lane_table)
+            lut = _lane_table(tl.load(q_rows).to(tl.int32), code_ptr).to(WDT).to(tl.int16, bitcast=True)
+            lut = lut.to(tl.int32) & 0xFFFF
+            luts = tl.join(lut, lut)
+        acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+        j0 = split * blocks_per_split
+        for j1 in range(j0, tl.minimum(j0 + blocks_per_split, blocks_per_row), UNROLL):
+            for u in tl.static_range(UNROLL):
+                j = j1 + u
+                q = tl.load(q_rows + j * HB, eviction_policy="evict_first").to(tl.int32)
+                if NESTED:
+                    scale = tl.load(code2_ptr + tl.load(absmax_ptr + a_rows + j).to(tl.int32)) * \
+                        tl.load(absmax2_ptr + (a_rows + j) // BS2) + offset
+                else:
+                    scale = tl.load(absmax_ptr + a_rows + j)
+                if SHUFFLE:
+                    w = tl.inline_asm_elementwise(_SHUFFLE_PAIR_ASM, "=r,r,r,r,r", [tl.join(q, q), luts],
+                                                  dtype=tl.int16, is_pure=True, pack=2)
+                    w = w.to(WDT, bitcast=True).reshape(BLOCK_N, BS)
+                else:  # table loads, each weight rounded to x's type as the shuffle's table is
+                    w_hi = tl.load(code_ptr + (q >> 4)).to(WDT)
+                    w_lo = tl.load(code_ptr + (q & 15)).to(WDT)
+                    w = tl.join(w_hi, w_lo).reshape(BLOCK_N, BS)
+                xt = tl.load(x_cols + j * BS, mask=x_ok, other=0.0)
+                if IEEE:  # fp32 products (not tf32); also 16-bit ones in the interpreter, whose 16-bit dot is wrong
+                    part = tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+                else:
+                    part = tl.dot(w, xt)
+                acc += part * scale[:, None]
+        out = part_ptr + (split * vectors + vb[None, :]) * n_total + row_out + rows[:, None]
+        tl.store(out, acc, mask=row_ok[:, None] & x_ok)
+
+    @triton.jit
+    def _tc4_kernel(x_ptr, part_ptr, code_ptr,
+                    q0, a0, a20, c20, o0, n0,
+                    q1, a1, a21, c21, o1, n1,
+                    q2, a2, a22, c22, o2, n2,
+                    vectors, bytes_per_row, blocks_per_row, blocks_per_split, n_total, SEGMENTS: tl.constexpr,
+                    NESTED: tl.constexpr, SHUFFLE: tl.constexpr, IEEE: tl.constexpr, BS: tl.constexpr,
+                    BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, UNROLL: tl.constexpr):
+        # a batch of vectors through up to three weights of the same columns (q, k and v): grid (row blocks of
+        # all weights, splits of the columns); the first row blocks are the first weight's, and so on
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        p0 = tl.cdiv(n0, BLOCK_N)
+        if pid < p0:
+            _tc_rows(x_ptr, part_ptr, q0, a0, code_ptr, a20, c20, o0, pid, split, n0, 0, n_total, vectors,
+                     bytes_per_row, blocks_per_row, blocks_per_split, NESTED, SHUFFLE, IEEE, BS, BS2, BLOCK_N,
+                     BLOCK_B, UNROLL)
+        elif SEGMENTS >= 2:
+            p1 = tl.cdiv(n1, BLOCK_N)
+            if pid < p0 + p1:
+                _tc_rows(x_ptr, part_ptr, q1, a1, code_ptr, a21, c21, o1, pid - p0, split, n1, n0, n_total,
+                         vectors, bytes_per_row, blocks_per_row, blocks_per_split, NESTED, SHUFFLE, IEEE, BS, BS2,
+                         BLOCK_N, BLOCK_B, UNROLL)
+            elif SEGMENTS >= 3:
+                _tc_rows(x_ptr, part_ptr, q2, a2, code_ptr, a22, c22, o2, pid - p0 - p1, split, n2, n0 + n1,
+                         n_total, vectors, bytes_per_row, blocks_per_row, blocks_per_split, NESTED, SHUFFLE, IEEE,
+                         BS, BS2, BLOCK_N, BLOCK_B, UNROLL)
+
+    @triton.jit
+    def _tc_sum_kernel(part_ptr, y_ptr, b_ptr, splits, vectors, n_total, n_out, HAS_BIAS: tl.constexpr,
+                       SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+        # y[vector, r] = the sum of the splits' partial products (+ bias); SWIGLU: rows r (gate) and n_out + r (up)
+        # give up * silu(gate), each rounded to y's dtype as PyTorch would round them (as _rows_4bit)
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.program_id(1)
+        ok = r < n_out
+        y = tl.zeros((BLOCK,), dtype=tl.float32)
+        up = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(splits):
+            row = part_ptr + (s * vectors + v) * n_total
+            y += tl.load(row + r, mask=ok, other=0.0)
+            if SWIGLU:
+                up += tl.load(row + n_out + r, mask=ok, other=0.0)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + r, mask=ok, other=0.0).to(tl.float32)
+        out_dtype = y_ptr.dtype.element_ty
+        if SWIGLU:
+            gate = y.to(out_dtype).to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
+            y = up.to(out_dtype).to(tl.float32) * silu
+        tl.store(y_ptr + v * n_out + r, y.to(out_dtype), mask=ok)
+
+
 def _check(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool) -> None:
     if triton is None:
         raise RuntimeError("glmkit.gemv4bit needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
@@ -617,6 +744,8 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
         raise ValueError("The warp-shuffle lookup runs PTX, which Triton's interpreter does not: use lookup='load' or "
                          "'pair' there (or a GPU).")
     k = w.shape[1]
+    if x.numel() // k > ROW_KERNEL_MAX_VECTORS:
+        return _launch_tensor_cores(x, ws, bias, swiglu, lookup)
     counts = [v.shape[0] // 2 if swiglu else v.shape[0] for v in ws]
     cfg = config or config_for(ws, swiglu)
     if cfg.block_k % w.blocksize or cfg.block_k & (cfg.block_k - 1):
@@ -645,6 +774,41 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
                         EVEN_K=k % cfg.block_k == 0, BATCH_AXIS=batch_axis, num_warps=cfg.num_warps)
     return y
 
+
+
+def _launch_tensor_cores(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
+                         lookup: str) -> torch.Tensor:
+    """More than ``ROW_KERNEL_MAX_VECTORS`` vectors: ``_tc4_kernel`` (each weight looked up once for all of them,
+    the products on the tensor cores), the columns split over enough programs to fill the GPU
+    (``TC_TARGET_PROGRAMS``), then ``_tc_sum_kernel`` adds the splits' partial products (bias, SwiGLU)."""
+    w = ws[0]
+    k, rows = w.shape[1], [v.shape[0] for v in ws]
+    n_total = sum(rows)
+    n_out = n_total // 2 if swiglu else n_total
+    vectors, blocks_per_row = x.numel() // k, k // w.blocksize
+    unroll = TC_UNROLL if blocks_per_row % TC_UNROLL == 0 else 1
+    row_blocks = sum(triton.cdiv(n, TC_BLOCK_N) for n in rows)
+    splits = max(1, min(blocks_per_row // unroll, round(TC_TARGET_PROGRAMS / row_blocks)))
+    per_split = triton.cdiv(triton.cdiv(blocks_per_row, splits), unroll) * unroll
+    splits = triton.cdiv(blocks_per_row, per_split)
+    part = torch.empty(splits, vectors, n_total, dtype=torch.float32, device=x.device)
+    segments = []
+    for v in ws:
+        nested = v.nested  # the pointers a plain weight does not use get a tensor of the right kind, never read
+        segments += [v.data, v.absmax, v.absmax2 if nested else v.absmax, v.code2 if nested else v.code,
+                     v.offset if nested else v.code, v.shape[0]]
+    segments += segments[:6] * (3 - len(ws))  # unused slots: never reached (SEGMENTS)
+    _tc4_kernel[(row_blocks, splits)](
+        x.reshape(vectors, k).contiguous(), part, w.code, *segments, vectors, k // 2, blocks_per_row, per_split,
+        n_total, SEGMENTS=len(ws), NESTED=w.nested,
+        SHUFFLE=lookup == "shuffle" and x.dtype != torch.float32 and not INTERPRETER,
+        IEEE=x.dtype == torch.float32 or INTERPRETER, BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=TC_BLOCK_N,
+        BLOCK_B=max(16, triton.next_power_of_2(vectors)), UNROLL=unroll, num_warps=TC_WARPS, num_stages=TC_STAGES)
+    y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
+    _tc_sum_kernel[(triton.cdiv(n_out, 1024), vectors)](part, y, bias if bias is not None else y, splits, vectors,
+                                                        n_total, n_out, HAS_BIAS=bias is not None, SWIGLU=swiglu,
+                                                        BLOCK=1024)
+    return y
 
 # The kernels as PyTorch operators (``torch.ops.glmkit.gemv_4bit``, ``..._multi``, ``..._swiglu``), opaque to
 # torch.compile: dynamo records a call to the op (its output shape from the fake below) instead of tracing the
@@ -755,7 +919,9 @@ def gemv_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = N
               config: GemvConfig | None = None, lookup: str | None = None) -> torch.Tensor:
     """``F.linear(x, weight.dequantize(), bias)`` for a few tokens ``[..., k]`` (up to ``MAX_VECTORS``), reading the
     packed weight once per token (the op ``torch.ops.glmkit.gemv_4bit``). ``config``/``lookup`` override the launch
-    shape and nibble lookup (default: ``config_for`` and ``LOOKUP``, picked when the kernel runs)."""
+    shape and nibble lookup (default: ``config_for`` and ``LOOKUP``, picked when the kernel runs); more than
+    ``ROW_KERNEL_MAX_VECTORS`` tokens go through the tensor-core kernel, whose shape is ``TC_BLOCK_N`` and the
+    constants beside it (``config`` is the per-row kernel's)."""
     return _gemv_4bit_op(x, *_weight_args(weight), bias, *_launch_args(config, lookup))
 
 

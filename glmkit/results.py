@@ -28,6 +28,7 @@ from typing import Any
 from glmkit.allreduce import PER_TOKEN
 from glmkit.device_map import split_layers
 from glmkit.fast_decode import FOUR_BIT_MAX_BATCH
+from glmkit.gemv4bit import ROW_KERNEL_MAX_VECTORS
 from glmkit.models import glm4_9b_meta_model
 from glmkit.planning import plan_memory
 from glmkit.tables import html_table, text_table
@@ -1868,29 +1869,43 @@ def nf4_kernel_sentence() -> Text:
 
 
 def _nf4_batch_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
-    return [row for row in r.get("rows", []) if all(k in row for k in ("nf4_glmkit", "nf4_bitsandbytes", "bf16"))]
+    return [row for row in r.get("rows", []) if all(k in row for k in ("nf4_bitsandbytes", "bf16"))
+            and ("nf4_rows" in row or "nf4_tensor_cores" in row)]
+
+
+_NF4_KERNELS = (("nf4_rows", "per row"), ("nf4_tensor_cores", "on tensor cores"))
+
+
+def _tok_s(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.1f}" if key in row else "-"
 
 
 def nf4_batch_sentence() -> Text:
-    """A 4-bit model's decode speed by batch size, glmkit's 4-bit kernels against bitsandbytes' dequantize-then-GEMM
-    and bf16, in one run (``nf4_batch.json``), and the batch up to which ``gemv="auto"`` uses glmkit's kernels."""
+    """A 4-bit model's decode speed by batch size, glmkit's two 4-bit kernels against bitsandbytes' and bf16, in one
+    run (``nf4_batch.json``), and which kernel ``gemv="auto"`` takes at which batch size."""
     def render(r: dict[str, Any]) -> str:
         rows = _nf4_batch_rows(r)
-        per = "; ".join(f"batch {x['batch']}: {x['nf4_glmkit']:.1f} against {x['nf4_bitsandbytes']:.1f} tok/s "
-                        f"({x['glmkit_over_bitsandbytes']:.2f}x; bf16 {x['bf16']:.1f})" for x in rows)
-        faster = 0  # the largest batch up to which glmkit's kernels were faster at every size measured
-        for x in rows:
-            if x["glmkit_over_bitsandbytes"] <= 1.02:
-                break
-            faster = x["batch"]
+        per = "; ".join(f"batch {x['batch']}: " + " / ".join(f"{x[key]:.1f} {how}" for key, how in _NF4_KERNELS
+                                                             if key in x)
+                        + f" against {x['nf4_bitsandbytes']:.1f} tok/s ({x['glmkit_over_bitsandbytes']:.2f}x; bf16 "
+                          f"{x['bf16']:.1f})" for x in rows)
         text = (f"A 4-bit model by batch size on {measured_on(r)} (`nf4_batch.json`, one run; "
-                f"{r['method'].split(';')[0]}): GLM-4-9B in nf4 through glmkit's 4-bit kernels (a program per row: "
-                f"each weight comes from memory once, every row pays its own lookups; the layers compiled around "
-                f"them) against bitsandbytes' `matmul_4bit` (its one-token kernel at batch 1, dequantize-then-GEMM "
-                f"above; eager layers): {per}.")
-        if faster:
-            text += (f" glmkit's kernels are faster up to batch {faster}; `FastDecoder` uses them for steps of up "
-                     f"to {FOUR_BIT_MAX_BATCH} rows (`FOUR_BIT_MAX_BATCH`) and bitsandbytes' path above.")
+                f"{r['method'].split(';')[0]}): GLM-4-9B in nf4 through glmkit's per-row kernel (a program per row: "
+                f"every row pays its own lookups) and its tensor-core kernel (each weight looked up once for all rows, "
+                f"the products on the tensor cores), the layers compiled around them, against bitsandbytes' "
+                f"`matmul_4bit` (its one-token kernel at batch 1, dequantize-then-GEMM above; eager layers): {per}.")
+        both = [x for x in rows if "nf4_rows" in x and "nf4_tensor_cores" in x]
+        overtakes = next((x["batch"] for x in both if x["nf4_tensor_cores"] > x["nf4_rows"]), None)
+        if overtakes is not None:
+            text += (f" The tensor-core kernel is faster from batch {overtakes}: `FastDecoder` runs the per-row kernel "
+                     f"up to {ROW_KERNEL_MAX_VECTORS} rows (`ROW_KERNEL_MAX_VECTORS`) and the tensor-core kernel above.")
+        if rows and all(x["glmkit_over_bitsandbytes"] > 1 for x in rows):
+            text += (f" glmkit's kernels are faster than bitsandbytes' at every size measured; `FastDecoder` uses them "
+                     f"up to {FOUR_BIT_MAX_BATCH} rows (`FOUR_BIT_MAX_BATCH`).")
+        if rows:
+            last = rows[-1]
+            best = max(last.get("nf4_rows", 0.0), last.get("nf4_tensor_cores", 0.0))
+            text += f" At batch {last['batch']} nf4 decodes at {best / last['bf16']:.2f}x bf16's speed."
         return text
     return from_result("nf4_batch", render, what="A 4-bit model by batch size", script="benchmarks/nf4_batch.py")
 
@@ -1900,10 +1915,11 @@ def nf4_batch_table() -> Table | Text:
     r = load("nf4_batch")
     if r is None or not _nf4_batch_rows(r):
         return Text("A 4-bit model by batch size: not measured yet (run benchmarks/nf4_batch.py on a GPU).")
-    rows = [[x["batch"], f"{x['nf4_glmkit']:.1f}", f"{x['nf4_bitsandbytes']:.1f}", f"{x['glmkit_over_bitsandbytes']:.2f}x",
-             f"{x['bf16']:.1f}"] for x in _nf4_batch_rows(r)]
-    return table(["batch", "nf4, glmkit's kernels (tok/s)", "nf4, bitsandbytes' (tok/s)", "glmkit / bitsandbytes",
-                  "bf16 (tok/s)"], rows, caption=f"GLM-4-9B decode by batch size, {measured_on(r)}, `nf4_batch.json`")
+    rows = [[x["batch"], _tok_s(x, "nf4_rows"), _tok_s(x, "nf4_tensor_cores"), f"{x['nf4_bitsandbytes']:.1f}",
+             f"{x['glmkit_over_bitsandbytes']:.2f}x", f"{x['bf16']:.1f}"] for x in _nf4_batch_rows(r)]
+    return table(["batch", "nf4, glmkit per row (tok/s)", "nf4, glmkit tensor cores (tok/s)",
+                  "nf4, bitsandbytes' (tok/s)", "glmkit's best / bitsandbytes", "bf16 (tok/s)"], rows,
+                 caption=f"GLM-4-9B decode by batch size, {measured_on(r)}, `nf4_batch.json`")
 
 
 def _grouped_bars(groups: dict[str, dict[str, float]], *, ylabel: str, title: str,

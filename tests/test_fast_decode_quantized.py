@@ -149,3 +149,23 @@ def test_glmkit_generate_quantization_nf4_fast_decode_says_what_generate_says(ca
     assert fast["tokens"] == plain["tokens"] and len(plain["tokens"]) >= 1
     assert main(["bench", "--quantization", "nf4", "--tp", "2"]) == 2
     assert "instead of --tp" in capsys.readouterr().err
+
+
+@needs_triton
+def test_more_rows_than_the_row_kernel_takes_go_through_the_tensor_core_kernel(prompt, monkeypatch):
+    # a step of more than ROW_KERNEL_MAX_VECTORS rows: glmkit's tensor-core kernel (each weight looked up once for
+    # all rows; "auto" picks it on a GPU up to FOUR_BIT_MAX_BATCH rows): each row gives generate()'s tokens
+    from glmkit import gemv4bit
+
+    model = _load("nf4")
+    rows = gemv4bit.ROW_KERNEL_MAX_VECTORS + 1
+    prompts = torch.cat([torch.cat([prompt[:, :1], prompt[:, 1:].roll(i, dims=1)], dim=1) for i in range(rows)])
+    launched = []
+    tensor_cores = gemv4bit._launch_tensor_cores
+    monkeypatch.setattr(gemv4bit, "_launch_tensor_cores", lambda x, *a: launched.append(x.numel()) or tensor_cores(x, *a))
+    fast = FastDecoder(model, max_len=prompt.shape[1] + 2, gemv="triton", batch_size=rows, compile=False,
+                       cuda_graph=False, graph_batch_sizes=[rows])
+    got = fast.generate(prompts, max_new_tokens=2, ignore_eos=True)
+    assert launched and all(n // model.config.hidden_size > gemv4bit.ROW_KERNEL_MAX_VECTORS for n in launched)
+    for i in range(rows):
+        assert torch.equal(got[i:i + 1], _greedy(model, prompts[i:i + 1], 2)), i

@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 from helpers import DEVICE, rand
 
+from glmkit import gemv4bit
 from glmkit.gemv import GemvConfig
 from glmkit.gemv4bit import (
     LOOKUPS,
+    ROW_KERNEL_MAX_VECTORS,
     Packed4bit,
     _launch,
     config_for,
@@ -159,16 +161,18 @@ def test_gemv_4bit_swiglu_equals_the_unfused_path(double_quant):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_a_batch_of_vectors_gives_each_vector_s_product(dtype):
-    # a program per vector and row block: each row of y is its own vector's product (plain with a bias, q/k/v in one
-    # launch, SwiGLU), the same as that vector alone, and the grid's two orders agree
+    # up to ROW_KERNEL_MAX_VECTORS vectors, a program per vector and row block: each row of y is its own vector's
+    # product (plain with a bias, q/k/v in one launch, SwiGLU), the same as that vector alone, and the grid's two
+    # orders agree
     ws = [quantize(rand(n, 192, seed=n), "nf4", double_quant=True) for n in (40, 8, 24)]
-    x, b = rand(3, 1, 192, dtype=dtype, seed=1), rand(72, dtype=dtype, seed=2)
+    v = ROW_KERNEL_MAX_VECTORS
+    x, b = rand(v, 1, 192, dtype=dtype, seed=1), rand(72, dtype=dtype, seed=2)
     config = GemvConfig(8, 64, 2)
     for lookup in LOOKUPS_HERE:
         for weights, bias, swiglu in [(ws[:1], b[:40], False), (ws, b, False), (ws[:1], None, True)]:
             y = _launch(x, tuple(weights), bias, swiglu, config, lookup)
-            rows = [_launch(x[i:i + 1], tuple(weights), bias, swiglu, config, lookup) for i in range(3)]
-            assert y.shape == (3, 1, 20 if swiglu else sum(w.shape[0] for w in weights))
+            rows = [_launch(x[i:i + 1], tuple(weights), bias, swiglu, config, lookup) for i in range(v)]
+            assert y.shape == (v, 1, 20 if swiglu else sum(w.shape[0] for w in weights))
             torch.testing.assert_close(y, torch.cat(rows), rtol=0, atol=0)
     if dtype == torch.float32:
         torch.testing.assert_close(gemv_4bit(x, ws[0], b[:40]), reference_linear(x, ws[0], b[:40]), rtol=1e-4, atol=1e-4)
@@ -176,6 +180,35 @@ def test_a_batch_of_vectors_gives_each_vector_s_product(dtype):
     for weights, bias, swiglu in [(ws, b, False), (ws[:1], None, True)]:
         y = _launch(x, tuple(weights), bias, swiglu, config, LOOKUPS_HERE[0], batch_axis=1)
         torch.testing.assert_close(y, _launch(x, tuple(weights), bias, swiglu, config, LOOKUPS_HERE[0]), rtol=0, atol=0)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("programs", [gemv4bit.TC_TARGET_PROGRAMS, 1], ids=["columns-split", "one-split"])
+def test_more_vectors_than_the_row_kernel_takes_share_each_lookup(dtype, programs, monkeypatch):
+    # more than ROW_KERNEL_MAX_VECTORS vectors: each weight looked up once for all of them and multiplied on the
+    # tensor cores (in x's type), the columns split over programs whose partial sums a second kernel adds (plain
+    # with a bias, q/k/v in one launch, SwiGLU; double quantization, fp4, an odd number of blocks): fp32 gives the
+    # reference's products; 16-bit x within the rounding of each looked-up value to x's type
+    monkeypatch.setattr(gemv4bit, "TC_TARGET_PROGRAMS", programs)
+    calls = []
+    tensor_cores = gemv4bit._launch_tensor_cores
+    monkeypatch.setattr(gemv4bit, "_launch_tensor_cores", lambda x, *a: calls.append(x.shape) or tensor_cores(x, *a))
+    ws = [quantize(rand(n, 320, seed=n), "nf4", double_quant=True) for n in (40, 8, 100)]
+    fp4 = quantize(rand(24, 320, seed=3), "fp4")
+    vectors = ROW_KERNEL_MAX_VECTORS + 3
+    x, b = rand(vectors, 1, 320, dtype=dtype, seed=1), rand(148, dtype=dtype, seed=2)
+    for weights, bias, swiglu in [(ws[:1], b[:40], False), (ws, b, False), (ws[2:], None, True), ([fp4], None, False)]:
+        y = _launch(x, tuple(weights), bias, swiglu, None, "load")
+        w64 = torch.cat([w.dequantize(torch.float32) for w in weights]).double()
+        ref = F.linear(x.double(), w64, None if bias is None else bias.double())
+        if swiglu:
+            gate, up = ref.chunk(2, dim=-1)
+            ref = up * F.silu(gate)
+        assert y.shape == ref.shape and y.dtype == dtype
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        assert err < (1e-6 if dtype == torch.float32 else 2e-2 if swiglu else 1e-2), (len(weights), swiglu, err)
+    assert len(calls) == 4 and all(shape[0] == vectors for shape in calls)
 
 
 def test_gemv_4bit_in_bfloat16_is_as_close_to_float64_as_bitsandbytes():

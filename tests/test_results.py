@@ -10,6 +10,8 @@ import pytest
 import glmkit.bench
 from glmkit import results
 from glmkit.cards import decision_table, speed_ceiling
+from glmkit.fast_decode import FOUR_BIT_MAX_BATCH
+from glmkit.gemv4bit import ROW_KERNEL_MAX_VECTORS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,10 +230,18 @@ def test_rendered_sentences_match_the_committed_files():
     assert f"decoding at {long['decode_tok_s']:.1f} tok/s" in nf4 and f"{long['peak_reserved'] / 2**30:.2f} GiB" in nf4
     assert ("within the plan" in nf4) == (long["peak_reserved"] <= long["planned_bytes"])
     batch, rows = results.nf4_batch_sentence(), results.load("nf4_batch")["rows"]
-    for row in rows:  # every batch size's figures, and the batch up to which glmkit's kernels were faster
-        assert f"batch {row['batch']}: {row['nf4_glmkit']:.1f} against {row['nf4_bitsandbytes']:.1f} tok/s" in batch
-    faster = max(r["batch"] for r in rows if r["glmkit_over_bitsandbytes"] > 1.02)
-    assert f"faster up to batch {faster}" in batch and len(results.nf4_batch_table().rows) == len(rows)
+    for row in rows:  # every batch size's figures
+        assert f"against {row['nf4_bitsandbytes']:.1f} tok/s ({row['glmkit_over_bitsandbytes']:.2f}x" in batch
+        for key, how in (("nf4_rows", "per row"), ("nf4_tensor_cores", "on tensor cores")):
+            assert (key not in row) or f"{row[key]:.1f} {how}" in batch
+    assert len(results.nf4_batch_table().rows) == len(rows)
+    # the decoder's choices follow the measurement: the per-row kernel up to where the tensor-core kernel overtakes
+    # it, glmkit's kernels up to the largest batch at which they were faster than bitsandbytes' at every size
+    both = [r for r in rows if "nf4_rows" in r and "nf4_tensor_cores" in r]
+    overtakes = min(r["batch"] for r in both if r["nf4_tensor_cores"] > r["nf4_rows"])
+    assert f"faster from batch {overtakes}" in batch and ROW_KERNEL_MAX_VECTORS == overtakes - 1
+    faster = [r["batch"] for r in rows if r["glmkit_over_bitsandbytes"] > 1.02]
+    assert faster == [r["batch"] for r in rows] and FOUR_BIT_MAX_BATCH >= max(faster)
     split = results.two_gpu_fast_sentence()
     assert "batch 16: out of memory on the split" in split and "fits batch 1 at most on two 12 GiB cards" in split
     assert "one-GPU proxy" in results.two_gpu_fast_sentence("two_gpu_fast_proxy")
