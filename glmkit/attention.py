@@ -124,9 +124,12 @@ if triton is not None:
                                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
                                  PDL: tl.constexpr, PRELOAD: tl.constexpr):
         # one program: sequence i, KV head h, cache positions [split * SPLIT, (split + 1) * SPLIT) up to pos[i].
-        # Before waiting for the kernel before (q/k/v come from it), it reads what that kernel does not write:
-        # the position, cos/sin and the first K/V tile of the cache (written by earlier steps; position pos, the
-        # one this kernel writes, is replaced by the new k/v below), so that their loads are in flight meanwhile
+        # Under PDL several kernels before this one may still be running, so before waiting it reads only what no
+        # kernel of this step's layers writes: the position, cos/sin and the cache rows (made by plain PyTorch
+        # kernels at the start of the step, which finish before the first PDL launch starts) and the first K/V tile
+        # of this layer's cache (written by earlier steps; position pos, the one this kernel writes, is replaced by
+        # the new k/v below), so that their loads are in flight meanwhile. A program past pos returns without
+        # waiting: split 0 always waits, so the kernel still ends after the one before.
         allow_next_kernel(PDL)
         if not PRELOAD:
             wait_for_inputs(PDL)

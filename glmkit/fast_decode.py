@@ -45,12 +45,14 @@ from glmkit.gemv import (
 from glmkit.gemv import gemv as triton_gemv
 from glmkit.gemv4bit import (
     MAX_VECTORS,
+    ROW_KERNEL_MAX_VECTORS,
     Packed4bit,
     gemv_4bit,
     gemv_4bit_multi,
     gemv_4bit_swiglu,
     is_4bit,
     linear_4bit,
+    tensor_cores,
     unsupported_quantization,
 )
 from glmkit.generation import cache_argument, chunked_prefill, pick_token, preallocated_cache
@@ -205,7 +207,8 @@ def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gem
 
 def auto_gemv(device: torch.device, batch_size: int, dtype: torch.dtype = torch.bfloat16,
               four_bit: bool = False) -> str | bool:
-    """What ``gemv="auto"`` picks: ``"triton"`` at batch 1 (a 4-bit model: up to ``FOUR_BIT_MAX_BATCH`` rows) on a
+    """What ``gemv="auto"`` picks: ``"triton"`` at batch 1 (a 4-bit model: up to ``FOUR_BIT_MAX_BATCH`` rows where
+    the 4-bit tensor-core kernel runs, ``gemv4bit.tensor_cores``; else ``ROW_KERNEL_MAX_VECTORS``) on a
     GPU with Triton installed, of compute capability 8.0 or newer (Ampere and later), or 7.0 or newer for
     fp16/fp32 (a 2080 Ti: Triton builds for Volta and Turing, which have no bf16); otherwise ``False`` (cuBLAS, or
     bitsandbytes' ``matmul_4bit``). If the kernels then fail there, the decoder warns and uses those.
@@ -213,7 +216,8 @@ def auto_gemv(device: torch.device, batch_size: int, dtype: torch.dtype = torch.
     >>> auto_gemv(torch.device("cpu"), 1)
     False
     """
-    if device.type != "cuda" or batch_size > (FOUR_BIT_MAX_BATCH if four_bit else 1) or not triton_available():
+    rows = (FOUR_BIT_MAX_BATCH if tensor_cores(device) else ROW_KERNEL_MAX_VECTORS) if four_bit else 1
+    if device.type != "cuda" or batch_size > rows or not triton_available():
         return False
     capability = torch.cuda.get_device_capability(device)
     return "triton" if capability >= (8, 0) or (capability >= (7, 0) and dtype != torch.bfloat16) else False

@@ -62,6 +62,7 @@ if triton is not None:  # optional: Triton (Linux x86-64) builds the kernels; gl
     import triton.language as tl
 
 __all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_multi", "gemv_4bit_swiglu", "linear_4bit",
+           "tensor_cores", "check_pair_lookup", "ROW_KERNEL_MAX_VECTORS",
            "pick_config_4bit", "config_for", "kernel_for", "check_lookup", "lookup_for", "tuned_lookups", "pair_table",
            "LOOKUP", "LOOKUPS", "triton_available", "is_4bit",
            "unsupported_quantization"]
@@ -255,15 +256,19 @@ def config_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False)
 # touches lines. Which is faster depends on the card and the shape: ``glmkit tune`` times them and the tables
 # keep a lookup per shape (``tuned_lookup``); LOOKUP is the default for shapes without one.
 LOOKUP = "load" if INTERPRETER else os.environ.get("GLMKIT_4BIT_LOOKUP", "shuffle")
-# A batch of vectors: one program per vector and row block, so the weight's bytes come from memory once and from
-# the L2 cache for the other vectors, but every vector pays the whole lookup work again. Past a few vectors
-# bitsandbytes' dequantize-then-GEMM is faster (FastDecoder picks by FOUR_BIT_MAX_BATCH, measured); the kernels
-# refuse more than MAX_VECTORS.
+# A batch of up to ROW_KERNEL_MAX_VECTORS vectors: one program per vector and row block, so the weight's bytes come
+# from memory once and from the L2 cache for the other vectors, but every vector pays the whole lookup work again;
+# more vectors take the tensor-core kernel below. The kernels refuse more than MAX_VECTORS (bitsandbytes'
+# dequantize-then-GEMM then: FOUR_BIT_MAX_BATCH in glmkit.fast_decode).
 MAX_VECTORS = 64
 LOOKUPS = ("shuffle", "load", "pair")
-# More vectors than ROW_KERNEL_MAX_VECTORS: a kernel that looks each weight up once for all of them (in x's 16-bit
-# type, the scale applied per block in fp32) and multiplies on the tensor cores (``_tc4_kernel``). Its shape: the
-# best of 21 on GLM-4-9B's projections at 4 and 16 vectors on an H200 (benchmarks/results/nf4_tc_probe.json)
+# More vectors than ROW_KERNEL_MAX_VECTORS (on GPUs of compute capability 8.0+, or the interpreter): a kernel that
+# looks each weight up once for all of them and multiplies on the tensor cores (``_tc4_kernel``). The looked-up
+# values are rounded to x's 16-bit type before the product (the scale is applied per block in fp32), as
+# bitsandbytes' dequantize rounds each weight; the per-row kernel multiplies them in fp32, so a sequence's logits
+# can differ slightly between a step of one or two rows and a larger one. The per-row kernel is faster up to 2 rows
+# on an H200 (benchmarks/results/nf4_batch.json); the shape below: the best of 21 on GLM-4-9B's projections at 4
+# and 16 vectors (benchmarks/results/nf4_tc_probe.json)
 ROW_KERNEL_MAX_VECTORS = 2
 TC_BLOCK_N, TC_WARPS, TC_UNROLL, TC_STAGES = 64, 4, 2, 4  # rows per program, warps, blocks per step, pipeline depth
 TC_TARGET_PROGRAMS = 264  # the columns are split until the grid has about this many programs (2 per H200 SM)
@@ -744,8 +749,11 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
         raise ValueError("The warp-shuffle lookup runs PTX, which Triton's interpreter does not: use lookup='load' or "
                          "'pair' there (or a GPU).")
     k = w.shape[1]
-    if x.numel() // k > ROW_KERNEL_MAX_VECTORS:
-        return _launch_tensor_cores(x, ws, bias, swiglu, lookup)
+    if x.numel() // k > ROW_KERNEL_MAX_VECTORS and tensor_cores(x.device):
+        if config is not None or batch_axis is not None:
+            raise ValueError(f"config and batch_axis set the per-row kernel's launch (up to {ROW_KERNEL_MAX_VECTORS} "
+                             f"vectors); {x.numel() // k} vectors run the tensor-core kernel: leave them unset.")
+        return _launch_tensor_cores(x, ws, bias, swiglu, check_pair_lookup(x.device, lookup))
     counts = [v.shape[0] // 2 if swiglu else v.shape[0] for v in ws]
     cfg = config or config_for(ws, swiglu)
     if cfg.block_k % w.blocksize or cfg.block_k & (cfg.block_k - 1):
@@ -775,6 +783,51 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     return y
 
 
+
+def tensor_cores(device: torch.device | str) -> bool:
+    """Whether more than ``ROW_KERNEL_MAX_VECTORS`` vectors take the tensor-core kernel on ``device``: GPUs of compute
+    capability 8.0 or newer (where it was built and measured; older ones keep the per-row kernel) and Triton's
+    interpreter.
+
+    >>> tensor_cores("cpu") == INTERPRETER
+    True
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return INTERPRETER
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+_PAIR_CHECKED: dict[torch.device, bool] = {}
+
+
+def check_pair_lookup(device: torch.device | str, lookup: str) -> str:
+    """The lookup the tensor-core kernel uses on ``device``: ``lookup``, unless it is the warp shuffle and that
+    shuffle (into pairs of 16-bit values, ``_SHUFFLE_PAIR_ASM``) disagreed with table loads on a small weight the
+    first time it ran on this GPU in this process: then a warning and table loads. Not checked inside a CUDA graph
+    capture or a compiled function (the decoders' warm-up steps run it first, eagerly).
+
+    >>> check_pair_lookup("cpu", "load")
+    'load'
+    """
+    device = torch.device(device)
+    if lookup != "shuffle" or device.type != "cuda":
+        return lookup
+    if device not in _PAIR_CHECKED:
+        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+            return lookup
+        _PAIR_CHECKED[device] = True
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(ROW_KERNEL_MAX_VECTORS + 1, 1, 256, device=device, generator=g).to(torch.bfloat16)
+        w = quantize(torch.randn(64, 256, device=device, generator=g), "nf4", double_quant=True)
+        want = _launch_tensor_cores(x, (w,), None, False, "load").float()
+        got = _launch_tensor_cores(x, (w,), None, False, "shuffle").float()
+        if not torch.allclose(got, want, rtol=1e-2, atol=1e-2):
+            warnings.warn(f"glmkit's 4-bit tensor-core kernel: the warp-shuffle lookup disagrees with table loads on "
+                          f"{torch.cuda.get_device_name(device)}; using table loads (slower). Please report it.",
+                          RuntimeWarning, stacklevel=2)
+            _PAIR_CHECKED[device] = False
+    return lookup if _PAIR_CHECKED[device] else "load"
 
 def _launch_tensor_cores(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
                          lookup: str) -> torch.Tensor:
@@ -918,7 +971,7 @@ def _(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, n
 def gemv_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None,
               config: GemvConfig | None = None, lookup: str | None = None) -> torch.Tensor:
     """``F.linear(x, weight.dequantize(), bias)`` for a few tokens ``[..., k]`` (up to ``MAX_VECTORS``), reading the
-    packed weight once per token (the op ``torch.ops.glmkit.gemv_4bit``). ``config``/``lookup`` override the launch
+    packed weight once (the op ``torch.ops.glmkit.gemv_4bit``). ``config``/``lookup`` override the launch
     shape and nibble lookup (default: ``config_for`` and ``LOOKUP``, picked when the kernel runs); more than
     ``ROW_KERNEL_MAX_VECTORS`` tokens go through the tensor-core kernel, whose shape is ``TC_BLOCK_N`` and the
     constants beside it (``config`` is the per-row kernel's)."""
@@ -929,7 +982,8 @@ def gemv_4bit_multi(x: torch.Tensor, weights: Sequence[Packed4bit], bias: torch.
                     config: GemvConfig | None = None, lookup: str | None = None) -> torch.Tensor:
     """``torch.cat([gemv_4bit(x, w) for w in weights], -1) + bias`` in one launch, for up to three weights of one
     format with the same columns (GLM's q, k and v: one kernel instead of three and a concatenation); ``bias`` is
-    the concatenated bias. The launch shape is the one tuned for all their rows (``config_for``). The op:
+    the concatenated bias. The launch shape is the one tuned for all their rows (``config_for``; more than
+    ``ROW_KERNEL_MAX_VECTORS`` tokens: the tensor-core kernel's). The op:
     ``torch.ops.glmkit.gemv_4bit_multi``."""
     ws = tuple(weights)
     if not 1 <= len(ws) <= 3:

@@ -185,19 +185,21 @@ def test_a_batch_of_vectors_gives_each_vector_s_product(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("programs", [gemv4bit.TC_TARGET_PROGRAMS, 1], ids=["columns-split", "one-split"])
-def test_more_vectors_than_the_row_kernel_takes_share_each_lookup(dtype, programs, monkeypatch):
+@pytest.mark.parametrize("k", [320, 384], ids=["odd-blocks", "two-blocks-a-step"])
+def test_more_vectors_than_the_row_kernel_takes_share_each_lookup(dtype, programs, k, monkeypatch):
     # more than ROW_KERNEL_MAX_VECTORS vectors: each weight looked up once for all of them and multiplied on the
     # tensor cores (in x's type), the columns split over programs whose partial sums a second kernel adds (plain
-    # with a bias, q/k/v in one launch, SwiGLU; double quantization, fp4, an odd number of blocks): fp32 gives the
-    # reference's products; 16-bit x within the rounding of each looked-up value to x's type
+    # with a bias, q/k/v in one launch, SwiGLU; double quantization, fp4; an odd number of blocks, one a step, and
+    # an even one, two a step): fp32 gives the reference's products; 16-bit x within the rounding of each looked-up
+    # value to x's type
     monkeypatch.setattr(gemv4bit, "TC_TARGET_PROGRAMS", programs)
     calls = []
     tensor_cores = gemv4bit._launch_tensor_cores
     monkeypatch.setattr(gemv4bit, "_launch_tensor_cores", lambda x, *a: calls.append(x.shape) or tensor_cores(x, *a))
-    ws = [quantize(rand(n, 320, seed=n), "nf4", double_quant=True) for n in (40, 8, 100)]
-    fp4 = quantize(rand(24, 320, seed=3), "fp4")
+    ws = [quantize(rand(n, k, seed=n), "nf4", double_quant=True) for n in (40, 8, 100)]
+    fp4 = quantize(rand(24, k, seed=3), "fp4")
     vectors = ROW_KERNEL_MAX_VECTORS + 3
-    x, b = rand(vectors, 1, 320, dtype=dtype, seed=1), rand(148, dtype=dtype, seed=2)
+    x, b = rand(vectors, 1, k, dtype=dtype, seed=1), rand(148, dtype=dtype, seed=2)
     for weights, bias, swiglu in [(ws[:1], b[:40], False), (ws, b, False), (ws[2:], None, True), ([fp4], None, False)]:
         y = _launch(x, tuple(weights), bias, swiglu, None, "load")
         w64 = torch.cat([w.dequantize(torch.float32) for w in weights]).double()
@@ -209,6 +211,8 @@ def test_more_vectors_than_the_row_kernel_takes_share_each_lookup(dtype, program
         err = ((y.double() - ref).norm() / ref.norm()).item()
         assert err < (1e-6 if dtype == torch.float32 else 2e-2 if swiglu else 1e-2), (len(weights), swiglu, err)
     assert len(calls) == 4 and all(shape[0] == vectors for shape in calls)
+    with pytest.raises(ValueError, match="tensor-core kernel: leave them unset"):
+        _launch(x, (ws[0],), None, False, GemvConfig(8, 64, 2), "load")
 
 
 def test_gemv_4bit_in_bfloat16_is_as_close_to_float64_as_bitsandbytes():
