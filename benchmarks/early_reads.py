@@ -21,8 +21,8 @@ import torch
 import glmkit.attention
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
 from glmkit.fast_decode import FastDecoder
-from glmkit.loading import load_model
 from glmkit.models import ensure_random_checkpoint
+from glmkit.quantization import load_precision
 
 VARIANTS = {"neither": False, "attention reads early": True}
 PROMPT, NEW, ROUNDS, REPLAYS = 32, 256, 3, 200
@@ -58,8 +58,7 @@ def main() -> None:
     ids = torch.randint(0, 1000, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     ensure_random_checkpoint(args.checkpoint)
     for name in args.dtypes.split(","):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
-        model = load_model(args.checkpoint, dtype=dtype, device_map="cuda:0")
+        model = load_precision(args.checkpoint, name, device_map="cuda:0")
         roofline = bw / bytes_read_per_token(model)
         decoders = {v: build(model, preload) for v, preload in VARIANTS.items()}
         glmkit.attention.PRELOAD = True  # the default again

@@ -51,14 +51,12 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
     args = ap.parse_args()
     from glmkit.fast_decode import FastDecoder
-    from glmkit.loading import load_model
     from glmkit.quantization import load_precision
 
     ensure_random_checkpoint(args.checkpoint)
     out = {"rows": {}}
     for precision in ("bf16", "nf4"):
-        model = (load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0") if precision == "bf16"
-                 else load_precision(args.checkpoint, precision, device_map="cuda:0"))
+        model = load_precision(args.checkpoint, precision, device_map="cuda:0")
         dec = FastDecoder(model, max_len=512)
         out["rows"][precision] = probe(dec)
         print(precision, out["rows"][precision], flush=True)

@@ -67,14 +67,12 @@ def main() -> None:
     ap.add_argument("--precision", nargs="+", default=["bf16", "nf4"])
     args = ap.parse_args()
     from glmkit.fast_decode import FastDecoder
-    from glmkit.loading import load_model
     from glmkit.quantization import load_precision
 
     ensure_random_checkpoint(args.checkpoint)
     out = {"copy_bandwidth_bytes_s": copy_bandwidth(), "tokens": TOKENS, "runs": {}}
     for precision in args.precision:
-        model = (load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0") if precision == "bf16"
-                 else load_precision(args.checkpoint, precision, device_map="cuda:0"))
+        model = load_precision(args.checkpoint, precision, device_map="cuda:0")
         dec = FastDecoder(model, max_len=128)
         run = timeline(dec)
         out["runs"][precision] = run

@@ -739,6 +739,18 @@ def lookup_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False)
     return tuned or default
 
 
+def _segments(ws: tuple[Packed4bit, ...], rows: Sequence[int]) -> list[Any]:
+    """The kernels' three weight slots (q, k and v): per weight its packed bytes, scales, nested scales and table,
+    offset, and the rows the kernel reads of it; the pointers a plain weight does not use get a tensor of the right
+    kind, never read, and unused slots repeat the first (never reached: SEGMENTS)."""
+    segments: list[Any] = []
+    for v, n in zip(ws, rows):
+        nested = v.nested
+        segments += [v.data, v.absmax, v.absmax2 if nested else v.absmax, v.code2 if nested else v.code,
+                     v.offset if nested else v.code, n]
+    return segments + segments[:6] * (3 - len(ws))
+
+
 def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
             config: GemvConfig | None, lookup: str | None = None, batch_axis: int | None = None) -> torch.Tensor:
     _check(x, ws, swiglu)
@@ -763,12 +775,7 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     x16 = x.dtype != torch.float32
     if x16 and x.storage_offset() % 2:  # read as 32-bit pairs: a view starting mid-pair (a compiler's buffer) moves
         x = x.clone()
-    segments = []
-    for v, n in zip(ws, counts):
-        nested = v.nested  # the pointers a plain weight does not use get a tensor of the right kind, never read
-        segments += [v.data, v.absmax, v.absmax2 if nested else v.absmax, v.code2 if nested else v.code,
-                     v.offset if nested else v.code, n]
-    segments += segments[:6] * (3 - len(ws))  # unused slots: never reached (SEGMENTS)
+    segments = _segments(ws, counts)
     blocks, vectors = sum(triton.cdiv(n, cfg.block_n) for n in counts), x.numel() // k
     if batch_axis is None:  # the vectors on axis 0 unless the row blocks overflow axis 1 (at most 65535 programs)
         batch_axis = 0 if blocks < 65536 else 1
@@ -781,7 +788,6 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
                         BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                         EVEN_K=k % cfg.block_k == 0, BATCH_AXIS=batch_axis, num_warps=cfg.num_warps)
     return y
-
 
 
 def tensor_cores(device: torch.device | str) -> bool:
@@ -829,6 +835,7 @@ def check_pair_lookup(device: torch.device | str, lookup: str) -> str:
             _PAIR_CHECKED[device] = False
     return lookup if _PAIR_CHECKED[device] else "load"
 
+
 def _launch_tensor_cores(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
                          lookup: str) -> torch.Tensor:
     """More than ``ROW_KERNEL_MAX_VECTORS`` vectors: ``_tc4_kernel`` (each weight looked up once for all of them,
@@ -845,12 +852,7 @@ def _launch_tensor_cores(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torc
     per_split = triton.cdiv(triton.cdiv(blocks_per_row, splits), unroll) * unroll
     splits = triton.cdiv(blocks_per_row, per_split)
     part = torch.empty(splits, vectors, n_total, dtype=torch.float32, device=x.device)
-    segments = []
-    for v in ws:
-        nested = v.nested  # the pointers a plain weight does not use get a tensor of the right kind, never read
-        segments += [v.data, v.absmax, v.absmax2 if nested else v.absmax, v.code2 if nested else v.code,
-                     v.offset if nested else v.code, v.shape[0]]
-    segments += segments[:6] * (3 - len(ws))  # unused slots: never reached (SEGMENTS)
+    segments = _segments(ws, rows)
     _tc4_kernel[(row_blocks, splits)](
         x.reshape(vectors, k).contiguous(), part, w.code, *segments, vectors, k // 2, blocks_per_row, per_split,
         n_total, SEGMENTS=len(ws), NESTED=w.nested,
