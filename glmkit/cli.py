@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PyTorch's caching allocator to plan for (default: $PYTORCH_CUDA_ALLOC_CONF if set, else "
                         "expandable, which glmkit sets in every process it starts)")
     p.add_argument("--fast-decode", action="store_true",
-                   help="budget the fast decode path's extra memory (fused q/k/v copies, fp32 logits)")
+                   help="budget the fast decode path's extra memory (fused q/k/v copies, fp32 logits, a 4-bit batch's "
+                        "partial sums)")
     p.add_argument("--for", dest="for_server", choices=["vllm"], help="also print the `vllm serve` command line")
     p.add_argument("--gpu-memory", type=memory_budget,
                    help="each card's whole memory, when --devices budgets only part of it (--for vllm)")

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from glmkit.device_map import as_model, model_units, output_layer_name
+from glmkit.gemv4bit import MAX_VECTORS, tensor_core_workspace_bytes
 from glmkit.vocabulary import (
     ALLOC_CONF_ENV,
     ALLOCATORS,
@@ -378,6 +379,24 @@ def fused_qkv_bytes(config: Any, dtype: torch.dtype | str = torch.bfloat16, quan
     return (rows * config.hidden_size + bias) * element_size(dtype)
 
 
+def four_bit_workspace_bytes(config: Any, batch_size: int) -> int:
+    """Bytes ``glmkit.fast_decode.FastDecoder`` allocates during a 4-bit decode step beside its buffers: the fp32
+    partial sums of glmkit's tensor-core 4-bit kernel, which steps of more than ``ROW_KERNEL_MAX_VECTORS`` rows use
+    (on GPUs of compute capability 8.0+), for the largest projection of the step (freed before the next one runs).
+
+    >>> from glmkit.models import glm4_9b_chat_config
+    >>> round(four_bit_workspace_bytes(glm4_9b_chat_config(), 64) / 2**20, 1), four_bit_workspace_bytes(glm4_9b_chat_config(), 1)
+    (6.7, 0)
+    """
+    hidden, hd, mlp = config.hidden_size, head_dim(config), config.intermediate_size
+    heads, kv = config.num_attention_heads, kv_heads(config)
+    launches = ([(heads * hd, hidden), (kv * hd, hidden), (kv * hd, hidden)], [(hidden, heads * hd)],
+                [(2 * mlp, hidden)], [(hidden, mlp)])
+    if batch_size > MAX_VECTORS:  # bitsandbytes' dequantize-then-GEMM: counted with the activations
+        return 0
+    return max(tensor_core_workspace_bytes(w, batch_size) for w in launches)
+
+
 def _kv_dtype(dtype: torch.dtype, quantization: str | None) -> torch.dtype:
     # bitsandbytes models compute (and cache K/V) in the compute dtype: bf16 unless fp16 was asked.
     return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.bfloat16
@@ -435,6 +454,7 @@ def costs(model: nn.Module, workload: Workload) -> Costs:
         problems=problems,
         fast_per_layer=fused_qkv_bytes(config, w.dtype, quantization) if w.fast_decode else 0,
         fast_logits=logits,
-        fast_stage=fast_decode_buffers_bytes(config, w.context_len, batch_size, kv_dtype) - logits if w.fast_decode
-        else 0,
+        fast_stage=fast_decode_buffers_bytes(config, w.context_len, batch_size, kv_dtype) - logits
+        + (four_bit_workspace_bytes(config, batch_size) if quantization not in (None, "int8") else 0)
+        if w.fast_decode else 0,
     )

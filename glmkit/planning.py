@@ -75,7 +75,7 @@ class DevicePlan:
     budget: int
     layers: int = 0
     allocator: int = 0  # PyTorch's caching-allocator slack (reserved but not in use at the peak)
-    fast_decode: int = 0  # FastDecoder's extra buffers: fused q/k/v copies, fp32 logits
+    fast_decode: int = 0  # FastDecoder's extra buffers: fused q/k/v copies, fp32 logits, 4-bit batch partial sums
 
     @property
     def total(self) -> int:
@@ -226,7 +226,8 @@ def plan_memory(
             (less slack); ``None``: as ``allocator``.
         allocator: ``"expandable"`` or ``"default"``; ``None``: ``PYTORCH_CUDA_ALLOC_CONF`` when the environment
             sets it, else ``"expandable"`` (glmkit sets it in every process it starts). The plan says which.
-        fast_decode: budget ``glmkit.fast_decode.FastDecoder``'s extra buffers (fused q/k/v copies, fp32 logits).
+        fast_decode: budget ``glmkit.fast_decode.FastDecoder``'s extra buffers (fused q/k/v copies, fp32 logits; a
+            4-bit model's batch of 3-64 rows: the tensor-core kernel's partial sums, ``glmkit.costs.four_bit_workspace_bytes``).
 
     >>> from glmkit.models import glm4_9b_chat_config
     >>> plan = plan_memory(glm4_9b_chat_config(), ["12GiB", "12GiB"], context_len=8192)

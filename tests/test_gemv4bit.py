@@ -215,6 +215,29 @@ def test_more_vectors_than_the_row_kernel_takes_share_each_lookup(dtype, program
         _launch(x, (ws[0],), None, False, GemvConfig(8, 64, 2), "load")
 
 
+def test_the_tensor_core_kernel_allocates_the_workspace_the_planner_counts(monkeypatch):
+    # every fp32 tensor a launch allocates (its partial sums) against tensor_core_workspace_bytes, which the planner
+    # adds to a 4-bit fast decoder's budget: split columns and not, q/k/v in one launch, SwiGLU; none at 2 vectors
+    allocated = []
+    empty = torch.empty
+
+    def recording_empty(*shape, dtype=None, **kw):
+        t = empty(*shape, dtype=dtype, **kw)
+        if dtype == torch.float32:
+            allocated.append(t.nbytes)
+        return t
+
+    monkeypatch.setattr(gemv4bit.torch, "empty", recording_empty)
+    ws = [quantize(rand(n, 320, seed=n), "nf4") for n in (40, 8, 8)]
+    big = quantize(rand(2 * 200, 640, seed=5), "nf4")
+    for weights, swiglu, vectors in [(ws, False, 5), (ws[:1], False, 3), ([big], True, 4), (ws, False, 2)]:
+        allocated.clear()
+        x = rand(vectors, 1, weights[0].shape[1], dtype=torch.bfloat16, seed=vectors)  # y: bf16, not counted
+        _launch(x, tuple(weights), None, swiglu, None, "load")
+        expected = gemv4bit.tensor_core_workspace_bytes([w.shape for w in weights], vectors)
+        assert sum(allocated) == expected and (expected > 0) == (vectors > ROW_KERNEL_MAX_VECTORS)
+
+
 def test_gemv_4bit_in_bfloat16_is_as_close_to_float64_as_bitsandbytes():
     w = quantize(rand(128, 512, dtype=torch.bfloat16), "nf4", double_quant=True)
     x = rand(1, 1, 512, dtype=torch.bfloat16, seed=1)

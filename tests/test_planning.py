@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from glmkit.costs import Workload, fast_decode_buffers_bytes, fused_qkv_bytes
+from glmkit.costs import Workload, fast_decode_buffers_bytes, four_bit_workspace_bytes, fused_qkv_bytes
 from glmkit.device_map import DeviceMapError, as_model, split_layers
 from glmkit.loading import load_model
 from glmkit.models import glm4_9b_chat_config, tiny_glm_config
@@ -174,6 +174,17 @@ def test_fast_decode_puts_each_share_on_its_device_and_shortens_the_longest_cont
     assert [d.fast_decode for d in bf16.devices] == [
         d.layers * qkv + fast_decode_buffers_bytes(C, 4096) - (logits if i == 0 else 0) for i, d in enumerate(bf16.devices)]
     assert max_context(C, ["24GiB"], fast_decode=True) < max_context(C, ["24GiB"])
+
+
+def test_a_4bit_fast_decoder_s_batch_budgets_the_tensor_core_kernel_s_partial_sums():
+    # steps of 3 to 64 rows run glmkit's tensor-core 4-bit kernel, whose fp32 partial sums (gate/up's the largest:
+    # 6.7 MiB at 64 rows) the planner counts; batch 1-2 and int8/16-bit plans are unchanged
+    for batch, extra in ((1, 0), (2, 0), (16, four_bit_workspace_bytes(C, 16)), (64, four_bit_workspace_bytes(C, 64))):
+        d = plan_memory(C, ["80GiB"], context_len=4096, batch_size=batch, quantization="nf4", fast_decode=True).devices[0]
+        assert d.fast_decode == fast_decode_buffers_bytes(C, 4096, batch) + extra
+    assert 0 < four_bit_workspace_bytes(C, 16) < four_bit_workspace_bytes(C, 64) < 7 * 2**20
+    bf16 = plan_memory(C, ["80GiB"], context_len=4096, batch_size=16, fast_decode=True).devices[0]
+    assert bf16.fast_decode == 40 * fused_qkv_bytes(C) + fast_decode_buffers_bytes(C, 4096, 16)
 
 
 def test_the_fast_decoder_s_buffers_are_what_the_planner_budgets():
