@@ -435,6 +435,22 @@ if triton is not None:
         tl.store(y_ptr + rows, y.to(out_dtype), mask=row_ok)
 
     @triton.jit
+    def _segment(pid, n0, n1, SEGMENTS: tl.constexpr, BLOCK_N: tl.constexpr):
+        # which of up to three weights of n0, n1, ... rows (q, k and v; one launch) row block `pid` is in, counted in
+        # blocks of BLOCK_N rows: (that weight, its row block, the rows of the weights before it)
+        p0 = tl.cdiv(n0, BLOCK_N)
+        if SEGMENTS == 1:
+            return 0, pid, 0
+        p1 = p0 + tl.cdiv(n1, BLOCK_N)
+        seg = tl.where(pid < p0, 0, tl.where(pid < p1, 1, 2))
+        return seg, pid - _pick(seg, 0, p0, p1), _pick(seg, 0, n0, n0 + n1)
+
+    @triton.jit
+    def _pick(seg, first, second, third):
+        # the argument of weight `seg` (0, 1 or 2)
+        return tl.where(seg == 0, first, tl.where(seg == 1, second, third))
+
+    @triton.jit
     def _gemv4_kernel(x_ptr, y_ptr, b_ptr, code_ptr,
                       q0, a0, a20, c20, o0, n0,
                       q1, a1, a21, c21, o1, n1,
@@ -461,20 +477,11 @@ if triton is not None:
             x_ptr += vector * bytes_per_row
         else:
             x_ptr += vector * 2 * bytes_per_row
-        p0 = tl.cdiv(n0, BLOCK_N)
-        if pid < p0:
-            _rows_4bit(x_ptr, y_ptr, b_ptr, q0, a0, code_ptr, a20, c20, o0, pid, n0, bytes_per_row, blocks_per_row,
-                       X16, XBF16, NESTED, HAS_BIAS, SWIGLU, MODE, PTX, BS, BS2, BLOCK_N, BLOCK_K, EVEN_K)
-        elif SEGMENTS >= 2:
-            p1 = tl.cdiv(n1, BLOCK_N)
-            if pid < p0 + p1:
-                _rows_4bit(x_ptr, y_ptr + n0, b_ptr + n0, q1, a1, code_ptr, a21, c21, o1, pid - p0, n1,
-                           bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, MODE, PTX, BS, BS2, BLOCK_N,
-                           BLOCK_K, EVEN_K)
-            elif SEGMENTS >= 3:
-                _rows_4bit(x_ptr, y_ptr + n0 + n1, b_ptr + n0 + n1, q2, a2, code_ptr, a22, c22, o2, pid - p0 - p1,
-                           n2, bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, MODE, PTX, BS, BS2,
-                           BLOCK_N, BLOCK_K, EVEN_K)
+        seg, block, row0 = _segment(pid, n0, n1, SEGMENTS, BLOCK_N)
+        _rows_4bit(x_ptr, y_ptr + row0, b_ptr + row0, _pick(seg, q0, q1, q2), _pick(seg, a0, a1, a2), code_ptr,
+                   _pick(seg, a20, a21, a22), _pick(seg, c20, c21, c22), _pick(seg, o0, o1, o2), block,
+                   _pick(seg, n0, n1, n2), bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, MODE,
+                   PTX, BS, BS2, BLOCK_N, BLOCK_K, EVEN_K)
 
 
     # one weight byte ($1; $2 the same) -> both its values as a pair of 16-bit floats in one register ($0: the high
@@ -552,23 +559,11 @@ if triton is not None:
                     BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, UNROLL: tl.constexpr):
         # a batch of vectors through up to three weights of the same columns (q, k and v): grid (row blocks of
         # all weights, splits of the columns); the first row blocks are the first weight's, and so on
-        pid = tl.program_id(0)
-        split = tl.program_id(1)
-        p0 = tl.cdiv(n0, BLOCK_N)
-        if pid < p0:
-            _tc_rows(x_ptr, part_ptr, q0, a0, code_ptr, a20, c20, o0, pid, split, n0, 0, n_total, vectors,
-                     bytes_per_row, blocks_per_row, blocks_per_split, NESTED, SHUFFLE, IEEE, BS, BS2, BLOCK_N,
-                     BLOCK_B, UNROLL)
-        elif SEGMENTS >= 2:
-            p1 = tl.cdiv(n1, BLOCK_N)
-            if pid < p0 + p1:
-                _tc_rows(x_ptr, part_ptr, q1, a1, code_ptr, a21, c21, o1, pid - p0, split, n1, n0, n_total,
-                         vectors, bytes_per_row, blocks_per_row, blocks_per_split, NESTED, SHUFFLE, IEEE, BS, BS2,
-                         BLOCK_N, BLOCK_B, UNROLL)
-            elif SEGMENTS >= 3:
-                _tc_rows(x_ptr, part_ptr, q2, a2, code_ptr, a22, c22, o2, pid - p0 - p1, split, n2, n0 + n1,
-                         n_total, vectors, bytes_per_row, blocks_per_row, blocks_per_split, NESTED, SHUFFLE, IEEE,
-                         BS, BS2, BLOCK_N, BLOCK_B, UNROLL)
+        seg, block, row0 = _segment(tl.program_id(0), n0, n1, SEGMENTS, BLOCK_N)
+        _tc_rows(x_ptr, part_ptr, _pick(seg, q0, q1, q2), _pick(seg, a0, a1, a2), code_ptr, _pick(seg, a20, a21, a22),
+                 _pick(seg, c20, c21, c22), _pick(seg, o0, o1, o2), block, tl.program_id(1), _pick(seg, n0, n1, n2),
+                 row0, n_total, vectors, bytes_per_row, blocks_per_row, blocks_per_split, NESTED, SHUFFLE, IEEE, BS,
+                 BS2, BLOCK_N, BLOCK_B, UNROLL)
 
     @triton.jit
     def _tc_sum_kernel(part_ptr, y_ptr, b_ptr, splits, vectors, n_total, n_out, HAS_BIAS: tl.constexpr,
@@ -654,15 +649,21 @@ def check_lookup(device: torch.device | str) -> str:
     x = torch.randn(1, 1, 256, device=device, generator=g).to(torch.bfloat16)
     for double_quant in (False, True):
         w = quantize(torch.randn(64, 256, device=device, generator=g), "nf4", double_quant)
-        want = _launch(x, (w,), None, False, None, lookup="load").float()
-        got = _launch(x, (w,), None, False, None, lookup="shuffle").float()
-        if not torch.allclose(got, want, rtol=1e-2, atol=1e-2):
-            warnings.warn(f"glmkit's 4-bit kernels: the warp-shuffle lookup disagrees with table loads on "
-                          f"{torch.cuda.get_device_name(device)}; using table loads (slower). Please report it.",
-                          RuntimeWarning, stacklevel=2)
+        if not _shuffle_agrees(device, "4-bit kernels", lambda lookup, w=w: _launch(x, (w,), None, False, None, lookup)):
             LOOKUP = "load"
             break
     return LOOKUP
+
+
+def _shuffle_agrees(device: torch.device, kernels: str, run: Any) -> bool:
+    """Whether ``run("shuffle")`` gives ``run("load")``'s products (within 1%); if not, a warning that names the
+    kernels and says what they use instead."""
+    if torch.allclose(run("shuffle").float(), run("load").float(), rtol=1e-2, atol=1e-2):
+        return True
+    warnings.warn(f"glmkit's {kernels}: the warp-shuffle lookup disagrees with table loads on "
+                  f"{torch.cuda.get_device_name(device)}; using table loads (slower). Please report it.",
+                  RuntimeWarning, stacklevel=3)
+    return False
 
 
 _PAIRS: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -827,13 +828,8 @@ def check_pair_lookup(device: torch.device | str, lookup: str) -> str:
         g = torch.Generator(device=device).manual_seed(0)
         x = torch.randn(ROW_KERNEL_MAX_VECTORS + 1, 1, 256, device=device, generator=g).to(torch.bfloat16)
         w = quantize(torch.randn(64, 256, device=device, generator=g), "nf4", double_quant=True)
-        want = _launch_tensor_cores(x, (w,), None, False, "load").float()
-        got = _launch_tensor_cores(x, (w,), None, False, "shuffle").float()
-        if not torch.allclose(got, want, rtol=1e-2, atol=1e-2):
-            warnings.warn(f"glmkit's 4-bit tensor-core kernel: the warp-shuffle lookup disagrees with table loads on "
-                          f"{torch.cuda.get_device_name(device)}; using table loads (slower). Please report it.",
-                          RuntimeWarning, stacklevel=2)
-            _PAIR_CHECKED[device] = False
+        _PAIR_CHECKED[device] = _shuffle_agrees(device, "4-bit tensor-core kernel",
+                                                lambda lookup: _launch_tensor_cores(x, (w,), None, False, lookup))
     return lookup if _PAIR_CHECKED[device] else "load"
 
 
