@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from glmkit.device_map import as_model, model_units, output_layer_name
-from glmkit.gemv4bit import MAX_VECTORS, tensor_core_workspace_bytes
 from glmkit.vocabulary import (
     ALLOC_CONF_ENV,
     ALLOCATORS,
@@ -379,9 +378,48 @@ def fused_qkv_bytes(config: Any, dtype: torch.dtype | str = torch.bfloat16, quan
     return (rows * config.hidden_size + bias) * element_size(dtype)
 
 
+# glmkit.gemv4bit's 4-bit launches as far as the planner needs them (the kernels sit a layer above the planner, which
+# cannot import them; tests/test_gemv4bit.py checks these against the kernel module and what its launches allocate):
+# the most rows the per-row kernel takes and the kernels take at all, and the tensor-core kernel's rows a program,
+# the programs it aims for and the quantization blocks a loop step
+ROW_KERNEL_ROWS, FOUR_BIT_KERNEL_ROWS = 2, 64
+TC_BLOCK_N, TC_TARGET_PROGRAMS, TC_UNROLL = 64, 264, 2
+
+
+def column_splits(blocks_per_row: int, row_blocks: int, target_programs: int = TC_TARGET_PROGRAMS,
+                  unroll: int = TC_UNROLL) -> tuple[int, int, int]:
+    """How glmkit's tensor-core 4-bit kernel splits a row's quantization blocks over programs so that its grid has
+    about ``target_programs``: (splits, blocks per split, blocks a loop step).
+
+    >>> column_splits(64, 428), column_splits(214, 64)  # GLM-4-9B's gate/up, and down_proj
+    ((1, 64, 2), (4, 54, 2))
+    """
+    unroll = unroll if blocks_per_row % unroll == 0 else 1
+    splits = max(1, min(blocks_per_row // unroll, round(target_programs / row_blocks)))
+    per_split = math.ceil(math.ceil(blocks_per_row / splits) / unroll) * unroll
+    return math.ceil(blocks_per_row / per_split), per_split, unroll
+
+
+def tensor_core_workspace_bytes(weights: Sequence[tuple[int, int]], vectors: int, blocksize: int = 64) -> int:
+    """Bytes of fp32 partial sums glmkit's tensor-core 4-bit kernel (more than ``ROW_KERNEL_ROWS`` rows)
+    allocates while it multiplies ``vectors`` rows by the ``[n, k]`` weights of one launch (one weight, or q/k/v),
+    before its second kernel sums them.
+
+    >>> round(tensor_core_workspace_bytes([(27392, 4096)], 64) / 2**20, 1)  # GLM-4-9B's gate/up at 64 rows, MiB
+    6.7
+    >>> tensor_core_workspace_bytes([(4096, 4096), (256, 4096), (256, 4096)], 2)  # the per-row kernel: none
+    0
+    """
+    if vectors <= ROW_KERNEL_ROWS:
+        return 0
+    row_blocks = sum(math.ceil(n / TC_BLOCK_N) for n, _ in weights)
+    splits, _, _ = column_splits(weights[0][1] // blocksize, row_blocks)
+    return splits * vectors * sum(n for n, _ in weights) * 4
+
+
 def four_bit_workspace_bytes(config: Any, batch_size: int) -> int:
     """Bytes ``glmkit.fast_decode.FastDecoder`` allocates during a 4-bit decode step beside its buffers: the fp32
-    partial sums of glmkit's tensor-core 4-bit kernel, which steps of more than ``ROW_KERNEL_MAX_VECTORS`` rows use
+    partial sums of glmkit's tensor-core 4-bit kernel, which steps of more than ``ROW_KERNEL_ROWS`` rows use
     (on GPUs of compute capability 8.0+), for the largest projection of the step (freed before the next one runs).
 
     >>> from glmkit.models import glm4_9b_chat_config
@@ -392,7 +430,7 @@ def four_bit_workspace_bytes(config: Any, batch_size: int) -> int:
     heads, kv = config.num_attention_heads, kv_heads(config)
     launches = ([(heads * hd, hidden), (kv * hd, hidden), (kv * hd, hidden)], [(hidden, heads * hd)],
                 [(2 * mlp, hidden)], [(hidden, mlp)])
-    if batch_size > MAX_VECTORS:  # bitsandbytes' dequantize-then-GEMM: counted with the activations
+    if batch_size > FOUR_BIT_KERNEL_ROWS:  # bitsandbytes' dequantize-then-GEMM: counted with the activations
         return 0
     return max(tensor_core_workspace_bytes(w, batch_size) for w in launches)
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -47,6 +46,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from glmkit.costs import column_splits
 from glmkit.gemv import (
     ASSETS,
     INTERPRETER,
@@ -63,7 +63,7 @@ if triton is not None:  # optional: Triton (Linux x86-64) builds the kernels; gl
     import triton.language as tl
 
 __all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_multi", "gemv_4bit_swiglu", "linear_4bit",
-           "tensor_cores", "check_pair_lookup", "ROW_KERNEL_MAX_VECTORS", "tensor_core_workspace_bytes",
+           "tensor_cores", "check_pair_lookup", "ROW_KERNEL_MAX_VECTORS",
            "pick_config_4bit", "config_for", "kernel_for", "check_lookup", "lookup_for", "tuned_lookups", "pair_table",
            "LOOKUP", "LOOKUPS", "triton_available", "is_4bit",
            "unsupported_quantization"]
@@ -833,33 +833,6 @@ def check_pair_lookup(device: torch.device | str, lookup: str) -> str:
     return lookup if _PAIR_CHECKED[device] else "load"
 
 
-def _column_splits(blocks_per_row: int, row_blocks: int) -> tuple[int, int, int]:
-    """How the tensor-core kernel splits a row's quantization blocks over programs: (splits, blocks per split, blocks
-    a loop step), so that the grid has about ``TC_TARGET_PROGRAMS`` programs."""
-    unroll = TC_UNROLL if blocks_per_row % TC_UNROLL == 0 else 1
-    splits = max(1, min(blocks_per_row // unroll, round(TC_TARGET_PROGRAMS / row_blocks)))
-    per_split = math.ceil(math.ceil(blocks_per_row / splits) / unroll) * unroll
-    return math.ceil(blocks_per_row / per_split), per_split, unroll
-
-
-def tensor_core_workspace_bytes(weights: Sequence[tuple[int, int]], vectors: int, blocksize: int = 64) -> int:
-    """Bytes of fp32 partial sums the tensor-core kernel (more than ``ROW_KERNEL_MAX_VECTORS`` vectors) allocates
-    while it multiplies ``vectors`` rows by the ``[n, k]`` weights of one launch (one weight, or q/k/v), before its
-    second kernel sums them. The planner counts the largest launch of a step (``glmkit.costs``).
-
-    >>> round(tensor_core_workspace_bytes([(27392, 4096)], 64) / 2**20, 1)  # GLM-4-9B's gate/up at 64 rows, MiB
-    6.7
-    >>> tensor_core_workspace_bytes([(4096, 4096), (256, 4096), (256, 4096)], 2)  # the per-row kernel: none
-    0
-    """
-    if vectors <= ROW_KERNEL_MAX_VECTORS:
-        return 0
-    k = weights[0][1]
-    row_blocks = sum(math.ceil(n / TC_BLOCK_N) for n, _ in weights)
-    splits, _, _ = _column_splits(k // blocksize, row_blocks)
-    return splits * vectors * sum(n for n, _ in weights) * 4
-
-
 def _launch_tensor_cores(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
                          lookup: str) -> torch.Tensor:
     """More than ``ROW_KERNEL_MAX_VECTORS`` vectors: ``_tc4_kernel`` (each weight looked up once for all of them,
@@ -871,7 +844,7 @@ def _launch_tensor_cores(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torc
     n_out = n_total // 2 if swiglu else n_total
     vectors, blocks_per_row = x.numel() // k, k // w.blocksize
     row_blocks = sum(triton.cdiv(n, TC_BLOCK_N) for n in rows)
-    splits, per_split, unroll = _column_splits(blocks_per_row, row_blocks)
+    splits, per_split, unroll = column_splits(blocks_per_row, row_blocks, TC_TARGET_PROGRAMS, TC_UNROLL)
     part = torch.empty(splits, vectors, n_total, dtype=torch.float32, device=x.device)
     segments = _segments(ws, rows)
     _tc4_kernel[(row_blocks, splits)](

@@ -1880,6 +1880,36 @@ def _tok_s(row: dict[str, Any], key: str) -> str:
     return f"{row[key]:.1f}" if key in row else "-"
 
 
+def nf4_limits_sentence() -> Text:
+    """What holds glmkit's batch-1 4-bit kernel back: Nsight Compute's view of it and of the bf16 kernel on GLM-4-9B's
+    gate_up (``nf4_ncu.json``), and two other designs measured slower on the same card (``nf4_four_rows.json``,
+    ``nf4_lookups.json``), or "not measured yet"."""
+    def render(r: dict[str, Any]) -> str:
+        rows = {(x["weights"], x["projection"]): x for x in r["rows"]}
+        nf4, bf16 = rows[("nf4", "gate_up (SwiGLU)")], rows[("bf16", "gate_up (SwiGLU)")]
+        text = (f"What holds the 4-bit kernel back, read with Nsight Compute on {measured_on(r)} (`nf4_ncu.json`): on "
+                f"gate_up, the 4-bit kernel keeps the SM's L1/TEX unit {nf4['L1/TEX Cache Throughput %']:.0f}% busy "
+                f"while memory (DRAM) is {nf4['DRAM Throughput %']:.0f}% busy, and each scheduler issues "
+                f"{nf4['Issued Warp Per Scheduler']:.2f} instructions a cycle (at most 1); the bf16 kernel on the same "
+                f"projection keeps DRAM {bf16['DRAM Throughput %']:.0f}% busy and L1/TEX "
+                f"{bf16['L1/TEX Cache Throughput %']:.0f}%. A 4-bit token is bound by the work on each packed byte "
+                f"inside the SM (find its two values, scale, multiply), not by the bytes it reads: that is why it "
+                f"is not three times faster than bf16, though it reads a third of the bytes.")
+        four, lookups = load("nf4_four_rows"), load("nf4_lookups")
+        if four and lookups:
+            us = {(x["projection"], x["four_rows_warps"]): x["us"] for x in four["projections"]}
+            best = lookups["best_us"]
+            rows_us = min(v for (p, w), v in us.items() if p == "gate_up" and w)
+            text += (f" Two other designs were slower on gate_up: threads that read x once for four weight rows "
+                     f"({rows_us:.1f} against {us[('gate_up', 0)]:.1f} µs, `nf4_four_rows.json`), and nibbles "
+                     f"looked up by byte permutes on the integer units instead of warp shuffles "
+                     f"({best['gate_up prmt']:.1f} µs; half the bytes each way {best['gate_up mixed']:.1f}, against "
+                     f"{best['gate_up shuffle']:.1f}, `nf4_lookups.json`).")
+        return text
+    return from_result("nf4_ncu", render, what="What holds the 4-bit kernel back",
+                       script="ncu ... python3 benchmarks/nf4_ncu_target.py")
+
+
 def nf4_batch_sentence() -> Text:
     """A 4-bit model's decode speed by batch size, glmkit's two 4-bit kernels against bitsandbytes' and bf16, in one
     run (``nf4_batch.json``), and which kernel ``gemv="auto"`` takes at which batch size."""
@@ -2070,6 +2100,7 @@ def readme_measured_section() -> str:
                "**Fast decode path**: " + decode_sentence().replace("\n\n", " "),
                "**The fast path in fp16 and nf4**: " + nf4_decode_sentence(),
                "**glmkit's 4-bit kernel**: " + nf4_kernel_sentence(),
+               "**What holds 4-bit back**: " + nf4_limits_sentence(),
                "**4-bit by batch size**: " + nf4_batch_sentence(),
                "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
                "**Fewer kernels per step**: " + str(fusion_sentence()) + " " + pdl_sentence() + " "

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from helpers import DEVICE, rand
 
-from glmkit import gemv4bit
+from glmkit import costs, gemv4bit
 from glmkit.gemv import GemvConfig
 from glmkit.gemv4bit import (
     LOOKUPS,
@@ -234,8 +234,12 @@ def test_the_tensor_core_kernel_allocates_the_workspace_the_planner_counts(monke
         allocated.clear()
         x = rand(vectors, 1, weights[0].shape[1], dtype=torch.bfloat16, seed=vectors)  # y: bf16, not counted
         _launch(x, tuple(weights), None, swiglu, None, "load")
-        expected = gemv4bit.tensor_core_workspace_bytes([w.shape for w in weights], vectors)
+        expected = costs.tensor_core_workspace_bytes([w.shape for w in weights], vectors)
         assert sum(allocated) == expected and (expected > 0) == (vectors > ROW_KERNEL_MAX_VECTORS)
+    # the planner's copy of the launch (it sits below the kernels) is the kernel module's
+    assert (costs.ROW_KERNEL_ROWS, costs.FOUR_BIT_KERNEL_ROWS) == (ROW_KERNEL_MAX_VECTORS, gemv4bit.MAX_VECTORS)
+    assert (costs.TC_BLOCK_N, costs.TC_TARGET_PROGRAMS, costs.TC_UNROLL) == (
+        gemv4bit.TC_BLOCK_N, gemv4bit.TC_TARGET_PROGRAMS, gemv4bit.TC_UNROLL)
 
 
 def test_gemv_4bit_in_bfloat16_is_as_close_to_float64_as_bitsandbytes():

@@ -229,6 +229,14 @@ def test_rendered_sentences_match_the_committed_files():
     long = results.load("nf4_decode")["long_context"]
     assert f"decoding at {long['decode_tok_s']:.1f} tok/s" in nf4 and f"{long['peak_reserved'] / 2**30:.2f} GiB" in nf4
     assert ("within the plan" in nf4) == (long["peak_reserved"] <= long["planned_bytes"])
+    limits, ncu = results.nf4_limits_sentence(), {(r["weights"], r["projection"]): r for r in results.load("nf4_ncu")["rows"]}
+    gate_up4, gate_up16 = ncu[("nf4", "gate_up (SwiGLU)")], ncu[("bf16", "gate_up (SwiGLU)")]
+    assert f"L1/TEX unit {gate_up4['L1/TEX Cache Throughput %']:.0f}% busy" in limits
+    assert f"(DRAM) is {gate_up4['DRAM Throughput %']:.0f}% busy" in limits
+    assert f"keeps DRAM {gate_up16['DRAM Throughput %']:.0f}% busy" in limits
+    assert gate_up4["DRAM Throughput %"] < gate_up16["DRAM Throughput %"] < gate_up4["L1/TEX Cache Throughput %"]
+    best = results.load("nf4_lookups")["best_us"]
+    assert f"({best['gate_up prmt']:.1f} µs" in limits and best["gate_up shuffle"] < best["gate_up mixed"]
     batch, rows = results.nf4_batch_sentence(), results.load("nf4_batch")["rows"]
     for row in rows:  # every batch size's figures
         assert f"against {row['nf4_bitsandbytes']:.1f} tok/s ({row['glmkit_over_bitsandbytes']:.2f}x" in batch
