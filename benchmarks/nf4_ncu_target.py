@@ -1,8 +1,7 @@
 """The kernels Nsight Compute profiled for the 4-bit GEMV's bottleneck: glmkit's per-row 4-bit kernel on GLM-4-9B's
 gate_up (SwiGLU) and o_proj shapes, and the bf16 GEMV on the same shapes, three times each.
 
-    ncu --clock-control none -k regex:_gemv --launch-skip 4 --launch-count 4 --section SpeedOfLight \\
-        --section WarpStateStats --section MemoryWorkloadAnalysis python3 benchmarks/nf4_ncu_target.py
+    PYTHONPATH=. python benchmarks/nf4_ncu.py     # runs Nsight Compute on this script
 """
 
 import torch
