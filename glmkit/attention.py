@@ -115,6 +115,10 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(cache_dtype), v)
         return m_new, l_i, acc
 
+    # No inline PTX (tl.inline_asm_elementwise) in this kernel or the functions it calls: a compiled layer traces it,
+    # and torch.compile's mutation analysis cannot read inline asm ("ttir analysis hit an op we do not know how to
+    # analyze"); on an H200 a compiled nf4 decoder whose attention kernel held some changed its tokens
+    # (benchmarks/results/prefetch_l2.json's note). glmkit's 4-bit kernels may: they are opaque PyTorch ops.
     @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, row_ptr, k_cache_ptr, v_cache_ptr,
                                  out_ptr, m_ptr, l_ptr, acc_ptr, stride_qb, stride_qh, stride_kb, stride_kh,
