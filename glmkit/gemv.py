@@ -272,6 +272,14 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
 
     @triton.jit
+    def swiglu_as_pytorch(gate, up, out_dtype: tl.constexpr):
+        # up * silu(gate) from fp32 sums, each of gate, up and silu(gate) rounded to the output's dtype as PyTorch's
+        # F.linear, F.silu and the product would round them
+        gate = gate.to(out_dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
+        return up.to(out_dtype).to(tl.float32) * silu
+
+    @triton.jit
     def wait_for_previous_kernel(PDL: tl.constexpr):
         # both, first thing: the next kernel may start as soon as every program of this one has started; nothing
         # the previous kernel writes is read or written before it has finished. The first thing each of glmkit's
@@ -354,13 +362,10 @@ if triton is not None:
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         if SWIGLU:
-            gate = y.to(out_dtype).to(tl.float32)
             up = tl.sum(acc_up, axis=1)
             if NORM:
                 up = up * rstd
-            up = up.to(out_dtype).to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
-            y = up * silu
+            y = swiglu_as_pytorch(y, up, out_dtype)
         if RESIDUAL:
             y = y.to(out_dtype).to(tl.float32) + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(out_dtype), mask=row_ok)

@@ -62,6 +62,8 @@ from glmkit.gemv import (
 if triton is not None:  # optional: Triton (Linux x86-64) builds the kernels; glmkit.gemv says when it is missing
     import triton.language as tl
 
+    from glmkit.gemv import swiglu_as_pytorch
+
 __all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_multi", "gemv_4bit_swiglu", "linear_4bit",
            "tensor_cores", "check_pair_lookup", "ROW_KERNEL_MAX_VECTORS",
            "pick_config_4bit", "config_for", "kernel_for", "check_lookup", "lookup_for", "tuned_lookups", "pair_table",
@@ -311,6 +313,17 @@ if triton is not None:
                                          dtype=tl.int32, is_pure=True, pack=1)
 
     @triton.jit
+    def _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, idx, NESTED: tl.constexpr, BS2: tl.constexpr):
+        # the fp32 scales of quantization blocks idx (bitsandbytes' double quantization, NESTED:
+        # absmax = code2[absmax_q] * absmax2[idx // BS2] + offset)
+        if NESTED:
+            scale = tl.load(code2_ptr + tl.load(absmax_ptr + idx).to(tl.int32)) * tl.load(absmax2_ptr + idx // BS2) \
+                + offset
+        else:
+            scale = tl.load(absmax_ptr + idx)
+        return scale
+
+    @triton.jit
     def _load_step(q_rows, a_rows, absmax_ptr, absmax2_ptr, code2_ptr, offset, kb0, byte0, blk0, bytes_per_row,
                    NESTED: tl.constexpr, PTX: tl.constexpr, HB: tl.constexpr, BS2: tl.constexpr):
         # the bytes [BLOCK_N, NB, HB] (each widened to 32 bits) and scales [BLOCK_N, NB] of the step at byte kb0;
@@ -325,11 +338,8 @@ if triton is not None:
                 scale = _ld_f32(code2_ptr + _ld_u8(absmax_ptr + a_idx)) * _ld_f32(absmax2_ptr + a_idx // BS2) + offset
             else:
                 scale = _ld_f32(absmax_ptr + a_idx)
-        elif NESTED:
-            scale = tl.load(code2_ptr + tl.load(absmax_ptr + a_idx).to(tl.int32)) * tl.load(absmax2_ptr + a_idx // BS2) \
-                + offset
         else:
-            scale = tl.load(absmax_ptr + a_idx)
+            scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, a_idx, NESTED, BS2)
         return q, scale
 
     @triton.jit
@@ -427,11 +437,8 @@ if triton is not None:
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows).to(tl.float32)
-        if SWIGLU:  # each rounded to y's dtype as PyTorch would round them
-            gate = y.to(out_dtype).to(tl.float32)
-            up = tl.sum(acc_up, axis=1).to(out_dtype).to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
-            y = up * silu
+        if SWIGLU:
+            y = swiglu_as_pytorch(y, tl.sum(acc_up, axis=1), out_dtype)
         tl.store(y_ptr + rows, y.to(out_dtype), mask=row_ok)
 
     @triton.jit
@@ -527,11 +534,7 @@ if triton is not None:
             for u in tl.static_range(UNROLL):
                 j = j1 + u
                 q = tl.load(q_rows + j * HB, eviction_policy="evict_first").to(tl.int32)
-                if NESTED:
-                    scale = tl.load(code2_ptr + tl.load(absmax_ptr + a_rows + j).to(tl.int32)) * \
-                        tl.load(absmax2_ptr + (a_rows + j) // BS2) + offset
-                else:
-                    scale = tl.load(absmax_ptr + a_rows + j)
+                scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset, a_rows + j, NESTED, BS2)
                 if SHUFFLE:
                     w = tl.inline_asm_elementwise(_SHUFFLE_PAIR_ASM, "=r,r,r,r,r", [tl.join(q, q), luts],
                                                   dtype=tl.int16, is_pure=True, pack=2)
@@ -584,9 +587,7 @@ if triton is not None:
             y += tl.load(b_ptr + r, mask=ok, other=0.0).to(tl.float32)
         out_dtype = y_ptr.dtype.element_ty
         if SWIGLU:
-            gate = y.to(out_dtype).to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
-            y = up.to(out_dtype).to(tl.float32) * silu
+            y = swiglu_as_pytorch(y, up, out_dtype)
         tl.store(y_ptr + v * n_out + r, y.to(out_dtype), mask=ok)
 
 
