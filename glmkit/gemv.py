@@ -272,14 +272,6 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
 
     @triton.jit
-    def swiglu_as_pytorch(gate, up, out_dtype: tl.constexpr):
-        # up * silu(gate) from fp32 sums, each of gate, up and silu(gate) rounded to the output's dtype as PyTorch's
-        # F.linear, F.silu and the product would round them
-        gate = gate.to(out_dtype).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
-        return up.to(out_dtype).to(tl.float32) * silu
-
-    @triton.jit
     def wait_for_previous_kernel(PDL: tl.constexpr):
         # both, first thing: the next kernel may start as soon as every program of this one has started; nothing
         # the previous kernel writes is read or written before it has finished. The first thing each of glmkit's
@@ -287,6 +279,14 @@ if triton is not None:
         # before waited behind them, benchmarks/results/early_loads.json and early_reads.json)
         allow_next_kernel(PDL)
         wait_for_inputs(PDL)
+
+    @triton.jit
+    def swiglu_as_pytorch(gate, up, out_dtype: tl.constexpr):
+        # up * silu(gate) from fp32 sums, each of gate, up and silu(gate) rounded to the output's dtype as PyTorch's
+        # F.linear, F.silu and the product would round them
+        gate = gate.to(out_dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(out_dtype).to(tl.float32)
+        return up.to(out_dtype).to(tl.float32) * silu
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, g_ptr, r_ptr, d_ptr, s_ptr, N, K, K_FULL, eps,
