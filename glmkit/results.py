@@ -669,6 +669,64 @@ def attention_tile_sentence() -> Text:
                        script="benchmarks/attention_tiles.py")
 
 
+_ROLE_LABELS = {"qkv": "q/k/v projection (norm folded in)", "attention": "attention (rope, cache write)",
+                "o_proj": "o_proj (+ residual)", "gate_up": "gate_up + SwiGLU (norm folded in)",
+                "down": "down_proj (+ residual)", "lm_head": "lm_head (final norm folded in)",
+                "other": "embedding, positions, logits copy"}
+
+
+def step_roles_table() -> Table | Text:
+    """Where a batch-1 bf16 step's time goes, role by role (``step_roles.json``): the time each role adds to the
+    step, and for the projections that time against their weight bytes at the copy bandwidth of the same run."""
+    def render(d: dict[str, Any]) -> Table:
+        run = d["runs"]["bf16, fast path"]
+        rows = []
+        for r in run["roles"]:
+            bound = f"{r['roofline_us']:.0f}" if "roofline_us" in r else "-"
+            share = f"{100 * r['fraction_of_copy_bandwidth']:.1f}%" if r.get("fraction_of_copy_bandwidth") else "-"
+            rows.append([_ROLE_LABELS.get(r["role"], r["role"]), f"{r['calls_per_step']:.0f}", f"{r['adds_us']:.0f}",
+                         bound, share])
+        return Table(["GLM-4-9B bf16 step, batch 1", "kernels", "µs it adds", "µs at copy bandwidth",
+                      "of copy bandwidth"], rows,
+                     caption=f"One run, {measured_on(d)} (`step_roles.json`), a {d['position']}-token cache: the step's "
+                             f"CUDA graph takes {run['replay_us']:.0f} µs against {run['roofline_us']:.0f} µs for its "
+                             f"weights at the copy bandwidth ({100 * run['roofline_us'] / run['replay_us']:.1f}%)")
+    return from_result("step_roles", render, what="Where a step's time goes",
+                       script="benchmarks/step_roles.py --checkpoint /tmp/glm9b")
+
+
+def attention_cost_sentence() -> Text:
+    """What attention costs a batch-1 bf16 step: the step with glmkit's attention kernel, with a kernel that only
+    copies q, and with none (``step_roles.json``); and the kernel change that took some of it back
+    (``attention_apart.json``)."""
+    def render(d: dict[str, Any]) -> str:
+        runs = d["runs"]
+        fast, minimal, none = (runs[f"bf16, {k}"]["replay_us"] for k in ("fast path", "minimal kernel", "no kernel"))
+        layers = next(r["calls_per_step"] for r in runs["bf16, fast path"]["roles"] if r["role"] == "attention")
+        roofline = runs["bf16, fast path"]["roofline_us"]
+        text = (f"At batch 1 attention reads almost nothing (GLM-4-9B: 1 KiB a cached token), yet in one run on an "
+                f"{measured_on(d)} (`step_roles.json`, a {d['position']}-token cache) a bf16 step took {fast:.0f} µs "
+                f"with glmkit's attention kernel, {minimal:.0f} µs with a kernel in its place that only waits for "
+                f"q/k/v and copies q ({(fast - minimal) / layers:.1f} µs a layer more: "
+                f"{100 * roofline / fast:.1f}% against {100 * roofline / minimal:.1f}% of the roofline), and "
+                f"{none:.0f} µs with no kernel there ({(minimal - none) / layers:.1f} µs a layer for the kernel "
+                f"boundary itself). Attention costs its chain of dependent steps on two SMs (one program per KV "
+                f"head: loads, tensor-core products, softmax sums across warps), not bytes.")
+        apart = load("attention_apart")
+        if apart:
+            first = apart["runs"][0]["dtypes"]["bf16"]["rows"]
+            old = next(r for r in first if not r["apart"])
+            new = next(r for r in first if r["apart"] and r["tile"] == [128, 8] and r["stages"] == "default")
+            text += (f" Attending to the new position's k and v apart from the cache tiles (the tiles then go to the "
+                     f"tensor cores as read) took a step from {old['best_replay_us']:.0f} to "
+                     f"{new['best_replay_us']:.0f} µs in one run (`attention_apart.json`: "
+                     f"{new['best_tok_s']:.1f} against {old['best_tok_s']:.1f} tok/s, "
+                     f"{100 * new['fraction_of_roofline']:.1f}% of the roofline measured in that run).")
+        return text
+    return from_result("step_roles", render, what="What attention costs a step",
+                       script="benchmarks/step_roles.py --checkpoint /tmp/glm9b")
+
+
 def fusion_sentence() -> Text:
     """Decode speed with the fused kernels against the roofline, the same step with norms apart and with cuBLAS, in
     one run (``decode_h200_fused.json``)."""
@@ -2105,6 +2163,7 @@ def readme_measured_section() -> str:
                "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
                "**Fewer kernels per step**: " + str(fusion_sentence()) + " " + pdl_sentence() + " "
                + str(attention_tile_sentence()),
+               "**What attention costs a step**: " + str(attention_cost_sentence()),
                "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
                "**Fast path on two GPUs**: " + two_gpu_fast_sentence() + _proxy_clause(),

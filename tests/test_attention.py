@@ -46,6 +46,10 @@ CASES = {  # b, heads, kv heads, head_dim, rotary dims, max_len, positions, cach
     "b1-one-split": (1, 4, 2, 64, 32, 40, [17], [0], None),
     "b3-rows-apart-4-splits": (3, 8, 2, 64, 32, 250, [0, 249, 130], [2, 0, 3], 64),
     "glm4-9b-heads-2-splits": (1, 32, 2, 128, 64, 128, [100], [0], 64),
+    # pos the first position of its split (of a tile, one split): nothing before it there but the new k, v
+    "b2-pos-at-split-starts": (2, 8, 2, 64, 32, 200, [128, 64], [0, 1], 64),
+    "b1-pos-at-tile-start": (1, 4, 2, 64, 32, 300, [128], [0], None),
+    "b1-three-tiles": (1, 4, 2, 64, 32, 300, [260], [0], None),
 }
 
 

@@ -418,3 +418,20 @@ def test_pdl_figures_render_the_committed_files():
     assert table.rows[0][-1] == "1.000x" and d["environment"]["device"] in table.caption
     plain = min(r["ms"] for r in probe["rows"] if r["pdl"] == 0)
     assert f"{plain:.3f} ms with plain launches" in str(results.pdl_probe_sentence())
+
+
+def test_step_roles_figures_render_the_committed_files():
+    d, apart = results.load("step_roles"), results.load("attention_apart")
+    run = d["runs"]["bf16, fast path"]
+    table = results.step_roles_table()
+    assert [row[2] for row in table.rows] == [f"{r['adds_us']:.0f}" for r in run["roles"]]
+    assert f"takes {run['replay_us']:.0f} µs" in table.caption and d["environment"]["device"] in table.caption
+    sentence = str(results.attention_cost_sentence())
+    replay = {k.split(", ")[1]: r["replay_us"] for k, r in d["runs"].items()}
+    assert replay["no kernel"] < replay["minimal kernel"] < replay["fast path"]  # what the sentence says of them
+    for k in ("fast path", "minimal kernel", "no kernel"):
+        assert f"{replay[k]:.0f} µs" in sentence
+    first = apart["runs"][0]["dtypes"]["bf16"]["rows"]
+    old, new = first[0], first[1]
+    assert (old["apart"], new["apart"]) == (False, True) and new["best_replay_us"] < old["best_replay_us"]
+    assert f"from {old['best_replay_us']:.0f} to {new['best_replay_us']:.0f} µs" in sentence

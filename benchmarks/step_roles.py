@@ -1,0 +1,183 @@
+"""Where a batch-1 decode step's time goes, projection by projection: GLM-4-9B (random weights) on glmkit's fast
+path (its defaults), the CUDA graph of one step replayed under torch.profiler at a 160-token cache. Each kernel is
+given its role in the step (qkv, attention, o_proj, gate_up, down, lm_head, other) by its place in the layer; per
+role: the time it *adds* to the step (its end minus the latest end before it: work overlapped with the kernel before
+adds nothing, a wait before it counts against it), and for the projections the bandwidth that time means against
+the copy bandwidth of the same run. For bf16, two more decoders bound what attention can still gain: attention
+replaced by a kernel that only copies q to the output after waiting for the projection before it ("minimal
+kernel"), and by no kernel at all (o_proj reads q: "no kernel"); their tokens are wrong, only their time is read.
+
+    PYTHONPATH=. python benchmarks/step_roles.py --checkpoint /tmp/glm9b     # about 2 minutes on an H200
+Writes benchmarks/results/step_roles.json (and to $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+import triton
+import triton.language as tl
+
+import glmkit.fast_decode
+from glmkit.bench import copy_bandwidth, save_result
+from glmkit.fast_decode import FastDecoder
+from glmkit.gemv import launch_options, wait_for_previous_kernel
+from glmkit.models import ensure_random_checkpoint
+from glmkit.quantization import load_precision
+
+PROMPT, NEW, POSITION, PROFILED, REPLAYS = 32, 256, 160, 5, 200
+PROJECTIONS = ("qkv", "o_proj", "gate_up", "down")
+MODULES = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o_proj": ("self_attn.o_proj",),
+           "gate_up": ("mlp.gate_up_proj",), "down": ("mlp.down_proj",)}
+
+
+@triton.jit
+def _copy_q_kernel(qkv_ptr, out_ptr, N: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous_kernel(PDL)
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, tl.load(qkv_ptr + offs))
+
+
+def minimal_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin):
+    """A stand-in for attention at batch 1: one kernel that waits for qkv and copies q to a new output."""
+    hd = k_cache.shape[-1]
+    width = qkv.shape[-1] - 2 * k_cache.shape[1] * hd
+    out = torch.empty(1, 1, width, dtype=qkv.dtype, device=qkv.device)
+    _copy_q_kernel[(1,)](qkv, out, N=width, num_warps=8, **launch_options())
+    return out.view(1, 1, width // hd, hd).transpose(1, 2)
+
+
+def no_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin):
+    """No kernel: o_proj reads q straight from the qkv projection's output."""
+    hd = k_cache.shape[-1]
+    width = qkv.shape[-1] - 2 * k_cache.shape[1] * hd
+    return qkv[..., :width].reshape(1, 1, width // hd, hd).transpose(1, 2)
+
+
+def tensor_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a projection's weights as a step reads them: packed 4-bit weights and their absmax (nested too)."""
+    w = module.weight
+    total = w.numel() * w.element_size()
+    state = getattr(w, "quant_state", None)
+    if state is not None:
+        total += state.absmax.numel() * state.absmax.element_size()
+        if state.nested:
+            total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+    return total
+
+
+def role_bytes(model: torch.nn.Module) -> dict[str, int]:
+    layers = model.model.layers
+    out = {r: sum(tensor_bytes(layer.get_submodule(m)) for layer in layers for m in MODULES[r]) for r in PROJECTIONS}
+    out["lm_head"] = tensor_bytes(model.lm_head)
+    return out
+
+
+def roles_of(names: list[str]) -> list[str]:
+    """The role of each kernel of one step, in launch order."""
+    gemvs = [i for i, n in enumerate(names) if n.startswith("_gemv")]  # glmkit's GEMV kernels (not a compiler's)
+    role = {}
+    for j, i in enumerate(gemvs):
+        role[i] = "lm_head" if j == len(gemvs) - 1 else PROJECTIONS[j % 4]
+    return [role.get(i, "attention" if ("attention" in n or "_copy_q" in n) else "other") for i, n in enumerate(names)]
+
+
+def replay_us(graph) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(REPLAYS):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / REPLAYS * 1e6
+
+
+def profile_roles(decoder: FastDecoder, bw: float, nbytes: dict[str, int]) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder.decode_step(torch.tensor([5], device="cuda"), POSITION)
+    graph = decoder.stages[0].graphs[1]
+    best = min(replay_us(graph) for _ in range(3))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(PROFILED):
+            graph.replay()
+        torch.cuda.synchronize()
+    rows = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda r: r[1])
+    per = len(rows) // PROFILED
+    if per * PROFILED != len(rows):
+        raise RuntimeError(f"{len(rows)} kernels in {PROFILED} replays: not a whole number per step")
+    roles = roles_of([r[0] for r in rows[:per]])
+    adds, busy, calls = defaultdict(float), defaultdict(float), defaultdict(int)
+    others = defaultdict(float)
+    latest = rows[0][1]
+    for i, (name, start, end) in enumerate(rows):
+        role = roles[i % per]
+        add = max(0.0, end - latest)
+        adds[role] += add / PROFILED
+        busy[role] += (end - start) / PROFILED
+        calls[role] += 1
+        if role == "other":
+            others[name[:60]] += add / PROFILED
+        latest = max(latest, end)
+    span = (rows[-1][2] - rows[0][1]) / PROFILED
+    table = []
+    for role in ("qkv", "attention", "o_proj", "gate_up", "down", "lm_head", "other"):
+        row = {"role": role, "calls_per_step": calls[role] / PROFILED, "adds_us": adds[role],
+               "kernel_us": busy[role]}
+        if role in nbytes:
+            row["bytes"] = nbytes[role]
+            row["roofline_us"] = nbytes[role] / bw * 1e6
+            row["fraction_of_copy_bandwidth"] = row["roofline_us"] / adds[role] if adds[role] else None
+        table.append(row)
+    return {"replay_us": best, "profiled_step_us": span, "kernels_per_step": per, "roles": table,
+            "other_kernels": dict(sorted(others.items(), key=lambda kv: -kv[1])[:8])}
+
+
+def build(model: torch.nn.Module, attention_fn=None) -> FastDecoder:
+    original = glmkit.fast_decode.qkv_decode_attention
+    if attention_fn is not None:
+        glmkit.fast_decode.qkv_decode_attention = attention_fn
+    try:
+        decoder = FastDecoder(model, max_len=PROMPT + NEW + 8)
+        decoder.tokens_per_second(PROMPT, 4)  # warm-up: captures the graphs with this attention
+    finally:
+        glmkit.fast_decode.qkv_decode_attention = original
+    return decoder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default="/tmp/glm9b")
+    ap.add_argument("--precision", nargs="+", default=["bf16"])
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    result = {"what": __doc__.splitlines()[0], "copy_bandwidth_bytes_s": bw, "position": POSITION, "runs": {}}
+    ensure_random_checkpoint(args.checkpoint)
+    for precision in args.precision:
+        model = load_precision(args.checkpoint, precision, device_map="cuda:0")
+        nbytes = role_bytes(model)
+        variants = {"fast path": None}
+        if precision == "bf16":
+            variants |= {"minimal kernel": minimal_attention, "no kernel": no_attention}
+        for name, fn in variants.items():
+            decoder = build(model, fn)
+            run = profile_roles(decoder, bw, nbytes)
+            run["roofline_us"] = sum(nbytes.values()) / bw * 1e6
+            result["runs"][f"{precision}, {name}"] = run
+            print(precision, name, round(run["replay_us"], 1), "us a step;",
+                  {r["role"]: round(r["adds_us"], 1) for r in run["roles"]},
+                  {r["role"]: round(r["fraction_of_copy_bandwidth"], 3) for r in run["roles"]
+                   if r.get("fraction_of_copy_bandwidth")}, flush=True)
+            del decoder
+            torch.cuda.empty_cache()
+        save_result("step_roles", result)
+        del model
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
