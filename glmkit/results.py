@@ -722,6 +722,17 @@ def attention_cost_sentence() -> Text:
                      f"{new['best_replay_us']:.0f} µs in one run (`attention_apart.json`: "
                      f"{new['best_tok_s']:.1f} against {old['best_tok_s']:.1f} tok/s, "
                      f"{100 * new['fraction_of_roofline']:.1f}% of the roofline measured in that run).")
+        one = load("attention_one_tile")
+        if one:
+            rows = {r["variant"]: r["best_replay_us"] for r in one["rows"]}
+            tiles, floor = rows["tiles of 128 x 8 warps"], rows["a minimal kernel"]
+            whole = rows["one tile of 512 x 16 warps"]
+            at = sorted(tiles, key=int)
+            text += (f" Its time grows with the tiles it walks, one after another, of 128 positions (another run, "
+                     f"`attention_one_tile.json`: a step {' / '.join(f'{tiles[p]:.0f}' for p in at)} µs at a "
+                     f"{' / '.join(at)}-token cache, against {' / '.join(f'{floor[p]:.0f}' for p in at)} with the "
+                     f"minimal kernel), and one tile over the whole cache was slower still "
+                     f"({' / '.join(f'{whole[p]:.0f}' for p in at)} µs: the masked positions are multiplied too).")
         return text
     return from_result("step_roles", render, what="What attention costs a step",
                        script="benchmarks/step_roles.py --checkpoint /tmp/glm9b")

@@ -435,3 +435,7 @@ def test_step_roles_figures_render_the_committed_files():
     old, new = first[0], first[1]
     assert (old["apart"], new["apart"]) == (False, True) and new["best_replay_us"] < old["best_replay_us"]
     assert f"from {old['best_replay_us']:.0f} to {new['best_replay_us']:.0f} µs" in sentence
+    one = {r["variant"]: r["best_replay_us"] for r in results.load("attention_one_tile")["rows"]}
+    tiles, whole, floor = one["tiles of 128 x 8 warps"], one["one tile of 512 x 16 warps"], one["a minimal kernel"]
+    assert all(floor[p] < tiles[p] < whole[p] for p in tiles)  # what the sentence says of them
+    assert " / ".join(f"{tiles[p]:.0f}" for p in sorted(tiles, key=int)) + " µs" in sentence
