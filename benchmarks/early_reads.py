@@ -14,9 +14,9 @@ Writes benchmarks/results/early_reads.json (and to $OUT).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from step_roles import replay_us as graph_replay_us
 
 import glmkit.attention
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
@@ -25,7 +25,7 @@ from glmkit.models import ensure_random_checkpoint
 from glmkit.quantization import load_precision
 
 VARIANTS = {"neither": False, "attention reads early": True}
-PROMPT, NEW, ROUNDS, REPLAYS = 32, 256, 3, 200
+PROMPT, NEW, ROUNDS = 32, 256, 3
 
 
 def build(model: torch.nn.Module, preload: bool) -> FastDecoder:
@@ -39,13 +39,7 @@ def build(model: torch.nn.Module, preload: bool) -> FastDecoder:
 def replay_us(decoder: FastDecoder) -> float:
     """µs a step of the captured batch-1 graph takes, replayed back to back at position 160."""
     decoder.decode_step(torch.tensor([5], device="cuda"), 160)
-    graph = decoder.stages[0].graphs[1]
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(REPLAYS):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / REPLAYS * 1e6
+    return graph_replay_us(decoder.stages[0].graphs[1])
 
 
 def main() -> None:
