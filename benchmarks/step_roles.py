@@ -20,6 +20,7 @@ from collections import defaultdict
 import torch
 import triton
 import triton.language as tl
+from step_timeline import kernel_rows
 
 import glmkit.fast_decode
 from glmkit.bench import copy_bandwidth, save_result
@@ -105,8 +106,7 @@ def profile_roles(decoder: FastDecoder, bw: float, nbytes: dict[str, int]) -> di
         for _ in range(PROFILED):
             graph.replay()
         torch.cuda.synchronize()
-    rows = sorted(((e.name, e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda r: r[1])
+    rows = kernel_rows(prof)
     per = len(rows) // PROFILED
     if per * PROFILED != len(rows):
         raise RuntimeError(f"{len(rows)} kernels in {PROFILED} replays: not a whole number per step")

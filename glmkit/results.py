@@ -728,11 +728,13 @@ def attention_cost_sentence() -> Text:
             tiles, floor = rows["tiles of 128 x 8 warps"], rows["a minimal kernel"]
             whole = rows["one tile of 512 x 16 warps"]
             at = sorted(tiles, key=int)
+
+            def per_cache(us: dict[str, float]) -> str:  # a variant's µs at each cache length, in order
+                return " / ".join(f"{us[p]:.0f}" for p in at)
             text += (f" Its time grows with the tiles it walks, one after another, of 128 positions (another run, "
-                     f"`attention_one_tile.json`: a step {' / '.join(f'{tiles[p]:.0f}' for p in at)} µs at a "
-                     f"{' / '.join(at)}-token cache, against {' / '.join(f'{floor[p]:.0f}' for p in at)} with the "
-                     f"minimal kernel), and one tile over the whole cache was slower still "
-                     f"({' / '.join(f'{whole[p]:.0f}' for p in at)} µs: the masked positions are multiplied too).")
+                     f"`attention_one_tile.json`: a step {per_cache(tiles)} µs at a {' / '.join(at)}-token cache, "
+                     f"against {per_cache(floor)} with the minimal kernel), and one tile over the whole cache was "
+                     f"slower still ({per_cache(whole)} µs: the masked positions are multiplied too).")
         return text
     return from_result("step_roles", render, what="What attention costs a step",
                        script="benchmarks/step_roles.py --checkpoint /tmp/glm9b")
