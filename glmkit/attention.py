@@ -48,6 +48,7 @@ BLOCK_N = 64  # cache positions per tile (a K tile [64, 128] in bf16 is 16 KiB) 
 # short cache, no combine): fewer steps one after another. GLM-4-9B at batch 1 on an H200, a 288-position cache:
 # 211.6 tok/s against 207.8 with (BLOCK_N, 4) (benchmarks/results/attention_tiles.json)
 SHORT_TILE = (128, 8)
+LAUNCH_NEXT_LATE = False  # let the next kernel launch only once q, k, v have been read (else: first thing)
 SUBTILES = 1  # pieces a tile is cut into, one online softmax each (1: the whole tile, one softmax)
 TARGET_PROGRAMS = 256  # programs a long cache is split into, about two per SM of an H100/H200 (132 SMs)
 MAX_SPLITS = 128  # at most this many splits per sequence and KV head: the combine reads one partial output each
@@ -162,7 +163,8 @@ if triton is not None:
                                  max_len, scale_log2, KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  ROTARY: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
-                                 PDL: tl.constexpr, PRELOAD: tl.constexpr, SUBTILES: tl.constexpr):
+                                 PDL: tl.constexpr, PRELOAD: tl.constexpr, SUBTILES: tl.constexpr,
+                                 LATE: tl.constexpr = False):
         # one program: sequence i, KV head h, cache positions [split * SPLIT, (split + 1) * SPLIT) up to pos[i].
         # Under PDL several kernels before this one may still be running, so before waiting it reads only what no
         # kernel of this step's layers writes: the position, cos/sin and the cache rows (made by plain PyTorch
@@ -170,7 +172,8 @@ if triton is not None:
         # of this layer's cache (written by earlier steps; position pos, the one this kernel writes, is not read
         # from it: the new k, v are attended to apart), so that their loads are in flight meanwhile. A program past
         # pos returns without waiting: split 0 always waits, so the kernel still ends after the one before.
-        allow_next_kernel(PDL)
+        if not LATE:
+            allow_next_kernel(PDL)
         if not PRELOAD:
             wait_for_inputs(PDL)
         pid = tl.program_id(0)
@@ -180,6 +183,8 @@ if triton is not None:
         pos = tl.load(pos_ptr + i).to(tl.int32)  # positions, loop bounds and offsets within a row: int32
         start = split * SPLIT
         if start > pos:  # past the sequence's position: nothing to read (the combine skips this split)
+            if LATE:
+                allow_next_kernel(PDL)
             return
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
@@ -221,6 +226,8 @@ if triton is not None:
         if holds:  # writes the new k, v
             tl.store(k_head + pos * stride_cn + d, k_new, mask=d_ok)
             tl.store(v_head + pos * stride_cn + d, v_new, mask=d_ok)
+        if LATE:  # the next kernel is launched once this one's reads have arrived
+            allow_next_kernel(PDL)
         # and starts its softmax from them: a finite max before any tile (a tile with nothing before pos adds
         # nothing); the others start empty and have a position before pos in their first tile
         m_new, l_new, acc_new = _attend_new(q, k_new, v_new, scale_log2, BLOCK_G, BLOCK_D)
@@ -397,7 +404,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), max_len, math.log2(math.e) / math.sqrt(hd),
         KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=tile, SPLIT=split, SPLITS=splits, IEEE=q.dtype == torch.float32 or INTERPRETER,
-        PRELOAD=PRELOAD, SUBTILES=SUBTILES if splits == 1 and b == 1 else 1, num_warps=warps, **pdl)
+        PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, SUBTILES=SUBTILES if splits == 1 and b == 1 else 1, num_warps=warps, **pdl)
     if splits > 1:
         _combine_kernel[(b * heads,)](m, lse, acc, pos, out, HEADS=heads, HEAD_DIM=hd, BLOCK_D=block_d,
                                       BLOCK_S=min(32, triton.next_power_of_2(splits)), SPLIT=split, SPLITS=splits,
