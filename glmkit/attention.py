@@ -48,14 +48,16 @@ BLOCK_N = 64  # cache positions per tile (a K tile [64, 128] in bf16 is 16 KiB) 
 # short cache, no combine): fewer steps one after another. GLM-4-9B at batch 1 on an H200, a 288-position cache:
 # 211.6 tok/s against 207.8 with (BLOCK_N, 4) (benchmarks/results/attention_tiles.json)
 SHORT_TILE = (128, 8)
-LAUNCH_NEXT_LATE = False  # let the next kernel launch only once q, k, v have been read (else: first thing)
-SUBTILES = 1  # pieces a tile is cut into, one online softmax each (1: the whole tile, one softmax)
 TARGET_PROGRAMS = 256  # programs a long cache is split into, about two per SM of an H100/H200 (132 SMs)
 MAX_SPLITS = 128  # at most this many splits per sequence and KV head: the combine reads one partial output each
 # The first K/V tile of the cache is read before waiting for q/k/v (programmatic dependent launch): those loads are in
 # flight while the kernel before finishes. GLM-4-9B at batch 1 on an H200, one run: a step 4790 µs against 4824 in
 # bf16, 4800 against 4864 in fp16 (benchmarks/results/early_reads.json)
 PRELOAD = True
+# The next kernel (o_proj) may launch only once this one's reads of q, k and v have arrived, not first thing.
+# GLM-4-9B at batch 1 on an H200, one run: an fp16 step 4665 µs against 4697 at a 160-token cache, 4581 against 4627
+# at 40; bf16 unchanged, 4645 against 4642 and 4563 against 4569 (benchmarks/results/launch_late.json)
+LAUNCH_NEXT_LATE = True
 # The new position's k and v are attended to apart from the cache tiles (one score per query head, the softmax started
 # from it), and the tiles stop before that position: each tile goes from the cache to the tensor cores as read (the
 # kernel had put the new k, v into the tile holding their position, element by element: 220 registers a thread
@@ -121,30 +123,6 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
-    def _attend_subtiles(q, k, v, n, end, m_i, l_i, acc, scale_log2, IEEE: tl.constexpr):
-        # _attend_tile with the tile cut into SUBTILES pieces of positions, one online softmax each (one per warp:
-        # no reduction across warps until the end): q [SUBTILES, BLOCK_G, BLOCK_D] (the same query heads in each),
-        # k, v [SUBTILES, SUB, BLOCK_D], n [SUBTILES, SUB]; m_i, l_i [SUBTILES, BLOCK_G]; acc [SUBTILES, BLOCK_G,
-        # BLOCK_D]. A piece with no position yet keeps max -inf: its rescaling uses 0 instead (no inf - inf).
-        cache_dtype = k.dtype
-        if IEEE:
-            s = tl.dot(q.to(tl.float32), tl.permute(k.to(tl.float32), (0, 2, 1)), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.permute(k, (0, 2, 1)))
-        s = tl.where((n < end)[:, None, :], (s * scale_log2).to(tl.float32), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=2))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, :, None])
-        l_i = l_i * alpha + tl.sum(p, axis=2)
-        if IEEE:
-            acc = acc * alpha[:, :, None] + tl.dot(p.to(cache_dtype).to(tl.float32), v.to(tl.float32),
-                                                   input_precision="ieee")
-        else:
-            acc = acc * alpha[:, :, None] + tl.dot(p.to(cache_dtype), v)
-        return m_new, l_i, acc
-
-    @triton.jit
     def _attend_new(q, k_new, v_new, scale_log2, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
         # the softmax state after the new position alone: its score per query head, max = that score, sum = 1 and
         # output = v_new (products in fp32 as the tensor cores form them, v_new in the cache's dtype as the tiles)
@@ -163,15 +141,15 @@ if triton is not None:
                                  max_len, scale_log2, KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  ROTARY: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
-                                 PDL: tl.constexpr, PRELOAD: tl.constexpr, SUBTILES: tl.constexpr,
-                                 LATE: tl.constexpr = False):
+                                 PDL: tl.constexpr, PRELOAD: tl.constexpr, LATE: tl.constexpr):
         # one program: sequence i, KV head h, cache positions [split * SPLIT, (split + 1) * SPLIT) up to pos[i].
         # Under PDL several kernels before this one may still be running, so before waiting it reads only what no
         # kernel of this step's layers writes: the position, cos/sin and the cache rows (made by plain PyTorch
         # kernels at the start of the step, which finish before the first PDL launch starts) and the first K/V tile
         # of this layer's cache (written by earlier steps; position pos, the one this kernel writes, is not read
         # from it: the new k, v are attended to apart), so that their loads are in flight meanwhile. A program past
-        # pos returns without waiting: split 0 always waits, so the kernel still ends after the one before.
+        # pos returns without waiting: split 0 always waits, so the kernel still ends after the one before. LATE: the
+        # next kernel may launch only once q, k and v have been read (after this program's cache write), else at once.
         if not LATE:
             allow_next_kernel(PDL)
         if not PRELOAD:
@@ -197,17 +175,10 @@ if triton is not None:
         k_head = k_cache_ptr + row * stride_cb + h * stride_ch
         v_head = v_cache_ptr + row * stride_cb + h * stride_ch
         end = tl.minimum(tl.minimum(start + SPLIT, pos), max_len)  # the cache positions read: those before pos
-        SUB: tl.constexpr = BLOCK_N // SUBTILES
-        if SUBTILES > 1:  # [SUBTILES, SUB] positions, [SUBTILES, SUB, BLOCK_D] tiles
-            n = start + tl.arange(0, SUBTILES)[:, None] * SUB + tl.arange(0, SUB)[None, :]
-            first = n[:, :, None] * stride_cn + d[None, None, :]
-            first_ok = (n < end)[:, :, None] & d_ok[None, None, :]
-        else:
-            n = start + tl.arange(0, BLOCK_N)
-            first = n[:, None] * stride_cn + d[None, :]
-            first_ok = (n < end)[:, None] & d_ok[None, :]
-        k_first = tl.load(k_head + first, mask=first_ok, other=0.0)
-        v_first = tl.load(v_head + first, mask=first_ok, other=0.0)
+        n = start + tl.arange(0, BLOCK_N)
+        first_ok = (n < end)[:, None] & d_ok[None, :]
+        k_first = tl.load(k_head + n[:, None] * stride_cn + d[None, :], mask=first_ok, other=0.0)
+        v_first = tl.load(v_head + n[:, None] * stride_cn + d[None, :], mask=first_ok, other=0.0)
         if PRELOAD:
             wait_for_inputs(PDL)
         g = tl.arange(0, BLOCK_G)
@@ -226,42 +197,22 @@ if triton is not None:
         if holds:  # writes the new k, v
             tl.store(k_head + pos * stride_cn + d, k_new, mask=d_ok)
             tl.store(v_head + pos * stride_cn + d, v_new, mask=d_ok)
-        if LATE:  # the next kernel is launched once this one's reads have arrived
+        if LATE:
             allow_next_kernel(PDL)
         # and starts its softmax from them: a finite max before any tile (a tile with nothing before pos adds
         # nothing); the others start empty and have a position before pos in their first tile
         m_new, l_new, acc_new = _attend_new(q, k_new, v_new, scale_log2, BLOCK_G, BLOCK_D)
-        if SUBTILES > 1:  # the new position starts the first piece's softmax; the others start empty
-            in_first = (tl.arange(0, SUBTILES) == 0)[:, None] & holds
-            m_i = tl.where(in_first, m_new[None, :], float("-inf"))
-            l_i = tl.where(in_first, l_new[None, :], 0.0)
-            acc = tl.where(in_first[:, :, None], acc_new[None, :, :], 0.0)
-            q = tl.broadcast_to(q[None, :, :], (SUBTILES, BLOCK_G, BLOCK_D))
-            m_i, l_i, acc = _attend_subtiles(q, k_first, v_first, n, end, m_i, l_i, acc, scale_log2, IEEE)
-            for n0 in range(start + BLOCK_N, end, BLOCK_N):
-                n = n0 + tl.arange(0, SUBTILES)[:, None] * SUB + tl.arange(0, SUB)[None, :]
-                tile = n[:, :, None] * stride_cn + d[None, None, :]
-                ok = (n < end)[:, :, None] & d_ok[None, None, :]
-                k = tl.load(k_head + tile, mask=ok, other=0.0)
-                v = tl.load(v_head + tile, mask=ok, other=0.0)
-                m_i, l_i, acc = _attend_subtiles(q, k, v, n, end, m_i, l_i, acc, scale_log2, IEEE)
-            m_all = tl.max(m_i, axis=0)  # the pieces combined: one max, sum and output per query head
-            weight = tl.exp2(m_i - m_all[None, :])
-            l_i = tl.sum(l_i * weight, axis=0)
-            acc = tl.sum(acc * weight[:, :, None], axis=0)
-            m_i = m_all
-        else:
-            m_i = tl.where(holds, m_new, float("-inf"))
-            l_i = tl.where(holds, l_new, 0.0)
-            acc = tl.where(holds, acc_new, 0.0)
-            m_i, l_i, acc = _attend_tile(q, k_first, v_first, n, end, m_i, l_i, acc, scale_log2, IEEE)
-            for n0 in range(start + BLOCK_N, end, BLOCK_N):
-                n = n0 + tl.arange(0, BLOCK_N)
-                tile = n[:, None] * stride_cn + d[None, :]
-                ok = (n < end)[:, None] & d_ok[None, :]
-                k = tl.load(k_head + tile, mask=ok, other=0.0)
-                v = tl.load(v_head + tile, mask=ok, other=0.0)
-                m_i, l_i, acc = _attend_tile(q, k, v, n, end, m_i, l_i, acc, scale_log2, IEEE)
+        m_i = tl.where(holds, m_new, float("-inf"))
+        l_i = tl.where(holds, l_new, 0.0)
+        acc = tl.where(holds, acc_new, 0.0)
+        m_i, l_i, acc = _attend_tile(q, k_first, v_first, n, end, m_i, l_i, acc, scale_log2, IEEE)
+        for n0 in range(start + BLOCK_N, end, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            tile = n[:, None] * stride_cn + d[None, :]
+            ok = (n < end)[:, None] & d_ok[None, :]
+            k = tl.load(k_head + tile, mask=ok, other=0.0)
+            v = tl.load(v_head + tile, mask=ok, other=0.0)
+            m_i, l_i, acc = _attend_tile(q, k, v, n, end, m_i, l_i, acc, scale_log2, IEEE)
         g_ok = g < GROUP
         if SPLITS == 1:  # the whole cache in one program: the output itself, [b, heads * HEAD_DIM]
             out = acc / l_i[:, None]
@@ -404,7 +355,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), max_len, math.log2(math.e) / math.sqrt(hd),
         KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=tile, SPLIT=split, SPLITS=splits, IEEE=q.dtype == torch.float32 or INTERPRETER,
-        PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, SUBTILES=SUBTILES if splits == 1 and b == 1 else 1, num_warps=warps, **pdl)
+        PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, num_warps=warps, **pdl)
     if splits > 1:
         _combine_kernel[(b * heads,)](m, lse, acc, pos, out, HEADS=heads, HEAD_DIM=hd, BLOCK_D=block_d,
                                       BLOCK_S=min(32, triton.next_power_of_2(splits)), SPLIT=split, SPLITS=splits,

@@ -68,7 +68,6 @@ RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may 
 # up to ROW_KERNEL_MAX_VECTORS rows, above them one lookup per weight for all rows and the products on the tensor
 # cores); larger steps, bitsandbytes' dequantize-then-GEMM (FastDecoder, "auto"). GLM-4-9B nf4 on an H200
 # (benchmarks/results/nf4_batch.json): glmkit's kernels faster than bitsandbytes' at every batch size up to 64
-O_PROJ_EARLY = 0  # blocks of o_proj's weights each program reads before it waits for attention (0, 1 or 2)
 FOUR_BIT_MAX_BATCH = MAX_VECTORS
 
 
@@ -192,8 +191,7 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     return linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)
 
 
-def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gemv: bool | str,
-                    early: int = 0) -> torch.Tensor:
+def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gemv: bool | str) -> torch.Tensor:
     """``residual + linear(x, weight, None, gemv)``: in one Triton launch where ``fuses`` (the add in its epilogue,
     rounded as PyTorch rounds it). The fused decode step of ``notebooks/05_tuning.ipynb``.
 
@@ -203,7 +201,7 @@ def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gem
     True
     """
     if fuses(weight, gemv, x=x):
-        return triton_gemv(x, weight, None, residual=residual, early=early)
+        return triton_gemv(x, weight, None, residual=residual)
     return residual + linear(x, weight, None, gemv)
 
 
@@ -275,7 +273,7 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
             attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
         else:
             attn = _attention_reduction(q, k_cache, v_cache, mask)
-    x = residual_linear(x, attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, gemv, O_PROJ_EARLY)
+    x = residual_linear(x, attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, gemv)
     mlp = mlp_activation(x, wgu, gemv, ln2, eps) if fused else mlp_activation(rms_norm(x, ln2, eps), wgu, gemv)
     x = residual_linear(x, mlp, wd, gemv)
     return x, (x if fused else rms_norm(x, next_norm, eps))

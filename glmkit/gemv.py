@@ -292,7 +292,7 @@ if triton is not None:
     def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, g_ptr, r_ptr, d_ptr, s_ptr, N, K, K_FULL, eps,
                      HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
                      ADD: tl.constexpr, ROUND_BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr = 0):
+                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr):
         # y[n] = sum_k w[n, k] x[k] for BLOCK_N rows; with SWIGLU the weight has 2N rows (gate, then up) and
         # y[n] = up[n] * silu(gate[n]), each rounded to y's dtype as PyTorch would round them.
         # NORM: x is the raw residual stream and the product is W @ rmsnorm(x) * g: the sum runs over x * g
@@ -303,26 +303,16 @@ if triton is not None:
         # it as it reads it and program 0 alone also writes it to s (a buffer no program reads). ROUND_BITS: bf16
         # in Triton's CPU interpreter, which truncates fp32 to bf16 where a GPU rounds to nearest even: the rounding
         # is done on the bits there.
-        allow_next_kernel(PDL)
+        wait_for_previous_kernel(PDL)
         s_end = tl.where(tl.program_id(0) == 0, K, 0)  # the columns of s this program writes: all, or none
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_K)
         row_ok = rows < N
         w_rows = w_ptr + rows[:, None] * K
-        # EARLY (1 or 2; plain products of whole blocks only): the first blocks of weights are read before waiting
-        if EARLY >= 1:
-            w_early0 = tl.load(w_rows + cols[None, :])
-        if EARLY >= 2:
-            w_early1 = tl.load(w_rows + BLOCK_K + cols[None, :])
-        wait_for_inputs(PDL)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        if EARLY >= 1:
-            acc += w_early0.to(tl.float32) * tl.load(x_ptr + cols).to(tl.float32)[None, :]
-        if EARLY >= 2:
-            acc += w_early1.to(tl.float32) * tl.load(x_ptr + BLOCK_K + cols).to(tl.float32)[None, :]
-        for k0 in range(EARLY * BLOCK_K, K_FULL, BLOCK_K):  # K_FULL: K rounded down to whole blocks
+        for k0 in range(0, K_FULL, BLOCK_K):  # K_FULL: K rounded down to whole blocks
             x = tl.load(x_ptr + k0 + cols)
             if ADD:
                 x = x.to(tl.float32) + tl.load(d_ptr + k0 + cols).to(tl.float32)
@@ -391,7 +381,7 @@ def _check_vector(name: str, t: torch.Tensor, size: int, like: torch.Tensor) -> 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
             config: GemvConfig | None, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
             residual: torch.Tensor | None = None, add: torch.Tensor | None = None,
-            added: torch.Tensor | None = None, pdl: int | None = None, early: int = 0) -> torch.Tensor:
+            added: torch.Tensor | None = None, pdl: int | None = None) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("glmkit.gemv needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
     if swiglu and bias is not None:
@@ -418,9 +408,6 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sw
         add = _check_vector("add", add, k, x)
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     cfg = config or pick_config(n, k, kernel_name(weight.dtype))
-    if early and (swiglu or norm_weight is not None or add is not None or n % cfg.block_n
-                  or k < early * cfg.block_k):
-        early = 0  # reading before waiting is only for plain products of whole blocks
     grid = (triton.cdiv(n, cfg.block_n),)
     _gemv_kernel[grid](x.contiguous(), weight, bias if bias is not None else weight, y,
                        norm_weight if norm_weight is not None else weight,
@@ -431,13 +418,13 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sw
                        ROUND_BITS=add is not None and INTERPRETER and x.dtype == torch.bfloat16,
                        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                        EVEN_N=n % cfg.block_n == 0, EVEN_K=k % cfg.block_k == 0, num_warps=cfg.num_warps,
-                       EARLY=early, **launch_options(pdl))
+                       **launch_options(pdl))
     return y
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
-         residual: torch.Tensor | None = None, early: int = 0) -> torch.Tensor:
+         residual: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for one token: x holds one vector ``[..., k]``, weight is ``[n, k]``.
     ``config`` overrides the launch shape (default: ``pick_config``).
 
@@ -455,8 +442,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ...     assert torch.allclose(gemv(x, w, norm_weight=g), F.linear(normed, w), atol=1e-4)
     ...     assert torch.allclose(gemv(x, w, residual=r), r + F.linear(x, w), atol=1e-4)
     """
-    return _launch(x, weight, bias, swiglu=False, config=config, norm_weight=norm_weight, eps=eps, residual=residual,
-                   early=early)
+    return _launch(x, weight, bias, swiglu=False, config=config, norm_weight=norm_weight, eps=eps, residual=residual)
 
 
 def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None,

@@ -1,14 +1,12 @@
-"""The decode-attention kernel at batch 1 on a short cache with each tile cut into pieces of positions, one per warp,
-each with its own online softmax (``glmkit.attention.SUBTILES``: the warps meet once, at the end) against one
-softmax over the whole tile (its rows are summed across the warps at every tile); GLM-4-9B (random weights) on the
-batch-1 fast path, bf16, one GPU, one run. Variants take turns, three rounds. Per variant: the CUDA graph of one
-step replayed back to back (µs a step) at a 40-, 160- and 280-token cache, and ``decode_speed`` (tok/s of the token
-loop), best round, against the roofline of the same run; greedy tokens against the first variant's. "a minimal
-kernel" stands in for attention (a kernel that only copies q, benchmarks/step_roles.py): what attention could still
-gain.
+"""When decode attention lets o_proj launch: first thing (as all of glmkit's kernels) or only once its own reads of
+q, k and v have arrived (``glmkit.attention.LAUNCH_NEXT_LATE``, the default); GLM-4-9B (random weights) on the
+batch-1 fast path, one GPU, one run. Variants take turns, three rounds. Per variant: the CUDA graph of one step
+replayed back to back (µs a step) at a 40-, 160- and 280-token cache, and ``decode_speed`` (tok/s of the token loop),
+best round, against the roofline of the same run; greedy tokens against the first variant's. "a minimal kernel"
+stands in for attention (a kernel that only copies q, benchmarks/step_roles.py).
 
-    PYTHONPATH=.:benchmarks python benchmarks/attention_pieces.py --checkpoint /tmp/glm9b
-Writes benchmarks/results/attention_pieces.json (and to $OUT).
+    PYTHONPATH=.:benchmarks python benchmarks/launch_late.py --checkpoint /tmp/glm9b [--precision fp16]
+Writes benchmarks/results/launch_late.json (launch_late_fp16.json; and to $OUT).
 """
 
 from __future__ import annotations
@@ -24,12 +22,10 @@ from glmkit.models import ensure_random_checkpoint
 from glmkit.quantization import load_precision
 
 PROMPT, NEW, ROUNDS, POSITIONS = 32, 256, 3, (40, 160, 280)
-VARIANTS = {  # name: (SHORT_TILE, SUBTILES, attention stand-in)
-    "one softmax a tile of 128, 8 warps": ((128, 8), 1, None),
-    "8 pieces of 16 a tile of 128, 8 warps": ((128, 8), 8, None),
-    "4 pieces of 32 a tile of 128, 4 warps": ((128, 4), 4, None),
-    "4 pieces of 16 a tile of 64, 4 warps": ((64, 4), 4, None),
-    "a minimal kernel": ((128, 8), 1, minimal_attention),
+VARIANTS = {  # name: (attention launches o_proj late, attention stand-in)
+    "launched first thing": (False, None),
+    "launched late": (True, None),
+    "a minimal kernel": (False, minimal_attention),
 }
 
 
@@ -43,13 +39,13 @@ def main() -> None:
     ensure_random_checkpoint(args.checkpoint)
     model = load_precision(args.checkpoint, args.precision, device_map="cuda:0")
     roofline = bw / bytes_read_per_token(model)
-    defaults, decoders = (glmkit.attention.SHORT_TILE, glmkit.attention.SUBTILES), {}
-    for v, (tile, pieces, stand_in) in VARIANTS.items():
-        glmkit.attention.SHORT_TILE, glmkit.attention.SUBTILES = tile, pieces
-        decoders[v] = build(model, stand_in)  # captured with this tile and these pieces (read at launch)
-    glmkit.attention.SHORT_TILE, glmkit.attention.SUBTILES = defaults
-    rows = {v: {"variant": v, "tile": list(t), "pieces": s, "replay_us": {p: [] for p in POSITIONS},
-                "decode_tok_s": []} for v, (t, s, _) in VARIANTS.items()}
+    default, decoders = glmkit.attention.LAUNCH_NEXT_LATE, {}
+    for v, (late, stand_in) in VARIANTS.items():
+        glmkit.attention.LAUNCH_NEXT_LATE = late
+        decoders[v] = build(model, stand_in)  # captured with this setting (read at launch)
+    glmkit.attention.LAUNCH_NEXT_LATE = default
+    rows = {v: {"variant": v, "launched_late": late, "replay_us": {p: [] for p in POSITIONS}, "decode_tok_s": []}
+            for v, (late, _) in VARIANTS.items()}
     for _ in range(ROUNDS):
         for v, decoder in decoders.items():
             for p in POSITIONS:
@@ -67,7 +63,7 @@ def main() -> None:
         row["tokens_as_first"], row["of"] = sum(a == b for a, b in zip(tokens, reference)), len(reference)
         print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
                if k not in ("replay_us", "decode_tok_s")}, flush=True)
-    save_result(f"attention_pieces{'_fp16' if args.precision == 'fp16' else ''}",
+    save_result(f"launch_late{'_fp16' if args.precision == 'fp16' else ''}",
                 {"what": __doc__.splitlines()[0], "precision": args.precision, "copy_bandwidth_bytes_s": bw,
                  "roofline_tok_s": roofline, "rounds": ROUNDS, "rows": list(rows.values())})
 
