@@ -735,6 +735,14 @@ def attention_cost_sentence() -> Text:
                      f"`attention_one_tile.json`: a step {per_cache(tiles)} µs at a {' / '.join(at)}-token cache, "
                      f"against {per_cache(floor)} with the minimal kernel), and one tile over the whole cache was "
                      f"slower still ({per_cache(whole)} µs: the masked positions are multiplied too).")
+        pieces = load("attention_pieces")
+        if pieces:
+            rows = {r["pieces"]: r["best_replay_us"] for r in pieces["rows"]
+                    if r["tile"] == [128, 8] and r["variant"] != "a minimal kernel"}
+            at = sorted(rows[1], key=int)
+            text += (f" Nor did the sums across warps pay for themselves: giving each warp its own softmax over a "
+                     f"piece of the tile, combined once at the end, took a step from {rows[1][at[1]]:.0f} to "
+                     f"{rows[8][at[1]]:.0f} µs at a {at[1]}-token cache (`attention_pieces.json`).")
         return text
     return from_result("step_roles", render, what="What attention costs a step",
                        script="benchmarks/step_roles.py --checkpoint /tmp/glm9b")

@@ -439,3 +439,7 @@ def test_step_roles_figures_render_the_committed_files():
     tiles, whole, floor = one["tiles of 128 x 8 warps"], one["one tile of 512 x 16 warps"], one["a minimal kernel"]
     assert all(floor[p] < tiles[p] < whole[p] for p in tiles)  # what the sentence says of them
     assert " / ".join(f"{tiles[p]:.0f}" for p in sorted(tiles, key=int)) + " µs" in sentence
+    pieces = {r["variant"]: r["best_replay_us"] for r in results.load("attention_pieces")["rows"]}
+    one_softmax, eight = pieces["one softmax a tile of 128, 8 warps"], pieces["8 pieces of 16 a tile of 128, 8 warps"]
+    assert all(one_softmax[p] < eight[p] for p in one_softmax)  # "nor did ... pay for themselves"
+    assert f"from {one_softmax['160']:.0f} to {eight['160']:.0f} µs at a 160-token cache" in sentence
