@@ -114,9 +114,10 @@ def launch_options(pdl: int | None = None) -> dict[str, int | bool]:
 @contextmanager
 def dependent_launches(enabled: bool = True) -> Iterator[None]:
     """Within the block, glmkit's GEMV and decode-attention launches use programmatic dependent launch (PDL, Hopper
-    and later): each kernel lets the next one be launched as soon as all its programs have started, and the next
-    waits (``griddepcontrol.wait``) before it reads or writes anything the step writes (the decode attention reads
-    its first tile of the cache, which earlier steps wrote, before), so the gap between two kernels of a decode
+    and later): each kernel lets the next one be launched as soon as all its programs have started (the decode
+    attention once its reads of q/k/v have arrived, ``glmkit.attention.LAUNCH_NEXT_LATE``), and the next waits
+    (``griddepcontrol.wait``) before it reads or writes anything the step writes (the decode attention reads its
+    first tile of the cache, which earlier steps wrote, before), so the gap between two kernels of a decode
     step is hidden without a race. ``FastDecoder`` and ``TPDecoder`` capture their batch-1 step this way where
     ``pdl_supported``; on an H200 GLM-4-9B decoded 207.3 tok/s so against 205.1 without
     (``benchmarks/results/pdl_decode.json``). Launches inside ``torch.compile`` must not use it (its analysis of
