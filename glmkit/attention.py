@@ -58,6 +58,7 @@ PRELOAD = True
 # GLM-4-9B at batch 1 on an H200, one run: an fp16 step 4665 µs against 4697 at a 160-token cache, 4581 against 4627
 # at 40; bf16 unchanged, 4645 against 4642 and 4563 against 4569 (benchmarks/results/launch_late.json)
 LAUNCH_NEXT_LATE = True
+SHORT_STAGES = None  # experiment: software-pipelining stages of the short path's loop (None: Triton's default)
 # The new position's k and v are attended to apart from the cache tiles (one score per query head, the softmax started
 # from it), and the tiles stop before that position: each tile goes from the cache to the tensor cores as read (the
 # kernel had put the new k, v into the tile holding their position, element by element: 220 registers a thread
@@ -355,7 +356,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), max_len, math.log2(math.e) / math.sqrt(hd),
         KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=tile, SPLIT=split, SPLITS=splits, IEEE=q.dtype == torch.float32 or INTERPRETER,
-        PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, num_warps=warps, **pdl)
+        PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, num_warps=warps,
+        **({"num_stages": SHORT_STAGES} if SHORT_STAGES and splits == 1 and b == 1 else {}), **pdl)
     if splits > 1:
         _combine_kernel[(b * heads,)](m, lse, acc, pos, out, HEADS=heads, HEAD_DIM=hd, BLOCK_D=block_d,
                                       BLOCK_S=min(32, triton.next_power_of_2(splits)), SPLIT=split, SPLITS=splits,
