@@ -24,10 +24,11 @@ from glmkit.models import ensure_random_checkpoint
 from glmkit.quantization import load_precision
 
 PROMPT, NEW, ROUNDS, POSITIONS = 32, 256, 3, (40, 160, 280)
-VARIANTS = {  # name: (SHORT_STAGES, attention stand-in)
-    "pipelined (Triton's default)": (None, None),
-    "not pipelined (1 stage)": (1, None),
-    "a minimal kernel": (None, minimal_attention),
+VARIANTS = {  # name: (SHORT_STAGES, SHORT_AHEAD, attention stand-in)
+    "pipelined (Triton's default)": (None, False, None),
+    "not pipelined (1 stage)": (1, False, None),
+    "1 stage, the next tile read ahead": (1, True, None),
+    "a minimal kernel": (None, False, minimal_attention),
 }
 
 
@@ -41,13 +42,13 @@ def main() -> None:
     ensure_random_checkpoint(args.checkpoint)
     model = load_precision(args.checkpoint, args.precision, device_map="cuda:0")
     roofline = bw / bytes_read_per_token(model)
-    default, decoders = glmkit.attention.SHORT_STAGES, {}
-    for v, (stages, stand_in) in VARIANTS.items():
-        glmkit.attention.SHORT_STAGES = stages
-        decoders[v] = build(model, stand_in)  # captured with this setting (read at launch)
-    glmkit.attention.SHORT_STAGES = default
-    rows = {v: {"variant": v, "stages": stages, "replay_us": {p: [] for p in POSITIONS}, "decode_tok_s": []}
-            for v, (stages, _) in VARIANTS.items()}
+    defaults, decoders = (glmkit.attention.SHORT_STAGES, glmkit.attention.SHORT_AHEAD), {}
+    for v, (stages, ahead, stand_in) in VARIANTS.items():
+        glmkit.attention.SHORT_STAGES, glmkit.attention.SHORT_AHEAD = stages, ahead
+        decoders[v] = build(model, stand_in)  # captured with these settings (read at launch)
+    glmkit.attention.SHORT_STAGES, glmkit.attention.SHORT_AHEAD = defaults
+    rows = {v: {"variant": v, "stages": stages, "ahead": ahead, "replay_us": {p: [] for p in POSITIONS},
+                "decode_tok_s": []} for v, (stages, ahead, _) in VARIANTS.items()}
     for _ in range(ROUNDS):
         for v, decoder in decoders.items():
             for p in POSITIONS:

@@ -58,6 +58,7 @@ PRELOAD = True
 # GLM-4-9B at batch 1 on an H200, one run: an fp16 step 4665 µs against 4697 at a 160-token cache, 4581 against 4627
 # at 40; bf16 unchanged, 4645 against 4642 and 4563 against 4569 (benchmarks/results/launch_late.json)
 LAUNCH_NEXT_LATE = True
+SHORT_AHEAD = False  # experiment: the next tile's loads issued before a tile's product, in registers
 SHORT_STAGES = None  # experiment: software-pipelining stages of the short path's loop (None: Triton's default)
 # The new position's k and v are attended to apart from the cache tiles (one score per query head, the softmax started
 # from it), and the tiles stop before that position: each tile goes from the cache to the tensor cores as read (the
@@ -142,7 +143,8 @@ if triton is not None:
                                  max_len, scale_log2, KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  ROTARY: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
-                                 PDL: tl.constexpr, PRELOAD: tl.constexpr, LATE: tl.constexpr):
+                                 PDL: tl.constexpr, PRELOAD: tl.constexpr, LATE: tl.constexpr,
+                                 AHEAD: tl.constexpr = False):
         # one program: sequence i, KV head h, cache positions [split * SPLIT, (split + 1) * SPLIT) up to pos[i].
         # Under PDL several kernels before this one may still be running, so before waiting it reads only what no
         # kernel of this step's layers writes: the position, cos/sin and the cache rows (made by plain PyTorch
@@ -206,13 +208,29 @@ if triton is not None:
         m_i = tl.where(holds, m_new, float("-inf"))
         l_i = tl.where(holds, l_new, 0.0)
         acc = tl.where(holds, acc_new, 0.0)
+        if AHEAD:  # each tile's loads issued before the tile before is multiplied, in registers
+            n_next = n + BLOCK_N
+            if start + BLOCK_N < end:
+                ok = (n_next < end)[:, None] & d_ok[None, :]
+                k_next = tl.load(k_head + n_next[:, None] * stride_cn + d[None, :], mask=ok, other=0.0)
+                v_next = tl.load(v_head + n_next[:, None] * stride_cn + d[None, :], mask=ok, other=0.0)
+            else:
+                k_next = tl.zeros_like(k_first)
+                v_next = tl.zeros_like(v_first)
         m_i, l_i, acc = _attend_tile(q, k_first, v_first, n, end, m_i, l_i, acc, scale_log2, IEEE)
         for n0 in range(start + BLOCK_N, end, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
-            tile = n[:, None] * stride_cn + d[None, :]
-            ok = (n < end)[:, None] & d_ok[None, :]
-            k = tl.load(k_head + tile, mask=ok, other=0.0)
-            v = tl.load(v_head + tile, mask=ok, other=0.0)
+            if AHEAD:
+                k, v = k_next, v_next
+                n_next = n + BLOCK_N
+                ok = (n_next < end)[:, None] & d_ok[None, :]
+                k_next = tl.load(k_head + n_next[:, None] * stride_cn + d[None, :], mask=ok, other=0.0)
+                v_next = tl.load(v_head + n_next[:, None] * stride_cn + d[None, :], mask=ok, other=0.0)
+            else:
+                tile = n[:, None] * stride_cn + d[None, :]
+                ok = (n < end)[:, None] & d_ok[None, :]
+                k = tl.load(k_head + tile, mask=ok, other=0.0)
+                v = tl.load(v_head + tile, mask=ok, other=0.0)
             m_i, l_i, acc = _attend_tile(q, k, v, n, end, m_i, l_i, acc, scale_log2, IEEE)
         g_ok = g < GROUP
         if SPLITS == 1:  # the whole cache in one program: the output itself, [b, heads * HEAD_DIM]
@@ -356,7 +374,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), max_len, math.log2(math.e) / math.sqrt(hd),
         KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=tile, SPLIT=split, SPLITS=splits, IEEE=q.dtype == torch.float32 or INTERPRETER,
-        PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, num_warps=warps,
+        PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, AHEAD=SHORT_AHEAD and splits == 1 and b == 1, num_warps=warps,
         **({"num_stages": SHORT_STAGES} if SHORT_STAGES and splits == 1 and b == 1 else {}), **pdl)
     if splits > 1:
         _combine_kernel[(b * heads,)](m, lse, acc, pos, out, HEADS=heads, HEAD_DIM=hd, BLOCK_D=block_d,
