@@ -58,8 +58,14 @@ PRELOAD = True
 # GLM-4-9B at batch 1 on an H200, one run: an fp16 step 4665 µs against 4697 at a 160-token cache, 4581 against 4627
 # at 40; bf16 unchanged, 4645 against 4642 and 4563 against 4569 (benchmarks/results/launch_late.json)
 LAUNCH_NEXT_LATE = True
-SHORT_AHEAD = False  # experiment: the next tile's loads issued before a tile's product, in registers
-SHORT_STAGES = None  # experiment: software-pipelining stages of the short path's loop (None: Triton's default)
+# Where one program walks a short cache (batch 1), its loop over tiles is not software-pipelined by Triton (one stage:
+# no shared-memory staging of the next tiles, 1208 sm_90 instructions against 1416 and 40 KB of shared memory against
+# 135 KB) and reads the next tile into registers before it multiplies the tile in hand (only when there is one).
+# GLM-4-9B bf16 at batch 1 on an H200, one run: a step 4527 / 4633 / 4715 µs at a 40 / 160 / 280-token cache against
+# 4564 / 4652 / 4715 pipelined, 216.3 tok/s against 215.1; one stage without reading ahead: 4529 / 4633 / 4732
+# (benchmarks/results/attention_stages.json). Tokens bitwise equal to the pipelined kernel's.
+SHORT_STAGES = 1  # Triton's num_stages for that loop (None: Triton's default)
+SHORT_AHEAD = True
 # The new position's k and v are attended to apart from the cache tiles (one score per query head, the softmax started
 # from it), and the tiles stop before that position: each tile goes from the cache to the tensor cores as read (the
 # kernel had put the new k, v into the tile holding their position, element by element: 220 registers a thread
@@ -144,7 +150,7 @@ if triton is not None:
                                  ROTARY: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
                                  PDL: tl.constexpr, PRELOAD: tl.constexpr, LATE: tl.constexpr,
-                                 AHEAD: tl.constexpr = False):
+                                 AHEAD: tl.constexpr):
         # one program: sequence i, KV head h, cache positions [split * SPLIT, (split + 1) * SPLIT) up to pos[i].
         # Under PDL several kernels before this one may still be running, so before waiting it reads only what no
         # kernel of this step's layers writes: the position, cos/sin and the cache rows (made by plain PyTorch
@@ -366,7 +372,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         m = torch.empty(1, dtype=torch.float32, device=q.device)
         lse, acc = torch.empty_like(m), torch.empty_like(m)
     block_d = max(16, triton.next_power_of_2(hd))
-    tile, warps = SHORT_TILE if splits == 1 and b == 1 else (BLOCK_N, 4)  # the shape measured: one sequence
+    short = splits == 1 and b == 1  # one program walks a KV head's whole cache: the shape measured
+    tile, warps = SHORT_TILE if short else (BLOCK_N, 4)
     pdl = launch_options()
     _decode_attention_kernel[(b * kv, splits)](
         q, k, v, cos, sin, pos, batch_index, k_cache, v_cache, out, m, lse, acc,
@@ -374,8 +381,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), max_len, math.log2(math.e) / math.sqrt(hd),
         KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=tile, SPLIT=split, SPLITS=splits, IEEE=q.dtype == torch.float32 or INTERPRETER,
-        PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, AHEAD=SHORT_AHEAD and splits == 1 and b == 1, num_warps=warps,
-        **({"num_stages": SHORT_STAGES} if SHORT_STAGES and splits == 1 and b == 1 else {}), **pdl)
+        PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, AHEAD=short and SHORT_AHEAD, num_warps=warps,
+        **({"num_stages": SHORT_STAGES} if short and SHORT_STAGES else {}), **pdl)
     if splits > 1:
         _combine_kernel[(b * heads,)](m, lse, acc, pos, out, HEADS=heads, HEAD_DIM=hd, BLOCK_D=block_d,
                                       BLOCK_S=min(32, triton.next_power_of_2(splits)), SPLIT=split, SPLITS=splits,

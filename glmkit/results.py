@@ -695,6 +695,15 @@ def step_roles_table() -> Table | Text:
                        script="benchmarks/step_roles.py --checkpoint /tmp/glm9b")
 
 
+def per_cache(us: dict[str, float], at: list[str]) -> str:
+    """A variant's µs a step at each cache length ``at``, in order.
+
+    >>> per_cache({"40": 4647.2, "160": 4721.9}, ["40", "160"])
+    '4647 / 4722'
+    """
+    return " / ".join(f"{us[p]:.0f}" for p in at)
+
+
 def attention_cost_sentence() -> Text:
     """What attention costs a batch-1 bf16 step: the step with glmkit's attention kernel, with a kernel that only
     copies q, and with none (``step_roles.json``); and the kernel change that took some of it back
@@ -728,13 +737,10 @@ def attention_cost_sentence() -> Text:
             tiles, floor = rows["tiles of 128 x 8 warps"], rows["a minimal kernel"]
             whole = rows["one tile of 512 x 16 warps"]
             at = sorted(tiles, key=int)
-
-            def per_cache(us: dict[str, float]) -> str:  # a variant's µs at each cache length, in order
-                return " / ".join(f"{us[p]:.0f}" for p in at)
             text += (f" Its time grows with the tiles it walks, one after another, of 128 positions (another run, "
-                     f"`attention_one_tile.json`: a step {per_cache(tiles)} µs at a {' / '.join(at)}-token cache, "
-                     f"against {per_cache(floor)} with the minimal kernel), and one tile over the whole cache was "
-                     f"slower still ({per_cache(whole)} µs: the masked positions are multiplied too).")
+                     f"`attention_one_tile.json`: a step {per_cache(tiles, at)} µs at a {' / '.join(at)}-token cache, "
+                     f"against {per_cache(floor, at)} with the minimal kernel), and one tile over the whole cache was "
+                     f"slower still ({per_cache(whole, at)} µs: the masked positions are multiplied too).")
         pieces = load("attention_pieces")
         if pieces:
             rows = {r["pieces"]: r["best_replay_us"] for r in pieces["rows"]
@@ -743,6 +749,17 @@ def attention_cost_sentence() -> Text:
             text += (f" Nor did the sums across warps pay for themselves: giving each warp its own softmax over a "
                      f"piece of the tile, combined once at the end, took a step from {rows[1][at[1]]:.0f} to "
                      f"{rows[8][at[1]]:.0f} µs at a {at[1]}-token cache (`attention_pieces.json`).")
+        stages = load("attention_stages")
+        if stages:
+            rows = {r["variant"]: r for r in stages["rows"]}
+            piped, now = rows["pipelined (Triton's default)"], rows["1 stage, the next tile read ahead"]
+            at = sorted(now["best_replay_us"], key=int)
+            text += (f" What did pay: a plainer loop over the tiles (not software-pipelined by Triton, fewer "
+                     f"instructions; the next tile read into registers ahead), a step "
+                     f"{per_cache(now['best_replay_us'], at)} µs at a {' / '.join(at)}-token cache against "
+                     f"{per_cache(piped['best_replay_us'], at)} pipelined "
+                     f"(`attention_stages.json`: {now['best_tok_s']:.1f} against {piped['best_tok_s']:.1f} tok/s, "
+                     f"{100 * now['fraction_of_roofline']:.1f}% of the roofline measured in that run).")
         return text
     return from_result("step_roles", render, what="What attention costs a step",
                        script="benchmarks/step_roles.py --checkpoint /tmp/glm9b")

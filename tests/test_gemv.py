@@ -452,19 +452,22 @@ ptrs.update({"pos_ptr": "*i64", "row_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*
 ptrs.update({n: "i32" for n in _decode_attention_kernel.arg_names if n.startswith("stride_")})
 for fn, sig, consts in [
         (_decode_attention_kernel, ptrs, dict(KV=2, GROUP=16, HEAD_DIM=128, ROTARY=64, BLOCK_G=16, BLOCK_D=128,
-                                              BLOCK_N=64, SPLIT=256, SPLITS=4, IEEE=False, PDL=1, PRELOAD=True, LATE=True)),
+                                              BLOCK_N=64, SPLIT=256, SPLITS=4, IEEE=False, PDL=1, PRELOAD=True, LATE=True,
+                                              AHEAD=False)),
         (_combine_kernel, {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": "*bf16"},
          dict(HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=4, SPLIT=256, SPLITS=4, PDL=1))]:
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
     assert "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" in ptx
-from glmkit.attention import SHORT_TILE  # a short cache's tile: one program per KV head
+from glmkit.attention import SHORT_AHEAD, SHORT_STAGES, SHORT_TILE  # a short cache: one program per KV head
 consts = dict(KV=2, GROUP=16, HEAD_DIM=128, ROTARY=64, BLOCK_G=16, BLOCK_D=128, BLOCK_N=SHORT_TILE[0], SPLIT=512,
-              SPLITS=1, IEEE=False, PDL=1, PRELOAD=True, LATE=True)
+              SPLITS=1, IEEE=False, PDL=1, PRELOAD=True, LATE=True, AHEAD=SHORT_AHEAD)
 src = ASTSource(fn=_decode_attention_kernel, signature={**ptrs, **{k: "constexpr" for k in consts}},
                 constexprs={(_decode_attention_kernel.arg_names.index(k),): v for k, v in consts.items()})
-assert "cubin" in triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": SHORT_TILE[1]}).asm
+short = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": SHORT_TILE[1], **({"num_stages": SHORT_STAGES} if SHORT_STAGES else {})})
+assert "cubin" in short.asm and short.metadata.shared <= 227 * 1024  # fits one SM's shared memory
 from glmkit.allreduce import _push_allreduce_kernel as push  # the two-rank push all-reduce: its flags' ordering
 sig = {**{p: "*bf16" for p in ("x_ptr", "out_ptr", "mine_ptr", "peer_ptr")},
        **{p: "*i32" for p in ("my_flags", "peer_flags", "calls")}, "N": "i32", "CAP": "i32"}

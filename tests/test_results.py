@@ -443,3 +443,7 @@ def test_step_roles_figures_render_the_committed_files():
     one_softmax, eight = pieces["one softmax a tile of 128, 8 warps"], pieces["8 pieces of 16 a tile of 128, 8 warps"]
     assert all(one_softmax[p] < eight[p] for p in one_softmax)  # "nor did ... pay for themselves"
     assert f"from {one_softmax['160']:.0f} to {eight['160']:.0f} µs at a 160-token cache" in sentence
+    stages = {r["variant"]: r for r in results.load("attention_stages")["rows"]}
+    piped, now = stages["pipelined (Triton's default)"], stages["1 stage, the next tile read ahead"]
+    assert all(now["best_replay_us"][p] <= piped["best_replay_us"][p] for p in now["best_replay_us"])  # "did pay"
+    assert f"{100 * now['fraction_of_roofline']:.1f}% of the roofline" in sentence
