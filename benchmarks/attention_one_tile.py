@@ -11,17 +11,8 @@ Writes benchmarks/results/attention_one_tile.json (and to $OUT).
 
 from __future__ import annotations
 
-import argparse
+from step_roles import build_variants, load_for_variants, minimal_attention, save_variants, time_variants
 
-import torch
-from step_roles import build, minimal_attention, replay_us
-
-import glmkit.attention
-from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
-from glmkit.models import ensure_random_checkpoint
-from glmkit.quantization import load_precision
-
-PROMPT, NEW, ROUNDS, POSITIONS = 32, 256, 3, (40, 160, 280)
 VARIANTS = {  # name: (SHORT_TILE, attention stand-in)
     "tiles of 128 x 8 warps": ((128, 8), None),
     "one tile of 512 x 16 warps": ((512, 16), None),
@@ -31,40 +22,11 @@ VARIANTS = {  # name: (SHORT_TILE, attention stand-in)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="/tmp/glm9b")
-    args = ap.parse_args()
-    bw = copy_bandwidth()
-    ids = torch.randint(0, 1000, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    ensure_random_checkpoint(args.checkpoint)
-    model = load_precision(args.checkpoint, "bf16", device_map="cuda:0")
-    roofline = bw / bytes_read_per_token(model)
-    default, decoders = glmkit.attention.SHORT_TILE, {}
-    for v, (tile, stand_in) in VARIANTS.items():
-        glmkit.attention.SHORT_TILE = tile
-        decoders[v] = build(model, stand_in)  # captured with this tile (read at launch)
-    glmkit.attention.SHORT_TILE = default
-    rows = {v: {"variant": v, "tile": list(t), "replay_us": {p: [] for p in POSITIONS}, "decode_tok_s": []}
-            for v, (t, _) in VARIANTS.items()}
-    for _ in range(ROUNDS):
-        for v, decoder in decoders.items():
-            for p in POSITIONS:
-                decoder.decode_step(torch.tensor([5], device="cuda"), p)
-                rows[v]["replay_us"][p].append(replay_us(decoder.stages[0].graphs[1]))
-            rows[v]["decode_tok_s"].append(decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"])
-    first = next(iter(decoders))
-    reference = decoders[first].generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
-    for v, decoder in decoders.items():
-        row = rows[v]
-        row["best_replay_us"] = {p: min(t) for p, t in row["replay_us"].items()}
-        row["best_tok_s"] = max(row["decode_tok_s"])
-        row["fraction_of_roofline"] = row["best_tok_s"] / roofline
-        tokens = decoder.generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
-        row["tokens_as_first"], row["of"] = sum(a == b for a, b in zip(tokens, reference)), len(reference)
-        print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
-               if k not in ("replay_us", "decode_tok_s")}, flush=True)
-    save_result("attention_one_tile", {"what": __doc__.splitlines()[0], "copy_bandwidth_bytes_s": bw,
-                                       "roofline_tok_s": roofline, "rounds": ROUNDS, "rows": list(rows.values())})
+    args, model, bw, roofline = load_for_variants(__doc__.splitlines()[0])
+    decoders = build_variants(model, VARIANTS, ("SHORT_TILE",))
+    rows = {v: {"variant": v, "tile": list(t)} for v, (t, _) in VARIANTS.items()}
+    time_variants(decoders, rows, roofline)
+    save_variants("attention_one_tile", __doc__.splitlines()[0], args, bw, roofline, rows)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,16 @@ import triton
 import triton.language as tl
 from step_timeline import kernel_rows
 
+import glmkit.attention
 import glmkit.fast_decode
-from glmkit.bench import copy_bandwidth, save_result
+from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
 from glmkit.fast_decode import FastDecoder
 from glmkit.gemv import launch_options, wait_for_previous_kernel
 from glmkit.models import ensure_random_checkpoint
 from glmkit.quantization import load_precision
 
 PROMPT, NEW, POSITION, PROFILED, REPLAYS = 32, 256, 160, 5, 200
+POSITIONS, ROUNDS = (40, 160, 280), 3  # the variant scripts' cache lengths and rounds (time_variants)
 PROJECTIONS = ("qkv", "o_proj", "gate_up", "down")
 MODULES = {"qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "o_proj": ("self_attn.o_proj",),
            "gate_up": ("mlp.gate_up_proj",), "down": ("mlp.down_proj",)}
@@ -147,6 +149,72 @@ def build(model: torch.nn.Module, attention_fn=None) -> FastDecoder:
     finally:
         glmkit.fast_decode.qkv_decode_attention = original
     return decoder
+
+
+def load_for_variants(description: str) -> tuple[argparse.Namespace, torch.nn.Module, float, float]:
+    """A variant script's start: its arguments (--checkpoint, --precision), the random GLM-4-9B on cuda:0, the copy
+    bandwidth and the model's roofline (tok/s)."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--checkpoint", default="/tmp/glm9b")
+    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16"))
+    args = ap.parse_args()
+    bw = copy_bandwidth()
+    ensure_random_checkpoint(args.checkpoint)
+    model = load_precision(args.checkpoint, args.precision, device_map="cuda:0")
+    return args, model, bw, bw / bytes_read_per_token(model)
+
+
+def build_variants(model: torch.nn.Module, variants: dict[str, tuple], settings: tuple[str, ...]
+                   ) -> dict[str, FastDecoder]:
+    """One decoder per variant (``build``), glmkit.attention's ``settings`` set to the variant's values while it is
+    built (read at launch: its graphs keep them); each variant is ``(*values, attention stand-in or None)``."""
+    defaults = [getattr(glmkit.attention, name) for name in settings]
+    decoders = {}
+    try:
+        for v, (*values, stand_in) in variants.items():
+            for name, value in zip(settings, values):
+                setattr(glmkit.attention, name, value)
+            decoders[v] = build(model, stand_in)
+    finally:
+        for name, value in zip(settings, defaults):
+            setattr(glmkit.attention, name, value)
+    return decoders
+
+
+def time_variants(decoders: dict[str, FastDecoder], rows: dict[str, dict], roofline: float,
+                  positions: tuple[int, ...] = POSITIONS, rounds: int = ROUNDS) -> list[dict]:
+    """Decoders built with ``build`` timed in turns for ``rounds`` rounds: the CUDA graph of one step replayed back
+    to back at each cache length in ``positions``, and ``decode_speed`` over PROMPT + NEW tokens. Fills each variant's
+    row (``rows[name]``, holding its settings) with the best µs per length, the best tok/s against ``roofline`` and
+    its greedy tokens against the first decoder's; prints each row and returns them, in order."""
+    for row in rows.values():
+        row.update(replay_us={p: [] for p in positions}, decode_tok_s=[])
+    for _ in range(rounds):
+        for v, decoder in decoders.items():
+            for p in positions:
+                decoder.decode_step(torch.tensor([5], device="cuda"), p)
+                rows[v]["replay_us"][p].append(replay_us(decoder.stages[0].graphs[1]))
+            rows[v]["decode_tok_s"].append(decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"])
+    ids = torch.randint(0, 1000, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    reference = next(iter(decoders.values())).generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
+    for v, decoder in decoders.items():
+        row = rows[v]
+        row["best_replay_us"] = {p: min(t) for p, t in row["replay_us"].items()}
+        row["best_tok_s"] = max(row["decode_tok_s"])
+        row["fraction_of_roofline"] = row["best_tok_s"] / roofline
+        tokens = decoder.generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
+        row["tokens_as_first"], row["of"] = sum(a == b for a, b in zip(tokens, reference)), len(reference)
+        print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
+               if k not in ("replay_us", "decode_tok_s")}, flush=True)
+    return list(rows.values())
+
+
+def save_variants(name: str, what: str, args: argparse.Namespace, bw: float, roofline: float,
+                  rows: dict[str, dict]) -> None:
+    """A variant script's result: benchmarks/results/NAME.json (NAME_fp16.json for --precision fp16)."""
+    save_result(f"{name}{'_fp16' if args.precision == 'fp16' else ''}",
+                {"what": what, "precision": args.precision, "copy_bandwidth_bytes_s": bw, "roofline_tok_s": roofline,
+                 "rounds": ROUNDS, "rows": list(rows.values())})
 
 
 def main() -> None:
