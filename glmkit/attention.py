@@ -131,6 +131,13 @@ if triton is not None:
         return m_new, l_i, acc
 
     @triton.jit
+    def _load_tile(k_head, v_head, n, end, d, d_ok, stride_cn):
+        # the K and V tiles [BLOCK_N, BLOCK_D] of cache positions n (those < end; the rest read as 0)
+        ok = (n < end)[:, None] & d_ok[None, :]
+        return (tl.load(k_head + n[:, None] * stride_cn + d[None, :], mask=ok, other=0.0),
+                tl.load(v_head + n[:, None] * stride_cn + d[None, :], mask=ok, other=0.0))
+
+    @triton.jit
     def _attend_new(q, k_new, v_new, scale_log2, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr):
         # the softmax state after the new position alone: its score per query head, max = that score, sum = 1 and
         # output = v_new (products in fp32 as the tensor cores form them, v_new in the cache's dtype as the tiles)
@@ -185,9 +192,7 @@ if triton is not None:
         v_head = v_cache_ptr + row * stride_cb + h * stride_ch
         end = tl.minimum(tl.minimum(start + SPLIT, pos), max_len)  # the cache positions read: those before pos
         n = start + tl.arange(0, BLOCK_N)
-        first_ok = (n < end)[:, None] & d_ok[None, :]
-        k_first = tl.load(k_head + n[:, None] * stride_cn + d[None, :], mask=first_ok, other=0.0)
-        v_first = tl.load(v_head + n[:, None] * stride_cn + d[None, :], mask=first_ok, other=0.0)
+        k_first, v_first = _load_tile(k_head, v_head, n, end, d, d_ok, stride_cn)
         if PRELOAD:
             wait_for_inputs(PDL)
         g = tl.arange(0, BLOCK_G)
@@ -215,11 +220,8 @@ if triton is not None:
         l_i = tl.where(holds, l_new, 0.0)
         acc = tl.where(holds, acc_new, 0.0)
         if AHEAD:  # each tile's loads issued before the tile before is multiplied, in registers
-            n_next = n + BLOCK_N
             if start + BLOCK_N < end:
-                ok = (n_next < end)[:, None] & d_ok[None, :]
-                k_next = tl.load(k_head + n_next[:, None] * stride_cn + d[None, :], mask=ok, other=0.0)
-                v_next = tl.load(v_head + n_next[:, None] * stride_cn + d[None, :], mask=ok, other=0.0)
+                k_next, v_next = _load_tile(k_head, v_head, n + BLOCK_N, end, d, d_ok, stride_cn)
             else:
                 k_next = tl.zeros_like(k_first)
                 v_next = tl.zeros_like(v_first)
@@ -228,15 +230,9 @@ if triton is not None:
             n = n0 + tl.arange(0, BLOCK_N)
             if AHEAD:
                 k, v = k_next, v_next
-                n_next = n + BLOCK_N
-                ok = (n_next < end)[:, None] & d_ok[None, :]
-                k_next = tl.load(k_head + n_next[:, None] * stride_cn + d[None, :], mask=ok, other=0.0)
-                v_next = tl.load(v_head + n_next[:, None] * stride_cn + d[None, :], mask=ok, other=0.0)
+                k_next, v_next = _load_tile(k_head, v_head, n + BLOCK_N, end, d, d_ok, stride_cn)
             else:
-                tile = n[:, None] * stride_cn + d[None, :]
-                ok = (n < end)[:, None] & d_ok[None, :]
-                k = tl.load(k_head + tile, mask=ok, other=0.0)
-                v = tl.load(v_head + tile, mask=ok, other=0.0)
+                k, v = _load_tile(k_head, v_head, n, end, d, d_ok, stride_cn)
             m_i, l_i, acc = _attend_tile(q, k, v, n, end, m_i, l_i, acc, scale_log2, IEEE)
         g_ok = g < GROUP
         if SPLITS == 1:  # the whole cache in one program: the output itself, [b, heads * HEAD_DIM]
