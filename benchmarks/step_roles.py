@@ -181,17 +181,16 @@ def build_variants(model: torch.nn.Module, variants: dict[str, tuple], settings:
     return decoders
 
 
-def time_variants(decoders: dict[str, FastDecoder], rows: dict[str, dict], roofline: float,
-                  positions: tuple[int, ...] = POSITIONS, rounds: int = ROUNDS) -> list[dict]:
-    """Decoders built with ``build`` timed in turns for ``rounds`` rounds: the CUDA graph of one step replayed back
-    to back at each cache length in ``positions``, and ``decode_speed`` over PROMPT + NEW tokens. Fills each variant's
-    row (``rows[name]``, holding its settings) with the best µs per length, the best tok/s against ``roofline`` and
-    its greedy tokens against the first decoder's; prints each row and returns them, in order."""
+def time_variants(decoders: dict[str, FastDecoder], rows: dict[str, dict], roofline: float) -> None:
+    """Decoders built with ``build`` timed in turns for ROUNDS rounds: the CUDA graph of one step replayed back to
+    back at each cache length in POSITIONS, and ``decode_speed`` over PROMPT + NEW tokens. Fills each variant's row
+    (``rows[name]``, holding its settings) with the best µs per length, the best tok/s against ``roofline`` and its
+    greedy tokens against the first decoder's, and prints it."""
     for row in rows.values():
-        row.update(replay_us={p: [] for p in positions}, decode_tok_s=[])
-    for _ in range(rounds):
+        row.update(replay_us={p: [] for p in POSITIONS}, decode_tok_s=[])
+    for _ in range(ROUNDS):
         for v, decoder in decoders.items():
-            for p in positions:
+            for p in POSITIONS:
                 decoder.decode_step(torch.tensor([5], device="cuda"), p)
                 rows[v]["replay_us"][p].append(replay_us(decoder.stages[0].graphs[1]))
             rows[v]["decode_tok_s"].append(decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"])
@@ -206,7 +205,6 @@ def time_variants(decoders: dict[str, FastDecoder], rows: dict[str, dict], roofl
         row["tokens_as_first"], row["of"] = sum(a == b for a, b in zip(tokens, reference)), len(reference)
         print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
                if k not in ("replay_us", "decode_tok_s")}, flush=True)
-    return list(rows.values())
 
 
 def save_variants(name: str, what: str, args: argparse.Namespace, bw: float, roofline: float,
