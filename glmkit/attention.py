@@ -72,6 +72,11 @@ SHORT_AHEAD = True
 # against 128, 3895 sm_90 instructions against 2807). GLM-4-9B at batch 1 on an H200, two runs: a bf16 step 4646 µs
 # against 4685 and 4725 against 4749; fp16 4697 against 4737 (benchmarks/results/attention_apart.json)
 ONE_SPLIT_MAX = 512  # a cache of at most this many positions is one program per sequence and KV head, no combine
+# ... unless the caller gives ``tickets`` (the decoders do): then a short cache at batch 1 is split into tiles of
+# TICKET_TILE[0] positions, one program each (TICKET_TILE[1] warps), side by side instead of one after another, and
+# the last program of a KV head to finish combines the splits in the same kernel (no second launch; so does a long
+# cache's). Where pos lies in the first tile, that program writes the output itself.
+TICKET_TILE = (128, 8)
 
 
 def split_length(batch: int, kv_heads: int, max_len: int, target: int = TARGET_PROGRAMS) -> int:
@@ -151,13 +156,13 @@ if triton is not None:
     # (benchmarks/results/prefetch_l2.json's note). glmkit's 4-bit kernels may: they are opaque PyTorch ops.
     @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, row_ptr, k_cache_ptr, v_cache_ptr,
-                                 out_ptr, m_ptr, l_ptr, acc_ptr, stride_qb, stride_qh, stride_kb, stride_kh,
+                                 out_ptr, m_ptr, l_ptr, acc_ptr, ticket_ptr, stride_qb, stride_qh, stride_kb, stride_kh,
                                  stride_vb, stride_vh, stride_cos, stride_sin, stride_cb, stride_ch, stride_cn,
                                  max_len, scale_log2, KV: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  ROTARY: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
                                  PDL: tl.constexpr, PRELOAD: tl.constexpr, LATE: tl.constexpr,
-                                 AHEAD: tl.constexpr):
+                                 AHEAD: tl.constexpr, TICKETS: tl.constexpr, BLOCK_S: tl.constexpr):
         # one program: sequence i, KV head h, cache positions [split * SPLIT, (split + 1) * SPLIT) up to pos[i].
         # Under PDL several kernels before this one may still be running, so before waiting it reads only what no
         # kernel of this step's layers writes: the position, cos/sin and the cache rows (made by plain PyTorch
@@ -235,15 +240,49 @@ if triton is not None:
                 k, v = _load_tile(k_head, v_head, n, end, d, d_ok, stride_cn)
             m_i, l_i, acc = _attend_tile(q, k, v, n, end, m_i, l_i, acc, scale_log2, IEEE)
         g_ok = g < GROUP
-        if SPLITS == 1:  # the whole cache in one program: the output itself, [b, heads * HEAD_DIM]
-            out = acc / l_i[:, None]
-            out_rows = out_ptr + i * (KV * GROUP * HEAD_DIM) + heads[:, None] * HEAD_DIM
-            tl.store(out_rows + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_ok)
+        out_rows = out_ptr + i * (KV * GROUP * HEAD_DIM) + heads[:, None] * HEAD_DIM + d[None, :]
+        # the output itself where this program saw the whole cache up to pos: one split, or (TICKETS) pos in split 0
+        if SPLITS == 1 or (TICKETS and pos < SPLIT):
+            tl.store(out_rows, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=q_ok)
         else:  # partial max, sum and output of this split, [b, heads, SPLITS(, HEAD_DIM)], for the combine
-            at = (i * (KV * GROUP) + heads) * SPLITS + split
+            first = (i * (KV * GROUP) + heads) * SPLITS
+            at = first + split
             tl.store(m_ptr + at, m_i, mask=g_ok)
             tl.store(l_ptr + at, l_i, mask=g_ok)
             tl.store(acc_ptr + at[:, None] * HEAD_DIM + d[None, :], acc, mask=q_ok)
+            if TICKETS:  # the last split of (i, h) to finish combines them all, in this kernel
+                used = tl.minimum(pos // SPLIT + 1, SPLITS)  # the splits that hold 0..pos
+                tl.debug_barrier()  # every thread's stores above, then one release by the ticket's atomic
+                ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
+                if ticket == used - 1:
+                    out = _combine_splits(m_ptr, l_ptr, acc_ptr, first, used, g_ok, d, d_ok, HEAD_DIM, BLOCK_S)
+                    tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=q_ok)
+                    tl.store(ticket_ptr + pid, 0)  # for the next launch (the kernel's end makes it visible)
+
+    @triton.jit
+    def _combine_splits(m_ptr, l_ptr, acc_ptr, first, used, g_ok, d, d_ok, HEAD_DIM: tl.constexpr,
+                        BLOCK_S: tl.constexpr):
+        # softmax-weighted sum of the partial outputs of splits 0..used-1 for the query heads whose partials start
+        # at first [BLOCK_G], BLOCK_S splits a step; read from L2 (.cg: written by other programs of this kernel)
+        s = tl.arange(0, BLOCK_S)
+        m_run = tl.full(first.shape, float("-inf"), tl.float32)
+        l_run = tl.zeros(first.shape, tl.float32)
+        acc_run = tl.zeros((first.shape[0], d.shape[0]), tl.float32)
+        for s0 in range(0, used, BLOCK_S):
+            ok = g_ok[:, None] & (s0 + s < used)[None, :]
+            at = first[:, None] + s0 + s[None, :]  # [BLOCK_G, BLOCK_S]
+            m = tl.load(m_ptr + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(l_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
+            part = tl.load(acc_ptr + at[:, :, None] * HEAD_DIM + d[None, None, :],
+                           mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m_run, tl.max(m, axis=1))
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # heads past GROUP: no NaN from -inf - -inf
+            w = tl.exp2(m - m_new[:, None])
+            alpha = tl.exp2(m_run - m_new)
+            l_run = l_run * alpha + tl.sum(w * l_s, axis=1)
+            acc_run = acc_run * alpha[:, None] + tl.sum(w[:, :, None] * part, axis=1)
+            m_run = m_new
+        return acc_run / tl.where(g_ok, l_run, 1.0)[:, None]
 
     @triton.jit
     def _combine_kernel(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -312,7 +351,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, pos: torch.Tensor, batch_index: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, split: int | None = None) -> torch.Tensor:
+                     sin: torch.Tensor, split: int | None = None, tickets: torch.Tensor | None = None) -> torch.Tensor:
     """GLM's rotary embedding of ``q`` and ``k``, ``k``/``v`` written into the static cache at ``pos``, and
     ``softmax(q kᵀ / √head_dim) v`` over cache positions ``0..pos`` of each sequence, for one new token each.
 
@@ -328,7 +367,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
             ``[b]`` each sequence's cache row.
         cos, sin: ``[b, rotary_dim]`` at each sequence's position, each frequency repeated for its pair of dims
             (as ``FastDecoder`` builds them); dims past ``rotary_dim`` are not rotated.
-        split: cache positions per program (a multiple of ``BLOCK_N``); default ``split_length``.
+        split: cache positions per program (a multiple of ``BLOCK_N``); default ``split_length``, or with
+            ``tickets`` on a short cache at batch 1, ``TICKET_TILE``'s.
+        tickets: int32 zeros, one per sequence and KV head (``[b * kv_heads]`` or more), kept by the caller for all
+            its calls (the kernel leaves them zero): the splits of a cache are then combined by the last program of
+            each KV head to finish, in the same kernel, and a short cache at batch 1 is split too (``TICKET_TILE``).
+            Without them a split cache takes a second, combining kernel. One buffer must not serve two launches
+            that run at the same time (two streams).
 
     Returns the attention output ``[b, heads, 1, head_dim]``, a view of a ``[b, 1, heads * head_dim]`` buffer: what
     ``o_proj`` reads, with no copy. Introduced with the fast path in ``notebooks/05_tuning.ipynb``. It runs on a GPU
@@ -355,7 +400,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     b, heads, hd = q.shape
     kv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv
-    split = split or split_length(b, kv, max_len)
+    if tickets is not None and (tickets.dtype != torch.int32 or tickets.device != q.device or
+                                not tickets.is_contiguous() or tickets.numel() < b * kv):
+        raise ValueError(f"decode_attention's tickets must be contiguous int32 zeros on {q.device}, at least "
+                         f"{b * kv} (one per sequence and KV head), got {tickets.numel()} {tickets.dtype} on "
+                         f"{tickets.device}.")
+    ticket_split = tickets is not None and b == 1 and max_len <= ONE_SPLIT_MAX
+    split = split or (TICKET_TILE[0] if ticket_split else split_length(b, kv, max_len))
     if split % BLOCK_N:
         raise ValueError(f"split must be a multiple of {BLOCK_N} cache positions, got {split}.")
     splits = triton.cdiv(max_len, split)
@@ -369,17 +420,19 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         lse, acc = torch.empty_like(m), torch.empty_like(m)
     block_d = max(16, triton.next_power_of_2(hd))
     short = splits == 1 and b == 1  # one program walks a KV head's whole cache: the shape measured
-    tile, warps = SHORT_TILE if short else (BLOCK_N, 4)
+    tile, warps = SHORT_TILE if short else TICKET_TILE if ticket_split else (BLOCK_N, 4)
     pdl = launch_options()
     _decode_attention_kernel[(b * kv, splits)](
         q, k, v, cos, sin, pos, batch_index, k_cache, v_cache, out, m, lse, acc,
+        tickets if tickets is not None else m,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), max_len, math.log2(math.e) / math.sqrt(hd),
         KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=tile, SPLIT=split, SPLITS=splits, IEEE=q.dtype == torch.float32 or INTERPRETER,
-        PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, AHEAD=short and SHORT_AHEAD, num_warps=warps,
-        **({"num_stages": SHORT_STAGES} if short and SHORT_STAGES else {}), **pdl)
-    if splits > 1:
+        PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, AHEAD=short and SHORT_AHEAD, TICKETS=tickets is not None,
+        BLOCK_S=min(32, triton.next_power_of_2(splits)), num_warps=warps,
+        **({"num_stages": SHORT_STAGES} if (short or ticket_split) and SHORT_STAGES else {}), **pdl)
+    if splits > 1 and tickets is None:
         _combine_kernel[(b * heads,)](m, lse, acc, pos, out, HEADS=heads, HEAD_DIM=hd, BLOCK_D=block_d,
                                       BLOCK_S=min(32, triton.next_power_of_2(splits)), SPLIT=split, SPLITS=splits,
                                       num_warps=4, **pdl)
@@ -387,7 +440,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
 
 def qkv_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                         batch_index: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+                         batch_index: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         tickets: torch.Tensor | None = None) -> torch.Tensor:
     """``decode_attention`` on the fused q/k/v projection's output, as the decoders call it (``glmkit.fast_decode``'s
     layer, ``glmkit.tp_decode``'s rank): q, k and v are views of ``qkv``, no copy.
 
@@ -414,4 +468,4 @@ def qkv_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     heads = width // hd - 2 * kv
     q, k, v = qkv.split([heads * hd, kv * hd, kv * hd], dim=-1)
     return decode_attention(q.view(b, heads, hd), k.view(b, kv, hd), v.view(b, kv, hd), k_cache, v_cache, pos,
-                            batch_index, cos.view(b, -1), sin.view(b, -1))
+                            batch_index, cos.view(b, -1), sin.view(b, -1), tickets=tickets)

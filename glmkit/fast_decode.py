@@ -240,7 +240,8 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
                   wo: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, next_norm: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float, heads: int, kv_heads: int, head_dim: int,
                   gemv: bool | str = False, attention: str = "sdpa",
-                  in_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  in_norm: torch.Tensor | None = None,
+                  tickets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One GLM decoder layer for one new token per sequence, writing its K/V at ``pos`` in the static cache.
 
     x: the residual stream [b, 1, hidden]; h: ``x`` already normalised by this layer's input norm; returns the new
@@ -255,13 +256,16 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
     in_norm: this layer's input norm, given on the Triton batch-1 path (``FastDecoder.fuses_norms``): then the
     GEMVs do the norms and the residual adds (``norm_linear``, ``residual_linear``), h is not read and the layer
     returns ``(x, x)``: a layer is four GEMV launches and attention, with no norm or add kernel.
+
+    tickets: int32 zeros, one per row and KV head, for glmkit's attention kernel (``decode_attention``): the splits
+    of a cache are then combined in the same kernel, and a short cache at batch 1 is split into tiles side by side.
     """
     b = x.shape[0]
     fused = in_norm is not None
     # [b, 1, (heads + 2 kv_heads) * head_dim]
     qkv = norm_linear(x, in_norm, eps, wqkv, bqkv, gemv) if fused else linear(h, wqkv, bqkv, gemv)
     if attention == "triton":  # one kernel: rope, the K/V write at pos and attention over 0..pos
-        attn = qkv_decode_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin)  # [b, heads, 1, hd]
+        attn = qkv_decode_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets)  # [b, heads, 1, hd]
     else:
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         q = rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
@@ -606,6 +610,8 @@ class _Stage:
         # control: row 0 the tokens, row 1 the positions, row 2 the number of live rows k (in every column);
         # the first stage's is written by decode_step, the others copy it (one small copy per hop)
         self.control = torch.zeros(3, batch_size, dtype=torch.long, device=dev)
+        # glmkit's attention kernel's tickets (decode_attention): zeros it leaves as it finds them, for all layers
+        self.tickets = torch.zeros(batch_size * kv_heads, dtype=torch.int32, device=dev)
         # the hidden state in and out: x (residual stream) and h (x normalised for the next layer) [batch, 1, hidden]
         self.x_in, self.h_in, self.x_out, self.h_out = (
             torch.zeros(batch_size, 1, hidden, device=dev, dtype=dtype) for _ in range(4))
@@ -895,7 +901,8 @@ class FastDecoder:
             for j, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(st.weights):
                 x, h = layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
                                 next_norm, st.k_cache[j, :b], st.v_cache[j, :b], self.eps, self.heads, self.kv_heads,
-                                self.head_dim, gemv, self.attention, st.in_norms[j] if fused else None)
+                                self.head_dim, gemv, self.attention, st.in_norms[j] if fused else None,
+                                st.tickets)
             if live is not None:
                 keep = live.view(1, b, 1, 1)
                 st.k_cache[:, :b, :, 0] = torch.where(keep, st.k_cache[:, :b, :, 0], k0)

@@ -61,14 +61,20 @@ def test_kernel_equals_rope_index_put_and_sdpa(case, dtype):
     pos, rows = torch.tensor(pos, device=DEVICE), torch.tensor(rows, device=DEVICE)
     want_k, want_v = k_cache.clone(), v_cache.clone()
     want = reference(q, k, v, want_k, want_v, pos, rows, cos, sin)
-    got = decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos, sin, split=split)
-    assert got.shape == (b, heads, 1, hd) and got.dtype == dtype
-    # the output is a view of what o_proj reads, [b, 1, heads * head_dim], contiguous: no copy before it
-    assert got.transpose(1, 2).is_contiguous()
     tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-    torch.testing.assert_close(k_cache, want_k, rtol=tol, atol=tol)  # one rounding of rope: within an ulp
-    assert torch.equal(v_cache, want_v)  # v goes in as it is; nothing else in the caches changed
+    # without tickets a split cache is combined by a second kernel; with them (the decoders' way), by the last
+    # program of each KV head to finish, and a short cache at batch 1 is split into tiles side by side
+    for tickets in (None, torch.zeros(b * kv + 1, dtype=torch.int32, device=DEVICE)):
+        caches = k_cache.clone(), v_cache.clone()
+        got = decode_attention(q, k, v, *caches, pos, rows, cos, sin, split=split, tickets=tickets)
+        assert got.shape == (b, heads, 1, hd) and got.dtype == dtype
+        # the output is a view of what o_proj reads, [b, 1, heads * head_dim], contiguous: no copy before it
+        assert got.transpose(1, 2).is_contiguous()
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+        torch.testing.assert_close(caches[0], want_k, rtol=tol, atol=tol)  # one rounding of rope: within an ulp
+        assert torch.equal(caches[1], want_v)  # v goes in as it is; nothing else in the caches changed
+        if tickets is not None:  # left as found, for the next call
+            assert not tickets.any()
 
 
 def test_positions_after_pos_are_never_read():
