@@ -136,24 +136,26 @@ def embed_part(tokens: torch.Tensor, embed: torch.Tensor, start: int) -> torch.T
 def attention_half(h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    mask: torch.Tensor | None, wqkv: torch.Tensor, bqkv: torch.Tensor | None, wo: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
-                   gemv: bool | str, attention: str = "sdpa") -> torch.Tensor:
+                   gemv: bool | str, attention: str = "sdpa", tickets: torch.Tensor | None = None) -> torch.Tensor:
     """The rank's heads for ``s`` new tokens per row, their K/V written at ``pos`` in the static cache; returns
     this rank's partial ``o_proj`` output (to be all-reduced).
 
     h: normalised input [b, s, hidden]; pos: [b, s] positions; cos/sin: [b, 1, s, rotary]; mask: additive
     [b, 1, s, max_len] (``None`` with ``"triton"`` attention of one token a row); k_cache/v_cache:
     [b, kv_heads, max_len, head_dim]. attention: ``"triton"`` for one token per row
-    (``glmkit.attention.decode_attention``: rope, the K/V write and attention in one kernel) or ``"sdpa"``.
+    (``glmkit.attention.decode_attention``: rope, the K/V write and attention in one kernel; ``tickets``, int32
+    zeros one per row and KV head, let it split a cache and combine in the same kernel) or ``"sdpa"``.
     """
     return attend(linear(h, wqkv, bqkv, gemv), pos, cos, sin, mask, wo, k_cache, v_cache, heads, kv_heads, head_dim,
-                  gemv, attention)
+                  gemv, attention, tickets)
 
 
 def add_norm_attention_half(x: torch.Tensor, d: torch.Tensor | None, in_norm: torch.Tensor, eps: float,
                             pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                             wqkv: torch.Tensor, bqkv: torch.Tensor | None, wo: torch.Tensor, k_cache: torch.Tensor,
                             v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int, gemv: bool | str,
-                            attention: str = "sdpa") -> tuple[torch.Tensor, torch.Tensor]:
+                            attention: str = "sdpa",
+                            tickets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``attention_half`` from the raw residual stream x: ``x + d`` (d: the all-reduced ``down_proj`` output of the
     layer before; ``None`` for the first layer), this layer's input norm and q/k/v in one GEMV launch where glmkit's
     Triton kernel runs (``add_norm_linear``). Returns the new residual stream and the partial ``o_proj`` output.
@@ -176,12 +178,13 @@ def add_norm_attention_half(x: torch.Tensor, d: torch.Tensor | None, in_norm: to
         qkv = norm_linear(x, in_norm, eps, wqkv, bqkv, gemv)
     else:
         qkv, x = add_norm_linear(x, d, in_norm, eps, wqkv, bqkv, gemv)
-    return x, attend(qkv, pos, cos, sin, mask, wo, k_cache, v_cache, heads, kv_heads, head_dim, gemv, attention)
+    return x, attend(qkv, pos, cos, sin, mask, wo, k_cache, v_cache, heads, kv_heads, head_dim, gemv, attention,
+                     tickets)
 
 
 def attend(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
            wo: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
-           gemv: bool | str, attention: str) -> torch.Tensor:
+           gemv: bool | str, attention: str, tickets: torch.Tensor | None = None) -> torch.Tensor:
     """The rank's heads from their q/k/v ``[b, s, (heads + 2 kv_heads) head_dim]``: rope, the K/V write, attention
     and the rank's ``o_proj`` columns (its partial output). Arguments as ``attention_half``; taught in
     ``notebooks/08_tensor_parallel.ipynb``. At position 0 each query head's output is its KV head's v:
@@ -200,7 +203,7 @@ def attend(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.T
     b, s, _ = qkv.shape
     rows = torch.arange(b, device=qkv.device)[:, None]
     if attention == "triton" and s == 1:  # one kernel: rope, the K/V write at pos and attention over 0..pos
-        attn = qkv_decode_attention(qkv, k_cache, v_cache, pos[:, 0], rows[:, 0], cos, sin)
+        attn = qkv_decode_attention(qkv, k_cache, v_cache, pos[:, 0], rows[:, 0], cos, sin, tickets)
     else:
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         q = rope(q.view(b, s, heads, head_dim).transpose(1, 2), cos, sin)
@@ -350,6 +353,8 @@ class TPDecoder:
         self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
         # a step's input, one row of tokens and one of positions: a single copy from the host fills both
         self.control = torch.zeros(2, batch_size, dtype=torch.long, device=self.device)
+        # glmkit's attention kernel's tickets (glmkit.attention.decode_attention): zeros it leaves as it finds them
+        self.tickets = torch.zeros(batch_size * self.kv_heads, dtype=torch.int32, device=self.device)
         self.tokens, self.pos = self.control[0, :, None], self.control[1]  # [batch, 1], [batch]
         on_gpu = self.device.type == "cuda"  # host tensors are staged in pinned memory, copied without a sync
         self.staging = torch.zeros(2, batch_size, dtype=torch.long, pin_memory=on_gpu)
@@ -412,7 +417,7 @@ class TPDecoder:
         h = rms_norm(x, self.first_norm, self.eps)
         for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.layers):
             o = attention(h, pos, cos, sin, mask, wqkv, bqkv, wo, self.k_cache[i, rows], self.v_cache[i, rows],
-                          self.heads, self.kv_heads, self.head_dim, gemv, self.attention)
+                          self.heads, self.kv_heads, self.head_dim, gemv, self.attention, self.tickets)
             x, d = mlp(x, reduce(o), ln2, wgu, wd, self.eps, gemv, False)
             x, h = nxt(x, reduce(d), next_norm, self.eps)
         head = "triton" if gemv == "triton" else False
@@ -439,7 +444,7 @@ class TPDecoder:
         for i, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(self.layers):
             x, o = add_norm_attention(x, d, in_norm, self.eps, pos, cos, sin, mask, wqkv, bqkv, wo,
                                             self.k_cache[i, rows], self.v_cache[i, rows], self.heads, self.kv_heads,
-                                            self.head_dim, gemv, self.attention)
+                                            self.head_dim, gemv, self.attention, self.tickets)
             x, d = mlp(x, reduce(o), ln2, wgu, wd, self.eps, gemv, True)
             d, in_norm = reduce(d), next_norm
         logits, _ = add_norm_linear(x, d, in_norm, self.eps, self.lm_head, self.lm_head_bias, "triton")

@@ -154,6 +154,18 @@ def test_rows_at_different_positions_over_several_splits_decode_like_generate(tr
         assert row == want[0, p.shape[1]:].tolist()
 
 
+def test_a_short_cache_split_into_tiles_side_by_side_decodes_like_generate(trained, monkeypatch):
+    # batch 1 with the decoder's tickets: tiles of 64 positions (TICKET_TILE), one program each, the last to finish
+    # combining them; the prompt's 60 tokens and 8 new ones cross from the first tile into the second
+    monkeypatch.setattr(glmkit.attention, "TICKET_TILE", (64, 4))
+    ids = torch.randint(0, 800, (1, 60), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    dec = FastDecoder(trained, max_len=160, attention="triton", compile=False, cuda_graph=False)
+    want = trained.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                            do_sample=False)
+    assert torch.equal(dec.generate(ids, max_new_tokens=8, ignore_eos=True), want)
+    assert not dec.stages[0].tickets.any()  # left as found, for the next step
+
+
 def broken(*args, **kwargs):
     raise RuntimeError("no kernel image is available for execution on the device")
 
