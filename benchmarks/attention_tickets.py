@@ -25,7 +25,6 @@ def without_tickets(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=N
 VARIANTS = {  # name: (TICKET_TILE, attention stand-in)
     "one program per KV head, tile after tile": ((128, 8), without_tickets),
     "tiles of 128 side by side (8 warps)": ((128, 8), None),
-    "tiles of 64 side by side (4 warps)": ((64, 4), None),
     "a minimal kernel": ((128, 8), minimal_attention),
 }
 
