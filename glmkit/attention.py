@@ -3,14 +3,16 @@
 At batch 1 a decode step's attention reads little (GLM-4-9B: 2 KV heads x 128 dims, 1 KiB a cached token in bf16)
 but compiled, it still ran as three kernels a layer: two for the rotary embedding and the cache write, then cuDNN's
 SDPA (H100, 32 cached tokens: 1.2 + 1.4 + 4.3 µs a layer, ``benchmarks/results/profile_step.json``).
-``decode_attention`` does it in one kernel (two on a cache longer than 512): each program takes one KV head of one
-sequence with *all* the query heads that share it (GLM-4-9B: 16), rotates q and k, writes k and v at the
-sequence's position, and reads each K/V tile once for its 16 query heads, softmax in fp32. A long cache is split
-over several programs (flash-decoding: each keeps its partial max, sum and output; a second small kernel combines
-them), so a 32K cache fills the GPU. The grid is sized from the cache length, not from the position (which lives
-on the device): programs past a sequence's position exit at once, so a CUDA graph replays it for every token, and
-``torch.compile(fullgraph=True)`` traces it as a user-defined Triton kernel. Positions after a sequence's own are
-never read: the stale K/V a chunked prefill or an earlier request leaves there change nothing.
+``decode_attention`` does it in one kernel: each program takes one KV head of one sequence with *all* the query heads
+that share it (GLM-4-9B: 16), rotates q and k, writes k and v at the sequence's position, and reads each K/V tile
+once for its 16 query heads, softmax in fp32. A long cache is split over several programs (flash-decoding: each
+keeps its partial max, sum and output), so a 32K cache fills the GPU; with ``tickets`` (the decoders pass them) the
+last program of a KV head to finish combines the splits in the same kernel, and a short cache at batch 1 is split
+into its tiles too, side by side; without them a second small kernel combines. The grid is sized from the cache
+length, not from the position (which lives on the device): programs past a sequence's position exit at once, so a
+CUDA graph replays it for every token, and ``torch.compile(fullgraph=True)`` traces it as a user-defined Triton
+kernel. Positions after a sequence's own are never read: the stale K/V a chunked prefill or an earlier request
+leaves there change nothing. ``cos_table``: the kernel reads the rotary tables at each sequence's position itself.
 
 ``FastDecoder(attention="triton")`` uses it (``"auto"``, the default, wherever the Triton GEMVs run); notebook
 ``05_tuning.ipynb`` teaches the fast path. On a CPU it runs in Triton's interpreter (``TRITON_INTERPRET=1``).
@@ -75,7 +77,10 @@ ONE_SPLIT_MAX = 512  # a cache of at most this many positions is one program per
 # ... unless the caller gives ``tickets`` (the decoders do): then a short cache at batch 1 is split into tiles of
 # TICKET_TILE[0] positions, one program each (TICKET_TILE[1] warps), side by side instead of one after another, and
 # the last program of a KV head to finish combines the splits in the same kernel (no second launch; so does a long
-# cache's). Where pos lies in the first tile, that program writes the output itself.
+# cache's). Where pos lies in the first tile, that program writes the output itself. GLM-4-9B bf16 at batch 1 on an
+# H200, one run: a step 4595 / 4660 / 4656 µs at a 40 / 160 / 280-token cache against 4583 / 4688 / 4768 with one
+# program walking the tiles, 214.8 against 213.5 tok/s; fp16 214.6 against 213.2 (attention_tickets*.json). Tiles of
+# 64 with 4 warps were slower at every length (attention_tickets_first.json).
 TICKET_TILE = (128, 8)
 
 
@@ -162,7 +167,8 @@ if triton is not None:
                                  ROTARY: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
                                  PDL: tl.constexpr, PRELOAD: tl.constexpr, LATE: tl.constexpr,
-                                 AHEAD: tl.constexpr, TICKETS: tl.constexpr, BLOCK_S: tl.constexpr):
+                                 AHEAD: tl.constexpr, TICKETS: tl.constexpr, BLOCK_S: tl.constexpr,
+                                 COS_TABLE: tl.constexpr):
         # one program: sequence i, KV head h, cache positions [split * SPLIT, (split + 1) * SPLIT) up to pos[i].
         # Under PDL several kernels before this one may still be running, so before waiting it reads only what no
         # kernel of this step's layers writes: the position, cos/sin and the cache rows (made by plain PyTorch
@@ -189,8 +195,9 @@ if triton is not None:
         d_ok = d < HEAD_DIM
         partner = d ^ 1  # GLM rotates interleaved pairs (0, 1), (2, 3), ... of the first ROTARY dims
         rot = d < ROTARY
-        cos = tl.load(cos_ptr + i * stride_cos + d, mask=rot, other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + i * stride_sin + d, mask=rot, other=0.0).to(tl.float32)
+        at = pos if COS_TABLE else i  # cos/sin: tables over positions (row pos), or one row per sequence
+        cos = tl.load(cos_ptr + at * stride_cos + d, mask=rot, other=1.0).to(tl.float32)
+        sin = tl.load(sin_ptr + at * stride_sin + d, mask=rot, other=0.0).to(tl.float32)
         sin = tl.where(d % 2 == 0, -sin, sin)  # rotate_half: (-x[2j+1], x[2j])
         row = tl.load(row_ptr + i)  # int64: row * stride_cb may pass 2**31 on a large batch of long caches
         k_head = k_cache_ptr + row * stride_cb + h * stride_ch
@@ -315,7 +322,8 @@ if triton is not None:
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           pos: torch.Tensor, batch_index: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+           pos: torch.Tensor, batch_index: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           cos_table: bool = False) -> None:
     """Clear errors for inputs the kernel cannot take (it reads raw pointers: a wrong shape would read garbage)."""
     if triton is None:
         raise RuntimeError("glmkit.attention needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
@@ -338,9 +346,12 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.shape[-1] != hd:
         raise ValueError(f"k_cache and v_cache must be alike [B, kv_heads, max_len, {hd}], got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}.")
-    if pos.shape != (b,) or batch_index.shape != (b,) or cos.shape[0] != b or cos.shape != sin.shape:
+    # cos/sin: one row per sequence, or (cos_table) a table with a row for every cache position
+    rows_ok = cos.shape[0] >= k_cache.shape[2] if cos_table else cos.shape[0] == b
+    if pos.shape != (b,) or batch_index.shape != (b,) or not rows_ok or cos.ndim != 2 or cos.shape != sin.shape:
+        want = f"[{k_cache.shape[2]} or more cache positions" if cos_table else f"[{b}"
         raise ValueError(f"decode_attention takes one position and one cache row per sequence ([{b}] each) and "
-                         f"cos/sin [{b}, rotary_dim]; got pos {tuple(pos.shape)}, batch_index "
+                         f"cos/sin {want}, rotary_dim]; got pos {tuple(pos.shape)}, batch_index "
                          f"{tuple(batch_index.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)}.")
     if cos.shape[-1] % 2 or cos.shape[-1] > hd:
         raise ValueError(f"rotary_dim (cos.shape[-1] = {cos.shape[-1]}) must be even and at most head_dim {hd}.")
@@ -351,7 +362,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, pos: torch.Tensor, batch_index: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, split: int | None = None, tickets: torch.Tensor | None = None) -> torch.Tensor:
+                     sin: torch.Tensor, split: int | None = None, tickets: torch.Tensor | None = None,
+                     cos_table: bool = False) -> torch.Tensor:
     """GLM's rotary embedding of ``q`` and ``k``, ``k``/``v`` written into the static cache at ``pos``, and
     ``softmax(q kᵀ / √head_dim) v`` over cache positions ``0..pos`` of each sequence, for one new token each.
 
@@ -374,6 +386,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
             each KV head to finish, in the same kernel, and a short cache at batch 1 is split too (``TICKET_TILE``).
             Without them a split cache takes a second, combining kernel. One buffer must not serve two launches
             that run at the same time (two streams).
+        cos_table: cos/sin are tables over cache positions (``[max_len, rotary_dim]`` or more rows): the kernel
+            reads each sequence's row ``pos[i]`` itself (no gather kernels before it).
 
     Returns the attention output ``[b, heads, 1, head_dim]``, a view of a ``[b, 1, heads * head_dim]`` buffer: what
     ``o_proj`` reads, with no copy. Introduced with the fast path in ``notebooks/05_tuning.ipynb``. It runs on a GPU
@@ -395,7 +409,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     >>> tuple(out.shape), torch.equal(k_cache[0, :, 2], k[0]), torch.allclose(out, ref, atol=1e-5)
     ((1, 4, 1, 64), True, True)
     """
-    _check(q, k, v, k_cache, v_cache, pos, batch_index, cos, sin)
+    _check(q, k, v, k_cache, v_cache, pos, batch_index, cos, sin, cos_table)
     pos, batch_index = pos.contiguous(), batch_index.contiguous()  # read as pos_ptr + i (an expanded view is not)
     b, heads, hd = q.shape
     kv, max_len = k_cache.shape[1], k_cache.shape[2]
@@ -430,7 +444,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=tile, SPLIT=split, SPLITS=splits, IEEE=q.dtype == torch.float32 or INTERPRETER,
         PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, AHEAD=short and SHORT_AHEAD, TICKETS=tickets is not None,
-        BLOCK_S=min(32, triton.next_power_of_2(splits)), num_warps=warps,
+        BLOCK_S=min(32, triton.next_power_of_2(splits)), COS_TABLE=cos_table, num_warps=warps,
         **({"num_stages": SHORT_STAGES} if (short or ticket_split) and SHORT_STAGES else {}), **pdl)
     if splits > 1 and tickets is None:
         _combine_kernel[(b * heads,)](m, lse, acc, pos, out, HEADS=heads, HEAD_DIM=hd, BLOCK_D=block_d,
@@ -441,12 +455,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
 def qkv_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                          batch_index: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         tickets: torch.Tensor | None = None) -> torch.Tensor:
+                         tickets: torch.Tensor | None = None, cos_table: bool = False) -> torch.Tensor:
     """``decode_attention`` on the fused q/k/v projection's output, as the decoders call it (``glmkit.fast_decode``'s
     layer, ``glmkit.tp_decode``'s rank): q, k and v are views of ``qkv``, no copy.
 
     qkv: ``[b, 1, (heads + 2 kv_heads) * head_dim]``, one new token per sequence (kv_heads and head_dim are the
-    cache's); cos/sin: ``[b, 1, 1, rotary_dim]`` (any shape of ``b * rotary_dim`` numbers); the rest as
+    cache's); cos/sin: ``[b, 1, 1, rotary_dim]`` (any shape of ``b * rotary_dim`` numbers), or with ``cos_table``
+    the tables ``[max_len, rotary_dim]``; ``tickets`` and the rest as
     ``decode_attention``, whose output ``[b, heads, 1, head_dim]`` it returns. Taught with the fast path in
     ``notebooks/05_tuning.ipynb``.
 
@@ -467,5 +482,7 @@ def qkv_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          f"sequence for a cache of {kv} KV heads x {hd} dims; got {tuple(qkv.shape)}.")
     heads = width // hd - 2 * kv
     q, k, v = qkv.split([heads * hd, kv * hd, kv * hd], dim=-1)
+    if not cos_table:
+        cos, sin = cos.view(b, -1), sin.view(b, -1)
     return decode_attention(q.view(b, heads, hd), k.view(b, kv, hd), v.view(b, kv, hd), k_cache, v_cache, pos,
-                            batch_index, cos.view(b, -1), sin.view(b, -1), tickets=tickets)
+                            batch_index, cos, sin, tickets=tickets, cos_table=cos_table)

@@ -257,6 +257,8 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
     GEMVs do the norms and the residual adds (``norm_linear``, ``residual_linear``), h is not read and the layer
     returns ``(x, x)``: a layer is four GEMV launches and attention, with no norm or add kernel.
 
+    cos/sin: at each row's position ``[b, 1, 1, rotary]``; with ``attention="triton"`` the tables ``[max_len,
+    rotary]`` may be given instead (2-D): the kernel reads row ``pos`` itself, no gather kernels before it.
     tickets: int32 zeros, one per row and KV head, for glmkit's attention kernel (``decode_attention``): the splits
     of a cache are then combined in the same kernel, and a short cache at batch 1 is split into tiles side by side.
     """
@@ -265,7 +267,8 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
     # [b, 1, (heads + 2 kv_heads) * head_dim]
     qkv = norm_linear(x, in_norm, eps, wqkv, bqkv, gemv) if fused else linear(h, wqkv, bqkv, gemv)
     if attention == "triton":  # one kernel: rope, the K/V write at pos and attention over 0..pos
-        attn = qkv_decode_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets)  # [b, heads, 1, hd]
+        attn = qkv_decode_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets,
+                                    cos_table=cos.dim() == 2)  # [b, heads, 1, hd]
     else:
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         q = rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)
@@ -887,8 +890,10 @@ class FastDecoder:
             x, h = st.x_in[:b], st.h_in[:b]
         if len(st.segment.layers):
             pos = st.control[1, :1] if live is None else torch.where(live, st.control[1, :b], 0)
-            cos = st.cos[pos][:, None, None, :]
-            sin = st.sin[pos][:, None, None, :]
+            if self.attention == "triton":  # the tables: glmkit's kernel reads each row's position itself
+                cos, sin = st.cos, st.sin
+            else:
+                cos, sin = st.cos[pos][:, None, None, :], st.sin[pos][:, None, None, :]
             # additive mask, built once per step for all layers: 0 up to each row's position, -inf after (glmkit's
             # decode attention reads the positions instead: no mask to build)
             mask = None
