@@ -195,9 +195,9 @@ if triton is not None:
         d_ok = d < HEAD_DIM
         partner = d ^ 1  # GLM rotates interleaved pairs (0, 1), (2, 3), ... of the first ROTARY dims
         rot = d < ROTARY
-        at = pos if COS_TABLE else i  # cos/sin: tables over positions (row pos), or one row per sequence
-        cos = tl.load(cos_ptr + at * stride_cos + d, mask=rot, other=1.0).to(tl.float32)
-        sin = tl.load(sin_ptr + at * stride_sin + d, mask=rot, other=0.0).to(tl.float32)
+        cos_row = pos if COS_TABLE else i  # cos/sin: tables over positions (row pos), or one row per sequence
+        cos = tl.load(cos_ptr + cos_row * stride_cos + d, mask=rot, other=1.0).to(tl.float32)
+        sin = tl.load(sin_ptr + cos_row * stride_sin + d, mask=rot, other=0.0).to(tl.float32)
         sin = tl.where(d % 2 == 0, -sin, sin)  # rotate_half: (-x[2j+1], x[2j])
         row = tl.load(row_ptr + i)  # int64: row * stride_cb may pass 2**31 on a large batch of long caches
         k_head = k_cache_ptr + row * stride_cb + h * stride_ch

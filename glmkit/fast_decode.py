@@ -177,9 +177,10 @@ def fuses(weight: Weight, gemv: bool | str, swiglu: bool = False, x: torch.Tenso
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: Weight, bias: torch.Tensor | None,
-                gemv: bool | str) -> torch.Tensor:
+                gemv: bool | str, out: torch.Tensor | None = None) -> torch.Tensor:
     """``linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)``: in one Triton launch where ``fuses``, which
-    normalises x as it reads it (no norm kernel). The fused decode step of ``notebooks/05_tuning.ipynb``.
+    normalises x as it reads it (no norm kernel). The fused decode step of ``notebooks/05_tuning.ipynb``. ``out``:
+    where to write the result (returned), e.g. the fp32 logits buffer: the kernel widens as it writes.
 
     >>> x, g, w = torch.randn(1, 1, 16), torch.rand(16), torch.randn(8, 16)
     >>> gemv = "triton" if triton_available() else False  # glmkit's kernel (GPU, or TRITON_INTERPRET=1), else cuBLAS
@@ -187,8 +188,9 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     True
     """
     if fuses(weight, gemv, x=x):
-        return triton_gemv(x, weight, bias, norm_weight=norm_weight, eps=eps)
-    return linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)
+        return triton_gemv(x, weight, bias, norm_weight=norm_weight, eps=eps, out=out)
+    y = linear(rms_norm(x, norm_weight, eps), weight, bias, gemv)
+    return y if out is None else out.copy_(y.view(out.shape))
 
 
 def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gemv: bool | str) -> torch.Tensor:
@@ -916,9 +918,10 @@ class FastDecoder:
             # h: after the final norm; lm_head runs outside the compiled layer, so the reduction form (a
             # [vocab, hidden] fp32 temporary if run eagerly) is not used for it
             head = "triton" if self.gemv_by_bucket[b] == "triton" and b == 1 else False
-            logits = (norm_linear(h, st.final_norm, self.eps, self.head_weight, m.lm_head.bias, head) if fused
-                      else linear(h, self.head_weight, m.lm_head.bias, head))
-            st.logits[:b].copy_(logits[:, -1].float())
+            if fused:  # written into the fp32 logits as they are made (no copy kernel on the Triton path)
+                norm_linear(h, st.final_norm, self.eps, self.head_weight, m.lm_head.bias, head, out=st.logits[:b])
+            else:
+                st.logits[:b].copy_(linear(h, self.head_weight, m.lm_head.bias, head)[:, -1].float())
         else:
             st.x_out[:b].copy_(x)
             st.h_out[:b].copy_(h)

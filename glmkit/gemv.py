@@ -355,7 +355,7 @@ if triton is not None:
             acc += tl.load(w_rows + c[None, :], mask=ok, other=0.0).to(tl.float32) * x
             if SWIGLU:
                 acc_up += tl.load(w_rows + N * K + c[None, :], mask=ok, other=0.0).to(tl.float32) * x
-        out_dtype = y_ptr.dtype.element_ty
+        out_dtype = x_ptr.dtype.element_ty  # the product's dtype, as PyTorch rounds it (y may be wider: out=)
         y = tl.sum(acc, axis=1)
         if NORM:  # rmsnorm's 1 / sqrt(mean(x^2) + eps), the same for every row: it factors out of the sums
             rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
@@ -369,7 +369,7 @@ if triton is not None:
             y = swiglu_as_pytorch(y, up, out_dtype)
         if RESIDUAL:
             y = y.to(out_dtype).to(tl.float32) + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + rows, y.to(out_dtype), mask=row_ok)
+        tl.store(y_ptr + rows, y.to(out_dtype).to(y_ptr.dtype.element_ty), mask=row_ok)
 
 
 def _check_vector(name: str, t: torch.Tensor, size: int, like: torch.Tensor) -> torch.Tensor:
@@ -382,7 +382,8 @@ def _check_vector(name: str, t: torch.Tensor, size: int, like: torch.Tensor) -> 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool,
             config: GemvConfig | None, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
             residual: torch.Tensor | None = None, add: torch.Tensor | None = None,
-            added: torch.Tensor | None = None, pdl: int | None = None) -> torch.Tensor:
+            added: torch.Tensor | None = None, pdl: int | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("glmkit.gemv needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
     if swiglu and bias is not None:
@@ -407,7 +408,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sw
         residual = _check_vector("residual", residual, n, x)
     if add is not None:
         add = _check_vector("add", add, k, x)
-    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
+    if out is not None and (out.numel() != n or out.device != x.device or not out.is_contiguous()
+                            or not out.is_floating_point() or out.element_size() < x.element_size()):
+        raise ValueError(f"gemv's out must be a contiguous float tensor of {n} values on {x.device}, as wide as x's "
+                         f"{x.dtype} or wider; got shape {tuple(out.shape)} in {out.dtype} on {out.device}.")
+    y = out if out is not None else torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     cfg = config or pick_config(n, k, kernel_name(weight.dtype))
     grid = (triton.cdiv(n, cfg.block_n),)
     _gemv_kernel[grid](x.contiguous(), weight, bias if bias is not None else weight, y,
@@ -425,14 +430,16 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sw
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          config: GemvConfig | None = None, norm_weight: torch.Tensor | None = None, eps: float = 1e-5,
-         residual: torch.Tensor | None = None) -> torch.Tensor:
+         residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` for one token: x holds one vector ``[..., k]``, weight is ``[n, k]``.
     ``config`` overrides the launch shape (default: ``pick_config``).
 
     Two steps of a decoder layer can ride along in the same launch (the weight read dominates; they cost no kernel
     of their own): ``norm_weight`` (``[k]``) takes x as the raw residual stream and multiplies its RMSNorm instead,
     ``F.linear(rms_norm(x, norm_weight, eps), weight, bias)`` (as ``GlmRMSNorm``); ``residual`` (``[..., n]``) adds
-    the product to it, ``residual + F.linear(x, weight, bias)``, rounded as PyTorch rounds that sum.
+    the product to it, ``residual + F.linear(x, weight, bias)``, rounded as PyTorch rounds that sum. ``out``: a
+    tensor of n values to write the result into (and return), also in a wider dtype: ``F.linear(...).float()`` of
+    the logits in one launch, with no copy kernel after it.
 
     >>> import torch.nn.functional as F
     >>> if triton_available():
@@ -443,7 +450,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ...     assert torch.allclose(gemv(x, w, norm_weight=g), F.linear(normed, w), atol=1e-4)
     ...     assert torch.allclose(gemv(x, w, residual=r), r + F.linear(x, w), atol=1e-4)
     """
-    return _launch(x, weight, bias, swiglu=False, config=config, norm_weight=norm_weight, eps=eps, residual=residual)
+    return _launch(x, weight, bias, swiglu=False, config=config, norm_weight=norm_weight, eps=eps, residual=residual,
+                   out=out)
 
 
 def gemv_swiglu(x: torch.Tensor, weight: torch.Tensor, config: GemvConfig | None = None,

@@ -101,6 +101,19 @@ def test_the_combine_reads_only_the_splits_a_row_wrote(monkeypatch):
     assert torch.equal(decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos, sin, split=64), clean)
 
 
+def test_rotary_tables_read_at_each_rows_position_equal_rows_given():
+    # cos_table: the kernel reads row pos[i] of tables over all cache positions (the decoders' way, no gather kernel)
+    q, k, v, k_cache, v_cache, cos, sin = inputs(3, 8, 2, 64, 32, 100, torch.float32)
+    pos, rows = torch.tensor([7, 99, 42], device=DEVICE), torch.arange(3, device=DEVICE)
+    cos_table, sin_table = rand(100, 32, seed=9), rand(100, 32, seed=10)
+    cos_table[pos], sin_table[pos] = cos, sin
+    want = decode_attention(q, k, v, k_cache.clone(), v_cache.clone(), pos, rows, cos, sin)
+    got = decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos_table, sin_table, cos_table=True)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="cos/sin \\[100 or more cache positions"):
+        decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos_table[:99], sin_table[:99], cos_table=True)
+
+
 def test_split_length_fills_the_gpu_on_long_caches_only():
     assert split_length(1, 2, 64) == BLOCK_N  # a short cache: one program per KV head
     assert split_length(1, 2, 288) == 320 and split_length(16, 2, 500) == 512  # whole, up to ONE_SPLIT_MAX

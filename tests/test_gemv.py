@@ -239,6 +239,17 @@ def test_norm_and_residual_folded_into_the_gemv_equal_the_unfused_ops_in_float32
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_out_takes_the_16_bit_product_widened_to_float32(dtype):
+    # the decoder's logits: the product rounded to x's dtype, as F.linear rounds it, then written as fp32 (.float())
+    w, x, g = rand(96, 256).to(dtype), rand(1, 1, 256, seed=1).to(dtype), rand(256, seed=2).to(dtype)
+    out = torch.full((1, 96), float("nan"), device=DEVICE)
+    assert gemv(x, w, norm_weight=g, out=out) is out
+    assert torch.equal(out, gemv(x, w, norm_weight=g).view(1, 96).float())
+    with pytest.raises(ValueError, match="as wide as x's"):
+        gemv(x.float(), w.float(), out=torch.empty(96, dtype=dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_fused_norm_and_residual_in_16_bits_are_as_close_to_float64_as_pytorchs_ops(dtype):
     """The fused kernels against the ops they replace, both measured against float64: RMSNorm folded in (the
     normalised x never rounded to 16 bits) is as close as rms_norm + F.linear; the residual add is rounded as
@@ -355,9 +366,10 @@ def test_fast_decoder_folds_the_norms_and_residual_adds_into_the_gemvs(monkeypat
     monkeypatch.setattr(glmkit.fast_decode, "rms_norm", no_norm)
     fast.decode_step(ids[0, -1:], ids.shape[1])
     layers = trained.config.num_hidden_layers
-    # per layer: qkv (norm), o_proj (residual), gate_up (norm, SwiGLU), down (residual); then lm_head (norm)
+    # per layer: qkv (norm), o_proj (residual), gate_up (norm, SwiGLU), down (residual); then lm_head (norm),
+    # written straight into the decoder's fp32 logits (out)
     per_layer = [["norm_weight"], ["residual"], ["swiglu", "norm_weight"], ["residual"]]
-    assert launches == per_layer * layers + [["norm_weight"]]
+    assert launches == per_layer * layers + [["norm_weight", "out"]]
     monkeypatch.undo()
     want = trained.generate(ids, max_new_tokens=10, do_sample=False)
     assert torch.equal(fast.generate(ids, max_new_tokens=10), want)
@@ -448,12 +460,12 @@ assert "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" in pt
 from glmkit.attention import _combine_kernel, _decode_attention_kernel  # their PDL variants too
 ptrs = {p: "*bf16" for p in ("q_ptr", "k_ptr", "v_ptr", "cos_ptr", "sin_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
 ptrs.update({"pos_ptr": "*i64", "row_ptr": "*i64", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32",
-             "max_len": "i32", "scale_log2": "fp32"})
+             "ticket_ptr": "*i32", "max_len": "i32", "scale_log2": "fp32"})
 ptrs.update({n: "i32" for n in _decode_attention_kernel.arg_names if n.startswith("stride_")})
 for fn, sig, consts in [
         (_decode_attention_kernel, ptrs, dict(KV=2, GROUP=16, HEAD_DIM=128, ROTARY=64, BLOCK_G=16, BLOCK_D=128,
                                               BLOCK_N=64, SPLIT=256, SPLITS=4, IEEE=False, PDL=1, PRELOAD=True, LATE=True,
-                                              AHEAD=False)),
+                                              AHEAD=False, TICKETS=False, BLOCK_S=4, COS_TABLE=False)),
         (_combine_kernel, {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": "*bf16"},
          dict(HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=4, SPLIT=256, SPLITS=4, PDL=1))]:
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
@@ -462,12 +474,20 @@ for fn, sig, consts in [
     assert "griddepcontrol.launch_dependents" in ptx and "griddepcontrol.wait" in ptx
 from glmkit.attention import SHORT_AHEAD, SHORT_STAGES, SHORT_TILE  # a short cache: one program per KV head
 consts = dict(KV=2, GROUP=16, HEAD_DIM=128, ROTARY=64, BLOCK_G=16, BLOCK_D=128, BLOCK_N=SHORT_TILE[0], SPLIT=512,
-              SPLITS=1, IEEE=False, PDL=1, PRELOAD=True, LATE=True, AHEAD=SHORT_AHEAD)
+              SPLITS=1, IEEE=False, PDL=1, PRELOAD=True, LATE=True, AHEAD=SHORT_AHEAD, TICKETS=True, BLOCK_S=1,
+              COS_TABLE=True)
 src = ASTSource(fn=_decode_attention_kernel, signature={**ptrs, **{k: "constexpr" for k in consts}},
                 constexprs={(_decode_attention_kernel.arg_names.index(k),): v for k, v in consts.items()})
 short = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": SHORT_TILE[1], **({"num_stages": SHORT_STAGES} if SHORT_STAGES else {})})
 assert "cubin" in short.asm and short.metadata.shared <= 227 * 1024  # fits one SM's shared memory
+from glmkit.attention import TICKET_TILE  # tiles side by side, the last program of a KV head combining them
+consts.update(BLOCK_N=TICKET_TILE[0], SPLIT=TICKET_TILE[0], SPLITS=4, AHEAD=False, BLOCK_S=4)
+src = ASTSource(fn=_decode_attention_kernel, signature={**ptrs, **{k: "constexpr" for k in consts}},
+                constexprs={(_decode_attention_kernel.arg_names.index(k),): v for k, v in consts.items()})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": TICKET_TILE[1]}).asm["ptx"]
+ticket = ptx.index("atom.global.gpu.acq_rel.add")  # released after every thread's partial stores: a barrier first
+assert ptx.rfind("bar.sync", 0, ticket) > ptx.rfind("st.global", 0, ticket) > 0
 from glmkit.allreduce import _push_allreduce_kernel as push  # the two-rank push all-reduce: its flags' ordering
 sig = {**{p: "*bf16" for p in ("x_ptr", "out_ptr", "mine_ptr", "peer_ptr")},
        **{p: "*i32" for p in ("my_flags", "peer_flags", "calls")}, "N": "i32", "CAP": "i32"}
