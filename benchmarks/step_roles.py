@@ -44,7 +44,7 @@ def _copy_q_kernel(qkv_ptr, out_ptr, N: tl.constexpr, PDL: tl.constexpr):
     tl.store(out_ptr + offs, tl.load(qkv_ptr + offs))
 
 
-def minimal_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None):
+def minimal_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None, cos_table=False):
     """A stand-in for attention at batch 1: one kernel that waits for qkv and copies q to a new output."""
     hd = k_cache.shape[-1]
     width = qkv.shape[-1] - 2 * k_cache.shape[1] * hd
@@ -53,7 +53,7 @@ def minimal_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets
     return out.view(1, 1, width // hd, hd).transpose(1, 2)
 
 
-def no_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None):
+def no_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None, cos_table=False):
     """No kernel: o_proj reads q straight from the qkv projection's output."""
     hd = k_cache.shape[-1]
     width = qkv.shape[-1] - 2 * k_cache.shape[1] * hd
