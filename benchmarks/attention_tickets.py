@@ -1,11 +1,10 @@
 """The decode-attention kernel at batch 1 on a short cache walked by one program per KV head, tile after tile, or
 split into tiles side by side, one program each (``tickets``, ``glmkit.attention.TICKET_TILE``), combined in the same
-kernel by the last program to finish or by the one whose tile holds the new position (``HOLDER_COMBINES``);
-GLM-4-9B (random weights) on the batch-1 fast path, one GPU, one run. Variants take turns, three rounds
-(``step_roles.time_variants``): µs a step (the CUDA graph of one step replayed back to back) at a 40-, 160- and
-280-token cache, and ``decode_speed`` (tok/s of the token loop), best round, against the roofline of the same run;
-greedy tokens against the first variant's. "a minimal kernel" stands in for attention (a kernel that only copies q,
-benchmarks/step_roles.py).
+kernel by the last program to finish; GLM-4-9B (random weights) on the batch-1 fast path, one GPU, one run. Variants
+take turns, three rounds (``step_roles.time_variants``): µs a step (the CUDA graph of one step replayed back to back)
+at a 40-, 160- and 280-token cache, and ``decode_speed`` (tok/s of the token loop), best round, against the roofline
+of the same run; greedy tokens against the first variant's. "a minimal kernel" stands in for attention (a kernel
+that only copies q, benchmarks/step_roles.py).
 
     PYTHONPATH=.:benchmarks python benchmarks/attention_tickets.py --checkpoint /tmp/glm9b [--precision fp16]
 Writes benchmarks/results/attention_tickets.json (attention_tickets_fp16.json; and to $OUT).
@@ -23,19 +22,17 @@ def without_tickets(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=N
     return qkv_decode_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, cos_table=cos_table)
 
 
-VARIANTS = {  # name: (HOLDER_COMBINES, attention stand-in)
-    "one program per KV head, tile after tile": (True, without_tickets),
-    "tiles side by side, the last to finish combines": (False, None),
-    "tiles side by side, the one holding pos combines": (True, None),
-    "a minimal kernel": (True, minimal_attention),
+VARIANTS = {  # name: (attention stand-in,)
+    "one program per KV head, tile after tile": (without_tickets,),
+    "tiles side by side, the last to finish combines": (None,),
+    "a minimal kernel": (minimal_attention,),
 }
 
 
 def main() -> None:
     args, model, bw, roofline = load_for_variants(__doc__.splitlines()[0])
-    decoders = build_variants(model, VARIANTS, ("HOLDER_COMBINES",))
-    rows = {v: {"variant": v, "tickets": fn is None, "holder_combines": holder if fn is None else None}
-            for v, (holder, fn) in VARIANTS.items()}
+    decoders = build_variants(model, VARIANTS, ())
+    rows = {v: {"variant": v, "tickets": fn is None} for v, (fn,) in VARIANTS.items()}
     time_variants(decoders, rows, roofline)
     save_variants("attention_tickets", __doc__.splitlines()[0], args, bw, roofline, rows)
 

@@ -78,14 +78,11 @@ ONE_SPLIT_MAX = 512  # a cache of at most this many positions is one program per
 # TICKET_TILE[0] positions, one program each (TICKET_TILE[1] warps), side by side instead of one after another, and
 # the last program of a KV head to finish combines the splits in the same kernel (no second launch; so does a long
 # cache's). Where pos lies in the first tile, that program writes the output itself. GLM-4-9B bf16 at batch 1 on an
-# H200, one run: a step 4595 / 4660 / 4656 µs at a 40 / 160 / 280-token cache against 4583 / 4688 / 4768 with one
-# program walking the tiles, 214.8 against 213.5 tok/s; fp16 214.6 against 213.2 (attention_tickets*.json). Tiles of
-# 64 with 4 warps were slower at every length (attention_tickets_first.json).
+# H200, one run: a step 4507 / 4579 / 4577 µs at a 40 / 160 / 280-token cache against 4507 / 4612 / 4695 with one
+# program walking the tiles, 218.6 against 217.2 tok/s; fp16 217.6 against 216.2 (attention_tickets*.json; another
+# H200, slower throughout: 214.8 against 213.5, attention_tickets_run2.json). Tiles of 64 with 4 warps were slower at
+# every length (attention_tickets_first.json).
 TICKET_TILE = (128, 8)
-# There, the program whose tile holds pos (the one with the most work: it also writes the new k, v) combines, from its
-# own partial in registers and the others' once their tickets say they are written; the others never wait. (A few
-# programs, all started before the kernel after this one can launch: none waits on one that cannot run.)
-HOLDER_COMBINES = True
 
 
 def split_length(batch: int, kv_heads: int, max_len: int, target: int = TARGET_PROGRAMS) -> int:
@@ -172,7 +169,7 @@ if triton is not None:
                                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
                                  PDL: tl.constexpr, PRELOAD: tl.constexpr, LATE: tl.constexpr,
                                  AHEAD: tl.constexpr, TICKETS: tl.constexpr, BLOCK_S: tl.constexpr,
-                                 COS_TABLE: tl.constexpr, HOLDER: tl.constexpr):
+                                 COS_TABLE: tl.constexpr):
         # one program: sequence i, KV head h, cache positions [split * SPLIT, (split + 1) * SPLIT) up to pos[i].
         # Under PDL several kernels before this one may still be running, so before waiting it reads only what no
         # kernel of this step's layers writes: the position, cos/sin and the cache rows (made by plain PyTorch
@@ -255,42 +252,32 @@ if triton is not None:
         # the output itself where this program saw the whole cache up to pos: one split, or (TICKETS) pos in split 0
         if SPLITS == 1 or (TICKETS and pos < SPLIT):
             tl.store(out_rows, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=q_ok)
-        else:
-            first = (i * (KV * GROUP) + heads) * SPLITS  # where (i, h)'s partials start, [b, heads, SPLITS(, D)]
-            used = tl.minimum(pos // SPLIT + 1, SPLITS)  # the splits that hold 0..pos
-            if HOLDER and holds:  # this program combines: its own partial in hand, the others' once all are written
-                done = tl.atomic_add(ticket_ptr + pid, 0, sem="acquire", scope="gpu")
-                while done < used - 1:  # they are running: each started before this kernel's o_proj could launch
-                    done = tl.atomic_add(ticket_ptr + pid, 0, sem="acquire", scope="gpu")
-                out = _combine_splits(m_ptr, l_ptr, acc_ptr, first, used - 1, g_ok, d, d_ok, m_i, l_i, acc,
-                                      HEAD_DIM, BLOCK_S)
-                tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=q_ok)
-                tl.store(ticket_ptr + pid, 0)  # for the next launch (the kernel's end makes it visible)
-            else:  # partial max, sum and output of this split, for the combine
-                at = first + split
-                tl.store(m_ptr + at, m_i, mask=g_ok)
-                tl.store(l_ptr + at, l_i, mask=g_ok)
-                tl.store(acc_ptr + at[:, None] * HEAD_DIM + d[None, :], acc, mask=q_ok)
-                if TICKETS:  # one count per partial written; without HOLDER the last to count combines them all
-                    tl.debug_barrier()  # every thread's stores above, then one release by the ticket's atomic
-                    ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
-                    if not HOLDER:
-                        if ticket == used - 1:
-                            out = _combine_splits(m_ptr, l_ptr, acc_ptr, first, used, g_ok, d, d_ok,
-                                                  tl.full(m_i.shape, float("-inf"), tl.float32), tl.zeros_like(l_i),
-                                                  tl.zeros_like(acc), HEAD_DIM, BLOCK_S)
-                            tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=q_ok)
-                            tl.store(ticket_ptr + pid, 0)
+        else:  # partial max, sum and output of this split, [b, heads, SPLITS(, HEAD_DIM)], for the combine
+            first = (i * (KV * GROUP) + heads) * SPLITS
+            at = first + split
+            tl.store(m_ptr + at, m_i, mask=g_ok)
+            tl.store(l_ptr + at, l_i, mask=g_ok)
+            tl.store(acc_ptr + at[:, None] * HEAD_DIM + d[None, :], acc, mask=q_ok)
+            if TICKETS:  # the last split of (i, h) to finish combines them all, in this kernel
+                used = tl.minimum(pos // SPLIT + 1, SPLITS)  # the splits that hold 0..pos
+                tl.debug_barrier()  # every thread's stores above, then one release by the ticket's atomic
+                ticket = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu")
+                if ticket == used - 1:
+                    out = _combine_splits(m_ptr, l_ptr, acc_ptr, first, used, g_ok, d, d_ok, HEAD_DIM, BLOCK_S)
+                    tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=q_ok)
+                    tl.store(ticket_ptr + pid, 0)  # for the next launch (the kernel's end makes it visible)
 
     @triton.jit
-    def _combine_splits(m_ptr, l_ptr, acc_ptr, first, n, g_ok, d, d_ok, m_run, l_run, acc_run, HEAD_DIM: tl.constexpr,
+    def _combine_splits(m_ptr, l_ptr, acc_ptr, first, used, g_ok, d, d_ok, HEAD_DIM: tl.constexpr,
                         BLOCK_S: tl.constexpr):
-        # the softmax state (m_run, l_run, acc_run) [BLOCK_G(, BLOCK_D)] joined with the partials of splits 0..n-1 of
-        # the query heads whose partials start at first [BLOCK_G], BLOCK_S splits a step, normalised: the output.
-        # Read from L2 (.cg: written by other programs of this kernel)
+        # softmax-weighted sum of the partial outputs of splits 0..used-1 for the query heads whose partials start
+        # at first [BLOCK_G], BLOCK_S splits a step; read from L2 (.cg: written by other programs of this kernel)
         s = tl.arange(0, BLOCK_S)
-        for s0 in range(0, n, BLOCK_S):
-            ok = g_ok[:, None] & (s0 + s < n)[None, :]
+        m_run = tl.full(first.shape, float("-inf"), tl.float32)
+        l_run = tl.zeros(first.shape, tl.float32)
+        acc_run = tl.zeros((first.shape[0], d.shape[0]), tl.float32)
+        for s0 in range(0, used, BLOCK_S):
+            ok = g_ok[:, None] & (s0 + s < used)[None, :]
             at = first[:, None] + s0 + s[None, :]  # [BLOCK_G, BLOCK_S]
             m = tl.load(m_ptr + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
             l_s = tl.load(l_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
@@ -458,8 +445,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=tile, SPLIT=split, SPLITS=splits, IEEE=q.dtype == torch.float32 or INTERPRETER,
         PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, AHEAD=short and SHORT_AHEAD, TICKETS=tickets is not None,
-        BLOCK_S=min(32, triton.next_power_of_2(splits)), COS_TABLE=cos_table,
-        HOLDER=ticket_split and HOLDER_COMBINES, num_warps=warps,
+        BLOCK_S=min(32, triton.next_power_of_2(splits)), COS_TABLE=cos_table, num_warps=warps,
         **({"num_stages": SHORT_STAGES} if (short or ticket_split) and SHORT_STAGES else {}), **pdl)
     if splits > 1 and tickets is None:
         _combine_kernel[(b * heads,)](m, lse, acc, pos, out, HEADS=heads, HEAD_DIM=hd, BLOCK_D=block_d,

@@ -763,17 +763,18 @@ def attention_cost_sentence() -> Text:
         tickets = load("attention_tickets")
         if tickets:
             rows = {r["variant"]: r for r in tickets["rows"]}
-            walk, side = rows["one program per KV head, tile after tile"], rows["tiles of 128 side by side (8 warps)"]
+            walk = rows["one program per KV head, tile after tile"]
+            side = rows["tiles side by side, the last to finish combines"]
             at = sorted(side["best_replay_us"], key=int)
             first = side["best_replay_us"][at[0]] - walk["best_replay_us"][at[0]]
             text += (f" And so did splitting a short cache into its tiles side by side, one program each, the last "
                      f"of a KV head to finish combining them in the same kernel: a step "
                      f"{per_cache(side['best_replay_us'], at)} µs at a {' / '.join(at)}-token cache against "
                      f"{per_cache(walk['best_replay_us'], at)} with one program walking the tiles "
-                     f"(`attention_tickets.json`, on another H200, whose steps all ran slower than that run's: "
-                     f"{side['best_tok_s']:.1f} against "
+                     f"(`attention_tickets.json`, another run: {side['best_tok_s']:.1f} against "
                      f"{walk['best_tok_s']:.1f} tok/s, {100 * side['fraction_of_roofline']:.1f}% of the roofline "
-                     f"measured in that run; {first:+.0f} µs where the cache is one tile).")
+                     f"measured in that run; "
+                     f"{'the same' if abs(first) < 1 else f'{first:+.0f} µs'} where the cache is one tile).")
         return text
     return from_result("step_roles", render, what="What attention costs a step",
                        script="benchmarks/step_roles.py --checkpoint /tmp/glm9b")

@@ -465,8 +465,7 @@ ptrs.update({n: "i32" for n in _decode_attention_kernel.arg_names if n.startswit
 for fn, sig, consts in [
         (_decode_attention_kernel, ptrs, dict(KV=2, GROUP=16, HEAD_DIM=128, ROTARY=64, BLOCK_G=16, BLOCK_D=128,
                                               BLOCK_N=64, SPLIT=256, SPLITS=4, IEEE=False, PDL=1, PRELOAD=True, LATE=True,
-                                              AHEAD=False, TICKETS=False, BLOCK_S=4, COS_TABLE=False,
-                                              HOLDER=False)),
+                                              AHEAD=False, TICKETS=False, BLOCK_S=4, COS_TABLE=False)),
         (_combine_kernel, {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": "*bf16"},
          dict(HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=4, SPLIT=256, SPLITS=4, PDL=1))]:
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
@@ -476,21 +475,19 @@ for fn, sig, consts in [
 from glmkit.attention import SHORT_AHEAD, SHORT_STAGES, SHORT_TILE  # a short cache: one program per KV head
 consts = dict(KV=2, GROUP=16, HEAD_DIM=128, ROTARY=64, BLOCK_G=16, BLOCK_D=128, BLOCK_N=SHORT_TILE[0], SPLIT=512,
               SPLITS=1, IEEE=False, PDL=1, PRELOAD=True, LATE=True, AHEAD=SHORT_AHEAD, TICKETS=True, BLOCK_S=1,
-              COS_TABLE=True, HOLDER=False)
+              COS_TABLE=True)
 src = ASTSource(fn=_decode_attention_kernel, signature={**ptrs, **{k: "constexpr" for k in consts}},
                 constexprs={(_decode_attention_kernel.arg_names.index(k),): v for k, v in consts.items()})
 short = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": SHORT_TILE[1], **({"num_stages": SHORT_STAGES} if SHORT_STAGES else {})})
 assert "cubin" in short.asm and short.metadata.shared <= 227 * 1024  # fits one SM's shared memory
 from glmkit.attention import TICKET_TILE  # tiles side by side, the last program of a KV head combining them
-for holder in (False, True):  # the last to finish combines, or the program holding pos (it reads the tickets)
-    consts.update(BLOCK_N=TICKET_TILE[0], SPLIT=TICKET_TILE[0], SPLITS=4, AHEAD=False, BLOCK_S=4, HOLDER=holder)
-    src = ASTSource(fn=_decode_attention_kernel, signature={**ptrs, **{k: "constexpr" for k in consts}},
-                    constexprs={(_decode_attention_kernel.arg_names.index(k),): v for k, v in consts.items()})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": TICKET_TILE[1]}).asm["ptx"]
-    ticket = ptx.index("atom.global.gpu.acq_rel.add")  # released after every thread's partial stores: a barrier first
-    assert ptx.rfind("bar.sync", 0, ticket) > ptx.rfind("st.global", 0, ticket) > 0
-    assert ("ld.global.gpu.acquire" in ptx) == holder  # the holder's wait reads the count with acquire
+consts.update(BLOCK_N=TICKET_TILE[0], SPLIT=TICKET_TILE[0], SPLITS=4, AHEAD=False, BLOCK_S=4)
+src = ASTSource(fn=_decode_attention_kernel, signature={**ptrs, **{k: "constexpr" for k in consts}},
+                constexprs={(_decode_attention_kernel.arg_names.index(k),): v for k, v in consts.items()})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": TICKET_TILE[1]}).asm["ptx"]
+ticket = ptx.index("atom.global.gpu.acq_rel.add")  # released after every thread's partial stores: a barrier first
+assert ptx.rfind("bar.sync", 0, ticket) > ptx.rfind("st.global", 0, ticket) > 0
 from glmkit.allreduce import _push_allreduce_kernel as push  # the two-rank push all-reduce: its flags' ordering
 sig = {**{p: "*bf16" for p in ("x_ptr", "out_ptr", "mine_ptr", "peer_ptr")},
        **{p: "*i32" for p in ("my_flags", "peer_flags", "calls")}, "N": "i32", "CAP": "i32"}
