@@ -6,6 +6,8 @@ Per variant: the CUDA graph of one step replayed back to back (µs a step) at a 
 ``decode_speed`` (tok/s of the token loop), best round, against the roofline of the same run; greedy tokens against
 the first variant's. "a minimal kernel" stands in for attention (a kernel that only copies q,
 benchmarks/step_roles.py).
+The kernel is run without tickets (``step_roles.without_tickets``): one program walks the cache, as it did when
+these results were measured; the decoders now split a short cache into tiles side by side (attention_tickets.py).
 
     PYTHONPATH=.:benchmarks python benchmarks/attention_stages.py --checkpoint /tmp/glm9b [--precision fp16]
 Writes benchmarks/results/attention_stages.json (attention_stages_fp16.json; and to $OUT).
@@ -13,12 +15,12 @@ Writes benchmarks/results/attention_stages.json (attention_stages_fp16.json; and
 
 from __future__ import annotations
 
-from step_roles import build_variants, load_for_variants, minimal_attention, save_variants, time_variants
+from step_roles import build_variants, load_for_variants, minimal_attention, save_variants, time_variants, without_tickets
 
 VARIANTS = {  # name: (SHORT_STAGES, SHORT_AHEAD, attention stand-in)
-    "pipelined (Triton's default)": (None, False, None),
-    "not pipelined (1 stage)": (1, False, None),
-    "1 stage, the next tile read ahead": (1, True, None),
+    "pipelined (Triton's default)": (None, False, without_tickets),
+    "not pipelined (1 stage)": (1, False, without_tickets),
+    "1 stage, the next tile read ahead": (1, True, without_tickets),
     "a minimal kernel": (None, False, minimal_attention),
 }
 

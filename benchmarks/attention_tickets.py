@@ -12,15 +12,7 @@ Writes benchmarks/results/attention_tickets.json (attention_tickets_fp16.json; a
 
 from __future__ import annotations
 
-from step_roles import build_variants, load_for_variants, minimal_attention, save_variants, time_variants
-
-from glmkit.attention import qkv_decode_attention
-
-
-def without_tickets(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None, cos_table=False):
-    """glmkit's attention as it runs without tickets: one program per KV head walks the whole short cache."""
-    return qkv_decode_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, cos_table=cos_table)
-
+from step_roles import build_variants, load_for_variants, minimal_attention, save_variants, time_variants, without_tickets
 
 VARIANTS = {  # name: (attention stand-in,)
     "one program per KV head, tile after tile": (without_tickets,),

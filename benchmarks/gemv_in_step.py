@@ -7,8 +7,7 @@ o_proj take a step's time at about 76% of the copy bandwidth (``step_roles.json`
 down. Here each candidate shape of one projection replaces the table's while a decoder is built (its CUDA graph keeps
 it), and one replay-timed step at a 160-token cache scores it; the best of each projection, and both together, then
 run against the table's shapes in turns (``step_roles.time_variants``: 40/160/280-token caches, three rounds, tok/s
-against the roofline of the same run, greedy tokens against the table's). The attention kernel with 4 warps instead
-of 8 (``glmkit.attention.SHORT_TILE``) runs beside them.
+against the roofline of the same run, greedy tokens against the table's).
 
     PYTHONPATH=.:benchmarks python benchmarks/gemv_in_step.py --checkpoint /tmp/glm9b [--precision fp16]
 Writes benchmarks/results/gemv_in_step.json (gemv_in_step_fp16.json; and to $OUT).
@@ -59,24 +58,21 @@ def main() -> None:
             print(sweep[-1], flush=True)
         best[p] = min((r for r in sweep if r["projection"] == p), key=lambda r: r["step_us"])
     best_cfg = {p: GemvConfig(r["block_n"], r["block_k"], r["num_warps"]) for p, r in best.items()}
-    variants = {  # name: ({projection: config}, attention tile)
-        "shipped shapes": ({}, (128, 8)),
-        "best q/k/v shape": ({"qkv": best_cfg["qkv"]}, (128, 8)),
-        "best o_proj shape": ({"o_proj": best_cfg["o_proj"]}, (128, 8)),
-        "both best shapes": (best_cfg, (128, 8)),
-        "attention with 4 warps": ({}, (128, 4)),
-        "both best shapes, attention with 4 warps": (best_cfg, (128, 4)),
+    variants = {  # name: {projection: config}
+        "shipped shapes": {},
+        "best q/k/v shape": {"qkv": best_cfg["qkv"]},
+        "best o_proj shape": {"o_proj": best_cfg["o_proj"]},
+        "both best shapes": best_cfg,
     }
     decoders = {}
-    for v, (configs, tile) in variants.items():
+    for v, configs in variants.items():
         for p, config in configs.items():
             table[keys[p]] = config
-        decoders |= build_variants(model, {v: (tile, None)}, ("SHORT_TILE",))
+        decoders |= build_variants(model, {v: (None,)}, ())
         for p in configs:
             table[keys[p]] = shipped[p]
-    rows = {v: {"variant": v, "configs": {p: (c or shipped[p]).__dict__ for p, c in
-                                          ((p, configs.get(p)) for p in SHAPES)}, "attention_tile": list(tile)}
-            for v, (configs, tile) in variants.items()}
+    rows = {v: {"variant": v, "configs": {p: (configs.get(p) or shipped[p]).__dict__ for p in SHAPES}}
+            for v, configs in variants.items()}
     time_variants(decoders, rows, roofline)
     save_variants("gemv_in_step", __doc__.splitlines()[0], args, bw, roofline,
                   {**rows, "sweep": {"variant": "sweep", "score_position": SCORE_POSITION, "rows": sweep}})

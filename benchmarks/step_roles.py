@@ -24,6 +24,7 @@ from step_timeline import kernel_rows
 
 import glmkit.attention
 import glmkit.fast_decode
+from glmkit.attention import qkv_decode_attention
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
 from glmkit.fast_decode import FastDecoder
 from glmkit.gemv import launch_options, wait_for_previous_kernel
@@ -51,6 +52,12 @@ def minimal_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets
     out = torch.empty(1, 1, width, dtype=qkv.dtype, device=qkv.device)
     _copy_q_kernel[(1,)](qkv, out, N=width, num_warps=8, **launch_options())
     return out.view(1, 1, width // hd, hd).transpose(1, 2)
+
+
+def without_tickets(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None, cos_table=False):
+    """glmkit's attention as it runs without tickets: at batch 1 one program per KV head walks a short cache, tile
+    after tile (``SHORT_TILE``, ``SHORT_STAGES``, ``SHORT_AHEAD``); the decoders pass tickets and split it instead."""
+    return qkv_decode_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, cos_table=cos_table)
 
 
 def no_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None, cos_table=False):

@@ -196,7 +196,9 @@ if triton is not None:
         d_ok = d < HEAD_DIM
         partner = d ^ 1  # GLM rotates interleaved pairs (0, 1), (2, 3), ... of the first ROTARY dims
         rot = d < ROTARY
-        cos_row = pos if COS_TABLE else i  # cos/sin: tables over positions (row pos), or one row per sequence
+        # cos/sin: tables over the cache's positions (row pos; a position past the cache, which writes nothing,
+        # reads the last row: never past the table), or one row per sequence
+        cos_row = tl.minimum(pos, max_len - 1) if COS_TABLE else i
         cos = tl.load(cos_ptr + cos_row * stride_cos + d, mask=rot, other=1.0).to(tl.float32)
         sin = tl.load(sin_ptr + cos_row * stride_sin + d, mask=rot, other=0.0).to(tl.float32)
         sin = tl.where(d % 2 == 0, -sin, sin)  # rotate_half: (-x[2j+1], x[2j])
@@ -265,7 +267,9 @@ if triton is not None:
                 if ticket == used - 1:
                     out = _combine_splits(m_ptr, l_ptr, acc_ptr, first, used, g_ok, d, d_ok, HEAD_DIM, BLOCK_S)
                     tl.store(out_rows, out.to(out_ptr.dtype.element_ty), mask=q_ok)
-                    tl.store(ticket_ptr + pid, 0)  # for the next launch (the kernel's end makes it visible)
+                    # for the next launch of this buffer: visible once this kernel has ended, which every later
+                    # kernel waits for before it reads the buffer (stream order; under PDL, each one's wait)
+                    tl.store(ticket_ptr + pid, 0)
 
     @triton.jit
     def _combine_splits(m_ptr, l_ptr, acc_ptr, first, used, g_ok, d, d_ok, HEAD_DIM: tl.constexpr,
@@ -379,11 +383,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         pos: ``[b]`` each sequence's position (on the device: the grid does not depend on it); batch_index:
             ``[b]`` each sequence's cache row.
         cos, sin: ``[b, rotary_dim]`` at each sequence's position, each frequency repeated for its pair of dims
-            (as ``FastDecoder`` builds them); dims past ``rotary_dim`` are not rotated.
+            (as ``FastDecoder`` builds them); dims past ``rotary_dim`` are not rotated. With ``cos_table``: the
+            tables over all cache positions, ``[max_len, rotary_dim]``.
         split: cache positions per program (a multiple of ``BLOCK_N``); default ``split_length``, or with
             ``tickets`` on a short cache at batch 1, ``TICKET_TILE``'s.
-        tickets: int32 zeros, one per sequence and KV head (``[b * kv_heads]`` or more), kept by the caller for all
-            its calls (the kernel leaves them zero): the splits of a cache are then combined by the last program of
+        tickets: int32 zeros, one per sequence and KV head (``[b * kv_heads]`` or more), kept by the caller for
+            all its calls (the kernel leaves them zero; not checked: a count left above zero would combine the
+            splits too early): the splits of a cache are then combined by the last program of
             each KV head to finish, in the same kernel, and a short cache at batch 1 is split too (``TICKET_TILE``).
             Without them a split cache takes a second, combining kernel. One buffer must not serve two launches
             that run at the same time (two streams).
@@ -436,10 +442,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     block_d = max(16, triton.next_power_of_2(hd))
     short = splits == 1 and b == 1  # one program walks a KV head's whole cache: the shape measured
     tile, warps = SHORT_TILE if short else TICKET_TILE if ticket_split else (BLOCK_N, 4)
+    if ticket_split:  # a split given below the tile: tiles of the split (each program reads one split)
+        tile = min(tile, split)
     pdl = launch_options()
     _decode_attention_kernel[(b * kv, splits)](
         q, k, v, cos, sin, pos, batch_index, k_cache, v_cache, out, m, lse, acc,
-        tickets if tickets is not None else m,
+        tickets if tickets is not None else torch.empty(1, dtype=torch.int32, device=q.device),  # own: no alias
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), max_len, math.log2(math.e) / math.sqrt(hd),
         KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),

@@ -409,9 +409,9 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sw
     if add is not None:
         add = _check_vector("add", add, k, x)
     if out is not None and (out.numel() != n or out.device != x.device or not out.is_contiguous()
-                            or not out.is_floating_point() or out.element_size() < x.element_size()):
-        raise ValueError(f"gemv's out must be a contiguous float tensor of {n} values on {x.device}, as wide as x's "
-                         f"{x.dtype} or wider; got shape {tuple(out.shape)} in {out.dtype} on {out.device}.")
+                            or out.dtype not in (x.dtype, torch.float32)):
+        raise ValueError(f"gemv's out must be a contiguous tensor of {n} values on {x.device} in x's {x.dtype} or "
+                         f"in float32; got shape {tuple(out.shape)} in {out.dtype} on {out.device}.")
     y = out if out is not None else torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     cfg = config or pick_config(n, k, kernel_name(weight.dtype))
     grid = (triton.cdiv(n, cfg.block_n),)

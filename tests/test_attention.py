@@ -97,7 +97,11 @@ def test_the_combine_reads_only_the_splits_a_row_wrote(monkeypatch):
     pos, rows = torch.tensor([200, 5], device=DEVICE), torch.arange(2, device=DEVICE)
     clean = decode_attention(q, k, v, k_cache.clone(), v_cache.clone(), pos, rows, cos, sin, split=64)
     empty = torch.empty
-    monkeypatch.setattr(glmkit.attention.torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
+    def stale(*args, **kwargs):  # float buffers full of NaN
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(glmkit.attention.torch, "empty", stale)
     assert torch.equal(decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos, sin, split=64), clean)
 
 
@@ -110,6 +114,12 @@ def test_rotary_tables_read_at_each_rows_position_equal_rows_given():
     want = decode_attention(q, k, v, k_cache.clone(), v_cache.clone(), pos, rows, cos, sin)
     got = decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos_table, sin_table, cos_table=True)
     assert torch.equal(got, want)
+    # a position past the cache (nothing written, the whole cache attended) reads the table's last row, not past it
+    past = torch.tensor([100, 5, 6], device=DEVICE)
+    torch.testing.assert_close(
+        decode_attention(q, k, v, k_cache.clone(), v_cache.clone(), past, rows, cos_table, sin_table, cos_table=True),
+        decode_attention(q, k, v, k_cache.clone(), v_cache.clone(), past, rows, cos_table[[99, 5, 6]],
+                         sin_table[[99, 5, 6]]), rtol=0, atol=0)
     with pytest.raises(ValueError, match="cos/sin \\[100 or more cache positions"):
         decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos_table[:99], sin_table[:99], cos_table=True)
 

@@ -245,7 +245,7 @@ def test_out_takes_the_16_bit_product_widened_to_float32(dtype):
     out = torch.full((1, 96), float("nan"), device=DEVICE)
     assert gemv(x, w, norm_weight=g, out=out) is out
     assert torch.equal(out, gemv(x, w, norm_weight=g).view(1, 96).float())
-    with pytest.raises(ValueError, match="as wide as x's"):
+    with pytest.raises(ValueError, match="in x's torch.float32 or in float32"):
         gemv(x.float(), w.float(), out=torch.empty(96, dtype=dtype, device=DEVICE))
 
 
@@ -485,9 +485,14 @@ from glmkit.attention import TICKET_TILE  # tiles side by side, the last program
 consts.update(BLOCK_N=TICKET_TILE[0], SPLIT=TICKET_TILE[0], SPLITS=4, AHEAD=False, BLOCK_S=4)
 src = ASTSource(fn=_decode_attention_kernel, signature={**ptrs, **{k: "constexpr" for k in consts}},
                 constexprs={(_decode_attention_kernel.arg_names.index(k),): v for k, v in consts.items()})
-ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": TICKET_TILE[1]}).asm["ptx"]
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                     options={"num_warps": TICKET_TILE[1], **({"num_stages": SHORT_STAGES} if SHORT_STAGES else {})}
+                     ).asm["ptx"]
 ticket = ptx.index("atom.global.gpu.acq_rel.add")  # released after every thread's partial stores: a barrier first
 assert ptx.rfind("bar.sync", 0, ticket) > ptx.rfind("st.global", 0, ticket) > 0
+assert ptx[ptx.rfind("\\n", 0, ticket):ticket].strip().startswith("@%p")  # one thread's atomic (predicated)
+# the others' partials read from L2 only after the count, passed to every thread through a barrier
+assert ticket < ptx.find("bar.sync", ticket) < ptx.find("ld.global.cg", ticket)
 from glmkit.allreduce import _push_allreduce_kernel as push  # the two-rank push all-reduce: its flags' ordering
 sig = {**{p: "*bf16" for p in ("x_ptr", "out_ptr", "mine_ptr", "peer_ptr")},
        **{p: "*i32" for p in ("my_flags", "peer_flags", "calls")}, "N": "i32", "CAP": "i32"}
