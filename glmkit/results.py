@@ -780,6 +780,42 @@ def attention_cost_sentence() -> Text:
                        script="benchmarks/step_roles.py --checkpoint /tmp/glm9b")
 
 
+def fast_path_today_sentence() -> Text:
+    """The batch-1 fast path as it decodes now, against the roofline of the same run, in bf16 and fp16
+    (``attention_tickets*.json``), the same change on a slower H200 (``attention_tickets_run2.json``) and the
+    kernels a step (``step_roles.json``)."""
+    def render(d: dict[str, Any]) -> str:
+        def now(result: dict[str, Any]) -> dict[str, Any]:
+            return next(r for r in result["rows"] if r["variant"].startswith("tiles side by side")
+                        or r["variant"].startswith("tiles of 128 side by side"))
+
+        text = (f"In the latest run on an {measured_on(d)} (`attention_tickets.json`) a bf16 step at batch 1 decodes "
+                f"{now(d)['best_tok_s']:.1f} tok/s, {100 * now(d)['fraction_of_roofline']:.1f}% of the roofline "
+                f"measured in the same run ({d['roofline_tok_s']:.1f} tok/s)")
+        fp16 = load("attention_tickets_fp16")
+        if fp16:
+            text += (f"; fp16 {now(fp16)['best_tok_s']:.1f} tok/s, {100 * now(fp16)['fraction_of_roofline']:.1f}% "
+                     f"(`attention_tickets_fp16.json`)")
+        other = load("attention_tickets_run2")
+        if other:
+            floor = {r["variant"]: r for r in other["rows"]}["a minimal kernel"]
+            mine = {r["variant"]: r for r in d["rows"]}["a minimal kernel"]
+            text += (f". H200s differ: on another the same attention reached "
+                     f"{100 * now(other)['fraction_of_roofline']:.1f}% (`attention_tickets_run2.json`, before the "
+                     f"rotary tables and the logits were read and written by the kernels themselves), and with a "
+                     f"minimal attention kernel (and those three kernels more) its step took "
+                     f"{floor['best_replay_us']['160']:.0f} µs against "
+                     f"{mine['best_replay_us']['160']:.0f} here at a copy bandwidth of "
+                     f"{other['copy_bandwidth_bytes_s'] / 1e12:.2f} against {d['copy_bandwidth_bytes_s'] / 1e12:.2f} "
+                     f"TB/s: the fixed costs of a step, not the bytes")
+        roles = load("step_roles")
+        if roles:
+            text += f". A step is {roles['runs']['bf16, fast path']['kernels_per_step']} kernels (`step_roles.json`)"
+        return text + "."
+    return from_result("attention_tickets", render, what="The fast path today",
+                       script="benchmarks/attention_tickets.py --checkpoint /tmp/glm9b")
+
+
 def fusion_sentence() -> Text:
     """Decode speed with the fused kernels against the roofline, the same step with norms apart and with cuBLAS, in
     one run (``decode_h200_fused.json``)."""
@@ -2217,6 +2253,7 @@ def readme_measured_section() -> str:
                "**Fewer kernels per step**: " + str(fusion_sentence()) + " " + pdl_sentence() + " "
                + str(attention_tile_sentence()),
                "**What attention costs a step**: " + str(attention_cost_sentence()),
+               "**The fast path today**: " + str(fast_path_today_sentence()),
                "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
                "**Fast path on two GPUs**: " + two_gpu_fast_sentence() + _proxy_clause(),

@@ -71,6 +71,19 @@ def test_notebook_markdown_states_no_measured_figure(path):
                      "benchmarks/results with a glmkit.results function in a code cell instead")
 
 
+def test_the_fast_path_today_sentence_states_its_runs():
+    d, other = results.load("attention_tickets"), results.load("attention_tickets_run2")
+    sentence = str(results.fast_path_today_sentence())
+    now = {r["variant"]: r for r in d["rows"]}["tiles side by side, the last to finish combines"]
+    assert f"{now['best_tok_s']:.1f} tok/s, {100 * now['fraction_of_roofline']:.1f}% of the roofline" in sentence
+    floor, mine = ({r["variant"]: r for r in x["rows"]}["a minimal kernel"]["best_replay_us"]["160"] for x in (other, d))
+    # "H200s differ ... the fixed costs of a step, not the bytes": slower there at no less copy bandwidth
+    assert floor > mine and other["copy_bandwidth_bytes_s"] >= d["copy_bandwidth_bytes_s"]
+    assert f"{floor:.0f} µs against {mine:.0f}" in sentence
+    kernels = results.load("step_roles")["runs"]["bf16, fast path"]["kernels_per_step"]
+    assert f"A step is {kernels} kernels" in sentence
+
+
 def test_readme_measured_section_is_rendered_from_results():
     readme = (ROOT / "README.md").read_text()
     section = results.readme_measured_section()
