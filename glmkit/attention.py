@@ -328,7 +328,7 @@ if triton is not None:
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            pos: torch.Tensor, batch_index: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-           cos_table: bool = False) -> None:
+           cos_table: bool = False, tickets: torch.Tensor | None = None) -> None:
     """Clear errors for inputs the kernel cannot take (it reads raw pointers: a wrong shape would read garbage)."""
     if triton is None:
         raise RuntimeError("glmkit.attention needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
@@ -363,6 +363,11 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     strides = (q.stride(-1), k.stride(-1), v.stride(-1), k_cache.stride(-1), cos.stride(-1), sin.stride(-1))
     if any(s != 1 for s in strides):
         raise ValueError("decode_attention needs the last dimension of q, k, v, the caches and cos/sin contiguous.")
+    if tickets is not None and (tickets.dtype != torch.int32 or tickets.device != q.device or
+                                not tickets.is_contiguous() or tickets.numel() < b * kv):
+        raise ValueError(f"decode_attention's tickets must be contiguous int32 zeros on {q.device}, at least "
+                         f"{b * kv} (one per sequence and KV head), got {tickets.numel()} {tickets.dtype} on "
+                         f"{tickets.device}.")
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -416,16 +421,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     >>> tuple(out.shape), torch.equal(k_cache[0, :, 2], k[0]), torch.allclose(out, ref, atol=1e-5)
     ((1, 4, 1, 64), True, True)
     """
-    _check(q, k, v, k_cache, v_cache, pos, batch_index, cos, sin, cos_table)
+    _check(q, k, v, k_cache, v_cache, pos, batch_index, cos, sin, cos_table, tickets)
     pos, batch_index = pos.contiguous(), batch_index.contiguous()  # read as pos_ptr + i (an expanded view is not)
     b, heads, hd = q.shape
     kv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv
-    if tickets is not None and (tickets.dtype != torch.int32 or tickets.device != q.device or
-                                not tickets.is_contiguous() or tickets.numel() < b * kv):
-        raise ValueError(f"decode_attention's tickets must be contiguous int32 zeros on {q.device}, at least "
-                         f"{b * kv} (one per sequence and KV head), got {tickets.numel()} {tickets.dtype} on "
-                         f"{tickets.device}.")
     ticket_split = tickets is not None and b == 1 and max_len <= ONE_SPLIT_MAX
     split = split or (TICKET_TILE[0] if ticket_split else split_length(b, kv, max_len))
     if split % BLOCK_N:

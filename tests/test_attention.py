@@ -147,6 +147,8 @@ def test_bad_inputs_name_the_problem():
         decode_attention(q, k, v, k_cache, v_cache, pos.float(), rows, cos, sin)
     with pytest.raises(ValueError, match="q \\[b, heads, head_dim\\] and caches"):
         decode_attention(q[None], k, v, k_cache, v_cache, pos, rows, cos, sin)
+    with pytest.raises(ValueError, match="tickets must be contiguous int32 zeros .* at least 2"):
+        decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos, sin, tickets=torch.zeros(2, device=DEVICE))
 
 
 @pytest.fixture(scope="module")
