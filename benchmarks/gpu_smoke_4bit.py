@@ -2,7 +2,8 @@
 lookup against float64 at GLM-4-9B's width, then the trained tiny model in bitsandbytes nf4, nf4 with double
 quantization and fp4 through the default decoder (``gemv="auto"``: glmkit's 4-bit ops inside the compiled layer,
 each step a CUDA graph) against the same model's ``generate()``, nf4 once more with the "pair" lookup, and two rows of
-different prompts through the 4-bit kernels (a program per row) against each row's ``generate()``. Prints
+different prompts through the 4-bit kernels (the CUDA tensor-core kernel, ``glmkit.gemv4bit_mma``, checked first
+against float64 and the Triton kernels at 2-8 vectors) against each row's ``generate()``. Prints
 one line per check, with any warning (a layer that did not compile, kernels that failed). Also run by
 ``gpu_smoke_fast.py``.
 
@@ -91,10 +92,10 @@ def check_batch(prompt: torch.Tensor, new_tokens: int = 16) -> None:
 
 
 def check_tensor_cores(prompt: torch.Tensor, new_tokens: int = 16) -> None:
-    """More than ROW_KERNEL_MAX_VECTORS vectors (the tensor-core kernel, compiled for this GPU) against the per-vector
-    kernel, one vector at a time: nf4/fp4 with and without double quantization, bf16/fp16, plain, q/k/v in one launch
-    and SwiGLU, at GLM-4-9B's widths; then 8 rows through the default decoder (compiled, CUDA graphs) against each
-    row decoded alone."""
+    """More than ROW_KERNEL_MAX_VECTORS vectors (5: the CUDA tensor-core kernel; 16 and 64: the Triton one, compiled
+    for this GPU) against the per-vector kernel, one vector at a time: nf4/fp4 with and without double
+    quantization, bf16/fp16, plain, q/k/v in one launch and SwiGLU, at GLM-4-9B's widths; then 8 rows through the
+    default decoder (compiled, CUDA graphs: the CUDA kernel) against each row decoded alone."""
     g = torch.Generator("cuda").manual_seed(0)
     try:
         worst = 0.0
@@ -126,10 +127,48 @@ def check_tensor_cores(prompt: torch.Tensor, new_tokens: int = 16) -> None:
         print("4-bit tensor cores FAILED", type(exc).__name__, str(exc)[:500], flush=True)
 
 
+def check_mma() -> None:
+    """2-8 vectors through the CUDA tensor-core kernel (``glmkit.gemv4bit_mma``, what ``gemv_4bit`` runs there)
+    against float64 on the fp32-dequantized weights and against the Triton kernels: nf4/fp4, with and without double
+    quantization, bf16/fp16, one weight, q/k/v with a bias and SwiGLU at GLM-4-9B's widths."""
+    print("4-bit CUDA kernel checked against Triton on this GPU:", gemv4bit.check_mma("cuda"), flush=True)
+    g = torch.Generator("cuda").manual_seed(0)
+    worst, worst_triton, launches = 0.0, 0.0, 0
+    try:
+        for quant_type in ("nf4", "fp4"):
+            for double_quant in (False, True):
+                ws = tuple(gemv4bit.quantize(torch.randn(n, 4096, device="cuda", generator=g) * 0.02, quant_type,
+                                             double_quant) for n in (4096, 256, 256))
+                down = gemv4bit.quantize(torch.randn(512, 13696, device="cuda", generator=g) * 0.02, quant_type,
+                                         double_quant)
+                for dtype in (torch.bfloat16, torch.float16):
+                    bias = (torch.randn(4608, device="cuda", generator=g) * 0.02).to(dtype)
+                    for b in (2, 5, 8):
+                        for weights, bb, swiglu in ((ws[:1], None, False), (ws, bias, False), (ws[:1], None, True),
+                                                    ((down,), None, False)):
+                            x = torch.randn(b, 1, weights[0].shape[1], device="cuda", generator=g).to(dtype)
+                            assert gemv4bit.gemv4bit_mma.usable(x, weights, swiglu)
+                            y = gemv4bit._launch(x, weights, bb, swiglu, None).double()
+                            w = torch.cat([v.dequantize(torch.float32) for v in weights]).double()
+                            ref = F.linear(x.double(), w, None if bb is None else bb.double())
+                            if swiglu:
+                                gate, up = ref.chunk(2, dim=-1)
+                                ref = up * F.silu(gate)
+                            tri = gemv4bit._launch(x, weights, bb, swiglu, None, mma=False).double()
+                            worst = max(worst, ((y - ref).norm() / ref.norm()).item())
+                            worst_triton = max(worst_triton, ((tri - ref).norm() / ref.norm()).item())
+                            launches += 1
+        print(f"4-bit CUDA kernel: largest rel err vs float64 over {launches} launches {worst:.2e} (Triton's: "
+              f"{worst_triton:.2e})", flush=True)
+    except Exception as exc:
+        print("4-bit CUDA kernel FAILED", type(exc).__name__, str(exc)[:500], flush=True)
+
+
 def check(prompt: torch.Tensor | None = None) -> None:
     if prompt is None:  # gpu_smoke_fast.py's prompt: 8 random ids
         prompt = torch.randint(0, 800, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))[:1, :8]
     check_lookups()
+    check_mma()
     check_decoders(prompt)
     check_batch(prompt)
     check_tensor_cores(prompt)

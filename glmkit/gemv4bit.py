@@ -9,7 +9,9 @@ uses them for a bitsandbytes nf4/fp4 model at batch 1 to ``FOUR_BIT_MAX_BATCH`` 
 ``ROW_KERNEL_MAX_VECTORS`` vectors, a program per vector and row block (below); more, a kernel that looks each weight
 up once for all vectors, in x's 16-bit type, multiplies on the tensor cores and scales each block's sums in fp32
 (``_tc4_kernel``: on an H200 GLM-4-9B in nf4 decodes 2.9x faster at batch 16 than through bitsandbytes'
-dequantize-then-GEMM, ``benchmarks/results/nf4_batch.json``, notebook ``04_quantization.ipynb``). Each is a
+dequantize-then-GEMM, ``benchmarks/results/nf4_batch.json``, notebook ``04_quantization.ipynb``). On GPUs, 2 to 8
+vectors take a CUDA kernel instead that looks each byte up once straight into a tensor-core operand
+(``glmkit.gemv4bit_mma``: 1.4-2.0x faster than these at those batches on an H200). Each is a
 PyTorch operator (``torch.ops.glmkit.gemv_4bit``, ``gemv_4bit_multi``, ``gemv_4bit_swiglu``) that ``torch.compile``
 calls without tracing into the kernel, so a compiled decoder layer fuses everything around them.
 
@@ -46,6 +48,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from glmkit import gemv4bit_mma
 from glmkit.costs import column_splits
 from glmkit.gemv import (
     ASSETS,
@@ -141,6 +144,7 @@ class Packed4bit(NamedTuple):
             state = copy.copy(state)  # bitsandbytes may repack the module's state later (CPU): keep these tensors
         packed = cls.from_state(data, state)
         check_lookup(packed.device)  # once per GPU, before a decoder compiles its layers around the kernels
+        check_mma(packed.device)
         tuned_lookups()  # and the tables' lookups read, before any CUDA graph is captured
         return packed
 
@@ -656,6 +660,62 @@ def check_lookup(device: torch.device | str) -> str:
     return LOOKUP
 
 
+_MMA_CHECKED: dict[torch.device, bool] = {}
+
+
+def check_mma(device: torch.device | str) -> bool:
+    """Whether the tensor-core CUDA kernel (``glmkit.gemv4bit_mma``) runs on ``device``: the first time in a process
+    (not inside a compiled function or a CUDA graph capture: the decoders call it first, from ``Packed4bit.from_bnb``)
+    it is compiled and checked against the Triton kernel on small weights (bf16 and fp16, fp32 and double-quantized
+    scales, q/k/v with a bias, SwiGLU, 2, 5 and 8 vectors); an error or a disagreement turns it off for the process,
+    with a warning that says why, and the Triton kernels run instead.
+
+    >>> check_mma("cpu")
+    False
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device in _MMA_CHECKED:
+        return _MMA_CHECKED[device]
+    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+        return True  # checked before: from_bnb and the decoders' warm-up steps run eagerly first
+    _MMA_CHECKED[device] = True
+    try:
+        why = _mma_disagreement(device)
+    except Exception as exc:  # NVRTC missing or failing, a launch error: the Triton kernels still run
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+    if why:
+        _MMA_CHECKED[device] = False
+        gemv4bit_mma.disable(device, why)
+    return _MMA_CHECKED[device]
+
+
+def _mma_disagreement(device: torch.device) -> str | None:
+    """What the tensor-core kernel gets wrong against the Triton kernel on small weights, or None."""
+    g = torch.Generator(device=device).manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        for double_quant in (False, True):
+            ws = tuple(quantize(torch.randn(n, 256, device=device, generator=g) * 0.05, "nf4", double_quant)
+                       for n in (48, 16, 24))
+            bias = torch.randn(88, device=device, generator=g).to(dtype)
+            for vectors in (gemv4bit_mma.MIN_VECTORS, 5, gemv4bit_mma.MAX_VECTORS):
+                x = torch.randn(vectors, 1, 256, device=device, generator=g).to(dtype)
+                for args in ((ws, bias, False), (ws[:1], None, True)):
+                    if not gemv4bit_mma.usable(x, args[0], args[2]):
+                        return None
+                    got = gemv4bit_mma.gemv_4bit_mma(x, *args).float()
+                    want = _launch(x, *args, None, mma=False).float()
+                    if not torch.allclose(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item()):
+                        err = ((got - want).norm() / want.norm()).item()
+                        return (f"its products differ from the Triton kernel's ({dtype}, double quantization "
+                                f"{double_quant}, {vectors} vectors, {'SwiGLU' if args[2] else 'q/k/v'}: relative "
+                                f"error {err:.1e})")
+    return None
+
+
 def _shuffle_agrees(device: torch.device, kernels: str, run: Any) -> bool:
     """Whether ``run("shuffle")`` gives ``run("load")``'s products (within 1%); if not, a warning that names the
     kernels and says what they use instead."""
@@ -755,9 +815,15 @@ def _segments(ws: tuple[Packed4bit, ...], rows: Sequence[int]) -> list[Any]:
 
 
 def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
-            config: GemvConfig | None, lookup: str | None = None, batch_axis: int | None = None) -> torch.Tensor:
+            config: GemvConfig | None, lookup: str | None = None, batch_axis: int | None = None,
+            mma: bool = True) -> torch.Tensor:
+    """The product through the tensor-core CUDA kernel where it runs (``glmkit.gemv4bit_mma``: a GPU, 16-bit x, up
+    to 8 vectors, no launch shape or lookup asked for, ``mma``), else through a Triton kernel."""
     _check(x, ws, swiglu)
     w = ws[0]
+    if mma and config is None and lookup is None and batch_axis is None and gemv4bit_mma.usable(x, ws, swiglu) and \
+            check_mma(x.device):
+        return gemv4bit_mma.gemv_4bit_mma(x, ws, bias, swiglu)
     if lookup is None:
         lookup = lookup_for(ws, swiglu) if config is None else check_lookup(x.device)
     if lookup == "shuffle" and INTERPRETER:

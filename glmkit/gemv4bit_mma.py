@@ -1,0 +1,380 @@
+"""4-bit products of 2-8 tokens on the tensor cores: one CUDA kernel, compiled at run time by NVRTC.
+
+Why a CUDA kernel beside the Triton ones (``glmkit.gemv4bit``): a few tokens through a 4-bit weight cost the
+lookups of its nibbles, not its bytes. Triton's per-row kernel looks every weight up again for every token, and its
+tensor-core kernel moves the looked-up weights through shared memory into the operand layout. This kernel looks
+each byte up once for all tokens, straight into a tensor-core operand:
+
+* one shared-memory load turns a byte (two nibbles) into a pair of 16-bit values, from a 256-entry table of pairs
+  of which every lane has its own copy (32 KiB: entry ``e`` of lane ``l`` in bank ``l``, so a warp's 32 lookups
+  never wait on each other); a byte permute and a multiply-add form the address;
+* that pair *is* one register of the operand: ``mma.m16n8k16`` multiplies 16 weight rows by up to 8 vectors (the
+  operand's 8 columns), so the products cost a quarter of an instruction a byte;
+* the 4 lanes that share a row in the operand read 8 bytes each of the same 64-weight quantization block, so each
+  block's sum is scaled once, in fp32, by its scale (read from shared memory, double quantization undone once per
+  program).
+
+On an H200 it multiplies 2-8 vectors by GLM-4-9B's projections 1.4-2.0x faster than the Triton kernels, and GLM-4-9B
+in nf4 decodes 2-8 sequences faster with it (``benchmarks/results/nf4_mma.json``, ``nf4_batch.json``); one vector
+it multiplies no faster (``MIN_VECTORS``). Each weight is rounded to x's 16-bit type before the product (the scale
+is applied to each block's sum in fp32), as the Triton tensor-core kernel does. bitsandbytes' layout is read as it
+is (see ``glmkit.gemv4bit``): no repacking, no second copy.
+
+Runs on NVIDIA GPUs of compute capability 8.0+ with x in bf16 or fp16 and bitsandbytes' default blocksize (64):
+``usable`` says when. ``glmkit.gemv4bit`` calls it for those and keeps its Triton kernels for the rest (and for
+Triton's CPU interpreter, where the tests run): this kernel runs on a GPU only, checked there against the Triton
+kernel the first time it runs (``glmkit.gemv4bit.check_mma``; ``benchmarks/gpu_smoke_4bit.py``).
+``GLMKIT_4BIT_KERNEL=triton`` turns it off. Notebook ``04_quantization.ipynb`` shows its speed.
+
+>>> import torch
+>>> from glmkit.gemv4bit import quantize
+>>> if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+...     w = quantize(torch.randn(128, 256, device="cuda"), "nf4")
+...     x = torch.randn(4, 1, 256, device="cuda", dtype=torch.bfloat16)
+...     y = gemv_4bit_mma(x, (w,), None, False)
+...     assert torch.allclose(y.float(), x.float() @ w.dequantize(torch.float32).T, rtol=2e-2, atol=5e-2)
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+
+__all__ = ["gemv_4bit_mma", "usable", "MAX_VECTORS", "WARPS", "UNROLL", "source"]
+
+MAX_VECTORS = 8  # the operand's 8 columns: vector v is column v
+# From 2 vectors: on an H200 (benchmarks/results/nf4_mma.json) this kernel multiplies 2-8 vectors by GLM-4-9B's
+# projections 1.4-2.0x faster than the Triton kernels, but one vector no faster (0.87-1.07x): at batch 1 it waits
+# on its lookups' and products' latency with 24 warps an SM (the 32 KiB table per program caps them), where the
+# Triton kernel keeps more in flight. Batch 1 stays with the Triton kernel.
+MIN_VECTORS = 2
+# The launch shape, the fastest of 6 timed at 2-8 vectors on an H200 (nf4_mma.json): WARPS warps a program, each
+# taking every WARPS-th 64-weight chunk of the row, UNROLL chunks loaded at a time while the ones before are summed,
+# MIN_BLOCKS programs an SM (registers per thread at most 65536 / (MIN_BLOCKS * 32 * WARPS)). Gate/up (SwiGLU), whose
+# warps read twice the rows, is fastest with more programs of one chunk: 38-40 us against 44 at GLM-4-9B's shape.
+WARPS = 8
+UNROLL, MIN_BLOCKS = 2, 2
+UNROLL_SWIGLU, MIN_BLOCKS_SWIGLU = 1, 3
+ROWS = 16  # weight rows per program: the operand's 16 rows
+TABLE_BYTES = 256 * 32 * 4  # 256 pairs, one copy per lane; then the warps' sums (WARPS <= 16)
+SHARED_LIMIT = 48 * 1024  # shared memory a program may take without asking the driver for more
+
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#if SWIGLU
+#define NR 4   /* rows a lane reads: gate g, g + 8, up g, g + 8 */
+#else
+#define NR 2
+#endif
+#define NACC (2 * NR)
+
+#if BF16
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+__device__ __forceinline__ u32 to16(float f) {  /* round to nearest even, as PyTorch rounds */
+    u32 u = __float_as_uint(f);
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+__device__ __forceinline__ float from16(u32 h) { return __uint_as_float(h << 16); }
+#else
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+__device__ __forceinline__ u32 to16(float f) {
+    u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+__device__ __forceinline__ float from16(u32 h) {
+    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h)); return f;
+}
+#endif
+__device__ __forceinline__ float round16(float f) { return from16(to16(f)); }
+
+__device__ __forceinline__ uint2 load_weights(const unsigned char* p) {  /* read once: keep them out of L1 */
+    uint2 v;
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    return v;
+}
+__device__ __forceinline__ uint4 load_x(const u32* p) {
+    uint4 v;
+    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+struct Weight {
+    const unsigned char* q; const void* absmax; const float* absmax2; const float* code2; const float* offset; int n;
+};
+
+extern __shared__ __align__(16) u32 smem[];  /* the lookup table (TABLE words), then this program's scales */
+#define TABLE (256 * 32)
+
+/* the pair of 16-bit values of byte i (0-7) of a lane's 8 bytes, from the lane's copy of the table (at shared
+   address lane_table + 128 byte): a byte permute extracts the byte, one multiply-add forms the address */
+__device__ __forceinline__ u32 pair_of(u32 lane_table, uint2 w, int i) {
+    const u32 word = i < 4 ? w.x : w.y;
+    u32 v, byte;
+    asm("prmt.b32 %0, %1, 0, %2;" : "=r"(byte) : "r"(word), "r"(0x4440 + (i & 3)));
+    asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(byte * 128u + lane_table));
+    return v;
+}
+
+__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm(MMA " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* a lane's rows: where each starts (at the lane's 8 bytes of its warp's first chunk) and where its scales lie in
+   shared memory; x's pairs that go with those bytes */
+struct Rows {
+    const unsigned char* w[NR];
+    const float* s[NR];
+    const u32* x;
+};
+
+template <int U> struct Stage {  /* U chunks of 64 weights a row: bytes (x and scales are read as they are summed) */
+    uint2 w[U][NR];
+};
+
+/* a warp's j-th chunk is chunk warp + WARPS j; stage t holds its chunks t U, ..., t U + U - 1. The last stage
+   (TAIL) may run past the warp's `count` chunks: those slots read the warp's last chunk again and count 0 */
+template <int U, bool TAIL>
+__device__ __forceinline__ void load_stage(Stage<U>& st, int t, int count, const Rows& rows) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int j = TAIL ? min(t * U + u, count - 1) : t * U + u;
+#pragma unroll
+        for (int r = 0; r < NR; ++r) st.w[u][r] = load_weights(rows.w[r] + 32 * WARPS * j);
+    }
+}
+
+template <int U, bool TAIL>
+__device__ __forceinline__ void sum_stage(const Stage<U>& st, int t, int count, const Rows& rows, u32 table,
+                                          float* acc) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int j = TAIL ? min(t * U + u, count - 1) : t * U + u;
+        const uint4 xa = load_x(rows.x + 32 * WARPS * j), xb = load_x(rows.x + 32 * WARPS * j + 4);
+        const u32 xw[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+        for (int h = 0; h < NR / 2; ++h) {  /* gate (or the only weight), then up */
+            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            const uint2 r0 = st.w[u][2 * h], r1 = st.w[u][2 * h + 1];
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+                mma(d, pair_of(table, r0, 2 * i), pair_of(table, r1, 2 * i), pair_of(table, r0, 2 * i + 1),
+                    pair_of(table, r1, 2 * i + 1), xw[2 * i], xw[2 * i + 1]);
+            float s0 = rows.s[2 * h][WARPS * j], s1 = rows.s[2 * h + 1][WARPS * j];
+            if (TAIL && t * U + u >= count) s0 = s1 = 0.0f;
+            acc[4 * h + 0] += d[0] * s0;
+            acc[4 * h + 1] += d[1] * s0;
+            acc[4 * h + 2] += d[2] * s1;
+            acc[4 * h + 3] += d[3] * s1;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
+glmkit_gemv4_mma(const u32* __restrict__ x, u16* __restrict__ y, const u16* __restrict__ bias,
+                 const float* __restrict__ code,
+                 const unsigned char* q0, const void* a0, const float* a20, const float* c20, const float* o0, int n0,
+                 const unsigned char* q1, const void* a1, const float* a21, const float* c21, const float* o1, int n1,
+                 const unsigned char* q2, const void* a2, const float* a22, const float* c22, const float* o2, int n2,
+                 int vectors, int bytes_per_row, int blocks_per_row, int y_row)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, quad = lane & 3;
+
+    /* which weight (q, k or v) and which 16 rows of it */
+    int tile = blockIdx.x, row_out = 0;
+    Weight w = {q0, a0, a20, c20, o0, n0};
+#if SEGMENTS >= 2
+    int tiles = ((SWIGLU ? n0 / 2 : n0) + 15) / 16;
+    if (tile >= tiles) {
+        tile -= tiles; row_out = n0; w = Weight{q1, a1, a21, c21, o1, n1}; tiles = (n1 + 15) / 16;
+#if SEGMENTS >= 3
+        if (tile >= tiles) { tile -= tiles; row_out = n0 + n1; w = Weight{q2, a2, a22, c22, o2, n2}; }
+#endif
+    }
+#endif
+    const int n = SWIGLU ? w.n / 2 : w.n;
+    const int chunks = bytes_per_row / 32;  /* 64 weights a row each: one quantization block */
+    const int stride = blocks_per_row | 1;  /* the scales' row stride in shared memory: odd, so 8 rows hit 8 banks */
+    float* scales = (float*)(smem + TABLE);
+    Rows rows;
+#pragma unroll
+    for (int r = 0; r < NR; ++r) {  /* rows past the weight's end read its last row and are not stored */
+        const int lr = g + 8 * (r & 1) + 16 * (r >> 1);  /* the row within this program's (gate, then up) */
+        rows.w[r] = w.q + (size_t)(min(tile * 16 + (lr & 15), n - 1) + (lr >> 4) * n) * bytes_per_row + 8 * quad
+                    + 32 * warp;
+        rows.s[r] = scales + lr * stride + warp;
+    }
+    /* vector g is the operand's column g, and only column g of the product holds its sums: lanes of a column
+       past the last vector read the last one (their sums are not stored) */
+    rows.x = x + (size_t)min(g, vectors - 1) * bytes_per_row + 8 * quad + 32 * warp;
+    const int count = (chunks - warp + WARPS - 1) / WARPS;  /* this warp's chunks */
+    const int full = count / UNROLL, stages = (count + UNROLL - 1) / UNROLL;
+    Stage<UNROLL> a, b;
+    int t = 0;
+    if (full > 0) load_stage<UNROLL, false>(a, 0, count, rows);  /* in flight while the tables are written */
+    else if (stages > 0) load_stage<UNROLL, true>(a, 0, count, rows);
+
+    /* the lookup table: entry e of lane l at word 32 e + l, (code[e >> 4], code[e & 15]) in x's type, the high
+       nibble's value (the even column) in the low half; a thread writes an entry's 32 copies, 16 bytes at a time,
+       starting at a different 16 bytes from its neighbours' (no two of 8 threads in one bank) */
+    for (int e = threadIdx.x; e < 256; e += WARPS * 32) {
+        const u32 v = to16(code[e >> 4]) | (to16(code[e & 15]) << 16);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) *(uint4*)(smem + 32 * e + 4 * ((i + e) & 7)) = make_uint4(v, v, v, v);
+    }
+    /* this program's scales, fp32 (double quantization undone here, once) */
+    for (int lr = warp; lr < 16 * (NR / 2); lr += WARPS) {
+        const int base = (min(tile * 16 + (lr & 15), n - 1) + (lr >> 4) * n) * blocks_per_row;
+        for (int blk = lane; blk < blocks_per_row; blk += 32) {
+            const int idx = base + blk;
+#if NESTED  /* bitsandbytes' double quantization: absmax = code2[absmax_q] * absmax2[i / BS2] + offset */
+            const float s = w.code2[((const unsigned char*)w.absmax)[idx]] * w.absmax2[idx / BS2] + *w.offset;
+#else
+            const float s = ((const float*)w.absmax)[idx];
+#endif
+            scales[lr * stride + blk] = s;
+        }
+    }
+    __syncthreads();
+
+    const u32 table = (u32)__cvta_generic_to_shared(smem) + 4 * lane;
+    float acc[NACC];
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
+    /* the next stage in flight while this one is summed; two a turn, so that neither is copied into the other */
+    for (; t + 1 < full; t += 2) {
+        load_stage<UNROLL, false>(b, t + 1, count, rows);
+        sum_stage<UNROLL, false>(a, t, count, rows, table, acc);
+        if (t + 2 < full) load_stage<UNROLL, false>(a, t + 2, count, rows);
+        else if (t + 2 < stages) load_stage<UNROLL, true>(a, t + 2, count, rows);
+        sum_stage<UNROLL, false>(b, t + 1, count, rows, table, acc);
+    }
+    if (t < full) {  /* one full stage left, maybe a tail after it */
+        if (t + 1 < stages) load_stage<UNROLL, true>(b, t + 1, count, rows);
+        sum_stage<UNROLL, false>(a, t, count, rows, table, acc);
+        if (++t < stages) sum_stage<UNROLL, true>(b, t, count, rows, table, acc);
+    } else if (t < stages) {
+        sum_stage<UNROLL, true>(a, t, count, rows, table, acc);
+    }
+
+    /* the warps' partial sums, added up (in the table's place): lane l's acc[e] is row g (+8 for e & 2) of vector
+       2 quad + (e & 1) */
+    __syncthreads();
+    float* red = (float*)smem;
+#pragma unroll
+    for (int i = 0; i < NACC; ++i) red[(warp * 32 + lane) * NACC + i] = acc[i];
+    __syncthreads();
+    if (threadIdx.x < 128) {
+        const int l = threadIdx.x & 31, e = threadIdx.x >> 5;
+        float sum = 0.0f, up = 0.0f;
+        (void)up;
+        for (int v = 0; v < WARPS; ++v) {
+            sum += red[(v * 32 + l) * NACC + e];
+#if SWIGLU
+            up += red[(v * 32 + l) * NACC + 4 + e];
+#endif
+        }
+        const int r = tile * 16 + (l >> 2) + 8 * (e >> 1), vec = 2 * (l & 3) + (e & 1);
+        if (r < n && vec < vectors) {
+#if HAS_BIAS
+            sum += from16(bias[row_out + r]);
+#endif
+#if SWIGLU  /* up * silu(gate), each of gate, up and silu(gate) rounded as PyTorch rounds them */
+            const float gate = round16(sum);
+            const float silu = round16(gate / (1.0f + expf(-gate)));
+            sum = round16(up) * silu;
+#endif
+            y[(size_t)vec * y_row + row_out + r] = (u16)to16(sum);
+        }
+    }
+}
+"""
+
+_KERNELS: dict[tuple[Any, ...], Any] = {}
+_BROKEN: dict[int, str] = {}  # device index -> why the kernel cannot run there (compile error, failed check)
+
+
+def source() -> str:
+    """The kernel's CUDA source (its options come as ``-D`` flags: ``_options``)."""
+    return _SOURCE
+
+
+def _options(bf16: bool, nested: bool, swiglu: bool, bias: bool, segments: int, nested_blocksize: int) -> list[str]:
+    flags = dict(BF16=int(bf16), NESTED=int(nested), SWIGLU=int(swiglu), HAS_BIAS=int(bias), SEGMENTS=segments,
+                 BS2=nested_blocksize, WARPS=WARPS, UNROLL=UNROLL_SWIGLU if swiglu else UNROLL,
+                 MIN_BLOCKS=MIN_BLOCKS_SWIGLU if swiglu else MIN_BLOCKS)
+    return [f"-D{k}={v}" for k, v in flags.items()] + ["-std=c++17"]
+
+
+def _kernel(device: torch.device, options: list[str]) -> Any:
+    key = (device.index, *options)
+    if key not in _KERNELS:
+        with torch.cuda.device(device):
+            _KERNELS[key] = torch.cuda._compile_kernel(_SOURCE, "glmkit_gemv4_mma", nvcc_options=options)
+    return _KERNELS[key]
+
+
+def _shared_bytes(k: int, swiglu: bool) -> int:
+    """Shared memory of one program: the lookup table, then its rows' scales (16 rows, 32 with SwiGLU)."""
+    return TABLE_BYTES + (32 if swiglu else 16) * ((k // 64) | 1) * 4
+
+
+def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False) -> bool:
+    """Whether ``glmkit.gemv4bit`` multiplies ``x`` by these ``Packed4bit`` weights with this kernel: a CUDA GPU of
+    compute capability 8.0+ where it compiled and its first-run check passed, bf16/fp16 x of ``MIN_VECTORS`` to
+    ``MAX_VECTORS`` vectors, bitsandbytes' default blocksize (64), the program's shared memory within
+    ``SHARED_LIMIT`` (rows of up to 16320 columns; 8128 for gate/up), and ``GLMKIT_4BIT_KERNEL`` not ``triton``.
+
+    >>> usable(torch.zeros(1, 64), ())
+    False
+    """
+    if not x.is_cuda or os.environ.get("GLMKIT_4BIT_KERNEL", "mma") != "mma":
+        return False
+    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if device in _BROKEN or not hasattr(torch.cuda, "_compile_kernel"):
+        return False
+    w = ws[0]
+    return (torch.cuda.get_device_capability(x.device) >= (8, 0) and x.dtype in (torch.bfloat16, torch.float16)
+            and MIN_VECTORS <= x.numel() // w.shape[1] <= MAX_VECTORS and w.blocksize == 64
+            and _shared_bytes(w.shape[1], swiglu) <= SHARED_LIMIT)
+
+
+def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for up to three ``Packed4bit`` weights of one format side by side (q, k, v), or
+    ``up * silu(gate)`` of one gate/up weight ``[2n, k]`` (``swiglu``), for 1-``MAX_VECTORS`` vectors ``[..., k]``;
+    y in x's dtype. The caller (``glmkit.gemv4bit._launch``) has checked the inputs and ``usable``."""
+    w = ws[0]
+    k = w.shape[1]
+    rows = [v.shape[0] for v in ws]
+    n_out = rows[0] // 2 if swiglu else sum(rows)
+    vectors = x.numel() // k
+    xf = x.reshape(vectors, k)
+    if not xf.is_contiguous() or xf.data_ptr() % 16:  # read as 16-byte words
+        xf = xf.contiguous().clone()
+    y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
+    args: list[Any] = []
+    for v in (*ws, *ws[:1] * (3 - len(ws))):  # unused slots repeat the first (never reached: SEGMENTS)
+        nested = v.nested
+        args += [v.data, v.absmax, v.absmax2 if nested else v.code, v.code2 if nested else v.code,
+                 v.offset if nested else v.code, v.shape[0]]
+    tiles = sum(-(-(n // 2 if swiglu else n) // ROWS) for n in rows)
+    options = _options(x.dtype == torch.bfloat16, w.nested, swiglu, bias is not None, len(ws), w.nested_blocksize)
+    _kernel(x.device, options)((tiles, 1, 1), (WARPS * 32, 1, 1),
+                               [xf, y, bias if bias is not None else y, w.code, *args, vectors, k // 2,
+                                k // w.blocksize, n_out], shared_mem=_shared_bytes(k, swiglu))
+    return y
+
+
+def disable(device: torch.device, why: str) -> None:
+    """Stop using this kernel on ``device`` for the rest of the process (the Triton kernels take over), warning why."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _BROKEN:
+        _BROKEN[index] = why
+        warnings.warn(f"glmkit's 4-bit tensor-core kernel is off on {torch.cuda.get_device_name(device)}: {why}. "
+                      "The Triton kernels run instead (slower). Please report it.", RuntimeWarning, stacklevel=3)

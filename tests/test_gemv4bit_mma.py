@@ -1,0 +1,122 @@
+"""glmkit.gemv4bit_mma on a CPU: the kernel compiled for an H100/H200 (sm_90) by NVRTC, read back with cuobjdump, and
+the launch the Python side builds held against the kernel's own parameter list. The kernel itself runs on a GPU
+only: ``benchmarks/gpu_smoke_4bit.py`` and ``benchmarks/nf4_mma.py`` check its products there."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from glmkit import gemv4bit, gemv4bit_mma
+from glmkit.gemv4bit import quantize
+
+
+def _nvrtc() -> ctypes.CDLL:
+    import nvidia  # the dev extra's nvidia-cuda-nvrtc wheel (Linux x86-64)
+
+    lib = next(p for d in nvidia.__path__ for p in sorted(Path(d).glob("cu*/lib/libnvrtc.so*")))
+    return ctypes.CDLL(str(lib))
+
+
+def _compile_sm90(options: list[str]) -> bytes:
+    """The kernel built as the GPU builds it, for sm_90: the cubin, or an AssertionError with NVRTC's log."""
+    lib = _nvrtc()
+    prog = ctypes.c_void_p()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), gemv4bit_mma.source().encode(), b"k.cu", 0, None, None) == 0
+    opts = [b"--gpu-architecture=sm_90", *(o.encode() for o in options)]
+    result = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert result == 0, log.value.decode()
+    lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+    cubin = ctypes.create_string_buffer(size.value)
+    lib.nvrtcGetCUBIN(prog, cubin)
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    return cubin.raw
+
+
+def _cuobjdump(cubin: bytes, flag: str, tmp_path: Path) -> str:
+    import triton  # its wheel carries NVIDIA's cuobjdump
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    path = tmp_path / "k.cubin"
+    path.write_bytes(cubin)
+    return subprocess.run([str(tool), flag, str(path)], capture_output=True, text=True, check=True).stdout
+
+
+@pytest.mark.parametrize("bf16, nested, swiglu, bias, segments", [
+    (True, False, False, True, 3),  # GLM's q/k/v: three weights, one bias
+    (True, False, False, False, 1),  # o_proj, down_proj
+    (True, False, True, False, 1),  # gate/up with SwiGLU
+    (True, True, True, False, 1),  # double quantization
+    (False, True, False, True, 3),  # fp16
+])
+def test_compiles_for_sm90_without_spills(bf16, nested, swiglu, bias, segments, tmp_path):
+    cubin = _compile_sm90(gemv4bit_mma._options(bf16, nested, swiglu, bias, segments, 256))
+    usage = _cuobjdump(cubin, "-res-usage", tmp_path)
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
+    assert "LOCAL:0" in usage and "STACK:0" in usage, usage  # nothing spilled to memory
+    blocks = gemv4bit_mma.MIN_BLOCKS_SWIGLU if swiglu else gemv4bit_mma.MIN_BLOCKS
+    assert regs <= 65536 // (blocks * 32 * gemv4bit_mma.WARPS), usage  # the programs an SM is to hold fit
+    sass = _cuobjdump(cubin, "-sass", tmp_path)
+    # the products on the tensor cores in x's type, the lookups from shared memory after a byte permute
+    assert re.search(r"HMMA\.16816\.F32" + (r"\.BF16" if bf16 else r"\s"), sass)  # fp16 operands: no suffix
+    assert sass.count(" PRMT ") >= 64 and len(re.findall(r"\bLDS\b", sass)) >= 64
+
+
+def _params() -> list[str]:
+    signature = re.search(r"glmkit_gemv4_mma\((.*?)\)\s*\{", gemv4bit_mma.source(), re.S).group(1)
+    return [p.strip() for p in signature.split(",")]
+
+
+@pytest.mark.parametrize("swiglu, heights", [(False, (40, 16, 24)), (True, (2 * 40,)), (False, (100,))])
+def test_launch_matches_the_kernels_parameters(swiglu, heights, monkeypatch):
+    """What ``gemv_4bit_mma`` hands the kernel: a tensor for every pointer, an int for every int, in order; one
+    program per 16 output rows of each weight; the shared memory the program uses."""
+    launches = []
+    monkeypatch.setattr(gemv4bit_mma, "_kernel", lambda device, options: lambda *a, **kw: launches.append((a, kw)))
+    ws = tuple(quantize(torch.randn(h, 128), "nf4", double_quant=True) for h in heights)
+    x = torch.randn(3, 1, 128, dtype=torch.bfloat16)
+    bias = None if swiglu else torch.zeros(sum(heights), dtype=torch.bfloat16)
+    y = gemv4bit_mma.gemv_4bit_mma(x, ws, bias, swiglu)
+    assert y.shape == (3, 1, heights[0] // 2 if swiglu else sum(heights)) and y.dtype == x.dtype
+    (grid, block, args), kw = launches[0]
+    params = _params()
+    assert len(args) == len(params)
+    for arg, param in zip(args, params):
+        assert isinstance(arg, torch.Tensor) if "*" in param else isinstance(arg, int), (param, arg)
+    tiles = sum(-(-(h // 2 if swiglu else h) // gemv4bit_mma.ROWS) for h in heights)
+    assert grid == (tiles, 1, 1) and block == (32 * gemv4bit_mma.WARPS, 1, 1)
+    assert kw["shared_mem"] == gemv4bit_mma._shared_bytes(128, swiglu) <= gemv4bit_mma.SHARED_LIMIT
+    named = dict(zip([p.split()[-1].lstrip("*") for p in params], args))
+    assert named["x"].data_ptr() % 16 == 0 and named["vectors"] == 3 and named["bytes_per_row"] == 64
+    assert named["y"] is y and named["y_row"] == y.shape[-1]
+    assert named["q1"] is ws[min(1, len(ws) - 1)].data  # q, k and v in their slots, unused slots repeat the first
+
+
+def test_options_and_shared_memory():
+    flags = dict(o.removeprefix("-D").split("=") for o in gemv4bit_mma._options(True, True, True, False, 1, 256)
+                 if o.startswith("-D"))
+    assert flags["SWIGLU"] == "1" and flags["NESTED"] == "1" and flags["BS2"] == "256"
+    assert flags["UNROLL"] == str(gemv4bit_mma.UNROLL_SWIGLU)  # gate/up: twice the rows a warp reads
+    # GLM-4-9B's rows fit a program's shared memory: 4096 columns with SwiGLU, 13696 for down_proj
+    assert gemv4bit_mma._shared_bytes(4096, True) <= gemv4bit_mma.SHARED_LIMIT
+    assert gemv4bit_mma._shared_bytes(13696, False) <= gemv4bit_mma.SHARED_LIMIT
+    assert gemv4bit_mma._shared_bytes(16384, False) > gemv4bit_mma.SHARED_LIMIT  # the Triton kernels take those
+
+
+def test_cpu_stays_with_triton(monkeypatch):
+    w = quantize(torch.randn(32, 128), "nf4")
+    x = torch.randn(4, 1, 128, dtype=torch.bfloat16)
+    assert not gemv4bit_mma.usable(x, (w,)) and not gemv4bit.check_mma("cpu")
+    monkeypatch.setattr(gemv4bit_mma, "gemv_4bit_mma", lambda *a: pytest.fail("the CUDA kernel ran on a CPU"))
+    if gemv4bit.triton_available():
+        y = gemv4bit._launch(x, (w,), None, False, None, lookup="load")
+        assert torch.allclose(y.float(), x.float() @ w.dequantize(torch.float32).T, atol=5e-2, rtol=2e-2)
