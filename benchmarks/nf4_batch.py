@@ -13,7 +13,9 @@ bf16 (the default decoder) beside them. Where the tensor-core kernel overtakes t
 On an H200 about 5 minutes:
 
     PYTHONPATH=. python benchmarks/nf4_batch.py
-Writes benchmarks/results/nf4_batch.json (and to $OUT).
+    PYTHONPATH=. python benchmarks/nf4_batch.py --sizes 1 2 4 8 16 --name nf4_batch_mma
+Writes benchmarks/results/nf4_batch.json (or --name; and to $OUT). ``nf4_batch.json`` was measured before the CUDA
+kernel existed (its rows have no ``nf4_mma``); ``nf4_batch_mma.json`` with it.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 3, 4, 8, 16, 32, 64])
+    ap.add_argument("--name", default="nf4_batch", help="the result's name (nf4_batch_mma: the run of --sizes 1 2 4 8 "
+                                                         "16 that measured the CUDA kernel)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("nf4_batch.py measures a GPU; this machine has none.")
@@ -84,12 +88,12 @@ def main() -> None:
                   "1, dequantize-then-GEMM above; gemv=False, eager layers); bf16 with the default decoder",
         "four_bit_max_batch_in_this_run": FOUR_BIT_MAX_BATCH,
         "row_kernel_max_vectors_in_this_run": gemv4bit.ROW_KERNEL_MAX_VECTORS, "errors": [], "rows": []}
-    stage = stage_runner("nf4_batch", result)
+    stage = stage_runner(args.name, result)
     for b in args.sizes:
         row = stage(f"batch {b}", batch_row, models, b)
         if row:
             result["rows"].append(row)
-        save_result("nf4_batch", result)
+        save_result(args.name, result)
 
 
 if __name__ == "__main__":

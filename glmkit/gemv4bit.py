@@ -68,7 +68,7 @@ if triton is not None:  # optional: Triton (Linux x86-64) builds the kernels; gl
     from glmkit.gemv import swiglu_as_pytorch
 
 __all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_multi", "gemv_4bit_swiglu", "linear_4bit",
-           "tensor_cores", "check_pair_lookup", "ROW_KERNEL_MAX_VECTORS",
+           "tensor_cores", "kernel_for_rows", "check_mma", "check_pair_lookup", "ROW_KERNEL_MAX_VECTORS",
            "pick_config_4bit", "config_for", "kernel_for", "check_lookup", "lookup_for", "tuned_lookups", "pair_table",
            "LOOKUP", "LOOKUPS", "triton_available", "is_4bit",
            "unsupported_quantization"]
@@ -857,6 +857,23 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
                         BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                         EVEN_K=k % cfg.block_k == 0, BATCH_AXIS=batch_axis, num_warps=cfg.num_warps)
     return y
+
+
+def kernel_for_rows(device: torch.device | str, rows: int) -> str:
+    """Which of glmkit's 4-bit kernels multiplies ``rows`` bf16/fp16 tokens by a weight of bitsandbytes' default
+    blocksize on ``device`` (what ``gemv_4bit`` picks with no launch shape or lookup asked for): ``"per row"``,
+    ``"CUDA, tensor cores"`` (``glmkit.gemv4bit_mma``: 2-8 rows on a GPU of compute capability 8.0+) or ``"Triton,
+    tensor cores"``. ``notebooks/04_quantization.ipynb`` shows it per batch size.
+
+    >>> kernel_for_rows("cpu", 1)
+    'per row'
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and os.environ.get("GLMKIT_4BIT_KERNEL", "mma") == "mma" and \
+            torch.cuda.get_device_capability(device) >= (8, 0) and \
+            gemv4bit_mma.MIN_VECTORS <= rows <= gemv4bit_mma.MAX_VECTORS and check_mma(device):
+        return "CUDA, tensor cores"
+    return "Triton, tensor cores" if rows > ROW_KERNEL_MAX_VECTORS and tensor_cores(device) else "per row"
 
 
 def tensor_cores(device: torch.device | str) -> bool:

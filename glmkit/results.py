@@ -29,6 +29,7 @@ from glmkit.allreduce import PER_TOKEN
 from glmkit.device_map import split_layers
 from glmkit.fast_decode import FOUR_BIT_MAX_BATCH
 from glmkit.gemv4bit import ROW_KERNEL_MAX_VECTORS
+from glmkit.gemv4bit_mma import MAX_VECTORS as MMA_MAX_VECTORS
 from glmkit.models import glm4_9b_meta_model
 from glmkit.planning import plan_memory
 from glmkit.tables import html_table, text_table
@@ -2074,8 +2075,9 @@ def nf4_batch_sentence() -> Text:
         both = [x for x in rows if "nf4_rows" in x and "nf4_tensor_cores" in x]
         overtakes = next((x["batch"] for x in both if x["nf4_tensor_cores"] > x["nf4_rows"]), None)
         if overtakes is not None:
-            text += (f" The tensor-core kernel is faster from batch {overtakes}: `FastDecoder` runs the per-row kernel "
-                     f"up to {ROW_KERNEL_MAX_VECTORS} rows (`ROW_KERNEL_MAX_VECTORS`) and the tensor-core kernel above.")
+            text += (f" The tensor-core kernel is faster from batch {overtakes}: the per-row kernel runs up to "
+                     f"{ROW_KERNEL_MAX_VECTORS} rows (`ROW_KERNEL_MAX_VECTORS`) and the tensor-core kernel above (on "
+                     f"GPUs where glmkit's CUDA kernel runs, 2-{MMA_MAX_VECTORS} rows take that instead: next).")
         if rows and all(x["glmkit_over_bitsandbytes"] > 1 for x in rows):
             text += (f" glmkit's kernels are faster than bitsandbytes' at every size measured; `FastDecoder` uses them "
                      f"up to {FOUR_BIT_MAX_BATCH} rows (`FOUR_BIT_MAX_BATCH`).")
@@ -2097,6 +2099,59 @@ def nf4_batch_table() -> Table | Text:
     return table(["batch", "nf4, glmkit per row (tok/s)", "nf4, glmkit tensor cores (tok/s)",
                   "nf4, bitsandbytes' (tok/s)", "glmkit's best / bitsandbytes", "bf16 (tok/s)"], rows,
                  caption=f"GLM-4-9B decode by batch size, {measured_on(r)}, `nf4_batch.json`")
+
+
+def _mma_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
+    return [row for row in r.get("rows", []) if all(k in row for k in ("nf4_mma", "bf16"))
+            and ("nf4_rows" in row or "nf4_tensor_cores" in row)]
+
+
+def _triton_best(row: dict[str, Any]) -> float:
+    return max(row.get("nf4_rows", 0.0), row.get("nf4_tensor_cores", 0.0))
+
+
+def nf4_mma_sentence() -> Text:
+    """2-8 rows of a 4-bit model through glmkit's CUDA tensor-core kernel (``glmkit.gemv4bit_mma``) against the Triton
+    kernels and bf16, decoding in one run (``nf4_batch_mma.json``), and per projection (``nf4_mma.json``)."""
+    def render(r: dict[str, Any]) -> str:
+        rows = _mma_rows(r)
+        per = "; ".join(f"batch {x['batch']}: {x['nf4_mma']:.0f} tok/s against {_triton_best(x):.0f} "
+                        f"({x['nf4_mma'] / _triton_best(x):.2f}x; bf16 {x['bf16']:.0f})" for x in rows)
+        text = (f"On GPUs of compute capability 8.0+, 2 to {MMA_MAX_VECTORS} rows of a 4-bit model take a CUDA kernel "
+                f"(`glmkit.gemv4bit_mma`, compiled at run time by NVRTC) that looks each packed byte up once, into a "
+                f"register of a tensor-core operand, for all rows; GLM-4-9B in nf4 on {measured_on(r)} "
+                f"(`nf4_batch_mma.json`, one run, tok/s summed over the batch) against the Triton kernels' best: "
+                f"{per}.")
+        if rows and all(x["nf4_mma"] > x["bf16"] for x in rows):
+            text += (" From 2 rows, nf4 now decodes faster than bf16 "
+                     f"({min(x['nf4_mma'] / x['bf16'] for x in rows):.2f}-"
+                     f"{max(x['nf4_mma'] / x['bf16'] for x in rows):.2f}x).")
+        proj = load("nf4_mma")
+        if proj:
+            ratios = {x["vectors"]: [] for x in proj["projections"]}
+            for x in proj["projections"]:
+                ratios[x["vectors"]].append(x["mma_over_triton"])
+            many = [v for k, vs in ratios.items() if k > 1 for v in vs]
+            text += (f" Per projection (`nf4_mma.json`, same card): {min(many):.2f}-{max(many):.2f}x the Triton "
+                     f"kernels at 2-8 vectors, but {min(ratios[1]):.2f}-{max(ratios[1]):.2f}x at one vector, where "
+                     f"its warps wait on their lookups' and products' latency (the file's Nsight Compute profile): "
+                     f"batch 1 stays on the Triton kernel.")
+        return text
+    return from_result("nf4_batch_mma", render, what="4-bit decoding of 2-8 rows on the tensor cores",
+                       script="benchmarks/nf4_batch.py --sizes 1 2 4 8 16 --name nf4_batch_mma")
+
+
+def nf4_mma_table() -> Table | Text:
+    """``nf4_batch_mma.json`` as a table: tok/s per batch size, the CUDA kernel against the Triton kernels and bf16."""
+    r = load("nf4_batch_mma")
+    if r is None or not _mma_rows(r):
+        return Text("4-bit decoding of 2-8 rows on the tensor cores: not measured yet (run benchmarks/nf4_batch.py "
+                    "--sizes 1 2 4 8 16 --name nf4_batch_mma on a GPU).")
+    rows = [[x["batch"], f"{x['nf4_mma']:.1f}", f"{_triton_best(x):.1f}", f"{x['nf4_mma'] / _triton_best(x):.2f}x",
+             f"{x['bf16']:.1f}", f"{x['nf4_mma'] / x['bf16']:.2f}x"] for x in _mma_rows(r)]
+    return table(["batch", "nf4, CUDA kernel (tok/s)", "nf4, Triton kernels' best (tok/s)", "CUDA / Triton",
+                  "bf16 (tok/s)", "nf4 CUDA / bf16"], rows,
+                 caption=f"GLM-4-9B decode of 2-8 rows, {measured_on(r)}, `nf4_batch_mma.json`")
 
 
 def _grouped_bars(groups: dict[str, dict[str, float]], *, ylabel: str, title: str,
@@ -2249,6 +2304,7 @@ def readme_measured_section() -> str:
                "**glmkit's 4-bit kernel**: " + nf4_kernel_sentence(),
                "**What holds 4-bit back**: " + nf4_limits_sentence(),
                "**4-bit by batch size**: " + nf4_batch_sentence(),
+               "**4-bit, 2-8 rows on the tensor cores**: " + nf4_mma_sentence(),
                "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
                "**Fewer kernels per step**: " + str(fusion_sentence()) + " " + pdl_sentence() + " "
                + str(attention_tile_sentence()),

@@ -8,7 +8,7 @@ import nbformat
 import pytest
 
 import glmkit.bench
-from glmkit import results
+from glmkit import gemv4bit_mma, results
 from glmkit.cards import decision_table, speed_ceiling
 from glmkit.fast_decode import FOUR_BIT_MAX_BATCH
 from glmkit.gemv4bit import ROW_KERNEL_MAX_VECTORS
@@ -263,6 +263,19 @@ def test_rendered_sentences_match_the_committed_files():
     assert f"faster from batch {overtakes}" in batch and ROW_KERNEL_MAX_VECTORS == overtakes - 1
     faster = [r["batch"] for r in rows if r["glmkit_over_bitsandbytes"] > 1.02]
     assert faster == [r["batch"] for r in rows] and FOUR_BIT_MAX_BATCH >= max(faster)
+    # 2-8 rows through the CUDA tensor-core kernel: each batch size's figures, and the dispatch follows them (the
+    # kernel from the smallest batch where it beat the Triton kernels per projection, never at one vector)
+    mma, mma_rows = results.nf4_mma_sentence(), [r for r in results.load("nf4_batch_mma")["rows"] if "nf4_mma" in r]
+    for row in mma_rows:
+        triton = max(row.get("nf4_rows", 0.0), row.get("nf4_tensor_cores", 0.0))
+        assert f"batch {row['batch']}: {row['nf4_mma']:.0f} tok/s against {triton:.0f}" in mma
+        assert row["nf4_mma"] > triton and row["nf4_mma"] > row["bf16"]
+    assert len(results.nf4_mma_table().rows) == len(mma_rows) and "faster than bf16" in mma
+    projections = results.load("nf4_mma")["projections"]
+    one = [p["mma_over_triton"] for p in projections if p["vectors"] == 1]
+    several = {p["vectors"] for p in projections if p["vectors"] > 1 and p["mma_over_triton"] > 1.2}
+    assert f"{min(one):.2f}-{max(one):.2f}x at one vector" in mma and min(one) < 1.0
+    assert gemv4bit_mma.MIN_VECTORS == min(several) == 2 and max(several) <= gemv4bit_mma.MAX_VECTORS
     split = results.two_gpu_fast_sentence()
     assert "batch 16: out of memory on the split" in split and "fits batch 1 at most on two 12 GiB cards" in split
     assert "one-GPU proxy" in results.two_gpu_fast_sentence("two_gpu_fast_proxy")
