@@ -131,7 +131,7 @@ def check_mma() -> None:
     """2-8 vectors through the CUDA tensor-core kernel (``glmkit.gemv4bit_mma``, what ``gemv_4bit`` runs there)
     against float64 on the fp32-dequantized weights and against the Triton kernels: nf4/fp4, with and without double
     quantization, bf16/fp16, one weight, q/k/v with a bias and SwiGLU at GLM-4-9B's widths."""
-    print("4-bit CUDA kernel checked against Triton on this GPU:", gemv4bit.check_mma("cuda"), flush=True)
+    print("4-bit CUDA kernel passed its first-run check on this GPU:", gemv4bit.check_mma("cuda"), flush=True)
     g = torch.Generator("cuda").manual_seed(0)
     worst, worst_triton, launches = 0.0, 0.0, 0
     try:

@@ -144,7 +144,8 @@ class Packed4bit(NamedTuple):
             state = copy.copy(state)  # bitsandbytes may repack the module's state later (CPU): keep these tensors
         packed = cls.from_state(data, state)
         check_lookup(packed.device)  # once per GPU, before a decoder compiles its layers around the kernels
-        check_mma(packed.device)
+        if packed.dtype in (torch.bfloat16, torch.float16):
+            check_mma(packed.device, packed.dtype)
         tuned_lookups()  # and the tables' lookups read, before any CUDA graph is captured
         return packed
 
@@ -660,15 +661,16 @@ def check_lookup(device: torch.device | str) -> str:
     return LOOKUP
 
 
-_MMA_CHECKED: dict[torch.device, bool] = {}
+_MMA_CHECKED: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 
-def check_mma(device: torch.device | str) -> bool:
-    """Whether the tensor-core CUDA kernel (``glmkit.gemv4bit_mma``) runs on ``device``: the first time in a process
-    (not inside a compiled function or a CUDA graph capture: the decoders call it first, from ``Packed4bit.from_bnb``)
-    it is compiled and checked against the Triton kernel on small weights (bf16 and fp16, fp32 and double-quantized
-    scales, q/k/v with a bias, SwiGLU, 2, 5 and 8 vectors); an error or a disagreement turns it off for the process,
-    with a warning that says why, and the Triton kernels run instead.
+def check_mma(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the tensor-core CUDA kernel (``glmkit.gemv4bit_mma``) runs on ``device`` for tokens of ``dtype``: the
+    first time in a process (not inside a compiled function or a CUDA graph capture: the decoders call it first, from
+    ``Packed4bit.from_bnb``) it is compiled and checked against ``dequantize`` + ``F.linear`` on small weights (fp32
+    and double-quantized scales, q/k/v with a bias, one weight, SwiGLU, 2 and 8 vectors; on an H200 6.7 s for the
+    first dtype in a process, 1.8 s for the second); an error or a disagreement turns it off for the process, with a
+    warning that says why, and the Triton kernels run instead.
 
     >>> check_mma("cpu")
     False
@@ -678,41 +680,47 @@ def check_mma(device: torch.device | str) -> bool:
         return False
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    if device in _MMA_CHECKED:
-        return _MMA_CHECKED[device]
+    key = (device, dtype)
+    if key in _MMA_CHECKED:
+        return _MMA_CHECKED[key]
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
         return True  # checked before: from_bnb and the decoders' warm-up steps run eagerly first
-    _MMA_CHECKED[device] = True
+    _MMA_CHECKED[key] = True
     try:
-        why = _mma_disagreement(device)
+        why = _mma_disagreement(device, dtype)
     except Exception as exc:  # NVRTC missing or failing, a launch error: the Triton kernels still run
         why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
     if why:
-        _MMA_CHECKED[device] = False
+        _MMA_CHECKED[key] = False
         gemv4bit_mma.disable(device, why)
-    return _MMA_CHECKED[device]
+    return _MMA_CHECKED[key]
 
 
-def _mma_disagreement(device: torch.device) -> str | None:
-    """What the tensor-core kernel gets wrong against the Triton kernel on small weights, or None."""
+def _mma_disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
+    """What the tensor-core kernel gets wrong on small weights against ``dequantize`` + ``F.linear`` in fp32 (no
+    Triton kernel compiled for it), or None."""
     g = torch.Generator(device=device).manual_seed(0)
-    for dtype in (torch.bfloat16, torch.float16):
-        for double_quant in (False, True):
-            ws = tuple(quantize(torch.randn(n, 256, device=device, generator=g) * 0.05, "nf4", double_quant)
-                       for n in (48, 16, 24))
-            bias = torch.randn(88, device=device, generator=g).to(dtype)
-            for vectors in (gemv4bit_mma.MIN_VECTORS, 5, gemv4bit_mma.MAX_VECTORS):
-                x = torch.randn(vectors, 1, 256, device=device, generator=g).to(dtype)
-                for args in ((ws, bias, False), (ws[:1], None, True)):
-                    if not gemv4bit_mma.usable(x, args[0], args[2]):
-                        return None
-                    got = gemv4bit_mma.gemv_4bit_mma(x, *args).float()
-                    want = _launch(x, *args, None, mma=False).float()
-                    if not torch.allclose(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item()):
-                        err = ((got - want).norm() / want.norm()).item()
-                        return (f"its products differ from the Triton kernel's ({dtype}, double quantization "
-                                f"{double_quant}, {vectors} vectors, {'SwiGLU' if args[2] else 'q/k/v'}: relative "
-                                f"error {err:.1e})")
+    for double_quant in (False, True):
+        ws = tuple(quantize(torch.randn(n, 256, device=device, generator=g) * 0.05, "nf4", double_quant)
+                   for n in (48, 16, 24))
+        w32 = torch.cat([w.dequantize(torch.float32) for w in ws])
+        bias = torch.randn(88, device=device, generator=g).to(dtype)
+        for vectors in (gemv4bit_mma.MIN_VECTORS, gemv4bit_mma.MAX_VECTORS):
+            x = torch.randn(vectors, 1, 256, device=device, generator=g).to(dtype)
+            for args in ((ws, bias, False), (ws[:1], None, False), (ws[:1], None, True)):
+                if not gemv4bit_mma.usable(x, args[0], args[2]):
+                    return None
+                got = gemv4bit_mma.gemv_4bit_mma(x, *args).float()
+                want = F.linear(x.float(), w32[:sum(w.shape[0] for w in args[0])],
+                                None if args[1] is None else args[1].float())
+                if args[2]:
+                    gate, up = want.chunk(2, dim=-1)
+                    want = up * F.silu(gate)
+                if not torch.allclose(got, want, rtol=3e-2, atol=3e-2 * want.abs().max().item()):
+                    err = ((got - want).norm() / want.norm()).item()
+                    return (f"its products differ from dequantize + F.linear ({dtype}, double quantization "
+                            f"{double_quant}, {vectors} vectors, {len(args[0])} weight(s), SwiGLU {args[2]}: "
+                            f"relative error {err:.1e})")
     return None
 
 
@@ -822,7 +830,7 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     _check(x, ws, swiglu)
     w = ws[0]
     if mma and config is None and lookup is None and batch_axis is None and gemv4bit_mma.usable(x, ws, swiglu) and \
-            check_mma(x.device):
+            check_mma(x.device, x.dtype):
         return gemv4bit_mma.gemv_4bit_mma(x, ws, bias, swiglu)
     if lookup is None:
         lookup = lookup_for(ws, swiglu) if config is None else check_lookup(x.device)

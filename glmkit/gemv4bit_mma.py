@@ -47,9 +47,10 @@ __all__ = ["gemv_4bit_mma", "usable", "MAX_VECTORS", "WARPS", "UNROLL", "source"
 
 MAX_VECTORS = 8  # the operand's 8 columns: vector v is column v
 # From 2 vectors: on an H200 (benchmarks/results/nf4_mma.json) this kernel multiplies 2-8 vectors by GLM-4-9B's
-# projections 1.4-2.0x faster than the Triton kernels, but one vector no faster (0.88-1.06x): Nsight Compute finds
-# its warps waiting on their lookups' and products' latency (0.42 instructions a cycle per scheduler, L1/TEX 60% and
-# DRAM 34% busy; the 32 KiB table a program limits the warps an SM holds). Batch 1 stays with the Triton kernel.
+# projections 1.4-2.0x faster than the Triton kernels, but one vector no faster (0.88-1.06x): on gate_up Nsight
+# Compute (nf4_mma_ncu.json) finds DRAM 34% busy and each warp waiting mostly on its loads from memory (5.2 cycles
+# per issued instruction), with 21 warps an SM and 0.38 instructions a cycle per scheduler. Batch 1 stays with the
+# Triton kernel.
 MIN_VECTORS = 2
 # The launch shape, the fastest of 6 timed at 2-8 vectors on an H200 (nf4_mma.json): WARPS warps a program, each
 # taking every WARPS-th 64-weight chunk of the row, UNROLL chunks loaded at a time while the ones before are summed,

@@ -2133,9 +2133,16 @@ def nf4_mma_sentence() -> Text:
                 ratios[x["vectors"]].append(x["mma_over_triton"])
             many = [v for k, vs in ratios.items() if k > 1 for v in vs]
             text += (f" Per projection (`nf4_mma.json`, same card): {min(many):.2f}-{max(many):.2f}x the Triton "
-                     f"kernels at 2-8 vectors, but {min(ratios[1]):.2f}-{max(ratios[1]):.2f}x at one vector, where "
-                     f"its warps wait on their lookups' and products' latency (the file's Nsight Compute profile): "
-                     f"batch 1 stays on the Triton kernel.")
+                     f"kernels at 2-8 vectors, but {min(ratios[1]):.2f}-{max(ratios[1]):.2f}x at one vector: batch 1 "
+                     f"stays on the Triton kernel.")
+        ncu = load("nf4_mma_ncu")
+        if ncu:
+            one = next(x for x in ncu["rows"] if x["vectors"] == 1)
+            stalls = one["stalls per issued instruction"]
+            text += (f" At one vector its gate_up keeps DRAM {one['DRAM Throughput %']:.0f}% busy, and its warps "
+                     f"({one['Achieved Active Warps Per SM warp']:.0f} an SM) wait mostly on their loads from memory "
+                     f"({stalls['long_scoreboard']:.1f} cycles per issued instruction; Nsight Compute, "
+                     f"`nf4_mma_ncu.json`).")
         return text
     return from_result("nf4_batch_mma", render, what="4-bit decoding of 2-8 rows on the tensor cores",
                        script="benchmarks/nf4_batch.py --sizes 1 2 4 8 16 --name nf4_batch_mma")

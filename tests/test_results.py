@@ -276,6 +276,10 @@ def test_rendered_sentences_match_the_committed_files():
     several = {p["vectors"] for p in projections if p["vectors"] > 1 and p["mma_over_triton"] > 1.2}
     assert f"{min(one):.2f}-{max(one):.2f}x at one vector" in mma and min(one) < 1.0
     assert gemv4bit_mma.MIN_VECTORS == min(several) == 2 and max(several) <= gemv4bit_mma.MAX_VECTORS
+    ncu = next(r for r in results.load("nf4_mma_ncu")["rows"] if r["vectors"] == 1)
+    stalls = ncu["stalls per issued instruction"]
+    assert f"keeps DRAM {ncu['DRAM Throughput %']:.0f}% busy" in mma and max(stalls, key=stalls.get) == "long_scoreboard"
+    assert f"({stalls['long_scoreboard']:.1f} cycles per issued instruction" in mma
     split = results.two_gpu_fast_sentence()
     assert "batch 16: out of memory on the split" in split and "fits batch 1 at most on two 12 GiB cards" in split
     assert "one-GPU proxy" in results.two_gpu_fast_sentence("two_gpu_fast_proxy")
