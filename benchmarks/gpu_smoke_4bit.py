@@ -158,8 +158,9 @@ def check_mma() -> None:
                             worst = max(worst, ((y - ref).norm() / ref.norm()).item())
                             worst_triton = max(worst_triton, ((tri - ref).norm() / ref.norm()).item())
                             launches += 1
-        print(f"4-bit CUDA kernel: largest rel err vs float64 over {launches} launches {worst:.2e} (Triton's: "
-              f"{worst_triton:.2e})", flush=True)
+        verdict = "OK" if worst < 1e-2 and worst < 2 * worst_triton else "FAILED (above 1e-2 or twice Triton's)"
+        print(f"4-bit CUDA kernel {verdict}: largest rel err vs float64 over {launches} launches {worst:.2e} "
+              f"(Triton's: {worst_triton:.2e})", flush=True)
     except Exception as exc:
         print("4-bit CUDA kernel FAILED", type(exc).__name__, str(exc)[:500], flush=True)
 

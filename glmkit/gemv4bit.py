@@ -274,7 +274,8 @@ LOOKUPS = ("shuffle", "load", "pair")
 # looks each weight up once for all of them and multiplies on the tensor cores (``_tc4_kernel``). The looked-up
 # values are rounded to x's 16-bit type before the product (the scale is applied per block in fp32), as
 # bitsandbytes' dequantize rounds each weight; the per-row kernel multiplies them in fp32, so a sequence's logits
-# can differ slightly between a step of one or two rows and a larger one. The per-row kernel is faster up to 2 rows
+# can differ slightly between a step of one row and a larger one (2-8 rows on GPUs: glmkit.gemv4bit_mma, which
+# rounds them the same way). The per-row kernel is faster up to 2 rows
 # on an H200 (benchmarks/results/nf4_batch.json); the shape below: the best of 21 on GLM-4-9B's projections at 4
 # and 16 vectors (benchmarks/results/nf4_tc_probe.json)
 ROW_KERNEL_MAX_VECTORS = 2
@@ -687,8 +688,9 @@ def check_mma(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -
         return True  # checked before: from_bnb and the decoders' warm-up steps run eagerly first
     _MMA_CHECKED[key] = True
     try:
-        why = _mma_disagreement(device, dtype)
-    except Exception as exc:  # NVRTC missing or failing, a launch error: the Triton kernels still run
+        with torch.cuda.device(device):
+            why = _mma_disagreement(device, dtype)
+    except Exception as exc:  # NVRTC missing or failing, an error the launch reports: the Triton kernels take over
         why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
     if why:
         _MMA_CHECKED[key] = False
@@ -700,15 +702,16 @@ def _mma_disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
     """What the tensor-core kernel gets wrong on small weights against ``dequantize`` + ``F.linear`` in fp32 (no
     Triton kernel compiled for it), or None."""
     g = torch.Generator(device=device).manual_seed(0)
+    k = 64 * 43  # 43 blocks a row: each warp sums whole stages, then a last one partly past its chunks
     for double_quant in (False, True):
-        ws = tuple(quantize(torch.randn(n, 256, device=device, generator=g) * 0.05, "nf4", double_quant)
+        ws = tuple(quantize(torch.randn(n, k, device=device, generator=g) * 0.05, "nf4", double_quant)
                    for n in (48, 16, 24))
         w32 = torch.cat([w.dequantize(torch.float32) for w in ws])
         bias = torch.randn(88, device=device, generator=g).to(dtype)
         for vectors in (gemv4bit_mma.MIN_VECTORS, gemv4bit_mma.MAX_VECTORS):
-            x = torch.randn(vectors, 1, 256, device=device, generator=g).to(dtype)
+            x = torch.randn(vectors, 1, k, device=device, generator=g).to(dtype)
             for args in ((ws, bias, False), (ws[:1], None, False), (ws[:1], None, True)):
-                if not gemv4bit_mma.usable(x, args[0], args[2]):
+                if not gemv4bit_mma.usable(x, args[0], args[2], env=False):
                     return None
                 got = gemv4bit_mma.gemv_4bit_mma(x, *args).float()
                 want = F.linear(x.float(), w32[:sum(w.shape[0] for w in args[0])],
@@ -867,19 +870,19 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     return y
 
 
-def kernel_for_rows(device: torch.device | str, rows: int) -> str:
-    """Which of glmkit's 4-bit kernels multiplies ``rows`` bf16/fp16 tokens by a weight of bitsandbytes' default
-    blocksize on ``device`` (what ``gemv_4bit`` picks with no launch shape or lookup asked for): ``"per row"``,
-    ``"CUDA, tensor cores"`` (``glmkit.gemv4bit_mma``: 2-8 rows on a GPU of compute capability 8.0+) or ``"Triton,
-    tensor cores"``. ``notebooks/04_quantization.ipynb`` shows it per batch size.
+def kernel_for_rows(device: torch.device | str, rows: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Which of glmkit's 4-bit kernels multiplies ``rows`` tokens of ``dtype`` (bf16/fp16) by a weight of
+    bitsandbytes' default blocksize on ``device`` (what ``gemv_4bit`` picks with no launch shape or lookup asked
+    for): ``"per row"``, ``"CUDA, tensor cores"`` (``glmkit.gemv4bit_mma``: 2-8 rows on a GPU of compute capability
+    8.0+) or ``"Triton, tensor cores"``. ``notebooks/04_quantization.ipynb`` shows it per batch size.
 
     >>> kernel_for_rows("cpu", 1)
     'per row'
     """
     device = torch.device(device)
-    if device.type == "cuda" and os.environ.get("GLMKIT_4BIT_KERNEL", "mma") == "mma" and \
+    if device.type == "cuda" and os.environ.get("GLMKIT_4BIT_KERNEL") != "triton" and not torch.version.hip and \
             torch.cuda.get_device_capability(device) >= (8, 0) and \
-            gemv4bit_mma.MIN_VECTORS <= rows <= gemv4bit_mma.MAX_VECTORS and check_mma(device):
+            gemv4bit_mma.MIN_VECTORS <= rows <= gemv4bit_mma.MAX_VECTORS and check_mma(device, dtype):
         return "CUDA, tensor cores"
     return "Triton, tensor cores" if rows > ROW_KERNEL_MAX_VECTORS and tensor_cores(device) else "per row"
 

@@ -15,16 +15,17 @@ each byte up once for all tokens, straight into a tensor-core operand:
   program).
 
 On an H200 it multiplies 2-8 vectors by GLM-4-9B's projections 1.4-2.0x faster than the Triton kernels, and GLM-4-9B
-in nf4 decodes 2-8 sequences faster with it (``benchmarks/results/nf4_mma.json``, ``nf4_batch.json``); one vector
+in nf4 decodes 2-8 sequences faster with it (``benchmarks/results/nf4_mma.json``, ``nf4_batch_mma.json``); one vector
 it multiplies no faster (``MIN_VECTORS``). Each weight is rounded to x's 16-bit type before the product (the scale
 is applied to each block's sum in fp32), as the Triton tensor-core kernel does. bitsandbytes' layout is read as it
 is (see ``glmkit.gemv4bit``): no repacking, no second copy.
 
 Runs on NVIDIA GPUs of compute capability 8.0+ with x in bf16 or fp16 and bitsandbytes' default blocksize (64):
 ``usable`` says when. ``glmkit.gemv4bit`` calls it for those and keeps its Triton kernels for the rest (and for
-Triton's CPU interpreter, where the tests run): this kernel runs on a GPU only, checked there against the Triton
-kernel the first time it runs (``glmkit.gemv4bit.check_mma``; ``benchmarks/gpu_smoke_4bit.py``).
-``GLMKIT_4BIT_KERNEL=triton`` turns it off. Notebook ``04_quantization.ipynb`` shows its speed.
+Triton's CPU interpreter, where the tests run): this kernel runs on a GPU only, checked there against
+``dequantize`` + ``F.linear`` the first time it runs (``glmkit.gemv4bit.check_mma``;
+``benchmarks/gpu_smoke_4bit.py`` checks it against float64 and the Triton kernels). ``GLMKIT_4BIT_KERNEL=triton``
+turns it off. Notebook ``04_quantization.ipynb`` shows its speed.
 
 >>> import torch
 >>> from glmkit.gemv4bit import quantize
@@ -37,13 +38,15 @@ kernel the first time it runs (``glmkit.gemv4bit.check_mma``; ``benchmarks/gpu_s
 
 from __future__ import annotations
 
+import ctypes
 import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["gemv_4bit_mma", "usable", "MAX_VECTORS", "WARPS", "UNROLL", "source"]
+__all__ = ["gemv_4bit_mma", "usable", "compile_cubin", "source", "MIN_VECTORS", "MAX_VECTORS"]
 
 MAX_VECTORS = 8  # the operand's 8 columns: vector v is column v
 # From 2 vectors: on an H200 (benchmarks/results/nf4_mma.json) this kernel multiplies 2-8 vectors by GLM-4-9B's
@@ -59,6 +62,7 @@ MIN_VECTORS = 2
 WARPS = 8
 UNROLL, MIN_BLOCKS = 2, 2
 UNROLL_SWIGLU, MIN_BLOCKS_SWIGLU = 1, 3
+NAME = "glmkit_gemv4_mma"  # the kernel's name in its source
 ROWS = 16  # weight rows per program: the operand's 16 rows
 TABLE_BYTES = 256 * 32 * 4  # 256 pairs, one copy per lane; then the warps' sums (WARPS <= 16)
 SHARED_LIMIT = 48 * 1024  # shared memory a program may take without asking the driver for more
@@ -109,6 +113,8 @@ struct Weight {
 
 extern __shared__ __align__(16) u32 smem[];  /* the lookup table (TABLE words), then this program's scales */
 #define TABLE (256 * 32)
+static_assert(WARPS >= 4, "the sums are gathered by the first 128 threads");
+static_assert(WARPS * 32 * NACC <= TABLE, "the warps' sums are gathered in the table's place");
 
 /* the pair of 16-bit values of byte i (0-7) of a lane's 8 bytes, from the lane's copy of the table (at shared
    address lane_table + 128 byte): a byte permute extracts the byte, one multiply-add forms the address */
@@ -116,7 +122,8 @@ __device__ __forceinline__ u32 pair_of(u32 lane_table, uint2 w, int i) {
     const u32 word = i < 4 ? w.x : w.y;
     u32 v, byte;
     asm("prmt.b32 %0, %1, 0, %2;" : "=r"(byte) : "r"(word), "r"(0x4440 + (i & 3)));
-    asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(byte * 128u + lane_table));
+    /* volatile: kept between the barriers that bracket the table's life (it is written, then reused for the sums) */
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(byte * 128u + lane_table));
     return v;
 }
 
@@ -273,8 +280,10 @@ glmkit_gemv4_mma(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
     __syncthreads();
     if (threadIdx.x < 128) {
         const int l = threadIdx.x & 31, e = threadIdx.x >> 5;
-        float sum = 0.0f, up = 0.0f;
-        (void)up;
+        float sum = 0.0f;
+#if SWIGLU
+        float up = 0.0f;
+#endif
         for (int v = 0; v < WARPS; ++v) {
             sum += red[(v * 32 + l) * NACC + e];
 #if SWIGLU
@@ -313,12 +322,75 @@ def _options(bf16: bool, nested: bool, swiglu: bool, bias: bool, segments: int, 
     return [f"-D{k}={v}" for k, v in flags.items()] + ["-std=c++17"]
 
 
+def _nvrtc() -> ctypes.CDLL:
+    """NVRTC: the library PyTorch's CUDA build loads, else an nvidia-cuda-nvrtc wheel's (the tests on a CPU)."""
+    if torch.version.cuda:
+        try:
+            from torch.cuda._utils import _get_nvrtc_library
+
+            return _get_nvrtc_library()
+        except (ImportError, OSError):
+            pass
+    try:
+        import nvidia  # the namespace of NVIDIA's CUDA wheels
+    except ImportError:
+        raise OSError("NVRTC not found: install PyTorch's CUDA build, or the nvidia-cuda-nvrtc wheel.") from None
+    for folder in nvidia.__path__:
+        for lib in sorted(Path(folder).glob("cu*/lib/libnvrtc.so*")) + sorted(Path(folder).glob("*nvrtc/lib/libnvrtc.so*")):
+            return ctypes.CDLL(str(lib))
+    raise OSError("NVRTC not found: install PyTorch's CUDA build, or the nvidia-cuda-nvrtc wheel.")
+
+
+def compile_cubin(options: list[str], arch: str) -> bytes:
+    """The kernel built by NVRTC for ``arch`` (``"sm_90"``) with ``options`` (``_options``): its cubin. Needs no CUDA
+    toolkit (the kernel includes no header); ``tests/test_gemv4bit_mma.py`` builds it for sm_90 on a CPU.
+
+    >>> compile_cubin(_options(True, False, False, False, 1, 256), "sm_90")[:4]  # an ELF file
+    b'\x7fELF'
+    """
+    lib = _nvrtc()
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), _SOURCE.encode(), f"{NAME}.cu".encode(), 0, None, None):
+        raise RuntimeError("NVRTC could not create the program.")
+    try:
+        opts = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in options)]
+        failed = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+        size = ctypes.c_size_t()
+        if failed:
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            log = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, log)
+            raise RuntimeError(f"NVRTC could not compile glmkit's 4-bit kernel:\n{log.value.decode()}")
+        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+        cubin = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetCUBIN(prog, cubin)
+        return cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
 def _kernel(device: torch.device, options: list[str]) -> Any:
     key = (device.index, *options)
     if key not in _KERNELS:
         with torch.cuda.device(device):
-            _KERNELS[key] = torch.cuda._compile_kernel(_SOURCE, "glmkit_gemv4_mma", nvcc_options=options)
+            try:
+                kernel = torch.cuda._compile_kernel(_SOURCE, NAME, nvcc_options=options)
+            except OSError:  # torch asks for a CUDA toolkit's headers (CUDA_HOME); this kernel includes none
+                from torch.cuda._utils import _cuda_load_module
+
+                major, minor = torch.cuda.get_device_capability(device)
+                loaded = _cuda_load_module(compile_cubin(options, f"sm_{major}{minor}"), [NAME])
+                kernel = loaded[NAME] if isinstance(loaded, dict) else getattr(loaded, NAME)
+            _KERNELS[key] = kernel
     return _KERNELS[key]
+
+
+def _run(device: torch.device, options: list[str], grid: tuple[int, int, int], block: tuple[int, int, int],
+         args: list[Any], shared: int) -> None:
+    """Compile (once) and launch the kernel with ``device`` current: the launch goes to the current device's context
+    and stream, and another GPU's tensors need theirs."""
+    with torch.cuda.device(device):
+        _kernel(device, options)(grid, block, args, shared_mem=shared)
 
 
 def _shared_bytes(k: int, swiglu: bool) -> int:
@@ -326,16 +398,17 @@ def _shared_bytes(k: int, swiglu: bool) -> int:
     return TABLE_BYTES + (32 if swiglu else 16) * ((k // 64) | 1) * 4
 
 
-def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False) -> bool:
-    """Whether ``glmkit.gemv4bit`` multiplies ``x`` by these ``Packed4bit`` weights with this kernel: a CUDA GPU of
+def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: bool = True) -> bool:
+    """Whether ``glmkit.gemv4bit`` multiplies ``x`` by these ``Packed4bit`` weights with this kernel: an NVIDIA GPU of
     compute capability 8.0+ where it compiled and its first-run check passed, bf16/fp16 x of ``MIN_VECTORS`` to
-    ``MAX_VECTORS`` vectors, bitsandbytes' default blocksize (64), the program's shared memory within
-    ``SHARED_LIMIT`` (rows of up to 16320 columns; 8128 for gate/up), and ``GLMKIT_4BIT_KERNEL`` not ``triton``.
+    ``MAX_VECTORS`` vectors, bitsandbytes' default blocksize (64) with its bytes 8-byte aligned, the program's shared
+    memory within ``SHARED_LIMIT`` (rows of up to 16320 columns; 8128 for gate/up), and (``env``)
+    ``GLMKIT_4BIT_KERNEL`` not ``triton``.
 
     >>> usable(torch.zeros(1, 64), ())
     False
     """
-    if not x.is_cuda or os.environ.get("GLMKIT_4BIT_KERNEL", "mma") != "mma":
+    if not x.is_cuda or torch.version.hip or (env and os.environ.get("GLMKIT_4BIT_KERNEL") == "triton"):
         return False
     device = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if device in _BROKEN or not hasattr(torch.cuda, "_compile_kernel"):
@@ -343,7 +416,7 @@ def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False) -> bool:
     w = ws[0]
     return (torch.cuda.get_device_capability(x.device) >= (8, 0) and x.dtype in (torch.bfloat16, torch.float16)
             and MIN_VECTORS <= x.numel() // w.shape[1] <= MAX_VECTORS and w.blocksize == 64
-            and _shared_bytes(w.shape[1], swiglu) <= SHARED_LIMIT)
+            and all(v.data.data_ptr() % 8 == 0 for v in ws) and _shared_bytes(w.shape[1], swiglu) <= SHARED_LIMIT)
 
 
 def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
@@ -355,9 +428,11 @@ def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     rows = [v.shape[0] for v in ws]
     n_out = rows[0] // 2 if swiglu else sum(rows)
     vectors = x.numel() // k
-    xf = x.reshape(vectors, k)
-    if not xf.is_contiguous() or xf.data_ptr() % 16:  # read as 16-byte words
-        xf = xf.contiguous().clone()
+    xf = x.reshape(vectors, k).contiguous()
+    if xf.data_ptr() % 16:  # read as 16-byte words
+        xf = xf.clone()
+    if bias is not None:  # read in x's type
+        bias = bias.to(x.dtype).contiguous()
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     args: list[Any] = []
     for v in (*ws, *ws[:1] * (3 - len(ws))):  # unused slots repeat the first (never reached: SEGMENTS)
@@ -366,9 +441,9 @@ def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
                  v.offset if nested else v.code, v.shape[0]]
     tiles = sum(-(-(n // 2 if swiglu else n) // ROWS) for n in rows)
     options = _options(x.dtype == torch.bfloat16, w.nested, swiglu, bias is not None, len(ws), w.nested_blocksize)
-    _kernel(x.device, options)((tiles, 1, 1), (WARPS * 32, 1, 1),
-                               [xf, y, bias if bias is not None else y, w.code, *args, vectors, k // 2,
-                                k // w.blocksize, n_out], shared_mem=_shared_bytes(k, swiglu))
+    _run(x.device, options, (tiles, 1, 1), (WARPS * 32, 1, 1),
+         [xf, y, bias if bias is not None else y, w.code, *args, vectors, k // 2, k // w.blocksize, n_out],
+         _shared_bytes(k, swiglu))
     return y
 
 

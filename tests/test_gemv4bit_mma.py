@@ -4,7 +4,6 @@ only: ``benchmarks/gpu_smoke_4bit.py`` and ``benchmarks/nf4_mma.py`` check its p
 
 from __future__ import annotations
 
-import ctypes
 import re
 import subprocess
 from pathlib import Path
@@ -15,31 +14,8 @@ import torch
 from glmkit import gemv4bit, gemv4bit_mma
 from glmkit.gemv4bit import quantize
 
-
-def _nvrtc() -> ctypes.CDLL:
-    import nvidia  # the dev extra's nvidia-cuda-nvrtc wheel (Linux x86-64)
-
-    lib = next(p for d in nvidia.__path__ for p in sorted(Path(d).glob("cu*/lib/libnvrtc.so*")))
-    return ctypes.CDLL(str(lib))
-
-
-def _compile_sm90(options: list[str]) -> bytes:
-    """The kernel built as the GPU builds it, for sm_90: the cubin, or an AssertionError with NVRTC's log."""
-    lib = _nvrtc()
-    prog = ctypes.c_void_p()
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), gemv4bit_mma.source().encode(), b"k.cu", 0, None, None) == 0
-    opts = [b"--gpu-architecture=sm_90", *(o.encode() for o in options)]
-    result = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
-    size = ctypes.c_size_t()
-    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-    log = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetProgramLog(prog, log)
-    assert result == 0, log.value.decode()
-    lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-    cubin = ctypes.create_string_buffer(size.value)
-    lib.nvrtcGetCUBIN(prog, cubin)
-    lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    return cubin.raw
+pytest.importorskip("bitsandbytes")  # as tests/test_gemv4bit.py: the weights are bitsandbytes' own
+pytest.importorskip("triton")  # its wheel carries cuobjdump; the dev extra installs it and NVRTC on Linux x86-64
 
 
 def _cuobjdump(cubin: bytes, flag: str, tmp_path: Path) -> str:
@@ -59,12 +35,11 @@ def _cuobjdump(cubin: bytes, flag: str, tmp_path: Path) -> str:
     (False, True, False, True, 3),  # fp16
 ])
 def test_compiles_for_sm90_without_spills(bf16, nested, swiglu, bias, segments, tmp_path):
-    cubin = _compile_sm90(gemv4bit_mma._options(bf16, nested, swiglu, bias, segments, 256))
+    """The build a GPU without a CUDA toolkit gets (``compile_cubin``, the kernel's own NVRTC path): it compiles,
+    keeps everything in registers at the programs an SM is to hold, and does what the design says."""
+    cubin = gemv4bit_mma.compile_cubin(gemv4bit_mma._options(bf16, nested, swiglu, bias, segments, 256), "sm_90")
     usage = _cuobjdump(cubin, "-res-usage", tmp_path)
-    regs = int(re.search(r"REG:(\d+)", usage).group(1))
     assert "LOCAL:0" in usage and "STACK:0" in usage, usage  # nothing spilled to memory
-    blocks = gemv4bit_mma.MIN_BLOCKS_SWIGLU if swiglu else gemv4bit_mma.MIN_BLOCKS
-    assert regs <= 65536 // (blocks * 32 * gemv4bit_mma.WARPS), usage  # the programs an SM is to hold fit
     sass = _cuobjdump(cubin, "-sass", tmp_path)
     # the products on the tensor cores in x's type, the lookups from shared memory after a byte permute
     assert re.search(r"HMMA\.16816\.F32" + (r"\.BF16" if bf16 else r"\s"), sass)  # fp16 operands: no suffix
@@ -81,20 +56,21 @@ def test_launch_matches_the_kernels_parameters(swiglu, heights, monkeypatch):
     """What ``gemv_4bit_mma`` hands the kernel: a tensor for every pointer, an int for every int, in order; one
     program per 16 output rows of each weight; the shared memory the program uses."""
     launches = []
-    monkeypatch.setattr(gemv4bit_mma, "_kernel", lambda device, options: lambda *a, **kw: launches.append((a, kw)))
+    monkeypatch.setattr(gemv4bit_mma, "_run", lambda *a: launches.append(a))
     ws = tuple(quantize(torch.randn(h, 128), "nf4", double_quant=True) for h in heights)
     x = torch.randn(3, 1, 128, dtype=torch.bfloat16)
     bias = None if swiglu else torch.zeros(sum(heights), dtype=torch.bfloat16)
     y = gemv4bit_mma.gemv_4bit_mma(x, ws, bias, swiglu)
     assert y.shape == (3, 1, heights[0] // 2 if swiglu else sum(heights)) and y.dtype == x.dtype
-    (grid, block, args), kw = launches[0]
+    device, options, grid, block, args, shared = launches[0]
     params = _params()
     assert len(args) == len(params)
     for arg, param in zip(args, params):
         assert isinstance(arg, torch.Tensor) if "*" in param else isinstance(arg, int), (param, arg)
     tiles = sum(-(-(h // 2 if swiglu else h) // gemv4bit_mma.ROWS) for h in heights)
     assert grid == (tiles, 1, 1) and block == (32 * gemv4bit_mma.WARPS, 1, 1)
-    assert kw["shared_mem"] == gemv4bit_mma._shared_bytes(128, swiglu) <= gemv4bit_mma.SHARED_LIMIT
+    assert shared == gemv4bit_mma._shared_bytes(128, swiglu) <= gemv4bit_mma.SHARED_LIMIT and device == x.device
+    assert f"-DSWIGLU={int(swiglu)}" in options and f"-DSEGMENTS={len(heights)}" in options
     named = dict(zip([p.split()[-1].lstrip("*") for p in params], args))
     assert named["x"].data_ptr() % 16 == 0 and named["vectors"] == 3 and named["bytes_per_row"] == 64
     assert named["y"] is y and named["y_row"] == y.shape[-1]
@@ -112,11 +88,18 @@ def test_options_and_shared_memory():
     assert gemv4bit_mma._shared_bytes(16384, False) > gemv4bit_mma.SHARED_LIMIT  # the Triton kernels take those
 
 
+def test_compile_errors_carry_nvrtcs_log(monkeypatch):
+    monkeypatch.setattr(gemv4bit_mma, "_SOURCE", gemv4bit_mma.source() + "\nthis is not CUDA;\n")
+    with pytest.raises(RuntimeError, match=r"(?s)could not compile glmkit's 4-bit kernel:.*error: expected a"):
+        gemv4bit_mma.compile_cubin(gemv4bit_mma._options(True, False, False, False, 1, 256), "sm_90")
+
+
 def test_cpu_stays_with_triton(monkeypatch):
+    """On a CPU, 2-8 rows go through the Triton kernels (in the interpreter), never the CUDA kernel."""
     w = quantize(torch.randn(32, 128), "nf4")
     x = torch.randn(4, 1, 128, dtype=torch.bfloat16)
     assert not gemv4bit_mma.usable(x, (w,)) and not gemv4bit.check_mma("cpu")
+    assert gemv4bit.kernel_for_rows("cpu", 4) == ("Triton, tensor cores" if gemv4bit.INTERPRETER else "per row")
     monkeypatch.setattr(gemv4bit_mma, "gemv_4bit_mma", lambda *a: pytest.fail("the CUDA kernel ran on a CPU"))
-    if gemv4bit.triton_available():
-        y = gemv4bit._launch(x, (w,), None, False, None, lookup="load")
-        assert torch.allclose(y.float(), x.float() @ w.dequantize(torch.float32).T, atol=5e-2, rtol=2e-2)
+    y = gemv4bit.gemv_4bit(x, w)  # the op, with nothing forced: what a decoder calls
+    assert torch.allclose(y.float(), x.float() @ w.dequantize(torch.float32).T, atol=5e-2, rtol=2e-2)
