@@ -66,7 +66,8 @@ OWN_PREFILL_MAX = 1 << 20  # rows x prompt tokens x cache positions attended up 
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
 # A 4-bit model's steps of up to this many rows run glmkit's 4-bit kernels (``glmkit.gemv4bit``: a program per row
 # up to ROW_KERNEL_MAX_VECTORS rows, above them one lookup per weight for all rows and the products on the tensor
-# cores); larger steps, bitsandbytes' dequantize-then-GEMM (FastDecoder, "auto"). GLM-4-9B nf4 on an H200
+# cores; 2-8 rows on GPUs of compute capability 8.0+, glmkit.gemv4bit_mma's CUDA kernel); larger steps,
+# bitsandbytes' dequantize-then-GEMM (FastDecoder, "auto"). GLM-4-9B nf4 on an H200
 # (benchmarks/results/nf4_batch.json): glmkit's kernels faster than bitsandbytes' at every batch size up to 64
 FOUR_BIT_MAX_BATCH = MAX_VECTORS
 
