@@ -691,16 +691,25 @@ def check_mma(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -
         with torch.cuda.device(device):
             why = _mma_disagreement(device, dtype)
     except Exception as exc:  # NVRTC missing or failing, an error the launch reports: the Triton kernels take over
-        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-    if why:
+        why = _why(exc)
+    if why == _NOT_HERE:  # nothing to check: the kernel does not run here (an old torch, an earlier failure)
+        _MMA_CHECKED[key] = False
+    elif why:
         _MMA_CHECKED[key] = False
         gemv4bit_mma.disable(device, why)
     return _MMA_CHECKED[key]
 
 
+_NOT_HERE = "not usable here"
+
+
+def _why(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+
+
 def _mma_disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
     """What the tensor-core kernel gets wrong on small weights against ``dequantize`` + ``F.linear`` in fp32 (no
-    Triton kernel compiled for it), or None."""
+    Triton kernel compiled for it), ``_NOT_HERE`` where it does not run, or None."""
     g = torch.Generator(device=device).manual_seed(0)
     k = 64 * 43  # 43 blocks a row: each warp sums whole stages, then a last one partly past its chunks
     for double_quant in (False, True):
@@ -712,7 +721,7 @@ def _mma_disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
             x = torch.randn(vectors, 1, k, device=device, generator=g).to(dtype)
             for args in ((ws, bias, False), (ws[:1], None, False), (ws[:1], None, True)):
                 if not gemv4bit_mma.usable(x, args[0], args[2], env=False):
-                    return None
+                    return _NOT_HERE
                 got = gemv4bit_mma.gemv_4bit_mma(x, *args).float()
                 want = F.linear(x.float(), w32[:sum(w.shape[0] for w in args[0])],
                                 None if args[1] is None else args[1].float())
@@ -834,7 +843,12 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     w = ws[0]
     if mma and config is None and lookup is None and batch_axis is None and gemv4bit_mma.usable(x, ws, swiglu) and \
             check_mma(x.device, x.dtype):
-        return gemv4bit_mma.gemv_4bit_mma(x, ws, bias, swiglu)
+        try:  # a layout the first-run check did not build is compiled now (a decoder's warm-up steps, eagerly)
+            return gemv4bit_mma.gemv_4bit_mma(x, ws, bias, swiglu)
+        except Exception as exc:
+            if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+                raise
+            gemv4bit_mma.disable(x.device, _why(exc))  # and the Triton kernels below take over
     if lookup is None:
         lookup = lookup_for(ws, swiglu) if config is None else check_lookup(x.device)
     if lookup == "shuffle" and INTERPRETER:

@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["gemv_4bit_mma", "usable", "compile_cubin", "source", "MIN_VECTORS", "MAX_VECTORS"]
+__all__ = ["gemv_4bit_mma", "usable", "compile_cubin", "nvrtc_found", "source", "MIN_VECTORS", "MAX_VECTORS"]
 
 MAX_VECTORS = 8  # the operand's 8 columns: vector v is column v
 # From 2 vectors: on an H200 (benchmarks/results/nf4_mma.json) this kernel multiplies 2-8 vectors by GLM-4-9B's
@@ -323,8 +323,10 @@ def _options(bf16: bool, nested: bool, swiglu: bool, bias: bool, segments: int, 
 
 
 def _nvrtc() -> ctypes.CDLL:
-    """NVRTC: the library PyTorch's CUDA build loads, else an nvidia-cuda-nvrtc wheel's (the tests on a CPU)."""
-    if torch.version.cuda:
+    """NVRTC: the library PyTorch's CUDA build loads (its CUDA's major version, which the driver runs), else that
+    version's from NVIDIA's wheels; on a CPU build (the tests), an nvidia-cuda-nvrtc wheel's."""
+    major = torch.version.cuda.split(".")[0] if torch.version.cuda else None
+    if major:
         try:
             from torch.cuda._utils import _get_nvrtc_library
 
@@ -335,18 +337,34 @@ def _nvrtc() -> ctypes.CDLL:
         import nvidia  # the namespace of NVIDIA's CUDA wheels
     except ImportError:
         raise OSError("NVRTC not found: install PyTorch's CUDA build, or the nvidia-cuda-nvrtc wheel.") from None
+    patterns = [f"cu{major}/lib/libnvrtc.so.{major}", f"cuda_nvrtc/lib/libnvrtc.so.{major}"] if major else \
+        ["cu*/lib/libnvrtc.so*", "cuda_nvrtc/lib/libnvrtc.so*"]
     for folder in nvidia.__path__:
-        for lib in sorted(Path(folder).glob("cu*/lib/libnvrtc.so*")) + sorted(Path(folder).glob("*nvrtc/lib/libnvrtc.so*")):
-            return ctypes.CDLL(str(lib))
-    raise OSError("NVRTC not found: install PyTorch's CUDA build, or the nvidia-cuda-nvrtc wheel.")
+        for pattern in patterns:
+            for lib in sorted(Path(folder).glob(pattern)):
+                return ctypes.CDLL(str(lib))
+    raise OSError(f"NVRTC {major or ''} not found: install PyTorch's CUDA build, or the nvidia-cuda-nvrtc wheel.")
+
+
+def nvrtc_found() -> bool:
+    """Whether ``compile_cubin`` finds NVRTC here.
+
+    >>> isinstance(nvrtc_found(), bool)
+    True
+    """
+    try:
+        _nvrtc()
+    except OSError:
+        return False
+    return True
 
 
 def compile_cubin(options: list[str], arch: str) -> bytes:
     """The kernel built by NVRTC for ``arch`` (``"sm_90"``) with ``options`` (``_options``): its cubin. Needs no CUDA
     toolkit (the kernel includes no header); ``tests/test_gemv4bit_mma.py`` builds it for sm_90 on a CPU.
 
-    >>> compile_cubin(_options(True, False, False, False, 1, 256), "sm_90")[1:4]  # an ELF file
-    b'ELF'
+    >>> if nvrtc_found():  # PyTorch's CUDA build, or the dev extra's nvidia-cuda-nvrtc wheel
+    ...     assert compile_cubin(_options(True, False, False, False, 1, 256), "sm_90")[1:4] == b"ELF"
     """
     lib = _nvrtc()
     prog = ctypes.c_void_p()
@@ -361,9 +379,11 @@ def compile_cubin(options: list[str], arch: str) -> bytes:
             log = ctypes.create_string_buffer(size.value)
             lib.nvrtcGetProgramLog(prog, log)
             raise RuntimeError(f"NVRTC could not compile glmkit's 4-bit kernel:\n{log.value.decode()}")
-        lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
-        cubin = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetCUBIN(prog, cubin)
+        cubin = ctypes.create_string_buffer(0)
+        if lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)) == 0:
+            cubin = ctypes.create_string_buffer(size.value)
+        if size.value == 0 or lib.nvrtcGetCUBIN(prog, cubin):
+            raise RuntimeError(f"NVRTC compiled glmkit's 4-bit kernel but gave no cubin for {arch}.")
         return cubin.raw
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))

@@ -59,7 +59,7 @@ def test_launch_matches_the_kernels_parameters(swiglu, heights, monkeypatch):
     monkeypatch.setattr(gemv4bit_mma, "_run", lambda *a: launches.append(a))
     ws = tuple(quantize(torch.randn(h, 128), "nf4", double_quant=True) for h in heights)
     x = torch.randn(3, 1, 128, dtype=torch.bfloat16)
-    bias = None if swiglu else torch.zeros(sum(heights), dtype=torch.bfloat16)
+    bias = None if swiglu else torch.zeros(sum(heights))  # fp32: read in x's type
     y = gemv4bit_mma.gemv_4bit_mma(x, ws, bias, swiglu)
     assert y.shape == (3, 1, heights[0] // 2 if swiglu else sum(heights)) and y.dtype == x.dtype
     device, options, grid, block, args, shared = launches[0]
@@ -74,6 +74,7 @@ def test_launch_matches_the_kernels_parameters(swiglu, heights, monkeypatch):
     named = dict(zip([p.split()[-1].lstrip("*") for p in params], args))
     assert named["x"].data_ptr() % 16 == 0 and named["vectors"] == 3 and named["bytes_per_row"] == 64
     assert named["y"] is y and named["y_row"] == y.shape[-1]
+    assert swiglu or (named["bias"].dtype == x.dtype and named["bias"].shape == (sum(heights),))
     assert named["q1"] is ws[min(1, len(ws) - 1)].data  # q, k and v in their slots, unused slots repeat the first
 
 
@@ -86,6 +87,29 @@ def test_options_and_shared_memory():
     assert gemv4bit_mma._shared_bytes(4096, True) <= gemv4bit_mma.SHARED_LIMIT
     assert gemv4bit_mma._shared_bytes(13696, False) <= gemv4bit_mma.SHARED_LIMIT
     assert gemv4bit_mma._shared_bytes(16384, False) > gemv4bit_mma.SHARED_LIMIT  # the Triton kernels take those
+
+
+def test_without_a_cuda_toolkit_it_is_built_by_its_own_nvrtc_call(monkeypatch):
+    """torch's ``_compile_kernel`` wants a CUDA toolkit's headers (CUDA_HOME), which a pip install lacks and this
+    kernel does not include: the kernel is then built by ``compile_cubin`` for the GPU's architecture and loaded by
+    torch's loader. (The GPU's own calls are stood in for: this machine has none.)"""
+    import contextlib
+
+    import torch.cuda._utils
+
+    loaded = []
+
+    def no_toolkit(*args, **kwargs):
+        raise OSError("CUDA_HOME environment variable is not set. Please set it to your CUDA install root.")
+
+    monkeypatch.setattr(torch.cuda, "_compile_kernel", no_toolkit)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda._utils, "_cuda_load_module",
+                        lambda cubin, names: loaded.append((cubin, names)) or {names[0]: "the kernel"})
+    monkeypatch.setattr(gemv4bit_mma, "_KERNELS", {})
+    kernel = gemv4bit_mma._kernel(torch.device("cuda", 0), gemv4bit_mma._options(True, False, False, False, 1, 256))
+    assert kernel == "the kernel" and loaded[0][1] == [gemv4bit_mma.NAME] and loaded[0][0][1:4] == b"ELF"
 
 
 def test_compile_errors_carry_nvrtcs_log(monkeypatch):
