@@ -2161,6 +2161,19 @@ def nf4_mma_table() -> Table | Text:
                  caption=f"GLM-4-9B decode of 2-8 rows, {measured_on(r)}, `nf4_batch_mma.json`")
 
 
+def nf4_mma_chart() -> Any:
+    """Decode tok/s of 2-8 rows (``nf4_batch_mma.json``): nf4 through the CUDA tensor-core kernel, through the Triton
+    kernels' best, and bf16, a group per batch size; ``None`` before the file exists."""
+    r = load("nf4_batch_mma")
+    if r is None or not _mma_rows(r):
+        return None
+    groups = {f"batch {x['batch']}": {"nf4, CUDA tensor-core kernel": x["nf4_mma"],
+                                      "nf4, Triton kernels' best": _triton_best(x), "bf16": x["bf16"]}
+              for x in _mma_rows(r)}
+    return _grouped_bars(groups, ylabel="decode tok/s, summed over the batch",
+                         title=f"GLM-4-9B, 2-8 sequences at once, {measured_on(r)}")
+
+
 def _grouped_bars(groups: dict[str, dict[str, float]], *, ylabel: str, title: str,
                   references: dict[str, float] | None = None, reference_label: str = "", log: bool = False) -> Any:
     """Bars ``{group: {bar: value}}`` side by side per group, with an optional dashed line over each group

@@ -148,6 +148,8 @@ def test_missing_result_says_not_measured_and_switches_once_measured(tmp_path, m
     assert "batch 16: out of memory (each card capped at 12 GiB)" in results.tp_fast_sentence()
     assert f"the estimate's {est / 200:.2f}x is below it" in results.tp_estimate_sentence()
     assert "not measured yet" in results.nf4_decode_sentence() and results.nf4_decode_chart() is None
+    assert "not measured yet" in results.nf4_mma_sentence() and results.nf4_mma_chart() is None
+    assert "not measured yet" in str(results.nf4_mma_table())
     assert "not measured yet" in str(results.nf4_projection_table())
     decode = [{"path": "bf16 fast (Triton)", "best_tok_s": 100.0, "roofline_tok_s": 200.0, "fraction_of_roofline": 0.5},
               {"path": "nf4 fast (Triton)", "best_tok_s": 90.0, "roofline_tok_s": 600.0, "fraction_of_roofline": 0.15},
@@ -271,6 +273,9 @@ def test_rendered_sentences_match_the_committed_files():
         assert f"batch {row['batch']}: {row['nf4_mma']:.0f} tok/s against {triton:.0f}" in mma
         assert row["nf4_mma"] > triton and row["nf4_mma"] > row["bf16"]
     assert len(results.nf4_mma_table().rows) == len(mma_rows) and "faster than bf16" in mma
+    bars = [p.get_height() for p in results.nf4_mma_chart().axes[0].patches]  # three bars a batch size, as measured
+    assert bars == [v for r in mma_rows for v in (r["nf4_mma"], max(r.get("nf4_rows", 0.0),
+                                                                    r.get("nf4_tensor_cores", 0.0)), r["bf16"])]
     projections = results.load("nf4_mma")["projections"]
     one = [p["mma_over_triton"] for p in projections if p["vectors"] == 1]
     several = {p["vectors"] for p in projections if p["vectors"] > 1 and p["mma_over_triton"] > 1.2}
