@@ -822,18 +822,6 @@ def lookup_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False)
     return tuned or default
 
 
-def _segments(ws: tuple[Packed4bit, ...], rows: Sequence[int]) -> list[Any]:
-    """The kernels' three weight slots (q, k and v): per weight its packed bytes, scales, nested scales and table,
-    offset, and the rows the kernel reads of it; the pointers a plain weight does not use get a tensor of the right
-    kind, never read, and unused slots repeat the first (never reached: SEGMENTS)."""
-    segments: list[Any] = []
-    for v, n in zip(ws, rows):
-        nested = v.nested
-        segments += [v.data, v.absmax, v.absmax2 if nested else v.absmax, v.code2 if nested else v.code,
-                     v.offset if nested else v.code, n]
-    return segments + segments[:6] * (3 - len(ws))
-
-
 def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
             config: GemvConfig | None, lookup: str | None = None, batch_axis: int | None = None,
             mma: bool = True) -> torch.Tensor:
@@ -869,7 +857,7 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     x16 = x.dtype != torch.float32
     if x16 and x.storage_offset() % 2:  # read as 32-bit pairs: a view starting mid-pair (a compiler's buffer) moves
         x = x.clone()
-    segments = _segments(ws, counts)
+    segments = gemv4bit_mma.weight_slots(ws, counts)
     blocks, vectors = sum(triton.cdiv(n, cfg.block_n) for n in counts), x.numel() // k
     if batch_axis is None:  # the vectors on axis 0 unless the row blocks overflow axis 1 (at most 65535 programs)
         batch_axis = 0 if blocks < 65536 else 1
@@ -955,7 +943,7 @@ def _launch_tensor_cores(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torc
     row_blocks = sum(triton.cdiv(n, TC_BLOCK_N) for n in rows)
     splits, per_split, unroll = column_splits(blocks_per_row, row_blocks, TC_TARGET_PROGRAMS, TC_UNROLL)
     part = torch.empty(splits, vectors, n_total, dtype=torch.float32, device=x.device)
-    segments = _segments(ws, rows)
+    segments = gemv4bit_mma.weight_slots(ws, rows)
     _tc4_kernel[(row_blocks, splits)](
         x.reshape(vectors, k).contiguous(), part, w.code, *segments, vectors, k // 2, blocks_per_row, per_split,
         n_total, SEGMENTS=len(ws), NESTED=w.nested,

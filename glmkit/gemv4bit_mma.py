@@ -41,6 +41,7 @@ from __future__ import annotations
 import ctypes
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -439,6 +440,19 @@ def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: b
             and all(v.data.data_ptr() % 8 == 0 for v in ws) and _shared_bytes(w.shape[1], swiglu) <= SHARED_LIMIT)
 
 
+def weight_slots(ws: tuple[Any, ...], rows: Sequence[int]) -> list[Any]:
+    """The three weight slots (q, k and v) of glmkit's 4-bit kernels, this one's and ``glmkit.gemv4bit``'s Triton
+    kernels: per ``Packed4bit`` its packed bytes, scales, nested scales and table, offset, and the rows the kernel
+    reads of it; the pointers a plain weight does not use get a tensor of the right kind, never read, and unused
+    slots repeat the first (never reached: SEGMENTS)."""
+    slots: list[Any] = []
+    for v, n in zip(ws, rows):
+        nested = v.nested
+        slots += [v.data, v.absmax, v.absmax2 if nested else v.absmax, v.code2 if nested else v.code,
+                  v.offset if nested else v.code, n]
+    return slots + slots[:6] * (3 - len(ws))
+
+
 def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for up to three ``Packed4bit`` weights of one format side by side (q, k, v), or
     ``up * silu(gate)`` of one gate/up weight ``[2n, k]`` (``swiglu``), for 1-``MAX_VECTORS`` vectors ``[..., k]``;
@@ -454,15 +468,11 @@ def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     if bias is not None:  # read in x's type
         bias = bias.to(x.dtype).contiguous()
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
-    args: list[Any] = []
-    for v in (*ws, *ws[:1] * (3 - len(ws))):  # unused slots repeat the first (never reached: SEGMENTS)
-        nested = v.nested
-        args += [v.data, v.absmax, v.absmax2 if nested else v.code, v.code2 if nested else v.code,
-                 v.offset if nested else v.code, v.shape[0]]
     tiles = sum(-(-(n // 2 if swiglu else n) // ROWS) for n in rows)
     options = _options(x.dtype == torch.bfloat16, w.nested, swiglu, bias is not None, len(ws), w.nested_blocksize)
     _run(x.device, options, (tiles, 1, 1), (WARPS * 32, 1, 1),
-         [xf, y, bias if bias is not None else y, w.code, *args, vectors, k // 2, k // w.blocksize, n_out],
+         [xf, y, bias if bias is not None else y, w.code, *weight_slots(ws, rows), vectors, k // 2,
+          k // w.blocksize, n_out],
          _shared_bytes(k, swiglu))
     return y
 
