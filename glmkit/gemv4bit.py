@@ -881,10 +881,7 @@ def kernel_for_rows(device: torch.device | str, rows: int, dtype: torch.dtype = 
     >>> kernel_for_rows("cpu", 1)
     'per row'
     """
-    device = torch.device(device)
-    if device.type == "cuda" and os.environ.get("GLMKIT_4BIT_KERNEL") != "triton" and not torch.version.hip and \
-            torch.cuda.get_device_capability(device) >= (8, 0) and \
-            gemv4bit_mma.MIN_VECTORS <= rows <= gemv4bit_mma.MAX_VECTORS and check_mma(device, dtype):
+    if gemv4bit_mma.runs_on(device, rows, dtype) and check_mma(device, dtype):
         return "CUDA, tensor cores"
     return "Triton, tensor cores" if rows > ROW_KERNEL_MAX_VECTORS and tensor_cores(device) else "per row"
 

@@ -47,7 +47,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["gemv_4bit_mma", "usable", "compile_cubin", "nvrtc_found", "source", "MIN_VECTORS", "MAX_VECTORS"]
+__all__ = ["gemv_4bit_mma", "usable", "runs_on", "weight_slots", "compile_cubin", "nvrtc_found", "source",
+           "MIN_VECTORS", "MAX_VECTORS"]
 
 MAX_VECTORS = 8  # the operand's 8 columns: vector v is column v
 # From 2 vectors: on an H200 (benchmarks/results/nf4_mma.json) this kernel multiplies 2-8 vectors by GLM-4-9B's
@@ -392,17 +393,16 @@ def compile_cubin(options: list[str], arch: str) -> bytes:
 
 def _kernel(device: torch.device, options: list[str]) -> Any:
     key = (device.index, *options)
-    if key not in _KERNELS:
-        with torch.cuda.device(device):
-            try:
-                kernel = torch.cuda._compile_kernel(_SOURCE, NAME, nvcc_options=options)
-            except OSError:  # torch asks for a CUDA toolkit's headers (CUDA_HOME); this kernel includes none
-                from torch.cuda._utils import _cuda_load_module
+    if key not in _KERNELS:  # (with device current: _run)
+        try:
+            kernel = torch.cuda._compile_kernel(_SOURCE, NAME, nvcc_options=options)
+        except OSError:  # torch asks for a CUDA toolkit's headers (CUDA_HOME); this kernel includes none
+            from torch.cuda._utils import _cuda_load_module
 
-                major, minor = torch.cuda.get_device_capability(device)
-                loaded = _cuda_load_module(compile_cubin(options, f"sm_{major}{minor}"), [NAME])
-                kernel = loaded[NAME] if isinstance(loaded, dict) else getattr(loaded, NAME)
-            _KERNELS[key] = kernel
+            major, minor = torch.cuda.get_device_capability(device)
+            loaded = _cuda_load_module(compile_cubin(options, f"sm_{major}{minor}"), [NAME])
+            kernel = loaded[NAME] if isinstance(loaded, dict) else getattr(loaded, NAME)
+        _KERNELS[key] = kernel
     return _KERNELS[key]
 
 
@@ -419,25 +419,39 @@ def _shared_bytes(k: int, swiglu: bool) -> int:
     return TABLE_BYTES + (32 if swiglu else 16) * ((k // 64) | 1) * 4
 
 
+def runs_on(device: torch.device | str, vectors: int, dtype: torch.dtype, *, env: bool = True) -> bool:
+    """Whether this kernel takes ``vectors`` tokens of ``dtype`` on ``device``: an NVIDIA GPU of compute capability
+    8.0+ where it has not been turned off (``disable``), bf16/fp16, ``MIN_VECTORS`` to ``MAX_VECTORS`` of them, and
+    (``env``) ``GLMKIT_4BIT_KERNEL`` not ``triton``.
+
+    >>> runs_on("cpu", 4, torch.bfloat16)
+    False
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or torch.version.hip or (env and os.environ.get("GLMKIT_4BIT_KERNEL") == "triton"):
+        return False
+    return (_index(device) not in _BROKEN and hasattr(torch.cuda, "_compile_kernel")
+            and torch.cuda.get_device_capability(device) >= (8, 0) and dtype in (torch.bfloat16, torch.float16)
+            and MIN_VECTORS <= vectors <= MAX_VECTORS)
+
+
 def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: bool = True) -> bool:
-    """Whether ``glmkit.gemv4bit`` multiplies ``x`` by these ``Packed4bit`` weights with this kernel: an NVIDIA GPU of
-    compute capability 8.0+ where it compiled and its first-run check passed, bf16/fp16 x of ``MIN_VECTORS`` to
-    ``MAX_VECTORS`` vectors, bitsandbytes' default blocksize (64) with its bytes 8-byte aligned, the program's shared
-    memory within ``SHARED_LIMIT`` (rows of up to 16320 columns; 8128 for gate/up), and (``env``)
-    ``GLMKIT_4BIT_KERNEL`` not ``triton``.
+    """Whether ``glmkit.gemv4bit`` multiplies ``x`` by these ``Packed4bit`` weights with this kernel: where it runs
+    (``runs_on``: the GPU, x's dtype and vectors), bitsandbytes' default blocksize (64) with the bytes 8-byte
+    aligned, and the program's shared memory within ``SHARED_LIMIT`` (rows of up to 16320 columns; 8128 for gate/up).
 
     >>> usable(torch.zeros(1, 64), ())
     False
     """
-    if not x.is_cuda or torch.version.hip or (env and os.environ.get("GLMKIT_4BIT_KERNEL") == "triton"):
-        return False
-    device = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if device in _BROKEN or not hasattr(torch.cuda, "_compile_kernel"):
+    if not x.is_cuda:
         return False
     w = ws[0]
-    return (torch.cuda.get_device_capability(x.device) >= (8, 0) and x.dtype in (torch.bfloat16, torch.float16)
-            and MIN_VECTORS <= x.numel() // w.shape[1] <= MAX_VECTORS and w.blocksize == 64
+    return (runs_on(x.device, x.numel() // w.shape[1], x.dtype, env=env) and w.blocksize == 64
             and all(v.data.data_ptr() % 8 == 0 for v in ws) and _shared_bytes(w.shape[1], swiglu) <= SHARED_LIMIT)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def weight_slots(ws: tuple[Any, ...], rows: Sequence[int]) -> list[Any]:
@@ -479,7 +493,7 @@ def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
 
 def disable(device: torch.device, why: str) -> None:
     """Stop using this kernel on ``device`` for the rest of the process (the Triton kernels take over), warning why."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = _index(torch.device(device))
     if index not in _BROKEN:
         _BROKEN[index] = why
         warnings.warn(f"glmkit's 4-bit tensor-core kernel is off on {torch.cuda.get_device_name(device)}: {why}. "

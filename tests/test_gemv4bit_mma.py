@@ -93,8 +93,6 @@ def test_without_a_cuda_toolkit_it_is_built_by_its_own_nvrtc_call(monkeypatch):
     """torch's ``_compile_kernel`` wants a CUDA toolkit's headers (CUDA_HOME), which a pip install lacks and this
     kernel does not include: the kernel is then built by ``compile_cubin`` for the GPU's architecture and loaded by
     torch's loader. (The GPU's own calls are stood in for: this machine has none.)"""
-    import contextlib
-
     import torch.cuda._utils
 
     loaded = []
@@ -103,7 +101,6 @@ def test_without_a_cuda_toolkit_it_is_built_by_its_own_nvrtc_call(monkeypatch):
         raise OSError("CUDA_HOME environment variable is not set. Please set it to your CUDA install root.")
 
     monkeypatch.setattr(torch.cuda, "_compile_kernel", no_toolkit)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda._utils, "_cuda_load_module",
                         lambda cubin, names: loaded.append((cubin, names)) or {names[0]: "the kernel"})
