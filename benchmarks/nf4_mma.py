@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from nf4_gemv import _rel, _swiglu
 
 from glmkit import gemv4bit, gemv4bit_mma
 from glmkit.bench import copy_bandwidth, save_result, stage_runner
@@ -44,17 +45,10 @@ def _variant(v: tuple[int, ...]) -> None:
     gemv4bit_mma.MIN_BLOCKS_SWIGLU = v[3]
 
 
-def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref).norm() / ref.norm()).item()
-
-
 def _reference(x: torch.Tensor, ws: tuple, bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
     w = torch.cat([v.dequantize(torch.float32) for v in ws]).double()
     y = F.linear(x.double(), w, None if bias is None else bias.double())
-    if swiglu:
-        gate, up = y.chunk(2, dim=-1)
-        y = up * F.silu(gate)
-    return y
+    return _swiglu(y) if swiglu else y
 
 
 def check() -> list[dict[str, Any]]:

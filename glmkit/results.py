@@ -2083,8 +2083,7 @@ def nf4_batch_sentence() -> Text:
                      f"up to {FOUR_BIT_MAX_BATCH} rows (`FOUR_BIT_MAX_BATCH`).")
         if rows:
             last = rows[-1]
-            best = max(last.get("nf4_rows", 0.0), last.get("nf4_tensor_cores", 0.0))
-            text += f" At batch {last['batch']} nf4 decodes at {best / last['bf16']:.2f}x bf16's speed."
+            text += f" At batch {last['batch']} nf4 decodes at {_triton_best(last) / last['bf16']:.2f}x bf16's speed."
         return text
     return from_result("nf4_batch", render, what="A 4-bit model by batch size", script="benchmarks/nf4_batch.py")
 
@@ -2102,8 +2101,7 @@ def nf4_batch_table() -> Table | Text:
 
 
 def _mma_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
-    return [row for row in r.get("rows", []) if all(k in row for k in ("nf4_mma", "bf16"))
-            and ("nf4_rows" in row or "nf4_tensor_cores" in row)]
+    return [row for row in _nf4_batch_rows(r) if "nf4_mma" in row]
 
 
 def _triton_best(row: dict[str, Any]) -> float:
