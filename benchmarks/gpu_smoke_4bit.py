@@ -16,6 +16,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from nf4_gemv import _rel
+from nf4_mma import _reference
 
 from glmkit import gemv4bit
 from glmkit.fast_decode import FastDecoder
@@ -148,15 +150,10 @@ def check_mma() -> None:
                                                     ((down,), None, False)):
                             x = torch.randn(b, 1, weights[0].shape[1], device="cuda", generator=g).to(dtype)
                             assert gemv4bit.gemv4bit_mma.usable(x, weights, swiglu)
-                            y = gemv4bit._launch(x, weights, bb, swiglu, None).double()
-                            w = torch.cat([v.dequantize(torch.float32) for v in weights]).double()
-                            ref = F.linear(x.double(), w, None if bb is None else bb.double())
-                            if swiglu:
-                                gate, up = ref.chunk(2, dim=-1)
-                                ref = up * F.silu(gate)
-                            tri = gemv4bit._launch(x, weights, bb, swiglu, None, mma=False).double()
-                            worst = max(worst, ((y - ref).norm() / ref.norm()).item())
-                            worst_triton = max(worst_triton, ((tri - ref).norm() / ref.norm()).item())
+                            ref = _reference(x, weights, bb, swiglu)
+                            worst = max(worst, _rel(gemv4bit._launch(x, weights, bb, swiglu, None), ref))
+                            worst_triton = max(worst_triton, _rel(gemv4bit._launch(x, weights, bb, swiglu, None,
+                                                                                   mma=False), ref))
                             launches += 1
         verdict = "OK" if worst < 1e-2 and worst < 2 * worst_triton else "FAILED (above 1e-2 or twice Triton's)"
         print(f"4-bit CUDA kernel {verdict}: largest rel err vs float64 over {launches} launches {worst:.2e} "
