@@ -21,6 +21,9 @@ from glmkit.gemv import device_name
 from glmkit.gemv_tuning import graph_time, projections
 
 PROBES = {"shipped": [], "reads only": ["-DPROBE=1"]}
+# (blocks of a row a piece, warps a program, pieces in a warp's ring, the same for gate/up): the longer a piece's
+# rows, the fewer warps a program holds in shared memory
+SHAPES = [(4, 16, 4, 2), (8, 8, 3, 2), (16, 4, 3, 2), (16, 8, 2, 1)]
 
 
 def _time(how: str, x: torch.Tensor, ps: list, b: torch.Tensor | None, swiglu: bool) -> float:
@@ -36,13 +39,24 @@ def main() -> None:
     for name, (n, k, bias, swiglu) in projections(quantized=True).items():
         w = _weights(name, n, k, bias, swiglu)
         ps, b = w["ps"], w["bias"]
-        for vectors in (1, 4):
+        for vectors in (1,):
             x = torch.randn(vectors, 1, k, device="cuda", dtype=torch.bfloat16)
             row: dict[str, Any] = {"projection": name, "vectors": vectors, "nf4_bytes": w["nbytes"],
                                    "roofline_us": w["nbytes"] / bw * 1e6}
-            for probe, extra in PROBES.items():
-                gemv4bit_mma.EXTRA_OPTIONS[:] = extra
-                row[f"stream, {probe}"] = _time("stream", x, ps, b, swiglu)
+            shipped = (gemv4bit_mma.SPAN, gemv4bit_mma.STREAM_WARPS, gemv4bit_mma.STAGES, gemv4bit_mma.STAGES_SWIGLU)
+            for shape in SHAPES:
+                gemv4bit_mma.SPAN, gemv4bit_mma.STREAM_WARPS, gemv4bit_mma.STAGES, gemv4bit_mma.STAGES_SWIGLU = shape
+                for probe, extra in PROBES.items():
+                    gemv4bit_mma.EXTRA_OPTIONS[:] = extra
+                    try:
+                        row[f"stream {shape}, {probe}"] = _time("stream", x, ps, b, swiglu)
+                        if not extra:  # the shipped products: against the tiles layout's
+                            want = gemv4bit_mma.gemv_4bit_mma(x, ps[0], b, swiglu, "tiles").float()
+                            got = gemv4bit_mma.gemv_4bit_mma(x, ps[0], b, swiglu, "stream").float()
+                            row[f"stream {shape}, rel err vs tiles"] = ((got - want).norm() / want.norm()).item()
+                    except Exception as exc:  # a shape this GPU cannot hold: say so, time the others
+                        row[f"stream {shape}, {probe}"] = repr(exc)[:200]
+            gemv4bit_mma.SPAN, gemv4bit_mma.STREAM_WARPS, gemv4bit_mma.STAGES, gemv4bit_mma.STAGES_SWIGLU = shipped
             gemv4bit_mma.EXTRA_OPTIONS[:] = []
             row["tiles"] = _time("tiles", x, ps, b, swiglu)
             row["triton"] = _time("triton", x, ps, b, swiglu)

@@ -68,7 +68,7 @@ UNROLL_SWIGLU, MIN_BLOCKS_SWIGLU = 1, 3
 # STAGES pieces (16 rows by 4 blocks) in shared memory (STAGES_SWIGLU for gate/up, whose pieces are twice the rows).
 STREAM_WARPS, STREAM_BLOCKS = 16, 1
 STAGES, STAGES_SWIGLU = 4, 2
-SPAN, PITCH = 4, 4 * 32 + 32  # a piece's blocks a row, and its row's bytes in shared memory (the kernel's own)
+SPAN = 4  # a piece's blocks a row (4, 8 or 16)
 NAME, NAME_STREAM = "glmkit_gemv4_mma", "glmkit_gemv4_stream"  # the kernels' names in the source
 ROWS = 16  # weight rows per program: the operand's 16 rows
 TABLE_BYTES = 256 * 32 * 4  # 256 pairs, one copy per lane; then the warps' sums (WARPS <= 16)
@@ -163,8 +163,12 @@ __device__ __forceinline__ void build_table(const float* code) {
    each lane's 8 bytes of two rows a block from there. A tile's sum is stored by the warp that read all of it; a tile
    split between warps (at most at each end of a warp's run) is summed by the last of them to finish, in the order of
    the warps (a ticket, as in glmkit.attention): the same sums every run. */
-#define SPAN 4  /* blocks of a row in a piece: 128 bytes, 8 lanes of 16 */
+/* SPAN: blocks of a row in a piece (4: 128 bytes, 8 lanes of 16) */
 #define NROWS (8 * NR)  /* rows of a piece: 16, or 16 gate and 16 up */
+#define LPR (2 * SPAN)  /* lanes that copy a row, 16 bytes each */
+#define RPI (32 / LPR)  /* rows a copy instruction */
+#define CI (NROWS / RPI)  /* copy instructions a piece */
+#define SPL (NROWS * SPAN / 32)  /* scales a lane copies */
 #define PITCH (SPAN * 32 + 32)  /* a piece's row in shared memory: 40 words, so that 4 rows of 8 lanes' 8 bytes
                                    each fall in 32 different banks */
 #define STAGE_BYTES (NROWS * PITCH + (NESTED ? 0 : NROWS * SPAN * 4))  /* bytes, then fp32 scales */
@@ -191,15 +195,15 @@ __device__ __forceinline__ int row_of(const Seg& s, int lr) {
     return min(s.tile * 16 + (lr & 15), s.n - 1) + (lr >> 4) * s.n;
 }
 
-/* what a lane copies of a tile: 16 bytes of rows lane / 8 + 4 i, scales of rows lane / 4 + 8 i */
-struct Src { const unsigned char* q; const float* absmax; int bytes[2 * NR]; int scales[NR]; };
+/* what a lane copies of a tile: 16 bytes of rows lane / LPR + RPI i, scales of rows (lane + 32 i) / SPAN */
+struct Src { const unsigned char* q; const float* absmax; int bytes[CI]; int scales[SPL]; };
 
 __device__ __forceinline__ Src source(const Seg& s, int lane, int bytes_per_row, int blocks_per_row) {
     Src src{s.w.q, (const float*)s.w.absmax, {}, {}};
 #pragma unroll
-    for (int i = 0; i < 2 * NR; ++i) src.bytes[i] = row_of(s, (lane >> 3) + 4 * i) * bytes_per_row;
+    for (int i = 0; i < CI; ++i) src.bytes[i] = row_of(s, lane / LPR + RPI * i) * bytes_per_row;
 #pragma unroll
-    for (int i = 0; i < NR; ++i) src.scales[i] = row_of(s, (lane >> 2) + 8 * i) * blocks_per_row;
+    for (int i = 0; i < SPL; ++i) src.scales[i] = row_of(s, (lane + 32 * i) / SPAN) * blocks_per_row;
     return src;
 }
 
@@ -212,17 +216,17 @@ __device__ __forceinline__ void copy4(u32 to, const void* from, bool real) {
 
 /* start copying span sp of a tile into the stage at shared address `to`; blocks past the row's end are not read */
 __device__ __forceinline__ void copy_piece(u32 to, const Src& src, int sp, int lane, int blocks_per_row) {
-    const int col = lane & 7, blk = sp * SPAN + (col >> 1), real = blk < blocks_per_row;
+    const int col = lane % LPR, blk = sp * SPAN + (col >> 1), real = blk < blocks_per_row;
 #pragma unroll
-    for (int i = 0; i < 2 * NR; ++i)
-        copy16(to + ((lane >> 3) + 4 * i) * PITCH + 16 * col, src.q + src.bytes[i] + (real ? blk * 32 + 16 * (col & 1) : 0),
-               real);
+    for (int i = 0; i < CI; ++i)
+        copy16(to + (lane / LPR + RPI * i) * PITCH + 16 * col,
+               src.q + src.bytes[i] + (real ? blk * 32 + 16 * (col & 1) : 0), real);
 #if !NESTED
-    const int b = sp * SPAN + (lane & 3);
+    const int b = sp * SPAN + lane % SPAN;
 #pragma unroll
-    for (int i = 0; i < NR; ++i)
-        copy4(to + NROWS * PITCH + (((lane >> 2) + 8 * i) * SPAN + (lane & 3)) * 4,
-              src.absmax + src.scales[i] + (b < blocks_per_row ? b : 0), b < blocks_per_row);
+    for (int i = 0; i < SPL; ++i)
+        copy4(to + NROWS * PITCH + (lane + 32 * i) * 4, src.absmax + src.scales[i] + (b < blocks_per_row ? b : 0),
+              b < blocks_per_row);
 #endif
 }
 
@@ -245,15 +249,19 @@ __device__ __forceinline__ float shared4(u32 at) {
    (double quantization: their scales are read here) */
 __device__ __forceinline__ void sum_piece(u32 st, const u32* xp, int n, int g, int quad, u32 table, const Seg& cs,
                                           const int* cbase, int first_block, float offset, float* acc) {
-    uint4 xs[2 * SPAN];
 #pragma unroll
-    for (int b = 0; b < SPAN; ++b)
-        if (b < n) { xs[2 * b] = load_x(xp + 32 * b); xs[2 * b + 1] = load_x(xp + 32 * b + 4); }
+  for (int b0 = 0; b0 < SPAN; b0 += 4) {  /* x of 4 blocks at a time */
+    if (b0 >= n) break;
+    uint4 xs[8];
 #pragma unroll
-    for (int b = 0; b < SPAN; ++b) {
+    for (int b = 0; b < 4; ++b)
+        if (b0 + b < n) { xs[2 * b] = load_x(xp + 32 * (b0 + b)); xs[2 * b + 1] = load_x(xp + 32 * (b0 + b) + 4); }
+#pragma unroll
+    for (int bb = 0; bb < 4; ++bb) {
+        const int b = b0 + bb;
         if (b >= n) break;
-        const u32 xw[8] = {xs[2 * b].x, xs[2 * b].y, xs[2 * b].z, xs[2 * b].w,
-                           xs[2 * b + 1].x, xs[2 * b + 1].y, xs[2 * b + 1].z, xs[2 * b + 1].w};
+        const u32 xw[8] = {xs[2 * bb].x, xs[2 * bb].y, xs[2 * bb].z, xs[2 * bb].w,
+                           xs[2 * bb + 1].x, xs[2 * bb + 1].y, xs[2 * bb + 1].z, xs[2 * bb + 1].w};
 #pragma unroll
         for (int h = 0; h < NR / 2; ++h) {
             const int ra = 16 * h + g, rb = ra + 8;
@@ -282,6 +290,7 @@ __device__ __forceinline__ void sum_piece(u32 st, const u32* xp, int n, int g, i
             acc[4 * h + 3] += d[3] * s1;
         }
     }
+  }
 }
 
 /* lane l's v[e] is row g (+8 for e & 2) of vector 2 quad + (e & 1); with SwiGLU v[4 + e] is its up row */
@@ -595,7 +604,8 @@ def _options(bf16: bool, nested: bool, swiglu: bool, bias: bool, segments: int, 
     flags = dict(BF16=int(bf16), NESTED=int(nested), SWIGLU=int(swiglu), HAS_BIAS=int(bias), SEGMENTS=segments,
                  BS2=nested_blocksize, STREAM=int(stream))
     if stream:
-        flags.update(WARPS=STREAM_WARPS, MIN_BLOCKS=STREAM_BLOCKS, STAGES=STAGES_SWIGLU if swiglu else STAGES)
+        flags.update(WARPS=STREAM_WARPS, MIN_BLOCKS=STREAM_BLOCKS, STAGES=STAGES_SWIGLU if swiglu else STAGES,
+                     SPAN=SPAN)
     else:
         flags.update(WARPS=WARPS, UNROLL=UNROLL_SWIGLU if swiglu else UNROLL,
                      MIN_BLOCKS=MIN_BLOCKS_SWIGLU if swiglu else MIN_BLOCKS)
@@ -702,7 +712,7 @@ def _run(device: torch.device, options: list[str], grid: tuple[int, int, int], b
 def _stream_shared_bytes(swiglu: bool, nested: bool) -> int:
     """Shared memory of one stream program: the lookup table, then each warp's ring of pieces (bytes, fp32 scales)."""
     rows = 32 if swiglu else 16
-    stage = rows * PITCH + (0 if nested else rows * SPAN * 4)
+    stage = rows * (SPAN * 32 + 32) + (0 if nested else rows * SPAN * 4)  # the kernel's PITCH a row
     return TABLE_BYTES + STREAM_WARPS * (STAGES_SWIGLU if swiglu else STAGES) * stage
 
 
