@@ -36,7 +36,7 @@ PROMPT, NEW_TOKENS = 32, 128
 # GLMKIT_4BIT_KERNEL while it runs: "mma" lets 2-8 rows take the CUDA kernel, "triton" keeps them on Triton's)
 RUNS = {"nf4_rows": ("nf4", dict(gemv="triton"), gemv4bit.MAX_VECTORS, range(1, 9), "triton"),
         "nf4_tensor_cores": ("nf4", dict(gemv="triton"), 1, range(2, 65), "triton"),
-        "nf4_mma": ("nf4", dict(gemv="triton"), None, range(1, 9), "mma"),
+        "nf4_mma": ("nf4", dict(gemv="triton"), None, range(2, 9), "mma"),
         "nf4_bitsandbytes": ("nf4", dict(gemv=False), None, range(1, 65), "mma"),
         "bf16": ("bf16", {}, None, range(1, 65), "mma")}
 

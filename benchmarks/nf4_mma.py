@@ -38,21 +38,11 @@ QKV_ROWS = (4096, 256, 256)  # GLM-4-9B's q, k and v: 32 and 2 heads of 128
 # programs an SM holds apply to gate/up too while a shape is timed)
 VARIANTS = [(8, 2, 2, 2), (4, 2, 2, 4), (4, 4, 2, 3), (8, 4, 2, 2), (8, 1, 1, 3), (16, 2, 2, 1)]
 SHIPPED = {False: (8, 2, 2, 2), True: (8, 1, 1, 3)}  # what gemv4bit_mma ships, by SwiGLU or not
-# the stream layout's shapes timed: (warps, programs an SM, pieces in a warp's ring, the same for gate/up)
-STREAM_VARIANTS = [(16, 1, 4, 2), (16, 1, 3, 2), (8, 1, 6, 4), (8, 2, 3, 2), (12, 1, 5, 2), (16, 1, 2, 2)]
 
 
 def _variant(v: tuple[int, ...]) -> None:
     gemv4bit_mma.WARPS, gemv4bit_mma.UNROLL, gemv4bit_mma.UNROLL_SWIGLU, gemv4bit_mma.MIN_BLOCKS = v
     gemv4bit_mma.MIN_BLOCKS_SWIGLU = v[3]
-
-
-def _stream_variant(v: tuple[int, ...]) -> None:
-    gemv4bit_mma.STREAM_WARPS, gemv4bit_mma.STREAM_BLOCKS, gemv4bit_mma.STAGES, gemv4bit_mma.STAGES_SWIGLU = v
-
-
-def _stream_shipped() -> tuple[int, ...]:
-    return (gemv4bit_mma.STREAM_WARPS, gemv4bit_mma.STREAM_BLOCKS, gemv4bit_mma.STAGES, gemv4bit_mma.STAGES_SWIGLU)
 
 
 def _reference(x: torch.Tensor, ws: tuple, bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
@@ -64,8 +54,8 @@ def _reference(x: torch.Tensor, ws: tuple, bias: torch.Tensor | None, swiglu: bo
 def check() -> list[dict[str, Any]]:
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
-    cases = [("one weight", (100,), 960, False, False), ("q/k/v + bias", (96, 16, 40), 448, True, False),
-             ("swiglu", (2 * 72,), 1088, False, True), ("glm qkv", QKV_ROWS, 4096, True, False),
+    cases = [("one weight", (100,), 320, False, False), ("q/k/v + bias", (96, 16, 40), 448, True, False),
+             ("swiglu", (2 * 72,), 512, False, True), ("glm qkv", QKV_ROWS, 4096, True, False),
              ("glm down", (4096,), 13696, False, False)]
     for dtype in (torch.bfloat16, torch.float16):
         for dq in (False, True):
@@ -75,24 +65,14 @@ def check() -> list[dict[str, Any]]:
                 for vectors in (1, 2, 5, 8):
                     x = torch.randn(vectors, 1, k, device="cuda", generator=g).to(dtype)
                     ref = _reference(x, ws, b, swiglu)
-                    got = gemv4bit_mma.gemv_4bit_mma(x, ws, b, swiglu, "tiles")
-                    if not gemv4bit_mma.streams(x.device, ws, swiglu):
-                        streamed = again = got  # too few pieces for the stream's warps: not its case
-                    else:
-                        streamed = gemv4bit_mma.gemv_4bit_mma(x, ws, b, swiglu, "stream")
-                        again = gemv4bit_mma.gemv_4bit_mma(x, ws, b, swiglu, "stream")
+                    got = gemv4bit_mma.gemv_4bit_mma(x, ws, b, swiglu)
                     tri = gemv4bit._launch(x, ws, b, swiglu, None, mma=False)
                     row = {"dtype": str(dtype).removeprefix("torch."), "double_quant": dq, "case": name,
-                           "streamed": gemv4bit_mma.streams(x.device, ws, swiglu),
-                           "vectors": vectors, "rel_err_mma": _rel(got, ref), "rel_err_stream": _rel(streamed, ref),
-                           "stream_repeats_exactly": bool(torch.equal(streamed, again)),
-                           "rel_err_triton": _rel(tri, ref), "mma_vs_triton": _rel(got, tri.double()),
-                           "stream_vs_tiles": _rel(streamed, got.double())}
+                           "vectors": vectors, "rel_err_mma": _rel(got, ref), "rel_err_triton": _rel(tri, ref),
+                           "mma_vs_triton": _rel(got, tri.double())}
                     rows.append(row)
     worst = max(rows, key=lambda r: r["rel_err_mma"])
     print("check: worst", worst, flush=True)
-    print("check: worst stream", max(rows, key=lambda r: r["rel_err_stream"]), "repeats exactly:",
-          all(r["stream_repeats_exactly"] for r in rows), flush=True)
     return rows
 
 
@@ -118,10 +98,7 @@ def _time_vectors(name: str, k: int, swiglu: bool, vectors: int, w: dict[str, An
     ref = _reference(x, ps[0], b, swiglu)
 
     def mma(i: int) -> torch.Tensor:
-        return gemv4bit_mma.gemv_4bit_mma(x, ps[i], b, swiglu, "tiles")
-
-    def stream(i: int) -> torch.Tensor:
-        return gemv4bit_mma.gemv_4bit_mma(x, ps[i], b, swiglu, "stream")
+        return gemv4bit_mma.gemv_4bit_mma(x, ps[i], b, swiglu)
 
     def triton(i: int) -> torch.Tensor:
         return gemv4bit._launch(x, ps[i], b, swiglu, None, mma=False)
@@ -139,20 +116,6 @@ def _time_vectors(name: str, k: int, swiglu: bool, vectors: int, w: dict[str, An
                            "fraction_of_copy_bandwidth": nbytes / t / bandwidth, "rel_err": _rel(mma(0), ref)})
     (gemv4bit_mma.WARPS, gemv4bit_mma.UNROLL, gemv4bit_mma.UNROLL_SWIGLU, gemv4bit_mma.MIN_BLOCKS,
      gemv4bit_mma.MIN_BLOCKS_SWIGLU) = shipped
-    row["stream"] = []
-    stream_shipped = _stream_shipped()
-    for v in STREAM_VARIANTS:
-        _stream_variant(v)
-        try:
-            t = graph_time(stream, len(ps))
-            row["stream"].append({"warps": v[0], "programs_an_sm": v[1], "stages": v[2], "stages_swiglu": v[3],
-                                  "default": v == stream_shipped, "us": t * 1e6,
-                                  "fraction_of_copy_bandwidth": nbytes / t / bandwidth,
-                                  "rel_err": _rel(stream(0), ref)})
-        except Exception as exc:  # a shape the GPU cannot launch: say so, time the others
-            row["stream"].append({"warps": v[0], "programs_an_sm": v[1], "stages": v[2], "stages_swiglu": v[3],
-                                  "error": repr(exc)[:300]})
-    _stream_variant(stream_shipped)
     t = graph_time(triton, len(ps))
     row["triton"] = {"us": t * 1e6, "fraction_of_copy_bandwidth": nbytes / t / bandwidth,
                      "rel_err": _rel(triton(0), ref)}
@@ -162,9 +125,8 @@ def _time_vectors(name: str, k: int, swiglu: bool, vectors: int, w: dict[str, An
         row["bf16_triton"] = {"us": t16 * 1e6, "fraction_of_copy_bandwidth": w["rows"] * k * 2 / t16 / bandwidth}
     shipped = next(r for r in row["mma"] if r["default"])
     row["mma_over_triton"] = row["triton"]["us"] / shipped["us"]
-    timed = [r for r in row["stream"] if "us" in r]
-    print({k_: v_ for k_, v_ in row.items() if k_ not in ("mma", "stream")}, "shipped shape", shipped, "best",
-          min(row["mma"], key=lambda r: r["us"]), "stream", [round(r["us"], 2) for r in timed], flush=True)
+    print({k_: v_ for k_, v_ in row.items() if k_ != "mma"}, "shipped shape", shipped, "best",
+          min(row["mma"], key=lambda r: r["us"]), flush=True)
     return row
 
 

@@ -47,34 +47,29 @@ from typing import Any
 
 import torch
 
-__all__ = ["gemv_4bit_mma", "usable", "layout", "runs_on", "weight_slots", "compile_cubin", "nvrtc_found", "source",
+__all__ = ["gemv_4bit_mma", "usable", "runs_on", "weight_slots", "compile_cubin", "nvrtc_found", "source",
            "MIN_VECTORS", "MAX_VECTORS"]
 
 MAX_VECTORS = 8  # the operand's 8 columns: vector v is column v
-# Two layouts of the same lookups and products. "tiles": a program per 16 rows, its warps splitting the row, for
-# 2-8 vectors: on an H200 (benchmarks/results/nf4_mma.json) 1.4-2.0x faster than the Triton kernels. "stream": a
-# grid that fills the GPU once, each warp streaming its own share of (16 rows, 64 columns) pieces, for
-# 1-STREAM_MAX_VECTORS vectors. MIN_VECTORS: the fewest vectors either takes (the Triton per-row kernel below).
-MIN_VECTORS = 1
-STREAM_MAX_VECTORS = 1
-# The tiles' launch shape, the fastest of 6 timed at 2-8 vectors on an H200 (nf4_mma.json): WARPS warps a program,
-# each taking every WARPS-th 64-weight chunk of the row, UNROLL chunks loaded at a time while the ones before are
-# summed, MIN_BLOCKS programs an SM (registers per thread at most 65536 / (MIN_BLOCKS * 32 * WARPS)). Gate/up
-# (SwiGLU), whose warps read twice the rows, is fastest with more programs of one chunk: 38-40 us against 44.
+# From 2 vectors: on an H200 (benchmarks/results/nf4_mma.json) this kernel multiplies 2-8 vectors by GLM-4-9B's
+# projections 1.4-2.0x faster than the Triton kernels, but one vector no faster (0.88-1.06x): on gate_up Nsight
+# Compute (nf4_mma_ncu.json) finds DRAM 34% busy and each warp waiting mostly on its loads from memory (5.2 cycles
+# per issued instruction), with 21 warps an SM and 0.38 instructions a cycle per scheduler. Batch 1 stays with the
+# Triton kernel. A layout for one vector that fills the GPU once (each warp streaming its own share through a ring in
+# shared memory) was slower still over a layer (nf4_stream.json: about 6.6 us a launch that does not shrink with the
+# weight, even when it only reads).
+MIN_VECTORS = 2
+# The launch shape, the fastest of 6 timed at 2-8 vectors on an H200 (nf4_mma.json): WARPS warps a program, each
+# taking every WARPS-th 64-weight chunk of the row, UNROLL chunks loaded at a time while the ones before are summed,
+# MIN_BLOCKS programs an SM (registers per thread at most 65536 / (MIN_BLOCKS * 32 * WARPS)). Gate/up (SwiGLU), whose
+# warps read twice the rows, is fastest with more programs of one chunk: 38-40 us against 44 at GLM-4-9B's shape.
 WARPS = 8
 UNROLL, MIN_BLOCKS = 2, 2
 UNROLL_SWIGLU, MIN_BLOCKS_SWIGLU = 1, 3
-# The stream's launch shape: STREAM_WARPS warps a program, STREAM_BLOCKS programs an SM, each warp with a ring of
-# STAGES pieces (16 rows by 4 blocks) in shared memory (STAGES_SWIGLU for gate/up, whose pieces are twice the rows).
-STREAM_WARPS, STREAM_BLOCKS = 16, 1
-STAGES, STAGES_SWIGLU = 4, 2
-SPAN = 4  # a piece's blocks a row (4, 8 or 16)
-NAME, NAME_STREAM = "glmkit_gemv4_mma", "glmkit_gemv4_stream"  # the kernels' names in the source
+NAME = "glmkit_gemv4_mma"  # the kernel's name in its source
 ROWS = 16  # weight rows per program: the operand's 16 rows
 TABLE_BYTES = 256 * 32 * 4  # 256 pairs, one copy per lane; then the warps' sums (WARPS <= 16)
 SHARED_LIMIT = 48 * 1024  # shared memory a program may take without asking the driver for more
-EXTRA_OPTIONS: list[str] = []  # benchmarks/nf4_stream_probe.py: what reading alone costs (-DPROBE=1)
-PART_FLOATS = 2 * 32 * 8  # a streaming warp's parts of the tiles it shares: two (its first and last), 32 lanes x 8
 
 _SOURCE = r"""
 typedef unsigned int u32;
@@ -107,7 +102,7 @@ __device__ __forceinline__ float round16(float f) { return from16(to16(f)); }
 
 __device__ __forceinline__ uint2 load_weights(const unsigned char* p) {  /* read once: keep them out of L1 */
     uint2 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
     return v;
 }
 __device__ __forceinline__ uint4 load_x(const u32* p) {
@@ -142,287 +137,6 @@ __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u3
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-
-/* the lookup table: entry e of lane l at word 32 e + l, (code[e >> 4], code[e & 15]) in x's type, the high nibble's
-   value (the even column) in the low half; a thread writes an entry's 32 copies, 16 bytes at a time, starting at a
-   different 16 bytes from its neighbours' (no two of 8 threads in one bank) */
-__device__ __forceinline__ void build_table(const float* code) {
-    for (int e = threadIdx.x; e < 256; e += WARPS * 32) {
-        const u32 v = to16(code[e >> 4]) | (to16(code[e & 15]) << 16);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) *(uint4*)(smem + 32 * e + 4 * ((i + e) & 7)) = make_uint4(v, v, v, v);
-    }
-}
-
-#if STREAM
-/* ---- glmkit_gemv4_stream: every warp of a grid that fills the GPU once streams its own run of (tile, span)
-   pieces, where a tile is 16 rows (16 gate and 16 up rows with SwiGLU) and a span SPAN 64-weight blocks of each of
-   its rows, so that all warps read the same bytes whatever the weight's shape: no second wave, and the table is built
-   once a program. A warp copies each piece into its own ring of STAGES pieces in shared memory (cp.async: 128
-   contiguous bytes of each row, four rows an instruction, nothing held in registers while in flight), then reads
-   each lane's 8 bytes of two rows a block from there. A tile's sum is stored by the warp that read all of it; a tile
-   split between warps (at most at each end of a warp's run) is summed by the last of them to finish, in the order of
-   the warps (a ticket, as in glmkit.attention): the same sums every run. */
-/* SPAN: blocks of a row in a piece (4: 128 bytes, 8 lanes of 16) */
-#define NROWS (8 * NR)  /* rows of a piece: 16, or 16 gate and 16 up */
-#define LPR (2 * SPAN)  /* lanes that copy a row, 16 bytes each */
-#define RPI (32 / LPR)  /* rows a copy instruction */
-#define CI (NROWS / RPI)  /* copy instructions a piece */
-#define SPL (NROWS * SPAN / 32)  /* scales a lane copies */
-#define PITCH (SPAN * 32 + 32)  /* a piece's row in shared memory: 40 words, so that 4 rows of 8 lanes' 8 bytes
-                                   each fall in 32 different banks */
-#define STAGE_BYTES (NROWS * PITCH + (NESTED ? 0 : NROWS * SPAN * 4))  /* bytes, then fp32 scales */
-
-struct Seg { Weight w; int row_out, tile, n; };  /* the weight a tile lies in, its first output row, the tile in it */
-
-__device__ __forceinline__ Seg locate(int tile, const Weight& w0, const Weight& w1, const Weight& w2) {
-    Seg s{w0, 0, tile, SWIGLU ? w0.n / 2 : w0.n};
-#if SEGMENTS >= 2
-    int tiles = (s.n + 15) / 16;
-    if (s.tile >= tiles) {
-        s.tile -= tiles; s.row_out = w0.n; s.w = w1; s.n = w1.n; tiles = (w1.n + 15) / 16;
-#if SEGMENTS >= 3
-        if (s.tile >= tiles) { s.tile -= tiles; s.row_out = w0.n + w1.n; s.w = w2; s.n = w2.n; }
-#endif
-    }
-#endif
-    return s;
-}
-
-/* the row of the weight that row lr of a piece of tile s reads (rows past the weight's end read its last row and
-   are not stored) */
-__device__ __forceinline__ int row_of(const Seg& s, int lr) {
-    return min(s.tile * 16 + (lr & 15), s.n - 1) + (lr >> 4) * s.n;
-}
-
-/* what a lane copies of a tile: 16 bytes of rows lane / LPR + RPI i, scales of rows (lane + 32 i) / SPAN */
-struct Src { const unsigned char* q; const float* absmax; int bytes[CI]; int scales[SPL]; };
-
-__device__ __forceinline__ Src source(const Seg& s, int lane, int bytes_per_row, int blocks_per_row) {
-    Src src{s.w.q, (const float*)s.w.absmax, {}, {}};
-#pragma unroll
-    for (int i = 0; i < CI; ++i) src.bytes[i] = row_of(s, lane / LPR + RPI * i) * bytes_per_row;
-#pragma unroll
-    for (int i = 0; i < SPL; ++i) src.scales[i] = row_of(s, (lane + 32 * i) / SPAN) * blocks_per_row;
-    return src;
-}
-
-__device__ __forceinline__ void copy16(u32 to, const void* from, bool real) {  /* real: else zeros */
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" :: "r"(to), "l"(from), "r"(real ? 16 : 0));
-}
-__device__ __forceinline__ void copy4(u32 to, const void* from, bool real) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(to), "l"(from), "r"(real ? 4 : 0));
-}
-
-/* start copying span sp of a tile into the stage at shared address `to`; blocks past the row's end are not read */
-__device__ __forceinline__ void copy_piece(u32 to, const Src& src, int sp, int lane, int blocks_per_row) {
-    const int col = lane % LPR, blk = sp * SPAN + (col >> 1), real = blk < blocks_per_row;
-#pragma unroll
-    for (int i = 0; i < CI; ++i)
-        copy16(to + (lane / LPR + RPI * i) * PITCH + 16 * col,
-               src.q + src.bytes[i] + (real ? blk * 32 + 16 * (col & 1) : 0), real);
-#if !NESTED
-    const int b = sp * SPAN + lane % SPAN;
-#pragma unroll
-    for (int i = 0; i < SPL; ++i)
-        copy4(to + NROWS * PITCH + (lane + 32 * i) * 4, src.absmax + src.scales[i] + (b < blocks_per_row ? b : 0),
-              b < blocks_per_row);
-#endif
-}
-
-__device__ __forceinline__ uint2 shared8(u32 at) {
-    uint2 v;
-    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(at));
-    return v;
-}
-__device__ __forceinline__ float shared4(u32 at) {
-    float v;
-    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(v) : "r"(at));
-    return v;
-}
-
-#ifndef PROBE
-#define PROBE 0
-#endif
-/* a piece: for each of its blocks (n of them) and each half (gate, up), the lane's 8 bytes of rows g and g + 8
-   looked up into 4 products; each block's sums scaled by its rows' scales. cbase: the lane's rows' first blocks
-   (double quantization: their scales are read here) */
-__device__ __forceinline__ void sum_piece(u32 st, const u32* xp, int n, int g, int quad, u32 table, const Seg& cs,
-                                          const int* cbase, int first_block, float offset, float* acc) {
-#pragma unroll
-  for (int b0 = 0; b0 < SPAN; b0 += 4) {  /* x of 4 blocks at a time */
-    if (b0 >= n) break;
-    uint4 xs[8];
-#pragma unroll
-    for (int b = 0; b < 4; ++b)
-        if (b0 + b < n) { xs[2 * b] = load_x(xp + 32 * (b0 + b)); xs[2 * b + 1] = load_x(xp + 32 * (b0 + b) + 4); }
-#pragma unroll
-    for (int bb = 0; bb < 4; ++bb) {
-        const int b = b0 + bb;
-        if (b >= n) break;
-        const u32 xw[8] = {xs[2 * bb].x, xs[2 * bb].y, xs[2 * bb].z, xs[2 * bb].w,
-                           xs[2 * bb + 1].x, xs[2 * bb + 1].y, xs[2 * bb + 1].z, xs[2 * bb + 1].w};
-#pragma unroll
-        for (int h = 0; h < NR / 2; ++h) {
-            const int ra = 16 * h + g, rb = ra + 8;
-            const uint2 r0 = shared8(st + ra * PITCH + 32 * b + 8 * quad), r1 = shared8(st + rb * PITCH + 32 * b + 8 * quad);
-#if NESTED  /* bitsandbytes' double quantization: absmax = code2[absmax_q] * absmax2[i / BS2] + offset */
-            const int i0 = cbase[2 * h] + first_block + b, i1 = cbase[2 * h + 1] + first_block + b;
-            const unsigned char* aq = (const unsigned char*)cs.w.absmax;
-            const float s0 = __ldg(cs.w.code2 + __ldg(aq + i0)) * __ldg(cs.w.absmax2 + i0 / BS2) + offset;
-            const float s1 = __ldg(cs.w.code2 + __ldg(aq + i1)) * __ldg(cs.w.absmax2 + i1 / BS2) + offset;
-#else
-            const float s0 = shared4(st + NROWS * PITCH + (ra * SPAN + b) * 4);
-            const float s1 = shared4(st + NROWS * PITCH + (rb * SPAN + b) * 4);
-#endif
-            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#if PROBE == 1  /* the bytes, scales and x read, nothing looked up or multiplied */
-            d[0] = __uint_as_float(((r0.x ^ r0.y ^ r1.x ^ r1.y ^ xw[0] ^ xw[7]) & 0x007fffffu) | 0x3f800000u);
-#else
-#pragma unroll
-            for (int i = 0; i < 4; ++i)
-                mma(d, pair_of(table, r0, 2 * i), pair_of(table, r1, 2 * i), pair_of(table, r0, 2 * i + 1),
-                    pair_of(table, r1, 2 * i + 1), xw[2 * i], xw[2 * i + 1]);
-#endif
-            acc[4 * h + 0] += d[0] * s0;
-            acc[4 * h + 1] += d[1] * s0;
-            acc[4 * h + 2] += d[2] * s1;
-            acc[4 * h + 3] += d[3] * s1;
-        }
-    }
-  }
-}
-
-/* lane l's v[e] is row g (+8 for e & 2) of vector 2 quad + (e & 1); with SwiGLU v[4 + e] is its up row */
-__device__ __forceinline__ void store_tile(const float* v, const Seg& s, int g, int quad, int vectors,
-                                           u16* __restrict__ y, int y_row, const u16* __restrict__ bias) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-        const int r = s.tile * 16 + g + 8 * (e >> 1), vec = 2 * quad + (e & 1);
-        if (r < s.n && vec < vectors) {
-            float sum = v[e];
-#if HAS_BIAS
-            sum += from16(bias[s.row_out + r]);
-#endif
-#if SWIGLU  /* up * silu(gate), each of gate, up and silu(gate) rounded as PyTorch rounds them */
-            const float gate = round16(sum);
-            const float silu = round16(gate / (1.0f + expf(-gate)));
-            sum = round16(v[4 + e]) * silu;
-#endif
-            y[(size_t)vec * y_row + s.row_out + r] = (u16)to16(sum);
-        }
-    }
-}
-
-/* the warp whose run holds piece u: runs are [floor(w W / T), floor((w + 1) W / T)) */
-__device__ __forceinline__ int warp_of(long long u, long long W, int T) { return (int)(((u + 1) * T - 1) / W); }
-__device__ __forceinline__ int run_start(int w, long long W, int T) { return (int)(W * w / T); }
-
-extern "C" __global__ void __launch_bounds__(WARPS * 32, MIN_BLOCKS)
-glmkit_gemv4_stream(const u32* __restrict__ x, u16* __restrict__ y, const u16* __restrict__ bias,
-                    const float* __restrict__ code,
-                    const unsigned char* q0, const void* a0, const float* a20, const float* c20, const float* o0, int n0,
-                    const unsigned char* q1, const void* a1, const float* a21, const float* c21, const float* o1, int n1,
-                    const unsigned char* q2, const void* a2, const float* a22, const float* c22, const float* o2, int n2,
-                    int vectors, int bytes_per_row, int blocks_per_row, int y_row, int tiles, float* part, int* tickets)
-{
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int g = lane >> 2, quad = lane & 3;
-    const Weight w0{q0, a0, a20, c20, o0, n0}, w1{q1, a1, a21, c21, o1, n1}, w2{q2, a2, a22, c22, o2, n2};
-    const int spans = (blocks_per_row + SPAN - 1) / SPAN;  /* pieces a tile */
-    const long long W = (long long)tiles * spans;  /* pieces, tile after tile */
-    const int T = gridDim.x * WARPS, gw = blockIdx.x * WARPS + warp;  /* T <= W: no warp's run is empty */
-    const int begin = run_start(gw, W, T), end = run_start(gw + 1, W, T);
-    const u32 ring = (u32)__cvta_generic_to_shared(smem) + TABLE * 4 + warp * STAGES * STAGE_BYTES;
-
-    /* the first STAGES - 1 pieces on their way while the table is written (one group each, even if empty) */
-    int lt = begin / spans, ls = begin - lt * spans;
-    Src src = source(locate(lt, w0, w1, w2), lane, bytes_per_row, blocks_per_row);
-#pragma unroll
-    for (int j = 0; j < STAGES - 1; ++j) {
-        if (begin + j < end) {
-            copy_piece(ring + j * STAGE_BYTES, src, ls, lane, blocks_per_row);
-            if (++ls == spans) { ls = 0; src = source(locate(++lt, w0, w1, w2), lane, bytes_per_row, blocks_per_row); }
-        }
-        asm volatile("cp.async.commit_group;");
-    }
-    build_table(code);
-    __syncthreads();
-
-    const u32 table = (u32)__cvta_generic_to_shared(smem) + 4 * lane;
-    /* vector g is the operand's column g (lanes past the last vector read the last one; their sums are not stored) */
-    const u32* xrow = x + (size_t)min(g, vectors - 1) * bytes_per_row + 8 * quad;
-    int ct = begin / spans, cp = begin - ct * spans;
-    Seg cs = locate(ct, w0, w1, w2);
-    int cbase[NR];
-#pragma unroll
-    for (int r = 0; r < NR; ++r) cbase[r] = row_of(cs, g + 8 * (r & 1) + 16 * (r >> 1)) * blocks_per_row;
-    float offset = NESTED ? *cs.w.offset : 0.0f;
-    float acc[NACC];
-#pragma unroll
-    for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
-    int next = STAGES - 1, here = 0;  /* the stages the next copy goes to and this piece is read from */
-    for (int u = begin; u < end; ++u) {
-        if (u + STAGES - 1 < end) {
-            copy_piece(ring + next * STAGE_BYTES, src, ls, lane, blocks_per_row);
-            if (++ls == spans) { ls = 0; src = source(locate(++lt, w0, w1, w2), lane, bytes_per_row, blocks_per_row); }
-        }
-        asm volatile("cp.async.commit_group;");
-        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1));  /* this piece's copy is done */
-        __syncwarp();
-        sum_piece(ring + here * STAGE_BYTES, xrow + 32 * SPAN * cp, min(SPAN, blocks_per_row - SPAN * cp), g, quad,
-                  table, cs, cbase, SPAN * cp, offset, acc);
-        __syncwarp();  /* every lane is done with the stage before the next copy into it */
-        next = next + 1 == STAGES ? 0 : next + 1;
-        here = here + 1 == STAGES ? 0 : here + 1;
-        if (++cp < spans && u + 1 < end) continue;
-        /* the end of a tile, or of the run */
-        const long long t0 = (long long)ct * spans;
-        if (begin <= t0 && end >= t0 + spans) {  /* all of it read here */
-            store_tile(acc, cs, g, quad, vectors, y, y_row, bias);
-        } else {  /* this warp's part, then the last of the tile's warps to finish adds them up, in order */
-            const int first = warp_of(t0, W, T), last = warp_of(t0 + spans - 1, W, T);
-            float4* mine = (float4*)(part + ((size_t)(2 * gw + (ct == begin / spans ? 0 : 1)) * 32 + lane) * NACC);
-#pragma unroll
-            for (int i = 0; i < NACC / 4; ++i)
-                __stcg(mine + i, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
-            __threadfence();
-            __syncwarp();
-            int ticket = 0;
-            if (lane == 0) ticket = atomicAdd(tickets + ct, 1);
-            ticket = __shfl_sync(0xffffffffu, ticket, 0);
-            if (ticket == last - first) {
-                __threadfence();
-                float v[NACC];
-#pragma unroll
-                for (int i = 0; i < NACC; ++i) v[i] = 0.0f;
-#pragma unroll 1
-                for (int w = first; w <= last; ++w) {
-                    const int slot = ct == run_start(w, W, T) / spans ? 0 : 1;
-                    const float4* p = (const float4*)(part + ((size_t)(2 * w + slot) * 32 + lane) * NACC);
-#pragma unroll
-                    for (int i = 0; i < NACC / 4; ++i) {
-                        const float4 q = __ldcg(p + i);
-                        v[4 * i] += q.x; v[4 * i + 1] += q.y; v[4 * i + 2] += q.z; v[4 * i + 3] += q.w;
-                    }
-                }
-                if (lane == 0) tickets[ct] = 0;  /* ready for the next launch */
-                store_tile(v, cs, g, quad, vectors, y, y_row, bias);
-            }
-        }
-        if (u + 1 < end) {
-#pragma unroll
-            for (int i = 0; i < NACC; ++i) acc[i] = 0.0f;
-            cp = 0;
-            cs = locate(++ct, w0, w1, w2);
-#pragma unroll
-            for (int r = 0; r < NR; ++r) cbase[r] = row_of(cs, g + 8 * (r & 1) + 16 * (r >> 1)) * blocks_per_row;
-            if (NESTED) offset = *cs.w.offset;
-        }
-    }
-    asm volatile("cp.async.wait_group 0;");  /* nothing left in flight when the program ends */
-}
-#else
 /* a lane's rows: where each starts (at the lane's 8 bytes of its warp's first chunk) and where its scales lie in
    shared memory; x's pairs that go with those bytes */
 struct Rows {
@@ -518,7 +232,14 @@ glmkit_gemv4_mma(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
     if (full > 0) load_stage<UNROLL, false>(a, 0, count, rows);  /* in flight while the tables are written */
     else if (stages > 0) load_stage<UNROLL, true>(a, 0, count, rows);
 
-    build_table(code);
+    /* the lookup table: entry e of lane l at word 32 e + l, (code[e >> 4], code[e & 15]) in x's type, the high
+       nibble's value (the even column) in the low half; a thread writes an entry's 32 copies, 16 bytes at a time,
+       starting at a different 16 bytes from its neighbours' (no two of 8 threads in one bank) */
+    for (int e = threadIdx.x; e < 256; e += WARPS * 32) {
+        const u32 v = to16(code[e >> 4]) | (to16(code[e & 15]) << 16);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) *(uint4*)(smem + 32 * e + 4 * ((i + e) & 7)) = make_uint4(v, v, v, v);
+    }
     /* this program's scales, fp32 (double quantization undone here, once) */
     for (int lr = warp; lr < 16 * (NR / 2); lr += WARPS) {
         const int base = (min(tile * 16 + (lr & 15), n - 1) + (lr >> 4) * n) * blocks_per_row;
@@ -587,7 +308,6 @@ glmkit_gemv4_mma(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
         }
     }
 }
-#endif  /* STREAM */
 """
 
 _KERNELS: dict[tuple[Any, ...], Any] = {}
@@ -599,21 +319,11 @@ def source() -> str:
     return _SOURCE
 
 
-def _options(bf16: bool, nested: bool, swiglu: bool, bias: bool, segments: int, nested_blocksize: int,
-             stream: bool = False) -> list[str]:
+def _options(bf16: bool, nested: bool, swiglu: bool, bias: bool, segments: int, nested_blocksize: int) -> list[str]:
     flags = dict(BF16=int(bf16), NESTED=int(nested), SWIGLU=int(swiglu), HAS_BIAS=int(bias), SEGMENTS=segments,
-                 BS2=nested_blocksize, STREAM=int(stream))
-    if stream:
-        flags.update(WARPS=STREAM_WARPS, MIN_BLOCKS=STREAM_BLOCKS, STAGES=STAGES_SWIGLU if swiglu else STAGES,
-                     SPAN=SPAN)
-    else:
-        flags.update(WARPS=WARPS, UNROLL=UNROLL_SWIGLU if swiglu else UNROLL,
-                     MIN_BLOCKS=MIN_BLOCKS_SWIGLU if swiglu else MIN_BLOCKS)
-    return [f"-D{k}={v}" for k, v in flags.items()] + ["-std=c++17"] + (EXTRA_OPTIONS if stream else [])
-
-
-def _name(options: list[str]) -> str:
-    return NAME_STREAM if "-DSTREAM=1" in options else NAME
+                 BS2=nested_blocksize, WARPS=WARPS, UNROLL=UNROLL_SWIGLU if swiglu else UNROLL,
+                 MIN_BLOCKS=MIN_BLOCKS_SWIGLU if swiglu else MIN_BLOCKS)
+    return [f"-D{k}={v}" for k, v in flags.items()] + ["-std=c++17"]
 
 
 def _nvrtc() -> ctypes.CDLL:
@@ -683,20 +393,17 @@ def compile_cubin(options: list[str], arch: str) -> bytes:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def _kernel(device: torch.device, options: list[str], shared: int = 0) -> Any:
+def _kernel(device: torch.device, options: list[str]) -> Any:
     key = (device.index, *options)
     if key not in _KERNELS:  # (with device current: _run)
         try:
-            kernel = torch.cuda._compile_kernel(_SOURCE, _name(options), nvcc_options=options)
+            kernel = torch.cuda._compile_kernel(_SOURCE, NAME, nvcc_options=options)
         except OSError:  # torch asks for a CUDA toolkit's headers (CUDA_HOME); this kernel includes none
             from torch.cuda._utils import _cuda_load_module
 
             major, minor = torch.cuda.get_device_capability(device)
-            name = _name(options)
-            loaded = _cuda_load_module(compile_cubin(options, f"sm_{major}{minor}"), [name])
-            kernel = loaded[name] if isinstance(loaded, dict) else getattr(loaded, name)
-        if shared > SHARED_LIMIT:  # asked of the driver once
-            kernel.set_shared_memory_config(shared)
+            loaded = _cuda_load_module(compile_cubin(options, f"sm_{major}{minor}"), [NAME])
+            kernel = loaded[NAME] if isinstance(loaded, dict) else getattr(loaded, NAME)
         _KERNELS[key] = kernel
     return _KERNELS[key]
 
@@ -706,14 +413,7 @@ def _run(device: torch.device, options: list[str], grid: tuple[int, int, int], b
     """Compile (once) and launch the kernel with ``device`` current: the launch goes to the current device's context
     and stream, and another GPU's tensors need theirs."""
     with torch.cuda.device(device):
-        _kernel(device, options, shared)(grid, block, args, shared_mem=shared)
-
-
-def _stream_shared_bytes(swiglu: bool, nested: bool) -> int:
-    """Shared memory of one stream program: the lookup table, then each warp's ring of pieces (bytes, fp32 scales)."""
-    rows = 32 if swiglu else 16
-    stage = rows * (SPAN * 32 + 32) + (0 if nested else rows * SPAN * 4)  # the kernel's PITCH a row
-    return TABLE_BYTES + STREAM_WARPS * (STAGES_SWIGLU if swiglu else STAGES) * stage
+        _kernel(device, options)(grid, block, args, shared_mem=shared)
 
 
 def _shared_bytes(k: int, swiglu: bool) -> int:
@@ -737,89 +437,19 @@ def runs_on(device: torch.device | str, vectors: int, dtype: torch.dtype, *, env
             and MIN_VECTORS <= vectors <= MAX_VECTORS)
 
 
-def layout(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: bool = True) -> str | None:
-    """How ``glmkit.gemv4bit`` multiplies ``x`` by these ``Packed4bit`` weights with this kernel, or None where it
-    does not: where it runs (``runs_on``: the GPU, x's dtype and vectors), bitsandbytes' default blocksize (64) with
-    the bytes 8-byte aligned, then ``"stream"`` for 1-``STREAM_MAX_VECTORS`` vectors (16-byte aligned bytes, at least
-    ``STREAM_WARPS`` pieces of 16 rows by 256 columns, a program's shared memory within what the GPU allows one, and
-    inside a CUDA graph capture the scratch memory made before it), else
-    ``"tiles"`` where a program's shared memory stays within ``SHARED_LIMIT`` (rows of up to 16320 columns; 8128
-    for gate/up).
-
-    >>> layout(torch.zeros(1, 64), ())
-    """
-    if not x.is_cuda:
-        return None
-    w = ws[0]
-    k, vectors = w.shape[1], x.numel() // w.shape[1]
-    if not (runs_on(x.device, vectors, x.dtype, env=env) and w.blocksize == 64
-            and all(v.data.data_ptr() % 8 == 0 for v in ws)):
-        return None
-    if vectors <= STREAM_MAX_VECTORS:
-        return "stream" if streams(x.device, ws, swiglu) else None
-    return "tiles" if vectors >= 2 and _shared_bytes(k, swiglu) <= SHARED_LIMIT else None
-
-
 def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: bool = True) -> bool:
-    """Whether ``glmkit.gemv4bit`` multiplies ``x`` by these ``Packed4bit`` weights with this kernel (``layout``).
+    """Whether ``glmkit.gemv4bit`` multiplies ``x`` by these ``Packed4bit`` weights with this kernel: where it runs
+    (``runs_on``: the GPU, x's dtype and vectors), bitsandbytes' default blocksize (64) with the bytes 8-byte
+    aligned, and the program's shared memory within ``SHARED_LIMIT`` (rows of up to 16320 columns; 8128 for gate/up).
 
     >>> usable(torch.zeros(1, 64), ())
     False
     """
-    return layout(x, ws, swiglu, env=env) is not None
-
-
-def streams(device: torch.device, ws: tuple[Any, ...], swiglu: bool) -> bool:
-    """Whether the stream layout takes these weights on ``device`` (a GPU where ``runs_on``): bytes copied 16 at a
-    time (16-byte aligned), at least one piece of 16 rows by 256 columns for each warp of a program, its shared
-    memory within what the GPU grants one program that asks, and inside a CUDA graph capture the scratch memory
-    (``_scratch``) made before it."""
-    pieces = _tiles(ws, swiglu) * -(-ws[0].shape[1] // (64 * SPAN))
-    ready = not torch.cuda.is_current_stream_capturing() or _scratch(device, _tiles(ws, swiglu), make=False)
-    return (all(v.data.data_ptr() % 16 == 0 for v in ws) and pieces >= STREAM_WARPS and bool(ready)
-            and _stream_shared_bytes(swiglu, ws[0].nested) <= _shared_optin(device))
-
-
-def _shared_optin(device: torch.device) -> int:
-    """The shared memory a program may have on ``device`` when it asks (``set_shared_memory_config``)."""
-    try:
-        from torch.cuda._utils import _CudaKernel
-    except ImportError:
-        return SHARED_LIMIT
-    if not hasattr(_CudaKernel, "set_shared_memory_config"):  # an older PyTorch: what every program gets
-        return SHARED_LIMIT
-    return getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", SHARED_LIMIT)
-
-
-def _tiles(ws: tuple[Any, ...], swiglu: bool) -> int:
-    return sum(-(-(v.shape[0] // 2 if swiglu else v.shape[0]) // ROWS) for v in ws)
-
-
-_SCRATCH: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-_KEPT: list[tuple[torch.Tensor, torch.Tensor]] = []  # outgrown scratch a captured CUDA graph may still point at
-
-
-def _slots(device: torch.device) -> int:
-    """Programs of the stream's grid: ``STREAM_BLOCKS`` an SM."""
-    return torch.cuda.get_device_properties(device).multi_processor_count * STREAM_BLOCKS
-
-
-def _scratch(device: torch.device, tiles: int, make: bool = True) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The stream's scratch on ``device``: a ticket per tile (zero between launches: the last warp of a tile sets it
-    back) and each warp's parts of the tiles it shares. Made, or grown, outside CUDA graph captures only (``make``);
-    one per GPU, for launches one after the other (one stream at a time)."""
-    index = _index(device)
-    have = _SCRATCH.get(index)
-    if have is not None and have[0].numel() >= tiles:
-        return have
-    if not make:
-        return None
-    if have is not None:
-        _KEPT.append(have)
-    tickets = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-    parts = torch.empty(_slots(device) * STREAM_WARPS * PART_FLOATS, dtype=torch.float32, device=device)
-    _SCRATCH[index] = (tickets, parts)
-    return _SCRATCH[index]
+    if not x.is_cuda:
+        return False
+    w = ws[0]
+    return (runs_on(x.device, x.numel() // w.shape[1], x.dtype, env=env) and w.blocksize == 64
+            and all(v.data.data_ptr() % 8 == 0 for v in ws) and _shared_bytes(w.shape[1], swiglu) <= SHARED_LIMIT)
 
 
 def _index(device: torch.device) -> int:
@@ -839,38 +469,27 @@ def weight_slots(ws: tuple[Any, ...], rows: Sequence[int]) -> list[Any]:
     return slots + slots[:6] * (3 - len(ws))
 
 
-def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | None, swiglu: bool,
-                  how: str | None = None) -> torch.Tensor:
+def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for up to three ``Packed4bit`` weights of one format side by side (q, k, v), or
     ``up * silu(gate)`` of one gate/up weight ``[2n, k]`` (``swiglu``), for 1-``MAX_VECTORS`` vectors ``[..., k]``;
-    y in x's dtype, in the layout ``how`` (``"stream"`` or ``"tiles"``; by default ``layout``'s). The caller
-    (``glmkit.gemv4bit._launch``) has checked the inputs and ``usable``."""
+    y in x's dtype. The caller (``glmkit.gemv4bit._launch``) has checked the inputs and ``usable``."""
     w = ws[0]
     k = w.shape[1]
     rows = [v.shape[0] for v in ws]
     n_out = rows[0] // 2 if swiglu else sum(rows)
     vectors = x.numel() // k
-    how = how or ("stream" if vectors <= STREAM_MAX_VECTORS else "tiles")
     xf = x.reshape(vectors, k).contiguous()
     if xf.data_ptr() % 16:  # read as 16-byte words
         xf = xf.clone()
     if bias is not None:  # read in x's type
         bias = bias.to(x.dtype).contiguous()
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
-    tiles = _tiles(ws, swiglu)
-    options = _options(x.dtype == torch.bfloat16, w.nested, swiglu, bias is not None, len(ws), w.nested_blocksize,
-                       how == "stream")
-    args = [xf, y, bias if bias is not None else y, w.code, *weight_slots(ws, rows), vectors, k // 2,
-            k // w.blocksize, n_out]
-    if how == "stream":  # as many programs as the GPU holds at once, but no warp without a piece
-        if not streams(x.device, ws, swiglu):
-            raise ValueError("the stream layout does not take these weights here (streams())")
-        scratch = _scratch(x.device, tiles, make=not torch.cuda.is_current_stream_capturing())
-        programs = max(1, min(_slots(x.device), tiles * -(-k // (64 * SPAN)) // STREAM_WARPS))
-        _run(x.device, options, (programs, 1, 1), (STREAM_WARPS * 32, 1, 1), [*args, tiles, scratch[1], scratch[0]],
-             _stream_shared_bytes(swiglu, w.nested))
-    else:
-        _run(x.device, options, (tiles, 1, 1), (WARPS * 32, 1, 1), args, _shared_bytes(k, swiglu))
+    tiles = sum(-(-(n // 2 if swiglu else n) // ROWS) for n in rows)
+    options = _options(x.dtype == torch.bfloat16, w.nested, swiglu, bias is not None, len(ws), w.nested_blocksize)
+    _run(x.device, options, (tiles, 1, 1), (WARPS * 32, 1, 1),
+         [xf, y, bias if bias is not None else y, w.code, *weight_slots(ws, rows), vectors, k // 2,
+          k // w.blocksize, n_out],
+         _shared_bytes(k, swiglu))
     return y
 
 
