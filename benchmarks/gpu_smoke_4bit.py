@@ -1,9 +1,10 @@
 """Quick GPU check of the 4-bit fast path (about a minute on an H200): glmkit's 4-bit kernel with each nibble
 lookup against float64 at GLM-4-9B's width, then the trained tiny model in bitsandbytes nf4, nf4 with double
 quantization and fp4 through the default decoder (``gemv="auto"``: glmkit's 4-bit ops inside the compiled layer,
-each step a CUDA graph) against the same model's ``generate()``, nf4 once more with the "pair" lookup, and two rows of
-different prompts through the 4-bit kernels (the CUDA tensor-core kernel, ``glmkit.gemv4bit_mma``, checked first
-against float64 and the Triton kernels at 2-8 vectors) against each row's ``generate()``. Prints
+each step a CUDA graph) against the same model's ``generate()``, nf4 once more with the "pair" lookup, two rows of
+different prompts through the 4-bit kernels against each row's ``generate()`` (the CUDA tensor-core kernel,
+``glmkit.gemv4bit_mma``: its first-run check comes with that decoder's warm-up, none before), eight rows, then the
+CUDA kernel against float64 and the Triton kernels at 2-8 vectors. Prints
 one line per check, with any warning (a layer that did not compile, kernels that failed). Also run by
 ``gpu_smoke_fast.py``.
 
@@ -78,7 +79,8 @@ def check_batch(prompt: torch.Tensor, new_tokens: int = 16) -> None:
         alone = [FastDecoder(model, max_len=prompt.shape[1] + new_tokens + 8).generate(p, new_tokens, ignore_eos=True)
                  for p in (prompt, other)]
         n = prompt.shape[1]
-        print("4-bit nf4 batch 2 gemv", dec.gemv_by_bucket, "compiled", dec.compiled, "rows identical to generate():",
+        print("4-bit nf4 batch 2 gemv", dec.gemv_by_bucket, "kernel", gemv4bit.kernel_for_rows("cuda", 2),
+              "compiled", dec.compiled, "rows identical to generate():",
               [torch.equal(got[i:i + 1], w) for i, w in enumerate(wants)], "tokens agreeing with generate():",
               [int((got[i, n:] == w[0, n:]).sum()) for i, w in enumerate(wants)], "with the batch-1 decoder:",
               [int((got[i, n:] == a[0, n:]).sum()) for i, a in enumerate(alone)], f"of {new_tokens}", flush=True)
@@ -166,10 +168,15 @@ def check(prompt: torch.Tensor | None = None) -> None:
     if prompt is None:  # gpu_smoke_fast.py's prompt: 8 random ids
         prompt = torch.randint(0, 800, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))[:1, :8]
     check_lookups()
-    check_mma()
     check_decoders(prompt)
+    # the CUDA kernel's first-run check waits for the first 2-8 rows: the batch-2 decoder's eager warm-up, before
+    # its capture (none at load time or at batch 1)
+    print("CUDA-kernel checks after the batch-1 decoders (expect none):", dict(gemv4bit._MMA_CHECKED), flush=True)
     check_batch(prompt)
+    print("CUDA-kernel checks after the batch-2 decoder (expect its dtype, True):", dict(gemv4bit._MMA_CHECKED),
+          flush=True)
     check_tensor_cores(prompt)
+    check_mma()
 
 
 if __name__ == "__main__":

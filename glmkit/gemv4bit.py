@@ -144,8 +144,6 @@ class Packed4bit(NamedTuple):
             state = copy.copy(state)  # bitsandbytes may repack the module's state later (CPU): keep these tensors
         packed = cls.from_state(data, state)
         check_lookup(packed.device)  # once per GPU, before a decoder compiles its layers around the kernels
-        if packed.dtype in (torch.bfloat16, torch.float16):
-            check_mma(packed.device, packed.dtype)
         tuned_lookups()  # and the tables' lookups read, before any CUDA graph is captured
         return packed
 
@@ -667,11 +665,12 @@ _MMA_CHECKED: dict[tuple[torch.device, torch.dtype], bool] = {}
 
 def check_mma(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the tensor-core CUDA kernel (``glmkit.gemv4bit_mma``) runs on ``device`` for tokens of ``dtype``: the
-    first time in a process (not inside a compiled function or a CUDA graph capture: the decoders call it first, from
-    ``Packed4bit.from_bnb``) it is compiled and checked against ``dequantize`` + ``F.linear`` on small weights (fp32
-    and double-quantized scales, q/k/v with a bias, one weight, SwiGLU, 2 and 8 vectors; on an H200 6.7 s for the
-    first dtype in a process, 1.8 s for the second); an error or a disagreement turns it off for the process, with a
-    warning that says why, and the Triton kernels run instead.
+    first time 2-8 tokens of ``dtype`` go through ``gemv_4bit`` on ``device`` in a process, outside a compiled
+    function or a CUDA graph capture (a decoder's eager warm-up steps, which come before its capture), it is
+    compiled and checked against ``dequantize`` + ``F.linear`` on small weights (fp32 and double-quantized scales,
+    q/k/v with a bias, one weight, SwiGLU, 2 and 8 vectors; on an H200 6.7 s for the first dtype in a process, 1.8 s
+    for the second: a model that only decodes one sequence never pays it); an error or a disagreement turns it off
+    for the process, with a warning that says why, and the Triton kernels run instead.
 
     >>> check_mma("cpu")
     False
@@ -685,7 +684,7 @@ def check_mma(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -
     if key in _MMA_CHECKED:
         return _MMA_CHECKED[key]
     if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return True  # checked before: from_bnb and the decoders' warm-up steps run eagerly first
+        return True  # checked before: the decoders' warm-up steps run eagerly first
     _MMA_CHECKED[key] = True
     try:
         with torch.cuda.device(device):

@@ -124,3 +124,16 @@ def test_cpu_stays_with_triton(monkeypatch):
     monkeypatch.setattr(gemv4bit_mma, "gemv_4bit_mma", lambda *a: pytest.fail("the CUDA kernel ran on a CPU"))
     y = gemv4bit.gemv_4bit(x, w)  # the op, with nothing forced: what a decoder calls
     assert torch.allclose(y.float(), x.float() @ w.dequantize(torch.float32).T, atol=5e-2, rtol=2e-2)
+
+
+def test_loading_a_4bit_weight_leaves_the_cuda_kernels_check_for_later(monkeypatch):
+    """``Packed4bit.from_bnb`` (what the decoders call on every 4-bit layer) neither compiles nor checks the CUDA
+    kernel: its first-run check (6.7 s on an H200) waits for the first 2-8 tokens, so a model that only decodes one
+    sequence never pays for it."""
+    import bitsandbytes as bnb
+
+    monkeypatch.setattr(gemv4bit, "check_mma", lambda *a: pytest.fail("check_mma ran at load time"))
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.load_state_dict(torch.nn.Linear(128, 64, bias=False).state_dict())
+    packed = gemv4bit.Packed4bit.from_bnb(layer.to(torch.bfloat16).to("cpu").weight)  # quantizes, in bf16
+    assert packed.dtype == torch.bfloat16 and packed.shape == (64, 128)
