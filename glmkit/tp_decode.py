@@ -140,7 +140,9 @@ def attention_half(h: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: t
     """The rank's heads for ``s`` new tokens per row, their K/V written at ``pos`` in the static cache; returns
     this rank's partial ``o_proj`` output (to be all-reduced).
 
-    h: normalised input [b, s, hidden]; pos: [b, s] positions; cos/sin: [b, 1, s, rotary]; mask: additive
+    h: normalised input [b, s, hidden]; pos: [b, s] positions; cos/sin: [b, 1, s, rotary] (with ``"triton"``
+    attention of one token a row, the tables ``[max_len, rotary]`` may be given instead: the kernel reads row pos
+    itself, no gather kernels before it); mask: additive
     [b, 1, s, max_len] (``None`` with ``"triton"`` attention of one token a row); k_cache/v_cache:
     [b, kv_heads, max_len, head_dim]. attention: ``"triton"`` for one token per row
     (``glmkit.attention.decode_attention``: rope, the K/V write and attention in one kernel; ``tickets``, int32
@@ -203,7 +205,8 @@ def attend(qkv: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.T
     b, s, _ = qkv.shape
     rows = torch.arange(b, device=qkv.device)[:, None]
     if attention == "triton" and s == 1:  # one kernel: rope, the K/V write at pos and attention over 0..pos
-        attn = qkv_decode_attention(qkv, k_cache, v_cache, pos[:, 0], rows[:, 0], cos, sin, tickets)
+        attn = qkv_decode_attention(qkv, k_cache, v_cache, pos[:, 0], rows[:, 0], cos, sin, tickets,
+                                    cos_table=cos.dim() == 2)
     else:
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         q = rope(q.view(b, s, heads, head_dim).transpose(1, 2), cos, sin)
@@ -407,7 +410,10 @@ class TPDecoder:
         b, s = tokens.shape
         reduce = _unreduced if alone else self.allreduce
         x = reduce(embed(tokens, self.embed, self.embed_start))  # [b, s, hidden]
-        cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [b, 1, s, rotary]
+        if self.attention == "triton" and s == 1:  # the tables: glmkit's kernel reads each row's position itself
+            cos, sin = self.cos, self.sin  # [max_len, rotary]
+        else:
+            cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [b, 1, s, rotary]
         mask = None  # glmkit's decode attention reads the positions, not a mask: none to build for one token a row
         if not (self.attention == "triton" and s == 1):
             mask = torch.zeros(b, 1, s, self.max_len, dtype=self.dtype, device=self.device)
