@@ -42,8 +42,8 @@ import copy
 import json
 import os
 import warnings
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -631,7 +631,29 @@ def _check_format(ws: tuple[Packed4bit, ...]) -> None:
                              "double quantization or not); multiply them one by one with gemv_4bit.")
 
 
-_CHECKED: set[torch.device] = set()
+T = TypeVar("T")
+
+
+def _first_run(answers: dict[Any, T], key: Any, check: Callable[[], T], meanwhile: T) -> T:
+    """``check()``'s answer for ``key``, found the first time it is asked for outside a compiled function and a CUDA
+    graph capture (where nothing can be checked: the decoders' eager warm-up steps come first) and kept for the
+    process; ``meanwhile`` before that, and while the check itself runs. The shape of glmkit's three first-run
+    checks of its 4-bit kernels on a GPU: ``check_lookup``, ``check_pair_lookup``, ``check_mma``.
+
+    >>> answers = {}
+    >>> _first_run(answers, "gpu 0", lambda: False, True), answers
+    (False, {'gpu 0': False})
+    """
+    if key in answers:
+        return answers[key]
+    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return meanwhile
+    answers[key] = meanwhile
+    answers[key] = check()
+    return answers[key]
+
+
+_CHECKED: dict[torch.device, bool] = {}
 
 
 def check_lookup(device: torch.device | str) -> str:
@@ -647,17 +669,19 @@ def check_lookup(device: torch.device | str) -> str:
     if torch.compiler.is_compiling() or LOOKUP != "shuffle":  # first: inside a compiled function, nothing else runs
         return LOOKUP
     device = torch.device(device)
-    if device.type != "cuda" or device in _CHECKED or torch.cuda.is_current_stream_capturing():
-        return LOOKUP
-    _CHECKED.add(device)
+    if device.type == "cuda" and not _first_run(_CHECKED, device, lambda: _row_shuffle_agrees(device), True):
+        LOOKUP = "load"
+    return LOOKUP
+
+
+def _row_shuffle_agrees(device: torch.device) -> bool:
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(1, 1, 256, device=device, generator=g).to(torch.bfloat16)
     for double_quant in (False, True):
         w = quantize(torch.randn(64, 256, device=device, generator=g), "nf4", double_quant)
         if not _shuffle_agrees(device, "4-bit kernels", lambda lookup, w=w: _launch(x, (w,), None, False, None, lookup)):
-            LOOKUP = "load"
-            break
-    return LOOKUP
+            return False
+    return True
 
 
 _MMA_CHECKED: dict[tuple[torch.device, torch.dtype], bool] = {}
@@ -680,23 +704,18 @@ def check_mma(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -
         return False
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (device, dtype)
-    if key in _MMA_CHECKED:
-        return _MMA_CHECKED[key]
-    if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-        return True  # checked before: the decoders' warm-up steps run eagerly first
-    _MMA_CHECKED[key] = True
+    return _first_run(_MMA_CHECKED, (device, dtype), lambda: _mma_agrees(device, dtype), True)
+
+
+def _mma_agrees(device: torch.device, dtype: torch.dtype) -> bool:
     try:
         with torch.cuda.device(device):
             why = _mma_disagreement(device, dtype)
     except Exception as exc:  # NVRTC missing or failing, an error the launch reports: the Triton kernels take over
         why = _why(exc)
-    if why == _NOT_HERE:  # nothing to check: the kernel does not run here (an old torch, an earlier failure)
-        _MMA_CHECKED[key] = False
-    elif why:
-        _MMA_CHECKED[key] = False
+    if why and why != _NOT_HERE:  # (_NOT_HERE: nothing to check, the kernel does not run here)
         gemv4bit_mma.disable(device, why)
-    return _MMA_CHECKED[key]
+    return not why
 
 
 _NOT_HERE = "not usable here"
@@ -914,16 +933,15 @@ def check_pair_lookup(device: torch.device | str, lookup: str) -> str:
     device = torch.device(device)
     if lookup != "shuffle" or device.type != "cuda":
         return lookup
-    if device not in _PAIR_CHECKED:
-        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-            return lookup
-        _PAIR_CHECKED[device] = True
-        g = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(ROW_KERNEL_MAX_VECTORS + 1, 1, 256, device=device, generator=g).to(torch.bfloat16)
-        w = quantize(torch.randn(64, 256, device=device, generator=g), "nf4", double_quant=True)
-        _PAIR_CHECKED[device] = _shuffle_agrees(device, "4-bit tensor-core kernel",
-                                                lambda lookup: _launch_tensor_cores(x, (w,), None, False, lookup))
-    return lookup if _PAIR_CHECKED[device] else "load"
+    return lookup if _first_run(_PAIR_CHECKED, device, lambda: _pair_shuffle_agrees(device), True) else "load"
+
+
+def _pair_shuffle_agrees(device: torch.device) -> bool:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(ROW_KERNEL_MAX_VECTORS + 1, 1, 256, device=device, generator=g).to(torch.bfloat16)
+    w = quantize(torch.randn(64, 256, device=device, generator=g), "nf4", double_quant=True)
+    return _shuffle_agrees(device, "4-bit tensor-core kernel",
+                           lambda lookup: _launch_tensor_cores(x, (w,), None, False, lookup))
 
 
 def _launch_tensor_cores(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
