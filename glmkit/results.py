@@ -2141,9 +2141,28 @@ def nf4_mma_sentence() -> Text:
                      f"({one['Achieved Active Warps Per SM warp']:.0f} an SM) wait mostly on their loads from memory "
                      f"({stalls['long_scoreboard']:.1f} cycles per issued instruction; Nsight Compute, "
                      f"`nf4_mma_ncu.json`).")
+        stream = load("nf4_stream")
+        if stream:
+            last = list(stream["versions"].values())[-1]
+            one = last["projections_1_vector"]
+            text += (" A layout for one vector that keeps every SM busy to the end, each warp streaming its own share "
+                     "of the weight through shared memory, was slower still over a layer (`nf4_stream.json`, another "
+                     f"run, each projection at the best of 6 launch shapes): "
+                     f"{sum(p['stream_best_us'] for p in one.values()):.1f} against "
+                     f"{sum(p['triton_us'] for p in one.values()):.1f} µs; reading alone, it took "
+                     f"{_fixed_us(last['pieces_of_4_8_16_blocks']):.1f} µs a launch that does not grow with the weight.")
         return text
     return from_result("nf4_batch_mma", render, what="4-bit decoding of 2-8 rows on the tensor cores",
                        script="benchmarks/nf4_batch.py --sizes 1 2 4 8 16 --name nf4_batch_mma")
+
+
+def _fixed_us(rows: list[dict[str, Any]]) -> float:
+    """The time of a launch that does not grow with the weight: the line through the stream layout's reads-only
+    times (its first launch shape) of the smallest and the largest projection, against their roofline times."""
+    key = next(k for k in rows[0] if k.endswith("reads only"))
+    small, large = min(rows, key=lambda r: r["roofline_us"]), max(rows, key=lambda r: r["roofline_us"])
+    slope = (large[key] - small[key]) / (large["roofline_us"] - small["roofline_us"])
+    return small[key] - slope * small["roofline_us"]
 
 
 def nf4_mma_table() -> Table | Text:

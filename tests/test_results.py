@@ -285,6 +285,12 @@ def test_rendered_sentences_match_the_committed_files():
     stalls = ncu["stalls per issued instruction"]
     assert f"keeps DRAM {ncu['DRAM Throughput %']:.0f}% busy" in mma and max(stalls, key=stalls.get) == "long_scoreboard"
     assert f"({stalls['long_scoreboard']:.1f} cycles per issued instruction" in mma
+    stream = list(results.load("nf4_stream")["versions"].values())[-1]  # the one-vector layout tried and not kept
+    ours, theirs = (sum(p[k] for p in stream["projections_1_vector"].values()) for k in ("stream_best_us", "triton_us"))
+    assert "was slower still over a layer" in mma and f"{ours:.1f} against {theirs:.1f} µs" in mma and ours > theirs
+    fixed = results._fixed_us(stream["pieces_of_4_8_16_blocks"])
+    assert 0 < fixed < min(r["stream (4, 16, 4, 2), reads only"] for r in stream["pieces_of_4_8_16_blocks"])
+    assert f"it took {fixed:.1f} µs a launch that does not grow" in mma
     split = results.two_gpu_fast_sentence()
     assert "batch 16: out of memory on the split" in split and "fits batch 1 at most on two 12 GiB cards" in split
     assert "one-GPU proxy" in results.two_gpu_fast_sentence("two_gpu_fast_proxy")
