@@ -467,7 +467,7 @@ for fn, sig, consts in [
                                               BLOCK_N=64, SPLIT=256, SPLITS=4, IEEE=False, PDL=1, PRELOAD=True, LATE=True,
                                               AHEAD=False, TICKETS=False, BLOCK_S=4, COS_TABLE=False)),
         (_combine_kernel, {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": "*bf16"},
-         dict(KV=2, GROUP=16, HEAD_DIM=128, BLOCK_G=16, BLOCK_D=128, BLOCK_S=4, SPLIT=256, SPLITS=4, PDL=1))]:
+         dict(HEADS=32, HEAD_DIM=128, BLOCK_D=128, BLOCK_S=4, SPLIT=256, SPLITS=4, PDL=1))]:
     src = ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in consts}},
                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
