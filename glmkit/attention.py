@@ -297,24 +297,33 @@ if triton is not None:
         return acc_run / tl.where(g_ok, l_run, 1.0)[:, None]
 
     @triton.jit
-    def _combine_kernel(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, KV: tl.constexpr, GROUP: tl.constexpr,
-                        HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                        SPLIT: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
-        # one program: the query heads of one KV head of one sequence, their splits' partial outputs combined as the
-        # last program of a ticket combines them inside the attention kernel (_combine_splits)
+    def _combine_kernel(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                        PDL: tl.constexpr):
+        # one program: one query head of one sequence; softmax-weighted sum of the partial outputs of its splits
         wait_for_previous_kernel(PDL)
         pid = tl.program_id(0)
-        i = pid // KV
-        g = tl.arange(0, BLOCK_G)
-        g_ok = g < GROUP
-        heads = (pid % KV) * GROUP + g  # the query heads that share KV head pid % KV
+        i = pid // HEADS
+        used = tl.minimum(tl.load(pos_ptr + i).to(tl.int32) // SPLIT + 1, SPLITS)  # splits that held 0..pos
+        s = tl.arange(0, BLOCK_S)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        used = tl.minimum(tl.load(pos_ptr + i).to(tl.int32) // SPLIT + 1, SPLITS)  # splits that held 0..pos
-        out = _combine_splits(m_ptr, l_ptr, acc_ptr, (i * (KV * GROUP) + heads) * SPLITS, used, g_ok, d, d_ok,
-                              HEAD_DIM, BLOCK_S)
-        tl.store(out_ptr + i * (KV * GROUP * HEAD_DIM) + heads[:, None] * HEAD_DIM + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        base = pid * SPLITS
+        m_all = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for s0 in range(0, used, BLOCK_S):
+            m_all = tl.maximum(m_all, tl.load(m_ptr + base + s0 + s, mask=s0 + s < used, other=float("-inf")))
+        m = tl.max(m_all, axis=0)
+        l_all = tl.zeros([BLOCK_S], tl.float32)
+        acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+        for s0 in range(0, used, BLOCK_S):
+            ok = s0 + s < used
+            w = tl.exp2(tl.load(m_ptr + base + s0 + s, mask=ok, other=float("-inf")) - m)
+            l_all += w * tl.load(l_ptr + base + s0 + s, mask=ok, other=0.0)
+            part = tl.load(acc_ptr + (base + s0 + s)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None] & d_ok[None, :],
+                           other=0.0)
+            acc += w[:, None] * part
+        out = tl.sum(acc, axis=0) / tl.sum(l_all, axis=0)
+        tl.store(out_ptr + pid * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -447,10 +456,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         BLOCK_S=min(32, triton.next_power_of_2(splits)), COS_TABLE=cos_table, num_warps=warps,
         **({"num_stages": SHORT_STAGES} if (short or ticket_split) and SHORT_STAGES else {}), **pdl)
     if splits > 1 and tickets is None:
-        _combine_kernel[(b * kv,)](m, lse, acc, pos, out, KV=kv, GROUP=group, HEAD_DIM=hd,
-                                   BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d,
-                                   BLOCK_S=min(32, triton.next_power_of_2(splits)), SPLIT=split, SPLITS=splits,
-                                   num_warps=4, **pdl)
+        _combine_kernel[(b * heads,)](m, lse, acc, pos, out, HEADS=heads, HEAD_DIM=hd, BLOCK_D=block_d,
+                                      BLOCK_S=min(32, triton.next_power_of_2(splits)), SPLIT=split, SPLITS=splits,
+                                      num_warps=4, **pdl)
     return out.view(b, 1, heads, hd).transpose(1, 2)
 
 
