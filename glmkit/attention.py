@@ -300,7 +300,9 @@ if triton is not None:
     def _combine_kernel(m_ptr, l_ptr, acc_ptr, pos_ptr, out_ptr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SPLIT: tl.constexpr, SPLITS: tl.constexpr,
                         PDL: tl.constexpr):
-        # one program: one query head of one sequence; softmax-weighted sum of the partial outputs of its splits
+        # one program: one query head of one sequence; softmax-weighted sum of the partial outputs of its splits.
+        # (Not _combine_splits, which the ticket's last program runs over its KV head's query heads: here that would
+        # be 2 programs at batch 1 instead of 32, each holding a [16, BLOCK_S, HEAD_DIM] tile.)
         wait_for_previous_kernel(PDL)
         pid = tl.program_id(0)
         i = pid // HEADS
