@@ -637,8 +637,9 @@ T = TypeVar("T")
 def _first_run(answers: dict[Any, T], key: Any, check: Callable[[], T], meanwhile: T) -> T:
     """``check()``'s answer for ``key``, found the first time it is asked for outside a compiled function and a CUDA
     graph capture (where nothing can be checked: the decoders' eager warm-up steps come first) and kept for the
-    process; ``meanwhile`` before that, and while the check itself runs. The shape of glmkit's three first-run
-    checks of its 4-bit kernels on a GPU: ``check_lookup``, ``check_pair_lookup``, ``check_mma``.
+    process; ``meanwhile`` before that, and while the check itself runs (its own launches may ask again; a check
+    that raises leaves ``meanwhile`` kept). The shape of glmkit's three first-run checks of its 4-bit kernels on a
+    GPU: ``check_lookup``, ``check_pair_lookup``, ``check_mma``.
 
     >>> answers = {}
     >>> _first_run(answers, "gpu 0", lambda: False, True), answers
@@ -665,21 +666,24 @@ def check_lookup(device: torch.device | str) -> str:
     >>> check_lookup("cpu") in LOOKUPS
     True
     """
-    global LOOKUP
     if torch.compiler.is_compiling() or LOOKUP != "shuffle":  # first: inside a compiled function, nothing else runs
         return LOOKUP
     device = torch.device(device)
-    if device.type == "cuda" and not _first_run(_CHECKED, device, lambda: _row_shuffle_agrees(device), True):
-        LOOKUP = "load"
+    if device.type == "cuda":
+        _first_run(_CHECKED, device, lambda: _row_shuffle_agrees(device), True)
     return LOOKUP
 
 
 def _row_shuffle_agrees(device: torch.device) -> bool:
+    """The first-run check of ``check_lookup``: on a disagreement it switches ``LOOKUP`` to the loads (once: a
+    caller may set it back)."""
+    global LOOKUP
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(1, 1, 256, device=device, generator=g).to(torch.bfloat16)
     for double_quant in (False, True):
         w = quantize(torch.randn(64, 256, device=device, generator=g), "nf4", double_quant)
         if not _shuffle_agrees(device, "4-bit kernels", lambda lookup, w=w: _launch(x, (w,), None, False, None, lookup)):
+            LOOKUP = "load"
             return False
     return True
 
@@ -693,8 +697,10 @@ def check_mma(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -
     function or a CUDA graph capture (a decoder's eager warm-up steps, which come before its capture), it is
     compiled and checked against ``dequantize`` + ``F.linear`` on small weights (fp32 and double-quantized scales,
     q/k/v with a bias, one weight, SwiGLU, 2 and 8 vectors; on an H200 6.7 s for the first dtype in a process, 1.8 s
-    for the second: a model that only decodes one sequence never pays it); an error or a disagreement turns it off
-    for the process, with a warning that says why, and the Triton kernels run instead.
+    for the second: a decoder built for one sequence, ``batch_size=1``, never pays it; one for more pays it in its
+    warm-up); an error or a disagreement turns it off for the process, with a warning that says why, and the Triton
+    kernels run instead. Code that captures a CUDA graph around ``gemv_4bit`` itself must run it once eagerly first
+    (as for any of glmkit's kernels: the first call compiles).
 
     >>> check_mma("cpu")
     False
@@ -894,7 +900,8 @@ def kernel_for_rows(device: torch.device | str, rows: int, dtype: torch.dtype = 
     """Which of glmkit's 4-bit kernels multiplies ``rows`` tokens of ``dtype`` (bf16/fp16) by a weight of
     bitsandbytes' default blocksize on ``device`` (what ``gemv_4bit`` picks with no launch shape or lookup asked
     for): ``"per row"``, ``"CUDA, tensor cores"`` (``glmkit.gemv4bit_mma``: 2-8 rows on a GPU of compute capability
-    8.0+) or ``"Triton, tensor cores"``. ``notebooks/04_quantization.ipynb`` shows it per batch size.
+    8.0+; asking runs that kernel's first-run check, ``check_mma``) or ``"Triton, tensor cores"``.
+    ``notebooks/04_quantization.ipynb`` shows it per batch size.
 
     >>> kernel_for_rows("cpu", 1)
     'per row'
@@ -1081,7 +1088,9 @@ def gemv_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = N
     packed weight once (the op ``torch.ops.glmkit.gemv_4bit``). ``config``/``lookup`` override the launch
     shape and nibble lookup (default: ``config_for`` and ``LOOKUP``, picked when the kernel runs); more than
     ``ROW_KERNEL_MAX_VECTORS`` tokens go through the tensor-core kernel, whose shape is ``TC_BLOCK_N`` and the
-    constants beside it (``config`` is the per-row kernel's)."""
+    constants beside it (``config`` is the per-row kernel's). Before capturing it in a CUDA graph, call it once
+    eagerly with the same shapes: that compiles its kernels and runs their first-run checks (``check_mma``), which
+    cannot run inside a capture."""
     return _gemv_4bit_op(x, *_weight_args(weight), bias, *_launch_args(config, lookup))
 
 

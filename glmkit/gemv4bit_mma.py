@@ -56,7 +56,7 @@ MAX_VECTORS = 8  # the operand's 8 columns: vector v is column v
 # Compute (nf4_mma_ncu.json) finds DRAM 34% busy and each warp waiting mostly on its loads from memory (5.2 cycles
 # per issued instruction), with 21 warps an SM and 0.38 instructions a cycle per scheduler. Batch 1 stays with the
 # Triton kernel. A layout for one vector that fills the GPU once (each warp streaming its own share through a ring in
-# shared memory) was slower still over a layer (nf4_stream.json: about 6.6 us a launch that does not shrink with the
+# shared memory) was slower still over a layer (nf4_stream.json: 8.4 us a launch that does not grow with the
 # weight, even when it only reads).
 MIN_VECTORS = 2
 # The launch shape, the fastest of 6 timed at 2-8 vectors on an H200 (nf4_mma.json): WARPS warps a program, each

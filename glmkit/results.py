@@ -2147,10 +2147,11 @@ def nf4_mma_sentence() -> Text:
             one = last["projections_1_vector"]
             text += (" A layout for one vector that keeps every SM busy to the end, each warp streaming its own share "
                      "of the weight through shared memory, was slower still over a layer (`nf4_stream.json`, another "
-                     f"run, each projection at the best of 6 launch shapes): "
+                     f"run, each projection at its best launch shape): "
                      f"{sum(p['stream_best_us'] for p in one.values()):.1f} against "
                      f"{sum(p['triton_us'] for p in one.values()):.1f} µs; reading alone, it took "
-                     f"{_fixed_us(last['pieces_of_4_8_16_blocks']):.1f} µs a launch that does not grow with the weight.")
+                     f"{_fixed_us(last['pieces_of_4_8_16_blocks']):.1f} µs a launch that does not grow with the weight "
+                     "(the line through the smallest and the largest projection's times).")
         return text
     return from_result("nf4_batch_mma", render, what="4-bit decoding of 2-8 rows on the tensor cores",
                        script="benchmarks/nf4_batch.py --sizes 1 2 4 8 16 --name nf4_batch_mma")

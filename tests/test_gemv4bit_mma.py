@@ -137,3 +137,21 @@ def test_loading_a_4bit_weight_leaves_the_cuda_kernels_check_for_later(monkeypat
     layer.load_state_dict(torch.nn.Linear(128, 64, bias=False).state_dict())
     packed = gemv4bit.Packed4bit.from_bnb(layer.to(torch.bfloat16).to("cpu").weight)  # quantizes, in bf16
     assert packed.dtype == torch.bfloat16 and packed.shape == (64, 128)
+
+
+@pytest.mark.parametrize("inside", ["a compiled function", "a CUDA graph capture"])
+def test_first_run_checks_wait_outside_compiles_and_captures(inside, monkeypatch):
+    """Inside a compiled function or a CUDA graph capture nothing can be checked: the stand-in answer, nothing kept
+    and the check not run; the first ask outside runs it once and keeps its answer."""
+    if inside == "a compiled function":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    else:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    answers, runs = {}, []
+    assert gemv4bit._first_run(answers, "gpu", lambda: runs.append(1) or False, True) is True
+    assert answers == {} and runs == []
+    monkeypatch.undo()
+    assert gemv4bit._first_run(answers, "gpu", lambda: runs.append(1) or False, True) is False
+    assert gemv4bit._first_run(answers, "gpu", lambda: runs.append(1) or True, True) is False  # kept
+    assert answers == {"gpu": False} and runs == [1]
