@@ -634,6 +634,11 @@ def _check_format(ws: tuple[Packed4bit, ...]) -> None:
 T = TypeVar("T")
 
 
+def _compiling_or_capturing() -> bool:
+    """Whether this runs inside a compiled function or a CUDA graph capture, where nothing may be checked or built."""
+    return torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
 def _first_run(answers: dict[Any, T], key: Any, check: Callable[[], T], meanwhile: T) -> T:
     """``check()``'s answer for ``key``, found the first time it is asked for outside a compiled function and a CUDA
     graph capture (where nothing can be checked: the decoders' eager warm-up steps come first) and kept for the
@@ -647,7 +652,7 @@ def _first_run(answers: dict[Any, T], key: Any, check: Callable[[], T], meanwhil
     """
     if key in answers:
         return answers[key]
-    if torch.compiler.is_compiling() or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    if _compiling_or_capturing():
         return meanwhile
     answers[key] = meanwhile
     answers[key] = check()
@@ -858,7 +863,7 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
         try:  # a layout the first-run check did not build is compiled now (a decoder's warm-up steps, eagerly)
             return gemv4bit_mma.gemv_4bit_mma(x, ws, bias, swiglu)
         except Exception as exc:
-            if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+            if _compiling_or_capturing():
                 raise
             gemv4bit_mma.disable(x.device, _why(exc))  # and the Triton kernels below take over
     if lookup is None:

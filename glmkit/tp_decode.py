@@ -410,12 +410,10 @@ class TPDecoder:
         b, s = tokens.shape
         reduce = _unreduced if alone else self.allreduce
         x = reduce(embed(tokens, self.embed, self.embed_start))  # [b, s, hidden]
-        if self.attention == "triton" and s == 1:  # the tables: glmkit's kernel reads each row's position itself
-            cos, sin = self.cos, self.sin  # [max_len, rotary]
+        if self.attention == "triton" and s == 1:  # glmkit's kernel reads each row's position itself: the rotary
+            cos, sin, mask = self.cos, self.sin, None  # tables [max_len, rotary], and no mask to build
         else:
             cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [b, 1, s, rotary]
-        mask = None  # glmkit's decode attention reads the positions, not a mask: none to build for one token a row
-        if not (self.attention == "triton" and s == 1):
             mask = torch.zeros(b, 1, s, self.max_len, dtype=self.dtype, device=self.device)
             mask = mask.masked_fill(self.positions[None, None, None, :] > pos[:, None, :, None], float("-inf"))
         if self.fuses_norms(gemv):
