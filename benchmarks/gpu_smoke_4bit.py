@@ -57,6 +57,7 @@ def check_decoders(prompt: torch.Tensor, new_tokens: int = 24) -> None:
                 got = dec.generate(prompt, new_tokens, ignore_eos=True)
             agree = sum(a == b for a, b in zip(got[0, n:].tolist(), want[0, n:].tolist()))
             print("4-bit", precision, "lookup", gemv4bit.LOOKUP, "gemv", dec.gemv, "compiled", dec.compiled,
+                  "norms folded", dec.fuses_norms(1), "PDL", dec.uses_pdl(1),
                   "graphs", sorted(dec.stages[0].graphs), "identical:", torch.equal(got, want),
                   f"({agree}/{new_tokens} tokens)", "warnings:",
                   [str(w.message)[:300] for w in caught if issubclass(w.category, RuntimeWarning)], flush=True)

@@ -46,12 +46,16 @@ from glmkit.gemv import gemv as triton_gemv
 from glmkit.gemv4bit import (
     MAX_VECTORS,
     ROW_KERNEL_MAX_VECTORS,
+    NormedStream,
     Packed4bit,
     gemv_4bit,
     gemv_4bit_multi,
+    gemv_4bit_normed,
+    gemv_4bit_residual,
     gemv_4bit_swiglu,
     is_4bit,
     linear_4bit,
+    normed_stream,
     tensor_cores,
     unsupported_quantization,
 )
@@ -238,13 +242,13 @@ def _attention_reduction(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     return out.to(q.dtype).view(b, heads, 1, hd)
 
 
-def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_index: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, mask: torch.Tensor | None, wqkv: torch.Tensor, bqkv: torch.Tensor | None,
-                  wo: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, next_norm: torch.Tensor,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float, heads: int, kv_heads: int, head_dim: int,
-                  gemv: bool | str = False, attention: str = "sdpa",
+def decoder_layer(x: torch.Tensor, h: torch.Tensor | NormedStream, pos: torch.Tensor, batch_index: torch.Tensor,
+                  cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, wqkv: torch.Tensor,
+                  bqkv: torch.Tensor | None, wo: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor,
+                  next_norm: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float, heads: int,
+                  kv_heads: int, head_dim: int, gemv: bool | str = False, attention: str = "sdpa",
                   in_norm: torch.Tensor | None = None,
-                  tickets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  tickets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | NormedStream]:
     """One GLM decoder layer for one new token per sequence, writing its K/V at ``pos`` in the static cache.
 
     x: the residual stream [b, 1, hidden]; h: ``x`` already normalised by this layer's input norm; returns the new
@@ -258,7 +262,9 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
 
     in_norm: this layer's input norm, given on the Triton batch-1 path (``FastDecoder.fuses_norms``): then the
     GEMVs do the norms and the residual adds (``norm_linear``, ``residual_linear``), h is not read and the layer
-    returns ``(x, x)``: a layer is four GEMV launches and attention, with no norm or add kernel.
+    returns ``(x, x)``: a layer is four GEMV launches and attention, with no norm or add kernel. 4-bit weights:
+    h is the ``NormedStream`` the layer before returned (a segment's first layer makes one from x), and the layer
+    returns x and the next norm's (``gemv_4bit_normed``, ``gemv_4bit_residual``).
 
     cos/sin: at each row's position ``[b, 1, 1, rotary]``; with ``attention="triton"`` the tables ``[max_len,
     rotary]`` may be given instead (2-D): the kernel reads row ``pos`` itself, no gather kernels before it.
@@ -267,8 +273,11 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
     """
     b = x.shape[0]
     fused = in_norm is not None
-    # [b, 1, (heads + 2 kv_heads) * head_dim]
-    qkv = norm_linear(x, in_norm, eps, wqkv, bqkv, gemv) if fused else linear(h, wqkv, bqkv, gemv)
+    if fused and isinstance(wo, Packed4bit):  # 4 bits: each norm travels as a NormedStream (gemv_4bit_normed)
+        stream = h if isinstance(h, NormedStream) else normed_stream(x, in_norm)  # (a segment's first layer)
+        qkv = gemv_4bit_normed(stream, wqkv, bqkv, eps)
+    else:  # [b, 1, (heads + 2 kv_heads) * head_dim]
+        qkv = norm_linear(x, in_norm, eps, wqkv, bqkv, gemv) if fused else linear(h, wqkv, bqkv, gemv)
     if attention == "triton":  # one kernel: rope, the K/V write at pos and attention over 0..pos
         attn = qkv_decode_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets,
                                     cos_table=cos.dim() == 2)  # [b, heads, 1, hd]
@@ -283,7 +292,12 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor, pos: torch.Tensor, batch_ind
             attn = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
         else:
             attn = _attention_reduction(q, k_cache, v_cache, mask)
-    x = residual_linear(x, attn.transpose(1, 2).reshape(b, 1, heads * head_dim), wo, gemv)
+    attn = attn.transpose(1, 2).reshape(b, 1, heads * head_dim)
+    if fused and isinstance(wo, Packed4bit):
+        x, stream = gemv_4bit_residual(attn, wo, x, ln2)
+        x, stream = gemv_4bit_residual(gemv_4bit_normed(stream, wgu, None, eps, swiglu=True), wd, x, next_norm)
+        return x, stream
+    x = residual_linear(x, attn, wo, gemv)
     mlp = mlp_activation(x, wgu, gemv, ln2, eps) if fused else mlp_activation(rms_norm(x, ln2, eps), wgu, gemv)
     x = residual_linear(x, mlp, wd, gemv)
     return x, (x if fused else rms_norm(x, next_norm, eps))
@@ -826,7 +840,8 @@ class FastDecoder:
     def fuses_norms(self, b: int) -> bool:
         """Whether the step of ``b`` rows runs glmkit's 16/32-bit Triton GEMVs, which then apply the RMSNorms and the
         residual adds themselves (``decoder_layer``'s ``in_norm``): two kernels fewer per layer. A 4-bit model's
-        GEMVs (``glmkit.gemv4bit``) do not. ``notebooks/05_tuning.ipynb`` profiles the step both ways.
+        GEMVs (``glmkit.gemv4bit``) do so on its one-row step, uncompiled (``gemv_4bit_normed``,
+        ``gemv_4bit_residual``). ``notebooks/05_tuning.ipynb`` profiles the step both ways.
 
         >>> from glmkit.loading import load_model
         >>> model = load_model(device_map="cpu", dtype=torch.float32)
@@ -835,7 +850,11 @@ class FastDecoder:
         >>> if triton_available():  # glmkit's GEMVs (a GPU, or TRITON_INTERPRET=1 on a CPU) apply them
         ...     assert FastDecoder(model, max_len=16, gemv="triton").fuses_norms(1)
         """
-        return self.fuse_norms and self.gemv_by_bucket[b] == "triton" and not self.quantized
+        if not (self.fuse_norms and self.gemv_by_bucket[b] == "triton"):
+            return False
+        # 4 bits: the one-row step (the per-row kernel), in an uncompiled layer (its fused launches are no ops that
+        # torch.compile can call: FastDecoder compiles the layer of a step that does not fuse)
+        return not self.quantized or (b == 1 and (not self.compiled or (self.compile_auto and self.attention == "triton")))
 
     @property
     def gemv(self) -> bool | str:
@@ -920,12 +939,12 @@ class FastDecoder:
             # [vocab, hidden] fp32 temporary if run eagerly) is not used for it
             head = "triton" if self.gemv_by_bucket[b] == "triton" and b == 1 else False
             if fused:  # written into the fp32 logits as they are made (no copy kernel on the Triton path)
-                norm_linear(h, st.final_norm, self.eps, self.head_weight, m.lm_head.bias, head, out=st.logits[:b])
+                norm_linear(x, st.final_norm, self.eps, self.head_weight, m.lm_head.bias, head, out=st.logits[:b])
             else:
                 st.logits[:b].copy_(linear(h, self.head_weight, m.lm_head.bias, head)[:, -1].float())
         else:
             st.x_out[:b].copy_(x)
-            st.h_out[:b].copy_(h)
+            st.h_out[:b].copy_(x if fused else h)  # (fused: the next segment normalises x itself)
 
     def _capture(self, st: _Stage, b: int) -> None:
         with torch.cuda.device(st.device):  # the warm-up, the capture stream and the graph on the stage's GPU

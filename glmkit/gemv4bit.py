@@ -56,6 +56,7 @@ from glmkit.gemv import (
     GemvConfig,
     device_name,
     kernel_name,
+    launch_options,
     lookup_config,
     triton,
     triton_available,
@@ -65,9 +66,10 @@ from glmkit.gemv import (
 if triton is not None:  # optional: Triton (Linux x86-64) builds the kernels; glmkit.gemv says when it is missing
     import triton.language as tl
 
-    from glmkit.gemv import swiglu_as_pytorch
+    from glmkit.gemv import swiglu_as_pytorch, wait_for_previous_kernel
 
 __all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_multi", "gemv_4bit_swiglu", "linear_4bit",
+           "NormedStream", "normed_stream", "gemv_4bit_normed", "gemv_4bit_residual",
            "tensor_cores", "kernel_for_rows", "check_mma", "check_pair_lookup", "ROW_KERNEL_MAX_VECTORS",
            "pick_config_4bit", "config_for", "kernel_for", "check_lookup", "lookup_for", "tuned_lookups", "pair_table",
            "LOOKUP", "LOOKUPS", "triton_available", "is_4bit",
@@ -365,9 +367,11 @@ if triton is not None:
 
     @triton.jit
     def _rows_4bit(x_ptr, y_ptr, b_ptr, q_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, N,
-                   bytes_per_row, blocks_per_row, X16: tl.constexpr, XBF16: tl.constexpr, NESTED: tl.constexpr,
+                   bytes_per_row, blocks_per_row, sq_ptr, n_sq, eps, r_ptr, g_ptr, s_ptr, sq_out_ptr,
+                   X16: tl.constexpr, XBF16: tl.constexpr, NESTED: tl.constexpr,
                    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, MODE: tl.constexpr, PTX: tl.constexpr, BS: tl.constexpr,
-                   BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                   BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                   NORMED: tl.constexpr, SQ_BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
         # y[r] = sum_k w[r, k] x[k] for the BLOCK_N rows of row block `block` of one weight, w dequantized in
         # registers. A step covers BLOCK_K columns = NB quantization blocks of BS columns = HB bytes each: a tile
         # [BLOCK_N, NB, HB] of bytes, each byte an even column (high nibble) and the odd one after it (low nibble).
@@ -375,6 +379,10 @@ if triton is not None:
         # go with them as 16 32-bit words (four 128-bit loads), which it reuses for every row it holds. The next
         # step's bytes and scales are loaded before this step's are summed, so that a load is always in flight.
         # With SWIGLU the weight has 2N rows (gate, then up) and y[r] = up[r] * silu(gate[r]).
+        # NORMED (one vector): x is x * g of a residual stream x (a NormedStream) and the product is W @ rmsnorm(x) * g:
+        # the sums are multiplied by 1 / rms(x), from the n_sq partial sums of x^2 at sq_ptr (summed in order).
+        # RESIDUAL (one vector): y = r + W @ x (W @ x rounded to y's dtype first, as PyTorch's r + F.linear rounds),
+        # and the next norm's NormedStream of y: y * g at s_ptr and this row block's sum of y^2 at sq_out_ptr[block].
         NB: tl.constexpr = BLOCK_K // BS
         HB: tl.constexpr = BS // 2
         BLOCK_KB: tl.constexpr = BLOCK_K // 2
@@ -439,10 +447,21 @@ if triton is not None:
                 qu, au = next_qu, next_au
         out_dtype = y_ptr.dtype.element_ty
         y = tl.sum(acc, axis=1)
+        up = tl.sum(acc_up, axis=1)
+        if NORMED:  # rmsnorm's 1 / sqrt(mean(x^2) + eps), the same for every row: it factors out of the sums
+            i = tl.arange(0, SQ_BLOCK)
+            squares = tl.sum(tl.load(sq_ptr + i, mask=i < n_sq, other=0.0), axis=0)
+            rstd = 1.0 / tl.sqrt(squares / (2 * bytes_per_row) + eps)
+            y = y * rstd
+            up = up * rstd
         if HAS_BIAS:
             y += tl.load(b_ptr + rows).to(tl.float32)
         if SWIGLU:
-            y = swiglu_as_pytorch(y, tl.sum(acc_up, axis=1), out_dtype)
+            y = swiglu_as_pytorch(y, up, out_dtype)
+        if RESIDUAL:
+            y = (y.to(out_dtype).to(tl.float32) + tl.load(r_ptr + rows).to(tl.float32)).to(out_dtype).to(tl.float32)
+            tl.store(s_ptr + rows, (y * tl.load(g_ptr + rows).to(tl.float32)).to(out_dtype), mask=row_ok)
+            tl.store(sq_out_ptr + block, tl.sum(tl.where(row_ok, y * y, 0.0), axis=0))
         tl.store(y_ptr + rows, y.to(out_dtype), mask=row_ok)
 
     @triton.jit
@@ -466,16 +485,20 @@ if triton is not None:
                       q0, a0, a20, c20, o0, n0,
                       q1, a1, a21, c21, o1, n1,
                       q2, a2, a22, c22, o2, n2,
-                      bytes_per_row, blocks_per_row, SEGMENTS: tl.constexpr, X16: tl.constexpr,
+                      bytes_per_row, blocks_per_row, sq_ptr, n_sq, eps, r_ptr, g_ptr, s_ptr, sq_out_ptr,
+                      SEGMENTS: tl.constexpr, X16: tl.constexpr,
                       XBF16: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
                       MODE: tl.constexpr, PTX: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr,
-                      EVEN_K: tl.constexpr, BATCH_AXIS: tl.constexpr):
+                      EVEN_K: tl.constexpr, BATCH_AXIS: tl.constexpr, NORMED: tl.constexpr, SQ_BLOCK: tl.constexpr,
+                      RESIDUAL: tl.constexpr, PDL: tl.constexpr):
         # one launch for up to three weights of the same columns (q, k and v), whose outputs lie side by side in
         # y: the first programs take the first weight's row blocks, the next the second's, and so on. Several
         # vectors x (a batch): one program per vector and row block, the vector on grid axis BATCH_AXIS (0 where
         # the row blocks fit axis 1: the programs of one row block then run side by side and share its weights
-        # through the L2 cache)
+        # through the L2 cache). NORMED and RESIDUAL: see _rows_4bit (one vector). PDL: launched with programmatic
+        # dependent launch (glmkit.gemv.wait_for_previous_kernel, first thing)
+        wait_for_previous_kernel(PDL)
         pid = tl.program_id(1 - BATCH_AXIS)
         vector = tl.program_id(BATCH_AXIS)
         y_row = n0  # outputs per vector: the rows of the weights in use
@@ -491,8 +514,9 @@ if triton is not None:
         seg, block, row0 = _segment(pid, n0, n1, SEGMENTS, BLOCK_N)
         _rows_4bit(x_ptr, y_ptr + row0, b_ptr + row0, _pick(seg, q0, q1, q2), _pick(seg, a0, a1, a2), code_ptr,
                    _pick(seg, a20, a21, a22), _pick(seg, c20, c21, c22), _pick(seg, o0, o1, o2), block,
-                   _pick(seg, n0, n1, n2), bytes_per_row, blocks_per_row, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, MODE,
-                   PTX, BS, BS2, BLOCK_N, BLOCK_K, EVEN_K)
+                   _pick(seg, n0, n1, n2), bytes_per_row, blocks_per_row, sq_ptr, n_sq, eps, r_ptr, g_ptr, s_ptr,
+                   sq_out_ptr, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, MODE, PTX, BS, BS2, BLOCK_N, BLOCK_K, EVEN_K,
+                   NORMED, SQ_BLOCK, RESIDUAL)
 
 
     # one weight byte ($1; $2 the same) -> both its values as a pair of 16-bit floats in one register ($0: the high
@@ -851,11 +875,29 @@ def lookup_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False)
     return tuned or default
 
 
+class _Fusion(NamedTuple):
+    """What a one-vector launch of the per-row kernel does besides the product (the fused batch-1 step,
+    ``gemv_4bit_normed`` and ``gemv_4bit_residual``): with ``squares``, x is a ``NormedStream``'s ``scaled`` and the
+    sums are multiplied by its 1 / rms; with ``residual``, the product is added to it and the next norm's
+    ``NormedStream`` is written to ``scaled`` and ``partials`` (one sum of squares per row block)."""
+
+    squares: torch.Tensor | None = None
+    eps: float = 1e-5
+    residual: torch.Tensor | None = None
+    norm_weight: torch.Tensor | None = None
+    scaled: torch.Tensor | None = None
+    partials: torch.Tensor | None = None
+
+
+_NO_FUSION = _Fusion()
+
+
 def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
             config: GemvConfig | None, lookup: str | None = None, batch_axis: int | None = None,
-            mma: bool = True) -> torch.Tensor:
+            mma: bool = True, fusion: _Fusion = _NO_FUSION) -> torch.Tensor:
     """The product through the tensor-core CUDA kernel where it runs (``glmkit.gemv4bit_mma``: a GPU, 16-bit x, up
-    to 8 vectors, no launch shape or lookup asked for, ``mma``), else through a Triton kernel."""
+    to 8 vectors, no launch shape or lookup asked for, ``mma``), else through a Triton kernel; ``fusion``: one
+    vector through the per-row kernel, with a norm folded in or a residual add after it (``_Fusion``)."""
     _check(x, ws, swiglu)
     w = ws[0]
     if mma and config is None and lookup is None and batch_axis is None and gemv4bit_mma.usable(x, ws, swiglu) and \
@@ -892,13 +934,26 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
         batch_axis = 0 if blocks < 65536 else 1
     grid = (vectors, blocks) if batch_axis == 0 else (blocks, vectors)
     table = pair_table(w.code, w.quant_type) if lookup == "pair" else w.code  # what the lookup reads
+    f = fusion
+    if f.partials is not None and f.partials.numel() != blocks:
+        raise ValueError(f"{blocks} row blocks write {blocks} sums of squares, not {f.partials.numel()}.")
+    n_sq = 0 if f.squares is None else f.squares.numel()
     _gemv4_kernel[grid](x.view(torch.int32) if x16 else x, y, bias if bias is not None else y, table, *segments,
-                        k // 2, k // w.blocksize, SEGMENTS=len(ws), X16=x16, XBF16=x.dtype == torch.bfloat16,
+                        k // 2, k // w.blocksize, _or(f.squares, y), n_sq, f.eps, _or(f.residual, y),
+                        _or(f.norm_weight, y), _or(f.scaled, y), _or(f.partials, y),
+                        SEGMENTS=len(ws), X16=x16, XBF16=x.dtype == torch.bfloat16,
                         NESTED=w.nested, HAS_BIAS=bias is not None, SWIGLU=swiglu, MODE=_MODE[lookup],
                         PTX=lookup != "load" and not INTERPRETER,
                         BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                        EVEN_K=k % cfg.block_k == 0, BATCH_AXIS=batch_axis, num_warps=cfg.num_warps)
+                        EVEN_K=k % cfg.block_k == 0, BATCH_AXIS=batch_axis, NORMED=f.squares is not None,
+                        SQ_BLOCK=triton.next_power_of_2(max(n_sq, 1)), RESIDUAL=f.residual is not None,
+                        num_warps=cfg.num_warps, **launch_options())
     return y
+
+
+def _or(tensor: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """A kernel's pointer argument: ``tensor``, or a tensor never read there (its flag is off)."""
+    return tensor if tensor is not None else stand_in
 
 
 def kernel_for_rows(device: torch.device | str, rows: int, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -1123,6 +1178,90 @@ def gemv_4bit_swiglu(x: torch.Tensor, weight: Packed4bit, config: GemvConfig | N
     """GLM's MLP activation of up to ``MAX_VECTORS`` tokens, ``up * silu(gate)`` of a packed 4-bit gate/up weight
     ``[2n, k]`` (the op ``torch.ops.glmkit.gemv_4bit_swiglu``)."""
     return _gemv_4bit_swiglu_op(x, *_weight_args(weight), *_launch_args(config, lookup))
+
+
+class NormedStream(NamedTuple):
+    """A token's residual stream made ready for an RMSNorm that the next 4-bit GEMV folds in (``gemv_4bit_normed``):
+    ``scaled``, the stream times the norm's weight (``x * g`` in x's dtype), and ``squares``, fp32 sums of ``x**2``
+    over parts of it (their total is ``sum(x**2)``: the norm's ``1 / rms(x)`` multiplies the finished products, so no
+    kernel normalises x apart). ``gemv_4bit_residual`` writes one as it adds its product to the stream (one sum a row
+    block); ``normed_stream`` makes one from a stream. The fused batch-1 step of a 4-bit ``FastDecoder``.
+
+    >>> s = normed_stream(torch.tensor([[[3.0, 4.0]]]), torch.tensor([1.0, 0.5]))
+    >>> s.scaled.tolist(), s.squares.tolist()
+    ([[[3.0, 2.0]]], [25.0])
+    """
+
+    scaled: torch.Tensor
+    squares: torch.Tensor
+
+
+def normed_stream(x: torch.Tensor, norm_weight: torch.Tensor) -> NormedStream:
+    """The ``NormedStream`` of one token's residual stream ``x`` ``[..., k]`` for the norm of weight ``norm_weight``
+    ``[k]`` (the first layer's input norm: no GEMV before it writes one)."""
+    if x.numel() != x.shape[-1] or norm_weight.numel() != x.shape[-1]:
+        raise ValueError(f"normed_stream takes one token [..., k] and a norm weight of k values, got shapes "
+                         f"{tuple(x.shape)} and {tuple(norm_weight.shape)}.")
+    x32 = x.float()
+    return NormedStream((x32 * norm_weight.float()).to(x.dtype), x32.pow(2).sum().reshape(1))
+
+
+def gemv_4bit_normed(stream: NormedStream, weights: Packed4bit | Sequence[Packed4bit],
+                     bias: torch.Tensor | None = None, eps: float = 1e-5, swiglu: bool = False) -> torch.Tensor:
+    """``F.linear(rms_norm(x, g, eps), W, bias)`` of one token from its ``NormedStream`` (``x * g`` and the sums of
+    ``x**2``) in one launch of the per-row kernel, with no norm kernel before it: the products of ``x * g`` are
+    multiplied by ``1 / rms(x)`` as they are written (as ``glmkit.gemv.gemv``'s ``norm_weight``, but with x * g
+    rounded once to x's dtype). Up to three weights side by side (q, k, v: ``gemv_4bit_multi``), or GLM's
+    ``up * silu(gate)`` of a gate/up weight (``swiglu``, as ``gemv_4bit_swiglu``).
+
+    >>> import torch.nn.functional as F
+    >>> if triton_available():  # a GPU, or TRITON_INTERPRET=1 on a CPU
+    ...     device = "cuda" if torch.cuda.is_available() else "cpu"
+    ...     w, x, g = quantize(torch.randn(64, 128, device=device)), torch.randn(1, 1, 128), torch.rand(128)
+    ...     x, g = x.to(device), g.to(device)
+    ...     want = F.linear(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g, w.dequantize())
+    ...     assert torch.allclose(gemv_4bit_normed(normed_stream(x, g), w), want, atol=1e-4)
+    """
+    ws = (weights,) if isinstance(weights, Packed4bit) else tuple(weights)
+    x, squares = stream
+    if x.numel() != x.shape[-1]:
+        raise ValueError(f"gemv_4bit_normed multiplies one token (a NormedStream of [..., k]), got {tuple(x.shape)}.")
+    if squares.dtype != torch.float32 or squares.dim() != 1 or squares.device != x.device:
+        raise ValueError("A NormedStream's squares are a 1-D float32 tensor on its device (normed_stream makes one).")
+    return _launch(x, ws, bias, swiglu, None, mma=False, fusion=_Fusion(squares=squares.contiguous(), eps=eps))
+
+
+def gemv_4bit_residual(x: torch.Tensor, weight: Packed4bit, residual: torch.Tensor,
+                       norm_weight: torch.Tensor) -> tuple[torch.Tensor, NormedStream]:
+    """``residual + F.linear(x, W)`` of one token (rounded as PyTorch rounds it) in one launch of the per-row kernel,
+    with the ``NormedStream`` of that sum for the norm of weight ``norm_weight`` that comes next (GLM: o_proj, then
+    the post-attention norm; down_proj, then the next layer's input norm): no add or norm kernel of its own.
+
+    >>> import torch.nn.functional as F
+    >>> if triton_available():
+    ...     device = "cuda" if torch.cuda.is_available() else "cpu"
+    ...     w, x, r = quantize(torch.randn(64, 128, device=device)), torch.randn(1, 1, 128), torch.randn(1, 1, 64)
+    ...     x, r, g = x.to(device), r.to(device), torch.rand(64, device=device)
+    ...     y, after = gemv_4bit_residual(x, w, r, g)
+    ...     assert torch.allclose(y, r + F.linear(x, w.dequantize()), atol=1e-4)
+    ...     assert torch.allclose(after.scaled, y * g) and torch.allclose(after.squares.sum(), y.pow(2).sum())
+    """
+    n = weight.shape[0]
+    if x.numel() != x.shape[-1] or residual.numel() != n or norm_weight.numel() != n:
+        raise ValueError(f"gemv_4bit_residual takes one token [..., k], and a residual and a norm weight of the "
+                         f"weight's {n} rows; got shapes {tuple(x.shape)}, {tuple(residual.shape)} and "
+                         f"{tuple(norm_weight.shape)}.")
+    if residual.dtype != x.dtype or residual.device != x.device or norm_weight.device != x.device:
+        raise ValueError(f"gemv_4bit_residual needs x, the residual and the norm weight on one device and the residual "
+                         f"in x's {x.dtype}; got {residual.dtype} on {residual.device} and {norm_weight.device}.")
+    residual = residual.contiguous()
+    blocks = -(-n // config_for(weight).block_n)  # the row blocks _launch runs: one sum of squares each
+    scaled = torch.empty_like(residual)
+    partials = torch.empty(blocks, dtype=torch.float32, device=x.device)
+    y = _launch(x, (weight,), None, False, None, mma=False,
+                fusion=_Fusion(residual=residual, norm_weight=norm_weight.contiguous(), scaled=scaled,
+                               partials=partials))
+    return y, NormedStream(scaled, partials)
 
 
 def linear_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -66,6 +66,32 @@ def test_compiled_nf4_layers_call_the_4bit_ops_and_give_generates_greedy_tokens(
     assert {"glmkit.gemv_4bit.default", "glmkit.gemv_4bit_multi.default", "glmkit.gemv_4bit_swiglu.default"} <= graphs[0]
 
 
+def _norm_kernels(decoder, prompt):
+    """The RMSNorm kernels (aten::rsqrt) of one decode step after the prompt's first token (CPU: eager)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tokens = decoder.stream(prompt, 3, ignore_eos=True)
+    next(tokens)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        next(tokens)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::rsqrt")
+
+
+@needs_triton
+def test_the_4bit_one_row_step_folds_its_norms_into_the_gemvs_and_gives_generates_greedy_tokens(prompt):
+    # batch 1, uncompiled: each norm travels with the residual stream from the GEMV that wrote it to the next
+    # (gemv_4bit_residual -> gemv_4bit_normed): no norm kernels in the step; fuse_norms=False keeps them apart
+    model = _load("nf4-dq")
+    fused = FastDecoder(model, max_len=prompt.shape[1] + 4, gemv="triton", compile=False, cuda_graph=False)
+    apart = FastDecoder(model, max_len=prompt.shape[1] + 4, gemv="triton", compile=False, cuda_graph=False,
+                        fuse_norms=False)
+    assert fused.fuses_norms(1) and not apart.fuses_norms(1)
+    assert torch.equal(fused.generate(prompt, max_new_tokens=4, ignore_eos=True), _greedy(model, prompt, 4))
+    assert _norm_kernels(fused, prompt) == 0 < _norm_kernels(apart, prompt)
+    # a compiled layer calls the 4-bit ops and keeps the norms apart (the fused launches are no ops)
+    assert not FastDecoder(model, max_len=8, gemv="triton", compile=True, cuda_graph=False).fuses_norms(1)
+
+
 @needs_triton
 def test_a_4bit_layer_that_does_not_compile_runs_eagerly_with_a_warning(prompt):
     def backend(gm, example_inputs):

@@ -6,18 +6,23 @@ import torch.nn.functional as F
 from helpers import DEVICE, rand
 
 from glmkit import costs, gemv4bit
+from glmkit.fast_decode import rms_norm
 from glmkit.gemv import GemvConfig
 from glmkit.gemv4bit import (
     LOOKUPS,
     ROW_KERNEL_MAX_VECTORS,
+    NormedStream,
     Packed4bit,
     _launch,
     config_for,
     gemv_4bit,
     gemv_4bit_multi,
+    gemv_4bit_normed,
+    gemv_4bit_residual,
     gemv_4bit_swiglu,
     linear_4bit,
     lookup_for,
+    normed_stream,
     quantize,
     reference_linear,
     triton_available,
@@ -157,6 +162,46 @@ def test_gemv_4bit_swiglu_equals_the_unfused_path(double_quant):
     for lookup in LOOKUPS_HERE:
         torch.testing.assert_close(gemv_4bit_swiglu(x, w, config=GemvConfig(16, 128, 4), lookup=lookup),
                                    up * F.silu(gate), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_a_normed_stream_folds_the_rmsnorm_into_the_4bit_products(quant_type, double_quant):
+    # W @ rms_norm(x, g) from x * g and sums of x^2 (whole, or in parts as a residual product writes them): q/k/v
+    # side by side with a bias, and SwiGLU
+    k = 320
+    x, g = rand(1, 1, k, seed=1), rand(k, seed=2).abs()
+    normed = rms_norm(x, g, 1e-5)
+    ws = [quantize(rand(n, k, seed=n), quant_type, double_quant) for n in (40, 8, 24)]
+    b = rand(72, seed=3)
+    stream = normed_stream(x, g)
+    parts = NormedStream(stream.scaled, x.reshape(5, -1).pow(2).sum(-1))  # the same total, in five parts
+    want = torch.cat([reference_linear(normed, w) for w in ws], dim=-1) + b
+    for s in (stream, parts):
+        torch.testing.assert_close(gemv_4bit_normed(s, ws, b), want, rtol=1e-4, atol=1e-4)
+    gate_up = quantize(rand(2 * 72, k, seed=4), quant_type, double_quant)
+    gate, up = reference_linear(normed, gate_up).chunk(2, dim=-1)
+    torch.testing.assert_close(gemv_4bit_normed(parts, gate_up, swiglu=True), up * F.silu(gate), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="one token"):
+        gemv_4bit_normed(NormedStream(rand(2, 1, k), stream.squares), ws)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_4bit_product_added_to_the_residual_stream_writes_the_next_norm_s_stream(dtype):
+    # o_proj and down_proj of the fused step: r + W @ x, rounded as PyTorch rounds it, and the NormedStream of the
+    # sum for the norm after it: y * g, and one sum of y^2 per row block (300 rows: several blocks, the last partial)
+    n, k = 300, 256
+    w = quantize(rand(n, k), "nf4", double_quant=True)
+    x, r, g = rand(1, 1, k, dtype=dtype, seed=1), rand(1, 1, n, dtype=dtype, seed=2), rand(n, dtype=dtype, seed=3)
+    y, stream = gemv_4bit_residual(x, w, r, g)
+    # (Triton's CPU interpreter truncates fp32 to bf16 where a GPU rounds to nearest: one bf16 step apart there)
+    step = 2**-7 if dtype == torch.bfloat16 and DEVICE == "cpu" else 0.0
+    torch.testing.assert_close(y, r + gemv_4bit(x, w), rtol=step, atol=0.0)
+    assert stream.squares.numel() == -(-n // config_for(w).block_n) > 1
+    torch.testing.assert_close(stream.squares.sum(), y.float().pow(2).sum())
+    torch.testing.assert_close(stream.scaled, (y.float() * g.float()).to(dtype), rtol=step, atol=0.0)
+    with pytest.raises(ValueError, match="one token"):
+        gemv_4bit_residual(rand(2, 1, k, dtype=dtype), w, r, g)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -1,0 +1,90 @@
+"""The 4-bit batch-1 step with its norms and residual adds folded into glmkit's 4-bit GEMVs, against the compiled
+layer that ran them as kernels of their own, with bf16 beside them: GLM-4-9B (random weights) on one GPU, one run.
+
+Variants of nf4 (the variants take turns, three rounds, so that clock and temperature drift touch them alike):
+``fused, PDL`` (the default: ``gemv_4bit_residual`` writes the next norm's ``NormedStream``, ``gemv_4bit_normed``
+reads it; uncompiled, launched with programmatic dependent launch), ``fused`` (``pdl=False``) and ``compiled layer``
+(``fuse_norms=False``: the layer compiled around the 4-bit ops, each residual add and norm one kernel, as before).
+Per variant: the CUDA graph of one step replayed back to back (µs a token, 160 cached tokens) and ``decode_speed``
+(tok/s of the token loop, sampling included), best round; against bf16's default decoder in the same run and the
+4-bit roofline (copy bandwidth / bytes a token reads); and its greedy tokens and the logits of one step against the
+compiled layer's.
+
+    PYTHONPATH=. python benchmarks/nf4_fused.py --checkpoint /tmp/glm9b     # about 3 minutes on an H200
+Writes benchmarks/results/nf4_fused.json (and to $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from step_roles import replay_us as graph_replay_us
+
+from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
+from glmkit.fast_decode import FastDecoder
+from glmkit.models import ensure_random_checkpoint
+from glmkit.quantization import load_precision
+
+VARIANTS = {"fused, PDL": ("nf4", {}), "fused": ("nf4", {"pdl": False}),
+            "compiled layer": ("nf4", {"fuse_norms": False}), "bf16": ("bf16", {})}
+PROMPT, NEW, ROUNDS = 32, 256, 3
+
+
+def replay_us(decoder: FastDecoder) -> float:
+    """µs a step of the captured batch-1 graph takes, replayed back to back at position 160."""
+    decoder.decode_step(torch.tensor([5], device="cuda"), 160)
+    return graph_replay_us(decoder.stages[0].graphs[1])
+
+
+def step_logits(decoder: FastDecoder, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of the first decode step after the prompt ``ids`` (its last token again, at the next position)."""
+    decoder.prefill(ids)
+    return decoder.decode_step(ids[0, -1:], ids.shape[1]).float().clone()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default="/tmp/glm9b")
+    args = ap.parse_args()
+    ensure_random_checkpoint(args.checkpoint)
+    bw = copy_bandwidth()
+    models = {p: load_precision(args.checkpoint, p, device_map="cuda:0") for p in ("nf4", "bf16")}
+    rooflines = {p: bw / bytes_read_per_token(m) for p, m in models.items()}
+    decoders = {}
+    for v, (p, options) in VARIANTS.items():
+        decoders[v] = FastDecoder(models[p], max_len=PROMPT + NEW + 8, **options)
+        decoders[v].tokens_per_second(PROMPT, 4)  # warm-up: builds and captures the graphs
+    rows = {v: {"variant": v, "precision": p, "options": o, "fuses_norms": decoders[v].fuses_norms(1),
+                "uses_pdl": decoders[v].uses_pdl(1),
+                "compiled_step": decoders[v].compiled and decoders[v].layer_fn_for(1) is decoders[v].layer_fn,
+                "replay_us": [], "decode_tok_s": []} for v, (p, o) in VARIANTS.items()}
+    for _ in range(ROUNDS):
+        for v, decoder in decoders.items():
+            rows[v]["replay_us"].append(replay_us(decoder))
+            rows[v]["decode_tok_s"].append(decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"])
+    ids = torch.randint(0, 1000, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    reference = decoders["compiled layer"].generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
+    first = step_logits(decoders["compiled layer"], ids)
+    bf16 = rows["bf16"]
+    bf16["best_replay_us"], bf16["best_tok_s"] = min(bf16["replay_us"]), max(bf16["decode_tok_s"])
+    for v, decoder in decoders.items():
+        row = rows[v]
+        row["best_replay_us"], row["best_tok_s"] = min(row["replay_us"]), max(row["decode_tok_s"])
+        row["fraction_of_roofline"] = row["best_tok_s"] / rooflines[row["precision"]]
+        row["over_bf16"] = row["best_tok_s"] / bf16["best_tok_s"]
+        row["replay_over_bf16"] = bf16["best_replay_us"] / row["best_replay_us"]
+        if row["precision"] == "nf4":
+            tokens = decoder.generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
+            row["tokens_as_compiled"], row["of"] = sum(a == b for a, b in zip(tokens, reference)), len(reference)
+            logits = step_logits(decoder, ids)
+            row["step_logits_rel_diff"] = ((logits - first).norm() / first.norm()).item()
+        print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
+               if k not in ("replay_us", "decode_tok_s")}, flush=True)
+    save_result("nf4_fused", {"what": __doc__.splitlines()[0], "copy_bandwidth_bytes_s": bw, "rounds": ROUNDS,
+                              "prompt": PROMPT, "new_tokens": NEW, "roofline_tok_s": rooflines,
+                              "rows": list(rows.values())})
+
+
+if __name__ == "__main__":
+    main()
