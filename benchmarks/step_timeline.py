@@ -5,7 +5,7 @@ the token (its end minus the latest end before it: overlapped work adds nothing,
 against it).
 
     PYTHONPATH=. python benchmarks/step_timeline.py --checkpoint /tmp/glm9b [--precision bf16 nf4]
-Writes benchmarks/results/step_timeline.json (and to $OUT).
+Writes benchmarks/results/step_timeline.json (or --name; and to $OUT).
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
     ap.add_argument("--precision", nargs="+", default=["bf16", "nf4"])
+    ap.add_argument("--name", default="step_timeline", help="the result's name (step_timeline_nf4_fused: nf4 with its "
+                                                               "norms folded into the 4-bit GEMVs)")
     args = ap.parse_args()
     from glmkit.fast_decode import FastDecoder
     from glmkit.quantization import load_precision
@@ -80,7 +82,7 @@ def main() -> None:
         for r in run["kernels"][:14]:
             print(f"   {r['kernel'][:60]:60s} {r['calls_per_token']:6.1f} {r['us_per_token']:8.1f} "
                   f"{r['adds_us_per_token']:8.1f}", flush=True)
-        save_result("step_timeline", out)
+        save_result(args.name, out)
         del dec, model
         torch.cuda.empty_cache()
 
