@@ -21,12 +21,14 @@ import argparse
 import torch
 from step_roles import replay_us as graph_replay_us
 
+from glmkit import gemv4bit
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
 from glmkit.fast_decode import FastDecoder
 from glmkit.models import ensure_random_checkpoint
 from glmkit.quantization import load_precision
 
-VARIANTS = {"fused, PDL": ("nf4", {}), "fused": ("nf4", {"pdl": False}),
+VARIANTS = {"fused, PDL": ("nf4", {"pdl": True}), "fused": ("nf4", {"pdl": False}),
+            "fused, sums first": ("nf4", {"pdl": False}),
             "compiled layer": ("nf4", {"fuse_norms": False}), "bf16": ("bf16", {})}
 PROMPT, NEW, ROUNDS = 32, 256, 3
 
@@ -53,8 +55,10 @@ def main() -> None:
     rooflines = {p: bw / bytes_read_per_token(m) for p, m in models.items()}
     decoders = {}
     for v, (p, options) in VARIANTS.items():
+        gemv4bit.SUMS_FIRST = v == "fused, sums first"  # read as the kernels launch: while the graphs are captured
         decoders[v] = FastDecoder(models[p], max_len=PROMPT + NEW + 8, **options)
         decoders[v].tokens_per_second(PROMPT, 4)  # warm-up: builds and captures the graphs
+    gemv4bit.SUMS_FIRST = False
     rows = {v: {"variant": v, "precision": p, "options": o, "fuses_norms": decoders[v].fuses_norms(1),
                 "uses_pdl": decoders[v].uses_pdl(1),
                 "compiled_step": decoders[v].compiled and decoders[v].layer_fn_for(1) is decoders[v].layer_fn,
