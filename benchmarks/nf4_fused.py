@@ -2,13 +2,14 @@
 layer that ran them as kernels of their own, with bf16 beside them: GLM-4-9B (random weights) on one GPU, one run.
 
 Variants of nf4 (the variants take turns, three rounds, so that clock and temperature drift touch them alike):
-``fused, PDL`` (the default: ``gemv_4bit_residual`` writes the next norm's ``NormedStream``, ``gemv_4bit_normed``
-reads it; uncompiled, launched with programmatic dependent launch), ``fused`` (``pdl=False``) and ``compiled layer``
-(``fuse_norms=False``: the layer compiled around the 4-bit ops, each residual add and norm one kernel, as before).
-Per variant: the CUDA graph of one step replayed back to back (µs a token, 160 cached tokens) and ``decode_speed``
-(tok/s of the token loop, sampling included), best round; against bf16's default decoder in the same run and the
-4-bit roofline (copy bandwidth / bytes a token reads); and its greedy tokens and the logits of one step against the
-compiled layer's.
+``fused`` (the default: ``gemv_4bit_residual`` writes the next norm's ``NormedStream``, ``gemv_4bit_normed`` reads it;
+an uncompiled layer), ``fused, PDL`` (``pdl=True``: launched with programmatic dependent launch) and ``compiled
+layer`` (``fuse_norms=False``: the layer compiled around the 4-bit ops, each residual add and norm a kernel of its
+own, the default before). Per variant: the CUDA graph of one step replayed back to back (µs a token, 160 cached
+tokens) and ``decode_speed`` (tok/s of the token loop, sampling included), best round; against bf16's default
+decoder in the same run and the 4-bit roofline (copy bandwidth / bytes a token reads); and its greedy tokens and the
+logits of one step against the compiled layer's. (The committed run also timed ``gemv_4bit_normed`` asking for its
+sums of squares before its loop instead of after: slower, removed.)
 
     PYTHONPATH=. python benchmarks/nf4_fused.py --checkpoint /tmp/glm9b     # about 3 minutes on an H200
 Writes benchmarks/results/nf4_fused.json (and to $OUT).
@@ -21,14 +22,12 @@ import argparse
 import torch
 from step_roles import replay_us as graph_replay_us
 
-from glmkit import gemv4bit
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
 from glmkit.fast_decode import FastDecoder
 from glmkit.models import ensure_random_checkpoint
 from glmkit.quantization import load_precision
 
 VARIANTS = {"fused, PDL": ("nf4", {"pdl": True}), "fused": ("nf4", {"pdl": False}),
-            "fused, sums first": ("nf4", {"pdl": False}),
             "compiled layer": ("nf4", {"fuse_norms": False}), "bf16": ("bf16", {})}
 PROMPT, NEW, ROUNDS = 32, 256, 3
 
@@ -55,10 +54,8 @@ def main() -> None:
     rooflines = {p: bw / bytes_read_per_token(m) for p, m in models.items()}
     decoders = {}
     for v, (p, options) in VARIANTS.items():
-        gemv4bit.SUMS_FIRST = v == "fused, sums first"  # read as the kernels launch: while the graphs are captured
         decoders[v] = FastDecoder(models[p], max_len=PROMPT + NEW + 8, **options)
         decoders[v].tokens_per_second(PROMPT, 4)  # warm-up: builds and captures the graphs
-    gemv4bit.SUMS_FIRST = False
     rows = {v: {"variant": v, "precision": p, "options": o, "fuses_norms": decoders[v].fuses_norms(1),
                 "uses_pdl": decoders[v].uses_pdl(1),
                 "compiled_step": decoders[v].compiled and decoders[v].layer_fn_for(1) is decoders[v].layer_fn,

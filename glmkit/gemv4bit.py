@@ -282,7 +282,6 @@ ROW_KERNEL_MAX_VECTORS = 2
 TC_BLOCK_N, TC_WARPS, TC_UNROLL, TC_STAGES = 64, 4, 2, 4  # rows per program, warps, blocks per step, pipeline depth
 TC_TARGET_PROGRAMS = 264  # the columns are split until the grid has about this many programs (2 per H200 SM)
 _MODE = {"load": 0, "shuffle": 1, "pair": 2}  # the kernels' LOOKUP_MODE
-SUMS_FIRST = False  # gemv_4bit_normed: load the NormedStream's sums of squares before the loop (True) or after it
 
 if triton is not None:
     # one weight byte in $2 -> its high nibble's value ($0) and its low nibble's ($1); $3 holds code[lane % 16] on
@@ -372,7 +371,7 @@ if triton is not None:
                    X16: tl.constexpr, XBF16: tl.constexpr, NESTED: tl.constexpr,
                    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, MODE: tl.constexpr, PTX: tl.constexpr, BS: tl.constexpr,
                    BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                   NORMED: tl.constexpr, SQ_BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, SQ_FIRST: tl.constexpr):
+                   NORMED: tl.constexpr, SQ_BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
         # y[r] = sum_k w[r, k] x[k] for the BLOCK_N rows of row block `block` of one weight, w dequantized in
         # registers. A step covers BLOCK_K columns = NB quantization blocks of BS columns = HB bytes each: a tile
         # [BLOCK_N, NB, HB] of bytes, each byte an even column (high nibble) and the odd one after it (low nibble).
@@ -402,11 +401,6 @@ if triton is not None:
             offset = tl.load(offset_ptr)
         else:
             offset = 0.0
-        sq_i = tl.arange(0, SQ_BLOCK)
-        if NORMED and SQ_FIRST:  # the sums of squares asked for before the loop, added after it
-            sq = tl.load(sq_ptr + sq_i, mask=sq_i < n_sq, other=0.0)
-        else:
-            sq = tl.zeros((SQ_BLOCK,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
         qg, ag = _load_step(q_gate, a_gate, absmax_ptr, absmax2_ptr, code2_ptr, offset, 0, byte0, blk0, bytes_per_row,
@@ -455,9 +449,8 @@ if triton is not None:
         y = tl.sum(acc, axis=1)
         up = tl.sum(acc_up, axis=1)
         if NORMED:  # rmsnorm's 1 / sqrt(mean(x^2) + eps), the same for every row: it factors out of the sums
-            if not SQ_FIRST:
-                sq = tl.load(sq_ptr + sq_i, mask=sq_i < n_sq, other=0.0)
-            squares = tl.sum(sq, axis=0)
+            i = tl.arange(0, SQ_BLOCK)  # (asked for before the loop instead: slower, nf4_fused.json)
+            squares = tl.sum(tl.load(sq_ptr + i, mask=i < n_sq, other=0.0), axis=0)
             rstd = 1.0 / tl.sqrt(squares / (2 * bytes_per_row) + eps)
             y = y * rstd
             up = up * rstd
@@ -498,7 +491,7 @@ if triton is not None:
                       MODE: tl.constexpr, PTX: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr,
                       EVEN_K: tl.constexpr, BATCH_AXIS: tl.constexpr, NORMED: tl.constexpr, SQ_BLOCK: tl.constexpr,
-                      RESIDUAL: tl.constexpr, SQ_FIRST: tl.constexpr, PDL: tl.constexpr):
+                      RESIDUAL: tl.constexpr, PDL: tl.constexpr):
         # one launch for up to three weights of the same columns (q, k and v), whose outputs lie side by side in
         # y: the first programs take the first weight's row blocks, the next the second's, and so on. Several
         # vectors x (a batch): one program per vector and row block, the vector on grid axis BATCH_AXIS (0 where
@@ -523,7 +516,7 @@ if triton is not None:
                    _pick(seg, a20, a21, a22), _pick(seg, c20, c21, c22), _pick(seg, o0, o1, o2), block,
                    _pick(seg, n0, n1, n2), bytes_per_row, blocks_per_row, sq_ptr, n_sq, eps, r_ptr, g_ptr, s_ptr,
                    sq_out_ptr, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, MODE, PTX, BS, BS2, BLOCK_N, BLOCK_K, EVEN_K,
-                   NORMED, SQ_BLOCK, RESIDUAL, SQ_FIRST)
+                   NORMED, SQ_BLOCK, RESIDUAL)
 
 
     # one weight byte ($1; $2 the same) -> both its values as a pair of 16-bit floats in one register ($0: the high
@@ -954,7 +947,6 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
                         BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                         EVEN_K=k % cfg.block_k == 0, BATCH_AXIS=batch_axis, NORMED=f.squares is not None,
                         SQ_BLOCK=triton.next_power_of_2(max(n_sq, 1)), RESIDUAL=f.residual is not None,
-                        SQ_FIRST=SUMS_FIRST,
                         num_warps=cfg.num_warps, **launch_options())
     return y
 
