@@ -282,6 +282,7 @@ ROW_KERNEL_MAX_VECTORS = 2
 TC_BLOCK_N, TC_WARPS, TC_UNROLL, TC_STAGES = 64, 4, 2, 4  # rows per program, warps, blocks per step, pipeline depth
 TC_TARGET_PROGRAMS = 264  # the columns are split until the grid has about this many programs (2 per H200 SM)
 _MODE = {"load": 0, "shuffle": 1, "pair": 2}  # the kernels' LOOKUP_MODE
+PAIRED_ROWS = False  # the per-row kernel's programs take two tiles of rows that share x (the plain, non-SwiGLU ones)
 
 if triton is not None:
     # one weight byte in $2 -> its high nibble's value ($0) and its low nibble's ($1); $3 holds code[lane % 16] on
@@ -371,14 +372,15 @@ if triton is not None:
                    X16: tl.constexpr, XBF16: tl.constexpr, NESTED: tl.constexpr,
                    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, MODE: tl.constexpr, PTX: tl.constexpr, BS: tl.constexpr,
                    BS2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                   NORMED: tl.constexpr, SQ_BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+                   NORMED: tl.constexpr, SQ_BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, PAIRED: tl.constexpr):
         # y[r] = sum_k w[r, k] x[k] for the BLOCK_N rows of row block `block` of one weight, w dequantized in
         # registers. A step covers BLOCK_K columns = NB quantization blocks of BS columns = HB bytes each: a tile
         # [BLOCK_N, NB, HB] of bytes, each byte an even column (high nibble) and the odd one after it (low nibble).
         # Each thread loads 16 contiguous bytes per row (one 128-bit load) and the 16 (even, odd) pairs of x that
         # go with them as 16 32-bit words (four 128-bit loads), which it reuses for every row it holds. The next
         # step's bytes and scales are loaded before this step's are summed, so that a load is always in flight.
-        # With SWIGLU the weight has 2N rows (gate, then up) and y[r] = up[r] * silu(gate[r]).
+        # With SWIGLU the weight has 2N rows (gate, then up) and y[r] = up[r] * silu(gate[r]). PAIRED (1): a second
+        # tile of BLOCK_N rows, half the weight's rows further on, shares the thread's x (as SWIGLU's up rows do).
         # NORMED (one vector): x is x * g of a residual stream x (a NormedStream) and the product is W @ rmsnorm(x) * g:
         # the sums are multiplied by 1 / rms(x), from the n_sq partial sums of x^2 at sq_ptr (summed in order).
         # RESIDUAL (one vector): y = r + W @ x (W @ x rounded to y's dtype first, as PyTorch's r + F.linear rounds),
@@ -394,9 +396,16 @@ if triton is not None:
         # bytes_per_row = K / 2 and blocks_per_row = K / BS come as arguments: Triton then knows when they divide
         # by 16, and loads 16 bytes at a time
         q_gate = q_ptr + rows[:, None, None] * bytes_per_row  # [BLOCK_N, 1, 1]
-        q_up = q_gate + N * bytes_per_row
         a_gate = rows[:, None] * blocks_per_row  # [BLOCK_N, 1]
-        a_up = a_gate + N * blocks_per_row
+        rows2 = rows + tl.cdiv(N, 2 * BLOCK_N) * BLOCK_N  # PAIRED: the second tile's rows
+        row2_ok = row_ok & (rows2 < N)
+        rows2 = tl.where(row2_ok, rows2, 0)
+        if PAIRED:
+            q_up = q_ptr + rows2[:, None, None] * bytes_per_row
+            a_up = rows2[:, None] * blocks_per_row
+        else:
+            q_up = q_gate + N * bytes_per_row
+            a_up = a_gate + N * blocks_per_row
         if NESTED:
             offset = tl.load(offset_ptr)
         else:
@@ -406,7 +415,7 @@ if triton is not None:
         qg, ag = _load_step(q_gate, a_gate, absmax_ptr, absmax2_ptr, code2_ptr, offset, 0, byte0, blk0, bytes_per_row,
                             NESTED, PTX, HB, BS2)
         qu, au = qg, ag
-        if SWIGLU:
+        if SWIGLU or PAIRED:
             qu, au = _load_step(q_up, a_up, absmax_ptr, absmax2_ptr, code2_ptr, offset, 0, byte0, blk0, bytes_per_row,
                                 NESTED, PTX, HB, BS2)
         if MODE == 1:
@@ -440,7 +449,7 @@ if triton is not None:
                                           byte0, blk0, bytes_per_row, NESTED, PTX, HB, BS2)
             acc += _dot_step(qg, ag, x_even, x_odd, lut, code_ptr, MODE)
             qg, ag = next_qg, next_ag
-            if SWIGLU:
+            if SWIGLU or PAIRED:
                 next_qu, next_au = _load_step(q_up, a_up, absmax_ptr, absmax2_ptr, code2_ptr, offset, kb0 + BLOCK_KB,
                                               byte0, blk0, bytes_per_row, NESTED, PTX, HB, BS2)
                 acc_up += _dot_step(qu, au, x_even, x_odd, lut, code_ptr, MODE)
@@ -456,13 +465,27 @@ if triton is not None:
             up = up * rstd
         if HAS_BIAS:
             y += tl.load(b_ptr + rows).to(tl.float32)
+            if PAIRED:
+                up += tl.load(b_ptr + rows2).to(tl.float32)
         if SWIGLU:
             y = swiglu_as_pytorch(y, up, out_dtype)
         if RESIDUAL:
-            y = (y.to(out_dtype).to(tl.float32) + tl.load(r_ptr + rows).to(tl.float32)).to(out_dtype).to(tl.float32)
+            y = _add_rounded(y, r_ptr + rows, out_dtype)
             tl.store(s_ptr + rows, (y * tl.load(g_ptr + rows).to(tl.float32)).to(out_dtype), mask=row_ok)
-            tl.store(sq_out_ptr + block, tl.sum(tl.where(row_ok, y * y, 0.0), axis=0))
+            squares = tl.sum(tl.where(row_ok, y * y, 0.0), axis=0)
+            if PAIRED:
+                up = _add_rounded(up, r_ptr + rows2, out_dtype)
+                tl.store(s_ptr + rows2, (up * tl.load(g_ptr + rows2).to(tl.float32)).to(out_dtype), mask=row2_ok)
+                squares += tl.sum(tl.where(row2_ok, up * up, 0.0), axis=0)
+            tl.store(sq_out_ptr + block, squares)
         tl.store(y_ptr + rows, y.to(out_dtype), mask=row_ok)
+        if PAIRED:
+            tl.store(y_ptr + rows2, up.to(out_dtype), mask=row2_ok)
+
+    @triton.jit
+    def _add_rounded(y, r_ptrs, out_dtype: tl.constexpr):
+        # r + y with y rounded to out_dtype first and the sum too, as PyTorch's r + F.linear(...) rounds (kept in fp32)
+        return (y.to(out_dtype).to(tl.float32) + tl.load(r_ptrs).to(tl.float32)).to(out_dtype).to(tl.float32)
 
     @triton.jit
     def _segment(pid, n0, n1, SEGMENTS: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -491,7 +514,7 @@ if triton is not None:
                       MODE: tl.constexpr, PTX: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr,
                       EVEN_K: tl.constexpr, BATCH_AXIS: tl.constexpr, NORMED: tl.constexpr, SQ_BLOCK: tl.constexpr,
-                      RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+                      RESIDUAL: tl.constexpr, PAIRED: tl.constexpr, PDL: tl.constexpr):
         # one launch for up to three weights of the same columns (q, k and v), whose outputs lie side by side in
         # y: the first programs take the first weight's row blocks, the next the second's, and so on. Several
         # vectors x (a batch): one program per vector and row block, the vector on grid axis BATCH_AXIS (0 where
@@ -511,12 +534,12 @@ if triton is not None:
             x_ptr += vector * bytes_per_row
         else:
             x_ptr += vector * 2 * bytes_per_row
-        seg, block, row0 = _segment(pid, n0, n1, SEGMENTS, BLOCK_N)
+        seg, block, row0 = _segment(pid, n0, n1, SEGMENTS, BLOCK_N * (1 + PAIRED))
         _rows_4bit(x_ptr, y_ptr + row0, b_ptr + row0, _pick(seg, q0, q1, q2), _pick(seg, a0, a1, a2), code_ptr,
                    _pick(seg, a20, a21, a22), _pick(seg, c20, c21, c22), _pick(seg, o0, o1, o2), block,
                    _pick(seg, n0, n1, n2), bytes_per_row, blocks_per_row, sq_ptr, n_sq, eps, r_ptr, g_ptr, s_ptr,
                    sq_out_ptr, X16, XBF16, NESTED, HAS_BIAS, SWIGLU, MODE, PTX, BS, BS2, BLOCK_N, BLOCK_K, EVEN_K,
-                   NORMED, SQ_BLOCK, RESIDUAL)
+                   NORMED, SQ_BLOCK, RESIDUAL, PAIRED)
 
 
     # one weight byte ($1; $2 the same) -> both its values as a pair of 16-bit floats in one register ($0: the high
@@ -929,7 +952,8 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     if x16 and x.storage_offset() % 2:  # read as 32-bit pairs: a view starting mid-pair (a compiler's buffer) moves
         x = x.clone()
     segments = gemv4bit_mma.weight_slots(ws, counts)
-    blocks, vectors = sum(triton.cdiv(n, cfg.block_n) for n in counts), x.numel() // k
+    paired = _paired(swiglu)
+    blocks, vectors = _row_blocks(counts, cfg, paired), x.numel() // k
     if batch_axis is None:  # the vectors on axis 0 unless the row blocks overflow axis 1 (at most 65535 programs)
         batch_axis = 0 if blocks < 65536 else 1
     grid = (vectors, blocks) if batch_axis == 0 else (blocks, vectors)
@@ -946,9 +970,20 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
                         PTX=lookup != "load" and not INTERPRETER,
                         BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                         EVEN_K=k % cfg.block_k == 0, BATCH_AXIS=batch_axis, NORMED=f.squares is not None,
-                        SQ_BLOCK=triton.next_power_of_2(max(n_sq, 1)), RESIDUAL=f.residual is not None,
+                        SQ_BLOCK=triton.next_power_of_2(max(n_sq, 1)), RESIDUAL=f.residual is not None, PAIRED=paired,
                         num_warps=cfg.num_warps, **launch_options())
     return y
+
+
+def _paired(swiglu: bool) -> int:
+    """Whether the per-row kernel gives each program a second tile of rows that shares its x (``PAIRED_ROWS``; the
+    SwiGLU kernel's up rows always do)."""
+    return int(PAIRED_ROWS and not swiglu)
+
+
+def _row_blocks(counts: Sequence[int], cfg: GemvConfig, paired: int) -> int:
+    """The programs the per-row kernel runs per vector for weights of ``counts`` rows side by side."""
+    return sum(-(-n // (cfg.block_n * (1 + paired))) for n in counts)
 
 
 def _or(tensor: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
@@ -1255,7 +1290,7 @@ def gemv_4bit_residual(x: torch.Tensor, weight: Packed4bit, residual: torch.Tens
         raise ValueError(f"gemv_4bit_residual needs x, the residual and the norm weight on one device and the residual "
                          f"in x's {x.dtype}; got {residual.dtype} on {residual.device} and {norm_weight.device}.")
     residual = residual.contiguous()
-    blocks = -(-n // config_for(weight).block_n)  # the row blocks _launch runs: one sum of squares each
+    blocks = _row_blocks([n], config_for(weight), _paired(False))  # the programs _launch runs: a sum of squares each
     scaled = torch.empty_like(residual)
     partials = torch.empty(blocks, dtype=torch.float32, device=x.device)
     y = _launch(x, (weight,), None, False, None, mma=False,
