@@ -1,8 +1,8 @@
 """Two tiles of rows per program in glmkit's per-row 4-bit kernel (``gemv4bit.PAIRED_ROWS``): each thread's x then
 serves two rows (as the SwiGLU kernel's gate and up rows already share it), halving x's reads through L1, which
 held the kernel back (``nf4_ncu.json``: L1/TEX 74-87% busy, DRAM 22-39%). GLM-4-9B's q/k/v, o_proj and down_proj at
-batch 1 on one GPU, one run: the tuner's sweep (``glmkit.gemv_tuning.tune_projection``) without and with the pairs
-(µs and TB/s of packed weights, best shape), then the batch-1 decode step of GLM-4-9B in nf4 (random weights) with
+batch 1 on one GPU, one run: the tuner's sweep (``glmkit.gemv_tuning.tune_projection``, ten shapes) without and with
+the pairs (µs and TB/s of packed weights, best shape), then the batch-1 decode step of GLM-4-9B in nf4 (random weights) with
 each one's best shapes, replayed back to back (three rounds, taking turns), with bf16 beside them.
 
     PYTHONPATH=.:benchmarks python benchmarks/nf4_paired.py --checkpoint /tmp/glm9b    # about 5 minutes on an H200
@@ -24,9 +24,9 @@ from glmkit.gemv_tuning import projections, tune_projection
 from glmkit.models import ensure_random_checkpoint
 from glmkit.quantization import load_precision
 
-SHAPES = {0: None,  # the full sweep (glmkit.gemv_tuning.candidates)
-          1: [GemvConfig(*s) for s in ((1, 2048, 4), (2, 1024, 2), (2, 1024, 4), (2, 2048, 4), (4, 512, 2),
-                                        (4, 512, 4), (4, 1024, 4), (4, 1024, 8), (8, 512, 4), (8, 1024, 8))]}
+# the shapes both sweeps time (the H200's table has (4, 1024, 4) for all three)
+SHAPES = [GemvConfig(*s) for s in ((1, 2048, 4), (2, 1024, 2), (2, 1024, 4), (2, 2048, 4), (4, 512, 2), (4, 512, 4),
+                                   (4, 1024, 4), (4, 1024, 8), (8, 512, 4), (8, 1024, 8))]
 PROMPT, NEW, ROUNDS = 32, 256, 3
 
 
@@ -44,7 +44,7 @@ def main() -> None:
         for name, (n, k, bias, swiglu) in projections(quantized=True).items():
             if swiglu:
                 continue
-            row = tune_projection(name, n, k, bias, swiglu, "nf4", shapes=SHAPES[paired])
+            row = tune_projection(name, n, k, bias, swiglu, "nf4", shapes=SHAPES)
             row["paired"] = paired
             result["projections"].append(row)
             print(name, "paired" if paired else "one tile", row["best"], flush=True)
