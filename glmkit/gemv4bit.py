@@ -13,11 +13,14 @@ dequantize-then-GEMM, ``benchmarks/results/nf4_batch.json``, notebook ``04_quant
 vectors take a CUDA kernel instead that looks each byte up once straight into a tensor-core operand
 (``glmkit.gemv4bit_mma``: 1.4-2.0x faster than these at those batches on an H200). Each is a
 PyTorch operator (``torch.ops.glmkit.gemv_4bit``, ``gemv_4bit_multi``, ``gemv_4bit_swiglu``) that ``torch.compile``
-calls without tracing into the kernel, so a compiled decoder layer fuses everything around them.
+calls without tracing into the kernel, so a compiled decoder layer fuses everything around them. At batch 1 the
+decoder calls them uncompiled instead, with its RMSNorms and residual adds folded in (``gemv_4bit_residual`` hands the
+next ``gemv_4bit_normed`` a ``NormedStream``): a layer is four 4-bit launches and attention, no norm or add kernel.
 
 At batch 1 a 4-bit GEMV is bound by instructions, not bytes: every byte holds two weights to look up, so the
 kernels keep the work per byte small (sm_90 SASS read with ``cuobjdump``): 16-byte loads of weights; x read as 32-bit
-(even, odd) pairs, one pair per weight byte, in the weights' own layout (no shared-memory round trip); the nibble's
+(even, odd) pairs, one pair per weight byte, in the weights' own layout (no shared-memory round trip), each serving
+two rows (two tiles a program: ``PAIRED_ROWS``, or SwiGLU's gate and up); the nibble's
 value fetched by a warp shuffle from the lane that holds it (``LOOKUP``); one scale per 64 weights, applied to
 their partial sum; the next step's bytes and scales in flight while this step is summed. Launch shapes come from
 ``glmkit tune --kernels nf4,fp4`` (tables by device name, kernel "nf4"/"fp4"; ``config_for``).
@@ -282,7 +285,11 @@ ROW_KERNEL_MAX_VECTORS = 2
 TC_BLOCK_N, TC_WARPS, TC_UNROLL, TC_STAGES = 64, 4, 2, 4  # rows per program, warps, blocks per step, pipeline depth
 TC_TARGET_PROGRAMS = 264  # the columns are split until the grid has about this many programs (2 per H200 SM)
 _MODE = {"load": 0, "shuffle": 1, "pair": 2}  # the kernels' LOOKUP_MODE
-PAIRED_ROWS = False  # the per-row kernel's programs take two tiles of rows that share x (the plain, non-SwiGLU ones)
+# The per-row kernel's programs take two tiles of rows (block_n each, half the weight's rows apart) that share each
+# thread's x, as the SwiGLU kernel's gate and up rows do: x's reads through L1, which held the kernel back
+# (benchmarks/results/nf4_ncu.json: L1/TEX 74-87% busy, DRAM 22-39%), halve. On an H200 q/k/v, o_proj and down_proj
+# took 7%, 5% and 5% less time at their best shapes, and GLM-4-9B's nf4 step 3.4% less (nf4_paired.json).
+PAIRED_ROWS = True
 
 if triton is not None:
     # one weight byte in $2 -> its high nibble's value ($0) and its low nibble's ($1); $3 holds code[lane % 16] on

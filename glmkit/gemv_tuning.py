@@ -67,9 +67,10 @@ def projections(quantized: bool = False, tp: int = 1) -> dict[str, tuple[int, in
 
 def candidates(kernel: str, swiglu: bool, quick: bool = False) -> list[GemvConfig]:
     """Launch shapes to try. 16-bit: 8 to 64 fp32 partial sums per thread (half as many per accumulator with
-    SwiGLU's two). 4-bit: 16 to 64 packed bytes per thread and step (one to four 128-bit loads; with SwiGLU per
-    half), blocks of whole quantization blocks (64 columns) from 256 columns; ``quick``: eight of them, 16 or 32
-    bytes per thread (per half), for a benchmark's short sweep."""
+    SwiGLU's two). 4-bit: 16 to 64 packed bytes per thread and step (one to four 128-bit loads; per tile of rows
+    where a program takes two, SwiGLU's gate and up or ``gemv4bit.PAIRED_ROWS``), blocks of whole quantization
+    blocks (64 columns) from 256 columns; ``quick``: eight of them, 16 or 32 bytes per thread (per tile), for a
+    benchmark's short sweep."""
     if kernel in FOUR_BIT and quick:
         return [GemvConfig(*s) for s in ((4, 1024, 4), (8, 512, 4), (2, 2048, 4), (8, 1024, 8), (16, 512, 8),
                                          (8, 1024, 4), (4, 2048, 4), (4, 512, 2))]
@@ -77,7 +78,7 @@ def candidates(kernel: str, swiglu: bool, quick: bool = False) -> list[GemvConfi
         out = []
         for bn, bk, warps in itertools.product((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8)):
             per_thread = bn * bk // 2 // (warps * 32)
-            if 16 <= per_thread * (2 if swiglu else 1) <= 64:
+            if 16 <= per_thread * (2 if swiglu or gemv4bit.PAIRED_ROWS else 1) <= 64:
                 out.append(GemvConfig(bn, bk, warps))
         return out
     out = []

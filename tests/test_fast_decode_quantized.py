@@ -150,15 +150,19 @@ def test_int8_and_other_quantizations_are_refused_with_what_to_use_instead():
     assert "not gptq" in reason and "quantization='nf4'" in reason
 
 
-def test_nf4_on_a_layer_split_gives_generates_greedy_tokens(prompt):
+@pytest.mark.parametrize("gemv", [False, pytest.param("triton", marks=needs_triton)], ids=["bitsandbytes", "glmkit"])
+def test_nf4_on_a_layer_split_gives_generates_greedy_tokens(prompt, gemv):
+    # glmkit's kernels (uncompiled): the norms folded into the GEMVs on both segments, the second starting from the
+    # residual stream the first hands over
     from accelerate import dispatch_model
 
     from glmkit.device_map import split_layers
 
     model = _load("nf4")
     split = dispatch_model(model, split_layers(model, [3, 3], devices=["cpu", torch.device("cpu")]), main_device="cpu")
-    fast = FastDecoder(split, max_len=prompt.shape[1] + 4, gemv=False)
+    fast = FastDecoder(split, max_len=prompt.shape[1] + 4, gemv=gemv, compile=False)
     assert len(fast.stages) == 2 and isinstance(fast.stages[1].weights[0][4], Packed4bit)
+    assert fast.fuses_norms(1) == (gemv == "triton")
     assert torch.equal(fast.generate(prompt, max_new_tokens=4, ignore_eos=True).cpu(), _greedy(split, prompt, 4).cpu())
 
 
