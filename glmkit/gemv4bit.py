@@ -290,7 +290,6 @@ _MODE = {"load": 0, "shuffle": 1, "pair": 2}  # the kernels' LOOKUP_MODE
 # (benchmarks/results/nf4_ncu.json: L1/TEX 74-87% busy, DRAM 22-39%), halve. On an H200 q/k/v, o_proj and down_proj
 # took 7%, 5% and 5% less time at their best shapes, and GLM-4-9B's nf4 step 3.4% less (nf4_paired.json).
 PAIRED_ROWS = True
-PAIRED_SWIGLU = False  # the SwiGLU kernel's programs: a second tile of gate rows and their up rows (four tiles)
 
 if triton is not None:
     # one weight byte in $2 -> its high nibble's value ($0) and its low nibble's ($1); $3 holds code[lane % 16] on
@@ -388,8 +387,7 @@ if triton is not None:
         # go with them as 16 32-bit words (four 128-bit loads), which it reuses for every row it holds. The next
         # step's bytes and scales are loaded before this step's are summed, so that a load is always in flight.
         # With SWIGLU the weight has 2N rows (gate, then up) and y[r] = up[r] * silu(gate[r]). PAIRED (1): a second
-        # tile of BLOCK_N rows (with SWIGLU, and its up rows), half the weight's rows further on, shares the thread's
-        # x (as SWIGLU's up rows do).
+        # tile of BLOCK_N rows, half the weight's rows further on, shares the thread's x (as SWIGLU's up rows do).
         # NORMED (one vector): x is x * g of a residual stream x (a NormedStream) and the product is W @ rmsnorm(x) * g:
         # the sums are multiplied by 1 / rms(x), from the n_sq partial sums of x^2 at sq_ptr (summed in order).
         # RESIDUAL (one vector): y = r + W @ x (W @ x rounded to y's dtype first, as PyTorch's r + F.linear rounds),
@@ -406,35 +404,27 @@ if triton is not None:
         # by 16, and loads 16 bytes at a time
         q_gate = q_ptr + rows[:, None, None] * bytes_per_row  # [BLOCK_N, 1, 1]
         a_gate = rows[:, None] * blocks_per_row  # [BLOCK_N, 1]
-        q_up = q_gate + N * bytes_per_row  # SWIGLU: the up rows
-        a_up = a_gate + N * blocks_per_row
-        rows2 = rows + tl.cdiv(N, 2 * BLOCK_N) * BLOCK_N  # PAIRED: the second tile's rows (and their up rows)
+        rows2 = rows + tl.cdiv(N, 2 * BLOCK_N) * BLOCK_N  # PAIRED: the second tile's rows
         row2_ok = row_ok & (rows2 < N)
         rows2 = tl.where(row2_ok, rows2, 0)
-        q_b = q_ptr + rows2[:, None, None] * bytes_per_row
-        a_b = rows2[:, None] * blocks_per_row
-        q_bu = q_b + N * bytes_per_row
-        a_bu = a_b + N * blocks_per_row
+        if PAIRED:
+            q_up = q_ptr + rows2[:, None, None] * bytes_per_row
+            a_up = rows2[:, None] * blocks_per_row
+        else:
+            q_up = q_gate + N * bytes_per_row
+            a_up = a_gate + N * blocks_per_row
         if NESTED:
             offset = tl.load(offset_ptr)
         else:
             offset = 0.0
         acc = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
-        acc_b = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
-        acc_bu = tl.zeros((BLOCK_N, BLOCK_K // BS), dtype=tl.float32)
         qg, ag = _load_step(q_gate, a_gate, absmax_ptr, absmax2_ptr, code2_ptr, offset, 0, byte0, blk0, bytes_per_row,
                             NESTED, PTX, HB, BS2)
-        qu, au, qb, ab, qbu, abu = qg, ag, qg, ag, qg, ag
-        if SWIGLU:
+        qu, au = qg, ag
+        if SWIGLU or PAIRED:
             qu, au = _load_step(q_up, a_up, absmax_ptr, absmax2_ptr, code2_ptr, offset, 0, byte0, blk0, bytes_per_row,
                                 NESTED, PTX, HB, BS2)
-        if PAIRED:
-            qb, ab = _load_step(q_b, a_b, absmax_ptr, absmax2_ptr, code2_ptr, offset, 0, byte0, blk0, bytes_per_row,
-                                NESTED, PTX, HB, BS2)
-            if SWIGLU:
-                qbu, abu = _load_step(q_bu, a_bu, absmax_ptr, absmax2_ptr, code2_ptr, offset, 0, byte0, blk0,
-                                      bytes_per_row, NESTED, PTX, HB, BS2)
         if MODE == 1:
             lut = _lane_table(qg, code_ptr)
         else:
@@ -466,47 +456,38 @@ if triton is not None:
                                           byte0, blk0, bytes_per_row, NESTED, PTX, HB, BS2)
             acc += _dot_step(qg, ag, x_even, x_odd, lut, code_ptr, MODE)
             qg, ag = next_qg, next_ag
-            if SWIGLU:
+            if SWIGLU or PAIRED:
                 next_qu, next_au = _load_step(q_up, a_up, absmax_ptr, absmax2_ptr, code2_ptr, offset, kb0 + BLOCK_KB,
                                               byte0, blk0, bytes_per_row, NESTED, PTX, HB, BS2)
                 acc_up += _dot_step(qu, au, x_even, x_odd, lut, code_ptr, MODE)
                 qu, au = next_qu, next_au
-            if PAIRED:
-                next_qb, next_ab = _load_step(q_b, a_b, absmax_ptr, absmax2_ptr, code2_ptr, offset, kb0 + BLOCK_KB,
-                                              byte0, blk0, bytes_per_row, NESTED, PTX, HB, BS2)
-                acc_b += _dot_step(qb, ab, x_even, x_odd, lut, code_ptr, MODE)
-                qb, ab = next_qb, next_ab
-                if SWIGLU:
-                    next_qbu, next_abu = _load_step(q_bu, a_bu, absmax_ptr, absmax2_ptr, code2_ptr, offset,
-                                                    kb0 + BLOCK_KB, byte0, blk0, bytes_per_row, NESTED, PTX, HB, BS2)
-                    acc_bu += _dot_step(qbu, abu, x_even, x_odd, lut, code_ptr, MODE)
-                    qbu, abu = next_qbu, next_abu
         out_dtype = y_ptr.dtype.element_ty
-        y, up = tl.sum(acc, axis=1), tl.sum(acc_up, axis=1)
-        y_b, up_b = tl.sum(acc_b, axis=1), tl.sum(acc_bu, axis=1)
+        y = tl.sum(acc, axis=1)
+        up = tl.sum(acc_up, axis=1)
         if NORMED:  # rmsnorm's 1 / sqrt(mean(x^2) + eps), the same for every row: it factors out of the sums
             i = tl.arange(0, SQ_BLOCK)  # (asked for before the loop instead: slower, nf4_fused.json)
             squares = tl.sum(tl.load(sq_ptr + i, mask=i < n_sq, other=0.0), axis=0)
             rstd = 1.0 / tl.sqrt(squares / (2 * bytes_per_row) + eps)
-            y, up, y_b, up_b = y * rstd, up * rstd, y_b * rstd, up_b * rstd
+            y = y * rstd
+            up = up * rstd
         if HAS_BIAS:
             y += tl.load(b_ptr + rows).to(tl.float32)
-            y_b += tl.load(b_ptr + rows2).to(tl.float32)
+            if PAIRED:
+                up += tl.load(b_ptr + rows2).to(tl.float32)
         if SWIGLU:
             y = swiglu_as_pytorch(y, up, out_dtype)
-            y_b = swiglu_as_pytorch(y_b, up_b, out_dtype)
         if RESIDUAL:
             y = _add_rounded(y, r_ptr + rows, out_dtype)
             tl.store(s_ptr + rows, (y * tl.load(g_ptr + rows).to(tl.float32)).to(out_dtype), mask=row_ok)
             squares = tl.sum(tl.where(row_ok, y * y, 0.0), axis=0)
             if PAIRED:
-                y_b = _add_rounded(y_b, r_ptr + rows2, out_dtype)
-                tl.store(s_ptr + rows2, (y_b * tl.load(g_ptr + rows2).to(tl.float32)).to(out_dtype), mask=row2_ok)
-                squares += tl.sum(tl.where(row2_ok, y_b * y_b, 0.0), axis=0)
+                up = _add_rounded(up, r_ptr + rows2, out_dtype)
+                tl.store(s_ptr + rows2, (up * tl.load(g_ptr + rows2).to(tl.float32)).to(out_dtype), mask=row2_ok)
+                squares += tl.sum(tl.where(row2_ok, up * up, 0.0), axis=0)
             tl.store(sq_out_ptr + block, squares)
         tl.store(y_ptr + rows, y.to(out_dtype), mask=row_ok)
         if PAIRED:
-            tl.store(y_ptr + rows2, y_b.to(out_dtype), mask=row2_ok)
+            tl.store(y_ptr + rows2, up.to(out_dtype), mask=row2_ok)
 
     @triton.jit
     def _add_rounded(y, r_ptrs, out_dtype: tl.constexpr):
@@ -1004,7 +985,7 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
 def _paired(swiglu: bool) -> int:
     """Whether the per-row kernel gives each program a second tile of rows that shares its x (``PAIRED_ROWS``; the
     SwiGLU kernel's up rows always do)."""
-    return int(PAIRED_SWIGLU if swiglu else PAIRED_ROWS)
+    return int(PAIRED_ROWS and not swiglu)
 
 
 def _row_blocks(counts: Sequence[int], cfg: GemvConfig, paired: int) -> int:
