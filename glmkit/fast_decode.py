@@ -664,11 +664,13 @@ class FastDecoder:
         batch_size: rows of the static cache (sequences decoded together).
         cuda_graph: capture each segment's step as a CUDA graph, per batch size (default: on a GPU).
         compile: ``torch.compile`` the layer function; fuses norms, RoPE and SiLU. Default: on a GPU, except on the
-            batch-1 Triton step of a 16/32-bit model (``fuses_norms``), whose layer is glmkit's kernels alone: there
-            the compiled layer launches the same kernels and on an H200 decoded 202.9 tok/s against 205.1 uncompiled
-            (``benchmarks/results/pdl_decode.json``), and ``pdl`` needs Triton's own launches; and except on a
-            4-bit step through bitsandbytes' kernel (eager). A 4-bit decoder with several rows compiles each step
-            size through glmkit's 4-bit kernels (a few seconds more to build per size).
+            batch-1 Triton step (``fuses_norms``), whose layer is glmkit's kernels alone: there the compiled layer
+            launches the same kernels and on an H200 decoded 202.9 tok/s against 205.1 uncompiled
+            (``benchmarks/results/pdl_decode.json``), and ``pdl`` needs Triton's own launches; in 4 bits that
+            uncompiled step, its norms and adds folded into the GEMVs, took 3.2% less time than the compiled layer
+            (``nf4_fused.json``); and except on a 4-bit step through bitsandbytes' kernel (eager). A 4-bit decoder
+            with several rows compiles each step size through glmkit's 4-bit kernels (a few seconds more to build
+            per size).
         gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1
             step on a GPU of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a
             warning and cuBLAS; a 4-bit model: glmkit's 4-bit Triton GEMVs for steps of up to
@@ -701,15 +703,17 @@ class FastDecoder:
             a device-to-device copy (NVLink or PCIe peer-to-peer). ``"host"``: staged through pinned host memory,
             each half waited for, as it goes between cards that have no peer-to-peer access (two consumer cards on
             PCIe often have none); notebook 02 compares the two.
-        fuse_norms: on the Triton batch-1 step of a 16/32-bit model (``fuses_norms``), the GEMVs apply the RMSNorms
-            and the residual adds as they read and write (``glmkit.gemv.gemv``'s ``norm_weight`` and ``residual``):
-            two kernels fewer per layer. ``False`` keeps the norms as compiled kernels of their own (the residual
-            adds stay in o_proj's and down_proj's GEMVs; to compare: ``benchmarks/profile_step.py``,
-            ``benchmarks/decode.py``).
+        fuse_norms: on the Triton batch-1 step (``fuses_norms``), the GEMVs apply the RMSNorms and the residual
+            adds as they read and write (``glmkit.gemv.gemv``'s ``norm_weight`` and ``residual``; 4 bits:
+            ``glmkit.gemv4bit.gemv_4bit_normed`` and ``gemv_4bit_residual``): two kernels fewer per layer. ``False``
+            keeps the norms as compiled kernels of their own (16/32-bit: the residual adds stay in o_proj's and
+            down_proj's GEMVs; to compare: ``benchmarks/profile_step.py``, ``benchmarks/decode.py``,
+            ``benchmarks/nf4_fused.py``).
         pdl: capture the uncompiled batch-1 Triton step with programmatic dependent launch
             (``glmkit.gemv.dependent_launches``: each kernel launches while the one before finishes). Default: where
             every device supports it (``glmkit.gemv.pdl_supported``: compute capability 9.0+); if it fails there,
-            a warning and plain launches.
+            a warning and plain launches. A 4-bit model: off unless ``pdl=True`` (its step took 1.8% more time with
+            it on an H200, ``benchmarks/results/nf4_fused.json``).
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
@@ -839,10 +843,10 @@ class FastDecoder:
         return self.pdl and self.gemv_by_bucket[b] == "triton" and self.layer_fn_for(b) is decoder_layer
 
     def fuses_norms(self, b: int) -> bool:
-        """Whether the step of ``b`` rows runs glmkit's 16/32-bit Triton GEMVs, which then apply the RMSNorms and the
-        residual adds themselves (``decoder_layer``'s ``in_norm``): two kernels fewer per layer. A 4-bit model's
-        GEMVs (``glmkit.gemv4bit``) do so on its one-row step, uncompiled (``gemv_4bit_normed``,
-        ``gemv_4bit_residual``). ``notebooks/05_tuning.ipynb`` profiles the step both ways.
+        """Whether the step of ``b`` rows runs glmkit's Triton GEMVs with the RMSNorms and the residual adds folded in
+        (``decoder_layer``'s ``in_norm``): two kernels fewer per layer. 16/32-bit weights: the batch-1 step; 4-bit:
+        the one-row step of an uncompiled layer (``glmkit.gemv4bit.gemv_4bit_normed``, ``gemv_4bit_residual``).
+        ``notebooks/05_tuning.ipynb`` profiles the step both ways.
 
         >>> from glmkit.loading import load_model
         >>> model = load_model(device_map="cpu", dtype=torch.float32)
