@@ -12,7 +12,8 @@ logits of one step against the compiled layer's. (The committed run also timed `
 sums of squares before its loop instead of after: slower, removed.)
 
     PYTHONPATH=. python benchmarks/nf4_fused.py --checkpoint /tmp/glm9b     # about 3 minutes on an H200
-Writes benchmarks/results/nf4_fused.json (and to $OUT).
+Writes benchmarks/results/nf4_fused.json (or --name; and to $OUT). ``nf4_fused.json`` was measured with one tile of
+rows a program, ``nf4_fused_paired.json`` with two (``gemv4bit.PAIRED_ROWS``) and the H200 shapes of nf4_paired.json.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def step_logits(decoder: FastDecoder, ids: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
+    ap.add_argument("--name", default="nf4_fused", help="the result's name (nf4_fused_paired: the run with two tiles "
+                                                          "of rows a program, gemv4bit.PAIRED_ROWS, and their shapes)")
     args = ap.parse_args()
     ensure_random_checkpoint(args.checkpoint)
     bw = copy_bandwidth()
@@ -82,7 +85,7 @@ def main() -> None:
             row["step_logits_rel_diff"] = ((logits - first).norm() / first.norm()).item()
         print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
                if k not in ("replay_us", "decode_tok_s")}, flush=True)
-    save_result("nf4_fused", {"what": __doc__.splitlines()[0], "copy_bandwidth_bytes_s": bw, "rounds": ROUNDS,
+    save_result(args.name, {"what": __doc__.splitlines()[0], "copy_bandwidth_bytes_s": bw, "rounds": ROUNDS,
                               "prompt": PROMPT, "new_tokens": NEW, "roofline_tok_s": rooflines,
                               "rows": list(rows.values())})
 
