@@ -40,10 +40,12 @@ try:
     split = dispatch_model(model, split_layers(model, [3, 3], devices=[0, 1]), main_device="cuda:0")
     dec = FastDecoder(split, max_len=64, batch_size=2)
     got = dec.generate(ids, 24, ignore_eos=True)
-    lone = FastDecoder(split, max_len=64).generate(ids[:1], 24, ignore_eos=True)
+    alone = FastDecoder(split, max_len=64)  # one row: the norms folded into the 4-bit GEMVs on both GPUs
+    lone = alone.generate(ids[:1], 24, ignore_eos=True)
     print("nf4 split", [str(s.device) for s in dec.segments], "gemv", dec.gemv_by_bucket,
           "batched identical to one GPU:", torch.equal(got.cpu(), want.cpu()),
-          "lone identical:", torch.equal(lone.cpu(), want1.cpu()), "first-run checks:", dict(gemv4bit._MMA_CHECKED),
+          "lone identical:", torch.equal(lone.cpu(), want1.cpu()), "lone norms folded:", alone.fuses_norms(1),
+          "first-run checks:", dict(gemv4bit._MMA_CHECKED),
           "2 rows on cuda:1:", gemv4bit.kernel_for_rows("cuda:1", 2), flush=True)
 except Exception as exc:
     print("nf4 split FAILED", type(exc).__name__, str(exc)[:400], flush=True)
