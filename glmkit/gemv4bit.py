@@ -41,6 +41,7 @@ uint8 codes: ``absmax = code2[absmax_q] * absmax2[j // 256] + offset``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -737,13 +738,15 @@ def _row_shuffle_agrees(device: torch.device) -> bool:
     """The first-run check of ``check_lookup``: on a disagreement it switches ``LOOKUP`` to the loads (once: a
     caller may set it back)."""
     global LOOKUP
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(1, 1, 256, device=device, generator=g).to(torch.bfloat16)
-    for double_quant in (False, True):
-        w = quantize(torch.randn(64, 256, device=device, generator=g), "nf4", double_quant)
-        if not _shuffle_agrees(device, "4-bit kernels", lambda lookup, w=w: _launch(x, (w,), None, False, None, lookup)):
-            LOOKUP = "load"
-            return False
+    with torch.cuda.device(device):  # (asked for by weights on another GPU than the current one: a split's)
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(1, 1, 256, device=device, generator=g).to(torch.bfloat16)
+        for double_quant in (False, True):
+            w = quantize(torch.randn(64, 256, device=device, generator=g), "nf4", double_quant)
+            if not _shuffle_agrees(device, "4-bit kernels",
+                                   lambda lookup, w=w: _launch(x, (w,), None, False, None, lookup)):
+                LOOKUP = "load"
+                return False
     return True
 
 
@@ -969,16 +972,17 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     if f.partials is not None and f.partials.numel() != blocks:
         raise ValueError(f"{blocks} row blocks write {blocks} sums of squares, not {f.partials.numel()}.")
     n_sq = 0 if f.squares is None else f.squares.numel()
-    _gemv4_kernel[grid](x.view(torch.int32) if x16 else x, y, bias if bias is not None else y, table, *segments,
-                        k // 2, k // w.blocksize, _or(f.squares, y), n_sq, f.eps, _or(f.residual, y),
-                        _or(f.norm_weight, y), _or(f.scaled, y), _or(f.partials, y),
-                        SEGMENTS=len(ws), X16=x16, XBF16=x.dtype == torch.bfloat16,
-                        NESTED=w.nested, HAS_BIAS=bias is not None, SWIGLU=swiglu, MODE=_MODE[lookup],
-                        PTX=lookup != "load" and not INTERPRETER,
-                        BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                        EVEN_K=k % cfg.block_k == 0, BATCH_AXIS=batch_axis, NORMED=f.squares is not None,
-                        SQ_BLOCK=triton.next_power_of_2(max(n_sq, 1)), RESIDUAL=f.residual is not None, PAIRED=paired,
-                        num_warps=cfg.num_warps, **launch_options())
+    with _on(x.device):  # Triton launches on the current GPU: make it the tensors'
+        _gemv4_kernel[grid](x.view(torch.int32) if x16 else x, y, bias if bias is not None else y, table, *segments,
+                            k // 2, k // w.blocksize, _or(f.squares, y), n_sq, f.eps, _or(f.residual, y),
+                            _or(f.norm_weight, y), _or(f.scaled, y), _or(f.partials, y),
+                            SEGMENTS=len(ws), X16=x16, XBF16=x.dtype == torch.bfloat16,
+                            NESTED=w.nested, HAS_BIAS=bias is not None, SWIGLU=swiglu, MODE=_MODE[lookup],
+                            PTX=lookup != "load" and not INTERPRETER,
+                            BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                            EVEN_K=k % cfg.block_k == 0, BATCH_AXIS=batch_axis, NORMED=f.squares is not None,
+                            SQ_BLOCK=triton.next_power_of_2(max(n_sq, 1)), RESIDUAL=f.residual is not None, PAIRED=paired,
+                            num_warps=cfg.num_warps, **launch_options())
     return y
 
 
@@ -991,6 +995,11 @@ def _paired(swiglu: bool) -> int:
 def _row_blocks(counts: Sequence[int], cfg: GemvConfig, paired: int) -> int:
     """The programs the per-row kernel runs per vector for weights of ``counts`` rows side by side."""
     return sum(-(-n // (cfg.block_n * (1 + paired))) for n in counts)
+
+
+def _on(device: torch.device) -> Any:
+    """``device`` made the current GPU for the block (nothing on a CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _or(tensor: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
@@ -1046,11 +1055,12 @@ def check_pair_lookup(device: torch.device | str, lookup: str) -> str:
 
 
 def _pair_shuffle_agrees(device: torch.device) -> bool:
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(ROW_KERNEL_MAX_VECTORS + 1, 1, 256, device=device, generator=g).to(torch.bfloat16)
-    w = quantize(torch.randn(64, 256, device=device, generator=g), "nf4", double_quant=True)
-    return _shuffle_agrees(device, "4-bit tensor-core kernel",
-                           lambda lookup: _launch_tensor_cores(x, (w,), None, False, lookup))
+    with torch.cuda.device(device):
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(ROW_KERNEL_MAX_VECTORS + 1, 1, 256, device=device, generator=g).to(torch.bfloat16)
+        w = quantize(torch.randn(64, 256, device=device, generator=g), "nf4", double_quant=True)
+        return _shuffle_agrees(device, "4-bit tensor-core kernel",
+                               lambda lookup: _launch_tensor_cores(x, (w,), None, False, lookup))
 
 
 def _launch_tensor_cores(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
