@@ -2157,6 +2157,92 @@ def nf4_mma_sentence() -> Text:
                        script="benchmarks/nf4_batch.py --sizes 1 2 4 8 16 --name nf4_batch_mma")
 
 
+FUSED_LABELS = {"fused": "nf4, norms folded (the default)", "fused, PDL": "nf4, norms folded, with PDL",
+                "compiled layer": "nf4, compiled layer, norms apart", "bf16": "bf16 (the default)"}
+
+
+def _rows_by_variant(r: dict[str, Any], key: str = "rows") -> dict[str, dict[str, Any]]:
+    return {row["variant"]: row for row in r[key]}
+
+
+def _less(new: float, old: float) -> str:
+    return f"{(1 - new / old) * 100:.1f}%"
+
+
+def nf4_fused_sentence() -> Text:
+    """One sequence in 4 bits: the step with its norms and residual adds folded into the 4-bit GEMVs and two tiles of
+    rows a program, against the compiled layer and bf16, in one run (``nf4_fused_paired.json``); with what each
+    change gave in its own run (``nf4_fused.json``, ``nf4_paired.json``, ``nf4_paired_gate_up.json``)."""
+    def render(r: dict[str, Any]) -> str:
+        v = _rows_by_variant(r)
+        fused, compiled, pdl, bf16 = v["fused"], v["compiled layer"], v["fused, PDL"], v["bf16"]
+        saved = _less(fused["best_replay_us"], compiled["best_replay_us"])
+        text = (f"One sequence of GLM-4-9B in nf4 on {measured_on(r)} (`nf4_fused_paired.json`, one run, best of "
+                f"{r['rounds']} rounds taking turns): the batch-1 step with each RMSNorm and residual add folded into "
+                f"the 4-bit GEMVs (`gemv_4bit_residual` writes the next norm's `x·g` and sums of `x²`, "
+                f"`gemv_4bit_normed` multiplies its sums by `1/rms`), uncompiled, decodes **{fused['best_tok_s']:.1f} "
+                f"tok/s**, {fused['over_bf16']:.2f}x bf16's fast path ({bf16['best_tok_s']:.1f}) and "
+                f"{fused['fraction_of_roofline'] * 100:.0f}% of nf4's roofline; the CUDA graph of a step takes "
+                f"{fused['best_replay_us']:.0f} µs against {compiled['best_replay_us']:.0f} for the layer compiled "
+                f"around the 4-bit ops with its norms as kernels of their own ({saved} "
+                f"less). Programmatic dependent launch made it slower "
+                f"({pdl['best_replay_us']:.0f} µs), so a 4-bit decoder leaves it off. Its logits after one step differ "
+                f"from the compiled layer's by {fused['step_logits_rel_diff'] * 100:.1f}% (relative).")
+        accuracy = load("gemv_accuracy")
+        if accuracy:
+            bf16_error = min(x["rel_diff_to_fp32_median"] for x in accuracy["variants"])
+            text += (f" bf16's own logits differ from fp32's by {bf16_error * 100:.1f}% (median, `gemv_accuracy.json`, "
+                     f"random weights of the same architecture): the folded norms change the logits "
+                     f"{'less' if fused['step_logits_rel_diff'] < bf16_error else 'more'} than 16-bit rounding does.")
+        paired = load("nf4_paired")
+        if paired:
+            best = {(x["projection"], x["paired"]): x["best"]["us"] for x in paired["projections"]}
+            per = ", ".join(f"{name} {best[(name, 0)]:.1f} → {best[(name, 1)]:.1f} µs"
+                            for name in dict.fromkeys(n for n, _ in best))
+            d = _rows_by_variant(paired, "decode")
+            text += (f" Two tiles of rows a program, half the weight apart, share each thread's x (the 4-bit kernel "
+                     f"had been held back by x's reads through L1, above): in their own run (`nf4_paired.json`, the "
+                     f"best of ten launch shapes each) {per}, and the step "
+                     f"{_less(d['paired']['best_replay_us'], d['one tile']['best_replay_us'])} less time.")
+        gate_up = load("nf4_paired_gate_up")
+        if gate_up:
+            d = _rows_by_variant(gate_up, "decode")
+            b = {x["paired"]: x["best"]["us"] for x in gate_up["projections"]}
+            text += (f" The SwiGLU kernel already shares x between its gate and up rows; a second pair of them was no "
+                     f"faster ({b[1]:.1f} against {b[0]:.1f} µs, `nf4_paired_gate_up.json`) and the step slower "
+                     f"({d['four tiles']['best_replay_us']:.0f} against {d['two tiles']['best_replay_us']:.0f} µs).")
+        return text
+    return from_result("nf4_fused_paired", render, what="One sequence in 4 bits",
+                       script="benchmarks/nf4_fused.py --name nf4_fused_paired")
+
+
+def nf4_fused_table() -> Table | Text:
+    """``nf4_fused_paired.json`` as a table: per variant of the batch-1 step, µs a step, tok/s, against bf16 and the
+    roofline, and greedy tokens against the compiled layer's."""
+    r = load("nf4_fused_paired")
+    if r is None:
+        return nf4_fused_sentence()
+    rows = [[FUSED_LABELS.get(x["variant"], x["variant"]), f"{x['best_replay_us']:.0f}", f"{x['best_tok_s']:.1f}",
+             f"{x['over_bf16']:.2f}x", f"{x['fraction_of_roofline'] * 100:.0f}%",
+             f"{x['tokens_as_compiled']} of {x['of']}" if "tokens_as_compiled" in x else "-"] for x in r["rows"]]
+    return Table(["batch-1 step", "µs a step (CUDA graph)", "tok/s", "/ bf16", "of its roofline",
+                  "greedy tokens as the compiled layer's"], rows,
+                 caption=f"GLM-4-9B, one sequence, {measured_on(r)}, `nf4_fused_paired.json` (one run)")
+
+
+def nf4_fused_chart() -> Any:
+    """Batch-1 tok/s per variant of the step (``nf4_fused_paired.json``), with each precision's roofline as a dashed
+    line; ``None`` before the file exists."""
+    r = load("nf4_fused_paired")
+    if r is None:
+        return None
+    groups = {"nf4": {FUSED_LABELS[x["variant"]]: x["best_tok_s"] for x in r["rows"] if x["precision"] == "nf4"},
+              "bf16": {FUSED_LABELS["bf16"]: _rows_by_variant(r)["bf16"]["best_tok_s"]}}
+    return _grouped_bars(groups, ylabel="decode tok/s, batch 1", references=r["roofline_tok_s"],
+                         reference_label="roofline (copy bandwidth / bytes a token reads)",
+                         title=f"GLM-4-9B, one sequence, {measured_on(r)}")
+
+
 def _fixed_us(rows: list[dict[str, Any]]) -> float:
     """The time of a launch that does not grow with the weight: the line through the stream layout's reads-only
     times (its first launch shape) of the smallest and the largest projection, against their roofline times."""
@@ -2343,6 +2429,7 @@ def readme_measured_section() -> str:
                "**What holds 4-bit back**: " + nf4_limits_sentence(),
                "**4-bit by batch size**: " + nf4_batch_sentence(),
                "**4-bit, 2-8 rows on the tensor cores**: " + nf4_mma_sentence(),
+               "**4-bit, one sequence**: " + nf4_fused_sentence(),
                "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
                "**Fewer kernels per step**: " + str(fusion_sentence()) + " " + pdl_sentence() + " "
                + str(attention_tile_sentence()),

@@ -150,6 +150,7 @@ def test_missing_result_says_not_measured_and_switches_once_measured(tmp_path, m
     assert "not measured yet" in results.nf4_decode_sentence() and results.nf4_decode_chart() is None
     assert "not measured yet" in results.nf4_mma_sentence() and results.nf4_mma_chart() is None
     assert "not measured yet" in str(results.nf4_mma_table())
+    assert "not measured yet" in results.nf4_fused_sentence() and results.nf4_fused_chart() is None
     assert "not measured yet" in str(results.nf4_projection_table())
     decode = [{"path": "bf16 fast (Triton)", "best_tok_s": 100.0, "roofline_tok_s": 200.0, "fraction_of_roofline": 0.5},
               {"path": "nf4 fast (Triton)", "best_tok_s": 90.0, "roofline_tok_s": 600.0, "fraction_of_roofline": 0.15},
@@ -494,3 +495,22 @@ def test_step_roles_figures_render_the_committed_files():
     assert all(side["best_replay_us"][p] < walk["best_replay_us"][p] for p in longer)
     assert side["best_tok_s"] > walk["best_tok_s"] and f"{side['best_tok_s']:.1f} against {walk['best_tok_s']:.1f}" \
         in sentence
+
+
+def test_one_sequence_in_4_bits_renders_the_committed_files_and_the_defaults_follow_them():
+    from glmkit import gemv4bit
+
+    r, paired = results.load("nf4_fused_paired"), results.load("nf4_paired")
+    v = {row["variant"]: row for row in r["rows"]}
+    sentence = str(results.nf4_fused_sentence())
+    assert f"**{v['fused']['best_tok_s']:.1f} tok/s**, {v['fused']['over_bf16']:.2f}x bf16" in sentence
+    assert f"against {v['compiled layer']['best_replay_us']:.0f} for the layer compiled" in sentence
+    assert v["fused"]["over_bf16"] == pytest.approx(v["fused"]["best_tok_s"] / v["bf16"]["best_tok_s"])
+    table = results.nf4_fused_table()
+    assert [row[2] for row in table.rows] == [f"{x['best_tok_s']:.1f}" for x in r["rows"]]
+    assert sorted(b.get_height() for b in results.nf4_fused_chart().axes[0].patches) == \
+        sorted(x["best_tok_s"] for x in r["rows"])
+    # what a 4-bit decoder does by default is what measured faster: norms folded, no PDL, two tiles a program
+    assert v["fused"]["best_replay_us"] < min(v["compiled layer"]["best_replay_us"], v["fused, PDL"]["best_replay_us"])
+    best = {(x["projection"], x["paired"]): x["best"]["us"] for x in paired["projections"]}
+    assert all(best[(name, 1)] < best[(name, 0)] for name, _ in best) and gemv4bit.PAIRED_ROWS
