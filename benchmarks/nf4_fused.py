@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from step_roles import replay_us as graph_replay_us
+from early_reads import replay_us
 
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
 from glmkit.fast_decode import FastDecoder
@@ -31,12 +31,6 @@ from glmkit.quantization import load_precision
 VARIANTS = {"fused, PDL": ("nf4", {"pdl": True}), "fused": ("nf4", {"pdl": False}),
             "compiled layer": ("nf4", {"fuse_norms": False}), "bf16": ("bf16", {})}
 PROMPT, NEW, ROUNDS = 32, 256, 3
-
-
-def replay_us(decoder: FastDecoder) -> float:
-    """µs a step of the captured batch-1 graph takes, replayed back to back at position 160."""
-    decoder.decode_step(torch.tensor([5], device="cuda"), 160)
-    return graph_replay_us(decoder.stages[0].graphs[1])
 
 
 def step_logits(decoder: FastDecoder, ids: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from nf4_fused import replay_us, step_logits
+from early_reads import replay_us
+from nf4_fused import step_logits
 
 from glmkit import gemv4bit
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
