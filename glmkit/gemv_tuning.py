@@ -269,8 +269,10 @@ def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = p
 
 
 def table_configs(rows: list[dict[str, Any]], fp16_from_bf16: bool = True) -> list[dict[str, Any]]:
-    """The best shape of each tuned row in the table format (rows of one half for gate_up). Unless fp16 was tuned
-    itself, its shapes are bf16's (``fp16_from_bf16``): the same kernel reading as many bytes.
+    """The best shape of each tuned row in the table format (rows of one half for gate_up; a 4-bit shape names the
+    tiles of ``block_n`` rows a program read when it was timed, ``"tiles"``: SwiGLU's gate and up, or two with
+    ``gemv4bit.PAIRED_ROWS``). Unless fp16 was tuned itself, its shapes are bf16's (``fp16_from_bf16``): the same
+    kernel reading as many bytes.
 
     >>> row = {"projection": "o_proj", "kernel": "bf16", "rows": 8, "columns": 64,
     ...        "best": {"block_n": 1, "block_k": 64, "num_warps": 2}}
@@ -281,9 +283,11 @@ def table_configs(rows: list[dict[str, Any]], fp16_from_bf16: bool = True) -> li
     for r in rows:
         if r["best"]:
             n = r["rows"] // 2 if r["projection"] == "gate_up" else r["rows"]
+            tiles = {"tiles": 2 if r["projection"] == "gate_up" or gemv4bit.PAIRED_ROWS else 1} \
+                if r["kernel"] in FOUR_BIT else {}
             out.append({"kernel": r["kernel"], "rows": n, "columns": r["columns"],
                         **{key: r["best"][key] for key in ("block_n", "block_k", "num_warps", "lookup")
-                           if key in r["best"]}})
+                           if key in r["best"]}, **tiles})
     if fp16_from_bf16 and not any(c["kernel"] == "fp16" for c in out):
         out += [{**c, "kernel": "fp16", "copied_from": "bf16"} for c in out if c["kernel"] == "bf16"]
     return out

@@ -368,7 +368,7 @@ def test_the_tuner_checks_each_shape_and_keeps_the_fastest(kernel, swiglu, tmp_p
         assert "multiple of blocksize" in tried[32, "load"]["error"] and (32, "pair") not in tried
         assert (row["best"]["block_k"], row["best"]["lookup"]) == (128, "pair")
         assert row["bnb_matmul_4bit_us"] == pytest.approx(5.0) and row["speedup_vs_bnb_matmul_4bit"] == pytest.approx(5 / 1.5)
-        assert table_configs([row])[0]["lookup"] == "pair"
+        assert table_configs([row])[0]["lookup"] == "pair" and table_configs([row])[0]["tiles"] == 2  # gate and up
     else:
         assert row["best"]["block_k"] == 32 and row["cublas_us"] == pytest.approx(5.0)
     path = write_table(table_configs([row]), tmp_path / "t.json", device="Card")
