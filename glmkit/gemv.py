@@ -34,7 +34,7 @@ import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -57,11 +57,14 @@ def triton_available() -> bool:
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Block shape of one kernel launch: ``block_n`` rows per program, ``block_k`` columns per loop step."""
+    """Block shape of one kernel launch: ``block_n`` rows per program (per tile of rows, for glmkit's 4-bit kernels),
+    ``block_k`` columns per loop step. ``tiles``: in a table of 4-bit shapes, the tiles of ``block_n`` rows a program
+    read when the shape was timed (``None``: not recorded, shapes timed before the per-row kernel took two)."""
 
     block_n: int
     block_k: int
     num_warps: int
+    tiles: int | None = field(default=None, repr=False, compare=False)
 
 
 ASSETS = Path(__file__).parent / "assets"
@@ -118,7 +121,8 @@ def dependent_launches(enabled: bool = True) -> Iterator[None]:
     attention once its reads of q/k/v have arrived, ``glmkit.attention.LAUNCH_NEXT_LATE``), and the next waits
     (``griddepcontrol.wait``) before it reads or writes anything the step writes (the decode attention reads its
     first tile of the cache, which earlier steps wrote, before), so the gap between two kernels of a decode
-    step is hidden without a race. ``FastDecoder`` and ``TPDecoder`` capture their batch-1 step this way where
+    step is hidden without a race. ``FastDecoder`` (16/32-bit models: a 4-bit step was slower with it,
+    ``benchmarks/results/nf4_fused.json``) and ``TPDecoder`` capture their batch-1 step this way where
     ``pdl_supported``; on an H200 GLM-4-9B decoded 207.3 tok/s so against 205.1 without
     (``benchmarks/results/pdl_decode.json``). Launches inside ``torch.compile`` must not use it (its analysis of
     the kernel fails). Taught in ``notebooks/05_tuning.ipynb``.
@@ -159,8 +163,8 @@ def load_table(path: str | Path) -> tuple[str, dict[tuple[str, int, int], GemvCo
     ('NVIDIA H100 80GB HBM3', GemvConfig(block_n=..., block_k=..., num_warps=...))
     """
     table = json.loads(Path(path).read_text())
-    configs = {(c.get("kernel", "bf16"), c["rows"], c["columns"]): GemvConfig(c["block_n"], c["block_k"], c["num_warps"])
-               for c in table["configs"]}
+    configs = {(c.get("kernel", "bf16"), c["rows"], c["columns"]):
+               GemvConfig(c["block_n"], c["block_k"], c["num_warps"], c.get("tiles")) for c in table["configs"]}
     return table["tuned_on"], configs
 
 

@@ -13,9 +13,11 @@ dequantize-then-GEMM, ``benchmarks/results/nf4_batch.json``, notebook ``04_quant
 vectors take a CUDA kernel instead that looks each byte up once straight into a tensor-core operand
 (``glmkit.gemv4bit_mma``: 1.4-2.0x faster than these at those batches on an H200). Each is a
 PyTorch operator (``torch.ops.glmkit.gemv_4bit``, ``gemv_4bit_multi``, ``gemv_4bit_swiglu``) that ``torch.compile``
-calls without tracing into the kernel, so a compiled decoder layer fuses everything around them. At batch 1 the
-decoder calls them uncompiled instead, with its RMSNorms and residual adds folded in (``gemv_4bit_residual`` hands the
-next ``gemv_4bit_normed`` a ``NormedStream``): a layer is four 4-bit launches and attention, no norm or add kernel.
+calls without tracing into the kernel, so a compiled decoder layer fuses everything around them. ``FastDecoder``'s
+one-sequence step runs its layer uncompiled instead (by default, with glmkit's decode attention), with the RMSNorms
+and residual adds folded into the kernels (``gemv_4bit_residual`` hands the next ``gemv_4bit_normed`` a
+``NormedStream``): a layer is four 4-bit launches and attention; only a segment's first layer makes its
+``NormedStream`` with a few small PyTorch ops (``normed_stream``).
 
 At batch 1 a 4-bit GEMV is bound by instructions, not bytes: every byte holds two weights to look up, so the
 kernels keep the work per byte small (sm_90 SASS read with ``cuobjdump``): 16-byte loads of weights; x read as 32-bit
@@ -225,30 +227,43 @@ def kernel_for(weight: Packed4bit) -> str:
     return kernel_name(weight.quant_type)
 
 
-def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "nf4") -> GemvConfig:
-    """Launch shape for a 4-bit ``[n, k]`` weight (for gate/up: ``n`` rows of one half; for fused q/k/v: all rows):
-    the one ``glmkit tune`` measured for this card and ``kernel`` ("nf4" or "fp4") if any, else a rule of thumb.
-    ``block_k`` counts weight columns and is a multiple of ``blocksize``.
+def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "nf4", swiglu: bool = False) -> GemvConfig:
+    """Launch shape for a 4-bit ``[n, k]`` weight (for gate/up, ``swiglu``: ``n`` rows of one half; for fused q/k/v:
+    all rows): the one ``glmkit tune`` measured for this card and ``kernel`` ("nf4" or "fp4") with the tiles of rows
+    a program reads today (``tiles_per_program``; a shape timed with another number is passed over), else a rule of
+    thumb. ``block_k`` counts weight columns and is a multiple of ``blocksize``.
 
-    The rule of thumb: 4 rows of 1024 columns per step and 4 warps, so each thread holds 16 packed bytes of one
-    row (one 128-bit load, and the next step's in flight): 160 sm_90 instructions per thread and step with Triton
-    3.6 (10 per byte; 17.7 with table loads). Two rows per thread would share their x values, but Triton 3.6
-    loads and converts them once per row all the same (3.9 does not). Rows per program halve until the grid has
-    about two programs per SM of an H100/H200 (132 SMs).
+    The rule of thumb, the H200's best shape for q/k/v, o_proj and down_proj (``nf4_paired.json``): tiles of 2 rows
+    of 1024 columns per step and 2 warps, so each thread holds 16 packed bytes of each tile's row (one 128-bit load a
+    tile, and the next step's in flight): 160 sm_90 instructions per thread, tile and step with Triton 3.6 (10 per
+    byte; 17.7 with table loads). Rows per tile halve until the grid has about two programs per SM of an H100/H200
+    (132 SMs).
 
     >>> pick_config_4bit(1000, 320).block_k % 64
     0
     """
+    tiles = tiles_per_program(swiglu)
     tuned = lookup_config(kernel, n, k)
-    if tuned is not None and tuned.block_k % blocksize == 0:
-        return tuned
+    if tuned is not None and tuned.block_k % blocksize == 0 and (tuned.tiles or (2 if swiglu else 1)) == tiles:
+        return tuned  # (a shape without tiles was timed with one, or SwiGLU's two)
     block_k = max(blocksize, min(1024, triton.next_power_of_2(k) if triton is not None else 1024))
     if INTERPRETER:  # every program is a Python loop of numpy calls there: few, large programs
         return GemvConfig(block_n=min(256, triton.next_power_of_2(n)), block_k=block_k, num_warps=4)
-    block_n = 4
-    while block_n > 1 and -(-n // block_n) < 264:
+    programs_per_tile_row = 1 if swiglu else tiles  # SwiGLU's n counts one half: its two tiles are gate and up
+    block_n = 2
+    while block_n > 1 and -(-n // (block_n * programs_per_tile_row)) < 264:
         block_n //= 2
-    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=4)
+    return GemvConfig(block_n=block_n, block_k=block_k, num_warps=2)
+
+
+def tiles_per_program(swiglu: bool) -> int:
+    """The tiles of ``block_n`` rows a program of the per-row kernel reads: SwiGLU's gate and up, or two tiles of
+    one weight (``PAIRED_ROWS``), or one.
+
+    >>> tiles_per_program(swiglu=True)
+    2
+    """
+    return 2 if swiglu or PAIRED_ROWS else 1
 
 
 def config_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False) -> GemvConfig:
@@ -256,7 +271,7 @@ def config_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False)
     tuned shape of their format for rows of one half (gate/up) or all rows (fused q/k/v), else the rule of thumb."""
     ws = (weights,) if isinstance(weights, Packed4bit) else tuple(weights)
     n = sum(w.shape[0] for w in ws)
-    return pick_config_4bit(n // 2 if swiglu else n, ws[0].shape[1], ws[0].blocksize, kernel_for(ws[0]))
+    return pick_config_4bit(n // 2 if swiglu else n, ws[0].shape[1], ws[0].blocksize, kernel_for(ws[0]), swiglu)
 
 
 # How a kernel turns a nibble into its value. "shuffle" (GPUs): every lane of a warp holds one of the 16 values
@@ -390,7 +405,8 @@ if triton is not None:
         # With SWIGLU the weight has 2N rows (gate, then up) and y[r] = up[r] * silu(gate[r]). PAIRED (1): a second
         # tile of BLOCK_N rows, half the weight's rows further on, shares the thread's x (as SWIGLU's up rows do).
         # NORMED (one vector): x is x * g of a residual stream x (a NormedStream) and the product is W @ rmsnorm(x) * g:
-        # the sums are multiplied by 1 / rms(x), from the n_sq partial sums of x^2 at sq_ptr (summed in order).
+        # the sums are multiplied by 1 / rms(x), from the n_sq partial sums of x^2 at sq_ptr (summed in a fixed order:
+        # the same bits every run).
         # RESIDUAL (one vector): y = r + W @ x (W @ x rounded to y's dtype first, as PyTorch's r + F.linear rounds),
         # and the next norm's NormedStream of y: y * g at s_ptr and this row block's sum of y^2 at sq_out_ptr[block].
         NB: tl.constexpr = BLOCK_K // BS
@@ -933,6 +949,10 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     vector through the per-row kernel, with a norm folded in or a residual add after it (``_Fusion``)."""
     _check(x, ws, swiglu)
     w = ws[0]
+    if bias is not None and (swiglu or bias.numel() != sum(v.shape[0] for v in ws) or bias.device != x.device):
+        raise ValueError("A 4-bit product's bias holds one value per row of its weights, on their device"
+                         + (" (the SwiGLU product takes none: GLM's gate/up has no bias)." if swiglu else
+                            f": {sum(v.shape[0] for v in ws)} values, got shape {tuple(bias.shape)} on {bias.device}."))
     if mma and config is None and lookup is None and batch_axis is None and gemv4bit_mma.usable(x, ws, swiglu) and \
             check_mma(x.device, x.dtype):
         try:  # a layout the first-run check did not build is compiled now (a decoder's warm-up steps, eagerly)
@@ -1077,16 +1097,17 @@ def _launch_tensor_cores(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torc
     splits, per_split, unroll = column_splits(blocks_per_row, row_blocks, TC_TARGET_PROGRAMS, TC_UNROLL)
     part = torch.empty(splits, vectors, n_total, dtype=torch.float32, device=x.device)
     segments = gemv4bit_mma.weight_slots(ws, rows)
-    _tc4_kernel[(row_blocks, splits)](
-        x.reshape(vectors, k).contiguous(), part, w.code, *segments, vectors, k // 2, blocks_per_row, per_split,
-        n_total, SEGMENTS=len(ws), NESTED=w.nested,
-        SHUFFLE=lookup == "shuffle" and x.dtype != torch.float32 and not INTERPRETER,
-        IEEE=x.dtype == torch.float32 or INTERPRETER, BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=TC_BLOCK_N,
-        BLOCK_B=max(16, triton.next_power_of_2(vectors)), UNROLL=unroll, num_warps=TC_WARPS, num_stages=TC_STAGES)
-    y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
-    _tc_sum_kernel[(triton.cdiv(n_out, 1024), vectors)](part, y, bias if bias is not None else y, splits, vectors,
-                                                        n_total, n_out, HAS_BIAS=bias is not None, SWIGLU=swiglu,
-                                                        BLOCK=1024)
+    with _on(x.device):  # Triton launches on the current GPU: make it the tensors'
+        _tc4_kernel[(row_blocks, splits)](
+            x.reshape(vectors, k).contiguous(), part, w.code, *segments, vectors, k // 2, blocks_per_row, per_split,
+            n_total, SEGMENTS=len(ws), NESTED=w.nested,
+            SHUFFLE=lookup == "shuffle" and x.dtype != torch.float32 and not INTERPRETER,
+            IEEE=x.dtype == torch.float32 or INTERPRETER, BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=TC_BLOCK_N,
+            BLOCK_B=max(16, triton.next_power_of_2(vectors)), UNROLL=unroll, num_warps=TC_WARPS, num_stages=TC_STAGES)
+        y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
+        _tc_sum_kernel[(triton.cdiv(n_out, 1024), vectors)](part, y, bias if bias is not None else y, splits, vectors,
+                                                            n_total, n_out, HAS_BIAS=bias is not None, SWIGLU=swiglu,
+                                                            BLOCK=1024)
     return y
 
 # The kernels as PyTorch operators (``torch.ops.glmkit.gemv_4bit``, ``..._multi``, ``..._swiglu``), opaque to

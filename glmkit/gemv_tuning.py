@@ -78,7 +78,7 @@ def candidates(kernel: str, swiglu: bool, quick: bool = False) -> list[GemvConfi
         out = []
         for bn, bk, warps in itertools.product((1, 2, 4, 8, 16, 32), (256, 512, 1024, 2048), (2, 4, 8)):
             per_thread = bn * bk // 2 // (warps * 32)
-            if 16 <= per_thread * (2 if swiglu or gemv4bit.PAIRED_ROWS else 1) <= 64:
+            if 16 <= per_thread * gemv4bit.tiles_per_program(swiglu) <= 64:
                 out.append(GemvConfig(bn, bk, warps))
         return out
     out = []
@@ -283,8 +283,7 @@ def table_configs(rows: list[dict[str, Any]], fp16_from_bf16: bool = True) -> li
     for r in rows:
         if r["best"]:
             n = r["rows"] // 2 if r["projection"] == "gate_up" else r["rows"]
-            tiles = {"tiles": 2 if r["projection"] == "gate_up" or gemv4bit.PAIRED_ROWS else 1} \
-                if r["kernel"] in FOUR_BIT else {}
+            tiles = {"tiles": gemv4bit.tiles_per_program(r["projection"] == "gate_up")} if r["kernel"] in FOUR_BIT else {}
             out.append({"kernel": r["kernel"], "rows": n, "columns": r["columns"],
                         **{key: r["best"][key] for key in ("block_n", "block_k", "num_warps", "lookup")
                            if key in r["best"]}, **tiles})

@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from glmkit.fast_decode import FastDecoder
+from glmkit.fast_decode import FastDecoder, decoder_layer
 from glmkit.gemv4bit import Packed4bit, triton_available
 from glmkit.models import TRAINED_TINY_DIR
 
@@ -90,6 +90,24 @@ def test_the_4bit_one_row_step_folds_its_norms_into_the_gemvs_and_gives_generate
     assert _norm_kernels(fused, prompt) == 0 < _norm_kernels(apart, prompt)
     # a compiled layer calls the 4-bit ops and keeps the norms apart (the fused launches are no ops)
     assert not FastDecoder(model, max_len=8, gemv="triton", compile=True, cuda_graph=False).fuses_norms(1)
+    # as on a GPU, where the default compiles: the one-row step still folds its norms with glmkit's attention
+    # (its layer then runs uncompiled), and keeps them apart with attention="sdpa" (there the layer compiles)
+    for attention, folds in (("triton", True), ("sdpa", False)):
+        auto = FastDecoder(model, max_len=8, gemv="triton", attention=attention)
+        auto.compiled = True
+        assert auto.fuses_norms(1) == folds and (not folds or auto.layer_fn_for(1) is decoder_layer)
+
+
+def test_programmatic_dependent_launch_stays_off_for_4bit_models_unless_asked_for(monkeypatch):
+    # on a GPU that has it (Hopper), PDL is the default for 16/32-bit models; a 4-bit step measured slower with it
+    # (benchmarks/results/nf4_fused.json)
+    import glmkit.fast_decode
+    from glmkit.loading import load_model
+
+    monkeypatch.setattr(glmkit.fast_decode, "choose_pdl", lambda pdl, devices: True if pdl is None else pdl)
+    model = _load("nf4")
+    assert not FastDecoder(model, max_len=8, gemv=False).pdl and FastDecoder(model, max_len=8, gemv=False, pdl=True).pdl
+    assert FastDecoder(load_model(device_map="cpu", dtype=torch.float32), max_len=8, gemv=False).pdl
 
 
 @needs_triton

@@ -184,12 +184,12 @@ def test_gemv_4bit_swiglu_equals_the_unfused_path(double_quant):
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_a_normed_stream_folds_the_rmsnorm_into_the_4bit_products(quant_type, double_quant):
     # W @ rms_norm(x, g) from x * g and sums of x^2 (whole, or in parts as a residual product writes them): q/k/v
-    # side by side with a bias, and SwiGLU
+    # side by side with a bias (q's 300 rows: a program's second tile partly past them), and SwiGLU
     k = 320
     x, g = rand(1, 1, k, seed=1), rand(k, seed=2).abs()
     normed = rms_norm(x, g, 1e-5)
-    ws = [quantize(rand(n, k, seed=n), quant_type, double_quant) for n in (40, 8, 24)]
-    b = rand(72, seed=3)
+    ws = [quantize(rand(n, k, seed=n), quant_type, double_quant) for n in (300, 8, 24)]
+    b = rand(332, seed=3)
     stream = normed_stream(x, g)
     parts = NormedStream(stream.scaled, x.reshape(5, -1).pow(2).sum(-1))  # the same total, in five parts
     want = torch.cat([reference_linear(normed, w) for w in ws], dim=-1) + b
@@ -200,6 +200,27 @@ def test_a_normed_stream_folds_the_rmsnorm_into_the_4bit_products(quant_type, do
     torch.testing.assert_close(gemv_4bit_normed(parts, gate_up, swiglu=True), up * F.silu(gate), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="one token"):
         gemv_4bit_normed(NormedStream(rand(2, 1, k), stream.squares), ws)
+    with pytest.raises(ValueError, match="takes none"):  # GLM's gate/up has no bias
+        gemv_4bit_normed(parts, gate_up, rand(144, seed=5), swiglu=True)
+    with pytest.raises(ValueError, match="332 values"):
+        gemv_4bit_normed(parts, ws, b[:3])
+
+
+def test_4bit_table_shapes_name_their_tiles_and_one_timed_with_other_tiles_is_passed_over(monkeypatch):
+    from glmkit.gemv_tuning import table_configs
+
+    rows = [{"projection": p, "kernel": "nf4", "rows": 16, "columns": 256,
+             "best": {"block_n": 8, "block_k": 256, "num_warps": 2}} for p in ("o_proj", "gate_up")]
+    for paired, tiles in ((True, [2, 2]), (False, [1, 2])):  # SwiGLU: its gate and up tiles, always
+        monkeypatch.setattr(gemv4bit, "PAIRED_ROWS", paired)
+        assert [c["tiles"] for c in table_configs(rows)] == tiles
+    monkeypatch.setattr(gemv4bit, "PAIRED_ROWS", True)
+    untuned = gemv4bit.pick_config_4bit(64, 256)
+    for tiles, swiglu, used in ((2, False, True), (1, False, False), (None, False, False), (None, True, True)):
+        tuned = GemvConfig(2, 64, 1, tiles)  # this card's table, as gemv.lookup_config reads it
+        monkeypatch.setattr(gemv4bit, "lookup_config", lambda kernel, n, k, tuned=tuned: tuned)
+        assert (gemv4bit.pick_config_4bit(64, 256, swiglu=swiglu) == tuned) == used, (tiles, swiglu)
+    assert untuned != GemvConfig(2, 64, 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -368,7 +389,7 @@ def test_the_tuner_checks_each_shape_and_keeps_the_fastest(kernel, swiglu, tmp_p
         assert "multiple of blocksize" in tried[32, "load"]["error"] and (32, "pair") not in tried
         assert (row["best"]["block_k"], row["best"]["lookup"]) == (128, "pair")
         assert row["bnb_matmul_4bit_us"] == pytest.approx(5.0) and row["speedup_vs_bnb_matmul_4bit"] == pytest.approx(5 / 1.5)
-        assert table_configs([row])[0]["lookup"] == "pair" and table_configs([row])[0]["tiles"] == 2  # gate and up
+        assert table_configs([row])[0]["lookup"] == "pair"
     else:
         assert row["best"]["block_k"] == 32 and row["cublas_us"] == pytest.approx(5.0)
     path = write_table(table_configs([row]), tmp_path / "t.json", device="Card")
