@@ -3,7 +3,9 @@
 For each GLM-4-9B projection and each kernel (bf16, fp16, nf4, fp4) every candidate shape is checked against a
 float64 reference and timed as the decode step runs it (16-bit: with the RMSNorm or the residual add that the
 one-card decoder folds into each launch, ``FUSED``; with ``tp=2`` a rank's add of the all-reduced partial sum and
-the norm, ``FUSED_TP``): back to back over enough weight copies that nothing is
+the norm, ``FUSED_TP``; 4-bit: as plain products, without the norm or the residual add the one-sequence step folds
+into some of them, ``glmkit.gemv4bit.gemv_4bit_normed`` and ``gemv_4bit_residual``): back to back over enough weight
+copies that nothing is
 served from the L2 cache, inside one CUDA graph. The best shapes go into a table chosen by the device's name
 (``glmkit.gemv.tables_for``); written to glmkit's cache (``$GLMKIT_CACHE`` or ``~/.cache/glmkit``) they take
 precedence over the shipped tables. Needs a GPU. Introduced in ``notebooks/05_tuning.ipynb``.
