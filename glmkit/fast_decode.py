@@ -273,7 +273,8 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor | NormedStream, pos: torch.Te
     """
     b = x.shape[0]
     fused = in_norm is not None
-    if fused and isinstance(wo, Packed4bit):  # 4 bits: each norm travels as a NormedStream (gemv_4bit_normed)
+    four_bit = fused and isinstance(wo, Packed4bit)  # 4 bits: each norm travels as a NormedStream
+    if four_bit:
         stream = h if isinstance(h, NormedStream) else normed_stream(x, in_norm)  # (a segment's first layer)
         qkv = gemv_4bit_normed(stream, wqkv, bqkv, eps)
     else:  # [b, 1, (heads + 2 kv_heads) * head_dim]
@@ -293,7 +294,7 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor | NormedStream, pos: torch.Te
         else:
             attn = _attention_reduction(q, k_cache, v_cache, mask)
     attn = attn.transpose(1, 2).reshape(b, 1, heads * head_dim)
-    if fused and isinstance(wo, Packed4bit):
+    if four_bit:
         x, stream = gemv_4bit_residual(attn, wo, x, ln2)
         x, stream = gemv_4bit_residual(gemv_4bit_normed(stream, wgu, None, eps, swiglu=True), wd, x, next_norm)
         return x, stream

@@ -249,9 +249,8 @@ def pick_config_4bit(n: int, k: int, blocksize: int = 64, kernel: str = "nf4", s
     block_k = max(blocksize, min(1024, triton.next_power_of_2(k) if triton is not None else 1024))
     if INTERPRETER:  # every program is a Python loop of numpy calls there: few, large programs
         return GemvConfig(block_n=min(256, triton.next_power_of_2(n)), block_k=block_k, num_warps=4)
-    programs_per_tile_row = 1 if swiglu else tiles  # SwiGLU's n counts one half: its two tiles are gate and up
-    block_n = 2
-    while block_n > 1 and -(-n // (block_n * programs_per_tile_row)) < 264:
+    block_n = 2  # (a program covers 1 + _paired tiles of n's rows: SwiGLU's n counts one half, its tiles gate and up)
+    while block_n > 1 and -(-n // (block_n * (1 + _paired(swiglu)))) < 264:
         block_n //= 2
     return GemvConfig(block_n=block_n, block_k=block_k, num_warps=2)
 
@@ -263,7 +262,7 @@ def tiles_per_program(swiglu: bool) -> int:
     >>> tiles_per_program(swiglu=True)
     2
     """
-    return 2 if swiglu or PAIRED_ROWS else 1
+    return 2 if swiglu else 1 + _paired(swiglu)
 
 
 def config_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False) -> GemvConfig:
@@ -666,7 +665,7 @@ if triton is not None:
         tl.store(y_ptr + v * n_out + r, y.to(out_dtype), mask=ok)
 
 
-def _check(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool) -> None:
+def _check(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool, bias: torch.Tensor | None = None) -> None:
     if triton is None:
         raise RuntimeError("glmkit.gemv4bit needs Triton: it comes with PyTorch's CUDA builds (pip install triton).")
     w = ws[0]
@@ -691,6 +690,11 @@ def _check(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool) -> None:
     _check_format(ws)
     if swiglu and w.shape[0] % 2:
         raise ValueError(f"gemv_4bit_swiglu needs a gate/up weight with an even number of rows, got {w.shape[0]}.")
+    rows = sum(v.shape[0] for v in ws)
+    if bias is not None and (swiglu or bias.numel() != rows or bias.device != x.device):
+        raise ValueError("A 4-bit product's bias holds one value per row of its weights, on their device"
+                         + (" (the SwiGLU product takes none: GLM's gate/up has no bias)." if swiglu else
+                            f": {rows} values, got shape {tuple(bias.shape)} on {bias.device}."))
 
 
 def _check_format(ws: tuple[Packed4bit, ...]) -> None:
@@ -947,12 +951,8 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     """The product through the tensor-core CUDA kernel where it runs (``glmkit.gemv4bit_mma``: a GPU, 16-bit x, up
     to 8 vectors, no launch shape or lookup asked for, ``mma``), else through a Triton kernel; ``fusion``: one
     vector through the per-row kernel, with a norm folded in or a residual add after it (``_Fusion``)."""
-    _check(x, ws, swiglu)
+    _check(x, ws, swiglu, bias)
     w = ws[0]
-    if bias is not None and (swiglu or bias.numel() != sum(v.shape[0] for v in ws) or bias.device != x.device):
-        raise ValueError("A 4-bit product's bias holds one value per row of its weights, on their device"
-                         + (" (the SwiGLU product takes none: GLM's gate/up has no bias)." if swiglu else
-                            f": {sum(v.shape[0] for v in ws)} values, got shape {tuple(bias.shape)} on {bias.device}."))
     if mma and config is None and lookup is None and batch_axis is None and gemv4bit_mma.usable(x, ws, swiglu) and \
             check_mma(x.device, x.dtype):
         try:  # a layout the first-run check did not build is compiled now (a decoder's warm-up steps, eagerly)
@@ -1148,9 +1148,10 @@ def _config(block_n: int, block_k: int, num_warps: int) -> GemvConfig | None:
     return GemvConfig(block_n, block_k, num_warps) if block_n else None
 
 
-def _fake_output(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool) -> torch.Tensor:
+def _fake_output(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """What the op returns, for torch.compile's trace (checked as the kernel checks it, so errors come early)."""
-    _check(x, ws, swiglu)
+    _check(x, ws, swiglu, bias)
     rows = sum(w.shape[0] for w in ws)
     return x.new_empty((*x.shape[:-1], rows // 2 if swiglu else rows))
 
@@ -1167,7 +1168,7 @@ def _gemv_4bit_op(x, data, absmax, code, absmax2, code2, offset, rows, columns, 
 def _(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type, bias,
       block_n, block_k, num_warps, lookup):
     w = _packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize, quant_type)
-    return _fake_output(x, (w,), False)
+    return _fake_output(x, (w,), False, bias)
 
 
 @torch.library.custom_op("glmkit::gemv_4bit_swiglu", mutates_args=(),
@@ -1212,7 +1213,7 @@ def _(x, data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, n
       block_n, block_k, num_warps, lookup):
     ws = _multi_packed(data, absmax, code, absmax2, code2, offset, rows, columns, blocksize, nested_blocksize,
                        quant_type)
-    return _fake_output(x, ws, False)
+    return _fake_output(x, ws, False, bias)
 
 
 def gemv_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None,
