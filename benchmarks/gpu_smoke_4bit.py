@@ -165,6 +165,52 @@ def check_mma() -> None:
         print("4-bit CUDA kernel FAILED", type(exc).__name__, str(exc)[:500], flush=True)
 
 
+def check_one() -> None:
+    """One vector through the batch-1 CUDA kernel (``glmkit.gemv4bit_one``, what ``gemv_4bit`` runs there) against
+    float64 and the Triton kernel: nf4/fp4, bf16/fp16, one weight, q/k/v with a bias, SwiGLU and down_proj's width;
+    then its folded norm and residual add against the Triton kernel's."""
+    print("4-bit batch-1 CUDA kernel passed its first-run check on this GPU:", gemv4bit.check_one("cuda"), flush=True)
+    g = torch.Generator("cuda").manual_seed(0)
+    worst, worst_triton, folded, launches = 0.0, 0.0, 0.0, 0
+    try:
+        for quant_type in ("nf4", "fp4"):
+            ws = tuple(gemv4bit.quantize(torch.randn(n, 4096, device="cuda", generator=g) * 0.02, quant_type)
+                       for n in (4096, 256, 256))
+            gate_up = gemv4bit.quantize(torch.randn(2 * 1712, 4096, device="cuda", generator=g) * 0.02, quant_type)
+            down = gemv4bit.quantize(torch.randn(4096, 13696, device="cuda", generator=g) * 0.02, quant_type)
+            for dtype in (torch.bfloat16, torch.float16):
+                bias = (torch.randn(4608, device="cuda", generator=g) * 0.02).to(dtype)
+                for weights, bb, swiglu in ((ws[:1], None, False), (ws, bias, False), ((gate_up,), None, True),
+                                            ((down,), None, False)):
+                    x = torch.randn(1, 1, weights[0].shape[1], device="cuda", generator=g).to(dtype)
+                    assert gemv4bit.gemv4bit_one.usable(x, weights, swiglu)
+                    ref = _reference(x, weights, bb, swiglu)
+                    worst = max(worst, _rel(gemv4bit._launch(x, weights, bb, swiglu, None), ref))
+                    worst_triton = max(worst_triton, _rel(gemv4bit._launch(x, weights, bb, swiglu, None, mma=False),
+                                                          ref))
+                    launches += 1
+                    norm = (torch.rand(x.shape[-1], device="cuda", generator=g) + 0.5).to(dtype)
+                    stream = gemv4bit.normed_stream(x, norm)
+                    f = gemv4bit._Fusion(squares=stream.squares)
+                    got = gemv4bit.gemv_4bit_normed(stream, weights, bb, swiglu=swiglu)
+                    want = gemv4bit._launch(stream.scaled, weights, bb, swiglu, None, mma=False, fusion=f)
+                    folded = max(folded, _rel(got, want))
+                    if not swiglu and len(weights) == 1:
+                        n = weights[0].shape[0]
+                        r = torch.randn(1, 1, n, device="cuda", generator=g).to(dtype)
+                        g_out = (torch.rand(n, device="cuda", generator=g) + 0.5).to(dtype)
+                        y, after = gemv4bit.gemv_4bit_residual(x, weights[0], r, g_out)
+                        want = r.float() + _reference(x, weights, None, False).float()
+                        folded = max(folded, _rel(y, want), _rel(after.scaled, y.float() * g_out.float()),
+                                     abs(after.squares.sum().item() / y.float().pow(2).sum().item() - 1))
+        verdict = "OK" if worst < 1e-2 and worst < 2 * worst_triton and folded < 1e-2 else "FAILED"
+        print(f"4-bit batch-1 CUDA kernel {verdict}: largest rel err vs float64 over {launches} launches {worst:.2e} "
+              f"(Triton's: {worst_triton:.2e}); folded norm / residual add against Triton / float64: {folded:.2e}",
+              flush=True)
+    except Exception as exc:
+        print("4-bit batch-1 CUDA kernel FAILED", type(exc).__name__, str(exc)[:500], flush=True)
+
+
 def check(prompt: torch.Tensor | None = None) -> None:
     if prompt is None:  # gpu_smoke_fast.py's prompt: 8 random ids
         prompt = torch.randint(0, 800, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(0))[:1, :8]
@@ -178,6 +224,7 @@ def check(prompt: torch.Tensor | None = None) -> None:
           flush=True)
     check_tensor_cores(prompt)
     check_mma()
+    check_one()
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from typing import Any, NamedTuple, TypeVar
 import torch
 import torch.nn.functional as F
 
-from glmkit import gemv4bit_mma
+from glmkit import gemv4bit_mma, gemv4bit_one
 from glmkit.costs import column_splits
 from glmkit.gemv import (
     ASSETS,
@@ -76,7 +76,7 @@ if triton is not None:  # optional: Triton (Linux x86-64) builds the kernels; gl
 
 __all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_multi", "gemv_4bit_swiglu", "linear_4bit",
            "NormedStream", "normed_stream", "gemv_4bit_normed", "gemv_4bit_residual",
-           "tensor_cores", "kernel_for_rows", "check_mma", "check_pair_lookup", "ROW_KERNEL_MAX_VECTORS",
+           "tensor_cores", "kernel_for_rows", "check_mma", "check_one", "check_pair_lookup", "ROW_KERNEL_MAX_VECTORS",
            "pick_config_4bit", "config_for", "kernel_for", "check_lookup", "lookup_for", "tuned_lookups", "pair_table",
            "LOOKUP", "LOOKUPS", "triton_available", "is_4bit",
            "unsupported_quantization"]
@@ -842,6 +842,78 @@ def _mma_disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+_ONE_CHECKED: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def check_one(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the batch-1 CUDA kernel (``glmkit.gemv4bit_one``) runs on ``device`` for a token of ``dtype``: the
+    first time one token of ``dtype`` goes through glmkit's 4-bit products on ``device`` in a process, outside a
+    compiled function or a CUDA graph capture (a decoder's eager warm-up steps), it is compiled and checked against
+    ``dequantize`` + ``F.linear`` on small weights (q/k/v with a bias, one weight, SwiGLU, a folded norm and a
+    residual add); an error or a disagreement turns glmkit's CUDA kernels off for the process, with a warning that
+    says why, and the Triton kernels run instead.
+
+    >>> check_one("cpu")
+    False
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return _first_run(_ONE_CHECKED, (device, dtype), lambda: _one_agrees(device, dtype), True)
+
+
+def _one_agrees(device: torch.device, dtype: torch.dtype) -> bool:
+    try:
+        with torch.cuda.device(device):
+            why = _one_disagreement(device, dtype)
+    except Exception as exc:  # NVRTC missing or failing, an error the launch reports: the Triton kernels take over
+        why = _why(exc)
+    if why and why != _NOT_HERE:
+        gemv4bit_mma.disable(device, why)
+    return not why
+
+
+def _one_disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
+    """What the batch-1 CUDA kernel gets wrong on small weights against ``dequantize`` + ``F.linear`` in fp32, plus
+    the norm and residual add it folds in, ``_NOT_HERE`` where it does not run, or None."""
+    g = torch.Generator(device=device).manual_seed(0)
+    k = 64 * 43  # 43 blocks a row: warps' runs of chunks end part-way through a stage
+    ws = tuple(quantize(torch.randn(n, k, device=device, generator=g) * 0.05, "nf4") for n in (48, 16, 24))
+    w32 = torch.cat([w.dequantize(torch.float32) for w in ws])
+    bias = torch.randn(88, device=device, generator=g).to(dtype)
+    x = torch.randn(1, 1, k, device=device, generator=g).to(dtype)
+    norm = (torch.rand(k, device=device, generator=g) + 0.5).to(dtype)
+    xn = x.float() * torch.rsqrt(x.float().pow(2).mean() + 1e-5) * norm.float()
+    r = torch.randn(1, 1, 48, device=device, generator=g).to(dtype)
+    norm_out = (torch.rand(48, device=device, generator=g) + 0.5).to(dtype)  # the norm after the residual add
+    cases = (("q/k/v with a bias", ws, bias, False, None), ("one weight", ws[:1], None, False, None),
+             ("SwiGLU", ws[:1], None, True, None), ("a folded norm", ws, bias, False, "normed"),
+             ("a residual add", ws[:1], None, False, "residual"))
+    for what, wts, b, swiglu, fold in cases:
+        if not gemv4bit_one.usable(x, wts, swiglu, env=False):
+            return _NOT_HERE
+        n = sum(w.shape[0] for w in wts)
+        want = F.linear(xn if fold == "normed" else x.float(), w32[:n], None if b is None else b.float())
+        if swiglu:
+            gate, up = want.chunk(2, dim=-1)
+            want = up * F.silu(gate)
+        if fold == "normed":
+            got = gemv_4bit_normed(normed_stream(x, norm), wts, b)
+        elif fold == "residual":
+            got, stream = gemv_4bit_residual(x, wts[0], r, norm_out)
+            want = want + r.float()
+            if not torch.allclose(stream.squares.sum(), got.float().pow(2).sum(), rtol=1e-3):
+                return f"its sums of squares after a residual add ({dtype}) differ from the stream's"
+        else:
+            got = gemv4bit_one.gemv_4bit_one(x, wts, b, swiglu)
+        if not torch.allclose(got.float(), want, rtol=3e-2, atol=3e-2 * want.abs().max().item()):
+            err = ((got.float() - want).norm() / want.norm()).item()
+            return f"its products differ from dequantize + F.linear ({dtype}, {what}: relative error {err:.1e})"
+    return None
+
+
 def _shuffle_agrees(device: torch.device, kernels: str, run: Any) -> bool:
     """Whether ``run("shuffle")`` gives ``run("load")``'s products (within 1%); if not, a warning that names the
     kernels and says what they use instead."""
@@ -948,13 +1020,24 @@ _NO_FUSION = _Fusion()
 def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | None, swiglu: bool,
             config: GemvConfig | None, lookup: str | None = None, batch_axis: int | None = None,
             mma: bool = True, fusion: _Fusion = _NO_FUSION) -> torch.Tensor:
-    """The product through the tensor-core CUDA kernel where it runs (``glmkit.gemv4bit_mma``: a GPU, 16-bit x, up
-    to 8 vectors, no launch shape or lookup asked for, ``mma``), else through a Triton kernel; ``fusion``: one
-    vector through the per-row kernel, with a norm folded in or a residual add after it (``_Fusion``)."""
+    """The product through a CUDA kernel where one runs (a GPU, 16-bit x, no launch shape or lookup asked for,
+    ``mma``: one vector ``glmkit.gemv4bit_one``'s, 2-8 ``glmkit.gemv4bit_mma``'s), else through a Triton kernel;
+    ``fusion``: one vector, with a norm folded in or a residual add after it (``_Fusion``)."""
     _check(x, ws, swiglu, bias)
     w = ws[0]
-    if mma and config is None and lookup is None and batch_axis is None and gemv4bit_mma.usable(x, ws, swiglu) and \
-            check_mma(x.device, x.dtype):
+    if mma and _takes_one(x, ws, swiglu, config, lookup, batch_axis):
+        try:  # a layout the first-run check did not build is compiled now (a decoder's warm-up steps, eagerly)
+            f = fusion
+            return gemv4bit_one.gemv_4bit_one(x, ws, bias, swiglu, f.squares, f.eps, f.residual, f.norm_weight,
+                                              f.scaled, f.partials)
+        except Exception as exc:
+            if _compiling_or_capturing():
+                raise
+            gemv4bit_mma.disable(x.device, _why(exc))  # and the Triton kernels below take over
+            if fusion.partials is not None:  # sized for this kernel's tiles: the caller sizes them again
+                raise
+    if mma and fusion is _NO_FUSION and config is None and lookup is None and batch_axis is None and \
+            gemv4bit_mma.usable(x, ws, swiglu) and check_mma(x.device, x.dtype):
         try:  # a layout the first-run check did not build is compiled now (a decoder's warm-up steps, eagerly)
             return gemv4bit_mma.gemv_4bit_mma(x, ws, bias, swiglu)
         except Exception as exc:
@@ -1006,6 +1089,14 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     return y
 
 
+def _takes_one(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool, config: GemvConfig | None = None,
+               lookup: str | None = None, batch_axis: int | None = None) -> bool:
+    """Whether ``_launch`` multiplies this one token with the batch-1 CUDA kernel (``glmkit.gemv4bit_one``): no
+    launch shape, lookup or grid asked for, where it is usable and passed its first-run check (``check_one``)."""
+    return (config is None and lookup is None and batch_axis is None and gemv4bit_one.usable(x, ws, swiglu)
+            and check_one(x.device, x.dtype))
+
+
 def _paired(swiglu: bool) -> int:
     """Whether the per-row kernel gives each program a second tile of rows that shares its x (``PAIRED_ROWS``; the
     SwiGLU kernel's up rows always do)."""
@@ -1030,13 +1121,16 @@ def _or(tensor: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
 def kernel_for_rows(device: torch.device | str, rows: int, dtype: torch.dtype = torch.bfloat16) -> str:
     """Which of glmkit's 4-bit kernels multiplies ``rows`` tokens of ``dtype`` (bf16/fp16) by a weight of
     bitsandbytes' default blocksize on ``device`` (what ``gemv_4bit`` picks with no launch shape or lookup asked
-    for): ``"per row"``, ``"CUDA, tensor cores"`` (``glmkit.gemv4bit_mma``: 2-8 rows on a GPU of compute capability
-    8.0+; asking runs that kernel's first-run check, ``check_mma``) or ``"Triton, tensor cores"``.
+    for): ``"per row"``, ``"CUDA, one token"`` (``glmkit.gemv4bit_one``: one row on a GPU of compute capability 8.0+,
+    with plain fp32 scales; asking runs its first-run check, ``check_one``), ``"CUDA, tensor cores"``
+    (``glmkit.gemv4bit_mma``: 2-8 rows there; ``check_mma``) or ``"Triton, tensor cores"``.
     ``notebooks/04_quantization.ipynb`` shows it per batch size.
 
     >>> kernel_for_rows("cpu", 1)
     'per row'
     """
+    if rows == 1 and gemv4bit_one.runs_on(device, dtype) and check_one(device, dtype):
+        return "CUDA, one token"
     if gemv4bit_mma.runs_on(device, rows, dtype) and check_mma(device, dtype):
         return "CUDA, tensor cores"
     return "Triton, tensor cores" if rows > ROW_KERNEL_MAX_VECTORS and tensor_cores(device) else "per row"
@@ -1302,7 +1396,7 @@ def gemv_4bit_normed(stream: NormedStream, weights: Packed4bit | Sequence[Packed
         raise ValueError(f"gemv_4bit_normed multiplies one token (a NormedStream of [..., k]), got {tuple(x.shape)}.")
     if squares.dtype != torch.float32 or squares.dim() != 1 or squares.device != x.device:
         raise ValueError("A NormedStream's squares are a 1-D float32 tensor on its device (normed_stream makes one).")
-    return _launch(x, ws, bias, swiglu, None, mma=False, fusion=_Fusion(squares=squares.contiguous(), eps=eps))
+    return _launch(x, ws, bias, swiglu, None, fusion=_Fusion(squares=squares.contiguous(), eps=eps))
 
 
 def gemv_4bit_residual(x: torch.Tensor, weight: Packed4bit, residual: torch.Tensor,
@@ -1329,13 +1423,18 @@ def gemv_4bit_residual(x: torch.Tensor, weight: Packed4bit, residual: torch.Tens
         raise ValueError(f"gemv_4bit_residual needs x, the residual and the norm weight on one device and the residual "
                          f"in x's {x.dtype}; got {residual.dtype} on {residual.device} and {norm_weight.device}.")
     residual = residual.contiguous()
-    blocks = _row_blocks([n], config_for(weight), _paired(False))  # the programs _launch runs: a sum of squares each
     scaled = torch.empty_like(residual)
-    partials = torch.empty(blocks, dtype=torch.float32, device=x.device)
-    y = _launch(x, (weight,), None, False, None, mma=False,
-                fusion=_Fusion(residual=residual, norm_weight=norm_weight.contiguous(), scaled=scaled,
-                               partials=partials))
-    return y, NormedStream(scaled, partials)
+    for one in (_takes_one(x, (weight,), False), False):  # (the CUDA kernel failing: the Triton kernel's sums)
+        # a sum of squares a tile of 16 rows (the CUDA kernel) or a program (the Triton kernel)
+        blocks = gemv4bit_one.tiles([n], False) if one else _row_blocks([n], config_for(weight), _paired(False))
+        partials = torch.empty(blocks, dtype=torch.float32, device=x.device)
+        fusion = _Fusion(residual=residual, norm_weight=norm_weight.contiguous(), scaled=scaled, partials=partials)
+        try:
+            return _launch(x, (weight,), None, False, None, mma=one, fusion=fusion), NormedStream(scaled, partials)
+        except Exception:
+            if not one or _compiling_or_capturing():
+                raise
+    raise AssertionError("unreachable")
 
 
 def linear_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -363,16 +363,18 @@ def nvrtc_found() -> bool:
     return True
 
 
-def compile_cubin(options: list[str], arch: str) -> bytes:
-    """The kernel built by NVRTC for ``arch`` (``"sm_90"``) with ``options`` (``_options``): its cubin. Needs no CUDA
-    toolkit (the kernel includes no header); ``tests/test_gemv4bit_mma.py`` builds it for sm_90 on a CPU.
+def compile_cubin(options: list[str], arch: str, source: str | None = None, name: str = NAME) -> bytes:
+    """The kernel built by NVRTC for ``arch`` (``"sm_90"``) with ``options`` (``_options``): its cubin (``source``:
+    another of glmkit's CUDA kernels, named ``name``: ``glmkit.gemv4bit_one``'s). Needs no CUDA toolkit (the kernels
+    include no header); ``tests/test_gemv4bit_mma.py`` builds them for sm_90 on a CPU.
 
     >>> if nvrtc_found():  # PyTorch's CUDA build, or the dev extra's nvidia-cuda-nvrtc wheel
     ...     assert compile_cubin(_options(True, False, False, False, 1, 256), "sm_90")[1:4] == b"ELF"
     """
     lib = _nvrtc()
     prog = ctypes.c_void_p()
-    if lib.nvrtcCreateProgram(ctypes.byref(prog), _SOURCE.encode(), f"{NAME}.cu".encode(), 0, None, None):
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), (source or _SOURCE).encode(), f"{name}.cu".encode(), 0, None,
+                              None):
         raise RuntimeError("NVRTC could not create the program.")
     try:
         opts = [f"--gpu-architecture={arch}".encode(), *(o.encode() for o in options)]
@@ -393,27 +395,31 @@ def compile_cubin(options: list[str], arch: str) -> bytes:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def _kernel(device: torch.device, options: list[str]) -> Any:
-    key = (device.index, *options)
+def _kernel(device: torch.device, options: list[str], source: str | None = None, name: str = NAME) -> Any:
+    key = (device.index, name, *options)
     if key not in _KERNELS:  # (with device current: _run)
         try:
-            kernel = torch.cuda._compile_kernel(_SOURCE, NAME, nvcc_options=options)
+            kernel = torch.cuda._compile_kernel(source or _SOURCE, name, nvcc_options=options)
         except OSError:  # torch asks for a CUDA toolkit's headers (CUDA_HOME); this kernel includes none
             from torch.cuda._utils import _cuda_load_module
 
             major, minor = torch.cuda.get_device_capability(device)
-            loaded = _cuda_load_module(compile_cubin(options, f"sm_{major}{minor}"), [NAME])
-            kernel = loaded[NAME] if isinstance(loaded, dict) else getattr(loaded, NAME)
+            loaded = _cuda_load_module(compile_cubin(options, f"sm_{major}{minor}", source, name), [name])
+            kernel = loaded[name] if isinstance(loaded, dict) else getattr(loaded, name)
         _KERNELS[key] = kernel
     return _KERNELS[key]
 
 
-def _run(device: torch.device, options: list[str], grid: tuple[int, int, int], block: tuple[int, int, int],
-         args: list[Any], shared: int) -> None:
-    """Compile (once) and launch the kernel with ``device`` current: the launch goes to the current device's context
-    and stream, and another GPU's tensors need theirs."""
+def launch(device: torch.device, options: list[str], grid: tuple[int, int, int], block: tuple[int, int, int],
+           args: list[Any], shared: int, source: str | None = None, name: str = NAME) -> None:
+    """Compile (once) and launch one of glmkit's CUDA kernels (this module's, or ``source`` named ``name``) with
+    ``device`` current (the launch goes to the current device's context and stream, and another GPU's tensors need
+    theirs), asking the driver for more than 48 KiB of shared memory where ``shared`` needs it."""
     with torch.cuda.device(device):
-        _kernel(device, options)(grid, block, args, shared_mem=shared)
+        kernel = _kernel(device, options, source, name)
+        if shared >= SHARED_LIMIT and getattr(kernel, "_max_shared_mem_bytes", shared) < shared:
+            kernel.set_shared_memory_config(shared)
+        kernel(grid, block, args, shared_mem=shared)
 
 
 def _shared_bytes(k: int, swiglu: bool) -> int:
@@ -486,11 +492,16 @@ def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     tiles = sum(-(-(n // 2 if swiglu else n) // ROWS) for n in rows)
     options = _options(x.dtype == torch.bfloat16, w.nested, swiglu, bias is not None, len(ws), w.nested_blocksize)
-    _run(x.device, options, (tiles, 1, 1), (WARPS * 32, 1, 1),
+    launch(x.device, options, (tiles, 1, 1), (WARPS * 32, 1, 1),
          [xf, y, bias if bias is not None else y, w.code, *weight_slots(ws, rows), vectors, k // 2,
           k // w.blocksize, n_out],
          _shared_bytes(k, swiglu))
     return y
+
+
+def enabled(device: torch.device) -> bool:
+    """Whether glmkit's CUDA 4-bit kernels run on ``device`` (none failed there: ``disable``)."""
+    return _index(torch.device(device)) not in _BROKEN
 
 
 def disable(device: torch.device, why: str) -> None:

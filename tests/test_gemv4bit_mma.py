@@ -56,7 +56,7 @@ def test_launch_matches_the_kernels_parameters(swiglu, heights, monkeypatch):
     """What ``gemv_4bit_mma`` hands the kernel: a tensor for every pointer, an int for every int, in order; one
     program per 16 output rows of each weight; the shared memory the program uses."""
     launches = []
-    monkeypatch.setattr(gemv4bit_mma, "_run", lambda *a: launches.append(a))
+    monkeypatch.setattr(gemv4bit_mma, "launch", lambda *a, **k: launches.append(a))
     ws = tuple(quantize(torch.randn(h, 128), "nf4", double_quant=True) for h in heights)
     x = torch.randn(3, 1, 128, dtype=torch.bfloat16)
     bias = None if swiglu else torch.zeros(sum(heights))  # fp32: read in x's type

@@ -1,0 +1,99 @@
+"""The 4-bit batch-1 step through glmkit's batch-1 CUDA kernel (``glmkit.gemv4bit_one``, the default on GPUs of compute
+capability 8.0+) against the same step through its Triton per-row kernel, with bf16 beside them: GLM-4-9B (random
+weights) on one GPU, one run.
+
+Variants (taking turns, three rounds, so that clock and temperature drift touch them alike): ``CUDA kernel`` (the
+default: norms and residual adds folded into the CUDA kernel's launches), ``Triton kernel`` (the same step built and
+run with ``GLMKIT_4BIT_KERNEL=triton``, the default before), ``CUDA kernel, compiled layer`` (``fuse_norms=False``) and
+``bf16`` (its default decoder). Per variant: the CUDA graph of one step replayed back to back (µs a token, 160 cached
+tokens) and ``decode_speed`` (tok/s of the token loop, sampling included), best round; against bf16 in the same run
+and the roofline (copy bandwidth / bytes a token reads); the greedy tokens and the logits of one step against the
+Triton kernel's.
+
+    PYTHONPATH=.:benchmarks python benchmarks/nf4_one_step.py --checkpoint /tmp/glm9b    # about 3 minutes on an H200
+Writes benchmarks/results/nf4_one_step.json (or --name; and to $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from early_reads import replay_us
+from nf4_fused import step_logits
+
+from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
+from glmkit.fast_decode import FastDecoder
+from glmkit.models import ensure_random_checkpoint
+from glmkit.quantization import load_precision
+
+VARIANTS = {"CUDA kernel": ("nf4", {}, None), "Triton kernel": ("nf4", {}, "triton"),
+            "CUDA kernel, compiled layer": ("nf4", {"fuse_norms": False}, None), "bf16": ("bf16", {}, None)}
+PROMPT, NEW, ROUNDS = 32, 256, 3
+
+
+@contextlib.contextmanager
+def kernel_env(kernel: str | None) -> Iterator[None]:
+    """``GLMKIT_4BIT_KERNEL`` set to ``kernel`` (or left unset) for the block."""
+    before = os.environ.pop("GLMKIT_4BIT_KERNEL", None)
+    if kernel:
+        os.environ["GLMKIT_4BIT_KERNEL"] = kernel
+    try:
+        yield
+    finally:
+        os.environ.pop("GLMKIT_4BIT_KERNEL", None)
+        if before is not None:
+            os.environ["GLMKIT_4BIT_KERNEL"] = before
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default="/tmp/glm9b")
+    ap.add_argument("--name", default="nf4_one_step")
+    args = ap.parse_args()
+    ensure_random_checkpoint(args.checkpoint)
+    bw = copy_bandwidth()
+    models = {p: load_precision(args.checkpoint, p, device_map="cuda:0") for p in ("nf4", "bf16")}
+    rooflines = {p: bw / bytes_read_per_token(m) for p, m in models.items()}
+    decoders = {}
+    for v, (p, options, kernel) in VARIANTS.items():
+        with kernel_env(kernel):
+            decoders[v] = FastDecoder(models[p], max_len=PROMPT + NEW + 8, **options)
+            decoders[v].tokens_per_second(PROMPT, 4)  # warm-up: builds and captures the graphs
+    rows = {v: {"variant": v, "precision": p, "options": o, "kernel_env": k, "fuses_norms": decoders[v].fuses_norms(1),
+                "replay_us": [], "decode_tok_s": []} for v, (p, o, k) in VARIANTS.items()}
+    for _ in range(ROUNDS):
+        for v, decoder in decoders.items():
+            with kernel_env(VARIANTS[v][2]):
+                rows[v]["replay_us"].append(replay_us(decoder))
+                rows[v]["decode_tok_s"].append(decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"])
+    ids = torch.randint(0, 1000, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with kernel_env("triton"):
+        reference = decoders["Triton kernel"].generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
+        first = step_logits(decoders["Triton kernel"], ids)
+    bf16 = rows["bf16"]
+    bf16["best_replay_us"], bf16["best_tok_s"] = min(bf16["replay_us"]), max(bf16["decode_tok_s"])
+    for v, decoder in decoders.items():
+        row = rows[v]
+        row["best_replay_us"], row["best_tok_s"] = min(row["replay_us"]), max(row["decode_tok_s"])
+        row["fraction_of_roofline"] = row["best_tok_s"] / rooflines[row["precision"]]
+        row["over_bf16"] = row["best_tok_s"] / bf16["best_tok_s"]
+        row["replay_over_bf16"] = bf16["best_replay_us"] / row["best_replay_us"]
+        if row["precision"] == "nf4":
+            with kernel_env(VARIANTS[v][2]):
+                tokens = decoder.generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
+                logits = step_logits(decoder, ids)
+            row["tokens_as_triton"], row["of"] = sum(a == b for a, b in zip(tokens, reference)), len(reference)
+            row["step_logits_rel_diff_to_triton"] = ((logits - first).norm() / first.norm()).item()
+        print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
+               if k not in ("replay_us", "decode_tok_s")}, flush=True)
+    save_result(args.name, {"what": __doc__.splitlines()[0], "copy_bandwidth_bytes_s": bw, "rounds": ROUNDS,
+                              "prompt": PROMPT, "new_tokens": NEW, "roofline_tok_s": rooflines,
+                              "rows": list(rows.values())})
+
+
+if __name__ == "__main__":
+    main()

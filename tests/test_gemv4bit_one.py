@@ -1,0 +1,132 @@
+"""glmkit.gemv4bit_one on a CPU: the batch-1 kernel compiled for an H100/H200 (sm_90) and for sm_80 by NVRTC, read
+back with cuobjdump, and the launch the Python side builds held against the kernel's own parameter list. The kernel
+itself runs on a GPU only: its first-run check (``gemv4bit.check_one``), ``benchmarks/gpu_smoke_4bit.py`` and
+``benchmarks/nf4_one.py`` check its products there."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_gemv4bit_mma import _cuobjdump
+
+from glmkit import gemv4bit, gemv4bit_mma, gemv4bit_one
+from glmkit.gemv4bit import quantize
+
+pytest.importorskip("bitsandbytes")
+pytest.importorskip("triton")  # its wheel carries cuobjdump; the dev extra installs it and NVRTC on Linux x86-64
+
+SMEM_PER_BLOCK = 227 * 1024  # what an H100/H200 CTA may ask for
+
+
+@pytest.mark.parametrize("bf16, swiglu, bias, segments, normed, residual, k", [
+    (True, False, True, 3, True, False, 4096),  # GLM's q/k/v with the input norm folded in
+    (True, False, False, 1, False, True, 4096),  # o_proj, then the residual add and the next norm's stream
+    (True, True, False, 1, True, False, 4096),  # gate/up with SwiGLU
+    (True, False, False, 1, False, True, 13696),  # down_proj: the long rows' shape
+    (False, False, True, 3, False, False, 4096),  # fp16, nothing folded
+])
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual, k, arch, tmp_path):
+    """Every form the decoders launch compiles at its shipped shape, keeps everything in registers (24 or 16 warps
+    an SM: at most 85 or 128 each), and does what the design says: copies with cp.async, products on the tensor
+    cores in x's type, lookups from shared memory after a byte permute, each group of warps on its own barrier."""
+    shape = gemv4bit_one.shape_for(k, swiglu)
+    options = gemv4bit_one._options(bf16, swiglu, bias, segments, normed, residual, shape)
+    cubin = gemv4bit_mma.compile_cubin(options, arch, gemv4bit_one.source(), gemv4bit_one.NAME)
+    usage = _cuobjdump(cubin, "-res-usage", tmp_path)
+    # nothing spilled to memory (sm_80's SwiGLU keeps an 8-byte frame for a division's slow path, no spill)
+    assert "LOCAL:0" in usage and int(re.search(r"STACK:(\d+)", usage).group(1)) <= (8 if arch == "sm_80" else 0), usage
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    assert registers * 32 * shape.groups * shape.warps <= 65536
+    assert shape.smem_bytes(swiglu) <= SMEM_PER_BLOCK
+    sass = _cuobjdump(cubin, "-sass", tmp_path)
+    assert "LDGSTS" in sass  # cp.async
+    assert re.search(r"HMMA\.16816\.F32" + (r"\.BF16" if bf16 else r"\s"), sass)
+    assert sass.count(" PRMT ") >= 16 and len(re.findall(r"\bLDS\b", sass)) >= 16
+    assert re.search(r"\bBAR\.SYNC(\.DEFER_BLOCKING)? R", sass)  # a group's barrier, its number in a register
+
+
+def _params() -> list[str]:
+    signature = re.search(r"glmkit_gemv4_one\((.*?)\)\s*\{", gemv4bit_one.source(), re.S).group(1)
+    return [p.strip() for p in signature.split(",")]
+
+
+@pytest.mark.parametrize("swiglu, heights, fold", [(False, (40, 16, 24), "normed"), (True, (2 * 40,), None),
+                                                    (False, (100,), "residual")])
+def test_launch_matches_the_kernels_parameters(swiglu, heights, fold, monkeypatch):
+    """What ``gemv_4bit_one`` hands the kernel: a tensor for every pointer, an int or a float for every number, in
+    order; one CTA an SM, fewer when there are fewer tiles of 16 rows; the shared memory its shape says."""
+    launches = []
+    monkeypatch.setattr(gemv4bit_mma, "launch", lambda *a, **k: launches.append((a, k)))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=4))
+    ws = tuple(quantize(torch.randn(h, 128), "nf4") for h in heights)
+    x = torch.randn(1, 1, 128, dtype=torch.bfloat16)
+    n = heights[0] // 2 if swiglu else sum(heights)
+    tiles = gemv4bit_one.tiles(list(heights), swiglu)
+    fold_args = {}
+    if fold == "normed":
+        fold_args = dict(squares=torch.ones(3), eps=1e-6)
+    elif fold == "residual":
+        fold_args = dict(residual=torch.zeros(1, 1, n, dtype=x.dtype), norm_weight=torch.ones(n),
+                         scaled=torch.empty(1, 1, n, dtype=x.dtype), partials=torch.empty(tiles))
+    y = gemv4bit_one.gemv_4bit_one(x, ws, torch.zeros(n) if fold == "normed" else None, swiglu, **fold_args)
+    assert y.shape == (1, 1, n) and y.dtype == x.dtype
+    (device, options, grid, block, args, shared, source, name), _ = launches[0]
+    params = _params()
+    assert len(args) == len(params) and source == gemv4bit_one.source() and name == gemv4bit_one.NAME
+    for arg, param in zip(args, params):
+        kind = torch.Tensor if "*" in param else float if param.startswith("float") else int
+        assert isinstance(arg, kind), (param, arg)
+    shape = gemv4bit_one.shape_for(128, swiglu)
+    assert grid == (min(4, tiles), 1, 1) and block == (32 * shape.groups * shape.warps, 1, 1)
+    assert shared == shape.smem_bytes(swiglu) and device == x.device
+    named = dict(zip([p.split()[-1].lstrip("*") for p in params], args))
+    assert named["y"] is y and named["chunks"] == 2 and named["tiles"] == tiles
+    assert f"-DNORMED={int(fold == 'normed')}" in options and f"-DRESIDUAL={int(fold == 'residual')}" in options
+    assert f"-DSWIGLU={int(swiglu)}" in options and f"-DSEGMENTS={len(heights)}" in options
+    assert named["q1"] is ws[min(1, len(ws) - 1)].data  # q, k and v in their slots, unused slots repeat the first
+    if fold == "normed":
+        assert named["squares"] is fold_args["squares"] and named["n_squares"] == 3 and named["eps"] == 1e-6
+        assert named["bias"].dtype == x.dtype  # read in x's type
+    if fold == "residual":
+        assert named["partials"] is fold_args["partials"] and named["scaled"] is fold_args["scaled"]
+        assert named["norm_weight"].dtype == x.dtype
+
+
+def test_shapes_and_tiles():
+    # GLM-4-9B: q/k/v 288 tiles, o_proj and down_proj 256, gate/up 856 (16 gate rows and their up rows each)
+    assert gemv4bit_one.tiles([4096, 256, 256], False) == 288 and gemv4bit_one.tiles([27392], True) == 856
+    assert gemv4bit_one.shape_for(13696, False).warps > gemv4bit_one.shape_for(4096, False).warps
+    for k, swiglu in ((4096, False), (4096, True), (13696, False)):
+        assert gemv4bit_one.shape_for(k, swiglu).smem_bytes(swiglu) <= SMEM_PER_BLOCK
+
+
+def test_cpu_stays_with_triton(monkeypatch):
+    """On a CPU one token goes through the Triton kernel (in the interpreter), never the CUDA kernel, and a residual
+    add's sums of squares come one per Triton program."""
+    w = quantize(torch.randn(32, 128), "nf4")
+    x = torch.randn(1, 1, 128, dtype=torch.bfloat16)
+    assert not gemv4bit_one.usable(x, (w,)) and not gemv4bit.check_one("cpu")
+    assert gemv4bit.kernel_for_rows("cpu", 1) == "per row"
+    monkeypatch.setattr(gemv4bit_one, "gemv_4bit_one", lambda *a, **k: pytest.fail("the CUDA kernel ran on a CPU"))
+    y = gemv4bit.gemv_4bit(x, w)
+    assert torch.allclose(y.float(), x.float() @ w.dequantize(torch.float32).T, atol=5e-2, rtol=2e-2)
+    if gemv4bit.INTERPRETER:
+        _, stream = gemv4bit.gemv_4bit_residual(x, w, torch.zeros(1, 1, 32, dtype=x.dtype), torch.ones(32))
+        cfg = gemv4bit.config_for(w)
+        assert stream.squares.numel() == gemv4bit._row_blocks([32], cfg, gemv4bit._paired(False))
+
+
+def test_double_quantization_and_misaligned_weights_take_the_triton_kernel(monkeypatch):
+    """What the kernel does not read (nested scales, bytes not 16-byte aligned) is never handed to it, even on a
+    GPU it runs on (stood in for: this machine has none)."""
+    monkeypatch.setattr(gemv4bit_one, "runs_on", lambda device, dtype, env=True: True)
+    x = SimpleNamespace(is_cuda=True, numel=lambda: 128, shape=(1, 1, 128), device="cuda", dtype=torch.bfloat16)
+    plain, nested = quantize(torch.randn(32, 128), "nf4"), quantize(torch.randn(32, 128), "nf4", double_quant=True)
+    assert gemv4bit_one.usable(x, (plain,)) and not gemv4bit_one.usable(x, (nested,))
+    shifted = plain._replace(data=plain.data[8:])
+    assert not gemv4bit_one.usable(x, (shifted,))
+    assert not gemv4bit_one.usable(SimpleNamespace(**{**vars(x), "numel": lambda: 256}), (plain,))  # two tokens
