@@ -169,7 +169,8 @@ def check_one() -> None:
     """One vector through the batch-1 CUDA kernel (``glmkit.gemv4bit_one``, what ``gemv_4bit`` runs there) against
     float64 and the Triton kernel: nf4/fp4, bf16/fp16, one weight, q/k/v with a bias, SwiGLU and down_proj's width;
     then its folded norm and residual add against the Triton kernel's."""
-    print("4-bit batch-1 CUDA kernel passed its first-run check on this GPU:", gemv4bit.check_one("cuda"), flush=True)
+    print("4-bit batch-1 CUDA kernel passed its first-run check on this GPU:", gemv4bit.check_one("cuda"),
+          "- the kernel for one row:", gemv4bit.kernel_for_rows("cuda", 1), flush=True)
     g = torch.Generator("cuda").manual_seed(0)
     worst, worst_triton, folded, launches = 0.0, 0.0, 0.0, 0
     try:

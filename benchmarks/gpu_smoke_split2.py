@@ -1,8 +1,8 @@
 """Quick check of the fast split on two real GPUs (layers 0-2 on cuda:0, 3-5 on cuda:1): FastDecoder's greedy tokens
 equal generate()'s on the trained tiny model, in fp32 and bf16, with graphs and compile, lone and batched, with a
 chunked prefill; then in nf4 (4-bit on two cards: the long-context path), the split's tokens equal one GPU's, two rows
-taking glmkit's CUDA 4-bit kernel on each GPU (its first-run check on each, in that stage's warm-up); prints each
-check's result."""
+taking glmkit's CUDA 4-bit kernel on each GPU (its first-run check on each, in that stage's warm-up), one row its
+batch-1 CUDA kernel (``glmkit.gemv4bit_one``, checked on each GPU likewise); prints each check's result."""
 
 import torch
 from accelerate import dispatch_model
@@ -46,6 +46,8 @@ try:
           "batched identical to one GPU:", torch.equal(got.cpu(), want.cpu()),
           "lone identical:", torch.equal(lone.cpu(), want1.cpu()), "lone norms folded:", alone.fuses_norms(1),
           "first-run checks:", dict(gemv4bit._MMA_CHECKED),
-          "2 rows on cuda:1:", gemv4bit.kernel_for_rows("cuda:1", 2), flush=True)
+          "2 rows on cuda:1:", gemv4bit.kernel_for_rows("cuda:1", 2),
+          "one-token checks:", dict(gemv4bit._ONE_CHECKED), "1 row on cuda:1:", gemv4bit.kernel_for_rows("cuda:1", 1),
+          flush=True)
 except Exception as exc:
     print("nf4 split FAILED", type(exc).__name__, str(exc)[:400], flush=True)

@@ -49,7 +49,8 @@ def projection(name: str, n: int, k: int, has_bias: bool, swiglu: bool, bw: floa
     residual = torch.randn(1, 1, rows, device=dev, generator=g).to(torch.bfloat16)
     out_norm = (torch.rand(rows, device=dev, generator=g) + 0.5).to(torch.bfloat16)
     folded = "residual" if name in ("o_proj", "down_proj") else "normed"
-    stream = normed_stream(x, norm)
+    stream = normed_stream(x, norm)  # its sums of squares as the step's residual launches write them: 256 parts
+    stream = stream._replace(squares=x.float().pow(2).reshape(256, -1).sum(-1)) if folded == "normed" else stream
 
     def fusion() -> _Fusion:
         if folded == "normed":

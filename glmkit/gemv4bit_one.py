@@ -293,6 +293,13 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
     float* red = (float*)((char*)smem + TABLE * 4 + GROUPS * WARPS * DEPTH * STAGE) + group * WARPS * TR;
     float* shared_rstd = red - group * WARPS * TR + GROUPS * WARPS * TR;
 
+#if NORMED  /* the partial sums of squares of x asked for now, summed after the table is written */
+    float part[8];
+    if (warp == 0) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) part[j] = lane + 32 * j < n_squares ? squares[lane + 32 * j] : 0.0f;
+    }
+#endif
     /* the first stages in flight while the table is written */
     for (int s = 0; s < DEPTH - 1; ++s) {
         if (s < total) {
@@ -311,7 +318,9 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
 #if NORMED
     if (warp == 0) {  /* 1 / rms(x) from the partial sums of squares, added in a fixed order */
         float sum = 0.0f;
-        for (int i = lane; i < n_squares; i += 32) sum += squares[i];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sum += part[j];
+        for (int i = lane + 256; i < n_squares; i += 32) sum += squares[i];
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
         if (lane == 0) *shared_rstd = 1.0f / sqrtf(sum / (float)(64 * chunks) + eps);
