@@ -70,7 +70,8 @@ OWN_PREFILL_MAX = 1 << 20  # rows x prompt tokens x cache positions attended up 
 RECOMPILE_LIMIT = 1024  # compiled shapes of the layer function one process may hold (torch's default: 8)
 # A 4-bit model's steps of up to this many rows run glmkit's 4-bit kernels (``glmkit.gemv4bit``: a program per row
 # up to ROW_KERNEL_MAX_VECTORS rows, above them one lookup per weight for all rows and the products on the tensor
-# cores; 2-8 rows on GPUs of compute capability 8.0+, glmkit.gemv4bit_mma's CUDA kernel); larger steps,
+# cores; on GPUs of compute capability 8.0+ one row glmkit.gemv4bit_one's CUDA kernel, 2-8 glmkit.gemv4bit_mma's);
+# larger steps,
 # bitsandbytes' dequantize-then-GEMM (FastDecoder, "auto"). GLM-4-9B nf4 on an H200
 # (benchmarks/results/nf4_batch.json): glmkit's kernels faster than bitsandbytes' at every batch size up to 64
 FOUR_BIT_MAX_BATCH = MAX_VECTORS
@@ -669,9 +670,9 @@ class FastDecoder:
             launches the same kernels and on an H200 decoded 202.9 tok/s against 205.1 uncompiled
             (``benchmarks/results/pdl_decode.json``), and ``pdl`` needs Triton's own launches; in 4 bits that
             uncompiled step, its norms and adds folded into the GEMVs, took 3.2% less time than the compiled layer
-            (``nf4_fused.json``); and except on a 4-bit step through bitsandbytes' kernel (eager). A 4-bit decoder
-            with several rows compiles each step size through glmkit's 4-bit kernels (a few seconds more to build
-            per size).
+            (``nf4_fused.json``; 6.4% less through the batch-1 CUDA kernel, ``nf4_one_step.json``); and except on
+            a 4-bit step through bitsandbytes' kernel (eager). A 4-bit decoder with several rows compiles each step
+            size through glmkit's 4-bit kernels (a few seconds more to build per size).
         gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1
             step on a GPU of compute capability 8.0+ with Triton, else cuBLAS; if the kernels fail to build there, a
             warning and cuBLAS; a 4-bit model: glmkit's 4-bit Triton GEMVs for steps of up to
@@ -858,7 +859,8 @@ class FastDecoder:
         """
         if not (self.fuse_norms and self.gemv_by_bucket[b] == "triton"):
             return False
-        # 4 bits: the one-row step (the per-row kernel), in an uncompiled layer (its fused launches are no ops that
+        # 4 bits: the one-row step (glmkit.gemv4bit_one's CUDA kernel on a GPU, the Triton per-row kernel elsewhere),
+        # in an uncompiled layer (its fused launches are no ops that
         # torch.compile can call: FastDecoder compiles the layer of a step that does not fuse)
         return not self.quantized or (b == 1 and (not self.compiled or (self.compile_auto and self.attention == "triton")))
 

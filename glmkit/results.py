@@ -2158,7 +2158,7 @@ def nf4_mma_sentence() -> Text:
                        script="benchmarks/nf4_batch.py --sizes 1 2 4 8 16 --name nf4_batch_mma")
 
 
-FUSED_LABELS = {"fused": "nf4, norms folded (the default)", "fused, PDL": "nf4, norms folded, with PDL",
+FUSED_LABELS = {"fused": "nf4, norms folded (Triton kernel)", "fused, PDL": "nf4, norms folded, with PDL",
                 "compiled layer": "nf4, compiled layer, norms apart", "bf16": "bf16 (the default)"}
 
 
@@ -2179,8 +2179,9 @@ def nf4_fused_sentence() -> Text:
         fused, compiled, pdl, bf16 = v["fused"], v["compiled layer"], v["fused, PDL"], v["bf16"]
         saved = _less(fused["best_replay_us"], compiled["best_replay_us"])
         text = (f"One sequence of GLM-4-9B in nf4 on {measured_on(r)} (`nf4_fused_paired.json`, one run, best of "
-                f"{r['rounds']} rounds taking turns): the batch-1 step with each RMSNorm and residual add folded into "
-                f"the 4-bit GEMVs (`gemv_4bit_residual` writes the next norm's `x·g` and sums of `x²`, "
+                f"{r['rounds']} rounds taking turns): the batch-1 step through glmkit's Triton kernel, with each "
+                f"RMSNorm and residual add folded into the 4-bit GEMVs (`gemv_4bit_residual` writes the next norm's "
+                f"`x·g` and sums of `x²`, "
                 f"`gemv_4bit_normed` multiplies its sums by `1/rms`), uncompiled, decodes **{fused['best_tok_s']:.1f} "
                 f"tok/s**, {fused['over_bf16']:.2f}x bf16's fast path ({bf16['best_tok_s']:.1f}) and "
                 f"{fused['fraction_of_roofline'] * 100:.0f}% of nf4's roofline; the CUDA graph of a step takes "
@@ -2241,6 +2242,99 @@ def nf4_fused_chart() -> Any:
         return None
     groups = {"nf4": {FUSED_LABELS[x["variant"]]: x["best_tok_s"] for x in r["rows"] if x["precision"] == "nf4"},
               "bf16": {FUSED_LABELS["bf16"]: _rows_by_variant(r)["bf16"]["best_tok_s"]}}
+    return _grouped_bars(groups, ylabel="decode tok/s, batch 1", references=r["roofline_tok_s"],
+                         reference_label="roofline (copy bandwidth / bytes a token reads)",
+                         title=f"GLM-4-9B, one sequence, {measured_on(r)}")
+
+
+ONE_LABELS = {"CUDA kernel": "nf4, CUDA kernel (the default)", "Triton kernel": "nf4, Triton kernel",
+              "CUDA kernel, compiled layer": "nf4, CUDA kernel, compiled layer", "bf16": "bf16 (the default)"}
+
+
+def nf4_one_sentence() -> Text:
+    """One sequence in 4 bits through the batch-1 CUDA kernel (``glmkit.gemv4bit_one``): the step against the same
+    step through the Triton kernel and bf16 in one run (``nf4_one_step.json``), the four projections in another
+    (``nf4_one.json``), and where a token's time goes (``step_timeline_nf4_one.json``)."""
+    def render(r: dict[str, Any]) -> str:
+        v = _rows_by_variant(r)
+        one, tri, compiled, bf16 = v["CUDA kernel"], v["Triton kernel"], v["CUDA kernel, compiled layer"], v["bf16"]
+        text = (f"One sequence of GLM-4-9B in nf4 on {measured_on(r)} (`nf4_one_step.json`, one run, best of "
+                f"{r['rounds']} rounds taking turns): through glmkit's batch-1 CUDA kernel (`glmkit.gemv4bit_one`: "
+                f"each warp copies its rows into shared memory with `cp.async`, one shared-memory load turns a byte "
+                f"into an operand of the tensor cores' `mma`, norms and residual adds folded in as before) the step "
+                f"decodes **{one['best_tok_s']:.1f} tok/s**, {one['over_bf16']:.2f}x bf16's fast path "
+                f"({bf16['best_tok_s']:.1f}) and {one['fraction_of_roofline'] * 100:.0f}% of nf4's roofline, against "
+                f"{tri['best_tok_s']:.1f} tok/s ({tri['over_bf16']:.2f}x) through the Triton kernel; a step's CUDA "
+                f"graph takes {one['best_replay_us']:.0f} µs against {tri['best_replay_us']:.0f} "
+                f"({_less(one['best_replay_us'], tri['best_replay_us'])} less; the layer compiled around the 4-bit "
+                f"ops: {compiled['best_replay_us']:.0f}). Its logits after one step differ from the Triton kernel's by "
+                f"{one['step_logits_rel_diff_to_triton'] * 100:.1f}% (it rounds each looked-up value to bf16 before "
+                f"the product, the Triton kernel keeps it in fp32; random weights) and {one['tokens_as_triton']} of "
+                f"{one['of']} greedy tokens are the same{_bf16_scale()}; on the trained tiny model it gives "
+                f"`generate()`'s greedy tokens (`benchmarks/gpu_smoke_4bit.py`), and split over two GPUs the same "
+                f"tokens as on one (`benchmarks/gpu_smoke_split2.py`).")
+        proj = load("nf4_one")
+        if proj:
+            per = ", ".join(f"{p['projection']} {p['triton_folded']['us']:.1f} → {p['one_folded']['us']:.1f} µs "
+                            f"({p['one_folded']['fraction_of_copy_bandwidth'] * 100:.0f}% of copy bandwidth)"
+                            for p in proj["projections"])
+            layer = proj["layer_us"]
+            text += (f" Per projection, folded as the step runs them (`nf4_one.json`, another run): {per}; a layer's "
+                     f"four {layer['triton_folded']:.1f} → {layer['one_folded']:.1f} µs.")
+        timeline = load("step_timeline_nf4_one")
+        if timeline:
+            k = {x["kernel"]: x for x in timeline["runs"]["nf4"]["kernels"]}["glmkit_gemv4_one"]
+            text += (f" The profiler (`step_timeline_nf4_one.json`) puts its 160 launches at "
+                     f"{k['us_per_token'] / 1e3:.2f} ms of a token; twice bf16's speed needs the step at "
+                     f"{bf16['best_replay_us'] / 2 / 1e3:.2f} ms, so with everything else as it is a layer's four "
+                     f"launches would have {_two_x_layer_us(r, k):.0f} µs, against {k['us_per_token'] / 40:.0f} today.")
+        return text
+
+    return from_result("nf4_one_step", render, what="One sequence in 4 bits through the batch-1 CUDA kernel",
+                       script="benchmarks/nf4_one_step.py")
+
+
+def _bf16_scale() -> str:
+    """For scale: how far bf16's own logits are from fp32's (``gemv_accuracy.json``), or nothing before it exists."""
+    accuracy = load("gemv_accuracy")
+    if not accuracy:
+        return ""
+    bf16 = accuracy["variants"][0]
+    return (f" (for scale, bf16's logits differ from fp32's by {bf16['rel_diff_to_fp32_median'] * 100:.1f}%, "
+            f"`gemv_accuracy.json`)")
+
+
+def _two_x_layer_us(r: dict[str, Any], gemv: dict[str, Any]) -> float:
+    """µs a layer's four 4-bit launches could take for the step to run at twice bf16's speed: half bf16's step, less
+    everything that is not a 4-bit launch today (the step's µs less their µs), over 40 layers."""
+    v = _rows_by_variant(r)
+    rest = v["CUDA kernel"]["best_replay_us"] - gemv["us_per_token"]
+    return (v["bf16"]["best_replay_us"] / 2 - rest) / 40
+
+
+def nf4_one_table() -> Table | Text:
+    """``nf4_one.json`` as a table: per projection at one token, folded as the step runs it, the Triton kernel
+    against the batch-1 CUDA kernel (µs, fraction of copy bandwidth)."""
+    r = load("nf4_one")
+    if r is None:
+        return nf4_one_sentence()
+    rows = [[p["projection"], f"{p['rows']}×{p['columns']}", f"{p['packed_bytes'] / 1e6:.1f}",
+             f"{p['triton_folded']['us']:.1f}", f"{p['one_folded']['us']:.1f}",
+             f"{p['one_folded_over_triton_folded']:.2f}x",
+             f"{p['one_folded']['fraction_of_copy_bandwidth'] * 100:.0f}%"] for p in r["projections"]]
+    return table(["projection", "weight", "packed MB", "Triton kernel (µs)", "CUDA kernel (µs)", "speed-up",
+                  "CUDA kernel, of copy bandwidth"], rows,
+                 caption=f"GLM-4-9B nf4 at one token, {measured_on(r)}, `nf4_one.json` (CUDA graphs, one run)")
+
+
+def nf4_one_chart() -> Any:
+    """Batch-1 tok/s of the step per kernel (``nf4_one_step.json``), with each precision's roofline dashed; ``None``
+    before the file exists."""
+    r = load("nf4_one_step")
+    if r is None:
+        return None
+    groups = {"nf4": {ONE_LABELS[x["variant"]]: x["best_tok_s"] for x in r["rows"] if x["precision"] == "nf4"},
+              "bf16": {ONE_LABELS["bf16"]: _rows_by_variant(r)["bf16"]["best_tok_s"]}}
     return _grouped_bars(groups, ylabel="decode tok/s, batch 1", references=r["roofline_tok_s"],
                          reference_label="roofline (copy bandwidth / bytes a token reads)",
                          title=f"GLM-4-9B, one sequence, {measured_on(r)}")
@@ -2433,6 +2527,7 @@ def readme_measured_section() -> str:
                "**4-bit by batch size**: " + nf4_batch_sentence(),
                "**4-bit, 2-8 rows on the tensor cores**: " + nf4_mma_sentence(),
                "**4-bit, one sequence**: " + nf4_fused_sentence(),
+               "**4-bit, one sequence on the tensor cores**: " + nf4_one_sentence(),
                "**Triton GEMVs**: " + gemv_sentence(), "**Profile**: " + profile_sentence(),
                "**Fewer kernels per step**: " + str(fusion_sentence()) + " " + pdl_sentence() + " "
                + str(attention_tile_sentence()),

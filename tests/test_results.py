@@ -151,6 +151,8 @@ def test_missing_result_says_not_measured_and_switches_once_measured(tmp_path, m
     assert "not measured yet" in results.nf4_mma_sentence() and results.nf4_mma_chart() is None
     assert "not measured yet" in str(results.nf4_mma_table())
     assert "not measured yet" in results.nf4_fused_sentence() and results.nf4_fused_chart() is None
+    assert "not measured yet" in results.nf4_one_sentence() and results.nf4_one_chart() is None
+    assert "not measured yet" in str(results.nf4_one_table())
     assert "not measured yet" in str(results.nf4_projection_table())
     decode = [{"path": "bf16 fast (Triton)", "best_tok_s": 100.0, "roofline_tok_s": 200.0, "fraction_of_roofline": 0.5},
               {"path": "nf4 fast (Triton)", "best_tok_s": 90.0, "roofline_tok_s": 600.0, "fraction_of_roofline": 0.15},
@@ -514,3 +516,32 @@ def test_one_sequence_in_4_bits_renders_the_committed_files_and_the_defaults_fol
     assert v["fused"]["best_replay_us"] < min(v["compiled layer"]["best_replay_us"], v["fused, PDL"]["best_replay_us"])
     best = {(x["projection"], x["paired"]): x["best"]["us"] for x in paired["projections"]}
     assert all(best[(name, 1)] < best[(name, 0)] for name, _ in best) and gemv4bit.PAIRED_ROWS
+
+
+def test_one_sequence_through_the_cuda_kernel_renders_the_committed_files_and_the_default_follows_them():
+    from glmkit import gemv4bit_one
+
+    r, proj = results.load("nf4_one_step"), results.load("nf4_one")
+    v = {row["variant"]: row for row in r["rows"]}
+    one, tri, bf16 = v["CUDA kernel"], v["Triton kernel"], v["bf16"]
+    sentence = str(results.nf4_one_sentence())
+    assert f"**{one['best_tok_s']:.1f} tok/s**, {one['over_bf16']:.2f}x bf16" in sentence
+    assert f"against {tri['best_tok_s']:.1f} tok/s ({tri['over_bf16']:.2f}x) through the Triton kernel" in sentence
+    assert one["over_bf16"] == pytest.approx(one["best_tok_s"] / bf16["best_tok_s"])
+    # the kernels the two decoders ran, and the default is the one that measured faster
+    assert one["kernel_env"] is None and tri["kernel_env"] == "triton" and one["fuses_norms"] and tri["fuses_norms"]
+    assert one["best_replay_us"] < min(tri["best_replay_us"], v["CUDA kernel, compiled layer"]["best_replay_us"])
+    table = results.nf4_one_table()
+    assert [row[4] for row in table.rows] == [f"{p['one_folded']['us']:.1f}" for p in proj["projections"]]
+    assert sorted(b.get_height() for b in results.nf4_one_chart().axes[0].patches) == \
+        sorted(x["best_tok_s"] for x in r["rows"])
+    # the shipped launch shapes are the ones each projection measured fastest at (of those timed)
+    for p in proj["projections"]:
+        swiglu = p["projection"] == "gate_up"
+        best = min(p["one"], key=lambda x: x["us"])
+        shape = gemv4bit_one.shape_for(p["columns"], swiglu)
+        timed = {(x["groups"], x["warps"], x["depth"], x["chunks"]): x["us"] for x in p["one"]}
+        shipped = timed[(shape.groups, shape.warps, shape.depth, shape.chunks)]
+        assert shipped <= 1.05 * best["us"], (p["projection"], shape, best)
+    # twice bf16 is what is left: the sentence says how far, from the same files
+    assert "twice bf16's speed needs the step at" in sentence and one["over_bf16"] < 2
