@@ -35,14 +35,14 @@ plain fp32 scales (double quantization takes the Triton kernel): ``usable`` says
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from glmkit import gemv4bit_mma
 
-__all__ = ["gemv_4bit_one", "usable", "runs_on", "OneShape", "shape_for", "tiles", "SHAPE", "SHAPE_LONG",
+__all__ = ["gemv_4bit_one", "usable", "runs_on", "OneShape", "shape_for", "smem_limit", "tiles", "SHAPE", "SHAPE_LONG",
            "SHAPE_SWIGLU", "source", "NAME"]
 
 NAME = "glmkit_gemv4_one"
@@ -81,13 +81,34 @@ SHAPE_SWIGLU = OneShape(4, 4, 2)
 LONG_ROWS = 8192
 
 
-def shape_for(k: int, swiglu: bool) -> OneShape:
-    """The launch shape for weights of ``k`` columns (gate/up: ``swiglu``).
+SMEM_H200 = 227 * 1024  # shared memory a CTA may ask for on an H100/H200 (shared_memory_per_block_optin)
+
+
+def shape_for(k: int, swiglu: bool, smem_limit: int = SMEM_H200) -> OneShape | None:
+    """The launch shape for weights of ``k`` columns (gate/up: ``swiglu``) on a GPU whose CTAs may take
+    ``smem_limit`` bytes of shared memory: the H200's, with fewer groups (then fewer warps) where it would not fit
+    (a consumer card's ~99 KiB); None where nothing fits (the Triton kernel runs there).
 
     >>> shape_for(4096, False) == SHAPE, shape_for(13696, False) == SHAPE_LONG
     (True, True)
+    >>> shape_for(4096, True, 99 * 1024)  # an RTX 30/40-series card
+    OneShape(groups=1, warps=4, depth=2, chunks=4)
     """
-    return SHAPE_SWIGLU if swiglu else SHAPE_LONG if k >= LONG_ROWS else SHAPE
+    shape = SHAPE_SWIGLU if swiglu else SHAPE_LONG if k >= LONG_ROWS else SHAPE
+    while shape.smem_bytes(swiglu) > smem_limit:
+        if shape.groups > 1:
+            shape = replace(shape, groups=shape.groups // 2)
+        elif shape.warps > 2:
+            shape = replace(shape, warps=shape.warps // 2)
+        else:
+            return None
+    return shape
+
+
+def smem_limit(device: torch.device) -> int:
+    """Shared memory a CTA may ask for on ``device`` (48 KiB where torch does not say)."""
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
 
 _SOURCE = r"""
 typedef unsigned int u32;
@@ -438,17 +459,18 @@ def runs_on(device: torch.device | str, dtype: torch.dtype, *, env: bool = True)
 
 def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: bool = True) -> bool:
     """Whether ``glmkit.gemv4bit`` multiplies the one token ``x`` by these ``Packed4bit`` weights with this kernel:
-    where it runs (``runs_on``), bitsandbytes' default blocksize (64), fp32 scales (no double quantization) and the
-    bytes and scales 16- and 4-byte aligned.
+    where it runs (``runs_on``) with a launch shape that fits its shared memory (``shape_for``), bitsandbytes'
+    default blocksize (64), fp32 scales (no double quantization) and the bytes 16-byte aligned.
 
     >>> usable(torch.zeros(1, 64), ())
     False
     """
     if not x.is_cuda or x.numel() != x.shape[-1]:
         return False
-    return (runs_on(x.device, x.dtype, env=env) and all(
-        v.blocksize == 64 and not v.nested and v.data.data_ptr() % 16 == 0 and v.absmax.dtype == torch.float32
-        and v.absmax.is_contiguous() for v in ws))
+    readable = all(v.blocksize == 64 and not v.nested and v.data.data_ptr() % 16 == 0
+                   and v.absmax.dtype == torch.float32 and v.absmax.is_contiguous() for v in ws)
+    return readable and runs_on(x.device, x.dtype, env=env) and \
+        shape_for(x.shape[-1], swiglu, smem_limit(x.device)) is not None
 
 
 def _programs(device: torch.device, tiles: int) -> int:
@@ -471,7 +493,7 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     k = w.shape[1]
     rows = [v.shape[0] for v in ws]
     n_out = rows[0] // 2 if swiglu else sum(rows)
-    shape = shape or shape_for(k, swiglu)
+    shape = shape or shape_for(k, swiglu, smem_limit(x.device))
     xf = x.reshape(k)
     if xf.data_ptr() % 16 or not xf.is_contiguous():  # copied 16 bytes at a time
         xf = xf.contiguous().clone()

@@ -61,7 +61,8 @@ def test_launch_matches_the_kernels_parameters(swiglu, heights, fold, monkeypatc
     order; one CTA an SM, fewer when there are fewer tiles of 16 rows; the shared memory its shape says."""
     launches = []
     monkeypatch.setattr(gemv4bit_mma, "launch", lambda *a, **k: launches.append((a, k)))
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=4))
+    h200 = SimpleNamespace(multi_processor_count=4, shared_memory_per_block_optin=gemv4bit_one.SMEM_H200)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h200)
     ws = tuple(quantize(torch.randn(h, 128), "nf4") for h in heights)
     x = torch.randn(1, 1, 128, dtype=torch.bfloat16)
     n = heights[0] // 2 if swiglu else sum(heights)
@@ -102,6 +103,22 @@ def test_shapes_and_tiles():
     assert gemv4bit_one.shape_for(13696, False).warps > gemv4bit_one.shape_for(4096, False).warps
     for k, swiglu in ((4096, False), (4096, True), (13696, False)):
         assert gemv4bit_one.shape_for(k, swiglu).smem_bytes(swiglu) <= SMEM_PER_BLOCK
+        # a 12 GB consumer card (sm_86/sm_89: 99 KiB a CTA) gets a smaller shape of the same stages; 32 KiB: none
+        small = gemv4bit_one.shape_for(k, swiglu, 99 * 1024)
+        assert small.smem_bytes(swiglu) <= 99 * 1024 and small.depth == 2 and small.groups * small.warps >= 4
+        assert gemv4bit_one.shape_for(k, swiglu, 32 * 1024) is None  # the lookup table alone takes 32 KiB
+
+
+def test_a_card_with_less_shared_memory_gets_a_shape_that_fits(monkeypatch):
+    """What an RTX 4070 (99 KiB a CTA, 46 SMs) would be handed (its properties stood in for: no GPU here)."""
+    launches = []
+    monkeypatch.setattr(gemv4bit_mma, "launch", lambda *a, **k: launches.append(a))
+    card = SimpleNamespace(multi_processor_count=46, shared_memory_per_block_optin=99 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    w = quantize(torch.randn(64, 128), "nf4")
+    gemv4bit_one.gemv_4bit_one(torch.randn(1, 1, 128, dtype=torch.bfloat16), (w,), None, True)
+    _, options, grid, block, _, shared, *_ = launches[0]
+    assert shared <= 99 * 1024 and block[0] == 32 * 4 and "-DGROUPS=1" in options and grid == (2, 1, 1)
 
 
 def test_cpu_stays_with_triton(monkeypatch):
@@ -124,6 +141,7 @@ def test_double_quantization_and_misaligned_weights_take_the_triton_kernel(monke
     """What the kernel does not read (nested scales, bytes not 16-byte aligned) is never handed to it, even on a
     GPU it runs on (stood in for: this machine has none)."""
     monkeypatch.setattr(gemv4bit_one, "runs_on", lambda device, dtype, env=True: True)
+    monkeypatch.setattr(gemv4bit_one, "smem_limit", lambda device: gemv4bit_one.SMEM_H200)
     x = SimpleNamespace(is_cuda=True, numel=lambda: 128, shape=(1, 1, 128), device="cuda", dtype=torch.bfloat16)
     plain, nested = quantize(torch.randn(32, 128), "nf4"), quantize(torch.randn(32, 128), "nf4", double_quant=True)
     assert gemv4bit_one.usable(x, (plain,)) and not gemv4bit_one.usable(x, (nested,))
