@@ -1,9 +1,10 @@
 """glmkit's batch-1 CUDA 4-bit kernel (``glmkit.gemv4bit_one``) against its Triton per-row kernel: GLM-4-9B's four
 nf4 projections at one token on one GPU, one run, in CUDA graphs over enough weight copies to leave the L2 cache
 behind. Per projection: the Triton kernel as the one-token step runs it (norm or residual add folded in) and plain,
-the CUDA kernel plain at several launch shapes (groups of warps a CTA, warps a group, stages in flight) and folded at
-its default shape; µs, TB/s of packed weights and fraction of copy bandwidth; the error against ``dequantize`` +
-``F.linear`` in fp32 (plain) and against the Triton kernel's folded result (folded).
+the CUDA kernel plain at several launch shapes (groups of warps a CTA, warps a group, stages in flight, chunks a
+stage) and folded at its shipped shape (``gemv4bit_one.shape_for``); µs, TB/s of packed weights and fraction of
+copy bandwidth; the error against ``dequantize`` + ``F.linear`` in fp32 (plain) and against the Triton kernel's
+folded result (folded).
 
     PYTHONPATH=.:benchmarks python benchmarks/nf4_one.py       # about 2 minutes on an H200
 Writes benchmarks/results/nf4_one.json (or --name; and to $OUT).
@@ -103,9 +104,8 @@ def projection(name: str, n: int, k: int, has_bias: bool, swiglu: bool, bw: floa
         r = timed("one", lambda i, s=shape: one(i, s), groups=shape.groups, warps=shape.warps, depth=shape.depth,
                   chunks=shape.chunks, rel_err=_rel(one(0, shape), want))
         row["one"].append(r)
-    best = min(row["one"], key=lambda r: r["us"])
-    row["one_best"] = best
-    shape = OneShape(best["groups"], best["warps"], best["depth"], best["chunks"])
+    row["one_best"] = min(row["one"], key=lambda r: r["us"])
+    shape = gemv4bit_one.shape_for(k, swiglu)  # folded as the step runs it: at the shipped shape
     tri = triton_folded(0)
     got = one(0, shape, fold=True)
     extra: dict[str, Any] = {"groups": shape.groups, "warps": shape.warps, "depth": shape.depth, "chunks": shape.chunks,

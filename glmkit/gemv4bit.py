@@ -871,41 +871,48 @@ def _one_agrees(device: torch.device, dtype: torch.dtype) -> bool:
     except Exception as exc:  # NVRTC missing or failing, an error the launch reports: the Triton kernels take over
         why = _why(exc)
     if why and why != _NOT_HERE:
-        gemv4bit_mma.disable(device, why)
+        gemv4bit_mma.disable(device, why, gemv4bit_one.NAME)
     return not why
 
 
 def _one_disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
-    """What the batch-1 CUDA kernel gets wrong on small weights against ``dequantize`` + ``F.linear`` in fp32, plus
-    the norm and residual add it folds in, ``_NOT_HERE`` where it does not run, or None."""
+    """What the batch-1 CUDA kernel gets wrong on small weights against ``dequantize`` + ``F.linear`` in fp32, with
+    the norm and the residual add it folds in, ``_NOT_HERE`` where it does not run, or None. Every form a decoder
+    launches: q/k/v with a bias, one weight, SwiGLU, each with the norm folded in (also an x so small that the norm's
+    eps counts), a residual add (its ``NormedStream`` too), and rows of 8192 columns or more (their own shape)."""
     g = torch.Generator(device=device).manual_seed(0)
     k = 64 * 43  # 43 blocks a row: warps' runs of chunks end part-way through a stage
     ws = tuple(quantize(torch.randn(n, k, device=device, generator=g) * 0.05, "nf4") for n in (48, 16, 24))
-    w32 = torch.cat([w.dequantize(torch.float32) for w in ws])
+    long = (quantize(torch.randn(40, 64 * 131, device=device, generator=g) * 0.05, "nf4"),)  # a long row's shape
     bias = torch.randn(88, device=device, generator=g).to(dtype)
-    x = torch.randn(1, 1, k, device=device, generator=g).to(dtype)
-    norm = (torch.rand(k, device=device, generator=g) + 0.5).to(dtype)
-    xn = x.float() * torch.rsqrt(x.float().pow(2).mean() + 1e-5) * norm.float()
-    r = torch.randn(1, 1, 48, device=device, generator=g).to(dtype)
-    norm_out = (torch.rand(48, device=device, generator=g) + 0.5).to(dtype)  # the norm after the residual add
-    cases = (("q/k/v with a bias", ws, bias, False, None), ("one weight", ws[:1], None, False, None),
-             ("SwiGLU", ws[:1], None, True, None), ("a folded norm", ws, bias, False, "normed"),
-             ("a residual add", ws[:1], None, False, "residual"))
-    for what, wts, b, swiglu, fold in cases:
+    cases = (("q/k/v with a bias", ws, bias, False, None, 1.0), ("one weight", ws[:1], None, False, None, 1.0),
+             ("SwiGLU", ws[:1], None, True, None, 1.0), ("a folded norm", ws, bias, False, "normed", 1.0),
+             ("SwiGLU with a folded norm", ws[:1], None, True, "normed", 1.0),
+             ("a folded norm of an x where eps counts", ws[:1], None, False, "normed", 1e-3),
+             ("a residual add", ws[:1], None, False, "residual", 1.0), ("rows of 8384 columns", long, None, False,
+                                                                         "residual", 1.0))
+    for what, wts, b, swiglu, fold, size in cases:
+        x = (torch.randn(1, 1, wts[0].shape[1], device=device, generator=g) * size).to(dtype)
         if not gemv4bit_one.usable(x, wts, swiglu, env=False):
             return _NOT_HERE
         n = sum(w.shape[0] for w in wts)
-        want = F.linear(xn if fold == "normed" else x.float(), w32[:n], None if b is None else b.float())
+        w32 = torch.cat([w.dequantize(torch.float32) for w in wts])
+        norm = (torch.rand(x.shape[-1], device=device, generator=g) + 0.5).to(dtype)
+        xn = x.float() * torch.rsqrt(x.float().pow(2).mean() + 1e-5) * norm.float()
+        want = F.linear(xn if fold == "normed" else x.float(), w32, None if b is None else b.float())
         if swiglu:
             gate, up = want.chunk(2, dim=-1)
             want = up * F.silu(gate)
         if fold == "normed":
-            got = gemv_4bit_normed(normed_stream(x, norm), wts, b)
+            got = gemv_4bit_normed(normed_stream(x, norm), wts, b, eps=1e-5, swiglu=swiglu)
         elif fold == "residual":
+            r = torch.randn(1, 1, n, device=device, generator=g).to(dtype)
+            norm_out = (torch.rand(n, device=device, generator=g) + 0.5).to(dtype)  # the norm after the add
             got, stream = gemv_4bit_residual(x, wts[0], r, norm_out)
             want = want + r.float()
-            if not torch.allclose(stream.squares.sum(), got.float().pow(2).sum(), rtol=1e-3):
-                return f"its sums of squares after a residual add ({dtype}) differ from the stream's"
+            if not torch.allclose(stream.squares.sum(), got.float().pow(2).sum(), rtol=1e-3) or not \
+                    torch.allclose(stream.scaled.float(), got.float() * norm_out.float(), rtol=1e-2, atol=1e-2):
+                return f"the next norm's stream it writes after a residual add ({dtype}, {what}) is not y·g, Σy²"
         else:
             got = gemv4bit_one.gemv_4bit_one(x, wts, b, swiglu)
         if not torch.allclose(got.float(), want, rtol=3e-2, atol=3e-2 * want.abs().max().item()):
@@ -1033,7 +1040,7 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
         except Exception as exc:
             if _compiling_or_capturing():
                 raise
-            gemv4bit_mma.disable(x.device, _why(exc))  # and the Triton kernels below take over
+            gemv4bit_mma.disable(x.device, _why(exc), gemv4bit_one.NAME)  # and the Triton kernels below take over
             if fusion.partials is not None:  # sized for this kernel's tiles: the caller sizes them again
                 raise
     if mma and fusion is _NO_FUSION and config is None and lookup is None and batch_axis is None and \

@@ -311,7 +311,7 @@ glmkit_gemv4_mma(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
 """
 
 _KERNELS: dict[tuple[Any, ...], Any] = {}
-_BROKEN: dict[int, str] = {}  # device index -> why the kernel cannot run there (compile error, failed check)
+_BROKEN: dict[tuple[int, str], str] = {}  # (device index, kernel) -> why it cannot run there (compile error, check)
 
 
 def source() -> str:
@@ -438,7 +438,7 @@ def runs_on(device: torch.device | str, vectors: int, dtype: torch.dtype, *, env
     device = torch.device(device)
     if device.type != "cuda" or torch.version.hip or (env and os.environ.get("GLMKIT_4BIT_KERNEL") == "triton"):
         return False
-    return (_index(device) not in _BROKEN and hasattr(torch.cuda, "_compile_kernel")
+    return (enabled(device) and hasattr(torch.cuda, "_compile_kernel")
             and torch.cuda.get_device_capability(device) >= (8, 0) and dtype in (torch.bfloat16, torch.float16)
             and MIN_VECTORS <= vectors <= MAX_VECTORS)
 
@@ -499,15 +499,21 @@ def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     return y
 
 
-def enabled(device: torch.device) -> bool:
-    """Whether glmkit's CUDA 4-bit kernels run on ``device`` (none failed there: ``disable``)."""
-    return _index(torch.device(device)) not in _BROKEN
+def enabled(device: torch.device, kernel: str = NAME) -> bool:
+    """Whether glmkit's CUDA 4-bit kernel ``kernel`` (this module's, or ``glmkit.gemv4bit_one.NAME``) runs on
+    ``device``: it has not failed there (``disable``)."""
+    return (_index(torch.device(device)), kernel) not in _BROKEN
 
 
-def disable(device: torch.device, why: str) -> None:
-    """Stop using this kernel on ``device`` for the rest of the process (the Triton kernels take over), warning why."""
-    index = _index(torch.device(device))
-    if index not in _BROKEN:
-        _BROKEN[index] = why
-        warnings.warn(f"glmkit's 4-bit tensor-core kernel is off on {torch.cuda.get_device_name(device)}: {why}. "
-                      "The Triton kernels run instead (slower). Please report it.", RuntimeWarning, stacklevel=3)
+_KERNEL_NAMES = {NAME: "4-bit tensor-core kernel (2-8 tokens)", "glmkit_gemv4_one": "batch-1 4-bit CUDA kernel"}
+
+
+def disable(device: torch.device, why: str, kernel: str = NAME) -> None:
+    """Stop using the CUDA kernel ``kernel`` on ``device`` for the rest of the process (the Triton kernels take over),
+    warning why; glmkit's other CUDA kernel stays on."""
+    key = (_index(torch.device(device)), kernel)
+    if key not in _BROKEN:
+        _BROKEN[key] = why
+        warnings.warn(f"glmkit's {_KERNEL_NAMES.get(kernel, kernel)} is off on {torch.cuda.get_device_name(device)}: "
+                      f"{why}. The Triton kernels run instead (slower). Please report it.", RuntimeWarning,
+                      stacklevel=3)

@@ -292,7 +292,7 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
                  const unsigned char* q0, const float* a0, int n0,
                  const unsigned char* q1, const float* a1, int n1,
                  const unsigned char* q2, const float* a2, int n2,
-                 int chunks, int tiles, const float* __restrict__ squares, int n_squares, float eps,
+                 int chunks, int tiles, const float* __restrict__ squares, int n_squares, double eps,
                  const u16* __restrict__ residual, const u16* __restrict__ norm_weight, u16* __restrict__ scaled,
                  float* __restrict__ partials)
 {
@@ -344,7 +344,7 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
         for (int i = lane + 256; i < n_squares; i += 32) sum += squares[i];
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-        if (lane == 0) *shared_rstd = 1.0f / sqrtf(sum / (float)(64 * chunks) + eps);
+        if (lane == 0) *shared_rstd = 1.0f / sqrtf(sum / (float)(64 * chunks) + (float)eps);
     }
 #endif
     __syncthreads();
@@ -444,7 +444,7 @@ def _options(bf16: bool, swiglu: bool, bias: bool, segments: int, normed: bool, 
 
 def runs_on(device: torch.device | str, dtype: torch.dtype, *, env: bool = True) -> bool:
     """Whether this kernel takes one token of ``dtype`` on ``device``: an NVIDIA GPU of compute capability 8.0+ where
-    glmkit's CUDA kernels are not turned off (``gemv4bit_mma.disable``), bf16/fp16, and (``env``)
+    this kernel is not turned off (``gemv4bit_mma.disable(device, why, NAME)``), bf16/fp16, and (``env``)
     ``GLMKIT_4BIT_KERNEL`` not ``triton``.
 
     >>> runs_on("cpu", torch.bfloat16)
@@ -453,7 +453,7 @@ def runs_on(device: torch.device | str, dtype: torch.dtype, *, env: bool = True)
     device = torch.device(device)
     if device.type != "cuda" or torch.version.hip or (env and os.environ.get("GLMKIT_4BIT_KERNEL") == "triton"):
         return False
-    return (gemv4bit_mma.enabled(device) and hasattr(torch.cuda, "_compile_kernel")
+    return (gemv4bit_mma.enabled(device, NAME) and hasattr(torch.cuda, "_compile_kernel")
             and torch.cuda.get_device_capability(device) >= (8, 0) and dtype in (torch.bfloat16, torch.float16))
 
 
@@ -506,6 +506,7 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     stand_in = y
     options = _options(x.dtype == torch.bfloat16, swiglu, bias is not None, len(ws), squares is not None,
                        residual is not None, shape)
+    # (eps goes as a Python float, which torch's launcher passes as a C double: the kernel takes a double)
     args = [xf, y, bias.to(x.dtype).contiguous() if bias is not None else stand_in, w.code, *slots, k // 64, t,
             squares if squares is not None else stand_in, 0 if squares is None else squares.numel(), float(eps),
             residual if residual is not None else stand_in,

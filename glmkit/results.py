@@ -2268,9 +2268,8 @@ def nf4_one_sentence() -> Text:
                 f"graph takes {one['best_replay_us']:.0f} µs against {tri['best_replay_us']:.0f} "
                 f"({_less(one['best_replay_us'], tri['best_replay_us'])} less; the layer compiled around the 4-bit "
                 f"ops: {compiled['best_replay_us']:.0f}). Its logits after one step differ from the Triton kernel's by "
-                f"{one['step_logits_rel_diff_to_triton'] * 100:.1f}% (it rounds each looked-up value to bf16 before "
-                f"the product, the Triton kernel keeps it in fp32; random weights) and {one['tokens_as_triton']} of "
-                f"{one['of']} greedy tokens are the same{_bf16_scale()}; on the trained tiny model it gives "
+                f"{one['step_logits_rel_diff_to_triton'] * 100:.1f}% and {one['tokens_as_triton']} of {one['of']} "
+                f"greedy tokens are the same (random weights){_bf16_scale()}; on the trained tiny model it gives "
                 f"`generate()`'s greedy tokens (`benchmarks/gpu_smoke_4bit.py`), and split over two GPUs the same "
                 f"tokens as on one (`benchmarks/gpu_smoke_split2.py`).")
         proj = load("nf4_one")
