@@ -670,7 +670,7 @@ class FastDecoder:
             launches the same kernels and on an H200 decoded 202.9 tok/s against 205.1 uncompiled
             (``benchmarks/results/pdl_decode.json``), and ``pdl`` needs Triton's own launches; in 4 bits that
             uncompiled step, its norms and adds folded into the GEMVs, took 3.2% less time than the compiled layer
-            (``nf4_fused.json``; 6.4% less through the batch-1 CUDA kernel, ``nf4_one_step.json``); and except on
+            (``nf4_fused.json``; 5.5% less through the batch-1 CUDA kernel, ``nf4_one_step.json``); and except on
             a 4-bit step through bitsandbytes' kernel (eager). A 4-bit decoder with several rows compiles each step
             size through glmkit's 4-bit kernels (a few seconds more to build per size).
         gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1

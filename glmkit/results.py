@@ -2269,7 +2269,7 @@ def nf4_one_sentence() -> Text:
                 f"({_less(one['best_replay_us'], tri['best_replay_us'])} less; the layer compiled around the 4-bit "
                 f"ops: {compiled['best_replay_us']:.0f}). Its logits after one step differ from the Triton kernel's by "
                 f"{one['step_logits_rel_diff_to_triton'] * 100:.1f}% and {one['tokens_as_triton']} of {one['of']} "
-                f"greedy tokens are the same (random weights){_bf16_scale()}; on the trained tiny model it gives "
+                f"greedy tokens are the same (random weights{_bf16_scale()}); on the trained tiny model it gives "
                 f"`generate()`'s greedy tokens (`benchmarks/gpu_smoke_4bit.py`), and split over two GPUs the same "
                 f"tokens as on one (`benchmarks/gpu_smoke_split2.py`).")
         proj = load("nf4_one")
@@ -2299,8 +2299,8 @@ def _bf16_scale() -> str:
     if not accuracy:
         return ""
     bf16 = accuracy["variants"][0]
-    return (f" (for scale, bf16's logits differ from fp32's by {bf16['rel_diff_to_fp32_median'] * 100:.1f}%, "
-            f"`gemv_accuracy.json`)")
+    return (f"; for scale, bf16's logits differ from fp32's by {bf16['rel_diff_to_fp32_median'] * 100:.1f}%, "
+            f"`gemv_accuracy.json`")
 
 
 def _two_x_layer_us(r: dict[str, Any], gemv: dict[str, Any]) -> float:
