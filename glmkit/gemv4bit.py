@@ -787,23 +787,31 @@ def check_mma(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -
     >>> check_mma("cpu")
     False
     """
+    return _checked(_MMA_CHECKED, device, dtype, _mma_disagreement, gemv4bit_mma.NAME)
+
+
+def _checked(answers: dict[tuple[torch.device, torch.dtype], bool], device: torch.device | str, dtype: torch.dtype,
+             disagreement: Callable[[torch.device, torch.dtype], str | None], kernel: str) -> bool:
+    """The first-run check of one of glmkit's CUDA kernels (``check_mma``, ``check_one``) on ``device`` for ``dtype``:
+    ``disagreement`` says what the kernel gets wrong (None: nothing); an error or a disagreement turns that kernel off
+    on the device (``gemv4bit_mma.disable``)."""
     device = torch.device(device)
     if device.type != "cuda":
         return False
     if device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    return _first_run(_MMA_CHECKED, (device, dtype), lambda: _mma_agrees(device, dtype), True)
 
+    def agrees() -> bool:
+        try:
+            with torch.cuda.device(device):
+                why = disagreement(device, dtype)
+        except Exception as exc:  # NVRTC missing or failing, an error the launch reports: the Triton kernels take over
+            why = _why(exc)
+        if why and why != _NOT_HERE:  # (_NOT_HERE: nothing to check, the kernel does not run here)
+            gemv4bit_mma.disable(device, why, kernel)
+        return not why
 
-def _mma_agrees(device: torch.device, dtype: torch.dtype) -> bool:
-    try:
-        with torch.cuda.device(device):
-            why = _mma_disagreement(device, dtype)
-    except Exception as exc:  # NVRTC missing or failing, an error the launch reports: the Triton kernels take over
-        why = _why(exc)
-    if why and why != _NOT_HERE:  # (_NOT_HERE: nothing to check, the kernel does not run here)
-        gemv4bit_mma.disable(device, why)
-    return not why
+    return _first_run(answers, (device, dtype), agrees, True)
 
 
 _NOT_HERE = "not usable here"
@@ -849,30 +857,14 @@ def check_one(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -
     """Whether the batch-1 CUDA kernel (``glmkit.gemv4bit_one``) runs on ``device`` for a token of ``dtype``: the
     first time one token of ``dtype`` goes through glmkit's 4-bit products on ``device`` in a process, outside a
     compiled function or a CUDA graph capture (a decoder's eager warm-up steps), it is compiled and checked against
-    ``dequantize`` + ``F.linear`` on small weights (q/k/v with a bias, one weight, SwiGLU, a folded norm and a
-    residual add); an error or a disagreement turns glmkit's CUDA kernels off for the process, with a warning that
-    says why, and the Triton kernels run instead.
+    ``dequantize`` + ``F.linear`` on small weights (every form a decoder launches: ``_one_disagreement``); an error or
+    a disagreement turns this kernel off for the process, with a warning that says why, and the Triton kernel runs
+    instead.
 
     >>> check_one("cpu")
     False
     """
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return _first_run(_ONE_CHECKED, (device, dtype), lambda: _one_agrees(device, dtype), True)
-
-
-def _one_agrees(device: torch.device, dtype: torch.dtype) -> bool:
-    try:
-        with torch.cuda.device(device):
-            why = _one_disagreement(device, dtype)
-    except Exception as exc:  # NVRTC missing or failing, an error the launch reports: the Triton kernels take over
-        why = _why(exc)
-    if why and why != _NOT_HERE:
-        gemv4bit_mma.disable(device, why, gemv4bit_one.NAME)
-    return not why
+    return _checked(_ONE_CHECKED, device, dtype, _one_disagreement, gemv4bit_one.NAME)
 
 
 def _one_disagreement(device: torch.device, dtype: torch.dtype) -> str | None:

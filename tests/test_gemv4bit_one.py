@@ -151,3 +151,21 @@ def test_double_quantization_and_misaligned_weights_take_the_triton_kernel(monke
     shifted = plain._replace(data=plain.data[8:])
     assert not gemv4bit_one.usable(x, (shifted,))
     assert not gemv4bit_one.usable(SimpleNamespace(**{**vars(x), "numel": lambda: 256}), (plain,))  # two tokens
+
+
+def test_a_failed_first_run_check_turns_off_this_kernel_only(monkeypatch):
+    """A disagreement in the batch-1 kernel's first-run check warns, names the kernel and turns it off on that GPU;
+    the 2-8-row CUDA kernel stays on (the GPU's calls stood in for: this machine has none)."""
+    import contextlib
+
+    monkeypatch.setattr(gemv4bit_mma, "_BROKEN", {})
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    with pytest.warns(RuntimeWarning, match="batch-1 4-bit CUDA kernel is off on a GPU: its products differ"):
+        ok = gemv4bit._checked({}, "cuda:0", torch.bfloat16, lambda device, dtype: "its products differ",
+                               gemv4bit_one.NAME)
+    assert not ok and not gemv4bit_mma.enabled("cuda:0", gemv4bit_one.NAME) and gemv4bit_mma.enabled("cuda:0")
+    answers = {}
+    assert gemv4bit._checked(answers, "cuda:1", torch.bfloat16, lambda device, dtype: None, gemv4bit_one.NAME)
+    assert answers == {(torch.device("cuda:1"), torch.bfloat16): True} and gemv4bit_mma.enabled("cuda:1",
+                                                                                                gemv4bit_one.NAME)
