@@ -21,8 +21,9 @@ stream, writing the next norm's ``NormedStream`` (one sum of squares a tile).
 
 On an H200, GLM-4-9B's nf4 projections through it take 20% less time than through the Triton kernel for gate_up,
 17% for down_proj, 8% for o_proj and about as long for q/k/v (``benchmarks/results/nf4_one.json``), and its
-one-sequence step 12% less, 1.60x bf16's fast path (``nf4_one_step.json``); notebook ``04_quantization.ipynb`` shows both. Smaller cards get fewer warps a CTA where the
-H200's shape would not fit their shared memory (``shape_for``).
+one-sequence step 12% less, 1.60x bf16's fast path (``nf4_one_step.json``); notebook ``04_quantization.ipynb``
+shows both. Smaller cards get fewer warps a CTA where the H200's shape would not fit their shared memory
+(``shape_for``).
 
 Runs on NVIDIA GPUs of compute capability 8.0+ with x in bf16 or fp16, bitsandbytes' default blocksize (64) and
 plain fp32 scales (double quantization takes the Triton kernel): ``usable`` says when. It is checked against
