@@ -71,16 +71,11 @@ ROWS = 16  # weight rows per program: the operand's 16 rows
 TABLE_BYTES = 256 * 32 * 4  # 256 pairs, one copy per lane; then the warps' sums (WARPS <= 16)
 SHARED_LIMIT = 48 * 1024  # shared memory a program may take without asking the driver for more
 
-_SOURCE = r"""
+# What both of glmkit's CUDA 4-bit kernels are made of (this module's and glmkit.gemv4bit_one's): x's 16-bit type
+# (BF16), the byte-pair lookup, the tensor-core product and the lookup table's construction
+PRELUDE = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
-
-#if SWIGLU
-#define NR 4   /* rows a lane reads: gate g, g + 8, up g, g + 8 */
-#else
-#define NR 2
-#endif
-#define NACC (2 * NR)
 
 #if BF16
 #define MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
@@ -99,6 +94,44 @@ __device__ __forceinline__ float from16(u32 h) {
 }
 #endif
 __device__ __forceinline__ float round16(float f) { return from16(to16(f)); }
+
+/* the pair of 16-bit values of byte i (0-7) of a lane's 8 bytes, from the lane's copy of the table (at shared
+   address lane_table + 128 byte): a byte permute extracts the byte, one multiply-add forms the address */
+__device__ __forceinline__ u32 pair_of(u32 lane_table, uint2 w, int i) {
+    const u32 word = i < 4 ? w.x : w.y;
+    u32 v, byte;
+    asm("prmt.b32 %0, %1, 0, %2;" : "=r"(byte) : "r"(word), "r"(0x4440 + (i & 3)));
+    /* volatile: kept between the barriers that bracket the table's life (it is written, then reused for the sums) */
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(byte * 128u + lane_table));
+    return v;
+}
+
+__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm(MMA " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* the lookup table in smem, written by thread `thread` of `threads`: entry e of lane l at word 32 e + l,
+   (code[e >> 4], code[e & 15]) in x's type, the high nibble's value (the even column) in the low half; a thread
+   writes an entry's 32 copies, 16 bytes at a time, starting at a different 16 bytes from its neighbours' (no two of
+   8 threads in one bank) */
+__device__ __forceinline__ void write_table(u32* smem, const float* code, int thread, int threads) {
+    for (int e = thread; e < 256; e += threads) {
+        const u32 v = to16(code[e >> 4]) | (to16(code[e & 15]) << 16);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) *(uint4*)(smem + 32 * e + 4 * ((i + e) & 7)) = make_uint4(v, v, v, v);
+    }
+}
+"""
+
+_SOURCE = PRELUDE + r"""
+#if SWIGLU
+#define NR 4   /* rows a lane reads: gate g, g + 8, up g, g + 8 */
+#else
+#define NR 2
+#endif
+#define NACC (2 * NR)
 
 __device__ __forceinline__ uint2 load_weights(const unsigned char* p) {  /* read once: keep them out of L1 */
     uint2 v;
@@ -119,23 +152,6 @@ extern __shared__ __align__(16) u32 smem[];  /* the lookup table (TABLE words), 
 #define TABLE (256 * 32)
 static_assert(WARPS >= 4, "the sums are gathered by the first 128 threads");
 static_assert(WARPS * 32 * NACC <= TABLE, "the warps' sums are gathered in the table's place");
-
-/* the pair of 16-bit values of byte i (0-7) of a lane's 8 bytes, from the lane's copy of the table (at shared
-   address lane_table + 128 byte): a byte permute extracts the byte, one multiply-add forms the address */
-__device__ __forceinline__ u32 pair_of(u32 lane_table, uint2 w, int i) {
-    const u32 word = i < 4 ? w.x : w.y;
-    u32 v, byte;
-    asm("prmt.b32 %0, %1, 0, %2;" : "=r"(byte) : "r"(word), "r"(0x4440 + (i & 3)));
-    /* volatile: kept between the barriers that bracket the table's life (it is written, then reused for the sums) */
-    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(byte * 128u + lane_table));
-    return v;
-}
-
-__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm(MMA " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 /* a lane's rows: where each starts (at the lane's 8 bytes of its warp's first chunk) and where its scales lie in
    shared memory; x's pairs that go with those bytes */
@@ -232,14 +248,7 @@ glmkit_gemv4_mma(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
     if (full > 0) load_stage<UNROLL, false>(a, 0, count, rows);  /* in flight while the tables are written */
     else if (stages > 0) load_stage<UNROLL, true>(a, 0, count, rows);
 
-    /* the lookup table: entry e of lane l at word 32 e + l, (code[e >> 4], code[e & 15]) in x's type, the high
-       nibble's value (the even column) in the low half; a thread writes an entry's 32 copies, 16 bytes at a time,
-       starting at a different 16 bytes from its neighbours' (no two of 8 threads in one bank) */
-    for (int e = threadIdx.x; e < 256; e += WARPS * 32) {
-        const u32 v = to16(code[e >> 4]) | (to16(code[e & 15]) << 16);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) *(uint4*)(smem + 32 * e + 4 * ((i + e) & 7)) = make_uint4(v, v, v, v);
-    }
+    write_table(smem, code, threadIdx.x, WARPS * 32);
     /* this program's scales, fp32 (double quantization undone here, once) */
     for (int lr = warp; lr < 16 * (NR / 2); lr += WARPS) {
         const int base = (min(tile * 16 + (lr & 15), n - 1) + (lr >> 4) * n) * blocks_per_row;

@@ -116,10 +116,8 @@ def smem_limit(device: torch.device) -> int:
     props = torch.cuda.get_device_properties(device)
     return int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
 
-_SOURCE = r"""
-typedef unsigned int u32;
-typedef unsigned short u16;
 
+_SOURCE = gemv4bit_mma.PRELUDE + r"""
 #if SWIGLU
 #define TR 32  /* rows a tile: 16 gate rows, then their 16 up rows */
 #else
@@ -134,45 +132,11 @@ typedef unsigned short u16;
 #define TABLE (256 * 32)
 #define GROUP_THREADS (WARPS * 32)
 
-#if BF16
-#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
-__device__ __forceinline__ u32 to16(float f) {  /* round to nearest even, as PyTorch rounds */
-    u32 u = __float_as_uint(f);
-    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-}
-__device__ __forceinline__ float from16(u32 h) { return __uint_as_float(h << 16); }
-#else
-#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
-__device__ __forceinline__ u32 to16(float f) {
-    unsigned short h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
-}
-__device__ __forceinline__ float from16(u32 h) {
-    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)h)); return f;
-}
-#endif
-__device__ __forceinline__ float round16(float f) { return from16(to16(f)); }
-
 __device__ __forceinline__ void copy16(u32 dst, const void* src, bool ok) {  /* past the end: zeros */
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
 }
 __device__ __forceinline__ void copy4(u32 dst, const void* src, bool ok) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(ok ? 4 : 0));
-}
-
-__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm(MMA " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-/* the pair of 16-bit values of byte i (0-7) of 8 bytes, from the lane's copy of the table (entry e at
-   lane_table + 128 e) */
-__device__ __forceinline__ u32 pair_of(u32 lane_table, uint2 w, int i) {
-    const u32 word = i < 4 ? w.x : w.y;
-    u32 v, byte;
-    asm("prmt.b32 %0, %1, 0, %2;" : "=r"(byte) : "r"(word), "r"(0x4440 + (i & 3)));
-    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(byte * 128u + lane_table));
-    return v;
 }
 
 struct Tile { const unsigned char* q; const float* absmax; int n; int row0; int row_out; };
@@ -336,12 +300,7 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
         }
         asm volatile("cp.async.commit_group;");
     }
-    /* the lookup table: entry e of lane l at word 32 e + l, (code[e >> 4], code[e & 15]) in x's type */
-    for (int e = threadIdx.x; e < 256; e += GROUPS * WARPS * 32) {
-        const u32 v = to16(code[e >> 4]) | (to16(code[e & 15]) << 16);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) *(uint4*)(smem + 32 * e + 4 * ((i + e) & 7)) = make_uint4(v, v, v, v);
-    }
+    write_table(smem, code, threadIdx.x, GROUPS * WARPS * 32);
 #if NORMED
     if (warp == 0) {  /* 1 / rms(x) from the partial sums of squares, added in a fixed order */
         float sum = 0.0f;
