@@ -718,8 +718,8 @@ def _first_run(answers: dict[Any, T], key: Any, check: Callable[[], T], meanwhil
     """``check()``'s answer for ``key``, found the first time it is asked for outside a compiled function and a CUDA
     graph capture (where nothing can be checked: the decoders' eager warm-up steps come first) and kept for the
     process; ``meanwhile`` before that, and while the check itself runs (its own launches may ask again; a check
-    that raises leaves ``meanwhile`` kept). The shape of glmkit's three first-run checks of its 4-bit kernels on a
-    GPU: ``check_lookup``, ``check_pair_lookup``, ``check_mma``.
+    that raises leaves ``meanwhile`` kept). The shape of glmkit's first-run checks of its 4-bit kernels on a GPU:
+    ``check_lookup``, ``check_pair_lookup``, ``check_mma``, ``check_one``.
 
     >>> answers = {}
     >>> _first_run(answers, "gpu 0", lambda: False, True), answers
@@ -787,14 +787,14 @@ def check_mma(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -
     >>> check_mma("cpu")
     False
     """
-    return _checked(_MMA_CHECKED, device, dtype, _mma_disagreement, gemv4bit_mma.NAME)
+    return _checked(_MMA_CHECKED, device, dtype, _mma_disagreement, gemv4bit_mma)
 
 
 def _checked(answers: dict[tuple[torch.device, torch.dtype], bool], device: torch.device | str, dtype: torch.dtype,
-             disagreement: Callable[[torch.device, torch.dtype], str | None], kernel: str) -> bool:
-    """The first-run check of one of glmkit's CUDA kernels (``check_mma``, ``check_one``) on ``device`` for ``dtype``:
-    ``disagreement`` says what the kernel gets wrong (None: nothing); an error or a disagreement turns that kernel off
-    on the device (``gemv4bit_mma.disable``)."""
+             disagreement: Callable[[torch.device, torch.dtype], str | None], kernel: Any) -> bool:
+    """The first-run check of one of glmkit's CUDA kernels (``check_mma``, ``check_one``; ``kernel``: its module) on
+    ``device`` for ``dtype``: ``disagreement`` says what the kernel gets wrong (None: nothing); an error or a
+    disagreement turns that kernel off on the device (``gemv4bit_mma.disable``)."""
     device = torch.device(device)
     if device.type != "cuda":
         return False
@@ -808,7 +808,7 @@ def _checked(answers: dict[tuple[torch.device, torch.dtype], bool], device: torc
         except Exception as exc:  # NVRTC missing or failing, an error the launch reports: the Triton kernels take over
             why = _why(exc)
         if why and why != _NOT_HERE:  # (_NOT_HERE: nothing to check, the kernel does not run here)
-            gemv4bit_mma.disable(device, why, kernel)
+            gemv4bit_mma.disable(device, why, kernel.NAME, kernel.LABEL)
         return not why
 
     return _first_run(answers, (device, dtype), agrees, True)
@@ -864,7 +864,7 @@ def check_one(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -
     >>> check_one("cpu")
     False
     """
-    return _checked(_ONE_CHECKED, device, dtype, _one_disagreement, gemv4bit_one.NAME)
+    return _checked(_ONE_CHECKED, device, dtype, _one_disagreement, gemv4bit_one)
 
 
 def _one_disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -1032,7 +1032,7 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
         except Exception as exc:
             if _compiling_or_capturing():
                 raise
-            gemv4bit_mma.disable(x.device, _why(exc), gemv4bit_one.NAME)  # and the Triton kernels below take over
+            gemv4bit_mma.disable(x.device, _why(exc), gemv4bit_one.NAME, gemv4bit_one.LABEL)  # Triton's, below
             if fusion.partials is not None:  # sized for this kernel's tiles: the caller sizes them again
                 raise
     if mma and fusion is _NO_FUSION and config is None and lookup is None and batch_axis is None and \
@@ -1421,19 +1421,26 @@ def gemv_4bit_residual(x: torch.Tensor, weight: Packed4bit, residual: torch.Tens
     if residual.dtype != x.dtype or residual.device != x.device or norm_weight.device != x.device:
         raise ValueError(f"gemv_4bit_residual needs x, the residual and the norm weight on one device and the residual "
                          f"in x's {x.dtype}; got {residual.dtype} on {residual.device} and {norm_weight.device}.")
-    residual = residual.contiguous()
-    scaled = torch.empty_like(residual)
-    for one in (_takes_one(x, (weight,), False), False):  # (the CUDA kernel failing: the Triton kernel's sums)
-        # a sum of squares a tile of 16 rows (the CUDA kernel) or a program (the Triton kernel)
-        blocks = gemv4bit_one.tiles([n], False) if one else _row_blocks([n], config_for(weight), _paired(False))
-        partials = torch.empty(blocks, dtype=torch.float32, device=x.device)
-        fusion = _Fusion(residual=residual, norm_weight=norm_weight.contiguous(), scaled=scaled, partials=partials)
-        try:
-            return _launch(x, (weight,), None, False, None, mma=one, fusion=fusion), NormedStream(scaled, partials)
-        except Exception:
-            if not one or _compiling_or_capturing():
-                raise
-    raise AssertionError("unreachable")
+    fusion = _Fusion(residual=residual.contiguous(), norm_weight=norm_weight.contiguous(),
+                     scaled=torch.empty_like(residual.contiguous()))
+    one = _takes_one(x, (weight,), False)
+    try:
+        return _residual_launch(x, weight, fusion, one)
+    except Exception:
+        if not one or _compiling_or_capturing():
+            raise
+        return _residual_launch(x, weight, fusion, False)  # the CUDA kernel failed (it is off now): the Triton kernel
+
+
+def _residual_launch(x: torch.Tensor, weight: Packed4bit, fusion: _Fusion,
+                     one: bool) -> tuple[torch.Tensor, NormedStream]:
+    """``gemv_4bit_residual``'s launch through the batch-1 CUDA kernel (``one``: a sum of squares a tile of 16 rows)
+    or the Triton kernel (a sum of squares a program)."""
+    n = weight.shape[0]
+    blocks = gemv4bit_one.tiles([n], False) if one else _row_blocks([n], config_for(weight), _paired(False))
+    fusion = fusion._replace(partials=torch.empty(blocks, dtype=torch.float32, device=x.device))
+    y = _launch(x, (weight,), None, False, None, mma=one, fusion=fusion)
+    return y, NormedStream(fusion.scaled, fusion.partials)
 
 
 def linear_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -67,6 +67,7 @@ WARPS = 8
 UNROLL, MIN_BLOCKS = 2, 2
 UNROLL_SWIGLU, MIN_BLOCKS_SWIGLU = 1, 3
 NAME = "glmkit_gemv4_mma"  # the kernel's name in its source
+LABEL = "4-bit tensor-core kernel (2-8 tokens)"  # and in a warning
 ROWS = 16  # weight rows per program: the operand's 16 rows
 TABLE_BYTES = 256 * 32 * 4  # 256 pairs, one copy per lane; then the warps' sums (WARPS <= 16)
 SHARED_LIMIT = 48 * 1024  # shared memory a program may take without asking the driver for more
@@ -514,15 +515,12 @@ def enabled(device: torch.device, kernel: str = NAME) -> bool:
     return (_index(torch.device(device)), kernel) not in _BROKEN
 
 
-_KERNEL_NAMES = {NAME: "4-bit tensor-core kernel (2-8 tokens)", "glmkit_gemv4_one": "batch-1 4-bit CUDA kernel"}
-
-
-def disable(device: torch.device, why: str, kernel: str = NAME) -> None:
-    """Stop using the CUDA kernel ``kernel`` on ``device`` for the rest of the process (the Triton kernels take over),
-    warning why; glmkit's other CUDA kernel stays on."""
+def disable(device: torch.device, why: str, kernel: str = NAME, label: str = LABEL) -> None:
+    """Stop using the CUDA kernel ``kernel`` (the warning calls it ``label``) on ``device`` for the rest of the
+    process (the Triton kernels take over), warning why; glmkit's other CUDA kernel stays on."""
     key = (_index(torch.device(device)), kernel)
     if key not in _BROKEN:
         _BROKEN[key] = why
-        warnings.warn(f"glmkit's {_KERNEL_NAMES.get(kernel, kernel)} is off on {torch.cuda.get_device_name(device)}: "
+        warnings.warn(f"glmkit's {label} is off on {torch.cuda.get_device_name(device)}: "
                       f"{why}. The Triton kernels run instead (slower). Please report it.", RuntimeWarning,
                       stacklevel=3)

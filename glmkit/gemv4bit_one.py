@@ -52,6 +52,7 @@ __all__ = ["gemv_4bit_one", "usable", "runs_on", "OneShape", "shape_for", "smem_
            "SHAPE_SWIGLU", "source", "NAME"]
 
 NAME = "glmkit_gemv4_one"
+LABEL = "batch-1 4-bit CUDA kernel"  # its name in a warning
 
 
 @dataclass(frozen=True)
@@ -409,7 +410,7 @@ def _options(bf16: bool, swiglu: bool, bias: bool, segments: int, normed: bool, 
 
 def runs_on(device: torch.device | str, dtype: torch.dtype, *, env: bool = True) -> bool:
     """Whether this kernel takes one token of ``dtype`` on ``device``: an NVIDIA GPU of compute capability 8.0+ where
-    this kernel is not turned off (``gemv4bit_mma.disable(device, why, NAME)``), bf16/fp16, and (``env``)
+    this kernel is not turned off (``gemv4bit_mma.disable(device, why, NAME, LABEL)``), bf16/fp16, and (``env``)
     ``GLMKIT_4BIT_KERNEL`` not ``triton``.
 
     >>> runs_on("cpu", torch.bfloat16)

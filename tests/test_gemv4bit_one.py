@@ -163,9 +163,29 @@ def test_a_failed_first_run_check_turns_off_this_kernel_only(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
     with pytest.warns(RuntimeWarning, match="batch-1 4-bit CUDA kernel is off on a GPU: its products differ"):
         ok = gemv4bit._checked({}, "cuda:0", torch.bfloat16, lambda device, dtype: "its products differ",
-                               gemv4bit_one.NAME)
+                               gemv4bit_one)
     assert not ok and not gemv4bit_mma.enabled("cuda:0", gemv4bit_one.NAME) and gemv4bit_mma.enabled("cuda:0")
     answers = {}
-    assert gemv4bit._checked(answers, "cuda:1", torch.bfloat16, lambda device, dtype: None, gemv4bit_one.NAME)
+    assert gemv4bit._checked(answers, "cuda:1", torch.bfloat16, lambda device, dtype: None, gemv4bit_one)
     assert answers == {(torch.device("cuda:1"), torch.bfloat16): True} and gemv4bit_mma.enabled("cuda:1",
                                                                                                 gemv4bit_one.NAME)
+
+
+@pytest.mark.skipif(not gemv4bit.INTERPRETER, reason="the Triton kernel that takes over runs in Triton's interpreter here")
+def test_a_residual_add_the_cuda_kernel_fails_on_is_redone_by_the_triton_kernel(monkeypatch):
+    """The batch-1 kernel raising in ``gemv_4bit_residual`` (stood in for: this machine has no GPU) turns it off and
+    the Triton kernel redoes the launch with its own number of sums of squares."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("launch failed")
+
+    off = []
+    monkeypatch.setattr(gemv4bit, "_takes_one", lambda *a, **k: not off)
+    monkeypatch.setattr(gemv4bit_one, "gemv_4bit_one", broken)
+    monkeypatch.setattr(gemv4bit_mma, "disable", lambda device, why, kernel, label: off.append((why, kernel)))
+    w = quantize(torch.randn(32, 128), "nf4")
+    x, r, g = torch.randn(1, 1, 128), torch.randn(1, 1, 32), torch.rand(32)
+    y, stream = gemv4bit.gemv_4bit_residual(x, w, r, g)
+    assert off == [("RuntimeError: launch failed", gemv4bit_one.NAME)]
+    assert stream.squares.numel() == gemv4bit._row_blocks([32], gemv4bit.config_for(w), gemv4bit._paired(False))
+    assert torch.allclose(y, r + x @ w.dequantize(torch.float32).T, atol=1e-4)
+    assert torch.allclose(stream.squares.sum(), y.pow(2).sum()) and torch.allclose(stream.scaled, y * g)
