@@ -19,6 +19,10 @@ rows a program, ``nf4_fused_paired.json`` with two (``gemv4bit.PAIRED_ROWS``) an
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 import torch
 from early_reads import replay_us
@@ -39,6 +43,28 @@ def step_logits(decoder: FastDecoder, ids: torch.Tensor) -> torch.Tensor:
     return decoder.decode_step(ids[0, -1:], ids.shape[1]).float().clone()
 
 
+def take_turns(decoders: dict[str, FastDecoder], rows: dict[str, dict[str, Any]],
+               around: Callable[[str], AbstractContextManager[Any]] = lambda variant: contextlib.nullcontext()) -> None:
+    """``ROUNDS`` rounds, the variants taking turns (clock and temperature drift touch them alike): each round's µs
+    a replayed step and decode tok/s into the variant's row (``around(variant)``: what each variant runs inside)."""
+    for _ in range(ROUNDS):
+        for v, decoder in decoders.items():
+            with around(v):
+                rows[v]["replay_us"].append(replay_us(decoder))
+                rows[v]["decode_tok_s"].append(decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"])
+
+
+def best_rounds(rows: dict[str, dict[str, Any]], rooflines: dict[str, float]) -> None:
+    """Each row's best round, against its precision's roofline and the ``"bf16"`` row's best."""
+    for row in rows.values():
+        row["best_replay_us"], row["best_tok_s"] = min(row["replay_us"]), max(row["decode_tok_s"])
+    bf16 = rows["bf16"]
+    for row in rows.values():
+        row["fraction_of_roofline"] = row["best_tok_s"] / rooflines[row["precision"]]
+        row["over_bf16"] = row["best_tok_s"] / bf16["best_tok_s"]
+        row["replay_over_bf16"] = bf16["best_replay_us"] / row["best_replay_us"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
@@ -57,21 +83,13 @@ def main() -> None:
                 "uses_pdl": decoders[v].uses_pdl(1),
                 "compiled_step": decoders[v].compiled and decoders[v].layer_fn_for(1) is decoders[v].layer_fn,
                 "replay_us": [], "decode_tok_s": []} for v, (p, o) in VARIANTS.items()}
-    for _ in range(ROUNDS):
-        for v, decoder in decoders.items():
-            rows[v]["replay_us"].append(replay_us(decoder))
-            rows[v]["decode_tok_s"].append(decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"])
+    take_turns(decoders, rows)
     ids = torch.randint(0, 1000, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     reference = decoders["compiled layer"].generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
     first = step_logits(decoders["compiled layer"], ids)
-    bf16 = rows["bf16"]
-    bf16["best_replay_us"], bf16["best_tok_s"] = min(bf16["replay_us"]), max(bf16["decode_tok_s"])
+    best_rounds(rows, rooflines)
     for v, decoder in decoders.items():
         row = rows[v]
-        row["best_replay_us"], row["best_tok_s"] = min(row["replay_us"]), max(row["decode_tok_s"])
-        row["fraction_of_roofline"] = row["best_tok_s"] / rooflines[row["precision"]]
-        row["over_bf16"] = row["best_tok_s"] / bf16["best_tok_s"]
-        row["replay_over_bf16"] = bf16["best_replay_us"] / row["best_replay_us"]
         if row["precision"] == "nf4":
             tokens = decoder.generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
             row["tokens_as_compiled"], row["of"] = sum(a == b for a, b in zip(tokens, reference)), len(reference)

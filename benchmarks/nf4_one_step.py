@@ -22,8 +22,7 @@ import os
 from collections.abc import Iterator
 
 import torch
-from early_reads import replay_us
-from nf4_fused import step_logits
+from nf4_fused import NEW, PROMPT, ROUNDS, best_rounds, step_logits, take_turns
 
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
 from glmkit.fast_decode import FastDecoder
@@ -32,7 +31,6 @@ from glmkit.quantization import load_precision
 
 VARIANTS = {"CUDA kernel": ("nf4", {}, None), "Triton kernel": ("nf4", {}, "triton"),
             "CUDA kernel, compiled layer": ("nf4", {"fuse_norms": False}, None), "bf16": ("bf16", {}, None)}
-PROMPT, NEW, ROUNDS = 32, 256, 3
 
 
 @contextlib.contextmanager
@@ -65,23 +63,14 @@ def main() -> None:
             decoders[v].tokens_per_second(PROMPT, 4)  # warm-up: builds and captures the graphs
     rows = {v: {"variant": v, "precision": p, "options": o, "kernel_env": k, "fuses_norms": decoders[v].fuses_norms(1),
                 "replay_us": [], "decode_tok_s": []} for v, (p, o, k) in VARIANTS.items()}
-    for _ in range(ROUNDS):
-        for v, decoder in decoders.items():
-            with kernel_env(VARIANTS[v][2]):
-                rows[v]["replay_us"].append(replay_us(decoder))
-                rows[v]["decode_tok_s"].append(decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"])
+    take_turns(decoders, rows, around=lambda v: kernel_env(VARIANTS[v][2]))
     ids = torch.randint(0, 1000, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     with kernel_env("triton"):
         reference = decoders["Triton kernel"].generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
         first = step_logits(decoders["Triton kernel"], ids)
-    bf16 = rows["bf16"]
-    bf16["best_replay_us"], bf16["best_tok_s"] = min(bf16["replay_us"]), max(bf16["decode_tok_s"])
+    best_rounds(rows, rooflines)
     for v, decoder in decoders.items():
         row = rows[v]
-        row["best_replay_us"], row["best_tok_s"] = min(row["replay_us"]), max(row["decode_tok_s"])
-        row["fraction_of_roofline"] = row["best_tok_s"] / rooflines[row["precision"]]
-        row["over_bf16"] = row["best_tok_s"] / bf16["best_tok_s"]
-        row["replay_over_bf16"] = bf16["best_replay_us"] / row["best_replay_us"]
         if row["precision"] == "nf4":
             with kernel_env(VARIANTS[v][2]):
                 tokens = decoder.generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()

@@ -2191,9 +2191,8 @@ def nf4_fused_sentence() -> Text:
                 f"({pdl['best_replay_us']:.0f} µs), so a 4-bit decoder leaves it off. Its logits after one step differ "
                 f"from the compiled layer's by {fused['step_logits_rel_diff'] * 100:.1f}% (relative), and "
                 f"{fused['tokens_as_compiled']} of its {fused['of']} greedy tokens equal the compiled layer's.")
-        accuracy = load("gemv_accuracy")
-        if accuracy:
-            bf16 = accuracy["variants"][0]
+        bf16 = _bf16_accuracy()
+        if bf16:
             text += (f" For scale, bf16's own logits differ from fp32's by {bf16['rel_diff_to_fp32_median'] * 100:.1f}% "
                      f"(median of {bf16['steps']} steps; `gemv_accuracy.json`, another run, random weights of the same "
                      "architecture). On the trained tiny model the folded step gives `generate()`'s greedy tokens "
@@ -2293,12 +2292,18 @@ def nf4_one_sentence() -> Text:
                        script="benchmarks/nf4_one_step.py")
 
 
-def _bf16_scale() -> str:
-    """For scale: how far bf16's own logits are from fp32's (``gemv_accuracy.json``), or nothing before it exists."""
+def _bf16_accuracy() -> dict[str, Any] | None:
+    """How far the bf16 fast path's logits are from fp32's (``gemv_accuracy.json``'s bf16 row), or None before it
+    exists: the scale the 4-bit steps' logit differences are given against."""
     accuracy = load("gemv_accuracy")
-    if not accuracy:
+    return accuracy["variants"][0] if accuracy else None
+
+
+def _bf16_scale() -> str:
+    """For scale: how far bf16's own logits are from fp32's, or nothing before it is measured."""
+    bf16 = _bf16_accuracy()
+    if not bf16:
         return ""
-    bf16 = accuracy["variants"][0]
     return (f"; for scale, bf16's logits differ from fp32's by {bf16['rel_diff_to_fp32_median'] * 100:.1f}%, "
             f"`gemv_accuracy.json`")
 
