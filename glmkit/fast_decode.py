@@ -860,8 +860,8 @@ class FastDecoder:
         if not (self.fuse_norms and self.gemv_by_bucket[b] == "triton"):
             return False
         # 4 bits: the one-row step (glmkit.gemv4bit_one's CUDA kernel on a GPU, the Triton per-row kernel elsewhere),
-        # in an uncompiled layer (its fused launches are no ops that
-        # torch.compile can call: FastDecoder compiles the layer of a step that does not fuse)
+        # in an uncompiled layer (its fused launches are no ops that torch.compile can call: FastDecoder compiles the
+        # layer of a step that does not fuse)
         return not self.quantized or (b == 1 and (not self.compiled or (self.compile_auto and self.attention == "triton")))
 
     @property

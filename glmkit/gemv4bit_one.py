@@ -461,8 +461,8 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     n_out = rows[0] // 2 if swiglu else sum(rows)
     shape = shape or shape_for(k, swiglu, smem_limit(x.device))
     xf = x.reshape(k)
-    if xf.data_ptr() % 16 or not xf.is_contiguous():  # copied 16 bytes at a time
-        xf = xf.contiguous().clone()
+    if xf.data_ptr() % 16 or not xf.is_contiguous():  # copied 16 bytes at a time: a fresh, aligned copy
+        xf = xf.clone(memory_format=torch.contiguous_format)
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     t = tiles(rows, swiglu)
     slots: list[Any] = []

@@ -2191,11 +2191,12 @@ def nf4_fused_sentence() -> Text:
                 f"({pdl['best_replay_us']:.0f} µs), so a 4-bit decoder leaves it off. Its logits after one step differ "
                 f"from the compiled layer's by {fused['step_logits_rel_diff'] * 100:.1f}% (relative), and "
                 f"{fused['tokens_as_compiled']} of its {fused['of']} greedy tokens equal the compiled layer's.")
-        bf16 = _bf16_accuracy()
-        if bf16:
-            text += (f" For scale, bf16's own logits differ from fp32's by {bf16['rel_diff_to_fp32_median'] * 100:.1f}% "
-                     f"(median of {bf16['steps']} steps; `gemv_accuracy.json`, another run, random weights of the same "
-                     "architecture). On the trained tiny model the folded step gives `generate()`'s greedy tokens "
+        accuracy = _bf16_accuracy()
+        if accuracy:
+            text += (f" For scale, bf16's own logits differ from fp32's by "
+                     f"{accuracy['rel_diff_to_fp32_median'] * 100:.1f}% (median of {accuracy['steps']} steps; "
+                     "`gemv_accuracy.json`, another run, random weights of the same architecture). On the trained "
+                     "tiny model the folded step gives `generate()`'s greedy tokens "
                      "(`tests/test_fast_decode_quantized.py`, and on the GPU `benchmarks/gpu_smoke_4bit.py`).")
         paired = load("nf4_paired")
         if paired:
@@ -2236,11 +2237,17 @@ def nf4_fused_table() -> Table | Text:
 def nf4_fused_chart() -> Any:
     """Batch-1 tok/s per variant of the step (``nf4_fused_paired.json``), with each precision's roofline as a dashed
     line; ``None`` before the file exists."""
-    r = load("nf4_fused_paired")
+    return _step_variants_chart("nf4_fused_paired", FUSED_LABELS)
+
+
+def _step_variants_chart(name: str, labels: dict[str, str]) -> Any:
+    """Batch-1 tok/s per variant of a one-sequence step run (``nf4_fused.py``, ``nf4_one_step.py``: rows by variant,
+    bf16's among them), nf4's and bf16's side by side, each precision's roofline dashed; ``None`` before it exists."""
+    r = load(name)
     if r is None:
         return None
-    groups = {"nf4": {FUSED_LABELS[x["variant"]]: x["best_tok_s"] for x in r["rows"] if x["precision"] == "nf4"},
-              "bf16": {FUSED_LABELS["bf16"]: _rows_by_variant(r)["bf16"]["best_tok_s"]}}
+    groups = {"nf4": {labels[x["variant"]]: x["best_tok_s"] for x in r["rows"] if x["precision"] == "nf4"},
+              "bf16": {labels["bf16"]: _rows_by_variant(r)["bf16"]["best_tok_s"]}}
     return _grouped_bars(groups, ylabel="decode tok/s, batch 1", references=r["roofline_tok_s"],
                          reference_label="roofline (copy bandwidth / bytes a token reads)",
                          title=f"GLM-4-9B, one sequence, {measured_on(r)}")
@@ -2334,14 +2341,7 @@ def nf4_one_table() -> Table | Text:
 def nf4_one_chart() -> Any:
     """Batch-1 tok/s of the step per kernel (``nf4_one_step.json``), with each precision's roofline dashed; ``None``
     before the file exists."""
-    r = load("nf4_one_step")
-    if r is None:
-        return None
-    groups = {"nf4": {ONE_LABELS[x["variant"]]: x["best_tok_s"] for x in r["rows"] if x["precision"] == "nf4"},
-              "bf16": {ONE_LABELS["bf16"]: _rows_by_variant(r)["bf16"]["best_tok_s"]}}
-    return _grouped_bars(groups, ylabel="decode tok/s, batch 1", references=r["roofline_tok_s"],
-                         reference_label="roofline (copy bandwidth / bytes a token reads)",
-                         title=f"GLM-4-9B, one sequence, {measured_on(r)}")
+    return _step_variants_chart("nf4_one_step", ONE_LABELS)
 
 
 def _fixed_us(rows: list[dict[str, Any]]) -> float:
