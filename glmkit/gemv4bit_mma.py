@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["gemv_4bit_mma", "usable", "runs_on", "weight_slots", "compile_cubin", "nvrtc_found", "source",
+__all__ = ["gemv_4bit_mma", "usable", "runs_on", "cuda_kernel_runs", "weight_slots", "compile_cubin", "nvrtc_found", "source",
            "MIN_VECTORS", "MAX_VECTORS"]
 
 MAX_VECTORS = 8  # the operand's 8 columns: vector v is column v
@@ -445,12 +445,22 @@ def runs_on(device: torch.device | str, vectors: int, dtype: torch.dtype, *, env
     >>> runs_on("cpu", 4, torch.bfloat16)
     False
     """
+    return MIN_VECTORS <= vectors <= MAX_VECTORS and cuda_kernel_runs(device, dtype, NAME, env=env)
+
+
+def cuda_kernel_runs(device: torch.device | str, dtype: torch.dtype, kernel: str, *, env: bool = True) -> bool:
+    """Whether glmkit's CUDA 4-bit kernel ``kernel`` (this module's or ``glmkit.gemv4bit_one``'s) takes tokens of
+    ``dtype`` on ``device``: an NVIDIA GPU of compute capability 8.0+ where it has not been turned off (``disable``),
+    with torch's run-time compiler, bf16/fp16, and (``env``) ``GLMKIT_4BIT_KERNEL`` not ``triton``.
+
+    >>> cuda_kernel_runs("cpu", torch.bfloat16, NAME)
+    False
+    """
     device = torch.device(device)
     if device.type != "cuda" or torch.version.hip or (env and os.environ.get("GLMKIT_4BIT_KERNEL") == "triton"):
         return False
-    return (enabled(device) and hasattr(torch.cuda, "_compile_kernel")
-            and torch.cuda.get_device_capability(device) >= (8, 0) and dtype in (torch.bfloat16, torch.float16)
-            and MIN_VECTORS <= vectors <= MAX_VECTORS)
+    return (enabled(device, kernel) and hasattr(torch.cuda, "_compile_kernel")
+            and torch.cuda.get_device_capability(device) >= (8, 0) and dtype in (torch.bfloat16, torch.float16))
 
 
 def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: bool = True) -> bool:

@@ -40,7 +40,6 @@ plain fp32 scales (double quantization takes the Triton kernel): ``usable`` says
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -416,11 +415,7 @@ def runs_on(device: torch.device | str, dtype: torch.dtype, *, env: bool = True)
     >>> runs_on("cpu", torch.bfloat16)
     False
     """
-    device = torch.device(device)
-    if device.type != "cuda" or torch.version.hip or (env and os.environ.get("GLMKIT_4BIT_KERNEL") == "triton"):
-        return False
-    return (gemv4bit_mma.enabled(device, NAME) and hasattr(torch.cuda, "_compile_kernel")
-            and torch.cuda.get_device_capability(device) >= (8, 0) and dtype in (torch.bfloat16, torch.float16))
+    return gemv4bit_mma.cuda_kernel_runs(device, dtype, NAME, env=env)
 
 
 def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: bool = True) -> bool:
