@@ -1,10 +1,10 @@
 """glmkit's batch-1 CUDA 4-bit kernel (``glmkit.gemv4bit_one``) against its Triton per-row kernel: GLM-4-9B's four
 nf4 projections at one token on one GPU, one run, in CUDA graphs over enough weight copies to leave the L2 cache
 behind. Per projection: the Triton kernel as the one-token step runs it (norm or residual add folded in) and plain,
-the CUDA kernel plain at several launch shapes (groups of warps a CTA, warps a group, stages in flight, chunks a
-stage) and folded at its shipped shape (``gemv4bit_one.shape_for``); µs, TB/s of packed weights and fraction of
-copy bandwidth; the error against ``dequantize`` + ``F.linear`` in fp32 (plain) and against the Triton kernel's
-folded result (folded).
+the CUDA kernel plain at several launch shapes (``OneShape``: groups of warps a CTA, warps a group, stages in
+flight, the lookup table wide or narrow) and folded at its shipped shape (``gemv4bit_one.shape_for``); µs, TB/s of
+packed weights and fraction of copy bandwidth; the error against ``dequantize`` + ``F.linear`` in fp32 (plain) and
+against the Triton kernel's folded result (folded).
 
     PYTHONPATH=.:benchmarks python benchmarks/nf4_one.py       # about 2 minutes on an H200
 Writes benchmarks/results/nf4_one.json (or --name; and to $OUT).
@@ -24,10 +24,8 @@ from glmkit.gemv4bit import _Fusion, _launch, normed_stream, quantize
 from glmkit.gemv4bit_one import OneShape
 from glmkit.gemv_tuning import graph_time, projections
 
-SHAPES = [OneShape(*s) for s in ((4, 4, 2), (4, 4, 3), (6, 4, 2), (3, 8, 2), (2, 8, 2), (2, 8, 3), (8, 4, 2),
-                                 (6, 4, 3, 2), (8, 4, 3, 2), (4, 4, 4, 2))]
-SHAPES_SWIGLU = [OneShape(*s) for s in ((4, 4, 2), (2, 4, 3), (6, 4, 2, 2), (8, 4, 2, 2), (4, 4, 3, 2), (8, 2, 3, 2),
-                                        (6, 2, 3))]
+SHAPES = [OneShape(4, 4, 2), OneShape(3, 4, 2), OneShape(4, 4, 3), OneShape(2, 8, 2), OneShape(4, 4, 2, wide=False)]
+SHAPES_SWIGLU = [OneShape(4, 4, 2), OneShape(3, 4, 2), OneShape(2, 8, 2), OneShape(4, 4, 2, wide=False)]
 SMEM_LIMIT = 227 * 1024
 
 
@@ -102,13 +100,13 @@ def projection(name: str, n: int, k: int, has_bias: bool, swiglu: bool, bw: floa
         if shape.smem_bytes(swiglu) > SMEM_LIMIT:
             continue
         r = timed("one", lambda i, s=shape: one(i, s), groups=shape.groups, warps=shape.warps, depth=shape.depth,
-                  chunks=shape.chunks, rel_err=_rel(one(0, shape), want))
+                  wide=shape.wide, rel_err=_rel(one(0, shape), want))
         row["one"].append(r)
     row["one_best"] = min(row["one"], key=lambda r: r["us"])
-    shape = gemv4bit_one.shape_for(k, swiglu)  # folded as the step runs it: at the shipped shape
+    shape = gemv4bit_one.shape_for(swiglu)  # folded as the step runs it: at the shipped shape
     tri = triton_folded(0)
     got = one(0, shape, fold=True)
-    extra: dict[str, Any] = {"groups": shape.groups, "warps": shape.warps, "depth": shape.depth, "chunks": shape.chunks,
+    extra: dict[str, Any] = {"groups": shape.groups, "warps": shape.warps, "depth": shape.depth, "wide": shape.wide,
                              "rel_diff_to_triton_folded": _rel(got, tri)}
     if folded == "residual":
         extra["scaled_rel_diff"] = _rel(one_scaled, tri_f.scaled)

@@ -113,15 +113,15 @@ __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u3
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-/* the lookup table in smem, written by thread `thread` of `threads`: entry e of lane l at word 32 e + l,
-   (code[e >> 4], code[e & 15]) in x's type, the high nibble's value (the even column) in the low half; a thread
-   writes an entry's 32 copies, 16 bytes at a time, starting at a different 16 bytes from its neighbours' (no two of
-   8 threads in one bank) */
-__device__ __forceinline__ void write_table(u32* smem, const float* code, int thread, int threads) {
+/* the lookup table in smem, written by thread `thread` of `threads`: entry e of lane l at word stride * e + l
+   (stride 32, or 64: every entry's 32 copies then 128 unused bytes), (code[e >> 4], code[e & 15]) in x's type, the
+   high nibble's value (the even column) in the low half; a thread writes an entry's 32 copies, 16 bytes at a time,
+   starting at a different 16 bytes from its neighbours' (no two of 8 threads in one bank) */
+__device__ __forceinline__ void write_table(u32* smem, const float* code, int thread, int threads, int stride = 32) {
     for (int e = thread; e < 256; e += threads) {
         const u32 v = to16(code[e >> 4]) | (to16(code[e & 15]) << 16);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) *(uint4*)(smem + 32 * e + 4 * ((i + e) & 7)) = make_uint4(v, v, v, v);
+        for (int i = 0; i < 8; ++i) *(uint4*)(smem + stride * e + 4 * ((i + e) & 7)) = make_uint4(v, v, v, v);
     }
 }
 """

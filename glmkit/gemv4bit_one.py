@@ -6,24 +6,27 @@ instructions a byte (``benchmarks/results/nf4_ncu.json``). This kernel does a qu
 byte and one shared-memory load to look it up, as ``glmkit.gemv4bit_mma`` does for 2-8 tokens, but streams the bytes
 the way one token needs them:
 
-* every warp copies its own run of the weight's rows into shared memory with ``cp.async`` (whole 128-byte lines, a
-  stage ahead, the block scales and x's matching part with them): no register holds a load in flight and no warp
-  waits for another's bytes;
+* every warp copies its own run of the weight's rows into shared memory with ``cp.async`` (whole 32-byte sectors of
+  8 rows an instruction, a stage ahead, the block scales and x's matching part with them): no register holds a load in
+  flight and no warp waits for another's bytes;
 * one shared-memory load turns a byte into the pair of 16-bit values of its nibbles (a 256-entry table, a copy per
   lane: a warp's 32 lookups never wait on each other); that pair is one register of the operand of
-  ``mma.m16n8k16``, which multiplies 16 rows by x;
-* a CTA stays on its SM (one a SM) and its groups of warps take tiles of 16 rows (gate and up: 16 of each) in turn,
-  so the table is built once a launch; each group sums its tile's warps in a fixed order (the same bits every run).
+  ``mma.m16n8k16``, which multiplies 16 rows by x. With the table's entries 256 bytes apart, in a 64 KiB-aligned
+  part of shared memory (``OneShape.wide``), one byte permute of the packed byte and the lane's own bits is the
+  load's address;
+* a CTA stays on its SM (one a SM) and its groups of warps take tiles of 16 rows (gate and up: 16 of each, a stage of
+  gate rows then one of up rows) in turn, so the table is built once a launch; each group sums its tile's warps in a
+  fixed order (the same bits every run).
 
 It also folds what the 4-bit one-token step folds (``glmkit.gemv4bit.gemv_4bit_normed``, ``gemv_4bit_residual``):
 x may be a ``NormedStream`` (the sums are multiplied by ``1 / rms``), and the product may be added to the residual
 stream, writing the next norm's ``NormedStream`` (one sum of squares a tile).
 
-On an H200, GLM-4-9B's nf4 projections through it take 20% less time than through the Triton kernel for gate_up,
-17% for down_proj, 8% for o_proj and about as long for q/k/v (``benchmarks/results/nf4_one.json``), and its
-one-sequence step 12% less, 1.60x bf16's fast path (``nf4_one_step.json``); notebook ``04_quantization.ipynb``
-shows both. Smaller cards get fewer warps a CTA where the H200's shape would not fit their shared memory
-(``shape_for``).
+On an H200, GLM-4-9B's nf4 projections through it take 23% less time than through the Triton kernel for gate_up and
+down_proj, 13% for o_proj and 6% for q/k/v (``benchmarks/results/nf4_one.json``), and its one-sequence step 16% less,
+1.68x bf16's fast path (``nf4_one_step.json``); notebook ``04_quantization.ipynb`` shows both. What holds it there:
+the queue of shared-memory instructions, which the lookups fill (``nf4_one_ncu.json``). Smaller cards get fewer warps
+a CTA, and the narrow table, where the H200's shape would not fit their shared memory (``shape_for``).
 
 Runs on NVIDIA GPUs of compute capability 8.0+ with x in bf16 or fp16, bitsandbytes' default blocksize (64) and
 plain fp32 scales (double quantization takes the Triton kernel): ``usable`` says when. It is checked against
@@ -47,8 +50,8 @@ import torch
 
 from glmkit import gemv4bit_mma
 
-__all__ = ["gemv_4bit_one", "usable", "runs_on", "OneShape", "shape_for", "smem_limit", "tiles", "SHAPE", "SHAPE_LONG",
-           "SHAPE_SWIGLU", "source", "NAME"]
+__all__ = ["gemv_4bit_one", "usable", "runs_on", "OneShape", "shape_for", "smem_limit", "tiles", "SHAPE", "source",
+           "NAME"]
 
 NAME = "glmkit_gemv4_one"
 LABEL = "batch-1 4-bit CUDA kernel"  # its name in a warning
@@ -57,50 +60,69 @@ LABEL = "batch-1 4-bit CUDA kernel"  # its name in a warning
 @dataclass(frozen=True)
 class OneShape:
     """How the batch-1 CUDA kernel is launched: ``groups`` groups of ``warps`` warps a CTA (one CTA an SM), each warp
-    copying ``depth`` stages ahead.
+    copying ``depth`` stages ahead; ``wide``: the lookup table's entries 256 bytes apart (64 KiB), so that a byte's
+    address is one byte permute, else 128 (32 KiB, one more multiply-add a byte).
 
     >>> OneShape(4, 4, 2).smem_bytes(swiglu=False)  # bytes of shared memory a CTA
-    123920
+    159232
     """
 
     groups: int
     warps: int
     depth: int
-    chunks: int = 4  # 64-weight chunks of each row a warp copies a stage (2 or 4)
+    wide: bool = True
 
-    def stage_bytes(self, swiglu: bool) -> int:
-        rows = 32 if swiglu else 16
-        return rows * self.chunks * 32 + rows * self.chunks * 4 + self.chunks * 128  # bytes, scales, x
+    @staticmethod
+    def stage_bytes() -> int:
+        return 16 * 4 * 36 + 4 * 128  # a stage: 4 chunks of 64 weights of 16 rows, their scales, x's part
 
     def smem_bytes(self, swiglu: bool) -> int:
-        rows = 32 if swiglu else 16
+        """The kernel's layout (its ``SMEM_END``): wide, the warps' rings before the table (in the window's first
+        64 KiB, from ``BASE_LO``: the larger of its two layouts), then the table, then the other rings; narrow, the
+        table, then the rings."""
         warps = self.groups * self.warps
-        return 256 * 32 * 4 + warps * self.depth * self.stage_bytes(swiglu) + warps * rows * 4 + 16
+        ring = self.depth * self.stage_bytes()
+        red = warps * (32 if swiglu else 16) * 4 + 16
+        if not self.wide:
+            return 256 * 32 * 4 + warps * ring + red
+        ends = []
+        for base_lo in BASE_LO:
+            table_at = 65536 - base_lo
+            before = min(warps, table_at // ring)
+            end = table_at + 65536 + (warps - before) * ring
+            ends.append(end if table_at - before * ring >= red else end + red)
+        return max(ends)
 
 
-# The launch shapes, the fastest of 10 (7 for gate/up) timed on GLM-4-9B's projections on an H200
-# (benchmarks/results/nf4_one.json): 16 warps an SM in 4 groups, 2 stages a warp; rows of 8192 columns or more
-# (down_proj's 13696) 24 warps in 3 groups of 8, each warp's run of a row shorter
+# The launch shape, the fastest (down_proj: within 1% of the fastest) of 5 (4 for gate/up) timed on GLM-4-9B's
+# projections on an H200 (benchmarks/results/nf4_one.json): 16 warps an SM in 4 groups, 2 stages a warp, the wide
+# lookup table. (Gate/up once took 32-row stages: with 16 warps its 128 registers a warp did not hold the loop, and it
+# spilled; gate rows and up rows now take stages in turn, 16 rows each, as every other weight does.)
 SHAPE = OneShape(4, 4, 2)
-SHAPE_LONG = OneShape(3, 8, 2)
-SHAPE_SWIGLU = OneShape(4, 4, 2)
-LONG_ROWS = 8192
 
 
+BASE_LO = (0, 1024)  # where a CTA's dynamic shared memory starts in its window: Ampere/Ada, Hopper (the kernel checks)
 SMEM_H200 = 227 * 1024  # shared memory a CTA may ask for on an H100/H200 (shared_memory_per_block_optin)
 
 
-def shape_for(k: int, swiglu: bool, smem_limit: int = SMEM_H200) -> OneShape | None:
-    """The launch shape for weights of ``k`` columns (gate/up: ``swiglu``) on a GPU whose CTAs may take
+def shape_for(swiglu: bool, smem_limit: int = SMEM_H200) -> OneShape | None:
+    """The launch shape (gate/up: ``swiglu``, which sums twice the rows a tile) on a GPU whose CTAs may take
     ``smem_limit`` bytes of shared memory: the H200's, with fewer groups (then fewer warps) where it would not fit
-    (a consumer card's ~99 KiB); None where nothing fits (the Triton kernel runs there).
+    (a consumer card's ~99 KiB), and the narrow lookup table where that keeps more warps; None where nothing fits
+    (the Triton kernel runs there).
 
-    >>> shape_for(4096, False) == SHAPE, shape_for(13696, False) == SHAPE_LONG
-    (True, True)
-    >>> shape_for(4096, True, 99 * 1024)  # an RTX 30/40-series card
-    OneShape(groups=1, warps=4, depth=2, chunks=4)
+    >>> shape_for(False) == shape_for(True) == SHAPE
+    True
+    >>> shape_for(True, 99 * 1024)  # an RTX 30/40-series card
+    OneShape(groups=2, warps=4, depth=2, wide=False)
     """
-    shape = SHAPE_SWIGLU if swiglu else SHAPE_LONG if k >= LONG_ROWS else SHAPE
+    fits = [shape for shape in (_shrunk(SHAPE, swiglu, smem_limit), _shrunk(replace(SHAPE, wide=False), swiglu,
+                                                                             smem_limit)) if shape is not None]
+    return max(fits, key=lambda shape: shape.groups * shape.warps, default=None)  # the wide table on a tie
+
+
+def _shrunk(shape: OneShape, swiglu: bool, smem_limit: int) -> OneShape | None:
+    """``shape`` with fewer groups, then fewer warps, until it fits ``smem_limit`` (None: it never does)."""
     while shape.smem_bytes(swiglu) > smem_limit:
         if shape.groups > 1:
             shape = replace(shape, groups=shape.groups // 2)
@@ -118,21 +140,49 @@ def smem_limit(device: torch.device) -> int:
 
 
 _SOURCE = gemv4bit_mma.PRELUDE + r"""
-#if SWIGLU
-#define TR 32  /* rows a tile: 16 gate rows, then their 16 up rows */
-#else
+/* a tile: 16 rows (gate/up: 16 gate rows and their 16 up rows, in stages of their own, gate then up) */
 #define TR 16
-#endif
-#define MT (TR / 16)  /* the mma's 16-row groups a tile */
-/* CH (2 or 4): 64-weight chunks a stage, of each row (CH * 32 bytes) */
+#define ROWSETS (SWIGLU ? 2 : 1)  /* sets of 16 rows a tile */
+#define SUMS (16 * ROWSETS)  /* sums a warp hands its group a tile */
+#define CH 4  /* 64-weight chunks a stage, of each row (128 bytes) */
 #define W_BYTES (TR * CH * 32)
 #define S_BYTES (TR * CH * 4)
 #define X_BYTES (CH * 128)
 #define STAGE (W_BYTES + S_BYTES + X_BYTES)
-#define TABLE (256 * 32)
+/* WIDE: entry e of the lookup table at byte 256 e of the CTA's shared window's second 64 KiB (its 32 copies, then
+   128 unused bytes), so that one byte permute of a packed byte, 4 * lane and the window's high bytes is the address;
+   the warps' rings fill the dynamic shared memory before the table (it starts BASE_LO bytes into the window), then
+   after it. Else (narrow) the table at the start, entry e at byte 128 e (32 KiB, one more add a byte), then the
+   rings */
+#if __CUDA_ARCH__ >= 900  /* where the dynamic shared memory starts in the window: after the 1 KiB Hopper keeps */
+#define BASE_LO 1024
+#else
+#define BASE_LO 0
+#endif
+#define RING (DEPTH * STAGE)
+#define WARPS_ALL (GROUPS * WARPS)
+#define RED_BYTES (WARPS_ALL * SUMS * 4 + 16)  /* the warps' sums of a tile, then 1 / rms */
+#if WIDE
+#define ENTRY_WORDS 64
+#define TABLE_AT (65536 - BASE_LO)
+#define BEFORE (TABLE_AT / RING < WARPS_ALL ? TABLE_AT / RING : WARPS_ALL)  /* rings before the table */
+#define RED_BEFORE (TABLE_AT - BEFORE * RING >= RED_BYTES)
+#define RING_AT(w) ((w) < BEFORE ? (w) * RING : TABLE_AT + 65536 + ((w) - BEFORE) * RING)
+#define RED_AT (RED_BEFORE ? BEFORE * RING : TABLE_AT + 65536 + (WARPS_ALL - BEFORE) * RING)
+#define SMEM_END (RED_BEFORE ? TABLE_AT + 65536 + (WARPS_ALL - BEFORE) * RING : RED_AT + RED_BYTES)
+#else
+#define ENTRY_WORDS 32
+#define TABLE_AT 0
+#define RING_AT(w) (8192 * 4 + (w) * RING)
+#define RED_AT (8192 * 4 + WARPS_ALL * RING)
+#define SMEM_END (RED_AT + RED_BYTES)
+#endif
+#ifdef EXPECT_SMEM_END  /* (the tests: what the Python side asks for holds this layout) */
+static_assert(SMEM_END <= EXPECT_SMEM_END, "SMEM_END: the layout does not fit the shared memory asked for");
+#endif
 #define GROUP_THREADS (WARPS * 32)
 
-__device__ __forceinline__ void copy16(u32 dst, const void* src, bool ok) {  /* past the end: zeros */
+__device__ __forceinline__ void copy16(u32 dst, const void* src, bool ok) {  /* not ok: zeros */
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
 }
 __device__ __forceinline__ void copy4(u32 dst, const void* src, bool ok) {
@@ -160,101 +210,121 @@ __device__ __forceinline__ Tile locate(int t, const unsigned char* q0, const flo
     return tile;
 }
 
-/* the weight row of tile row r (0..TR-1): rows past the end read the last (their sums are not stored) */
-__device__ __forceinline__ int weight_row(const Tile& tile, int r) {
-#if SWIGLU
-    const int half = tile.n / 2;
-    return min(tile.row0 + (r & 15), half - 1) + (r >> 4) * half;
-#else
-    return min(tile.row0 + r, tile.n - 1);
-#endif
-}
-
-/* where 16-byte granule c16 of tile row r lies in a stage's bytes: rows of CH * 32 bytes, granules permuted per
+/* where 16-byte granule c16 of tile row r lies in a stage's bytes: rows of 128 bytes, granules permuted per
    row so that a warp's 8-byte reads (lane (g, quad): rows g and g + 8, granule 2c + quad / 2) never share a bank */
-__device__ __forceinline__ u32 granule_at(int r, int c16) {
-#if CH == 4
-    return r * 128 + ((c16 ^ (2 * (r & 3))) << 4);
-#else
-    return r * 64 + ((c16 ^ (2 * ((r >> 1) & 1))) << 4);
-#endif
-}
+__device__ __forceinline__ u32 granule_at(int r, int c16) { return r * 128 + ((c16 ^ (2 * (r & 3))) << 4); }
 
-/* copy stage `local` of this warp's run of tile `tile` into slot `st` (shared address) */
-__device__ __forceinline__ void copy_stage(u32 st, const Tile& tile, int chunk0, int chunk_end, int chunks,
+/* where a warp copies its next stage from, set once a tile and moved on a stage at a time. Lane (r, q) = (lane / 4,
+   lane % 4) copies granules q and q + 4 (16 bytes each) of tile rows r and r + 8 and the scale of chunk q of those
+   rows: each copy instruction reads whole 32-byte sectors of 8 rows */
+struct Copier {
+    const unsigned char* q;  /* the lane's first granule of the stage, row r */
+    const float* s;          /* the lane's scale of the stage, row r */
+#if SWIGLU
+    size_t up_bytes;         /* the up rows' distance from their gate rows: bytes, and scales */
+    int up_scales;
+#endif
+    const u32* xs;           /* x's 16 bytes of the stage */
+    u32 rows;                /* bit v: row r + 8 v is in the weight (else zeros) */
+    int left;                /* chunks of the warp's run from this stage on */
+};
+
+__device__ __forceinline__ void begin_tile(Copier& c, const Tile& tile, int chunk_begin, int chunk_end, int chunks,
                                            const u32* x, int lane) {
-    const int bytes_per_row = chunks * 32;
-#pragma unroll
-    for (int j = 0; j < TR * CH / 16; ++j) {  /* bytes: granule gi = (row, 16 bytes) */
-        const int gi = lane + 32 * j, r = gi / (2 * CH), c16 = gi % (2 * CH);
-        const bool ok = chunk0 + (c16 >> 1) < chunk_end;
-        const unsigned char* src = tile.q + (size_t)weight_row(tile, r) * bytes_per_row
-                                   + (ok ? chunk0 * 32 + c16 * 16 : 0);
-        copy16(st + granule_at(r, c16), src, ok);
-    }
-#pragma unroll
-    for (int j = 0; j < TR * CH / 32; ++j) {  /* scales: [TR rows][CH chunks] */
-        const int e = lane + 32 * j, r = e / CH, c = e % CH;
-        const bool ok = chunk0 + c < chunk_end;
-        const float* src = tile.absmax + (size_t)weight_row(tile, r) * chunks + (ok ? chunk0 + c : 0);
-        copy4(st + W_BYTES + 4 * e, src, ok);
-    }
-    if (lane < CH * 8) {  /* x's words (pairs of 16-bit values) of the stage's chunks: [CH][32] */
-        const int c = lane >> 3;
-        const bool ok = chunk0 + c < chunk_end;
-        copy16(st + W_BYTES + S_BYTES + 16 * lane, x + (ok ? (chunk0 + c) * 32 + (lane & 7) * 4 : 0), ok);
-    }
+    const int here = (SWIGLU ? tile.n / 2 : tile.n) - tile.row0;  /* the tile's rows in the weight (up to 16) */
+    const int r = lane >> 2, q = lane & 3;
+    c.q = tile.q + (size_t)(tile.row0 + r) * (chunks * 32) + chunk_begin * 32 + q * 16;
+    c.s = tile.absmax + (size_t)(tile.row0 + r) * chunks + chunk_begin + q;
+    c.xs = x + chunk_begin * 32 + lane * 4;
+#if SWIGLU
+    c.up_bytes = (size_t)(tile.n / 2) * (chunks * 32);
+    c.up_scales = tile.n / 2 * chunks;
+#endif
+    c.rows = (u32)(r < here) | ((u32)(r + 8 < here) << 1);
+    c.left = chunk_end - chunk_begin;
 }
 
-/* the stage in slot st (shared address) summed into acc: lane (g, quad) holds rows g, g + 8 (+ 16, + 24) */
-__device__ __forceinline__ void sum_stage(u32 st, u32 table, int g, int quad, float* acc) {
+/* copy the warp's next stage into slot st (shared address): its rows' bytes (`up`: the up rows'), scales and x's
+   part; `safe` is read where a lane copies nothing */
+__device__ __forceinline__ void copy_stage(u32 st, const Copier& c, int chunks, const void* safe, int lane, bool up) {
+    const int r = lane >> 2, q = lane & 3;
+    const u32 scale_to = st + W_BYTES + 4 * (CH * r + q);  /* where row r's scale of chunk q goes */
 #pragma unroll
-    for (int m = 0; m < MT; ++m) {
-        const int r0 = 16 * m + g, r1 = r0 + 8;
-        float s0[CH], s1[CH];
-#if CH == 4
-        asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
-                     : "=f"(s0[0]), "=f"(s0[1]), "=f"(s0[2]), "=f"(s0[3]) : "r"(st + W_BYTES + 16 * r0));
-        asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
-                     : "=f"(s1[0]), "=f"(s1[1]), "=f"(s1[2]), "=f"(s1[3]) : "r"(st + W_BYTES + 16 * r1));
+    for (int v = 0; v < 2; ++v) {  /* tile rows r and r + 8 */
+        const bool row_ok = (c.rows >> v) & 1;
+#if SWIGLU
+        const unsigned char* src = c.q + (up ? c.up_bytes : 0) + v * 8 * (chunks * 32);
+        const float* scale = c.s + (up ? c.up_scales : 0) + v * 8 * chunks;
 #else
-        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(s0[0]), "=f"(s0[1]) : "r"(st + W_BYTES + 8 * r0));
-        asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(s1[0]), "=f"(s1[1]) : "r"(st + W_BYTES + 8 * r1));
+        const unsigned char* src = c.q + v * 8 * (chunks * 32);
+        const float* scale = c.s + v * 8 * chunks;
 #endif
 #pragma unroll
-        for (int c = 0; c < CH; ++c) {
-            uint2 w0, w1;
-            const int c16 = 2 * c + (quad >> 1);
-            asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
-                         : "=r"(w0.x), "=r"(w0.y) : "r"(st + granule_at(r0, c16) + 8 * (quad & 1)));
-            asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
-                         : "=r"(w1.x), "=r"(w1.y) : "r"(st + granule_at(r1, c16) + 8 * (quad & 1)));
-            u32 xw[8];
-            const u32 xa = st + W_BYTES + S_BYTES + c * 128 + quad * 32;
-            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                         : "=r"(xw[0]), "=r"(xw[1]), "=r"(xw[2]), "=r"(xw[3]) : "r"(xa));
-            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                         : "=r"(xw[4]), "=r"(xw[5]), "=r"(xw[6]), "=r"(xw[7]) : "r"(xa + 16));
-            /* two chains of two products, not one of four: each waits for half as many before it */
-            float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-            for (int i = 0; i < 4; i += 2) {
-                mma(d, pair_of(table, w0, 2 * i), pair_of(table, w1, 2 * i), pair_of(table, w0, 2 * i + 1),
-                    pair_of(table, w1, 2 * i + 1), xw[2 * i], xw[2 * i + 1]);
-                mma(e, pair_of(table, w0, 2 * i + 2), pair_of(table, w1, 2 * i + 2), pair_of(table, w0, 2 * i + 3),
-                    pair_of(table, w1, 2 * i + 3), xw[2 * i + 2], xw[2 * i + 3]);
-            }
-            acc[2 * m] += (d[0] + e[0]) * s0[c];
-            acc[2 * m + 1] += (d[2] + e[2]) * s1[c];
+        for (int h = 0; h < 2; ++h) {  /* granules q and q + 4: chunks q / 2 and q / 2 + 2 */
+            const bool ok = row_ok && (q >> 1) + 2 * h < c.left;
+            copy16(st + granule_at(r + 8 * v, q + 4 * h), ok ? (const void*)(src + 64 * h) : safe, ok);
         }
+        const bool ok = row_ok && q < c.left;  /* scales: [TR rows][CH chunks] */
+        copy4(scale_to + 4 * CH * 8 * v, ok ? (const void*)scale : safe, ok);
+    }
+    const bool ok = (lane >> 3) < c.left;  /* x's words (pairs of 16-bit values) of the stage's chunks: [CH][32] */
+    copy16(st + W_BYTES + S_BYTES + 16 * lane, ok ? (const void*)c.xs : safe, ok);
+}
+
+extern __shared__ __align__(16) u32 smem[];
+
+/* the pair of 16-bit values of byte i (0-7) of a lane's 8 bytes, from the lane's copy of the table; `lane_table`:
+   the shared address of the lane's copy of entry 0 */
+__device__ __forceinline__ u32 lookup(u32 lane_table, uint2 w, int i) {
+    const u32 word = i < 4 ? w.x : w.y;
+    u32 v;
+#if WIDE  /* the byte as the address's second byte, the rest from lane_table (a multiple of 64 KiB + 4 lane) */
+    asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(__byte_perm(word, lane_table, 0x7604 | ((i & 3) << 4))));
+#else
+    asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(__byte_perm(word, 0, 0x4440 + (i & 3)) * 128u + lane_table));
+#endif
+    return v;
+}
+
+/* the stage in slot st (shared address) summed into acc: lane (g, quad) holds rows g and g + 8; `lt`: the lane's
+   table (``lookup``) */
+__device__ __forceinline__ void sum_stage(u32 st, u32 lt, int g, int quad, float* acc) {
+    float s0[CH], s1[CH];
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(s0[0]), "=f"(s0[1]), "=f"(s0[2]), "=f"(s0[3]) : "r"(st + W_BYTES + 16 * g));
+    asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(s1[0]), "=f"(s1[1]), "=f"(s1[2]), "=f"(s1[3]) : "r"(st + W_BYTES + 16 * (g + 8)));
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        uint2 w0, w1;
+        const int c16 = 2 * c + (quad >> 1);
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
+                     : "=r"(w0.x), "=r"(w0.y) : "r"(st + granule_at(g, c16) + 8 * (quad & 1)));
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
+                     : "=r"(w1.x), "=r"(w1.y) : "r"(st + granule_at(g + 8, c16) + 8 * (quad & 1)));
+        u32 xw[8];
+        const u32 xa = st + W_BYTES + S_BYTES + c * 128 + quad * 32;
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(xw[0]), "=r"(xw[1]), "=r"(xw[2]), "=r"(xw[3]) : "r"(xa));
+        asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(xw[4]), "=r"(xw[5]), "=r"(xw[6]), "=r"(xw[7]) : "r"(xa + 16));
+        /* two chains of two products, not one of four: each waits for half as many before it */
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int i = 0; i < 4; i += 2) {
+            mma(d, lookup(lt, w0, 2 * i), lookup(lt, w1, 2 * i), lookup(lt, w0, 2 * i + 1), lookup(lt, w1, 2 * i + 1),
+                xw[2 * i], xw[2 * i + 1]);
+            mma(e, lookup(lt, w0, 2 * i + 2), lookup(lt, w1, 2 * i + 2), lookup(lt, w0, 2 * i + 3),
+                lookup(lt, w1, 2 * i + 3), xw[2 * i + 2], xw[2 * i + 3]);
+        }
+        acc[0] += (d[0] + e[0]) * s0[c];
+        acc[1] += (d[2] + e[2]) * s1[c];
     }
 }
 
 __device__ __forceinline__ void group_sync(int group) {  /* the group's warps only (barrier 0 is the CTA's) */
     asm volatile("bar.sync %0, %1;" :: "r"(group + 1), "r"(GROUP_THREADS) : "memory");
 }
-
-extern __shared__ __align__(16) u32 smem[];
 
 extern "C" __global__ void __launch_bounds__(GROUPS * WARPS * 32, 1)
 glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __restrict__ bias,
@@ -276,13 +346,21 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
     /* this warp's run of each row: chunks [gw * per_warp, ...), a whole number of stages */
     const int per_warp = ((chunks + WARPS - 1) / WARPS + CH - 1) / CH * CH;
     const int chunk_begin = gw * per_warp, chunk_end = min(chunk_begin + per_warp, chunks);
-    const int per_tile = per_warp / CH;  /* stages a tile */
+    const int per_tile = ROWSETS * per_warp / CH;  /* stages a tile (gate/up: a gate stage, then its up stage) */
     const int total = my_tiles * per_tile;
 
     const u32 base = (u32)__cvta_generic_to_shared(smem);
-    const u32 ring = base + TABLE * 4 + (u32)warp * DEPTH * STAGE;
-    float* red = (float*)((char*)smem + TABLE * 4 + GROUPS * WARPS * DEPTH * STAGE) + group * WARPS * TR;
-    float* shared_rstd = red - group * WARPS * TR + GROUPS * WARPS * TR;
+    u32 dynamic_bytes;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
+    if ((base & 0xFFFFu) != BASE_LO || dynamic_bytes < SMEM_END) {  /* laid out for another window: NaNs, no sums */
+        const int n = SWIGLU ? n0 / 2 : n0 + (SEGMENTS >= 2 ? n1 : 0) + (SEGMENTS >= 3 ? n2 : 0);
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+            y[i] = (u16)to16(__int_as_float(0x7fc00000));
+        return;
+    }
+    const u32 ring = base + RING_AT(warp);
+    float* red = (float*)((char*)smem + RED_AT) + group * WARPS * SUMS;
+    float* shared_rstd = (float*)((char*)smem + RED_AT) + GROUPS * WARPS * SUMS;
 
 #if NORMED  /* the partial sums of squares of x asked for now, summed after the table is written */
     float part[8];
@@ -291,16 +369,30 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
         for (int j = 0; j < 8; ++j) part[j] = lane + 32 * j < n_squares ? squares[lane + 32 * j] : 0.0f;
     }
 #endif
-    /* the first stages in flight while the table is written */
-    for (int s = 0; s < DEPTH - 1; ++s) {
-        if (s < total) {
-            const Tile tile = locate(first + (s / per_tile) * step, q0, a0, n0, q1, a1, n1, q2, a2, n2);
-            copy_stage(ring + (s % DEPTH) * STAGE, tile, chunk_begin + (s % per_tile) * CH, chunk_end, chunks, x,
-                       lane);
-        }
-        asm volatile("cp.async.commit_group;");
+    Copier c;
+    if (my_tiles > 0) {
+        const Tile tile = locate(first, q0, a0, n0, q1, a1, n1, q2, a2, n2);
+        begin_tile(c, tile, chunk_begin, chunk_end, chunks, x, lane);
     }
-    write_table(smem, code, threadIdx.x, GROUPS * WARPS * 32);
+    int copied = 0, slot_in = 0, stage_in = 0;  /* stages copied, the slot the next goes to, its stage of its tile */
+    auto copy_next = [&]() {
+        if (copied < total) {
+            const bool up = SWIGLU && (stage_in & 1);
+            copy_stage(ring + slot_in * STAGE, c, chunks, q0, lane, up);
+            if (!SWIGLU || up) { c.q += CH * 32; c.s += CH; c.xs += CH * 32; c.left -= CH; }
+            ++copied;
+            if (++stage_in == per_tile && copied < total) {  /* the next tile (rare: a division is fine) */
+                stage_in = 0;
+                const Tile tile = locate(first + copied / per_tile * step, q0, a0, n0, q1, a1, n1, q2, a2, n2);
+                begin_tile(c, tile, chunk_begin, chunk_end, chunks, x, lane);
+            }
+        }
+        slot_in = slot_in + 1 == DEPTH ? 0 : slot_in + 1;
+        asm volatile("cp.async.commit_group;");
+    };
+    /* the first stages in flight while the table is written */
+    for (int s = 0; s < DEPTH - 1; ++s) copy_next();
+    write_table((u32*)((char*)smem + TABLE_AT), code, threadIdx.x, GROUPS * WARPS * 32, ENTRY_WORDS);
 #if NORMED
     if (warp == 0) {  /* 1 / rms(x) from the partial sums of squares, added in a fixed order */
         float sum = 0.0f;
@@ -316,38 +408,37 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
 #if NORMED
     const float rstd = *shared_rstd;
 #endif
-    const u32 table = base + 4 * lane;
+    const u32 lane_table = base + TABLE_AT + 4 * lane;
 
-    float acc[2 * MT];
-#pragma unroll
-    for (int i = 0; i < 2 * MT; ++i) acc[i] = 0.0f;
+    /* the sums of rows g and g + 8 (gate/up: the next stage's rows in acc, the other rows' in other) */
+    float acc[2] = {0.0f, 0.0f}, other[2] = {0.0f, 0.0f};
+    int slot = 0, stage = 0, tile_index = first;  /* the stage summed next: its slot, its place in its tile */
     for (int s = 0; s < total; ++s) {
-        const int ahead = s + DEPTH - 1;
-        if (ahead < total) {
-            const Tile tile = locate(first + (ahead / per_tile) * step, q0, a0, n0, q1, a1, n1, q2, a2, n2);
-            copy_stage(ring + (ahead % DEPTH) * STAGE, tile, chunk_begin + (ahead % per_tile) * CH, chunk_end, chunks,
-                       x, lane);
-        }
-        asm volatile("cp.async.commit_group;");
+        copy_next();
         asm volatile("cp.async.wait_group %0;" :: "n"(DEPTH - 1));
         __syncwarp();
-        sum_stage(ring + (s % DEPTH) * STAGE, table, g, quad, acc);
+        sum_stage(ring + slot * STAGE, lane_table, g, quad, acc);
         __syncwarp();
-        if (s % per_tile != per_tile - 1) continue;
+        slot = slot + 1 == DEPTH ? 0 : slot + 1;
+#if SWIGLU  /* gate and up stages take turns */
+        for (int i = 0; i < 2; ++i) { const float t = acc[i]; acc[i] = other[i]; other[i] = t; }
+#endif
+        if (++stage != per_tile) continue;
+        stage = 0;
 
         /* the tile's last stage: its warps' sums, added in order, and what comes after the product */
         if (quad == 0) {
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-                red[gw * TR + 16 * m + g] = acc[2 * m];
-                red[gw * TR + 16 * m + g + 8] = acc[2 * m + 1];
-            }
+            red[gw * SUMS + g] = acc[0];  /* (gate/up: acc is back to the gate rows) */
+            red[gw * SUMS + g + 8] = acc[1];
+#if SWIGLU
+            red[gw * SUMS + 16 + g] = other[0];
+            red[gw * SUMS + 24 + g] = other[1];
+#endif
         }
-#pragma unroll
-        for (int i = 0; i < 2 * MT; ++i) acc[i] = 0.0f;
+        acc[0] = acc[1] = other[0] = other[1] = 0.0f;
         group_sync(group);
         if (gw == 0) {
-            const Tile tile = locate(first + (s / per_tile) * step, q0, a0, n0, q1, a1, n1, q2, a2, n2);
+            const Tile tile = locate(tile_index, q0, a0, n0, q1, a1, n1, q2, a2, n2);
             const int r = lane & 15, row = tile.row0 + r;
             const int n = SWIGLU ? tile.n / 2 : tile.n;
             const bool stored = lane < 16 && row < n;
@@ -356,9 +447,9 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
             float up = 0.0f;
 #endif
             for (int v = 0; v < WARPS; ++v) {
-                sum += red[v * TR + r];
+                sum += red[v * SUMS + r];
 #if SWIGLU
-                up += red[v * TR + 16 + r];
+                up += red[v * SUMS + 16 + r];
 #endif
             }
 #if NORMED
@@ -384,10 +475,11 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
             }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) square += __shfl_xor_sync(0xffffffffu, square, o);
-            if (lane == 0) partials[first + (s / per_tile) * step] = square;
+            if (lane == 0) partials[tile_index] = square;
 #endif
             if (stored) y[tile.row_out + row] = (u16)to16(sum);
         }
+        tile_index += step;
         group_sync(group);
     }
     asm volatile("cp.async.wait_group 0;");
@@ -403,7 +495,8 @@ def source() -> str:
 def _options(bf16: bool, swiglu: bool, bias: bool, segments: int, normed: bool, residual: bool,
              shape: OneShape) -> list[str]:
     flags = dict(BF16=int(bf16), SWIGLU=int(swiglu), HAS_BIAS=int(bias), SEGMENTS=segments, NORMED=int(normed),
-                 RESIDUAL=int(residual), GROUPS=shape.groups, WARPS=shape.warps, DEPTH=shape.depth, CH=shape.chunks)
+                 RESIDUAL=int(residual), GROUPS=shape.groups, WARPS=shape.warps, DEPTH=shape.depth,
+                 WIDE=int(shape.wide))
     return [f"-D{k}={v}" for k, v in flags.items()] + ["-std=c++17"]
 
 
@@ -431,7 +524,7 @@ def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: b
     readable = all(v.blocksize == 64 and not v.nested and v.data.data_ptr() % 16 == 0
                    and v.absmax.dtype == torch.float32 and v.absmax.is_contiguous() for v in ws)
     return readable and runs_on(x.device, x.dtype, env=env) and \
-        shape_for(x.shape[-1], swiglu, smem_limit(x.device)) is not None
+        shape_for(swiglu, smem_limit(x.device)) is not None
 
 
 def _programs(device: torch.device, tiles: int) -> int:
@@ -454,7 +547,7 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     k = w.shape[1]
     rows = [v.shape[0] for v in ws]
     n_out = rows[0] // 2 if swiglu else sum(rows)
-    shape = shape or shape_for(k, swiglu, smem_limit(x.device))
+    shape = shape or shape_for(swiglu, smem_limit(x.device))
     xf = x.reshape(k)
     if xf.data_ptr() % 16 or not xf.is_contiguous():  # copied 16 bytes at a time: a fresh, aligned copy
         xf = xf.clone(memory_format=torch.contiguous_format)

@@ -2266,8 +2266,9 @@ def nf4_one_sentence() -> Text:
         one, tri, compiled, bf16 = v["CUDA kernel"], v["Triton kernel"], v["CUDA kernel, compiled layer"], v["bf16"]
         text = (f"One sequence of GLM-4-9B in nf4 on {measured_on(r)} (`nf4_one_step.json`, one run, best of "
                 f"{r['rounds']} rounds taking turns): through glmkit's batch-1 CUDA kernel (`glmkit.gemv4bit_one`: "
-                f"each warp copies its rows into shared memory with `cp.async`, one shared-memory load turns a byte "
-                f"into an operand of the tensor cores' `mma`, norms and residual adds folded in as before) the step "
+                f"each warp copies its rows into shared memory with `cp.async`, one shared-memory load, at an address "
+                f"that one byte permute forms, turns a byte into an operand of the tensor cores' `mma`, norms and "
+                f"residual adds folded in as before) the step "
                 f"decodes **{one['best_tok_s']:.1f} tok/s**, {one['over_bf16']:.2f}x bf16's fast path "
                 f"({bf16['best_tok_s']:.1f}) and {one['fraction_of_roofline'] * 100:.0f}% of nf4's roofline, against "
                 f"{tri['best_tok_s']:.1f} tok/s ({tri['over_bf16']:.2f}x) through the Triton kernel; a step's CUDA "
@@ -2293,6 +2294,16 @@ def nf4_one_sentence() -> Text:
                      f"{k['us_per_token'] / 1e3:.2f} ms of a token; twice bf16's speed needs the step at "
                      f"{bf16['best_replay_us'] / 2 / 1e3:.2f} ms, so with everything else as it is a layer's four "
                      f"launches would have {_two_x_layer_us(r, k):.0f} µs, against {k['us_per_token'] / 40:.0f} today.")
+        ncu = load("nf4_one_ncu")
+        if ncu:
+            g = {x["projection"]: x for x in ncu["rows"]}["gate_up"]
+            stall, per_issue = next(iter(g["stalls per issued instruction"].items()))
+            text += (f" Nsight Compute on gate_up (`nf4_one_ncu.json`): DRAM {g['DRAM Throughput %']:.0f}% busy, "
+                     f"{g['Issued Warp Per Scheduler']:.2f} instructions issued per scheduler a cycle, and its warps "
+                     f"wait most on `{stall}` ({per_issue:.2f} cycles per issued instruction), the queue of "
+                     f"shared-memory instructions: its shared-memory loads, mostly the lookups, are "
+                     f"{g['smsp__inst_executed_op_shared_ld.sum inst'] / g['smsp__inst_executed.sum inst'] * 100:.0f}% "
+                     f"of its instructions.")
         return text
 
     return from_result("nf4_one_step", render, what="One sequence in 4 bits through the batch-1 CUDA kernel",

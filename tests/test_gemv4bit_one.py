@@ -6,6 +6,7 @@ itself runs on a GPU only: its first-run check (``gemv4bit.check_one``), ``bench
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -21,27 +22,28 @@ pytest.importorskip("triton")  # its wheel carries cuobjdump; the dev extra inst
 SMEM_PER_BLOCK = 227 * 1024  # what an H100/H200 CTA may ask for
 
 
-@pytest.mark.parametrize("bf16, swiglu, bias, segments, normed, residual, k", [
-    (True, False, True, 3, True, False, 4096),  # GLM's q/k/v with the input norm folded in
-    (True, False, False, 1, False, True, 4096),  # o_proj, then the residual add and the next norm's stream
-    (True, True, False, 1, True, False, 4096),  # gate/up with SwiGLU
-    (True, False, False, 1, False, True, 13696),  # down_proj: the long rows' shape
-    (False, False, True, 3, False, False, 4096),  # fp16, nothing folded
+@pytest.mark.parametrize("bf16, swiglu, bias, segments, normed, residual", [
+    (True, False, True, 3, True, False),  # GLM's q/k/v with the input norm folded in
+    (True, False, False, 1, False, True),  # o_proj and down_proj, then the residual add and the next norm's stream
+    (True, True, False, 1, True, False),  # gate/up with SwiGLU
+    (False, False, True, 3, False, False),  # fp16, nothing folded
 ])
-@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
-def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual, k, arch, tmp_path):
-    """Every form the decoders launch compiles at its shipped shape, keeps everything in registers (24 or 16 warps
-    an SM: at most 85 or 128 each), and does what the design says: copies with cp.async, products on the tensor
-    cores in x's type, lookups from shared memory after a byte permute, each group of warps on its own barrier."""
-    shape = gemv4bit_one.shape_for(k, swiglu)
+@pytest.mark.parametrize("arch, smem", [("sm_90", gemv4bit_one.SMEM_H200), ("sm_80", gemv4bit_one.SMEM_H200),
+                                        ("sm_89", 99 * 1024)])
+def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual, arch, smem, tmp_path):
+    """Every form the decoders launch compiles at its shipped shape (an H200's, an RTX 4070's narrower one), keeps
+    everything in registers (16 warps an SM: at most 128 each), and does what the design says: copies with cp.async,
+    products on the tensor cores in x's type, lookups from shared memory after a byte permute, each group of warps on
+    its own barrier."""
+    shape = gemv4bit_one.shape_for(swiglu, smem)
     options = gemv4bit_one._options(bf16, swiglu, bias, segments, normed, residual, shape)
     cubin = gemv4bit_mma.compile_cubin(options, arch, gemv4bit_one.source(), gemv4bit_one.NAME)
     usage = _cuobjdump(cubin, "-res-usage", tmp_path)
-    # nothing spilled to memory (sm_80's SwiGLU keeps an 8-byte frame for a division's slow path, no spill)
-    assert "LOCAL:0" in usage and int(re.search(r"STACK:(\d+)", usage).group(1)) <= (8 if arch == "sm_80" else 0), usage
+    # nothing spilled to memory
+    assert "LOCAL:0" in usage and "STACK:0 " in usage, usage
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     assert registers * 32 * shape.groups * shape.warps <= 65536
-    assert shape.smem_bytes(swiglu) <= SMEM_PER_BLOCK
+    assert shape.smem_bytes(swiglu) <= smem
     sass = _cuobjdump(cubin, "-sass", tmp_path)
     assert "LDGSTS" in sass  # cp.async
     assert re.search(r"HMMA\.16816\.F32" + (r"\.BF16" if bf16 else r"\s"), sass)
@@ -83,7 +85,7 @@ def test_launch_matches_the_kernels_parameters(swiglu, heights, fold, monkeypatc
     for arg, param in zip(args, params):
         kind = torch.Tensor if "*" in param else float if param.startswith("double") else int
         assert isinstance(arg, kind), (param, arg)
-    shape = gemv4bit_one.shape_for(128, swiglu)
+    shape = gemv4bit_one.shape_for(swiglu)
     assert grid == (min(4, tiles), 1, 1) and block == (32 * shape.groups * shape.warps, 1, 1)
     assert shared == shape.smem_bytes(swiglu) and device == x.device
     named = dict(zip([p.split()[-1].lstrip("*") for p in params], args))
@@ -102,14 +104,39 @@ def test_launch_matches_the_kernels_parameters(swiglu, heights, fold, monkeypatc
 def test_shapes_and_tiles():
     # GLM-4-9B: q/k/v 288 tiles, o_proj and down_proj 256, gate/up 856 (16 gate rows and their up rows each)
     assert gemv4bit_one.tiles([4096, 256, 256], False) == 288 and gemv4bit_one.tiles([27392], True) == 856
-    assert gemv4bit_one.shape_for(13696, False).warps > gemv4bit_one.shape_for(4096, False).warps
-    for k, swiglu in ((4096, False), (4096, True), (13696, False)):
-        assert gemv4bit_one.shape_for(k, swiglu).smem_bytes(swiglu) <= SMEM_PER_BLOCK
-        # a 12 GB consumer card (sm_86/sm_89: 99 KiB a CTA) gets a smaller shape of the same stages; 32 KiB: none
-        small = gemv4bit_one.shape_for(k, swiglu, 99 * 1024)
+    for swiglu in (False, True):
+        h200 = gemv4bit_one.shape_for(swiglu)
+        assert h200.wide and h200.smem_bytes(swiglu) <= SMEM_PER_BLOCK and h200.groups * h200.warps == 16
+        # a 12 GB consumer card (sm_86/sm_89: 99 KiB a CTA) gets a smaller shape of the same stages, with the
+        # narrow table (the wide one would leave it fewer warps); 32 KiB: none
+        small = gemv4bit_one.shape_for(swiglu, 99 * 1024)
         assert small.smem_bytes(swiglu) <= 99 * 1024 and small.depth == 2 and small.groups * small.warps >= 4
-        assert gemv4bit_one.shape_for(k, swiglu, 32 * 1024) is None  # the lookup table alone takes 32 KiB
-        assert gemv4bit_one.shape_for(k, swiglu, 163 * 1024).smem_bytes(swiglu) <= 163 * 1024  # an A100
+        assert not small.wide and replace(small, wide=True).smem_bytes(swiglu) > 99 * 1024
+        assert gemv4bit_one.shape_for(swiglu, 32 * 1024) is None  # the narrow lookup table alone takes 32 KiB
+        assert gemv4bit_one.shape_for(swiglu, 163 * 1024).smem_bytes(swiglu) <= 163 * 1024  # an A100
+
+
+@pytest.mark.parametrize("shape", [gemv4bit_one.SHAPE, gemv4bit_one.OneShape(3, 4, 2), gemv4bit_one.OneShape(4, 4, 3),
+                                   gemv4bit_one.OneShape(1, 4, 2), gemv4bit_one.OneShape(4, 4, 2, wide=False)])
+def test_the_shared_memory_asked_for_is_where_the_kernels_layout_ends(shape):
+    """``smem_bytes`` against the kernel's own SMEM_END (the end of its layout: rings before the 64 KiB-aligned
+    table, the table, the other rings, the sums), for sm_80 (dynamic shared memory from the window's first byte) and
+    sm_90 (1 KiB in): the kernel compiles where it asserts it fits, and 16 bytes fewer do not fit where the layout
+    ends last."""
+    fits = {}
+    for swiglu in (False, True):
+        for arch in ("sm_80", "sm_90"):
+            for less in (0, 16):
+                options = gemv4bit_one._options(True, swiglu, False, 1, False, True, shape)
+                options.append(f"-DEXPECT_SMEM_END={shape.smem_bytes(swiglu) - less}")
+                try:
+                    gemv4bit_mma.compile_cubin(options, arch, gemv4bit_one.source(), gemv4bit_one.NAME)
+                    fits[swiglu, arch, less] = True
+                except RuntimeError as e:
+                    assert "SMEM_END" in str(e)
+                    fits[swiglu, arch, less] = False
+        assert fits[swiglu, "sm_80", 0] and fits[swiglu, "sm_90", 0]
+        assert not (fits[swiglu, "sm_80", 16] and fits[swiglu, "sm_90", 16])
 
 
 def test_a_card_with_less_shared_memory_gets_a_shape_that_fits(monkeypatch):
@@ -121,7 +148,9 @@ def test_a_card_with_less_shared_memory_gets_a_shape_that_fits(monkeypatch):
     w = quantize(torch.randn(64, 128), "nf4")
     gemv4bit_one.gemv_4bit_one(torch.randn(1, 1, 128, dtype=torch.bfloat16), (w,), None, True)
     _, options, grid, block, _, shared, *_ = launches[0]
-    assert shared <= 99 * 1024 and block[0] == 32 * 4 and "-DGROUPS=1" in options and grid == (2, 1, 1)
+    # 8 warps in 2 groups, the narrow table (the wide one would leave 4), a CTA for each of the 2 tiles
+    assert shared <= 99 * 1024 and block[0] == 32 * 8 and "-DGROUPS=2" in options and "-DWIDE=0" in options
+    assert grid == (2, 1, 1)
 
 
 def test_cpu_stays_with_triton(monkeypatch):

@@ -539,9 +539,13 @@ def test_one_sequence_through_the_cuda_kernel_renders_the_committed_files_and_th
     for p in proj["projections"]:
         swiglu = p["projection"] == "gate_up"
         best = min(p["one"], key=lambda x: x["us"])
-        shape = gemv4bit_one.shape_for(p["columns"], swiglu)
-        timed = {(x["groups"], x["warps"], x["depth"], x["chunks"]): x["us"] for x in p["one"]}
-        shipped = timed[(shape.groups, shape.warps, shape.depth, shape.chunks)]
+        shape = gemv4bit_one.shape_for(swiglu)
+        timed = {(x["groups"], x["warps"], x["depth"], x["wide"]): x["us"] for x in p["one"]}
+        shipped = timed[(shape.groups, shape.warps, shape.depth, shape.wide)]
         assert shipped <= 1.05 * best["us"], (p["projection"], shape, best)
-    # twice bf16 is what is left: the sentence says how far, from the same files
+    # twice bf16 is what is left: the sentence says how far, and what Nsight Compute saw, from the same files
     assert "twice bf16's speed needs the step at" in sentence and one["over_bf16"] < 2
+    gate_up = results.load("nf4_one_ncu")["rows"][0]
+    stall = max(gate_up["stalls per issued instruction"].items(), key=lambda kv: kv[1])
+    assert gate_up["projection"] == "gate_up" and f"`{stall[0]}` ({stall[1]:.2f} cycles" in sentence
+    assert f"DRAM {gate_up['DRAM Throughput %']:.0f}% busy" in sentence
