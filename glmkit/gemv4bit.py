@@ -871,11 +871,11 @@ def _one_disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
     """What the batch-1 CUDA kernel gets wrong on small weights against ``dequantize`` + ``F.linear`` in fp32, with
     the norm and the residual add it folds in, ``_NOT_HERE`` where it does not run, or None. Every form a decoder
     launches: q/k/v with a bias, one weight, SwiGLU, each with the norm folded in (also an x so small that the norm's
-    eps counts), a residual add (its ``NormedStream`` too), and rows of 8192 columns or more (their own shape)."""
+    eps counts), a residual add (its ``NormedStream`` too), and long rows (many stages a tile, as down_proj's)."""
     g = torch.Generator(device=device).manual_seed(0)
     k = 64 * 43  # 43 blocks a row: warps' runs of chunks end part-way through a stage
     ws = tuple(quantize(torch.randn(n, k, device=device, generator=g) * 0.05, "nf4") for n in (48, 16, 24))
-    long = (quantize(torch.randn(40, 64 * 131, device=device, generator=g) * 0.05, "nf4"),)  # a long row's shape
+    long = (quantize(torch.randn(40, 64 * 131, device=device, generator=g) * 0.05, "nf4"),)  # long rows
     bias = torch.randn(88, device=device, generator=g).to(dtype)
     cases = (("q/k/v with a bias", ws, bias, False, None, 1.0), ("one weight", ws[:1], None, False, None, 1.0),
              ("SwiGLU", ws[:1], None, True, None, 1.0), ("a folded norm", ws, bias, False, "normed", 1.0),

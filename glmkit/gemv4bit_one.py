@@ -352,10 +352,18 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
     const u32 base = (u32)__cvta_generic_to_shared(smem);
     u32 dynamic_bytes;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
-    if ((base & 0xFFFFu) != BASE_LO || dynamic_bytes < SMEM_END) {  /* laid out for another window: NaNs, no sums */
+    /* the layout needs the shared memory asked for and (wide) the window's start it was laid out for: else NaNs
+       everywhere it writes, no sums (its first-run check then turns it off) */
+    if ((WIDE && (base & 0xFFFFu) != BASE_LO) || dynamic_bytes < SMEM_END) {
+        const u16 nan = (u16)to16(__int_as_float(0x7fc00000));
         const int n = SWIGLU ? n0 / 2 : n0 + (SEGMENTS >= 2 ? n1 : 0) + (SEGMENTS >= 3 ? n2 : 0);
-        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-            y[i] = (u16)to16(__int_as_float(0x7fc00000));
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+            y[i] = nan;
+#if RESIDUAL
+            scaled[i] = nan;
+            if (i < tiles) partials[i] = __int_as_float(0x7fc00000);
+#endif
+        }
         return;
     }
     const u32 ring = base + RING_AT(warp);
