@@ -37,22 +37,26 @@ def target() -> None:
     torch.cuda.synchronize()
 
 
+def kernel_figures(body: str, metrics: tuple[str, ...] = METRICS) -> dict[str, Any]:
+    """One kernel's figures from its part of an ``ncu`` text report: each of ``metrics`` (its unit in the key), and
+    the average stall reasons per issued instruction (those of 0.05 or more, the largest first)."""
+    row: dict[str, Any] = {}
+    for metric in metrics:
+        m = re.search(r"\n\s+" + re.escape(metric) + r"\s+(\S+)?\s+([\d,\.]+)\s*\n", body)
+        if m:
+            unit = m.group(1) or ""
+            row[(metric + (" " + unit if unit and not unit[0].isdigit() else "")).strip()] = \
+                float(m.group(2).replace(",", ""))
+    stalls = dict(re.findall(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio\s+"
+                             r"(?:[a-z/_%]+\s+)?([\d\.]+)", body))
+    row["stalls per issued instruction"] = {k: float(v) for k, v in sorted(stalls.items(), key=lambda kv:
+                                                                           -float(kv[1])) if float(v) >= 0.05}
+    return row
+
+
 def parse(text: str) -> list[dict[str, Any]]:
-    rows = []
-    for vectors, body in zip(VECTORS, re.split(r"\n  glmkit_gemv4_mma \(", text)[1:]):
-        row: dict[str, Any] = {"vectors": vectors}
-        for metric in METRICS:
-            m = re.search(r"\n\s+" + re.escape(metric) + r"\s+(\S+)?\s+([\d,\.]+)\s*\n", body)
-            if m:
-                unit = m.group(1) or ""
-                row[(metric + (" " + unit if unit and not unit[0].isdigit() else "")).strip()] = \
-                    float(m.group(2).replace(",", ""))
-        stalls = dict(re.findall(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio\s+"
-                                 r"(?:[a-z/_%]+\s+)?([\d\.]+)", body))
-        row["stalls per issued instruction"] = {k: float(v) for k, v in sorted(stalls.items(), key=lambda kv:
-                                                                               -float(kv[1])) if float(v) >= 0.05}
-        rows.append(row)
-    return rows
+    return [{"vectors": vectors, **kernel_figures(body)}
+            for vectors, body in zip(VECTORS, re.split(r"\n  glmkit_gemv4_mma \(", text)[1:])]
 
 
 def main() -> None:

@@ -12,7 +12,8 @@ import re
 import shutil
 import subprocess
 import sys
-from typing import Any
+
+from nf4_mma_ncu import kernel_figures
 
 from glmkit.bench import save_result
 
@@ -39,21 +40,6 @@ def target() -> None:
     torch.cuda.synchronize()
 
 
-def parse(body: str) -> dict[str, Any]:
-    row: dict[str, Any] = {}
-    for metric in METRICS:
-        m = re.search(r"\n\s+" + re.escape(metric) + r"\s+(\S+)?\s+([\d,\.]+)\s*\n", body)
-        if m:
-            unit = m.group(1) or ""
-            row[(metric + (" " + unit if unit and not unit[0].isdigit() else "")).strip()] = \
-                float(m.group(2).replace(",", ""))
-    stalls = dict(re.findall(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio\s+"
-                             r"(?:[a-z/_%]+\s+)?([\d\.]+)", body))
-    row["stalls per issued instruction"] = {k: float(v) for k, v in sorted(stalls.items(), key=lambda kv:
-                                                                           -float(kv[1])) if float(v) >= 0.05}
-    return row
-
-
 def main() -> None:
     if sys.argv[1:] == ["--target"]:
         return target()
@@ -67,7 +53,7 @@ def main() -> None:
     if run.returncode:
         raise SystemExit(f"ncu failed ({run.returncode}): {run.stderr[-2000:]}{run.stdout[-2000:]}")
     blocks = re.split(r"(?=\n  glmkit_gemv4_one \()", run.stdout)[1:]
-    rows = [{"projection": name, **parse(blocks[3 * i + 2])} for i, name in enumerate(SHAPES)]
+    rows = [{"projection": name, **kernel_figures(blocks[3 * i + 2], METRICS)} for i, name in enumerate(SHAPES)]
     save_result("nf4_one_ncu", {"what": __doc__.splitlines()[0], "rows": rows})
     print(rows, flush=True)
 
