@@ -24,8 +24,8 @@ stream, writing the next norm's ``NormedStream`` (one sum of squares a tile).
 
 On an H200, GLM-4-9B's nf4 projections through it take 23% less time than through the Triton kernel for gate_up and
 down_proj, 13% for o_proj and 6% for q/k/v (``benchmarks/results/nf4_one.json``), and its one-sequence step 16% less,
-1.68x bf16's fast path (``nf4_one_step.json``); notebook ``04_quantization.ipynb`` shows both. What holds it there:
-the queue of shared-memory instructions, which the lookups fill (``nf4_one_ncu.json``). Smaller cards get fewer warps
+1.68x bf16's fast path (``nf4_one_step.json``); notebook ``04_quantization.ipynb`` shows both. Its warps wait
+most on the queue of shared-memory instructions (``nf4_one_ncu.json``). Smaller cards get fewer warps
 a CTA, and the narrow table, where the H200's shape would not fit their shared memory (``shape_for``).
 
 Runs on NVIDIA GPUs of compute capability 8.0+ with x in bf16 or fp16, bitsandbytes' default blocksize (64) and
