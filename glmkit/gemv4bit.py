@@ -1024,25 +1024,17 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     ``fusion``: one vector, with a norm folded in or a residual add after it (``_Fusion``)."""
     _check(x, ws, swiglu, bias)
     w = ws[0]
+    y = None
     if mma and _takes_one(x, ws, swiglu, config, lookup, batch_axis):
-        try:  # a layout the first-run check did not build is compiled now (a decoder's warm-up steps, eagerly)
-            f = fusion
-            return gemv4bit_one.gemv_4bit_one(x, ws, bias, swiglu, f.squares, f.eps, f.residual, f.norm_weight,
-                                              f.scaled, f.partials)
-        except Exception as exc:
-            if _compiling_or_capturing():
-                raise
-            gemv4bit_mma.disable(x.device, _why(exc), gemv4bit_one.NAME, gemv4bit_one.LABEL)  # Triton's, below
-            if fusion.partials is not None:  # sized for this kernel's tiles: the caller sizes them again
-                raise
-    if mma and fusion is _NO_FUSION and config is None and lookup is None and batch_axis is None and \
+        f = fusion  # (partials sized for this kernel's tiles: if it fails, the caller sizes them again)
+        y = _cuda_product(lambda: gemv4bit_one.gemv_4bit_one(x, ws, bias, swiglu, f.squares, f.eps, f.residual,
+                                                             f.norm_weight, f.scaled, f.partials),
+                          x.device, gemv4bit_one, reraise=f.partials is not None)
+    elif mma and fusion is _NO_FUSION and config is None and lookup is None and batch_axis is None and \
             gemv4bit_mma.usable(x, ws, swiglu) and check_mma(x.device, x.dtype):
-        try:  # a layout the first-run check did not build is compiled now (a decoder's warm-up steps, eagerly)
-            return gemv4bit_mma.gemv_4bit_mma(x, ws, bias, swiglu)
-        except Exception as exc:
-            if _compiling_or_capturing():
-                raise
-            gemv4bit_mma.disable(x.device, _why(exc))  # and the Triton kernels below take over
+        y = _cuda_product(lambda: gemv4bit_mma.gemv_4bit_mma(x, ws, bias, swiglu), x.device, gemv4bit_mma)
+    if y is not None:
+        return y
     if lookup is None:
         lookup = lookup_for(ws, swiglu) if config is None else check_lookup(x.device)
     if lookup == "shuffle" and INTERPRETER:
@@ -1086,6 +1078,23 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
                             SQ_BLOCK=triton.next_power_of_2(max(n_sq, 1)), RESIDUAL=f.residual is not None, PAIRED=paired,
                             num_warps=cfg.num_warps, **launch_options())
     return y
+
+
+def _cuda_product(run: Callable[[], torch.Tensor], device: torch.device, kernel: Any,
+                  reraise: bool = False) -> torch.Tensor | None:
+    """``run()``'s product through one of glmkit's CUDA kernels (``kernel``: its module). A layout its first-run
+    check did not build is compiled now (a decoder's warm-up steps, eagerly); if that or the launch fails outside a
+    compile or a capture, the kernel is turned off on ``device`` and None comes back (the Triton kernels take over),
+    or with ``reraise`` the error goes on (to a caller that sized its buffers for this kernel)."""
+    try:
+        return run()
+    except Exception as exc:
+        if _compiling_or_capturing():
+            raise
+        gemv4bit_mma.disable(device, _why(exc), kernel.NAME, kernel.LABEL)
+        if reraise:
+            raise
+        return None
 
 
 def _takes_one(x: torch.Tensor, ws: tuple[Packed4bit, ...], swiglu: bool, config: GemvConfig | None = None,

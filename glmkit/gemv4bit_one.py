@@ -276,14 +276,13 @@ extern __shared__ __align__(16) u32 smem[];
 /* the pair of 16-bit values of byte i (0-7) of a lane's 8 bytes, from the lane's copy of the table; `lane_table`:
    the shared address of the lane's copy of entry 0 */
 __device__ __forceinline__ u32 lookup(u32 lane_table, uint2 w, int i) {
-    const u32 word = i < 4 ? w.x : w.y;
-    u32 v;
 #if WIDE  /* the byte as the address's second byte, the rest from lane_table (a multiple of 64 KiB + 4 lane) */
-    asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(__byte_perm(word, lane_table, 0x7604 | ((i & 3) << 4))));
-#else
-    asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(__byte_perm(word, 0, 0x4440 + (i & 3)) * 128u + lane_table));
-#endif
+    u32 v;
+    asm("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(__byte_perm(i < 4 ? w.x : w.y, lane_table, 0x7604 | ((i & 3) << 4))));
     return v;
+#else
+    return pair_of(lane_table, w, i);  /* the narrow table's: entries 128 bytes apart */
+#endif
 }
 
 /* the stage in slot st (shared address) summed into acc: lane (g, quad) holds rows g and g + 8; `lt`: the lane's
