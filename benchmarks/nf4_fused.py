@@ -43,8 +43,12 @@ def step_logits(decoder: FastDecoder, ids: torch.Tensor) -> torch.Tensor:
     return decoder.decode_step(ids[0, -1:], ids.shape[1]).float().clone()
 
 
+def _as_is(variant: str) -> AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
 def take_turns(decoders: dict[str, FastDecoder], rows: dict[str, dict[str, Any]],
-               around: Callable[[str], AbstractContextManager[Any]] = lambda variant: contextlib.nullcontext()) -> None:
+               around: Callable[[str], AbstractContextManager[Any]] = _as_is) -> None:
     """``ROUNDS`` rounds, the variants taking turns (clock and temperature drift touch them alike): each round's µs
     a replayed step and decode tok/s into the variant's row (``around(variant)``: what each variant runs inside)."""
     for _ in range(ROUNDS):
@@ -52,6 +56,34 @@ def take_turns(decoders: dict[str, FastDecoder], rows: dict[str, dict[str, Any]]
             with around(v):
                 rows[v]["replay_us"].append(replay_us(decoder))
                 rows[v]["decode_tok_s"].append(decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"])
+
+
+def against_reference(decoders: dict[str, FastDecoder], rows: dict[str, dict[str, Any]], ids: torch.Tensor,
+                      reference: str, tokens_key: str, logits_key: str,
+                      around: Callable[[str], AbstractContextManager[Any]] = _as_is) -> None:
+    """Each nf4 variant's 32 greedy tokens after ``ids`` and the logits of its first step, against variant
+    ``reference``'s: the tokens that agree (``tokens_key``, of ``"of"``) and the logits' relative difference
+    (``logits_key``) into its row (``around(variant)``: what each variant runs inside)."""
+    with around(reference):
+        want = decoders[reference].generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
+        first = step_logits(decoders[reference], ids)
+    for v, decoder in decoders.items():
+        row = rows[v]
+        if row["precision"] == "nf4":
+            with around(v):
+                tokens = decoder.generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
+                logits = step_logits(decoder, ids)
+            row[tokens_key], row["of"] = sum(a == b for a, b in zip(tokens, want)), len(want)
+            row[logits_key] = ((logits - first).norm() / first.norm()).item()
+
+
+def report(name: str, what: str, rows: dict[str, dict[str, Any]], bw: float, rooflines: dict[str, float]) -> None:
+    """Each row's summary printed, and the run (``what`` it measures) saved as ``name``."""
+    for row in rows.values():
+        print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
+               if k not in ("replay_us", "decode_tok_s")}, flush=True)
+    save_result(name, {"what": what, "copy_bandwidth_bytes_s": bw, "rounds": ROUNDS,
+                       "prompt": PROMPT, "new_tokens": NEW, "roofline_tok_s": rooflines, "rows": list(rows.values())})
 
 
 def best_rounds(rows: dict[str, dict[str, Any]], rooflines: dict[str, float]) -> None:
@@ -85,21 +117,9 @@ def main() -> None:
                 "replay_us": [], "decode_tok_s": []} for v, (p, o) in VARIANTS.items()}
     take_turns(decoders, rows)
     ids = torch.randint(0, 1000, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    reference = decoders["compiled layer"].generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
-    first = step_logits(decoders["compiled layer"], ids)
+    against_reference(decoders, rows, ids, "compiled layer", "tokens_as_compiled", "step_logits_rel_diff")
     best_rounds(rows, rooflines)
-    for v, decoder in decoders.items():
-        row = rows[v]
-        if row["precision"] == "nf4":
-            tokens = decoder.generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
-            row["tokens_as_compiled"], row["of"] = sum(a == b for a, b in zip(tokens, reference)), len(reference)
-            logits = step_logits(decoder, ids)
-            row["step_logits_rel_diff"] = ((logits - first).norm() / first.norm()).item()
-        print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
-               if k not in ("replay_us", "decode_tok_s")}, flush=True)
-    save_result(args.name, {"what": __doc__.splitlines()[0], "copy_bandwidth_bytes_s": bw, "rounds": ROUNDS,
-                              "prompt": PROMPT, "new_tokens": NEW, "roofline_tok_s": rooflines,
-                              "rows": list(rows.values())})
+    report(args.name, __doc__.splitlines()[0], rows, bw, rooflines)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ import os
 from collections.abc import Iterator
 
 import torch
-from nf4_fused import NEW, PROMPT, ROUNDS, best_rounds, step_logits, take_turns
+from nf4_fused import NEW, PROMPT, against_reference, best_rounds, report, take_turns
 
-from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
+from glmkit.bench import bytes_read_per_token, copy_bandwidth
 from glmkit.fast_decode import FastDecoder
 from glmkit.models import ensure_random_checkpoint
 from glmkit.quantization import load_precision
@@ -47,6 +47,11 @@ def kernel_env(kernel: str | None) -> Iterator[None]:
             os.environ["GLMKIT_4BIT_KERNEL"] = before
 
 
+def variant_env(variant: str) -> contextlib.AbstractContextManager[None]:
+    """What variant ``variant`` runs inside: its ``GLMKIT_4BIT_KERNEL``."""
+    return kernel_env(VARIANTS[variant][2])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
@@ -63,25 +68,12 @@ def main() -> None:
             decoders[v].tokens_per_second(PROMPT, 4)  # warm-up: builds and captures the graphs
     rows = {v: {"variant": v, "precision": p, "options": o, "kernel_env": k, "fuses_norms": decoders[v].fuses_norms(1),
                 "replay_us": [], "decode_tok_s": []} for v, (p, o, k) in VARIANTS.items()}
-    take_turns(decoders, rows, around=lambda v: kernel_env(VARIANTS[v][2]))
+    take_turns(decoders, rows, around=variant_env)
     ids = torch.randint(0, 1000, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    with kernel_env("triton"):
-        reference = decoders["Triton kernel"].generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
-        first = step_logits(decoders["Triton kernel"], ids)
+    against_reference(decoders, rows, ids, "Triton kernel", "tokens_as_triton", "step_logits_rel_diff_to_triton",
+                      around=variant_env)
     best_rounds(rows, rooflines)
-    for v, decoder in decoders.items():
-        row = rows[v]
-        if row["precision"] == "nf4":
-            with kernel_env(VARIANTS[v][2]):
-                tokens = decoder.generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
-                logits = step_logits(decoder, ids)
-            row["tokens_as_triton"], row["of"] = sum(a == b for a, b in zip(tokens, reference)), len(reference)
-            row["step_logits_rel_diff_to_triton"] = ((logits - first).norm() / first.norm()).item()
-        print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
-               if k not in ("replay_us", "decode_tok_s")}, flush=True)
-    save_result(args.name, {"what": __doc__.splitlines()[0], "copy_bandwidth_bytes_s": bw, "rounds": ROUNDS,
-                              "prompt": PROMPT, "new_tokens": NEW, "roofline_tok_s": rooflines,
-                              "rows": list(rows.values())})
+    report(args.name, __doc__.splitlines()[0], rows, bw, rooflines)
 
 
 if __name__ == "__main__":
