@@ -37,6 +37,15 @@ VARIANTS = {"fused, PDL": ("nf4", {"pdl": True}), "fused": ("nf4", {"pdl": False
 PROMPT, NEW, ROUNDS = 32, 256, 3
 
 
+def nf4_and_bf16(checkpoint: str) -> tuple[dict[str, Any], float, dict[str, float]]:
+    """GLM-4-9B (random weights at ``checkpoint``, written if missing) in nf4 and bf16 on the GPU, the copy bandwidth
+    measured now, and each precision's roofline (tok/s: copy bandwidth / bytes a token reads)."""
+    ensure_random_checkpoint(checkpoint)
+    bw = copy_bandwidth()
+    models = {p: load_precision(checkpoint, p, device_map="cuda:0") for p in ("nf4", "bf16")}
+    return models, bw, {p: bw / bytes_read_per_token(m) for p, m in models.items()}
+
+
 def step_logits(decoder: FastDecoder, ids: torch.Tensor) -> torch.Tensor:
     """The logits of the first decode step after the prompt ``ids`` (its last token again, at the next position)."""
     decoder.prefill(ids)
@@ -103,10 +112,7 @@ def main() -> None:
     ap.add_argument("--name", default="nf4_fused", help="the result's name (nf4_fused_paired: the run with two tiles "
                                                           "of rows a program, gemv4bit.PAIRED_ROWS, and their shapes)")
     args = ap.parse_args()
-    ensure_random_checkpoint(args.checkpoint)
-    bw = copy_bandwidth()
-    models = {p: load_precision(args.checkpoint, p, device_map="cuda:0") for p in ("nf4", "bf16")}
-    rooflines = {p: bw / bytes_read_per_token(m) for p, m in models.items()}
+    models, bw, rooflines = nf4_and_bf16(args.checkpoint)
     decoders = {}
     for v, (p, options) in VARIANTS.items():
         decoders[v] = FastDecoder(models[p], max_len=PROMPT + NEW + 8, **options)

@@ -22,12 +22,9 @@ import os
 from collections.abc import Iterator
 
 import torch
-from nf4_fused import NEW, PROMPT, against_reference, best_rounds, report, take_turns
+from nf4_fused import NEW, PROMPT, against_reference, best_rounds, nf4_and_bf16, report, take_turns
 
-from glmkit.bench import bytes_read_per_token, copy_bandwidth
 from glmkit.fast_decode import FastDecoder
-from glmkit.models import ensure_random_checkpoint
-from glmkit.quantization import load_precision
 
 VARIANTS = {"CUDA kernel": ("nf4", {}, None), "Triton kernel": ("nf4", {}, "triton"),
             "CUDA kernel, compiled layer": ("nf4", {"fuse_norms": False}, None), "bf16": ("bf16", {}, None)}
@@ -57,10 +54,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
     ap.add_argument("--name", default="nf4_one_step")
     args = ap.parse_args()
-    ensure_random_checkpoint(args.checkpoint)
-    bw = copy_bandwidth()
-    models = {p: load_precision(args.checkpoint, p, device_map="cuda:0") for p in ("nf4", "bf16")}
-    rooflines = {p: bw / bytes_read_per_token(m) for p, m in models.items()}
+    models, bw, rooflines = nf4_and_bf16(args.checkpoint)
     decoders = {}
     for v, (p, options, kernel) in VARIANTS.items():
         with kernel_env(kernel):
