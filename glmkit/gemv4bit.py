@@ -68,6 +68,7 @@ from glmkit.gemv import (
     triton_available,
     user_table_path,
 )
+from glmkit.gemv4bit_mma import or_stand_in
 
 if triton is not None:  # optional: Triton (Linux x86-64) builds the kernels; glmkit.gemv says when it is missing
     import triton.language as tl
@@ -1067,9 +1068,9 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
         raise ValueError(f"{blocks} row blocks write {blocks} sums of squares, not {f.partials.numel()}.")
     n_sq = 0 if f.squares is None else f.squares.numel()
     with _on(x.device):  # Triton launches on the current GPU: make it the tensors'
-        _gemv4_kernel[grid](x.view(torch.int32) if x16 else x, y, bias if bias is not None else y, table, *segments,
-                            k // 2, k // w.blocksize, _or(f.squares, y), n_sq, f.eps, _or(f.residual, y),
-                            _or(f.norm_weight, y), _or(f.scaled, y), _or(f.partials, y),
+        _gemv4_kernel[grid](x.view(torch.int32) if x16 else x, y, or_stand_in(bias, y), table, *segments,
+                            k // 2, k // w.blocksize, or_stand_in(f.squares, y), n_sq, f.eps, or_stand_in(f.residual, y),
+                            or_stand_in(f.norm_weight, y), or_stand_in(f.scaled, y), or_stand_in(f.partials, y),
                             SEGMENTS=len(ws), X16=x16, XBF16=x.dtype == torch.bfloat16,
                             NESTED=w.nested, HAS_BIAS=bias is not None, SWIGLU=swiglu, MODE=_MODE[lookup],
                             PTX=lookup != "load" and not INTERPRETER,
@@ -1119,11 +1120,6 @@ def _row_blocks(counts: Sequence[int], cfg: GemvConfig, paired: int) -> int:
 def _on(device: torch.device) -> Any:
     """``device`` made the current GPU for the block (nothing on a CPU)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
-def _or(tensor: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
-    """A kernel's pointer argument: ``tensor``, or a tensor never read there (its flag is off)."""
-    return tensor if tensor is not None else stand_in
 
 
 def kernel_for_rows(device: torch.device | str, rows: int, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -1207,7 +1203,7 @@ def _launch_tensor_cores(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torc
             IEEE=x.dtype == torch.float32 or INTERPRETER, BS=w.blocksize, BS2=w.nested_blocksize, BLOCK_N=TC_BLOCK_N,
             BLOCK_B=max(16, triton.next_power_of_2(vectors)), UNROLL=unroll, num_warps=TC_WARPS, num_stages=TC_STAGES)
         y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
-        _tc_sum_kernel[(triton.cdiv(n_out, 1024), vectors)](part, y, bias if bias is not None else y, splits, vectors,
+        _tc_sum_kernel[(triton.cdiv(n_out, 1024), vectors)](part, y, or_stand_in(bias, y), splits, vectors,
                                                             n_total, n_out, HAS_BIAS=bias is not None, SWIGLU=swiglu,
                                                             BLOCK=1024)
     return y

@@ -47,8 +47,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["gemv_4bit_mma", "usable", "runs_on", "cuda_kernel_runs", "weight_slots", "compile_cubin", "nvrtc_found", "source",
-           "MIN_VECTORS", "MAX_VECTORS"]
+__all__ = ["gemv_4bit_mma", "usable", "runs_on", "cuda_kernel_runs", "weight_slots", "compile_cubin", "nvrtc_found",
+           "source", "or_stand_in", "MIN_VECTORS", "MAX_VECTORS"]
 
 MAX_VECTORS = 8  # the operand's 8 columns: vector v is column v
 # From 2 vectors: on an H200 (benchmarks/results/nf4_mma.json) this kernel multiplies 2-8 vectors by GLM-4-9B's
@@ -513,10 +513,16 @@ def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     tiles = sum(-(-(n // 2 if swiglu else n) // ROWS) for n in rows)
     options = _options(x.dtype == torch.bfloat16, w.nested, swiglu, bias is not None, len(ws), w.nested_blocksize)
     launch(x.device, options, (tiles, 1, 1), (WARPS * 32, 1, 1),
-         [xf, y, bias if bias is not None else y, w.code, *weight_slots(ws, rows), vectors, k // 2,
+         [xf, y, or_stand_in(bias, y), w.code, *weight_slots(ws, rows), vectors, k // 2,
           k // w.blocksize, n_out],
          _shared_bytes(k, swiglu))
     return y
+
+
+def or_stand_in(tensor: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
+    """A kernel's pointer argument (glmkit's CUDA and Triton 4-bit kernels): ``tensor``, or a tensor never read
+    there (its flag is off)."""
+    return tensor if tensor is not None else stand_in
 
 
 def enabled(device: torch.device, kernel: str = NAME) -> bool:

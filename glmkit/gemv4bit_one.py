@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from glmkit import gemv4bit_mma
+from glmkit.gemv4bit_mma import or_stand_in
 
 __all__ = ["gemv_4bit_one", "usable", "runs_on", "OneShape", "shape_for", "smem_limit", "tiles", "SHAPE", "source",
            "NAME"]
@@ -564,15 +565,14 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     for v, n in zip(ws, rows):
         slots += [v.data, v.absmax, n]
     slots += slots[:3] * (3 - len(ws))
-    stand_in = y
     options = _options(x.dtype == torch.bfloat16, swiglu, bias is not None, len(ws), squares is not None,
                        residual is not None, shape)
+    bias16 = None if bias is None else bias.to(x.dtype).contiguous()  # (both read in x's type)
+    norm16 = None if norm_weight is None else norm_weight.to(x.dtype).contiguous()
     # (eps goes as a Python float, which torch's launcher passes as a C double: the kernel takes a double)
-    args = [xf, y, bias.to(x.dtype).contiguous() if bias is not None else stand_in, w.code, *slots, k // 64, t,
-            squares if squares is not None else stand_in, 0 if squares is None else squares.numel(), float(eps),
-            residual if residual is not None else stand_in,
-            norm_weight.to(x.dtype).contiguous() if norm_weight is not None else stand_in,
-            scaled if scaled is not None else stand_in, partials if partials is not None else stand_in]
+    args = [xf, y, or_stand_in(bias16, y), w.code, *slots, k // 64, t, or_stand_in(squares, y),
+            0 if squares is None else squares.numel(), float(eps), or_stand_in(residual, y), or_stand_in(norm16, y),
+            or_stand_in(scaled, y), or_stand_in(partials, y)]
     gemv4bit_mma.launch(x.device, options, (_programs(x.device, t), 1, 1),
                         (shape.groups * shape.warps * 32, 1, 1), args, shape.smem_bytes(swiglu), _SOURCE, NAME)
     return y
