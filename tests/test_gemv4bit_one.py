@@ -19,8 +19,6 @@ from glmkit.gemv4bit import quantize
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("triton")  # its wheel carries cuobjdump; the dev extra installs it and NVRTC on Linux x86-64
 
-SMEM_PER_BLOCK = 227 * 1024  # what an H100/H200 CTA may ask for
-
 
 @pytest.mark.parametrize("bf16, swiglu, bias, segments, normed, residual", [
     (True, False, True, 3, True, False),  # GLM's q/k/v with the input norm folded in
@@ -106,7 +104,7 @@ def test_shapes_and_tiles():
     assert gemv4bit_one.tiles([4096, 256, 256], False) == 288 and gemv4bit_one.tiles([27392], True) == 856
     for swiglu in (False, True):
         h200 = gemv4bit_one.shape_for(swiglu)
-        assert h200.wide and h200.smem_bytes(swiglu) <= SMEM_PER_BLOCK and h200.groups * h200.warps == 16
+        assert h200.wide and h200.smem_bytes(swiglu) <= gemv4bit_one.SMEM_H200 and h200.groups * h200.warps == 16
         # a 12 GB consumer card (sm_86/sm_89: 99 KiB a CTA) gets a smaller shape of the same stages, with the
         # narrow table (the wide one would leave it fewer warps); 32 KiB: none
         small = gemv4bit_one.shape_for(swiglu, 99 * 1024)
