@@ -26,7 +26,6 @@ from glmkit.gemv_tuning import graph_time, projections
 
 SHAPES = [OneShape(4, 4, 2), OneShape(3, 4, 2), OneShape(4, 4, 3), OneShape(2, 8, 2), OneShape(4, 4, 2, wide=False)]
 SHAPES_SWIGLU = [OneShape(4, 4, 2), OneShape(3, 4, 2), OneShape(2, 8, 2), OneShape(4, 4, 2, wide=False)]
-SMEM_LIMIT = 227 * 1024
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -97,7 +96,7 @@ def projection(name: str, n: int, k: int, has_bias: bool, swiglu: bool, bw: floa
     row["triton_folded"] = timed("triton, folded", triton_folded)
     row["one"] = []
     for shape in SHAPES_SWIGLU if swiglu else SHAPES:
-        if shape.smem_bytes(swiglu) > SMEM_LIMIT:
+        if shape.smem_bytes(swiglu) > gemv4bit_one.smem_limit(torch.device(dev)):  # (a shape this GPU cannot run)
             continue
         r = timed("one", lambda i, s=shape: one(i, s), groups=shape.groups, warps=shape.warps, depth=shape.depth,
                   wide=shape.wide, rel_err=_rel(one(0, shape), want))
