@@ -22,6 +22,7 @@ from nf4_mma import _reference
 
 from glmkit import gemv4bit
 from glmkit.fast_decode import FastDecoder
+from glmkit.gemv import pdl_supported
 from glmkit.models import TRAINED_TINY_DIR
 from glmkit.quantization import load_precision
 
@@ -42,10 +43,13 @@ def check_lookups() -> None:
 
 
 def check_decoders(prompt: torch.Tensor, new_tokens: int = 24) -> None:
-    """The default decoder on the trained tiny model in 4 bits against its generate()."""
+    """The default decoder on the trained tiny model in 4 bits against its generate(); nf4 also with programmatic
+    dependent launch (``pdl=True``) where the GPU has it."""
     default = gemv4bit.LOOKUP
     n = prompt.shape[1]
-    for precision, lookup in (("nf4", None), ("nf4-dq", None), ("fp4", None), ("nf4", "pair")):
+    pdl = [("nf4", None, True)] if pdl_supported("cuda:0") else []
+    for precision, lookup, pdl_on in [("nf4", None, None), ("nf4-dq", None, None), ("fp4", None, None),
+                                      ("nf4", "pair", None), *pdl]:
         gemv4bit.LOOKUP = lookup or default
         try:
             model = load_precision(TRAINED_TINY_DIR, precision, device_map="cuda:0")
@@ -53,7 +57,7 @@ def check_decoders(prompt: torch.Tensor, new_tokens: int = 24) -> None:
                                   min_new_tokens=new_tokens, do_sample=False)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                dec = FastDecoder(model, max_len=n + new_tokens + 8)
+                dec = FastDecoder(model, max_len=n + new_tokens + 8, pdl=pdl_on)
                 got = dec.generate(prompt, new_tokens, ignore_eos=True)
             agree = sum(a == b for a, b in zip(got[0, n:].tolist(), want[0, n:].tolist()))
             print("4-bit", precision, "lookup", gemv4bit.LOOKUP, "gemv", dec.gemv, "compiled", dec.compiled,

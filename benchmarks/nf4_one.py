@@ -2,9 +2,10 @@
 nf4 projections at one token on one GPU, one run, in CUDA graphs over enough weight copies to leave the L2 cache
 behind. Per projection: the Triton kernel as the one-token step runs it (norm or residual add folded in) and plain,
 the CUDA kernel plain at several launch shapes (``OneShape``: groups of warps a CTA, warps a group, stages in
-flight, the lookup table wide or narrow) and folded at its shipped shape (``gemv4bit_one.shape_for``); µs, TB/s of
-packed weights and fraction of copy bandwidth; the error against ``dequantize`` + ``F.linear`` in fp32 (plain) and
-against the Triton kernel's folded result (folded).
+flight, the lookup table wide or narrow) and folded at its shipped shape (``gemv4bit_one.shape_for``), launched
+plainly and (where the GPU has it) with programmatic dependent launch as the step launches it; µs, TB/s of packed
+weights and fraction of copy bandwidth; the error against ``dequantize`` + ``F.linear`` in fp32 (plain) and against
+the Triton kernel's folded result (folded).
 
     PYTHONPATH=.:benchmarks python benchmarks/nf4_one.py       # about 2 minutes on an H200
 Writes benchmarks/results/nf4_one.json (or --name; and to $OUT).
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from glmkit import gemv4bit, gemv4bit_one
 from glmkit.bench import copy_bandwidth, save_result
+from glmkit.gemv import dependent_launches, pdl_supported
 from glmkit.gemv4bit import _Fusion, _launch, normed_stream, quantize
 from glmkit.gemv4bit_one import OneShape
 from glmkit.gemv_tuning import graph_time, projections
@@ -96,13 +98,13 @@ def projection(name: str, n: int, k: int, has_bias: bool, swiglu: bool, bw: floa
     row["triton_folded"] = timed("triton, folded", triton_folded)
     row["one"] = []
     for shape in SHAPES_SWIGLU if swiglu else SHAPES:
-        if shape.smem_bytes(swiglu) > gemv4bit_one.smem_limit(torch.device(dev)):  # (a shape this GPU cannot run)
+        if shape.smem_bytes(swiglu, k) > gemv4bit_one.smem_limit(torch.device(dev)):  # (a shape this GPU cannot run)
             continue
         r = timed("one", lambda i, s=shape: one(i, s), groups=shape.groups, warps=shape.warps, depth=shape.depth,
                   wide=shape.wide, rel_err=_rel(one(0, shape), want))
         row["one"].append(r)
     row["one_best"] = min(row["one"], key=lambda r: r["us"])
-    shape = gemv4bit_one.shape_for(swiglu)  # folded as the step runs it: at the shipped shape
+    shape = gemv4bit_one.shape_for(swiglu, k)  # folded as the step runs it: at the shipped shape
     tri = triton_folded(0)
     got = one(0, shape, fold=True)
     extra: dict[str, Any] = {"groups": shape.groups, "warps": shape.warps, "depth": shape.depth, "wide": shape.wide,
@@ -112,6 +114,10 @@ def projection(name: str, n: int, k: int, has_bias: bool, swiglu: bool, bw: floa
         extra["squares_rel_diff"] = abs(one_partials.sum().item() - tri_f.partials.sum().item()) / \
             tri_f.partials.sum().item()
     row["one_folded"] = timed("one, folded", lambda i: one(i, shape, fold=True), **extra)
+    if pdl_supported(dev):  # launched as the step launches them where the GPU has it: each while the one before ends
+        with dependent_launches():
+            row["one_folded_pdl"] = timed("one, folded, PDL", lambda i: one(i, shape, fold=True),
+                                          same_as_plain=bool(torch.equal(one(0, shape, fold=True), got)))
     row["one_folded_over_triton_folded"] = row["triton_folded"]["us"] / row["one_folded"]["us"]
     return row
 
@@ -125,7 +131,8 @@ def main() -> None:
     for name, (n, k, bias, swiglu) in projections(quantized=True).items():
         result["projections"].append(projection(name, n, k, bias, swiglu, bw))
         save_result(args.name, result)
-    layer = {v: sum(p[v]["us"] for p in result["projections"]) for v in ("triton_folded", "one_folded")}
+    layer = {v: sum(p[v]["us"] for p in result["projections"])
+             for v in ("triton_folded", "one_folded", "one_folded_pdl") if all(v in p for p in result["projections"])}
     result["layer_us"] = layer
     print("layer", layer, flush=True)
     save_result(args.name, result)

@@ -3,12 +3,13 @@ capability 8.0+) against the same step through its Triton per-row kernel, with b
 weights) on one GPU, one run.
 
 Variants (taking turns, three rounds, so that clock and temperature drift touch them alike): ``CUDA kernel`` (the
-default: norms and residual adds folded into the CUDA kernel's launches), ``Triton kernel`` (the same step built and
+default: norms and residual adds folded into the CUDA kernel's launches, launched with programmatic dependent launch
+where the GPU has it), ``CUDA kernel, plain launches`` (``pdl=False``), ``Triton kernel`` (the same step built and
 run with ``GLMKIT_4BIT_KERNEL=triton``, the default before), ``CUDA kernel, compiled layer`` (``fuse_norms=False``) and
 ``bf16`` (its default decoder). Per variant: the CUDA graph of one step replayed back to back (µs a token, 160 cached
 tokens) and ``decode_speed`` (tok/s of the token loop, sampling included), best round; against bf16 in the same run
 and the roofline (copy bandwidth / bytes a token reads); the greedy tokens and the logits of one step against the
-Triton kernel's.
+Triton kernel's, and against the default's (the same kernels launched plainly must give the same bits).
 
     PYTHONPATH=.:benchmarks python benchmarks/nf4_one_step.py --checkpoint /tmp/glm9b    # about 3 minutes on an H200
 Writes benchmarks/results/nf4_one_step.json (or --name; and to $OUT).
@@ -26,7 +27,8 @@ from nf4_fused import NEW, PROMPT, against_reference, best_rounds, nf4_and_bf16,
 
 from glmkit.fast_decode import FastDecoder
 
-VARIANTS = {"CUDA kernel": ("nf4", {}, None), "Triton kernel": ("nf4", {}, "triton"),
+VARIANTS = {"CUDA kernel": ("nf4", {}, None), "CUDA kernel, plain launches": ("nf4", {"pdl": False}, None),
+            "Triton kernel": ("nf4", {}, "triton"),
             "CUDA kernel, compiled layer": ("nf4", {"fuse_norms": False}, None), "bf16": ("bf16", {}, None)}
 
 
@@ -65,6 +67,8 @@ def main() -> None:
     take_turns(decoders, rows, around=variant_env)
     ids = torch.randint(0, 1000, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     against_reference(decoders, rows, ids, "Triton kernel", "tokens_as_triton", "step_logits_rel_diff_to_triton",
+                      around=variant_env)
+    against_reference(decoders, rows, ids, "CUDA kernel", "tokens_as_default", "step_logits_rel_diff_to_default",
                       around=variant_env)
     best_rounds(rows, rooflines)
     report(args.name, __doc__.splitlines()[0], rows, bw, rooflines)

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from glmkit import gemv4bit_one
 from glmkit.attention import auto_attention, qkv_decode_attention
 from glmkit.device_map import check_device_map
 from glmkit.gemv import (
@@ -714,8 +715,11 @@ class FastDecoder:
         pdl: capture the uncompiled batch-1 Triton step with programmatic dependent launch
             (``glmkit.gemv.dependent_launches``: each kernel launches while the one before finishes). Default: where
             every device supports it (``glmkit.gemv.pdl_supported``: compute capability 9.0+); if it fails there,
-            a warning and plain launches. A 4-bit model: off unless ``pdl=True`` (its step took 1.8% more time with
-            it on an H200, ``benchmarks/results/nf4_fused.json``).
+            a warning and plain launches. A 4-bit model: on where glmkit's batch-1 CUDA 4-bit kernel runs
+            (``glmkit.gemv4bit_one``: each launch fetches its first weights and writes its lookup table while the
+            kernel before ends; GLM-4-9B's step took 14% less time with it on an H200,
+            ``benchmarks/results/nf4_one_step.json``), else off unless ``pdl=True`` (through the Triton 4-bit
+            kernels the step took 1.8% more time with it, ``nf4_fused.json``).
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
@@ -772,8 +776,11 @@ class FastDecoder:
         glmkit_4bit = any(g == "triton" for g in self.gemv_by_bucket.values())
         self.compiled = (on_gpu and (glmkit_4bit or not self.quantized)) if compile is None else compile
         self.compile_auto = compile is None
-        # (4 bits: off unless asked for; a 4-bit step decoded 1.8% slower with it on an H200, nf4_fused.json)
-        self.pdl, self.auto_pdl = choose_pdl(pdl, self.devices) and not (pdl is None and quantized), pdl is None
+        # (4 bits: on where the batch-1 CUDA kernel runs on every device, nf4_one_step.json; through the Triton 4-bit
+        # kernels off unless asked for: that step decoded 1.8% slower with it on an H200, nf4_fused.json)
+        one_kernel = all(gemv4bit_one.runs_on(d, dtype) for d in self.devices)
+        self.pdl = choose_pdl(pdl, self.devices) and not (pdl is None and quantized and not one_kernel)
+        self.auto_pdl = pdl is None
         if on_gpu and "triton" in self.gemv_by_bucket.values():
             active_table()  # this card's launch shapes, read (and an untuned card named) before anything compiles
         self.max_len, self.batch_size = max_len, batch_size

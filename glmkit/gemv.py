@@ -120,11 +120,13 @@ def dependent_launches(enabled: bool = True) -> Iterator[None]:
     and later): each kernel lets the next one be launched as soon as all its programs have started (the decode
     attention once its reads of q/k/v have arrived, ``glmkit.attention.LAUNCH_NEXT_LATE``), and the next waits
     (``griddepcontrol.wait``) before it reads or writes anything the step writes (the decode attention reads its
-    first tile of the cache, which earlier steps wrote, before), so the gap between two kernels of a decode
-    step is hidden without a race. ``FastDecoder`` (16/32-bit models: a 4-bit step was slower with it,
-    ``benchmarks/results/nf4_fused.json``) and ``TPDecoder`` capture their batch-1 step this way where
+    first tile of the cache, which earlier steps wrote, before; the batch-1 4-bit CUDA kernel, ``glmkit.gemv4bit_one``,
+    its first weights), so the gap between two kernels of a decode step is hidden without a race. ``FastDecoder``
+    (a 4-bit model only where the batch-1 CUDA kernel runs: through the Triton 4-bit kernels a step was slower with
+    it, ``benchmarks/results/nf4_fused.json``) and ``TPDecoder`` capture their batch-1 step this way where
     ``pdl_supported``; on an H200 GLM-4-9B decoded 207.3 tok/s so against 205.1 without
-    (``benchmarks/results/pdl_decode.json``). Launches inside ``torch.compile`` must not use it (its analysis of
+    (``benchmarks/results/pdl_decode.json``), in nf4 through the CUDA kernel 427.2 against 368.3
+    (``nf4_one_step.json``). Launches inside ``torch.compile`` must not use it (its analysis of
     the kernel fails). Taught in ``notebooks/05_tuning.ipynb``.
 
     >>> import glmkit.gemv

@@ -421,15 +421,69 @@ def _kernel(device: torch.device, options: list[str], source: str | None = None,
 
 
 def launch(device: torch.device, options: list[str], grid: tuple[int, int, int], block: tuple[int, int, int],
-           args: list[Any], shared: int, source: str | None = None, name: str = NAME) -> None:
+           args: list[Any], shared: int, source: str | None = None, name: str = NAME, pdl: bool = False) -> None:
     """Compile (once) and launch one of glmkit's CUDA kernels (this module's, or ``source`` named ``name``) with
     ``device`` current (the launch goes to the current device's context and stream, and another GPU's tensors need
-    theirs), asking the driver for more than 48 KiB of shared memory where ``shared`` needs it."""
+    theirs), asking the driver for more than 48 KiB of shared memory where ``shared`` needs it; ``pdl``: with
+    programmatic dependent launch (``launch_dependent``), for a kernel that waits (``griddepcontrol.wait``) before
+    it reads or writes what the kernels before it write."""
     with torch.cuda.device(device):
         kernel = _kernel(device, options, source, name)
         if shared >= SHARED_LIMIT and getattr(kernel, "_max_shared_mem_bytes", shared) < shared:
             kernel.set_shared_memory_config(shared)
+        if pdl and device.index not in _PLAIN_ONLY:
+            try:
+                launch_dependent(kernel, grid, block, args, shared)
+                return
+            except (AttributeError, OSError, RuntimeError) as exc:  # (a driver without cuLaunchKernelEx, or refusing)
+                _PLAIN_ONLY.add(device.index)
+                warnings.warn(f"glmkit's CUDA 4-bit kernels: programmatic dependent launch failed on {device} "
+                              f"({exc}); they launch plainly there instead.", RuntimeWarning, stacklevel=2)
         kernel(grid, block, args, shared_mem=shared)
+
+
+_PLAIN_ONLY: set[int | None] = set()  # devices where a launch with programmatic dependent launch failed
+
+
+class _LaunchAttribute(ctypes.Structure):  # the driver's CUlaunchAttribute: an id, then a 64-byte value
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # the driver's CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(_LaunchAttribute)), ("count", ctypes.c_uint)]
+
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def launch_dependent(kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int], args: list[Any],
+                     shared: int) -> None:
+    """Launch a kernel torch compiled (``torch.cuda._compile_kernel``) on the current stream with programmatic
+    dependent launch (``cuLaunchKernelEx``): it may start while the kernel before it finishes, and its
+    ``griddepcontrol.wait`` waits for that kernel's end. Its arguments as torch's launcher passes them: a tensor
+    as its address, an int as a C ``int``, a float as a C ``double``."""
+    from torch.cuda import _utils
+
+    driver = getattr(_utils, "_get_gpu_runtime_library", None) or _utils._get_cuda_library  # (older torch)
+    values: list[Any] = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            values.append(ctypes.c_void_p(arg.data_ptr()))
+        elif isinstance(arg, int):
+            values.append(ctypes.c_int(arg))
+        elif isinstance(arg, float):
+            values.append(ctypes.c_double(arg))
+        else:
+            raise TypeError(f"launch_dependent: an argument of type {type(arg).__name__}: tensors, ints and floats")
+    pointers = (ctypes.c_void_p * len(values))(*[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
+    attribute = _LaunchAttribute(id=PROGRAMMATIC_STREAM_SERIALIZATION)
+    attribute.value[0] = 1
+    config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared,
+                           torch.cuda.current_stream()._as_parameter_, ctypes.pointer(attribute), 1)
+    status = driver().cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
+    if status != 0:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {status}")
 
 
 def _shared_bytes(k: int, swiglu: bool) -> int:

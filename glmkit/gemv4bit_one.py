@@ -7,8 +7,8 @@ byte and one shared-memory load to look it up, as ``glmkit.gemv4bit_mma`` does f
 the way one token needs them:
 
 * every warp copies its own run of the weight's rows into shared memory with ``cp.async`` (whole 32-byte sectors of
-  8 rows an instruction, a stage ahead, the block scales and x's matching part with them): no register holds a load in
-  flight and no warp waits for another's bytes;
+  8 rows an instruction, a stage ahead, the block scales with them): no register holds a load in flight and no warp
+  waits for another's bytes; x is read into shared memory once a CTA;
 * one shared-memory load turns a byte into the pair of 16-bit values of its nibbles (a 256-entry table, a copy per
   lane: a warp's 32 lookups never wait on each other); that pair is one register of the operand of
   ``mma.m16n8k16``, which multiplies 16 rows by x. With the table's entries 256 bytes apart, in a 64 KiB-aligned
@@ -16,16 +16,22 @@ the way one token needs them:
   load's address;
 * a CTA stays on its SM (one a SM) and its groups of warps take tiles of 16 rows (gate and up: 16 of each, a stage of
   gate rows then one of up rows) in turn, so the table is built once a launch; each group sums its tile's warps in a
-  fixed order (the same bits every run).
+  fixed order (the same bits every run);
+* launched with programmatic dependent launch (inside ``glmkit.gemv.dependent_launches``, Hopper), it fetches its
+  first stage and writes its table while the kernel before ends, then waits (``griddepcontrol.wait``) before it reads
+  what that kernel wrote (x, the norm's sums, the residual stream: through pointers laundered after the wait, so the
+  compiler cannot move those loads above it) or writes anything.
 
 It also folds what the 4-bit one-token step folds (``glmkit.gemv4bit.gemv_4bit_normed``, ``gemv_4bit_residual``):
 x may be a ``NormedStream`` (the sums are multiplied by ``1 / rms``), and the product may be added to the residual
 stream, writing the next norm's ``NormedStream`` (one sum of squares a tile).
 
-On an H200, GLM-4-9B's nf4 projections through it take 23% less time than through the Triton kernel for gate_up and
-down_proj, 13% for o_proj and 6% for q/k/v (``benchmarks/results/nf4_one.json``), and its one-sequence step 16% less,
-1.68x bf16's fast path (``nf4_one_step.json``); notebook ``04_quantization.ipynb`` shows both. Its warps wait
-most on the queue of shared-memory instructions (``nf4_one_ncu.json``). Smaller cards get fewer warps
+On an H200, GLM-4-9B's nf4 projections through it, launched plainly, take 23% less time than through the Triton kernel
+for gate_up and down_proj, 10% for o_proj and 6% for q/k/v, and all four 31-33% less launched back to back with
+programmatic dependent launch (``benchmarks/results/nf4_one.json``); its one-sequence step decodes 1.96x
+bf16's fast path with programmatic dependent launch and 1.69x without (``nf4_one_step.json``); notebook
+``04_quantization.ipynb`` shows both. Its warps wait most on the queue of shared-memory instructions
+(``nf4_one_ncu.json``). Smaller cards get fewer warps
 a CTA, and the narrow table, where the H200's shape would not fit their shared memory (``shape_for``).
 
 Runs on NVIDIA GPUs of compute capability 8.0+ with x in bf16 or fp16, bitsandbytes' default blocksize (64) and
@@ -43,12 +49,13 @@ plain fp32 scales (double quantization takes the Triton kernel): ``usable`` says
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from glmkit import gemv4bit_mma
+from glmkit import gemv, gemv4bit_mma
 from glmkit.gemv4bit_mma import or_stand_in
 
 __all__ = ["gemv_4bit_one", "usable", "runs_on", "OneShape", "shape_for", "smem_limit", "tiles", "SHAPE", "source",
@@ -64,8 +71,8 @@ class OneShape:
     copying ``depth`` stages ahead; ``wide``: the lookup table's entries 256 bytes apart (64 KiB), so that a byte's
     address is one byte permute, else 128 (32 KiB, one more multiply-add a byte).
 
-    >>> OneShape(4, 4, 2).smem_bytes(swiglu=False)  # bytes of shared memory a CTA
-    159232
+    >>> OneShape(4, 4, 2).smem_bytes(swiglu=False, k=4096)  # bytes of shared memory a CTA
+    149520
     """
 
     groups: int
@@ -75,12 +82,21 @@ class OneShape:
 
     @staticmethod
     def stage_bytes() -> int:
-        return 16 * 4 * 36 + 4 * 128  # a stage: 4 chunks of 64 weights of 16 rows, their scales, x's part
+        return 16 * 4 * 36  # a stage: 4 chunks of 64 weights of 16 rows, and their scales
 
-    def smem_bytes(self, swiglu: bool) -> int:
-        """The kernel's layout (its ``SMEM_END``): wide, the warps' rings before the table (in the window's first
-        64 KiB, from ``BASE_LO``: the larger of its two layouts), then the table, then the other rings; narrow, the
-        table, then the rings."""
+    def smem_bytes(self, swiglu: bool, k: int) -> int:
+        """Shared memory a CTA of rows of ``k`` columns: the layout (``layout_bytes``), then x."""
+        return self.layout_bytes(swiglu) + self.x_bytes(k)
+
+    def x_bytes(self, k: int) -> int:
+        """x in shared memory: the warps' runs of 64-weight chunks (whole stages of 4 chunks), 128 bytes a chunk."""
+        chunks_a_warp = math.ceil(k // 64 / self.warps)
+        return self.warps * math.ceil(chunks_a_warp / 4) * 4 * 128
+
+    def layout_bytes(self, swiglu: bool) -> int:
+        """The kernel's layout before x (its ``SMEM_END``): wide, the warps' rings before the table (in the window's
+        first 64 KiB, from ``BASE_LO``: the larger of its two layouts), then the table, then the other rings; narrow,
+        the table, then the rings."""
         warps = self.groups * self.warps
         ring = self.depth * self.stage_bytes()
         red = warps * (32 if swiglu else 16) * 4 + 16
@@ -106,25 +122,25 @@ BASE_LO = (0, 1024)  # where a CTA's dynamic shared memory starts in its window:
 SMEM_H200 = 227 * 1024  # shared memory a CTA may ask for on an H100/H200 (shared_memory_per_block_optin)
 
 
-def shape_for(swiglu: bool, smem_limit: int = SMEM_H200) -> OneShape | None:
-    """The launch shape (gate/up: ``swiglu``, which sums twice the rows a tile) on a GPU whose CTAs may take
-    ``smem_limit`` bytes of shared memory: the H200's, with fewer groups (then fewer warps) where it would not fit
-    (a consumer card's ~99 KiB), and the narrow lookup table where that keeps more warps; None where nothing fits
-    (the Triton kernel runs there).
+def shape_for(swiglu: bool, k: int, smem_limit: int = SMEM_H200) -> OneShape | None:
+    """The launch shape for rows of ``k`` columns (gate/up: ``swiglu``, which sums twice the rows a tile) on a GPU
+    whose CTAs may take ``smem_limit`` bytes of shared memory: the H200's, with fewer groups (then fewer warps) where
+    it would not fit (a consumer card's ~99 KiB), and the narrow lookup table where that keeps more warps; None where
+    nothing fits (the Triton kernel runs there).
 
-    >>> shape_for(False) == shape_for(True) == SHAPE
+    >>> shape_for(False, 13696) == shape_for(True, 4096) == SHAPE
     True
-    >>> shape_for(True, 99 * 1024)  # an RTX 30/40-series card
+    >>> shape_for(True, 4096, 99 * 1024)  # an RTX 30/40-series card
     OneShape(groups=2, warps=4, depth=2, wide=False)
     """
-    fits = [shape for shape in (_shrunk(SHAPE, swiglu, smem_limit), _shrunk(replace(SHAPE, wide=False), swiglu,
-                                                                             smem_limit)) if shape is not None]
+    fits = [shape for shape in (_shrunk(SHAPE, swiglu, k, smem_limit),
+                                _shrunk(replace(SHAPE, wide=False), swiglu, k, smem_limit)) if shape is not None]
     return max(fits, key=lambda shape: shape.groups * shape.warps, default=None)  # the wide table on a tie
 
 
-def _shrunk(shape: OneShape, swiglu: bool, smem_limit: int) -> OneShape | None:
+def _shrunk(shape: OneShape, swiglu: bool, k: int, smem_limit: int) -> OneShape | None:
     """``shape`` with fewer groups, then fewer warps, until it fits ``smem_limit`` (None: it never does)."""
-    while shape.smem_bytes(swiglu) > smem_limit:
+    while shape.smem_bytes(swiglu, k) > smem_limit:
         if shape.groups > 1:
             shape = replace(shape, groups=shape.groups // 2)
         elif shape.warps > 2:
@@ -148,8 +164,7 @@ _SOURCE = gemv4bit_mma.PRELUDE + r"""
 #define CH 4  /* 64-weight chunks a stage, of each row (128 bytes) */
 #define W_BYTES (TR * CH * 32)
 #define S_BYTES (TR * CH * 4)
-#define X_BYTES (CH * 128)
-#define STAGE (W_BYTES + S_BYTES + X_BYTES)
+#define STAGE (W_BYTES + S_BYTES)
 /* WIDE: entry e of the lookup table at byte 256 e of the CTA's shared window's second 64 KiB (its 32 copies, then
    128 unused bytes), so that one byte permute of a packed byte, 4 * lane and the window's high bytes is the address;
    the warps' rings fill the dynamic shared memory before the table (it starts BASE_LO bytes into the window), then
@@ -178,6 +193,7 @@ _SOURCE = gemv4bit_mma.PRELUDE + r"""
 #define RED_AT (8192 * 4 + WARPS_ALL * RING)
 #define SMEM_END (RED_AT + RED_BYTES)
 #endif
+/* after SMEM_END: x, once a CTA (the warps' runs of chunks, zeros after the row's end) */
 #ifdef EXPECT_SMEM_END  /* (the tests: what the Python side asks for holds this layout) */
 static_assert(SMEM_END <= EXPECT_SMEM_END, "SMEM_END: the layout does not fit the shared memory asked for");
 #endif
@@ -225,18 +241,16 @@ struct Copier {
     size_t up_bytes;         /* the up rows' distance from their gate rows: bytes, and scales */
     int up_scales;
 #endif
-    const u32* xs;           /* x's 16 bytes of the stage */
     u32 rows;                /* bit v: row r + 8 v is in the weight (else zeros) */
     int left;                /* chunks of the warp's run from this stage on */
 };
 
 __device__ __forceinline__ void begin_tile(Copier& c, const Tile& tile, int chunk_begin, int chunk_end, int chunks,
-                                           const u32* x, int lane) {
+                                           int lane) {
     const int here = (SWIGLU ? tile.n / 2 : tile.n) - tile.row0;  /* the tile's rows in the weight (up to 16) */
     const int r = lane >> 2, q = lane & 3;
     c.q = tile.q + (size_t)(tile.row0 + r) * (chunks * 32) + chunk_begin * 32 + q * 16;
     c.s = tile.absmax + (size_t)(tile.row0 + r) * chunks + chunk_begin + q;
-    c.xs = x + chunk_begin * 32 + lane * 4;
 #if SWIGLU
     c.up_bytes = (size_t)(tile.n / 2) * (chunks * 32);
     c.up_scales = tile.n / 2 * chunks;
@@ -245,8 +259,8 @@ __device__ __forceinline__ void begin_tile(Copier& c, const Tile& tile, int chun
     c.left = chunk_end - chunk_begin;
 }
 
-/* copy the warp's next stage into slot st (shared address): its rows' bytes (`up`: the up rows'), scales and x's
-   part; `safe` is read where a lane copies nothing */
+/* copy the warp's next stage into slot st (shared address): its rows' bytes (`up`: the up rows') and scales; `safe`
+   is read where a lane copies nothing */
 __device__ __forceinline__ void copy_stage(u32 st, const Copier& c, int chunks, const void* safe, int lane, bool up) {
     const int r = lane >> 2, q = lane & 3;
     const u32 scale_to = st + W_BYTES + 4 * (CH * r + q);  /* where row r's scale of chunk q goes */
@@ -268,8 +282,6 @@ __device__ __forceinline__ void copy_stage(u32 st, const Copier& c, int chunks, 
         const bool ok = row_ok && q < c.left;  /* scales: [TR rows][CH chunks] */
         copy4(scale_to + 4 * CH * 8 * v, ok ? (const void*)scale : safe, ok);
     }
-    const bool ok = (lane >> 3) < c.left;  /* x's words (pairs of 16-bit values) of the stage's chunks: [CH][32] */
-    copy16(st + W_BYTES + S_BYTES + 16 * lane, ok ? (const void*)c.xs : safe, ok);
 }
 
 extern __shared__ __align__(16) u32 smem[];
@@ -287,8 +299,8 @@ __device__ __forceinline__ u32 lookup(u32 lane_table, uint2 w, int i) {
 }
 
 /* the stage in slot st (shared address) summed into acc: lane (g, quad) holds rows g and g + 8; `lt`: the lane's
-   table (``lookup``) */
-__device__ __forceinline__ void sum_stage(u32 st, u32 lt, int g, int quad, float* acc) {
+   table (``lookup``); `xa`: x's part (shared address) */
+__device__ __forceinline__ void sum_stage(u32 st, u32 lt, u32 xa, int g, int quad, float* acc) {
     float s0[CH], s1[CH];
     asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];"
                  : "=f"(s0[0]), "=f"(s0[1]), "=f"(s0[2]), "=f"(s0[3]) : "r"(st + W_BYTES + 16 * g));
@@ -303,11 +315,11 @@ __device__ __forceinline__ void sum_stage(u32 st, u32 lt, int g, int quad, float
         asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
                      : "=r"(w1.x), "=r"(w1.y) : "r"(st + granule_at(g + 8, c16) + 8 * (quad & 1)));
         u32 xw[8];
-        const u32 xa = st + W_BYTES + S_BYTES + c * 128 + quad * 32;
+        const u32 xc = xa + c * 128 + quad * 32;
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(xw[0]), "=r"(xw[1]), "=r"(xw[2]), "=r"(xw[3]) : "r"(xa));
+                     : "=r"(xw[0]), "=r"(xw[1]), "=r"(xw[2]), "=r"(xw[3]) : "r"(xc));
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(xw[4]), "=r"(xw[5]), "=r"(xw[6]), "=r"(xw[7]) : "r"(xa + 16));
+                     : "=r"(xw[4]), "=r"(xw[5]), "=r"(xw[6]), "=r"(xw[7]) : "r"(xc + 16));
         /* two chains of two products, not one of four: each waits for half as many before it */
         float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
@@ -322,18 +334,38 @@ __device__ __forceinline__ void sum_stage(u32 st, u32 lt, int g, int quad, float
     }
 }
 
+/* programmatic dependent launch (Hopper on; a no-op where the launch did not ask for it): the next kernel may
+   launch now; wait for the kernel before to end (and its writes to show) */
+__device__ __forceinline__ void let_next_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_previous() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+/* p, as a value the compiler knows only after this point: a load through it cannot be hoisted above the asm before
+   (griddepcontrol.wait), which it would otherwise do with a read-only input */
+template <typename T> __device__ __forceinline__ T* after_wait(T* p) {
+    asm volatile("" : "+l"(p) :: "memory");
+    return p;
+}
+
 __device__ __forceinline__ void group_sync(int group) {  /* the group's warps only (barrier 0 is the CTA's) */
     asm volatile("bar.sync %0, %1;" :: "r"(group + 1), "r"(GROUP_THREADS) : "memory");
 }
 
 extern "C" __global__ void __launch_bounds__(GROUPS * WARPS * 32, 1)
-glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __restrict__ bias,
+glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
                  const float* __restrict__ code,
                  const unsigned char* q0, const float* a0, int n0,
                  const unsigned char* q1, const float* a1, int n1,
                  const unsigned char* q2, const float* a2, int n2,
-                 int chunks, int tiles, const float* __restrict__ squares, int n_squares, double eps,
-                 const u16* __restrict__ residual, const u16* __restrict__ norm_weight, u16* __restrict__ scaled,
+                 int chunks, int tiles, const float* squares, int n_squares, double eps,
+                 const u16* residual, const u16* norm_weight, u16* __restrict__ scaled,
                  float* __restrict__ partials)
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -348,13 +380,16 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
     const int chunk_begin = gw * per_warp, chunk_end = min(chunk_begin + per_warp, chunks);
     const int per_tile = ROWSETS * per_warp / CH;  /* stages a tile (gate/up: a gate stage, then its up stage) */
     const int total = my_tiles * per_tile;
+    const int x_words = WARPS * per_warp * 8;  /* x's 16-byte words in shared memory, zeros after the row */
+    let_next_launch();
 
     const u32 base = (u32)__cvta_generic_to_shared(smem);
     u32 dynamic_bytes;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
     /* the layout needs the shared memory asked for and (wide) the window's start it was laid out for: else NaNs
        everywhere it writes, no sums (its first-run check then turns it off) */
-    if ((WIDE && (base & 0xFFFFu) != BASE_LO) || dynamic_bytes < SMEM_END) {
+    if ((WIDE && (base & 0xFFFFu) != BASE_LO) || dynamic_bytes < SMEM_END + 16 * x_words) {
+        wait_for_previous();
         const u16 nan = (u16)to16(__int_as_float(0x7fc00000));
         const int n = SWIGLU ? n0 / 2 : n0 + (SEGMENTS >= 2 ? n1 : 0) + (SEGMENTS >= 3 ? n2 : 0);
         for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
@@ -370,37 +405,61 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
     float* red = (float*)((char*)smem + RED_AT) + group * WARPS * SUMS;
     float* shared_rstd = (float*)((char*)smem + RED_AT) + GROUPS * WARPS * SUMS;
 
-#if NORMED  /* the partial sums of squares of x asked for now, summed after the table is written */
-    float part[8];
-    if (warp == 0) {
-#pragma unroll
-        for (int j = 0; j < 8; ++j) part[j] = lane + 32 * j < n_squares ? squares[lane + 32 * j] : 0.0f;
-    }
-#endif
     Copier c;
     if (my_tiles > 0) {
         const Tile tile = locate(first, q0, a0, n0, q1, a1, n1, q2, a2, n2);
-        begin_tile(c, tile, chunk_begin, chunk_end, chunks, x, lane);
+        begin_tile(c, tile, chunk_begin, chunk_end, chunks, lane);
     }
     int copied = 0, slot_in = 0, stage_in = 0;  /* stages copied, the slot the next goes to, its stage of its tile */
     auto copy_next = [&]() {
         if (copied < total) {
             const bool up = SWIGLU && (stage_in & 1);
             copy_stage(ring + slot_in * STAGE, c, chunks, q0, lane, up);
-            if (!SWIGLU || up) { c.q += CH * 32; c.s += CH; c.xs += CH * 32; c.left -= CH; }
+            if (!SWIGLU || up) { c.q += CH * 32; c.s += CH; c.left -= CH; }
             ++copied;
             if (++stage_in == per_tile && copied < total) {  /* the next tile (rare: a division is fine) */
                 stage_in = 0;
                 const Tile tile = locate(first + copied / per_tile * step, q0, a0, n0, q1, a1, n1, q2, a2, n2);
-                begin_tile(c, tile, chunk_begin, chunk_end, chunks, x, lane);
+                begin_tile(c, tile, chunk_begin, chunk_end, chunks, lane);
             }
         }
         slot_in = slot_in + 1 == DEPTH ? 0 : slot_in + 1;
         asm volatile("cp.async.commit_group;");
     };
-    /* the first stages in flight while the table is written */
+    /* the first stages of the weights in flight and the table written (with programmatic dependent launch, while the
+       kernel before ends); then, after waiting for it, what that kernel wrote: x (once, for every warp) and its sums
+       of squares, read through pointers laundered after the wait (``after_wait``: no load of them moves above it) */
     for (int s = 0; s < DEPTH - 1; ++s) copy_next();
     write_table((u32*)((char*)smem + TABLE_AT), code, threadIdx.x, GROUPS * WARPS * 32, ENTRY_WORDS);
+    wait_for_previous();
+    x = after_wait(x);
+    squares = after_wait(squares);
+    residual = after_wait(residual);
+    bias = after_wait(bias);
+    norm_weight = after_wait(norm_weight);
+    uint4* x_shared = (uint4*)((char*)smem + SMEM_END);
+    const uint4* x4 = (const uint4*)x;
+    constexpr int THREADS = GROUPS * WARPS * 32, X_AHEAD = 4;  /* x's words a thread loads before it stores any */
+    uint4 xv[X_AHEAD];
+#pragma unroll
+    for (int j = 0; j < X_AHEAD; ++j) {
+        const int i = threadIdx.x + j * THREADS;
+        xv[j] = i < chunks * 8 ? x4[i] : make_uint4(0u, 0u, 0u, 0u);
+    }
+#if NORMED
+    float part[8];
+    if (warp == 0) {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) part[j] = lane + 32 * j < n_squares ? squares[lane + 32 * j] : 0.0f;
+    }
+#endif
+#pragma unroll
+    for (int j = 0; j < X_AHEAD; ++j) {
+        const int i = threadIdx.x + j * THREADS;
+        if (i < x_words) x_shared[i] = xv[j];
+    }
+    for (int i = threadIdx.x + X_AHEAD * THREADS; i < x_words; i += THREADS)  /* (rows of over 16K columns) */
+        x_shared[i] = i < chunks * 8 ? x4[i] : make_uint4(0u, 0u, 0u, 0u);
 #if NORMED
     if (warp == 0) {  /* 1 / rms(x) from the partial sums of squares, added in a fixed order */
         float sum = 0.0f;
@@ -417,22 +476,46 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
     const float rstd = *shared_rstd;
 #endif
     const u32 lane_table = base + TABLE_AT + 4 * lane;
+    const u32 x_first = base + SMEM_END + chunk_begin * 128;  /* x's part of the tile's first stage */
+    u32 x_at = x_first;
 
     /* the sums of rows g and g + 8 (gate/up: the next stage's rows in acc, the other rows' in other) */
     float acc[2] = {0.0f, 0.0f}, other[2] = {0.0f, 0.0f};
     int slot = 0, stage = 0, tile_index = first;  /* the stage summed next: its slot, its place in its tile */
+    /* what the tile's end adds (its bias; the residual stream and the next norm's weight), asked for as the tile
+       starts (by the warp that ends it): they arrive while its stages are summed */
+    float early_bias = 0.0f, early_residual = 0.0f, early_norm = 0.0f;
     for (int s = 0; s < total; ++s) {
         copy_next();
+#if HAS_BIAS || RESIDUAL
+        if (stage == 0 && gw == 0) {
+            const Tile tile = locate(tile_index, q0, a0, n0, q1, a1, n1, q2, a2, n2);
+            const int row = tile.row0 + (lane & 15);
+            if (lane < 16 && row < (SWIGLU ? tile.n / 2 : tile.n)) {
+#if HAS_BIAS
+                early_bias = from16(bias[tile.row_out + row]);
+#endif
+#if RESIDUAL
+                early_residual = from16(residual[row]);
+                early_norm = from16(norm_weight[row]);
+#endif
+            }
+        }
+#endif
         asm volatile("cp.async.wait_group %0;" :: "n"(DEPTH - 1));
         __syncwarp();
-        sum_stage(ring + slot * STAGE, lane_table, g, quad, acc);
+        sum_stage(ring + slot * STAGE, lane_table, x_at, g, quad, acc);
         __syncwarp();
         slot = slot + 1 == DEPTH ? 0 : slot + 1;
 #if SWIGLU  /* gate and up stages take turns */
         for (int i = 0; i < 2; ++i) { const float t = acc[i]; acc[i] = other[i]; other[i] = t; }
+        if (stage & 1) x_at += CH * 128;
+#else
+        x_at += CH * 128;
 #endif
         if (++stage != per_tile) continue;
         stage = 0;
+        x_at = x_first;
 
         /* the tile's last stage: its warps' sums, added in order, and what comes after the product */
         if (quad == 0) {
@@ -467,7 +550,7 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
 #endif
 #endif
 #if HAS_BIAS
-            if (stored) sum += from16(bias[tile.row_out + row]);
+            if (stored) sum += early_bias;
 #endif
 #if SWIGLU  /* up * silu(gate), each of gate, up and silu(gate) rounded as PyTorch rounds them */
             const float gate = round16(sum);
@@ -477,8 +560,8 @@ glmkit_gemv4_one(const u32* __restrict__ x, u16* __restrict__ y, const u16* __re
 #if RESIDUAL  /* r + W x, W x rounded first, then the next norm's x * g and this tile's sum of squares */
             float square = 0.0f;
             if (stored) {
-                sum = round16(round16(sum) + from16(residual[row]));
-                scaled[row] = (u16)to16(sum * from16(norm_weight[row]));
+                sum = round16(round16(sum) + early_residual);
+                scaled[row] = (u16)to16(sum * early_norm);
                 square = sum * sum;
             }
 #pragma unroll
@@ -532,7 +615,7 @@ def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: b
     readable = all(v.blocksize == 64 and not v.nested and v.data.data_ptr() % 16 == 0
                    and v.absmax.dtype == torch.float32 and v.absmax.is_contiguous() for v in ws)
     return readable and runs_on(x.device, x.dtype, env=env) and \
-        shape_for(swiglu, smem_limit(x.device)) is not None
+        shape_for(swiglu, x.shape[-1], smem_limit(x.device)) is not None
 
 
 def _programs(device: torch.device, tiles: int) -> int:
@@ -555,7 +638,7 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     k = w.shape[1]
     rows = [v.shape[0] for v in ws]
     n_out = rows[0] // 2 if swiglu else sum(rows)
-    shape = shape or shape_for(swiglu, smem_limit(x.device))
+    shape = shape or shape_for(swiglu, k, smem_limit(x.device))
     xf = x.reshape(k)
     if xf.data_ptr() % 16 or not xf.is_contiguous():  # copied 16 bytes at a time: a fresh, aligned copy
         xf = xf.clone(memory_format=torch.contiguous_format)
@@ -574,7 +657,8 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
             0 if squares is None else squares.numel(), float(eps), or_stand_in(residual, y), or_stand_in(norm16, y),
             or_stand_in(scaled, y), or_stand_in(partials, y)]
     gemv4bit_mma.launch(x.device, options, (_programs(x.device, t), 1, 1),
-                        (shape.groups * shape.warps * 32, 1, 1), args, shape.smem_bytes(swiglu), _SOURCE, NAME)
+                        (shape.groups * shape.warps * 32, 1, 1), args, shape.smem_bytes(swiglu, k), _SOURCE, NAME,
+                        pdl=bool(gemv.PDL))
     return y
 
 

@@ -629,7 +629,8 @@ def pdl_sentence() -> str:
     rows = {r["variant"]: r for r in d["rows"] if "decode_tok_s" in r}
     compiled, plain, pdl = rows["compiled"], rows["uncompiled"], rows["uncompiled+pdl"]
     return (f"With Hopper's programmatic dependent launch (each kernel launched while the one before finishes; "
-            f"`FastDecoder(pdl=)`, on by default where the GPU has it, except for 4-bit models), in one run on an "
+            f"`FastDecoder(pdl=)`, on by default where the GPU has it; a 4-bit model's only where glmkit's batch-1 "
+            f"CUDA kernel runs), in one run on an "
             f"{measured_on(d)} "
             f"(`pdl_decode.json`): the same fused step decodes {compiled['decode_tok_s']:.1f} tok/s with its layer "
             f"compiled, {plain['decode_tok_s']:.1f} uncompiled and {pdl['decode_tok_s']:.1f} uncompiled with PDL "
@@ -2188,7 +2189,8 @@ def nf4_fused_sentence() -> Text:
                 f"{fused['best_replay_us']:.0f} µs against {compiled['best_replay_us']:.0f} for the layer compiled "
                 f"around the 4-bit ops with its norms as kernels of their own ({saved} "
                 f"less). Programmatic dependent launch made it slower "
-                f"({pdl['best_replay_us']:.0f} µs), so a 4-bit decoder leaves it off. Its logits after one step differ "
+                f"({pdl['best_replay_us']:.0f} µs), so a 4-bit decoder leaves it off on this path (the batch-1 CUDA "
+                f"kernel, next, takes it). Its logits after one step differ "
                 f"from the compiled layer's by {fused['step_logits_rel_diff'] * 100:.1f}% (relative), and "
                 f"{fused['tokens_as_compiled']} of its {fused['of']} greedy tokens equal the compiled layer's.")
         accuracy = _bf16_accuracy()
@@ -2253,52 +2255,63 @@ def _step_variants_chart(name: str, labels: dict[str, str]) -> Any:
                          title=f"GLM-4-9B, one sequence, {measured_on(r)}")
 
 
-ONE_LABELS = {"CUDA kernel": "nf4, CUDA kernel (the default)", "Triton kernel": "nf4, Triton kernel",
+ONE_LABELS = {"CUDA kernel": "nf4, CUDA kernel (the default: PDL)",
+              "CUDA kernel, plain launches": "nf4, CUDA kernel, plain launches", "Triton kernel": "nf4, Triton kernel",
               "CUDA kernel, compiled layer": "nf4, CUDA kernel, compiled layer", "bf16": "bf16 (the default)"}
 
 
 def nf4_one_sentence() -> Text:
     """One sequence in 4 bits through the batch-1 CUDA kernel (``glmkit.gemv4bit_one``): the step against the same
-    step through the Triton kernel and bf16 in one run (``nf4_one_step.json``), the four projections in another
-    (``nf4_one.json``), and where a token's time goes (``step_timeline_nf4_one.json``)."""
+    kernel launched plainly, the Triton kernel and bf16 in one run (``nf4_one_step.json``), the four projections in
+    another (``nf4_one.json``, with what bounds them), and what Nsight Compute saw (``nf4_one_ncu.json``)."""
     def render(r: dict[str, Any]) -> str:
         v = _rows_by_variant(r)
-        one, tri, compiled, bf16 = v["CUDA kernel"], v["Triton kernel"], v["CUDA kernel, compiled layer"], v["bf16"]
+        one, plain, tri = v["CUDA kernel"], v["CUDA kernel, plain launches"], v["Triton kernel"]
+        compiled, bf16 = v["CUDA kernel, compiled layer"], v["bf16"]
         text = (f"One sequence of GLM-4-9B in nf4 on {measured_on(r)} (`nf4_one_step.json`, one run, best of "
                 f"{r['rounds']} rounds taking turns): through glmkit's batch-1 CUDA kernel (`glmkit.gemv4bit_one`: "
                 f"each warp copies its rows into shared memory with `cp.async`, one shared-memory load, at an address "
                 f"that one byte permute forms, turns a byte into an operand of the tensor cores' `mma`, norms and "
-                f"residual adds folded in as before) the step "
-                f"decodes **{one['best_tok_s']:.1f} tok/s**, {one['over_bf16']:.2f}x bf16's fast path "
-                f"({bf16['best_tok_s']:.1f}) and {one['fraction_of_roofline'] * 100:.0f}% of nf4's roofline, against "
+                f"residual adds folded in as before), each launch started with programmatic dependent launch (it "
+                f"fetches its first weights and writes its lookup table while the kernel before ends, then waits "
+                f"for it and reads x once a CTA), the step decodes **{one['best_tok_s']:.1f} tok/s**, "
+                f"{one['over_bf16']:.2f}x bf16's fast path ({bf16['best_tok_s']:.1f} tok/s, "
+                f"{bf16['fraction_of_roofline'] * 100:.0f}% of its roofline) and "
+                f"{one['fraction_of_roofline'] * 100:.0f}% of nf4's roofline, against {plain['best_tok_s']:.1f} tok/s "
+                f"({plain['over_bf16']:.2f}x) with the same kernels launched plainly and "
                 f"{tri['best_tok_s']:.1f} tok/s ({tri['over_bf16']:.2f}x) through the Triton kernel; a step's CUDA "
-                f"graph takes {one['best_replay_us']:.0f} µs against {tri['best_replay_us']:.0f} "
-                f"({_less(one['best_replay_us'], tri['best_replay_us'])} less; the layer compiled around the 4-bit "
-                f"ops: {compiled['best_replay_us']:.0f}). Its logits after one step differ from the Triton kernel's by "
-                f"{one['step_logits_rel_diff_to_triton'] * 100:.1f}% and {one['tokens_as_triton']} of {one['of']} "
+                f"graph takes {one['best_replay_us']:.0f} µs against {plain['best_replay_us']:.0f} plainly "
+                f"({_less(one['best_replay_us'], plain['best_replay_us'])} less) and {tri['best_replay_us']:.0f} "
+                f"through the Triton kernel (the layer compiled around the 4-bit ops: "
+                f"{compiled['best_replay_us']:.0f}). Launched plainly its logits are the same bits "
+                f"(difference {plain['step_logits_rel_diff_to_default']:.1g}); they differ from the Triton kernel's "
+                f"by {one['step_logits_rel_diff_to_triton'] * 100:.1f}% and {one['tokens_as_triton']} of {one['of']} "
                 f"greedy tokens are the same (random weights{_bf16_scale()}); on the trained tiny model it gives "
                 f"`generate()`'s greedy tokens (`benchmarks/gpu_smoke_4bit.py`), and split over two GPUs the same "
-                f"tokens as on one (`benchmarks/gpu_smoke_split2.py`).")
+                f"tokens as on one (`benchmarks/gpu_smoke_split2.py`). Twice bf16's speed needs the step at "
+                f"{bf16['best_replay_us'] / 2 / 1e3:.2f} ms: {one['best_replay_us'] - bf16['best_replay_us'] / 2:.0f} "
+                f"µs less, {(one['best_replay_us'] - bf16['best_replay_us'] / 2) / 40:.1f} µs a layer.")
         proj = load("nf4_one")
         if proj:
-            per = ", ".join(f"{p['projection']} {p['triton_folded']['us']:.1f} → {p['one_folded']['us']:.1f} µs "
-                            f"({p['one_folded']['fraction_of_copy_bandwidth'] * 100:.0f}% of copy bandwidth)"
+            per = ", ".join(f"{p['projection']} {p['triton_folded']['us']:.1f} → {p['one_folded']['us']:.1f} → "
+                            f"{p['one_folded_pdl']['us']:.1f} µs "
+                            f"({p['one_folded_pdl']['fraction_of_copy_bandwidth'] * 100:.0f}% of copy bandwidth)"
                             for p in proj["projections"])
             layer = proj["layer_us"]
-            text += (f" Per projection, folded as the step runs them (`nf4_one.json`, another run): {per}; a layer's "
-                     f"four {layer['triton_folded']:.1f} → {layer['one_folded']:.1f} µs.")
-        timeline = load("step_timeline_nf4_one")
-        if timeline:
-            k = {x["kernel"]: x for x in timeline["runs"]["nf4"]["kernels"]}["glmkit_gemv4_one"]
-            text += (f" The profiler (`step_timeline_nf4_one.json`) puts its 160 launches at "
-                     f"{k['us_per_token'] / 1e3:.2f} ms of a token; twice bf16's speed needs the step at "
-                     f"{bf16['best_replay_us'] / 2 / 1e3:.2f} ms, so with everything else as it is a layer's four "
-                     f"launches would have {_two_x_layer_us(r, k):.0f} µs, against {k['us_per_token'] / 40:.0f} today.")
+            bounds = proj["earlier_versions"][-1]["bounds_us"]
+            text += (f" Per projection, folded as the step runs them (`nf4_one.json`, another run; the Triton kernel "
+                     f"→ the CUDA kernel launched plainly → with programmatic dependent launch, back to back): {per}; "
+                     f"a layer's four {layer['triton_folded']:.1f} → {layer['one_folded']:.1f} → "
+                     f"{layer['one_folded_pdl']:.1f} µs. For scale, in launches of their own a plain read of the "
+                     f"same bytes takes {sum(b['plain_read'] for b in bounds.values()):.1f} µs a layer, and the "
+                     f"kernel's copies alone (its sums skipped, the version before this one) "
+                     f"{sum(b['copies_only'] for b in bounds.values()):.1f}.")
         ncu = load("nf4_one_ncu")
         if ncu:
             g = {x["projection"]: x for x in ncu["rows"]}["gate_up"]
             stall, per_issue = next(iter(g["stalls per issued instruction"].items()))
-            text += (f" Nsight Compute on gate_up (`nf4_one_ncu.json`): DRAM {g['DRAM Throughput %']:.0f}% busy, "
+            text += (f" Nsight Compute on gate_up (`nf4_one_ncu.json`, the version before this one: x copied with "
+                     f"each stage, plain launches): DRAM {g['DRAM Throughput %']:.0f}% busy, "
                      f"{g['Issued Warp Per Scheduler']:.2f} instructions issued per scheduler a cycle, and its warps "
                      f"wait most on `{stall}` ({per_issue:.2f} cycles per issued instruction), the queue of "
                      f"shared-memory instructions: its shared-memory loads, mostly the lookups, are "
@@ -2326,26 +2339,19 @@ def _bf16_scale() -> str:
             f"`gemv_accuracy.json`")
 
 
-def _two_x_layer_us(r: dict[str, Any], gemv: dict[str, Any]) -> float:
-    """µs a layer's four 4-bit launches could take for the step to run at twice bf16's speed: half bf16's step, less
-    everything that is not a 4-bit launch today (the step's µs less their µs), over 40 layers."""
-    v = _rows_by_variant(r)
-    rest = v["CUDA kernel"]["best_replay_us"] - gemv["us_per_token"]
-    return (v["bf16"]["best_replay_us"] / 2 - rest) / 40
-
-
 def nf4_one_table() -> Table | Text:
     """``nf4_one.json`` as a table: per projection at one token, folded as the step runs it, the Triton kernel
-    against the batch-1 CUDA kernel (µs, fraction of copy bandwidth)."""
+    against the batch-1 CUDA kernel launched plainly and with programmatic dependent launch (µs, fraction of copy
+    bandwidth)."""
     r = load("nf4_one")
     if r is None:
         return nf4_one_sentence()
     rows = [[p["projection"], f"{p['rows']}×{p['columns']}", f"{p['packed_bytes'] / 1e6:.1f}",
-             f"{p['triton_folded']['us']:.1f}", f"{p['one_folded']['us']:.1f}",
-             f"{p['one_folded_over_triton_folded']:.2f}x",
-             f"{p['one_folded']['fraction_of_copy_bandwidth'] * 100:.0f}%"] for p in r["projections"]]
-    return table(["projection", "weight", "packed MB", "Triton kernel (µs)", "CUDA kernel (µs)", "speed-up",
-                  "CUDA kernel, of copy bandwidth"], rows,
+             f"{p['triton_folded']['us']:.1f}", f"{p['one_folded']['us']:.1f}", f"{p['one_folded_pdl']['us']:.1f}",
+             f"{p['triton_folded']['us'] / p['one_folded_pdl']['us']:.2f}x",
+             f"{p['one_folded_pdl']['fraction_of_copy_bandwidth'] * 100:.0f}%"] for p in r["projections"]]
+    return table(["projection", "weight", "packed MB", "Triton kernel (µs)", "CUDA kernel (µs)",
+                  "CUDA kernel, PDL (µs)", "speed-up (PDL)", "CUDA kernel, PDL, of copy bandwidth"], rows,
                  caption=f"GLM-4-9B nf4 at one token, {measured_on(r)}, `nf4_one.json` (CUDA graphs, one run)")
 
 

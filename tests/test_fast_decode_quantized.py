@@ -98,16 +98,23 @@ def test_the_4bit_one_row_step_folds_its_norms_into_the_gemvs_and_gives_generate
         assert auto.fuses_norms(1) == folds and (not folds or auto.layer_fn_for(1) is decoder_layer)
 
 
-def test_programmatic_dependent_launch_stays_off_for_4bit_models_unless_asked_for(monkeypatch):
-    # on a GPU that has it (Hopper), PDL is the default for 16/32-bit models; a 4-bit step measured slower with it
-    # (benchmarks/results/nf4_fused.json)
+def test_programmatic_dependent_launch_is_on_for_4bit_models_only_where_the_batch1_cuda_kernel_runs(monkeypatch):
+    # on a GPU that has it (Hopper), PDL is the default for 16/32-bit models; for a 4-bit model where glmkit's batch-1
+    # CUDA kernel runs (nf4_one_step.json: the step 14% faster with it), not through the Triton 4-bit kernels (a step
+    # measured slower with it, benchmarks/results/nf4_fused.json) unless asked for (the GPU stood in for: none here)
     import glmkit.fast_decode
+    from glmkit import gemv4bit_one
     from glmkit.loading import load_model
 
     monkeypatch.setattr(glmkit.fast_decode, "choose_pdl", lambda pdl, devices: True if pdl is None else pdl)
     model = _load("nf4")
     assert not FastDecoder(model, max_len=8, gemv=False).pdl and FastDecoder(model, max_len=8, gemv=False, pdl=True).pdl
     assert FastDecoder(load_model(device_map="cpu", dtype=torch.float32), max_len=8, gemv=False).pdl
+    asked = []
+    monkeypatch.setattr(gemv4bit_one, "runs_on", lambda device, dtype: asked.append((device, dtype)) or True)
+    dtype = model.get_input_embeddings().weight.dtype  # the decoder's 16-bit type (the embeddings stay unquantized)
+    assert FastDecoder(model, max_len=8, gemv=False).pdl and asked == [(torch.device("cpu"), dtype)]
+    assert not FastDecoder(model, max_len=8, gemv=False, pdl=False).pdl
 
 
 @needs_triton

@@ -155,3 +155,76 @@ def test_first_run_checks_wait_outside_compiles_and_captures(inside, monkeypatch
     assert gemv4bit._first_run(answers, "gpu", lambda: runs.append(1) or False, True) is False
     assert gemv4bit._first_run(answers, "gpu", lambda: runs.append(1) or True, True) is False  # kept
     assert answers == {"gpu": False} and runs == [1]
+
+
+def test_the_dependent_launch_structs_have_the_drivers_layout():
+    """``CUlaunchConfig`` and ``CUlaunchAttribute`` as CUDA's ``cuda.h`` lays them out (64-bit): the driver reads
+    these bytes, so a field out of place would launch the wrong grid or no dependency."""
+    import ctypes
+
+    config, attribute = gemv4bit_mma._LaunchConfig, gemv4bit_mma._LaunchAttribute
+    assert [getattr(config, f).offset for f in ("grid", "block", "shared", "stream", "attrs", "count")] == \
+        [0, 12, 24, 32, 40, 48] and ctypes.sizeof(config) == 56
+    assert attribute.value.offset == 8 and ctypes.sizeof(attribute) == 72  # an id, padding, a 64-byte union
+    assert gemv4bit_mma.PROGRAMMATIC_STREAM_SERIALIZATION == 6
+
+
+def _stand_in_driver(monkeypatch, status: int) -> list:
+    """The driver's ``cuLaunchKernelEx`` stood in for (no GPU here): it records what it was handed."""
+    import ctypes
+    from types import SimpleNamespace
+
+    from torch.cuda import _utils
+
+    calls = []
+
+    def launch_kernel_ex(config_ref, func, args, extra):
+        config = ctypes.cast(config_ref, ctypes.POINTER(gemv4bit_mma._LaunchConfig)).contents
+        attribute = config.attrs[0]
+        calls.append(dict(grid=tuple(config.grid), block=tuple(config.block), shared=config.shared,
+                          stream=config.stream, count=config.count, id=attribute.id, value=attribute.value[0],
+                          func=func, pointer=ctypes.cast(args[0], ctypes.POINTER(ctypes.c_void_p)).contents.value,
+                          int=ctypes.cast(args[1], ctypes.POINTER(ctypes.c_int)).contents.value,
+                          double=ctypes.cast(args[2], ctypes.POINTER(ctypes.c_double)).contents.value))
+        return status
+
+    monkeypatch.setattr(_utils, "_get_gpu_runtime_library", lambda: SimpleNamespace(cuLaunchKernelEx=launch_kernel_ex),
+                        raising=False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(_as_parameter_=ctypes.c_void_p(4096)))
+    return calls
+
+
+def test_a_dependent_launch_hands_the_driver_the_grid_the_attribute_and_the_arguments(monkeypatch):
+    from types import SimpleNamespace
+
+    calls = _stand_in_driver(monkeypatch, status=0)
+    x = torch.zeros(4)
+    gemv4bit_mma.launch_dependent(SimpleNamespace(func=7), (132, 1, 1), (512, 1, 1), [x, 5, 0.25], 1000)
+    assert calls == [dict(grid=(132, 1, 1), block=(512, 1, 1), shared=1000, stream=4096, count=1, id=6, value=1,
+                          func=7, pointer=x.data_ptr(), int=5, double=0.25)]
+    with pytest.raises(TypeError, match="tensors, ints and floats"):
+        gemv4bit_mma.launch_dependent(SimpleNamespace(func=7), (1, 1, 1), (32, 1, 1), ["x"], 0)
+
+
+def test_a_failed_dependent_launch_warns_once_and_launches_plainly(monkeypatch):
+    """A driver that refuses programmatic dependent launch costs a warning, not the kernel: it launches plainly there
+    from then on (its wait is then a no-op)."""
+    import contextlib
+
+    calls = _stand_in_driver(monkeypatch, status=1)
+    plain = []
+
+    class Kernel:
+        func = 7
+
+        def __call__(self, grid, block, args, shared_mem):
+            plain.append((grid, block, shared_mem))
+
+    monkeypatch.setattr(gemv4bit_mma, "_kernel", lambda *a: Kernel())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(gemv4bit_mma, "_PLAIN_ONLY", set())
+    device = torch.device("cuda", 3)
+    with pytest.warns(RuntimeWarning, match="programmatic dependent launch failed on cuda:3 .*launch plainly"):
+        gemv4bit_mma.launch(device, [], (8, 1, 1), (64, 1, 1), [torch.zeros(1), 1, 0.5], 0, pdl=True)
+    gemv4bit_mma.launch(device, [], (8, 1, 1), (64, 1, 1), [torch.zeros(1), 1, 0.5], 0, pdl=True)  # tried once
+    assert len(calls) == 1 and plain == [((8, 1, 1), (64, 1, 1), 0)] * 2 and gemv4bit_mma._PLAIN_ONLY == {3}

@@ -14,6 +14,7 @@ import torch
 from test_gemv4bit_mma import _cuobjdump
 
 from glmkit import gemv4bit, gemv4bit_mma, gemv4bit_one
+from glmkit.gemv import dependent_launches
 from glmkit.gemv4bit import quantize
 
 pytest.importorskip("bitsandbytes")
@@ -33,7 +34,8 @@ def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual,
     everything in registers (16 warps an SM: at most 128 each), and does what the design says: copies with cp.async,
     products on the tensor cores in x's type, lookups from shared memory after a byte permute, each group of warps on
     its own barrier."""
-    shape = gemv4bit_one.shape_for(swiglu, smem)
+    k = 4096 if swiglu else 13696  # GLM-4-9B's longest rows of each kind (gate/up; down_proj)
+    shape = gemv4bit_one.shape_for(swiglu, k, smem)
     options = gemv4bit_one._options(bf16, swiglu, bias, segments, normed, residual, shape)
     cubin = gemv4bit_mma.compile_cubin(options, arch, gemv4bit_one.source(), gemv4bit_one.NAME)
     usage = _cuobjdump(cubin, "-res-usage", tmp_path)
@@ -41,12 +43,14 @@ def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual,
     assert "LOCAL:0" in usage and "STACK:0 " in usage, usage
     registers = int(re.search(r"REG:(\d+)", usage).group(1))
     assert registers * 32 * shape.groups * shape.warps <= 65536
-    assert shape.smem_bytes(swiglu) <= smem
+    assert shape.smem_bytes(swiglu, k) <= smem
     sass = _cuobjdump(cubin, "-sass", tmp_path)
     assert "LDGSTS" in sass  # cp.async
     assert re.search(r"HMMA\.16816\.F32" + (r"\.BF16" if bf16 else r"\s"), sass)
     assert sass.count(" PRMT ") >= 16 and len(re.findall(r"\bLDS\b", sass)) >= 16
     assert re.search(r"\bBAR\.SYNC(\.DEFER_BLOCKING)? R", sass)  # a group's barrier, its number in a register
+    if arch == "sm_90":  # programmatic dependent launch: the next kernel may launch; wait for the one before
+        assert "PREEXIT" in sass and "ACQBULK" in sass
 
 
 def _params() -> list[str]:
@@ -83,9 +87,13 @@ def test_launch_matches_the_kernels_parameters(swiglu, heights, fold, monkeypatc
     for arg, param in zip(args, params):
         kind = torch.Tensor if "*" in param else float if param.startswith("double") else int
         assert isinstance(arg, kind), (param, arg)
-    shape = gemv4bit_one.shape_for(swiglu)
+    shape = gemv4bit_one.shape_for(swiglu, 128)
     assert grid == (min(4, tiles), 1, 1) and block == (32 * shape.groups * shape.warps, 1, 1)
-    assert shared == shape.smem_bytes(swiglu) and device == x.device
+    assert shared == shape.smem_bytes(swiglu, 128) and device == x.device
+    assert launches[0][1] == {"pdl": False}  # programmatic dependent launch only inside dependent_launches
+    with dependent_launches():
+        gemv4bit_one.gemv_4bit_one(x, ws, torch.zeros(n) if fold == "normed" else None, swiglu, **fold_args)
+    assert launches[1][1] == {"pdl": True}
     named = dict(zip([p.split()[-1].lstrip("*") for p in params], args))
     assert named["y"] is y and named["chunks"] == 2 and named["tiles"] == tiles
     assert f"-DNORMED={int(fold == 'normed')}" in options and f"-DRESIDUAL={int(fold == 'residual')}" in options
@@ -102,16 +110,18 @@ def test_launch_matches_the_kernels_parameters(swiglu, heights, fold, monkeypatc
 def test_shapes_and_tiles():
     # GLM-4-9B: q/k/v 288 tiles, o_proj and down_proj 256, gate/up 856 (16 gate rows and their up rows each)
     assert gemv4bit_one.tiles([4096, 256, 256], False) == 288 and gemv4bit_one.tiles([27392], True) == 856
-    for swiglu in (False, True):
-        h200 = gemv4bit_one.shape_for(swiglu)
-        assert h200.wide and h200.smem_bytes(swiglu) <= gemv4bit_one.SMEM_H200 and h200.groups * h200.warps == 16
+    for swiglu, k in ((False, 4096), (False, 13696), (True, 4096)):
+        h200 = gemv4bit_one.shape_for(swiglu, k)
+        assert h200.wide and h200.smem_bytes(swiglu, k) <= gemv4bit_one.SMEM_H200 and h200.groups * h200.warps == 16
         # a 12 GB consumer card (sm_86/sm_89: 99 KiB a CTA) gets a smaller shape of the same stages, with the
         # narrow table (the wide one would leave it fewer warps); 32 KiB: none
-        small = gemv4bit_one.shape_for(swiglu, 99 * 1024)
-        assert small.smem_bytes(swiglu) <= 99 * 1024 and small.depth == 2 and small.groups * small.warps >= 4
-        assert not small.wide and replace(small, wide=True).smem_bytes(swiglu) > 99 * 1024
-        assert gemv4bit_one.shape_for(swiglu, 32 * 1024) is None  # the narrow lookup table alone takes 32 KiB
-        assert gemv4bit_one.shape_for(swiglu, 163 * 1024).smem_bytes(swiglu) <= 163 * 1024  # an A100
+        small = gemv4bit_one.shape_for(swiglu, k, 99 * 1024)
+        assert small.smem_bytes(swiglu, k) <= 99 * 1024 and small.depth == 2 and small.groups * small.warps >= 4
+        assert not small.wide and replace(small, wide=True).smem_bytes(swiglu, k) > 99 * 1024
+        assert gemv4bit_one.shape_for(swiglu, k, 32 * 1024) is None  # the narrow lookup table alone takes 32 KiB
+        assert gemv4bit_one.shape_for(swiglu, k, 163 * 1024).smem_bytes(swiglu, k) <= 163 * 1024  # an A100
+    # x's part: every warp's run of whole stages (4 chunks of 64), 128 bytes a chunk
+    assert gemv4bit_one.SHAPE.x_bytes(4096) == 4096 * 2 and gemv4bit_one.SHAPE.x_bytes(13696) == 4 * 56 * 128
 
 
 @pytest.mark.parametrize("shape", [gemv4bit_one.SHAPE, gemv4bit_one.OneShape(3, 4, 2), gemv4bit_one.OneShape(4, 4, 3),
@@ -126,7 +136,7 @@ def test_the_shared_memory_asked_for_is_where_the_kernels_layout_ends(shape):
         for arch in ("sm_80", "sm_90"):
             for less in (0, 16):
                 options = gemv4bit_one._options(True, swiglu, False, 1, False, True, shape)
-                options.append(f"-DEXPECT_SMEM_END={shape.smem_bytes(swiglu) - less}")
+                options.append(f"-DEXPECT_SMEM_END={shape.layout_bytes(swiglu) - less}")
                 try:
                     gemv4bit_mma.compile_cubin(options, arch, gemv4bit_one.source(), gemv4bit_one.NAME)
                     fits[swiglu, arch, less] = True
