@@ -715,11 +715,12 @@ class FastDecoder:
         pdl: capture the uncompiled batch-1 Triton step with programmatic dependent launch
             (``glmkit.gemv.dependent_launches``: each kernel launches while the one before finishes). Default: where
             every device supports it (``glmkit.gemv.pdl_supported``: compute capability 9.0+); if it fails there,
-            a warning and plain launches. A 4-bit model: on where glmkit's batch-1 CUDA 4-bit kernel runs
-            (``glmkit.gemv4bit_one``: each launch fetches its first weights and writes its lookup table while the
-            kernel before ends; GLM-4-9B's step took 14% less time with it on an H200,
-            ``benchmarks/results/nf4_one_step.json``), else off unless ``pdl=True`` (through the Triton 4-bit
-            kernels the step took 1.8% more time with it, ``nf4_fused.json``).
+            a warning and plain launches. A 4-bit model: its one-row step, where glmkit's batch-1 CUDA 4-bit kernel
+            runs on every device and reads every weight (``glmkit.gemv4bit_one``: blocksize 64, no double
+            quantization; each launch fetches its first weights and writes its lookup table while the kernel before
+            ends; GLM-4-9B's step took 14% less time with it on an H200, ``benchmarks/results/nf4_one_step.json``),
+            else off unless ``pdl=True`` (through the Triton 4-bit kernels the step took 1.8% more time with it,
+            ``nf4_fused.json``).
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
@@ -778,7 +779,8 @@ class FastDecoder:
         self.compile_auto = compile is None
         # (4 bits: on where the batch-1 CUDA kernel runs on every device, nf4_one_step.json; through the Triton 4-bit
         # kernels off unless asked for: that step decoded 1.8% slower with it on an H200, nf4_fused.json)
-        one_kernel = all(gemv4bit_one.runs_on(d, dtype) for d in self.devices)
+        one_kernel = all(gemv4bit_one.runs_on(d, dtype) for d in self.devices) and \
+            all(gemv4bit_one.reads_state(p.quant_state) for p in model.parameters() if is_4bit(p))
         self.pdl = choose_pdl(pdl, self.devices) and not (pdl is None and quantized and not one_kernel)
         self.auto_pdl = pdl is None
         if on_gpu and "triton" in self.gemv_by_bucket.values():
@@ -848,8 +850,9 @@ class FastDecoder:
 
     def uses_pdl(self, b: int) -> bool:
         """Whether the step of ``b`` rows launches glmkit's kernels with programmatic dependent launch (``pdl``, on
-        the uncompiled Triton step only)."""
-        return self.pdl and self.gemv_by_bucket[b] == "triton" and self.layer_fn_for(b) is decoder_layer
+        the uncompiled Triton step only; a 4-bit model's one-row step only, the batch-1 CUDA kernel's)."""
+        return self.pdl and self.gemv_by_bucket[b] == "triton" and self.layer_fn_for(b) is decoder_layer and \
+            (b == 1 or not self.quantized)
 
     def fuses_norms(self, b: int) -> bool:
         """Whether the step of ``b`` rows runs glmkit's Triton GEMVs with the RMSNorms and the residual adds folded in

@@ -121,9 +121,10 @@ def dependent_launches(enabled: bool = True) -> Iterator[None]:
     attention once its reads of q/k/v have arrived, ``glmkit.attention.LAUNCH_NEXT_LATE``), and the next waits
     (``griddepcontrol.wait``) before it reads or writes anything the step writes (the decode attention reads its
     first tile of the cache, which earlier steps wrote, before; the batch-1 4-bit CUDA kernel, ``glmkit.gemv4bit_one``,
-    its first weights), so the gap between two kernels of a decode step is hidden without a race. ``FastDecoder``
-    (a 4-bit model only where the batch-1 CUDA kernel runs: through the Triton 4-bit kernels a step was slower with
-    it, ``benchmarks/results/nf4_fused.json``) and ``TPDecoder`` capture their batch-1 step this way where
+    its first weights and its lookup table's 16 values, which nothing in a step writes), so the gap between two
+    kernels of a decode step is hidden without a race. ``FastDecoder`` (a 4-bit model's one-row step only where the
+    batch-1 CUDA kernel runs and reads its weights: through the Triton 4-bit kernels a step was slower with it,
+    ``benchmarks/results/nf4_fused.json``) and ``TPDecoder`` capture their batch-1 step this way where
     ``pdl_supported``; on an H200 GLM-4-9B decoded 207.3 tok/s so against 205.1 without
     (``benchmarks/results/pdl_decode.json``), in nf4 through the CUDA kernel 427.2 against 368.3
     (``nf4_one_step.json``). Launches inside ``torch.compile`` must not use it (its analysis of
@@ -282,8 +283,9 @@ if triton is not None:
     def wait_for_previous_kernel(PDL: tl.constexpr):
         # both, first thing: the next kernel may start as soon as every program of this one has started; nothing
         # the previous kernel writes is read or written before it has finished. The first thing each of glmkit's
-        # GEMV kernels does (reading weights before the wait cost more than it saved: the reads of the kernel
-        # before waited behind them, benchmarks/results/early_loads.json and early_reads.json)
+        # Triton GEMV kernels does (reading weights before the wait cost them more than it saved: the reads of the
+        # kernel before waited behind them, benchmarks/results/early_loads.json and early_reads.json; the batch-1
+        # 4-bit CUDA kernel, glmkit.gemv4bit_one, whose launches are short, does read its first weights before)
         allow_next_kernel(PDL)
         wait_for_inputs(PDL)
 

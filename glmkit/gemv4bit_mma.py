@@ -39,6 +39,7 @@ turns it off. Notebook ``04_quantization.ipynb`` shows its speed.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import warnings
 from collections.abc import Sequence
@@ -435,7 +436,7 @@ def launch(device: torch.device, options: list[str], grid: tuple[int, int, int],
             try:
                 launch_dependent(kernel, grid, block, args, shared)
                 return
-            except (AttributeError, OSError, RuntimeError) as exc:  # (a driver without cuLaunchKernelEx, or refusing)
+            except (AttributeError, OSError, DependentLaunchRefused) as exc:  # (no cuLaunchKernelEx, or refused)
                 _PLAIN_ONLY.add(device.index)
                 warnings.warn(f"glmkit's CUDA 4-bit kernels: programmatic dependent launch failed on {device} "
                               f"({exc}); they launch plainly there instead.", RuntimeWarning, stacklevel=2)
@@ -455,6 +456,20 @@ class _LaunchConfig(ctypes.Structure):  # the driver's CUlaunchConfig
 
 
 PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+REFUSED = {1: "CUDA_ERROR_INVALID_VALUE", 801: "CUDA_ERROR_NOT_SUPPORTED"}  # what a driver without it answers
+
+
+class DependentLaunchRefused(RuntimeError):
+    """The driver does not launch with programmatic dependent launch here (``REFUSED``): launch plainly."""
+
+
+@functools.cache
+def _launch_kernel_ex() -> Any:
+    """The driver's ``cuLaunchKernelEx`` (looked up once)."""
+    from torch.cuda import _utils
+
+    driver = getattr(_utils, "_get_gpu_runtime_library", None) or _utils._get_cuda_library  # (older torch)
+    return driver().cuLaunchKernelEx
 
 
 def launch_dependent(kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int], args: list[Any],
@@ -463,9 +478,6 @@ def launch_dependent(kernel: Any, grid: tuple[int, int, int], block: tuple[int, 
     dependent launch (``cuLaunchKernelEx``): it may start while the kernel before it finishes, and its
     ``griddepcontrol.wait`` waits for that kernel's end. Its arguments as torch's launcher passes them: a tensor
     as its address, an int as a C ``int``, a float as a C ``double``."""
-    from torch.cuda import _utils
-
-    driver = getattr(_utils, "_get_gpu_runtime_library", None) or _utils._get_cuda_library  # (older torch)
     values: list[Any] = []
     for arg in args:
         if isinstance(arg, torch.Tensor):
@@ -481,7 +493,9 @@ def launch_dependent(kernel: Any, grid: tuple[int, int, int], block: tuple[int, 
     attribute.value[0] = 1
     config = _LaunchConfig((ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared,
                            torch.cuda.current_stream()._as_parameter_, ctypes.pointer(attribute), 1)
-    status = driver().cuLaunchKernelEx(ctypes.byref(config), kernel.func, pointers, None)
+    status = _launch_kernel_ex()(ctypes.byref(config), kernel.func, pointers, None)
+    if status in REFUSED:
+        raise DependentLaunchRefused(f"cuLaunchKernelEx answered {REFUSED[status]}")
     if status != 0:
         raise RuntimeError(f"cuLaunchKernelEx failed with CUDA error {status}")
 

@@ -7,8 +7,8 @@ byte and one shared-memory load to look it up, as ``glmkit.gemv4bit_mma`` does f
 the way one token needs them:
 
 * every warp copies its own run of the weight's rows into shared memory with ``cp.async`` (whole 32-byte sectors of
-  8 rows an instruction, a stage ahead, the block scales with them): no register holds a load in flight and no warp
-  waits for another's bytes; x is read into shared memory once a CTA;
+  8 rows an instruction, a stage ahead, the block scales with them): no register holds a weight's load in flight and
+  no warp waits for another's bytes; x is read into shared memory once a CTA;
 * one shared-memory load turns a byte into the pair of 16-bit values of its nibbles (a 256-entry table, a copy per
   lane: a warp's 32 lookups never wait on each other); that pair is one register of the operand of
   ``mma.m16n8k16``, which multiplies 16 rows by x. With the table's entries 256 bytes apart, in a 64 KiB-aligned
@@ -18,9 +18,9 @@ the way one token needs them:
   gate rows then one of up rows) in turn, so the table is built once a launch; each group sums its tile's warps in a
   fixed order (the same bits every run);
 * launched with programmatic dependent launch (inside ``glmkit.gemv.dependent_launches``, Hopper), it fetches its
-  first stage and writes its table while the kernel before ends, then waits (``griddepcontrol.wait``) before it reads
-  what that kernel wrote (x, the norm's sums, the residual stream: through pointers laundered after the wait, so the
-  compiler cannot move those loads above it) or writes anything.
+  first stages (all but one of its ring's) and writes its table while the kernel before ends, then waits
+  (``griddepcontrol.wait``) before it reads what that kernel wrote (x, the norm's sums, the residual stream: through
+  pointers laundered after the wait, so the compiler cannot move those loads above it) or writes anything.
 
 It also folds what the 4-bit one-token step folds (``glmkit.gemv4bit.gemv_4bit_normed``, ``gemv_4bit_residual``):
 x may be a ``NormedStream`` (the sums are multiplied by ``1 / rms``), and the product may be added to the residual
@@ -58,8 +58,8 @@ import torch
 from glmkit import gemv, gemv4bit_mma
 from glmkit.gemv4bit_mma import or_stand_in
 
-__all__ = ["gemv_4bit_one", "usable", "runs_on", "OneShape", "shape_for", "smem_limit", "tiles", "SHAPE", "source",
-           "NAME"]
+__all__ = ["gemv_4bit_one", "usable", "runs_on", "reads_state", "OneShape", "shape_for", "smem_limit", "tiles", "SHAPE",
+           "source", "NAME"]
 
 NAME = "glmkit_gemv4_one"
 LABEL = "batch-1 4-bit CUDA kernel"  # its name in a warning
@@ -618,6 +618,17 @@ def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: b
         shape_for(swiglu, x.shape[-1], smem_limit(x.device)) is not None
 
 
+def reads_state(state: Any) -> bool:
+    """Whether this kernel reads the weights of a bitsandbytes ``QuantState`` as they are: bitsandbytes' default
+    blocksize (64) and plain fp32 scales (double quantization takes the Triton kernel).
+
+    >>> from types import SimpleNamespace
+    >>> reads_state(SimpleNamespace(blocksize=64, nested=False)), reads_state(SimpleNamespace(blocksize=64, nested=True))
+    (True, False)
+    """
+    return int(state.blocksize) == 64 and not state.nested
+
+
 def _programs(device: torch.device, tiles: int) -> int:
     """CTAs a launch: one an SM, fewer when there are fewer tiles (tile t goes to CTA t % CTAs, so the SMs share
     the tiles evenly and a CTA's groups take them in turn)."""
@@ -658,7 +669,7 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
             or_stand_in(scaled, y), or_stand_in(partials, y)]
     gemv4bit_mma.launch(x.device, options, (_programs(x.device, t), 1, 1),
                         (shape.groups * shape.warps * 32, 1, 1), args, shape.smem_bytes(swiglu, k), _SOURCE, NAME,
-                        pdl=bool(gemv.PDL))
+                        pdl=bool(gemv.PDL) and torch.cuda.get_device_capability(x.device) >= (9, 0))
     return y
 
 

@@ -113,8 +113,12 @@ def test_programmatic_dependent_launch_is_on_for_4bit_models_only_where_the_batc
     asked = []
     monkeypatch.setattr(gemv4bit_one, "runs_on", lambda device, dtype: asked.append((device, dtype)) or True)
     dtype = model.get_input_embeddings().weight.dtype  # the decoder's 16-bit type (the embeddings stay unquantized)
-    assert FastDecoder(model, max_len=8, gemv=False).pdl and asked == [(torch.device("cpu"), dtype)]
+    decoder = FastDecoder(model, max_len=8, gemv="triton", compile=False, batch_size=2)
+    assert decoder.pdl and asked == [(torch.device("cpu"), dtype)]
+    assert decoder.uses_pdl(1) and not decoder.uses_pdl(2)  # 2-8 rows take other kernels: plain launches
     assert not FastDecoder(model, max_len=8, gemv=False, pdl=False).pdl
+    # double quantization: the batch-1 CUDA kernel does not read it (the Triton kernel does, slower with PDL)
+    assert not FastDecoder(_load("nf4-dq"), max_len=8, gemv=False).pdl
 
 
 @needs_triton

@@ -174,8 +174,6 @@ def _stand_in_driver(monkeypatch, status: int) -> list:
     import ctypes
     from types import SimpleNamespace
 
-    from torch.cuda import _utils
-
     calls = []
 
     def launch_kernel_ex(config_ref, func, args, extra):
@@ -188,8 +186,7 @@ def _stand_in_driver(monkeypatch, status: int) -> list:
                           double=ctypes.cast(args[2], ctypes.POINTER(ctypes.c_double)).contents.value))
         return status
 
-    monkeypatch.setattr(_utils, "_get_gpu_runtime_library", lambda: SimpleNamespace(cuLaunchKernelEx=launch_kernel_ex),
-                        raising=False)
+    monkeypatch.setattr(gemv4bit_mma, "_launch_kernel_ex", lambda: launch_kernel_ex)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda: SimpleNamespace(_as_parameter_=ctypes.c_void_p(4096)))
     return calls
 
@@ -211,7 +208,7 @@ def test_a_failed_dependent_launch_warns_once_and_launches_plainly(monkeypatch):
     from then on (its wait is then a no-op)."""
     import contextlib
 
-    calls = _stand_in_driver(monkeypatch, status=1)
+    calls = _stand_in_driver(monkeypatch, status=801)  # CUDA_ERROR_NOT_SUPPORTED
     plain = []
 
     class Kernel:
@@ -228,3 +225,7 @@ def test_a_failed_dependent_launch_warns_once_and_launches_plainly(monkeypatch):
         gemv4bit_mma.launch(device, [], (8, 1, 1), (64, 1, 1), [torch.zeros(1), 1, 0.5], 0, pdl=True)
     gemv4bit_mma.launch(device, [], (8, 1, 1), (64, 1, 1), [torch.zeros(1), 1, 0.5], 0, pdl=True)  # tried once
     assert len(calls) == 1 and plain == [((8, 1, 1), (64, 1, 1), 0)] * 2 and gemv4bit_mma._PLAIN_ONLY == {3}
+    # any other error is the kernel's (the caller turns the kernel off, or a capture fails): no quiet fallback
+    _stand_in_driver(monkeypatch, status=700)  # CUDA_ERROR_ILLEGAL_ADDRESS
+    with pytest.raises(RuntimeError, match="CUDA error 700"):
+        gemv4bit_mma.launch(torch.device("cuda", 2), [], (8, 1, 1), (64, 1, 1), [torch.zeros(1), 1, 0.5], 0, pdl=True)
