@@ -602,6 +602,17 @@ def runs_on(device: torch.device | str, dtype: torch.dtype, *, env: bool = True)
     return gemv4bit_mma.cuda_kernel_runs(device, dtype, NAME, env=env)
 
 
+def reads_state(state: Any) -> bool:
+    """Whether this kernel reads the weights of a bitsandbytes ``QuantState`` (or a ``Packed4bit``) as they are:
+    bitsandbytes' default blocksize (64) and plain fp32 scales (double quantization takes the Triton kernel).
+
+    >>> from types import SimpleNamespace
+    >>> reads_state(SimpleNamespace(blocksize=64, nested=False)), reads_state(SimpleNamespace(blocksize=64, nested=True))
+    (True, False)
+    """
+    return int(state.blocksize) == 64 and not state.nested
+
+
 def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: bool = True) -> bool:
     """Whether ``glmkit.gemv4bit`` multiplies the one token ``x`` by these ``Packed4bit`` weights with this kernel:
     where it runs (``runs_on``) with a launch shape that fits its shared memory (``shape_for``), bitsandbytes'
@@ -612,21 +623,10 @@ def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: b
     """
     if not x.is_cuda or x.numel() != x.shape[-1]:
         return False
-    readable = all(v.blocksize == 64 and not v.nested and v.data.data_ptr() % 16 == 0
-                   and v.absmax.dtype == torch.float32 and v.absmax.is_contiguous() for v in ws)
+    readable = all(reads_state(v) and v.data.data_ptr() % 16 == 0 and v.absmax.dtype == torch.float32
+                   and v.absmax.is_contiguous() for v in ws)
     return readable and runs_on(x.device, x.dtype, env=env) and \
         shape_for(swiglu, x.shape[-1], smem_limit(x.device)) is not None
-
-
-def reads_state(state: Any) -> bool:
-    """Whether this kernel reads the weights of a bitsandbytes ``QuantState`` as they are: bitsandbytes' default
-    blocksize (64) and plain fp32 scales (double quantization takes the Triton kernel).
-
-    >>> from types import SimpleNamespace
-    >>> reads_state(SimpleNamespace(blocksize=64, nested=False)), reads_state(SimpleNamespace(blocksize=64, nested=True))
-    (True, False)
-    """
-    return int(state.blocksize) == 64 and not state.nested
 
 
 def _programs(device: torch.device, tiles: int) -> int:
