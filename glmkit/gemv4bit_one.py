@@ -227,6 +227,13 @@ __device__ __forceinline__ Tile locate(int t, const unsigned char* q0, const flo
     return tile;
 }
 
+/* the row of the tile that a lane of the warp ending it takes (lane & 15), and whether the lane stores it: one of
+   lanes 0-15, in the weight (gate/up: its n / 2 gate rows) */
+__device__ __forceinline__ bool ends_row(const Tile& tile, int lane, int& row) {
+    row = tile.row0 + (lane & 15);
+    return lane < 16 && row < (SWIGLU ? tile.n / 2 : tile.n);
+}
+
 /* where 16-byte granule c16 of tile row r lies in a stage's bytes: rows of 128 bytes, granules permuted per
    row so that a warp's 8-byte reads (lane (g, quad): rows g and g + 8, granule 2c + quad / 2) never share a bank */
 __device__ __forceinline__ u32 granule_at(int r, int c16) { return r * 128 + ((c16 ^ (2 * (r & 3))) << 4); }
@@ -490,8 +497,8 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
 #if HAS_BIAS || RESIDUAL
         if (stage == 0 && gw == 0) {
             const Tile tile = locate(tile_index, q0, a0, n0, q1, a1, n1, q2, a2, n2);
-            const int row = tile.row0 + (lane & 15);
-            if (lane < 16 && row < (SWIGLU ? tile.n / 2 : tile.n)) {
+            int row;
+            if (ends_row(tile, lane, row)) {
 #if HAS_BIAS
                 early_bias = from16(bias[tile.row_out + row]);
 #endif
@@ -530,9 +537,9 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
         group_sync(group);
         if (gw == 0) {
             const Tile tile = locate(tile_index, q0, a0, n0, q1, a1, n1, q2, a2, n2);
-            const int r = lane & 15, row = tile.row0 + r;
-            const int n = SWIGLU ? tile.n / 2 : tile.n;
-            const bool stored = lane < 16 && row < n;
+            const int r = lane & 15;
+            int row;
+            const bool stored = ends_row(tile, lane, row);
             float sum = 0.0f;
 #if SWIGLU
             float up = 0.0f;
