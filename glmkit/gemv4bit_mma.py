@@ -432,18 +432,18 @@ def launch(device: torch.device, options: list[str], grid: tuple[int, int, int],
         kernel = _kernel(device, options, source, name)
         if shared >= SHARED_LIMIT and getattr(kernel, "_max_shared_mem_bytes", shared) < shared:
             kernel.set_shared_memory_config(shared)
-        if pdl and device.index not in _PLAIN_ONLY:
+        if pdl and _index(device) not in _PLAIN_ONLY:
             try:
                 launch_dependent(kernel, grid, block, args, shared)
                 return
             except (AttributeError, OSError, DependentLaunchRefused) as exc:  # (no cuLaunchKernelEx, or refused)
-                _PLAIN_ONLY.add(device.index)
+                _PLAIN_ONLY.add(_index(device))
                 warnings.warn(f"glmkit's CUDA 4-bit kernels: programmatic dependent launch failed on {device} "
                               f"({exc}); they launch plainly there instead.", RuntimeWarning, stacklevel=2)
         kernel(grid, block, args, shared_mem=shared)
 
 
-_PLAIN_ONLY: set[int | None] = set()  # devices where a launch with programmatic dependent launch failed
+_PLAIN_ONLY: set[int] = set()  # device indices where a launch with programmatic dependent launch failed
 
 
 class _LaunchAttribute(ctypes.Structure):  # the driver's CUlaunchAttribute: an id, then a 64-byte value
