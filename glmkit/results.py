@@ -2293,19 +2293,22 @@ def nf4_one_sentence() -> Text:
                 f"µs less, {(one['best_replay_us'] - bf16['best_replay_us'] / 2) / 40:.1f} µs a layer.")
         proj = load("nf4_one")
         if proj:
-            per = ", ".join(f"{p['projection']} {p['triton_folded']['us']:.1f} → {p['one_folded']['us']:.1f} → "
-                            f"{p['one_folded_pdl']['us']:.1f} µs "
-                            f"({p['one_folded_pdl']['fraction_of_copy_bandwidth'] * 100:.0f}% of copy bandwidth)"
+            keys = _one_variants(proj)
+            per = ", ".join(f"{p['projection']} " + " → ".join(f"{p[key]['us']:.1f}" for key in keys) + " µs "
+                            f"({p[keys[-1]]['fraction_of_copy_bandwidth'] * 100:.0f}% of copy bandwidth)"
                             for p in proj["projections"])
             layer = proj["layer_us"]
-            bounds = proj["earlier_versions"][-1]["bounds_us"]
-            text += (f" Per projection, folded as the step runs them (`nf4_one.json`, another run; the Triton kernel "
-                     f"→ the CUDA kernel launched plainly → with programmatic dependent launch, back to back): {per}; "
-                     f"a layer's four {layer['triton_folded']:.1f} → {layer['one_folded']:.1f} → "
-                     f"{layer['one_folded_pdl']:.1f} µs. For scale, in launches of their own a plain read of the "
-                     f"same bytes takes {sum(b['plain_read'] for b in bounds.values()):.1f} µs a layer, and the "
-                     f"kernel's copies alone (its sums skipped, the version before this one) "
-                     f"{sum(b['copies_only'] for b in bounds.values()):.1f}.")
+            order = "the Triton kernel → the CUDA kernel launched plainly" + \
+                (" → with programmatic dependent launch, back to back" if len(keys) == 3 else "")
+            four = " → ".join(f"{layer[key]:.1f}" for key in keys)
+            text += (f" Per projection, folded as the step runs them (`nf4_one.json`, another run; {order}): {per}; a "
+                     f"layer's four {four} µs.")
+            bounds = next((e["bounds_us"] for e in proj.get("earlier_versions", []) if "bounds_us" in e), None)
+            if bounds:
+                text += (f" For scale, in launches of their own a plain read of the same bytes takes "
+                         f"{sum(b['plain_read'] for b in bounds.values()):.1f} µs a layer, and the kernel's copies "
+                         f"alone (its sums skipped, the version before this one) "
+                         f"{sum(b['copies_only'] for b in bounds.values()):.1f}.")
         ncu = load("nf4_one_ncu")
         if ncu:
             g = {x["projection"]: x for x in ncu["rows"]}["gate_up"]
@@ -2346,13 +2349,22 @@ def nf4_one_table() -> Table | Text:
     r = load("nf4_one")
     if r is None:
         return nf4_one_sentence()
+    keys = _one_variants(r)
+    last = "CUDA kernel, PDL" if len(keys) == 3 else "CUDA kernel"
     rows = [[p["projection"], f"{p['rows']}×{p['columns']}", f"{p['packed_bytes'] / 1e6:.1f}",
-             f"{p['triton_folded']['us']:.1f}", f"{p['one_folded']['us']:.1f}", f"{p['one_folded_pdl']['us']:.1f}",
-             f"{p['triton_folded']['us'] / p['one_folded_pdl']['us']:.2f}x",
-             f"{p['one_folded_pdl']['fraction_of_copy_bandwidth'] * 100:.0f}%"] for p in r["projections"]]
+             *[f"{p[key]['us']:.1f}" for key in keys], f"{p['triton_folded']['us'] / p[keys[-1]]['us']:.2f}x",
+             f"{p[keys[-1]]['fraction_of_copy_bandwidth'] * 100:.0f}%"] for p in r["projections"]]
     return table(["projection", "weight", "packed MB", "Triton kernel (µs)", "CUDA kernel (µs)",
-                  "CUDA kernel, PDL (µs)", "speed-up (PDL)", "CUDA kernel, PDL, of copy bandwidth"], rows,
+                  *(["CUDA kernel, PDL (µs)"] if len(keys) == 3 else []),
+                  "speed-up (PDL)" if len(keys) == 3 else "speed-up", f"{last}, of copy bandwidth"], rows,
                  caption=f"GLM-4-9B nf4 at one token, {measured_on(r)}, `nf4_one.json` (CUDA graphs, one run)")
+
+
+def _one_variants(r: dict[str, Any]) -> list[str]:
+    """The folded timings of ``nf4_one.json``'s projections, slowest kernel first: the Triton kernel, the CUDA kernel
+    launched plainly, and with programmatic dependent launch where the GPU that ran it has it."""
+    pdl = all("one_folded_pdl" in p for p in r["projections"])
+    return ["triton_folded", "one_folded", *(["one_folded_pdl"] if pdl else [])]
 
 
 def nf4_one_chart() -> Any:

@@ -558,3 +558,22 @@ def test_one_sequence_through_the_cuda_kernel_renders_the_committed_files_and_th
     stall = max(gate_up["stalls per issued instruction"].items(), key=lambda kv: kv[1])
     assert gate_up["projection"] == "gate_up" and f"`{stall[0]}` ({stall[1]:.2f} cycles" in sentence
     assert f"DRAM {gate_up['DRAM Throughput %']:.0f}% busy" in sentence
+
+
+def test_one_sequence_figures_render_a_fresh_run_without_dependent_launch(monkeypatch):
+    """``nf4_one.py`` run again on a GPU without programmatic dependent launch (before Hopper) writes no PDL timings
+    and no ``earlier_versions``: the sentence and table show what it has, the plain launches last."""
+    import copy
+
+    proj = copy.deepcopy(results.load("nf4_one"))
+    for p in proj["projections"]:
+        del p["one_folded_pdl"]
+    del proj["layer_us"]["one_folded_pdl"], proj["earlier_versions"]
+    loaded = results.load
+    monkeypatch.setattr(results, "load", lambda name, *a: proj if name == "nf4_one" else loaded(name, *a))
+    sentence, table = str(results.nf4_one_sentence()), results.nf4_one_table()
+    q = proj["projections"][0]
+    assert f"{q['projection']} {q['triton_folded']['us']:.1f} → {q['one_folded']['us']:.1f} µs" in sentence
+    assert "back to back" not in sentence and "plain read of the same bytes" not in sentence
+    assert "CUDA kernel, PDL (µs)" not in table.headers and table.rows[0][4] == f"{q['one_folded']['us']:.1f}"
+    assert table.rows[0][5] == f"{q['triton_folded']['us'] / q['one_folded']['us']:.2f}x"
