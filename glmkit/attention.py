@@ -35,6 +35,7 @@ leaves there change nothing. ``cos_table``: the kernel reads the rotary tables a
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -83,6 +84,13 @@ ONE_SPLIT_MAX = 512  # a cache of at most this many positions is one program per
 # H200, slower throughout: 214.8 against 213.5, attention_tickets_run2.json). Tiles of 64 with 4 warps were slower at
 # every length (attention_tickets_first.json).
 TICKET_TILE = (128, 8)
+# Where the kernel before leaves SMs to this one's programs (``early``: glmkit's batch-1 4-bit q/k/v kernel,
+# ``glmkit.gemv4bit_one.sms_left``), they start while it runs, and read their first tile meanwhile: a tile of
+# EARLY_TILE[0] positions (EARLY_TILE[1] warps) then holds a short cache's first 256 positions before q/k/v ends, with
+# no second tile and no combine. GLM-4-9B nf4 at batch 1 on an H200, one run: 431.8 tok/s against 430.0 with
+# TICKET_TILE (a step at a 160-token cache 2286 µs against 2330); without SMs left (bf16's q/k/v), tiles of 256 were
+# slower: 213.2 against 215.2 (benchmarks/results/nf4_leave_sms.json).
+EARLY_TILE = (256, 8)
 
 
 def split_length(batch: int, kv_heads: int, max_len: int, target: int = TARGET_PROGRAMS) -> int:
@@ -101,6 +109,40 @@ def split_length(batch: int, kv_heads: int, max_len: int, target: int = TARGET_P
     per_program = triton.cdiv(batch * kv_heads * max_len, target)
     length = max(BLOCK_N, triton.next_power_of_2(per_program), triton.next_power_of_2(triton.cdiv(max_len, MAX_SPLITS)))
     return min(length, max(BLOCK_N, triton.next_power_of_2(max_len)))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How ``decode_attention`` launches: ``splits`` programs a sequence and KV head (``split`` cache positions
+    each), walking tiles of ``tile`` positions with ``warps`` warps; ``programs`` in all.
+
+    >>> Grid.of(1, 2, 296, tickets=True)
+    Grid(split=128, splits=3, tile=128, warps=8, programs=6, side_by_side=True)
+    >>> Grid.of(1, 2, 296, tickets=True, early=True).programs  # the kernel before left it SMs: tiles of 256
+    4
+    """
+
+    split: int
+    splits: int
+    tile: int
+    warps: int
+    programs: int
+    side_by_side: bool = False  # one sequence's short cache in tiles side by side (tickets)
+
+    @staticmethod
+    def of(batch: int, kv_heads: int, max_len: int, tickets: bool, split: int | None = None,
+           early: bool = False) -> Grid:
+        """The launch of ``batch`` sequences of a cache of ``kv_heads`` x ``max_len`` positions, with ``tickets`` or
+        without, ``split`` positions a program if given (``decode_attention``'s arguments)."""
+        ticket_split = tickets and batch == 1 and max_len <= ONE_SPLIT_MAX
+        spread = EARLY_TILE if early else TICKET_TILE
+        split = split or (spread[0] if ticket_split else split_length(batch, kv_heads, max_len))
+        splits = -(-max_len // split)
+        one = splits == 1 and batch == 1  # one program walks a KV head's whole cache: the shape measured
+        tile, warps = (spread if early else SHORT_TILE) if one else spread if ticket_split else (BLOCK_N, 4)
+        if ticket_split:  # a split given below the tile: tiles of the split (each program reads one split)
+            tile = min(tile, split)
+        return Grid(split, splits, tile, warps, batch * kv_heads * splits, ticket_split)
 
 
 def auto_attention(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -375,7 +417,7 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, pos: torch.Tensor, batch_index: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, split: int | None = None, tickets: torch.Tensor | None = None,
-                     cos_table: bool = False) -> torch.Tensor:
+                     cos_table: bool = False, early: bool = False) -> torch.Tensor:
     """GLM's rotary embedding of ``q`` and ``k``, ``k``/``v`` written into the static cache at ``pos``, and
     ``softmax(q kᵀ / √head_dim) v`` over cache positions ``0..pos`` of each sequence, for one new token each.
 
@@ -402,6 +444,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
             that run at the same time (two streams).
         cos_table: cos/sin are tables over cache positions (``[max_len, rotary_dim]`` or more rows): the kernel
             reads each sequence's row ``pos[i]`` itself (no gather kernels before it).
+        early: the kernel before left SMs to this one's programs (``Grid.of(...).programs`` of them: glmkit's 4-bit
+            q/k/v, ``glmkit.gemv4bit.sms_left_by``), so they start while it runs: a short cache at batch 1 is read in
+            tiles of ``EARLY_TILE`` positions, each read whole before q/k/v ends.
 
     Returns the attention output ``[b, heads, 1, head_dim]``, a view of a ``[b, 1, heads * head_dim]`` buffer: what
     ``o_proj`` reads, with no copy. Introduced with the fast path in ``notebooks/05_tuning.ipynb``. It runs on a GPU
@@ -428,11 +473,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     b, heads, hd = q.shape
     kv, max_len = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv
-    ticket_split = tickets is not None and b == 1 and max_len <= ONE_SPLIT_MAX
-    split = split or (TICKET_TILE[0] if ticket_split else split_length(b, kv, max_len))
+    grid = Grid.of(b, kv, max_len, tickets is not None, split, early)
+    split, splits, tile = grid.split, grid.splits, grid.tile
     if split % BLOCK_N:
         raise ValueError(f"split must be a multiple of {BLOCK_N} cache positions, got {split}.")
-    splits = triton.cdiv(max_len, split)
     out = torch.empty(b, 1, heads * hd, dtype=q.dtype, device=q.device)
     if splits > 1:  # partial max, sum and output per split, combined below
         m = torch.empty(b, heads, splits, dtype=torch.float32, device=q.device)
@@ -442,10 +486,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         m = torch.empty(1, dtype=torch.float32, device=q.device)
         lse, acc = torch.empty_like(m), torch.empty_like(m)
     block_d = max(16, triton.next_power_of_2(hd))
-    short = splits == 1 and b == 1  # one program walks a KV head's whole cache: the shape measured
-    tile, warps = SHORT_TILE if short else TICKET_TILE if ticket_split else (BLOCK_N, 4)
-    if ticket_split:  # a split given below the tile: tiles of the split (each program reads one split)
-        tile = min(tile, split)
+    short = splits == 1 and b == 1  # one program walks a KV head's whole cache
     pdl = launch_options()
     _decode_attention_kernel[(b * kv, splits)](
         q, k, v, cos, sin, pos, batch_index, k_cache, v_cache, out, m, lse, acc,
@@ -455,8 +496,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=tile, SPLIT=split, SPLITS=splits, IEEE=q.dtype == torch.float32 or INTERPRETER,
         PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, AHEAD=short and SHORT_AHEAD, TICKETS=tickets is not None,
-        BLOCK_S=min(32, triton.next_power_of_2(splits)), COS_TABLE=cos_table, num_warps=warps,
-        **({"num_stages": SHORT_STAGES} if (short or ticket_split) and SHORT_STAGES else {}), **pdl)
+        BLOCK_S=min(32, triton.next_power_of_2(splits)), COS_TABLE=cos_table, num_warps=grid.warps,
+        **({"num_stages": SHORT_STAGES} if (short or grid.side_by_side) and SHORT_STAGES else {}), **pdl)
     if splits > 1 and tickets is None:
         _combine_kernel[(b * heads,)](m, lse, acc, pos, out, HEADS=heads, HEAD_DIM=hd, BLOCK_D=block_d,
                                       BLOCK_S=min(32, triton.next_power_of_2(splits)), SPLIT=split, SPLITS=splits,
@@ -466,7 +507,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
 
 def qkv_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                          batch_index: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         tickets: torch.Tensor | None = None, cos_table: bool = False) -> torch.Tensor:
+                         tickets: torch.Tensor | None = None, cos_table: bool = False,
+                         early: bool = False) -> torch.Tensor:
     """``decode_attention`` on the fused q/k/v projection's output, as the decoders call it (``glmkit.fast_decode``'s
     layer, ``glmkit.tp_decode``'s rank): q, k and v are views of ``qkv``, no copy.
 
@@ -496,4 +538,4 @@ def qkv_decode_attention(qkv: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if not cos_table:
         cos, sin = cos.view(b, -1), sin.view(b, -1)
     return decode_attention(q.view(b, heads, hd), k.view(b, kv, hd), v.view(b, kv, hd), k_cache, v_cache, pos,
-                            batch_index, cos, sin, tickets=tickets, cos_table=cos_table)
+                            batch_index, cos, sin, tickets=tickets, cos_table=cos_table, early=early)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from glmkit import gemv4bit_one
-from glmkit.attention import auto_attention, qkv_decode_attention
+from glmkit.attention import Grid, auto_attention, qkv_decode_attention
 from glmkit.device_map import check_device_map
 from glmkit.gemv import (
     active_table,
@@ -57,6 +57,7 @@ from glmkit.gemv4bit import (
     is_4bit,
     linear_4bit,
     normed_stream,
+    sms_left_by,
     tensor_cores,
     unsupported_quantization,
 )
@@ -276,14 +277,20 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor | NormedStream, pos: torch.Te
     b = x.shape[0]
     fused = in_norm is not None
     four_bit = fused and isinstance(wo, Packed4bit)  # 4 bits: each norm travels as a NormedStream
+    left = 0  # SMs q/k/v leaves to the attention's programs
     if four_bit:
         stream = h if isinstance(h, NormedStream) else normed_stream(x, in_norm)  # (a segment's first layer)
-        qkv = gemv_4bit_normed(stream, wqkv, bqkv, eps)
+        # q/k/v leaves an SM to each of the attention's few programs (with programmatic dependent launch): they start
+        # while it runs and read their cache tiles meanwhile (glmkit.gemv4bit_one.LEAVE_SMS_MAX)
+        programs = Grid.of(b, k_cache.shape[1], k_cache.shape[2], tickets is not None, early=True).programs \
+            if attention == "triton" else 0
+        left = sms_left_by(stream, wqkv, programs)
+        qkv = gemv_4bit_normed(stream, wqkv, bqkv, eps, leave_sms=left)
     else:  # [b, 1, (heads + 2 kv_heads) * head_dim]
         qkv = norm_linear(x, in_norm, eps, wqkv, bqkv, gemv) if fused else linear(h, wqkv, bqkv, gemv)
     if attention == "triton":  # one kernel: rope, the K/V write at pos and attention over 0..pos
         attn = qkv_decode_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets,
-                                    cos_table=cos.dim() == 2)  # [b, heads, 1, hd]
+                                    cos_table=cos.dim() == 2, early=left > 0)  # [b, heads, 1, hd]
     else:
         q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
         q = rope(q.view(b, 1, heads, head_dim).transpose(1, 2), cos, sin)

@@ -76,7 +76,7 @@ if triton is not None:  # optional: Triton (Linux x86-64) builds the kernels; gl
     from glmkit.gemv import swiglu_as_pytorch, wait_for_previous_kernel
 
 __all__ = ["Packed4bit", "quantize", "gemv_4bit", "gemv_4bit_multi", "gemv_4bit_swiglu", "linear_4bit",
-           "NormedStream", "normed_stream", "gemv_4bit_normed", "gemv_4bit_residual",
+           "NormedStream", "normed_stream", "gemv_4bit_normed", "gemv_4bit_residual", "sms_left_by",
            "tensor_cores", "kernel_for_rows", "check_mma", "check_one", "check_pair_lookup", "ROW_KERNEL_MAX_VECTORS",
            "pick_config_4bit", "config_for", "kernel_for", "check_lookup", "lookup_for", "tuned_lookups", "pair_table",
            "LOOKUP", "LOOKUPS", "triton_available", "is_4bit",
@@ -1004,7 +1004,8 @@ class _Fusion(NamedTuple):
     """What a one-vector launch of the per-row kernel does besides the product (the fused batch-1 step,
     ``gemv_4bit_normed`` and ``gemv_4bit_residual``): with ``squares``, x is a ``NormedStream``'s ``scaled`` and the
     sums are multiplied by its 1 / rms; with ``residual``, the product is added to it and the next norm's
-    ``NormedStream`` is written to ``scaled`` and ``partials`` (one sum of squares per row block)."""
+    ``NormedStream`` is written to ``scaled`` and ``partials`` (one sum of squares per row block); the batch-1 CUDA
+    kernel leaves ``leave_sms`` SMs to the kernel after it (``glmkit.gemv4bit_one.LEAVE_SMS_MAX``)."""
 
     squares: torch.Tensor | None = None
     eps: float = 1e-5
@@ -1012,6 +1013,7 @@ class _Fusion(NamedTuple):
     norm_weight: torch.Tensor | None = None
     scaled: torch.Tensor | None = None
     partials: torch.Tensor | None = None
+    leave_sms: int = 0
 
 
 _NO_FUSION = _Fusion()
@@ -1029,7 +1031,8 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     if mma and _takes_one(x, ws, swiglu, config, lookup, batch_axis):
         f = fusion  # (partials sized for this kernel's tiles: if it fails, the caller sizes them again)
         y = _cuda_product(lambda: gemv4bit_one.gemv_4bit_one(x, ws, bias, swiglu, f.squares, f.eps, f.residual,
-                                                             f.norm_weight, f.scaled, f.partials),
+                                                             f.norm_weight, f.scaled, f.partials,
+                                                             leave_sms=f.leave_sms),
                           x.device, gemv4bit_one, reraise=f.partials is not None)
     elif mma and fusion is _NO_FUSION and config is None and lookup is None and batch_axis is None and \
             gemv4bit_mma.usable(x, ws, swiglu) and check_mma(x.device, x.dtype):
@@ -1368,23 +1371,49 @@ class NormedStream(NamedTuple):
     squares: torch.Tensor
 
 
+if triton is not None:
+
+    @triton.jit
+    def _normed_stream_kernel(x_ptr, g_ptr, scaled_ptr, squares_ptr, K: tl.constexpr, BLOCK: tl.constexpr,
+                              PDL: tl.constexpr):
+        # one program: x * g (fp32 products, rounded to x's dtype) and the sum of x**2
+        wait_for_previous_kernel(PDL)
+        offs = tl.arange(0, BLOCK)
+        ok = offs < K
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(scaled_ptr + offs, (x * g).to(scaled_ptr.dtype.element_ty), mask=ok)
+        tl.store(squares_ptr, tl.sum(x * x, axis=0))
+
+
 def normed_stream(x: torch.Tensor, norm_weight: torch.Tensor) -> NormedStream:
     """The ``NormedStream`` of one token's residual stream ``x`` ``[..., k]`` for the norm of weight ``norm_weight``
-    ``[k]`` (the first layer's input norm: no GEMV before it writes one)."""
+    ``[k]`` (the first layer's input norm: no GEMV before it writes one). One kernel where Triton runs (a GPU, or its
+    CPU interpreter), not five PyTorch ones; else PyTorch's."""
     if x.numel() != x.shape[-1] or norm_weight.numel() != x.shape[-1]:
         raise ValueError(f"normed_stream takes one token [..., k] and a norm weight of k values, got shapes "
                          f"{tuple(x.shape)} and {tuple(norm_weight.shape)}.")
-    x32 = x.float()
-    return NormedStream((x32 * norm_weight.float()).to(x.dtype), x32.pow(2).sum().reshape(1))
+    if not (x.is_cuda or INTERPRETER) or not triton_available() or x.device != norm_weight.device:
+        x32 = x.float()
+        return NormedStream((x32 * norm_weight.float()).to(x.dtype), x32.pow(2).sum().reshape(1))
+    x, k = x.contiguous(), x.shape[-1]
+    stream = NormedStream(torch.empty_like(x), torch.empty(1, dtype=torch.float32, device=x.device))
+    with _on(x.device):
+        _normed_stream_kernel[(1,)](x, norm_weight.contiguous(), stream.scaled, stream.squares, K=k,
+                                    BLOCK=triton.next_power_of_2(k), num_warps=4, **launch_options())
+    return stream
 
 
 def gemv_4bit_normed(stream: NormedStream, weights: Packed4bit | Sequence[Packed4bit],
-                     bias: torch.Tensor | None = None, eps: float = 1e-5, swiglu: bool = False) -> torch.Tensor:
+                     bias: torch.Tensor | None = None, eps: float = 1e-5, swiglu: bool = False,
+                     leave_sms: int = 0) -> torch.Tensor:
     """``F.linear(rms_norm(x, g, eps), W, bias)`` of one token from its ``NormedStream`` (``x * g`` and the sums of
     ``x**2``) in one launch of the per-row kernel, with no norm kernel before it: the products of ``x * g`` are
     multiplied by ``1 / rms(x)`` as they are written (as ``glmkit.gemv.gemv``'s ``norm_weight``, but with x * g
     rounded once to x's dtype). Up to three weights side by side (q, k, v: ``gemv_4bit_multi``), or GLM's
-    ``up * silu(gate)`` of a gate/up weight (``swiglu``, as ``gemv_4bit_swiglu``).
+    ``up * silu(gate)`` of a gate/up weight (``swiglu``, as ``gemv_4bit_swiglu``). ``leave_sms``: SMs the batch-1
+    CUDA kernel leaves to the few programs of the kernel after it (``glmkit.gemv4bit_one.LEAVE_SMS_MAX``; only
+    with programmatic dependent launch).
 
     >>> import torch.nn.functional as F
     >>> if triton_available():  # a GPU, or TRITON_INTERPRET=1 on a CPU
@@ -1400,7 +1429,20 @@ def gemv_4bit_normed(stream: NormedStream, weights: Packed4bit | Sequence[Packed
         raise ValueError(f"gemv_4bit_normed multiplies one token (a NormedStream of [..., k]), got {tuple(x.shape)}.")
     if squares.dtype != torch.float32 or squares.dim() != 1 or squares.device != x.device:
         raise ValueError("A NormedStream's squares are a 1-D float32 tensor on its device (normed_stream makes one).")
-    return _launch(x, ws, bias, swiglu, None, fusion=_Fusion(squares=squares.contiguous(), eps=eps))
+    return _launch(x, ws, bias, swiglu, None, fusion=_Fusion(squares=squares.contiguous(), eps=eps, leave_sms=leave_sms))
+
+
+def sms_left_by(stream: NormedStream, weights: Packed4bit | Sequence[Packed4bit], programs: int) -> int:
+    """SMs ``gemv_4bit_normed(stream, weights, leave_sms=programs)`` leaves to the ``programs`` programs of the kernel
+    after it: one each where the batch-1 CUDA kernel runs it with programmatic dependent launch and they are few
+    (``glmkit.gemv4bit_one.sms_left``), else none (the decode attention then reads a shorter first tile,
+    ``glmkit.attention.decode_attention``'s ``early``).
+
+    >>> sms_left_by(normed_stream(torch.ones(1, 1, 128), torch.ones(128)), quantize(torch.randn(64, 128)), 4)  # CPU
+    0
+    """
+    ws = (weights,) if isinstance(weights, Packed4bit) else tuple(weights)
+    return gemv4bit_one.sms_left(stream.scaled.device, programs) if _takes_one(stream.scaled, ws, False) else 0
 
 
 def gemv_4bit_residual(x: torch.Tensor, weight: Packed4bit, residual: torch.Tensor,

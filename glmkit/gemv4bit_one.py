@@ -28,11 +28,11 @@ stream, writing the next norm's ``NormedStream`` (one sum of squares a tile).
 
 On an H200, GLM-4-9B's nf4 projections through it, launched plainly, take 23% less time than through the Triton kernel
 for gate_up and down_proj, 10% for o_proj and 6% for q/k/v, and all four 31-33% less launched back to back with
-programmatic dependent launch (``benchmarks/results/nf4_one.json``); its one-sequence step decodes 1.96x
-bf16's fast path with programmatic dependent launch and 1.69x without (``nf4_one_step.json``); notebook
-``04_quantization.ipynb`` shows both. Its warps wait most on the queue of shared-memory instructions
-(``nf4_one_ncu.json``). Smaller cards get fewer warps
-a CTA, and the narrow table, where the H200's shape would not fit their shared memory (``shape_for``).
+programmatic dependent launch (``benchmarks/results/nf4_one.json``); its one-sequence step decodes 2.01x bf16's fast
+path with programmatic dependent launch and 1.71x without (``nf4_one_step.json``; q/k/v then leaves an SM to each of
+the decode attention's few programs, ``LEAVE_SMS_MAX``); notebook ``04_quantization.ipynb`` shows both. Its warps wait
+most on the queue of shared-memory instructions (``nf4_one_ncu.json``). Smaller cards get fewer warps a CTA, and the
+narrow table, where the H200's shape would not fit their shared memory (``shape_for``).
 
 Runs on NVIDIA GPUs of compute capability 8.0+ with x in bf16 or fp16, bitsandbytes' default blocksize (64) and
 plain fp32 scales (double quantization takes the Triton kernel): ``usable`` says when. It is checked against
@@ -59,7 +59,7 @@ from glmkit import gemv, gemv4bit_mma
 from glmkit.gemv4bit_mma import or_stand_in
 
 __all__ = ["gemv_4bit_one", "usable", "runs_on", "reads_state", "OneShape", "shape_for", "smem_limit", "tiles", "SHAPE",
-           "source", "NAME"]
+           "sms_left", "LEAVE_SMS_MAX", "source", "NAME"]
 
 NAME = "glmkit_gemv4_one"
 LABEL = "batch-1 4-bit CUDA kernel"  # its name in a warning
@@ -116,6 +116,14 @@ class OneShape:
 # lookup table. (Gate/up once took 32-row stages: with 16 warps its 128 registers a warp did not hold the loop, and it
 # spilled; gate rows and up rows now take stages in turn, 16 rows each, as every other weight does.)
 SHAPE = OneShape(4, 4, 2)
+
+# Launched with programmatic dependent launch, a launch followed by a kernel of at most this many programs (the decode
+# attention after q/k/v at batch 1 on a short cache) may leave an SM to each of them (``gemv_4bit_one``'s
+# ``leave_sms``): they start while it runs and read their cache tiles meanwhile, instead of waiting for SMs that its
+# CTAs hold whole (one CTA an SM, every register). More programs than that spread over every SM: none are left.
+# GLM-4-9B nf4 at batch 1 on an H200, one run: 430.0 tok/s against 427.2 (a step at a 160-token cache 2330 µs against
+# 2349); leaving 2, 4 or 8 SMs to the attention's 6 programs measured alike (benchmarks/results/nf4_leave_sms.json).
+LEAVE_SMS_MAX = 8
 
 
 BASE_LO = (0, 1024)  # where a CTA's dynamic shared memory starts in its window: Ampere/Ada, Hopper (the kernel checks)
@@ -636,21 +644,36 @@ def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: b
         shape_for(swiglu, x.shape[-1], smem_limit(x.device)) is not None
 
 
-def _programs(device: torch.device, tiles: int) -> int:
-    """CTAs a launch: one an SM, fewer when there are fewer tiles (tile t goes to CTA t % CTAs, so the SMs share
-    the tiles evenly and a CTA's groups take them in turn)."""
+def _dependent(device: torch.device) -> bool:
+    """Whether a launch now is a programmatic dependent launch (``glmkit.gemv.dependent_launches``, Hopper on)."""
+    return bool(gemv.PDL) and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def sms_left(device: torch.device, programs: int) -> int:
+    """SMs a launch on ``device`` now leaves to the ``programs`` programs of the kernel after it: one each where it is
+    a programmatic dependent launch and they are at most ``LEAVE_SMS_MAX``, else none (launched plainly, the next
+    kernel starts only once this one has ended anyway)."""
+    return programs if 0 < programs <= LEAVE_SMS_MAX and _dependent(device) else 0
+
+
+def _programs(device: torch.device, tiles: int, leave_sms: int = 0) -> int:
+    """CTAs a launch: one an SM but ``leave_sms`` (at least one), fewer when there are fewer tiles (tile t goes to CTA
+    t % CTAs, so the SMs share the tiles evenly and a CTA's groups take them in turn)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(sms, tiles))
+    return max(1, min(sms - leave_sms, tiles))
 
 
 def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | None, swiglu: bool,
                   squares: torch.Tensor | None = None, eps: float = 1e-5, residual: torch.Tensor | None = None,
                   norm_weight: torch.Tensor | None = None, scaled: torch.Tensor | None = None,
-                  partials: torch.Tensor | None = None, shape: OneShape | None = None) -> torch.Tensor:
+                  partials: torch.Tensor | None = None, shape: OneShape | None = None,
+                  leave_sms: int = 0) -> torch.Tensor:
     """``x @ W.T (+ bias)`` of one token ``[..., k]`` for up to three ``Packed4bit`` weights side by side (q, k, v),
     or ``up * silu(gate)`` of a gate/up weight (``swiglu``); with ``squares`` (a ``NormedStream``'s), x is ``x * g``
     and the sums are multiplied by ``1 / rms``; with ``residual``, ``residual + W x`` is returned and the next norm's
-    ``x * g`` written to ``scaled`` and one sum of squares a tile to ``partials`` (``tiles`` of them). The caller
+    ``x * g`` written to ``scaled`` and one sum of squares a tile to ``partials`` (``tiles`` of them). Launched with
+    programmatic dependent launch, it leaves ``leave_sms`` SMs to the kernel after it (up to ``LEAVE_SMS_MAX``),
+    whose programs then start while it runs (the decode attention's, after q/k/v). The caller
     (``glmkit.gemv4bit``) has checked the inputs and ``usable``."""
     w = ws[0]
     k = w.shape[1]
@@ -674,9 +697,9 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     args = [xf, y, or_stand_in(bias16, y), w.code, *slots, k // 64, t, or_stand_in(squares, y),
             0 if squares is None else squares.numel(), float(eps), or_stand_in(residual, y), or_stand_in(norm16, y),
             or_stand_in(scaled, y), or_stand_in(partials, y)]
-    gemv4bit_mma.launch(x.device, options, (_programs(x.device, t), 1, 1),
+    gemv4bit_mma.launch(x.device, options, (_programs(x.device, t, sms_left(x.device, leave_sms)), 1, 1),
                         (shape.groups * shape.warps * 32, 1, 1), args, shape.smem_bytes(swiglu, k), _SOURCE, NAME,
-                        pdl=bool(gemv.PDL) and torch.cuda.get_device_capability(x.device) >= (9, 0))
+                        pdl=_dependent(x.device))
     return y
 
 

@@ -2288,9 +2288,8 @@ def nf4_one_sentence() -> Text:
                 f"by {one['step_logits_rel_diff_to_triton'] * 100:.1f}% and {one['tokens_as_triton']} of {one['of']} "
                 f"greedy tokens are the same (random weights{_bf16_scale()}); on the trained tiny model it gives "
                 f"`generate()`'s greedy tokens (`benchmarks/gpu_smoke_4bit.py`), and split over two GPUs the same "
-                f"tokens as on one (`benchmarks/gpu_smoke_split2.py`). Twice bf16's speed needs the step at "
-                f"{bf16['best_replay_us'] / 2 / 1e3:.2f} ms: {one['best_replay_us'] - bf16['best_replay_us'] / 2:.0f} "
-                f"µs less, {(one['best_replay_us'] - bf16['best_replay_us'] / 2) / 40:.1f} µs a layer.")
+                f"tokens as on one (`benchmarks/gpu_smoke_split2.py`). " + _twice_bf16(one, bf16))
+        text += _leave_sms_sentence() + _earlier_step(r)
         proj = load("nf4_one")
         if proj:
             keys = _one_variants(proj)
@@ -2324,6 +2323,50 @@ def nf4_one_sentence() -> Text:
 
     return from_result("nf4_one_step", render, what="One sequence in 4 bits through the batch-1 CUDA kernel",
                        script="benchmarks/nf4_one_step.py")
+
+
+def _twice_bf16(one: dict[str, Any], bf16: dict[str, Any]) -> str:
+    """How the step stands against twice bf16's speed: reached (by how much), or how much shorter it must be."""
+    margin = bf16["best_replay_us"] / 2 - one["best_replay_us"]
+    if one["over_bf16"] >= 2:
+        return (f"That is twice bf16's speed and more: the step takes {margin:.0f} µs less than half of bf16's "
+                f"({bf16['best_replay_us'] / 2 / 1e3:.2f} ms).")
+    return (f"Twice bf16's speed needs the step at {bf16['best_replay_us'] / 2 / 1e3:.2f} ms: {-margin:.0f} µs less, "
+            f"{-margin / 40:.1f} µs a layer.")
+
+
+LEAVE_LABELS = {"nf4, before": "the version before", "nf4, SMs left to the attention": "q/k/v leaving SMs",
+                "nf4, SMs left, early tiles": "+ the attention's tiles of 256",
+                "nf4 (default): also the first stream in one kernel": "+ the first norm's stream in one kernel"}
+LEAVE_DEFAULT = "nf4 (default): also the first stream in one kernel"
+
+
+def _leave_sms_sentence() -> str:
+    """What each of the step's last three changes gave (``nf4_leave_sms.json``, variants taking turns), or ''."""
+    r = load("nf4_leave_sms")
+    if r is None:
+        return ""
+    v = _rows_by_variant(r)
+    steps = " → ".join(f"{label} {v[name]['best_tok_s']:.1f}" for name, label in LEAVE_LABELS.items())
+    return (f" Where that speed comes from (`nf4_leave_sms.json`, another run, variants taking turns; tok/s): {steps}"
+            f", against bf16's {v['bf16']['best_tok_s']:.1f} ({v['nf4, before']['over_bf16']:.2f}x → "
+            f"{v[LEAVE_DEFAULT]['over_bf16']:.2f}x). With programmatic dependent launch q/k/v leaves an SM to each of "
+            f"the decode attention's few programs, which then start while it runs and read their cache tiles "
+            f"meanwhile; bf16's q/k/v leaves none, and the tiles of 256 alone made its step slower "
+            f"({v['bf16, tiles of 256']['best_tok_s']:.1f} tok/s), so it keeps tiles of 128.")
+
+
+def _earlier_step(r: dict[str, Any]) -> str:
+    """The version before's ratio to bf16 on the card of an earlier run (``nf4_one_step.json``'s
+    ``earlier_versions``) against this card's (``nf4_leave_sms.json``), or ''."""
+    before, leave = next(iter(r.get("earlier_versions", [])), None), load("nf4_leave_sms")
+    if before is None or leave is None:
+        return ""
+    tok = before["best_tok_s"]
+    return (f" The ratio depends on the card: on the H200 of an earlier run the version before decoded "
+            f"{tok['CUDA kernel']:.1f} tok/s against bf16's {tok['bf16']:.1f} "
+            f"({before['over_bf16']['CUDA kernel']:.2f}x), on this one "
+            f"{_rows_by_variant(leave)['nf4, before']['over_bf16']:.2f}x.")
 
 
 def _bf16_accuracy() -> dict[str, Any] | None:

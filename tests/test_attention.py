@@ -64,9 +64,11 @@ def test_kernel_equals_rope_index_put_and_sdpa(case, dtype):
     tol = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
     # without tickets a split cache is combined by a second kernel; with them (the decoders' way), by the last
     # program of each KV head to finish, and a short cache at batch 1 is split into tiles side by side
-    for tickets in (None, torch.zeros(b * kv + 1, dtype=torch.int32, device=DEVICE)):
+    # (early: the kernel before left SMs to this one's programs, which then read tiles of EARLY_TILE positions)
+    tix = torch.zeros(b * kv + 1, dtype=torch.int32, device=DEVICE)
+    for tickets, early in ((None, False), (tix, False), (tix, True)):
         caches = k_cache.clone(), v_cache.clone()
-        got = decode_attention(q, k, v, *caches, pos, rows, cos, sin, split=split, tickets=tickets)
+        got = decode_attention(q, k, v, *caches, pos, rows, cos, sin, split=split, tickets=tickets, early=early)
         assert got.shape == (b, heads, 1, hd) and got.dtype == dtype
         # the output is a view of what o_proj reads, [b, 1, heads * head_dim], contiguous: no copy before it
         assert got.transpose(1, 2).is_contiguous()
@@ -122,6 +124,20 @@ def test_rotary_tables_read_at_each_rows_position_equal_rows_given():
                          sin_table[[99, 5, 6]]), rtol=0, atol=0)
     with pytest.raises(ValueError, match="cos/sin \\[100 or more cache positions"):
         decode_attention(q, k, v, k_cache, v_cache, pos, rows, cos_table[:99], sin_table[:99], cos_table=True)
+
+
+def test_the_grid_reads_a_short_cache_in_early_tiles_only_where_the_kernel_before_left_it_sms():
+    # batch 1 with tickets: tiles of TICKET_TILE side by side, or of EARLY_TILE when its programs start early (one
+    # tile, no combine, up to EARLY_TILE[0] positions); a batch, or a long cache, splits as before either way
+    grid = glmkit.attention.Grid.of
+    tile, early_tile = glmkit.attention.TICKET_TILE[0], glmkit.attention.EARLY_TILE[0]
+    assert (grid(1, 2, 200, True).tile, grid(1, 2, 200, True).splits) == (tile, -(-200 // tile))
+    assert (grid(1, 2, 200, True, early=True).tile, grid(1, 2, 200, True, early=True).splits) == (early_tile, 1)
+    assert grid(1, 2, 300, True, early=True).programs == 2 * -(-300 // early_tile)
+    assert grid(1, 2, 200, False, early=True).tile == early_tile  # one program walking the cache: the same tile
+    for b, max_len in ((4, 200), (1, 4096)):
+        assert grid(b, 2, max_len, True, early=True) == grid(b, 2, max_len, True)
+    assert grid(3, 2, 200, True).programs == 3 * 2 * grid(3, 2, 200, True).splits
 
 
 def test_split_length_fills_the_gpu_on_long_caches_only():

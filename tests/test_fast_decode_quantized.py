@@ -122,6 +122,29 @@ def test_programmatic_dependent_launch_is_on_for_4bit_models_only_where_the_batc
 
 
 @needs_triton
+def test_where_q_k_v_leaves_sms_to_the_attention_it_reads_early_tiles_and_gives_generates_greedy_tokens(prompt,
+                                                                                                      monkeypatch):
+    # on a Hopper GPU with programmatic dependent launch the batch-1 CUDA kernel leaves an SM to each of the
+    # attention's programs (glmkit.gemv4bit.sms_left_by), which then read tiles of EARLY_TILE; here (no such GPU) the
+    # decoder is told it did, and asks the kernel for as many SMs as the attention's grid has programs
+    import glmkit.attention
+    import glmkit.fast_decode as fast_decode
+
+    model = _load("nf4")
+    asked, early = [], []
+    monkeypatch.setattr(fast_decode, "sms_left_by", lambda stream, ws, programs: asked.append(programs) or programs)
+    attend = fast_decode.qkv_decode_attention
+    monkeypatch.setattr(fast_decode, "qkv_decode_attention",
+                        lambda *a, **kw: early.append(kw["early"]) or attend(*a, **kw))
+    max_len = prompt.shape[1] + 4
+    dec = FastDecoder(model, max_len=max_len, gemv="triton", attention="triton", compile=False, cuda_graph=False)
+    assert torch.equal(dec.generate(prompt, max_new_tokens=4, ignore_eos=True), _greedy(model, prompt, 4))
+    kv = model.config.num_key_value_heads
+    assert asked and set(asked) == {glmkit.attention.Grid.of(1, kv, max_len, True, early=True).programs}
+    assert early and all(early)
+
+
+@needs_triton
 def test_a_4bit_layer_that_does_not_compile_runs_eagerly_with_a_warning(prompt):
     def backend(gm, example_inputs):
         raise RuntimeError("this backend cannot build the layer")

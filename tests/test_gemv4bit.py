@@ -7,7 +7,7 @@ from helpers import DEVICE, rand
 
 from glmkit import costs, gemv4bit
 from glmkit.fast_decode import rms_norm
-from glmkit.gemv import GemvConfig
+from glmkit.gemv import INTERPRETER, GemvConfig
 from glmkit.gemv4bit import (
     LOOKUPS,
     ROW_KERNEL_MAX_VECTORS,
@@ -178,6 +178,23 @@ def test_gemv_4bit_swiglu_equals_the_unfused_path(double_quant):
     for lookup in LOOKUPS_HERE:
         torch.testing.assert_close(gemv_4bit_swiglu(x, w, config=GemvConfig(16, 128, 4), lookup=lookup),
                                    up * F.silu(gate), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_normed_stream_is_x_times_g_rounded_once_and_the_sum_of_x_squared(dtype):
+    # one kernel where Triton runs (here its interpreter), PyTorch's five otherwise: the same x * g, bit for bit,
+    # and the same sum of squares to fp32's rounding (added in another order); k not a power of two
+    x, g = rand(1, 1, 4000, seed=5).to(dtype), rand(4000, seed=6).to(dtype)
+    stream = normed_stream(x, g)
+    assert stream.scaled.dtype == dtype and stream.squares.shape == (1,) and stream.squares.dtype == torch.float32
+    want = (x.float() * g.float()).to(dtype)
+    if dtype == torch.bfloat16 and INTERPRETER:  # the interpreter rounds fp32 to bf16 toward zero: one ulp at most
+        assert (stream.scaled.view(torch.int16).int() - want.view(torch.int16).int()).abs().max() <= 1
+    else:  # as a GPU rounds it (to nearest)
+        assert torch.equal(stream.scaled, want)
+    torch.testing.assert_close(stream.squares, x.float().pow(2).sum().reshape(1), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="one token"):
+        normed_stream(rand(2, 1, 64), rand(64))
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])

@@ -236,3 +236,18 @@ def test_a_residual_add_the_cuda_kernel_fails_on_is_redone_by_the_triton_kernel(
     assert stream.squares.numel() == gemv4bit._row_blocks([32], gemv4bit.config_for(w), gemv4bit._paired(False))
     assert torch.allclose(y, r + x @ w.dequantize(torch.float32).T, atol=1e-4)
     assert torch.allclose(stream.squares.sum(), y.pow(2).sum()) and torch.allclose(stream.scaled, y * g)
+
+
+def test_a_launch_leaves_sms_to_a_few_programs_after_it_only_with_programmatic_dependent_launch(monkeypatch):
+    # the decode attention's programs after q/k/v: an SM each, up to LEAVE_SMS_MAX, and only where the launch is a
+    # programmatic dependent one (launched plainly, the next kernel starts once this one ends anyway)
+    device = torch.device("cuda", 0)
+    limit = gemv4bit_one.LEAVE_SMS_MAX
+    monkeypatch.setattr(gemv4bit_one, "_dependent", lambda d: False)
+    assert gemv4bit_one.sms_left(device, 4) == 0
+    monkeypatch.setattr(gemv4bit_one, "_dependent", lambda d: True)
+    assert [gemv4bit_one.sms_left(device, n) for n in (0, 4, limit, limit + 1)] == [0, 4, limit, 0]
+    # (a stand-in for the GPU's properties: 132 SMs, as an H100/H200)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(multi_processor_count=132))
+    assert [gemv4bit_one._programs(device, t, 4) for t in (288, 100, 1)] == [128, 100, 1]
+    assert gemv4bit_one._programs(device, 288) == 132
