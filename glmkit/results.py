@@ -2289,7 +2289,7 @@ def nf4_one_sentence() -> Text:
                 f"greedy tokens are the same (random weights{_bf16_scale()}); on the trained tiny model it gives "
                 f"`generate()`'s greedy tokens (`benchmarks/gpu_smoke_4bit.py`), and split over two GPUs the same "
                 f"tokens as on one (`benchmarks/gpu_smoke_split2.py`). " + _twice_bf16(one, bf16))
-        text += _leave_sms_sentence() + _earlier_step(r)
+        text += _leave_sms_sentence() + _second_card()
         proj = load("nf4_one")
         if proj:
             keys = _one_variants(proj)
@@ -2356,17 +2356,19 @@ def _leave_sms_sentence() -> str:
             f"({v['bf16, tiles of 256']['best_tok_s']:.1f} tok/s), so it keeps tiles of 128.")
 
 
-def _earlier_step(r: dict[str, Any]) -> str:
-    """The version before's ratio to bf16 on the card of an earlier run (``nf4_one_step.json``'s
-    ``earlier_versions``) against this card's (``nf4_leave_sms.json``), or ''."""
-    before, leave = next(iter(r.get("earlier_versions", [])), None), load("nf4_leave_sms")
-    if before is None or leave is None:
+def _second_card() -> str:
+    """The same benchmarks of the same code on another card (``nf4_one_step_run2.json``, ``nf4_leave_sms_run2.json``),
+    or ''."""
+    step, leave = load("nf4_one_step_run2"), load("nf4_leave_sms_run2")
+    if step is None or leave is None:
         return ""
-    tok = before["best_tok_s"]
-    return (f" The ratio depends on the card: on the H200 of an earlier run the version before decoded "
-            f"{tok['CUDA kernel']:.1f} tok/s against bf16's {tok['bf16']:.1f} "
-            f"({before['over_bf16']['CUDA kernel']:.2f}x), on this one "
-            f"{_rows_by_variant(leave)['nf4, before']['over_bf16']:.2f}x.")
+    v, w = _rows_by_variant(step), _rows_by_variant(leave)
+    one, bf16 = v["CUDA kernel"], v["bf16"]
+    return (f" The ratio depends on the card's bf16 speed: the same benchmark on a second H200 "
+            f"(`nf4_one_step_run2.json`), where bf16 decoded {bf16['best_tok_s']:.1f} tok/s "
+            f"({bf16['fraction_of_roofline'] * 100:.0f}% of its roofline), gave {one['best_tok_s']:.1f}: "
+            f"**{one['over_bf16']:.2f}x**; there the changes above went {w['nf4, before']['over_bf16']:.2f}x → "
+            f"{w[LEAVE_DEFAULT]['over_bf16']:.2f}x (`nf4_leave_sms_run2.json`).")
 
 
 def _bf16_accuracy() -> dict[str, Any] | None:
