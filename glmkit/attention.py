@@ -86,10 +86,11 @@ ONE_SPLIT_MAX = 512  # a cache of at most this many positions is one program per
 TICKET_TILE = (128, 8)
 # Where the kernel before leaves SMs to this one's programs (``early``: glmkit's batch-1 4-bit q/k/v kernel,
 # ``glmkit.gemv4bit_one.sms_left``), they start while it runs, and read their first tile meanwhile: a tile of
-# EARLY_TILE[0] positions (EARLY_TILE[1] warps) then holds a short cache's first 256 positions before q/k/v ends, with
-# no second tile and no combine. GLM-4-9B nf4 at batch 1 on an H200, one run: 431.8 tok/s against 430.0 with
-# TICKET_TILE (a step at a 160-token cache 2286 µs against 2330); without SMs left (bf16's q/k/v), tiles of 256 were
-# slower: 213.2 against 215.2 (benchmarks/results/nf4_leave_sms.json).
+# EARLY_TILE[0] positions (EARLY_TILE[1] warps) then holds a short cache's first 256 positions before q/k/v ends (a
+# cache of up to 256: no second tile and no combine; up to ONE_SPLIT_MAX: tiles of 256 side by side, combined).
+# GLM-4-9B nf4 at batch 1 on an H200, one run: 431.8 tok/s against 430.0 with TICKET_TILE (a step at a 160-token
+# cache 2286 µs against 2330); without SMs left (bf16's q/k/v), tiles of 256 were slower: 213.2 against 215.2
+# (benchmarks/results/nf4_leave_sms.json; on a second H200 432.2 against 429.8, and 216.1 against 218.4).
 EARLY_TILE = (256, 8)
 
 
@@ -127,7 +128,7 @@ class Grid:
     tile: int
     warps: int
     programs: int
-    side_by_side: bool = False  # one sequence's short cache in tiles side by side (tickets)
+    side_by_side: bool = False  # one sequence, a cache of up to ONE_SPLIT_MAX, tickets: tiles side by side (or one)
 
     @staticmethod
     def of(batch: int, kv_heads: int, max_len: int, tickets: bool, split: int | None = None,
@@ -140,8 +141,8 @@ class Grid:
         splits = -(-max_len // split)
         one = splits == 1 and batch == 1  # one program walks a KV head's whole cache: the shape measured
         tile, warps = (spread if early else SHORT_TILE) if one else spread if ticket_split else (BLOCK_N, 4)
-        if ticket_split:  # a split given below the tile: tiles of the split (each program reads one split)
-            tile = min(tile, split)
+        if ticket_split:  # a split given below the tile: tiles of at most the split, a power of two
+            tile = min(tile, 1 << (split.bit_length() - 1))
         return Grid(split, splits, tile, warps, batch * kv_heads * splits, ticket_split)
 
 

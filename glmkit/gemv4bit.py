@@ -17,7 +17,7 @@ calls without tracing into the kernel, so a compiled decoder layer fuses everyth
 one-sequence step runs its layer uncompiled instead (by default, with glmkit's decode attention), with the RMSNorms
 and residual adds folded into the kernels (``gemv_4bit_residual`` hands the next ``gemv_4bit_normed`` a
 ``NormedStream``): a layer is four 4-bit launches and attention; only a segment's first layer makes its
-``NormedStream`` with a few small PyTorch ops (``normed_stream``).
+``NormedStream`` with a kernel of its own (``normed_stream``).
 
 At batch 1 a 4-bit GEMV is bound by instructions, not bytes: every byte holds two weights to look up, so the
 kernels keep the work per byte small (sm_90 SASS read with ``cuobjdump``): 16-byte loads of weights; x read as 32-bit
@@ -1388,12 +1388,13 @@ if triton is not None:
 
 def normed_stream(x: torch.Tensor, norm_weight: torch.Tensor) -> NormedStream:
     """The ``NormedStream`` of one token's residual stream ``x`` ``[..., k]`` for the norm of weight ``norm_weight``
-    ``[k]`` (the first layer's input norm: no GEMV before it writes one). One kernel where Triton runs (a GPU, or its
-    CPU interpreter), not five PyTorch ones; else PyTorch's."""
+    ``[k]`` (the first layer's input norm: no GEMV before it writes one). One kernel where Triton runs (a GPU of
+    compute capability 7.0+, or its CPU interpreter), not five PyTorch ones; else PyTorch's."""
     if x.numel() != x.shape[-1] or norm_weight.numel() != x.shape[-1]:
         raise ValueError(f"normed_stream takes one token [..., k] and a norm weight of k values, got shapes "
                          f"{tuple(x.shape)} and {tuple(norm_weight.shape)}.")
-    if not (x.is_cuda or INTERPRETER) or not triton_available() or x.device != norm_weight.device:
+    gpu = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (7, 0)  # (where Triton compiles)
+    if not (gpu or INTERPRETER) or not triton_available() or x.device != norm_weight.device:
         x32 = x.float()
         return NormedStream((x32 * norm_weight.float()).to(x.dtype), x32.pow(2).sum().reshape(1))
     x, k = x.contiguous(), x.shape[-1]

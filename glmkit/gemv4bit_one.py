@@ -645,7 +645,7 @@ def usable(x: torch.Tensor, ws: tuple[Any, ...], swiglu: bool = False, *, env: b
 
 
 def _dependent(device: torch.device) -> bool:
-    """Whether a launch now is a programmatic dependent launch (``glmkit.gemv.dependent_launches``, Hopper on)."""
+    """Whether a launch now asks for programmatic dependent launch (``glmkit.gemv.dependent_launches``, Hopper on)."""
     return bool(gemv.PDL) and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
@@ -653,7 +653,9 @@ def sms_left(device: torch.device, programs: int) -> int:
     """SMs a launch on ``device`` now leaves to the ``programs`` programs of the kernel after it: one each where it is
     a programmatic dependent launch and they are at most ``LEAVE_SMS_MAX``, else none (launched plainly, the next
     kernel starts only once this one has ended anyway)."""
-    return programs if 0 < programs <= LEAVE_SMS_MAX and _dependent(device) else 0
+    if not 0 < programs <= LEAVE_SMS_MAX or not _dependent(device):
+        return 0
+    return 0 if gemv4bit_mma._index(device) in gemv4bit_mma._PLAIN_ONLY else programs  # (refused there: plain)
 
 
 def _programs(device: torch.device, tiles: int, leave_sms: int = 0) -> int:
@@ -672,8 +674,9 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     or ``up * silu(gate)`` of a gate/up weight (``swiglu``); with ``squares`` (a ``NormedStream``'s), x is ``x * g``
     and the sums are multiplied by ``1 / rms``; with ``residual``, ``residual + W x`` is returned and the next norm's
     ``x * g`` written to ``scaled`` and one sum of squares a tile to ``partials`` (``tiles`` of them). Launched with
-    programmatic dependent launch, it leaves ``leave_sms`` SMs to the kernel after it (up to ``LEAVE_SMS_MAX``),
-    whose programs then start while it runs (the decode attention's, after q/k/v). The caller
+    programmatic dependent launch, it leaves ``leave_sms`` SMs to the kernel after it where that is at most
+    ``LEAVE_SMS_MAX`` (else none), whose programs then start while it runs (the decode attention's, after q/k/v). The
+    caller
     (``glmkit.gemv4bit``) has checked the inputs and ``usable``."""
     w = ws[0]
     k = w.shape[1]

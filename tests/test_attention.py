@@ -50,6 +50,8 @@ CASES = {  # b, heads, kv heads, head_dim, rotary dims, max_len, positions, cach
     "b2-pos-at-split-starts": (2, 8, 2, 64, 32, 200, [128, 64], [0, 1], 64),
     "b1-pos-at-tile-start": (1, 4, 2, 64, 32, 300, [128], [0], None),
     "b1-three-tiles": (1, 4, 2, 64, 32, 300, [260], [0], None),
+    # a split that is no power of two: tiles of 128, two a split (the second half past it)
+    "b1-split-192": (1, 4, 2, 64, 32, 400, [300], [0], 192),
 }
 
 
@@ -135,6 +137,9 @@ def test_the_grid_reads_a_short_cache_in_early_tiles_only_where_the_kernel_befor
     assert (grid(1, 2, 200, True, early=True).tile, grid(1, 2, 200, True, early=True).splits) == (early_tile, 1)
     assert grid(1, 2, 300, True, early=True).programs == 2 * -(-300 // early_tile)
     assert grid(1, 2, 200, False, early=True).tile == early_tile  # one program walking the cache: the same tile
+    # a split given below the tile: tiles of a power of two within it (Triton's ranges), for either tile
+    assert [grid(1, 2, 400, True, split, early).tile for split in (64, 192) for early in (False, True)] == \
+        [64, 64, 128, 128]
     for b, max_len in ((4, 200), (1, 4096)):
         assert grid(b, 2, max_len, True, early=True) == grid(b, 2, max_len, True)
     assert grid(3, 2, 200, True).programs == 3 * 2 * grid(3, 2, 200, True).splits

@@ -251,3 +251,21 @@ def test_a_launch_leaves_sms_to_a_few_programs_after_it_only_with_programmatic_d
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(multi_processor_count=132))
     assert [gemv4bit_one._programs(device, t, 4) for t in (288, 100, 1)] == [128, 100, 1]
     assert gemv4bit_one._programs(device, 288) == 132
+
+
+def test_the_sms_left_reach_the_launch_grid(monkeypatch):
+    # gemv_4bit_normed(..., leave_sms=) -> _launch -> gemv_4bit_one -> one CTA fewer an SM left (a 46-SM card stood
+    # in for, as above), where the launch is a programmatic dependent one; none where PDL was refused on the GPU
+    launches = []
+    monkeypatch.setattr(gemv4bit_mma, "launch", lambda *a, **k: launches.append(a))
+    card = SimpleNamespace(multi_processor_count=46, shared_memory_per_block_optin=227 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    monkeypatch.setattr(gemv4bit_one, "_dependent", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # (the stand-in card is GPU 0)
+    w = quantize(torch.randn(1024, 128), "nf4")  # 64 tiles: more than the card's SMs
+    x = torch.randn(1, 1, 128, dtype=torch.bfloat16)
+    for leave in (0, 4, gemv4bit_one.LEAVE_SMS_MAX + 1):
+        gemv4bit_one.gemv_4bit_one(x, (w,), None, False, leave_sms=leave)
+    monkeypatch.setattr(gemv4bit_mma, "_PLAIN_ONLY", {0})
+    gemv4bit_one.gemv_4bit_one(x, (w,), None, False, leave_sms=4)
+    assert [grid for _, _, grid, *_ in launches] == [(46, 1, 1), (42, 1, 1), (46, 1, 1), (46, 1, 1)]
