@@ -46,6 +46,14 @@ def nf4_and_bf16(checkpoint: str) -> tuple[dict[str, Any], float, dict[str, floa
     return models, bw, {p: bw / bytes_read_per_token(m) for p, m in models.items()}
 
 
+def warmed(model: torch.nn.Module, **options: Any) -> FastDecoder:
+    """A decoder of ``model`` (``FastDecoder`` ``options``) for a prompt of PROMPT and NEW new tokens, its graphs
+    built and captured by a short warm-up (settings read at launch keep the values they have now)."""
+    decoder = FastDecoder(model, max_len=PROMPT + NEW + 8, **options)
+    decoder.tokens_per_second(PROMPT, 4)
+    return decoder
+
+
 def step_logits(decoder: FastDecoder, ids: torch.Tensor) -> torch.Tensor:
     """The logits of the first decode step after the prompt ``ids`` (its last token again, at the next position)."""
     decoder.prefill(ids)
@@ -115,8 +123,7 @@ def main() -> None:
     models, bw, rooflines = nf4_and_bf16(args.checkpoint)
     decoders = {}
     for v, (p, options) in VARIANTS.items():
-        decoders[v] = FastDecoder(models[p], max_len=PROMPT + NEW + 8, **options)
-        decoders[v].tokens_per_second(PROMPT, 4)  # warm-up: builds and captures the graphs
+        decoders[v] = warmed(models[p], **options)
     rows = {v: {"variant": v, "precision": p, "options": o, "fuses_norms": decoders[v].fuses_norms(1),
                 "uses_pdl": decoders[v].uses_pdl(1),
                 "compiled_step": decoders[v].compiled and decoders[v].layer_fn_for(1) is decoders[v].layer_fn,

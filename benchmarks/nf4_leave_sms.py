@@ -21,12 +21,11 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from nf4_fused import NEW, PROMPT, against_reference, best_rounds, nf4_and_bf16, report, take_turns
+from nf4_fused import PROMPT, against_reference, best_rounds, nf4_and_bf16, report, take_turns, warmed
 
 import glmkit.fast_decode
 from glmkit import attention, gemv4bit_one
-from glmkit.fast_decode import FastDecoder
-from glmkit.gemv4bit import NormedStream
+from glmkit.gemv4bit import normed_stream_torch
 
 # variant: (precision, what it turns off or on)
 VARIANTS = {"nf4, before": ("nf4", {"leave": False, "tile": attention.TICKET_TILE, "one_kernel_stream": False}),
@@ -38,12 +37,6 @@ VARIANTS = {"nf4, before": ("nf4", {"leave": False, "tile": attention.TICKET_TIL
             "bf16": ("bf16", {}),
             "bf16, tiles of 256": ("bf16", {"bf16_tile": attention.EARLY_TILE})}
 DEFAULT = "nf4 (default): also the first stream in one kernel"
-
-
-def torch_stream(x: torch.Tensor, norm_weight: torch.Tensor) -> NormedStream:
-    """``normed_stream`` as PyTorch kernels (five launches), as it was made before."""
-    x32 = x.float()
-    return NormedStream((x32 * norm_weight.float()).to(x.dtype), x32.pow(2).sum().reshape(1))
 
 
 @contextlib.contextmanager
@@ -58,7 +51,7 @@ def settings(variant: str) -> Iterator[None]:
     if "bf16_tile" in options:
         attention.TICKET_TILE = attention.SHORT_TILE = options["bf16_tile"]
     if not options.get("one_kernel_stream", True):
-        glmkit.fast_decode.normed_stream = torch_stream
+        glmkit.fast_decode.normed_stream = normed_stream_torch  # (as it was made before: five PyTorch kernels)
     try:
         yield
     finally:
@@ -75,8 +68,7 @@ def main() -> None:
     decoders = {}
     for v, (p, _) in VARIANTS.items():
         with settings(v):
-            decoders[v] = FastDecoder(models[p], max_len=PROMPT + NEW + 8)
-            decoders[v].tokens_per_second(PROMPT, 4)  # warm-up: builds and captures the graphs
+            decoders[v] = warmed(models[p])
     rows = {v: {"variant": v, "precision": p, "options": {k: list(o) if isinstance(o, tuple) else o
                                                           for k, o in options.items()},
                 "uses_pdl": decoders[v].uses_pdl(1), "replay_us": [], "decode_tok_s": []}

@@ -23,9 +23,7 @@ import os
 from collections.abc import Iterator
 
 import torch
-from nf4_fused import NEW, PROMPT, against_reference, best_rounds, nf4_and_bf16, report, take_turns
-
-from glmkit.fast_decode import FastDecoder
+from nf4_fused import PROMPT, against_reference, best_rounds, nf4_and_bf16, report, take_turns, warmed
 
 VARIANTS = {"CUDA kernel": ("nf4", {}, None), "CUDA kernel, plain launches": ("nf4", {"pdl": False}, None),
             "Triton kernel": ("nf4", {}, "triton"),
@@ -60,8 +58,7 @@ def main() -> None:
     decoders = {}
     for v, (p, options, kernel) in VARIANTS.items():
         with kernel_env(kernel):
-            decoders[v] = FastDecoder(models[p], max_len=PROMPT + NEW + 8, **options)
-            decoders[v].tokens_per_second(PROMPT, 4)  # warm-up: builds and captures the graphs
+            decoders[v] = warmed(models[p], **options)
     rows = {v: {"variant": v, "precision": p, "options": o, "kernel_env": k, "fuses_norms": decoders[v].fuses_norms(1),
                 "replay_us": [], "decode_tok_s": []} for v, (p, o, k) in VARIANTS.items()}
     take_turns(decoders, rows, around=variant_env)

@@ -18,11 +18,10 @@ import argparse
 
 import torch
 from early_reads import replay_us
-from nf4_fused import step_logits
+from nf4_fused import NEW, PROMPT, ROUNDS, step_logits, warmed  # (the step's benchmarks share them)
 
 from glmkit import gemv4bit
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
-from glmkit.fast_decode import FastDecoder
 from glmkit.gemv import GemvConfig
 from glmkit.gemv_tuning import projections, tune_projection
 from glmkit.models import ensure_random_checkpoint
@@ -31,7 +30,6 @@ from glmkit.quantization import load_precision
 # the shapes both sweeps time (the H200's table has (4, 1024, 4) for all three)
 SHAPES = [GemvConfig(*s) for s in ((1, 2048, 4), (2, 1024, 2), (2, 1024, 4), (2, 2048, 4), (4, 512, 2), (4, 512, 4),
                                    (4, 1024, 4), (4, 1024, 8), (8, 512, 4), (8, 1024, 8))]
-PROMPT, NEW, ROUNDS = 32, 256, 3
 
 
 def main() -> None:
@@ -52,12 +50,10 @@ def main() -> None:
             row["paired"] = paired
             result["projections"].append(row)
             print(name, "paired" if paired else "one tile", row["best"], flush=True)
-        decoders[paired] = FastDecoder(models["nf4"], max_len=PROMPT + NEW + 8)
-        decoders[paired].tokens_per_second(PROMPT, 4)  # captures its graphs with these shapes
+        decoders[paired] = warmed(models["nf4"])  # its graphs captured with these shapes
         save_result("nf4_paired", result)
     gemv4bit.PAIRED_ROWS = False
-    decoders["bf16"] = FastDecoder(models["bf16"], max_len=PROMPT + NEW + 8)
-    decoders["bf16"].tokens_per_second(PROMPT, 4)
+    decoders["bf16"] = warmed(models["bf16"])
     times = {v: ([], []) for v in decoders}
     for _ in range(ROUNDS):
         for v, decoder in decoders.items():

@@ -266,10 +266,15 @@ def tiles_per_program(swiglu: bool) -> int:
     return 2 if swiglu else 1 + _paired(swiglu)
 
 
+def _side_by_side(weights: Packed4bit | Sequence[Packed4bit]) -> tuple[Packed4bit, ...]:
+    """One weight, or up to three side by side (q, k, v), as the tuple the kernels take."""
+    return (weights,) if isinstance(weights, Packed4bit) else tuple(weights)
+
+
 def config_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False) -> GemvConfig:
     """The launch shape ``gemv_4bit`` (``swiglu``: ``gemv_4bit_swiglu``) uses for these weights on this machine: the
     tuned shape of their format for rows of one half (gate/up) or all rows (fused q/k/v), else the rule of thumb."""
-    ws = (weights,) if isinstance(weights, Packed4bit) else tuple(weights)
+    ws = _side_by_side(weights)
     n = sum(w.shape[0] for w in ws)
     return pick_config_4bit(n // 2 if swiglu else n, ws[0].shape[1], ws[0].blocksize, kernel_for(ws[0]), swiglu)
 
@@ -991,7 +996,7 @@ def lookup_for(weights: Packed4bit | Sequence[Packed4bit], swiglu: bool = False)
     >>> lookup_for(quantize(torch.randn(64, 128), "nf4")) in LOOKUPS
     True
     """
-    ws = (weights,) if isinstance(weights, Packed4bit) else tuple(weights)
+    ws = _side_by_side(weights)
     default = check_lookup(ws[0].device)
     if default != "shuffle" or "GLMKIT_4BIT_LOOKUP" in os.environ:
         return default
@@ -1386,6 +1391,12 @@ if triton is not None:
         tl.store(squares_ptr, tl.sum(x * x, axis=0))
 
 
+def normed_stream_torch(x: torch.Tensor, norm_weight: torch.Tensor) -> NormedStream:
+    """``normed_stream`` as PyTorch computes it (five kernels on a GPU): where Triton does not run."""
+    x32 = x.float()
+    return NormedStream((x32 * norm_weight.float()).to(x.dtype), x32.pow(2).sum().reshape(1))
+
+
 def normed_stream(x: torch.Tensor, norm_weight: torch.Tensor) -> NormedStream:
     """The ``NormedStream`` of one token's residual stream ``x`` ``[..., k]`` for the norm of weight ``norm_weight``
     ``[k]`` (the first layer's input norm: no GEMV before it writes one). One kernel where Triton runs (a GPU of
@@ -1395,8 +1406,7 @@ def normed_stream(x: torch.Tensor, norm_weight: torch.Tensor) -> NormedStream:
                          f"{tuple(x.shape)} and {tuple(norm_weight.shape)}.")
     gpu = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (7, 0)  # (where Triton compiles)
     if not (gpu or INTERPRETER) or not triton_available() or x.device != norm_weight.device:
-        x32 = x.float()
-        return NormedStream((x32 * norm_weight.float()).to(x.dtype), x32.pow(2).sum().reshape(1))
+        return normed_stream_torch(x, norm_weight)
     x, k = x.contiguous(), x.shape[-1]
     stream = NormedStream(torch.empty_like(x), torch.empty(1, dtype=torch.float32, device=x.device))
     with _on(x.device):
@@ -1424,7 +1434,7 @@ def gemv_4bit_normed(stream: NormedStream, weights: Packed4bit | Sequence[Packed
     ...     want = F.linear(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g, w.dequantize())
     ...     assert torch.allclose(gemv_4bit_normed(normed_stream(x, g), w), want, atol=1e-4)
     """
-    ws = (weights,) if isinstance(weights, Packed4bit) else tuple(weights)
+    ws = _side_by_side(weights)
     x, squares = stream
     if x.numel() != x.shape[-1]:
         raise ValueError(f"gemv_4bit_normed multiplies one token (a NormedStream of [..., k]), got {tuple(x.shape)}.")
@@ -1442,7 +1452,7 @@ def sms_left_by(stream: NormedStream, weights: Packed4bit | Sequence[Packed4bit]
     >>> sms_left_by(normed_stream(torch.ones(1, 1, 128), torch.ones(128)), quantize(torch.randn(64, 128)), 4)  # CPU
     0
     """
-    ws = (weights,) if isinstance(weights, Packed4bit) else tuple(weights)
+    ws = _side_by_side(weights)
     return gemv4bit_one.sms_left(stream.scaled.device, programs) if _takes_one(stream.scaled, ws, False) else 0
 
 

@@ -432,7 +432,7 @@ def launch(device: torch.device, options: list[str], grid: tuple[int, int, int],
         kernel = _kernel(device, options, source, name)
         if shared >= SHARED_LIMIT and getattr(kernel, "_max_shared_mem_bytes", shared) < shared:
             kernel.set_shared_memory_config(shared)
-        if pdl and _index(device) not in _PLAIN_ONLY:
+        if pdl and not dependent_launch_refused(device):
             try:
                 launch_dependent(kernel, grid, block, args, shared)
                 return
@@ -444,6 +444,11 @@ def launch(device: torch.device, options: list[str], grid: tuple[int, int, int],
 
 
 _PLAIN_ONLY: set[int] = set()  # device indices where a launch with programmatic dependent launch failed
+
+
+def dependent_launch_refused(device: torch.device) -> bool:
+    """Whether a launch with programmatic dependent launch failed on ``device`` (its kernels launch plainly there)."""
+    return _index(device) in _PLAIN_ONLY
 
 
 class _LaunchAttribute(ctypes.Structure):  # the driver's CUlaunchAttribute: an id, then a 64-byte value

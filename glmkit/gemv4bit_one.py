@@ -655,7 +655,7 @@ def sms_left(device: torch.device, programs: int) -> int:
     kernel starts only once this one has ended anyway)."""
     if not 0 < programs <= LEAVE_SMS_MAX or not _dependent(device):
         return 0
-    return 0 if gemv4bit_mma._index(device) in gemv4bit_mma._PLAIN_ONLY else programs  # (refused there: plain)
+    return 0 if gemv4bit_mma.dependent_launch_refused(device) else programs  # (refused there: plain launches)
 
 
 def _programs(device: torch.device, tiles: int, leave_sms: int = 0) -> int:
