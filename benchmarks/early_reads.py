@@ -2,7 +2,7 @@
 attention reading its first K/V tile of the cache before it waits for q/k/v (``glmkit.attention.PRELOAD``, the
 default) and after, under programmatic dependent launch (the default). One GPU, one run; the variants take turns,
 three rounds, so that clock and temperature drift touch them alike. Per variant: the CUDA graph of one step replayed back
-to back (µs a token, at a 160-token cache) and ``decode_speed`` (tok/s of the token loop, sampling included), best
+to back (µs a token, around a 160-token cache) and ``decode_speed`` (tok/s of the token loop, sampling included), best
 round, against the roofline of the same run (copy bandwidth / bytes a token reads); and its greedy tokens against
 the variant that reads after waiting. (The committed run also timed o_proj reading its first weights before waiting
 for attention: slower in both precisions, removed.)
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from step_roles import replay_us as graph_replay_us
+from step_roles import step_us
 
 import glmkit.attention
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
@@ -37,9 +37,8 @@ def build(model: torch.nn.Module, preload: bool) -> FastDecoder:
 
 
 def replay_us(decoder: FastDecoder) -> float:
-    """µs a step of the captured batch-1 graph takes, replayed back to back at position 160."""
-    decoder.decode_step(torch.tensor([5], device="cuda"), 160)
-    return graph_replay_us(decoder.stages[0].graphs[1])
+    """µs a step of the captured batch-1 graph takes, replayed back to back around position 160 (``step_us``)."""
+    return step_us(decoder, 160)
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 
 import torch
-from step_roles import build, build_variants, load_for_variants, replay_us, save_variants, time_variants
+from step_roles import build, build_variants, load_for_variants, save_variants, step_us, time_variants
 
 import glmkit.gemv
 from glmkit.gemv import GemvConfig, active_table, kernel_name
@@ -37,8 +37,7 @@ def score(model: torch.nn.Module, key: tuple[str, int, int], config: GemvConfig)
         decoder = build(model)
     finally:
         table[key] = shipped
-    decoder.decode_step(torch.tensor([5], device="cuda"), SCORE_POSITION)
-    us = replay_us(decoder.stages[0].graphs[1])
+    us = step_us(decoder, SCORE_POSITION)
     del decoder
     torch.cuda.empty_cache()
     return us

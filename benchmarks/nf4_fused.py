@@ -5,7 +5,7 @@ Variants of nf4 (the variants take turns, three rounds, so that clock and temper
 ``fused`` (the default: ``gemv_4bit_residual`` writes the next norm's ``NormedStream``, ``gemv_4bit_normed`` reads it;
 an uncompiled layer), ``fused, PDL`` (``pdl=True``: launched with programmatic dependent launch) and ``compiled
 layer`` (``fuse_norms=False``: the layer compiled around the 4-bit ops, each residual add and norm a kernel of its
-own, the default before). Per variant: the CUDA graph of one step replayed back to back (µs a token, 160 cached
+own, the default before). Per variant: the CUDA graph of one step replayed back to back (µs a token, around 160 cached
 tokens) and ``decode_speed`` (tok/s of the token loop, sampling included), best round; against bf16's default
 decoder in the same run and the 4-bit roofline (copy bandwidth / bytes a token reads); and its greedy tokens and the
 logits of one step against the compiled layer's. (The committed run also timed ``gemv_4bit_normed`` asking for its

@@ -7,7 +7,7 @@ Variants (taking turns, three rounds): ``nf4, before`` (q/k/v on every SM, the a
 by side, the first norm's stream made by five PyTorch kernels), then each change added in turn, the last being the
 default; ``bf16`` (its default decoder: its q/k/v leaves no SM, so its attention keeps ``TICKET_TILE``) and ``bf16,
 tiles of 256`` (``EARLY_TILE`` without SMs left: what the attention's tile does alone). Per variant: the CUDA graph
-of one step replayed back to back (µs, 160 cached tokens) and ``decode_speed`` (tok/s of the token loop), best
+of one step replayed back to back (µs, around 160 cached tokens) and ``decode_speed`` (tok/s of the token loop), best
 round, against bf16 in the same run; greedy tokens against the default's.
 
     PYTHONPATH=.:benchmarks python benchmarks/nf4_leave_sms.py --checkpoint /tmp/glm9b    # about 2 minutes on an H200
