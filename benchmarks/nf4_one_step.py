@@ -6,8 +6,8 @@ Variants (taking turns, three rounds, so that clock and temperature drift touch 
 default: norms and residual adds folded into the CUDA kernel's launches, launched with programmatic dependent launch
 where the GPU has it), ``CUDA kernel, plain launches`` (``pdl=False``), ``Triton kernel`` (the same step built and
 run with ``GLMKIT_4BIT_KERNEL=triton``, the default before), ``CUDA kernel, compiled layer`` (``fuse_norms=False``) and
-``bf16`` (its default decoder). Per variant: the CUDA graph of one step replayed back to back (µs a token, around 160 cached
-tokens) and ``decode_speed`` (tok/s of the token loop, sampling included), best round; against bf16 in the same run
+``bf16`` (its default decoder). Per variant: the CUDA graph of one step replayed back to back (µs a token, around 160
+cached tokens) and ``decode_speed`` (tok/s of the token loop, sampling included), best round; against bf16 in the same run
 and the roofline (copy bandwidth / bytes a token reads); the greedy tokens and the logits of one step against the
 Triton kernel's, and against the default's (the same kernels launched plainly must give the same bits).
 
