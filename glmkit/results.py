@@ -2275,7 +2275,7 @@ def nf4_one_sentence() -> Text:
                 f"residual adds folded in as before), each launch started with programmatic dependent launch (it "
                 f"fetches its first weights and writes its lookup table while the kernel before ends, then waits "
                 f"for it and reads x once a CTA), the step decodes **{one['best_tok_s']:.1f} tok/s**, "
-                f"{one['over_bf16']:.2f}x bf16's fast path ({bf16['best_tok_s']:.1f} tok/s, "
+                f"{one['over_bf16']:.3f}x bf16's fast path ({bf16['best_tok_s']:.1f} tok/s, "
                 f"{bf16['fraction_of_roofline'] * 100:.0f}% of its roofline) and "
                 f"{one['fraction_of_roofline'] * 100:.0f}% of nf4's roofline, against {plain['best_tok_s']:.1f} tok/s "
                 f"({plain['over_bf16']:.2f}x) with the same kernels launched plainly and "
@@ -2363,11 +2363,78 @@ def _second_card() -> str:
         return ""
     v, w = _rows_by_variant(step), _rows_by_variant(leave)
     one, bf16 = v["CUDA kernel"], v["bf16"]
-    return (f" The ratio depends on the card's bf16 speed: the same benchmark on a second H200 "
-            f"(`nf4_one_step_run2.json`), where bf16 decoded {bf16['best_tok_s']:.1f} tok/s "
+    return (f" The ratio depends on the card's bf16 speed: the same benchmark on a second H200, with the token loop "
+            f"before the greedy pick moved into the step (`nf4_one_step_run2.json`), where bf16 decoded {bf16['best_tok_s']:.1f} tok/s "
             f"({bf16['fraction_of_roofline'] * 100:.0f}% of its roofline), gave {one['best_tok_s']:.1f}: "
             f"**{one['over_bf16']:.2f}x**; there the changes above went {w['nf4, before']['over_bf16']:.2f}x → "
             f"{w[LEAVE_DEFAULT]['over_bf16']:.2f}x (`nf4_leave_sms_run2.json`).")
+
+
+GREEDY_BEFORE, GREEDY_IN_STEP = "argmax after the step", "greedy in the step"  # greedy_tail.json's two loops
+
+
+def _greedy_rows(r: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """``greedy_tail.json``'s rows by (precision, loop)."""
+    return {(row["precision"], row["loop"]): row for row in r["rows"]}
+
+
+def _gain(new: float, old: float) -> str:
+    return f"{(new / old - 1) * 100:+.1f}%"
+
+
+def greedy_tail_table() -> Table | Text:
+    """``greedy_tail.json`` as a table: per precision, greedy decode tok/s with the argmax after the step and with
+    the pick inside it (``glmkit.greedy``), without and with an end-token check every token; or "not measured"."""
+    def render(r: dict[str, Any]) -> Table:
+        g = _greedy_rows(r)
+
+        def gain(p: str, loop: str, key: str) -> str:
+            return "-" if loop == GREEDY_BEFORE else _gain(g[(p, loop)][key], g[(p, GREEDY_BEFORE)][key])
+
+        rows = [[p, loop, f"{row['best_tok_s']:.1f}", gain(p, loop, "best_tok_s"),
+                 f"{row['best_tok_s_eos_check']:.1f}", gain(p, loop, "best_tok_s_eos_check"),
+                 f"{row['fraction_of_roofline'] * 100:.1f}%", f"{row['tokens_as_argmax_after']}/{row['of']}"]
+                for (p, loop), row in g.items()]
+        return table(["precision", "greedy loop", "tok/s", "gain", "tok/s, end-token check", "gain",
+                      "of roofline", "same tokens"], rows,
+                     caption=f"One run, {measured_on(r)} (`greedy_tail.json`, variants taking turns, best of "
+                             f"{r['rounds']}): GLM-4-9B at batch 1, {r['prompt']}-token prompt, {r['new_tokens']} "
+                             f"new tokens")
+
+    return from_result("greedy_tail", render, what="The greedy pick inside the step", script="benchmarks/greedy_tail.py")
+
+
+def greedy_tail_sentence() -> Text:
+    """What picking the greedy token inside the step gave (``greedy_tail.json``, and ``greedy_tail_run2.json`` from a
+    second card where it exists), in one paragraph; or "not measured"."""
+    def gains(r: dict[str, Any], key: str) -> str:
+        g = _greedy_rows(r)
+        return ", ".join(f"{p} {g[(p, GREEDY_BEFORE)][key]:.1f} → {g[(p, GREEDY_IN_STEP)][key]:.1f} tok/s "
+                         f"({_gain(g[(p, GREEDY_IN_STEP)][key], g[(p, GREEDY_BEFORE)][key])})"
+                         for p in ("nf4", "bf16"))
+
+    def render(r: dict[str, Any]) -> str:
+        g = _greedy_rows(r)
+        nf4, bf16 = g[("nf4", GREEDY_IN_STEP)], g[("bf16", GREEDY_IN_STEP)]
+        text = (f"Greedy decoding used to take each token's argmax after the step's CUDA graph, then write the token "
+                f"and its position for the next step: five small kernels between two graphs. The step now picks the "
+                f"token itself, in one kernel at its end (`glmkit.greedy`: each program the largest logit of a block "
+                f"of the vocabulary, the last to finish the row's token and position), and `FastDecoder.decode_greedy`"
+                f" replays the next step at once. On {measured_on(r)} (`greedy_tail.json`, one run, variants taking "
+                f"turns): {gains(r, 'best_tok_s')}; the same {nf4['tokens_as_argmax_after']} of {nf4['of']} greedy "
+                f"tokens. With an end-token check every token, as `generate()` and a chat do (it waits for the "
+                f"token; the loop before queued the next step only after it, the loop now before it): "
+                f"{gains(r, 'best_tok_s_eos_check')}. There nf4 decodes {nf4['over_bf16_same_loop']:.3f}x bf16, "
+                f"which reaches {bf16['fraction_of_roofline'] * 100:.1f}% of its roofline.")
+        other = load("greedy_tail_run2")
+        if other:
+            h = _greedy_rows(other)
+            text += (f" On a second H200 (`greedy_tail_run2.json`): {gains(other, 'best_tok_s')}; nf4 "
+                     f"{h[('nf4', GREEDY_IN_STEP)]['over_bf16_same_loop']:.3f}x bf16, bf16 at "
+                     f"{h[('bf16', GREEDY_IN_STEP)]['fraction_of_roofline'] * 100:.1f}% of its roofline.")
+        return text
+
+    return from_result("greedy_tail", render, what="The greedy pick inside the step", script="benchmarks/greedy_tail.py")
 
 
 def _bf16_accuracy() -> dict[str, Any] | None:
@@ -2609,6 +2676,7 @@ def readme_measured_section() -> str:
                "**Fewer kernels per step**: " + str(fusion_sentence()) + " " + pdl_sentence() + " "
                + str(attention_tile_sentence()),
                "**What attention costs a step**: " + str(attention_cost_sentence()),
+               "**The next token inside the step**: " + str(greedy_tail_sentence()),
                "**The fast path today**: " + str(fast_path_today_sentence()),
                "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),

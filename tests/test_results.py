@@ -525,7 +525,7 @@ def test_one_sequence_through_the_cuda_kernel_renders_the_committed_files_and_th
     v = {row["variant"]: row for row in r["rows"]}
     one, plain, tri, bf16 = v["CUDA kernel"], v["CUDA kernel, plain launches"], v["Triton kernel"], v["bf16"]
     sentence = str(results.nf4_one_sentence())
-    assert f"**{one['best_tok_s']:.1f} tok/s**, {one['over_bf16']:.2f}x bf16" in sentence
+    assert f"**{one['best_tok_s']:.1f} tok/s**, {one['over_bf16']:.3f}x bf16" in sentence
     assert f"{tri['best_tok_s']:.1f} tok/s ({tri['over_bf16']:.2f}x) through the Triton kernel" in sentence
     assert one["over_bf16"] == pytest.approx(one["best_tok_s"] / bf16["best_tok_s"])
     # the kernels the two decoders ran, and the default is the one that measured faster
@@ -588,3 +588,24 @@ def test_one_sequence_figures_render_a_fresh_run_without_dependent_launch(monkey
     assert "back to back" not in sentence and "plain read of the same bytes" not in sentence
     assert "CUDA kernel, PDL (µs)" not in table.headers and table.rows[0][4] == f"{q['one_folded']['us']:.1f}"
     assert table.rows[0][5] == f"{q['triton_folded']['us'] / q['one_folded']['us']:.2f}x"
+
+
+def test_the_greedy_pick_inside_the_step_renders_the_committed_files_and_the_default_follows_them():
+    r = results.load("greedy_tail")
+    g = {(row["precision"], row["loop"]): row for row in r["rows"]}
+    sentence, table = str(results.greedy_tail_sentence()), results.greedy_tail_table()
+    for p in ("nf4", "bf16"):
+        before, now = g[(p, results.GREEDY_BEFORE)], g[(p, results.GREEDY_IN_STEP)]
+        # the default loop (decode_tokens -> decode_greedy) is the one that measured faster, with and without the
+        # end-token check, and it decodes the same tokens
+        assert now["best_tok_s"] > before["best_tok_s"] and now["best_tok_s_eos_check"] > before["best_tok_s_eos_check"]
+        assert now["tokens_as_argmax_after"] == now["of"] == 32
+        gain = (now["best_tok_s"] / before["best_tok_s"] - 1) * 100
+        assert f"{p} {before['best_tok_s']:.1f} → {now['best_tok_s']:.1f} tok/s ({gain:+.1f}%)" in sentence
+        assert [p, results.GREEDY_IN_STEP, f"{now['best_tok_s']:.1f}", f"{gain:+.1f}%"] == \
+            [row[:4] for row in table.rows if row[:2] == [p, results.GREEDY_IN_STEP]][0]
+    nf4, bf16 = g[("nf4", results.GREEDY_IN_STEP)], g[("bf16", results.GREEDY_IN_STEP)]
+    assert nf4["over_bf16_same_loop"] == pytest.approx(nf4["best_tok_s"] / bf16["best_tok_s"])
+    assert f"nf4 decodes {nf4['over_bf16_same_loop']:.3f}x bf16" in sentence
+    other = {(row["precision"], row["loop"]): row for row in results.load("greedy_tail_run2")["rows"]}
+    assert f"nf4 {other[('nf4', results.GREEDY_IN_STEP)]['over_bf16_same_loop']:.3f}x bf16" in sentence
