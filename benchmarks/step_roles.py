@@ -110,6 +110,9 @@ def replay_us(graph) -> float:
 def step_us(decoder: FastDecoder, position: int) -> float:
     """µs a step of ``decoder``'s one-row CUDA graph takes around ``position`` cached tokens: REPLAYS replays back to
     back from REPLAYS // 2 positions before it (each replay decodes the next position)."""
+    if position + REPLAYS // 2 > decoder.max_len:
+        raise ValueError(f"step_us at {position} replays up to position {position + REPLAYS // 2}: build the decoder "
+                         f"with max_len >= that, not {decoder.max_len}.")
     decoder.decode_step(torch.tensor([5], device="cuda"), position - REPLAYS // 2)
     return replay_us(decoder.stages[0].graphs[1])
 
@@ -161,7 +164,8 @@ def build(model: torch.nn.Module, attention_fn=None) -> FastDecoder:
     if attention_fn is not None:
         glmkit.fast_decode.qkv_decode_attention = attention_fn
     try:
-        decoder = FastDecoder(model, max_len=PROMPT + NEW + 8)
+        # room for the replays around the longest cache length (step_us); the same launch grid as PROMPT + NEW + 8
+        decoder = FastDecoder(model, max_len=max(POSITIONS) + REPLAYS // 2 + 16)
         decoder.tokens_per_second(PROMPT, 4)  # warm-up: captures the graphs with this attention
     finally:
         glmkit.fast_decode.qkv_decode_attention = original

@@ -639,7 +639,8 @@ class _Stage:
         self.positions = torch.arange(max_len, device=dev)
         self.batch_index = torch.arange(batch_size, device=dev)
         # control: row 0 the tokens, row 1 the positions, row 2 the number of live rows k (in every column);
-        # the first stage's is written by decode_step, the others copy it (one small copy per hop)
+        # the first stage's is written by decode_step, the others copy it (one small copy per hop); the head stage's
+        # step writes its rows 0-1 for the next step too (the greedy pick, glmkit.greedy: decode_greedy)
         self.control = torch.zeros(3, batch_size, dtype=torch.long, device=dev)
         # glmkit's attention kernel's tickets (decode_attention): zeros it leaves as it finds them, for all layers;
         # and the greedy pick's (greedy_next), one per row
@@ -985,7 +986,7 @@ class FastDecoder:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(3):  # warm-up: compiles, autotunes, allocates workspaces outside the graph
-                    self._run_stage(st, b)
+                    self._run_warm_up(st, b)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             # the graphs of one device share a memory pool: they never run at the same time, and every output
@@ -994,6 +995,12 @@ class FastDecoder:
                 self._run_stage(st, b)
             self._pools.setdefault(st.device, graph.pool())
             st.graphs[b] = graph
+
+    def _run_warm_up(self, st: _Stage, b: int) -> None:
+        """A warm-up step: token 0 at position 0 (its garbage K/V go where a prefill writes first; the greedy pick
+        of the step before had moved the position on)."""
+        st.control[:2].zero_()
+        self._run_stage(st, b)
 
     def _run_eager(self, st: _Stage, b: int) -> None:
         if st.device.type == "cuda":
@@ -1004,7 +1011,11 @@ class FastDecoder:
 
     def _warm_up(self, b: int) -> None:
         for st in self.stages:
-            self._capture(st, b) if self.use_graph else self._run_eager(st, b)
+            if self.use_graph:
+                self._capture(st, b)
+            else:
+                st.control[:2].zero_()
+                self._run_eager(st, b)
 
     def _warm_up_all(self) -> None:
         for st in self.stages:  # (graphs of an earlier attempt, with other kernels, go)
@@ -1145,10 +1156,11 @@ class FastDecoder:
                              f"decoder with a larger max_len.")
         b, first, head = self.bucket(k), self.stages[0], self.stages[-1]
         if first is not head:  # a split: the picked tokens and positions go back to the first device
-            first.control[:2, :b].copy_(head.control[:2, :b])
+            picked = head.control[:2, :b]
+            first.control[:2, :b].copy_(picked.cpu() if self.hop == "host" else picked)
         self._run_stages(b)
         self._greedy = (k, pos + 1)
-        return head.control[0, :k].clone()
+        return head.control[0, :k].to(self.device, copy=True)  # (on a split: lm_head's device to the inputs')
 
     def _run_stages(self, b: int) -> None:
         """The step of ``b`` rows on the first stage's control row: each stage's graph (or eager step) in turn."""
@@ -1204,9 +1216,9 @@ def decode_tokens(decoder: Any, input_ids: torch.Tensor, max_new_tokens: int, te
     yield the next token ``[b]`` per step (greedy at temperature 0, else sampled with top-p from ``generator``) and
     decode it at the next position, until ``max_new_tokens`` or, unless ``ignore_eos``, until every row has said
     one of ``eos`` (ids ``[e]``; none: never). Each token's step is queued before the token is yielded, so the GPU
-    does not wait for the caller (a stop at an end token leaves that step's K/V one position past it in the cache,
-    where the next prefill or step writes). Greedy on a ``FastDecoder``: the step picks the next token itself
-    (``decode_greedy``).
+    does not wait for the caller (a stop at an end token has decoded that token too: its K/V are in the cache at its
+    position, where the next prefill or step writes). Greedy on a ``FastDecoder``: the step picks the next token
+    itself (``decode_greedy``).
 
     >>> from glmkit.loading import load_model
     >>> model, ids = load_model(device_map="cpu", dtype=torch.float32), torch.tensor([[1, 2, 3]])
@@ -1223,7 +1235,7 @@ def decode_tokens(decoder: Any, input_ids: torch.Tensor, max_new_tokens: int, te
     for i in range(max_new_tokens):
         if i + 1 < max_new_tokens:  # the next step is queued before this token is looked at: the GPU keeps busy
             if greedy and i:
-                following = decoder.decode_greedy()
+                following = decoder.decode_greedy()  # (on the inputs' device)
             else:
                 logits = decoder.decode_step(token, n + i)
                 following = pick_token(logits, temperature, top_p, generator).to(decoder.device)
@@ -1238,7 +1250,10 @@ def decode_tokens(decoder: Any, input_ids: torch.Tensor, max_new_tokens: int, te
 def decode_speed(decoder: Any, prompt_len: int = 32, new_tokens: int = 256) -> dict[str, float]:
     """Time to first token (prefill) and decode tok/s summed over the batch of ``decoder`` (a ``FastDecoder`` or
     a ``TPDecoder``: its ``stream``, ``batch_size``, ``device`` and ``devices``) on random prompt ids, after a
-    warm-up (compile and graph capture excluded), so that the decoders' speeds compare directly."""
+    warm-up (compile and graph capture excluded), so that the decoders' speeds compare directly. The decode rate is
+    the ``new_tokens - 1`` steps after the first token over their time: a whole stream's time less a one-token
+    stream's (the prompt and its first token), whichever way the token loop orders its steps (``decode_tokens``
+    queues each step before it yields the token before)."""
     ids = torch.randint(0, 1000, (decoder.batch_size, prompt_len), device=decoder.device)
 
     def sync() -> None:
@@ -1248,14 +1263,14 @@ def decode_speed(decoder: Any, prompt_len: int = 32, new_tokens: int = 256) -> d
 
     for _ in decoder.stream(ids, 3, ignore_eos=True):  # warm-up: compiles the layer, captures the graph
         pass
-    sync()
-    t0 = time.perf_counter()
-    it = decoder.stream(ids, new_tokens, ignore_eos=True)
-    next(it)
-    sync()
-    ttft = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    count = sum(1 for _ in it)
-    sync()
-    decode = time.perf_counter() - t1
-    return {"ttft_s": ttft, "decode_tok_s": decoder.batch_size * count / decode if decode else 0.0}
+    def seconds(new: int) -> tuple[float, int]:
+        sync()
+        start = time.perf_counter()
+        count = sum(1 for _ in decoder.stream(ids, new, ignore_eos=True))
+        sync()
+        return time.perf_counter() - start, count
+
+    ttft, _ = seconds(1)
+    total, count = seconds(new_tokens)
+    decode = total - ttft  # the count - 1 steps after the first token
+    return {"ttft_s": ttft, "decode_tok_s": decoder.batch_size * (count - 1) / decode if decode > 0 else 0.0}

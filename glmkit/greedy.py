@@ -9,7 +9,8 @@ the row's position on by one. ``FastDecoder.decode_greedy`` then replays the nex
 H200 decodes 1.0% faster in nf4 and 0.8% in bf16 this way, 2.5% and 1.9% with an end-token check every token
 (``benchmarks/results/greedy_tail.json``). Taught in ``notebooks/05_tuning.ipynb``.
 
-Ties go to the lowest token id and a NaN counts as the largest value, as ``torch.argmax`` has it.
+Ties go to the lowest token id and a NaN counts as larger than any number (the first NaN wins), as
+``torch.argmax`` has it.
 
 >>> logits = torch.tensor([[0.5, 2.0, 2.0, -1.0], [3.0, 0.0, 1.0, 3.0]])
 >>> control = torch.tensor([[0, 0], [7, 9], [2, 2]])  # tokens, positions, live rows
@@ -43,9 +44,10 @@ def greedy_next(logits: torch.Tensor, control: torch.Tensor, tickets: torch.Tens
     ``greedy_next_torch``.
     """
     b, vocab = logits.shape
-    if control.dtype != torch.int64 or control.dim() != 2 or control.shape[0] < 2 or control.shape[1] < b:
-        raise ValueError(f"greedy_next's control must be int64 [3, >= {b}], got {control.dtype} "
-                         f"{list(control.shape)}.")
+    if control.dtype != torch.int64 or control.dim() != 2 or control.shape[0] < 2 or control.shape[1] < b or \
+            control.stride(1) != 1:
+        raise ValueError(f"greedy_next's control must be int64 [3, >= {b}] with its rows contiguous, got "
+                         f"{control.dtype} {list(control.shape)}, strides {control.stride()}.")
     if not kernel:
         greedy_next_torch(logits, control)
         return
@@ -76,10 +78,13 @@ if triton is not None:
         row = tl.program_id(1)
         cols = part * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(logits_ptr + row * stride_row + cols, mask=cols < vocab, other=float("-inf"))
-        x = tl.where(x != x, float("inf"), x)  # NaN: the largest (torch.argmax's answer is a NaN's index too)
+        nan = x != x  # a NaN beats every number (torch.argmax): the block's first NaN, stored as a NaN
+        nan_at = tl.min(tl.where(nan, cols, vocab), axis=0)
+        x = tl.where(nan, float("-inf"), x)
         best = tl.max(x, axis=0)
-        tl.store(best_ptr + row * PARTS + part, best)
-        tl.store(at_ptr + row * PARTS + part, tl.min(tl.where(x == best, cols, vocab), axis=0))
+        at = tl.min(tl.where(x == best, cols, vocab), axis=0)
+        tl.store(best_ptr + row * PARTS + part, tl.where(nan_at < vocab, float("nan"), best))
+        tl.store(at_ptr + row * PARTS + part, tl.where(nan_at < vocab, nan_at, at))
         tl.debug_barrier()  # the stores above, then one release by the ticket's atomic
         ticket = tl.atomic_add(ticket_ptr + row, 1, sem="acq_rel", scope="gpu")
         if ticket == PARTS - 1:
@@ -88,7 +93,11 @@ if triton is not None:
             # read from L2 (.cg): written by other programs of this kernel
             bests = tl.load(best_ptr + row * PARTS + p, mask=ok, other=float("-inf"), cache_modifier=".cg")
             ats = tl.load(at_ptr + row * PARTS + p, mask=ok, other=vocab, cache_modifier=".cg")
+            nans = bests != bests
+            nan_token = tl.min(tl.where(nans, ats, vocab), axis=0)  # the first NaN, where a part saw one
+            bests = tl.where(nans, float("-inf"), bests)
             token = tl.min(tl.where(bests == tl.max(bests, axis=0), ats, vocab), axis=0)
+            token = tl.where(nan_token < vocab, nan_token, token)
             tl.store(control_ptr + row, token.to(tl.int64))
             position = control_ptr + stride_control + row
             tl.store(position, tl.load(position) + 1)

@@ -2364,7 +2364,8 @@ def _second_card() -> str:
     v, w = _rows_by_variant(step), _rows_by_variant(leave)
     one, bf16 = v["CUDA kernel"], v["bf16"]
     return (f" The ratio depends on the card's bf16 speed: the same benchmark on a second H200, with the token loop "
-            f"before the greedy pick moved into the step (`nf4_one_step_run2.json`), where bf16 decoded {bf16['best_tok_s']:.1f} tok/s "
+            f"before the greedy pick moved into the step (`nf4_one_step_run2.json`), where bf16 decoded "
+            f"{bf16['best_tok_s']:.1f} tok/s "
             f"({bf16['fraction_of_roofline'] * 100:.0f}% of its roofline), gave {one['best_tok_s']:.1f}: "
             f"**{one['over_bf16']:.2f}x**; there the changes above went {w['nf4, before']['over_bf16']:.2f}x → "
             f"{w[LEAVE_DEFAULT]['over_bf16']:.2f}x (`nf4_leave_sms_run2.json`).")

@@ -13,12 +13,13 @@ from glmkit.models import TRAINED_TINY_DIR
 
 
 def logits_with_traps(rows: int, vocab: int, seed: int) -> torch.Tensor:
-    """Random logits; row 0's largest value twice, in two programs' blocks (the first must win), row 1 with a NaN
-    (torch.argmax: the NaN's index), row 2 all -inf (index 0)."""
+    """Random logits; row 0's largest value twice, in two programs' blocks (the first must win), row 1 with +inf
+    before two NaNs (torch.argmax: the first NaN's index), row 2 all -inf (index 0)."""
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed))
     logits[0, 5] = logits[0, min(BLOCK + 3, vocab - 1)] = logits[0].max() + 1
     if rows > 1:
-        logits[1, vocab // 2] = float("nan")
+        logits[1, 1] = float("inf")
+        logits[1, vocab // 2] = logits[1, vocab - 1] = float("nan")
     if rows > 2:
         logits[2] = float("-inf")
     return logits
@@ -35,6 +36,8 @@ def test_the_kernel_picks_what_torch_argmax_picks_and_moves_the_position_on(rows
     want[0, :rows], want[1, :rows] = logits.argmax(-1), want[1, :rows] + 1
     assert control.tolist() == want.tolist()
     assert control[0, 0] == 5  # the first of two equal largest values
+    if rows > 1:
+        assert control[0, 1] == vocab // 2  # the first NaN, not the +inf before it
     assert tickets.tolist() == [0, 0, 0, 0]  # left as found, for the next step
     torch_control = torch.tensor([[9] * 4, [30, 31, 32, 33], [rows] * 4])
     greedy_next(logits, torch_control, tickets, kernel=False)
@@ -45,6 +48,8 @@ def test_bad_buffers_are_explained():
     logits = torch.zeros(2, 10)
     with pytest.raises(ValueError, match=r"control must be int64 \[3, >= 2\]"):
         greedy_next(logits, torch.zeros(3, 1, dtype=torch.long), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="rows contiguous"):  # a column-major control: the kernel reads rows
+        greedy_next(logits, torch.zeros(2, 3, dtype=torch.long).T, torch.zeros(2, dtype=torch.int32))
     with pytest.raises(ValueError, match="tickets must be contiguous int32 zeros, at least 2"):
         greedy_next(logits, torch.zeros(3, 2, dtype=torch.long), torch.zeros(2, dtype=torch.int64))
 
@@ -98,10 +103,19 @@ def test_decode_greedy_refuses_what_it_cannot_continue(trained):
         decoder.decode_greedy()
 
 
-def test_a_stream_that_stops_at_an_end_token_leaves_the_decoder_as_good(trained):
+def test_a_stream_yields_its_end_token_and_nothing_after_though_it_queues_a_step_ahead(trained):
     decoder = FastDecoder(trained, max_len=64)
     ids = torch.randint(0, 800, (1, 5), generator=torch.Generator().manual_seed(5))
     want = generate_new(trained, ids, 6)[0].tolist()
     stop = want[2]  # an "end token" the third new token is: the stream yields it, then stops
     assert [int(t) for t in decoder.stream(ids, 6, eos_token_ids=[stop])] == want[:want.index(stop) + 1]
-    assert decoder.generate(ids, 6, ignore_eos=True)[0, 5:].tolist() == want
+
+
+def test_the_warm_up_leaves_no_position_past_the_first(trained):
+    # the warm-up steps decode token 0 at position 0 (where a prefill writes first), however many steps it runs: a
+    # greedy pick that moved their position on would write past a cache of two positions
+    decoder = FastDecoder(trained, max_len=2, batch_size=4, attention="sdpa")
+    first = decoder.prefill(torch.tensor([[1], [2], [3], [4]])).argmax(-1)
+    logits = decoder.decode_step(first, 1)
+    want = trained.generate(torch.tensor([[1], [2], [3], [4]]), max_new_tokens=2, min_new_tokens=2, do_sample=False)
+    assert torch.equal(torch.stack([first, logits.argmax(-1)], dim=1), want[:, 1:])
