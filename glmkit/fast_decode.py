@@ -1233,6 +1233,7 @@ def decode_tokens(decoder: Any, input_ids: torch.Tensor, max_new_tokens: int, te
     token = pick_token(decoder.prefill(input_ids, prefill_chunk), temperature, top_p, generator).to(decoder.device)
     done = torch.zeros(token.shape[0], dtype=torch.bool, device=decoder.device)
     for i in range(max_new_tokens):
+        following = None
         if i + 1 < max_new_tokens:  # the next step is queued before this token is looked at: the GPU keeps busy
             if greedy and i:
                 following = decoder.decode_greedy()  # (on the inputs' device)
@@ -1244,6 +1245,8 @@ def decode_tokens(decoder: Any, input_ids: torch.Tensor, max_new_tokens: int, te
             done |= torch.isin(token, eos)
             if bool(done.all()):  # (waits for this token only: the next step runs meanwhile)
                 return
+        if following is None:
+            return
         token = following
 
 
