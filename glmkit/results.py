@@ -2406,8 +2406,8 @@ def greedy_tail_table() -> Table | Text:
 
 
 def greedy_tail_sentence() -> Text:
-    """What picking the greedy token inside the step gave (``greedy_tail.json``, and ``greedy_tail_run2.json`` from a
-    second card where it exists), in one paragraph; or "not measured"."""
+    """What picking the greedy token inside the step gave (``greedy_tail.json``), in one paragraph; or "not
+    measured"."""
     def gains(r: dict[str, Any], key: str) -> str:
         g = _greedy_rows(r)
         return ", ".join(f"{p} {g[(p, GREEDY_BEFORE)][key]:.1f} → {g[(p, GREEDY_IN_STEP)][key]:.1f} tok/s "
@@ -2427,12 +2427,6 @@ def greedy_tail_sentence() -> Text:
                 f"token; the loop before queued the next step only after it, the loop now before it): "
                 f"{gains(r, 'best_tok_s_eos_check')}. There nf4 decodes {nf4['over_bf16_same_loop']:.3f}x bf16, "
                 f"which reaches {bf16['fraction_of_roofline'] * 100:.1f}% of its roofline.")
-        other = load("greedy_tail_run2")
-        if other:
-            h = _greedy_rows(other)
-            text += (f" On a second H200 (`greedy_tail_run2.json`): {gains(other, 'best_tok_s')}; nf4 "
-                     f"{h[('nf4', GREEDY_IN_STEP)]['over_bf16_same_loop']:.3f}x bf16, bf16 at "
-                     f"{h[('bf16', GREEDY_IN_STEP)]['fraction_of_roofline'] * 100:.1f}% of its roofline.")
         return text
 
     return from_result("greedy_tail", render, what="The greedy pick inside the step", script="benchmarks/greedy_tail.py")
