@@ -110,9 +110,9 @@ def replay_us(graph) -> float:
 def step_us(decoder: FastDecoder, position: int) -> float:
     """µs a step of ``decoder``'s one-row CUDA graph takes around ``position`` cached tokens: REPLAYS replays back to
     back from REPLAYS // 2 positions before it (each replay decodes the next position)."""
-    if position + REPLAYS // 2 > decoder.max_len:
+    if position + REPLAYS // 2 >= decoder.max_len:
         raise ValueError(f"step_us at {position} replays up to position {position + REPLAYS // 2}: build the decoder "
-                         f"with max_len >= that, not {decoder.max_len}.")
+                         f"with max_len > that, not {decoder.max_len}.")
     decoder.decode_step(torch.tensor([5], device="cuda"), position - REPLAYS // 2)
     return replay_us(decoder.stages[0].graphs[1])
 

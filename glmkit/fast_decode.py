@@ -682,7 +682,7 @@ class FastDecoder:
             launches the same kernels and on an H200 decoded 202.9 tok/s against 205.1 uncompiled
             (``benchmarks/results/pdl_decode.json``), and ``pdl`` needs Triton's own launches; in 4 bits that
             uncompiled step, its norms and adds folded into the GEMVs, took 3.2% less time than the compiled layer
-            (``nf4_fused.json``; 5.5% less through the batch-1 CUDA kernel, ``nf4_one_step.json``); and except on
+            (``nf4_fused.json``; 7.5% less through the batch-1 CUDA kernel, ``nf4_one_step.json``); and except on
             a 4-bit step through bitsandbytes' kernel (eager). A 4-bit decoder with several rows compiles each step
             size through glmkit's 4-bit kernels (a few seconds more to build per size).
         gemv: how each projection is computed. ``"auto"`` (default, ``auto_gemv``): ``"triton"`` for the batch-1
@@ -729,7 +729,7 @@ class FastDecoder:
             a warning and plain launches. A 4-bit model: its one-row step, where glmkit's batch-1 CUDA 4-bit kernel
             runs on every device and reads every weight (``glmkit.gemv4bit_one``: blocksize 64, no double
             quantization; each launch fetches its first weights and writes its lookup table while the kernel before
-            ends; GLM-4-9B's step took 14% less time with it on an H200, ``benchmarks/results/nf4_one_step.json``),
+            ends; GLM-4-9B's step took 16% less time with it on an H200, ``benchmarks/results/nf4_one_step.json``),
             else off unless ``pdl=True`` (through the Triton 4-bit kernels the step took 1.8% more time with it,
             ``nf4_fused.json``).
     """
@@ -1231,8 +1231,10 @@ def decode_tokens(decoder: Any, input_ids: torch.Tensor, max_new_tokens: int, te
         raise ValueError(f"{n} prompt + {max_new_tokens} new tokens exceed max_len={decoder.max_len}.")
     greedy = temperature <= 0 and hasattr(decoder, "decode_greedy")  # the step picks the next token itself
     token = pick_token(decoder.prefill(input_ids, prefill_chunk), temperature, top_p, generator).to(decoder.device)
-    done = torch.zeros(token.shape[0], dtype=torch.bool, device=decoder.device)
+    check = EndCheck(token.shape[0], decoder.device) if not ignore_eos and eos.numel() else None
     for i in range(max_new_tokens):
+        if check:  # asked for now, before the next step is queued: its answer waits for this token only
+            check.ask(token, eos)
         following = None
         if i + 1 < max_new_tokens:  # the next step is queued before this token is looked at: the GPU keeps busy
             if greedy and i:
@@ -1241,13 +1243,40 @@ def decode_tokens(decoder: Any, input_ids: torch.Tensor, max_new_tokens: int, te
                 logits = decoder.decode_step(token, n + i)
                 following = pick_token(logits, temperature, top_p, generator).to(decoder.device)
         yield token
-        if not ignore_eos and eos.numel():
-            done |= torch.isin(token, eos)
-            if bool(done.all()):  # (waits for this token only: the next step runs meanwhile)
-                return
-        if following is None:
+        if (check and check.all_done()) or following is None:
             return
         token = following
+
+
+class EndCheck:
+    """Whether every row has said an end token, asked on the device as each token is made and read on the host
+    later without waiting for what was queued after the question (``decode_tokens``: the next step).
+
+    >>> check = EndCheck(2, torch.device("cpu"))
+    >>> check.ask(torch.tensor([5, 2]), torch.tensor([2])); check.all_done()
+    False
+    >>> check.ask(torch.tensor([2, 7]), torch.tensor([2])); check.all_done()
+    True
+    """
+
+    def __init__(self, rows: int, device: torch.device) -> None:
+        self.done = torch.zeros(rows, dtype=torch.bool, device=device)
+        cuda = device.type == "cuda"
+        self.answer = torch.zeros((), dtype=torch.bool, pin_memory=cuda)  # host memory the device writes into
+        self.ready = torch.cuda.Event() if cuda else None
+
+    def ask(self, token: torch.Tensor, eos: torch.Tensor) -> None:
+        """Mark the rows whose ``token`` is one of ``eos`` and queue the question: all rows done?"""
+        self.done |= torch.isin(token, eos)
+        self.answer.copy_(self.done.all(), non_blocking=True)
+        if self.ready is not None:
+            self.ready.record()
+
+    def all_done(self) -> bool:
+        """The last question's answer (waits for the work queued before it, not after)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return bool(self.answer)
 
 
 def decode_speed(decoder: Any, prompt_len: int = 32, new_tokens: int = 256) -> dict[str, float]:
@@ -1276,4 +1305,5 @@ def decode_speed(decoder: Any, prompt_len: int = 32, new_tokens: int = 256) -> d
     ttft, _ = seconds(1)
     total, count = seconds(new_tokens)
     decode = total - ttft  # the count - 1 steps after the first token
-    return {"ttft_s": ttft, "decode_tok_s": decoder.batch_size * (count - 1) / decode if decode > 0 else 0.0}
+    steps = max(count - 1, 0)
+    return {"ttft_s": ttft, "decode_tok_s": decoder.batch_size * steps / decode if decode > 0 else 0.0}

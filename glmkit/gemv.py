@@ -126,7 +126,7 @@ def dependent_launches(enabled: bool = True) -> Iterator[None]:
     batch-1 CUDA kernel runs and reads its weights: through the Triton 4-bit kernels a step was slower with it,
     ``benchmarks/results/nf4_fused.json``) and ``TPDecoder`` capture their batch-1 step this way where
     ``pdl_supported``; on an H200 GLM-4-9B decoded 207.3 tok/s so against 205.1 without
-    (``benchmarks/results/pdl_decode.json``), in nf4 through the CUDA kernel 432.6 against 368.3
+    (``benchmarks/results/pdl_decode.json``), in nf4 through the CUDA kernel 438.4 against 370.6
     (``nf4_one_step.json``). Launches inside ``torch.compile`` must not use it (its analysis of
     the kernel fails). Taught in ``notebooks/05_tuning.ipynb``.
 

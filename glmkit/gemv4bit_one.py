@@ -28,8 +28,8 @@ stream, writing the next norm's ``NormedStream`` (one sum of squares a tile).
 
 On an H200, GLM-4-9B's nf4 projections through it, launched plainly, take 23% less time than through the Triton kernel
 for gate_up and down_proj, 10% for o_proj and 6% for q/k/v, and all four 31-33% less launched back to back with
-programmatic dependent launch (``benchmarks/results/nf4_one.json``); its one-sequence step decodes 2.01x bf16's fast
-path with programmatic dependent launch and 1.71x without (``nf4_one_step.json``; q/k/v then leaves an SM to each of
+programmatic dependent launch (``benchmarks/results/nf4_one.json``); its one-sequence step decodes 2.03x bf16's fast
+path with programmatic dependent launch and 1.72x without (``nf4_one_step.json``; q/k/v then leaves an SM to each of
 the decode attention's few programs, ``LEAVE_SMS_MAX``); notebook ``04_quantization.ipynb`` shows both. Its warps wait
 most on the queue of shared-memory instructions (``nf4_one_ncu.json``). Smaller cards get fewer warps a CTA, and the
 narrow table, where the H200's shape would not fit their shared memory (``shape_for``).

@@ -109,6 +109,7 @@ def test_a_stream_yields_its_end_token_and_nothing_after_though_it_queues_a_step
     want = generate_new(trained, ids, 6)[0].tolist()
     stop = want[2]  # an "end token" the third new token is: the stream yields it, then stops
     assert [int(t) for t in decoder.stream(ids, 6, eos_token_ids=[stop])] == want[:want.index(stop) + 1]
+    assert [int(t) for t in decoder.stream(ids, 1)] == want[:1]  # one token: no step queued after it
 
 
 def test_the_warm_up_leaves_no_position_past_the_first(trained):
