@@ -1134,7 +1134,7 @@ class FastDecoder:
         """Greedy decoding's next step: decode the tokens the step before picked (each row's argmax, which that step
         wrote into the control row itself) at the next position, and return the tokens this step picks ``[k]`` (a
         new tensor). Nothing runs between the two steps' CUDA graphs but that copy: on an H200 GLM-4-9B's greedy loop
-        decodes 0.8% faster in nf4 and 0.1% in bf16 than ``decode_step`` + argmax (``benchmarks/results/
+        decodes 1.3% faster in nf4 and 0.3% in bf16 than ``decode_step`` + argmax (``benchmarks/results/
         greedy_tail.json``; ``glmkit.greedy``, ``notebooks/05_tuning.ipynb``).
         Continues ``decode_step`` with one position for all rows (an int), or the ``decode_greedy`` before.
 

@@ -6,7 +6,7 @@ into the decoder's control row for the next step: five small kernels between two
 step, inside its graph: each program finds the largest logit of a block of the vocabulary, and the last program of a
 row to finish (a ticket, as in ``glmkit.attention``) picks the row's token, writes it into the control row and moves
 the row's position on by one. ``FastDecoder.decode_greedy`` then replays the next step straight away. GLM-4-9B on an
-H200 decodes 0.8% faster in nf4 and 0.1% in bf16 this way, and 2.2% and 1.6% with an end-token check every token,
+H200 decodes 1.3% faster in nf4 and 0.3% in bf16 this way, and 2.7% and 1.5% with an end-token check every token,
 where the token loop now queues the next step before it waits for the token (``benchmarks/results/
 greedy_tail.json``). Taught in ``notebooks/05_tuning.ipynb``.
 

@@ -2356,10 +2356,18 @@ def _leave_sms_sentence() -> str:
 
 
 def _second_card() -> str:
-    """The same benchmark on other cards: ``nf4_one_step_run3.json`` (this code), the earlier run of this code kept in
+    """The same benchmark on other cards: ``greedy_tail.json``'s default decoders and ``nf4_one_step_run3.json`` (this
+    code), the earlier run of this code kept in
     ``nf4_one_step.json``'s ``earlier_versions`` and ``nf4_one_step_run2.json`` (the token loop before the greedy
     pick, with ``nf4_leave_sms_run2.json``), those that exist; or ''."""
     runs = []
+    greedy = load("greedy_tail")
+    if greedy:
+        g = _greedy_rows(greedy)
+        nf4, bf16 = g[("nf4", GREEDY_IN_STEP)], g[("bf16", GREEDY_IN_STEP)]
+        runs.append(f"bf16 {bf16['best_tok_s']:.1f} tok/s ({bf16['fraction_of_roofline'] * 100:.1f}% of its roofline), "
+                    f"nf4 {nf4['best_tok_s']:.1f}: **{nf4['over_bf16_same_loop']:.3f}x** (the default decoders of "
+                    f"`greedy_tail.json`)")
     third = load("nf4_one_step_run3")
     if third:
         v = _rows_by_variant(third)
@@ -2383,8 +2391,8 @@ def _second_card() -> str:
                     f"`nf4_leave_sms_run2.json`)")
     if not runs:
         return ""
-    return (" The ratio moves with the card's bf16 speed (the nf4 step runs alike on every card); the same benchmark "
-            "on other H200s: " + "; ".join(runs) + ".")
+    return (" The ratio and bf16's share of its roofline move from card to card; the same measurement on other "
+            "H200s: " + "; ".join(runs) + ".")
 
 
 GREEDY_BEFORE, GREEDY_IN_STEP = "argmax after the step", "greedy in the step"  # greedy_tail.json's two loops
