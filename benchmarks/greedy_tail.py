@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 from collections.abc import Iterator
 from typing import Any
 from unittest import mock
@@ -27,7 +26,7 @@ from nf4_fused import NEW, PROMPT, ROUNDS, nf4_and_bf16
 
 from glmkit import fast_decode
 from glmkit.bench import save_result
-from glmkit.fast_decode import FastDecoder
+from glmkit.fast_decode import FastDecoder, stream_rate
 from glmkit.generation import pick_token
 
 LOOPS = ("argmax after the step", "greedy in the step")
@@ -60,18 +59,9 @@ def tokens(loop: str, decoder: FastDecoder, ids: torch.Tensor, new: int, check_e
 
 def tok_s(loop: str, decoder: FastDecoder, ids: torch.Tensor, check_eos: bool) -> float:
     """Decode tok/s of ``loop``: its NEW - 1 steps after the first token over their time, a NEW-token run's time less
-    a one-token run's (the prompt and its first token; as ``decode_speed``: the new loop queues each step before it
-    yields the token before, so the first token's wait would hold a step)."""
-    def seconds(new: int) -> float:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in tokens(loop, decoder, ids, new, check_eos):
-            pass
-        torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    first = seconds(1)
-    return (NEW - 1) / (seconds(NEW) - first)
+    a one-token run's (``stream_rate``, as ``decode_speed``: the new loop queues each step before it yields the token
+    before, so the first token's wait would hold a step)."""
+    return stream_rate(lambda new: tokens(loop, decoder, ids, new, check_eos), NEW, torch.cuda.synchronize)[1]
 
 
 def build(model: torch.nn.Module, loop: str) -> FastDecoder:
@@ -105,6 +95,8 @@ def main() -> None:
     for row in rows.values():
         row["best_tok_s"] = max(row["decode_tok_s"])
         row["best_tok_s_eos_check"] = max(row["decode_tok_s_eos_check"])
+    argmax_tokens = {p: [int(t) for t in tokens(LOOPS[0], decoders[(p, LOOPS[0])], ids, 32, False)]
+                     for p in ("nf4", "bf16")}  # each loop's 32 greedy tokens against these
     for (p, loop), row in rows.items():
         row["fraction_of_roofline"] = row["best_tok_s"] / rooflines[p]
         before = rows[(p, LOOPS[0])]
@@ -112,8 +104,7 @@ def main() -> None:
         row["over_argmax_after_eos_check"] = row["best_tok_s_eos_check"] / before["best_tok_s_eos_check"]
         bf16 = rows[("bf16", loop)]
         row["over_bf16_same_loop"] = row["best_tok_s"] / bf16["best_tok_s"]
-        got = [int(t) for t in tokens(loop, decoders[(p, loop)], ids, 32, False)]
-        want = [int(t) for t in tokens(LOOPS[0], decoders[(p, LOOPS[0])], ids, 32, False)]
+        got, want = [int(t) for t in tokens(loop, decoders[(p, loop)], ids, 32, False)], argmax_tokens[p]
         row["tokens_as_argmax_after"], row["of"] = sum(a == b for a, b in zip(got, want)), len(want)
         print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items() if not isinstance(x, list)},
               flush=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -1000,7 +1000,7 @@ class FastDecoder:
         """A warm-up step: token 0 at position 0 (its garbage K/V go where a prefill writes first; the greedy pick
         of the step before had moved the position on)."""
         st.control[:2].zero_()
-        self._run_stage(st, b)
+        self._run_eager(st, b)
 
     def _run_eager(self, st: _Stage, b: int) -> None:
         if st.device.type == "cuda":
@@ -1011,11 +1011,7 @@ class FastDecoder:
 
     def _warm_up(self, b: int) -> None:
         for st in self.stages:
-            if self.use_graph:
-                self._capture(st, b)
-            else:
-                st.control[:2].zero_()
-                self._run_eager(st, b)
+            self._capture(st, b) if self.use_graph else self._run_warm_up(st, b)
 
     def _warm_up_all(self) -> None:
         for st in self.stages:  # (graphs of an earlier attempt, with other kernels, go)
@@ -1295,15 +1291,32 @@ def decode_speed(decoder: Any, prompt_len: int = 32, new_tokens: int = 256) -> d
 
     for _ in decoder.stream(ids, 3, ignore_eos=True):  # warm-up: compiles the layer, captures the graph
         pass
+    ttft, steps_s = stream_rate(lambda new: decoder.stream(ids, new, ignore_eos=True), new_tokens, sync)
+    return {"ttft_s": ttft, "decode_tok_s": decoder.batch_size * steps_s}
+
+
+def stream_rate(stream: Callable[[int], Iterable[Any]], new_tokens: int,
+                sync: Callable[[], None]) -> tuple[float, float]:
+    """Seconds to the first token of ``stream(1)``, and decode steps a second after it: the ``new_tokens - 1`` steps
+    of ``stream(new_tokens)`` over its time less the first's (``decode_speed``; ``benchmarks/greedy_tail.py``'s
+    loops). ``sync`` waits for the devices.
+
+    >>> def tokens(n):  # a stream whose every token takes at least 10 ms
+    ...     for i in range(n):
+    ...         time.sleep(0.01)
+    ...         yield i
+    >>> ttft, rate = stream_rate(tokens, 8, lambda: None)
+    >>> ttft >= 0.01 and rate > 0
+    True
+    """
     def seconds(new: int) -> tuple[float, int]:
         sync()
         start = time.perf_counter()
-        count = sum(1 for _ in decoder.stream(ids, new, ignore_eos=True))
+        count = sum(1 for _ in stream(new))
         sync()
         return time.perf_counter() - start, count
 
-    ttft, _ = seconds(1)
+    first, _ = seconds(1)
     total, count = seconds(new_tokens)
-    decode = total - ttft  # the count - 1 steps after the first token
-    steps = max(count - 1, 0)
-    return {"ttft_s": ttft, "decode_tok_s": decoder.batch_size * steps / decode if decode > 0 else 0.0}
+    decode = total - first  # the count - 1 steps after the first token
+    return first, max(count - 1, 0) / decode if decode > 0 else 0.0

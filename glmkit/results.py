@@ -2289,7 +2289,7 @@ def nf4_one_sentence() -> Text:
                 f"greedy tokens are the same (random weights{_bf16_scale()}); on the trained tiny model it gives "
                 f"`generate()`'s greedy tokens (`benchmarks/gpu_smoke_4bit.py`), and split over two GPUs the same "
                 f"tokens as on one (`benchmarks/gpu_smoke_split2.py`). " + _twice_bf16(one, bf16))
-        text += _leave_sms_sentence() + _second_card()
+        text += _leave_sms_sentence() + _other_cards()
         proj = load("nf4_one")
         if proj:
             keys = _one_variants(proj)
@@ -2355,25 +2355,29 @@ def _leave_sms_sentence() -> str:
             f"({v['bf16, tiles of 256']['best_tok_s']:.1f} tok/s), so it keeps tiles of 128.")
 
 
-def _second_card() -> str:
-    """The same benchmark on other cards: ``greedy_tail.json``'s default decoders and ``nf4_one_step_run3.json`` (this
-    code), the earlier run of this code kept in
-    ``nf4_one_step.json``'s ``earlier_versions`` and ``nf4_one_step_run2.json`` (the token loop before the greedy
-    pick, with ``nf4_leave_sms_run2.json``), those that exist; or ''."""
+def _card_run(bf16: dict[str, Any], nf4_tok_s: float, ratio: float, where: str) -> str:
+    """One card's run of the 4-bit step: bf16's tok/s and share of its roofline, nf4's tok/s and the ratio."""
+    return (f"bf16 {bf16['best_tok_s']:.1f} tok/s ({bf16['fraction_of_roofline'] * 100:.1f}% of its roofline), "
+            f"nf4 {nf4_tok_s:.1f}: **{ratio:.3f}x** {where}")
+
+
+def _other_cards() -> str:
+    """The same measurement on other cards: ``greedy_tail.json``'s default decoders and ``nf4_one_step_run3.json``
+    (this code), the earlier run of this code kept in ``nf4_one_step.json``'s ``earlier_versions`` and
+    ``nf4_one_step_run2.json`` (the token loop before the greedy pick, with ``nf4_leave_sms_run2.json``), those that
+    exist; or ''."""
     runs = []
     greedy = load("greedy_tail")
     if greedy:
         g = _greedy_rows(greedy)
-        nf4, bf16 = g[("nf4", GREEDY_IN_STEP)], g[("bf16", GREEDY_IN_STEP)]
-        runs.append(f"bf16 {bf16['best_tok_s']:.1f} tok/s ({bf16['fraction_of_roofline'] * 100:.1f}% of its roofline), "
-                    f"nf4 {nf4['best_tok_s']:.1f}: **{nf4['over_bf16_same_loop']:.3f}x** (the default decoders of "
-                    f"`greedy_tail.json`)")
+        nf4 = g[("nf4", GREEDY_IN_STEP)]
+        runs.append(_card_run(g[("bf16", GREEDY_IN_STEP)], nf4["best_tok_s"], nf4["over_bf16_same_loop"],
+                              "(the default decoders of `greedy_tail.json`)"))
     third = load("nf4_one_step_run3")
     if third:
         v = _rows_by_variant(third)
-        runs.append(f"bf16 {v['bf16']['best_tok_s']:.1f} tok/s ({v['bf16']['fraction_of_roofline'] * 100:.1f}% of its "
-                    f"roofline), nf4 {v['CUDA kernel']['best_tok_s']:.1f}: **{v['CUDA kernel']['over_bf16']:.3f}x** "
-                    f"(`nf4_one_step_run3.json`)")
+        runs.append(_card_run(v["bf16"], v["CUDA kernel"]["best_tok_s"], v["CUDA kernel"]["over_bf16"],
+                              "(`nf4_one_step_run3.json`)"))
     step = load("nf4_one_step")
     earlier = next((e for e in (step or {}).get("earlier_versions", []) if e["version"].startswith("the same code")),
                    None)
@@ -2384,11 +2388,11 @@ def _second_card() -> str:
     second, leave = load("nf4_one_step_run2"), load("nf4_leave_sms_run2")
     if second and leave:
         v, w = _rows_by_variant(second), _rows_by_variant(leave)
-        runs.append(f"bf16 {v['bf16']['best_tok_s']:.1f} tok/s ({v['bf16']['fraction_of_roofline'] * 100:.1f}%), nf4 "
-                    f"{v['CUDA kernel']['best_tok_s']:.1f}: **{v['CUDA kernel']['over_bf16']:.3f}x** with the token "
-                    f"loop before the greedy pick moved into the step (`nf4_one_step_run2.json`; there the changes "
-                    f"above went {w['nf4, before']['over_bf16']:.2f}x → {w[LEAVE_DEFAULT]['over_bf16']:.2f}x, "
-                    f"`nf4_leave_sms_run2.json`)")
+        runs.append(_card_run(v["bf16"], v["CUDA kernel"]["best_tok_s"], v["CUDA kernel"]["over_bf16"],
+                              f"with the token loop before the greedy pick moved into the step "
+                              f"(`nf4_one_step_run2.json`; there the changes above went "
+                              f"{w['nf4, before']['over_bf16']:.2f}x → {w[LEAVE_DEFAULT]['over_bf16']:.2f}x, "
+                              f"`nf4_leave_sms_run2.json`)"))
     if not runs:
         return ""
     return (" The ratio and bf16's share of its roofline move from card to card; the same measurement on other "
@@ -2432,26 +2436,25 @@ def greedy_tail_table() -> Table | Text:
 def greedy_tail_sentence() -> Text:
     """What picking the greedy token inside the step gave (``greedy_tail.json``), in one paragraph; or "not
     measured"."""
-    def gains(r: dict[str, Any], key: str) -> str:
-        g = _greedy_rows(r)
-        return ", ".join(f"{p} {g[(p, GREEDY_BEFORE)][key]:.1f} → {g[(p, GREEDY_IN_STEP)][key]:.1f} tok/s "
-                         f"({_gain(g[(p, GREEDY_IN_STEP)][key], g[(p, GREEDY_BEFORE)][key])})"
-                         for p in ("nf4", "bf16"))
-
     def render(r: dict[str, Any]) -> str:
         g = _greedy_rows(r)
         nf4, bf16 = g[("nf4", GREEDY_IN_STEP)], g[("bf16", GREEDY_IN_STEP)]
-        text = (f"Greedy decoding used to take each token's argmax after the step's CUDA graph, then write the token "
+
+        def gains(key: str) -> str:
+            return ", ".join(f"{p} {g[(p, GREEDY_BEFORE)][key]:.1f} → {g[(p, GREEDY_IN_STEP)][key]:.1f} tok/s "
+                             f"({_gain(g[(p, GREEDY_IN_STEP)][key], g[(p, GREEDY_BEFORE)][key])})"
+                             for p in ("nf4", "bf16"))
+
+        return (f"Greedy decoding used to take each token's argmax after the step's CUDA graph, then write the token "
                 f"and its position for the next step: five small kernels between two graphs. The step now picks the "
                 f"token itself, in one kernel at its end (`glmkit.greedy`: each program the largest logit of a block "
                 f"of the vocabulary, the last to finish the row's token and position), and `FastDecoder.decode_greedy`"
                 f" replays the next step at once. On {measured_on(r)} (`greedy_tail.json`, one run, variants taking "
-                f"turns): {gains(r, 'best_tok_s')}; the same {nf4['tokens_as_argmax_after']} of {nf4['of']} greedy "
+                f"turns): {gains('best_tok_s')}; the same {nf4['tokens_as_argmax_after']} of {nf4['of']} greedy "
                 f"tokens. With an end-token check every token, as `generate()` and a chat do (it waits for the "
                 f"token; the loop before queued the next step only after it, the loop now before it): "
-                f"{gains(r, 'best_tok_s_eos_check')}. There nf4 decodes {nf4['over_bf16_same_loop']:.3f}x bf16, "
+                f"{gains('best_tok_s_eos_check')}. There nf4 decodes {nf4['over_bf16_same_loop']:.3f}x bf16, "
                 f"which reaches {bf16['fraction_of_roofline'] * 100:.1f}% of its roofline.")
-        return text
 
     return from_result("greedy_tail", render, what="The greedy pick inside the step", script="benchmarks/greedy_tail.py")
 
