@@ -2362,10 +2362,10 @@ def _card_run(bf16: dict[str, Any], nf4_tok_s: float, ratio: float, where: str) 
 
 
 def _other_cards() -> str:
-    """The same measurement on other cards: ``greedy_tail.json``'s default decoders and ``nf4_one_step_run3.json``
-    (this code), the earlier run of this code kept in ``nf4_one_step.json``'s ``earlier_versions`` and
-    ``nf4_one_step_run2.json`` (the token loop before the greedy pick, with ``nf4_leave_sms_run2.json``), those that
-    exist; or ''."""
+    """The same measurement on other cards: ``greedy_tail.json``'s default decoders, ``l2_prefetch.json``'s decoders
+    without prefetches and ``nf4_one_step_run3.json`` (this code), the earlier run of this code kept in
+    ``nf4_one_step.json``'s ``earlier_versions`` and ``nf4_one_step_run2.json`` (the token loop before the greedy
+    pick, with ``nf4_leave_sms_run2.json``), those that exist; or ''."""
     runs = []
     greedy = load("greedy_tail")
     if greedy:
@@ -2373,6 +2373,11 @@ def _other_cards() -> str:
         nf4 = g[("nf4", GREEDY_IN_STEP)]
         runs.append(_card_run(g[("bf16", GREEDY_IN_STEP)], nf4["best_tok_s"], nf4["over_bf16_same_loop"],
                               "(the default decoders of `greedy_tail.json`)"))
+    prefetch = load("l2_prefetch")
+    if prefetch:
+        kit = {row["precision"]: row for row in prefetch["rows"] if not row["prefetches"]}
+        runs.append(_card_run(kit["bf16"], kit["nf4"]["best_tok_s"], kit["nf4"]["over_bf16_same_prefetches"],
+                              "(the decoders without prefetches of `l2_prefetch.json`)"))
     third = load("nf4_one_step_run3")
     if third:
         v = _rows_by_variant(third)

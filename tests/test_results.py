@@ -567,6 +567,10 @@ def test_one_sequence_through_the_cuda_kernel_renders_the_committed_files_and_th
         assert f"bf16 {other['bf16']['best_tok_s']:.1f} tok/s ({other['bf16']['fraction_of_roofline'] * 100:.1f}%" \
             in sentence
         assert f"nf4 {other['CUDA kernel']['best_tok_s']:.1f}: **{other['CUDA kernel']['over_bf16']:.3f}x**" in sentence
+    kit = {row["precision"]: row for row in results.load("l2_prefetch")["rows"] if not row["prefetches"]}
+    assert f"bf16 {kit['bf16']['best_tok_s']:.1f} tok/s ({kit['bf16']['fraction_of_roofline'] * 100:.1f}%" in sentence
+    assert f"nf4 {kit['nf4']['best_tok_s']:.1f}: **{kit['nf4']['over_bf16_same_prefetches']:.3f}x** (the decoders " \
+        f"without prefetches" in sentence
     earlier = r["earlier_versions"][0]
     assert earlier["version"].startswith("the same code") and \
         f"nf4 **{earlier['over_bf16']['CUDA kernel']:.3f}x** (an earlier run of this code" in sentence
