@@ -27,11 +27,13 @@ from typing import Any
 
 import psutil
 import torch
+import torch.nn.functional as F
 from transformers import GlmForCausalLM
 
 from glmkit import tables
 from glmkit.env import environment_report, gpu_driver_note
 from glmkit.fast_decode import FastDecoder
+from glmkit.gemv import gemv, triton_available
 from glmkit.generation import cache_argument, chunked_prefill
 from glmkit.loading import load_model
 from glmkit.models import ensure_random_checkpoint, glm4_9b_chat_config
@@ -308,19 +310,74 @@ def decode_table(rows: list[dict[str, Any]], caption: str = "") -> Any:
                                   body, caption=caption))
 
 
-def copy_bandwidth(n_bytes: int = 2**31, repeats: int = 10) -> float:
-    """Device-to-device copy bandwidth in bytes/s (bytes read + written), the memory roofline's denominator."""
-    src = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+def copy_bandwidth(n_bytes: int = 2**31, repeats: int = 10, device: str | torch.device = "cuda") -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), the memory roofline's denominator; on a
+    CPU, the host memory's.
+
+    >>> copy_bandwidth(2**20, 2, device="cpu") > 0
+    True
+    """
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    torch.cuda.synchronize()
+    return 2 * n_bytes * repeats / _seconds(lambda: dst.copy_(src), repeats, src.device)
+
+
+def read_bandwidth(device: str | torch.device = "cuda", rows: int = 151552, columns: int = 4096,
+                   rounds: int = 5) -> float:
+    """Bytes/s at which one token's matrix-vector product reads a ``[rows, columns]`` weight (default: GLM-4-9B's
+    lm_head, 1.24 GB in bf16): what a decode step does, which only reads, where ``copy_bandwidth`` reads and writes.
+    On a GPU, glmkit's GEMV (``glmkit.gemv``, cuBLAS where it does not run) on a bf16 weight, a CUDA graph of 10
+    launches; on a CPU, ``F.linear`` on a float32 one, 10 calls; the best of ``rounds``. Two H200s differ in how their
+    copy and read compare (``benchmarks/card_bandwidth.py``); taught in ``notebooks/05_tuning.ipynb``.
+
+    >>> read_bandwidth("cpu", rows=256, columns=1024, rounds=2) > 0
+    True
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    w = torch.randn(rows, columns, device=device, dtype=dtype)
+    x = torch.randn(1, 1, columns, device=device, dtype=dtype)
+    out = torch.empty(rows, device=device, dtype=torch.float32)
+    if cuda and triton_available():
+        def product() -> Any:
+            return gemv(x, w, out=out)
+    else:
+        def product() -> Any:
+            return out.copy_(F.linear(x, w).view(-1))
+    if cuda:  # ten launches in one CUDA graph: the launches' own cost out of the way
+        product()
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(10):
+                product()
+        step = graph.replay
+    else:
+        def step() -> None:
+            for _ in range(10):
+                product()
+    best = min(_seconds(step, 1, device) for _ in range(rounds))
+    return 10 * w.numel() * w.element_size() / best
+
+
+def _seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """Seconds ``repeats`` calls of ``fn`` take on ``device``, after one call: CUDA events on a GPU, the clock on a
+    CPU."""
+    fn()
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return time.perf_counter() - start
+    torch.cuda.synchronize(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(repeats):
-        dst.copy_(src)
+        fn()
     end.record()
-    torch.cuda.synchronize()
-    return 2 * n_bytes * repeats / (start.elapsed_time(end) / 1000)
+    torch.cuda.synchronize(device)
+    return start.elapsed_time(end) / 1000
 
 
 def peer_copy_seconds(n_bytes: int, src: int = 0, dst: int = 1, repeats: int = 20) -> float:

@@ -810,13 +810,75 @@ def fast_path_today_sentence() -> Text:
                      f"{floor['best_replay_us']['160']:.0f} µs against "
                      f"{mine['best_replay_us']['160']:.0f} here at a copy bandwidth of "
                      f"{other['copy_bandwidth_bytes_s'] / 1e12:.2f} against {d['copy_bandwidth_bytes_s'] / 1e12:.2f} "
-                     f"TB/s: the fixed costs of a step, not the bytes")
+                     f"TB/s" + (": a card's copy bandwidth does not say how fast it reads (*Why H200s differ*, below)"
+                                if card_bandwidth_runs() else ": the fixed costs of a step, not the bytes"))
         roles = load("step_roles")
         if roles:
             text += f". A step is {roles['runs']['bf16, fast path']['kernels_per_step']} kernels (`step_roles.json`)"
         return text + "."
     return from_result("attention_tickets", render, what="The fast path today",
                        script="benchmarks/attention_tickets.py --checkpoint /tmp/glm9b")
+
+
+def card_bandwidth_runs() -> list[tuple[str, dict[str, Any]]]:
+    """The committed runs of ``benchmarks/card_bandwidth.py`` (``card_bandwidth*.json``), by file name, in order.
+
+    >>> [name for name, _ in card_bandwidth_runs()][:1]
+    ['card_bandwidth_a']
+    """
+    names = sorted(path.stem for path in RESULTS_DIR.glob("card_bandwidth*.json"))
+    return [(name, load(name)) for name in names]
+
+
+def card_bandwidth_table() -> Table | Text:
+    """Each card's copy and read bandwidth and the bf16 fast path against the roofline of each
+    (``card_bandwidth*.json``); or "not measured"."""
+    runs = card_bandwidth_runs()
+    if not runs:
+        return not_measured("Copy and read bandwidth, card by card", "benchmarks/card_bandwidth.py")
+    rows = [[f"`{name}.json`", f"{r['copy_bandwidth_bytes_s'] / 1e12:.3f}", f"{r['read_bandwidth_bytes_s'] / 1e12:.3f}",
+             f"{r['read_over_copy']:.3f}", f"{r['best_tok_s']:.1f}", f"{r['fraction_of_copy_roofline'] * 100:.1f}%",
+             f"{r['fraction_of_read_roofline'] * 100:.1f}%"] for name, r in runs]
+    first = runs[0][1]
+    return table(["run", "copy TB/s", "read TB/s", "read / copy", "bf16 tok/s", "of the copy roofline",
+                  "of the read roofline"], rows,
+                 caption=f"{len(runs)} runs, each on the {first['environment']['device']} it was given, "
+                         f"{first['environment']['date']} (`benchmarks/card_bandwidth.py`): GLM-4-9B bf16 fast path "
+                         f"at batch 1, {first['rounds']} rounds each, the best")
+
+
+def card_bandwidth_sentence() -> Text:
+    """Why cards of one model differ in bf16's share of its roofline: copy against read bandwidth, and the decoder
+    against a roofline of each (``card_bandwidth*.json``), in one paragraph; or "not measured"."""
+    runs = [r for _, r in card_bandwidth_runs()]
+    if not runs:
+        return not_measured("Copy and read bandwidth, card by card", "benchmarks/card_bandwidth.py")
+
+    def span(key: str, scale: float = 1.0, digits: int = 1) -> tuple[str, float]:
+        values = [r[key] * scale for r in runs]
+        return f"{min(values):.{digits}f}–{max(values):.{digits}f}", max(values) - min(values)
+
+    copy, _ = span("copy_bandwidth_bytes_s", 1e-12, 3)
+    read, _ = span("read_bandwidth_bytes_s", 1e-12, 3)
+    ratio, _ = span("read_over_copy", 1.0, 3)
+    of_copy, copy_points = span("fraction_of_copy_roofline", 100)
+    of_read, read_points = span("fraction_of_read_roofline", 100)
+    fastest_copy = max(runs, key=lambda r: r["copy_bandwidth_bytes_s"])
+    fastest_read = max(runs, key=lambda r: r["read_bandwidth_bytes_s"])
+    text = (f"A decode step only reads its weights; the roofline's yardstick, the copy bandwidth, reads and writes. "
+            f"On {len(runs)} {runs[0]['environment']['device']}s, one run each ({runs[0]['environment']['date']}, "
+            f"`card_bandwidth_*.json`): copy {copy} TB/s, read (glmkit's GEMV over a 1.24 GB weight) {read} TB/s, "
+            f"read / copy {ratio}; the bf16 fast path decoded {span('best_tok_s')[0]} tok/s, {of_copy}% of the copy "
+            f"roofline ({copy_points:.1f} points apart) and {of_read}% of the read roofline ({read_points:.1f} "
+            f"points apart).")
+    if fastest_copy is not fastest_read:
+        text += (f" The card whose copy measured fastest ({fastest_copy['copy_bandwidth_bytes_s'] / 1e12:.3f} TB/s) "
+                 f"did not read fastest: it read at {fastest_copy['read_bandwidth_bytes_s'] / 1e12:.3f} TB/s, "
+                 f"against {fastest_read['read_bandwidth_bytes_s'] / 1e12:.3f}.")
+    if read_points < copy_points / 2:
+        text += (" Against what each card reads the decoder runs alike; the spread in its share of the copy roofline "
+                 "comes from how each card's copy and read compare.")
+    return Text(text)
 
 
 def fusion_sentence() -> Text:
@@ -2705,6 +2767,7 @@ def readme_measured_section() -> str:
                "**What attention costs a step**: " + str(attention_cost_sentence()),
                "**The next token inside the step**: " + str(greedy_tail_sentence()),
                "**The fast path today**: " + str(fast_path_today_sentence()),
+               "**Why H200s differ**: " + str(card_bandwidth_sentence()),
                "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
                "**Fast path on two GPUs**: " + two_gpu_fast_sentence() + _proxy_clause(),

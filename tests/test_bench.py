@@ -69,3 +69,13 @@ def test_bench_bytes_read_per_token(model):
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     assert bytes_read_per_token(model) == total - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
     assert torch.is_tensor(emb)
+
+
+def test_copy_and_read_bandwidth_count_the_bytes_they_move(monkeypatch):
+    """With every timing one second, the bandwidths are the bytes moved: a copy's read and written, ``repeats``
+    times; a matrix-vector product's weight read 10 times a round (float32 on a CPU)."""
+    import glmkit.bench
+
+    monkeypatch.setattr(glmkit.bench, "_seconds", lambda fn, repeats, device: (fn(), 1.0)[1])
+    assert glmkit.bench.copy_bandwidth(2**16, 3, device="cpu") == 2 * 2**16 * 3
+    assert glmkit.bench.read_bandwidth("cpu", rows=64, columns=128, rounds=2) == 10 * 64 * 128 * 4

@@ -77,11 +77,43 @@ def test_the_fast_path_today_sentence_states_its_runs():
     now = {r["variant"]: r for r in d["rows"]}["tiles side by side, the last to finish combines"]
     assert f"{now['best_tok_s']:.1f} tok/s, {100 * now['fraction_of_roofline']:.1f}% of the roofline" in sentence
     floor, mine = ({r["variant"]: r for r in x["rows"]}["a minimal kernel"]["best_replay_us"]["160"] for x in (other, d))
-    # "H200s differ ... the fixed costs of a step, not the bytes": slower there at no less copy bandwidth
+    # "H200s differ": slower there at no less copy bandwidth, which the cards' copy and read explain (below)
     assert floor > mine and other["copy_bandwidth_bytes_s"] >= d["copy_bandwidth_bytes_s"]
     assert f"{floor:.0f} µs against {mine:.0f}" in sentence
+    assert "does not say how fast it reads (*Why H200s differ*, below)" in sentence
     kernels = results.load("step_roles")["runs"]["bf16, fast path"]["kernels_per_step"]
     assert f"A step is {kernels} kernels" in sentence
+
+
+def test_card_bandwidth_figures_are_each_runs_own(monkeypatch, tmp_path):
+    """Every run of ``card_bandwidth.py`` is a row of the table with its own figures; the sentence's spans are the
+    runs' smallest and largest, and its two conclusions are drawn only where the figures hold them: the card that
+    copies fastest not the one that reads fastest, and a spread of the read roofline's share under half the copy
+    one's. Without the files both say "not measured"."""
+    runs = results.card_bandwidth_runs()
+    assert len(runs) >= 2 and [name for name, _ in runs] == sorted(name for name, _ in runs)
+    table = results.card_bandwidth_table()
+    for (name, r), row in zip(runs, table.rows, strict=True):
+        assert row == [f"`{name}.json`", f"{r['copy_bandwidth_bytes_s'] / 1e12:.3f}",
+                       f"{r['read_bandwidth_bytes_s'] / 1e12:.3f}", f"{r['read_over_copy']:.3f}",
+                       f"{r['best_tok_s']:.1f}", f"{r['fraction_of_copy_roofline'] * 100:.1f}%",
+                       f"{r['fraction_of_read_roofline'] * 100:.1f}%"]
+        assert abs(r["read_over_copy"] - r["read_bandwidth_bytes_s"] / r["copy_bandwidth_bytes_s"]) < 1e-9
+        assert abs(r["fraction_of_copy_roofline"] * r["copy_roofline_tok_s"] - r["best_tok_s"]) < 1e-6
+        assert r["best_tok_s"] == max(r["decode_tok_s"])
+    sentence = str(results.card_bandwidth_sentence())
+    rs = [r for _, r in runs]
+    copy = [100 * r["fraction_of_copy_roofline"] for r in rs]
+    read = [100 * r["fraction_of_read_roofline"] for r in rs]
+    assert f"{min(copy):.1f}–{max(copy):.1f}% of the copy roofline ({max(copy) - min(copy):.1f} points apart)" in sentence
+    assert f"{min(read):.1f}–{max(read):.1f}% of the read roofline ({max(read) - min(read):.1f} points apart)" in sentence
+    fastest_copy = max(rs, key=lambda r: r["copy_bandwidth_bytes_s"])
+    fastest_read = max(rs, key=lambda r: r["read_bandwidth_bytes_s"])
+    assert ("did not read fastest" in sentence) == (fastest_copy is not fastest_read)
+    assert ("the decoder runs alike" in sentence) == (max(read) - min(read) < (max(copy) - min(copy)) / 2)
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    assert "not measured yet" in str(results.card_bandwidth_sentence())
+    assert "not measured yet" in str(results.card_bandwidth_table())
 
 
 def test_readme_measured_section_is_rendered_from_results():
