@@ -327,7 +327,7 @@ def read_bandwidth(device: str | torch.device = "cuda", rows: int = 151552, colu
     """Bytes/s at which one token's matrix-vector product reads a ``[rows, columns]`` weight (default: GLM-4-9B's
     lm_head, 1.24 GB in bf16): what a decode step does, which only reads, where ``copy_bandwidth`` reads and writes.
     On a GPU, glmkit's GEMV (``glmkit.gemv``, cuBLAS where it does not run) on a bf16 weight, a CUDA graph of 10
-    launches; on a CPU, ``F.linear`` on a float32 one, 10 calls; the best of ``rounds``. Two H200s differ in how their
+    launches; on a CPU, ``F.linear`` on a float32 one, 10 calls; the best of ``rounds``. H200s differ in how their
     copy and read compare (``benchmarks/card_bandwidth.py``); taught in ``notebooks/05_tuning.ipynb``.
 
     >>> read_bandwidth("cpu", rows=256, columns=1024, rounds=2) > 0
