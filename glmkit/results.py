@@ -2462,7 +2462,8 @@ def _other_cards() -> str:
                               f"`nf4_leave_sms_run2.json`)"))
     if not runs:
         return ""
-    return (" The ratio and bf16's share of its roofline move from card to card; the same measurement on other "
+    why = " (bf16's share with how the card's copy and read compare: *Why H200s differ*)" if card_bandwidth_runs() else ""
+    return (f" The ratio and bf16's share of its roofline move from card to card{why}; the same measurement on other "
             "H200s: " + "; ".join(runs) + ".")
 
 
