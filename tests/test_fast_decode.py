@@ -324,3 +324,23 @@ def test_own_prefill_fills_the_cache_as_the_models_prefill_does(model, monkeypat
     own = runs[0]
     torch.testing.assert_close(own[1], model(ids[:, :9]).logits[:, -1].float(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(own[2], own[0], rtol=1e-4, atol=1e-4)  # in pieces = whole
+
+
+def test_stream_rate_takes_the_faster_one_token_stream():
+    """The decode rate is the whole stream's steps after its first token over its time less a one-token stream's;
+    that one runs twice and the faster counts, so a one-token stream slow once does not raise the rate. A clock that
+    each token moves on by 10 ms, a prompt by 30 ms, and the first one-token stream's prompt by 200 ms more."""
+    from glmkit.fast_decode import stream_rate
+
+    now, prompts = [0.0], []
+
+    def stream(new: int):
+        prompts.append(new)
+        now[0] += 0.03 + (0.2 if len(prompts) == 1 else 0.0)
+        for _ in range(new):
+            now[0] += 0.01
+            yield 0
+
+    ttft, rate = stream_rate(stream, 8, lambda: None, clock=lambda: now[0])
+    assert prompts == [1, 8, 1]  # the one-token stream before the whole one, and again after it
+    assert ttft == pytest.approx(0.04) and rate == pytest.approx(7 / 0.07)
