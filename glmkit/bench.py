@@ -11,6 +11,7 @@ JSON back through ``glmkit.results``, which renders them. Everything also runs o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -334,6 +335,11 @@ def read_bandwidth(device: str | torch.device = "cuda", rows: int = 151552, colu
     True
     """
     device = torch.device(device)
+    with _on(device):  # (a CUDA graph captures on the current device)
+        return _read_bandwidth(device, rows, columns, rounds)
+
+
+def _read_bandwidth(device: torch.device, rows: int, columns: int, rounds: int) -> float:
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     w = torch.randn(rows, columns, device=device, dtype=dtype)
@@ -361,6 +367,11 @@ def read_bandwidth(device: str | torch.device = "cuda", rows: int = 151552, colu
     return 10 * w.numel() * w.element_size() / best
 
 
+def _on(device: torch.device) -> Any:
+    """``device`` made the current GPU for the block (its stream, its events); nothing on a CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
     """Seconds ``repeats`` calls of ``fn`` take on ``device``, after one call: CUDA events on a GPU, the clock on a
     CPU."""
@@ -370,13 +381,14 @@ def _seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float
         for _ in range(repeats):
             fn()
         return time.perf_counter() - start
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize(device)
+    with _on(device):
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            fn()
+        end.record()
+        torch.cuda.synchronize(device)
     return start.elapsed_time(end) / 1000
 
 

@@ -1297,12 +1297,13 @@ def decode_speed(decoder: Any, prompt_len: int = 32, new_tokens: int = 256) -> d
 
 def stream_rate(stream: Callable[[int], Iterable[Any]], new_tokens: int, sync: Callable[[], None],
                 clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
-    """Seconds to the first token of ``stream(1)``, and decode steps a second after it: the ``new_tokens - 1`` steps
-    of ``stream(new_tokens)`` over its time less the first's (``decode_speed``; ``benchmarks/greedy_tail.py``'s
-    loops). ``sync`` waits for the devices; ``clock`` reads seconds. The one-token stream runs twice, before and
-    after the whole one, and the faster counts: one that happened to take longer once (an allocation, a clock) would
-    shorten the decode time and raise the rate (GLM-4-9B nf4 on an H200 once gave 448.6 tok/s where the rounds around
-    it gave 428-431, ``benchmarks/results/nf4_split.json``'s ``in_step_first_run``).
+    """Seconds to the first token of ``stream(1)`` (the faster of two), and decode steps a second after it: the
+    ``new_tokens - 1`` steps of ``stream(new_tokens)`` over its time less the one-token stream's (``decode_speed``;
+    ``benchmarks/greedy_tail.py``'s loops). ``sync`` waits for the devices; ``clock`` reads seconds. The one-token
+    stream runs twice, before and after the whole one, and the faster counts: one that happened to take longer once
+    (an allocation, a clock) would shorten the decode time and raise the rate (GLM-4-9B nf4 on an H200 once gave
+    448.6 tok/s in a first round, 430.5 and 428.3 in the next two, with the replayed steps unmoved:
+    ``benchmarks/results/nf4_split.json``'s ``in_step_first_run``).
 
     >>> def tokens(n):  # a stream whose every token takes at least 10 ms
     ...     for i in range(n):

@@ -810,7 +810,7 @@ def fast_path_today_sentence() -> Text:
                      f"{floor['best_replay_us']['160']:.0f} µs against "
                      f"{mine['best_replay_us']['160']:.0f} here at a copy bandwidth of "
                      f"{other['copy_bandwidth_bytes_s'] / 1e12:.2f} against {d['copy_bandwidth_bytes_s'] / 1e12:.2f} "
-                     f"TB/s" + (": a card's copy bandwidth does not say how fast it reads (*Why H200s differ*, below)"
+                     f"TB/s" + (": a card's copy bandwidth need not rank how fast it reads (*Why H200s differ*, below)"
                                 if card_bandwidth_runs() else ": the fixed costs of a step, not the bytes"))
         roles = load("step_roles")
         if roles:
@@ -821,12 +821,12 @@ def fast_path_today_sentence() -> Text:
 
 
 def card_bandwidth_runs() -> list[tuple[str, dict[str, Any]]]:
-    """The committed runs of ``benchmarks/card_bandwidth.py`` (``card_bandwidth*.json``), by file name, in order.
+    """The committed runs of ``benchmarks/card_bandwidth.py`` (``card_bandwidth_<card>.json``), by file name.
 
-    >>> [name for name, _ in card_bandwidth_runs()][:1]
-    ['card_bandwidth_a']
+    >>> all(name.startswith("card_bandwidth_") and "gpu_uuid" in run for name, run in card_bandwidth_runs())
+    True
     """
-    names = sorted(path.stem for path in RESULTS_DIR.glob("card_bandwidth*.json"))
+    names = sorted(path.stem for path in RESULTS_DIR.glob("card_bandwidth_*.json"))
     return [(name, load(name)) for name in names]
 
 
@@ -842,9 +842,21 @@ def card_bandwidth_table() -> Table | Text:
     first = runs[0][1]
     return table(["run", "copy TB/s", "read TB/s", "read / copy", "bf16 tok/s", "of the copy roofline",
                   "of the read roofline"], rows,
-                 caption=f"{len(runs)} runs, each on the {first['environment']['device']} it was given, "
-                         f"{first['environment']['date']} (`benchmarks/card_bandwidth.py`): GLM-4-9B bf16 fast path "
-                         f"at batch 1, {first['rounds']} rounds each, the best")
+                 caption=f"{_cards([r for _, r in runs])}, {_dates([r for _, r in runs])} "
+                         f"(`benchmarks/card_bandwidth.py`): GLM-4-9B bf16 fast path at batch 1, {first['rounds']} "
+                         f"rounds each, the best")
+
+
+def _cards(runs: list[dict[str, Any]]) -> str:
+    """``"3 runs on 3 NVIDIA H200s"``: the runs and the distinct cards (by UUID) they ran on."""
+    cards = len({r["gpu_uuid"] for r in runs})
+    devices = sorted({r["environment"]["device"] for r in runs})
+    return f"{len(runs)} run{'s' * (len(runs) > 1)} on {cards} {' / '.join(devices)}{'s' * (cards > 1)}"
+
+
+def _dates(runs: list[dict[str, Any]]) -> str:
+    dates = sorted({r["environment"]["date"] for r in runs})
+    return dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
 
 
 def card_bandwidth_sentence() -> Text:
@@ -865,19 +877,20 @@ def card_bandwidth_sentence() -> Text:
     of_read, read_points = span("fraction_of_read_roofline", 100)
     fastest_copy = max(runs, key=lambda r: r["copy_bandwidth_bytes_s"])
     fastest_read = max(runs, key=lambda r: r["read_bandwidth_bytes_s"])
+    weight = " / ".join(f"{w / 1e9:.2f}" for w in sorted({r["read_weight_bytes"] for r in runs}))
     text = (f"A decode step only reads its weights; the roofline's yardstick, the copy bandwidth, reads and writes. "
-            f"On {len(runs)} {runs[0]['environment']['device']}s, one run each ({runs[0]['environment']['date']}, "
-            f"`card_bandwidth_*.json`): copy {copy} TB/s, read (glmkit's GEMV over a 1.24 GB weight) {read} TB/s, "
-            f"read / copy {ratio}; the bf16 fast path decoded {span('best_tok_s')[0]} tok/s, {of_copy}% of the copy "
-            f"roofline ({copy_points:.1f} points apart) and {of_read}% of the read roofline ({read_points:.1f} "
-            f"points apart).")
+            f"{_cards(runs)} ({_dates(runs)}, `card_bandwidth_*.json`): copy {copy} TB/s, read (glmkit's GEMV over "
+            f"a {weight} GB weight) {read} TB/s, read / copy {ratio}; the bf16 fast path decoded "
+            f"{span('best_tok_s')[0]} tok/s, {of_copy}% of the copy roofline ({copy_points:.1f} points apart) and "
+            f"{of_read}% of the read roofline ({read_points:.1f} points apart).")
     if fastest_copy is not fastest_read:
         text += (f" The card whose copy measured fastest ({fastest_copy['copy_bandwidth_bytes_s'] / 1e12:.3f} TB/s) "
                  f"did not read fastest: it read at {fastest_copy['read_bandwidth_bytes_s'] / 1e12:.3f} TB/s, "
                  f"against {fastest_read['read_bandwidth_bytes_s'] / 1e12:.3f}.")
     if read_points < copy_points / 2:
-        text += (" Against what each card reads the decoder runs alike; the spread in its share of the copy roofline "
-                 "comes from how each card's copy and read compare.")
+        text += (" A share of the copy roofline is the share of the read one times read / copy: with the read "
+                 "one's this close, the cards' share of the copy roofline moves with their read / copy, not with the "
+                 "decoder.")
     return Text(text)
 
 
@@ -2462,7 +2475,8 @@ def _other_cards() -> str:
                               f"`nf4_leave_sms_run2.json`)"))
     if not runs:
         return ""
-    why = " (bf16's share with how the card's copy and read compare: *Why H200s differ*)" if card_bandwidth_runs() else ""
+    why = " (bf16's share also with each card's read / copy bandwidth: *Why H200s differ*)" if card_bandwidth_runs() \
+        else ""
     return (f" The ratio and bf16's share of its roofline move from card to card{why}; the same measurement on other "
             "H200s: " + "; ".join(runs) + ".")
 
