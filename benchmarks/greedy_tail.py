@@ -15,14 +15,13 @@ Writes benchmarks/results/greedy_tail.json (or --name; and to $OUT).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import Iterator
 from typing import Any
 from unittest import mock
 
 import torch
-from nf4_fused import NEW, PROMPT, ROUNDS, nf4_and_bf16
+from nf4_fused import NEW, PROMPT, ROUNDS, start
 
 from glmkit import fast_decode
 from glmkit.bench import save_result
@@ -77,11 +76,7 @@ def build(model: torch.nn.Module, loop: str) -> FastDecoder:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="/tmp/glm9b")
-    ap.add_argument("--name", default="greedy_tail")
-    args = ap.parse_args()
-    models, bw, rooflines = nf4_and_bf16(args.checkpoint)
+    args, models, bw, rooflines = start(__doc__.splitlines()[0], "greedy_tail")
     decoders = {(p, loop): build(models[p], loop) for p in ("nf4", "bf16") for loop in LOOPS}
     rows: dict[tuple[str, str], dict[str, Any]] = {
         key: {"precision": key[0], "loop": key[1], "decode_tok_s": [], "decode_tok_s_eos_check": []}

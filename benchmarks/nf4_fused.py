@@ -46,6 +46,17 @@ def nf4_and_bf16(checkpoint: str) -> tuple[dict[str, Any], float, dict[str, floa
     return models, bw, {p: bw / bytes_read_per_token(m) for p, m in models.items()}
 
 
+def start(description: str, name: str, name_help: str | None = None
+          ) -> tuple[argparse.Namespace, dict[str, Any], float, dict[str, float]]:
+    """A script of nf4-against-bf16 variants starting: its arguments (``--checkpoint``; ``--name``, default ``name``)
+    and ``nf4_and_bf16``'s models, copy bandwidth and rooflines."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--checkpoint", default="/tmp/glm9b")
+    ap.add_argument("--name", default=name, help=name_help)
+    args = ap.parse_args()
+    return (args, *nf4_and_bf16(args.checkpoint))
+
+
 def warmed(model: torch.nn.Module, **options: Any) -> FastDecoder:
     """A decoder of ``model`` (``FastDecoder`` ``options``) for a prompt of PROMPT and NEW new tokens, its graphs
     built and captured by a short warm-up (settings read at launch keep the values they have now)."""
@@ -115,12 +126,9 @@ def best_rounds(rows: dict[str, dict[str, Any]], rooflines: dict[str, float]) ->
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="/tmp/glm9b")
-    ap.add_argument("--name", default="nf4_fused", help="the result's name (nf4_fused_paired: the run with two tiles "
-                                                          "of rows a program, gemv4bit.PAIRED_ROWS, and their shapes)")
-    args = ap.parse_args()
-    models, bw, rooflines = nf4_and_bf16(args.checkpoint)
+    args, models, bw, rooflines = start(__doc__.splitlines()[0], "nf4_fused", "the result's name (nf4_fused_paired: "
+                                        "the run with two tiles of rows a program, gemv4bit.PAIRED_ROWS, and their "
+                                        "shapes)")
     decoders = {}
     for v, (p, options) in VARIANTS.items():
         decoders[v] = warmed(models[p], **options)

@@ -16,12 +16,11 @@ Writes benchmarks/results/nf4_leave_sms.json (or --name; and to $OUT).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from collections.abc import Iterator
 
 import torch
-from nf4_fused import PROMPT, against_reference, best_rounds, nf4_and_bf16, report, take_turns, warmed
+from nf4_fused import PROMPT, against_reference, best_rounds, report, start, take_turns, warmed
 
 import glmkit.fast_decode
 from glmkit import attention, gemv4bit_one
@@ -60,11 +59,7 @@ def settings(variant: str) -> Iterator[None]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="/tmp/glm9b")
-    ap.add_argument("--name", default="nf4_leave_sms")
-    args = ap.parse_args()
-    models, bw, rooflines = nf4_and_bf16(args.checkpoint)
+    args, models, bw, rooflines = start(__doc__.splitlines()[0], "nf4_leave_sms")
     decoders = {}
     for v, (p, _) in VARIANTS.items():
         with settings(v):

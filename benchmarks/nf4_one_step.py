@@ -17,13 +17,12 @@ Writes benchmarks/results/nf4_one_step.json (or --name; and to $OUT).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 from collections.abc import Iterator
 
 import torch
-from nf4_fused import PROMPT, against_reference, best_rounds, nf4_and_bf16, report, take_turns, warmed
+from nf4_fused import PROMPT, against_reference, best_rounds, report, start, take_turns, warmed
 
 VARIANTS = {"CUDA kernel": ("nf4", {}, None), "CUDA kernel, plain launches": ("nf4", {"pdl": False}, None),
             "Triton kernel": ("nf4", {}, "triton"),
@@ -50,11 +49,7 @@ def variant_env(variant: str) -> contextlib.AbstractContextManager[None]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="/tmp/glm9b")
-    ap.add_argument("--name", default="nf4_one_step")
-    args = ap.parse_args()
-    models, bw, rooflines = nf4_and_bf16(args.checkpoint)
+    args, models, bw, rooflines = start(__doc__.splitlines()[0], "nf4_one_step")
     decoders = {}
     for v, (p, options, kernel) in VARIANTS.items():
         with kernel_env(kernel):
