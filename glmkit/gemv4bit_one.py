@@ -675,9 +675,8 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     and the sums are multiplied by ``1 / rms``; with ``residual``, ``residual + W x`` is returned and the next norm's
     ``x * g`` written to ``scaled`` and one sum of squares a tile to ``partials`` (``tiles`` of them). Launched with
     programmatic dependent launch, it leaves ``leave_sms`` SMs to the kernel after it where that is at most
-    ``LEAVE_SMS_MAX`` (else none), whose programs then start while it runs (the decode attention's, after q/k/v). The
-    caller
-    (``glmkit.gemv4bit``) has checked the inputs and ``usable``."""
+    ``LEAVE_SMS_MAX`` (else none), whose programs then start while it runs (the decode attention's, after q/k/v).
+    The caller (``glmkit.gemv4bit``) has checked the inputs and ``usable``."""
     w = ws[0]
     k = w.shape[1]
     rows = [v.shape[0] for v in ws]

@@ -832,19 +832,18 @@ def card_bandwidth_runs() -> list[tuple[str, dict[str, Any]]]:
 
 def card_bandwidth_table() -> Table | Text:
     """Each card's copy and read bandwidth and the bf16 fast path against the roofline of each
-    (``card_bandwidth*.json``); or "not measured"."""
-    runs = card_bandwidth_runs()
-    if not runs:
+    (``card_bandwidth_*.json``); or "not measured"."""
+    named = card_bandwidth_runs()
+    if not named:
         return not_measured("Copy and read bandwidth, card by card", "benchmarks/card_bandwidth.py")
     rows = [[f"`{name}.json`", f"{r['copy_bandwidth_bytes_s'] / 1e12:.3f}", f"{r['read_bandwidth_bytes_s'] / 1e12:.3f}",
              f"{r['read_over_copy']:.3f}", f"{r['best_tok_s']:.1f}", f"{r['fraction_of_copy_roofline'] * 100:.1f}%",
-             f"{r['fraction_of_read_roofline'] * 100:.1f}%"] for name, r in runs]
-    first = runs[0][1]
+             f"{r['fraction_of_read_roofline'] * 100:.1f}%"] for name, r in named]
+    runs = [r for _, r in named]
     return table(["run", "copy TB/s", "read TB/s", "read / copy", "bf16 tok/s", "of the copy roofline",
                   "of the read roofline"], rows,
-                 caption=f"{_cards([r for _, r in runs])}, {_dates([r for _, r in runs])} "
-                         f"(`benchmarks/card_bandwidth.py`): GLM-4-9B bf16 fast path at batch 1, {first['rounds']} "
-                         f"rounds each, the best")
+                 caption=f"{_cards(runs)}, {_dates(runs)} (`benchmarks/card_bandwidth.py`): GLM-4-9B bf16 fast path "
+                         f"at batch 1, {runs[0]['rounds']} rounds each, the best")
 
 
 def _cards(runs: list[dict[str, Any]]) -> str:
@@ -861,7 +860,7 @@ def _dates(runs: list[dict[str, Any]]) -> str:
 
 def card_bandwidth_sentence() -> Text:
     """Why cards of one model differ in bf16's share of its roofline: copy against read bandwidth, and the decoder
-    against a roofline of each (``card_bandwidth*.json``), in one paragraph; or "not measured"."""
+    against a roofline of each (``card_bandwidth_*.json``), in one paragraph; or "not measured"."""
     runs = [r for _, r in card_bandwidth_runs()]
     if not runs:
         return not_measured("Copy and read bandwidth, card by card", "benchmarks/card_bandwidth.py")
