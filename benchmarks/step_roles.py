@@ -47,7 +47,7 @@ def _copy_q_kernel(qkv_ptr, out_ptr, N: tl.constexpr, PDL: tl.constexpr):
     tl.store(out_ptr + offs, tl.load(qkv_ptr + offs))
 
 
-def minimal_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None, cos_table=False):
+def minimal_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None, cos_table=False, early=False):
     """A stand-in for attention at batch 1: one kernel that waits for qkv and copies q to a new output."""
     hd = k_cache.shape[-1]
     width = qkv.shape[-1] - 2 * k_cache.shape[1] * hd
@@ -56,13 +56,13 @@ def minimal_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets
     return out.view(1, 1, width // hd, hd).transpose(1, 2)
 
 
-def without_tickets(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None, cos_table=False):
+def without_tickets(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None, cos_table=False, early=False):
     """glmkit's attention as it runs without tickets: at batch 1 one program per KV head walks a short cache, tile
     after tile (``SHORT_TILE``, ``SHORT_STAGES``, ``SHORT_AHEAD``); the decoders pass tickets and split it instead."""
     return qkv_decode_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, cos_table=cos_table)
 
 
-def no_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None, cos_table=False):
+def no_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None, cos_table=False, early=False):
     """No kernel: o_proj reads q straight from the qkv projection's output."""
     hd = k_cache.shape[-1]
     width = qkv.shape[-1] - 2 * k_cache.shape[1] * hd
@@ -90,7 +90,7 @@ def role_bytes(model: torch.nn.Module) -> dict[str, int]:
 
 def roles_of(names: list[str]) -> list[str]:
     """The role of each kernel of one step, in launch order."""
-    gemvs = [i for i, n in enumerate(names) if n.startswith("_gemv")]  # glmkit's GEMV kernels (not a compiler's)
+    gemvs = [i for i, n in enumerate(names) if n.startswith(("_gemv", "glmkit_gemv4"))]  # glmkit's GEMVs (not a compiler's)
     role = {}
     for j, i in enumerate(gemvs):
         role[i] = "lm_head" if j == len(gemvs) - 1 else PROJECTIONS[j % 4]
