@@ -59,7 +59,7 @@ def minimal_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets
 def without_tickets(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None, cos_table=False, early=False):
     """glmkit's attention as it runs without tickets: at batch 1 one program per KV head walks a short cache, tile
     after tile (``SHORT_TILE``, ``SHORT_STAGES``, ``SHORT_AHEAD``); the decoders pass tickets and split it instead."""
-    return qkv_decode_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, cos_table=cos_table)
+    return qkv_decode_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, cos_table=cos_table, early=early)
 
 
 def no_attention(qkv, k_cache, v_cache, pos, batch_index, cos, sin, tickets=None, cos_table=False, early=False):

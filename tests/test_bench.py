@@ -1,8 +1,12 @@
+import importlib
+import inspect
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
+from glmkit.attention import qkv_decode_attention
 from glmkit.bench import PATHS, decode_grid, measure_decode, save_result
 from glmkit.loading import load_model
 from glmkit.results import load as load_results
@@ -79,3 +83,13 @@ def test_copy_and_read_bandwidth_count_the_bytes_they_move(monkeypatch):
     monkeypatch.setattr(glmkit.bench, "_seconds", lambda fn, repeats, device: (fn(), 1.0)[1])
     assert glmkit.bench.copy_bandwidth(2**16, 3, device="cpu") == 2 * 2**16 * 3
     assert glmkit.bench.read_bandwidth("cpu", rows=64, columns=128, rounds=2) == 10 * 64 * 128 * 4
+
+
+def test_attention_stand_ins_take_what_the_decoders_pass(monkeypatch):
+    """benchmarks/step_roles.py's stand-ins replace ``qkv_decode_attention`` in a decoder: they must take every
+    argument it takes, or the decoder's warm-up fails, falls back to another attention and times that instead."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    step_roles = importlib.import_module("step_roles")
+    wanted = list(inspect.signature(qkv_decode_attention).parameters)
+    for stand_in in (step_roles.minimal_attention, step_roles.without_tickets, step_roles.no_attention):
+        assert list(inspect.signature(stand_in).parameters) == wanted, stand_in.__name__
