@@ -858,6 +858,128 @@ def _dates(runs: list[dict[str, Any]]) -> str:
     return dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
 
 
+# A run of bf16's and nf4's default decoders, read from its result: copy bandwidth (bytes/s), bf16's decode tok/s and
+# share of its copy roofline, nf4's decode tok/s
+GoalRun = tuple[float, float, float, float]
+
+
+def _from_rows(is_bf16: Callable[[dict[str, Any]], bool],
+               is_nf4: Callable[[dict[str, Any]], bool]) -> Callable[[dict[str, Any]], GoalRun]:
+    """A ``GoalRun`` reader for a result whose ``rows`` hold both decoders' best rates (``is_bf16``/``is_nf4`` pick
+    the default decoders' rows out of its variants)."""
+    def read(result: dict[str, Any]) -> GoalRun:
+        bf16 = next(r for r in result["rows"] if is_bf16(r))
+        nf4 = next(r for r in result["rows"] if is_nf4(r))
+        return (result["copy_bandwidth_bytes_s"], bf16["best_tok_s"], bf16["fraction_of_roofline"], nf4["best_tok_s"])
+    return read
+
+
+def _nf4_split_run(result: dict[str, Any]) -> GoalRun:
+    """``nf4_split.json``'s ``in_step`` run (its kernel as it is, and bf16), against its copy bandwidth and the bytes a
+    bf16 token reads (from its first run's roofline: the same model)."""
+    first, step = result["in_step_first_run"], result["in_step"]
+    bf16_bytes = first["copy_bandwidth_bytes_s"] / first["roofline_tok_s"]["bf16"]
+    bf16, nf4 = (max(step["rows"][v]["decode_tok_s"]) for v in ("bf16", "old kernel"))
+    return step["copy_bandwidth_bytes_s"], bf16, bf16 * bf16_bytes / step["copy_bandwidth_bytes_s"], nf4
+
+
+def _variant(name: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda r: r["variant"] == name
+
+
+# Every run of the batch-1 fast path's default decoders, bf16 and nf4 in the same run, since the greedy pick moved into
+# the step (the decoders as they are now), and how each result's default rows are read
+TWO_GOALS_RUNS: list[tuple[str, Callable[[dict[str, Any]], GoalRun]]] = [
+    ("greedy_tail", _from_rows(lambda r: r["precision"] == "bf16" and r["loop"] == "greedy in the step",
+                               lambda r: r["precision"] == "nf4" and r["loop"] == "greedy in the step")),
+    ("l2_prefetch", _from_rows(lambda r: r["precision"] == "bf16" and not r["prefetches"],
+                               lambda r: r["precision"] == "nf4" and not r["prefetches"])),
+    ("nf4_split", _nf4_split_run),
+    ("nf4_alu", _from_rows(_variant("bf16"), _variant("nf4, 0 word(s) on the integer units"))),
+    *[(name, _from_rows(_variant("bf16"), _variant("nf4")))
+      for name in ("bf16_leave", "nf4_o_proj_depth", "nf4_x_lanes", "nf4_paired_stages", "nf4_control")],
+]
+ONE_TIMED_STREAM = ("greedy_tail", "l2_prefetch", "nf4_split")  # rates from before stream_rate timed it twice
+BF16_GOAL, RATIO_GOAL = 0.90, 2.0  # bf16 at 90% of the copy roofline; nf4 at twice bf16, in the same run
+
+
+def two_goals_runs(specs: Sequence[tuple[str, Callable[[dict[str, Any]], GoalRun]]] = TWO_GOALS_RUNS,
+                   results_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Per committed run of ``specs`` (result name, reader): its date, copy bandwidth, bf16's decode tok/s and share
+    of its copy roofline, nf4's tok/s, nf4 / bf16, and nf4 against bf16's copy roofline."""
+    runs = []
+    for name, read in specs:
+        result = load(name, results_dir)
+        if result is None:
+            continue
+        bw, bf16, share, nf4 = read(result)
+        runs.append({"name": name, "date": result["environment"]["date"], "copy_bandwidth_bytes_s": bw,
+                     "bf16_tok_s": bf16, "bf16_share": share, "nf4_tok_s": nf4, "ratio": nf4 / bf16,
+                     "nf4_over_bf16_roofline": nf4 * share / bf16})
+    return runs
+
+
+def _one_timed(runs: list[dict[str, Any]]) -> str:
+    """The caption's note on the runs whose rates subtracted a one-token stream timed once (before ``stream_rate``
+    timed it twice and kept the faster), where there are any."""
+    names = [f"`{r['name']}.json`" for r in runs if r["name"] in ONE_TIMED_STREAM]
+    return f"; {', '.join(names)} timed the one-token stream their rates subtract once, the others twice" if names \
+        else ""
+
+
+def _both(run: dict[str, Any]) -> bool:
+    return run["bf16_share"] >= BF16_GOAL and run["ratio"] >= RATIO_GOAL
+
+
+def two_goals_table(runs: list[dict[str, Any]] | None = None) -> Table | Text:
+    """bf16 at 90% of its copy roofline and nf4 at twice bf16, the batch-1 fast path in every run of the default
+    decoders (``two_goals_runs``), notebook 04; or "not measured"."""
+    runs = two_goals_runs() if runs is None else runs
+    if not runs:
+        return not_measured("bf16 and nf4 in the same run", "benchmarks/greedy_tail.py --checkpoint /tmp/glm9b")
+    rows = [[f"`{r['name']}.json`", f"{r['copy_bandwidth_bytes_s'] / 1e12:.3f}", f"{r['bf16_tok_s']:.1f}",
+             f"{r['bf16_share'] * 100:.1f}%", f"{r['nf4_tok_s']:.1f}", f"{r['nf4_over_bf16_roofline']:.3f}",
+             f"{r['ratio']:.3f}x", "yes" if _both(r) else "no"] for r in runs]
+    dates = sorted({r["date"] for r in runs})
+    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    return table(["run", "copy TB/s", "bf16 tok/s", "of its copy roofline", "nf4 tok/s",
+                  "nf4 / bf16's copy roofline", "nf4 / bf16", "bf16 ≥ 90% and nf4 ≥ 2x"], rows,
+                 caption=f"GLM-4-9B at batch 1, the default decoders of {len(runs)} runs on H200s, {when} (each "
+                         f"file's copy bandwidth and both rates from one run; 32-token prompt, 256 new tokens, best "
+                         f"round{_one_timed(runs)})")
+
+
+def two_goals_sentence(runs: list[dict[str, Any]] | None = None) -> Text:
+    """What ``two_goals_table`` shows, in words: which rate moves from run to run, which holds, and where the two
+    goals can hold together (each conclusion written only where the figures hold it); or "not measured"."""
+    runs = two_goals_runs() if runs is None else runs
+    if not runs:
+        return not_measured("bf16 and nf4 in the same run", "benchmarks/greedy_tail.py --checkpoint /tmp/glm9b")
+
+    def span(key: str, scale: float = 1.0, digits: int = 1) -> str:
+        values = [r[key] * scale for r in runs]
+        return f"{min(values):.{digits}f}–{max(values):.{digits}f}"
+
+    both = [r for r in runs if _both(r)]
+    text = (f"In {len(runs)} runs of the default decoders on H200s, bf16 decoded {span('bf16_tok_s')} tok/s "
+            f"({span('bf16_share', 100)}% of the copy roofline measured in each run) and nf4 {span('nf4_tok_s')} "
+            f"tok/s, {span('ratio', 1, 3)}x bf16; bf16 at {BF16_GOAL:.0%} of its roofline and nf4 at "
+            f"{RATIO_GOAL:.0f}x bf16 held together in {len(both)} of them.")
+    nf4 = [r["nf4_tok_s"] for r in runs]
+    bf16 = [r["bf16_tok_s"] for r in runs]
+    if max(nf4) / min(nf4) < max(bf16) / min(bf16):
+        text += (f" nf4 moves less from run to run ({(max(nf4) / min(nf4) - 1) * 100:.1f}% between the slowest and "
+                 f"the fastest, bf16 {(max(bf16) / min(bf16) - 1) * 100:.1f}%): bf16 reads its weights at the card's "
+                 f"speed (*Why H200s differ*), nf4 is held by the work on each packed byte.")
+    low, top = (f(r["nf4_over_bf16_roofline"] for r in runs) for f in (min, max))
+    text += (f" nf4 reached {span('nf4_over_bf16_roofline', 1, 3)}x bf16's copy roofline, so nf4 at "
+             f"{RATIO_GOAL:.0f}x bf16 needs bf16 at no more than {low / RATIO_GOAL * 100:.1f}–"
+             f"{top / RATIO_GOAL * 100:.1f}% of it")
+    text += (f": both hold only where bf16 lands between {BF16_GOAL * 100:.0f}% and that."
+             if top / RATIO_GOAL >= BF16_GOAL else f", under {BF16_GOAL * 100:.0f}%: in these runs both cannot hold.")
+    return Text(text)
+
+
 def card_bandwidth_sentence() -> Text:
     """Why cards of one model differ in bf16's share of its roofline: copy against read bandwidth, and the decoder
     against a roofline of each (``card_bandwidth_*.json``), in one paragraph; or "not measured"."""
@@ -2782,6 +2904,7 @@ def readme_measured_section() -> str:
                "**The next token inside the step**: " + str(greedy_tail_sentence()),
                "**The fast path today**: " + str(fast_path_today_sentence()),
                "**Why H200s differ**: " + str(card_bandwidth_sentence()),
+               "**bf16 and nf4 in the same run, run after run**: " + str(two_goals_sentence()),
                "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),
                "**Fast path on two GPUs**: " + two_gpu_fast_sentence() + _proxy_clause(),

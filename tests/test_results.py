@@ -137,6 +137,48 @@ def test_card_bandwidth_sentence_draws_only_what_its_figures_hold(monkeypatch, c
     assert ("not with the decoder" in sentence) == yardstick
 
 
+def test_two_goals_runs_read_each_files_default_decoders(monkeypatch, tmp_path):
+    """Every listed run of the default decoders is a row with its own file's figures: bf16's and nf4's rates are the
+    rows the reader picks (not a variant's), the ratio is theirs, and "both goals" follows the two thresholds."""
+    runs = results.two_goals_runs()
+    assert [r["name"] for r in runs] == [name for name, _ in results.TWO_GOALS_RUNS]
+    alu = next(r for r in runs if r["name"] == "nf4_alu")
+    rows = {row["variant"]: row for row in results.load("nf4_alu")["rows"]}
+    assert alu["nf4_tok_s"] == rows["nf4, 0 word(s) on the integer units"]["best_tok_s"]
+    assert alu["nf4_tok_s"] > rows["nf4, 1 word(s) on the integer units"]["best_tok_s"]  # a variant's is not read
+    assert alu["bf16_share"] == rows["bf16"]["fraction_of_roofline"]
+    split = next(r for r in runs if r["name"] == "nf4_split")
+    step = results.load("nf4_split")["in_step"]["rows"]
+    assert split["bf16_tok_s"] == max(step["bf16"]["decode_tok_s"])
+    assert split["nf4_tok_s"] == max(step["old kernel"]["decode_tok_s"])
+    assert 0.85 < split["bf16_share"] < 0.95  # against the roofline of that run's copy bandwidth
+    table = results.two_goals_table()
+    for r, row in zip(runs, table.rows, strict=True):
+        assert row[0] == f"`{r['name']}.json`" and row[6] == f"{r['nf4_tok_s'] / r['bf16_tok_s']:.3f}x"
+        assert row[7] == ("yes" if r["bf16_share"] >= 0.9 and r["nf4_tok_s"] >= 2 * r["bf16_tok_s"] else "no")
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    assert "not measured yet" in str(results.two_goals_table()) and "not measured yet" in results.two_goals_sentence()
+
+
+def _goal_run(bf16: float, share: float, nf4: float) -> dict:
+    """A run for ``two_goals_sentence``: bf16's tok/s and share of its roofline, nf4's tok/s."""
+    return {"name": "made_up", "date": "2026-12-01", "copy_bandwidth_bytes_s": 4.25e12, "bf16_tok_s": bf16,
+            "bf16_share": share, "nf4_tok_s": nf4, "ratio": nf4 / bf16, "nf4_over_bf16_roofline": nf4 * share / bf16}
+
+
+@pytest.mark.parametrize("runs, both, steadier, window", [
+    ([_goal_run(219.0, 0.905, 440.0), _goal_run(214.0, 0.884, 439.0)], 1, True, True),
+    ([_goal_run(219.0, 0.905, 430.0), _goal_run(214.0, 0.884, 425.0)], 0, True, False),  # nf4 under 1.8x the roofline
+    ([_goal_run(219.0, 0.905, 450.0), _goal_run(218.0, 0.901, 430.0)], 1, False, True),  # nf4 moving more than bf16
+])
+def test_two_goals_sentence_draws_only_what_its_figures_hold(runs, both, steadier, window):
+    sentence = str(results.two_goals_sentence(runs))
+    assert f"held together in {both} of them" in sentence
+    assert ("nf4 moves less from run to run" in sentence) == steadier
+    assert sentence.endswith("in these runs both cannot hold.") != window
+    assert ("both hold only where bf16 lands between 90% and that." in sentence) == window
+
+
 def test_readme_measured_section_is_rendered_from_results():
     readme = (ROOT / "README.md").read_text()
     section = results.readme_measured_section()
