@@ -792,7 +792,7 @@ def fast_path_today_sentence() -> Text:
             return next(r for r in result["rows"] if r["variant"].startswith("tiles side by side")
                         or r["variant"].startswith("tiles of 128 side by side"))
 
-        text = (f"In the latest run on an {measured_on(d)} (`attention_tickets.json`) a bf16 step at batch 1 decodes "
+        text = (f"In one run on an {measured_on(d)} (`attention_tickets.json`) a bf16 step at batch 1 decodes "
                 f"{now(d)['best_tok_s']:.1f} tok/s, {100 * now(d)['fraction_of_roofline']:.1f}% of the roofline "
                 f"measured in the same run ({d['roofline_tok_s']:.1f} tok/s)")
         fp16 = load("attention_tickets_fp16")
@@ -815,6 +815,12 @@ def fast_path_today_sentence() -> Text:
         roles = load("step_roles")
         if roles:
             text += f". A step is {roles['runs']['bf16, fast path']['kernels_per_step']} kernels (`step_roles.json`)"
+        runs = two_goals_runs()
+        if runs:
+            tok_s, share = ([r[k] * scale for r in runs] for k, scale in (("bf16_tok_s", 1), ("bf16_share", 100)))
+            text += (f". With the next token picked inside the step, {len(runs)} runs since decoded "
+                     f"{min(tok_s):.1f}–{max(tok_s):.1f} tok/s in bf16, {min(share):.1f}–{max(share):.1f}% of the "
+                     f"roofline measured in each (*bf16 and nf4 in the same run, run after run*, below)")
         return text + "."
     return from_result("attention_tickets", render, what="The fast path today",
                        script="benchmarks/attention_tickets.py --checkpoint /tmp/glm9b")
