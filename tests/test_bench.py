@@ -88,6 +88,7 @@ def test_copy_and_read_bandwidth_count_the_bytes_they_move(monkeypatch):
 def test_attention_stand_ins_take_what_the_decoders_pass(monkeypatch):
     """benchmarks/step_roles.py's stand-ins replace ``qkv_decode_attention`` in a decoder: they must take every
     argument it takes, or the decoder's warm-up fails, falls back to another attention and times that instead."""
+    pytest.importorskip("triton")  # (benchmarks/step_roles.py imports it, as the tests of the kernels do)
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
     step_roles = importlib.import_module("step_roles")
     wanted = list(inspect.signature(qkv_decode_attention).parameters)
