@@ -379,6 +379,7 @@ def test_fast_decoder_folds_the_norms_and_residual_adds_into_the_gemvs(monkeypat
 def test_the_tuner_times_the_fused_launch_the_decoder_makes(name, swiglu, monkeypatch):
     """``glmkit tune`` checks (against float64) and times each 16-bit projection with the norm or residual add the
     decoder folds into it: the table then holds the shapes of the kernels the decoder launches."""
+    torch.manual_seed(0)  # the inputs the tuner draws: the same every run (its checks have a bar)
     import glmkit.gemv_tuning
     from glmkit.gemv_tuning import FUSED, projections, tune_projection
 
@@ -406,6 +407,7 @@ def test_the_tuner_times_the_fused_launch_the_decoder_makes(name, swiglu, monkey
 def test_the_tp_tuner_times_the_add_norm_launch_a_rank_makes(name, swiglu, monkeypatch):
     """``glmkit tune --tp 2`` checks and times qkv, gate_up and lm_head as a tensor-parallel rank launches them: the
     all-reduced partial sum added and the RMSNorm applied in the GEMV (``add_norm_gemv``)."""
+    torch.manual_seed(0)  # the inputs the tuner draws: the same every run (its checks have a bar)
     import glmkit.gemv_tuning
     from glmkit.gemv_tuning import FUSED_TP, projections, tune_projection
 

@@ -384,6 +384,7 @@ def test_bad_inputs_name_the_problem():
 
 @pytest.mark.parametrize("kernel, swiglu", [("nf4", True), ("bf16", False)])
 def test_the_tuner_checks_each_shape_and_keeps_the_fastest(kernel, swiglu, tmp_path):
+    torch.manual_seed(0)  # the inputs the tuner draws: the same every run (its checks have a bar)
     from glmkit.gemv import load_table
     from glmkit.gemv_tuning import table_configs, tune_projection, write_table
 
