@@ -30,6 +30,7 @@ turns it off. Notebook ``04_quantization.ipynb`` shows its speed.
 >>> import torch
 >>> from glmkit.gemv4bit import quantize
 >>> if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+...     _ = torch.manual_seed(0)
 ...     w = quantize(torch.randn(128, 256, device="cuda"), "nf4")
 ...     x = torch.randn(4, 1, 256, device="cuda", dtype=torch.bfloat16)
 ...     y = gemv_4bit_mma(x, (w,), None, False)

@@ -41,6 +41,7 @@ plain fp32 scales (double quantization takes the Triton kernel): ``usable`` says
 >>> import torch
 >>> from glmkit.gemv4bit import quantize
 >>> if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+...     _ = torch.manual_seed(0)
 ...     w = quantize(torch.randn(128, 256, device="cuda"), "nf4")
 ...     x = torch.randn(1, 1, 256, device="cuda", dtype=torch.bfloat16)
 ...     y = gemv_4bit_one(x, (w,), None, False)
