@@ -20,7 +20,7 @@ import functools
 import json
 import re
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -817,11 +817,10 @@ def fast_path_today_sentence() -> Text:
             text += f". A step is {roles['runs']['bf16, fast path']['kernels_per_step']} kernels (`step_roles.json`)"
         runs = bf16_nf4_runs()
         if runs:
-            tok_s, share = ([r[k] * scale for r in runs] for k, scale in (("bf16_tok_s", 1), ("bf16_share", 100)))
             text += (f". In the {len(runs)} runs that timed bf16 and nf4 together since the next token is picked inside "
                      f"the step (*bf16 and nf4 in the same run, run after run*, below), bf16 decoded "
-                     f"{min(tok_s):.1f}–{max(tok_s):.1f} tok/s, {min(share):.1f}–{max(share):.1f}% of the roofline "
-                     f"measured in each")
+                     f"{_span([r['bf16_tok_s'] for r in runs])} tok/s, {_span([r['bf16_share'] * 100 for r in runs])}% "
+                     f"of the roofline measured in each")
         return text + "."
     return from_result("attention_tickets", render, what="The fast path today",
                        script="benchmarks/attention_tickets.py --checkpoint /tmp/glm9b")
@@ -849,7 +848,7 @@ def card_bandwidth_table() -> Table | Text:
     runs = [r for _, r in named]
     return table(["run", "copy TB/s", "read TB/s", "read / copy", "bf16 tok/s", "of the copy roofline",
                   "of the read roofline"], rows,
-                 caption=f"{_cards(runs)}, {_dates(runs)} (`benchmarks/card_bandwidth.py`): GLM-4-9B bf16 fast path "
+                 caption=f"{_cards(runs)}, {_run_dates(runs)} (`benchmarks/card_bandwidth.py`): GLM-4-9B bf16 fast path "
                          f"at batch 1, {runs[0]['rounds']} rounds each, the best")
 
 
@@ -860,28 +859,43 @@ def _cards(runs: list[dict[str, Any]]) -> str:
     return f"{len(runs)} run{'s' * (len(runs) > 1)} on {cards} {' / '.join(devices)}{'s' * (cards > 1)}"
 
 
-def _dates(runs: list[dict[str, Any]]) -> str:
-    dates = sorted({r["environment"]["date"] for r in runs})
-    return dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+def _dates(dates: Iterable[str]) -> str:
+    """``"2026-12-01"``, or ``"<first> to <last>"``: the dates some runs were measured on."""
+    days = sorted(set(dates))
+    return days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
+def _run_dates(runs: list[dict[str, Any]]) -> str:
+    """``_dates`` of committed results (their environment records)."""
+    return _dates(r["environment"]["date"] for r in runs)
+
+
+def _span(values: Sequence[float], digits: int = 1) -> str:
+    """``"213.9–219.5"``: the smallest and the largest of ``values``.
+
+    >>> _span([2.0, 1.25, 1.5], 2)
+    '1.25–2.00'
+    """
+    return f"{min(values):.{digits}f}–{max(values):.{digits}f}"
 
 
 # A run of bf16's and nf4's default decoders, read from its result: copy bandwidth (bytes/s), bf16's decode tok/s and
 # share of its copy roofline, nf4's decode tok/s
-GoalRun = tuple[float, float, float, float]
+PairedRun = tuple[float, float, float, float]
 
 
 def _from_rows(is_bf16: Callable[[dict[str, Any]], bool],
-               is_nf4: Callable[[dict[str, Any]], bool]) -> Callable[[dict[str, Any]], GoalRun]:
-    """A ``GoalRun`` reader for a result whose ``rows`` hold both decoders' best rates (``is_bf16``/``is_nf4`` pick
+               is_nf4: Callable[[dict[str, Any]], bool]) -> Callable[[dict[str, Any]], PairedRun]:
+    """A ``PairedRun`` reader for a result whose ``rows`` hold both decoders' best rates (``is_bf16``/``is_nf4`` pick
     the default decoders' rows out of its variants)."""
-    def read(result: dict[str, Any]) -> GoalRun:
+    def read(result: dict[str, Any]) -> PairedRun:
         bf16 = next(r for r in result["rows"] if is_bf16(r))
         nf4 = next(r for r in result["rows"] if is_nf4(r))
         return (result["copy_bandwidth_bytes_s"], bf16["best_tok_s"], bf16["fraction_of_roofline"], nf4["best_tok_s"])
     return read
 
 
-def _nf4_split_run(result: dict[str, Any]) -> GoalRun:
+def _nf4_split_run(result: dict[str, Any]) -> PairedRun:
     """``nf4_split.json``'s ``in_step`` run (its kernel as it is, and bf16), against its copy bandwidth and the bytes a
     bf16 token reads (from its first run's roofline: the same model)."""
     first, step = result["in_step_first_run"], result["in_step"]
@@ -897,7 +911,7 @@ def _variant(name: str) -> Callable[[dict[str, Any]], bool]:
 # Every run of the batch-1 fast path's default decoders that timed bf16 and nf4 together since the next token is
 # picked inside the step and the rates count the steps actually run, in order, and how each result's default rows are
 # read
-BF16_NF4_RUNS: list[tuple[str, Callable[[dict[str, Any]], GoalRun]]] = [
+BF16_NF4_RUNS: list[tuple[str, Callable[[dict[str, Any]], PairedRun]]] = [
     *[(name, _from_rows(_variant("bf16"), _variant("CUDA kernel"))) for name in ("nf4_one_step", "nf4_one_step_run3")],
     ("greedy_tail", _from_rows(lambda r: r["precision"] == "bf16" and r["loop"] == "greedy in the step",
                                lambda r: r["precision"] == "nf4" and r["loop"] == "greedy in the step")),
@@ -914,20 +928,23 @@ ONE_TIMED_STREAM = ("nf4_one_step", "nf4_one_step_run3", "greedy_tail", "l2_pref
 BF16_MARK, RATIO_MARK = 0.90, 2.0  # bf16 at 90% of its copy roofline; nf4 at twice bf16's speed, in the same run
 
 
-def bf16_nf4_runs(specs: Sequence[tuple[str, Callable[[dict[str, Any]], GoalRun]]] = BF16_NF4_RUNS,
+def bf16_nf4_runs(specs: Sequence[tuple[str, Callable[[dict[str, Any]], PairedRun]]] = BF16_NF4_RUNS,
                   results_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """Per committed run of ``specs`` (result name, reader): its date, copy bandwidth, bf16's decode tok/s and share
     of its copy roofline, nf4's tok/s, nf4 / bf16, and nf4 against bf16's copy roofline (tok/s)."""
     runs = []
     for name, read in specs:
         result = load(name, results_dir)
-        if result is None:
-            continue
-        bw, bf16, share, nf4 = read(result)
-        runs.append({"name": name, "date": result["environment"]["date"], "copy_bandwidth_bytes_s": bw,
-                     "bf16_tok_s": bf16, "bf16_share": share, "nf4_tok_s": nf4, "ratio": nf4 / bf16,
-                     "nf4_over_bf16_roofline": nf4 * share / bf16})
+        if result is not None:
+            runs.append(_paired(name, result, read))
     return runs
+
+
+def _paired(name: str, result: dict[str, Any], read: Callable[[dict[str, Any]], PairedRun]) -> dict[str, Any]:
+    """One run of ``bf16_nf4_runs``: ``read(result)`` as a dict, with nf4 / bf16 and nf4 against bf16's roofline."""
+    bw, bf16, share, nf4 = read(result)
+    return {"name": name, "date": result["environment"]["date"], "copy_bandwidth_bytes_s": bw, "bf16_tok_s": bf16,
+            "bf16_share": share, "nf4_tok_s": nf4, "ratio": nf4 / bf16, "nf4_over_bf16_roofline": nf4 * share / bf16}
 
 
 def _counted_before(runs: list[dict[str, Any]]) -> list[str]:
@@ -948,9 +965,7 @@ def bf16_nf4_table(runs: list[dict[str, Any]] | None = None) -> Table | Text:
     rows = [[f"`{r['name']}.json`", f"{r['copy_bandwidth_bytes_s'] / 1e12:.3f}", f"{r['bf16_tok_s']:.1f}",
              f"{r['bf16_share'] * 100:.1f}%", f"{r['nf4_tok_s']:.1f}", f"{r['nf4_over_bf16_roofline']:.3f}",
              f"{r['ratio']:.3f}x", "yes" if _both(r) else "no"] for r in runs]
-    dates = sorted({r["date"] for r in runs})
-    when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
-    before = _counted_before(runs)
+    before, when = _counted_before(runs), _dates(r["date"] for r in runs)
     return table(["run", "copy TB/s", "bf16 tok/s", "of its copy roofline", "nf4 tok/s",
                   "nf4 / bf16's copy roofline", "nf4 / bf16", "bf16 ≥ 90% and nf4 ≥ 2x"], rows,
                  caption=f"GLM-4-9B at batch 1, the default decoders of {len(runs)} runs on H200s, {when} (each "
@@ -968,8 +983,7 @@ def bf16_nf4_sentence(runs: list[dict[str, Any]] | None = None) -> Text:
         return not_measured("bf16 and nf4 in the same run", "benchmarks/greedy_tail.py --checkpoint /tmp/glm9b")
 
     def span(key: str, among: list[dict[str, Any]], scale: float = 1.0, digits: int = 1) -> str:
-        values = [r[key] * scale for r in among]
-        return f"{min(values):.{digits}f}–{max(values):.{digits}f}"
+        return _span([r[key] * scale for r in among], digits)
 
     text = (f"In {len(runs)} runs of the default decoders on H200s, bf16 decoded {span('bf16_tok_s', runs)} tok/s "
             f"({span('bf16_share', runs, 100)}% of the copy roofline measured in each run) and nf4 "
@@ -1012,7 +1026,7 @@ def card_bandwidth_sentence() -> Text:
 
     def span(key: str, scale: float = 1.0, digits: int = 1) -> tuple[str, float]:
         values = [r[key] * scale for r in runs]
-        return f"{min(values):.{digits}f}–{max(values):.{digits}f}", max(values) - min(values)
+        return _span(values, digits), max(values) - min(values)
 
     copy, _ = span("copy_bandwidth_bytes_s", 1e-12, 3)
     read, _ = span("read_bandwidth_bytes_s", 1e-12, 3)
@@ -1023,7 +1037,7 @@ def card_bandwidth_sentence() -> Text:
     fastest_read = max(runs, key=lambda r: r["read_bandwidth_bytes_s"])
     weight = " / ".join(f"{w / 1e9:.2f}" for w in sorted({r["read_weight_bytes"] for r in runs}))
     text = (f"A decode step only reads its weights; the roofline's yardstick, the copy bandwidth, reads and writes. "
-            f"{_cards(runs)} ({_dates(runs)}, `card_bandwidth_*.json`): copy {copy} TB/s, read (glmkit's GEMV over "
+            f"{_cards(runs)} ({_run_dates(runs)}, `card_bandwidth_*.json`): copy {copy} TB/s, read (glmkit's GEMV over "
             f"a {weight} GB weight) {read} TB/s, read / copy {ratio}; the bf16 fast path decoded "
             f"{span('best_tok_s')[0]} tok/s, {of_copy}% of the copy roofline ({copy_points:.1f} points apart) and "
             f"{of_read}% of the read roofline ({read_points:.1f} points apart).")
@@ -2574,34 +2588,23 @@ def _leave_sms_sentence() -> str:
             f"({v['bf16, tiles of 256']['best_tok_s']:.1f} tok/s), so it keeps tiles of 128.")
 
 
-def _card_run(bf16: dict[str, Any], nf4_tok_s: float, ratio: float, where: str) -> str:
-    """One card's run of the 4-bit step: bf16's tok/s and share of its roofline, nf4's tok/s and the ratio."""
-    return (f"bf16 {bf16['best_tok_s']:.1f} tok/s ({bf16['fraction_of_roofline'] * 100:.1f}% of its roofline), "
-            f"nf4 {nf4_tok_s:.1f}: **{ratio:.3f}x** {where}")
+def _card_run(run: dict[str, Any], where: str) -> str:
+    """One card's run of the 4-bit step (a ``bf16_nf4_runs`` row): bf16's tok/s and share of its roofline, nf4's
+    tok/s and the ratio."""
+    return (f"bf16 {run['bf16_tok_s']:.1f} tok/s ({run['bf16_share'] * 100:.1f}% of its roofline), "
+            f"nf4 {run['nf4_tok_s']:.1f}: **{run['ratio']:.3f}x** {where}")
 
 
 def _other_cards() -> str:
     """The same measurement on other cards: ``greedy_tail.json``'s default decoders, ``l2_prefetch.json``'s decoders
-    without prefetches and ``nf4_one_step_run3.json`` (this code), the earlier run of this code kept in
-    ``nf4_one_step.json``'s ``earlier_versions`` and ``nf4_one_step_run2.json`` (the token loop before the greedy
-    pick, with ``nf4_leave_sms_run2.json``), those that exist; or ''."""
-    runs = []
-    greedy = load("greedy_tail")
-    if greedy:
-        g = _greedy_rows(greedy)
-        nf4 = g[("nf4", GREEDY_IN_STEP)]
-        runs.append(_card_run(g[("bf16", GREEDY_IN_STEP)], nf4["best_tok_s"], nf4["over_bf16_same_loop"],
-                              "(the default decoders of `greedy_tail.json`)"))
-    prefetch = load("l2_prefetch")
-    if prefetch:
-        kit = {row["precision"]: row for row in prefetch["rows"] if not row["prefetches"]}
-        runs.append(_card_run(kit["bf16"], kit["nf4"]["best_tok_s"], kit["nf4"]["over_bf16_same_prefetches"],
-                              "(the decoders without prefetches of `l2_prefetch.json`)"))
-    third = load("nf4_one_step_run3")
-    if third:
-        v = _rows_by_variant(third)
-        runs.append(_card_run(v["bf16"], v["CUDA kernel"]["best_tok_s"], v["CUDA kernel"]["over_bf16"],
-                              "(`nf4_one_step_run3.json`)"))
+    without prefetches and ``nf4_one_step_run3.json`` (this code, read as ``bf16_nf4_runs`` reads them), the earlier
+    run of this code kept in ``nf4_one_step.json``'s ``earlier_versions`` and ``nf4_one_step_run2.json`` (the token
+    loop before the greedy pick, with ``nf4_leave_sms_run2.json``), those that exist; or ''."""
+    now = {r["name"]: r for r in bf16_nf4_runs()}
+    where = {"greedy_tail": "(the default decoders of `greedy_tail.json`)",
+             "l2_prefetch": "(the decoders without prefetches of `l2_prefetch.json`)",
+             "nf4_one_step_run3": "(`nf4_one_step_run3.json`)"}
+    runs = [_card_run(now[name], label) for name, label in where.items() if name in now]
     step = load("nf4_one_step")
     earlier = next((e for e in (step or {}).get("earlier_versions", []) if e["version"].startswith("the same code")),
                    None)
@@ -2611,8 +2614,8 @@ def _other_cards() -> str:
                     f"one step short, alike for both, so the ratio stands)")
     second, leave = load("nf4_one_step_run2"), load("nf4_leave_sms_run2")
     if second and leave:
-        v, w = _rows_by_variant(second), _rows_by_variant(leave)
-        runs.append(_card_run(v["bf16"], v["CUDA kernel"]["best_tok_s"], v["CUDA kernel"]["over_bf16"],
+        w = _rows_by_variant(leave)
+        runs.append(_card_run(_paired("nf4_one_step_run2", second, _from_rows(_variant("bf16"), _variant("CUDA kernel"))),
                               f"with the token loop before the greedy pick moved into the step "
                               f"(`nf4_one_step_run2.json`; there the changes above went "
                               f"{w['nf4, before']['over_bf16']:.2f}x → {w[LEAVE_DEFAULT]['over_bf16']:.2f}x, "
