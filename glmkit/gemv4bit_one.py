@@ -350,6 +350,45 @@ __device__ __forceinline__ void sum_stage(u32 st, u32 lt, u32 xa, int g, int qua
     }
 }
 
+#if X_REGS
+/* XS data stages a tile (a warp's run of a row, in stages of CH chunks; gate/up: a gate stage and its up stage share
+   one), x held in registers: chunk c of data stage ds is column 2c + (ds & 1) of the tensor-core operand, and the
+   lane in that column (g = 2c + (ds & 1)) holds it in slot ds / 2: 8 words a slot, read from shared memory once a
+   launch. Every chunk's products then take the same registers (each lane gives its own chunk's x; the other columns'
+   sums are not read) and lane (g, quad) sums chunk quad's column (element ds & 1) */
+#define XSLOTS ((XS + 1) / 2)
+template <int DS>
+__device__ __forceinline__ void sum_stage_xr(u32 st, u32 lt, const u32 (&xr)[XSLOTS][8], int g, int quad,
+                                             float* acc) {
+    constexpr int E = DS & 1;
+    float s0, s1;  /* the scales of chunk quad, rows g and g + 8 */
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(s0) : "r"(st + W_BYTES + 16 * g + 4 * quad));
+    asm volatile("ld.shared.f32 %0, [%1];" : "=f"(s1) : "r"(st + W_BYTES + 16 * (g + 8) + 4 * quad));
+    const u32* xw = xr[DS >> 1];
+    float a0 = 0.0f, a1 = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+        uint2 w0, w1;
+        const int c16 = 2 * c + (quad >> 1);
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
+                     : "=r"(w0.x), "=r"(w0.y) : "r"(st + granule_at(g, c16) + 8 * (quad & 1)));
+        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
+                     : "=r"(w1.x), "=r"(w1.y) : "r"(st + granule_at(g + 8, c16) + 8 * (quad & 1)));
+        float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int i = 0; i < 4; i += 2) {
+            mma(d, lookup(lt, w0, 2 * i), lookup(lt, w1, 2 * i), lookup(lt, w0, 2 * i + 1), lookup(lt, w1, 2 * i + 1),
+                xw[2 * i], xw[2 * i + 1]);
+            mma(e, lookup(lt, w0, 2 * i + 2), lookup(lt, w1, 2 * i + 2), lookup(lt, w0, 2 * i + 3),
+                lookup(lt, w1, 2 * i + 3), xw[2 * i + 2], xw[2 * i + 3]);
+        }
+        if (quad == c) { a0 = d[E] + e[E]; a1 = d[2 + E] + e[2 + E]; }
+    }
+    acc[0] += a0 * s0;
+    acc[1] += a1 * s1;
+}
+#endif
+
 /* programmatic dependent launch (Hopper on; a no-op where the launch did not ask for it): the next kernel may
    launch now; wait for the kernel before to end (and its writes to show) */
 __device__ __forceinline__ void let_next_launch() {
@@ -494,6 +533,21 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
     const u32 lane_table = base + TABLE_AT + 4 * lane;
     const u32 x_first = base + SMEM_END + chunk_begin * 128;  /* x's part of the tile's first stage */
     u32 x_at = x_first;
+#if X_REGS
+    u32 xr[XSLOTS][8];  /* slot j: chunk g / 2 of data stage 2 j + (g & 1) */
+#pragma unroll
+    for (int j = 0; j < XSLOTS; ++j) {
+        const u32 at = x_first + (2 * j + (g & 1)) * CH * 128 + (g >> 1) * 128 + quad * 32;
+#pragma unroll
+        for (int v = 0; v < 8; ++v) xr[j][v] = 0u;
+        if (2 * j + (g & 1) < XS) {  /* (an odd XS: the last slot's odd column is never read) */
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(xr[j][0]), "=r"(xr[j][1]), "=r"(xr[j][2]), "=r"(xr[j][3]) : "r"(at));
+            asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                         : "=r"(xr[j][4]), "=r"(xr[j][5]), "=r"(xr[j][6]), "=r"(xr[j][7]) : "r"(at + 16));
+        }
+    }
+#endif
 
     /* the sums of rows g and g + 8 (gate/up: the next stage's rows in acc, the other rows' in other) */
     float acc[2] = {0.0f, 0.0f}, other[2] = {0.0f, 0.0f};
@@ -520,7 +574,22 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
 #endif
         asm volatile("cp.async.wait_group %0;" :: "n"(DEPTH - 1));
         __syncwarp();
+#if X_REGS
+        switch (SWIGLU ? stage >> 1 : stage) {  /* the data stage, known to the compiler in each case */
+        case 0: sum_stage_xr<0>(ring + slot * STAGE, lane_table, xr, g, quad, acc); break;
+#if XS > 1
+        case 1: sum_stage_xr<1>(ring + slot * STAGE, lane_table, xr, g, quad, acc); break;
+#endif
+#if XS > 2
+        case 2: sum_stage_xr<2>(ring + slot * STAGE, lane_table, xr, g, quad, acc); break;
+#endif
+#if XS > 3
+        default: sum_stage_xr<3>(ring + slot * STAGE, lane_table, xr, g, quad, acc); break;
+#endif
+        }
+#else
         sum_stage(ring + slot * STAGE, lane_table, x_at, g, quad, acc);
+#endif
         __syncwarp();
         slot = slot + 1 == DEPTH ? 0 : slot + 1;
 #if SWIGLU  /* gate and up stages take turns */
@@ -534,6 +603,18 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
         x_at = x_first;
 
         /* the tile's last stage: its warps' sums, added in order, and what comes after the product */
+#if X_REGS  /* each lane summed one chunk of a stage: the quad's four, added */
+#pragma unroll
+        for (int o = 1; o < 4; o <<= 1) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], o);
+#if SWIGLU
+                other[i] += __shfl_xor_sync(0xffffffffu, other[i], o);
+#endif
+            }
+        }
+#endif
         if (quad == 0) {
             red[gw * SUMS + g] = acc[0];  /* (gate/up: acc is back to the gate rows) */
             red[gw * SUMS + g + 8] = acc[1];
@@ -599,11 +680,28 @@ def source() -> str:
     return _SOURCE
 
 
+# x is held in registers where a warp's run of a row is at most this many stages (16 registers; GLM-4-9B's rows of 4096
+# columns: q/k/v, o_proj, gate/up), else read from shared memory each stage (down_proj's 13696 columns: 14 stages).
+# On an H200, GLM-4-9B's nf4 step took 2144 µs against 2268 with x read each stage (benchmarks/results/nf4_x_regs.json).
+X_REGS_MAX = 4
+
+
+def data_stages(shape: OneShape, k: int) -> int:
+    """Stages of 4 chunks of 64 weights in a warp's run of a row of ``k`` columns (a gate/up tile takes each twice).
+
+    >>> data_stages(SHAPE, 4096), data_stages(SHAPE, 13696)
+    (4, 14)
+    """
+    chunks_a_warp = math.ceil(k // 64 / shape.warps)
+    return math.ceil(chunks_a_warp / 4)
+
+
 def _options(bf16: bool, swiglu: bool, bias: bool, segments: int, normed: bool, residual: bool,
-             shape: OneShape) -> list[str]:
+             shape: OneShape, k: int) -> list[str]:
+    stages = data_stages(shape, k)
     flags = dict(BF16=int(bf16), SWIGLU=int(swiglu), HAS_BIAS=int(bias), SEGMENTS=segments, NORMED=int(normed),
                  RESIDUAL=int(residual), GROUPS=shape.groups, WARPS=shape.warps, DEPTH=shape.depth,
-                 WIDE=int(shape.wide))
+                 WIDE=int(shape.wide), X_REGS=int(stages <= X_REGS_MAX), XS=stages)
     return [f"-D{k}={v}" for k, v in flags.items()] + ["-std=c++17"]
 
 
@@ -693,7 +791,7 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
         slots += [v.data, v.absmax, n]
     slots += slots[:3] * (3 - len(ws))
     options = _options(x.dtype == torch.bfloat16, swiglu, bias is not None, len(ws), squares is not None,
-                       residual is not None, shape)
+                       residual is not None, shape, k)
     bias16 = None if bias is None else bias.to(x.dtype).contiguous()  # (both read in x's type)
     norm16 = None if norm_weight is None else norm_weight.to(x.dtype).contiguous()
     # (eps goes as a Python float, which torch's launcher passes as a C double: the kernel takes a double)

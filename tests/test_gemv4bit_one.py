@@ -21,22 +21,25 @@ pytest.importorskip("bitsandbytes")
 pytest.importorskip("triton")  # its wheel carries cuobjdump; the dev extra installs it and NVRTC on Linux x86-64
 
 
-@pytest.mark.parametrize("bf16, swiglu, bias, segments, normed, residual", [
-    (True, False, True, 3, True, False),  # GLM's q/k/v with the input norm folded in
-    (True, False, False, 1, False, True),  # o_proj and down_proj, then the residual add and the next norm's stream
-    (True, True, False, 1, True, False),  # gate/up with SwiGLU
-    (False, False, True, 3, False, False),  # fp16, nothing folded
+@pytest.mark.parametrize("bf16, swiglu, bias, segments, normed, residual, k", [
+    (True, False, True, 3, True, False, 4096),  # GLM's q/k/v with the input norm folded in
+    (True, False, False, 1, False, True, 4096),  # o_proj, then the residual add and the next norm's stream
+    (True, False, False, 1, False, True, 13696),  # down_proj (x read from shared memory: too long for registers)
+    (True, True, False, 1, True, False, 4096),  # gate/up with SwiGLU
+    (False, False, True, 3, False, False, 4096),  # fp16, nothing folded
 ])
 @pytest.mark.parametrize("arch, smem", [("sm_90", gemv4bit_one.SMEM_H200), ("sm_80", gemv4bit_one.SMEM_H200),
                                         ("sm_89", 99 * 1024)])
-def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual, arch, smem, tmp_path):
+def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual, k, arch, smem, tmp_path):
     """Every form the decoders launch compiles at its shipped shape (an H200's, an RTX 4070's narrower one), keeps
     everything in registers (16 warps an SM: at most 128 each), and does what the design says: copies with cp.async,
     products on the tensor cores in x's type, lookups from shared memory after a byte permute, each group of warps on
-    its own barrier."""
-    k = 4096 if swiglu else 13696  # GLM-4-9B's longest rows of each kind (gate/up; down_proj)
+    its own barrier; x held in registers for rows of 4096 columns (its only 16-byte shared loads: two a slot, once a
+    launch), read from shared memory each stage for down_proj's."""
     shape = gemv4bit_one.shape_for(swiglu, k, smem)
-    options = gemv4bit_one._options(bf16, swiglu, bias, segments, normed, residual, shape)
+    options = gemv4bit_one._options(bf16, swiglu, bias, segments, normed, residual, shape, k)
+    in_registers = gemv4bit_one.data_stages(shape, k) <= gemv4bit_one.X_REGS_MAX
+    assert in_registers == (k == 4096) and f"-DX_REGS={int(in_registers)}" in options
     cubin = gemv4bit_mma.compile_cubin(options, arch, gemv4bit_one.source(), gemv4bit_one.NAME)
     usage = _cuobjdump(cubin, "-res-usage", tmp_path)
     # nothing spilled to memory
@@ -49,6 +52,8 @@ def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual,
     assert re.search(r"HMMA\.16816\.F32" + (r"\.BF16" if bf16 else r"\s"), sass)
     assert sass.count(" PRMT ") >= 16 and len(re.findall(r"\bLDS\b", sass)) >= 16
     assert re.search(r"\bBAR\.SYNC(\.DEFER_BLOCKING)? R", sass)  # a group's barrier, its number in a register
+    wide_loads = len(re.findall(r"\bLDS\.128\b", sass))
+    assert wide_loads == 4 if in_registers else wide_loads > 4  # (4 stages: 2 slots of x, two 16-byte loads each)
     if arch == "sm_90":  # programmatic dependent launch: the next kernel may launch; wait for the one before
         before, wait, _ = sass.partition("ACQBULK")
         assert wait and "PREEXIT" in before
@@ -145,7 +150,7 @@ def test_the_shared_memory_asked_for_is_where_the_kernels_layout_ends(shape):
     for swiglu in (False, True):
         for arch in ("sm_80", "sm_90"):
             for less in (0, 16):
-                options = gemv4bit_one._options(True, swiglu, False, 1, False, True, shape)
+                options = gemv4bit_one._options(True, swiglu, False, 1, False, True, shape, 4096)
                 options.append(f"-DEXPECT_SMEM_END={shape.layout_bytes(swiglu) - less}")
                 try:
                     gemv4bit_mma.compile_cubin(options, arch, gemv4bit_one.source(), gemv4bit_one.NAME)
