@@ -14,6 +14,11 @@ the way one token needs them:
   ``mma.m16n8k16``, which multiplies 16 rows by x. With the table's entries 256 bytes apart, in a 64 KiB-aligned
   part of shared memory (``OneShape.wide``), one byte permute of the packed byte and the lane's own bits is the
   load's address;
+* for rows of 4096 columns (q/k/v, o_proj, gate/up) x stays in registers, read from shared memory once a launch:
+  the tensor cores multiply 8 columns of x, of which one vector needs only one, so chunk c of a warp's stage is
+  column 2c (or 2c + 1, every other stage) and each lane holds the x of its own column's chunk, 16 registers in all;
+  no stage reads x from shared memory, whose queue held the kernel back (``X_REGS_MAX``; down_proj's 13696 columns
+  read it there every stage);
 * a CTA stays on its SM (one a SM) and its groups of warps take tiles of 16 rows (gate and up: 16 of each, a stage of
   gate rows then one of up rows) in turn, so the table is built once a launch; each group sums its tile's warps in a
   fixed order (the same bits every run);
@@ -26,13 +31,14 @@ It also folds what the 4-bit one-token step folds (``glmkit.gemv4bit.gemv_4bit_n
 x may be a ``NormedStream`` (the sums are multiplied by ``1 / rms``), and the product may be added to the residual
 stream, writing the next norm's ``NormedStream`` (one sum of squares a tile).
 
-On an H200, GLM-4-9B's nf4 projections through it, launched plainly, take 23% less time than through the Triton kernel
-for gate_up and down_proj, 10% for o_proj and 6% for q/k/v, and all four 31-33% less launched back to back with
-programmatic dependent launch (``benchmarks/results/nf4_one.json``); its one-sequence step decodes 2.03x bf16's fast
-path with programmatic dependent launch and 1.72x without (``nf4_one_step.json``; q/k/v then leaves an SM to each of
-the decode attention's few programs, ``LEAVE_SMS_MAX``); notebook ``04_quantization.ipynb`` shows both. Its warps wait
-most on the queue of shared-memory instructions (``nf4_one_ncu.json``). Smaller cards get fewer warps a CTA, and the
-narrow table, where the H200's shape would not fit their shared memory (``shape_for``).
+On an H200, GLM-4-9B's nf4 projections through it, launched plainly, take 31% less time than through the Triton kernel
+for gate_up, 23% for down_proj, 9% for o_proj and 7% for q/k/v, and all four 30-39% less launched back to back with
+programmatic dependent launch (``benchmarks/results/nf4_one.json``); its one-sequence step decodes 2.15x bf16's fast
+path with programmatic dependent launch and 1.79x without (``nf4_one_step.json``; q/k/v then leaves an SM to each of
+the decode attention's few programs, ``LEAVE_SMS_MAX``); notebook ``04_quantization.ipynb`` shows both. Before x was
+held in registers its warps waited most on the queue of shared-memory instructions (``nf4_one_ncu.json``). Smaller
+cards get fewer warps a CTA, and the narrow table, where the H200's shape would not fit their shared memory
+(``shape_for``).
 
 Runs on NVIDIA GPUs of compute capability 8.0+ with x in bf16 or fp16, bitsandbytes' default blocksize (64) and
 plain fp32 scales (double quantization takes the Triton kernel): ``usable`` says when. It is checked against

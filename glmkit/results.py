@@ -912,7 +912,7 @@ def _variant(name: str) -> Callable[[dict[str, Any]], bool]:
 # picked inside the step and the rates count the steps actually run, in order, and how each result's default rows are
 # read
 BF16_NF4_RUNS: list[tuple[str, Callable[[dict[str, Any]], PairedRun]]] = [
-    *[(name, _from_rows(_variant("bf16"), _variant("CUDA kernel"))) for name in ("nf4_one_step", "nf4_one_step_run3")],
+    *[(name, _from_rows(_variant("bf16"), _variant("CUDA kernel"))) for name in ("nf4_one_step_run1", "nf4_one_step_run3")],
     ("greedy_tail", _from_rows(lambda r: r["precision"] == "bf16" and r["loop"] == "greedy in the step",
                                lambda r: r["precision"] == "nf4" and r["loop"] == "greedy in the step")),
     ("l2_prefetch", _from_rows(lambda r: r["precision"] == "bf16" and not r["prefetches"],
@@ -921,10 +921,17 @@ BF16_NF4_RUNS: list[tuple[str, Callable[[dict[str, Any]], PairedRun]]] = [
     ("nf4_alu", _from_rows(_variant("bf16"), _variant("nf4, 0 word(s) on the integer units"))),
     *[(name, _from_rows(_variant("bf16"), _variant("nf4")))
       for name in ("bf16_leave", "nf4_o_proj_depth", "nf4_x_lanes", "nf4_paired_stages", "nf4_control")],
+    ("nf4_x_regs", _from_rows(_variant("bf16"), _variant("nf4, x in registers"))),
+    *[(name, _from_rows(_variant("bf16"), _variant("CUDA kernel")))
+      for name in ("nf4_one_step", "nf4_one_step_run4", "nf4_one_step_run5")],
 ]
+# the runs of the batch-1 4-bit CUDA kernel as it is now, which holds x in registers for rows of 4096 columns (the
+# others ran the kernel before, which read x from shared memory at every stage)
+X_IN_REGISTERS = ("nf4_x_regs", "nf4_one_step", "nf4_one_step_run4", "nf4_one_step_run5")
+KERNEL_NOW, KERNEL_BEFORE = "x in registers", "x from shared memory"
 # runs whose rates subtract a one-token stream timed once (before ``stream_rate`` timed it twice and kept the faster):
 # a slow first timing makes such a rate read high
-ONE_TIMED_STREAM = ("nf4_one_step", "nf4_one_step_run3", "greedy_tail", "l2_prefetch", "nf4_split")
+ONE_TIMED_STREAM = ("nf4_one_step_run1", "nf4_one_step_run3", "greedy_tail", "l2_prefetch", "nf4_split")
 BF16_MARK, RATIO_MARK = 0.90, 2.0  # bf16 at 90% of its copy roofline; nf4 at twice bf16's speed, in the same run
 
 
@@ -944,7 +951,8 @@ def _paired(name: str, result: dict[str, Any], read: Callable[[dict[str, Any]], 
     """One run of ``bf16_nf4_runs``: ``read(result)`` as a dict, with nf4 / bf16 and nf4 against bf16's roofline."""
     bw, bf16, share, nf4 = read(result)
     return {"name": name, "date": result["environment"]["date"], "copy_bandwidth_bytes_s": bw, "bf16_tok_s": bf16,
-            "bf16_share": share, "nf4_tok_s": nf4, "ratio": nf4 / bf16, "nf4_over_bf16_roofline": nf4 * share / bf16}
+            "bf16_share": share, "nf4_tok_s": nf4, "ratio": nf4 / bf16, "nf4_over_bf16_roofline": nf4 * share / bf16,
+            "kernel": KERNEL_NOW if name in X_IN_REGISTERS else KERNEL_BEFORE}
 
 
 def _counted_before(runs: list[dict[str, Any]]) -> list[str]:
@@ -962,16 +970,18 @@ def bf16_nf4_table(runs: list[dict[str, Any]] | None = None) -> Table | Text:
     runs = bf16_nf4_runs() if runs is None else runs
     if not runs:
         return not_measured("bf16 and nf4 in the same run", "benchmarks/greedy_tail.py --checkpoint /tmp/glm9b")
-    rows = [[f"`{r['name']}.json`", f"{r['copy_bandwidth_bytes_s'] / 1e12:.3f}", f"{r['bf16_tok_s']:.1f}",
+    rows = [[f"`{r['name']}.json`", r["kernel"], f"{r['copy_bandwidth_bytes_s'] / 1e12:.3f}", f"{r['bf16_tok_s']:.1f}",
              f"{r['bf16_share'] * 100:.1f}%", f"{r['nf4_tok_s']:.1f}", f"{r['nf4_over_bf16_roofline']:.3f}",
              f"{r['ratio']:.3f}x", "yes" if _both(r) else "no"] for r in runs]
     before, when = _counted_before(runs), _dates(r["date"] for r in runs)
-    return table(["run", "copy TB/s", "bf16 tok/s", "of its copy roofline", "nf4 tok/s",
+    return table(["run", "4-bit kernel", "copy TB/s", "bf16 tok/s", "of its copy roofline", "nf4 tok/s",
                   "nf4 / bf16's copy roofline", "nf4 / bf16", "bf16 ≥ 90% and nf4 ≥ 2x"], rows,
                  caption=f"GLM-4-9B at batch 1, the default decoders of {len(runs)} runs on H200s, {when} (each "
                          f"file's copy bandwidth and both rates from one run; 32-token prompt, 256 new tokens, best "
-                         f"round" + (f"; {', '.join(before)} counted their rates with the one-token stream they "
-                                     f"subtract timed once, which can read high" if before else "") + ")")
+                         f"round; the 4-bit kernel as it is now holds x in registers, the one before read it from "
+                         f"shared memory at every stage" + (f"; {', '.join(before)} counted their rates with the "
+                                                            f"one-token stream they subtract timed once, which can "
+                                                            f"read high" if before else "") + ")")
 
 
 def bf16_nf4_sentence(runs: list[dict[str, Any]] | None = None) -> Text:
@@ -985,28 +995,38 @@ def bf16_nf4_sentence(runs: list[dict[str, Any]] | None = None) -> Text:
     def span(key: str, among: list[dict[str, Any]], scale: float = 1.0, digits: int = 1) -> str:
         return _span([r[key] * scale for r in among], digits)
 
+    def both(among: list[dict[str, Any]]) -> str:
+        return (f"bf16 reached {BF16_MARK:.0%} of its roofline and nf4 {RATIO_MARK:.0f}x bf16's speed in the same run "
+                f"in {sum(map(_both, among))} of {len(among)}")
+
+    now = [r for r in runs if r["kernel"] == KERNEL_NOW]
+    earlier = [r for r in runs if r["kernel"] != KERNEL_NOW]
     text = (f"In {len(runs)} runs of the default decoders on H200s, bf16 decoded {span('bf16_tok_s', runs)} tok/s "
-            f"({span('bf16_share', runs, 100)}% of the copy roofline measured in each run) and nf4 "
-            f"{span('nf4_tok_s', runs)} tok/s, {span('ratio', runs, 1, 3)}x bf16; bf16 reached "
-            f"{BF16_MARK:.0%} of its roofline and nf4 {RATIO_MARK:.0f}x bf16's speed in the same run "
-            f"{sum(map(_both, runs))} times.")
-    before = _counted_before(runs)
-    now = [r for r in runs if r["name"] not in ONE_TIMED_STREAM]
-    if before and now:
-        text += (f" {len(before)} of them counted their rates with the one-token stream they subtract timed once, "
-                 f"which can read high; in the other {len(now)}, nf4 decoded {span('nf4_tok_s', now)} tok/s.")
-    steady = now if len(now) >= 2 else runs
+            f"({span('bf16_share', runs, 100)}% of the copy roofline measured in each run).")
+    if earlier:
+        timed_once = _counted_before(earlier)
+        text += (f" {len(earlier)} of them ran the 4-bit kernel before, which read x from shared memory at every "
+                 f"stage: nf4 {span('nf4_tok_s', earlier)} tok/s, {span('ratio', earlier, 1, 3)}x bf16; "
+                 f"{both(earlier)}" + (f" ({len(timed_once)} of those counted their rates with the one-token stream "
+                                       f"they subtract timed once, which can read high)" if timed_once else "") + ".")
+    if now:
+        files = ", ".join(f"`{r['name']}.json`" for r in now)
+        text += (f" With the kernel as it is now, which holds x in registers ({files}), nf4 decoded "
+                 f"{span('nf4_tok_s', now)} tok/s, {span('ratio', now, 1, 3)}x bf16; {both(now)}.")
+    group = now or earlier
+    steady = [r for r in group if r["name"] not in ONE_TIMED_STREAM]
     nf4, bf16 = ([r[k] for r in steady] for k in ("nf4_tok_s", "bf16_tok_s"))
-    if max(nf4) / min(nf4) < max(bf16) / min(bf16):
+    if len(steady) >= 2 and max(nf4) / min(nf4) < max(bf16) / min(bf16):
+        those = "the runs of the kernel as it is now" if now else "those timed as rates are timed now"
         text += (f" nf4 moves less from run to run ({(max(nf4) / min(nf4) - 1) * 100:.1f}% between the slowest and "
-                 f"the fastest{' of those' if steady is now and before else ''}, bf16 "
-                 f"{(max(bf16) / min(bf16) - 1) * 100:.1f}%): bf16 reads its weights at the speed of the card's "
-                 f"memory, nf4 is held by the work on each packed byte.")
-    caps = [r["nf4_over_bf16_roofline"] / RATIO_MARK for r in runs]
+                 f"the fastest of {those}, bf16 {(max(bf16) / min(bf16) - 1) * 100:.1f}%): bf16 reads its weights at "
+                 f"the speed of the card's memory, nf4 is held by the work on each packed byte.")
+    caps = [r["nf4_over_bf16_roofline"] / RATIO_MARK for r in group]
     room = sum(cap >= BF16_MARK for cap in caps)
+    which = "the runs of the kernel as it is now" if now and earlier else "these runs"
     text += (f" For nf4 to be {RATIO_MARK:.0f}x as fast, bf16 can be at most 1/{RATIO_MARK:.0f} as fast as nf4: "
-             f"{min(caps) * 100:.1f}–{max(caps) * 100:.1f}% of bf16's copy roofline in these runs, ")
-    if room == len(runs):
+             f"{min(caps) * 100:.1f}–{max(caps) * 100:.1f}% of bf16's copy roofline in {which}, ")
+    if room == len(group):
         text += (f"above {BF16_MARK:.0%} in every run: both hold where bf16 lands between {BF16_MARK:.0%} and that "
                  f"run's cap.")
     elif room:
@@ -1424,14 +1444,19 @@ def _two_gpu_fast_render(r: dict[str, Any]) -> str:
             parts.append(f"batch {b}: out of memory on the split")
             continue
         base = one.get(b, {}).get("decode_tok_s")
-        parts.append(f"batch {b}: {x['decode_tok_s']:.1f} tok/s"
+        cache = f" ({x['context']:,}-token cache)" if x.get("context", 8192) != 8192 else ""
+        parts.append(f"batch {b}{cache}: {x['decode_tok_s']:.1f} tok/s"
                      + (f" against {base:.1f} on one GPU ({x['decode_tok_s'] / base:.2f}x)" if base else ""))
     same = {True: "the same greedy tokens on both",
             False: "greedy tokens differ from one GPU's on these random weights (near-tied logits flip between kernels)",
             }.get(r.get("greedy_tokens_identical"))
     text = (f"`FastDecoder` on the 20/20 layer split, measured on {measured_on(r)} ({r['mode']}; {r['method']}): "
             + "; ".join(parts) + "." + (f" {same[0].upper()}{same[1:]}." if same else ""))
-    cap = _split_cap_gib(r["mode"])
+    cap, plan = _split_cap_gib(r["mode"]), r.get("plan")
+    if cap and plan:
+        text += (f" The batches are the planner's (`plan_memory(..., fast_decode=True)`): "
+                 f"{plan['largest_batch_at_8k']} is the largest it fits on two {cap} GiB cards at 8,192 tokens, and "
+                 f"batch 16 gets the longest cache it plans for it there ({plan['batch16_context']:,} tokens).")
     if cap and any("decode_tok_s" not in x for x in split):
         batch, per_card = largest_fast_split_batch(cap, r.get("context", 8192))
         text += (f" The planner, with the fast path's buffers budgeted and the CUDA context counted "
@@ -2504,8 +2529,9 @@ def nf4_one_sentence() -> Text:
         text = (f"One sequence of GLM-4-9B in nf4 on {measured_on(r)} (`nf4_one_step.json`, one run, best of "
                 f"{r['rounds']} rounds taking turns): through glmkit's batch-1 CUDA kernel (`glmkit.gemv4bit_one`: "
                 f"each warp copies its rows into shared memory with `cp.async`, one shared-memory load, at an address "
-                f"that one byte permute forms, turns a byte into an operand of the tensor cores' `mma`, norms and "
-                f"residual adds folded in as before), each launch started with programmatic dependent launch (it "
+                f"that one byte permute forms, turns a byte into an operand of the tensor cores' `mma`, x held in "
+                f"registers for rows of 4096 columns, norms and residual adds folded in as before), each launch "
+                f"started with programmatic dependent launch (it "
                 f"fetches its first weights and writes its lookup table while the kernel before ends, then waits "
                 f"for it and reads x once a CTA), the step decodes **{one['best_tok_s']:.1f} tok/s**, "
                 f"{one['over_bf16']:.3f}x bf16's fast path ({bf16['best_tok_s']:.1f} tok/s, "
@@ -2522,7 +2548,7 @@ def nf4_one_sentence() -> Text:
                 f"greedy tokens are the same (random weights{_bf16_scale()}); on the trained tiny model it gives "
                 f"`generate()`'s greedy tokens (`benchmarks/gpu_smoke_4bit.py`), and split over two GPUs the same "
                 f"tokens as on one (`benchmarks/gpu_smoke_split2.py`). " + _twice_bf16(one, bf16))
-        text += _leave_sms_sentence() + _other_cards()
+        text += _x_regs_sentence() + _leave_sms_sentence() + _other_cards()
         proj = load("nf4_one")
         if proj:
             keys = _one_variants(proj)
@@ -2539,13 +2565,13 @@ def nf4_one_sentence() -> Text:
             if bounds:
                 text += (f" For scale, in launches of their own a plain read of the same bytes takes "
                          f"{sum(b['plain_read'] for b in bounds.values()):.1f} µs a layer, and the kernel's copies "
-                         f"alone (its sums skipped, the version before this one) "
+                         f"alone (its sums skipped, an earlier version) "
                          f"{sum(b['copies_only'] for b in bounds.values()):.1f}.")
         ncu = load("nf4_one_ncu")
         if ncu:
             g = {x["projection"]: x for x in ncu["rows"]}["gate_up"]
             stall, per_issue = next(iter(g["stalls per issued instruction"].items()))
-            text += (f" Nsight Compute on gate_up (`nf4_one_ncu.json`, the version before this one: x copied with "
+            text += (f" Nsight Compute on gate_up (`nf4_one_ncu.json`, an earlier version: x copied with "
                      f"each stage, plain launches): DRAM {g['DRAM Throughput %']:.0f}% busy, "
                      f"{g['Issued Warp Per Scheduler']:.2f} instructions issued per scheduler a cycle, and its warps "
                      f"wait most on `{stall}` ({per_issue:.2f} cycles per issued instruction), the queue of "
@@ -2573,6 +2599,29 @@ LEAVE_LABELS = {"nf4, before": "the version before", "nf4, SMs left to the atten
 LEAVE_DEFAULT = "nf4 (default): also the first stream in one kernel"
 
 
+X_REGS_NOW, X_REGS_BEFORE = "nf4, x in registers", "nf4"  # nf4_x_regs.json's variants: the kernel now, and before
+
+
+def _x_regs_sentence() -> str:
+    """What holding x in registers gave (``nf4_x_regs.json``, variants taking turns), or ''."""
+    r = load("nf4_x_regs")
+    if r is None:
+        return ""
+    v = _rows_by_variant(r)
+    now, before = v[X_REGS_NOW], v[X_REGS_BEFORE]
+    alone = {(a["projection"], a["x_regs"]): a["us_pdl"] for a in r["alone"]}
+    gate_up = [min(us for (p, x), us in alone.items() if p == "gate_up" and x == held) for held in (True, False)]
+    return (f" Holding x in registers (`nf4_x_regs.json`, another run, variants taking turns): each lane keeps its "
+            f"own 64 values of x as one column of the tensor cores' operand, so no stage reads x from shared memory, "
+            f"whose queue held the kernel back; a step's graph takes {now['best_replay_us']:.0f} µs against "
+            f"{before['best_replay_us']:.0f} with x read from shared memory at every stage "
+            f"({_less(now['best_replay_us'], before['best_replay_us'])} less; gate_up alone {gate_up[0]:.1f} against "
+            f"{gate_up[1]:.1f} µs), nf4 {now['best_tok_s']:.1f} tok/s against {before['best_tok_s']:.1f} "
+            f"({now['over_bf16']:.3f}x against {before['over_bf16']:.3f}x bf16's {v['bf16']['best_tok_s']:.1f}). "
+            f"Its sums are added in another order: {now['tokens_as_shipped']} of {now['of']} greedy tokens agree with "
+            f"the kernel before's on the random weights (logits {now['first_logits_rel_diff'] * 100:.1f}% apart).")
+
+
 def _leave_sms_sentence() -> str:
     """What each of the step's last three changes gave (``nf4_leave_sms.json``, variants taking turns), or ''."""
     r = load("nf4_leave_sms")
@@ -2580,7 +2629,7 @@ def _leave_sms_sentence() -> str:
         return ""
     v = _rows_by_variant(r)
     steps = " → ".join(f"{label} {v[name]['best_tok_s']:.1f}" for name, label in LEAVE_LABELS.items())
-    return (f" Where that speed comes from (`nf4_leave_sms.json`, another run, variants taking turns; tok/s): {steps}"
+    return (f" Earlier steps to it (`nf4_leave_sms.json`, another run, variants taking turns; tok/s): {steps}"
             f", against bf16's {v['bf16']['best_tok_s']:.1f} ({v['nf4, before']['over_bf16']:.2f}x → "
             f"{v[LEAVE_DEFAULT]['over_bf16']:.2f}x). With programmatic dependent launch q/k/v leaves an SM to each of "
             f"the decode attention's few programs, which then start while it runs and read their cache tiles "
@@ -2596,36 +2645,17 @@ def _card_run(run: dict[str, Any], where: str) -> str:
 
 
 def _other_cards() -> str:
-    """The same measurement on other cards: ``greedy_tail.json``'s default decoders, ``l2_prefetch.json``'s decoders
-    without prefetches and ``nf4_one_step_run3.json`` (this code, read as ``bf16_nf4_runs`` reads them), the earlier
-    run of this code kept in ``nf4_one_step.json``'s ``earlier_versions`` and ``nf4_one_step_run2.json`` (the token
-    loop before the greedy pick, with ``nf4_leave_sms_run2.json``), those that exist; or ''."""
-    now = {r["name"]: r for r in bf16_nf4_runs()}
-    where = {"greedy_tail": "(the default decoders of `greedy_tail.json`)",
-             "l2_prefetch": "(the decoders without prefetches of `l2_prefetch.json`)",
-             "nf4_one_step_run3": "(`nf4_one_step_run3.json`)"}
-    runs = [_card_run(now[name], label) for name, label in where.items() if name in now]
-    step = load("nf4_one_step")
-    earlier = next((e for e in (step or {}).get("earlier_versions", []) if e["version"].startswith("the same code")),
-                   None)
-    if earlier:
-        runs.append(f"bf16 {earlier['best_tok_s']['bf16']:.1f} tok/s, nf4 **{earlier['over_bf16']['CUDA kernel']:.3f}x**"
-                    f" (an earlier run of this code, `nf4_one_step.json`'s `earlier_versions`: its rates were counted "
-                    f"one step short, alike for both, so the ratio stands)")
-    second, leave = load("nf4_one_step_run2"), load("nf4_leave_sms_run2")
-    if second and leave:
-        w = _rows_by_variant(leave)
-        runs.append(_card_run(_paired("nf4_one_step_run2", second, _from_rows(_variant("bf16"), _variant("CUDA kernel"))),
-                              f"with the token loop before the greedy pick moved into the step "
-                              f"(`nf4_one_step_run2.json`; there the changes above went "
-                              f"{w['nf4, before']['over_bf16']:.2f}x → {w[LEAVE_DEFAULT]['over_bf16']:.2f}x, "
-                              f"`nf4_leave_sms_run2.json`)"))
+    """The same kernels in the other runs of the kernel as it is now (``bf16_nf4_runs``: ``X_IN_REGISTERS`` but
+    ``nf4_one_step.json``), those that exist; or ''."""
+    runs = [_card_run(r, f"(`{r['name']}.json`)") for r in bf16_nf4_runs()
+            if r["kernel"] == KERNEL_NOW and r["name"] != "nf4_one_step"]
     if not runs:
         return ""
     why = " (bf16's share also with each card's read / copy bandwidth: *Why H200s differ*)" if card_bandwidth_runs() \
         else ""
-    return (f" The ratio and bf16's share of its roofline move from card to card{why}; the same measurement on other "
-            "H200s: " + "; ".join(runs) + ".")
+    return (f" The ratio and bf16's share of its roofline move from card to card{why}; the same kernels in another "
+            "run: " + "; ".join(runs) + "; the runs of the kernel before are in *bf16 and nf4 in the same run, run "
+            "after run*.")
 
 
 GREEDY_BEFORE, GREEDY_IN_STEP = "argmax after the step", "greedy in the step"  # greedy_tail.json's two loops
