@@ -3,11 +3,12 @@ gate_up (SwiGLU), o_proj and down_proj shapes at the shipped launch shapes, cloc
 scheduler and shared-memory figures and the average stall reasons per issued instruction (what a warp waits on).
 
     PYTHONPATH=. python benchmarks/nf4_one_ncu.py          # under a minute on an H200
-Writes benchmarks/results/nf4_one_ncu.json (and to $OUT).
+Writes benchmarks/results/nf4_one_ncu.json (or --name; and to $OUT).
 """
 
 from __future__ import annotations
 
+import argparse
 import re
 import shutil
 import subprocess
@@ -41,7 +42,11 @@ def target() -> None:
 
 
 def main() -> None:
-    if sys.argv[1:] == ["--target"]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", action="store_true", help=argparse.SUPPRESS)  # (the process ncu profiles)
+    ap.add_argument("--name", default="nf4_one_ncu")
+    args = ap.parse_args()
+    if args.target:
         return target()
     metrics = ",".join(["regex:smsp__average_warps_issue_stalled_.*_per_issue_active\\.ratio"]
                        + [m for m in METRICS if "__" in m])
@@ -54,7 +59,7 @@ def main() -> None:
         raise SystemExit(f"ncu failed ({run.returncode}): {run.stderr[-2000:]}{run.stdout[-2000:]}")
     blocks = re.split(r"(?=\n  glmkit_gemv4_one \()", run.stdout)[1:]
     rows = [{"projection": name, **kernel_figures(blocks[3 * i + 2], METRICS)} for i, name in enumerate(SHAPES)]
-    save_result("nf4_one_ncu", {"what": __doc__.splitlines()[0], "rows": rows})
+    save_result(args.name, {"what": __doc__.splitlines()[0], "rows": rows})
     print(rows, flush=True)
 
 

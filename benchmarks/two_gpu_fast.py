@@ -1,8 +1,9 @@
 """The fast decode path across a layer split: one GPU's FastDecoder against the 20/20 split's.
 
-GLM-4-9B-Chat architecture, random weights built on the GPU, bf16, an 8K static cache (its memory is an 8K context's;
-glmkit's decode attention reads only the positions written so far, so a step costs what it costs at the 32-token
-prompt plus the tokens decoded), 128 new tokens, decode tok/s summed over the batch, median of 3 runs after a warm-up.
+GLM-4-9B-Chat architecture, random weights built on the GPU, bf16, an 8K static cache (batch 16: see below; its
+memory is an 8K context's; glmkit's decode attention reads only the positions written so far, so a step costs what it
+costs at the 32-token prompt plus the tokens decoded), 128 new tokens, decode tok/s summed over the batch, median of 3
+runs after a warm-up.
 
 - With two GPUs: one GPU uncapped against the 20/20 split on two cards capped at 12 GiB each
   (``torch.cuda.set_per_process_memory_fraction``, an RTX 3060 each).

@@ -36,9 +36,10 @@ for gate_up, 23% for down_proj, 9% for o_proj and 7% for q/k/v, and all four 30-
 programmatic dependent launch (``benchmarks/results/nf4_one.json``); its one-sequence step decodes 2.15x bf16's fast
 path with programmatic dependent launch and 1.79x without (``nf4_one_step.json``; q/k/v then leaves an SM to each of
 the decode attention's few programs, ``LEAVE_SMS_MAX``); notebook ``04_quantization.ipynb`` shows both. Before x was
-held in registers its warps waited most on the queue of shared-memory instructions (``nf4_one_ncu.json``). Smaller
-cards get fewer warps a CTA, and the narrow table, where the H200's shape would not fit their shared memory
-(``shape_for``).
+held in registers, an earlier version's warps waited most on the queue of shared-memory instructions
+(``nf4_one_ncu.json``: x then copied with each stage); now on fixed latencies and global loads
+(``nf4_one_ncu_x_regs.json``). Smaller cards get fewer warps a CTA, and the narrow table, where the H200's shape would
+not fit their shared memory (``shape_for``).
 
 Runs on NVIDIA GPUs of compute capability 8.0+ with x in bf16 or fp16, bitsandbytes' default blocksize (64) and
 plain fp32 scales (double quantization takes the Triton kernel): ``usable`` says when. It is checked against
@@ -447,9 +448,11 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
     const u32 base = (u32)__cvta_generic_to_shared(smem);
     u32 dynamic_bytes;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dynamic_bytes));
-    /* the layout needs the shared memory asked for and (wide) the window's start it was laid out for: else NaNs
-       everywhere it writes, no sums (its first-run check then turns it off) */
-    if ((WIDE && (base & 0xFFFFu) != BASE_LO) || dynamic_bytes < SMEM_END + 16 * x_words) {
+    /* the layout needs the shared memory asked for and (wide) the window's start it was laid out for, and x in
+       registers the stages it was built for: else NaNs everywhere it writes, no sums (its first-run check then turns
+       it off) */
+    if ((WIDE && (base & 0xFFFFu) != BASE_LO) || dynamic_bytes < SMEM_END + 16 * x_words
+        || (X_REGS && per_warp != XS * CH)) {
         wait_for_previous();
         const u16 nan = (u16)to16(__int_as_float(0x7fc00000));
         const int n = SWIGLU ? n0 / 2 : n0 + (SEGMENTS >= 2 ? n1 : 0) + (SEGMENTS >= 3 ? n2 : 0);
@@ -707,7 +710,7 @@ def _options(bf16: bool, swiglu: bool, bias: bool, segments: int, normed: bool, 
     stages = data_stages(shape, k)
     flags = dict(BF16=int(bf16), SWIGLU=int(swiglu), HAS_BIAS=int(bias), SEGMENTS=segments, NORMED=int(normed),
                  RESIDUAL=int(residual), GROUPS=shape.groups, WARPS=shape.warps, DEPTH=shape.depth,
-                 WIDE=int(shape.wide), X_REGS=int(stages <= X_REGS_MAX), XS=stages)
+                 WIDE=int(shape.wide), X_REGS=int(0 < stages <= X_REGS_MAX), XS=stages)
     return [f"-D{k}={v}" for k, v in flags.items()] + ["-std=c++17"]
 
 

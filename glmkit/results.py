@@ -976,7 +976,9 @@ def bf16_nf4_table(runs: list[dict[str, Any]] | None = None) -> Table | Text:
     before, when = _counted_before(runs), _dates(r["date"] for r in runs)
     return table(["run", "4-bit kernel", "copy TB/s", "bf16 tok/s", "of its copy roofline", "nf4 tok/s",
                   "nf4 / bf16's copy roofline", "nf4 / bf16", "bf16 ≥ 90% and nf4 ≥ 2x"], rows,
-                 caption=f"GLM-4-9B at batch 1, the default decoders of {len(runs)} runs on H200s, {when} (each "
+                 caption=f"GLM-4-9B at batch 1, the default decoders of {len(runs)} runs on H200s, {when} "
+                         f"(`nf4_x_regs.json`: its variant with x in registers, which became the default after that "
+                         f"run; each "
                          f"file's copy bandwidth and both rates from one run; 32-token prompt, 256 new tokens, best "
                          f"round; the 4-bit kernel as it is now holds x in registers, the one before read it from "
                          f"shared memory at every stage" + (f"; {', '.join(before)} counted their rates with the "
@@ -1007,8 +1009,9 @@ def bf16_nf4_sentence(runs: list[dict[str, Any]] | None = None) -> Text:
         timed_once = _counted_before(earlier)
         text += (f" {len(earlier)} of them ran the 4-bit kernel before, which read x from shared memory at every "
                  f"stage: nf4 {span('nf4_tok_s', earlier)} tok/s, {span('ratio', earlier, 1, 3)}x bf16; "
-                 f"{both(earlier)}" + (f" ({len(timed_once)} of those counted their rates with the one-token stream "
-                                       f"they subtract timed once, which can read high)" if timed_once else "") + ".")
+                 f"{both(earlier)}" + (f" ({len(timed_once)} of the {len(earlier)} counted their rates with the "
+                                       f"one-token stream they subtract timed once, which can read high)"
+                                       if timed_once else "") + ".")
     if now:
         files = ", ".join(f"`{r['name']}.json`" for r in now)
         text += (f" With the kernel as it is now, which holds x in registers ({files}), nf4 decoded "
@@ -1455,8 +1458,9 @@ def _two_gpu_fast_render(r: dict[str, Any]) -> str:
     cap, plan = _split_cap_gib(r["mode"]), r.get("plan")
     if cap and plan:
         text += (f" The batches are the planner's (`plan_memory(..., fast_decode=True)`): "
-                 f"{plan['largest_batch_at_8k']} is the largest it fits on two {cap} GiB cards at 8,192 tokens, and "
-                 f"batch 16 gets the longest cache it plans for it there ({plan['batch16_context']:,} tokens).")
+                 f"{plan['largest_batch_at_8k']} is the largest it fits on two {cap} GiB cards at 8,192 tokens (the "
+                 f"CUDA context not counted: the cap limits PyTorch's allocator), and batch 16 gets the longest cache "
+                 f"it plans for it there in steps of 256 ({plan['batch16_context']:,} tokens).")
     if cap and any("decode_tok_s" not in x for x in split):
         batch, per_card = largest_fast_split_batch(cap, r.get("context", 8192))
         text += (f" The planner, with the fast path's buffers budgeted and the CUDA context counted "
@@ -2577,11 +2581,41 @@ def nf4_one_sentence() -> Text:
                      f"wait most on `{stall}` ({per_issue:.2f} cycles per issued instruction), the queue of "
                      f"shared-memory instructions: its shared-memory loads, mostly the lookups, are "
                      f"{g['smsp__inst_executed_op_shared_ld.sum inst'] / g['smsp__inst_executed.sum inst'] * 100:.0f}% "
-                     f"of its instructions.")
+                     f"of its instructions." + _ncu_x_regs(g))
         return text
 
     return from_result("nf4_one_step", render, what="One sequence in 4 bits through the batch-1 CUDA kernel",
                        script="benchmarks/nf4_one_step.py")
+
+
+# what a warp waits on, per Nsight Compute stall reason
+STALLS = {"mio_throttle": "the queue of shared-memory instructions",
+          "wait": "the fixed latency of an instruction it depends on",
+          "long_scoreboard": "a load through L1TEX, from global memory",
+          "short_scoreboard": "a shared-memory load's data",
+          "barrier": "the other warps of its group", "math_pipe_throttle": "the tensor cores"}
+
+
+def _ncu_x_regs(before: dict[str, Any]) -> str:
+    """Nsight Compute on gate_up with x held in registers (``nf4_one_ncu_x_regs.json``) against ``before`` (the
+    earlier version's gate_up row), or ''."""
+    r = load("nf4_one_ncu_x_regs")
+    if r is None:
+        return ""
+    g = {x["projection"]: x for x in r["rows"]}["gate_up"]
+    stalls = g["stalls per issued instruction"]
+    top = sorted((name for name in stalls if name not in ("selected", "not_selected")), key=stalls.get,
+                 reverse=True)[:2]  # (a warp issuing, or eligible but another issued: not waits)
+    waits = " and ".join(f"`{name}` ({stalls[name]:.2f}" + (f", {STALLS[name]}" if name in STALLS else "") + ")"
+                         for name in top)
+    wavefronts = "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum"
+    return (f" The same profile of the kernel as it is now, x held in registers (`nf4_one_ncu_x_regs.json`), against "
+            f"that earlier version (two changes before: the version between read x into shared memory once a CTA "
+            f"and from there at every stage): {g[wavefronts] / 1e6:.2f} M shared-memory load wavefronts on gate_up against "
+            f"{before[wavefronts] / 1e6:.2f} M, DRAM {g['DRAM Throughput %']:.0f}% busy against "
+            f"{before['DRAM Throughput %']:.0f}%, `mio_throttle` {stalls['mio_throttle']:.2f} cycles per issued "
+            f"instruction against {before['stalls per issued instruction']['mio_throttle']:.2f}; its warps now wait "
+            f"most on {waits}.")
 
 
 def _twice_bf16(one: dict[str, Any], bf16: dict[str, Any]) -> str:
@@ -2593,7 +2627,7 @@ def _twice_bf16(one: dict[str, Any], bf16: dict[str, Any]) -> str:
             f"{one['replay_over_bf16']:.3f}x).")
 
 
-LEAVE_LABELS = {"nf4, before": "the version before", "nf4, SMs left to the attention": "q/k/v leaving SMs",
+LEAVE_LABELS = {"nf4, before": "the version before those", "nf4, SMs left to the attention": "q/k/v leaving SMs",
                 "nf4, SMs left, early tiles": "+ the attention's tiles of 256",
                 "nf4 (default): also the first stream in one kernel": "+ the first norm's stream in one kernel"}
 LEAVE_DEFAULT = "nf4 (default): also the first stream in one kernel"
@@ -2612,7 +2646,8 @@ def _x_regs_sentence() -> str:
     alone = {(a["projection"], a["x_regs"]): a["us_pdl"] for a in r["alone"]}
     gate_up = [min(us for (p, x), us in alone.items() if p == "gate_up" and x == held) for held in (True, False)]
     return (f" Holding x in registers (`nf4_x_regs.json`, another run, variants taking turns): each lane keeps its "
-            f"own 64 values of x as one column of the tensor cores' operand, so no stage reads x from shared memory, "
+            f"part of a chunk of x in registers, the four lanes of a column holding its 64 values, one column of the "
+            f"tensor cores' operand for each chunk, so for rows of 4096 columns no stage reads x from shared memory, "
             f"whose queue held the kernel back; a step's graph takes {now['best_replay_us']:.0f} µs against "
             f"{before['best_replay_us']:.0f} with x read from shared memory at every stage "
             f"({_less(now['best_replay_us'], before['best_replay_us'])} less; gate_up alone {gate_up[0]:.1f} against "
@@ -2647,15 +2682,22 @@ def _card_run(run: dict[str, Any], where: str) -> str:
 def _other_cards() -> str:
     """The same kernels in the other runs of the kernel as it is now (``bf16_nf4_runs``: ``X_IN_REGISTERS`` but
     ``nf4_one_step.json``), those that exist; or ''."""
-    runs = [_card_run(r, f"(`{r['name']}.json`)") for r in bf16_nf4_runs()
-            if r["kernel"] == KERNEL_NOW and r["name"] != "nf4_one_step"]
+    here = set(_gpu_uuids("nf4_one_step"))
+    runs = [_card_run(r, f"(`{r['name']}.json`, " + ("another H200)" if here and _gpu_uuids(r["name"]) and
+                                                     not here & set(_gpu_uuids(r["name"])) else "another run)"))
+            for r in bf16_nf4_runs() if r["kernel"] == KERNEL_NOW and r["name"] != "nf4_one_step"]
     if not runs:
         return ""
     why = " (bf16's share also with each card's read / copy bandwidth: *Why H200s differ*)" if card_bandwidth_runs() \
         else ""
-    return (f" The ratio and bf16's share of its roofline move from card to card{why}; the same kernels in another "
-            "run: " + "; ".join(runs) + "; the runs of the kernel before are in *bf16 and nf4 in the same run, run "
-            "after run*.")
+    return (f" The ratio and bf16's share of its roofline move from run to run and card to card{why}; the same "
+            "kernels in other runs: " + "; ".join(runs) + "; the runs of the kernel before are in *bf16 and nf4 in "
+            "the same run, run after run*.")
+
+
+def _gpu_uuids(name: str) -> list[str]:
+    """The cards a result names (``gpu_uuids``, read with nvidia-smi where the run was made), or []."""
+    return (load(name) or {}).get("gpu_uuids", [])
 
 
 GREEDY_BEFORE, GREEDY_IN_STEP = "argmax after the step", "greedy in the step"  # greedy_tail.json's two loops

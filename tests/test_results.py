@@ -208,7 +208,7 @@ def test_bf16_nf4_sentence_keeps_the_kernel_before_and_runs_counted_the_earlier_
             _pair_run(216.0, 0.893, 465.0), _pair_run(218.0, 0.901, 466.0)]
     sentence = str(results.bf16_nf4_sentence(runs))
     assert "2 of them ran the 4-bit kernel before" in sentence and "nf4 439.0–444.0 tok/s" in sentence
-    assert "(1 of those counted their rates with the one-token stream they subtract timed once" in sentence
+    assert "(1 of the 2 counted their rates with the one-token stream they subtract timed once" in sentence
     assert "which holds x in registers (`made_up.json`, `made_up.json`), nf4 decoded 465.0–466.0 tok/s" in sentence
     assert "(0.2% between the slowest and the fastest of the runs of the kernel as it is now, bf16 0.9%)" in sentence
     caps = [r["nf4_over_bf16_roofline"] / 2 * 100 for r in runs[2:]]
@@ -704,7 +704,10 @@ def test_one_sequence_through_the_cuda_kernel_renders_the_committed_files_and_th
     assert now["x_regs"] and not before["x_regs"] and now["best_replay_us"] < before["best_replay_us"]
     assert f"{now['best_replay_us']:.0f} µs against {before['best_replay_us']:.0f} with x read from shared memory" \
         in sentence
-    assert f"nf4 {now['best_tok_s']:.1f}: **{now['over_bf16']:.3f}x** (`nf4_x_regs.json`)" in sentence
+    assert f"nf4 {now['best_tok_s']:.1f}: **{now['over_bf16']:.3f}x** (`nf4_x_regs.json`, another run)" in sentence
+    # another H200 only where the cards recorded with the runs differ
+    assert not set(results._gpu_uuids("nf4_one_step")) & set(results._gpu_uuids("nf4_one_step_run5"))
+    assert "(`nf4_one_step_run5.json`, another H200)" in sentence
     assert f"{now['tokens_as_shipped']} of {now['of']} greedy tokens agree" in sentence
     # the runs of the kernel before are not shown as this kernel's
     assert "greedy_tail.json" not in sentence and "nf4_one_step_run3" not in sentence
@@ -712,6 +715,16 @@ def test_one_sequence_through_the_cuda_kernel_renders_the_committed_files_and_th
     stall = max(gate_up["stalls per issued instruction"].items(), key=lambda kv: kv[1])
     assert gate_up["projection"] == "gate_up" and f"`{stall[0]}` ({stall[1]:.2f} cycles" in sentence
     assert f"DRAM {gate_up['DRAM Throughput %']:.0f}% busy" in sentence
+    # the same profile with x in registers: fewer shared-memory wavefronts, and the two longest waits named
+    now = results.load("nf4_one_ncu_x_regs")["rows"][0]
+    wavefronts = "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum"
+    assert now["projection"] == "gate_up" and now[wavefronts] < gate_up[wavefronts]
+    assert f"{now[wavefronts] / 1e6:.2f} M shared-memory load wavefronts on gate_up against " \
+        f"{gate_up[wavefronts] / 1e6:.2f} M" in sentence
+    waits = sorted((kv for kv in now["stalls per issued instruction"].items()
+                    if kv[0] not in ("selected", "not_selected")), key=lambda kv: kv[1], reverse=True)
+    assert f"wait most on `{waits[0][0]}` ({waits[0][1]:.2f}" in sentence and f"`{waits[1][0]}` ({waits[1][1]:.2f}" \
+        in sentence
 
 
 def test_one_sequence_figures_render_a_fresh_run_without_dependent_launch(monkeypatch):
