@@ -321,6 +321,26 @@ __device__ __forceinline__ u32 lookup(u32 lane_table, uint2 w, int i) {
 #endif
 }
 
+/* chunk c of the stage in slot st (shared address) times x's words xw (the operand's column of lane g), in two chains
+   of two products, not one of four (each waits for half as many before it): d and e; lane (g, quad) holds rows g and
+   g + 8 of its columns; `lt`: the lane's table (``lookup``) */
+__device__ __forceinline__ void chunk_products(u32 st, u32 lt, int g, int quad, int c, const u32* xw, float* d,
+                                               float* e) {
+    uint2 w0, w1;
+    const int c16 = 2 * c + (quad >> 1);
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
+                 : "=r"(w0.x), "=r"(w0.y) : "r"(st + granule_at(g, c16) + 8 * (quad & 1)));
+    asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
+                 : "=r"(w1.x), "=r"(w1.y) : "r"(st + granule_at(g + 8, c16) + 8 * (quad & 1)));
+#pragma unroll
+    for (int i = 0; i < 4; i += 2) {
+        mma(d, lookup(lt, w0, 2 * i), lookup(lt, w1, 2 * i), lookup(lt, w0, 2 * i + 1), lookup(lt, w1, 2 * i + 1),
+            xw[2 * i], xw[2 * i + 1]);
+        mma(e, lookup(lt, w0, 2 * i + 2), lookup(lt, w1, 2 * i + 2), lookup(lt, w0, 2 * i + 3),
+            lookup(lt, w1, 2 * i + 3), xw[2 * i + 2], xw[2 * i + 3]);
+    }
+}
+
 /* the stage in slot st (shared address) summed into acc: lane (g, quad) holds rows g and g + 8; `lt`: the lane's
    table (``lookup``); `xa`: x's part (shared address) */
 __device__ __forceinline__ void sum_stage(u32 st, u32 lt, u32 xa, int g, int quad, float* acc) {
@@ -331,27 +351,14 @@ __device__ __forceinline__ void sum_stage(u32 st, u32 lt, u32 xa, int g, int qua
                  : "=f"(s1[0]), "=f"(s1[1]), "=f"(s1[2]), "=f"(s1[3]) : "r"(st + W_BYTES + 16 * (g + 8)));
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
-        uint2 w0, w1;
-        const int c16 = 2 * c + (quad >> 1);
-        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
-                     : "=r"(w0.x), "=r"(w0.y) : "r"(st + granule_at(g, c16) + 8 * (quad & 1)));
-        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
-                     : "=r"(w1.x), "=r"(w1.y) : "r"(st + granule_at(g + 8, c16) + 8 * (quad & 1)));
         u32 xw[8];
         const u32 xc = xa + c * 128 + quad * 32;
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
                      : "=r"(xw[0]), "=r"(xw[1]), "=r"(xw[2]), "=r"(xw[3]) : "r"(xc));
         asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
                      : "=r"(xw[4]), "=r"(xw[5]), "=r"(xw[6]), "=r"(xw[7]) : "r"(xc + 16));
-        /* two chains of two products, not one of four: each waits for half as many before it */
         float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int i = 0; i < 4; i += 2) {
-            mma(d, lookup(lt, w0, 2 * i), lookup(lt, w1, 2 * i), lookup(lt, w0, 2 * i + 1), lookup(lt, w1, 2 * i + 1),
-                xw[2 * i], xw[2 * i + 1]);
-            mma(e, lookup(lt, w0, 2 * i + 2), lookup(lt, w1, 2 * i + 2), lookup(lt, w0, 2 * i + 3),
-                lookup(lt, w1, 2 * i + 3), xw[2 * i + 2], xw[2 * i + 3]);
-        }
+        chunk_products(st, lt, g, quad, c, xw, d, e);
         acc[0] += (d[0] + e[0]) * s0[c];
         acc[1] += (d[2] + e[2]) * s1[c];
     }
@@ -375,20 +382,8 @@ __device__ __forceinline__ void sum_stage_xr(u32 st, u32 lt, const u32 (&xr)[XSL
     float a0 = 0.0f, a1 = 0.0f;
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
-        uint2 w0, w1;
-        const int c16 = 2 * c + (quad >> 1);
-        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
-                     : "=r"(w0.x), "=r"(w0.y) : "r"(st + granule_at(g, c16) + 8 * (quad & 1)));
-        asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];"
-                     : "=r"(w1.x), "=r"(w1.y) : "r"(st + granule_at(g + 8, c16) + 8 * (quad & 1)));
         float d[4] = {0.0f, 0.0f, 0.0f, 0.0f}, e[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-        for (int i = 0; i < 4; i += 2) {
-            mma(d, lookup(lt, w0, 2 * i), lookup(lt, w1, 2 * i), lookup(lt, w0, 2 * i + 1), lookup(lt, w1, 2 * i + 1),
-                xw[2 * i], xw[2 * i + 1]);
-            mma(e, lookup(lt, w0, 2 * i + 2), lookup(lt, w1, 2 * i + 2), lookup(lt, w0, 2 * i + 3),
-                lookup(lt, w1, 2 * i + 3), xw[2 * i + 2], xw[2 * i + 3]);
-        }
+        chunk_products(st, lt, g, quad, c, xw, d, e);
         if (quad == c) { a0 = d[E] + e[E]; a1 = d[2 + E] + e[2 + E]; }
     }
     acc[0] += a0 * s0;
