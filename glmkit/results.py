@@ -924,10 +924,11 @@ BF16_NF4_RUNS: list[tuple[str, Callable[[dict[str, Any]], PairedRun]]] = [
     ("nf4_x_regs", _from_rows(_variant("bf16"), _variant("nf4, x in registers"))),
     *[(name, _from_rows(_variant("bf16"), _variant("CUDA kernel")))
       for name in ("nf4_one_step", "nf4_one_step_run4", "nf4_one_step_run5")],
+    ("gemv_early_block", _from_rows(_variant("bf16"), _variant("nf4"))),
 ]
 # the runs of the batch-1 4-bit CUDA kernel as it is now, which holds x in registers for rows of 4096 columns (the
 # others ran the kernel before, which read x from shared memory at every stage)
-X_IN_REGISTERS = ("nf4_x_regs", "nf4_one_step", "nf4_one_step_run4", "nf4_one_step_run5")
+X_IN_REGISTERS = ("nf4_x_regs", "nf4_one_step", "nf4_one_step_run4", "nf4_one_step_run5", "gemv_early_block")
 KERNEL_NOW, KERNEL_BEFORE = "x in registers", "x from shared memory"
 # runs whose rates subtract a one-token stream timed once (before ``stream_rate`` timed it twice and kept the faster):
 # a slow first timing makes such a rate read high
