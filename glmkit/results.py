@@ -910,8 +910,9 @@ def _variant(name: str) -> Callable[[dict[str, Any]], bool]:
 
 # Every run of the batch-1 fast path's default decoders that timed bf16 and nf4 together since the next token is
 # picked inside the step and the rates count the steps actually run, in order, and how each result's default rows are
-# read
-BF16_NF4_RUNS: list[tuple[str, Callable[[dict[str, Any]], PairedRun]]] = [
+# read: first those of the batch-1 4-bit CUDA kernel before, which read x from shared memory at every stage, then those
+# of the kernel as it is now, which holds x in registers for rows of 4096 columns
+_RUNS_X_SHARED: list[tuple[str, Callable[[dict[str, Any]], PairedRun]]] = [
     *[(name, _from_rows(_variant("bf16"), _variant("CUDA kernel"))) for name in ("nf4_one_step_run1", "nf4_one_step_run3")],
     ("greedy_tail", _from_rows(lambda r: r["precision"] == "bf16" and r["loop"] == "greedy in the step",
                                lambda r: r["precision"] == "nf4" and r["loop"] == "greedy in the step")),
@@ -921,14 +922,15 @@ BF16_NF4_RUNS: list[tuple[str, Callable[[dict[str, Any]], PairedRun]]] = [
     ("nf4_alu", _from_rows(_variant("bf16"), _variant("nf4, 0 word(s) on the integer units"))),
     *[(name, _from_rows(_variant("bf16"), _variant("nf4")))
       for name in ("bf16_leave", "nf4_o_proj_depth", "nf4_x_lanes", "nf4_paired_stages", "nf4_control")],
+]
+_RUNS_X_IN_REGISTERS: list[tuple[str, Callable[[dict[str, Any]], PairedRun]]] = [
     ("nf4_x_regs", _from_rows(_variant("bf16"), _variant("nf4, x in registers"))),
     *[(name, _from_rows(_variant("bf16"), _variant("CUDA kernel")))
       for name in ("nf4_one_step", "nf4_one_step_run4", "nf4_one_step_run5")],
     ("gemv_early_block", _from_rows(_variant("bf16"), _variant("nf4"))),
 ]
-# the runs of the batch-1 4-bit CUDA kernel as it is now, which holds x in registers for rows of 4096 columns (the
-# others ran the kernel before, which read x from shared memory at every stage)
-X_IN_REGISTERS = ("nf4_x_regs", "nf4_one_step", "nf4_one_step_run4", "nf4_one_step_run5", "gemv_early_block")
+BF16_NF4_RUNS = [*_RUNS_X_SHARED, *_RUNS_X_IN_REGISTERS]
+X_IN_REGISTERS = tuple(name for name, _ in _RUNS_X_IN_REGISTERS)
 KERNEL_NOW, KERNEL_BEFORE = "x in registers", "x from shared memory"
 # runs whose rates subtract a one-token stream timed once (before ``stream_rate`` timed it twice and kept the faster):
 # a slow first timing makes such a rate read high
@@ -2684,8 +2686,12 @@ def _other_cards() -> str:
     """The same kernels in the other runs of the kernel as it is now (``bf16_nf4_runs``: ``X_IN_REGISTERS`` but
     ``nf4_one_step.json``), those that exist; or ''."""
     here = set(_gpu_uuids("nf4_one_step"))
-    runs = [_card_run(r, f"(`{r['name']}.json`, " + ("another H200)" if here and _gpu_uuids(r["name"]) and
-                                                     not here & set(_gpu_uuids(r["name"])) else "another run)"))
+
+    def where(name: str) -> str:  # another card only where both runs name theirs and none is shared
+        cards = set(_gpu_uuids(name))
+        return "another H200" if here and cards and not here & cards else "another run"
+
+    runs = [_card_run(r, f"(`{r['name']}.json`, {where(r['name'])})")
             for r in bf16_nf4_runs() if r["kernel"] == KERNEL_NOW and r["name"] != "nf4_one_step"]
     if not runs:
         return ""
