@@ -1,6 +1,7 @@
 """Are glmkit's Triton GEMVs as accurate as cuBLAS? GLM-4-9B-Chat (random weights) decoded in bf16 both ways and
 compared with the same model in fp32, step by step on the same tokens; the Triton path also with the RMSNorms and
-residual adds kept apart from the GEMVs (``FastDecoder(fuse_norms=False)``).
+residual adds kept apart from the GEMVs (``FastDecoder(fuse_norms=False)``), and as the decoder runs it by default,
+q/k/v and o_proj through glmkit's 16-bit CUDA kernel (``glmkit.gemv16_one``).
 
 The fp32 fast path (cuBLAS, no TF32) greedily continues a 32-token prompt for 32 tokens; each bf16 decoder is fed
 those same tokens (teacher forcing), so every step compares logits for the same context.
@@ -12,9 +13,11 @@ Writes benchmarks/results/gemv_accuracy.json (and to $OUT).
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
+from glmkit import gemv16_one
 from glmkit.bench import save_result
 from glmkit.fast_decode import FastDecoder
 from glmkit.loading import load_model
@@ -46,14 +49,18 @@ def main() -> None:
     torch.cuda.empty_cache()
     model = load_model(args.checkpoint, dtype=torch.bfloat16, device_map="cuda:0")
     rows = []
-    # the Triton GEMVs as the decoder runs them (RMSNorms and residual adds folded in), and with those kept apart
-    variants = (("bf16, cuBLAS", False, True), ("bf16, Triton GEMV", "triton", True),
-                ("bf16, Triton GEMV, norms apart", "triton", False))
-    for label, gemv, fuse_norms in variants:
-        decoder = FastDecoder(model, max_len=max_len, gemv=gemv, fuse_norms=fuse_norms)
-        logits = teacher_forced_logits(decoder, ids, tokens)
+    # the Triton GEMVs (RMSNorms and residual adds folded in), with those kept apart, and as the decoder runs them by
+    # default: q/k/v and o_proj through the 16-bit CUDA kernel
+    variants = (("bf16, cuBLAS", False, True, False), ("bf16, Triton GEMV", "triton", True, False),
+                ("bf16, Triton GEMV, norms apart", "triton", False, False),
+                ("bf16, Triton GEMV, CUDA q/k/v and o_proj (default)", "triton", True, True))
+    for label, gemv, fuse_norms, cuda16 in variants:
+        with contextlib.nullcontext() if cuda16 else gemv16_one.turned_off():
+            decoder = FastDecoder(model, max_len=max_len, gemv=gemv, fuse_norms=fuse_norms)
+            logits = teacher_forced_logits(decoder, ids, tokens)
         rel = ((logits - ref).norm(dim=-1) / ref.norm(dim=-1))[1:]  # decode steps (the prefill is the same forward)
-        rows.append({"variant": label, "gemv": gemv, "fuse_norms": decoder.fuses_norms(1), "steps": len(rel),
+        rows.append({"variant": label, "gemv": gemv, "fuse_norms": decoder.fuses_norms(1), "cuda_16bit_kernel": cuda16,
+                     "steps": len(rel),
                      "rel_diff_to_fp32_median": rel.median().item(), "rel_diff_to_fp32_max": rel.max().item(),
                      "argmax_equal_to_fp32": int((logits.argmax(-1) == ref.argmax(-1))[1:].sum())})
         print(rows[-1], flush=True)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from glmkit import gemv4bit_one
+from glmkit import gemv4bit_one, gemv16_one
 from glmkit.attention import Grid, auto_attention, qkv_decode_attention
 from glmkit.device_map import check_device_map
 from glmkit.gemv import (
@@ -66,6 +66,9 @@ from glmkit.generation import eos_token_ids as model_eos
 from glmkit.greedy import greedy_next
 from glmkit.vocabulary import head_dim
 
+# dtypes whose batch-1 step runs q/k/v and o_proj through glmkit.gemv16_one (where it leaves SMs to the attention):
+# measured in bf16 (benchmarks/results/gemv16_step.json); fp16 keeps the Triton GEMVs until measured
+GEMV16_DTYPES = (torch.bfloat16,)
 ATTENTIONS = ("auto", "triton", "sdpa", "reduction")  # FastDecoder(attention=...)
 HOPS = ("peer", "host")  # how the hidden state crosses between the devices of a split (FastDecoder(hop=...))
 OWN_PREFILL_MAX = 1 << 20  # rows x prompt tokens x cache positions attended up to which a prefill runs the decoder's
@@ -216,6 +219,26 @@ def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gem
     return residual + linear(x, weight, None, gemv)
 
 
+def gemv16_sms_left(x: torch.Tensor, wqkv: Weight, wo: Weight, gemv: bool | str, programs: int) -> int:
+    """SMs the fused batch-1 step's q/k/v leaves to the ``programs`` programs of the decode attention after it when
+    q/k/v and o_proj go through glmkit's 16-bit CUDA kernel (``glmkit.gemv16_one``), or 0: they take the Triton GEMV.
+    The kernel pays only where it leaves SMs (the attention then reads its cache while q/k/v runs): where the
+    Triton GEMV would run (``fuses``), the kernel takes both weights (``usable``, ``ROLES``), passed its first-run
+    check, and the attention's programs are few (``sms_left``: at batch 1 on a short cache, with programmatic
+    dependent launch), in bf16 (``GEMV16_DTYPES``).
+
+    >>> gemv16_sms_left(torch.zeros(1, 1, 512), torch.zeros(8, 512), torch.zeros(512, 8), "triton", 4)  # a CPU: 0
+    0
+    """
+    if not 0 < programs <= gemv16_one.LEAVE_SMS_MAX or x.device.type != "cuda" or x.dtype not in GEMV16_DTYPES:
+        return 0
+    if not all(isinstance(w, torch.Tensor) and fuses(w, gemv, x=x) for w in (wqkv, wo)):
+        return 0
+    if not (gemv16_one.usable(x, wqkv, "qkv") and gemv16_one.takes(wo, x.dtype, x.device, "o_proj")):
+        return 0
+    return gemv16_one.sms_left(x.device, programs) if gemv16_one.check(x.device, x.dtype) else 0
+
+
 def auto_gemv(device: torch.device, batch_size: int, dtype: torch.dtype = torch.bfloat16,
               four_bit: bool = False) -> str | bool:
     """What ``gemv="auto"`` picks: ``"triton"`` at batch 1 (a 4-bit model: up to ``FOUR_BIT_MAX_BATCH`` rows where
@@ -278,15 +301,17 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor | NormedStream, pos: torch.Te
     b = x.shape[0]
     fused = in_norm is not None
     four_bit = fused and isinstance(wo, Packed4bit)  # 4 bits: each norm travels as a NormedStream
+    # q/k/v may leave an SM to each of the attention's few programs (with programmatic dependent launch): they start
+    # while it runs and read their cache tiles meanwhile (glmkit.gemv4bit_one / gemv16_one .LEAVE_SMS_MAX)
+    programs = Grid.of(b, k_cache.shape[1], k_cache.shape[2], tickets is not None, early=True).programs \
+        if fused and attention == "triton" else 0
     left = 0  # SMs q/k/v leaves to the attention's programs
     if four_bit:
         stream = h if isinstance(h, NormedStream) else normed_stream(x, in_norm)  # (a segment's first layer)
-        # q/k/v leaves an SM to each of the attention's few programs (with programmatic dependent launch): they start
-        # while it runs and read their cache tiles meanwhile (glmkit.gemv4bit_one.LEAVE_SMS_MAX)
-        programs = Grid.of(b, k_cache.shape[1], k_cache.shape[2], tickets is not None, early=True).programs \
-            if attention == "triton" else 0
         left = sms_left_by(stream, wqkv, programs)
         qkv = gemv_4bit_normed(stream, wqkv, bqkv, eps, leave_sms=left)
+    elif fused and (left := gemv16_sms_left(x, wqkv, wo, gemv, programs)):  # q/k/v and o_proj: glmkit.gemv16_one
+        qkv = gemv16_one.gemv_16_one(x, wqkv, bqkv, norm_weight=in_norm, eps=eps, leave_sms=left)
     else:  # [b, 1, (heads + 2 kv_heads) * head_dim]
         qkv = norm_linear(x, in_norm, eps, wqkv, bqkv, gemv) if fused else linear(h, wqkv, bqkv, gemv)
     if attention == "triton":  # one kernel: rope, the K/V write at pos and attention over 0..pos
@@ -308,7 +333,9 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor | NormedStream, pos: torch.Te
         x, stream = gemv_4bit_residual(attn, wo, x, ln2)
         x, stream = gemv_4bit_residual(gemv_4bit_normed(stream, wgu, None, eps, swiglu=True), wd, x, next_norm)
         return x, stream
-    x = residual_linear(x, attn, wo, gemv)
+    # (glmkit.gemv16_one's o_proj keeps off the SMs the attention's programs hold, and lets gate/up launch last)
+    x = gemv16_one.gemv_16_one(attn, wo, residual=x, leave_sms=left, role="o_proj") if left \
+        else residual_linear(x, attn, wo, gemv)
     mlp = mlp_activation(x, wgu, gemv, ln2, eps) if fused else mlp_activation(rms_norm(x, ln2, eps), wgu, gemv)
     x = residual_linear(x, mlp, wd, gemv)
     return x, (x if fused else rms_norm(x, next_norm, eps))
