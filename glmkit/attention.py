@@ -84,13 +84,16 @@ ONE_SPLIT_MAX = 512  # a cache of at most this many positions is one program per
 # H200, slower throughout: 214.8 against 213.5, attention_tickets_run2.json). Tiles of 64 with 4 warps were slower at
 # every length (attention_tickets_first.json).
 TICKET_TILE = (128, 8)
-# Where the kernel before leaves SMs to this one's programs (``early``: glmkit's batch-1 4-bit q/k/v kernel,
-# ``glmkit.gemv4bit_one.sms_left``), they start while it runs, and read their first tile meanwhile: a tile of
+# Where the kernel before leaves SMs to this one's programs (``early``: glmkit's batch-1 q/k/v CUDA kernels, 4-bit
+# and 16-bit, ``glmkit.gemv4bit_one.sms_left``, ``glmkit.gemv16_one``), they start while it runs, and read their
+# first tile meanwhile: a tile of
 # EARLY_TILE[0] positions (EARLY_TILE[1] warps) then holds a short cache's first 256 positions before q/k/v ends (a
 # cache of up to 256: no second tile and no combine; up to ONE_SPLIT_MAX: tiles of 256 side by side, combined).
 # GLM-4-9B nf4 at batch 1 on an H200, one run: 431.8 tok/s against 430.0 with TICKET_TILE (a step at a 160-token
-# cache 2286 µs against 2330); without SMs left (bf16's q/k/v), tiles of 256 were slower: 213.2 against 215.2
-# (benchmarks/results/nf4_leave_sms.json; on a second H200 432.2 against 429.8, and 216.1 against 218.4).
+# cache 2286 µs against 2330); without SMs left (bf16's q/k/v through the Triton GEMV), tiles of 256 were slower:
+# 213.2 against 215.2 (benchmarks/results/nf4_leave_sms.json; on a second H200 432.2 against 429.8, and 216.1
+# against 218.4). With them left, bf16's tiles of 128 were slower than 256: a step 4694 against 4571 µs
+# (gemv16_variants.json).
 EARLY_TILE = (256, 8)
 
 

@@ -723,7 +723,9 @@ class FastDecoder:
             ``"triton"``: glmkit's kernels for one token (``glmkit.gemv``: one pass over each
             weight, no split-K, SwiGLU applied before the write; batch_size 1 only, a 4-bit model up to
             ``glmkit.gemv4bit.MAX_VECTORS`` rows, 16-bit weights then through cuBLAS); on an H100 they decode GLM-4-9B
-            12% faster than cuBLAS (150.3 vs 133.7 tok/s, benchmarks/results/decode.json). ``False``: cuBLAS
+            12% faster than cuBLAS (150.3 vs 133.7 tok/s, benchmarks/results/decode.json); a bf16 batch-1 step on a
+            short cache takes q/k/v and o_proj through glmkit's 16-bit CUDA kernel instead (``gemv16_sms_left``,
+            ``glmkit.gemv16_one``). ``False``: cuBLAS
             (``F.linear``). ``True``: a multiply-and-sum that the compiler turns into one reduction kernel (-11% to
             +3.5% against cuBLAS).
         compile_options: extra ``torch.compile`` arguments, e.g. ``{"mode": "max-autotune-no-cudagraphs"}`` (the

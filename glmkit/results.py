@@ -826,6 +826,111 @@ def fast_path_today_sentence() -> Text:
                        script="benchmarks/attention_tickets.py --checkpoint /tmp/glm9b")
 
 
+GEMV16_RUNS = ("gemv16_step", "gemv16_step_run2")  # benchmarks/gemv16_step.py's runs, each on the card in hand
+GEMV16_AT = ("40", "100", "160", "220", "262")  # the cache lengths each run replays the step at
+
+
+def gemv16_runs() -> list[tuple[str, dict[str, Any]]]:
+    """The committed runs of ``benchmarks/gemv16_step.py``, by name."""
+    return [(name, r) for name in GEMV16_RUNS if (r := load(name)) is not None]
+
+
+def _card(result: dict[str, Any]) -> str:
+    """A short name for the card a result ran on (the start of its UUID), or its device's name."""
+    uuids = result.get("gpu_uuids") or []
+    return uuids[0][:12] if len(uuids) == 1 else result["environment"]["device"]
+
+
+def gemv16_table() -> Table | Text:
+    """GLM-4-9B's bf16 batch-1 step with q/k/v and o_proj through glmkit's 16-bit CUDA kernel against the Triton
+    GEMVs, per run (``gemv16_step*.json``): the step replayed at each cache length (µs), decode tok/s and its share of
+    the copy roofline of the same run."""
+    runs = gemv16_runs()
+    if not runs:
+        return not_measured("bf16 q/k/v and o_proj through the 16-bit CUDA kernel", "benchmarks/gemv16_step.py")
+    rows = []
+    for name, r in runs:
+        for row in r["rows"]:
+            label = "CUDA q/k/v, o_proj" if row["cuda_kernel"] else "Triton GEMVs"
+            rows.append([f"`{name}.json`", _card(r), label, *(f"{row['replay_at_us'][p]:.0f}" for p in GEMV16_AT),
+                         f"{row['best_tok_s']:.1f}", f"{100 * row['fraction_of_roofline']:.1f}%"])
+    return Table(["run", "card", "q/k/v and o_proj", *(f"µs at {p}" for p in GEMV16_AT), "decode tok/s",
+                  "of copy roofline"], rows,
+                 caption=f"GLM-4-9B bf16 at batch 1, {_cards_of(runs)}, {_run_dates([r for _, r in runs])}: the step's "
+                         "CUDA graph replayed back to back around each cache length, and decode tok/s (32 + 256 "
+                         "tokens, best of 3 rounds, the variants taking turns)")
+
+
+def _cards_of(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """``"2 runs on 2 NVIDIA H200s"`` for named runs that each record their card's UUID."""
+    cards = len({_card(r) for _, r in runs})
+    devices = sorted({r["environment"]["device"] for _, r in runs})
+    return f"{len(runs)} run{'s' * (len(runs) > 1)} on {cards} {' / '.join(devices)}{'s' * (cards > 1)}"
+
+
+def gemv16_sentence() -> Text:
+    """What glmkit's 16-bit CUDA kernel does for the bf16 step (``gemv16_step*.json``, ``gemv16_variants.json``,
+    ``gemv_accuracy.json``)."""
+    runs = gemv16_runs()
+    if not runs:
+        return not_measured("bf16 q/k/v and o_proj through the 16-bit CUDA kernel", "benchmarks/gemv16_step.py")
+
+    def pair(r: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return next(x for x in r["rows"] if not x["cuda_kernel"]), next(x for x in r["rows"] if x["cuda_kernel"])
+
+    replay = [t["best_replay_us"] / c["best_replay_us"] for t, c in map(pair, (r for _, r in runs))]
+    rate = [c["best_tok_s"] / t["best_tok_s"] for t, c in map(pair, (r for _, r in runs))]
+    first, second = pair(runs[0][1])
+    shares = [100 * pair(r)[1]["fraction_of_roofline"] for _, r in runs]
+    text = (f"At batch 1 the bf16 step runs q/k/v and o_proj through a CUDA kernel of glmkit's (`glmkit.gemv16_one`) "
+            f"where q/k/v can leave an SM to each of the decode attention's few programs (a cache of up to 512 "
+            f"positions): its reads wait in shared memory, not registers, so the attention's programs find room, start "
+            f"while q/k/v runs and read their first tile of the cache meanwhile. In {_cards_of(runs)} "
+            f"({_run_dates([r for _, r in runs])}, `gemv16_step*.json`) the step's CUDA graph took "
+            f"{' and '.join(f'{100 * (1 - 1 / x):.1f}%' for x in replay)} less time with it around 160 cached tokens "
+            f"({second['best_replay_us']:.0f} against {first['best_replay_us']:.0f} µs in the first run); by cache "
+            f"length ({' / '.join(GEMV16_AT)} tokens) {per_cache(second['replay_at_us'], list(GEMV16_AT))} against "
+            f"{per_cache(first['replay_at_us'], list(GEMV16_AT))} µs: the same up to one tile of the Triton path's "
+            f"attention (128 positions), less beyond. Decode tok/s changed by "
+            f"{' and '.join(f'{100 * (x - 1):+.2f}%' for x in rate)} "
+            f"(the token loop's rate moves about 1% from round to round), to {_span(shares)}% "
+            f"of the copy roofline measured in each run. The greedy tokens differ from the Triton step's on these random "
+            f"weights (its first step's logits {100 * second['first_logits_rel_diff']:.1f}% apart: the norm's product "
+            f"is rounded to bf16 before the tensor cores multiply it)")
+    accuracy = {v["variant"]: v for v in (load("gemv_accuracy") or {"variants": []})["variants"]}
+    cuda = next((v for v in accuracy.values() if v.get("cuda_16bit_kernel")), None)
+    triton = accuracy.get("bf16, Triton GEMV")
+    if cuda and triton:
+        text += (f"; against an fp32 decoder both are as far as bf16 is (`gemv_accuracy.json`, median logit error "
+                 f"{100 * cuda['rel_diff_to_fp32_median']:.2f}% with it, {100 * triton['rel_diff_to_fp32_median']:.2f}% "
+                 f"without, cuBLAS {100 * next(iter(accuracy.values()))['rel_diff_to_fp32_median']:.2f}%)")
+    alone = {(a["projection"], a["kernel"]): a for a in runs[0][1]["alone"]}
+    if ("qkv", "cuda") in alone:
+        text += (f". Alone, launched back to back with programmatic dependent launch, q/k/v takes "
+                 f"{alone['qkv', 'cuda']['us_pdl']:.1f} µs against {alone['qkv', 'triton']['us_pdl']:.1f} through the "
+                 f"Triton GEMV, and o_proj (which lets the next kernel launch only as it ends) "
+                 f"{alone['o_proj', 'cuda']['us_pdl']:.1f} against {alone['o_proj', 'triton']['us_pdl']:.1f}: what the "
+                 f"step gains is the attention's early start, not faster projections")
+    variants = load("gemv16_variants")
+    if variants:
+        def slower(run: int, variant: str, against: str) -> str:
+            rows = {x["variant"]: x["best_replay_us"] for x in variants["runs"][run - 1]["rows"]}
+            return f"{100 * (rows[variant] / rows[against] - 1):.1f}%"
+
+        first_thing = slower(4, "qkv 4x4 + o_proj 2x8 first", "qkv 4x4 + o_proj 2x8 late")
+        carve_out = slower(3, "bf16, max smem", "bf16")
+        not_left = slower(1, "qkv cuda, no SMs left", "bf16")
+        tiles_128 = slower(5, "qkv 4x4 + o_proj 2x8 late, tiles 128", "qkv 4x4 + o_proj 2x8 late, tiles 256")
+        text += (f". Tried and not kept (`gemv16_variants.json`, {len(variants['runs'])} runs, steps around 160 cached "
+                 f"tokens): o_proj letting gate/up launch first thing, whose small programs then ran on SMs set out "
+                 f"for this kernel's shared memory with little L1 left ({first_thing} slower than letting it launch as "
+                 f"each CTA ends); every Triton kernel asking for that carve-out too ({carve_out} slower); q/k/v "
+                 f"through this kernel without leaving SMs ({not_left} slower than the Triton GEMV); the attention in "
+                 f"tiles of 128, leaving it more SMs ({tiles_128} slower); other groups of warps and ring depths")
+    return Text(text + ". Where the attention's programs are many (a longer cache, or more rows), both stay on the "
+                "Triton GEMVs, as in fp16 (not measured with it).")
+
+
 def card_bandwidth_runs() -> list[tuple[str, dict[str, Any]]]:
     """The committed runs of ``benchmarks/card_bandwidth.py`` (``card_bandwidth_<card>.json``), by file name.
 
@@ -2671,8 +2776,9 @@ def _leave_sms_sentence() -> str:
             f", against bf16's {v['bf16']['best_tok_s']:.1f} ({v['nf4, before']['over_bf16']:.2f}x → "
             f"{v[LEAVE_DEFAULT]['over_bf16']:.2f}x). With programmatic dependent launch q/k/v leaves an SM to each of "
             f"the decode attention's few programs, which then start while it runs and read their cache tiles "
-            f"meanwhile; bf16's q/k/v leaves none, and the tiles of 256 alone made its step slower "
-            f"({v['bf16, tiles of 256']['best_tok_s']:.1f} tok/s), so it keeps tiles of 128.")
+            f"meanwhile; bf16's q/k/v, then the Triton GEMV, left none, and the tiles of 256 alone made its step "
+            f"slower ({v['bf16, tiles of 256']['best_tok_s']:.1f} tok/s); it now leaves them too, through a CUDA "
+            f"kernel of its own (*bf16 q/k/v and o_proj on the tensor cores*).")
 
 
 def _card_run(run: dict[str, Any], where: str) -> str:
@@ -3008,6 +3114,7 @@ def readme_measured_section() -> str:
                "**What attention costs a step**: " + str(attention_cost_sentence()),
                "**The next token inside the step**: " + str(greedy_tail_sentence()),
                "**The fast path today**: " + str(fast_path_today_sentence()),
+               "**bf16 q/k/v and o_proj on the tensor cores**: " + str(gemv16_sentence()),
                "**Why H200s differ**: " + str(card_bandwidth_sentence()),
                "**bf16 and nf4 in the same run, run after run**: " + str(bf16_nf4_sentence()),
                "**Long prompts**: " + long_context_sentence(),

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("planner: costs", {"costs"}),
     ("planner: placement", {"placement"}),
     ("planner: plan, search, advice", {"planning"}),
-    ("kernels", {"gemv", "gemv4bit", "gemv4bit_mma", "gemv4bit_one", "gemv_tuning", "attention", "greedy"}),
+    ("kernels", {"gemv", "gemv4bit", "gemv4bit_mma", "gemv4bit_one", "gemv16_one", "gemv_tuning", "attention", "greedy"}),
     ("runtime", {"monitor", "env", "loading", "generation", "sampling", "fast_decode", "allreduce", "tp_decode", "parallel"}),
     ("engine", {"request", "scheduler", "runner", "metrics", "engine"}),
     ("measurement and results", {"bench", "quantization", "results", "cards"}),
