@@ -7,7 +7,7 @@ The fp32 fast path (cuBLAS, no TF32) greedily continues a 32-token prompt for 32
 those same tokens (teacher forcing), so every step compares logits for the same context.
 
     python benchmarks/gemv_accuracy.py --checkpoint /tmp/glm9b
-Writes benchmarks/results/gemv_accuracy.json (and to $OUT).
+Writes benchmarks/results/gemv_accuracy.json (or --name; and to $OUT).
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--name", default="gemv_accuracy", help="the result's name (gemv_accuracy_h200: the H200 run)")
     args = ap.parse_args()
     ensure_random_checkpoint(args.checkpoint)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -64,7 +65,7 @@ def main() -> None:
                      "rel_diff_to_fp32_median": rel.median().item(), "rel_diff_to_fp32_max": rel.max().item(),
                      "argmax_equal_to_fp32": int((logits.argmax(-1) == ref.argmax(-1))[1:].sum())})
         print(rows[-1], flush=True)
-    save_result("gemv_accuracy", {"method": f"random-weight GLM-4-9B-Chat; fp32 fast path (cuBLAS, TF32 off) greedily "
+    save_result(args.name, {"method": f"random-weight GLM-4-9B-Chat; fp32 fast path (cuBLAS, TF32 off) greedily "
                                             f"continues a 32-token prompt for {args.steps} tokens; each bf16 decoder "
                                             "is fed the same tokens; per decode step ||logits - fp32|| / ||fp32||",
                                   "variants": rows})

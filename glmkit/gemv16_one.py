@@ -1,4 +1,4 @@
-"""One token through a 16-bit weight on the tensor cores: the batch-1 CUDA kernel for q/k/v, compiled by NVRTC.
+"""One token through a 16-bit weight on the tensor cores: the batch-1 CUDA kernel for q/k/v and o_proj (NVRTC).
 
 glmkit's Triton GEMV (``glmkit.gemv``) holds each weight load in flight in registers: to keep enough bytes in flight
 on an H200 its q/k/v launch fills every SM's registers with small programs (2304 of 2 warps). The decode attention
@@ -17,10 +17,12 @@ keeps its loads in flight in shared memory instead, as ``glmkit.gemv4bit_one`` d
   short cache), it leaves an SM to each of them (``leave_sms``): they start while it runs and read their cache tiles
   meanwhile.
 
-``FastDecoder`` runs q/k/v through it on a bf16/fp16 batch-1 step where it runs (``GEMV16_ROLES``); notebook
-``05_tuning.ipynb`` teaches the fast step. It is checked against ``F.linear`` in fp32 the first time it runs on a
-GPU (``check``); a disagreement or an error turns it off for the process, with a warning, and the Triton kernel runs.
-``GLMKIT_16BIT_KERNEL=triton`` turns it off.
+``FastDecoder``'s bf16 batch-1 step runs q/k/v and o_proj through it where q/k/v then leaves SMs to the decode
+attention (``glmkit.fast_decode.gemv16_sms_left``): GLM-4-9B's step took 1.5% less time around 160 cached tokens on
+two H200s, the same below 128 (``benchmarks/results/gemv16_step*.json``); notebook ``05_tuning.ipynb`` teaches it.
+It is checked against ``F.linear`` in fp32 the first time it runs on a GPU (``check``); a disagreement or an error
+turns it off for the process, with a warning, and the Triton kernel runs. ``GLMKIT_16BIT_KERNEL=triton`` turns it
+off.
 
 >>> import torch
 >>> if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
@@ -31,7 +33,6 @@ GPU (``check``); a disagreement or an error turns it off for the process, with a
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -86,10 +87,9 @@ class Shape16:
 
 
 # The launch shape of each projection the fast step gives this kernel, the fastest of those timed in the step on H200s
-# (benchmarks/results/gemv16_step.json): q/k/v (4608 rows: 288 tiles) in 4 groups of 4 warps, o_proj (256 tiles) in
-# 2 groups of 8 (with 4 groups of 4 its step was 4900 µs against 4571), 3 stages a warp, 2 of them copied early.
+# (benchmarks/results/gemv16_variants.json): q/k/v (4608 rows: 288 tiles) in 4 groups of 4 warps, o_proj (256 tiles)
+# in 2 groups of 8 (with 4 groups of 4 a step took 4900 µs against 4694), 3 stages a warp, 2 of them copied early.
 ROLES = {"qkv": Shape16(4, 4, 3, 2), "o_proj": Shape16(2, 8, 3, 2)}
-SHAPE = ROLES["qkv"]
 # Where the next kernel is one of glmkit's Triton GEMVs (o_proj, then gate/up), this kernel lets it launch only as
 # each CTA ends: launched first thing, gate/up's small programs would start on SMs still set out for this kernel's
 # shared memory, with little L1 left, and run slower there (GLM-4-9B bf16 on an H200: a step 4822 µs against 4571)
@@ -135,28 +135,11 @@ _SOURCE = gemv4bit_mma.PRELUDE + r"""
 static_assert(X_AT == EXPECT_X_AT, "X_AT: the layout differs from the shared memory asked for");
 #endif
 
-__device__ __forceinline__ void copy16(u32 dst, const void* src, bool ok) {  /* not ok: zeros */
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
-}
 
-/* granule c16 (0-15) of stage row r: a quarter warp's 16-byte accesses (rows r, r + 1 of 4 granules) in 8 banks
-   groups of their own */
+/* granule c16 (0-15) of stage row r, swizzled so that a quarter warp's 16-byte accesses (2 rows x 4 granules) fall
+   in 8 different groups of 4 banks */
 __device__ __forceinline__ u32 granule_at(int r, int c16) { return r * ROW_BYTES + ((c16 ^ (4 * (r & 1))) << 4); }
 
-__device__ __forceinline__ void let_next_launch() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait_for_previous() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-template <typename T> __device__ __forceinline__ T* after_wait(T* p) {  /* no load through p moves above this */
-    asm volatile("" : "+l"(p) :: "memory");
-    return p;
-}
 __device__ __forceinline__ void group_sync(int group) {
     asm volatile("bar.sync %0, %1;" :: "r"(group + 1), "r"(GROUP_THREADS) : "memory");
 }
@@ -520,11 +503,3 @@ def check(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> bo
             warnings.warn(f"glmkit's {LABEL}: {why}", RuntimeWarning, stacklevel=2)
     return _CHECKED[key] and runs_on(device, dtype)
 
-
-def tiles(n: int) -> int:
-    """Tiles of 16 rows of a weight of ``n`` rows.
-
-    >>> tiles(4608)
-    288
-    """
-    return math.ceil(n / 16)

@@ -74,8 +74,9 @@ ROWS = 16  # weight rows per program: the operand's 16 rows
 TABLE_BYTES = 256 * 32 * 4  # 256 pairs, one copy per lane; then the warps' sums (WARPS <= 16)
 SHARED_LIMIT = 48 * 1024  # shared memory a program may take without asking the driver for more
 
-# What both of glmkit's CUDA 4-bit kernels are made of (this module's and glmkit.gemv4bit_one's): x's 16-bit type
-# (BF16), the byte-pair lookup, the tensor-core product and the lookup table's construction
+# What glmkit's CUDA kernels are made of (this module's, glmkit.gemv4bit_one's and glmkit.gemv16_one's): x's 16-bit
+# type (BF16), cp.async's 16-byte copy, programmatic dependent launch's two steps and the wait's fence for pointers,
+# the tensor-core product, and the 4-bit kernels' byte-pair lookup and lookup table
 PRELUDE = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -107,6 +108,30 @@ __device__ __forceinline__ u32 pair_of(u32 lane_table, uint2 w, int i) {
     /* volatile: kept between the barriers that bracket the table's life (it is written, then reused for the sums) */
     asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(byte * 128u + lane_table));
     return v;
+}
+
+__device__ __forceinline__ void copy16(u32 dst, const void* src, bool ok) {  /* not ok: zeros (cp.async) */
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
+}
+
+/* programmatic dependent launch (Hopper on; a no-op where the launch did not ask for it): the next kernel may
+   launch now; wait for the kernel before to end (and its writes to show) */
+__device__ __forceinline__ void let_next_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_previous() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+/* p, as a value the compiler knows only after this point: a load through it cannot be hoisted above the asm before
+   (griddepcontrol.wait), which it would otherwise do with a read-only input */
+template <typename T> __device__ __forceinline__ T* after_wait(T* p) {
+    asm volatile("" : "+l"(p) :: "memory");
+    return p;
 }
 
 __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -396,12 +421,12 @@ def compile_cubin(options: list[str], arch: str, source: str | None = None, name
             lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
             log = ctypes.create_string_buffer(size.value)
             lib.nvrtcGetProgramLog(prog, log)
-            raise RuntimeError(f"NVRTC could not compile glmkit's 4-bit kernel:\n{log.value.decode()}")
+            raise RuntimeError(f"NVRTC could not compile glmkit's CUDA kernel {name}:\n{log.value.decode()}")
         cubin = ctypes.create_string_buffer(0)
         if lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)) == 0:
             cubin = ctypes.create_string_buffer(size.value)
         if size.value == 0 or lib.nvrtcGetCUBIN(prog, cubin):
-            raise RuntimeError(f"NVRTC compiled glmkit's 4-bit kernel but gave no cubin for {arch}.")
+            raise RuntimeError(f"NVRTC compiled glmkit's CUDA kernel {name} but gave no cubin for {arch}.")
         return cubin.raw
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))

@@ -215,9 +215,6 @@ static_assert(SMEM_END <= EXPECT_SMEM_END, "SMEM_END: the layout does not fit th
 #endif
 #define GROUP_THREADS (WARPS * 32)
 
-__device__ __forceinline__ void copy16(u32 dst, const void* src, bool ok) {  /* not ok: zeros */
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(ok ? 16 : 0));
-}
 __device__ __forceinline__ void copy4(u32 dst, const void* src, bool ok) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(ok ? 4 : 0));
 }
@@ -391,25 +388,6 @@ __device__ __forceinline__ void sum_stage_xr(u32 st, u32 lt, const u32 (&xr)[XSL
 }
 #endif
 
-/* programmatic dependent launch (Hopper on; a no-op where the launch did not ask for it): the next kernel may
-   launch now; wait for the kernel before to end (and its writes to show) */
-__device__ __forceinline__ void let_next_launch() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait_for_previous() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
-/* p, as a value the compiler knows only after this point: a load through it cannot be hoisted above the asm before
-   (griddepcontrol.wait), which it would otherwise do with a read-only input */
-template <typename T> __device__ __forceinline__ T* after_wait(T* p) {
-    asm volatile("" : "+l"(p) :: "memory");
-    return p;
-}
 
 __device__ __forceinline__ void group_sync(int group) {  /* the group's warps only (barrier 0 is the CTA's) */
     asm volatile("bar.sync %0, %1;" :: "r"(group + 1), "r"(GROUP_THREADS) : "memory");

@@ -870,7 +870,7 @@ def _cards_of(runs: list[tuple[str, dict[str, Any]]]) -> str:
 
 def gemv16_sentence() -> Text:
     """What glmkit's 16-bit CUDA kernel does for the bf16 step (``gemv16_step*.json``, ``gemv16_variants.json``,
-    ``gemv_accuracy.json``)."""
+    ``gemv_accuracy_h200.json``)."""
     runs = gemv16_runs()
     if not runs:
         return not_measured("bf16 q/k/v and o_proj through the 16-bit CUDA kernel", "benchmarks/gemv16_step.py")
@@ -897,11 +897,11 @@ def gemv16_sentence() -> Text:
             f"of the copy roofline measured in each run. The greedy tokens differ from the Triton step's on these random "
             f"weights (its first step's logits {100 * second['first_logits_rel_diff']:.1f}% apart: the norm's product "
             f"is rounded to bf16 before the tensor cores multiply it)")
-    accuracy = {v["variant"]: v for v in (load("gemv_accuracy") or {"variants": []})["variants"]}
+    accuracy = {v["variant"]: v for v in (load("gemv_accuracy_h200") or {"variants": []})["variants"]}
     cuda = next((v for v in accuracy.values() if v.get("cuda_16bit_kernel")), None)
     triton = accuracy.get("bf16, Triton GEMV")
     if cuda and triton:
-        text += (f"; against an fp32 decoder both are as far as bf16 is (`gemv_accuracy.json`, median logit error "
+        text += (f"; against an fp32 decoder both are as far as bf16 is (`gemv_accuracy_h200.json`, median logit error "
                  f"{100 * cuda['rel_diff_to_fp32_median']:.2f}% with it, {100 * triton['rel_diff_to_fp32_median']:.2f}% "
                  f"without, cuBLAS {100 * next(iter(accuracy.values()))['rel_diff_to_fp32_median']:.2f}%)")
     alone = {(a["projection"], a["kernel"]): a for a in runs[0][1]["alone"]}

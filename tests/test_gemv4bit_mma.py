@@ -111,7 +111,7 @@ def test_without_a_cuda_toolkit_it_is_built_by_its_own_nvrtc_call(monkeypatch):
 
 def test_compile_errors_carry_nvrtcs_log(monkeypatch):
     monkeypatch.setattr(gemv4bit_mma, "_SOURCE", gemv4bit_mma.source() + "\nthis is not CUDA;\n")
-    with pytest.raises(RuntimeError, match=r"(?s)could not compile glmkit's 4-bit kernel:.*error: expected a"):
+    with pytest.raises(RuntimeError, match=r"(?s)could not compile glmkit's CUDA kernel glmkit_gemv4_mma:.*error: expected a"):
         gemv4bit_mma.compile_cubin(gemv4bit_mma._options(True, False, False, False, 1, 256), "sm_90")
 
 
