@@ -222,21 +222,22 @@ def residual_linear(residual: torch.Tensor, x: torch.Tensor, weight: Weight, gem
 def gemv16_sms_left(x: torch.Tensor, wqkv: Weight, wo: Weight, gemv: bool | str, programs: int) -> int:
     """SMs the fused batch-1 step's q/k/v leaves to the ``programs`` programs of the decode attention after it when
     q/k/v and o_proj go through glmkit's 16-bit CUDA kernel (``glmkit.gemv16_one``), or 0: they take the Triton GEMV.
-    The kernel pays only where it leaves SMs (the attention then reads its cache while q/k/v runs): where the
-    Triton GEMV would run (``fuses``), the kernel takes both weights (``usable``, ``ROLES``), passed its first-run
-    check, and the attention's programs are few (``sms_left``: at batch 1 on a short cache, with programmatic
-    dependent launch), in bf16 (``GEMV16_DTYPES``).
+    The kernel pays only where it leaves SMs (the attention then reads its cache while q/k/v runs): in bf16
+    (``GEMV16_DTYPES``) in an uncompiled layer, where the attention's programs are few and launched with programmatic
+    dependent launch (``sms_left``: batch 1 on a short cache, Hopper), the Triton GEMV would run (``fuses``) and the
+    kernel takes both weights (``usable``, ``ROLES``); its first-run check is asked last (it compiles and launches).
 
     >>> gemv16_sms_left(torch.zeros(1, 1, 512), torch.zeros(8, 512), torch.zeros(512, 8), "triton", 4)  # a CPU: 0
     0
     """
-    if not 0 < programs <= gemv16_one.LEAVE_SMS_MAX or x.device.type != "cuda" or x.dtype not in GEMV16_DTYPES:
+    if torch.compiler.is_compiling() or x.device.type != "cuda" or x.dtype not in GEMV16_DTYPES:
         return 0
-    if not all(isinstance(w, torch.Tensor) and fuses(w, gemv, x=x) for w in (wqkv, wo)):
+    left = gemv16_one.sms_left(x.device, programs)
+    if not left or not all(isinstance(w, torch.Tensor) and fuses(w, gemv, x=x) for w in (wqkv, wo)):
         return 0
     if not (gemv16_one.usable(x, wqkv, "qkv") and gemv16_one.takes(wo, x.dtype, x.device, "o_proj")):
         return 0
-    return gemv16_one.sms_left(x.device, programs) if gemv16_one.check(x.device, x.dtype) else 0
+    return left if gemv16_one.check(x.device, x.dtype) else 0
 
 
 def auto_gemv(device: torch.device, batch_size: int, dtype: torch.dtype = torch.bfloat16,
@@ -304,7 +305,7 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor | NormedStream, pos: torch.Te
     # q/k/v may leave an SM to each of the attention's few programs (with programmatic dependent launch): they start
     # while it runs and read their cache tiles meanwhile (glmkit.gemv4bit_one / gemv16_one .LEAVE_SMS_MAX)
     programs = Grid.of(b, k_cache.shape[1], k_cache.shape[2], tickets is not None, early=True).programs \
-        if fused and attention == "triton" else 0
+        if fused and attention == "triton" and not torch.compiler.is_compiling() else 0
     left = 0  # SMs q/k/v leaves to the attention's programs
     if four_bit:
         stream = h if isinstance(h, NormedStream) else normed_stream(x, in_norm)  # (a segment's first layer)

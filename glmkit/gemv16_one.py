@@ -421,10 +421,13 @@ def gemv_16_one(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     n, k = weight.shape
     late = role in LATE_ROLES
     shape = shape or shape_for(k, _smem_limit(x.device), role)
-    if shape is None:
-        raise ValueError(f"glmkit.gemv16_one has no launch shape for rows of {k} columns (see usable).")
+    if shape is None or k % (shape.warps * STAGE_COLUMNS):
+        raise ValueError(f"glmkit.gemv16_one has no launch shape for rows of {k} columns: every warp's run of a row "
+                         f"must be whole stages of {STAGE_COLUMNS} columns (see usable).")
     if bias is not None and residual is not None:
         raise ValueError("gemv_16_one adds a bias or a residual, not both.")
+    bias = None if bias is None else bias.to(x.dtype).contiguous()  # (both read in x's type)
+    residual = None if residual is None else residual.to(x.dtype).contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     xf = _aligned(x)
     norm16 = None if norm_weight is None else _aligned(norm_weight.to(x.dtype))
@@ -456,8 +459,20 @@ def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 def _disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
     """What the kernel gets wrong on small weights against ``_reference``, or None: q/k/v's form (norm and bias),
-    o_proj's (residual), plain; rows that end inside a tile; rows of one stage and of several a warp."""
+    o_proj's (residual), plain; rows that end inside a tile; rows of one stage and of several a warp; and, in one
+    group a CTA, more tiles than CTAs (a group takes its next tile)."""
     g = torch.Generator(device=device).manual_seed(0)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    one_group = Shape16(1, 4, 3, 2)
+    x = torch.randn(1, 1, 1024, device=device, generator=g).to(dtype)
+    w = (torch.randn(16 * (sms + 5) - 8, 1024, device=device, generator=g) * 0.05).to(dtype)
+    bias = torch.randn(w.shape[0], device=device, generator=g).to(dtype)
+    norm = torch.rand(1024, device=device, generator=g) + 0.5
+    if usable(x, w):
+        got = gemv_16_one(x, w, bias, norm_weight=norm, shape=one_group).float()
+        want = _reference(x, w, bias, norm.to(dtype), 1e-5, None)
+        if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
+            return f"its products differ from F.linear ({dtype}, {tuple(w.shape)} in one group a CTA)"
     for n, k in ((40, 8 * STAGE_COLUMNS), (200, 32 * STAGE_COLUMNS)):
         w = (torch.randn(n, k, device=device, generator=g) * 0.05).to(dtype)
         x = torch.randn(1, 1, k, device=device, generator=g).to(dtype)

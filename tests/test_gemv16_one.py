@@ -147,13 +147,16 @@ def test_cpu_and_turned_off_stay_with_triton(monkeypatch):
 
 def test_the_decoder_gives_it_only_steps_that_leave_sms(monkeypatch):
     """``gemv16_sms_left``: the SMs q/k/v leaves to the attention where glmkit's kernel takes q/k/v and o_proj, and
-    0 (the Triton GEMVs) where the attention's programs are none or too many, in fp16, or where the Triton GEMV
-    would not run; the first-run check is asked last (it launches kernels), and only then."""
+    0 (the Triton GEMVs) where the attention's programs are none or too many, no SMs are left (no programmatic
+    dependent launch), in fp16, inside torch.compile's trace (a compiled layer: the kernel's checks read pointers),
+    or where the Triton GEMV would not run; the first-run check is asked last (it launches kernels), and only then."""
     asked = []
     monkeypatch.setattr(gemv16_one, "usable", lambda x, w, role="qkv": True)
     monkeypatch.setattr(gemv16_one, "takes", lambda w, dtype, device, role="qkv": True)
     monkeypatch.setattr(gemv16_one, "check", lambda device, dtype: asked.append(dtype) or True)
-    monkeypatch.setattr(gemv16_one, "sms_left", lambda device, programs: programs)
+    leaves = [True]
+    monkeypatch.setattr(gemv16_one, "sms_left",
+                        lambda device, programs: programs if leaves[0] and programs <= gemv16_one.LEAVE_SMS_MAX else 0)
     cuda = SimpleNamespace(type="cuda")
     x = SimpleNamespace(device=cuda, dtype=torch.bfloat16, numel=lambda: 4096, shape=(1, 1, 4096))
     w = torch.zeros(8, 4096)
@@ -163,4 +166,18 @@ def test_the_decoder_gives_it_only_steps_that_leave_sms(monkeypatch):
     assert fast_decode.gemv16_sms_left(x, w, w, False, 4) == 0  # cuBLAS steps
     fp16 = SimpleNamespace(device=cuda, dtype=torch.float16, numel=lambda: 4096, shape=(1, 1, 4096))
     assert fast_decode.gemv16_sms_left(fp16, w, w, "triton", 4) == 0
+    leaves[0] = False  # no programmatic dependent launch (pdl=False, a card before Hopper): no SMs left
+    assert fast_decode.gemv16_sms_left(x, w, w, "triton", 4) == 0
+    leaves[0] = True
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert fast_decode.gemv16_sms_left(x, w, w, "triton", 4) == 0
     assert asked == [torch.bfloat16]
+
+
+def test_an_explicit_shape_must_take_whole_stages(monkeypatch):
+    monkeypatch.setattr(gemv4bit_mma, "launch", lambda *a, **k: None)
+    h200 = SimpleNamespace(multi_processor_count=132, shared_memory_per_block_optin=gemv16_one.SMEM_H200)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: h200)
+    x, w = torch.zeros(1, 1, 1024, dtype=torch.bfloat16), torch.zeros(16, 1024, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="whole stages"):
+        gemv16_one.gemv_16_one(x, w, shape=gemv16_one.Shape16(1, 16, 3, 2))  # 64 columns a warp
