@@ -34,16 +34,18 @@ off.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from glmkit import gemv, gemv4bit_mma
+from glmkit import gemv, gemv4bit_mma, gemv4bit_one
+from glmkit.gemv4bit import _NOT_HERE, _checked
 from glmkit.gemv4bit_mma import or_stand_in
+from glmkit.gemv4bit_one import LEAVE_SMS_MAX, SMEM_H200, smem_limit, sms_left  # (the 4-bit batch-1 kernel's)
 
 __all__ = ["gemv_16_one", "usable", "takes", "runs_on", "turned_off", "check", "Shape16", "ROLES", "LATE_ROLES", "shape_for",
            "source", "NAME", "STAGE_COLUMNS", "LEAVE_SMS_MAX", "sms_left"]
@@ -51,9 +53,6 @@ __all__ = ["gemv_16_one", "usable", "takes", "runs_on", "turned_off", "check", "
 NAME = "glmkit_gemv16_one"
 LABEL = "batch-1 16-bit CUDA kernel"  # its name in a warning
 STAGE_COLUMNS = 128  # columns of a stage (16 rows: 4 KiB); a warp's run of a row is a whole number of stages
-# A launch before a kernel of at most this many programs (the decode attention after q/k/v at batch 1 on a short
-# cache) leaves an SM to each of them (as glmkit.gemv4bit_one.LEAVE_SMS_MAX)
-LEAVE_SMS_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,6 @@ ROLES = {"qkv": Shape16(4, 4, 3, 2), "o_proj": Shape16(2, 8, 3, 2)}
 # each CTA ends: launched first thing, gate/up's small programs would start on SMs still set out for this kernel's
 # shared memory, with little L1 left, and run slower there (GLM-4-9B bf16 on an H200: a step 4822 µs against 4571)
 LATE_ROLES = ("o_proj",)
-SMEM_H200 = 227 * 1024
 
 
 def shape_for(k: int, smem_limit: int = SMEM_H200, role: str = "qkv") -> Shape16 | None:
@@ -366,11 +364,6 @@ def runs_on(device: torch.device | str, dtype: torch.dtype) -> bool:
     return gemv4bit_mma.cuda_kernel_runs(device, dtype, NAME, env=False)
 
 
-def _smem_limit(device: torch.device) -> int:
-    props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
-
-
 def takes(weight: torch.Tensor, dtype: torch.dtype, device: torch.device, role: str = "qkv") -> bool:
     """Whether this kernel multiplies one token of ``dtype`` on ``device`` by ``weight`` ``[n, k]`` as projection
     ``role``: where it runs (``runs_on``), the weight in that dtype on that device, contiguous and 16-byte aligned,
@@ -383,7 +376,7 @@ def takes(weight: torch.Tensor, dtype: torch.dtype, device: torch.device, role: 
         return False
     if weight.data_ptr() % 16 or not runs_on(device, dtype):
         return False
-    return shape_for(weight.shape[1], _smem_limit(device), role) is not None
+    return shape_for(weight.shape[1], smem_limit(device), role) is not None
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor, role: str = "qkv") -> bool:
@@ -394,15 +387,6 @@ def usable(x: torch.Tensor, weight: torch.Tensor, role: str = "qkv") -> bool:
     """
     one = x.numel() == x.shape[-1] and weight.dim() == 2 and weight.shape[1] == x.shape[-1]
     return one and x.is_cuda and takes(weight, x.dtype, x.device, role)
-
-
-def sms_left(device: torch.device, programs: int) -> int:
-    """SMs a launch on ``device`` now leaves to the ``programs`` programs of the kernel after it: one each where it is
-    a programmatic dependent launch and they are at most ``LEAVE_SMS_MAX``, else none."""
-    dependent = bool(gemv.PDL) and torch.cuda.get_device_capability(device) >= (9, 0)
-    if not 0 < programs <= LEAVE_SMS_MAX or not dependent or gemv4bit_mma.dependent_launch_refused(device):
-        return 0
-    return programs
 
 
 def _aligned(t: torch.Tensor) -> torch.Tensor:
@@ -420,7 +404,7 @@ def gemv_16_one(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     leaves ``leave_sms`` SMs to the kernel after it (``sms_left``). The caller has checked ``usable``."""
     n, k = weight.shape
     late = role in LATE_ROLES
-    shape = shape or shape_for(k, _smem_limit(x.device), role)
+    shape = shape or shape_for(k, smem_limit(x.device), role)
     if shape is None or k % (shape.warps * STAGE_COLUMNS):
         raise ValueError(f"glmkit.gemv16_one has no launch shape for rows of {k} columns: every warp's run of a row "
                          f"must be whole stages of {STAGE_COLUMNS} columns (see usable).")
@@ -437,13 +421,12 @@ def gemv_16_one(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     tiles = -(-n // 16)
     programs = max(1, min(sms - sms_left(x.device, leave_sms), tiles))
-    dependent = bool(gemv.PDL) and torch.cuda.get_device_capability(x.device) >= (9, 0)
     gemv4bit_mma.launch(x.device, options, (programs, 1, 1), (shape.groups * shape.warps * 32, 1, 1), args,
-                        shape.smem_bytes(k), _SOURCE, NAME, pdl=dependent)
+                        shape.smem_bytes(k), _SOURCE, NAME, pdl=gemv4bit_one._dependent(x.device))
     return y
 
 
-_CHECKED: dict[tuple[int, torch.dtype], bool] = {}  # (GPU index, dtype) -> passed
+_CHECKED: dict[tuple[torch.device, torch.dtype], bool] = {}  # (GPU, dtype) -> passed its first-run check
 
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, norm_weight: torch.Tensor | None,
@@ -460,7 +443,13 @@ def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def _disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
     """What the kernel gets wrong on small weights against ``_reference``, or None: q/k/v's form (norm and bias),
     o_proj's (residual), plain; rows that end inside a tile; rows of one stage and of several a warp; and, in one
-    group a CTA, more tiles than CTAs (a group takes its next tile)."""
+    group a CTA, more tiles than CTAs (a group takes its next tile). Launched plainly, as a decoder's warm-up may
+    not (programmatic dependent launch)."""
+    with gemv.dependent_launches(False):
+        return _products_disagree(device, dtype)
+
+
+def _products_disagree(device: torch.device, dtype: torch.dtype) -> str | None:
     g = torch.Generator(device=device).manual_seed(0)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     one_group = Shape16(1, 4, 3, 2)
@@ -482,7 +471,7 @@ def _disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
         for role, form in (("qkv", dict(bias=bias, norm_weight=norm)), ("o_proj", dict(residual=residual)),
                            ("qkv", {})):
             if not usable(x, w, role):
-                return "not usable here"
+                return _NOT_HERE
             got = gemv_16_one(x, w, **form, role=role).float()
             want = _reference(x, w, form.get("bias"), form.get("norm_weight"), 1e-5, form.get("residual"))
             if not torch.allclose(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item()):
@@ -493,28 +482,14 @@ def _disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
 
 def check(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether this kernel runs on ``device`` for a token of ``dtype``: the first time it is asked in a process
-    (outside a CUDA graph capture: a decoder's eager warm-up), it is compiled and checked against ``F.linear``; an
-    error or a disagreement turns it off for the process, with a warning that says why.
+    (outside a compiled function or a CUDA graph capture, where it answers False: a decoder's eager warm-up comes
+    first), it is compiled and checked against ``F.linear``; an error or a disagreement turns it off for the process,
+    with a warning that says why (``glmkit.gemv4bit``'s first-run checks, as for the 4-bit CUDA kernels).
 
     >>> check("cpu")
     False
     """
-    device = torch.device(device)
-    if device.type != "cuda" or not runs_on(device, dtype):
-        return False
-    key = (device.index if device.index is not None else torch.cuda.current_device(), dtype)
-    if key not in _CHECKED:
-        if torch.cuda.is_current_stream_capturing():
-            return False
-        try:
-            with gemv.dependent_launches(False):
-                why = _disagreement(device, dtype)
-        except Exception as exc:  # a compile or launch error: the Triton kernel runs instead
-            why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
-        _CHECKED[key] = why is None
-        if why is not None and why != "not usable here":
-            gemv4bit_mma.disable(device, why, NAME, LABEL)
-        elif why is not None:
-            warnings.warn(f"glmkit's {LABEL}: {why}", RuntimeWarning, stacklevel=2)
-    return _CHECKED[key] and runs_on(device, dtype)
+    return runs_on(device, dtype) and _checked(_CHECKED, device, dtype, _disagreement, _KERNEL, meanwhile=False)
 
+
+_KERNEL = SimpleNamespace(NAME=NAME, LABEL=LABEL)  # what names this kernel in a first-run check's warning

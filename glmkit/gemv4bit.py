@@ -797,10 +797,12 @@ def check_mma(device: torch.device | str, dtype: torch.dtype = torch.bfloat16) -
 
 
 def _checked(answers: dict[tuple[torch.device, torch.dtype], bool], device: torch.device | str, dtype: torch.dtype,
-             disagreement: Callable[[torch.device, torch.dtype], str | None], kernel: Any) -> bool:
-    """The first-run check of one of glmkit's CUDA kernels (``check_mma``, ``check_one``; ``kernel``: its module) on
-    ``device`` for ``dtype``: ``disagreement`` says what the kernel gets wrong (None: nothing); an error or a
-    disagreement turns that kernel off on the device (``gemv4bit_mma.disable``)."""
+             disagreement: Callable[[torch.device, torch.dtype], str | None], kernel: Any,
+             meanwhile: bool = True) -> bool:
+    """The first-run check of one of glmkit's CUDA kernels (``check_mma``, ``check_one``,
+    ``glmkit.gemv16_one.check``; ``kernel``: its module, or what names it) on ``device`` for ``dtype``:
+    ``disagreement`` says what the kernel gets wrong (None: nothing); an error or a disagreement turns that kernel
+    off on the device (``gemv4bit_mma.disable``). ``meanwhile``: the answer before it has run (``_first_run``)."""
     device = torch.device(device)
     if device.type != "cuda":
         return False
@@ -817,7 +819,7 @@ def _checked(answers: dict[tuple[torch.device, torch.dtype], bool], device: torc
             gemv4bit_mma.disable(device, why, kernel.NAME, kernel.LABEL)
         return not why
 
-    return _first_run(answers, (device, dtype), agrees, True)
+    return _first_run(answers, (device, dtype), agrees, meanwhile)
 
 
 _NOT_HERE = "not usable here"

@@ -862,10 +862,8 @@ def gemv16_table() -> Table | Text:
 
 
 def _cards_of(runs: list[tuple[str, dict[str, Any]]]) -> str:
-    """``"2 runs on 2 NVIDIA H200s"`` for named runs that each record their card's UUID."""
-    cards = len({_card(r) for _, r in runs})
-    devices = sorted({r["environment"]["device"] for _, r in runs})
-    return f"{len(runs)} run{'s' * (len(runs) > 1)} on {cards} {' / '.join(devices)}{'s' * (cards > 1)}"
+    """``_cards`` of named runs that record their cards as ``gpu_uuids``."""
+    return _cards([{"gpu_uuid": _card(r), "environment": r["environment"]} for _, r in runs])
 
 
 def gemv16_sentence() -> Text:
