@@ -1,5 +1,8 @@
 """Helpers more than one test module uses (imported as ``from helpers import ...``: pytest puts tests/ on the path)."""
 
+import re
+from typing import Any
+
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,3 +37,18 @@ def greedy_rows(decoder, logits: torch.Tensor, pos: torch.Tensor, steps: int) ->
         logits = decoder.decode_step(tokens, pos).clone()  # each row at its own position
         pos += 1
     return rows
+
+
+def named_launch_args(source: str, kernel: str, args: list[Any]) -> dict[str, Any]:
+    """The arguments a launch hands one of glmkit's CUDA kernels (``kernel`` in ``source``), by the names of the
+    kernel's own parameters, once checked against them: as many, in order, a tensor for every pointer, an int for
+    every ``int`` and a float for every ``double`` (torch's launcher passes a Python float as a C double and an int as
+    a C int: the kernel must take only those)."""
+    signature = re.search(rf"{kernel}\((.*?)\)\s*\{{", source, re.S).group(1)
+    params = [p.strip() for p in signature.split(",")]
+    assert len(args) == len(params), (args, params)
+    assert not [p for p in params if "*" not in p and not p.startswith(("int ", "double "))], params
+    for arg, param in zip(args, params):
+        kind = torch.Tensor if "*" in param else float if param.startswith("double") else int
+        assert isinstance(arg, kind), (param, arg)
+    return dict(zip([p.split()[-1].lstrip("*") for p in params], args))

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import named_launch_args
 from test_gemv4bit_mma import _cuobjdump
 
 from glmkit import fast_decode, gemv4bit_mma, gemv16_one
@@ -65,11 +66,6 @@ def test_the_layout_must_match_the_shared_memory_asked_for():
                                    gemv16_one.NAME)
 
 
-def _params() -> list[str]:
-    signature = re.search(r"glmkit_gemv16_one\((.*?)\)\s*\{", gemv16_one.source(), re.S).group(1)
-    return [p.strip() for p in signature.split(",")]
-
-
 @pytest.mark.parametrize("role, fold", [("qkv", "norm"), ("o_proj", "residual"), ("qkv", None)])
 def test_launch_matches_the_kernels_parameters(role, fold, monkeypatch):
     """What ``gemv_16_one`` hands the kernel: a tensor for every pointer, an int or a float (a C double) for every
@@ -89,18 +85,13 @@ def test_launch_matches_the_kernels_parameters(role, fold, monkeypatch):
     y = gemv16_one.gemv_16_one(x, w, **kwargs, role=role, leave_sms=4)
     assert y.shape == (1, 1, n) and y.dtype == x.dtype
     (device, options, grid, block, args, shared, source, name), launch_kwargs = launches[0]
-    params = _params()
-    assert len(args) == len(params) and source == gemv16_one.source() and name == gemv16_one.NAME
-    assert not [p for p in params if "*" not in p and not p.startswith(("int ", "double "))], params
-    for arg, param in zip(args, params):
-        kind = torch.Tensor if "*" in param else float if param.startswith("double") else int
-        assert isinstance(arg, kind), (param, arg)
+    assert source == gemv16_one.source() and name == gemv16_one.NAME
+    named = named_launch_args(source, name, args)
     shape = gemv16_one.shape_for(k, role=role)
     assert grid == (132, 1, 1) and block == (32 * shape.groups * shape.warps, 1, 1)  # no SMs left without PDL
     assert shared == shape.smem_bytes(k) and launch_kwargs == {"pdl": False}
     assert f"-DLATE={int(role == 'o_proj')}" in options and f"-DWARPS={shape.warps}" in options
     assert f"-DNORM={int(fold == 'norm')}" in options and f"-DRESIDUAL={int(fold == 'residual')}" in options
-    named = dict(zip([p.split()[-1].lstrip("*") for p in params], args))
     assert named["y"] is y and named["n"] == n and named["k"] == k and named["w"] is w
     if fold == "norm":
         assert named["norm_weight"].dtype == x.dtype and named["eps"] == 1e-6  # read in x's type

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import named_launch_args
 
 from glmkit import gemv4bit, gemv4bit_mma
 from glmkit.gemv4bit import quantize
@@ -46,11 +47,6 @@ def test_compiles_for_sm90_without_spills(bf16, nested, swiglu, bias, segments, 
     assert sass.count(" PRMT ") >= 64 and len(re.findall(r"\bLDS\b", sass)) >= 64
 
 
-def _params() -> list[str]:
-    signature = re.search(r"glmkit_gemv4_mma\((.*?)\)\s*\{", gemv4bit_mma.source(), re.S).group(1)
-    return [p.strip() for p in signature.split(",")]
-
-
 @pytest.mark.parametrize("swiglu, heights", [(False, (40, 16, 24)), (True, (2 * 40,)), (False, (100,))])
 def test_launch_matches_the_kernels_parameters(swiglu, heights, monkeypatch):
     """What ``gemv_4bit_mma`` hands the kernel: a tensor for every pointer, an int for every int, in order; one
@@ -63,15 +59,11 @@ def test_launch_matches_the_kernels_parameters(swiglu, heights, monkeypatch):
     y = gemv4bit_mma.gemv_4bit_mma(x, ws, bias, swiglu)
     assert y.shape == (3, 1, heights[0] // 2 if swiglu else sum(heights)) and y.dtype == x.dtype
     device, options, grid, block, args, shared = launches[0]
-    params = _params()
-    assert len(args) == len(params)
-    for arg, param in zip(args, params):
-        assert isinstance(arg, torch.Tensor) if "*" in param else isinstance(arg, int), (param, arg)
+    named = named_launch_args(gemv4bit_mma.source(), gemv4bit_mma.NAME, args)
     tiles = sum(-(-(h // 2 if swiglu else h) // gemv4bit_mma.ROWS) for h in heights)
     assert grid == (tiles, 1, 1) and block == (32 * gemv4bit_mma.WARPS, 1, 1)
     assert shared == gemv4bit_mma._shared_bytes(128, swiglu) <= gemv4bit_mma.SHARED_LIMIT and device == x.device
     assert f"-DSWIGLU={int(swiglu)}" in options and f"-DSEGMENTS={len(heights)}" in options
-    named = dict(zip([p.split()[-1].lstrip("*") for p in params], args))
     assert named["x"].data_ptr() % 16 == 0 and named["vectors"] == 3 and named["bytes_per_row"] == 64
     assert named["y"] is y and named["y_row"] == y.shape[-1]
     assert swiglu or (named["bias"].dtype == x.dtype and named["bias"].shape == (sum(heights),))

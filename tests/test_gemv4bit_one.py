@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import named_launch_args
 from test_gemv4bit_mma import _cuobjdump
 
 from glmkit import gemv4bit, gemv4bit_mma, gemv4bit_one
@@ -63,11 +64,6 @@ def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual,
         assert re.findall(r"\bLDG\.[A-Z0-9.]+", before) == ["LDG.E.CONSTANT"] * 2
 
 
-def _params() -> list[str]:
-    signature = re.search(r"glmkit_gemv4_one\((.*?)\)\s*\{", gemv4bit_one.source(), re.S).group(1)
-    return [p.strip() for p in signature.split(",")]
-
-
 @pytest.mark.parametrize("swiglu, heights, fold", [(False, (40, 16, 24), "normed"), (True, (2 * 40,), None),
                                                     (False, (100,), "residual")])
 def test_launch_matches_the_kernels_parameters(swiglu, heights, fold, monkeypatch):
@@ -91,13 +87,8 @@ def test_launch_matches_the_kernels_parameters(swiglu, heights, fold, monkeypatc
     y = gemv4bit_one.gemv_4bit_one(x, ws, torch.zeros(n) if fold == "normed" else None, swiglu, **fold_args)
     assert y.shape == (1, 1, n) and y.dtype == x.dtype
     (device, options, grid, block, args, shared, source, name), _ = launches[0]
-    params = _params()
-    assert len(args) == len(params) and source == gemv4bit_one.source() and name == gemv4bit_one.NAME
-    # torch's launcher passes a Python float as a C double and an int as a C int: the kernel must take those
-    assert not [p for p in params if "*" not in p and not p.startswith(("int ", "double "))], params
-    for arg, param in zip(args, params):
-        kind = torch.Tensor if "*" in param else float if param.startswith("double") else int
-        assert isinstance(arg, kind), (param, arg)
+    assert source == gemv4bit_one.source() and name == gemv4bit_one.NAME
+    named = named_launch_args(source, name, args)
     shape = gemv4bit_one.shape_for(swiglu, 128)
     assert grid == (min(4, tiles), 1, 1) and block == (32 * shape.groups * shape.warps, 1, 1)
     assert shared == shape.smem_bytes(swiglu, 128) and device == x.device
@@ -109,7 +100,6 @@ def test_launch_matches_the_kernels_parameters(swiglu, heights, fold, monkeypatc
     with dependent_launches():
         gemv4bit_one.gemv_4bit_one(x, ws, torch.zeros(n) if fold == "normed" else None, swiglu, **fold_args)
     assert launches[2][1] == {"pdl": False}
-    named = dict(zip([p.split()[-1].lstrip("*") for p in params], args))
     assert named["y"] is y and named["chunks"] == 2 and named["tiles"] == tiles
     assert f"-DNORMED={int(fold == 'normed')}" in options and f"-DRESIDUAL={int(fold == 'residual')}" in options
     assert f"-DSWIGLU={int(swiglu)}" in options and f"-DSEGMENTS={len(heights)}" in options
