@@ -8,7 +8,7 @@ replaced by a kernel that only copies q to the output after waiting for the proj
 kernel"), and by no kernel at all (o_proj reads q: "no kernel"); their tokens are wrong, only their time is read.
 
     PYTHONPATH=. python benchmarks/step_roles.py --checkpoint /tmp/glm9b     # about 2 minutes on an H200
-Writes benchmarks/results/step_roles.json (and to $OUT).
+Writes benchmarks/results/step_roles.json (or --name; and to $OUT).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def role_bytes(model: torch.nn.Module) -> dict[str, int]:
 
 def roles_of(names: list[str]) -> list[str]:
     """The role of each kernel of one step, in launch order."""
-    gemvs = [i for i, n in enumerate(names) if n.startswith(("_gemv", "glmkit_gemv4"))]  # glmkit's GEMVs (not a compiler's)
+    gemvs = [i for i, n in enumerate(names) if n.startswith(("_gemv", "glmkit_gemv"))]  # glmkit's GEMVs (not a compiler's)
     role = {}
     for j, i in enumerate(gemvs):
         role[i] = "lm_head" if j == len(gemvs) - 1 else PROJECTIONS[j % 4]
@@ -239,6 +239,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
     ap.add_argument("--precision", nargs="+", default=["bf16"])
+    ap.add_argument("--name", default="step_roles", help="the result's name (benchmarks/results/NAME.json)")
     args = ap.parse_args()
     bw = copy_bandwidth()
     result = {"what": __doc__.splitlines()[0], "copy_bandwidth_bytes_s": bw, "position": POSITION, "runs": {}}
@@ -260,7 +261,7 @@ def main() -> None:
                    if r.get("fraction_of_copy_bandwidth")}, flush=True)
             del decoder
             torch.cuda.empty_cache()
-        save_result("step_roles", result)
+        save_result(args.name, result)
         del model
         torch.cuda.empty_cache()
 
