@@ -18,8 +18,8 @@ keeps its loads in flight in shared memory instead, as ``glmkit.gemv4bit_one`` d
   meanwhile.
 
 ``FastDecoder``'s bf16 batch-1 step runs q/k/v and o_proj through it where q/k/v then leaves SMs to the decode
-attention (``glmkit.fast_decode.gemv16_sms_left``): GLM-4-9B's step took 1.5% less time around 160 cached tokens on
-two H200s, the same below 128 (``benchmarks/results/gemv16_step*.json``); notebook ``05_tuning.ipynb`` teaches it.
+attention (``glmkit.fast_decode.gemv16_sms_left``): GLM-4-9B's step took 1.5-1.6% less time around 160 cached tokens
+on four H200s, the same below 128 (``benchmarks/results/gemv16_step*.json``); notebook ``05_tuning.ipynb`` teaches it.
 It is checked against ``F.linear`` in fp32 the first time it runs on a GPU (``check``); a disagreement or an error
 turns it off for the process, with a warning, and the Triton kernel runs. ``GLMKIT_16BIT_KERNEL=triton`` turns it
 off.

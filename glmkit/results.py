@@ -826,7 +826,8 @@ def fast_path_today_sentence() -> Text:
                        script="benchmarks/attention_tickets.py --checkpoint /tmp/glm9b")
 
 
-GEMV16_RUNS = ("gemv16_step", "gemv16_step_run2")  # benchmarks/gemv16_step.py's runs, each on the card in hand
+# benchmarks/gemv16_step.py's runs, each on the card in hand
+GEMV16_RUNS = ("gemv16_step", "gemv16_step_run2", "gemv16_step_run3", "gemv16_step_run4")
 GEMV16_AT = ("40", "100", "160", "220", "262")  # the cache lengths each run replays the step at
 
 
@@ -885,12 +886,12 @@ def gemv16_sentence() -> Text:
             f"positions): its reads wait in shared memory, not registers, so the attention's programs find room, start "
             f"while q/k/v runs and read their first tile of the cache meanwhile. In {_cards_of(runs)} "
             f"({_run_dates([r for _, r in runs])}, `gemv16_step*.json`) the step's CUDA graph took "
-            f"{' and '.join(f'{100 * (1 - 1 / x):.1f}%' for x in replay)} less time with it around 160 cached tokens "
+            f"{_span([100 * (1 - 1 / x) for x in replay])}% less time with it around 160 cached tokens "
             f"({second['best_replay_us']:.0f} against {first['best_replay_us']:.0f} µs in the first run); by cache "
             f"length ({' / '.join(GEMV16_AT)} tokens) {per_cache(second['replay_at_us'], list(GEMV16_AT))} against "
             f"{per_cache(first['replay_at_us'], list(GEMV16_AT))} µs: the same up to one tile of the Triton path's "
             f"attention (128 positions), less beyond. Decode tok/s changed by "
-            f"{' and '.join(f'{100 * (x - 1):+.2f}%' for x in rate)} "
+            f"{100 * (min(rate) - 1):+.2f} to {100 * (max(rate) - 1):+.2f}% "
             f"(the token loop's rate moves about 1% from round to round), to {_span(shares)}% "
             f"of the copy roofline measured in each run. The greedy tokens differ from the Triton step's on these random "
             f"weights (its first step's logits {100 * second['first_logits_rel_diff']:.1f}% apart: the norm's product "
@@ -925,8 +926,34 @@ def gemv16_sentence() -> Text:
                  f"each CTA ends); every Triton kernel asking for that carve-out too ({carve_out} slower); q/k/v "
                  f"through this kernel without leaving SMs ({not_left} slower than the Triton GEMV); the attention in "
                  f"tiles of 128, leaving it more SMs ({tiles_128} slower); other groups of warps and ring depths")
+    text += _gemv16_not_kept()
     return Text(text + ". Where the attention's programs are many (a longer cache, or more rows), both stay on the "
                 "Triton GEMVs, as in fp16 (not measured with it).")
+
+
+def _gemv16_not_kept() -> str:
+    """The clause of ``gemv16_sentence`` on what was tried beside it later and not kept (``gemv16_gate_up.json``,
+    ``attention_one_step*.json``), or nothing where those results are absent."""
+    text = ""
+    gate_up = load("gemv16_gate_up")
+    if gate_up:
+        rows = {r["variant"]: r["best_replay_us"] for r in gate_up["rows"]}
+        tried = [us for v, us in rows.items() if v.startswith("cuda")]
+        alone = {a["kernel"]: a["us_pdl"] for a in gate_up["alone"]}
+        text += (f". Nor gate/up through it, up * silu(gate) folded in (8 gate rows and their 8 up rows a tile; "
+                 f"`gemv16_gate_up.json`): alone {alone[next(k for k in alone if k.startswith('cuda'))]:.1f} µs "
+                 f"against {alone['triton']:.1f}, in the step {_span(tried, 0)} µs against "
+                 f"{rows['triton gate_up']:.0f}")
+    runs = [r for name in ("attention_one_step", "attention_one_step_run2", "attention_one_step_run3")
+            if (r := load(name)) is not None]
+    if runs:
+        pairs = [{x["variant"]: x["best_replay_us"] for x in r["rows"]} for r in runs]
+        cuda, triton = (" / ".join(f"{p[v]:.0f}" for p in pairs) for v in ("CUDA attention", "Triton attention"))
+        text += (f"; nor the decode attention through a CUDA kernel of its own (the cache tile copied before the wait, "
+                 f"q straight into the tensor cores' operand; `attention_one_step*.json`): as accurate, but on "
+                 f"{len(runs)} H200s the step took {cuda} µs against {triton}: there the attention's time was "
+                 f"already hidden")
+    return text
 
 
 def card_bandwidth_runs() -> list[tuple[str, dict[str, Any]]]:
@@ -1143,6 +1170,78 @@ def bf16_nf4_sentence(runs: list[dict[str, Any]] | None = None) -> Text:
                  f"{BF16_MARK:.0%} and that run's cap.")
     else:
         text += f"under {BF16_MARK:.0%} in every run: in these runs both cannot hold."
+    return Text(text)
+
+
+# Every committed run that timed the default bf16 batch-1 decoder as it is now (q/k/v and o_proj through
+# glmkit.gemv16_one), by result and the row that holds it: benchmarks/gemv16_step.py's runs, then the default rows of
+# the variant runs beside them (each variant taking turns with the default)
+BF16_NOW_RUNS: list[tuple[str, Callable[[dict[str, Any]], bool]]] = [
+    *[(name, lambda r: r["cuda_kernel"]) for name in GEMV16_RUNS],
+    ("gemv16_gate_up", _variant("triton gate_up")), ("step_by_position", _variant("default")),
+    ("bf16_sweep", _variant("default")),
+    *[(name, _variant("Triton attention"))
+      for name in ("attention_one_step", "attention_one_step_run2", "attention_one_step_run3")],
+]
+
+
+def bf16_now_runs(results_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """Per committed run of ``BF16_NOW_RUNS``: its name, card, environment, copy bandwidth, and the default decoder's
+    step around 160 cached tokens (µs, the best replay), decode tok/s and share of the copy roofline."""
+    runs = []
+    for name, pick in BF16_NOW_RUNS:
+        result = load(name, results_dir)
+        if result is not None:
+            row = next(r for r in result["rows"] if pick(r))
+            runs.append({"name": name, "gpu_uuid": _card(result), "environment": result["environment"],
+                         "copy_bandwidth_bytes_s": result["copy_bandwidth_bytes_s"], "step_us": row["best_replay_us"],
+                         "tok_s": row["best_tok_s"], "share": row["fraction_of_roofline"]})
+    return runs
+
+
+def bf16_now_table(runs: list[dict[str, Any]] | None = None) -> Table | Text:
+    """The default bf16 batch-1 decoder as it is now, run by run and card by card (``bf16_now_runs``); or "not
+    measured"."""
+    runs = bf16_now_runs() if runs is None else runs
+    if not runs:
+        return not_measured("The bf16 step as it is now, card by card", "benchmarks/gemv16_step.py")
+    rows = [[f"`{r['name']}.json`", r["gpu_uuid"], f"{r['copy_bandwidth_bytes_s'] / 1e12:.3f}", f"{r['step_us']:.0f}",
+             f"{r['tok_s']:.1f}", f"{100 * r['share']:.1f}%", "yes" if r["share"] >= BF16_MARK else "no"]
+            for r in runs]
+    return table(["run", "card", "copy TB/s", "step µs at 160", "decode tok/s", "of copy roofline",
+                  f"≥ {BF16_MARK:.0%}"], rows,
+                 caption=f"GLM-4-9B bf16 at batch 1, the default decoder, {_cards(runs)}, {_run_dates(runs)}: the "
+                         f"step's CUDA graph replayed around 160 cached tokens and decode tok/s (32 + 256 tokens), "
+                         f"best of 3 rounds taken in turns with the run's other variants")
+
+
+def bf16_now_sentence(runs: list[dict[str, Any]] | None = None) -> Text:
+    """What ``bf16_now_table`` shows, in words: the spread of bf16's share of its roofline over cards, how many runs
+    reach ``BF16_MARK``, and whether the copy bandwidth tells the cards apart; or "not measured"."""
+    runs = bf16_now_runs() if runs is None else runs
+    if not runs:
+        return not_measured("The bf16 step as it is now, card by card", "benchmarks/gemv16_step.py")
+    at, under = [r for r in runs if r["share"] >= BF16_MARK], [r for r in runs if r["share"] < BF16_MARK]
+    text = (f"{_cards(runs)} ({_run_dates(runs)}; `gemv16_step*.json` and the default rows of the variant runs beside "
+            f"them): the default bf16 decoder decoded {_span([r['tok_s'] for r in runs])} tok/s, "
+            f"{_span([100 * r['share'] for r in runs])}% of the copy roofline measured in each run, "
+            f"{BF16_MARK:.0%} or more in {len(at)} of {len(runs)}.")
+    if at and under:
+        def spans(among: list[dict[str, Any]]) -> tuple[str, str]:
+            return (_span([r["step_us"] for r in among], 0),
+                    _span([r["copy_bandwidth_bytes_s"] / 1e12 for r in among], 3))
+
+        (step_at, copy_at), (step_under, copy_under) = spans(at), spans(under)
+        copies = [[r["copy_bandwidth_bytes_s"] for r in among] for among in (at, under)]
+        text += (f" The same step took {step_at} µs around 160 cached tokens in the runs at {BF16_MARK:.0%} or more "
+                 f"and {step_under} µs in the others, at copy bandwidths of {copy_at} against {copy_under} TB/s")
+        if max(copies[0]) < min(copies[1]):
+            text += (": the cards that copied slower decoded faster. A card's copy bandwidth does not rank how fast "
+                     "it reads its weights (*Why H200s differ*).")
+        elif max(copies[1]) >= min(copies[0]):
+            text += ": the copy bandwidth does not tell those cards apart (*Why H200s differ*)."
+        else:
+            text += "."
     return Text(text)
 
 
@@ -3113,6 +3212,7 @@ def readme_measured_section() -> str:
                "**The next token inside the step**: " + str(greedy_tail_sentence()),
                "**The fast path today**: " + str(fast_path_today_sentence()),
                "**bf16 q/k/v and o_proj on the tensor cores**: " + str(gemv16_sentence()),
+               "**The bf16 step now, card by card**: " + str(bf16_now_sentence()),
                "**Why H200s differ**: " + str(card_bandwidth_sentence()),
                "**bf16 and nf4 in the same run, run after run**: " + str(bf16_nf4_sentence()),
                "**Long prompts**: " + long_context_sentence(),

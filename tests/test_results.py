@@ -763,3 +763,66 @@ def test_the_greedy_pick_inside_the_step_renders_the_committed_files_and_the_def
     nf4, bf16 = g[("nf4", results.GREEDY_IN_STEP)], g[("bf16", results.GREEDY_IN_STEP)]
     assert nf4["over_bf16_same_loop"] == pytest.approx(nf4["best_tok_s"] / bf16["best_tok_s"])
     assert f"nf4 decodes {nf4['over_bf16_same_loop']:.3f}x bf16" in sentence
+
+
+def test_bf16_now_runs_read_each_files_default_row(monkeypatch, tmp_path):
+    """Every listed run of the default bf16 decoder is a row with its own file's figures, from the default row (the
+    16-bit CUDA kernel's in gemv16_step's runs, not the Triton GEMVs'; the variant runs' default, not a variant), its
+    card the one the file records, and the last column follows the mark."""
+    runs = results.bf16_now_runs()
+    assert [r["name"] for r in runs] == [name for name, _ in results.BF16_NOW_RUNS]
+    for r in runs:
+        result = results.load(r["name"])
+        rows = result["rows"]
+        default = next(row for row in rows if row.get("cuda_kernel") or row["variant"] in
+                       ("triton gate_up", "default", "Triton attention"))
+        assert (r["tok_s"], r["step_us"], r["share"]) == (default["best_tok_s"], default["best_replay_us"],
+                                                          default["fraction_of_roofline"])
+        assert any(row["best_tok_s"] != r["tok_s"] for row in rows)  # a variant beside it: another rate
+        assert r["gpu_uuid"] == result["gpu_uuids"][0][:12]
+    table = results.bf16_now_table()
+    for r, row in zip(runs, table.rows, strict=True):
+        assert row[0] == f"`{r['name']}.json`" and row[-1] == ("yes" if r["share"] >= 0.9 else "no")
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    assert "not measured yet" in str(results.bf16_now_table()) and "not measured yet" in str(results.bf16_now_sentence())
+
+
+def _now_run(uuid: str, copy: float, step: float, tok_s: float, share: float) -> dict:
+    return {"name": f"run_{uuid}", "gpu_uuid": uuid, "environment": {"device": "NVIDIA H200", "date": "2026-12-01"},
+            "copy_bandwidth_bytes_s": copy * 1e12, "step_us": step, "tok_s": tok_s, "share": share}
+
+
+@pytest.mark.parametrize("runs, told", [
+    # the cards at 90% copied slower than the others: said so
+    ([_now_run("a", 4.24, 4487, 223.0, 0.923), _now_run("b", 4.27, 4570, 217.0, 0.893)], "copied slower decoded faster"),
+    # copy bandwidths that overlap: they do not tell the cards apart
+    ([_now_run("a", 4.26, 4487, 223.0, 0.923), _now_run("b", 4.25, 4570, 217.0, 0.893),
+      _now_run("c", 4.27, 4571, 217.0, 0.891)], "does not tell those cards apart"),
+    # the faster cards copied faster too: no conclusion
+    ([_now_run("a", 4.30, 4487, 223.0, 0.905), _now_run("b", 4.20, 4570, 217.0, 0.899)], None),
+    # every run at 90%: no comparison of steps
+    ([_now_run("a", 4.24, 4487, 223.0, 0.923)], None),
+])
+def test_bf16_now_sentence_draws_only_what_its_figures_hold(runs, told):
+    sentence = str(results.bf16_now_sentence(runs))
+    at = sum(r["share"] >= 0.9 for r in runs)
+    assert f"90% or more in {at} of {len(runs)}" in sentence
+    assert ("The same step took" in sentence) == (0 < at < len(runs))
+    for phrase in ("copied slower decoded faster", "does not tell those cards apart"):
+        assert (phrase in sentence) == (phrase == told)
+
+
+def test_gemv16_sentence_names_what_was_not_kept(monkeypatch, tmp_path):
+    """The 16-bit kernel's paragraph gives the figures of what was tried beside it and not kept, from their files, and
+    leaves them out where the files are absent."""
+    gate_up = results.load("gemv16_gate_up")
+    rows = {r["variant"]: r["best_replay_us"] for r in gate_up["rows"]}
+    clause = results._gemv16_not_kept()
+    assert f"against {rows['triton gate_up']:.0f}" in clause and "`gemv16_gate_up.json`" in clause
+    assert min(us for v, us in rows.items() if v.startswith("cuda")) > rows["triton gate_up"]  # why not kept
+    attention = results.load("attention_one_step")
+    steps = {r["variant"]: r["best_replay_us"] for r in attention["rows"]}
+    assert f"{steps['CUDA attention']:.0f}" in clause and "`attention_one_step*.json`" in clause
+    assert clause in str(results.gemv16_sentence())
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    assert results._gemv16_not_kept() == ""
