@@ -828,6 +828,8 @@ def fast_path_today_sentence() -> Text:
 
 # benchmarks/gemv16_step.py's runs, each on the card in hand
 GEMV16_RUNS = ("gemv16_step", "gemv16_step_run2", "gemv16_step_run3", "gemv16_step_run4")
+# the runs of a CUDA decode attention beside the Triton one (not kept), each on the card in hand
+ATTENTION_ONE_RUNS = ("attention_one_step", "attention_one_step_run2", "attention_one_step_run3")
 GEMV16_AT = ("40", "100", "160", "220", "262")  # the cache lengths each run replays the step at
 
 
@@ -944,8 +946,7 @@ def _gemv16_not_kept() -> str:
                  f"`gemv16_gate_up.json`): alone {alone[next(k for k in alone if k.startswith('cuda'))]:.1f} µs "
                  f"against {alone['triton']:.1f}, in the step {_span(tried, 0)} µs against "
                  f"{rows['triton gate_up']:.0f}")
-    runs = [r for name in ("attention_one_step", "attention_one_step_run2", "attention_one_step_run3")
-            if (r := load(name)) is not None]
+    runs = [r for name in ATTENTION_ONE_RUNS if (r := load(name)) is not None]
     if runs:
         pairs = [{x["variant"]: x["best_replay_us"] for x in r["rows"]} for r in runs]
         cuda, triton = (" / ".join(f"{p[v]:.0f}" for p in pairs) for v in ("CUDA attention", "Triton attention"))
@@ -1180,8 +1181,7 @@ BF16_NOW_RUNS: list[tuple[str, Callable[[dict[str, Any]], bool]]] = [
     *[(name, lambda r: r["cuda_kernel"]) for name in GEMV16_RUNS],
     ("gemv16_gate_up", _variant("triton gate_up")), ("step_by_position", _variant("default")),
     ("bf16_sweep", _variant("default")),
-    *[(name, _variant("Triton attention"))
-      for name in ("attention_one_step", "attention_one_step_run2", "attention_one_step_run3")],
+    *[(name, _variant("Triton attention")) for name in ATTENTION_ONE_RUNS],
 ]
 
 
@@ -1227,14 +1227,11 @@ def bf16_now_sentence(runs: list[dict[str, Any]] | None = None) -> Text:
             f"{_span([100 * r['share'] for r in runs])}% of the copy roofline measured in each run, "
             f"{BF16_MARK:.0%} or more in {len(at)} of {len(runs)}.")
     if at and under:
-        def spans(among: list[dict[str, Any]]) -> tuple[str, str]:
-            return (_span([r["step_us"] for r in among], 0),
-                    _span([r["copy_bandwidth_bytes_s"] / 1e12 for r in among], 3))
-
-        (step_at, copy_at), (step_under, copy_under) = spans(at), spans(under)
-        copies = [[r["copy_bandwidth_bytes_s"] for r in among] for among in (at, under)]
-        text += (f" The same step took {step_at} µs around 160 cached tokens in the runs at {BF16_MARK:.0%} or more "
-                 f"and {step_under} µs in the others, at copy bandwidths of {copy_at} against {copy_under} TB/s")
+        steps = [_span([r["step_us"] for r in among], 0) for among in (at, under)]
+        copies = [[r["copy_bandwidth_bytes_s"] / 1e12 for r in among] for among in (at, under)]
+        text += (f" The same step took {steps[0]} µs around 160 cached tokens in the runs at {BF16_MARK:.0%} or more "
+                 f"and {steps[1]} µs in the others, at copy bandwidths of {_span(copies[0], 3)} against "
+                 f"{_span(copies[1], 3)} TB/s")
         if max(copies[0]) < min(copies[1]):
             text += (": the cards that copied slower decoded faster. A card's copy bandwidth does not rank how fast "
                      "it reads its weights (*Why H200s differ*).")
