@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from glmkit import gemv4bit_one, gemv16_one
+from glmkit import gemv4bit_one, gemv16_one, mlp16_one
 from glmkit.attention import Grid, auto_attention, qkv_decode_attention
 from glmkit.device_map import check_device_map
 from glmkit.gemv import (
@@ -240,6 +240,23 @@ def gemv16_sms_left(x: torch.Tensor, wqkv: Weight, wo: Weight, gemv: bool | str,
     return left if gemv16_one.check(x.device, x.dtype) else 0
 
 
+def mlp16_takes(x: torch.Tensor, wgu: Weight, wd: Weight, gemv: bool | str,
+                workspace: mlp16_one.Workspace | None) -> bool:
+    """Whether the fused batch-1 step's MLP runs as glmkit's one CUDA kernel (``glmkit.mlp16_one``) instead of the two
+    Triton GEMVs (or cuBLAS where Triton's shapes are untuned): on the Triton step (``gemv="triton"``), in an
+    uncompiled layer (the kernel's checks read pointers), with the decoder's workspace for it, on Hopper in bf16/fp16
+    at a shape it takes (``usable``); its first-run check is asked last (it compiles and launches).
+
+    >>> mlp16_takes(torch.zeros(1, 1, 512), torch.zeros(2048, 512), torch.zeros(512, 1024), "triton", None)
+    False
+    """
+    if workspace is None or gemv != "triton" or torch.compiler.is_compiling():
+        return False
+    if not (isinstance(wgu, torch.Tensor) and isinstance(wd, torch.Tensor) and workspace.fits(x, wd.shape[-1])):
+        return False
+    return mlp16_one.usable(x, wgu, wd) and mlp16_one.check(x.device, x.dtype)
+
+
 def auto_gemv(device: torch.device, batch_size: int, dtype: torch.dtype = torch.bfloat16,
               four_bit: bool = False) -> str | bool:
     """What ``gemv="auto"`` picks: ``"triton"`` at batch 1 (a 4-bit model: up to ``FOUR_BIT_MAX_BATCH`` rows where
@@ -275,8 +292,8 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor | NormedStream, pos: torch.Te
                   bqkv: torch.Tensor | None, wo: torch.Tensor, ln2: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor,
                   next_norm: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, eps: float, heads: int,
                   kv_heads: int, head_dim: int, gemv: bool | str = False, attention: str = "sdpa",
-                  in_norm: torch.Tensor | None = None,
-                  tickets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | NormedStream]:
+                  in_norm: torch.Tensor | None = None, tickets: torch.Tensor | None = None,
+                  mlp_workspace: mlp16_one.Workspace | None = None) -> tuple[torch.Tensor, torch.Tensor | NormedStream]:
     """One GLM decoder layer for one new token per sequence, writing its K/V at ``pos`` in the static cache.
 
     x: the residual stream [b, 1, hidden]; h: ``x`` already normalised by this layer's input norm; returns the new
@@ -298,6 +315,8 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor | NormedStream, pos: torch.Te
     rotary]`` may be given instead (2-D): the kernel reads row ``pos`` itself, no gather kernels before it.
     tickets: int32 zeros, one per row and KV head, for glmkit's attention kernel (``decode_attention``): the splits
     of a cache are then combined in the same kernel, and a short cache at batch 1 is split into tiles side by side.
+    mlp_workspace: the decoder's own ``glmkit.mlp16_one.Workspace`` on this GPU: where given and the kernel takes the
+    step (``mlp16_takes``), the whole MLP runs as that one kernel instead of the two Triton GEMVs.
     """
     b = x.shape[0]
     fused = in_norm is not None
@@ -337,6 +356,9 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor | NormedStream, pos: torch.Te
     # (glmkit.gemv16_one's o_proj keeps off the SMs the attention's programs hold, and lets gate/up launch last)
     x = gemv16_one.gemv_16_one(attn, wo, residual=x, leave_sms=left, role="o_proj") if left \
         else residual_linear(x, attn, wo, gemv)
+    if fused and mlp16_takes(x, wgu, wd, gemv, mlp_workspace):  # norm, gate/up, SwiGLU, down, add: one kernel
+        x = mlp16_one.mlp_16_one(x, wgu, wd, ln2, eps, mlp_workspace)
+        return x, x
     mlp = mlp_activation(x, wgu, gemv, ln2, eps) if fused else mlp_activation(rms_norm(x, ln2, eps), wgu, gemv)
     x = residual_linear(x, mlp, wd, gemv)
     return x, (x if fused else rms_norm(x, next_norm, eps))
@@ -674,6 +696,10 @@ class _Stage:
         # and the greedy pick's (greedy_next), one per row
         self.tickets = torch.zeros(batch_size * kv_heads, dtype=torch.int32, device=dev)
         self.greedy_tickets = torch.zeros(batch_size, dtype=torch.int32, device=dev)
+        # glmkit's one-kernel MLP's h, grid-barrier counter and row split (glmkit.mlp16_one), where it may run here
+        wd = weights[0][5] if weights else None
+        self.mlp_workspace = mlp16_one.Workspace(dev, hidden, wd.shape[1], dtype) \
+            if isinstance(wd, torch.Tensor) and mlp16_one.usable_on(dev, dtype, hidden, wd.shape[1]) else None
         # the hidden state in and out: x (residual stream) and h (x normalised for the next layer) [batch, 1, hidden]
         self.x_in, self.h_in, self.x_out, self.h_out = (
             torch.zeros(batch_size, 1, hidden, device=dev, dtype=dtype) for _ in range(4))
@@ -989,7 +1015,7 @@ class FastDecoder:
                 x, h = layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
                                 next_norm, st.k_cache[j, :b], st.v_cache[j, :b], self.eps, self.heads, self.kv_heads,
                                 self.head_dim, gemv, self.attention, st.in_norms[j] if fused else None,
-                                st.tickets)
+                                st.tickets, st.mlp_workspace)
             if live is not None:
                 keep = live.view(1, b, 1, 1)
                 st.k_cache[:, :b, :, 0] = torch.where(keep, st.k_cache[:, :b, :, 0], k0)
