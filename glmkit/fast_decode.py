@@ -752,7 +752,8 @@ class FastDecoder:
             ``glmkit.gemv4bit.MAX_VECTORS`` rows, 16-bit weights then through cuBLAS); on an H100 they decode GLM-4-9B
             12% faster than cuBLAS (150.3 vs 133.7 tok/s, benchmarks/results/decode.json); a bf16 batch-1 step on a
             short cache takes q/k/v and o_proj through glmkit's 16-bit CUDA kernel instead (``gemv16_sms_left``,
-            ``glmkit.gemv16_one``). ``False``: cuBLAS
+            ``glmkit.gemv16_one``), and a bf16/fp16 batch-1 step on Hopper its whole MLP through one CUDA kernel
+            (``mlp16_takes``, ``glmkit.mlp16_one``). ``False``: cuBLAS
             (``F.linear``). ``True``: a multiply-and-sum that the compiler turns into one reduction kernel (-11% to
             +3.5% against cuBLAS).
         compile_options: extra ``torch.compile`` arguments, e.g. ``{"mode": "max-autotune-no-cudagraphs"}`` (the

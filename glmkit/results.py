@@ -957,6 +957,123 @@ def _gemv16_not_kept() -> str:
     return text
 
 
+# benchmarks/mlp16_step.py's runs, each on the card in hand; the ring sizes tried (both on one card)
+MLP16_RUNS = ("mlp16_step", "mlp16_step_run2", "mlp16_step_run3", "mlp16_step_run4", "mlp16_step_run5")
+MLP16_RING_RUNS = ("mlp16_ring", "mlp16_ring2")
+MLP16_KERNEL, MLP16_TRITON = "one-kernel MLP (default)", "Triton gate/up and down"
+
+
+def mlp16_runs() -> list[tuple[str, dict[str, Any]]]:
+    """The committed runs of ``benchmarks/mlp16_step.py``, by name."""
+    return [(name, r) for name in MLP16_RUNS if (r := load(name)) is not None]
+
+
+def _mlp16_pair(result: dict[str, Any], precision: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run's Triton and one-kernel rows of ``precision``."""
+    rows = {x["variant"]: x for x in result["rows"] if x["precision"] == precision}
+    return rows[MLP16_TRITON], rows[MLP16_KERNEL]
+
+
+def mlp16_table() -> Table | Text:
+    """GLM-4-9B's batch-1 step with its MLP as one CUDA kernel against the two Triton GEMVs, per run and precision
+    (``mlp16_step*.json``): the step replayed at each cache length (µs), decode tok/s and its share of the copy
+    roofline of the same run."""
+    runs = mlp16_runs()
+    if not runs:
+        return not_measured("The MLP as one CUDA kernel", "benchmarks/mlp16_step.py")
+    rows = []
+    for name, r in runs:
+        for row in r["rows"]:
+            label = "one kernel" if row["mlp_kernel"] else "Triton gate/up, down"
+            rows.append([f"`{name}.json`", _card(r), row["precision"], label,
+                         *(f"{row['replay_at_us'][p]:.0f}" for p in GEMV16_AT), f"{row['best_tok_s']:.1f}",
+                         f"{100 * row['fraction_of_roofline']:.1f}%"])
+    return Table(["run", "card", "dtype", "MLP", *(f"µs at {p}" for p in GEMV16_AT), "decode tok/s",
+                  "of copy roofline"], rows,
+                 caption=f"GLM-4-9B at batch 1, {_cards_of(runs)}, {_run_dates([r for _, r in runs])}: the step's "
+                         "CUDA graph replayed back to back around each cache length, and decode tok/s (32 + 256 "
+                         "tokens, best of 3 rounds, the variants taking turns)")
+
+
+def mlp16_chart() -> Any:
+    """bf16's and fp16's share of the copy roofline per run, the Triton MLP beside the one-kernel MLP, the issue's
+    90% dashed; ``None`` before any run exists."""
+    runs = mlp16_runs()
+    if not runs:
+        return None
+    groups = {f"{_card(r)}\n{p} ({name.removeprefix('mlp16_step').lstrip('_') or 'run1'})":
+              {"Triton gate/up and down": 100 * t["fraction_of_roofline"], "one kernel": 100 * k["fraction_of_roofline"]}
+              for name, r in runs for p in ("bf16", "fp16") for t, k in [_mlp16_pair(r, p)]}
+    fig = _grouped_bars(groups, ylabel="% of the copy roofline (axis from 80%)",
+                        references={g: 100 * BF16_MARK for g in groups}, reference_label=f"{BF16_MARK:.0%}",
+                        title=f"GLM-4-9B at batch 1, {_cards_of(runs)}, decode tok/s over the roofline of each run")
+    fig.axes[0].set_ylim(80, 100)
+    return fig
+
+
+def mlp16_sentence() -> Text:
+    """What the one-kernel MLP (``glmkit.mlp16_one``) does for the batch-1 step (``mlp16_step*.json``), the ring it
+    ships (``mlp16_ring*.json``) and the form not kept (``mlp16_transposed.json``)."""
+    runs = mlp16_runs()
+    if not runs:
+        return not_measured("The MLP as one CUDA kernel", "benchmarks/mlp16_step.py")
+    text = ("On Hopper the bf16 and fp16 batch-1 steps run each layer's MLP (RMSNorm, gate/up, SwiGLU, down and the "
+            "residual add) as one CUDA kernel of glmkit's (`glmkit.mlp16_one`) instead of two Triton GEMVs: one CTA an "
+            "SM streams its share of the gate/up rows, then of the down rows, through a ring of shared memory (TMA bulk "
+            "copies), with a grid barrier for h between the two, so that the memory bus does not idle while one "
+            f"kernel drains and the next starts. In {_cards_of(runs)} ({_run_dates([r for _, r in runs])}, "
+            "`mlp16_step*.json`)")
+    for p in ("bf16", "fp16"):
+        pairs = [_mlp16_pair(r, p) for _, r in runs]
+        less = [100 * (1 - k["best_replay_us"] / t["best_replay_us"]) for t, k in pairs]
+        rate = [k["best_tok_s"] / t["best_tok_s"] for t, k in pairs]
+        text += (f"{';' if p == 'fp16' else ''} the {p} step took {_span(less)}% less time around 160 cached tokens "
+                 f"({pairs[0][1]['best_replay_us']:.0f} against {pairs[0][0]['best_replay_us']:.0f} µs in the first "
+                 f"run) and decoded {_span(rate, 3)}x the tok/s: {_span([100 * k['fraction_of_roofline'] for _, k in pairs])}% "
+                 f"of the copy roofline measured in each run, against "
+                 f"{_span([100 * t['fraction_of_roofline'] for t, _ in pairs])}% with the two GEMVs")
+    alone = {(a["dtype"], a["kernel"]): a for a in runs[0][1]["alone"]}
+    kernel, triton = alone["bfloat16", MLP16_KERNEL], alone["bfloat16", MLP16_TRITON]
+    first = {p: _mlp16_pair(runs[0][1], p) for p in ("bf16", "fp16")}
+    text += (f". Alone (weights past L2, back to back with programmatic dependent launch) GLM-4-9B's bf16 MLP took "
+             f"{kernel['us_pdl']:.1f} µs ({kernel['tb_s_pdl']:.2f} TB/s) against {triton['us_pdl']:.1f} "
+             f"({triton['tb_s_pdl']:.2f} TB/s) for the two GEMVs in the first run. Every sum runs in a fixed order: "
+             f"launched twice it gives the same bits (`benchmarks/gpu_smoke_mlp16.py`); its error against fp32 is of "
+             f"the GEMVs' size ({100 * kernel['rel_err_to_fp32']:.4f}% against {100 * triton['rel_err_to_fp32']:.4f}% "
+             f"of what the MLP adds, alone). In each run fp16's greedy tokens equal the Triton step's in "
+             f"{_range([_mlp16_pair(r, 'fp16')[1]['tokens_as_triton'] for _, r in runs], 0)} of "
+             f"{first['fp16'][1]['of']}, bf16's in {_range([_mlp16_pair(r, 'bf16')[1]['tokens_as_triton'] for _, r in runs], 0)} "
+             f"of {first['bf16'][1]['of']} on these random weights (its first step's logits "
+             f"{100 * first['bf16'][1]['first_logits_rel_diff']:.1f}% apart: h is summed in another order and rounds "
+             f"differently to bf16)")
+    rings = [r for name in MLP16_RING_RUNS if (r := load(name)) is not None]
+    if rings:
+        by = [{x["variant"]: x["best_replay_us"] for x in r["rows"]} for r in rings]
+        shipped = f"ring {RING_SHIPPED} ahead {RING_SHIPPED}"
+        others = sorted({v for b in by for v in b if v not in ("triton", shipped)})
+        def times(variant: str) -> str:
+            return " / ".join(f"{b[variant]:.0f}" for b in by if variant in b)
+
+        def label(variant: str) -> str:  # "ring R ahead A": R slots, at most A stages of gate/up rows in flight
+            ring, ahead = variant.removeprefix("ring ").split(" ahead ")
+            return f"{ring} slots" + ("" if ring == ahead else f" with at most {ahead} stages of gate/up ahead")
+
+        text += (f". A ring of {RING_SHIPPED} slots of 16 KiB was the fastest tried (`mlp16_ring*.json`, one card: "
+                 f"{times(shipped)} µs, the Triton GEMVs {times('triton')}; "
+                 + ", ".join(f"{label(v)} {times(v)}" for v in others) + ")")
+    transposed = load("mlp16_transposed")
+    if transposed:
+        step = {x["variant"]: x["best_replay_us"] for x in transposed["step"]}
+        text += (f". Not kept: a form that read a transposed copy of down's weight, each CTA summing its units into a "
+                 f"partial of every output (`mlp16_transposed.json`): {step['fused ring 4']:.0f} against "
+                 f"{step['default']:.0f} µs on one card, but the copy takes 4.5 GB more for GLM-4-9B in bf16")
+    return Text(text + ". Elsewhere (before Hopper, other sizes, a compiled layer) the two Triton GEMVs run; "
+                "`GLMKIT_MLP_KERNEL=triton` turns it off.")
+
+
+RING_SHIPPED = 12  # glmkit.mlp16_one.RING, as the ring runs name it (results.py reads files, not kernels)
+
+
 def card_bandwidth_runs() -> list[tuple[str, dict[str, Any]]]:
     """The committed runs of ``benchmarks/card_bandwidth.py`` (``card_bandwidth_<card>.json``), by file name.
 
@@ -1174,10 +1291,16 @@ def bf16_nf4_sentence(runs: list[dict[str, Any]] | None = None) -> Text:
     return Text(text)
 
 
-# Every committed run that timed the default bf16 batch-1 decoder as it is now (q/k/v and o_proj through
-# glmkit.gemv16_one), by result and the row that holds it: benchmarks/gemv16_step.py's runs, then the default rows of
-# the variant runs beside them (each variant taking turns with the default)
+# Every committed run that timed the default bf16 batch-1 decoder as it is now (the MLP as one CUDA kernel,
+# glmkit.mlp16_one; q/k/v and o_proj through glmkit.gemv16_one), by result and the row that holds it:
+# benchmarks/mlp16_step.py's runs, then the shipped ring's rows of the ring runs beside them
 BF16_NOW_RUNS: list[tuple[str, Callable[[dict[str, Any]], bool]]] = [
+    *[(name, lambda r: r["precision"] == "bf16" and r["mlp_kernel"]) for name in MLP16_RUNS],
+    *[(name, _variant(f"ring {RING_SHIPPED} ahead {RING_SHIPPED}")) for name in MLP16_RING_RUNS],
+]
+# ... and the default before it (its MLP two Triton GEMVs): gemv16_step.py's runs, then the default rows of the variant
+# runs beside them
+BF16_BEFORE_RUNS: list[tuple[str, Callable[[dict[str, Any]], bool]]] = [
     *[(name, lambda r: r["cuda_kernel"]) for name in GEMV16_RUNS],
     ("gemv16_gate_up", _variant("triton gate_up")), ("step_by_position", _variant("default")),
     ("bf16_sweep", _variant("default")),
@@ -1185,11 +1308,13 @@ BF16_NOW_RUNS: list[tuple[str, Callable[[dict[str, Any]], bool]]] = [
 ]
 
 
-def bf16_now_runs(results_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """Per committed run of ``BF16_NOW_RUNS``: its name, card, environment, copy bandwidth, and the default decoder's
-    step around 160 cached tokens (µs, the best replay), decode tok/s and share of the copy roofline."""
+def bf16_now_runs(results_dir: str | Path | None = None,
+                  listed: list[tuple[str, Callable[[dict[str, Any]], bool]]] | None = None) -> list[dict[str, Any]]:
+    """Per committed run of ``BF16_NOW_RUNS`` (or ``listed``: ``BF16_BEFORE_RUNS``): its name, card, environment,
+    copy bandwidth, and the default decoder's step around 160 cached tokens (µs, the best replay), decode tok/s and
+    share of the copy roofline."""
     runs = []
-    for name, pick in BF16_NOW_RUNS:
+    for name, pick in BF16_NOW_RUNS if listed is None else listed:
         result = load(name, results_dir)
         if result is not None:
             row = next(r for r in result["rows"] if pick(r))
@@ -1204,7 +1329,7 @@ def bf16_now_table(runs: list[dict[str, Any]] | None = None) -> Table | Text:
     measured"."""
     runs = bf16_now_runs() if runs is None else runs
     if not runs:
-        return not_measured("The bf16 step as it is now, card by card", "benchmarks/gemv16_step.py")
+        return not_measured("The bf16 step as it is now, card by card", "benchmarks/mlp16_step.py")
     rows = [[f"`{r['name']}.json`", r["gpu_uuid"], f"{r['copy_bandwidth_bytes_s'] / 1e12:.3f}", f"{r['step_us']:.0f}",
              f"{r['tok_s']:.1f}", f"{100 * r['share']:.1f}%", "yes" if r["share"] >= BF16_MARK else "no"]
             for r in runs]
@@ -1215,17 +1340,23 @@ def bf16_now_table(runs: list[dict[str, Any]] | None = None) -> Table | Text:
                          f"best of 3 rounds taken in turns with the run's other variants")
 
 
-def bf16_now_sentence(runs: list[dict[str, Any]] | None = None) -> Text:
+def bf16_now_sentence(runs: list[dict[str, Any]] | None = None, before: list[dict[str, Any]] | None = None) -> Text:
     """What ``bf16_now_table`` shows, in words: the spread of bf16's share of its roofline over cards, how many runs
     reach ``BF16_MARK``, and whether the copy bandwidth tells the cards apart; or "not measured"."""
     runs = bf16_now_runs() if runs is None else runs
     if not runs:
-        return not_measured("The bf16 step as it is now, card by card", "benchmarks/gemv16_step.py")
+        return not_measured("The bf16 step as it is now, card by card", "benchmarks/mlp16_step.py")
     at, under = [r for r in runs if r["share"] >= BF16_MARK], [r for r in runs if r["share"] < BF16_MARK]
-    text = (f"{_cards(runs)} ({_run_dates(runs)}; `gemv16_step*.json` and the default rows of the variant runs beside "
-            f"them): the default bf16 decoder decoded {_span([r['tok_s'] for r in runs])} tok/s, "
+    text = (f"{_cards(runs)} ({_run_dates(runs)}; `mlp16_step*.json` and the shipped ring's rows of `mlp16_ring*.json`): "
+            f"the default bf16 decoder decoded {_span([r['tok_s'] for r in runs])} tok/s, "
             f"{_span([100 * r['share'] for r in runs])}% of the copy roofline measured in each run, "
             f"{BF16_MARK:.0%} or more in {len(at)} of {len(runs)}.")
+    if before is None:
+        before = bf16_now_runs(listed=BF16_BEFORE_RUNS)
+    if before:
+        text += (f" Before its MLP ran as one kernel, {_cards(before)} ({_run_dates(before)}; `gemv16_step*.json` and "
+                 f"the default rows of the variant runs beside them) read {_span([100 * r['share'] for r in before])}%, "
+                 f"{BF16_MARK:.0%} or more in {sum(r['share'] >= BF16_MARK for r in before)} of {len(before)}.")
     if at and under:
         steps = [_span([r["step_us"] for r in among], 0) for among in (at, under)]
         copies = [[r["copy_bandwidth_bytes_s"] / 1e12 for r in among] for among in (at, under)]
@@ -3209,6 +3340,7 @@ def readme_measured_section() -> str:
                "**The next token inside the step**: " + str(greedy_tail_sentence()),
                "**The fast path today**: " + str(fast_path_today_sentence()),
                "**bf16 q/k/v and o_proj on the tensor cores**: " + str(gemv16_sentence()),
+               "**The MLP as one kernel**: " + str(mlp16_sentence()),
                "**The bf16 step now, card by card**: " + str(bf16_now_sentence()),
                "**Why H200s differ**: " + str(card_bandwidth_sentence()),
                "**bf16 and nf4 in the same run, run after run**: " + str(bf16_nf4_sentence()),

@@ -765,22 +765,30 @@ def test_the_greedy_pick_inside_the_step_renders_the_committed_files_and_the_def
     assert f"nf4 decodes {nf4['over_bf16_same_loop']:.3f}x bf16" in sentence
 
 
-def test_bf16_now_runs_read_each_files_default_row(monkeypatch, tmp_path):
-    """Every listed run of the default bf16 decoder is a row with its own file's figures, from the default row (the
-    16-bit CUDA kernel's in gemv16_step's runs, not the Triton GEMVs'; the variant runs' default, not a variant), its
-    card the one the file records, and the last column follows the mark."""
-    runs = results.bf16_now_runs()
-    assert [r["name"] for r in runs] == [name for name, _ in results.BF16_NOW_RUNS]
+def _default_row(rows: list[dict]) -> dict:
+    """The row of a run's default bf16 decoder, found apart from results' own lists: the one-kernel MLP's bf16 row in
+    mlp16_step's runs, the shipped ring's in the ring runs; before it, the 16-bit CUDA kernel's in gemv16_step's runs
+    and the variant runs' default."""
+    return next(row for row in rows if (row.get("mlp_kernel") and row["precision"] == "bf16") or row.get("cuda_kernel")
+                or row["variant"] in ("ring 12 ahead 12", "triton gate_up", "default", "Triton attention"))
+
+
+@pytest.mark.parametrize("listed", ["BF16_NOW_RUNS", "BF16_BEFORE_RUNS"])
+def test_bf16_now_runs_read_each_files_default_row(listed, monkeypatch, tmp_path):
+    """Every listed run of the default bf16 decoder (now, and before its MLP ran as one kernel) is a row with its own
+    file's figures, from the default row (not the Triton GEMVs', not a variant's), its card the one the file records,
+    and the last column follows the mark."""
+    runs = results.bf16_now_runs(listed=getattr(results, listed))
+    assert [r["name"] for r in runs] == [name for name, _ in getattr(results, listed)]
     for r in runs:
         result = results.load(r["name"])
         rows = result["rows"]
-        default = next(row for row in rows if row.get("cuda_kernel") or row["variant"] in
-                       ("triton gate_up", "default", "Triton attention"))
+        default = _default_row(rows)
         assert (r["tok_s"], r["step_us"], r["share"]) == (default["best_tok_s"], default["best_replay_us"],
                                                           default["fraction_of_roofline"])
         assert any(row["best_tok_s"] != r["tok_s"] for row in rows)  # a variant beside it: another rate
         assert r["gpu_uuid"] == result["gpu_uuids"][0][:12]
-    table = results.bf16_now_table()
+    table = results.bf16_now_table(runs)
     for r, row in zip(runs, table.rows, strict=True):
         assert row[0] == f"`{r['name']}.json`" and row[-1] == ("yes" if r["share"] >= 0.9 else "no")
     monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
@@ -804,7 +812,7 @@ def _now_run(uuid: str, copy: float, step: float, tok_s: float, share: float) ->
     ([_now_run("a", 4.24, 4487, 223.0, 0.923)], None),
 ])
 def test_bf16_now_sentence_draws_only_what_its_figures_hold(runs, told):
-    sentence = str(results.bf16_now_sentence(runs))
+    sentence = str(results.bf16_now_sentence(runs, before=[]))
     at = sum(r["share"] >= 0.9 for r in runs)
     assert f"90% or more in {at} of {len(runs)}" in sentence
     assert ("The same step took" in sentence) == (0 < at < len(runs))
@@ -826,3 +834,34 @@ def test_gemv16_sentence_names_what_was_not_kept(monkeypatch, tmp_path):
     assert clause in str(results.gemv16_sentence())
     monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
     assert results._gemv16_not_kept() == ""
+
+
+def test_bf16_now_sentence_gives_the_default_before_apart():
+    """The runs before the one-kernel MLP are told apart from today's: their span and how many reached the mark."""
+    now = [_now_run("a", 4.24, 4434, 224.6, 0.929)]
+    before = [_now_run("b", 4.24, 4512, 221.2, 0.915), _now_run("c", 4.27, 4570, 216.0, 0.889)]
+    sentence = str(results.bf16_now_sentence(now, before=before))
+    assert "90% or more in 1 of 1." in sentence
+    assert "Before its MLP ran as one kernel, 2 runs on 2 NVIDIA H200s" in sentence
+    assert "read 88.9–91.5%, 90% or more in 1 of 2." in sentence
+
+
+def test_mlp16_paragraph_and_table_read_each_run(monkeypatch, tmp_path):
+    """The one-kernel MLP's paragraph spans every run's gain and share in each precision, from the files, and its
+    table holds every row of every run; both say "not measured" without the files."""
+    runs = results.mlp16_runs()
+    assert [name for name, _ in runs] == list(results.MLP16_RUNS)
+    sentence = str(results.mlp16_sentence())
+    for p in ("bf16", "fp16"):
+        pairs = [results._mlp16_pair(r, p) for _, r in runs]
+        shares = [100 * k["fraction_of_roofline"] for _, k in pairs]
+        assert f"{min(shares):.1f}–{max(shares):.1f}% of the copy roofline" in sentence
+        assert all(k["best_replay_us"] < t["best_replay_us"] for t, k in pairs)  # the kernel's step is the faster
+    first_kernel = results._mlp16_pair(runs[0][1], "bf16")[1]
+    assert f"{first_kernel['best_replay_us']:.0f} against" in sentence and "`mlp16_transposed.json`" in sentence
+    table = results.mlp16_table()
+    assert len(table.rows) == sum(len(r["rows"]) for _, r in runs)
+    assert {row[3] for row in table.rows} == {"one kernel", "Triton gate/up, down"}
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    assert "not measured yet" in str(results.mlp16_sentence()) and "not measured yet" in str(results.mlp16_table())
+    assert results.mlp16_chart() is None
