@@ -357,8 +357,9 @@ def decoder_layer(x: torch.Tensor, h: torch.Tensor | NormedStream, pos: torch.Te
     x = gemv16_one.gemv_16_one(attn, wo, residual=x, leave_sms=left, role="o_proj") if left \
         else residual_linear(x, attn, wo, gemv)
     if fused and mlp16_takes(x, wgu, wd, gemv, mlp_workspace):  # norm, gate/up, SwiGLU, down, add: one kernel
-        x = mlp16_one.mlp_16_one(x, wgu, wd, ln2, eps, mlp_workspace)
-        return x, x
+        y = mlp16_one.mlp_16_one_or_off(x, wgu, wd, ln2, eps, mlp_workspace)  # (None: it failed, turned off)
+        if y is not None:
+            return y, y
     mlp = mlp_activation(x, wgu, gemv, ln2, eps) if fused else mlp_activation(rms_norm(x, ln2, eps), wgu, gemv)
     x = residual_linear(x, mlp, wd, gemv)
     return x, (x if fused else rms_norm(x, next_norm, eps))

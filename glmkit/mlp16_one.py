@@ -14,7 +14,9 @@ the first of the next wait, and the memory bus idles between them. This kernel s
   CTA multiplies its own down rows (``ROW_STARTS``: 31 or 32 of GLM-4-9B's 4096 on an H200, the extra rows given to
   the CTAs with one unit fewer) by h and writes ``x + round(down)``, as the decoder's residual add rounds.
 
-Every sum runs in a fixed order: the output is the same bit for bit launch after launch. ``FastDecoder``'s bf16 and fp16
+Every sum runs in a fixed order: the output is the same bit for bit launch after launch. The grid barrier needs every
+CTA on an SM at once: launches of this kernel must not run at the same time on two streams of one GPU (each would hold
+some SMs and wait for the rest); a decoder's steps run one after another on one stream. ``FastDecoder``'s bf16 and fp16
 batch-1 steps on Hopper run their MLP through it (``glmkit.fast_decode.decoder_layer``); notebook
 ``05_tuning.ipynb`` teaches it, with the step measured against the two Triton GEMVs in
 ``benchmarks/results/mlp16_step*.json``. It is checked against fp32 the first time it runs on a GPU (``check``); a
@@ -43,11 +45,11 @@ import torch
 import torch.nn.functional as F
 
 from glmkit import gemv, gemv4bit_mma
-from glmkit.gemv4bit import _NOT_HERE, _checked
+from glmkit.gemv4bit import _NOT_HERE, _checked, _why
 from glmkit.gemv4bit_one import SMEM_H200, smem_limit
 
 __all__ = ["mlp_16_one", "Workspace", "MlpShape", "shape_for", "usable", "usable_on", "runs_on", "turned_off",
-           "check", "reference", "row_starts", "source", "NAME", "RING", "MAX_ROWS"]
+           "check", "reference", "row_starts", "source", "NAME", "RING", "MAX_ROWS", "mlp_16_one_or_off"]
 
 NAME = "glmkit_mlp16_one"
 LABEL = "batch-1 16-bit CUDA MLP kernel"  # its name in a warning
@@ -57,6 +59,8 @@ LABEL = "batch-1 16-bit CUDA MLP kernel"  # its name in a warning
 # with 12 copying at most 4 of gate/up ahead; the Triton GEMVs 4573 / 4570 (mlp16_ring*.json)
 RING = 12
 MAX_ROWS = 64  # down rows a CTA may take (its sums' shared memory)
+STATIC_SMEM = 1024  # shared memory sm_90 reserves for a kernel that uses mbarriers, beside the dynamic
+MAX_HIDDEN = 4096  # wider rows (up to 1024 threads a CTA, 64 registers each) are not measured: the Triton GEMVs take them
 MAX_CHUNKS = 8  # a down row is read in at most this many chunks of at most `hidden` columns
 
 
@@ -97,22 +101,23 @@ class MlpShape:
 
 def shape_for(hidden: int, inter: int, smem_limit: int = SMEM_H200) -> MlpShape | None:
     """The launch shape for an MLP of ``hidden`` x ``inter`` on a GPU whose CTAs may take ``smem_limit`` bytes of
-    shared memory (``RING`` slots, fewer where they would not fit, at least 2), or None where the kernel does not
-    take it: hidden a multiple of 256 up to 7936 (a consumer thread per 8 columns, whole warps, at most 1024 threads
-    with the producer's), inter a multiple of 8 (units of 8 rows) whose rows split into at most ``MAX_CHUNKS`` equal
-    chunks of whole 8-column groups, each at most ``hidden``.
+    shared memory (``RING`` slots, fewer where they would not fit beside ``STATIC_SMEM``, at least 2), or None where
+    the kernel does not take it: hidden a multiple of 256 up to ``MAX_HIDDEN`` (a consumer thread per 8 columns,
+    whole warps), inter a multiple of 8 (units of 8 rows) whose rows split into at most ``MAX_CHUNKS`` equal chunks of
+    whole 8-column groups, each at most ``hidden``.
 
     >>> shape_for(4096, 13696).chunks, shape_for(512, 1024).chunk, shape_for(64, 128), shape_for(4096, 13697)
     (4, 512, None, None)
-    >>> shape_for(7936, 13696).ring, shape_for(4096, 13696, 99 * 1024).ring
-    (6, 5)
+    >>> shape_for(2048, 5632).ring, shape_for(4096, 13696, 99 * 1024).ring, shape_for(7936, 13696)
+    (12, 5, None)
     """
-    if hidden % 256 or not 256 <= hidden <= 7936 or inter % 8 or inter <= 0:
+    if hidden % 256 or not 256 <= hidden <= MAX_HIDDEN or inter % 8 or inter <= 0:
         return None
     for chunks in range(1, MAX_CHUNKS + 1):
         if inter % chunks == 0 and (inter // chunks) % 8 == 0 and inter // chunks <= hidden:
             shape = MlpShape(hidden, inter, chunks, inter // chunks)
-            ring = min(RING, (smem_limit - shape.smem_bytes() + RING * (4 * hidden + 16)) // (4 * hidden + 16))
+            room = smem_limit - STATIC_SMEM - shape.smem_bytes() + RING * (4 * hidden + 16)
+            ring = min(RING, room // (4 * hidden + 16))
             return replace(shape, ring=ring) if ring >= 2 else None
     return None
 
@@ -352,7 +357,6 @@ glmkit_mlp16_one(const u16* x, u16* __restrict__ y, const u16* wgu, const u16* w
         __threadfence();
     }
     bar_consumers();
-    let_next_launch();
 
     /* down: this CTA's rows, 2 a stage in NCH chunks of DCOLS columns; a thread's 8 columns of each chunk of h */
     const bool cols = 8 * tid < DCOLS;
@@ -365,6 +369,7 @@ glmkit_mlp16_one(const u16* x, u16* __restrict__ y, const u16* wgu, const u16* w
         unpack(v.z, hv[q][4], hv[q][5]);
         unpack(v.w, hv[q][6], hv[q][7]);
     }
+    let_next_launch();  /* (after reading h: no later launch may write it before this) */
     float* dred = (float*)(smem + DRED_AT);
     for (int p = 0; p < pairs; ++p) {
         float a0 = 0.0f, a1 = 0.0f;
@@ -437,9 +442,11 @@ def runs_on(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 
 def _shape_on(device: torch.device, hidden: int, inter: int) -> MlpShape | None:
-    """``shape_for`` on ``device``, None where a CTA would take more than ``MAX_ROWS`` down rows."""
+    """``shape_for`` on ``device``, None where a CTA (one an SM) would take more down rows than ``MAX_ROWS`` or than
+    it has consumer threads (one a row for the last sums)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return shape_for(hidden, inter, smem_limit(device)) if -(-hidden // sms) <= MAX_ROWS else None
+    fits = -(-hidden // sms) <= min(MAX_ROWS, hidden // 8)
+    return shape_for(hidden, inter, smem_limit(device)) if fits else None
 
 
 def usable_on(device: torch.device, dtype: torch.dtype, hidden: int, inter: int) -> bool:
@@ -482,15 +489,36 @@ def mlp_16_one(x: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, norm_weight
     ``usable``; ``workspace`` is the caller's own (``Workspace``, allocated outside a graph capture)."""
     hidden, inter = x.shape[-1], wd.shape[1]
     shape = _shape_on(x.device, hidden, inter)
-    if shape is None or not workspace.fits(x, inter):
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    if shape is None or not workspace.fits(x, inter) or workspace.ctas != sms:
         raise ValueError(f"glmkit.mlp16_one takes an MLP of {hidden} x {inter} in {x.dtype} with its own Workspace "
-                         "of those sizes: see usable.")
+                         f"of those sizes, one CTA for each of the GPU's {sms} SMs: see usable.")
     y = torch.empty_like(x)
     args = [_aligned(x), y, wgu, wd, _aligned(norm_weight.to(x.dtype)), workspace.h, workspace.counter,
             workspace.row_start, float(eps)]
     gemv4bit_mma.launch(x.device, shape.options(x.dtype == torch.bfloat16), (workspace.ctas, 1, 1),
                         (hidden // 8 + 32, 1, 1), args, shape.smem_bytes(), _SOURCE, NAME,
                         pdl=bool(gemv.PDL) and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    return y
+
+
+_LAUNCHED: set[tuple[torch.device, torch.dtype, int, int]] = set()  # (GPU, dtype, hidden, inter) launched once
+
+
+def mlp_16_one_or_off(x: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                      workspace: Workspace) -> torch.Tensor | None:
+    """``mlp_16_one``; the first launch at a shape on a GPU (a decoder's eager warm-up: its first-run check, ``check``,
+    ran smaller shapes) is watched: where it raises (compiling or launching that shape), the kernel is turned off on
+    that GPU with a warning that says why, and None tells the caller to take the Triton GEMVs."""
+    key = (x.device, x.dtype, x.shape[-1], wd.shape[1])
+    if key in _LAUNCHED:
+        return mlp_16_one(x, wgu, wd, norm_weight, eps, workspace)
+    try:
+        y = mlp_16_one(x, wgu, wd, norm_weight, eps, workspace)
+    except Exception as exc:  # (NVRTC, the driver refusing the launch): the Triton GEMVs take over
+        gemv4bit_mma.disable(x.device, _why(exc), NAME, LABEL)
+        return None
+    _LAUNCHED.add(key)
     return y
 
 

@@ -59,16 +59,16 @@ def test_the_layout_must_match_the_shared_memory_asked_for():
 
 def test_shapes():
     """GLM-4-9B's MLP reads its down rows in 4 chunks of 3424 columns with the full ring; a card with less shared
-    memory, or a wider hidden size, gets fewer slots; sizes the kernel cannot split are refused (the Triton GEMVs
-    take them)."""
+    memory gets fewer slots; sizes the kernel cannot split, and rows wider than measured, are refused (the Triton
+    GEMVs take them)."""
     glm = mlp16_one.shape_for(4096, 13696)
     assert (glm.chunks, glm.chunk, glm.ring) == (4, 3424, mlp16_one.RING) and glm.smem_bytes() <= SMEM_H200
     small = mlp16_one.shape_for(4096, 13696, 99 * 1024)
     assert 2 <= small.ring < glm.ring and small.smem_bytes() <= 99 * 1024
     assert mlp16_one.shape_for(4096, 13696, 32 * 1024) is None  # not even 2 slots
-    wide = mlp16_one.shape_for(7936, 13696)
-    assert wide.ring < mlp16_one.RING and wide.smem_bytes() <= SMEM_H200
-    for hidden, inter in ((4096 + 64, 13696), (8192, 13696), (4096, 13696 + 4), (128, 640), (4096, 8 * 4099)):
+    assert small.smem_bytes() + mlp16_one.STATIC_SMEM <= 99 * 1024  # beside what the mbarriers take
+    for hidden, inter in ((4096 + 64, 13696), (4096 + 256, 13696), (7936, 13696), (4096, 13696 + 4), (128, 640),
+                          (4096, 8 * 4099)):
         assert mlp16_one.shape_for(hidden, inter) is None, (hidden, inter)
     assert mlp16_one.shape_for(256, 640).chunk * mlp16_one.shape_for(256, 640).chunks == 640
 
@@ -123,6 +123,32 @@ def test_launch_matches_the_kernels_parameters(monkeypatch):
     assert launches[1][1] == {"pdl": True}
     with pytest.raises(ValueError, match="Workspace"):
         mlp16_one.mlp_16_one(x, wgu[:2048], wd[:, :1024], torch.ones(hidden), 1e-6, ws)
+    with pytest.raises(ValueError, match="132 SMs"):  # a grid the barrier would wait on forever, or rows left out
+        mlp16_one.mlp_16_one(x, wgu, wd, torch.ones(hidden), 1e-6, mlp16_one.Workspace(x.device, hidden, inter,
+                                                                                       x.dtype, ctas=140))
+
+
+def test_a_first_launch_that_fails_turns_it_off(monkeypatch):
+    """The first launch at a shape on a GPU is watched: where it raises, the kernel is turned off there (with the
+    reason) and the caller told to take the Triton GEMVs; once a shape has launched, an error is the caller's."""
+    turned_off, calls = [], []
+    monkeypatch.setattr(gemv4bit_mma, "disable", lambda device, why, name, label: turned_off.append((why, name)))
+    monkeypatch.setattr(mlp16_one, "_LAUNCHED", set())
+
+    def launch(*args):
+        calls.append(args)
+        if len(calls) in (1, 3):
+            raise RuntimeError("cuLaunchKernelEx failed with CUDA error 1")
+        return args[0] + 1
+
+    monkeypatch.setattr(mlp16_one, "mlp_16_one", launch)
+    x, wd = torch.zeros(1, 1, 512), torch.zeros(512, 1024)
+    assert mlp16_one.mlp_16_one_or_off(x, None, wd, None, 1e-5, None) is None
+    assert turned_off == [("RuntimeError: cuLaunchKernelEx failed with CUDA error 1", mlp16_one.NAME)]
+    assert torch.equal(mlp16_one.mlp_16_one_or_off(x, None, wd, None, 1e-5, None), x + 1)
+    with pytest.raises(RuntimeError, match="error 1"):
+        mlp16_one.mlp_16_one_or_off(x, None, wd, None, 1e-5, None)
+    assert len(turned_off) == 1
 
 
 def test_reference_is_glms_mlp_and_residual_add():
