@@ -33,9 +33,7 @@ off.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
@@ -333,11 +331,10 @@ def _options(bf16: bool, norm: bool, bias: bool, residual: bool, shape: Shape16,
     return [f"-D{k}={v}" for k, v in flags.items()] + ["-std=c++17"]
 
 
-_OFF = [0]  # turned_off() depth
+_SWITCH = gemv4bit_mma.OffSwitch("GLMKIT_16BIT_KERNEL")  # turned_off() and GLMKIT_16BIT_KERNEL=triton
 
 
-@contextmanager
-def turned_off() -> Iterator[None]:
+def turned_off() -> AbstractContextManager[None]:
     """Within it, glmkit's Triton GEMVs take what this kernel would (as ``GLMKIT_16BIT_KERNEL=triton`` does for the
     whole process); a decoder keeps the kernels of the graphs it captured.
 
@@ -345,11 +342,7 @@ def turned_off() -> Iterator[None]:
     ...     runs_on("cuda", torch.bfloat16)
     False
     """
-    _OFF[0] += 1
-    try:
-        yield
-    finally:
-        _OFF[0] -= 1
+    return _SWITCH.turned_off()
 
 
 def runs_on(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -359,7 +352,7 @@ def runs_on(device: torch.device | str, dtype: torch.dtype) -> bool:
     >>> runs_on("cpu", torch.bfloat16)
     False
     """
-    if _OFF[0] or os.environ.get("GLMKIT_16BIT_KERNEL") == "triton":
+    if not _SWITCH.on():
         return False
     return gemv4bit_mma.cuda_kernel_runs(device, dtype, NAME, env=False)
 

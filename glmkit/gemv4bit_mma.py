@@ -43,7 +43,8 @@ import ctypes
 import functools
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -628,6 +629,34 @@ def enabled(device: torch.device, kernel: str = NAME) -> bool:
     """Whether glmkit's CUDA 4-bit kernel ``kernel`` (this module's, or ``glmkit.gemv4bit_one.NAME``) runs on
     ``device``: it has not failed there (``disable``)."""
     return (_index(torch.device(device)), kernel) not in _BROKEN
+
+
+class OffSwitch:
+    """One of glmkit's CUDA kernels' off switch for the process: ``turned_off()`` (nested blocks count) and the
+    environment variable ``env`` set to ``triton``; ``on()`` says whether neither holds (``glmkit.gemv16_one``'s,
+    ``glmkit.mlp16_one``'s).
+
+    >>> switch = OffSwitch("GLMKIT_EXAMPLE_KERNEL")
+    >>> with switch.turned_off():
+    ...     switch.on()
+    False
+    >>> switch.on()
+    True
+    """
+
+    def __init__(self, env: str) -> None:
+        self.env, self.depth = env, 0
+
+    @contextmanager
+    def turned_off(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+
+    def on(self) -> bool:
+        return not self.depth and os.environ.get(self.env) != "triton"
 
 
 def disable(device: torch.device, why: str, kernel: str = NAME, label: str = LABEL) -> None:

@@ -35,9 +35,7 @@ disagreement or an error turns it off for the process, with a warning, and the T
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from types import SimpleNamespace
 
@@ -406,11 +404,10 @@ def source() -> str:
     return _SOURCE
 
 
-_OFF = [0]  # turned_off() depth
+_SWITCH = gemv4bit_mma.OffSwitch("GLMKIT_MLP_KERNEL")  # turned_off() and GLMKIT_MLP_KERNEL=triton
 
 
-@contextmanager
-def turned_off() -> Iterator[None]:
+def turned_off() -> AbstractContextManager[None]:
     """Within it, the decoder's MLP takes glmkit's two Triton GEMVs (as ``GLMKIT_MLP_KERNEL=triton`` does for the
     whole process); a decoder keeps the kernels of the graphs it captured.
 
@@ -418,11 +415,7 @@ def turned_off() -> Iterator[None]:
     ...     runs_on("cuda", torch.bfloat16)
     False
     """
-    _OFF[0] += 1
-    try:
-        yield
-    finally:
-        _OFF[0] -= 1
+    return _SWITCH.turned_off()
 
 
 def runs_on(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -433,7 +426,7 @@ def runs_on(device: torch.device | str, dtype: torch.dtype) -> bool:
     >>> runs_on("cpu", torch.bfloat16)
     False
     """
-    if _OFF[0] or os.environ.get("GLMKIT_MLP_KERNEL") == "triton":
+    if not _SWITCH.on():
         return False
     device = torch.device(device)
     if not gemv4bit_mma.cuda_kernel_runs(device, dtype, NAME, env=False):

@@ -130,8 +130,8 @@ def test_cpu_and_turned_off_stay_with_triton(monkeypatch):
         assert not gemv16_one.runs_on("cuda", torch.bfloat16)
         with gemv16_one.turned_off():
             pass
-        assert gemv16_one._OFF[0] == 1
-    assert gemv16_one._OFF[0] == 0
+        assert gemv16_one._SWITCH.depth == 1
+    assert gemv16_one._SWITCH.depth == 0
     monkeypatch.setenv("GLMKIT_16BIT_KERNEL", "triton")
     assert not gemv16_one.runs_on("cuda", torch.bfloat16)
 
