@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from smoke_verdicts import finish, verdict
 from transformers import GlmConfig, GlmForCausalLM
 
 from glmkit import fast_decode, gemv16_one
@@ -20,14 +21,6 @@ from glmkit.attention import Grid
 from glmkit.fast_decode import FastDecoder
 from glmkit.gemv import dependent_launches
 from glmkit.gemv import gemv as triton_gemv
-
-failed: list[str] = []
-
-
-def verdict(name: str, ok: bool, detail: str) -> None:
-    print(("ok  " if ok else "FAIL"), name, detail, flush=True)
-    if not ok:
-        failed.append(name)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -128,5 +121,4 @@ verdict("FastDecoder bf16 step against fp32", rel(cuda, want) <= 1.5 * rel(trito
         and not torch.equal(cuda, triton_only),
         f"relative error {rel(cuda, want):.2e} (Triton GEMVs {rel(triton_only, want):.2e}); the two "
         f"{rel(cuda, triton_only):.2e} apart")
-print("FAILED:" if failed else "all passed", ", ".join(failed), flush=True)
-raise SystemExit(1 if failed else 0)
+finish()

@@ -14,20 +14,13 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from smoke_verdicts import finish, verdict
 from transformers import GlmConfig, GlmForCausalLM
 
 from glmkit import mlp16_one
 from glmkit.fast_decode import FastDecoder
 from glmkit.gemv import dependent_launches, gemv_swiglu
 from glmkit.gemv import gemv as triton_gemv
-
-failed: list[str] = []
-
-
-def verdict(name: str, ok: bool, detail: str) -> None:
-    print(("ok  " if ok else "FAIL"), name, detail, flush=True)
-    if not ok:
-        failed.append(name)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> float:
@@ -125,5 +118,4 @@ for dtype in (torch.bfloat16, torch.float16):
     verdict(f"FastDecoder {dtype} step against fp32", err <= 1.5 * err_triton + 1e-3,
             f"relative error {err:.2e} (Triton GEMVs {err_triton:.2e}); greedy tokens equal {same} of "
             f"{len(triton_tokens)}")
-print("FAILED:" if failed else "all passed", ", ".join(failed), flush=True)
-raise SystemExit(1 if failed else 0)
+finish()

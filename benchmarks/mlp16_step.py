@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from gemv16_step import POSITIONS, gpu_uuids
-from nf4_fused import PROMPT, ROUNDS, step_logits, take_turns, warmed
+from nf4_fused import PROMPT, ROUNDS, against_reference, every_row, take_turns, warmed
 from step_roles import step_us
 
 from glmkit import mlp16_one
@@ -78,17 +78,11 @@ def step_rows(checkpoint: str, precision: str, bw: list[float]) -> list[dict[str
     around = lambda v: kernel(VARIANTS[v])  # noqa: E731
     take_turns(decoders, rows, around=around)
     ids = torch.randint(0, 1000, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
-    with around(TRITON):
-        want = decoders[TRITON].generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
-        first = step_logits(decoders[TRITON], ids)
+    against_reference(decoders, rows, ids, TRITON, "tokens_as_triton", "first_logits_rel_diff", around, every_row)
     for v, decoder in decoders.items():
         row = rows[v]
         with around(v):
-            tokens = decoder.generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
-            logits = step_logits(decoder, ids)
             row["replay_at_us"] = {p: step_us(decoder, p) for p in POSITIONS}
-        row["tokens_as_triton"], row["of"] = sum(a == b for a, b in zip(tokens, want)), len(want)
-        row["first_logits_rel_diff"] = ((logits - first).norm() / first.norm()).item()
         row["best_replay_us"], row["best_tok_s"] = min(row["replay_us"]), max(row["decode_tok_s"])
     row_bytes = bytes_read_per_token(model)
     for row in rows.values():

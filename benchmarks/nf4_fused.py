@@ -86,18 +86,28 @@ def take_turns(decoders: dict[str, FastDecoder], rows: dict[str, dict[str, Any]]
                 rows[v]["decode_tok_s"].append(decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"])
 
 
+def _is_nf4(row: dict[str, Any]) -> bool:
+    return row["precision"] == "nf4"
+
+
+def every_row(row: dict[str, Any]) -> bool:
+    """``against_reference``'s ``compared`` for runs that compare every variant (the reference too: itself, exactly)."""
+    return True
+
+
 def against_reference(decoders: dict[str, FastDecoder], rows: dict[str, dict[str, Any]], ids: torch.Tensor,
                       reference: str, tokens_key: str, logits_key: str,
-                      around: Callable[[str], AbstractContextManager[Any]] = _as_is) -> None:
-    """Each nf4 variant's 32 greedy tokens after ``ids`` and the logits of its first step, against variant
-    ``reference``'s: the tokens that agree (``tokens_key``, of ``"of"``) and the logits' relative difference
-    (``logits_key``) into its row (``around(variant)``: what each variant runs inside)."""
+                      around: Callable[[str], AbstractContextManager[Any]] = _as_is,
+                      compared: Callable[[dict[str, Any]], bool] = _is_nf4) -> None:
+    """Each ``compared`` variant's (default: the nf4 ones) 32 greedy tokens after ``ids`` and the logits of its first
+    step, against variant ``reference``'s: the tokens that agree (``tokens_key``, of ``"of"``) and the logits'
+    relative difference (``logits_key``) into its row (``around(variant)``: what each variant runs inside)."""
     with around(reference):
         want = decoders[reference].generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
         first = step_logits(decoders[reference], ids)
     for v, decoder in decoders.items():
         row = rows[v]
-        if row["precision"] == "nf4":
+        if compared(row):
             with around(v):
                 tokens = decoder.generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist()
                 logits = step_logits(decoder, ids)

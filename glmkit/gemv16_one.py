@@ -382,11 +382,6 @@ def usable(x: torch.Tensor, weight: torch.Tensor, role: str = "qkv") -> bool:
     return one and x.is_cuda and takes(weight, x.dtype, x.device, role)
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1)
-    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
-
-
 def gemv_16_one(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 norm_weight: torch.Tensor | None = None, eps: float = 1e-5, residual: torch.Tensor | None = None,
                 leave_sms: int = 0, role: str = "qkv", shape: Shape16 | None = None) -> torch.Tensor:
@@ -406,8 +401,8 @@ def gemv_16_one(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     bias = None if bias is None else bias.to(x.dtype).contiguous()  # (both read in x's type)
     residual = None if residual is None else residual.to(x.dtype).contiguous()
     y = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    xf = _aligned(x)
-    norm16 = None if norm_weight is None else _aligned(norm_weight.to(x.dtype))
+    xf = gemv4bit_mma.aligned16(x)
+    norm16 = None if norm_weight is None else gemv4bit_mma.aligned16(norm_weight.to(x.dtype))
     args = [xf, y, weight, n, k, or_stand_in(bias, y), or_stand_in(norm16, y), float(eps), or_stand_in(residual, y)]
     options = _options(x.dtype == torch.bfloat16, norm_weight is not None, bias is not None, residual is not None,
                        shape, late)

@@ -631,6 +631,17 @@ def enabled(device: torch.device, kernel: str = NAME) -> bool:
     return (_index(torch.device(device)), kernel) not in _BROKEN
 
 
+def aligned16(t: torch.Tensor) -> torch.Tensor:
+    """``t`` flattened, as a kernel that reads it 16 bytes at a time needs it: itself where contiguous and 16-byte
+    aligned, else a fresh copy (glmkit's batch-1 CUDA kernels' x, norm weight).
+
+    >>> aligned16(torch.zeros(2, 8)).shape, aligned16(torch.zeros(8, 2).t()).is_contiguous()
+    (torch.Size([16]), True)
+    """
+    t = t.reshape(-1)
+    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
+
+
 class OffSwitch:
     """One of glmkit's CUDA kernels' off switch for the process: ``turned_off()`` (nested blocks count) and the
     environment variable ``env`` set to ``triton``; ``on()`` says whether neither holds (``glmkit.gemv16_one``'s,

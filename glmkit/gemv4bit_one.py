@@ -763,9 +763,7 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     rows = [v.shape[0] for v in ws]
     n_out = rows[0] // 2 if swiglu else sum(rows)
     shape = shape or shape_for(swiglu, k, smem_limit(x.device))
-    xf = x.reshape(k)
-    if xf.data_ptr() % 16 or not xf.is_contiguous():  # copied 16 bytes at a time: a fresh, aligned copy
-        xf = xf.clone(memory_format=torch.contiguous_format)
+    xf = gemv4bit_mma.aligned16(x)  # copied 16 bytes at a time
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     t = tiles(rows, swiglu)
     slots: list[Any] = []

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from glmkit import gemv, gemv4bit_mma
 from glmkit.gemv4bit import _NOT_HERE, _checked, _why
-from glmkit.gemv4bit_one import SMEM_H200, smem_limit
+from glmkit.gemv4bit_one import SMEM_H200, _dependent, smem_limit
 
 __all__ = ["mlp_16_one", "Workspace", "MlpShape", "shape_for", "usable", "usable_on", "runs_on", "turned_off",
            "check", "reference", "row_starts", "source", "NAME", "RING", "MAX_ROWS", "mlp_16_one_or_off"]
@@ -449,7 +449,7 @@ def usable_on(device: torch.device, dtype: torch.dtype, hidden: int, inter: int)
     >>> usable_on(torch.device("cpu"), torch.bfloat16, 4096, 13696)
     False
     """
-    return shape_for(hidden, inter) is not None and runs_on(device, dtype) and _shape_on(device, hidden, inter) is not None
+    return runs_on(device, dtype) and _shape_on(device, hidden, inter) is not None
 
 
 def usable(x: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor) -> bool:
@@ -469,11 +469,6 @@ def usable(x: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor) -> bool:
     return usable_on(x.device, x.dtype, hidden, inter)
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
-    t = t.reshape(-1)
-    return t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.clone(memory_format=torch.contiguous_format)
-
-
 def mlp_16_one(x: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                workspace: Workspace) -> torch.Tensor:
     """``x + F.linear(up * silu(gate), wd)`` where ``gate, up = F.linear(rms_norm(x, norm_weight, eps), wgu)`` halves,
@@ -487,11 +482,11 @@ def mlp_16_one(x: torch.Tensor, wgu: torch.Tensor, wd: torch.Tensor, norm_weight
         raise ValueError(f"glmkit.mlp16_one takes an MLP of {hidden} x {inter} in {x.dtype} with its own Workspace "
                          f"of those sizes, one CTA for each of the GPU's {sms} SMs: see usable.")
     y = torch.empty_like(x)
-    args = [_aligned(x), y, wgu, wd, _aligned(norm_weight.to(x.dtype)), workspace.h, workspace.counter,
-            workspace.row_start, float(eps)]
+    args = [gemv4bit_mma.aligned16(x), y, wgu, wd, gemv4bit_mma.aligned16(norm_weight.to(x.dtype)), workspace.h,
+            workspace.counter, workspace.row_start, float(eps)]
     gemv4bit_mma.launch(x.device, shape.options(x.dtype == torch.bfloat16), (workspace.ctas, 1, 1),
                         (hidden // 8 + 32, 1, 1), args, shape.smem_bytes(), _SOURCE, NAME,
-                        pdl=bool(gemv.PDL) and torch.cuda.get_device_capability(x.device) >= (9, 0))
+                        pdl=_dependent(x.device))
     return y
 
 

@@ -851,17 +851,24 @@ def gemv16_table() -> Table | Text:
     runs = gemv16_runs()
     if not runs:
         return not_measured("bf16 q/k/v and o_proj through the 16-bit CUDA kernel", "benchmarks/gemv16_step.py")
-    rows = []
-    for name, r in runs:
-        for row in r["rows"]:
-            label = "CUDA q/k/v, o_proj" if row["cuda_kernel"] else "Triton GEMVs"
-            rows.append([f"`{name}.json`", _card(r), label, *(f"{row['replay_at_us'][p]:.0f}" for p in GEMV16_AT),
-                         f"{row['best_tok_s']:.1f}", f"{100 * row['fraction_of_roofline']:.1f}%"])
-    return Table(["run", "card", "q/k/v and o_proj", *(f"µs at {p}" for p in GEMV16_AT), "decode tok/s",
-                  "of copy roofline"], rows,
-                 caption=f"GLM-4-9B bf16 at batch 1, {_cards_of(runs)}, {_run_dates([r for _, r in runs])}: the step's "
-                         "CUDA graph replayed back to back around each cache length, and decode tok/s (32 + 256 "
-                         "tokens, best of 3 rounds, the variants taking turns)")
+    rows = [_step_row(name, r, row, "CUDA q/k/v, o_proj" if row["cuda_kernel"] else "Triton GEMVs")
+            for name, r in runs for row in r["rows"]]
+    return Table(["run", "card", "q/k/v and o_proj", *STEP_COLUMNS], rows,
+                 caption=f"GLM-4-9B bf16 at batch 1, {_cards_of(runs)}, {_run_dates([r for _, r in runs])}: "
+                         f"{STEP_CAPTION}")
+
+
+# the columns a step run's table gives each variant after its labels (_step_row), and what they hold
+STEP_COLUMNS = (*(f"µs at {p}" for p in GEMV16_AT), "decode tok/s", "of copy roofline")
+STEP_CAPTION = ("the step's CUDA graph replayed back to back around each cache length, and decode tok/s (32 + 256 "
+                "tokens, best of 3 rounds, the variants taking turns)")
+
+
+def _step_row(name: str, result: dict[str, Any], row: dict[str, Any], *labels: str) -> list[str]:
+    """A variant's row of a step run's table (``gemv16_table``, ``mlp16_table``): the file, the card, ``labels``,
+    then ``STEP_COLUMNS``."""
+    return [f"`{name}.json`", _card(result), *labels, *(f"{row['replay_at_us'][p]:.0f}" for p in GEMV16_AT),
+            f"{row['best_tok_s']:.1f}", f"{100 * row['fraction_of_roofline']:.1f}%"]
 
 
 def _cards_of(runs: list[tuple[str, dict[str, Any]]]) -> str:
@@ -981,18 +988,10 @@ def mlp16_table() -> Table | Text:
     runs = mlp16_runs()
     if not runs:
         return not_measured("The MLP as one CUDA kernel", "benchmarks/mlp16_step.py")
-    rows = []
-    for name, r in runs:
-        for row in r["rows"]:
-            label = "one kernel" if row["mlp_kernel"] else "Triton gate/up, down"
-            rows.append([f"`{name}.json`", _card(r), row["precision"], label,
-                         *(f"{row['replay_at_us'][p]:.0f}" for p in GEMV16_AT), f"{row['best_tok_s']:.1f}",
-                         f"{100 * row['fraction_of_roofline']:.1f}%"])
-    return Table(["run", "card", "dtype", "MLP", *(f"µs at {p}" for p in GEMV16_AT), "decode tok/s",
-                  "of copy roofline"], rows,
-                 caption=f"GLM-4-9B at batch 1, {_cards_of(runs)}, {_run_dates([r for _, r in runs])}: the step's "
-                         "CUDA graph replayed back to back around each cache length, and decode tok/s (32 + 256 "
-                         "tokens, best of 3 rounds, the variants taking turns)")
+    rows = [_step_row(name, r, row, row["precision"], "one kernel" if row["mlp_kernel"] else "Triton gate/up, down")
+            for name, r in runs for row in r["rows"]]
+    return Table(["run", "card", "dtype", "MLP", *STEP_COLUMNS], rows,
+                 caption=f"GLM-4-9B at batch 1, {_cards_of(runs)}, {_run_dates([r for _, r in runs])}: {STEP_CAPTION}")
 
 
 def mlp16_chart() -> Any:
