@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import subprocess
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from nf4_fused import PROMPT, ROUNDS, against_reference, every_row, take_turns, warmed
+from nf4_fused import PROMPT, ROUNDS, against_reference, every_row, gpu_uuids, take_turns, warmed
 from step_roles import step_us
 
 from glmkit import gemv16_one
@@ -39,14 +38,6 @@ POSITIONS = (40, 100, 160, 220, 262)
 def kernel(on: bool) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext() if on else gemv16_one.turned_off()
 
-
-def gpu_uuids() -> list[str]:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return out.split()
 
 
 def alone() -> list[dict[str, Any]]:

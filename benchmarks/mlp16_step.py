@@ -20,8 +20,8 @@ import gc
 from typing import Any
 
 import torch
-from gemv16_step import POSITIONS, gpu_uuids
-from nf4_fused import PROMPT, ROUNDS, against_reference, every_row, take_turns, warmed
+from gemv16_step import POSITIONS
+from nf4_fused import PROMPT, ROUNDS, against_reference, every_row, gpu_uuids, take_turns, warmed
 from step_roles import step_us
 
 from glmkit import mlp16_one

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import subprocess
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
@@ -115,13 +116,24 @@ def against_reference(decoders: dict[str, FastDecoder], rows: dict[str, dict[str
             row[logits_key] = ((logits - first).norm() / first.norm()).item()
 
 
+def gpu_uuids() -> list[str]:
+    """The UUIDs of the GPUs here, read with nvidia-smi (which card a result ran on); [] where it does not answer."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=uuid", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return out.split()
+
+
 def report(name: str, what: str, rows: dict[str, dict[str, Any]], bw: float, rooflines: dict[str, float]) -> None:
     """Each row's summary printed, and the run (``what`` it measures) saved as ``name``."""
     for row in rows.values():
         print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
                if k not in ("replay_us", "decode_tok_s")}, flush=True)
     save_result(name, {"what": what, "copy_bandwidth_bytes_s": bw, "rounds": ROUNDS,
-                       "prompt": PROMPT, "new_tokens": NEW, "roofline_tok_s": rooflines, "rows": list(rows.values())})
+                       "prompt": PROMPT, "new_tokens": NEW, "roofline_tok_s": rooflines, "gpu_uuids": gpu_uuids(),
+                       "gpu_note": "read with nvidia-smi in the same call", "rows": list(rows.values())})
 
 
 def best_rounds(rows: dict[str, dict[str, Any]], rooflines: dict[str, float]) -> None:

@@ -6,7 +6,8 @@ Variants (taking turns, three rounds, so that clock and temperature drift touch 
 default: norms and residual adds folded into the CUDA kernel's launches, launched with programmatic dependent launch
 where the GPU has it), ``CUDA kernel, plain launches`` (``pdl=False``), ``Triton kernel`` (the same step built and
 run with ``GLMKIT_4BIT_KERNEL=triton``, the default before), ``CUDA kernel, compiled layer`` (``fuse_norms=False``) and
-``bf16`` (its default decoder). Per variant: the CUDA graph of one step replayed back to back (µs a token, around 160
+``bf16`` (its default decoder; on Hopper its MLP runs as one CUDA kernel, ``glmkit.mlp16_one``: each row's
+``mlp_kernel`` says whether it did). Per variant: the CUDA graph of one step replayed back to back (µs a token, around 160
 cached tokens) and ``decode_speed`` (tok/s of the token loop, sampling included), best round; against bf16 in the same run
 and the roofline (copy bandwidth / bytes a token reads); the greedy tokens and the logits of one step against the
 Triton kernel's, and against the default's (the same kernels launched plainly must give the same bits).
@@ -23,6 +24,9 @@ from collections.abc import Iterator
 
 import torch
 from nf4_fused import PROMPT, against_reference, best_rounds, report, start, take_turns, warmed
+
+from glmkit import mlp16_one
+from glmkit.fast_decode import FastDecoder
 
 VARIANTS = {"CUDA kernel": ("nf4", {}, None), "CUDA kernel, plain launches": ("nf4", {"pdl": False}, None),
             "Triton kernel": ("nf4", {}, "triton"),
@@ -48,6 +52,12 @@ def variant_env(variant: str) -> contextlib.AbstractContextManager[None]:
     return kernel_env(VARIANTS[variant][2])
 
 
+def mlp_kernel(decoder: FastDecoder) -> bool:
+    """Whether ``decoder``'s batch-1 MLP runs as glmkit's one CUDA kernel (``glmkit.mlp16_one``: 16-bit weights, the
+    default on Hopper): its stages hold the kernel's workspace, and the kernel runs there (not turned off)."""
+    return any(w is not None and mlp16_one.runs_on(w.device, w.dtype) for w in (st.mlp_workspace for st in decoder.stages))
+
+
 def main() -> None:
     args, models, bw, rooflines = start(__doc__.splitlines()[0], "nf4_one_step")
     decoders = {}
@@ -55,7 +65,8 @@ def main() -> None:
         with kernel_env(kernel):
             decoders[v] = warmed(models[p], **options)
     rows = {v: {"variant": v, "precision": p, "options": o, "kernel_env": k, "fuses_norms": decoders[v].fuses_norms(1),
-                "replay_us": [], "decode_tok_s": []} for v, (p, o, k) in VARIANTS.items()}
+                "mlp_kernel": mlp_kernel(decoders[v]), "replay_us": [], "decode_tok_s": []}
+            for v, (p, o, k) in VARIANTS.items()}
     take_turns(decoders, rows, around=variant_env)
     ids = torch.randint(0, 1000, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     against_reference(decoders, rows, ids, "Triton kernel", "tokens_as_triton", "step_logits_rel_diff_to_triton",

@@ -1155,6 +1155,12 @@ def _variant(name: str) -> Callable[[dict[str, Any]], bool]:
     return lambda r: r["variant"] == name
 
 
+# benchmarks/nf4_one_step.py's runs against bf16's default decoder as it is now, its MLP one CUDA kernel (glmkit.mlp16_one)
+NF4_AGAINST_BF16_NOW = ("nf4_one_step_run6", "nf4_one_step_run7", "nf4_one_step_run8")
+NF4_ONE_RUN = NF4_AGAINST_BF16_NOW[0]  # the run *4-bit, one sequence on the tensor cores* tells in full
+MLP_ONE, MLP_TWO = "one kernel", "two GEMVs"  # how a run's bf16 decoder ran its MLP
+
+
 # Every run of the batch-1 fast path's default decoders that timed bf16 and nf4 together since the next token is
 # picked inside the step and the rates count the steps actually run, in order, and how each result's default rows are
 # read: first those of the batch-1 4-bit CUDA kernel before, which read x from shared memory at every stage, then those
@@ -1175,6 +1181,7 @@ _RUNS_X_IN_REGISTERS: list[tuple[str, Callable[[dict[str, Any]], PairedRun]]] = 
     *[(name, _from_rows(_variant("bf16"), _variant("CUDA kernel")))
       for name in ("nf4_one_step", "nf4_one_step_run4", "nf4_one_step_run5")],
     ("gemv_early_block", _from_rows(_variant("bf16"), _variant("nf4"))),
+    *[(name, _from_rows(_variant("bf16"), _variant("CUDA kernel"))) for name in NF4_AGAINST_BF16_NOW],
 ]
 BF16_NF4_RUNS = [*_RUNS_X_SHARED, *_RUNS_X_IN_REGISTERS]
 X_IN_REGISTERS = tuple(name for name, _ in _RUNS_X_IN_REGISTERS)
@@ -1202,12 +1209,30 @@ def _paired(name: str, result: dict[str, Any], read: Callable[[dict[str, Any]], 
     bw, bf16, share, nf4 = read(result)
     return {"name": name, "date": result["environment"]["date"], "copy_bandwidth_bytes_s": bw, "bf16_tok_s": bf16,
             "bf16_share": share, "nf4_tok_s": nf4, "ratio": nf4 / bf16, "nf4_over_bf16_roofline": nf4 * share / bf16,
-            "kernel": KERNEL_NOW if name in X_IN_REGISTERS else KERNEL_BEFORE}
+            "kernel": KERNEL_NOW if name in X_IN_REGISTERS else KERNEL_BEFORE,
+            "bf16_mlp": MLP_ONE if _bf16_mlp_one(result) else MLP_TWO, "gpu_uuids": result.get("gpu_uuids", [])}
+
+
+def _bf16_mlp_one(result: dict[str, Any]) -> bool:
+    """Whether a run's bf16 default decoder ran its MLP as one CUDA kernel (its row records ``mlp_kernel``)."""
+    rows = result.get("rows")
+    return isinstance(rows, list) and any(r.get("precision") == "bf16" and r.get("mlp_kernel") for r in rows)
 
 
 def _counted_before(runs: list[dict[str, Any]]) -> list[str]:
     """The runs (file names) whose rates were counted with the one-token stream timed once."""
     return [f"`{r['name']}.json`" for r in runs if r["name"] in ONE_TIMED_STREAM]
+
+
+def _listed(runs: list[dict[str, Any]]) -> str:
+    """The runs' files: ``"`a.json`, `b.json`"``."""
+    return ", ".join(f"`{r['name']}.json`" for r in runs)
+
+
+def _cards_named(runs: list[dict[str, Any]]) -> str:
+    """``"2 cards"``: the distinct cards the runs name (``gpu_uuids``), or ``"cards not named"``."""
+    cards = {u for r in runs for u in r.get("gpu_uuids", [])}
+    return f"{len(cards)} card{'s' * (len(cards) != 1)}" if cards else "cards not named"
 
 
 def _both(run: dict[str, Any]) -> bool:
@@ -1220,18 +1245,19 @@ def bf16_nf4_table(runs: list[dict[str, Any]] | None = None) -> Table | Text:
     runs = bf16_nf4_runs() if runs is None else runs
     if not runs:
         return not_measured("bf16 and nf4 in the same run", "benchmarks/greedy_tail.py --checkpoint /tmp/glm9b")
-    rows = [[f"`{r['name']}.json`", r["kernel"], f"{r['copy_bandwidth_bytes_s'] / 1e12:.3f}", f"{r['bf16_tok_s']:.1f}",
-             f"{r['bf16_share'] * 100:.1f}%", f"{r['nf4_tok_s']:.1f}", f"{r['nf4_over_bf16_roofline']:.3f}",
-             f"{r['ratio']:.3f}x", "yes" if _both(r) else "no"] for r in runs]
+    rows = [[f"`{r['name']}.json`", r["kernel"], r["bf16_mlp"], f"{r['copy_bandwidth_bytes_s'] / 1e12:.3f}",
+             f"{r['bf16_tok_s']:.1f}", f"{r['bf16_share'] * 100:.1f}%", f"{r['nf4_tok_s']:.1f}",
+             f"{r['nf4_over_bf16_roofline']:.3f}", f"{r['ratio']:.3f}x", "yes" if _both(r) else "no"] for r in runs]
     before, when = _counted_before(runs), _dates(r["date"] for r in runs)
-    return table(["run", "4-bit kernel", "copy TB/s", "bf16 tok/s", "of its copy roofline", "nf4 tok/s",
+    return table(["run", "4-bit kernel", "bf16's MLP", "copy TB/s", "bf16 tok/s", "of its copy roofline", "nf4 tok/s",
                   "nf4 / bf16's copy roofline", "nf4 / bf16", "bf16 ≥ 90% and nf4 ≥ 2x"], rows,
                  caption=f"GLM-4-9B at batch 1, the default decoders of {len(runs)} runs on H200s, {when} "
                          f"(`nf4_x_regs.json`: its variant with x in registers, which became the default after that "
                          f"run; each "
                          f"file's copy bandwidth and both rates from one run; 32-token prompt, 256 new tokens, best "
                          f"round; the 4-bit kernel as it is now holds x in registers, the one before read it from "
-                         f"shared memory at every stage" + (f"; {', '.join(before)} counted their rates with the "
+                         f"shared memory at every stage; bf16's MLP ran as two Triton GEMVs, or, in the latest "
+                         f"runs, as one CUDA kernel, bf16's default now" + (f"; {', '.join(before)} counted their rates with the "
                                                             f"one-token stream they subtract timed once, which can "
                                                             f"read high" if before else "") + ")")
 
@@ -1253,6 +1279,7 @@ def bf16_nf4_sentence(runs: list[dict[str, Any]] | None = None) -> Text:
 
     now = [r for r in runs if r["kernel"] == KERNEL_NOW]
     earlier = [r for r in runs if r["kernel"] != KERNEL_NOW]
+    latest = [r for r in now if r.get("bf16_mlp") == MLP_ONE]  # both decoders as they are now
     text = (f"In {len(runs)} runs of the default decoders on H200s, bf16 decoded {span('bf16_tok_s', runs)} tok/s "
             f"({span('bf16_share', runs, 100)}% of the copy roofline measured in each run).")
     if earlier:
@@ -1263,20 +1290,25 @@ def bf16_nf4_sentence(runs: list[dict[str, Any]] | None = None) -> Text:
                                        f"one-token stream they subtract timed once, which can read high)"
                                        if timed_once else "") + ".")
     if now:
-        files = ", ".join(f"`{r['name']}.json`" for r in now)
+        files = _listed(now)
         text += (f" With the kernel as it is now, which holds x in registers ({files}), nf4 decoded "
                  f"{span('nf4_tok_s', now)} tok/s, {span('ratio', now, 1, 3)}x bf16; {both(now)}.")
-    group = now or earlier
+        if latest:
+            text += (f" Against bf16 as it is now, its MLP one CUDA kernel ({_listed(latest)}, {_cards_named(latest)}): "
+                     f"bf16 {span('bf16_tok_s', latest)} tok/s ({span('bf16_share', latest, 100)}% of its roofline), "
+                     f"nf4 {span('nf4_tok_s', latest)}, {span('ratio', latest, 1, 3)}x bf16; {both(latest)}.")
+    group = latest or now or earlier  # the runs of one code: what moves there moves from run to run
+    those = ("the runs against bf16 as it is now" if latest else "the runs of the kernel as it is now" if now
+             else "those timed as rates are timed now")
     steady = [r for r in group if r["name"] not in ONE_TIMED_STREAM]
     nf4, bf16 = ([r[k] for r in steady] for k in ("nf4_tok_s", "bf16_tok_s"))
     if len(steady) >= 2 and max(nf4) / min(nf4) < max(bf16) / min(bf16):
-        those = "the runs of the kernel as it is now" if now else "those timed as rates are timed now"
         text += (f" nf4 moves less from run to run ({(max(nf4) / min(nf4) - 1) * 100:.1f}% between the slowest and "
                  f"the fastest of {those}, bf16 {(max(bf16) / min(bf16) - 1) * 100:.1f}%): bf16 reads its weights at "
                  f"the speed of the card's memory, nf4 is held by the work on each packed byte.")
     caps = [r["nf4_over_bf16_roofline"] / RATIO_MARK for r in group]
     room = sum(cap >= BF16_MARK for cap in caps)
-    which = "the runs of the kernel as it is now" if now and earlier else "these runs"
+    which = those if group != runs else "these runs"
     text += (f" For nf4 to be {RATIO_MARK:.0f}x as fast, bf16 can be at most 1/{RATIO_MARK:.0f} as fast as nf4: "
              f"{min(caps) * 100:.1f}–{max(caps) * 100:.1f}% of bf16's copy roofline in {which}, ")
     if room == len(group):
@@ -1292,10 +1324,12 @@ def bf16_nf4_sentence(runs: list[dict[str, Any]] | None = None) -> Text:
 
 # Every committed run that timed the default bf16 batch-1 decoder as it is now (the MLP as one CUDA kernel,
 # glmkit.mlp16_one; q/k/v and o_proj through glmkit.gemv16_one), by result and the row that holds it:
-# benchmarks/mlp16_step.py's runs, then the shipped ring's rows of the ring runs beside them
+# benchmarks/mlp16_step.py's runs, then the shipped ring's rows of the ring runs beside them, then the bf16 rows of
+# benchmarks/nf4_one_step.py's runs against it
 BF16_NOW_RUNS: list[tuple[str, Callable[[dict[str, Any]], bool]]] = [
     *[(name, lambda r: r["precision"] == "bf16" and r["mlp_kernel"]) for name in MLP16_RUNS],
     *[(name, _variant(f"ring {RING_SHIPPED} ahead {RING_SHIPPED}")) for name in MLP16_RING_RUNS],
+    *[(name, lambda r: r["variant"] == "bf16" and r["mlp_kernel"]) for name in NF4_AGAINST_BF16_NOW],
 ]
 # ... and the default before it (its MLP two Triton GEMVs): gemv16_step.py's runs, then the default rows of the variant
 # runs beside them
@@ -1346,7 +1380,9 @@ def bf16_now_sentence(runs: list[dict[str, Any]] | None = None, before: list[dic
     if not runs:
         return not_measured("The bf16 step as it is now, card by card", "benchmarks/mlp16_step.py")
     at, under = [r for r in runs if r["share"] >= BF16_MARK], [r for r in runs if r["share"] < BF16_MARK]
-    text = (f"{_cards(runs)} ({_run_dates(runs)}; `mlp16_step*.json` and the shipped ring's rows of `mlp16_ring*.json`): "
+    text = (f"{_cards(runs)} ({_run_dates(runs)}; `mlp16_step*.json`, the shipped ring's rows of `mlp16_ring*.json` "
+            f"and the bf16 rows of the 4-bit runs against it, `{NF4_AGAINST_BF16_NOW[0]}.json` to "
+            f"`{NF4_AGAINST_BF16_NOW[-1]}.json`): "
             f"the default bf16 decoder decoded {_span([r['tok_s'] for r in runs])} tok/s, "
             f"{_span([100 * r['share'] for r in runs])}% of the copy roofline measured in each run, "
             f"{BF16_MARK:.0%} or more in {len(at)} of {len(runs)}.")
@@ -2856,13 +2892,13 @@ ONE_LABELS = {"CUDA kernel": "nf4, CUDA kernel (the default: PDL)",
 
 def nf4_one_sentence() -> Text:
     """One sequence in 4 bits through the batch-1 CUDA kernel (``glmkit.gemv4bit_one``): the step against the same
-    kernel launched plainly, the Triton kernel and bf16 in one run (``nf4_one_step.json``), the four projections in
+    kernel launched plainly, the Triton kernel and bf16 in one run (``NF4_ONE_RUN``), the four projections in
     another (``nf4_one.json``, with what bounds them), and what Nsight Compute saw (``nf4_one_ncu.json``)."""
     def render(r: dict[str, Any]) -> str:
         v = _rows_by_variant(r)
         one, plain, tri = v["CUDA kernel"], v["CUDA kernel, plain launches"], v["Triton kernel"]
         compiled, bf16 = v["CUDA kernel, compiled layer"], v["bf16"]
-        text = (f"One sequence of GLM-4-9B in nf4 on {measured_on(r)} (`nf4_one_step.json`, one run, best of "
+        text = (f"One sequence of GLM-4-9B in nf4 on {measured_on(r)} (`{NF4_ONE_RUN}.json`, one run, best of "
                 f"{r['rounds']} rounds taking turns): through glmkit's batch-1 CUDA kernel (`glmkit.gemv4bit_one`: "
                 f"each warp copies its rows into shared memory with `cp.async`, one shared-memory load, at an address "
                 f"that one byte permute forms, turns a byte into an operand of the tensor cores' `mma`, x held in "
@@ -2871,7 +2907,8 @@ def nf4_one_sentence() -> Text:
                 f"fetches its first weights and writes its lookup table while the kernel before ends, then waits "
                 f"for it and reads x once a CTA), the step decodes **{one['best_tok_s']:.1f} tok/s**, "
                 f"{one['over_bf16']:.3f}x bf16's fast path ({bf16['best_tok_s']:.1f} tok/s, "
-                f"{bf16['fraction_of_roofline'] * 100:.0f}% of its roofline) and "
+                f"{bf16['fraction_of_roofline'] * 100:.0f}% of its roofline"
+                f"{', its MLP one CUDA kernel' if bf16.get('mlp_kernel') else ''}) and "
                 f"{one['fraction_of_roofline'] * 100:.0f}% of nf4's roofline, against {plain['best_tok_s']:.1f} tok/s "
                 f"({plain['over_bf16']:.2f}x) with the same kernels launched plainly and "
                 f"{tri['best_tok_s']:.1f} tok/s ({tri['over_bf16']:.2f}x) through the Triton kernel; a step's CUDA "
@@ -2916,7 +2953,7 @@ def nf4_one_sentence() -> Text:
                      f"of its instructions." + _ncu_x_regs(g))
         return text
 
-    return from_result("nf4_one_step", render, what="One sequence in 4 bits through the batch-1 CUDA kernel",
+    return from_result(NF4_ONE_RUN, render, what="One sequence in 4 bits through the batch-1 CUDA kernel",
                        script="benchmarks/nf4_one_step.py")
 
 
@@ -3008,21 +3045,22 @@ def _leave_sms_sentence() -> str:
 def _card_run(run: dict[str, Any], where: str) -> str:
     """One card's run of the 4-bit step (a ``bf16_nf4_runs`` row): bf16's tok/s and share of its roofline, nf4's
     tok/s and the ratio."""
-    return (f"bf16 {run['bf16_tok_s']:.1f} tok/s ({run['bf16_share'] * 100:.1f}% of its roofline), "
+    mlp = ", its MLP one kernel" if run["bf16_mlp"] == MLP_ONE else ""
+    return (f"bf16 {run['bf16_tok_s']:.1f} tok/s ({run['bf16_share'] * 100:.1f}% of its roofline{mlp}), "
             f"nf4 {run['nf4_tok_s']:.1f}: **{run['ratio']:.3f}x** {where}")
 
 
 def _other_cards() -> str:
     """The same kernels in the other runs of the kernel as it is now (``bf16_nf4_runs``: ``X_IN_REGISTERS`` but
-    ``nf4_one_step.json``), those that exist; or ''."""
-    here = set(_gpu_uuids("nf4_one_step"))
+    ``NF4_ONE_RUN``), those that exist; or ''."""
+    here = set(_gpu_uuids(NF4_ONE_RUN))
 
     def where(name: str) -> str:  # another card only where both runs name theirs and none is shared
         cards = set(_gpu_uuids(name))
         return "another H200" if here and cards and not here & cards else "another run"
 
     runs = [_card_run(r, f"(`{r['name']}.json`, {where(r['name'])})")
-            for r in bf16_nf4_runs() if r["kernel"] == KERNEL_NOW and r["name"] != "nf4_one_step"]
+            for r in bf16_nf4_runs() if r["kernel"] == KERNEL_NOW and r["name"] != NF4_ONE_RUN]
     if not runs:
         return ""
     why = " (bf16's share also with each card's read / copy bandwidth: *Why H200s differ*)" if card_bandwidth_runs() \
@@ -3139,9 +3177,9 @@ def _one_variants(r: dict[str, Any]) -> list[str]:
 
 
 def nf4_one_chart() -> Any:
-    """Batch-1 tok/s of the step per kernel (``nf4_one_step.json``), with each precision's roofline dashed; ``None``
+    """Batch-1 tok/s of the step per kernel (``NF4_ONE_RUN``), with each precision's roofline dashed; ``None``
     before the file exists."""
-    return _step_variants_chart("nf4_one_step", ONE_LABELS)
+    return _step_variants_chart(NF4_ONE_RUN, ONE_LABELS)
 
 
 def _fixed_us(rows: list[dict[str, Any]]) -> float:
