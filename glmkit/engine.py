@@ -3,16 +3,17 @@
 A background thread repeats ``step()``: **schedule** (cancelled requests leave, waiting ones take free KV-cache
 slots), **run** (one chunk of a waiting prompt is prefilled into its slot, then one decode step for every running
 request), **postprocess** (one sampling call for the whole batch on the device, then per request: incremental
-detokenization, stop strings, end tokens, token budget, callbacks). With ``fast_decode=True`` this is continuous
-batching over ``FastDecoder``'s static cache: requests join and leave at every step, so a short request never
-waits for a long one; and host and device overlap: a step's sampled tokens stay on the device, feed the next step
-there, and reach the host (pinned memory, one copy) while the device computes that next step, so the host's
-postprocessing costs no device time. On one H200 the server then delivers 93% / 82% / 70% of its decoder's own
-tokens/s at 1 / 16 / 64 clients (``benchmarks/results/server_load_gpu_cb.json``).
-The plain path (quantized, offloaded or non-GLM models) batches statically: a batch runs
-until its last request ends (``glmkit.runner`` says why). A request that fails (bad settings, an out-of-memory
-error while prefilling it) fails alone; an out-of-memory error in a decode step fails that step's requests, and
-the engine keeps serving. Introduced in ``notebooks/07_openai_server.ipynb``.
+detokenization, stop strings, end tokens, token budget, callbacks). With ``fast_decode=True`` (GLM in 16/32-bit or
+bitsandbytes nf4/fp4) this is continuous batching over ``FastDecoder``'s static cache: requests join and leave at
+every step, so a short request never waits for a long one; and host and device overlap: a step's sampled tokens stay
+on the device, feed the next step there, and reach the host (pinned memory, one copy) while the device computes that
+next step, so the host's postprocessing costs no device time. On one H200 the server then delivers 93% / 82% / 70%
+of its decoder's own tokens/s at 1 / 16 / 64 clients (``benchmarks/results/server_load_gpu_cb.json``). The plain
+path (the default, and the one for models the fast path refuses: int8 or other non-nf4/fp4 quantizations, offloaded
+or non-GLM models) batches statically: a batch runs until its last request ends (``glmkit.runner`` says why). A
+request that fails (bad settings, an out-of-memory error while prefilling it) fails alone; an out-of-memory error in
+a decode step fails that step's requests, and the engine keeps serving. Introduced in
+``notebooks/07_openai_server.ipynb``.
 
 >>> from glmkit.loading import load_model, load_tokenizer
 >>> engine = Engine(load_model(device_map="cpu"), load_tokenizer())
@@ -51,9 +52,10 @@ class Engine:
         max_batch_size: requests running at once (KV-cache slots); more wait in a queue.
         max_context: prompt + new tokens allowed per request (default: the model's limit).
         gather_ms: static batching (plain path) only: how long the first waiting request waits for company.
-        fast_decode: continuous batching with ``FastDecoder`` (one GPU or a layer split, 16/32-bit GLM weights).
-            Costs GPU memory:
-            a fused copy of the q/k/v weights (1.4 GiB for GLM-4-9B in bf16) and a static KV cache of
+        fast_decode: continuous batching with ``FastDecoder`` (one GPU or a layer split; GLM weights in 16/32-bit or
+            bitsandbytes nf4/fp4, the 4-bit ones read in place by glmkit's kernels; an int8, otherwise quantized or
+            offloaded model is refused here, with what to load instead). Costs GPU memory: in 16/32-bit a fused copy
+            of the q/k/v weights (1.4 GiB for GLM-4-9B in bf16; none in 4 bits) and a static KV cache of
             ``max_batch_size`` x ``max_context`` tokens (40 KiB a token for GLM-4-9B in bf16), made at the first request.
         prefill_chunk: prompt tokens prefilled per step (fast path): a long prompt delays the running requests by
             at most one chunk per step.

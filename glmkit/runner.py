@@ -1,17 +1,17 @@
 """What runs: the engine's model runners, which own the model, the KV cache and (on a GPU) the CUDA graphs.
 
-``FastRunner`` (continuous batching): one ``FastDecoder`` (one GPU or a layer split) with a static cache of
-``slots`` rows; a request prefills into its own row one chunk per call, at any step, while the other rows decode;
-a decode step runs rows ``0..k-1`` (``k`` = the highest running slot + 1), the decoder choosing its smallest captured batch size
->= ``k``. Rows that are not decoding get a dummy token at the position their next real write goes to, where it
-is overwritten before it is ever attended to.
+``FastRunner`` (continuous batching): one ``FastDecoder`` (one GPU or a layer split; GLM in 16/32-bit or
+bitsandbytes nf4/fp4) with a static cache of ``slots`` rows; a request prefills into its own row one chunk per call,
+at any step, while the other rows decode; a decode step runs rows ``0..k-1`` (``k`` = the highest running slot + 1),
+the decoder choosing its smallest captured batch size >= ``k``. Rows that are not decoding get a dummy token at the
+position their next real write goes to, where it is overwritten before it is ever attended to.
 
-``PlainRunner`` (static batching, for models the fast path does not take: quantized, offloaded, not GLM):
-the prompts of one batch are left-padded and prefilled together with ``model.forward`` and a transformers cache,
-then decoded together until the last one ends. Requests cannot join a running batch: the left-padded cache
-would have to be re-padded, and transformers' own continuous batching (``generate_batch``) takes one
-generation config for all requests and no per-token callbacks.
-Introduced in ``notebooks/07_openai_server.ipynb``.
+``PlainRunner`` (static batching: the engine's default, and for models the fast path does not take: int8 or other
+quantizations than bitsandbytes nf4/fp4, offloaded, not GLM): the prompts of one batch are left-padded and prefilled
+together with ``model.forward`` and a transformers cache, then decoded together until the last one ends. Requests
+cannot join a running batch: the left-padded cache would have to be re-padded, and transformers' own continuous
+batching (``generate_batch``) takes one generation config for all requests and no per-token callbacks. Introduced in
+``notebooks/07_openai_server.ipynb``.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class FastRunner:
     def __init__(self, model: torch.nn.Module, slots: int, max_len: int, device: torch.device,
                  decoder: Any = None) -> None:
         if decoder is None:
-            FastDecoder.check(model)  # a quantized or offloaded model: say so now, not at the first request
+            FastDecoder.check(model)  # an int8 or offloaded model: say so now, not at the first request
         elif decoder.batch_size < slots or decoder.max_len < max_len:
             raise ValueError(f"The decoder given holds {decoder.batch_size} rows of {decoder.max_len} tokens; the engine "
                              f"needs {slots} rows of {max_len}: build it with batch_size={slots}, max_len={max_len}.")

@@ -66,6 +66,84 @@ def test_decode_tuner_runs_and_records(model):
     assert "fast_options" not in tuner.run()  # the kernel menu is the fast path's only
 
 
+def test_decode_tuner_loads_a_precision_from_the_checkpoint_once_and_names_it_in_rows_and_lines(model, tiny_path):
+    pytest.importorskip("bitsandbytes")
+    from glmkit.widgets import decode_tuner, model_precision
+
+    own = model_precision(model)
+    tuner = decode_tuner(model, checkpoint=tiny_path, precisions=["fp16", "nf4"])
+    assert tuner.precision.options == (own, "fp16", "nf4") and tuner.precision.value == own
+    tuner.prompt.value, tuner.new_tokens.value = 8, 4
+    assert tuner.run()["precision"] == own and list(tuner.models) == [own]  # nothing loaded before it is picked
+    tuner.precision.value = "nf4"
+    row = tuner.run()
+    nf4 = tuner.models["nf4"]
+    assert model_precision(nf4) == "nf4" and nf4.model.layers[0].mlp.down_proj.weight.__class__.__name__ == "Params4bit"
+    assert next(nf4.parameters()).device == next(model.parameters()).device  # loaded where the model is
+    assert row["precision"] == "nf4" and "nf4 generate, batch 1" in tuner.status.value
+    tuner.path.value = "fast"  # 4-bit weights on the fast path (bitsandbytes' matmul on a CPU)
+    assert tuner.run()["precision"] == "nf4" and "nf4 fast (" in tuner.status.value
+    tuner.precision.value, tuner.path.value = own, "generate"  # back to the model given, then nf4 again: no reload
+    tuner.run()
+    tuner.precision.value = "nf4"
+    tuner.run()
+    assert tuner.models["nf4"] is nf4 and tuner.models[own] is model
+    assert [r["precision"] for r in tuner.results] == [own, "nf4", "nf4", own, "nf4"]
+    assert [label.split(" (")[0] for label in tuner.series()] == [f"{own} generate", "nf4 generate", "nf4 fast"]
+    tuner.unload("nf4")
+    assert "nf4" not in tuner.models
+    with pytest.raises(ValueError, match="you gave"):
+        tuner.unload(own)
+
+
+def test_decode_tuner_says_what_failed_when_a_precision_cannot_load_and_keeps_its_results(model, tiny_path, tmp_path):
+    import shutil
+
+    from glmkit.widgets import decode_tuner, model_precision
+
+    broken = shutil.copytree(tiny_path, tmp_path / "broken")
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")  # a checkpoint whose weights cannot load
+    own = model_precision(model)
+    tuner = decode_tuner(model, checkpoint=broken, precisions=["fp16"])
+    tuner.prompt.value, tuner.new_tokens.value = 8, 4
+    first = tuner.run()
+    tuner.precision.value = "fp16"
+    with pytest.raises(RuntimeError, match="Could not load fp16 from"):
+        tuner.run()
+    status = tuner.status.value
+    assert "Could not load fp16" in status and f"pick {own} (loaded)" in status and "\n" not in status
+    assert tuner.results == [first] and list(tuner.models) == [own]
+    tuner.precision.value = own
+    tuner.button.click()  # the widget still measures
+    assert len(tuner.results) == 2 and f"{own} generate, batch 1" in tuner.status.value
+
+
+def test_decode_tuner_menus_and_load_errors_in_the_users_words(model, tiny_path):
+    from glmkit.loading import CheckpointNotFoundError
+    from glmkit.widgets import _load_error, decode_tuner, model_precision
+
+    assert decode_tuner(model).precision.options == (model_precision(model),)  # no checkpoint: the model alone
+    both = decode_tuner({"mine": model, "again": model})
+    assert both.precision.options == ("mine", "again") and both.model is model
+    assert decode_tuner(model, checkpoint=tiny_path).precision.options[1:] == tuple(
+        p for p in ("bf16", "fp16", "int8", "nf4", "nf4-dq", "fp4", "fp4-dq") if p != model_precision(model))
+    with pytest.raises(ValueError, match="Unknown precision 'int3'"):
+        decode_tuner(model, checkpoint=tiny_path, precisions=["nf4", "int3"])
+    with pytest.raises(ValueError, match="pass checkpoint="):
+        decode_tuner(model, precisions=["nf4"])
+    with pytest.raises(CheckpointNotFoundError):
+        decode_tuner(model, checkpoint=tiny_path / "missing")
+    # transformers' words when bitsandbytes is not installed, and an out-of-memory error: what to do, in one line
+    missing = ImportError("Using `bitsandbytes` 4-bit quantization requires bitsandbytes: `pip install -U bitsandbytes`")
+    assert _load_error("nf4", missing, tiny_path, ["bf16"]) == (
+        "nf4 needs bitsandbytes, which is not installed here: pip install -U bitsandbytes and restart the kernel, "
+        "or pick bf16 (loaded) or another precision.")
+    oom = _load_error("fp16", torch.cuda.OutOfMemoryError("CUDA out of memory.\nTried to allocate"), tiny_path, ["bf16"])
+    assert oom.startswith("Not enough memory to load fp16 next to bf16: free one with tuner.unload(name)")
+    assert "\n" not in oom
+
+
 def test_bench_bytes_read_per_token(model):
     from glmkit.bench import bytes_read_per_token
 

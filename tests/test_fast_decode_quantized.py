@@ -186,6 +186,30 @@ def test_fast_decoder_with_bitsandbytes_matmul_gives_generates_greedy_tokens(pro
     assert "lm_head" in repr(fast)  # its table view shows a 4-bit model too (packed q/k/v: no fused copy to size)
 
 
+def test_the_engine_serves_an_nf4_model_through_the_fast_path_with_generates_greedy_tokens(prompt):
+    # Engine(fast_decode=True) on bitsandbytes nf4 weights (bitsandbytes' matmul on a CPU, glmkit's 4-bit kernels on a
+    # GPU): two requests decoding together in the fast decoder's rows, each with generate()'s greedy tokens
+    from glmkit.engine import Engine
+    from glmkit.loading import load_tokenizer
+    from glmkit.runner import FastRunner
+
+    model = _load("nf4")
+    engine = Engine(model, load_tokenizer(TRAINED_TINY_DIR), max_batch_size=2, max_context=128, fast_decode=True)
+    try:
+        other = engine.encode([{"role": "user", "content": "How many layers does GLM-4-9B-Chat have?"}])
+        prompts = [prompt[0].tolist(), other]
+        got = [r.wait(60) for r in [engine.submit(ids, max_tokens=8) for ids in prompts]]
+        assert isinstance(engine.runner, FastRunner) and engine.fast_requests == 2
+        assert isinstance(engine.runner.decoder.stages[0].weights[0][4], Packed4bit)  # gate/up read in place, 4 bits
+        eos = set(model.generation_config.eos_token_id)
+        for ids, req in zip(prompts, got):
+            want = _greedy(model, torch.tensor([ids], device=DEVICE), 8)[0, len(ids):].tolist()
+            want = want[:next((i for i, t in enumerate(want) if t in eos), len(want))]
+            assert req.error is None and req.tokens == want and len(want) >= 3
+    finally:
+        engine.close()
+
+
 def test_int8_and_other_quantizations_are_refused_with_what_to_use_instead():
     from glmkit.gemv4bit import unsupported_quantization
 

@@ -49,3 +49,43 @@ def test_clear(model_tok):
     chat.send_message("hello", wait=True)
     chat.clear()
     assert chat.history == [] and "no messages" in chat.log.value
+
+
+def test_chat_widget_on_the_fast_path_gives_the_plain_engines_greedy_tokens(model_tok):
+    from glmkit.engine import Engine
+
+    chat = chat_widget(*model_tok, fast_decode=True)
+    chat.send_message("How many layers does GLM-4-9B-Chat have?", wait=True)
+    engine = chat.engine()
+    try:
+        assert engine.fast_decode and engine.max_batch_size == 1 and engine.fast_requests == 1  # FastDecoder answered
+        reply = engine.finished[-1]
+        assert chat.history[-1] == {"role": "assistant", "content": reply.text} and "40" in reply.text
+        plain = Engine(*model_tok, max_batch_size=1)
+        try:
+            want = plain.submit(plain.encode(chat.messages()[:-1]), max_tokens=chat.max_tokens.value,
+                                temperature=0.0).wait(60)
+        finally:
+            plain.close()
+        assert plain.fast_requests == 0 and reply.tokens == want.tokens and len(want.tokens) > 5
+        assert "tok/s" in chat.status.value
+    finally:
+        engine.close()
+
+
+def test_chat_widget_fast_decode_refuses_what_the_fast_path_cannot_run(model_tok):
+    from glmkit.engine import Engine
+
+    engine = Engine(*model_tok, max_batch_size=1)
+    try:
+        with pytest.raises(ValueError, match="pass fast_decode=True to the Engine you give"):
+            chat_widget(*model_tok, engine=engine, fast_decode=True)
+        assert chat_widget(*model_tok, engine=engine).engine() is engine
+    finally:
+        engine.close()
+    pytest.importorskip("bitsandbytes")
+    from glmkit.quantization import load_precision
+
+    int8 = load_precision(TRAINED_TINY_DIR, "int8", device_map="cpu")
+    with pytest.raises(ValueError, match="does not run int8"):  # said when the widget is made, not at the first message
+        chat_widget(int8, model_tok[1], fast_decode=True)
