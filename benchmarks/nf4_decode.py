@@ -1,11 +1,15 @@
 """GLM-4-9B decode speed per precision at batch 1, in one process: bf16 / fp16 / nf4 through glmkit's fast path
-against each precision's roofline, nf4 through plain generate() (bitsandbytes), a per-projection bandwidth table
-(nf4 Triton vs bitsandbytes' matmul_4bit vs bf16), and nf4 fast decode at a 32K context on a card capped at 12 GiB.
+(each with its default options) against each precision's roofline, nf4 through plain generate() (bitsandbytes), a
+per-projection bandwidth table (nf4 through glmkit's default kernel and its Triton kernel vs bitsandbytes'
+matmul_4bit vs bf16), nf4 fast decode at a 32K context on a card capped at 12 GiB, and each fast path's logits over
+16 teacher-forced steps against an fp32 decoder on the same weights (for nf4: its weights dequantized in fp32, with
+bf16 arithmetic on those weights beside it as the yardstick).
 
 Each roofline: the copy bandwidth measured in this run / the bytes one token reads (every weight, quantization
-states included, one embedding row). Random weights of the exact GLM-4-9B architecture (DESIGN.md).
+states included, one embedding row). Random weights of the exact GLM-4-9B architecture
+(``glmkit.models.ensure_random_checkpoint``).
 
-    python benchmarks/nf4_decode.py --checkpoint /tmp/glm9b
+    python benchmarks/nf4_decode.py --checkpoint /tmp/glm9b      # about 6 minutes on an H200
 Writes benchmarks/results/nf4_decode.json (and to $OUT) after every stage, so a stage that fails keeps the others.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +28,12 @@ from glmkit.env import use_expandable_segments
 from glmkit.gemv import device_name, gemv, gemv_swiglu, tables_for
 from glmkit.models import ensure_random_checkpoint
 
-NEW_TOKENS = 128
+NEW_TOKENS = 256  # a cache of 32 + 256 + 8 positions, as the step benchmarks (max_len_sweep.py: speed by cache length)
 PROMPT = 32
+FORCED = 16  # teacher-forced steps whose logits each decoder's are compared on
+# the fast paths' labels: each decoder with its default options (bf16/fp16: glmkit's kernels, on Hopper its MLP as
+# one CUDA kernel; nf4: glmkit's batch-1 4-bit CUDA kernel where it runs)
+BF16_FAST, FP16_FAST, NF4_FAST = "bf16 fast (glmkit kernels)", "fp16 fast (glmkit kernels)", "nf4 fast (glmkit CUDA kernel)"
 
 
 def token_bytes(model: torch.nn.Module) -> int:
@@ -33,6 +42,23 @@ def token_bytes(model: torch.nn.Module) -> int:
 
     emb = model.get_input_embeddings().weight
     return model_tensor_bytes(model) - emb.numel() * emb.element_size() + emb.shape[1] * emb.element_size()
+
+
+def forced_logits(decoder: Any) -> torch.Tensor:
+    """Logits [FORCED, vocab] (fp32) of the same prompt and the same next tokens for every decoder."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (1, PROMPT + FORCED), generator=g).to(decoder.device)
+    decoder.prefill(ids[:, :PROMPT])
+    steps = [decoder.decode_step(ids[0, PROMPT + t:PROMPT + t + 1], PROMPT + t)[0].to(torch.float32, copy=True)
+             for t in range(FORCED)]  # each step's logits copied: the decoder's buffer is reused
+    return torch.stack(steps)
+
+
+def compare(logits: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
+    """Per-step relative L2 error of the logits against ``ref`` and how many greedy tokens agree."""
+    errs = sorted(((a.double() - r.double()).norm() / r.double().norm()).item() for a, r in zip(logits, ref))
+    return {"rel_err_median": errs[len(errs) // 2], "rel_err_max": errs[-1],
+            "argmax_equal": int((logits.argmax(-1) == ref.argmax(-1)).sum()), "steps": len(errs)}
 
 
 def fast_decode(model: torch.nn.Module, label: str, **options) -> dict:
@@ -48,12 +74,22 @@ def fast_decode(model: torch.nn.Module, label: str, **options) -> dict:
     decoder.prefill(ids)
     logits = decoder.decode_step(ids[:, -1], PROMPT).clone()  # the same token and cache for every decoder
     tokens = decoder.generate(ids, 64, ignore_eos=True)[0, PROMPT:].tolist()
-    row = {"path": label, "gemv": decoder.gemv, "compiled": decoder.compiled, "setup_s": setup, "decode_tok_s": runs,
-           "best_tok_s": max(runs)}
+    forced = forced_logits(decoder)
+    row = {"path": label, "options": {k: v for k, v in options.items() if isinstance(v, (bool, str, int))},
+           "gemv": decoder.gemv, "compiled": decoder.compiled, "mlp_kernel": mlp_kernel(decoder), "setup_s": setup,
+           "decode_tok_s": runs, "best_tok_s": max(runs)}
     print(row, flush=True)
     del decoder
     torch.cuda.empty_cache()
-    return {**row, "_logits": logits, "_tokens": tokens}
+    return {**row, "_logits": logits, "_tokens": tokens, "_forced": forced}
+
+
+def mlp_kernel(decoder: Any) -> bool:
+    """Whether ``decoder``'s batch-1 MLP runs as glmkit's one CUDA kernel (``glmkit.mlp16_one``: 16-bit weights on
+    Hopper): its stages hold the kernel's workspace, and the kernel runs there (not turned off)."""
+    from glmkit import mlp16_one
+
+    return any(w is not None and mlp16_one.runs_on(w.device, w.dtype) for w in (st.mlp_workspace for st in decoder.stages))
 
 
 def generate_speed(model: torch.nn.Module) -> dict:
@@ -69,9 +105,10 @@ def generate_speed(model: torch.nn.Module) -> dict:
 
 
 def projection_table(model16: torch.nn.Module, model4: torch.nn.Module) -> list[dict]:
-    """Per projection of layer 0, one token in a CUDA graph over ~1 GiB of copies: nf4 Triton vs bitsandbytes'
-    matmul_4bit (packed bytes read per second) vs bf16 F.linear and glmkit's bf16 Triton kernel."""
-    from glmkit.gemv4bit import Packed4bit, gemv_4bit, gemv_4bit_swiglu, linear_4bit, pick_config_4bit
+    """Per projection of layer 0, one token in a CUDA graph over ~1 GiB of copies: nf4 through glmkit's default (its
+    batch-1 CUDA kernel where it runs) and its Triton kernel vs bitsandbytes' matmul_4bit (packed bytes read per
+    second) vs bf16 F.linear and glmkit's bf16 Triton kernel."""
+    from glmkit.gemv4bit import Packed4bit, _takes_one, gemv_4bit, gemv_4bit_swiglu, linear_4bit, pick_config_4bit
     from glmkit.gemv_tuning import graph_time
 
     rows = []
@@ -93,8 +130,13 @@ def projection_table(model16: torch.nn.Module, model4: torch.nn.Module) -> list[
             gate, up = y.chunk(2, dim=-1)
             return up * F.silu(gate)
 
-        def nf4_triton(i, x=x, ps=ps, swiglu=swiglu):
+        cfg = pick_config_4bit(n // 2 if swiglu else n, k, p.blocksize, "nf4", swiglu=swiglu)  # a shape: Triton
+
+        def nf4_glmkit(i, x=x, ps=ps, swiglu=swiglu):  # glmkit's default for one token (its CUDA kernel where it runs)
             return gemv_4bit_swiglu(x, ps[i]) if swiglu else gemv_4bit(x, ps[i])
+
+        def nf4_triton(i, x=x, ps=ps, swiglu=swiglu, cfg=cfg):
+            return gemv_4bit_swiglu(x, ps[i], config=cfg) if swiglu else gemv_4bit(x, ps[i], config=cfg)
 
         def nf4_bnb(i, x=x, ps=ps, swiglu=swiglu):
             return act(linear_4bit(x, ps[i])) if swiglu else linear_4bit(x, ps[i])
@@ -105,17 +147,19 @@ def projection_table(model16: torch.nn.Module, model4: torch.nn.Module) -> list[
         def bf16_triton(i, x=x, ws=ws, swiglu=swiglu):
             return gemv_swiglu(x, ws[i]) if swiglu else gemv(x, ws[i])
 
-        times = {"nf4_triton": graph_time(nf4_triton, copies), "nf4_bnb_matmul_4bit": graph_time(nf4_bnb, copies),
+        nf4_glmkit(0)  # eagerly first: compiles the kernels and runs their first-run checks outside the capture
+        times = {"nf4_glmkit": graph_time(nf4_glmkit, copies), "nf4_triton": graph_time(nf4_triton, copies),
+                 "nf4_bnb_matmul_4bit": graph_time(nf4_bnb, copies),
                  "bf16_cublas": graph_time(bf16_cublas, copies16), "bf16_triton": graph_time(bf16_triton, copies16)}
         packed = n * k // 2 + p.absmax.numel() * p.absmax.element_size()
         row = {"projection": name, "rows": n, "columns": k, "nf4_bytes": packed, "bf16_bytes": n * k * 2,
-               "nf4_config": pick_config_4bit(n // 2 if swiglu else n, k, p.blocksize, "nf4").__dict__}
+               "nf4_config": cfg.__dict__, "nf4_glmkit_kernel": "CUDA" if _takes_one(x, (p,), swiglu) else "Triton"}
         for key, t in times.items():
             row[f"{key}_us"] = t * 1e6
             row[f"{key}_tb_s"] = (packed if key.startswith("nf4") else n * k * 2) / t / 1e12
         rows.append(row)
         print(row, flush=True)
-        del ps, ws, nf4_triton, nf4_bnb, bf16_cublas, bf16_triton
+        del ps, ws, nf4_glmkit, nf4_triton, nf4_bnb, bf16_cublas, bf16_triton
         torch.cuda.empty_cache()
     return rows
 
@@ -160,13 +204,64 @@ def long_context(checkpoint: str, context: int, cap_gib: float, chunk: int) -> d
     return row
 
 
+def accuracy(checkpoint: str, nf4_model: torch.nn.Module, decoded: dict[str, torch.Tensor]) -> dict:
+    """Each decoder's teacher-forced logits (``decoded``: path -> ``forced_logits``) against an fp32 decoder (cuBLAS,
+    TF32 off) on the same weights: the checkpoint in fp32 for bf16 and fp16; for nf4 the checkpoint with every
+    quantized weight replaced by its nf4 dequantization in fp32. Beside them the yardstick on the nf4 weights: those
+    weights in bf16 through bf16's fast path (what bf16 arithmetic alone costs on them)."""
+    from glmkit.fast_decode import FastDecoder
+    from glmkit.gemv4bit import Packed4bit
+    from glmkit.loading import load_model
+    from glmkit.quantization import load_precision
+
+    quantized = [name for name, module in nf4_model.named_modules()
+                 if getattr(getattr(module, "weight", None), "quant_state", None) is not None]
+
+    def on_nf4_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+        with torch.no_grad():
+            for name in quantized:
+                w = Packed4bit.from_bnb(nf4_model.get_submodule(name).weight).dequantize(torch.float32)
+                model.get_submodule(name).weight.copy_(w.to(dtype))
+
+    def logits_of(model: torch.nn.Module, **options: Any) -> torch.Tensor:
+        decoder = FastDecoder(model, max_len=PROMPT + FORCED + 8, **options)
+        out = forced_logits(decoder)
+        del decoder
+        torch.cuda.empty_cache()
+        return out
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fp32 = load_model(checkpoint, dtype=torch.float32, device_map="cuda:0")
+    ref_checkpoint = logits_of(fp32, gemv=False, compile=False)
+    on_nf4_weights(fp32, torch.float32)
+    ref_nf4 = logits_of(fp32, gemv=False, compile=False)
+    del fp32
+    gc.collect()
+    torch.cuda.empty_cache()
+    bf16 = load_precision(checkpoint, "bf16", device_map="cuda:0")
+    on_nf4_weights(bf16, torch.bfloat16)
+    yardstick = logits_of(bf16)  # bf16's default fast path
+    del bf16
+    gc.collect()
+    torch.cuda.empty_cache()
+    rows = {path: {"against": "nf4 weights in fp32" if path.startswith("nf4") else "checkpoint in fp32",
+                   **compare(logits, ref_nf4 if path.startswith("nf4") else ref_checkpoint)}
+            for path, logits in decoded.items()}
+    rows[YARDSTICK] = {"against": "nf4 weights in fp32", **compare(yardstick, ref_nf4)}
+    print(rows, flush=True)
+    return {"forced_steps": FORCED, "quantized_weights": len(quantized), "rows": rows}
+
+
+YARDSTICK = "bf16 fast on the nf4 weights"  # the nf4 weights dequantized to bf16, through bf16's fast path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--cap-gib", type=float, default=12.0)
     ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--stages", default="long_context,decode,projections")
+    ap.add_argument("--stages", default="long_context,decode,projections,accuracy")
     args = ap.parse_args()
     use_expandable_segments()  # the allocator glmkit's processes use (and the planner assumes), before any CUDA memory
     if not torch.cuda.is_available():
@@ -203,13 +298,14 @@ def main() -> None:
     models = {"bf16": load_precision(args.checkpoint, "bf16", device_map="cuda:0"),
               "nf4": load_precision(args.checkpoint, "nf4", device_map="cuda:0")}
     result["nf4_model_bytes"] = token_bytes(models["nf4"])
+    forced: dict[str, torch.Tensor] = {}  # path -> teacher-forced logits, for the accuracy stage
     if "decode" in stages:
-        bf16 = decode("bf16 fast", models["bf16"], "bf16 fast (Triton)", gemv="triton")
-        nf4 = decode("nf4 fast", models["nf4"], "nf4 fast (Triton)", gemv="triton")
-        decode("nf4 fast eager", models["nf4"], "nf4 fast (Triton, eager layers)", gemv="triton", compile=False)
+        bf16 = decode("bf16 fast", models["bf16"], BF16_FAST)  # each decoder as a user gets it: default options
+        nf4 = decode("nf4 fast", models["nf4"], NF4_FAST)
         ref = decode("nf4 fast bnb", models["nf4"], "nf4 fast (bnb matmul_4bit, eager layers)", gemv=False,
                      compile=False)  # the reference for the logits; bitsandbytes' ops are not compiled
         decode("nf4 generate", models["nf4"], None)
+        forced |= {row["path"]: row["_forced"] for row in (bf16, nf4, ref) if row}
         if nf4 and ref:
             a, b = nf4["_logits"].double(), ref["_logits"].double()
             result["nf4_triton_vs_bnb_logits_rel_diff"] = ((a - b).norm() / b.norm()).item()
@@ -218,15 +314,20 @@ def main() -> None:
             result["nf4_over_bf16_fast"] = nf4["best_tok_s"] / bf16["best_tok_s"]
     if "projections" in stages:
         result["projections"] = stage("projections", projection_table, models["bf16"], models["nf4"])
-    models.clear()
+    del models["bf16"]
     gc.collect()
     torch.cuda.empty_cache()
     if "decode" in stages:
         models["fp16"] = load_precision(args.checkpoint, "fp16", device_map="cuda:0")
-        decode("fp16 fast", models["fp16"], "fp16 fast (Triton)", gemv="triton")
-        models.clear()
+        fp16 = decode("fp16 fast", models["fp16"], FP16_FAST)
+        if fp16:
+            forced[fp16["path"]] = fp16["_forced"]
+        del models["fp16"]
         gc.collect()
         torch.cuda.empty_cache()
+    if "accuracy" in stages and forced:
+        result["accuracy"] = stage("accuracy", accuracy, args.checkpoint, models["nf4"], forced)
+    models.clear()
     save_result("nf4_decode", result)  # stage() saved before the last row was added
     print({k: v for k, v in result.items() if k not in ("projections",)}, flush=True)
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from nf4_decode import token_bytes
+from nf4_decode import FORCED, compare, forced_logits, token_bytes
 
 from glmkit import gemv4bit
 from glmkit.bench import RESULTS_DIR, copy_bandwidth, save_result, stage_runner
@@ -55,7 +55,7 @@ from glmkit.gemv4bit import (
 from glmkit.gemv_tuning import candidates, graph_time, projections, write_table
 from glmkit.models import ensure_random_checkpoint
 
-PROMPT, NEW_TOKENS, FORCED = 32, 128, 16
+PROMPT, NEW_TOKENS = 32, 128
 QKV_ROWS = (4096, 256, 256)  # GLM-4-9B's q, k and v: 32 and 2 heads of 128
 
 
@@ -217,21 +217,6 @@ def decode_speed(model: torch.nn.Module, label: str, bandwidth: float, **options
     return row
 
 
-def forced_logits(decoder: Any) -> torch.Tensor:
-    """Logits [FORCED, vocab] (fp32) of the same prompt and the same next tokens for every decoder."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 1000, (1, PROMPT + FORCED), generator=g).to(decoder.device)
-    decoder.prefill(ids[:, :PROMPT])
-    steps = [decoder.decode_step(ids[0, PROMPT + t:PROMPT + t + 1], PROMPT + t)[0].to(torch.float32, copy=True)
-             for t in range(FORCED)]  # each step's logits copied: the decoder's buffer is reused
-    return torch.stack(steps)
-
-
-def compare(logits: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
-    """Per-step relative L2 error of the logits against ``ref`` and how many greedy tokens agree."""
-    errs = sorted(((a.double() - r.double()).norm() / r.double().norm()).item() for a, r in zip(logits, ref))
-    return {"rel_err_median": errs[len(errs) // 2], "rel_err_max": errs[-1],
-            "argmax_equal": int((logits.argmax(-1) == ref.argmax(-1)).sum()), "steps": len(errs)}
 
 
 def fp32_references(checkpoint: str, nf4_model: torch.nn.Module, device: str = "cuda:0") -> dict[str, torch.Tensor]:

@@ -1,0 +1,63 @@
+"""How a FastDecoder's batch-1 decode speed depends on the cache length it is built for (``max_len``), at the same
+short context: GLM-4-9B (random weights) in bf16 and nf4, each precision's default decoder built for cache lengths
+from 168 to 32768 positions, the same 32-token prompt and 128 new tokens each time (positions 32-160), one run.
+
+The decode attention's launch is chosen from the cache length, not the position (a CUDA graph replays one grid for
+every token), and with it whether q/k/v leaves SMs to the attention (``glmkit.attention.Grid``,
+``glmkit.fast_decode.gemv16_sms_left``): this measures what that costs a user whose decoder holds a long cache.
+
+    PYTHONPATH=.:benchmarks python benchmarks/max_len_sweep.py --checkpoint /tmp/glm9b    # about 90 s on an H200
+Writes benchmarks/results/max_len_sweep.json (or --name; and to $OUT).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+from nf4_fused import gpu_uuids
+
+from glmkit.bench import copy_bandwidth, save_result
+from glmkit.fast_decode import FastDecoder
+from glmkit.models import ensure_random_checkpoint
+from glmkit.quantization import load_precision
+
+MAX_LENS = (168, 256, 264, 296, 512, 520, 1024, 2048, 8192, 32768)
+PROMPT, NEW = 32, 128
+
+
+def sweep(model: torch.nn.Module) -> list[dict]:
+    """Decode tok/s (best of 2 after a warm-up) of ``model``'s default decoder at each of ``MAX_LENS``."""
+    rows = []
+    for max_len in MAX_LENS:
+        decoder = FastDecoder(model, max_len=max_len)
+        decoder.tokens_per_second(PROMPT, 4)
+        rates = [decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"] for _ in range(2)]
+        rows.append({"max_len": max_len, "decode_tok_s": rates, "best_tok_s": max(rates)})
+        print(rows[-1], flush=True)
+        del decoder
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default="/tmp/glm9b")
+    ap.add_argument("--name", default="max_len_sweep")
+    args = ap.parse_args()
+    ensure_random_checkpoint(args.checkpoint)
+    result = {"what": __doc__.splitlines()[0], "prompt": PROMPT, "new_tokens": NEW, "copy_bandwidth_bytes_s":
+              copy_bandwidth(), "gpu_uuids": gpu_uuids(), "gpu_note": "read with nvidia-smi in the same call",
+              "precisions": {}}
+    for precision in ("bf16", "nf4"):
+        model = load_precision(args.checkpoint, precision, device_map="cuda:0")
+        result["precisions"][precision] = sweep(model)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        save_result(args.name, result)
+
+
+if __name__ == "__main__":
+    main()
