@@ -2476,6 +2476,7 @@ def quantization_sentence() -> Text:
 
 
 PRECISION_ORDER = ("bf16", "fp16", "nf4")
+NF4_DEFAULT_PATH = "nf4 fast (glmkit CUDA kernel)"  # nf4_decode.py's nf4 decoder with its default options
 
 
 def nf4_decode_rows(result: dict[str, Any]) -> list[tuple[str, str, float, float]]:
@@ -2502,6 +2503,10 @@ def fast_precisions_sentence() -> Text:
         text = (f"Measured on {measured_on(r)} (`nf4_decode.json`, batch 1, in one run): the fast path decodes "
                 f"{tok('bf16 fast')} tok/s in bf16 and {tok('fp16 fast')} in fp16, against {tok('generate()')} for "
                 f"plain `generate()` in nf4.")
+        if _nf4_path(r, NF4_DEFAULT_PATH):
+            return text + (f" With bitsandbytes nf4 weights {tok(NF4_DEFAULT_PATH)} with glmkit's batch-1 4-bit CUDA "
+                           f"kernel and {tok('nf4 fast (bnb')} with bitsandbytes' own kernel. Notebook 04 charts them "
+                           f"against each precision's roofline.")
         newer = load("nf4_gemv")
         if newer is None:
             return text + (f" With bitsandbytes nf4 weights {tok('nf4 fast (Triton)')} with glmkit's Triton 4-bit "
@@ -2528,13 +2533,15 @@ def nf4_decode_sentence() -> Text:
         bf16, fp16 = _nf4_path(r, "bf16 fast"), _nf4_path(r, "fp16 fast")
         triton, eager = _nf4_path(r, "nf4 fast (Triton)"), _nf4_path(r, "nf4 fast (Triton, eager")
         bnb, plain = _nf4_path(r, "nf4 fast (bnb"), _nf4_path(r, "generate()")
-        newer = load("nf4_gemv")
+        default = _nf4_path(r, NF4_DEFAULT_PATH)  # the runs since each fast path is timed with its defaults
+        newer = load("nf4_gemv") if default is None else None
         if newer is not None:  # glmkit's 4-bit kernel was rewritten and measured again there: its figures, not these
             triton = eager = None
         text = (f"Batch-1 decode on {measured_on(r)} (`nf4_decode.json`; {r['method']}; copy bandwidth "
                 f"{r['copy_bandwidth_bytes_s'] / 1e12:.2f} TB/s): {path(bf16, 'bf16 fast path')}; "
                 f"{path(fp16, 'fp16 fast path')}; "
-                + ("" if newer else f"{path(triton, 'nf4 fast path with glmkit`s Triton kernel')}; ") +
+                + (f"{path(default, '**nf4 fast path** (glmkit`s batch-1 CUDA kernel, its default)')}; " if default
+                   else "" if newer else f"{path(triton, 'nf4 fast path with glmkit`s Triton kernel')}; ") +
                 f"{path(bnb, 'nf4 fast path with bitsandbytes` own kernel (`matmul_4bit`, eager layers)')}; "
                 f"{path(plain, 'nf4 plain `generate()`')}." + (" glmkit's own 4-bit kernel: measured again after "
                 "its rewrite, below (`nf4_gemv.json`)." if newer else "")).replace("glmkit`s", "glmkit's").replace(
@@ -2547,6 +2554,11 @@ def nf4_decode_sentence() -> Text:
                      if eager else "") + "."
             if not r.get("tuned_shapes_for_this_card"):
                 text += " Its launch shapes were not tuned for this card (defaults)."
+        if default and bf16 and bnb:
+            text += (f" In this run nf4 decodes **{default['best_tok_s'] / bf16['best_tok_s']:.2f}x** bf16's fast path "
+                     f"and {default['best_tok_s'] / bnb['best_tok_s']:.2f}x the same fast path on bitsandbytes' own "
+                     f"kernel; a 4-bit token reads {default['roofline_tok_s'] / bf16['roofline_tok_s']:.2f}x fewer bytes "
+                     f"({r['nf4_model_bytes'] / GiB:.2f} GiB of weights and quantization states).")
         if triton and bf16:
             best = max((x for x in (triton, bnb) if x), key=lambda x: x["best_tok_s"])
             text += (f" The faster nf4 fast path reached {best['best_tok_s'] / bf16['best_tok_s']:.2f}x bf16's fast path, "
@@ -2554,7 +2566,8 @@ def nf4_decode_sentence() -> Text:
                      f"({r['nf4_model_bytes'] / GiB:.2f} GiB of weights and quantization states): on this card 4-bit "
                      f"saves memory, not time.")
         if "nf4_triton_vs_bnb_logits_rel_diff" in r and not newer:
-            text += (f" nf4 logits, Triton against bitsandbytes' kernel: {100 * r['nf4_triton_vs_bnb_logits_rel_diff']:.1f}% "
+            ours = "glmkit's batch-1 CUDA kernel" if default else "Triton"
+            text += (f" nf4 logits, {ours} against bitsandbytes' kernel: {100 * r['nf4_triton_vs_bnb_logits_rel_diff']:.1f}% "
                      f"relative difference; greedy tokens equal on {r['nf4_triton_vs_bnb_greedy_equal_of_64']} of 64 "
                      f"steps (random weights: near-tied logits flip once the two sum in another order).")
         lc = r.get("long_context")
@@ -3264,9 +3277,13 @@ def nf4_decode_chart() -> Any:
 
 
 def _nf4_projections() -> dict[str, Any] | None:
-    """The newest per-projection nf4 timings in one format: ``nf4_gemv.json`` (glmkit's current kernel; its best
+    """The newest per-projection nf4 timings in one format: ``nf4_decode.json`` where it timed glmkit's default kernel
+    (its batch-1 CUDA kernel) beside the Triton one, else ``nf4_gemv.json`` (the Triton kernel; its best
     launch shape's time as ``nf4_triton_*``, bf16 Triton's bandwidth from its time and bytes, double quantization
     named), else ``nf4_decode.json`` (the earlier kernel); ``None`` before either exists."""
+    today = load("nf4_decode")
+    if today is not None and any("nf4_glmkit_us" in x for x in today.get("projections") or []):
+        return today
     r = load("nf4_gemv")
     if r is not None and r.get("projections"):
         rows = []
@@ -3282,19 +3299,31 @@ def _nf4_projections() -> dict[str, Any] | None:
     return r if r is not None and r.get("projections") else None
 
 
+# the per-projection columns: key in the result, label
+PROJECTION_KEYS = [("nf4_glmkit", "nf4 glmkit (default)"), ("nf4_triton", "nf4 glmkit Triton"),
+                   ("nf4_bnb_matmul_4bit", "nf4 bitsandbytes"), ("bf16_cublas", "bf16 cuBLAS"),
+                   ("bf16_triton", "bf16 glmkit Triton")]
+
+
 def nf4_projection_table() -> Table | Text:
     """One token's matrix-vector product per projection: nf4 (glmkit's Triton, bitsandbytes) against bf16 (cuBLAS,
     glmkit's Triton), in µs and TB/s of bytes read (``nf4_gemv.json``, else ``nf4_decode.json``)."""
     r = _nf4_projections()
     if r is None:
         return not_measured("nf4 projections against bitsandbytes and bf16", "benchmarks/nf4_gemv.py")
-    keys = [("nf4_triton", "nf4 glmkit Triton"), ("nf4_bnb_matmul_4bit", "nf4 bitsandbytes"),
-            ("bf16_cublas", "bf16 cuBLAS"), ("bf16_triton", "bf16 glmkit Triton")]
+    keys = PROJECTION_KEYS
+    keys = [(k, label) for k, label in keys if any(k + "_us" in x for x in r["projections"])]
     rows = [[x["projection"], f"{x['rows']}x{x['columns']}", f"{x['nf4_bytes'] / 2**20:.1f}"]
             + [f"{x[k + '_us']:.1f} µs, {x[k + '_tb_s']:.2f} TB/s" if k + "_us" in x else "-" for k, _ in keys]
             for x in r["projections"]]
+    ran = {x["projection"]: x.get("nf4_glmkit_kernel") for x in r["projections"]}
+    default = ("" if keys[0][0] != "nf4_glmkit" else
+               "; nf4 glmkit (default): what a one-token product runs, "
+               + ("glmkit's batch-1 CUDA kernel on each" if set(ran.values()) == {"CUDA"} else
+                  ", ".join(f"{name}: {kernel}" for name, kernel in ran.items())))
     return table(["projection", "shape", "nf4 MiB"] + [label for _, label in keys], rows,
-                 caption=f"{measured_on(r)}: one token, TB/s of the bytes each reads (nf4: packed weights and states)")
+                 caption=f"{measured_on(r)}: one token, TB/s of the bytes each reads (nf4: packed weights and states; "
+                         f"each projection alone, in a CUDA graph over 1 GiB of copies{default})")
 
 
 def nf4_projection_chart() -> Any:
@@ -3303,12 +3332,117 @@ def nf4_projection_chart() -> Any:
     r = _nf4_projections()
     if r is None:
         return None
-    keys = [("nf4_triton", "nf4 glmkit Triton"), ("nf4_bnb_matmul_4bit", "nf4 bitsandbytes"),
-            ("bf16_cublas", "bf16 cuBLAS"), ("bf16_triton", "bf16 glmkit Triton")]
+    keys = PROJECTION_KEYS
     groups = {x["projection"]: {label: x[k + "_tb_s"] for k, label in keys if k + "_tb_s" in x} for x in r["projections"]}
     return _grouped_bars(groups, ylabel="bytes read, TB/s", title=f"one token's projections, {measured_on(r)}",
                          references={g: r["copy_bandwidth_bytes_s"] / 1e12 for g in groups},
                          reference_label="copy bandwidth")
+
+
+def max_len_table() -> Table | Text:
+    """Batch-1 decode tok/s by the cache length a decoder is built for, bf16 and nf4, at the same short context
+    (``max_len_sweep.json``, notebook 05); or "not measured"."""
+    def render(r: dict[str, Any]) -> Table:
+        runs = r["precisions"]
+        lengths = [x["max_len"] for x in next(iter(runs.values()))]
+        best = {p: max(x["best_tok_s"] for x in rows) for p, rows in runs.items()}
+        rows = [[f"{n:,}"] + [f"{x['best_tok_s']:.1f} ({x['best_tok_s'] / best[p]:.0%})" for p in runs
+                              for x in runs[p] if x["max_len"] == n] for n in lengths]
+        return table(["max_len"] + [f"{p} tok/s (of its best)" for p in runs], rows,
+                     caption=f"{measured_on(r)}: GLM-4-9B at batch 1, the default decoder built for each cache length, "
+                             f"the same {r['prompt']}-token prompt and {r['new_tokens']} new tokens "
+                             f"(`max_len_sweep.json`)")
+    return from_result("max_len_sweep", render, what="Speed by cache length", script="benchmarks/max_len_sweep.py")
+
+
+def max_len_sentence() -> Text:
+    """What ``max_len_table`` shows, in words: where each precision is fastest and how much slower a decoder built
+    for a short or a long cache decodes the same tokens."""
+    def render(r: dict[str, Any]) -> str:
+        parts = []
+        for p, rows in r["precisions"].items():
+            top = max(rows, key=lambda x: x["best_tok_s"])
+            fast = [x["max_len"] for x in rows if x["best_tok_s"] >= 0.97 * top["best_tok_s"]]
+            worst, short = min(rows, key=lambda x: x["best_tok_s"]), rows[0]
+            parts.append(f"{p} decodes within 3% of its best ({top['best_tok_s']:.1f} tok/s) with a cache of "
+                         f"{min(fast):,}–{max(fast):,} positions, {short['best_tok_s']:.1f} "
+                         f"({short['best_tok_s'] / top['best_tok_s']:.0%}) with one of {short['max_len']:,} and "
+                         f"{worst['best_tok_s']:.1f} ({worst['best_tok_s'] / top['best_tok_s']:.0%}) with one of "
+                         f"{worst['max_len']:,}")
+        return (f"On {measured_on(r)} (`max_len_sweep.json`), the same {r['new_tokens']} tokens after a "
+                f"{r['prompt']}-token prompt: " + "; ".join(parts) + ". The decode attention's launch and whether q/k/v "
+                "leaves SMs to it are chosen from the cache length, not the position (a CUDA graph replays one launch "
+                "for every token). Build a decoder for the context you need, not for the model's limit.")
+    return from_result("max_len_sweep", render, what="Speed by cache length", script="benchmarks/max_len_sweep.py")
+
+
+def max_len_chart() -> Any:
+    """Decode tok/s against the cache length a decoder is built for, one line a precision (``max_len_sweep.json``);
+    ``None`` before it exists."""
+    r = load("max_len_sweep")
+    if r is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for p, rows in r["precisions"].items():
+        ax.plot([x["max_len"] for x in rows], [x["best_tok_s"] for x in rows], "o-", label=p)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("max_len (cache positions the decoder is built for)")
+    ax.set_ylabel("decode tok/s, batch 1")
+    ax.set_title(f"Same prompt, same tokens, {measured_on(r)}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+ACCURACY_YARDSTICK = "bf16 fast on the nf4 weights"  # nf4_decode.py's bf16 arithmetic on the nf4 weights
+
+
+def fast_path_accuracy_table() -> Table | Text:
+    """Each fast path's logits against an fp32 decoder on the same weights over teacher-forced steps
+    (``nf4_decode.json``'s accuracy): bf16 and fp16 against the checkpoint in fp32, nf4 against its weights
+    dequantized in fp32, with bf16 arithmetic on those nf4 weights as the yardstick (notebook 04); or "not measured"."""
+    def render(r: dict[str, Any]) -> Table | Text:
+        acc = r.get("accuracy")
+        if not acc:
+            return not_measured("The fast paths' logits against fp32", "benchmarks/nf4_decode.py --stages accuracy")
+        rows = [[path, x["against"], f"{100 * x['rel_err_median']:.2f}%", f"{100 * x['rel_err_max']:.2f}%",
+                 f"{x['argmax_equal']} of {x['steps']}"] for path, x in acc["rows"].items()]
+        return table(["decoder", "against an fp32 decoder on", "logits' error, median", "max", "same greedy token"],
+                     rows, caption=f"{measured_on(r)}: GLM-4-9B (random weights), {acc['forced_steps']} "
+                                   f"teacher-forced steps, relative L2 error of the logits (`nf4_decode.json`)")
+    return from_result("nf4_decode", render, what="The fast paths' logits against fp32",
+                       script="benchmarks/nf4_decode.py --stages accuracy")
+
+
+def fast_path_accuracy_sentence() -> Text:
+    """What ``fast_path_accuracy_table`` shows: nf4's error against bf16's on the same weights and against bf16's on
+    its own weights, said only as the figures hold it."""
+    def render(r: dict[str, Any]) -> str:
+        acc = (r.get("accuracy") or {}).get("rows")
+        if not acc or ACCURACY_YARDSTICK not in acc:
+            return str(not_measured("The fast paths' logits against fp32", "benchmarks/nf4_decode.py --stages accuracy"))
+        nf4, yard = acc.get(NF4_DEFAULT_PATH), acc[ACCURACY_YARDSTICK]
+        bf16 = next((x for path, x in acc.items() if path.startswith("bf16 fast (")), None)
+        bnb = next((x for path, x in acc.items() if path.startswith("nf4 fast (bnb")), None)
+        if nf4 is None or bf16 is None:
+            return str(not_measured("nf4 and bf16 logits against fp32", "benchmarks/nf4_decode.py"))
+        med = {k: 100 * x["rel_err_median"] for k, x in (("nf4", nf4), ("yard", yard), ("bf16", bf16))}
+        text = (f"On {measured_on(r)} (`nf4_decode.json`), the nf4 fast path's logits are {med['nf4']:.2f}% from an "
+                f"fp32 decoder on the same nf4 weights (median of {nf4['steps']} steps), against {med['bf16']:.2f}% "
+                f"for the bf16 fast path from fp32 on the checkpoint. The two run different weights, so nf4's "
+                f"yardstick is bf16 arithmetic on the same nf4 weights, through bf16's fast path: {med['yard']:.2f}%. ")
+        if med["nf4"] <= med["yard"]:
+            text += "nf4's kernels add no error beyond what bf16 arithmetic on those weights has."
+        else:
+            text += f"nf4's kernels are {med['nf4'] / med['yard']:.2f}x that ({med['nf4'] - med['yard']:.2f} points more)"
+            text += (f"; bitsandbytes' own kernel in the same fast path: {100 * bnb['rel_err_median']:.2f}%."
+                     if bnb else ".")
+        return text
+    return from_result("nf4_decode", render, what="The fast paths' logits against fp32",
+                       script="benchmarks/nf4_decode.py --stages accuracy")
 
 
 def monitor_sentence() -> Text:
@@ -3380,6 +3514,8 @@ def readme_measured_section() -> str:
                "**The MLP as one kernel**: " + str(mlp16_sentence()),
                "**The bf16 step now, card by card**: " + str(bf16_now_sentence()),
                "**Why H200s differ**: " + str(card_bandwidth_sentence()),
+               "**Speed by cache length**: " + str(max_len_sentence()),
+               "**Logits against fp32**: " + str(fast_path_accuracy_sentence()),
                "**bf16 and nf4 in the same run, run after run**: " + str(bf16_nf4_sentence()),
                "**Long prompts**: " + long_context_sentence(),
                "**Server**: " + server_sentence(), "**Two GPUs**: " + two_gpu_sentence(),

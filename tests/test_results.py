@@ -392,11 +392,17 @@ def test_rendered_sentences_match_the_committed_files():
     for level in cb["levels"]:
         assert f"{level['tokens_per_s']:.1f}" in server, level
     assert f"{cb['ttft']['static']['busy_p50_s']:.2f} s" in server and "not measured" not in server
-    nf4 = results.nf4_decode_sentence()
-    assert "measured again after its rewrite" in nf4  # nf4_gemv.json supersedes the earlier kernel's figures
-    for row in results.load("nf4_decode")["decode"]:
-        if "Triton" not in row["path"] or not row["path"].startswith("nf4"):  # the earlier 4-bit kernel's: not shown
-            assert f"{row['best_tok_s']:.1f}" in nf4, row["path"]
+    nf4, decoded = results.nf4_decode_sentence(), results.load("nf4_decode")
+    paths = {row["path"]: row for row in decoded["decode"]}
+    default, bf16 = paths[results.NF4_DEFAULT_PATH], paths["bf16 fast (glmkit kernels)"]
+    assert "measured again after its rewrite" not in nf4  # the file times glmkit's default 4-bit kernel itself
+    assert f"**{default['best_tok_s'] / bf16['best_tok_s']:.2f}x** bf16's fast path" in nf4
+    for row in decoded["decode"]:
+        assert f"{row['best_tok_s']:.1f}" in nf4, row["path"]
+    table = results.nf4_projection_table()  # glmkit's default kernel first, from the same file
+    assert table.headers[3] == "nf4 glmkit (default)"
+    assert [row[3] for row in table.rows] == [f"{x['nf4_glmkit_us']:.1f} µs, {x['nf4_glmkit_tb_s']:.2f} TB/s"
+                                              for x in decoded["projections"]]
     kernel, gemv = results.nf4_kernel_sentence(), results.load("nf4_gemv")
     for row in gemv["decode"]:
         assert f"{row['best_tok_s']:.1f}" in kernel, row["path"]
@@ -895,3 +901,47 @@ def test_mlp16_paragraph_and_table_read_each_run(monkeypatch, tmp_path):
     monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
     assert "not measured yet" in str(results.mlp16_sentence()) and "not measured yet" in str(results.mlp16_table())
     assert results.mlp16_chart() is None
+
+
+def test_speed_by_cache_length_reads_the_sweep(monkeypatch, tmp_path):
+    """Every cache length of the sweep is a row with both precisions' rates from the file and their share of the
+    precision's best; the sentence names the fastest span, the shortest cache and the slowest; without the file,
+    "not measured"."""
+    r = results.load("max_len_sweep")
+    table, sentence = results.max_len_table(), str(results.max_len_sentence())
+    for p, rows in r["precisions"].items():
+        best = max(x["best_tok_s"] for x in rows)
+        column = table.headers.index(f"{p} tok/s (of its best)")
+        assert [row[column] for row in table.rows] == [f"{x['best_tok_s']:.1f} ({x['best_tok_s'] / best:.0%})"
+                                                       for x in rows]
+        worst = min(rows, key=lambda x: x["best_tok_s"])
+        assert f"{worst['best_tok_s']:.1f} ({worst['best_tok_s'] / best:.0%}) with one of {worst['max_len']:,}" in sentence
+    assert results.max_len_chart() is not None
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    assert "not measured yet" in str(results.max_len_table()) and results.max_len_chart() is None
+
+
+def _accuracy_file(tmp_path, nf4: float, yardstick: float) -> None:
+    """An nf4_decode.json whose accuracy stage gave nf4 and its yardstick these median errors."""
+    def row(against: str, median: float) -> dict:
+        return {"against": against, "rel_err_median": median, "rel_err_max": median * 1.2, "argmax_equal": 10,
+                "steps": 16}
+    rows = {"bf16 fast (glmkit kernels)": row("checkpoint in fp32", 0.065), results.NF4_DEFAULT_PATH: row("nf4", nf4),
+            results.ACCURACY_YARDSTICK: row("nf4", yardstick)}
+    env = {"device": "NVIDIA H200", "date": "2026-12-01"}
+    (tmp_path / "nf4_decode.json").write_text(json.dumps({"environment": env, "decode": [],
+                                                          "accuracy": {"forced_steps": 16, "rows": rows}}))
+
+
+@pytest.mark.parametrize("nf4, yardstick, within", [(0.070, 0.072, True), (0.0745, 0.0704, False)])
+def test_fast_path_accuracy_says_only_what_its_figures_hold(monkeypatch, tmp_path, nf4, yardstick, within):
+    """nf4's logits are set against bf16 arithmetic on the same nf4 weights: "no error beyond" only where nf4's
+    median error is at most the yardstick's, else by how much it is above; the table holds every decoder's row."""
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    _accuracy_file(tmp_path, nf4, yardstick)
+    sentence = str(results.fast_path_accuracy_sentence())
+    assert ("add no error beyond" in sentence) == within
+    assert (f"{nf4 / yardstick:.2f}x that" in sentence) == (not within)
+    assert f"{100 * nf4:.2f}% from an fp32 decoder on the same nf4 weights" in sentence
+    assert [row[2] for row in results.fast_path_accuracy_table().rows] == ["6.50%", f"{100 * nf4:.2f}%",
+                                                                          f"{100 * yardstick:.2f}%"]
