@@ -1,9 +1,10 @@
 """4-bit matrix-vector products for decode tokens: Triton kernels that read bitsandbytes' packed weights as they are.
 
 A 12 GB card holds GLM-4-9B only in 4 bits, where a token reads 6.6 GB of weights instead of 17.6. bitsandbytes'
-own one-token kernel (``bnb.matmul_4bit``) reads those packed weights at 0.94-1.35 TB/s on an H200 (DESIGN.md):
-it saves memory, not time. These kernels read the *same* tensors bitsandbytes keeps (no second copy), dequantize in
-registers and sum in fp32, one pass over each weight; ``gemv_4bit_swiglu`` also applies GLM's MLP activation
+own one-token kernel (``bnb.matmul_4bit``) reads those packed weights at 0.90-1.18 TB/s on an H200, alone in a CUDA
+graph (``benchmarks/results/nf4_decode.json``'s projections): it saves memory, not time. These kernels read the
+*same* tensors bitsandbytes keeps (no second copy), dequantize in registers and sum in fp32, one pass over each
+weight; ``gemv_4bit_swiglu`` also applies GLM's MLP activation
 (``up * silu(gate)``) before it writes, and ``gemv_4bit_multi`` reads q, k and v in one launch. ``FastDecoder``
 uses them for a bitsandbytes nf4/fp4 model at batch 1 to ``FOUR_BIT_MAX_BATCH`` rows (``glmkit.fast_decode``). Up to
 ``ROW_KERNEL_MAX_VECTORS`` vectors, a program per vector and row block (below); more, a kernel that looks each weight
@@ -198,8 +199,8 @@ def unsupported_quantization(model: torch.nn.Module) -> str | None:
     """Why the fast decoder cannot run this quantized model, or None when it can (16/32-bit, or bnb nf4/fp4).
 
     int8 (LLM.int8) is refused: its matmul splits outlier columns into a second fp16 product, so a fast int8 path
-    is two kernels per projection; at 9.9 GiB and 5.7 tok/s (H100, DESIGN.md) nf4 is both smaller and, with these
-    kernels, faster.
+    is two kernels per projection; it loads at 9.9 GiB and decodes 6.7 tok/s at batch 1 through plain ``generate()``
+    (H100, ``benchmarks/results/quantization_9b.json``): nf4 is both smaller and, with these kernels, faster.
     """
     q = getattr(model.config, "quantization_config", None)
     if q is None:

@@ -35,7 +35,7 @@ def glm4_9b_chat_config() -> GlmConfig:
     """The exact GLM-4-9B-Chat architecture (``THUDM/glm-4-9b-chat-hf``), from transformers' defaults.
 
     40 layers, hidden 4096, MLP 13696, 32 query heads, 2 KV heads, head_dim 128, vocab 151552,
-    128K context, untied embeddings. Checked against DESIGN.md.
+    128K context, untied embeddings (``tests/test_models.py`` checks them).
 
     >>> c = glm4_9b_chat_config()
     >>> (c.hidden_size, c.intermediate_size, c.vocab_size, c.max_position_embeddings)
