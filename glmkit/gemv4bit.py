@@ -70,6 +70,7 @@ from glmkit.gemv import (
     user_table_path,
 )
 from glmkit.gemv4bit_mma import or_stand_in
+from glmkit.vocabulary import quantization_setting
 
 if triton is not None:  # optional: Triton (Linux x86-64) builds the kernels; glmkit.gemv says when it is missing
     import triton.language as tl
@@ -202,10 +203,9 @@ def unsupported_quantization(model: torch.nn.Module) -> str | None:
     is two kernels per projection; it loads at 9.9 GiB and decodes 6.7 tok/s at batch 1 through plain ``generate()``
     (H100, ``benchmarks/results/quantization_9b.json``): nf4 is both smaller and, with these kernels, faster.
     """
-    q = getattr(model.config, "quantization_config", None)
-    if q is None:
+    get = quantization_setting(model)
+    if get is None:
         return None
-    get = q.get if isinstance(q, dict) else (lambda key, default=None: getattr(q, key, default))
     if get("load_in_8bit", False):
         return ("FastDecoder does not run int8 (LLM.int8) models: load the model in 4 bits instead "
                 "(quantization='nf4', 6.6 GiB, decoded by glmkit's 4-bit kernels) or in bf16/fp16, or use generate() "
@@ -214,7 +214,7 @@ def unsupported_quantization(model: torch.nn.Module) -> str | None:
         if get("bnb_4bit_quant_storage", None) not in (None, "uint8", torch.uint8):
             return "FastDecoder reads 4-bit weights stored as uint8 (bitsandbytes' default bnb_4bit_quant_storage)."
         return None
-    method = get("quant_method", type(q).__name__)
+    method = get("quant_method", type(model.config.quantization_config).__name__)
     return (f"FastDecoder runs 16/32-bit models and bitsandbytes nf4/fp4, not {method}: load with quantization='nf4' "
             "(or no quantization), or use generate().")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -132,6 +132,21 @@ PRECISIONS: dict[str, tuple[str, str | None]] = {
     "fp4": ("bfloat16", "fp4"),
     "fp4-dq": ("bfloat16", "fp4-dq"),
 }
+
+
+def quantization_setting(model: Any) -> Callable[..., Any] | None:
+    """``get(key, default=None)`` over a loaded model's ``config.quantization_config`` (a dict, or transformers'
+    ``BitsAndBytesConfig``), or ``None`` for a model loaded without quantization.
+
+    >>> from types import SimpleNamespace
+    >>> get = quantization_setting(SimpleNamespace(config=SimpleNamespace(quantization_config={"load_in_4bit": True})))
+    >>> get("load_in_4bit"), get("bnb_4bit_quant_type", "fp4")
+    (True, 'fp4')
+    """
+    q = getattr(model.config, "quantization_config", None)
+    if q is None:
+        return None
+    return q.get if isinstance(q, dict) else (lambda key, default=None: getattr(q, key, default))
 
 
 def quantization_name(quantization: str | None) -> str | None:

@@ -45,7 +45,7 @@ from glmkit.generation import model_device
 from glmkit.loading import resolve_checkpoint
 from glmkit.monitor import DeviceMemory, Snapshot, snapshot
 from glmkit.tables import gib
-from glmkit.vocabulary import PRECISIONS, dtype_name
+from glmkit.vocabulary import PRECISIONS, dtype_name, quantization_setting
 
 
 class DecodeTuner:
@@ -197,9 +197,8 @@ def model_precision(model: torch.nn.Module) -> str:
     >>> model_precision(load_model(device_map="cpu", dtype=torch.float32))
     'fp32'
     """
-    q = getattr(model.config, "quantization_config", None)
-    if q is not None:
-        get = q.get if isinstance(q, dict) else (lambda key, default=None: getattr(q, key, default))
+    get = quantization_setting(model)
+    if get is not None:
         if get("load_in_8bit", False):
             return "int8"
         if get("load_in_4bit", False):
