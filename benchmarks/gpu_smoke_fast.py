@@ -130,6 +130,22 @@ try:  # rows at their own positions, a cache of several splits (max_len 700: 11 
 except Exception as exc:
     print("attention triton rows FAILED", type(exc).__name__, str(exc)[:500], flush=True)
 
+try:  # cache_spans: a graph per cache span (512, 2048, 2100 here), the step at each position replaying the shortest
+    # that holds it; a 500-token prompt and 40 new tokens cross from the first span into the second. fp32: generate()'s
+    # tokens; bf16 (each span's attention sums in its own order): how many equal the whole-cache decoder's
+    long = torch.randint(0, 800, (1, 500), device="cuda", generator=torch.Generator("cuda").manual_seed(500))
+    for dtype in (torch.float32, torch.bfloat16):
+        m = trained.to(dtype)
+        dec = FastDecoder(m, max_len=2100, attention="triton", cache_spans=True)
+        got = dec.generate(long, 40, ignore_eos=True)[0, 500:].tolist()
+        whole = FastDecoder(m, max_len=2100, attention="triton").generate(long, 40, ignore_eos=True)[0, 500:].tolist()
+        want = m.generate(long, attention_mask=torch.ones_like(long), max_new_tokens=40, do_sample=False)[0, 500:]
+        print("cache spans", dtype, dec.spans(1), "graphs", sorted(dec.stages[0].graphs), "identical:" if dtype ==
+              torch.float32 else "(bf16) generate() identical:", until_eos(got) == until_eos(want.tolist()),
+              "tokens as the whole cache's:", sum(a == b for a, b in zip(got, whole)), "of", len(got), flush=True)
+except Exception as exc:
+    print("cache spans FAILED", type(exc).__name__, str(exc)[:500], flush=True)
+
 # The layer split with both halves on cuda:0 (a map naming the card twice, 0 and "cuda:0": two segments, two CUDA
 # graphs per step and the hand-over between them), on the trained tiny model: generate()'s tokens, lone and in
 # slots of a bucketed batch, with chunked prefill and a prefill continued with start=

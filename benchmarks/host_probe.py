@@ -38,7 +38,7 @@ def probe(dec) -> dict:
     token = torch.tensor([5], device="cuda")
     out["decode_step"] = timed(lambda i: dec.decode_step(token, 40 + (i % 50)))
     st = dec.stages[0]
-    out["graph_replay"] = timed(lambda i: st.graphs[1].replay())
+    out["graph_replay"] = timed(lambda i: st.graphs[1, dec.max_len].replay())
     logits = dec.logits[:1]
     out["argmax"] = timed(lambda i: logits.argmax(-1))
     out["control_writes"] = timed(lambda i: (st.control[0, :1].copy_(token), st.control[1].fill_(40),

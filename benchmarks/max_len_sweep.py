@@ -7,6 +7,7 @@ every token), and with it whether q/k/v leaves SMs to the attention (``glmkit.at
 ``glmkit.fast_decode.gemv16_sms_left``): this measures what that costs a user whose decoder holds a long cache.
 
     PYTHONPATH=.:benchmarks python benchmarks/max_len_sweep.py --checkpoint /tmp/glm9b    # about 90 s on an H200
+    ... --cache-spans --name max_len_spans     # also with FastDecoder(cache_spans=True), in the same run
 Writes benchmarks/results/max_len_sweep.json (or --name; and to $OUT).
 """
 
@@ -27,14 +28,15 @@ MAX_LENS = (168, 256, 264, 296, 512, 520, 1024, 2048, 8192, 32768)
 PROMPT, NEW = 32, 128
 
 
-def sweep(model: torch.nn.Module) -> list[dict]:
-    """Decode tok/s (best of 2 after a warm-up) of ``model``'s default decoder at each of ``MAX_LENS``."""
+def sweep(model: torch.nn.Module, **options: bool) -> list[dict]:
+    """Decode tok/s (best of 2 after a warm-up) of ``model``'s default decoder (with ``options``) at each of
+    ``MAX_LENS``."""
     rows = []
     for max_len in MAX_LENS:
-        decoder = FastDecoder(model, max_len=max_len)
+        decoder = FastDecoder(model, max_len=max_len, **options)
         decoder.tokens_per_second(PROMPT, 4)
         rates = [decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"] for _ in range(2)]
-        rows.append({"max_len": max_len, "decode_tok_s": rates, "best_tok_s": max(rates)})
+        rows.append({"max_len": max_len, **options, "decode_tok_s": rates, "best_tok_s": max(rates)})
         print(rows[-1], flush=True)
         del decoder
         torch.cuda.empty_cache()
@@ -45,6 +47,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
     ap.add_argument("--name", default="max_len_sweep")
+    ap.add_argument("--cache-spans", action="store_true", help="also each decoder with cache_spans=True (a graph per "
+                                                                 "cache span), in the same run: result['cache_spans']")
     args = ap.parse_args()
     ensure_random_checkpoint(args.checkpoint)
     result = {"what": __doc__.splitlines()[0], "prompt": PROMPT, "new_tokens": NEW, "copy_bandwidth_bytes_s":
@@ -53,6 +57,8 @@ def main() -> None:
     for precision in ("bf16", "nf4"):
         model = load_precision(args.checkpoint, precision, device_map="cuda:0")
         result["precisions"][precision] = sweep(model)
+        if args.cache_spans:
+            result.setdefault("cache_spans", {})[precision] = sweep(model, cache_spans=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()

@@ -114,7 +114,7 @@ def step_us(decoder: FastDecoder, position: int) -> float:
         raise ValueError(f"step_us at {position} replays up to position {position + REPLAYS // 2}: build the decoder "
                          f"with max_len > that, not {decoder.max_len}.")
     decoder.decode_step(torch.tensor([5], device="cuda"), position - REPLAYS // 2)
-    return replay_us(decoder.stages[0].graphs[1])
+    return replay_us(decoder.stages[0].graphs[1, decoder.max_len])
 
 
 def profile_roles(decoder: FastDecoder, bw: float, nbytes: dict[str, int]) -> dict:
@@ -122,7 +122,7 @@ def profile_roles(decoder: FastDecoder, bw: float, nbytes: dict[str, int]) -> di
 
     best = min(step_us(decoder, POSITION) for _ in range(3))
     decoder.decode_step(torch.tensor([5], device="cuda"), POSITION)
-    graph = decoder.stages[0].graphs[1]
+    graph = decoder.stages[0].graphs[1, decoder.max_len]
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(PROFILED):

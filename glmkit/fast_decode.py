@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from glmkit import gemv4bit_one, gemv16_one, mlp16_one
-from glmkit.attention import Grid, auto_attention, qkv_decode_attention
+from glmkit.attention import ONE_SPLIT_MAX, Grid, auto_attention, qkv_decode_attention
 from glmkit.device_map import check_device_map
 from glmkit.gemv import (
     active_table,
@@ -569,6 +569,25 @@ def bucket_sizes(batch_size: int, graph_batch_sizes: Sequence[int] | None = None
     return sorted(sizes | {batch_size})
 
 
+SPAN_STEP = 4  # each cache span 4x the one before
+
+
+def spans_for(max_len: int) -> list[int]:
+    """Cache lengths a decoder with ``cache_spans`` captures its batch-1 step for: from
+    ``glmkit.attention.ONE_SPLIT_MAX`` (the longest cache one program a KV head attends to whole), each
+    ``SPAN_STEP`` times the one before, below ``max_len``, then ``max_len``; a step replays the shortest that holds
+    its position.
+
+    >>> spans_for(300), spans_for(8192), spans_for(131072)
+    ([300], [512, 2048, 8192], [512, 2048, 8192, 32768, 131072])
+    """
+    spans, n = [], ONE_SPLIT_MAX
+    while n < max_len:
+        spans.append(n)
+        n *= SPAN_STEP
+    return [*spans, max_len]
+
+
 @dataclass
 class Fallback:
     """A kernel of glmkit's that a decoder chose itself (``"auto"``) and can do without where it fails to build or
@@ -705,7 +724,7 @@ class _Stage:
         self.x_in, self.h_in, self.x_out, self.h_out = (
             torch.zeros(batch_size, 1, hidden, device=dev, dtype=dtype) for _ in range(4))
         self.logits = torch.zeros(batch_size, vocab, device=dev, dtype=torch.float32) if segment.head else None
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # by step size and cache span
         self.staging: list[torch.Tensor] | None = None  # pinned host buffers of a hop through host memory
         # the norms glmkit's fused Triton GEMVs apply (FastDecoder.fuses_norms): each layer's input norm, and the
         # final norm before lm_head; set by FastDecoder
@@ -790,13 +809,18 @@ class FastDecoder:
             ends; GLM-4-9B's step took 16% less time with it on an H200, ``benchmarks/results/nf4_one_step.json``),
             else off unless ``pdl=True`` (through the Triton 4-bit kernels the step took 1.8% more time with it,
             ``nf4_fused.json``).
+        cache_spans: capture the batch-1 step on glmkit's decode attention once for each of ``spans_for(max_len)``
+            (512, 2048, 8192, ... positions and max_len) and replay, at each position, the graph of the shortest
+            span that holds it: its attention is launched for that span, not the whole cache (the launch is chosen
+            from the cache length, and a decoder built for a long cache decodes a short context slower,
+            ``benchmarks/results/max_len_sweep.json``). Off by default: its speed is not measured yet.
     """
 
     def __init__(self, model: torch.nn.Module, max_len: int = 2048, batch_size: int = 1,
                  cuda_graph: bool | None = None, compile: bool | None = None, gemv: bool | str = "auto",
                  compile_options: dict[str, Any] | None = None, attention: str = "auto",
                  graph_batch_sizes: Sequence[int] | None = None, hop: str = "peer",
-                 fuse_norms: bool = True, pdl: bool | None = None) -> None:
+                 fuse_norms: bool = True, pdl: bool | None = None, cache_spans: bool = False) -> None:
         self.check(model)
         if hop not in HOPS:
             raise ValueError(f"hop must be one of {HOPS} (device to device, or through host memory), not {hop!r}.")
@@ -855,6 +879,7 @@ class FastDecoder:
         if on_gpu and "triton" in self.gemv_by_bucket.values():
             active_table()  # this card's launch shapes, read (and an untuned card named) before anything compiles
         self.max_len, self.batch_size = max_len, batch_size
+        self.cache_spans = cache_spans
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = head_dim(cfg)
         self.eps = cfg.rms_norm_eps
@@ -918,6 +943,18 @@ class FastDecoder:
         bitsandbytes = self.quantized and self.gemv_by_bucket[b] != "triton"
         return decoder_layer if self.compile_auto and (alone or bitsandbytes) else self.layer_fn
 
+    def spans(self, b: int) -> list[int]:
+        """The cache lengths the step of ``b`` rows runs on (``cache_spans``): ``spans_for(max_len)`` for the
+        uncompiled batch-1 step on glmkit's decode attention, else the whole cache."""
+        if self.cache_spans and b == 1 and self.attention == "triton" and self.layer_fn_for(1) is decoder_layer:
+            return spans_for(self.max_len)
+        return [self.max_len]
+
+    def span_for(self, b: int, reach: int) -> int:
+        """The cache length the step of ``b`` rows runs on when its highest position is ``reach``: the shortest of
+        ``spans(b)`` that holds it."""
+        return next((n for n in self.spans(b) if reach < n), self.max_len)
+
     def uses_pdl(self, b: int) -> bool:
         """Whether the step of ``b`` rows launches glmkit's kernels with programmatic dependent launch (``pdl``, on
         the uncompiled Triton step only; a 4-bit model's one-row step only, the batch-1 CUDA kernel's)."""
@@ -980,15 +1017,16 @@ class FastDecoder:
         layer_segments(model)  # a split must place every module on a device that is here
 
     @torch.no_grad()
-    def _run_stage(self, st: _Stage, b: int) -> None:
+    def _run_stage(self, st: _Stage, b: int, span: int | None = None) -> None:
         """``_stage_step``, its kernels launched with programmatic dependent launch where ``uses_pdl``."""
         with dependent_launches(self.uses_pdl(b)):
-            self._stage_step(st, b)
+            self._stage_step(st, b, span or self.max_len)
 
-    def _stage_step(self, st: _Stage, b: int) -> None:
+    def _stage_step(self, st: _Stage, b: int, span: int) -> None:
         """One token for rows 0..b-1 through one segment: reads its control and hidden-state buffers, writes its
         outputs (the hidden state, or the logits) and its cache rows. Rows k..b-1 (k = live rows) run a dummy
-        token at position 0 whose K/V write is undone before the step ends: their cache rows are left as they were."""
+        token at position 0 whose K/V write is undone before the step ends: their cache rows are left as they were.
+        The attention reads the cache's first ``span`` positions (``cache_spans``), which hold every row's position."""
         m = self.model
         live = st.batch_index[:b] < st.control[2, :b] if b > 1 else None  # a one-row step's row is always live
         tokens = st.control[0, :1] if live is None else torch.where(live, st.control[0, :b], 0)
@@ -1015,7 +1053,8 @@ class FastDecoder:
             gemv, layer_fn = self.gemv_by_bucket[b], self.layer_fn_for(b)
             for j, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(st.weights):
                 x, h = layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
-                                next_norm, st.k_cache[j, :b], st.v_cache[j, :b], self.eps, self.heads, self.kv_heads,
+                                next_norm, st.k_cache[j, :b, :, :span], st.v_cache[j, :b, :, :span], self.eps,
+                                self.heads, self.kv_heads,
                                 self.head_dim, gemv, self.attention, st.in_norms[j] if fused else None,
                                 st.tickets, st.mlp_workspace)
             if live is not None:
@@ -1036,7 +1075,7 @@ class FastDecoder:
             st.x_out[:b].copy_(x)
             st.h_out[:b].copy_(x if fused else h)  # (fused: the next segment normalises x itself)
 
-    def _capture(self, st: _Stage, b: int) -> None:
+    def _capture(self, st: _Stage, b: int, span: int) -> None:
         with torch.cuda.device(st.device):  # the warm-up, the capture stream and the graph on the stage's GPU
             if st.device not in self._streams:
                 self._streams[st.device] = torch.cuda.Stream()
@@ -1044,32 +1083,33 @@ class FastDecoder:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(3):  # warm-up: compiles, autotunes, allocates workspaces outside the graph
-                    self._run_warm_up(st, b)
+                    self._run_warm_up(st, b, span)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             # the graphs of one device share a memory pool: they never run at the same time, and every output
             # goes to the stage's static buffers
             with torch.cuda.graph(graph, pool=self._pools.get(st.device), stream=stream):
-                self._run_stage(st, b)
+                self._run_stage(st, b, span)
             self._pools.setdefault(st.device, graph.pool())
-            st.graphs[b] = graph
+            st.graphs[b, span] = graph
 
-    def _run_warm_up(self, st: _Stage, b: int) -> None:
+    def _run_warm_up(self, st: _Stage, b: int, span: int | None = None) -> None:
         """A warm-up step: token 0 at position 0 (its garbage K/V go where a prefill writes first; the greedy pick
         of the step before had moved the position on)."""
         st.control[:2].zero_()
-        self._run_eager(st, b)
+        self._run_eager(st, b, span)
 
-    def _run_eager(self, st: _Stage, b: int) -> None:
+    def _run_eager(self, st: _Stage, b: int, span: int | None = None) -> None:
         if st.device.type == "cuda":
             with torch.cuda.device(st.device):  # Triton launches on the current GPU: make it the stage's
-                self._run_stage(st, b)
+                self._run_stage(st, b, span)
         else:
-            self._run_stage(st, b)
+            self._run_stage(st, b, span)
 
     def _warm_up(self, b: int) -> None:
         for st in self.stages:
-            self._capture(st, b) if self.use_graph else self._run_warm_up(st, b)
+            for span in self.spans(b):
+                self._capture(st, b, span) if self.use_graph else self._run_warm_up(st, b, span)
 
     def _warm_up_all(self) -> None:
         for st in self.stages:  # (graphs of an earlier attempt, with other kernels, go)
@@ -1164,12 +1204,13 @@ class FastDecoder:
                                      self.head_dim)
         return linear(h[:, -1:], self.head_weight, m.lm_head.bias, False)[:, -1].float()
 
-    def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor) -> torch.Tensor:
+    def decode_step(self, tokens: torch.Tensor, pos: int | torch.Tensor, reach: int | None = None) -> torch.Tensor:
         """Logits ``[k, vocab]`` for ``tokens`` ``[k]`` (rows 0..k-1, any 1 <= k <= batch_size) at position ``pos``
         (one for all rows, or ``[k]``); their K/V go into the cache. Runs the smallest captured step size >= k
         (``bucket``); the other rows of the cache are left as they were. The logits are a view of a static buffer
         on ``lm_head``'s device, valid until the next step (clone them to keep them). The step also picks each row's
-        greedy token (``glmkit.greedy``), which ``decode_greedy`` decodes next."""
+        greedy token (``glmkit.greedy``), which ``decode_greedy`` decodes next. ``reach``: the highest of the rows'
+        positions where ``pos`` is a tensor (it picks the cache span, ``cache_spans``; default: the whole cache)."""
         k, b = check_step(self.buckets, tokens, pos)
         if not self.ready:
             self._first_step()
@@ -1180,7 +1221,9 @@ class FastDecoder:
         else:
             first.control[1].fill_(pos)
         first.control[2].fill_(k)
-        self._run_stages(b)
+        if reach is None:
+            reach = self.max_len - 1 if isinstance(pos, torch.Tensor) else pos
+        self._run_stages(b, self.span_for(b, reach))
         self._greedy = None if isinstance(pos, torch.Tensor) else (k, pos + 1)
         return self.logits[:k]
 
@@ -1212,21 +1255,22 @@ class FastDecoder:
         if first is not head:  # a split: the picked tokens and positions go back to the first device
             picked = head.control[:2, :b]
             first.control[:2, :b].copy_(picked.cpu() if self.hop == "host" else picked)
-        self._run_stages(b)
+        self._run_stages(b, self.span_for(b, pos))
         self._greedy = (k, pos + 1)
         return head.control[0, :k].to(self.device, copy=True)  # (on a split: lm_head's device to the inputs')
 
-    def _run_stages(self, b: int) -> None:
-        """The step of ``b`` rows on the first stage's control row: each stage's graph (or eager step) in turn."""
+    def _run_stages(self, b: int, span: int) -> None:
+        """The step of ``b`` rows on the first stage's control row over the cache's first ``span`` positions: each
+        stage's graph (or eager step) in turn."""
         previous = None
         for st in self.stages:
             if previous is not None:  # the hop: the control row and the hidden state [b, 1, hidden], nothing more
                 self._hand_over(self.stages[0].control, previous, st, b)
-            if b in st.graphs:
+            if (b, span) in st.graphs:
                 with torch.cuda.device(st.device):
-                    st.graphs[b].replay()
+                    st.graphs[b, span].replay()
             else:
-                self._run_eager(st, b)
+                self._run_eager(st, b, span)
             previous = st
 
     def _hand_over(self, control: torch.Tensor, previous: _Stage, st: _Stage, b: int) -> None:

@@ -269,3 +269,31 @@ def test_a_tensor_parallel_rank_decodes_with_the_kernel_as_with_sdpa(trained):
     assert got.attention == "triton"
     # prefill in pieces of 2, 2, 1: the last one-token piece goes through the kernel too (positions expanded per row)
     assert torch.equal(got.generate(ids, 4, ignore_eos=True, prefill_chunk=2), want.generate(ids, 4, ignore_eos=True))
+
+
+def test_cache_spans_decode_as_the_whole_cache_does_across_span_boundaries(trained, monkeypatch):
+    # cache_spans: the batch-1 step attends over the shortest span that holds its position (here 8, 16 and the
+    # whole 24-position cache), so the generation crosses two span boundaries; the attention reads the same
+    # positions either way, so tokens and every step's logits are the decoder without spans', bit for bit
+    import glmkit.fast_decode
+
+    monkeypatch.setattr(glmkit.fast_decode, "ONE_SPLIT_MAX", 8)
+    monkeypatch.setattr(glmkit.fast_decode, "SPAN_STEP", 2)
+    ids = torch.randint(0, 800, (1, 6), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    options = {"max_len": 24, "attention": "triton", "gemv": "triton", "compile": False, "cuda_graph": False}
+    spans, whole = FastDecoder(trained, cache_spans=True, **options), FastDecoder(trained, **options)
+    assert spans.spans(1) == [8, 16, 24] and whole.spans(1) == [24]  # off by default: the whole cache
+    assert [spans.span_for(1, p) for p in (7, 8, 15, 16, 23)] == [8, 16, 16, 24, 24]
+    used = []
+    run_stages = spans._run_stages
+    monkeypatch.setattr(spans, "_run_stages", lambda b, span: (used.append(span), run_stages(b, span))[1])
+    assert torch.equal(spans.generate(ids, max_new_tokens=12, ignore_eos=True),
+                       whole.generate(ids, max_new_tokens=12, ignore_eos=True))  # greedy: decode_greedy's spans
+    assert sorted(set(used)) == [8, 16, 24]  # positions 6..17: each span in turn
+    for d in (spans, whole):
+        d.prefill(ids)
+    token = ids[0, -1:]
+    for p in range(6, 10):  # decode_step's spans (a position given: 8, then 16), logits bit for bit
+        got, want = spans.decode_step(token, p).clone(), whole.decode_step(token, p).clone()
+        assert torch.equal(got, want), p
+        token = want.argmax(-1)
