@@ -68,7 +68,7 @@ LAUNCH_NEXT_LATE = True
 # 4564 / 4652 / 4715 pipelined, 216.3 tok/s against 215.1; one stage without reading ahead: 4529 / 4633 / 4732
 # (benchmarks/results/attention_stages.json). Tokens bitwise equal to the pipelined kernel's.
 SHORT_STAGES = 1  # Triton's num_stages for that loop (None: Triton's default)
-SHORT_AHEAD = True
+SHORT_AHEAD = True  # (tiles of SHORT_TILE's positions: ``reads_ahead``)
 # The new position's k and v are attended to apart from the cache tiles (one score per query head, the softmax started
 # from it), and the tiles stop before that position: each tile goes from the cache to the tensor cores as read (the
 # kernel had put the new k, v into the tile holding their position, element by element: 220 registers a thread
@@ -147,6 +147,21 @@ class Grid:
         if ticket_split:  # a split given below the tile: tiles of at most the split, a power of two
             tile = min(tile, 1 << (split.bit_length() - 1))
         return Grid(split, splits, tile, warps, batch * kv_heads * splits, ticket_split)
+
+
+def reads_ahead(grid: Grid, batch: int) -> bool:
+    """Whether the program that walks a KV head's whole short cache reads its next tile into registers before it
+    multiplies the tile in hand (``SHORT_AHEAD``, measured with ``SHORT_TILE``'s tiles): only for tiles of at most
+    ``SHORT_TILE``'s positions. A tile of ``EARLY_TILE``'s 256, the one launch a cache of at most 256 positions gets
+    when the kernel before leaves it SMs, held twice spills: compiled for sm_90 a 3176-byte stack at 128 registers
+    a thread, against 520 bytes without reading ahead (``tests/test_gemv.py``); GLM-4-9B's batch-1 step with such a
+    cache decoded 16-28% slower than with one of 264-512 positions on an H200 (``benchmarks/results/
+    max_len_sweep.json``).
+
+    >>> reads_ahead(Grid.of(1, 2, 200, tickets=False), 1), reads_ahead(Grid.of(1, 2, 200, tickets=True, early=True), 1)
+    (True, False)
+    """
+    return SHORT_AHEAD and grid.splits == 1 and batch == 1 and grid.tile <= SHORT_TILE[0]
 
 
 def auto_attention(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -499,7 +514,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), max_len, math.log2(math.e) / math.sqrt(hd),
         KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=tile, SPLIT=split, SPLITS=splits, IEEE=q.dtype == torch.float32 or INTERPRETER,
-        PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, AHEAD=short and SHORT_AHEAD, TICKETS=tickets is not None,
+        PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, AHEAD=reads_ahead(grid, b), TICKETS=tickets is not None,
         BLOCK_S=min(32, triton.next_power_of_2(splits)), COS_TABLE=cos_table, num_warps=grid.warps,
         **({"num_stages": SHORT_STAGES} if (short or grid.side_by_side) and SHORT_STAGES else {}), **pdl)
     if splits > 1 and tickets is None:

@@ -483,6 +483,24 @@ src = ASTSource(fn=_decode_attention_kernel, signature={**ptrs, **{k: "constexpr
 short = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": SHORT_TILE[1], **({"num_stages": SHORT_STAGES} if SHORT_STAGES else {})})
 assert "cubin" in short.asm and short.metadata.shared <= 227 * 1024  # fits one SM's shared memory
+import os, re, subprocess, tempfile  # a short cache whose kernel before leaves it SMs: tiles of EARLY_TILE's 256
+import triton.backends.nvidia
+from glmkit.attention import Grid, reads_ahead
+cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+for max_len in (200, 296):  # one split, and two
+    grid = Grid.of(1, 2, max_len, tickets=True, early=True)
+    consts.update(BLOCK_N=grid.tile, SPLIT=grid.split, SPLITS=grid.splits, AHEAD=reads_ahead(grid, 1),
+                  BLOCK_S=max(1, grid.splits))
+    src = ASTSource(fn=_decode_attention_kernel, signature={**ptrs, **{k: "constexpr" for k in consts}},
+                    constexprs={(_decode_attention_kernel.arg_names.index(k),): v for k, v in consts.items()})
+    built = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": grid.warps, **({"num_stages": SHORT_STAGES} if SHORT_STAGES else {})})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(built.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))  # spilled registers live on the stack
+    assert stack <= 1024, (max_len, grid, usage)  # reading a 256-position tile ahead: 3176 bytes
 from glmkit.attention import TICKET_TILE  # tiles side by side, the last program of a KV head combining them
 consts.update(BLOCK_N=TICKET_TILE[0], SPLIT=TICKET_TILE[0], SPLITS=4, AHEAD=False, BLOCK_S=4)
 src = ASTSource(fn=_decode_attention_kernel, signature={**ptrs, **{k: "constexpr" for k in consts}},
