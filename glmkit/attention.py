@@ -53,6 +53,12 @@ BLOCK_N = 64  # cache positions per tile (a K tile [64, 128] in bf16 is 16 KiB) 
 SHORT_TILE = (128, 8)
 TARGET_PROGRAMS = 256  # programs a long cache is split into, about two per SM of an H100/H200 (132 SMs)
 MAX_SPLITS = 128  # at most this many splits per sequence and KV head: the combine reads one partial output each
+# Splits the last program of a KV head combines a step, in the kernel (``tickets``): each step holds the partial outputs
+# of the KV head's query heads, [group, this, head_dim] fp32. GLM-4-9B's 16 x 32 x 128 spilled: compiled for sm_90, a
+# 5760-byte stack at 32 registers a thread with 128 splits (a cache of 8192 or more positions), 1208 bytes with 32;
+# 4 does not spill (tests/test_gemv.py). The combine kernel of its own (no tickets) keeps COMBINE_STEP.
+TICKET_COMBINE_STEP = 4
+COMBINE_STEP = 32
 # The first K/V tile of the cache is read before waiting for q/k/v (programmatic dependent launch): those loads are in
 # flight while the kernel before finishes. GLM-4-9B at batch 1 on an H200, one run: a step 4790 µs against 4824 in
 # bf16, 4800 against 4864 in fp16 (benchmarks/results/early_reads.json)
@@ -147,6 +153,16 @@ class Grid:
         if ticket_split:  # a split given below the tile: tiles of at most the split, a power of two
             tile = min(tile, 1 << (split.bit_length() - 1))
         return Grid(split, splits, tile, warps, batch * kv_heads * splits, ticket_split)
+
+
+def combine_step(splits: int, tickets: bool) -> int:
+    """Splits combined a step: by the last program of a KV head in the kernel (``tickets``: ``TICKET_COMBINE_STEP``),
+    or by the combine kernel (``COMBINE_STEP``); at most the splits, rounded up to a power of two.
+
+    >>> combine_step(128, tickets=True), combine_step(128, tickets=False), combine_step(2, tickets=True)
+    (4, 32, 2)
+    """
+    return min(TICKET_COMBINE_STEP if tickets else COMBINE_STEP, triton.next_power_of_2(splits))
 
 
 def reads_ahead(grid: Grid, batch: int) -> bool:
@@ -515,11 +531,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         KV=kv, GROUP=group, HEAD_DIM=hd, ROTARY=cos.shape[-1], BLOCK_G=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=tile, SPLIT=split, SPLITS=splits, IEEE=q.dtype == torch.float32 or INTERPRETER,
         PRELOAD=PRELOAD, LATE=LAUNCH_NEXT_LATE, AHEAD=reads_ahead(grid, b), TICKETS=tickets is not None,
-        BLOCK_S=min(32, triton.next_power_of_2(splits)), COS_TABLE=cos_table, num_warps=grid.warps,
+        BLOCK_S=combine_step(splits, tickets is not None), COS_TABLE=cos_table, num_warps=grid.warps,
         **({"num_stages": SHORT_STAGES} if (short or grid.side_by_side) and SHORT_STAGES else {}), **pdl)
     if splits > 1 and tickets is None:
         _combine_kernel[(b * heads,)](m, lse, acc, pos, out, HEADS=heads, HEAD_DIM=hd, BLOCK_D=block_d,
-                                      BLOCK_S=min(32, triton.next_power_of_2(splits)), SPLIT=split, SPLITS=splits,
+                                      BLOCK_S=combine_step(splits, False), SPLIT=split, SPLITS=splits,
                                       num_warps=4, **pdl)
     return out.view(b, 1, heads, hd).transpose(1, 2)
 

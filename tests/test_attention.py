@@ -52,6 +52,8 @@ CASES = {  # b, heads, kv heads, head_dim, rotary dims, max_len, positions, cach
     "b1-three-tiles": (1, 4, 2, 64, 32, 300, [260], [0], None),
     # a split that is no power of two: tiles of 128, two a split (the second half past it)
     "b1-split-192": (1, 4, 2, 64, 32, 400, [300], [0], 192),
+    # 9 splits in use of 10: the last program combines them TICKET_COMBINE_STEP a step, the last step partly empty
+    "b1-nine-splits-combined": (1, 4, 2, 64, 32, 640, [550], [0], 64),
 }
 
 

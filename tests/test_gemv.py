@@ -485,22 +485,24 @@ short = triton.compile(src, target=GPUTarget("cuda", 90, 32),
 assert "cubin" in short.asm and short.metadata.shared <= 227 * 1024  # fits one SM's shared memory
 import os, re, subprocess, tempfile  # a short cache whose kernel before leaves it SMs: tiles of EARLY_TILE's 256
 import triton.backends.nvidia
-from glmkit.attention import Grid, reads_ahead
+from glmkit.attention import Grid, combine_step, reads_ahead
 cuobjdump = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
-for max_len in (200, 296):  # one split, and two
-    grid = Grid.of(1, 2, max_len, tickets=True, early=True)
+# one split and two (the kernel before leaving SMs), then long caches combined by the last program of a KV head
+for max_len, early in ((200, True), (296, True), (2048, False), (8192, False), (32768, False)):
+    grid = Grid.of(1, 2, max_len, tickets=True, early=early)
     consts.update(BLOCK_N=grid.tile, SPLIT=grid.split, SPLITS=grid.splits, AHEAD=reads_ahead(grid, 1),
-                  BLOCK_S=max(1, grid.splits))
+                  BLOCK_S=combine_step(grid.splits, True))
     src = ASTSource(fn=_decode_attention_kernel, signature={**ptrs, **{k: "constexpr" for k in consts}},
                     constexprs={(_decode_attention_kernel.arg_names.index(k),): v for k, v in consts.items()})
+    staged = SHORT_STAGES and (grid.splits == 1 or grid.side_by_side)  # as decode_attention launches it
     built = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": grid.warps, **({"num_stages": SHORT_STAGES} if SHORT_STAGES else {})})
+                           options={"num_warps": grid.warps, **({"num_stages": SHORT_STAGES} if staged else {})})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(built.asm["cubin"])
         f.flush()
         usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     stack = int(re.search(r"STACK:(\d+)", usage).group(1))  # spilled registers live on the stack
-    assert stack <= 1024, (max_len, grid, usage)  # reading a 256-position tile ahead: 3176 bytes
+    assert stack <= 1024, (max_len, grid, usage)  # a 256-position tile read ahead: 3176; 32 splits a step: 5760
 from glmkit.attention import TICKET_TILE  # tiles side by side, the last program of a KV head combining them
 consts.update(BLOCK_N=TICKET_TILE[0], SPLIT=TICKET_TILE[0], SPLITS=4, AHEAD=False, BLOCK_S=4)
 src = ASTSource(fn=_decode_attention_kernel, signature={**ptrs, **{k: "constexpr" for k in consts}},
