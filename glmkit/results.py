@@ -2581,7 +2581,7 @@ def nf4_decode_sentence() -> Text:
                          f"{lc['planned_bytes'] / GiB:.2f} GiB (no CUDA context: the cap covers PyTorch's allocator "
                          f"only), " + (f"{_pct(over)}: inside the cap, but above the plan, which does not yet count "
                                        f"everything the 4-bit fast path holds at this length." if over > 0 else
-                                       f"{_pct(over)}: within the plan."))
+                                       f"{_pct(over)}: within the plan.")) + _before_attention_spills(r["name"])
             else:
                 text += "out of memory."
         else:
@@ -3339,6 +3339,18 @@ def nf4_projection_chart() -> Any:
                          reference_label="copy bandwidth")
 
 
+# runs measured before the attention's launches for a cache of at most 256 positions and for long caches changed
+# (glmkit.attention.reads_ahead, combine_step: spills found compiling for sm_90), not measured since
+BEFORE_ATTENTION_SPILLS = ("max_len_sweep", "nf4_decode")
+
+
+def _before_attention_spills(name: str) -> str:
+    """A clause for a run measured before ``attention.reads_ahead`` and ``attention.combine_step``, or ''."""
+    return (" This run predates two changes to the decode attention's launch for such caches (`glmkit.attention."
+            "reads_ahead`, `combine_step`: their register spills removed), which no run has timed since."
+            if name in BEFORE_ATTENTION_SPILLS else "")
+
+
 def max_len_table() -> Table | Text:
     """Batch-1 decode tok/s by the cache length a decoder is built for, bf16 and nf4, at the same short context
     (``max_len_sweep.json``, notebook 05); or "not measured"."""
@@ -3372,7 +3384,8 @@ def max_len_sentence() -> Text:
         return (f"On {measured_on(r)} (`max_len_sweep.json`), the same {r['new_tokens']} tokens after a "
                 f"{r['prompt']}-token prompt: " + "; ".join(parts) + ". The decode attention's launch and whether q/k/v "
                 "leaves SMs to it are chosen from the cache length, not the position (a CUDA graph replays one launch "
-                "for every token). Build a decoder for the context you need, not for the model's limit.")
+                "for every token). Build a decoder for the context you need, not for the model's limit."
+                + _before_attention_spills(r["name"]))
     return from_result("max_len_sweep", render, what="Speed by cache length", script="benchmarks/max_len_sweep.py")
 
 

@@ -945,3 +945,12 @@ def test_fast_path_accuracy_says_only_what_its_figures_hold(monkeypatch, tmp_pat
     assert f"{100 * nf4:.2f}% from an fp32 decoder on the same nf4 weights" in sentence
     assert [row[2] for row in results.fast_path_accuracy_table().rows] == ["6.50%", f"{100 * nf4:.2f}%",
                                                                           f"{100 * yardstick:.2f}%"]
+
+
+def test_runs_before_the_attention_spill_fixes_say_so():
+    """The sweep and the 32K run were measured before the attention's launches changed: their sentences say so;
+    a run not listed gets no such clause."""
+    clause = results._before_attention_spills("max_len_sweep")
+    assert "no run has timed since" in clause and clause in str(results.max_len_sentence())
+    assert clause in str(results.nf4_decode_sentence())
+    assert results._before_attention_spills("max_len_sweep_run2") == ""
