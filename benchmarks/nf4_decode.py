@@ -10,7 +10,8 @@ states included, one embedding row). Random weights of the exact GLM-4-9B archit
 (``glmkit.models.ensure_random_checkpoint``).
 
     python benchmarks/nf4_decode.py --checkpoint /tmp/glm9b      # about 6 minutes on an H200
-Writes benchmarks/results/nf4_decode.json (and to $OUT) after every stage, so a stage that fails keeps the others.
+Writes benchmarks/results/nf4_decode.json (or --name; and to $OUT) after every stage, so a stage that fails keeps the
+others.
 """
 
 from __future__ import annotations
@@ -262,6 +263,7 @@ def main() -> None:
     ap.add_argument("--cap-gib", type=float, default=12.0)
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--stages", default="long_context,decode,projections,accuracy")
+    ap.add_argument("--name", default="nf4_decode", help="the result's name (another run beside the committed one)")
     args = ap.parse_args()
     use_expandable_segments()  # the allocator glmkit's processes use (and the planner assumes), before any CUDA memory
     if not torch.cuda.is_available():
@@ -278,7 +280,7 @@ def main() -> None:
                     "copy_bandwidth_bytes_s": bw, "device": device_name(),
                     "tuned_shapes_for_this_card": len(tables_for(device_name())), "decode": [], "errors": []}
 
-    stage = stage_runner("nf4_decode", result)
+    stage = stage_runner(args.name, result)
 
     def decode(name, model, label, **options):
         row = stage(name, generate_speed, model) if label is None else stage(name, fast_decode, model, label, **options)
@@ -292,7 +294,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         result["long_context"] = stage("long context", long_context, args.checkpoint, args.context, args.cap_gib,
                                        args.chunk)
-        save_result("nf4_decode", result)  # stage() saved before the assignment
+        save_result(args.name, result)  # stage() saved before the assignment
         gc.collect()
         torch.cuda.empty_cache()
     models = {"bf16": load_precision(args.checkpoint, "bf16", device_map="cuda:0"),
@@ -328,7 +330,7 @@ def main() -> None:
     if "accuracy" in stages and forced:
         result["accuracy"] = stage("accuracy", accuracy, args.checkpoint, models["nf4"], forced)
     models.clear()
-    save_result("nf4_decode", result)  # stage() saved before the last row was added
+    save_result(args.name, result)  # stage() saved before the last row was added
     print({k: v for k, v in result.items() if k not in ("projections",)}, flush=True)
 
 
