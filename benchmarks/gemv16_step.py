@@ -76,6 +76,21 @@ def projection(name: str, n: int, k: int, g: torch.Generator) -> list[dict[str, 
     return rows
 
 
+def timed_variants(decoders: dict[str, Any], rows: dict[str, dict[str, Any]],
+                   around: Callable[[str], contextlib.AbstractContextManager[Any]], reference: str) -> None:
+    """After the variants took turns (``take_turns``): each one's step replayed at ``POSITIONS``, its best round, and
+    its best against ``reference``'s (decode tok/s, and the replayed step), into its row (``mlp16_step.py`` too)."""
+    for v, decoder in decoders.items():
+        row = rows[v]
+        with around(v):
+            row["replay_at_us"] = {p: step_us(decoder, p) for p in POSITIONS}
+        row["best_replay_us"], row["best_tok_s"] = min(row["replay_us"]), max(row["decode_tok_s"])
+    base = rows[reference]
+    for row in rows.values():
+        row["over_triton"] = row["best_tok_s"] / base["best_tok_s"]
+        row["replay_over_triton"] = base["best_replay_us"] / row["best_replay_us"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
@@ -98,16 +113,9 @@ def main() -> None:
     ids = torch.randint(0, 1000, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     reference = "Triton GEMVs"
     against_reference(decoders, rows, ids, reference, "tokens_as_triton", "first_logits_rel_diff", around, every_row)
-    for v, decoder in decoders.items():
-        row = rows[v]
-        with around(v):
-            row["replay_at_us"] = {p: step_us(decoder, p) for p in POSITIONS}
-        row["best_replay_us"], row["best_tok_s"] = min(row["replay_us"]), max(row["decode_tok_s"])
-        row["fraction_of_roofline"] = row["best_tok_s"] / roofline
-    base = rows[reference]
+    timed_variants(decoders, rows, around, reference)
     for row in rows.values():
-        row["over_triton"] = row["best_tok_s"] / base["best_tok_s"]
-        row["replay_over_triton"] = base["best_replay_us"] / row["best_replay_us"]
+        row["fraction_of_roofline"] = row["best_tok_s"] / roofline
         print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in row.items()
                if k not in ("replay_us", "decode_tok_s")}, flush=True)
     save_result(args.name, {"what": __doc__.splitlines()[0], "copy_bandwidth_bytes_s": bw, "roofline_tok_s": roofline,

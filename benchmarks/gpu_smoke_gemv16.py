@@ -11,9 +11,10 @@ the Triton GEMVs and against fp32. Prints one line per check; exits non-zero whe
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import torch
-from smoke_verdicts import finish, verdict
+from smoke_verdicts import finish, pdl_graph, verdict
 from transformers import GlmConfig, GlmForCausalLM
 
 from glmkit import fast_decode, gemv16_one
@@ -48,16 +49,12 @@ for dtype in (torch.bfloat16, torch.float16):
             err, err_triton = rel(got, want), rel(tri, want)
             verdict(f"{dtype} {n}x{k} {role} against fp32", err < 1e-2 and err <= 2 * err_triton + 1e-3,
                     f"relative error {err:.2e} (Triton GEMV {err_triton:.2e})")
-            graph = torch.cuda.CUDAGraph()
-            with dependent_launches():
-                side = torch.cuda.Stream()
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    gemv16_one.gemv_16_one(x, w, **form, role=role, leave_sms=4)
-                torch.cuda.current_stream().wait_stream(side)
-                with torch.cuda.graph(graph):
-                    first = gemv16_one.gemv_16_one(x, w, **form, role=role, leave_sms=4)
-                    second = gemv16_one.gemv_16_one(x, w, **form, role=role)
+            def launches(x=x, w=w, form=form, role=role) -> tuple[torch.Tensor, torch.Tensor]:
+                return (gemv16_one.gemv_16_one(x, w, **form, role=role, leave_sms=4),
+                        gemv16_one.gemv_16_one(x, w, **form, role=role))
+
+            graph, (first, second) = pdl_graph(partial(gemv16_one.gemv_16_one, x, w, **form, role=role, leave_sms=4),
+                                               launches)
             graph.replay()
             torch.cuda.synchronize()
             verdict(f"{dtype} {n}x{k} {role} in a graph, PDL", torch.equal(first, got) and torch.equal(second, got),

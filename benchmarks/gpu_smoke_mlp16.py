@@ -13,17 +13,18 @@ workspace of its own. Prints one line per check; exits non-zero where one fails.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import torch
 from accelerate import dispatch_model
-from smoke_verdicts import finish, verdict
+from smoke_verdicts import finish, pdl_graph, verdict
 from transformers import GlmConfig, GlmForCausalLM
 
 from glmkit import mlp16_one
 from glmkit.device_map import split_layers
 from glmkit.fast_decode import FastDecoder
-from glmkit.gemv import dependent_launches, gemv_swiglu
 from glmkit.gemv import gemv as triton_gemv
+from glmkit.gemv import gemv_swiglu
 
 
 def rel(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> float:
@@ -52,16 +53,11 @@ for dtype in (torch.bfloat16, torch.float16):
         err, err_triton = rel(got, want, x), rel(tri, want, x)
         verdict(f"{name} against fp32", err < 1e-2 and err <= 2 * err_triton + 2e-3 and torch.equal(got, again),
                 f"relative error {err:.2e} (Triton GEMVs {err_triton:.2e}); launched twice: the same bits")
-        graph = torch.cuda.CUDAGraph()
-        with dependent_launches():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                mlp16_one.mlp_16_one(x, wgu, wd, norm, 1e-5, ws)
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph):
-                first = mlp16_one.mlp_16_one(x, wgu, wd, norm, 1e-5, ws)
-                second = mlp16_one.mlp_16_one(first, wgu, wd, norm, 1e-5, ws)
+        def launches(x=x, wgu=wgu, wd=wd, norm=norm, ws=ws) -> tuple[torch.Tensor, torch.Tensor]:
+            first = mlp16_one.mlp_16_one(x, wgu, wd, norm, 1e-5, ws)
+            return first, mlp16_one.mlp_16_one(first, wgu, wd, norm, 1e-5, ws)
+
+        graph, (first, second) = pdl_graph(partial(mlp16_one.mlp_16_one, x, wgu, wd, norm, 1e-5, ws), launches)
         for _ in range(3):
             graph.replay()
         torch.cuda.synchronize()

@@ -20,9 +20,8 @@ import gc
 from typing import Any
 
 import torch
-from gemv16_step import POSITIONS
+from gemv16_step import timed_variants
 from nf4_fused import PROMPT, ROUNDS, against_reference, every_row, gpu_uuids, take_turns, warmed
-from step_roles import step_us
 
 from glmkit import mlp16_one
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
@@ -79,16 +78,10 @@ def step_rows(checkpoint: str, precision: str, bw: list[float]) -> list[dict[str
     take_turns(decoders, rows, around=around)
     ids = torch.randint(0, 1000, (1, PROMPT), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     against_reference(decoders, rows, ids, TRITON, "tokens_as_triton", "first_logits_rel_diff", around, every_row)
-    for v, decoder in decoders.items():
-        row = rows[v]
-        with around(v):
-            row["replay_at_us"] = {p: step_us(decoder, p) for p in POSITIONS}
-        row["best_replay_us"], row["best_tok_s"] = min(row["replay_us"]), max(row["decode_tok_s"])
+    timed_variants(decoders, rows, around, TRITON)
     row_bytes = bytes_read_per_token(model)
     for row in rows.values():
         row["bytes_read_per_token"] = row_bytes
-        row["over_triton"] = row["best_tok_s"] / rows[TRITON]["best_tok_s"]
-        row["replay_over_triton"] = rows[TRITON]["best_replay_us"] / row["best_replay_us"]
     del decoders, model
     gc.collect()
     torch.cuda.empty_cache()

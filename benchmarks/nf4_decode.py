@@ -23,18 +23,21 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from nf4_fused import mlp_kernel
 
 from glmkit.bench import copy_bandwidth, save_result, stage_runner
 from glmkit.env import use_expandable_segments
 from glmkit.gemv import device_name, gemv, gemv_swiglu, tables_for
 from glmkit.models import ensure_random_checkpoint
+from glmkit.results import ACCURACY_YARDSTICK, NF4_DEFAULT_PATH
 
 NEW_TOKENS = 256  # a cache of 32 + 256 + 8 positions, as the step benchmarks (max_len_sweep.py: speed by cache length)
 PROMPT = 32
 FORCED = 16  # teacher-forced steps whose logits each decoder's are compared on
 # the fast paths' labels: each decoder with its default options (bf16/fp16: glmkit's kernels, on Hopper its MLP as
 # one CUDA kernel; nf4: glmkit's batch-1 4-bit CUDA kernel where it runs)
-BF16_FAST, FP16_FAST, NF4_FAST = "bf16 fast (glmkit kernels)", "fp16 fast (glmkit kernels)", "nf4 fast (glmkit CUDA kernel)"
+# (nf4's label, and the yardstick's in the accuracy stage, are those glmkit.results reads the run by)
+BF16_FAST, FP16_FAST = "bf16 fast (glmkit kernels)", "fp16 fast (glmkit kernels)"
 
 
 def token_bytes(model: torch.nn.Module) -> int:
@@ -83,14 +86,6 @@ def fast_decode(model: torch.nn.Module, label: str, **options) -> dict:
     del decoder
     torch.cuda.empty_cache()
     return {**row, "_logits": logits, "_tokens": tokens, "_forced": forced}
-
-
-def mlp_kernel(decoder: Any) -> bool:
-    """Whether ``decoder``'s batch-1 MLP runs as glmkit's one CUDA kernel (``glmkit.mlp16_one``: 16-bit weights on
-    Hopper): its stages hold the kernel's workspace, and the kernel runs there (not turned off)."""
-    from glmkit import mlp16_one
-
-    return any(w is not None and mlp16_one.runs_on(w.device, w.dtype) for w in (st.mlp_workspace for st in decoder.stages))
 
 
 def generate_speed(model: torch.nn.Module) -> dict:
@@ -248,12 +243,9 @@ def accuracy(checkpoint: str, nf4_model: torch.nn.Module, decoded: dict[str, tor
     rows = {path: {"against": "nf4 weights in fp32" if path.startswith("nf4") else "checkpoint in fp32",
                    **compare(logits, ref_nf4 if path.startswith("nf4") else ref_checkpoint)}
             for path, logits in decoded.items()}
-    rows[YARDSTICK] = {"against": "nf4 weights in fp32", **compare(yardstick, ref_nf4)}
+    rows[ACCURACY_YARDSTICK] = {"against": "nf4 weights in fp32", **compare(yardstick, ref_nf4)}
     print(rows, flush=True)
     return {"forced_steps": FORCED, "quantized_weights": len(quantized), "rows": rows}
-
-
-YARDSTICK = "bf16 fast on the nf4 weights"  # the nf4 weights dequantized to bf16, through bf16's fast path
 
 
 def main() -> None:
@@ -303,7 +295,7 @@ def main() -> None:
     forced: dict[str, torch.Tensor] = {}  # path -> teacher-forced logits, for the accuracy stage
     if "decode" in stages:
         bf16 = decode("bf16 fast", models["bf16"], BF16_FAST)  # each decoder as a user gets it: default options
-        nf4 = decode("nf4 fast", models["nf4"], NF4_FAST)
+        nf4 = decode("nf4 fast", models["nf4"], NF4_DEFAULT_PATH)
         ref = decode("nf4 fast bnb", models["nf4"], "nf4 fast (bnb matmul_4bit, eager layers)", gemv=False,
                      compile=False)  # the reference for the logits; bitsandbytes' ops are not compiled
         decode("nf4 generate", models["nf4"], None)

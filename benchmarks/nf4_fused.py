@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from early_reads import replay_us
 
+from glmkit import mlp16_one
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
 from glmkit.fast_decode import FastDecoder
 from glmkit.models import ensure_random_checkpoint
@@ -114,6 +115,12 @@ def against_reference(decoders: dict[str, FastDecoder], rows: dict[str, dict[str
                 logits = step_logits(decoder, ids)
             row[tokens_key], row["of"] = sum(a == b for a, b in zip(tokens, want)), len(want)
             row[logits_key] = ((logits - first).norm() / first.norm()).item()
+
+
+def mlp_kernel(decoder: FastDecoder) -> bool:
+    """Whether ``decoder``'s batch-1 MLP runs as glmkit's one CUDA kernel (``glmkit.mlp16_one``: 16-bit weights, the
+    default on Hopper): its stages hold the kernel's workspace, and the kernel runs there (not turned off)."""
+    return any(w is not None and mlp16_one.runs_on(w.device, w.dtype) for w in (st.mlp_workspace for st in decoder.stages))
 
 
 def gpu_uuids() -> list[str]:

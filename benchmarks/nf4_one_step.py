@@ -23,10 +23,7 @@ import os
 from collections.abc import Iterator
 
 import torch
-from nf4_fused import PROMPT, against_reference, best_rounds, report, start, take_turns, warmed
-
-from glmkit import mlp16_one
-from glmkit.fast_decode import FastDecoder
+from nf4_fused import PROMPT, against_reference, best_rounds, mlp_kernel, report, start, take_turns, warmed
 
 VARIANTS = {"CUDA kernel": ("nf4", {}, None), "CUDA kernel, plain launches": ("nf4", {"pdl": False}, None),
             "Triton kernel": ("nf4", {}, "triton"),
@@ -50,12 +47,6 @@ def kernel_env(kernel: str | None) -> Iterator[None]:
 def variant_env(variant: str) -> contextlib.AbstractContextManager[None]:
     """What variant ``variant`` runs inside: its ``GLMKIT_4BIT_KERNEL``."""
     return kernel_env(VARIANTS[variant][2])
-
-
-def mlp_kernel(decoder: FastDecoder) -> bool:
-    """Whether ``decoder``'s batch-1 MLP runs as glmkit's one CUDA kernel (``glmkit.mlp16_one``: 16-bit weights, the
-    default on Hopper): its stages hold the kernel's workspace, and the kernel runs there (not turned off)."""
-    return any(w is not None and mlp16_one.runs_on(w.device, w.dtype) for w in (st.mlp_workspace for st in decoder.stages))
 
 
 def main() -> None:

@@ -352,9 +352,7 @@ def runs_on(device: torch.device | str, dtype: torch.dtype) -> bool:
     >>> runs_on("cpu", torch.bfloat16)
     False
     """
-    if not _SWITCH.on():
-        return False
-    return gemv4bit_mma.cuda_kernel_runs(device, dtype, NAME, env=False)
+    return _SWITCH.runs_on(device, dtype, NAME)
 
 
 def takes(weight: torch.Tensor, dtype: torch.dtype, device: torch.device, role: str = "qkv") -> bool:

@@ -669,6 +669,18 @@ class OffSwitch:
     def on(self) -> bool:
         return not self.depth and os.environ.get(self.env) != "triton"
 
+    def runs_on(self, device: torch.device | str, dtype: torch.dtype, kernel: str,
+                capability: tuple[int, int] = (8, 0)) -> bool:
+        """Whether the CUDA kernel ``kernel`` this switches runs on ``device`` for ``dtype``: switched on,
+        ``cuda_kernel_runs`` (not disabled there, bf16/fp16, compute capability 8.0+) and at least ``capability``.
+
+        >>> OffSwitch("GLMKIT_EXAMPLE_KERNEL").runs_on("cpu", torch.bfloat16, NAME)
+        False
+        """
+        if not (self.on() and cuda_kernel_runs(device, dtype, kernel, env=False)):
+            return False
+        return torch.cuda.get_device_capability(torch.device(device)) >= capability
+
 
 def disable(device: torch.device, why: str, kernel: str = NAME, label: str = LABEL) -> None:
     """Stop using the CUDA kernel ``kernel`` (the warning calls it ``label``) on ``device`` for the rest of the

@@ -426,12 +426,7 @@ def runs_on(device: torch.device | str, dtype: torch.dtype) -> bool:
     >>> runs_on("cpu", torch.bfloat16)
     False
     """
-    if not _SWITCH.on():
-        return False
-    device = torch.device(device)
-    if not gemv4bit_mma.cuda_kernel_runs(device, dtype, NAME, env=False):
-        return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    return _SWITCH.runs_on(device, dtype, NAME, capability=(9, 0))
 
 
 def _shape_on(device: torch.device, hidden: int, inter: int) -> MlpShape | None:

@@ -736,7 +736,7 @@ def attention_cost_sentence() -> Text:
                      f"{100 * new['fraction_of_roofline']:.1f}% of the roofline measured in that run).")
         one = load("attention_one_tile")
         if one:
-            rows = {r["variant"]: r["best_replay_us"] for r in one["rows"]}
+            rows = _replay_by_variant(one)
             tiles, floor = rows["tiles of 128 x 8 warps"], rows["a minimal kernel"]
             whole = rows["one tile of 512 x 16 warps"]
             at = sorted(tiles, key=int)
@@ -833,9 +833,24 @@ ATTENTION_ONE_RUNS = ("attention_one_step", "attention_one_step_run2", "attentio
 GEMV16_AT = ("40", "100", "160", "220", "262")  # the cache lengths each run replays the step at
 
 
+def _committed(names: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The committed results of ``names`` that exist, in order, by name."""
+    return [(name, r) for name in names if (r := load(name)) is not None]
+
+
+def _replay_by_variant(result: dict[str, Any]) -> dict[str, float]:
+    """A variant run's best replayed step (µs) per variant."""
+    return {row["variant"]: row["best_replay_us"] for row in result["rows"]}
+
+
+def _replays(names: Sequence[str]) -> list[dict[str, float]]:
+    """``_replay_by_variant`` of each committed run of ``names``."""
+    return [_replay_by_variant(r) for _, r in _committed(names)]
+
+
 def gemv16_runs() -> list[tuple[str, dict[str, Any]]]:
     """The committed runs of ``benchmarks/gemv16_step.py``, by name."""
-    return [(name, r) for name in GEMV16_RUNS if (r := load(name)) is not None]
+    return _committed(GEMV16_RUNS)
 
 
 def _card(result: dict[str, Any]) -> str:
@@ -946,20 +961,19 @@ def _gemv16_not_kept() -> str:
     text = ""
     gate_up = load("gemv16_gate_up")
     if gate_up:
-        rows = {r["variant"]: r["best_replay_us"] for r in gate_up["rows"]}
+        rows = _replay_by_variant(gate_up)
         tried = [us for v, us in rows.items() if v.startswith("cuda")]
         alone = {a["kernel"]: a["us_pdl"] for a in gate_up["alone"]}
         text += (f". Nor gate/up through it, up * silu(gate) folded in (8 gate rows and their 8 up rows a tile; "
                  f"`gemv16_gate_up.json`): alone {alone[next(k for k in alone if k.startswith('cuda'))]:.1f} µs "
                  f"against {alone['triton']:.1f}, in the step {_span(tried, 0)} µs against "
                  f"{rows['triton gate_up']:.0f}")
-    runs = [r for name in ATTENTION_ONE_RUNS if (r := load(name)) is not None]
-    if runs:
-        pairs = [{x["variant"]: x["best_replay_us"] for x in r["rows"]} for r in runs]
+    pairs = _replays(ATTENTION_ONE_RUNS)
+    if pairs:
         cuda, triton = (" / ".join(f"{p[v]:.0f}" for p in pairs) for v in ("CUDA attention", "Triton attention"))
         text += (f"; nor the decode attention through a CUDA kernel of its own (the cache tile copied before the wait, "
                  f"q straight into the tensor cores' operand; `attention_one_step*.json`): as accurate, but on "
-                 f"{len(runs)} H200s the step took {cuda} µs against {triton}: there the attention's time was "
+                 f"{len(pairs)} H200s the step took {cuda} µs against {triton}: there the attention's time was "
                  f"already hidden")
     return text
 
@@ -972,7 +986,7 @@ MLP16_KERNEL, MLP16_TRITON = "one-kernel MLP (default)", "Triton gate/up and dow
 
 def mlp16_runs() -> list[tuple[str, dict[str, Any]]]:
     """The committed runs of ``benchmarks/mlp16_step.py``, by name."""
-    return [(name, r) for name in MLP16_RUNS if (r := load(name)) is not None]
+    return _committed(MLP16_RUNS)
 
 
 def _mlp16_pair(result: dict[str, Any], precision: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1045,9 +1059,8 @@ def mlp16_sentence() -> Text:
              f"of {first['bf16'][1]['of']} on these random weights (its first step's logits "
              f"{100 * first['bf16'][1]['first_logits_rel_diff']:.1f}% apart: h is summed in another order and rounds "
              f"differently to bf16)")
-    rings = [r for name in MLP16_RING_RUNS if (r := load(name)) is not None]
-    if rings:
-        by = [{x["variant"]: x["best_replay_us"] for x in r["rows"]} for r in rings]
+    by = _replays(MLP16_RING_RUNS)
+    if by:
         shipped = f"ring {RING_SHIPPED} ahead {RING_SHIPPED}"
         others = sorted({v for b in by for v in b if v not in ("triton", shipped)})
         def times(variant: str) -> str:
