@@ -136,9 +136,10 @@ try:  # cache_spans: a graph per cache span (512, 2048, 2100 here), the step at 
     long = torch.randint(0, 800, (1, 500), device="cuda", generator=torch.Generator("cuda").manual_seed(500))
     for dtype in (torch.float32, torch.bfloat16):
         m = trained.to(dtype)
-        dec = FastDecoder(m, max_len=2100, attention="triton", cache_spans=True)
+        dec = FastDecoder(m, max_len=2100, attention="triton")  # (cache_spans: on by default)
         got = dec.generate(long, 40, ignore_eos=True)[0, 500:].tolist()
-        whole = FastDecoder(m, max_len=2100, attention="triton").generate(long, 40, ignore_eos=True)[0, 500:].tolist()
+        whole = FastDecoder(m, max_len=2100, attention="triton", cache_spans=False).generate(
+            long, 40, ignore_eos=True)[0, 500:].tolist()
         want = m.generate(long, attention_mask=torch.ones_like(long), max_new_tokens=40, do_sample=False)[0, 500:]
         print("cache spans", dtype, dec.spans(1), "graphs", sorted(dec.stages[0].graphs), "identical:" if dtype ==
               torch.float32 else "(bf16) generate() identical:", until_eos(got) == until_eos(want.tolist()),

@@ -2,7 +2,7 @@
 (each with its default options) against each precision's roofline, nf4 through plain generate() (bitsandbytes), a
 per-projection bandwidth table (nf4 through glmkit's default kernel and its Triton kernel vs bitsandbytes'
 matmul_4bit vs bf16), nf4 fast decode at a 32K context on a card capped at 12 GiB, and each fast path's logits over
-16 teacher-forced steps against an fp32 decoder on the same weights (for nf4: its weights dequantized in fp32, with
+4 prompts of 16 teacher-forced steps against an fp32 decoder on the same weights (for nf4: its weights dequantized in fp32, with
 bf16 arithmetic on those weights beside it as the yardstick).
 
 Each roofline: the copy bandwidth measured in this run / the bytes one token reads (every weight, quantization
@@ -10,6 +10,7 @@ states included, one embedding row). Random weights of the exact GLM-4-9B archit
 (``glmkit.models.ensure_random_checkpoint``).
 
     python benchmarks/nf4_decode.py --checkpoint /tmp/glm9b      # about 6 minutes on an H200
+    ... --stages long_context,accuracy --name nf4_decode_run2       # the accuracy stage builds its decoders itself
 Writes benchmarks/results/nf4_decode.json (or --name; and to $OUT) after every stage, so a stage that fails keeps the
 others.
 """
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from nf4_fused import mlp_kernel
+from nf4_fused import gpu_uuids, mlp_kernel
 
 from glmkit.bench import copy_bandwidth, save_result, stage_runner
 from glmkit.env import use_expandable_segments
@@ -33,11 +35,13 @@ from glmkit.results import ACCURACY_YARDSTICK, NF4_DEFAULT_PATH
 
 NEW_TOKENS = 256  # a cache of 32 + 256 + 8 positions, as the step benchmarks (max_len_sweep.py: speed by cache length)
 PROMPT = 32
-FORCED = 16  # teacher-forced steps whose logits each decoder's are compared on
+FORCED = 16  # teacher-forced steps a prompt whose logits each decoder's are compared on
+PROMPTS = 4  # random prompts, each followed by its FORCED tokens (64 steps compared: the spread shows beside the median)
 # the fast paths' labels: each decoder with its default options (bf16/fp16: glmkit's kernels, on Hopper its MLP as
 # one CUDA kernel; nf4: glmkit's batch-1 4-bit CUDA kernel where it runs)
 # (nf4's label, and the yardstick's in the accuracy stage, are those glmkit.results reads the run by)
 BF16_FAST, FP16_FAST = "bf16 fast (glmkit kernels)", "fp16 fast (glmkit kernels)"
+NF4_TRITON_PATH = "nf4 fast (glmkit Triton kernel)"  # the accuracy stage's nf4 decoder with the CUDA kernel off
 
 
 def token_bytes(model: torch.nn.Module) -> int:
@@ -49,19 +53,40 @@ def token_bytes(model: torch.nn.Module) -> int:
 
 
 def forced_logits(decoder: Any) -> torch.Tensor:
-    """Logits [FORCED, vocab] (fp32) of the same prompt and the same next tokens for every decoder."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 1000, (1, PROMPT + FORCED), generator=g).to(decoder.device)
-    decoder.prefill(ids[:, :PROMPT])
-    steps = [decoder.decode_step(ids[0, PROMPT + t:PROMPT + t + 1], PROMPT + t)[0].to(torch.float32, copy=True)
-             for t in range(FORCED)]  # each step's logits copied: the decoder's buffer is reused
+    """Logits [PROMPTS * FORCED, vocab] (fp32) of the same prompts and the same next tokens for every decoder."""
+    steps = []
+    for seed in range(PROMPTS):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, 1000, (1, PROMPT + FORCED), generator=g).to(decoder.device)
+        decoder.prefill(ids[:, :PROMPT])
+        steps += [decoder.decode_step(ids[0, PROMPT + t:PROMPT + t + 1], PROMPT + t)[0].to(torch.float32, copy=True)
+                  for t in range(FORCED)]  # each step's logits copied: the decoder's buffer is reused
     return torch.stack(steps)
+
+
+def forced_only(model: torch.nn.Module, label: str, kernel_4bit: str | None = None, **options: Any) -> dict:
+    """A fast path's teacher-forced logits alone (the accuracy stage run without the decode stage's timing);
+    ``kernel_4bit="triton"``: with glmkit's batch-1 4-bit CUDA kernel switched off (``GLMKIT_4BIT_KERNEL``), its
+    Triton kernel in its place."""
+    from glmkit.fast_decode import FastDecoder
+
+    if kernel_4bit:
+        os.environ["GLMKIT_4BIT_KERNEL"] = kernel_4bit
+    try:
+        decoder = FastDecoder(model, max_len=PROMPT + NEW_TOKENS + 8, **options)
+        row = {"path": label, "_forced": forced_logits(decoder)}
+    finally:
+        os.environ.pop("GLMKIT_4BIT_KERNEL", None) if kernel_4bit else None
+    del decoder
+    torch.cuda.empty_cache()
+    return row
 
 
 def compare(logits: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
     """Per-step relative L2 error of the logits against ``ref`` and how many greedy tokens agree."""
     errs = sorted(((a.double() - r.double()).norm() / r.double().norm()).item() for a, r in zip(logits, ref))
-    return {"rel_err_median": errs[len(errs) // 2], "rel_err_max": errs[-1],
+    return {"rel_err_median": errs[len(errs) // 2], "rel_err_mean": sum(errs) / len(errs),
+            "rel_err_quartiles": [errs[len(errs) // 4], errs[3 * len(errs) // 4]], "rel_err_max": errs[-1],
             "argmax_equal": int((logits.argmax(-1) == ref.argmax(-1)).sum()), "steps": len(errs)}
 
 
@@ -269,7 +294,7 @@ def main() -> None:
     bw = copy_bandwidth()
     result: dict = {"method": f"batch 1, {PROMPT}-token prompt, {NEW_TOKENS} new tokens, best of 3 runs; roofline = "
                               "copy bandwidth / bytes read per token (quantization states included)",
-                    "copy_bandwidth_bytes_s": bw, "device": device_name(),
+                    "copy_bandwidth_bytes_s": bw, "device": device_name(), "gpu_uuids": gpu_uuids(),
                     "tuned_shapes_for_this_card": len(tables_for(device_name())), "decode": [], "errors": []}
 
     stage = stage_runner(args.name, result)
@@ -293,6 +318,13 @@ def main() -> None:
               "nf4": load_precision(args.checkpoint, "nf4", device_map="cuda:0")}
     result["nf4_model_bytes"] = token_bytes(models["nf4"])
     forced: dict[str, torch.Tensor] = {}  # path -> teacher-forced logits, for the accuracy stage
+    if "accuracy" in stages and "decode" not in stages:  # each default fast path's logits, untimed
+        forced |= {row["path"]: row["_forced"] for row in (
+            stage("bf16 logits", forced_only, models["bf16"], BF16_FAST),
+            stage("nf4 logits", forced_only, models["nf4"], NF4_DEFAULT_PATH),
+            stage("nf4 Triton logits", forced_only, models["nf4"], NF4_TRITON_PATH, kernel_4bit="triton"),
+            stage("nf4 bnb logits", forced_only, models["nf4"], "nf4 fast (bnb matmul_4bit, eager layers)", gemv=False,
+                  compile=False)) if row}
     if "decode" in stages:
         bf16 = decode("bf16 fast", models["bf16"], BF16_FAST)  # each decoder as a user gets it: default options
         nf4 = decode("nf4 fast", models["nf4"], NF4_DEFAULT_PATH)
@@ -317,6 +349,12 @@ def main() -> None:
         if fp16:
             forced[fp16["path"]] = fp16["_forced"]
         del models["fp16"]
+        gc.collect()
+        torch.cuda.empty_cache()
+    elif "accuracy" in stages:
+        fp16 = stage("fp16 logits", forced_only, load_precision(args.checkpoint, "fp16", device_map="cuda:0"), FP16_FAST)
+        if fp16:
+            forced[fp16["path"]] = fp16["_forced"]
         gc.collect()
         torch.cuda.empty_cache()
     if "accuracy" in stages and forced:

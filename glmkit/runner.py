@@ -95,7 +95,10 @@ class FastRunner:
         if any(s >= 0 for s in source):  # only with overlap: a decoder reading on the host had its tokens read first
             picked = inflight.tokens.to(self.device)[both[2].clamp(min=0)]
             feed = torch.where(both[2] >= 0, picked, both[0])
-        logits = self._decoder().decode_step(feed, both[1])
+        decoder = self._decoder()
+        # a FastDecoder's lone row attends over the shortest cache span that holds the step's positions (cache_spans)
+        reach = {"reach": max(pos)} if isinstance(decoder, FastDecoder) else {}
+        logits = decoder.decode_step(feed, both[1], **reach)
         done = []
         for r in riding:
             r.prefilled += 1

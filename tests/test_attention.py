@@ -283,8 +283,8 @@ def test_cache_spans_decode_as_the_whole_cache_does_across_span_boundaries(train
     monkeypatch.setattr(glmkit.fast_decode, "SPAN_STEP", 2)
     ids = torch.randint(0, 800, (1, 6), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     options = {"max_len": 24, "attention": "triton", "gemv": "triton", "compile": False, "cuda_graph": False}
-    spans, whole = FastDecoder(trained, cache_spans=True, **options), FastDecoder(trained, **options)
-    assert spans.spans(1) == [8, 16, 24] and whole.spans(1) == [24]  # off by default: the whole cache
+    spans, whole = FastDecoder(trained, **options), FastDecoder(trained, cache_spans=False, **options)
+    assert spans.spans(1) == [8, 16, 24] and whole.spans(1) == [24]  # on by default; off: the whole cache
     assert [spans.span_for(1, p) for p in (7, 8, 15, 16, 23)] == [8, 16, 16, 24, 24]
     used = []
     run_stages = spans._run_stages
@@ -299,3 +299,28 @@ def test_cache_spans_decode_as_the_whole_cache_does_across_span_boundaries(train
         got, want = spans.decode_step(token, p).clone(), whole.decode_step(token, p).clone()
         assert torch.equal(got, want), p
         token = want.argmax(-1)
+
+
+def test_the_engine_runs_a_lone_request_on_the_cache_span_that_holds_it(trained, monkeypatch):
+    # the server's runner gives the decoder the highest position of the step (reach), so one request's steps replay
+    # the spans 8, 16, 24 as its tokens go past them, and its tokens are a whole-cache decoder's
+    import glmkit.fast_decode
+    from glmkit.engine import Engine
+    from glmkit.loading import load_tokenizer
+
+    monkeypatch.setattr(glmkit.fast_decode, "ONE_SPLIT_MAX", 8)
+    monkeypatch.setattr(glmkit.fast_decode, "SPAN_STEP", 2)
+    options = {"max_len": 24, "attention": "triton", "gemv": "triton", "compile": False, "cuda_graph": False}
+    decoder, whole = FastDecoder(trained, **options), FastDecoder(trained, cache_spans=False, **options)
+    used = []
+    run_stages = decoder._run_stages
+    monkeypatch.setattr(decoder, "_run_stages", lambda b, span: (used.append(span), run_stages(b, span))[1])
+    ids = torch.randint(0, 800, (1, 6), generator=torch.Generator().manual_seed(5))
+    want = whole.generate(ids.to(DEVICE), 12, ignore_eos=True)[0, 6:].tolist()
+    engine = Engine(trained, load_tokenizer(TRAINED_TINY_DIR), max_batch_size=1, max_context=23, decoder=decoder)
+    try:
+        got = engine.submit(ids[0].tolist(), max_tokens=12).wait(120)
+    finally:
+        engine.close()
+    assert got.finish_reason == "length" and got.tokens == want  # (this prompt's 12 greedy tokens hold no end token)
+    assert sorted(set(used)) == [8, 16, 24]  # positions 6..17: each span in turn, not the whole cache each step
