@@ -2583,23 +2583,7 @@ def nf4_decode_sentence() -> Text:
             text += (f" nf4 logits, {ours} against bitsandbytes' kernel: {100 * r['nf4_triton_vs_bnb_logits_rel_diff']:.1f}% "
                      f"relative difference; greedy tokens equal on {r['nf4_triton_vs_bnb_greedy_equal_of_64']} of 64 "
                      f"steps (random weights: near-tied logits flip once the two sum in another order).")
-        lc = r.get("long_context")
-        if lc:
-            text += (f" nf4 fast decode after a {lc['context']:,}-token prompt on a card capped at {lc['cap_gib']:g} GiB "
-                     f"({lc['prefill_chunk']}-token chunks): ")
-            if lc.get("ok"):
-                over = lc["peak_reserved"] / lc["planned_bytes"] - 1
-                text += (f"it ran, decoding at {lc['decode_tok_s']:.1f} tok/s, with a peak of "
-                         f"{lc['peak_reserved'] / GiB:.2f} GiB reserved against the planner's "
-                         f"{lc['planned_bytes'] / GiB:.2f} GiB (no CUDA context: the cap covers PyTorch's allocator "
-                         f"only), " + (f"{_pct(over)}: inside the cap, but above the plan, which does not yet count "
-                                       f"everything the 4-bit fast path holds at this length." if over > 0 else
-                                       f"{_pct(over)}: within the plan.")) + _before_attention_spills(r["name"])
-            else:
-                text += "out of memory."
-        else:
-            text += (" nf4 at a 32K context under a 12 GiB cap: not in this file (rerun `benchmarks/nf4_decode.py "
-                     "--stages long_context`).")
+        text += " " + nf4_long_context_clause()
         return text
     return from_result("nf4_decode", render, what="The fast path in fp16 and nf4", script="benchmarks/nf4_decode.py")
 
@@ -3352,123 +3336,195 @@ def nf4_projection_chart() -> Any:
                          reference_label="copy bandwidth")
 
 
-# runs measured before the attention's launches for a cache of at most 256 positions and for long caches changed
-# (glmkit.attention.reads_ahead, combine_step: spills found compiling for sm_90), not measured since
-BEFORE_ATTENTION_SPILLS = ("max_len_sweep", "nf4_decode")
+SWEEPS = ("max_len_spans", "max_len_sweep")  # newest first: max_len_sweep.py's runs
 
 
-def _before_attention_spills(name: str) -> str:
-    """A clause for a run measured before ``attention.reads_ahead`` and ``attention.combine_step``, or ''."""
-    return (" This run predates two changes to the decode attention's launch for such caches (`glmkit.attention."
-            "reads_ahead`, `combine_step`: their register spills removed), which no run has timed since."
-            if name in BEFORE_ATTENTION_SPILLS else "")
+def _sweep() -> dict[str, Any] | None:
+    """The newest cache-length sweep (``SWEEPS``), or None."""
+    return next((r for r in map(load, SWEEPS) if r is not None), None)
+
+
+def _sweep_lines(r: dict[str, Any]) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """``(precision, decoder, rows)`` per line of a sweep: with cache spans (the default since) and with one graph
+    for the whole cache where the run timed both, else its default decoders."""
+    if "cache_spans" not in r:
+        return [(p, "default", rows) for p, rows in r["precisions"].items()]
+    return [line for p in r["precisions"] for line in ((p, "cache spans (default)", r["cache_spans"][p]),
+                                                       (p, "one graph for the whole cache", r["precisions"][p]))]
 
 
 def max_len_table() -> Table | Text:
-    """Batch-1 decode tok/s by the cache length a decoder is built for, bf16 and nf4, at the same short context
-    (``max_len_sweep.json``, notebook 05); or "not measured"."""
-    def render(r: dict[str, Any]) -> Table:
-        runs = r["precisions"]
-        lengths = [x["max_len"] for x in next(iter(runs.values()))]
-        best = {p: max(x["best_tok_s"] for x in rows) for p, rows in runs.items()}
-        rows = [[f"{n:,}"] + [f"{x['best_tok_s']:.1f} ({x['best_tok_s'] / best[p]:.0%})" for p in runs
-                              for x in runs[p] if x["max_len"] == n] for n in lengths]
-        return table(["max_len"] + [f"{p} tok/s (of its best)" for p in runs], rows,
-                     caption=f"{measured_on(r)}: GLM-4-9B at batch 1, the default decoder built for each cache length, "
-                             f"the same {r['prompt']}-token prompt and {r['new_tokens']} new tokens "
-                             f"(`max_len_sweep.json`)")
-    return from_result("max_len_sweep", render, what="Speed by cache length", script="benchmarks/max_len_sweep.py")
+    """Batch-1 decode tok/s by the cache length a decoder is built for, bf16 and nf4, at the same short context,
+    with cache spans and with one graph for the whole cache (``max_len_spans.json``, notebook 05); or "not
+    measured"."""
+    r = _sweep()
+    if r is None:
+        return not_measured("Speed by cache length", "benchmarks/max_len_sweep.py --cache-spans")
+    lines = _sweep_lines(r)
+    best = {p: max(x["best_tok_s"] for q, _, rows in lines if q == p for x in rows) for p, _, _ in lines}
+    lengths = [x["max_len"] for x in lines[0][2]]
+    rows = [[f"{n:,}"] + [f"{x['best_tok_s']:.1f} ({x['best_tok_s'] / best[p]:.0%})" for p, _, xs in lines for x in xs
+                          if x["max_len"] == n] for n in lengths]
+    return table(["max_len"] + [f"{p}, {d}: tok/s (of {p}'s best)" for p, d, _ in lines], rows,
+                 caption=f"{measured_on(r)}: GLM-4-9B at batch 1, a decoder built for each cache length, the same "
+                         f"{r['prompt']}-token prompt and {r['new_tokens']} new tokens (`{r['name']}.json`)")
 
 
 def max_len_sentence() -> Text:
-    """What ``max_len_table`` shows, in words: where each precision is fastest and how much slower a decoder built
-    for a short or a long cache decodes the same tokens."""
-    def render(r: dict[str, Any]) -> str:
-        parts = []
-        for p, rows in r["precisions"].items():
-            top = max(rows, key=lambda x: x["best_tok_s"])
-            fast = [x["max_len"] for x in rows if x["best_tok_s"] >= 0.97 * top["best_tok_s"]]
-            worst, short = min(rows, key=lambda x: x["best_tok_s"]), rows[0]
-            parts.append(f"{p} decodes within 3% of its best ({top['best_tok_s']:.1f} tok/s) with a cache of "
-                         f"{min(fast):,}–{max(fast):,} positions, {short['best_tok_s']:.1f} "
-                         f"({short['best_tok_s'] / top['best_tok_s']:.0%}) with one of {short['max_len']:,} and "
-                         f"{worst['best_tok_s']:.1f} ({worst['best_tok_s'] / top['best_tok_s']:.0%}) with one of "
-                         f"{worst['max_len']:,}")
-        return (f"On {measured_on(r)} (`max_len_sweep.json`), the same {r['new_tokens']} tokens after a "
-                f"{r['prompt']}-token prompt: " + "; ".join(parts) + ". The decode attention's launch and whether q/k/v "
-                "leaves SMs to it are chosen from the cache length, not the position (a CUDA graph replays one launch "
-                "for every token). Build a decoder for the context you need, not for the model's limit."
-                + _before_attention_spills(r["name"]))
-    return from_result("max_len_sweep", render, what="Speed by cache length", script="benchmarks/max_len_sweep.py")
+    """What ``max_len_table`` shows, in words: how far below its best each precision decodes at the worst cache
+    length, with cache spans and with one graph for the whole cache; and the earlier sweep's worst, where there is
+    one."""
+    r = _sweep()
+    if r is None:
+        return not_measured("Speed by cache length", "benchmarks/max_len_sweep.py --cache-spans")
+    lines = _sweep_lines(r)
+    best = {p: max(x["best_tok_s"] for q, _, rows in lines if q == p for x in rows) for p, _, _ in lines}
+    parts = []
+    for p, decoder, rows in lines:
+        worst = min(rows, key=lambda x: x["best_tok_s"])
+        parts.append(f"{p} with {decoder}: {_range([x['best_tok_s'] for x in rows])} tok/s, at worst "
+                     f"{worst['best_tok_s'] / best[p]:.0%} of {p}'s best ({worst['max_len']:,} positions)")
+    text = (f"On {measured_on(r)} (`{r['name']}.json`), the same {r['new_tokens']} tokens after a {r['prompt']}-token "
+            f"prompt, with decoders built for {lines[0][2][0]['max_len']:,} to {lines[0][2][-1]['max_len']:,} "
+            f"positions: " + "; ".join(parts) + ". The decode attention's launch is chosen from the cache length (a "
+            "CUDA graph replays one launch for every token); with cache spans a decoder captures its one-row step "
+            "for 512, 2,048, 8,192 ... positions and its `max_len`, and each token replays the shortest that holds "
+            "it.")
+    earlier = load("max_len_sweep") if r["name"] != "max_len_sweep" else None
+    if earlier is not None:
+        worst = {p: min(rows, key=lambda x: x["best_tok_s"]) for p, rows in earlier["precisions"].items()}
+        text += (" An earlier sweep, before two changes to that attention's launches for the shortest and the "
+                 f"longest caches (`max_len_sweep.json`, {measured_on(earlier)}), fell to " + " and ".join(
+                     f"{100 * x['best_tok_s'] / max(y['best_tok_s'] for y in earlier['precisions'][p]):.0f}% of its "
+                     f"best in {p} ({x['max_len']:,} positions)" for p, x in worst.items()) + ".")
+    return Text(text)
 
 
 def max_len_chart() -> Any:
-    """Decode tok/s against the cache length a decoder is built for, one line a precision (``max_len_sweep.json``);
-    ``None`` before it exists."""
-    r = load("max_len_sweep")
+    """Decode tok/s against the cache length a decoder is built for, one line a precision and decoder (the newest
+    sweep); ``None`` before one exists."""
+    r = _sweep()
     if r is None:
         return None
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for p, rows in r["precisions"].items():
-        ax.plot([x["max_len"] for x in rows], [x["best_tok_s"] for x in rows], "o-", label=p)
+    for p, decoder, rows in _sweep_lines(r):
+        ax.plot([x["max_len"] for x in rows], [x["best_tok_s"] for x in rows], "o-" if "one graph" not in decoder
+                else "s--", label=f"{p}, {decoder}")
     ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("max_len (cache positions the decoder is built for)")
     ax.set_ylabel("decode tok/s, batch 1")
     ax.set_title(f"Same prompt, same tokens, {measured_on(r)}", fontsize=9)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     plt.close(fig)
     return fig
 
 
+LONG_CONTEXT_RUNS = ("nf4_decode_run2", "nf4_decode")  # nf4_decode.py's runs with a long_context stage, newest first
+
+
+def nf4_long_context_clause() -> str:
+    """nf4 fast decode after a 32K prompt on a card capped at 12 GiB: speed and peak memory against the planner's
+    (the newest of ``LONG_CONTEXT_RUNS``), and glmkit's 4-bit CUDA kernel against its Triton kernel there
+    (``nf4_long_cuda.json``, ``nf4_long_triton.json``: one call, one card)."""
+    r = next((x for x in map(load, LONG_CONTEXT_RUNS) if x is not None and x.get("long_context")), None)
+    if r is None:
+        return ("nf4 at a 32K context under a 12 GiB cap: not measured yet (run `benchmarks/nf4_decode.py --stages "
+                "long_context`).")
+    lc = r["long_context"]
+    text = (f"nf4 fast decode after a {lc['context']:,}-token prompt on a card capped at {lc['cap_gib']:g} GiB "
+            f"({lc['prefill_chunk']}-token chunks; {measured_on(r)}, `{r['name']}.json`): ")
+    if not lc.get("ok"):
+        return text + "out of memory."
+    over = lc["peak_reserved"] / lc["planned_bytes"] - 1
+    text += (f"it ran, decoding at {lc['decode_tok_s']:.1f} tok/s, with a peak of {lc['peak_reserved'] / GiB:.2f} GiB "
+             f"reserved against the planner's {lc['planned_bytes'] / GiB:.2f} GiB (no CUDA context: the cap covers "
+             f"PyTorch's allocator only), " + (f"{_pct(over)}: inside the cap, but above the plan." if over > 0 else
+                                               f"{_pct(over)}: within the plan."))
+    cuda, triton = load("nf4_long_cuda"), load("nf4_long_triton")
+    if cuda and triton and cuda["long_context"].get("ok") and triton["long_context"].get("ok"):
+        a, b = cuda["long_context"]["decode_tok_s"], triton["long_context"]["decode_tok_s"]
+        card = "".join(f" ({u[:12]})" for u in cuda.get("gpu_uuids", [])[:1])
+        text += (f" In one call on an {cuda['environment']['device']}{card}, the same stage decoded {a:.1f} tok/s with "
+                 f"glmkit's batch-1 4-bit CUDA kernel and {b:.1f} with its Triton kernel: {a / b:.2f}x "
+                 f"(`nf4_long_cuda.json`, `nf4_long_triton.json`).")
+    return text
+
+
 ACCURACY_YARDSTICK = "bf16 fast on the nf4 weights"  # nf4_decode.py's bf16 arithmetic on the nf4 weights
+
+
+ACCURACY_RUNS = ("nf4_decode_run2", "nf4_decode")  # nf4_decode.py's runs with an accuracy stage, newest first
+NF4_TRITON_PATH = "nf4 fast (glmkit Triton kernel)"  # its nf4 decoder with the batch-1 CUDA kernel switched off
+
+
+def _accuracy_run() -> dict[str, Any] | None:
+    """The newest ``nf4_decode`` run with an accuracy stage (``ACCURACY_RUNS``), or None."""
+    return next((r for r in map(load, ACCURACY_RUNS) if r is not None and r.get("accuracy")), None)
 
 
 def fast_path_accuracy_table() -> Table | Text:
     """Each fast path's logits against an fp32 decoder on the same weights over teacher-forced steps
-    (``nf4_decode.json``'s accuracy): bf16 and fp16 against the checkpoint in fp32, nf4 against its weights
+    (``nf4_decode_run2.json``'s accuracy): bf16 and fp16 against the checkpoint in fp32, nf4 against its weights
     dequantized in fp32, with bf16 arithmetic on those nf4 weights as the yardstick (notebook 04); or "not measured"."""
-    def render(r: dict[str, Any]) -> Table | Text:
-        acc = r.get("accuracy")
-        if not acc:
-            return not_measured("The fast paths' logits against fp32", "benchmarks/nf4_decode.py --stages accuracy")
-        rows = [[path, x["against"], f"{100 * x['rel_err_median']:.2f}%", f"{100 * x['rel_err_max']:.2f}%",
-                 f"{x['argmax_equal']} of {x['steps']}"] for path, x in acc["rows"].items()]
-        return table(["decoder", "against an fp32 decoder on", "logits' error, median", "max", "same greedy token"],
-                     rows, caption=f"{measured_on(r)}: GLM-4-9B (random weights), {acc['forced_steps']} "
-                                   f"teacher-forced steps, relative L2 error of the logits (`nf4_decode.json`)")
-    return from_result("nf4_decode", render, what="The fast paths' logits against fp32",
-                       script="benchmarks/nf4_decode.py --stages accuracy")
+    r = _accuracy_run()
+    if r is None:
+        return not_measured("The fast paths' logits against fp32", "benchmarks/nf4_decode.py --stages accuracy")
+    acc = r["accuracy"]
+    rows = [[path, x["against"], f"{100 * x['rel_err_median']:.2f}%",
+             "–".join(f"{100 * q:.2f}%" for q in x["rel_err_quartiles"]) if "rel_err_quartiles" in x else "",
+             f"{100 * x['rel_err_max']:.2f}%", f"{x['argmax_equal']} of {x['steps']}"] for path, x in acc["rows"].items()]
+    prompts = acc["rows"][next(iter(acc["rows"]))]["steps"] // acc["forced_steps"]
+    return table(["decoder", "against an fp32 decoder on", "logits' error, median", "middle half", "max",
+                  "same greedy token"], rows,
+                 caption=f"{measured_on(r)}: GLM-4-9B (random weights), {prompts} prompt(s) of {acc['forced_steps']} "
+                         f"teacher-forced steps, relative L2 error of the logits (`{r['name']}.json`)")
 
 
 def fast_path_accuracy_sentence() -> Text:
     """What ``fast_path_accuracy_table`` shows: nf4's error against bf16's on the same weights and against bf16's on
-    its own weights, said only as the figures hold it."""
-    def render(r: dict[str, Any]) -> str:
-        acc = (r.get("accuracy") or {}).get("rows")
-        if not acc or ACCURACY_YARDSTICK not in acc:
-            return str(not_measured("The fast paths' logits against fp32", "benchmarks/nf4_decode.py --stages accuracy"))
-        nf4, yard = acc.get(NF4_DEFAULT_PATH), acc[ACCURACY_YARDSTICK]
-        bf16 = next((x for path, x in acc.items() if path.startswith("bf16 fast (")), None)
-        bnb = next((x for path, x in acc.items() if path.startswith("nf4 fast (bnb")), None)
-        if nf4 is None or bf16 is None:
-            return str(not_measured("nf4 and bf16 logits against fp32", "benchmarks/nf4_decode.py"))
-        med = {k: 100 * x["rel_err_median"] for k, x in (("nf4", nf4), ("yard", yard), ("bf16", bf16))}
-        text = (f"On {measured_on(r)} (`nf4_decode.json`), the nf4 fast path's logits are {med['nf4']:.2f}% from an "
-                f"fp32 decoder on the same nf4 weights (median of {nf4['steps']} steps), against {med['bf16']:.2f}% "
-                f"for the bf16 fast path from fp32 on the checkpoint. The two run different weights, so nf4's "
-                f"yardstick is bf16 arithmetic on the same nf4 weights, through bf16's fast path: {med['yard']:.2f}%. ")
-        if med["nf4"] <= med["yard"]:
-            text += "nf4's kernels add no error beyond what bf16 arithmetic on those weights has."
-        else:
-            text += f"nf4's kernels are {med['nf4'] / med['yard']:.2f}x that ({med['nf4'] - med['yard']:.2f} points more)"
-            text += (f"; bitsandbytes' own kernel in the same fast path: {100 * bnb['rel_err_median']:.2f}%."
-                     if bnb else ".")
-        return text
-    return from_result("nf4_decode", render, what="The fast paths' logits against fp32",
-                       script="benchmarks/nf4_decode.py --stages accuracy")
+    its own weights, said only as the figures hold it; the Triton kernel's beside the CUDA kernel's, and why they
+    differ (``nf4_code_rounding.json``)."""
+    r = _accuracy_run()
+    acc = (r or {}).get("accuracy", {}).get("rows")
+    if not acc or ACCURACY_YARDSTICK not in acc:
+        return not_measured("The fast paths' logits against fp32", "benchmarks/nf4_decode.py --stages accuracy")
+    nf4, yard, triton = acc.get(NF4_DEFAULT_PATH), acc[ACCURACY_YARDSTICK], acc.get(NF4_TRITON_PATH)
+    bf16 = next((x for path, x in acc.items() if path.startswith("bf16 fast (")), None)
+    bnb = next((x for path, x in acc.items() if path.startswith("nf4 fast (bnb")), None)
+    if nf4 is None or bf16 is None:
+        return not_measured("nf4 and bf16 logits against fp32", "benchmarks/nf4_decode.py")
+    med = {k: 100 * x["rel_err_median"] for k, x in (("nf4", nf4), ("yard", yard), ("bf16", bf16))}
+    text = (f"On {measured_on(r)} (`{r['name']}.json`), the nf4 fast path's logits are {med['nf4']:.2f}% from an "
+            f"fp32 decoder on the same nf4 weights (median of {nf4['steps']} steps), against {med['bf16']:.2f}% "
+            f"for the bf16 fast path from fp32 on the checkpoint. The two run different weights, so nf4's "
+            f"yardstick is bf16 arithmetic on the same nf4 weights, through bf16's fast path: {med['yard']:.2f}%. ")
+    if med["nf4"] <= med["yard"]:
+        text += "nf4's kernels add no error beyond what bf16 arithmetic on those weights has."
+    else:
+        text += f"nf4's kernels are {med['nf4'] / med['yard']:.2f}x that ({med['nf4'] - med['yard']:.2f} points more)"
+        text += (f"; bitsandbytes' own kernel in the same fast path: {100 * bnb['rel_err_median']:.2f}%."
+                 if bnb else ".")
+    if triton is not None:
+        t = 100 * triton["rel_err_median"]
+        text += (f" With glmkit's Triton 4-bit kernel in place of its CUDA kernel (`GLMKIT_4BIT_KERNEL=triton`, "
+                 f"slower): {t:.2f}%, {t / med['yard']:.2f}x the yardstick.")
+    rounding = load("nf4_code_rounding")
+    if rounding is not None:
+        rows = rounding["rows"]
+
+        def pct(key: str) -> str:
+            return _range([100 * x[key] for x in rows], 2, "%")
+        text += (f" Per projection ({measured_on(rounding)}, `nf4_code_rounding.json`), the CUDA kernel's outputs are "
+                 f"{pct('cuda_vs_exact')} from float64 on the exact weights (Triton's: {pct('triton_vs_exact')}), but "
+                 f"{pct('cuda_vs_bf16_code')} from weights whose 4-bit code is rounded to bf16: its tensor-core "
+                 f"products take the code table in bf16, the same rounding for every weight of a code "
+                 f"({pct('bf16_code_vs_exact_fp64')} on its own; an fp16 table would leave "
+                 f"{pct('fp16_code_vs_exact_fp64')}).")
+    return Text(text)
 
 
 def monitor_sentence() -> Text:

@@ -326,7 +326,7 @@ def test_missing_result_says_not_measured_and_switches_once_measured(tmp_path, m
                                                            "tuned_shapes_for_this_card": 1}))
     nf4 = results.nf4_decode_sentence()
     assert "glmkit's nf4 Triton kernel is faster than bitsandbytes' own kernel" in nf4  # the file decides, not the text
-    assert "0.90x bf16's fast path" in nf4 and "3.00x fewer bytes" in nf4 and "not in this file" in nf4
+    assert "0.90x bf16's fast path" in nf4 and "3.00x fewer bytes" in nf4 and "32K context under a 12 GiB cap: not measured yet" in nf4
     assert [r[1] for r in results.nf4_decode_rows(results.load("nf4_decode"))][:2] == ["bf16 fast (Triton)",
                                                                                        "generate() (bitsandbytes)"]
     assert results.nf4_decode_chart() is not None
@@ -411,7 +411,7 @@ def test_rendered_sentences_match_the_committed_files():
     assert f"{100 * gemv['accuracy']['nf4_triton']['rel_err_median']:.1f}%" in kernel
     acc = gemv["accuracy"]
     assert f"{100 * acc['fp16']['rel_err_median']:.2f}% (bf16: {100 * acc['bf16']['rel_err_median']:.1f}%)" in kernel
-    long = results.load("nf4_decode")["long_context"]
+    long = next(r for r in map(results.load, results.LONG_CONTEXT_RUNS) if r and r.get("long_context"))["long_context"]
     assert f"decoding at {long['decode_tok_s']:.1f} tok/s" in nf4 and f"{long['peak_reserved'] / 2**30:.2f} GiB" in nf4
     assert ("within the plan" in nf4) == (long["peak_reserved"] <= long["planned_bytes"])
     limits, ncu = results.nf4_limits_sentence(), {(r["weights"], r["projection"]): r for r in results.load("nf4_ncu")["rows"]}
@@ -903,22 +903,39 @@ def test_mlp16_paragraph_and_table_read_each_run(monkeypatch, tmp_path):
     assert results.mlp16_chart() is None
 
 
-def test_speed_by_cache_length_reads_the_sweep(monkeypatch, tmp_path):
-    """Every cache length of the sweep is a row with both precisions' rates from the file and their share of the
-    precision's best; the sentence names the fastest span, the shortest cache and the slowest; without the file,
-    "not measured"."""
-    r = results.load("max_len_sweep")
+def test_speed_by_cache_length_reads_the_newest_sweep(monkeypatch, tmp_path):
+    """Every cache length of the newest sweep is a row with each precision's rates, with cache spans and with one
+    graph for the whole cache, from the file, and their share of the precision's best; the sentence gives each line's
+    worst and the earlier sweep's; without a file, "not measured"."""
+    r = results.load("max_len_spans")
     table, sentence = results.max_len_table(), str(results.max_len_sentence())
-    for p, rows in r["precisions"].items():
-        best = max(x["best_tok_s"] for x in rows)
-        column = table.headers.index(f"{p} tok/s (of its best)")
-        assert [row[column] for row in table.rows] == [f"{x['best_tok_s']:.1f} ({x['best_tok_s'] / best:.0%})"
-                                                       for x in rows]
-        worst = min(rows, key=lambda x: x["best_tok_s"])
-        assert f"{worst['best_tok_s']:.1f} ({worst['best_tok_s'] / best:.0%}) with one of {worst['max_len']:,}" in sentence
+    assert "`max_len_spans.json`" in table.caption
+    for p in r["precisions"]:
+        best = max(x["best_tok_s"] for rows in (r["precisions"][p], r["cache_spans"][p]) for x in rows)
+        for decoder, rows in (("cache spans (default)", r["cache_spans"][p]),
+                              ("one graph for the whole cache", r["precisions"][p])):
+            column = table.headers.index(f"{p}, {decoder}: tok/s (of {p}'s best)")
+            assert [row[column] for row in table.rows] == [f"{x['best_tok_s']:.1f} ({x['best_tok_s'] / best:.0%})"
+                                                           for x in rows]
+            worst = min(rows, key=lambda x: x["best_tok_s"])
+            assert f"{p} with {decoder}: " in sentence
+            assert f"at worst {worst['best_tok_s'] / best:.0%} of {p}'s best ({worst['max_len']:,} positions)" in sentence
+    earlier = results.load("max_len_sweep")["precisions"]["nf4"]
+    worst = min(earlier, key=lambda x: x["best_tok_s"])
+    assert f"{100 * worst['best_tok_s'] / max(x['best_tok_s'] for x in earlier):.0f}% of its best in nf4" in sentence
     assert results.max_len_chart() is not None
     monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
     assert "not measured yet" in str(results.max_len_table()) and results.max_len_chart() is None
+
+
+def test_the_long_context_clause_reads_the_newest_run_and_the_two_kernels():
+    """The 32K run shown is the newest with a long_context stage; the CUDA and Triton 4-bit kernels' runs of one call
+    give the ratio."""
+    clause, newest = results.nf4_long_context_clause(), results.load(results.LONG_CONTEXT_RUNS[0])
+    assert f"`{newest['name']}.json`" in clause and f"{newest['long_context']['decode_tok_s']:.1f} tok/s" in clause
+    a, b = (results.load(f"nf4_long_{k}")["long_context"]["decode_tok_s"] for k in ("cuda", "triton"))
+    assert f"{a:.1f} tok/s with glmkit's batch-1 4-bit CUDA kernel and {b:.1f} with its Triton kernel: {a / b:.2f}x" in clause
+    assert clause in str(results.nf4_decode_sentence())
 
 
 def _accuracy_file(tmp_path, nf4: float, yardstick: float) -> None:
@@ -929,7 +946,7 @@ def _accuracy_file(tmp_path, nf4: float, yardstick: float) -> None:
     rows = {"bf16 fast (glmkit kernels)": row("checkpoint in fp32", 0.065), results.NF4_DEFAULT_PATH: row("nf4", nf4),
             results.ACCURACY_YARDSTICK: row("nf4", yardstick)}
     env = {"device": "NVIDIA H200", "date": "2026-12-01"}
-    (tmp_path / "nf4_decode.json").write_text(json.dumps({"environment": env, "decode": [],
+    (tmp_path / "nf4_decode.json").write_text(json.dumps({"name": "nf4_decode", "environment": env, "decode": [],
                                                           "accuracy": {"forced_steps": 16, "rows": rows}}))
 
 
@@ -947,10 +964,14 @@ def test_fast_path_accuracy_says_only_what_its_figures_hold(monkeypatch, tmp_pat
                                                                           f"{100 * yardstick:.2f}%"]
 
 
-def test_runs_before_the_attention_spill_fixes_say_so():
-    """The sweep and the 32K run were measured before the attention's launches changed: their sentences say so;
-    a run not listed gets no such clause."""
-    clause = results._before_attention_spills("max_len_sweep")
-    assert "no run has timed since" in clause and clause in str(results.max_len_sentence())
-    assert clause in str(results.nf4_decode_sentence())
-    assert results._before_attention_spills("max_len_sweep_run2") == ""
+def test_the_committed_accuracy_names_both_4bit_kernels_and_why_they_differ():
+    """The newest accuracy run shows the Triton kernel's error beside the CUDA kernel's, and the per-projection run
+    says how far the CUDA kernel is from exact and from bf16-rounded codes."""
+    acc = results.load(results.ACCURACY_RUNS[0])["accuracy"]["rows"]
+    sentence = str(results.fast_path_accuracy_sentence())
+    assert f"{100 * acc[results.NF4_TRITON_PATH]['rel_err_median']:.2f}%" in sentence
+    assert results.NF4_TRITON_PATH in [row[0] for row in results.fast_path_accuracy_table().rows]
+    rows = results.load("nf4_code_rounding")["rows"]
+    assert all(x["cuda_vs_bf16_code"] < x["cuda_vs_exact"] and x["fp16_code_vs_exact_fp64"] < x["bf16_code_vs_exact_fp64"]
+               for x in rows)  # the figures the sentence's "but" and "would leave" rest on
+    assert results._range([100 * x["cuda_vs_exact"] for x in rows], 2, "%") in sentence
