@@ -147,6 +147,27 @@ try:  # cache_spans: a graph per cache span (512, 2048, 2100 here), the step at 
 except Exception as exc:
     print("cache spans FAILED", type(exc).__name__, str(exc)[:500], flush=True)
 
+try:  # the server's engine on a decoder with cache spans: its runner passes each step's highest position, so a lone
+    # request whose 500-token prompt and 40 new tokens cross from the first span (512) into the second replays both;
+    # fp32: generate()'s tokens (a random prompt: up to the first end token)
+    from glmkit.engine import Engine
+
+    m = trained.to(torch.float32)
+    dec = FastDecoder(m, max_len=2100, batch_size=2, attention="triton")
+    used, run_stages = [], dec._run_stages
+    dec._run_stages = lambda b, span: (used.append((b, span)), run_stages(b, span))[1]
+    engine = Engine(m, load_tokenizer(), max_batch_size=2, max_context=2099, decoder=dec)
+    try:
+        got = engine.submit(long[0].tolist(), max_tokens=40).wait(300)
+    finally:
+        engine.close()
+    want = m.generate(long, attention_mask=torch.ones_like(long), max_new_tokens=40, do_sample=False)[0, 500:].tolist()
+    ref = [t for t in until_eos(want) if t not in eos]  # the engine's tokens stop before the end token
+    print("engine on cache spans identical:", got.tokens == ref and not got.error, "steps by (size, span):",
+          sorted(set(used)), flush=True)
+except Exception as exc:
+    print("engine on cache spans FAILED", type(exc).__name__, str(exc)[:500], flush=True)
+
 # The layer split with both halves on cuda:0 (a map naming the card twice, 0 and "cuda:0": two segments, two CUDA
 # graphs per step and the hand-over between them), on the trained tiny model: generate()'s tokens, lone and in
 # slots of a bucketed batch, with chunked prefill and a prefill continued with start=
