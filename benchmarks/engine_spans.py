@@ -1,7 +1,8 @@
 """A lone request's decode speed through the server's engine, GLM-4-9B (random weights) in bf16 and nf4, on a
 decoder with cache spans (the default) and on one with one graph for the whole cache, both built for an 8K context
-(one slot: a lone request runs the one-row step either way, and no larger step is compiled): what ``FastDecoder(cache_spans=True)`` gives a server's short chats (``benchmarks/max_len_sweep.py``
-measures the decoder alone).
+(one slot: a lone request runs the one-row step either way, and no larger step is compiled): what
+``FastDecoder(cache_spans=True)`` gives a server's short chats (``benchmarks/max_len_sweep.py`` measures the decoder
+alone).
 
     PYTHONPATH=.:benchmarks python benchmarks/engine_spans.py --checkpoint /tmp/glm9b     # about 3 minutes on an H200
 Writes benchmarks/results/engine_spans.json (or --name; and to $OUT).
