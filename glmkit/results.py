@@ -3390,6 +3390,15 @@ def max_len_sentence() -> Text:
             "CUDA graph replays one launch for every token); with cache spans a decoder captures its one-row step "
             "for 512, 2,048, 8,192 ... positions and its `max_len`, and each token replays the shortest that holds "
             "it.")
+    engine = load("engine_spans")
+    if engine is not None:
+        def pair(p: str) -> str:
+            on, off = (next(x for x in engine["precisions"][p] if x["cache_spans"] is spans) for spans in (True, False))
+            return (f"{p} {on['best_tok_s']:.1f} tok/s with cache spans against {off['best_tok_s']:.1f} with one graph "
+                    f"({on['best_tok_s'] / off['best_tok_s']:.2f}x)")
+        text += (f" Through the server's engine, built for {engine['context']:,} positions, a lone request of "
+                 f"{engine['new_tokens']} tokens (`engine_spans.json`, {measured_on(engine)}): "
+                 + "; ".join(pair(p) for p in engine["precisions"]) + ".")
     earlier = load("max_len_sweep") if r["name"] != "max_len_sweep" else None
     if earlier is not None:
         worst = {p: min(rows, key=lambda x: x["best_tok_s"]) for p, rows in earlier["precisions"].items()}

@@ -326,7 +326,7 @@ def test_missing_result_says_not_measured_and_switches_once_measured(tmp_path, m
                                                            "tuned_shapes_for_this_card": 1}))
     nf4 = results.nf4_decode_sentence()
     assert "glmkit's nf4 Triton kernel is faster than bitsandbytes' own kernel" in nf4  # the file decides, not the text
-    assert "0.90x bf16's fast path" in nf4 and "3.00x fewer bytes" in nf4 and "32K context under a 12 GiB cap: not measured yet" in nf4
+    assert "0.90x bf16's fast path" in nf4 and "3.00x fewer bytes" in nf4 and "12 GiB cap: not measured yet" in nf4
     assert [r[1] for r in results.nf4_decode_rows(results.load("nf4_decode"))][:2] == ["bf16 fast (Triton)",
                                                                                        "generate() (bitsandbytes)"]
     assert results.nf4_decode_chart() is not None
@@ -975,3 +975,11 @@ def test_the_committed_accuracy_names_both_4bit_kernels_and_why_they_differ():
     assert all(x["cuda_vs_bf16_code"] < x["cuda_vs_exact"] and x["fp16_code_vs_exact_fp64"] < x["bf16_code_vs_exact_fp64"]
                for x in rows)  # the figures the sentence's "but" and "would leave" rest on
     assert results._range([100 * x["cuda_vs_exact"] for x in rows], 2, "%") in sentence
+
+
+def test_the_sweep_sentence_gives_the_engines_lone_request_with_and_without_spans():
+    """engine_spans.json's two decoders per precision, their rates and ratio, in the cache-length sentence."""
+    sentence = str(results.max_len_sentence())
+    for p, rows in results.load("engine_spans")["precisions"].items():
+        on, off = (next(x["best_tok_s"] for x in rows if x["cache_spans"] is spans) for spans in (True, False))
+        assert f"{p} {on:.1f} tok/s with cache spans against {off:.1f} with one graph ({on / off:.2f}x)" in sentence
