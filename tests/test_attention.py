@@ -324,3 +324,29 @@ def test_the_engine_runs_a_lone_request_on_the_cache_span_that_holds_it(trained,
         engine.close()
     assert got.finish_reason == "length" and got.tokens == want  # (this prompt's 12 greedy tokens hold no end token)
     assert sorted(set(used)) == [8, 16, 24]  # positions 6..17: each span in turn, not the whole cache each step
+
+
+def test_a_layer_split_decodes_on_cache_spans_as_on_the_whole_cache(monkeypatch):
+    # two segments (a split over two cards, here both on one device): every stage replays the step's span, and the
+    # tokens are a whole-cache decoder's
+    from accelerate import dispatch_model
+
+    import glmkit.fast_decode
+    from glmkit.device_map import split_layers
+
+    monkeypatch.setattr(glmkit.fast_decode, "ONE_SPLIT_MAX", 8)
+    monkeypatch.setattr(glmkit.fast_decode, "SPAN_STEP", 2)
+    model = load_model(TRAINED_TINY_DIR, dtype=torch.float32, device_map=DEVICE)
+    split = dispatch_model(model, split_layers(model, [3, 3], devices=[DEVICE, torch.device(DEVICE)]), main_device=DEVICE)
+    options = {"max_len": 24, "attention": "triton", "gemv": "triton", "compile": False, "cuda_graph": False}
+    spans, whole = FastDecoder(split, **options), FastDecoder(split, cache_spans=False, **options)
+    assert len(spans.stages) == 2 and spans.spans(1) == [8, 16, 24]
+    used, run_eager = [], spans._run_eager
+    monkeypatch.setattr(spans, "_run_eager", lambda st, b, span=None: (used.append((st.segment.head, span)),
+                                                                       run_eager(st, b, span))[1])
+    ids = torch.randint(0, 800, (1, 6), generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    spans.prefill(ids)  # the warm-up runs each stage on every span once
+    used.clear()
+    assert torch.equal(spans.generate(ids, max_new_tokens=12, ignore_eos=True),
+                       whole.generate(ids, max_new_tokens=12, ignore_eos=True))
+    assert {span for _, span in used} == {8, 16, 24} and {head for head, _ in used} == {False, True}  # both stages
