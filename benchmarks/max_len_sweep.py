@@ -1,14 +1,17 @@
 """How a FastDecoder's batch-1 decode speed depends on the cache length it is built for (``max_len``), at the same
-short context: GLM-4-9B (random weights) in bf16 and nf4, each precision's default decoder built for cache lengths
-from 168 to 32768 positions, the same 32-token prompt and 128 new tokens each time (positions 32-160), one run.
+short context: GLM-4-9B (random weights) in bf16 and nf4, each precision's decoder built for cache lengths from 168 to
+32768 positions, with one graph for the whole cache and with cache spans (the default), the same 32-token prompt and
+128 new tokens each time (positions 32-160), one run.
 
-The decode attention's launch is chosen from the cache length, not the position (a CUDA graph replays one grid for
+The decode attention's launch is chosen from a cache length, not the position (a CUDA graph replays one grid for
 every token), and with it whether q/k/v leaves SMs to the attention (``glmkit.attention.Grid``,
-``glmkit.fast_decode.gemv16_sms_left``): this measures what that costs a user whose decoder holds a long cache.
+``glmkit.fast_decode.gemv16_sms_left``): with one graph, the decoder's whole cache; with cache spans, the shortest
+span that holds the position (``FastDecoder(cache_spans=True)``).
 
-    PYTHONPATH=.:benchmarks python benchmarks/max_len_sweep.py --checkpoint /tmp/glm9b    # about 90 s on an H200
-    ... --cache-spans --name max_len_spans     # also with FastDecoder(cache_spans=True), in the same run
-Writes benchmarks/results/max_len_sweep.json (or --name; and to $OUT).
+    PYTHONPATH=.:benchmarks python benchmarks/max_len_sweep.py --checkpoint /tmp/glm9b    # about 2 minutes on an H200
+Writes benchmarks/results/max_len_spans.json (or --name; and to $OUT): ``precisions`` one graph for the whole cache,
+``cache_spans`` the default decoder. (``max_len_sweep.json``: an earlier run, one graph only, before two changes to
+the attention's launches.)
 """
 
 from __future__ import annotations
@@ -46,9 +49,7 @@ def sweep(model: torch.nn.Module, **options: bool) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--checkpoint", default="/tmp/glm9b")
-    ap.add_argument("--name", default="max_len_sweep")
-    ap.add_argument("--cache-spans", action="store_true", help="also each decoder with cache_spans=True (a graph per "
-                                                                 "cache span), in the same run: result['cache_spans']")
+    ap.add_argument("--name", default="max_len_spans")
     args = ap.parse_args()
     ensure_random_checkpoint(args.checkpoint)
     result = {"what": __doc__.splitlines()[0], "prompt": PROMPT, "new_tokens": NEW, "copy_bandwidth_bytes_s":
@@ -56,9 +57,8 @@ def main() -> None:
               "precisions": {}}
     for precision in ("bf16", "nf4"):
         model = load_precision(args.checkpoint, precision, device_map="cuda:0")
-        result["precisions"][precision] = sweep(model)
-        if args.cache_spans:
-            result.setdefault("cache_spans", {})[precision] = sweep(model, cache_spans=True)
+        result["precisions"][precision] = sweep(model, cache_spans=False)
+        result.setdefault("cache_spans", {})[precision] = sweep(model, cache_spans=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()

@@ -25,13 +25,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from nf4_fused import gpu_uuids, mlp_kernel
+from nf4_fused import gpu_uuids, kernel_env, mlp_kernel
 
 from glmkit.bench import copy_bandwidth, save_result, stage_runner
 from glmkit.env import use_expandable_segments
 from glmkit.gemv import device_name, gemv, gemv_swiglu, tables_for
 from glmkit.models import ensure_random_checkpoint
-from glmkit.results import ACCURACY_YARDSTICK, NF4_DEFAULT_PATH
+from glmkit.results import ACCURACY_YARDSTICK, NF4_DEFAULT_PATH, NF4_TRITON_PATH
 
 NEW_TOKENS = 256  # a cache of 32 + 256 + 8 positions, as the step benchmarks (max_len_sweep.py: speed by cache length)
 PROMPT = 32
@@ -41,7 +41,6 @@ PROMPTS = 4  # random prompts, each followed by its FORCED tokens (64 steps comp
 # one CUDA kernel; nf4: glmkit's batch-1 4-bit CUDA kernel where it runs)
 # (nf4's label, and the yardstick's in the accuracy stage, are those glmkit.results reads the run by)
 BF16_FAST, FP16_FAST = "bf16 fast (glmkit kernels)", "fp16 fast (glmkit kernels)"
-NF4_TRITON_PATH = "nf4 fast (glmkit Triton kernel)"  # the accuracy stage's nf4 decoder with the CUDA kernel off
 
 
 def token_bytes(model: torch.nn.Module) -> int:
@@ -70,13 +69,9 @@ def forced_only(model: torch.nn.Module, label: str, kernel_4bit: str | None = No
     Triton kernel in its place."""
     from glmkit.fast_decode import FastDecoder
 
-    if kernel_4bit:
-        os.environ["GLMKIT_4BIT_KERNEL"] = kernel_4bit
-    try:
+    with kernel_env(kernel_4bit):
         decoder = FastDecoder(model, max_len=PROMPT + NEW_TOKENS + 8, **options)
         row = {"path": label, "_forced": forced_logits(decoder)}
-    finally:
-        os.environ.pop("GLMKIT_4BIT_KERNEL", None) if kernel_4bit else None
     del decoder
     torch.cuda.empty_cache()
     return row
@@ -282,6 +277,10 @@ def main() -> None:
     ap.add_argument("--stages", default="long_context,decode,projections,accuracy")
     ap.add_argument("--name", default="nf4_decode", help="the result's name (another run beside the committed one)")
     args = ap.parse_args()
+    if os.environ.get("GLMKIT_4BIT_KERNEL") and {"decode", "accuracy"} & set(args.stages.split(",")):
+        raise SystemExit("GLMKIT_4BIT_KERNEL is set: the decode and accuracy stages' rows name glmkit's default 4-bit "
+                         "kernel. Unset it (the accuracy stage runs the Triton kernel's row itself), or run --stages "
+                         "long_context.")
     use_expandable_segments()  # the allocator glmkit's processes use (and the planner assumes), before any CUDA memory
     if not torch.cuda.is_available():
         raise SystemExit("nf4_decode.py measures a GPU; this machine has none.")
@@ -322,9 +321,12 @@ def main() -> None:
         forced |= {row["path"]: row["_forced"] for row in (
             stage("bf16 logits", forced_only, models["bf16"], BF16_FAST),
             stage("nf4 logits", forced_only, models["nf4"], NF4_DEFAULT_PATH),
-            stage("nf4 Triton logits", forced_only, models["nf4"], NF4_TRITON_PATH, kernel_4bit="triton"),
             stage("nf4 bnb logits", forced_only, models["nf4"], "nf4 fast (bnb matmul_4bit, eager layers)", gemv=False,
                   compile=False)) if row}
+    if "accuracy" in stages:  # the nf4 decoder with the CUDA kernel switched off, beside the default
+        triton = stage("nf4 Triton logits", forced_only, models["nf4"], NF4_TRITON_PATH, kernel_4bit="triton")
+        if triton:
+            forced[triton["path"]] = triton["_forced"]
     if "decode" in stages:
         bf16 = decode("bf16 fast", models["bf16"], BF16_FAST)  # each decoder as a user gets it: default options
         nf4 = decode("nf4 fast", models["nf4"], NF4_DEFAULT_PATH)

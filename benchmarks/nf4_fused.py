@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -122,6 +123,20 @@ def mlp_kernel(decoder: FastDecoder) -> bool:
     default on Hopper): its stages hold the kernel's workspace, and the kernel runs there (not turned off)."""
     return any(w is not None and mlp16_one.runs_on(w.device, w.dtype) for w in (st.mlp_workspace for st in decoder.stages))
 
+
+
+@contextlib.contextmanager
+def kernel_env(kernel: str | None) -> Iterator[None]:
+    """``GLMKIT_4BIT_KERNEL`` set to ``kernel`` (or left unset) for the block."""
+    before = os.environ.pop("GLMKIT_4BIT_KERNEL", None)
+    if kernel:
+        os.environ["GLMKIT_4BIT_KERNEL"] = kernel
+    try:
+        yield
+    finally:
+        os.environ.pop("GLMKIT_4BIT_KERNEL", None)
+        if before is not None:
+            os.environ["GLMKIT_4BIT_KERNEL"] = before
 
 def gpu_uuids() -> list[str]:
     """The UUIDs of the GPUs here, read with nvidia-smi (which card a result ran on); [] where it does not answer."""

@@ -19,29 +19,13 @@ Writes benchmarks/results/nf4_one_step.json (or --name; and to $OUT).
 from __future__ import annotations
 
 import contextlib
-import os
-from collections.abc import Iterator
 
 import torch
-from nf4_fused import PROMPT, against_reference, best_rounds, mlp_kernel, report, start, take_turns, warmed
+from nf4_fused import PROMPT, against_reference, best_rounds, kernel_env, mlp_kernel, report, start, take_turns, warmed
 
 VARIANTS = {"CUDA kernel": ("nf4", {}, None), "CUDA kernel, plain launches": ("nf4", {"pdl": False}, None),
             "Triton kernel": ("nf4", {}, "triton"),
             "CUDA kernel, compiled layer": ("nf4", {"fuse_norms": False}, None), "bf16": ("bf16", {}, None)}
-
-
-@contextlib.contextmanager
-def kernel_env(kernel: str | None) -> Iterator[None]:
-    """``GLMKIT_4BIT_KERNEL`` set to ``kernel`` (or left unset) for the block."""
-    before = os.environ.pop("GLMKIT_4BIT_KERNEL", None)
-    if kernel:
-        os.environ["GLMKIT_4BIT_KERNEL"] = kernel
-    try:
-        yield
-    finally:
-        os.environ.pop("GLMKIT_4BIT_KERNEL", None)
-        if before is not None:
-            os.environ["GLMKIT_4BIT_KERNEL"] = before
 
 
 def variant_env(variant: str) -> contextlib.AbstractContextManager[None]:

@@ -812,9 +812,10 @@ class FastDecoder:
         cache_spans: capture the batch-1 step on glmkit's decode attention once for each of ``spans_for(max_len)``
             (512, 2048, 8192, ... positions and max_len) and replay, at each position, the graph of the shortest
             span that holds it: its attention is launched for that span, not the whole cache (the launch is chosen
-            from the cache length, and a decoder built for a long cache decodes a short context slower). On by
+            from the cache length, and one graph for a long cache decodes a short context slower). On by
             default: on an H200, GLM-4-9B in nf4 built for 520-8192 positions decoded the same short chat 8-13%
-            faster with spans than with one graph for the whole cache, and bf16 within 2% either way; with spans
+            faster with spans than with one graph for the whole cache, and bf16 from 0.7% slower to 2.1% faster;
+            with spans
             both stayed within 5% of their best at every cache length from 168 to 32768
             (``benchmarks/results/max_len_spans.json``, notebook 05). ``False``: one graph for the whole cache.
     """

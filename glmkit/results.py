@@ -3336,19 +3336,30 @@ def nf4_projection_chart() -> Any:
                          reference_label="copy bandwidth")
 
 
-SWEEPS = ("max_len_spans", "max_len_sweep")  # newest first: max_len_sweep.py's runs
+SWEEPS = ("max_len_spans", "max_len_sweep")  # max_len_sweep.py's runs: its default name, then the run before spans
+
+
+def _newest(names: Sequence[str], key: str | None = None) -> dict[str, Any] | None:
+    """The committed run of ``names`` (with ``key``, if given) measured on the latest date; on the same date, the
+    first named. None where there is none.
+
+    >>> _newest(["never_measured", "decode"])["name"]
+    'decode'
+    """
+    runs = [r for r in map(load, names) if r is not None and (key is None or r.get(key))]
+    return max(runs, key=lambda r: r["environment"]["date"], default=None)  # (max keeps the first of equals)
 
 
 def _sweep() -> dict[str, Any] | None:
     """The newest cache-length sweep (``SWEEPS``), or None."""
-    return next((r for r in map(load, SWEEPS) if r is not None), None)
+    return _newest(SWEEPS)
 
 
 def _sweep_lines(r: dict[str, Any]) -> list[tuple[str, str, list[dict[str, Any]]]]:
     """``(precision, decoder, rows)`` per line of a sweep: with cache spans (the default since) and with one graph
     for the whole cache where the run timed both, else its default decoders."""
-    if "cache_spans" not in r:
-        return [(p, "default", rows) for p, rows in r["precisions"].items()]
+    if "cache_spans" not in r:  # a run from before cache spans: its decoders had one graph for the whole cache
+        return [(p, "one graph for the whole cache", rows) for p, rows in r["precisions"].items()]
     return [line for p in r["precisions"] for line in ((p, "cache spans (default)", r["cache_spans"][p]),
                                                        (p, "one graph for the whole cache", r["precisions"][p]))]
 
@@ -3359,7 +3370,7 @@ def max_len_table() -> Table | Text:
     measured"."""
     r = _sweep()
     if r is None:
-        return not_measured("Speed by cache length", "benchmarks/max_len_sweep.py --cache-spans")
+        return not_measured("Speed by cache length", "benchmarks/max_len_sweep.py")
     lines = _sweep_lines(r)
     best = {p: max(x["best_tok_s"] for q, _, rows in lines if q == p for x in rows) for p, _, _ in lines}
     lengths = [x["max_len"] for x in lines[0][2]]
@@ -3376,7 +3387,7 @@ def max_len_sentence() -> Text:
     one."""
     r = _sweep()
     if r is None:
-        return not_measured("Speed by cache length", "benchmarks/max_len_sweep.py --cache-spans")
+        return not_measured("Speed by cache length", "benchmarks/max_len_sweep.py")
     lines = _sweep_lines(r)
     best = {p: max(x["best_tok_s"] for q, _, rows in lines if q == p for x in rows) for p, _, _ in lines}
     parts = []
@@ -3432,14 +3443,14 @@ def max_len_chart() -> Any:
     return fig
 
 
-LONG_CONTEXT_RUNS = ("nf4_decode_run2", "nf4_decode")  # nf4_decode.py's runs with a long_context stage, newest first
+LONG_CONTEXT_RUNS = ("nf4_decode_run2", "nf4_decode")  # nf4_decode.py's runs with a long_context stage (_newest)
 
 
 def nf4_long_context_clause() -> str:
     """nf4 fast decode after a 32K prompt on a card capped at 12 GiB: speed and peak memory against the planner's
     (the newest of ``LONG_CONTEXT_RUNS``), and glmkit's 4-bit CUDA kernel against its Triton kernel there
     (``nf4_long_cuda.json``, ``nf4_long_triton.json``: one call, one card)."""
-    r = next((x for x in map(load, LONG_CONTEXT_RUNS) if x is not None and x.get("long_context")), None)
+    r = _newest(LONG_CONTEXT_RUNS, "long_context")
     if r is None:
         return ("nf4 at a 32K context under a 12 GiB cap: not measured yet (run `benchmarks/nf4_decode.py --stages "
                 "long_context`).")
@@ -3454,7 +3465,7 @@ def nf4_long_context_clause() -> str:
              f"PyTorch's allocator only), " + (f"{_pct(over)}: inside the cap, but above the plan." if over > 0 else
                                                f"{_pct(over)}: within the plan."))
     cuda, triton = load("nf4_long_cuda"), load("nf4_long_triton")
-    if cuda and triton and cuda["long_context"].get("ok") and triton["long_context"].get("ok"):
+    if cuda and triton and cuda.get("long_context", {}).get("ok") and triton.get("long_context", {}).get("ok"):
         a, b = cuda["long_context"]["decode_tok_s"], triton["long_context"]["decode_tok_s"]
         card = "".join(f" ({u[:12]})" for u in cuda.get("gpu_uuids", [])[:1])
         text += (f" In one call on an {cuda['environment']['device']}{card}, the same stage decoded {a:.1f} tok/s with "
@@ -3466,13 +3477,13 @@ def nf4_long_context_clause() -> str:
 ACCURACY_YARDSTICK = "bf16 fast on the nf4 weights"  # nf4_decode.py's bf16 arithmetic on the nf4 weights
 
 
-ACCURACY_RUNS = ("nf4_decode_run2", "nf4_decode")  # nf4_decode.py's runs with an accuracy stage, newest first
+ACCURACY_RUNS = ("nf4_decode_run2", "nf4_decode")  # nf4_decode.py's runs with an accuracy stage (_newest)
 NF4_TRITON_PATH = "nf4 fast (glmkit Triton kernel)"  # its nf4 decoder with the batch-1 CUDA kernel switched off
 
 
 def _accuracy_run() -> dict[str, Any] | None:
     """The newest ``nf4_decode`` run with an accuracy stage (``ACCURACY_RUNS``), or None."""
-    return next((r for r in map(load, ACCURACY_RUNS) if r is not None and r.get("accuracy")), None)
+    return _newest(ACCURACY_RUNS, "accuracy")
 
 
 def fast_path_accuracy_table() -> Table | Text:

@@ -97,8 +97,8 @@ class FastRunner:
             feed = torch.where(both[2] >= 0, picked, both[0])
         decoder = self._decoder()
         # a FastDecoder's lone row attends over the shortest cache span that holds the step's positions (cache_spans)
-        reach = {"reach": max(pos)} if isinstance(decoder, FastDecoder) else {}
-        logits = decoder.decode_step(feed, both[1], **reach)
+        span_hint = {"reach": max(pos)} if isinstance(decoder, FastDecoder) else {}
+        logits = decoder.decode_step(feed, both[1], **span_hint)
         done = []
         for r in riding:
             r.prefilled += 1

@@ -983,3 +983,12 @@ def test_the_sweep_sentence_gives_the_engines_lone_request_with_and_without_span
     for p, rows in results.load("engine_spans")["precisions"].items():
         on, off = (next(x["best_tok_s"] for x in rows if x["cache_spans"] is spans) for spans in (True, False))
         assert f"{p} {on:.1f} tok/s with cache spans against {off:.1f} with one graph ({on / off:.2f}x)" in sentence
+
+
+def test_the_newest_run_is_the_latest_date_then_the_first_named(monkeypatch, tmp_path):
+    """A plain rerun under a script's other name, on a later date, is the one shown; on one date, the first name."""
+    monkeypatch.setattr(results, "RESULTS_DIR", tmp_path)
+    for name, date in (("a", "2026-12-01"), ("b", "2026-12-01"), ("c", "2026-11-30")):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"name": name, "environment": {"date": date}, "x": 1}))
+    assert results._newest(["c", "b", "a"])["name"] == "b" and results._newest(["a", "b"])["name"] == "a"
+    assert results._newest(["c", "missing"], "x")["name"] == "c" and results._newest(["a"], "y") is None
