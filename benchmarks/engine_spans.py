@@ -11,18 +11,15 @@ Writes benchmarks/results/engine_spans.json (or --name; and to $OUT).
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 
 import torch
-from nf4_fused import gpu_uuids
+from nf4_fused import gpu_uuids, measure_each_precision
 
-from glmkit.bench import save_result
 from glmkit.engine import Engine
 from glmkit.fast_decode import FastDecoder
 from glmkit.loading import load_tokenizer
 from glmkit.models import ensure_random_checkpoint
-from glmkit.quantization import load_precision
 
 CONTEXT, SLOTS, PROMPT, NEW = 8192, 1, 32, 256
 
@@ -59,13 +56,8 @@ def main() -> None:
     tokenizer = load_tokenizer(None)
     result = {"what": __doc__.splitlines()[0], "context": CONTEXT, "slots": SLOTS, "prompt": PROMPT, "new_tokens": NEW,
               "gpu_uuids": gpu_uuids(), "gpu_note": "read with nvidia-smi in the same call", "precisions": {}}
-    for precision in ("bf16", "nf4"):
-        model = load_precision(args.checkpoint, precision, device_map="cuda:0")
-        result["precisions"][precision] = [lone_requests(model, tokenizer, spans) for spans in (True, False)]
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-        save_result(args.name, result)
+    measure_each_precision(args.checkpoint, lambda model: {
+        "precisions": [lone_requests(model, tokenizer, spans) for spans in (True, False)]}, result, args.name)
 
 
 if __name__ == "__main__":

@@ -17,15 +17,13 @@ the attention's launches.)
 from __future__ import annotations
 
 import argparse
-import gc
 
 import torch
-from nf4_fused import gpu_uuids
+from nf4_fused import gpu_uuids, measure_each_precision
 
-from glmkit.bench import copy_bandwidth, save_result
+from glmkit.bench import copy_bandwidth
 from glmkit.fast_decode import FastDecoder
 from glmkit.models import ensure_random_checkpoint
-from glmkit.quantization import load_precision
 
 MAX_LENS = (168, 256, 264, 296, 512, 520, 1024, 2048, 8192, 32768)
 PROMPT, NEW = 32, 128
@@ -55,14 +53,9 @@ def main() -> None:
     result = {"what": __doc__.splitlines()[0], "prompt": PROMPT, "new_tokens": NEW, "copy_bandwidth_bytes_s":
               copy_bandwidth(), "gpu_uuids": gpu_uuids(), "gpu_note": "read with nvidia-smi in the same call",
               "precisions": {}}
-    for precision in ("bf16", "nf4"):
-        model = load_precision(args.checkpoint, precision, device_map="cuda:0")
-        result["precisions"][precision] = sweep(model, cache_spans=False)
-        result.setdefault("cache_spans", {})[precision] = sweep(model, cache_spans=True)
-        del model
-        gc.collect()
-        torch.cuda.empty_cache()
-        save_result(args.name, result)
+    measure_each_precision(args.checkpoint, lambda model: {"precisions": sweep(model, cache_spans=False),
+                                                           "cache_spans": sweep(model, cache_spans=True)},
+                           result, args.name)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -137,6 +138,22 @@ def kernel_env(kernel: str | None) -> Iterator[None]:
         os.environ.pop("GLMKIT_4BIT_KERNEL", None)
         if before is not None:
             os.environ["GLMKIT_4BIT_KERNEL"] = before
+
+def measure_each_precision(checkpoint: str, measure: Callable[[torch.nn.Module], dict[str, Any]],
+                           result: dict[str, Any], name: str, precisions: Sequence[str] = ("bf16", "nf4"),
+                           device: str = "cuda:0") -> None:
+    """For each of ``precisions`` in turn: its model of ``checkpoint`` on ``device``, freed before the next loads;
+    each entry of ``measure(model)`` goes to ``result[key][precision]``, and ``result`` is saved as ``name`` after
+    each precision (``max_len_sweep.py``, ``engine_spans.py``)."""
+    for precision in precisions:
+        model = load_precision(checkpoint, precision, device_map=device)
+        for key, value in measure(model).items():
+            result.setdefault(key, {})[precision] = value
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+        save_result(name, result)
+
 
 def gpu_uuids() -> list[str]:
     """The UUIDs of the GPUs here, read with nvidia-smi (which card a result ran on); [] where it does not answer."""

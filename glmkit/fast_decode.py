@@ -815,8 +815,7 @@ class FastDecoder:
             from the cache length, and one graph for a long cache decodes a short context slower). On by
             default: on an H200, GLM-4-9B in nf4 built for 520-8192 positions decoded the same short chat 8-13%
             faster with spans than with one graph for the whole cache, and bf16 from 0.7% slower to 2.1% faster;
-            with spans
-            both stayed within 5% of their best at every cache length from 168 to 32768
+            with spans both stayed within 5% of their best at every cache length from 168 to 32768
             (``benchmarks/results/max_len_spans.json``, notebook 05). ``False``: one graph for the whole cache.
     """
 
@@ -1023,10 +1022,10 @@ class FastDecoder:
         layer_segments(model)  # a split must place every module on a device that is here
 
     @torch.no_grad()
-    def _run_stage(self, st: _Stage, b: int, span: int | None = None) -> None:
+    def _run_stage(self, st: _Stage, b: int, span: int) -> None:
         """``_stage_step``, its kernels launched with programmatic dependent launch where ``uses_pdl``."""
         with dependent_launches(self.uses_pdl(b)):
-            self._stage_step(st, b, span or self.max_len)
+            self._stage_step(st, b, span)
 
     def _stage_step(self, st: _Stage, b: int, span: int) -> None:
         """One token for rows 0..b-1 through one segment: reads its control and hidden-state buffers, writes its
@@ -1060,9 +1059,8 @@ class FastDecoder:
             for j, (wqkv, bqkv, wo, ln2, wgu, wd, next_norm) in enumerate(st.weights):
                 x, h = layer_fn(x, h, pos, st.batch_index[:b], cos, sin, mask, wqkv, bqkv, wo, ln2, wgu, wd,
                                 next_norm, st.k_cache[j, :b, :, :span], st.v_cache[j, :b, :, :span], self.eps,
-                                self.heads, self.kv_heads,
-                                self.head_dim, gemv, self.attention, st.in_norms[j] if fused else None,
-                                st.tickets, st.mlp_workspace)
+                                self.heads, self.kv_heads, self.head_dim, gemv, self.attention,
+                                st.in_norms[j] if fused else None, st.tickets, st.mlp_workspace)
             if live is not None:
                 keep = live.view(1, b, 1, 1)
                 st.k_cache[:, :b, :, 0] = torch.where(keep, st.k_cache[:, :b, :, 0], k0)
@@ -1099,13 +1097,13 @@ class FastDecoder:
             self._pools.setdefault(st.device, graph.pool())
             st.graphs[b, span] = graph
 
-    def _run_warm_up(self, st: _Stage, b: int, span: int | None = None) -> None:
+    def _run_warm_up(self, st: _Stage, b: int, span: int) -> None:
         """A warm-up step: token 0 at position 0 (its garbage K/V go where a prefill writes first; the greedy pick
         of the step before had moved the position on)."""
         st.control[:2].zero_()
         self._run_eager(st, b, span)
 
-    def _run_eager(self, st: _Stage, b: int, span: int | None = None) -> None:
+    def _run_eager(self, st: _Stage, b: int, span: int) -> None:
         if st.device.type == "cuda":
             with torch.cuda.device(st.device):  # Triton launches on the current GPU: make it the stage's
                 self._run_stage(st, b, span)

@@ -3346,7 +3346,7 @@ def _newest(names: Sequence[str], key: str | None = None) -> dict[str, Any] | No
     >>> _newest(["never_measured", "decode"])["name"]
     'decode'
     """
-    runs = [r for r in map(load, names) if r is not None and (key is None or r.get(key))]
+    runs = [r for _, r in _committed(names) if key is None or r.get(key)]
     return max(runs, key=lambda r: r["environment"]["date"], default=None)  # (max keeps the first of equals)
 
 
@@ -3364,6 +3364,11 @@ def _sweep_lines(r: dict[str, Any]) -> list[tuple[str, str, list[dict[str, Any]]
                                                        (p, "one graph for the whole cache", r["precisions"][p]))]
 
 
+def _sweep_best(lines: list[tuple[str, str, list[dict[str, Any]]]]) -> dict[str, float]:
+    """Each precision's best tok/s over all its lines of a sweep (``_sweep_lines``)."""
+    return {p: max(x["best_tok_s"] for q, _, rows in lines if q == p for x in rows) for p, _, _ in lines}
+
+
 def max_len_table() -> Table | Text:
     """Batch-1 decode tok/s by the cache length a decoder is built for, bf16 and nf4, at the same short context,
     with cache spans and with one graph for the whole cache (``max_len_spans.json``, notebook 05); or "not
@@ -3372,7 +3377,7 @@ def max_len_table() -> Table | Text:
     if r is None:
         return not_measured("Speed by cache length", "benchmarks/max_len_sweep.py")
     lines = _sweep_lines(r)
-    best = {p: max(x["best_tok_s"] for q, _, rows in lines if q == p for x in rows) for p, _, _ in lines}
+    best = _sweep_best(lines)
     lengths = [x["max_len"] for x in lines[0][2]]
     rows = [[f"{n:,}"] + [f"{x['best_tok_s']:.1f} ({x['best_tok_s'] / best[p]:.0%})" for p, _, xs in lines for x in xs
                           if x["max_len"] == n] for n in lengths]
@@ -3389,7 +3394,7 @@ def max_len_sentence() -> Text:
     if r is None:
         return not_measured("Speed by cache length", "benchmarks/max_len_sweep.py")
     lines = _sweep_lines(r)
-    best = {p: max(x["best_tok_s"] for q, _, rows in lines if q == p for x in rows) for p, _, _ in lines}
+    best = _sweep_best(lines)
     parts = []
     for p, decoder, rows in lines:
         worst = min(rows, key=lambda x: x["best_tok_s"])
