@@ -1,7 +1,9 @@
-"""Where glmkit's batch-1 4-bit CUDA kernel's extra error comes from: its tensor-core products take the 4-bit code
-table in 16 bits (bf16 for a bf16 model), so each weight is ``round16(code) * absmax`` where the Triton kernel and
-the fp32 reference use ``code * absmax``. Per GLM-4-9B projection (random weights, bitsandbytes nf4, one bf16 token),
-each kernel's relative error against float64 on the exact weights and on the weights with the code rounded to bf16;
+"""Where glmkit's batch-1 4-bit CUDA kernel's error comes from: its tensor-core products take the 4-bit code table in
+16 bits, so each weight is ``round16(code) * absmax`` where the Triton kernel and the fp32 reference use
+``code * absmax``. It multiplies in fp16 (``gemv4bit_one.F16_PRODUCTS``, the default: a bf16 token is converted, times
+a power of two), or in bf16 as it did before. Per GLM-4-9B projection (random weights, bitsandbytes nf4, one bf16
+token), each kernel's relative error against float64 on the exact weights and on the weights with the code rounded to
+bf16; the CUDA kernel's with bf16 products, and with fp16 products on a token 10^5 times larger (past fp16's 65504);
 beside them what fp16 codes would leave, and what bf16 rounding of the weights themselves (the bf16 fast path's
 weights on the same nf4 values) costs, both in float64.
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from nf4_fused import gpu_uuids
+from nf4_fused import gpu_uuids, products
 
 from glmkit import gemv4bit
 from glmkit.bench import save_result
@@ -42,7 +44,13 @@ def projection(n: int, k: int, g: torch.Generator) -> dict[str, float]:
     code_bf16 = ref(code.to(torch.bfloat16).double() * scale.double())
     cuda = gemv4bit._launch(x, (p,), None, False, None)
     triton = gemv4bit._launch(x, (p,), None, False, None, mma=False)
+    with products(False):
+        cuda_bf16 = gemv4bit._launch(x, (p,), None, False, None)
+    large = (x.double() * 1e5).to(torch.bfloat16)  # past fp16's range: the kernel's scaling keeps it
+    cuda_large = gemv4bit._launch(large, (p,), None, False, None)
     return {"cuda_vs_exact": rel(cuda, truth), "triton_vs_exact": rel(triton, truth),
+            "cuda_bf16_products_vs_exact": rel(cuda_bf16, truth),
+            "cuda_large_x_vs_exact": rel(cuda_large, F.linear(large.double(), exact.double())),
             "cuda_vs_bf16_code": rel(cuda, code_bf16), "triton_vs_bf16_code": rel(triton, code_bf16),
             "bf16_code_vs_exact_fp64": rel(code_bf16, truth),
             "fp16_code_vs_exact_fp64": rel(ref(code.half().double() * scale.double()), truth),

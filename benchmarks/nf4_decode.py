@@ -3,7 +3,9 @@
 per-projection bandwidth table (nf4 through glmkit's default kernel and its Triton kernel vs bitsandbytes'
 matmul_4bit vs bf16), nf4 fast decode at a 32K context on a card capped at 12 GiB, and each fast path's logits over
 4 prompts of 16 teacher-forced steps against an fp32 decoder on the same weights (for nf4: its weights dequantized in fp32, with
-bf16 arithmetic on those weights beside it as the yardstick).
+bf16 arithmetic on those weights beside it as the yardstick). The nf4 decoder runs twice where its batch-1 CUDA kernel
+multiplies: with its default fp16 products and with bf16 products (as it did before), in the decode and accuracy
+stages.
 
 Each roofline: the copy bandwidth measured in this run / the bytes one token reads (every weight, quantization
 states included, one embedding row). Random weights of the exact GLM-4-9B architecture
@@ -25,13 +27,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from nf4_fused import gpu_uuids, kernel_env, mlp_kernel
+from nf4_fused import gpu_uuids, kernel_env, mlp_kernel, products
 
 from glmkit.bench import copy_bandwidth, save_result, stage_runner
 from glmkit.env import use_expandable_segments
 from glmkit.gemv import device_name, gemv, gemv_swiglu, tables_for
 from glmkit.models import ensure_random_checkpoint
-from glmkit.results import ACCURACY_YARDSTICK, NF4_DEFAULT_PATH, NF4_TRITON_PATH
+from glmkit.results import ACCURACY_YARDSTICK, NF4_BF16_PRODUCTS_PATH, NF4_DEFAULT_PATH, NF4_TRITON_PATH
 
 NEW_TOKENS = 256  # a cache of 32 + 256 + 8 positions, as the step benchmarks (max_len_sweep.py: speed by cache length)
 PROMPT = 32
@@ -63,13 +65,14 @@ def forced_logits(decoder: Any) -> torch.Tensor:
     return torch.stack(steps)
 
 
-def forced_only(model: torch.nn.Module, label: str, kernel_4bit: str | None = None, **options: Any) -> dict:
+def forced_only(model: torch.nn.Module, label: str, kernel_4bit: str | None = None, f16_products: bool = True,
+                **options: Any) -> dict:
     """A fast path's teacher-forced logits alone (the accuracy stage run without the decode stage's timing);
     ``kernel_4bit="triton"``: with glmkit's batch-1 4-bit CUDA kernel switched off (``GLMKIT_4BIT_KERNEL``), its
-    Triton kernel in its place."""
+    Triton kernel in its place; ``f16_products=False``: that CUDA kernel multiplying in bf16, as it did before."""
     from glmkit.fast_decode import FastDecoder
 
-    with kernel_env(kernel_4bit):
+    with kernel_env(kernel_4bit), products(f16_products):
         decoder = FastDecoder(model, max_len=PROMPT + NEW_TOKENS + 8, **options)
         row = {"path": label, "_forced": forced_logits(decoder)}
     del decoder
@@ -78,28 +81,33 @@ def forced_only(model: torch.nn.Module, label: str, kernel_4bit: str | None = No
 
 
 def compare(logits: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
-    """Per-step relative L2 error of the logits against ``ref`` and how many greedy tokens agree."""
-    errs = sorted(((a.double() - r.double()).norm() / r.double().norm()).item() for a, r in zip(logits, ref))
-    return {"rel_err_median": errs[len(errs) // 2], "rel_err_mean": sum(errs) / len(errs),
+    """Per-step relative L2 error of the logits against ``ref`` (each step's, in order, and their summary) and how
+    many greedy tokens agree."""
+    steps = [((a.double() - r.double()).norm() / r.double().norm()).item() for a, r in zip(logits, ref)]
+    errs = sorted(steps)
+    return {"rel_err_steps": steps, "rel_err_median": errs[len(errs) // 2], "rel_err_mean": sum(errs) / len(errs),
             "rel_err_quartiles": [errs[len(errs) // 4], errs[3 * len(errs) // 4]], "rel_err_max": errs[-1],
             "argmax_equal": int((logits.argmax(-1) == ref.argmax(-1)).sum()), "steps": len(errs)}
 
 
-def fast_decode(model: torch.nn.Module, label: str, **options) -> dict:
-    """Best of 3 runs of FastDecoder's batch-1 decode (compile and graph capture excluded)."""
+def fast_decode(model: torch.nn.Module, label: str, f16_products: bool = True, **options) -> dict:
+    """Best of 3 runs of FastDecoder's batch-1 decode (compile and graph capture excluded); ``f16_products=False``:
+    glmkit's batch-1 4-bit CUDA kernel multiplying in bf16 (``products``)."""
     from glmkit.fast_decode import FastDecoder
 
     t0 = time.perf_counter()
-    decoder = FastDecoder(model, max_len=PROMPT + NEW_TOKENS + 8, **options)
-    decoder.tokens_per_second(PROMPT, 8)
-    setup = time.perf_counter() - t0
-    runs = [decoder.tokens_per_second(PROMPT, NEW_TOKENS)["decode_tok_s"] for _ in range(3)]
-    ids = torch.randint(0, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(0)).cuda()
-    decoder.prefill(ids)
-    logits = decoder.decode_step(ids[:, -1], PROMPT).clone()  # the same token and cache for every decoder
-    tokens = decoder.generate(ids, 64, ignore_eos=True)[0, PROMPT:].tolist()
-    forced = forced_logits(decoder)
+    with products(f16_products):  # (the whole run: the decoder captures its graphs at its first steps)
+        decoder = FastDecoder(model, max_len=PROMPT + NEW_TOKENS + 8, **options)
+        decoder.tokens_per_second(PROMPT, 8)
+        setup = time.perf_counter() - t0
+        runs = [decoder.tokens_per_second(PROMPT, NEW_TOKENS)["decode_tok_s"] for _ in range(3)]
+        ids = torch.randint(0, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(0)).cuda()
+        decoder.prefill(ids)
+        logits = decoder.decode_step(ids[:, -1], PROMPT).clone()  # the same token and cache for every decoder
+        tokens = decoder.generate(ids, 64, ignore_eos=True)[0, PROMPT:].tolist()
+        forced = forced_logits(decoder)
     row = {"path": label, "options": {k: v for k, v in options.items() if isinstance(v, (bool, str, int))},
+           "f16_products": f16_products,
            "gemv": decoder.gemv, "compiled": decoder.compiled, "mlp_kernel": mlp_kernel(decoder), "setup_s": setup,
            "decode_tok_s": runs, "best_tok_s": max(runs)}
     print(row, flush=True)
@@ -327,19 +335,27 @@ def main() -> None:
         triton = stage("nf4 Triton logits", forced_only, models["nf4"], NF4_TRITON_PATH, kernel_4bit="triton")
         if triton:
             forced[triton["path"]] = triton["_forced"]
+        if "decode" not in stages:  # and with the CUDA kernel's bf16 products
+            bf16_products = stage("nf4 bf16-products logits", forced_only, models["nf4"], NF4_BF16_PRODUCTS_PATH,
+                                  f16_products=False)
+            if bf16_products:
+                forced[bf16_products["path"]] = bf16_products["_forced"]
     if "decode" in stages:
         bf16 = decode("bf16 fast", models["bf16"], BF16_FAST)  # each decoder as a user gets it: default options
         nf4 = decode("nf4 fast", models["nf4"], NF4_DEFAULT_PATH)
+        bf16_products = decode("nf4 fast, bf16 products", models["nf4"], NF4_BF16_PRODUCTS_PATH, f16_products=False)
         ref = decode("nf4 fast bnb", models["nf4"], "nf4 fast (bnb matmul_4bit, eager layers)", gemv=False,
                      compile=False)  # the reference for the logits; bitsandbytes' ops are not compiled
         decode("nf4 generate", models["nf4"], None)
-        forced |= {row["path"]: row["_forced"] for row in (bf16, nf4, ref) if row}
+        forced |= {row["path"]: row["_forced"] for row in (bf16, nf4, bf16_products, ref) if row}
         if nf4 and ref:
             a, b = nf4["_logits"].double(), ref["_logits"].double()
             result["nf4_triton_vs_bnb_logits_rel_diff"] = ((a - b).norm() / b.norm()).item()
             result["nf4_triton_vs_bnb_greedy_equal_of_64"] = sum(x == y for x, y in zip(nf4["_tokens"], ref["_tokens"]))
         if nf4 and bf16:
             result["nf4_over_bf16_fast"] = nf4["best_tok_s"] / bf16["best_tok_s"]
+        if nf4 and bf16_products:
+            result["f16_over_bf16_products"] = nf4["best_tok_s"] / bf16_products["best_tok_s"]
     if "projections" in stages:
         result["projections"] = stage("projections", projection_table, models["bf16"], models["nf4"])
     del models["bf16"]

@@ -139,6 +139,19 @@ def kernel_env(kernel: str | None) -> Iterator[None]:
         if before is not None:
             os.environ["GLMKIT_4BIT_KERNEL"] = before
 
+@contextlib.contextmanager
+def products(f16: bool) -> Iterator[None]:
+    """glmkit's batch-1 4-bit CUDA kernel multiplying a bf16 token in fp16 (``f16``: its default) or in bf16, for the
+    block: a decoder built inside it captures that kernel (``gemv4bit_one.F16_PRODUCTS``)."""
+    from glmkit import gemv4bit_one
+
+    before, gemv4bit_one.F16_PRODUCTS = gemv4bit_one.F16_PRODUCTS, f16
+    try:
+        yield
+    finally:
+        gemv4bit_one.F16_PRODUCTS = before
+
+
 def measure_each_precision(checkpoint: str, measure: Callable[[torch.nn.Module], dict[str, Any]],
                            result: dict[str, Any], name: str, precisions: Sequence[str] = ("bf16", "nf4"),
                            device: str = "cuda:0") -> None:

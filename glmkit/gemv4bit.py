@@ -880,7 +880,8 @@ def _one_disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
     """What the batch-1 CUDA kernel gets wrong on small weights against ``dequantize`` + ``F.linear`` in fp32, with
     the norm and the residual add it folds in, ``_NOT_HERE`` where it does not run, or None. Every form a decoder
     launches: q/k/v with a bias, one weight, SwiGLU, each with the norm folded in (also an x so small that the norm's
-    eps counts), a residual add (its ``NormedStream`` too), and long rows (many stages a tile, as down_proj's)."""
+    eps counts), a residual add (its ``NormedStream`` too), long rows (many stages a tile, as down_proj's) and, in
+    bf16, an x past fp16's range (the kernel multiplies in fp16: ``gemv4bit_one.F16_PRODUCTS``)."""
     g = torch.Generator(device=device).manual_seed(0)
     k = 64 * 43  # 43 blocks a row: warps' runs of chunks end part-way through a stage
     ws = tuple(quantize(torch.randn(n, k, device=device, generator=g) * 0.05, "nf4") for n in (48, 16, 24))
@@ -891,7 +892,8 @@ def _one_disagreement(device: torch.device, dtype: torch.dtype) -> str | None:
              ("SwiGLU with a folded norm", ws[:1], None, True, "normed", 1.0),
              ("a folded norm of an x where eps counts", ws[:1], None, False, "normed", 1e-3),
              ("a residual add", ws[:1], None, False, "residual", 1.0), ("rows of 8384 columns", long, None, False,
-                                                                         "residual", 1.0))
+                                                                         "residual", 1.0),
+             ("an x past fp16's range", ws, bias, False, None, 1e6 if dtype == torch.bfloat16 else 1.0))
     for what, wts, b, swiglu, fold, size in cases:
         x = (torch.randn(1, 1, wts[0].shape[1], device=device, generator=g) * size).to(dtype)
         if not gemv4bit_one.usable(x, wts, swiglu, env=False):

@@ -82,21 +82,30 @@ PRELUDE = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 
+#ifndef F16_PRODUCTS  /* 1: the tensor cores multiply in fp16 whatever x's type (the kernel converts x) */
+#define F16_PRODUCTS 0
+#endif
+__device__ __forceinline__ u32 to_f16(float f) {
+    u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
 #if BF16
-#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
 __device__ __forceinline__ u32 to16(float f) {  /* round to nearest even, as PyTorch rounds */
     u32 u = __float_as_uint(f);
     return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
 }
 __device__ __forceinline__ float from16(u32 h) { return __uint_as_float(h << 16); }
 #else
-#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
-__device__ __forceinline__ u32 to16(float f) {
-    u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
-}
+__device__ __forceinline__ u32 to16(float f) { return to_f16(f); }
 __device__ __forceinline__ float from16(u32 h) {
     float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((u16)h)); return f;
 }
+#endif
+#if BF16 && !F16_PRODUCTS  /* the products' type, and the lookup table's values in it */
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+__device__ __forceinline__ u32 to_operand(float f) { return to16(f); }
+#else
+#define MMA "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+__device__ __forceinline__ u32 to_operand(float f) { return to_f16(f); }
 #endif
 __device__ __forceinline__ float round16(float f) { return from16(to16(f)); }
 
@@ -142,12 +151,12 @@ __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u3
 }
 
 /* the lookup table in smem, written by thread `thread` of `threads`: entry e of lane l at word stride * e + l
-   (stride 32, or 64: every entry's 32 copies then 128 unused bytes), (code[e >> 4], code[e & 15]) in x's type, the
-   high nibble's value (the even column) in the low half; a thread writes an entry's 32 copies, 16 bytes at a time,
-   starting at a different 16 bytes from its neighbours' (no two of 8 threads in one bank) */
+   (stride 32, or 64: every entry's 32 copies then 128 unused bytes), (code[e >> 4], code[e & 15]) in the products'
+   type, the high nibble's value (the even column) in the low half; a thread writes an entry's 32 copies, 16 bytes at
+   a time, starting at a different 16 bytes from its neighbours' (no two of 8 threads in one bank) */
 __device__ __forceinline__ void write_table(u32* smem, const float* code, int thread, int threads, int stride = 32) {
     for (int e = thread; e < 256; e += threads) {
-        const u32 v = to16(code[e >> 4]) | (to16(code[e & 15]) << 16);
+        const u32 v = to_operand(code[e >> 4]) | (to_operand(code[e & 15]) << 16);
 #pragma unroll
         for (int i = 0; i < 8; ++i) *(uint4*)(smem + stride * e + 4 * ((i + e) & 7)) = make_uint4(v, v, v, v);
     }

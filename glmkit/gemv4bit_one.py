@@ -27,6 +27,15 @@ the way one token needs them:
   (``griddepcontrol.wait``) before it reads what that kernel wrote (x, the norm's sums, the residual stream: through
   pointers laundered after the wait, so the compiler cannot move those loads above it) or writes anything.
 
+The tensor cores multiply in fp16 whatever x's type (``F16_PRODUCTS``): bitsandbytes' 4-bit code in a bf16 table
+puts every weight of a code off the same way, 0.13% of a projection on its own, and made this kernel's outputs
+0.21-0.22% from float64 against 0.17% for the Triton kernel; with an fp16 table they are 0.17%, and the nf4
+decoder's logits 1.02x bf16 arithmetic's on the same weights, against 1.06x (``nf4_code_rounding.json``,
+``nf4_decode.json``: 0.996x the speed of bf16 products in the same run). A bf16 x is converted as it is staged: each CTA finds its
+largest value (a warp's, then the CTA's, after the wait for the kernel before), multiplies x by the power of two that
+puts it in [2^14, 2^15) (exact: bf16's 8 significant bits fit in fp16's 11, and nothing overflows fp16's 65504) and
+multiplies the sums by its inverse.
+
 It also folds what the 4-bit one-token step folds (``glmkit.gemv4bit.gemv_4bit_normed``, ``gemv_4bit_residual``):
 x may be a ``NormedStream`` (the sums are multiplied by ``1 / rms``), and the product may be added to the residual
 stream, writing the next norm's ``NormedStream`` (one sum of squares a tile).
@@ -389,6 +398,28 @@ __device__ __forceinline__ void sum_stage_xr(u32 st, u32 lt, const u32 (&xr)[XSL
 #endif
 
 
+#define X_SCALED (BF16 && F16_PRODUCTS)  /* x is bf16, the products fp16: x is converted as it is staged */
+#if X_SCALED
+/* top, or the largest |value| of the 8 bf16 values of v if larger: two of them a halfword lane, as bits */
+__device__ __forceinline__ u32 widest(u32 top, uint4 v) {
+    top = __vmaxu2(top, v.x & 0x7FFF7FFFu);
+    top = __vmaxu2(top, v.y & 0x7FFF7FFFu);
+    top = __vmaxu2(top, v.z & 0x7FFF7FFFu);
+    return __vmaxu2(top, v.w & 0x7FFF7FFFu);
+}
+/* the pair of bf16 values in w, times `scale` (a power of two), in fp16 (cvt puts its first value in the high half) */
+__device__ __forceinline__ u32 scaled_pair(u32 w, float scale) {
+    u32 h;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(h)
+        : "f"(__uint_as_float(w & 0xFFFF0000u) * scale), "f"(__uint_as_float(w << 16) * scale));
+    return h;
+}
+__device__ __forceinline__ uint4 scaled_f16(uint4 v, float scale) {
+    return make_uint4(scaled_pair(v.x, scale), scaled_pair(v.y, scale), scaled_pair(v.z, scale),
+                      scaled_pair(v.w, scale));
+}
+#endif
+
 __device__ __forceinline__ void group_sync(int group) {  /* the group's warps only (barrier 0 is the CTA's) */
     asm volatile("bar.sync %0, %1;" :: "r"(group + 1), "r"(GROUP_THREADS) : "memory");
 }
@@ -441,6 +472,9 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
     const u32 ring = base + RING_AT(warp);
     float* red = (float*)((char*)smem + RED_AT) + group * WARPS * SUMS;
     float* shared_rstd = (float*)((char*)smem + RED_AT) + GROUPS * WARPS * SUMS;
+#if X_SCALED
+    float* red_all = (float*)((char*)smem + RED_AT);  /* every group's sums */
+#endif
 
     Copier c;
     if (my_tiles > 0) {
@@ -490,13 +524,29 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
         for (int j = 0; j < 8; ++j) part[j] = lane + 32 * j < n_squares ? squares[lane + 32 * j] : 0.0f;
     }
 #endif
+#if X_SCALED  /* x in fp16 times 2^e, e such that its largest |value| is in [2^14, 2^15): exact (bf16's 8 bits fit
+                 fp16's 11) for every value within 2^31 of the largest, never past fp16's 65504 */
+    u32 top = 0u;  /* the largest |x| of the thread's words, as bf16 bits (their order is the values' order) */
+#pragma unroll
+    for (int j = 0; j < X_AHEAD; ++j) top = widest(top, xv[j]);
+    for (int i = threadIdx.x + X_AHEAD * THREADS; i < chunks * 8; i += THREADS) top = widest(top, x4[i]);
+    top = __reduce_max_sync(0xffffffffu, max(top & 0xFFFFu, top >> 16));
+    if (lane == 0) red_all[warp * SUMS] = __uint_as_float(top);  /* (the sums' place, unused until a tile ends) */
+    __syncthreads();
+    top = __reduce_max_sync(0xffffffffu, lane < WARPS_ALL ? __float_as_uint(red_all[lane * SUMS]) : 0u);
+    const int e = min(max(141 - (int)(top >> 7), -114), 100);  /* top's exponent: 2^(top >> 7 - 127) and up */
+    const float x_scale = __uint_as_float((u32)(127 + e) << 23), x_unscale = __uint_as_float((u32)(127 - e) << 23);
+#define STAGED(v) scaled_f16(v, x_scale)
+#else
+#define STAGED(v) (v)
+#endif
 #pragma unroll
     for (int j = 0; j < X_AHEAD; ++j) {
         const int i = threadIdx.x + j * THREADS;
-        if (i < x_words) x_shared[i] = xv[j];
+        if (i < x_words) x_shared[i] = STAGED(xv[j]);
     }
     for (int i = threadIdx.x + X_AHEAD * THREADS; i < x_words; i += THREADS)  /* (rows of over 16K columns) */
-        x_shared[i] = i < chunks * 8 ? x4[i] : make_uint4(0u, 0u, 0u, 0u);
+        x_shared[i] = i < chunks * 8 ? STAGED(x4[i]) : make_uint4(0u, 0u, 0u, 0u);
 #if NORMED
     if (warp == 0) {  /* 1 / rms(x) from the partial sums of squares, added in a fixed order */
         float sum = 0.0f;
@@ -509,8 +559,12 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
     }
 #endif
     __syncthreads();
-#if NORMED
+#if NORMED && X_SCALED  /* what the sums are multiplied by: 1 / rms, x's scale undone */
+    const float rstd = *shared_rstd * x_unscale;
+#elif NORMED
     const float rstd = *shared_rstd;
+#elif X_SCALED
+    const float rstd = x_unscale;
 #endif
     const u32 lane_table = base + TABLE_AT + 4 * lane;
     const u32 x_first = base + SMEM_END + chunk_begin * 128;  /* x's part of the tile's first stage */
@@ -622,7 +676,7 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
                 up += red[v * SUMS + 16 + r];
 #endif
             }
-#if NORMED
+#if NORMED || X_SCALED
             sum *= rstd;
 #if SWIGLU
             up *= rstd;
@@ -667,6 +721,13 @@ def source() -> str:
 # On an H200, GLM-4-9B's nf4 step took 2144 µs against 2268 with x read each stage (benchmarks/results/nf4_x_regs.json).
 X_REGS_MAX = 4
 
+# The tensor cores multiply in fp16 even for a bf16 token: the 4-bit code's 16 values in fp16 are 8x closer to the
+# exact ones than in bf16 (bitsandbytes' nf4 code rounded to bf16 puts a projection 0.13% off on its own:
+# benchmarks/results/nf4_code_rounding.json). x is converted as it is staged, times a power of two that puts its
+# largest value in [2^14, 2^15) (exact: bf16's 8 bits fit in fp16's 11, and no value overflows), undone on the sums.
+# False: bf16 products for a bf16 token, as before (the benchmarks compare the two).
+F16_PRODUCTS = True
+
 
 def data_stages(shape: OneShape, k: int) -> int:
     """Stages of 4 chunks of 64 weights in a warp's run of a row of ``k`` columns (a gate/up tile takes each twice).
@@ -681,9 +742,9 @@ def data_stages(shape: OneShape, k: int) -> int:
 def _options(bf16: bool, swiglu: bool, bias: bool, segments: int, normed: bool, residual: bool,
              shape: OneShape, k: int) -> list[str]:
     stages = data_stages(shape, k)
-    flags = dict(BF16=int(bf16), SWIGLU=int(swiglu), HAS_BIAS=int(bias), SEGMENTS=segments, NORMED=int(normed),
-                 RESIDUAL=int(residual), GROUPS=shape.groups, WARPS=shape.warps, DEPTH=shape.depth,
-                 WIDE=int(shape.wide), X_REGS=int(0 < stages <= X_REGS_MAX), XS=stages)
+    flags = dict(BF16=int(bf16), F16_PRODUCTS=int(F16_PRODUCTS), SWIGLU=int(swiglu), HAS_BIAS=int(bias),
+                 SEGMENTS=segments, NORMED=int(normed), RESIDUAL=int(residual), GROUPS=shape.groups, WARPS=shape.warps,
+                 DEPTH=shape.depth, WIDE=int(shape.wide), X_REGS=int(0 < stages <= X_REGS_MAX), XS=stages)
     return [f"-D{k}={v}" for k, v in flags.items()] + ["-std=c++17"]
 
 

@@ -2490,6 +2490,7 @@ def quantization_sentence() -> Text:
 
 PRECISION_ORDER = ("bf16", "fp16", "nf4")
 NF4_DEFAULT_PATH = "nf4 fast (glmkit CUDA kernel)"  # nf4_decode.py's nf4 decoder with its default options
+NF4_BF16_PRODUCTS_PATH = "nf4 fast (glmkit CUDA kernel, bf16 products)"  # the CUDA kernel as it was: bf16 code table
 
 
 def nf4_decode_rows(result: dict[str, Any]) -> list[tuple[str, str, float, float]]:
@@ -2572,6 +2573,11 @@ def nf4_decode_sentence() -> Text:
                      f"and {default['best_tok_s'] / bnb['best_tok_s']:.2f}x the same fast path on bitsandbytes' own "
                      f"kernel; a 4-bit token reads {default['roofline_tok_s'] / bf16['roofline_tok_s']:.2f}x fewer bytes "
                      f"({r['nf4_model_bytes'] / GiB:.2f} GiB of weights and quantization states).")
+            old = _nf4_path(r, NF4_BF16_PRODUCTS_PATH)
+            if old:
+                text += (f" Its tensor cores multiply in fp16; in bf16, as they once did (less accurately: the "
+                         f"accuracy sentence below), it decoded {old['best_tok_s']:.1f} tok/s, so fp16 products run at "
+                         f"{default['best_tok_s'] / old['best_tok_s']:.3f}x that speed.")
         if triton and bf16:
             best = max((x for x in (triton, bnb) if x), key=lambda x: x["best_tok_s"])
             text += (f" The faster nf4 fast path reached {best['best_tok_s'] / bf16['best_tok_s']:.2f}x bf16's fast path, "
@@ -3448,7 +3454,7 @@ def max_len_chart() -> Any:
     return fig
 
 
-LONG_CONTEXT_RUNS = ("nf4_decode_run2", "nf4_decode")  # nf4_decode.py's runs with a long_context stage (_newest)
+LONG_CONTEXT_RUNS = ("nf4_decode", "nf4_decode_run2")  # nf4_decode.py's runs with a long_context stage (_newest)
 
 
 def nf4_long_context_clause() -> str:
@@ -3482,7 +3488,7 @@ def nf4_long_context_clause() -> str:
 ACCURACY_YARDSTICK = "bf16 fast on the nf4 weights"  # nf4_decode.py's bf16 arithmetic on the nf4 weights
 
 
-ACCURACY_RUNS = ("nf4_decode_run2", "nf4_decode")  # nf4_decode.py's runs with an accuracy stage (_newest)
+ACCURACY_RUNS = ("nf4_decode", "nf4_decode_run2")  # nf4_decode.py's runs with an accuracy stage (_newest)
 NF4_TRITON_PATH = "nf4 fast (glmkit Triton kernel)"  # its nf4 decoder with the batch-1 CUDA kernel switched off
 
 
@@ -3533,23 +3539,53 @@ def fast_path_accuracy_sentence() -> Text:
         text += f"nf4's kernels are {med['nf4'] / med['yard']:.2f}x that ({med['nf4'] - med['yard']:.2f} points more)"
         text += (f"; bitsandbytes' own kernel in the same fast path: {100 * bnb['rel_err_median']:.2f}%."
                  if bnb else ".")
+    text += _paired_clause(nf4, yard)
     if triton is not None:
         t = 100 * triton["rel_err_median"]
         text += (f" With glmkit's Triton 4-bit kernel in place of its CUDA kernel (`GLMKIT_4BIT_KERNEL=triton`, "
                  f"slower): {t:.2f}%, {t / med['yard']:.2f}x the yardstick.")
-    rounding = load("nf4_code_rounding")
-    if rounding is not None:
-        rows = rounding["rows"]
+    old = acc.get(NF4_BF16_PRODUCTS_PATH)
+    if old is not None:
+        t = 100 * old["rel_err_median"]
+        text += (f" The CUDA kernel multiplies in fp16 (a bf16 token converted as it is staged); with its products in "
+                 f"bf16, as it did before: {t:.2f}%, {t / med['yard']:.2f}x the yardstick.")
+    return Text(text + _code_rounding_clause())
 
-        def pct(key: str) -> str:
-            return _range([100 * x[key] for x in rows], 2, "%")
-        text += (f" Per projection ({measured_on(rounding)}, `nf4_code_rounding.json`), the CUDA kernel's outputs are "
-                 f"{pct('cuda_vs_exact')} from float64 on the exact weights (Triton's: {pct('triton_vs_exact')}), but "
-                 f"{pct('cuda_vs_bf16_code')} from weights whose 4-bit code is rounded to bf16: its tensor-core "
-                 f"products take the code table in bf16, the same rounding for every weight of a code "
-                 f"({pct('bf16_code_vs_exact_fp64')} on its own; an fp16 table would leave "
-                 f"{pct('fp16_code_vs_exact_fp64')}).")
-    return Text(text)
+
+def _paired_clause(nf4: dict[str, Any], yard: dict[str, Any]) -> str:
+    """Step by step, how often nf4's error is below the yardstick's and their median ratio (runs that kept each step's
+    error), else empty."""
+    if "rel_err_steps" not in nf4 or "rel_err_steps" not in yard:
+        return ""
+    pairs = list(zip(nf4["rel_err_steps"], yard["rel_err_steps"]))
+    ratios = sorted(a / b for a, b in pairs)
+    return (f" Step by step, nf4's error is the smaller on {sum(a < b for a, b in pairs)} of {len(pairs)} steps; "
+            f"the median of the per-step ratios is {ratios[len(ratios) // 2]:.3f}.")
+
+
+def _code_rounding_clause() -> str:
+    """Per projection, the batch-1 CUDA kernel's error with fp16 and bf16 products (``nf4_code_rounding.json``)."""
+    rounding = load("nf4_code_rounding")
+    if rounding is None:
+        return ""
+    rows = rounding["rows"]
+
+    def pct(key: str) -> str:
+        return _range([100 * x[key] for x in rows], 2, "%")
+    where = f" Per projection ({measured_on(rounding)}, `nf4_code_rounding.json`)"
+    if "cuda_bf16_products_vs_exact" not in rows[0]:  # a run from before fp16 products
+        return (f"{where}, the CUDA kernel's outputs are {pct('cuda_vs_exact')} from float64 on the exact weights "
+                f"(Triton's: {pct('triton_vs_exact')}), but {pct('cuda_vs_bf16_code')} from weights whose 4-bit code "
+                f"is rounded to bf16: its tensor-core products take the code table in bf16, the same rounding for "
+                f"every weight of a code ({pct('bf16_code_vs_exact_fp64')} on its own; an fp16 table would leave "
+                f"{pct('fp16_code_vs_exact_fp64')}).")
+    return (f"{where}, the CUDA kernel's outputs are {pct('cuda_vs_exact')} from float64 on the exact weights with "
+            f"fp16 products (Triton's: {pct('triton_vs_exact')}; bf16 rounding of the weights alone costs "
+            f"{pct('bf16_weights_vs_exact_fp64')}), against {pct('cuda_bf16_products_vs_exact')} with bf16 products, "
+            f"whose code table in bf16 puts every weight of a code off the same way "
+            f"({pct('bf16_code_vs_exact_fp64')} on its own; fp16's table: {pct('fp16_code_vs_exact_fp64')}). A token "
+            f"10^5 times larger, past fp16's 65504: {pct('cuda_large_x_vs_exact')}, as the kernel scales x by a "
+            f"power of two before converting it.")
 
 
 def monitor_sentence() -> Text:

@@ -31,14 +31,19 @@ pytest.importorskip("triton")  # its wheel carries cuobjdump; the dev extra inst
 ])
 @pytest.mark.parametrize("arch, smem", [("sm_90", gemv4bit_one.SMEM_H200), ("sm_80", gemv4bit_one.SMEM_H200),
                                         ("sm_89", 99 * 1024)])
-def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual, k, arch, smem, tmp_path):
+def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual, k, arch, smem, tmp_path,
+                                 f16_products=True, monkeypatch=None):
     """Every form the decoders launch compiles at its shipped shape (an H200's, an RTX 4070's narrower one), keeps
     everything in registers (16 warps an SM: at most 128 each), and does what the design says: copies with cp.async,
-    products on the tensor cores in x's type, lookups from shared memory after a byte permute, each group of warps on
-    its own barrier; x held in registers for rows of 4096 columns (its only 16-byte shared loads: two a slot, once a
-    launch), read from shared memory each stage for down_proj's."""
+    products on the tensor cores in fp16 (a bf16 x converted as it is staged, after the largest value is found:
+    ``F16_PRODUCTS``), lookups from shared memory after a byte permute, each group of warps on its own barrier; x held
+    in registers for rows of 4096 columns (its only 16-byte shared loads: two a slot, once a launch), read from shared
+    memory each stage for down_proj's."""
+    if monkeypatch is not None:
+        monkeypatch.setattr(gemv4bit_one, "F16_PRODUCTS", f16_products)
     shape = gemv4bit_one.shape_for(swiglu, k, smem)
     options = gemv4bit_one._options(bf16, swiglu, bias, segments, normed, residual, shape, k)
+    scaled = bf16 and f16_products
     in_registers = gemv4bit_one.data_stages(shape, k) <= gemv4bit_one.X_REGS_MAX
     assert in_registers == (k == 4096) and f"-DX_REGS={int(in_registers)}" in options
     cubin = gemv4bit_mma.compile_cubin(options, arch, gemv4bit_one.source(), gemv4bit_one.NAME)
@@ -50,7 +55,9 @@ def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual,
     assert shape.smem_bytes(swiglu, k) <= smem
     sass = _cuobjdump(cubin, "-sass", tmp_path)
     assert "LDGSTS" in sass  # cp.async
-    assert re.search(r"HMMA\.16816\.F32" + (r"\.BF16" if bf16 else r"\s"), sass)
+    assert re.search(r"HMMA\.16816\.F32" + (r"\.BF16" if bf16 and not f16_products else r"\s"), sass)
+    # a bf16 x's largest value: a warp's (REDUX), then the CTA's; then x times a power of two, to fp16 (F2FP)
+    assert bool("REDUX" in sass and re.search(r"\bF2FP(\.F16\.F32)?\.PACK_AB\b", sass)) == scaled
     assert sass.count(" PRMT ") >= 16 and len(re.findall(r"\bLDS\b", sass)) >= 16
     assert re.search(r"\bBAR\.SYNC(\.DEFER_BLOCKING)? R", sass)  # a group's barrier, its number in a register
     wide_loads = len(re.findall(r"\bLDS\.128\b", sass))
@@ -62,6 +69,12 @@ def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual,
         # the kernel before writes is read, and nothing is written (the compiler once moved x's 16-byte loads up)
         assert not re.search(r"\b(LD|ST|STG|RED|ATOM|ATOMG)\.", before)
         assert re.findall(r"\bLDG\.[A-Z0-9.]+", before) == ["LDG.E.CONSTANT"] * 2
+
+
+def test_compiles_with_bf16_products(tmp_path, monkeypatch):
+    """``F16_PRODUCTS = False``: a bf16 x's products on the tensor cores in bf16, x staged as it is."""
+    test_compiles_without_spills(True, False, True, 3, True, False, 4096, "sm_90", gemv4bit_one.SMEM_H200, tmp_path,
+                                 f16_products=False, monkeypatch=monkeypatch)
 
 
 @pytest.mark.parametrize("swiglu, heights, fold", [(False, (40, 16, 24), "normed"), (True, (2 * 40,), None),

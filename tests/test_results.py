@@ -941,8 +941,9 @@ def test_the_long_context_clause_reads_the_newest_run_and_the_two_kernels():
 def _accuracy_file(tmp_path, nf4: float, yardstick: float) -> None:
     """An nf4_decode.json whose accuracy stage gave nf4 and its yardstick these median errors."""
     def row(against: str, median: float) -> dict:
+        steps = [median * (0.9 + 0.2 * i / 15) for i in range(16)]  # each step's error, around the median
         return {"against": against, "rel_err_median": median, "rel_err_max": median * 1.2, "argmax_equal": 10,
-                "steps": 16}
+                "steps": 16, "rel_err_steps": steps}
     rows = {"bf16 fast (glmkit kernels)": row("checkpoint in fp32", 0.065), results.NF4_DEFAULT_PATH: row("nf4", nf4),
             results.ACCURACY_YARDSTICK: row("nf4", yardstick)}
     env = {"device": "NVIDIA H200", "date": "2026-12-01"}
@@ -960,21 +961,26 @@ def test_fast_path_accuracy_says_only_what_its_figures_hold(monkeypatch, tmp_pat
     assert ("add no error beyond" in sentence) == within
     assert (f"{nf4 / yardstick:.2f}x that" in sentence) == (not within)
     assert f"{100 * nf4:.2f}% from an fp32 decoder on the same nf4 weights" in sentence
+    # step by step: every step's ratio is nf4 / yardstick, so nf4 is the smaller on all steps or none
+    assert f"smaller on {16 if nf4 < yardstick else 0} of 16 steps" in sentence
+    assert f"per-step ratios is {nf4 / yardstick:.3f}" in sentence
     assert [row[2] for row in results.fast_path_accuracy_table().rows] == ["6.50%", f"{100 * nf4:.2f}%",
                                                                           f"{100 * yardstick:.2f}%"]
 
 
 def test_the_committed_accuracy_names_both_4bit_kernels_and_why_they_differ():
-    """The newest accuracy run shows the Triton kernel's error beside the CUDA kernel's, and the per-projection run
-    says how far the CUDA kernel is from exact and from bf16-rounded codes."""
+    """The newest accuracy run shows the Triton kernel's error and the CUDA kernel's with bf16 products beside the
+    default's (fp16 products), and the per-projection run says how far the CUDA kernel is from exact with each."""
     acc = results.load(results.ACCURACY_RUNS[0])["accuracy"]["rows"]
     sentence = str(results.fast_path_accuracy_sentence())
-    assert f"{100 * acc[results.NF4_TRITON_PATH]['rel_err_median']:.2f}%" in sentence
-    assert results.NF4_TRITON_PATH in [row[0] for row in results.fast_path_accuracy_table().rows]
+    for path in (results.NF4_TRITON_PATH, results.NF4_BF16_PRODUCTS_PATH):
+        assert f"{100 * acc[path]['rel_err_median']:.2f}%" in sentence
+        assert path in [row[0] for row in results.fast_path_accuracy_table().rows]
     rows = results.load("nf4_code_rounding")["rows"]
-    assert all(x["cuda_vs_bf16_code"] < x["cuda_vs_exact"] and x["fp16_code_vs_exact_fp64"] < x["bf16_code_vs_exact_fp64"]
-               for x in rows)  # the figures the sentence's "but" and "would leave" rest on
-    assert results._range([100 * x["cuda_vs_exact"] for x in rows], 2, "%") in sentence
+    assert all(x["cuda_vs_exact"] < x["cuda_bf16_products_vs_exact"] and x["fp16_code_vs_exact_fp64"] <
+               x["bf16_code_vs_exact_fp64"] for x in rows)  # the figures the sentence's "against" rests on
+    for key in ("cuda_vs_exact", "cuda_bf16_products_vs_exact", "cuda_large_x_vs_exact"):
+        assert results._range([100 * x[key] for x in rows], 2, "%") in sentence
 
 
 def test_the_sweep_sentence_gives_the_engines_lone_request_with_and_without_spans():
