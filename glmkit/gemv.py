@@ -32,10 +32,11 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -167,8 +168,30 @@ def load_table(path: str | Path) -> tuple[str, dict[tuple[str, int, int], GemvCo
     """
     table = json.loads(Path(path).read_text())
     configs = {(c.get("kernel", "bf16"), c["rows"], c["columns"]):
-               GemvConfig(c["block_n"], c["block_k"], c["num_warps"], c.get("tiles")) for c in table["configs"]}
+               GemvConfig(c["block_n"], c["block_k"], c["num_warps"], c.get("tiles")) for c in table["configs"]
+               if not _is_cuda_shape(c)}
     return table["tuned_on"], configs
+
+
+CUDA_SHAPE_KEYS = ("groups", "warps", "depth", "wide")  # a CUDA kernel's launch shape in a table (gemv4bit_one.OneShape)
+
+
+def _is_cuda_shape(entry: dict) -> bool:
+    return "groups" in entry
+
+
+def load_cuda_shapes(path: str | Path) -> tuple[str, dict[tuple[str, int, int], dict[str, int | bool]]]:
+    """A table's launch shapes of glmkit's CUDA kernels (``CUDA_SHAPE_KEYS``; the batch-1 4-bit kernel's, kernel
+    ``"4bit-one"``): the device it was tuned on, and (kernel, rows, columns) -> shape fields. Tables without any
+    give an empty dict.
+
+    >>> load_cuda_shapes(TUNED_TABLE)[1]  # the H100 table: bf16 Triton shapes only
+    {}
+    """
+    table = json.loads(Path(path).read_text())
+    shapes = {(c["kernel"], c["rows"], c["columns"]): {key: c[key] for key in CUDA_SHAPE_KEYS}
+              for c in table["configs"] if _is_cuda_shape(c)}
+    return table["tuned_on"], shapes
 
 
 def load_tuned(path: str | Path = TUNED_TABLE) -> dict[tuple[int, int], GemvConfig]:
@@ -197,16 +220,31 @@ def tables_for(name: str) -> dict[tuple[str, int, int], GemvConfig]:
     >>> ("bf16", 4096, 13696) in tables_for("NVIDIA H100 80GB HBM3"), tables_for("NVIDIA GeForce RTX 3060")
     (True, {})
     """
-    found: dict[tuple[str, int, int], GemvConfig] = {}
+    return _found_for(name, load_table)
+
+
+def cuda_shapes_for(name: str) -> dict[tuple[str, int, int], dict[str, int | bool]]:
+    """``tables_for``'s CUDA kernel shapes (``load_cuda_shapes``): shipped, then the user's, which wins.
+
+    >>> cuda_shapes_for("NVIDIA GeForce RTX 3060")
+    {}
+    """
+    return _found_for(name, load_cuda_shapes)
+
+
+def _found_for(name: str, load: Callable[[Path], tuple[str, dict[Any, Any]]]) -> dict[Any, Any]:
+    """What ``load`` reads from every table tuned on ``name``: the shipped tables, then the user's."""
+    found: dict[Any, Any] = {}
     for path in [*sorted(ASSETS.glob("gemv_tuned*.json")), user_table_path()]:
         if path.exists():
-            tuned_on, configs = load_table(path)
+            tuned_on, entries = load(path)
             if tuned_on == name:
-                found.update(configs)
+                found.update(entries)
     return found
 
 
 _ACTIVE: dict[tuple[str, int, int], GemvConfig] | None = None
+_ACTIVE_CUDA: dict[tuple[str, int, int], dict[str, int | bool]] | None = None
 
 
 def active_table() -> dict[tuple[str, int, int], GemvConfig]:
@@ -220,6 +258,15 @@ def active_table() -> dict[tuple[str, int, int], GemvConfig]:
             warnings.warn(f"glmkit's GEMV kernels have no tuned launch shapes for {name}: they use defaults "
                           "(run `glmkit tune` once, about a minute, to measure this card's).", UserWarning, stacklevel=3)
     return _ACTIVE
+
+
+def active_cuda_shapes() -> dict[tuple[str, int, int], dict[str, int | bool]]:
+    """The tuned CUDA kernel shapes for this machine's GPU (read once; ``active_table`` says when a card is untuned).
+    ``glmkit tune`` adds what it measures while it runs."""
+    global _ACTIVE_CUDA
+    if _ACTIVE_CUDA is None:
+        _ACTIVE_CUDA = cuda_shapes_for(device_name())
+    return _ACTIVE_CUDA
 
 
 def lookup_config(kernel: str, n: int, k: int) -> GemvConfig | None:

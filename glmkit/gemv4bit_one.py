@@ -48,7 +48,8 @@ the decode attention's few programs, ``LEAVE_SMS_MAX``); notebook ``04_quantizat
 held in registers, an earlier version's warps waited most on the queue of shared-memory instructions
 (``nf4_one_ncu.json``: x then copied with each stage); now on fixed latencies and global loads
 (``nf4_one_ncu_x_regs.json``). Smaller cards get fewer warps a CTA, and the narrow table, where the H200's shape would
-not fit their shared memory (``shape_for``).
+not fit their shared memory (``shape_for``); ``glmkit tune`` times the shapes that fit the card in hand and keeps the
+fastest per projection in the user's table, which a launch then takes (``launch_shape``; notebook 05).
 
 Runs on NVIDIA GPUs of compute capability 8.0+ with x in bf16 or fp16, bitsandbytes' default blocksize (64) and
 plain fp32 scales (double quantization takes the Triton kernel): ``usable`` says when. It is checked against
@@ -75,8 +76,8 @@ import torch
 from glmkit import gemv, gemv4bit_mma
 from glmkit.gemv4bit_mma import or_stand_in
 
-__all__ = ["gemv_4bit_one", "usable", "runs_on", "reads_state", "OneShape", "shape_for", "smem_limit", "tiles", "SHAPE",
-           "sms_left", "LEAVE_SMS_MAX", "source", "NAME"]
+__all__ = ["gemv_4bit_one", "usable", "runs_on", "reads_state", "OneShape", "shape_for", "tuned_shape", "launch_shape",
+           "smem_limit", "tiles", "SHAPE", "sms_left", "LEAVE_SMS_MAX", "source", "NAME", "TABLE_KERNEL"]
 
 NAME = "glmkit_gemv4_one"
 LABEL = "batch-1 4-bit CUDA kernel"  # its name in a warning
@@ -173,6 +174,26 @@ def _shrunk(shape: OneShape, swiglu: bool, k: int, smem_limit: int) -> OneShape 
         else:
             return None
     return shape
+
+
+TABLE_KERNEL = "4bit-one"  # this kernel's name in the launch-shape tables (nf4 and fp4 take the same kernel)
+
+
+def tuned_shape(rows: int, k: int, swiglu: bool, smem_limit: int) -> OneShape | None:
+    """The shape ``glmkit tune`` measured fastest on this card for a launch of ``rows`` output rows (gate/up: of one
+    half; q/k/v: all three) of ``k`` columns (the user's table, else a shipped one: ``glmkit.gemv.active_cuda_shapes``),
+    where it fits ``smem_limit``; None where there is none."""
+    entry = gemv.active_cuda_shapes().get((TABLE_KERNEL, rows, k))
+    if entry is None:
+        return None
+    shape = OneShape(**entry)
+    return shape if shape.smem_bytes(swiglu, k) <= smem_limit else None
+
+
+def launch_shape(device: torch.device, rows: int, k: int, swiglu: bool) -> OneShape | None:
+    """The shape a launch on ``device`` takes: the tuned one (``tuned_shape``), else ``shape_for``'s default."""
+    limit = smem_limit(device)
+    return tuned_shape(rows, k, swiglu, limit) or shape_for(swiglu, k, limit)
 
 
 def smem_limit(device: torch.device) -> int:
@@ -823,7 +844,7 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     k = w.shape[1]
     rows = [v.shape[0] for v in ws]
     n_out = rows[0] // 2 if swiglu else sum(rows)
-    shape = shape or shape_for(swiglu, k, smem_limit(x.device))
+    shape = shape or launch_shape(x.device, n_out, k, swiglu)
     xf = gemv4bit_mma.aligned16(x)  # copied 16 bytes at a time
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     t = tiles(rows, swiglu)

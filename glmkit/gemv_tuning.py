@@ -28,8 +28,18 @@ import torch
 import torch.nn.functional as F
 from transformers import GlmConfig
 
-from glmkit import gemv4bit
-from glmkit.gemv import GemvConfig, active_table, add_norm_gemv, device_name, gemv, gemv_swiglu, user_table_path
+from glmkit import gemv4bit, gemv4bit_one
+from glmkit.gemv import (
+    CUDA_SHAPE_KEYS,
+    GemvConfig,
+    active_cuda_shapes,
+    active_table,
+    add_norm_gemv,
+    device_name,
+    gemv,
+    gemv_swiglu,
+    user_table_path,
+)
 from glmkit.gemv4bit import gemv_4bit, gemv_4bit_swiglu, linear_4bit, quantize, tuned_lookups
 
 FOUR_BIT = ("nf4", "fp4")
@@ -233,6 +243,105 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
     return row
 
 
+# the batch-1 4-bit CUDA kernel's candidate shapes (glmkit.gemv4bit_one.OneShape): groups x warps a CTA, stages a warp
+# copies ahead, the wide or the narrow lookup table; those that fit the card's shared memory are timed
+ONE_WARPS = ((4, 4), (2, 8), (8, 2), (2, 4), (4, 2))
+ONE_DEPTHS = (2, 3)
+
+
+def one_candidates(swiglu: bool, k: int, smem_limit: int = gemv4bit_one.SMEM_H200) -> list[gemv4bit_one.OneShape]:
+    """The batch-1 4-bit CUDA kernel's shapes to time for rows of ``k`` columns on a card whose CTAs may take
+    ``smem_limit`` bytes of shared memory: ``ONE_WARPS`` x ``ONE_DEPTHS`` x both tables, where they fit; the
+    untuned default (``shape_for``) first.
+
+    >>> one_candidates(False, 4096)[0] == gemv4bit_one.SHAPE, len(one_candidates(False, 4096))
+    (True, 20)
+    >>> all(s.smem_bytes(True, 4096) <= 99 * 1024 for s in one_candidates(True, 4096, 99 * 1024))  # a consumer card
+    True
+    """
+    default = gemv4bit_one.shape_for(swiglu, k, smem_limit)
+    shapes = [gemv4bit_one.OneShape(g, w, d, wide) for g, w in ONE_WARPS for d in ONE_DEPTHS for wide in (True, False)]
+    fits = [s for s in shapes if s.smem_bytes(swiglu, k) <= smem_limit and s != default]
+    return ([default] if default else []) + fits
+
+
+def one_projections() -> dict[str, tuple[tuple[int, ...], int, bool, bool]]:
+    """name -> (rows of each weight the launch reads side by side, columns, has bias, SwiGLU) of GLM-4-9B-Chat's
+    4-bit launches through the batch-1 CUDA kernel (q, k and v in one launch; gate/up: gate rows then up rows).
+
+    >>> one_projections()["qkv"], one_projections()["gate_up"]
+    (((4096, 256, 256), 4096, True, False), ((27392,), 4096, False, True))
+    """
+    c = GlmConfig()
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    return {"qkv": ((q, kv, kv), c.hidden_size, True, False), "o_proj": ((c.hidden_size,), q, False, False),
+            "gate_up": ((2 * c.intermediate_size,), c.hidden_size, False, True),
+            "down_proj": ((c.hidden_size,), c.intermediate_size, False, False)}
+
+
+def tune_one_projection(name: str, heights: tuple[int, ...], k: int, bias: bool, swiglu: bool,
+                        device: str = "cuda") -> dict[str, Any]:
+    """Time every candidate shape (``one_candidates``) of the batch-1 4-bit CUDA kernel on one launch (bitsandbytes
+    nf4 weights, no double quantization: the kernel reads fp32 scales), each checked against float64 and launched
+    plainly back to back over ~1 GiB of weight copies in one CUDA graph (``graph_time``); the default shape's time
+    beside the best. The best goes into this process's table (``glmkit.gemv.active_cuda_shapes``)."""
+    rows = sum(heights)
+    nbytes = rows * k // 2
+    copies = max(2, math.ceil(2**30 / nbytes))
+    ws = [tuple(quantize(torch.randn(h, k, device=device) * 0.02, "nf4") for h in heights) for _ in range(copies)]
+    x = torch.randn(1, 1, k, device=device, dtype=torch.bfloat16)
+    b = torch.randn(rows, device=device, dtype=torch.bfloat16) if bias else None
+    ref = F.linear(x.double(), torch.cat([w.dequantize(torch.float64) for w in ws[0]]), None if b is None else b.double())
+    if swiglu:
+        gate, up = ref.chunk(2, dim=-1)
+        ref = up * F.silu(gate)
+    n_out = rows // 2 if swiglu else rows
+    row: dict[str, Any] = {"projection": name, "kernel": gemv4bit_one.TABLE_KERNEL, "rows": n_out, "columns": k,
+                           "bytes": nbytes, "copies": copies, "tried": []}
+    best = None
+    for shape in one_candidates(swiglu, k, gemv4bit_one.smem_limit(torch.device(device))):
+        def ours(i, shape=shape):
+            return gemv4bit_one.gemv_4bit_one(x, ws[i], b, swiglu, shape=shape)
+        fields = {key: getattr(shape, key) for key in CUDA_SHAPE_KEYS}
+        try:
+            err = ((ours(0).double() - ref).norm() / ref.norm()).item()  # NaN (a layout the kernel refuses) fails
+            t = graph_time(ours, copies)
+        except Exception as exc:  # a shape NVRTC or the driver cannot take: record and go on
+            row["tried"].append({**fields, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        row["tried"].append({**fields, "us": t * 1e6, "tb_s": nbytes / t / 1e12, "rel_err": err})
+        if err < 2e-2 and (best is None or t < best[1]):
+            best = (fields, t)
+    row["default"] = row["tried"][0] if row["tried"] else None  # (one_candidates puts the default first)
+    row["best"] = None if best is None else {**best[0], "us": best[1] * 1e6, "tb_s": nbytes / best[1] / 1e12}
+    if best is not None:
+        active_cuda_shapes()[(gemv4bit_one.TABLE_KERNEL, n_out, k)] = best[0]  # this process launches it from now on
+    ws.clear()
+    torch.cuda.empty_cache()
+    return row
+
+
+def tune_one_kernel(log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+    """Tune the batch-1 4-bit CUDA kernel's shapes for every GLM-4-9B launch (``tune_one_projection``), where it
+    runs on this GPU and has passed its first-run check; else nothing, said in one line."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    if not gemv4bit_one.runs_on(device, torch.bfloat16) or not gemv4bit.check_one(device, torch.bfloat16):
+        log(f"4-bit batch-1 CUDA kernel: does not run on {device_name()} (compute capability 8.0+, NVRTC; "
+            "GLMKIT_4BIT_KERNEL unset): the Triton kernel's shapes serve one token.")
+        return []
+    rows = []
+    for name, (heights, k, bias, swiglu) in one_projections().items():
+        row = tune_one_projection(name, heights, k, bias, swiglu)
+        rows.append(row)
+        best, default = row["best"], row["default"]
+        log(f"4-bit {name:10s} (CUDA kernel, one token) " + (
+            f"best {best['groups']}x{best['warps']} warps, {best['depth']} stages, "
+            f"{'wide' if best['wide'] else 'narrow'} table: {best['us']:.1f} µs, {best['tb_s']:.2f} TB/s; "
+            f"untuned default {default['us']:.1f} µs" if best and default and "us" in default else "no shape built"))
+    return rows
+
+
 def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = print,
          tp: int = 1) -> list[dict[str, Any]]:
     """Tune every GLM-4-9B projection for each kernel on this GPU; returns the rows (see ``tune_projection``).
@@ -267,6 +376,8 @@ def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = p
                                                + (f", {best['lookup']} lookup: " if "lookup" in best else ": ") +
                                                f"{best['us']:.1f} µs, {best['tb_s']:.2f} TB/s; {base} (bare product) "
                                                f"{row[base + '_tb_s']:.2f} TB/s" if best else "no shape built"))
+    if tp == 1 and done & set(FOUR_BIT):  # nf4 and fp4 take the same batch-1 CUDA kernel: its shapes once
+        rows += tune_one_kernel(log)
     return rows
 
 
@@ -283,7 +394,10 @@ def table_configs(rows: list[dict[str, Any]], fp16_from_bf16: bool = True) -> li
     """
     out = []
     for r in rows:
-        if r["best"]:
+        if r["best"] and r["kernel"] == gemv4bit_one.TABLE_KERNEL:  # a CUDA kernel's shape: rows as it launches
+            out.append({"kernel": r["kernel"], "rows": r["rows"], "columns": r["columns"],
+                        **{key: r["best"][key] for key in CUDA_SHAPE_KEYS}})
+        elif r["best"]:
             n = r["rows"] // 2 if r["projection"] == "gate_up" else r["rows"]
             tiles = {"tiles": gemv4bit.tiles_per_program(r["projection"] == "gate_up")} if r["kernel"] in FOUR_BIT else {}
             out.append({"kernel": r["kernel"], "rows": n, "columns": r["columns"],

@@ -183,6 +183,30 @@ def test_write_table_keeps_this_cards_other_shapes_and_is_read_back(tmp_path, mo
     assert tables_for(card) == {} and len(tables_for("another card")) == 1
 
 
+def test_cuda_kernel_shapes_share_the_tables_and_are_read_apart(tmp_path, monkeypatch):
+    """The batch-1 4-bit CUDA kernel's tuned shapes (``glmkit tune``: ``table_configs`` of its rows) go into the same
+    table as the Triton shapes; ``tables_for`` reads the Triton shapes, ``cuda_shapes_for`` the CUDA ones, each by
+    device name, and a re-tuned shape replaces the old one."""
+    from glmkit.gemv import cuda_shapes_for
+    from glmkit.gemv_tuning import table_configs, write_table
+
+    monkeypatch.setenv("GLMKIT_CACHE", str(tmp_path))
+    card = "NVIDIA GeForce RTX 4070"
+    tuned = {"projection": "gate_up", "kernel": "4bit-one", "rows": 13696, "columns": 4096,
+             "best": {"groups": 2, "warps": 4, "depth": 3, "wide": False, "us": 80.0, "tb_s": 0.35}}
+    triton = {"projection": "o_proj", "kernel": "nf4", "rows": 4096, "columns": 4096,
+              "best": {"block_n": 2, "block_k": 1024, "num_warps": 2, "lookup": "shuffle"}}
+    configs = table_configs([tuned, triton])
+    assert configs[0] == {"kernel": "4bit-one", "rows": 13696, "columns": 4096, "groups": 2, "warps": 4, "depth": 3,
+                          "wide": False}  # rows as the kernel launches them (gate/up: one half), no timings
+    write_table(configs, device=card)
+    assert set(tables_for(card)) == {("nf4", 4096, 4096)}
+    assert cuda_shapes_for(card) == {("4bit-one", 13696, 4096): {"groups": 2, "warps": 4, "depth": 3, "wide": False}}
+    write_table(table_configs([{**tuned, "best": {**tuned["best"], "groups": 1}}]), device=card)
+    assert cuda_shapes_for(card)[("4bit-one", 13696, 4096)]["groups"] == 1 and len(tables_for(card)) == 1
+    assert cuda_shapes_for("another card") == {}
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_glmkit_tune_without_a_gpu_says_so(capsys):
     from glmkit.cli import main

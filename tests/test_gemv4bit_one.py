@@ -125,6 +125,33 @@ def test_launch_matches_the_kernels_parameters(swiglu, heights, fold, monkeypatc
         assert named["norm_weight"].dtype == x.dtype
 
 
+def test_a_launch_takes_the_shape_tuned_for_this_card_where_it_fits(monkeypatch):
+    """A tuned shape for the launch's rows and columns (``glmkit tune``, read through
+    ``glmkit.gemv.active_cuda_shapes``) is what the kernel is launched with: its threads and shared memory; one that
+    does not fit this card's shared memory, or none, leaves the untuned default (``shape_for``)."""
+    import glmkit.gemv
+
+    launches = []
+    monkeypatch.setattr(gemv4bit_mma, "launch", lambda *a, **k: launches.append(a))
+    card = SimpleNamespace(multi_processor_count=4, shared_memory_per_block_optin=99 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: card)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: (8, 9))
+    ws = (quantize(torch.randn(48, 128), "nf4"),)
+    x = torch.randn(1, 1, 128, dtype=torch.bfloat16)
+    tuned = gemv4bit_one.OneShape(1, 2, 3, False)
+    too_big = gemv4bit_one.OneShape(8, 8, 4, True)
+    assert too_big.smem_bytes(False, 128) > 99 * 1024 >= tuned.smem_bytes(False, 128)
+    default = gemv4bit_one.shape_for(False, 128, 99 * 1024)
+    for table, want in (({}, default), ({(gemv4bit_one.TABLE_KERNEL, 48, 128): vars(tuned)}, tuned),
+                        ({(gemv4bit_one.TABLE_KERNEL, 48, 128): vars(too_big)}, default),
+                        ({(gemv4bit_one.TABLE_KERNEL, 40, 128): vars(tuned)}, default)):  # another launch's rows
+        monkeypatch.setattr(glmkit.gemv, "_ACTIVE_CUDA", table)
+        gemv4bit_one.gemv_4bit_one(x, ws, None, False)
+        (_, options, _, block, _, shared, *_) = launches[-1]
+        assert block == (32 * want.groups * want.warps, 1, 1) and shared == want.smem_bytes(False, 128)
+        assert f"-DDEPTH={want.depth}" in options and f"-DWIDE={int(want.wide)}" in options
+
+
 def test_shapes_and_tiles():
     # GLM-4-9B: q/k/v 288 tiles, o_proj and down_proj 256, gate/up 856 (16 gate rows and their up rows each)
     assert gemv4bit_one.tiles([4096, 256, 256], False) == 288 and gemv4bit_one.tiles([27392], True) == 856
