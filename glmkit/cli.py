@@ -369,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "per kernel) and keep them in glmkit's cache")
     p.add_argument("--kernels", default="bf16,nf4",
                    help="comma-separated: bf16, fp16, nf4, fp4 (fp16 takes bf16's shapes unless given; 4-bit "
-                        "kernels also time each nibble lookup and keep the faster with the shape)")
+                        "kernels also time each nibble lookup and keep the faster with the shape, and the batch-1 "
+                        "4-bit CUDA kernel's shapes where it runs)")
     p.add_argument("--output", help="table file (default: gemv_tuned.json in $GLMKIT_CACHE or ~/.cache/glmkit)")
     p.add_argument("--tp", type=int, choices=(1, 2), default=1,
                    help="2: tune one tensor-parallel rank's shard shapes (for --tp 2 --fast-decode; qkv, gate_up "

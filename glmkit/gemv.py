@@ -220,7 +220,7 @@ def tables_for(name: str) -> dict[tuple[str, int, int], GemvConfig]:
     >>> ("bf16", 4096, 13696) in tables_for("NVIDIA H100 80GB HBM3"), tables_for("NVIDIA GeForce RTX 3060")
     (True, {})
     """
-    return _found_for(name, load_table)
+    return read_tables(name, load_table)
 
 
 def cuda_shapes_for(name: str) -> dict[tuple[str, int, int], dict[str, int | bool]]:
@@ -229,11 +229,12 @@ def cuda_shapes_for(name: str) -> dict[tuple[str, int, int], dict[str, int | boo
     >>> cuda_shapes_for("NVIDIA GeForce RTX 3060")
     {}
     """
-    return _found_for(name, load_cuda_shapes)
+    return read_tables(name, load_cuda_shapes)
 
 
-def _found_for(name: str, load: Callable[[Path], tuple[str, dict[Any, Any]]]) -> dict[Any, Any]:
-    """What ``load`` reads from every table tuned on ``name``: the shipped tables, then the user's."""
+def read_tables(name: str, load: Callable[[Path], tuple[str, dict[Any, Any]]]) -> dict[Any, Any]:
+    """What ``load`` (path -> the device a table was tuned on, its entries) reads from every table tuned on ``name``:
+    the shipped tables (``assets/gemv_tuned*.json``), then the user's, whose entries win."""
     found: dict[Any, Any] = {}
     for path in [*sorted(ASSETS.glob("gemv_tuned*.json")), user_table_path()]:
         if path.exists():

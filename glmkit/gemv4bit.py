@@ -50,6 +50,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import torch
@@ -58,16 +59,15 @@ import torch.nn.functional as F
 from glmkit import gemv4bit_mma, gemv4bit_one
 from glmkit.costs import column_splits
 from glmkit.gemv import (
-    ASSETS,
     INTERPRETER,
     GemvConfig,
     device_name,
     kernel_name,
     launch_options,
     lookup_config,
+    read_tables,
     triton,
     triton_available,
-    user_table_path,
 )
 from glmkit.gemv4bit_mma import or_stand_in
 from glmkit.vocabulary import quantization_setting
@@ -962,18 +962,12 @@ def pair_table(code: torch.Tensor, quant_type: str) -> torch.Tensor:
 def _table_lookups(name: str) -> dict[tuple[str, int, int], str]:
     """(kernel, rows, columns) -> lookup from the launch-shape tables tuned on the device ``name`` (the entries'
     ``"lookup"``), read as ``glmkit.gemv.tables_for`` reads their shapes: shipped tables, then the user's."""
-    found: dict[tuple[str, int, int], str] = {}
-    for path in [*sorted(ASSETS.glob("gemv_tuned*.json")), user_table_path()]:
-        table = json.loads(path.read_text()) if path.exists() else {}
-        if table.get("tuned_on") != name:
-            continue
-        for c in table["configs"]:
-            key = (c.get("kernel", "bf16"), c["rows"], c["columns"])
-            if c.get("lookup") in LOOKUPS:
-                found[key] = c["lookup"]
-            else:  # a later table's shape without a lookup: the shape it was timed with used the default
-                found.pop(key, None)
-    return found
+    def load(path: Path) -> tuple[str, dict[tuple[str, int, int], str | None]]:
+        table = json.loads(path.read_text())
+        # (a later table's shape without a lookup: the shape it was timed with used the default, None until the end)
+        return table["tuned_on"], {(c.get("kernel", "bf16"), c["rows"], c["columns"]):
+                                   c["lookup"] if c.get("lookup") in LOOKUPS else None for c in table["configs"]}
+    return {key: lookup for key, lookup in read_tables(name, load).items() if lookup is not None}
 
 
 _TUNED_LOOKUPS: dict[tuple[str, int, int], str] | None = None

@@ -292,7 +292,8 @@ def tune_one_projection(name: str, heights: tuple[int, ...], k: int, bias: bool,
     ws = [tuple(quantize(torch.randn(h, k, device=device) * 0.02, "nf4") for h in heights) for _ in range(copies)]
     x = torch.randn(1, 1, k, device=device, dtype=torch.bfloat16)
     b = torch.randn(rows, device=device, dtype=torch.bfloat16) if bias else None
-    ref = F.linear(x.double(), torch.cat([w.dequantize(torch.float64) for w in ws[0]]), None if b is None else b.double())
+    ref = F.linear(x.double(), torch.cat([w.dequantize(torch.float32) for w in ws[0]]).double(),
+                   None if b is None else b.double())
     if swiglu:
         gate, up = ref.chunk(2, dim=-1)
         ref = up * F.silu(gate)

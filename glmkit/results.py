@@ -3588,6 +3588,42 @@ def _code_rounding_clause() -> str:
             f"power of two before converting it.")
 
 
+def _one_shape(x: dict[str, Any]) -> str:
+    """A batch-1 4-bit CUDA kernel shape as the tables keep it, in words: ``4x4 warps, 2 stages, wide``."""
+    return f"{x['groups']}x{x['warps']} warps, {x['depth']} stages, {'wide' if x['wide'] else 'narrow'}"
+
+
+def one_shapes_table() -> Table | Text:
+    """``glmkit tune``'s shapes for the batch-1 4-bit CUDA kernel on the card it ran on (``one_shapes_tune.json``):
+    per GLM-4-9B launch the untuned default and the fastest shape, each in µs (notebook 05)."""
+    def render(r: dict[str, Any]) -> Table:
+        rows = [[p["projection"], f"{p['rows']} x {p['columns']}", str(len(p["tried"])), _one_shape(p["default"]),
+                 f"{p['default']['us']:.1f}", _one_shape(p["best"]), f"{p['best']['us']:.1f}",
+                 f"{p['default']['us'] / p['best']['us']:.3f}x"] for p in r["projections"] if p["best"] and p["default"]]
+        return table(["launch", "rows x columns", "shapes timed", "untuned default", "µs", "fastest", "µs",
+                      "default / fastest"], rows,
+                     caption=f"{measured_on(r)}: the batch-1 4-bit CUDA kernel's launch shapes, each launched plainly "
+                             f"over ~1 GiB of nf4 weight copies in one CUDA graph (`one_shapes_tune.json`)")
+    return from_result("one_shapes_tune", render, what="The 4-bit CUDA kernel's tuned shapes",
+                       script="benchmarks/one_shapes_tune.py")
+
+
+def one_shapes_sentence() -> Text:
+    """What tuning the batch-1 4-bit CUDA kernel's shapes gave a decoder on that card (``one_shapes_tune.json``)."""
+    def render(r: dict[str, Any]) -> str:
+        d = r["decode"]
+        default, tuned = d["best_tok_s"]["default shapes"], d["best_tok_s"]["tuned shapes"]
+        same = "the same" if d["same_tokens"] else "different"
+        return (f"On {measured_on(r)}, GLM-4-9B in nf4 (random weights, batch 1, {d['prompt']}-token prompt, "
+                f"{d['new_tokens']} new tokens, best of 3 rounds taking turns in one process) decoded {tuned:.1f} "
+                f"tok/s with the tuned shapes and {default:.1f} with the untuned defaults ({tuned / default:.3f}x), "
+                f"with {same} tokens." + (" The defaults were chosen on an H200, so there is little to gain there; "
+                                          "the shipped H200 table holds these shapes "
+                                          "(`assets/gemv_tuned_h200_4bit_cuda.json`)." if "H200" in r["device"] else ""))
+    return from_result("one_shapes_tune", render, what="The 4-bit CUDA kernel's tuned shapes",
+                       script="benchmarks/one_shapes_tune.py")
+
+
 def monitor_sentence() -> Text:
     """How well the monitor agrees with nvidia-smi and what polling costs (``monitor_check*.json``)."""
     m, fast = load("monitor_check"), load("monitor_check_fast")

@@ -998,3 +998,19 @@ def test_the_newest_run_is_the_latest_date_then_the_first_named(monkeypatch, tmp
         (tmp_path / f"{name}.json").write_text(json.dumps({"name": name, "environment": {"date": date}, "x": 1}))
     assert results._newest(["c", "b", "a"])["name"] == "b" and results._newest(["a", "b"])["name"] == "a"
     assert results._newest(["c", "missing"], "x")["name"] == "c" and results._newest(["a"], "y") is None
+
+
+def test_the_4bit_cuda_kernels_tuning_shows_each_launch_and_the_decoders_speed_both_ways():
+    """one_shapes_tune.json: a row per GLM-4-9B launch with the default's and the fastest shape's time, and the
+    decode speeds with both, their ratio and whether the tokens agree, as the file holds them."""
+    r = results.load("one_shapes_tune")
+    rows = results.one_shapes_table().rows
+    assert [row[0] for row in rows] == [p["projection"] for p in r["projections"]] == ["qkv", "o_proj", "gate_up",
+                                                                                        "down_proj"]
+    for row, p in zip(rows, r["projections"]):
+        assert row[4] == f"{p['default']['us']:.1f}" and row[6] == f"{p['best']['us']:.1f}"
+        assert p["best"]["us"] <= p["default"]["us"]  # the fastest is at most the default it was timed beside
+    best = r["decode"]["best_tok_s"]
+    sentence = str(results.one_shapes_sentence())
+    assert f"{best['tuned shapes']:.1f} tok/s with the tuned shapes and {best['default shapes']:.1f}" in sentence
+    assert ("the same tokens" in sentence) == r["decode"]["same_tokens"]
