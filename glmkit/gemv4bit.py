@@ -1018,8 +1018,6 @@ class _Fusion(NamedTuple):
     scaled: torch.Tensor | None = None
     partials: torch.Tensor | None = None
     leave_sms: int = 0
-    stream: torch.Tensor | None = None  # with squares: x itself, for the batch-1 CUDA kernel to form x * g from
-    stream_norm: torch.Tensor | None = None  # ... and g (gemv4bit_one.stages_norm)
 
 
 _NO_FUSION = _Fusion()
@@ -1036,9 +1034,9 @@ def _launch(x: torch.Tensor, ws: tuple[Packed4bit, ...], bias: torch.Tensor | No
     y = None
     if mma and _takes_one(x, ws, swiglu, config, lookup, batch_axis):
         f = fusion  # (partials sized for this kernel's tiles: if it fails, the caller sizes them again)
-        y = _cuda_product(lambda: gemv4bit_one.gemv_4bit_one(x if f.stream is None else f.stream, ws, bias, swiglu,
-                                                             f.squares, f.eps, f.residual, f.norm_weight, f.scaled,
-                                                             f.partials, leave_sms=f.leave_sms, x_norm=f.stream_norm),
+        y = _cuda_product(lambda: gemv4bit_one.gemv_4bit_one(x, ws, bias, swiglu, f.squares, f.eps, f.residual,
+                                                             f.norm_weight, f.scaled, f.partials,
+                                                             leave_sms=f.leave_sms),
                           x.device, gemv4bit_one, reraise=f.partials is not None)
     elif mma and fusion is _NO_FUSION and config is None and lookup is None and batch_axis is None and \
             gemv4bit_mma.usable(x, ws, swiglu) and check_mma(x.device, x.dtype):
@@ -1368,19 +1366,13 @@ class NormedStream(NamedTuple):
     kernel normalises x apart). ``gemv_4bit_residual`` writes one as it adds its product to the stream (one sum a row
     block); ``normed_stream`` makes one from a stream. The fused batch-1 step of a 4-bit ``FastDecoder``.
 
-    ``stream`` and ``norm_weight`` are x and g themselves: where the batch-1 CUDA kernel multiplies a bf16 token in
-    fp16 (``glmkit.gemv4bit_one.stages_norm``), it forms ``x * g`` from them in fp32 as it reads x, rather than read
-    ``scaled``, rounded to bf16 once more.
-
     >>> s = normed_stream(torch.tensor([[[3.0, 4.0]]]), torch.tensor([1.0, 0.5]))
-    >>> s.scaled.tolist(), s.squares.tolist(), s.stream.tolist()
-    ([[[3.0, 2.0]]], [25.0], [[[3.0, 4.0]]])
+    >>> s.scaled.tolist(), s.squares.tolist()
+    ([[[3.0, 2.0]]], [25.0])
     """
 
     scaled: torch.Tensor
     squares: torch.Tensor
-    stream: torch.Tensor | None = None
-    norm_weight: torch.Tensor | None = None
 
 
 if triton is not None:
@@ -1401,7 +1393,7 @@ if triton is not None:
 def normed_stream_torch(x: torch.Tensor, norm_weight: torch.Tensor) -> NormedStream:
     """``normed_stream`` as PyTorch computes it (five kernels on a GPU): where Triton does not run."""
     x32 = x.float()
-    return NormedStream((x32 * norm_weight.float()).to(x.dtype), x32.pow(2).sum().reshape(1), x, norm_weight)
+    return NormedStream((x32 * norm_weight.float()).to(x.dtype), x32.pow(2).sum().reshape(1))
 
 
 def normed_stream(x: torch.Tensor, norm_weight: torch.Tensor) -> NormedStream:
@@ -1415,7 +1407,7 @@ def normed_stream(x: torch.Tensor, norm_weight: torch.Tensor) -> NormedStream:
     if not (gpu or INTERPRETER) or not triton_available() or x.device != norm_weight.device:
         return normed_stream_torch(x, norm_weight)
     x, k = x.contiguous(), x.shape[-1]
-    stream = NormedStream(torch.empty_like(x), torch.empty(1, dtype=torch.float32, device=x.device), x, norm_weight)
+    stream = NormedStream(torch.empty_like(x), torch.empty(1, dtype=torch.float32, device=x.device))
     with _on(x.device):
         _normed_stream_kernel[(1,)](x, norm_weight.contiguous(), stream.scaled, stream.squares, K=k,
                                     BLOCK=triton.next_power_of_2(k), num_warps=4, **launch_options())
@@ -1442,16 +1434,12 @@ def gemv_4bit_normed(stream: NormedStream, weights: Packed4bit | Sequence[Packed
     ...     assert torch.allclose(gemv_4bit_normed(normed_stream(x, g), w), want, atol=1e-4)
     """
     ws = _side_by_side(weights)
-    x, squares = stream.scaled, stream.squares
+    x, squares = stream
     if x.numel() != x.shape[-1]:
         raise ValueError(f"gemv_4bit_normed multiplies one token (a NormedStream of [..., k]), got {tuple(x.shape)}.")
     if squares.dtype != torch.float32 or squares.dim() != 1 or squares.device != x.device:
         raise ValueError("A NormedStream's squares are a 1-D float32 tensor on its device (normed_stream makes one).")
-    fusion = _Fusion(squares=squares.contiguous(), eps=eps, leave_sms=leave_sms)
-    if stream.stream is not None and stream.norm_weight is not None and gemv4bit_one.stages_norm(x.dtype) and \
-            stream.stream.shape == x.shape and stream.stream.dtype == x.dtype:
-        fusion = fusion._replace(stream=stream.stream.contiguous(), stream_norm=stream.norm_weight)
-    return _launch(x, ws, bias, swiglu, None, fusion=fusion)
+    return _launch(x, ws, bias, swiglu, None, fusion=_Fusion(squares=squares.contiguous(), eps=eps, leave_sms=leave_sms))
 
 
 def sms_left_by(stream: NormedStream, weights: Packed4bit | Sequence[Packed4bit], programs: int) -> int:
@@ -1509,7 +1497,7 @@ def _residual_launch(x: torch.Tensor, weight: Packed4bit, fusion: _Fusion,
     blocks = gemv4bit_one.tiles([n], False) if one else _row_blocks([n], config_for(weight), _paired(False))
     fusion = fusion._replace(partials=torch.empty(blocks, dtype=torch.float32, device=x.device))
     y = _launch(x, (weight,), None, False, None, mma=one, fusion=fusion)
-    return y, NormedStream(fusion.scaled, fusion.partials, y, fusion.norm_weight)
+    return y, NormedStream(fusion.scaled, fusion.partials)
 
 
 def linear_4bit(x: torch.Tensor, weight: Packed4bit, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -77,7 +77,7 @@ from glmkit import gemv, gemv4bit_mma
 from glmkit.gemv4bit_mma import or_stand_in
 
 __all__ = ["gemv_4bit_one", "usable", "runs_on", "reads_state", "OneShape", "shape_for", "tuned_shape", "launch_shape",
-           "smem_limit", "tiles", "SHAPE", "sms_left", "LEAVE_SMS_MAX", "source", "NAME", "TABLE_KERNEL", "stages_norm"]
+           "smem_limit", "tiles", "SHAPE", "sms_left", "LEAVE_SMS_MAX", "source", "NAME", "TABLE_KERNEL"]
 
 NAME = "glmkit_gemv4_one"
 LABEL = "batch-1 4-bit CUDA kernel"  # its name in a warning
@@ -420,31 +420,24 @@ __device__ __forceinline__ void sum_stage_xr(u32 st, u32 lt, const u32 (&xr)[XSL
 
 
 #define X_SCALED (BF16 && F16_PRODUCTS)  /* x is bf16, the products fp16: x is converted as it is staged */
-#if NORM_STAGED && !(X_SCALED && NORMED)
-#error "NORM_STAGED: x is the stream itself, times the norm's weight as it is staged (bf16 x, fp16 products, a norm)"
-#endif
 #if X_SCALED
-/* the pair of bf16 values in w (times those in gw: the norm's weight), in fp32: exact (8 x 8 significant bits) */
-__device__ __forceinline__ float low_of(u32 w, u32 gw) { return __uint_as_float(w << 16) * __uint_as_float(gw << 16); }
-__device__ __forceinline__ float high_of(u32 w, u32 gw) {
-    return __uint_as_float(w & 0xFFFF0000u) * __uint_as_float(gw & 0xFFFF0000u);
+/* top, or the largest |value| of the 8 bf16 values of v if larger: two of them a halfword lane, as bits */
+__device__ __forceinline__ u32 widest(u32 top, uint4 v) {
+    top = __vmaxu2(top, v.x & 0x7FFF7FFFu);
+    top = __vmaxu2(top, v.y & 0x7FFF7FFFu);
+    top = __vmaxu2(top, v.z & 0x7FFF7FFFu);
+    return __vmaxu2(top, v.w & 0x7FFF7FFFu);
 }
-/* top, or the largest |value| of the 8 values of v (times g) if larger */
-__device__ __forceinline__ float widest(float top, uint4 v, uint4 g) {
-    const u32 w[4] = {v.x, v.y, v.z, v.w}, gw[4] = {g.x, g.y, g.z, g.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) top = fmaxf(top, fmaxf(fabsf(low_of(w[i], gw[i])), fabsf(high_of(w[i], gw[i]))));
-    return top;
-}
-/* the pair of values in w (times gw), times `scale` (a power of two), in fp16 (cvt puts its first value high) */
-__device__ __forceinline__ u32 scaled_pair(u32 w, u32 gw, float scale) {
+/* the pair of bf16 values in w, times `scale` (a power of two), in fp16 (cvt puts its first value in the high half) */
+__device__ __forceinline__ u32 scaled_pair(u32 w, float scale) {
     u32 h;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(h) : "f"(high_of(w, gw) * scale), "f"(low_of(w, gw) * scale));
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(h)
+        : "f"(__uint_as_float(w & 0xFFFF0000u) * scale), "f"(__uint_as_float(w << 16) * scale));
     return h;
 }
-__device__ __forceinline__ uint4 scaled_f16(uint4 v, uint4 g, float scale) {
-    return make_uint4(scaled_pair(v.x, g.x, scale), scaled_pair(v.y, g.y, scale), scaled_pair(v.z, g.z, scale),
-                      scaled_pair(v.w, g.w, scale));
+__device__ __forceinline__ uint4 scaled_f16(uint4 v, float scale) {
+    return make_uint4(scaled_pair(v.x, scale), scaled_pair(v.y, scale), scaled_pair(v.z, scale),
+                      scaled_pair(v.w, scale));
 }
 #endif
 
@@ -460,7 +453,7 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
                  const unsigned char* q2, const float* a2, int n2,
                  int chunks, int tiles, const float* squares, int n_squares, double eps,
                  const u16* residual, const u16* norm_weight, u16* __restrict__ scaled,
-                 float* __restrict__ partials, const u16* x_norm)
+                 float* __restrict__ partials)
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int group = warp / WARPS, gw = warp % WARPS;  /* this warp's group, and its place in it */
@@ -536,7 +529,6 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
     residual = after_wait(residual);
     bias = after_wait(bias);
     norm_weight = after_wait(norm_weight);
-    x_norm = after_wait(x_norm);
     uint4* x_shared = (uint4*)((char*)smem + SMEM_END);
     const uint4* x4 = (const uint4*)x;
     constexpr int THREADS = GROUPS * WARPS * 32, X_AHEAD = 4;  /* x's words a thread loads before it stores any */
@@ -553,47 +545,29 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
         for (int j = 0; j < 8; ++j) part[j] = lane + 32 * j < n_squares ? squares[lane + 32 * j] : 0.0f;
     }
 #endif
-#if X_SCALED  /* x (NORM_STAGED: x * g) in fp16 times 2^e, e such that its largest |value| is in [2^14, 2^15): exact
-                 (bf16's 8 bits, or x * g's 16, rounded once to fp16's 11) for every value within 2^31 of the largest,
-                 never past fp16's 65504 */
-#if NORM_STAGED  /* the norm's weight, word for word with x */
-    const uint4* g4 = (const uint4*)x_norm;
-    uint4 gv[X_AHEAD];
+#if X_SCALED  /* x in fp16 times 2^e, e such that its largest |value| is in [2^14, 2^15): exact (bf16's 8 bits fit
+                 fp16's 11) for every value within 2^31 of the largest, never past fp16's 65504 */
+    u32 top = 0u;  /* the largest |x| of the thread's words, as bf16 bits (their order is the values' order) */
 #pragma unroll
-    for (int j = 0; j < X_AHEAD; ++j) {
-        const int i = threadIdx.x + j * THREADS;
-        gv[j] = i < chunks * 8 ? g4[i] : make_uint4(0u, 0u, 0u, 0u);
-    }
-#define G_AHEAD(j) gv[j]
-#define G_WORD(i) g4[i]
-#else
-    const uint4 one = make_uint4(0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u);  /* bf16 1.0 pairs */
-#define G_AHEAD(j) one
-#define G_WORD(i) one
-#endif
-    float top = 0.0f;  /* the largest |value| of the thread's words */
-#pragma unroll
-    for (int j = 0; j < X_AHEAD; ++j) top = widest(top, xv[j], G_AHEAD(j));
-    for (int i = threadIdx.x + X_AHEAD * THREADS; i < chunks * 8; i += THREADS) top = widest(top, x4[i], G_WORD(i));
-    u32 bits = __reduce_max_sync(0xffffffffu, __float_as_uint(top));  /* (positive floats order as their bits) */
-    if (lane == 0) red_all[warp * SUMS] = __uint_as_float(bits);  /* (the sums' place, unused until a tile ends) */
+    for (int j = 0; j < X_AHEAD; ++j) top = widest(top, xv[j]);
+    for (int i = threadIdx.x + X_AHEAD * THREADS; i < chunks * 8; i += THREADS) top = widest(top, x4[i]);
+    top = __reduce_max_sync(0xffffffffu, max(top & 0xFFFFu, top >> 16));
+    if (lane == 0) red_all[warp * SUMS] = __uint_as_float(top);  /* (the sums' place, unused until a tile ends) */
     __syncthreads();
-    bits = __reduce_max_sync(0xffffffffu, lane < WARPS_ALL ? __float_as_uint(red_all[lane * SUMS]) : 0u);
-    const int e = min(max(141 - (int)(bits >> 23), -114), 100);  /* the largest is 2^(bits >> 23 - 127) and up */
+    top = __reduce_max_sync(0xffffffffu, lane < WARPS_ALL ? __float_as_uint(red_all[lane * SUMS]) : 0u);
+    const int e = min(max(141 - (int)(top >> 7), -114), 100);  /* top's exponent: 2^(top >> 7 - 127) and up */
     const float x_scale = __uint_as_float((u32)(127 + e) << 23), x_unscale = __uint_as_float((u32)(127 - e) << 23);
-#define STAGED(v, i) scaled_f16(v, G_WORD(i), x_scale)
-#define STAGED_AHEAD(j) scaled_f16(xv[j], G_AHEAD(j), x_scale)
+#define STAGED(v) scaled_f16(v, x_scale)
 #else
-#define STAGED(v, i) (v)
-#define STAGED_AHEAD(j) xv[j]
+#define STAGED(v) (v)
 #endif
 #pragma unroll
     for (int j = 0; j < X_AHEAD; ++j) {
         const int i = threadIdx.x + j * THREADS;
-        if (i < x_words) x_shared[i] = STAGED_AHEAD(j);
+        if (i < x_words) x_shared[i] = STAGED(xv[j]);
     }
     for (int i = threadIdx.x + X_AHEAD * THREADS; i < x_words; i += THREADS)  /* (rows of over 16K columns) */
-        x_shared[i] = i < chunks * 8 ? STAGED(x4[i], i) : make_uint4(0u, 0u, 0u, 0u);
+        x_shared[i] = i < chunks * 8 ? STAGED(x4[i]) : make_uint4(0u, 0u, 0u, 0u);
 #if NORMED
     if (warp == 0) {  /* 1 / rms(x) from the partial sums of squares, added in a fixed order */
         float sum = 0.0f;
@@ -786,24 +760,12 @@ def data_stages(shape: OneShape, k: int) -> int:
     return math.ceil(chunks_a_warp / 4)
 
 
-def stages_norm(dtype: torch.dtype) -> bool:
-    """Whether a launch for a token of ``dtype`` forms a norm's ``x * g`` itself, in fp32, as it stages x
-    (``gemv_4bit_one``'s ``x_norm``): a bf16 token multiplied in fp16 (``F16_PRODUCTS``), where ``x * g`` rounded to
-    bf16 first would keep 8 of the 11 significant bits fp16 holds.
-
-    >>> stages_norm(torch.bfloat16) == F16_PRODUCTS, stages_norm(torch.float16)
-    (True, False)
-    """
-    return dtype == torch.bfloat16 and F16_PRODUCTS
-
-
 def _options(bf16: bool, swiglu: bool, bias: bool, segments: int, normed: bool, residual: bool,
-             shape: OneShape, k: int, norm_staged: bool = False) -> list[str]:
+             shape: OneShape, k: int) -> list[str]:
     stages = data_stages(shape, k)
-    flags = dict(BF16=int(bf16), F16_PRODUCTS=int(F16_PRODUCTS), NORM_STAGED=int(norm_staged), SWIGLU=int(swiglu),
-                 HAS_BIAS=int(bias), SEGMENTS=segments, NORMED=int(normed), RESIDUAL=int(residual), GROUPS=shape.groups,
-                 WARPS=shape.warps, DEPTH=shape.depth, WIDE=int(shape.wide), X_REGS=int(0 < stages <= X_REGS_MAX),
-                 XS=stages)
+    flags = dict(BF16=int(bf16), F16_PRODUCTS=int(F16_PRODUCTS), SWIGLU=int(swiglu), HAS_BIAS=int(bias),
+                 SEGMENTS=segments, NORMED=int(normed), RESIDUAL=int(residual), GROUPS=shape.groups, WARPS=shape.warps,
+                 DEPTH=shape.depth, WIDE=int(shape.wide), X_REGS=int(0 < stages <= X_REGS_MAX), XS=stages)
     return [f"-D{k}={v}" for k, v in flags.items()] + ["-std=c++17"]
 
 
@@ -870,11 +832,10 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
                   squares: torch.Tensor | None = None, eps: float = 1e-5, residual: torch.Tensor | None = None,
                   norm_weight: torch.Tensor | None = None, scaled: torch.Tensor | None = None,
                   partials: torch.Tensor | None = None, shape: OneShape | None = None,
-                  leave_sms: int = 0, x_norm: torch.Tensor | None = None) -> torch.Tensor:
+                  leave_sms: int = 0) -> torch.Tensor:
     """``x @ W.T (+ bias)`` of one token ``[..., k]`` for up to three ``Packed4bit`` weights side by side (q, k, v),
     or ``up * silu(gate)`` of a gate/up weight (``swiglu``); with ``squares`` (a ``NormedStream``'s), x is ``x * g``
-    and the sums are multiplied by ``1 / rms``, or (``x_norm``: g, where ``stages_norm``) x is the stream itself and
-    ``x * g`` is formed in fp32 as x is staged; with ``residual``, ``residual + W x`` is returned and the next norm's
+    and the sums are multiplied by ``1 / rms``; with ``residual``, ``residual + W x`` is returned and the next norm's
     ``x * g`` written to ``scaled`` and one sum of squares a tile to ``partials`` (``tiles`` of them). Launched with
     programmatic dependent launch, it leaves ``leave_sms`` SMs to the kernel after it where that is at most
     ``LEAVE_SMS_MAX`` (else none), whose programs then start while it runs (the decode attention's, after q/k/v).
@@ -891,18 +852,14 @@ def gemv_4bit_one(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
     for v, n in zip(ws, rows):
         slots += [v.data, v.absmax, n]
     slots += slots[:3] * (3 - len(ws))
-    if x_norm is not None and (squares is None or not stages_norm(x.dtype)):
-        raise ValueError("gemv_4bit_one forms x * g as it stages x only with a norm's squares and a bf16 x "
-                         "(stages_norm); pass x * g as x instead.")
     options = _options(x.dtype == torch.bfloat16, swiglu, bias is not None, len(ws), squares is not None,
-                       residual is not None, shape, k, norm_staged=x_norm is not None)
-    bias16 = None if bias is None else bias.to(x.dtype).contiguous()  # (all read in x's type)
+                       residual is not None, shape, k)
+    bias16 = None if bias is None else bias.to(x.dtype).contiguous()  # (both read in x's type)
     norm16 = None if norm_weight is None else norm_weight.to(x.dtype).contiguous()
-    g16 = None if x_norm is None else gemv4bit_mma.aligned16(x_norm.to(x.dtype))  # (read 16 bytes at a time)
     # (eps goes as a Python float, which torch's launcher passes as a C double: the kernel takes a double)
     args = [xf, y, or_stand_in(bias16, y), w.code, *slots, k // 64, t, or_stand_in(squares, y),
             0 if squares is None else squares.numel(), float(eps), or_stand_in(residual, y), or_stand_in(norm16, y),
-            or_stand_in(scaled, y), or_stand_in(partials, y), or_stand_in(g16, y)]
+            or_stand_in(scaled, y), or_stand_in(partials, y)]
     gemv4bit_mma.launch(x.device, options, (_programs(x.device, t, sms_left(x.device, leave_sms)), 1, 1),
                         (shape.groups * shape.warps * 32, 1, 1), args, shape.smem_bytes(swiglu, k), _SOURCE, NAME,
                         pdl=_dependent(x.device))

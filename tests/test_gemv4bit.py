@@ -197,41 +197,6 @@ def test_a_normed_stream_is_x_times_g_rounded_once_and_the_sum_of_x_squared(dtyp
         normed_stream(rand(2, 1, 64), rand(64))
 
 
-@pytest.mark.parametrize("dtype, staged", [(torch.bfloat16, True), (torch.float16, False)])
-def test_the_batch1_cuda_kernel_forms_x_times_g_itself_from_a_bf16_stream(monkeypatch, dtype, staged):
-    """A bf16 token multiplied in fp16 (``gemv4bit_one.stages_norm``): ``gemv_4bit_normed`` hands the batch-1 CUDA
-    kernel the stream's x and g, whose product it forms in fp32 as it stages x, not ``x * g`` already rounded to bf16;
-    an fp16 token keeps ``scaled`` (as exact as staging it). Both for a first layer's ``normed_stream`` and the stream
-    a residual product writes. (The kernel, CUDA only, is stood in for: what it is handed is the point.)"""
-    from glmkit import gemv4bit, gemv4bit_one
-
-    handed = []
-
-    def kernel(x, ws, bias, swiglu, squares, eps, residual, norm_weight, scaled, partials, leave_sms=0, x_norm=None):
-        handed.append((x, x_norm, residual))
-        if residual is not None:  # the residual launch also writes the next norm's stream
-            scaled.copy_(residual)
-            partials.zero_()
-            return residual.clone()
-        return torch.zeros(*x.shape[:-1], ws[0].shape[0] // 2 if swiglu else sum(w.shape[0] for w in ws), dtype=x.dtype)
-
-    monkeypatch.setattr(gemv4bit, "_takes_one", lambda *a, **k: True)
-    monkeypatch.setattr(gemv4bit_one, "gemv_4bit_one", kernel)
-    k = 128
-    x, g = rand(1, 1, k, seed=1).to(dtype), rand(k, seed=2).abs().to(dtype)
-    w = quantize(rand(64, k, seed=3), "nf4")
-    stream = normed_stream(x, g)
-    gemv_4bit_normed(stream, w)
-    got_x, got_norm, _ = handed[-1]
-    assert (got_x is stream.stream and got_norm is g) if staged else (got_x is stream.scaled and got_norm is None)
-    residual, g2 = rand(1, 1, 64, seed=4).to(dtype), rand(64, seed=5).to(dtype)
-    y, after = gemv_4bit_residual(x, w, residual, g2)
-    assert after.stream is y and after.norm_weight is g2  # the stream the next launch reads, with its norm
-    gemv_4bit_normed(after, quantize(rand(32, 64, seed=6), "nf4"))
-    got_x, got_norm, _ = handed[-1]
-    assert (got_x is y and got_norm is g2) if staged else (got_x is after.scaled and got_norm is None)
-
-
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "double-quant"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 def test_a_normed_stream_folds_the_rmsnorm_into_the_4bit_products(quant_type, double_quant):

@@ -22,17 +22,16 @@ pytest.importorskip("bitsandbytes")
 pytest.importorskip("triton")  # its wheel carries cuobjdump; the dev extra installs it and NVRTC on Linux x86-64
 
 
-@pytest.mark.parametrize("bf16, swiglu, bias, segments, normed, residual, k, staged", [
-    (True, False, True, 3, True, False, 4096, True),  # GLM's q/k/v with the input norm folded in (x * g as staged)
-    (True, False, False, 1, False, True, 4096, False),  # o_proj, then the residual add and the next norm's stream
-    (True, False, False, 1, False, True, 13696, False),  # down_proj (x read from shared memory: too long for registers)
-    (True, True, False, 1, True, False, 4096, True),  # gate/up with SwiGLU
-    (True, True, False, 1, True, False, 4096, False),  # gate/up reading the stream's x * g (the Triton kernel's)
-    (False, False, True, 3, False, False, 4096, False),  # fp16, nothing folded
+@pytest.mark.parametrize("bf16, swiglu, bias, segments, normed, residual, k", [
+    (True, False, True, 3, True, False, 4096),  # GLM's q/k/v with the input norm folded in
+    (True, False, False, 1, False, True, 4096),  # o_proj, then the residual add and the next norm's stream
+    (True, False, False, 1, False, True, 13696),  # down_proj (x read from shared memory: too long for registers)
+    (True, True, False, 1, True, False, 4096),  # gate/up with SwiGLU
+    (False, False, True, 3, False, False, 4096),  # fp16, nothing folded
 ])
 @pytest.mark.parametrize("arch, smem", [("sm_90", gemv4bit_one.SMEM_H200), ("sm_80", gemv4bit_one.SMEM_H200),
                                         ("sm_89", 99 * 1024)])
-def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual, k, staged, arch, smem, tmp_path,
+def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual, k, arch, smem, tmp_path,
                                  f16_products=True, monkeypatch=None):
     """Every form the decoders launch compiles at its shipped shape (an H200's, an RTX 4070's narrower one), keeps
     everything in registers (16 warps an SM: at most 128 each), and does what the design says: copies with cp.async,
@@ -43,7 +42,7 @@ def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual,
     if monkeypatch is not None:
         monkeypatch.setattr(gemv4bit_one, "F16_PRODUCTS", f16_products)
     shape = gemv4bit_one.shape_for(swiglu, k, smem)
-    options = gemv4bit_one._options(bf16, swiglu, bias, segments, normed, residual, shape, k, norm_staged=staged)
+    options = gemv4bit_one._options(bf16, swiglu, bias, segments, normed, residual, shape, k)
     scaled = bf16 and f16_products
     in_registers = gemv4bit_one.data_stages(shape, k) <= gemv4bit_one.X_REGS_MAX
     assert in_registers == (k == 4096) and f"-DX_REGS={int(in_registers)}" in options
@@ -74,8 +73,8 @@ def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual,
 
 def test_compiles_with_bf16_products(tmp_path, monkeypatch):
     """``F16_PRODUCTS = False``: a bf16 x's products on the tensor cores in bf16, x staged as it is."""
-    test_compiles_without_spills(True, False, True, 3, True, False, 4096, False, "sm_90", gemv4bit_one.SMEM_H200,
-                                 tmp_path, f16_products=False, monkeypatch=monkeypatch)
+    test_compiles_without_spills(True, False, True, 3, True, False, 4096, "sm_90", gemv4bit_one.SMEM_H200, tmp_path,
+                                 f16_products=False, monkeypatch=monkeypatch)
 
 
 @pytest.mark.parametrize("swiglu, heights, fold", [(False, (40, 16, 24), "normed"), (True, (2 * 40,), None),
@@ -121,16 +120,6 @@ def test_launch_matches_the_kernels_parameters(swiglu, heights, fold, monkeypatc
     if fold == "normed":
         assert named["squares"] is fold_args["squares"] and named["n_squares"] == 3 and named["eps"] == 1e-6
         assert named["bias"].dtype == x.dtype  # read in x's type
-        assert "-DNORM_STAGED=0" in options and named["x_norm"] is y  # (a stand-in: x is x * g)
-        # x the stream itself, g with it: the kernel forms x * g as it stages x
-        g = torch.rand(128)
-        gemv4bit_one.gemv_4bit_one(x, ws, torch.zeros(n), swiglu, x_norm=g, **fold_args)
-        (_, options, *_), _ = launches[-1]
-        named = named_launch_args(source, name, launches[-1][0][4])
-        assert "-DNORM_STAGED=1" in options and named["x_norm"].dtype == x.dtype
-        assert torch.equal(named["x_norm"].float(), g.to(x.dtype).float()) and named["x"].data_ptr() == x.data_ptr()
-        with pytest.raises(ValueError, match="x \\* g"):  # fp16 x: the stream's x * g is as exact as staging it
-            gemv4bit_one.gemv_4bit_one(x.half(), ws, None, swiglu, x_norm=g, **fold_args)
     if fold == "residual":
         assert named["partials"] is fold_args["partials"] and named["scaled"] is fold_args["scaled"]
         assert named["norm_weight"].dtype == x.dtype
