@@ -3584,8 +3584,8 @@ def _code_rounding_clause() -> str:
             f"no output rounding, costs {pct('bf16_weights_vs_exact_fp64')}), against "
             f"{pct('cuda_bf16_products_vs_exact')} with bf16 products, whose code table in bf16 puts every weight of "
             f"a code off the same way ({pct('bf16_code_vs_exact_fp64')} on its own; fp16's table: "
-            f"{pct('fp16_code_vs_exact_fp64')}). A token 10^5 times larger, past fp16's 65504: {pct('cuda_large_x_vs_exact')}, as the kernel scales x by a "
-            f"power of two before converting it.")
+            f"{pct('fp16_code_vs_exact_fp64')}). A token 10^5 times larger, past fp16's 65504: "
+            f"{pct('cuda_large_x_vs_exact')}, as the kernel scales x by a power of two before converting it.")
 
 
 def _one_shape(x: dict[str, Any]) -> str:
