@@ -3599,7 +3599,8 @@ def one_shapes_table() -> Table | Text:
     def render(r: dict[str, Any]) -> Table:
         rows = [[p["projection"], f"{p['rows']} x {p['columns']}", str(len(p["tried"])), _one_shape(p["default"]),
                  f"{p['default']['us']:.1f}", _one_shape(p["best"]), f"{p['best']['us']:.1f}",
-                 f"{p['default']['us'] / p['best']['us']:.3f}x"] for p in r["projections"] if p["best"] and p["default"]]
+                 f"{p['default']['us'] / p['best']['us']:.3f}x"]
+                for p in r["projections"] if p["best"] and "us" in (p["default"] or {})]  # (a default that ran)
         return table(["launch", "rows x columns", "shapes timed", "untuned default", "µs", "fastest", "µs",
                       "default / fastest"], rows,
                      caption=f"{measured_on(r)}: the batch-1 4-bit CUDA kernel's launch shapes, each launched plainly "
