@@ -139,6 +139,7 @@ def kernel_env(kernel: str | None) -> Iterator[None]:
         if before is not None:
             os.environ["GLMKIT_4BIT_KERNEL"] = before
 
+
 @contextlib.contextmanager
 def products(f16: bool) -> Iterator[None]:
     """glmkit's batch-1 4-bit CUDA kernel multiplying a bf16 token in fp16 (``f16``: its default) or in bf16, for the

@@ -102,7 +102,7 @@ def _tune(args: argparse.Namespace) -> None:
 
     rows = tune(args.kernels.split(","), tp=args.tp)
     path = write_table(table_configs(rows), args.output)
-    print(f"launch shapes for {len(rows)} projections written to {path}; glmkit's GEMV kernels use them on this card")
+    print(f"launch shapes of {len(rows)} kernel launches written to {path}; glmkit's kernels use them on this card")
 
 
 def _plan(args: argparse.Namespace) -> None:

@@ -189,8 +189,15 @@ def load_cuda_shapes(path: str | Path) -> tuple[str, dict[tuple[str, int, int], 
     {}
     """
     table = json.loads(Path(path).read_text())
-    shapes = {(c["kernel"], c["rows"], c["columns"]): {key: c[key] for key in CUDA_SHAPE_KEYS}
-              for c in table["configs"] if _is_cuda_shape(c)}
+    shapes = {}
+    for c in table["configs"]:
+        if not _is_cuda_shape(c):
+            continue
+        if not all(key in c for key in ("kernel", "rows", "columns", *CUDA_SHAPE_KEYS)):
+            warnings.warn(f"{path}: a CUDA kernel shape without {', '.join(CUDA_SHAPE_KEYS)} is skipped ({c}); "
+                          "run `glmkit tune` again to rewrite it.", UserWarning, stacklevel=2)
+            continue
+        shapes[(c["kernel"], c["rows"], c["columns"])] = {key: c[key] for key in CUDA_SHAPE_KEYS}
     return table["tuned_on"], shapes
 
 

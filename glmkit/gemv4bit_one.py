@@ -421,6 +421,7 @@ __device__ __forceinline__ void sum_stage_xr(u32 st, u32 lt, const u32 (&xr)[XSL
 
 #define X_SCALED (BF16 && F16_PRODUCTS)  /* x is bf16, the products fp16: x is converted as it is staged */
 #if X_SCALED
+static_assert(GROUPS * WARPS <= 32, "x's largest value: one lane of a warp reads each warp's");
 /* top, or the largest |value| of the 8 bf16 values of v if larger: two of them a halfword lane, as bits */
 __device__ __forceinline__ u32 widest(u32 top, uint4 v) {
     top = __vmaxu2(top, v.x & 0x7FFF7FFFu);
@@ -566,7 +567,7 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
         const int i = threadIdx.x + j * THREADS;
         if (i < x_words) x_shared[i] = STAGED(xv[j]);
     }
-    for (int i = threadIdx.x + X_AHEAD * THREADS; i < x_words; i += THREADS)  /* (rows of over 16K columns) */
+    for (int i = threadIdx.x + X_AHEAD * THREADS; i < x_words; i += THREADS)  /* (over 16K columns at 16 warps) */
         x_shared[i] = i < chunks * 8 ? STAGED(x4[i]) : make_uint4(0u, 0u, 0u, 0u);
 #if NORMED
     if (warp == 0) {  /* 1 / rms(x) from the partial sums of squares, added in a fixed order */

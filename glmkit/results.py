@@ -30,6 +30,7 @@ from glmkit.device_map import split_layers
 from glmkit.fast_decode import FOUR_BIT_MAX_BATCH
 from glmkit.gemv4bit import ROW_KERNEL_MAX_VECTORS
 from glmkit.gemv4bit_mma import MAX_VECTORS as MMA_MAX_VECTORS
+from glmkit.gemv_tuning import ONE_MARGIN
 from glmkit.models import glm4_9b_meta_model
 from glmkit.planning import plan_memory
 from glmkit.tables import html_table, text_table
@@ -3498,8 +3499,8 @@ def _accuracy_run() -> dict[str, Any] | None:
 
 
 def fast_path_accuracy_table() -> Table | Text:
-    """Each fast path's logits against an fp32 decoder on the same weights over teacher-forced steps
-    (``nf4_decode_run2.json``'s accuracy): bf16 and fp16 against the checkpoint in fp32, nf4 against its weights
+    """Each fast path's logits against an fp32 decoder on the same weights over teacher-forced steps (the newest
+    ``nf4_decode`` run's accuracy, ``_accuracy_run``): bf16 and fp16 against the checkpoint in fp32, nf4 against its weights
     dequantized in fp32, with bf16 arithmetic on those nf4 weights as the yardstick (notebook 04); or "not measured"."""
     r = _accuracy_run()
     if r is None:
@@ -3557,10 +3558,11 @@ def _paired_clause(nf4: dict[str, Any], yard: dict[str, Any]) -> str:
     error), else empty."""
     if "rel_err_steps" not in nf4 or "rel_err_steps" not in yard:
         return ""
-    pairs = list(zip(nf4["rel_err_steps"], yard["rel_err_steps"]))
-    ratios = sorted(a / b for a, b in pairs)
+    pairs = [(a, b) for a, b in zip(nf4["rel_err_steps"], yard["rel_err_steps"]) if b > 0]
+    if not pairs:
+        return ""
     return (f" Step by step, nf4's error is the smaller on {sum(a < b for a, b in pairs)} of {len(pairs)} steps; "
-            f"the median of the per-step ratios is {ratios[len(ratios) // 2]:.3f}.")
+            f"the median of the per-step ratios is {statistics.median(a / b for a, b in pairs):.3f}.")
 
 
 def _code_rounding_clause() -> str:
@@ -3614,13 +3616,17 @@ def one_shapes_sentence() -> Text:
     def render(r: dict[str, Any]) -> str:
         d = r["decode"]
         default, tuned = d["best_tok_s"]["default shapes"], d["best_tok_s"]["tuned shapes"]
+        kept = [p["projection"] for p in r["projections"] if p["best"] and "us" in (p["default"] or {})
+                and p["best"]["us"] * (1 + ONE_MARGIN) <= p["default"]["us"]]
         same = "the same" if d["same_tokens"] else "different"
+        rounds = d["tok_s"]["default shapes"]
         return (f"On {measured_on(r)}, GLM-4-9B in nf4 (random weights, batch 1, {d['prompt']}-token prompt, "
                 f"{d['new_tokens']} new tokens, best of 3 rounds taking turns in one process) decoded {tuned:.1f} "
-                f"tok/s with the tuned shapes and {default:.1f} with the untuned defaults ({tuned / default:.3f}x), "
-                f"with {same} tokens." + (" The defaults were chosen on an H200, so there is little to gain there; "
-                                          "the shipped H200 table holds these shapes "
-                                          "(`assets/gemv_tuned_h200_4bit_cuda.json`)." if "H200" in r["device"] else ""))
+                f"tok/s with each launch's fastest shape and {default:.1f} with the untuned defaults "
+                f"({tuned / default:.3f}x), with {same} tokens; the defaults' own rounds spread "
+                f"{100 * (max(rounds) / min(rounds) - 1):.1f}%. So a tune keeps a shape other than the default only "
+                f"where it is {100 * ONE_MARGIN:.0f}% faster (`glmkit.gemv_tuning.ONE_MARGIN`); here " + (
+                    "none is, and the defaults stay." if not kept else f"{', '.join(kept)} would take another shape."))
     return from_result("one_shapes_tune", render, what="The 4-bit CUDA kernel's tuned shapes",
                        script="benchmarks/one_shapes_tune.py")
 

@@ -205,6 +205,10 @@ def test_cuda_kernel_shapes_share_the_tables_and_are_read_apart(tmp_path, monkey
     write_table(table_configs([{**tuned, "best": {**tuned["best"], "groups": 1}}]), device=card)
     assert cuda_shapes_for(card)[("4bit-one", 13696, 4096)]["groups"] == 1 and len(tables_for(card)) == 1
     assert cuda_shapes_for("another card") == {}
+    broken = {"kernel": "4bit-one", "rows": 7, "columns": 64, "groups": 2, "warps": 4}  # no depth, no table width
+    _write_table(user_table_path(), card, [broken, configs[1]])
+    with pytest.warns(UserWarning, match="without groups, warps, depth, wide is skipped"):
+        assert cuda_shapes_for(card) == {} and len(tables_for(card)) == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

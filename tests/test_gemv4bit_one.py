@@ -41,6 +41,7 @@ def test_compiles_without_spills(bf16, swiglu, bias, segments, normed, residual,
     memory each stage for down_proj's."""
     if monkeypatch is not None:
         monkeypatch.setattr(gemv4bit_one, "F16_PRODUCTS", f16_products)
+    f16_products = gemv4bit_one.F16_PRODUCTS  # (what the options below are built with)
     shape = gemv4bit_one.shape_for(swiglu, k, smem)
     options = gemv4bit_one._options(bf16, swiglu, bias, segments, normed, residual, shape, k)
     scaled = bf16 and f16_products
@@ -304,3 +305,60 @@ def test_the_sms_left_reach_the_launch_grid(monkeypatch):
     monkeypatch.setattr(gemv4bit_mma, "_PLAIN_ONLY", {0})
     gemv4bit_one.gemv_4bit_one(x, (w,), None, False, leave_sms=4)
     assert [grid for _, _, grid, *_ in launches] == [(46, 1, 1), (42, 1, 1), (46, 1, 1), (46, 1, 1)]
+
+
+@pytest.mark.parametrize("fold", ["norm", "residual"])
+def test_the_tuner_keeps_a_shape_only_where_it_is_right_and_beats_the_default_by_the_margin(monkeypatch, fold):
+    """``glmkit tune``'s batch-1 CUDA kernel step (``tune_one_projection``) with the kernel stood in for (it runs on a
+    GPU only: here a float32 product that stands for each shape, and a timer that reads each shape's time): every
+    candidate is launched in the fold the fused step uses and checked against float64, also on a token whose last
+    value is the largest; a shape that gets that token wrong is never kept however fast; a faster shape replaces the
+    default only by more than ``ONE_MARGIN``."""
+    from glmkit import gemv_tuning
+
+    launched = []
+
+    def stand_in(x, ws, bias, swiglu, squares=None, eps=1e-5, residual=None, norm_weight=None, scaled=None,
+                 partials=None, shape=None, leave_sms=0):
+        launched.append((shape, squares is not None, residual is not None))
+        w = torch.cat([v.dequantize(torch.float32) for v in ws])
+        xf = x.float()
+        if shape.warps == 8 and xf[..., -1].abs() == xf.abs().max():  # this "shape" gets a token wrong whose largest
+            xf = xf.clone()                                            # value is its last (a max that missed the tail)
+            xf[..., -1] = 0.0
+        y = xf @ w.T
+        if squares is not None:
+            y = y * torch.rsqrt(squares.sum() / x.shape[-1] + eps)
+        if bias is not None:
+            y = y + bias.float()
+        if swiglu:
+            gate, up = y.chunk(2, dim=-1)
+            y = up * torch.nn.functional.silu(gate)
+        if residual is not None:
+            y = y + residual.float()
+        return y.to(x.dtype)
+
+    default = gemv4bit_one.shape_for(False, 256)
+
+    def timer_with(times):
+        def timer(fn, copies):
+            fn(0)
+            shape = launched[-1][0]
+            return times.get((shape.groups, shape.warps, shape.depth, shape.wide), 1.0)
+        return timer
+
+    monkeypatch.setattr(gemv4bit_one, "gemv_4bit_one", stand_in)
+    monkeypatch.setattr(gemv4bit_one, "smem_limit", lambda device: gemv4bit_one.SMEM_H200)
+    key = (default.groups, default.warps, default.depth, default.wide)
+    slightly, much, wrong = (2, 4, 2, True), (4, 2, 3, False), (2, 8, 2, True)  # 1%, 10%, 20% faster than the default
+    for times, kept in (({key: 1.0, slightly: 0.99}, key), ({key: 1.0, slightly: 0.99, much: 0.9}, much),
+                        ({key: 1.0, wrong: 0.8}, key)):
+        launched.clear()
+        row = gemv_tuning.tune_one_projection("o_proj", (64,), 256, False, False, fold, device="cpu",
+                                              timer=timer_with({**{k: 1.05 for k in (slightly, much, wrong)}, **times}))
+        assert (row["best"]["groups"], row["best"]["warps"], row["best"]["depth"], row["best"]["wide"]) == kept
+        assert row["default"]["groups"] == default.groups and row["default"]["us"] == 1e6  # timed first
+        wrongs = [t for t in row["tried"] if t["warps"] == 8]
+        assert wrongs and all(t["rel_err"] > 2e-2 for t in wrongs)  # caught by the token whose last value is largest
+        assert all(t["rel_err"] < 2e-2 for t in row["tried"] if t["warps"] != 8)
+        assert {(squares, residual) for _, squares, residual in launched} == {(fold == "norm", fold == "residual")}
