@@ -3620,9 +3620,10 @@ def one_shapes_sentence() -> Text:
                 and p["best"]["us"] * (1 + ONE_MARGIN) <= p["default"]["us"]]
         same = "the same" if d["same_tokens"] else "different"
         rounds = d["tok_s"]["default shapes"]
+        kept_by = "the shapes the tune kept" if "margin" in r else "each launch's fastest shape"  # (runs before it)
         return (f"On {measured_on(r)}, GLM-4-9B in nf4 (random weights, batch 1, {d['prompt']}-token prompt, "
                 f"{d['new_tokens']} new tokens, best of 3 rounds taking turns in one process) decoded {tuned:.1f} "
-                f"tok/s with each launch's fastest shape and {default:.1f} with the untuned defaults "
+                f"tok/s with {kept_by} and {default:.1f} with the untuned defaults "
                 f"({tuned / default:.3f}x), with {same} tokens; the defaults' own rounds spread "
                 f"{100 * (max(rounds) / min(rounds) - 1):.1f}%. So a tune keeps a shape other than the default only "
                 f"where it is {100 * ONE_MARGIN:.0f}% faster (`glmkit.gemv_tuning.ONE_MARGIN`); here " + (
