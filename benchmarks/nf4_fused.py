@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from early_reads import replay_us
 
-from glmkit import mlp16_one
+from glmkit import gemv4bit_one, mlp16_one
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
 from glmkit.fast_decode import FastDecoder
 from glmkit.models import ensure_random_checkpoint
@@ -143,9 +143,8 @@ def kernel_env(kernel: str | None) -> Iterator[None]:
 @contextlib.contextmanager
 def products(f16: bool) -> Iterator[None]:
     """glmkit's batch-1 4-bit CUDA kernel multiplying a bf16 token in fp16 (``f16``: its default) or in bf16, for the
-    block: a decoder built inside it captures that kernel (``gemv4bit_one.F16_PRODUCTS``)."""
-    from glmkit import gemv4bit_one
-
+    block (``gemv4bit_one.F16_PRODUCTS``): a decoder whose graphs are captured inside it (at its first steps, not
+    when it is built) keeps that kernel."""
     before, gemv4bit_one.F16_PRODUCTS = gemv4bit_one.F16_PRODUCTS, f16
     try:
         yield
