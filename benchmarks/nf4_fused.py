@@ -125,7 +125,6 @@ def mlp_kernel(decoder: FastDecoder) -> bool:
     return any(w is not None and mlp16_one.runs_on(w.device, w.dtype) for w in (st.mlp_workspace for st in decoder.stages))
 
 
-
 @contextlib.contextmanager
 def kernel_env(kernel: str | None) -> Iterator[None]:
     """``GLMKIT_4BIT_KERNEL`` set to ``kernel`` (or left unset) for the block."""

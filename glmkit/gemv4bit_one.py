@@ -582,11 +582,11 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
 #endif
     __syncthreads();
 #if NORMED && X_SCALED  /* what the sums are multiplied by: 1 / rms, x's scale undone */
-    const float rstd = *shared_rstd * x_unscale;
+    const float sum_scale = *shared_rstd * x_unscale;
 #elif NORMED
-    const float rstd = *shared_rstd;
+    const float sum_scale = *shared_rstd;
 #elif X_SCALED
-    const float rstd = x_unscale;
+    const float sum_scale = x_unscale;
 #endif
     const u32 lane_table = base + TABLE_AT + 4 * lane;
     const u32 x_first = base + SMEM_END + chunk_begin * 128;  /* x's part of the tile's first stage */
@@ -699,9 +699,9 @@ glmkit_gemv4_one(const u32* x, u16* __restrict__ y, const u16* bias,
 #endif
             }
 #if NORMED || X_SCALED
-            sum *= rstd;
+            sum *= sum_scale;
 #if SWIGLU
-            up *= rstd;
+            up *= sum_scale;
 #endif
 #endif
 #if HAS_BIAS

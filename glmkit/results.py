@@ -30,7 +30,7 @@ from glmkit.device_map import split_layers
 from glmkit.fast_decode import FOUR_BIT_MAX_BATCH
 from glmkit.gemv4bit import ROW_KERNEL_MAX_VECTORS
 from glmkit.gemv4bit_mma import MAX_VECTORS as MMA_MAX_VECTORS
-from glmkit.gemv_tuning import ONE_MARGIN
+from glmkit.gemv_tuning import ONE_MARGIN, beats_default
 from glmkit.models import glm4_9b_meta_model
 from glmkit.planning import plan_memory
 from glmkit.tables import html_table, text_table
@@ -3455,14 +3455,14 @@ def max_len_chart() -> Any:
     return fig
 
 
-LONG_CONTEXT_RUNS = ("nf4_decode", "nf4_decode_run2")  # nf4_decode.py's runs with a long_context stage (_newest)
+NF4_DECODE_RUNS = ("nf4_decode", "nf4_decode_run2")  # nf4_decode.py's runs: _newest picks one with the stage read
 
 
 def nf4_long_context_clause() -> str:
     """nf4 fast decode after a 32K prompt on a card capped at 12 GiB: speed and peak memory against the planner's
-    (the newest of ``LONG_CONTEXT_RUNS``), and glmkit's 4-bit CUDA kernel against its Triton kernel there
+    (the newest of ``NF4_DECODE_RUNS`` with that stage), and glmkit's 4-bit CUDA kernel against its Triton kernel there
     (``nf4_long_cuda.json``, ``nf4_long_triton.json``: one call, one card)."""
-    r = _newest(LONG_CONTEXT_RUNS, "long_context")
+    r = _newest(NF4_DECODE_RUNS, "long_context")
     if r is None:
         return ("nf4 at a 32K context under a 12 GiB cap: not measured yet (run `benchmarks/nf4_decode.py --stages "
                 "long_context`).")
@@ -3489,13 +3489,12 @@ def nf4_long_context_clause() -> str:
 ACCURACY_YARDSTICK = "bf16 fast on the nf4 weights"  # nf4_decode.py's bf16 arithmetic on the nf4 weights
 
 
-ACCURACY_RUNS = ("nf4_decode", "nf4_decode_run2")  # nf4_decode.py's runs with an accuracy stage (_newest)
 NF4_TRITON_PATH = "nf4 fast (glmkit Triton kernel)"  # its nf4 decoder with the batch-1 CUDA kernel switched off
 
 
 def _accuracy_run() -> dict[str, Any] | None:
-    """The newest ``nf4_decode`` run with an accuracy stage (``ACCURACY_RUNS``), or None."""
-    return _newest(ACCURACY_RUNS, "accuracy")
+    """The newest ``nf4_decode`` run with an accuracy stage (``NF4_DECODE_RUNS``), or None."""
+    return _newest(NF4_DECODE_RUNS, "accuracy")
 
 
 def fast_path_accuracy_table() -> Table | Text:
@@ -3575,12 +3574,6 @@ def _code_rounding_clause() -> str:
     def pct(key: str) -> str:
         return _range([100 * x[key] for x in rows], 2, "%")
     where = f" Per projection ({measured_on(rounding)}, `nf4_code_rounding.json`)"
-    if "cuda_bf16_products_vs_exact" not in rows[0]:  # a run from before fp16 products
-        return (f"{where}, the CUDA kernel's outputs are {pct('cuda_vs_exact')} from float64 on the exact weights "
-                f"(Triton's: {pct('triton_vs_exact')}), but {pct('cuda_vs_bf16_code')} from weights whose 4-bit code "
-                f"is rounded to bf16: its tensor-core products take the code table in bf16, the same rounding for "
-                f"every weight of a code ({pct('bf16_code_vs_exact_fp64')} on its own; an fp16 table would leave "
-                f"{pct('fp16_code_vs_exact_fp64')}).")
     return (f"{where}, the CUDA kernel's outputs are {pct('cuda_vs_exact')} from float64 on the exact weights with "
             f"fp16 products (Triton's: {pct('triton_vs_exact')}; bf16 rounding of the weights alone, in float64 with "
             f"no output rounding, costs {pct('bf16_weights_vs_exact_fp64')}), against "
@@ -3617,7 +3610,7 @@ def one_shapes_sentence() -> Text:
         d = r["decode"]
         default, tuned = d["best_tok_s"]["default shapes"], d["best_tok_s"]["tuned shapes"]
         kept = [p["projection"] for p in r["projections"] if p["best"] and "us" in (p["default"] or {})
-                and p["best"]["us"] * (1 + ONE_MARGIN) <= p["default"]["us"]]
+                and beats_default(p["best"]["us"], p["default"]["us"])]
         same = "the same" if d["same_tokens"] else "different"
         rounds = d["tok_s"]["default shapes"]
         kept_by = "the shapes the tune kept" if "margin" in r else "each launch's fastest shape"  # (runs before it)
