@@ -2,10 +2,11 @@
 (each with its default options) against each precision's roofline, nf4 through plain generate() (bitsandbytes), a
 per-projection bandwidth table (nf4 through glmkit's default kernel and its Triton kernel vs bitsandbytes'
 matmul_4bit vs bf16), nf4 fast decode at a 32K context on a card capped at 12 GiB, and each fast path's logits over
-4 prompts of 16 teacher-forced steps against an fp32 decoder on the same weights (for nf4: its weights dequantized in fp32, with
-bf16 arithmetic on those weights beside it as the yardstick). The nf4 decoder runs twice where its batch-1 CUDA kernel
-multiplies: with its default fp16 products and with bf16 products (as it did before), in the decode and accuracy
-stages.
+16 prompts of 16 teacher-forced steps against an fp32 decoder on the same weights (for nf4: its weights dequantized in fp32,
+with bf16 arithmetic on those weights beside it as the yardstick, through bf16's fast path and through cuBLAS: two
+bf16 paths, whose difference shows how far one bf16 rounding's error lies from another's). The nf4 decoder runs twice
+where its batch-1 CUDA kernel multiplies: with its default fp16 products and with bf16 products (as it did before),
+in the decode and accuracy stages.
 
 Each roofline: the copy bandwidth measured in this run / the bytes one token reads (every weight, quantization
 states included, one embedding row). Random weights of the exact GLM-4-9B architecture
@@ -33,12 +34,19 @@ from glmkit.bench import copy_bandwidth, save_result, stage_runner
 from glmkit.env import use_expandable_segments
 from glmkit.gemv import device_name, gemv, gemv_swiglu, tables_for
 from glmkit.models import ensure_random_checkpoint
-from glmkit.results import ACCURACY_YARDSTICK, NF4_BF16_PRODUCTS_PATH, NF4_DEFAULT_PATH, NF4_TRITON_PATH
+from glmkit.results import (
+    ACCURACY_YARDSTICK,
+    ACCURACY_YARDSTICK_CUBLAS,
+    BF16_CUBLAS_PATH,
+    NF4_BF16_PRODUCTS_PATH,
+    NF4_DEFAULT_PATH,
+    NF4_TRITON_PATH,
+)
 
 NEW_TOKENS = 256  # a cache of 32 + 256 + 8 positions, as the step benchmarks (max_len_sweep.py: speed by cache length)
 PROMPT = 32
 FORCED = 16  # teacher-forced steps a prompt whose logits each decoder's are compared on
-PROMPTS = 4  # random prompts, each followed by its FORCED tokens (64 steps compared: the spread shows beside the median)
+PROMPTS = 16  # random prompts, each followed by its FORCED tokens (256 steps: each prompt's steps share its cache's errors)
 # the fast paths' labels: each decoder with its default options (bf16/fp16: glmkit's kernels, on Hopper its MLP as
 # one CUDA kernel; nf4: glmkit's batch-1 4-bit CUDA kernel where it runs)
 # (nf4's label, and the yardstick's in the accuracy stage, are those glmkit.results reads the run by)
@@ -232,7 +240,8 @@ def accuracy(checkpoint: str, nf4_model: torch.nn.Module, decoded: dict[str, tor
     """Each decoder's teacher-forced logits (``decoded``: path -> ``forced_logits``) against an fp32 decoder (cuBLAS,
     TF32 off) on the same weights: the checkpoint in fp32 for bf16 and fp16; for nf4 the checkpoint with every
     quantized weight replaced by its nf4 dequantization in fp32. Beside them the yardstick on the nf4 weights: those
-    weights in bf16 through bf16's fast path (what bf16 arithmetic alone costs on them)."""
+    weights in bf16 through bf16's fast path (what bf16 arithmetic alone costs on them), and through cuBLAS in eager
+    layers (bf16 arithmetic in another order: how far two bf16 paths' errors lie apart)."""
     from glmkit.fast_decode import FastDecoder
     from glmkit.gemv4bit import Packed4bit
     from glmkit.loading import load_model
@@ -265,6 +274,7 @@ def accuracy(checkpoint: str, nf4_model: torch.nn.Module, decoded: dict[str, tor
     bf16 = load_precision(checkpoint, "bf16", device_map="cuda:0")
     on_nf4_weights(bf16, torch.bfloat16)
     yardstick = logits_of(bf16)  # bf16's default fast path
+    yardstick_cublas = logits_of(bf16, gemv=False, compile=False)
     del bf16
     gc.collect()
     torch.cuda.empty_cache()
@@ -272,6 +282,7 @@ def accuracy(checkpoint: str, nf4_model: torch.nn.Module, decoded: dict[str, tor
                    **compare(logits, ref_nf4 if path.startswith("nf4") else ref_checkpoint)}
             for path, logits in decoded.items()}
     rows[ACCURACY_YARDSTICK] = {"against": "nf4 weights in fp32", **compare(yardstick, ref_nf4)}
+    rows[ACCURACY_YARDSTICK_CUBLAS] = {"against": "nf4 weights in fp32", **compare(yardstick_cublas, ref_nf4)}
     print(rows, flush=True)
     return {"forced_steps": FORCED, "quantized_weights": len(quantized), "rows": rows}
 
@@ -331,7 +342,10 @@ def main() -> None:
             stage("nf4 logits", forced_only, models["nf4"], NF4_DEFAULT_PATH),
             stage("nf4 bnb logits", forced_only, models["nf4"], "nf4 fast (bnb matmul_4bit, eager layers)", gemv=False,
                   compile=False)) if row}
-    if "accuracy" in stages:  # the nf4 decoder with the CUDA kernel switched off, beside the default
+    if "accuracy" in stages:  # bf16 through cuBLAS; the nf4 decoder with the CUDA kernel switched off
+        cublas = stage("bf16 cuBLAS logits", forced_only, models["bf16"], BF16_CUBLAS_PATH, gemv=False, compile=False)
+        if cublas:
+            forced[cublas["path"]] = cublas["_forced"]
         triton = stage("nf4 Triton logits", forced_only, models["nf4"], NF4_TRITON_PATH, kernel_4bit="triton")
         if triton:
             forced[triton["path"]] = triton["_forced"]

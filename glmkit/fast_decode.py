@@ -142,14 +142,18 @@ def linear(x: torch.Tensor, weight: Weight, bias: torch.Tensor | None, gemv: boo
     """``F.linear`` (cuBLAS); with ``gemv="triton"`` glmkit's Triton kernel for one token (``glmkit.gemv``; more
     rows: cuBLAS); with ``gemv=True`` (one token, compiled) a multiply-and-sum that inductor turns into one reduction
     kernel. A 4-bit weight goes through ``glmkit.gemv4bit`` (``"triton"``, up to its ``MAX_VECTORS`` rows) or
-    bitsandbytes' ``matmul_4bit``."""
+    bitsandbytes' ``matmul_4bit`` (several 4-bit weights and several rows: dequantized side by side, one GEMM)."""
     if isinstance(weight, Packed4bit):
         return gemv_4bit(x, weight, bias) if gemv == "triton" else linear_4bit(x, weight, bias)
     if isinstance(weight, tuple) and gemv == "triton":
         return gemv_4bit_multi(x, weight, bias)  # q, k and v in one launch, written side by side
-    if isinstance(weight, tuple):
+    if isinstance(weight, tuple) and x.numel() == x.shape[-1]:  # 4-bit q, k, v of one token: bitsandbytes' kernel
         biases = [None] * len(weight) if bias is None else bias.split([w.shape[0] for w in weight])
-        return torch.cat([linear(x, w, b, gemv) for w, b in zip(weight, biases)], dim=-1)
+        return torch.cat([linear_4bit(x, w, b) for w, b in zip(weight, biases)], dim=-1)
+    if isinstance(weight, tuple):  # of several: one GEMM on their weights dequantized side by side, as bitsandbytes
+        # multiplies several rows, but as one weight (three GEMMs, k's and v's of 256 rows, put bf16's error of the
+        # prompt's keys 7% above a 16-bit model's: benchmarks/results/nf4_layer_errors.json)
+        return F.linear(x, torch.cat([w.dequantize(x.dtype) for w in weight]), bias)
     if fuses(weight, gemv, x=x):
         return triton_gemv(x, weight, bias)
     if gemv == "triton" or not gemv:  # "triton": several rows (a 4-bit model's batch) or fp16 on an untuned shape

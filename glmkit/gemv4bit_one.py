@@ -30,8 +30,8 @@ the way one token needs them:
 The tensor cores multiply in fp16 whatever x's type (``F16_PRODUCTS``): bitsandbytes' 4-bit code in a bf16 table
 puts every weight of a code off the same way, 0.13% of a projection on its own, and made this kernel's outputs
 0.21-0.22% from float64 against 0.17% for the Triton kernel; with an fp16 table they are 0.17%, and the nf4
-decoder's logits 1.02x bf16 arithmetic's on the same weights, against 1.06x (``nf4_code_rounding.json``,
-``nf4_decode.json``), at 0.991x the speed of bf16 products in the same run. A bf16 x is converted as it is staged:
+decoder's logits 0.95x bf16 arithmetic's on the same weights, against 0.99x (``nf4_code_rounding.json``,
+``nf4_accuracy.json``), at 0.991x the speed of bf16 products (``nf4_decode.json``). A bf16 x is converted as it is staged:
 each CTA finds its largest value (a warp's, then the CTA's, after the wait for the kernel before), multiplies x by
 the power of two that puts it in [2^14, 2^15) (exact: bf16's 8 significant bits fit in fp16's 11, and nothing
 overflows fp16's 65504) and multiplies the sums by its inverse.

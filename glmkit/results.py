@@ -3455,7 +3455,8 @@ def max_len_chart() -> Any:
     return fig
 
 
-NF4_DECODE_RUNS = ("nf4_decode", "nf4_decode_run2")  # nf4_decode.py's runs: _newest picks one with the stage read
+# nf4_decode.py's runs: _newest picks one with the stage read (nf4_accuracy: its accuracy stage alone, 16 prompts)
+NF4_DECODE_RUNS = ("nf4_accuracy", "nf4_decode", "nf4_decode_run2")
 
 
 def nf4_long_context_clause() -> str:
@@ -3487,6 +3488,8 @@ def nf4_long_context_clause() -> str:
 
 
 ACCURACY_YARDSTICK = "bf16 fast on the nf4 weights"  # nf4_decode.py's bf16 arithmetic on the nf4 weights
+ACCURACY_YARDSTICK_CUBLAS = "bf16 cuBLAS on the nf4 weights"  # the same through cuBLAS (bf16 rounding in another order)
+BF16_CUBLAS_PATH = "bf16 cuBLAS (eager layers)"  # nf4_decode.py's bf16 checkpoint through cuBLAS, PyTorch's roundings
 
 
 NF4_TRITON_PATH = "nf4 fast (glmkit Triton kernel)"  # its nf4 decoder with the batch-1 CUDA kernel switched off
@@ -3540,6 +3543,11 @@ def fast_path_accuracy_sentence() -> Text:
         text += (f"; bitsandbytes' own kernel in the same fast path: {100 * bnb['rel_err_median']:.2f}%."
                  if bnb else ".")
     text += _paired_clause(nf4, yard)
+    cublas_yard, cublas = acc.get(ACCURACY_YARDSTICK_CUBLAS), acc.get(BF16_CUBLAS_PATH)
+    if cublas_yard is not None:
+        text += (f" bf16 arithmetic as PyTorch rounds it (cuBLAS in eager layers, each norm's output rounded too) is "
+                 f"{100 * cublas_yard['rel_err_median']:.2f}% from fp32 on the same nf4 weights")
+        text += f" and {100 * cublas['rel_err_median']:.2f}% on the checkpoint." if cublas is not None else "."
     if triton is not None:
         t = 100 * triton["rel_err_median"]
         text += (f" With glmkit's Triton 4-bit kernel in place of its CUDA kernel (`GLMKIT_4BIT_KERNEL=triton`, "
@@ -3549,7 +3557,35 @@ def fast_path_accuracy_sentence() -> Text:
         t = 100 * old["rel_err_median"]
         text += (f" The CUDA kernel multiplies in fp16 (a bf16 token converted as it is staged); with its products in "
                  f"bf16, as it did before: {t:.2f}%, {t / med['yard']:.2f}x the yardstick.")
-    return Text(text + _code_rounding_clause())
+    return Text(text + _code_rounding_clause() + _layer_errors_clause())
+
+
+def _layer_errors_clause() -> str:
+    """Layer by layer (``nf4_layer_errors.json``): what each nf4 and bf16 layer adds given the fp32 decoder's inputs,
+    and the prompt's keys after the decoder's own prefill, with q/k/v as one GEMM and as three (the run before,
+    ``nf4_layer_errors_three_gemms.json``); empty where not measured."""
+    run, before = load("nf4_layer_errors"), load("nf4_layer_errors_three_gemms")
+    if run is None:
+        return ""
+    rows = run["rows"]
+    nf4, bf16 = rows.get("nf4 fast, fed"), rows.get(f"{ACCURACY_YARDSTICK}, fed")
+    nf4_free, bf16_free = rows.get("nf4 fast, free"), rows.get(f"{ACCURACY_YARDSTICK}, free")
+    if not (nf4 and bf16 and nf4_free and bf16_free):
+        return ""
+
+    def pct(row: dict[str, Any]) -> str:
+        return _range([100 * x for x in row["layer_rel_err"]], 2, "%")
+    text = (f" Layer by layer ({measured_on(run)}, `nf4_layer_errors.json`), given the fp32 decoder's inputs and "
+            f"cache, an nf4 layer's output is {pct(nf4)} from fp32's and a bf16 layer's on the same weights {pct(bf16)}; "
+            f"after the decoder's own prefill, the prompt's keys are {100 * nf4_free['prompt_keys_rel_err']:.2f}% from "
+            f"fp32 in nf4 and {100 * bf16_free['prompt_keys_rel_err']:.2f}% in bf16")
+    old = (before or {}).get("rows", {}).get("nf4 fast, free")
+    if old is None:
+        return text + "."
+    return text + (f": the prefill multiplies a 4-bit model's q, k and v as one GEMM, as a 16-bit model's fused q/k/v "
+                   f"(as three GEMMs, `nf4_layer_errors_three_gemms.json`: {100 * old['prompt_keys_rel_err']:.2f}%, and "
+                   f"that run's logits {100 * old['logits_rel_err']:.2f}% against "
+                   f"{100 * nf4_free['logits_rel_err']:.2f}% with one).")
 
 
 def _paired_clause(nf4: dict[str, Any], yard: dict[str, Any]) -> str:

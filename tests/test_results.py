@@ -932,7 +932,8 @@ def test_speed_by_cache_length_reads_the_newest_sweep(monkeypatch, tmp_path):
 def test_the_long_context_clause_reads_the_newest_run_and_the_two_kernels():
     """The 32K run shown is the newest with a long_context stage; the CUDA and Triton 4-bit kernels' runs of one call
     give the ratio."""
-    clause, newest = results.nf4_long_context_clause(), results.load(results.NF4_DECODE_RUNS[0])
+    clause = results.nf4_long_context_clause()
+    newest = next(r for r in map(results.load, results.NF4_DECODE_RUNS) if r and r.get("long_context"))
     assert f"`{newest['name']}.json`" in clause and f"{newest['long_context']['decode_tok_s']:.1f} tok/s" in clause
     a, b = (results.load(f"nf4_long_{k}")["long_context"]["decode_tok_s"] for k in ("cuda", "triton"))
     assert f"{a:.1f} tok/s with glmkit's batch-1 4-bit CUDA kernel and {b:.1f} with its Triton kernel: {a / b:.2f}x" in clause
@@ -982,6 +983,21 @@ def test_the_committed_accuracy_names_both_4bit_kernels_and_why_they_differ():
                x["bf16_code_vs_exact_fp64"] for x in rows)  # the figures the sentence's "against" rests on
     for key in ("cuda_vs_exact", "cuda_bf16_products_vs_exact", "cuda_large_x_vs_exact"):
         assert results._range([100 * x[key] for x in rows], 2, "%") in sentence
+
+
+def test_the_accuracy_sentence_gives_both_bf16_yardsticks_and_the_prefill_before_and_after():
+    """The cuBLAS yardstick beside the fast path's, each layer's error given fp32's inputs, and the prompt's keys with
+    q/k/v as one GEMM and as three (the run before), from the committed files."""
+    sentence = str(results.fast_path_accuracy_sentence())
+    acc = results._accuracy_run()["accuracy"]["rows"]
+    for path, where in ((results.ACCURACY_YARDSTICK_CUBLAS, "from fp32 on the same nf4 weights"),
+                        (results.BF16_CUBLAS_PATH, "on the checkpoint")):
+        assert f"{100 * acc[path]['rel_err_median']:.2f}% {where}" in sentence
+    run, before = results.load("nf4_layer_errors"), results.load("nf4_layer_errors_three_gemms")
+    assert results._range([100 * x for x in run["rows"]["nf4 fast, fed"]["layer_rel_err"]], 2, "%") in sentence
+    for r in (run, before):
+        assert f"{100 * r['rows']['nf4 fast, free']['prompt_keys_rel_err']:.2f}%" in sentence
+    assert before["rows"]["nf4 fast, free"]["prompt_keys_rel_err"] > run["rows"]["nf4 fast, free"]["prompt_keys_rel_err"]
 
 
 def test_the_sweep_sentence_gives_the_engines_lone_request_with_and_without_spans():
