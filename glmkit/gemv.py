@@ -173,17 +173,19 @@ def load_table(path: str | Path) -> tuple[str, dict[tuple[str, int, int], GemvCo
     return table["tuned_on"], configs
 
 
-CUDA_SHAPE_KEYS = ("groups", "warps", "depth", "wide")  # a CUDA kernel's launch shape in a table (gemv4bit_one.OneShape)
+# glmkit's CUDA kernels' launch shapes in a table, by kernel: the batch-1 4-bit kernel's (gemv4bit_one.OneShape) and
+# the 2-8-row 4-bit kernel's (gemv4bit_mma.MmaShape)
+CUDA_SHAPE_KEYS = {"4bit-one": ("groups", "warps", "depth", "wide"), "4bit-mma": ("warps", "unroll", "min_blocks")}
 
 
 def _is_cuda_shape(entry: dict) -> bool:
-    return "groups" in entry
+    return entry.get("kernel") in CUDA_SHAPE_KEYS
 
 
 def load_cuda_shapes(path: str | Path) -> tuple[str, dict[tuple[str, int, int], dict[str, int | bool]]]:
-    """A table's launch shapes of glmkit's CUDA kernels (``CUDA_SHAPE_KEYS``; the batch-1 4-bit kernel's, kernel
-    ``"4bit-one"``): the device it was tuned on, and (kernel, rows, columns) -> shape fields. Tables without any
-    give an empty dict.
+    """A table's launch shapes of glmkit's CUDA kernels (``CUDA_SHAPE_KEYS``: the batch-1 4-bit kernel's, kernel
+    ``"4bit-one"``, and the 2-8-row one's, ``"4bit-mma"``): the device it was tuned on, and (kernel, rows, columns) ->
+    shape fields. Tables without any give an empty dict.
 
     >>> load_cuda_shapes(TUNED_TABLE)[1]  # the H100 table: bf16 Triton shapes only
     {}
@@ -193,11 +195,12 @@ def load_cuda_shapes(path: str | Path) -> tuple[str, dict[tuple[str, int, int], 
     for c in table["configs"]:
         if not _is_cuda_shape(c):
             continue
-        if not all(key in c for key in ("kernel", "rows", "columns", *CUDA_SHAPE_KEYS)):
-            warnings.warn(f"{path}: a CUDA kernel shape without {', '.join(CUDA_SHAPE_KEYS)} is skipped ({c}); "
+        keys = CUDA_SHAPE_KEYS[c["kernel"]]
+        if not all(key in c for key in ("rows", "columns", *keys)):
+            warnings.warn(f"{path}: a {c['kernel']} shape without rows, columns, {', '.join(keys)} is skipped ({c}); "
                           "run `glmkit tune` again to rewrite it.", UserWarning, stacklevel=2)
             continue
-        shapes[(c["kernel"], c["rows"], c["columns"])] = {key: c[key] for key in CUDA_SHAPE_KEYS}
+        shapes[(c["kernel"], c["rows"], c["columns"])] = {key: c[key] for key in keys}
     return table["tuned_on"], shapes
 
 

@@ -45,13 +45,17 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from glmkit import gemv
+
 __all__ = ["gemv_4bit_mma", "usable", "runs_on", "cuda_kernel_runs", "weight_slots", "compile_cubin", "nvrtc_found",
-           "source", "or_stand_in", "MIN_VECTORS", "MAX_VECTORS"]
+           "source", "or_stand_in", "MIN_VECTORS", "MAX_VECTORS", "MmaShape", "default_shape", "launch_shape",
+           "TABLE_KERNEL"]
 
 MAX_VECTORS = 8  # the operand's 8 columns: vector v is column v
 # From 2 vectors: on an H200 (benchmarks/results/nf4_mma.json) this kernel multiplies 2-8 vectors by GLM-4-9B's
@@ -66,9 +70,52 @@ MIN_VECTORS = 2
 # taking every WARPS-th 64-weight chunk of the row, UNROLL chunks loaded at a time while the ones before are summed,
 # MIN_BLOCKS programs an SM (registers per thread at most 65536 / (MIN_BLOCKS * 32 * WARPS)). Gate/up (SwiGLU), whose
 # warps read twice the rows, is fastest with more programs of one chunk: 38-40 us against 44 at GLM-4-9B's shape.
+# `glmkit tune` measures the card in hand's (``launch_shape``).
 WARPS = 8
 UNROLL, MIN_BLOCKS = 2, 2
 UNROLL_SWIGLU, MIN_BLOCKS_SWIGLU = 1, 3
+
+
+@dataclass(frozen=True)
+class MmaShape:
+    """How the kernel is launched: ``warps`` warps a program, ``unroll`` 64-weight chunks a warp loads at a time while
+    the ones before are summed, ``min_blocks`` programs an SM holds (registers a thread: at most 65536 / (min_blocks
+    * 32 * warps)).
+
+    >>> MmaShape(8, 2, 2).registers()
+    128
+    """
+
+    warps: int
+    unroll: int
+    min_blocks: int
+
+    def registers(self) -> int:
+        """Registers a thread may take (``__launch_bounds__``), at most 255."""
+        return min(255, 65536 // (self.min_blocks * 32 * self.warps))
+
+
+def default_shape(swiglu: bool) -> MmaShape:
+    """The shape an untuned card launches (``WARPS``, ``UNROLL``, ``MIN_BLOCKS``; gate/up: ``UNROLL_SWIGLU``,
+    ``MIN_BLOCKS_SWIGLU``), chosen on an H200.
+
+    >>> default_shape(False), default_shape(True)
+    (MmaShape(warps=8, unroll=2, min_blocks=2), MmaShape(warps=8, unroll=1, min_blocks=3))
+    """
+    return MmaShape(WARPS, UNROLL_SWIGLU if swiglu else UNROLL, MIN_BLOCKS_SWIGLU if swiglu else MIN_BLOCKS)
+
+
+TABLE_KERNEL = "4bit-mma"  # this kernel's name in the launch-shape tables (nf4 and fp4 take the same kernel)
+
+
+def launch_shape(rows: int, k: int, swiglu: bool) -> MmaShape:
+    """The shape of a launch of ``rows`` output rows (gate/up: of one half; q/k/v: all three) of ``k`` columns: the one
+    ``glmkit tune`` measured fastest on this card (the user's table, else a shipped one:
+    ``glmkit.gemv.active_cuda_shapes``), else ``default_shape``."""
+    entry = gemv.active_cuda_shapes().get((TABLE_KERNEL, rows, k))
+    return MmaShape(**entry) if entry is not None else default_shape(swiglu)
+
+
 NAME = "glmkit_gemv4_mma"  # the kernel's name in its source
 LABEL = "4-bit tensor-core kernel (2-8 tokens)"  # and in a warning
 ROWS = 16  # weight rows per program: the operand's 16 rows
@@ -366,10 +413,11 @@ def source() -> str:
     return _SOURCE
 
 
-def _options(bf16: bool, nested: bool, swiglu: bool, bias: bool, segments: int, nested_blocksize: int) -> list[str]:
+def _options(bf16: bool, nested: bool, swiglu: bool, bias: bool, segments: int, nested_blocksize: int,
+             shape: MmaShape | None = None) -> list[str]:
+    shape = shape or default_shape(swiglu)
     flags = dict(BF16=int(bf16), NESTED=int(nested), SWIGLU=int(swiglu), HAS_BIAS=int(bias), SEGMENTS=segments,
-                 BS2=nested_blocksize, WARPS=WARPS, UNROLL=UNROLL_SWIGLU if swiglu else UNROLL,
-                 MIN_BLOCKS=MIN_BLOCKS_SWIGLU if swiglu else MIN_BLOCKS)
+                 BS2=nested_blocksize, WARPS=shape.warps, UNROLL=shape.unroll, MIN_BLOCKS=shape.min_blocks)
     return [f"-D{k}={v}" for k, v in flags.items()] + ["-std=c++17"]
 
 
@@ -604,10 +652,12 @@ def weight_slots(ws: tuple[Any, ...], rows: Sequence[int]) -> list[Any]:
     return slots + slots[:6] * (3 - len(ws))
 
 
-def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | None, swiglu: bool,
+                  shape: MmaShape | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for up to three ``Packed4bit`` weights of one format side by side (q, k, v), or
     ``up * silu(gate)`` of one gate/up weight ``[2n, k]`` (``swiglu``), for 1-``MAX_VECTORS`` vectors ``[..., k]``;
-    y in x's dtype. The caller (``glmkit.gemv4bit._launch``) has checked the inputs and ``usable``."""
+    y in x's dtype. The caller (``glmkit.gemv4bit._launch``) has checked the inputs and ``usable``. ``shape``: the
+    launch shape (default: ``launch_shape``'s, tuned for the card where ``glmkit tune`` ran)."""
     w = ws[0]
     k = w.shape[1]
     rows = [v.shape[0] for v in ws]
@@ -620,8 +670,10 @@ def gemv_4bit_mma(x: torch.Tensor, ws: tuple[Any, ...], bias: torch.Tensor | Non
         bias = bias.to(x.dtype).contiguous()
     y = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
     tiles = sum(-(-(n // 2 if swiglu else n) // ROWS) for n in rows)
-    options = _options(x.dtype == torch.bfloat16, w.nested, swiglu, bias is not None, len(ws), w.nested_blocksize)
-    launch(x.device, options, (tiles, 1, 1), (WARPS * 32, 1, 1),
+    shape = shape or launch_shape(n_out, k, swiglu)
+    options = _options(x.dtype == torch.bfloat16, w.nested, swiglu, bias is not None, len(ws), w.nested_blocksize,
+                       shape)
+    launch(x.device, options, (tiles, 1, 1), (shape.warps * 32, 1, 1),
          [xf, y, or_stand_in(bias, y), w.code, *weight_slots(ws, rows), vectors, k // 2,
           k // w.blocksize, n_out],
          _shared_bytes(k, swiglu))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import GlmConfig
 
-from glmkit import gemv4bit, gemv4bit_one
+from glmkit import gemv4bit, gemv4bit_mma, gemv4bit_one
 from glmkit.gemv import (
     CUDA_SHAPE_KEYS,
     GemvConfig,
@@ -349,7 +349,7 @@ def tune_one_projection(name: str, heights: tuple[int, ...], k: int, bias: bool,
                            "columns": k, "bytes": nbytes, "copies": copies, "tried": []}
     timed: list[tuple[float, dict[str, Any]]] = []
     for shape in one_candidates(swiglu, k, gemv4bit_one.smem_limit(torch.device(device))):
-        fields = {key: getattr(shape, key) for key in CUDA_SHAPE_KEYS}
+        fields = {key: getattr(shape, key) for key in CUDA_SHAPE_KEYS[gemv4bit_one.TABLE_KERNEL]}
         try:  # NaN (a layout the kernel refuses) fails the check
             err = max(((run(0, shape).double() - ref).norm() / ref.norm()).item() for run, ref in checks)
             t = timer(lambda i, shape=shape: launch(i, shape), copies)
@@ -393,6 +393,100 @@ def tune_one_kernel(log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
     return rows
 
 
+# the 2-8-row 4-bit CUDA kernel's candidate shapes (glmkit.gemv4bit_mma.MmaShape): warps a program, chunks a warp loads
+# at a time, programs an SM (at least 64 registers a thread: warps x programs an SM at most 32)
+MMA_WARPS = (4, 8, 16)
+MMA_UNROLLS = (1, 2)
+MMA_BLOCKS = (1, 2, 3)
+MMA_VECTORS = (2, 8)  # the rows a shape is timed at (their times summed): one shape serves 2-8 rows
+
+
+def mma_candidates(swiglu: bool) -> list[gemv4bit_mma.MmaShape]:
+    """The 2-8-row 4-bit CUDA kernel's shapes to time: ``MMA_WARPS`` x ``MMA_UNROLLS`` x ``MMA_BLOCKS`` with at least
+    64 registers a thread; the untuned default (``default_shape``) first.
+
+    >>> mma_candidates(False)[0] == gemv4bit_mma.default_shape(False), len(mma_candidates(True))
+    (True, 16)
+    """
+    default = gemv4bit_mma.default_shape(swiglu)
+    shapes = [gemv4bit_mma.MmaShape(w, u, b) for w in MMA_WARPS for u in MMA_UNROLLS for b in MMA_BLOCKS
+              if w * b <= 32]
+    return [default] + [shape for shape in shapes if shape != default]
+
+
+def tune_mma_projection(name: str, heights: tuple[int, ...], k: int, bias: bool, swiglu: bool, device: str = "cuda",
+                        timer: Callable[[Callable[[int], Any], int], float] = graph_time) -> dict[str, Any]:
+    """Time every candidate shape (``mma_candidates``) of the 2-8-row 4-bit CUDA kernel on one GLM-4-9B launch at each
+    of ``MMA_VECTORS`` rows (bitsandbytes nf4 weights; back to back over ~1 GiB of weight copies in one CUDA graph,
+    ``graph_time``), after checking it against float64 at 8 rows. The fastest shape by the sum of its times is kept
+    where it beats the default (timed first) by ``ONE_MARGIN``, else the default; it goes into this process's table
+    (``glmkit.gemv.active_cuda_shapes``). With another ``timer`` (tests): two weight copies and no table entry."""
+    rows = sum(heights)
+    nbytes = rows * k // 2
+    real = device == "cuda" and timer is graph_time
+    copies = max(2, math.ceil(2**30 / nbytes)) if real else 2
+    ws = [tuple(quantize(torch.randn(h, k, device=device) * 0.02, "nf4") for h in heights) for _ in range(copies)]
+    n_out = rows // 2 if swiglu else rows
+    b = torch.randn(rows, device=device, dtype=torch.bfloat16) if bias else None
+    xs = {v: torch.randn(v, 1, k, device=device, dtype=torch.bfloat16) for v in MMA_VECTORS}
+    x8 = torch.randn(gemv4bit_mma.MAX_VECTORS, 1, k, device=device, dtype=torch.bfloat16)
+    ref = F.linear(x8.double(), torch.cat([w.dequantize(torch.float32) for w in ws[0]]).double(),
+                   None if b is None else b.double())
+    if swiglu:
+        gate, up = ref.chunk(2, dim=-1)
+        ref = up * F.silu(gate)
+    row: dict[str, Any] = {"projection": name, "kernel": gemv4bit_mma.TABLE_KERNEL, "rows": n_out, "columns": k,
+                           "bytes": nbytes, "copies": copies, "vectors": list(MMA_VECTORS), "tried": []}
+    timed: list[tuple[float, dict[str, Any]]] = []
+    for shape in mma_candidates(swiglu):
+        fields = {key: getattr(shape, key) for key in CUDA_SHAPE_KEYS[gemv4bit_mma.TABLE_KERNEL]}
+        try:  # NaN (a shape the kernel gets wrong) fails the check
+            got = gemv4bit_mma.gemv_4bit_mma(x8, ws[0], b, swiglu, shape=shape)
+            err = ((got.double() - ref).norm() / ref.norm()).item()
+            us = {v: 1e6 * timer(lambda i, x=x, shape=shape: gemv4bit_mma.gemv_4bit_mma(x, ws[i], b, swiglu,
+                                                                                      shape=shape), copies)
+                  for v, x in xs.items()}
+        except Exception as exc:  # a shape NVRTC or the driver cannot take: record and go on
+            row["tried"].append({**fields, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        row["tried"].append({**fields, "us": {str(v): t for v, t in us.items()}, "rel_err": err})
+        if err < 2e-2:
+            timed.append((sum(us.values()), fields))
+    row["default"] = row["tried"][0] if row["tried"] else None  # (mma_candidates puts the default first)
+    best = min(timed, key=lambda tf: tf[0], default=None)
+    default_ok = row["default"] is not None and "us" in row["default"] and row["default"]["rel_err"] < 2e-2
+    if best is not None and default_ok and not beats_default(best[0], timed[0][0]):
+        best = timed[0]  # not faster by the margin: the default stays
+    row["best"] = None if best is None else {**best[1], "us_summed": best[0]}
+    if best is not None and real:
+        active_cuda_shapes()[(gemv4bit_mma.TABLE_KERNEL, n_out, k)] = best[1]  # this process launches it from now on
+    ws.clear()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def tune_mma_kernel(log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+    """Tune the 2-8-row 4-bit CUDA kernel's shapes for every GLM-4-9B launch (``tune_mma_projection``) where it runs
+    on this GPU and has passed its first-run check; else nothing, said in one line."""
+    device = torch.device("cuda", torch.cuda.current_device())
+    if not gemv4bit_mma.runs_on(device, gemv4bit_mma.MIN_VECTORS, torch.bfloat16) or \
+            not gemv4bit.check_mma(device, torch.bfloat16):
+        log(f"4-bit 2-8-row CUDA kernel: does not run on {device_name()} (compute capability 8.0+, NVRTC; "
+            "GLMKIT_4BIT_KERNEL unset): the Triton kernels serve a few tokens.")
+        return []
+    rows = []
+    for name, (heights, k, bias, swiglu) in one_projections().items():
+        row = tune_mma_projection(name, heights, k, bias, swiglu)
+        rows.append(row)
+        best, default = row["best"], row["default"]
+        log(f"4-bit {name:10s} (CUDA kernel, 2-8 rows) " + (
+            f"best {best['warps']} warps, {best['unroll']} chunks at a time, {best['min_blocks']} programs an SM: "
+            f"{best['us_summed']:.1f} µs at {' + '.join(map(str, MMA_VECTORS))} rows; untuned default "
+            f"{sum(default['us'].values()):.1f} µs" if best and default and "us" in default else "no shape built"))
+    return rows
+
+
 def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = print,
          tp: int = 1) -> list[dict[str, Any]]:
     """Tune every GLM-4-9B projection for each kernel on this GPU; returns the rows (see ``tune_projection``).
@@ -427,8 +521,8 @@ def tune(kernels: Iterable[str] = ("bf16", "nf4"), log: Callable[[str], Any] = p
                                                + (f", {best['lookup']} lookup: " if "lookup" in best else ": ") +
                                                f"{best['us']:.1f} µs, {best['tb_s']:.2f} TB/s; {base} (bare product) "
                                                f"{row[base + '_tb_s']:.2f} TB/s" if best else "no shape built"))
-    if tp == 1 and done & set(FOUR_BIT):  # nf4 and fp4 take the same batch-1 CUDA kernel: its shapes once
-        rows += tune_one_kernel(log)
+    if tp == 1 and done & set(FOUR_BIT):  # nf4 and fp4 take the same CUDA kernels: their shapes once
+        rows += tune_one_kernel(log) + tune_mma_kernel(log)
     return rows
 
 
@@ -445,9 +539,9 @@ def table_configs(rows: list[dict[str, Any]], fp16_from_bf16: bool = True) -> li
     """
     out = []
     for r in rows:
-        if r["best"] and r["kernel"] == gemv4bit_one.TABLE_KERNEL:  # a CUDA kernel's shape: rows as it launches
+        if r["best"] and r["kernel"] in CUDA_SHAPE_KEYS:  # a CUDA kernel's shape: rows as it launches
             out.append({"kernel": r["kernel"], "rows": r["rows"], "columns": r["columns"],
-                        **{key: r["best"][key] for key in CUDA_SHAPE_KEYS}})
+                        **{key: r["best"][key] for key in CUDA_SHAPE_KEYS[r["kernel"]]}})
         elif r["best"]:
             n = r["rows"] // 2 if r["projection"] == "gate_up" else r["rows"]
             tiles = {"tiles": gemv4bit.tiles_per_program(r["projection"] == "gate_up")} if r["kernel"] in FOUR_BIT else {}

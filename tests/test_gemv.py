@@ -207,8 +207,29 @@ def test_cuda_kernel_shapes_share_the_tables_and_are_read_apart(tmp_path, monkey
     assert cuda_shapes_for("another card") == {}
     broken = {"kernel": "4bit-one", "rows": 7, "columns": 64, "groups": 2, "warps": 4}  # no depth, no table width
     _write_table(user_table_path(), card, [broken, configs[1]])
-    with pytest.warns(UserWarning, match="without groups, warps, depth, wide is skipped"):
+    with pytest.warns(UserWarning, match="without rows, columns, groups, warps, depth, wide is skipped"):
         assert cuda_shapes_for(card) == {} and len(tables_for(card)) == 1
+
+
+def test_both_4bit_cuda_kernels_shapes_are_read_by_kernel_and_a_malformed_one_is_skipped(tmp_path, monkeypatch):
+    """The batch-1 and the 2-8-row 4-bit CUDA kernels' shapes sit in one table, each read with its own fields; an entry
+    of either missing a field is skipped with a warning that names its kernel, and never read as a Triton shape."""
+    from glmkit.gemv import cuda_shapes_for
+    from glmkit.gemv_tuning import table_configs, write_table
+
+    monkeypatch.setenv("GLMKIT_CACHE", str(tmp_path))
+    card = "NVIDIA GeForce RTX 4070"
+    one = {"projection": "o_proj", "kernel": "4bit-one", "rows": 4096, "columns": 4096,
+           "best": {"groups": 2, "warps": 4, "depth": 2, "wide": True}}
+    mma = {"projection": "o_proj", "kernel": "4bit-mma", "rows": 4096, "columns": 4096,
+           "best": {"warps": 4, "unroll": 1, "min_blocks": 3, "us_summed": 30.0}}
+    write_table(table_configs([one, mma]), device=card)
+    assert cuda_shapes_for(card) == {("4bit-one", 4096, 4096): {"groups": 2, "warps": 4, "depth": 2, "wide": True},
+                                     ("4bit-mma", 4096, 4096): {"warps": 4, "unroll": 1, "min_blocks": 3}}
+    assert tables_for(card) == {}
+    _write_table(user_table_path(), card, [{"kernel": "4bit-mma", "rows": 7, "columns": 64, "warps": 4}])
+    with pytest.warns(UserWarning, match="a 4bit-mma shape without rows, columns, warps, unroll, min_blocks"):
+        assert cuda_shapes_for(card) == {} and tables_for(card) == {}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")

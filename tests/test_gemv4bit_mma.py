@@ -222,3 +222,82 @@ def test_a_failed_dependent_launch_warns_once_and_launches_plainly(monkeypatch):
     _stand_in_driver(monkeypatch, status=700)  # CUDA_ERROR_ILLEGAL_ADDRESS
     with pytest.raises(RuntimeError, match="CUDA error 700"):
         gemv4bit_mma.launch(torch.device("cuda", 2), [], (8, 1, 1), (64, 1, 1), [torch.zeros(1), 1, 0.5], 0, pdl=True)
+
+
+def test_a_launch_takes_the_tuned_shape_for_its_rows_and_columns_else_the_default(monkeypatch):
+    """``glmkit tune``'s shape for a launch's (kernel, rows, columns) sets its warps (the block), chunks at a time and
+    programs an SM; another launch keeps ``default_shape``."""
+    from glmkit import gemv
+
+    launches = []
+    monkeypatch.setattr(gemv4bit_mma, "launch", lambda *a, **k: launches.append(a))
+    monkeypatch.setattr(gemv, "_ACTIVE_CUDA", {(gemv4bit_mma.TABLE_KERNEL, 96, 128): {"warps": 4, "unroll": 1,
+                                                                                        "min_blocks": 3}})
+    x = torch.randn(3, 1, 128, dtype=torch.bfloat16)
+    for rows in (96, 80):
+        gemv4bit_mma.gemv_4bit_mma(x, (quantize(torch.randn(rows, 128), "nf4"),), None, False)
+    (_, tuned, _, tuned_block, *_), (_, default, _, default_block, *_) = launches
+    assert tuned_block == (4 * 32, 1, 1) and {"-DWARPS=4", "-DUNROLL=1", "-DMIN_BLOCKS=3"} <= set(tuned)
+    shape = gemv4bit_mma.default_shape(False)
+    assert default_block == (32 * shape.warps, 1, 1) and f"-DUNROLL={shape.unroll}" in default
+
+
+@pytest.mark.skipif(not gemv4bit_mma.nvrtc_found(), reason="needs NVRTC (pip install nvidia-cuda-nvrtc)")
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_the_tuners_extreme_shapes_compile_for_sm90_without_spills(swiglu, tmp_path):
+    """The candidates ``glmkit tune`` times with the most warps and programs an SM (the fewest registers a thread)
+    and with the fewest: each compiles and keeps everything in registers."""
+    from glmkit.gemv_tuning import mma_candidates
+
+    shapes = mma_candidates(swiglu)
+    for shape in (min(shapes, key=lambda s: s.registers()), max(shapes, key=lambda s: s.registers())):
+        cubin = gemv4bit_mma.compile_cubin(gemv4bit_mma._options(True, False, swiglu, False, 1, 256, shape), "sm_90")
+        usage = _cuobjdump(cubin, "-res-usage", tmp_path)
+        assert "LOCAL:0" in usage and "STACK:0" in usage, (shape, usage)
+
+
+def test_the_tuner_keeps_a_right_shape_only_where_it_beats_the_default_by_the_margin(monkeypatch):
+    """``glmkit tune``'s 2-8-row CUDA kernel step (``tune_mma_projection``) with the kernel stood in for (it runs on a
+    GPU only: a float32 product for each shape, a timer that reads each shape's time): each candidate is checked against
+    float64 at 8 rows and timed at each of ``MMA_VECTORS``; a wrong shape is never kept, a faster one replaces the
+    default only by more than ``ONE_MARGIN``."""
+    from glmkit import gemv_tuning
+
+    launched = []
+
+    def stand_in(x, ws, bias, swiglu, shape=None):
+        launched.append((shape, x.shape[0]))
+        y = x.float() @ torch.cat([v.dequantize(torch.float32) for v in ws]).T
+        if shape.warps == 16:  # this "shape" is wrong
+            y = y * 1.5
+        if bias is not None:
+            y = y + bias.float()
+        if swiglu:
+            gate, up = y.chunk(2, dim=-1)
+            y = up * torch.nn.functional.silu(gate)
+        return y.to(x.dtype)
+
+    def timer_with(times):
+        def timer(fn, copies):
+            fn(0)
+            shape = launched[-1][0]
+            return times.get((shape.warps, shape.unroll, shape.min_blocks), 1.0)
+        return timer
+
+    monkeypatch.setattr(gemv4bit_mma, "gemv_4bit_mma", stand_in)
+    default = gemv4bit_mma.default_shape(True)
+    key = (default.warps, default.unroll, default.min_blocks)
+    slightly, much, wrong = (4, 1, 1), (4, 2, 2), (16, 1, 1)  # 1%, 10%, 20% faster than the default
+    for times, kept in (({slightly: 0.99}, key), ({slightly: 0.99, much: 0.9}, much), ({wrong: 0.8}, key)):
+        launched.clear()
+        row = gemv_tuning.tune_mma_projection("gate_up", (128,), 256, False, True, device="cpu",
+                                              timer=timer_with({**{k: 1.05 for k in (slightly, much, wrong)},
+                                                                key: 1.0, **times}))
+        assert (row["best"]["warps"], row["best"]["unroll"], row["best"]["min_blocks"]) == kept
+        assert row["rows"] == 64 and row["default"]["warps"] == default.warps  # rows of one half; timed first
+        assert row["default"]["us"] == {str(v): 1e6 for v in gemv_tuning.MMA_VECTORS}
+        assert all((t["rel_err"] > 2e-2) == (t["warps"] == 16) for t in row["tried"])
+        assert {rows for _, rows in launched} == {gemv4bit_mma.MAX_VECTORS, *gemv_tuning.MMA_VECTORS}
+    assert gemv_tuning.table_configs([row])[0] == {"kernel": "4bit-mma", "rows": 64, "columns": 256,
+                                                   "warps": default.warps, "unroll": default.unroll,
+                                                   "min_blocks": default.min_blocks}

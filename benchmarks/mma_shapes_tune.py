@@ -1,0 +1,82 @@
+"""``glmkit tune``'s shapes for the 2-8-row 4-bit CUDA kernel on this card, and what they give a decoder: every candidate
+shape of each GLM-4-9B launch timed at 2 and 8 rows (``glmkit.gemv_tuning.tune_mma_kernel``; a shape other than the
+default kept only where it is ``ONE_MARGIN`` faster), then GLM-4-9B nf4 (random weights) decoding 4 and 8 sequences
+with the untuned default shapes and with the shapes the tune kept, taking turns over 3 rounds in one process (best
+round each), and the tokens of both.
+
+    PYTHONPATH=.:benchmarks python benchmarks/mma_shapes_tune.py --checkpoint /tmp/glm9b     # about 3 minutes, H200
+Writes benchmarks/results/mma_shapes_tune.json (or --name; and to $OUT), and the tuned table as ``glmkit tune``
+writes it to $OUT/gemv_tuned_mma.json (``glmkit.gemv_tuning.write_table``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+from nf4_fused import gpu_uuids
+
+import glmkit.gemv
+from glmkit.bench import save_result
+from glmkit.fast_decode import FastDecoder
+from glmkit.gemv import device_name
+from glmkit.gemv_tuning import MMA_VECTORS, ONE_MARGIN, table_configs, tune_mma_kernel, write_table
+from glmkit.models import ensure_random_checkpoint
+from glmkit.quantization import load_precision
+
+PROMPT, NEW, MAX_LEN = 32, 128, 168
+BATCHES = (4, 8)
+
+
+def decode(model: torch.nn.Module, shapes: dict, batch_size: int) -> FastDecoder:
+    """A decoder of ``batch_size`` rows built (its graphs captured) while ``shapes`` are this process's tuned CUDA
+    shapes."""
+    glmkit.gemv._ACTIVE_CUDA = shapes
+    decoder = FastDecoder(model, max_len=MAX_LEN, batch_size=batch_size)
+    decoder.tokens_per_second(PROMPT, 8)  # the warm-up: compile and capture
+    return decoder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", default="/tmp/glm9b")
+    ap.add_argument("--name", default="mma_shapes_tune")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("mma_shapes_tune.py measures a GPU; this machine has none.")
+    ensure_random_checkpoint(args.checkpoint)
+    rows = tune_mma_kernel()
+    if not rows:
+        raise SystemExit("the 2-8-row 4-bit CUDA kernel does not run here: nothing to tune.")
+    tuned = dict(glmkit.gemv.active_cuda_shapes())
+    out = Path(os.environ.get("OUT", "."))
+    table = write_table(table_configs(rows), out / "gemv_tuned_mma.json", source="benchmarks/mma_shapes_tune.py")
+    model = load_precision(args.checkpoint, "nf4", device_map="cuda:0")
+    decoded = {}
+    for b in BATCHES:
+        decoders = {"default shapes": decode(model, {}, b), "tuned shapes": decode(model, tuned, b)}
+        rates: dict[str, list[float]] = {label: [] for label in decoders}
+        for _ in range(3):  # the two take turns, so drift touches both alike
+            for label, decoder in decoders.items():
+                rates[label].append(decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"])
+        ids = torch.randint(0, 1000, (b, PROMPT), generator=torch.Generator().manual_seed(0)).cuda()
+        tokens = {label: d.generate(ids, 32, ignore_eos=True)[:, PROMPT:].tolist() for label, d in decoders.items()}
+        best = {label: max(r) for label, r in rates.items()}
+        decoded[str(b)] = {"tok_s": rates, "best_tok_s": best, "tuned_over_default": best["tuned shapes"] /
+                           best["default shapes"], "same_tokens": tokens["tuned shapes"] == tokens["default shapes"]}
+        print(b, decoded[str(b)], flush=True)
+        del decoders
+        torch.cuda.empty_cache()
+    result = {"what": __doc__.splitlines()[0], "device": device_name(), "gpu_uuids": gpu_uuids(),
+              "gpu_note": "read with nvidia-smi in the same call", "table_written": table.name, "margin": ONE_MARGIN,
+              "timed_at_rows": list(MMA_VECTORS), "projections": rows,
+              "tuned": [{"kernel": k, "rows": n, "columns": c, **v} for (k, n, c), v in tuned.items()],
+              "decode": {"prompt": PROMPT, "new_tokens": NEW, "max_len": MAX_LEN, "batches": decoded}}
+    print(result["tuned"], flush=True)
+    save_result(args.name, result)
+
+
+if __name__ == "__main__":
+    main()
