@@ -8,7 +8,10 @@ into some of them, ``glmkit.gemv4bit.gemv_4bit_normed`` and ``gemv_4bit_residual
 copies that nothing is
 served from the L2 cache, inside one CUDA graph. The best shapes go into a table chosen by the device's name
 (``glmkit.gemv.tables_for``); written to glmkit's cache (``$GLMKIT_CACHE`` or ``~/.cache/glmkit``) they take
-precedence over the shipped tables. Needs a GPU. Introduced in ``notebooks/05_tuning.ipynb``.
+precedence over the shipped tables. With nf4/fp4, glmkit's 4-bit CUDA kernels' shapes too: one token's
+(``tune_one_kernel``, each launch in the fold the step makes) and 2-8 tokens' (``tune_mma_kernel``); a shape other
+than the default is kept only where it is ``ONE_MARGIN`` faster. Needs a GPU. Introduced in
+``notebooks/05_tuning.ipynb``.
 
 >>> candidates("nf4", swiglu=True)[:2]
 [GemvConfig(block_n=1, block_k=1024, num_warps=2), GemvConfig(block_n=1, block_k=2048, num_warps=2)]

@@ -3661,6 +3661,52 @@ def one_shapes_sentence() -> Text:
                        script="benchmarks/one_shapes_tune.py")
 
 
+def _mma_shape(x: dict[str, Any]) -> str:
+    """A 2-8-row 4-bit CUDA kernel shape as the tables keep it, in words: ``8 warps, 2 chunks, 2 a SM``."""
+    return f"{x['warps']} warps, {x['unroll']} chunk{'s' if x['unroll'] > 1 else ''} at a time, {x['min_blocks']} an SM"
+
+
+def mma_shapes_table() -> Table | Text:
+    """``glmkit tune``'s shapes for the 2-8-row 4-bit CUDA kernel on the card it ran on (``mma_shapes_tune.json``): per
+    GLM-4-9B launch the untuned default and the kept shape, each in µs summed over the rows it was timed at
+    (notebook 05)."""
+    def render(r: dict[str, Any]) -> Table:
+        at = " + ".join(map(str, r["timed_at_rows"]))
+        rows = [[p["projection"], f"{p['rows']} x {p['columns']}", str(len(p["tried"])), _mma_shape(p["default"]),
+                 f"{sum(p['default']['us'].values()):.1f}", _mma_shape(p["best"]), f"{p['best']['us_summed']:.1f}",
+                 f"{sum(p['default']['us'].values()) / p['best']['us_summed']:.3f}x"]
+                for p in r["projections"] if p["best"] and "us" in (p["default"] or {})]  # (a default that ran)
+        return table(["launch", "rows x columns", "shapes timed", "untuned default", f"µs ({at} rows)", "kept",
+                      f"µs ({at} rows)", "default / kept"], rows,
+                     caption=f"{measured_on(r)}: the 2-8-row 4-bit CUDA kernel's launch shapes, each launched plainly "
+                             f"over ~1 GiB of nf4 weight copies in one CUDA graph (`mma_shapes_tune.json`)")
+    return from_result("mma_shapes_tune", render, what="The 2-8-row 4-bit CUDA kernel's tuned shapes",
+                       script="benchmarks/mma_shapes_tune.py")
+
+
+def mma_shapes_sentence() -> Text:
+    """What the tuned shapes of the 2-8-row 4-bit CUDA kernel gave a decoder of several sequences on that card
+    (``mma_shapes_tune.json``)."""
+    def render(r: dict[str, Any]) -> str:
+        d = r["decode"]
+        kept = [p["projection"] for p in r["projections"] if p["best"] and "us" in (p["default"] or {})
+                and _mma_shape(p["best"]) != _mma_shape(p["default"])]
+        runs = "; ".join(f"{b} sequences {x['best_tok_s']['tuned shapes']:.1f} tok/s against "
+                         f"{x['best_tok_s']['default shapes']:.1f} ({x['tuned_over_default']:.3f}x), the defaults' "
+                         f"rounds {100 * (max(x['tok_s']['default shapes']) / min(x['tok_s']['default shapes']) - 1):.1f}% "
+                         f"apart" for b, x in d["batches"].items())
+        same = all(x["same_tokens"] for x in d["batches"].values())
+        return (f"On {measured_on(r)}, the tune kept another shape than the default for "
+                f"{', '.join(kept) if kept else 'no launch'} (at least {100 * r['margin']:.0f}% faster). GLM-4-9B in "
+                f"nf4 (random weights, {d['prompt']}-token prompts, {d['new_tokens']} new tokens, best of 3 rounds "
+                f"taking turns in one process) decoded with the kept shapes against the defaults: {runs}. " + (
+                    "The tokens were the same." if same else
+                    "The tokens differ: another warp count sums each row in another order, and on random weights "
+                    "a bf16 rounding apart turns a greedy token; each shape was checked against float64 first."))
+    return from_result("mma_shapes_tune", render, what="The 2-8-row 4-bit CUDA kernel's tuned shapes",
+                       script="benchmarks/mma_shapes_tune.py")
+
+
 def monitor_sentence() -> Text:
     """How well the monitor agrees with nvidia-smi and what polling costs (``monitor_check*.json``)."""
     m, fast = load("monitor_check"), load("monitor_check_fast")

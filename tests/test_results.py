@@ -1000,6 +1000,27 @@ def test_the_accuracy_sentence_gives_both_bf16_yardsticks_and_the_prefill_before
     assert before["rows"]["nf4 fast, free"]["prompt_keys_rel_err"] > run["rows"]["nf4 fast, free"]["prompt_keys_rel_err"]
 
 
+def test_the_mma_tuning_table_and_sentence_match_the_run():
+    """Per launch the default and the kept shape of the 2-8-row 4-bit CUDA kernel with their summed µs; the sentence
+    names the launches that took another shape and each batch's decode ratio; the kept shapes are those shipped for
+    the card."""
+    from glmkit.gemv import cuda_shapes_for
+
+    run = results.load("mma_shapes_tune")
+    rows = {row[0]: row for row in results.mma_shapes_table().rows}
+    for p in run["projections"]:
+        assert rows[p["projection"]][6] == f"{p['best']['us_summed']:.1f}"
+        assert rows[p["projection"]][4] == f"{sum(p['default']['us'].values()):.1f}"
+        kept = {key: p["best"][key] for key in ("warps", "unroll", "min_blocks")}
+        assert cuda_shapes_for(run["device"])[("4bit-mma", p["rows"], p["columns"])] == kept
+    sentence = str(results.mma_shapes_sentence())
+    for b, x in run["decode"]["batches"].items():
+        assert f"{b} sequences {x['best_tok_s']['tuned shapes']:.1f} tok/s" in sentence
+        assert f"({x['tuned_over_default']:.3f}x)" in sentence
+    changed = [p["projection"] for p in run["projections"] if results._mma_shape(p["best"]) != results._mma_shape(p["default"])]
+    assert f"the default for {', '.join(changed)} (" in sentence
+
+
 def test_the_sweep_sentence_gives_the_engines_lone_request_with_and_without_spans():
     """engine_spans.json's two decoders per precision, their rates and ratio, in the cache-length sentence."""
     sentence = str(results.max_len_sentence())
