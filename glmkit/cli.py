@@ -99,8 +99,12 @@ def _make_tiny(args: argparse.Namespace) -> None:
 
 def _tune(args: argparse.Namespace) -> None:
     from glmkit.gemv_tuning import table_configs, tune, write_table
+    from glmkit.step_tuning import tune_step
 
-    rows = tune(args.kernels.split(","), tp=args.tp)
+    kernels = args.kernels.split(",")
+    rows = tune(kernels, tp=args.tp)
+    if args.tp == 1 and {"bf16", "fp16"} & set(kernels):  # the 16-bit CUDA kernels' shapes, in the decode step
+        rows += tune_step()
     path = write_table(table_configs(rows), args.output)
     print(f"launch shapes of {len(rows)} kernel launches written to {path}; glmkit's kernels use them on this card")
 
@@ -369,8 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "per kernel) and keep them in glmkit's cache")
     p.add_argument("--kernels", default="bf16,nf4",
                    help="comma-separated: bf16, fp16, nf4, fp4 (fp16 takes bf16's shapes unless given; 4-bit "
-                        "kernels also time each nibble lookup and keep the faster with the shape, and the batch-1 "
-                        "4-bit CUDA kernel's shapes where it runs)")
+                        "kernels also time each nibble lookup and keep the faster with the shape, and the 4-bit "
+                        "CUDA kernels' shapes where they run; bf16/fp16 on Hopper also the 16-bit CUDA kernels' "
+                        "shapes, timed in the decode step)")
     p.add_argument("--output", help="table file (default: gemv_tuned.json in $GLMKIT_CACHE or ~/.cache/glmkit)")
     p.add_argument("--tp", type=int, choices=(1, 2), default=1,
                    help="2: tune one tensor-parallel rank's shard shapes (for --tp 2 --fast-decode; qkv, gate_up "

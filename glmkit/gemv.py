@@ -173,9 +173,11 @@ def load_table(path: str | Path) -> tuple[str, dict[tuple[str, int, int], GemvCo
     return table["tuned_on"], configs
 
 
-# glmkit's CUDA kernels' launch shapes in a table, by kernel: the batch-1 4-bit kernel's (gemv4bit_one.OneShape) and
-# the 2-8-row 4-bit kernel's (gemv4bit_mma.MmaShape)
-CUDA_SHAPE_KEYS = {"4bit-one": ("groups", "warps", "depth", "wide"), "4bit-mma": ("warps", "unroll", "min_blocks")}
+# glmkit's CUDA kernels' launch shapes in a table, by kernel: the batch-1 4-bit kernel's (gemv4bit_one.OneShape), the
+# 2-8-row 4-bit kernel's (gemv4bit_mma.MmaShape), the batch-1 16-bit kernel's (gemv16_one.Shape16) and the 16-bit MLP
+# kernel's ring (mlp16_one.MlpShape.ring)
+CUDA_SHAPE_KEYS = {"4bit-one": ("groups", "warps", "depth", "wide"), "4bit-mma": ("warps", "unroll", "min_blocks"),
+                   "16bit-one": ("groups", "warps", "depth", "early"), "16bit-mlp": ("ring",)}
 
 
 def _is_cuda_shape(entry: dict) -> bool:
@@ -183,9 +185,9 @@ def _is_cuda_shape(entry: dict) -> bool:
 
 
 def load_cuda_shapes(path: str | Path) -> tuple[str, dict[tuple[str, int, int], dict[str, int | bool]]]:
-    """A table's launch shapes of glmkit's CUDA kernels (``CUDA_SHAPE_KEYS``: the batch-1 4-bit kernel's, kernel
-    ``"4bit-one"``, and the 2-8-row one's, ``"4bit-mma"``): the device it was tuned on, and (kernel, rows, columns) ->
-    shape fields. Tables without any give an empty dict.
+    """A table's launch shapes of glmkit's CUDA kernels (``CUDA_SHAPE_KEYS``: the 4-bit kernels', ``"4bit-one"`` and
+    ``"4bit-mma"``, and the 16-bit ones', ``"16bit-one"`` and ``"16bit-mlp"``): the device it was tuned on, and
+    (kernel, rows, columns) -> shape fields. Tables without any give an empty dict.
 
     >>> load_cuda_shapes(TUNED_TABLE)[1]  # the H100 table: bf16 Triton shapes only
     {}

@@ -46,6 +46,7 @@ from glmkit.gemv4bit_mma import or_stand_in
 from glmkit.gemv4bit_one import LEAVE_SMS_MAX, SMEM_H200, smem_limit, sms_left  # (the 4-bit batch-1 kernel's)
 
 __all__ = ["gemv_16_one", "usable", "takes", "runs_on", "turned_off", "check", "Shape16", "ROLES", "LATE_ROLES", "shape_for",
+           "launch_shape", "TABLE_KERNEL",
            "source", "NAME", "STAGE_COLUMNS", "LEAVE_SMS_MAX", "sms_left"]
 
 NAME = "glmkit_gemv16_one"
@@ -115,6 +116,21 @@ def shape_for(k: int, smem_limit: int = SMEM_H200, role: str = "qkv") -> Shape16
         else:
             return None
     return shape
+
+
+TABLE_KERNEL = "16bit-one"  # this kernel's name in the launch-shape tables (bf16 and fp16 take the same shapes)
+
+
+def launch_shape(device: torch.device, n: int, k: int, role: str = "qkv") -> Shape16 | None:
+    """The shape of projection ``role``'s launch on ``device`` for a weight ``[n, k]``: the one ``glmkit tune`` measured
+    fastest in the decode step on this card (``glmkit.gemv.active_cuda_shapes``) where it fits, else ``shape_for``'s."""
+    limit = smem_limit(device)
+    entry = gemv.active_cuda_shapes().get((TABLE_KERNEL, n, k))
+    if entry is not None:
+        tuned = Shape16(**entry)
+        if tuned.smem_bytes(k) <= limit and k % (tuned.warps * STAGE_COLUMNS) == 0 and tuned.early < tuned.depth:
+            return tuned
+    return shape_for(k, limit, role)
 
 
 _SOURCE = gemv4bit_mma.PRELUDE + r"""
@@ -358,7 +374,7 @@ def runs_on(device: torch.device | str, dtype: torch.dtype) -> bool:
 def takes(weight: torch.Tensor, dtype: torch.dtype, device: torch.device, role: str = "qkv") -> bool:
     """Whether this kernel multiplies one token of ``dtype`` on ``device`` by ``weight`` ``[n, k]`` as projection
     ``role``: where it runs (``runs_on``), the weight in that dtype on that device, contiguous and 16-byte aligned,
-    and a launch shape for ``k`` (``shape_for``).
+    and a launch shape for it (``launch_shape``).
 
     >>> takes(torch.zeros(8, 512), torch.float32, torch.device("cpu"))
     False
@@ -367,7 +383,7 @@ def takes(weight: torch.Tensor, dtype: torch.dtype, device: torch.device, role: 
         return False
     if weight.data_ptr() % 16 or not runs_on(device, dtype):
         return False
-    return shape_for(weight.shape[1], smem_limit(device), role) is not None
+    return launch_shape(device, weight.shape[0], weight.shape[1], role) is not None
 
 
 def usable(x: torch.Tensor, weight: torch.Tensor, role: str = "qkv") -> bool:
@@ -390,7 +406,7 @@ def gemv_16_one(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     leaves ``leave_sms`` SMs to the kernel after it (``sms_left``). The caller has checked ``usable``."""
     n, k = weight.shape
     late = role in LATE_ROLES
-    shape = shape or shape_for(k, smem_limit(x.device), role)
+    shape = shape or launch_shape(x.device, n, k, role)
     if shape is None or k % (shape.warps * STAGE_COLUMNS):
         raise ValueError(f"glmkit.gemv16_one has no launch shape for rows of {k} columns: every warp's run of a row "
                          f"must be whole stages of {STAGE_COLUMNS} columns (see usable).")

@@ -429,12 +429,19 @@ def runs_on(device: torch.device | str, dtype: torch.dtype) -> bool:
     return _SWITCH.runs_on(device, dtype, NAME, capability=(9, 0))
 
 
+TABLE_KERNEL = "16bit-mlp"  # this kernel's name in the launch-shape tables: (kernel, inter, hidden) -> its ring
+
+
 def _shape_on(device: torch.device, hidden: int, inter: int) -> MlpShape | None:
-    """``shape_for`` on ``device``, None where a CTA (one an SM) would take more down rows than ``MAX_ROWS`` or than
-    it has consumer threads (one a row for the last sums)."""
+    """``shape_for`` on ``device`` with the ring ``glmkit tune`` measured fastest in the decode step on this card where
+    it fits (``glmkit.gemv.active_cuda_shapes``); None where a CTA (one an SM) would take more down rows than
+    ``MAX_ROWS`` or than it has consumer threads (one a row for the last sums)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    fits = -(-hidden // sms) <= min(MAX_ROWS, hidden // 8)
-    return shape_for(hidden, inter, smem_limit(device)) if fits else None
+    shape = shape_for(hidden, inter, smem_limit(device)) if -(-hidden // sms) <= min(MAX_ROWS, hidden // 8) else None
+    entry = gemv.active_cuda_shapes().get((TABLE_KERNEL, inter, hidden))
+    if shape is not None and entry is not None and 2 <= entry["ring"] <= shape.ring:
+        shape = replace(shape, ring=entry["ring"])
+    return shape
 
 
 def usable_on(device: torch.device, dtype: torch.dtype, hidden: int, inter: int) -> bool:
