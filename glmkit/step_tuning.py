@@ -121,7 +121,7 @@ def tune_step(log: Callable[[str], Any] = print, dtype: torch.dtype = torch.bflo
             "GLMKIT_MLP_KERNEL unset): the Triton GEMVs' shapes serve the step.")
         return []
     config = glm4_9b_chat_config()
-    config.num_hidden_layers, config.vocab_size = STEP_LAYERS, STEP_VOCAB
+    config.num_hidden_layers, config.vocab_size, config.pad_token_id = STEP_LAYERS, STEP_VOCAB, 0
     models = [random_model(config, device, dtype)]  # (emptied after: its ~2 GB go back to the GPU)
     ids = torch.randint(0, STEP_VOCAB, (1, PROMPT + 1), generator=torch.Generator().manual_seed(0)).to(device)
 
