@@ -3707,6 +3707,48 @@ def mma_shapes_sentence() -> Text:
                        script="benchmarks/mma_shapes_tune.py")
 
 
+def step_shapes_table() -> Table | Text:
+    """``glmkit tune``'s shapes for the 16-bit CUDA kernels, tuned in the decode step on the card it ran on
+    (``step_shapes_tune.json``): per knob the untuned default and the kept shape, each with the step's µs (notebook 05)."""
+    def render(r: dict[str, Any]) -> Table:
+        def shape(t: dict[str, Any]) -> str:
+            if "ring" in t:
+                return f"ring of {t['ring']}"
+            return f"{t['groups']}x{t['warps']} warps, {t['depth']} stages, {t['early']} early"
+        rows = [[p["projection"], f"{p['rows']} x {p['columns']}", str(len(p["tried"])), shape(p["default"]),
+                 f"{p['default']['step_us']:.0f}", shape(p["best"]), f"{p['best']['step_us']:.0f}",
+                 f"{p['best']['over_default']:.3f}x"]
+                for p in r["projections"] if p["best"] and "step_us" in (p["default"] or {})]
+        return table(["knob", "rows x columns", "shapes timed", "untuned default", "µs a step", "kept", "µs a step",
+                      "kept's step / default's, in turns"], rows,
+                     caption=f"{measured_on(r)}: the 16-bit CUDA kernels' launch shapes, each timed in the decode step "
+                             f"of {r['step_layers']} GLM-4-9B layers (random weights, bf16; `step_shapes_tune.json`)")
+    return from_result("step_shapes_tune", render, what="The 16-bit CUDA kernels' tuned shapes",
+                       script="benchmarks/step_shapes_tune.py")
+
+
+def step_shapes_sentence() -> Text:
+    """What the 16-bit CUDA kernels' shapes tuned in the step gave the whole model on that card
+    (``step_shapes_tune.json``)."""
+    def render(r: dict[str, Any]) -> str:
+        d = r["decode"]
+        default, tuned = d["best_tok_s"]["default shapes"], d["best_tok_s"]["tuned shapes"]
+        kept = [p["projection"] for p in r["projections"] if p["best"] is not p["default"]
+                and p["best"]["over_default"] != 1.0]
+        rounds = d["tok_s"]["default shapes"]
+        same = "the same tokens" if d["same_tokens"] else (
+            "different tokens (another warp layout sums each row in another order: on random weights a bf16 rounding "
+            "apart turns a greedy token)")
+        return (f"On {measured_on(r)} the tuning took {r['tuning_seconds']:.0f} s and kept another shape than the "
+                f"default for {', '.join(kept) if kept else 'no knob'} (at least {100 * r['margin']:.0f}% faster in "
+                f"its step). GLM-4-9B in bf16 (random weights, all layers, batch 1, {d['prompt']}-token prompt, "
+                f"{d['new_tokens']} new tokens, best of 3 rounds taking turns in one process) then decoded "
+                f"{tuned:.1f} tok/s with the kept shapes and {default:.1f} with the defaults ({tuned / default:.3f}x), "
+                f"with {same}; the defaults' own rounds spread {100 * (max(rounds) / min(rounds) - 1):.1f}%.")
+    return from_result("step_shapes_tune", render, what="The 16-bit CUDA kernels' tuned shapes",
+                       script="benchmarks/step_shapes_tune.py")
+
+
 def monitor_sentence() -> Text:
     """How well the monitor agrees with nvidia-smi and what polling costs (``monitor_check*.json``)."""
     m, fast = load("monitor_check"), load("monitor_check_fast")
