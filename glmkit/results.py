@@ -3728,23 +3728,27 @@ def step_shapes_table() -> Table | Text:
 
 
 def step_shapes_sentence() -> Text:
-    """What the 16-bit CUDA kernels' shapes tuned in the step gave the whole model on that card
-    (``step_shapes_tune.json``)."""
+    """What tuning the 16-bit CUDA kernels' shapes in the step kept on that card, and what the kept shapes gave the
+    whole model against the defaults (``step_shapes_tune.json``)."""
     def render(r: dict[str, Any]) -> str:
         d = r["decode"]
         default, tuned = d["best_tok_s"]["default shapes"], d["best_tok_s"]["tuned shapes"]
-        kept = [p["projection"] for p in r["projections"] if p["best"] is not p["default"]
-                and p["best"]["over_default"] != 1.0]
-        rounds = d["tok_s"]["default shapes"]
+        kept = [p["projection"] for p in r["projections"] if p["best"] and p["best"]["over_default"] != 1.0]
+        spread = [t["over_default"] for p in r["projections"] for t in p["tried"] if "over_default" in t]
+        text = (f"On {measured_on(r)} the tuning took {r['tuning_seconds']:.0f} s; in turns with the default's, the "
+                f"candidates' steps took {_range(spread, 3, 'x')} the default's time. ")
+        whole = (f"GLM-4-9B in bf16 (random weights, all layers, batch 1, {d['prompt']}-token prompt, "
+                 f"{d['new_tokens']} new tokens, best of 3 rounds taking turns in one process)")
+        if not kept:
+            return text + (f"None was {100 * r['margin']:.0f}% faster, so the defaults stay. {whole}, in two decoders "
+                           f"with those same shapes, built apart: {tuned:.1f} and {default:.1f} tok/s ({tuned / default:.3f}x), "
+                           f"with {'the same' if d['same_tokens'] else 'different'} tokens: what the margin is for.")
         same = "the same tokens" if d["same_tokens"] else (
             "different tokens (another warp layout sums each row in another order: on random weights a bf16 rounding "
             "apart turns a greedy token)")
-        return (f"On {measured_on(r)} the tuning took {r['tuning_seconds']:.0f} s and kept another shape than the "
-                f"default for {', '.join(kept) if kept else 'no knob'} (at least {100 * r['margin']:.0f}% faster in "
-                f"its step). GLM-4-9B in bf16 (random weights, all layers, batch 1, {d['prompt']}-token prompt, "
-                f"{d['new_tokens']} new tokens, best of 3 rounds taking turns in one process) then decoded "
-                f"{tuned:.1f} tok/s with the kept shapes and {default:.1f} with the defaults ({tuned / default:.3f}x), "
-                f"with {same}; the defaults' own rounds spread {100 * (max(rounds) / min(rounds) - 1):.1f}%.")
+        return text + (f"It kept another shape for {', '.join(kept)} (at least {100 * r['margin']:.0f}% faster). {whole} "
+                       f"then decoded {tuned:.1f} tok/s with the kept shapes and {default:.1f} with the defaults "
+                       f"({tuned / default:.3f}x), with {same}.")
     return from_result("step_shapes_tune", render, what="The 16-bit CUDA kernels' tuned shapes",
                        script="benchmarks/step_shapes_tune.py")
 

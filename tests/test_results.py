@@ -1021,6 +1021,23 @@ def test_the_mma_tuning_table_and_sentence_match_the_run():
     assert f"the default for {', '.join(changed)} (" in sentence
 
 
+def test_the_step_tuning_table_and_sentence_match_the_run():
+    """Per knob the default's and the kept shape's step with their paired ratio; the sentence gives the candidates'
+    spread and, where nothing was kept, says the defaults stay and what two decoders of the same shapes measured."""
+    run = results.load("step_shapes_tune")
+    rows = {row[0]: row for row in results.step_shapes_table().rows}
+    for p in run["projections"]:
+        assert rows[p["projection"]][4] == f"{p['default']['step_us']:.0f}"
+        assert rows[p["projection"]][7] == f"{p['best']['over_default']:.3f}x"
+    sentence = str(results.step_shapes_sentence())
+    spread = [t["over_default"] for p in run["projections"] for t in p["tried"] if "over_default" in t]
+    assert results._range(spread, 3, "x") in sentence and f"took {run['tuning_seconds']:.0f} s" in sentence
+    kept = [p for p in run["projections"] if p["best"]["over_default"] != 1.0]
+    assert ("so the defaults stay" in sentence) == (not kept)
+    d = run["decode"]
+    assert f"({d['tuned_over_default']:.3f}x)" in sentence
+
+
 def test_the_sweep_sentence_gives_the_engines_lone_request_with_and_without_spans():
     """engine_spans.json's two decoders per precision, their rates and ratio, in the cache-length sentence."""
     sentence = str(results.max_len_sentence())
