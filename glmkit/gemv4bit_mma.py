@@ -94,6 +94,15 @@ class MmaShape:
         """Registers a thread may take (``__launch_bounds__``), at most 255."""
         return min(255, 65536 // (self.min_blocks * 32 * self.warps))
 
+    def valid(self) -> bool:
+        """Whether the kernel builds at this shape: 4 to 32 warps (its first 128 threads gather the sums; 1024
+        threads at most), a chunk or more at a time, a program or more an SM with at least 32 registers a thread.
+
+        >>> MmaShape(8, 2, 2).valid(), MmaShape(2, 2, 2).valid(), MmaShape(32, 1, 4).valid()
+        (True, False, False)
+        """
+        return 4 <= self.warps <= 32 and self.unroll >= 1 and self.min_blocks >= 1 and self.registers() >= 32
+
 
 def default_shape(swiglu: bool) -> MmaShape:
     """The shape an untuned card launches (``WARPS``, ``UNROLL``, ``MIN_BLOCKS``; gate/up: ``UNROLL_SWIGLU``,
@@ -113,7 +122,8 @@ def launch_shape(rows: int, k: int, swiglu: bool) -> MmaShape:
     ``glmkit tune`` measured fastest on this card (the user's table, else a shipped one:
     ``glmkit.gemv.active_cuda_shapes``), else ``default_shape``."""
     entry = gemv.active_cuda_shapes().get((TABLE_KERNEL, rows, k))
-    return MmaShape(**entry) if entry is not None else default_shape(swiglu)
+    tuned = None if entry is None else MmaShape(**entry)
+    return tuned if tuned is not None and tuned.valid() else default_shape(swiglu)
 
 
 NAME = "glmkit_gemv4_mma"  # the kernel's name in its source
