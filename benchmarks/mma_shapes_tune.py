@@ -1,6 +1,6 @@
 """``glmkit tune``'s shapes for the 2-8-row 4-bit CUDA kernel on this card, and what they give a decoder: every candidate
 shape of each GLM-4-9B launch timed at 2 and 8 rows (``glmkit.gemv_tuning.tune_mma_kernel``; a shape other than the
-default kept only where it is ``ONE_MARGIN`` faster), then GLM-4-9B nf4 (random weights) decoding 4 and 8 sequences
+default kept only where it is ``MARGIN`` faster), then GLM-4-9B nf4 (random weights) decoding 4 and 8 sequences
 with the untuned default shapes and with the shapes the tune kept, taking turns over 3 rounds in one process (best
 round each), and the tokens of both.
 
@@ -22,7 +22,7 @@ import glmkit.gemv
 from glmkit.bench import save_result
 from glmkit.fast_decode import FastDecoder
 from glmkit.gemv import device_name
-from glmkit.gemv_tuning import MMA_VECTORS, ONE_MARGIN, table_configs, tune_mma_kernel, write_table
+from glmkit.gemv_tuning import MARGIN, MMA_VECTORS, table_configs, tune_mma_kernel, write_table
 from glmkit.models import ensure_random_checkpoint
 from glmkit.quantization import load_precision
 
@@ -70,7 +70,7 @@ def main() -> None:
         del decoders
         torch.cuda.empty_cache()
     result = {"what": __doc__.splitlines()[0], "device": device_name(), "gpu_uuids": gpu_uuids(),
-              "gpu_note": "read with nvidia-smi in the same call", "table_written": table.name, "margin": ONE_MARGIN,
+              "gpu_note": "read with nvidia-smi in the same call", "table_written": table.name, "margin": MARGIN,
               "timed_at_rows": list(MMA_VECTORS), "projections": rows,
               "tuned": [{"kernel": k, "rows": n, "columns": c, **v} for (k, n, c), v in tuned.items()],
               "decode": {"prompt": PROMPT, "new_tokens": NEW, "max_len": MAX_LEN, "batches": decoded}}

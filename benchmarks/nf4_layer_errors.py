@@ -50,7 +50,7 @@ class Recorder:
 
     def __call__(self, x: torch.Tensor, h: Any, *args: Any) -> tuple[torch.Tensor, Any]:
         if self.feed is not None:
-            j, in_norm = len(self.outputs), args[20]
+            j, in_norm = len(self.outputs), args[20]  # (decoder_layer's arguments after x and h: in_norm 20th, wo 7th)
             x = self.feed[j].to(x.dtype).view_as(x)
             if in_norm is None:  # the norm runs apart: h is x normalised
                 h = fast_decode.rms_norm(x, self.norms[j], self.eps)

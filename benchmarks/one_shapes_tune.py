@@ -1,7 +1,7 @@
 """``glmkit tune``'s shapes for the batch-1 4-bit CUDA kernel on this card, and what they give a decoder: every
 candidate shape of each GLM-4-9B launch timed (``glmkit.gemv_tuning.tune_one_kernel``), then GLM-4-9B nf4 (random
 weights) decoding one sequence with the untuned default shapes and with the shapes the tune kept (a shape other than
-the default only where it is ``ONE_MARGIN`` faster; the committed run, from before that rule, kept each launch's
+the default only where it is ``MARGIN`` faster; the committed run, from before that rule, kept each launch's
 fastest), taking turns over 3 rounds in one process (best round each), and the tokens of both.
 
     PYTHONPATH=.:benchmarks python benchmarks/one_shapes_tune.py --checkpoint /tmp/glm9b     # about 3 minutes, H200
@@ -22,7 +22,7 @@ import glmkit.gemv
 from glmkit.bench import save_result
 from glmkit.fast_decode import FastDecoder
 from glmkit.gemv import device_name
-from glmkit.gemv_tuning import ONE_MARGIN, table_configs, tune_one_kernel, write_table
+from glmkit.gemv_tuning import MARGIN, table_configs, tune_one_kernel, write_table
 from glmkit.models import ensure_random_checkpoint
 from glmkit.quantization import load_precision
 
@@ -61,7 +61,7 @@ def main() -> None:
     tokens = {label: d.generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist() for label, d in decoders.items()}
     best = {label: max(r) for label, r in rates.items()}
     result = {"what": __doc__.splitlines()[0], "device": device_name(), "gpu_uuids": gpu_uuids(),
-              "gpu_note": "read with nvidia-smi in the same call", "table_written": table.name, "margin": ONE_MARGIN,
+              "gpu_note": "read with nvidia-smi in the same call", "table_written": table.name, "margin": MARGIN,
               "projections": rows, "tuned": [{"kernel": k, "rows": n, "columns": c, **v} for (k, n, c), v in tuned.items()],
               "decode": {"prompt": PROMPT, "new_tokens": NEW, "max_len": MAX_LEN, "tok_s": rates, "best_tok_s": best,
                          "tuned_over_default": best["tuned shapes"] / best["default shapes"],

@@ -23,7 +23,7 @@ import glmkit.gemv
 from glmkit.bench import save_result
 from glmkit.fast_decode import FastDecoder
 from glmkit.gemv import device_name
-from glmkit.gemv_tuning import ONE_MARGIN, table_configs, write_table
+from glmkit.gemv_tuning import MARGIN, table_configs, write_table
 from glmkit.models import random_model
 from glmkit.step_tuning import STEP_LAYERS, tune_step
 
@@ -62,7 +62,7 @@ def main() -> None:
     tokens = {label: d.generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist() for label, d in decoders.items()}
     best = {label: max(r) for label, r in rates.items()}
     result = {"what": __doc__.splitlines()[0], "device": device_name(), "gpu_uuids": gpu_uuids(),
-              "gpu_note": "read with nvidia-smi in the same call", "table_written": table.name, "margin": ONE_MARGIN,
+              "gpu_note": "read with nvidia-smi in the same call", "table_written": table.name, "margin": MARGIN,
               "step_layers": STEP_LAYERS, "tuning_seconds": seconds, "projections": rows,
               "tuned": [{"kernel": k, "rows": n, "columns": c, **v} for (k, n, c), v in tuned.items()],
               "decode": {"prompt": PROMPT, "new_tokens": NEW, "max_len": MAX_LEN, "tok_s": rates, "best_tok_s": best,

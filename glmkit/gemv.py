@@ -269,7 +269,7 @@ def active_table() -> dict[tuple[str, int, int], GemvConfig]:
         _ACTIVE = tables_for(name)
         if not _ACTIVE and name != "cpu":
             warnings.warn(f"glmkit's GEMV kernels have no tuned launch shapes for {name}: they use defaults "
-                          "(run `glmkit tune` once, about a minute, to measure this card's).", UserWarning, stacklevel=3)
+                          "(run `glmkit tune` once, a few minutes, to measure this card's).", UserWarning, stacklevel=3)
     return _ACTIVE
 
 

@@ -68,6 +68,16 @@ class Shape16:
     depth: int
     early: int
 
+    def valid(self) -> bool:
+        """Whether the kernel builds at this shape: at most 15 groups (each syncs on a hardware barrier of its own,
+        the CTA on barrier 0), at most 1024 threads, a stage or more a warp's ring, 0 to depth - 1 copied early.
+
+        >>> Shape16(4, 4, 3, 2).valid(), Shape16(16, 2, 3, 2).valid(), Shape16(2, 8, 2, 2).valid()
+        (True, False, False)
+        """
+        return (1 <= self.groups <= 15 and self.warps >= 1 and self.groups * self.warps <= 32 and self.depth >= 1
+                and 0 <= self.early < self.depth)
+
     def smem_bytes(self, k: int) -> int:
         """Shared memory a CTA takes for rows of ``k`` columns: the warps' rings and sums (``x_at``), then x in
         16 bits and one sum of squares a warp."""
@@ -87,6 +97,7 @@ class Shape16:
 # The launch shape of each projection the fast step gives this kernel, the fastest of those timed in the step on H200s
 # (benchmarks/results/gemv16_variants.json): q/k/v (4608 rows: 288 tiles) in 4 groups of 4 warps, o_proj (256 tiles)
 # in 2 groups of 8 (with 4 groups of 4 a step took 4900 µs against 4694), 3 stages a warp, 2 of them copied early.
+# `glmkit tune` times them in the step on the card in hand (glmkit.step_tuning; launch_shape reads what it keeps).
 ROLES = {"qkv": Shape16(4, 4, 3, 2), "o_proj": Shape16(2, 8, 3, 2)}
 # Where the next kernel is one of glmkit's Triton GEMVs (o_proj, then gate/up), this kernel lets it launch only as
 # each CTA ends: launched first thing, gate/up's small programs would start on SMs still set out for this kernel's
@@ -128,7 +139,7 @@ def launch_shape(device: torch.device, n: int, k: int, role: str = "qkv") -> Sha
     entry = gemv.active_cuda_shapes().get((TABLE_KERNEL, n, k))
     if entry is not None:
         tuned = Shape16(**entry)
-        if tuned.smem_bytes(k) <= limit and k % (tuned.warps * STAGE_COLUMNS) == 0 and tuned.early < tuned.depth:
+        if tuned.valid() and tuned.smem_bytes(k) <= limit and k % (tuned.warps * STAGE_COLUMNS) == 0:
             return tuned
     return shape_for(k, limit, role)
 
@@ -401,9 +412,10 @@ def gemv_16_one(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                 leave_sms: int = 0, role: str = "qkv", shape: Shape16 | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` of one token ``[..., k]``; with ``norm_weight``, of ``rms_norm(x, norm_weight,
     eps)``; with ``residual``, ``residual + F.linear(x, weight)`` (the product rounded first, as PyTorch rounds).
-    ``role`` picks the launch shape (``ROLES``, or ``shape``) and whether the next kernel launches only as its CTAs
-    end (``LATE_ROLES``). Launched with programmatic dependent launch (inside ``glmkit.gemv.dependent_launches``), it
-    leaves ``leave_sms`` SMs to the kernel after it (``sms_left``). The caller has checked ``usable``."""
+    ``role`` picks the launch shape (``launch_shape``: the card's tuned one from ``glmkit tune``, else ``ROLES``; or
+    ``shape``) and whether the next kernel launches only as its CTAs end (``LATE_ROLES``). Launched with programmatic
+    dependent launch (inside ``glmkit.gemv.dependent_launches``), it leaves ``leave_sms`` SMs to the kernel after it
+    (``sms_left``). The caller has checked ``usable``."""
     n, k = weight.shape
     late = role in LATE_ROLES
     shape = shape or launch_shape(x.device, n, k, role)

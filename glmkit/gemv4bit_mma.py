@@ -129,7 +129,7 @@ def launch_shape(rows: int, k: int, swiglu: bool) -> MmaShape:
 NAME = "glmkit_gemv4_mma"  # the kernel's name in its source
 LABEL = "4-bit tensor-core kernel (2-8 tokens)"  # and in a warning
 ROWS = 16  # weight rows per program: the operand's 16 rows
-TABLE_BYTES = 256 * 32 * 4  # 256 pairs, one copy per lane; then the warps' sums (WARPS <= 16)
+TABLE_BYTES = 256 * 32 * 4  # 256 pairs, one copy per lane; then the warps' sums (in its place: WARPS * 32 * NACC words)
 SHARED_LIMIT = 48 * 1024  # shared memory a program may take without asking the driver for more
 
 # What glmkit's CUDA kernels are made of (this module's, glmkit.gemv4bit_one's and glmkit.gemv16_one's): x's 16-bit

@@ -10,7 +10,7 @@ served from the L2 cache, inside one CUDA graph. The best shapes go into a table
 (``glmkit.gemv.tables_for``); written to glmkit's cache (``$GLMKIT_CACHE`` or ``~/.cache/glmkit``) they take
 precedence over the shipped tables. With nf4/fp4, glmkit's 4-bit CUDA kernels' shapes too: one token's
 (``tune_one_kernel``, each launch in the fold the step makes) and 2-8 tokens' (``tune_mma_kernel``); a shape other
-than the default is kept only where it is ``ONE_MARGIN`` faster. Needs a GPU. Introduced in
+than the default is kept only where it is ``MARGIN`` faster. Needs a GPU. Introduced in
 ``notebooks/05_tuning.ipynb``.
 
 >>> candidates("nf4", swiglu=True)[:2]
@@ -227,9 +227,9 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
             row["tried"].append({**cfg.__dict__, **tag, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
         else:
             row["tried"].append({**cfg.__dict__, **tag, "us": t * 1e6, "tb_s": nbytes / t / 1e12, "rel_err": err})
-            if err < 2e-2 and (best is None or t < best[1]):
+            if err < CHECK_TOLERANCE and (best is None or t < best[1]):
                 best = (cfg, t, lookup)
-            if err < 2e-2 and lookup == lookups[0]:
+            if err < CHECK_TOLERANCE and lookup == lookups[0]:
                 timed.append((t, cfg))
         if not plan and len(lookups) > 1:  # the default lookup's sweep is done: the others at its fastest shapes
             fastest = [c for _, c in sorted(timed, key=lambda tc: tc[0])[:OTHER_LOOKUPS_AT]]
@@ -282,19 +282,37 @@ def one_projections() -> dict[str, tuple[tuple[int, ...], int, bool, bool]]:
             for name, (n, k, bias, swiglu) in projections(quantized=True).items()}
 
 
-# a shape other than the untuned default is kept only where it is this much faster (one_shapes_tune.json, an H200: the
-# fastest shapes were within 0.9% of the default, the defaults' own decode rounds 0.8% apart)
-ONE_MARGIN = 0.02
+# a shape other than the untuned default is kept only where it is this much faster, by every tuner of glmkit's CUDA
+# kernels (one_shapes_tune.json, an H200: the fastest shapes were within 0.9% of the default, the defaults' own decode
+# rounds 0.8% apart; step_shapes_tune.json: two decoders of the same shapes 1.2% apart)
+MARGIN = 0.02
+CHECK_TOLERANCE = 2e-2  # a candidate's relative error against float64 beyond which it is never kept
 
 
 def beats_default(seconds: float, default_seconds: float) -> bool:
     """Whether a shape that took ``seconds`` replaces the default that took ``default_seconds``: faster by
-    ``ONE_MARGIN``.
+    ``MARGIN``.
 
     >>> beats_default(0.99, 1.0), beats_default(0.9, 1.0)
     (False, True)
     """
-    return seconds * (1 + ONE_MARGIN) <= default_seconds
+    return seconds * (1 + MARGIN) <= default_seconds
+def _fastest_past_margin(default: dict[str, Any] | None,
+                         timed: list[tuple[float, dict[str, Any]]]) -> tuple[float, dict[str, Any]] | None:
+    """The shape a CUDA kernel's tuner keeps from ``timed`` ((seconds, fields) of the candidates that passed the
+    check, the default first where it did): the fastest where it beats the default by ``MARGIN``, else the default;
+    the fastest where the default did not run or failed its check; None where none passed.
+
+    >>> _fastest_past_margin({"rel_err": 0.0, "us": 1.0}, [(1.0, {"w": 4}), (0.99, {"w": 8})])
+    (1.0, {'w': 4})
+    """
+    best = min(timed, key=lambda tf: tf[0], default=None)
+    default_ok = default is not None and "us" in default and default["rel_err"] < CHECK_TOLERANCE
+    if best is not None and default_ok and not beats_default(best[0], timed[0][0]):
+        return timed[0]  # not faster by the margin: the default stays
+    return best
+
+
 # what the fused 4-bit step folds into each launch (glmkit.fast_decode.decoder_layer): timed and checked that way
 ONE_FOLDS = {"qkv": "norm", "o_proj": "residual", "gate_up": "norm", "down_proj": "residual"}
 
@@ -307,7 +325,7 @@ def tune_one_projection(name: str, heights: tuple[int, ...], k: int, bias: bool,
     nf4 weights without double quantization, which the kernel does not read), launched plainly back to back over
     ~1 GiB of weight copies in one CUDA graph (``graph_time``). Each shape is first checked against float64 twice: on a
     random token, and on one whose last value is 10^4 times the others (x's largest value found past the first words
-    a thread reads). The fastest shape is kept where it beats the default (timed first) by ``ONE_MARGIN``, else the
+    a thread reads). The fastest shape is kept where it beats the default (timed first) by ``MARGIN``, else the
     default; it goes into this process's table (``glmkit.gemv.active_cuda_shapes``). With another ``timer`` (tests):
     two weight copies and no table entry."""
     rows = sum(heights)
@@ -360,13 +378,10 @@ def tune_one_projection(name: str, heights: tuple[int, ...], k: int, bias: bool,
             row["tried"].append({**fields, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
             continue
         row["tried"].append({**fields, "us": t * 1e6, "tb_s": nbytes / t / 1e12, "rel_err": err})
-        if err < 2e-2:
+        if err < CHECK_TOLERANCE:
             timed.append((t, fields))
     row["default"] = row["tried"][0] if row["tried"] else None  # (one_candidates puts the default first)
-    best = min(timed, key=lambda tf: tf[0], default=None)
-    default_ok = row["default"] is not None and "us" in row["default"] and row["default"]["rel_err"] < 2e-2
-    if best is not None and default_ok and not beats_default(best[0], timed[0][0]):
-        best = timed[0]  # not faster by the margin: the default stays
+    best = _fastest_past_margin(row["default"], timed)
     row["best"] = None if best is None else {**best[1], "us": best[0] * 1e6, "tb_s": nbytes / best[0] / 1e12}
     if best is not None and real:
         active_cuda_shapes()[(gemv4bit_one.TABLE_KERNEL, n_out, k)] = best[1]  # this process launches it from now on
@@ -422,7 +437,7 @@ def tune_mma_projection(name: str, heights: tuple[int, ...], k: int, bias: bool,
     """Time every candidate shape (``mma_candidates``) of the 2-8-row 4-bit CUDA kernel on one GLM-4-9B launch at each
     of ``MMA_VECTORS`` rows (bitsandbytes nf4 weights; back to back over ~1 GiB of weight copies in one CUDA graph,
     ``graph_time``), after checking it against float64 at 8 rows. The fastest shape by the sum of its times is kept
-    where it beats the default (timed first) by ``ONE_MARGIN``, else the default; it goes into this process's table
+    where it beats the default (timed first) by ``MARGIN``, else the default; it goes into this process's table
     (``glmkit.gemv.active_cuda_shapes``). With another ``timer`` (tests): two weight copies and no table entry."""
     rows = sum(heights)
     nbytes = rows * k // 2
@@ -453,13 +468,10 @@ def tune_mma_projection(name: str, heights: tuple[int, ...], k: int, bias: bool,
             row["tried"].append({**fields, "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
             continue
         row["tried"].append({**fields, "us": {str(v): t for v, t in us.items()}, "rel_err": err})
-        if err < 2e-2:
+        if err < CHECK_TOLERANCE:
             timed.append((sum(us.values()), fields))
     row["default"] = row["tried"][0] if row["tried"] else None  # (mma_candidates puts the default first)
-    best = min(timed, key=lambda tf: tf[0], default=None)
-    default_ok = row["default"] is not None and "us" in row["default"] and row["default"]["rel_err"] < 2e-2
-    if best is not None and default_ok and not beats_default(best[0], timed[0][0]):
-        best = timed[0]  # not faster by the margin: the default stays
+    best = _fastest_past_margin(row["default"], timed)
     row["best"] = None if best is None else {**best[1], "us_summed": best[0]}
     if best is not None and real:
         active_cuda_shapes()[(gemv4bit_mma.TABLE_KERNEL, n_out, k)] = best[1]  # this process launches it from now on

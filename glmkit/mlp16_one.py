@@ -47,7 +47,7 @@ from glmkit.gemv4bit import _NOT_HERE, _checked, _why
 from glmkit.gemv4bit_one import SMEM_H200, _dependent, smem_limit
 
 __all__ = ["mlp_16_one", "Workspace", "MlpShape", "shape_for", "usable", "usable_on", "runs_on", "turned_off",
-           "check", "reference", "row_starts", "source", "NAME", "RING", "MAX_ROWS", "mlp_16_one_or_off"]
+           "check", "reference", "row_starts", "source", "NAME", "RING", "MAX_ROWS", "mlp_16_one_or_off", "TABLE_KERNEL"]
 
 NAME = "glmkit_mlp16_one"
 LABEL = "batch-1 16-bit CUDA MLP kernel"  # its name in a warning
@@ -446,7 +446,7 @@ def _shape_on(device: torch.device, hidden: int, inter: int) -> MlpShape | None:
 
 def usable_on(device: torch.device, dtype: torch.dtype, hidden: int, inter: int) -> bool:
     """Whether the kernel takes a token of ``dtype`` through an MLP of ``hidden`` x ``inter`` on ``device``
-    (``runs_on``, ``shape_for``, and at most ``MAX_ROWS`` down rows a CTA, the shared memory there).
+    (``runs_on``, and a shape there: ``_shape_on``, at most ``MAX_ROWS`` down rows a CTA in the shared memory there).
 
     >>> usable_on(torch.device("cpu"), torch.bfloat16, 4096, 13696)
     False

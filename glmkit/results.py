@@ -30,7 +30,7 @@ from glmkit.device_map import split_layers
 from glmkit.fast_decode import FOUR_BIT_MAX_BATCH
 from glmkit.gemv4bit import ROW_KERNEL_MAX_VECTORS
 from glmkit.gemv4bit_mma import MAX_VECTORS as MMA_MAX_VECTORS
-from glmkit.gemv_tuning import ONE_MARGIN, beats_default
+from glmkit.gemv_tuning import MARGIN, beats_default
 from glmkit.models import glm4_9b_meta_model
 from glmkit.planning import plan_memory
 from glmkit.tables import html_table, text_table
@@ -3655,14 +3655,14 @@ def one_shapes_sentence() -> Text:
                 f"tok/s with {kept_by} and {default:.1f} with the untuned defaults "
                 f"({tuned / default:.3f}x), with {same} tokens; the defaults' own rounds spread "
                 f"{100 * (max(rounds) / min(rounds) - 1):.1f}%. So a tune keeps a shape other than the default only "
-                f"where it is {100 * ONE_MARGIN:.0f}% faster (`glmkit.gemv_tuning.ONE_MARGIN`); here " + (
+                f"where it is {100 * MARGIN:.0f}% faster (`glmkit.gemv_tuning.MARGIN`); here " + (
                     "none is, and the defaults stay." if not kept else f"{', '.join(kept)} would take another shape."))
     return from_result("one_shapes_tune", render, what="The 4-bit CUDA kernel's tuned shapes",
                        script="benchmarks/one_shapes_tune.py")
 
 
 def _mma_shape(x: dict[str, Any]) -> str:
-    """A 2-8-row 4-bit CUDA kernel shape as the tables keep it, in words: ``8 warps, 2 chunks, 2 a SM``."""
+    """A 2-8-row 4-bit CUDA kernel shape as the tables keep it, in words: ``8 warps, 2 chunks at a time, 2 an SM``."""
     return f"{x['warps']} warps, {x['unroll']} chunk{'s' if x['unroll'] > 1 else ''} at a time, {x['min_blocks']} an SM"
 
 

@@ -8,7 +8,7 @@ way round from the step (``glmkit.gemv16_one.ROLES``). So each candidate shape i
 weights (``STEP_LAYERS``; a small vocabulary, so that the layers dominate the step), and its decode rate is measured in
 turns with the default's decoder (two decoders built apart differ by a few percent on their own); one knob at a time
 (q/k/v, then o_proj, then the MLP's ring), each keeping the best so far. A shape is kept only
-where the step is ``glmkit.gemv_tuning.ONE_MARGIN`` faster than with the default, and only where its logits agree
+where the step is ``glmkit.gemv_tuning.MARGIN`` faster than with the default, and only where its logits agree
 with the default's. These kernels run on Hopper GPUs (H100, H200) in bf16 and fp16, with the same shapes for both.
 
 >>> [knob.name for knob in knobs(227 * 1024)]
@@ -78,11 +78,23 @@ def search(knob_list: list[Knob], build: Callable[[], tuple[Callable[[], float],
     """Tune each knob in turn. ``build()`` makes a decoder with this process's table as it stands and gives a timer
     (seconds a step, one measurement) and a step's logits. Each candidate's decoder is timed in turns with the
     default's (``ROUNDS`` each, best of each: one decoder's drift touches both), and its logits set against the
-    default's (``AGREE``); the fastest that agrees is kept where it beats the default by ``ONE_MARGIN``
+    default's (``AGREE``); the fastest that agrees is kept where it beats the default by ``MARGIN``
     (``beats_default``), else the default; it stays in the table for the knobs after."""
     table, rows = active_cuda_shapes(), []
-    for knob in knob_list:
+    for knob in (k for k in knob_list if k.candidates):  # (a knob without candidates: the kernel takes no shape)
         key = (knob.kernel, knob.rows, knob.columns)
+        rows.append(_tune_knob(knob, key, table, build))
+        log(f"16-bit {knob.name:7s} (CUDA kernel, in the step) kept {_fields(rows[-1]['best'])}: "
+            f"{rows[-1]['best']['over_default']:.3f}x the default's step time ({rows[-1]['default']['step_us']:.0f} "
+            f"µs a step of {STEP_LAYERS} layers)")
+    return rows
+
+
+def _tune_knob(knob: Knob, key: tuple[str, int, int], table: dict[Any, Any],
+               build: Callable[[], tuple[Callable[[], float], torch.Tensor]]) -> dict[str, Any]:
+    """``search``'s work on one knob; the table holds its kept fields after (the default's, if the tuning fails)."""
+    kept_fields = knob.candidates[0]
+    try:
         table[key] = knob.candidates[0]
         default_time, ref = build()
         default = {**knob.candidates[0], "step_us": 1e6 * min(default_time() for _ in range(ROUNDS)),
@@ -103,12 +115,11 @@ def search(knob_list: list[Knob], build: Callable[[], tuple[Callable[[], float],
         kept = min(ok, key=lambda t: t["over_default"])
         if not beats_default(kept["over_default"], 1.0):
             kept = default  # not faster by the margin: the default stays
-        table[key] = {k: kept[k] for k in knob.candidates[0]}
-        rows.append({"projection": knob.name, "kernel": knob.kernel, "rows": knob.rows, "columns": knob.columns,
-                     "tried": tried, "default": default, "best": kept})
-        log(f"16-bit {knob.name:7s} (CUDA kernel, in the step) kept {_fields(kept)}: {kept['over_default']:.3f}x the "
-            f"default's step time ({default['step_us']:.0f} µs a step of {STEP_LAYERS} layers)")
-    return rows
+        kept_fields = {k: kept[k] for k in knob.candidates[0]}
+        return {"projection": knob.name, "kernel": knob.kernel, "rows": knob.rows, "columns": knob.columns,
+                "tried": tried, "default": default, "best": kept}
+    finally:
+        table[key] = kept_fields
 
 
 def _fields(t: dict[str, Any]) -> str:

@@ -282,16 +282,23 @@ def test_more_rows_than_the_row_kernel_takes_go_through_the_tensor_core_kernel(p
         assert torch.equal(got[i:i + 1], _greedy(model, prompts[i:i + 1], 2)), i
 
 
-def test_several_rows_of_4bit_q_k_v_are_one_gemm_of_their_weights_dequantized_side_by_side():
+def test_several_rows_of_4bit_q_k_v_are_one_gemm_of_their_weights_dequantized_side_by_side(monkeypatch):
     # (a prompt's q/k/v in the decoder's own prefill: one GEMM as a 16-bit model's fused q/k/v, not three)
-    from glmkit.fast_decode import linear
+    import glmkit.fast_decode as fast_decode
     from glmkit.gemv4bit import quantize, reference_linear
 
     g = torch.Generator().manual_seed(0)
     ws = tuple(quantize(torch.randn(n, 128, generator=g), "nf4") for n in (64, 32, 32))
     x, bias = torch.randn(1, 5, 128, generator=g), torch.randn(128, generator=g)
     want = torch.cat([reference_linear(x, w) for w in ws], dim=-1) + bias
-    assert linear(x, ws, bias, False).shape == (1, 5, 128)
-    torch.testing.assert_close(linear(x, ws, bias, False), want, rtol=1e-5, atol=1e-5)
-    one = x[:, :1]  # one token: bitsandbytes' own kernel, weight by weight
-    torch.testing.assert_close(linear(one, ws, bias, False), want[:, :1], rtol=1e-4, atol=1e-4)
+    gemms, kernels = [], []
+    real_linear, real_4bit = fast_decode.F.linear, fast_decode.linear_4bit
+    monkeypatch.setattr(fast_decode.F, "linear", lambda *a, **k: gemms.append(a[1].shape) or real_linear(*a, **k))
+    monkeypatch.setattr(fast_decode, "linear_4bit", lambda *a, **k: kernels.append(a[1].shape) or real_4bit(*a, **k))
+    y = fast_decode.linear(x, ws, bias, False)
+    assert gemms == [(128, 128)] and kernels == []  # one GEMM of all 128 rows
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    gemms.clear()
+    one = fast_decode.linear(x[:, :1], ws, bias, False)  # one token: bitsandbytes' own kernel, weight by weight
+    assert kernels == [(64, 128), (32, 128), (32, 128)]
+    torch.testing.assert_close(one, want[:, :1], rtol=1e-4, atol=1e-4)

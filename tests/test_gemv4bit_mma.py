@@ -263,7 +263,7 @@ def test_the_tuner_keeps_a_right_shape_only_where_it_beats_the_default_by_the_ma
     """``glmkit tune``'s 2-8-row CUDA kernel step (``tune_mma_projection``) with the kernel stood in for (it runs on a
     GPU only: a float32 product for each shape, a timer that reads each shape's time): each candidate is checked against
     float64 at 8 rows and timed at each of ``MMA_VECTORS``; a wrong shape is never kept, a faster one replaces the
-    default only by more than ``ONE_MARGIN``."""
+    default only by more than ``MARGIN``."""
     from glmkit import gemv_tuning
 
     launched = []

@@ -313,7 +313,7 @@ def test_the_tuner_keeps_a_shape_only_where_it_is_right_and_beats_the_default_by
     GPU only: here a float32 product that stands for each shape, and a timer that reads each shape's time): every
     candidate is launched in the fold the fused step uses and checked against float64, also on a token whose last
     value is the largest; a shape that gets that token wrong is never kept however fast; a faster shape replaces the
-    default only by more than ``ONE_MARGIN``."""
+    default only by more than ``MARGIN``."""
     from glmkit import gemv_tuning
 
     launched = []

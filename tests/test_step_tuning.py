@@ -27,7 +27,7 @@ def test_the_knobs_start_at_the_defaults_and_hold_only_shapes_that_fit():
 def test_the_search_keeps_a_right_shape_only_past_the_margin_and_builds_on_each_knob(monkeypatch):
     """Each decoder is built with the candidate in the table and timed in turns with the default's; one whose logits
     disagree with the default's is never kept however fast; a faster one replaces the default only by more than
-    ``ONE_MARGIN``; a knob's kept shape stays in the table while the next knob is tuned; a candidate that fails to
+    ``MARGIN``; a knob's kept shape stays in the table while the next knob is tuned; a candidate that fails to
     build is recorded."""
     monkeypatch.setattr(gemv, "_ACTIVE_CUDA", {})
     table = gemv.active_cuda_shapes()
@@ -76,3 +76,52 @@ def test_the_16bit_kernels_take_a_tuned_shape_only_where_it_fits(monkeypatch):
     gemv._ACTIVE_CUDA[("16bit-mlp", 13696, 4096)] = {"ring": 64}  # more than fit
     assert mlp16_one._shape_on(device, 4096, 13696) == mlp16_one.shape_for(4096, 13696)
 
+
+
+def test_every_shipped_cuda_kernel_shape_is_one_its_kernel_launches(monkeypatch):
+    """The H200 tables' entries for glmkit's CUDA kernels are taken as they are (none would fall back to a default
+    unnoticed): each 4-bit and 16-bit kernel's ``launch_shape`` (the MLP's ``_shape_on``) returns the entry."""
+    from glmkit import gemv4bit_mma, gemv4bit_one
+    from glmkit.gemv import cuda_shapes_for
+
+    shipped = cuda_shapes_for("NVIDIA H200")
+    assert {kernel for kernel, _, _ in shipped} == {"4bit-one", "4bit-mma", "16bit-one", "16bit-mlp"}
+    monkeypatch.setattr(gemv, "_ACTIVE_CUDA", shipped)
+    for module in (gemv16_one, mlp16_one, gemv4bit_one):
+        monkeypatch.setattr(module, "smem_limit", lambda device: gemv16_one.SMEM_H200)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    device, gate_up = torch.device("cpu"), (13696, 4096)
+    for (kernel, rows, k), fields in shipped.items():
+        if kernel == "4bit-one":
+            assert gemv4bit_one.launch_shape(device, rows, k, (rows, k) == gate_up) == gemv4bit_one.OneShape(**fields)
+        elif kernel == "4bit-mma":
+            assert gemv4bit_mma.launch_shape(rows, k, (rows, k) == gate_up) == gemv4bit_mma.MmaShape(**fields)
+        elif kernel == "16bit-one":
+            assert gemv16_one.launch_shape(device, rows, k) == gemv16_one.Shape16(**fields)
+        else:
+            assert mlp16_one._shape_on(device, k, rows).ring == fields["ring"]
+
+
+def test_glmkit_tune_times_the_16bit_kernels_in_the_step_only_for_16_bit_on_one_card(monkeypatch, tmp_path, capsys):
+    """``glmkit tune`` writes the tuned table, then tunes the 16-bit CUDA kernels in the step for bf16/fp16 at
+    ``--tp 1`` only; if that fails (a busy card), what was tuned before stays written and it says why."""
+    import glmkit.gemv_tuning
+    from glmkit.cli import main
+
+    calls = []
+    monkeypatch.setattr(glmkit.gemv_tuning, "tune", lambda kernels, tp=1: calls.append(("tune", tuple(kernels), tp))
+                        or [])
+    monkeypatch.setattr(step_tuning, "tune_step", lambda: calls.append(("step",)) or [])
+    table = tmp_path / "t.json"
+    for argv, step in ((["--kernels", "nf4"], False), (["--kernels", "bf16", "--tp", "2"], False),
+                       (["--kernels", "bf16,nf4"], True), (["--kernels", "fp16"], True)):
+        calls.clear()
+        assert main(["tune", *argv, "--output", str(table)]) == 0
+        assert (("step",) in calls) == step and calls[0][0] == "tune"
+
+    def busy():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(step_tuning, "tune_step", busy)
+    table.unlink()
+    assert main(["tune", "--kernels", "bf16", "--output", str(table)]) == 0 and table.exists()
+    assert "16-bit CUDA kernels: not tuned (OutOfMemoryError: CUDA out of memory)" in capsys.readouterr().out
