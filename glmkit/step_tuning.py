@@ -7,9 +7,9 @@ way round from the step (``glmkit.gemv16_one.ROLES``). So each candidate shape i
 (``glmkit.gemv.active_cuda_shapes``), a ``FastDecoder`` is built on a few layers of GLM-4-9B's shape with random
 weights (``STEP_LAYERS``; a small vocabulary, so that the layers dominate the step), and its decode rate is measured in
 turns with the default's decoder (two decoders built apart differ by a few percent on their own); one knob at a time
-(q/k/v, then o_proj, then the MLP's ring), each keeping the best so far. A shape is kept only
-where the step is ``glmkit.gemv_tuning.MARGIN`` faster than with the default, and only where its logits agree
-with the default's. These kernels run on Hopper GPUs (H100, H200) in bf16 and fp16, with the same shapes for both.
+(q/k/v, then o_proj, then the MLP's ring), each keeping the best so far. A shape is kept only where the step is
+``glmkit.gemv_tuning.MARGIN`` faster than with the default, and only where its logits agree with the default's.
+These kernels run on Hopper GPUs (H100, H200) in bf16 and fp16, with the same shapes for both.
 
 >>> [knob.name for knob in knobs(227 * 1024)]
 ['qkv', 'o_proj', 'mlp']
