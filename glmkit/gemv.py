@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -257,6 +257,7 @@ def read_tables(name: str, load: Callable[[Path], tuple[str, dict[Any, Any]]]) -
 
 
 _ACTIVE: dict[tuple[str, int, int], GemvConfig] | None = None
+Shape = TypeVar("Shape")  # a CUDA kernel's launch shape (tuned_cuda_shape)
 _ACTIVE_CUDA: dict[tuple[str, int, int], dict[str, int | bool]] | None = None
 
 
@@ -280,6 +281,16 @@ def active_cuda_shapes() -> dict[tuple[str, int, int], dict[str, int | bool]]:
     if _ACTIVE_CUDA is None:
         _ACTIVE_CUDA = cuda_shapes_for(device_name())
     return _ACTIVE_CUDA
+
+
+def tuned_cuda_shape(kernel: str, rows: int, columns: int, build: Callable[..., Shape],
+                     fits: Callable[[Shape], bool]) -> Shape | None:
+    """The shape ``glmkit tune`` kept on this card for ``kernel``'s launch of ``rows`` x ``columns``
+    (``active_cuda_shapes``), made from its fields by ``build``, where the kernel takes it (``fits``); else None (the
+    kernel's default serves). Each of glmkit's CUDA kernels reads its shape this way (``launch_shape``)."""
+    entry = active_cuda_shapes().get((kernel, rows, columns))
+    shape = None if entry is None else build(**entry)
+    return shape if shape is not None and fits(shape) else None
 
 
 def lookup_config(kernel: str, n: int, k: int) -> GemvConfig | None:

@@ -136,12 +136,10 @@ def launch_shape(device: torch.device, n: int, k: int, role: str = "qkv") -> Sha
     """The shape of projection ``role``'s launch on ``device`` for a weight ``[n, k]``: the one ``glmkit tune`` measured
     fastest in the decode step on this card (``glmkit.gemv.active_cuda_shapes``) where it fits, else ``shape_for``'s."""
     limit = smem_limit(device)
-    entry = gemv.active_cuda_shapes().get((TABLE_KERNEL, n, k))
-    if entry is not None:
-        tuned = Shape16(**entry)
-        if tuned.valid() and tuned.smem_bytes(k) <= limit and k % (tuned.warps * STAGE_COLUMNS) == 0:
-            return tuned
-    return shape_for(k, limit, role)
+
+    def fits(shape: Shape16) -> bool:
+        return shape.valid() and shape.smem_bytes(k) <= limit and k % (shape.warps * STAGE_COLUMNS) == 0
+    return gemv.tuned_cuda_shape(TABLE_KERNEL, n, k, Shape16, fits) or shape_for(k, limit, role)
 
 
 _SOURCE = gemv4bit_mma.PRELUDE + r"""

@@ -121,9 +121,7 @@ def launch_shape(rows: int, k: int, swiglu: bool) -> MmaShape:
     """The shape of a launch of ``rows`` output rows (gate/up: of one half; q/k/v: all three) of ``k`` columns: the one
     ``glmkit tune`` measured fastest on this card (the user's table, else a shipped one:
     ``glmkit.gemv.active_cuda_shapes``), else ``default_shape``."""
-    entry = gemv.active_cuda_shapes().get((TABLE_KERNEL, rows, k))
-    tuned = None if entry is None else MmaShape(**entry)
-    return tuned if tuned is not None and tuned.valid() else default_shape(swiglu)
+    return gemv.tuned_cuda_shape(TABLE_KERNEL, rows, k, MmaShape, MmaShape.valid) or default_shape(swiglu)
 
 
 NAME = "glmkit_gemv4_mma"  # the kernel's name in its source

@@ -183,11 +183,7 @@ def tuned_shape(rows: int, k: int, swiglu: bool, smem_limit: int) -> OneShape | 
     """The shape ``glmkit tune`` measured fastest on this card for a launch of ``rows`` output rows (gate/up: of one
     half; q/k/v: all three) of ``k`` columns (the user's table, else a shipped one: ``glmkit.gemv.active_cuda_shapes``),
     where it fits ``smem_limit``; None where there is none."""
-    entry = gemv.active_cuda_shapes().get((TABLE_KERNEL, rows, k))
-    if entry is None:
-        return None
-    shape = OneShape(**entry)
-    return shape if shape.smem_bytes(swiglu, k) <= smem_limit else None
+    return gemv.tuned_cuda_shape(TABLE_KERNEL, rows, k, OneShape, lambda shape: shape.smem_bytes(swiglu, k) <= smem_limit)
 
 
 def launch_shape(device: torch.device, rows: int, k: int, swiglu: bool) -> OneShape | None:

@@ -130,6 +130,12 @@ def graph_time(fn: Callable[[int], Any], copies: int, replays: int = 20) -> floa
     return sorted(times)[len(times) // 2]
 
 
+def _copies(nbytes: int, real: bool) -> int:
+    """Weight copies a tuner launches back to back: ~1 GiB of them where the timing is ``real`` (20x an H100's L2:
+    none served from it), else two."""
+    return max(2, math.ceil(2**30 / nbytes)) if real else 2
+
+
 def _weights(kernel: str, rows: int, k: int, copies: int, device: str) -> list[Any]:
     dtype = torch.float16 if kernel == "fp16" else torch.bfloat16
     ws = [torch.randn(rows, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
@@ -170,7 +176,7 @@ def tune_projection(name: str, n: int, k: int, bias: bool, swiglu: bool, kernel:
     quant = kernel in FOUR_BIT
     nbytes = rows * k // 2 if quant else rows * k * 2  # packed weights only (absmax adds 1/32 or 1/128)
     real = device == "cuda" and timer is graph_time
-    copies = max(2, math.ceil(2**30 / nbytes)) if real else 2  # ~1 GiB of weights: 20x an H100's L2
+    copies = _copies(nbytes, real)
     ws = _weights(kernel, rows, k, copies, device)
     dtype = torch.float16 if kernel == "fp16" else torch.bfloat16
     b = torch.randn(rows, device=device, dtype=dtype) if bias else None
@@ -271,8 +277,8 @@ def one_candidates(swiglu: bool, k: int, smem_limit: int = gemv4bit_one.SMEM_H20
 
 def one_projections() -> dict[str, tuple[tuple[int, ...], int, bool, bool]]:
     """name -> (rows of each weight the launch reads side by side, columns, has bias, SwiGLU) of GLM-4-9B-Chat's
-    4-bit launches through the batch-1 CUDA kernel (``projections(quantized=True)``: q, k and v in one launch;
-    gate/up: gate rows then up rows).
+    4-bit launches through glmkit's 4-bit CUDA kernels, one token's and 2-8 tokens' (``projections(quantized=True)``:
+    q, k and v in one launch; gate/up: gate rows then up rows).
 
     >>> one_projections()["qkv"], one_projections()["gate_up"]
     (((4096, 256, 256), 4096, True, False), ((27392,), 4096, False, True))
@@ -297,6 +303,8 @@ def beats_default(seconds: float, default_seconds: float) -> bool:
     (False, True)
     """
     return seconds * (1 + MARGIN) <= default_seconds
+
+
 def _fastest_past_margin(default: dict[str, Any] | None,
                          timed: list[tuple[float, dict[str, Any]]]) -> tuple[float, dict[str, Any]] | None:
     """The shape a CUDA kernel's tuner keeps from ``timed`` ((seconds, fields) of the candidates that passed the
@@ -311,6 +319,25 @@ def _fastest_past_margin(default: dict[str, Any] | None,
     if best is not None and default_ok and not beats_default(best[0], timed[0][0]):
         return timed[0]  # not faster by the margin: the default stays
     return best
+
+
+def _nf4_copies(heights: tuple[int, ...], k: int, device: str, real: bool) -> tuple[list[tuple[Any, ...]], int]:
+    """A CUDA kernel tuner's weights: ``_copies`` of random nf4 weights of ``heights`` rows of ``k`` columns (read side
+    by side by one launch), and the bytes one copy's packed weights take."""
+    nbytes = sum(heights) * k // 2
+    return [tuple(quantize(torch.randn(h, k, device=device) * 0.02, "nf4") for h in heights)
+            for _ in range(_copies(nbytes, real))], nbytes
+
+
+def _keep(kernel: str, rows: int, k: int, best: tuple[float, dict[str, Any]] | None, real: bool,
+          ws: list[Any], device: str) -> None:
+    """A CUDA kernel tuner's end: ``best``'s fields into this process's table where the timing was ``real`` (its
+    launches take them from now on), and the weight copies freed."""
+    if best is not None and real:
+        active_cuda_shapes()[(kernel, rows, k)] = best[1]
+    ws.clear()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 # what the fused 4-bit step folds into each launch (glmkit.fast_decode.decoder_layer): timed and checked that way
@@ -328,11 +355,9 @@ def tune_one_projection(name: str, heights: tuple[int, ...], k: int, bias: bool,
     a thread reads). The fastest shape is kept where it beats the default (timed first) by ``MARGIN``, else the
     default; it goes into this process's table (``glmkit.gemv.active_cuda_shapes``). With another ``timer`` (tests):
     two weight copies and no table entry."""
-    rows = sum(heights)
-    nbytes = rows * k // 2
     real = device == "cuda" and timer is graph_time
-    copies = max(2, math.ceil(2**30 / nbytes)) if real else 2
-    ws = [tuple(quantize(torch.randn(h, k, device=device) * 0.02, "nf4") for h in heights) for _ in range(copies)]
+    ws, nbytes = _nf4_copies(heights, k, device, real)
+    copies, rows = len(ws), sum(heights)
     n_out = rows // 2 if swiglu else rows
     b = torch.randn(rows, device=device, dtype=torch.bfloat16) if bias else None
     g = (1 + 0.1 * torch.randn(k, device=device)).to(torch.bfloat16)  # the folded norm's weight
@@ -383,11 +408,7 @@ def tune_one_projection(name: str, heights: tuple[int, ...], k: int, bias: bool,
     row["default"] = row["tried"][0] if row["tried"] else None  # (one_candidates puts the default first)
     best = _fastest_past_margin(row["default"], timed)
     row["best"] = None if best is None else {**best[1], "us": best[0] * 1e6, "tb_s": nbytes / best[0] / 1e12}
-    if best is not None and real:
-        active_cuda_shapes()[(gemv4bit_one.TABLE_KERNEL, n_out, k)] = best[1]  # this process launches it from now on
-    ws.clear()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    _keep(gemv4bit_one.TABLE_KERNEL, n_out, k, best, real, ws, device)
     return row
 
 
@@ -439,11 +460,9 @@ def tune_mma_projection(name: str, heights: tuple[int, ...], k: int, bias: bool,
     ``graph_time``), after checking it against float64 at 8 rows. The fastest shape by the sum of its times is kept
     where it beats the default (timed first) by ``MARGIN``, else the default; it goes into this process's table
     (``glmkit.gemv.active_cuda_shapes``). With another ``timer`` (tests): two weight copies and no table entry."""
-    rows = sum(heights)
-    nbytes = rows * k // 2
     real = device == "cuda" and timer is graph_time
-    copies = max(2, math.ceil(2**30 / nbytes)) if real else 2
-    ws = [tuple(quantize(torch.randn(h, k, device=device) * 0.02, "nf4") for h in heights) for _ in range(copies)]
+    ws, nbytes = _nf4_copies(heights, k, device, real)
+    copies, rows = len(ws), sum(heights)
     n_out = rows // 2 if swiglu else rows
     b = torch.randn(rows, device=device, dtype=torch.bfloat16) if bias else None
     xs = {v: torch.randn(v, 1, k, device=device, dtype=torch.bfloat16) for v in MMA_VECTORS}
@@ -473,11 +492,7 @@ def tune_mma_projection(name: str, heights: tuple[int, ...], k: int, bias: bool,
     row["default"] = row["tried"][0] if row["tried"] else None  # (mma_candidates puts the default first)
     best = _fastest_past_margin(row["default"], timed)
     row["best"] = None if best is None else {**best[1], "us_summed": best[0]}
-    if best is not None and real:
-        active_cuda_shapes()[(gemv4bit_mma.TABLE_KERNEL, n_out, k)] = best[1]  # this process launches it from now on
-    ws.clear()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    _keep(gemv4bit_mma.TABLE_KERNEL, n_out, k, best, real, ws, device)
     return row
 
 

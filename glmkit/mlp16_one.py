@@ -438,10 +438,9 @@ def _shape_on(device: torch.device, hidden: int, inter: int) -> MlpShape | None:
     ``MAX_ROWS`` or than it has consumer threads (one a row for the last sums)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     shape = shape_for(hidden, inter, smem_limit(device)) if -(-hidden // sms) <= min(MAX_ROWS, hidden // 8) else None
-    entry = gemv.active_cuda_shapes().get((TABLE_KERNEL, inter, hidden))
-    if shape is not None and entry is not None and 2 <= entry["ring"] <= shape.ring:
-        shape = replace(shape, ring=entry["ring"])
-    return shape
+    tuned = None if shape is None else gemv.tuned_cuda_shape(TABLE_KERNEL, inter, hidden, lambda ring: ring,
+                                                              lambda ring: 2 <= ring <= shape.ring)
+    return shape if tuned is None else replace(shape, ring=tuned)
 
 
 def usable_on(device: torch.device, dtype: torch.dtype, hidden: int, inter: int) -> bool:
