@@ -16,11 +16,10 @@ import os
 from pathlib import Path
 
 import torch
-from nf4_fused import gpu_uuids
+from nf4_fused import default_against_tuned, gpu_uuids
 
 import glmkit.gemv
 from glmkit.bench import save_result
-from glmkit.fast_decode import FastDecoder
 from glmkit.gemv import device_name
 from glmkit.gemv_tuning import MARGIN, MMA_VECTORS, table_configs, tune_mma_kernel, write_table
 from glmkit.models import ensure_random_checkpoint
@@ -28,15 +27,6 @@ from glmkit.quantization import load_precision
 
 PROMPT, NEW, MAX_LEN = 32, 128, 168
 BATCHES = (4, 8)
-
-
-def decode(model: torch.nn.Module, shapes: dict, batch_size: int) -> FastDecoder:
-    """A decoder of ``batch_size`` rows built (its graphs captured) while ``shapes`` are this process's tuned CUDA
-    shapes."""
-    glmkit.gemv._ACTIVE_CUDA = shapes
-    decoder = FastDecoder(model, max_len=MAX_LEN, batch_size=batch_size)
-    decoder.tokens_per_second(PROMPT, 8)  # the warm-up: compile and capture
-    return decoder
 
 
 def main() -> None:
@@ -56,18 +46,8 @@ def main() -> None:
     model = load_precision(args.checkpoint, "nf4", device_map="cuda:0")
     decoded = {}
     for b in BATCHES:
-        decoders = {"default shapes": decode(model, {}, b), "tuned shapes": decode(model, tuned, b)}
-        rates: dict[str, list[float]] = {label: [] for label in decoders}
-        for _ in range(3):  # the two take turns, so drift touches both alike
-            for label, decoder in decoders.items():
-                rates[label].append(decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"])
-        ids = torch.randint(0, 1000, (b, PROMPT), generator=torch.Generator().manual_seed(0)).cuda()
-        tokens = {label: d.generate(ids, 32, ignore_eos=True)[:, PROMPT:].tolist() for label, d in decoders.items()}
-        best = {label: max(r) for label, r in rates.items()}
-        decoded[str(b)] = {"tok_s": rates, "best_tok_s": best, "tuned_over_default": best["tuned shapes"] /
-                           best["default shapes"], "same_tokens": tokens["tuned shapes"] == tokens["default shapes"]}
+        decoded[str(b)] = default_against_tuned(model, tuned, PROMPT, NEW, MAX_LEN, batch_size=b)
         print(b, decoded[str(b)], flush=True)
-        del decoders
         torch.cuda.empty_cache()
     result = {"what": __doc__.splitlines()[0], "device": device_name(), "gpu_uuids": gpu_uuids(),
               "gpu_note": "read with nvidia-smi in the same call", "table_written": table.name, "margin": MARGIN,

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from early_reads import replay_us
 
-from glmkit import gemv4bit_one, mlp16_one
+from glmkit import gemv, gemv4bit_one, mlp16_one
 from glmkit.bench import bytes_read_per_token, copy_bandwidth, save_result
 from glmkit.fast_decode import FastDecoder
 from glmkit.models import ensure_random_checkpoint
@@ -73,6 +73,29 @@ def step_logits(decoder: FastDecoder, ids: torch.Tensor) -> torch.Tensor:
     """The logits of the first decode step after the prompt ``ids`` (its last token again, at the next position)."""
     decoder.prefill(ids)
     return decoder.decode_step(ids[0, -1:], ids.shape[1]).float().clone()
+
+
+def default_against_tuned(model: torch.nn.Module, tuned: dict[Any, Any], prompt: int, new: int, max_len: int,
+                          batch_size: int = 1) -> dict[str, Any]:
+    """The shape-tuning benchmarks' decode: a decoder of ``batch_size`` rows built (its graphs captured) with the untuned
+    default CUDA kernel shapes and one with ``tuned`` as this process's table (``glmkit.gemv.active_cuda_shapes``),
+    taking turns over ``ROUNDS`` rounds (best of each), their ratio, and whether their greedy tokens (32 a row) agree."""
+    def built(shapes: dict[Any, Any]) -> FastDecoder:
+        gemv._ACTIVE_CUDA = shapes
+        decoder = FastDecoder(model, max_len=max_len, batch_size=batch_size)
+        decoder.tokens_per_second(prompt, 8)  # the warm-up: compile and capture
+        return decoder
+
+    decoders = {"default shapes": built({}), "tuned shapes": built(tuned)}
+    rates: dict[str, list[float]] = {label: [] for label in decoders}
+    for _ in range(ROUNDS):  # the two take turns, so drift touches both alike
+        for label, decoder in decoders.items():
+            rates[label].append(decoder.tokens_per_second(prompt, new)["decode_tok_s"])
+    ids = torch.randint(0, 1000, (batch_size, prompt), generator=torch.Generator().manual_seed(0)).cuda()
+    tokens = {label: d.generate(ids, 32, ignore_eos=True)[:, prompt:].tolist() for label, d in decoders.items()}
+    best = {label: max(r) for label, r in rates.items()}
+    return {"tok_s": rates, "best_tok_s": best, "tuned_over_default": best["tuned shapes"] / best["default shapes"],
+            "same_tokens": tokens["tuned shapes"] == tokens["default shapes"]}
 
 
 def _as_is(variant: str) -> AbstractContextManager[Any]:

@@ -17,25 +17,16 @@ import time
 from pathlib import Path
 
 import torch
-from nf4_fused import gpu_uuids
+from nf4_fused import default_against_tuned, gpu_uuids
 
 import glmkit.gemv
 from glmkit.bench import save_result
-from glmkit.fast_decode import FastDecoder
 from glmkit.gemv import device_name
 from glmkit.gemv_tuning import MARGIN, table_configs, write_table
 from glmkit.models import random_model
 from glmkit.step_tuning import STEP_LAYERS, tune_step
 
 PROMPT, NEW, MAX_LEN = 32, 256, 296  # the step benchmarks' cache (nf4_decode.py)
-
-
-def decode(model: torch.nn.Module, shapes: dict) -> FastDecoder:
-    """A decoder built (its graphs captured) while ``shapes`` are this process's tuned CUDA shapes."""
-    glmkit.gemv._ACTIVE_CUDA = shapes
-    decoder = FastDecoder(model, max_len=MAX_LEN)
-    decoder.tokens_per_second(PROMPT, 8)  # the warm-up: capture
-    return decoder
 
 
 def main() -> None:
@@ -53,21 +44,12 @@ def main() -> None:
     out = Path(os.environ.get("OUT", "."))
     table = write_table(table_configs(rows), out / "gemv_tuned_step.json", source="benchmarks/step_shapes_tune.py")
     model = random_model()
-    decoders = {"default shapes": decode(model, {}), "tuned shapes": decode(model, tuned)}
-    rates: dict[str, list[float]] = {label: [] for label in decoders}
-    for _ in range(3):  # the two take turns, so drift touches both alike
-        for label, decoder in decoders.items():
-            rates[label].append(decoder.tokens_per_second(PROMPT, NEW)["decode_tok_s"])
-    ids = torch.randint(0, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(0)).cuda()
-    tokens = {label: d.generate(ids, 32, ignore_eos=True)[0, PROMPT:].tolist() for label, d in decoders.items()}
-    best = {label: max(r) for label, r in rates.items()}
+    decoded = default_against_tuned(model, tuned, PROMPT, NEW, MAX_LEN)
     result = {"what": __doc__.splitlines()[0], "device": device_name(), "gpu_uuids": gpu_uuids(),
               "gpu_note": "read with nvidia-smi in the same call", "table_written": table.name, "margin": MARGIN,
               "step_layers": STEP_LAYERS, "tuning_seconds": seconds, "projections": rows,
               "tuned": [{"kernel": k, "rows": n, "columns": c, **v} for (k, n, c), v in tuned.items()],
-              "decode": {"prompt": PROMPT, "new_tokens": NEW, "max_len": MAX_LEN, "tok_s": rates, "best_tok_s": best,
-                         "tuned_over_default": best["tuned shapes"] / best["default shapes"],
-                         "same_tokens": tokens["tuned shapes"] == tokens["default shapes"]}}
+              "decode": {"prompt": PROMPT, "new_tokens": NEW, "max_len": MAX_LEN, **decoded}}
     print(result["tuned"], result["decode"], flush=True)
     save_result(args.name, result)
 
