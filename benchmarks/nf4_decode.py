@@ -236,6 +236,19 @@ def long_context(checkpoint: str, context: int, cap_gib: float, chunk: int) -> d
     return row
 
 
+def put_nf4_weights(model: torch.nn.Module, nf4_model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` (the same checkpoint in 16 or 32 bits) with every weight that ``nf4_model`` holds in 4 bits replaced
+    by its nf4 dequantization in fp32 (``code * absmax``), rounded to ``model``'s dtype as it is copied."""
+    from glmkit.gemv4bit import Packed4bit, is_4bit
+
+    with torch.no_grad():
+        for name, module in nf4_model.named_modules():
+            if is_4bit(getattr(module, "weight", None)):
+                w = Packed4bit.from_bnb(module.weight).dequantize(torch.float32)
+                model.get_submodule(name).weight.copy_(w)
+    return model
+
+
 def accuracy(checkpoint: str, nf4_model: torch.nn.Module, decoded: dict[str, torch.Tensor]) -> dict:
     """Each decoder's teacher-forced logits (``decoded``: path -> ``forced_logits``) against an fp32 decoder (cuBLAS,
     TF32 off) on the same weights: the checkpoint in fp32 for bf16 and fp16; for nf4 the checkpoint with every
@@ -243,18 +256,9 @@ def accuracy(checkpoint: str, nf4_model: torch.nn.Module, decoded: dict[str, tor
     weights in bf16 through bf16's fast path (what bf16 arithmetic alone costs on them), and through cuBLAS in eager
     layers (bf16 arithmetic in another order: how far two bf16 paths' errors lie apart)."""
     from glmkit.fast_decode import FastDecoder
-    from glmkit.gemv4bit import Packed4bit
+    from glmkit.gemv4bit import is_4bit
     from glmkit.loading import load_model
     from glmkit.quantization import load_precision
-
-    quantized = [name for name, module in nf4_model.named_modules()
-                 if getattr(getattr(module, "weight", None), "quant_state", None) is not None]
-
-    def on_nf4_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
-        with torch.no_grad():
-            for name in quantized:
-                w = Packed4bit.from_bnb(nf4_model.get_submodule(name).weight).dequantize(torch.float32)
-                model.get_submodule(name).weight.copy_(w.to(dtype))
 
     def logits_of(model: torch.nn.Module, **options: Any) -> torch.Tensor:
         decoder = FastDecoder(model, max_len=PROMPT + FORCED + 8, **options)
@@ -266,13 +270,13 @@ def accuracy(checkpoint: str, nf4_model: torch.nn.Module, decoded: dict[str, tor
     torch.backends.cuda.matmul.allow_tf32 = False
     fp32 = load_model(checkpoint, dtype=torch.float32, device_map="cuda:0")
     ref_checkpoint = logits_of(fp32, gemv=False, compile=False)
-    on_nf4_weights(fp32, torch.float32)
+    put_nf4_weights(fp32, nf4_model)
     ref_nf4 = logits_of(fp32, gemv=False, compile=False)
     del fp32
     gc.collect()
     torch.cuda.empty_cache()
     bf16 = load_precision(checkpoint, "bf16", device_map="cuda:0")
-    on_nf4_weights(bf16, torch.bfloat16)
+    put_nf4_weights(bf16, nf4_model)
     yardstick = logits_of(bf16)  # bf16's default fast path
     yardstick_cublas = logits_of(bf16, gemv=False, compile=False)
     del bf16
@@ -284,7 +288,8 @@ def accuracy(checkpoint: str, nf4_model: torch.nn.Module, decoded: dict[str, tor
     rows[ACCURACY_YARDSTICK] = {"against": "nf4 weights in fp32", **compare(yardstick, ref_nf4)}
     rows[ACCURACY_YARDSTICK_CUBLAS] = {"against": "nf4 weights in fp32", **compare(yardstick_cublas, ref_nf4)}
     print(rows, flush=True)
-    return {"forced_steps": FORCED, "quantized_weights": len(quantized), "rows": rows}
+    quantized = sum(is_4bit(getattr(m, "weight", None)) for m in nf4_model.modules())
+    return {"forced_steps": FORCED, "quantized_weights": quantized, "rows": rows}
 
 
 def main() -> None:

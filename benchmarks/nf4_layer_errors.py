@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from nf4_decode import put_nf4_weights
 from nf4_fused import gpu_uuids
 
 import glmkit.fast_decode as fast_decode
@@ -123,22 +124,12 @@ def main() -> None:
     ensure_random_checkpoint(args.checkpoint)
     torch.backends.cuda.matmul.allow_tf32 = False
     nf4 = load_precision(args.checkpoint, "nf4", device_map="cuda:0")
-    quantized = [name for name, m in nf4.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
-                 and getattr(m.weight, "quant_state", None) is not None]
-    weights = {name: Packed4bit.from_bnb(nf4.get_submodule(name).weight).dequantize(torch.float32) for name in quantized}
-
-    def on_nf4_weights(model: torch.nn.Module) -> torch.nn.Module:
-        with torch.no_grad():
-            for name, w in weights.items():
-                model.get_submodule(name).weight.copy_(w)
-        return model
-
-    fp32 = on_nf4_weights(load_model(args.checkpoint, dtype=torch.float32, device_map="cuda:0"))
+    fp32 = put_nf4_weights(load_model(args.checkpoint, dtype=torch.float32, device_map="cuda:0"), nf4)
     ref = run(fp32, gemv=False, compile=False)
     del fp32
     gc.collect()
     torch.cuda.empty_cache()
-    bf16 = on_nf4_weights(load_precision(args.checkpoint, "bf16", device_map="cuda:0"))
+    bf16 = put_nf4_weights(load_precision(args.checkpoint, "bf16", device_map="cuda:0"), nf4)
     rows: dict[str, Any] = {}
     for mode in ("free", "fed"):
         feed = ref if mode == "fed" else None
